@@ -1,0 +1,257 @@
+/* moe.h — public C API of moe.c, a Mixture-of-Experts library.
+ *
+ * Dimension letters: T tokens, d hidden, f expert hidden (ffn), E experts, k top-k.
+ * Matrices are row-major. Every buffer comment gives its shape.
+ *
+ * Conventions: fallible calls return moe_status (MOE_OK = 0) and leave a message for
+ * moe_last_error(). Backward calls ADD into gradient buffers; zeroing is explicit.
+ * The exact semantics of every routing option are in docs/LAYER.md.
+ */
+#ifndef MOE_H
+#define MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_VERSION_MAJOR 0
+#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_PATCH 0
+
+/* ---------------------------------------------------------------- status */
+
+typedef enum {
+    MOE_OK = 0,
+    MOE_ERR_INVALID = 1, /* invalid argument or option combination */
+    MOE_ERR_NOMEM = 2,   /* allocation failed or size overflow */
+    MOE_ERR_IO = 3,      /* file system error */
+    MOE_ERR_FORMAT = 4,  /* malformed input file or text */
+    MOE_ERR_STATE = 5,   /* call out of order (e.g. backward before forward) */
+} moe_status;
+
+/* Message of the last failed call on this thread ("" if none). */
+const char *moe_last_error(void);
+/* Name of a status code ("ok", "invalid argument", ...). */
+const char *moe_status_name(moe_status s);
+/* "MAJOR.MINOR.PATCH". */
+const char *moe_version(void);
+
+/* ------------------------------------------------------------------- rng */
+
+/* Counter-based generator: the value depends only on (seed, stream, index), never on
+ * thread schedule or rank layout. A stream is derived from a purpose and up to three
+ * counters (layer, step, ...) with moe_rng_stream(). */
+typedef enum {
+    MOE_RNG_INIT = 1,     /* parameter initialisation: counters (tensor id, 0, 0) */
+    MOE_RNG_JITTER = 2,   /* input jitter: (layer, step, 0), index t*d + i */
+    MOE_RNG_FAKE = 3,     /* fake balanced gate: (layer, step, 0) */
+    MOE_RNG_RANDOM2 = 4,  /* random routing of slots j >= 1: (layer, step, 0), index t*k + j */
+    MOE_RNG_DATA = 5,     /* batch sampling */
+    MOE_RNG_DROPOUT = 6,
+    MOE_RNG_SAMPLE = 7,   /* generation */
+} moe_rng_purpose;
+
+uint64_t moe_rng_stream(moe_rng_purpose purpose, uint64_t a, uint64_t b, uint64_t c);
+uint64_t moe_rng_u64(uint64_t seed, uint64_t stream, uint64_t index);
+/* Uniform in [0, 1) with 24 random bits (float) or 53 random bits (double). */
+float moe_rng_uniform(uint64_t seed, uint64_t stream, uint64_t index);
+double moe_rng_uniform64(uint64_t seed, uint64_t stream, uint64_t index);
+/* Standard normal (Box-Muller on the 53-bit uniforms at indices 2*index, 2*index+1). */
+double moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t index);
+
+/* ---------------------------------------------------------------- layer */
+
+typedef enum {
+    MOE_ROUTER_TOPK = 0,          /* token choice: each token picks k experts */
+    MOE_ROUTER_SINKHORN = 1,      /* S-BASE: Sinkhorn-balanced selection in training */
+    MOE_ROUTER_EXPERT_CHOICE = 2, /* each expert picks its top-C tokens (not causal!) */
+    MOE_ROUTER_FAKE_BALANCED = 3, /* round-robin (+ noise) for benchmarks; no router grads */
+} moe_router_type;
+
+typedef enum {
+    MOE_SCORE_SOFTMAX = 0,
+    MOE_SCORE_SIGMOID = 1,
+    MOE_SCORE_SQRTSOFTPLUS = 2,
+} moe_score_fn;
+
+typedef enum {
+    MOE_LB_NONE = 0,
+    MOE_LB_AUX = 1,        /* micro-batch aux loss (Switch/GShard/Megatron "aux_loss") */
+    MOE_LB_SEQ_AUX = 2,    /* per-sequence aux loss (DeepSeek-V2/V3 "seq_aux_loss") */
+    MOE_LB_GLOBAL_AUX = 3, /* counts accumulated over micro-batches (and ranks) */
+} moe_lb_type;
+
+typedef enum {
+    MOE_ACT_SWIGLU = 0, /* silu(gate) * up */
+    MOE_ACT_GEGLU = 1,  /* gelu(gate) * up, exact erf gelu */
+    MOE_ACT_RELU2 = 2,  /* relu(h)^2 */
+    MOE_ACT_GELU = 3,   /* exact erf gelu */
+    MOE_ACT_SILU = 4,
+} moe_activation;
+
+typedef enum {
+    MOE_DROP_PROBS = 0,    /* per expert, keep the C slots with the largest routing weight */
+    MOE_DROP_POSITION = 1, /* keep the first C slots, all first choices before second ones */
+} moe_drop_policy;
+
+typedef enum {
+    MOE_NORM_AUTO = -1, /* renormalise for sigmoid / sqrt-softplus when k > 1 (Megatron) */
+    MOE_NORM_OFF = 0,
+    MOE_NORM_ON = 1,
+} moe_norm_topk;
+
+/* Plain configuration of one MoE layer; start from moe_layer_config_default(). */
+typedef struct {
+    int d;                  /* hidden size */
+    int n_experts;          /* E routed experts */
+    int topk;               /* k, 1..E (default; may be changed per call) */
+    int ffn;                /* f, hidden size of one routed expert */
+    moe_activation act;
+    int expert_bias;        /* bias in the expert (and shared expert) linear layers */
+
+    moe_router_type router;
+    moe_score_fn score;
+    int pre_softmax;        /* softmax over all E, then top-k (else top-k of logits, softmax over k) */
+    moe_norm_topk norm_topk;
+    float route_scale;      /* multiplies the routing weights (Megatron topk_scaling_factor) */
+    int n_groups;           /* group-limited routing: number of expert groups (1 = off) */
+    int group_topk;         /* groups kept per token */
+    int enable_expert_bias; /* selection-only bias, aux-loss-free balancing */
+    float bias_update_rate; /* b_e += rate * sign(mean(c) - c_e) per optimizer step */
+    int router_fp64;        /* router logits GEMM in float64 */
+
+    moe_lb_type lb_type;
+    float aux_coeff;        /* aux loss coefficient */
+    float z_coeff;          /* z-loss coefficient */
+    float jitter_eps;       /* x * U(1-eps, 1+eps) on the router input in training; 0 = off */
+
+    float capacity_factor;  /* 0 = dropless; > 0 fixed; < 0 dynamic, capped at |cf| */
+    int min_capacity;
+    moe_drop_policy drop_policy;
+    int pad_to_capacity;
+
+    int random_routing;     /* GShard: keep slot j >= 1 with probability w_j / threshold */
+    float random_routing_threshold;
+    float fake_noise;       /* fake balanced gate */
+    int fake_skip_first;    /* fake balanced gate: experts 0..n-1 get nothing */
+    float sinkhorn_tol;
+    int sinkhorn_max_iter;
+
+    int shared_ffn;         /* hidden size of the shared expert MLP (0 = none) */
+    int shared_gate;        /* multiply the shared output by sigmoid(x . g) */
+    int residual;           /* Residual-MoE: out = routed*c0 + shared*c1, c = softmax(Wr x + br) */
+
+    int layer_id;           /* RNG counter for this layer */
+    uint64_t seed;
+} moe_layer_config;
+
+moe_layer_config moe_layer_config_default(void);
+/* Checks every field and every combination; MOE_ERR_INVALID with a message naming the values. */
+moe_status moe_layer_config_validate(const moe_layer_config *cfg);
+
+/* Pointers into the layer's parameter (or gradient) storage. Absent parts are NULL.
+ * gf = 2f for gated activations (swiglu, geglu: rows [0,f) gate, [f,2f) up), else f.
+ * gs = 2*shared_ffn or shared_ffn likewise. */
+typedef struct {
+    float *router_w;      /* [E, d] */
+    float *w_in;          /* [E, gf, d] */
+    float *b_in;          /* [E, gf] */
+    float *w_out;         /* [E, d, f] */
+    float *b_out;         /* [E, d] */
+    float *shared_w_in;   /* [gs, d] */
+    float *shared_b_in;   /* [gs] */
+    float *shared_w_out;  /* [d, shared_ffn] */
+    float *shared_b_out;  /* [d] */
+    float *shared_gate_w; /* [d] */
+    float *mix_w;         /* [2, d] residual mix */
+    float *mix_b;         /* [2] */
+} moe_layer_params;
+
+/* Number of floats of trainable parameters for this config. */
+size_t moe_layer_param_count(const moe_layer_config *cfg);
+/* Fills p with pointers into base (param_count floats), in the order of the struct. */
+void moe_layer_params_map(const moe_layer_config *cfg, float *base, moe_layer_params *p);
+
+typedef struct moe_layer moe_layer;
+
+/* Creates a layer for up to max_tokens tokens per call. All memory is allocated here:
+ * parameters and gradients (unless params/grads are given: param_count floats each, owned
+ * by the caller) and the activation workspace. */
+moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *params,
+                            float *grads, moe_layer **out);
+void moe_layer_destroy(moe_layer *layer);
+const moe_layer_config *moe_layer_get_config(const moe_layer *layer);
+moe_layer_params moe_layer_get_params(moe_layer *layer);
+moe_layer_params moe_layer_get_grads(moe_layer *layer);
+float *moe_layer_param_data(moe_layer *layer); /* [param_count] */
+float *moe_layer_grad_data(moe_layer *layer);  /* [param_count] */
+float *moe_layer_expert_bias(moe_layer *layer); /* [E] selection bias (fp32 buffer) */
+void moe_layer_zero_grads(moe_layer *layer);
+/* Normal(0, std) weights from (seed, tensor); biases 0; mix_w, shared_gate_w normal too. */
+void moe_layer_init_params(moe_layer *layer, uint64_t seed, float std);
+
+typedef struct {
+    int training;        /* jitter, Sinkhorn selection, count accumulation */
+    int topk;            /* 0 = config value, else 1..E for this call ("top-any") */
+    const uint8_t *mask; /* [T] 1 = token, 0 = padding (routes nowhere, output 0); NULL = all */
+    int seq_len;         /* tokens per sequence for seq_aux_loss (0 = T); T % seq_len == 0 */
+    uint64_t step;       /* RNG counter (optimizer step) */
+    float loss_scale;    /* factor on the aux and z-loss gradients in backward */
+} moe_forward_args;
+
+moe_forward_args moe_forward_args_default(void);
+
+/* out [T, d] = MoE(x [T, d]). Saves what backward needs inside the layer. */
+moe_status moe_layer_forward(moe_layer *layer, float *out, const float *x, int T,
+                             const moe_forward_args *args);
+/* Backward of the last forward: dx [T, d] += dL/dx, grads += dL/dθ, including the aux and
+ * z-loss terms (times loss_scale). x must be the same input. */
+moe_status moe_layer_backward(moe_layer *layer, float *dx, const float *dout, const float *x);
+
+typedef struct {
+    int n_experts;
+    int topk;                /* k used */
+    int n_valid;             /* unmasked tokens */
+    int capacity;            /* rows per expert (0 = dropless) */
+    const int64_t *counts;   /* [E] slots the router assigned to each expert (before capacity) */
+    const int64_t *kept;     /* [E] slots each expert computed (after capacity, no padding) */
+    int64_t routed;          /* sum of counts */
+    int64_t dropped;         /* routed - sum of kept */
+    double dropped_fraction; /* dropped / routed (0 if nothing routed) */
+    double aux_loss;         /* coefficient included */
+    double z_loss;           /* coefficient included */
+    int sinkhorn_iters;
+} moe_layer_stats;
+
+/* Routing decisions of the last forward. Token choice: slot t*k + j is token t's j-th choice
+ * (expert -1 when the token is masked or the slot was dropped by random routing; kept = 0
+ * when capacity dropped it). Expert choice: slot e*C + c is expert e's c-th token. */
+typedef struct {
+    int n_slots;
+    const int32_t *token;  /* [n_slots] */
+    const int32_t *expert; /* [n_slots] */
+    const float *weight;   /* [n_slots] routing weight (route_scale included) */
+    const uint8_t *kept;   /* [n_slots] 1 = computed by its expert */
+} moe_routing;
+
+const moe_routing *moe_layer_get_routing(const moe_layer *layer);
+
+/* Statistics of the last forward (valid until the next forward). */
+const moe_layer_stats *moe_layer_get_stats(const moe_layer *layer);
+
+/* Once per optimizer step: if the expert bias is enabled, b_e += rate * sign(mean(c) - c_e)
+ * with c the counts accumulated by training forwards since the last call (over micro-batches;
+ * the MPI layer sums them over ranks first). Resets the accumulators in all cases. */
+void moe_layer_step_end(moe_layer *layer);
+/* Accumulated counts since the last step_end: counts [E] and the number of valid tokens.
+ * Writable so that a distributed run can replace them by their sum over ranks. */
+int64_t *moe_layer_accum_counts(moe_layer *layer);
+int64_t *moe_layer_accum_tokens(moe_layer *layer);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

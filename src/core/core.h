@@ -1,0 +1,49 @@
+/* core/ — status messages, allocation, assertions, timing, OpenMP helpers (private). */
+#ifndef MOE_CORE_H
+#define MOE_CORE_H
+
+#include "moe.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+/* Sets the thread's last error message (printf format) and returns status. */
+moe_status moe_set_error(moe_status status, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+void moe_clear_error(void);
+
+/* Programmer errors inside the library (shape mismatches): print and abort. */
+#define MOE_ASSERT(cond)                                                                      \
+    do {                                                                                      \
+        if (!(cond)) moe_assert_fail(#cond, __FILE__, __LINE__);                              \
+    } while (0)
+_Noreturn void moe_assert_fail(const char *expr, const char *file, int line);
+
+/* Returns MOE_ERR_NOMEM (with a message) when a call fails. */
+#define MOE_TRY(call)                                                                         \
+    do {                                                                                      \
+        moe_status moe_try_status_ = (call);                                                  \
+        if (moe_try_status_ != MOE_OK) return moe_try_status_;                                \
+    } while (0)
+
+/* 64-byte aligned, zeroed allocation of n elements of size bytes; NULL (with the error set)
+ * on failure or overflow. Free with moe_free. */
+void *moe_alloc(size_t n, size_t size);
+void moe_free(void *p);
+/* a*b with overflow check: returns 0 and sets *out on success, -1 on overflow. */
+int moe_mul_size(size_t a, size_t b, size_t *out);
+
+/* Bump allocator over one allocation: plan sizes first (base NULL), then carve. */
+typedef struct {
+    char *base;
+    size_t used;
+    size_t cap;
+} moe_arena;
+/* Returns a 64-byte aligned block of n*size bytes (NULL in planning mode). */
+void *moe_arena_take(moe_arena *a, size_t n, size_t size);
+
+double moe_time_now(void); /* seconds, monotonic */
+
+int moe_num_threads(void); /* OpenMP threads a parallel region would use */
+
+#endif

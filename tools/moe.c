@@ -1,0 +1,8 @@
+#include "moe.h"
+
+#include <stdio.h>
+
+int main(void) {
+    printf("moe %s\n", moe_version());
+    return 0;
+}
