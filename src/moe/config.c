@@ -131,7 +131,7 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
 int moe_act_gated(moe_activation a) { return a == MOE_ACT_SWIGLU || a == MOE_ACT_GEGLU; }
 
 /* The parameter vector, in struct order. Sizes in floats; 0 = absent. */
-static void param_sizes(const moe_layer_config *c, size_t s[12]) {
+void moe_layer_param_sizes(const moe_layer_config *c, size_t s[MOE_N_PARAM_TENSORS]) {
     size_t E = (size_t)c->n_experts, d = (size_t)c->d, f = (size_t)c->ffn;
     size_t gf = moe_act_gated(c->act) ? 2 * f : f;
     size_t fs = (size_t)c->shared_ffn, gs = moe_act_gated(c->act) ? 2 * fs : fs;
@@ -151,19 +151,19 @@ static void param_sizes(const moe_layer_config *c, size_t s[12]) {
 }
 
 size_t moe_layer_param_count(const moe_layer_config *c) {
-    size_t s[12], n = 0;
-    param_sizes(c, s);
-    for (int i = 0; i < 12; i++) n += s[i];
+    size_t s[MOE_N_PARAM_TENSORS], n = 0;
+    moe_layer_param_sizes(c, s);
+    for (int i = 0; i < MOE_N_PARAM_TENSORS; i++) n += s[i];
     return n;
 }
 
 void moe_layer_params_map(const moe_layer_config *c, float *base, moe_layer_params *p) {
-    size_t s[12];
-    param_sizes(c, s);
-    float **slot[12] = {&p->router_w,     &p->w_in,         &p->b_in,          &p->w_out,
+    size_t s[MOE_N_PARAM_TENSORS];
+    moe_layer_param_sizes(c, s);
+    float **slot[MOE_N_PARAM_TENSORS] = {&p->router_w,     &p->w_in,         &p->b_in,          &p->w_out,
                         &p->b_out,        &p->shared_w_in,  &p->shared_b_in,   &p->shared_w_out,
                         &p->shared_b_out, &p->shared_gate_w, &p->mix_w,        &p->mix_b};
-    for (int i = 0; i < 12; i++) {
+    for (int i = 0; i < MOE_N_PARAM_TENSORS; i++) {
         *slot[i] = s[i] && base ? base : NULL;
         if (base) base += s[i];
     }

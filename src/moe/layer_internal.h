@@ -1,9 +1,153 @@
-/* Private declarations shared by the stages of the MoE layer (moe/). */
+/* Private declarations shared by the stages of the MoE layer (moe/):
+ * router.c → balance.c → dispatch.c → experts.c, orchestrated by layer.c. */
 #ifndef MOE_LAYER_INTERNAL_H
 #define MOE_LAYER_INTERNAL_H
 
 #include "moe.h"
 
+#include <stdint.h>
+
 int moe_act_gated(moe_activation a);
+
+/* Sizes (floats) of the tensors of moe_layer_params in struct order; 0 = absent. */
+#define MOE_N_PARAM_TENSORS 12
+void moe_layer_param_sizes(const moe_layer_config *c, size_t s[MOE_N_PARAM_TENSORS]);
+
+/* How the routing weights of the selected slots derive from the logits (router backward). */
+typedef enum {
+    MOE_WMODE_NONE = 0,      /* constant weights (fake balanced gate) */
+    MOE_WMODE_SOFTMAX_K = 1, /* softmax over the k selected logits */
+    MOE_WMODE_GATHER = 2,    /* the full-E score p (softmax/sigmoid/sqrt-softplus) at the slot */
+} moe_wmode;
+
+/* Everything one forward computes and backward reads. Buffers are carved from one
+ * allocation planned in moe_layer_create (sizes for max_tokens and the planned rows). */
+typedef struct {
+    int T, k, Tv, n_seq, seq_len;
+    int training;
+    float loss_scale;
+    uint64_t step;
+    const uint8_t *mask;   /* caller's [T] or NULL */
+
+    /* router */
+    float *noise;          /* [T, d] jitter factors (when jitter is on) */
+    float *xr;             /* [T, d] jittered router input (when jitter is on) */
+    const float *xin;      /* router input of this call: xr or the caller's x */
+    const float *xin_orig; /* the caller's x (forward only) */
+    float *logits_f;       /* [T, E] fp32 GEMM output */
+    double *z;             /* [T, E] logits */
+    double *p;             /* [T, E] full-E scores (softmax/sigmoid/sqrt-softplus) */
+    double *key;           /* [T, E] selection keys (scratch) */
+    moe_wmode wmode;
+    moe_score_fn wscore;   /* score function of p for MOE_WMODE_GATHER */
+    int renorm;            /* renormalised over the slots */
+    double *q;             /* [S] weight before renormalisation and route_scale */
+    double *qsum;          /* [T] sum of q over the token's slots (+1e-20) */
+    int router_grad;       /* the router receives gradients */
+
+    /* slots: token choice S = T*k (slot t*k+j); expert choice S = E*C */
+    int n_slots;
+    int32_t *slot_token;   /* [S] */
+    int32_t *slot_expert;  /* [S] -1 = none */
+    int32_t *slot_sel;     /* [S] expert the router selected (before random routing), -1 = none */
+    float *slot_w;         /* [S] final weight */
+    uint8_t *slot_kept;    /* [S] */
+    int32_t *slot_row;     /* [S] row in the permuted buffers, -1 = not computed */
+    int32_t *tok_off;      /* [T+1] slots of token t: tok_slot[tok_off[t] .. tok_off[t+1]) */
+    int32_t *tok_slot;     /* [S] */
+
+    /* balance */
+    int64_t *counts;       /* [E] */
+    int64_t *kept;         /* [E] */
+    double *aux_coef;      /* [n_seq, E] dL/dP[t,e] for tokens of sequence s (aux losses) */
+    double *lse;           /* [T] logsumexp of the logits */
+    double aux_loss, z_loss;
+    int sinkhorn_iters;
+
+    /* dispatch */
+    int capacity;
+    int n_rows;
+    int32_t *expert_off;   /* [E+1] */
+    int32_t *row_slot;     /* [R] -1 = padding */
+    float *row_w;          /* [R] */
+    int32_t *scratch;      /* [max(S, T, E)+1] */
+
+    /* experts */
+    float *xp;             /* [R, d] gathered inputs */
+    float *h;              /* [R, gf] pre-activations */
+    float *a;              /* [R, f] weighted activations */
+    float *y;              /* [R, d] outputs (then dL/dy in backward) */
+    float *dh;             /* [R, gf] */
+    float *da;             /* [R, f] */
+    double *dw;            /* [S] dL/d(slot weight) */
+    double *dw_row;        /* [R] dL/d(row weight) */
+
+    /* combine, shared expert, residual mix */
+    float *r;              /* [T, d] routed output */
+    float *sh_h;           /* [T, gs] */
+    float *sh_a;           /* [T, fs] */
+    float *sh_y;           /* [T, d] shared output before the gate */
+    float *sh_g;           /* [T] sigmoid gate */
+    float *mix_c;          /* [T, 2] */
+    float *sh_dh;          /* [T, gs] */
+    float *sh_da;          /* [T, fs] */
+    float *dr;             /* [T, d] */
+    float *ds;             /* [T, d] */
+    double *dz;            /* [T, E] */
+    float *dz_f;           /* [T, E] */
+    float *tmp_td;         /* [T, d] */
+    double *x64;           /* [T, d] router input in float64 (router_fp64) */
+    double *wg64;          /* [E, d] router weights in float64 (router_fp64) */
+    double *dwg64;         /* [E, d] */
+} moe_fwd_state;
+
+struct moe_layer {
+    moe_layer_config cfg;
+    int max_tokens;
+    int planned_rows;       /* rows the workspace holds; grows for larger per-call shapes */
+    int planned_k;
+    size_t n_params;
+    float *params, *grads;
+    int own_params, own_grads;
+    moe_layer_params p, g;
+    float *expert_bias;     /* [E] */
+    int64_t *accum_counts;  /* [E] */
+    int64_t accum_tokens;
+    void *ws;               /* the workspace allocation */
+    moe_fwd_state st;
+    int have_forward;
+    moe_layer_stats stats;
+    moe_routing routing;
+};
+
+/* router.c */
+void moe_router_logits(moe_layer *L, const float *x);
+moe_status moe_router_select(moe_layer *L);
+void moe_router_backward(moe_layer *L, float *dx, const float *x);
+/* dz [E] += (d score / dz)ᵀ dp for one token. */
+void moe_router_score_backward(moe_score_fn fn, int E, const double *z, const double *p,
+                               const double *dp, double *dz);
+
+/* balance.c */
+void moe_balance_forward(moe_layer *L);
+void moe_balance_backward(moe_layer *L);
+
+/* dispatch.c */
+void moe_dispatch_plan(moe_layer *L);
+int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const int64_t *counts);
+
+/* experts.c: MLP rows. x [n, d] -> h [n, gf], a [n, f] (= w * act(h)), y [n, d]
+ * (= a W_outᵀ + w b_out). w may be NULL (weight 1). */
+void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
+                     const float *b_in, const float *w_out, const float *b_out, const float *w,
+                     float *h, float *a, float *y);
+/* dy [n, d] given; writes dx [n, d] (overwritten), adds weight grads, writes dw [n] (if not
+ * NULL). Uses dh [n, gf] and da [n, f] as scratch. */
+void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
+                      const float *w_out, const float *b_out, const float *w, const float *h,
+                      const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
+                      float *dw_out, float *db_out, double *dw, float *dh, float *da);
+void moe_experts_forward(moe_layer *L);
+void moe_experts_backward(moe_layer *L, float *dx);
 
 #endif

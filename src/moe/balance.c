@@ -1,0 +1,133 @@
+/* Balancing losses: aux loss (micro-batch, per sequence, global batch), z-loss, their
+ * gradients w.r.t. the logits, and the aux-loss-free expert-bias update.
+ * Semantics and conventions: docs/LAYER.md §5. */
+#include "core/core.h"
+#include "moe/layer_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+static int token_valid(const moe_fwd_state *st, int t) { return !st->mask || st->mask[t]; }
+
+/* Aux-loss scores P[e] of one token: softmax scores as they are, sigmoid-like ones
+ * normalised over E. */
+static void aux_scores(moe_score_fn fn, int E, const double *p, double *P) {
+    if (fn == MOE_SCORE_SOFTMAX) {
+        for (int e = 0; e < E; e++) P[e] = p[e];
+        return;
+    }
+    double s = 0;
+    for (int e = 0; e < E; e++) s += p[e];
+    for (int e = 0; e < E; e++) P[e] = p[e] / s;
+}
+
+void moe_balance_forward(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, E = c->n_experts, k = st->k;
+    st->aux_loss = st->z_loss = 0;
+    int learned = c->router != MOE_ROUTER_FAKE_BALANCED;
+    if (c->z_coeff > 0 && learned && st->Tv > 0) {
+        double s = 0;
+        for (int t = 0; t < T; t++)
+            if (token_valid(st, t)) s += st->lse[t] * st->lse[t];
+        st->z_loss = c->z_coeff * s / st->Tv;
+    }
+    int aux = c->router == MOE_ROUTER_TOPK && c->lb_type != MOE_LB_NONE && c->aux_coeff > 0;
+    st->n_seq = 1;
+    if (!aux || st->Tv == 0) return;
+    int S = c->lb_type == MOE_LB_SEQ_AUX ? st->seq_len : T;
+    int B = T / S;
+    st->n_seq = B;
+    double P[E];
+    for (int b = 0; b < B; b++) {
+        double *coef = st->aux_coef + (size_t)b * E;
+        double Pm[E], cnt[E];
+        int64_t tv = 0;
+        for (int e = 0; e < E; e++) Pm[e] = cnt[e] = 0;
+        for (int t = b * S; t < (b + 1) * S; t++) {
+            if (!token_valid(st, t)) continue;
+            tv++;
+            aux_scores(c->score, E, st->p + (size_t)t * E, P);
+            for (int e = 0; e < E; e++) Pm[e] += P[e];
+            for (int j = 0; j < k; j++) {
+                int ex = st->slot_expert[t * k + j];
+                if (ex >= 0) cnt[ex] += 1;
+            }
+        }
+        for (int e = 0; e < E; e++) coef[e] = 0;
+        if (tv == 0) continue;
+        double denom = (double)k * (double)tv;
+        if (c->lb_type == MOE_LB_GLOBAL_AUX) {
+            for (int e = 0; e < E; e++) cnt[e] += (double)L->accum_counts[e];
+            denom = (double)k * (double)(L->accum_tokens + tv);
+        }
+        /* L_b = coeff * E * sum_e f_e * Pm_e / B; dL/dP[t,e] = coeff * E * f_e / (tv * B). */
+        double loss = 0;
+        for (int e = 0; e < E; e++) {
+            double f = cnt[e] / denom;
+            loss += f * Pm[e] / (double)tv;
+            coef[e] = c->aux_coeff * E * f / ((double)tv * B);
+        }
+        st->aux_loss += c->aux_coeff * E * loss / B;
+    }
+}
+
+void moe_balance_backward(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, E = c->n_experts;
+    int aux = c->router == MOE_ROUTER_TOPK && c->lb_type != MOE_LB_NONE && c->aux_coeff > 0;
+    int zl = c->z_coeff > 0 && c->router != MOE_ROUTER_FAKE_BALANCED;
+    if (st->Tv == 0 || (!aux && !zl)) return;
+    double ls = st->loss_scale;
+    int S = T / st->n_seq;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        if (!token_valid(st, t)) continue;
+        const double *z = st->z + (size_t)t * E, *p = st->p + (size_t)t * E;
+        double *dz = st->dz + (size_t)t * E;
+        if (aux) {
+            const double *coef = st->aux_coef + (size_t)(t / S) * E;
+            double dP[E], dp[E];
+            if (c->score == MOE_SCORE_SOFTMAX) {
+                for (int e = 0; e < E; e++) dp[e] = ls * coef[e];
+            } else {
+                /* P_e = p_e / sum(p): dp_e = (dP_e - sum_i dP_i P_i) / sum(p). */
+                double sp = 0, cross = 0;
+                for (int e = 0; e < E; e++) sp += p[e];
+                for (int e = 0; e < E; e++) {
+                    dP[e] = ls * coef[e];
+                    cross += dP[e] * p[e] / sp;
+                }
+                for (int e = 0; e < E; e++) dp[e] = (dP[e] - cross) / sp;
+            }
+            moe_router_score_backward(c->score, E, z, p, dp, dz);
+        }
+        if (zl) {
+            /* d/dz of coeff/Tv * lse^2 = coeff/Tv * 2 lse * softmax(z). */
+            double g = ls * c->z_coeff * 2.0 * st->lse[t] / st->Tv;
+            for (int e = 0; e < E; e++) dz[e] += g * exp(z[e] - st->lse[t]);
+        }
+    }
+}
+
+void moe_layer_step_end(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts;
+    if (c->enable_expert_bias && L->accum_tokens > 0) {
+        double mean = 0;
+        for (int e = 0; e < E; e++) mean += (double)L->accum_counts[e];
+        mean /= E;
+        for (int e = 0; e < E; e++) {
+            double diff = mean - (double)L->accum_counts[e];
+            float sgn = diff > 0 ? 1.0f : diff < 0 ? -1.0f : 0.0f;
+            L->expert_bias[e] += c->bias_update_rate * sgn;
+        }
+    }
+    memset(L->accum_counts, 0, sizeof(int64_t) * (size_t)E);
+    L->accum_tokens = 0;
+}
+
+int64_t *moe_layer_accum_counts(moe_layer *L) { return L->accum_counts; }
+int64_t *moe_layer_accum_tokens(moe_layer *L) { return &L->accum_tokens; }

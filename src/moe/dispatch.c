@@ -1,0 +1,92 @@
+/* Dispatch: capacity, token dropping (probs / position policy), and the permutation of the
+ * kept slots into per-expert row blocks (a stable counting sort by expert). docs/LAYER.md §6. */
+#include "core/core.h"
+#include "moe/layer_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const int64_t *counts) {
+    if (c->capacity_factor == 0 || Tv == 0) return 0;
+    /* The relative tolerance keeps decimal factors exact: 1.1 * 10 gives 11, not 12. */
+    double v = fabs((double)c->capacity_factor) * (double)Tv * k / c->n_experts;
+    int64_t C = (int64_t)ceil(v * (1.0 - 1e-6));
+    if (C < c->min_capacity) C = c->min_capacity;
+    if (c->capacity_factor > 0) return (int)(C < Tv ? C : Tv);
+    int64_t mx = 0;
+    for (int e = 0; e < c->n_experts; e++) mx = counts[e] > mx ? counts[e] : mx;
+    return (int)(C < mx ? C : mx);
+}
+
+/* Stable merge sort of slot ids by weight, descending. */
+static void sort_by_weight(int32_t *a, int n, const float *w, int32_t *tmp) {
+    if (n < 2) return;
+    int h = n / 2;
+    sort_by_weight(a, h, w, tmp);
+    sort_by_weight(a + h, n - h, w, tmp);
+    int i = 0, j = h, o = 0;
+    while (i < h && j < n) tmp[o++] = w[a[j]] > w[a[i]] ? a[j++] : a[i++];
+    while (i < h) tmp[o++] = a[i++];
+    while (j < n) tmp[o++] = a[j++];
+    memcpy(a, tmp, sizeof(int32_t) * (size_t)n);
+}
+
+/* Marks which slots each expert keeps under capacity C. */
+static void apply_capacity(moe_layer *L, int C) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, E = c->n_experts, k = st->k, S = st->n_slots;
+    int32_t *off = st->scratch, *list = off + E + 1, *tmp = list + S;
+    memset(off, 0, sizeof(int32_t) * (size_t)(E + 1));
+    for (int s = 0; s < S; s++)
+        if (st->slot_expert[s] >= 0) off[st->slot_expert[s] + 1]++;
+    for (int e = 0; e < E; e++) off[e + 1] += off[e];
+    /* Candidates of each expert in priority order (j, t): every first choice first. */
+    int32_t *fill = tmp;
+    for (int e = 0; e < E; e++) fill[e] = off[e];
+    for (int j = 0; j < k; j++)
+        for (int t = 0; t < T; t++) {
+            int s = t * k + j, e = st->slot_expert[s];
+            if (e >= 0) list[fill[e]++] = s;
+        }
+    for (int e = 0; e < E; e++) {
+        int n = off[e + 1] - off[e];
+        int32_t *cand = list + off[e];
+        if (n > C && c->drop_policy == MOE_DROP_PROBS) sort_by_weight(cand, n, st->slot_w, tmp);
+        for (int i = C; i < n; i++) st->slot_kept[cand[i]] = 0;
+    }
+}
+
+void moe_dispatch_plan(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int E = c->n_experts, S = st->n_slots;
+    for (int s = 0; s < S; s++) st->slot_kept[s] = st->slot_expert[s] >= 0;
+    if (c->router != MOE_ROUTER_EXPERT_CHOICE) {
+        st->capacity = moe_dispatch_capacity(c, st->Tv, st->k, st->counts);
+        if (c->capacity_factor != 0) apply_capacity(L, st->capacity);
+    }
+    int pad = c->pad_to_capacity && c->router != MOE_ROUTER_EXPERT_CHOICE;
+    memset(st->kept, 0, sizeof(int64_t) * (size_t)E);
+    for (int s = 0; s < S; s++)
+        if (st->slot_kept[s]) st->kept[st->slot_expert[s]]++;
+    st->expert_off[0] = 0;
+    for (int e = 0; e < E; e++)
+        st->expert_off[e + 1] = st->expert_off[e] + (pad ? st->capacity : (int32_t)st->kept[e]);
+    st->n_rows = st->expert_off[E];
+    int32_t *fill = st->scratch;
+    for (int e = 0; e < E; e++) fill[e] = st->expert_off[e];
+    for (int s = 0; s < S; s++) {
+        st->slot_row[s] = -1;
+        if (!st->slot_kept[s]) continue;
+        int r = fill[st->slot_expert[s]]++;
+        st->slot_row[s] = r;
+        st->row_slot[r] = s;
+        st->row_w[r] = st->slot_w[s];
+    }
+    for (int e = 0; e < E; e++)
+        for (int r = fill[e]; r < st->expert_off[e + 1]; r++) {
+            st->row_slot[r] = -1;
+            st->row_w[r] = 0;
+        }
+}

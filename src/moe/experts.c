@@ -1,0 +1,145 @@
+/* Experts: MLP rows (shared by the routed experts and the shared expert) and the grouped
+ * forward/backward over the permuted rows, one GEMM per expert block. docs/LAYER.md §7. */
+#include "core/core.h"
+#include "kernels/kernels.h"
+#include "moe/layer_internal.h"
+
+#include <string.h>
+
+void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
+                     const float *b_in, const float *w_out, const float *b_out, const float *w,
+                     float *h, float *a, float *y) {
+    if (n <= 0) return;
+    int gf = moe_act_gated(act) ? 2 * f : f;
+    moe_gemm(0, 1, n, gf, d, 1.0f, x, d, w_in, d, 0.0f, h, gf);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < n; i++) {
+        float *hi = h + (size_t)i * gf;
+        if (b_in)
+            for (int j = 0; j < gf; j++) hi[j] += b_in[j];
+        moe_act_forward_row(act, f, hi, w ? w[i] : 1.0f, a + (size_t)i * f);
+    }
+    moe_gemm(0, 1, n, d, f, 1.0f, a, f, w_out, f, 0.0f, y, d);
+    if (b_out) {
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < n; i++) {
+            float wi = w ? w[i] : 1.0f;
+            for (int j = 0; j < d; j++) y[(size_t)i * d + j] += wi * b_out[j];
+        }
+    }
+}
+
+void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
+                      const float *w_out, const float *b_out, const float *w, const float *h,
+                      const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
+                      float *dw_out, float *db_out, double *dw, float *dh, float *da) {
+    if (n <= 0) return;
+    int gf = moe_act_gated(act) ? 2 * f : f;
+    moe_gemm(1, 0, d, f, n, 1.0f, dy, d, a, f, 1.0f, dw_out, f);
+    if (db_out) {
+#pragma omp parallel for schedule(static)
+        for (int j = 0; j < d; j++) {
+            float s = 0;
+            for (int i = 0; i < n; i++) s += (w ? w[i] : 1.0f) * dy[(size_t)i * d + j];
+            db_out[j] += s;
+        }
+    }
+    moe_gemm(0, 0, n, f, d, 1.0f, dy, d, w_out, f, 0.0f, da, f);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < n; i++) {
+        double g = moe_act_backward_row(act, f, h + (size_t)i * gf, w ? w[i] : 1.0f,
+                                        da + (size_t)i * f, dh + (size_t)i * gf);
+        if (dw) {
+            if (b_out)
+                for (int j = 0; j < d; j++) g += (double)b_out[j] * dy[(size_t)i * d + j];
+            dw[i] = g;
+        }
+    }
+    moe_gemm(1, 0, gf, d, n, 1.0f, dh, gf, x, d, 1.0f, dw_in, d);
+    if (db_in) {
+#pragma omp parallel for schedule(static)
+        for (int j = 0; j < gf; j++) {
+            float s = 0;
+            for (int i = 0; i < n; i++) s += dh[(size_t)i * gf + j];
+            db_in[j] += s;
+        }
+    }
+    moe_gemm(0, 0, n, d, gf, 1.0f, dh, gf, w_in, d, 0.0f, dx, d);
+}
+
+static size_t gf_of(const moe_layer_config *c) { return moe_act_gated(c->act) ? 2 * (size_t)c->ffn : (size_t)c->ffn; }
+
+void moe_experts_forward(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int d = c->d, f = c->ffn, R = st->n_rows;
+    size_t gf = gf_of(c);
+    const float *x = st->xin_orig;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < R; r++) {
+        int s = st->row_slot[r];
+        float *dst = st->xp + (size_t)r * d;
+        if (s < 0) memset(dst, 0, sizeof(float) * (size_t)d);
+        else memcpy(dst, x + (size_t)st->slot_token[s] * d, sizeof(float) * (size_t)d);
+    }
+    for (int e = 0; e < c->n_experts; e++) {
+        int o = st->expert_off[e], n = st->expert_off[e + 1] - o;
+        moe_mlp_forward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)e * gf * d,
+                        L->p.b_in ? L->p.b_in + (size_t)e * gf : NULL,
+                        L->p.w_out + (size_t)e * d * f, L->p.b_out ? L->p.b_out + (size_t)e * d : NULL,
+                        st->row_w + o, st->h + (size_t)o * gf, st->a + (size_t)o * f,
+                        st->y + (size_t)o * d);
+    }
+    /* Combine in slot order: bitwise reproducible, no atomics. */
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < st->T; t++) {
+        float *rt = st->r + (size_t)t * d;
+        memset(rt, 0, sizeof(float) * (size_t)d);
+        for (int i = st->tok_off[t]; i < st->tok_off[t + 1]; i++) {
+            int row = st->slot_row[st->tok_slot[i]];
+            if (row < 0) continue;
+            const float *yr = st->y + (size_t)row * d;
+            for (int j = 0; j < d; j++) rt[j] += yr[j];
+        }
+    }
+}
+
+void moe_experts_backward(moe_layer *L, float *dx) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int d = c->d, f = c->ffn, R = st->n_rows;
+    size_t gf = gf_of(c);
+    double *dwr = st->dw_row;
+    /* dL/dy of each row is the routed-output gradient of its token. */
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < R; r++) {
+        int s = st->row_slot[r];
+        float *dst = st->y + (size_t)r * d;
+        if (s < 0) memset(dst, 0, sizeof(float) * (size_t)d);
+        else memcpy(dst, st->dr + (size_t)st->slot_token[s] * d, sizeof(float) * (size_t)d);
+    }
+    for (int e = 0; e < c->n_experts; e++) {
+        int o = st->expert_off[e], n = st->expert_off[e + 1] - o;
+        moe_mlp_backward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)e * gf * d,
+                         L->p.w_out + (size_t)e * d * f,
+                         L->p.b_out ? L->p.b_out + (size_t)e * d : NULL, st->row_w + o,
+                         st->h + (size_t)o * gf, st->a + (size_t)o * f, st->y + (size_t)o * d,
+                         st->xp + (size_t)o * d, L->g.w_in + (size_t)e * gf * d,
+                         L->g.b_in ? L->g.b_in + (size_t)e * gf : NULL,
+                         L->g.w_out + (size_t)e * d * f,
+                         L->g.b_out ? L->g.b_out + (size_t)e * d : NULL, dwr + o,
+                         st->dh + (size_t)o * gf, st->da + (size_t)o * f);
+    }
+    for (int s = 0; s < st->n_slots; s++) st->dw[s] = st->slot_row[s] >= 0 ? dwr[st->slot_row[s]] : 0;
+    /* Scatter the input gradients back in slot order (xp now holds dL/dxp). */
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < st->T; t++) {
+        float *dt = dx + (size_t)t * d;
+        for (int i = st->tok_off[t]; i < st->tok_off[t + 1]; i++) {
+            int row = st->slot_row[st->tok_slot[i]];
+            if (row < 0) continue;
+            const float *g = st->xp + (size_t)row * d;
+            for (int j = 0; j < d; j++) dt[j] += g[j];
+        }
+    }
+}

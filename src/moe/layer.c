@@ -1,0 +1,372 @@
+/* The MoE layer: creation (one planned workspace), forward (router → balance → dispatch →
+ * experts → combine, shared expert, residual mix) and backward in reverse. */
+#include "core/core.h"
+#include "kernels/kernels.h"
+#include "moe/layer_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Slots and rows one call with T tokens and top-k needs at most. */
+static void call_sizes(const moe_layer_config *c, int T, int k, size_t *S, size_t *R) {
+    size_t E = (size_t)c->n_experts;
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
+        double cf = c->capacity_factor > 0 ? c->capacity_factor : 1.0;
+        size_t C = (size_t)ceil(cf * (double)T * k / (double)E);
+        if (C > (size_t)T) C = (size_t)T;
+        *S = *R = E * C;
+        return;
+    }
+    *S = *R = (size_t)T * k;
+    if (c->pad_to_capacity) {
+        size_t C = (size_t)ceil(fabs((double)c->capacity_factor) * (double)T * k / (double)E);
+        if (C < (size_t)c->min_capacity) C = (size_t)c->min_capacity;
+        if (C > (size_t)T) C = (size_t)T;
+        if (E * C > *R) *R = E * C;
+    }
+}
+
+/* Carves the workspace for up to Tm tokens and top-k (base NULL: only measures). */
+static size_t plan_workspace(moe_layer *L, char *base, int Tm, int k) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    moe_arena a = {base, 0, (size_t)-1};
+    size_t T = (size_t)Tm, d = (size_t)c->d, E = (size_t)c->n_experts, f = (size_t)c->ffn;
+    size_t gf = moe_act_gated(c->act) ? 2 * f : f;
+    size_t fs = (size_t)c->shared_ffn, gs = moe_act_gated(c->act) ? 2 * fs : fs;
+    size_t S, R;
+    call_sizes(c, Tm, k, &S, &R);
+    if (S < T) S = T; /* q doubles as Sinkhorn scratch of T entries */
+    int jit = c->jitter_eps > 0;
+    st->noise = moe_arena_take(&a, jit ? T * d : 0, sizeof(float));
+    st->xr = moe_arena_take(&a, jit ? T * d : 0, sizeof(float));
+    st->logits_f = moe_arena_take(&a, T * E, sizeof(float));
+    st->z = moe_arena_take(&a, T * E, sizeof(double));
+    st->p = moe_arena_take(&a, T * E, sizeof(double));
+    st->key = moe_arena_take(&a, T * E, sizeof(double));
+    st->q = moe_arena_take(&a, S, sizeof(double));
+    st->qsum = moe_arena_take(&a, T, sizeof(double));
+    st->slot_token = moe_arena_take(&a, S, sizeof(int32_t));
+    st->slot_expert = moe_arena_take(&a, S, sizeof(int32_t));
+    st->slot_sel = moe_arena_take(&a, S, sizeof(int32_t));
+    st->slot_w = moe_arena_take(&a, S, sizeof(float));
+    st->slot_kept = moe_arena_take(&a, S, sizeof(uint8_t));
+    st->slot_row = moe_arena_take(&a, S, sizeof(int32_t));
+    st->tok_off = moe_arena_take(&a, T + 1, sizeof(int32_t));
+    st->tok_slot = moe_arena_take(&a, S, sizeof(int32_t));
+    st->counts = moe_arena_take(&a, E, sizeof(int64_t));
+    st->kept = moe_arena_take(&a, E, sizeof(int64_t));
+    st->aux_coef = moe_arena_take(&a, T * E, sizeof(double));
+    st->lse = moe_arena_take(&a, T, sizeof(double));
+    st->expert_off = moe_arena_take(&a, E + 1, sizeof(int32_t));
+    st->row_slot = moe_arena_take(&a, R, sizeof(int32_t));
+    st->row_w = moe_arena_take(&a, R, sizeof(float));
+    st->scratch = moe_arena_take(&a, 2 * E + 2 + 2 * (S > T ? S : T), sizeof(int32_t));
+    st->xp = moe_arena_take(&a, R * d, sizeof(float));
+    st->h = moe_arena_take(&a, R * gf, sizeof(float));
+    st->a = moe_arena_take(&a, R * f, sizeof(float));
+    st->y = moe_arena_take(&a, R * d, sizeof(float));
+    st->dh = moe_arena_take(&a, R * gf, sizeof(float));
+    st->da = moe_arena_take(&a, R * f, sizeof(float));
+    st->dw = moe_arena_take(&a, S, sizeof(double));
+    st->dw_row = moe_arena_take(&a, R, sizeof(double));
+    st->r = moe_arena_take(&a, T * d, sizeof(float));
+    st->sh_h = moe_arena_take(&a, T * gs, sizeof(float));
+    st->sh_a = moe_arena_take(&a, T * fs, sizeof(float));
+    st->sh_y = moe_arena_take(&a, fs ? T * d : 0, sizeof(float));
+    st->sh_g = moe_arena_take(&a, c->shared_gate ? T : 0, sizeof(float));
+    st->mix_c = moe_arena_take(&a, c->residual ? 2 * T : 0, sizeof(float));
+    st->sh_dh = moe_arena_take(&a, T * gs, sizeof(float));
+    st->sh_da = moe_arena_take(&a, T * fs, sizeof(float));
+    st->dr = moe_arena_take(&a, T * d, sizeof(float));
+    st->ds = moe_arena_take(&a, fs ? T * d : 0, sizeof(float));
+    st->dz = moe_arena_take(&a, T * E, sizeof(double));
+    st->dz_f = moe_arena_take(&a, T * E, sizeof(float));
+    st->tmp_td = moe_arena_take(&a, T * d, sizeof(float));
+    st->x64 = moe_arena_take(&a, c->router_fp64 ? T * d : 0, sizeof(double));
+    st->wg64 = moe_arena_take(&a, c->router_fp64 ? E * d : 0, sizeof(double));
+    st->dwg64 = moe_arena_take(&a, c->router_fp64 ? E * d : 0, sizeof(double));
+    return a.used;
+}
+
+static moe_status alloc_workspace(moe_layer *L, int k) {
+    size_t bytes = plan_workspace(L, NULL, L->max_tokens, k);
+    void *ws = moe_alloc(bytes, 1);
+    if (!ws) return MOE_ERR_NOMEM;
+    moe_free(L->ws);
+    L->ws = ws;
+    plan_workspace(L, ws, L->max_tokens, k);
+    L->planned_k = k;
+    L->have_forward = 0;
+    return MOE_OK;
+}
+
+moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *params,
+                            float *grads, moe_layer **out) {
+    *out = NULL;
+    MOE_TRY(moe_layer_config_validate(cfg));
+    if (max_tokens < 1)
+        return moe_set_error(MOE_ERR_INVALID, "max_tokens must be >= 1 (got %d)", max_tokens);
+    moe_layer *L = moe_alloc(1, sizeof *L);
+    if (!L) return MOE_ERR_NOMEM;
+    L->cfg = *cfg;
+    L->max_tokens = max_tokens;
+    L->n_params = moe_layer_param_count(cfg);
+    L->params = params ? params : moe_alloc(L->n_params, sizeof(float));
+    L->own_params = params == NULL;
+    L->grads = grads ? grads : moe_alloc(L->n_params, sizeof(float));
+    L->own_grads = grads == NULL;
+    L->expert_bias = moe_alloc((size_t)cfg->n_experts, sizeof(float));
+    L->accum_counts = moe_alloc((size_t)cfg->n_experts, sizeof(int64_t));
+    if (!L->params || !L->grads || !L->expert_bias || !L->accum_counts ||
+        alloc_workspace(L, cfg->topk) != MOE_OK) {
+        moe_layer_destroy(L);
+        return MOE_ERR_NOMEM;
+    }
+    moe_layer_params_map(cfg, L->params, &L->p);
+    moe_layer_params_map(cfg, L->grads, &L->g);
+    *out = L;
+    return MOE_OK;
+}
+
+void moe_layer_destroy(moe_layer *L) {
+    if (!L) return;
+    if (L->own_params) moe_free(L->params);
+    if (L->own_grads) moe_free(L->grads);
+    moe_free(L->expert_bias);
+    moe_free(L->accum_counts);
+    moe_free(L->ws);
+    moe_free(L);
+}
+
+const moe_layer_config *moe_layer_get_config(const moe_layer *L) { return &L->cfg; }
+moe_layer_params moe_layer_get_params(moe_layer *L) { return L->p; }
+moe_layer_params moe_layer_get_grads(moe_layer *L) { return L->g; }
+float *moe_layer_param_data(moe_layer *L) { return L->params; }
+float *moe_layer_grad_data(moe_layer *L) { return L->grads; }
+float *moe_layer_expert_bias(moe_layer *L) { return L->expert_bias; }
+void moe_layer_zero_grads(moe_layer *L) { memset(L->grads, 0, sizeof(float) * L->n_params); }
+const moe_layer_stats *moe_layer_get_stats(const moe_layer *L) { return &L->stats; }
+const moe_routing *moe_layer_get_routing(const moe_layer *L) { return &L->routing; }
+
+void moe_layer_init_params(moe_layer *L, uint64_t seed, float std) {
+    /* Tensors in struct order; biases (b_in, b_out, shared biases, mix_b) start at zero. */
+    static const int is_bias[MOE_N_PARAM_TENSORS] = {0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 1};
+    size_t sizes[MOE_N_PARAM_TENSORS];
+    moe_layer_param_sizes(&L->cfg, sizes);
+    float *t = L->params;
+    for (int i = 0; i < MOE_N_PARAM_TENSORS; i++) {
+        uint64_t stream = moe_rng_stream(MOE_RNG_INIT, (uint64_t)L->cfg.layer_id, (uint64_t)i, 0);
+        for (size_t n = 0; n < sizes[i]; n++)
+            t[n] = is_bias[i] ? 0.0f : std * (float)moe_rng_normal(seed, stream, n);
+        t += sizes[i];
+    }
+}
+
+static int token_valid(const moe_fwd_state *st, int t) { return !st->mask || st->mask[t]; }
+
+static void shared_forward(moe_layer *L, const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, d = c->d;
+    moe_mlp_forward(c->act, T, d, c->shared_ffn, x, L->p.shared_w_in, L->p.shared_b_in,
+                    L->p.shared_w_out, L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->sh_y);
+    if (c->shared_gate) {
+        for (int t = 0; t < T; t++) {
+            double s = 0;
+            for (int i = 0; i < d; i++) s += (double)x[(size_t)t * d + i] * L->p.shared_gate_w[i];
+            st->sh_g[t] = (float)(1.0 / (1.0 + exp(-s)));
+        }
+    }
+    if (c->residual) {
+        for (int t = 0; t < T; t++) {
+            double m0 = L->p.mix_b[0], m1 = L->p.mix_b[1];
+            for (int i = 0; i < d; i++) {
+                m0 += (double)x[(size_t)t * d + i] * L->p.mix_w[i];
+                m1 += (double)x[(size_t)t * d + i] * L->p.mix_w[d + i];
+            }
+            double mx = m0 > m1 ? m0 : m1, e0 = exp(m0 - mx), e1 = exp(m1 - mx);
+            st->mix_c[2 * t] = (float)(e0 / (e0 + e1));
+            st->mix_c[2 * t + 1] = (float)(e1 / (e0 + e1));
+        }
+    }
+}
+
+static void fill_stats(moe_layer *L) {
+    moe_fwd_state *st = &L->st;
+    moe_layer_stats *s = &L->stats;
+    int E = L->cfg.n_experts;
+    s->n_experts = E;
+    s->topk = st->k;
+    s->n_valid = st->Tv;
+    s->capacity = st->capacity;
+    s->counts = st->counts;
+    s->kept = st->kept;
+    s->routed = s->dropped = 0;
+    for (int e = 0; e < E; e++) {
+        s->routed += st->counts[e];
+        s->dropped += st->counts[e] - st->kept[e];
+    }
+    s->dropped_fraction = s->routed ? (double)s->dropped / (double)s->routed : 0;
+    s->aux_loss = st->aux_loss;
+    s->z_loss = st->z_loss;
+    s->sinkhorn_iters = st->sinkhorn_iters;
+    moe_routing *r = &L->routing;
+    r->n_slots = st->n_slots;
+    r->token = st->slot_token;
+    r->expert = st->slot_expert;
+    r->weight = st->slot_w;
+    r->kept = st->slot_kept;
+}
+
+moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
+                             const moe_forward_args *args) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    moe_forward_args def = moe_forward_args_default();
+    if (!args) args = &def;
+    L->have_forward = 0;
+    if (T < 1 || T > L->max_tokens)
+        return moe_set_error(MOE_ERR_INVALID, "token count %d outside 1..%d (the layer's max_tokens)",
+                             T, L->max_tokens);
+    int k = args->topk ? args->topk : c->topk;
+    if (k < 1 || k > c->n_experts)
+        return moe_set_error(MOE_ERR_INVALID, "per-call topk %d outside 1..num-experts (%d)", k,
+                             c->n_experts);
+    if (c->n_groups > 1 && k > c->group_topk * (c->n_experts / c->n_groups))
+        return moe_set_error(MOE_ERR_INVALID,
+                             "per-call topk %d exceeds the experts in %d groups of %d", k,
+                             c->group_topk, c->n_experts / c->n_groups);
+    if (c->router == MOE_ROUTER_FAKE_BALANCED && k > c->n_experts - c->fake_skip_first)
+        return moe_set_error(MOE_ERR_INVALID, "per-call topk %d exceeds the %d non-skipped experts",
+                             k, c->n_experts - c->fake_skip_first);
+    int seq_len = args->seq_len ? args->seq_len : T;
+    if (seq_len < 1 || T % seq_len != 0)
+        return moe_set_error(MOE_ERR_INVALID, "seq_len %d does not divide the token count %d",
+                             args->seq_len, T);
+    if (!isfinite(args->loss_scale))
+        return moe_set_error(MOE_ERR_INVALID, "loss_scale must be finite (got %g)", args->loss_scale);
+    if (k > L->planned_k) MOE_TRY(alloc_workspace(L, k));
+
+    st->T = T;
+    st->k = k;
+    st->seq_len = seq_len;
+    st->training = args->training;
+    st->loss_scale = args->loss_scale;
+    st->step = args->step;
+    st->mask = args->mask;
+    st->capacity = 0;
+    st->xin_orig = x;
+    st->Tv = 0;
+    for (int t = 0; t < T; t++) st->Tv += token_valid(st, t);
+
+    moe_router_logits(L, x);
+    MOE_TRY(moe_router_select(L));
+    moe_balance_forward(L);
+    if (st->training) {
+        for (int e = 0; e < c->n_experts; e++) L->accum_counts[e] += st->counts[e];
+        L->accum_tokens += st->Tv;
+    }
+    moe_dispatch_plan(L);
+    moe_experts_forward(L);
+    if (c->shared_ffn > 0) shared_forward(L, x);
+
+    int d = c->d;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        float *o = out + (size_t)t * d;
+        const float *r = st->r + (size_t)t * d;
+        if (!token_valid(st, t)) {
+            memset(o, 0, sizeof(float) * (size_t)d);
+            continue;
+        }
+        if (c->shared_ffn == 0) {
+            memcpy(o, r, sizeof(float) * (size_t)d);
+            continue;
+        }
+        const float *s = st->sh_y + (size_t)t * d;
+        float cr = c->residual ? st->mix_c[2 * t] : 1.0f;
+        float cs = c->residual ? st->mix_c[2 * t + 1] : c->shared_gate ? st->sh_g[t] : 1.0f;
+        for (int i = 0; i < d; i++) o[i] = cr * r[i] + cs * s[i];
+    }
+    fill_stats(L);
+    L->have_forward = 1;
+    return MOE_OK;
+}
+
+/* Backward of the shared expert, its gate and the residual mix; fills st->dr. */
+static void shared_backward(moe_layer *L, float *dx, const float *dout, const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, d = c->d;
+    for (int t = 0; t < T; t++) {
+        const float *g = dout + (size_t)t * d, *r = st->r + (size_t)t * d, *s = st->sh_y + (size_t)t * d;
+        float *dr = st->dr + (size_t)t * d, *ds = st->ds + (size_t)t * d;
+        if (!token_valid(st, t)) {
+            memset(dr, 0, sizeof(float) * (size_t)d);
+            memset(ds, 0, sizeof(float) * (size_t)d);
+            continue;
+        }
+        if (c->residual) {
+            float c0 = st->mix_c[2 * t], c1 = st->mix_c[2 * t + 1];
+            double dc0 = 0, dc1 = 0;
+            for (int i = 0; i < d; i++) {
+                dr[i] = c0 * g[i];
+                ds[i] = c1 * g[i];
+                dc0 += (double)g[i] * r[i];
+                dc1 += (double)g[i] * s[i];
+            }
+            /* c = softmax(m): dm_j = c_j (dc_j - sum_i c_i dc_i). */
+            double avg = c0 * dc0 + c1 * dc1, dm0 = c0 * (dc0 - avg), dm1 = c1 * (dc1 - avg);
+            for (int i = 0; i < d; i++) {
+                L->g.mix_w[i] += (float)(dm0 * x[(size_t)t * d + i]);
+                L->g.mix_w[d + i] += (float)(dm1 * x[(size_t)t * d + i]);
+                dx[(size_t)t * d + i] += (float)(dm0 * L->p.mix_w[i] + dm1 * L->p.mix_w[d + i]);
+            }
+            L->g.mix_b[0] += (float)dm0;
+            L->g.mix_b[1] += (float)dm1;
+        } else if (c->shared_gate) {
+            float gt = st->sh_g[t];
+            double dgate = 0;
+            for (int i = 0; i < d; i++) {
+                dr[i] = g[i];
+                ds[i] = gt * g[i];
+                dgate += (double)g[i] * s[i];
+            }
+            double dlogit = dgate * gt * (1.0 - gt);
+            for (int i = 0; i < d; i++) {
+                L->g.shared_gate_w[i] += (float)(dlogit * x[(size_t)t * d + i]);
+                dx[(size_t)t * d + i] += (float)(dlogit * L->p.shared_gate_w[i]);
+            }
+        } else {
+            memcpy(dr, g, sizeof(float) * (size_t)d);
+            memcpy(ds, g, sizeof(float) * (size_t)d);
+        }
+    }
+    moe_mlp_backward(c->act, T, d, c->shared_ffn, x, L->p.shared_w_in, L->p.shared_w_out,
+                     L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->ds, st->tmp_td,
+                     L->g.shared_w_in, L->g.shared_b_in, L->g.shared_w_out, L->g.shared_b_out,
+                     NULL, st->sh_dh, st->sh_da);
+    for (size_t i = 0; i < (size_t)T * d; i++) dx[i] += st->tmp_td[i];
+}
+
+moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    if (!L->have_forward)
+        return moe_set_error(MOE_ERR_STATE, "moe_layer_backward called without a forward");
+    int T = st->T, d = c->d;
+    if (c->shared_ffn > 0) {
+        shared_backward(L, dx, dout, x);
+    } else {
+        for (int t = 0; t < T; t++) {
+            float *dr = st->dr + (size_t)t * d;
+            if (token_valid(st, t)) memcpy(dr, dout + (size_t)t * d, sizeof(float) * (size_t)d);
+            else memset(dr, 0, sizeof(float) * (size_t)d);
+        }
+    }
+    moe_experts_backward(L, dx);
+    moe_router_backward(L, dx, x);
+    L->have_forward = 0;
+    return MOE_OK;
+}

@@ -1,0 +1,409 @@
+/* Router: logits, scores, expert selection (top-k with groups and selection bias, Sinkhorn,
+ * expert choice, fake balanced), routing weights, and the backward to the router weights and
+ * input. Semantics: docs/LAYER.md §1-4. All arithmetic after the logits GEMM is float64. */
+#include "core/core.h"
+#include "kernels/kernels.h"
+#include "moe/layer_internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+static double softplus(double x) { return x > 30 ? x : log1p(exp(x)); }
+
+static int token_valid(const moe_fwd_state *st, int t) { return !st->mask || st->mask[t]; }
+
+/* p[0..E) = score(z[0..E)); returns logsumexp(z). */
+static double score_row(moe_score_fn fn, int E, const double *z, double *p) {
+    double m = -INFINITY, s = 0;
+    for (int e = 0; e < E; e++) m = z[e] > m ? z[e] : m;
+    for (int e = 0; e < E; e++) s += exp(z[e] - m);
+    double lse = m + log(s);
+    for (int e = 0; e < E; e++) {
+        switch (fn) {
+        case MOE_SCORE_SOFTMAX: p[e] = exp(z[e] - lse); break;
+        case MOE_SCORE_SIGMOID: p[e] = sigmoid(z[e]); break;
+        case MOE_SCORE_SQRTSOFTPLUS: p[e] = sqrt(softplus(z[e])); break;
+        }
+    }
+    return lse;
+}
+
+/* idx[0..k) = indices of the k largest keys in decreasing order, ties toward lower index. */
+static void topk_desc(int n, const double *key, int k, int *idx) {
+    int m = 0;
+    for (int e = 0; e < n; e++) {
+        int pos = m;
+        while (pos > 0 && key[e] > key[idx[pos - 1]]) pos--;
+        if (pos >= k) continue;
+        int last = m < k ? m : k - 1;
+        for (int i = last; i > pos; i--) idx[i] = idx[i - 1];
+        idx[pos] = e;
+        if (m < k) m++;
+    }
+}
+
+/* Group-limited routing: keys of all but the group_topk best groups become -inf. */
+static void limit_groups(const moe_layer_config *c, int k, double *key) {
+    int G = c->n_groups, per = c->n_experts / G;
+    int m = k / c->group_topk;
+    if (m < 1) m = 1;
+    if (m > per) m = per;
+    double gscore[G];
+    int top[m > 0 ? m : 1], keep[G];
+    for (int g = 0; g < G; g++) {
+        topk_desc(per, key + g * per, m, top);
+        double s = 0;
+        for (int i = 0; i < m; i++) s += key[g * per + top[i]];
+        gscore[g] = s;
+    }
+    int sel[G];
+    topk_desc(G, gscore, c->group_topk, sel);
+    memset(keep, 0, sizeof keep);
+    for (int i = 0; i < c->group_topk; i++) keep[sel[i]] = 1;
+    for (int g = 0; g < G; g++)
+        if (!keep[g])
+            for (int i = 0; i < per; i++) key[g * per + i] = -INFINITY;
+}
+
+void moe_router_logits(moe_layer *L, const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, d = c->d, E = c->n_experts;
+    st->xin = x;
+    if (st->training && c->jitter_eps > 0) {
+        uint64_t stream = moe_rng_stream(MOE_RNG_JITTER, (uint64_t)c->layer_id, st->step, 0);
+        float eps = c->jitter_eps;
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < (size_t)T * d; i++) {
+            st->noise[i] = 1.0f - eps + 2.0f * eps * moe_rng_uniform(c->seed, stream, i);
+            st->xr[i] = x[i] * st->noise[i];
+        }
+        st->xin = st->xr;
+    }
+    if (c->router_fp64) {
+        for (size_t i = 0; i < (size_t)T * d; i++) st->x64[i] = st->xin[i];
+        for (size_t i = 0; i < (size_t)E * d; i++) st->wg64[i] = L->p.router_w[i];
+        moe_gemm64(0, 1, T, E, d, 1.0, st->x64, d, st->wg64, d, 0.0, st->z, E);
+    } else {
+        moe_gemm(0, 1, T, E, d, 1.0f, st->xin, d, L->p.router_w, d, 0.0f, st->logits_f, E);
+        for (size_t i = 0; i < (size_t)T * E; i++) st->z[i] = st->logits_f[i];
+    }
+}
+
+/* Sinkhorn scaling of exp(z) over the valid tokens; writes the balanced keys. */
+static int sinkhorn_keys(moe_layer *L, double *key) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, E = c->n_experts;
+    double *d0 = st->q; /* scratch: q has T*k >= T entries and is written after this */
+    double d1[E], old[E], colsum[E];
+    for (int t = 0; t < T; t++) {
+        double m = -INFINITY;
+        for (int e = 0; e < E; e++) m = st->z[t * E + e] > m ? st->z[t * E + e] : m;
+        for (int e = 0; e < E; e++) key[t * E + e] = token_valid(st, t) ? exp(st->z[t * E + e] - m) : 0;
+        d0[t] = 1;
+    }
+    for (int e = 0; e < E; e++) d1[e] = 1;
+    int it = 0;
+    double invT = 1.0 / st->Tv, invE = 1.0 / E;
+    while (it < c->sinkhorn_max_iter) {
+        it++;
+        for (int t = 0; t < T; t++) {
+            if (!token_valid(st, t)) continue;
+            double s = 0;
+            for (int e = 0; e < E; e++) s += key[t * E + e] * d1[e];
+            d0[t] = invT / (s + 1e-8);
+        }
+        for (int e = 0; e < E; e++) colsum[e] = 0;
+        for (int t = 0; t < T; t++)
+            if (token_valid(st, t))
+                for (int e = 0; e < E; e++) colsum[e] += d0[t] * key[t * E + e];
+        double diff = 0;
+        for (int e = 0; e < E; e++) {
+            old[e] = d1[e];
+            d1[e] = invE / (colsum[e] + 1e-8);
+            diff += fabs(d1[e] - old[e]);
+        }
+        if (diff / E <= c->sinkhorn_tol) break;
+    }
+    for (int t = 0; t < T; t++)
+        for (int e = 0; e < E; e++) key[t * E + e] *= d1[e] * d0[t];
+    return it;
+}
+
+static void count_slot(moe_fwd_state *st, int s) {
+    if (st->slot_expert[s] >= 0) st->counts[st->slot_expert[s]]++;
+}
+
+/* Token choice: top-k, Sinkhorn, fake balanced. */
+static void select_token_choice(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, E = c->n_experts, k = st->k;
+    int sinkhorn = c->router == MOE_ROUTER_SINKHORN && st->training && st->Tv > 0;
+    if (sinkhorn) st->sinkhorn_iters = sinkhorn_keys(L, st->key);
+    int fake = c->router == MOE_ROUTER_FAKE_BALANCED;
+    uint64_t fstream = moe_rng_stream(MOE_RNG_FAKE, (uint64_t)c->layer_id, st->step, 0);
+    uint64_t rstream = moe_rng_stream(MOE_RNG_RANDOM2, (uint64_t)c->layer_id, st->step, 0);
+    int A = E - c->fake_skip_first;
+    double gnoise[A > 0 ? A : 1];
+    if (fake && c->fake_noise > 0)
+        for (int a = 0; a < A; a++) gnoise[a] = moe_rng_normal(c->seed, fstream, (uint64_t)a);
+    double rthr = c->random_routing_threshold > 1e-9 ? c->random_routing_threshold : 1e-9;
+
+    /* Position of each valid token among the valid ones (the fake gate's counter). */
+    int32_t *vpos = st->scratch;
+    for (int t = 0, n = 0; t < T; t++) vpos[t] = token_valid(st, t) ? n++ : -1;
+
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        const double *z = st->z + (size_t)t * E;
+        double *p = st->p + (size_t)t * E;
+        double *key = st->key + (size_t)t * E;
+        int idx[k];
+        for (int j = 0; j < k; j++) {
+            int s = t * k + j;
+            st->slot_token[s] = t;
+            st->slot_expert[s] = st->slot_sel[s] = -1;
+            st->slot_w[s] = 0;
+            st->q[s] = 0;
+        }
+        st->lse[t] = score_row(st->wscore, E, z, p);
+        st->qsum[t] = 1;
+        if (!token_valid(st, t)) continue;
+        if (fake) {
+            int64_t n = vpos[t];
+            double r[k], rs = 0;
+            if (c->fake_noise > 0) {
+                for (int a = 0; a < A; a++)
+                    key[a] = moe_rng_uniform64(c->seed, fstream, (uint64_t)(1 + n) * A + a) +
+                             0.1 * c->fake_noise * gnoise[a];
+                topk_desc(A, key, k, idx);
+                for (int j = 0; j < k; j++) {
+                    r[j] = moe_rng_uniform64(c->seed, fstream, (1ULL << 40) + (uint64_t)n * k + j);
+                    rs += r[j];
+                }
+            }
+            for (int j = 0; j < k; j++) {
+                int s = t * k + j;
+                int e = c->fake_noise > 0 ? idx[j] : (int)((n * k + j) % A);
+                double w = c->fake_noise > 0
+                               ? (1.0 - c->fake_noise) / k + c->fake_noise * r[j] / rs
+                               : 1.0 / k;
+                st->slot_expert[s] = st->slot_sel[s] = e + c->fake_skip_first;
+                st->q[s] = w;
+                st->slot_w[s] = (float)(w * c->route_scale);
+            }
+            continue;
+        }
+        if (!sinkhorn) {
+            for (int e = 0; e < E; e++) {
+                if (c->enable_expert_bias) key[e] = p[e] + L->expert_bias[e];
+                else if (st->wmode == MOE_WMODE_SOFTMAX_K) key[e] = z[e];
+                else key[e] = c->router == MOE_ROUTER_SINKHORN ? z[e] : p[e];
+            }
+            if (c->n_groups > 1) limit_groups(c, k, key);
+        }
+        topk_desc(E, key, k, idx);
+        double qs = 0;
+        if (st->wmode == MOE_WMODE_SOFTMAX_K) {
+            double m = z[idx[0]], se = 0;
+            for (int j = 0; j < k; j++) m = z[idx[j]] > m ? z[idx[j]] : m;
+            for (int j = 0; j < k; j++) se += exp(z[idx[j]] - m);
+            for (int j = 0; j < k; j++) st->q[t * k + j] = exp(z[idx[j]] - m) / se;
+        } else {
+            for (int j = 0; j < k; j++) st->q[t * k + j] = p[idx[j]];
+        }
+        for (int j = 0; j < k; j++) qs += st->q[t * k + j];
+        st->qsum[t] = st->renorm ? qs + 1e-20 : 1.0;
+        for (int j = 0; j < k; j++) {
+            int s = t * k + j;
+            double w = st->q[s] / st->qsum[t];
+            st->slot_sel[s] = idx[j];
+            if (c->random_routing && j >= 1 &&
+                !(moe_rng_uniform(c->seed, rstream, (uint64_t)s) < w / rthr)) {
+                continue; /* GShard: the slot goes nowhere */
+            }
+            st->slot_expert[s] = idx[j];
+            st->slot_w[s] = (float)(w * c->route_scale);
+        }
+    }
+    st->n_slots = T * k;
+    for (int t = 0; t <= T; t++) st->tok_off[t] = t * k;
+    for (int s = 0; s < T * k; s++) {
+        st->tok_slot[s] = s;
+        count_slot(st, s);
+    }
+}
+
+/* Expert choice: each expert takes the C valid tokens with the largest softmax score. */
+static const double *ec_col;
+static int ec_E;
+static int ec_cmp(const void *a, const void *b) {
+    int ta = *(const int32_t *)a, tb = *(const int32_t *)b;
+    double va = ec_col[(size_t)ta * ec_E], vb = ec_col[(size_t)tb * ec_E];
+    if (va != vb) return va > vb ? -1 : 1;
+    return ta < tb ? -1 : ta > tb;
+}
+
+static void select_expert_choice(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, E = c->n_experts, k = st->k;
+    for (int t = 0; t < T; t++) st->lse[t] = score_row(MOE_SCORE_SOFTMAX, E, st->z + (size_t)t * E, st->p + (size_t)t * E);
+    double cf = c->capacity_factor > 0 ? c->capacity_factor : 1.0;
+    int C = (int)ceil(cf * (double)st->Tv * k / E);
+    if (C > st->Tv) C = st->Tv;
+    st->capacity = C;
+    int32_t *tok = st->scratch;
+    int nv = 0;
+    for (int t = 0; t < T; t++)
+        if (token_valid(st, t)) tok[nv++] = t;
+    ec_E = E;
+    for (int e = 0; e < E; e++) {
+        ec_col = st->p + e;
+        qsort(tok, (size_t)nv, sizeof *tok, ec_cmp);
+        for (int i = 0; i < C; i++) {
+            int s = e * C + i;
+            st->slot_token[s] = tok[i];
+            st->slot_expert[s] = st->slot_sel[s] = e;
+            st->q[s] = st->p[(size_t)tok[i] * E + e];
+            st->slot_w[s] = (float)(st->q[s] * c->route_scale);
+            st->counts[e]++;
+        }
+    }
+    st->n_slots = E * C;
+    /* Slots of each token, in slot (expert) order: a stable counting sort by token. */
+    memset(st->tok_off, 0, sizeof(int32_t) * (size_t)(T + 1));
+    for (int s = 0; s < st->n_slots; s++) st->tok_off[st->slot_token[s] + 1]++;
+    for (int t = 0; t < T; t++) st->tok_off[t + 1] += st->tok_off[t];
+    for (int t = 0; t < T; t++) tok[t] = st->tok_off[t];
+    for (int s = 0; s < st->n_slots; s++) st->tok_slot[tok[st->slot_token[s]]++] = s;
+    for (int t = 0; t < T; t++) st->qsum[t] = 1;
+}
+
+moe_status moe_router_select(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    memset(st->counts, 0, sizeof(int64_t) * (size_t)c->n_experts);
+    st->sinkhorn_iters = 0;
+    st->renorm = 0;
+    st->wscore = c->score;
+    st->router_grad = 1;
+    switch (c->router) {
+    case MOE_ROUTER_TOPK:
+        st->wmode = c->score == MOE_SCORE_SOFTMAX && !c->pre_softmax ? MOE_WMODE_SOFTMAX_K
+                                                                     : MOE_WMODE_GATHER;
+        st->renorm = c->norm_topk == MOE_NORM_ON ||
+                     (c->norm_topk == MOE_NORM_AUTO && c->score != MOE_SCORE_SOFTMAX && st->k > 1);
+        break;
+    case MOE_ROUTER_SINKHORN:
+        st->wmode = MOE_WMODE_GATHER;
+        st->wscore = st->k == 1 ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX;
+        break;
+    case MOE_ROUTER_EXPERT_CHOICE:
+        st->wmode = MOE_WMODE_GATHER;
+        st->wscore = MOE_SCORE_SOFTMAX;
+        break;
+    case MOE_ROUTER_FAKE_BALANCED:
+        st->wmode = MOE_WMODE_NONE;
+        st->router_grad = 0;
+        break;
+    }
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE) select_expert_choice(L);
+    else select_token_choice(L);
+    return MOE_OK;
+}
+
+/* dz[t,:] += d(score)/dz applied to dp (the gradient w.r.t. the full-E scores p). */
+static void score_backward_row(moe_score_fn fn, int E, const double *z, const double *p,
+                               const double *dp, double *dz) {
+    if (fn == MOE_SCORE_SOFTMAX) {
+        double s = 0;
+        for (int e = 0; e < E; e++) s += p[e] * dp[e];
+        for (int e = 0; e < E; e++) dz[e] += p[e] * (dp[e] - s);
+    } else if (fn == MOE_SCORE_SIGMOID) {
+        for (int e = 0; e < E; e++) dz[e] += dp[e] * p[e] * (1 - p[e]);
+    } else {
+        for (int e = 0; e < E; e++) dz[e] += p[e] > 0 ? dp[e] * sigmoid(z[e]) / (2 * p[e]) : 0;
+    }
+}
+
+void moe_router_score_backward(moe_score_fn fn, int E, const double *z, const double *p,
+                               const double *dp, double *dz) {
+    score_backward_row(fn, E, z, p, dp, dz);
+}
+
+/* Routing weights → logits: adds into st->dz from st->dw (dL/d slot weight). */
+static void weights_backward(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, E = c->n_experts;
+    double scale = c->route_scale;
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
+        for (int t = 0; t < T; t++) {
+            double dp[E];
+            int any = 0;
+            for (int e = 0; e < E; e++) dp[e] = 0;
+            for (int i = st->tok_off[t]; i < st->tok_off[t + 1]; i++) {
+                int s = st->tok_slot[i];
+                dp[st->slot_expert[s]] += scale * st->dw[s];
+                any = 1;
+            }
+            if (any) score_backward_row(MOE_SCORE_SOFTMAX, E, st->z + (size_t)t * E, st->p + (size_t)t * E, dp, st->dz + (size_t)t * E);
+        }
+        return;
+    }
+    int k = st->k;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        if (!token_valid(st, t)) continue;
+        double dq[k], S = st->qsum[t], cross = 0;
+        /* n_j = q_j / S (S = sum q + 1e-20 when renormalising, else 1); w_j = scale * n_j. */
+        for (int j = 0; j < k; j++) {
+            int s = t * k + j;
+            dq[j] = st->slot_expert[s] >= 0 ? scale * st->dw[s] : 0; /* dn_j */
+            cross += dq[j] * st->q[s];
+        }
+        for (int j = 0; j < k; j++) dq[j] = st->renorm ? dq[j] / S - cross / (S * S) : dq[j];
+        double *dz = st->dz + (size_t)t * E;
+        if (st->wmode == MOE_WMODE_SOFTMAX_K) {
+            double sq = 0;
+            for (int j = 0; j < k; j++) sq += st->q[t * k + j] * dq[j];
+            for (int j = 0; j < k; j++) dz[st->slot_sel[t * k + j]] += st->q[t * k + j] * (dq[j] - sq);
+        } else {
+            double dp[E];
+            for (int e = 0; e < E; e++) dp[e] = 0;
+            for (int j = 0; j < k; j++) dp[st->slot_sel[t * k + j]] += dq[j];
+            score_backward_row(st->wscore, E, st->z + (size_t)t * E, st->p + (size_t)t * E, dp, dz);
+        }
+    }
+}
+
+void moe_router_backward(moe_layer *L, float *dx, const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, E = c->n_experts, d = c->d;
+    memset(st->dz, 0, sizeof(double) * (size_t)T * E);
+    if (!st->router_grad) return;
+    weights_backward(L);
+    moe_balance_backward(L);
+    const float *xin = st->training && c->jitter_eps > 0 ? st->xr : x;
+    if (c->router_fp64) {
+        /* dWg = dzᵀ xin and dxr = dz Wg in float64. */
+        for (size_t i = 0; i < (size_t)T * d; i++) st->x64[i] = xin[i];
+        moe_gemm64(1, 0, E, d, T, 1.0, st->dz, E, st->x64, d, 0.0, st->dwg64, d);
+        for (size_t i = 0; i < (size_t)E * d; i++) L->g.router_w[i] += (float)st->dwg64[i];
+        moe_gemm64(0, 0, T, d, E, 1.0, st->dz, E, st->wg64, d, 0.0, st->x64, d);
+        for (size_t i = 0; i < (size_t)T * d; i++) st->tmp_td[i] = (float)st->x64[i];
+    } else {
+        for (size_t i = 0; i < (size_t)T * E; i++) st->dz_f[i] = (float)st->dz[i];
+        moe_gemm(1, 0, E, d, T, 1.0f, st->dz_f, E, xin, d, 1.0f, L->g.router_w, d);
+        moe_gemm(0, 0, T, d, E, 1.0f, st->dz_f, E, L->p.router_w, d, 0.0f, st->tmp_td, d);
+    }
+    int jit = st->training && c->jitter_eps > 0;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < (size_t)T * d; i++) dx[i] += jit ? st->tmp_td[i] * st->noise[i] : st->tmp_td[i];
+}
