@@ -4,9 +4,11 @@
 #include "moe/layer_internal.h"
 
 #include <math.h>
+#include <string.h>
 
 moe_layer_config moe_layer_config_default(void) {
-    moe_layer_config c = {0};
+    moe_layer_config c;
+    memset(&c, 0, sizeof c); /* padding too: configs are compared and hashed bytewise */
     c.d = 64;
     c.n_experts = 8;
     c.topk = 2;

@@ -1,0 +1,542 @@
+/* The option registry: one table for flags, config files, help, range checks and metadata. */
+#define _POSIX_C_SOURCE 200809L
+#include "io/options.h"
+
+#include "core/core.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+typedef enum { OPT_INT, OPT_U64, OPT_FLOAT, OPT_BOOL, OPT_ENUM } opt_type;
+
+typedef struct {
+    const char *name;
+    int value;
+} opt_choice;
+
+typedef struct {
+    const char *name;    /* canonical flag name, without "--" */
+    const char *aliases; /* space-separated other names, or NULL */
+    opt_type type;
+    size_t offset; /* into moe_options */
+    double lo, hi; /* inclusive range of numbers */
+    const opt_choice *choices; /* OPT_ENUM: terminated by a NULL name */
+    const char *section;
+    const char *help;
+    int transient; /* an action, not a setting: not written by moe_options_write */
+} opt_def;
+
+_Static_assert(sizeof(moe_activation) == sizeof(int) && sizeof(moe_router_type) == sizeof(int) &&
+                   sizeof(moe_score_fn) == sizeof(int) && sizeof(moe_norm_topk) == sizeof(int) &&
+                   sizeof(moe_drop_policy) == sizeof(int),
+               "enum options are stored as int");
+
+static const opt_choice act_choices[] = {{"swiglu", MOE_ACT_SWIGLU}, {"geglu", MOE_ACT_GEGLU},
+                                         {"relu2", MOE_ACT_RELU2},   {"gelu", MOE_ACT_GELU},
+                                         {"silu", MOE_ACT_SILU},     {NULL, 0}};
+static const opt_choice router_choices[] = {{"topk", MOE_ROUTER_TOPK},
+                                            {"sinkhorn", MOE_ROUTER_SINKHORN},
+                                            {"expert_choice", MOE_ROUTER_EXPERT_CHOICE},
+                                            {"fake_balanced", MOE_ROUTER_FAKE_BALANCED},
+                                            {NULL, 0}};
+static const opt_choice score_choices[] = {{"softmax", MOE_SCORE_SOFTMAX},
+                                           {"sigmoid", MOE_SCORE_SIGMOID},
+                                           {"sqrtsoftplus", MOE_SCORE_SQRTSOFTPLUS},
+                                           {NULL, 0}};
+static const opt_choice norm_choices[] = {
+    {"auto", MOE_NORM_AUTO}, {"false", MOE_NORM_OFF}, {"true", MOE_NORM_ON}, {NULL, 0}};
+static const opt_choice lb_choices[] = {{"aux_loss", MOE_LB_AUX},
+                                        {"seq_aux_loss", MOE_LB_SEQ_AUX},
+                                        {"global_aux_loss", MOE_LB_GLOBAL_AUX},
+                                        {"sinkhorn", MOE_LB_CHOICE_SINKHORN},
+                                        {"none", MOE_LB_NONE},
+                                        {NULL, 0}};
+static const opt_choice drop_choices[] = {
+    {"probs", MOE_DROP_PROBS}, {"position", MOE_DROP_POSITION}, {NULL, 0}};
+static const opt_choice dtype_choices[] = {{"fp32", 0}, {"fp64", 1}, {NULL, 0}};
+
+#define L(field) offsetof(moe_options, layer.field)
+#define O(field) offsetof(moe_options, field)
+#define BIG 1e9
+#define LAYER "MoE layer"
+#define ROUTER "Router"
+#define BALANCE "Load balancing"
+#define DISPATCH "Dispatch and capacity"
+#define EXPERTS "Experts"
+#define RUN "Run (moe demo)"
+
+static const opt_def opts[] = {
+    {"hidden-size", NULL, OPT_INT, L(d), 1, BIG, NULL, LAYER, "hidden size d", 0},
+    {"num-experts", "moe-num-experts n-routed-experts", OPT_INT, L(n_experts), 1, BIG, NULL, LAYER,
+     "number of routed experts E", 0},
+    {"moe-router-topk", "moe-gate-k num-experts-per-tok topk", OPT_INT, L(topk), 1, BIG, NULL,
+     LAYER, "experts per token k (1..E)", 0},
+    {"moe-ffn-hidden-size", "moe-intermediate-size", OPT_INT, L(ffn), 1, BIG, NULL, LAYER,
+     "hidden size f of one routed expert", 0},
+    {"seed", NULL, OPT_U64, L(seed), 0, 0, NULL, LAYER,
+     "random seed (parameters, jitter, random routing, fake gate)", 0},
+
+    {"moe-router-type", NULL, OPT_ENUM, L(router), 0, 0, router_choices, ROUTER,
+     "token choice top-k, Sinkhorn (S-BASE), expert choice, or the fake balanced gate", 0},
+    {"moe-router-score-function", "scoring-func", OPT_ENUM, L(score), 0, 0, score_choices, ROUTER,
+     "score of an expert", 0},
+    {"moe-router-pre-softmax", NULL, OPT_BOOL, L(pre_softmax), 0, 1, NULL, ROUTER,
+     "softmax over all experts before top-k (else softmax over the k selected logits)", 0},
+    {"moe-router-norm-topk-prob", "norm-topk-prob", OPT_ENUM, L(norm_topk), 0, 0, norm_choices,
+     ROUTER, "renormalise the selected weights (auto: for sigmoid/sqrtsoftplus with k > 1)", 0},
+    {"moe-router-topk-scaling-factor", "route-scale routed-scaling-factor", OPT_FLOAT,
+     L(route_scale), 1e-30, BIG, NULL, ROUTER, "factor on the routing weights", 0},
+    {"moe-router-num-groups", "n-group n-expert-groups", OPT_INT, L(n_groups), 1, BIG, NULL,
+     ROUTER, "expert groups for group-limited routing (1 = off)", 0},
+    {"moe-router-group-topk", "topk-group n-limited-groups", OPT_INT, L(group_topk), 1, BIG, NULL,
+     ROUTER, "groups kept per token", 0},
+    {"moe-router-enable-expert-bias", NULL, OPT_BOOL, L(enable_expert_bias), 0, 1, NULL, ROUTER,
+     "selection-only expert bias (aux-loss-free balancing, DeepSeek-V3)", 0},
+    {"moe-router-bias-update-rate", NULL, OPT_FLOAT, L(bias_update_rate), 0, BIG, NULL, ROUTER,
+     "b_e += rate * sign(mean(c) - c_e) once per optimizer step", 0},
+    {"moe-router-dtype", NULL, OPT_ENUM, L(router_fp64), 0, 0, dtype_choices, ROUTER,
+     "precision of the router GEMM (the rest of the router is float64)", 0},
+    {"moe-router-force-load-balancing", NULL, OPT_BOOL, O(force_lb), 0, 1, NULL, ROUTER,
+     "use the fake balanced gate (round robin) instead of the learned router, for benchmarks", 0},
+    {"moe-fake-gate-noise", NULL, OPT_FLOAT, L(fake_noise), 0, 1, NULL, ROUTER,
+     "fake gate: randomness of the expert choice and weights (0 = exact round robin)", 0},
+    {"moe-fake-gate-skip-first-n", "skip-first-n-experts", OPT_INT, L(fake_skip_first), 0, BIG,
+     NULL, ROUTER, "fake gate: experts 0..n-1 receive no tokens", 0},
+    {"moe-random-routing", NULL, OPT_BOOL, L(random_routing), 0, 1, NULL, ROUTER,
+     "GShard random routing: keep the 2nd..k-th choices with probability weight / threshold", 0},
+    {"moe-random-routing-threshold", NULL, OPT_FLOAT, L(random_routing_threshold), 1e-30, BIG,
+     NULL, ROUTER, "threshold of random routing", 0},
+    {"moe-sinkhorn-tol", NULL, OPT_FLOAT, L(sinkhorn_tol), 1e-30, BIG, NULL, ROUTER,
+     "Sinkhorn stops when the mean change of the expert scaling is below this", 0},
+    {"moe-sinkhorn-max-iter", NULL, OPT_INT, L(sinkhorn_max_iter), 1, BIG, NULL, ROUTER,
+     "Sinkhorn iteration limit", 0},
+    {"moe-input-jitter-eps", NULL, OPT_FLOAT, L(jitter_eps), 0, 0.999999, NULL, ROUTER,
+     "multiply the router input by U(1-eps, 1+eps) in training (0 = off)", 0},
+
+    {"moe-router-load-balancing-type", NULL, OPT_ENUM, O(lb_choice), 0, 0, lb_choices, BALANCE,
+     "balancing loss (sinkhorn selects the Sinkhorn router instead)", 0},
+    {"moe-aux-loss-coeff", "moe-loss-coeff aux-loss-alpha router-aux-loss-coef", OPT_FLOAT,
+     L(aux_coeff), 0, BIG, NULL, BALANCE, "aux loss coefficient: loss = nll + coeff * aux", 0},
+    {"moe-z-loss-coeff", "router-z-loss-coef", OPT_FLOAT, L(z_coeff), 0, BIG, NULL, BALANCE,
+     "router z-loss coefficient", 0},
+
+    {"moe-expert-capacity-factor", "capacity-factor", OPT_FLOAT, L(capacity_factor), -BIG, BIG,
+     NULL, DISPATCH, "0 = dropless; > 0 fixed capacity ceil(cf*T*k/E); < 0 dynamic, capped at |cf|", 0},
+    {"moe-min-capacity", "min-capacity", OPT_INT, L(min_capacity), 0, BIG, NULL, DISPATCH,
+     "lower bound of the capacity", 0},
+    {"moe-token-drop-policy", "drop-policy", OPT_ENUM, L(drop_policy), 0, 0, drop_choices,
+     DISPATCH, "which slots an over-full expert drops: lowest weight, or latest position", 0},
+    {"moe-pad-expert-input-to-capacity", NULL, OPT_BOOL, L(pad_to_capacity), 0, 1, NULL,
+     DISPATCH, "every expert computes exactly capacity rows", 0},
+
+    {"moe-activation", "hidden-act", OPT_ENUM, L(act), 0, 0, act_choices, EXPERTS,
+     "expert activation (swiglu and geglu are gated: W_in has 2f rows)", 0},
+    {"moe-expert-linear-bias", "add-bias-linear", OPT_BOOL, L(expert_bias), 0, 1, NULL, EXPERTS,
+     "bias vectors in the expert and shared-expert linear layers", 0},
+    {"moe-shared-expert-intermediate-size", "shared-expert-intermediate-size", OPT_INT,
+     L(shared_ffn), 0, BIG, NULL, EXPERTS, "hidden size of the shared expert (0 = none)", 0},
+    {"moe-shared-expert-gate", NULL, OPT_BOOL, L(shared_gate), 0, 1, NULL, EXPERTS,
+     "multiply the shared expert's output by sigmoid(x . g)", 0},
+    {"moe-use-residual", "use-residual", OPT_BOOL, L(residual), 0, 1, NULL, EXPERTS,
+     "Residual-MoE: out = moe*c0 + mlp*c1 with c = softmax(Linear(d->2)(x)); the MLP is the "
+     "shared expert", 0},
+
+    {"tokens", NULL, OPT_INT, O(tokens), 1, BIG, NULL, RUN, "tokens per layer call", 0},
+    {"iters", NULL, OPT_INT, O(iters), 1, BIG, NULL, RUN, "timed forward+backward iterations", 0},
+    {"threads", NULL, OPT_INT, O(threads), 0, 4096, NULL, RUN,
+     "OpenMP threads (0 = OMP_NUM_THREADS or all cores)", 0},
+    {"print-config", NULL, OPT_BOOL, O(print_config), 0, 1, NULL, RUN,
+     "print the resolved options as a config file and exit", 1},
+};
+#define N_OPTS ((int)(sizeof opts / sizeof opts[0]))
+_Static_assert(sizeof opts / sizeof opts[0] <= MOE_OPTIONS_MAX, "raise MOE_OPTIONS_MAX");
+
+void moe_options_default(moe_options *o) {
+    memset(o, 0, sizeof *o);
+    o->layer = moe_layer_config_default();
+    o->lb_choice = o->layer.lb_type;
+    o->tokens = 1024;
+    o->iters = 10;
+}
+
+/* ------------------------------------------------------------------ names */
+
+/* Canonical spelling of a name: lower case, '_' -> '-'. */
+static void canon(char *dst, size_t cap, const char *src, size_t n) {
+    size_t i = 0;
+    for (; i < n && i + 1 < cap && src[i]; i++)
+        dst[i] = src[i] == '_' ? '-' : (char)tolower((unsigned char)src[i]);
+    dst[i] = '\0';
+}
+
+/* Calls fn(option index, name) for the name and each alias of every option until it
+ * returns non-zero. */
+static int each_name(int (*fn)(int, const char *, void *), void *ctx) {
+    char name[128];
+    for (int i = 0; i < N_OPTS; i++) {
+        if (fn(i, opts[i].name, ctx)) return 1;
+        for (const char *a = opts[i].aliases; a && *a;) {
+            size_t n = strcspn(a, " ");
+            canon(name, sizeof name, a, n);
+            if (fn(i, name, ctx)) return 1;
+            a += n;
+            while (*a == ' ') a++;
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    const char *key;
+    int found;
+} find_ctx;
+
+static int match_name(int i, const char *name, void *p) {
+    find_ctx *c = p;
+    if (strcmp(name, c->key)) return 0;
+    c->found = i;
+    return 1;
+}
+
+static int find_option(const char *key) {
+    char k[128];
+    canon(k, sizeof k, key, strlen(key));
+    find_ctx c = {k, -1};
+    each_name(match_name, &c);
+    return c.found;
+}
+
+static int edit_distance(const char *a, const char *b) {
+    int la = (int)strlen(a), lb = (int)strlen(b);
+    if (la > 127 || lb > 127) return 1000;
+    int row[128];
+    for (int j = 0; j <= lb; j++) row[j] = j;
+    for (int i = 1; i <= la; i++) {
+        int diag = row[0];
+        row[0] = i;
+        for (int j = 1; j <= lb; j++) {
+            int up = row[j];
+            int sub = diag + (a[i - 1] != b[j - 1]);
+            int best = up + 1 < row[j - 1] + 1 ? up + 1 : row[j - 1] + 1;
+            row[j] = sub < best ? sub : best;
+            diag = up;
+        }
+    }
+    return row[lb];
+}
+
+typedef struct {
+    const char *key;
+    int best, best_dist;
+} near_ctx;
+
+static int nearest_name(int i, const char *name, void *p) {
+    near_ctx *c = p;
+    int dist = edit_distance(c->key, name);
+    if (dist < c->best_dist) {
+        c->best_dist = dist;
+        c->best = i;
+    }
+    return 0;
+}
+
+/* The option whose name or alias is closest to key, if close enough to be a typo; else -1. */
+static int suggest_option(const char *key) {
+    char k[128];
+    canon(k, sizeof k, key, strlen(key));
+    near_ctx c = {k, -1, 1000};
+    each_name(nearest_name, &c);
+    int limit = (int)strlen(k) / 3 > 2 ? (int)strlen(k) / 3 : 2;
+    return c.best_dist <= limit ? c.best : -1;
+}
+
+/* ----------------------------------------------------------------- values */
+
+static int parse_bool(const char *v, int *out) {
+    static const char *const yes[] = {"1", "true", "yes", "on"}, *const no[] = {"0", "false", "no",
+                                                                             "off"};
+    for (int i = 0; i < 4; i++) {
+        if (!strcmp(v, yes[i])) return *out = 1, 1;
+        if (!strcmp(v, no[i])) return *out = 0, 1;
+    }
+    return 0;
+}
+
+static void choice_list(char *buf, size_t cap, const opt_choice *c) {
+    buf[0] = '\0';
+    for (; c->name; c++) {
+        size_t n = strlen(buf);
+        snprintf(buf + n, cap - n, "%s%s", n ? "|" : "", c->name);
+    }
+}
+
+static moe_status set_value(moe_options *o, const opt_def *d, const char *v, const char *where) {
+    char *p = (char *)o + d->offset;
+    char *end;
+    errno = 0;
+    switch (d->type) {
+    case OPT_INT: {
+        long x = strtol(v, &end, 10);
+        if (!*v || *end || errno)
+            return moe_set_error(MOE_ERR_INVALID, "%s: expected an integer, got '%s'", where, v);
+        if (x < d->lo || x > d->hi)
+            return moe_set_error(MOE_ERR_INVALID, "%s: %ld is out of range [%.0f, %.0f]", where, x,
+                                 d->lo, d->hi);
+        *(int *)p = (int)x;
+        return MOE_OK;
+    }
+    case OPT_U64: {
+        unsigned long long x = strtoull(v, &end, 10);
+        if (!*v || *end || errno || *v == '-')
+            return moe_set_error(MOE_ERR_INVALID, "%s: expected a non-negative integer, got '%s'",
+                                 where, v);
+        *(uint64_t *)p = (uint64_t)x;
+        return MOE_OK;
+    }
+    case OPT_FLOAT: {
+        double x = strtod(v, &end);
+        if (!*v || *end || errno == ERANGE || !isfinite(x) || fabs(x) > FLT_MAX)
+            return moe_set_error(MOE_ERR_INVALID, "%s: expected a finite number, got '%s'", where,
+                                 v);
+        if (x < d->lo || x > d->hi)
+            return moe_set_error(MOE_ERR_INVALID, "%s: %g is out of range [%g, %g]", where, x,
+                                 d->lo, d->hi);
+        *(float *)p = (float)x;
+        return MOE_OK;
+    }
+    case OPT_BOOL:
+        if (!parse_bool(v, (int *)p))
+            return moe_set_error(MOE_ERR_INVALID, "%s: expected true or false, got '%s'", where, v);
+        return MOE_OK;
+    case OPT_ENUM: {
+        char cv[64];
+        canon(cv, sizeof cv, v, strlen(v));
+        for (const opt_choice *c = d->choices; c->name; c++) {
+            char cn[64];
+            canon(cn, sizeof cn, c->name, strlen(c->name));
+            if (!strcmp(cv, cn)) return *(int *)p = c->value, MOE_OK;
+        }
+        int b;
+        if (d->choices == norm_choices && parse_bool(v, &b)) /* on/off, 1/0 */
+            return *(int *)p = b ? MOE_NORM_ON : MOE_NORM_OFF, MOE_OK;
+        char list[256];
+        choice_list(list, sizeof list, d->choices);
+        return moe_set_error(MOE_ERR_INVALID, "%s: '%s' is not one of %s", where, v, list);
+    }
+    }
+    return MOE_ERR_INVALID;
+}
+
+static moe_status unknown_key(const char *where, const char *key, const char *dashes) {
+    int s = suggest_option(key);
+    if (s >= 0)
+        return moe_set_error(MOE_ERR_INVALID, "%s: unknown option %s%s (did you mean %s%s?)",
+                             where, dashes, key, dashes, opts[s].name);
+    return moe_set_error(MOE_ERR_INVALID, "%s: unknown option %s%s (see moe --help)", where,
+                         dashes, key);
+}
+
+moe_status moe_options_set(moe_options *o, const char *key, const char *value, const char *where) {
+    int i = find_option(key);
+    if (i < 0) return unknown_key(where, key, "");
+    MOE_TRY(set_value(o, &opts[i], value, where));
+    o->given[i] = 1;
+    return MOE_OK;
+}
+
+/* ------------------------------------------------------------------ files */
+
+static char *trim(char *s) {
+    while (isspace((unsigned char)*s)) s++;
+    size_t n = strlen(s);
+    while (n && isspace((unsigned char)s[n - 1])) s[--n] = '\0';
+    return s;
+}
+
+moe_status moe_options_load_file(moe_options *o, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return moe_set_error(MOE_ERR_IO, "cannot open config file %s: %s", path, strerror(errno));
+    char *line = NULL, where[600];
+    size_t cap = 0;
+    moe_status st = MOE_OK;
+    int lineno = 0;
+    ssize_t n;
+    while (st == MOE_OK && (n = getline(&line, &cap, f)) >= 0) {
+        lineno++;
+        snprintf(where, sizeof where, "%.500s:%d", path, lineno);
+        if ((size_t)n != strlen(line)) {
+            st = moe_set_error(MOE_ERR_FORMAT, "%s: NUL byte in a config file line", where);
+            break;
+        }
+        char *hash = strchr(line, '#');
+        if (hash) *hash = '\0';
+        char *s = trim(line);
+        if (!*s) continue;
+        char *eq = strchr(s, '=');
+        if (!eq) {
+            st = moe_set_error(MOE_ERR_FORMAT, "%s: expected 'key = value', got '%.80s'", where, s);
+            break;
+        }
+        *eq = '\0';
+        char *key = trim(s), *val = trim(eq + 1);
+        size_t vn = strlen(val);
+        if (vn >= 2 && (val[0] == '"' || val[0] == '\'') && val[vn - 1] == val[0]) {
+            val[vn - 1] = '\0';
+            val++;
+        }
+        if (!*key || !*val) {
+            st = moe_set_error(MOE_ERR_FORMAT, "%s: empty %s", where, *key ? "value" : "key");
+            break;
+        }
+        st = moe_options_set(o, key, val, where);
+    }
+    if (st == MOE_OK && ferror(f))
+        st = moe_set_error(MOE_ERR_IO, "error reading config file %s", path);
+    free(line);
+    fclose(f);
+    return st;
+}
+
+/* ------------------------------------------------------------------- argv */
+
+moe_status moe_options_parse_args(moe_options *o, int argc, char **argv) {
+    for (int pass = 0; pass < 2; pass++) { /* pass 0: --config files; pass 1: the flags */
+        for (int a = 0; a < argc; a++) {
+            const char *arg = argv[a];
+            if (strncmp(arg, "--", 2) || !arg[2])
+                return moe_set_error(MOE_ERR_INVALID, "unexpected argument '%s'", arg);
+            char key[128];
+            const char *eq = strchr(arg + 2, '=');
+            size_t kn = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
+            if (kn >= sizeof key)
+                return moe_set_error(MOE_ERR_INVALID, "unknown option %.60s...", arg);
+            memcpy(key, arg + 2, kn);
+            key[kn] = '\0';
+            char ck[128];
+            canon(ck, sizeof ck, key, kn);
+            int is_config = !strcmp(ck, "config");
+            int i = is_config ? -1 : find_option(key);
+            if (!is_config && i < 0) return unknown_key("command line", key, "--");
+            const char *val = eq ? eq + 1 : NULL;
+            if (!val && (is_config || opts[i].type != OPT_BOOL)) {
+                if (a + 1 >= argc)
+                    return moe_set_error(MOE_ERR_INVALID, "--%s needs a value", key);
+                val = argv[++a];
+            }
+            if (pass == 0 && is_config) MOE_TRY(moe_options_load_file(o, val));
+            if (pass == 1 && !is_config) {
+                char where[160];
+                snprintf(where, sizeof where, "--%s", key);
+                MOE_TRY(set_value(o, &opts[i], val ? val : "true", where));
+                o->given[i] = 1;
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+/* ---------------------------------------------------------------- resolve */
+
+static int given(const moe_options *o, size_t offset) {
+    for (int i = 0; i < N_OPTS; i++)
+        if (opts[i].offset == offset) return o->given[i];
+    return 0;
+}
+
+moe_status moe_options_finish(moe_options *o) {
+    moe_layer_config *c = &o->layer;
+    int router_given = given(o, L(router));
+    if (o->lb_choice == MOE_LB_CHOICE_SINKHORN) {
+        if (router_given && c->router != MOE_ROUTER_SINKHORN)
+            return moe_set_error(MOE_ERR_INVALID,
+                                 "moe-router-load-balancing-type sinkhorn selects the Sinkhorn "
+                                 "router, but moe-router-type is %s",
+                                 router_choices[c->router].name);
+        c->router = MOE_ROUTER_SINKHORN;
+        c->lb_type = MOE_LB_NONE;
+    } else {
+        c->lb_type = (moe_lb_type)o->lb_choice;
+    }
+    if (o->force_lb) {
+        if ((router_given && c->router != MOE_ROUTER_FAKE_BALANCED) ||
+            o->lb_choice == MOE_LB_CHOICE_SINKHORN)
+            return moe_set_error(MOE_ERR_INVALID,
+                                 "moe-router-force-load-balancing conflicts with the %s router",
+                                 router_choices[c->router].name);
+        c->router = MOE_ROUTER_FAKE_BALANCED;
+    }
+    /* Balancing losses apply to the learned top-k router only; the others balance by
+     * construction, so the default loss type is dropped silently unless a coefficient asks
+     * for it (validation then names the conflict). */
+    if (c->router != MOE_ROUTER_TOPK && c->aux_coeff == 0) c->lb_type = MOE_LB_NONE;
+    return moe_layer_config_validate(c);
+}
+
+/* ------------------------------------------------------------ write, help */
+
+static void format_value(char *buf, size_t cap, const moe_options *o, const opt_def *d) {
+    const char *p = (const char *)o + d->offset;
+    switch (d->type) {
+    case OPT_INT: snprintf(buf, cap, "%d", *(const int *)p); return;
+    case OPT_U64: snprintf(buf, cap, "%llu", (unsigned long long)*(const uint64_t *)p); return;
+    case OPT_FLOAT: { /* the shortest text that reads back as the same float */
+        float v = *(const float *)p;
+        for (int digits = 6; digits <= 9; digits++) {
+            snprintf(buf, cap, "%.*g", digits, v);
+            if (strtof(buf, NULL) == v) break;
+        }
+        return;
+    }
+    case OPT_BOOL: snprintf(buf, cap, "%s", *(const int *)p ? "true" : "false"); return;
+    case OPT_ENUM:
+        for (const opt_choice *c = d->choices; c->name; c++)
+            if (c->value == *(const int *)p) {
+                snprintf(buf, cap, "%s", c->name);
+                return;
+            }
+        snprintf(buf, cap, "%d", *(const int *)p);
+        return;
+    }
+}
+
+void moe_options_write(FILE *f, const moe_options *o) {
+    const char *section = "";
+    for (int i = 0; i < N_OPTS; i++) {
+        if (opts[i].transient) continue;
+        if (strcmp(section, opts[i].section)) {
+            section = opts[i].section;
+            fprintf(f, "%s# %s\n", i ? "\n" : "", section);
+        }
+        char v[64];
+        format_value(v, sizeof v, o, &opts[i]);
+        fprintf(f, "%s = %s\n", opts[i].name, v);
+    }
+}
+
+void moe_options_help(FILE *f) {
+    moe_options def;
+    moe_options_default(&def);
+    const char *section = "";
+    fprintf(f, "  --config FILE   read 'key = value' lines first; flags given on the command line "
+               "override them\n");
+    for (int i = 0; i < N_OPTS; i++) {
+        const opt_def *d = &opts[i];
+        if (strcmp(section, d->section)) {
+            section = d->section;
+            fprintf(f, "\n%s:\n", section);
+        }
+        char arg[256], v[64];
+        static const char *const arg_names[] = {"N", "N", "X", "[BOOL]", ""};
+        if (d->type == OPT_ENUM)
+            choice_list(arg, sizeof arg, d->choices);
+        else
+            snprintf(arg, sizeof arg, "%s", arg_names[d->type]);
+        format_value(v, sizeof v, &def, d);
+        fprintf(f, "  --%s %s\n      %s (default %s)\n", d->name, arg, d->help, v);
+        if (d->aliases) fprintf(f, "      also: %s\n", d->aliases);
+    }
+}

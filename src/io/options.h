@@ -1,0 +1,58 @@
+/* io/options — the option registry (DESIGN.md §4).
+ *
+ * One table (options.c) drives the CLI flags (`--num-experts 8`, `--num-experts=8`), config
+ * files (`key = value` lines with the same names), the `--help` text, range checks, and the
+ * text written into checkpoints (moe_options_write). Names are Megatron-Core's flag names
+ * where one exists; '_' and '-' are interchangeable, and other systems' names (InternEvo's
+ * `num_experts`, `moe_gate_k`, `moe_loss_coeff`, HF's `norm_topk_prob`, ...) are aliases. */
+#ifndef MOE_IO_OPTIONS_H
+#define MOE_IO_OPTIONS_H
+
+#include "moe.h"
+
+#include <stdio.h>
+
+#define MOE_OPTIONS_MAX 128
+
+/* "sinkhorn" as a load-balancing type selects the Sinkhorn router (Megatron's spelling). */
+#define MOE_LB_CHOICE_SINKHORN 100
+
+typedef struct {
+    moe_layer_config layer;
+    int lb_choice; /* moe-router-load-balancing-type: a moe_lb_type or MOE_LB_CHOICE_SINKHORN */
+    int force_lb;  /* moe-router-force-load-balancing: the fake balanced gate */
+
+    /* moe demo */
+    int tokens;
+    int iters;
+    int threads;      /* 0 = OpenMP's default */
+    int print_config; /* print the resolved options as a config file and exit */
+
+    unsigned char given[MOE_OPTIONS_MAX]; /* option i was set explicitly */
+} moe_options;
+
+void moe_options_default(moe_options *o);
+
+/* Sets one option from text; `key` is a flag name without the dashes, any alias, '_' or '-'.
+ * `where` prefixes the error message ("--flag", "file.cfg:12"). */
+moe_status moe_options_set(moe_options *o, const char *key, const char *value, const char *where);
+
+/* Reads `key = value` lines ('#' starts a comment). */
+moe_status moe_options_load_file(moe_options *o, const char *path);
+
+/* Parses argv[0..argc): `--config FILE` is applied first wherever it appears, then every
+ * other `--name value` / `--name=value` / boolean `--name` in order. Positional arguments
+ * are errors. */
+moe_status moe_options_parse_args(moe_options *o, int argc, char **argv);
+
+/* Resolves the combined options (load-balancing type "sinkhorn", forced balancing) into
+ * o->layer and validates everything; errors name the flags involved. */
+moe_status moe_options_finish(moe_options *o);
+
+/* Writes every option as `name = value`, in a form moe_options_load_file reads back exactly. */
+void moe_options_write(FILE *f, const moe_options *o);
+
+/* Help text: every option with its argument, aliases, choices, default and description. */
+void moe_options_help(FILE *f);
+
+#endif

@@ -1,0 +1,34 @@
+#!/bin/sh
+# The moe CLI: help, version, the demo, config files, and exit codes (0 ok, 2 usage error).
+moe=$1
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+expect() { # expect CODE command...: runs it, checks the exit code, keeps stdout+stderr in $tmp/out
+  code=$1; shift
+  "$@" >"$tmp/out" 2>&1; rc=$?
+  [ "$rc" = "$code" ] || { cat "$tmp/out"; fail "'$*' exited $rc, expected $code"; }
+}
+expect 0 "$moe" --version
+grep -q "^moe [0-9]*\.[0-9]*\.[0-9]*$" "$tmp/out" || fail "--version output: $(cat "$tmp/out")"
+expect 0 "$moe" --help
+grep -q -- "--moe-router-load-balancing-type" "$tmp/out" || fail "--help lacks the options"
+expect 2 "$moe"
+expect 2 "$moe" frobnicate
+grep -q "unknown command 'frobnicate'" "$tmp/out" || fail "unknown command message"
+expect 2 "$moe" demo --num-expert 4
+grep -q "did you mean --num-experts?" "$tmp/out" || fail "no suggestion: $(cat "$tmp/out")"
+[ "$(wc -l <"$tmp/out")" = 1 ] || fail "a usage error should be one line: $(cat "$tmp/out")"
+expect 2 "$moe" demo --num-experts 4 --moe-router-topk 5
+grep -q "moe-router-topk (5) must be between 1 and num-experts (4)" "$tmp/out" || fail "k > E message"
+printf 'num_experts = 6\nmoe_gate_k = 3\nmoe_loss_coeff = 0.01\n' >"$tmp/a.cfg"
+expect 0 "$moe" demo --config "$tmp/a.cfg" --print-config
+grep -q "^num-experts = 6$" "$tmp/out" && grep -q "^moe-router-topk = 3$" "$tmp/out" \
+  && grep -q "^moe-aux-loss-coeff = 0.01$" "$tmp/out" || fail "config aliases: $(cat "$tmp/out")"
+cp "$tmp/out" "$tmp/b.cfg"
+expect 0 "$moe" demo --config "$tmp/b.cfg" --print-config
+cmp -s "$tmp/out" "$tmp/b.cfg" || fail "--print-config does not round-trip"
+expect 2 "$moe" demo --config "$tmp/missing.cfg"
+expect 0 "$moe" demo --tokens 96 --iters 2 --num-experts 4 --moe-router-topk 2 \
+  --moe-expert-capacity-factor 1.0 --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001
+grep -q "tokens per expert" "$tmp/out" && grep -q "GFLOP/s" "$tmp/out" || fail "demo output: $(cat "$tmp/out")"
+echo "cli ok"

@@ -1,0 +1,269 @@
+/* The option registry: flags, config files, aliases, errors with suggestions, round trip. */
+#define _POSIX_C_SOURCE 200809L
+#include "io/options.h"
+#include "test_util.h"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+/* Writes text to a fresh temporary file; returns its path (static buffer per slot). */
+static const char *write_temp(const char *text) {
+    static char path[4][64];
+    static int slot;
+    char *p = path[slot++ % 4];
+    snprintf(p, 64, "/tmp/moe_test_options_XXXXXX");
+    int fd = mkstemp(p);
+    assert_true(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+    return p;
+}
+
+static moe_status parse(moe_options *o, const char *const *args, int n) {
+    moe_options_default(o);
+    return moe_options_parse_args(o, n, (char **)args);
+}
+
+static void expect_error(moe_status got, const char *needle) {
+    assert_int_not_equal(got, MOE_OK);
+    if (!strstr(moe_last_error(), needle))
+        fail_msg("error message \"%s\" does not contain \"%s\"", moe_last_error(), needle);
+}
+
+static void test_defaults_match_layer(void **state) {
+    (void)state;
+    moe_options o;
+    moe_options_default(&o);
+    moe_layer_config c = moe_layer_config_default();
+    assert_memory_equal(&o.layer, &c, sizeof c);
+    assert_int_equal(moe_options_finish(&o), MOE_OK);
+    assert_int_equal(o.layer.lb_type, c.lb_type);
+}
+
+static void test_flag_forms(void **state) {
+    (void)state;
+    moe_options o;
+    const char *args[] = {"--num-experts",  "16", "--moe-router-topk=4", "--moe_router_pre_softmax",
+                          "--moe-router-score-function", "sigmoid", "--moe-z-loss-coeff=1e-3",
+                          "--moe-shared-expert-gate=false", "--seed", "18446744073709551615",
+                          "--moe-router-norm-topk-prob", "off", "--moe-router-dtype", "FP64"};
+    assert_int_equal(parse(&o, args, 14), MOE_OK);
+    assert_int_equal(o.layer.n_experts, 16);
+    assert_int_equal(o.layer.topk, 4);
+    assert_int_equal(o.layer.pre_softmax, 1);
+    assert_int_equal(o.layer.score, MOE_SCORE_SIGMOID);
+    assert_float_equal(o.layer.z_coeff, 1e-3f, 0);
+    assert_int_equal(o.layer.shared_gate, 0);
+    assert_true(o.layer.seed == UINT64_MAX);
+    assert_int_equal(o.layer.norm_topk, MOE_NORM_OFF);
+    assert_int_equal(o.layer.router_fp64, 1);
+}
+
+static void test_config_file_aliases_and_override(void **state) {
+    (void)state;
+    /* InternEvo's names (num_experts, moe_gate_k, moe_loss_coeff), comments, quotes. */
+    const char *path = write_temp("# an InternEvo-style config\n"
+                                  "num_experts = 16\n"
+                                  "  moe_gate_k=4   # trailing comment\n"
+                                  "moe_loss_coeff = 0.01\n"
+                                  "\n"
+                                  "moe_token_drop_policy = \"position\"\n"
+                                  "moe_expert_capacity_factor = 1.25\n");
+    moe_options o;
+    /* The file is applied first wherever --config appears; flags override it. */
+    const char *args[] = {"--moe-router-topk", "2", "--config", path};
+    assert_int_equal(parse(&o, args, 4), MOE_OK);
+    assert_int_equal(o.layer.n_experts, 16);
+    assert_int_equal(o.layer.topk, 2);
+    assert_float_equal(o.layer.aux_coeff, 0.01f, 0);
+    assert_int_equal(o.layer.drop_policy, MOE_DROP_POSITION);
+    assert_float_equal(o.layer.capacity_factor, 1.25f, 0);
+    unlink(path);
+}
+
+static void test_unknown_names_suggest(void **state) {
+    (void)state;
+    moe_options o;
+    const char *a1[] = {"--num-expert", "4"};
+    expect_error(parse(&o, a1, 2), "did you mean --num-experts?");
+    const char *a2[] = {"--moe-aux-los-coeff", "0.1"};
+    expect_error(parse(&o, a2, 2), "did you mean --moe-aux-loss-coeff?");
+    const char *a3[] = {"--completely-unrelated-thing", "1"};
+    expect_error(parse(&o, a3, 2), "unknown option --completely-unrelated-thing");
+    const char *path = write_temp("num_experts = 8\nmoe_gate_kk = 2\n");
+    moe_options_default(&o);
+    moe_status st = moe_options_load_file(&o, path);
+    expect_error(st, ":2: unknown option moe_gate_kk (did you mean moe-router-topk?)");
+    unlink(path);
+}
+
+static void test_bad_values(void **state) {
+    (void)state;
+    moe_options o;
+    const struct {
+        const char *flag, *value, *needle;
+    } cases[] = {
+        {"--num-experts", "abc", "expected an integer, got 'abc'"},
+        {"--num-experts", "8x", "expected an integer"},
+        {"--num-experts", "0", "out of range"},
+        {"--num-experts", "99999999999999999999", "expected an integer"},
+        {"--moe-aux-loss-coeff", "nan", "expected a finite number"},
+        {"--moe-aux-loss-coeff", "inf", "expected a finite number"},
+        {"--moe-aux-loss-coeff", "1e60", "expected a finite number"},
+        {"--moe-aux-loss-coeff", "-0.5", "out of range"},
+        {"--moe-input-jitter-eps", "1", "out of range"},
+        {"--moe-router-score-function", "tanh", "not one of softmax|sigmoid|sqrtsoftplus"},
+        {"--moe-router-pre-softmax", "maybe", "expected true or false"},
+        {"--seed", "-3", "non-negative integer"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char arg[128];
+        snprintf(arg, sizeof arg, "%s=%s", cases[i].flag, cases[i].value);
+        const char *args[] = {arg};
+        expect_error(parse(&o, args, 1), cases[i].needle);
+        expect_error(parse(&o, args, 1), cases[i].flag); /* the message names the flag */
+    }
+    const char *missing[] = {"--num-experts"};
+    expect_error(parse(&o, missing, 1), "--num-experts needs a value");
+    const char *positional[] = {"stray"};
+    expect_error(parse(&o, positional, 1), "unexpected argument 'stray'");
+}
+
+static void test_malformed_files(void **state) {
+    (void)state;
+    moe_options o;
+    moe_options_default(&o);
+    const char *p1 = write_temp("num_experts = 8\nthis line has no equals sign\n");
+    expect_error(moe_options_load_file(&o, p1), ":2: expected 'key = value'");
+    const char *p2 = write_temp("num_experts =\n");
+    expect_error(moe_options_load_file(&o, p2), ":1: empty value");
+    const char *p3 = write_temp("= 8\n");
+    expect_error(moe_options_load_file(&o, p3), ":1: empty key");
+    assert_int_equal(moe_options_load_file(&o, "/nonexistent/dir/moe.cfg"), MOE_ERR_IO);
+    expect_error(MOE_ERR_IO, "/nonexistent/dir/moe.cfg");
+    unlink(p1);
+    unlink(p2);
+    unlink(p3);
+}
+
+static void test_finish_combinations(void **state) {
+    (void)state;
+    moe_options o;
+    const char *sink[] = {"--moe-router-load-balancing-type", "sinkhorn"};
+    assert_int_equal(parse(&o, sink, 2), MOE_OK);
+    assert_int_equal(moe_options_finish(&o), MOE_OK);
+    assert_int_equal(o.layer.router, MOE_ROUTER_SINKHORN);
+    assert_int_equal(o.layer.lb_type, MOE_LB_NONE);
+
+    const char *clash[] = {"--moe-router-load-balancing-type", "sinkhorn", "--moe-router-type",
+                           "expert_choice"};
+    assert_int_equal(parse(&o, clash, 4), MOE_OK);
+    expect_error(moe_options_finish(&o), "moe-router-type is expert_choice");
+
+    const char *fake[] = {"--moe-router-force-load-balancing"};
+    assert_int_equal(parse(&o, fake, 1), MOE_OK);
+    assert_int_equal(moe_options_finish(&o), MOE_OK);
+    assert_int_equal(o.layer.router, MOE_ROUTER_FAKE_BALANCED);
+
+    const char *seq[] = {"--moe-router-load-balancing-type", "seq_aux_loss"};
+    assert_int_equal(parse(&o, seq, 2), MOE_OK);
+    assert_int_equal(moe_options_finish(&o), MOE_OK);
+    assert_int_equal(o.layer.lb_type, MOE_LB_SEQ_AUX);
+
+    const char *k_gt_e[] = {"--num-experts", "4", "--moe-router-topk", "6"};
+    assert_int_equal(parse(&o, k_gt_e, 4), MOE_OK);
+    moe_status st = moe_options_finish(&o);
+    expect_error(st, "moe-router-topk (6)");
+    expect_error(st, "num-experts (4)");
+
+    const char *groups[] = {"--num-experts", "8", "--moe-router-num-groups", "3"};
+    assert_int_equal(parse(&o, groups, 4), MOE_OK);
+    expect_error(moe_options_finish(&o), "moe-router-num-groups (3) must divide num-experts (8)");
+
+    const char *aux_sink[] = {"--moe-router-type", "sinkhorn", "--moe-aux-loss-coeff", "0.01"};
+    assert_int_equal(parse(&o, aux_sink, 4), MOE_OK);
+    expect_error(moe_options_finish(&o), "needs the topk router");
+}
+
+/* Every option written and read back gives the same values, for non-default settings. */
+static void test_write_round_trip(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_options a;
+    char topk[16], cf[32], seedtxt[32];
+    snprintf(topk, sizeof topk, "%d", 1 + (int)(seed % 4));
+    snprintf(cf, sizeof cf, "%.7g", 0.5 + moe_rng_uniform(seed, 1, 0));
+    snprintf(seedtxt, sizeof seedtxt, "%llu", (unsigned long long)seed);
+    const char *args[] = {"--num-experts", "12", "--moe-router-topk", topk,
+                          "--moe-router-score-function", "sqrtsoftplus",
+                          "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
+                          "--moe-expert-capacity-factor", cf, "--moe-token-drop-policy", "position",
+                          "--moe-activation", "relu2", "--moe-shared-expert-intermediate-size",
+                          "32", "--moe-use-residual", "--moe-z-loss-coeff", "0.001",
+                          "--moe-router-load-balancing-type", "global_aux_loss", "--seed", seedtxt,
+                          "--moe-router-norm-topk-prob", "true", "--tokens", "77"};
+    assert_int_equal(parse(&a, args, (int)(sizeof args / sizeof args[0])), MOE_OK);
+    assert_int_equal(moe_options_finish(&a), MOE_OK);
+
+    char *text = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&text, &len);
+    moe_options_write(mem, &a);
+    fclose(mem);
+    const char *path = write_temp(text);
+    moe_options b;
+    moe_options_default(&b);
+    assert_int_equal(moe_options_load_file(&b, path), MOE_OK);
+    assert_int_equal(moe_options_finish(&b), MOE_OK);
+    assert_memory_equal(&a, &b, offsetof(moe_options, given));
+    assert_non_null(strstr(text, "num-experts = 12\n"));
+    assert_non_null(strstr(text, "moe-router-score-function = sqrtsoftplus\n"));
+    free(text);
+    unlink(path);
+}
+
+static void test_help_lists_options(void **state) {
+    (void)state;
+    char *text = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&text, &len);
+    moe_options_help(mem);
+    fclose(mem);
+    const char *flags[] = {"--num-experts", "--moe-router-topk", "--moe-router-score-function",
+                           "--moe-router-pre-softmax", "--moe-router-num-groups",
+                           "--moe-router-group-topk", "--moe-router-topk-scaling-factor",
+                           "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate",
+                           "--moe-router-load-balancing-type", "--moe-aux-loss-coeff",
+                           "--moe-z-loss-coeff", "--moe-input-jitter-eps",
+                           "--moe-expert-capacity-factor", "--moe-token-drop-policy",
+                           "--moe-pad-expert-input-to-capacity",
+                           "--moe-shared-expert-intermediate-size", "--config", "moe-gate-k",
+                           "moe-loss-coeff"};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        if (!strstr(text, flags[i])) fail_msg("help text lacks %s", flags[i]);
+    free(text);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_defaults_match_layer),
+        cmocka_unit_test(test_flag_forms),
+        cmocka_unit_test(test_config_file_aliases_and_override),
+        cmocka_unit_test(test_unknown_names_suggest),
+        cmocka_unit_test(test_bad_values),
+        cmocka_unit_test(test_malformed_files),
+        cmocka_unit_test(test_finish_combinations),
+        cmocka_unit_test(test_write_round_trip),
+        cmocka_unit_test(test_help_lists_options),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
