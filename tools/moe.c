@@ -1,13 +1,13 @@
 /* moe — the command-line tool. Exit codes: 0 ok, 1 runtime error, 2 usage error. */
 #include "moe.h"
 
+#include "core/core.h"
 #include "io/options.h"
 
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 static void usage(FILE *f) {
     fprintf(f, "moe %s — Mixture-of-Experts training and inference in C\n\n"
@@ -22,12 +22,6 @@ static void usage(FILE *f) {
                "same):\n",
             moe_version());
     moe_options_help(f);
-}
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 /* Floating-point operations of one forward: router GEMM and the expert MLPs that ran. */
@@ -81,11 +75,11 @@ static int demo(int argc, char **argv) {
         args.step = (uint64_t)it;
         memset(dx, 0, n * sizeof *dx);
         moe_layer_zero_grads(layer);
-        double t0 = now();
+        double t0 = moe_time_now();
         rc = moe_layer_forward(layer, out, x, T, &args) != MOE_OK;
-        double t1 = now();
+        double t1 = moe_time_now();
         rc = rc || moe_layer_backward(layer, dx, dout, x) != MOE_OK;
-        double t2 = now();
+        double t2 = moe_time_now();
         moe_layer_step_end(layer);
         if (it > 0) {
             t_fwd += t1 - t0;
