@@ -251,6 +251,88 @@ void moe_layer_step_end(moe_layer *layer);
 int64_t *moe_layer_accum_counts(moe_layer *layer);
 int64_t *moe_layer_accum_tokens(moe_layer *layer);
 
+/* ---------------------------------------------------------------- model */
+
+/* A decoder-only MoE transformer (Mixtral / DeepSeek layout): token embedding; L blocks of
+ * [RMSNorm -> causal attention (RoPE, grouped-query) -> residual -> RMSNorm -> FFN ->
+ * residual]; final RMSNorm; LM head (tied or not). Each FFN is an MoE layer or a dense MLP. */
+#define MOE_MAX_LAYERS 256
+
+typedef struct {
+    int vocab;            /* V */
+    int d;                /* hidden size */
+    int n_layers;         /* L */
+    int n_heads;          /* H, head size d / H */
+    int n_kv_heads;       /* key/value heads (grouped-query attention); divides H */
+    int ffn;              /* hidden size of the dense FFN layers */
+    int seq_len;          /* maximum sequence length S */
+    float rope_theta;
+    float norm_eps;
+    float init_std;       /* normal(0, std) initialisation of the weights */
+    int tie_embeddings;   /* LM head = embedding matrix */
+    int moe_layer_freq;   /* layer l is MoE if l % freq == 0 (and l >= first_k_dense) */
+    int first_k_dense;    /* the first k layers are dense (DeepSeek) */
+    int n_experts[MOE_MAX_LAYERS]; /* experts of each MoE layer (pyramid PR-MoE); 0 = moe.n_experts */
+    moe_layer_config moe; /* template of every MoE layer (d and layer_id are set per layer) */
+} moe_model_config;
+
+moe_model_config moe_model_config_default(void);
+moe_status moe_model_config_validate(const moe_model_config *cfg);
+/* Experts of layer l (0 = dense). */
+int moe_model_layer_experts(const moe_model_config *cfg, int l);
+
+/* One named tensor of the parameter vector (names follow Hugging Face's Mixtral layout
+ * where one exists). */
+typedef struct {
+    char name[96];
+    int ndim;
+    int64_t shape[4];
+    size_t offset;        /* in floats, into moe_model_params() */
+    size_t numel;
+    int no_decay;         /* norms and biases: no weight decay */
+} moe_tensor_info;
+
+typedef struct moe_model moe_model;
+
+/* All memory (parameters, gradients, activations for max_tokens = B*S tokens) is
+ * allocated here. */
+moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_model **out);
+void moe_model_destroy(moe_model *m);
+const moe_model_config *moe_model_get_config(const moe_model *m);
+void moe_model_init_params(moe_model *m, uint64_t seed);
+size_t moe_model_param_count(const moe_model *m);
+float *moe_model_params(moe_model *m);
+float *moe_model_grads(moe_model *m);
+void moe_model_zero_grads(moe_model *m);
+int moe_model_n_tensors(const moe_model *m);
+const moe_tensor_info *moe_model_tensor(const moe_model *m, int i);
+/* The MoE layer of block l, or NULL for a dense block. */
+moe_layer *moe_model_moe_layer(moe_model *m, int l);
+
+typedef struct {
+    double nll;       /* mean cross-entropy over the counted targets */
+    double aux;       /* sum over MoE layers of the aux losses (coefficients included) */
+    double z;         /* sum over MoE layers of the z-losses (coefficients included) */
+    int n_targets;    /* targets counted (target >= 0) */
+} moe_model_loss;
+
+typedef struct {
+    int training;
+    uint64_t step;
+    float loss_scale; /* factor on every gradient of backward (1 / micro-batches) */
+} moe_model_args;
+
+moe_model_args moe_model_args_default(void);
+
+/* tokens, targets [B*S] (row b is one sequence; targets < 0 are ignored; targets may be
+ * NULL for inference). Loss = nll + aux + z. */
+moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
+                             int S, const moe_model_args *args, moe_model_loss *loss);
+/* Gradients of loss_scale * (nll + aux + z) of the last forward, added into the gradients. */
+moe_status moe_model_backward(moe_model *m);
+/* Logits [B*S, V] of the last forward. */
+const float *moe_model_logits(const moe_model *m);
+
 #ifdef __cplusplus
 }
 #endif

@@ -7,8 +7,8 @@ bash scripts/setup.sh
 start=$(date +%s)
 echo "== gcc Release build"
 bash scripts/build.sh build
-echo "== clang build (warnings are errors)"
-CC=clang bash scripts/build.sh build-clang -DMOE_BUILD_TESTS=OFF
+echo "== clang build, library, tool and tests (warnings are errors)"
+CC=clang bash scripts/build.sh build-clang
 echo "== gcc ASan+UBSan build"
 bash scripts/build.sh build-asan -DCMAKE_BUILD_TYPE=Debug -DMOE_SANITIZE=ON
 echo "== tests (Release)"

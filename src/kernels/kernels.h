@@ -5,6 +5,7 @@
 #include "moe.h"
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* C[m,n] = alpha * op(A) op(B) + beta * C, row-major; ta/tb = 1 means transposed.
  * A is [m,k] (or [k,m] if ta), B is [k,n] (or [n,k] if tb). Empty sizes are no-ops
@@ -20,5 +21,19 @@ void moe_act_forward_row(moe_activation act, int f, const float *h, float w, flo
  * dL/dw = sum(da * act(h)). */
 double moe_act_backward_row(moe_activation act, int f, const float *h, float w, const float *da,
                             float *dh);
+
+/* ---- transformer kernels (nn.c); shapes in the comments there */
+void moe_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, int T, int d,
+                         float eps);
+void moe_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                          const float *rstd, int T, int d);
+void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float theta, int dir);
+void moe_attention_forward(float *out, float *probs, const float *q, const float *k,
+                           const float *v, int B, int S, int H, int KV, int hd);
+void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                            const float *probs, const float *q, const float *k, const float *v,
+                            int B, int S, int H, int KV, int hd);
+double moe_xent_forward_backward(float *dlogits, double *row_loss, const float *logits,
+                                 const int32_t *y, int T, int V, float scale, int *n_counted);
 
 #endif

@@ -4,10 +4,9 @@
 #define MOE_LAYER_INTERNAL_H
 
 #include "moe.h"
+#include "moe/mlp.h"
 
 #include <stdint.h>
-
-int moe_act_gated(moe_activation a);
 
 /* Sizes (floats) of the tensors of moe_layer_params in struct order; 0 = absent. */
 #define MOE_N_PARAM_TENSORS 12
@@ -136,17 +135,6 @@ void moe_balance_backward(moe_layer *L);
 void moe_dispatch_plan(moe_layer *L);
 int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const int64_t *counts);
 
-/* experts.c: MLP rows. x [n, d] -> h [n, gf], a [n, f] (= w * act(h)), y [n, d]
- * (= a W_outᵀ + w b_out). w may be NULL (weight 1). */
-void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
-                     const float *b_in, const float *w_out, const float *b_out, const float *w,
-                     float *h, float *a, float *y);
-/* dy [n, d] given; writes dx [n, d] (overwritten), adds weight grads, writes dw [n] (if not
- * NULL). Uses dh [n, gf] and da [n, f] as scratch. */
-void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
-                      const float *w_out, const float *b_out, const float *w, const float *h,
-                      const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
-                      float *dw_out, float *db_out, double *dw, float *dh, float *da);
 void moe_experts_forward(moe_layer *L);
 void moe_experts_backward(moe_layer *L, float *dx);
 

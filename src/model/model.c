@@ -1,0 +1,543 @@
+/* The MoE transformer: parameters as one named-tensor vector, forward and backward over a
+ * batch of B sequences of S tokens. Activations live in one allocation planned at create. */
+#include "core/core.h"
+#include "kernels/kernels.h"
+#include "moe/layer_internal.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <string.h>
+
+/* Pointers of one block into the parameter (or gradient) vector. */
+typedef struct {
+    float *attn_norm; /* [d] */
+    float *wq;        /* [H*hd, d] */
+    float *wk;        /* [KV*hd, d] */
+    float *wv;        /* [KV*hd, d] */
+    float *wo;        /* [d, H*hd] */
+    float *ffn_norm;  /* [d] */
+    float *w_in;      /* dense: [gf, d] */
+    float *w_out;     /* dense: [d, ffn] */
+    float *moe;       /* MoE: the layer's parameter vector */
+} block_ptrs;
+
+/* What forward saves of one block for backward. */
+typedef struct {
+    float *x;     /* [T, d] block input */
+    float *n1;    /* [T, d] */
+    float *rstd1; /* [T] */
+    float *q;     /* [T, H*hd] after RoPE */
+    float *k;     /* [T, KV*hd] after RoPE */
+    float *v;     /* [T, KV*hd] */
+    float *probs; /* [B, H, S, S] */
+    float *att;   /* [T, H*hd] */
+    float *xm;    /* [T, d] after the attention residual */
+    float *n2;    /* [T, d] */
+    float *rstd2; /* [T] */
+    float *h;     /* dense: [T, gf] */
+    float *a;     /* dense: [T, ffn] */
+} block_saved;
+
+struct moe_model {
+    moe_model_config cfg;
+    int max_tokens, hd, gf;
+    size_t n_params;
+    float *params, *grads;
+    moe_tensor_info *tensors;
+    int n_tensors, cap_tensors;
+    size_t emb_off, final_norm_off, lm_off;
+    size_t *block_off; /* [L][9] offsets of the block_ptrs fields (SIZE_MAX = absent) */
+    moe_layer **moe;   /* [L] */
+    block_saved *sv;   /* [L] */
+    void *act_mem;
+    float *xf, *nf, *rstdf, *logits; /* [T,d] [T,d] [T] [T,V] */
+    float *dx, *dxm, *dn, *dq, *dk, *dv, *datt, *dh, *da, *tmp; /* backward scratch */
+    double *row_loss; /* [T] */
+    int32_t *tokens, *targets, *pos; /* [T] */
+    int B, S, have_forward, has_targets;
+    moe_model_args args;
+    int n_targets;
+};
+
+moe_model_config moe_model_config_default(void) {
+    moe_model_config c;
+    memset(&c, 0, sizeof c);
+    c.vocab = 257;
+    c.d = 128;
+    c.n_layers = 4;
+    c.n_heads = 4;
+    c.n_kv_heads = 4;
+    c.ffn = 256;
+    c.seq_len = 256;
+    c.rope_theta = 10000.0f;
+    c.norm_eps = 1e-5f;
+    c.init_std = 0.02f;
+    c.tie_embeddings = 0;
+    c.moe_layer_freq = 1;
+    c.first_k_dense = 0;
+    c.moe = moe_layer_config_default();
+    c.moe.ffn = 128;
+    return c;
+}
+
+int moe_model_layer_experts(const moe_model_config *c, int l) {
+    if (l < c->first_k_dense || c->moe_layer_freq < 1 || l % c->moe_layer_freq) return 0;
+    return c->n_experts[l] > 0 ? c->n_experts[l] : c->moe.n_experts;
+}
+
+static moe_layer_config layer_config(const moe_model_config *c, int l) {
+    moe_layer_config lc = c->moe;
+    lc.d = c->d;
+    lc.n_experts = moe_model_layer_experts(c, l);
+    lc.layer_id = l;
+    lc.seed = c->moe.seed;
+    return lc;
+}
+
+#define CHECK(cond, ...)                                                                      \
+    do {                                                                                      \
+        if (!(cond)) return moe_set_error(MOE_ERR_INVALID, __VA_ARGS__);                      \
+    } while (0)
+
+moe_status moe_model_config_validate(const moe_model_config *c) {
+    CHECK(c->vocab >= 2, "vocab size must be >= 2 (got %d)", c->vocab);
+    CHECK(c->d >= 1, "hidden-size must be >= 1 (got %d)", c->d);
+    CHECK(c->n_layers >= 1 && c->n_layers <= MOE_MAX_LAYERS,
+          "num-layers must be between 1 and %d (got %d)", MOE_MAX_LAYERS, c->n_layers);
+    CHECK(c->n_heads >= 1 && c->d % c->n_heads == 0,
+          "num-attention-heads (%d) must divide hidden-size (%d)", c->n_heads, c->d);
+    CHECK((c->d / c->n_heads) % 2 == 0, "the head size hidden-size/num-attention-heads (%d) must be "
+          "even for rotary embeddings", c->d / c->n_heads);
+    CHECK(c->n_kv_heads >= 1 && c->n_heads % c->n_kv_heads == 0,
+          "num-query-groups (%d) must divide num-attention-heads (%d)", c->n_kv_heads, c->n_heads);
+    CHECK(c->ffn >= 1, "ffn-hidden-size must be >= 1 (got %d)", c->ffn);
+    CHECK(c->seq_len >= 1, "seq-length must be >= 1 (got %d)", c->seq_len);
+    CHECK(isfinite(c->rope_theta) && c->rope_theta > 1, "rotary-base must be > 1 (got %g)",
+          c->rope_theta);
+    CHECK(isfinite(c->norm_eps) && c->norm_eps > 0, "norm-epsilon must be > 0 (got %g)",
+          c->norm_eps);
+    CHECK(isfinite(c->init_std) && c->init_std > 0, "init-method-std must be > 0 (got %g)",
+          c->init_std);
+    CHECK(c->moe_layer_freq >= 1, "moe-layer-freq must be >= 1 (got %d)", c->moe_layer_freq);
+    CHECK(c->first_k_dense >= 0, "first-k-dense must be >= 0 (got %d)", c->first_k_dense);
+    for (int l = 0; l < c->n_layers; l++) {
+        CHECK(c->n_experts[l] >= 0, "num-experts of layer %d must be >= 0 (got %d)", l,
+              c->n_experts[l]);
+        if (!moe_model_layer_experts(c, l)) continue;
+        moe_layer_config lc = layer_config(c, l);
+        if (moe_layer_config_validate(&lc) != MOE_OK) {
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", moe_last_error());
+            return moe_set_error(MOE_ERR_INVALID, "layer %d: %s", l, msg);
+        }
+    }
+    return MOE_OK;
+}
+
+moe_model_args moe_model_args_default(void) {
+    moe_model_args a = {1, 0, 1.0f};
+    return a;
+}
+
+/* ---------------------------------------------------------------- tensors */
+
+static moe_status add_tensor(moe_model *m, int no_decay, size_t *off_out, int ndim,
+                             const int64_t *shape, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+
+static moe_status add_tensor(moe_model *m, int no_decay, size_t *off_out, int ndim,
+                             const int64_t *shape, const char *fmt, ...) {
+    if (m->n_tensors == m->cap_tensors) {
+        int cap = m->cap_tensors ? 2 * m->cap_tensors : 64;
+        moe_tensor_info *t = realloc(m->tensors, sizeof *t * (size_t)cap);
+        if (!t) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the tensor table");
+        m->tensors = t;
+        m->cap_tensors = cap;
+    }
+    moe_tensor_info *t = &m->tensors[m->n_tensors++];
+    memset(t, 0, sizeof *t);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->name, sizeof t->name, fmt, ap);
+    va_end(ap);
+    t->ndim = ndim;
+    t->numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        t->shape[i] = shape[i];
+        t->numel *= (size_t)shape[i];
+    }
+    t->offset = m->n_params;
+    t->no_decay = no_decay;
+    if (off_out) *off_out = m->n_params;
+    m->n_params += t->numel;
+    return MOE_OK;
+}
+
+#define SHAPE(...) ((const int64_t[]){__VA_ARGS__})
+#define ADD(nd, off, ndim, ...) MOE_TRY(add_tensor(m, nd, off, ndim, __VA_ARGS__))
+
+/* The MLP of an expert (or the shared expert) as Hugging Face names it: gate_proj and up_proj
+ * (gated activations) or up_proj, then down_proj; biases if present. The rows of W_in are
+ * gate then up, so each named tensor is a contiguous range. */
+static moe_status add_mlp(moe_model *m, const char *prefix, int gated, int64_t f, int64_t d,
+                          int bias, size_t *w_in_off, size_t *w_out_off) {
+    if (gated) ADD(0, w_in_off, 2, SHAPE(f, d), "%s.gate_proj.weight", prefix);
+    ADD(0, gated ? NULL : w_in_off, 2, SHAPE(f, d), "%s.up_proj.weight", prefix);
+    if (bias) {
+        if (gated) ADD(1, NULL, 1, SHAPE(f), "%s.gate_proj.bias", prefix);
+        ADD(1, NULL, 1, SHAPE(f), "%s.up_proj.bias", prefix);
+    }
+    ADD(0, w_out_off, 2, SHAPE(d, f), "%s.down_proj.weight", prefix);
+    if (bias) ADD(1, NULL, 1, SHAPE(d), "%s.down_proj.bias", prefix);
+    return MOE_OK;
+}
+
+/* The MoE layer's parameter vector (moe_layer_params order) as named tensors. Expert e's
+ * gate/up/down blocks are contiguous in the stacked [E, ...] tensors, so they are listed per
+ * expert; the biases of all experts are stacked tensors of their own. */
+static moe_status add_moe_tensors(moe_model *m, int l, const moe_layer_config *lc,
+                                  size_t *start) {
+    int64_t E = lc->n_experts, d = lc->d, f = lc->ffn, fs = lc->shared_ffn;
+    int gated = moe_act_gated(lc->act), b = lc->expert_bias;
+    char prefix[96];
+    ADD(0, start, 2, SHAPE(E, d), "model.layers.%d.mlp.gate.weight", l);
+    for (int64_t e = 0; e < E; e++) {
+        if (gated) ADD(0, NULL, 2, SHAPE(f, d), "model.layers.%d.mlp.experts.%lld.gate_proj.weight", l, (long long)e);
+        ADD(0, NULL, 2, SHAPE(f, d), "model.layers.%d.mlp.experts.%lld.up_proj.weight", l, (long long)e);
+    }
+    if (b) ADD(1, NULL, 2, SHAPE(E, gated ? 2 * f : f), "model.layers.%d.mlp.experts.in_bias", l);
+    for (int64_t e = 0; e < E; e++)
+        ADD(0, NULL, 2, SHAPE(d, f), "model.layers.%d.mlp.experts.%lld.down_proj.weight", l, (long long)e);
+    if (b) ADD(1, NULL, 2, SHAPE(E, d), "model.layers.%d.mlp.experts.out_bias", l);
+    if (fs > 0) {
+        snprintf(prefix, sizeof prefix, "model.layers.%d.mlp.shared_expert", l);
+        /* moe_layer_params order: shared_w_in, shared_b_in, shared_w_out, shared_b_out */
+        if (gated) ADD(0, NULL, 2, SHAPE(fs, d), "%s.gate_proj.weight", prefix);
+        ADD(0, NULL, 2, SHAPE(fs, d), "%s.up_proj.weight", prefix);
+        if (b) ADD(1, NULL, 1, SHAPE(gated ? 2 * fs : fs), "%s.in_bias", prefix);
+        ADD(0, NULL, 2, SHAPE(d, fs), "%s.down_proj.weight", prefix);
+        if (b) ADD(1, NULL, 1, SHAPE(d), "%s.down_proj.bias", prefix);
+    }
+    if (lc->shared_gate) ADD(0, NULL, 2, SHAPE(1, d), "model.layers.%d.mlp.shared_expert_gate.weight", l);
+    if (lc->residual) {
+        ADD(0, NULL, 2, SHAPE(2, d), "model.layers.%d.mlp.coefficient.weight", l);
+        ADD(1, NULL, 1, SHAPE(2), "model.layers.%d.mlp.coefficient.bias", l);
+    }
+    MOE_ASSERT(m->n_params - *start == moe_layer_param_count(lc));
+    return MOE_OK;
+}
+
+enum { B_ATTN_NORM, B_WQ, B_WK, B_WV, B_WO, B_FFN_NORM, B_W_IN, B_W_OUT, B_MOE, B_N };
+
+static moe_status build_tensors(moe_model *m) {
+    const moe_model_config *c = &m->cfg;
+    int64_t d = c->d, V = c->vocab, hq = (int64_t)c->n_heads * m->hd,
+            hkv = (int64_t)c->n_kv_heads * m->hd;
+    ADD(0, &m->emb_off, 2, SHAPE(V, d), "model.embed_tokens.weight");
+    for (int l = 0; l < c->n_layers; l++) {
+        size_t *o = m->block_off + (size_t)l * B_N;
+        for (int i = 0; i < B_N; i++) o[i] = SIZE_MAX;
+        ADD(1, &o[B_ATTN_NORM], 1, SHAPE(d), "model.layers.%d.input_layernorm.weight", l);
+        ADD(0, &o[B_WQ], 2, SHAPE(hq, d), "model.layers.%d.self_attn.q_proj.weight", l);
+        ADD(0, &o[B_WK], 2, SHAPE(hkv, d), "model.layers.%d.self_attn.k_proj.weight", l);
+        ADD(0, &o[B_WV], 2, SHAPE(hkv, d), "model.layers.%d.self_attn.v_proj.weight", l);
+        ADD(0, &o[B_WO], 2, SHAPE(d, hq), "model.layers.%d.self_attn.o_proj.weight", l);
+        ADD(1, &o[B_FFN_NORM], 1, SHAPE(d), "model.layers.%d.post_attention_layernorm.weight", l);
+        if (moe_model_layer_experts(c, l)) {
+            moe_layer_config lc = layer_config(c, l);
+            MOE_TRY(add_moe_tensors(m, l, &lc, &o[B_MOE]));
+        } else {
+            char prefix[64];
+            snprintf(prefix, sizeof prefix, "model.layers.%d.mlp", l);
+            MOE_TRY(add_mlp(m, prefix, moe_act_gated(c->moe.act), c->ffn, d, 0, &o[B_W_IN],
+                            &o[B_W_OUT]));
+        }
+    }
+    ADD(1, &m->final_norm_off, 1, SHAPE(d), "model.norm.weight");
+    if (c->tie_embeddings)
+        m->lm_off = m->emb_off;
+    else
+        ADD(0, &m->lm_off, 2, SHAPE(V, d), "lm_head.weight");
+    return MOE_OK;
+}
+
+static block_ptrs block(const moe_model *m, float *base, int l) {
+    const size_t *o = m->block_off + (size_t)l * B_N;
+    float *p[B_N];
+    for (int i = 0; i < B_N; i++) p[i] = o[i] == SIZE_MAX ? NULL : base + o[i];
+    block_ptrs b = {p[B_ATTN_NORM], p[B_WQ], p[B_WK], p[B_WV],    p[B_WO],
+                    p[B_FFN_NORM],  p[B_W_IN], p[B_W_OUT], p[B_MOE]};
+    return b;
+}
+
+/* ----------------------------------------------------------------- create */
+
+static void plan_activations(moe_model *m, moe_arena *a) {
+    const moe_model_config *c = &m->cfg;
+    size_t T = (size_t)m->max_tokens, d = (size_t)c->d, hq = (size_t)c->n_heads * m->hd,
+           hkv = (size_t)c->n_kv_heads * m->hd, S = (size_t)c->seq_len, V = (size_t)c->vocab;
+    /* probs hold B*S*S per head for any (B, S) with B*S <= T and S <= seq_len: at most
+     * T*S floats per head. */
+    size_t probs = (size_t)c->n_heads * T * S;
+    for (int l = 0; l < c->n_layers; l++) {
+        block_saved *s = &m->sv[l];
+        s->x = moe_arena_take(a, T * d, sizeof(float));
+        s->n1 = moe_arena_take(a, T * d, sizeof(float));
+        s->rstd1 = moe_arena_take(a, T, sizeof(float));
+        s->q = moe_arena_take(a, T * hq, sizeof(float));
+        s->k = moe_arena_take(a, T * hkv, sizeof(float));
+        s->v = moe_arena_take(a, T * hkv, sizeof(float));
+        s->probs = moe_arena_take(a, probs, sizeof(float));
+        s->att = moe_arena_take(a, T * hq, sizeof(float));
+        s->xm = moe_arena_take(a, T * d, sizeof(float));
+        s->n2 = moe_arena_take(a, T * d, sizeof(float));
+        s->rstd2 = moe_arena_take(a, T, sizeof(float));
+        if (!moe_model_layer_experts(c, l)) {
+            s->h = moe_arena_take(a, T * (size_t)m->gf, sizeof(float));
+            s->a = moe_arena_take(a, T * (size_t)c->ffn, sizeof(float));
+        }
+    }
+    m->xf = moe_arena_take(a, T * d, sizeof(float));
+    m->nf = moe_arena_take(a, T * d, sizeof(float));
+    m->rstdf = moe_arena_take(a, T, sizeof(float));
+    m->logits = moe_arena_take(a, T * V, sizeof(float));
+    m->dx = moe_arena_take(a, T * d, sizeof(float));
+    m->dxm = moe_arena_take(a, T * d, sizeof(float));
+    m->dn = moe_arena_take(a, T * d, sizeof(float));
+    m->dq = moe_arena_take(a, T * hq, sizeof(float));
+    m->dk = moe_arena_take(a, T * hkv, sizeof(float));
+    m->dv = moe_arena_take(a, T * hkv, sizeof(float));
+    m->datt = moe_arena_take(a, T * hq, sizeof(float));
+    m->dh = moe_arena_take(a, T * (size_t)m->gf, sizeof(float));
+    m->da = moe_arena_take(a, T * (size_t)c->ffn, sizeof(float));
+    m->tmp = moe_arena_take(a, T * (V > d ? V : d), sizeof(float)); /* FFN out, dlogits */
+    m->row_loss = moe_arena_take(a, T, sizeof(double));
+    m->tokens = moe_arena_take(a, T, sizeof(int32_t));
+    m->targets = moe_arena_take(a, T, sizeof(int32_t));
+    m->pos = moe_arena_take(a, T, sizeof(int32_t));
+}
+
+moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_model **out) {
+    *out = NULL;
+    MOE_TRY(moe_model_config_validate(cfg));
+    if (max_tokens < 1)
+        return moe_set_error(MOE_ERR_INVALID, "max_tokens must be >= 1 (got %d)", max_tokens);
+    moe_model *m = calloc(1, sizeof *m);
+    if (!m) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the model");
+    m->cfg = *cfg;
+    m->max_tokens = max_tokens;
+    m->hd = cfg->d / cfg->n_heads;
+    m->gf = moe_act_gated(cfg->moe.act) ? 2 * cfg->ffn : cfg->ffn;
+    int L = cfg->n_layers;
+    moe_status st = MOE_ERR_NOMEM;
+    m->block_off = calloc((size_t)L * B_N, sizeof *m->block_off);
+    m->moe = calloc((size_t)L, sizeof *m->moe);
+    m->sv = calloc((size_t)L, sizeof *m->sv);
+    if (!m->block_off || !m->moe || !m->sv) goto fail;
+    if ((st = build_tensors(m)) != MOE_OK) goto fail;
+    st = MOE_ERR_NOMEM;
+    m->params = moe_alloc(m->n_params, sizeof(float));
+    m->grads = moe_alloc(m->n_params, sizeof(float));
+    if (!m->params || !m->grads) goto fail;
+    moe_arena plan = {0};
+    plan_activations(m, &plan);
+    m->act_mem = moe_alloc(plan.used, 1);
+    if (!m->act_mem) goto fail;
+    moe_arena a = {m->act_mem, 0, plan.used};
+    plan_activations(m, &a);
+    for (int l = 0; l < L; l++) {
+        if (!moe_model_layer_experts(cfg, l)) continue;
+        moe_layer_config lc = layer_config(cfg, l);
+        block_ptrs p = block(m, m->params, l), g = block(m, m->grads, l);
+        if ((st = moe_layer_create(&lc, max_tokens, p.moe, g.moe, &m->moe[l])) != MOE_OK) goto fail;
+    }
+    *out = m;
+    return MOE_OK;
+fail:
+    if (st == MOE_ERR_NOMEM && !moe_last_error()[0])
+        moe_set_error(MOE_ERR_NOMEM, "out of memory for the model");
+    moe_model_destroy(m);
+    return st;
+}
+
+void moe_model_destroy(moe_model *m) {
+    if (!m) return;
+    for (int l = 0; m->moe && l < m->cfg.n_layers; l++) moe_layer_destroy(m->moe[l]);
+    free(m->moe);
+    free(m->sv);
+    free(m->block_off);
+    free(m->tensors);
+    moe_free(m->params);
+    moe_free(m->grads);
+    moe_free(m->act_mem);
+    free(m);
+}
+
+const moe_model_config *moe_model_get_config(const moe_model *m) { return &m->cfg; }
+size_t moe_model_param_count(const moe_model *m) { return m->n_params; }
+float *moe_model_params(moe_model *m) { return m->params; }
+float *moe_model_grads(moe_model *m) { return m->grads; }
+void moe_model_zero_grads(moe_model *m) { memset(m->grads, 0, m->n_params * sizeof(float)); }
+int moe_model_n_tensors(const moe_model *m) { return m->n_tensors; }
+const moe_tensor_info *moe_model_tensor(const moe_model *m, int i) {
+    return i >= 0 && i < m->n_tensors ? &m->tensors[i] : NULL;
+}
+moe_layer *moe_model_moe_layer(moe_model *m, int l) {
+    return l >= 0 && l < m->cfg.n_layers ? m->moe[l] : NULL;
+}
+const float *moe_model_logits(const moe_model *m) { return m->logits; }
+
+/* Norm weights 1, biases 0, other weights normal(0, init_std); the output projections of
+ * each block (o_proj, down_proj) use init_std / sqrt(2 L) (Megatron's scaled init). */
+void moe_model_init_params(moe_model *m, uint64_t seed) {
+    const moe_model_config *c = &m->cfg;
+    float std_out = c->init_std / sqrtf(2.0f * (float)c->n_layers);
+    for (int i = 0; i < m->n_tensors; i++) {
+        const moe_tensor_info *t = &m->tensors[i];
+        float *p = m->params + t->offset;
+        int is_norm = strstr(t->name, "norm.weight") != NULL;
+        int is_out = strstr(t->name, "o_proj.weight") || strstr(t->name, "down_proj.weight");
+        float std = is_out ? std_out : c->init_std;
+        uint64_t stream = moe_rng_stream(MOE_RNG_INIT, (uint64_t)i, 0, 1);
+        for (size_t n = 0; n < t->numel; n++)
+            p[n] = is_norm ? 1.0f : t->no_decay ? 0.0f : std * (float)moe_rng_normal(seed, stream, n);
+    }
+}
+
+/* ---------------------------------------------------------------- forward */
+
+moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
+                             int S, const moe_model_args *args, moe_model_loss *loss) {
+    const moe_model_config *c = &m->cfg;
+    m->have_forward = 0;
+    if (!tokens || B < 1 || S < 1 || S > c->seq_len || (long long)B * S > m->max_tokens)
+        return moe_set_error(MOE_ERR_INVALID,
+                             "model forward: batch %d x %d tokens does not fit (sequence length "
+                             "<= %d, tokens <= %d)", B, S, c->seq_len, m->max_tokens);
+    int T = B * S, d = c->d, V = c->vocab, H = c->n_heads, KV = c->n_kv_heads, hd = m->hd;
+    int hq = H * hd, hkv = KV * hd;
+    for (int t = 0; t < T; t++) {
+        if (tokens[t] < 0 || tokens[t] >= V)
+            return moe_set_error(MOE_ERR_INVALID, "token %d at position %d is outside the "
+                                 "vocabulary [0, %d)", tokens[t], t, V);
+        if (targets && targets[t] >= V)
+            return moe_set_error(MOE_ERR_INVALID, "target %d at position %d is outside the "
+                                 "vocabulary [0, %d)", targets[t], t, V);
+        m->tokens[t] = tokens[t];
+        m->targets[t] = targets ? (targets[t] < 0 ? -1 : targets[t]) : -1;
+        m->pos[t] = t % S;
+    }
+    m->B = B;
+    m->S = S;
+    m->args = *args;
+    m->has_targets = targets != NULL;
+    const float *emb = m->params + m->emb_off;
+    float *x = m->sv[0].x;
+    for (int t = 0; t < T; t++) memcpy(x + (size_t)t * d, emb + (size_t)tokens[t] * d, sizeof(float) * d);
+    double aux = 0, z = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        block_saved *s = &m->sv[l];
+        block_ptrs p = block(m, m->params, l);
+        float *xnext = l + 1 < c->n_layers ? m->sv[l + 1].x : m->xf;
+        moe_rmsnorm_forward(s->n1, s->rstd1, s->x, p.attn_norm, T, d, c->norm_eps);
+        moe_gemm(0, 1, T, hq, d, 1, s->n1, d, p.wq, d, 0, s->q, hq);
+        moe_gemm(0, 1, T, hkv, d, 1, s->n1, d, p.wk, d, 0, s->k, hkv);
+        moe_gemm(0, 1, T, hkv, d, 1, s->n1, d, p.wv, d, 0, s->v, hkv);
+        moe_rope_apply(s->q, T, H, hd, m->pos, c->rope_theta, 1);
+        moe_rope_apply(s->k, T, KV, hd, m->pos, c->rope_theta, 1);
+        moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, B, S, H, KV, hd);
+        memcpy(s->xm, s->x, sizeof(float) * (size_t)T * d);
+        moe_gemm(0, 1, T, d, hq, 1, s->att, hq, p.wo, hq, 1, s->xm, d);
+        moe_rmsnorm_forward(s->n2, s->rstd2, s->xm, p.ffn_norm, T, d, c->norm_eps);
+        if (m->moe[l]) {
+            moe_forward_args fa = moe_forward_args_default();
+            fa.training = args->training;
+            fa.step = args->step;
+            fa.loss_scale = args->loss_scale;
+            fa.seq_len = S;
+            MOE_TRY(moe_layer_forward(m->moe[l], m->tmp, s->n2, T, &fa));
+            const moe_layer_stats *st = moe_layer_get_stats(m->moe[l]);
+            aux += st->aux_loss;
+            z += st->z_loss;
+        } else {
+            moe_mlp_forward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, NULL, p.w_out, NULL, NULL,
+                            s->h, s->a, m->tmp);
+        }
+        for (size_t i = 0; i < (size_t)T * d; i++) xnext[i] = s->xm[i] + m->tmp[i];
+    }
+    moe_rmsnorm_forward(m->nf, m->rstdf, m->xf, m->params + m->final_norm_off, T, d,
+                        c->norm_eps);
+    moe_gemm(0, 1, T, V, d, 1, m->nf, d, m->params + m->lm_off, d, 0, m->logits, V);
+    int n = 0;
+    double sum = moe_xent_forward_backward(NULL, m->row_loss, m->logits, m->targets, T, V, 0, &n);
+    m->n_targets = n;
+    if (loss) {
+        loss->nll = n ? sum / n : 0;
+        loss->aux = aux;
+        loss->z = z;
+        loss->n_targets = n;
+    }
+    m->have_forward = 1;
+    return MOE_OK;
+}
+
+/* --------------------------------------------------------------- backward */
+
+moe_status moe_model_backward(moe_model *m) {
+    if (!m->have_forward)
+        return moe_set_error(MOE_ERR_STATE, "moe_model_backward called without a forward");
+    const moe_model_config *c = &m->cfg;
+    int B = m->B, S = m->S, T = B * S, d = c->d, V = c->vocab, H = c->n_heads,
+        KV = c->n_kv_heads, hd = m->hd, hq = H * hd, hkv = KV * hd;
+    m->have_forward = 0;
+    float *dlogits = m->tmp;
+    int n = 0;
+    float scale = m->n_targets ? m->args.loss_scale / (float)m->n_targets : 0.0f;
+    moe_xent_forward_backward(dlogits, m->row_loss, m->logits, m->targets, T, V, scale, &n);
+    float *g_lm = m->grads + m->lm_off, *lm = m->params + m->lm_off;
+    moe_gemm(1, 0, V, d, T, 1, dlogits, V, m->nf, d, 1, g_lm, d);
+    moe_gemm(0, 0, T, d, V, 1, dlogits, V, lm, d, 0, m->dn, d);
+    float *dx = m->dx;
+    memset(dx, 0, sizeof(float) * (size_t)T * d);
+    moe_rmsnorm_backward(dx, m->grads + m->final_norm_off, m->dn, m->xf,
+                         m->params + m->final_norm_off, m->rstdf, T, d);
+    for (int l = c->n_layers - 1; l >= 0; l--) {
+        block_saved *s = &m->sv[l];
+        block_ptrs p = block(m, m->params, l), g = block(m, m->grads, l);
+        /* FFN: x_next = xm + ffn(n2) */
+        if (m->moe[l]) {
+            memset(m->dn, 0, sizeof(float) * (size_t)T * d);
+            MOE_TRY(moe_layer_backward(m->moe[l], m->dn, dx, s->n2));
+        } else {
+            moe_mlp_backward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, p.w_out, NULL, NULL, s->h,
+                             s->a, dx, m->dn, g.w_in, NULL, g.w_out, NULL, NULL, m->dh, m->da);
+        }
+        memcpy(m->dxm, dx, sizeof(float) * (size_t)T * d);
+        moe_rmsnorm_backward(m->dxm, g.ffn_norm, m->dn, s->xm, p.ffn_norm, s->rstd2, T, d);
+        /* attention: xm = x + att Woᵀ */
+        moe_gemm(1, 0, d, hq, T, 1, m->dxm, d, s->att, hq, 1, g.wo, hq);
+        moe_gemm(0, 0, T, hq, d, 1, m->dxm, d, p.wo, hq, 0, m->datt, hq);
+        memset(m->dq, 0, sizeof(float) * (size_t)T * hq);
+        memset(m->dk, 0, sizeof(float) * (size_t)T * hkv);
+        memset(m->dv, 0, sizeof(float) * (size_t)T * hkv);
+        moe_attention_backward(m->dq, m->dk, m->dv, m->datt, s->probs, s->q, s->k, s->v, B, S, H,
+                               KV, hd);
+        moe_rope_apply(m->dq, T, H, hd, m->pos, c->rope_theta, -1);
+        moe_rope_apply(m->dk, T, KV, hd, m->pos, c->rope_theta, -1);
+        moe_gemm(1, 0, hq, d, T, 1, m->dq, hq, s->n1, d, 1, g.wq, d);
+        moe_gemm(1, 0, hkv, d, T, 1, m->dk, hkv, s->n1, d, 1, g.wk, d);
+        moe_gemm(1, 0, hkv, d, T, 1, m->dv, hkv, s->n1, d, 1, g.wv, d);
+        moe_gemm(0, 0, T, d, hq, 1, m->dq, hq, p.wq, d, 0, m->dn, d);
+        moe_gemm(0, 0, T, d, hkv, 1, m->dk, hkv, p.wk, d, 1, m->dn, d);
+        moe_gemm(0, 0, T, d, hkv, 1, m->dv, hkv, p.wv, d, 1, m->dn, d);
+        memcpy(dx, m->dxm, sizeof(float) * (size_t)T * d);
+        moe_rmsnorm_backward(dx, g.attn_norm, m->dn, s->x, p.attn_norm, s->rstd1, T, d);
+    }
+    float *g_emb = m->grads + m->emb_off;
+    for (int t = 0; t < T; t++) {
+        float *gr = g_emb + (size_t)m->tokens[t] * d;
+        const float *dxt = dx + (size_t)t * d;
+        for (int i = 0; i < d; i++) gr[i] += dxt[i];
+    }
+    return MOE_OK;
+}

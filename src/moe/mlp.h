@@ -1,0 +1,21 @@
+/* The two-layer MLP of an expert, a shared expert or a dense FFN (experts.c). */
+#ifndef MOE_MLP_H
+#define MOE_MLP_H
+
+#include "moe.h"
+
+/* Gated activations (swiglu, geglu) have an input projection of 2f rows: [0,f) gate, [f,2f) up. */
+int moe_act_gated(moe_activation a);
+
+/* MLP rows. x [n, d] -> h [n, gf], a [n, f] (= w * act(h)), y [n, d]
+ * (= a W_outᵀ + w b_out). w may be NULL (weight 1). */
+void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
+                     const float *b_in, const float *w_out, const float *b_out, const float *w,
+                     float *h, float *a, float *y);
+/* dy [n, d] given; writes dx [n, d] (overwritten), adds weight grads, writes dw [n] (if not
+ * NULL). Uses dh [n, gf] and da [n, f] as scratch. */
+void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
+                      const float *w_out, const float *b_out, const float *w, const float *h,
+                      const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
+                      float *dw_out, float *db_out, double *dw, float *dh, float *da);
+#endif

@@ -1,0 +1,297 @@
+/* Transformer kernels (RMSNorm, RoPE, causal GQA attention, cross-entropy) against naive
+ * float64 references written here; gradients against float64 central differences of those
+ * references. */
+#include "kernels/kernels.h"
+#include "test_util.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+/* fp32 kernels against float64 math: inputs O(1), outputs O(1); 2e-5 relative to the
+ * largest magnitude covers fp32 rounding through a few hundred accumulations. */
+#define TOL 2e-5
+
+static double *to64(const float *x, size_t n) {
+    double *y = malloc(n * sizeof *y);
+    for (size_t i = 0; i < n; i++) y[i] = x[i];
+    return y;
+}
+
+static double max_abs(const double *x, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) m = fabs(x[i]) > m ? fabs(x[i]) : m;
+    return m;
+}
+
+/* Compares float results with float64 ones relative to the largest reference magnitude. */
+static void check(const char *what, const float *a, const double *b, size_t n) {
+    tu_check_close(what, a, b, n, TOL * (max_abs(b, n) + 1e-30), 0);
+}
+
+/* ------------------------------------------------------------- references */
+
+typedef struct {
+    int T, d, H, KV, hd, B, S;
+    double eps, theta;
+    const int *pos;
+} dims;
+
+static void ref_rmsnorm(double *y, const double *x, const double *w, const dims *D) {
+    for (int t = 0; t < D->T; t++) {
+        double ss = 0;
+        for (int i = 0; i < D->d; i++) ss += x[t * D->d + i] * x[t * D->d + i];
+        double r = 1 / sqrt(ss / D->d + D->eps);
+        for (int i = 0; i < D->d; i++) y[t * D->d + i] = x[t * D->d + i] * r * w[i];
+    }
+}
+
+/* Rotation of pairs (i, i + hd/2) by pos * theta^(-2i/hd), written with complex numbers:
+ * (a + ib) * e^{i ang}. */
+static void ref_rope(double *x, int T, int nh, const dims *D) {
+    int half = D->hd / 2;
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < half; i++) {
+                double ang = D->pos[t] / pow(D->theta, 2.0 * i / D->hd);
+                double *v = x + ((size_t)t * nh + h) * D->hd;
+                double re = v[i], im = v[i + half];
+                v[i] = re * cos(ang) - im * sin(ang);
+                v[i + half] = re * sin(ang) + im * cos(ang);
+            }
+}
+
+static void ref_attention(double *out, const double *q, const double *k, const double *v,
+                          const dims *D) {
+    int qs = D->H * D->hd, ks = D->KV * D->hd;
+    double *s = malloc(sizeof(double) * D->S);
+    for (int b = 0; b < D->B; b++)
+        for (int h = 0; h < D->H; h++) {
+            int g = h / (D->H / D->KV);
+            for (int i = 0; i < D->S; i++) {
+                double mx = -INFINITY, sum = 0;
+                for (int j = 0; j <= i; j++) {
+                    double dot = 0;
+                    for (int c = 0; c < D->hd; c++)
+                        dot += q[(b * D->S + i) * qs + h * D->hd + c] * k[(b * D->S + j) * ks + g * D->hd + c];
+                    s[j] = dot / sqrt((double)D->hd);
+                    mx = fmax(mx, s[j]);
+                }
+                for (int j = 0; j <= i; j++) sum += exp(s[j] - mx);
+                for (int c = 0; c < D->hd; c++) {
+                    double o = 0;
+                    for (int j = 0; j <= i; j++)
+                        o += exp(s[j] - mx) / sum * v[(b * D->S + j) * ks + g * D->hd + c];
+                    out[(b * D->S + i) * qs + h * D->hd + c] = o;
+                }
+            }
+        }
+    free(s);
+}
+
+/* Central difference of f at x[i] (float64), h relative to 1. */
+typedef double (*scalar_fn)(void *ctx);
+static double central(double *xi, scalar_fn f, void *ctx) {
+    const double h = 1e-6;
+    double old = *xi;
+    *xi = old + h;
+    double fp = f(ctx);
+    *xi = old - h;
+    double fm = f(ctx);
+    *xi = old;
+    return (fp - fm) / (2 * h);
+}
+
+/* Checks n_check random entries of an fp32 gradient against central differences. */
+static void check_grad(const char *what, const float *g, double *x, size_t n, scalar_fn f,
+                       void *ctx, uint64_t seed) {
+    double gmax = 0, *fd = malloc(sizeof(double) * n);
+    size_t idx[24];
+    int m = n < 24 ? (int)n : 24;
+    for (int r = 0; r < m; r++) {
+        idx[r] = n <= 24 ? (size_t)r : (size_t)(moe_rng_u64(seed, 77, (uint64_t)r) % n);
+        fd[r] = central(&x[idx[r]], f, ctx);
+        gmax = fmax(gmax, fabs(fd[r]));
+    }
+    for (int r = 0; r < m; r++) {
+        double err = fabs(g[idx[r]] - fd[r]);
+        /* fp32 backward: 1e-4 of the gradient scale (FD error at h=1e-6 is ~1e-9). */
+        if (err > 1e-4 * (gmax + 1e-12))
+            fail_msg("%s[%zu]: backward %.8g, float64 finite difference %.8g (scale %.3g)", what,
+                     idx[r], g[idx[r]], fd[r], gmax);
+    }
+    free(fd);
+}
+
+/* ---------------------------------------------------------------- RMSNorm */
+
+typedef struct {
+    dims D;
+    double *x, *w, *G, *y;
+} norm_ctx;
+
+static double norm_loss(void *p) {
+    norm_ctx *c = p;
+    ref_rmsnorm(c->y, c->x, c->w, &c->D);
+    double L = 0;
+    for (int i = 0; i < c->D.T * c->D.d; i++) L += c->y[i] * c->G[i];
+    return L;
+}
+
+static void test_rmsnorm(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    dims D = {.T = 7, .d = 24, .eps = 1e-5};
+    size_t n = (size_t)D.T * D.d;
+    float *x = malloc(n * 4), *w = malloc(D.d * 4), *G = malloc(n * 4), *y = malloc(n * 4),
+          *rstd = malloc(D.T * 4), *dx = calloc(n, 4), *dw = calloc(D.d, 4);
+    tu_fill(x, n, seed, 1, -2, 2);
+    tu_fill(w, D.d, seed, 2, 0.5f, 1.5f);
+    tu_fill(G, n, seed, 3, -1, 1);
+    tu_poison(y, n);
+    moe_rmsnorm_forward(y, rstd, x, w, D.T, D.d, (float)D.eps);
+    norm_ctx c = {D, to64(x, n), to64(w, D.d), to64(G, n), malloc(n * 8)};
+    norm_loss(&c);
+    check("rmsnorm forward", y, c.y, n);
+    moe_rmsnorm_backward(dx, dw, G, x, w, rstd, D.T, D.d);
+    check_grad("rmsnorm dx", dx, c.x, n, norm_loss, &c, seed);
+    check_grad("rmsnorm dw", dw, c.w, D.d, norm_loss, &c, seed + 1);
+    free(c.x), free(c.w), free(c.G), free(c.y);
+    free(x), free(w), free(G), free(y), free(rstd), free(dx), free(dw);
+}
+
+/* ------------------------------------------------------------------- RoPE */
+
+static void test_rope(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    int pos[9];
+    for (int t = 0; t < 9; t++) pos[t] = (int)(moe_rng_u64(seed, 5, (uint64_t)t) % 300);
+    dims D = {.hd = 8, .theta = 10000, .pos = pos};
+    int T = 9, nh = 3;
+    size_t n = (size_t)T * nh * D.hd;
+    float *x = malloc(n * 4), *x0 = malloc(n * 4);
+    tu_fill(x, n, seed, 1, -1, 1);
+    memcpy(x0, x, n * 4);
+    double *r = to64(x, n);
+    ref_rope(r, T, nh, &D);
+    moe_rope_apply(x, T, nh, D.hd, pos, (float)D.theta, 1);
+    check("rope forward", x, r, n);
+    /* Backward is the transpose, i.e. the inverse rotation: applying it restores x0. */
+    moe_rope_apply(x, T, nh, D.hd, pos, (float)D.theta, -1);
+    double *r0 = to64(x0, n);
+    check("rope inverse", x, r0, n);
+    /* Position 0 leaves a vector unchanged (a rotation by angle 0). */
+    int zero[9] = {0};
+    memcpy(x, x0, n * 4);
+    moe_rope_apply(x, T, nh, D.hd, zero, (float)D.theta, 1);
+    assert_memory_equal(x, x0, n * 4);
+    free(x), free(x0), free(r), free(r0);
+}
+
+/* -------------------------------------------------------------- attention */
+
+typedef struct {
+    dims D;
+    double *q, *k, *v, *G, *out;
+} att_ctx;
+
+static double att_loss(void *p) {
+    att_ctx *c = p;
+    ref_attention(c->out, c->q, c->k, c->v, &c->D);
+    double L = 0;
+    for (int i = 0; i < c->D.B * c->D.S * c->D.H * c->D.hd; i++) L += c->out[i] * c->G[i];
+    return L;
+}
+
+static void attention_case(int B, int S, int H, int KV, int hd) {
+    uint64_t seed = tu_seed();
+    dims D = {.B = B, .S = S, .H = H, .KV = KV, .hd = hd};
+    size_t T = (size_t)B * S, nq = T * H * hd, nk = T * KV * hd;
+    float *q = malloc(nq * 4), *k = malloc(nk * 4), *v = malloc(nk * 4), *G = malloc(nq * 4),
+          *out = malloc(nq * 4), *probs = malloc((size_t)B * H * S * S * 4), *dq = calloc(nq, 4),
+          *dk = calloc(nk, 4), *dv = calloc(nk, 4);
+    tu_fill(q, nq, seed, 1, -1.5f, 1.5f);
+    tu_fill(k, nk, seed, 2, -1.5f, 1.5f);
+    tu_fill(v, nk, seed, 3, -1, 1);
+    tu_fill(G, nq, seed, 4, -1, 1);
+    tu_poison(out, nq);
+    moe_attention_forward(out, probs, q, k, v, B, S, H, KV, hd);
+    att_ctx c = {D, to64(q, nq), to64(k, nk), to64(v, nk), to64(G, nq), malloc(nq * 8)};
+    att_loss(&c);
+    check("attention forward", out, c.out, nq);
+    /* causality: row i of every probability matrix sums to 1 over j <= i, zero after */
+    for (size_t bh = 0; bh < (size_t)B * H; bh++)
+        for (int i = 0; i < S; i++) {
+            double s = 0;
+            for (int j = 0; j < S; j++) {
+                float p = probs[(bh * S + i) * S + j];
+                if (j > i) assert_true(p == 0.0f);
+                s += p;
+            }
+            assert_true(fabs(s - 1) < 1e-5);
+        }
+    moe_attention_backward(dq, dk, dv, G, probs, q, k, v, B, S, H, KV, hd);
+    check_grad("attention dq", dq, c.q, nq, att_loss, &c, seed);
+    check_grad("attention dk", dk, c.k, nk, att_loss, &c, seed + 1);
+    check_grad("attention dv", dv, c.v, nk, att_loss, &c, seed + 2);
+    free(c.q), free(c.k), free(c.v), free(c.G), free(c.out);
+    free(q), free(k), free(v), free(G), free(out), free(probs), free(dq), free(dk), free(dv);
+}
+
+static void test_attention_mha(void **state) {
+    (void)state;
+    attention_case(2, 7, 2, 2, 4);
+}
+
+static void test_attention_gqa(void **state) {
+    (void)state;
+    attention_case(2, 6, 6, 2, 4); /* 3 query heads per kv head */
+    attention_case(1, 5, 4, 1, 6); /* multi-query */
+    attention_case(3, 1, 2, 1, 2); /* one token per sequence */
+}
+
+/* ---------------------------------------------------------- cross-entropy */
+
+static void test_xent(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    int T = 9, V = 13;
+    float *logits = malloc(sizeof(float) * T * V), *g = malloc(sizeof(float) * T * V);
+    double *rows = malloc(sizeof(double) * T);
+    int32_t y[9];
+    tu_fill(logits, (size_t)T * V, seed, 1, -4, 4);
+    for (int t = 0; t < T; t++) y[t] = (int32_t)(moe_rng_u64(seed, 2, (uint64_t)t) % V);
+    y[2] = -1; /* ignored */
+    y[7] = -100;
+    int n = 0;
+    tu_poison(g, (size_t)T * V);
+    double sum = moe_xent_forward_backward(g, rows, logits, y, T, V, 0.25f, &n);
+    assert_int_equal(n, 7);
+    double ref = 0;
+    double *dref = calloc((size_t)T * V, sizeof(double));
+    for (int t = 0; t < T; t++) {
+        if (y[t] < 0) continue;
+        double s = 0;
+        for (int j = 0; j < V; j++) s += exp((double)logits[t * V + j]);
+        ref += log(s) - logits[t * V + y[t]];
+        for (int j = 0; j < V; j++) dref[t * V + j] = 0.25 * (exp((double)logits[t * V + j]) / s - (j == y[t]));
+    }
+    assert_true(fabs(sum - ref) < 1e-9 * fabs(ref));
+    check("xent gradient", g, dref, (size_t)T * V);
+    free(logits), free(g), free(rows), free(dref);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_rmsnorm),      cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_attention_mha), cmocka_unit_test(test_attention_gqa),
+        cmocka_unit_test(test_xent),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
