@@ -333,6 +333,35 @@ moe_status moe_model_backward(moe_model *m);
 /* Logits [B*S, V] of the last forward. */
 const float *moe_model_logits(const moe_model *m);
 
+/* -------------------------------------------------------------- training */
+
+typedef enum {
+    MOE_LR_COSINE = 0,   /* linear warmup, then cosine decay to min_lr */
+    MOE_LR_LINEAR = 1,   /* linear warmup, then linear decay to min_lr */
+    MOE_LR_CONSTANT = 2, /* linear warmup, then lr */
+} moe_lr_style;
+
+typedef struct {
+    int train_iters;     /* optimizer steps */
+    int micro_batch;     /* sequences per forward/backward */
+    int global_batch;    /* sequences per optimizer step (a multiple of micro_batch) */
+    float lr, min_lr;
+    int warmup_iters;
+    int decay_iters;     /* 0 = train_iters */
+    moe_lr_style decay_style;
+    float weight_decay;  /* AdamW, not applied to norms and biases */
+    float beta1, beta2, adam_eps;
+    float clip_grad;     /* global gradient-norm clipping (0 = off) */
+    int eval_interval;   /* steps between validation runs (0 = never) */
+    int eval_iters;      /* validation batches per run */
+    uint64_t seed;       /* batch sampling */
+} moe_train_config;
+
+moe_train_config moe_train_config_default(void);
+moe_status moe_train_config_validate(const moe_train_config *cfg);
+/* Learning rate of optimizer step `step` (0-based). */
+double moe_train_lr(const moe_train_config *cfg, int step);
+
 #ifdef __cplusplus
 }
 #endif

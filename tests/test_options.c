@@ -45,7 +45,7 @@ static void test_defaults_match_layer(void **state) {
     moe_options_default(&o);
     moe_layer_config c = moe_layer_config_default();
     assert_memory_equal(&o.layer, &c, sizeof c);
-    assert_int_equal(moe_options_finish(&o), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
     assert_int_equal(o.layer.lb_type, c.lb_type);
 }
 
@@ -112,10 +112,15 @@ static void test_bad_values(void **state) {
     const struct {
         const char *flag, *value, *needle;
     } cases[] = {
-        {"--num-experts", "abc", "expected an integer, got 'abc'"},
-        {"--num-experts", "8x", "expected an integer"},
-        {"--num-experts", "0", "out of range"},
-        {"--num-experts", "99999999999999999999", "expected an integer"},
+        {"--num-attention-heads", "abc", "expected an integer, got 'abc'"},
+        {"--num-attention-heads", "8x", "expected an integer"},
+        {"--num-attention-heads", "0", "out of range"},
+        {"--num-attention-heads", "99999999999999999999", "expected an integer"},
+        {"--num-experts", "4,x", "expected an integer or a comma-separated list"},
+        {"--num-experts", "4,,8", "expected an integer or a comma-separated list"},
+        {"--num-experts", "0", "must be >= 1"},
+        {"--num-experts", "4,-1", "out of range"},
+        {"--lr-decay-style", "exponential", "not one of cosine|linear|constant"},
         {"--moe-aux-loss-coeff", "nan", "expected a finite number"},
         {"--moe-aux-loss-coeff", "inf", "expected a finite number"},
         {"--moe-aux-loss-coeff", "1e60", "expected a finite number"},
@@ -160,38 +165,55 @@ static void test_finish_combinations(void **state) {
     moe_options o;
     const char *sink[] = {"--moe-router-load-balancing-type", "sinkhorn"};
     assert_int_equal(parse(&o, sink, 2), MOE_OK);
-    assert_int_equal(moe_options_finish(&o), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
     assert_int_equal(o.layer.router, MOE_ROUTER_SINKHORN);
     assert_int_equal(o.layer.lb_type, MOE_LB_NONE);
 
     const char *clash[] = {"--moe-router-load-balancing-type", "sinkhorn", "--moe-router-type",
                            "expert_choice"};
     assert_int_equal(parse(&o, clash, 4), MOE_OK);
-    expect_error(moe_options_finish(&o), "moe-router-type is expert_choice");
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "moe-router-type is expert_choice");
 
     const char *fake[] = {"--moe-router-force-load-balancing"};
     assert_int_equal(parse(&o, fake, 1), MOE_OK);
-    assert_int_equal(moe_options_finish(&o), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
     assert_int_equal(o.layer.router, MOE_ROUTER_FAKE_BALANCED);
 
     const char *seq[] = {"--moe-router-load-balancing-type", "seq_aux_loss"};
     assert_int_equal(parse(&o, seq, 2), MOE_OK);
-    assert_int_equal(moe_options_finish(&o), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
     assert_int_equal(o.layer.lb_type, MOE_LB_SEQ_AUX);
 
     const char *k_gt_e[] = {"--num-experts", "4", "--moe-router-topk", "6"};
     assert_int_equal(parse(&o, k_gt_e, 4), MOE_OK);
-    moe_status st = moe_options_finish(&o);
+    moe_status st = moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN);
     expect_error(st, "moe-router-topk (6)");
     expect_error(st, "num-experts (4)");
 
     const char *groups[] = {"--num-experts", "8", "--moe-router-num-groups", "3"};
     assert_int_equal(parse(&o, groups, 4), MOE_OK);
-    expect_error(moe_options_finish(&o), "moe-router-num-groups (3) must divide num-experts (8)");
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "moe-router-num-groups (3) must divide num-experts (8)");
+
+    const char *list_len[] = {"--num-layers", "3", "--num-experts", "4,8"};
+    assert_int_equal(parse(&o, list_len, 4), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "num-experts lists 2 values but num-layers is 3");
+
+    const char *heads[] = {"--hidden-size", "96", "--num-attention-heads", "5"};
+    assert_int_equal(parse(&o, heads, 4), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "num-attention-heads (5) must divide hidden-size (96)");
+    assert_int_equal(moe_options_finish(&o, 0), MOE_OK); /* the layer alone does not care */
+
+    const char *gqa[] = {"--num-attention-heads", "4", "--num-query-groups", "3"};
+    assert_int_equal(parse(&o, gqa, 4), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "num-query-groups (3) must divide num-attention-heads (4)");
+
+    const char *gbs[] = {"--micro-batch-size", "4", "--global-batch-size", "10"};
+    assert_int_equal(parse(&o, gbs, 4), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_TRAIN), "global-batch-size (10) must be a multiple of micro-batch-size (4)");
 
     const char *aux_sink[] = {"--moe-router-type", "sinkhorn", "--moe-aux-loss-coeff", "0.01"};
     assert_int_equal(parse(&o, aux_sink, 4), MOE_OK);
-    expect_error(moe_options_finish(&o), "needs the topk router");
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "needs the topk router");
 }
 
 /* Every option written and read back gives the same values, for non-default settings. */
@@ -210,9 +232,11 @@ static void test_write_round_trip(void **state) {
                           "--moe-activation", "relu2", "--moe-shared-expert-intermediate-size",
                           "32", "--moe-use-residual", "--moe-z-loss-coeff", "0.001",
                           "--moe-router-load-balancing-type", "global_aux_loss", "--seed", seedtxt,
-                          "--moe-router-norm-topk-prob", "true", "--tokens", "77"};
+                          "--moe-router-norm-topk-prob", "true", "--tokens", "77",
+                          "--num-layers", "4", "--num-experts", "12,0,8,12", "--save",
+                          "/tmp/run #1", "--lr", "0.0007", "--global-batch-size", "16"};
     assert_int_equal(parse(&a, args, (int)(sizeof args / sizeof args[0])), MOE_OK);
-    assert_int_equal(moe_options_finish(&a), MOE_OK);
+    assert_int_equal(moe_options_finish(&a, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
 
     char *text = NULL;
     size_t len = 0;
@@ -223,9 +247,12 @@ static void test_write_round_trip(void **state) {
     moe_options b;
     moe_options_default(&b);
     assert_int_equal(moe_options_load_file(&b, path), MOE_OK);
-    assert_int_equal(moe_options_finish(&b), MOE_OK);
+    assert_int_equal(moe_options_finish(&b, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
     assert_memory_equal(&a, &b, offsetof(moe_options, given));
-    assert_non_null(strstr(text, "num-experts = 12\n"));
+    assert_non_null(strstr(text, "num-experts = 12,0,8,12\n"));
+    assert_non_null(strstr(text, "save = \"/tmp/run #1\"\n"));
+    assert_int_equal(b.model.n_experts[1], 0);
+    assert_int_equal(moe_model_layer_experts(&b.model, 2), 8);
     assert_non_null(strstr(text, "moe-router-score-function = sqrtsoftplus\n"));
     free(text);
     unlink(path);

@@ -36,7 +36,7 @@ static double forward_flops(const moe_layer_config *c, int T, const moe_layer_st
 static int demo(int argc, char **argv) {
     moe_options o;
     moe_options_default(&o);
-    if (moe_options_parse_args(&o, argc, argv) != MOE_OK || moe_options_finish(&o) != MOE_OK) {
+    if (moe_options_parse_args(&o, argc, argv) != MOE_OK || moe_options_finish(&o, 0) != MOE_OK) {
         fprintf(stderr, "moe demo: %s\n", moe_last_error());
         return 2;
     }

@@ -11,7 +11,15 @@
 #include <stddef.h>
 #include <string.h>
 
-typedef enum { OPT_INT, OPT_U64, OPT_FLOAT, OPT_BOOL, OPT_ENUM } opt_type;
+typedef enum {
+    OPT_INT,
+    OPT_U64,
+    OPT_FLOAT,
+    OPT_BOOL,
+    OPT_ENUM,
+    OPT_STRING,  /* char[MOE_PATH_MAX] */
+    OPT_EXPERTS, /* an expert count, or one per layer ("4,4,8,8") into model.n_experts */
+} opt_type;
 
 typedef struct {
     const char *name;
@@ -58,21 +66,28 @@ static const opt_choice lb_choices[] = {{"aux_loss", MOE_LB_AUX},
 static const opt_choice drop_choices[] = {
     {"probs", MOE_DROP_PROBS}, {"position", MOE_DROP_POSITION}, {NULL, 0}};
 static const opt_choice dtype_choices[] = {{"fp32", 0}, {"fp64", 1}, {NULL, 0}};
+static const opt_choice lr_choices[] = {
+    {"cosine", MOE_LR_COSINE}, {"linear", MOE_LR_LINEAR}, {"constant", MOE_LR_CONSTANT}, {NULL, 0}};
 
 #define L(field) offsetof(moe_options, layer.field)
 #define O(field) offsetof(moe_options, field)
+#define M(field) offsetof(moe_options, model.field)
+#define T(field) offsetof(moe_options, train.field)
 #define BIG 1e9
 #define LAYER "MoE layer"
 #define ROUTER "Router"
 #define BALANCE "Load balancing"
 #define DISPATCH "Dispatch and capacity"
 #define EXPERTS "Experts"
+#define MODEL "Model"
+#define TRAIN "Training"
+#define FILES "Data, checkpoints, logging"
 #define RUN "Run (moe demo)"
 
 static const opt_def opts[] = {
-    {"hidden-size", NULL, OPT_INT, L(d), 1, BIG, NULL, LAYER, "hidden size d", 0},
-    {"num-experts", "moe-num-experts n-routed-experts", OPT_INT, L(n_experts), 1, BIG, NULL, LAYER,
-     "number of routed experts E", 0},
+    {"num-experts", "moe-num-experts n-routed-experts", OPT_EXPERTS, L(n_experts), 0, BIG, NULL,
+     LAYER, "routed experts E; a list (4,4,8,8) gives each layer its own (pyramid PR-MoE; 0 = "
+     "dense)", 0},
     {"moe-router-topk", "moe-gate-k num-experts-per-tok topk", OPT_INT, L(topk), 1, BIG, NULL,
      LAYER, "experts per token k (1..E)", 0},
     {"moe-ffn-hidden-size", "moe-intermediate-size", OPT_INT, L(ffn), 1, BIG, NULL, LAYER,
@@ -145,6 +160,65 @@ static const opt_def opts[] = {
      "Residual-MoE: out = moe*c0 + mlp*c1 with c = softmax(Linear(d->2)(x)); the MLP is the "
      "shared expert", 0},
 
+    {"hidden-size", "d-model", OPT_INT, M(d), 1, BIG, NULL, MODEL, "hidden size d", 0},
+    {"num-layers", "num-hidden-layers", OPT_INT, M(n_layers), 1, MOE_MAX_LAYERS, NULL, MODEL,
+     "transformer blocks L", 0},
+    {"num-attention-heads", NULL, OPT_INT, M(n_heads), 1, BIG, NULL, MODEL, "attention heads H", 0},
+    {"num-query-groups", "num-key-value-heads", OPT_INT, M(n_kv_heads), 1, BIG, NULL, MODEL,
+     "key/value heads (grouped-query attention)", 0},
+    {"ffn-hidden-size", "intermediate-size", OPT_INT, M(ffn), 1, BIG, NULL, MODEL,
+     "hidden size of the dense FFN layers", 0},
+    {"seq-length", "max-position-embeddings", OPT_INT, M(seq_len), 1, BIG, NULL, MODEL,
+     "sequence length S", 0},
+    {"rotary-base", "rope-theta", OPT_FLOAT, M(rope_theta), 1.000001, BIG, NULL, MODEL,
+     "RoPE base theta", 0},
+    {"norm-epsilon", "rms-norm-eps", OPT_FLOAT, M(norm_eps), 1e-30, 1, NULL, MODEL,
+     "RMSNorm epsilon", 0},
+    {"init-method-std", "initializer-range", OPT_FLOAT, M(init_std), 1e-30, BIG, NULL, MODEL,
+     "std of the normal initialisation (output projections: std / sqrt(2 L))", 0},
+    {"untie-embeddings-and-output-weights", NULL, OPT_BOOL, O(untie), 0, 1, NULL, MODEL,
+     "separate LM head instead of the embedding matrix", 0},
+    {"moe-layer-freq", NULL, OPT_INT, M(moe_layer_freq), 1, BIG, NULL, MODEL,
+     "layer l is MoE if l % freq == 0 (2 = every other layer, GShard)", 0},
+    {"first-k-dense", "first-k-dense-replace moe-first-k-dense", OPT_INT, M(first_k_dense), 0,
+     BIG, NULL, MODEL, "the first k layers are dense (DeepSeek)", 0},
+
+    {"train-iters", NULL, OPT_INT, T(train_iters), 1, BIG, NULL, TRAIN, "optimizer steps", 0},
+    {"micro-batch-size", NULL, OPT_INT, T(micro_batch), 1, BIG, NULL, TRAIN,
+     "sequences per forward/backward", 0},
+    {"global-batch-size", NULL, OPT_INT, T(global_batch), 1, BIG, NULL, TRAIN,
+     "sequences per optimizer step (gradient accumulation over micro-batches)", 0},
+    {"lr", "learning-rate", OPT_FLOAT, T(lr), 0, BIG, NULL, TRAIN, "peak learning rate", 0},
+    {"min-lr", NULL, OPT_FLOAT, T(min_lr), 0, BIG, NULL, TRAIN, "final learning rate", 0},
+    {"lr-warmup-iters", NULL, OPT_INT, T(warmup_iters), 0, BIG, NULL, TRAIN,
+     "linear warmup steps", 0},
+    {"lr-decay-iters", NULL, OPT_INT, T(decay_iters), 0, BIG, NULL, TRAIN,
+     "steps until min-lr (0 = train-iters)", 0},
+    {"lr-decay-style", NULL, OPT_ENUM, T(decay_style), 0, 0, lr_choices, TRAIN,
+     "learning-rate decay after warmup", 0},
+    {"weight-decay", NULL, OPT_FLOAT, T(weight_decay), 0, BIG, NULL, TRAIN,
+     "AdamW weight decay (not on norms and biases)", 0},
+    {"adam-beta1", NULL, OPT_FLOAT, T(beta1), 0, 0.999999, NULL, TRAIN, "AdamW beta1", 0},
+    {"adam-beta2", NULL, OPT_FLOAT, T(beta2), 0, 0.999999, NULL, TRAIN, "AdamW beta2", 0},
+    {"adam-eps", NULL, OPT_FLOAT, T(adam_eps), 1e-30, 1, NULL, TRAIN, "AdamW epsilon", 0},
+    {"clip-grad", NULL, OPT_FLOAT, T(clip_grad), 0, BIG, NULL, TRAIN,
+     "clip the global gradient norm to this (0 = off)", 0},
+    {"eval-interval", NULL, OPT_INT, T(eval_interval), 0, BIG, NULL, TRAIN,
+     "steps between validation runs (0 = only at the end)", 0},
+    {"eval-iters", NULL, OPT_INT, T(eval_iters), 1, BIG, NULL, TRAIN,
+     "validation batches per run", 0},
+
+    {"data-path", NULL, OPT_STRING, O(data_path), 0, 0, NULL, FILES,
+     "directory written by moe prepare (train.bin, val.bin)", 0},
+    {"save", NULL, OPT_STRING, O(save), 0, 0, NULL, FILES, "run directory for checkpoints and "
+     "metrics", 0},
+    {"load", NULL, OPT_STRING, O(load), 0, 0, NULL, FILES, "resume from this run directory", 0},
+    {"save-interval", NULL, OPT_INT, O(save_interval), 0, BIG, NULL, FILES,
+     "steps between checkpoints (0 = only at the end)", 0},
+    {"keep-last", NULL, OPT_INT, O(keep_last), 1, BIG, NULL, FILES, "checkpoints kept", 0},
+    {"log-interval", NULL, OPT_INT, O(log_interval), 1, BIG, NULL, FILES,
+     "steps between progress lines", 0},
+
     {"tokens", NULL, OPT_INT, O(tokens), 1, BIG, NULL, RUN, "tokens per layer call", 0},
     {"iters", NULL, OPT_INT, O(iters), 1, BIG, NULL, RUN, "timed forward+backward iterations", 0},
     {"threads", NULL, OPT_INT, O(threads), 0, 4096, NULL, RUN,
@@ -158,7 +232,12 @@ _Static_assert(sizeof opts / sizeof opts[0] <= MOE_OPTIONS_MAX, "raise MOE_OPTIO
 void moe_options_default(moe_options *o) {
     memset(o, 0, sizeof *o);
     o->layer = moe_layer_config_default();
+    o->model = moe_model_config_default();
+    o->train = moe_train_config_default();
     o->lb_choice = o->layer.lb_type;
+    o->n_experts_list = 1;
+    o->keep_last = 3;
+    o->log_interval = 1;
     o->tokens = 1024;
     o->iters = 10;
 }
@@ -274,6 +353,40 @@ static void choice_list(char *buf, size_t cap, const opt_choice *c) {
     }
 }
 
+/* "8" sets the experts of every MoE layer; "4,4,8,8" one count per layer (0 = dense). */
+static moe_status set_experts(moe_options *o, const opt_def *d, const char *v, const char *where) {
+    int vals[MOE_MAX_LAYERS], n = 0;
+    const char *s = v;
+    for (;;) {
+        char *end;
+        errno = 0;
+        long x = strtol(s, &end, 10);
+        if (end == s || errno || (*end && *end != ','))
+            return moe_set_error(MOE_ERR_INVALID, "%s: expected an integer or a comma-separated "
+                                 "list, got '%s'", where, v);
+        if (x < d->lo || x > d->hi)
+            return moe_set_error(MOE_ERR_INVALID, "%s: %ld is out of range [%.0f, %.0f]", where,
+                                 x, d->lo, d->hi);
+        if (n == MOE_MAX_LAYERS)
+            return moe_set_error(MOE_ERR_INVALID, "%s: more than %d values", where, MOE_MAX_LAYERS);
+        vals[n++] = (int)x;
+        if (!*end) break;
+        s = end + 1;
+    }
+    if (n == 1 && vals[0] == 0)
+        return moe_set_error(MOE_ERR_INVALID, "%s: must be >= 1 (a list may hold 0 for a dense "
+                             "layer)", where);
+    memset(o->model.n_experts, 0, sizeof o->model.n_experts);
+    int first = 0;
+    for (int i = 0; i < n; i++) {
+        if (n > 1) o->model.n_experts[i] = vals[i];
+        if (!first) first = vals[i];
+    }
+    o->layer.n_experts = first ? first : 1;
+    o->n_experts_list = n;
+    return MOE_OK;
+}
+
 static moe_status set_value(moe_options *o, const opt_def *d, const char *v, const char *where) {
     char *p = (char *)o + d->offset;
     char *end;
@@ -327,6 +440,13 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
         choice_list(list, sizeof list, d->choices);
         return moe_set_error(MOE_ERR_INVALID, "%s: '%s' is not one of %s", where, v, list);
     }
+    case OPT_STRING:
+        if (strlen(v) >= MOE_PATH_MAX)
+            return moe_set_error(MOE_ERR_INVALID, "%s: longer than %d characters", where,
+                                 MOE_PATH_MAX - 1);
+        memcpy(p, v, strlen(v) + 1);
+        return MOE_OK;
+    case OPT_EXPERTS: return set_experts(o, d, v, where);
     }
     return MOE_ERR_INVALID;
 }
@@ -357,6 +477,21 @@ static char *trim(char *s) {
     return s;
 }
 
+/* Ends the line at the first '#' that is not inside a quoted value. */
+static void cut_comment(char *line) {
+    char quote = 0;
+    for (char *c = line; *c; c++) {
+        if (quote) {
+            if (*c == quote) quote = 0;
+        } else if (*c == '"' || *c == '\'') {
+            quote = *c;
+        } else if (*c == '#') {
+            *c = '\0';
+            return;
+        }
+    }
+}
+
 moe_status moe_options_load_file(moe_options *o, const char *path) {
     FILE *f = fopen(path, "r");
     if (!f) return moe_set_error(MOE_ERR_IO, "cannot open config file %s: %s", path, strerror(errno));
@@ -372,8 +507,7 @@ moe_status moe_options_load_file(moe_options *o, const char *path) {
             st = moe_set_error(MOE_ERR_FORMAT, "%s: NUL byte in a config file line", where);
             break;
         }
-        char *hash = strchr(line, '#');
-        if (hash) *hash = '\0';
+        cut_comment(line);
         char *s = trim(line);
         if (!*s) continue;
         char *eq = strchr(s, '=');
@@ -383,14 +517,14 @@ moe_status moe_options_load_file(moe_options *o, const char *path) {
         }
         *eq = '\0';
         char *key = trim(s), *val = trim(eq + 1);
-        size_t vn = strlen(val);
-        if (vn >= 2 && (val[0] == '"' || val[0] == '\'') && val[vn - 1] == val[0]) {
-            val[vn - 1] = '\0';
-            val++;
-        }
         if (!*key || !*val) {
             st = moe_set_error(MOE_ERR_FORMAT, "%s: empty %s", where, *key ? "value" : "key");
             break;
+        }
+        size_t vn = strlen(val);
+        if (vn >= 2 && (val[0] == '"' || val[0] == '\'') && val[vn - 1] == val[0]) {
+            val[vn - 1] = '\0'; /* "" is an empty string */
+            val++;
         }
         st = moe_options_set(o, key, val, where);
     }
@@ -447,8 +581,9 @@ static int given(const moe_options *o, size_t offset) {
     return 0;
 }
 
-moe_status moe_options_finish(moe_options *o) {
+moe_status moe_options_finish(moe_options *o, int parts) {
     moe_layer_config *c = &o->layer;
+    c->d = o->model.d;
     int router_given = given(o, L(router));
     if (o->lb_choice == MOE_LB_CHOICE_SINKHORN) {
         if (router_given && c->router != MOE_ROUTER_SINKHORN)
@@ -473,7 +608,18 @@ moe_status moe_options_finish(moe_options *o) {
      * construction, so the default loss type is dropped silently unless a coefficient asks
      * for it (validation then names the conflict). */
     if (c->router != MOE_ROUTER_TOPK && c->aux_coeff == 0) c->lb_type = MOE_LB_NONE;
-    return moe_layer_config_validate(c);
+    MOE_TRY(moe_layer_config_validate(c));
+    o->model.moe = *c;
+    o->model.tie_embeddings = !o->untie;
+    o->train.seed = c->seed;
+    if (parts & MOE_OPTIONS_MODEL) {
+        if (o->n_experts_list > 1 && o->n_experts_list != o->model.n_layers)
+            return moe_set_error(MOE_ERR_INVALID, "num-experts lists %d values but num-layers is %d",
+                                 o->n_experts_list, o->model.n_layers);
+        MOE_TRY(moe_model_config_validate(&o->model));
+    }
+    if (parts & MOE_OPTIONS_TRAIN) MOE_TRY(moe_train_config_validate(&o->train));
+    return MOE_OK;
 }
 
 /* ------------------------------------------------------------ write, help */
@@ -500,6 +646,18 @@ static void format_value(char *buf, size_t cap, const moe_options *o, const opt_
             }
         snprintf(buf, cap, "%d", *(const int *)p);
         return;
+    case OPT_STRING: snprintf(buf, cap, "%s", p); return;
+    case OPT_EXPERTS:
+        if (o->n_experts_list <= 1) {
+            snprintf(buf, cap, "%d", *(const int *)p);
+            return;
+        }
+        buf[0] = '\0';
+        for (int i = 0; i < o->n_experts_list; i++) {
+            size_t n = strlen(buf);
+            snprintf(buf + n, cap - n, "%s%d", i ? "," : "", o->model.n_experts[i]);
+        }
+        return;
     }
 }
 
@@ -511,9 +669,11 @@ void moe_options_write(FILE *f, const moe_options *o) {
             section = opts[i].section;
             fprintf(f, "%s# %s\n", i ? "\n" : "", section);
         }
-        char v[64];
+        char v[2048];
         format_value(v, sizeof v, o, &opts[i]);
-        fprintf(f, "%s = %s\n", opts[i].name, v);
+        int quote = opts[i].type == OPT_STRING && (!v[0] || strchr(v, '#') || isspace((unsigned char)v[0]) ||
+                                                   isspace((unsigned char)v[strlen(v) - 1]));
+        fprintf(f, quote ? "%s = \"%s\"\n" : "%s = %s\n", opts[i].name, v);
     }
 }
 
@@ -529,8 +689,8 @@ void moe_options_help(FILE *f) {
             section = d->section;
             fprintf(f, "\n%s:\n", section);
         }
-        char arg[256], v[64];
-        static const char *const arg_names[] = {"N", "N", "X", "[BOOL]", ""};
+        char arg[256], v[2048];
+        static const char *const arg_names[] = {"N", "N", "X", "[BOOL]", "", "PATH", "N[,N...]"};
         if (d->type == OPT_ENUM)
             choice_list(arg, sizeof arg, d->choices);
         else

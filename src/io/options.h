@@ -17,8 +17,19 @@
 /* "sinkhorn" as a load-balancing type selects the Sinkhorn router (Megatron's spelling). */
 #define MOE_LB_CHOICE_SINKHORN 100
 
+#define MOE_PATH_MAX 1024
+
 typedef struct {
-    moe_layer_config layer;
+    moe_layer_config layer; /* the MoE layer, and the template of the model's MoE layers */
+    moe_model_config model; /* .d is hidden-size; .moe is set from layer by finish */
+    moe_train_config train;
+    int n_experts_list;     /* values given to num-experts (> 1: per layer, in model.n_experts) */
+    int untie;              /* untie-embeddings-and-output-weights */
+    char data_path[MOE_PATH_MAX];
+    char save[MOE_PATH_MAX];
+    char load[MOE_PATH_MAX];
+    int save_interval, keep_last, log_interval;
+
     int lb_choice; /* moe-router-load-balancing-type: a moe_lb_type or MOE_LB_CHOICE_SINKHORN */
     int force_lb;  /* moe-router-force-load-balancing: the fake balanced gate */
 
@@ -45,9 +56,12 @@ moe_status moe_options_load_file(moe_options *o, const char *path);
  * are errors. */
 moe_status moe_options_parse_args(moe_options *o, int argc, char **argv);
 
-/* Resolves the combined options (load-balancing type "sinkhorn", forced balancing) into
- * o->layer and validates everything; errors name the flags involved. */
-moe_status moe_options_finish(moe_options *o);
+/* Resolves the combined options (load-balancing type "sinkhorn", forced balancing, hidden
+ * size, tied embeddings) into o->layer, o->model and o->train and validates the parts a
+ * command uses (the layer always); errors name the flags involved. */
+#define MOE_OPTIONS_MODEL 1
+#define MOE_OPTIONS_TRAIN 2
+moe_status moe_options_finish(moe_options *o, int parts);
 
 /* Writes every option as `name = value`, in a form moe_options_load_file reads back exactly. */
 void moe_options_write(FILE *f, const moe_options *o);
