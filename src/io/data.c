@@ -1,0 +1,399 @@
+/* Token files: prepare (text -> tokens), load (with every field checked), batches. */
+#define _POSIX_C_SOURCE 200809L
+#include "io/data.h"
+
+#include "core/core.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ----------------------------------------------------------- atomic write */
+
+moe_status moe_write_atomic(const char *path, const void *const *parts, const size_t *sizes,
+                            int n_parts) {
+    char tmp[4200];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
+        return moe_set_error(MOE_ERR_IO, "path too long: %s", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return moe_set_error(MOE_ERR_IO, "cannot create %s: %s", tmp, strerror(errno));
+    for (int i = 0; i < n_parts; i++) {
+        const char *p = parts[i];
+        size_t left = sizes[i];
+        while (left > 0) {
+            ssize_t w = write(fd, p, left);
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) {
+                moe_status st = moe_set_error(MOE_ERR_IO, "cannot write %s: %s", tmp,
+                                              strerror(w < 0 ? errno : ENOSPC));
+                close(fd);
+                unlink(tmp);
+                return st;
+            }
+            p += w;
+            left -= (size_t)w;
+        }
+    }
+    if (fsync(fd) != 0 || close(fd) != 0) {
+        moe_status st = moe_set_error(MOE_ERR_IO, "cannot flush %s: %s", tmp, strerror(errno));
+        unlink(tmp);
+        return st;
+    }
+    if (rename(tmp, path) != 0) {
+        moe_status st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", tmp, path,
+                                      strerror(errno));
+        unlink(tmp);
+        return st;
+    }
+    /* make the rename itself durable */
+    char dir[4200];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) {
+        *slash = '\0';
+        if (!dir[0]) strcpy(dir, "/");
+    } else {
+        strcpy(dir, ".");
+    }
+    int dfd = open(dir, O_RDONLY);
+    if (dfd >= 0) {
+        fsync(dfd);
+        close(dfd);
+    }
+    return MOE_OK;
+}
+
+moe_status moe_mkdirs(const char *path) {
+    char buf[4096];
+    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
+        return moe_set_error(MOE_ERR_IO, "path too long: %s", path);
+    for (char *p = buf + 1;; p++) {
+        if (*p != '/' && *p) continue;
+        char c = *p;
+        *p = '\0';
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+            return moe_set_error(MOE_ERR_IO, "cannot create %s: %s", buf, strerror(errno));
+        *p = c;
+        if (!c) break;
+    }
+    struct stat sb;
+    if (stat(path, &sb) != 0 || !S_ISDIR(sb.st_mode))
+        return moe_set_error(MOE_ERR_IO, "%s is not a directory", path);
+    return MOE_OK;
+}
+
+/* ---------------------------------------------------------------- prepare */
+
+typedef struct {
+    uint16_t *tok;
+    int64_t n, cap;
+    uint64_t *doc; /* pairs (start, source) */
+    int64_t n_docs, cap_docs;
+} split_buf;
+
+static int grow(void **p, int64_t *cap, int64_t need, size_t elem) {
+    if (need <= *cap) return 0;
+    int64_t c = *cap ? *cap : 1024;
+    while (c < need) c *= 2;
+    void *q = realloc(*p, (size_t)c * elem);
+    if (!q) return -1;
+    *p = q;
+    *cap = c;
+    return 0;
+}
+
+static moe_status add_doc(split_buf *b, const char *text, size_t len, uint32_t source) {
+    if (grow((void **)&b->tok, &b->cap, b->n + (int64_t)len + 1, sizeof(uint16_t)) ||
+        grow((void **)&b->doc, &b->cap_docs, 2 * (b->n_docs + 1), sizeof(uint64_t)))
+        return moe_set_error(MOE_ERR_NOMEM, "out of memory preparing the corpus");
+    b->doc[2 * b->n_docs] = (uint64_t)b->n;
+    b->doc[2 * b->n_docs + 1] = source;
+    b->n_docs++;
+    for (size_t i = 0; i < len; i++) b->tok[b->n++] = (unsigned char)text[i];
+    b->tok[b->n++] = MOE_BYTE_EOT;
+    return MOE_OK;
+}
+
+static moe_status read_file(const char *path, char **out, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return moe_set_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    char *buf = NULL;
+    size_t n = 0, cap = 0;
+    for (;;) {
+        if (n == cap) {
+            cap = cap ? 2 * cap : 65536;
+            char *q = realloc(buf, cap);
+            if (!q) {
+                free(buf);
+                fclose(f);
+                return moe_set_error(MOE_ERR_NOMEM, "out of memory reading %s", path);
+            }
+            buf = q;
+        }
+        size_t r = fread(buf + n, 1, cap - n, f);
+        n += r;
+        if (r == 0) break;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        free(buf);
+        return moe_set_error(MOE_ERR_IO, "error reading %s", path);
+    }
+    *out = buf;
+    *len = n;
+    return MOE_OK;
+}
+
+/* Calls emit(doc) for each document of a text: fortune files are split at lines holding only
+ * "%", other text at blank lines. Empty documents are skipped. */
+typedef moe_status (*doc_fn)(const char *text, size_t len, void *ctx);
+
+static int line_is(const char *s, size_t len, const char *what) {
+    size_t n = strlen(what);
+    if (len && s[len - 1] == '\r') len--;
+    return len == n && !memcmp(s, what, n);
+}
+
+static int blank_line(const char *s, size_t len) {
+    for (size_t i = 0; i < len; i++)
+        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r') return 0;
+    return 1;
+}
+
+static moe_status split_docs(const char *text, size_t len, doc_fn emit, void *ctx) {
+    int fortune = 0;
+    for (size_t i = 0; i < len && !fortune;) {
+        size_t e = i;
+        while (e < len && text[e] != '\n') e++;
+        fortune = line_is(text + i, e - i, "%");
+        i = e + 1;
+    }
+    size_t start = 0;
+    for (size_t i = 0; i <= len;) {
+        size_t e = i;
+        while (e < len && text[e] != '\n') e++;
+        int sep = i < len && (fortune ? line_is(text + i, e - i, "%") : blank_line(text + i, e - i));
+        if (sep || i >= len) {
+            size_t end = i < len ? i : len;
+            /* a document is non-empty if it holds anything but whitespace */
+            int empty = 1;
+            for (size_t j = start; j < end && empty; j++)
+                empty = text[j] == ' ' || text[j] == '\n' || text[j] == '\t' || text[j] == '\r';
+            if (!empty) MOE_TRY(emit(text + start, end - start, ctx));
+            start = e + 1;
+        }
+        if (i >= len) break;
+        i = e + 1;
+    }
+    return MOE_OK;
+}
+
+typedef struct {
+    split_buf *train, *val;
+    uint32_t source;
+    int64_t doc_index;
+    double val_fraction;
+    uint64_t seed;
+} prep_ctx;
+
+static moe_status emit_doc(const char *text, size_t len, void *p) {
+    prep_ctx *c = p;
+    double u = moe_rng_uniform64(c->seed, moe_rng_stream(MOE_RNG_DATA, 1, 0, 0),
+                                 (uint64_t)c->doc_index++);
+    return add_doc(u < c->val_fraction ? c->val : c->train, text, len, c->source);
+}
+
+static moe_status write_split(const char *path, const split_buf *b, const char *const *files,
+                              int n_files) {
+    unsigned char hdr[64] = {0};
+    uint32_t version = MOE_TOKENS_VERSION, dtype = MOE_TOKENS_U16, vocab = MOE_BYTE_VOCAB,
+             eot = MOE_BYTE_EOT;
+    uint64_t n = (uint64_t)b->n, nd = (uint64_t)b->n_docs;
+    memcpy(hdr, MOE_TOKENS_MAGIC, 8);
+    memcpy(hdr + 8, &version, 4);
+    memcpy(hdr + 12, &dtype, 4);
+    memcpy(hdr + 16, &n, 8);
+    memcpy(hdr + 24, &vocab, 4);
+    memcpy(hdr + 28, &eot, 4);
+    memcpy(hdr + 32, &nd, 8);
+    size_t names = 4;
+    for (int i = 0; i < n_files; i++) names += 4 + strlen(files[i]);
+    unsigned char *tail = malloc(names);
+    if (!tail) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    uint32_t nf = (uint32_t)n_files;
+    memcpy(tail, &nf, 4);
+    size_t o = 4;
+    for (int i = 0; i < n_files; i++) {
+        uint32_t l = (uint32_t)strlen(files[i]);
+        memcpy(tail + o, &l, 4);
+        memcpy(tail + o + 4, files[i], l);
+        o += 4 + l;
+    }
+    const void *parts[4] = {hdr, b->tok, b->doc, tail};
+    size_t sizes[4] = {64, (size_t)b->n * 2, (size_t)b->n_docs * 16, names};
+    moe_status st = moe_write_atomic(path, parts, sizes, 4);
+    free(tail);
+    return st;
+}
+
+moe_status moe_prepare(const char *const *files, int n_files, const char *out_dir,
+                       double val_fraction, uint64_t seed, moe_prepare_stats *stats) {
+    if (n_files < 1) return moe_set_error(MOE_ERR_INVALID, "prepare: no input files");
+    if (!(val_fraction >= 0 && val_fraction < 1))
+        return moe_set_error(MOE_ERR_INVALID, "prepare: val fraction must be in [0, 1) (got %g)",
+                             val_fraction);
+    MOE_TRY(moe_mkdirs(out_dir));
+    split_buf train = {0}, val = {0};
+    prep_ctx ctx = {&train, &val, 0, 0, val_fraction, seed};
+    moe_status st = MOE_OK;
+    for (int i = 0; i < n_files && st == MOE_OK; i++) {
+        char *text;
+        size_t len;
+        if ((st = read_file(files[i], &text, &len)) != MOE_OK) break;
+        ctx.source = (uint32_t)i;
+        st = split_docs(text, len, emit_doc, &ctx);
+        free(text);
+    }
+    if (st == MOE_OK && (train.n == 0 || (val_fraction > 0 && val.n == 0)))
+        st = moe_set_error(MOE_ERR_INVALID, "prepare: the input holds too little text for a "
+                           "train and a validation split (%lld documents)",
+                           (long long)ctx.doc_index);
+    char path[4096];
+    if (st == MOE_OK) {
+        snprintf(path, sizeof path, "%s/train.bin", out_dir);
+        st = write_split(path, &train, files, n_files);
+    }
+    if (st == MOE_OK) {
+        snprintf(path, sizeof path, "%s/val.bin", out_dir);
+        st = write_split(path, &val, files, n_files);
+    }
+    if (st == MOE_OK && stats) {
+        stats->train_tokens = train.n;
+        stats->val_tokens = val.n;
+        stats->train_docs = train.n_docs;
+        stats->val_docs = val.n_docs;
+        stats->n_files = n_files;
+    }
+    free(train.tok);
+    free(train.doc);
+    free(val.tok);
+    free(val.doc);
+    return st;
+}
+
+/* ------------------------------------------------------------------- load */
+
+void moe_tokens_free(moe_tokens *t) {
+    free(t->tokens);
+    free(t->doc_start);
+    free(t->doc_source);
+    for (int i = 0; i < t->n_sources; i++) free(t->sources[i]);
+    free(t->sources);
+    memset(t, 0, sizeof *t);
+}
+
+#define BAD(...)                                                                              \
+    do {                                                                                      \
+        st = moe_set_error(MOE_ERR_FORMAT, __VA_ARGS__);                                      \
+        goto done;                                                                            \
+    } while (0)
+
+moe_status moe_tokens_load(const char *path, moe_tokens *out) {
+    memset(out, 0, sizeof *out);
+    char *buf;
+    size_t size;
+    MOE_TRY(read_file(path, &buf, &size));
+    moe_status st = MOE_OK;
+    uint32_t version, dtype, vocab, eot, n_src;
+    uint64_t n, nd;
+    if (size < 64 || memcmp(buf, MOE_TOKENS_MAGIC, 8))
+        BAD("%s is not a token file (no %s header); make one with moe prepare", path,
+            MOE_TOKENS_MAGIC);
+    memcpy(&version, buf + 8, 4);
+    memcpy(&dtype, buf + 12, 4);
+    memcpy(&n, buf + 16, 8);
+    memcpy(&vocab, buf + 24, 4);
+    memcpy(&eot, buf + 28, 4);
+    memcpy(&nd, buf + 32, 8);
+    if (version != MOE_TOKENS_VERSION) BAD("%s: unsupported version %u", path, version);
+    if (dtype != MOE_TOKENS_U16) BAD("%s: unsupported token type %u", path, dtype);
+    if (vocab < 2 || vocab > 65536 || eot >= vocab)
+        BAD("%s: bad vocabulary size %u / end-of-text id %u", path, vocab, eot);
+    size_t left = size - 64;
+    if (n > left / 2) BAD("%s: truncated: %llu tokens announced, room for %zu", path,
+                          (unsigned long long)n, left / 2);
+    left -= (size_t)n * 2;
+    if (nd > left / 16) BAD("%s: truncated document table", path);
+    left -= (size_t)nd * 16;
+    if (left < 4) BAD("%s: truncated source table", path);
+    const char *p = buf + 64 + n * 2 + nd * 16;
+    memcpy(&n_src, p, 4);
+    p += 4;
+    left -= 4;
+    if (n_src > left / 4) BAD("%s: bad source count %u", path, n_src);
+    out->n_tokens = (int64_t)n;
+    out->vocab = (int)vocab;
+    out->eot = (int)eot;
+    out->n_docs = (int64_t)nd;
+    out->tokens = malloc((size_t)(n ? n : 1) * 2);
+    out->doc_start = malloc((size_t)(nd ? nd : 1) * 8);
+    out->doc_source = malloc((size_t)(nd ? nd : 1) * 4);
+    out->sources = calloc(n_src ? n_src : 1, sizeof(char *));
+    if (!out->tokens || !out->doc_start || !out->doc_source || !out->sources) {
+        st = moe_set_error(MOE_ERR_NOMEM, "out of memory loading %s", path);
+        goto done;
+    }
+    memcpy(out->tokens, buf + 64, (size_t)n * 2);
+    for (uint64_t i = 0; i < n; i++)
+        if (out->tokens[i] >= vocab)
+            BAD("%s: token %u at %llu is outside the vocabulary (%u)", path, out->tokens[i],
+                (unsigned long long)i, vocab);
+    for (uint64_t i = 0; i < nd; i++) {
+        uint64_t pair[2];
+        memcpy(pair, buf + 64 + n * 2 + i * 16, 16);
+        if (pair[0] >= n || (i && pair[0] <= out->doc_start[i - 1]) || pair[1] >= n_src)
+            BAD("%s: bad document table entry %llu", path, (unsigned long long)i);
+        out->doc_start[i] = pair[0];
+        out->doc_source[i] = (uint32_t)pair[1];
+    }
+    for (uint32_t i = 0; i < n_src; i++) {
+        uint32_t l;
+        if (left < 4) BAD("%s: truncated source table", path);
+        memcpy(&l, p, 4);
+        p += 4;
+        left -= 4;
+        if (l > left) BAD("%s: truncated source name", path);
+        out->sources[i] = malloc(l + 1);
+        if (!out->sources[i]) {
+            st = moe_set_error(MOE_ERR_NOMEM, "out of memory loading %s", path);
+            goto done;
+        }
+        memcpy(out->sources[i], p, l);
+        out->sources[i][l] = '\0';
+        out->n_sources = (int)i + 1;
+        p += l;
+        left -= l;
+    }
+    if (left != 0) BAD("%s: %zu unexpected bytes at the end", path, left);
+done:
+    free(buf);
+    if (st != MOE_OK) moe_tokens_free(out);
+    return st;
+}
+
+void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t stream,
+                      int32_t *tokens, int32_t *targets) {
+    MOE_ASSERT(t->n_tokens > S);
+    uint64_t span = (uint64_t)(t->n_tokens - S);
+    for (int b = 0; b < B; b++) {
+        uint64_t start = moe_rng_u64(seed, stream, (uint64_t)b) % span;
+        for (int s = 0; s < S; s++) {
+            tokens[b * S + s] = t->tokens[start + s];
+            targets[b * S + s] = t->tokens[start + s + 1];
+        }
+    }
+}

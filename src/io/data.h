@@ -1,0 +1,59 @@
+/* io/data — token files and the byte-level tokenizer (docs/FORMATS.md §1).
+ *
+ * A token file holds one split (train or val) of a prepared corpus: a 64-byte header, the
+ * tokens (uint16, little endian), a document table (where each document starts and which
+ * source file it came from) and the source file names. */
+#ifndef MOE_IO_DATA_H
+#define MOE_IO_DATA_H
+
+#include "moe.h"
+
+#include <stdint.h>
+
+#define MOE_TOKENS_MAGIC "MOETOKNS"
+#define MOE_TOKENS_VERSION 1
+#define MOE_TOKENS_U16 2 /* dtype code: bytes per token */
+#define MOE_BYTE_VOCAB 257 /* 256 bytes + end-of-text */
+#define MOE_BYTE_EOT 256
+
+typedef struct {
+    uint16_t *tokens;    /* [n_tokens] */
+    int64_t n_tokens;
+    int vocab, eot;
+    int64_t n_docs;
+    uint64_t *doc_start; /* [n_docs] token index */
+    uint32_t *doc_source;/* [n_docs] index into sources */
+    int n_sources;
+    char **sources;      /* [n_sources] file names */
+} moe_tokens;
+
+/* Reads and checks a token file: every length, offset and token id. */
+moe_status moe_tokens_load(const char *path, moe_tokens *out);
+void moe_tokens_free(moe_tokens *t);
+
+typedef struct {
+    int64_t train_tokens, val_tokens, train_docs, val_docs;
+    int n_files;
+} moe_prepare_stats;
+
+/* Splits each file into documents (fortune files: lines holding only "%"; other text:
+ * paragraphs separated by blank lines), encodes them as bytes + end-of-text, and writes
+ * out_dir/train.bin and out_dir/val.bin (document d goes to val when a hash of (seed, d) falls
+ * below val_fraction). Files are written atomically. */
+moe_status moe_prepare(const char *const *files, int n_files, const char *out_dir,
+                       double val_fraction, uint64_t seed, moe_prepare_stats *stats);
+
+/* Batch b of B windows of S+1 tokens at offsets drawn from (seed, stream): tokens [B*S] and
+ * targets [B*S] (the next token). Needs n_tokens > S. */
+void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t stream,
+                      int32_t *tokens, int32_t *targets);
+
+/* Writes a file atomically: to path.tmp, fsync, rename over path (nothing existing is lost
+ * if any step fails). */
+moe_status moe_write_atomic(const char *path, const void *const *parts, const size_t *sizes,
+                            int n_parts);
+
+/* mkdir -p */
+moe_status moe_mkdirs(const char *path);
+
+#endif

@@ -1,0 +1,160 @@
+/* The training loop. Batches are a function of (seed, step, micro-batch), so a run is
+ * reproducible bitwise at a fixed thread count and resumable from the step number alone. */
+#include "train/trainer.h"
+
+#include "core/core.h"
+
+#include <math.h>
+#include <string.h>
+
+struct moe_trainer {
+    moe_model *model;
+    moe_train_config cfg;
+    const moe_tokens *train, *val;
+    int S;
+    float *adam_m, *adam_v; /* [n_params] */
+    float *decay;           /* [n_params] weight decay factor per parameter: 1 or 0 */
+    int32_t *tok, *tgt;     /* [micro_batch * S] */
+    int64_t *load;          /* expert counts of the last step, layer after layer */
+    size_t *load_off;       /* [L] offset of layer l in load */
+    int step;
+};
+
+moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
+                              const moe_tokens *train, const moe_tokens *val, moe_trainer **out) {
+    *out = NULL;
+    MOE_TRY(moe_train_config_validate(cfg));
+    const moe_model_config *mc = moe_model_get_config(model);
+    int S = mc->seq_len;
+    if (train->n_tokens <= S || (val && val->n_tokens <= S))
+        return moe_set_error(MOE_ERR_INVALID, "seq-length %d is longer than the data (%lld "
+                             "training and %lld validation tokens)", S, (long long)train->n_tokens,
+                             (long long)(val ? val->n_tokens : 0));
+    if (train->vocab > mc->vocab)
+        return moe_set_error(MOE_ERR_INVALID, "the data's vocabulary (%d) is larger than the "
+                             "model's (%d)", train->vocab, mc->vocab);
+    moe_trainer *t = calloc(1, sizeof *t);
+    if (!t) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the trainer");
+    t->model = model;
+    t->cfg = *cfg;
+    t->train = train;
+    t->val = val;
+    t->S = S;
+    size_t n = moe_model_param_count(model);
+    t->adam_m = moe_alloc(n, sizeof(float));
+    t->adam_v = moe_alloc(n, sizeof(float));
+    t->decay = moe_alloc(n, sizeof(float));
+    t->tok = moe_alloc((size_t)cfg->micro_batch * S, sizeof(int32_t));
+    t->tgt = moe_alloc((size_t)cfg->micro_batch * S, sizeof(int32_t));
+    t->load_off = calloc((size_t)mc->n_layers, sizeof(size_t));
+    size_t n_load = 0;
+    for (int l = 0; l < mc->n_layers && t->load_off; l++) {
+        t->load_off[l] = n_load;
+        n_load += (size_t)moe_model_layer_experts(mc, l);
+    }
+    t->load = moe_alloc(n_load ? n_load : 1, sizeof(int64_t));
+    if (!t->adam_m || !t->adam_v || !t->decay || !t->tok || !t->tgt || !t->load_off || !t->load) {
+        moe_trainer_destroy(t);
+        return moe_set_error(MOE_ERR_NOMEM, "out of memory for the optimizer state");
+    }
+    for (int i = 0; i < moe_model_n_tensors(model); i++) {
+        const moe_tensor_info *ti = moe_model_tensor(model, i);
+        for (size_t j = 0; j < ti->numel; j++) t->decay[ti->offset + j] = ti->no_decay ? 0.0f : 1.0f;
+    }
+    *out = t;
+    return MOE_OK;
+}
+
+void moe_trainer_destroy(moe_trainer *t) {
+    if (!t) return;
+    moe_free(t->adam_m);
+    moe_free(t->adam_v);
+    moe_free(t->decay);
+    moe_free(t->tok);
+    moe_free(t->tgt);
+    moe_free(t->load);
+    free(t->load_off);
+    free(t);
+}
+
+int moe_trainer_steps_done(const moe_trainer *t) { return t->step; }
+
+moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
+    const moe_train_config *c = &t->cfg;
+    moe_model *m = t->model;
+    int B = c->micro_batch, S = t->S, n_micro = c->global_batch / c->micro_batch;
+    moe_model_zero_grads(m);
+    moe_model_args args = moe_model_args_default();
+    args.training = 1;
+    args.step = (uint64_t)t->step;
+    args.loss_scale = 1.0f / (float)n_micro; /* the aux and z losses are scaled alike */
+    moe_step_metrics s = {0};
+    for (int mb = 0; mb < n_micro; mb++) {
+        uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 2, (uint64_t)t->step, (uint64_t)mb);
+        moe_tokens_batch(t->train, B, S, c->seed, stream, t->tok, t->tgt);
+        moe_model_loss L;
+        MOE_TRY(moe_model_forward(m, t->tok, t->tgt, B, S, &args, &L));
+        MOE_TRY(moe_model_backward(m));
+        s.nll += L.nll / n_micro;
+        s.aux += L.aux / n_micro;
+        s.z += L.z / n_micro;
+        s.tokens += (int64_t)B * S;
+    }
+    s.loss = s.nll + s.aux + s.z;
+    size_t n = moe_model_param_count(m);
+    float *p = moe_model_params(m), *g = moe_model_grads(m);
+    double ss = 0;
+    for (size_t i = 0; i < n; i++) ss += (double)g[i] * g[i];
+    s.grad_norm = sqrt(ss);
+    if (!isfinite(s.grad_norm) || !isfinite(s.loss))
+        return moe_set_error(MOE_ERR_STATE, "step %d: the loss or the gradient is not finite "
+                             "(loss %g, gradient norm %g); lower lr", t->step + 1, s.loss,
+                             s.grad_norm);
+    float clip = c->clip_grad > 0 && s.grad_norm > c->clip_grad ? (float)(c->clip_grad / s.grad_norm)
+                                                                : 1.0f;
+    s.lr = moe_train_lr(c, t->step);
+    float lr = (float)s.lr, b1 = c->beta1, b2 = c->beta2, wd = c->weight_decay, eps = c->adam_eps;
+    float bc1 = (float)(1.0 - pow(c->beta1, t->step + 1)), bc2 = (float)(1.0 - pow(c->beta2, t->step + 1));
+    float *am = t->adam_m, *av = t->adam_v, *decay = t->decay;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float gi = g[i] * clip;
+        am[i] = b1 * am[i] + (1 - b1) * gi;
+        av[i] = b2 * av[i] + (1 - b2) * gi * gi;
+        float upd = (am[i] / bc1) / (sqrtf(av[i] / bc2) + eps);
+        p[i] -= lr * (upd + wd * decay[i] * p[i]);
+    }
+    const moe_model_config *mc = moe_model_get_config(m);
+    for (int l = 0; l < mc->n_layers; l++) {
+        moe_layer *ml = moe_model_moe_layer(m, l);
+        if (!ml) continue;
+        memcpy(t->load + t->load_off[l], moe_layer_accum_counts(ml),
+               sizeof(int64_t) * (size_t)moe_model_layer_experts(mc, l));
+        moe_layer_step_end(ml); /* expert-bias update, once per optimizer step */
+    }
+    t->step++;
+    if (out) *out = s;
+    return MOE_OK;
+}
+
+moe_status moe_trainer_eval(moe_trainer *t, double *val_nll) {
+    const moe_tokens *data = t->val ? t->val : t->train;
+    moe_model_args args = moe_model_args_default();
+    args.training = 0;
+    double sum = 0;
+    for (int i = 0; i < t->cfg.eval_iters; i++) {
+        uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 3, (uint64_t)i, 0);
+        moe_tokens_batch(data, t->cfg.micro_batch, t->S, t->cfg.seed, stream, t->tok, t->tgt);
+        moe_model_loss L;
+        MOE_TRY(moe_model_forward(t->model, t->tok, t->tgt, t->cfg.micro_batch, t->S, &args, &L));
+        sum += L.nll;
+    }
+    *val_nll = sum / t->cfg.eval_iters;
+    return MOE_OK;
+}
+
+const int64_t *moe_trainer_layer_load(const moe_trainer *t, int l, int *n_experts) {
+    const moe_model_config *mc = moe_model_get_config(t->model);
+    *n_experts = l >= 0 && l < mc->n_layers ? moe_model_layer_experts(mc, l) : 0;
+    return *n_experts ? t->load + t->load_off[l] : NULL;
+}

@@ -1,0 +1,278 @@
+/* moe prepare and moe train. */
+#define _POSIX_C_SOURCE 200809L
+#include "tools/cli.h"
+
+#include "core/core.h"
+#include "io/data.h"
+#include "io/options.h"
+#include "train/trainer.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define DEFAULT_CORPUS "/usr/share/games/fortunes"
+#define DEFAULT_DATA "data/fortunes"
+
+/* ---------------------------------------------------------------- prepare */
+
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && !strcmp(s + n - m, suffix);
+}
+
+/* Appends path, or the regular files of directory path in name order (fortune index files
+ * *.dat and *.u8 skipped), to the list. */
+static int add_input(const char *path, char ***list, int *n) {
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+        fprintf(stderr, "moe prepare: cannot read %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    char **names = NULL;
+    int k = 0;
+    if (S_ISDIR(sb.st_mode)) {
+        DIR *d = opendir(path);
+        if (!d) {
+            fprintf(stderr, "moe prepare: cannot open %s: %s\n", path, strerror(errno));
+            return -1;
+        }
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            if (e->d_name[0] == '.' || ends_with(e->d_name, ".dat") || ends_with(e->d_name, ".u8"))
+                continue;
+            char full[4096];
+            snprintf(full, sizeof full, "%s/%s", path, e->d_name);
+            struct stat fs;
+            if (lstat(full, &fs) != 0 || !S_ISREG(fs.st_mode)) continue;
+            names = realloc(names, sizeof *names * (size_t)(k + 1));
+            names[k++] = strdup(full);
+        }
+        closedir(d);
+        qsort(names, (size_t)k, sizeof *names, cmp_str);
+    } else {
+        names = malloc(sizeof *names);
+        names[k++] = strdup(path);
+    }
+    *list = realloc(*list, sizeof **list * (size_t)(*n + k));
+    for (int i = 0; i < k; i++) (*list)[(*n)++] = names[i];
+    free(names);
+    return 0;
+}
+
+int moe_cmd_prepare(int argc, char **argv) {
+    const char *out = DEFAULT_DATA;
+    double val_fraction = 0.05;
+    char **files = NULL;
+    int n = 0, rc = 0;
+    for (int a = 0; a < argc && !rc; a++) {
+        if (!strcmp(argv[a], "--out") && a + 1 < argc) {
+            out = argv[++a];
+        } else if (!strcmp(argv[a], "--val-fraction") && a + 1 < argc) {
+            char *end;
+            val_fraction = strtod(argv[++a], &end);
+            if (*end || !(val_fraction >= 0 && val_fraction < 1)) {
+                fprintf(stderr, "moe prepare: --val-fraction must be in [0, 1), got '%s'\n", argv[a]);
+                rc = 2;
+            }
+        } else if (!strncmp(argv[a], "--", 2)) {
+            fprintf(stderr, "moe prepare: unknown option %s (options: --out DIR, --val-fraction F)\n",
+                    argv[a]);
+            rc = 2;
+        } else if (add_input(argv[a], &files, &n)) {
+            rc = 1;
+        }
+    }
+    if (!rc && n == 0 && add_input(DEFAULT_CORPUS, &files, &n)) {
+        fprintf(stderr, "moe prepare: no input files, and the default corpus is missing "
+                        "(apt-get install fortunes)\n");
+        rc = 1;
+    }
+    moe_prepare_stats st;
+    if (!rc && moe_prepare((const char *const *)files, n, out, val_fraction, 1234, &st) != MOE_OK) {
+        fprintf(stderr, "moe prepare: %s\n", moe_last_error());
+        rc = 1;
+    }
+    if (!rc)
+        printf("prepared %d files: %lld documents, %lld tokens for training; %lld documents, "
+               "%lld tokens for validation; in %s/{train,val}.bin\n", st.n_files,
+               (long long)st.train_docs, (long long)st.train_tokens, (long long)st.val_docs,
+               (long long)st.val_tokens, out);
+    for (int i = 0; i < n; i++) free(files[i]);
+    free(files);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ train */
+
+/* Samples n_new bytes after the prompt, recomputing the window of the last seq_len tokens
+ * for each (no cache yet). */
+static void sample_text(moe_model *m, const char *prompt, int n_new, float temperature,
+                        uint64_t seed, FILE *f) {
+    const moe_model_config *c = moe_model_get_config(m);
+    int cap = (int)strlen(prompt) + n_new + 1, n = 0;
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
+    double *prob = malloc(sizeof(double) * (size_t)c->vocab);
+    for (const char *p = prompt; *p; p++) ids[n++] = (unsigned char)*p;
+    fputs(prompt, f);
+    moe_model_args args = moe_model_args_default();
+    args.training = 0;
+    for (int i = 0; i < n_new; i++) {
+        int start = n > c->seq_len ? n - c->seq_len : 0, S = n - start;
+        if (moe_model_forward(m, ids + start, NULL, 1, S, &args, NULL) != MOE_OK) break;
+        const float *lg = moe_model_logits(m) + (size_t)(S - 1) * c->vocab;
+        double mx = -INFINITY, sum = 0;
+        for (int v = 0; v < c->vocab; v++) mx = fmax(mx, lg[v]);
+        for (int v = 0; v < c->vocab; v++) sum += prob[v] = exp((lg[v] - mx) / temperature);
+        double u = moe_rng_uniform64(seed, moe_rng_stream(MOE_RNG_SAMPLE, 0, 0, 0), (uint64_t)i) * sum;
+        int next = c->vocab - 1;
+        for (int v = 0; v < c->vocab; v++) {
+            u -= prob[v];
+            if (u < 0) {
+                next = v;
+                break;
+            }
+        }
+        if (next == MOE_BYTE_EOT) break;
+        ids[n++] = next;
+        fputc(next, f);
+    }
+    fputc('\n', f);
+    free(ids);
+    free(prob);
+}
+
+static void format_eta(char *buf, size_t cap, double s) {
+    if (s < 60) snprintf(buf, cap, "%.0fs", s);
+    else if (s < 3600) snprintf(buf, cap, "%dm%02ds", (int)(s / 60), (int)s % 60);
+    else snprintf(buf, cap, "%dh%02dm", (int)(s / 3600), (int)(s / 60) % 60);
+}
+
+/* max / mean expert load over the MoE layers of the last step (1 = perfectly balanced). */
+static double load_imbalance(const moe_trainer *t, int n_layers) {
+    double worst = 0;
+    for (int l = 0; l < n_layers; l++) {
+        int E;
+        const int64_t *c = moe_trainer_layer_load(t, l, &E);
+        if (!c) continue;
+        double sum = 0, mx = 0;
+        for (int e = 0; e < E; e++) {
+            sum += (double)c[e];
+            mx = fmax(mx, (double)c[e]);
+        }
+        if (sum > 0) worst = fmax(worst, mx / (sum / E));
+    }
+    return worst;
+}
+
+static void write_metrics(FILE *f, int step, const moe_step_metrics *s, double tok_s,
+                          const moe_trainer *t, int n_layers, double val) {
+    fprintf(f, "{\"step\":%d,\"loss\":%.6f,\"nll\":%.6f,\"aux\":%.6g,\"z\":%.6g,\"lr\":%.6g,"
+               "\"grad_norm\":%.6g,\"tokens_per_s\":%.1f",
+            step, s->loss, s->nll, s->aux, s->z, s->lr, s->grad_norm, tok_s);
+    if (val >= 0) fprintf(f, ",\"val_nll\":%.6f", val);
+    fprintf(f, ",\"expert_load\":[");
+    for (int l = 0, first = 1; l < n_layers; l++) {
+        int E;
+        const int64_t *c = moe_trainer_layer_load(t, l, &E);
+        if (!c) continue;
+        fprintf(f, "%s{\"layer\":%d,\"counts\":[", first ? "" : ",", l);
+        for (int e = 0; e < E; e++) fprintf(f, "%s%lld", e ? "," : "", (long long)c[e]);
+        fprintf(f, "]}");
+        first = 0;
+    }
+    fprintf(f, "]}\n");
+    fflush(f);
+}
+
+int moe_cmd_train(int argc, char **argv) {
+    moe_options o;
+    moe_options_default(&o);
+    if (moe_options_parse_args(&o, argc, argv) != MOE_OK ||
+        moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN) != MOE_OK) {
+        fprintf(stderr, "moe train: %s\n", moe_last_error());
+        return 2;
+    }
+    if (o.print_config) {
+        moe_options_write(stdout, &o);
+        return 0;
+    }
+    if (o.threads > 0) omp_set_num_threads(o.threads);
+    const char *data = o.data_path[0] ? o.data_path : DEFAULT_DATA;
+    char path[MOE_PATH_MAX + 16];
+    moe_tokens train = {0}, val = {0};
+    moe_model *m = NULL;
+    moe_trainer *t = NULL;
+    FILE *metrics = NULL;
+    int rc = 1;
+    snprintf(path, sizeof path, "%s/train.bin", data);
+    if (moe_tokens_load(path, &train) != MOE_OK) goto fail;
+    snprintf(path, sizeof path, "%s/val.bin", data);
+    if (moe_tokens_load(path, &val) != MOE_OK) goto fail;
+    if (moe_model_create(&o.model, o.train.micro_batch * o.model.seq_len, &m) != MOE_OK) goto fail;
+    moe_model_init_params(m, o.layer.seed);
+    if (moe_trainer_create(m, &o.train, &train, val.n_tokens ? &val : NULL, &t) != MOE_OK) goto fail;
+    if (o.save[0]) {
+        if (moe_mkdirs(o.save) != MOE_OK) goto fail;
+        snprintf(path, sizeof path, "%s/metrics.jsonl", o.save);
+        if (!(metrics = fopen(path, "w"))) {
+            moe_set_error(MOE_ERR_IO, "cannot write %s: %s", path, strerror(errno));
+            goto fail;
+        }
+    }
+    const moe_model_config *mc = &o.model;
+    int n_moe = 0;
+    for (int l = 0; l < mc->n_layers; l++) n_moe += moe_model_layer_experts(mc, l) > 0;
+    printf("moe train: %d layers (%d MoE), d=%d, %zu parameters, %lld training tokens, "
+           "%d threads\n", mc->n_layers, n_moe, mc->d, moe_model_param_count(m),
+           (long long)train.n_tokens, omp_get_max_threads());
+    double t_start = moe_time_now(), tokens_done = 0, val_nll = -1;
+    int total = o.train.train_iters;
+    for (int step = 1; step <= total; step++) {
+        moe_step_metrics s;
+        double t0 = moe_time_now();
+        if (moe_trainer_step(t, &s) != MOE_OK) goto fail;
+        double dt = moe_time_now() - t0;
+        tokens_done += (double)s.tokens;
+        double elapsed = moe_time_now() - t_start, tok_s = (double)s.tokens / dt;
+        double val = -1;
+        if ((o.train.eval_interval && step % o.train.eval_interval == 0) || step == total) {
+            if (moe_trainer_eval(t, &val) != MOE_OK) goto fail;
+            val_nll = val;
+        }
+        if (step % o.log_interval == 0 || step == total || step == 1) {
+            char eta[32];
+            format_eta(eta, sizeof eta, elapsed / step * (total - step));
+            printf("step %d/%d | loss %.4f | nll %.4f aux %.4g z %.4g | lr %.2e | gnorm %.3f | "
+                   "load max/mean %.2f | %.0f tok/s | eta %s\n", step, total, s.loss, s.nll,
+                   s.aux, s.z, s.lr, s.grad_norm, load_imbalance(t, mc->n_layers), tok_s, eta);
+        }
+        if (val >= 0)
+            printf("eval step %d | val nll %.4f nats/byte (%.3f bits/byte)\n", step, val,
+                   val / log(2.0));
+        if (metrics) write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val);
+        fflush(stdout);
+    }
+    printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/byte\n", total,
+           moe_time_now() - t_start, tokens_done / (moe_time_now() - t_start), val_nll);
+    printf("sample:\n");
+    sample_text(m, "The ", 200, 0.8f, o.layer.seed, stdout);
+    rc = 0;
+fail:
+    if (rc) fprintf(stderr, "moe train: %s\n", moe_last_error());
+    if (metrics) fclose(metrics);
+    moe_trainer_destroy(t);
+    moe_model_destroy(m);
+    moe_tokens_free(&train);
+    moe_tokens_free(&val);
+    return rc;
+}
