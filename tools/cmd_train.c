@@ -8,6 +8,7 @@
 #include "train/trainer.h"
 
 #include <dirent.h>
+#include <signal.h>
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
@@ -176,10 +177,10 @@ static double load_imbalance(const moe_trainer *t, int n_layers) {
 
 static void write_metrics(FILE *f, int step, const moe_step_metrics *s, double tok_s,
                           const moe_trainer *t, int n_layers, double val) {
-    fprintf(f, "{\"step\":%d,\"loss\":%.6f,\"nll\":%.6f,\"aux\":%.6g,\"z\":%.6g,\"lr\":%.6g,"
-               "\"grad_norm\":%.6g,\"tokens_per_s\":%.1f",
+    fprintf(f, "{\"step\":%d,\"loss\":%.17g,\"nll\":%.17g,\"aux\":%.17g,\"z\":%.17g,\"lr\":%.9g,"
+               "\"grad_norm\":%.17g,\"tokens_per_s\":%.1f",
             step, s->loss, s->nll, s->aux, s->z, s->lr, s->grad_norm, tok_s);
-    if (val >= 0) fprintf(f, ",\"val_nll\":%.6f", val);
+    if (val >= 0) fprintf(f, ",\"val_nll\":%.17g", val);
     fprintf(f, ",\"expert_load\":[");
     for (int l = 0, first = 1; l < n_layers; l++) {
         int E;
@@ -194,13 +195,44 @@ static void write_metrics(FILE *f, int step, const moe_step_metrics *s, double t
     fflush(f);
 }
 
+static volatile sig_atomic_t stop_requested;
+static void on_signal(int sig) { stop_requested = sig; }
+
+/* Options: with --load, the checkpoint's options first, then the command line's flags. */
+static int train_options(moe_options *o, int argc, char **argv, char *ckpt, size_t cap) {
+    moe_options_default(o);
+    ckpt[0] = '\0';
+    if (moe_options_parse_args(o, argc, argv) != MOE_OK) return 2;
+    if (o->load[0]) {
+        char *text = NULL;
+        if (moe_checkpoint_resolve(o->load, ckpt, cap) != MOE_OK ||
+            moe_checkpoint_config(ckpt, &text) != MOE_OK)
+            return 1;
+        moe_options_default(o);
+        moe_status st = moe_options_load_text(o, text, ckpt);
+        free(text);
+        if (st != MOE_OK) return 1;
+        if (moe_options_parse_args(o, argc, argv) != MOE_OK) return 2;
+    }
+    return moe_options_finish(o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN) != MOE_OK ? 2 : 0;
+}
+
+static int save_checkpoint(const moe_options *o, moe_model *m, moe_trainer *t) {
+    char *text = moe_options_to_text(o);
+    moe_status st = text ? moe_checkpoint_save(o->save, o->keep_last, text, m, t) : MOE_ERR_NOMEM;
+    free(text);
+    if (st == MOE_OK)
+        printf("saved checkpoint %s/step-%08d\n", o->save, moe_trainer_steps_done(t));
+    return st == MOE_OK ? 0 : -1;
+}
+
 int moe_cmd_train(int argc, char **argv) {
     moe_options o;
-    moe_options_default(&o);
-    if (moe_options_parse_args(&o, argc, argv) != MOE_OK ||
-        moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN) != MOE_OK) {
+    char ckpt[MOE_PATH_MAX + 64];
+    int orc = train_options(&o, argc, argv, ckpt, sizeof ckpt);
+    if (orc) {
         fprintf(stderr, "moe train: %s\n", moe_last_error());
-        return 2;
+        return orc;
     }
     if (o.print_config) {
         moe_options_write(stdout, &o);
@@ -218,13 +250,18 @@ int moe_cmd_train(int argc, char **argv) {
     if (moe_tokens_load(path, &train) != MOE_OK) goto fail;
     snprintf(path, sizeof path, "%s/val.bin", data);
     if (moe_tokens_load(path, &val) != MOE_OK) goto fail;
+    if (moe_trainer_check_data(&o.model, &train, val.n_tokens ? &val : NULL) != MOE_OK) goto fail;
     if (moe_model_create(&o.model, o.train.micro_batch * o.model.seq_len, &m) != MOE_OK) goto fail;
     moe_model_init_params(m, o.layer.seed);
     if (moe_trainer_create(m, &o.train, &train, val.n_tokens ? &val : NULL, &t) != MOE_OK) goto fail;
+    if (ckpt[0]) {
+        if (moe_checkpoint_load(ckpt, m, t) != MOE_OK) goto fail;
+        printf("resumed from %s at step %d\n", ckpt, moe_trainer_steps_done(t));
+    }
     if (o.save[0]) {
         if (moe_mkdirs(o.save) != MOE_OK) goto fail;
         snprintf(path, sizeof path, "%s/metrics.jsonl", o.save);
-        if (!(metrics = fopen(path, "w"))) {
+        if (!(metrics = fopen(path, ckpt[0] ? "a" : "w"))) {
             moe_set_error(MOE_ERR_IO, "cannot write %s: %s", path, strerror(errno));
             goto fail;
         }
@@ -236,8 +273,11 @@ int moe_cmd_train(int argc, char **argv) {
            "%d threads\n", mc->n_layers, n_moe, mc->d, moe_model_param_count(m),
            (long long)train.n_tokens, omp_get_max_threads());
     double t_start = moe_time_now(), tokens_done = 0, val_nll = -1;
-    int total = o.train.train_iters;
-    for (int step = 1; step <= total; step++) {
+    int total = o.train.train_iters, first = moe_trainer_steps_done(t) + 1;
+    stop_requested = 0;
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    for (int step = first; step <= total; step++) {
         moe_step_metrics s;
         double t0 = moe_time_now();
         if (moe_trainer_step(t, &s) != MOE_OK) goto fail;
@@ -251,7 +291,7 @@ int moe_cmd_train(int argc, char **argv) {
         }
         if (step % o.log_interval == 0 || step == total || step == 1) {
             char eta[32];
-            format_eta(eta, sizeof eta, elapsed / step * (total - step));
+            format_eta(eta, sizeof eta, elapsed / (step - first + 1) * (total - step));
             printf("step %d/%d | loss %.4f | nll %.4f aux %.4g z %.4g | lr %.2e | gnorm %.3f | "
                    "load max/mean %.2f | %.0f tok/s | eta %s\n", step, total, s.loss, s.nll,
                    s.aux, s.z, s.lr, s.grad_norm, load_imbalance(t, mc->n_layers), tok_s, eta);
@@ -260,14 +300,33 @@ int moe_cmd_train(int argc, char **argv) {
             printf("eval step %d | val nll %.4f nats/byte (%.3f bits/byte)\n", step, val,
                    val / log(2.0));
         if (metrics) write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val);
+        int exit_now = o.exit_interval && step % o.exit_interval == 0 && step < total;
+        int save_now = (o.save_interval && step % o.save_interval == 0) || exit_now;
+        if (o.save[0] && (save_now || step == total || stop_requested) &&
+            save_checkpoint(&o, m, t))
+            goto fail;
         fflush(stdout);
+        if (exit_now) {
+            printf("exit-interval: stopping after step %d\n", step);
+            rc = 0;
+            goto fail;
+        }
+        if (stop_requested) {
+            printf("stopped by signal %d after step %d%s\n", (int)stop_requested, step,
+                   o.save[0] ? "" : " (no --save: nothing saved)");
+            rc = 0;
+            goto fail;
+        }
     }
-    printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/byte\n", total,
+    if (first > total) printf("nothing to do: the checkpoint is at step %d of %d\n", first - 1, total);
+    printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/byte\n", total - first + 1,
            moe_time_now() - t_start, tokens_done / (moe_time_now() - t_start), val_nll);
     printf("sample:\n");
     sample_text(m, "The ", 200, 0.8f, o.layer.seed, stdout);
     rc = 0;
 fail:
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
     if (rc) fprintf(stderr, "moe train: %s\n", moe_last_error());
     if (metrics) fclose(metrics);
     moe_trainer_destroy(t);

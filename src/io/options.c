@@ -216,6 +216,8 @@ static const opt_def opts[] = {
     {"save-interval", NULL, OPT_INT, O(save_interval), 0, BIG, NULL, FILES,
      "steps between checkpoints (0 = only at the end)", 0},
     {"keep-last", NULL, OPT_INT, O(keep_last), 1, BIG, NULL, FILES, "checkpoints kept", 0},
+    {"exit-interval", NULL, OPT_INT, O(exit_interval), 0, BIG, NULL, FILES,
+     "stop (with a checkpoint) when the step is a multiple of this (0 = never)", 1},
     {"log-interval", NULL, OPT_INT, O(log_interval), 1, BIG, NULL, FILES,
      "steps between progress lines", 0},
 
@@ -492,9 +494,8 @@ static void cut_comment(char *line) {
     }
 }
 
-moe_status moe_options_load_file(moe_options *o, const char *path) {
-    FILE *f = fopen(path, "r");
-    if (!f) return moe_set_error(MOE_ERR_IO, "cannot open config file %s: %s", path, strerror(errno));
+/* Reads 'key = value' lines from f; `path` names the source in messages. */
+static moe_status load_stream(moe_options *o, FILE *f, const char *path) {
     char *line = NULL, where[600];
     size_t cap = 0;
     moe_status st = MOE_OK;
@@ -531,8 +532,33 @@ moe_status moe_options_load_file(moe_options *o, const char *path) {
     if (st == MOE_OK && ferror(f))
         st = moe_set_error(MOE_ERR_IO, "error reading config file %s", path);
     free(line);
+    return st;
+}
+
+moe_status moe_options_load_file(moe_options *o, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return moe_set_error(MOE_ERR_IO, "cannot open config file %s: %s", path, strerror(errno));
+    moe_status st = load_stream(o, f, path);
     fclose(f);
     return st;
+}
+
+moe_status moe_options_load_text(moe_options *o, const char *text, const char *where) {
+    FILE *f = fmemopen((void *)text, strlen(text), "r");
+    if (!f) return moe_set_error(MOE_ERR_NOMEM, "cannot read the options of %s", where);
+    moe_status st = load_stream(o, f, where);
+    fclose(f);
+    return st;
+}
+
+char *moe_options_to_text(const moe_options *o) {
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) return NULL;
+    moe_options_write(f, o);
+    fclose(f);
+    return text;
 }
 
 /* ------------------------------------------------------------------- argv */

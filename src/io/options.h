@@ -28,7 +28,7 @@ typedef struct {
     char data_path[MOE_PATH_MAX];
     char save[MOE_PATH_MAX];
     char load[MOE_PATH_MAX];
-    int save_interval, keep_last, log_interval;
+    int save_interval, keep_last, log_interval, exit_interval;
 
     int lb_choice; /* moe-router-load-balancing-type: a moe_lb_type or MOE_LB_CHOICE_SINKHORN */
     int force_lb;  /* moe-router-force-load-balancing: the fake balanced gate */
@@ -51,6 +51,9 @@ moe_status moe_options_set(moe_options *o, const char *key, const char *value, c
 /* Reads `key = value` lines ('#' starts a comment). */
 moe_status moe_options_load_file(moe_options *o, const char *path);
 
+/* The same from text (checkpoint metadata); `where` names it in messages. */
+moe_status moe_options_load_text(moe_options *o, const char *text, const char *where);
+
 /* Parses argv[0..argc): `--config FILE` is applied first wherever it appears, then every
  * other `--name value` / `--name=value` / boolean `--name` in order. Positional arguments
  * are errors. */
@@ -65,6 +68,9 @@ moe_status moe_options_finish(moe_options *o, int parts);
 
 /* Writes every option as `name = value`, in a form moe_options_load_file reads back exactly. */
 void moe_options_write(FILE *f, const moe_options *o);
+
+/* moe_options_write into a malloc'ed string (NULL if out of memory). */
+char *moe_options_to_text(const moe_options *o);
 
 /* Help text: every option with its argument, aliases, choices, default and description. */
 void moe_options_help(FILE *f);

@@ -20,19 +20,26 @@ struct moe_trainer {
     int step;
 };
 
+moe_status moe_trainer_check_data(const moe_model_config *mc, const moe_tokens *train,
+                                  const moe_tokens *val) {
+    int S = mc->seq_len;
+    if (train->n_tokens <= S || (val && val->n_tokens <= S))
+        return moe_set_error(MOE_ERR_INVALID, "seq-length %d is longer than the data (%lld "
+                             "training and %lld validation tokens)", S, (long long)train->n_tokens,
+                             (long long)(val ? val->n_tokens : 0));
+    if (train->vocab > mc->vocab || (val && val->vocab > mc->vocab))
+        return moe_set_error(MOE_ERR_INVALID, "the data's vocabulary (%d) is larger than the "
+                             "model's (%d)", train->vocab, mc->vocab);
+    return MOE_OK;
+}
+
 moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
                               const moe_tokens *train, const moe_tokens *val, moe_trainer **out) {
     *out = NULL;
     MOE_TRY(moe_train_config_validate(cfg));
     const moe_model_config *mc = moe_model_get_config(model);
     int S = mc->seq_len;
-    if (train->n_tokens <= S || (val && val->n_tokens <= S))
-        return moe_set_error(MOE_ERR_INVALID, "seq-length %d is longer than the data (%lld "
-                             "training and %lld validation tokens)", S, (long long)train->n_tokens,
-                             (long long)(val ? val->n_tokens : 0));
-    if (train->vocab > mc->vocab)
-        return moe_set_error(MOE_ERR_INVALID, "the data's vocabulary (%d) is larger than the "
-                             "model's (%d)", train->vocab, mc->vocab);
+    MOE_TRY(moe_trainer_check_data(mc, train, val));
     moe_trainer *t = calloc(1, sizeof *t);
     if (!t) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the trainer");
     t->model = model;
@@ -158,3 +165,8 @@ const int64_t *moe_trainer_layer_load(const moe_trainer *t, int l, int *n_expert
     *n_experts = l >= 0 && l < mc->n_layers ? moe_model_layer_experts(mc, l) : 0;
     return *n_experts ? t->load + t->load_off[l] : NULL;
 }
+
+float *moe_trainer_adam_m(moe_trainer *t) { return t->adam_m; }
+float *moe_trainer_adam_v(moe_trainer *t) { return t->adam_v; }
+void moe_trainer_set_step(moe_trainer *t, int step) { t->step = step; }
+const moe_train_config *moe_trainer_config(const moe_trainer *t) { return &t->cfg; }

@@ -16,6 +16,9 @@ typedef struct {
 
 typedef struct moe_trainer moe_trainer;
 
+/* Checks that the data fits the model: sequences shorter than the data, same vocabulary. */
+moe_status moe_trainer_check_data(const moe_model_config *mc, const moe_tokens *train,
+                                  const moe_tokens *val);
 /* The trainer uses (does not own) the model and the data. */
 moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
                               const moe_tokens *train, const moe_tokens *val, moe_trainer **out);
@@ -28,5 +31,28 @@ int moe_trainer_steps_done(const moe_trainer *t);
 /* Tokens each expert of layer l received in the last step (router choices before capacity,
  * summed over the micro-batches); NULL and 0 experts for a dense layer. */
 const int64_t *moe_trainer_layer_load(const moe_trainer *t, int l, int *n_experts);
+
+/* ---- checkpoints (checkpoint.c) ----
+ * A checkpoint is a directory SAVE/step-NNNNNNNN holding model.safetensors (the parameters
+ * under their Hugging Face-style names; the options as text in __metadata__ "moe.config")
+ * and trainer.safetensors (Adam moments, expert biases; step and seed in the metadata).
+ * SAVE/latest names the newest one. */
+
+/* Saves the state after moe_trainer_steps_done() steps; keeps the newest keep_last. */
+moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *config_text,
+                               moe_model *m, moe_trainer *t);
+/* Resolves DIR (a run directory with "latest", or a checkpoint directory) to a checkpoint
+ * directory. */
+moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap);
+/* The options text stored in a checkpoint (malloc'ed). */
+moe_status moe_checkpoint_config(const char *ckpt, char **config_text);
+/* Loads parameters (by name, shapes checked) and, if t is not NULL, the trainer state. */
+moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t);
+
+/* Trainer state for checkpoints. */
+float *moe_trainer_adam_m(moe_trainer *t); /* [n_params] */
+float *moe_trainer_adam_v(moe_trainer *t); /* [n_params] */
+void moe_trainer_set_step(moe_trainer *t, int step);
+const moe_train_config *moe_trainer_config(const moe_trainer *t);
 
 #endif

@@ -1,0 +1,58 @@
+#!/bin/sh
+# End to end: prepare a small corpus, train a tiny MoE model, resume bitwise, and bad input
+# (corrupt checkpoint, truncated token file, too long sequences, unwritable directory).
+moe=$1; src=$2
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+expect() { # expect CODE command...: runs it, checks the exit code; output in $tmp/out
+  code=$1; shift
+  "$@" >"$tmp/out" 2>&1; rc=$?
+  [ "$rc" = "$code" ] || { tail -20 "$tmp/out"; fail "'$*' exited $rc, expected $code"; }
+}
+expect 0 "$moe" prepare --out "$tmp/data" --val-fraction 0.2 "$src/README.md" "$src/docs" "$src/include"
+grep -q "prepared" "$tmp/out" || fail "prepare output"
+tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
+  --moe-router-topk 2 --moe-ffn-hidden-size 24 --ffn-hidden-size 32 --first-k-dense 1
+  --seq-length 32 --micro-batch-size 4 --global-batch-size 8 --eval-interval 5 --eval-iters 2
+  --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 --moe-router-score-function sigmoid
+  --moe-router-enable-expert-bias --moe-shared-expert-intermediate-size 16
+  --lr-warmup-iters 3 --train-iters 12 --data-path $tmp/data"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --save "$tmp/a" --save-interval 4 --keep-last 2
+grep -q "step 12/12" "$tmp/out" && grep -q "sample:" "$tmp/out" || fail "train output"
+[ "$(ls -d "$tmp"/a/step-* | wc -l)" = 2 ] || fail "keep-last 2: $(ls "$tmp/a")"
+[ "$(cat "$tmp/a/latest")" = "step-00000012" ] || fail "latest: $(cat "$tmp/a/latest")"
+[ "$(wc -l <"$tmp/a/metrics.jsonl")" = 12 ] || fail "metrics.jsonl lines"
+# stop at step 6, resume to 12: the same losses, bitwise, and the same optimizer state
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --save "$tmp/b" --exit-interval 6
+grep -q "stopping after step 6" "$tmp/out" || fail "exit-interval"
+expect 0 "$moe" train --load "$tmp/b" --save "$tmp/b"
+grep -q "resumed from .*step-00000006 at step 6" "$tmp/out" || fail "resume message: $(head -3 "$tmp/out")"
+strip() { sed 's/,"tokens_per_s":[0-9.]*//' "$1"; }
+strip "$tmp/a/metrics.jsonl" >"$tmp/a.m"; strip "$tmp/b/metrics.jsonl" >"$tmp/b.m"
+cmp -s "$tmp/a.m" "$tmp/b.m" || { diff "$tmp/a.m" "$tmp/b.m" | head -5; fail "resumed losses differ"; }
+cmp -s "$tmp/a/step-00000012/trainer.safetensors" "$tmp/b/step-00000012/trainer.safetensors" \
+  || fail "resumed optimizer state differs"
+# bad input: one clear line, non-zero exit, nothing saved is lost
+cp -r "$tmp/a/step-00000012" "$tmp/keep"
+head -c 3000 "$tmp/a/step-00000012/model.safetensors" >"$tmp/trunc.st"
+cp "$tmp/trunc.st" "$tmp/a/step-00000012/model.safetensors"
+expect 1 "$moe" train --load "$tmp/a"
+grep -q "exceeds the file\|do not fit" "$tmp/out" || fail "truncated checkpoint message: $(cat "$tmp/out")"
+cp "$tmp/keep/model.safetensors" "$tmp/a/step-00000012/model.safetensors"
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --load "$tmp/a" --moe-ffn-hidden-size 16
+grep -q "has shape" "$tmp/out" || fail "shape mismatch message: $(cat "$tmp/out")"
+cmp -s "$tmp/keep/model.safetensors" "$tmp/a/step-00000012/model.safetensors" || fail "checkpoint changed"
+head -c 1000 "$tmp/data/train.bin" >"$tmp/data/short.bin"; mkdir "$tmp/bad"; cp "$tmp/data/short.bin" "$tmp/bad/train.bin"; cp "$tmp/data/val.bin" "$tmp/bad/val.bin"
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --data-path "$tmp/bad"
+grep -q "truncated" "$tmp/out" || fail "truncated token file message: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --seq-length 100000
+grep -q "longer than the data" "$tmp/out" || fail "sequence length message: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --save /proc/moe-cannot-write
+grep -q "cannot create" "$tmp/out" || fail "unwritable directory message: $(cat "$tmp/out")"
+echo "train ok"
