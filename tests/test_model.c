@@ -1,0 +1,267 @@
+/* The MoE transformer: against an independent PyTorch float64 implementation
+ * (tests/torch_model.py: logits, losses, every gradient, and float64 finite differences),
+ * memorising a tiny batch, gradient scaling for accumulation, determinism, bad input. */
+#define _POSIX_C_SOURCE 200809L
+#include "io/safetensors.h"
+#include "test_util.h"
+#include "train/trainer.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#ifndef MOE_TEST_SOURCE_DIR
+#define MOE_TEST_SOURCE_DIR "tests"
+#endif
+
+static moe_model_config tiny_config(void) {
+    moe_model_config c = moe_model_config_default();
+    c.vocab = 19;
+    c.d = 16;
+    c.n_layers = 3;
+    c.n_heads = 4;
+    c.n_kv_heads = 2; /* grouped-query attention */
+    c.ffn = 20;
+    c.seq_len = 7;
+    c.first_k_dense = 1; /* layer 0 dense, layers 1 and 2 MoE */
+    c.init_std = 0.3f;
+    c.moe.n_experts = 4;
+    c.moe.topk = 2;
+    c.moe.ffn = 12;
+    c.moe.shared_ffn = 10;
+    c.moe.aux_coeff = 0.1f;
+    c.moe.z_coeff = 0.01f;
+    return c;
+}
+
+static void fill_batch(int32_t *tok, int32_t *tgt, int n, int V, uint64_t seed) {
+    for (int i = 0; i < n; i++) {
+        tok[i] = (int32_t)(moe_rng_u64(seed, 11, (uint64_t)i) % (uint64_t)V);
+        tgt[i] = (int32_t)(moe_rng_u64(seed, 12, (uint64_t)i) % (uint64_t)V);
+    }
+}
+
+/* Random parameters (norm weights around 1) so that every path carries signal. */
+static void random_params(moe_model *m, uint64_t seed) {
+    moe_model_init_params(m, seed);
+    float *p = moe_model_params(m);
+    for (int i = 0; i < moe_model_n_tensors(m); i++) {
+        const moe_tensor_info *t = moe_model_tensor(m, i);
+        if (strstr(t->name, "norm.weight"))
+            tu_fill(p + t->offset, t->numel, seed, 100 + (uint64_t)i, 0.7f, 1.3f);
+    }
+}
+
+static void test_against_torch(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = tiny_config();
+    int B = 2, S = 7, T = B * S;
+    moe_model *m;
+    assert_int_equal(moe_model_create(&c, T, &m), MOE_OK);
+    random_params(m, seed);
+    int32_t tok[14], tgt[14];
+    fill_batch(tok, tgt, T, c.vocab, seed);
+    tgt[5] = -1; /* ignored target */
+    moe_model_args args = moe_model_args_default();
+    args.loss_scale = 0.5f;
+    moe_model_loss L;
+    moe_model_zero_grads(m);
+    assert_int_equal(moe_model_forward(m, tok, tgt, B, S, &args, &L), MOE_OK);
+    assert_int_equal(moe_model_backward(m), MOE_OK);
+    assert_int_equal(L.n_targets, T - 1);
+
+    /* Everything goes to one safetensors file: parameters, gradients, inputs, outputs. */
+    int n = moe_model_n_tensors(m), k = 0;
+    moe_st_entry *e = calloc((size_t)(2 * n + 16), sizeof *e);
+    char (*names)[128] = calloc((size_t)n, sizeof *names);
+    const float *p = moe_model_params(m), *g = moe_model_grads(m);
+    for (int i = 0; i < n; i++) {
+        const moe_tensor_info *t = moe_model_tensor(m, i);
+        e[k] = (moe_st_entry){t->name, MOE_DT_F32, t->ndim, {0}, p + t->offset};
+        memcpy(e[k++].shape, t->shape, sizeof t->shape);
+        snprintf(names[i], sizeof names[i], "grad.%s", t->name);
+        e[k] = (moe_st_entry){names[i], MOE_DT_F32, t->ndim, {0}, g + t->offset};
+        memcpy(e[k++].shape, t->shape, sizeof t->shape);
+    }
+    int64_t tok64[14], tgt64[14], route[2][14 * 2];
+    for (int i = 0; i < T; i++) tok64[i] = tok[i], tgt64[i] = tgt[i];
+    double nll = L.nll, aux = L.aux, z = L.z;
+    e[k++] = (moe_st_entry){"in.tokens", MOE_DT_I64, 2, {B, S}, tok64};
+    e[k++] = (moe_st_entry){"in.targets", MOE_DT_I64, 2, {B, S}, tgt64};
+    e[k++] = (moe_st_entry){"out.logits", MOE_DT_F32, 2, {T, c.vocab}, moe_model_logits(m)};
+    e[k++] = (moe_st_entry){"out.nll", MOE_DT_F64, 1, {1}, &nll};
+    e[k++] = (moe_st_entry){"out.aux", MOE_DT_F64, 1, {1}, &aux};
+    e[k++] = (moe_st_entry){"out.z", MOE_DT_F64, 1, {1}, &z};
+    for (int l = 1; l < 3; l++) {
+        const moe_routing *r = moe_layer_get_routing(moe_model_moe_layer(m, l));
+        for (int s = 0; s < r->n_slots; s++) route[l - 1][s] = r->expert[s];
+        e[k++] = (moe_st_entry){l == 1 ? "out.routing.0" : "out.routing.1", MOE_DT_I64, 1,
+                                {r->n_slots}, route[l - 1]};
+    }
+    char config[512], seedtxt[32];
+    snprintf(config, sizeof config,
+             "{\"d\":%d,\"n_heads\":%d,\"n_kv_heads\":%d,\"n_layers\":%d,\"eps\":%.9g,"
+             "\"theta\":%.9g,\"n_experts\":%d,\"topk\":%d,\"shared_ffn\":%d,\"aux_coeff\":%.9g,"
+             "\"z_coeff\":%.9g,\"moe_layers\":[0,1,1],\"tied\":%d,\"loss_scale\":%.9g}",
+             c.d, c.n_heads, c.n_kv_heads, c.n_layers, c.norm_eps, c.rope_theta, c.moe.n_experts,
+             c.moe.topk, c.moe.shared_ffn, c.moe.aux_coeff, c.moe.z_coeff, c.tie_embeddings,
+             args.loss_scale);
+    snprintf(seedtxt, sizeof seedtxt, "%llu", (unsigned long long)(seed % 1000000007));
+    const char *keys[] = {"config", "seed"}, *vals[] = {config, seedtxt};
+    char path[] = "/tmp/moe_test_model_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    assert_int_equal(moe_st_write(path, e, k, keys, vals, 2), MOE_OK);
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "/usr/bin/python3 %s/torch_model.py %s", MOE_TEST_SOURCE_DIR, path);
+    int rc = system(cmd);
+    unlink(path);
+    free(e);
+    free(names);
+    moe_model_destroy(m);
+    if (rc != 0) fail_msg("the PyTorch reference disagrees (or python3-torch is missing): %d", rc);
+}
+
+/* A training step with loss_scale s gives s times the gradients of loss_scale 1, the aux and
+ * z-loss terms included (gradient accumulation must not over-weight them). */
+static void test_loss_scale(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = tiny_config();
+    c.moe.aux_coeff = 0.5f; /* large, so that an unscaled aux gradient would show */
+    int B = 2, S = 7, T = B * S;
+    moe_model *m;
+    assert_int_equal(moe_model_create(&c, T, &m), MOE_OK);
+    random_params(m, seed);
+    int32_t tok[14], tgt[14];
+    fill_batch(tok, tgt, T, c.vocab, seed);
+    size_t n = moe_model_param_count(m);
+    float *g1 = malloc(n * sizeof *g1);
+    moe_model_args args = moe_model_args_default();
+    for (int pass = 0; pass < 2; pass++) {
+        args.loss_scale = pass ? 0.25f : 1.0f;
+        moe_model_zero_grads(m);
+        assert_int_equal(moe_model_forward(m, tok, tgt, B, S, &args, NULL), MOE_OK);
+        assert_int_equal(moe_model_backward(m), MOE_OK);
+        if (!pass) memcpy(g1, moe_model_grads(m), n * sizeof *g1);
+    }
+    const float *g = moe_model_grads(m);
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < n; i++) {
+        worst = fmax(worst, fabs(g[i] - 0.25 * g1[i]));
+        scale = fmax(scale, fabs(g1[i]));
+    }
+    if (worst > 1e-5 * scale) fail_msg("loss_scale 0.25: gradients off by %g (scale %g)", worst, scale);
+    free(g1);
+    moe_model_destroy(m);
+}
+
+/* Same seed, same input: bitwise identical losses and gradients from two models. */
+static void test_deterministic(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = tiny_config();
+    int B = 2, S = 7, T = B * S;
+    int32_t tok[14], tgt[14];
+    fill_batch(tok, tgt, T, c.vocab, seed);
+    float *g[2];
+    double loss[2];
+    size_t n = 0;
+    for (int r = 0; r < 2; r++) {
+        moe_model *m;
+        assert_int_equal(moe_model_create(&c, T, &m), MOE_OK);
+        random_params(m, seed);
+        moe_model_args args = moe_model_args_default();
+        moe_model_loss L;
+        moe_model_zero_grads(m);
+        assert_int_equal(moe_model_forward(m, tok, tgt, B, S, &args, &L), MOE_OK);
+        assert_int_equal(moe_model_backward(m), MOE_OK);
+        n = moe_model_param_count(m);
+        g[r] = malloc(n * sizeof(float));
+        memcpy(g[r], moe_model_grads(m), n * sizeof(float));
+        loss[r] = L.nll + L.aux + L.z;
+        moe_model_destroy(m);
+    }
+    assert_memory_equal(&loss[0], &loss[1], sizeof(double));
+    assert_memory_equal(g[0], g[1], n * sizeof(float));
+    free(g[0]);
+    free(g[1]);
+}
+
+/* A tiny fixed batch is learned to near-zero loss by the trainer. */
+static void test_memorise(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = tiny_config();
+    c.seq_len = 12;
+    c.init_std = 0.05f;
+    uint16_t data[13];
+    for (int i = 0; i < 13; i++) data[i] = (uint16_t)(moe_rng_u64(seed, 3, (uint64_t)i) % (uint64_t)c.vocab);
+    /* exactly seq_len + 1 tokens: every batch row is the same window */
+    moe_tokens toks = {.tokens = data, .n_tokens = 13, .vocab = c.vocab, .eot = 0};
+    moe_train_config tc = moe_train_config_default();
+    tc.train_iters = 300;
+    tc.micro_batch = tc.global_batch = 2;
+    tc.lr = 1e-2f;
+    tc.min_lr = 1e-3f;
+    tc.decay_style = MOE_LR_CONSTANT;
+    tc.warmup_iters = 10;
+    tc.weight_decay = 0;
+    moe_model *m;
+    moe_trainer *t;
+    assert_int_equal(moe_model_create(&c, 2 * c.seq_len, &m), MOE_OK);
+    moe_model_init_params(m, seed);
+    assert_int_equal(moe_trainer_create(m, &tc, &toks, NULL, &t), MOE_OK);
+    moe_step_metrics s = {0};
+    double first = 0;
+    for (int i = 0; i < tc.train_iters; i++) {
+        assert_int_equal(moe_trainer_step(t, &s), MOE_OK);
+        if (!i) first = s.nll;
+    }
+    if (!(s.nll < 0.05)) fail_msg("memorising: nll %g after %d steps (from %g)", s.nll, tc.train_iters, first);
+    moe_trainer_destroy(t);
+    moe_model_destroy(m);
+}
+
+static void test_bad_input(void **state) {
+    (void)state;
+    moe_model_config c = tiny_config();
+    moe_model *m;
+    assert_int_equal(moe_model_create(&c, 14, &m), MOE_OK);
+    moe_model_init_params(m, 1);
+    int32_t tok[14] = {0}, tgt[14] = {0};
+    moe_model_args args = moe_model_args_default();
+    tok[3] = c.vocab; /* outside the vocabulary */
+    assert_int_equal(moe_model_forward(m, tok, tgt, 2, 7, &args, NULL), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "outside the vocabulary"));
+    tok[3] = 0;
+    assert_int_equal(moe_model_forward(m, tok, tgt, 2, 8, &args, NULL), MOE_ERR_INVALID);
+    assert_int_equal(moe_model_forward(m, tok, tgt, 3, 7, &args, NULL), MOE_ERR_INVALID);
+    assert_int_equal(moe_model_backward(m), MOE_ERR_STATE);
+    moe_model_destroy(m);
+    c.n_kv_heads = 3;
+    assert_int_equal(moe_model_create(&c, 14, &m), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "num-query-groups (3)"));
+    c = tiny_config();
+    c.moe.topk = 5;
+    assert_int_equal(moe_model_create(&c, 14, &m), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "layer 1: moe-router-topk (5)"));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_against_torch), cmocka_unit_test(test_loss_scale),
+        cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
+        cmocka_unit_test(test_bad_input),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Independent reference for tests/test_model.c: the same MoE transformer written in PyTorch
+(float64, autograd) from the tensors and config in a safetensors file. Compares the C model's
+logits, losses and every gradient, and checks a few gradients by float64 finite differences of
+this model's loss. Exit status 0 = match."""
+import json
+import struct
+import sys
+
+import numpy as np
+import torch
+
+torch.set_default_dtype(torch.float64)
+DT = {"F32": np.float32, "F64": np.float64, "I64": np.int64}
+
+
+def read_safetensors(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    meta = header.pop("__metadata__", {})
+    out = {}
+    for name, v in header.items():
+        a, b = v["data_offsets"]
+        arr = np.frombuffer(data[a:b], dtype=DT[v["dtype"]]).reshape(v["shape"]).copy()
+        out[name] = torch.from_numpy(arr)
+    return out, meta
+
+
+def rmsnorm(x, w, eps):
+    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def rope(x, theta):  # x [B, S, H, hd], rotate-half convention
+    B, S, H, hd = x.shape
+    half = hd // 2
+    inv = theta ** (-2.0 * torch.arange(half) / hd)
+    ang = torch.arange(S)[:, None] * inv[None, :]  # [S, half]
+    cos, sin = torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+def mlp(x, P, prefix):
+    return (torch.nn.functional.silu(x @ P[prefix + ".gate_proj.weight"].T)
+            * (x @ P[prefix + ".up_proj.weight"].T)) @ P[prefix + ".down_proj.weight"].T
+
+
+def moe(x, P, l, c):
+    """Token-choice top-k, softmax after top-k (Megatron default), Megatron aux loss, z-loss,
+    shared expert. Loops over slots and experts: no permutation tricks."""
+    pre = f"model.layers.{l}.mlp"
+    E, k, T = c["n_experts"], c["topk"], x.shape[0]
+    z = x @ P[pre + ".gate.weight"].T
+    top_v, top_i = torch.topk(z, k, dim=-1)
+    w = torch.softmax(top_v, -1)
+    y = torch.zeros_like(x)
+    counts = torch.zeros(E)
+    for j in range(k):
+        for e in range(E):
+            sel = top_i[:, j] == e
+            counts[e] += sel.sum()
+            if sel.any():
+                y[sel] += w[sel, j:j + 1] * mlp(x[sel], P, f"{pre}.experts.{e}")
+    if c["shared_ffn"] > 0:
+        y = y + mlp(x, P, pre + ".shared_expert")
+    prob = torch.softmax(z, -1)
+    aux = c["aux_coeff"] * E * ((counts / (k * T)) * prob.mean(0)).sum()
+    zl = c["z_coeff"] * (torch.logsumexp(z, -1) ** 2).mean()
+    return y, aux, zl, top_i
+
+
+def forward(P, tok, tgt, c):
+    B, S = tok.shape
+    d, H, KV = c["d"], c["n_heads"], c["n_kv_heads"]
+    hd = d // H
+    x = P["model.embed_tokens.weight"][tok]
+    aux_total, z_total, routes = 0.0, 0.0, []
+    mask = torch.full((S, S), float("-inf")).triu(1)
+    for l in range(c["n_layers"]):
+        pre = f"model.layers.{l}"
+        h = rmsnorm(x, P[pre + ".input_layernorm.weight"], c["eps"])
+        q = (h @ P[pre + ".self_attn.q_proj.weight"].T).view(B, S, H, hd)
+        kk = (h @ P[pre + ".self_attn.k_proj.weight"].T).view(B, S, KV, hd)
+        v = (h @ P[pre + ".self_attn.v_proj.weight"].T).view(B, S, KV, hd)
+        q, kk = rope(q, c["theta"]), rope(kk, c["theta"])
+        kk = kk.repeat_interleave(H // KV, dim=2)
+        v = v.repeat_interleave(H // KV, dim=2)
+        att = torch.einsum("bihc,bjhc->bhij", q, kk) / hd ** 0.5 + mask
+        o = torch.einsum("bhij,bjhc->bihc", torch.softmax(att, -1), v).reshape(B, S, d)
+        x = x + o @ P[pre + ".self_attn.o_proj.weight"].T
+        h2 = rmsnorm(x, P[pre + ".post_attention_layernorm.weight"], c["eps"])
+        if c["moe_layers"][l]:
+            y, aux, zl, top_i = moe(h2.reshape(B * S, d), P, l, c)
+            aux_total, z_total = aux_total + aux, z_total + zl
+            routes.append(top_i)
+            x = x + y.view(B, S, d)
+        else:
+            x = x + mlp(h2, P, pre + ".mlp")
+    head = P["model.embed_tokens.weight"] if c["tied"] else P["lm_head.weight"]
+    logits = rmsnorm(x, P["model.norm.weight"], c["eps"]) @ head.T
+    nll = torch.nn.functional.cross_entropy(logits.view(B * S, -1), tgt.view(-1), ignore_index=-1)
+    return logits, nll, aux_total, z_total, routes
+
+
+def main():
+    T, meta = read_safetensors(sys.argv[1])
+    c = json.loads(meta["config"])
+    tok, tgt = T.pop("in.tokens"), T.pop("in.targets")
+    outs = {k: T.pop(k) for k in list(T) if k.startswith("out.")}
+    grads = {k[5:]: T.pop(k) for k in list(T) if k.startswith("grad.")}
+    P = {k: v.double().requires_grad_() for k, v in T.items()}
+    logits, nll, aux, zl, routes = forward(P, tok, tgt, c)
+    loss = c["loss_scale"] * (nll + aux + zl)
+    loss.backward()
+    for p in P.values():  # an expert that received no token has no autograd gradient
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    worst, ok = [], True
+
+    def compare(what, ours, ref, tol):
+        nonlocal ok
+        ref = ref.detach()
+        scale = ref.abs().max().item() + 1e-30
+        err = (ours.double() - ref).abs().max().item() / scale
+        worst.append((err, what))
+        if not err <= tol:
+            print(f"MISMATCH {what}: max |ours - torch| / max|torch| = {err:.3g} > {tol}")
+            ok = False
+
+    for i, r in enumerate(routes):
+        ours = outs[f"out.routing.{i}"]
+        if not torch.equal(ours.view(r.shape), r):
+            print(f"MISMATCH routing of MoE layer {i}: the selected experts differ")
+            ok = False
+    # fp32 forward against float64: relative 1e-4 of each tensor's largest magnitude.
+    compare("logits", outs["out.logits"].view(logits.shape), logits, 1e-4)
+    for name, val in (("nll", nll), ("aux", aux), ("z", zl)):
+        compare(name, outs["out." + name], torch.as_tensor(val).view(1), 1e-4)
+    for name, p in P.items():
+        compare("grad " + name, grads[name], p.grad, 1e-4)
+    # Float64 central differences of this model's loss for a few entries of every tensor.
+    gen = torch.Generator().manual_seed(int(meta.get("seed", "1")))
+    with torch.no_grad():
+        for name, p in P.items():
+            for _ in range(2):
+                i = torch.randint(p.numel(), (1,), generator=gen).item()
+                old = p.view(-1)[i].item()
+                h = 1e-6
+                p.view(-1)[i] = old + h
+                lp = c["loss_scale"] * sum(forward(P, tok, tgt, c)[1:4])
+                p.view(-1)[i] = old - h
+                lm = c["loss_scale"] * sum(forward(P, tok, tgt, c)[1:4])
+                p.view(-1)[i] = old
+                fd = ((lp - lm) / (2 * h)).item()
+                ours = grads[name].view(-1)[i].item()
+                scale = p.grad.abs().max().item() + 1e-12
+                if abs(ours - fd) > 1e-4 * scale:
+                    print(f"MISMATCH finite difference {name}[{i}]: ours {ours:.8g}, fd {fd:.8g}")
+                    ok = False
+    worst.sort(reverse=True)
+    print("largest relative errors: " + ", ".join(f"{w} {e:.2e}" for e, w in worst[:4]))
+    print("torch reference: " + ("match" if ok else "MISMATCH"))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
