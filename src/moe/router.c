@@ -254,7 +254,7 @@ static void select_expert_choice(moe_layer *L) {
     int T = st->T, E = c->n_experts, k = st->k;
     for (int t = 0; t < T; t++) st->lse[t] = score_row(MOE_SCORE_SOFTMAX, E, st->z + (size_t)t * E, st->p + (size_t)t * E);
     double cf = c->capacity_factor > 0 ? c->capacity_factor : 1.0;
-    int C = (int)ceil(cf * (double)st->Tv * k / E);
+    int C = (int)ceil(cf * (double)st->Tv * k / E * (1.0 - 1e-6)); /* tolerance as in §6 */
     if (C > st->Tv) C = st->Tv;
     st->capacity = C;
     int32_t *tok = st->scratch;

@@ -1,0 +1,178 @@
+/* Gradients of the layer's backward against float64 central differences of the reference
+ * loss sum(out * G) + aux + z (tests/support/ref_moe.c), with the routing decisions frozen at
+ * the unperturbed point so that differences never cross a discontinuity. Every
+ * differentiable router option, activation, dispatch mode and loss. */
+#include "layer_fixture.h"
+#include "test_util.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+typedef struct {
+    const char *name;
+    void (*set)(moe_layer_config *c, moe_forward_args *a);
+} grad_case;
+
+#define CASE(nm, body)                                                                        \
+    static void set_##nm(moe_layer_config *c, moe_forward_args *a) {                          \
+        (void)c;                                                                              \
+        (void)a;                                                                              \
+        body;                                                                                 \
+    }
+CASE(softmax_post_aux_z, { c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; c->z_coeff = 0.1f; })
+CASE(softmax_pre_norm, { c->pre_softmax = 1; c->norm_topk = MOE_NORM_ON; c->route_scale = 1.7f; })
+CASE(sigmoid_aux, { c->score = MOE_SCORE_SIGMOID; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
+CASE(sigmoid_no_norm, { c->score = MOE_SCORE_SIGMOID; c->norm_topk = MOE_NORM_OFF; })
+CASE(sqrtsoftplus_seq_aux, { c->score = MOE_SCORE_SQRTSOFTPLUS; c->lb_type = MOE_LB_SEQ_AUX;
+      c->aux_coeff = 0.5f; a->seq_len = 6; })
+CASE(groups_bias, { c->n_experts = 8; c->n_groups = 4; c->group_topk = 2; c->topk = 3;
+      c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; c->route_scale = 2.5f;
+      c->z_coeff = 0.05f; })
+CASE(sinkhorn_k1, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->topk = 1; })
+CASE(sinkhorn_k2_z, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->z_coeff = 0.1f; })
+CASE(expert_choice, { c->router = MOE_ROUTER_EXPERT_CHOICE; c->lb_type = MOE_LB_NONE; c->z_coeff = 0.1f; })
+CASE(fake_gate, { c->router = MOE_ROUTER_FAKE_BALANCED; c->lb_type = MOE_LB_NONE; c->fake_noise = 0.3f; })
+CASE(random_routing, { c->random_routing = 1; c->random_routing_threshold = 0.3f; c->topk = 3; })
+CASE(jitter, { c->jitter_eps = 0.2f; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
+CASE(cap_probs, { c->capacity_factor = 0.8f; })
+CASE(cap_position_pad, { c->capacity_factor = 1.0f; c->drop_policy = MOE_DROP_POSITION; c->pad_to_capacity = 1; })
+CASE(cap_dynamic, { c->capacity_factor = -1.2f; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
+CASE(act_geglu, c->act = MOE_ACT_GEGLU)
+CASE(act_relu2, c->act = MOE_ACT_RELU2)
+CASE(act_gelu, c->act = MOE_ACT_GELU)
+CASE(act_silu, c->act = MOE_ACT_SILU)
+CASE(linear_bias, c->expert_bias = 1)
+CASE(shared_gate, { c->shared_ffn = 7; c->shared_gate = 1; c->expert_bias = 1; })
+CASE(residual, { c->shared_ffn = 9; c->residual = 1; c->z_coeff = 0.05f; })
+CASE(router_fp64, { c->router_fp64 = 1; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
+CASE(top_all, { c->topk = 6; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
+
+#define C(nm) {#nm, set_##nm}
+static const grad_case cases[] = {
+    C(softmax_post_aux_z), C(softmax_pre_norm), C(sigmoid_aux), C(sigmoid_no_norm),
+    C(sqrtsoftplus_seq_aux), C(groups_bias), C(sinkhorn_k1), C(sinkhorn_k2_z), C(expert_choice),
+    C(fake_gate), C(random_routing), C(jitter), C(cap_probs), C(cap_position_pad), C(cap_dynamic),
+    C(act_geglu), C(act_relu2), C(act_gelu), C(act_silu), C(linear_bias), C(shared_gate),
+    C(residual), C(router_fp64), C(top_all),
+};
+
+typedef struct {
+    const moe_layer_config *c;
+    ref_params *p;
+    double *x;
+    ref_args *a;
+    double *G;
+} loss_ctx;
+
+static double loss_at(loss_ctx *L) { return ref_moe_loss(L->c, L->p, L->x, L->a, L->G); }
+
+/* Checks up to n_check random entries of one tensor: fast gradient g against central
+ * differences of the reference loss in v (float64). */
+static void check_tensor(const char *case_name, const char *what, const float *g, double *v,
+                         size_t n, loss_ctx *L, uint64_t seed) {
+    enum { N_CHECK = 10 };
+    double fd[N_CHECK], scale = 0;
+    size_t idx[N_CHECK];
+    int m = n < N_CHECK ? (int)n : N_CHECK;
+    for (int r = 0; r < m; r++) {
+        idx[r] = n <= N_CHECK ? (size_t)r : (size_t)(moe_rng_u64(seed, 31, (uint64_t)r) % n);
+        double old = v[idx[r]], h = 1e-6;
+        v[idx[r]] = old + h;
+        double lp = loss_at(L);
+        v[idx[r]] = old - h;
+        double lm = loss_at(L);
+        v[idx[r]] = old;
+        fd[r] = (lp - lm) / (2 * h);
+        scale = fmax(scale, fabs(fd[r]));
+    }
+    for (int r = 0; r < m; r++) {
+        /* The fast path is fp32: 1e-4 of the gradient's scale; the float64 difference itself
+         * is accurate to ~1e-9. */
+        double err = fabs(g[idx[r]] - fd[r]);
+        if (err > 1e-4 * scale + 1e-7)
+            fail_msg("case %s: d/d %s[%zu]: backward %.9g, float64 finite difference %.9g "
+                     "(scale %.3g)", case_name, what, idx[r], g[idx[r]], fd[r], scale);
+    }
+}
+
+static void run_case(const grad_case *gc, int masked, uint64_t seed) {
+    moe_layer_config c = moe_layer_config_default();
+    c.d = 8;
+    c.n_experts = 6;
+    c.topk = 2;
+    c.ffn = 6;
+    c.lb_type = MOE_LB_NONE;
+    moe_forward_args a = moe_forward_args_default();
+    gc->set(&c, &a);
+    c.seed = seed;
+    int T = 18, d = c.d;
+    if (moe_layer_config_validate(&c) != MOE_OK)
+        fail_msg("case %s: invalid config: %s", gc->name, moe_last_error());
+    layer_fixture f;
+    fixture_init(&f, &c, T, seed, 0.6f);
+    size_t n = (size_t)T * d;
+    float *x = malloc(sizeof(float) * n), *out = malloc(sizeof(float) * n),
+          *G = malloc(sizeof(float) * n), *dx = calloc(n, sizeof(float));
+    double *x64 = malloc(sizeof(double) * n), *G64 = malloc(sizeof(double) * n);
+    tu_fill(x, n, seed, 1, -1, 1);
+    tu_fill(G, n, seed, 2, -1, 1);
+    for (size_t i = 0; i < n; i++) x64[i] = x[i], G64[i] = G[i];
+    uint8_t mask[18];
+    for (int t = 0; t < T; t++) mask[t] = !masked || t % 5 != 2;
+    a.mask = masked ? mask : NULL;
+    a.step = 7;
+    moe_layer_zero_grads(f.layer);
+    if (moe_layer_forward(f.layer, out, x, T, &a) != MOE_OK || moe_layer_backward(f.layer, dx, G, x) != MOE_OK)
+        fail_msg("case %s: %s", gc->name, moe_last_error());
+    ref_args ra = {T, a.topk ? a.topk : c.topk, a.mask, a.seq_len, a.training, a.step, f.bias,
+                   NULL, 0, NULL};
+    ref_result frozen;
+    ref_moe_forward(&c, &f.ref, x64, &ra, &frozen);
+    ra.freeze = &frozen;
+    loss_ctx L = {&c, &f.ref, x64, &ra, G64};
+    char name[96];
+    snprintf(name, sizeof name, "%s%s", gc->name, masked ? " (masked)" : "");
+    check_tensor(name, "x", dx, x64, n, &L, seed);
+    /* every parameter tensor: consecutive non-NULL pointers of moe_layer_params */
+    moe_layer_params gp = moe_layer_get_grads(f.layer);
+    const float *gbase = moe_layer_grad_data(f.layer);
+    float *const fields[] = {gp.router_w, gp.w_in, gp.b_in, gp.w_out, gp.b_out, gp.shared_w_in,
+                             gp.shared_b_in, gp.shared_w_out, gp.shared_b_out, gp.shared_gate_w,
+                             gp.mix_w, gp.mix_b};
+    static const char *const names[] = {"router_w", "w_in", "b_in", "w_out", "b_out",
+                                        "shared_w_in", "shared_b_in", "shared_w_out",
+                                        "shared_b_out", "shared_gate_w", "mix_w", "mix_b"};
+    int nf = (int)(sizeof fields / sizeof fields[0]);
+    for (int i = 0; i < nf; i++) {
+        if (!fields[i]) continue;
+        size_t off = (size_t)(fields[i] - gbase), end = f.n_params;
+        for (int j = i + 1; j < nf; j++)
+            if (fields[j]) {
+                end = (size_t)(fields[j] - gbase);
+                break;
+            }
+        check_tensor(name, names[i], fields[i], f.p64 + off, end - off, &L, seed + (uint64_t)i);
+    }
+    ref_result_free(&frozen);
+    free(x), free(out), free(G), free(dx), free(x64), free(G64);
+    fixture_free(&f);
+}
+
+static void test_gradients(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int masked = 0; masked < 2; masked++) run_case(&cases[i], masked, seed + 17 * i);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_gradients)};
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
