@@ -207,8 +207,9 @@ moe_forward_args moe_forward_args_default(void);
 /* out [T, d] = MoE(x [T, d]). Saves what backward needs inside the layer. */
 moe_status moe_layer_forward(moe_layer *layer, float *out, const float *x, int T,
                              const moe_forward_args *args);
-/* Backward of the last forward: dx [T, d] += dL/dx, grads += dL/dθ, including the aux and
- * z-loss terms (times loss_scale). x must be the same input. */
+/* Backward of the last forward, once per forward (MOE_ERR_STATE otherwise): dx [T, d] +=
+ * dL/dx, grads += dL/dθ, including the aux and z-loss terms (times loss_scale). x must be the
+ * same input. */
 moe_status moe_layer_backward(moe_layer *layer, float *dx, const float *dout, const float *x);
 
 typedef struct {

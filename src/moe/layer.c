@@ -226,6 +226,7 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     moe_forward_args def = moe_forward_args_default();
     if (!args) args = &def;
     L->have_forward = 0;
+    if (!x || !out) return moe_set_error(MOE_ERR_INVALID, "moe_layer_forward: x and out must not be NULL");
     if (T < 1 || T > L->max_tokens)
         return moe_set_error(MOE_ERR_INVALID, "token count %d outside 1..%d (the layer's max_tokens)",
                              T, L->max_tokens);
@@ -354,7 +355,10 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const 
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
     if (!L->have_forward)
-        return moe_set_error(MOE_ERR_STATE, "moe_layer_backward called without a forward");
+        return moe_set_error(MOE_ERR_STATE, "moe_layer_backward called without a forward "
+                             "(or twice for one forward)");
+    if (!dx || !dout || !x)
+        return moe_set_error(MOE_ERR_INVALID, "moe_layer_backward: dx, dout and x must not be NULL");
     int T = st->T, d = c->d;
     if (c->shared_ffn > 0) {
         shared_backward(L, dx, dout, x);

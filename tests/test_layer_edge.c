@@ -1,0 +1,306 @@
+/* Edge cases, determinism, and a clear error for every invalid option or call. */
+#include "layer_fixture.h"
+#include "test_util.h"
+
+#include <math.h>
+#include <omp.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+static moe_layer_config small(void) {
+    moe_layer_config c = moe_layer_config_default();
+    c.d = 8;
+    c.n_experts = 4;
+    c.topk = 2;
+    c.ffn = 6;
+    c.lb_type = MOE_LB_AUX;
+    c.aux_coeff = 0.1f;
+    c.z_coeff = 0.01f;
+    return c;
+}
+
+/* Forward + backward on T tokens; compares with the float64 reference; returns via out. */
+static void run_and_compare(const char *what, const moe_layer_config *c, int T, const uint8_t *mask,
+                            uint64_t seed) {
+    layer_fixture f;
+    fixture_init(&f, c, T > 0 ? T : 1, seed, 0.5f);
+    size_t n = (size_t)T * c->d;
+    float *x = malloc(sizeof(float) * (n + 1)), *out = malloc(sizeof(float) * (n + 1)),
+          *dx = calloc(n + 1, sizeof(float));
+    double *x64 = malloc(sizeof(double) * (n + 1));
+    tu_fill(x, n, seed, 1, -1, 1);
+    for (size_t i = 0; i < n; i++) x64[i] = x[i];
+    tu_poison(out, n);
+    moe_forward_args a = moe_forward_args_default();
+    a.mask = mask;
+    if (moe_layer_forward(f.layer, out, x, T, &a) != MOE_OK) fail_msg("%s: %s", what, moe_last_error());
+    ref_args ra = {T, c->topk, mask, 0, 1, 0, f.bias, NULL, 0, NULL};
+    ref_result r;
+    ref_moe_forward(c, &f.ref, x64, &ra, &r);
+    double mx = 0;
+    for (size_t i = 0; i < n; i++) mx = fmax(mx, fabs(r.out[i]));
+    tu_check_close(what, out, r.out, n, 2e-5 * (mx + 1e-6), 0);
+    const moe_layer_stats *st = moe_layer_get_stats(f.layer);
+    for (int e = 0; e < c->n_experts; e++) assert_int_equal(st->counts[e], r.counts[e]);
+    assert_int_equal(st->capacity, r.capacity);
+    moe_layer_zero_grads(f.layer);
+    if (moe_layer_backward(f.layer, dx, out, x) != MOE_OK) fail_msg("%s backward: %s", what, moe_last_error());
+    for (size_t i = 0; i < n; i++) assert_true(isfinite(dx[i]));
+    const float *g = moe_layer_grad_data(f.layer);
+    for (size_t i = 0; i < f.n_params; i++) assert_true(isfinite(g[i]));
+    ref_result_free(&r);
+    free(x), free(out), free(dx), free(x64);
+    fixture_free(&f);
+}
+
+static void test_edge_shapes(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_layer_config c = small();
+    run_and_compare("T = 1", &c, 1, NULL, seed);
+    c.topk = 4;
+    run_and_compare("k = E", &c, 9, NULL, seed);
+    c = small();
+    c.n_experts = 1;
+    c.topk = 1;
+    run_and_compare("E = 1", &c, 7, NULL, seed);
+    c = small();
+    c.capacity_factor = 50;
+    run_and_compare("capacity larger than T", &c, 5, NULL, seed);
+    c = small();
+    c.n_experts = 16; /* 16 experts, 3 tokens: most experts get nothing */
+    run_and_compare("experts without tokens", &c, 3, NULL, seed);
+}
+
+/* Every token to one expert: a router that strongly prefers expert 2. */
+static void test_all_to_one_expert(void **state) {
+    (void)state;
+    moe_layer_config c = small();
+    c.topk = 1;
+    c.capacity_factor = 1.0f;
+    layer_fixture f;
+    fixture_init(&f, &c, 12, tu_seed(), 0.5f);
+    float *w = moe_layer_get_params(f.layer).router_w;
+    for (int i = 0; i < c.d; i++) w[2 * c.d + i] = 0, w[0 * c.d + i] = 0, w[1 * c.d + i] = 0, w[3 * c.d + i] = 0;
+    moe_layer_get_params(f.layer).router_w[2 * c.d] = 50; /* z_2 = 50 x_0 with x_0 > 0 */
+    float x[96], out[96], dx[96] = {0};
+    tu_fill(x, 96, tu_seed(), 3, 0.5f, 1);
+    moe_forward_args a = moe_forward_args_default();
+    assert_int_equal(moe_layer_forward(f.layer, out, x, 12, &a), MOE_OK);
+    const moe_layer_stats *st = moe_layer_get_stats(f.layer);
+    assert_int_equal(st->counts[2], 12);
+    assert_int_equal(st->capacity, 3); /* ceil(12 / 4) */
+    assert_int_equal(st->kept[2], 3);
+    assert_int_equal(st->dropped, 9);
+    assert_int_equal(moe_layer_backward(f.layer, dx, out, x), MOE_OK);
+    fixture_free(&f);
+}
+
+/* A fully masked batch: zero output, zero losses and counts, zero input gradient. */
+static void test_fully_masked(void **state) {
+    (void)state;
+    moe_layer_config c = small();
+    c.shared_ffn = 4;
+    layer_fixture f;
+    fixture_init(&f, &c, 5, tu_seed(), 0.5f);
+    float x[40], out[40], dx[40] = {0};
+    tu_fill(x, 40, tu_seed(), 4, -1, 1);
+    uint8_t mask[5] = {0};
+    moe_forward_args a = moe_forward_args_default();
+    a.mask = mask;
+    assert_int_equal(moe_layer_forward(f.layer, out, x, 5, &a), MOE_OK);
+    for (int i = 0; i < 40; i++) assert_true(out[i] == 0.0f);
+    const moe_layer_stats *st = moe_layer_get_stats(f.layer);
+    assert_int_equal(st->routed, 0);
+    assert_true(st->aux_loss == 0 && st->z_loss == 0 && st->dropped_fraction == 0);
+    moe_layer_zero_grads(f.layer);
+    assert_int_equal(moe_layer_backward(f.layer, dx, out, x), MOE_OK);
+    for (int i = 0; i < 40; i++) assert_true(dx[i] == 0.0f);
+    const float *g = moe_layer_grad_data(f.layer);
+    for (size_t i = 0; i < f.n_params; i++) assert_true(g[i] == 0.0f);
+    fixture_free(&f);
+}
+
+/* Outputs and gradients of one forward + backward with the given thread count. */
+static void run_once(const moe_layer_config *c, int threads, uint64_t seed, float *out, float *dx,
+                     float *grads) {
+    int T = 64;
+    omp_set_num_threads(threads);
+    layer_fixture f;
+    fixture_init(&f, c, T, seed, 0.5f);
+    float *x = malloc(sizeof(float) * (size_t)T * c->d);
+    tu_fill(x, (size_t)T * c->d, seed, 8, -1, 1);
+    moe_forward_args a = moe_forward_args_default();
+    a.seq_len = 16;
+    memset(dx, 0, sizeof(float) * (size_t)T * c->d);
+    moe_layer_zero_grads(f.layer);
+    assert_int_equal(moe_layer_forward(f.layer, out, x, T, &a), MOE_OK);
+    assert_int_equal(moe_layer_backward(f.layer, dx, out, x), MOE_OK);
+    memcpy(grads, moe_layer_grad_data(f.layer), sizeof(float) * f.n_params);
+    free(x);
+    fixture_free(&f);
+}
+
+static void test_determinism(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_layer_config c = small();
+    c.d = 32;
+    c.ffn = 24;
+    c.n_experts = 8;
+    c.shared_ffn = 16;
+    c.capacity_factor = 1.25f;
+    c.jitter_eps = 0.05f;
+    c.lb_type = MOE_LB_SEQ_AUX;
+    size_t n = 64 * 32, np = moe_layer_param_count(&c);
+    float *o[3], *d[3], *g[3];
+    for (int r = 0; r < 3; r++) {
+        o[r] = malloc(n * 4), d[r] = malloc(n * 4), g[r] = malloc(np * 4);
+        run_once(&c, r < 2 ? 2 : 1, seed, o[r], d[r], g[r]);
+    }
+    omp_set_num_threads(2);
+    /* the same thread count: bitwise */
+    assert_memory_equal(o[0], o[1], n * 4);
+    assert_memory_equal(d[0], d[1], n * 4);
+    assert_memory_equal(g[0], g[1], np * 4);
+    /* 1 vs 2 threads: within 1e-6 relative to the magnitude */
+    double so = 0, sg = 0;
+    for (size_t i = 0; i < n; i++) so = fmax(so, fabs(o[0][i]));
+    for (size_t i = 0; i < np; i++) sg = fmax(sg, fabs(g[0][i]));
+    for (size_t i = 0; i < n; i++) assert_true(fabs(o[0][i] - o[2][i]) <= 1e-6 * so);
+    for (size_t i = 0; i < np; i++) assert_true(fabs(g[0][i] - g[2][i]) <= 1e-6 * sg);
+    for (int r = 0; r < 3; r++) free(o[r]), free(d[r]), free(g[r]);
+}
+
+/* Each invalid configuration: MOE_ERR_INVALID from validate and create, naming the option. */
+static void test_invalid_configs(void **state) {
+    (void)state;
+    typedef struct {
+        const char *needle;
+        int field;
+        double value;
+    } bad;
+    enum { TOPK, NEXP, GROUPS, GTOPK, AUX, Z, JIT, D, FFN, RES, ACT, ROUTER, SCORE, CF_EC, PAD, GATE,
+           RATE, SKIP, SINK, SCALE, RRT, MINCAP, SHARED };
+    const bad list[] = {
+        {"moe-router-topk (5) must be between 1 and num-experts (4)", TOPK, 5},
+        {"moe-router-topk (0)", TOPK, 0},
+        {"num-experts must be >= 1", NEXP, 0},
+        {"moe-router-num-groups (3) must divide num-experts (4)", GROUPS, 3},
+        {"moe-router-group-topk (3) must be between 1 and moe-router-num-groups (2)", GTOPK, 3},
+        {"moe-aux-loss-coeff must be a non-negative number", AUX, -0.5},
+        {"moe-aux-loss-coeff must be a non-negative number (got nan)", AUX, NAN},
+        {"moe-z-loss-coeff must be a non-negative number", Z, INFINITY},
+        {"moe-input-jitter-eps must be in [0, 1)", JIT, 1.5},
+        {"hidden size must be >= 1", D, 0},
+        {"moe-ffn-hidden-size must be >= 1", FFN, -3},
+        {"moe-use-residual needs a residual MLP", RES, 1},
+        {"unknown activation 9", ACT, 9},
+        {"unknown router type 7", ROUTER, 7},
+        {"unknown score function -1", SCORE, -1},
+        {"expert-choice routing needs moe-expert-capacity-factor >= 0", CF_EC, -1},
+        {"moe-pad-expert-input-to-capacity needs moe-expert-capacity-factor != 0", PAD, 1},
+        {"moe-shared-expert-gate needs moe-shared-expert-intermediate-size > 0", GATE, 1},
+        {"moe-router-bias-update-rate must be a non-negative number", RATE, -1},
+        {"moe-fake-gate-skip-first-n (4) must be below num-experts (4)", SKIP, 4},
+        {"moe-sinkhorn-tol must be positive", SINK, 0},
+        {"moe-router-topk-scaling-factor must be a positive number", SCALE, 0},
+        {"moe-random-routing-threshold must be positive", RRT, -1},
+        {"moe-min-capacity must be >= 0", MINCAP, -1},
+        {"moe-shared-expert-intermediate-size must be >= 0", SHARED, -2},
+    };
+    for (size_t i = 0; i < sizeof list / sizeof list[0]; i++) {
+        moe_layer_config c = small();
+        double v = list[i].value;
+        switch (list[i].field) {
+        case TOPK: c.topk = (int)v; break;
+        case NEXP: c.n_experts = (int)v; break;
+        case GROUPS: c.n_groups = (int)v; break;
+        case GTOPK: c.n_groups = 2, c.group_topk = (int)v; break;
+        case AUX: c.aux_coeff = (float)v; break;
+        case Z: c.z_coeff = (float)v; break;
+        case JIT: c.jitter_eps = (float)v; break;
+        case D: c.d = (int)v; break;
+        case FFN: c.ffn = (int)v; break;
+        case RES: c.residual = 1; break;
+        case ACT: c.act = (moe_activation)v; break;
+        case ROUTER: c.router = (moe_router_type)v; break;
+        case SCORE: c.score = (moe_score_fn)v; break;
+        case CF_EC: c.router = MOE_ROUTER_EXPERT_CHOICE, c.lb_type = MOE_LB_NONE, c.capacity_factor = (float)v; break;
+        case PAD: c.pad_to_capacity = 1; break;
+        case GATE: c.shared_gate = 1; break;
+        case RATE: c.bias_update_rate = (float)v; break;
+        case SKIP: c.router = MOE_ROUTER_FAKE_BALANCED, c.lb_type = MOE_LB_NONE, c.fake_skip_first = (int)v; break;
+        case SINK: c.sinkhorn_tol = (float)v; break;
+        case SCALE: c.route_scale = (float)v; break;
+        case RRT: c.random_routing = 1, c.random_routing_threshold = (float)v; break;
+        case MINCAP: c.min_capacity = (int)v; break;
+        case SHARED: c.shared_ffn = (int)v; break;
+        }
+        moe_layer *L = NULL;
+        assert_int_equal(moe_layer_config_validate(&c), MOE_ERR_INVALID);
+        if (!strstr(moe_last_error(), list[i].needle))
+            fail_msg("case %zu: message \"%s\" lacks \"%s\"", i, moe_last_error(), list[i].needle);
+        assert_int_equal(moe_layer_create(&c, 4, NULL, NULL, &L), MOE_ERR_INVALID);
+        assert_null(L);
+        assert_non_null(strstr(moe_last_error(), list[i].needle));
+    }
+    /* an aux loss with a router that balances by itself */
+    moe_layer_config c = small();
+    c.router = MOE_ROUTER_SINKHORN;
+    assert_int_equal(moe_layer_config_validate(&c), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "needs the topk router"));
+}
+
+/* Call-time errors: too many tokens, per-call k > E, bad seq_len, NULL input, backward
+ * without forward, backward twice. */
+static void test_call_errors(void **state) {
+    (void)state;
+    moe_layer_config c = small();
+    layer_fixture f;
+    fixture_init(&f, &c, 8, tu_seed(), 0.5f);
+    float x[80], out[80], dx[80] = {0};
+    tu_fill(x, 80, tu_seed(), 9, -1, 1);
+    moe_forward_args a = moe_forward_args_default();
+    assert_int_equal(moe_layer_backward(f.layer, dx, x, x), MOE_ERR_STATE);
+    assert_non_null(strstr(moe_last_error(), "without a forward"));
+    assert_int_equal(moe_layer_forward(f.layer, out, x, 9, &a), MOE_ERR_INVALID);
+    assert_int_equal(moe_layer_forward(f.layer, out, x, -1, &a), MOE_ERR_INVALID);
+    assert_int_equal(moe_layer_forward(f.layer, out, NULL, 4, &a), MOE_ERR_INVALID);
+    a.topk = 5;
+    assert_int_equal(moe_layer_forward(f.layer, out, x, 8, &a), MOE_ERR_INVALID);
+    a.topk = 0;
+    a.seq_len = 3;
+    assert_int_equal(moe_layer_forward(f.layer, out, x, 8, &a), MOE_ERR_INVALID);
+    a.seq_len = 4;
+    assert_int_equal(moe_layer_forward(f.layer, out, x, 8, &a), MOE_OK);
+    assert_int_equal(moe_layer_backward(f.layer, dx, out, x), MOE_OK);
+    assert_int_equal(moe_layer_backward(f.layer, dx, out, x), MOE_ERR_STATE);
+    /* T = 0 is refused like any count outside 1..max_tokens */
+    assert_int_equal(moe_layer_forward(f.layer, out, x, 0, &a), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "token count 0 outside 1..8"));
+    /* a per-call k larger than planned grows the workspace */
+    a.topk = 4;
+    a.seq_len = 0;
+    assert_int_equal(moe_layer_forward(f.layer, out, x, 8, &a), MOE_OK);
+    assert_int_equal(moe_layer_get_stats(f.layer)->topk, 4);
+    assert_int_equal(moe_layer_get_stats(f.layer)->routed, 32);
+    fixture_free(&f);
+    assert_string_equal(moe_status_name(MOE_OK), "ok");
+    assert_string_equal(moe_status_name(MOE_ERR_STATE), "invalid state");
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_edge_shapes),    cmocka_unit_test(test_all_to_one_expert),
+        cmocka_unit_test(test_fully_masked),   cmocka_unit_test(test_determinism),
+        cmocka_unit_test(test_invalid_configs), cmocka_unit_test(test_call_errors),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

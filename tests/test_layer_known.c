@@ -1,0 +1,438 @@
+/* Known answers, derived by hand in the comments. The router weights are the identity
+ * (d = E), so each token's input row is its logit vector. */
+#include "test_util.h"
+
+#include "moe.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+static moe_layer_config identity_config(int E, int k) {
+    moe_layer_config c = moe_layer_config_default();
+    c.d = E;
+    c.n_experts = E;
+    c.topk = k;
+    c.ffn = 4;
+    c.lb_type = MOE_LB_NONE;
+    return c;
+}
+
+/* A layer whose router weights are the identity; expert weights random. */
+static moe_layer *make_layer(const moe_layer_config *c, int T) {
+    moe_layer *L;
+    if (moe_layer_create(c, T, NULL, NULL, &L) != MOE_OK) fail_msg("create: %s", moe_last_error());
+    moe_layer_init_params(L, tu_seed(), 0.1f);
+    float *w = moe_layer_get_params(L).router_w;
+    for (int e = 0; e < c->n_experts; e++)
+        for (int i = 0; i < c->d; i++) w[e * c->d + i] = e == i ? 1.0f : 0.0f;
+    return L;
+}
+
+static const moe_routing *route(moe_layer *L, const float *z, int T, const moe_forward_args *a) {
+    int d = moe_layer_get_config(L)->d;
+    float *out = malloc(sizeof(float) * (size_t)T * d);
+    if (moe_layer_forward(L, out, z, T, a) != MOE_OK) fail_msg("forward: %s", moe_last_error());
+    free(out);
+    return moe_layer_get_routing(L);
+}
+
+static float logit(double s) { return (float)log(s / (1 - s)); }
+
+static void expect_slots(const moe_routing *r, const int *experts, const double *weights, int n) {
+    for (int s = 0; s < n; s++) {
+        if (r->expert[s] != experts[s]) fail_msg("slot %d: expert %d, expected %d", s, r->expert[s], experts[s]);
+        if (weights && fabs(r->weight[s] - weights[s]) > 1e-5)
+            fail_msg("slot %d: weight %.7f, expected %.7f", s, r->weight[s], weights[s]);
+    }
+}
+
+/* DeepSeek-V3 group-limited routing: 4 groups of 2, keep 2 groups, k = 4, sigmoid scores.
+ * Scores (0.95 0.05 | 0.6 0.6 | 0.55 0.55 | 0.9 0.02): group score = sum of the top
+ * k/group_topk = 2 keys = 1.0, 1.2, 1.1, 0.92. The best groups are 1 and 2 (by the maximum
+ * they would have been 0 and 3). Selected: 2, 3 (0.6, tie -> lower first), 4, 5.
+ * Weights: renormalised over 2.3, times route_scale 2.5. With bias b0 = +0.5 the keys of
+ * group 0 become 1.45 and 0.55 (sum 2.0): groups 0 and 1 win, keys 1.45 (e0), 0.6 (e2),
+ * 0.6 (e3), 0.55 (e1); the weights use the unbiased scores 0.95, 0.6, 0.6, 0.05 over 2.2. */
+static void test_group_limited_deepseek(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(8, 4);
+    c.score = MOE_SCORE_SIGMOID;
+    c.n_groups = 4;
+    c.group_topk = 2;
+    c.enable_expert_bias = 1;
+    c.route_scale = 2.5f;
+    moe_layer *L = make_layer(&c, 1);
+    const double s[8] = {0.95, 0.05, 0.6, 0.6, 0.55, 0.55, 0.9, 0.02};
+    float z[8];
+    for (int e = 0; e < 8; e++) z[e] = logit(s[e]);
+    moe_forward_args a = moe_forward_args_default();
+    a.training = 0;
+    const int e1[4] = {2, 3, 4, 5};
+    const double w1[4] = {2.5 * 0.6 / 2.3, 2.5 * 0.6 / 2.3, 2.5 * 0.55 / 2.3, 2.5 * 0.55 / 2.3};
+    expect_slots(route(L, z, 1, &a), e1, w1, 4);
+    moe_layer_expert_bias(L)[0] = 0.5f;
+    const int e2[4] = {0, 2, 3, 1};
+    const double w2[4] = {2.5 * 0.95 / 2.2, 2.5 * 0.6 / 2.2, 2.5 * 0.6 / 2.2, 2.5 * 0.05 / 2.2};
+    expect_slots(route(L, z, 1, &a), e2, w2, 4);
+    moe_layer_destroy(L);
+}
+
+/* z = (2, 1, 0, -1), k = 2. After top-k: softmax(2, 1) = (e/(e+1), 1/(e+1)). Before top-k:
+ * softmax over all four, weights e^2/S and e/S with S = e^2 + e + 1 + 1/e. */
+static void test_pre_post_softmax(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(4, 2);
+    moe_layer *L = make_layer(&c, 1);
+    const float z[4] = {2, 1, 0, -1};
+    moe_forward_args a = moe_forward_args_default();
+    const int ex[2] = {0, 1};
+    double e = exp(1.0), S = e * e + e + 1 + 1 / e;
+    const double post[2] = {e / (e + 1), 1 / (e + 1)}, pre[2] = {e * e / S, e / S};
+    expect_slots(route(L, z, 1, &a), ex, post, 2);
+    moe_layer_destroy(L);
+    c.pre_softmax = 1;
+    L = make_layer(&c, 1);
+    expect_slots(route(L, z, 1, &a), ex, pre, 2);
+    moe_layer_destroy(L);
+}
+
+/* Equal logits: the lower expert indices win, equal weights. */
+static void test_ties_lower_index(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(5, 3);
+    moe_layer *L = make_layer(&c, 2);
+    const float z[10] = {0, 0, 0, 0, 0, 1, 3, 1, 3, 1};
+    moe_forward_args a = moe_forward_args_default();
+    /* token 1: keys 1 3 1 3 1 -> 1, 3 (tie: lower first), then 0 */
+    const int ex[6] = {0, 1, 2, 1, 3, 0};
+    double e2 = exp(2.0);
+    const double w[6] = {1 / 3.0, 1 / 3.0, 1 / 3.0, e2 / (2 * e2 + 1), e2 / (2 * e2 + 1), 1 / (2 * e2 + 1)};
+    expect_slots(route(L, z, 2, &a), ex, w, 6);
+    moe_layer_destroy(L);
+}
+
+/* Sinkhorn: every token prefers expert 0 strongly. Plain top-1 (inference) sends all to 0;
+ * in training the Sinkhorn-balanced scores spread them. The test computes the balancing
+ * itself, checks its row sums (1/T) and column sums (1/E), and that the layer's choice is the
+ * row maximum of the balanced matrix. */
+static void test_sinkhorn(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    enum { E = 4, T = 16 };
+    moe_layer_config c = identity_config(E, 1);
+    c.router = MOE_ROUTER_SINKHORN;
+    c.sinkhorn_tol = 1e-9f;
+    c.sinkhorn_max_iter = 10000;
+    moe_layer *L = make_layer(&c, T);
+    float z[T * E];
+    tu_fill(z, T * E, seed, 1, -0.5f, 0.5f);
+    for (int t = 0; t < T; t++) z[t * E] += 3;
+    moe_forward_args a = moe_forward_args_default();
+    a.training = 0;
+    const moe_routing *r = route(L, z, T, &a);
+    for (int t = 0; t < T; t++) assert_int_equal(r->expert[t], 0);
+    /* the balancing, by the textbook iteration */
+    double C[T][E], d0[T], d1[E];
+    for (int e = 0; e < E; e++) d1[e] = 1;
+    for (int t = 0; t < T; t++)
+        for (int e = 0; e < E; e++) C[t][e] = exp(z[t * E + e]);
+    for (int it = 0; it < 5000; it++) {
+        for (int t = 0; t < T; t++) {
+            double s = 0;
+            for (int e = 0; e < E; e++) s += C[t][e] * d1[e];
+            d0[t] = 1.0 / T / s;
+        }
+        for (int e = 0; e < E; e++) {
+            double s = 0;
+            for (int t = 0; t < T; t++) s += C[t][e] * d0[t];
+            d1[e] = 1.0 / E / s;
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        double s = 0;
+        for (int e = 0; e < E; e++) s += d0[t] * C[t][e] * d1[e];
+        assert_true(fabs(s - 1.0 / T) < 1e-6);
+    }
+    for (int e = 0; e < E; e++) {
+        double s = 0;
+        for (int t = 0; t < T; t++) s += d0[t] * C[t][e] * d1[e];
+        assert_true(fabs(s - 1.0 / E) < 1e-6);
+    }
+    a.training = 1;
+    r = route(L, z, T, &a);
+    int used[E] = {0};
+    for (int t = 0; t < T; t++) {
+        int best = 0;
+        for (int e = 1; e < E; e++)
+            if (d1[e] * C[t][e] > d1[best] * C[t][best]) best = e;
+        assert_int_equal(r->expert[t], best);
+        used[best]++;
+        /* k = 1: weight = sigmoid(z) at the choice */
+        assert_true(fabs(r->weight[t] - 1 / (1 + exp(-z[t * E + best]))) < 1e-6);
+    }
+    int n_used = 0;
+    for (int e = 0; e < E; e++) n_used += used[e] > 0;
+    assert_true(n_used > 1); /* spread, unlike plain top-1 */
+    moe_layer_destroy(L);
+}
+
+/* GShard capacity with E = 2, k = 2 (each token picks both experts), T = 4, cf = 0.5:
+ * C = ceil(0.5 * 4 * 2 / 2) = 2. Logits t0 (1,0), t1 (0,1), t2 (1,0), t3 (2,0).
+ * Expert 0 gets first choices t0, t2, t3 and the second choice of t1; expert 1 the first
+ * choice of t1 and second choices of t0, t2, t3.
+ * position: expert 0 keeps t0, t2 (first choices in token order); expert 1 keeps t1 (first)
+ *   and t0 (its earliest second choice).
+ * probs: weights w(1,0) = e/(e+1) = 0.731, w(2,0) = e^2/(e^2+1) = 0.881; expert 0 keeps t3
+ *   (0.881) and t0 (0.731, ties with t2 -> earlier (j, t)); expert 1 keeps t1 (0.731) and
+ *   then the largest second-choice weight 0.269 of t0 (tie with t2, earlier wins). */
+static void test_capacity_positions(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(2, 2);
+    c.capacity_factor = 0.5f;
+    const float z[8] = {1, 0, 0, 1, 1, 0, 2, 0};
+    moe_forward_args a = moe_forward_args_default();
+    /* slots t*2 + j */
+    const uint8_t position[8] = {1, 1, 1, 0, 1, 0, 0, 0}, probs[8] = {1, 1, 1, 0, 0, 0, 1, 0};
+    for (int pol = 0; pol < 2; pol++) {
+        c.drop_policy = pol ? MOE_DROP_PROBS : MOE_DROP_POSITION;
+        moe_layer *L = make_layer(&c, 4);
+        const moe_routing *r = route(L, z, 4, &a);
+        const uint8_t *want = pol ? probs : position;
+        for (int s = 0; s < 8; s++)
+            if (r->kept[s] != want[s])
+                fail_msg("%s: slot %d kept %d, expected %d", pol ? "probs" : "position", s, r->kept[s], want[s]);
+        const moe_layer_stats *st = moe_layer_get_stats(L);
+        assert_int_equal(st->capacity, 2);
+        assert_int_equal(st->dropped, 4);
+        assert_true(fabs(st->dropped_fraction - 0.5) < 1e-12);
+        moe_layer_destroy(L);
+    }
+}
+
+/* Capacity arithmetic: E = 4, k = 1, T = 40, so T*k/E = 10. */
+static void test_capacity_arithmetic(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    const struct {
+        float cf;
+        int min_cap, masked, expect; /* expect -1: dynamic, min(max count, 20) */
+    } cases[] = {
+        {1.0f, 0, 0, 10},  /* exact multiple */
+        {1.1f, 0, 0, 11},  /* 1.1 * 10 = 11.000000x in floating point: still 11 */
+        {1.25f, 0, 0, 13}, /* ceil(12.5) */
+        {0.5f, 15, 0, 15}, /* min_capacity dominates */
+        {9.0f, 0, 0, 40},  /* never more than the tokens */
+        {1.0f, 0, 10, 8},  /* 30 valid tokens: ceil(7.5) */
+        {-2.0f, 0, 0, -1}, /* dynamic: min(max count, ceil(2 * 10)) */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        moe_layer_config c = identity_config(4, 1);
+        c.capacity_factor = cases[i].cf;
+        c.min_capacity = cases[i].min_cap;
+        moe_layer *L = make_layer(&c, 40);
+        float z[160];
+        tu_fill(z, 160, seed, 2 + i, -1, 1);
+        for (int t = 0; t < 40; t++) z[t * 4] += t < 30 ? 1.0f : 0.0f; /* load expert 0 */
+        uint8_t mask[40];
+        for (int t = 0; t < 40; t++) mask[t] = t >= cases[i].masked;
+        moe_forward_args a = moe_forward_args_default();
+        a.mask = mask;
+        route(L, z, 40, &a);
+        const moe_layer_stats *st = moe_layer_get_stats(L);
+        int expect = cases[i].expect;
+        if (expect < 0) {
+            int64_t mx = 0;
+            for (int e = 0; e < 4; e++) mx = st->counts[e] > mx ? st->counts[e] : mx;
+            expect = (int)(mx < 20 ? mx : 20);
+        }
+        if (st->capacity != expect) fail_msg("case %zu: capacity %d, expected %d", i, st->capacity, expect);
+        int64_t kept = 0;
+        for (int e = 0; e < 4; e++) {
+            int64_t want = st->counts[e] < expect ? st->counts[e] : expect;
+            assert_int_equal(st->kept[e], want);
+            kept += st->kept[e];
+        }
+        assert_int_equal(st->routed, 40 - cases[i].masked);
+        assert_int_equal(st->dropped, st->routed - kept);
+        moe_layer_destroy(L);
+    }
+}
+
+/* Fake balanced gate, noise 0: slot j of the n-th valid token goes to ((n*k + j) mod A) +
+ * skip with A = E - skip, weight route_scale / k. E = 5, skip 1, k = 2, token 1 masked. */
+static void test_fake_round_robin(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(5, 2);
+    c.router = MOE_ROUTER_FAKE_BALANCED;
+    c.fake_skip_first = 1;
+    c.route_scale = 3.0f;
+    moe_layer *L = make_layer(&c, 5);
+    float z[25];
+    tu_fill(z, 25, tu_seed(), 4, -1, 1);
+    const uint8_t mask[5] = {1, 0, 1, 1, 1};
+    moe_forward_args a = moe_forward_args_default();
+    a.mask = mask;
+    /* valid tokens 0, 2, 3, 4 are n = 0..3: (1,2) (3,4) (1,2) (3,4); masked: -1 */
+    const int ex[10] = {1, 2, -1, -1, 3, 4, 1, 2, 3, 4};
+    const double w[10] = {1.5, 1.5, 0, 0, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5};
+    expect_slots(route(L, z, 5, &a), ex, w, 10);
+    assert_int_equal(moe_layer_get_stats(L)->counts[0], 0);
+    moe_layer_destroy(L);
+}
+
+/* Expert-bias update: k = 1, counts (5, 2, 1, 0), mean 2: b0 -= rate, b1 unchanged,
+ * b2 and b3 += rate. Inference forwards do not count; the accumulators reset. */
+static void test_bias_update_sign(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(4, 1);
+    c.score = MOE_SCORE_SIGMOID;
+    c.enable_expert_bias = 1;
+    c.bias_update_rate = 0.01f;
+    moe_layer *L = make_layer(&c, 8);
+    float z[32] = {0};
+    const int pick[8] = {0, 0, 0, 0, 0, 1, 1, 2};
+    for (int t = 0; t < 8; t++) z[t * 4 + pick[t]] = 2;
+    moe_forward_args a = moe_forward_args_default();
+    route(L, z, 8, &a);
+    a.training = 0;
+    route(L, z, 8, &a); /* not counted */
+    const int64_t *acc = moe_layer_accum_counts(L);
+    assert_int_equal(acc[0], 5);
+    assert_int_equal(acc[3], 0);
+    assert_int_equal(*moe_layer_accum_tokens(L), 8);
+    moe_layer_step_end(L);
+    const float *b = moe_layer_expert_bias(L);
+    assert_float_equal(b[0], -0.01f, 1e-9);
+    assert_float_equal(b[1], 0.0f, 0);
+    assert_float_equal(b[2], 0.01f, 1e-9);
+    assert_float_equal(b[3], 0.01f, 1e-9);
+    for (int e = 0; e < 4; e++) assert_int_equal(moe_layer_accum_counts(L)[e], 0);
+    assert_int_equal(*moe_layer_accum_tokens(L), 0);
+    moe_layer_destroy(L);
+}
+
+/* GShard random routing of the second choice: threshold 1e-6 keeps every second slot
+ * (u < w / 1e-6), threshold 1e6 drops them; first choices always stay. */
+static void test_random_routing(void **state) {
+    (void)state;
+    for (int keep = 0; keep < 2; keep++) {
+        moe_layer_config c = identity_config(4, 2);
+        c.random_routing = 1;
+        c.random_routing_threshold = keep ? 1e-6f : 1e6f;
+        moe_layer *L = make_layer(&c, 10);
+        float z[40];
+        tu_fill(z, 40, tu_seed(), 5, -1, 1);
+        moe_forward_args a = moe_forward_args_default();
+        const moe_routing *r = route(L, z, 10, &a);
+        for (int t = 0; t < 10; t++) {
+            assert_true(r->expert[2 * t] >= 0);
+            assert_true(keep ? r->expert[2 * t + 1] >= 0 : r->expert[2 * t + 1] == -1);
+        }
+        assert_int_equal(moe_layer_get_stats(L)->routed, keep ? 20 : 10);
+        moe_layer_destroy(L);
+    }
+}
+
+/* Expert choice: E = 3, k = 1, T = 12 -> C = 4; each expert takes the 4 tokens with the
+ * largest softmax score (computed here). */
+static void test_expert_choice(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(3, 1);
+    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    moe_layer *L = make_layer(&c, 12);
+    float z[36];
+    tu_fill(z, 36, tu_seed(), 6, -2, 2);
+    moe_forward_args a = moe_forward_args_default();
+    const moe_routing *r = route(L, z, 12, &a);
+    assert_int_equal(r->n_slots, 12);
+    assert_int_equal(moe_layer_get_stats(L)->capacity, 4);
+    double p[12][3];
+    for (int t = 0; t < 12; t++) {
+        double s = 0;
+        for (int e = 0; e < 3; e++) s += exp(z[t * 3 + e]);
+        for (int e = 0; e < 3; e++) p[t][e] = exp(z[t * 3 + e]) / s;
+    }
+    for (int e = 0; e < 3; e++) {
+        uint8_t taken[12] = {0};
+        for (int i = 0; i < 4; i++) {
+            int best = -1;
+            for (int t = 0; t < 12; t++)
+                if (!taken[t] && (best < 0 || p[t][e] > p[best][e])) best = t;
+            taken[best] = 1;
+            assert_int_equal(r->token[e * 4 + i], best);
+            assert_int_equal(r->expert[e * 4 + i], e);
+            assert_true(fabs(r->weight[e * 4 + i] - p[best][e]) < 1e-6);
+        }
+    }
+    moe_layer_destroy(L);
+}
+
+/* Aux loss: uniform scores give exactly coeff (sum_e f_e = 1, P_e = 1/E). Two tokens with
+ * logits (ln 3, 0): P = (0.75, 0.25), both pick expert 0, f = (1, 0):
+ * aux = coeff * 2 * 0.75. z-loss: lse = ln 4 for each token: z_coeff * (ln 4)^2. */
+static void test_aux_and_z_values(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(2, 1);
+    c.lb_type = MOE_LB_AUX;
+    c.aux_coeff = 0.01f;
+    c.z_coeff = 0.001f;
+    moe_layer *L = make_layer(&c, 4);
+    moe_forward_args a = moe_forward_args_default();
+    const float uni[8] = {0};
+    route(L, uni, 4, &a);
+    assert_true(fabs(moe_layer_get_stats(L)->aux_loss - 0.01) < 1e-9);
+    assert_true(fabs(moe_layer_get_stats(L)->z_loss - 0.001 * log(2.0) * log(2.0)) < 1e-9);
+    float z[4] = {(float)log(3.0), 0, (float)log(3.0), 0};
+    route(L, z, 2, &a);
+    assert_true(fabs(moe_layer_get_stats(L)->aux_loss - 0.01 * 2 * 0.75) < 1e-7);
+    assert_true(fabs(moe_layer_get_stats(L)->z_loss - 0.001 * log(4.0) * log(4.0)) < 1e-7);
+    moe_layer_destroy(L);
+}
+
+/* Masked tokens: output exactly 0 (shared expert included), counted nowhere. */
+static void test_mask(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(4, 2);
+    c.shared_ffn = 5;
+    c.lb_type = MOE_LB_AUX;
+    c.aux_coeff = 0.1f;
+    moe_layer *L = make_layer(&c, 6);
+    float z[24], out[24];
+    tu_fill(z, 24, tu_seed(), 7, -1, 1);
+    const uint8_t mask[6] = {1, 0, 1, 1, 0, 1};
+    moe_forward_args a = moe_forward_args_default();
+    a.mask = mask;
+    tu_poison(out, 24);
+    assert_int_equal(moe_layer_forward(L, out, z, 6, &a), MOE_OK);
+    for (int t = 0; t < 6; t++)
+        for (int i = 0; i < 4; i++) {
+            if (!mask[t]) assert_true(out[t * 4 + i] == 0.0f);
+            else assert_true(isfinite(out[t * 4 + i]) && out[t * 4 + i] != 0.0f);
+        }
+    const moe_layer_stats *st = moe_layer_get_stats(L);
+    assert_int_equal(st->n_valid, 4);
+    assert_int_equal(st->routed, 8);
+    const moe_routing *r = moe_layer_get_routing(L);
+    assert_int_equal(r->expert[2], -1);
+    assert_int_equal(r->expert[9], -1);
+    moe_layer_destroy(L);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_group_limited_deepseek), cmocka_unit_test(test_pre_post_softmax),
+        cmocka_unit_test(test_ties_lower_index),       cmocka_unit_test(test_sinkhorn),
+        cmocka_unit_test(test_capacity_positions),     cmocka_unit_test(test_capacity_arithmetic),
+        cmocka_unit_test(test_fake_round_robin),       cmocka_unit_test(test_bias_update_sign),
+        cmocka_unit_test(test_random_routing),         cmocka_unit_test(test_expert_choice),
+        cmocka_unit_test(test_aux_and_z_values),       cmocka_unit_test(test_mask),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
