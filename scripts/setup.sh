@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what moe.c needs from Debian 12's packages, if missing (run as root).
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config clang libopenblas-openmp-dev libcmocka-dev libcjson-dev fortunes)
+pkgs=(build-essential cmake pkg-config clang libopenblas-openmp-dev libcmocka-dev libcjson-dev
+      fortunes python3-torch)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

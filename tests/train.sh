@@ -34,6 +34,10 @@ strip "$tmp/a/metrics.jsonl" >"$tmp/a.m"; strip "$tmp/b/metrics.jsonl" >"$tmp/b.
 cmp -s "$tmp/a.m" "$tmp/b.m" || { diff "$tmp/a.m" "$tmp/b.m" | head -5; fail "resumed losses differ"; }
 cmp -s "$tmp/a/step-00000012/trainer.safetensors" "$tmp/b/step-00000012/trainer.safetensors" \
   || fail "resumed optimizer state differs"
+# a fresh run never overwrites an earlier run's checkpoints
+# shellcheck disable=SC2086
+expect 2 "$moe" train $tiny --save "$tmp/a"
+grep -q "already holds a checkpoint" "$tmp/out" || fail "overwrite guard: $(cat "$tmp/out")"
 # bad input: one clear line, non-zero exit, nothing saved is lost
 cp -r "$tmp/a/step-00000012" "$tmp/keep"
 head -c 3000 "$tmp/a/step-00000012/model.safetensors" >"$tmp/trunc.st"

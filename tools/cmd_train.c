@@ -239,6 +239,16 @@ int moe_cmd_train(int argc, char **argv) {
         return 0;
     }
     if (o.threads > 0) omp_set_num_threads(o.threads);
+    if (o.save[0] && !ckpt[0]) { /* never overwrite an earlier run's checkpoints */
+        char latest[MOE_PATH_MAX + 16];
+        snprintf(latest, sizeof latest, "%s/latest", o.save);
+        struct stat sb;
+        if (stat(latest, &sb) == 0) {
+            fprintf(stderr, "moe train: %s already holds a checkpoint; resume with --load %s, or "
+                            "choose another --save\n", o.save, o.save);
+            return 2;
+        }
+    }
     const char *data = o.data_path[0] ? o.data_path : DEFAULT_DATA;
     char path[MOE_PATH_MAX + 16];
     moe_tokens train = {0}, val = {0};
