@@ -33,6 +33,19 @@ void moe_free(void *p);
 /* a*b with overflow check: returns 0 and sets *out on success, -1 on overflow. */
 int moe_mul_size(size_t a, size_t b, size_t *out);
 
+/* Validation: returns MOE_ERR_INVALID with the message unless cond holds. */
+#define MOE_CHECK(cond, ...)                                                                  \
+    do {                                                                                      \
+        if (!(cond)) return moe_set_error(MOE_ERR_INVALID, __VA_ARGS__);                      \
+    } while (0)
+
+/* Parsers: sets `status` to MOE_ERR_FORMAT with the message and jumps to `done`. */
+#define MOE_FAIL_FORMAT(...)                                                                  \
+    do {                                                                                      \
+        status = moe_set_error(MOE_ERR_FORMAT, __VA_ARGS__);                                  \
+        goto done;                                                                            \
+    } while (0)
+
 /* Bump allocator over one allocation: plan sizes first (base NULL), then carve. */
 typedef struct {
     char *base;

@@ -296,22 +296,17 @@ void moe_tokens_free(moe_tokens *t) {
     memset(t, 0, sizeof *t);
 }
 
-#define BAD(...)                                                                              \
-    do {                                                                                      \
-        st = moe_set_error(MOE_ERR_FORMAT, __VA_ARGS__);                                      \
-        goto done;                                                                            \
-    } while (0)
 
 moe_status moe_tokens_load(const char *path, moe_tokens *out) {
     memset(out, 0, sizeof *out);
     char *buf;
     size_t size;
     MOE_TRY(read_file(path, &buf, &size));
-    moe_status st = MOE_OK;
+    moe_status status = MOE_OK;
     uint32_t version, dtype, vocab, eot, n_src;
     uint64_t n, nd;
     if (size < 64 || memcmp(buf, MOE_TOKENS_MAGIC, 8))
-        BAD("%s is not a token file (no %s header); make one with moe prepare", path,
+        MOE_FAIL_FORMAT("%s is not a token file (no %s header); make one with moe prepare", path,
             MOE_TOKENS_MAGIC);
     memcpy(&version, buf + 8, 4);
     memcpy(&dtype, buf + 12, 4);
@@ -319,22 +314,22 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
     memcpy(&vocab, buf + 24, 4);
     memcpy(&eot, buf + 28, 4);
     memcpy(&nd, buf + 32, 8);
-    if (version != MOE_TOKENS_VERSION) BAD("%s: unsupported version %u", path, version);
-    if (dtype != MOE_TOKENS_U16) BAD("%s: unsupported token type %u", path, dtype);
+    if (version != MOE_TOKENS_VERSION) MOE_FAIL_FORMAT("%s: unsupported version %u", path, version);
+    if (dtype != MOE_TOKENS_U16) MOE_FAIL_FORMAT("%s: unsupported token type %u", path, dtype);
     if (vocab < 2 || vocab > 65536 || eot >= vocab)
-        BAD("%s: bad vocabulary size %u / end-of-text id %u", path, vocab, eot);
+        MOE_FAIL_FORMAT("%s: bad vocabulary size %u / end-of-text id %u", path, vocab, eot);
     size_t left = size - 64;
-    if (n > left / 2) BAD("%s: truncated: %llu tokens announced, room for %zu", path,
+    if (n > left / 2) MOE_FAIL_FORMAT("%s: truncated: %llu tokens announced, room for %zu", path,
                           (unsigned long long)n, left / 2);
     left -= (size_t)n * 2;
-    if (nd > left / 16) BAD("%s: truncated document table", path);
+    if (nd > left / 16) MOE_FAIL_FORMAT("%s: truncated document table", path);
     left -= (size_t)nd * 16;
-    if (left < 4) BAD("%s: truncated source table", path);
+    if (left < 4) MOE_FAIL_FORMAT("%s: truncated source table", path);
     const char *p = buf + 64 + n * 2 + nd * 16;
     memcpy(&n_src, p, 4);
     p += 4;
     left -= 4;
-    if (n_src > left / 4) BAD("%s: bad source count %u", path, n_src);
+    if (n_src > left / 4) MOE_FAIL_FORMAT("%s: bad source count %u", path, n_src);
     out->n_tokens = (int64_t)n;
     out->vocab = (int)vocab;
     out->eot = (int)eot;
@@ -344,32 +339,32 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
     out->doc_source = malloc((size_t)(nd ? nd : 1) * 4);
     out->sources = calloc(n_src ? n_src : 1, sizeof(char *));
     if (!out->tokens || !out->doc_start || !out->doc_source || !out->sources) {
-        st = moe_set_error(MOE_ERR_NOMEM, "out of memory loading %s", path);
+        status = moe_set_error(MOE_ERR_NOMEM, "out of memory loading %s", path);
         goto done;
     }
     memcpy(out->tokens, buf + 64, (size_t)n * 2);
     for (uint64_t i = 0; i < n; i++)
         if (out->tokens[i] >= vocab)
-            BAD("%s: token %u at %llu is outside the vocabulary (%u)", path, out->tokens[i],
+            MOE_FAIL_FORMAT("%s: token %u at %llu is outside the vocabulary (%u)", path, out->tokens[i],
                 (unsigned long long)i, vocab);
     for (uint64_t i = 0; i < nd; i++) {
         uint64_t pair[2];
         memcpy(pair, buf + 64 + n * 2 + i * 16, 16);
         if (pair[0] >= n || (i && pair[0] <= out->doc_start[i - 1]) || pair[1] >= n_src)
-            BAD("%s: bad document table entry %llu", path, (unsigned long long)i);
+            MOE_FAIL_FORMAT("%s: bad document table entry %llu", path, (unsigned long long)i);
         out->doc_start[i] = pair[0];
         out->doc_source[i] = (uint32_t)pair[1];
     }
     for (uint32_t i = 0; i < n_src; i++) {
         uint32_t l;
-        if (left < 4) BAD("%s: truncated source table", path);
+        if (left < 4) MOE_FAIL_FORMAT("%s: truncated source table", path);
         memcpy(&l, p, 4);
         p += 4;
         left -= 4;
-        if (l > left) BAD("%s: truncated source name", path);
+        if (l > left) MOE_FAIL_FORMAT("%s: truncated source name", path);
         out->sources[i] = malloc(l + 1);
         if (!out->sources[i]) {
-            st = moe_set_error(MOE_ERR_NOMEM, "out of memory loading %s", path);
+            status = moe_set_error(MOE_ERR_NOMEM, "out of memory loading %s", path);
             goto done;
         }
         memcpy(out->sources[i], p, l);
@@ -378,11 +373,11 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
         p += l;
         left -= l;
     }
-    if (left != 0) BAD("%s: %zu unexpected bytes at the end", path, left);
+    if (left != 0) MOE_FAIL_FORMAT("%s: %zu unexpected bytes at the end", path, left);
 done:
     free(buf);
-    if (st != MOE_OK) moe_tokens_free(out);
-    return st;
+    if (status != MOE_OK) moe_tokens_free(out);
+    return status;
 }
 
 void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t stream,

@@ -27,11 +27,6 @@ void moe_st_free(moe_safetensors *st) {
     memset(st, 0, sizeof *st);
 }
 
-#define BAD(...)                                                                              \
-    do {                                                                                      \
-        status = moe_set_error(MOE_ERR_FORMAT, __VA_ARGS__);                                  \
-        goto done;                                                                            \
-    } while (0)
 
 static int cmp_begin(const void *a, const void *b) {
     const moe_st_tensor *x = *(moe_st_tensor *const *)a, *y = *(moe_st_tensor *const *)b;
@@ -45,25 +40,25 @@ moe_status moe_st_read(const char *path, moe_safetensors *out) {
     moe_status status = MOE_OK;
     cJSON *root = NULL;
     moe_st_tensor **order = NULL;
-    if (fseek(f, 0, SEEK_END) != 0) BAD("%s: cannot seek", path);
+    if (fseek(f, 0, SEEK_END) != 0) MOE_FAIL_FORMAT("%s: cannot seek", path);
     long size = ftell(f);
     rewind(f);
-    if (size < 8) BAD("%s: too short for a safetensors file (%ld bytes)", path, size);
+    if (size < 8) MOE_FAIL_FORMAT("%s: too short for a safetensors file (%ld bytes)", path, size);
     out->size = (size_t)size;
     out->buf = malloc(out->size);
     if (!out->buf) {
         status = moe_set_error(MOE_ERR_NOMEM, "out of memory reading %s", path);
         goto done;
     }
-    if (fread(out->buf, 1, out->size, f) != out->size) BAD("%s: read error", path);
+    if (fread(out->buf, 1, out->size, f) != out->size) MOE_FAIL_FORMAT("%s: read error", path);
     uint64_t hlen;
     memcpy(&hlen, out->buf, 8);
-    if (hlen > out->size - 8) BAD("%s: header length %llu exceeds the file (%zu bytes)", path,
+    if (hlen > out->size - 8) MOE_FAIL_FORMAT("%s: header length %llu exceeds the file (%zu bytes)", path,
                                   (unsigned long long)hlen, out->size);
     const unsigned char *data = out->buf + 8 + hlen;
     size_t data_len = out->size - 8 - (size_t)hlen;
     root = cJSON_ParseWithLength((const char *)out->buf + 8, (size_t)hlen);
-    if (!cJSON_IsObject(root)) BAD("%s: the header is not a JSON object", path);
+    if (!cJSON_IsObject(root)) MOE_FAIL_FORMAT("%s: the header is not a JSON object", path);
     int n = cJSON_GetArraySize(root);
     out->tensors = calloc((size_t)n + 1, sizeof *out->tensors);
     out->meta_keys = calloc((size_t)n + 1, sizeof(char *));
@@ -74,15 +69,15 @@ moe_status moe_st_read(const char *path, moe_safetensors *out) {
     }
     for (cJSON *it = root->child; it; it = it->next) {
         if (!strcmp(it->string, "__metadata__")) {
-            if (!cJSON_IsObject(it)) BAD("%s: __metadata__ is not an object", path);
+            if (!cJSON_IsObject(it)) MOE_FAIL_FORMAT("%s: __metadata__ is not an object", path);
             int nm = cJSON_GetArraySize(it);
             char **k = realloc(out->meta_keys, sizeof(char *) * (size_t)(nm + 1));
             if (k) out->meta_keys = k;
             char **v = realloc(out->meta_values, sizeof(char *) * (size_t)(nm + 1));
             if (v) out->meta_values = v;
-            if (!k || !v) BAD("%s: out of memory", path);
+            if (!k || !v) MOE_FAIL_FORMAT("%s: out of memory", path);
             for (cJSON *m = it->child; m; m = m->next) {
-                if (!cJSON_IsString(m)) BAD("%s: metadata value of '%s' is not a string", path, m->string);
+                if (!cJSON_IsString(m)) MOE_FAIL_FORMAT("%s: metadata value of '%s' is not a string", path, m->string);
                 out->meta_keys[out->n_meta] = strdup(m->string);
                 out->meta_values[out->n_meta] = strdup(m->valuestring);
                 out->n_meta++;
@@ -90,27 +85,27 @@ moe_status moe_st_read(const char *path, moe_safetensors *out) {
             continue;
         }
         moe_st_tensor *t = &out->tensors[out->n_tensors];
-        if (strlen(it->string) >= sizeof t->name) BAD("%s: tensor name too long: %.60s...", path, it->string);
+        if (strlen(it->string) >= sizeof t->name) MOE_FAIL_FORMAT("%s: tensor name too long: %.60s...", path, it->string);
         snprintf(t->name, sizeof t->name, "%s", it->string);
         cJSON *dt = cJSON_GetObjectItemCaseSensitive(it, "dtype");
         cJSON *sh = cJSON_GetObjectItemCaseSensitive(it, "shape");
         cJSON *off = cJSON_GetObjectItemCaseSensitive(it, "data_offsets");
         if (!cJSON_IsString(dt) || !cJSON_IsArray(sh) || !cJSON_IsArray(off) ||
             cJSON_GetArraySize(off) != 2)
-            BAD("%s: tensor '%s' lacks dtype, shape or data_offsets", path, t->name);
+            MOE_FAIL_FORMAT("%s: tensor '%s' lacks dtype, shape or data_offsets", path, t->name);
         int d;
         for (d = 0; d < N_DTYPES && strcmp(dt->valuestring, dtype_names[d]); d++) {}
-        if (d == N_DTYPES) BAD("%s: tensor '%s' has unsupported dtype %s", path, t->name, dt->valuestring);
+        if (d == N_DTYPES) MOE_FAIL_FORMAT("%s: tensor '%s' has unsupported dtype %s", path, t->name, dt->valuestring);
         t->dtype = (moe_dtype)d;
         t->ndim = cJSON_GetArraySize(sh);
-        if (t->ndim > 8) BAD("%s: tensor '%s' has %d dimensions", path, t->name, t->ndim);
+        if (t->ndim > 8) MOE_FAIL_FORMAT("%s: tensor '%s' has %d dimensions", path, t->name, t->ndim);
         size_t numel = 1;
         int i = 0;
         for (cJSON *s = sh->child; s; s = s->next, i++) {
             double v = cJSON_IsNumber(s) ? s->valuedouble : -1;
-            if (v < 0 || v != floor(v) || v > 9e15) BAD("%s: tensor '%s' has a bad shape", path, t->name);
+            if (v < 0 || v != floor(v) || v > 9e15) MOE_FAIL_FORMAT("%s: tensor '%s' has a bad shape", path, t->name);
             t->shape[i] = (int64_t)v;
-            if (moe_mul_size(numel, (size_t)v, &numel)) BAD("%s: tensor '%s' is too large", path, t->name);
+            if (moe_mul_size(numel, (size_t)v, &numel)) MOE_FAIL_FORMAT("%s: tensor '%s' is too large", path, t->name);
         }
         t->numel = numel;
         double a = cJSON_IsNumber(off->child) ? off->child->valuedouble : -1;
@@ -118,22 +113,22 @@ moe_status moe_st_read(const char *path, moe_safetensors *out) {
         size_t bytes;
         if (moe_mul_size(numel, dtype_sizes[d], &bytes) || a < 0 || b < a || a != floor(a) ||
             b != floor(b) || b > (double)data_len || (size_t)(b - a) != bytes)
-            BAD("%s: tensor '%s' has data_offsets [%.0f, %.0f] that do not fit its shape or the "
+            MOE_FAIL_FORMAT("%s: tensor '%s' has data_offsets [%.0f, %.0f] that do not fit its shape or the "
                 "file (%zu data bytes)", path, t->name, a, b, data_len);
         t->data = data + (size_t)a;
         t->nbytes = bytes;
         for (int j = 0; j < out->n_tensors; j++)
-            if (!strcmp(out->tensors[j].name, t->name)) BAD("%s: tensor '%s' appears twice", path, t->name);
+            if (!strcmp(out->tensors[j].name, t->name)) MOE_FAIL_FORMAT("%s: tensor '%s' appears twice", path, t->name);
         out->n_tensors++;
     }
     /* tensors must not overlap */
     order = malloc(sizeof *order * (size_t)(out->n_tensors + 1));
-    if (!order) BAD("%s: out of memory", path);
+    if (!order) MOE_FAIL_FORMAT("%s: out of memory", path);
     for (int i = 0; i < out->n_tensors; i++) order[i] = &out->tensors[i];
     qsort(order, (size_t)out->n_tensors, sizeof *order, cmp_begin);
     for (int i = 1; i < out->n_tensors; i++)
         if (order[i - 1]->data + order[i - 1]->nbytes > order[i]->data)
-            BAD("%s: tensors '%s' and '%s' overlap", path, order[i - 1]->name, order[i]->name);
+            MOE_FAIL_FORMAT("%s: tensors '%s' and '%s' overlap", path, order[i - 1]->name, order[i]->name);
 done:
     free(order);
     cJSON_Delete(root);

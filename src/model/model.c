@@ -94,34 +94,29 @@ static moe_layer_config layer_config(const moe_model_config *c, int l) {
     return lc;
 }
 
-#define CHECK(cond, ...)                                                                      \
-    do {                                                                                      \
-        if (!(cond)) return moe_set_error(MOE_ERR_INVALID, __VA_ARGS__);                      \
-    } while (0)
-
 moe_status moe_model_config_validate(const moe_model_config *c) {
-    CHECK(c->vocab >= 2, "vocab size must be >= 2 (got %d)", c->vocab);
-    CHECK(c->d >= 1, "hidden-size must be >= 1 (got %d)", c->d);
-    CHECK(c->n_layers >= 1 && c->n_layers <= MOE_MAX_LAYERS,
+    MOE_CHECK(c->vocab >= 2, "vocab size must be >= 2 (got %d)", c->vocab);
+    MOE_CHECK(c->d >= 1, "hidden-size must be >= 1 (got %d)", c->d);
+    MOE_CHECK(c->n_layers >= 1 && c->n_layers <= MOE_MAX_LAYERS,
           "num-layers must be between 1 and %d (got %d)", MOE_MAX_LAYERS, c->n_layers);
-    CHECK(c->n_heads >= 1 && c->d % c->n_heads == 0,
+    MOE_CHECK(c->n_heads >= 1 && c->d % c->n_heads == 0,
           "num-attention-heads (%d) must divide hidden-size (%d)", c->n_heads, c->d);
-    CHECK((c->d / c->n_heads) % 2 == 0, "the head size hidden-size/num-attention-heads (%d) must be "
+    MOE_CHECK((c->d / c->n_heads) % 2 == 0, "the head size hidden-size/num-attention-heads (%d) must be "
           "even for rotary embeddings", c->d / c->n_heads);
-    CHECK(c->n_kv_heads >= 1 && c->n_heads % c->n_kv_heads == 0,
+    MOE_CHECK(c->n_kv_heads >= 1 && c->n_heads % c->n_kv_heads == 0,
           "num-query-groups (%d) must divide num-attention-heads (%d)", c->n_kv_heads, c->n_heads);
-    CHECK(c->ffn >= 1, "ffn-hidden-size must be >= 1 (got %d)", c->ffn);
-    CHECK(c->seq_len >= 1, "seq-length must be >= 1 (got %d)", c->seq_len);
-    CHECK(isfinite(c->rope_theta) && c->rope_theta > 1, "rotary-base must be > 1 (got %g)",
+    MOE_CHECK(c->ffn >= 1, "ffn-hidden-size must be >= 1 (got %d)", c->ffn);
+    MOE_CHECK(c->seq_len >= 1, "seq-length must be >= 1 (got %d)", c->seq_len);
+    MOE_CHECK(isfinite(c->rope_theta) && c->rope_theta > 1, "rotary-base must be > 1 (got %g)",
           c->rope_theta);
-    CHECK(isfinite(c->norm_eps) && c->norm_eps > 0, "norm-epsilon must be > 0 (got %g)",
+    MOE_CHECK(isfinite(c->norm_eps) && c->norm_eps > 0, "norm-epsilon must be > 0 (got %g)",
           c->norm_eps);
-    CHECK(isfinite(c->init_std) && c->init_std > 0, "init-method-std must be > 0 (got %g)",
+    MOE_CHECK(isfinite(c->init_std) && c->init_std > 0, "init-method-std must be > 0 (got %g)",
           c->init_std);
-    CHECK(c->moe_layer_freq >= 1, "moe-layer-freq must be >= 1 (got %d)", c->moe_layer_freq);
-    CHECK(c->first_k_dense >= 0, "first-k-dense must be >= 0 (got %d)", c->first_k_dense);
+    MOE_CHECK(c->moe_layer_freq >= 1, "moe-layer-freq must be >= 1 (got %d)", c->moe_layer_freq);
+    MOE_CHECK(c->first_k_dense >= 0, "first-k-dense must be >= 0 (got %d)", c->first_k_dense);
     for (int l = 0; l < c->n_layers; l++) {
-        CHECK(c->n_experts[l] >= 0, "num-experts of layer %d must be >= 0 (got %d)", l,
+        MOE_CHECK(c->n_experts[l] >= 0, "num-experts of layer %d must be >= 0 (got %d)", l,
               c->n_experts[l]);
         if (!moe_model_layer_experts(c, l)) continue;
         moe_layer_config lc = layer_config(c, l);

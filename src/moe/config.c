@@ -40,93 +40,88 @@ moe_forward_args moe_forward_args_default(void) {
 
 static int bad_float(float v) { return !isfinite(v); }
 
-#define CHECK(cond, ...)                                                                      \
-    do {                                                                                      \
-        if (!(cond)) return moe_set_error(MOE_ERR_INVALID, __VA_ARGS__);                      \
-    } while (0)
-
 moe_status moe_layer_config_validate(const moe_layer_config *c) {
-    CHECK(c->d >= 1, "hidden size must be >= 1 (got %d)", c->d);
-    CHECK(c->n_experts >= 1, "num-experts must be >= 1 (got %d)", c->n_experts);
-    CHECK(c->ffn >= 1, "moe-ffn-hidden-size must be >= 1 (got %d)", c->ffn);
-    CHECK(c->topk >= 1 && c->topk <= c->n_experts,
+    MOE_CHECK(c->d >= 1, "hidden size must be >= 1 (got %d)", c->d);
+    MOE_CHECK(c->n_experts >= 1, "num-experts must be >= 1 (got %d)", c->n_experts);
+    MOE_CHECK(c->ffn >= 1, "moe-ffn-hidden-size must be >= 1 (got %d)", c->ffn);
+    MOE_CHECK(c->topk >= 1 && c->topk <= c->n_experts,
           "moe-router-topk (%d) must be between 1 and num-experts (%d)", c->topk, c->n_experts);
-    CHECK(c->act >= MOE_ACT_SWIGLU && c->act <= MOE_ACT_SILU, "unknown activation %d", (int)c->act);
-    CHECK(c->router >= MOE_ROUTER_TOPK && c->router <= MOE_ROUTER_FAKE_BALANCED,
+    MOE_CHECK(c->act >= MOE_ACT_SWIGLU && c->act <= MOE_ACT_SILU, "unknown activation %d", (int)c->act);
+    MOE_CHECK(c->router >= MOE_ROUTER_TOPK && c->router <= MOE_ROUTER_FAKE_BALANCED,
           "unknown router type %d", (int)c->router);
-    CHECK(c->score >= MOE_SCORE_SOFTMAX && c->score <= MOE_SCORE_SQRTSOFTPLUS,
+    MOE_CHECK(c->score >= MOE_SCORE_SOFTMAX && c->score <= MOE_SCORE_SQRTSOFTPLUS,
           "unknown score function %d", (int)c->score);
-    CHECK(c->norm_topk >= MOE_NORM_AUTO && c->norm_topk <= MOE_NORM_ON,
+    MOE_CHECK(c->norm_topk >= MOE_NORM_AUTO && c->norm_topk <= MOE_NORM_ON,
           "unknown norm-topk setting %d", (int)c->norm_topk);
-    CHECK(c->lb_type >= MOE_LB_NONE && c->lb_type <= MOE_LB_GLOBAL_AUX,
+    MOE_CHECK(c->lb_type >= MOE_LB_NONE && c->lb_type <= MOE_LB_GLOBAL_AUX,
           "unknown load-balancing type %d", (int)c->lb_type);
-    CHECK(c->drop_policy == MOE_DROP_PROBS || c->drop_policy == MOE_DROP_POSITION,
+    MOE_CHECK(c->drop_policy == MOE_DROP_PROBS || c->drop_policy == MOE_DROP_POSITION,
           "unknown token drop policy %d", (int)c->drop_policy);
-    CHECK(!bad_float(c->route_scale) && c->route_scale > 0,
+    MOE_CHECK(!bad_float(c->route_scale) && c->route_scale > 0,
           "moe-router-topk-scaling-factor must be a positive number (got %g)", c->route_scale);
-    CHECK(!bad_float(c->aux_coeff) && c->aux_coeff >= 0,
+    MOE_CHECK(!bad_float(c->aux_coeff) && c->aux_coeff >= 0,
           "moe-aux-loss-coeff must be a non-negative number (got %g)", c->aux_coeff);
-    CHECK(!bad_float(c->z_coeff) && c->z_coeff >= 0,
+    MOE_CHECK(!bad_float(c->z_coeff) && c->z_coeff >= 0,
           "moe-z-loss-coeff must be a non-negative number (got %g)", c->z_coeff);
-    CHECK(!bad_float(c->jitter_eps) && c->jitter_eps >= 0 && c->jitter_eps < 1,
+    MOE_CHECK(!bad_float(c->jitter_eps) && c->jitter_eps >= 0 && c->jitter_eps < 1,
           "moe-input-jitter-eps must be in [0, 1) (got %g)", c->jitter_eps);
-    CHECK(!bad_float(c->bias_update_rate) && c->bias_update_rate >= 0,
+    MOE_CHECK(!bad_float(c->bias_update_rate) && c->bias_update_rate >= 0,
           "moe-router-bias-update-rate must be a non-negative number (got %g)", c->bias_update_rate);
-    CHECK(!bad_float(c->capacity_factor), "moe-expert-capacity-factor must be a number (got %g)",
+    MOE_CHECK(!bad_float(c->capacity_factor), "moe-expert-capacity-factor must be a number (got %g)",
           c->capacity_factor);
-    CHECK(c->min_capacity >= 0, "moe-min-capacity must be >= 0 (got %d)", c->min_capacity);
-    CHECK(c->n_groups >= 1, "moe-router-num-groups must be >= 1 (got %d)", c->n_groups);
+    MOE_CHECK(c->min_capacity >= 0, "moe-min-capacity must be >= 0 (got %d)", c->min_capacity);
+    MOE_CHECK(c->n_groups >= 1, "moe-router-num-groups must be >= 1 (got %d)", c->n_groups);
     if (c->n_groups > 1) {
-        CHECK(c->n_experts % c->n_groups == 0,
+        MOE_CHECK(c->n_experts % c->n_groups == 0,
               "moe-router-num-groups (%d) must divide num-experts (%d)", c->n_groups, c->n_experts);
-        CHECK(c->group_topk >= 1 && c->group_topk <= c->n_groups,
+        MOE_CHECK(c->group_topk >= 1 && c->group_topk <= c->n_groups,
               "moe-router-group-topk (%d) must be between 1 and moe-router-num-groups (%d)",
               c->group_topk, c->n_groups);
-        CHECK(c->topk <= c->group_topk * (c->n_experts / c->n_groups),
+        MOE_CHECK(c->topk <= c->group_topk * (c->n_experts / c->n_groups),
               "moe-router-topk (%d) exceeds the experts in moe-router-group-topk (%d) groups of %d",
               c->topk, c->group_topk, c->n_experts / c->n_groups);
-        CHECK(c->router == MOE_ROUTER_TOPK,
+        MOE_CHECK(c->router == MOE_ROUTER_TOPK,
               "group-limited routing (moe-router-num-groups %d) needs the topk router", c->n_groups);
     }
-    CHECK(!c->enable_expert_bias || c->router == MOE_ROUTER_TOPK,
+    MOE_CHECK(!c->enable_expert_bias || c->router == MOE_ROUTER_TOPK,
           "moe-router-enable-expert-bias needs the topk router");
-    CHECK(c->lb_type == MOE_LB_NONE || c->router == MOE_ROUTER_TOPK || c->aux_coeff == 0,
+    MOE_CHECK(c->lb_type == MOE_LB_NONE || c->router == MOE_ROUTER_TOPK || c->aux_coeff == 0,
           "an aux loss (moe-aux-loss-coeff %g) needs the topk router: %s routing balances by itself",
           c->aux_coeff,
           c->router == MOE_ROUTER_SINKHORN ? "sinkhorn"
           : c->router == MOE_ROUTER_EXPERT_CHOICE ? "expert-choice" : "fake-balanced");
-    CHECK(!c->random_routing || c->router == MOE_ROUTER_TOPK,
+    MOE_CHECK(!c->random_routing || c->router == MOE_ROUTER_TOPK,
           "moe-random-routing needs the topk router");
-    CHECK(!c->random_routing || (!bad_float(c->random_routing_threshold) &&
+    MOE_CHECK(!c->random_routing || (!bad_float(c->random_routing_threshold) &&
                                  c->random_routing_threshold > 0),
           "moe-random-routing-threshold must be positive (got %g)", c->random_routing_threshold);
-    CHECK(!bad_float(c->fake_noise) && c->fake_noise >= 0 && c->fake_noise <= 1,
+    MOE_CHECK(!bad_float(c->fake_noise) && c->fake_noise >= 0 && c->fake_noise <= 1,
           "moe-fake-gate-noise must be in [0, 1] (got %g)", c->fake_noise);
-    CHECK(c->fake_skip_first >= 0 && c->fake_skip_first < c->n_experts,
+    MOE_CHECK(c->fake_skip_first >= 0 && c->fake_skip_first < c->n_experts,
           "moe-fake-gate-skip-first-n (%d) must be below num-experts (%d)", c->fake_skip_first,
           c->n_experts);
-    CHECK(c->router != MOE_ROUTER_FAKE_BALANCED || c->topk <= c->n_experts - c->fake_skip_first,
+    MOE_CHECK(c->router != MOE_ROUTER_FAKE_BALANCED || c->topk <= c->n_experts - c->fake_skip_first,
           "moe-router-topk (%d) exceeds the %d experts left after moe-fake-gate-skip-first-n",
           c->topk, c->n_experts - c->fake_skip_first);
-    CHECK(!bad_float(c->sinkhorn_tol) && c->sinkhorn_tol > 0,
+    MOE_CHECK(!bad_float(c->sinkhorn_tol) && c->sinkhorn_tol > 0,
           "moe-sinkhorn-tol must be positive (got %g)", c->sinkhorn_tol);
-    CHECK(c->sinkhorn_max_iter >= 1, "moe-sinkhorn-max-iter must be >= 1 (got %d)",
+    MOE_CHECK(c->sinkhorn_max_iter >= 1, "moe-sinkhorn-max-iter must be >= 1 (got %d)",
           c->sinkhorn_max_iter);
-    CHECK(c->router != MOE_ROUTER_EXPERT_CHOICE || c->capacity_factor >= 0,
+    MOE_CHECK(c->router != MOE_ROUTER_EXPERT_CHOICE || c->capacity_factor >= 0,
           "expert-choice routing needs moe-expert-capacity-factor >= 0 (got %g)", c->capacity_factor);
-    CHECK(c->router != MOE_ROUTER_EXPERT_CHOICE || !c->pad_to_capacity,
+    MOE_CHECK(c->router != MOE_ROUTER_EXPERT_CHOICE || !c->pad_to_capacity,
           "moe-pad-expert-input-to-capacity does not apply to expert-choice routing");
-    CHECK(!c->pad_to_capacity || c->capacity_factor != 0,
+    MOE_CHECK(!c->pad_to_capacity || c->capacity_factor != 0,
           "moe-pad-expert-input-to-capacity needs moe-expert-capacity-factor != 0");
-    CHECK(c->shared_ffn >= 0, "moe-shared-expert-intermediate-size must be >= 0 (got %d)",
+    MOE_CHECK(c->shared_ffn >= 0, "moe-shared-expert-intermediate-size must be >= 0 (got %d)",
           c->shared_ffn);
-    CHECK(!c->shared_gate || c->shared_ffn > 0,
+    MOE_CHECK(!c->shared_gate || c->shared_ffn > 0,
           "moe-shared-expert-gate needs moe-shared-expert-intermediate-size > 0");
-    CHECK(!c->residual || c->shared_ffn > 0,
+    MOE_CHECK(!c->residual || c->shared_ffn > 0,
           "moe-use-residual needs a residual MLP: set moe-shared-expert-intermediate-size > 0");
-    CHECK(!(c->residual && c->shared_gate),
+    MOE_CHECK(!(c->residual && c->shared_gate),
           "moe-use-residual and moe-shared-expert-gate cannot be combined");
-    CHECK(c->layer_id >= 0, "layer id must be >= 0 (got %d)", c->layer_id);
+    MOE_CHECK(c->layer_id >= 0, "layer id must be >= 0 (got %d)", c->layer_id);
     return MOE_OK;
 }
 

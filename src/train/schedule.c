@@ -25,32 +25,27 @@ moe_train_config moe_train_config_default(void) {
     return c;
 }
 
-#define CHECK(cond, ...)                                                                      \
-    do {                                                                                      \
-        if (!(cond)) return moe_set_error(MOE_ERR_INVALID, __VA_ARGS__);                      \
-    } while (0)
-
 moe_status moe_train_config_validate(const moe_train_config *c) {
-    CHECK(c->train_iters >= 1, "train-iters must be >= 1 (got %d)", c->train_iters);
-    CHECK(c->micro_batch >= 1, "micro-batch-size must be >= 1 (got %d)", c->micro_batch);
-    CHECK(c->global_batch >= c->micro_batch && c->global_batch % c->micro_batch == 0,
+    MOE_CHECK(c->train_iters >= 1, "train-iters must be >= 1 (got %d)", c->train_iters);
+    MOE_CHECK(c->micro_batch >= 1, "micro-batch-size must be >= 1 (got %d)", c->micro_batch);
+    MOE_CHECK(c->global_batch >= c->micro_batch && c->global_batch % c->micro_batch == 0,
           "global-batch-size (%d) must be a multiple of micro-batch-size (%d)", c->global_batch,
           c->micro_batch);
-    CHECK(isfinite(c->lr) && c->lr >= 0, "lr must be >= 0 (got %g)", c->lr);
-    CHECK(isfinite(c->min_lr) && c->min_lr >= 0 && c->min_lr <= c->lr,
+    MOE_CHECK(isfinite(c->lr) && c->lr >= 0, "lr must be >= 0 (got %g)", c->lr);
+    MOE_CHECK(isfinite(c->min_lr) && c->min_lr >= 0 && c->min_lr <= c->lr,
           "min-lr (%g) must be between 0 and lr (%g)", c->min_lr, c->lr);
-    CHECK(c->warmup_iters >= 0 && c->decay_iters >= 0, "lr-warmup-iters and lr-decay-iters "
+    MOE_CHECK(c->warmup_iters >= 0 && c->decay_iters >= 0, "lr-warmup-iters and lr-decay-iters "
           "must be >= 0 (got %d, %d)", c->warmup_iters, c->decay_iters);
-    CHECK(c->decay_style >= MOE_LR_COSINE && c->decay_style <= MOE_LR_CONSTANT,
+    MOE_CHECK(c->decay_style >= MOE_LR_COSINE && c->decay_style <= MOE_LR_CONSTANT,
           "unknown lr-decay-style %d", (int)c->decay_style);
-    CHECK(isfinite(c->weight_decay) && c->weight_decay >= 0, "weight-decay must be >= 0 (got %g)",
+    MOE_CHECK(isfinite(c->weight_decay) && c->weight_decay >= 0, "weight-decay must be >= 0 (got %g)",
           c->weight_decay);
-    CHECK(c->beta1 >= 0 && c->beta1 < 1 && c->beta2 >= 0 && c->beta2 < 1,
+    MOE_CHECK(c->beta1 >= 0 && c->beta1 < 1 && c->beta2 >= 0 && c->beta2 < 1,
           "adam-beta1 and adam-beta2 must be in [0, 1) (got %g, %g)", c->beta1, c->beta2);
-    CHECK(isfinite(c->adam_eps) && c->adam_eps > 0, "adam-eps must be > 0 (got %g)", c->adam_eps);
-    CHECK(isfinite(c->clip_grad) && c->clip_grad >= 0, "clip-grad must be >= 0 (got %g)",
+    MOE_CHECK(isfinite(c->adam_eps) && c->adam_eps > 0, "adam-eps must be > 0 (got %g)", c->adam_eps);
+    MOE_CHECK(isfinite(c->clip_grad) && c->clip_grad >= 0, "clip-grad must be >= 0 (got %g)",
           c->clip_grad);
-    CHECK(c->eval_interval >= 0 && c->eval_iters >= 1,
+    MOE_CHECK(c->eval_interval >= 0 && c->eval_iters >= 1,
           "eval-interval must be >= 0 and eval-iters >= 1 (got %d, %d)", c->eval_interval,
           c->eval_iters);
     return MOE_OK;
