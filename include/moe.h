@@ -331,8 +331,21 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
                              int S, const moe_model_args *args, moe_model_loss *loss);
 /* Gradients of loss_scale * (nll + aux + z) of the last forward, added into the gradients. */
 moe_status moe_model_backward(moe_model *m);
-/* Logits [B*S, V] of the last forward. */
+/* Logits [B*S, V] of the last forward (or [n, V] of the last moe_model_decode). */
 const float *moe_model_logits(const moe_model *m);
+
+/* Incremental decoding of one sequence with a key/value cache: feeds n tokens at the
+ * positions after those already cached, and computes their logits (moe_model_logits).
+ * The cache holds up to seq_len positions; MOE_ERR_INVALID beyond. Inference only. */
+moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n);
+/* Empties the cache (a new sequence). */
+void moe_model_reset_cache(moe_model *m);
+/* Positions in the cache. */
+int moe_model_cache_len(const moe_model *m);
+
+/* Samples a token from logits [V]: temperature (0 = greedy), then the top_k most likely
+ * (0 = all), then the smallest set with probability >= top_p (1 = all); u uniform in [0,1). */
+int moe_sample(const float *logits, int V, float temperature, int top_k, float top_p, double u);
 
 /* -------------------------------------------------------------- training */
 

@@ -257,11 +257,64 @@ static void test_bad_input(void **state) {
     assert_non_null(strstr(moe_last_error(), "layer 1: moe-router-topk (5)"));
 }
 
+/* Decoding token by token with the cache gives the logits of a full recomputation. */
+static void test_kv_cache(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = tiny_config();
+    int S = 7;
+    moe_model *m;
+    assert_int_equal(moe_model_create(&c, 2 * S, &m), MOE_OK);
+    random_params(m, seed);
+    int32_t tok[7], tgt[7];
+    fill_batch(tok, tgt, S, c.vocab, seed);
+    moe_model_args args = moe_model_args_default();
+    args.training = 0;
+    assert_int_equal(moe_model_forward(m, tok, NULL, 1, S, &args, NULL), MOE_OK);
+    float *full = malloc(sizeof(float) * (size_t)S * c.vocab);
+    memcpy(full, moe_model_logits(m), sizeof(float) * (size_t)S * c.vocab);
+    moe_model_reset_cache(m);
+    /* a prefill of 3 tokens, then one at a time */
+    assert_int_equal(moe_model_decode(m, tok, 3), MOE_OK);
+    double scale = 0;
+    for (int i = 0; i < S * c.vocab; i++) scale = fmax(scale, fabs(full[i]));
+    for (int i = 0; i < 3 * c.vocab; i++) assert_true(fabs(moe_model_logits(m)[i] - full[i]) < 1e-5 * scale);
+    for (int t = 3; t < S; t++) {
+        assert_int_equal(moe_model_decode(m, tok + t, 1), MOE_OK);
+        for (int v = 0; v < c.vocab; v++)
+            if (fabs(moe_model_logits(m)[v] - full[t * c.vocab + v]) > 1e-5 * scale)
+                fail_msg("position %d, token %d: cached %g, full %g", t, v, moe_model_logits(m)[v],
+                         full[t * c.vocab + v]);
+    }
+    assert_int_equal(moe_model_cache_len(m), S);
+    assert_int_equal(moe_model_decode(m, tok, 1), MOE_ERR_INVALID); /* the cache is full */
+    free(full);
+    moe_model_destroy(m);
+}
+
+/* Sampling: greedy and top-k 1 take the argmax; top-p keeps the smallest likely set; the
+ * draw follows u. Logits (0, ln 2, ln 3, ln 4): probabilities 0.1, 0.2, 0.3, 0.4. */
+static void test_sampling(void **state) {
+    (void)state;
+    const float lg[4] = {0, (float)log(2.0), (float)log(3.0), (float)log(4.0)};
+    assert_int_equal(moe_sample(lg, 4, 0, 0, 1, 0.99), 3);
+    assert_int_equal(moe_sample(lg, 4, 1, 1, 1, 0.99), 3);
+    /* full distribution, order 3 (0.4), 2 (0.3), 1 (0.2), 0 (0.1): cumulative 0.4 0.7 0.9 1 */
+    assert_int_equal(moe_sample(lg, 4, 1, 0, 1, 0.39), 3);
+    assert_int_equal(moe_sample(lg, 4, 1, 0, 1, 0.41), 2);
+    assert_int_equal(moe_sample(lg, 4, 1, 0, 1, 0.95), 0);
+    /* top-p 0.6: {3, 2} with mass 0.7; u = 0.95 -> 0.665 -> token 2 */
+    assert_int_equal(moe_sample(lg, 4, 1, 0, 0.6f, 0.95), 2);
+    /* top-k 3: {3, 2, 1}, mass 0.9; u = 0.99 -> 0.891 -> token 1 */
+    assert_int_equal(moe_sample(lg, 4, 1, 3, 1, 0.99), 1);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_against_torch), cmocka_unit_test(test_loss_scale),
         cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
-        cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
+        cmocka_unit_test(test_sampling),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -34,6 +34,25 @@ strip "$tmp/a/metrics.jsonl" >"$tmp/a.m"; strip "$tmp/b/metrics.jsonl" >"$tmp/b.
 cmp -s "$tmp/a.m" "$tmp/b.m" || { diff "$tmp/a.m" "$tmp/b.m" | head -5; fail "resumed losses differ"; }
 cmp -s "$tmp/a/step-00000012/trainer.safetensors" "$tmp/b/step-00000012/trainer.safetensors" \
   || fail "resumed optimizer state differs"
+# generation (KV cache), evaluation, inspection of the run
+expect 0 "$moe" generate --load "$tmp/a" --prompt "The " --max-new-tokens 40 --top-k 20 --top-p 0.9
+head -c 4 "$tmp/out" | grep -q "^The " || fail "generate output: $(cat "$tmp/out")"
+expect 0 "$moe" eval --load "$tmp/a" --data-path "$tmp/data"
+grep -q "perplexity" "$tmp/out" || fail "eval output: $(cat "$tmp/out")"
+expect 0 "$moe" inspect "$tmp/a"
+grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
+  || fail "inspect output: $(cat "$tmp/out")"
+expect 2 "$moe" generate --prompt "x"
+# SIGTERM: the run saves a checkpoint and exits cleanly
+# shellcheck disable=SC2086
+"$moe" train $tiny --train-iters 1000000 --save "$tmp/sig" >"$tmp/sig.log" 2>&1 &
+pid=$!
+for _ in $(seq 50); do grep -q "^step 1/" "$tmp/sig.log" 2>/dev/null && break; sleep 0.1; done
+sleep 0.5
+kill -TERM $pid
+wait $pid; rc=$?
+[ "$rc" = 0 ] || { tail -5 "$tmp/sig.log"; fail "SIGTERM: exit $rc"; }
+grep -q "stopped by signal 15" "$tmp/sig.log" && [ -f "$tmp/sig/latest" ] || fail "SIGTERM: no checkpoint"
 # a fresh run never overwrites an earlier run's checkpoints
 # shellcheck disable=SC2086
 expect 2 "$moe" train $tiny --save "$tmp/a"

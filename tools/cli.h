@@ -6,5 +6,22 @@
 int moe_cmd_demo(int argc, char **argv);
 int moe_cmd_prepare(int argc, char **argv);
 int moe_cmd_train(int argc, char **argv);
+int moe_cmd_generate(int argc, char **argv);
+int moe_cmd_eval(int argc, char **argv);
+int moe_cmd_inspect(int argc, char **argv);
+
+#include "io/options.h"
+
+#include <stdint.h>
+#include <stdio.h>
+
+/* Options of a command: with --load, the checkpoint's options first (ckpt receives the
+ * checkpoint directory), then the command line's flags; validated for a model and training.
+ * Returns an exit code (0 ok). */
+int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t cap);
+/* Writes the prompt and up to n_new sampled bytes (KV cache; the window slides when the
+ * sequence length is reached). */
+moe_status moe_cli_generate(moe_model *m, const char *prompt, int n_new, float temperature,
+                            int top_k, float top_p, uint64_t seed, FILE *f);
 
 #endif

@@ -115,43 +115,6 @@ int moe_cmd_prepare(int argc, char **argv) {
 
 /* ------------------------------------------------------------------ train */
 
-/* Samples n_new bytes after the prompt, recomputing the window of the last seq_len tokens
- * for each (no cache yet). */
-static void sample_text(moe_model *m, const char *prompt, int n_new, float temperature,
-                        uint64_t seed, FILE *f) {
-    const moe_model_config *c = moe_model_get_config(m);
-    int cap = (int)strlen(prompt) + n_new + 1, n = 0;
-    int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
-    double *prob = malloc(sizeof(double) * (size_t)c->vocab);
-    for (const char *p = prompt; *p; p++) ids[n++] = (unsigned char)*p;
-    fputs(prompt, f);
-    moe_model_args args = moe_model_args_default();
-    args.training = 0;
-    for (int i = 0; i < n_new; i++) {
-        int start = n > c->seq_len ? n - c->seq_len : 0, S = n - start;
-        if (moe_model_forward(m, ids + start, NULL, 1, S, &args, NULL) != MOE_OK) break;
-        const float *lg = moe_model_logits(m) + (size_t)(S - 1) * c->vocab;
-        double mx = -INFINITY, sum = 0;
-        for (int v = 0; v < c->vocab; v++) mx = fmax(mx, lg[v]);
-        for (int v = 0; v < c->vocab; v++) sum += prob[v] = exp((lg[v] - mx) / temperature);
-        double u = moe_rng_uniform64(seed, moe_rng_stream(MOE_RNG_SAMPLE, 0, 0, 0), (uint64_t)i) * sum;
-        int next = c->vocab - 1;
-        for (int v = 0; v < c->vocab; v++) {
-            u -= prob[v];
-            if (u < 0) {
-                next = v;
-                break;
-            }
-        }
-        if (next == MOE_BYTE_EOT) break;
-        ids[n++] = next;
-        fputc(next, f);
-    }
-    fputc('\n', f);
-    free(ids);
-    free(prob);
-}
-
 static void format_eta(char *buf, size_t cap, double s) {
     if (s < 60) snprintf(buf, cap, "%.0fs", s);
     else if (s < 3600) snprintf(buf, cap, "%dm%02ds", (int)(s / 60), (int)s % 60);
@@ -199,7 +162,7 @@ static volatile sig_atomic_t stop_requested;
 static void on_signal(int sig) { stop_requested = sig; }
 
 /* Options: with --load, the checkpoint's options first, then the command line's flags. */
-static int train_options(moe_options *o, int argc, char **argv, char *ckpt, size_t cap) {
+int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t cap) {
     moe_options_default(o);
     ckpt[0] = '\0';
     if (moe_options_parse_args(o, argc, argv) != MOE_OK) return 2;
@@ -229,7 +192,7 @@ static int save_checkpoint(const moe_options *o, moe_model *m, moe_trainer *t) {
 int moe_cmd_train(int argc, char **argv) {
     moe_options o;
     char ckpt[MOE_PATH_MAX + 64];
-    int orc = train_options(&o, argc, argv, ckpt, sizeof ckpt);
+    int orc = moe_cli_options(&o, argc, argv, ckpt, sizeof ckpt);
     if (orc) {
         fprintf(stderr, "moe train: %s\n", moe_last_error());
         return orc;
@@ -332,7 +295,7 @@ int moe_cmd_train(int argc, char **argv) {
     printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/byte\n", total - first + 1,
            moe_time_now() - t_start, tokens_done / (moe_time_now() - t_start), val_nll);
     printf("sample:\n");
-    sample_text(m, "The ", 200, 0.8f, o.layer.seed, stdout);
+    if (moe_cli_generate(m, "The ", 200, 0.8f, 0, 1.0f, o.layer.seed, stdout) != MOE_OK) goto fail;
     rc = 0;
 fail:
     signal(SIGINT, SIG_DFL);

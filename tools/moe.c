@@ -14,6 +14,10 @@ static void usage(FILE *f) {
                "              turn text files into token files DIR/train.bin and DIR/val.bin\n"
                "              (default: Debian's fortunes into data/fortunes)\n"
                "  train       train an MoE language model (options below)\n"
+               "  generate --load RUN --prompt TEXT [--max-new-tokens N --temperature T\n"
+               "            --top-k K --top-p P --seed S]   continue a text\n"
+               "  eval --load RUN [--data-path DIR]   validation loss and perplexity\n"
+               "  inspect FILE|RUN   tensors and metadata of a safetensors file or checkpoint\n"
                "  demo        run the MoE layer forward and backward on random data and report\n"
                "              routing, losses and speed\n"
                "  help        this text with every option\n\n"
@@ -47,7 +51,10 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "demo")) return moe_cmd_demo(argc - 2, argv + 2);
     if (!strcmp(cmd, "prepare")) return moe_cmd_prepare(argc - 2, argv + 2);
     if (!strcmp(cmd, "train")) return moe_cmd_train(argc - 2, argv + 2);
-    fprintf(stderr, "moe: unknown command '%s' (commands: prepare, train, demo, help; see moe "
+    if (!strcmp(cmd, "generate")) return moe_cmd_generate(argc - 2, argv + 2);
+    if (!strcmp(cmd, "eval")) return moe_cmd_eval(argc - 2, argv + 2);
+    if (!strcmp(cmd, "inspect")) return moe_cmd_inspect(argc - 2, argv + 2);
+    fprintf(stderr, "moe: unknown command '%s' (commands: prepare, train, generate, eval, inspect, demo, help; see moe "
                     "--help)\n", cmd);
     return 2;
 }

@@ -82,6 +82,7 @@ static const opt_choice lr_choices[] = {
 #define MODEL "Model"
 #define TRAIN "Training"
 #define FILES "Data, checkpoints, logging"
+#define GEN "Generation (moe generate)"
 #define RUN "Run (moe demo)"
 
 static const opt_def opts[] = {
@@ -221,6 +222,15 @@ static const opt_def opts[] = {
     {"log-interval", NULL, OPT_INT, O(log_interval), 1, BIG, NULL, FILES,
      "steps between progress lines", 0},
 
+    {"prompt", NULL, OPT_STRING, O(prompt), 0, 0, NULL, GEN, "text to continue", 1},
+    {"max-new-tokens", NULL, OPT_INT, O(max_new_tokens), 1, BIG, NULL, GEN,
+     "tokens to generate (stops early at end-of-text)", 1},
+    {"temperature", NULL, OPT_FLOAT, O(temperature), 0, BIG, NULL, GEN,
+     "sampling temperature (0 = greedy)", 1},
+    {"top-k", NULL, OPT_INT, O(top_k), 0, BIG, NULL, GEN, "sample among the k most likely (0 = all)", 1},
+    {"top-p", NULL, OPT_FLOAT, O(top_p), 1e-6, 1, NULL, GEN,
+     "sample from the smallest set with this probability (1 = all)", 1},
+
     {"tokens", NULL, OPT_INT, O(tokens), 1, BIG, NULL, RUN, "tokens per layer call", 0},
     {"iters", NULL, OPT_INT, O(iters), 1, BIG, NULL, RUN, "timed forward+backward iterations", 0},
     {"threads", NULL, OPT_INT, O(threads), 0, 4096, NULL, RUN,
@@ -239,6 +249,9 @@ void moe_options_default(moe_options *o) {
     o->lb_choice = o->layer.lb_type;
     o->n_experts_list = 1;
     o->keep_last = 3;
+    o->max_new_tokens = 200;
+    o->temperature = 0.8f;
+    o->top_p = 1.0f;
     o->log_interval = 1;
     o->tokens = 1024;
     o->iters = 10;

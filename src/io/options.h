@@ -33,6 +33,11 @@ typedef struct {
     int lb_choice; /* moe-router-load-balancing-type: a moe_lb_type or MOE_LB_CHOICE_SINKHORN */
     int force_lb;  /* moe-router-force-load-balancing: the fake balanced gate */
 
+    /* moe generate */
+    char prompt[MOE_PATH_MAX];
+    int max_new_tokens, top_k;
+    float temperature, top_p;
+
     /* moe demo */
     int tokens;
     int iters;

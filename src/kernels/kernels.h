@@ -33,6 +33,8 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
 void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             const float *probs, const float *q, const float *k, const float *v,
                             int B, int S, int H, int KV, int hd);
+void moe_attention_cached(float *out, float *scratch, const float *q, const float *k,
+                          const float *v, int n, int P, int H, int KV, int hd);
 double moe_xent_forward_backward(float *dlogits, double *row_loss, const float *logits,
                                  const int32_t *y, int T, int V, float scale, int *n_counted);
 

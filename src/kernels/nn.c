@@ -152,6 +152,37 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
             }
 }
 
+/* Attention of n new tokens at positions P..P+n-1 of one sequence over a key/value cache
+ * k, v [P+n, KV*hd] that already holds them: q [n, H*hd] -> out [n, H*hd]; scores [P+n]
+ * scratch per thread is taken from `scratch` [n * H * (P+n)]. */
+void moe_attention_cached(float *out, float *scratch, const float *q, const float *k,
+                          const float *v, int n, int P, int H, int KV, int hd) {
+    int rep = H / KV, qs = H * hd, ks = KV * hd, len = P + n;
+    float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int i = 0; i < n; i++)
+        for (int h = 0; h < H; h++) {
+            int g = h / rep, last = P + i;
+            const float *qi = q + (size_t)i * qs + h * hd;
+            float *s = scratch + ((size_t)i * H + h) * len, mx = -INFINITY, sum = 0;
+            for (int j = 0; j <= last; j++) {
+                const float *kj = k + (size_t)j * ks + g * hd;
+                float dot = 0;
+                for (int c = 0; c < hd; c++) dot += qi[c] * kj[c];
+                s[j] = dot * scale;
+                mx = s[j] > mx ? s[j] : mx;
+            }
+            for (int j = 0; j <= last; j++) sum += s[j] = expf(s[j] - mx);
+            float *oi = out + (size_t)i * qs + h * hd;
+            for (int c = 0; c < hd; c++) oi[c] = 0;
+            for (int j = 0; j <= last; j++) {
+                const float *vj = v + (size_t)j * ks + g * hd;
+                float p = s[j] / sum;
+                for (int c = 0; c < hd; c++) oi[c] += p * vj[c];
+            }
+        }
+}
+
 /* ---------------------------------------------------------- cross-entropy */
 
 /* For each row t with target y[t] >= 0: row_loss[t] = logsumexp(logits_t) - logits_t[y_t]

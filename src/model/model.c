@@ -55,6 +55,9 @@ struct moe_model {
     double *row_loss; /* [T] */
     int32_t *tokens, *targets, *pos; /* [T] */
     int B, S, have_forward, has_targets;
+    float *kcache, *vcache; /* [L][seq_len, KV*hd] */
+    float *att_scratch;     /* [max(T, seq_len) * H * seq_len] scores for cached attention */
+    int cache_len;
     moe_model_args args;
     int n_targets;
 };
@@ -310,6 +313,9 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     m->tokens = moe_arena_take(a, T, sizeof(int32_t));
     m->targets = moe_arena_take(a, T, sizeof(int32_t));
     m->pos = moe_arena_take(a, T, sizeof(int32_t));
+    m->kcache = moe_arena_take(a, (size_t)c->n_layers * S * hkv, sizeof(float));
+    m->vcache = moe_arena_take(a, (size_t)c->n_layers * S * hkv, sizeof(float));
+    m->att_scratch = moe_arena_take(a, (T > S ? T : S) * (size_t)c->n_heads * S, sizeof(float));
 }
 
 moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_model **out) {
@@ -534,5 +540,57 @@ moe_status moe_model_backward(moe_model *m) {
         const float *dxt = dx + (size_t)t * d;
         for (int i = 0; i < d; i++) gr[i] += dxt[i];
     }
+    return MOE_OK;
+}
+
+/* ---------------------------------------------------------------- decoding */
+
+void moe_model_reset_cache(moe_model *m) { m->cache_len = 0; }
+int moe_model_cache_len(const moe_model *m) { return m->cache_len; }
+
+moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
+    const moe_model_config *c = &m->cfg;
+    int d = c->d, V = c->vocab, H = c->n_heads, KV = c->n_kv_heads, hd = m->hd;
+    int hq = H * hd, hkv = KV * hd, P = m->cache_len;
+    m->have_forward = 0;
+    if (!tokens || n < 1 || n > m->max_tokens || P + n > c->seq_len)
+        return moe_set_error(MOE_ERR_INVALID, "decode: %d new tokens after %d cached do not fit "
+                             "(sequence length %d, tokens per call <= %d)", n, P, c->seq_len,
+                             m->max_tokens);
+    for (int t = 0; t < n; t++) {
+        if (tokens[t] < 0 || tokens[t] >= V)
+            return moe_set_error(MOE_ERR_INVALID, "token %d is outside the vocabulary [0, %d)",
+                                 tokens[t], V);
+        m->pos[t] = P + t;
+    }
+    const float *emb = m->params + m->emb_off;
+    block_saved *s = &m->sv[0]; /* forward buffers reused as scratch */
+    float *x = m->xf;
+    for (int t = 0; t < n; t++) memcpy(x + (size_t)t * d, emb + (size_t)tokens[t] * d, sizeof(float) * d);
+    for (int l = 0; l < c->n_layers; l++) {
+        block_ptrs p = block(m, m->params, l);
+        float *kc = m->kcache + (size_t)l * c->seq_len * hkv, *vc = m->vcache + (size_t)l * c->seq_len * hkv;
+        moe_rmsnorm_forward(s->n1, s->rstd1, x, p.attn_norm, n, d, c->norm_eps);
+        moe_gemm(0, 1, n, hq, d, 1, s->n1, d, p.wq, d, 0, s->q, hq);
+        moe_gemm(0, 1, n, hkv, d, 1, s->n1, d, p.wk, d, 0, kc + (size_t)P * hkv, hkv);
+        moe_gemm(0, 1, n, hkv, d, 1, s->n1, d, p.wv, d, 0, vc + (size_t)P * hkv, hkv);
+        moe_rope_apply(s->q, n, H, hd, m->pos, c->rope_theta, 1);
+        moe_rope_apply(kc + (size_t)P * hkv, n, KV, hd, m->pos, c->rope_theta, 1);
+        moe_attention_cached(s->att, m->att_scratch, s->q, kc, vc, n, P, H, KV, hd);
+        moe_gemm(0, 1, n, d, hq, 1, s->att, hq, p.wo, hq, 1, x, d);
+        moe_rmsnorm_forward(s->n2, s->rstd2, x, p.ffn_norm, n, d, c->norm_eps);
+        if (m->moe[l]) {
+            moe_forward_args fa = moe_forward_args_default();
+            fa.training = 0;
+            MOE_TRY(moe_layer_forward(m->moe[l], m->tmp, s->n2, n, &fa));
+        } else {
+            moe_mlp_forward(c->moe.act, n, d, c->ffn, s->n2, p.w_in, NULL, p.w_out, NULL, NULL,
+                            m->dh, m->da, m->tmp);
+        }
+        for (size_t i = 0; i < (size_t)n * d; i++) x[i] += m->tmp[i];
+    }
+    moe_rmsnorm_forward(m->nf, m->rstdf, x, m->params + m->final_norm_off, n, d, c->norm_eps);
+    moe_gemm(0, 1, n, V, d, 1, m->nf, d, m->params + m->lm_off, d, 0, m->logits, V);
+    m->cache_len = P + n;
     return MOE_OK;
 }

@@ -1,0 +1,52 @@
+/* Sampling a token from logits: temperature, top-k, top-p (nucleus). */
+#include "core/core.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+typedef struct {
+    double p;
+    int id;
+} cand;
+
+static int by_prob_desc(const void *a, const void *b) {
+    const cand *x = a, *y = b;
+    if (x->p != y->p) return x->p > y->p ? -1 : 1;
+    return x->id - y->id; /* ties: the lower id first */
+}
+
+int moe_sample(const float *logits, int V, float temperature, int top_k, float top_p, double u) {
+    int best = 0;
+    for (int v = 1; v < V; v++)
+        if (logits[v] > logits[best]) best = v;
+    if (!(temperature > 0) || top_k == 1) return best;
+    cand *c = malloc(sizeof *c * (size_t)V);
+    if (!c) return best;
+    double sum = 0;
+    for (int v = 0; v < V; v++) {
+        c[v].p = exp((logits[v] - logits[best]) / temperature);
+        c[v].id = v;
+        sum += c[v].p;
+    }
+    qsort(c, (size_t)V, sizeof *c, by_prob_desc);
+    int n = top_k > 0 && top_k < V ? top_k : V;
+    double kept = 0; /* the mass of the first n candidates */
+    for (int i = 0; i < n; i++) {
+        kept += c[i].p;
+        if (top_p < 1 && kept >= top_p * sum) {
+            n = i + 1;
+            break;
+        }
+    }
+    double r = u * kept;
+    int id = c[n - 1].id;
+    for (int i = 0; i < n; i++) {
+        r -= c[i].p;
+        if (r < 0) {
+            id = c[i].id;
+            break;
+        }
+    }
+    free(c);
+    return id;
+}

@@ -1,0 +1,203 @@
+/* moe generate, moe eval, moe inspect. */
+#define _POSIX_C_SOURCE 200809L
+#include "tools/cli.h"
+
+#include "core/core.h"
+#include "io/data.h"
+#include "io/safetensors.h"
+#include "train/trainer.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+moe_status moe_cli_generate(moe_model *m, const char *prompt, int n_new, float temperature,
+                            int top_k, float top_p, uint64_t seed, FILE *f) {
+    const moe_model_config *c = moe_model_get_config(m);
+    int n = 0, cap = (int)strlen(prompt) + n_new + 1;
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
+    if (!ids) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    for (const char *p = prompt; *p; p++) ids[n++] = (unsigned char)*p;
+    fputs(prompt, f);
+    moe_status st = MOE_OK;
+    moe_model_reset_cache(m);
+    int fed = 0; /* ids[0..fed) are in the cache, counted from `start` */
+    int start = 0;
+    uint64_t stream = moe_rng_stream(MOE_RNG_SAMPLE, 0, 0, 0);
+    if (n == 0) ids[n++] = MOE_BYTE_EOT; /* an empty prompt starts a document */
+    for (int i = 0; i < n_new && st == MOE_OK; i++) {
+        if (n - start > c->seq_len) { /* slide: keep the last half window */
+            start = n - c->seq_len / 2;
+            moe_model_reset_cache(m);
+            fed = start;
+        }
+        int chunk = n - fed; /* <= seq_len: the model takes seq_len tokens per call */
+        st = moe_model_decode(m, ids + fed, chunk);
+        if (st != MOE_OK) break;
+        fed = n;
+        const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c->vocab;
+        int next = moe_sample(lg, c->vocab, temperature, top_k, top_p,
+                              moe_rng_uniform64(seed, stream, (uint64_t)i));
+        if (next == MOE_BYTE_EOT) break;
+        ids[n++] = next;
+        fputc(next, f);
+        fflush(f);
+    }
+    fputc('\n', f);
+    free(ids);
+    return st;
+}
+
+/* Model from --load: the checkpoint's options, parameters only; room for one sequence, or
+ * for a micro-batch of them. */
+static int load_model(const char *cmd, int argc, char **argv, moe_options *o, int batch,
+                      moe_model **m, char *ckpt, size_t cap) {
+    int rc = moe_cli_options(o, argc, argv, ckpt, cap);
+    if (rc) {
+        fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
+        return rc;
+    }
+    if (!ckpt[0]) {
+        fprintf(stderr, "moe %s: --load RUN is required (a run directory or a checkpoint)\n", cmd);
+        return 2;
+    }
+    int max_tokens = (batch ? o->train.micro_batch : 1) * o->model.seq_len;
+    if (moe_model_create(&o->model, max_tokens, m) != MOE_OK ||
+        moe_checkpoint_load(ckpt, *m, NULL) != MOE_OK) {
+        fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
+        moe_model_destroy(*m);
+        *m = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+int moe_cmd_generate(int argc, char **argv) {
+    moe_options o;
+    moe_model *m = NULL;
+    char ckpt[MOE_PATH_MAX + 64];
+    int rc = load_model("generate", argc, argv, &o, 0, &m, ckpt, sizeof ckpt);
+    if (rc) return rc;
+    if (moe_cli_generate(m, o.prompt, o.max_new_tokens, o.temperature, o.top_k, o.top_p,
+                         o.layer.seed, stdout) != MOE_OK) {
+        fprintf(stderr, "moe generate: %s\n", moe_last_error());
+        rc = 1;
+    }
+    moe_model_destroy(m);
+    return rc;
+}
+
+/* Mean loss over all non-overlapping windows of seq_len + 1 tokens of a token file. */
+int moe_cmd_eval(int argc, char **argv) {
+    moe_options o;
+    moe_model *m = NULL;
+    char ckpt[MOE_PATH_MAX + 64], path[MOE_PATH_MAX + 16];
+    int rc = load_model("eval", argc, argv, &o, 1, &m, ckpt, sizeof ckpt);
+    if (rc) return rc;
+    int S = o.model.seq_len, B = o.train.micro_batch;
+    moe_tokens data = {0};
+    snprintf(path, sizeof path, "%s/val.bin", o.data_path[0] ? o.data_path : "data/fortunes");
+    rc = 1;
+    if (moe_tokens_load(path, &data) != MOE_OK || moe_trainer_check_data(&o.model, &data, NULL) != MOE_OK) {
+        fprintf(stderr, "moe eval: %s\n", moe_last_error());
+        goto done;
+    }
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)B * S), *tgt = malloc(sizeof(int32_t) * (size_t)B * S);
+    int64_t windows = (data.n_tokens - 1) / S;
+    double sum = 0;
+    int64_t count = 0;
+    moe_model_args args = moe_model_args_default();
+    args.training = 0;
+    for (int64_t w0 = 0; w0 < windows; w0 += B) {
+        int b = (int)(windows - w0 < B ? windows - w0 : B);
+        for (int r = 0; r < b; r++)
+            for (int s = 0; s < S; s++) {
+                int64_t at = (w0 + r) * S + s;
+                tok[r * S + s] = data.tokens[at];
+                tgt[r * S + s] = data.tokens[at + 1];
+            }
+        moe_model_loss L;
+        if (moe_model_forward(m, tok, tgt, b, S, &args, &L) != MOE_OK) {
+            fprintf(stderr, "moe eval: %s\n", moe_last_error());
+            free(tok);
+            free(tgt);
+            goto done;
+        }
+        sum += L.nll * L.n_targets;
+        count += L.n_targets;
+    }
+    free(tok);
+    free(tgt);
+    double nll = count ? sum / (double)count : 0;
+    printf("eval %s on %s: %lld tokens, loss %.4f nats/token (%.3f bits), perplexity %.3f\n", ckpt,
+           path, (long long)count, nll, nll / log(2.0), exp(nll));
+    rc = 0;
+done:
+    moe_tokens_free(&data);
+    moe_model_destroy(m);
+    return rc;
+}
+
+static void print_file(const char *path) {
+    moe_safetensors st;
+    if (moe_st_read(path, &st) != MOE_OK) {
+        fprintf(stderr, "moe inspect: %s\n", moe_last_error());
+        return;
+    }
+    static const char *const dt[] = {"F32", "F16", "BF16", "F64", "I64", "I32"};
+    printf("%s: %d tensors\n", path, st.n_tensors);
+    for (int i = 0; i < st.n_meta; i++) {
+        const char *v = st.meta_values[i];
+        if (strchr(v, '\n')) {
+            int lines = 0;
+            for (const char *c = v; *c; c++) lines += *c == '\n';
+            printf("  metadata %s: %d lines of text\n", st.meta_keys[i], lines);
+        } else
+            printf("  metadata %s = %s\n", st.meta_keys[i], v);
+    }
+    size_t total = 0;
+    for (int i = 0; i < st.n_tensors; i++) {
+        const moe_st_tensor *t = &st.tensors[i];
+        printf("  %-60s %-4s [", t->name, dt[t->dtype]);
+        for (int d = 0; d < t->ndim; d++) printf("%s%lld", d ? ", " : "", (long long)t->shape[d]);
+        printf("]\n");
+        total += t->numel;
+    }
+    printf("  %zu values\n", total);
+    moe_st_free(&st);
+}
+
+int moe_cmd_inspect(int argc, char **argv) {
+    if (argc != 1) {
+        fprintf(stderr, "moe inspect: usage: moe inspect FILE.safetensors | RUN | CHECKPOINT\n");
+        return 2;
+    }
+    struct stat sb;
+    if (stat(argv[0], &sb) != 0) {
+        fprintf(stderr, "moe inspect: cannot read %s\n", argv[0]);
+        return 1;
+    }
+    if (!S_ISDIR(sb.st_mode)) {
+        moe_safetensors st;
+        if (moe_st_read(argv[0], &st) != MOE_OK) {
+            fprintf(stderr, "moe inspect: %s\n", moe_last_error());
+            return 1;
+        }
+        moe_st_free(&st);
+        print_file(argv[0]);
+        return 0;
+    }
+    char ckpt[4200], path[4300];
+    if (moe_checkpoint_resolve(argv[0], ckpt, sizeof ckpt) != MOE_OK) {
+        fprintf(stderr, "moe inspect: %s\n", moe_last_error());
+        return 1;
+    }
+    const char *files[] = {"model.safetensors", "trainer.safetensors"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(path, sizeof path, "%s/%s", ckpt, files[i]);
+        print_file(path);
+    }
+    return 0;
+}
