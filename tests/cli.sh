@@ -1,6 +1,6 @@
 #!/bin/sh
 # The moe CLI: help, version, the demo, config files, and exit codes (0 ok, 2 usage error).
-moe=$1
+moe=$1; src=$2
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 expect() { # expect CODE command...: runs it, checks the exit code, keeps stdout+stderr in $tmp/out
@@ -31,4 +31,7 @@ expect 2 "$moe" demo --config "$tmp/missing.cfg"
 expect 0 "$moe" demo --tokens 96 --iters 2 --num-experts 4 --moe-router-topk 2 \
   --moe-expert-capacity-factor 1.0 --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001
 grep -q "tokens per expert" "$tmp/out" && grep -q "GFLOP/s" "$tmp/out" || fail "demo output: $(cat "$tmp/out")"
+for cfg in "$src"/configs/*.cfg; do # every example config is valid
+  expect 0 "$moe" train --config "$cfg" --print-config
+done
 echo "cli ok"
