@@ -23,6 +23,8 @@ grep -q "step 12/12" "$tmp/out" && grep -q "sample:" "$tmp/out" || fail "train o
 [ "$(ls -d "$tmp"/a/step-* | wc -l)" = 2 ] || fail "keep-last 2: $(ls "$tmp/a")"
 [ "$(cat "$tmp/a/latest")" = "step-00000012" ] || fail "latest: $(cat "$tmp/a/latest")"
 [ "$(wc -l <"$tmp/a/metrics.jsonl")" = 12 ] || fail "metrics.jsonl lines"
+grep -q '"expert_load":\[{"layer":1,"dropped":0,"counts":\[' "$tmp/a/metrics.jsonl" || fail "metrics.jsonl expert load"
+ls "$tmp"/a/events.out.tfevents.* >/dev/null 2>&1 || fail "no TensorBoard event file"
 # stop at step 6, resume to 12: the same losses, bitwise, and the same optimizer state
 # shellcheck disable=SC2086
 expect 0 "$moe" train $tiny --save "$tmp/b" --exit-interval 6

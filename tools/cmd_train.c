@@ -5,6 +5,7 @@
 #include "core/core.h"
 #include "io/data.h"
 #include "io/options.h"
+#include "io/tfevents.h"
 #include "train/trainer.h"
 
 #include <dirent.h>
@@ -149,13 +150,38 @@ static void write_metrics(FILE *f, int step, const moe_step_metrics *s, double t
         int E;
         const int64_t *c = moe_trainer_layer_load(t, l, &E);
         if (!c) continue;
-        fprintf(f, "%s{\"layer\":%d,\"counts\":[", first ? "" : ",", l);
+        fprintf(f, "%s{\"layer\":%d,\"dropped\":%.6g,\"counts\":[", first ? "" : ",", l,
+                moe_trainer_layer_dropped(t, l));
         for (int e = 0; e < E; e++) fprintf(f, "%s%lld", e ? "," : "", (long long)c[e]);
         fprintf(f, "]}");
         first = 0;
     }
     fprintf(f, "]}\n");
     fflush(f);
+}
+
+/* TensorBoard scalars of one step (train/..., val/nll, moe/layerL/...). */
+static moe_status write_scalars(moe_tfevents *tb, int step, const moe_step_metrics *s,
+                                double tok_s, const moe_trainer *t, int n_layers, double val) {
+    double now = moe_wall_time();
+    const char *tags[] = {"train/loss", "train/nll", "train/aux", "train/z", "train/lr",
+                          "train/grad_norm", "train/tokens_per_s"};
+    const double vals[] = {s->loss, s->nll, s->aux, s->z, s->lr, s->grad_norm, tok_s};
+    for (int i = 0; i < 7; i++) MOE_TRY(moe_tfevents_scalar(tb, tags[i], step, (float)vals[i], now));
+    if (val >= 0) MOE_TRY(moe_tfevents_scalar(tb, "val/nll", step, (float)val, now));
+    for (int l = 0; l < n_layers; l++) {
+        int E;
+        const int64_t *c = moe_trainer_layer_load(t, l, &E);
+        if (!c) continue;
+        double sum = 0, mx = 0;
+        for (int e = 0; e < E; e++) sum += (double)c[e], mx = fmax(mx, (double)c[e]);
+        char tag[64];
+        snprintf(tag, sizeof tag, "moe/layer%d/load_max_over_mean", l);
+        MOE_TRY(moe_tfevents_scalar(tb, tag, step, sum > 0 ? (float)(mx * E / sum) : 0.0f, now));
+        snprintf(tag, sizeof tag, "moe/layer%d/dropped_fraction", l);
+        MOE_TRY(moe_tfevents_scalar(tb, tag, step, (float)moe_trainer_layer_dropped(t, l), now));
+    }
+    return MOE_OK;
 }
 
 static volatile sig_atomic_t stop_requested;
@@ -218,6 +244,7 @@ int moe_cmd_train(int argc, char **argv) {
     moe_model *m = NULL;
     moe_trainer *t = NULL;
     FILE *metrics = NULL;
+    moe_tfevents *tb = NULL;
     int rc = 1;
     snprintf(path, sizeof path, "%s/train.bin", data);
     if (moe_tokens_load(path, &train) != MOE_OK) goto fail;
@@ -238,6 +265,7 @@ int moe_cmd_train(int argc, char **argv) {
             moe_set_error(MOE_ERR_IO, "cannot write %s: %s", path, strerror(errno));
             goto fail;
         }
+        if (moe_tfevents_open(o.save, moe_wall_time(), &tb) != MOE_OK) goto fail;
     }
     const moe_model_config *mc = &o.model;
     int n_moe = 0;
@@ -273,6 +301,7 @@ int moe_cmd_train(int argc, char **argv) {
             printf("eval step %d | val nll %.4f nats/byte (%.3f bits/byte)\n", step, val,
                    val / log(2.0));
         if (metrics) write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val);
+        if (tb && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
         int exit_now = o.exit_interval && step % o.exit_interval == 0 && step < total;
         int save_now = (o.save_interval && step % o.save_interval == 0) || exit_now;
         if (o.save[0] && (save_now || step == total || stop_requested) &&
@@ -302,6 +331,7 @@ fail:
     signal(SIGTERM, SIG_DFL);
     if (rc) fprintf(stderr, "moe train: %s\n", moe_last_error());
     if (metrics) fclose(metrics);
+    moe_tfevents_close(tb);
     moe_trainer_destroy(t);
     moe_model_destroy(m);
     moe_tokens_free(&train);

@@ -55,7 +55,8 @@ typedef struct {
 /* Returns a 64-byte aligned block of n*size bytes (NULL in planning mode). */
 void *moe_arena_take(moe_arena *a, size_t n, size_t size);
 
-double moe_time_now(void); /* seconds, monotonic */
+double moe_time_now(void);  /* seconds, monotonic */
+double moe_wall_time(void); /* seconds since the epoch */
 
 int moe_num_threads(void); /* OpenMP threads a parallel region would use */
 

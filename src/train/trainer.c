@@ -17,6 +17,7 @@ struct moe_trainer {
     int32_t *tok, *tgt;     /* [micro_batch * S] */
     int64_t *load;          /* expert counts of the last step, layer after layer */
     size_t *load_off;       /* [L] offset of layer l in load */
+    int64_t *dropped, *routed; /* [L] slots dropped by capacity / routed in the last step */
     int step;
 };
 
@@ -60,7 +61,10 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
         n_load += (size_t)moe_model_layer_experts(mc, l);
     }
     t->load = moe_alloc(n_load ? n_load : 1, sizeof(int64_t));
-    if (!t->adam_m || !t->adam_v || !t->decay || !t->tok || !t->tgt || !t->load_off || !t->load) {
+    t->dropped = moe_alloc((size_t)mc->n_layers, sizeof(int64_t));
+    t->routed = moe_alloc((size_t)mc->n_layers, sizeof(int64_t));
+    if (!t->adam_m || !t->adam_v || !t->decay || !t->tok || !t->tgt || !t->load_off || !t->load ||
+        !t->dropped || !t->routed) {
         moe_trainer_destroy(t);
         return moe_set_error(MOE_ERR_NOMEM, "out of memory for the optimizer state");
     }
@@ -80,6 +84,8 @@ void moe_trainer_destroy(moe_trainer *t) {
     moe_free(t->tok);
     moe_free(t->tgt);
     moe_free(t->load);
+    moe_free(t->dropped);
+    moe_free(t->routed);
     free(t->load_off);
     free(t);
 }
@@ -96,12 +102,21 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     args.step = (uint64_t)t->step;
     args.loss_scale = 1.0f / (float)n_micro; /* the aux and z losses are scaled alike */
     moe_step_metrics s = {0};
+    const moe_model_config *mc = moe_model_get_config(m);
+    memset(t->dropped, 0, sizeof(int64_t) * (size_t)mc->n_layers);
+    memset(t->routed, 0, sizeof(int64_t) * (size_t)mc->n_layers);
     for (int mb = 0; mb < n_micro; mb++) {
         uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 2, (uint64_t)t->step, (uint64_t)mb);
         moe_tokens_batch(t->train, B, S, c->seed, stream, t->tok, t->tgt);
         moe_model_loss L;
         MOE_TRY(moe_model_forward(m, t->tok, t->tgt, B, S, &args, &L));
         MOE_TRY(moe_model_backward(m));
+        for (int l = 0; l < mc->n_layers; l++) {
+            moe_layer *ml = moe_model_moe_layer(m, l);
+            if (!ml) continue;
+            t->dropped[l] += moe_layer_get_stats(ml)->dropped;
+            t->routed[l] += moe_layer_get_stats(ml)->routed;
+        }
         s.nll += L.nll / n_micro;
         s.aux += L.aux / n_micro;
         s.z += L.z / n_micro;
@@ -131,7 +146,6 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
         float upd = (am[i] / bc1) / (sqrtf(av[i] / bc2) + eps);
         p[i] -= lr * (upd + wd * decay[i] * p[i]);
     }
-    const moe_model_config *mc = moe_model_get_config(m);
     for (int l = 0; l < mc->n_layers; l++) {
         moe_layer *ml = moe_model_moe_layer(m, l);
         if (!ml) continue;
@@ -170,3 +184,7 @@ float *moe_trainer_adam_m(moe_trainer *t) { return t->adam_m; }
 float *moe_trainer_adam_v(moe_trainer *t) { return t->adam_v; }
 void moe_trainer_set_step(moe_trainer *t, int step) { t->step = step; }
 const moe_train_config *moe_trainer_config(const moe_trainer *t) { return &t->cfg; }
+
+double moe_trainer_layer_dropped(const moe_trainer *t, int l) {
+    return t->routed[l] ? (double)t->dropped[l] / (double)t->routed[l] : 0.0;
+}

@@ -32,6 +32,9 @@ int moe_trainer_steps_done(const moe_trainer *t);
  * summed over the micro-batches); NULL and 0 experts for a dense layer. */
 const int64_t *moe_trainer_layer_load(const moe_trainer *t, int l, int *n_experts);
 
+/* Fraction of layer l's routed slots that capacity dropped in the last step. */
+double moe_trainer_layer_dropped(const moe_trainer *t, int l);
+
 /* ---- checkpoints (checkpoint.c) ----
  * A checkpoint is a directory SAVE/step-NNNNNNNN holding model.safetensors (the parameters
  * under their Hugging Face-style names; the options as text in __metadata__ "moe.config")
