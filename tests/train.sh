@@ -45,6 +45,13 @@ expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"
 expect 2 "$moe" generate --prompt "x"
+[ -f "$tmp/a/topics.json" ] || fail "no topics.json"
+expect 0 "$moe" report "$tmp/a"
+grep -q "<svg" "$tmp/a/report.html" && grep -q "experts used by each topic" "$tmp/a/report.html" \
+  && grep -q "LAYER.md" "$tmp/a/report.html" || fail "report.html content"
+echo "not json" >>"$tmp/a/metrics.jsonl"
+expect 1 "$moe" report "$tmp/a"
+grep -q "metrics.jsonl:13: not a JSON object" "$tmp/out" || fail "report on bad metrics: $(cat "$tmp/out")"
 # SIGTERM: the run saves a checkpoint and exits cleanly
 # shellcheck disable=SC2086
 "$moe" train $tiny --train-iters 1000000 --save "$tmp/sig" >"$tmp/sig.log" 2>&1 &

@@ -9,7 +9,9 @@ int moe_cmd_train(int argc, char **argv);
 int moe_cmd_generate(int argc, char **argv);
 int moe_cmd_eval(int argc, char **argv);
 int moe_cmd_inspect(int argc, char **argv);
+int moe_cmd_report(int argc, char **argv);
 
+#include "io/data.h"
 #include "io/options.h"
 
 #include <stdint.h>
@@ -23,5 +25,9 @@ int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t ca
  * sequence length is reached). */
 moe_status moe_cli_generate(moe_model *m, const char *prompt, int n_new, float temperature,
                             int top_k, float top_p, uint64_t seed, FILE *f);
+
+/* Routes each source file's text of `data` through the model (inference) and writes the
+ * expert counts per topic and MoE layer to path (JSON). */
+moe_status moe_cli_topics(moe_model *m, const moe_tokens *data, int batch, const char *path);
 
 #endif

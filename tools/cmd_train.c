@@ -323,6 +323,11 @@ int moe_cmd_train(int argc, char **argv) {
     if (first > total) printf("nothing to do: the checkpoint is at step %d of %d\n", first - 1, total);
     printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/byte\n", total - first + 1,
            moe_time_now() - t_start, tokens_done / (moe_time_now() - t_start), val_nll);
+    if (o.save[0] && val.n_docs > 0) { /* which experts each topic of the corpus uses */
+        snprintf(path, sizeof path, "%s/topics.json", o.save);
+        if (moe_cli_topics(m, &val, o.train.micro_batch, path) != MOE_OK) goto fail;
+        printf("wrote %s (validation text of each source file routed through the model)\n", path);
+    }
     printf("sample:\n");
     if (moe_cli_generate(m, "The ", 200, 0.8f, 0, 1.0f, o.layer.seed, stdout) != MOE_OK) goto fail;
     rc = 0;

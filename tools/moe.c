@@ -18,6 +18,7 @@ static void usage(FILE *f) {
                "            --top-k K --top-p P --seed S]   continue a text\n"
                "  eval --load RUN [--data-path DIR]   validation loss and perplexity\n"
                "  inspect FILE|RUN   tensors and metadata of a safetensors file or checkpoint\n"
+               "  report RUN  write RUN/report.html: losses, expert load, topics x experts\n"
                "  demo        run the MoE layer forward and backward on random data and report\n"
                "              routing, losses and speed\n"
                "  help        this text with every option\n\n"
@@ -54,7 +55,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "generate")) return moe_cmd_generate(argc - 2, argv + 2);
     if (!strcmp(cmd, "eval")) return moe_cmd_eval(argc - 2, argv + 2);
     if (!strcmp(cmd, "inspect")) return moe_cmd_inspect(argc - 2, argv + 2);
-    fprintf(stderr, "moe: unknown command '%s' (commands: prepare, train, generate, eval, inspect, demo, help; see moe "
+    if (!strcmp(cmd, "report")) return moe_cmd_report(argc - 2, argv + 2);
+    fprintf(stderr, "moe: unknown command '%s' (commands: prepare, train, generate, eval, inspect, report, demo, help; see moe "
                     "--help)\n", cmd);
     return 2;
 }
