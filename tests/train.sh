@@ -41,6 +41,8 @@ expect 0 "$moe" generate --load "$tmp/a" --prompt "The " --max-new-tokens 40 --t
 head -c 4 "$tmp/out" | grep -q "^The " || fail "generate output: $(cat "$tmp/out")"
 expect 0 "$moe" eval --load "$tmp/a" --data-path "$tmp/data"
 grep -q "perplexity" "$tmp/out" || fail "eval output: $(cat "$tmp/out")"
+expect 0 "$moe" eval --load "$tmp/a" --data "$tmp/data/train.bin"
+grep -q "train.bin: .* perplexity" "$tmp/out" || fail "eval --data FILE: $(cat "$tmp/out")"
 expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"
@@ -52,6 +54,13 @@ grep -q "<svg" "$tmp/a/report.html" && grep -q "experts used by each topic" "$tm
 echo "not json" >>"$tmp/a/metrics.jsonl"
 expect 1 "$moe" report "$tmp/a"
 grep -q "metrics.jsonl:13: not a JSON object" "$tmp/out" || fail "report on bad metrics: $(cat "$tmp/out")"
+if command -v chromium >/dev/null 2>&1; then # the page renders (where a browser is installed)
+  sed -i '$d' "$tmp/a/metrics.jsonl"
+  expect 0 "$moe" report "$tmp/a"
+  timeout 60 chromium --headless --no-sandbox --disable-gpu --screenshot="$tmp/report.png" \
+    --window-size=760,1600 "file://$tmp/a/report.html" >/dev/null 2>&1
+  [ -s "$tmp/report.png" ] || fail "chromium did not render report.html"
+fi
 # SIGTERM: the run saves a checkpoint and exits cleanly
 # shellcheck disable=SC2086
 "$moe" train $tiny --train-iters 1000000 --save "$tmp/sig" >"$tmp/sig.log" 2>&1 &
@@ -81,6 +90,9 @@ head -c 1000 "$tmp/data/train.bin" >"$tmp/data/short.bin"; mkdir "$tmp/bad"; cp 
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --data-path "$tmp/bad"
 grep -q "truncated" "$tmp/out" || fail "truncated token file message: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --vocab-size 100
+grep -q "vocabulary (257) is larger than the model's (100)" "$tmp/out" || fail "vocabulary mismatch: $(cat "$tmp/out")"
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --seq-length 100000
 grep -q "longer than the data" "$tmp/out" || fail "sequence length message: $(cat "$tmp/out")"

@@ -98,7 +98,11 @@ int moe_cmd_eval(int argc, char **argv) {
     if (rc) return rc;
     int S = o.model.seq_len, B = o.train.micro_batch;
     moe_tokens data = {0};
-    snprintf(path, sizeof path, "%s/val.bin", o.data_path[0] ? o.data_path : "data/fortunes");
+    struct stat sb; /* --data FILE, or the validation split of --data-path DIR */
+    if (o.data_path[0] && stat(o.data_path, &sb) == 0 && S_ISREG(sb.st_mode))
+        snprintf(path, sizeof path, "%s", o.data_path);
+    else
+        snprintf(path, sizeof path, "%s/val.bin", o.data_path[0] ? o.data_path : "data/fortunes");
     rc = 1;
     if (moe_tokens_load(path, &data) != MOE_OK || moe_trainer_check_data(&o.model, &data, NULL) != MOE_OK) {
         fprintf(stderr, "moe eval: %s\n", moe_last_error());

@@ -162,6 +162,8 @@ static const opt_def opts[] = {
      "shared expert", 0},
 
     {"hidden-size", "d-model", OPT_INT, M(d), 1, BIG, NULL, MODEL, "hidden size d", 0},
+    {"vocab-size", NULL, OPT_INT, M(vocab), 2, 1 << 24, NULL, MODEL,
+     "vocabulary size V (257 for the byte tokenizer)", 0},
     {"num-layers", "num-hidden-layers", OPT_INT, M(n_layers), 1, MOE_MAX_LAYERS, NULL, MODEL,
      "transformer blocks L", 0},
     {"num-attention-heads", NULL, OPT_INT, M(n_heads), 1, BIG, NULL, MODEL, "attention heads H", 0},
@@ -209,8 +211,8 @@ static const opt_def opts[] = {
     {"eval-iters", NULL, OPT_INT, T(eval_iters), 1, BIG, NULL, TRAIN,
      "validation batches per run", 0},
 
-    {"data-path", NULL, OPT_STRING, O(data_path), 0, 0, NULL, FILES,
-     "directory written by moe prepare (train.bin, val.bin)", 0},
+    {"data-path", "data", OPT_STRING, O(data_path), 0, 0, NULL, FILES,
+     "directory written by moe prepare (train.bin, val.bin); moe eval also takes a token file", 0},
     {"save", NULL, OPT_STRING, O(save), 0, 0, NULL, FILES, "run directory for checkpoints and "
      "metrics", 0},
     {"load", NULL, OPT_STRING, O(load), 0, 0, NULL, FILES, "resume from this run directory", 0},
@@ -658,6 +660,10 @@ moe_status moe_options_finish(moe_options *o, int parts) {
         MOE_TRY(moe_model_config_validate(&o->model));
     }
     if (parts & MOE_OPTIONS_TRAIN) MOE_TRY(moe_train_config_validate(&o->train));
+    if ((parts & MOE_OPTIONS_MODEL) && (parts & MOE_OPTIONS_TRAIN) &&
+        (long long)o->train.micro_batch * o->model.seq_len > 1 << 30)
+        return moe_set_error(MOE_ERR_INVALID, "micro-batch-size (%d) x seq-length (%d) exceeds "
+                             "2^30 tokens per micro-batch", o->train.micro_batch, o->model.seq_len);
     return MOE_OK;
 }
 
