@@ -309,12 +309,68 @@ static void test_sampling(void **state) {
     assert_int_equal(moe_sample(lg, 4, 1, 3, 1, 0.99), 1);
 }
 
+/* AdamW: weight decay moves weights but never norms or biases. Two runs of one step from
+ * the same start, with and without decay: norm weights end bitwise equal, a weight differs
+ * by lr * wd * p (the decoupled decay). */
+static void test_weight_decay_groups(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = tiny_config();
+    c.moe.expert_bias = 1; /* biases too */
+    uint16_t data[64];
+    for (int i = 0; i < 64; i++) data[i] = (uint16_t)(moe_rng_u64(seed, 4, (uint64_t)i) % (uint64_t)c.vocab);
+    moe_tokens toks = {.tokens = data, .n_tokens = 64, .vocab = c.vocab};
+    float *after[2];
+    size_t n = 0;
+    moe_model *keep = NULL;
+    for (int r = 0; r < 2; r++) {
+        moe_train_config tc = moe_train_config_default();
+        tc.micro_batch = tc.global_batch = 2;
+        tc.warmup_iters = 0;
+        tc.lr = 1e-2f;
+        tc.weight_decay = r ? 0.5f : 0.0f;
+        moe_model *m;
+        moe_trainer *t;
+        assert_int_equal(moe_model_create(&c, 2 * c.seq_len, &m), MOE_OK);
+        random_params(m, seed);
+        assert_int_equal(moe_trainer_create(m, &tc, &toks, NULL, &t), MOE_OK);
+        assert_int_equal(moe_trainer_step(t, NULL), MOE_OK);
+        n = moe_model_param_count(m);
+        after[r] = malloc(n * sizeof(float));
+        memcpy(after[r], moe_model_params(m), n * sizeof(float));
+        moe_trainer_destroy(t);
+        if (r) keep = m;
+        else moe_model_destroy(m);
+    }
+    moe_model *m0;
+    assert_int_equal(moe_model_create(&c, 2 * c.seq_len, &m0), MOE_OK);
+    random_params(m0, seed);
+    const float *p0 = moe_model_params(m0);
+    int n_decay = 0, n_plain = 0;
+    for (int i = 0; i < moe_model_n_tensors(keep); i++) {
+        const moe_tensor_info *ti = moe_model_tensor(keep, i);
+        int exempt = strstr(ti->name, "norm.weight") || strstr(ti->name, "bias");
+        assert_int_equal(ti->no_decay, exempt);
+        for (size_t j = ti->offset; j < ti->offset + ti->numel; j++) {
+            double diff = (double)after[0][j] - after[1][j], want = exempt ? 0 : 1e-2 * 0.5 * p0[j];
+            if (fabs(diff - want) > 1e-6 + 1e-4 * fabs(want))
+                fail_msg("%s[%zu]: decay moved it by %g, expected %g", ti->name, j - ti->offset, diff, want);
+            exempt ? n_plain++ : n_decay++;
+        }
+    }
+    assert_true(n_plain > 0 && n_decay > 0);
+    free(after[0]);
+    free(after[1]);
+    moe_model_destroy(keep);
+    moe_model_destroy(m0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_against_torch), cmocka_unit_test(test_loss_scale),
         cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
-        cmocka_unit_test(test_sampling),
+        cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

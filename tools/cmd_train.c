@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define DEFAULT_CORPUS "/usr/share/games/fortunes"
 #define DEFAULT_DATA "data/fortunes"
@@ -275,6 +276,7 @@ int moe_cmd_train(int argc, char **argv) {
            (long long)train.n_tokens, omp_get_max_threads());
     double t_start = moe_time_now(), tokens_done = 0, val_nll = -1;
     int total = o.train.train_iters, first = moe_trainer_steps_done(t) + 1;
+    int tty = isatty(STDOUT_FILENO);
     stop_requested = 0;
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
@@ -290,13 +292,18 @@ int moe_cmd_train(int argc, char **argv) {
             if (moe_trainer_eval(t, &val) != MOE_OK) goto fail;
             val_nll = val;
         }
-        if (step % o.log_interval == 0 || step == total || step == 1) {
+        int log_now = step % o.log_interval == 0 || step == total || step == first;
+        if (log_now || tty) { /* on a terminal the line is redrawn every step */
             char eta[32];
             format_eta(eta, sizeof eta, elapsed / (step - first + 1) * (total - step));
-            printf("step %d/%d | loss %.4f | nll %.4f aux %.4g z %.4g | lr %.2e | gnorm %.3f | "
-                   "load max/mean %.2f | %.0f tok/s | eta %s\n", step, total, s.loss, s.nll,
-                   s.aux, s.z, s.lr, s.grad_norm, load_imbalance(t, mc->n_layers), tok_s, eta);
+            printf("%sstep %d/%d | loss %.4f | nll %.4f aux %.4g z %.4g | lr %.2e | gnorm %.3f | "
+                   "load max/mean %.2f | %.0f tok/s | eta %s%s", tty ? "\r\033[K" : "", step,
+                   total, s.loss, s.nll, s.aux, s.z, s.lr, s.grad_norm,
+                   load_imbalance(t, mc->n_layers), tok_s, eta, log_now ? "\n" : "");
+            fflush(stdout);
         }
+        if (tty && !log_now && (val >= 0 || (o.save_interval && step % o.save_interval == 0)))
+            putchar('\n');
         if (val >= 0)
             printf("eval step %d | val nll %.4f nats/byte (%.3f bits/byte)\n", step, val,
                    val / log(2.0));
