@@ -227,6 +227,27 @@ typedef struct {
     int sinkhorn_iters;
 } moe_layer_stats;
 
+/* Time spent in each stage of the layer, summed over calls since the last reset (seconds). */
+typedef enum {
+    MOE_STAGE_ROUTER = 0,      /* logits GEMM, scores, selection */
+    MOE_STAGE_BALANCE,         /* counts, aux and z losses */
+    MOE_STAGE_PERMUTE,         /* dispatch plan and the gather of expert inputs */
+    MOE_STAGE_EXPERT_GEMM,     /* the two expert GEMMs */
+    MOE_STAGE_ACTIVATION,      /* activation with the routing weight (and biases) */
+    MOE_STAGE_COMBINE,         /* weighted sum of expert outputs per token, output mix */
+    MOE_STAGE_SHARED,          /* shared expert, its gate, the residual mix */
+    MOE_STAGE_BWD_SHARED,
+    MOE_STAGE_BWD_PERMUTE,     /* output-gradient gather and input-gradient scatter */
+    MOE_STAGE_BWD_EXPERT_GEMM, /* the four weight and input gradient GEMMs */
+    MOE_STAGE_BWD_ACTIVATION,
+    MOE_STAGE_BWD_ROUTER,      /* routing-weight, aux and z gradients, router GEMMs */
+    MOE_STAGE_COUNT
+} moe_stage;
+
+const char *moe_stage_name(moe_stage s);
+const double *moe_layer_stage_times(const moe_layer *layer); /* [MOE_STAGE_COUNT] */
+void moe_layer_reset_stage_times(moe_layer *layer);
+
 /* Routing decisions of the last forward. Token choice: slot t*k + j is token t's j-th choice
  * (expert -1 when the token is masked or the slot was dropped by random routing; kept = 0
  * when capacity dropped it). Expert choice: slot e*C + c is expert e's c-th token. */

@@ -10,6 +10,7 @@ int moe_cmd_generate(int argc, char **argv);
 int moe_cmd_eval(int argc, char **argv);
 int moe_cmd_inspect(int argc, char **argv);
 int moe_cmd_report(int argc, char **argv);
+int moe_cmd_bench(int argc, char **argv);
 
 #include "io/data.h"
 #include "io/options.h"

@@ -20,6 +20,8 @@ static void usage(FILE *f) {
                "            (default: the validation split data/fortunes/val.bin)\n"
                "  inspect FILE|RUN   tensors and metadata of a safetensors file or checkpoint\n"
                "  report RUN  write RUN/report.html: losses, expert load, topics x experts\n"
+               "  bench layer [options] [--json]   the layer's speed per stage against the\n"
+               "              SGEMM rate measured in the same run\n"
                "  demo        run the MoE layer forward and backward on random data and report\n"
                "              routing, losses and speed\n"
                "  help        this text with every option\n\n"
@@ -57,7 +59,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "eval")) return moe_cmd_eval(argc - 2, argv + 2);
     if (!strcmp(cmd, "inspect")) return moe_cmd_inspect(argc - 2, argv + 2);
     if (!strcmp(cmd, "report")) return moe_cmd_report(argc - 2, argv + 2);
-    fprintf(stderr, "moe: unknown command '%s' (commands: prepare, train, generate, eval, inspect, report, demo, help; see moe "
+    if (!strcmp(cmd, "bench")) return moe_cmd_bench(argc - 2, argv + 2);
+    fprintf(stderr, "moe: unknown command '%s' (commands: prepare, train, generate, eval, inspect, report, bench, demo, help; see moe "
                     "--help)\n", cmd);
     return 2;
 }

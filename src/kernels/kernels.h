@@ -15,6 +15,11 @@ void moe_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, 
 void moe_gemm64(int ta, int tb, int m, int n, int k, double alpha, const double *A, int lda,
                 const double *B, int ldb, double beta, double *C, int ldc);
 
+/* Name and configuration of the GEMM library in use. */
+const char *moe_gemm_backend(void);
+/* Best rate (FLOP/s) of an n x n x n SGEMM over reps calls: the machine's ceiling. */
+double moe_gemm_peak(int n, int reps);
+
 /* Activation of one row: h [gf] -> a [f] = w * act(h) (gated: act(h[:f]) * h[f:]). */
 void moe_act_forward_row(moe_activation act, int f, const float *h, float w, float *a);
 /* Backward of one row: da [f] is dL/da (a = w * act(h)); writes dh [gf] = dL/dh and returns

@@ -8,10 +8,11 @@
 
 void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
                      const float *b_in, const float *w_out, const float *b_out, const float *w,
-                     float *h, float *a, float *y) {
+                     float *h, float *a, float *y, double *t_act) {
     if (n <= 0) return;
     int gf = moe_act_gated(act) ? 2 * f : f;
     moe_gemm(0, 1, n, gf, d, 1.0f, x, d, w_in, d, 0.0f, h, gf);
+    double t0 = moe_time_now();
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
         float *hi = h + (size_t)i * gf;
@@ -19,6 +20,7 @@ void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, co
             for (int j = 0; j < gf; j++) hi[j] += b_in[j];
         moe_act_forward_row(act, f, hi, w ? w[i] : 1.0f, a + (size_t)i * f);
     }
+    if (t_act) *t_act += moe_time_now() - t0;
     moe_gemm(0, 1, n, d, f, 1.0f, a, f, w_out, f, 0.0f, y, d);
     if (b_out) {
 #pragma omp parallel for schedule(static)
@@ -32,7 +34,8 @@ void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, co
 void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
                       const float *w_out, const float *b_out, const float *w, const float *h,
                       const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
-                      float *dw_out, float *db_out, double *dw, float *dh, float *da) {
+                      float *dw_out, float *db_out, double *dw, float *dh, float *da,
+                      double *t_act) {
     if (n <= 0) return;
     int gf = moe_act_gated(act) ? 2 * f : f;
     moe_gemm(1, 0, d, f, n, 1.0f, dy, d, a, f, 1.0f, dw_out, f);
@@ -45,6 +48,7 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
         }
     }
     moe_gemm(0, 0, n, f, d, 1.0f, dy, d, w_out, f, 0.0f, da, f);
+    double t0 = moe_time_now();
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
         double g = moe_act_backward_row(act, f, h + (size_t)i * gf, w ? w[i] : 1.0f,
@@ -55,6 +59,7 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
             dw[i] = g;
         }
     }
+    if (t_act) *t_act += moe_time_now() - t0;
     moe_gemm(1, 0, gf, d, n, 1.0f, dh, gf, x, d, 1.0f, dw_in, d);
     if (db_in) {
 #pragma omp parallel for schedule(static)
@@ -75,6 +80,7 @@ void moe_experts_forward(moe_layer *L) {
     int d = c->d, f = c->ffn, R = st->n_rows;
     size_t gf = gf_of(c);
     const float *x = st->xin_orig;
+    double t0 = moe_time_now(), t_act = 0;
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < R; r++) {
         int s = st->row_slot[r];
@@ -82,14 +88,16 @@ void moe_experts_forward(moe_layer *L) {
         if (s < 0) memset(dst, 0, sizeof(float) * (size_t)d);
         else memcpy(dst, x + (size_t)st->slot_token[s] * d, sizeof(float) * (size_t)d);
     }
+    double t1 = moe_time_now();
     for (int e = 0; e < c->n_experts; e++) {
         int o = st->expert_off[e], n = st->expert_off[e + 1] - o;
         moe_mlp_forward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)e * gf * d,
                         L->p.b_in ? L->p.b_in + (size_t)e * gf : NULL,
                         L->p.w_out + (size_t)e * d * f, L->p.b_out ? L->p.b_out + (size_t)e * d : NULL,
                         st->row_w + o, st->h + (size_t)o * gf, st->a + (size_t)o * f,
-                        st->y + (size_t)o * d);
+                        st->y + (size_t)o * d, &t_act);
     }
+    double t2 = moe_time_now();
     /* Combine in slot order: bitwise reproducible, no atomics. */
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < st->T; t++) {
@@ -102,6 +110,10 @@ void moe_experts_forward(moe_layer *L) {
             for (int j = 0; j < d; j++) rt[j] += yr[j];
         }
     }
+    L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0;
+    L->stage_s[MOE_STAGE_EXPERT_GEMM] += t2 - t1 - t_act;
+    L->stage_s[MOE_STAGE_ACTIVATION] += t_act;
+    L->stage_s[MOE_STAGE_COMBINE] += moe_time_now() - t2;
 }
 
 void moe_experts_backward(moe_layer *L, float *dx) {
@@ -110,6 +122,7 @@ void moe_experts_backward(moe_layer *L, float *dx) {
     int d = c->d, f = c->ffn, R = st->n_rows;
     size_t gf = gf_of(c);
     double *dwr = st->dw_row;
+    double t0 = moe_time_now(), t_act = 0;
     /* dL/dy of each row is the routed-output gradient of its token. */
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < R; r++) {
@@ -118,6 +131,7 @@ void moe_experts_backward(moe_layer *L, float *dx) {
         if (s < 0) memset(dst, 0, sizeof(float) * (size_t)d);
         else memcpy(dst, st->dr + (size_t)st->slot_token[s] * d, sizeof(float) * (size_t)d);
     }
+    double t1 = moe_time_now();
     for (int e = 0; e < c->n_experts; e++) {
         int o = st->expert_off[e], n = st->expert_off[e + 1] - o;
         moe_mlp_backward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)e * gf * d,
@@ -128,8 +142,9 @@ void moe_experts_backward(moe_layer *L, float *dx) {
                          L->g.b_in ? L->g.b_in + (size_t)e * gf : NULL,
                          L->g.w_out + (size_t)e * d * f,
                          L->g.b_out ? L->g.b_out + (size_t)e * d : NULL, dwr + o,
-                         st->dh + (size_t)o * gf, st->da + (size_t)o * f);
+                         st->dh + (size_t)o * gf, st->da + (size_t)o * f, &t_act);
     }
+    double t2 = moe_time_now();
     for (int s = 0; s < st->n_slots; s++) st->dw[s] = st->slot_row[s] >= 0 ? dwr[st->slot_row[s]] : 0;
     /* Scatter the input gradients back in slot order (xp now holds dL/dxp). */
 #pragma omp parallel for schedule(static)
@@ -142,4 +157,7 @@ void moe_experts_backward(moe_layer *L, float *dx) {
             for (int j = 0; j < d; j++) dt[j] += g[j];
         }
     }
+    L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2);
+    L->stage_s[MOE_STAGE_BWD_EXPERT_GEMM] += t2 - t1 - t_act;
+    L->stage_s[MOE_STAGE_BWD_ACTIVATION] += t_act;
 }

@@ -170,7 +170,7 @@ static void shared_forward(moe_layer *L, const float *x) {
     moe_fwd_state *st = &L->st;
     int T = st->T, d = c->d;
     moe_mlp_forward(c->act, T, d, c->shared_ffn, x, L->p.shared_w_in, L->p.shared_b_in,
-                    L->p.shared_w_out, L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->sh_y);
+                    L->p.shared_w_out, L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->sh_y, NULL);
     if (c->shared_gate) {
         for (int t = 0; t < T; t++) {
             double s = 0;
@@ -261,16 +261,25 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     st->Tv = 0;
     for (int t = 0; t < T; t++) st->Tv += token_valid(st, t);
 
+    double t0 = moe_time_now();
     moe_router_logits(L, x);
     MOE_TRY(moe_router_select(L));
+    double t1 = moe_time_now();
     moe_balance_forward(L);
     if (st->training) {
         for (int e = 0; e < c->n_experts; e++) L->accum_counts[e] += st->counts[e];
         L->accum_tokens += st->Tv;
     }
+    double t2 = moe_time_now();
     moe_dispatch_plan(L);
+    L->stage_s[MOE_STAGE_ROUTER] += t1 - t0;
+    L->stage_s[MOE_STAGE_BALANCE] += t2 - t1;
+    L->stage_s[MOE_STAGE_PERMUTE] += moe_time_now() - t2;
     moe_experts_forward(L);
+    double t3 = moe_time_now();
     if (c->shared_ffn > 0) shared_forward(L, x);
+    double t4 = moe_time_now();
+    L->stage_s[MOE_STAGE_SHARED] += t4 - t3;
 
     int d = c->d;
 #pragma omp parallel for schedule(static)
@@ -290,6 +299,7 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
         float cs = c->residual ? st->mix_c[2 * t + 1] : c->shared_gate ? st->sh_g[t] : 1.0f;
         for (int i = 0; i < d; i++) o[i] = cr * r[i] + cs * s[i];
     }
+    L->stage_s[MOE_STAGE_COMBINE] += moe_time_now() - t4;
     fill_stats(L);
     L->have_forward = 1;
     return MOE_OK;
@@ -347,7 +357,7 @@ static void shared_backward(moe_layer *L, float *dx, const float *dout, const fl
     moe_mlp_backward(c->act, T, d, c->shared_ffn, x, L->p.shared_w_in, L->p.shared_w_out,
                      L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->ds, st->tmp_td,
                      L->g.shared_w_in, L->g.shared_b_in, L->g.shared_w_out, L->g.shared_b_out,
-                     NULL, st->sh_dh, st->sh_da);
+                     NULL, st->sh_dh, st->sh_da, NULL);
     for (size_t i = 0; i < (size_t)T * d; i++) dx[i] += st->tmp_td[i];
 }
 
@@ -360,6 +370,7 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const 
     if (!dx || !dout || !x)
         return moe_set_error(MOE_ERR_INVALID, "moe_layer_backward: dx, dout and x must not be NULL");
     int T = st->T, d = c->d;
+    double t0 = moe_time_now();
     if (c->shared_ffn > 0) {
         shared_backward(L, dx, dout, x);
     } else {
@@ -369,8 +380,21 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const 
             else memset(dr, 0, sizeof(float) * (size_t)d);
         }
     }
+    L->stage_s[MOE_STAGE_BWD_SHARED] += moe_time_now() - t0;
     moe_experts_backward(L, dx);
+    double t1 = moe_time_now();
     moe_router_backward(L, dx, x);
+    L->stage_s[MOE_STAGE_BWD_ROUTER] += moe_time_now() - t1;
     L->have_forward = 0;
     return MOE_OK;
 }
+
+const char *moe_stage_name(moe_stage s) {
+    static const char *const names[MOE_STAGE_COUNT] = {
+        "router", "balance", "permute", "expert GEMM", "activation", "combine", "shared expert",
+        "bwd shared expert", "bwd permute", "bwd expert GEMM", "bwd activation", "bwd router"};
+    return s >= 0 && s < MOE_STAGE_COUNT ? names[s] : "?";
+}
+
+const double *moe_layer_stage_times(const moe_layer *L) { return L->stage_s; }
+void moe_layer_reset_stage_times(moe_layer *L) { memset(L->stage_s, 0, sizeof L->stage_s); }

@@ -117,6 +117,7 @@ struct moe_layer {
     int have_forward;
     moe_layer_stats stats;
     moe_routing routing;
+    double stage_s[MOE_STAGE_COUNT];
 };
 
 /* router.c */

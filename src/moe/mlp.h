@@ -8,14 +8,16 @@
 int moe_act_gated(moe_activation a);
 
 /* MLP rows. x [n, d] -> h [n, gf], a [n, f] (= w * act(h)), y [n, d]
- * (= a W_outᵀ + w b_out). w may be NULL (weight 1). */
+ * (= a W_outᵀ + w b_out). w may be NULL (weight 1). t_act (may be NULL) accumulates the
+ * seconds spent outside the GEMMs (bias, activation). */
 void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
                      const float *b_in, const float *w_out, const float *b_out, const float *w,
-                     float *h, float *a, float *y);
+                     float *h, float *a, float *y, double *t_act);
 /* dy [n, d] given; writes dx [n, d] (overwritten), adds weight grads, writes dw [n] (if not
  * NULL). Uses dh [n, gf] and da [n, f] as scratch. */
 void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
                       const float *w_out, const float *b_out, const float *w, const float *h,
                       const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
-                      float *dw_out, float *db_out, double *dw, float *dh, float *da);
+                      float *dw_out, float *db_out, double *dw, float *dh, float *da,
+                      double *t_act);
 #endif
