@@ -190,6 +190,8 @@ float *moe_layer_param_data(moe_layer *layer); /* [param_count] */
 float *moe_layer_grad_data(moe_layer *layer);  /* [param_count] */
 float *moe_layer_expert_bias(moe_layer *layer); /* [E] selection bias (fp32 buffer) */
 void moe_layer_zero_grads(moe_layer *layer);
+/* Bytes of the layer's activation workspace. */
+size_t moe_layer_workspace_bytes(const moe_layer *layer);
 /* Normal(0, std) weights from (seed, tensor); biases 0; mix_w, shared_gate_w normal too. */
 void moe_layer_init_params(moe_layer *layer, uint64_t seed, float std);
 
@@ -328,6 +330,8 @@ float *moe_model_grads(moe_model *m);
 void moe_model_zero_grads(moe_model *m);
 int moe_model_n_tensors(const moe_model *m);
 const moe_tensor_info *moe_model_tensor(const moe_model *m, int i);
+/* Bytes of the activation workspaces (the model's and its MoE layers'), planned at create. */
+size_t moe_model_activation_bytes(const moe_model *m);
 /* The MoE layer of block l, or NULL for a dense block. */
 moe_layer *moe_model_moe_layer(moe_model *m, int l);
 

@@ -5,7 +5,10 @@
 #include "core/core.h"
 #include "kernels/kernels.h"
 
+#include "train/trainer.h"
+
 #include <omp.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,11 +112,84 @@ static int bench_layer(moe_options *o, int json) {
     return 0;
 }
 
+/* GEMM FLOPs per token of one training step (forward + backward = 3 x forward), attention
+ * scores over the causal half of the sequence included. */
+static double model_flops_per_token(const moe_model_config *c) {
+    int hd = c->d / c->n_heads, hq = c->n_heads * hd, hkv = c->n_kv_heads * hd;
+    int gated = c->moe.act == MOE_ACT_SWIGLU || c->moe.act == MOE_ACT_GEGLU;
+    double per_mlp = 2.0 * c->d * (gated ? 3.0 : 2.0), f = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        f += 2.0 * c->d * (2.0 * hq + 2.0 * hkv) + 2.0 * c->seq_len * hq; /* projections, attention */
+        int E = moe_model_layer_experts(c, l);
+        f += E ? 2.0 * c->d * E + c->moe.topk * per_mlp * c->moe.ffn + per_mlp * c->moe.shared_ffn
+               : per_mlp * c->ffn;
+    }
+    f += 2.0 * c->d * c->vocab;
+    return 3 * f;
+}
+
+static int bench_train(moe_options *o, int json) {
+    const moe_model_config *c = &o->model;
+    const moe_train_config *tc = &o->train;
+    int S = c->seq_len, n_tok = 1 << 20;
+    uint16_t *data = malloc(sizeof(uint16_t) * (size_t)n_tok);
+    for (int i = 0; i < n_tok; i++) data[i] = (uint16_t)(moe_rng_u64(c->moe.seed, 77, (uint64_t)i) % (uint64_t)c->vocab);
+    moe_tokens toks = {.tokens = data, .n_tokens = n_tok, .vocab = c->vocab, .eot = 0};
+    moe_model *m = NULL;
+    moe_trainer *t = NULL;
+    if (moe_model_create(c, tc->micro_batch * S, &m) != MOE_OK ||
+        moe_trainer_create(m, tc, &toks, NULL, &t) != MOE_OK) {
+        fprintf(stderr, "moe bench: %s\n", moe_last_error());
+        moe_model_destroy(m);
+        free(data);
+        return 1;
+    }
+    moe_model_init_params(m, c->moe.seed);
+    double peak = moe_gemm_peak(2048, 5), t_steps = 0, tokens = 0;
+    for (int it = 0; it <= o->iters; it++) {
+        moe_step_metrics s;
+        double t0 = moe_time_now();
+        if (moe_trainer_step(t, &s) != MOE_OK) {
+            fprintf(stderr, "moe bench: %s\n", moe_last_error());
+            break;
+        }
+        if (it) t_steps += moe_time_now() - t0, tokens += (double)s.tokens;
+    }
+    double tok_s = tokens / t_steps, fpt = model_flops_per_token(c);
+    size_t np = moe_model_param_count(m), act = moe_model_activation_bytes(m);
+    double min_bytes = 4.0 * 4 * np + act; /* params, grads, Adam m and v, activations */
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double rss = 1024.0 * ru.ru_maxrss;
+    if (json)
+        printf("{\"bench\":\"train\",\"params\":%zu,\"tokens_per_s\":%.1f,\"gflops\":%.2f,"
+               "\"sgemm_gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,\"minimum_mb\":%.1f,"
+               "\"threads\":%d}\n", np, tok_s, 1e-9 * tok_s * fpt, 1e-9 * peak, tok_s * fpt / peak,
+               rss / 1048576, min_bytes / 1048576, omp_get_max_threads());
+    else {
+        printf("moe bench train: %d layers, d=%d, %zu parameters, micro-batch %d x %d tokens, %d "
+               "threads\n", c->n_layers, c->d, np, tc->micro_batch, S, omp_get_max_threads());
+        printf("GEMM library: %s\n", moe_gemm_backend());
+        printf("ceiling: SGEMM 2048^3 = %.1f GFLOP/s (best of 5, this run)\n", 1e-9 * peak);
+        printf("training: %.0f tokens/s, %.1f ms per step; %.2f MFLOP per token; %.1f GFLOP/s = "
+               "%.1f%% model FLOP utilisation against the SGEMM rate\n", tok_s,
+               1e3 * t_steps / o->iters, 1e-6 * fpt, 1e-9 * tok_s * fpt, 100 * tok_s * fpt / peak);
+        printf("memory: peak RSS %.1f MB; analytical minimum %.1f MB (parameters, gradients and "
+               "Adam state %.1f MB, activations %.1f MB)\n", rss / 1048576, min_bytes / 1048576,
+               16.0 * np / 1048576, act / 1048576.0);
+    }
+    moe_trainer_destroy(t);
+    moe_model_destroy(m);
+    free(data);
+    return 0;
+}
+
 int moe_cmd_bench(int argc, char **argv) {
-    if (argc < 1 || strcmp(argv[0], "layer")) {
-        fprintf(stderr, "moe bench: usage: moe bench layer [options] [--json]\n");
+    if (argc < 1 || (strcmp(argv[0], "layer") && strcmp(argv[0], "train"))) {
+        fprintf(stderr, "moe bench: usage: moe bench layer|train [options] [--json]\n");
         return 2;
     }
+    int train = !strcmp(argv[0], "train");
     int json = 0, n = 0;
     char **rest = malloc(sizeof(char *) * (size_t)argc);
     for (int a = 1; a < argc; a++) {
@@ -123,12 +199,13 @@ int moe_cmd_bench(int argc, char **argv) {
     moe_options o;
     moe_options_default(&o);
     int rc = 0;
-    if (moe_options_parse_args(&o, n, rest) != MOE_OK || moe_options_finish(&o, 0) != MOE_OK) {
+    int parts = train ? MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN : 0;
+    if (moe_options_parse_args(&o, n, rest) != MOE_OK || moe_options_finish(&o, parts) != MOE_OK) {
         fprintf(stderr, "moe bench: %s\n", moe_last_error());
         rc = 2;
     }
     free(rest);
     if (rc) return rc;
     if (o.threads > 0) omp_set_num_threads(o.threads);
-    return bench_layer(&o, json);
+    return train ? bench_train(&o, json) : bench_layer(&o, json);
 }

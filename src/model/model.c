@@ -42,6 +42,7 @@ struct moe_model {
     moe_model_config cfg;
     int max_tokens, hd, gf;
     size_t n_params;
+    size_t act_bytes; /* the activation workspace */
     float *params, *grads;
     moe_tensor_info *tensors;
     int n_tensors, cap_tensors;
@@ -343,6 +344,7 @@ moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_mod
     moe_arena plan = {0};
     plan_activations(m, &plan);
     m->act_mem = moe_alloc(plan.used, 1);
+    m->act_bytes = plan.used;
     if (!m->act_mem) goto fail;
     moe_arena a = {m->act_mem, 0, plan.used};
     plan_activations(m, &a);
@@ -387,6 +389,13 @@ moe_layer *moe_model_moe_layer(moe_model *m, int l) {
     return l >= 0 && l < m->cfg.n_layers ? m->moe[l] : NULL;
 }
 const float *moe_model_logits(const moe_model *m) { return m->logits; }
+
+size_t moe_model_activation_bytes(const moe_model *m) {
+    size_t b = m->act_bytes;
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        if (m->moe[l]) b += moe_layer_workspace_bytes(m->moe[l]);
+    return b;
+}
 
 /* Norm weights 1, biases 0, other weights normal(0, init_std); the output projections of
  * each block (o_proj, down_proj) use init_std / sqrt(2 L) (Megatron's scaled init). */

@@ -95,6 +95,7 @@ static moe_status alloc_workspace(moe_layer *L, int k) {
     if (!ws) return MOE_ERR_NOMEM;
     moe_free(L->ws);
     L->ws = ws;
+    L->ws_bytes = bytes;
     plan_workspace(L, ws, L->max_tokens, k);
     L->planned_k = k;
     L->have_forward = 0;
@@ -398,3 +399,5 @@ const char *moe_stage_name(moe_stage s) {
 
 const double *moe_layer_stage_times(const moe_layer *L) { return L->stage_s; }
 void moe_layer_reset_stage_times(moe_layer *L) { memset(L->stage_s, 0, sizeof L->stage_s); }
+
+size_t moe_layer_workspace_bytes(const moe_layer *L) { return L->ws_bytes; }

@@ -113,6 +113,7 @@ struct moe_layer {
     int64_t *accum_counts;  /* [E] */
     int64_t accum_tokens;
     void *ws;               /* the workspace allocation */
+    size_t ws_bytes;
     moe_fwd_state st;
     int have_forward;
     moe_layer_stats stats;
