@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what moe.c needs from Debian 12's packages, if missing (run as root).
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config clang libopenblas-openmp-dev libcmocka-dev libcjson-dev
+pkgs=(build-essential cmake pkg-config clang libopenblas-openmp-dev libcmocka-dev libcjson-dev libdnnl-dev
       fortunes python3-torch)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -15,6 +15,14 @@ void moe_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, 
 void moe_gemm64(int ta, int tb, int m, int n, int k, double alpha, const double *A, int lda,
                 const double *B, int ldb, double beta, double *C, int ldc);
 
+/* bf16 GEMM, fp32 accumulation and output: C [m,n] = op(A) op(B) + beta C with beta 0 or 1
+ * (gemm_bf16.c, oneDNN). MOE_ERR_STATE when built without oneDNN. */
+int moe_gemm_bf16_available(void);
+moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A, int lda,
+                         const uint16_t *B, int ldb, float beta, float *C, int ldc);
+void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n); /* round to nearest even */
+void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n);
+
 /* Name and configuration of the GEMM library in use. */
 const char *moe_gemm_backend(void);
 /* Best rate (FLOP/s) of an n x n x n SGEMM over reps calls: the machine's ceiling. */

@@ -1,0 +1,127 @@
+/* bf16 GEMM with fp32 accumulation through oneDNN's matmul (AVX512-BF16 kernels where the CPU
+ * has them), and fp32 <-> bf16 conversion. One primitive per (transposes, beta), with every
+ * dimension and stride given at run time, created on first use. */
+#include "kernels/kernels.h"
+
+#include "core/core.h"
+
+#include <pthread.h>
+#include <string.h>
+
+#ifdef MOE_HAVE_DNNL
+#include <oneapi/dnnl/dnnl.h>
+
+static struct {
+    dnnl_engine_t engine;
+    dnnl_stream_t stream;
+    dnnl_primitive_t prim[8]; /* [ta][tb][beta != 0] */
+    int failed;
+} dn;
+static pthread_mutex_t dn_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int runtime_md(dnnl_memory_desc_t *md, dnnl_data_type_t dt) {
+    dnnl_dims_t dims = {DNNL_RUNTIME_DIM_VAL, DNNL_RUNTIME_DIM_VAL};
+    dnnl_dims_t strides = {DNNL_RUNTIME_DIM_VAL, DNNL_RUNTIME_DIM_VAL};
+    return dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides) == dnnl_success;
+}
+
+static dnnl_primitive_t primitive(int ta, int tb, int accumulate) {
+    int key = ta * 4 + tb * 2 + accumulate;
+    if (dn.prim[key] || dn.failed) return dn.prim[key];
+    if (!dn.engine && (dnnl_engine_create(&dn.engine, dnnl_cpu, 0) != dnnl_success ||
+                       dnnl_stream_create(&dn.stream, dn.engine, dnnl_stream_default_flags) != dnnl_success)) {
+        dn.failed = 1;
+        return NULL;
+    }
+    dnnl_memory_desc_t a, b, c;
+    dnnl_matmul_desc_t desc;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t ops = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    int ok = runtime_md(&a, dnnl_bf16) && runtime_md(&b, dnnl_bf16) && runtime_md(&c, dnnl_f32) &&
+             dnnl_matmul_desc_init(&desc, &a, &b, NULL, &c) == dnnl_success &&
+             dnnl_primitive_attr_create(&attr) == dnnl_success;
+    if (ok && accumulate)
+        ok = dnnl_post_ops_create(&ops) == dnnl_success &&
+             dnnl_post_ops_append_sum(ops, 1.0f) == dnnl_success &&
+             dnnl_primitive_attr_set_post_ops(attr, ops) == dnnl_success;
+    ok = ok && dnnl_primitive_desc_create(&pd, &desc, attr, dn.engine, NULL) == dnnl_success &&
+         dnnl_primitive_create(&dn.prim[key], pd) == dnnl_success;
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (ops) dnnl_post_ops_destroy(ops);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    if (!ok) dn.failed = 1;
+    return dn.prim[key];
+}
+
+static int concrete_md(dnnl_memory_desc_t *md, dnnl_data_type_t dt, int rows, int cols, int trans,
+                       int ld) {
+    dnnl_dims_t dims = {rows, cols};
+    dnnl_dims_t strides = {trans ? 1 : ld, trans ? ld : 1};
+    return dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides) == dnnl_success;
+}
+
+int moe_gemm_bf16_available(void) { return 1; }
+
+moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A, int lda,
+                         const uint16_t *B, int ldb, float beta, float *C, int ldc) {
+    if (m <= 0 || n <= 0) return MOE_OK;
+    if (beta != 0.0f && beta != 1.0f)
+        return moe_set_error(MOE_ERR_INVALID, "moe_gemm_bf16: beta must be 0 or 1 (got %g)", beta);
+    if (k <= 0) {
+        if (beta == 0.0f)
+            for (int i = 0; i < m; i++) memset(C + (size_t)i * ldc, 0, sizeof(float) * (size_t)n);
+        return MOE_OK;
+    }
+    pthread_mutex_lock(&dn_lock);
+    dnnl_primitive_t p = primitive(ta != 0, tb != 0, beta != 0.0f);
+    moe_status st = MOE_OK;
+    dnnl_memory_desc_t a, b, c;
+    dnnl_memory_t am = NULL, bm = NULL, cm = NULL;
+    if (!p || !concrete_md(&a, dnnl_bf16, m, k, ta, lda) || !concrete_md(&b, dnnl_bf16, k, n, tb, ldb) ||
+        !concrete_md(&c, dnnl_f32, m, n, 0, ldc) ||
+        dnnl_memory_create(&am, &a, dn.engine, (void *)A) != dnnl_success ||
+        dnnl_memory_create(&bm, &b, dn.engine, (void *)B) != dnnl_success ||
+        dnnl_memory_create(&cm, &c, dn.engine, C) != dnnl_success) {
+        st = moe_set_error(MOE_ERR_STATE, "oneDNN bf16 matmul unavailable on this machine");
+    } else {
+        dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}};
+        if (dnnl_primitive_execute(p, dn.stream, 3, args) != dnnl_success ||
+            dnnl_stream_wait(dn.stream) != dnnl_success)
+            st = moe_set_error(MOE_ERR_STATE, "oneDNN bf16 matmul failed");
+    }
+    if (am) dnnl_memory_destroy(am);
+    if (bm) dnnl_memory_destroy(bm);
+    if (cm) dnnl_memory_destroy(cm);
+    pthread_mutex_unlock(&dn_lock);
+    return st;
+}
+#else
+int moe_gemm_bf16_available(void) { return 0; }
+
+moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A, int lda,
+                         const uint16_t *B, int ldb, float beta, float *C, int ldc) {
+    (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb;
+    (void)beta, (void)C, (void)ldc;
+    return moe_set_error(MOE_ERR_STATE, "built without oneDNN: no bf16 GEMM");
+}
+#endif
+
+/* Round to nearest even; NaN stays NaN. */
+void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        if ((u & 0x7FFFFFFFu) > 0x7F800000u) y[i] = (uint16_t)((u >> 16) | 0x40);
+        else y[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)x[i] << 16;
+        memcpy(&y[i], &u, 4);
+    }
+}

@@ -1,0 +1,104 @@
+/* GEMM wrappers: fp32 (OpenBLAS) and bf16 with fp32 accumulation (oneDNN) against float64
+ * products, every transpose, beta 0 and 1, leading dimensions wider than the rows; bf16
+ * rounding. */
+#include "kernels/kernels.h"
+#include "test_util.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+/* C = op(A) op(B) + beta C0 in float64; also sum |a||b| per entry for the tolerance. */
+static void ref_gemm(int ta, int tb, int m, int n, int k, const double *A, int lda,
+                     const double *B, int ldb, double beta, const double *C0, double *C,
+                     double *mag, int ldc) {
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            double s = 0, g = 0;
+            for (int p = 0; p < k; p++) {
+                double a = ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                double b = tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+                s += a * b;
+                g += fabs(a * b);
+            }
+            C[(size_t)i * ldc + j] = s + beta * C0[(size_t)i * ldc + j];
+            mag[(size_t)i * ldc + j] = g + fabs(beta * C0[(size_t)i * ldc + j]);
+        }
+}
+
+static void run(int bf16, int ta, int tb, int beta, uint64_t seed) {
+    int m = 37, n = 29, k = 53;
+    int lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 5, ldc = n + 2;
+    size_t na = (size_t)(ta ? k : m) * lda, nb = (size_t)(tb ? n : k) * ldb, nc = (size_t)m * ldc;
+    float *A = malloc(na * 4), *B = malloc(nb * 4), *C = malloc(nc * 4);
+    uint16_t *Ah = malloc(na * 2), *Bh = malloc(nb * 2);
+    double *A64 = malloc(na * 8), *B64 = malloc(nb * 8), *C0 = malloc(nc * 8), *R = malloc(nc * 8),
+           *G = malloc(nc * 8);
+    tu_fill(A, na, seed, 1, -1, 1);
+    tu_fill(B, nb, seed, 2, -1, 1);
+    tu_fill(C, nc, seed, 3, -1, 1);
+    if (bf16) { /* the reference multiplies the rounded inputs */
+        moe_f32_to_bf16(A, Ah, na);
+        moe_f32_to_bf16(B, Bh, nb);
+        moe_bf16_to_f32(Ah, A, na);
+        moe_bf16_to_f32(Bh, B, nb);
+    }
+    for (size_t i = 0; i < na; i++) A64[i] = A[i];
+    for (size_t i = 0; i < nb; i++) B64[i] = B[i];
+    for (size_t i = 0; i < nc; i++) C0[i] = C[i];
+    ref_gemm(ta, tb, m, n, k, A64, lda, B64, ldb, beta, C0, R, G, ldc);
+    if (bf16)
+        assert_int_equal(moe_gemm_bf16(ta, tb, m, n, k, Ah, lda, Bh, ldb, (float)beta, C, ldc), MOE_OK);
+    else
+        moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, (float)beta, C, ldc);
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            size_t at = (size_t)i * ldc + j;
+            /* fp32 accumulation of k products: the bound k u sum|a b| (u = 2^-24), doubled */
+            if (fabs(C[at] - R[at]) > 2 * 0x1p-24 * (k + 1) * G[at])
+                fail_msg("%s ta=%d tb=%d beta=%d: C[%d,%d] = %.9g, expected %.9g", bf16 ? "bf16" : "fp32",
+                         ta, tb, beta, i, j, C[at], R[at]);
+        }
+    for (int i = 0; i < m; i++) /* the padding columns are not touched */
+        for (int j = n; j < ldc; j++) assert_true(C[(size_t)i * ldc + j] == (float)C0[(size_t)i * ldc + j]);
+    free(A), free(B), free(C), free(Ah), free(Bh), free(A64), free(B64), free(C0), free(R), free(G);
+}
+
+static void test_fp32(void **state) {
+    (void)state;
+    for (int c = 0; c < 8; c++) run(0, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + (uint64_t)c);
+}
+
+static void test_bf16(void **state) {
+    (void)state;
+    if (!moe_gemm_bf16_available()) skip();
+    for (int c = 0; c < 8; c++) run(1, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + (uint64_t)c);
+}
+
+/* bf16 keeps the top 16 bits, rounding to nearest, ties to even. */
+static void test_bf16_rounding(void **state) {
+    (void)state;
+    const float x[6] = {1.0f, 1.0f + 0x1p-8f, 1.0f + 0x3p-8f, 1.0f + 0x1p-9f + 0x1p-20f, -2.5f, INFINITY};
+    const uint16_t want[6] = {0x3F80, 0x3F80 /* tie: even */, 0x3F82 /* tie: up to even */,
+                              0x3F80 /* below half: down */, 0xC020, 0x7F80};
+    uint16_t y[6];
+    moe_f32_to_bf16(x, y, 6);
+    for (int i = 0; i < 6; i++)
+        if (y[i] != want[i]) fail_msg("%g -> 0x%04x, expected 0x%04x", x[i], y[i], want[i]);
+    float nan = NAN, back;
+    uint16_t h;
+    moe_f32_to_bf16(&nan, &h, 1);
+    moe_bf16_to_f32(&h, &back, 1);
+    assert_true(isnan(back));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_fp32), cmocka_unit_test(test_bf16),
+                                       cmocka_unit_test(test_bf16_rounding)};
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
