@@ -163,7 +163,7 @@ class Model(torch.nn.Module):
             x = x + b.o((att @ v).transpose(1, 2).reshape(B, S, d))
             x = x + b.moe(self.rms(x, b.n2).view(B * S, d)).view(B, S, d)
         logits = self.rms(x, self.norm) @ self.head.t()
-        return F.cross_entropy(logits.view(B * S, -1), tgt.view(-1))
+        return F.cross_entropy(logits.reshape(B * S, -1), tgt.reshape(-1))
 
 
 def bench_train(a):
