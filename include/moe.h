@@ -122,6 +122,7 @@ typedef struct {
     int enable_expert_bias; /* selection-only bias, aux-loss-free balancing */
     float bias_update_rate; /* b_e += rate * sign(mean(c) - c_e) per optimizer step */
     int router_fp64;        /* router logits GEMM in float64 */
+    int expert_bf16;        /* expert GEMMs in bf16 (fp32 accumulation, fp32 master weights) */
 
     moe_lb_type lb_type;
     float aux_coeff;        /* aux loss coefficient */

@@ -48,7 +48,7 @@ static int bench_layer(moe_options *o, int json) {
         x[i] = 2 * moe_rng_uniform(c->seed, stream, i) - 1;
         dout[i] = 2 * moe_rng_uniform(c->seed, stream, n + i) - 1;
     }
-    double peak = moe_gemm_peak(2048, 5);
+    double peak = moe_gemm_peak(2048, 5), peak16 = c->expert_bf16 ? moe_gemm_bf16_peak(2048, 5) : 0;
     moe_forward_args a = moe_forward_args_default();
     double t_fwd = 0, t_bwd = 0, flops = 0;
     for (int it = 0; it <= o->iters; it++) { /* iteration 0 warms up */
@@ -79,18 +79,24 @@ static int bench_layer(moe_options *o, int json) {
         printf("{\"bench\":\"layer\",\"T\":%d,\"d\":%d,\"ffn\":%d,\"E\":%d,\"k\":%d,\"threads\":%d,"
                "\"gemm\":\"%s\",\"sgemm_gflops\":%.2f,\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,"
                "\"fwd_gflops\":%.2f,\"fwd_bwd_gflops\":%.2f,\"fraction_of_sgemm\":%.4f,"
-               "\"dropped_fraction\":%.4f,\"stages_ms\":{",
+               "\"dropped_fraction\":%.4f,\"bf16\":%d,\"bf16_gemm_gflops\":%.2f,\"stages_ms\":{",
                T, c->d, c->ffn, c->n_experts, c->topk, omp_get_max_threads(), moe_gemm_backend(),
                1e-9 * peak, 1e3 * t_fwd / iters, 1e3 * t_bwd / iters, 1e-9 * fwd_rate,
-               1e-9 * all_rate, all_rate / peak, ls->dropped_fraction);
+               1e-9 * all_rate, all_rate / peak, ls->dropped_fraction, c->expert_bf16,
+               1e-9 * peak16);
         for (int s = 0; s < MOE_STAGE_COUNT; s++)
             printf("%s\"%s\":%.4f", s ? "," : "", moe_stage_name((moe_stage)s), 1e3 * st[s] / iters);
         printf("}}\n");
     } else {
-        printf("moe bench layer: T=%d d=%d f=%d E=%d k=%d shared=%d, fp32, %d threads\n", T, c->d,
-               c->ffn, c->n_experts, c->topk, c->shared_ffn, omp_get_max_threads());
+        printf("moe bench layer: T=%d d=%d f=%d E=%d k=%d shared=%d, experts in %s, %d threads\n",
+               T, c->d, c->ffn, c->n_experts, c->topk, c->shared_ffn,
+               c->expert_bf16 ? "bf16" : "fp32", omp_get_max_threads());
         printf("GEMM library: %s\n", moe_gemm_backend());
         printf("ceiling: SGEMM 2048^3 = %.1f GFLOP/s (best of 5, this run)\n", 1e-9 * peak);
+        if (c->expert_bf16)
+            printf("ceiling: bf16 GEMM 2048^3 (oneDNN) = %.1f GFLOP/s (best of 5, this run); the "
+                   "layer reaches %.1f%% of it\n", 1e-9 * peak16,
+                   100 * 3 * flops / (t_fwd + t_bwd) / peak16);
         double total = t_fwd + t_bwd;
         printf("%-20s %10s %7s\n", "stage", "ms/call", "share");
         for (int s = 0; s < MOE_STAGE_COUNT; s++)

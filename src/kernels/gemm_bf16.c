@@ -125,3 +125,23 @@ void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n) {
         memcpy(&y[i], &u, 4);
     }
 }
+
+double moe_gemm_bf16_peak(int n, int reps) {
+    if (!moe_gemm_bf16_available()) return 0;
+    uint16_t *a = moe_alloc((size_t)n * n, 2), *b = moe_alloc((size_t)n * n, 2);
+    float *c = moe_alloc((size_t)n * n, sizeof(float));
+    double best = 0;
+    if (a && b && c) {
+        for (size_t i = 0; i < (size_t)n * n; i++) a[i] = b[i] = 0x3C00 + (uint16_t)(i % 64);
+        for (int r = 0; r < reps; r++) {
+            double t = moe_time_now();
+            if (moe_gemm_bf16(0, 0, n, n, n, a, n, b, n, 0.0f, c, n) != MOE_OK) break;
+            t = moe_time_now() - t;
+            best = 2.0 * n * n * (double)n / t > best ? 2.0 * n * n * (double)n / t : best;
+        }
+    }
+    moe_free(a);
+    moe_free(b);
+    moe_free(c);
+    return best;
+}

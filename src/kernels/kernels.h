@@ -20,6 +20,7 @@ void moe_gemm64(int ta, int tb, int m, int n, int k, double alpha, const double 
 int moe_gemm_bf16_available(void);
 moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A, int lda,
                          const uint16_t *B, int ldb, float beta, float *C, int ldc);
+double moe_gemm_bf16_peak(int n, int reps); /* like moe_gemm_peak; 0 without oneDNN */
 void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n); /* round to nearest even */
 void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n);
 

@@ -471,7 +471,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
             z += st->z_loss;
         } else {
             moe_mlp_forward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, NULL, p.w_out, NULL, NULL,
-                            s->h, s->a, m->tmp, NULL);
+                            s->h, s->a, m->tmp, NULL, NULL);
         }
         for (size_t i = 0; i < (size_t)T * d; i++) xnext[i] = s->xm[i] + m->tmp[i];
     }
@@ -520,7 +520,7 @@ moe_status moe_model_backward(moe_model *m) {
             MOE_TRY(moe_layer_backward(m->moe[l], m->dn, dx, s->n2));
         } else {
             moe_mlp_backward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, p.w_out, NULL, NULL, s->h,
-                             s->a, dx, m->dn, g.w_in, NULL, g.w_out, NULL, NULL, m->dh, m->da, NULL);
+                             s->a, dx, m->dn, g.w_in, NULL, g.w_out, NULL, NULL, m->dh, m->da, NULL, NULL);
         }
         memcpy(m->dxm, dx, sizeof(float) * (size_t)T * d);
         moe_rmsnorm_backward(m->dxm, g.ffn_norm, m->dn, s->xm, p.ffn_norm, s->rstd2, T, d);
@@ -594,7 +594,7 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
             MOE_TRY(moe_layer_forward(m->moe[l], m->tmp, s->n2, n, &fa));
         } else {
             moe_mlp_forward(c->moe.act, n, d, c->ffn, s->n2, p.w_in, NULL, p.w_out, NULL, NULL,
-                            m->dh, m->da, m->tmp, NULL);
+                            m->dh, m->da, m->tmp, NULL, NULL);
         }
         for (size_t i = 0; i < (size_t)n * d; i++) x[i] += m->tmp[i];
     }

@@ -1,6 +1,7 @@
 /* Layer configuration: defaults, validation of every field and combination, and the
  * layout of the parameter vector. */
 #include "core/core.h"
+#include "kernels/kernels.h"
 #include "moe/layer_internal.h"
 
 #include <math.h>
@@ -121,6 +122,8 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           "moe-use-residual needs a residual MLP: set moe-shared-expert-intermediate-size > 0");
     MOE_CHECK(!(c->residual && c->shared_gate),
           "moe-use-residual and moe-shared-expert-gate cannot be combined");
+    MOE_CHECK(!c->expert_bf16 || moe_gemm_bf16_available(),
+              "moe-expert-bf16 needs oneDNN (libdnnl-dev), which this build lacks");
     MOE_CHECK(c->layer_id >= 0, "layer id must be >= 0 (got %d)", c->layer_id);
     return MOE_OK;
 }

@@ -6,12 +6,26 @@
 
 #include <string.h>
 
+/* C = op(A) op(B) + beta C in fp32, or with the bf16 copies of A and B when b16 is set. */
+static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int k, const float *A,
+                     const uint16_t *A16, int lda, const float *B, const uint16_t *B16, int ldb,
+                     float beta, float *C, int ldc) {
+    if (!b16) {
+        moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    moe_status st = moe_gemm_bf16(ta, tb, m, n, k, A16, lda, B16, ldb, beta, C, ldc);
+    MOE_ASSERT(st == MOE_OK); /* availability is checked when the layer is created */
+}
+
 void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
                      const float *b_in, const float *w_out, const float *b_out, const float *w,
-                     float *h, float *a, float *y, double *t_act) {
+                     float *h, float *a, float *y, double *t_act, const moe_mlp_bf16 *b16) {
     if (n <= 0) return;
     int gf = moe_act_gated(act) ? 2 * f : f;
-    moe_gemm(0, 1, n, gf, d, 1.0f, x, d, w_in, d, 0.0f, h, gf);
+    if (b16) moe_f32_to_bf16(x, b16->x, (size_t)n * d);
+    gemm_any(b16, 0, 1, n, gf, d, x, b16 ? b16->x : NULL, d, w_in, b16 ? b16->w_in : NULL, d, 0.0f,
+             h, gf);
     double t0 = moe_time_now();
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
@@ -21,7 +35,9 @@ void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, co
         moe_act_forward_row(act, f, hi, w ? w[i] : 1.0f, a + (size_t)i * f);
     }
     if (t_act) *t_act += moe_time_now() - t0;
-    moe_gemm(0, 1, n, d, f, 1.0f, a, f, w_out, f, 0.0f, y, d);
+    if (b16) moe_f32_to_bf16(a, b16->a, (size_t)n * f);
+    gemm_any(b16, 0, 1, n, d, f, a, b16 ? b16->a : NULL, f, w_out, b16 ? b16->w_out : NULL, f, 0.0f,
+             y, d);
     if (b_out) {
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < n; i++) {
@@ -35,10 +51,12 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
                       const float *w_out, const float *b_out, const float *w, const float *h,
                       const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
                       float *dw_out, float *db_out, double *dw, float *dh, float *da,
-                      double *t_act) {
+                      double *t_act, const moe_mlp_bf16 *b16) {
     if (n <= 0) return;
     int gf = moe_act_gated(act) ? 2 * f : f;
-    moe_gemm(1, 0, d, f, n, 1.0f, dy, d, a, f, 1.0f, dw_out, f);
+    if (b16) moe_f32_to_bf16(dy, b16->dy, (size_t)n * d);
+    gemm_any(b16, 1, 0, d, f, n, dy, b16 ? b16->dy : NULL, d, a, b16 ? b16->a : NULL, f, 1.0f,
+             dw_out, f);
     if (db_out) {
 #pragma omp parallel for schedule(static)
         for (int j = 0; j < d; j++) {
@@ -47,7 +65,8 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
             db_out[j] += s;
         }
     }
-    moe_gemm(0, 0, n, f, d, 1.0f, dy, d, w_out, f, 0.0f, da, f);
+    gemm_any(b16, 0, 0, n, f, d, dy, b16 ? b16->dy : NULL, d, w_out, b16 ? b16->w_out : NULL, f,
+             0.0f, da, f);
     double t0 = moe_time_now();
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
@@ -60,7 +79,9 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
         }
     }
     if (t_act) *t_act += moe_time_now() - t0;
-    moe_gemm(1, 0, gf, d, n, 1.0f, dh, gf, x, d, 1.0f, dw_in, d);
+    if (b16) moe_f32_to_bf16(dh, b16->dh, (size_t)n * gf);
+    gemm_any(b16, 1, 0, gf, d, n, dh, b16 ? b16->dh : NULL, gf, x, b16 ? b16->x : NULL, d, 1.0f,
+             dw_in, d);
     if (db_in) {
 #pragma omp parallel for schedule(static)
         for (int j = 0; j < gf; j++) {
@@ -69,10 +90,26 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
             db_in[j] += s;
         }
     }
-    moe_gemm(0, 0, n, d, gf, 1.0f, dh, gf, w_in, d, 0.0f, dx, d);
+    gemm_any(b16, 0, 0, n, d, gf, dh, b16 ? b16->dh : NULL, gf, w_in, b16 ? b16->w_in : NULL, d,
+             0.0f, dx, d);
 }
 
 static size_t gf_of(const moe_layer_config *c) { return moe_act_gated(c->act) ? 2 * (size_t)c->ffn : (size_t)c->ffn; }
+
+/* bf16 operands of expert e, whose rows start at row o. */
+static void expert_bf16(moe_layer *L, int e, int o, moe_mlp_bf16 *b) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    size_t d = (size_t)c->d, f = (size_t)c->ffn, gf = gf_of(c);
+    memset(b, 0, sizeof *b);
+    if (!c->expert_bf16) return;
+    b->w_in = st->w_in16 + (size_t)e * gf * d;
+    b->w_out = st->w_out16 + (size_t)e * d * f;
+    b->x = st->x16 + (size_t)o * d;
+    b->a = st->a16 + (size_t)o * f;
+    b->dy = st->dy16 + (size_t)o * d;
+    b->dh = st->dh16 + (size_t)o * gf;
+}
 
 void moe_experts_forward(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
@@ -88,14 +125,20 @@ void moe_experts_forward(moe_layer *L) {
         if (s < 0) memset(dst, 0, sizeof(float) * (size_t)d);
         else memcpy(dst, x + (size_t)st->slot_token[s] * d, sizeof(float) * (size_t)d);
     }
+    if (c->expert_bf16) { /* fp32 master weights, bf16 copies for this call */
+        moe_f32_to_bf16(L->p.w_in, st->w_in16, (size_t)c->n_experts * gf * d);
+        moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)c->n_experts * d * f);
+    }
     double t1 = moe_time_now();
     for (int e = 0; e < c->n_experts; e++) {
         int o = st->expert_off[e], n = st->expert_off[e + 1] - o;
+        moe_mlp_bf16 b16;
+        expert_bf16(L, e, o, &b16);
         moe_mlp_forward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)e * gf * d,
                         L->p.b_in ? L->p.b_in + (size_t)e * gf : NULL,
                         L->p.w_out + (size_t)e * d * f, L->p.b_out ? L->p.b_out + (size_t)e * d : NULL,
                         st->row_w + o, st->h + (size_t)o * gf, st->a + (size_t)o * f,
-                        st->y + (size_t)o * d, &t_act);
+                        st->y + (size_t)o * d, &t_act, c->expert_bf16 ? &b16 : NULL);
     }
     double t2 = moe_time_now();
     /* Combine in slot order: bitwise reproducible, no atomics. */
@@ -134,6 +177,8 @@ void moe_experts_backward(moe_layer *L, float *dx) {
     double t1 = moe_time_now();
     for (int e = 0; e < c->n_experts; e++) {
         int o = st->expert_off[e], n = st->expert_off[e + 1] - o;
+        moe_mlp_bf16 b16;
+        expert_bf16(L, e, o, &b16);
         moe_mlp_backward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)e * gf * d,
                          L->p.w_out + (size_t)e * d * f,
                          L->p.b_out ? L->p.b_out + (size_t)e * d : NULL, st->row_w + o,
@@ -142,7 +187,8 @@ void moe_experts_backward(moe_layer *L, float *dx) {
                          L->g.b_in ? L->g.b_in + (size_t)e * gf : NULL,
                          L->g.w_out + (size_t)e * d * f,
                          L->g.b_out ? L->g.b_out + (size_t)e * d : NULL, dwr + o,
-                         st->dh + (size_t)o * gf, st->da + (size_t)o * f, &t_act);
+                         st->dh + (size_t)o * gf, st->da + (size_t)o * f, &t_act,
+                         c->expert_bf16 ? &b16 : NULL);
     }
     double t2 = moe_time_now();
     for (int s = 0; s < st->n_slots; s++) st->dw[s] = st->slot_row[s] >= 0 ? dwr[st->slot_row[s]] : 0;

@@ -86,6 +86,13 @@ static size_t plan_workspace(moe_layer *L, char *base, int Tm, int k) {
     st->x64 = moe_arena_take(&a, c->router_fp64 ? T * d : 0, sizeof(double));
     st->wg64 = moe_arena_take(&a, c->router_fp64 ? E * d : 0, sizeof(double));
     st->dwg64 = moe_arena_take(&a, c->router_fp64 ? E * d : 0, sizeof(double));
+    size_t b16 = c->expert_bf16 != 0;
+    st->w_in16 = moe_arena_take(&a, b16 * E * gf * d, sizeof(uint16_t));
+    st->w_out16 = moe_arena_take(&a, b16 * E * d * f, sizeof(uint16_t));
+    st->x16 = moe_arena_take(&a, b16 * R * d, sizeof(uint16_t));
+    st->a16 = moe_arena_take(&a, b16 * R * f, sizeof(uint16_t));
+    st->dy16 = moe_arena_take(&a, b16 * R * d, sizeof(uint16_t));
+    st->dh16 = moe_arena_take(&a, b16 * R * gf, sizeof(uint16_t));
     return a.used;
 }
 
@@ -171,7 +178,7 @@ static void shared_forward(moe_layer *L, const float *x) {
     moe_fwd_state *st = &L->st;
     int T = st->T, d = c->d;
     moe_mlp_forward(c->act, T, d, c->shared_ffn, x, L->p.shared_w_in, L->p.shared_b_in,
-                    L->p.shared_w_out, L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->sh_y, NULL);
+                    L->p.shared_w_out, L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->sh_y, NULL, NULL);
     if (c->shared_gate) {
         for (int t = 0; t < T; t++) {
             double s = 0;
@@ -358,7 +365,7 @@ static void shared_backward(moe_layer *L, float *dx, const float *dout, const fl
     moe_mlp_backward(c->act, T, d, c->shared_ffn, x, L->p.shared_w_in, L->p.shared_w_out,
                      L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->ds, st->tmp_td,
                      L->g.shared_w_in, L->g.shared_b_in, L->g.shared_w_out, L->g.shared_b_out,
-                     NULL, st->sh_dh, st->sh_da, NULL);
+                     NULL, st->sh_dh, st->sh_da, NULL, NULL);
     for (size_t i = 0; i < (size_t)T * d; i++) dx[i] += st->tmp_td[i];
 }
 

@@ -98,6 +98,13 @@ typedef struct {
     double *x64;           /* [T, d] router input in float64 (router_fp64) */
     double *wg64;          /* [E, d] router weights in float64 (router_fp64) */
     double *dwg64;         /* [E, d] */
+    /* bf16 experts (expert_bf16) */
+    uint16_t *w_in16;      /* [E, gf, d] */
+    uint16_t *w_out16;     /* [E, d, f] */
+    uint16_t *x16;         /* [R, d] */
+    uint16_t *a16;         /* [R, f] */
+    uint16_t *dy16;        /* [R, d] */
+    uint16_t *dh16;        /* [R, gf] */
 } moe_fwd_state;
 
 struct moe_layer {
