@@ -11,54 +11,72 @@
 #ifdef MOE_HAVE_DNNL
 #include <oneapi/dnnl/dnnl.h>
 
+/* One primitive per (transposes, beta, n, leading dimensions): m and k are given at run time,
+ * which keeps oneDNN on its JIT kernels (every dimension at run time falls back to its slow
+ * reference code). The layer uses a handful of such shapes. */
+#define MOE_DNNL_CACHE 64
+typedef struct {
+    int ta, tb, acc, n, lda, ldb, ldc;
+    dnnl_primitive_t prim;
+} dn_entry;
+
 static struct {
     dnnl_engine_t engine;
     dnnl_stream_t stream;
-    dnnl_primitive_t prim[8]; /* [ta][tb][beta != 0] */
-    int failed;
+    dn_entry cache[MOE_DNNL_CACHE];
+    int n_cached, failed;
 } dn;
 static pthread_mutex_t dn_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static int runtime_md(dnnl_memory_desc_t *md, dnnl_data_type_t dt) {
-    dnnl_dims_t dims = {DNNL_RUNTIME_DIM_VAL, DNNL_RUNTIME_DIM_VAL};
-    dnnl_dims_t strides = {DNNL_RUNTIME_DIM_VAL, DNNL_RUNTIME_DIM_VAL};
+/* rows x cols, stored transposed or not with leading dimension ld; rows or cols may be
+ * DNNL_RUNTIME_DIM_VAL. */
+static int make_md(dnnl_memory_desc_t *md, dnnl_data_type_t dt, int64_t rows, int64_t cols,
+                   int trans, int ld) {
+    dnnl_dims_t dims = {rows, cols};
+    dnnl_dims_t strides = {trans ? 1 : ld, trans ? ld : 1};
     return dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides) == dnnl_success;
 }
 
-static dnnl_primitive_t primitive(int ta, int tb, int accumulate) {
-    int key = ta * 4 + tb * 2 + accumulate;
-    if (dn.prim[key] || dn.failed) return dn.prim[key];
+static dnnl_primitive_t primitive(int ta, int tb, int acc, int n, int lda, int ldb, int ldc) {
+    for (int i = 0; i < dn.n_cached; i++) {
+        const dn_entry *e = &dn.cache[i];
+        if (e->ta == ta && e->tb == tb && e->acc == acc && e->n == n && e->lda == lda &&
+            e->ldb == ldb && e->ldc == ldc)
+            return e->prim;
+    }
+    if (dn.failed) return NULL;
     if (!dn.engine && (dnnl_engine_create(&dn.engine, dnnl_cpu, 0) != dnnl_success ||
                        dnnl_stream_create(&dn.stream, dn.engine, dnnl_stream_default_flags) != dnnl_success)) {
         dn.failed = 1;
         return NULL;
     }
+    if (dn.n_cached == MOE_DNNL_CACHE) { /* full: start over (shapes of a run are few) */
+        for (int i = 0; i < dn.n_cached; i++) dnnl_primitive_destroy(dn.cache[i].prim);
+        dn.n_cached = 0;
+    }
+    const int64_t R = DNNL_RUNTIME_DIM_VAL;
     dnnl_memory_desc_t a, b, c;
     dnnl_matmul_desc_t desc;
     dnnl_primitive_attr_t attr = NULL;
     dnnl_post_ops_t ops = NULL;
     dnnl_primitive_desc_t pd = NULL;
-    int ok = runtime_md(&a, dnnl_bf16) && runtime_md(&b, dnnl_bf16) && runtime_md(&c, dnnl_f32) &&
+    dnnl_primitive_t prim = NULL;
+    int ok = make_md(&a, dnnl_bf16, R, R, ta, lda) && make_md(&b, dnnl_bf16, R, n, tb, ldb) &&
+             make_md(&c, dnnl_f32, R, n, 0, ldc) &&
              dnnl_matmul_desc_init(&desc, &a, &b, NULL, &c) == dnnl_success &&
              dnnl_primitive_attr_create(&attr) == dnnl_success;
-    if (ok && accumulate)
+    if (ok && acc)
         ok = dnnl_post_ops_create(&ops) == dnnl_success &&
              dnnl_post_ops_append_sum(ops, 1.0f) == dnnl_success &&
              dnnl_primitive_attr_set_post_ops(attr, ops) == dnnl_success;
     ok = ok && dnnl_primitive_desc_create(&pd, &desc, attr, dn.engine, NULL) == dnnl_success &&
-         dnnl_primitive_create(&dn.prim[key], pd) == dnnl_success;
+         dnnl_primitive_create(&prim, pd) == dnnl_success;
     if (pd) dnnl_primitive_desc_destroy(pd);
     if (ops) dnnl_post_ops_destroy(ops);
     if (attr) dnnl_primitive_attr_destroy(attr);
-    if (!ok) dn.failed = 1;
-    return dn.prim[key];
-}
-
-static int concrete_md(dnnl_memory_desc_t *md, dnnl_data_type_t dt, int rows, int cols, int trans,
-                       int ld) {
-    dnnl_dims_t dims = {rows, cols};
-    dnnl_dims_t strides = {trans ? 1 : ld, trans ? ld : 1};
-    return dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides) == dnnl_success;
+    if (!ok) return NULL;
+    dn.cache[dn.n_cached++] = (dn_entry){ta, tb, acc, n, lda, ldb, ldc, prim};
+    return prim;
 }
 
 int moe_gemm_bf16_available(void) { return 1; }
@@ -74,12 +92,12 @@ moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A,
         return MOE_OK;
     }
     pthread_mutex_lock(&dn_lock);
-    dnnl_primitive_t p = primitive(ta != 0, tb != 0, beta != 0.0f);
+    dnnl_primitive_t p = primitive(ta != 0, tb != 0, beta != 0.0f, n, lda, ldb, ldc);
     moe_status st = MOE_OK;
     dnnl_memory_desc_t a, b, c;
     dnnl_memory_t am = NULL, bm = NULL, cm = NULL;
-    if (!p || !concrete_md(&a, dnnl_bf16, m, k, ta, lda) || !concrete_md(&b, dnnl_bf16, k, n, tb, ldb) ||
-        !concrete_md(&c, dnnl_f32, m, n, 0, ldc) ||
+    if (!p || !make_md(&a, dnnl_bf16, m, k, ta, lda) || !make_md(&b, dnnl_bf16, k, n, tb, ldb) ||
+        !make_md(&c, dnnl_f32, m, n, 0, ldc) ||
         dnnl_memory_create(&am, &a, dn.engine, (void *)A) != dnnl_success ||
         dnnl_memory_create(&bm, &b, dn.engine, (void *)B) != dnnl_success ||
         dnnl_memory_create(&cm, &c, dn.engine, C) != dnnl_success) {
