@@ -96,6 +96,17 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
 
 static size_t gf_of(const moe_layer_config *c) { return moe_act_gated(c->act) ? 2 * (size_t)c->ffn : (size_t)c->ffn; }
 
+/* With at least two experts per thread, the experts are spread over the threads and each
+ * expert's GEMMs run single-threaded (OpenBLAS runs single-threaded inside an active OpenMP
+ * region): measured faster than multi-threaded GEMMs one expert after another at every shape
+ * tried on 2 cores, from E = 8 with 1024 rows each (1.3x) to E = 256 with 32 rows (2.1x);
+ * bench/RESULTS.md. Still deterministic: each expert is computed whole by one thread, whichever
+ * it is. Not for bf16 (oneDNN calls are serialised). */
+static int experts_across_threads(const moe_layer *L) {
+    int threads = moe_num_threads();
+    return !L->cfg.expert_bf16 && threads > 1 && L->cfg.n_experts >= 2 * threads;
+}
+
 /* bf16 operands of expert e, whose rows start at row o. */
 static void expert_bf16(moe_layer *L, int e, int o, moe_mlp_bf16 *b) {
     const moe_layer_config *c = &L->cfg;
@@ -130,6 +141,8 @@ void moe_experts_forward(moe_layer *L) {
         moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)c->n_experts * d * f);
     }
     double t1 = moe_time_now();
+    int across = experts_across_threads(L);
+#pragma omp parallel for schedule(dynamic, 1) if (across)
     for (int e = 0; e < c->n_experts; e++) {
         int o = st->expert_off[e], n = st->expert_off[e + 1] - o;
         moe_mlp_bf16 b16;
@@ -138,7 +151,8 @@ void moe_experts_forward(moe_layer *L) {
                         L->p.b_in ? L->p.b_in + (size_t)e * gf : NULL,
                         L->p.w_out + (size_t)e * d * f, L->p.b_out ? L->p.b_out + (size_t)e * d : NULL,
                         st->row_w + o, st->h + (size_t)o * gf, st->a + (size_t)o * f,
-                        st->y + (size_t)o * d, &t_act, c->expert_bf16 ? &b16 : NULL);
+                        st->y + (size_t)o * d, across ? NULL : &t_act,
+                        c->expert_bf16 ? &b16 : NULL);
     }
     double t2 = moe_time_now();
     /* Combine in slot order: bitwise reproducible, no atomics. */
@@ -175,6 +189,8 @@ void moe_experts_backward(moe_layer *L, float *dx) {
         else memcpy(dst, st->dr + (size_t)st->slot_token[s] * d, sizeof(float) * (size_t)d);
     }
     double t1 = moe_time_now();
+    int across = experts_across_threads(L);
+#pragma omp parallel for schedule(dynamic, 1) if (across)
     for (int e = 0; e < c->n_experts; e++) {
         int o = st->expert_off[e], n = st->expert_off[e + 1] - o;
         moe_mlp_bf16 b16;
@@ -187,8 +203,8 @@ void moe_experts_backward(moe_layer *L, float *dx) {
                          L->g.b_in ? L->g.b_in + (size_t)e * gf : NULL,
                          L->g.w_out + (size_t)e * d * f,
                          L->g.b_out ? L->g.b_out + (size_t)e * d : NULL, dwr + o,
-                         st->dh + (size_t)o * gf, st->da + (size_t)o * f, &t_act,
-                         c->expert_bf16 ? &b16 : NULL);
+                         st->dh + (size_t)o * gf, st->da + (size_t)o * f,
+                         across ? NULL : &t_act, c->expert_bf16 ? &b16 : NULL);
     }
     double t2 = moe_time_now();
     for (int s = 0; s < st->n_slots; s++) st->dw[s] = st->slot_row[s] >= 0 ? dwr[st->slot_row[s]] : 0;
