@@ -22,7 +22,6 @@ typedef struct {
 
 static struct {
     dnnl_engine_t engine;
-    dnnl_stream_t stream;
     dn_entry cache[MOE_DNNL_CACHE];
     int n_cached, failed;
 } dn;
@@ -45,8 +44,7 @@ static dnnl_primitive_t primitive(int ta, int tb, int acc, int n, int lda, int l
             return e->prim;
     }
     if (dn.failed) return NULL;
-    if (!dn.engine && (dnnl_engine_create(&dn.engine, dnnl_cpu, 0) != dnnl_success ||
-                       dnnl_stream_create(&dn.stream, dn.engine, dnnl_stream_default_flags) != dnnl_success)) {
+    if (!dn.engine && dnnl_engine_create(&dn.engine, dnnl_cpu, 0) != dnnl_success) {
         dn.failed = 1;
         return NULL;
     }
@@ -91,8 +89,13 @@ moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A,
             for (int i = 0; i < m; i++) memset(C + (size_t)i * ldc, 0, sizeof(float) * (size_t)n);
         return MOE_OK;
     }
+    /* The cache is shared (locked); execution runs concurrently on a stream per thread. */
+    static _Thread_local dnnl_stream_t stream;
     pthread_mutex_lock(&dn_lock);
     dnnl_primitive_t p = primitive(ta != 0, tb != 0, beta != 0.0f, n, lda, ldb, ldc);
+    if (p && !stream && dnnl_stream_create(&stream, dn.engine, dnnl_stream_default_flags) != dnnl_success)
+        p = NULL;
+    pthread_mutex_unlock(&dn_lock);
     moe_status st = MOE_OK;
     dnnl_memory_desc_t a, b, c;
     dnnl_memory_t am = NULL, bm = NULL, cm = NULL;
@@ -104,14 +107,13 @@ moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A,
         st = moe_set_error(MOE_ERR_STATE, "oneDNN bf16 matmul unavailable on this machine");
     } else {
         dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}};
-        if (dnnl_primitive_execute(p, dn.stream, 3, args) != dnnl_success ||
-            dnnl_stream_wait(dn.stream) != dnnl_success)
+        if (dnnl_primitive_execute(p, stream, 3, args) != dnnl_success ||
+            dnnl_stream_wait(stream) != dnnl_success)
             st = moe_set_error(MOE_ERR_STATE, "oneDNN bf16 matmul failed");
     }
     if (am) dnnl_memory_destroy(am);
     if (bm) dnnl_memory_destroy(bm);
     if (cm) dnnl_memory_destroy(cm);
-    pthread_mutex_unlock(&dn_lock);
     return st;
 }
 #else
