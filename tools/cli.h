@@ -29,6 +29,10 @@ moe_status moe_cli_generate(moe_model *m, const char *prompt, int n_new, float t
 
 /* Routes each source file's text of `data` through the model (inference) and writes the
  * expert counts per topic and MoE layer to path (JSON). */
+/* GEMM floating-point operations of one forward of a layer call (router, the expert rows that
+ * ran, shared expert); a backward is twice these. */
+double moe_cli_layer_flops(const moe_layer_config *c, int T, const moe_layer_stats *st);
+
 moe_status moe_cli_topics(moe_model *m, const moe_tokens *data, int batch, const char *path);
 
 #endif

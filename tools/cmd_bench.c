@@ -15,7 +15,7 @@
 
 /* GEMM floating-point operations of one forward of the layer (router, experts, shared);
  * the backward GEMMs are twice these. */
-static double layer_flops(const moe_layer_config *c, int T, const moe_layer_stats *st) {
+double moe_cli_layer_flops(const moe_layer_config *c, int T, const moe_layer_stats *st) {
     int gated = c->act == MOE_ACT_SWIGLU || c->act == MOE_ACT_GEGLU;
     double rows = 0;
     if (c->pad_to_capacity && st->capacity) rows = (double)st->capacity * c->n_experts;
@@ -68,7 +68,7 @@ static int bench_layer(moe_options *o, int json) {
         if (it > 0) {
             t_fwd += t1 - t0;
             t_bwd += t2 - t1;
-            flops += layer_flops(c, T, moe_layer_get_stats(L));
+            flops += moe_cli_layer_flops(c, T, moe_layer_get_stats(L));
         }
     }
     int iters = o->iters;

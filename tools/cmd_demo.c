@@ -9,15 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Floating-point operations of one forward: router GEMM and the expert MLPs that ran. */
-static double forward_flops(const moe_layer_config *c, int T, const moe_layer_stats *st) {
-    int gated = c->act == MOE_ACT_SWIGLU || c->act == MOE_ACT_GEGLU;
-    double rows = 0;
-    for (int e = 0; e < c->n_experts; e++) rows += (double)st->kept[e];
-    double mlp = 2.0 * c->d * (gated ? 3.0 : 2.0);
-    return 2.0 * T * c->d * c->n_experts + rows * mlp * c->ffn + (double)T * mlp * c->shared_ffn;
-}
-
 int moe_cmd_demo(int argc, char **argv) {
     moe_options o;
     moe_options_default(&o);
@@ -69,7 +60,7 @@ int moe_cmd_demo(int argc, char **argv) {
         if (it > 0) {
             t_fwd += t1 - t0;
             t_bwd += t2 - t1;
-            flops += forward_flops(c, T, moe_layer_get_stats(layer));
+            flops += moe_cli_layer_flops(c, T, moe_layer_get_stats(layer));
         }
     }
     if (rc) {
