@@ -239,13 +239,23 @@ static void select_token_choice(moe_layer *L) {
 }
 
 /* Expert choice: each expert takes the C valid tokens with the largest softmax score. */
-static const double *ec_col;
-static int ec_E;
-static int ec_cmp(const void *a, const void *b) {
-    int ta = *(const int32_t *)a, tb = *(const int32_t *)b;
-    double va = ec_col[(size_t)ta * ec_E], vb = ec_col[(size_t)tb * ec_E];
-    if (va != vb) return va > vb ? -1 : 1;
-    return ta < tb ? -1 : ta > tb;
+
+/* Merge sort of token ids by col[t * stride] descending, ties by lower token (re-entrant,
+ * no global state; tmp holds n entries). */
+static void sort_tokens_by_score(int32_t *a, int n, const double *col, int stride, int32_t *tmp) {
+    if (n < 2) return;
+    int h = n / 2;
+    sort_tokens_by_score(a, h, col, stride, tmp);
+    sort_tokens_by_score(a + h, n - h, col, stride, tmp);
+    int i = 0, j = h, o = 0;
+    while (i < h && j < n) {
+        double vi = col[(size_t)a[i] * stride], vj = col[(size_t)a[j] * stride];
+        int take_j = vj > vi || (vj == vi && a[j] < a[i]);
+        tmp[o++] = take_j ? a[j++] : a[i++];
+    }
+    while (i < h) tmp[o++] = a[i++];
+    while (j < n) tmp[o++] = a[j++];
+    memcpy(a, tmp, sizeof(int32_t) * (size_t)n);
 }
 
 static void select_expert_choice(moe_layer *L) {
@@ -257,14 +267,12 @@ static void select_expert_choice(moe_layer *L) {
     int C = (int)ceil(cf * (double)st->Tv * k / E * (1.0 - 1e-6)); /* tolerance as in §6 */
     if (C > st->Tv) C = st->Tv;
     st->capacity = C;
-    int32_t *tok = st->scratch;
+    int32_t *tok = st->scratch, *tmp = st->scratch + T; /* scratch holds >= 2T entries */
     int nv = 0;
     for (int t = 0; t < T; t++)
         if (token_valid(st, t)) tok[nv++] = t;
-    ec_E = E;
     for (int e = 0; e < E; e++) {
-        ec_col = st->p + e;
-        qsort(tok, (size_t)nv, sizeof *tok, ec_cmp);
+        sort_tokens_by_score(tok, nv, st->p + e, E, tmp);
         for (int i = 0; i < C; i++) {
             int s = e * C + i;
             st->slot_token[s] = tok[i];
