@@ -108,6 +108,17 @@ static int experts_across_threads(const moe_layer *L) {
     return !L->cfg.expert_bf16 && threads > 1 && L->cfg.n_experts >= 2 * threads;
 }
 
+/* dst [R, d]: row r is the token row of its slot in src [T, d] (zeros for padding rows). */
+static void gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d) {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < R; r++) {
+        int s = st->row_slot[r];
+        float *row = dst + (size_t)r * d;
+        if (s < 0) memset(row, 0, sizeof(float) * (size_t)d);
+        else memcpy(row, src + (size_t)st->slot_token[s] * d, sizeof(float) * (size_t)d);
+    }
+}
+
 /* bf16 operands of expert e, whose rows start at row o. */
 static void expert_bf16(moe_layer *L, int e, int o, moe_mlp_bf16 *b) {
     const moe_layer_config *c = &L->cfg;
@@ -130,13 +141,7 @@ void moe_experts_forward(moe_layer *L) {
     size_t gf = gf_of(c);
     const float *x = st->xin_orig;
     double t0 = moe_time_now(), t_act = 0;
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < R; r++) {
-        int s = st->row_slot[r];
-        float *dst = st->xp + (size_t)r * d;
-        if (s < 0) memset(dst, 0, sizeof(float) * (size_t)d);
-        else memcpy(dst, x + (size_t)st->slot_token[s] * d, sizeof(float) * (size_t)d);
-    }
+    gather_rows(st, st->xp, x, R, d);
     if (c->expert_bf16) { /* fp32 master weights, bf16 copies for this call */
         moe_f32_to_bf16(L->p.w_in, st->w_in16, (size_t)c->n_experts * gf * d);
         moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)c->n_experts * d * f);
@@ -182,13 +187,7 @@ void moe_experts_backward(moe_layer *L, float *dx) {
     double *dwr = st->dw_row;
     double t0 = moe_time_now(), t_act = 0;
     /* dL/dy of each row is the routed-output gradient of its token. */
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < R; r++) {
-        int s = st->row_slot[r];
-        float *dst = st->y + (size_t)r * d;
-        if (s < 0) memset(dst, 0, sizeof(float) * (size_t)d);
-        else memcpy(dst, st->dr + (size_t)st->slot_token[s] * d, sizeof(float) * (size_t)d);
-    }
+    gather_rows(st, st->y, st->dr, R, d);
     double t1 = moe_time_now();
     int across = experts_across_threads(L);
 #pragma omp parallel for schedule(dynamic, 1) if (across)
