@@ -113,9 +113,9 @@ double moe_gemm_peak(int n, int reps) {
             a[i] = (float)(i % 13) * 0.01f;
             b[i] = (float)(i % 7) * 0.01f;
         }
-        for (int r = 0; r < reps; r++) {
+        for (int r = 0; r < 4 * reps; r++) { /* reps per transpose layout */
             double t = moe_time_now();
-            moe_gemm(0, 0, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+            moe_gemm(r & 1, (r >> 1) & 1, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
             t = moe_time_now() - t;
             double rate = 2.0 * n * n * (double)n / t;
             best = rate > best ? rate : best;

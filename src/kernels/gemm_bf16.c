@@ -128,14 +128,19 @@ moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A,
 #endif
 
 /* Round to nearest even; NaN stays NaN. */
-void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n) {
-#pragma omp parallel for schedule(static)
+void moe_f32_to_bf16_serial(const float *x, uint16_t *y, size_t n) {
     for (size_t i = 0; i < n; i++) {
         uint32_t u;
         memcpy(&u, &x[i], 4);
         if ((u & 0x7FFFFFFFu) > 0x7F800000u) y[i] = (uint16_t)((u >> 16) | 0x40);
         else y[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
     }
+}
+
+void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n) {
+    const size_t chunk = 4096;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < n; c += chunk) moe_f32_to_bf16_serial(x + c, y + c, n - c < chunk ? n - c : chunk);
 }
 
 void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n) {
@@ -153,9 +158,9 @@ double moe_gemm_bf16_peak(int n, int reps) {
     double best = 0;
     if (a && b && c) {
         for (size_t i = 0; i < (size_t)n * n; i++) a[i] = b[i] = 0x3C00 + (uint16_t)(i % 64);
-        for (int r = 0; r < reps; r++) {
+        for (int r = 0; r < 4 * reps; r++) { /* reps per transpose layout */
             double t = moe_time_now();
-            if (moe_gemm_bf16(0, 0, n, n, n, a, n, b, n, 0.0f, c, n) != MOE_OK) break;
+            if (moe_gemm_bf16(r & 1, (r >> 1) & 1, n, n, n, a, n, b, n, 0.0f, c, n) != MOE_OK) break;
             t = moe_time_now() - t;
             best = 2.0 * n * n * (double)n / t > best ? 2.0 * n * n * (double)n / t : best;
         }

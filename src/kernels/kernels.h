@@ -22,11 +22,13 @@ moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A,
                          const uint16_t *B, int ldb, float beta, float *C, int ldc);
 double moe_gemm_bf16_peak(int n, int reps); /* like moe_gemm_peak; 0 without oneDNN */
 void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n); /* round to nearest even */
+void moe_f32_to_bf16_serial(const float *x, uint16_t *y, size_t n); /* the same, one thread */
 void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n);
 
 /* Name and configuration of the GEMM library in use. */
 const char *moe_gemm_backend(void);
-/* Best rate (FLOP/s) of an n x n x n SGEMM over reps calls: the machine's ceiling. */
+/* Best rate (FLOP/s) of an n x n x n SGEMM over reps calls for each of the four transpose
+ * layouts: the machine's ceiling. */
 double moe_gemm_peak(int n, int reps);
 
 /* Activation of one row: h [gf] -> a [f] = w * act(h) (gated: act(h[:f]) * h[f:]). */

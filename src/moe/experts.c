@@ -33,9 +33,9 @@ void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, co
         if (b_in)
             for (int j = 0; j < gf; j++) hi[j] += b_in[j];
         moe_act_forward_row(act, f, hi, w ? w[i] : 1.0f, a + (size_t)i * f);
+        if (b16) moe_f32_to_bf16_serial(a + (size_t)i * f, b16->a + (size_t)i * f, (size_t)f);
     }
     if (t_act) *t_act += moe_time_now() - t0;
-    if (b16) moe_f32_to_bf16(a, b16->a, (size_t)n * f);
     gemm_any(b16, 0, 1, n, d, f, a, b16 ? b16->a : NULL, f, w_out, b16 ? b16->w_out : NULL, f, 0.0f,
              y, d);
     if (b_out) {
@@ -77,9 +77,9 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
                 for (int j = 0; j < d; j++) g += (double)b_out[j] * dy[(size_t)i * d + j];
             dw[i] = g;
         }
+        if (b16) moe_f32_to_bf16_serial(dh + (size_t)i * gf, b16->dh + (size_t)i * gf, (size_t)gf);
     }
     if (t_act) *t_act += moe_time_now() - t0;
-    if (b16) moe_f32_to_bf16(dh, b16->dh, (size_t)n * gf);
     gemm_any(b16, 1, 0, gf, d, n, dh, b16 ? b16->dh : NULL, gf, x, b16 ? b16->x : NULL, d, 1.0f,
              dw_in, d);
     if (db_in) {
