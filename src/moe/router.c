@@ -18,11 +18,11 @@ static int token_valid(const moe_fwd_state *st, int t) { return !st->mask || st-
 static double score_row(moe_score_fn fn, int E, const double *z, double *p) {
     double m = -INFINITY, s = 0;
     for (int e = 0; e < E; e++) m = z[e] > m ? z[e] : m;
-    for (int e = 0; e < E; e++) s += exp(z[e] - m);
-    double lse = m + log(s);
+    for (int e = 0; e < E; e++) s += p[e] = exp(z[e] - m);
+    double lse = m + log(s), inv = 1.0 / s;
     for (int e = 0; e < E; e++) {
         switch (fn) {
-        case MOE_SCORE_SOFTMAX: p[e] = exp(z[e] - lse); break;
+        case MOE_SCORE_SOFTMAX: p[e] *= inv; break;
         case MOE_SCORE_SIGMOID: p[e] = sigmoid(z[e]); break;
         case MOE_SCORE_SQRTSOFTPLUS: p[e] = sqrt(softplus(z[e])); break;
         }
