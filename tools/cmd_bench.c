@@ -26,6 +26,41 @@ double moe_cli_layer_flops(const moe_layer_config *c, int T, const moe_layer_sta
            (double)T * per_row * c->shared_ffn;
 }
 
+/* Memory bandwidth (bytes/s): best of 5 STREAM-style triads a = b + s c over 64 MiB arrays,
+ * counted as two reads and one write per element. */
+static double stream_bandwidth(void) {
+    size_t n = (size_t)16 << 20;
+    float *a = moe_alloc(n, sizeof(float)), *b = moe_alloc(n, sizeof(float)),
+          *c = moe_alloc(n, sizeof(float));
+    double best = 0;
+    if (a && b && c) {
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) a[i] = b[i] = c[i] = (float)(i & 255);
+        for (int r = 0; r < 5; r++) {
+            double t = moe_time_now();
+#pragma omp parallel for schedule(static)
+            for (size_t i = 0; i < n; i++) a[i] = b[i] + 0.5f * c[i];
+            t = moe_time_now() - t;
+            best = 12.0 * n / t > best ? 12.0 * n / t : best;
+        }
+    }
+    moe_free(a);
+    moe_free(b);
+    moe_free(c);
+    return best;
+}
+
+/* Bytes of weight traffic of one forward + backward: every weight is read by the forward and
+ * by the backward, and its gradient read and written (accumulation); bf16 experts read their
+ * bf16 copies and convert the fp32 weights once per forward. The floor below which no
+ * implementation can go when the weights do not stay in cache. */
+static double layer_weight_bytes(const moe_layer_config *c) {
+    int gated = c->act == MOE_ACT_SWIGLU || c->act == MOE_ACT_GEGLU;
+    double per = (gated ? 3.0 : 2.0) * c->d;
+    double experts = per * c->ffn * c->n_experts, dense = per * c->shared_ffn + (double)c->d * c->n_experts;
+    return experts * (c->expert_bf16 ? 2 + 2 + 6 + 8 : 16) + dense * 16;
+}
+
 static int bench_layer(moe_options *o, int json) {
     const moe_layer_config *c = &o->layer;
     int T = o->tokens;
@@ -49,6 +84,7 @@ static int bench_layer(moe_options *o, int json) {
         dout[i] = 2 * moe_rng_uniform(c->seed, stream, n + i) - 1;
     }
     double peak = moe_gemm_peak(2048, 5), peak16 = c->expert_bf16 ? moe_gemm_bf16_peak(2048, 5) : 0;
+    double bw = stream_bandwidth();
     moe_forward_args a = moe_forward_args_default();
     double t_fwd = 0, t_bwd = 0, flops = 0;
     for (int it = 0; it <= o->iters; it++) { /* iteration 0 warms up */
@@ -75,15 +111,23 @@ static int bench_layer(moe_options *o, int json) {
     const double *st = moe_layer_stage_times(L);
     double fwd_rate = flops / t_fwd, all_rate = 3 * flops / (t_fwd + t_bwd);
     const moe_layer_stats *ls = moe_layer_get_stats(L);
+    /* Roofline: the compute time at the GEMM ceiling, or the weight traffic at the measured
+     * bandwidth, whichever is longer. */
+    double t_compute = 3 * flops / iters / (c->expert_bf16 ? peak16 : peak),
+           t_memory = layer_weight_bytes(c) / bw,
+           t_roof = t_compute > t_memory ? t_compute : t_memory,
+           of_roof = t_roof / ((t_fwd + t_bwd) / iters);
     if (json) {
         printf("{\"bench\":\"layer\",\"T\":%d,\"d\":%d,\"ffn\":%d,\"E\":%d,\"k\":%d,\"threads\":%d,"
                "\"gemm\":\"%s\",\"sgemm_gflops\":%.2f,\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,"
                "\"fwd_gflops\":%.2f,\"fwd_bwd_gflops\":%.2f,\"fraction_of_sgemm\":%.4f,"
-               "\"dropped_fraction\":%.4f,\"bf16\":%d,\"bf16_gemm_gflops\":%.2f,\"stages_ms\":{",
+               "\"dropped_fraction\":%.4f,\"bf16\":%d,\"bf16_gemm_gflops\":%.2f,"
+               "\"stream_gbs\":%.2f,\"roofline_ms\":%.4f,\"fraction_of_roofline\":%.4f,"
+               "\"stages_ms\":{",
                T, c->d, c->ffn, c->n_experts, c->topk, omp_get_max_threads(), moe_gemm_backend(),
                1e-9 * peak, 1e3 * t_fwd / iters, 1e3 * t_bwd / iters, 1e-9 * fwd_rate,
                1e-9 * all_rate, all_rate / peak, ls->dropped_fraction, c->expert_bf16,
-               1e-9 * peak16);
+               1e-9 * peak16, 1e-9 * bw, 1e3 * t_roof, of_roof);
         for (int s = 0; s < MOE_STAGE_COUNT; s++)
             printf("%s\"%s\":%.4f", s ? "," : "", moe_stage_name((moe_stage)s), 1e3 * st[s] / iters);
         printf("}}\n");
@@ -109,6 +153,10 @@ static int bench_layer(moe_options *o, int json) {
         printf("fwd+bwd  %9.3f ms  %7.1f GFLOP/s  %5.1f%% of SGEMM  (%.2f GFLOP per call, dropped "
                "%.1f%%)\n", 1e3 * total / iters, 1e-9 * all_rate, 100 * all_rate / peak,
                1e-9 * 3 * flops / iters, 100 * ls->dropped_fraction);
+        printf("roofline %9.3f ms  (compute at the GEMM ceiling %.3f ms; %.0f MB of weight "
+               "traffic at %.1f GB/s STREAM triad, this run, %.3f ms): the layer takes %.2fx "
+               "the roofline\n", 1e3 * t_roof, 1e3 * t_compute, 1e-6 * layer_weight_bytes(c),
+               1e-9 * bw, 1e3 * t_memory, 1 / of_roof);
     }
     moe_free(x);
     moe_free(out);

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The scaling tables of bench/RESULTS.md: cost per token as T grows, and cost as E grows at
+# fixed active parameters, each row with the SGEMM ceiling and the roofline of the same run.
+# Usage: bench/scaling.sh [path/to/moe]   (run on a quiet machine)
+set -euo pipefail
+moe=${1:-./build/moe}
+row() { "$moe" bench layer --json --iters 3 "$@"; }
+table() {
+  /usr/bin/python3 -c '
+import json, sys
+key = sys.argv[1]
+print(f"| {key} | fwd+bwd ms | µs per token | of SGEMM | roofline ms | x roofline |")
+print("|---|---|---|---|---|---|")
+for line in sys.stdin:
+    r = json.loads(line); ms = r["fwd_ms"] + r["bwd_ms"]
+    cells = [r[key], "%.1f" % ms, "%.1f" % (1e3 * ms / r["T"]), "%.1f %%" % (100 * r["fraction_of_sgemm"]),
+             "%.1f" % r["roofline_ms"], "%.2f" % (1 / r["fraction_of_roofline"])]
+    print("| " + " | ".join(str(c) for c in cells) + " |")
+' "$1"
+}
+echo "T scaling: d=512 f=1024 E=8 k=2"
+for T in 256 1024 4096 16384; do
+  row --tokens "$T" --hidden-size 512 --moe-ffn-hidden-size 1024 --num-experts 8 --moe-router-topk 2
+done | table T
+echo
+echo "E scaling at fixed active parameters: T=4096 d=512 f=512 k=2"
+for E in 8 32 128 256; do
+  row --tokens 4096 --hidden-size 512 --moe-ffn-hidden-size 512 --num-experts "$E" --moe-router-topk 2
+done | table E
