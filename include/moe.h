@@ -395,6 +395,8 @@ typedef struct {
     int eval_interval;   /* steps between validation runs (0 = never) */
     int eval_iters;      /* validation batches per run */
     uint64_t seed;       /* batch sampling */
+    int max_bad_steps;   /* consecutive skipped steps (non-finite loss or gradient) before the
+                            trainer reports the run as failed */
 } moe_train_config;
 
 moe_train_config moe_train_config_default(void);

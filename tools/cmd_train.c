@@ -255,6 +255,7 @@ int moe_cmd_train(int argc, char **argv) {
     if (moe_model_create(&o.model, o.train.micro_batch * o.model.seq_len, &m) != MOE_OK) goto fail;
     moe_model_init_params(m, o.layer.seed);
     if (moe_trainer_create(m, &o.train, &train, val.n_tokens ? &val : NULL, &t) != MOE_OK) goto fail;
+    if (o.inject_fault[0] && moe_trainer_set_faults(t, o.inject_fault) != MOE_OK) goto fail;
     if (ckpt[0]) {
         if (moe_checkpoint_load(ckpt, m, t) != MOE_OK) goto fail;
         printf("resumed from %s at step %d\n", ckpt, moe_trainer_steps_done(t));
@@ -281,9 +282,22 @@ int moe_cmd_train(int argc, char **argv) {
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     for (int step = first; step <= total; step++) {
-        moe_step_metrics s;
+        moe_step_metrics s = {0};
         double t0 = moe_time_now();
-        if (moe_trainer_step(t, &s) != MOE_OK) goto fail;
+        moe_status ts = moe_trainer_step(t, &s);
+        if (s.skipped) {
+            printf("%sstep %d skipped: loss %g, gradient norm %g not finite (%d in a row, the run "
+                   "stops at %d)\n", tty ? "\r\033[K" : "", step, s.loss, s.grad_norm,
+                   s.bad_streak, o.train.max_bad_steps);
+            if (ts != MOE_OK && o.save[0]) { /* parameters and optimizer: the last good step */
+                printf("saving the last good state\n");
+                save_checkpoint(&o, m, t);
+                moe_set_error(ts, "%d consecutive steps had a loss or gradient that is not finite "
+                              "(the last: step %d); stopped. Lower lr or check the data",
+                              s.bad_streak, step);
+            }
+        }
+        if (ts != MOE_OK) goto fail;
         double dt = moe_time_now() - t0;
         tokens_done += (double)s.tokens;
         double elapsed = moe_time_now() - t_start, tok_s = (double)s.tokens / dt;
@@ -293,7 +307,7 @@ int moe_cmd_train(int argc, char **argv) {
             val_nll = val;
         }
         int log_now = step % o.log_interval == 0 || step == total || step == first;
-        if (log_now || tty) { /* on a terminal the line is redrawn every step */
+        if ((log_now || tty) && !s.skipped) { /* on a terminal the line is redrawn every step */
             char eta[32];
             format_eta(eta, sizeof eta, elapsed / (step - first + 1) * (total - step));
             printf("%sstep %d/%d | loss %.4f | nll %.4f aux %.4g z %.4g | lr %.2e | gnorm %.3f | "
@@ -307,8 +321,8 @@ int moe_cmd_train(int argc, char **argv) {
         if (val >= 0)
             printf("eval step %d | val nll %.4f nats/byte (%.3f bits/byte)\n", step, val,
                    val / log(2.0));
-        if (metrics) write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val);
-        if (tb && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
+        if (metrics && !s.skipped) write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val);
+        if (tb && !s.skipped && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
         int exit_now = o.exit_interval && step % o.exit_interval == 0 && step < total;
         int save_now = (o.save_interval && step % o.save_interval == 0) || exit_now;
         if (o.save[0] && (save_now || step == total || stop_requested) &&

@@ -207,6 +207,9 @@ static const opt_def opts[] = {
     {"adam-beta1", NULL, OPT_FLOAT, T(beta1), 0, 0.999999, NULL, TRAIN, "AdamW beta1", 0},
     {"adam-beta2", NULL, OPT_FLOAT, T(beta2), 0, 0.999999, NULL, TRAIN, "AdamW beta2", 0},
     {"adam-eps", NULL, OPT_FLOAT, T(adam_eps), 1e-30, 1, NULL, TRAIN, "AdamW epsilon", 0},
+    {"max-bad-steps", NULL, OPT_INT, T(max_bad_steps), 1, BIG, NULL, TRAIN,
+     "a step whose loss or gradient is not finite is skipped; after this many in a row the run "
+     "stops with a checkpoint of the last good state", 0},
     {"clip-grad", NULL, OPT_FLOAT, T(clip_grad), 0, BIG, NULL, TRAIN,
      "clip the global gradient norm to this (0 = off)", 0},
     {"eval-interval", NULL, OPT_INT, T(eval_interval), 0, BIG, NULL, TRAIN,
@@ -224,6 +227,9 @@ static const opt_def opts[] = {
     {"keep-last", NULL, OPT_INT, O(keep_last), 1, BIG, NULL, FILES, "checkpoints kept", 0},
     {"exit-interval", NULL, OPT_INT, O(exit_interval), 0, BIG, NULL, FILES,
      "stop (with a checkpoint) when the step is a multiple of this (0 = never)", 1},
+    {"inject-fault", NULL, OPT_STRING, O(inject_fault), 0, 0, NULL, FILES,
+     "for tests: KIND@STEP[-LAST],... writes a NaN/Inf into the loss or the gradient (KIND: "
+     "nan-loss, inf-loss, nan-grad, inf-grad)", 1},
     {"log-interval", NULL, OPT_INT, O(log_interval), 1, BIG, NULL, FILES,
      "steps between progress lines", 0},
 

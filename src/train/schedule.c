@@ -22,11 +22,13 @@ moe_train_config moe_train_config_default(void) {
     c.eval_interval = 100;
     c.eval_iters = 8;
     c.seed = 1234;
+    c.max_bad_steps = 5;
     return c;
 }
 
 moe_status moe_train_config_validate(const moe_train_config *c) {
     MOE_CHECK(c->train_iters >= 1, "train-iters must be >= 1 (got %d)", c->train_iters);
+    MOE_CHECK(c->max_bad_steps >= 1, "max-bad-steps must be >= 1 (got %d)", c->max_bad_steps);
     MOE_CHECK(c->micro_batch >= 1, "micro-batch-size must be >= 1 (got %d)", c->micro_batch);
     MOE_CHECK(c->global_batch >= c->micro_batch && c->global_batch % c->micro_batch == 0,
           "global-batch-size (%d) must be a multiple of micro-batch-size (%d)", c->global_batch,

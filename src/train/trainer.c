@@ -5,6 +5,7 @@
 #include "core/core.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 struct moe_trainer {
@@ -19,7 +20,58 @@ struct moe_trainer {
     size_t *load_off;       /* [L] offset of layer l in load */
     int64_t *dropped, *routed; /* [L] slots dropped by capacity / routed in the last step */
     int step;
+    int bad_streak; /* consecutive skipped steps */
+    struct {
+        int kind; /* FAULT_* */
+        int first, last; /* steps (1-based) */
+    } faults[16];
+    int n_faults;
 };
+
+enum { FAULT_NAN_LOSS, FAULT_INF_LOSS, FAULT_NAN_GRAD, FAULT_INF_GRAD };
+static const char *const fault_names[] = {"nan-loss", "inf-loss", "nan-grad", "inf-grad"};
+
+moe_status moe_trainer_set_faults(moe_trainer *t, const char *spec) {
+    t->n_faults = 0;
+    const char *p = spec;
+    while (*p) {
+        MOE_CHECK(t->n_faults < 16, "inject-fault: at most 16 entries");
+        int kind = -1;
+        for (int k = 0; k < 4; k++) {
+            size_t n = strlen(fault_names[k]);
+            if (!strncmp(p, fault_names[k], n) && p[n] == '@') {
+                kind = k;
+                p += n + 1;
+            }
+        }
+        char *end;
+        long a = kind >= 0 ? strtol(p, &end, 10) : -1, b = a;
+        if (kind >= 0 && end != p && *end == '-') {
+            p = end + 1;
+            b = strtol(p, &end, 10);
+        }
+        MOE_CHECK(kind >= 0 && end != p && a >= 1 && b >= a && b <= 1000000000 &&
+                      (*end == ',' || !*end),
+                  "inject-fault: '%s' is not a list of KIND@STEP or KIND@FIRST-LAST with KIND one "
+                  "of nan-loss, inf-loss, nan-grad, inf-grad", spec);
+        t->faults[t->n_faults].kind = kind;
+        t->faults[t->n_faults].first = (int)a;
+        t->faults[t->n_faults++].last = (int)b;
+        p = *end ? end + 1 : end;
+    }
+    return MOE_OK;
+}
+
+/* Injected faults of this step (1-based) into the loss and the gradient. */
+static void inject_faults(const moe_trainer *t, int step, moe_step_metrics *s, float *g) {
+    for (int i = 0; i < t->n_faults; i++) {
+        if (step < t->faults[i].first || step > t->faults[i].last) continue;
+        float v = t->faults[i].kind == FAULT_NAN_LOSS || t->faults[i].kind == FAULT_NAN_GRAD
+                      ? NAN : INFINITY;
+        if (t->faults[i].kind <= FAULT_INF_LOSS) s->loss = v;
+        else g[0] = v;
+    }
+}
 
 moe_status moe_trainer_check_data(const moe_model_config *mc, const moe_tokens *train,
                                   const moe_tokens *val) {
@@ -125,16 +177,34 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     s.loss = s.nll + s.aux + s.z;
     size_t n = moe_model_param_count(m);
     float *p = moe_model_params(m), *g = moe_model_grads(m);
+    inject_faults(t, t->step + 1, &s, g);
     double ss = 0;
     for (size_t i = 0; i < n; i++) ss += (double)g[i] * g[i];
     s.grad_norm = sqrt(ss);
-    if (!isfinite(s.grad_norm) || !isfinite(s.loss))
-        return moe_set_error(MOE_ERR_STATE, "step %d: the loss or the gradient is not finite "
-                             "(loss %g, gradient norm %g); lower lr", t->step + 1, s.loss,
-                             s.grad_norm);
+    s.lr = moe_train_lr(c, t->step);
+    if (!isfinite(s.grad_norm) || !isfinite(s.loss)) {
+        /* Skip: parameters, optimizer state and expert biases stay as they were; the step
+         * counter (and with it the data and the schedule) moves on. */
+        for (int l = 0; l < mc->n_layers; l++) {
+            moe_layer *ml = moe_model_moe_layer(m, l);
+            if (!ml) continue;
+            *moe_layer_accum_tokens(ml) = 0; /* no bias update from this step's counts */
+            moe_layer_step_end(ml);
+        }
+        t->step++;
+        s.skipped = 1;
+        s.bad_streak = ++t->bad_streak;
+        if (out) *out = s;
+        if (t->bad_streak >= c->max_bad_steps)
+            return moe_set_error(MOE_ERR_STATE, "%d consecutive steps (the last: step %d) had a "
+                                 "loss or gradient that is not finite (loss %g, gradient norm %g); "
+                                 "lower lr or check the data", t->bad_streak, t->step, s.loss,
+                                 s.grad_norm);
+        return MOE_OK;
+    }
+    t->bad_streak = 0;
     float clip = c->clip_grad > 0 && s.grad_norm > c->clip_grad ? (float)(c->clip_grad / s.grad_norm)
                                                                 : 1.0f;
-    s.lr = moe_train_lr(c, t->step);
     float lr = (float)s.lr, b1 = c->beta1, b2 = c->beta2, wd = c->weight_decay, eps = c->adam_eps;
     float bc1 = (float)(1.0 - pow(c->beta1, t->step + 1)), bc2 = (float)(1.0 - pow(c->beta2, t->step + 1));
     float *am = t->adam_m, *av = t->adam_v, *decay = t->decay;

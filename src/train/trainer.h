@@ -12,6 +12,8 @@ typedef struct {
     double lr;
     double grad_norm; /* before clipping */
     int64_t tokens;   /* tokens processed in this step */
+    int skipped;      /* the loss or the gradient was not finite: nothing was updated */
+    int bad_streak;   /* consecutive skipped steps up to this one */
 } moe_step_metrics;
 
 typedef struct moe_trainer moe_trainer;
@@ -23,8 +25,15 @@ moe_status moe_trainer_check_data(const moe_model_config *mc, const moe_tokens *
 moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
                               const moe_tokens *train, const moe_tokens *val, moe_trainer **out);
 void moe_trainer_destroy(moe_trainer *t);
-/* One optimizer step over global_batch / micro_batch micro-batches. */
+/* One optimizer step over global_batch / micro_batch micro-batches. A step whose loss or
+ * gradient is not finite is skipped (m->skipped; nothing is updated, the step counter moves
+ * on); the max_bad_steps-th skipped step in a row returns MOE_ERR_STATE, with m filled and the
+ * model and optimizer state still those of the last good step. */
 moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *m);
+/* Fault injection for tests: "KIND@STEP" or "KIND@FIRST-LAST", comma-separated, KIND one of
+ * nan-loss, inf-loss, nan-grad, inf-grad (a NaN/Inf written into the loss or into one
+ * gradient element of those steps, 1-based). "" clears. */
+moe_status moe_trainer_set_faults(moe_trainer *t, const char *spec);
 /* Mean nll over eval_iters validation batches (the same batches every time). */
 moe_status moe_trainer_eval(moe_trainer *t, double *val_nll);
 int moe_trainer_steps_done(const moe_trainer *t);

@@ -1,0 +1,105 @@
+#!/bin/sh
+# Faults during training: non-finite losses and gradients (injected), a full disk (a file-size
+# limit), and the trainer killed with SIGKILL at random moments while it saves, many times.
+moe=$1; src=$2
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+expect() { # expect CODE command...: runs it, checks the exit code; output in $tmp/out
+  code=$1; shift
+  "$@" >"$tmp/out" 2>&1; rc=$?
+  [ "$rc" = "$code" ] || { tail -20 "$tmp/out"; fail "'$*' exited $rc, expected $code"; }
+}
+has() { grep -q "$1" "$tmp/out" || { tail -20 "$tmp/out"; fail "no '$1' in the output"; }; }
+# same_tensors A B: the tensor bytes of two safetensors files are identical (headers may differ)
+same_tensors() {
+  /usr/bin/python3 - "$1" "$2" <<'EOF' || fail "tensors of $1 and $2 differ"
+import json, struct, sys
+def load(p):
+    b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n]); h.pop("__metadata__", None)
+    return {k: b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]] for k, v in h.items()}
+a, b = load(sys.argv[1]), load(sys.argv[2])
+sys.exit(0 if a == b and len(a) > 0 else 1)
+EOF
+}
+expect 0 "$moe" prepare --out "$tmp/data" --val-fraction 0.2 "$src/README.md" "$src/docs"
+tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
+  --moe-router-topk 2 --moe-ffn-hidden-size 24 --ffn-hidden-size 32 --first-k-dense 1
+  --seq-length 32 --micro-batch-size 4 --global-batch-size 8 --eval-interval 0 --eval-iters 1
+  --moe-router-enable-expert-bias --moe-aux-loss-coeff 0.01 --data-path $tmp/data"
+
+# 1. A NaN in the gradient of step 3 and an Inf in the loss of step 5: both skipped, said so,
+#    and the run goes on to the end.
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 8 --log-interval 1 --inject-fault nan-grad@3,inf-loss@5
+has "step 3 skipped: loss .*, gradient norm nan not finite (1 in a row"
+has "step 5 skipped: loss inf"
+has "step 8/8"
+grep -q "step [35]/8" "$tmp/out" && fail "a skipped step was reported as a normal step"
+# A skipped step changes nothing: the same run with the fault at step 8 (the last) ends with
+# the parameters and optimizer state of the run stopped after step 7.
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 7 --save "$tmp/s7"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 8 --save "$tmp/s8" --inject-fault nan-grad@8
+has "step 8 skipped"
+same_tensors "$tmp/s7/step-00000007/model.safetensors" "$tmp/s8/step-00000008/model.safetensors"
+same_tensors "$tmp/s7/step-00000007/trainer.safetensors" "$tmp/s8/step-00000008/trainer.safetensors"
+
+# 2. Non-finite from step 5 on: after --max-bad-steps 3 in a row the run stops (exit 1) with a
+#    checkpoint holding the state of step 4, the last good one.
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --train-iters 20 --save "$tmp/b" --save-interval 2 \
+  --inject-fault nan-loss@5-20 --max-bad-steps 3
+has "3 consecutive steps had a loss or gradient that is not finite (the last: step 7); stopped"
+has "saving the last good state"
+[ "$(cat "$tmp/b/latest")" = "step-00000007" ] || fail "latest after the stop: $(cat "$tmp/b/latest")"
+same_tensors "$tmp/b/step-00000004/model.safetensors" "$tmp/b/step-00000007/model.safetensors"
+expect 1 "$moe" train $tiny --inject-fault nan-loss@x
+has "inject-fault: 'nan-loss@x' is not a list of KIND@STEP"
+expect 2 "$moe" train $tiny --max-bad-steps 0
+has "max-bad-steps"
+
+# 3. A full disk (here a file-size limit below the checkpoint's size): a clear error, exit 1,
+#    and the previous checkpoint intact and loadable.
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 2 --save "$tmp/d"
+cp "$tmp/d/step-00000002/model.safetensors" "$tmp/model.before"
+# shellcheck disable=SC2086
+(ulimit -f 150; "$moe" train $tiny --train-iters 4 --load "$tmp/d" --save "$tmp/d" >"$tmp/out" 2>&1)
+rc=$?
+[ "$rc" = 1 ] || { tail -5 "$tmp/out"; fail "full disk: exit $rc, expected 1"; }
+has "cannot write .*\.tmp: File too large"
+[ "$(cat "$tmp/d/latest")" = "step-00000002" ] || fail "latest moved after a failed save"
+cmp -s "$tmp/model.before" "$tmp/d/step-00000002/model.safetensors" || fail "previous checkpoint changed"
+ls "$tmp"/d/step-*/*.tmp >/dev/null 2>&1 && fail "temporary files left behind"
+expect 0 "$moe" eval --load "$tmp/d" --data "$tmp/data/val.bin"
+
+# 4. SIGKILL at random moments, 60 times, while the trainer saves a checkpoint after every
+#    step (two kept): after every kill the newest complete checkpoint loads, and the run
+#    resumes from it; finally it runs to the end.
+kills=0 i=0 run="$tmp/k"
+while [ $i -lt 60 ]; do
+  i=$((i + 1))
+  load=""; [ -f "$run/latest" ] && load="--load $run"
+  # shellcheck disable=SC2086
+  "$moe" train $tiny --train-iters 100000 --save "$run" --save-interval 1 --keep-last 2 \
+    --log-interval 1000 $load >"$tmp/kill.out" 2>&1 &
+  pid=$!
+  # 20 to 300 ms: start-up, loading, training steps and saves all get hit
+  sleep "0.$(printf '%03d' $(( ($(od -An -N2 -tu2 /dev/urandom) % 280) + 20 )))"
+  kill -9 $pid 2>/dev/null && kills=$((kills + 1))
+  wait $pid 2>/dev/null
+  if [ -f "$run/latest" ]; then
+    expect 0 "$moe" eval --load "$run" --data "$tmp/data/val.bin"
+  fi
+done
+[ $kills -ge 50 ] || fail "only $kills kills landed"
+[ -f "$run/latest" ] || fail "no checkpoint after $kills kills"
+step=$(sed 's/step-0*//' "$run/latest")
+[ "$step" -gt 0 ] || fail "latest: $(cat "$run/latest")"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters $((step + 3)) --load "$run" --save "$run" --save-interval 1
+has "resumed from .*step-0*$step at step $step"
+has "step $((step + 3))/$((step + 3))"
+echo "faults: ok ($kills kills, resumed at step $step)"
