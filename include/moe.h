@@ -193,6 +193,8 @@ float *moe_layer_expert_bias(moe_layer *layer); /* [E] selection bias (fp32 buff
 void moe_layer_zero_grads(moe_layer *layer);
 /* Bytes of the layer's activation workspace. */
 size_t moe_layer_workspace_bytes(const moe_layer *layer);
+/* The workspace bytes moe_layer_create would allocate (SIZE_MAX if that overflows). */
+size_t moe_layer_workspace_estimate(const moe_layer_config *cfg, int max_tokens);
 /* Normal(0, std) weights from (seed, tensor); biases 0; mix_w, shared_gate_w normal too. */
 void moe_layer_init_params(moe_layer *layer, uint64_t seed, float std);
 

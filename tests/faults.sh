@@ -75,6 +75,14 @@ cmp -s "$tmp/model.before" "$tmp/d/step-00000002/model.safetensors" || fail "pre
 ls "$tmp"/d/step-*/*.tmp >/dev/null 2>&1 && fail "temporary files left behind"
 expect 0 "$moe" eval --load "$tmp/d" --data "$tmp/data/val.bin"
 
+# 3b. A configuration that cannot fit the machine is refused before anything is allocated,
+#     with the estimate in the message.
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --hidden-size 16384 --num-layers 48 --num-experts 64 --moe-ffn-hidden-size 8192
+has "the model needs about .* GiB (.* parameters and their gradients, activations for 128 tokens) but this machine allows .* GiB; nothing was allocated"
+expect 1 "$moe" demo --tokens 100000000 --hidden-size 8192
+has "the MoE layer needs about .* GiB .* nothing was allocated"
+
 # 4. SIGKILL at random moments, 60 times, while the trainer saves a checkpoint after every
 #    step (two kept): after every kill the newest complete checkpoint loads, and the run
 #    resumes from it; finally it runs to the end.

@@ -30,6 +30,11 @@ _Noreturn void moe_assert_fail(const char *expr, const char *file, int line);
  * on failure or overflow. Free with moe_free. */
 void *moe_alloc(size_t n, size_t size);
 void moe_free(void *p);
+/* Bytes this process may use: physical memory, lowered by a cgroup (v2) limit or RLIMIT_AS. */
+size_t moe_memory_limit(void);
+/* MOE_ERR_NOMEM with a message naming what, the estimate and its parts when bytes exceed
+ * moe_memory_limit(); call before allocating. */
+moe_status moe_check_memory(const char *what, size_t bytes, const char *parts);
 /* a*b with overflow check: returns 0 and sets *out on success, -1 on overflow. */
 int moe_mul_size(size_t a, size_t b, size_t *out);
 

@@ -6,6 +6,8 @@
 
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 /* Pointers of one block into the parameter (or gradient) vector. */
@@ -319,6 +321,25 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     m->att_scratch = moe_arena_take(a, (T > S ? T : S) * (size_t)c->n_heads * S, sizeof(float));
 }
 
+/* Refuses, before anything large is allocated, a model whose parameters, gradients and
+ * activations (training needs Adam's two moments on top: moe_trainer_create checks those)
+ * do not fit the machine. */
+static moe_status check_memory(const moe_model *m, const moe_model_config *cfg, size_t act,
+                               int max_tokens) {
+    size_t need = act, ws;
+    for (int l = 0; l < cfg->n_layers; l++) {
+        if (!moe_model_layer_experts(cfg, l)) continue;
+        moe_layer_config lc = layer_config(cfg, l);
+        ws = moe_layer_workspace_estimate(&lc, max_tokens);
+        need = ws <= SIZE_MAX - need ? need + ws : SIZE_MAX;
+    }
+    need = m->n_params <= (SIZE_MAX - need) / 8 ? need + 8 * m->n_params : SIZE_MAX;
+    char parts[160];
+    snprintf(parts, sizeof parts, "%zu parameters and their gradients, activations for %d tokens",
+             m->n_params, max_tokens);
+    return moe_check_memory("the model", need, parts);
+}
+
 moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_model **out) {
     *out = NULL;
     MOE_TRY(moe_model_config_validate(cfg));
@@ -337,12 +358,13 @@ moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_mod
     m->sv = calloc((size_t)L, sizeof *m->sv);
     if (!m->block_off || !m->moe || !m->sv) goto fail;
     if ((st = build_tensors(m)) != MOE_OK) goto fail;
+    moe_arena plan = {0};
+    plan_activations(m, &plan);
+    if ((st = check_memory(m, cfg, plan.used, max_tokens)) != MOE_OK) goto fail;
     st = MOE_ERR_NOMEM;
     m->params = moe_alloc(m->n_params, sizeof(float));
     m->grads = moe_alloc(m->n_params, sizeof(float));
     if (!m->params || !m->grads) goto fail;
-    moe_arena plan = {0};
-    plan_activations(m, &plan);
     m->act_mem = moe_alloc(plan.used, 1);
     m->act_bytes = plan.used;
     if (!m->act_mem) goto fail;

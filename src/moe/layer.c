@@ -5,6 +5,8 @@
 #include "moe/layer_internal.h"
 
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Slots and rows one call with T tokens and top-k needs at most. */
@@ -115,6 +117,11 @@ moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *
     MOE_TRY(moe_layer_config_validate(cfg));
     if (max_tokens < 1)
         return moe_set_error(MOE_ERR_INVALID, "max_tokens must be >= 1 (got %d)", max_tokens);
+    size_t np = moe_layer_param_count(cfg), need = moe_layer_workspace_estimate(cfg, max_tokens);
+    size_t own = (params == NULL) + (grads == NULL);
+    if (need != SIZE_MAX && np <= (SIZE_MAX - need) / 8) need += own * 4 * np;
+    else need = SIZE_MAX;
+    MOE_TRY(moe_check_memory("the MoE layer", need, "parameters, gradients, workspace"));
     moe_layer *L = moe_alloc(1, sizeof *L);
     if (!L) return MOE_ERR_NOMEM;
     L->cfg = *cfg;
@@ -408,3 +415,12 @@ const double *moe_layer_stage_times(const moe_layer *L) { return L->stage_s; }
 void moe_layer_reset_stage_times(moe_layer *L) { memset(L->stage_s, 0, sizeof L->stage_s); }
 
 size_t moe_layer_workspace_bytes(const moe_layer *L) { return L->ws_bytes; }
+
+size_t moe_layer_workspace_estimate(const moe_layer_config *cfg, int max_tokens) {
+    moe_layer *L = calloc(1, sizeof *L);
+    if (!L) return SIZE_MAX;
+    L->cfg = *cfg;
+    size_t bytes = plan_workspace(L, NULL, max_tokens, cfg->topk);
+    free(L);
+    return bytes;
+}

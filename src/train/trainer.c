@@ -5,6 +5,7 @@
 #include "core/core.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -93,6 +94,12 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
     const moe_model_config *mc = moe_model_get_config(model);
     int S = mc->seq_len;
     MOE_TRY(moe_trainer_check_data(mc, train, val));
+    {   /* the model is allocated: its bytes plus Adam's moments and the decay mask */
+        size_t np = moe_model_param_count(model), act = moe_model_activation_bytes(model);
+        char parts[160];
+        snprintf(parts, sizeof parts, "%zu parameters, gradients, Adam state, activations", np);
+        MOE_TRY(moe_check_memory("training", 20 * np + act, parts));
+    }
     moe_trainer *t = calloc(1, sizeof *t);
     if (!t) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the trainer");
     t->model = model;
