@@ -83,6 +83,31 @@ has "the model needs about .* GiB (.* parameters and their gradients, activation
 expect 1 "$moe" demo --tokens 100000000 --hidden-size 8192
 has "the MoE layer needs about .* GiB .* nothing was allocated"
 
+# 3c. Absurd sizes in files are refused without allocating: a checkpoint tensor announcing
+#     2^62 bytes, a token file announcing 10^12 tokens or a vocabulary of 4e9.
+cp -r "$tmp/d" "$tmp/huge"
+/usr/bin/python3 - "$tmp/huge/step-00000002/model.safetensors" <<'EOF2'
+import json, struct, sys
+p = sys.argv[1]; b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]
+h = json.loads(b[8:8 + n])
+name = next(k for k in h if k != "__metadata__")
+h[name]["shape"] = [2 ** 30, 2 ** 30]; h[name]["data_offsets"] = [0, 2 ** 62]
+hb = json.dumps(h).encode()
+open(p, "wb").write(struct.pack("<Q", len(hb)) + hb + b[8 + n:])
+EOF2
+expect 1 "$moe" eval --load "$tmp/huge" --data "$tmp/data/val.bin"
+has "has data_offsets \[0, 4611686018427387904\] that do not fit its shape or the file"
+/usr/bin/python3 - "$tmp/data/val.bin" "$tmp/bad-n.bin" "$tmp/bad-vocab.bin" <<'EOF2'
+import struct, sys
+b = bytearray(open(sys.argv[1], "rb").read())
+n = bytearray(b); n[16:24] = struct.pack("<Q", 10 ** 12); open(sys.argv[2], "wb").write(n)
+v = bytearray(b); v[24:28] = struct.pack("<I", 4000000000); open(sys.argv[3], "wb").write(v)
+EOF2
+expect 1 "$moe" eval --load "$tmp/d" --data "$tmp/bad-n.bin"
+has "truncated: 1000000000000 tokens announced"
+expect 1 "$moe" eval --load "$tmp/d" --data "$tmp/bad-vocab.bin"
+has "bad vocabulary size 4000000000"
+
 # 4. SIGKILL at random moments, 60 times, while the trainer saves a checkpoint after every
 #    step (two kept): after every kill the newest complete checkpoint loads, and the run
 #    resumes from it; finally it runs to the end.

@@ -59,7 +59,7 @@ moe_status moe_st_read(const char *path, moe_safetensors *out) {
     size_t data_len = out->size - 8 - (size_t)hlen;
     root = cJSON_ParseWithLength((const char *)out->buf + 8, (size_t)hlen);
     if (!cJSON_IsObject(root)) MOE_FAIL_FORMAT("%s: the header is not a JSON object", path);
-    int n = cJSON_GetArraySize(root);
+    int n = cJSON_GetArraySize(root), seen_meta = 0;
     out->tensors = calloc((size_t)n + 1, sizeof *out->tensors);
     out->meta_keys = calloc((size_t)n + 1, sizeof(char *));
     out->meta_values = calloc((size_t)n + 1, sizeof(char *));
@@ -70,6 +70,10 @@ moe_status moe_st_read(const char *path, moe_safetensors *out) {
     for (cJSON *it = root->child; it; it = it->next) {
         if (!strcmp(it->string, "__metadata__")) {
             if (!cJSON_IsObject(it)) MOE_FAIL_FORMAT("%s: __metadata__ is not an object", path);
+            /* a second one would overrun the arrays sized for the first (found while
+             * writing fuzz/fuzz_safetensors.c; fuzz/regressions/safetensors/) */
+            if (seen_meta) MOE_FAIL_FORMAT("%s: __metadata__ appears twice", path);
+            seen_meta = 1;
             int nm = cJSON_GetArraySize(it);
             char **k = realloc(out->meta_keys, sizeof(char *) * (size_t)(nm + 1));
             if (k) out->meta_keys = k;
