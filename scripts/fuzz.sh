@@ -7,10 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}; shift || true
 targets=${*:-safetensors tokens options checkpoint}
+mkdir -p build-fuzz
 if ! cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-     -DMOE_FUZZ=ON -DMOE_SANITIZE=ON -DMOE_BUILD_TESTS=OFF -DMOE_WERROR=ON >build-fuzz.log 2>&1 ||
-   ! cmake --build build-fuzz -j"$(nproc)" >>build-fuzz.log 2>&1; then
-  tail -30 build-fuzz.log; exit 1
+     -DMOE_FUZZ=ON -DMOE_SANITIZE=ON -DMOE_BUILD_TESTS=OFF -DMOE_WERROR=ON >build-fuzz/build.log 2>&1 ||
+   ! cmake --build build-fuzz -j"$(nproc)" >>build-fuzz/build.log 2>&1; then
+  tail -30 build-fuzz/build.log; exit 1
 fi
 mkdir -p build-fuzz/artifacts
 status=0
