@@ -20,10 +20,11 @@ for t in $targets; do
   log=build-fuzz/fuzz_$t.log
   # one process; ASan's leak check on; inputs up to 64 KiB
   dict=(); [ -f "fuzz/$t.dict" ] && dict=(-dict="fuzz/$t.dict")
+  seeds=("fuzz/corpus/$t"); [ -d "fuzz/regressions/$t" ] && seeds+=("fuzz/regressions/$t")
   if OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive "build-fuzz/fuzz_$t" -max_total_time="$secs" \
        -max_len=65536 -timeout=20 -rss_limit_mb=4096 -print_final_stats=1 \
        -artifact_prefix="build-fuzz/artifacts/$t-" "${dict[@]}" \
-       "build-fuzz/corpus/$t" "fuzz/corpus/$t" "fuzz/regressions/$t" >"$log" 2>&1; then
+       "build-fuzz/corpus/$t" "${seeds[@]}" >"$log" 2>&1; then
     result=ok
   else
     result="CRASH (see $log and build-fuzz/artifacts/)"; status=1
