@@ -147,21 +147,29 @@ typedef struct {
 
     int layer_id;           /* RNG counter for this layer */
     uint64_t seed;
+
+    /* Expert parallelism (set by the process grid, not an option of the layer): the layer
+     * holds experts [ep_rank E/ep_size, (ep_rank+1) E/ep_size) and exchanges token rows with
+     * the other ranks of its expert group (moe_layer_set_comms). */
+    int ep_size, ep_rank;
 } moe_layer_config;
 
 moe_layer_config moe_layer_config_default(void);
 /* Checks every field and every combination; MOE_ERR_INVALID with a message naming the values. */
 moe_status moe_layer_config_validate(const moe_layer_config *cfg);
 
+/* A group of processes (dist/comm.h); NULL is a group of one. */
+typedef struct moe_comm moe_comm;
+
 /* Pointers into the layer's parameter (or gradient) storage. Absent parts are NULL.
  * gf = 2f for gated activations (swiglu, geglu: rows [0,f) gate, [f,2f) up), else f.
  * gs = 2*shared_ffn or shared_ffn likewise. */
 typedef struct {
     float *router_w;      /* [E, d] */
-    float *w_in;          /* [E, gf, d] */
-    float *b_in;          /* [E, gf] */
-    float *w_out;         /* [E, d, f] */
-    float *b_out;         /* [E, d] */
+    float *w_in;          /* [El, gf, d]: El = E / ep_size local experts */
+    float *b_in;          /* [El, gf] */
+    float *w_out;         /* [El, d, f] */
+    float *b_out;         /* [El, d] */
     float *shared_w_in;   /* [gs, d] */
     float *shared_b_in;   /* [gs] */
     float *shared_w_out;  /* [d, shared_ffn] */
@@ -193,6 +201,10 @@ float *moe_layer_expert_bias(moe_layer *layer); /* [E] selection bias (fp32 buff
 void moe_layer_zero_grads(moe_layer *layer);
 /* Bytes of the layer's activation workspace. */
 size_t moe_layer_workspace_bytes(const moe_layer *layer);
+/* Distributed runs: the expert group (ep_size ranks, this layer's rank at ep_rank) that token
+ * rows are exchanged with, and the group of every rank over which capacity decisions and
+ * global-batch balancing counts are made (NULL: this process alone). */
+void moe_layer_set_comms(moe_layer *layer, moe_comm *expert, moe_comm *world);
 /* The workspace bytes moe_layer_create would allocate (SIZE_MAX if that overflows). */
 size_t moe_layer_workspace_estimate(const moe_layer_config *cfg, int max_tokens);
 /* Normal(0, std) weights from (seed, tensor); biases 0; mix_w, shared_gate_w normal too. */

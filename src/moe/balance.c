@@ -2,6 +2,7 @@
  * gradients w.r.t. the logits, and the aux-loss-free expert-bias update.
  * Semantics and conventions: docs/LAYER.md §5. */
 #include "core/core.h"
+#include "dist/comm.h"
 #include "moe/layer_internal.h"
 
 #include <math.h>
@@ -58,9 +59,14 @@ void moe_balance_forward(moe_layer *L) {
         for (int e = 0; e < E; e++) coef[e] = 0;
         if (tv == 0) continue;
         double denom = (double)k * (double)tv;
-        if (c->lb_type == MOE_LB_GLOBAL_AUX) {
-            for (int e = 0; e < E; e++) cnt[e] += (double)L->accum_counts[e];
-            denom = (double)k * (double)(L->accum_tokens + tv);
+        if (c->lb_type == MOE_LB_GLOBAL_AUX) { /* earlier micro-batches, every rank */
+            double g[E + 1];
+            for (int e = 0; e < E; e++) g[e] = cnt[e] + (double)L->accum_counts[e];
+            g[E] = (double)(L->accum_tokens + tv);
+            moe_status s = moe_comm_sum_f64(L->world_comm, g, (size_t)E + 1);
+            if (s != MOE_OK && L->ep_status == MOE_OK) L->ep_status = s;
+            for (int e = 0; e < E; e++) cnt[e] = g[e];
+            denom = (double)k * g[E];
         }
         /* L_b = coeff * E * sum_e f_e * Pm_e / B; dL/dP[t,e] = coeff * E * f_e / (tv * B). */
         double loss = 0;

@@ -29,6 +29,7 @@ moe_layer_config moe_layer_config_default(void) {
     c.sinkhorn_tol = 1e-4f;
     c.sinkhorn_max_iter = 1000;
     c.seed = 1234;
+    c.ep_size = 1;
     return c;
 }
 
@@ -125,6 +126,16 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
     MOE_CHECK(!c->expert_bf16 || moe_gemm_bf16_available(),
               "moe-expert-bf16 needs oneDNN (libdnnl-dev), which this build lacks");
     MOE_CHECK(c->layer_id >= 0, "layer id must be >= 0 (got %d)", c->layer_id);
+    MOE_CHECK(c->ep_size >= 1 && c->n_experts % c->ep_size == 0 && c->ep_rank >= 0 &&
+                  c->ep_rank < c->ep_size,
+              "expert-model-parallel-size (%d) must divide num-experts (%d)", c->ep_size,
+              c->n_experts);
+    MOE_CHECK(c->ep_size == 1 || c->router == MOE_ROUTER_TOPK ||
+                  c->router == MOE_ROUTER_FAKE_BALANCED,
+              "expert-model-parallel-size > 1 needs a token-choice router (topk or the fake "
+              "balanced gate): Sinkhorn and expert choice balance over the whole batch");
+    MOE_CHECK(c->ep_size == 1 || !c->pad_to_capacity,
+              "moe-pad-expert-input-to-capacity is not supported with expert-model-parallel-size > 1");
     return MOE_OK;
 }
 
@@ -133,14 +144,15 @@ int moe_act_gated(moe_activation a) { return a == MOE_ACT_SWIGLU || a == MOE_ACT
 /* The parameter vector, in struct order. Sizes in floats; 0 = absent. */
 void moe_layer_param_sizes(const moe_layer_config *c, size_t s[MOE_N_PARAM_TENSORS]) {
     size_t E = (size_t)c->n_experts, d = (size_t)c->d, f = (size_t)c->ffn;
+    size_t El = E / (size_t)(c->ep_size > 1 ? c->ep_size : 1); /* local experts */
     size_t gf = moe_act_gated(c->act) ? 2 * f : f;
     size_t fs = (size_t)c->shared_ffn, gs = moe_act_gated(c->act) ? 2 * fs : fs;
     int b = c->expert_bias != 0;
     s[0] = E * d;
-    s[1] = E * gf * d;
-    s[2] = b ? E * gf : 0;
-    s[3] = E * d * f;
-    s[4] = b ? E * d : 0;
+    s[1] = El * gf * d;
+    s[2] = b ? El * gf : 0;
+    s[3] = El * d * f;
+    s[4] = b ? El * d : 0;
     s[5] = gs * d;
     s[6] = b ? gs : 0;
     s[7] = d * fs;

@@ -1,6 +1,7 @@
 /* Dispatch: capacity, token dropping (probs / position policy), and the permutation of the
  * kept slots into per-expert row blocks (a stable counting sort by expert). docs/LAYER.md §6. */
 #include "core/core.h"
+#include "dist/comm.h"
 #include "moe/layer_internal.h"
 
 #include <math.h>
@@ -31,29 +32,28 @@ static void sort_by_weight(int32_t *a, int n, const float *w, int32_t *tmp) {
     memcpy(a, tmp, sizeof(int32_t) * (size_t)n);
 }
 
-/* Marks which slots each expert keeps under capacity C. */
-static void apply_capacity(moe_layer *L, int C) {
-    const moe_layer_config *c = &L->cfg;
-    moe_fwd_state *st = &L->st;
-    int T = st->T, E = c->n_experts, k = st->k, S = st->n_slots;
-    int32_t *off = st->scratch, *list = off + E + 1, *tmp = list + S;
+void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
+                       const int32_t *slot_expert, const float *slot_w, uint8_t *kept,
+                       int32_t *scratch) {
+    int S = T * k;
+    int32_t *off = scratch, *list = off + E + 1, *tmp = list + S;
     memset(off, 0, sizeof(int32_t) * (size_t)(E + 1));
     for (int s = 0; s < S; s++)
-        if (st->slot_expert[s] >= 0) off[st->slot_expert[s] + 1]++;
+        if (slot_expert[s] >= 0) off[slot_expert[s] + 1]++;
     for (int e = 0; e < E; e++) off[e + 1] += off[e];
     /* Candidates of each expert in priority order (j, t): every first choice first. */
     int32_t *fill = tmp;
     for (int e = 0; e < E; e++) fill[e] = off[e];
     for (int j = 0; j < k; j++)
         for (int t = 0; t < T; t++) {
-            int s = t * k + j, e = st->slot_expert[s];
+            int s = t * k + j, e = slot_expert[s];
             if (e >= 0) list[fill[e]++] = s;
         }
     for (int e = 0; e < E; e++) {
         int n = off[e + 1] - off[e];
         int32_t *cand = list + off[e];
-        if (n > C && c->drop_policy == MOE_DROP_PROBS) sort_by_weight(cand, n, st->slot_w, tmp);
-        for (int i = C; i < n; i++) st->slot_kept[cand[i]] = 0;
+        if (n > C && policy == MOE_DROP_PROBS) sort_by_weight(cand, n, slot_w, tmp);
+        for (int i = C; i < n; i++) kept[cand[i]] = 0;
     }
 }
 
@@ -62,9 +62,16 @@ void moe_dispatch_plan(moe_layer *L) {
     moe_fwd_state *st = &L->st;
     int E = c->n_experts, S = st->n_slots;
     for (int s = 0; s < S; s++) st->slot_kept[s] = st->slot_expert[s] >= 0;
-    if (c->router != MOE_ROUTER_EXPERT_CHOICE) {
+    if (c->router != MOE_ROUTER_EXPERT_CHOICE && c->capacity_factor != 0 &&
+        moe_comm_size(L->world_comm) > 1) {
+        /* the same decisions as one process holding every rank's tokens */
+        moe_status s = moe_ep_apply_capacity(L);
+        if (s != MOE_OK && L->ep_status == MOE_OK) L->ep_status = s;
+    } else if (c->router != MOE_ROUTER_EXPERT_CHOICE) {
         st->capacity = moe_dispatch_capacity(c, st->Tv, st->k, st->counts);
-        if (c->capacity_factor != 0) apply_capacity(L, st->capacity);
+        if (c->capacity_factor != 0)
+            moe_capacity_keep(st->T, st->k, E, st->capacity, c->drop_policy, st->slot_expert,
+                              st->slot_w, st->slot_kept, st->scratch);
     }
     int pad = c->pad_to_capacity && c->router != MOE_ROUTER_EXPERT_CHOICE;
     memset(st->kept, 0, sizeof(int64_t) * (size_t)E);

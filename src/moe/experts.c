@@ -108,8 +108,7 @@ static int experts_across_threads(const moe_layer *L) {
     return !L->cfg.expert_bf16 && threads > 1 && L->cfg.n_experts >= 2 * threads;
 }
 
-/* dst [R, d]: row r is the token row of its slot in src [T, d] (zeros for padding rows). */
-static void gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d) {
+void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d) {
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < R; r++) {
         int s = st->row_slot[r];
@@ -134,14 +133,49 @@ static void expert_bf16(moe_layer *L, int e, int o, moe_mlp_bf16 *b) {
     b->dh = st->dh16 + (size_t)o * gf;
 }
 
+/* Combine in slot order: bitwise reproducible, no atomics. */
+void moe_combine_rows(moe_fwd_state *st, const float *y, int d) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < st->T; t++) {
+        float *rt = st->r + (size_t)t * d;
+        memset(rt, 0, sizeof(float) * (size_t)d);
+        for (int i = st->tok_off[t]; i < st->tok_off[t + 1]; i++) {
+            int row = st->slot_row[st->tok_slot[i]];
+            if (row < 0) continue;
+            const float *yr = y + (size_t)row * d;
+            for (int j = 0; j < d; j++) rt[j] += yr[j];
+        }
+    }
+}
+
+/* Also maps the row weight gradients dw_row to the slots (st->dw). */
+void moe_scatter_rows(const moe_fwd_state *st, const float *g, float *dx, int d) {
+    for (int s = 0; s < st->n_slots; s++)
+        st->dw[s] = st->slot_row[s] >= 0 ? st->dw_row[st->slot_row[s]] : 0;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < st->T; t++) {
+        float *dt = dx + (size_t)t * d;
+        for (int i = st->tok_off[t]; i < st->tok_off[t + 1]; i++) {
+            int row = st->slot_row[st->tok_slot[i]];
+            if (row < 0) continue;
+            const float *gr = g + (size_t)row * d;
+            for (int j = 0; j < d; j++) dt[j] += gr[j];
+        }
+    }
+}
+
 void moe_experts_forward(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
+    if (c->ep_size > 1) {
+        moe_ep_forward(L);
+        return;
+    }
     moe_fwd_state *st = &L->st;
     int d = c->d, f = c->ffn, R = st->n_rows;
     size_t gf = gf_of(c);
     const float *x = st->xin_orig;
     double t0 = moe_time_now(), t_act = 0;
-    gather_rows(st, st->xp, x, R, d);
+    moe_gather_rows(st, st->xp, x, R, d);
     if (c->expert_bf16) { /* fp32 master weights, bf16 copies for this call */
         moe_f32_to_bf16(L->p.w_in, st->w_in16, (size_t)c->n_experts * gf * d);
         moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)c->n_experts * d * f);
@@ -161,18 +195,7 @@ void moe_experts_forward(moe_layer *L) {
                         c->expert_bf16 ? &b16 : NULL);
     }
     double t2 = moe_time_now();
-    /* Combine in slot order: bitwise reproducible, no atomics. */
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < st->T; t++) {
-        float *rt = st->r + (size_t)t * d;
-        memset(rt, 0, sizeof(float) * (size_t)d);
-        for (int i = st->tok_off[t]; i < st->tok_off[t + 1]; i++) {
-            int row = st->slot_row[st->tok_slot[i]];
-            if (row < 0) continue;
-            const float *yr = st->y + (size_t)row * d;
-            for (int j = 0; j < d; j++) rt[j] += yr[j];
-        }
-    }
+    moe_combine_rows(st, st->y, d);
     L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0;
     L->stage_s[MOE_STAGE_EXPERT_GEMM] += t2 - t1 - t_act;
     L->stage_s[MOE_STAGE_ACTIVATION] += t_act;
@@ -181,13 +204,17 @@ void moe_experts_forward(moe_layer *L) {
 
 void moe_experts_backward(moe_layer *L, float *dx) {
     const moe_layer_config *c = &L->cfg;
+    if (c->ep_size > 1) {
+        moe_ep_backward(L, dx);
+        return;
+    }
     moe_fwd_state *st = &L->st;
     int d = c->d, f = c->ffn, R = st->n_rows;
     size_t gf = gf_of(c);
     double *dwr = st->dw_row;
     double t0 = moe_time_now(), t_act = 0;
     /* dL/dy of each row is the routed-output gradient of its token. */
-    gather_rows(st, st->y, st->dr, R, d);
+    moe_gather_rows(st, st->y, st->dr, R, d);
     double t1 = moe_time_now();
     int across = experts_across_threads(L);
 #pragma omp parallel for schedule(dynamic, 1) if (across)
@@ -207,18 +234,7 @@ void moe_experts_backward(moe_layer *L, float *dx) {
                          across ? NULL : &t_act, c->expert_bf16 ? &b16 : NULL);
     }
     double t2 = moe_time_now();
-    for (int s = 0; s < st->n_slots; s++) st->dw[s] = st->slot_row[s] >= 0 ? dwr[st->slot_row[s]] : 0;
-    /* Scatter the input gradients back in slot order (xp now holds dL/dxp). */
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < st->T; t++) {
-        float *dt = dx + (size_t)t * d;
-        for (int i = st->tok_off[t]; i < st->tok_off[t + 1]; i++) {
-            int row = st->slot_row[st->tok_slot[i]];
-            if (row < 0) continue;
-            const float *g = st->xp + (size_t)row * d;
-            for (int j = 0; j < d; j++) dt[j] += g[j];
-        }
-    }
+    moe_scatter_rows(st, st->xp, dx, d); /* xp now holds dL/dxp */
     L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2);
     L->stage_s[MOE_STAGE_BWD_EXPERT_GEMM] += t2 - t1 - t_act;
     L->stage_s[MOE_STAGE_BWD_ACTIVATION] += t_act;

@@ -1,6 +1,7 @@
 /* The MoE layer: creation (one planned workspace), forward (router → balance → dispatch →
  * experts → combine, shared expert, residual mix) and backward in reverse. */
 #include "core/core.h"
+#include "dist/comm.h"
 #include "kernels/kernels.h"
 #include "moe/layer_internal.h"
 
@@ -89,8 +90,9 @@ static size_t plan_workspace(moe_layer *L, char *base, int Tm, int k) {
     st->wg64 = moe_arena_take(&a, c->router_fp64 ? E * d : 0, sizeof(double));
     st->dwg64 = moe_arena_take(&a, c->router_fp64 ? E * d : 0, sizeof(double));
     size_t b16 = c->expert_bf16 != 0;
-    st->w_in16 = moe_arena_take(&a, b16 * E * gf * d, sizeof(uint16_t));
-    st->w_out16 = moe_arena_take(&a, b16 * E * d * f, sizeof(uint16_t));
+    size_t El = E / (size_t)c->ep_size; /* local experts */
+    st->w_in16 = moe_arena_take(&a, b16 * El * gf * d, sizeof(uint16_t));
+    st->w_out16 = moe_arena_take(&a, b16 * El * d * f, sizeof(uint16_t));
     st->x16 = moe_arena_take(&a, b16 * R * d, sizeof(uint16_t));
     st->a16 = moe_arena_take(&a, b16 * R * f, sizeof(uint16_t));
     st->dy16 = moe_arena_take(&a, b16 * R * d, sizeof(uint16_t));
@@ -150,6 +152,7 @@ void moe_layer_destroy(moe_layer *L) {
     if (L->own_grads) moe_free(L->grads);
     moe_free(L->expert_bias);
     moe_free(L->accum_counts);
+    moe_ep_free(L);
     moe_free(L->ws);
     moe_free(L);
 }
@@ -263,6 +266,11 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     if (!isfinite(args->loss_scale))
         return moe_set_error(MOE_ERR_INVALID, "loss_scale must be finite (got %g)", args->loss_scale);
     if (k > L->planned_k) MOE_TRY(alloc_workspace(L, k));
+    if (c->ep_size > 1 && moe_comm_size(L->ep_comm) != c->ep_size)
+        return moe_set_error(MOE_ERR_INVALID, "the layer is expert-parallel over %d ranks but its "
+                             "expert group has %d (moe_layer_set_comms)", c->ep_size,
+                             moe_comm_size(L->ep_comm));
+    L->ep_status = MOE_OK;
 
     st->T = T;
     st->k = k;
@@ -290,7 +298,9 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     L->stage_s[MOE_STAGE_ROUTER] += t1 - t0;
     L->stage_s[MOE_STAGE_BALANCE] += t2 - t1;
     L->stage_s[MOE_STAGE_PERMUTE] += moe_time_now() - t2;
+    MOE_TRY(L->ep_status);
     moe_experts_forward(L);
+    MOE_TRY(L->ep_status);
     double t3 = moe_time_now();
     if (c->shared_ffn > 0) shared_forward(L, x);
     double t4 = moe_time_now();
@@ -397,6 +407,7 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const 
     }
     L->stage_s[MOE_STAGE_BWD_SHARED] += moe_time_now() - t0;
     moe_experts_backward(L, dx);
+    MOE_TRY(L->ep_status);
     double t1 = moe_time_now();
     moe_router_backward(L, dx, x);
     L->stage_s[MOE_STAGE_BWD_ROUTER] += moe_time_now() - t1;
@@ -415,6 +426,11 @@ const double *moe_layer_stage_times(const moe_layer *L) { return L->stage_s; }
 void moe_layer_reset_stage_times(moe_layer *L) { memset(L->stage_s, 0, sizeof L->stage_s); }
 
 size_t moe_layer_workspace_bytes(const moe_layer *L) { return L->ws_bytes; }
+
+void moe_layer_set_comms(moe_layer *L, moe_comm *expert, moe_comm *world) {
+    L->ep_comm = expert;
+    L->world_comm = world;
+}
 
 size_t moe_layer_workspace_estimate(const moe_layer_config *cfg, int max_tokens) {
     moe_layer *L = calloc(1, sizeof *L);

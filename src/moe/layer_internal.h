@@ -126,6 +126,11 @@ struct moe_layer {
     moe_layer_stats stats;
     moe_routing routing;
     double stage_s[MOE_STAGE_COUNT];
+    /* distributed runs (moe_layer_set_comms) */
+    moe_comm *ep_comm;      /* the expert group: ep_size ranks */
+    moe_comm *world_comm;   /* every rank: global capacity and balancing counts */
+    struct moe_ep_buffers *ep; /* grown on demand (ep.c) */
+    moe_status ep_status;   /* the first communication error of this forward/backward */
 };
 
 /* router.c */
@@ -143,8 +148,27 @@ void moe_balance_backward(moe_layer *L);
 /* dispatch.c */
 void moe_dispatch_plan(moe_layer *L);
 int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const int64_t *counts);
+/* Clears kept[s] of the slots (s = t k + j) each expert drops under capacity C: candidates in
+ * priority order (j, t), or by weight (stable) for the probs policy. scratch: E + 1 + 2 T k. */
+void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
+                       const int32_t *slot_expert, const float *slot_w, uint8_t *kept,
+                       int32_t *scratch);
 
+/* experts.c: the experts over the permuted rows (moe_ep_* when ep_size > 1) */
 void moe_experts_forward(moe_layer *L);
 void moe_experts_backward(moe_layer *L, float *dx);
+/* dst [R, d]: row r is the token row of its slot in src [T, d] (zeros for padding rows). */
+void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d);
+/* Combine: r[t] = sum of the rows of t's kept slots (slot order). */
+void moe_combine_rows(moe_fwd_state *st, const float *y, int d);
+/* Scatter-add of row gradients g [R, d] into dx [T, d] (slot order); st->dw from dw_row. */
+void moe_scatter_rows(const moe_fwd_state *st, const float *g, float *dx, int d);
+
+/* ep.c: expert parallelism — rows sent to the ranks owning their experts (all-to-all),
+ * computed there, sent back; the global capacity decision over every rank's slots. */
+void moe_ep_forward(moe_layer *L);
+void moe_ep_backward(moe_layer *L, float *dx);
+moe_status moe_ep_apply_capacity(moe_layer *L);
+void moe_ep_free(moe_layer *L);
 
 #endif

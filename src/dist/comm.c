@@ -1,0 +1,332 @@
+/* Collectives over MPI, or copies for one rank. */
+#define _POSIX_C_SOURCE 200809L
+#include "dist/comm.h"
+
+#include "core/core.h"
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef MOE_HAVE_MPI
+#include <mpi.h>
+struct moe_comm {
+    MPI_Comm c;
+};
+struct moe_comm_req {
+    MPI_Request r;
+};
+#else
+struct moe_comm {
+    int unused;
+};
+struct moe_comm_req {
+    int unused;
+};
+#endif
+
+static moe_dist g_dist = {.world_size = 1, .ep = 1, .edp = 1, .node_size = 1};
+
+moe_dist *moe_dist_get(void) { return &g_dist; }
+
+int moe_comm_size(const moe_comm *c) {
+#ifdef MOE_HAVE_MPI
+    int n = 1;
+    if (c) MPI_Comm_size(c->c, &n);
+    return n;
+#else
+    (void)c;
+    return 1;
+#endif
+}
+
+int moe_comm_rank(const moe_comm *c) {
+#ifdef MOE_HAVE_MPI
+    int r = 0;
+    if (c) MPI_Comm_rank(c->c, &r);
+    return r;
+#else
+    (void)c;
+    return 0;
+#endif
+}
+
+#ifdef MOE_HAVE_MPI
+static moe_status mpi_check(int rc, const char *what) {
+    if (rc == MPI_SUCCESS) return MOE_OK;
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    return moe_set_error(MOE_ERR_IO, "%s failed: %s", what, msg);
+}
+
+static moe_status to_int(const int64_t *v, int n, int *out, const char *what) {
+    for (int i = 0; i < n; i++) {
+        if (v[i] < 0 || v[i] > INT_MAX)
+            return moe_set_error(MOE_ERR_INVALID, "%s: %lld bytes exceed MPI's int counts", what,
+                                 (long long)v[i]);
+        out[i] = (int)v[i];
+    }
+    return MOE_OK;
+}
+
+static moe_status reduce(moe_comm *c, void *buf, size_t n, MPI_Datatype t, MPI_Op op) {
+    if (!c || moe_comm_size(c) == 1 || n == 0) return MOE_OK;
+    if (n > INT_MAX) return moe_set_error(MOE_ERR_INVALID, "all-reduce of %zu elements", n);
+    return mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, t, op, c->c), "MPI_Allreduce");
+}
+#endif
+
+moe_status moe_comm_sum_f32(moe_comm *c, float *buf, size_t n) {
+#ifdef MOE_HAVE_MPI
+    return reduce(c, buf, n, MPI_FLOAT, MPI_SUM);
+#else
+    (void)c, (void)buf, (void)n;
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_sum_f64(moe_comm *c, double *buf, size_t n) {
+#ifdef MOE_HAVE_MPI
+    return reduce(c, buf, n, MPI_DOUBLE, MPI_SUM);
+#else
+    (void)c, (void)buf, (void)n;
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_sum_i64(moe_comm *c, int64_t *buf, size_t n) {
+#ifdef MOE_HAVE_MPI
+    return reduce(c, buf, n, MPI_INT64_T, MPI_SUM);
+#else
+    (void)c, (void)buf, (void)n;
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_max_i64(moe_comm *c, int64_t *buf, size_t n) {
+#ifdef MOE_HAVE_MPI
+    return reduce(c, buf, n, MPI_INT64_T, MPI_MAX);
+#else
+    (void)c, (void)buf, (void)n;
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_isum_f32(moe_comm *c, float *buf, size_t n, moe_comm_req **req) {
+    *req = NULL;
+#ifdef MOE_HAVE_MPI
+    if (!c || moe_comm_size(c) == 1 || n == 0) return MOE_OK;
+    if (n > INT_MAX) return moe_set_error(MOE_ERR_INVALID, "all-reduce of %zu elements", n);
+    moe_comm_req *r = malloc(sizeof *r);
+    if (!r) return moe_set_error(MOE_ERR_NOMEM, "out of memory for a request");
+    moe_status st = mpi_check(MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, c->c,
+                                             &r->r), "MPI_Iallreduce");
+    if (st != MOE_OK) free(r);
+    else *req = r;
+    return st;
+#else
+    (void)c, (void)buf, (void)n;
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_wait(moe_comm_req *req) {
+    if (!req) return MOE_OK;
+#ifdef MOE_HAVE_MPI
+    moe_status st = mpi_check(MPI_Wait(&req->r, MPI_STATUS_IGNORE), "MPI_Wait");
+    free(req);
+    return st;
+#else
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_alltoall_i64(moe_comm *c, const int64_t *send, int64_t *recv, int n) {
+    int size = moe_comm_size(c);
+    if (size == 1) {
+        memmove(recv, send, sizeof(int64_t) * (size_t)n);
+        return MOE_OK;
+    }
+#ifdef MOE_HAVE_MPI
+    return mpi_check(MPI_Alltoall(send, n, MPI_INT64_T, recv, n, MPI_INT64_T, c->c), "MPI_Alltoall");
+#else
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_alltoallv(moe_comm *c, const void *send, const int64_t *scount,
+                              const int64_t *sdispl, void *recv, const int64_t *rcount,
+                              const int64_t *rdispl) {
+    int size = moe_comm_size(c);
+    if (size == 1) {
+        if (scount[0]) memmove((char *)recv + rdispl[0], (const char *)send + sdispl[0], (size_t)scount[0]);
+        return MOE_OK;
+    }
+#ifdef MOE_HAVE_MPI
+    int sc[size], sd[size], rc[size], rd[size];
+    MOE_TRY(to_int(scount, size, sc, "MPI_Alltoallv"));
+    MOE_TRY(to_int(sdispl, size, sd, "MPI_Alltoallv"));
+    MOE_TRY(to_int(rcount, size, rc, "MPI_Alltoallv"));
+    MOE_TRY(to_int(rdispl, size, rd, "MPI_Alltoallv"));
+    return mpi_check(MPI_Alltoallv(send, sc, sd, MPI_BYTE, recv, rc, rd, MPI_BYTE, c->c),
+                     "MPI_Alltoallv");
+#else
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_allgather(moe_comm *c, const void *send, void *recv, size_t n) {
+    if (moe_comm_size(c) == 1) {
+        memmove(recv, send, n);
+        return MOE_OK;
+    }
+#ifdef MOE_HAVE_MPI
+    if (n > INT_MAX) return moe_set_error(MOE_ERR_INVALID, "all-gather of %zu bytes", n);
+    return mpi_check(MPI_Allgather(send, (int)n, MPI_BYTE, recv, (int)n, MPI_BYTE, c->c),
+                     "MPI_Allgather");
+#else
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_allgatherv(moe_comm *c, const void *send, void *recv, const int64_t *count,
+                               const int64_t *displ) {
+    int size = moe_comm_size(c);
+    if (size == 1) {
+        if (count[0]) memmove((char *)recv + displ[0], send, (size_t)count[0]);
+        return MOE_OK;
+    }
+#ifdef MOE_HAVE_MPI
+    int cn[size], dp[size];
+    MOE_TRY(to_int(count, size, cn, "MPI_Allgatherv"));
+    MOE_TRY(to_int(displ, size, dp, "MPI_Allgatherv"));
+    return mpi_check(MPI_Allgatherv(send, cn[moe_comm_rank(c)], MPI_BYTE, recv, cn, dp, MPI_BYTE,
+                                    c->c), "MPI_Allgatherv");
+#else
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_bcast(moe_comm *c, void *buf, size_t n, int root) {
+#ifdef MOE_HAVE_MPI
+    if (!c || moe_comm_size(c) == 1 || n == 0) return MOE_OK;
+    if (n > INT_MAX) return moe_set_error(MOE_ERR_INVALID, "broadcast of %zu bytes", n);
+    return mpi_check(MPI_Bcast(buf, (int)n, MPI_BYTE, root, c->c), "MPI_Bcast");
+#else
+    (void)c, (void)buf, (void)n, (void)root;
+    return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_barrier(moe_comm *c) {
+#ifdef MOE_HAVE_MPI
+    if (!c || moe_comm_size(c) == 1) return MOE_OK;
+    return mpi_check(MPI_Barrier(c->c), "MPI_Barrier");
+#else
+    (void)c;
+    return MOE_OK;
+#endif
+}
+
+/* ------------------------------------------------------------------ grid */
+
+moe_status moe_dist_init(int *argc, char ***argv, moe_dist *d) {
+    *d = g_dist;
+#ifdef MOE_HAVE_MPI
+    /* mpirun (Open MPI, MPICH/Hydra, Slurm's PMI) sets one of these */
+    const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"};
+    int launched = 0;
+    for (int i = 0; i < 4; i++) launched |= getenv(vars[i]) != NULL;
+    if (!launched) return MOE_OK;
+    int provided;
+    MOE_TRY(mpi_check(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "MPI_Init"));
+    d->launched = 1;
+    MPI_Comm_size(MPI_COMM_WORLD, &d->world_size);
+    MPI_Comm_rank(MPI_COMM_WORLD, &d->world_rank);
+    static struct moe_comm world, node;
+    world.c = MPI_COMM_WORLD;
+    d->world = &world;
+    MOE_TRY(mpi_check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d->world_rank,
+                                          MPI_INFO_NULL, &node.c), "MPI_Comm_split_type"));
+    d->node = &node;
+    d->node_size = moe_comm_size(d->node);
+    d->node_rank = moe_comm_rank(d->node);
+#else
+    (void)argc, (void)argv;
+#endif
+    g_dist = *d;
+    return MOE_OK;
+}
+
+moe_status moe_dist_grid(moe_dist *d, int ep) {
+    if (ep < 1 || d->world_size % ep != 0)
+        return moe_set_error(MOE_ERR_INVALID, "expert-model-parallel-size %d does not divide the "
+                             "%d processes", ep, d->world_size);
+    d->ep = ep;
+    d->ep_rank = d->world_rank % ep;
+    d->edp = d->world_size / ep;
+    d->edp_rank = d->world_rank / ep;
+#ifdef MOE_HAVE_MPI
+    if (d->launched) {
+        static struct moe_comm expert, expert_data;
+        static int made;
+        if (made) {
+            MPI_Comm_free(&expert.c);
+            MPI_Comm_free(&expert_data.c);
+        }
+        MOE_TRY(mpi_check(MPI_Comm_split(MPI_COMM_WORLD, d->edp_rank, d->ep_rank, &expert.c),
+                          "MPI_Comm_split"));
+        MOE_TRY(mpi_check(MPI_Comm_split(MPI_COMM_WORLD, d->ep_rank, d->edp_rank, &expert_data.c),
+                          "MPI_Comm_split"));
+        made = 1;
+        d->expert = &expert;
+        d->expert_data = &expert_data;
+    }
+#endif
+    g_dist = *d;
+    return MOE_OK;
+}
+
+int moe_dist_any(moe_dist *d, int failed) {
+    int64_t v = failed != 0;
+    if (moe_comm_max_i64(d->world, &v, 1) != MOE_OK) return 1;
+    return v != 0;
+}
+
+moe_status moe_dist_check_same(moe_dist *d, const void *bytes, size_t n, const char *what) {
+    if (d->world_size == 1) return MOE_OK;
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < n; i++) h = (h ^ ((const unsigned char *)bytes)[i]) * 1099511628211ull;
+    uint64_t *all = malloc(sizeof(uint64_t) * (size_t)d->world_size);
+    if (!all) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    moe_status st = moe_comm_allgather(d->world, &h, all, sizeof h);
+    int bad = -1;
+    for (int r = 0; st == MOE_OK && r < d->world_size && bad < 0; r++)
+        if (all[r] != all[0]) bad = r;
+    free(all);
+    MOE_TRY(st);
+    if (bad >= 0)
+        return moe_set_error(MOE_ERR_INVALID, "rank %d has a different %s than rank 0 (every "
+                             "rank must run the same build with the same options)", bad, what);
+    return MOE_OK;
+}
+
+void moe_dist_finalize(moe_dist *d) {
+#ifdef MOE_HAVE_MPI
+    if (d->launched) MPI_Finalize();
+#endif
+    d->launched = 0;
+}
+
+_Noreturn void moe_dist_abort(moe_dist *d, int code) {
+    fflush(stdout);
+    fflush(stderr);
+#ifdef MOE_HAVE_MPI
+    if (d->launched && d->world_size > 1) MPI_Abort(MPI_COMM_WORLD, code);
+#else
+    (void)d;
+#endif
+    exit(code);
+}

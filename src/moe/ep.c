@@ -1,0 +1,290 @@
+/* Expert parallelism (docs/LAYER.md §9). The permuted rows of each rank are grouped by global
+ * expert; the block of experts [q El, (q+1) El) goes to rank q of the expert group
+ * (MPI_Alltoall of the row counts, MPI_Alltoallv of the rows and their routing weights).
+ * Each rank reorders what it receives expert-major, runs its El experts, and sends the
+ * outputs back the same way; the backward moves dL/dy there and dL/dx with dL/dw back.
+ * The capacity decision is global: every rank's slots in rank order, as one process holding
+ * the whole batch would see them. */
+#include "core/core.h"
+#include "dist/comm.h"
+#include "kernels/kernels.h"
+#include "moe/layer_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct moe_ep_buffers {
+    int64_t *scnt, *rcnt;        /* [E]: rows to / from each rank per local expert ([q][le]) */
+    int64_t *sc, *sd, *rc, *rd;  /* [P] rows sent / received per rank and their offsets */
+    int32_t *eoff;               /* [El + 1] expert-major offsets of the received rows */
+    size_t cap_rows;
+    int Rr;                      /* rows received this forward */
+    int32_t *perm;               /* [Rr] expert-major row -> received (source-major) row */
+    float *rx, *rw;              /* [Rr, d], [Rr] source-major staging */
+    float *xe, *he, *ae, *ye, *dhe, *dae, *we; /* expert-major rows */
+    double *rdw, *dwe;           /* [Rr] */
+    uint16_t *x16, *a16, *dy16, *dh16;          /* bf16 experts */
+    size_t cap_slots;            /* global capacity decision */
+    int32_t *g_expert, *g_scratch;
+    float *g_w;
+    uint8_t *g_kept;
+};
+
+void moe_ep_free(moe_layer *L) {
+    struct moe_ep_buffers *b = L->ep;
+    if (!b) return;
+    void *ptrs[] = {b->scnt, b->rcnt, b->sc, b->sd, b->rc, b->rd, b->eoff, b->perm, b->rx, b->rw,
+                    b->xe, b->he, b->ae, b->ye, b->dhe, b->dae, b->we, b->rdw, b->dwe, b->x16,
+                    b->a16, b->dy16, b->dh16, b->g_expert, b->g_scratch, b->g_w, b->g_kept};
+    for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++) moe_free(ptrs[i]);
+    free(b);
+    L->ep = NULL;
+}
+
+static int fail(moe_layer *L, moe_status s) {
+    if (s != MOE_OK && L->ep_status == MOE_OK) L->ep_status = s;
+    return s != MOE_OK;
+}
+
+static size_t gf_of(const moe_layer_config *c) {
+    return moe_act_gated(c->act) ? 2 * (size_t)c->ffn : (size_t)c->ffn;
+}
+
+static moe_status ensure(moe_layer *L) {
+    if (L->ep) return MOE_OK;
+    int E = L->cfg.n_experts, P = L->cfg.ep_size;
+    struct moe_ep_buffers *b = calloc(1, sizeof *b);
+    if (!b) return moe_set_error(MOE_ERR_NOMEM, "out of memory for expert parallelism");
+    L->ep = b;
+    b->scnt = moe_alloc((size_t)E, sizeof(int64_t));
+    b->rcnt = moe_alloc((size_t)E, sizeof(int64_t));
+    b->sc = moe_alloc((size_t)P, sizeof(int64_t));
+    b->sd = moe_alloc((size_t)P, sizeof(int64_t));
+    b->rc = moe_alloc((size_t)P, sizeof(int64_t));
+    b->rd = moe_alloc((size_t)P, sizeof(int64_t));
+    b->eoff = moe_alloc((size_t)E / P + 1, sizeof(int32_t));
+    if (!b->scnt || !b->rcnt || !b->sc || !b->sd || !b->rc || !b->rd || !b->eoff)
+        return MOE_ERR_NOMEM;
+    return MOE_OK;
+}
+
+/* Row buffers for R received rows (grown, never shrunk; contents are not kept). */
+static moe_status ensure_rows(moe_layer *L, size_t R) {
+    struct moe_ep_buffers *b = L->ep;
+    if (R <= b->cap_rows && b->rx) return MOE_OK;
+    size_t d = (size_t)L->cfg.d, f = (size_t)L->cfg.ffn, gf = gf_of(&L->cfg);
+    size_t n = R + R / 4 + 16, b16 = L->cfg.expert_bf16 != 0;
+    float **fl[] = {&b->rx, &b->xe, &b->ye};
+    for (int i = 0; i < 3; i++) {
+        moe_free(*fl[i]);
+        *fl[i] = moe_alloc(n * d, sizeof(float));
+    }
+    moe_free(b->he), moe_free(b->dhe), moe_free(b->ae), moe_free(b->dae);
+    moe_free(b->rw), moe_free(b->we), moe_free(b->rdw), moe_free(b->dwe), moe_free(b->perm);
+    moe_free(b->x16), moe_free(b->a16), moe_free(b->dy16), moe_free(b->dh16);
+    b->he = moe_alloc(n * gf, sizeof(float));
+    b->dhe = moe_alloc(n * gf, sizeof(float));
+    b->ae = moe_alloc(n * f, sizeof(float));
+    b->dae = moe_alloc(n * f, sizeof(float));
+    b->rw = moe_alloc(n, sizeof(float));
+    b->we = moe_alloc(n, sizeof(float));
+    b->rdw = moe_alloc(n, sizeof(double));
+    b->dwe = moe_alloc(n, sizeof(double));
+    b->perm = moe_alloc(n, sizeof(int32_t));
+    b->x16 = moe_alloc(b16 * n * d, sizeof(uint16_t));
+    b->a16 = moe_alloc(b16 * n * f, sizeof(uint16_t));
+    b->dy16 = moe_alloc(b16 * n * d, sizeof(uint16_t));
+    b->dh16 = moe_alloc(b16 * n * gf, sizeof(uint16_t));
+    b->cap_rows = n;
+    if (!b->rx || !b->xe || !b->ye || !b->he || !b->dhe || !b->ae || !b->dae || !b->rw ||
+        !b->we || !b->rdw || !b->dwe || !b->perm || !b->x16 || !b->a16 || !b->dy16 || !b->dh16) {
+        b->cap_rows = 0;
+        return moe_set_error(MOE_ERR_NOMEM, "out of memory for %zu expert-parallel rows", R);
+    }
+    return MOE_OK;
+}
+
+/* Moves rows of `width` bytes: send rows by sc/sd, receive by rc/rd (row units), or the
+ * reverse direction when back is set. */
+static moe_status exchange(moe_layer *L, const void *send, void *recv, size_t width, int back) {
+    struct moe_ep_buffers *b = L->ep;
+    int P = L->cfg.ep_size;
+    int64_t sc[P], sd[P], rc[P], rd[P];
+    for (int q = 0; q < P; q++) {
+        sc[q] = (back ? b->rc[q] : b->sc[q]) * (int64_t)width;
+        sd[q] = (back ? b->rd[q] : b->sd[q]) * (int64_t)width;
+        rc[q] = (back ? b->sc[q] : b->rc[q]) * (int64_t)width;
+        rd[q] = (back ? b->sd[q] : b->rd[q]) * (int64_t)width;
+    }
+    return moe_comm_alltoallv(L->ep_comm, send, sc, sd, recv, rc, rd);
+}
+
+/* Expert-major copy of received rows (to_expert) or the reverse, width floats per row. */
+static void permute(const struct moe_ep_buffers *b, float *em, float *sm, size_t width,
+                    int to_expert) {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < b->Rr; r++) {
+        float *e = em + (size_t)r * width, *s = sm + (size_t)b->perm[r] * width;
+        if (to_expert) memcpy(e, s, sizeof(float) * width);
+        else memcpy(s, e, sizeof(float) * width);
+    }
+}
+
+static void expert_bf16_ptrs(moe_layer *L, int le, int o, moe_mlp_bf16 *m) {
+    const moe_layer_config *c = &L->cfg;
+    struct moe_ep_buffers *b = L->ep;
+    size_t d = (size_t)c->d, f = (size_t)c->ffn, gf = gf_of(c);
+    m->w_in = L->st.w_in16 + (size_t)le * gf * d;
+    m->w_out = L->st.w_out16 + (size_t)le * d * f;
+    m->x = b->x16 + (size_t)o * d;
+    m->a = b->a16 + (size_t)o * f;
+    m->dy = b->dy16 + (size_t)o * d;
+    m->dh = b->dh16 + (size_t)o * gf;
+}
+
+void moe_ep_forward(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int d = c->d, f = c->ffn, E = c->n_experts, P = c->ep_size, El = E / P, R = st->n_rows;
+    size_t gf = gf_of(c);
+    double t0 = moe_time_now(), t_act = 0;
+    if (fail(L, ensure(L))) return;
+    struct moe_ep_buffers *b = L->ep;
+    moe_gather_rows(st, st->xp, st->xin_orig, R, d);
+    for (int e = 0; e < E; e++) b->scnt[e] = st->expert_off[e + 1] - st->expert_off[e];
+    if (fail(L, moe_comm_alltoall_i64(L->ep_comm, b->scnt, b->rcnt, El))) return;
+    int64_t Rr = 0;
+    for (int q = 0; q < P; q++) {
+        b->sd[q] = st->expert_off[q * El];
+        b->sc[q] = st->expert_off[(q + 1) * El] - b->sd[q];
+        b->rd[q] = Rr;
+        b->rc[q] = 0;
+        for (int le = 0; le < El; le++) b->rc[q] += b->rcnt[q * El + le];
+        Rr += b->rc[q];
+    }
+    if (fail(L, ensure_rows(L, (size_t)Rr))) return;
+    b->Rr = (int)Rr;
+    if (fail(L, exchange(L, st->xp, b->rx, sizeof(float) * (size_t)d, 0)) ||
+        fail(L, exchange(L, st->row_w, b->rw, sizeof(float), 0)))
+        return;
+    /* expert-major order: for each local expert, its rows from rank 0, 1, ... */
+    b->eoff[0] = 0;
+    for (int le = 0; le < El; le++) {
+        int o = b->eoff[le];
+        for (int q = 0; q < P; q++) {
+            int64_t start = b->rd[q];
+            for (int j = 0; j < le; j++) start += b->rcnt[q * El + j];
+            for (int64_t i = 0; i < b->rcnt[q * El + le]; i++) b->perm[o++] = (int32_t)(start + i);
+        }
+        b->eoff[le + 1] = o;
+    }
+    permute(b, b->xe, b->rx, (size_t)d, 1);
+    permute(b, b->we, b->rw, 1, 1);
+    if (c->expert_bf16) {
+        moe_f32_to_bf16(L->p.w_in, st->w_in16, (size_t)El * gf * d);
+        moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)El * d * f);
+    }
+    double t1 = moe_time_now();
+    for (int le = 0; le < El; le++) {
+        int o = b->eoff[le], n = b->eoff[le + 1] - o;
+        moe_mlp_bf16 m;
+        if (c->expert_bf16) expert_bf16_ptrs(L, le, o, &m);
+        moe_mlp_forward(c->act, n, d, f, b->xe + (size_t)o * d, L->p.w_in + (size_t)le * gf * d,
+                        L->p.b_in ? L->p.b_in + (size_t)le * gf : NULL,
+                        L->p.w_out + (size_t)le * d * f,
+                        L->p.b_out ? L->p.b_out + (size_t)le * d : NULL, b->we + o,
+                        b->he + (size_t)o * gf, b->ae + (size_t)o * f, b->ye + (size_t)o * d,
+                        &t_act, c->expert_bf16 ? &m : NULL);
+    }
+    double t2 = moe_time_now();
+    permute(b, b->ye, b->rx, (size_t)d, 0);
+    if (fail(L, exchange(L, b->rx, st->y, sizeof(float) * (size_t)d, 1))) return;
+    moe_combine_rows(st, st->y, d);
+    L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0;
+    L->stage_s[MOE_STAGE_EXPERT_GEMM] += t2 - t1 - t_act;
+    L->stage_s[MOE_STAGE_ACTIVATION] += t_act;
+    L->stage_s[MOE_STAGE_COMBINE] += moe_time_now() - t2;
+}
+
+void moe_ep_backward(moe_layer *L, float *dx) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    struct moe_ep_buffers *b = L->ep;
+    int d = c->d, f = c->ffn, El = c->n_experts / c->ep_size, R = st->n_rows;
+    size_t gf = gf_of(c);
+    double t0 = moe_time_now(), t_act = 0;
+    moe_gather_rows(st, st->y, st->dr, R, d); /* dL/dy of each row */
+    if (fail(L, exchange(L, st->y, b->rx, sizeof(float) * (size_t)d, 0))) return;
+    permute(b, b->ye, b->rx, (size_t)d, 1);
+    double t1 = moe_time_now();
+    for (int le = 0; le < El; le++) {
+        int o = b->eoff[le], n = b->eoff[le + 1] - o;
+        moe_mlp_bf16 m;
+        if (c->expert_bf16) expert_bf16_ptrs(L, le, o, &m);
+        moe_mlp_backward(c->act, n, d, f, b->xe + (size_t)o * d, L->p.w_in + (size_t)le * gf * d,
+                         L->p.w_out + (size_t)le * d * f,
+                         L->p.b_out ? L->p.b_out + (size_t)le * d : NULL, b->we + o,
+                         b->he + (size_t)o * gf, b->ae + (size_t)o * f, b->ye + (size_t)o * d,
+                         b->xe + (size_t)o * d, L->g.w_in + (size_t)le * gf * d,
+                         L->g.b_in ? L->g.b_in + (size_t)le * gf : NULL,
+                         L->g.w_out + (size_t)le * d * f,
+                         L->g.b_out ? L->g.b_out + (size_t)le * d : NULL, b->dwe + o,
+                         b->dhe + (size_t)o * gf, b->dae + (size_t)o * f, &t_act,
+                         c->expert_bf16 ? &m : NULL);
+    }
+    double t2 = moe_time_now();
+    permute(b, b->xe, b->rx, (size_t)d, 0);
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < b->Rr; r++) b->rdw[b->perm[r]] = b->dwe[r];
+    if (fail(L, exchange(L, b->rx, st->xp, sizeof(float) * (size_t)d, 1)) ||
+        fail(L, exchange(L, b->rdw, st->dw_row, sizeof(double), 1)))
+        return;
+    moe_scatter_rows(st, st->xp, dx, d);
+    L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2);
+    L->stage_s[MOE_STAGE_BWD_EXPERT_GEMM] += t2 - t1 - t_act;
+    L->stage_s[MOE_STAGE_BWD_ACTIVATION] += t_act;
+}
+
+moe_status moe_ep_apply_capacity(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    moe_comm *w = L->world_comm;
+    int P = moe_comm_size(w), me = moe_comm_rank(w), E = c->n_experts, k = st->k;
+    MOE_TRY(ensure(L));
+    struct moe_ep_buffers *b = L->ep;
+    /* global valid tokens and counts give the capacity */
+    int64_t tot[E + 1];
+    for (int e = 0; e < E; e++) tot[e] = st->counts[e];
+    tot[E] = st->Tv;
+    MOE_TRY(moe_comm_sum_i64(w, tot, (size_t)E + 1));
+    st->capacity = moe_dispatch_capacity(c, tot[E], k, tot);
+    /* every rank's slots, in rank order */
+    int64_t T_all[P], cnt[P], displ[P], Tg = 0;
+    int64_t T_me = st->T;
+    MOE_TRY(moe_comm_allgather(w, &T_me, T_all, sizeof T_me));
+    for (int q = 0; q < P; q++) Tg += T_all[q];
+    size_t Sg = (size_t)Tg * k;
+    if (Sg > b->cap_slots) {
+        moe_free(b->g_expert), moe_free(b->g_scratch), moe_free(b->g_w), moe_free(b->g_kept);
+        b->g_expert = moe_alloc(Sg, sizeof(int32_t));
+        b->g_w = moe_alloc(Sg, sizeof(float));
+        b->g_kept = moe_alloc(Sg, 1);
+        b->g_scratch = moe_alloc((size_t)E + 1 + 2 * Sg, sizeof(int32_t));
+        b->cap_slots = b->g_expert && b->g_w && b->g_kept && b->g_scratch ? Sg : 0;
+        if (!b->cap_slots) return moe_set_error(MOE_ERR_NOMEM, "out of memory for %zu slots", Sg);
+    }
+    int64_t before = 0, mine = 0;
+    for (int q = 0; q < P; q++) {
+        displ[q] = before * k * (int64_t)sizeof(int32_t);
+        cnt[q] = T_all[q] * k * (int64_t)sizeof(int32_t);
+        if (q == me) mine = before;
+        before += T_all[q];
+    }
+    MOE_TRY(moe_comm_allgatherv(w, st->slot_expert, b->g_expert, cnt, displ));
+    MOE_TRY(moe_comm_allgatherv(w, st->slot_w, b->g_w, cnt, displ)); /* int32 and float: 4 bytes */
+    for (size_t s = 0; s < Sg; s++) b->g_kept[s] = b->g_expert[s] >= 0;
+    moe_capacity_keep((int)Tg, k, E, st->capacity, c->drop_policy, b->g_expert, b->g_w,
+                      b->g_kept, b->g_scratch);
+    for (int s = 0; s < st->n_slots; s++) st->slot_kept[s] &= b->g_kept[(size_t)mine * k + s];
+    return MOE_OK;
+}

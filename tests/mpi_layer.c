@@ -1,0 +1,199 @@
+/* Expert parallelism against one process: run with mpirun -np W (argument: ep). Every rank
+ * builds the same global batch and the same full parameters, runs the single-process layer on
+ * the whole batch, and the expert-parallel layer on its slice of the tokens with its slice of
+ * the experts; outputs and input gradients must match row for row, parameter gradients after
+ * summing over the ranks that hold the same parameters. Option sets cover dropless and
+ * capacity (position and probs), global-batch aux and z losses, shared experts, sigmoid +
+ * groups + expert bias, and the fake gate that leaves some ranks without tokens. */
+#include "dist/comm.h"
+#include "kernels/kernels.h"
+#include "moe.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures;
+
+static float *rnd(size_t n, uint64_t seed, uint64_t stream, float scale) {
+    float *x = malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) x[i] = scale * (2 * moe_rng_uniform(seed, stream, i) - 1);
+    return x;
+}
+
+/* max |a - b| <= tol * max(1, max |b|) */
+static void check(moe_dist *d, const char *cfg, const char *what, const float *a, const float *b,
+                  size_t n, double tol) {
+    double err = 0, scale = 1;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - b[i]);
+        err = e > err || isnan(e) ? e : err;
+        scale = fabs(b[i]) > scale ? fabs(b[i]) : scale;
+    }
+    if (!(err <= tol * scale)) {
+        printf("rank %d: %s: %s differs: max error %.3g (scale %.3g)\n", d->world_rank, cfg, what,
+               err, scale);
+        failures++;
+    }
+}
+
+typedef struct {
+    const char *name;
+    void (*set)(moe_layer_config *c);
+} option_set;
+
+static void dropless(moe_layer_config *c) { (void)c; }
+static void cap_position(moe_layer_config *c) {
+    c->capacity_factor = 1.0f;
+    c->drop_policy = MOE_DROP_POSITION;
+}
+static void cap_probs(moe_layer_config *c) {
+    c->capacity_factor = 1.25f;
+    c->drop_policy = MOE_DROP_PROBS;
+}
+static void cap_dynamic(moe_layer_config *c) { c->capacity_factor = -1.5f; }
+static void balancing(moe_layer_config *c) {
+    c->lb_type = MOE_LB_GLOBAL_AUX;
+    c->aux_coeff = 0.1f;
+    c->z_coeff = 0.01f;
+    c->shared_ffn = 12;
+    c->shared_gate = 1;
+}
+static void deepseek(moe_layer_config *c) {
+    c->score = MOE_SCORE_SIGMOID;
+    c->n_groups = 4;
+    c->group_topk = 2;
+    c->enable_expert_bias = 1;
+    c->route_scale = 2.5f;
+    c->expert_bias = 1;
+}
+static void idle_ranks(moe_layer_config *c) { /* experts 0..3 get nothing */
+    c->router = MOE_ROUTER_FAKE_BALANCED;
+    c->fake_skip_first = 4;
+}
+static void bf16(moe_layer_config *c) { c->expert_bf16 = moe_gemm_bf16_available(); }
+
+int main(int argc, char **argv) {
+    moe_dist d;
+    if (moe_dist_init(&argc, &argv, &d) != MOE_OK) {
+        fprintf(stderr, "%s\n", moe_last_error());
+        return 1;
+    }
+    int ep = argc > 1 ? atoi(argv[1]) : d.world_size;
+    if (moe_dist_grid(&d, ep) != MOE_OK) {
+        fprintf(stderr, "%s\n", moe_last_error());
+        moe_dist_abort(&d, 1);
+    }
+    uint64_t seed = 0x5eed0000u + 77;
+    const option_set sets[] = {{"dropless", dropless},     {"capacity position", cap_position},
+                               {"capacity probs", cap_probs}, {"dynamic capacity", cap_dynamic},
+                               {"global aux, z, shared", balancing}, {"sigmoid groups bias", deepseek},
+                               {"idle ranks", idle_ranks},   {"bf16 experts", bf16}};
+    int W = d.world_size, Tl = 24, Tg = W * Tl;
+    for (size_t si = 0; si < sizeof sets / sizeof *sets; si++) {
+        moe_layer_config c = moe_layer_config_default();
+        c.d = 16;
+        c.n_experts = 8;
+        c.topk = 2;
+        c.ffn = 10;
+        c.seed = seed;
+        sets[si].set(&c);
+        int El = c.n_experts / ep, dd = c.d;
+        moe_layer *ref, *L;
+        moe_layer_config ce = c;
+        ce.ep_size = ep;
+        ce.ep_rank = d.ep_rank;
+        if (moe_layer_create(&c, Tg, NULL, NULL, &ref) != MOE_OK ||
+            moe_layer_create(&ce, Tl, NULL, NULL, &L) != MOE_OK) {
+            printf("%s: %s\n", sets[si].name, moe_last_error());
+            moe_dist_abort(&d, 1);
+        }
+        moe_layer_init_params(ref, seed + si, 0.3f);
+        /* the expert-parallel layer's parameters: its slice of the experts, the rest whole */
+        moe_layer_params pr = moe_layer_get_params(ref), pl = moe_layer_get_params(L);
+        size_t gf = 2 * (size_t)c.ffn, per_in = gf * dd, per_out = (size_t)dd * c.ffn;
+        size_t off = (size_t)d.ep_rank * El;
+        memcpy(pl.router_w, pr.router_w, sizeof(float) * (size_t)c.n_experts * dd);
+        memcpy(pl.w_in, pr.w_in + off * per_in, sizeof(float) * El * per_in);
+        memcpy(pl.w_out, pr.w_out + off * per_out, sizeof(float) * El * per_out);
+        if (c.expert_bias) {
+            memcpy(pl.b_in, pr.b_in + off * gf, sizeof(float) * El * gf);
+            memcpy(pl.b_out, pr.b_out + off * dd, sizeof(float) * El * dd);
+        }
+        if (c.shared_ffn) {
+            memcpy(pl.shared_w_in, pr.shared_w_in, sizeof(float) * 2 * c.shared_ffn * dd);
+            memcpy(pl.shared_w_out, pr.shared_w_out, sizeof(float) * (size_t)c.shared_ffn * dd);
+            memcpy(pl.shared_gate_w, pr.shared_gate_w, sizeof(float) * (size_t)dd);
+        }
+        if (c.enable_expert_bias) { /* a non-zero selection bias, the same everywhere */
+            float *b0 = moe_layer_expert_bias(ref), *b1 = moe_layer_expert_bias(L);
+            for (int e = 0; e < c.n_experts; e++) b0[e] = b1[e] = 0.05f * (float)(e % 3);
+        }
+        moe_layer_set_comms(L, d.expert, d.world);
+        float *x = rnd((size_t)Tg * dd, seed, 1, 1.0f), *dout = rnd((size_t)Tg * dd, seed, 2, 1.0f);
+        float *out = calloc((size_t)Tg * dd, 4), *dx = calloc((size_t)Tg * dd, 4);
+        float *out_l = calloc((size_t)Tl * dd, 4), *dx_l = calloc((size_t)Tl * dd, 4);
+        moe_forward_args a = moe_forward_args_default();
+        a.training = 1;
+        moe_forward_args al = a;
+        al.loss_scale = 1.0f / W; /* each rank's losses are means over its own tokens */
+        size_t mine = (size_t)d.world_rank * Tl * dd;
+        int ok = moe_layer_forward(ref, out, x, Tg, &a) == MOE_OK &&
+                 moe_layer_backward(ref, dx, dout, x) == MOE_OK &&
+                 moe_layer_forward(L, out_l, x + mine, Tl, &al) == MOE_OK &&
+                 moe_layer_backward(L, dx_l, dout + mine, x + mine) == MOE_OK;
+        if (!ok) {
+            printf("rank %d: %s: %s\n", d.world_rank, sets[si].name, moe_last_error());
+            moe_dist_abort(&d, 1);
+        }
+        double tol = c.expert_bf16 ? 1e-5 : 2e-5; /* same bf16 rounding on both sides */
+        check(&d, sets[si].name, "output", out_l, out + mine, (size_t)Tl * dd, tol);
+        check(&d, sets[si].name, "input gradient", dx_l, dx + mine, (size_t)Tl * dd, tol);
+        /* parameter gradients: dense ones summed over every rank, experts over their replicas */
+        moe_layer_params gr = moe_layer_get_grads(ref), gl = moe_layer_get_grads(L);
+        moe_comm_sum_f32(d.world, gl.router_w, (size_t)c.n_experts * dd);
+        check(&d, sets[si].name, "router gradient", gl.router_w, gr.router_w,
+              (size_t)c.n_experts * dd, tol);
+        moe_comm_sum_f32(d.expert_data, gl.w_in, El * per_in);
+        moe_comm_sum_f32(d.expert_data, gl.w_out, El * per_out);
+        check(&d, sets[si].name, "expert w_in gradient", gl.w_in, gr.w_in + off * per_in,
+              El * per_in, tol);
+        check(&d, sets[si].name, "expert w_out gradient", gl.w_out, gr.w_out + off * per_out,
+              El * per_out, tol);
+        if (c.shared_ffn) {
+            moe_comm_sum_f32(d.world, gl.shared_w_in, 2 * (size_t)c.shared_ffn * dd);
+            check(&d, sets[si].name, "shared w_in gradient", gl.shared_w_in, gr.shared_w_in,
+                  2 * (size_t)c.shared_ffn * dd, tol);
+        }
+        /* the same drops as one process, and the losses' mean over ranks */
+        const moe_layer_stats *sr = moe_layer_get_stats(ref), *sl = moe_layer_get_stats(L);
+        int64_t dropped = sl->dropped;
+        double losses[2] = {sl->aux_loss / W, sl->z_loss / W};
+        moe_comm_sum_i64(d.world, &dropped, 1);
+        moe_comm_sum_f64(d.world, losses, 2);
+        if (dropped != sr->dropped || sl->capacity != sr->capacity) {
+            printf("rank %d: %s: dropped %lld, capacity %d; one process: %lld, %d\n", d.world_rank,
+                   sets[si].name, (long long)dropped, sl->capacity, (long long)sr->dropped,
+                   sr->capacity);
+            failures++;
+        }
+        if (fabs(losses[0] - sr->aux_loss) > 1e-6 * (1 + sr->aux_loss) ||
+            fabs(losses[1] - sr->z_loss) > 1e-6 * (1 + sr->z_loss)) {
+            printf("rank %d: %s: aux %.9g z %.9g; one process %.9g %.9g\n", d.world_rank,
+                   sets[si].name, losses[0], losses[1], sr->aux_loss, sr->z_loss);
+            failures++;
+        }
+        if (d.world_rank == 0)
+            printf("%-24s ep=%d of %d ranks: dropped %lld of %lld, capacity %d\n", sets[si].name,
+                   ep, W, (long long)sr->dropped, (long long)sr->routed, sr->capacity);
+        free(x), free(dout), free(out), free(dx), free(out_l), free(dx_l);
+        moe_layer_destroy(ref);
+        moe_layer_destroy(L);
+    }
+    int64_t bad = failures;
+    moe_comm_sum_i64(d.world, &bad, 1);
+    if (d.world_rank == 0) printf("%s: %lld failures\n", bad ? "FAIL" : "ok", (long long)bad);
+    moe_dist_finalize(&d);
+    return bad ? 1 : 0;
+}
