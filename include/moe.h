@@ -329,6 +329,8 @@ typedef struct {
     size_t offset;        /* in floats, into moe_model_params() */
     size_t numel;
     int no_decay;         /* norms and biases: no weight decay */
+    int expert;           /* a routed expert's: held by one rank of each expert-parallel group */
+    int expert_id;        /* that expert's global index (-1 for other tensors) */
 } moe_tensor_info;
 
 typedef struct moe_model moe_model;
@@ -371,6 +373,12 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
                              int S, const moe_model_args *args, moe_model_loss *loss);
 /* Gradients of loss_scale * (nll + aux + z) of the last forward, added into the gradients. */
 moe_status moe_model_backward(moe_model *m);
+/* The tensor table of the whole model (every expert, as one process holds it), whatever this
+ * process's share: names, shapes, offsets; free() the table. */
+moe_status moe_model_full_tensors(const moe_model_config *cfg, moe_tensor_info **out, int *n);
+/* Expert and data parallelism: the groups every MoE layer exchanges rows and counts with
+ * (moe_layer_set_comms). */
+void moe_model_set_comms(moe_model *m, moe_comm *expert, moe_comm *world);
 /* Logits [B*S, V] of the last forward (or [n, V] of the last moe_model_decode). */
 const float *moe_model_logits(const moe_model *m);
 

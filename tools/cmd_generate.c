@@ -8,6 +8,7 @@
 #include "train/trainer.h"
 
 #include <math.h>
+#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -198,10 +199,17 @@ int moe_cmd_inspect(int argc, char **argv) {
         fprintf(stderr, "moe inspect: %s\n", moe_last_error());
         return 1;
     }
-    const char *files[] = {"model.safetensors", "trainer.safetensors"};
-    for (int i = 0; i < 2; i++) {
-        snprintf(path, sizeof path, "%s/%s", ckpt, files[i]);
-        print_file(path);
+    /* model.safetensors and trainer.safetensors, or their shards, in name order */
+    struct dirent **names;
+    int n = scandir(ckpt, &names, NULL, alphasort);
+    for (int i = 0; i < n; i++) {
+        size_t len = strlen(names[i]->d_name);
+        if (len > 12 && !strcmp(names[i]->d_name + len - 12, ".safetensors")) {
+            snprintf(path, sizeof path, "%s/%s", ckpt, names[i]->d_name);
+            print_file(path);
+        }
+        free(names[i]);
     }
-    return 0;
+    free(names);
+    return n < 0 ? 1 : 0;
 }

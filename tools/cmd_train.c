@@ -229,6 +229,28 @@ int moe_cmd_train(int argc, char **argv) {
         return 0;
     }
     if (o.threads > 0) omp_set_num_threads(o.threads);
+    /* processes: the rank grid, the same options and build everywhere, rank 0 prints */
+    moe_dist *d = moe_dist_get();
+    if (moe_dist_grid(d, o.ep) != MOE_OK) {
+        fprintf(stderr, "moe train: %s\n", moe_last_error());
+        return 2;
+    }
+    if (d->world_size > 1) {
+        char *text = moe_options_to_text(&o);
+        size_t n = text ? strlen(text) : 0;
+        char *id = text ? realloc(text, n + 128) : NULL;
+        if (!id) moe_dist_abort(d, 1);
+        snprintf(id + n, 128, "\nbuild %s %s %s ep %d\n", moe_version(), __DATE__, __TIME__, o.ep);
+        moe_status same = moe_dist_check_same(d, id, strlen(id), "configuration or build");
+        free(id);
+        if (same != MOE_OK) {
+            fprintf(stderr, "moe train (rank %d): %s\n", d->world_rank, moe_last_error());
+            moe_dist_abort(d, 2);
+        }
+        if (d->world_rank != 0 && !freopen("/dev/null", "w", stdout)) moe_dist_abort(d, 1);
+    }
+    o.model.moe.ep_size = d->ep;
+    o.model.moe.ep_rank = d->ep_rank;
     if (o.save[0] && !ckpt[0]) { /* never overwrite an earlier run's checkpoints */
         char latest[MOE_PATH_MAX + 16];
         snprintf(latest, sizeof latest, "%s/latest", o.save);
@@ -254,13 +276,16 @@ int moe_cmd_train(int argc, char **argv) {
     if (moe_trainer_check_data(&o.model, &train, val.n_tokens ? &val : NULL) != MOE_OK) goto fail;
     if (moe_model_create(&o.model, o.train.micro_batch * o.model.seq_len, &m) != MOE_OK) goto fail;
     moe_model_init_params(m, o.layer.seed);
-    if (moe_trainer_create(m, &o.train, &train, val.n_tokens ? &val : NULL, &t) != MOE_OK) goto fail;
+    moe_model_set_comms(m, d->expert, d->world);
+    if (moe_trainer_create(m, &o.train, &train, val.n_tokens ? &val : NULL, &t) != MOE_OK ||
+        moe_trainer_set_dist(t, d) != MOE_OK)
+        goto fail;
     if (o.inject_fault[0] && moe_trainer_set_faults(t, o.inject_fault) != MOE_OK) goto fail;
     if (ckpt[0]) {
         if (moe_checkpoint_load(ckpt, m, t) != MOE_OK) goto fail;
         printf("resumed from %s at step %d\n", ckpt, moe_trainer_steps_done(t));
     }
-    if (o.save[0]) {
+    if (o.save[0] && d->world_rank == 0) { /* metrics and events: rank 0 */
         if (moe_mkdirs(o.save) != MOE_OK) goto fail;
         snprintf(path, sizeof path, "%s/metrics.jsonl", o.save);
         if (!(metrics = fopen(path, ckpt[0] ? "a" : "w"))) {
@@ -272,12 +297,16 @@ int moe_cmd_train(int argc, char **argv) {
     const moe_model_config *mc = &o.model;
     int n_moe = 0;
     for (int l = 0; l < mc->n_layers; l++) n_moe += moe_model_layer_experts(mc, l) > 0;
-    printf("moe train: %d layers (%d MoE), d=%d, %zu parameters, %lld training tokens, "
-           "%d threads\n", mc->n_layers, n_moe, mc->d, moe_model_param_count(m),
-           (long long)train.n_tokens, omp_get_max_threads());
+    printf("moe train: %d layers (%d MoE), d=%d, %zu parameters%s, %lld training tokens, "
+           "%d threads", mc->n_layers, n_moe, mc->d, moe_model_param_count(m),
+           d->ep > 1 ? " on this rank" : "", (long long)train.n_tokens, omp_get_max_threads());
+    if (d->world_size > 1)
+        printf(", %d processes: expert parallel %d x expert-data parallel %d", d->world_size,
+               d->ep, d->edp);
+    printf("\n");
     double t_start = moe_time_now(), tokens_done = 0, val_nll = -1;
     int total = o.train.train_iters, first = moe_trainer_steps_done(t) + 1;
-    int tty = isatty(STDOUT_FILENO);
+    int tty = isatty(STDOUT_FILENO) && d->world_size == 1; /* mpirun's output is a pseudo-tty */
     stop_requested = 0;
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
@@ -323,6 +352,8 @@ int moe_cmd_train(int argc, char **argv) {
                    val / log(2.0));
         if (metrics && !s.skipped) write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val);
         if (tb && !s.skipped && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
+        if (d->world_size > 1) /* every rank stops at the same step */
+            stop_requested = moe_dist_any(d, stop_requested) ? SIGTERM : 0;
         int exit_now = o.exit_interval && step % o.exit_interval == 0 && step < total;
         int save_now = (o.save_interval && step % o.save_interval == 0) || exit_now;
         if (o.save[0] && (save_now || step == total || stop_requested) &&
@@ -341,10 +372,14 @@ int moe_cmd_train(int argc, char **argv) {
             goto fail;
         }
     }
-    if (first > total) printf("nothing to do: the checkpoint is at step %d of %d\n", first - 1, total);
+    if (first > total) {
+        printf("nothing to do: the checkpoint is at step %d of %d\n", first - 1, total);
+        /* --save to another run directory re-saves it in this run's layout (resharding) */
+        if (o.save[0] && strcmp(o.save, o.load) && save_checkpoint(&o, m, t)) goto fail;
+    }
     printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/byte\n", total - first + 1,
            moe_time_now() - t_start, tokens_done / (moe_time_now() - t_start), val_nll);
-    if (o.save[0] && val.n_docs > 0) { /* which experts each topic of the corpus uses */
+    if (o.save[0] && val.n_docs > 0 && d->world_size == 1) { /* which experts each topic uses */
         snprintf(path, sizeof path, "%s/topics.json", o.save);
         if (moe_cli_topics(m, &val, o.train.micro_batch, path) != MOE_OK) goto fail;
         printf("wrote %s (validation text of each source file routed through the model)\n", path);
@@ -355,7 +390,9 @@ int moe_cmd_train(int argc, char **argv) {
 fail:
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
-    if (rc) fprintf(stderr, "moe train: %s\n", moe_last_error());
+    if (rc && d->world_size > 1) fprintf(stderr, "moe train (rank %d): %s\n", d->world_rank, moe_last_error());
+    else if (rc) fprintf(stderr, "moe train: %s\n", moe_last_error());
+    if (rc && d->world_size > 1) moe_dist_abort(d, rc); /* never leave the other ranks waiting */
     if (metrics) fclose(metrics);
     moe_tfevents_close(tb);
     moe_trainer_destroy(t);

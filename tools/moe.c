@@ -1,6 +1,7 @@
 /* moe — the command-line tool. Exit codes: 0 ok, 1 runtime error, 2 usage error. */
 #include "tools/cli.h"
 
+#include "dist/comm.h"
 #include "io/options.h"
 
 #include <signal.h>
@@ -35,6 +36,8 @@ static void usage(FILE *f) {
     moe_options_help(f);
 }
 
+static int run(int argc, char **argv, moe_dist *d);
+
 int main(int argc, char **argv) {
     /* A file-size limit (ulimit -f) makes write() fail with EFBIG, reported like a full disk,
      * instead of killing the process. */
@@ -43,7 +46,25 @@ int main(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
+    /* Under mpirun every rank runs this; only train and bench take part in a distributed run. */
+    moe_dist d;
+    if (moe_dist_init(&argc, &argv, &d) != MOE_OK) {
+        fprintf(stderr, "moe: %s\n", moe_last_error());
+        return 1;
+    }
+    int rc = run(argc, argv, &d);
+    moe_dist_finalize(&d);
+    return rc;
+}
+
+static int run(int argc, char **argv, moe_dist *d) {
     const char *cmd = argv[1];
+    if (d->world_size > 1 && strcmp(cmd, "train") && strcmp(cmd, "bench")) {
+        if (d->world_rank == 0)
+            fprintf(stderr, "moe %s runs in one process; of the commands only train and bench "
+                            "run under mpirun\n", cmd);
+        return 2;
+    }
     if (!strcmp(cmd, "--version") || !strcmp(cmd, "version")) {
         printf("moe %s\n", moe_version());
         return 0;

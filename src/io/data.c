@@ -117,7 +117,7 @@ static moe_status add_doc(split_buf *b, const char *text, size_t len, uint32_t s
     return MOE_OK;
 }
 
-static moe_status read_file(const char *path, char **out, size_t *len) {
+moe_status moe_read_file(const char *path, char **out, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return moe_set_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
     char *buf = NULL;
@@ -253,7 +253,7 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
     for (int i = 0; i < n_files && st == MOE_OK; i++) {
         char *text;
         size_t len;
-        if ((st = read_file(files[i], &text, &len)) != MOE_OK) break;
+        if ((st = moe_read_file(files[i], &text, &len)) != MOE_OK) break;
         ctx.source = (uint32_t)i;
         st = split_docs(text, len, emit_doc, &ctx);
         free(text);
@@ -301,7 +301,7 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
     memset(out, 0, sizeof *out);
     char *buf;
     size_t size;
-    MOE_TRY(read_file(path, &buf, &size));
+    MOE_TRY(moe_read_file(path, &buf, &size));
     moe_status status = MOE_OK;
     uint32_t version, dtype, vocab, eot, n_src;
     uint64_t n, nd;

@@ -55,5 +55,7 @@ moe_status moe_write_atomic(const char *path, const void *const *parts, const si
 
 /* mkdir -p */
 moe_status moe_mkdirs(const char *path);
+/* The whole file, malloc'ed. */
+moe_status moe_read_file(const char *path, char **out, size_t *len);
 
 #endif

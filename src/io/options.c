@@ -244,6 +244,9 @@ static const opt_def opts[] = {
 
     {"tokens", NULL, OPT_INT, O(tokens), 1, BIG, NULL, RUN, "tokens per layer call", 0},
     {"iters", NULL, OPT_INT, O(iters), 1, BIG, NULL, RUN, "timed forward+backward iterations", 0},
+    {"expert-model-parallel-size", "expert_parallel_size ep_size ep", OPT_INT, O(ep), 1, 65536,
+     NULL, RUN, "processes that share the experts of each MoE layer (under mpirun; divides the "
+     "process count and every layer's num-experts)", 1},
     {"threads", NULL, OPT_INT, O(threads), 0, 4096, NULL, RUN,
      "OpenMP threads (0 = OMP_NUM_THREADS or all cores)", 0},
     {"print-config", NULL, OPT_BOOL, O(print_config), 0, 1, NULL, RUN,
@@ -266,6 +269,7 @@ void moe_options_default(moe_options *o) {
     o->log_interval = 1;
     o->tokens = 1024;
     o->iters = 10;
+    o->ep = 1;
 }
 
 /* ------------------------------------------------------------------ names */

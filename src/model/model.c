@@ -8,6 +8,7 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Pointers of one block into the parameter (or gradient) vector. */
@@ -157,6 +158,7 @@ static moe_status add_tensor(moe_model *m, int no_decay, size_t *off_out, int nd
     }
     moe_tensor_info *t = &m->tensors[m->n_tensors++];
     memset(t, 0, sizeof *t);
+    t->expert_id = -1;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(t->name, sizeof t->name, fmt, ap);
@@ -194,28 +196,42 @@ static moe_status add_mlp(moe_model *m, const char *prefix, int gated, int64_t f
 }
 
 /* The MoE layer's parameter vector (moe_layer_params order) as named tensors. Expert e's
- * gate/up/down blocks are contiguous in the stacked [E, ...] tensors, so they are listed per
- * expert; the biases of all experts are stacked tensors of their own. */
+ * gate/up/down blocks and biases are contiguous in the stacked [El, ...] tensors, so each is a
+ * tensor of its own, named with its global index: a rank of an expert-parallel group lists
+ * only its experts [ep_rank El, (ep_rank+1) El). */
 static moe_status add_moe_tensors(moe_model *m, int l, const moe_layer_config *lc,
                                   size_t *start) {
     int64_t E = lc->n_experts, d = lc->d, f = lc->ffn, fs = lc->shared_ffn;
+    int64_t El = E / lc->ep_size, e0 = (int64_t)lc->ep_rank * El;
     int gated = moe_act_gated(lc->act), b = lc->expert_bias;
     char prefix[96];
     ADD(0, start, 2, SHAPE(E, d), "model.layers.%d.mlp.gate.weight", l);
-    for (int64_t e = 0; e < E; e++) {
+    int first = m->n_tensors;
+    for (int64_t e = e0; e < e0 + El; e++) {
         if (gated) ADD(0, NULL, 2, SHAPE(f, d), "model.layers.%d.mlp.experts.%lld.gate_proj.weight", l, (long long)e);
         ADD(0, NULL, 2, SHAPE(f, d), "model.layers.%d.mlp.experts.%lld.up_proj.weight", l, (long long)e);
     }
-    if (b) ADD(1, NULL, 2, SHAPE(E, gated ? 2 * f : f), "model.layers.%d.mlp.experts.in_bias", l);
-    for (int64_t e = 0; e < E; e++)
+    for (int64_t e = e0; b && e < e0 + El; e++) {
+        if (gated) ADD(1, NULL, 1, SHAPE(f), "model.layers.%d.mlp.experts.%lld.gate_proj.bias", l, (long long)e);
+        ADD(1, NULL, 1, SHAPE(f), "model.layers.%d.mlp.experts.%lld.up_proj.bias", l, (long long)e);
+    }
+    for (int64_t e = e0; e < e0 + El; e++)
         ADD(0, NULL, 2, SHAPE(d, f), "model.layers.%d.mlp.experts.%lld.down_proj.weight", l, (long long)e);
-    if (b) ADD(1, NULL, 2, SHAPE(E, d), "model.layers.%d.mlp.experts.out_bias", l);
+    for (int64_t e = e0; b && e < e0 + El; e++)
+        ADD(1, NULL, 1, SHAPE(d), "model.layers.%d.mlp.experts.%lld.down_proj.bias", l, (long long)e);
+    for (int i = first; i < m->n_tensors; i++) { /* expert blocks: El per kind, in order */
+        moe_tensor_info *t = &m->tensors[i];
+        const char *p = strstr(t->name, ".experts.");
+        t->expert = 1;
+        t->expert_id = p ? atoi(p + 9) : -1;
+    }
     if (fs > 0) {
         snprintf(prefix, sizeof prefix, "model.layers.%d.mlp.shared_expert", l);
         /* moe_layer_params order: shared_w_in, shared_b_in, shared_w_out, shared_b_out */
         if (gated) ADD(0, NULL, 2, SHAPE(fs, d), "%s.gate_proj.weight", prefix);
         ADD(0, NULL, 2, SHAPE(fs, d), "%s.up_proj.weight", prefix);
-        if (b) ADD(1, NULL, 1, SHAPE(gated ? 2 * fs : fs), "%s.in_bias", prefix);
+        if (b && gated) ADD(1, NULL, 1, SHAPE(fs), "%s.gate_proj.bias", prefix);
+        if (b) ADD(1, NULL, 1, SHAPE(fs), "%s.up_proj.bias", prefix);
         ADD(0, NULL, 2, SHAPE(d, fs), "%s.down_proj.weight", prefix);
         if (b) ADD(1, NULL, 1, SHAPE(d), "%s.down_proj.bias", prefix);
     }
@@ -412,6 +428,33 @@ moe_layer *moe_model_moe_layer(moe_model *m, int l) {
 }
 const float *moe_model_logits(const moe_model *m) { return m->logits; }
 
+moe_status moe_model_full_tensors(const moe_model_config *cfg, moe_tensor_info **out, int *n) {
+    *out = NULL;
+    *n = 0;
+    moe_model m;
+    memset(&m, 0, sizeof m);
+    m.cfg = *cfg;
+    m.cfg.moe.ep_size = 1;
+    m.cfg.moe.ep_rank = 0;
+    m.hd = cfg->d / cfg->n_heads;
+    m.block_off = calloc((size_t)cfg->n_layers * B_N, sizeof *m.block_off);
+    if (!m.block_off) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the tensor table");
+    moe_status st = build_tensors(&m);
+    free(m.block_off);
+    if (st != MOE_OK) {
+        free(m.tensors);
+        return st;
+    }
+    *out = m.tensors;
+    *n = m.n_tensors;
+    return MOE_OK;
+}
+
+void moe_model_set_comms(moe_model *m, moe_comm *expert, moe_comm *world) {
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        if (m->moe[l]) moe_layer_set_comms(m->moe[l], expert, world);
+}
+
 size_t moe_model_activation_bytes(const moe_model *m) {
     size_t b = m->act_bytes;
     for (int l = 0; l < m->cfg.n_layers; l++)
@@ -430,7 +473,9 @@ void moe_model_init_params(moe_model *m, uint64_t seed) {
         int is_norm = strstr(t->name, "norm.weight") != NULL;
         int is_out = strstr(t->name, "o_proj.weight") || strstr(t->name, "down_proj.weight");
         float std = is_out ? std_out : c->init_std;
-        uint64_t stream = moe_rng_stream(MOE_RNG_INIT, (uint64_t)i, 0, 1);
+        uint64_t h = 1469598103934665603ull; /* by name: the same values in any layout */
+        for (const char *s = t->name; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+        uint64_t stream = moe_rng_stream(MOE_RNG_INIT, h, 0, 1);
         for (size_t n = 0; n < t->numel; n++)
             p[n] = is_norm ? 1.0f : t->no_decay ? 0.0f : std * (float)moe_rng_normal(seed, stream, n);
     }

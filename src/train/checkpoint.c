@@ -5,8 +5,11 @@
 #include "io/safetensors.h"
 #include "train/trainer.h"
 
+#include <cJSON.h>
+
 #include <dirent.h>
 #include <errno.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -14,49 +17,110 @@
 
 #define CKPT_PREFIX "step-"
 
-static moe_status save_model(const char *path, moe_model *m, const char *config, int step) {
+/* Shard i (0-based) of n of a checkpoint's files: KIND.safetensors when n = 1, else
+ * KIND-0000i-of-0000n.safetensors (Hugging Face's naming). */
+static void shard_name(char *buf, size_t cap, const char *kind, int i, int n) {
+    if (n == 1) snprintf(buf, cap, "%s.safetensors", kind);
+    else snprintf(buf, cap, "%s-%05d-of-%05d.safetensors", kind, i + 1, n);
+}
+
+/* The shard of a tensor: a routed expert's is that of the rank holding it (expert-parallel
+ * rank expert_id / El), everything else is in the first. */
+static int tensor_shard(const moe_model_config *c, const moe_tensor_info *t, int l_experts) {
+    int n = c->moe.ep_size;
+    return t->expert_id >= 0 && n > 1 ? t->expert_id / (l_experts / n) : 0;
+}
+
+static int layer_of(const char *name) {
+    const char *p = strstr(name, "layers.");
+    return p ? atoi(p + 7) : -1;
+}
+
+/* Writes this rank's shard of the model and of the trainer state: the first rank of each
+ * expert-data-parallel group writes its experts, world rank 0 also everything dense. */
+static moe_status save_shard(const char *dir, moe_model *m, moe_trainer *t, const char *config,
+                             int step, int shard, int n_shards, int with_dense) {
+    const moe_model_config *c = moe_model_get_config(m);
     int n = moe_model_n_tensors(m);
-    moe_st_entry *e = calloc((size_t)n, sizeof *e);
-    if (!e) return moe_set_error(MOE_ERR_NOMEM, "out of memory saving %s", path);
-    const float *p = moe_model_params(m);
-    for (int i = 0; i < n; i++) {
-        const moe_tensor_info *t = moe_model_tensor(m, i);
-        e[i].name = t->name;
-        e[i].dtype = MOE_DT_F32;
-        e[i].ndim = t->ndim;
-        memcpy(e[i].shape, t->shape, sizeof(int64_t) * (size_t)t->ndim);
-        e[i].data = p + t->offset;
+    moe_st_entry *e = calloc((size_t)n, sizeof *e), *o = calloc(2 * (size_t)n + MOE_MAX_LAYERS, sizeof *o);
+    char (*names)[128] = calloc(2 * (size_t)n + MOE_MAX_LAYERS, sizeof *names);
+    moe_status st = MOE_OK;
+    if (!e || !o || !names) st = moe_set_error(MOE_ERR_NOMEM, "out of memory saving %s", dir);
+    const float *p = moe_model_params(m), *am = t ? moe_trainer_adam_m(t) : NULL,
+                *av = t ? moe_trainer_adam_v(t) : NULL;
+    int ne = 0, no = 0;
+    for (int i = 0; i < n && st == MOE_OK; i++) {
+        const moe_tensor_info *ti = moe_model_tensor(m, i);
+        if (ti->expert ? 0 : !with_dense) continue;
+        e[ne] = (moe_st_entry){ti->name, MOE_DT_F32, ti->ndim, {0}, p + ti->offset};
+        memcpy(e[ne++].shape, ti->shape, sizeof(int64_t) * (size_t)ti->ndim);
+        if (!t) continue;
+        for (int k = 0; k < 2; k++) { /* Adam's moments under the parameter's name */
+            snprintf(names[no], sizeof names[no], "optimizer.adam_%c.%s", k ? 'v' : 'm', ti->name);
+            o[no] = (moe_st_entry){names[no], MOE_DT_F32, ti->ndim, {0}, (k ? av : am) + ti->offset};
+            memcpy(o[no].shape, ti->shape, sizeof(int64_t) * (size_t)ti->ndim);
+            no++;
+        }
     }
-    char stepbuf[32];
+    for (int l = 0; t && with_dense && l < c->n_layers; l++) {
+        moe_layer *ml = moe_model_moe_layer(m, l);
+        if (!ml) continue;
+        snprintf(names[no], sizeof names[no], "model.layers.%d.mlp.gate.expert_bias", l);
+        o[no++] = (moe_st_entry){names[no - 1], MOE_DT_F32, 1, {moe_model_layer_experts(c, l)},
+                                 moe_layer_expert_bias(ml)};
+    }
+    char stepbuf[32], seed[32], path[4400], file[64];
     snprintf(stepbuf, sizeof stepbuf, "%d", step);
-    const char *keys[] = {"format", "moe.config", "moe.step", "moe.version"};
-    const char *vals[] = {"pt", config, stepbuf, moe_version()};
-    moe_status st = moe_st_write(path, e, n, keys, vals, 4);
+    if (st == MOE_OK) {
+        shard_name(file, sizeof file, "model", shard, n_shards);
+        snprintf(path, sizeof path, "%s/%s", dir, file);
+        const char *keys[] = {"format", "moe.config", "moe.step", "moe.version"};
+        const char *vals[] = {"pt", config, stepbuf, moe_version()};
+        st = moe_st_write(path, e, ne, keys, vals, 4);
+    }
+    if (st == MOE_OK && t) {
+        snprintf(seed, sizeof seed, "%llu", (unsigned long long)moe_trainer_config(t)->seed);
+        shard_name(file, sizeof file, "trainer", shard, n_shards);
+        snprintf(path, sizeof path, "%s/%s", dir, file);
+        const char *keys[] = {"moe.step", "moe.seed"};
+        const char *vals[] = {stepbuf, seed};
+        st = moe_st_write(path, o, no, keys, vals, 2);
+    }
     free(e);
+    free(o);
+    free(names);
     return st;
 }
 
-static moe_status save_trainer(const char *path, moe_model *m, moe_trainer *t) {
-    const moe_model_config *c = moe_model_get_config(m);
-    moe_st_entry e[2 + MOE_MAX_LAYERS];
-    char names[MOE_MAX_LAYERS][48];
-    int n = 0;
-    int64_t np = (int64_t)moe_model_param_count(m);
-    e[n++] = (moe_st_entry){"optimizer.adam_m", MOE_DT_F32, 1, {np}, moe_trainer_adam_m(t)};
-    e[n++] = (moe_st_entry){"optimizer.adam_v", MOE_DT_F32, 1, {np}, moe_trainer_adam_v(t)};
-    for (int l = 0; l < c->n_layers; l++) {
-        moe_layer *ml = moe_model_moe_layer(m, l);
-        if (!ml) continue;
-        snprintf(names[l], sizeof names[l], "model.layers.%d.mlp.gate.expert_bias", l);
-        e[n++] = (moe_st_entry){names[l], MOE_DT_F32, 1, {moe_model_layer_experts(c, l)},
-                                moe_layer_expert_bias(ml)};
+/* model.safetensors.index.json: every tensor of the whole model and its shard. */
+static moe_status write_index(const char *dir, const moe_model_config *c, int n_shards) {
+    moe_tensor_info *all;
+    int n;
+    MOE_TRY(moe_model_full_tensors(c, &all, &n));
+    size_t cap = 256 + (size_t)n * 200, len = 0, total = 0;
+    char *buf = malloc(cap), file[64];
+    if (!buf) {
+        free(all);
+        return moe_set_error(MOE_ERR_NOMEM, "out of memory for the checkpoint index");
     }
-    char step[32], seed[32];
-    snprintf(step, sizeof step, "%d", moe_trainer_steps_done(t));
-    snprintf(seed, sizeof seed, "%llu", (unsigned long long)moe_trainer_config(t)->seed);
-    const char *keys[] = {"moe.step", "moe.seed"};
-    const char *vals[] = {step, seed};
-    return moe_st_write(path, e, n, keys, vals, 2);
+    for (int i = 0; i < n; i++) total += all[i].numel * sizeof(float);
+    len += (size_t)snprintf(buf + len, cap - len, "{\n  \"metadata\": {\"total_size\": %zu},\n  "
+                            "\"weight_map\": {\n", total);
+    for (int i = 0; i < n; i++) {
+        int l = layer_of(all[i].name);
+        shard_name(file, sizeof file, "model",
+                   tensor_shard(c, &all[i], l >= 0 ? moe_model_layer_experts(c, l) : 1), n_shards);
+        len += (size_t)snprintf(buf + len, cap - len, "    \"%s\": \"%s\"%s\n", all[i].name, file,
+                                i + 1 < n ? "," : "");
+    }
+    len += (size_t)snprintf(buf + len, cap - len, "  }\n}\n");
+    char path[4400];
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    const void *parts[] = {buf};
+    moe_status st = moe_write_atomic(path, parts, &len, 1);
+    free(buf);
+    free(all);
+    return st;
 }
 
 static int ckpt_step(const char *name) {
@@ -67,12 +131,15 @@ static int ckpt_step(const char *name) {
 }
 
 static void remove_ckpt(const char *dir) { /* dir: at most 4100 bytes */
-    const char *files[] = {"model.safetensors", "trainer.safetensors"};
-    char path[4300];
-    for (int i = 0; i < 2; i++) {
-        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    char path[4400];
+    while (d && (e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
         unlink(path);
     }
+    if (d) closedir(d);
     rmdir(dir);
 }
 
@@ -104,36 +171,50 @@ static void prune(const char *save_dir, int keep, int newest) {
 moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *config,
                                moe_model *m, moe_trainer *t) {
     int step = moe_trainer_steps_done(t);
+    moe_dist *d = moe_trainer_dist(t);
+    int n_shards = moe_model_get_config(m)->moe.ep_size, rank = d ? d->world_rank : 0;
+    int writer = !d || d->edp_rank == 0; /* one replica of each expert writes it */
     char dir[4200], path[4300];
     snprintf(dir, sizeof dir, "%s/" CKPT_PREFIX "%08d", save_dir, step);
-    MOE_TRY(moe_mkdirs(dir));
-    snprintf(path, sizeof path, "%s/model.safetensors", dir);
-    MOE_TRY(save_model(path, m, config, step));
-    snprintf(path, sizeof path, "%s/trainer.safetensors", dir);
-    MOE_TRY(save_trainer(path, m, t));
-    char latest[64];
-    int len = snprintf(latest, sizeof latest, CKPT_PREFIX "%08d\n", step);
-    snprintf(path, sizeof path, "%s/latest", save_dir);
-    const void *parts[] = {latest};
-    size_t sizes[] = {(size_t)len};
-    MOE_TRY(moe_write_atomic(path, parts, sizes, 1));
-    prune(save_dir, keep_last, step);
-    return MOE_OK;
+    moe_status st = moe_mkdirs(dir);
+    if (st == MOE_OK && writer)
+        st = save_shard(dir, m, t, config, step, d ? d->ep_rank : 0, n_shards, rank == 0);
+    if (d && moe_dist_any(d, st != MOE_OK)) /* every rank fails together */
+        return st != MOE_OK ? st : moe_set_error(MOE_ERR_IO, "another rank failed to save %s", dir);
+    MOE_TRY(st);
+    if (rank == 0) {
+        if (n_shards > 1) st = write_index(dir, moe_model_get_config(m), n_shards);
+        char latest[64];
+        int len = snprintf(latest, sizeof latest, CKPT_PREFIX "%08d\n", step);
+        snprintf(path, sizeof path, "%s/latest", save_dir);
+        const void *parts[] = {latest};
+        size_t sizes[] = {(size_t)len};
+        if (st == MOE_OK) st = moe_write_atomic(path, parts, sizes, 1);
+        if (st == MOE_OK) prune(save_dir, keep_last, step);
+    }
+    if (d && moe_dist_any(d, st != MOE_OK))
+        return st != MOE_OK ? st : moe_set_error(MOE_ERR_IO, "rank 0 failed to save %s", dir);
+    return st;
+}
+
+static int is_file(const char *dir, const char *name) {
+    char path[4400];
+    struct stat sb;
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return stat(path, &sb) == 0;
 }
 
 moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap) {
-    char path[4200];
-    struct stat sb;
-    snprintf(path, sizeof path, "%s/model.safetensors", dir);
-    if (stat(path, &sb) == 0) {
+    if (is_file(dir, "model.safetensors") || is_file(dir, "model.safetensors.index.json")) {
         snprintf(ckpt, cap, "%s", dir);
         return MOE_OK;
     }
+    char path[4200];
     snprintf(path, sizeof path, "%s/latest", dir);
     FILE *f = fopen(path, "r");
     if (!f)
         return moe_set_error(MOE_ERR_IO, "%s is not a checkpoint: it has neither model.safetensors "
-                             "nor a 'latest' file", dir);
+                             "(or its index) nor a 'latest' file", dir);
     char name[128] = "";
     int ok = fgets(name, sizeof name, f) != NULL;
     fclose(f);
@@ -144,71 +225,144 @@ moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap) {
     return MOE_OK;
 }
 
-moe_status moe_checkpoint_config(const char *ckpt, char **config) {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/model.safetensors", ckpt);
-    moe_safetensors st;
-    MOE_TRY(moe_st_read(path, &st));
-    const char *c = moe_st_meta(&st, "moe.config");
-    *config = c ? strdup(c) : NULL;
-    moe_st_free(&st);
-    if (!*config) return moe_set_error(MOE_ERR_FORMAT, "%s has no moe.config metadata", path);
+/* The files of a checkpoint, read as their tensors are asked for: one model.safetensors and
+ * one trainer.safetensors, or shards named by model.safetensors.index.json (trainer shards
+ * mirror the model shards). Tensors are found by name, so any expert-parallel layout loads
+ * any other's checkpoint. */
+#define MAX_SHARDS 256
+typedef struct {
+    const char *dir;
+    cJSON *index, *map;
+    int n;
+    char files[MAX_SHARDS][80];
+    moe_safetensors st[MAX_SHARDS];
+} ckpt_reader;
+
+static moe_status reader_open(ckpt_reader *r, const char *dir) {
+    memset(r, 0, sizeof *r);
+    r->dir = dir;
+    if (!is_file(dir, "model.safetensors.index.json")) return MOE_OK;
+    char path[4400];
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    char *text;
+    size_t size;
+    MOE_TRY(moe_read_file(path, &text, &size));
+    r->index = cJSON_ParseWithLength(text, size);
+    free(text);
+    r->map = cJSON_GetObjectItemCaseSensitive(r->index, "weight_map");
+    if (!cJSON_IsObject(r->map))
+        return moe_set_error(MOE_ERR_FORMAT, "%s: no weight_map object", path);
     return MOE_OK;
 }
 
-static moe_status load_trainer(const char *path, moe_model *m, moe_trainer *t) {
-    moe_safetensors st;
-    MOE_TRY(moe_st_read(path, &st));
-    const moe_model_config *c = moe_model_get_config(m);
-    int64_t np = (int64_t)moe_model_param_count(m);
-    moe_status s = moe_st_get_f32(&st, "optimizer.adam_m", 1, &np, moe_trainer_adam_m(t));
-    if (s == MOE_OK) s = moe_st_get_f32(&st, "optimizer.adam_v", 1, &np, moe_trainer_adam_v(t));
-    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) {
-        moe_layer *ml = moe_model_moe_layer(m, l);
-        if (!ml) continue;
-        char name[64];
-        snprintf(name, sizeof name, "model.layers.%d.mlp.gate.expert_bias", l);
-        int64_t E = moe_model_layer_experts(c, l);
-        s = moe_st_get_f32(&st, name, 1, &E, moe_layer_expert_bias(ml));
+static void reader_close(ckpt_reader *r) {
+    for (int i = 0; i < r->n; i++) moe_st_free(&r->st[i]);
+    cJSON_Delete(r->index);
+    memset(r, 0, sizeof *r);
+}
+
+/* The file (kind "model" or "trainer") holding parameter `param`. */
+static moe_status reader_file(ckpt_reader *r, const char *kind, const char *param,
+                              moe_safetensors **out) {
+    char file[80];
+    if (r->map) {
+        cJSON *v = cJSON_GetObjectItemCaseSensitive(r->map, param);
+        if (!cJSON_IsString(v) || strncmp(v->valuestring, "model", 5) ||
+            strlen(v->valuestring) >= 64 || strchr(v->valuestring, '/'))
+            return moe_set_error(MOE_ERR_FORMAT, "%s: the index names no valid file for '%s'",
+                                 r->dir, param);
+        snprintf(file, sizeof file, "%s%s", kind, v->valuestring + 5);
+    } else {
+        snprintf(file, sizeof file, "%s.safetensors", kind);
     }
-    const char *step = moe_st_meta(&st, "moe.step");
-    char *end = NULL;
-    long v = step ? strtol(step, &end, 10) : -1;
-    if (s == MOE_OK && (!step || *end || v < 0 || v > 1000000000))
-        s = moe_set_error(MOE_ERR_FORMAT, "%s: missing or bad moe.step", path);
-    if (s == MOE_OK) moe_trainer_set_step(t, (int)v);
+    for (int i = 0; i < r->n; i++)
+        if (!strcmp(r->files[i], file)) {
+            *out = &r->st[i];
+            return MOE_OK;
+        }
+    if (r->n == MAX_SHARDS) return moe_set_error(MOE_ERR_FORMAT, "%s: too many shards", r->dir);
+    char path[4400];
+    snprintf(path, sizeof path, "%s/%s", r->dir, file);
+    MOE_TRY(moe_st_read(path, &r->st[r->n]));
+    snprintf(r->files[r->n], sizeof r->files[r->n], "%s", file);
+    *out = &r->st[r->n++];
+    return MOE_OK;
+}
+
+/* Tensor `name` (stored with parameter `param`) into out, its shape checked. */
+static moe_status reader_get(ckpt_reader *r, const char *kind, const char *param, const char *name,
+                             int ndim, const int64_t *shape, float *out) {
+    moe_safetensors *st;
+    MOE_TRY(reader_file(r, kind, param, &st));
+    moe_status s = moe_st_get_f32(st, name, ndim, shape, out);
     if (s != MOE_OK && s != MOE_ERR_NOMEM) {
         char msg[600];
         snprintf(msg, sizeof msg, "%s", moe_last_error());
-        s = moe_set_error(s, "%s: %s", path, msg);
+        s = moe_set_error(s, "%s: %s", r->dir, msg);
     }
-    moe_st_free(&st);
+    return s;
+}
+
+/* Every checkpoint has the token embedding: its file carries the metadata. */
+#define FIRST_TENSOR "model.embed_tokens.weight"
+
+moe_status moe_checkpoint_config(const char *ckpt, char **config) {
+    ckpt_reader r;
+    moe_safetensors *st;
+    moe_status s = reader_open(&r, ckpt);
+    if (s == MOE_OK) s = reader_file(&r, "model", FIRST_TENSOR, &st);
+    const char *c = s == MOE_OK ? moe_st_meta(st, "moe.config") : NULL;
+    *config = c ? strdup(c) : NULL;
+    reader_close(&r);
+    MOE_TRY(s);
+    if (!*config) return moe_set_error(MOE_ERR_FORMAT, "%s has no moe.config metadata", ckpt);
+    return MOE_OK;
+}
+
+static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
+    const moe_model_config *c = moe_model_get_config(m);
+    float *am = moe_trainer_adam_m(t), *av = moe_trainer_adam_v(t);
+    moe_status s = MOE_OK;
+    char name[160];
+    for (int i = 0; i < moe_model_n_tensors(m) && s == MOE_OK; i++) {
+        const moe_tensor_info *ti = moe_model_tensor(m, i);
+        snprintf(name, sizeof name, "optimizer.adam_m.%s", ti->name);
+        s = reader_get(r, "trainer", ti->name, name, ti->ndim, ti->shape, am + ti->offset);
+        snprintf(name, sizeof name, "optimizer.adam_v.%s", ti->name);
+        if (s == MOE_OK) s = reader_get(r, "trainer", ti->name, name, ti->ndim, ti->shape, av + ti->offset);
+    }
+    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) {
+        moe_layer *ml = moe_model_moe_layer(m, l);
+        if (!ml) continue;
+        snprintf(name, sizeof name, "model.layers.%d.mlp.gate.expert_bias", l);
+        int64_t E = moe_model_layer_experts(c, l);
+        s = reader_get(r, "trainer", FIRST_TENSOR, name, 1, &E, moe_layer_expert_bias(ml));
+    }
+    moe_safetensors *st;
+    if (s == MOE_OK) s = reader_file(r, "trainer", FIRST_TENSOR, &st);
+    const char *step = s == MOE_OK ? moe_st_meta(st, "moe.step") : NULL;
+    char *end = NULL;
+    long v = step ? strtol(step, &end, 10) : -1;
+    if (s == MOE_OK && (!step || *end || v < 0 || v > 1000000000))
+        s = moe_set_error(MOE_ERR_FORMAT, "%s: missing or bad moe.step", r->dir);
+    if (s == MOE_OK) moe_trainer_set_step(t, (int)v);
     return s;
 }
 
 moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/model.safetensors", ckpt);
-    moe_safetensors st;
-    MOE_TRY(moe_st_read(path, &st));
+    ckpt_reader r;
+    MOE_TRY(reader_open(&r, ckpt));
     /* Parameters go to a copy first so that a failure leaves the model unchanged. */
     size_t np = moe_model_param_count(m);
     float *tmp = moe_alloc(np, sizeof(float));
     moe_status s = tmp ? MOE_OK : MOE_ERR_NOMEM;
     for (int i = 0; i < moe_model_n_tensors(m) && s == MOE_OK; i++) {
         const moe_tensor_info *ti = moe_model_tensor(m, i);
-        s = moe_st_get_f32(&st, ti->name, ti->ndim, ti->shape, tmp + ti->offset);
+        s = reader_get(&r, "model", ti->name, ti->name, ti->ndim, ti->shape, tmp + ti->offset);
     }
     if (s == MOE_OK) memcpy(moe_model_params(m), tmp, np * sizeof(float));
-    else if (s != MOE_ERR_NOMEM) {
-        char msg[600];
-        snprintf(msg, sizeof msg, "%s", moe_last_error());
-        s = moe_set_error(s, "%s: %s", path, msg);
-    }
     moe_free(tmp);
-    moe_st_free(&st);
-    MOE_TRY(s);
-    if (!t) return MOE_OK;
-    snprintf(path, sizeof path, "%s/trainer.safetensors", ckpt);
-    return load_trainer(path, m, t);
+    if (s == MOE_OK && t) s = load_trainer(&r, m, t);
+    reader_close(&r);
+    return s;
 }

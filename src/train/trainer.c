@@ -2,6 +2,8 @@
  * reproducible bitwise at a fixed thread count and resumable from the step number alone. */
 #include "train/trainer.h"
 
+#include "dist/comm.h"
+
 #include "core/core.h"
 
 #include <math.h>
@@ -21,6 +23,7 @@ struct moe_trainer {
     size_t *load_off;       /* [L] offset of layer l in load */
     int64_t *dropped, *routed; /* [L] slots dropped by capacity / routed in the last step */
     int step;
+    moe_dist *dist;  /* NULL: one process */
     int bad_streak; /* consecutive skipped steps */
     struct {
         int kind; /* FAULT_* */
@@ -150,11 +153,77 @@ void moe_trainer_destroy(moe_trainer *t) {
 }
 
 int moe_trainer_steps_done(const moe_trainer *t) { return t->step; }
+moe_dist *moe_trainer_dist(const moe_trainer *t) { return t->dist; }
+
+moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d) {
+    const moe_train_config *c = &t->cfg;
+    int W = d ? d->world_size : 1;
+    MOE_CHECK(c->global_batch % (c->micro_batch * W) == 0,
+              "global-batch-size (%d) must be a multiple of micro-batch-size (%d) times the %d "
+              "processes", c->global_batch, c->micro_batch, W);
+    t->dist = d && d->world_size > 1 ? d : NULL;
+    return MOE_OK;
+}
+
+/* Sums the gradients over the ranks holding the same parameters: dense tensors over every
+ * rank, a routed expert's over its replicas (the expert-data-parallel group). Consecutive
+ * tensors of one kind form buckets of up to 4 Mi floats, all in flight at once. */
+static moe_status reduce_grads(moe_trainer *t) {
+    moe_model *m = t->model;
+    moe_dist *d = t->dist;
+    float *g = moe_model_grads(m);
+    moe_comm_req *req[1024];
+    int n_req = 0, n = moe_model_n_tensors(m);
+    moe_status st = MOE_OK;
+    for (int i = 0; i < n && st == MOE_OK;) {
+        const moe_tensor_info *a = moe_model_tensor(m, i);
+        size_t len = a->numel;
+        int j = i + 1;
+        for (; j < n; j++) {
+            const moe_tensor_info *b = moe_model_tensor(m, j);
+            if (b->expert != a->expert || len + b->numel > ((size_t)4 << 20) ||
+                b->offset != a->offset + len)
+                break;
+            len += b->numel;
+        }
+        if (n_req == 1024) { /* drain */
+            for (int r = 0; r < n_req && st == MOE_OK; r++) st = moe_comm_wait(req[r]);
+            n_req = 0;
+        }
+        if (st == MOE_OK)
+            st = moe_comm_isum_f32(a->expert ? d->expert_data : d->world, g + a->offset, len,
+                                   &req[n_req++]);
+        i = j;
+    }
+    for (int r = 0; r < n_req; r++) {
+        moe_status w = moe_comm_wait(req[r]);
+        if (st == MOE_OK) st = w;
+    }
+    return st;
+}
+
+/* Squared gradient norm of the whole model: dense tensors are the same on every rank after the
+ * reduction, each expert lives on one rank of every expert group. */
+static moe_status grad_sumsq(moe_trainer *t, double *out) {
+    moe_model *m = t->model;
+    const float *g = moe_model_grads(m);
+    double ss[2] = {0, 0}; /* dense, expert */
+    for (int i = 0; i < moe_model_n_tensors(m); i++) {
+        const moe_tensor_info *ti = moe_model_tensor(m, i);
+        double s = 0;
+        for (size_t j = 0; j < ti->numel; j++) s += (double)g[ti->offset + j] * g[ti->offset + j];
+        ss[ti->expert] += s;
+    }
+    if (t->dist) MOE_TRY(moe_comm_sum_f64(t->dist->expert, &ss[1], 1));
+    *out = ss[0] + ss[1];
+    return MOE_OK;
+}
 
 moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     const moe_train_config *c = &t->cfg;
     moe_model *m = t->model;
     int B = c->micro_batch, S = t->S, n_micro = c->global_batch / c->micro_batch;
+    int W = t->dist ? t->dist->world_size : 1, rank = t->dist ? t->dist->world_rank : 0;
     moe_model_zero_grads(m);
     moe_model_args args = moe_model_args_default();
     args.training = 1;
@@ -164,7 +233,8 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     const moe_model_config *mc = moe_model_get_config(m);
     memset(t->dropped, 0, sizeof(int64_t) * (size_t)mc->n_layers);
     memset(t->routed, 0, sizeof(int64_t) * (size_t)mc->n_layers);
-    for (int mb = 0; mb < n_micro; mb++) {
+    /* rank r runs micro-batches [r n/W, (r+1) n/W) of the global batch */
+    for (int mb = rank * (n_micro / W); mb < (rank + 1) * (n_micro / W); mb++) {
         uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 2, (uint64_t)t->step, (uint64_t)mb);
         moe_tokens_batch(t->train, B, S, c->seed, stream, t->tok, t->tgt);
         moe_model_loss L;
@@ -181,12 +251,28 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
         s.z += L.z / n_micro;
         s.tokens += (int64_t)B * S;
     }
+    if (t->dist) {
+        moe_dist *d = t->dist;
+        double v[4] = {s.nll, s.aux, s.z, (double)s.tokens};
+        MOE_TRY(moe_comm_sum_f64(d->world, v, 4));
+        s.nll = v[0], s.aux = v[1], s.z = v[2], s.tokens = (int64_t)v[3];
+        MOE_TRY(moe_comm_sum_i64(d->world, t->dropped, (size_t)mc->n_layers));
+        MOE_TRY(moe_comm_sum_i64(d->world, t->routed, (size_t)mc->n_layers));
+        for (int l = 0; l < mc->n_layers; l++) { /* balancing counts of the global batch */
+            moe_layer *ml = moe_model_moe_layer(m, l);
+            if (!ml) continue;
+            MOE_TRY(moe_comm_sum_i64(d->world, moe_layer_accum_counts(ml),
+                                     (size_t)moe_model_layer_experts(mc, l)));
+            MOE_TRY(moe_comm_sum_i64(d->world, moe_layer_accum_tokens(ml), 1));
+        }
+        MOE_TRY(reduce_grads(t));
+    }
     s.loss = s.nll + s.aux + s.z;
     size_t n = moe_model_param_count(m);
     float *p = moe_model_params(m), *g = moe_model_grads(m);
     inject_faults(t, t->step + 1, &s, g);
-    double ss = 0;
-    for (size_t i = 0; i < n; i++) ss += (double)g[i] * g[i];
+    double ss;
+    MOE_TRY(grad_sumsq(t, &ss));
     s.grad_norm = sqrt(ss);
     s.lr = moe_train_lr(c, t->step);
     if (!isfinite(s.grad_norm) || !isfinite(s.loss)) {
@@ -240,13 +326,17 @@ moe_status moe_trainer_eval(moe_trainer *t, double *val_nll) {
     moe_model_args args = moe_model_args_default();
     args.training = 0;
     double sum = 0;
-    for (int i = 0; i < t->cfg.eval_iters; i++) {
+    int W = t->dist ? t->dist->world_size : 1, rank = t->dist ? t->dist->world_rank : 0;
+    /* rank r evaluates batches r, r + W, ...; every rank runs as many forwards (expert
+     * parallelism exchanges rows in each), the surplus ones uncounted */
+    for (int i = rank; i < t->cfg.eval_iters + W - 1 - (t->cfg.eval_iters - 1) % W; i += W) {
         uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 3, (uint64_t)i, 0);
         moe_tokens_batch(data, t->cfg.micro_batch, t->S, t->cfg.seed, stream, t->tok, t->tgt);
         moe_model_loss L;
         MOE_TRY(moe_model_forward(t->model, t->tok, t->tgt, t->cfg.micro_batch, t->S, &args, &L));
-        sum += L.nll;
+        if (i < t->cfg.eval_iters) sum += L.nll;
     }
+    if (t->dist) MOE_TRY(moe_comm_sum_f64(t->dist->world, &sum, 1));
     *val_nll = sum / t->cfg.eval_iters;
     return MOE_OK;
 }

@@ -3,6 +3,7 @@
 #ifndef MOE_TRAIN_TRAINER_H
 #define MOE_TRAIN_TRAINER_H
 
+#include "dist/comm.h"
 #include "io/data.h"
 #include "moe.h"
 
@@ -30,6 +31,10 @@ void moe_trainer_destroy(moe_trainer *t);
  * on); the max_bad_steps-th skipped step in a row returns MOE_ERR_STATE, with m filled and the
  * model and optimizer state still those of the last good step. */
 moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *m);
+/* Data and expert parallelism over the ranks of d (NULL or one rank: none): rank r runs its
+ * share of the global batch's micro-batches; gradients are summed over the ranks holding the
+ * same parameters; losses, counts and the gradient norm are those of the global batch. */
+moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d);
 /* Fault injection for tests: "KIND@STEP" or "KIND@FIRST-LAST", comma-separated, KIND one of
  * nan-loss, inf-loss, nan-grad, inf-grad (a NaN/Inf written into the loss or into one
  * gradient element of those steps, 1-based). "" clears. */
@@ -60,6 +65,9 @@ moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap);
 moe_status moe_checkpoint_config(const char *ckpt, char **config_text);
 /* Loads parameters (by name, shapes checked) and, if t is not NULL, the trainer state. */
 moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t);
+
+/* The process grid the trainer runs on (NULL: one process). */
+moe_dist *moe_trainer_dist(const moe_trainer *t);
 
 /* Trainer state for checkpoints. */
 float *moe_trainer_adam_m(moe_trainer *t); /* [n_params] */

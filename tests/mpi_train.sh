@@ -1,0 +1,117 @@
+#!/bin/sh
+# Training across processes (mpirun --oversubscribe): the loss curve of 4 ranks (expert
+# parallel 2 x data parallel 2, and expert parallel 4) against one process; checkpoints saved
+# with ep = 4 resumed with ep = 1 and ep = 2 and back, exactly; a killed rank stops the others.
+moe=$1; src=$2; mpirun=$3
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+run() { # run NP OUT args...: moe train on NP ranks, output in OUT
+  np=$1; out=$2; shift 2
+  if [ "$np" = 1 ]; then "$moe" train "$@" >"$out" 2>&1
+  else $mpirun --oversubscribe --allow-run-as-root --bind-to none -np "$np" "$moe" train "$@" >"$out" 2>&1
+  fi || { tail -20 "$out"; fail "moe train on $np ranks ($*)"; }
+}
+losses() { sed -n 's/^.*step \([0-9]*\)\/[0-9]* | loss \([0-9.]*\) | nll \([0-9.]*\) aux \([0-9.e-]*\) .*gnorm \([0-9.]*\).*$/\1 \2 \3 \4 \5/p' "$1"; }
+# tensors NAME DIR: every tensor of the checkpoint DIR (one file or shards) by name -> sha256
+tensors() {
+  /usr/bin/python3 - "$2" >"$tmp/$1.sum" <<'EOF' || fail "reading $2"
+import glob, hashlib, json, os, struct, sys
+out = {}
+for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.safetensors"))):
+    b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n]); h.pop("__metadata__", None)
+    for k, v in h.items():
+        assert k not in out, k
+        out[k] = hashlib.sha256(b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]).hexdigest()
+for k in sorted(out): print(k, out[k])
+EOF
+}
+"$moe" prepare --out "$tmp/data" --val-fraction 0.2 "$src/README.md" "$src/docs" >/dev/null ||
+  fail "prepare"
+tiny="--num-layers 3 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 8
+  --moe-router-topk 2 --moe-ffn-hidden-size 16 --ffn-hidden-size 32 --first-k-dense 1
+  --seq-length 32 --micro-batch-size 2 --global-batch-size 8 --eval-interval 10 --eval-iters 4
+  --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 --moe-shared-expert-intermediate-size 8
+  --moe-router-enable-expert-bias --moe-router-score-function sigmoid --lr 3e-3
+  --lr-warmup-iters 3 --log-interval 1 --data-path $tmp/data"
+
+# 1. 20 steps: one process, 4 ranks (ep 2 x dp 2), 4 ranks (ep 4): the same losses
+# shellcheck disable=SC2086
+run 1 "$tmp/one" $tiny --train-iters 20
+# shellcheck disable=SC2086
+run 4 "$tmp/ep2" $tiny --train-iters 20 --expert-model-parallel-size 2
+# shellcheck disable=SC2086
+run 4 "$tmp/ep4" $tiny --train-iters 20 --expert-model-parallel-size 4
+losses "$tmp/one" >"$tmp/one.l"
+[ "$(wc -l <"$tmp/one.l")" = 20 ] || fail "20 loss lines expected: $(cat "$tmp/one.l")"
+for r in ep2 ep4; do
+  losses "$tmp/$r" >"$tmp/$r.l"
+  /usr/bin/python3 - "$tmp/one.l" "$tmp/$r.l" <<'EOF' || fail "$r: the loss curve differs from one process"
+import sys
+a = [list(map(float, l.split())) for l in open(sys.argv[1])]
+b = [list(map(float, l.split())) for l in open(sys.argv[2])]
+assert len(a) == len(b) == 20, (len(a), len(b))
+worst = max(abs(x - y) / max(1e-3, abs(x)) for ra, rb in zip(a, b) for x, y in zip(ra[1:], rb[1:]))
+print("max relative difference of loss, nll, aux, gnorm over 20 steps: %.2e" % worst)
+sys.exit(0 if worst < 2e-3 else 1)
+EOF
+done
+grep -q "4 processes: expert parallel 2 x expert-data parallel 2" "$tmp/ep2" || fail "grid line"
+
+# 2. resharding: saved with ep = 4, re-saved by 1 process, by 2 ranks (ep 2), by 4 (ep 4):
+#    every tensor (parameters, Adam moments, expert biases) is the same in every layout
+# shellcheck disable=SC2086
+run 4 "$tmp/out" $tiny --train-iters 6 --expert-model-parallel-size 4 --save "$tmp/a"
+[ -f "$tmp/a/step-00000006/model.safetensors.index.json" ] || fail "no index for 4 shards"
+# shellcheck disable=SC2086
+run 1 "$tmp/out" $tiny --train-iters 6 --load "$tmp/a" --save "$tmp/b"
+[ -f "$tmp/b/step-00000006/model.safetensors" ] || fail "one process writes one file"
+# shellcheck disable=SC2086
+run 2 "$tmp/out" $tiny --train-iters 6 --load "$tmp/b" --save "$tmp/c" --expert-model-parallel-size 2
+# shellcheck disable=SC2086
+run 4 "$tmp/out" $tiny --train-iters 6 --load "$tmp/c" --save "$tmp/d" --expert-model-parallel-size 4
+for r in a b c d; do tensors "$r" "$tmp/$r/step-00000006"; done
+[ "$(wc -l <"$tmp/a.sum")" -gt 50 ] || fail "too few tensors: $(wc -l <"$tmp/a.sum")"
+for r in b c d; do cmp -s "$tmp/a.sum" "$tmp/$r.sum" || { diff "$tmp/a.sum" "$tmp/$r.sum" | head -5; fail "layout $r differs"; }; done
+# and training resumed in another layout continues the same curve: 6 of 12 steps with ep 4,
+# then the other 6 in one process, against 12 in one process
+# shellcheck disable=SC2086
+run 4 "$tmp/out" $tiny --train-iters 12 --exit-interval 6 --expert-model-parallel-size 4 --save "$tmp/e"
+# shellcheck disable=SC2086
+run 1 "$tmp/out" $tiny --train-iters 12 --load "$tmp/e" --save "$tmp/e"
+# shellcheck disable=SC2086
+run 1 "$tmp/one12" $tiny --train-iters 12
+losses "$tmp/out" | tail -1 >"$tmp/x.l"
+losses "$tmp/one12" | tail -1 >"$tmp/y.l"
+/usr/bin/python3 -c "
+import sys
+a = list(map(float, open('$tmp/x.l').read().split())); b = list(map(float, open('$tmp/y.l').read().split()))
+sys.exit(0 if a[0] == b[0] == 12 and abs(a[1] - b[1]) < 2e-3 * abs(b[1]) else 1)" ||
+  fail "resumed in another layout: $(cat "$tmp/x.l") against $(cat "$tmp/y.l")"
+
+# 3. bad grids and a killed rank: a clear error, never a hang
+# shellcheck disable=SC2086
+$mpirun --oversubscribe --allow-run-as-root -np 3 "$moe" train $tiny --expert-model-parallel-size 2 >"$tmp/out" 2>&1 &&
+  fail "ep 2 on 3 ranks accepted"
+grep -q "expert-model-parallel-size 2 does not divide the 3 processes" "$tmp/out" || fail "grid message: $(tail -3 "$tmp/out")"
+# shellcheck disable=SC2086
+$mpirun --oversubscribe --allow-run-as-root -np 2 "$moe" generate --load "$tmp/b" >"$tmp/out" 2>&1 &&
+  fail "generate under mpirun accepted"
+grep -q "runs in one process" "$tmp/out" || fail "one-process message"
+# shellcheck disable=SC2086
+$mpirun --oversubscribe --allow-run-as-root --bind-to none -np 4 "$moe" train $tiny --train-iters 100000 \
+  --expert-model-parallel-size 2 --log-interval 1000 >"$tmp/out" 2>&1 &
+mpid=$!
+i=0
+while [ $i -lt 100 ] && ! grep -q "moe train: 3 layers" "$tmp/out"; do sleep 0.1; i=$((i + 1)); done
+sleep 1
+victim=$(pgrep -f "^$moe train" | tail -1) # a rank, not mpirun
+[ -n "$victim" ] || fail "no rank to kill"
+start=$(date +%s)
+kill -9 "$victim"
+i=0
+while kill -0 $mpid 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+kill -0 $mpid 2>/dev/null && { kill -9 $mpid; fail "the other ranks still run 30 s after a rank was killed"; }
+wait $mpid; rc=$?
+[ "$rc" != 0 ] || fail "mpirun exited 0 after a rank was killed"
+echo "mpi_train: ok (killed rank: mpirun exited $rc after $(( $(date +%s) - start )) s)"
