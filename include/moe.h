@@ -152,6 +152,8 @@ typedef struct {
      * holds experts [ep_rank E/ep_size, (ep_rank+1) E/ep_size) and exchanges token rows with
      * the other ranks of its expert group (moe_layer_set_comms). */
     int ep_size, ep_rank;
+    int ep_replicated;      /* every rank of the group holds the same tokens: each computes its
+                               experts' rows and the outputs are summed (all-reduce) */
 } moe_layer_config;
 
 moe_layer_config moe_layer_config_default(void);

@@ -1,4 +1,5 @@
-/* Expert parallelism against one process: run with mpirun -np W (argument: ep). Every rank
+/* Expert parallelism against one process: run with mpirun -np W (arguments: ep, and
+ * "replicated" for the replicated-token mode, where every rank holds the whole batch). Every rank
  * builds the same global batch and the same full parameters, runs the single-process layer on
  * the whole batch, and the expert-parallel layer on its slice of the tokens with its slice of
  * the experts; outputs and input gradients must match row for row, parameter gradients after
@@ -81,6 +82,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     int ep = argc > 1 ? atoi(argv[1]) : d.world_size;
+    int replicated = argc > 2 && !strcmp(argv[2], "replicated");
     if (moe_dist_grid(&d, ep) != MOE_OK) {
         fprintf(stderr, "%s\n", moe_last_error());
         moe_dist_abort(&d, 1);
@@ -90,7 +92,11 @@ int main(int argc, char **argv) {
                                {"capacity probs", cap_probs}, {"dynamic capacity", cap_dynamic},
                                {"global aux, z, shared", balancing}, {"sigmoid groups bias", deepseek},
                                {"idle ranks", idle_ranks},   {"bf16 experts", bf16}};
-    int W = d.world_size, Tl = 24, Tg = W * Tl;
+    /* replicated: the data-parallel ranks are the expert-data groups; each rank of an expert
+     * group holds its group's whole slice */
+    int W = replicated ? d.edp : d.world_size, Tl = 24, Tg = W * Tl;
+    int my = replicated ? d.edp_rank : d.world_rank;
+    moe_comm *data = replicated ? d.expert_data : d.world;
     for (size_t si = 0; si < sizeof sets / sizeof *sets; si++) {
         moe_layer_config c = moe_layer_config_default();
         c.d = 16;
@@ -104,6 +110,7 @@ int main(int argc, char **argv) {
         moe_layer_config ce = c;
         ce.ep_size = ep;
         ce.ep_rank = d.ep_rank;
+        ce.ep_replicated = replicated;
         if (moe_layer_create(&c, Tg, NULL, NULL, &ref) != MOE_OK ||
             moe_layer_create(&ce, Tl, NULL, NULL, &L) != MOE_OK) {
             printf("%s: %s\n", sets[si].name, moe_last_error());
@@ -130,7 +137,7 @@ int main(int argc, char **argv) {
             float *b0 = moe_layer_expert_bias(ref), *b1 = moe_layer_expert_bias(L);
             for (int e = 0; e < c.n_experts; e++) b0[e] = b1[e] = 0.05f * (float)(e % 3);
         }
-        moe_layer_set_comms(L, d.expert, d.world);
+        moe_layer_set_comms(L, d.expert, data);
         float *x = rnd((size_t)Tg * dd, seed, 1, 1.0f), *dout = rnd((size_t)Tg * dd, seed, 2, 1.0f);
         float *out = calloc((size_t)Tg * dd, 4), *dx = calloc((size_t)Tg * dd, 4);
         float *out_l = calloc((size_t)Tl * dd, 4), *dx_l = calloc((size_t)Tl * dd, 4);
@@ -138,7 +145,7 @@ int main(int argc, char **argv) {
         a.training = 1;
         moe_forward_args al = a;
         al.loss_scale = 1.0f / W; /* each rank's losses are means over its own tokens */
-        size_t mine = (size_t)d.world_rank * Tl * dd;
+        size_t mine = (size_t)my * Tl * dd;
         int ok = moe_layer_forward(ref, out, x, Tg, &a) == MOE_OK &&
                  moe_layer_backward(ref, dx, dout, x) == MOE_OK &&
                  moe_layer_forward(L, out_l, x + mine, Tl, &al) == MOE_OK &&
@@ -152,7 +159,7 @@ int main(int argc, char **argv) {
         check(&d, sets[si].name, "input gradient", dx_l, dx + mine, (size_t)Tl * dd, tol);
         /* parameter gradients: dense ones summed over every rank, experts over their replicas */
         moe_layer_params gr = moe_layer_get_grads(ref), gl = moe_layer_get_grads(L);
-        moe_comm_sum_f32(d.world, gl.router_w, (size_t)c.n_experts * dd);
+        moe_comm_sum_f32(data, gl.router_w, (size_t)c.n_experts * dd);
         check(&d, sets[si].name, "router gradient", gl.router_w, gr.router_w,
               (size_t)c.n_experts * dd, tol);
         moe_comm_sum_f32(d.expert_data, gl.w_in, El * per_in);
@@ -162,7 +169,7 @@ int main(int argc, char **argv) {
         check(&d, sets[si].name, "expert w_out gradient", gl.w_out, gr.w_out + off * per_out,
               El * per_out, tol);
         if (c.shared_ffn) {
-            moe_comm_sum_f32(d.world, gl.shared_w_in, 2 * (size_t)c.shared_ffn * dd);
+            moe_comm_sum_f32(data, gl.shared_w_in, 2 * (size_t)c.shared_ffn * dd);
             check(&d, sets[si].name, "shared w_in gradient", gl.shared_w_in, gr.shared_w_in,
                   2 * (size_t)c.shared_ffn * dd, tol);
         }
@@ -170,8 +177,8 @@ int main(int argc, char **argv) {
         const moe_layer_stats *sr = moe_layer_get_stats(ref), *sl = moe_layer_get_stats(L);
         int64_t dropped = sl->dropped;
         double losses[2] = {sl->aux_loss / W, sl->z_loss / W};
-        moe_comm_sum_i64(d.world, &dropped, 1);
-        moe_comm_sum_f64(d.world, losses, 2);
+        moe_comm_sum_i64(data, &dropped, 1);
+        moe_comm_sum_f64(data, losses, 2);
         if (dropped != sr->dropped || sl->capacity != sr->capacity) {
             printf("rank %d: %s: dropped %lld, capacity %d; one process: %lld, %d\n", d.world_rank,
                    sets[si].name, (long long)dropped, sl->capacity, (long long)sr->dropped,
@@ -185,8 +192,8 @@ int main(int argc, char **argv) {
             failures++;
         }
         if (d.world_rank == 0)
-            printf("%-24s ep=%d of %d ranks: dropped %lld of %lld, capacity %d\n", sets[si].name,
-                   ep, W, (long long)sr->dropped, (long long)sr->routed, sr->capacity);
+            printf("%-24s ep=%d of %d ranks%s: dropped %lld of %lld, capacity %d\n", sets[si].name,
+                   ep, d.world_size, replicated ? ", replicated tokens" : "", (long long)sr->dropped, (long long)sr->routed, sr->capacity);
         free(x), free(dout), free(out), free(dx), free(out_l), free(dx_l);
         moe_layer_destroy(ref);
         moe_layer_destroy(L);

@@ -35,16 +35,19 @@ tiny="--num-layers 3 --hidden-size 32 --num-attention-heads 4 --num-query-groups
   --moe-router-enable-expert-bias --moe-router-score-function sigmoid --lr 3e-3
   --lr-warmup-iters 3 --log-interval 1 --data-path $tmp/data"
 
-# 1. 20 steps: one process, 4 ranks (ep 2 x dp 2), 4 ranks (ep 4): the same losses
+# 1. 20 steps: one process, 4 ranks (ep 2 x dp 2), 4 ranks (ep 4), 4 ranks (ep 2 with
+#    replicated tokens, data parallel over the 2 expert-data groups): the same losses
 # shellcheck disable=SC2086
 run 1 "$tmp/one" $tiny --train-iters 20
 # shellcheck disable=SC2086
 run 4 "$tmp/ep2" $tiny --train-iters 20 --expert-model-parallel-size 2
 # shellcheck disable=SC2086
 run 4 "$tmp/ep4" $tiny --train-iters 20 --expert-model-parallel-size 4
+# shellcheck disable=SC2086
+run 4 "$tmp/ep2r" $tiny --train-iters 20 --expert-model-parallel-size 2 --moe-token-dispatcher-type allgather
 losses "$tmp/one" >"$tmp/one.l"
 [ "$(wc -l <"$tmp/one.l")" = 20 ] || fail "20 loss lines expected: $(cat "$tmp/one.l")"
-for r in ep2 ep4; do
+for r in ep2 ep4 ep2r; do
   losses "$tmp/$r" >"$tmp/$r.l"
   /usr/bin/python3 - "$tmp/one.l" "$tmp/$r.l" <<'EOF' || fail "$r: the loss curve differs from one process"
 import sys
@@ -104,8 +107,9 @@ $mpirun --oversubscribe --allow-run-as-root --bind-to none -np 4 "$moe" train $t
 mpid=$!
 i=0
 while [ $i -lt 100 ] && ! grep -q "moe train: 3 layers" "$tmp/out"; do sleep 0.1; i=$((i + 1)); done
+grep -q "moe train: 3 layers" "$tmp/out" || fail "4-rank training did not start: $(tail -3 "$tmp/out")"
 sleep 1
-victim=$(pgrep -f "^$moe train" | tail -1) # a rank, not mpirun
+victim=$(pgrep -P "$mpid" | tail -1) # a rank of this mpirun, not mpirun itself
 [ -n "$victim" ] || fail "no rank to kill"
 start=$(date +%s)
 kill -9 "$victim"

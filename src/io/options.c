@@ -55,6 +55,8 @@ static const opt_choice score_choices[] = {{"softmax", MOE_SCORE_SOFTMAX},
                                            {"sigmoid", MOE_SCORE_SIGMOID},
                                            {"sqrtsoftplus", MOE_SCORE_SQRTSOFTPLUS},
                                            {NULL, 0}};
+static const opt_choice dispatcher_choices[] = {
+    {"alltoall", 0}, {"allgather", 1}, {NULL, 0}};
 static const opt_choice norm_choices[] = {
     {"auto", MOE_NORM_AUTO}, {"false", MOE_NORM_OFF}, {"true", MOE_NORM_ON}, {NULL, 0}};
 static const opt_choice lb_choices[] = {{"aux_loss", MOE_LB_AUX},
@@ -153,6 +155,10 @@ static const opt_def opts[] = {
      "expert activation (swiglu and geglu are gated: W_in has 2f rows)", 0},
     {"moe-expert-linear-bias", "add-bias-linear", OPT_BOOL, L(expert_bias), 0, 1, NULL, EXPERTS,
      "bias vectors in the expert and shared-expert linear layers", 0},
+    {"moe-token-dispatcher-type", NULL, OPT_ENUM, L(ep_replicated), 0, 0, dispatcher_choices,
+     RUN, "with expert-model-parallel-size > 1: alltoall (each rank its own tokens, rows sent to "
+     "the experts' ranks) or allgather (the ranks of an expert group share one batch, each "
+     "computes its experts, outputs summed)", 1},
     {"moe-expert-bf16", NULL, OPT_BOOL, L(expert_bf16), 0, 1, NULL, EXPERTS,
      "expert GEMMs in bf16 with fp32 accumulation (AVX512-BF16 through oneDNN; fp32 master "
      "weights)", 0},

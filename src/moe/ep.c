@@ -28,6 +28,7 @@ struct moe_ep_buffers {
     int32_t *g_expert, *g_scratch;
     float *g_w;
     uint8_t *g_kept;
+    float *dxp;                  /* [max_tokens, d] replicated mode: the experts' part of dx */
 };
 
 void moe_ep_free(moe_layer *L) {
@@ -35,7 +36,8 @@ void moe_ep_free(moe_layer *L) {
     if (!b) return;
     void *ptrs[] = {b->scnt, b->rcnt, b->sc, b->sd, b->rc, b->rd, b->eoff, b->perm, b->rx, b->rw,
                     b->xe, b->he, b->ae, b->ye, b->dhe, b->dae, b->we, b->rdw, b->dwe, b->x16,
-                    b->a16, b->dy16, b->dh16, b->g_expert, b->g_scratch, b->g_w, b->g_kept};
+                    b->a16, b->dy16, b->dh16, b->g_expert, b->g_scratch, b->g_w, b->g_kept,
+                    b->dxp};
     for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++) moe_free(ptrs[i]);
     free(b);
     L->ep = NULL;
@@ -142,8 +144,103 @@ static void expert_bf16_ptrs(moe_layer *L, int le, int o, moe_mlp_bf16 *m) {
     m->dh = b->dh16 + (size_t)o * gf;
 }
 
+/* Replicated tokens (every rank of the expert group holds the same batch): each rank computes
+ * the rows of its experts in place, the combined outputs are summed over the group. */
+static void replicated_forward(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int d = c->d, f = c->ffn, El = c->n_experts / c->ep_size, e0 = c->ep_rank * El;
+    size_t gf = gf_of(c);
+    int lo = st->expert_off[e0], hi = st->expert_off[e0 + El];
+    double t0 = moe_time_now(), t_act = 0;
+    moe_fwd_state local = *st; /* gather only this rank's rows */
+    local.row_slot = st->row_slot + lo;
+    moe_gather_rows(&local, st->xp + (size_t)lo * d, st->xin_orig, hi - lo, d);
+    if (c->expert_bf16) {
+        moe_f32_to_bf16(L->p.w_in, st->w_in16, (size_t)El * gf * d);
+        moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)El * d * f);
+    }
+    double t1 = moe_time_now();
+    for (int le = 0; le < El; le++) {
+        int o = st->expert_off[e0 + le], n = st->expert_off[e0 + le + 1] - o;
+        moe_mlp_bf16 m = {st->w_in16 + (size_t)le * gf * d, st->w_out16 + (size_t)le * d * f,
+                          st->x16 + (size_t)o * d, st->a16 + (size_t)o * f,
+                          st->dy16 + (size_t)o * d, st->dh16 + (size_t)o * gf};
+        moe_mlp_forward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)le * gf * d,
+                        L->p.b_in ? L->p.b_in + (size_t)le * gf : NULL,
+                        L->p.w_out + (size_t)le * d * f,
+                        L->p.b_out ? L->p.b_out + (size_t)le * d : NULL, st->row_w + o,
+                        st->h + (size_t)o * gf, st->a + (size_t)o * f, st->y + (size_t)o * d,
+                        &t_act, c->expert_bf16 ? &m : NULL);
+    }
+    double t2 = moe_time_now();
+    memset(st->y, 0, sizeof(float) * (size_t)lo * d);
+    memset(st->y + (size_t)hi * d, 0, sizeof(float) * (size_t)(st->n_rows - hi) * d);
+    moe_combine_rows(st, st->y, d);
+    fail(L, moe_comm_sum_f32(L->ep_comm, st->r, (size_t)st->T * d));
+    L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0;
+    L->stage_s[MOE_STAGE_EXPERT_GEMM] += t2 - t1 - t_act;
+    L->stage_s[MOE_STAGE_ACTIVATION] += t_act;
+    L->stage_s[MOE_STAGE_COMBINE] += moe_time_now() - t2;
+}
+
+static void replicated_backward(moe_layer *L, float *dx) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int d = c->d, f = c->ffn, El = c->n_experts / c->ep_size, e0 = c->ep_rank * El, T = st->T;
+    size_t gf = gf_of(c);
+    int lo = st->expert_off[e0], hi = st->expert_off[e0 + El];
+    double t0 = moe_time_now(), t_act = 0;
+    if (fail(L, ensure(L))) return;
+    struct moe_ep_buffers *b = L->ep;
+    if (!b->dxp && !(b->dxp = moe_alloc((size_t)L->max_tokens * d, sizeof(float)))) {
+        fail(L, MOE_ERR_NOMEM);
+        return;
+    }
+    moe_fwd_state local = *st;
+    local.row_slot = st->row_slot + lo;
+    moe_gather_rows(&local, st->y + (size_t)lo * d, st->dr, hi - lo, d);
+    double t1 = moe_time_now();
+    for (int le = 0; le < El; le++) {
+        int o = st->expert_off[e0 + le], n = st->expert_off[e0 + le + 1] - o;
+        moe_mlp_bf16 m = {st->w_in16 + (size_t)le * gf * d, st->w_out16 + (size_t)le * d * f,
+                          st->x16 + (size_t)o * d, st->a16 + (size_t)o * f,
+                          st->dy16 + (size_t)o * d, st->dh16 + (size_t)o * gf};
+        moe_mlp_backward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)le * gf * d,
+                         L->p.w_out + (size_t)le * d * f,
+                         L->p.b_out ? L->p.b_out + (size_t)le * d : NULL, st->row_w + o,
+                         st->h + (size_t)o * gf, st->a + (size_t)o * f, st->y + (size_t)o * d,
+                         st->xp + (size_t)o * d, L->g.w_in + (size_t)le * gf * d,
+                         L->g.b_in ? L->g.b_in + (size_t)le * gf : NULL,
+                         L->g.w_out + (size_t)le * d * f,
+                         L->g.b_out ? L->g.b_out + (size_t)le * d : NULL, st->dw_row + o,
+                         st->dh + (size_t)o * gf, st->da + (size_t)o * f, &t_act,
+                         c->expert_bf16 ? &m : NULL);
+    }
+    double t2 = moe_time_now();
+    /* the other ranks' rows contribute nothing here; the sums over the group complete them */
+    memset(st->xp, 0, sizeof(float) * (size_t)lo * d);
+    memset(st->xp + (size_t)hi * d, 0, sizeof(float) * (size_t)(st->n_rows - hi) * d);
+    for (int r = 0; r < st->n_rows; r++)
+        if (r < lo || r >= hi) st->dw_row[r] = 0;
+    memset(b->dxp, 0, sizeof(float) * (size_t)T * d);
+    moe_scatter_rows(st, st->xp, b->dxp, d);
+    if (fail(L, moe_comm_sum_f32(L->ep_comm, b->dxp, (size_t)T * d)) ||
+        fail(L, moe_comm_sum_f64(L->ep_comm, st->dw, (size_t)st->n_slots)))
+        return;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < (size_t)T * d; i++) dx[i] += b->dxp[i];
+    L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2);
+    L->stage_s[MOE_STAGE_BWD_EXPERT_GEMM] += t2 - t1 - t_act;
+    L->stage_s[MOE_STAGE_BWD_ACTIVATION] += t_act;
+}
+
 void moe_ep_forward(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
+    if (c->ep_replicated) {
+        replicated_forward(L);
+        return;
+    }
     moe_fwd_state *st = &L->st;
     int d = c->d, f = c->ffn, E = c->n_experts, P = c->ep_size, El = E / P, R = st->n_rows;
     size_t gf = gf_of(c);
@@ -208,6 +305,10 @@ void moe_ep_forward(moe_layer *L) {
 
 void moe_ep_backward(moe_layer *L, float *dx) {
     const moe_layer_config *c = &L->cfg;
+    if (c->ep_replicated) {
+        replicated_backward(L, dx);
+        return;
+    }
     moe_fwd_state *st = &L->st;
     struct moe_ep_buffers *b = L->ep;
     int d = c->d, f = c->ffn, El = c->n_experts / c->ep_size, R = st->n_rows;

@@ -155,12 +155,32 @@ void moe_trainer_destroy(moe_trainer *t) {
 int moe_trainer_steps_done(const moe_trainer *t) { return t->step; }
 moe_dist *moe_trainer_dist(const moe_trainer *t) { return t->dist; }
 
+/* The data-parallel group: every rank, or with replicated tokens (the expert group shares one
+ * batch) the expert-data-parallel group. */
+static int replicated(const moe_trainer *t) {
+    return moe_model_get_config(t->model)->moe.ep_replicated && t->dist->ep > 1;
+}
+static moe_comm *data_comm(const moe_trainer *t) {
+    return replicated(t) ? t->dist->expert_data : t->dist->world;
+}
+static int data_size(const moe_trainer *t) {
+    return !t->dist ? 1 : replicated(t) ? t->dist->edp : t->dist->world_size;
+}
+static int data_rank(const moe_trainer *t) {
+    return !t->dist ? 0 : replicated(t) ? t->dist->edp_rank : t->dist->world_rank;
+}
+
 moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d) {
     const moe_train_config *c = &t->cfg;
-    int W = d ? d->world_size : 1;
+    int W = 1;
+    if (d && d->world_size > 1) {
+        t->dist = d;
+        W = data_size(t);
+    }
+    t->dist = NULL;
     MOE_CHECK(c->global_batch % (c->micro_batch * W) == 0,
               "global-batch-size (%d) must be a multiple of micro-batch-size (%d) times the %d "
-              "processes", c->global_batch, c->micro_batch, W);
+              "data-parallel processes", c->global_batch, c->micro_batch, W);
     t->dist = d && d->world_size > 1 ? d : NULL;
     return MOE_OK;
 }
@@ -191,7 +211,7 @@ static moe_status reduce_grads(moe_trainer *t) {
             n_req = 0;
         }
         if (st == MOE_OK)
-            st = moe_comm_isum_f32(a->expert ? d->expert_data : d->world, g + a->offset, len,
+            st = moe_comm_isum_f32(a->expert ? d->expert_data : data_comm(t), g + a->offset, len,
                                    &req[n_req++]);
         i = j;
     }
@@ -223,7 +243,7 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     const moe_train_config *c = &t->cfg;
     moe_model *m = t->model;
     int B = c->micro_batch, S = t->S, n_micro = c->global_batch / c->micro_batch;
-    int W = t->dist ? t->dist->world_size : 1, rank = t->dist ? t->dist->world_rank : 0;
+    int W = data_size(t), rank = data_rank(t);
     moe_model_zero_grads(m);
     moe_model_args args = moe_model_args_default();
     args.training = 1;
@@ -252,18 +272,17 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
         s.tokens += (int64_t)B * S;
     }
     if (t->dist) {
-        moe_dist *d = t->dist;
         double v[4] = {s.nll, s.aux, s.z, (double)s.tokens};
-        MOE_TRY(moe_comm_sum_f64(d->world, v, 4));
+        MOE_TRY(moe_comm_sum_f64(data_comm(t), v, 4));
         s.nll = v[0], s.aux = v[1], s.z = v[2], s.tokens = (int64_t)v[3];
-        MOE_TRY(moe_comm_sum_i64(d->world, t->dropped, (size_t)mc->n_layers));
-        MOE_TRY(moe_comm_sum_i64(d->world, t->routed, (size_t)mc->n_layers));
+        MOE_TRY(moe_comm_sum_i64(data_comm(t), t->dropped, (size_t)mc->n_layers));
+        MOE_TRY(moe_comm_sum_i64(data_comm(t), t->routed, (size_t)mc->n_layers));
         for (int l = 0; l < mc->n_layers; l++) { /* balancing counts of the global batch */
             moe_layer *ml = moe_model_moe_layer(m, l);
             if (!ml) continue;
-            MOE_TRY(moe_comm_sum_i64(d->world, moe_layer_accum_counts(ml),
+            MOE_TRY(moe_comm_sum_i64(data_comm(t), moe_layer_accum_counts(ml),
                                      (size_t)moe_model_layer_experts(mc, l)));
-            MOE_TRY(moe_comm_sum_i64(d->world, moe_layer_accum_tokens(ml), 1));
+            MOE_TRY(moe_comm_sum_i64(data_comm(t), moe_layer_accum_tokens(ml), 1));
         }
         MOE_TRY(reduce_grads(t));
     }
@@ -326,7 +345,7 @@ moe_status moe_trainer_eval(moe_trainer *t, double *val_nll) {
     moe_model_args args = moe_model_args_default();
     args.training = 0;
     double sum = 0;
-    int W = t->dist ? t->dist->world_size : 1, rank = t->dist ? t->dist->world_rank : 0;
+    int W = data_size(t), rank = data_rank(t);
     /* rank r evaluates batches r, r + W, ...; every rank runs as many forwards (expert
      * parallelism exchanges rows in each), the surplus ones uncounted */
     for (int i = rank; i < t->cfg.eval_iters + W - 1 - (t->cfg.eval_iters - 1) % W; i += W) {
@@ -336,7 +355,7 @@ moe_status moe_trainer_eval(moe_trainer *t, double *val_nll) {
         MOE_TRY(moe_model_forward(t->model, t->tok, t->tgt, t->cfg.micro_batch, t->S, &args, &L));
         if (i < t->cfg.eval_iters) sum += L.nll;
     }
-    if (t->dist) MOE_TRY(moe_comm_sum_f64(t->dist->world, &sum, 1));
+    if (t->dist) MOE_TRY(moe_comm_sum_f64(data_comm(t), &sum, 1));
     *val_nll = sum / t->cfg.eval_iters;
     return MOE_OK;
 }
