@@ -66,8 +66,9 @@ static moe_status save_shard(const char *dir, moe_model *m, moe_trainer *t, cons
         moe_layer *ml = moe_model_moe_layer(m, l);
         if (!ml) continue;
         snprintf(names[no], sizeof names[no], "model.layers.%d.mlp.gate.expert_bias", l);
-        o[no++] = (moe_st_entry){names[no - 1], MOE_DT_F32, 1, {moe_model_layer_experts(c, l)},
-                                 moe_layer_expert_bias(ml)};
+        o[no] = (moe_st_entry){names[no], MOE_DT_F32, 1, {moe_model_layer_experts(c, l)},
+                               moe_layer_expert_bias(ml)};
+        no++;
     }
     char stepbuf[32], seed[32], path[4400], file[64];
     snprintf(stepbuf, sizeof stepbuf, "%d", step);
