@@ -1,5 +1,6 @@
 /* Expert parallelism against one process: run with mpirun -np W (arguments: ep, and
- * "replicated" for the replicated-token mode, where every rank holds the whole batch). Every rank
+ * "replicated" for the replicated-token mode, where every rank holds the whole batch, or
+ * "two-stage=G" for the two-stage all-to-all with machines of G ranks). Every rank
  * builds the same global batch and the same full parameters, runs the single-process layer on
  * the whole batch, and the expert-parallel layer on its slice of the tokens with its slice of
  * the experts; outputs and input gradients must match row for row, parameter gradients after
@@ -75,6 +76,46 @@ static void idle_ranks(moe_layer_config *c) { /* experts 0..3 get nothing */
 }
 static void bf16(moe_layer_config *c) { c->expert_bf16 = moe_gemm_bf16_available(); }
 
+/* The all-to-all of the expert group on its own: random sizes (zeros among them), displacements
+ * with gaps and out of rank order; every received byte must be the one its sender wrote. */
+static void check_alltoallv(moe_dist *d, uint64_t seed) {
+    int P = d->ep, me = d->ep_rank;
+    int64_t sc[P], sd[P], rc[P], rd[P], ts = 0, tr = 0;
+    for (int q = 0; q < P; q++) { /* sizes from (me -> q) and (q -> me) */
+        sc[q] = (int64_t)(moe_rng_uniform(seed, 7, (uint64_t)(me * P + q)) * 300) % 97 * 3;
+        rc[q] = (int64_t)(moe_rng_uniform(seed, 7, (uint64_t)(q * P + me)) * 300) % 97 * 3;
+    }
+    for (int i = 0; i < P; i++) { /* blocks in reverse rank order, 5 bytes apart */
+        int q = P - 1 - i;
+        sd[q] = ts, ts += sc[q] + 5;
+        rd[q] = tr, tr += rc[q] + 5;
+    }
+    unsigned char *send = malloc((size_t)ts + 1), *recv = malloc((size_t)tr + 1);
+    for (int q = 0; q < P; q++)
+        for (int64_t i = 0; i < sc[q]; i++) send[sd[q] + i] = (unsigned char)(me * 31 + q * 7 + i);
+    memset(recv, 0xee, (size_t)tr + 1);
+    if (moe_comm_alltoallv(d->expert, send, sc, sd, recv, rc, rd) != MOE_OK) {
+        printf("rank %d: all-to-all: %s\n", d->world_rank, moe_last_error());
+        failures++;
+    }
+    for (int q = 0; q < P; q++)
+        for (int64_t i = 0; i < rc[q]; i++)
+            if (recv[rd[q] + i] != (unsigned char)(q * 31 + me * 7 + i)) {
+                printf("rank %d: all-to-all: byte %lld from rank %d wrong\n", d->world_rank,
+                       (long long)i, q);
+                failures++;
+                break;
+            }
+    for (int q = 0; q < P; q++) /* the gaps untouched */
+        for (int64_t i = rd[q] + rc[q]; i < rd[q] + rc[q] + 5 && i < tr; i++)
+            if (recv[i] != 0xee) {
+                printf("rank %d: all-to-all wrote a gap\n", d->world_rank);
+                failures++;
+                break;
+            }
+    free(send), free(recv);
+}
+
 int main(int argc, char **argv) {
     moe_dist d;
     if (moe_dist_init(&argc, &argv, &d) != MOE_OK) {
@@ -83,11 +124,17 @@ int main(int argc, char **argv) {
     }
     int ep = argc > 1 ? atoi(argv[1]) : d.world_size;
     int replicated = argc > 2 && !strcmp(argv[2], "replicated");
-    if (moe_dist_grid(&d, ep) != MOE_OK) {
+    int node = argc > 2 && !strncmp(argv[2], "two-stage=", 10) ? atoi(argv[2] + 10) : 1;
+    if (moe_dist_grid(&d, ep) != MOE_OK || moe_comm_set_two_stage(d.expert, node) != MOE_OK) {
         fprintf(stderr, "%s\n", moe_last_error());
         moe_dist_abort(&d, 1);
     }
+    if (node > 1 && moe_comm_two_stage(d.expert) != node) {
+        printf("two-stage all-to-all with %d ranks per machine not set up\n", node);
+        failures++;
+    }
     uint64_t seed = 0x5eed0000u + 77;
+    for (int rep = 0; rep < 3; rep++) check_alltoallv(&d, seed + (uint64_t)rep);
     const option_set sets[] = {{"dropless", dropless},     {"capacity position", cap_position},
                                {"capacity probs", cap_probs}, {"dynamic capacity", cap_dynamic},
                                {"global aux, z, shared", balancing}, {"sigmoid groups bias", deepseek},
@@ -192,8 +239,9 @@ int main(int argc, char **argv) {
             failures++;
         }
         if (d.world_rank == 0)
-            printf("%-24s ep=%d of %d ranks%s: dropped %lld of %lld, capacity %d\n", sets[si].name,
-                   ep, d.world_size, replicated ? ", replicated tokens" : "", (long long)sr->dropped, (long long)sr->routed, sr->capacity);
+            printf("%-24s ep=%d of %d ranks%s%s: dropped %lld of %lld, capacity %d\n", sets[si].name,
+                   ep, d.world_size, replicated ? ", replicated tokens" : "",
+                   node > 1 ? ", two-stage all-to-all" : "", (long long)sr->dropped, (long long)sr->routed, sr->capacity);
         free(x), free(dout), free(out), free(dx), free(out_l), free(dx_l);
         moe_layer_destroy(ref);
         moe_layer_destroy(L);

@@ -36,7 +36,8 @@ tiny="--num-layers 3 --hidden-size 32 --num-attention-heads 4 --num-query-groups
   --lr-warmup-iters 3 --log-interval 1 --data-path $tmp/data"
 
 # 1. 20 steps: one process, 4 ranks (ep 2 x dp 2), 4 ranks (ep 4), 4 ranks (ep 2 with
-#    replicated tokens, data parallel over the 2 expert-data groups): the same losses
+#    replicated tokens, data parallel over the 2 expert-data groups), 4 ranks (ep 4 with the
+#    two-stage all-to-all over 2 pretend machines of 2 ranks): the same losses
 # shellcheck disable=SC2086
 run 1 "$tmp/one" $tiny --train-iters 20
 # shellcheck disable=SC2086
@@ -45,9 +46,12 @@ run 4 "$tmp/ep2" $tiny --train-iters 20 --expert-model-parallel-size 2
 run 4 "$tmp/ep4" $tiny --train-iters 20 --expert-model-parallel-size 4
 # shellcheck disable=SC2086
 run 4 "$tmp/ep2r" $tiny --train-iters 20 --expert-model-parallel-size 2 --moe-token-dispatcher-type allgather
+# shellcheck disable=SC2086
+run 4 "$tmp/ep4h" $tiny --train-iters 20 --expert-model-parallel-size 4 --moe-hierarchical-alltoall \
+  --ranks-per-node 2
 losses "$tmp/one" >"$tmp/one.l"
 [ "$(wc -l <"$tmp/one.l")" = 20 ] || fail "20 loss lines expected: $(cat "$tmp/one.l")"
-for r in ep2 ep4 ep2r; do
+for r in ep2 ep4 ep2r ep4h; do
   losses "$tmp/$r" >"$tmp/$r.l"
   /usr/bin/python3 - "$tmp/one.l" "$tmp/$r.l" <<'EOF' || fail "$r: the loss curve differs from one process"
 import sys
@@ -97,6 +101,10 @@ sys.exit(0 if a[0] == b[0] == 12 and abs(a[1] - b[1]) < 2e-3 * abs(b[1]) else 1)
 $mpirun --oversubscribe --allow-run-as-root -np 3 "$moe" train $tiny --expert-model-parallel-size 2 >"$tmp/out" 2>&1 &&
   fail "ep 2 on 3 ranks accepted"
 grep -q "expert-model-parallel-size 2 does not divide the 3 processes" "$tmp/out" || fail "grid message: $(tail -3 "$tmp/out")"
+# shellcheck disable=SC2086
+$mpirun --oversubscribe --allow-run-as-root -np 4 "$moe" train $tiny --expert-model-parallel-size 4 \
+  --moe-hierarchical-alltoall --ranks-per-node 3 >"$tmp/out" 2>&1 && fail "3 ranks per machine of 4 accepted"
+grep -q "3 ranks per machine do not divide the 4 ranks" "$tmp/out" || fail "machine message: $(tail -3 "$tmp/out")"
 # shellcheck disable=SC2086
 $mpirun --oversubscribe --allow-run-as-root -np 2 "$moe" generate --load "$tmp/b" >"$tmp/out" 2>&1 &&
   fail "generate under mpirun accepted"

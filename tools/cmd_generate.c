@@ -194,7 +194,7 @@ int moe_cmd_inspect(int argc, char **argv) {
         print_file(argv[0]);
         return 0;
     }
-    char ckpt[4200], path[4300];
+    char ckpt[4200], path[4200 + 258]; /* room for "/" and a d_name */
     if (moe_checkpoint_resolve(argv[0], ckpt, sizeof ckpt) != MOE_OK) {
         fprintf(stderr, "moe inspect: %s\n", moe_last_error());
         return 1;

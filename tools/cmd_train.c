@@ -231,7 +231,8 @@ int moe_cmd_train(int argc, char **argv) {
     if (o.threads > 0) omp_set_num_threads(o.threads);
     /* processes: the rank grid, the same options and build everywhere, rank 0 prints */
     moe_dist *d = moe_dist_get();
-    if (moe_dist_grid(d, o.ep) != MOE_OK) {
+    if (moe_dist_grid(d, o.ep) != MOE_OK ||
+        moe_comm_set_two_stage(d->expert, o.two_stage ? o.node_ranks : 1) != MOE_OK) {
         fprintf(stderr, "moe train: %s\n", moe_last_error());
         return 2;
     }

@@ -13,6 +13,10 @@
 #include <mpi.h>
 struct moe_comm {
     MPI_Comm c;
+    int node;                    /* two-stage all-to-all: ranks per machine (0: one stage) */
+    MPI_Comm intra, inter;       /* the ranks of this machine; this place on every machine */
+    char *scratch;               /* staging of the two-stage all-to-all, grown as needed */
+    size_t scratch_cap;
 };
 struct moe_comm_req {
     MPI_Request r;
@@ -156,6 +160,85 @@ moe_status moe_comm_alltoall_i64(moe_comm *c, const int64_t *send, int64_t *recv
 #endif
 }
 
+#ifdef MOE_HAVE_MPI
+static moe_status alltoallv_i64(MPI_Comm comm, int size, const void *send, const int64_t *scount,
+                                const int64_t *sdispl, void *recv, const int64_t *rcount,
+                                const int64_t *rdispl) {
+    int sc[size], sd[size], rc[size], rd[size];
+    MOE_TRY(to_int(scount, size, sc, "MPI_Alltoallv"));
+    MOE_TRY(to_int(sdispl, size, sd, "MPI_Alltoallv"));
+    MOE_TRY(to_int(rcount, size, rc, "MPI_Alltoallv"));
+    MOE_TRY(to_int(rdispl, size, rd, "MPI_Alltoallv"));
+    return mpi_check(MPI_Alltoallv(send, sc, sd, MPI_BYTE, recv, rc, rd, MPI_BYTE, comm),
+                     "MPI_Alltoallv");
+}
+
+static void prefix(const int64_t *count, int n, int64_t *displ, int64_t *total) {
+    int64_t o = 0;
+    for (int i = 0; i < n; i++) displ[i] = o, o += count[i];
+    *total = o;
+}
+
+/* Two stages over P = N machines x G ranks, rank (n, g) = n G + g. Stage 1, inside each
+ * machine: rank (n, g) hands its local peer h every block bound for (m, h), any m. Stage 2,
+ * between machines: rank (n, h) sends machine m's rank h the blocks of all (n, g) bound for it.
+ * Each message of stage 2 is G blocks combined, so the inter-machine exchange has P / G times
+ * fewer, larger messages than the flat one. */
+static moe_status alltoallv_two_stage(moe_comm *c, const char *send, const int64_t *scount,
+                                      const int64_t *sdispl, char *recv, const int64_t *rcount,
+                                      const int64_t *rdispl) {
+    int P = moe_comm_size(c), G = c->node, N = P / G;
+    int64_t cs[G * N], cr[G * N]; /* bytes: [h][m] from me to (m, h); [g][m] from (n, g) to (m, me) */
+    for (int h = 0; h < G; h++)
+        for (int m = 0; m < N; m++) cs[h * N + m] = scount[m * G + h];
+    MOE_TRY(mpi_check(MPI_Alltoall(cs, N, MPI_INT64_T, cr, N, MPI_INT64_T, c->intra),
+                      "MPI_Alltoall"));
+    int64_t s1c[G], s1d[G], r1c[G], r1d[G], s2c[N], s2d[N], r2c[N], r2d[N], ts, t1, t2;
+    for (int h = 0; h < G; h++) {
+        s1c[h] = r1c[h] = 0;
+        for (int m = 0; m < N; m++) s1c[h] += cs[h * N + m], r1c[h] += cr[h * N + m];
+    }
+    for (int m = 0; m < N; m++) {
+        s2c[m] = r2c[m] = 0;
+        for (int g = 0; g < G; g++) s2c[m] += cr[g * N + m], r2c[m] += rcount[m * G + g];
+    }
+    prefix(s1c, G, s1d, &ts);
+    prefix(r1c, G, r1d, &t1);
+    prefix(s2c, N, s2d, &t2);
+    int64_t tr = 0;
+    for (int m = 0; m < N; m++) r2d[m] = tr, tr += r2c[m];
+    size_t need = (size_t)(ts + 2 * t1 + tr);
+    if (need > c->scratch_cap) {
+        char *p = realloc(c->scratch, need);
+        if (!p) return moe_set_error(MOE_ERR_NOMEM, "out of memory for a %zu-byte all-to-all", need);
+        c->scratch = p, c->scratch_cap = need;
+    }
+    char *a = c->scratch, *b = a + ts, *b2 = b + t1, *r = b2 + t1;
+    int64_t o = 0; /* stage-1 send: [h][m] */
+    for (int h = 0; h < G; h++)
+        for (int m = 0; m < N; m++) {
+            memcpy(a + o, send + sdispl[m * G + h], (size_t)scount[m * G + h]);
+            o += scount[m * G + h];
+        }
+    MOE_TRY(alltoallv_i64(c->intra, G, a, s1c, s1d, b, r1c, r1d));
+    int64_t at[G]; /* stage-2 send: [m][g] from the [g][m] received */
+    for (int g = 0; g < G; g++) at[g] = r1d[g];
+    o = 0;
+    for (int m = 0; m < N; m++)
+        for (int g = 0; g < G; g++) {
+            memcpy(b2 + o, b + at[g], (size_t)cr[g * N + m]);
+            o += cr[g * N + m], at[g] += cr[g * N + m];
+        }
+    MOE_TRY(alltoallv_i64(c->inter, N, b2, s2c, s2d, r, r2c, r2d));
+    o = 0; /* received in source-rank order [m][g] */
+    for (int q = 0; q < P; q++) {
+        memcpy(recv + rdispl[q], r + o, (size_t)rcount[q]);
+        o += rcount[q];
+    }
+    return MOE_OK;
+}
+#endif
+
 moe_status moe_comm_alltoallv(moe_comm *c, const void *send, const int64_t *scount,
                               const int64_t *sdispl, void *recv, const int64_t *rcount,
                               const int64_t *rdispl) {
@@ -165,15 +248,58 @@ moe_status moe_comm_alltoallv(moe_comm *c, const void *send, const int64_t *scou
         return MOE_OK;
     }
 #ifdef MOE_HAVE_MPI
-    int sc[size], sd[size], rc[size], rd[size];
-    MOE_TRY(to_int(scount, size, sc, "MPI_Alltoallv"));
-    MOE_TRY(to_int(sdispl, size, sd, "MPI_Alltoallv"));
-    MOE_TRY(to_int(rcount, size, rc, "MPI_Alltoallv"));
-    MOE_TRY(to_int(rdispl, size, rd, "MPI_Alltoallv"));
-    return mpi_check(MPI_Alltoallv(send, sc, sd, MPI_BYTE, recv, rc, rd, MPI_BYTE, c->c),
-                     "MPI_Alltoallv");
+    if (c->node) return alltoallv_two_stage(c, send, scount, sdispl, recv, rcount, rdispl);
+    return alltoallv_i64(c->c, size, send, scount, sdispl, recv, rcount, rdispl);
 #else
     return MOE_OK;
+#endif
+}
+
+moe_status moe_comm_set_two_stage(moe_comm *c, int node_size) {
+    int P = moe_comm_size(c);
+#ifdef MOE_HAVE_MPI
+    if (!c || P == 1) return MOE_OK;
+    int r = moe_comm_rank(c), G = node_size;
+    if (G == 0) { /* the machines MPI reports: the same number of consecutive ranks on each */
+        MPI_Comm shared;
+        MOE_TRY(mpi_check(MPI_Comm_split_type(c->c, MPI_COMM_TYPE_SHARED, r, MPI_INFO_NULL,
+                                              &shared), "MPI_Comm_split_type"));
+        int mine[2], all[2 * P];
+        MPI_Comm_size(shared, &mine[0]);
+        MPI_Comm_free(&shared);
+        mine[1] = r / mine[0] * mine[0]; /* where this machine's first rank should be */
+        MOE_TRY(mpi_check(MPI_Allgather(mine, 2, MPI_INT, all, 2, MPI_INT, c->c), "MPI_Allgather"));
+        G = mine[0];
+        for (int q = 0; q < P; q++)
+            if (all[2 * q] != G || P % G != 0 || all[2 * q + 1] != q / G * G)
+                return moe_set_error(MOE_ERR_INVALID, "two-stage all-to-all: the machines must "
+                                     "hold the same number of consecutive ranks of the expert "
+                                     "group (rank %d differs; mpirun --map-by slot)", q);
+    }
+    if (G < 1 || P % G != 0)
+        return moe_set_error(MOE_ERR_INVALID, "two-stage all-to-all: %d ranks per machine do "
+                             "not divide the %d ranks of the expert group", G, P);
+    if (c->node) MPI_Comm_free(&c->intra), MPI_Comm_free(&c->inter);
+    c->node = 0;
+    free(c->scratch);
+    c->scratch = NULL, c->scratch_cap = 0;
+    if (G == 1 || G == P) return MOE_OK; /* one stage is all there is */
+    MOE_TRY(mpi_check(MPI_Comm_split(c->c, r / G, r, &c->intra), "MPI_Comm_split"));
+    MOE_TRY(mpi_check(MPI_Comm_split(c->c, r % G, r, &c->inter), "MPI_Comm_split"));
+    c->node = G;
+    return MOE_OK;
+#else
+    (void)c, (void)node_size, (void)P;
+    return MOE_OK;
+#endif
+}
+
+int moe_comm_two_stage(const moe_comm *c) {
+#ifdef MOE_HAVE_MPI
+    return c ? c->node : 0;
+#else
+    (void)c;
+    return 0;
 #endif
 }
 
@@ -273,6 +399,7 @@ moe_status moe_dist_grid(moe_dist *d, int ep) {
         static struct moe_comm expert, expert_data;
         static int made;
         if (made) {
+            MOE_TRY(moe_comm_set_two_stage(&expert, 1));
             MPI_Comm_free(&expert.c);
             MPI_Comm_free(&expert_data.c);
         }
@@ -315,6 +442,7 @@ moe_status moe_dist_check_same(moe_dist *d, const void *bytes, size_t n, const c
 
 void moe_dist_finalize(moe_dist *d) {
 #ifdef MOE_HAVE_MPI
+    if (d->expert) moe_comm_set_two_stage(d->expert, 1);
     if (d->launched) MPI_Finalize();
 #endif
     d->launched = 0;

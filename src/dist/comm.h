@@ -30,6 +30,13 @@ moe_status moe_comm_alltoall_i64(moe_comm *c, const int64_t *send, int64_t *recv
 moe_status moe_comm_alltoallv(moe_comm *c, const void *send, const int64_t *scount,
                               const int64_t *sdispl, void *recv, const int64_t *rcount,
                               const int64_t *rdispl);
+/* Makes moe_comm_alltoallv run in two stages (Tutel's 2DH, DeepSpeed-MoE's hierarchical
+ * all-to-all): inside each machine, then between machines, so that the slow links carry few
+ * large messages. The group's ranks form machines of node_size consecutive ranks; 0 takes the
+ * machines from MPI (MPI_COMM_TYPE_SHARED), and is refused unless they are alike. 1 or the
+ * group size leave one stage. Collective over the group. */
+moe_status moe_comm_set_two_stage(moe_comm *c, int node_size);
+int moe_comm_two_stage(const moe_comm *c); /* ranks per machine in two-stage mode, else 0 */
 /* Gathers n bytes of every rank, in rank order: recv [size * n]. */
 moe_status moe_comm_allgather(moe_comm *c, const void *send, void *recv, size_t n);
 /* Gathers count[q] bytes of rank q at displ[q] (counts known everywhere). */

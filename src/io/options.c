@@ -253,6 +253,12 @@ static const opt_def opts[] = {
     {"expert-model-parallel-size", "expert_parallel_size ep_size ep", OPT_INT, O(ep), 1, 65536,
      NULL, RUN, "processes that share the experts of each MoE layer (under mpirun; divides the "
      "process count and every layer's num-experts)", 1},
+    {"moe-hierarchical-alltoall", "use-2dh hierarchical-alltoall", OPT_BOOL, O(two_stage), 0, 1,
+     NULL, RUN, "two-stage token all-to-all: inside each machine, then between machines (fewer, "
+     "larger messages on the network)", 1},
+    {"ranks-per-node", NULL, OPT_INT, O(node_ranks), 0, 65536, NULL, RUN,
+     "machines of the hierarchical all-to-all: this many consecutive ranks each (0 = the "
+     "machines MPI reports)", 1},
     {"threads", NULL, OPT_INT, O(threads), 0, 4096, NULL, RUN,
      "OpenMP threads (0 = OMP_NUM_THREADS or all cores)", 0},
     {"print-config", NULL, OPT_BOOL, O(print_config), 0, 1, NULL, RUN,

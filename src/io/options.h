@@ -31,6 +31,7 @@ typedef struct {
     int save_interval, keep_last, log_interval, exit_interval;
     char inject_fault[MOE_PATH_MAX]; /* tests: moe_trainer_set_faults */
     int ep;                          /* expert-model-parallel-size (processes, not the model) */
+    int two_stage, node_ranks;       /* hierarchical all-to-all; ranks per machine (0: MPI's) */
 
     int lb_choice; /* moe-router-load-balancing-type: a moe_lb_type or MOE_LB_CHOICE_SINKHORN */
     int force_lb;  /* moe-router-force-load-balancing: the fake balanced gate */
