@@ -365,6 +365,11 @@ typedef struct {
     int training;
     uint64_t step;
     float loss_scale; /* factor on every gradient of backward (1 / micro-batches) */
+    /* Called by moe_model_backward as the gradients become final, from the output end: every
+     * gradient float at offset >= from (into moe_model_grads) is complete for this backward.
+     * Lets a caller start reducing them while the rest of the backward runs. NULL: none. */
+    void (*grads_ready)(void *ctx, size_t from);
+    void *grads_ctx;
 } moe_model_args;
 
 moe_model_args moe_model_args_default(void);

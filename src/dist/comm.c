@@ -147,6 +147,15 @@ moe_status moe_comm_wait(moe_comm_req *req) {
 #endif
 }
 
+void moe_comm_progress(moe_comm_req *req) {
+#ifdef MOE_HAVE_MPI
+    int done;
+    if (req) MPI_Test(&req->r, &done, MPI_STATUS_IGNORE);
+#else
+    (void)req;
+#endif
+}
+
 moe_status moe_comm_alltoall_i64(moe_comm *c, const int64_t *send, int64_t *recv, int n) {
     int size = moe_comm_size(c);
     if (size == 1) {

@@ -24,6 +24,8 @@ moe_status moe_comm_max_i64(moe_comm *c, int64_t *buf, size_t n);
 typedef struct moe_comm_req moe_comm_req;
 moe_status moe_comm_isum_f32(moe_comm *c, float *buf, size_t n, moe_comm_req **req);
 moe_status moe_comm_wait(moe_comm_req *req);
+/* Lets MPI move a request along (MPI_Test) while the caller computes. */
+void moe_comm_progress(moe_comm_req *req);
 /* Every rank sends n int64 to each rank: send [size, n] -> recv [size, n]. */
 moe_status moe_comm_alltoall_i64(moe_comm *c, const int64_t *send, int64_t *recv, int n);
 /* Bytes: send block q (scount[q] bytes at sdispl[q]) to rank q; receive from q into rdispl[q]. */

@@ -137,7 +137,7 @@ moe_status moe_model_config_validate(const moe_model_config *c) {
 }
 
 moe_model_args moe_model_args_default(void) {
-    moe_model_args a = {1, 0, 1.0f};
+    moe_model_args a = {.training = 1, .step = 0, .loss_scale = 1.0f};
     return a;
 }
 
@@ -578,6 +578,9 @@ moe_status moe_model_backward(moe_model *m) {
     memset(dx, 0, sizeof(float) * (size_t)T * d);
     moe_rmsnorm_backward(dx, m->grads + m->final_norm_off, m->dn, m->xf,
                          m->params + m->final_norm_off, m->rstdf, T, d);
+    /* the tensors lie embedding, layers 0..L-1, final norm, head: final from the end on */
+    void (*ready)(void *, size_t) = m->args.grads_ready;
+    if (ready) ready(m->args.grads_ctx, m->final_norm_off);
     for (int l = c->n_layers - 1; l >= 0; l--) {
         block_saved *s = &m->sv[l];
         block_ptrs p = block(m, m->params, l), g = block(m, m->grads, l);
@@ -609,6 +612,7 @@ moe_status moe_model_backward(moe_model *m) {
         moe_gemm(0, 0, T, d, hkv, 1, m->dv, hkv, p.wv, d, 1, m->dn, d);
         memcpy(dx, m->dxm, sizeof(float) * (size_t)T * d);
         moe_rmsnorm_backward(dx, g.attn_norm, m->dn, s->x, p.attn_norm, s->rstd1, T, d);
+        if (ready) ready(m->args.grads_ctx, m->block_off[(size_t)l * B_N + B_ATTN_NORM]);
     }
     float *g_emb = m->grads + m->emb_off;
     for (int t = 0; t < T; t++) {
@@ -616,6 +620,7 @@ moe_status moe_model_backward(moe_model *m) {
         const float *dxt = dx + (size_t)t * d;
         for (int i = 0; i < d; i++) gr[i] += dxt[i];
     }
+    if (ready) ready(m->args.grads_ctx, 0);
     return MOE_OK;
 }
 

@@ -24,6 +24,13 @@ struct moe_trainer {
     int64_t *dropped, *routed; /* [L] slots dropped by capacity / routed in the last step */
     int step;
     moe_dist *dist;  /* NULL: one process */
+    struct grad_bucket { /* consecutive tensors reduced together */
+        int expert;
+        size_t offset, len;
+        moe_comm_req *req;
+    } *buckets;
+    int n_buckets, launched; /* buckets start from the last, as backward completes them */
+    moe_status reduce_st;
     int bad_streak; /* consecutive skipped steps */
     struct {
         int kind; /* FAULT_* */
@@ -148,6 +155,7 @@ void moe_trainer_destroy(moe_trainer *t) {
     moe_free(t->load);
     moe_free(t->dropped);
     moe_free(t->routed);
+    free(t->buckets);
     free(t->load_off);
     free(t);
 }
@@ -170,6 +178,66 @@ static int data_rank(const moe_trainer *t) {
     return !t->dist ? 0 : replicated(t) ? t->dist->edp_rank : t->dist->world_rank;
 }
 
+
+/* Sums the gradients over the ranks holding the same parameters: dense tensors over every
+ * data-parallel rank, a routed expert's over its replicas (the expert-data-parallel group).
+ * Consecutive tensors of one kind form buckets of up to 4 Mi floats. In the last micro-batch
+ * the backward reports which gradients are final (moe_model_args.grads_ready); each bucket's
+ * non-blocking all-reduce starts then and runs while the earlier layers' backward computes. */
+static moe_status plan_buckets(moe_trainer *t) {
+    moe_model *m = t->model;
+    int n = moe_model_n_tensors(m);
+    free(t->buckets);
+    t->buckets = calloc((size_t)(n > 0 ? n : 1), sizeof *t->buckets);
+    if (!t->buckets) return moe_set_error(MOE_ERR_NOMEM, "out of memory for gradient buckets");
+    t->n_buckets = 0;
+    for (int i = 0; i < n;) {
+        const moe_tensor_info *a = moe_model_tensor(m, i);
+        size_t len = a->numel;
+        int j = i + 1;
+        for (; j < n; j++) {
+            const moe_tensor_info *b = moe_model_tensor(m, j);
+            if (b->expert != a->expert || len + b->numel > ((size_t)4 << 20) ||
+                b->offset != a->offset + len)
+                break;
+            len += b->numel;
+        }
+        t->buckets[t->n_buckets++] = (struct grad_bucket){a->expert, a->offset, len, NULL};
+        i = j;
+    }
+    return MOE_OK;
+}
+
+/* Starts the reduction of every bucket whose gradients all lie at offsets >= from, and moves
+ * the ones in flight along. */
+static void grads_ready(void *ctx, size_t from) {
+    moe_trainer *t = ctx;
+    float *g = moe_model_grads(t->model);
+    while (t->reduce_st == MOE_OK && t->launched < t->n_buckets) {
+        struct grad_bucket *b = &t->buckets[t->n_buckets - 1 - t->launched];
+        if (b->offset < from) break;
+        t->reduce_st = moe_comm_isum_f32(b->expert ? t->dist->expert_data : data_comm(t),
+                                         g + b->offset, b->len, &b->req);
+        t->launched++;
+    }
+    for (int i = t->n_buckets - t->launched; i < t->n_buckets; i++)
+        moe_comm_progress(t->buckets[i].req);
+}
+
+/* Completes the reduction: starts what backward did not, waits for all. */
+static moe_status reduce_grads(moe_trainer *t) {
+    grads_ready(t, 0);
+    moe_status st = t->reduce_st;
+    for (int i = t->n_buckets - t->launched; i < t->n_buckets; i++) {
+        moe_status w = moe_comm_wait(t->buckets[i].req);
+        t->buckets[i].req = NULL;
+        if (st == MOE_OK) st = w;
+    }
+    t->launched = 0;
+    t->reduce_st = MOE_OK;
+    return st;
+}
+
 moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d) {
     const moe_train_config *c = &t->cfg;
     int W = 1;
@@ -182,44 +250,7 @@ moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d) {
               "global-batch-size (%d) must be a multiple of micro-batch-size (%d) times the %d "
               "data-parallel processes", c->global_batch, c->micro_batch, W);
     t->dist = d && d->world_size > 1 ? d : NULL;
-    return MOE_OK;
-}
-
-/* Sums the gradients over the ranks holding the same parameters: dense tensors over every
- * rank, a routed expert's over its replicas (the expert-data-parallel group). Consecutive
- * tensors of one kind form buckets of up to 4 Mi floats, all in flight at once. */
-static moe_status reduce_grads(moe_trainer *t) {
-    moe_model *m = t->model;
-    moe_dist *d = t->dist;
-    float *g = moe_model_grads(m);
-    moe_comm_req *req[1024];
-    int n_req = 0, n = moe_model_n_tensors(m);
-    moe_status st = MOE_OK;
-    for (int i = 0; i < n && st == MOE_OK;) {
-        const moe_tensor_info *a = moe_model_tensor(m, i);
-        size_t len = a->numel;
-        int j = i + 1;
-        for (; j < n; j++) {
-            const moe_tensor_info *b = moe_model_tensor(m, j);
-            if (b->expert != a->expert || len + b->numel > ((size_t)4 << 20) ||
-                b->offset != a->offset + len)
-                break;
-            len += b->numel;
-        }
-        if (n_req == 1024) { /* drain */
-            for (int r = 0; r < n_req && st == MOE_OK; r++) st = moe_comm_wait(req[r]);
-            n_req = 0;
-        }
-        if (st == MOE_OK)
-            st = moe_comm_isum_f32(a->expert ? d->expert_data : data_comm(t), g + a->offset, len,
-                                   &req[n_req++]);
-        i = j;
-    }
-    for (int r = 0; r < n_req; r++) {
-        moe_status w = moe_comm_wait(req[r]);
-        if (st == MOE_OK) st = w;
-    }
-    return st;
+    return t->dist ? plan_buckets(t) : MOE_OK;
 }
 
 /* Squared gradient norm of the whole model: dense tensors are the same on every rank after the
@@ -254,7 +285,12 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     memset(t->dropped, 0, sizeof(int64_t) * (size_t)mc->n_layers);
     memset(t->routed, 0, sizeof(int64_t) * (size_t)mc->n_layers);
     /* rank r runs micro-batches [r n/W, (r+1) n/W) of the global batch */
-    for (int mb = rank * (n_micro / W); mb < (rank + 1) * (n_micro / W); mb++) {
+    int mb_end = (rank + 1) * (n_micro / W);
+    for (int mb = rank * (n_micro / W); mb < mb_end; mb++) {
+        if (t->dist && mb == mb_end - 1) { /* reduce while the last backward runs */
+            args.grads_ready = grads_ready;
+            args.grads_ctx = t;
+        }
         uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 2, (uint64_t)t->step, (uint64_t)mb);
         moe_tokens_batch(t->train, B, S, c->seed, stream, t->tok, t->tgt);
         moe_model_loss L;
