@@ -207,6 +207,9 @@ size_t moe_layer_workspace_bytes(const moe_layer *layer);
  * rows are exchanged with, and the group of every rank over which capacity decisions and
  * global-batch balancing counts are made (NULL: this process alone). */
 void moe_layer_set_comms(moe_layer *layer, moe_comm *expert, moe_comm *world);
+/* Benchmarks: a barrier before each exchange, so that the exchange time splits into waiting
+ * for the group's slowest rank (stats exchange_wait_s) and moving the bytes. */
+moe_status moe_layer_time_exchange_waits(moe_layer *layer, int on);
 /* The workspace bytes moe_layer_create would allocate (SIZE_MAX if that overflows). */
 size_t moe_layer_workspace_estimate(const moe_layer_config *cfg, int max_tokens);
 /* Normal(0, std) weights from (seed, tensor); biases 0; mix_w, shared_gate_w normal too. */
@@ -244,6 +247,10 @@ typedef struct {
     double aux_loss;         /* coefficient included */
     double z_loss;           /* coefficient included */
     int sinkhorn_iters;
+    int64_t exchange_bytes;  /* expert parallelism: bytes this rank sent in the last forward's
+                              * and backward's exchanges (to other ranks and itself) */
+    double exchange_wait_s;  /* of their time, waiting for the group's slowest rank (measured
+                              * with moe_layer_time_exchange_waits only) */
 } moe_layer_stats;
 
 /* Time spent in each stage of the layer, summed over calls since the last reset (seconds). */
@@ -260,6 +267,8 @@ typedef enum {
     MOE_STAGE_BWD_EXPERT_GEMM, /* the four weight and input gradient GEMMs */
     MOE_STAGE_BWD_ACTIVATION,
     MOE_STAGE_BWD_ROUTER,      /* routing-weight, aux and z gradients, router GEMMs */
+    MOE_STAGE_EXCHANGE,        /* expert parallelism: token rows to and from other ranks */
+    MOE_STAGE_BWD_EXCHANGE,
     MOE_STAGE_COUNT
 } moe_stage;
 

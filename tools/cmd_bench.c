@@ -3,12 +3,14 @@
 #include "tools/cli.h"
 
 #include "core/core.h"
+#include "dist/comm.h"
 #include "kernels/kernels.h"
 
 #include "train/trainer.h"
 
 #include <omp.h>
 #include <sys/resource.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -238,9 +240,164 @@ static int bench_train(moe_options *o, int json) {
     return 0;
 }
 
+/* The slowest rank's value of a duration (seconds). */
+static double slowest(moe_dist *d, double s) {
+    int64_t ns = (int64_t)(s * 1e9);
+    moe_comm_max_i64(d->world, &ns, 1);
+    return 1e-9 * (double)ns;
+}
+
+/* iters timed forward+backward calls after one warm-up, each started together: seconds per
+ * call (t), of which waiting at the exchanges (wait, when timed), bytes exchanged and expert
+ * rows per call. */
+static moe_status layer_iters(moe_dist *d, moe_layer *L, const float *x, float *out,
+                              const float *dout, float *dx, int T, int iters, double *t,
+                              double *wait, int64_t *bytes, int64_t *rows) {
+    moe_forward_args a = moe_forward_args_default();
+    a.training = 1;
+    *t = *wait = 0, *bytes = *rows = 0;
+    for (int it = 0; it <= iters; it++) {
+        if (it == 1) moe_layer_reset_stage_times(L);
+        a.step = (uint64_t)it;
+        moe_comm_barrier(d->world);
+        double t0 = moe_time_now();
+        moe_status s = moe_layer_forward(L, out, x, T, &a);
+        if (s == MOE_OK) s = moe_layer_backward(L, dx, dout, x);
+        if (moe_dist_any(d, s != MOE_OK)) return s != MOE_OK ? s : MOE_ERR_IO;
+        moe_layer_step_end(L);
+        if (it == 0) continue;
+        const moe_layer_stats *ls = moe_layer_get_stats(L);
+        *t += (moe_time_now() - t0) / iters;
+        *wait += ls->exchange_wait_s / iters;
+        *bytes += ls->exchange_bytes;
+        for (int e = 0; e < ls->n_experts; e++) *rows += ls->kept[e];
+    }
+    *bytes /= iters, *rows /= iters;
+    return MOE_OK;
+}
+
+/* moe bench alltoall (under mpirun): the expert-parallel layer over all ranks (or
+ * --expert-model-parallel-size), forward and backward; the time and bytes of its token
+ * exchanges against plain MPI_Alltoallv calls moving the same row bytes evenly (four per
+ * iteration: dispatch, combine, and their gradients), and tokens per second of all ranks.
+ * Times are the slowest rank's. */
+static int bench_alltoall(moe_options *o, int json) {
+    moe_dist *d = moe_dist_get();
+    int P = d->world_size, ep = o->ep > 1 ? o->ep : P, T = o->tokens;
+    if (moe_dist_grid(d, ep) != MOE_OK ||
+        moe_comm_set_two_stage(d->expert, o->two_stage ? o->node_ranks : 1) != MOE_OK) {
+        fprintf(stderr, "moe bench: %s\n", moe_last_error());
+        return 2;
+    }
+    moe_layer_config c = o->layer;
+    c.ep_size = ep;
+    c.ep_rank = d->ep_rank;
+    moe_layer *L = NULL;
+    size_t n = (size_t)T * c.d;
+    float *x = moe_alloc(n, sizeof(float)), *out = moe_alloc(n, sizeof(float)),
+          *dout = moe_alloc(n, sizeof(float)), *dx = moe_alloc(n, sizeof(float));
+    int bad = !x || !out || !dout || !dx || moe_layer_create(&c, T, NULL, NULL, &L) != MOE_OK;
+    if (moe_dist_any(d, bad)) {
+        fprintf(stderr, "moe bench (rank %d): %s\n", d->world_rank,
+                bad ? moe_last_error() : "another rank failed");
+        moe_dist_abort(d, 1);
+    }
+    moe_layer_init_params(L, c.seed, 0.02f);
+    moe_layer_set_comms(L, d->expert, d->world);
+    uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 10, (uint64_t)d->world_rank, 0);
+    for (size_t i = 0; i < n; i++) {
+        x[i] = 2 * moe_rng_uniform(c.seed, stream, i) - 1;
+        dout[i] = 2 * moe_rng_uniform(c.seed, stream, n + i) - 1;
+    }
+    /* first as training runs it; then with a barrier before each exchange, which splits
+     * the exchange time into waiting for the slowest rank and moving the bytes */
+    double t_layer = 0, t_ex = 0, t_wait = 0, t_move = 0;
+    int64_t bytes = 0, rows = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        if (moe_layer_time_exchange_waits(L, pass) != MOE_OK) moe_dist_abort(d, 1);
+        double t = 0, w = 0;
+        if (layer_iters(d, L, x, out, dout, dx, T, o->iters, &t, &w, &bytes, &rows) != MOE_OK) {
+            fprintf(stderr, "moe bench (rank %d): %s\n", d->world_rank, moe_last_error());
+            moe_dist_abort(d, 1);
+        }
+        const double *st = moe_layer_stage_times(L);
+        double ex = (st[MOE_STAGE_EXCHANGE] + st[MOE_STAGE_BWD_EXCHANGE]) / o->iters;
+        if (pass == 0) t_layer = t, t_ex = ex;
+        else t_wait = w, t_move = ex - w;
+    }
+    /* the baseline: the same row bytes per iteration, evenly over the expert group */
+    int64_t row_bytes = rows * c.d * (int64_t)sizeof(float);
+    int64_t per = ep > 1 ? row_bytes / ep : 0, cnt[ep], dsp[ep];
+    for (int q = 0; q < ep; q++) cnt[q] = per, dsp[q] = q * per;
+    /* four buffer pairs, as the layer's four row exchanges use different memory */
+    size_t nb = (size_t)(per * ep) + 1;
+    char *buf = malloc(8 * nb);
+    if (!buf) moe_dist_abort(d, 1);
+    memset(buf, 1, 8 * nb);
+    double t_plain = 0;
+    for (int it = 0; it <= o->iters; it++) {
+        moe_comm_barrier(d->world);
+        double t0 = moe_time_now();
+        for (int k = 0; k < 4 && ep > 1; k++)
+            if (moe_comm_alltoallv(d->expert, buf + 2 * k * nb, cnt, dsp, buf + (2 * k + 1) * nb,
+                                   cnt, dsp) != MOE_OK)
+                moe_dist_abort(d, 1);
+        if (it > 0) t_plain += moe_time_now() - t0;
+    }
+    free(buf);
+    int iters = o->iters;
+    t_layer = slowest(d, t_layer);
+    t_ex = slowest(d, t_ex);
+    t_wait = slowest(d, t_wait);
+    t_move = slowest(d, t_move);
+    t_plain = slowest(d, t_plain) / iters;
+    double ex_bytes = (double)bytes, plain_bytes = 4.0 * (double)(per * ep);
+    moe_comm_sum_f64(d->world, &ex_bytes, 1);
+    moe_comm_sum_f64(d->world, &plain_bytes, 1);
+    ex_bytes /= P, plain_bytes /= P; /* per rank */
+    double tok_s = (double)T * P / t_layer;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    int over = (long)d->node_size * omp_get_max_threads() > cores;
+    if (d->world_rank == 0 && json)
+        printf("{\"bench\":\"alltoall\",\"ranks\":%d,\"ep\":%d,\"two_stage\":%d,\"T\":%d,\"d\":%d,"
+               "\"E\":%d,\"k\":%d,\"threads\":%d,\"oversubscribed\":%d,\"layer_ms\":%.4f,"
+               "\"exchange_ms\":%.4f,\"wait_ms\":%.4f,\"move_ms\":%.4f,\"exchange_mb\":%.4f,"
+               "\"exchange_gbs\":%.4f,\"plain_ms\":%.4f,\"plain_mb\":%.4f,\"plain_gbs\":%.4f,"
+               "\"tokens_per_s\":%.1f}\n",
+               P, ep, moe_comm_two_stage(d->expert), T, c.d, c.n_experts, c.topk,
+               omp_get_max_threads(), over, 1e3 * t_layer, 1e3 * t_ex, 1e3 * t_wait,
+               1e3 * t_move, 1e-6 * ex_bytes, t_move > 0 ? 1e-9 * ex_bytes / t_move : 0,
+               1e3 * t_plain, 1e-6 * plain_bytes, t_plain > 0 ? 1e-9 * plain_bytes / t_plain : 0,
+               tok_s);
+    else if (d->world_rank == 0) {
+        printf("moe bench alltoall: %d ranks, expert-parallel %d%s, T=%d per rank, d=%d f=%d E=%d "
+               "k=%d, %d threads per rank\n", P, ep,
+               moe_comm_two_stage(d->expert) ? " (two-stage all-to-all)" : "", T, c.d, c.ffn,
+               c.n_experts, c.topk, omp_get_max_threads());
+        if (over)
+            printf("note: %d ranks x %d threads on %ld cores share them: the figures only "
+                   "indicate\n", d->node_size, omp_get_max_threads(), cores);
+        printf("layer fwd+bwd     %9.3f ms  %10.0f tokens/s (all ranks)\n", 1e3 * t_layer, tok_s);
+        printf("token exchanges   %9.3f ms  (%.1f%% of the layer, waits for other ranks "
+               "included)\n", 1e3 * t_ex, 100 * t_ex / t_layer);
+        printf("  with a barrier before each: waiting %.3f ms, moving the bytes %.3f ms\n",
+               1e3 * t_wait, 1e3 * t_move);
+        printf("moving            %9.3f ms  %8.2f MB per rank  %7.2f GB/s  (rows, weights, "
+               "counts)\n", 1e3 * t_move, 1e-6 * ex_bytes,
+               t_move > 0 ? 1e-9 * ex_bytes / t_move : 0);
+        printf("plain Alltoallv   %9.3f ms  %8.2f MB per rank  %7.2f GB/s  (the same row bytes, "
+               "even, 4 calls)\n", 1e3 * t_plain, 1e-6 * plain_bytes,
+               t_plain > 0 ? 1e-9 * plain_bytes / t_plain : 0);
+    }
+    moe_free(x), moe_free(out), moe_free(dout), moe_free(dx);
+    moe_layer_destroy(L);
+    return 0;
+}
+
 int moe_cmd_bench(int argc, char **argv) {
-    if (argc < 1 || (strcmp(argv[0], "layer") && strcmp(argv[0], "train"))) {
-        fprintf(stderr, "moe bench: usage: moe bench layer|train [options] [--json]\n");
+    if (argc < 1 || (strcmp(argv[0], "layer") && strcmp(argv[0], "train") &&
+                     strcmp(argv[0], "alltoall"))) {
+        fprintf(stderr, "moe bench: usage: moe bench layer|train|alltoall [options] [--json]\n");
         return 2;
     }
     int train = !strcmp(argv[0], "train");
@@ -261,5 +418,6 @@ int moe_cmd_bench(int argc, char **argv) {
     free(rest);
     if (rc) return rc;
     if (o.threads > 0) omp_set_num_threads(o.threads);
+    if (!strcmp(argv[0], "alltoall")) return bench_alltoall(&o, json);
     return train ? bench_train(&o, json) : bench_layer(&o, json);
 }

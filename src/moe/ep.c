@@ -29,6 +29,8 @@ struct moe_ep_buffers {
     float *g_w;
     uint8_t *g_kept;
     float *dxp;                  /* [max_tokens, d] replicated mode: the experts' part of dx */
+    double t_comm;               /* seconds in the exchanges so far (waits included) */
+    int sync;                    /* a barrier before each exchange, timed on its own */
 };
 
 void moe_ep_free(moe_layer *L) {
@@ -106,19 +108,42 @@ static moe_status ensure_rows(moe_layer *L, size_t R) {
     return MOE_OK;
 }
 
+/* Begins an exchange with the other ranks of the group: returns its start time. With waits
+ * timed, a barrier first: the time until the slowest rank arrives is the wait. */
+static double comm_begin(moe_layer *L) {
+    double t = moe_time_now();
+    if (!L->ep->sync) return t;
+    moe_status s = moe_comm_barrier(L->ep_comm);
+    if (s != MOE_OK) fail(L, s);
+    double w = moe_time_now() - t;
+    L->ep->t_comm += w;
+    L->stats.exchange_wait_s += w;
+    return t + w;
+}
+
+/* Accounts one exchange with other ranks begun at t0 (its time and the bytes sent); returns
+ * its status. */
+static moe_status comm_done(moe_layer *L, double t0, int64_t bytes, moe_status s) {
+    L->ep->t_comm += moe_time_now() - t0;
+    L->stats.exchange_bytes += bytes;
+    return s;
+}
+
 /* Moves rows of `width` bytes: send rows by sc/sd, receive by rc/rd (row units), or the
  * reverse direction when back is set. */
 static moe_status exchange(moe_layer *L, const void *send, void *recv, size_t width, int back) {
     struct moe_ep_buffers *b = L->ep;
     int P = L->cfg.ep_size;
-    int64_t sc[P], sd[P], rc[P], rd[P];
+    int64_t sc[P], sd[P], rc[P], rd[P], bytes = 0;
     for (int q = 0; q < P; q++) {
         sc[q] = (back ? b->rc[q] : b->sc[q]) * (int64_t)width;
         sd[q] = (back ? b->rd[q] : b->sd[q]) * (int64_t)width;
         rc[q] = (back ? b->sc[q] : b->rc[q]) * (int64_t)width;
         rd[q] = (back ? b->sd[q] : b->rd[q]) * (int64_t)width;
+        bytes += sc[q];
     }
-    return moe_comm_alltoallv(L->ep_comm, send, sc, sd, recv, rc, rd);
+    double t0 = comm_begin(L);
+    return comm_done(L, t0, bytes, moe_comm_alltoallv(L->ep_comm, send, sc, sd, recv, rc, rd));
 }
 
 /* Expert-major copy of received rows (to_expert) or the reverse, width floats per row. */
@@ -153,6 +178,9 @@ static void replicated_forward(moe_layer *L) {
     size_t gf = gf_of(c);
     int lo = st->expert_off[e0], hi = st->expert_off[e0 + El];
     double t0 = moe_time_now(), t_act = 0;
+    if (fail(L, ensure(L))) return;
+    L->stats.exchange_bytes = 0;
+    L->stats.exchange_wait_s = 0;
     moe_fwd_state local = *st; /* gather only this rank's rows */
     local.row_slot = st->row_slot + lo;
     moe_gather_rows(&local, st->xp + (size_t)lo * d, st->xin_orig, hi - lo, d);
@@ -177,11 +205,14 @@ static void replicated_forward(moe_layer *L) {
     memset(st->y, 0, sizeof(float) * (size_t)lo * d);
     memset(st->y + (size_t)hi * d, 0, sizeof(float) * (size_t)(st->n_rows - hi) * d);
     moe_combine_rows(st, st->y, d);
-    fail(L, moe_comm_sum_f32(L->ep_comm, st->r, (size_t)st->T * d));
+    double t3 = moe_time_now(), t4 = comm_begin(L);
+    fail(L, comm_done(L, t4, (int64_t)sizeof(float) * st->T * d,
+                      moe_comm_sum_f32(L->ep_comm, st->r, (size_t)st->T * d)));
     L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0;
     L->stage_s[MOE_STAGE_EXPERT_GEMM] += t2 - t1 - t_act;
     L->stage_s[MOE_STAGE_ACTIVATION] += t_act;
-    L->stage_s[MOE_STAGE_COMBINE] += moe_time_now() - t2;
+    L->stage_s[MOE_STAGE_COMBINE] += t3 - t2;
+    L->stage_s[MOE_STAGE_EXCHANGE] += moe_time_now() - t3;
 }
 
 static void replicated_backward(moe_layer *L, float *dx) {
@@ -225,12 +256,18 @@ static void replicated_backward(moe_layer *L, float *dx) {
         if (r < lo || r >= hi) st->dw_row[r] = 0;
     memset(b->dxp, 0, sizeof(float) * (size_t)T * d);
     moe_scatter_rows(st, st->xp, b->dxp, d);
-    if (fail(L, moe_comm_sum_f32(L->ep_comm, b->dxp, (size_t)T * d)) ||
-        fail(L, moe_comm_sum_f64(L->ep_comm, st->dw, (size_t)st->n_slots)))
+    double c2 = b->t_comm, t3 = comm_begin(L);
+    if (fail(L, comm_done(L, t3, (int64_t)sizeof(float) * T * d,
+                          moe_comm_sum_f32(L->ep_comm, b->dxp, (size_t)T * d))))
+        return;
+    t3 = comm_begin(L);
+    if (fail(L, comm_done(L, t3, (int64_t)sizeof(double) * st->n_slots,
+                          moe_comm_sum_f64(L->ep_comm, st->dw, (size_t)st->n_slots))))
         return;
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < (size_t)T * d; i++) dx[i] += b->dxp[i];
-    L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2);
+    L->stage_s[MOE_STAGE_BWD_EXCHANGE] += b->t_comm - c2;
+    L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2) - (b->t_comm - c2);
     L->stage_s[MOE_STAGE_BWD_EXPERT_GEMM] += t2 - t1 - t_act;
     L->stage_s[MOE_STAGE_BWD_ACTIVATION] += t_act;
 }
@@ -247,9 +284,15 @@ void moe_ep_forward(moe_layer *L) {
     double t0 = moe_time_now(), t_act = 0;
     if (fail(L, ensure(L))) return;
     struct moe_ep_buffers *b = L->ep;
+    double c0 = b->t_comm;
+    L->stats.exchange_bytes = 0;
+    L->stats.exchange_wait_s = 0;
     moe_gather_rows(st, st->xp, st->xin_orig, R, d);
     for (int e = 0; e < E; e++) b->scnt[e] = st->expert_off[e + 1] - st->expert_off[e];
-    if (fail(L, moe_comm_alltoall_i64(L->ep_comm, b->scnt, b->rcnt, El))) return;
+    double tc = comm_begin(L);
+    if (fail(L, comm_done(L, tc, (int64_t)sizeof(int64_t) * E,
+                          moe_comm_alltoall_i64(L->ep_comm, b->scnt, b->rcnt, El))))
+        return;
     int64_t Rr = 0;
     for (int q = 0; q < P; q++) {
         b->sd[q] = st->expert_off[q * El];
@@ -281,7 +324,7 @@ void moe_ep_forward(moe_layer *L) {
         moe_f32_to_bf16(L->p.w_in, st->w_in16, (size_t)El * gf * d);
         moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)El * d * f);
     }
-    double t1 = moe_time_now();
+    double t1 = moe_time_now(), c1 = b->t_comm;
     for (int le = 0; le < El; le++) {
         int o = b->eoff[le], n = b->eoff[le + 1] - o;
         moe_mlp_bf16 m;
@@ -293,14 +336,15 @@ void moe_ep_forward(moe_layer *L) {
                         b->he + (size_t)o * gf, b->ae + (size_t)o * f, b->ye + (size_t)o * d,
                         &t_act, c->expert_bf16 ? &m : NULL);
     }
-    double t2 = moe_time_now();
+    double t2 = moe_time_now(), c2 = b->t_comm;
     permute(b, b->ye, b->rx, (size_t)d, 0);
     if (fail(L, exchange(L, b->rx, st->y, sizeof(float) * (size_t)d, 1))) return;
     moe_combine_rows(st, st->y, d);
-    L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0;
+    L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0 - (c1 - c0);
     L->stage_s[MOE_STAGE_EXPERT_GEMM] += t2 - t1 - t_act;
     L->stage_s[MOE_STAGE_ACTIVATION] += t_act;
-    L->stage_s[MOE_STAGE_COMBINE] += moe_time_now() - t2;
+    L->stage_s[MOE_STAGE_COMBINE] += moe_time_now() - t2 - (b->t_comm - c2);
+    L->stage_s[MOE_STAGE_EXCHANGE] += b->t_comm - c0;
 }
 
 void moe_ep_backward(moe_layer *L, float *dx) {
@@ -313,7 +357,7 @@ void moe_ep_backward(moe_layer *L, float *dx) {
     struct moe_ep_buffers *b = L->ep;
     int d = c->d, f = c->ffn, El = c->n_experts / c->ep_size, R = st->n_rows;
     size_t gf = gf_of(c);
-    double t0 = moe_time_now(), t_act = 0;
+    double t0 = moe_time_now(), t_act = 0, c0 = b->t_comm;
     moe_gather_rows(st, st->y, st->dr, R, d); /* dL/dy of each row */
     if (fail(L, exchange(L, st->y, b->rx, sizeof(float) * (size_t)d, 0))) return;
     permute(b, b->ye, b->rx, (size_t)d, 1);
@@ -341,9 +385,18 @@ void moe_ep_backward(moe_layer *L, float *dx) {
         fail(L, exchange(L, b->rdw, st->dw_row, sizeof(double), 1)))
         return;
     moe_scatter_rows(st, st->xp, dx, d);
-    L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2);
+    L->stage_s[MOE_STAGE_BWD_EXCHANGE] += b->t_comm - c0;
+    L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2) - (b->t_comm - c0);
     L->stage_s[MOE_STAGE_BWD_EXPERT_GEMM] += t2 - t1 - t_act;
     L->stage_s[MOE_STAGE_BWD_ACTIVATION] += t_act;
+}
+
+moe_status moe_layer_time_exchange_waits(moe_layer *L, int on) {
+    if (L->cfg.ep_size > 1) {
+        MOE_TRY(ensure(L));
+        L->ep->sync = on != 0;
+    }
+    return MOE_OK;
 }
 
 moe_status moe_ep_apply_capacity(moe_layer *L) {

@@ -418,7 +418,8 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const 
 const char *moe_stage_name(moe_stage s) {
     static const char *const names[MOE_STAGE_COUNT] = {
         "router", "balance", "permute", "expert GEMM", "activation", "combine", "shared expert",
-        "bwd shared expert", "bwd permute", "bwd expert GEMM", "bwd activation", "bwd router"};
+        "bwd shared expert", "bwd permute", "bwd expert GEMM", "bwd activation", "bwd router",
+        "exchange", "bwd exchange"};
     return s >= 0 && s < MOE_STAGE_COUNT ? names[s] : "?";
 }
 
