@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# README command 2: install what is missing, build (gcc Release, gcc ASan+UBSan, clang), and
-# run the whole test suite.
+# README command 2: install what is missing, build (gcc Release, gcc ASan+UBSan, clang without
+# MPI), and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 start=$(date +%s)
 echo "== gcc Release build"
 bash scripts/build.sh build
-echo "== clang build, library, tool and tests (warnings are errors)"
-CC=clang bash scripts/build.sh build-clang
+echo "== clang build without MPI, library, tool and tests (warnings are errors)"
+CC=clang bash scripts/build.sh build-clang -DMOE_MPI=OFF
 echo "== gcc ASan+UBSan build"
 bash scripts/build.sh build-asan -DCMAKE_BUILD_TYPE=Debug -DMOE_SANITIZE=ON
 echo "== tests (Release)"
 ctest --test-dir build --output-on-failure -j1
+echo "== tests (clang, one process without MPI)"
+ctest --test-dir build-clang --output-on-failure -j2
 echo "== tests (ASan+UBSan)"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan --output-on-failure -j1
