@@ -157,16 +157,10 @@ static void permute(const struct moe_ep_buffers *b, float *em, float *sm, size_t
     }
 }
 
-static void expert_bf16_ptrs(moe_layer *L, int le, int o, moe_mlp_bf16 *m) {
-    const moe_layer_config *c = &L->cfg;
-    struct moe_ep_buffers *b = L->ep;
-    size_t d = (size_t)c->d, f = (size_t)c->ffn, gf = gf_of(c);
-    m->w_in = L->st.w_in16 + (size_t)le * gf * d;
-    m->w_out = L->st.w_out16 + (size_t)le * d * f;
-    m->x = b->x16 + (size_t)o * d;
-    m->a = b->a16 + (size_t)o * f;
-    m->dy = b->dy16 + (size_t)o * d;
-    m->dh = b->dh16 + (size_t)o * gf;
+/* The received rows, expert-major. */
+static moe_expert_rows ep_rows(struct moe_ep_buffers *b) {
+    return (moe_expert_rows){b->xe, b->we, b->he, b->ae, b->ye, b->dhe, b->dae, b->dwe,
+                             b->x16, b->a16, b->dy16, b->dh16};
 }
 
 /* Replicated tokens (every rank of the expert group holds the same batch): each rank computes
@@ -189,18 +183,10 @@ static void replicated_forward(moe_layer *L) {
         moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)El * d * f);
     }
     double t1 = moe_time_now();
-    for (int le = 0; le < El; le++) {
-        int o = st->expert_off[e0 + le], n = st->expert_off[e0 + le + 1] - o;
-        moe_mlp_bf16 m = {st->w_in16 + (size_t)le * gf * d, st->w_out16 + (size_t)le * d * f,
-                          st->x16 + (size_t)o * d, st->a16 + (size_t)o * f,
-                          st->dy16 + (size_t)o * d, st->dh16 + (size_t)o * gf};
-        moe_mlp_forward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)le * gf * d,
-                        L->p.b_in ? L->p.b_in + (size_t)le * gf : NULL,
-                        L->p.w_out + (size_t)le * d * f,
-                        L->p.b_out ? L->p.b_out + (size_t)le * d : NULL, st->row_w + o,
-                        st->h + (size_t)o * gf, st->a + (size_t)o * f, st->y + (size_t)o * d,
-                        &t_act, c->expert_bf16 ? &m : NULL);
-    }
+    moe_expert_rows rows = moe_own_rows(st);
+    for (int le = 0; le < El; le++)
+        moe_expert_rows_forward(L, &rows, le, st->expert_off[e0 + le],
+                                st->expert_off[e0 + le + 1] - st->expert_off[e0 + le], &t_act);
     double t2 = moe_time_now();
     memset(st->y, 0, sizeof(float) * (size_t)lo * d);
     memset(st->y + (size_t)hi * d, 0, sizeof(float) * (size_t)(st->n_rows - hi) * d);
@@ -218,8 +204,7 @@ static void replicated_forward(moe_layer *L) {
 static void replicated_backward(moe_layer *L, float *dx) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
-    int d = c->d, f = c->ffn, El = c->n_experts / c->ep_size, e0 = c->ep_rank * El, T = st->T;
-    size_t gf = gf_of(c);
+    int d = c->d, El = c->n_experts / c->ep_size, e0 = c->ep_rank * El, T = st->T;
     int lo = st->expert_off[e0], hi = st->expert_off[e0 + El];
     double t0 = moe_time_now(), t_act = 0;
     if (fail(L, ensure(L))) return;
@@ -232,22 +217,10 @@ static void replicated_backward(moe_layer *L, float *dx) {
     local.row_slot = st->row_slot + lo;
     moe_gather_rows(&local, st->y + (size_t)lo * d, st->dr, hi - lo, d);
     double t1 = moe_time_now();
-    for (int le = 0; le < El; le++) {
-        int o = st->expert_off[e0 + le], n = st->expert_off[e0 + le + 1] - o;
-        moe_mlp_bf16 m = {st->w_in16 + (size_t)le * gf * d, st->w_out16 + (size_t)le * d * f,
-                          st->x16 + (size_t)o * d, st->a16 + (size_t)o * f,
-                          st->dy16 + (size_t)o * d, st->dh16 + (size_t)o * gf};
-        moe_mlp_backward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)le * gf * d,
-                         L->p.w_out + (size_t)le * d * f,
-                         L->p.b_out ? L->p.b_out + (size_t)le * d : NULL, st->row_w + o,
-                         st->h + (size_t)o * gf, st->a + (size_t)o * f, st->y + (size_t)o * d,
-                         st->xp + (size_t)o * d, L->g.w_in + (size_t)le * gf * d,
-                         L->g.b_in ? L->g.b_in + (size_t)le * gf : NULL,
-                         L->g.w_out + (size_t)le * d * f,
-                         L->g.b_out ? L->g.b_out + (size_t)le * d : NULL, st->dw_row + o,
-                         st->dh + (size_t)o * gf, st->da + (size_t)o * f, &t_act,
-                         c->expert_bf16 ? &m : NULL);
-    }
+    moe_expert_rows rows = moe_own_rows(st);
+    for (int le = 0; le < El; le++)
+        moe_expert_rows_backward(L, &rows, le, st->expert_off[e0 + le],
+                                 st->expert_off[e0 + le + 1] - st->expert_off[e0 + le], &t_act);
     double t2 = moe_time_now();
     /* the other ranks' rows contribute nothing here; the sums over the group complete them */
     memset(st->xp, 0, sizeof(float) * (size_t)lo * d);
@@ -325,17 +298,9 @@ void moe_ep_forward(moe_layer *L) {
         moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)El * d * f);
     }
     double t1 = moe_time_now(), c1 = b->t_comm;
-    for (int le = 0; le < El; le++) {
-        int o = b->eoff[le], n = b->eoff[le + 1] - o;
-        moe_mlp_bf16 m;
-        if (c->expert_bf16) expert_bf16_ptrs(L, le, o, &m);
-        moe_mlp_forward(c->act, n, d, f, b->xe + (size_t)o * d, L->p.w_in + (size_t)le * gf * d,
-                        L->p.b_in ? L->p.b_in + (size_t)le * gf : NULL,
-                        L->p.w_out + (size_t)le * d * f,
-                        L->p.b_out ? L->p.b_out + (size_t)le * d : NULL, b->we + o,
-                        b->he + (size_t)o * gf, b->ae + (size_t)o * f, b->ye + (size_t)o * d,
-                        &t_act, c->expert_bf16 ? &m : NULL);
-    }
+    moe_expert_rows rows = ep_rows(b);
+    for (int le = 0; le < El; le++)
+        moe_expert_rows_forward(L, &rows, le, b->eoff[le], b->eoff[le + 1] - b->eoff[le], &t_act);
     double t2 = moe_time_now(), c2 = b->t_comm;
     permute(b, b->ye, b->rx, (size_t)d, 0);
     if (fail(L, exchange(L, b->rx, st->y, sizeof(float) * (size_t)d, 1))) return;
@@ -355,28 +320,15 @@ void moe_ep_backward(moe_layer *L, float *dx) {
     }
     moe_fwd_state *st = &L->st;
     struct moe_ep_buffers *b = L->ep;
-    int d = c->d, f = c->ffn, El = c->n_experts / c->ep_size, R = st->n_rows;
-    size_t gf = gf_of(c);
+    int d = c->d, El = c->n_experts / c->ep_size, R = st->n_rows;
     double t0 = moe_time_now(), t_act = 0, c0 = b->t_comm;
     moe_gather_rows(st, st->y, st->dr, R, d); /* dL/dy of each row */
     if (fail(L, exchange(L, st->y, b->rx, sizeof(float) * (size_t)d, 0))) return;
     permute(b, b->ye, b->rx, (size_t)d, 1);
     double t1 = moe_time_now();
-    for (int le = 0; le < El; le++) {
-        int o = b->eoff[le], n = b->eoff[le + 1] - o;
-        moe_mlp_bf16 m;
-        if (c->expert_bf16) expert_bf16_ptrs(L, le, o, &m);
-        moe_mlp_backward(c->act, n, d, f, b->xe + (size_t)o * d, L->p.w_in + (size_t)le * gf * d,
-                         L->p.w_out + (size_t)le * d * f,
-                         L->p.b_out ? L->p.b_out + (size_t)le * d : NULL, b->we + o,
-                         b->he + (size_t)o * gf, b->ae + (size_t)o * f, b->ye + (size_t)o * d,
-                         b->xe + (size_t)o * d, L->g.w_in + (size_t)le * gf * d,
-                         L->g.b_in ? L->g.b_in + (size_t)le * gf : NULL,
-                         L->g.w_out + (size_t)le * d * f,
-                         L->g.b_out ? L->g.b_out + (size_t)le * d : NULL, b->dwe + o,
-                         b->dhe + (size_t)o * gf, b->dae + (size_t)o * f, &t_act,
-                         c->expert_bf16 ? &m : NULL);
-    }
+    moe_expert_rows rows = ep_rows(b);
+    for (int le = 0; le < El; le++)
+        moe_expert_rows_backward(L, &rows, le, b->eoff[le], b->eoff[le + 1] - b->eoff[le], &t_act);
     double t2 = moe_time_now();
     permute(b, b->xe, b->rx, (size_t)d, 0);
 #pragma omp parallel for schedule(static)

@@ -119,18 +119,46 @@ void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int 
 }
 
 /* bf16 operands of expert e, whose rows start at row o. */
-static void expert_bf16(moe_layer *L, int e, int o, moe_mlp_bf16 *b) {
+/* bf16 operands of expert le over rows from o: this call's converted weights, row scratch. */
+static const moe_mlp_bf16 *expert_bf16(const moe_layer *L, const moe_expert_rows *r, int le,
+                                       int o, moe_mlp_bf16 *b) {
     const moe_layer_config *c = &L->cfg;
-    moe_fwd_state *st = &L->st;
+    if (!c->expert_bf16) return NULL;
     size_t d = (size_t)c->d, f = (size_t)c->ffn, gf = gf_of(c);
-    memset(b, 0, sizeof *b);
-    if (!c->expert_bf16) return;
-    b->w_in = st->w_in16 + (size_t)e * gf * d;
-    b->w_out = st->w_out16 + (size_t)e * d * f;
-    b->x = st->x16 + (size_t)o * d;
-    b->a = st->a16 + (size_t)o * f;
-    b->dy = st->dy16 + (size_t)o * d;
-    b->dh = st->dh16 + (size_t)o * gf;
+    *b = (moe_mlp_bf16){L->st.w_in16 + (size_t)le * gf * d, L->st.w_out16 + (size_t)le * d * f,
+                        r->x16 + (size_t)o * d, r->a16 + (size_t)o * f, r->dy16 + (size_t)o * d,
+                        r->dh16 + (size_t)o * gf};
+    return b;
+}
+
+void moe_expert_rows_forward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
+                             double *t_act) {
+    const moe_layer_config *c = &L->cfg;
+    size_t d = (size_t)c->d, f = (size_t)c->ffn, gf = gf_of(c);
+    moe_mlp_bf16 b16;
+    moe_mlp_forward(c->act, n, (int)d, (int)f, r->x + o * d, L->p.w_in + le * gf * d,
+                    L->p.b_in ? L->p.b_in + le * gf : NULL, L->p.w_out + le * d * f,
+                    L->p.b_out ? L->p.b_out + le * d : NULL, r->w + o, r->h + o * gf,
+                    r->a + o * f, r->y + o * d, t_act, expert_bf16(L, r, le, o, &b16));
+}
+
+void moe_expert_rows_backward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
+                              double *t_act) {
+    const moe_layer_config *c = &L->cfg;
+    size_t d = (size_t)c->d, f = (size_t)c->ffn, gf = gf_of(c);
+    moe_mlp_bf16 b16;
+    moe_mlp_backward(c->act, n, (int)d, (int)f, r->x + o * d, L->p.w_in + le * gf * d,
+                     L->p.w_out + le * d * f, L->p.b_out ? L->p.b_out + le * d : NULL, r->w + o,
+                     r->h + o * gf, r->a + o * f, r->y + o * d, r->x + o * d,
+                     L->g.w_in + le * gf * d, L->g.b_in ? L->g.b_in + le * gf : NULL,
+                     L->g.w_out + le * d * f, L->g.b_out ? L->g.b_out + le * d : NULL,
+                     r->dw + o, r->dh + o * gf, r->da + o * f, t_act,
+                     expert_bf16(L, r, le, o, &b16));
+}
+
+moe_expert_rows moe_own_rows(moe_fwd_state *st) {
+    return (moe_expert_rows){st->xp, st->row_w, st->h, st->a, st->y, st->dh, st->da, st->dw_row,
+                             st->x16, st->a16, st->dy16, st->dh16};
 }
 
 /* Combine in slot order: bitwise reproducible, no atomics. */
@@ -182,18 +210,11 @@ void moe_experts_forward(moe_layer *L) {
     }
     double t1 = moe_time_now();
     int across = experts_across_threads(L);
+    moe_expert_rows rows = moe_own_rows(st);
 #pragma omp parallel for schedule(dynamic, 1) if (across)
-    for (int e = 0; e < c->n_experts; e++) {
-        int o = st->expert_off[e], n = st->expert_off[e + 1] - o;
-        moe_mlp_bf16 b16;
-        expert_bf16(L, e, o, &b16);
-        moe_mlp_forward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)e * gf * d,
-                        L->p.b_in ? L->p.b_in + (size_t)e * gf : NULL,
-                        L->p.w_out + (size_t)e * d * f, L->p.b_out ? L->p.b_out + (size_t)e * d : NULL,
-                        st->row_w + o, st->h + (size_t)o * gf, st->a + (size_t)o * f,
-                        st->y + (size_t)o * d, across ? NULL : &t_act,
-                        c->expert_bf16 ? &b16 : NULL);
-    }
+    for (int e = 0; e < c->n_experts; e++)
+        moe_expert_rows_forward(L, &rows, e, st->expert_off[e],
+                                st->expert_off[e + 1] - st->expert_off[e], across ? NULL : &t_act);
     double t2 = moe_time_now();
     moe_combine_rows(st, st->y, d);
     L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0;
@@ -209,30 +230,17 @@ void moe_experts_backward(moe_layer *L, float *dx) {
         return;
     }
     moe_fwd_state *st = &L->st;
-    int d = c->d, f = c->ffn, R = st->n_rows;
-    size_t gf = gf_of(c);
-    double *dwr = st->dw_row;
+    int d = c->d, R = st->n_rows;
     double t0 = moe_time_now(), t_act = 0;
     /* dL/dy of each row is the routed-output gradient of its token. */
     moe_gather_rows(st, st->y, st->dr, R, d);
     double t1 = moe_time_now();
     int across = experts_across_threads(L);
+    moe_expert_rows rows = moe_own_rows(st);
 #pragma omp parallel for schedule(dynamic, 1) if (across)
-    for (int e = 0; e < c->n_experts; e++) {
-        int o = st->expert_off[e], n = st->expert_off[e + 1] - o;
-        moe_mlp_bf16 b16;
-        expert_bf16(L, e, o, &b16);
-        moe_mlp_backward(c->act, n, d, f, st->xp + (size_t)o * d, L->p.w_in + (size_t)e * gf * d,
-                         L->p.w_out + (size_t)e * d * f,
-                         L->p.b_out ? L->p.b_out + (size_t)e * d : NULL, st->row_w + o,
-                         st->h + (size_t)o * gf, st->a + (size_t)o * f, st->y + (size_t)o * d,
-                         st->xp + (size_t)o * d, L->g.w_in + (size_t)e * gf * d,
-                         L->g.b_in ? L->g.b_in + (size_t)e * gf : NULL,
-                         L->g.w_out + (size_t)e * d * f,
-                         L->g.b_out ? L->g.b_out + (size_t)e * d : NULL, dwr + o,
-                         st->dh + (size_t)o * gf, st->da + (size_t)o * f,
-                         across ? NULL : &t_act, c->expert_bf16 ? &b16 : NULL);
-    }
+    for (int e = 0; e < c->n_experts; e++)
+        moe_expert_rows_backward(L, &rows, e, st->expert_off[e],
+                                 st->expert_off[e + 1] - st->expert_off[e], across ? NULL : &t_act);
     double t2 = moe_time_now();
     moe_scatter_rows(st, st->xp, dx, d); /* xp now holds dL/dxp */
     L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2);

@@ -163,6 +163,22 @@ void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int 
 void moe_combine_rows(moe_fwd_state *st, const float *y, int d);
 /* Scatter-add of row gradients g [R, d] into dx [T, d] (slot order); st->dw from dw_row. */
 void moe_scatter_rows(const moe_fwd_state *st, const float *g, float *dx, int d);
+/* Rows of the experts, expert-major: inputs x [R, d] (dL/dx after the backward), routing
+ * weights w [R], h [R, gf], a [R, f], outputs y [R, d] (dL/dy for the backward), scratch dh,
+ * da, weight gradients dw [R], bf16 scratch (used with expert_bf16). */
+typedef struct {
+    float *x, *w, *h, *a, *y, *dh, *da;
+    double *dw;
+    uint16_t *x16, *a16, *dy16, *dh16;
+} moe_expert_rows;
+/* Expert le of this rank (its weights and gradients) over rows [o, o + n); t_act as in
+ * moe_mlp_forward. */
+void moe_expert_rows_forward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
+                             double *t_act);
+void moe_expert_rows_backward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
+                              double *t_act);
+/* The layer's own row buffers (one process, or replicated tokens). */
+moe_expert_rows moe_own_rows(moe_fwd_state *st);
 
 /* ep.c: expert parallelism — rows sent to the ranks owning their experts (all-to-all),
  * computed there, sent back; the global capacity decision over every rank's slots. */
