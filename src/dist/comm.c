@@ -274,14 +274,17 @@ moe_status moe_comm_set_two_stage(moe_comm *c, int node_size) {
         MPI_Comm shared;
         MOE_TRY(mpi_check(MPI_Comm_split_type(c->c, MPI_COMM_TYPE_SHARED, r, MPI_INFO_NULL,
                                               &shared), "MPI_Comm_split_type"));
-        int mine[2], all[2 * P];
+        int mine[3], all[3 * P]; /* ranks on this machine, its first and last rank */
         MPI_Comm_size(shared, &mine[0]);
+        int rc = MPI_Allreduce(&r, &mine[1], 1, MPI_INT, MPI_MIN, shared);
+        if (rc == MPI_SUCCESS) rc = MPI_Allreduce(&r, &mine[2], 1, MPI_INT, MPI_MAX, shared);
         MPI_Comm_free(&shared);
-        mine[1] = r / mine[0] * mine[0]; /* where this machine's first rank should be */
-        MOE_TRY(mpi_check(MPI_Allgather(mine, 2, MPI_INT, all, 2, MPI_INT, c->c), "MPI_Allgather"));
+        MOE_TRY(mpi_check(rc, "MPI_Allreduce"));
+        MOE_TRY(mpi_check(MPI_Allgather(mine, 3, MPI_INT, all, 3, MPI_INT, c->c), "MPI_Allgather"));
         G = mine[0];
         for (int q = 0; q < P; q++)
-            if (all[2 * q] != G || P % G != 0 || all[2 * q + 1] != q / G * G)
+            if (all[3 * q] != G || P % G != 0 || all[3 * q + 1] != q / G * G ||
+                all[3 * q + 2] != all[3 * q + 1] + G - 1)
                 return moe_set_error(MOE_ERR_INVALID, "two-stage all-to-all: the machines must "
                                      "hold the same number of consecutive ranks of the expert "
                                      "group (rank %d differs; mpirun --map-by slot)", q);
