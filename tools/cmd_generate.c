@@ -92,6 +92,9 @@ int moe_cmd_generate(int argc, char **argv) {
 
 /* Mean loss over all non-overlapping windows of seq_len + 1 tokens of a token file. */
 int moe_cmd_eval(int argc, char **argv) {
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--model") || !strncmp(argv[i], "--model=", 8))
+            return moe_cmd_eval_hf(argc, argv);
     moe_options o;
     moe_model *m = NULL;
     char ckpt[MOE_PATH_MAX + 64], path[MOE_PATH_MAX + 16];

@@ -20,6 +20,8 @@ static void usage(FILE *f) {
                "            --top-k K --top-p P --seed S]   continue a text\n"
                "  eval --load RUN [--data FILE|DIR]   loss and perplexity on a token file\n"
                "            (default: the validation split data/fortunes/val.bin)\n"
+               "  eval --model DIR --ids 5,17,42 [--dump-logits OUT.npy]   a Hugging Face\n"
+               "            model directory (Mixtral): loss and logits of a token id sequence\n"
                "  inspect FILE|RUN   tensors and metadata of a safetensors file or checkpoint\n"
                "  report RUN  write RUN/report.html: losses, expert load, topics x experts\n"
                "  bench layer|train [options] [--json]   the layer's speed per stage, or\n"

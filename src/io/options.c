@@ -228,6 +228,13 @@ static const opt_def opts[] = {
     {"save", NULL, OPT_STRING, O(save), 0, 0, NULL, FILES, "run directory for checkpoints and "
      "metrics", 0},
     {"load", NULL, OPT_STRING, O(load), 0, 0, NULL, FILES, "resume from this run directory", 0},
+    {"model", NULL, OPT_STRING, O(hf_model), 0, 0, NULL, FILES,
+     "moe eval: a model directory in the Hugging Face layout (config.json, safetensors; "
+     "families: mixtral)", 1},
+    {"ids", NULL, OPT_STRING, O(ids), 0, 0, NULL, FILES,
+     "moe eval --model: a token id sequence, comma-separated, instead of a data file", 1},
+    {"dump-logits", NULL, OPT_STRING, O(dump_logits), 0, 0, NULL, FILES,
+     "moe eval --ids: write the float32 logits [n, V] of the sequence to this .npy file", 1},
     {"save-interval", NULL, OPT_INT, O(save_interval), 0, BIG, NULL, FILES,
      "steps between checkpoints (0 = only at the end)", 0},
     {"keep-last", NULL, OPT_INT, O(keep_last), 1, BIG, NULL, FILES, "checkpoints kept", 0},

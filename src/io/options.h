@@ -28,6 +28,9 @@ typedef struct {
     char data_path[MOE_PATH_MAX];
     char save[MOE_PATH_MAX];
     char load[MOE_PATH_MAX];
+    char hf_model[MOE_PATH_MAX];     /* --model: a Hugging Face model directory */
+    char ids[MOE_PATH_MAX];          /* --ids: token ids "5,17,42" */
+    char dump_logits[MOE_PATH_MAX];  /* --dump-logits: .npy of the logits of --ids */
     int save_interval, keep_last, log_interval, exit_interval;
     char inject_fault[MOE_PATH_MAX]; /* tests: moe_trainer_set_faults */
     int ep;                          /* expert-model-parallel-size (processes, not the model) */

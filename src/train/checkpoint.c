@@ -350,19 +350,39 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
     return s;
 }
 
-moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
-    ckpt_reader r;
-    MOE_TRY(reader_open(&r, ckpt));
-    /* Parameters go to a copy first so that a failure leaves the model unchanged. */
+/* Parameters go to a copy first so that a failure leaves the model unchanged. */
+static moe_status load_params(ckpt_reader *r, moe_model *m,
+                              void (*rename)(const char *, char *, size_t, const void *),
+                              const void *ctx) {
     size_t np = moe_model_param_count(m);
     float *tmp = moe_alloc(np, sizeof(float));
-    moe_status s = tmp ? MOE_OK : MOE_ERR_NOMEM;
+    moe_status s = tmp ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory for %zu parameters", np);
     for (int i = 0; i < moe_model_n_tensors(m) && s == MOE_OK; i++) {
         const moe_tensor_info *ti = moe_model_tensor(m, i);
-        s = reader_get(&r, "model", ti->name, ti->name, ti->ndim, ti->shape, tmp + ti->offset);
+        char name[160];
+        if (rename) rename(ti->name, name, sizeof name, ctx);
+        else snprintf(name, sizeof name, "%s", ti->name);
+        s = reader_get(r, "model", name, name, ti->ndim, ti->shape, tmp + ti->offset);
     }
     if (s == MOE_OK) memcpy(moe_model_params(m), tmp, np * sizeof(float));
     moe_free(tmp);
+    return s;
+}
+
+moe_status moe_checkpoint_load_params(const char *dir, moe_model *m,
+                                      void (*rename)(const char *, char *, size_t, const void *),
+                                      const void *ctx) {
+    ckpt_reader r;
+    MOE_TRY(reader_open(&r, dir));
+    moe_status s = load_params(&r, m, rename, ctx);
+    reader_close(&r);
+    return s;
+}
+
+moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
+    ckpt_reader r;
+    MOE_TRY(reader_open(&r, ckpt));
+    moe_status s = load_params(&r, m, NULL, NULL);
     if (s == MOE_OK && t) s = load_trainer(&r, m, t);
     reader_close(&r);
     return s;

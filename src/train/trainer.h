@@ -65,6 +65,13 @@ moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap);
 moe_status moe_checkpoint_config(const char *ckpt, char **config_text);
 /* Loads parameters (by name, shapes checked) and, if t is not NULL, the trainer state. */
 moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t);
+/* Loads every parameter of m from a directory's safetensors (one model.safetensors, or shards
+ * named by model.safetensors.index.json), each stored under the name rename gives (NULL: our
+ * own name); F32, BF16, F16 or F64; shapes checked; nothing changes in m on failure. */
+moe_status moe_checkpoint_load_params(const char *dir, moe_model *m,
+                                      void (*rename)(const char *ours, char *buf, size_t cap,
+                                                     const void *ctx),
+                                      const void *ctx);
 
 /* The process grid the trainer runs on (NULL: one process). */
 moe_dist *moe_trainer_dist(const moe_trainer *t);

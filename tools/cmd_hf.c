@@ -1,0 +1,106 @@
+/* moe eval --model DIR: models in the Hugging Face layout (io/hf). */
+#include "tools/cli.h"
+
+#include "core/core.h"
+#include "io/hf.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Parses "5,17,42" into ids below vocab; returns the count (0 with an error set on failure). */
+static int parse_ids(const char *text, int vocab, int32_t **out) {
+    int cap = 1;
+    for (const char *p = text; *p; p++) cap += *p == ',';
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
+    int n = 0;
+    const char *p = text;
+    while (ids && *p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v >= vocab || (*end && *end != ',')) {
+            moe_set_error(MOE_ERR_INVALID, "--ids: \"%.20s\" is not a token id below the "
+                          "vocabulary size %d", p, vocab);
+            free(ids);
+            return 0;
+        }
+        ids[n++] = (int32_t)v;
+        p = *end ? end + 1 : end;
+    }
+    if (!n) moe_set_error(MOE_ERR_INVALID, "--ids: no token ids");
+    if (!n) free(ids);
+    *out = n ? ids : NULL;
+    return n;
+}
+
+/* NumPy .npy, version 1.0: magic, header length, a Python dict padded to 64 bytes, data. */
+static moe_status write_npy(const char *path, const float *x, int rows, int cols) {
+    char header[128];
+    int n = snprintf(header, sizeof header, "{'descr': '<f4', 'fortran_order': False, "
+                     "'shape': (%d, %d), }", rows, cols);
+    int total = 10 + n + 1, pad = (64 - total % 64) % 64;
+    memset(header + n, ' ', (size_t)pad);
+    header[n + pad] = '\n';
+    unsigned short hlen = (unsigned short)(n + pad + 1);
+    FILE *f = fopen(path, "wb");
+    if (!f) return moe_set_error(MOE_ERR_IO, "%s: %s", path, strerror(errno));
+    unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)(hlen & 0xff),
+                             (unsigned char)(hlen >> 8)};
+    int ok = fwrite(pre, 1, 10, f) == 10 && fwrite(header, 1, hlen, f) == hlen &&
+             fwrite(x, sizeof(float), (size_t)rows * cols, f) == (size_t)rows * cols;
+    ok = (fclose(f) == 0) && ok;
+    return ok ? MOE_OK : moe_set_error(MOE_ERR_IO, "%s: write failed", path);
+}
+
+int moe_cmd_eval_hf(int argc, char **argv) {
+    moe_options o;
+    moe_options_default(&o);
+    if (moe_options_parse_args(&o, argc, argv) != MOE_OK) {
+        fprintf(stderr, "moe eval: %s\n", moe_last_error());
+        return 2;
+    }
+    if (!o.ids[0]) {
+        fprintf(stderr, "moe eval: --model needs --ids (tokenizers for Hugging Face models are "
+                        "not in yet)\n");
+        return 2;
+    }
+    moe_model_config c;
+    char family[32];
+    if (moe_hf_config(o.hf_model, &c, family, sizeof family) != MOE_OK) {
+        fprintf(stderr, "moe eval: %s\n", moe_last_error());
+        return 1;
+    }
+    int32_t *ids = NULL, *tgt = NULL;
+    int n = parse_ids(o.ids, c.vocab, &ids), rc = 1;
+    moe_model *m = NULL;
+    if (!n) {
+        fprintf(stderr, "moe eval: %s\n", moe_last_error());
+        return 2;
+    }
+    if (n > c.seq_len) c.seq_len = n;
+    tgt = malloc(sizeof(int32_t) * (size_t)n);
+    for (int i = 0; tgt && i < n; i++) tgt[i] = i + 1 < n ? ids[i + 1] : -1;
+    moe_model_args args = moe_model_args_default();
+    args.training = 0;
+    moe_model_loss L;
+    if (!tgt || moe_model_create(&c, n, &m) != MOE_OK || moe_hf_load(o.hf_model, family, m) != MOE_OK ||
+        moe_model_forward(m, ids, tgt, 1, n, &args, &L) != MOE_OK) {
+        fprintf(stderr, "moe eval: %s\n", moe_last_error());
+        goto done;
+    }
+    if (o.dump_logits[0] && write_npy(o.dump_logits, moe_model_logits(m), n, c.vocab) != MOE_OK) {
+        fprintf(stderr, "moe eval: %s\n", moe_last_error());
+        goto done;
+    }
+    printf("eval %s (%s, %zu parameters) on %d token ids: loss %.4f nats/token over %d targets%s%s\n",
+           o.hf_model, family, moe_model_param_count(m), n, L.nll, L.n_targets,
+           o.dump_logits[0] ? ", logits in " : "", o.dump_logits);
+    rc = 0;
+done:
+    moe_model_destroy(m);
+    free(ids);
+    free(tgt);
+    return rc;
+}
