@@ -1,8 +1,9 @@
 #!/bin/sh
 # Hugging Face Mixtral directories: tiny random-weight models written by hf_mixtral.py (fp32
 # in one file, bf16 in 2 shards, fp16 in 3), their logits from moe eval --model --ids
-# --dump-logits against the script's own float64 forward pass; malformed directories refused
-# with one message and a non-zero exit.
+# --dump-logits against the script's own float64 forward pass; moe convert --to hf of those and
+# of our own checkpoint (every tensor compared); malformed directories refused with one message
+# and a non-zero exit.
 moe=$1; src=$2
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
@@ -24,6 +25,61 @@ print("%s: max |logit error| %.2e (largest logit %.2f)" % (sys.argv[2], err, sca
 sys.exit(0 if err <= 2e-5 * scale else 1)
 PY
 done
+# export: moe convert --model DIR --to hf OUT writes the same tensors (as F32) under the same
+# names, and OUT gives bitwise the same logits
+cmp_tensors() { # cmp_tensors A B [rename]: every tensor of dir A equals dir B's (B: one file)
+  /usr/bin/python3 - "$1" "$2" "${3:-}" <<'PY'
+import glob, json, struct, sys
+import numpy as np
+def read(d):
+    out = {}
+    for p in sorted(glob.glob(d + "/model*.safetensors")):
+        b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+        h.pop("__metadata__", None)
+        for k, v in h.items():
+            raw = b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]
+            if v["dtype"] == "BF16":
+                x = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+            else:
+                x = np.frombuffer(raw, {"F32": np.float32, "F16": np.float16}[v["dtype"]]).astype(np.float32)
+            out[k] = x.reshape(v["shape"])
+    return out
+a, b = read(sys.argv[1]), read(sys.argv[2])
+if sys.argv[3] == "ours":  # our checkpoint names -> Mixtral's
+    a = {k.replace(".mlp.gate.", ".block_sparse_moe.gate.").replace(".mlp.experts.", ".block_sparse_moe.experts.")
+          .replace("gate_proj", "w1").replace("up_proj", "w3").replace("down_proj", "w2"): v for k, v in a.items()}
+assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))[:5]
+experts = sum(".experts." in k for k in a)
+for k in a:
+    assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), k
+print("%d tensors identical (%d expert tensors)" % (len(a), experts))
+PY
+}
+for t in F32 BF16 F16; do
+  "$moe" convert --model "$tmp/m$t" --to hf "$tmp/x$t" >"$tmp/out" 2>&1 || fail "convert $t: $(cat "$tmp/out")"
+  cmp_tensors "$tmp/m$t" "$tmp/x$t" || fail "convert $t changed tensors"
+  "$moe" eval --model "$tmp/x$t" --ids "$(cat "$tmp/m$t/ids.txt")" --dump-logits "$tmp/x$t.npy" >"$tmp/out" 2>&1 ||
+    fail "eval of the converted $t: $(cat "$tmp/out")"
+  cmp -s "$tmp/x$t.npy" "$tmp/m$t/out.npy" || fail "converted $t: other logits"
+done
+"$moe" convert --model "$tmp/mF32" --to hf "$tmp/xF32" >"$tmp/out" 2>&1 && fail "convert over a model accepted"
+grep -q "already holds a model" "$tmp/out" || fail "overwrite message: $(cat "$tmp/out")"
+# our own checkpoint to Mixtral: every tensor under its Mixtral name; a shared expert refused
+"$moe" prepare --out "$tmp/data" --val-fraction 0.2 "$src/README.md" >/dev/null || fail "prepare"
+tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
+  --moe-ffn-hidden-size 16 --seq-length 32 --micro-batch-size 2 --global-batch-size 2
+  --train-iters 3 --data-path $tmp/data --untie-embeddings-and-output-weights"
+# shellcheck disable=SC2086
+"$moe" train $tiny --save "$tmp/run" >"$tmp/out" 2>&1 || fail "train: $(tail -3 "$tmp/out")"
+"$moe" convert --load "$tmp/run" --to hf "$tmp/xrun" >"$tmp/out" 2>&1 || fail "convert run: $(cat "$tmp/out")"
+cmp_tensors "$tmp/run/step-00000003" "$tmp/xrun" ours || fail "our checkpoint converted wrongly"
+"$moe" eval --model "$tmp/xrun" --ids 72,101,108,108,111 >"$tmp/out" 2>&1 || fail "eval converted run: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+"$moe" train $tiny --moe-shared-expert-intermediate-size 8 --save "$tmp/run2" >"$tmp/out" 2>&1 || fail "train 2"
+"$moe" convert --load "$tmp/run2" --to hf "$tmp/xrun2" >"$tmp/out" 2>&1 && fail "shared expert converted"
+grep -q "no shared expert" "$tmp/out" || fail "shared expert message: $(cat "$tmp/out")"
+[ ! -e "$tmp/xrun2" ] || fail "a refused conversion left a directory"
+
 # malformed: each a clear error, exit 1
 bad() { # bad NAME EXPECTED-TEXT: run moe eval on $tmp/bad
   "$moe" eval --model "$tmp/bad" --ids 1,2,3 >"$tmp/out" 2>&1 && fail "$1 accepted"

@@ -3,6 +3,7 @@
 
 #include "core/core.h"
 #include "io/hf.h"
+#include "train/trainer.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -103,4 +104,49 @@ done:
     free(ids);
     free(tgt);
     return rc;
+}
+
+/* moe convert (--load RUN | --model DIR) --to hf OUT_DIR */
+int moe_cmd_convert(int argc, char **argv) {
+    const char *to = NULL, *out = NULL; /* "--to hf OUT_DIR" */
+    char **rest = malloc(sizeof(char *) * (size_t)(argc + 1));
+    int n = 0;
+    for (int a = 0; rest && a < argc; a++) {
+        if (strcmp(argv[a], "--to")) {
+            rest[n++] = argv[a];
+            continue;
+        }
+        to = a + 1 < argc ? argv[++a] : NULL;
+        out = a + 1 < argc && strncmp(argv[a + 1], "--", 2) ? argv[++a] : NULL;
+    }
+    if (!rest || !to || strcmp(to, "hf") || !out) {
+        fprintf(stderr, "moe convert: usage: moe convert (--load RUN | --model DIR) --to hf "
+                        "OUT_DIR\n");
+        free(rest);
+        return 2;
+    }
+    moe_options o;
+    char ckpt[MOE_PATH_MAX + 64], family[32] = "mixtral";
+    moe_model *m = NULL;
+    int rc = moe_cli_options(&o, n, rest, ckpt, sizeof ckpt);
+    free(rest);
+    if (rc) {
+        fprintf(stderr, "moe convert: %s\n", moe_last_error());
+        return rc;
+    }
+    moe_model_config c = o.model;
+    moe_status s = MOE_OK;
+    if (o.hf_model[0]) s = moe_hf_config(o.hf_model, &c, family, sizeof family);
+    else if (!ckpt[0]) s = moe_set_error(MOE_ERR_INVALID, "--load RUN or --model DIR is required");
+    if (s == MOE_OK) s = moe_model_create(&c, 1, &m);
+    if (s == MOE_OK)
+        s = o.hf_model[0] ? moe_hf_load(o.hf_model, family, m) : moe_checkpoint_load(ckpt, m, NULL);
+    if (s == MOE_OK) s = moe_hf_save(out, "mixtral", m);
+    if (s == MOE_OK)
+        printf("wrote %s/config.json and %s/model.safetensors (mixtral, %zu parameters)\n", out,
+               out, moe_model_param_count(m));
+    else
+        fprintf(stderr, "moe convert: %s\n", moe_last_error());
+    moe_model_destroy(m);
+    return s == MOE_OK ? 0 : 1;
 }

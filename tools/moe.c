@@ -22,6 +22,8 @@ static void usage(FILE *f) {
                "            (default: the validation split data/fortunes/val.bin)\n"
                "  eval --model DIR --ids 5,17,42 [--dump-logits OUT.npy]   a Hugging Face\n"
                "            model directory (Mixtral): loss and logits of a token id sequence\n"
+               "  convert (--load RUN | --model DIR) --to hf OUT_DIR   write a model in the\n"
+               "            Hugging Face Mixtral layout (config.json, model.safetensors)\n"
                "  inspect FILE|RUN   tensors and metadata of a safetensors file or checkpoint\n"
                "  report RUN  write RUN/report.html: losses, expert load, topics x experts\n"
                "  bench layer|train [options] [--json]   the layer's speed per stage, or\n"
@@ -90,7 +92,8 @@ static int run(int argc, char **argv, moe_dist *d) {
     if (!strcmp(cmd, "inspect")) return moe_cmd_inspect(argc - 2, argv + 2);
     if (!strcmp(cmd, "report")) return moe_cmd_report(argc - 2, argv + 2);
     if (!strcmp(cmd, "bench")) return moe_cmd_bench(argc - 2, argv + 2);
-    fprintf(stderr, "moe: unknown command '%s' (commands: prepare, train, generate, eval, inspect, report, bench, demo, help; see moe "
+    if (!strcmp(cmd, "convert")) return moe_cmd_convert(argc - 2, argv + 2);
+    fprintf(stderr, "moe: unknown command '%s' (commands: prepare, train, generate, eval, inspect, convert, report, bench, demo, help; see moe "
                     "--help)\n", cmd);
     return 2;
 }

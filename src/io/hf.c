@@ -2,6 +2,8 @@
 #include "io/hf.h"
 
 #include "core/core.h"
+#include "io/data.h"
+#include "io/safetensors.h"
 #include "train/trainer.h"
 
 #include <cJSON.h>
@@ -10,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* An integer field in [lo, hi]; absent: def (or an error when def < lo). */
 static moe_status get_int(const cJSON *j, const char *key, int lo, int hi, int def, int *out) {
@@ -140,4 +143,83 @@ static void rename_hf(const char *ours, char *buf, size_t cap, const void *famil
 
 moe_status moe_hf_load(const char *dir, const char *family, moe_model *m) {
     return moe_checkpoint_load_params(dir, m, rename_hf, family);
+}
+
+int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, size_t cap) {
+    const moe_layer_config *m = &c->moe;
+    const char *bad = NULL;
+    if (strcmp(family, "mixtral")) bad = "only the mixtral layout can be written";
+    else if (c->first_k_dense || c->moe_layer_freq != 1) bad = "every layer must be an MoE layer";
+    else if (m->act != MOE_ACT_SWIGLU) bad = "the experts must use swiglu";
+    else if (m->router != MOE_ROUTER_TOPK || m->score != MOE_SCORE_SOFTMAX)
+        bad = "the router must be top-k over softmax scores";
+    else if (m->pre_softmax && m->norm_topk != MOE_NORM_ON)
+        bad = "softmax before top-k needs renormalised weights";
+    else if (m->route_scale != 1.0f || m->n_groups > 1 || m->enable_expert_bias)
+        bad = "no scaling factor, expert groups or expert bias";
+    else if (m->shared_ffn || m->residual || m->expert_bias)
+        bad = "no shared expert, Residual-MoE or linear biases";
+    else if (m->capacity_factor != 0) bad = "the layer must be dropless";
+    for (int l = 0; !bad && l < c->n_layers; l++)
+        if (moe_model_layer_experts(c, l) != m->n_experts) bad = "every layer needs num-experts";
+    if (bad) snprintf(why, cap, "%s", bad);
+    return bad == NULL;
+}
+
+static int exists(const char *dir, const char *name) {
+    char path[4400];
+    struct stat sb;
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return stat(path, &sb) == 0;
+}
+
+moe_status moe_hf_save(const char *dir, const char *family, moe_model *m) {
+    const moe_model_config *c = moe_model_get_config(m);
+    char why[128];
+    if (!moe_hf_compatible(c, family, why, sizeof why))
+        return moe_set_error(MOE_ERR_INVALID, "cannot write a %s model: %s", family, why);
+    if (exists(dir, "config.json") || exists(dir, "model.safetensors"))
+        return moe_set_error(MOE_ERR_INVALID, "%s already holds a model; choose an empty "
+                             "directory", dir);
+    MOE_TRY(moe_mkdirs(dir));
+    cJSON *j = cJSON_CreateObject();
+    cJSON *arch = cJSON_AddArrayToObject(j, "architectures");
+    cJSON_AddItemToArray(arch, cJSON_CreateString("MixtralForCausalLM"));
+    cJSON_AddStringToObject(j, "model_type", "mixtral");
+    const struct { const char *key; double v; } nums[] = {
+        {"vocab_size", c->vocab}, {"hidden_size", c->d}, {"intermediate_size", c->moe.ffn},
+        {"num_hidden_layers", c->n_layers}, {"num_attention_heads", c->n_heads},
+        {"num_key_value_heads", c->n_kv_heads}, {"num_local_experts", c->moe.n_experts},
+        {"num_experts_per_tok", c->moe.topk}, {"rms_norm_eps", c->norm_eps},
+        {"rope_theta", c->rope_theta}, {"max_position_embeddings", c->seq_len},
+        {"head_dim", c->d / c->n_heads}, {"initializer_range", c->init_std}};
+    for (size_t i = 0; i < sizeof nums / sizeof *nums; i++)
+        cJSON_AddNumberToObject(j, nums[i].key, nums[i].v);
+    cJSON_AddStringToObject(j, "hidden_act", "silu");
+    cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings != 0);
+    cJSON_AddStringToObject(j, "torch_dtype", "float32");
+    char *text = cJSON_Print(j);
+    cJSON_Delete(j);
+    if (!text) return moe_set_error(MOE_ERR_NOMEM, "out of memory for config.json");
+    int n = moe_model_n_tensors(m);
+    moe_st_entry *e = calloc((size_t)n, sizeof *e);
+    char (*names)[160] = calloc((size_t)n, sizeof *names);
+    moe_status s = e && names ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    const float *p = moe_model_params(m);
+    for (int i = 0; s == MOE_OK && i < n; i++) {
+        const moe_tensor_info *t = moe_model_tensor(m, i);
+        moe_hf_tensor_name(family, t->name, names[i], sizeof names[i]);
+        e[i] = (moe_st_entry){names[i], MOE_DT_F32, t->ndim, {0}, p + t->offset};
+        memcpy(e[i].shape, t->shape, sizeof(int64_t) * (size_t)t->ndim);
+    }
+    char path[4400];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    const char *keys[] = {"format"}, *vals[] = {"pt"};
+    if (s == MOE_OK) s = moe_st_write(path, e, n, keys, vals, 1);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    const void *parts[] = {text, "\n"};
+    size_t sizes[] = {strlen(text), 1};
+    if (s == MOE_OK) s = moe_write_atomic(path, parts, sizes, 2);
+    free(text), free(e), free(names);
+    return s;
 }

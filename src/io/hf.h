@@ -17,4 +17,10 @@ void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t 
  * shapes checked; nothing changes in m on failure. */
 moe_status moe_hf_load(const char *dir, const char *family, moe_model *m);
 
+/* Whether the model can be written as the family (only "mixtral" so far); else a reason. */
+int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, size_t cap);
+/* Writes DIR/config.json and DIR/model.safetensors (F32, "format": "pt") in the family's
+ * layout; refuses a directory that already holds either file. */
+moe_status moe_hf_save(const char *dir, const char *family, moe_model *m);
+
 #endif
