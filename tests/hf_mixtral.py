@@ -3,7 +3,7 @@ float64 PyTorch implementation of Mixtral's forward pass (written from the publi
 formulas: RMSNorm, rotate-half RoPE, grouped-query causal attention, softmax router with top-k
 renormalised, SwiGLU experts w1/w3/w2).
 
-usage: hf_mixtral.py OUT_DIR DTYPE SHARDS SEED  ->  OUT_DIR/{config.json, *.safetensors,
+usage: hf_mixtral.py OUT_DIR DTYPE SHARDS SEED [VOCAB]  ->  OUT_DIR/{config.json, *.safetensors,
        ids.txt, ref.npy}"""
 import json, os, struct, sys
 
@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 out, dtype, shards, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+V = int(sys.argv[5]) if len(sys.argv) > 5 else 97
 g = torch.Generator().manual_seed(seed)
-V, d, L, H, KV, f, E, k, theta, eps = 97, 32, 2, 4, 2, 24, 4, 2, 10000.0, 1e-5
+d, L, H, KV, f, E, k, theta, eps = 32, 2, 4, 2, 24, 4, 2, 10000.0, 1e-5
 hd = d // H
 cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": V,
        "hidden_size": d, "intermediate_size": f, "num_hidden_layers": L,

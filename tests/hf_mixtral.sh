@@ -80,6 +80,23 @@ cmp_tensors "$tmp/run/step-00000003" "$tmp/xrun" ours || fail "our checkpoint co
 grep -q "no shared expert" "$tmp/out" || fail "shared expert message: $(cat "$tmp/out")"
 [ ! -e "$tmp/xrun2" ] || fail "a refused conversion left a directory"
 
+# fine-tuning: moe train --init-from DIR takes the model's config.json, the flags on top (here
+# an aux loss), and its weights: with lr 0 the saved parameters are exactly the model's
+/usr/bin/python3 "$src/tests/hf_mixtral.py" "$tmp/mv" BF16 2 "$seed" 300 || fail "writing the 300-token model"
+ft="--init-from $tmp/mv --seq-length 32 --micro-batch-size 2 --global-batch-size 2 --data-path $tmp/data"
+# shellcheck disable=SC2086
+"$moe" train $ft --train-iters 1 --lr 0 --min-lr 0 --moe-aux-loss-coeff 0.01 --save "$tmp/ft" >"$tmp/out" 2>&1 ||
+  fail "init-from: $(tail -3 "$tmp/out")"
+grep -q "initialised from $tmp/mv (mixtral)" "$tmp/out" || fail "no init line: $(head -3 "$tmp/out")"
+grep -q "moe train: 2 layers (2 MoE), d=32" "$tmp/out" || fail "not the model's shape: $(head -3 "$tmp/out")"
+grep "^step 1/1" "$tmp/out" | grep -qv "aux 0 " || fail "the aux-loss flag was not applied: $(grep '^step' "$tmp/out")"
+cmp_tensors "$tmp/ft/step-00000001" "$tmp/mv" ours || fail "init-from did not load the model's weights"
+# shellcheck disable=SC2086
+"$moe" train $ft --train-iters 3 --save "$tmp/ft2" >"$tmp/out" 2>&1 || fail "fine-tune: $(tail -3 "$tmp/out")"
+# shellcheck disable=SC2086
+"$moe" train $ft --train-iters 4 --load "$tmp/ft2" >"$tmp/out" 2>&1 && fail "--init-from with --load accepted"
+grep -q "resume it with --load alone" "$tmp/out" || fail "init-from/load message: $(cat "$tmp/out")"
+
 # malformed: each a clear error, exit 1
 bad() { # bad NAME EXPECTED-TEXT: run moe eval on $tmp/bad
   "$moe" eval --model "$tmp/bad" --ids 1,2,3 >"$tmp/out" 2>&1 && fail "$1 accepted"

@@ -4,6 +4,7 @@
 
 #include "core/core.h"
 #include "io/data.h"
+#include "io/hf.h"
 #include "io/options.h"
 #include "io/tfevents.h"
 #include "train/trainer.h"
@@ -204,6 +205,20 @@ int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t ca
         if (st != MOE_OK) return 1;
         if (moe_options_parse_args(o, argc, argv) != MOE_OK) return 2;
     }
+    if (o->init_from[0]) { /* the model's config.json, then the command line on top */
+        if (ckpt[0]) {
+            moe_set_error(MOE_ERR_INVALID, "--init-from starts a run; resume it with --load alone");
+            return 2;
+        }
+        moe_model_config c;
+        char family[32];
+        if (moe_hf_config(o->init_from, &c, family, sizeof family) != MOE_OK) return 1;
+        moe_options_default(o);
+        o->model = c;
+        o->layer = c.moe;
+        o->untie = !c.tie_embeddings;
+        if (moe_options_parse_args(o, argc, argv) != MOE_OK) return 2;
+    }
     return moe_options_finish(o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN) != MOE_OK ? 2 : 0;
 }
 
@@ -285,6 +300,13 @@ int moe_cmd_train(int argc, char **argv) {
     if (ckpt[0]) {
         if (moe_checkpoint_load(ckpt, m, t) != MOE_OK) goto fail;
         printf("resumed from %s at step %d\n", ckpt, moe_trainer_steps_done(t));
+    } else if (o.init_from[0]) {
+        char family[32];
+        moe_model_config hc;
+        if (moe_hf_config(o.init_from, &hc, family, sizeof family) != MOE_OK ||
+            moe_hf_load(o.init_from, family, m) != MOE_OK)
+            goto fail;
+        printf("initialised from %s (%s)\n", o.init_from, family);
     }
     if (o.save[0] && d->world_rank == 0) { /* metrics and events: rank 0 */
         if (moe_mkdirs(o.save) != MOE_OK) goto fail;

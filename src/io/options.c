@@ -231,6 +231,9 @@ static const opt_def opts[] = {
     {"model", NULL, OPT_STRING, O(hf_model), 0, 0, NULL, FILES,
      "moe eval: a model directory in the Hugging Face layout (config.json, safetensors; "
      "families: mixtral)", 1},
+    {"init-from", NULL, OPT_STRING, O(init_from), 0, 0, NULL, FILES,
+     "moe train: start from a Hugging Face model directory (its config.json, then these flags; "
+     "its weights)", 1},
     {"ids", NULL, OPT_STRING, O(ids), 0, 0, NULL, FILES,
      "moe eval --model: a token id sequence, comma-separated, instead of a data file", 1},
     {"dump-logits", NULL, OPT_STRING, O(dump_logits), 0, 0, NULL, FILES,

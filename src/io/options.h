@@ -29,6 +29,7 @@ typedef struct {
     char save[MOE_PATH_MAX];
     char load[MOE_PATH_MAX];
     char hf_model[MOE_PATH_MAX];     /* --model: a Hugging Face model directory */
+    char init_from[MOE_PATH_MAX];    /* train --init-from: start from a Hugging Face model */
     char ids[MOE_PATH_MAX];          /* --ids: token ids "5,17,42" */
     char dump_logits[MOE_PATH_MAX];  /* --dump-logits: .npy of the logits of --ids */
     int save_interval, keep_last, log_interval, exit_interval;
