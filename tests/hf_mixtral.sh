@@ -87,15 +87,34 @@ ft="--init-from $tmp/mv --seq-length 32 --micro-batch-size 2 --global-batch-size
 # shellcheck disable=SC2086
 "$moe" train $ft --train-iters 1 --lr 0 --min-lr 0 --moe-aux-loss-coeff 0.01 --save "$tmp/ft" >"$tmp/out" 2>&1 ||
   fail "init-from: $(tail -3 "$tmp/out")"
-grep -q "initialised from $tmp/mv (mixtral)" "$tmp/out" || fail "no init line: $(head -3 "$tmp/out")"
-grep -q "moe train: 2 layers (2 MoE), d=32" "$tmp/out" || fail "not the model's shape: $(head -3 "$tmp/out")"
-grep "^step 1/1" "$tmp/out" | grep -qv "aux 0 " || fail "the aux-loss flag was not applied: $(grep '^step' "$tmp/out")"
+grep -aq "initialised from $tmp/mv (mixtral)" "$tmp/out" || fail "no init line: $(head -3 "$tmp/out")"
+grep -aq "moe train: 2 layers (2 MoE), d=32" "$tmp/out" || fail "not the model's shape: $(head -3 "$tmp/out")"
+grep -a "^step 1/1" "$tmp/out" | grep -qv "aux 0 " || fail "the aux-loss flag was not applied: $(grep -a '^step' "$tmp/out")"
 cmp_tensors "$tmp/ft/step-00000001" "$tmp/mv" ours || fail "init-from did not load the model's weights"
 # shellcheck disable=SC2086
 "$moe" train $ft --train-iters 3 --save "$tmp/ft2" >"$tmp/out" 2>&1 || fail "fine-tune: $(tail -3 "$tmp/out")"
 # shellcheck disable=SC2086
 "$moe" train $ft --train-iters 4 --load "$tmp/ft2" >"$tmp/out" 2>&1 && fail "--init-from with --load accepted"
 grep -q "resume it with --load alone" "$tmp/out" || fail "init-from/load message: $(cat "$tmp/out")"
+
+# inspect: family, shape and parameter counts, against counts from the files' headers
+"$moe" inspect "$tmp/mv" >"$tmp/out" 2>&1 || fail "inspect: $(cat "$tmp/out")"
+want=$(/usr/bin/python3 - "$tmp/mv" <<'PY'
+import glob, json, struct, sys
+tot = ex = 0
+for p in glob.glob(sys.argv[1] + "/model*.safetensors"):
+    b = open(p, "rb").read(16 << 20); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+    h.pop("__metadata__", None)
+    for k, v in h.items():
+        c = 1
+        for s in v["shape"]: c *= s
+        tot += c; ex += c if ".experts." in k else 0
+print("parameters %d (%.2f M), in routed experts %d, active per token %d" % (tot, tot / 1e6, ex, tot - ex + ex * 2 // 4))
+PY
+)
+grep -q "Hugging Face mixtral model, 2 layers (2 MoE), d=32, 4 heads (2 key/value), vocab 300" "$tmp/out" ||
+  fail "inspect summary: $(head -2 "$tmp/out")"
+grep -qF "$want" "$tmp/out" || fail "inspect counts: $(sed -n 2p "$tmp/out") (expected $want)"
 
 # malformed: each a clear error, exit 1
 bad() { # bad NAME EXPECTED-TEXT: run moe eval on $tmp/bad

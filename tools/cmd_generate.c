@@ -198,7 +198,11 @@ int moe_cmd_inspect(int argc, char **argv) {
         return 0;
     }
     char ckpt[4200], path[4200 + 258]; /* room for "/" and a d_name */
-    if (moe_checkpoint_resolve(argv[0], ckpt, sizeof ckpt) != MOE_OK) {
+    snprintf(path, sizeof path, "%s/config.json", argv[0]);
+    if (stat(path, &sb) == 0) { /* a Hugging Face model directory */
+        if (moe_cli_inspect_hf(argv[0])) return 1;
+        snprintf(ckpt, sizeof ckpt, "%s", argv[0]);
+    } else if (moe_checkpoint_resolve(argv[0], ckpt, sizeof ckpt) != MOE_OK) {
         fprintf(stderr, "moe inspect: %s\n", moe_last_error());
         return 1;
     }

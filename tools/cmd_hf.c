@@ -150,3 +150,32 @@ int moe_cmd_convert(int argc, char **argv) {
     moe_model_destroy(m);
     return s == MOE_OK ? 0 : 1;
 }
+
+/* moe inspect DIR (with config.json): the family, shape, expert layout and parameter counts. */
+int moe_cli_inspect_hf(const char *dir) {
+    moe_model_config c;
+    char family[32];
+    moe_tensor_info *t = NULL;
+    int n = 0;
+    if (moe_hf_config(dir, &c, family, sizeof family) != MOE_OK ||
+        moe_model_full_tensors(&c, &t, &n) != MOE_OK) {
+        fprintf(stderr, "moe inspect: %s\n", moe_last_error());
+        return 1;
+    }
+    double total = 0, experts = 0;
+    for (int i = 0; i < n; i++) {
+        total += (double)t[i].numel;
+        if (t[i].expert) experts += (double)t[i].numel;
+    }
+    free(t);
+    int moe_layers = 0;
+    for (int l = 0; l < c.n_layers; l++) moe_layers += moe_model_layer_experts(&c, l) > 0;
+    double active = total - experts + experts * c.moe.topk / c.moe.n_experts;
+    printf("%s: Hugging Face %s model, %d layers (%d MoE), d=%d, %d heads (%d key/value), "
+           "vocab %d, %s embeddings\n", dir, family, c.n_layers, moe_layers, c.d, c.n_heads,
+           c.n_kv_heads, c.vocab, c.tie_embeddings ? "tied" : "untied");
+    printf("experts: %d per MoE layer, top-%d, hidden size %d; parameters %.0f (%.2f M), in "
+           "routed experts %.0f, active per token %.0f (%.2f M)\n", c.moe.n_experts, c.moe.topk,
+           c.moe.ffn, total, 1e-6 * total, experts, active, 1e-6 * active);
+    return 0;
+}
