@@ -320,6 +320,7 @@ typedef struct {
     float norm_eps;
     float init_std;       /* normal(0, std) initialisation of the weights */
     int tie_embeddings;   /* LM head = embedding matrix */
+    int qkv_bias;         /* biases in the query, key and value projections (Qwen2) */
     int moe_layer_freq;   /* layer l is MoE if l % freq == 0 (and l >= first_k_dense) */
     int first_k_dense;    /* the first k layers are dense (DeepSeek) */
     int n_experts[MOE_MAX_LAYERS]; /* experts of each MoE layer (pyramid PR-MoE); 0 = moe.n_experts */

@@ -59,10 +59,10 @@ static void random_params(moe_model *m, uint64_t seed) {
     }
 }
 
-static void test_against_torch(void **state) {
-    (void)state;
+static void against_torch(int qkv_bias) {
     uint64_t seed = tu_seed();
     moe_model_config c = tiny_config();
+    c.qkv_bias = qkv_bias;
     int B = 2, S = 7, T = B * S;
     moe_model *m;
     assert_int_equal(moe_model_create(&c, T, &m), MOE_OK);
@@ -129,6 +129,17 @@ static void test_against_torch(void **state) {
     free(names);
     moe_model_destroy(m);
     if (rc != 0) fail_msg("the PyTorch reference disagrees (or python3-torch is missing): %d", rc);
+}
+
+static void test_against_torch(void **state) {
+    (void)state;
+    against_torch(0);
+}
+
+/* Query, key and value biases (Qwen2): forward and every gradient, the biases' included. */
+static void test_against_torch_qkv_bias(void **state) {
+    (void)state;
+    against_torch(1);
 }
 
 /* A training step with loss_scale s gives s times the gradients of loss_scale 1, the aux and
@@ -374,7 +385,8 @@ static void test_weight_decay_groups(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_against_torch), cmocka_unit_test(test_loss_scale),
+        cmocka_unit_test(test_against_torch),
+        cmocka_unit_test(test_against_torch_qkv_bias), cmocka_unit_test(test_loss_scale),
         cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
         cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),

@@ -81,9 +81,12 @@ def forward(P, tok, tgt, c):
     for l in range(c["n_layers"]):
         pre = f"model.layers.{l}"
         h = rmsnorm(x, P[pre + ".input_layernorm.weight"], c["eps"])
-        q = (h @ P[pre + ".self_attn.q_proj.weight"].T).view(B, S, H, hd)
-        kk = (h @ P[pre + ".self_attn.k_proj.weight"].T).view(B, S, KV, hd)
-        v = (h @ P[pre + ".self_attn.v_proj.weight"].T).view(B, S, KV, hd)
+        proj = {}
+        for n in "qkv":
+            proj[n] = h @ P[pre + f".self_attn.{n}_proj.weight"].T
+            if pre + f".self_attn.{n}_proj.bias" in P:  # Qwen2: biases on q, k, v
+                proj[n] = proj[n] + P[pre + f".self_attn.{n}_proj.bias"]
+        q, kk, v = proj["q"].view(B, S, H, hd), proj["k"].view(B, S, KV, hd), proj["v"].view(B, S, KV, hd)
         q, kk = rope(q, c["theta"]), rope(kk, c["theta"])
         kk = kk.repeat_interleave(H // KV, dim=2)
         v = v.repeat_interleave(H // KV, dim=2)

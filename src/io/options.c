@@ -188,6 +188,8 @@ static const opt_def opts[] = {
      "RMSNorm epsilon", 0},
     {"init-method-std", "initializer-range", OPT_FLOAT, M(init_std), 1e-30, BIG, NULL, MODEL,
      "std of the normal initialisation (output projections: std / sqrt(2 L))", 0},
+    {"add-qkv-bias", "qkv-bias", OPT_BOOL, M(qkv_bias), 0, 1, NULL, MODEL,
+     "biases in the query, key and value projections (Qwen2-MoE)", 0},
     {"untie-embeddings-and-output-weights", NULL, OPT_BOOL, O(untie), 0, 1, NULL, MODEL,
      "separate LM head instead of the embedding matrix", 0},
     {"moe-layer-freq", NULL, OPT_INT, M(moe_layer_freq), 1, BIG, NULL, MODEL,

@@ -18,6 +18,7 @@ typedef struct {
     float *wk;        /* [KV*hd, d] */
     float *wv;        /* [KV*hd, d] */
     float *wo;        /* [d, H*hd] */
+    float *bq, *bk, *bv; /* [H*hd], [KV*hd], [KV*hd] with qkv_bias, else NULL */
     float *ffn_norm;  /* [d] */
     float *w_in;      /* dense: [gf, d] */
     float *w_out;     /* dense: [d, ffn] */
@@ -244,7 +245,7 @@ static moe_status add_moe_tensors(moe_model *m, int l, const moe_layer_config *l
     return MOE_OK;
 }
 
-enum { B_ATTN_NORM, B_WQ, B_WK, B_WV, B_WO, B_FFN_NORM, B_W_IN, B_W_OUT, B_MOE, B_N };
+enum { B_ATTN_NORM, B_WQ, B_WK, B_WV, B_BQ, B_BK, B_BV, B_WO, B_FFN_NORM, B_W_IN, B_W_OUT, B_MOE, B_N };
 
 static moe_status build_tensors(moe_model *m) {
     const moe_model_config *c = &m->cfg;
@@ -258,6 +259,11 @@ static moe_status build_tensors(moe_model *m) {
         ADD(0, &o[B_WQ], 2, SHAPE(hq, d), "model.layers.%d.self_attn.q_proj.weight", l);
         ADD(0, &o[B_WK], 2, SHAPE(hkv, d), "model.layers.%d.self_attn.k_proj.weight", l);
         ADD(0, &o[B_WV], 2, SHAPE(hkv, d), "model.layers.%d.self_attn.v_proj.weight", l);
+        if (c->qkv_bias) {
+            ADD(1, &o[B_BQ], 1, SHAPE(hq), "model.layers.%d.self_attn.q_proj.bias", l);
+            ADD(1, &o[B_BK], 1, SHAPE(hkv), "model.layers.%d.self_attn.k_proj.bias", l);
+            ADD(1, &o[B_BV], 1, SHAPE(hkv), "model.layers.%d.self_attn.v_proj.bias", l);
+        }
         ADD(0, &o[B_WO], 2, SHAPE(d, hq), "model.layers.%d.self_attn.o_proj.weight", l);
         ADD(1, &o[B_FFN_NORM], 1, SHAPE(d), "model.layers.%d.post_attention_layernorm.weight", l);
         if (moe_model_layer_experts(c, l)) {
@@ -282,8 +288,9 @@ static block_ptrs block(const moe_model *m, float *base, int l) {
     const size_t *o = m->block_off + (size_t)l * B_N;
     float *p[B_N];
     for (int i = 0; i < B_N; i++) p[i] = o[i] == SIZE_MAX ? NULL : base + o[i];
-    block_ptrs b = {p[B_ATTN_NORM], p[B_WQ], p[B_WK], p[B_WV],    p[B_WO],
-                    p[B_FFN_NORM],  p[B_W_IN], p[B_W_OUT], p[B_MOE]};
+    block_ptrs b = {p[B_ATTN_NORM], p[B_WQ],     p[B_WK],    p[B_WV],
+                    p[B_WO],        p[B_BQ],     p[B_BK],    p[B_BV],
+                    p[B_FFN_NORM],  p[B_W_IN],   p[B_W_OUT], p[B_MOE]};
     return b;
 }
 
@@ -483,6 +490,34 @@ void moe_model_init_params(moe_model *m, uint64_t seed) {
 
 /* ---------------------------------------------------------------- forward */
 
+/* q, k, v [T, *] = n1 Wᵀ (+ bias): the attention projections of one block. */
+static void project_qkv(const moe_model *m, const block_ptrs *p, const float *n1, int T,
+                        float *q, float *k, float *v) {
+    const moe_model_config *c = &m->cfg;
+    int d = c->d, hq = c->n_heads * m->hd, hkv = c->n_kv_heads * m->hd;
+    moe_gemm(0, 1, T, hq, d, 1, n1, d, p->wq, d, 0, q, hq);
+    moe_gemm(0, 1, T, hkv, d, 1, n1, d, p->wk, d, 0, k, hkv);
+    moe_gemm(0, 1, T, hkv, d, 1, n1, d, p->wv, d, 0, v, hkv);
+    if (!p->bq) return;
+    float *out[3] = {q, k, v};
+    const float *b[3] = {p->bq, p->bk, p->bv};
+    int n[3] = {hq, hkv, hkv};
+    for (int j = 0; j < 3; j++)
+#pragma omp parallel for schedule(static)
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < n[j]; i++) out[j][(size_t)t * n[j] + i] += b[j][i];
+}
+
+/* g [n] += the column sums of dy [T, n] (a bias gradient), summed in double. */
+static void add_col_sums(float *g, const float *dy, int T, int n) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < n; i++) {
+        double acc = 0;
+        for (int t = 0; t < T; t++) acc += dy[(size_t)t * n + i];
+        g[i] += (float)acc;
+    }
+}
+
 moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
                              int S, const moe_model_args *args, moe_model_loss *loss) {
     const moe_model_config *c = &m->cfg;
@@ -492,7 +527,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
                              "model forward: batch %d x %d tokens does not fit (sequence length "
                              "<= %d, tokens <= %d)", B, S, c->seq_len, m->max_tokens);
     int T = B * S, d = c->d, V = c->vocab, H = c->n_heads, KV = c->n_kv_heads, hd = m->hd;
-    int hq = H * hd, hkv = KV * hd;
+    int hq = H * hd;
     for (int t = 0; t < T; t++) {
         if (tokens[t] < 0 || tokens[t] >= V)
             return moe_set_error(MOE_ERR_INVALID, "token %d at position %d is outside the "
@@ -517,9 +552,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
         block_ptrs p = block(m, m->params, l);
         float *xnext = l + 1 < c->n_layers ? m->sv[l + 1].x : m->xf;
         moe_rmsnorm_forward(s->n1, s->rstd1, s->x, p.attn_norm, T, d, c->norm_eps);
-        moe_gemm(0, 1, T, hq, d, 1, s->n1, d, p.wq, d, 0, s->q, hq);
-        moe_gemm(0, 1, T, hkv, d, 1, s->n1, d, p.wk, d, 0, s->k, hkv);
-        moe_gemm(0, 1, T, hkv, d, 1, s->n1, d, p.wv, d, 0, s->v, hkv);
+        project_qkv(m, &p, s->n1, T, s->q, s->k, s->v);
         moe_rope_apply(s->q, T, H, hd, m->pos, c->rope_theta, 1);
         moe_rope_apply(s->k, T, KV, hd, m->pos, c->rope_theta, 1);
         moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, B, S, H, KV, hd);
@@ -604,6 +637,11 @@ moe_status moe_model_backward(moe_model *m) {
                                KV, hd);
         moe_rope_apply(m->dq, T, H, hd, m->pos, c->rope_theta, -1);
         moe_rope_apply(m->dk, T, KV, hd, m->pos, c->rope_theta, -1);
+        if (g.bq) {
+            add_col_sums(g.bq, m->dq, T, hq);
+            add_col_sums(g.bk, m->dk, T, hkv);
+            add_col_sums(g.bv, m->dv, T, hkv);
+        }
         moe_gemm(1, 0, hq, d, T, 1, m->dq, hq, s->n1, d, 1, g.wq, d);
         moe_gemm(1, 0, hkv, d, T, 1, m->dk, hkv, s->n1, d, 1, g.wk, d);
         moe_gemm(1, 0, hkv, d, T, 1, m->dv, hkv, s->n1, d, 1, g.wv, d);
@@ -652,9 +690,7 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
         block_ptrs p = block(m, m->params, l);
         float *kc = m->kcache + (size_t)l * c->seq_len * hkv, *vc = m->vcache + (size_t)l * c->seq_len * hkv;
         moe_rmsnorm_forward(s->n1, s->rstd1, x, p.attn_norm, n, d, c->norm_eps);
-        moe_gemm(0, 1, n, hq, d, 1, s->n1, d, p.wq, d, 0, s->q, hq);
-        moe_gemm(0, 1, n, hkv, d, 1, s->n1, d, p.wk, d, 0, kc + (size_t)P * hkv, hkv);
-        moe_gemm(0, 1, n, hkv, d, 1, s->n1, d, p.wv, d, 0, vc + (size_t)P * hkv, hkv);
+        project_qkv(m, &p, s->n1, n, s->q, kc + (size_t)P * hkv, vc + (size_t)P * hkv);
         moe_rope_apply(s->q, n, H, hd, m->pos, c->rope_theta, 1);
         moe_rope_apply(kc + (size_t)P * hkv, n, KV, hd, m->pos, c->rope_theta, 1);
         moe_attention_cached(s->att, m->att_scratch, s->q, kc, vc, n, P, H, KV, hd);
