@@ -44,20 +44,28 @@ static moe_status get_float(const cJSON *j, const char *key, double lo, double h
     return MOE_OK;
 }
 
-static moe_status parse_mixtral(const cJSON *j, moe_model_config *c) {
+/* A boolean field; absent: def. */
+static moe_status get_bool(const cJSON *j, const char *key, int def, int *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+    if (v && !cJSON_IsBool(v))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: \"%s\" must be true or false", key);
+    *out = v ? cJSON_IsTrue(v) : def;
+    return MOE_OK;
+}
+
+/* What the decoder families share: sizes, attention, norms, RoPE, SwiGLU experts behind a
+ * softmax top-k router; expert_ffn and n_experts are the family's key names. */
+static moe_status parse_common(const cJSON *j, moe_model_config *c, const char *expert_ffn,
+                               const char *n_experts) {
     int hd, tie = 0, max_pos;
-    const cJSON *t = cJSON_GetObjectItemCaseSensitive(j, "tie_word_embeddings");
-    if (t && !cJSON_IsBool(t))
-        return moe_set_error(MOE_ERR_FORMAT, "config.json: \"tie_word_embeddings\" must be true "
-                             "or false");
-    tie = cJSON_IsTrue(t);
+    MOE_TRY(get_bool(j, "tie_word_embeddings", 0, &tie));
     MOE_TRY(get_int(j, "vocab_size", 2, 1 << 24, -1, &c->vocab));
     MOE_TRY(get_int(j, "hidden_size", 1, 1 << 20, -1, &c->d));
     MOE_TRY(get_int(j, "num_hidden_layers", 1, MOE_MAX_LAYERS, -1, &c->n_layers));
     MOE_TRY(get_int(j, "num_attention_heads", 1, 1 << 16, -1, &c->n_heads));
     MOE_TRY(get_int(j, "num_key_value_heads", 1, 1 << 16, c->n_heads, &c->n_kv_heads));
-    MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, -1, &c->moe.ffn));
-    MOE_TRY(get_int(j, "num_local_experts", 1, 1 << 16, -1, &c->moe.n_experts));
+    MOE_TRY(get_int(j, expert_ffn, 1, 1 << 24, -1, &c->moe.ffn));
+    MOE_TRY(get_int(j, n_experts, 1, 1 << 16, -1, &c->moe.n_experts));
     MOE_TRY(get_int(j, "num_experts_per_tok", 1, 1 << 16, -1, &c->moe.topk));
     MOE_TRY(get_int(j, "max_position_embeddings", 1, 1 << 24, 4096, &max_pos));
     MOE_TRY(get_int(j, "head_dim", 1, 1 << 16, c->d / c->n_heads, &hd));
@@ -65,8 +73,7 @@ static moe_status parse_mixtral(const cJSON *j, moe_model_config *c) {
     MOE_TRY(get_float(j, "rope_theta", 1, 1e12, 1e6, &c->rope_theta));
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(j, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu")))
-        return moe_set_error(MOE_ERR_FORMAT, "config.json: hidden_act must be \"silu\" for "
-                             "Mixtral");
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: hidden_act must be \"silu\"");
     if (hd * c->n_heads != c->d)
         return moe_set_error(MOE_ERR_FORMAT, "config.json: head_dim %d x %d heads is not the "
                              "hidden size %d (not supported)", hd, c->n_heads, c->d);
@@ -82,6 +89,30 @@ static moe_status parse_mixtral(const cJSON *j, moe_model_config *c) {
     c->moe.norm_topk = MOE_NORM_ON;
     c->moe.capacity_factor = 0;
     c->moe.aux_coeff = 0;
+    return MOE_OK;
+}
+
+static moe_status parse_mixtral(const cJSON *j, moe_model_config *c) {
+    return parse_common(j, c, "intermediate_size", "num_local_experts");
+}
+
+/* Qwen2-MoE (Qwen1.5-MoE): q/k/v biases, a shared expert gated by sigmoid(g . x), top-k of the
+ * softmax renormalised only with norm_topk_prob. */
+static moe_status parse_qwen2_moe(const cJSON *j, moe_model_config *c) {
+    MOE_TRY(parse_common(j, c, "moe_intermediate_size", "num_experts"));
+    int norm = 0, step, window = 0;
+    MOE_TRY(get_bool(j, "norm_topk_prob", 0, &norm));
+    MOE_TRY(get_bool(j, "use_sliding_window", 0, &window));
+    MOE_TRY(get_int(j, "decoder_sparse_step", 1, 1 << 16, 1, &step));
+    MOE_TRY(get_int(j, "shared_expert_intermediate_size", 0, 1 << 24, 0, &c->moe.shared_ffn));
+    MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, c->moe.ffn, &c->ffn));
+    const cJSON *dense = cJSON_GetObjectItemCaseSensitive(j, "mlp_only_layers");
+    if (window || step != 1 || (dense && (!cJSON_IsArray(dense) || cJSON_GetArraySize(dense))))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: sliding-window attention, "
+                             "decoder_sparse_step > 1 and mlp_only_layers are not supported");
+    c->qkv_bias = 1;
+    c->moe.shared_gate = c->moe.shared_ffn > 0;
+    c->moe.norm_topk = norm ? MOE_NORM_ON : MOE_NORM_OFF;
     return MOE_OK;
 }
 
@@ -104,9 +135,11 @@ moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, s
         s = moe_set_error(MOE_ERR_FORMAT, "%s: no \"model_type\"", path);
     else if (!strcmp(type->valuestring, "mixtral"))
         s = parse_mixtral(j, &c);
+    else if (!strcmp(type->valuestring, "qwen2_moe"))
+        s = parse_qwen2_moe(j, &c);
     else
         s = moe_set_error(MOE_ERR_FORMAT, "%s: model_type \"%.40s\" is not supported (supported: "
-                          "mixtral)", path, type->valuestring);
+                          "mixtral, qwen2_moe)", path, type->valuestring);
     if (s == MOE_OK) {
         snprintf(family, cap, "%s", type->valuestring);
         s = moe_model_config_validate(&c);
@@ -157,7 +190,7 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
         bad = "softmax before top-k needs renormalised weights";
     else if (m->route_scale != 1.0f || m->n_groups > 1 || m->enable_expert_bias)
         bad = "no scaling factor, expert groups or expert bias";
-    else if (m->shared_ffn || m->residual || m->expert_bias)
+    else if (m->shared_ffn || m->residual || m->expert_bias || c->qkv_bias)
         bad = "no shared expert, Residual-MoE or linear biases";
     else if (m->capacity_factor != 0) bad = "the layer must be dropless";
     for (int l = 0; !bad && l < c->n_layers; l++)

@@ -1,10 +1,12 @@
-"""A tiny random-weight Mixtral in the Hugging Face layout, and its logits from an independent
-float64 PyTorch implementation of Mixtral's forward pass (written from the published modeling
-formulas: RMSNorm, rotate-half RoPE, grouped-query causal attention, softmax router with top-k
-renormalised, SwiGLU experts w1/w3/w2).
+"""A tiny random-weight MoE model in the Hugging Face layout, and its logits from an independent
+float64 PyTorch implementation of the family's forward pass, written from the published modeling
+formulas. mixtral: RMSNorm, rotate-half RoPE, grouped-query causal attention, softmax router with
+top-k renormalised, SwiGLU experts w1/w3/w2. qwen2_moe: the same with q/k/v biases, top-k of the
+softmax without renormalisation (norm_topk_prob false), and a shared SwiGLU expert scaled by
+sigmoid(shared_expert_gate x).
 
-usage: hf_mixtral.py OUT_DIR DTYPE SHARDS SEED [VOCAB]  ->  OUT_DIR/{config.json, *.safetensors,
-       ids.txt, ref.npy}"""
+usage: hf_models.py OUT_DIR DTYPE SHARDS SEED [VOCAB [FAMILY]]  ->  OUT_DIR/{config.json,
+       *.safetensors, ids.txt, ref.npy}"""
 import json, os, struct, sys
 
 import numpy as np
@@ -12,15 +14,30 @@ import torch
 
 out, dtype, shards, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 V = int(sys.argv[5]) if len(sys.argv) > 5 else 97
+family = sys.argv[6] if len(sys.argv) > 6 else "mixtral"
+qwen = family == "qwen2_moe"
 g = torch.Generator().manual_seed(seed)
-d, L, H, KV, f, E, k, theta, eps = 32, 2, 4, 2, 24, 4, 2, 10000.0, 1e-5
+d, L, H, KV, f, E, k, theta, eps, fs = 32, 2, 4, 2, 24, 4, 2, 10000.0, 1e-5, 20
 hd = d // H
-cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": V,
-       "hidden_size": d, "intermediate_size": f, "num_hidden_layers": L,
-       "num_attention_heads": H, "num_key_value_heads": KV, "num_local_experts": E,
-       "num_experts_per_tok": k, "rms_norm_eps": eps, "rope_theta": theta,
-       "max_position_embeddings": 128, "hidden_act": "silu", "tie_word_embeddings": False,
-       "torch_dtype": {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]}
+dt = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
+if qwen:
+    cfg = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": V,
+           "hidden_size": d, "intermediate_size": 48, "moe_intermediate_size": f,
+           "shared_expert_intermediate_size": fs, "num_hidden_layers": L,
+           "num_attention_heads": H, "num_key_value_heads": KV, "num_experts": E,
+           "num_experts_per_tok": k, "norm_topk_prob": False, "decoder_sparse_step": 1,
+           "mlp_only_layers": [], "rms_norm_eps": eps, "rope_theta": theta,
+           "max_position_embeddings": 128, "hidden_act": "silu", "tie_word_embeddings": False,
+           "use_sliding_window": False, "torch_dtype": dt}
+else:
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": V,
+           "hidden_size": d, "intermediate_size": f, "num_hidden_layers": L,
+           "num_attention_heads": H, "num_key_value_heads": KV, "num_local_experts": E,
+           "num_experts_per_tok": k, "rms_norm_eps": eps, "rope_theta": theta,
+           "max_position_embeddings": 128, "hidden_act": "silu", "tie_word_embeddings": False,
+           "torch_dtype": dt}
+moe = "mlp" if qwen else "block_sparse_moe"
+proj = ("gate_proj", "up_proj", "down_proj") if qwen else ("w1", "w3", "w2")
 
 def rnd(*shape, scale=0.2):
     return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
@@ -35,12 +52,19 @@ for l in range(L):
     w[p + "self_attn.k_proj.weight"] = rnd(KV * hd, d)
     w[p + "self_attn.v_proj.weight"] = rnd(KV * hd, d)
     w[p + "self_attn.o_proj.weight"] = rnd(d, H * hd)
-    w[p + "block_sparse_moe.gate.weight"] = rnd(E, d, scale=0.5)
+    w[p + moe + ".gate.weight"] = rnd(E, d, scale=0.5)
     for e in range(E):
-        q = p + "block_sparse_moe.experts.%d." % e
-        w[q + "w1.weight"] = rnd(f, d)
-        w[q + "w3.weight"] = rnd(f, d)
-        w[q + "w2.weight"] = rnd(d, f)
+        q = p + moe + ".experts.%d." % e
+        w[q + proj[0] + ".weight"] = rnd(f, d)
+        w[q + proj[1] + ".weight"] = rnd(f, d)
+        w[q + proj[2] + ".weight"] = rnd(d, f)
+    if qwen:
+        for n, rows in (("q", H * hd), ("k", KV * hd), ("v", KV * hd)):
+            w[p + "self_attn.%s_proj.bias" % n] = rnd(rows)
+        q = p + "mlp.shared_expert."
+        w[q + "gate_proj.weight"], w[q + "up_proj.weight"] = rnd(fs, d), rnd(fs, d)
+        w[q + "down_proj.weight"] = rnd(d, fs)
+        w[p + "mlp.shared_expert_gate.weight"] = rnd(1, d, scale=0.5)
 
 # the stored precision is the model's: round once, compute in float64 from the rounded values
 tdt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
@@ -96,24 +120,32 @@ h = w["model.embed_tokens.weight"][ids]
 for l in range(L):
     p = "model.layers.%d." % l
     x = rmsnorm(h, w[p + "input_layernorm.weight"])
-    q = rope((x @ w[p + "self_attn.q_proj.weight"].T).view(n, H, hd), n)
-    kk = rope((x @ w[p + "self_attn.k_proj.weight"].T).view(n, KV, hd), n)
-    vv = (x @ w[p + "self_attn.v_proj.weight"].T).view(n, KV, hd)
+    def lin(name):
+        y = x @ w[p + "self_attn.%s_proj.weight" % name].T
+        return y + w[p + "self_attn.%s_proj.bias" % name] if qwen else y
+    q = rope(lin("q").view(n, H, hd), n)
+    kk = rope(lin("k").view(n, KV, hd), n)
+    vv = lin("v").view(n, KV, hd)
     kk, vv = kk.repeat_interleave(H // KV, 1), vv.repeat_interleave(H // KV, 1)
     s = torch.einsum("qhd,khd->hqk", q, kk) / hd ** 0.5
     s = s.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
     a = torch.einsum("hqk,khd->qhd", s.softmax(-1), vv).reshape(n, H * hd)
     h = h + a @ w[p + "self_attn.o_proj.weight"].T
     x = rmsnorm(h, w[p + "post_attention_layernorm.weight"])
-    probs = (x @ w[p + "block_sparse_moe.gate.weight"].T).softmax(-1)
+    probs = (x @ w[p + moe + ".gate.weight"].T).softmax(-1)
     top, sel = probs.topk(k, -1)
-    top = top / top.sum(-1, keepdim=True)
+    if not qwen:  # Mixtral renormalises the k weights; Qwen2-MoE with norm_topk_prob false not
+        top = top / top.sum(-1, keepdim=True)
+    def swiglu(v, q_):
+        u = torch.nn.functional.silu(v @ w[q_ + proj[0] + ".weight"].T) * (v @ w[q_ + proj[1] + ".weight"].T)
+        return u @ w[q_ + proj[2] + ".weight"].T
     y = torch.zeros_like(x)
     for t in range(n):
         for j in range(k):
-            q_ = p + "block_sparse_moe.experts.%d." % int(sel[t, j])
-            u = torch.nn.functional.silu(x[t] @ w[q_ + "w1.weight"].T) * (x[t] @ w[q_ + "w3.weight"].T)
-            y[t] += top[t, j] * (u @ w[q_ + "w2.weight"].T)
+            y[t] += top[t, j] * swiglu(x[t], p + moe + ".experts.%d." % int(sel[t, j]))
+    if qwen:
+        gate = torch.sigmoid(x @ w[p + "mlp.shared_expert_gate.weight"].T)
+        y = y + gate * swiglu(x, p + "mlp.shared_expert.")
     h = h + y
 logits = rmsnorm(h, w["model.norm.weight"]) @ w["lm_head.weight"].T
 open(os.path.join(out, "ids.txt"), "w").write(",".join(str(int(i)) for i in ids))

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Hugging Face Mixtral directories: tiny random-weight models written by hf_mixtral.py (fp32
-# in one file, bf16 in 2 shards, fp16 in 3), their logits from moe eval --model --ids
+# Hugging Face directories: tiny random-weight Mixtral and Qwen2-MoE models written by
+# hf_models.py (fp32 in one file, bf16 and fp16 in shards), their logits from moe eval --model --ids
 # --dump-logits against the script's own float64 forward pass; moe convert --to hf of those and
 # of our own checkpoint (every tensor compared); malformed directories refused with one message
 # and a non-zero exit.
@@ -8,13 +8,13 @@ moe=$1; src=$2
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 seed=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
-for v in "F32 1" "BF16 2" "F16 3"; do
+for v in "F32 1 mixtral m" "BF16 2 mixtral m" "F16 3 mixtral m" "F32 1 qwen2_moe q" "BF16 3 qwen2_moe q"; do
   set -- $v
-  dir="$tmp/m$1"
-  /usr/bin/python3 "$src/tests/hf_mixtral.py" "$dir" "$1" "$2" "$seed" || fail "writing the $1 model"
+  dir="$tmp/$4$1"
+  /usr/bin/python3 "$src/tests/hf_models.py" "$dir" "$1" "$2" "$seed" 97 "$3" || fail "writing the $3 $1 model"
   "$moe" eval --model "$dir" --ids "$(cat "$dir/ids.txt")" --dump-logits "$dir/out.npy" >"$tmp/out" 2>&1 ||
-    fail "$1: $(cat "$tmp/out")"
-  /usr/bin/python3 - "$dir" "$1" <<'PY' || fail "$1 logits differ from the reference (seed $seed)"
+    fail "$3 $1: $(cat "$tmp/out")"
+  /usr/bin/python3 - "$dir" "$3 $1" <<'PY' || fail "$3 $1 logits differ from the reference (seed $seed)"
 import sys
 import numpy as np
 d = sys.argv[1]
@@ -82,7 +82,7 @@ grep -q "no shared expert" "$tmp/out" || fail "shared expert message: $(cat "$tm
 
 # fine-tuning: moe train --init-from DIR takes the model's config.json, the flags on top (here
 # an aux loss), and its weights: with lr 0 the saved parameters are exactly the model's
-/usr/bin/python3 "$src/tests/hf_mixtral.py" "$tmp/mv" BF16 2 "$seed" 300 || fail "writing the 300-token model"
+/usr/bin/python3 "$src/tests/hf_models.py" "$tmp/mv" BF16 2 "$seed" 300 || fail "writing the 300-token model"
 ft="--init-from $tmp/mv --seq-length 32 --micro-batch-size 2 --global-batch-size 2 --data-path $tmp/data"
 # shellcheck disable=SC2086
 "$moe" train $ft --train-iters 1 --lr 0 --min-lr 0 --moe-aux-loss-coeff 0.01 --save "$tmp/ft" >"$tmp/out" 2>&1 ||
@@ -91,6 +91,14 @@ grep -aq "initialised from $tmp/mv (mixtral)" "$tmp/out" || fail "no init line: 
 grep -aq "moe train: 2 layers (2 MoE), d=32" "$tmp/out" || fail "not the model's shape: $(head -3 "$tmp/out")"
 grep -a "^step 1/1" "$tmp/out" | grep -qv "aux 0 " || fail "the aux-loss flag was not applied: $(grep -a '^step' "$tmp/out")"
 cmp_tensors "$tmp/ft/step-00000001" "$tmp/mv" ours || fail "init-from did not load the model's weights"
+/usr/bin/python3 "$src/tests/hf_models.py" "$tmp/qv" F32 1 "$seed" 300 qwen2_moe || fail "writing the Qwen model"
+# shellcheck disable=SC2086
+"$moe" train --init-from "$tmp/qv" --seq-length 32 --micro-batch-size 2 --global-batch-size 2 \
+  --data-path "$tmp/data" --train-iters 1 --lr 0 --min-lr 0 --save "$tmp/qft" >"$tmp/out" 2>&1 ||
+  fail "init-from qwen2_moe: $(tail -3 "$tmp/out")"
+cmp_tensors "$tmp/qft/step-00000001" "$tmp/qv" || fail "init-from did not load the Qwen model's weights"
+"$moe" convert --model "$tmp/qv" --to hf "$tmp/xq" >"$tmp/out" 2>&1 && fail "Qwen2-MoE written as Mixtral"
+grep -q "cannot write a mixtral model" "$tmp/out" || fail "Qwen conversion message: $(cat "$tmp/out")"
 # shellcheck disable=SC2086
 "$moe" train $ft --train-iters 3 --save "$tmp/ft2" >"$tmp/out" 2>&1 || fail "fine-tune: $(tail -3 "$tmp/out")"
 # shellcheck disable=SC2086
@@ -123,7 +131,7 @@ bad() { # bad NAME EXPECTED-TEXT: run moe eval on $tmp/bad
   grep -q "$2" "$tmp/out" || fail "$1: $(cat "$tmp/out")"
 }
 fresh() { rm -rf "$tmp/bad"; cp -r "$tmp/m$1" "$tmp/bad"; }
-fresh F32; sed -i 's/"mixtral"/"llama9"/' "$tmp/bad/config.json"; bad "unknown model_type" 'model_type "llama9" is not supported'
+fresh F32; sed -i 's/"mixtral"/"llama9"/' "$tmp/bad/config.json"; bad "unknown model_type" 'model_type "llama9" is not supported (supported: mixtral, qwen2_moe)'
 fresh F32; sed -i 's/"num_experts_per_tok": 2/"num_experts_per_tok": 9/' "$tmp/bad/config.json"; bad "top-k above E" "must be between 1 and num-experts"
 fresh F32; sed -i 's/"hidden_size": 32/"hidden_size": "32"/' "$tmp/bad/config.json"; bad "string hidden size" '"hidden_size" must be an integer'
 fresh F32; echo '{"model_type": "mixtral",' >"$tmp/bad/config.json"; bad "broken JSON" "not a JSON object"
@@ -133,4 +141,4 @@ fresh BF16; sed -i 's/"model.norm.weight": "[^"]*", *//; s/, *"model.norm.weight
 bad "tensor missing from the index" "model.norm.weight"
 "$moe" eval --model "$tmp/mF32" --ids 1,200 >"$tmp/out" 2>&1 && fail "id beyond the vocabulary accepted"
 grep -q "not a token id below the vocabulary size 97" "$tmp/out" || fail "ids message: $(cat "$tmp/out")"
-echo "hf_mixtral: ok"
+echo "hf_models: ok"
