@@ -307,6 +307,7 @@ int64_t *moe_layer_accum_tokens(moe_layer *layer);
  * [RMSNorm -> causal attention (RoPE, grouped-query) -> residual -> RMSNorm -> FFN ->
  * residual]; final RMSNorm; LM head (tied or not). Each FFN is an MoE layer or a dense MLP. */
 #define MOE_MAX_LAYERS 256
+enum { MOE_QK_NORM_NONE = 0, MOE_QK_NORM_HEAD = 1, MOE_QK_NORM_WHOLE = 2 }; /* Qwen3, OLMoE */
 
 typedef struct {
     int vocab;            /* V */
@@ -321,6 +322,7 @@ typedef struct {
     float init_std;       /* normal(0, std) initialisation of the weights */
     int tie_embeddings;   /* LM head = embedding matrix */
     int qkv_bias;         /* biases in the query, key and value projections (Qwen2) */
+    int qk_norm;          /* RMSNorm of q and k before RoPE: MOE_QK_NORM_* */
     int moe_layer_freq;   /* layer l is MoE if l % freq == 0 (and l >= first_k_dense) */
     int first_k_dense;    /* the first k layers are dense (DeepSeek) */
     int n_experts[MOE_MAX_LAYERS]; /* experts of each MoE layer (pyramid PR-MoE); 0 = moe.n_experts */

@@ -59,10 +59,11 @@ static void random_params(moe_model *m, uint64_t seed) {
     }
 }
 
-static void against_torch(int qkv_bias) {
+static void against_torch(int qkv_bias, int qk_norm) {
     uint64_t seed = tu_seed();
     moe_model_config c = tiny_config();
     c.qkv_bias = qkv_bias;
+    c.qk_norm = qk_norm;
     int B = 2, S = 7, T = B * S;
     moe_model *m;
     assert_int_equal(moe_model_create(&c, T, &m), MOE_OK);
@@ -133,13 +134,20 @@ static void against_torch(int qkv_bias) {
 
 static void test_against_torch(void **state) {
     (void)state;
-    against_torch(0);
+    against_torch(0, MOE_QK_NORM_NONE);
 }
 
 /* Query, key and value biases (Qwen2): forward and every gradient, the biases' included. */
 static void test_against_torch_qkv_bias(void **state) {
     (void)state;
-    against_torch(1);
+    against_torch(1, MOE_QK_NORM_NONE);
+}
+
+/* RMSNorm of q and k per head (Qwen3) and over the whole projection (OLMoE). */
+static void test_against_torch_qk_norm(void **state) {
+    (void)state;
+    against_torch(0, MOE_QK_NORM_HEAD);
+    against_torch(1, MOE_QK_NORM_WHOLE);
 }
 
 /* A training step with loss_scale s gives s times the gradients of loss_scale 1, the aux and
@@ -276,10 +284,11 @@ static void test_bad_input(void **state) {
 }
 
 /* Decoding token by token with the cache gives the logits of a full recomputation. */
-static void test_kv_cache(void **state) {
-    (void)state;
+static void kv_cache(int qkv_bias, int qk_norm) {
     uint64_t seed = tu_seed();
     moe_model_config c = tiny_config();
+    c.qkv_bias = qkv_bias;
+    c.qk_norm = qk_norm;
     int S = 7;
     moe_model *m;
     assert_int_equal(moe_model_create(&c, 2 * S, &m), MOE_OK);
@@ -308,6 +317,13 @@ static void test_kv_cache(void **state) {
     assert_int_equal(moe_model_decode(m, tok, 1), MOE_ERR_INVALID); /* the cache is full */
     free(full);
     moe_model_destroy(m);
+}
+
+static void test_kv_cache(void **state) {
+    (void)state;
+    kv_cache(0, MOE_QK_NORM_NONE);
+    kv_cache(1, MOE_QK_NORM_HEAD); /* the projection biases and norms in the decoding path */
+    kv_cache(0, MOE_QK_NORM_WHOLE);
 }
 
 /* Sampling: greedy and top-k 1 take the argmax; top-p keeps the smallest likely set; the
@@ -386,7 +402,8 @@ static void test_weight_decay_groups(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_against_torch),
-        cmocka_unit_test(test_against_torch_qkv_bias), cmocka_unit_test(test_loss_scale),
+        cmocka_unit_test(test_against_torch_qkv_bias),
+        cmocka_unit_test(test_against_torch_qk_norm), cmocka_unit_test(test_loss_scale),
         cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
         cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),

@@ -86,6 +86,12 @@ def forward(P, tok, tgt, c):
             proj[n] = h @ P[pre + f".self_attn.{n}_proj.weight"].T
             if pre + f".self_attn.{n}_proj.bias" in P:  # Qwen2: biases on q, k, v
                 proj[n] = proj[n] + P[pre + f".self_attn.{n}_proj.bias"]
+        for n, heads in (("q", H), ("k", KV)):  # q/k RMSNorm: per head (Qwen3) or whole (OLMoE)
+            wn = P.get(pre + f".self_attn.{n}_norm.weight")
+            if wn is not None and wn.shape[0] == hd:
+                proj[n] = rmsnorm(proj[n].view(B, S, heads, hd), wn, c["eps"]).reshape(B, S, heads * hd)
+            elif wn is not None:
+                proj[n] = rmsnorm(proj[n], wn, c["eps"])
         q, kk, v = proj["q"].view(B, S, H, hd), proj["k"].view(B, S, KV, hd), proj["v"].view(B, S, KV, hd)
         q, kk = rope(q, c["theta"]), rope(kk, c["theta"])
         kk = kk.repeat_interleave(H // KV, dim=2)

@@ -57,6 +57,8 @@ static const opt_choice score_choices[] = {{"softmax", MOE_SCORE_SOFTMAX},
                                            {NULL, 0}};
 static const opt_choice dispatcher_choices[] = {
     {"alltoall", 0}, {"allgather", 1}, {NULL, 0}};
+static const opt_choice qk_norm_choices[] = {
+    {"none", MOE_QK_NORM_NONE}, {"head", MOE_QK_NORM_HEAD}, {"whole", MOE_QK_NORM_WHOLE}, {NULL, 0}};
 static const opt_choice norm_choices[] = {
     {"auto", MOE_NORM_AUTO}, {"false", MOE_NORM_OFF}, {"true", MOE_NORM_ON}, {NULL, 0}};
 static const opt_choice lb_choices[] = {{"aux_loss", MOE_LB_AUX},
@@ -190,6 +192,9 @@ static const opt_def opts[] = {
      "std of the normal initialisation (output projections: std / sqrt(2 L))", 0},
     {"add-qkv-bias", "qkv-bias", OPT_BOOL, M(qkv_bias), 0, 1, NULL, MODEL,
      "biases in the query, key and value projections (Qwen2-MoE)", 0},
+    {"qk-norm", NULL, OPT_ENUM, M(qk_norm), 0, 0, qk_norm_choices, MODEL,
+     "RMSNorm of queries and keys before RoPE: per head (Qwen3-MoE) or over the whole "
+     "projection (OLMoE)", 0},
     {"untie-embeddings-and-output-weights", NULL, OPT_BOOL, O(untie), 0, 1, NULL, MODEL,
      "separate LM head instead of the embedding matrix", 0},
     {"moe-layer-freq", NULL, OPT_INT, M(moe_layer_freq), 1, BIG, NULL, MODEL,

@@ -19,6 +19,7 @@ typedef struct {
     float *wv;        /* [KV*hd, d] */
     float *wo;        /* [d, H*hd] */
     float *bq, *bk, *bv; /* [H*hd], [KV*hd], [KV*hd] with qkv_bias, else NULL */
+    float *qn, *kn;   /* qk_norm weights: [hd] per head, [H*hd] / [KV*hd] whole; else NULL */
     float *ffn_norm;  /* [d] */
     float *w_in;      /* dense: [gf, d] */
     float *w_out;     /* dense: [d, ffn] */
@@ -33,6 +34,8 @@ typedef struct {
     float *q;     /* [T, H*hd] after RoPE */
     float *k;     /* [T, KV*hd] after RoPE */
     float *v;     /* [T, KV*hd] */
+    float *qp, *kp; /* qk_norm: q and k before their norms */
+    float *rq, *rk; /* qk_norm: their reciprocal RMS, per row of the norm */
     float *probs; /* [B, H, S, S] */
     float *att;   /* [T, H*hd] */
     float *xm;    /* [T, d] after the attention residual */
@@ -245,7 +248,8 @@ static moe_status add_moe_tensors(moe_model *m, int l, const moe_layer_config *l
     return MOE_OK;
 }
 
-enum { B_ATTN_NORM, B_WQ, B_WK, B_WV, B_BQ, B_BK, B_BV, B_WO, B_FFN_NORM, B_W_IN, B_W_OUT, B_MOE, B_N };
+enum { B_ATTN_NORM, B_WQ, B_WK, B_WV, B_BQ, B_BK, B_BV, B_QN, B_KN, B_WO, B_FFN_NORM, B_W_IN,
+       B_W_OUT, B_MOE, B_N };
 
 static moe_status build_tensors(moe_model *m) {
     const moe_model_config *c = &m->cfg;
@@ -263,6 +267,11 @@ static moe_status build_tensors(moe_model *m) {
             ADD(1, &o[B_BQ], 1, SHAPE(hq), "model.layers.%d.self_attn.q_proj.bias", l);
             ADD(1, &o[B_BK], 1, SHAPE(hkv), "model.layers.%d.self_attn.k_proj.bias", l);
             ADD(1, &o[B_BV], 1, SHAPE(hkv), "model.layers.%d.self_attn.v_proj.bias", l);
+        }
+        if (c->qk_norm) { /* per head (Qwen3) or over the whole projection (OLMoE) */
+            int whole = c->qk_norm == MOE_QK_NORM_WHOLE;
+            ADD(1, &o[B_QN], 1, SHAPE(whole ? hq : m->hd), "model.layers.%d.self_attn.q_norm.weight", l);
+            ADD(1, &o[B_KN], 1, SHAPE(whole ? hkv : m->hd), "model.layers.%d.self_attn.k_norm.weight", l);
         }
         ADD(0, &o[B_WO], 2, SHAPE(d, hq), "model.layers.%d.self_attn.o_proj.weight", l);
         ADD(1, &o[B_FFN_NORM], 1, SHAPE(d), "model.layers.%d.post_attention_layernorm.weight", l);
@@ -290,7 +299,8 @@ static block_ptrs block(const moe_model *m, float *base, int l) {
     for (int i = 0; i < B_N; i++) p[i] = o[i] == SIZE_MAX ? NULL : base + o[i];
     block_ptrs b = {p[B_ATTN_NORM], p[B_WQ],     p[B_WK],    p[B_WV],
                     p[B_WO],        p[B_BQ],     p[B_BK],    p[B_BV],
-                    p[B_FFN_NORM],  p[B_W_IN],   p[B_W_OUT], p[B_MOE]};
+                    p[B_QN],        p[B_KN],     p[B_FFN_NORM],  p[B_W_IN],
+                    p[B_W_OUT],     p[B_MOE]};
     return b;
 }
 
@@ -311,6 +321,11 @@ static void plan_activations(moe_model *m, moe_arena *a) {
         s->q = moe_arena_take(a, T * hq, sizeof(float));
         s->k = moe_arena_take(a, T * hkv, sizeof(float));
         s->v = moe_arena_take(a, T * hkv, sizeof(float));
+        size_t qkn = c->qk_norm != 0, hrows = c->qk_norm == MOE_QK_NORM_WHOLE ? 1 : (size_t)c->n_heads;
+        s->qp = moe_arena_take(a, qkn * T * hq, sizeof(float));
+        s->kp = moe_arena_take(a, qkn * T * hkv, sizeof(float));
+        s->rq = moe_arena_take(a, qkn * T * hrows, sizeof(float));
+        s->rk = moe_arena_take(a, qkn * T * hrows, sizeof(float));
         s->probs = moe_arena_take(a, probs, sizeof(float));
         s->att = moe_arena_take(a, T * hq, sizeof(float));
         s->xm = moe_arena_take(a, T * d, sizeof(float));
@@ -490,6 +505,25 @@ void moe_model_init_params(moe_model *m, uint64_t seed) {
 
 /* ---------------------------------------------------------------- forward */
 
+/* qk_norm: q = RMSNorm(qp) * w per head (rows of hd) or over the whole projection; k alike. */
+static void qk_norm_rows(const moe_model *m, int T, int *rows_q, int *rows_k, int *width_q,
+                         int *width_k) {
+    const moe_model_config *c = &m->cfg;
+    int whole = c->qk_norm == MOE_QK_NORM_WHOLE;
+    *rows_q = whole ? T : T * c->n_heads;
+    *rows_k = whole ? T : T * c->n_kv_heads;
+    *width_q = whole ? c->n_heads * m->hd : m->hd;
+    *width_k = whole ? c->n_kv_heads * m->hd : m->hd;
+}
+
+static void qk_norm_forward(const moe_model *m, const block_ptrs *p, int T, float *q,
+                            const float *qp, float *rq, float *k, const float *kp, float *rk) {
+    int rq_n, rk_n, wq, wk;
+    qk_norm_rows(m, T, &rq_n, &rk_n, &wq, &wk);
+    moe_rmsnorm_forward(q, rq, qp, p->qn, rq_n, wq, m->cfg.norm_eps);
+    moe_rmsnorm_forward(k, rk, kp, p->kn, rk_n, wk, m->cfg.norm_eps);
+}
+
 /* q, k, v [T, *] = n1 Wᵀ (+ bias): the attention projections of one block. */
 static void project_qkv(const moe_model *m, const block_ptrs *p, const float *n1, int T,
                         float *q, float *k, float *v) {
@@ -552,7 +586,12 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
         block_ptrs p = block(m, m->params, l);
         float *xnext = l + 1 < c->n_layers ? m->sv[l + 1].x : m->xf;
         moe_rmsnorm_forward(s->n1, s->rstd1, s->x, p.attn_norm, T, d, c->norm_eps);
-        project_qkv(m, &p, s->n1, T, s->q, s->k, s->v);
+        if (p.qn) {
+            project_qkv(m, &p, s->n1, T, s->qp, s->kp, s->v);
+            qk_norm_forward(m, &p, T, s->q, s->qp, s->rq, s->k, s->kp, s->rk);
+        } else {
+            project_qkv(m, &p, s->n1, T, s->q, s->k, s->v);
+        }
         moe_rope_apply(s->q, T, H, hd, m->pos, c->rope_theta, 1);
         moe_rope_apply(s->k, T, KV, hd, m->pos, c->rope_theta, 1);
         moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, B, S, H, KV, hd);
@@ -637,6 +676,16 @@ moe_status moe_model_backward(moe_model *m) {
                                KV, hd);
         moe_rope_apply(m->dq, T, H, hd, m->pos, c->rope_theta, -1);
         moe_rope_apply(m->dk, T, KV, hd, m->pos, c->rope_theta, -1);
+        if (p.qn) { /* through the q and k norms: dq, dk become gradients of qp, kp */
+            int rq_n, rk_n, wq, wk;
+            qk_norm_rows(m, T, &rq_n, &rk_n, &wq, &wk);
+            memset(m->datt, 0, sizeof(float) * (size_t)T * hq);
+            moe_rmsnorm_backward(m->datt, g.qn, m->dq, s->qp, p.qn, s->rq, rq_n, wq);
+            memcpy(m->dq, m->datt, sizeof(float) * (size_t)T * hq);
+            memset(m->datt, 0, sizeof(float) * (size_t)T * hkv);
+            moe_rmsnorm_backward(m->datt, g.kn, m->dk, s->kp, p.kn, s->rk, rk_n, wk);
+            memcpy(m->dk, m->datt, sizeof(float) * (size_t)T * hkv);
+        }
         if (g.bq) {
             add_col_sums(g.bq, m->dq, T, hq);
             add_col_sums(g.bk, m->dk, T, hkv);
@@ -690,7 +739,12 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
         block_ptrs p = block(m, m->params, l);
         float *kc = m->kcache + (size_t)l * c->seq_len * hkv, *vc = m->vcache + (size_t)l * c->seq_len * hkv;
         moe_rmsnorm_forward(s->n1, s->rstd1, x, p.attn_norm, n, d, c->norm_eps);
-        project_qkv(m, &p, s->n1, n, s->q, kc + (size_t)P * hkv, vc + (size_t)P * hkv);
+        if (p.qn) {
+            project_qkv(m, &p, s->n1, n, s->qp, s->kp, vc + (size_t)P * hkv);
+            qk_norm_forward(m, &p, n, s->q, s->qp, s->rq, kc + (size_t)P * hkv, s->kp, s->rk);
+        } else {
+            project_qkv(m, &p, s->n1, n, s->q, kc + (size_t)P * hkv, vc + (size_t)P * hkv);
+        }
         moe_rope_apply(s->q, n, H, hd, m->pos, c->rope_theta, 1);
         moe_rope_apply(kc + (size_t)P * hkv, n, KV, hd, m->pos, c->rope_theta, 1);
         moe_attention_cached(s->att, m->att_scratch, s->q, kc, vc, n, P, H, KV, hd);
