@@ -3,7 +3,8 @@ float64 PyTorch implementation of the family's forward pass, written from the pu
 formulas. mixtral: RMSNorm, rotate-half RoPE, grouped-query causal attention, softmax router with
 top-k renormalised, SwiGLU experts w1/w3/w2. qwen2_moe: the same with q/k/v biases, top-k of the
 softmax without renormalisation (norm_topk_prob false), and a shared SwiGLU expert scaled by
-sigmoid(shared_expert_gate x).
+sigmoid(shared_expert_gate x). qwen3_moe: q and k RMSNorm per head before RoPE, renormalised
+top-k. olmoe: q and k RMSNorm over the whole projection, top-k not renormalised.
 
 usage: hf_models.py OUT_DIR DTYPE SHARDS SEED [VOCAB [FAMILY]]  ->  OUT_DIR/{config.json,
        *.safetensors, ids.txt, ref.npy}"""
@@ -16,6 +17,8 @@ out, dtype, shards, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.a
 V = int(sys.argv[5]) if len(sys.argv) > 5 else 97
 family = sys.argv[6] if len(sys.argv) > 6 else "mixtral"
 qwen = family == "qwen2_moe"
+renorm = family in ("mixtral", "qwen3_moe")
+qk_norm = {"qwen3_moe": "head", "olmoe": "whole"}.get(family)
 g = torch.Generator().manual_seed(seed)
 d, L, H, KV, f, E, k, theta, eps, fs = 32, 2, 4, 2, 24, 4, 2, 10000.0, 1e-5, 20
 hd = d // H
@@ -29,6 +32,18 @@ if qwen:
            "mlp_only_layers": [], "rms_norm_eps": eps, "rope_theta": theta,
            "max_position_embeddings": 128, "hidden_act": "silu", "tie_word_embeddings": False,
            "use_sliding_window": False, "torch_dtype": dt}
+elif qk_norm:
+    cfg = {"architectures": ["Qwen3MoeForCausalLM" if qk_norm == "head" else "OlmoeForCausalLM"],
+           "model_type": family, "vocab_size": V, "hidden_size": d, "num_hidden_layers": L,
+           "num_attention_heads": H, "num_key_value_heads": KV, "num_experts": E,
+           "num_experts_per_tok": k, "norm_topk_prob": renorm, "rms_norm_eps": eps,
+           "rope_theta": theta, "max_position_embeddings": 128, "hidden_act": "silu",
+           "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": dt}
+    if qk_norm == "head":
+        cfg.update({"intermediate_size": 48, "moe_intermediate_size": f, "head_dim": hd,
+                    "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False})
+    else:
+        cfg.update({"intermediate_size": f, "clip_qkv": None})
 else:
     cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": V,
            "hidden_size": d, "intermediate_size": f, "num_hidden_layers": L,
@@ -36,8 +51,8 @@ else:
            "num_experts_per_tok": k, "rms_norm_eps": eps, "rope_theta": theta,
            "max_position_embeddings": 128, "hidden_act": "silu", "tie_word_embeddings": False,
            "torch_dtype": dt}
-moe = "mlp" if qwen else "block_sparse_moe"
-proj = ("gate_proj", "up_proj", "down_proj") if qwen else ("w1", "w3", "w2")
+moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+proj = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
 
 def rnd(*shape, scale=0.2):
     return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
@@ -65,6 +80,10 @@ for l in range(L):
         w[q + "gate_proj.weight"], w[q + "up_proj.weight"] = rnd(fs, d), rnd(fs, d)
         w[q + "down_proj.weight"] = rnd(d, fs)
         w[p + "mlp.shared_expert_gate.weight"] = rnd(1, d, scale=0.5)
+    if qk_norm:
+        wq, wk = (hd, hd) if qk_norm == "head" else (H * hd, KV * hd)
+        w[p + "self_attn.q_norm.weight"] = 1 + rnd(wq, scale=0.1)
+        w[p + "self_attn.k_norm.weight"] = 1 + rnd(wk, scale=0.1)
 
 # the stored precision is the model's: round once, compute in float64 from the rounded values
 tdt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
@@ -123,8 +142,16 @@ for l in range(L):
     def lin(name):
         y = x @ w[p + "self_attn.%s_proj.weight" % name].T
         return y + w[p + "self_attn.%s_proj.bias" % name] if qwen else y
-    q = rope(lin("q").view(n, H, hd), n)
-    kk = rope(lin("k").view(n, KV, hd), n)
+    def normed(name, heads):
+        y = lin(name)
+        if qk_norm == "whole":
+            y = rmsnorm(y, w[p + "self_attn.%s_norm.weight" % name])
+        y = y.view(n, heads, hd)
+        if qk_norm == "head":
+            y = rmsnorm(y, w[p + "self_attn.%s_norm.weight" % name])
+        return y
+    q = rope(normed("q", H), n)
+    kk = rope(normed("k", KV), n)
     vv = lin("v").view(n, KV, hd)
     kk, vv = kk.repeat_interleave(H // KV, 1), vv.repeat_interleave(H // KV, 1)
     s = torch.einsum("qhd,khd->hqk", q, kk) / hd ** 0.5
@@ -134,7 +161,7 @@ for l in range(L):
     x = rmsnorm(h, w[p + "post_attention_layernorm.weight"])
     probs = (x @ w[p + moe + ".gate.weight"].T).softmax(-1)
     top, sel = probs.topk(k, -1)
-    if not qwen:  # Mixtral renormalises the k weights; Qwen2-MoE with norm_topk_prob false not
+    if renorm:  # Mixtral and Qwen3-MoE renormalise the k weights; Qwen2-MoE and OLMoE do not
         top = top / top.sum(-1, keepdim=True)
     def swiglu(v, q_):
         u = torch.nn.functional.silu(v @ w[q_ + proj[0] + ".weight"].T) * (v @ w[q_ + proj[1] + ".weight"].T)

@@ -96,20 +96,64 @@ static moe_status parse_mixtral(const cJSON *j, moe_model_config *c) {
     return parse_common(j, c, "intermediate_size", "num_local_experts");
 }
 
-/* Qwen2-MoE (Qwen1.5-MoE): q/k/v biases, a shared expert gated by sigmoid(g . x), top-k of the
- * softmax renormalised only with norm_topk_prob. */
-static moe_status parse_qwen2_moe(const cJSON *j, moe_model_config *c) {
-    MOE_TRY(parse_common(j, c, "moe_intermediate_size", "num_experts"));
-    int norm = 0, step, window = 0;
-    MOE_TRY(get_bool(j, "norm_topk_prob", 0, &norm));
+/* Dense layers in between (decoder_sparse_step > 1, mlp_only_layers) and sliding windows are
+ * refused: the Qwen families' common checks. */
+static moe_status qwen_layout(const cJSON *j) {
+    int step, window = 0;
     MOE_TRY(get_bool(j, "use_sliding_window", 0, &window));
     MOE_TRY(get_int(j, "decoder_sparse_step", 1, 1 << 16, 1, &step));
-    MOE_TRY(get_int(j, "shared_expert_intermediate_size", 0, 1 << 24, 0, &c->moe.shared_ffn));
-    MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, c->moe.ffn, &c->ffn));
     const cJSON *dense = cJSON_GetObjectItemCaseSensitive(j, "mlp_only_layers");
     if (window || step != 1 || (dense && (!cJSON_IsArray(dense) || cJSON_GetArraySize(dense))))
         return moe_set_error(MOE_ERR_FORMAT, "config.json: sliding-window attention, "
                              "decoder_sparse_step > 1 and mlp_only_layers are not supported");
+    return MOE_OK;
+}
+
+/* Attention without biases (attention_bias false or absent). */
+static moe_status no_attention_bias(const cJSON *j) {
+    int bias = 0;
+    MOE_TRY(get_bool(j, "attention_bias", 0, &bias));
+    if (bias)
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: attention_bias is not supported");
+    return MOE_OK;
+}
+
+/* Qwen3-MoE: q and k RMSNorm per head, top-k renormalised with norm_topk_prob (its default). */
+static moe_status parse_qwen3_moe(const cJSON *j, moe_model_config *c) {
+    MOE_TRY(parse_common(j, c, "moe_intermediate_size", "num_experts"));
+    MOE_TRY(qwen_layout(j));
+    MOE_TRY(no_attention_bias(j));
+    int norm = 0;
+    MOE_TRY(get_bool(j, "norm_topk_prob", 1, &norm));
+    MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, c->moe.ffn, &c->ffn));
+    c->qk_norm = MOE_QK_NORM_HEAD;
+    c->moe.norm_topk = norm ? MOE_NORM_ON : MOE_NORM_OFF;
+    return MOE_OK;
+}
+
+/* OLMoE: q and k RMSNorm over the whole projection; top-k not renormalised by default. */
+static moe_status parse_olmoe(const cJSON *j, moe_model_config *c) {
+    MOE_TRY(parse_common(j, c, "intermediate_size", "num_experts"));
+    MOE_TRY(no_attention_bias(j));
+    const cJSON *clip = cJSON_GetObjectItemCaseSensitive(j, "clip_qkv");
+    if (clip && !cJSON_IsNull(clip))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: clip_qkv is not supported");
+    int norm = 0;
+    MOE_TRY(get_bool(j, "norm_topk_prob", 0, &norm));
+    c->qk_norm = MOE_QK_NORM_WHOLE;
+    c->moe.norm_topk = norm ? MOE_NORM_ON : MOE_NORM_OFF;
+    return MOE_OK;
+}
+
+/* Qwen2-MoE (Qwen1.5-MoE): q/k/v biases, a shared expert gated by sigmoid(g . x), top-k of the
+ * softmax renormalised only with norm_topk_prob. */
+static moe_status parse_qwen2_moe(const cJSON *j, moe_model_config *c) {
+    MOE_TRY(parse_common(j, c, "moe_intermediate_size", "num_experts"));
+    MOE_TRY(qwen_layout(j));
+    int norm = 0;
+    MOE_TRY(get_bool(j, "norm_topk_prob", 0, &norm));
+    MOE_TRY(get_int(j, "shared_expert_intermediate_size", 0, 1 << 24, 0, &c->moe.shared_ffn));
+    MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, c->moe.ffn, &c->ffn));
     c->qkv_bias = 1;
     c->moe.shared_gate = c->moe.shared_ffn > 0;
     c->moe.norm_topk = norm ? MOE_NORM_ON : MOE_NORM_OFF;
@@ -137,9 +181,13 @@ moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, s
         s = parse_mixtral(j, &c);
     else if (!strcmp(type->valuestring, "qwen2_moe"))
         s = parse_qwen2_moe(j, &c);
+    else if (!strcmp(type->valuestring, "qwen3_moe"))
+        s = parse_qwen3_moe(j, &c);
+    else if (!strcmp(type->valuestring, "olmoe"))
+        s = parse_olmoe(j, &c);
     else
         s = moe_set_error(MOE_ERR_FORMAT, "%s: model_type \"%.40s\" is not supported (supported: "
-                          "mixtral, qwen2_moe)", path, type->valuestring);
+                          "mixtral, qwen2_moe, qwen3_moe, olmoe)", path, type->valuestring);
     if (s == MOE_OK) {
         snprintf(family, cap, "%s", type->valuestring);
         s = moe_model_config_validate(&c);
@@ -190,7 +238,7 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
         bad = "softmax before top-k needs renormalised weights";
     else if (m->route_scale != 1.0f || m->n_groups > 1 || m->enable_expert_bias)
         bad = "no scaling factor, expert groups or expert bias";
-    else if (m->shared_ffn || m->residual || m->expert_bias || c->qkv_bias)
+    else if (m->shared_ffn || m->residual || m->expert_bias || c->qkv_bias || c->qk_norm)
         bad = "no shared expert, Residual-MoE or linear biases";
     else if (m->capacity_factor != 0) bad = "the layer must be dropless";
     for (int l = 0; !bad && l < c->n_layers; l++)

@@ -1,7 +1,7 @@
 /* io/hf — models in the Hugging Face layout: a directory with config.json and
  * model.safetensors (or shards named by model.safetensors.index.json). Families so far:
- * Mixtral (run, fine-tune, write) and Qwen2-MoE (run, fine-tune). README "Hugging Face
- * models", docs/FORMATS.md §4. */
+ * Mixtral (run, fine-tune, write); Qwen2-MoE, Qwen3-MoE and OLMoE (run, fine-tune). README
+ * "Hugging Face models", docs/FORMATS.md §4. */
 #ifndef MOE_IO_HF_H
 #define MOE_IO_HF_H
 
@@ -10,7 +10,7 @@
 #include <stddef.h>
 
 /* Reads DIR/config.json into a model configuration (every field it needs checked; an unknown
- * model_type is refused) and names the family ("mixtral", "qwen2_moe"). */
+ * model_type is refused) and names the family (its model_type). */
 moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, size_t cap);
 /* The family's name of one of our tensors (ours: moe_model_tensor names) into buf. */
 void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t cap);
