@@ -7,7 +7,7 @@ sigmoid(shared_expert_gate x). qwen3_moe: q and k RMSNorm per head before RoPE, 
 top-k. olmoe: q and k RMSNorm over the whole projection, top-k not renormalised.
 
 usage: hf_models.py OUT_DIR DTYPE SHARDS SEED [VOCAB [FAMILY]]  ->  OUT_DIR/{config.json,
-       *.safetensors, ids.txt, ref.npy}"""
+       *.safetensors, ids.txt, ref.npy (logits of ids), greedy.txt (8 greedy next ids)}"""
 import json, os, struct, sys
 
 import numpy as np
@@ -134,46 +134,57 @@ def rope(x, n):  # x [n, heads, hd], rotate-half
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 ids = torch.randint(0, V, (13,), generator=g)
-n = len(ids)
-h = w["model.embed_tokens.weight"][ids]
-for l in range(L):
-    p = "model.layers.%d." % l
-    x = rmsnorm(h, w[p + "input_layernorm.weight"])
-    def lin(name):
-        y = x @ w[p + "self_attn.%s_proj.weight" % name].T
-        return y + w[p + "self_attn.%s_proj.bias" % name] if qwen else y
-    def normed(name, heads):
-        y = lin(name)
-        if qk_norm == "whole":
-            y = rmsnorm(y, w[p + "self_attn.%s_norm.weight" % name])
-        y = y.view(n, heads, hd)
-        if qk_norm == "head":
-            y = rmsnorm(y, w[p + "self_attn.%s_norm.weight" % name])
-        return y
-    q = rope(normed("q", H), n)
-    kk = rope(normed("k", KV), n)
-    vv = lin("v").view(n, KV, hd)
-    kk, vv = kk.repeat_interleave(H // KV, 1), vv.repeat_interleave(H // KV, 1)
-    s = torch.einsum("qhd,khd->hqk", q, kk) / hd ** 0.5
-    s = s.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
-    a = torch.einsum("hqk,khd->qhd", s.softmax(-1), vv).reshape(n, H * hd)
-    h = h + a @ w[p + "self_attn.o_proj.weight"].T
-    x = rmsnorm(h, w[p + "post_attention_layernorm.weight"])
-    probs = (x @ w[p + moe + ".gate.weight"].T).softmax(-1)
-    top, sel = probs.topk(k, -1)
-    if renorm:  # Mixtral and Qwen3-MoE renormalise the k weights; Qwen2-MoE and OLMoE do not
-        top = top / top.sum(-1, keepdim=True)
-    def swiglu(v, q_):
-        u = torch.nn.functional.silu(v @ w[q_ + proj[0] + ".weight"].T) * (v @ w[q_ + proj[1] + ".weight"].T)
-        return u @ w[q_ + proj[2] + ".weight"].T
-    y = torch.zeros_like(x)
-    for t in range(n):
-        for j in range(k):
-            y[t] += top[t, j] * swiglu(x[t], p + moe + ".experts.%d." % int(sel[t, j]))
-    if qwen:
-        gate = torch.sigmoid(x @ w[p + "mlp.shared_expert_gate.weight"].T)
-        y = y + gate * swiglu(x, p + "mlp.shared_expert.")
-    h = h + y
-logits = rmsnorm(h, w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
+def forward(ids):
+    n = len(ids)
+    h = w["model.embed_tokens.weight"][ids]
+    for l in range(L):
+        p = "model.layers.%d." % l
+        x = rmsnorm(h, w[p + "input_layernorm.weight"])
+        def lin(name):
+            y = x @ w[p + "self_attn.%s_proj.weight" % name].T
+            return y + w[p + "self_attn.%s_proj.bias" % name] if qwen else y
+        def normed(name, heads):
+            y = lin(name)
+            if qk_norm == "whole":
+                y = rmsnorm(y, w[p + "self_attn.%s_norm.weight" % name])
+            y = y.view(n, heads, hd)
+            if qk_norm == "head":
+                y = rmsnorm(y, w[p + "self_attn.%s_norm.weight" % name])
+            return y
+        q = rope(normed("q", H), n)
+        kk = rope(normed("k", KV), n)
+        vv = lin("v").view(n, KV, hd)
+        kk, vv = kk.repeat_interleave(H // KV, 1), vv.repeat_interleave(H // KV, 1)
+        s = torch.einsum("qhd,khd->hqk", q, kk) / hd ** 0.5
+        s = s.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+        a = torch.einsum("hqk,khd->qhd", s.softmax(-1), vv).reshape(n, H * hd)
+        h = h + a @ w[p + "self_attn.o_proj.weight"].T
+        x = rmsnorm(h, w[p + "post_attention_layernorm.weight"])
+        probs = (x @ w[p + moe + ".gate.weight"].T).softmax(-1)
+        top, sel = probs.topk(k, -1)
+        if renorm:  # Mixtral and Qwen3-MoE renormalise the k weights; Qwen2-MoE and OLMoE do not
+            top = top / top.sum(-1, keepdim=True)
+        def swiglu(v, q_):
+            u = torch.nn.functional.silu(v @ w[q_ + proj[0] + ".weight"].T) * (v @ w[q_ + proj[1] + ".weight"].T)
+            return u @ w[q_ + proj[2] + ".weight"].T
+        y = torch.zeros_like(x)
+        for t in range(n):
+            for j in range(k):
+                y[t] += top[t, j] * swiglu(x[t], p + moe + ".experts.%d." % int(sel[t, j]))
+        if qwen:
+            gate = torch.sigmoid(x @ w[p + "mlp.shared_expert_gate.weight"].T)
+            y = y + gate * swiglu(x, p + "mlp.shared_expert.")
+        h = h + y
+    logits = rmsnorm(h, w["model.norm.weight"]) @ w["lm_head.weight"].T
+    return logits
+
+
+logits = forward(ids)
+greedy = list(map(int, ids))  # greedy continuation, recomputed in full each step
+for _ in range(8):
+    greedy.append(int(forward(torch.tensor(greedy))[-1].argmax()))
 open(os.path.join(out, "ids.txt"), "w").write(",".join(str(int(i)) for i in ids))
 np.save(os.path.join(out, "ref.npy"), logits.numpy())
+open(os.path.join(out, "greedy.txt"), "w").write(",".join(str(i) for i in greedy[len(ids):]))

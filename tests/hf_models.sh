@@ -1,7 +1,8 @@
 #!/bin/sh
 # Hugging Face directories: tiny random-weight Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE models written by
 # hf_models.py (fp32 in one file, bf16 and fp16 in shards), their logits from moe eval --model --ids
-# --dump-logits against the script's own float64 forward pass; moe convert --to hf of those and
+# --dump-logits against the script's own float64 forward pass, and the greedy continuation of
+# moe generate --model (KV cache) token for token; moe convert --to hf of those and
 # of our own checkpoint (every tensor compared); malformed directories refused with one message
 # and a non-zero exit.
 moe=$1; src=$2
@@ -25,6 +26,10 @@ err = float(np.abs(a - b).max()); scale = max(1.0, float(np.abs(b).max()))
 print("%s: max |logit error| %.2e (largest logit %.2f)" % (sys.argv[2], err, scale))
 sys.exit(0 if err <= 2e-5 * scale else 1)
 PY
+  "$moe" generate --model "$dir" --ids "$(cat "$dir/ids.txt")" --max-new-tokens 8 --temperature 0 \
+    >"$tmp/gen" 2>&1 || fail "$3 $1 generate: $(cat "$tmp/gen")"
+  [ "$(cat "$tmp/gen")" = "$(cat "$dir/greedy.txt")" ] ||
+    fail "$3 $1 greedy continuation $(cat "$tmp/gen"), reference $(cat "$dir/greedy.txt") (seed $seed)"
 done
 # export: moe convert --model DIR --to hf OUT writes the same tensors (as F32) under the same
 # names, and OUT gives bitwise the same logits

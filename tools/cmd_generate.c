@@ -76,6 +76,9 @@ static int load_model(const char *cmd, int argc, char **argv, moe_options *o, in
 }
 
 int moe_cmd_generate(int argc, char **argv) {
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--model") || !strncmp(argv[i], "--model=", 8))
+            return moe_cmd_generate_hf(argc, argv);
     moe_options o;
     moe_model *m = NULL;
     char ckpt[MOE_PATH_MAX + 64];

@@ -179,3 +179,53 @@ int moe_cli_inspect_hf(const char *dir) {
            c.moe.ffn, total, 1e-6 * total, experts, active, 1e-6 * active);
     return 0;
 }
+
+/* moe generate --model DIR --ids 5,17,42 [--max-new-tokens N ...]: the continuation's ids
+ * (KV cache; --temperature 0 is greedy). */
+int moe_cmd_generate_hf(int argc, char **argv) {
+    moe_options o;
+    moe_options_default(&o);
+    if (moe_options_parse_args(&o, argc, argv) != MOE_OK) {
+        fprintf(stderr, "moe generate: %s\n", moe_last_error());
+        return 2;
+    }
+    if (!o.ids[0]) {
+        fprintf(stderr, "moe generate: --model needs --ids (tokenizers for Hugging Face models "
+                        "are not in yet)\n");
+        return 2;
+    }
+    moe_model_config c;
+    char family[32];
+    if (moe_hf_config(o.hf_model, &c, family, sizeof family) != MOE_OK) {
+        fprintf(stderr, "moe generate: %s\n", moe_last_error());
+        return 1;
+    }
+    int32_t *ids = NULL;
+    int n = parse_ids(o.ids, c.vocab, &ids), rc = 1;
+    if (!n) {
+        fprintf(stderr, "moe generate: %s\n", moe_last_error());
+        return 2;
+    }
+    if (n + o.max_new_tokens > c.seq_len) c.seq_len = n + o.max_new_tokens; /* the cache */
+    moe_model *m = NULL;
+    moe_status s = moe_model_create(&c, n, &m);
+    if (s == MOE_OK) s = moe_hf_load(o.hf_model, family, m);
+    if (s == MOE_OK) {
+        moe_model_reset_cache(m);
+        s = moe_model_decode(m, ids, n);
+    }
+    uint64_t stream = moe_rng_stream(MOE_RNG_SAMPLE, 0, 0, 0);
+    for (int i = 0, chunk = n; s == MOE_OK && i < o.max_new_tokens; i++, chunk = 1) {
+        const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c.vocab;
+        int32_t next = moe_sample(lg, c.vocab, o.temperature, o.top_k, o.top_p,
+                                  moe_rng_uniform64(o.layer.seed, stream, (uint64_t)i));
+        printf("%s%d", i ? "," : "", next);
+        s = moe_model_decode(m, &next, 1);
+    }
+    printf("\n");
+    if (s == MOE_OK) rc = 0;
+    else fprintf(stderr, "moe generate: %s\n", moe_last_error());
+    moe_model_destroy(m);
+    free(ids);
+    return rc;
+}

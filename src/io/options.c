@@ -236,13 +236,13 @@ static const opt_def opts[] = {
      "metrics", 0},
     {"load", NULL, OPT_STRING, O(load), 0, 0, NULL, FILES, "resume from this run directory", 0},
     {"model", NULL, OPT_STRING, O(hf_model), 0, 0, NULL, FILES,
-     "moe eval: a model directory in the Hugging Face layout (config.json, safetensors; "
-     "families: mixtral)", 1},
+     "moe eval, generate, convert: a model directory in the Hugging Face layout (config.json, "
+     "safetensors; mixtral, qwen2_moe, qwen3_moe, olmoe)", 1},
     {"init-from", NULL, OPT_STRING, O(init_from), 0, 0, NULL, FILES,
      "moe train: start from a Hugging Face model directory (its config.json, then these flags; "
      "its weights)", 1},
     {"ids", NULL, OPT_STRING, O(ids), 0, 0, NULL, FILES,
-     "moe eval --model: a token id sequence, comma-separated, instead of a data file", 1},
+     "moe eval / generate --model: a token id sequence, comma-separated", 1},
     {"dump-logits", NULL, OPT_STRING, O(dump_logits), 0, 0, NULL, FILES,
      "moe eval --ids: write the float32 logits [n, V] of the sequence to this .npy file", 1},
     {"save-interval", NULL, OPT_INT, O(save_interval), 0, BIG, NULL, FILES,
