@@ -145,6 +145,14 @@ fresh F32; head -c 5000 "$tmp/mF32/model.safetensors" >"$tmp/bad/model.safetenso
 fresh BF16; rm "$tmp/bad/model-00002-of-00002.safetensors"; bad "missing shard" "model-00002-of-00002.safetensors"
 fresh BF16; sed -i 's/"model.norm.weight": "[^"]*", *//; s/, *"model.norm.weight": "[^"]*"//' "$tmp/bad/model.safetensors.index.json"
 bad "tensor missing from the index" "model.norm.weight"
+for v in "header-beyond:header length [0-9]* exceeds the file" "overlap:overlap" \
+         "out-of-range:that do not fit its shape or the file" "shape:has shape \[16,64\], expected \[32,32\]" \
+         "dtype:is not a float tensor" "duplicate:appears twice"; do
+  kind=${v%%:*}; want=${v#*:}
+  rm -rf "$tmp/bad"
+  /usr/bin/python3 "$src/tests/hf_malform.py" "$tmp/mF32" "$tmp/bad" "$kind" || fail "writing $kind"
+  bad "$kind" "$want"
+done
 "$moe" eval --model "$tmp/mF32" --ids 1,200 >"$tmp/out" 2>&1 && fail "id beyond the vocabulary accepted"
 grep -q "not a token id below the vocabulary size 97" "$tmp/out" || fail "ids message: $(cat "$tmp/out")"
 echo "hf_models: ok"
