@@ -1,4 +1,5 @@
-/* moe eval --model DIR: models in the Hugging Face layout (io/hf). */
+/* Models in the Hugging Face layout (io/hf): moe eval and generate --model, moe convert,
+ * moe inspect DIR. */
 #include "tools/cli.h"
 
 #include "core/core.h"
@@ -55,31 +56,40 @@ static moe_status write_npy(const char *path, const float *x, int rows, int cols
     return ok ? MOE_OK : moe_set_error(MOE_ERR_IO, "%s: write failed", path);
 }
 
-int moe_cmd_eval_hf(int argc, char **argv) {
-    moe_options o;
-    moe_options_default(&o);
-    if (moe_options_parse_args(&o, argc, argv) != MOE_OK) {
-        fprintf(stderr, "moe eval: %s\n", moe_last_error());
+/* The options of `moe CMD --model DIR --ids ...`, the model's configuration and the ids.
+ * Returns an exit code (0: go on; the caller frees *ids). */
+static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, moe_model_config *c,
+                      char *family, size_t cap, int32_t **ids, int *n) {
+    moe_options_default(o);
+    if (moe_options_parse_args(o, argc, argv) != MOE_OK) {
+        fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 2;
     }
-    if (!o.ids[0]) {
-        fprintf(stderr, "moe eval: --model needs --ids (tokenizers for Hugging Face models are "
-                        "not in yet)\n");
+    if (!o->ids[0]) {
+        fprintf(stderr, "moe %s: --model needs --ids (tokenizers for Hugging Face models are "
+                        "not in yet)\n", cmd);
         return 2;
     }
-    moe_model_config c;
-    char family[32];
-    if (moe_hf_config(o.hf_model, &c, family, sizeof family) != MOE_OK) {
-        fprintf(stderr, "moe eval: %s\n", moe_last_error());
+    if (moe_hf_config(o->hf_model, c, family, cap) != MOE_OK) {
+        fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 1;
     }
-    int32_t *ids = NULL, *tgt = NULL;
-    int n = parse_ids(o.ids, c.vocab, &ids), rc = 1;
-    moe_model *m = NULL;
-    if (!n) {
-        fprintf(stderr, "moe eval: %s\n", moe_last_error());
+    if (!(*n = parse_ids(o->ids, c->vocab, ids))) {
+        fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 2;
     }
+    return 0;
+}
+
+int moe_cmd_eval_hf(int argc, char **argv) {
+    moe_options o;
+    moe_model_config c;
+    char family[32];
+    int32_t *ids = NULL, *tgt = NULL;
+    int n = 0, rc = hf_prepare("eval", argc, argv, &o, &c, family, sizeof family, &ids, &n);
+    if (rc) return rc;
+    rc = 1;
+    moe_model *m = NULL;
     if (n > c.seq_len) c.seq_len = n;
     tgt = malloc(sizeof(int32_t) * (size_t)n);
     for (int i = 0; tgt && i < n; i++) tgt[i] = i + 1 < n ? ids[i + 1] : -1;
@@ -184,28 +194,12 @@ int moe_cli_inspect_hf(const char *dir) {
  * (KV cache; --temperature 0 is greedy). */
 int moe_cmd_generate_hf(int argc, char **argv) {
     moe_options o;
-    moe_options_default(&o);
-    if (moe_options_parse_args(&o, argc, argv) != MOE_OK) {
-        fprintf(stderr, "moe generate: %s\n", moe_last_error());
-        return 2;
-    }
-    if (!o.ids[0]) {
-        fprintf(stderr, "moe generate: --model needs --ids (tokenizers for Hugging Face models "
-                        "are not in yet)\n");
-        return 2;
-    }
     moe_model_config c;
     char family[32];
-    if (moe_hf_config(o.hf_model, &c, family, sizeof family) != MOE_OK) {
-        fprintf(stderr, "moe generate: %s\n", moe_last_error());
-        return 1;
-    }
     int32_t *ids = NULL;
-    int n = parse_ids(o.ids, c.vocab, &ids), rc = 1;
-    if (!n) {
-        fprintf(stderr, "moe generate: %s\n", moe_last_error());
-        return 2;
-    }
+    int n = 0, rc = hf_prepare("generate", argc, argv, &o, &c, family, sizeof family, &ids, &n);
+    if (rc) return rc;
+    rc = 1;
     if (n + o.max_new_tokens > c.seq_len) c.seq_len = n + o.max_new_tokens; /* the cache */
     moe_model *m = NULL;
     moe_status s = moe_model_create(&c, n, &m);

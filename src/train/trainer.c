@@ -178,7 +178,6 @@ static int data_rank(const moe_trainer *t) {
     return !t->dist ? 0 : replicated(t) ? t->dist->edp_rank : t->dist->world_rank;
 }
 
-
 /* Sums the gradients over the ranks holding the same parameters: dense tensors over every
  * data-parallel rank, a routed expert's over its replicas (the expert-data-parallel group).
  * Consecutive tensors of one kind form buckets of up to 4 Mi floats. In the last micro-batch
