@@ -315,6 +315,7 @@ typedef struct {
     int n_layers;         /* L */
     int n_heads;          /* H, head size d / H */
     int n_kv_heads;       /* key/value heads (grouped-query attention); divides H */
+    int head_dim;         /* per head; 0 = d / H (Qwen3 uses other sizes) */
     int ffn;              /* hidden size of the dense FFN layers */
     int seq_len;          /* maximum sequence length S */
     float rope_theta;
@@ -331,6 +332,8 @@ typedef struct {
 
 moe_model_config moe_model_config_default(void);
 moe_status moe_model_config_validate(const moe_model_config *cfg);
+/* The size of one attention head: head_dim, or d / H when it is 0. */
+int moe_model_head_dim(const moe_model_config *cfg);
 /* Experts of layer l (0 = dense). */
 int moe_model_layer_experts(const moe_model_config *cfg, int l);
 

@@ -21,7 +21,7 @@ renorm = family in ("mixtral", "qwen3_moe")
 qk_norm = {"qwen3_moe": "head", "olmoe": "whole"}.get(family)
 g = torch.Generator().manual_seed(seed)
 d, L, H, KV, f, E, k, theta, eps, fs = 32, 2, 4, 2, 24, 4, 2, 10000.0, 1e-5, 20
-hd = d // H
+hd = 12 if family == "qwen3_moe" else d // H  # Qwen3's heads: head_dim x heads != hidden size
 dt = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
 if qwen:
     cfg = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": V,

@@ -59,11 +59,12 @@ static void random_params(moe_model *m, uint64_t seed) {
     }
 }
 
-static void against_torch(int qkv_bias, int qk_norm) {
+static void against_torch(int qkv_bias, int qk_norm, int head_dim) {
     uint64_t seed = tu_seed();
     moe_model_config c = tiny_config();
     c.qkv_bias = qkv_bias;
     c.qk_norm = qk_norm;
+    c.head_dim = head_dim;
     int B = 2, S = 7, T = B * S;
     moe_model *m;
     assert_int_equal(moe_model_create(&c, T, &m), MOE_OK);
@@ -109,10 +110,10 @@ static void against_torch(int qkv_bias, int qk_norm) {
     }
     char config[512], seedtxt[32];
     snprintf(config, sizeof config,
-             "{\"d\":%d,\"n_heads\":%d,\"n_kv_heads\":%d,\"n_layers\":%d,\"eps\":%.9g,"
+             "{\"d\":%d,\"hd\":%d,\"n_heads\":%d,\"n_kv_heads\":%d,\"n_layers\":%d,\"eps\":%.9g,"
              "\"theta\":%.9g,\"n_experts\":%d,\"topk\":%d,\"shared_ffn\":%d,\"aux_coeff\":%.9g,"
              "\"z_coeff\":%.9g,\"moe_layers\":[0,1,1],\"tied\":%d,\"loss_scale\":%.9g}",
-             c.d, c.n_heads, c.n_kv_heads, c.n_layers, c.norm_eps, c.rope_theta, c.moe.n_experts,
+             c.d, moe_model_head_dim(&c), c.n_heads, c.n_kv_heads, c.n_layers, c.norm_eps, c.rope_theta, c.moe.n_experts,
              c.moe.topk, c.moe.shared_ffn, c.moe.aux_coeff, c.moe.z_coeff, c.tie_embeddings,
              args.loss_scale);
     snprintf(seedtxt, sizeof seedtxt, "%llu", (unsigned long long)(seed % 1000000007));
@@ -134,20 +135,26 @@ static void against_torch(int qkv_bias, int qk_norm) {
 
 static void test_against_torch(void **state) {
     (void)state;
-    against_torch(0, MOE_QK_NORM_NONE);
+    against_torch(0, MOE_QK_NORM_NONE, 0);
 }
 
 /* Query, key and value biases (Qwen2): forward and every gradient, the biases' included. */
 static void test_against_torch_qkv_bias(void **state) {
     (void)state;
-    against_torch(1, MOE_QK_NORM_NONE);
+    against_torch(1, MOE_QK_NORM_NONE, 0);
 }
 
 /* RMSNorm of q and k per head (Qwen3) and over the whole projection (OLMoE). */
 static void test_against_torch_qk_norm(void **state) {
     (void)state;
-    against_torch(0, MOE_QK_NORM_HEAD);
-    against_torch(1, MOE_QK_NORM_WHOLE);
+    against_torch(0, MOE_QK_NORM_HEAD, 0);
+    against_torch(1, MOE_QK_NORM_WHOLE, 0);
+}
+
+/* Heads of their own size (Qwen3: head_dim x heads != hidden size). */
+static void test_against_torch_head_dim(void **state) {
+    (void)state;
+    against_torch(0, MOE_QK_NORM_HEAD, 6);
 }
 
 /* A training step with loss_scale s gives s times the gradients of loss_scale 1, the aux and
@@ -284,11 +291,12 @@ static void test_bad_input(void **state) {
 }
 
 /* Decoding token by token with the cache gives the logits of a full recomputation. */
-static void kv_cache(int qkv_bias, int qk_norm) {
+static void kv_cache(int qkv_bias, int qk_norm, int head_dim) {
     uint64_t seed = tu_seed();
     moe_model_config c = tiny_config();
     c.qkv_bias = qkv_bias;
     c.qk_norm = qk_norm;
+    c.head_dim = head_dim;
     int S = 7;
     moe_model *m;
     assert_int_equal(moe_model_create(&c, 2 * S, &m), MOE_OK);
@@ -321,9 +329,9 @@ static void kv_cache(int qkv_bias, int qk_norm) {
 
 static void test_kv_cache(void **state) {
     (void)state;
-    kv_cache(0, MOE_QK_NORM_NONE);
-    kv_cache(1, MOE_QK_NORM_HEAD); /* the projection biases and norms in the decoding path */
-    kv_cache(0, MOE_QK_NORM_WHOLE);
+    kv_cache(0, MOE_QK_NORM_NONE, 0);
+    kv_cache(1, MOE_QK_NORM_HEAD, 6); /* biases, norms and head size in the decoding path */
+    kv_cache(0, MOE_QK_NORM_WHOLE, 0);
 }
 
 /* Sampling: greedy and top-k 1 take the argmax; top-p keeps the smallest likely set; the
@@ -403,7 +411,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_against_torch),
         cmocka_unit_test(test_against_torch_qkv_bias),
-        cmocka_unit_test(test_against_torch_qk_norm), cmocka_unit_test(test_loss_scale),
+        cmocka_unit_test(test_against_torch_qk_norm),
+        cmocka_unit_test(test_against_torch_head_dim), cmocka_unit_test(test_loss_scale),
         cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
         cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),

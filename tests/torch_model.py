@@ -74,7 +74,7 @@ def moe(x, P, l, c):
 def forward(P, tok, tgt, c):
     B, S = tok.shape
     d, H, KV = c["d"], c["n_heads"], c["n_kv_heads"]
-    hd = d // H
+    hd = c["hd"]  # may differ from d / H (Qwen3)
     x = P["model.embed_tokens.weight"][tok]
     aux_total, z_total, routes = 0.0, 0.0, []
     mask = torch.full((S, S), float("-inf")).triu(1)
@@ -97,7 +97,7 @@ def forward(P, tok, tgt, c):
         kk = kk.repeat_interleave(H // KV, dim=2)
         v = v.repeat_interleave(H // KV, dim=2)
         att = torch.einsum("bihc,bjhc->bhij", q, kk) / hd ** 0.5 + mask
-        o = torch.einsum("bhij,bjhc->bihc", torch.softmax(att, -1), v).reshape(B, S, d)
+        o = torch.einsum("bhij,bjhc->bihc", torch.softmax(att, -1), v).reshape(B, S, H * hd)
         x = x + o @ P[pre + ".self_attn.o_proj.weight"].T
         h2 = rmsnorm(x, P[pre + ".post_attention_layernorm.weight"], c["eps"])
         if c["moe_layers"][l]:

@@ -171,7 +171,7 @@ static int bench_layer(moe_options *o, int json) {
 /* GEMM FLOPs per token of one training step (forward + backward = 3 x forward), attention
  * scores over the causal half of the sequence included. */
 static double model_flops_per_token(const moe_model_config *c) {
-    int hd = c->d / c->n_heads, hq = c->n_heads * hd, hkv = c->n_kv_heads * hd;
+    int hd = moe_model_head_dim(c), hq = c->n_heads * hd, hkv = c->n_kv_heads * hd;
     int gated = c->moe.act == MOE_ACT_SWIGLU || c->moe.act == MOE_ACT_GEGLU;
     double per_mlp = 2.0 * c->d * (gated ? 3.0 : 2.0), f = 0;
     for (int l = 0; l < c->n_layers; l++) {

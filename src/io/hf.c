@@ -74,9 +74,7 @@ static moe_status parse_common(const cJSON *j, moe_model_config *c, const char *
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(j, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu")))
         return moe_set_error(MOE_ERR_FORMAT, "config.json: hidden_act must be \"silu\"");
-    if (hd * c->n_heads != c->d)
-        return moe_set_error(MOE_ERR_FORMAT, "config.json: head_dim %d x %d heads is not the "
-                             "hidden size %d (not supported)", hd, c->n_heads, c->d);
+    c->head_dim = hd * c->n_heads == c->d ? 0 : hd;
     c->tie_embeddings = tie;
     c->seq_len = max_pos < 4096 ? max_pos : 4096; /* the longest sequence we plan memory for */
     c->ffn = c->moe.ffn;
@@ -273,7 +271,7 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m) {
         {"num_key_value_heads", c->n_kv_heads}, {"num_local_experts", c->moe.n_experts},
         {"num_experts_per_tok", c->moe.topk}, {"rms_norm_eps", c->norm_eps},
         {"rope_theta", c->rope_theta}, {"max_position_embeddings", c->seq_len},
-        {"head_dim", c->d / c->n_heads}, {"initializer_range", c->init_std}};
+        {"head_dim", moe_model_head_dim(c)}, {"initializer_range", c->init_std}};
     for (size_t i = 0; i < sizeof nums / sizeof *nums; i++)
         cJSON_AddNumberToObject(j, nums[i].key, nums[i].v);
     cJSON_AddStringToObject(j, "hidden_act", "silu");

@@ -190,6 +190,8 @@ static const opt_def opts[] = {
      "RMSNorm epsilon", 0},
     {"init-method-std", "initializer-range", OPT_FLOAT, M(init_std), 1e-30, BIG, NULL, MODEL,
      "std of the normal initialisation (output projections: std / sqrt(2 L))", 0},
+    {"kv-channels", "head-dim", OPT_INT, M(head_dim), 0, 65536, NULL, MODEL,
+     "size of one attention head (0 = hidden-size / num-attention-heads)", 0},
     {"add-qkv-bias", "qkv-bias", OPT_BOOL, M(qkv_bias), 0, 1, NULL, MODEL,
      "biases in the query, key and value projections (Qwen2-MoE)", 0},
     {"qk-norm", NULL, OPT_ENUM, M(qk_norm), 0, 0, qk_norm_choices, MODEL,

@@ -105,15 +105,22 @@ static moe_layer_config layer_config(const moe_model_config *c, int l) {
     return lc;
 }
 
+int moe_model_head_dim(const moe_model_config *c) {
+    return c->head_dim > 0 ? c->head_dim : c->n_heads > 0 ? c->d / c->n_heads : 0;
+}
+
 moe_status moe_model_config_validate(const moe_model_config *c) {
     MOE_CHECK(c->vocab >= 2, "vocab size must be >= 2 (got %d)", c->vocab);
     MOE_CHECK(c->d >= 1, "hidden-size must be >= 1 (got %d)", c->d);
     MOE_CHECK(c->n_layers >= 1 && c->n_layers <= MOE_MAX_LAYERS,
           "num-layers must be between 1 and %d (got %d)", MOE_MAX_LAYERS, c->n_layers);
-    MOE_CHECK(c->n_heads >= 1 && c->d % c->n_heads == 0,
-          "num-attention-heads (%d) must divide hidden-size (%d)", c->n_heads, c->d);
-    MOE_CHECK((c->d / c->n_heads) % 2 == 0, "the head size hidden-size/num-attention-heads (%d) must be "
-          "even for rotary embeddings", c->d / c->n_heads);
+    MOE_CHECK(c->n_heads >= 1 && (c->head_dim > 0 || c->d % c->n_heads == 0),
+          "num-attention-heads (%d) must divide hidden-size (%d), or give kv-channels",
+          c->n_heads, c->d);
+    MOE_CHECK(c->head_dim >= 0 && c->head_dim <= 1 << 16, "kv-channels must be in [0, 65536] "
+              "(got %d)", c->head_dim);
+    MOE_CHECK(moe_model_head_dim(c) % 2 == 0, "the head size (%d) must be even for rotary "
+          "embeddings", moe_model_head_dim(c));
     MOE_CHECK(c->n_kv_heads >= 1 && c->n_heads % c->n_kv_heads == 0,
           "num-query-groups (%d) must divide num-attention-heads (%d)", c->n_kv_heads, c->n_heads);
     MOE_CHECK(c->ffn >= 1, "ffn-hidden-size must be >= 1 (got %d)", c->ffn);
@@ -387,7 +394,7 @@ moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_mod
     if (!m) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the model");
     m->cfg = *cfg;
     m->max_tokens = max_tokens;
-    m->hd = cfg->d / cfg->n_heads;
+    m->hd = moe_model_head_dim(cfg);
     m->gf = moe_act_gated(cfg->moe.act) ? 2 * cfg->ffn : cfg->ffn;
     int L = cfg->n_layers;
     moe_status st = MOE_ERR_NOMEM;
@@ -458,7 +465,7 @@ moe_status moe_model_full_tensors(const moe_model_config *cfg, moe_tensor_info *
     m.cfg = *cfg;
     m.cfg.moe.ep_size = 1;
     m.cfg.moe.ep_rank = 0;
-    m.hd = cfg->d / cfg->n_heads;
+    m.hd = moe_model_head_dim(cfg);
     m.block_off = calloc((size_t)cfg->n_layers * B_N, sizeof *m.block_off);
     if (!m.block_off) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the tensor table");
     moe_status st = build_tensors(&m);
