@@ -209,14 +209,15 @@ int moe_cmd_generate_hf(int argc, char **argv) {
         s = moe_model_decode(m, ids, n);
     }
     uint64_t stream = moe_rng_stream(MOE_RNG_SAMPLE, 0, 0, 0);
-    for (int i = 0, chunk = n; s == MOE_OK && i < o.max_new_tokens; i++, chunk = 1) {
+    int i = 0;
+    for (int chunk = n; s == MOE_OK && i < o.max_new_tokens; i++, chunk = 1) {
         const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c.vocab;
         int32_t next = moe_sample(lg, c.vocab, o.temperature, o.top_k, o.top_p,
                                   moe_rng_uniform64(o.layer.seed, stream, (uint64_t)i));
         printf("%s%d", i ? "," : "", next);
         s = moe_model_decode(m, &next, 1);
     }
-    printf("\n");
+    if (i) printf("\n");
     if (s == MOE_OK) rc = 0;
     else fprintf(stderr, "moe generate: %s\n", moe_last_error());
     moe_model_destroy(m);
