@@ -111,6 +111,23 @@ grep -q "cannot write a mixtral model" "$tmp/out" || fail "Qwen conversion messa
 "$moe" train $ft --train-iters 4 --load "$tmp/ft2" >"$tmp/out" 2>&1 && fail "--init-from with --load accepted"
 grep -q "resume it with --load alone" "$tmp/out" || fail "init-from/load message: $(cat "$tmp/out")"
 
+# eval --data FILE: one window holding the whole token file gives the loss of --ids of the same
+# tokens (read from the file here); a vocabulary too small for the file is refused
+printf 'Mixture of experts.\n\nA small file of two documents.\n' >"$tmp/small.txt"
+"$moe" prepare --out "$tmp/small" --val-fraction 0 "$tmp/small.txt" >/dev/null || fail "prepare small"
+ids=$(/usr/bin/python3 -c "
+import struct, sys
+b = open(sys.argv[1], 'rb').read(); n = struct.unpack('<Q', b[16:24])[0]
+print(','.join(str(t) for t in struct.unpack('<%dH' % n, b[64:64 + 2 * n])))" "$tmp/small/train.bin")
+n=$(echo "$ids" | tr ',' '\n' | wc -l)
+"$moe" eval --model "$tmp/mv" --data "$tmp/small/train.bin" --seq-length $((n - 1)) >"$tmp/out" 2>&1 ||
+  fail "eval --data: $(cat "$tmp/out")"
+"$moe" eval --model "$tmp/mv" --ids "$ids" >"$tmp/out2" 2>&1 || fail "eval --ids: $(cat "$tmp/out2")"
+a=$(sed -n 's/.*loss \([0-9.]*\) nats.*/\1/p' "$tmp/out"); b=$(sed -n 's/.*loss \([0-9.]*\) nats.*/\1/p' "$tmp/out2")
+[ -n "$a" ] && [ "$a" = "$b" ] || fail "eval --data loss $a, --ids loss $b"
+"$moe" eval --model "$tmp/mF32" --data "$tmp/data/val.bin" >"$tmp/out" 2>&1 && fail "97-token model ran 257-token data"
+grep -q "vocab" "$tmp/out" || fail "vocabulary message: $(cat "$tmp/out")"
+
 # inspect: family, shape and parameter counts, against counts from the files' headers
 "$moe" inspect "$tmp/mv" >"$tmp/out" 2>&1 || fail "inspect: $(cat "$tmp/out")"
 want=$(/usr/bin/python3 - "$tmp/mv" <<'PY'

@@ -3,10 +3,12 @@
 #include "tools/cli.h"
 
 #include "core/core.h"
+#include "io/data.h"
 #include "io/hf.h"
 #include "train/trainer.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,29 +58,78 @@ static moe_status write_npy(const char *path, const float *x, int rows, int cols
     return ok ? MOE_OK : moe_set_error(MOE_ERR_IO, "%s: write failed", path);
 }
 
-/* The options of `moe CMD --model DIR --ids ...`, the model's configuration and the ids.
- * Returns an exit code (0: go on; the caller frees *ids). */
+/* The options of `moe CMD --model DIR --ids ...`, the model's configuration and the ids
+ * (*n = 0 without --ids where data may stand instead). Returns an exit code (0: go on; the
+ * caller frees *ids). */
 static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, moe_model_config *c,
                       char *family, size_t cap, int32_t **ids, int *n) {
     moe_options_default(o);
+    *n = 0;
     if (moe_options_parse_args(o, argc, argv) != MOE_OK) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 2;
     }
-    if (!o->ids[0]) {
-        fprintf(stderr, "moe %s: --model needs --ids (tokenizers for Hugging Face models are "
-                        "not in yet)\n", cmd);
+    int data = !strcmp(cmd, "eval") && o->data_path[0];
+    if (!o->ids[0] && !data) {
+        fprintf(stderr, "moe %s: --model needs --ids%s (tokenizers for Hugging Face models are "
+                        "not in yet)\n", cmd, strcmp(cmd, "eval") ? "" : " or --data FILE");
         return 2;
     }
     if (moe_hf_config(o->hf_model, c, family, cap) != MOE_OK) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 1;
     }
-    if (!(*n = parse_ids(o->ids, c->vocab, ids))) {
+    if (o->ids[0] && !(*n = parse_ids(o->ids, c->vocab, ids))) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 2;
     }
     return 0;
+}
+
+/* moe eval --model DIR --data FILE: mean loss over the file's windows of --seq-length tokens
+ * (at most the model's positions), one sequence per forward. */
+static int eval_hf_data(const moe_options *o, moe_model_config *c, const char *family) {
+    moe_tokens data = {0};
+    moe_model *m = NULL;
+    int32_t *tok = NULL, *tgt = NULL;
+    int S = o->model.seq_len < c->seq_len ? o->model.seq_len : c->seq_len, rc = 1;
+    moe_status s = moe_tokens_load(o->data_path, &data);
+    if (s == MOE_OK && data.n_tokens < 2)
+        s = moe_set_error(MOE_ERR_INVALID, "%s: fewer than 2 tokens", o->data_path);
+    if (s == MOE_OK && data.n_tokens - 1 < S) S = (int)(data.n_tokens - 1);
+    c->seq_len = S;
+    if (s == MOE_OK) s = moe_trainer_check_data(c, &data, NULL);
+    if (s == MOE_OK) s = moe_model_create(c, S, &m);
+    if (s == MOE_OK) s = moe_hf_load(o->hf_model, family, m);
+    tok = malloc(sizeof(int32_t) * (size_t)S), tgt = malloc(sizeof(int32_t) * (size_t)S);
+    if (s == MOE_OK && (!tok || !tgt)) s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    double sum = 0;
+    int64_t count = 0, windows = s == MOE_OK ? (data.n_tokens - 1) / S : 0;
+    moe_model_args args = moe_model_args_default();
+    args.training = 0;
+    for (int64_t w = 0; s == MOE_OK && w < windows; w++) {
+        for (int i = 0; i < S; i++) {
+            tok[i] = data.tokens[w * S + i];
+            tgt[i] = data.tokens[w * S + i + 1];
+        }
+        moe_model_loss L;
+        s = moe_model_forward(m, tok, tgt, 1, S, &args, &L);
+        sum += L.nll * L.n_targets;
+        count += L.n_targets;
+    }
+    if (s == MOE_OK) {
+        double nll = count ? sum / (double)count : 0;
+        printf("eval %s (%s) on %s: %lld tokens in windows of %d, loss %.4f nats/token, "
+               "perplexity %.3f\n", o->hf_model, family, o->data_path, (long long)count, S, nll,
+               exp(nll));
+        rc = 0;
+    } else {
+        fprintf(stderr, "moe eval: %s\n", moe_last_error());
+    }
+    free(tok), free(tgt);
+    moe_model_destroy(m);
+    moe_tokens_free(&data);
+    return rc;
 }
 
 int moe_cmd_eval_hf(int argc, char **argv) {
@@ -88,6 +139,7 @@ int moe_cmd_eval_hf(int argc, char **argv) {
     int32_t *ids = NULL, *tgt = NULL;
     int n = 0, rc = hf_prepare("eval", argc, argv, &o, &c, family, sizeof family, &ids, &n);
     if (rc) return rc;
+    if (!n) return eval_hf_data(&o, &c, family);
     rc = 1;
     moe_model *m = NULL;
     if (n > c.seq_len) c.seq_len = n;
