@@ -94,6 +94,14 @@ static moe_status parse_mixtral(const cJSON *j, moe_model_config *c) {
     return parse_common(j, c, "intermediate_size", "num_local_experts");
 }
 
+/* norm_topk_prob (renormalise the k weights of the softmax), absent: def. */
+static moe_status get_norm_topk(const cJSON *j, int def, moe_model_config *c) {
+    int norm = def;
+    MOE_TRY(get_bool(j, "norm_topk_prob", def, &norm));
+    c->moe.norm_topk = norm ? MOE_NORM_ON : MOE_NORM_OFF;
+    return MOE_OK;
+}
+
 /* Dense layers in between (decoder_sparse_step > 1, mlp_only_layers) and sliding windows are
  * refused: the Qwen families' common checks. */
 static moe_status qwen_layout(const cJSON *j) {
@@ -121,11 +129,9 @@ static moe_status parse_qwen3_moe(const cJSON *j, moe_model_config *c) {
     MOE_TRY(parse_common(j, c, "moe_intermediate_size", "num_experts"));
     MOE_TRY(qwen_layout(j));
     MOE_TRY(no_attention_bias(j));
-    int norm = 0;
-    MOE_TRY(get_bool(j, "norm_topk_prob", 1, &norm));
+    MOE_TRY(get_norm_topk(j, 1, c));
     MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, c->moe.ffn, &c->ffn));
     c->qk_norm = MOE_QK_NORM_HEAD;
-    c->moe.norm_topk = norm ? MOE_NORM_ON : MOE_NORM_OFF;
     return MOE_OK;
 }
 
@@ -136,10 +142,8 @@ static moe_status parse_olmoe(const cJSON *j, moe_model_config *c) {
     const cJSON *clip = cJSON_GetObjectItemCaseSensitive(j, "clip_qkv");
     if (clip && !cJSON_IsNull(clip))
         return moe_set_error(MOE_ERR_FORMAT, "config.json: clip_qkv is not supported");
-    int norm = 0;
-    MOE_TRY(get_bool(j, "norm_topk_prob", 0, &norm));
+    MOE_TRY(get_norm_topk(j, 0, c));
     c->qk_norm = MOE_QK_NORM_WHOLE;
-    c->moe.norm_topk = norm ? MOE_NORM_ON : MOE_NORM_OFF;
     return MOE_OK;
 }
 
@@ -148,13 +152,11 @@ static moe_status parse_olmoe(const cJSON *j, moe_model_config *c) {
 static moe_status parse_qwen2_moe(const cJSON *j, moe_model_config *c) {
     MOE_TRY(parse_common(j, c, "moe_intermediate_size", "num_experts"));
     MOE_TRY(qwen_layout(j));
-    int norm = 0;
-    MOE_TRY(get_bool(j, "norm_topk_prob", 0, &norm));
+    MOE_TRY(get_norm_topk(j, 0, c));
     MOE_TRY(get_int(j, "shared_expert_intermediate_size", 0, 1 << 24, 0, &c->moe.shared_ffn));
     MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, c->moe.ffn, &c->ffn));
     c->qkv_bias = 1;
     c->moe.shared_gate = c->moe.shared_ffn > 0;
-    c->moe.norm_topk = norm ? MOE_NORM_ON : MOE_NORM_OFF;
     return MOE_OK;
 }
 
@@ -170,22 +172,28 @@ moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, s
         cJSON_Delete(j);
         return moe_set_error(MOE_ERR_FORMAT, "%s: not a JSON object", path);
     }
+    static const struct {
+        const char *type;
+        moe_status (*parse)(const cJSON *, moe_model_config *);
+    } families[] = {{"mixtral", parse_mixtral}, {"qwen2_moe", parse_qwen2_moe},
+                    {"qwen3_moe", parse_qwen3_moe}, {"olmoe", parse_olmoe}};
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(j, "model_type");
     moe_model_config c = moe_model_config_default();
-    moe_status s;
+    moe_status s = MOE_ERR_FORMAT;
+    size_t i = 0, n = sizeof families / sizeof *families;
+    while (cJSON_IsString(type) && i < n && strcmp(type->valuestring, families[i].type)) i++;
     if (!cJSON_IsString(type))
-        s = moe_set_error(MOE_ERR_FORMAT, "%s: no \"model_type\"", path);
-    else if (!strcmp(type->valuestring, "mixtral"))
-        s = parse_mixtral(j, &c);
-    else if (!strcmp(type->valuestring, "qwen2_moe"))
-        s = parse_qwen2_moe(j, &c);
-    else if (!strcmp(type->valuestring, "qwen3_moe"))
-        s = parse_qwen3_moe(j, &c);
-    else if (!strcmp(type->valuestring, "olmoe"))
-        s = parse_olmoe(j, &c);
+        moe_set_error(s, "%s: no \"model_type\"", path);
+    else if (i == n) {
+        char known[128] = "";
+        for (size_t k = 0; k < n; k++)
+            snprintf(known + strlen(known), sizeof known - strlen(known), "%s%s", k ? ", " : "",
+                     families[k].type);
+        moe_set_error(s, "%s: model_type \"%.40s\" is not supported (supported: %s)", path,
+                      type->valuestring, known);
+    }
     else
-        s = moe_set_error(MOE_ERR_FORMAT, "%s: model_type \"%.40s\" is not supported (supported: "
-                          "mixtral, qwen2_moe, qwen3_moe, olmoe)", path, type->valuestring);
+        s = families[i].parse(j, &c);
     if (s == MOE_OK) {
         snprintf(family, cap, "%s", type->valuestring);
         s = moe_model_config_validate(&c);

@@ -531,6 +531,16 @@ static void qk_norm_forward(const moe_model *m, const block_ptrs *p, int T, floa
     moe_rmsnorm_forward(k, rk, kp, p->kn, rk_n, wk, m->cfg.norm_eps);
 }
 
+/* dy [rows, width] := the gradient of an RMSNorm's input given its output's (scratch: as
+ * large as dy); dw += its weight gradient. */
+static void norm_backward_in_place(float *dy, float *scratch, float *dw, const float *x,
+                                   const float *w, const float *rstd, int rows, int width) {
+    size_t n = (size_t)rows * width;
+    memset(scratch, 0, sizeof(float) * n);
+    moe_rmsnorm_backward(scratch, dw, dy, x, w, rstd, rows, width);
+    memcpy(dy, scratch, sizeof(float) * n);
+}
+
 /* q, k, v [T, *] = n1 Wᵀ (+ bias): the attention projections of one block. */
 static void project_qkv(const moe_model *m, const block_ptrs *p, const float *n1, int T,
                         float *q, float *k, float *v) {
@@ -686,12 +696,8 @@ moe_status moe_model_backward(moe_model *m) {
         if (p.qn) { /* through the q and k norms: dq, dk become gradients of qp, kp */
             int rq_n, rk_n, wq, wk;
             qk_norm_rows(m, T, &rq_n, &rk_n, &wq, &wk);
-            memset(m->datt, 0, sizeof(float) * (size_t)T * hq);
-            moe_rmsnorm_backward(m->datt, g.qn, m->dq, s->qp, p.qn, s->rq, rq_n, wq);
-            memcpy(m->dq, m->datt, sizeof(float) * (size_t)T * hq);
-            memset(m->datt, 0, sizeof(float) * (size_t)T * hkv);
-            moe_rmsnorm_backward(m->datt, g.kn, m->dk, s->kp, p.kn, s->rk, rk_n, wk);
-            memcpy(m->dk, m->datt, sizeof(float) * (size_t)T * hkv);
+            norm_backward_in_place(m->dq, m->datt, g.qn, s->qp, p.qn, s->rq, rq_n, wq);
+            norm_backward_in_place(m->dk, m->datt, g.kn, s->kp, p.kn, s->rk, rk_n, wk);
         }
         if (g.bq) {
             add_col_sums(g.bq, m->dq, T, hq);
