@@ -220,6 +220,21 @@ int main(int argc, char **argv) {
             check(&d, sets[si].name, "shared w_in gradient", gl.shared_w_in, gr.shared_w_in,
                   2 * (size_t)c.shared_ffn * dd, tol);
         }
+        /* the bytes the exchanges sent, over the expert group. All-to-all: the counts (8 E), and
+         * per row sent x and w forward, dL/dy backward; per row received y forward, dL/dx and
+         * dL/dw backward; rows received over the group = rows sent. Replicated: the routed
+         * outputs and dL/dx all-reduced, and dL/dw of every slot. */
+        int64_t sent[2] = {moe_layer_get_stats(L)->exchange_bytes, 0};
+        for (int e = 0; e < c.n_experts; e++) sent[1] += moe_layer_get_stats(L)->kept[e];
+        moe_comm_sum_i64(d.expert, sent, 2);
+        int64_t want = ep == 1      ? 0
+                       : replicated ? (int64_t)ep * (8LL * Tl * dd + 8LL * Tl * c.topk)
+                                    : 8LL * c.n_experts * ep + sent[1] * (16LL * dd + 12);
+        if (sent[0] != want) {
+            printf("rank %d: %s: exchanges sent %lld bytes, expected %lld\n", d.world_rank,
+                   sets[si].name, (long long)sent[0], (long long)want);
+            failures++;
+        }
         /* the same drops as one process, and the losses' mean over ranks */
         const moe_layer_stats *sr = moe_layer_get_stats(ref), *sl = moe_layer_get_stats(L);
         int64_t dropped = sl->dropped;
