@@ -31,6 +31,60 @@ PY
   [ "$(cat "$tmp/gen")" = "$(cat "$dir/greedy.txt")" ] ||
     fail "$3 $1 greedy continuation $(cat "$tmp/gen"), reference $(cat "$dir/greedy.txt") (seed $seed)"
 done
+# text: a tokenizer.json (SentencePiece style, Metaspace; 97 ids as the model's vocabulary) in
+# the Mixtral directory; moe generate --prompt gives the text of the greedy ids of the prompt's
+# ids (decoded here with the Metaspace rule, special tokens left out)
+/usr/bin/python3 - "$tmp/mF32/tokenizer.json" <<'PY' || fail "writing tokenizer.json"
+import json, sys
+vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+for c in "▁abcdefghijklmnopqrstuvwxyz.,!?'ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789":
+    vocab[c] = len(vocab)
+merges = []
+for a, b in [("▁", "t"), ("h", "e"), ("▁t", "he"), ("a", "t"), ("▁", "c"), ("▁c", "at"), ("▁", "s"),
+             ("▁s", "at"), ("o", "n"), ("▁", "on"), ("i", "n"), ("▁", "m"), ("▁m", "at")]:
+    merges.append(a + " " + b); vocab[a + b] = len(vocab)
+while len(vocab) < 97:
+    vocab["<extra_%d>" % len(vocab)] = len(vocab)
+ms = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": True}
+special = lambda i, t: {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                        "normalized": False, "special": True}
+j = {"version": "1.0", "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+     "normalizer": None, "pre_tokenizer": ms, "decoder": ms,
+     "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                        {"Sequence": {"id": "A", "type_id": 0}}],
+                        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+     "model": {"type": "BPE", "unk_token": "<unk>", "fuse_unk": True, "byte_fallback": False,
+               "vocab": vocab, "merges": merges}}
+json.dump(j, open(sys.argv[1], "w", encoding="utf-8"), ensure_ascii=False)
+PY
+m=$tmp/mF32
+# worked out by hand: <s> ▁the ▁cat ▁sat ▁on ▁the ▁mat (ids 73.. are the merges in order)
+ids=$("$moe" tokenize --model "$m" --prompt "the cat sat on the mat") || fail "tokenize"
+[ "$ids" = "1,73,76,78,80,73,83" ] || fail "the prompt's ids: $ids"
+"$moe" generate --model "$m" --ids "$ids" --max-new-tokens 12 --temperature 0 >"$tmp/gen" 2>&1 ||
+  fail "generate --ids: $(cat "$tmp/gen")"
+"$moe" generate --model "$m" --prompt "the cat sat on the mat" --max-new-tokens 12 --temperature 0 \
+  >"$tmp/text" 2>&1 || fail "generate --prompt: $(cat "$tmp/text")"
+/usr/bin/python3 - "$m/tokenizer.json" "$ids,$(cat "$tmp/gen")" "$tmp/text" <<'PY' ||
+import json, sys
+vocab = json.load(open(sys.argv[1], encoding="utf-8"))["model"]["vocab"]
+inv = {i: t for t, i in vocab.items()}
+toks = [inv[int(i)] for i in sys.argv[2].split(",") if int(i) > 2]
+want = "".join(t.replace("\u2581", "") if k == 0 else t.replace("\u2581", " ") for k, t in enumerate(toks))
+got = open(sys.argv[3], encoding="utf-8").read()
+assert got == want + "\n", (got, want)
+print("generate --prompt: %r" % got.strip())
+PY
+  fail "generate --prompt text differs from the decoded greedy ids (seed $seed)"
+# eos_token_id in config.json stops generation after that token (here the first greedy token)
+first=$(cut -d, -f1 "$tmp/gen")
+sed -i "s/\"model_type\"/\"eos_token_id\": [$first], \"model_type\"/" "$m/config.json"
+"$moe" generate --model "$m" --ids "$ids" --max-new-tokens 12 --temperature 0 >"$tmp/gen2" 2>&1 ||
+  fail "generate with eos: $(cat "$tmp/gen2")"
+[ "$(cat "$tmp/gen2")" = "$first" ] || fail "did not stop at eos_token_id $first: $(cat "$tmp/gen2")"
+"$moe" generate --model "$tmp/mBF16" --prompt "the cat" >"$tmp/out" 2>&1 && fail "--prompt without tokenizer.json"
+grep -q "has no tokenizer.json: give token ids with --ids" "$tmp/out" || fail "no-tokenizer message: $(cat "$tmp/out")"
+
 # export: moe convert --model DIR --to hf OUT writes the same tensors (as F32) under the same
 # names, and OUT gives bitwise the same logits
 cmp_tensors() { # cmp_tensors A B [rename]: every tensor of dir A equals dir B's (B: one file)
@@ -68,6 +122,7 @@ for t in F32 BF16 F16; do
     fail "eval of the converted $t: $(cat "$tmp/out")"
   cmp -s "$tmp/x$t.npy" "$tmp/m$t/out.npy" || fail "converted $t: other logits"
 done
+cmp -s "$tmp/mF32/tokenizer.json" "$tmp/xF32/tokenizer.json" || fail "convert did not copy tokenizer.json"
 "$moe" convert --model "$tmp/mF32" --to hf "$tmp/xF32" >"$tmp/out" 2>&1 && fail "convert over a model accepted"
 grep -q "already holds a model" "$tmp/out" || fail "overwrite message: $(cat "$tmp/out")"
 # our own checkpoint to Mixtral: every tensor under its Mixtral name; a shared expert refused
@@ -80,6 +135,11 @@ tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups
 "$moe" convert --load "$tmp/run" --to hf "$tmp/xrun" >"$tmp/out" 2>&1 || fail "convert run: $(cat "$tmp/out")"
 cmp_tensors "$tmp/run/step-00000003" "$tmp/xrun" ours || fail "our checkpoint converted wrongly"
 "$moe" eval --model "$tmp/xrun" --ids 72,101,108,108,111 >"$tmp/out" 2>&1 || fail "eval converted run: $(cat "$tmp/out")"
+# its tokenizer.json is our byte vocabulary: UTF-8 bytes as ids, end-of-text 256
+[ "$("$moe" tokenize --model "$tmp/xrun" --prompt "Héllo<|endoftext|>")" = "72,195,169,108,108,111,256" ] ||
+  fail "the converted run's tokenizer: $("$moe" tokenize --model "$tmp/xrun" --prompt "Héllo<|endoftext|>")"
+[ "$("$moe" tokenize --model "$tmp/xrun" --ids 72,195,169,10,256)" = "$(printf 'H\303\251\n<|endoftext|>')" ] ||
+  fail "the converted run's tokenizer decodes wrongly"
 # shellcheck disable=SC2086
 "$moe" train $tiny --moe-shared-expert-intermediate-size 8 --save "$tmp/run2" >"$tmp/out" 2>&1 || fail "train 2"
 "$moe" convert --load "$tmp/run2" --to hf "$tmp/xrun2" >"$tmp/out" 2>&1 && fail "shared expert converted"

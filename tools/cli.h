@@ -12,6 +12,7 @@ int moe_cmd_eval_hf(int argc, char **argv); /* moe eval --model DIR */
 int moe_cmd_convert(int argc, char **argv);
 int moe_cmd_generate_hf(int argc, char **argv); /* moe generate --model DIR */
 int moe_cli_inspect_hf(const char *dir); /* moe inspect DIR with config.json */
+int moe_cmd_tokenize(int argc, char **argv); /* moe tokenize --model DIR */
 int moe_cmd_inspect(int argc, char **argv);
 int moe_cmd_report(int argc, char **argv);
 int moe_cmd_bench(int argc, char **argv);

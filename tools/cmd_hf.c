@@ -5,6 +5,7 @@
 #include "core/core.h"
 #include "io/data.h"
 #include "io/hf.h"
+#include "io/tokenizer.h"
 #include "train/trainer.h"
 
 #include <errno.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* Parses "5,17,42" into ids below vocab; returns the count (0 with an error set on failure). */
 static int parse_ids(const char *text, int vocab, int32_t **out) {
@@ -58,29 +60,59 @@ static moe_status write_npy(const char *path, const float *x, int rows, int cols
     return ok ? MOE_OK : moe_set_error(MOE_ERR_IO, "%s: write failed", path);
 }
 
-/* The options of `moe CMD --model DIR --ids ...`, the model's configuration and the ids
- * (*n = 0 without --ids where data may stand instead). Returns an exit code (0: go on; the
- * caller frees *ids). */
+/* DIR/tokenizer.json */
+static moe_status load_tokenizer(const char *dir, moe_tokenizer **t) {
+    char path[MOE_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    if (access(path, R_OK))
+        return moe_set_error(MOE_ERR_INVALID, "%s has no tokenizer.json: give token ids with "
+                             "--ids", dir);
+    return moe_tokenizer_load(path, t);
+}
+
+/* The prompt's ids (with the tokenizer's special tokens), each below the model's vocabulary. */
+static int encode_prompt(const moe_tokenizer *t, const char *prompt, int vocab, int32_t **ids) {
+    int n = 0;
+    if (moe_tokenizer_encode(t, prompt, strlen(prompt), 1, ids, &n) != MOE_OK) return 0;
+    for (int i = 0; i < n; i++)
+        if ((*ids)[i] >= vocab) {
+            moe_set_error(MOE_ERR_INVALID, "the tokenizer gave id %d, beyond the model's "
+                          "vocabulary of %d", (*ids)[i], vocab);
+            n = 0;
+        }
+    if (!n && !moe_last_error()[0]) moe_set_error(MOE_ERR_INVALID, "--prompt: no tokens");
+    if (!n) free(*ids), *ids = NULL;
+    return n;
+}
+
+/* The options of `moe CMD --model DIR (--ids ... | --prompt TEXT)`, the model's configuration
+ * and the ids (*n = 0 without either, where data may stand instead; *tok: the tokenizer with
+ * --prompt, else NULL). Returns an exit code (0: go on; the caller frees *ids and *tok). */
 static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, moe_model_config *c,
-                      char *family, size_t cap, int32_t **ids, int *n) {
+                      char *family, size_t cap, int32_t **ids, int *n, moe_tokenizer **tok) {
     moe_options_default(o);
-    *n = 0;
+    *n = 0, *ids = NULL, *tok = NULL;
     if (moe_options_parse_args(o, argc, argv) != MOE_OK) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 2;
     }
     int data = !strcmp(cmd, "eval") && o->data_path[0];
-    if (!o->ids[0] && !data) {
-        fprintf(stderr, "moe %s: --model needs --ids%s (tokenizers for Hugging Face models are "
-                        "not in yet)\n", cmd, strcmp(cmd, "eval") ? "" : " or --data FILE");
+    if ((!o->ids[0] && !o->prompt[0] && !data) || (o->ids[0] && o->prompt[0])) {
+        fprintf(stderr, "moe %s: --model needs one of --ids or --prompt%s\n", cmd,
+                strcmp(cmd, "eval") ? "" : " or --data FILE");
         return 2;
     }
-    if (moe_hf_config(o->hf_model, c, family, cap) != MOE_OK) {
+    if (moe_hf_config(o->hf_model, c, family, cap) != MOE_OK ||
+        (o->prompt[0] && load_tokenizer(o->hf_model, tok) != MOE_OK)) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 1;
     }
-    if (o->ids[0] && !(*n = parse_ids(o->ids, c->vocab, ids))) {
+    moe_clear_error();
+    if ((o->ids[0] && !(*n = parse_ids(o->ids, c->vocab, ids))) ||
+        (o->prompt[0] && !(*n = encode_prompt(*tok, o->prompt, c->vocab, ids)))) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
+        moe_tokenizer_free(*tok);
+        *tok = NULL;
         return 2;
     }
     return 0;
@@ -137,8 +169,10 @@ int moe_cmd_eval_hf(int argc, char **argv) {
     moe_model_config c;
     char family[32];
     int32_t *ids = NULL, *tgt = NULL;
-    int n = 0, rc = hf_prepare("eval", argc, argv, &o, &c, family, sizeof family, &ids, &n);
+    moe_tokenizer *tok = NULL;
+    int n = 0, rc = hf_prepare("eval", argc, argv, &o, &c, family, sizeof family, &ids, &n, &tok);
     if (rc) return rc;
+    moe_tokenizer_free(tok);
     if (!n) return eval_hf_data(&o, &c, family);
     rc = 1;
     moe_model *m = NULL;
@@ -157,7 +191,7 @@ int moe_cmd_eval_hf(int argc, char **argv) {
         fprintf(stderr, "moe eval: %s\n", moe_last_error());
         goto done;
     }
-    printf("eval %s (%s, %zu parameters) on %d token ids: loss %.4f nats/token over %d targets%s%s\n",
+    printf("eval %s (%s, %zu parameters) on %d tokens: loss %.4f nats/token over %d targets%s%s\n",
            o.hf_model, family, moe_model_param_count(m), n, L.nll, L.n_targets,
            o.dump_logits[0] ? ", logits in " : "", o.dump_logits);
     rc = 0;
@@ -166,6 +200,33 @@ done:
     free(ids);
     free(tgt);
     return rc;
+}
+
+/* The tokenizer of the converted model into out: from a model directory its tokenizer files
+ * (*copied of them), for our checkpoints a tokenizer.json of the byte vocabulary. */
+static moe_status copy_tokenizer(const char *model_dir, const char *out, int *copied) {
+    static const char *const files[] = {"tokenizer.json", "tokenizer_config.json",
+                                        "special_tokens_map.json", "generation_config.json"};
+    char from[MOE_PATH_MAX + 32], to[MOE_PATH_MAX + 32];
+    *copied = 0;
+    if (!model_dir[0]) {
+        snprintf(to, sizeof to, "%s/tokenizer.json", out);
+        return moe_tokenizer_write_bytes(to);
+    }
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(from, sizeof from, "%s/%s", model_dir, files[i]);
+        snprintf(to, sizeof to, "%s/%s", out, files[i]);
+        if (access(from, F_OK)) continue;
+        char *data;
+        size_t len;
+        MOE_TRY(moe_read_file(from, &data, &len));
+        const void *parts[] = {data};
+        moe_status s = moe_write_atomic(to, parts, &len, 1);
+        free(data);
+        MOE_TRY(s);
+        (*copied)++;
+    }
+    return MOE_OK;
 }
 
 /* moe convert (--load RUN | --model DIR) --to hf OUT_DIR */
@@ -204,9 +265,14 @@ int moe_cmd_convert(int argc, char **argv) {
     if (s == MOE_OK)
         s = o.hf_model[0] ? moe_hf_load(o.hf_model, family, m) : moe_checkpoint_load(ckpt, m, NULL);
     if (s == MOE_OK) s = moe_hf_save(out, "mixtral", m);
+    int copied = 0;
+    if (s == MOE_OK) s = copy_tokenizer(o.hf_model, out, &copied);
     if (s == MOE_OK)
-        printf("wrote %s/config.json and %s/model.safetensors (mixtral, %zu parameters)\n", out,
-               out, moe_model_param_count(m));
+        printf("wrote %s/config.json and %s/model.safetensors (mixtral, %zu parameters)%s\n",
+               out, out, moe_model_param_count(m),
+               !o.hf_model[0] ? ", tokenizer.json (bytes)"
+               : copied       ? ", the tokenizer files"
+                              : "; no tokenizer.json to copy");
     else
         fprintf(stderr, "moe convert: %s\n", moe_last_error());
     moe_model_destroy(m);
@@ -242,37 +308,84 @@ int moe_cli_inspect_hf(const char *dir) {
     return 0;
 }
 
-/* moe generate --model DIR --ids 5,17,42 [--max-new-tokens N ...]: the continuation's ids
- * (KV cache; --temperature 0 is greedy). */
+/* moe generate --model DIR (--ids 5,17,42 | --prompt TEXT) [--max-new-tokens N ...]: the
+ * continuation's ids, or with --prompt the text of prompt and continuation (KV cache;
+ * --temperature 0 is greedy; stops after config.json's eos_token_id). */
 int moe_cmd_generate_hf(int argc, char **argv) {
     moe_options o;
     moe_model_config c;
     char family[32];
-    int32_t *ids = NULL;
-    int n = 0, rc = hf_prepare("generate", argc, argv, &o, &c, family, sizeof family, &ids, &n);
+    int32_t *ids = NULL, eos[8];
+    moe_tokenizer *tok = NULL;
+    int n = 0, rc = hf_prepare("generate", argc, argv, &o, &c, family, sizeof family, &ids, &n,
+                               &tok);
     if (rc) return rc;
     rc = 1;
-    if (n + o.max_new_tokens > c.seq_len) c.seq_len = n + o.max_new_tokens; /* the cache */
+    int n_eos = moe_hf_eos(o.hf_model, eos, 8), total = n + o.max_new_tokens;
+    if (total > c.seq_len) c.seq_len = total; /* the cache */
     moe_model *m = NULL;
-    moe_status s = moe_model_create(&c, n, &m);
+    int32_t *seq = realloc(ids, sizeof(int32_t) * (size_t)total);
+    moe_status s = seq ? moe_model_create(&c, n, &m) : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    if (seq) ids = seq;
     if (s == MOE_OK) s = moe_hf_load(o.hf_model, family, m);
     if (s == MOE_OK) {
         moe_model_reset_cache(m);
         s = moe_model_decode(m, ids, n);
     }
     uint64_t stream = moe_rng_stream(MOE_RNG_SAMPLE, 0, 0, 0);
-    int i = 0;
-    for (int chunk = n; s == MOE_OK && i < o.max_new_tokens; i++, chunk = 1) {
+    int len = n, stop = 0;
+    for (int chunk = n; s == MOE_OK && !stop && len < total; chunk = 1) {
         const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c.vocab;
         int32_t next = moe_sample(lg, c.vocab, o.temperature, o.top_k, o.top_p,
-                                  moe_rng_uniform64(o.layer.seed, stream, (uint64_t)i));
-        printf("%s%d", i ? "," : "", next);
-        s = moe_model_decode(m, &next, 1);
+                                  moe_rng_uniform64(o.layer.seed, stream, (uint64_t)(len - n)));
+        ids[len++] = next;
+        for (int e = 0; e < n_eos; e++) stop |= next == eos[e];
+        if (!tok) printf("%s%d", len - n > 1 ? "," : "", next);
+        if (!stop && len < total) s = moe_model_decode(m, &next, 1);
     }
-    if (i) printf("\n");
+    char *text = NULL;
+    size_t text_len = 0;
+    if (s == MOE_OK && tok) s = moe_tokenizer_decode(tok, ids, len, 1, &text, &text_len);
+    if (s == MOE_OK && tok) fwrite(text, 1, text_len, stdout);
+    if (s == MOE_OK && (tok || len > n)) printf("\n");
     if (s == MOE_OK) rc = 0;
     else fprintf(stderr, "moe generate: %s\n", moe_last_error());
+    free(text);
     moe_model_destroy(m);
+    moe_tokenizer_free(tok);
     free(ids);
     return rc;
+}
+
+/* moe tokenize --model DIR (--prompt TEXT | --ids 5,17,42): the ids of a text (with the
+ * tokenizer's special tokens), or the text of ids (exact bytes, then a newline). */
+int moe_cmd_tokenize(int argc, char **argv) {
+    moe_options o;
+    moe_options_default(&o);
+    if (moe_options_parse_args(&o, argc, argv) != MOE_OK) {
+        fprintf(stderr, "moe tokenize: %s\n", moe_last_error());
+        return 2;
+    }
+    if (!o.hf_model[0] || !o.ids[0] == !o.prompt[0]) {
+        fprintf(stderr, "moe tokenize: usage: moe tokenize --model DIR (--prompt TEXT | --ids "
+                        "5,17,42)\n");
+        return 2;
+    }
+    moe_tokenizer *t = NULL;
+    int32_t *ids = NULL;
+    int n = 0;
+    char *text = NULL;
+    size_t len = 0;
+    moe_status s = load_tokenizer(o.hf_model, &t);
+    if (s == MOE_OK && o.prompt[0]) s = moe_tokenizer_encode(t, o.prompt, strlen(o.prompt), 1, &ids, &n);
+    for (int i = 0; s == MOE_OK && o.prompt[0] && i < n; i++) printf("%s%d", i ? "," : "", ids[i]);
+    if (s == MOE_OK && o.ids[0] && !(n = parse_ids(o.ids, moe_tokenizer_size(t), &ids)))
+        s = MOE_ERR_INVALID;
+    if (s == MOE_OK && o.ids[0]) s = moe_tokenizer_decode(t, ids, n, 0, &text, &len);
+    if (s == MOE_OK && text) fwrite(text, 1, len, stdout);
+    if (s == MOE_OK) printf("\n");
+    else fprintf(stderr, "moe tokenize: %s\n", moe_last_error());
+    free(text), free(ids);
+    moe_tokenizer_free(t);
+    return s == MOE_OK ? 0 : s == MOE_ERR_INVALID ? 2 : 1;
 }

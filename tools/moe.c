@@ -20,10 +20,12 @@ static void usage(FILE *f) {
                "            --top-k K --top-p P --seed S]   continue a text\n"
                "  eval --load RUN [--data FILE|DIR]   loss and perplexity on a token file\n"
                "            (default: the validation split data/fortunes/val.bin)\n"
-               "  eval --model DIR --ids 5,17,42 [--dump-logits OUT.npy]   a Hugging Face\n"
-               "            model directory: loss and logits of a token id sequence\n"
-               "  generate --model DIR --ids 5,17,42 [...]   continue an id sequence with a\n"
-               "            Hugging Face model\n"
+               "  eval --model DIR (--ids 5,17,42 | --prompt TEXT) [--dump-logits OUT.npy]\n"
+               "            a Hugging Face model directory: loss and logits of a sequence\n"
+               "  generate --model DIR (--prompt TEXT | --ids 5,17,42) [...]   continue a text\n"
+               "            (its tokenizer.json) or an id sequence with a Hugging Face model\n"
+               "  tokenize --model DIR (--prompt TEXT | --ids 5,17,42)   a text's token ids, or\n"
+               "            the text of token ids, by the directory's tokenizer.json\n"
                "  convert (--load RUN | --model DIR) --to hf OUT_DIR   write a model in the\n"
                "            Hugging Face Mixtral layout (config.json, model.safetensors)\n"
                "  inspect FILE|RUN   tensors and metadata of a safetensors file or checkpoint\n"
@@ -95,7 +97,10 @@ static int run(int argc, char **argv, moe_dist *d) {
     if (!strcmp(cmd, "report")) return moe_cmd_report(argc - 2, argv + 2);
     if (!strcmp(cmd, "bench")) return moe_cmd_bench(argc - 2, argv + 2);
     if (!strcmp(cmd, "convert")) return moe_cmd_convert(argc - 2, argv + 2);
-    fprintf(stderr, "moe: unknown command '%s' (commands: prepare, train, generate, eval, inspect, convert, report, bench, demo, help; see moe "
+    if (!strcmp(cmd, "tokenize")) return moe_cmd_tokenize(argc - 2, argv + 2);
+    fprintf(stderr, "moe: unknown command '%s' (commands: prepare, train, generate, eval, inspect, "
+                    "convert, tokenize, report, bench, "
+                    "demo, help; see moe "
                     "--help)\n", cmd);
     return 2;
 }

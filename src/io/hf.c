@@ -203,6 +203,23 @@ moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, s
     return s;
 }
 
+int moe_hf_eos(const char *dir, int32_t *ids, int cap) {
+    char path[4400], *text;
+    size_t size;
+    int n = 0;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (moe_read_file(path, &text, &size) != MOE_OK) return 0;
+    cJSON *j = cJSON_ParseWithLength(text, size);
+    free(text);
+    const cJSON *eos = cJSON_GetObjectItemCaseSensitive(j, "eos_token_id"), *e;
+    if (cJSON_IsNumber(eos) && eos->valuedouble >= 0 && cap > 0) ids[n++] = (int32_t)eos->valuedouble;
+    const cJSON *list = cJSON_IsArray(eos) ? eos : NULL;
+    cJSON_ArrayForEach(e, list)
+        if (cJSON_IsNumber(e) && e->valuedouble >= 0 && n < cap) ids[n++] = (int32_t)e->valuedouble;
+    cJSON_Delete(j);
+    return n;
+}
+
 void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t cap) {
     /* Mixtral: block_sparse_moe.gate, experts.E.w1 (gate), w3 (up), w2 (down) */
     const char *mlp = strstr(ours, ".mlp.");
