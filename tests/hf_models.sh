@@ -82,6 +82,50 @@ sed -i "s/\"model_type\"/\"eos_token_id\": [$first], \"model_type\"/" "$m/config
 "$moe" generate --model "$m" --ids "$ids" --max-new-tokens 12 --temperature 0 >"$tmp/gen2" 2>&1 ||
   fail "generate with eos: $(cat "$tmp/gen2")"
 [ "$(cat "$tmp/gen2")" = "$first" ] || fail "did not stop at eos_token_id $first: $(cat "$tmp/gen2")"
+# moe prepare --model DIR: documents in the model's token ids (no BOS), each ended by its
+# eos_token_id; read back here from the file's header and token table
+tokens_of() { # tokens_of FILE: "dtype vocab eot: id,id,..."
+  /usr/bin/python3 -c "
+import struct, sys
+b = open(sys.argv[1], 'rb').read(); dt, n, v, e = struct.unpack('<IQII', b[12:32])
+print('%d %d %d:' % (dt, v, e), ','.join(map(str, struct.unpack('<%d%s' % (n, 'H' if dt == 2 else 'I'), b[64:64 + dt * n]))))" "$1"
+}
+ids_of() { # ids_of DIR DOC...: the documents' ids (BOS dropped), each followed by EOS
+  d=$1 eos=$2; shift 2; out=""
+  for doc in "$@"; do out="$out$("$moe" tokenize --model "$d" --prompt "$doc" | cut -d, -f2-),$eos,"; done
+  echo "${out%,}"
+}
+printf 'the cat\n\nsat on the mat\n' >"$tmp/cat.txt"
+"$moe" prepare --model "$m" --val-fraction 0 --out "$tmp/catdata" "$tmp/cat.txt" >"$tmp/out" 2>&1 ||
+  fail "prepare --model: $(cat "$tmp/out")"
+want="2 97 $first: $(ids_of "$m" "$first" "the cat
+" "sat on the mat
+")"
+[ "$(tokens_of "$tmp/catdata/train.bin")" = "$want" ] ||
+  fail "prepare --model wrote $(tokens_of "$tmp/catdata/train.bin"), expected $want"
+"$moe" eval --model "$m" --data "$tmp/catdata/train.bin" >"$tmp/out" 2>&1 || fail "eval of prepared data: $(cat "$tmp/out")"
+"$moe" prepare --model "$tmp/mBF16" --out "$tmp/nodata" "$tmp/cat.txt" >"$tmp/out" 2>&1 && fail "prepare without tokenizer"
+grep -q "tokenizer.json" "$tmp/out" || fail "prepare without tokenizer: $(cat "$tmp/out")"
+# a vocabulary beyond 65536 ids: 32-bit token files, read by eval and fine-tuning
+/usr/bin/python3 "$src/tests/hf_models.py" "$tmp/big" F32 1 "$seed" 70000 || fail "writing the 70000-token model"
+/usr/bin/python3 - "$m/tokenizer.json" "$tmp/big/tokenizer.json" <<'PY' || fail "big tokenizer"
+import json, sys
+j = json.load(open(sys.argv[1], encoding="utf-8"))
+j["added_tokens"].append({"id": 69999, "content": "<big>", "special": False})
+json.dump(j, open(sys.argv[2], "w", encoding="utf-8"), ensure_ascii=False)
+PY
+sed -i 's/"model_type"/"eos_token_id": 2, "model_type"/' "$tmp/big/config.json"
+printf 'the <big> cat\n\nthe mat <big>\n\nthe cat <big> sat on the mat\n' >"$tmp/big.txt"
+"$moe" prepare --model "$tmp/big" --val-fraction 0 --out "$tmp/bigdata" "$tmp/big.txt" >/dev/null 2>&1 || fail "prepare big"
+got=$(tokens_of "$tmp/bigdata/train.bin")
+want="4 70000 2: $(ids_of "$tmp/big" 2 "the <big> cat
+" "the mat <big>
+" "the cat <big> sat on the mat
+")"
+[ "$got" = "$want" ] && echo "$got" | grep -q 69999 || fail "32-bit token file: $got, expected $want"
+"$moe" eval --model "$tmp/big" --data "$tmp/bigdata/train.bin" >"$tmp/out" 2>&1 || fail "eval 32-bit: $(cat "$tmp/out")"
+"$moe" train --init-from "$tmp/big" --data-path "$tmp/bigdata" --seq-length 8 --micro-batch-size 1 \
+  --global-batch-size 1 --train-iters 2 >"$tmp/out" 2>&1 || fail "fine-tune on 32-bit tokens: $(tail -3 "$tmp/out")"
 "$moe" generate --model "$tmp/mBF16" --prompt "the cat" >"$tmp/out" 2>&1 && fail "--prompt without tokenizer.json"
 grep -q "has no tokenizer.json: give token ids with --ids" "$tmp/out" || fail "no-tokenizer message: $(cat "$tmp/out")"
 

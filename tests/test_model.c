@@ -230,14 +230,14 @@ static void test_memorise(void **state) {
     moe_model_config c = tiny_config();
     c.seq_len = 12;
     c.init_std = 0.05f;
-    uint16_t data[13];
+    uint32_t data[13];
     /* A window that starts with a run of one token cannot be memorised: with RoPE (relative
      * positions only) and no BOS token, positions 0 and 1 of "x x ..." see the same values and
      * get the same hidden states, so their different targets cost ln 2 each. Consecutive
      * tokens therefore differ. */
     for (int i = 0; i < 13; i++) {
         uint64_t r = moe_rng_u64(seed, 3, (uint64_t)i) % (uint64_t)(c.vocab - 1);
-        data[i] = (uint16_t)(i && r >= data[i - 1] ? r + 1 : r);
+        data[i] = (uint32_t)(i && r >= data[i - 1] ? r + 1 : r);
     }
     /* exactly seq_len + 1 tokens: every batch row is the same window */
     moe_tokens toks = {.tokens = data, .n_tokens = 13, .vocab = c.vocab, .eot = 0};
@@ -359,8 +359,8 @@ static void test_weight_decay_groups(void **state) {
     uint64_t seed = tu_seed();
     moe_model_config c = tiny_config();
     c.moe.expert_bias = 1; /* biases too */
-    uint16_t data[64];
-    for (int i = 0; i < 64; i++) data[i] = (uint16_t)(moe_rng_u64(seed, 4, (uint64_t)i) % (uint64_t)c.vocab);
+    uint32_t data[64];
+    for (int i = 0; i < 64; i++) data[i] = (uint32_t)(moe_rng_u64(seed, 4, (uint64_t)i) % (uint64_t)c.vocab);
     moe_tokens toks = {.tokens = data, .n_tokens = 64, .vocab = c.vocab};
     float *after[2];
     size_t n = 0;

@@ -5,6 +5,7 @@
 #include "core/core.h"
 #include "io/data.h"
 #include "io/hf.h"
+#include "io/tokenizer.h"
 #include "io/options.h"
 #include "io/tfevents.h"
 #include "train/trainer.h"
@@ -73,8 +74,29 @@ static int add_input(const char *path, char ***list, int *n) {
     return 0;
 }
 
+/* The tokenizer and vocabulary of --model DIR: its tokenizer.json, config.json's vocab_size and
+ * first eos_token_id. */
+static int prepare_vocab(const char *dir, moe_prepare_vocab *v, moe_tokenizer **t) {
+    moe_model_config c;
+    char family[32], path[MOE_PATH_MAX + 32];
+    int32_t eos;
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    if (moe_hf_config(dir, &c, family, sizeof family) != MOE_OK ||
+        moe_tokenizer_load(path, t) != MOE_OK) {
+        fprintf(stderr, "moe prepare: %s\n", moe_last_error());
+        return 1;
+    }
+    if (moe_hf_eos(dir, &eos, 1) != 1 || eos >= c.vocab) {
+        fprintf(stderr, "moe prepare: %s/config.json has no eos_token_id below its vocab_size "
+                        "(%d) to end documents with\n", dir, c.vocab);
+        return 1;
+    }
+    *v = (moe_prepare_vocab){*t, c.vocab, eos};
+    return 0;
+}
+
 int moe_cmd_prepare(int argc, char **argv) {
-    const char *out = DEFAULT_DATA;
+    const char *out = DEFAULT_DATA, *model = NULL;
     double val_fraction = 0.05;
     char **files = NULL;
     int n = 0, rc = 0;
@@ -88,9 +110,11 @@ int moe_cmd_prepare(int argc, char **argv) {
                 fprintf(stderr, "moe prepare: --val-fraction must be in [0, 1), got '%s'\n", argv[a]);
                 rc = 2;
             }
+        } else if (!strcmp(argv[a], "--model") && a + 1 < argc) {
+            model = argv[++a];
         } else if (!strncmp(argv[a], "--", 2)) {
-            fprintf(stderr, "moe prepare: unknown option %s (options: --out DIR, --val-fraction F)\n",
-                    argv[a]);
+            fprintf(stderr, "moe prepare: unknown option %s (options: --out DIR, --val-fraction F, "
+                            "--model DIR)\n", argv[a]);
             rc = 2;
         } else if (add_input(argv[a], &files, &n)) {
             rc = 1;
@@ -102,10 +126,15 @@ int moe_cmd_prepare(int argc, char **argv) {
         rc = 1;
     }
     moe_prepare_stats st;
-    if (!rc && moe_prepare((const char *const *)files, n, out, val_fraction, 1234, &st) != MOE_OK) {
+    moe_prepare_vocab vocab = {0};
+    moe_tokenizer *tok = NULL;
+    if (!rc && model) rc = prepare_vocab(model, &vocab, &tok);
+    if (!rc && moe_prepare((const char *const *)files, n, out, val_fraction, 1234,
+                           model ? &vocab : NULL, &st) != MOE_OK) {
         fprintf(stderr, "moe prepare: %s\n", moe_last_error());
         rc = 1;
     }
+    moe_tokenizer_free(tok);
     if (!rc)
         printf("prepared %d files: %lld documents, %lld tokens for training; %lld documents, "
                "%lld tokens for validation; in %s/{train,val}.bin\n", st.n_files,

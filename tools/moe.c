@@ -12,7 +12,7 @@ static void usage(FILE *f) {
     fprintf(f, "moe %s — Mixture-of-Experts training and inference in C\n\n"
                "usage: moe COMMAND [options]\n\n"
                "commands:\n"
-               "  prepare [--out DIR] [--val-fraction F] [FILE|DIR...]\n"
+               "  prepare [--out DIR] [--val-fraction F] [--model DIR] [FILE|DIR...]\n"
                "              turn text files into token files DIR/train.bin and DIR/val.bin\n"
                "              (default: Debian's fortunes into data/fortunes)\n"
                "  train       train an MoE language model (options below)\n"

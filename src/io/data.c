@@ -1,6 +1,7 @@
 /* Token files: prepare (text -> tokens), load (with every field checked), batches. */
 #define _POSIX_C_SOURCE 200809L
 #include "io/data.h"
+#include "io/tokenizer.h"
 
 #include "core/core.h"
 
@@ -88,7 +89,7 @@ moe_status moe_mkdirs(const char *path) {
 /* ---------------------------------------------------------------- prepare */
 
 typedef struct {
-    uint16_t *tok;
+    uint32_t *tok;
     int64_t n, cap;
     uint64_t *doc; /* pairs (start, source) */
     int64_t n_docs, cap_docs;
@@ -105,15 +106,30 @@ static int grow(void **p, int64_t *cap, int64_t need, size_t elem) {
     return 0;
 }
 
-static moe_status add_doc(split_buf *b, const char *text, size_t len, uint32_t source) {
-    if (grow((void **)&b->tok, &b->cap, b->n + (int64_t)len + 1, sizeof(uint16_t)) ||
-        grow((void **)&b->doc, &b->cap_docs, 2 * (b->n_docs + 1), sizeof(uint64_t)))
+static moe_status add_doc(split_buf *b, const char *text, size_t len, uint32_t source,
+                          const moe_prepare_vocab *v) {
+    int32_t *ids = NULL;
+    int n = 0;
+    if (v) MOE_TRY(moe_tokenizer_encode(v->tokenizer, text, len, 0, &ids, &n));
+    size_t count = v ? (size_t)n : len;
+    if (grow((void **)&b->tok, &b->cap, b->n + (int64_t)count + 1, sizeof(uint32_t)) ||
+        grow((void **)&b->doc, &b->cap_docs, 2 * (b->n_docs + 1), sizeof(uint64_t))) {
+        free(ids);
         return moe_set_error(MOE_ERR_NOMEM, "out of memory preparing the corpus");
+    }
+    for (int i = 0; i < n; i++)
+        if (ids[i] >= v->vocab) {
+            int bad = ids[i];
+            free(ids);
+            return moe_set_error(MOE_ERR_INVALID, "prepare: the tokenizer gave id %d, beyond the "
+                                 "model's vocabulary of %d", bad, v->vocab);
+        }
     b->doc[2 * b->n_docs] = (uint64_t)b->n;
     b->doc[2 * b->n_docs + 1] = source;
     b->n_docs++;
-    for (size_t i = 0; i < len; i++) b->tok[b->n++] = (unsigned char)text[i];
-    b->tok[b->n++] = MOE_BYTE_EOT;
+    for (size_t i = 0; i < count; i++) b->tok[b->n++] = v ? (uint32_t)ids[i] : (unsigned char)text[i];
+    b->tok[b->n++] = v ? (uint32_t)v->eot : MOE_BYTE_EOT;
+    free(ids);
     return MOE_OK;
 }
 
@@ -198,20 +214,22 @@ typedef struct {
     int64_t doc_index;
     double val_fraction;
     uint64_t seed;
+    const moe_prepare_vocab *vocab;
 } prep_ctx;
 
 static moe_status emit_doc(const char *text, size_t len, void *p) {
     prep_ctx *c = p;
     double u = moe_rng_uniform64(c->seed, moe_rng_stream(MOE_RNG_DATA, 1, 0, 0),
                                  (uint64_t)c->doc_index++);
-    return add_doc(u < c->val_fraction ? c->val : c->train, text, len, c->source);
+    return add_doc(u < c->val_fraction ? c->val : c->train, text, len, c->source, c->vocab);
 }
 
 static moe_status write_split(const char *path, const split_buf *b, const char *const *files,
-                              int n_files) {
+                              int n_files, const moe_prepare_vocab *v) {
     unsigned char hdr[64] = {0};
-    uint32_t version = MOE_TOKENS_VERSION, dtype = MOE_TOKENS_U16, vocab = MOE_BYTE_VOCAB,
-             eot = MOE_BYTE_EOT;
+    uint32_t version = MOE_TOKENS_VERSION, vocab = v ? (uint32_t)v->vocab : MOE_BYTE_VOCAB,
+             eot = v ? (uint32_t)v->eot : MOE_BYTE_EOT,
+             dtype = vocab > 65536 ? MOE_TOKENS_U32 : MOE_TOKENS_U16;
     uint64_t n = (uint64_t)b->n, nd = (uint64_t)b->n_docs;
     memcpy(hdr, MOE_TOKENS_MAGIC, 8);
     memcpy(hdr + 8, &version, 4);
@@ -223,7 +241,12 @@ static moe_status write_split(const char *path, const split_buf *b, const char *
     size_t names = 4;
     for (int i = 0; i < n_files; i++) names += 4 + strlen(files[i]);
     unsigned char *tail = malloc(names);
-    if (!tail) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    uint16_t *narrow = dtype == MOE_TOKENS_U16 ? malloc(sizeof(uint16_t) * (size_t)(b->n + 1)) : NULL;
+    if (!tail || (dtype == MOE_TOKENS_U16 && !narrow)) {
+        free(tail), free(narrow);
+        return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    }
+    for (int64_t i = 0; narrow && i < b->n; i++) narrow[i] = (uint16_t)b->tok[i];
     uint32_t nf = (uint32_t)n_files;
     memcpy(tail, &nf, 4);
     size_t o = 4;
@@ -233,22 +256,23 @@ static moe_status write_split(const char *path, const split_buf *b, const char *
         memcpy(tail + o + 4, files[i], l);
         o += 4 + l;
     }
-    const void *parts[4] = {hdr, b->tok, b->doc, tail};
-    size_t sizes[4] = {64, (size_t)b->n * 2, (size_t)b->n_docs * 16, names};
+    const void *parts[4] = {hdr, narrow ? (const void *)narrow : b->tok, b->doc, tail};
+    size_t sizes[4] = {64, (size_t)b->n * dtype, (size_t)b->n_docs * 16, names};
     moe_status st = moe_write_atomic(path, parts, sizes, 4);
-    free(tail);
+    free(tail), free(narrow);
     return st;
 }
 
 moe_status moe_prepare(const char *const *files, int n_files, const char *out_dir,
-                       double val_fraction, uint64_t seed, moe_prepare_stats *stats) {
+                       double val_fraction, uint64_t seed, const moe_prepare_vocab *v,
+                       moe_prepare_stats *stats) {
     if (n_files < 1) return moe_set_error(MOE_ERR_INVALID, "prepare: no input files");
     if (!(val_fraction >= 0 && val_fraction < 1))
         return moe_set_error(MOE_ERR_INVALID, "prepare: val fraction must be in [0, 1) (got %g)",
                              val_fraction);
     MOE_TRY(moe_mkdirs(out_dir));
     split_buf train = {0}, val = {0};
-    prep_ctx ctx = {&train, &val, 0, 0, val_fraction, seed};
+    prep_ctx ctx = {&train, &val, 0, 0, val_fraction, seed, v};
     moe_status st = MOE_OK;
     for (int i = 0; i < n_files && st == MOE_OK; i++) {
         char *text;
@@ -265,11 +289,11 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
     char path[4096];
     if (st == MOE_OK) {
         snprintf(path, sizeof path, "%s/train.bin", out_dir);
-        st = write_split(path, &train, files, n_files);
+        st = write_split(path, &train, files, n_files, v);
     }
     if (st == MOE_OK) {
         snprintf(path, sizeof path, "%s/val.bin", out_dir);
-        st = write_split(path, &val, files, n_files);
+        st = write_split(path, &val, files, n_files, v);
     }
     if (st == MOE_OK && stats) {
         stats->train_tokens = train.n;
@@ -315,17 +339,18 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
     memcpy(&eot, buf + 28, 4);
     memcpy(&nd, buf + 32, 8);
     if (version != MOE_TOKENS_VERSION) MOE_FAIL_FORMAT("%s: unsupported version %u", path, version);
-    if (dtype != MOE_TOKENS_U16) MOE_FAIL_FORMAT("%s: unsupported token type %u", path, dtype);
-    if (vocab < 2 || vocab > 65536 || eot >= vocab)
+    if (dtype != MOE_TOKENS_U16 && dtype != MOE_TOKENS_U32)
+        MOE_FAIL_FORMAT("%s: unsupported token type %u", path, dtype);
+    if (vocab < 2 || vocab > (dtype == MOE_TOKENS_U16 ? 65536u : 1u << 24) || eot >= vocab)
         MOE_FAIL_FORMAT("%s: bad vocabulary size %u / end-of-text id %u", path, vocab, eot);
     size_t left = size - 64;
-    if (n > left / 2) MOE_FAIL_FORMAT("%s: truncated: %llu tokens announced, room for %zu", path,
-                          (unsigned long long)n, left / 2);
-    left -= (size_t)n * 2;
+    if (n > left / dtype) MOE_FAIL_FORMAT("%s: truncated: %llu tokens announced, room for %zu",
+                                          path, (unsigned long long)n, left / dtype);
+    left -= (size_t)n * dtype;
     if (nd > left / 16) MOE_FAIL_FORMAT("%s: truncated document table", path);
     left -= (size_t)nd * 16;
     if (left < 4) MOE_FAIL_FORMAT("%s: truncated source table", path);
-    const char *p = buf + 64 + n * 2 + nd * 16;
+    const char *p = buf + 64 + n * dtype + nd * 16;
     memcpy(&n_src, p, 4);
     p += 4;
     left -= 4;
@@ -334,7 +359,7 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
     out->vocab = (int)vocab;
     out->eot = (int)eot;
     out->n_docs = (int64_t)nd;
-    out->tokens = malloc((size_t)(n ? n : 1) * 2);
+    out->tokens = malloc((size_t)(n ? n : 1) * sizeof(uint32_t));
     out->doc_start = malloc((size_t)(nd ? nd : 1) * 8);
     out->doc_source = malloc((size_t)(nd ? nd : 1) * 4);
     out->sources = calloc(n_src ? n_src : 1, sizeof(char *));
@@ -342,14 +367,18 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
         status = moe_set_error(MOE_ERR_NOMEM, "out of memory loading %s", path);
         goto done;
     }
-    memcpy(out->tokens, buf + 64, (size_t)n * 2);
+    for (uint64_t i = 0; i < n; i++) {
+        uint16_t narrow;
+        if (dtype == MOE_TOKENS_U16) memcpy(&narrow, buf + 64 + 2 * i, 2), out->tokens[i] = narrow;
+        else memcpy(&out->tokens[i], buf + 64 + 4 * i, 4);
+    }
     for (uint64_t i = 0; i < n; i++)
         if (out->tokens[i] >= vocab)
             MOE_FAIL_FORMAT("%s: token %u at %llu is outside the vocabulary (%u)", path, out->tokens[i],
                 (unsigned long long)i, vocab);
     for (uint64_t i = 0; i < nd; i++) {
         uint64_t pair[2];
-        memcpy(pair, buf + 64 + n * 2 + i * 16, 16);
+        memcpy(pair, buf + 64 + n * dtype + i * 16, 16);
         if (pair[0] >= n || (i && pair[0] <= out->doc_start[i - 1]) || pair[1] >= n_src)
             MOE_FAIL_FORMAT("%s: bad document table entry %llu", path, (unsigned long long)i);
         out->doc_start[i] = pair[0];

@@ -1,7 +1,7 @@
 /* io/data — token files and the byte-level tokenizer (docs/FORMATS.md §1).
  *
  * A token file holds one split (train or val) of a prepared corpus: a 64-byte header, the
- * tokens (uint16, little endian), a document table (where each document starts and which
+ * tokens (uint16, or uint32 for vocabularies over 65536; little endian), a document table (where each document starts and which
  * source file it came from) and the source file names. */
 #ifndef MOE_IO_DATA_H
 #define MOE_IO_DATA_H
@@ -13,11 +13,12 @@
 #define MOE_TOKENS_MAGIC "MOETOKNS"
 #define MOE_TOKENS_VERSION 1
 #define MOE_TOKENS_U16 2 /* dtype code: bytes per token */
+#define MOE_TOKENS_U32 4
 #define MOE_BYTE_VOCAB 257 /* 256 bytes + end-of-text */
 #define MOE_BYTE_EOT 256
 
 typedef struct {
-    uint16_t *tokens;    /* [n_tokens] */
+    uint32_t *tokens;    /* [n_tokens] */
     int64_t n_tokens;
     int vocab, eot;
     int64_t n_docs;
@@ -36,12 +37,21 @@ typedef struct {
     int n_files;
 } moe_prepare_stats;
 
+/* How documents become tokens: NULL: bytes + end-of-text 256 (vocabulary 257); else the ids of
+ * a tokenizer (io/tokenizer.h; no special tokens added) + eot, each below vocab. */
+struct moe_tokenizer;
+typedef struct {
+    const struct moe_tokenizer *tokenizer;
+    int vocab, eot;
+} moe_prepare_vocab;
+
 /* Splits each file into documents (fortune files: lines holding only "%"; other text:
- * paragraphs separated by blank lines), encodes them as bytes + end-of-text, and writes
- * out_dir/train.bin and out_dir/val.bin (document d goes to val when a hash of (seed, d) falls
- * below val_fraction). Files are written atomically. */
+ * paragraphs separated by blank lines), encodes them (bytes + end-of-text, or v's tokenizer),
+ * and writes out_dir/train.bin and out_dir/val.bin (document d goes to val when a hash of
+ * (seed, d) falls below val_fraction). Files are written atomically. */
 moe_status moe_prepare(const char *const *files, int n_files, const char *out_dir,
-                       double val_fraction, uint64_t seed, moe_prepare_stats *stats);
+                       double val_fraction, uint64_t seed, const moe_prepare_vocab *v,
+                       moe_prepare_stats *stats);
 
 /* Batch b of B windows of S+1 tokens at offsets drawn from (seed, stream): tokens [B*S] and
  * targets [B*S] (the next token). Needs n_tokens > S. */

@@ -256,6 +256,9 @@ static step *new_step(step *steps, int *n, int kind) {
 /* Metaspace's replacement and prepend scheme (prepend_scheme, or the older add_prefix_space). */
 static moe_status metaspace_item(const cJSON *j, step *s) {
     MOE_TRY(string_dup(str_item(j, "replacement"), "Metaspace", &s->s));
+    if (!s->s[0] || utf8_len((unsigned char)s->s[0]) != (int)strlen(s->s))
+        return moe_set_error(MOE_ERR_FORMAT, "tokenizer.json: Metaspace needs one replacement "
+                             "character");
     const char *scheme = str_item(j, "prepend_scheme");
     s->flag = bool_item(j, "add_prefix_space", 1) ? PREPEND_ALWAYS : PREPEND_NEVER;
     if (scheme) {
