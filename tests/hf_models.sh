@@ -159,15 +159,30 @@ for k in a:
 print("%d tensors identical (%d expert tensors)" % (len(a), experts))
 PY
 }
-for t in F32 BF16 F16; do
-  "$moe" convert --model "$tmp/m$t" --to hf "$tmp/x$t" >"$tmp/out" 2>&1 || fail "convert $t: $(cat "$tmp/out")"
-  cmp_tensors "$tmp/m$t" "$tmp/x$t" || fail "convert $t changed tensors"
-  "$moe" eval --model "$tmp/x$t" --ids "$(cat "$tmp/m$t/ids.txt")" --dump-logits "$tmp/x$t.npy" >"$tmp/out" 2>&1 ||
+for t in mF32 mBF16 mF16 qF32 qBF16 q3F16 oBF16; do # every family written as itself
+  "$moe" convert --model "$tmp/$t" --to hf "$tmp/x$t" >"$tmp/out" 2>&1 || fail "convert $t: $(cat "$tmp/out")"
+  fam=$(sed -n 's/.*"model_type": *"\([a-z0-9_]*\)".*/\1/p' "$tmp/$t/config.json")
+  grep -q "($fam, " "$tmp/out" || fail "convert $t: not written as $fam: $(cat "$tmp/out")"
+  cmp_tensors "$tmp/$t" "$tmp/x$t" || fail "convert $t changed tensors"
+  "$moe" eval --model "$tmp/x$t" --ids "$(cat "$tmp/$t/ids.txt")" --dump-logits "$tmp/x$t.npy" >"$tmp/out" 2>&1 ||
     fail "eval of the converted $t: $(cat "$tmp/out")"
-  cmp -s "$tmp/x$t.npy" "$tmp/m$t/out.npy" || fail "converted $t: other logits"
+  cmp -s "$tmp/x$t.npy" "$tmp/$t/out.npy" || fail "converted $t: other logits"
 done
-cmp -s "$tmp/mF32/tokenizer.json" "$tmp/xF32/tokenizer.json" || fail "convert did not copy tokenizer.json"
-"$moe" convert --model "$tmp/mF32" --to hf "$tmp/xF32" >"$tmp/out" 2>&1 && fail "convert over a model accepted"
+cmp -s "$tmp/mF32/tokenizer.json" "$tmp/xmF32/tokenizer.json" || fail "convert did not copy tokenizer.json"
+# the source's other config.json keys are kept (eos_token_id, 32768 positions though we plan 4096)
+sed -i 's/"max_position_embeddings": 128/"max_position_embeddings": 32768, "bos_token_id": 1/' "$tmp/mF16/config.json"
+"$moe" convert --model "$tmp/mF16" --to hf "$tmp/xpos" >"$tmp/out" 2>&1 || fail "convert 32768: $(cat "$tmp/out")"
+/usr/bin/python3 -c "
+import json, sys
+b = json.load(open(sys.argv[1] + '/config.json'))
+assert b['max_position_embeddings'] == 32768 and b['bos_token_id'] == 1, b
+" "$tmp/xpos" || fail "convert lost the source's config keys"
+/usr/bin/python3 -c "
+import json, sys
+a, b = (json.load(open(p + '/config.json')) for p in sys.argv[1:])
+assert b['eos_token_id'] == a['eos_token_id'], (a.get('eos_token_id'), b.get('eos_token_id'))
+" "$tmp/mF32" "$tmp/xmF32" || fail "convert lost eos_token_id"
+"$moe" convert --model "$tmp/mF32" --to hf "$tmp/xmF32" >"$tmp/out" 2>&1 && fail "convert over a model accepted"
 grep -q "already holds a model" "$tmp/out" || fail "overwrite message: $(cat "$tmp/out")"
 # our own checkpoint to Mixtral: every tensor under its Mixtral name; a shared expert refused
 "$moe" prepare --out "$tmp/data" --val-fraction 0.2 "$src/README.md" >/dev/null || fail "prepare"
@@ -179,7 +194,8 @@ tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups
 "$moe" convert --load "$tmp/run" --to hf "$tmp/xrun" >"$tmp/out" 2>&1 || fail "convert run: $(cat "$tmp/out")"
 cmp_tensors "$tmp/run/step-00000003" "$tmp/xrun" ours || fail "our checkpoint converted wrongly"
 "$moe" eval --model "$tmp/xrun" --ids 72,101,108,108,111 >"$tmp/out" 2>&1 || fail "eval converted run: $(cat "$tmp/out")"
-# its tokenizer.json is our byte vocabulary: UTF-8 bytes as ids, end-of-text 256
+# its tokenizer.json is our byte vocabulary: UTF-8 bytes as ids, end-of-text 256 (its eos_token_id)
+grep -q '"eos_token_id":[[:space:]]*256' "$tmp/xrun/config.json" || fail "no eos_token_id 256 for our vocabulary"
 [ "$("$moe" tokenize --model "$tmp/xrun" --prompt "Héllo<|endoftext|>")" = "72,195,169,108,108,111,256" ] ||
   fail "the converted run's tokenizer: $("$moe" tokenize --model "$tmp/xrun" --prompt "Héllo<|endoftext|>")"
 [ "$("$moe" tokenize --model "$tmp/xrun" --ids 72,195,169,10,256)" = "$(printf 'H\303\251\n<|endoftext|>')" ] ||
@@ -207,8 +223,10 @@ cmp_tensors "$tmp/ft/step-00000001" "$tmp/mv" ours || fail "init-from did not lo
   --data-path "$tmp/data" --train-iters 1 --lr 0 --min-lr 0 --save "$tmp/qft" >"$tmp/out" 2>&1 ||
   fail "init-from qwen2_moe: $(tail -3 "$tmp/out")"
 cmp_tensors "$tmp/qft/step-00000001" "$tmp/qv" || fail "init-from did not load the Qwen model's weights"
-"$moe" convert --model "$tmp/qv" --to hf "$tmp/xq" >"$tmp/out" 2>&1 && fail "Qwen2-MoE written as Mixtral"
-grep -q "cannot write a mixtral model" "$tmp/out" || fail "Qwen conversion message: $(cat "$tmp/out")"
+# our Qwen2-MoE-shaped checkpoint (q/k/v biases, gated shared expert) is written as qwen2_moe
+"$moe" convert --load "$tmp/qft" --to hf "$tmp/xq" >"$tmp/out" 2>&1 || fail "convert qwen run: $(cat "$tmp/out")"
+grep -q "(qwen2_moe, " "$tmp/out" || fail "qwen run not written as qwen2_moe: $(cat "$tmp/out")"
+cmp_tensors "$tmp/qft/step-00000001" "$tmp/xq" || fail "qwen run converted wrongly"
 # shellcheck disable=SC2086
 "$moe" train $ft --train-iters 3 --save "$tmp/ft2" >"$tmp/out" 2>&1 || fail "fine-tune: $(tail -3 "$tmp/out")"
 # shellcheck disable=SC2086

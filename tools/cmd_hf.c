@@ -249,7 +249,7 @@ int moe_cmd_convert(int argc, char **argv) {
         return 2;
     }
     moe_options o;
-    char ckpt[MOE_PATH_MAX + 64], family[32] = "mixtral";
+    char ckpt[MOE_PATH_MAX + 64], family[32] = "";
     moe_model *m = NULL;
     int rc = moe_cli_options(&o, n, rest, ckpt, sizeof ckpt);
     free(rest);
@@ -261,15 +261,19 @@ int moe_cmd_convert(int argc, char **argv) {
     moe_status s = MOE_OK;
     if (o.hf_model[0]) s = moe_hf_config(o.hf_model, &c, family, sizeof family);
     else if (!ckpt[0]) s = moe_set_error(MOE_ERR_INVALID, "--load RUN or --model DIR is required");
+    if (s == MOE_OK && !family[0]) { /* ours: the first family that fits, else Mixtral's reason */
+        const char *f = moe_hf_family_for(&c);
+        snprintf(family, sizeof family, "%s", f ? f : "mixtral");
+    }
     if (s == MOE_OK) s = moe_model_create(&c, 1, &m);
     if (s == MOE_OK)
         s = o.hf_model[0] ? moe_hf_load(o.hf_model, family, m) : moe_checkpoint_load(ckpt, m, NULL);
-    if (s == MOE_OK) s = moe_hf_save(out, "mixtral", m);
+    if (s == MOE_OK) s = moe_hf_save(out, family, m, o.hf_model[0] ? o.hf_model : NULL);
     int copied = 0;
     if (s == MOE_OK) s = copy_tokenizer(o.hf_model, out, &copied);
     if (s == MOE_OK)
-        printf("wrote %s/config.json and %s/model.safetensors (mixtral, %zu parameters)%s\n",
-               out, out, moe_model_param_count(m),
+        printf("wrote %s/config.json and %s/model.safetensors (%s, %zu parameters)%s\n",
+               out, out, family, moe_model_param_count(m),
                !o.hf_model[0] ? ", tokenizer.json (bytes)"
                : copied       ? ", the tokenizer files"
                               : "; no tokenizer.json to copy");

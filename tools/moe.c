@@ -27,7 +27,7 @@ static void usage(FILE *f) {
                "  tokenize --model DIR (--prompt TEXT | --ids 5,17,42)   a text's token ids, or\n"
                "            the text of token ids, by the directory's tokenizer.json\n"
                "  convert (--load RUN | --model DIR) --to hf OUT_DIR   write a model in the\n"
-               "            Hugging Face Mixtral layout (config.json, model.safetensors)\n"
+               "            Hugging Face layout of its family (config.json, model.safetensors)\n"
                "  inspect FILE|RUN   tensors and metadata of a safetensors file or checkpoint\n"
                "  report RUN  write RUN/report.html: losses, expert load, topics x experts\n"
                "  bench layer|train [options] [--json]   the layer's speed per stage, or\n"

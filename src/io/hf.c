@@ -249,25 +249,112 @@ moe_status moe_hf_load(const char *dir, const char *family, moe_model *m) {
     return moe_checkpoint_load_params(dir, m, rename_hf, family);
 }
 
+/* Whether the top-k weights are renormalised (softmax over the k logits is the same). */
+static int renormalised(const moe_layer_config *m) {
+    return !m->pre_softmax || m->norm_topk == MOE_NORM_ON;
+}
+
 int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, size_t cap) {
     const moe_layer_config *m = &c->moe;
+    int mixtral = !strcmp(family, "mixtral"), qwen2 = !strcmp(family, "qwen2_moe"),
+        qwen3 = !strcmp(family, "qwen3_moe"), olmoe = !strcmp(family, "olmoe");
+    int plain_heads = moe_model_head_dim(c) * c->n_heads == c->d;
     const char *bad = NULL;
-    if (strcmp(family, "mixtral")) bad = "only the mixtral layout can be written";
+    if (!mixtral && !qwen2 && !qwen3 && !olmoe) bad = "unknown family";
     else if (c->first_k_dense || c->moe_layer_freq != 1) bad = "every layer must be an MoE layer";
     else if (m->act != MOE_ACT_SWIGLU) bad = "the experts must use swiglu";
     else if (m->router != MOE_ROUTER_TOPK || m->score != MOE_SCORE_SOFTMAX)
         bad = "the router must be top-k over softmax scores";
-    else if (m->pre_softmax && m->norm_topk != MOE_NORM_ON)
-        bad = "softmax before top-k needs renormalised weights";
+    else if (mixtral && !renormalised(m)) bad = "the top-k weights must be renormalised";
     else if (m->route_scale != 1.0f || m->n_groups > 1 || m->enable_expert_bias)
         bad = "no scaling factor, expert groups or expert bias";
-    else if (m->shared_ffn || m->residual || m->expert_bias || c->qkv_bias || c->qk_norm)
-        bad = "no shared expert, Residual-MoE or linear biases";
+    else if (m->residual || m->expert_bias) bad = "no Residual-MoE or expert biases";
+    else if (qwen2 ? !(m->shared_ffn && m->shared_gate) : m->shared_ffn != 0)
+        bad = qwen2 ? "a shared expert with a sigmoid gate is needed" : "no shared expert";
+    else if (qwen2 != (c->qkv_bias != 0))
+        bad = qwen2 ? "q/k/v biases are needed" : "no q/k/v biases";
+    else if (c->qk_norm != (qwen3 ? MOE_QK_NORM_HEAD : olmoe ? MOE_QK_NORM_WHOLE : MOE_QK_NORM_NONE))
+        bad = qwen3 ? "q/k norms per head are needed" : olmoe ? "q/k norms over the projection "
+              "are needed" : "no q/k norms";
+    else if ((qwen2 || olmoe) && !plain_heads) bad = "heads must be hidden size / heads wide";
     else if (m->capacity_factor != 0) bad = "the layer must be dropless";
     for (int l = 0; !bad && l < c->n_layers; l++)
         if (moe_model_layer_experts(c, l) != m->n_experts) bad = "every layer needs num-experts";
     if (bad) snprintf(why, cap, "%s", bad);
     return bad == NULL;
+}
+
+const char *moe_hf_family_for(const moe_model_config *c) {
+    static const char *const order[] = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"};
+    char why[128];
+    for (size_t i = 0; i < sizeof order / sizeof *order; i++)
+        if (moe_hf_compatible(c, order[i], why, sizeof why)) return order[i];
+    return NULL;
+}
+
+/* Sets key to a number, replacing what base had. */
+static void set_number(cJSON *j, const char *key, double v) {
+    cJSON_DeleteItemFromObjectCaseSensitive(j, key);
+    cJSON_AddNumberToObject(j, key, v);
+}
+
+static void set_bool(cJSON *j, const char *key, int v) {
+    cJSON_DeleteItemFromObjectCaseSensitive(j, key);
+    cJSON_AddBoolToObject(j, key, v);
+}
+
+static void set_string(cJSON *j, const char *key, const char *v) {
+    cJSON_DeleteItemFromObjectCaseSensitive(j, key);
+    cJSON_AddStringToObject(j, key, v);
+}
+
+/* config.json of the family: base (the source's config.json, or an empty object) with the
+ * keys its loader reads set from c; a max_position_embeddings of base is kept (we plan memory
+ * for at most 4096 positions, the model may have more). */
+static cJSON *family_config(const moe_model_config *c, const char *family, cJSON *j) {
+    const moe_layer_config *m = &c->moe;
+    int mixtral = !strcmp(family, "mixtral"), qwen2 = !strcmp(family, "qwen2_moe"),
+        qwen3 = !strcmp(family, "qwen3_moe");
+    static const char *const arch[][2] = {{"mixtral", "MixtralForCausalLM"},
+                                          {"qwen2_moe", "Qwen2MoeForCausalLM"},
+                                          {"qwen3_moe", "Qwen3MoeForCausalLM"},
+                                          {"olmoe", "OlmoeForCausalLM"}};
+    cJSON_DeleteItemFromObjectCaseSensitive(j, "architectures");
+    cJSON *a = cJSON_AddArrayToObject(j, "architectures");
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(arch[i][0], family)) cJSON_AddItemToArray(a, cJSON_CreateString(arch[i][1]));
+    set_string(j, "model_type", family);
+    if (!cJSON_GetObjectItemCaseSensitive(j, "max_position_embeddings"))
+        cJSON_AddNumberToObject(j, "max_position_embeddings", c->seq_len);
+    const struct { const char *key; double v; } nums[] = {
+        {"vocab_size", c->vocab}, {"hidden_size", c->d}, {"num_hidden_layers", c->n_layers},
+        {"num_attention_heads", c->n_heads}, {"num_key_value_heads", c->n_kv_heads},
+        {"num_experts_per_tok", m->topk}, {"rms_norm_eps", c->norm_eps},
+        {"rope_theta", c->rope_theta}, {"head_dim", moe_model_head_dim(c)},
+        {"initializer_range", c->init_std}};
+    for (size_t i = 0; i < sizeof nums / sizeof *nums; i++) set_number(j, nums[i].key, nums[i].v);
+    set_number(j, mixtral ? "num_local_experts" : "num_experts", m->n_experts);
+    /* an expert's width: intermediate_size for Mixtral and OLMoE, else moe_intermediate_size
+     * (intermediate_size then being the unused dense width) */
+    if (mixtral || !(qwen2 || qwen3)) {
+        set_number(j, "intermediate_size", m->ffn);
+    } else {
+        set_number(j, "moe_intermediate_size", m->ffn);
+        set_number(j, "intermediate_size", c->ffn);
+        set_number(j, "decoder_sparse_step", 1);
+        cJSON_DeleteItemFromObjectCaseSensitive(j, "mlp_only_layers");
+        cJSON_AddArrayToObject(j, "mlp_only_layers");
+        set_bool(j, "use_sliding_window", 0);
+    }
+    if (qwen2) set_number(j, "shared_expert_intermediate_size", m->shared_ffn);
+    if (!mixtral) {
+        set_bool(j, "norm_topk_prob", renormalised(m));
+        if (!qwen2) set_bool(j, "attention_bias", 0);
+    }
+    set_string(j, "hidden_act", "silu");
+    set_bool(j, "tie_word_embeddings", c->tie_embeddings != 0);
+    set_string(j, "torch_dtype", "float32");
+    return j;
 }
 
 static int exists(const char *dir, const char *name) {
@@ -277,7 +364,7 @@ static int exists(const char *dir, const char *name) {
     return stat(path, &sb) == 0;
 }
 
-moe_status moe_hf_save(const char *dir, const char *family, moe_model *m) {
+moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const char *base) {
     const moe_model_config *c = moe_model_get_config(m);
     char why[128];
     if (!moe_hf_compatible(c, family, why, sizeof why))
@@ -285,23 +372,25 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m) {
     if (exists(dir, "config.json") || exists(dir, "model.safetensors"))
         return moe_set_error(MOE_ERR_INVALID, "%s already holds a model; choose an empty "
                              "directory", dir);
+    cJSON *j = NULL;
+    if (base) {
+        char path[4400], *text;
+        size_t size;
+        snprintf(path, sizeof path, "%s/config.json", base);
+        MOE_TRY(moe_read_file(path, &text, &size));
+        j = cJSON_ParseWithLength(text, size);
+        free(text);
+    } else {
+        j = cJSON_CreateObject();
+        /* our byte vocabulary: end-of-text 256 ends generation */
+        if (c->vocab == MOE_BYTE_VOCAB) cJSON_AddNumberToObject(j, "eos_token_id", MOE_BYTE_EOT);
+    }
+    if (!cJSON_IsObject(j)) {
+        cJSON_Delete(j);
+        return moe_set_error(MOE_ERR_FORMAT, "%s/config.json: not a JSON object", base);
+    }
     MOE_TRY(moe_mkdirs(dir));
-    cJSON *j = cJSON_CreateObject();
-    cJSON *arch = cJSON_AddArrayToObject(j, "architectures");
-    cJSON_AddItemToArray(arch, cJSON_CreateString("MixtralForCausalLM"));
-    cJSON_AddStringToObject(j, "model_type", "mixtral");
-    const struct { const char *key; double v; } nums[] = {
-        {"vocab_size", c->vocab}, {"hidden_size", c->d}, {"intermediate_size", c->moe.ffn},
-        {"num_hidden_layers", c->n_layers}, {"num_attention_heads", c->n_heads},
-        {"num_key_value_heads", c->n_kv_heads}, {"num_local_experts", c->moe.n_experts},
-        {"num_experts_per_tok", c->moe.topk}, {"rms_norm_eps", c->norm_eps},
-        {"rope_theta", c->rope_theta}, {"max_position_embeddings", c->seq_len},
-        {"head_dim", moe_model_head_dim(c)}, {"initializer_range", c->init_std}};
-    for (size_t i = 0; i < sizeof nums / sizeof *nums; i++)
-        cJSON_AddNumberToObject(j, nums[i].key, nums[i].v);
-    cJSON_AddStringToObject(j, "hidden_act", "silu");
-    cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings != 0);
-    cJSON_AddStringToObject(j, "torch_dtype", "float32");
+    j = family_config(c, family, j);
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
     if (!text) return moe_set_error(MOE_ERR_NOMEM, "out of memory for config.json");
