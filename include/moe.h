@@ -324,6 +324,16 @@ typedef struct {
     int tie_embeddings;   /* LM head = embedding matrix */
     int qkv_bias;         /* biases in the query, key and value projections (Qwen2) */
     int qk_norm;          /* RMSNorm of q and k before RoPE: MOE_QK_NORM_* */
+    /* Multi-head latent attention (DeepSeek-V2/V3) when kv_lora_rank > 0: queries from x (or
+     * through a q_lora_rank bottleneck with an RMSNorm), keys and values of every head from
+     * one kv_lora_rank latent (RMSNorm) plus a rotary part shared by the heads. Heads are then
+     * qk_nope_dim + qk_rope_dim wide for q and k, v_head_dim for v; n_kv_heads is ignored. */
+    int q_lora_rank, kv_lora_rank, qk_nope_dim, qk_rope_dim, v_head_dim;
+    int rope_interleave;  /* rotate pairs (2i, 2i+1) (DeepSeek) instead of (i, i + hd/2) */
+    float rope_factor;    /* YaRN context extension factor (1 = none) */
+    int rope_orig_max_pos; /* YaRN: the positions the model was trained for */
+    float rope_beta_fast, rope_beta_slow; /* YaRN's ramp (32, 1) */
+    float rope_mscale, rope_mscale_all_dim; /* YaRN's attention scaling (0 = absent) */
     int moe_layer_freq;   /* layer l is MoE if l % freq == 0 (and l >= first_k_dense) */
     int first_k_dense;    /* the first k layers are dense (DeepSeek) */
     int n_experts[MOE_MAX_LAYERS]; /* experts of each MoE layer (pyramid PR-MoE); 0 = moe.n_experts */

@@ -59,12 +59,35 @@ static void random_params(moe_model *m, uint64_t seed) {
     }
 }
 
-static void against_torch(int qkv_bias, int qk_norm, int head_dim) {
-    uint64_t seed = tu_seed();
+/* Multi-head latent attention (DeepSeek) on the tiny model: a query latent or not, YaRN
+ * (positions beyond the original 4, both mscales) with interleaved pairs. */
+static moe_model_config mla_config(int q_lora) {
+    moe_model_config c = tiny_config();
+    c.q_lora_rank = q_lora;
+    c.kv_lora_rank = 6;
+    c.qk_nope_dim = 3;
+    c.qk_rope_dim = 4;
+    c.v_head_dim = 5;
+    c.rope_interleave = 1;
+    c.rope_factor = 4;
+    c.rope_orig_max_pos = 4;
+    c.rope_beta_fast = 2;
+    c.rope_beta_slow = 0.5f;
+    c.rope_mscale = 0.7f;
+    c.rope_mscale_all_dim = 1.3f;
+    return c;
+}
+
+static moe_model_config attn_config(int qkv_bias, int qk_norm, int head_dim) {
     moe_model_config c = tiny_config();
     c.qkv_bias = qkv_bias;
     c.qk_norm = qk_norm;
     c.head_dim = head_dim;
+    return c;
+}
+
+static void against_torch(moe_model_config c) {
+    uint64_t seed = tu_seed();
     int B = 2, S = 7, T = B * S;
     moe_model *m;
     assert_int_equal(moe_model_create(&c, T, &m), MOE_OK);
@@ -108,14 +131,18 @@ static void against_torch(int qkv_bias, int qk_norm, int head_dim) {
         e[k++] = (moe_st_entry){l == 1 ? "out.routing.0" : "out.routing.1", MOE_DT_I64, 1,
                                 {r->n_slots}, route[l - 1]};
     }
-    char config[512], seedtxt[32];
+    char config[1024], seedtxt[32];
     snprintf(config, sizeof config,
              "{\"d\":%d,\"hd\":%d,\"n_heads\":%d,\"n_kv_heads\":%d,\"n_layers\":%d,\"eps\":%.9g,"
              "\"theta\":%.9g,\"n_experts\":%d,\"topk\":%d,\"shared_ffn\":%d,\"aux_coeff\":%.9g,"
-             "\"z_coeff\":%.9g,\"moe_layers\":[0,1,1],\"tied\":%d,\"loss_scale\":%.9g}",
+             "\"z_coeff\":%.9g,\"moe_layers\":[0,1,1],\"tied\":%d,\"loss_scale\":%.9g,"
+             "\"mla\":[%d,%d,%d,%d,%d],\"rope\":{\"interleave\":%d,\"factor\":%.9g,\"orig\":%d,"
+             "\"beta_fast\":%.9g,\"beta_slow\":%.9g,\"mscale\":%.9g,\"mscale_all_dim\":%.9g}}",
              c.d, moe_model_head_dim(&c), c.n_heads, c.n_kv_heads, c.n_layers, c.norm_eps, c.rope_theta, c.moe.n_experts,
              c.moe.topk, c.moe.shared_ffn, c.moe.aux_coeff, c.moe.z_coeff, c.tie_embeddings,
-             args.loss_scale);
+             args.loss_scale, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim,
+             c.v_head_dim, c.rope_interleave, c.rope_factor, c.rope_orig_max_pos,
+             c.rope_beta_fast, c.rope_beta_slow, c.rope_mscale, c.rope_mscale_all_dim);
     snprintf(seedtxt, sizeof seedtxt, "%llu", (unsigned long long)(seed % 1000000007));
     const char *keys[] = {"config", "seed"}, *vals[] = {config, seedtxt};
     char path[] = "/tmp/moe_test_model_XXXXXX";
@@ -135,26 +162,40 @@ static void against_torch(int qkv_bias, int qk_norm, int head_dim) {
 
 static void test_against_torch(void **state) {
     (void)state;
-    against_torch(0, MOE_QK_NORM_NONE, 0);
+    against_torch(attn_config(0, MOE_QK_NORM_NONE, 0));
 }
 
 /* Query, key and value biases (Qwen2): forward and every gradient, the biases' included. */
 static void test_against_torch_qkv_bias(void **state) {
     (void)state;
-    against_torch(1, MOE_QK_NORM_NONE, 0);
+    against_torch(attn_config(1, MOE_QK_NORM_NONE, 0));
 }
 
 /* RMSNorm of q and k per head (Qwen3) and over the whole projection (OLMoE). */
 static void test_against_torch_qk_norm(void **state) {
     (void)state;
-    against_torch(0, MOE_QK_NORM_HEAD, 0);
-    against_torch(1, MOE_QK_NORM_WHOLE, 0);
+    against_torch(attn_config(0, MOE_QK_NORM_HEAD, 0));
+    against_torch(attn_config(1, MOE_QK_NORM_WHOLE, 0));
 }
 
 /* Heads of their own size (Qwen3: head_dim x heads != hidden size). */
 static void test_against_torch_head_dim(void **state) {
     (void)state;
-    against_torch(0, MOE_QK_NORM_HEAD, 6);
+    against_torch(attn_config(0, MOE_QK_NORM_HEAD, 6));
+}
+
+/* Multi-head latent attention with and without a query latent; YaRN RoPE with interleaved
+ * pairs; a plain model with YaRN on rotate-half RoPE. */
+static void test_against_torch_mla(void **state) {
+    (void)state;
+    against_torch(mla_config(5));
+    against_torch(mla_config(0));
+    moe_model_config c = attn_config(0, MOE_QK_NORM_NONE, 0);
+    c.rope_factor = 3;
+    c.rope_orig_max_pos = 3;
+    c.rope_beta_fast = 2;
+    c.rope_beta_slow = 0.5f;
+    against_torch(c);
 }
 
 /* A training step with loss_scale s gives s times the gradients of loss_scale 1, the aux and
@@ -291,12 +332,8 @@ static void test_bad_input(void **state) {
 }
 
 /* Decoding token by token with the cache gives the logits of a full recomputation. */
-static void kv_cache(int qkv_bias, int qk_norm, int head_dim) {
+static void kv_cache(moe_model_config c) {
     uint64_t seed = tu_seed();
-    moe_model_config c = tiny_config();
-    c.qkv_bias = qkv_bias;
-    c.qk_norm = qk_norm;
-    c.head_dim = head_dim;
     int S = 7;
     moe_model *m;
     assert_int_equal(moe_model_create(&c, 2 * S, &m), MOE_OK);
@@ -329,9 +366,11 @@ static void kv_cache(int qkv_bias, int qk_norm, int head_dim) {
 
 static void test_kv_cache(void **state) {
     (void)state;
-    kv_cache(0, MOE_QK_NORM_NONE, 0);
-    kv_cache(1, MOE_QK_NORM_HEAD, 6); /* biases, norms and head size in the decoding path */
-    kv_cache(0, MOE_QK_NORM_WHOLE, 0);
+    kv_cache(attn_config(0, MOE_QK_NORM_NONE, 0));
+    kv_cache(attn_config(1, MOE_QK_NORM_HEAD, 6)); /* biases, norms, head size when decoding */
+    kv_cache(attn_config(0, MOE_QK_NORM_WHOLE, 0));
+    kv_cache(mla_config(5)); /* MLA: the cache holds every head's keys and values */
+    kv_cache(mla_config(0));
 }
 
 /* Sampling: greedy and top-k 1 take the argmax; top-p keeps the smallest likely set; the
@@ -412,7 +451,8 @@ int main(void) {
         cmocka_unit_test(test_against_torch),
         cmocka_unit_test(test_against_torch_qkv_bias),
         cmocka_unit_test(test_against_torch_qk_norm),
-        cmocka_unit_test(test_against_torch_head_dim), cmocka_unit_test(test_loss_scale),
+        cmocka_unit_test(test_against_torch_head_dim), cmocka_unit_test(test_against_torch_mla),
+        cmocka_unit_test(test_loss_scale),
         cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
         cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),

@@ -40,6 +40,8 @@ typedef struct {
     int T, d, H, KV, hd, B, S;
     double eps, theta;
     const int *pos;
+    int dv;       /* attention: v head width (0: hd) */
+    double scale; /* attention: score scale (0: 1/sqrt(hd)) */
 } dims;
 
 static void ref_rmsnorm(double *y, const double *x, const double *w, const dims *D) {
@@ -68,7 +70,9 @@ static void ref_rope(double *x, int T, int nh, const dims *D) {
 
 static void ref_attention(double *out, const double *q, const double *k, const double *v,
                           const dims *D) {
-    int qs = D->H * D->hd, ks = D->KV * D->hd;
+    int qs = D->H * D->hd, ks = D->KV * D->hd, dv = D->dv ? D->dv : D->hd;
+    int vs = D->KV * dv, os = D->H * dv;
+    double scale = D->scale ? D->scale : 1 / sqrt((double)D->hd);
     double *s = malloc(sizeof(double) * D->S);
     for (int b = 0; b < D->B; b++)
         for (int h = 0; h < D->H; h++) {
@@ -79,15 +83,15 @@ static void ref_attention(double *out, const double *q, const double *k, const d
                     double dot = 0;
                     for (int c = 0; c < D->hd; c++)
                         dot += q[(b * D->S + i) * qs + h * D->hd + c] * k[(b * D->S + j) * ks + g * D->hd + c];
-                    s[j] = dot / sqrt((double)D->hd);
+                    s[j] = dot * scale;
                     mx = fmax(mx, s[j]);
                 }
                 for (int j = 0; j <= i; j++) sum += exp(s[j] - mx);
-                for (int c = 0; c < D->hd; c++) {
+                for (int c = 0; c < dv; c++) {
                     double o = 0;
                     for (int j = 0; j <= i; j++)
-                        o += exp(s[j] - mx) / sum * v[(b * D->S + j) * ks + g * D->hd + c];
-                    out[(b * D->S + i) * qs + h * D->hd + c] = o;
+                        o += exp(s[j] - mx) / sum * v[(b * D->S + j) * vs + g * dv + c];
+                    out[(b * D->S + i) * os + h * dv + c] = o;
                 }
             }
         }
@@ -194,6 +198,53 @@ static void test_rope(void **state) {
     free(x), free(x0), free(r), free(r0);
 }
 
+/* YaRN (as DeepSeek configures it) and interleaved pairs, on the rope part of wider heads:
+ * against a float64 reference that builds the frequency table the way the YaRN paper states
+ * it (a ramp r(i) over the pairs between the beta_fast and beta_slow rotation counts;
+ * freq = (1 - r) * base + r * base / factor), and the ramp's ends checked directly. */
+static void test_rope_yarn(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    int T = 6, nh = 2, stride = 11, off = 3, rd = 8, pos[6];
+    for (int t = 0; t < T; t++) pos[t] = (int)(moe_rng_u64(seed, 6, (uint64_t)t) % 200);
+    moe_rope r = {.theta = 10000, .interleave = 1, .factor = 8, .orig_max_pos = 64,
+                  .beta_fast = 32, .beta_slow = 1, .attn_factor = 0.8f};
+    double freq[4], pi2 = 2 * 3.14159265358979323846;
+    /* the pair index at which a pair turns `rot` times over orig_max_pos positions */
+    double lo = floor(rd * log(64 / (32 * pi2)) / (2 * log(10000.0)));
+    double hi = ceil(rd * log(64 / (1 * pi2)) / (2 * log(10000.0)));
+    lo = fmax(lo, 0), hi = fmin(hi, rd - 1);
+    for (int i = 0; i < rd / 2; i++) {
+        double base = 1 / pow(10000.0, 2.0 * i / rd), ramp = fmin(fmax((i - lo) / (hi - lo), 0), 1);
+        freq[i] = (1 - ramp) * base + ramp * base / 8;
+    }
+    assert_true(freq[0] == 1.0);                          /* the fastest pair keeps its frequency */
+    assert_true(fabs(freq[3] - 1 / pow(10000.0, 0.75) / 8) < 1e-15); /* the slowest: / factor */
+    size_t n = (size_t)T * nh * stride;
+    float *x = malloc(n * 4), *x0 = malloc(n * 4);
+    tu_fill(x, n, seed, 7, -1, 1);
+    memcpy(x0, x, n * 4);
+    double *ref = to64(x, n);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < rd / 2; i++) {
+                double *v = ref + ((size_t)t * nh + h) * stride + off, ang = pos[t] * freq[i];
+                double re = v[2 * i], im = v[2 * i + 1];
+                v[2 * i] = 0.8 * (re * cos(ang) - im * sin(ang));
+                v[2 * i + 1] = 0.8 * (re * sin(ang) + im * cos(ang));
+            }
+    moe_rope_rotate(x + off, T, nh, stride, rd, pos, &r, 1);
+    check("yarn rope", x, ref, n); /* values outside the rotated part untouched */
+    /* backward: the transpose; applied to the forward output it gives 0.64 x0 */
+    moe_rope_rotate(x + off, T, nh, stride, rd, pos, &r, -1);
+    for (size_t i = 0; i < n; i++) {
+        size_t within = i % stride;
+        double want = within >= (size_t)off && within < (size_t)(off + rd) ? 0.64 * x0[i] : x0[i];
+        assert_true(fabs(x[i] - want) < 1e-5);
+    }
+    free(x), free(x0), free(ref);
+}
+
 /* -------------------------------------------------------------- attention */
 
 typedef struct {
@@ -205,26 +256,30 @@ static double att_loss(void *p) {
     att_ctx *c = p;
     ref_attention(c->out, c->q, c->k, c->v, &c->D);
     double L = 0;
-    for (int i = 0; i < c->D.B * c->D.S * c->D.H * c->D.hd; i++) L += c->out[i] * c->G[i];
+    int dv = c->D.dv ? c->D.dv : c->D.hd;
+    for (int i = 0; i < c->D.B * c->D.S * c->D.H * dv; i++) L += c->out[i] * c->G[i];
     return L;
 }
 
-static void attention_case(int B, int S, int H, int KV, int hd) {
+/* q, k heads hd wide, v heads dv wide (MLA: dv != hd), scores scaled by scale (0: 1/sqrt(hd)). */
+static void attention_case_dims(int B, int S, int H, int KV, int hd, int dvw, double scale) {
     uint64_t seed = tu_seed();
-    dims D = {.B = B, .S = S, .H = H, .KV = KV, .hd = hd};
-    size_t T = (size_t)B * S, nq = T * H * hd, nk = T * KV * hd;
-    float *q = malloc(nq * 4), *k = malloc(nk * 4), *v = malloc(nk * 4), *G = malloc(nq * 4),
-          *out = malloc(nq * 4), *probs = malloc((size_t)B * H * S * S * 4), *dq = calloc(nq, 4),
-          *dk = calloc(nk, 4), *dv = calloc(nk, 4);
+    dims D = {.B = B, .S = S, .H = H, .KV = KV, .hd = hd, .dv = dvw, .scale = scale};
+    moe_attn_dims A = {B, S, H, KV, hd, dvw, scale ? (float)scale : 1.0f / sqrtf((float)hd)};
+    size_t T = (size_t)B * S, nq = T * H * hd, nk = T * KV * hd, nv = T * KV * dvw,
+           no = T * H * dvw;
+    float *q = malloc(nq * 4), *k = malloc(nk * 4), *v = malloc(nv * 4), *G = malloc(no * 4),
+          *out = malloc(no * 4), *probs = malloc((size_t)B * H * S * S * 4), *dq = calloc(nq, 4),
+          *dk = calloc(nk, 4), *dv = calloc(nv, 4);
     tu_fill(q, nq, seed, 1, -1.5f, 1.5f);
     tu_fill(k, nk, seed, 2, -1.5f, 1.5f);
-    tu_fill(v, nk, seed, 3, -1, 1);
-    tu_fill(G, nq, seed, 4, -1, 1);
-    tu_poison(out, nq);
-    moe_attention_forward(out, probs, q, k, v, B, S, H, KV, hd);
-    att_ctx c = {D, to64(q, nq), to64(k, nk), to64(v, nk), to64(G, nq), malloc(nq * 8)};
+    tu_fill(v, nv, seed, 3, -1, 1);
+    tu_fill(G, no, seed, 4, -1, 1);
+    tu_poison(out, no);
+    moe_attention_forward(out, probs, q, k, v, &A);
+    att_ctx c = {D, to64(q, nq), to64(k, nk), to64(v, nv), to64(G, no), malloc(no * 8)};
     att_loss(&c);
-    check("attention forward", out, c.out, nq);
+    check("attention forward", out, c.out, no);
     /* causality: row i of every probability matrix sums to 1 over j <= i, zero after */
     for (size_t bh = 0; bh < (size_t)B * H; bh++)
         for (int i = 0; i < S; i++) {
@@ -236,12 +291,22 @@ static void attention_case(int B, int S, int H, int KV, int hd) {
             }
             assert_true(fabs(s - 1) < 1e-5);
         }
-    moe_attention_backward(dq, dk, dv, G, probs, q, k, v, B, S, H, KV, hd);
+    moe_attention_backward(dq, dk, dv, G, probs, q, k, v, &A);
     check_grad("attention dq", dq, c.q, nq, att_loss, &c, seed);
     check_grad("attention dk", dk, c.k, nk, att_loss, &c, seed + 1);
-    check_grad("attention dv", dv, c.v, nk, att_loss, &c, seed + 2);
+    check_grad("attention dv", dv, c.v, nv, att_loss, &c, seed + 2);
+    /* the cached kernel (one sequence, the last n tokens over all S) gives the same rows */
+    int n = S > 2 ? 2 : S, P = S - n;
+    float *oc = malloc((size_t)n * H * dvw * 4), *scratch = malloc((size_t)n * H * S * 4);
+    moe_attention_cached(oc, scratch, q + (size_t)P * H * hd, k, v, n, P, &A);
+    check("attention cached", oc, c.out + (size_t)P * H * dvw, (size_t)n * H * dvw);
+    free(oc), free(scratch);
     free(c.q), free(c.k), free(c.v), free(c.G), free(c.out);
     free(q), free(k), free(v), free(G), free(out), free(probs), free(dq), free(dk), free(dv);
+}
+
+static void attention_case(int B, int S, int H, int KV, int hd) {
+    attention_case_dims(B, S, H, KV, hd, hd, 0);
 }
 
 static void test_attention_mha(void **state) {
@@ -254,6 +319,14 @@ static void test_attention_gqa(void **state) {
     attention_case(2, 6, 6, 2, 4); /* 3 query heads per kv head */
     attention_case(1, 5, 4, 1, 6); /* multi-query */
     attention_case(3, 1, 2, 1, 2); /* one token per sequence */
+}
+
+/* Multi-head latent attention's shapes: q/k heads wider than v heads (and narrower), a scale
+ * that is not 1/sqrt(dk) (YaRN's mscale^2). */
+static void test_attention_mla(void **state) {
+    (void)state;
+    attention_case_dims(2, 6, 3, 3, 10, 6, 0.2371);
+    attention_case_dims(1, 5, 2, 2, 3, 5, 0.9);
 }
 
 /* ---------------------------------------------------------- cross-entropy */
@@ -291,6 +364,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rmsnorm),      cmocka_unit_test(test_rope),
         cmocka_unit_test(test_attention_mha), cmocka_unit_test(test_attention_gqa),
+        cmocka_unit_test(test_attention_mla), cmocka_unit_test(test_rope_yarn),
         cmocka_unit_test(test_xent),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

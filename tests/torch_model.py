@@ -4,6 +4,7 @@
 logits, losses and every gradient, and checks a few gradients by float64 finite differences of
 this model's loss. Exit status 0 = match."""
 import json
+import math
 import struct
 import sys
 
@@ -32,14 +33,71 @@ def rmsnorm(x, w, eps):
     return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x, theta):  # x [B, S, H, hd], rotate-half convention
-    B, S, H, hd = x.shape
-    half = hd // 2
-    inv = theta ** (-2.0 * torch.arange(half) / hd)
-    ang = torch.arange(S)[:, None] * inv[None, :]  # [S, half]
-    cos, sin = torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]
+def yarn_mscale(factor, m):
+    return 0.1 * m * math.log(factor) + 1 if factor > 1 else 1.0
+
+
+def inv_freq(rd, c):
+    """RoPE frequencies of rd rotated values and the cos/sin factor; YaRN as Hugging Face's
+    _compute_yarn_parameters writes it: a linear ramp between the correction dimensions of
+    beta_fast and beta_slow mixes interpolated (/factor) and extrapolated frequencies."""
+    theta, r = c["theta"], c.get("rope", {})
+    pos_freqs = theta ** (torch.arange(0, rd, 2) / rd)
+    f = r.get("factor", 1.0)
+    if f <= 1:
+        return 1.0 / pos_freqs, 1.0
+
+    def correction_dim(rotations):
+        return (rd * math.log(r["orig"] / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+    low = max(math.floor(correction_dim(r["beta_fast"])), 0)
+    high = min(math.ceil(correction_dim(r["beta_slow"])), rd - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rd // 2) - low) / (high - low)).clamp(0, 1)
+    extrapolation_factor = 1 - ramp
+    inv = (1.0 / (f * pos_freqs)) * (1 - extrapolation_factor) + (1.0 / pos_freqs) * extrapolation_factor
+    ms, mall = r.get("mscale", 0), r.get("mscale_all_dim", 0)
+    att = yarn_mscale(f, ms) / yarn_mscale(f, mall) if ms and mall else yarn_mscale(f, 1)
+    return inv, att
+
+
+def rope(x, c):  # x [B, S, H, rd]: rotate-half, or pairs (2i, 2i+1) as complex numbers
+    B, S, H, rd = x.shape
+    inv, att = inv_freq(rd, c)
+    ang = torch.arange(S)[:, None] * inv[None, :]  # [S, rd/2]
+    if c.get("rope", {}).get("interleave"):
+        z = torch.view_as_complex(x.reshape(B, S, H, rd // 2, 2).contiguous())
+        w = torch.polar(torch.full_like(ang, att), ang)[None, :, None, :]
+        return torch.view_as_real(z * w).reshape(B, S, H, rd)
+    cos, sin = att * torch.cos(ang)[None, :, None, :], att * torch.sin(ang)[None, :, None, :]
+    half = rd // 2
     a, b = x[..., :half], x[..., half:]
     return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+def mla(h, P, pre, c):
+    """DeepSeek's multi-head latent attention (Hugging Face DeepseekV3Attention): the attention
+    output [B, S, H*dv] before o_proj."""
+    qr, kr, dn, dr, dv = c["mla"]
+    B, S, _ = h.shape
+    H, eps, a = c["n_heads"], c["eps"], pre + ".self_attn."
+    if qr:
+        q = rmsnorm(h @ P[a + "q_a_proj.weight"].T, P[a + "q_a_layernorm.weight"], eps) @ P[a + "q_b_proj.weight"].T
+    else:
+        q = h @ P[a + "q_proj.weight"].T
+    q_nope, q_pe = q.view(B, S, H, dn + dr).split([dn, dr], -1)
+    ckv, k_pe = (h @ P[a + "kv_a_proj_with_mqa.weight"].T).split([kr, dr], -1)
+    kv = (rmsnorm(ckv, P[a + "kv_a_layernorm.weight"], eps) @ P[a + "kv_b_proj.weight"].T).view(B, S, H, dn + dv)
+    k_nope, v = kv.split([dn, dv], -1)
+    q_pe, k_pe = rope(q_pe, c), rope(k_pe.view(B, S, 1, dr), c).expand(B, S, H, dr)
+    q, k = torch.cat([q_nope, q_pe], -1), torch.cat([k_nope, k_pe], -1)
+    scale = (dn + dr) ** -0.5
+    mall, f = c["rope"].get("mscale_all_dim", 0), c["rope"].get("factor", 1.0)
+    if mall:
+        scale *= yarn_mscale(f, mall) ** 2
+    mask = torch.full((S, S), float("-inf")).triu(1)
+    att = torch.einsum("bihc,bjhc->bhij", q, k) * scale + mask
+    return torch.einsum("bhij,bjhc->bihc", torch.softmax(att, -1), v).reshape(B, S, H * dv)
 
 
 def mlp(x, P, prefix):
@@ -71,6 +129,17 @@ def moe(x, P, l, c):
     return y, aux, zl, top_i
 
 
+def ffn(x, P, l, c, routes, aux_total, z_total):
+    """The block's second half: x + FFN(RMSNorm(x)), MoE or dense."""
+    B, S, d = x.shape
+    pre = f"model.layers.{l}"
+    h2 = rmsnorm(x, P[pre + ".post_attention_layernorm.weight"], c["eps"])
+    if c["moe_layers"][l]:
+        y, aux, zl, top_i = moe(h2.reshape(B * S, d), P, l, c)
+        return routes + [top_i], aux_total + aux, z_total + zl, x + y.view(B, S, d)
+    return routes, aux_total, z_total, x + mlp(h2, P, pre + ".mlp")
+
+
 def forward(P, tok, tgt, c):
     B, S = tok.shape
     d, H, KV = c["d"], c["n_heads"], c["n_kv_heads"]
@@ -81,6 +150,10 @@ def forward(P, tok, tgt, c):
     for l in range(c["n_layers"]):
         pre = f"model.layers.{l}"
         h = rmsnorm(x, P[pre + ".input_layernorm.weight"], c["eps"])
+        if c["mla"][1]:
+            x = x + mla(h, P, pre, c) @ P[pre + ".self_attn.o_proj.weight"].T
+            routes, aux_total, z_total, x = ffn(x, P, l, c, routes, aux_total, z_total)
+            continue
         proj = {}
         for n in "qkv":
             proj[n] = h @ P[pre + f".self_attn.{n}_proj.weight"].T
@@ -93,20 +166,13 @@ def forward(P, tok, tgt, c):
             elif wn is not None:
                 proj[n] = rmsnorm(proj[n], wn, c["eps"])
         q, kk, v = proj["q"].view(B, S, H, hd), proj["k"].view(B, S, KV, hd), proj["v"].view(B, S, KV, hd)
-        q, kk = rope(q, c["theta"]), rope(kk, c["theta"])
+        q, kk = rope(q, c), rope(kk, c)
         kk = kk.repeat_interleave(H // KV, dim=2)
         v = v.repeat_interleave(H // KV, dim=2)
         att = torch.einsum("bihc,bjhc->bhij", q, kk) / hd ** 0.5 + mask
         o = torch.einsum("bhij,bjhc->bihc", torch.softmax(att, -1), v).reshape(B, S, H * hd)
         x = x + o @ P[pre + ".self_attn.o_proj.weight"].T
-        h2 = rmsnorm(x, P[pre + ".post_attention_layernorm.weight"], c["eps"])
-        if c["moe_layers"][l]:
-            y, aux, zl, top_i = moe(h2.reshape(B * S, d), P, l, c)
-            aux_total, z_total = aux_total + aux, z_total + zl
-            routes.append(top_i)
-            x = x + y.view(B, S, d)
-        else:
-            x = x + mlp(h2, P, pre + ".mlp")
+        routes, aux_total, z_total, x = ffn(x, P, l, c, routes, aux_total, z_total)
     head = P["model.embed_tokens.weight"] if c["tied"] else P["lm_head.weight"]
     logits = rmsnorm(x, P["model.norm.weight"], c["eps"]) @ head.T
     nll = torch.nn.functional.cross_entropy(logits.view(B * S, -1), tgt.view(-1), ignore_index=-1)

@@ -43,14 +43,32 @@ void moe_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, 
                          float eps);
 void moe_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
                           const float *rstd, int T, int d);
+/* Rotary position embedding: the frequencies and which values rotate together. */
+typedef struct {
+    float theta;
+    int interleave;      /* rotate pairs (2i, 2i+1) (DeepSeek) instead of (i, i + rd/2) */
+    float factor;        /* YaRN context extension (> 1; else off) */
+    int orig_max_pos;    /* YaRN: the positions the model was trained for */
+    float beta_fast, beta_slow; /* YaRN: the ramp between extrapolated and interpolated pairs */
+    float attn_factor;   /* cos and sin scaled by this (YaRN's mscale ratio); 0 or 1: off */
+} moe_rope;
+void moe_rope_rotate(float *x, int T, int n_heads, int head_stride, int rd, const int *pos,
+                     const moe_rope *r, int dir);
+/* Rotate-half RoPE of whole heads without scaling. */
 void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float theta, int dir);
+/* Attention shapes: B sequences of S tokens, H query heads over KV key/value heads, q and k
+ * heads dk wide, v (and the output) heads dv wide, scores q.k * scale. */
+typedef struct {
+    int B, S, H, KV, dk, dv;
+    float scale;
+} moe_attn_dims;
 void moe_attention_forward(float *out, float *probs, const float *q, const float *k,
-                           const float *v, int B, int S, int H, int KV, int hd);
+                           const float *v, const moe_attn_dims *a);
 void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             const float *probs, const float *q, const float *k, const float *v,
-                            int B, int S, int H, int KV, int hd);
+                            const moe_attn_dims *a);
 void moe_attention_cached(float *out, float *scratch, const float *q, const float *k,
-                          const float *v, int n, int P, int H, int KV, int hd);
+                          const float *v, int n, int P, const moe_attn_dims *a);
 double moe_xent_forward_backward(float *dlogits, double *row_loss, const float *logits,
                                  const int32_t *y, int T, int V, float scale, int *n_counted);
 

@@ -44,49 +44,77 @@ void moe_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
 
 /* ------------------------------------------------------------------- RoPE */
 
-/* Rotates pairs (i, i + hd/2) of every head by pos * theta^(-2i/hd) (the "rotate half"
- * convention of Llama, Mixtral, Qwen, DeepSeek in Hugging Face). dir = +1 forward,
+/* The frequency of rotated pair i of rd: theta^(-2i/rd), with YaRN blended between that
+ * (extrapolation, high frequencies) and it / factor (interpolation, low frequencies) by a
+ * linear ramp over the pairs that turn beta_fast .. beta_slow times in orig_max_pos. */
+static double rope_freq(const moe_rope *r, int i, int rd) {
+    double base = pow((double)r->theta, -2.0 * i / rd);
+    if (!(r->factor > 1)) return base;
+    double two_pi = 2 * 3.14159265358979323846, lt = 2 * log((double)r->theta);
+    double low = floor(rd * log(r->orig_max_pos / (r->beta_fast * two_pi)) / lt);
+    double high = ceil(rd * log(r->orig_max_pos / (r->beta_slow * two_pi)) / lt);
+    low = low > 0 ? low : 0;
+    high = high < rd - 1 ? high : rd - 1;
+    if (high == low) high += 0.001;
+    double ramp = (i - low) / (high - low);
+    ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+    double keep = 1 - ramp; /* share of the original frequency */
+    return base / r->factor * (1 - keep) + base * keep;
+}
+
+/* Rotates pairs (i, i + rd/2), or (2i, 2i + 1) with interleave, of rd values of every head
+ * by pos * freq(i) (rope_freq), the result scaled by attn_factor. x: the first rotated value
+ * of token 0, head 0; heads head_stride apart, tokens n_heads * head_stride. dir = +1 forward,
  * -1 backward (the transpose of a rotation is the rotation by the opposite angle). */
-void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float theta, int dir) {
-    int half = hd / 2;
+void moe_rope_rotate(float *x, int T, int n_heads, int head_stride, int rd, const int *pos,
+                     const moe_rope *r, int dir) {
+    int half = rd / 2;
+    double scale = r->attn_factor > 0 ? r->attn_factor : 1;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < half; i++) {
-            double freq = pow((double)theta, -2.0 * i / hd);
-            double ang = pos[t] * freq;
-            float c = (float)cos(ang), s = (float)(dir * sin(ang));
+            double ang = pos[t] * rope_freq(r, i, rd);
+            float c = (float)(scale * cos(ang)), s = (float)(dir * scale * sin(ang));
+            int ia = r->interleave ? 2 * i : i, ib = r->interleave ? 2 * i + 1 : i + half;
             for (int h = 0; h < n_heads; h++) {
-                float *v = x + ((size_t)t * n_heads + h) * hd;
-                float a = v[i], b = v[i + half];
-                v[i] = a * c - b * s;
-                v[i + half] = b * c + a * s;
+                float *v = x + ((size_t)t * n_heads + h) * head_stride;
+                float a = v[ia], b = v[ib];
+                v[ia] = a * c - b * s;
+                v[ib] = b * c + a * s;
             }
         }
     }
 }
 
+void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float theta, int dir) {
+    moe_rope r = {.theta = theta, .attn_factor = 1};
+    moe_rope_rotate(x, T, n_heads, hd, hd, pos, &r, dir);
+}
+
 /* ------------------------------------------------------------- attention */
 
-/* Causal attention over B sequences of S tokens. q [B*S, H*hd], k and v [B*S, KV*hd]
- * (query head h reads kv head h / (H/KV)); probs [B, H, S, S] saved for backward;
- * out [B*S, H*hd]. */
+/* Causal attention over B sequences of S tokens. q [B*S, H*dk], k [B*S, KV*dk],
+ * v [B*S, KV*dv] (query head h reads kv head h / (H/KV)); scores q.k * scale; probs
+ * [B, H, S, S] saved for backward; out [B*S, H*dv]. */
 void moe_attention_forward(float *out, float *probs, const float *q, const float *k,
-                           const float *v, int B, int S, int H, int KV, int hd) {
-    int rep = H / KV, qs = H * hd, ks = KV * hd;
-    float scale = 1.0f / sqrtf((float)hd);
+                           const float *v, const moe_attn_dims *a) {
+    int B = a->B, S = a->S, H = a->H, dk = a->dk, dv = a->dv, rep = H / a->KV;
+    size_t qs = (size_t)H * dk, ks = (size_t)a->KV * dk, vs = (size_t)a->KV * dv,
+           os = (size_t)H * dv;
+    float scale = a->scale;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             int g = h / rep;
             float *P = probs + ((size_t)b * H + h) * S * S;
             for (int i = 0; i < S; i++) {
-                const float *qi = q + ((size_t)b * S + i) * qs + h * hd;
+                const float *qi = q + ((size_t)b * S + i) * qs + h * dk;
                 float *Pi = P + (size_t)i * S;
                 float mx = -INFINITY;
                 for (int j = 0; j <= i; j++) {
-                    const float *kj = k + ((size_t)b * S + j) * ks + g * hd;
+                    const float *kj = k + ((size_t)b * S + j) * ks + g * dk;
                     float s = 0;
-                    for (int c = 0; c < hd; c++) s += qi[c] * kj[c];
+                    for (int c = 0; c < dk; c++) s += qi[c] * kj[c];
                     Pi[j] = s * scale;
                     if (Pi[j] > mx) mx = Pi[j];
                 }
@@ -98,12 +126,12 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
                 float inv = 1.0f / sum;
                 for (int j = 0; j <= i; j++) Pi[j] *= inv;
                 for (int j = i + 1; j < S; j++) Pi[j] = 0;
-                float *oi = out + ((size_t)b * S + i) * qs + h * hd;
-                for (int c = 0; c < hd; c++) oi[c] = 0;
+                float *oi = out + ((size_t)b * S + i) * os + h * dv;
+                for (int c = 0; c < dv; c++) oi[c] = 0;
                 for (int j = 0; j <= i; j++) {
-                    const float *vj = v + ((size_t)b * S + j) * ks + g * hd;
+                    const float *vj = v + ((size_t)b * S + j) * vs + g * dv;
                     float p = Pi[j];
-                    for (int c = 0; c < hd; c++) oi[c] += p * vj[c];
+                    for (int c = 0; c < dv; c++) oi[c] += p * vj[c];
                 }
             }
         }
@@ -113,9 +141,10 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
  * group). Parallel over (sequence, kv head) so that no two threads write the same rows. */
 void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             const float *probs, const float *q, const float *k, const float *v,
-                            int B, int S, int H, int KV, int hd) {
-    int rep = H / KV, qs = H * hd, ks = KV * hd;
-    float scale = 1.0f / sqrtf((float)hd);
+                            const moe_attn_dims *a) {
+    int B = a->B, S = a->S, H = a->H, KV = a->KV, Dk = a->dk, Dv = a->dv, rep = H / KV;
+    size_t qs = (size_t)H * Dk, ks = (size_t)KV * Dk, vs = (size_t)KV * Dv, os = (size_t)H * Dv;
+    float scale = a->scale;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int g = 0; g < KV; g++)
@@ -123,27 +152,27 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                 const float *P = probs + ((size_t)b * H + h) * S * S;
                 for (int i = 0; i < S; i++) {
                     const float *Pi = P + (size_t)i * S;
-                    const float *doi = dout + ((size_t)b * S + i) * qs + h * hd;
-                    const float *qi = q + ((size_t)b * S + i) * qs + h * hd;
-                    float *dqi = dq + ((size_t)b * S + i) * qs + h * hd;
+                    const float *doi = dout + ((size_t)b * S + i) * os + h * Dv;
+                    const float *qi = q + ((size_t)b * S + i) * qs + h * Dk;
+                    float *dqi = dq + ((size_t)b * S + i) * qs + h * Dk;
                     /* dP_ij = do_i . v_j; dS_ij = P_ij (dP_ij - sum_j' P_ij' dP_ij') */
                     float dot = 0;
                     for (int j = 0; j <= i; j++) {
-                        const float *vj = v + ((size_t)b * S + j) * ks + g * hd;
+                        const float *vj = v + ((size_t)b * S + j) * vs + g * Dv;
                         float dp = 0;
-                        for (int c = 0; c < hd; c++) dp += doi[c] * vj[c];
+                        for (int c = 0; c < Dv; c++) dp += doi[c] * vj[c];
                         dot += Pi[j] * dp;
                     }
                     for (int j = 0; j <= i; j++) {
-                        const float *vj = v + ((size_t)b * S + j) * ks + g * hd;
-                        const float *kj = k + ((size_t)b * S + j) * ks + g * hd;
-                        float *dvj = dv + ((size_t)b * S + j) * ks + g * hd;
-                        float *dkj = dk + ((size_t)b * S + j) * ks + g * hd;
+                        const float *vj = v + ((size_t)b * S + j) * vs + g * Dv;
+                        const float *kj = k + ((size_t)b * S + j) * ks + g * Dk;
+                        float *dvj = dv + ((size_t)b * S + j) * vs + g * Dv;
+                        float *dkj = dk + ((size_t)b * S + j) * ks + g * Dk;
                         float dp = 0;
-                        for (int c = 0; c < hd; c++) dp += doi[c] * vj[c];
+                        for (int c = 0; c < Dv; c++) dp += doi[c] * vj[c];
                         float ds = Pi[j] * (dp - dot) * scale;
-                        for (int c = 0; c < hd; c++) {
-                            dvj[c] += Pi[j] * doi[c];
+                        for (int c = 0; c < Dv; c++) dvj[c] += Pi[j] * doi[c];
+                        for (int c = 0; c < Dk; c++) {
                             dqi[c] += ds * kj[c];
                             dkj[c] += ds * qi[c];
                         }
@@ -153,32 +182,34 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
 }
 
 /* Attention of n new tokens at positions P..P+n-1 of one sequence over a key/value cache
- * k, v [P+n, KV*hd] that already holds them: q [n, H*hd] -> out [n, H*hd]; scores [P+n]
- * scratch per thread is taken from `scratch` [n * H * (P+n)]. */
+ * k [P+n, KV*dk], v [P+n, KV*dv] that already holds them: q [n, H*dk] -> out [n, H*dv];
+ * scores [P+n] scratch per thread is taken from `scratch` [n * H * (P+n)]. a->B, a->S unused. */
 void moe_attention_cached(float *out, float *scratch, const float *q, const float *k,
-                          const float *v, int n, int P, int H, int KV, int hd) {
-    int rep = H / KV, qs = H * hd, ks = KV * hd, len = P + n;
-    float scale = 1.0f / sqrtf((float)hd);
+                          const float *v, int n, int P, const moe_attn_dims *a) {
+    int H = a->H, dk = a->dk, dv = a->dv, rep = H / a->KV, len = P + n;
+    size_t qs = (size_t)H * dk, ks = (size_t)a->KV * dk, vs = (size_t)a->KV * dv,
+           os = (size_t)H * dv;
+    float scale = a->scale;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int i = 0; i < n; i++)
         for (int h = 0; h < H; h++) {
             int g = h / rep, last = P + i;
-            const float *qi = q + (size_t)i * qs + h * hd;
+            const float *qi = q + (size_t)i * qs + h * dk;
             float *s = scratch + ((size_t)i * H + h) * len, mx = -INFINITY, sum = 0;
             for (int j = 0; j <= last; j++) {
-                const float *kj = k + (size_t)j * ks + g * hd;
+                const float *kj = k + (size_t)j * ks + g * dk;
                 float dot = 0;
-                for (int c = 0; c < hd; c++) dot += qi[c] * kj[c];
+                for (int c = 0; c < dk; c++) dot += qi[c] * kj[c];
                 s[j] = dot * scale;
                 mx = s[j] > mx ? s[j] : mx;
             }
             for (int j = 0; j <= last; j++) sum += s[j] = expf(s[j] - mx);
-            float *oi = out + (size_t)i * qs + h * hd;
-            for (int c = 0; c < hd; c++) oi[c] = 0;
+            float *oi = out + (size_t)i * os + h * dv;
+            for (int c = 0; c < dv; c++) oi[c] = 0;
             for (int j = 0; j <= last; j++) {
-                const float *vj = v + (size_t)j * ks + g * hd;
+                const float *vj = v + (size_t)j * vs + g * dv;
                 float p = s[j] / sum;
-                for (int c = 0; c < hd; c++) oi[c] += p * vj[c];
+                for (int c = 0; c < dv; c++) oi[c] += p * vj[c];
             }
         }
 }

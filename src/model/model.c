@@ -20,6 +20,10 @@ typedef struct {
     float *wo;        /* [d, H*hd] */
     float *bq, *bk, *bv; /* [H*hd], [KV*hd], [KV*hd] with qkv_bias, else NULL */
     float *qn, *kn;   /* qk_norm weights: [hd] per head, [H*hd] / [KV*hd] whole; else NULL */
+    /* multi-head latent attention (wq is q_proj without a query latent, wo [d, H*dv]) */
+    float *wqa, *qan, *wqb; /* q_a_proj [qr, d], q_a_layernorm [qr], q_b_proj [H*dk, qr] */
+    float *wkva, *kvan, *wkvb; /* kv_a_proj_with_mqa [kr+dr, d], kv_a_layernorm [kr],
+                                  kv_b_proj [H*(dn+dv), kr] */
     float *ffn_norm;  /* [d] */
     float *w_in;      /* dense: [gf, d] */
     float *w_out;     /* dense: [d, ffn] */
@@ -36,6 +40,8 @@ typedef struct {
     float *v;     /* [T, KV*hd] */
     float *qp, *kp; /* qk_norm: q and k before their norms */
     float *rq, *rk; /* qk_norm: their reciprocal RMS, per row of the norm */
+    float *qa, *rqa, *qan; /* MLA: query latent [T, qr], its reciprocal RMS [T], normed */
+    float *c, *rc, *cn;    /* MLA: key/value latent [T, kr], reciprocal RMS [T], normed */
     float *probs; /* [B, H, S, S] */
     float *att;   /* [T, H*hd] */
     float *xm;    /* [T, d] after the attention residual */
@@ -48,13 +54,16 @@ typedef struct {
 struct moe_model {
     moe_model_config cfg;
     int max_tokens, hd, gf;
+    int head_qk, head_v, kvh; /* head widths of q/k and of v; key/value heads (MLA: H) */
+    moe_rope rope;         /* RoPE of the rotated part (MLA: the last qk_rope_dim of a head) */
+    float att_scale;       /* attention scores q.k * this */
     size_t n_params;
     size_t act_bytes; /* the activation workspace */
     float *params, *grads;
     moe_tensor_info *tensors;
     int n_tensors, cap_tensors;
     size_t emb_off, final_norm_off, lm_off;
-    size_t *block_off; /* [L][9] offsets of the block_ptrs fields (SIZE_MAX = absent) */
+    size_t *block_off; /* [L][B_N] offsets of the block_ptrs fields (SIZE_MAX = absent) */
     moe_layer **moe;   /* [L] */
     block_saved *sv;   /* [L] */
     void *act_mem;
@@ -63,7 +72,9 @@ struct moe_model {
     double *row_loss; /* [T] */
     int32_t *tokens, *targets, *pos; /* [T] */
     int B, S, have_forward, has_targets;
-    float *kcache, *vcache; /* [L][seq_len, KV*hd] */
+    float *mla_a, *mla_b, *mla_c, *mla_d; /* MLA scratch: [T, kr+dr], [T, H*(dn+dv)],
+                                             2 x [T, max(kr, qr)] */
+    float *kcache, *vcache; /* [L][seq_len, kvh*dk], [L][seq_len, kvh*dv] */
     float *att_scratch;     /* [max(T, seq_len) * H * seq_len] scores for cached attention */
     int cache_len;
     moe_model_args args;
@@ -86,6 +97,9 @@ moe_model_config moe_model_config_default(void) {
     c.tie_embeddings = 0;
     c.moe_layer_freq = 1;
     c.first_k_dense = 0;
+    c.rope_factor = 1;
+    c.rope_beta_fast = 32;
+    c.rope_beta_slow = 1;
     c.moe = moe_layer_config_default();
     c.moe.ffn = 128;
     return c;
@@ -109,6 +123,11 @@ int moe_model_head_dim(const moe_model_config *c) {
     return c->head_dim > 0 ? c->head_dim : c->n_heads > 0 ? c->d / c->n_heads : 0;
 }
 
+void moe_model_head_dims(const moe_model_config *c, int *dk, int *dv) {
+    *dk = c->kv_lora_rank ? c->qk_nope_dim + c->qk_rope_dim : moe_model_head_dim(c);
+    *dv = c->kv_lora_rank ? c->v_head_dim : moe_model_head_dim(c);
+}
+
 moe_status moe_model_config_validate(const moe_model_config *c) {
     MOE_CHECK(c->vocab >= 2, "vocab size must be >= 2 (got %d)", c->vocab);
     MOE_CHECK(c->d >= 1, "hidden-size must be >= 1 (got %d)", c->d);
@@ -119,8 +138,26 @@ moe_status moe_model_config_validate(const moe_model_config *c) {
           c->n_heads, c->d);
     MOE_CHECK(c->head_dim >= 0 && c->head_dim <= 1 << 16, "kv-channels must be in [0, 65536] "
               "(got %d)", c->head_dim);
-    MOE_CHECK(moe_model_head_dim(c) % 2 == 0, "the head size (%d) must be even for rotary "
-          "embeddings", moe_model_head_dim(c));
+    int mla = c->kv_lora_rank > 0;
+    MOE_CHECK(mla || moe_model_head_dim(c) % 2 == 0, "the head size (%d) must be even for "
+              "rotary embeddings", moe_model_head_dim(c));
+    MOE_CHECK(c->kv_lora_rank >= 0 && c->q_lora_rank >= 0 && (mla || !c->q_lora_rank),
+              "q-lora-rank needs kv-lora-rank (multi-head latent attention)");
+    MOE_CHECK(!mla || (c->qk_rope_dim >= 2 && c->qk_rope_dim % 2 == 0 && c->qk_nope_dim >= 0 &&
+                       c->v_head_dim >= 1),
+              "multi-head latent attention needs an even qk-pos-emb-head-dim >= 2 (got %d), "
+              "qk-head-dim >= 0 (%d) and v-head-dim >= 1 (%d)", c->qk_rope_dim, c->qk_nope_dim,
+              c->v_head_dim);
+    MOE_CHECK(!mla || (!c->qkv_bias && !c->qk_norm), "multi-head latent attention has no "
+              "q/k/v biases or q/k norms");
+    MOE_CHECK(isfinite(c->rope_factor) && c->rope_factor >= 1 &&
+                  (c->rope_factor == 1 || c->rope_orig_max_pos >= 1),
+              "rotary-scaling-factor must be >= 1, and > 1 needs "
+              "original-max-position-embeddings (got %g, %d)", c->rope_factor,
+              c->rope_orig_max_pos);
+    MOE_CHECK(c->rope_beta_fast > 0 && c->rope_beta_slow > 0 && c->rope_mscale >= 0 &&
+                  c->rope_mscale_all_dim >= 0,
+              "beta-fast, beta-slow must be > 0 and mscale, mscale-all-dim >= 0");
     MOE_CHECK(c->n_kv_heads >= 1 && c->n_heads % c->n_kv_heads == 0,
           "num-query-groups (%d) must divide num-attention-heads (%d)", c->n_kv_heads, c->n_heads);
     MOE_CHECK(c->ffn >= 1, "ffn-hidden-size must be >= 1 (got %d)", c->ffn);
@@ -256,17 +293,36 @@ static moe_status add_moe_tensors(moe_model *m, int l, const moe_layer_config *l
 }
 
 enum { B_ATTN_NORM, B_WQ, B_WK, B_WV, B_BQ, B_BK, B_BV, B_QN, B_KN, B_WO, B_FFN_NORM, B_W_IN,
-       B_W_OUT, B_MOE, B_N };
+       B_W_OUT, B_MOE, B_WQA, B_QAN, B_WQB, B_WKVA, B_KVAN, B_WKVB, B_N };
 
 static moe_status build_tensors(moe_model *m) {
     const moe_model_config *c = &m->cfg;
+    int dk, dv;
+    moe_model_head_dims(c, &dk, &dv);
     int64_t d = c->d, V = c->vocab, hq = (int64_t)c->n_heads * m->hd,
-            hkv = (int64_t)c->n_kv_heads * m->hd;
+            hkv = (int64_t)c->n_kv_heads * m->hd, H = c->n_heads, qr = c->q_lora_rank,
+            kr = c->kv_lora_rank;
     ADD(0, &m->emb_off, 2, SHAPE(V, d), "model.embed_tokens.weight");
     for (int l = 0; l < c->n_layers; l++) {
         size_t *o = m->block_off + (size_t)l * B_N;
         for (int i = 0; i < B_N; i++) o[i] = SIZE_MAX;
         ADD(1, &o[B_ATTN_NORM], 1, SHAPE(d), "model.layers.%d.input_layernorm.weight", l);
+        if (kr) { /* multi-head latent attention, DeepSeek's names */
+            if (qr) {
+                ADD(0, &o[B_WQA], 2, SHAPE(qr, d), "model.layers.%d.self_attn.q_a_proj.weight", l);
+                ADD(1, &o[B_QAN], 1, SHAPE(qr), "model.layers.%d.self_attn.q_a_layernorm.weight", l);
+                ADD(0, &o[B_WQB], 2, SHAPE(H * dk, qr), "model.layers.%d.self_attn.q_b_proj.weight", l);
+            } else {
+                ADD(0, &o[B_WQ], 2, SHAPE(H * dk, d), "model.layers.%d.self_attn.q_proj.weight", l);
+            }
+            ADD(0, &o[B_WKVA], 2, SHAPE(kr + c->qk_rope_dim, d),
+                "model.layers.%d.self_attn.kv_a_proj_with_mqa.weight", l);
+            ADD(1, &o[B_KVAN], 1, SHAPE(kr), "model.layers.%d.self_attn.kv_a_layernorm.weight", l);
+            ADD(0, &o[B_WKVB], 2, SHAPE(H * (c->qk_nope_dim + dv), kr),
+                "model.layers.%d.self_attn.kv_b_proj.weight", l);
+            ADD(0, &o[B_WO], 2, SHAPE(d, H * dv), "model.layers.%d.self_attn.o_proj.weight", l);
+            goto ffn;
+        }
         ADD(0, &o[B_WQ], 2, SHAPE(hq, d), "model.layers.%d.self_attn.q_proj.weight", l);
         ADD(0, &o[B_WK], 2, SHAPE(hkv, d), "model.layers.%d.self_attn.k_proj.weight", l);
         ADD(0, &o[B_WV], 2, SHAPE(hkv, d), "model.layers.%d.self_attn.v_proj.weight", l);
@@ -281,6 +337,7 @@ static moe_status build_tensors(moe_model *m) {
             ADD(1, &o[B_KN], 1, SHAPE(whole ? hkv : m->hd), "model.layers.%d.self_attn.k_norm.weight", l);
         }
         ADD(0, &o[B_WO], 2, SHAPE(d, hq), "model.layers.%d.self_attn.o_proj.weight", l);
+    ffn:
         ADD(1, &o[B_FFN_NORM], 1, SHAPE(d), "model.layers.%d.post_attention_layernorm.weight", l);
         if (moe_model_layer_experts(c, l)) {
             moe_layer_config lc = layer_config(c, l);
@@ -306,8 +363,9 @@ static block_ptrs block(const moe_model *m, float *base, int l) {
     for (int i = 0; i < B_N; i++) p[i] = o[i] == SIZE_MAX ? NULL : base + o[i];
     block_ptrs b = {p[B_ATTN_NORM], p[B_WQ],     p[B_WK],    p[B_WV],
                     p[B_WO],        p[B_BQ],     p[B_BK],    p[B_BV],
-                    p[B_QN],        p[B_KN],     p[B_FFN_NORM],  p[B_W_IN],
-                    p[B_W_OUT],     p[B_MOE]};
+                    p[B_QN],        p[B_KN],     p[B_WQA],   p[B_QAN],
+                    p[B_WQB],       p[B_WKVA],   p[B_KVAN],  p[B_WKVB],
+                    p[B_FFN_NORM],  p[B_W_IN],   p[B_W_OUT], p[B_MOE]};
     return b;
 }
 
@@ -315,8 +373,11 @@ static block_ptrs block(const moe_model *m, float *base, int l) {
 
 static void plan_activations(moe_model *m, moe_arena *a) {
     const moe_model_config *c = &m->cfg;
-    size_t T = (size_t)m->max_tokens, d = (size_t)c->d, hq = (size_t)c->n_heads * m->hd,
-           hkv = (size_t)c->n_kv_heads * m->hd, S = (size_t)c->seq_len, V = (size_t)c->vocab;
+    size_t T = (size_t)m->max_tokens, d = (size_t)c->d, H = (size_t)c->n_heads,
+           hq = H * (size_t)m->head_qk, hkv = (size_t)m->kvh * m->head_qk,
+           hv = (size_t)m->kvh * m->head_v, ho = H * (size_t)m->head_v, S = (size_t)c->seq_len, V = (size_t)c->vocab;
+    size_t mla = c->kv_lora_rank > 0, qr = (size_t)c->q_lora_rank, kr = (size_t)c->kv_lora_rank,
+           lat = kr > qr ? kr : qr;
     /* probs hold B*S*S per head for any (B, S) with B*S <= T and S <= seq_len: at most
      * T*S floats per head. */
     size_t probs = (size_t)c->n_heads * T * S;
@@ -327,14 +388,20 @@ static void plan_activations(moe_model *m, moe_arena *a) {
         s->rstd1 = moe_arena_take(a, T, sizeof(float));
         s->q = moe_arena_take(a, T * hq, sizeof(float));
         s->k = moe_arena_take(a, T * hkv, sizeof(float));
-        s->v = moe_arena_take(a, T * hkv, sizeof(float));
+        s->v = moe_arena_take(a, T * hv, sizeof(float));
+        s->qa = moe_arena_take(a, T * qr, sizeof(float));
+        s->rqa = moe_arena_take(a, qr ? T : 0, sizeof(float));
+        s->qan = moe_arena_take(a, T * qr, sizeof(float));
+        s->c = moe_arena_take(a, T * kr, sizeof(float));
+        s->rc = moe_arena_take(a, kr ? T : 0, sizeof(float));
+        s->cn = moe_arena_take(a, T * kr, sizeof(float));
         size_t qkn = c->qk_norm != 0, hrows = c->qk_norm == MOE_QK_NORM_WHOLE ? 1 : (size_t)c->n_heads;
         s->qp = moe_arena_take(a, qkn * T * hq, sizeof(float));
         s->kp = moe_arena_take(a, qkn * T * hkv, sizeof(float));
         s->rq = moe_arena_take(a, qkn * T * hrows, sizeof(float));
         s->rk = moe_arena_take(a, qkn * T * hrows, sizeof(float));
         s->probs = moe_arena_take(a, probs, sizeof(float));
-        s->att = moe_arena_take(a, T * hq, sizeof(float));
+        s->att = moe_arena_take(a, T * ho, sizeof(float));
         s->xm = moe_arena_take(a, T * d, sizeof(float));
         s->n2 = moe_arena_take(a, T * d, sizeof(float));
         s->rstd2 = moe_arena_take(a, T, sizeof(float));
@@ -352,8 +419,13 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     m->dn = moe_arena_take(a, T * d, sizeof(float));
     m->dq = moe_arena_take(a, T * hq, sizeof(float));
     m->dk = moe_arena_take(a, T * hkv, sizeof(float));
-    m->dv = moe_arena_take(a, T * hkv, sizeof(float));
-    m->datt = moe_arena_take(a, T * hq, sizeof(float));
+    m->dv = moe_arena_take(a, T * hv, sizeof(float));
+    m->datt = moe_arena_take(a, T * (ho > hq ? ho : hq), sizeof(float)); /* also norm scratch */
+    m->mla_a = moe_arena_take(a, mla * T * (kr + (size_t)c->qk_rope_dim), sizeof(float));
+    m->mla_b = moe_arena_take(a, mla * T * H * (size_t)(c->qk_nope_dim + c->v_head_dim),
+                              sizeof(float));
+    m->mla_c = moe_arena_take(a, T * lat, sizeof(float));
+    m->mla_d = moe_arena_take(a, T * lat, sizeof(float));
     m->dh = moe_arena_take(a, T * (size_t)m->gf, sizeof(float));
     m->da = moe_arena_take(a, T * (size_t)c->ffn, sizeof(float));
     m->tmp = moe_arena_take(a, T * (V > d ? V : d), sizeof(float)); /* FFN out, dlogits */
@@ -362,7 +434,7 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     m->targets = moe_arena_take(a, T, sizeof(int32_t));
     m->pos = moe_arena_take(a, T, sizeof(int32_t));
     m->kcache = moe_arena_take(a, (size_t)c->n_layers * S * hkv, sizeof(float));
-    m->vcache = moe_arena_take(a, (size_t)c->n_layers * S * hkv, sizeof(float));
+    m->vcache = moe_arena_take(a, (size_t)c->n_layers * S * hv, sizeof(float));
     m->att_scratch = moe_arena_take(a, (T > S ? T : S) * (size_t)c->n_heads * S, sizeof(float));
 }
 
@@ -385,6 +457,30 @@ static moe_status check_memory(const moe_model *m, const moe_model_config *cfg, 
     return moe_check_memory("the model", need, parts);
 }
 
+/* YaRN's magnitude correction 0.1 m ln(factor) + 1 (1 without extension). */
+static double yarn_mscale(double factor, double mscale) {
+    return factor <= 1 ? 1 : 0.1 * mscale * log(factor) + 1;
+}
+
+/* Head widths, RoPE and the score scale from the configuration: rotary over the whole head,
+ * or MLA's rotary part; YaRN scales cos and sin by mscale(f, mscale) / mscale(f,
+ * mscale_all_dim) (or mscale(f, 1) without both) and, with mscale_all_dim, the scores by
+ * mscale(f, mscale_all_dim)^2 (DeepSeek's attention). */
+static void attention_setup(moe_model *m) {
+    const moe_model_config *c = &m->cfg;
+    m->hd = moe_model_head_dim(c);
+    moe_model_head_dims(c, &m->head_qk, &m->head_v);
+    m->kvh = c->kv_lora_rank ? c->n_heads : c->n_kv_heads;
+    double f = c->rope_factor, ms = c->rope_mscale, all = c->rope_mscale_all_dim;
+    m->rope = (moe_rope){.theta = c->rope_theta, .interleave = c->rope_interleave,
+                         .factor = c->rope_factor, .orig_max_pos = c->rope_orig_max_pos,
+                         .beta_fast = c->rope_beta_fast, .beta_slow = c->rope_beta_slow};
+    m->rope.attn_factor = (float)(ms > 0 && all > 0 ? yarn_mscale(f, ms) / yarn_mscale(f, all)
+                                                    : yarn_mscale(f, 1));
+    double mscale = all > 0 ? yarn_mscale(f, all) : 1;
+    m->att_scale = (float)(mscale * mscale / sqrt((double)m->head_qk));
+}
+
 moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_model **out) {
     *out = NULL;
     MOE_TRY(moe_model_config_validate(cfg));
@@ -394,7 +490,7 @@ moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_mod
     if (!m) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the model");
     m->cfg = *cfg;
     m->max_tokens = max_tokens;
-    m->hd = moe_model_head_dim(cfg);
+    attention_setup(m);
     m->gf = moe_act_gated(cfg->moe.act) ? 2 * cfg->ffn : cfg->ffn;
     int L = cfg->n_layers;
     moe_status st = MOE_ERR_NOMEM;
@@ -465,7 +561,7 @@ moe_status moe_model_full_tensors(const moe_model_config *cfg, moe_tensor_info *
     m.cfg = *cfg;
     m.cfg.moe.ep_size = 1;
     m.cfg.moe.ep_rank = 0;
-    m.hd = moe_model_head_dim(cfg);
+    attention_setup(&m);
     m.block_off = calloc((size_t)cfg->n_layers * B_N, sizeof *m.block_off);
     if (!m.block_off) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the tensor table");
     moe_status st = build_tensors(&m);
@@ -559,6 +655,111 @@ static void project_qkv(const moe_model *m, const block_ptrs *p, const float *n1
             for (int i = 0; i < n[j]; i++) out[j][(size_t)t * n[j] + i] += b[j][i];
 }
 
+/* MLA: q [T, H*dk], k [T, H*dk] and v [T, H*dv] (before RoPE) from s->n1; what backward
+ * needs saved in s. Keys: per head [k_nope of the kv_b projection, the rope part shared by
+ * the heads]; values: the rest of kv_b. */
+static void mla_project(moe_model *m, const block_ptrs *p, block_saved *s, int T, float *q,
+                        float *k, float *v) {
+    const moe_model_config *c = &m->cfg;
+    int d = c->d, H = c->n_heads, qr = c->q_lora_rank, kr = c->kv_lora_rank,
+        dn = c->qk_nope_dim, dr = c->qk_rope_dim, dv = c->v_head_dim, dk = dn + dr,
+        ka = kr + dr, kb = dn + dv;
+    if (qr) {
+        moe_gemm(0, 1, T, qr, d, 1, s->n1, d, p->wqa, d, 0, s->qa, qr);
+        moe_rmsnorm_forward(s->qan, s->rqa, s->qa, p->qan, T, qr, c->norm_eps);
+        moe_gemm(0, 1, T, H * dk, qr, 1, s->qan, qr, p->wqb, qr, 0, q, H * dk);
+    } else {
+        moe_gemm(0, 1, T, H * dk, d, 1, s->n1, d, p->wq, d, 0, q, H * dk);
+    }
+    float *kva = m->mla_a, *kvb = m->mla_b;
+    moe_gemm(0, 1, T, ka, d, 1, s->n1, d, p->wkva, d, 0, kva, ka);
+    for (int t = 0; t < T; t++)
+        memcpy(s->c + (size_t)t * kr, kva + (size_t)t * ka, sizeof(float) * (size_t)kr);
+    moe_rmsnorm_forward(s->cn, s->rc, s->c, p->kvan, T, kr, c->norm_eps);
+    moe_gemm(0, 1, T, H * kb, kr, 1, s->cn, kr, p->wkvb, kr, 0, kvb, H * kb);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < H; h++) {
+            const float *b = kvb + ((size_t)t * H + h) * kb;
+            float *kt = k + ((size_t)t * H + h) * dk;
+            memcpy(kt, b, sizeof(float) * (size_t)dn);
+            memcpy(kt + dn, kva + (size_t)t * ka + kr, sizeof(float) * (size_t)dr);
+            memcpy(v + ((size_t)t * H + h) * dv, b + dn, sizeof(float) * (size_t)dv);
+        }
+}
+
+/* RoPE of q [T, H*dk] and k [T, kvh*dk] at m->pos: the whole head, or MLA's last
+ * qk_rope_dim values of each head; dir -1: backward. */
+static void rope_qk(const moe_model *m, float *q, float *k, int T, int dir) {
+    const moe_model_config *c = &m->cfg;
+    int dk = m->head_qk, rd = c->kv_lora_rank ? c->qk_rope_dim : dk;
+    moe_rope_rotate(q + dk - rd, T, c->n_heads, dk, rd, m->pos, &m->rope, dir);
+    moe_rope_rotate(k + dk - rd, T, m->kvh, dk, rd, m->pos, &m->rope, dir);
+}
+
+/* The attention inputs of one block from s->n1: q, k, v after RoPE (saving in s what
+ * backward needs). */
+static void attn_inputs(moe_model *m, const block_ptrs *p, block_saved *s, int T, float *q,
+                        float *k, float *v) {
+    if (m->cfg.kv_lora_rank) {
+        mla_project(m, p, s, T, q, k, v);
+    } else if (p->qn) {
+        project_qkv(m, p, s->n1, T, s->qp, s->kp, v);
+        qk_norm_forward(m, p, T, q, s->qp, s->rq, k, s->kp, s->rk);
+    } else {
+        project_qkv(m, p, s->n1, T, q, k, v);
+    }
+    rope_qk(m, q, k, T, 1);
+}
+
+static moe_attn_dims attn_dims(const moe_model *m, int B, int S) {
+    moe_attn_dims a = {B, S, m->cfg.n_heads, m->kvh, m->head_qk, m->head_v, m->att_scale};
+    return a;
+}
+
+/* MLA backward from m->dq, m->dk, m->dv (the gradients of q, k before RoPE, and of v): the
+ * weight gradients into g, m->dn = the gradient of s->n1. */
+static void mla_backward(moe_model *m, const block_ptrs *p, const block_ptrs *g,
+                         const block_saved *s, int T) {
+    const moe_model_config *c = &m->cfg;
+    int d = c->d, H = c->n_heads, qr = c->q_lora_rank, kr = c->kv_lora_rank,
+        dn = c->qk_nope_dim, dr = c->qk_rope_dim, dv = c->v_head_dim, dk = dn + dr,
+        ka = kr + dr, kb = dn + dv;
+    float *dkva = m->mla_a, *dkvb = m->mla_b;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        for (int h = 0; h < H; h++) {
+            float *b = dkvb + ((size_t)t * H + h) * kb;
+            memcpy(b, m->dk + ((size_t)t * H + h) * dk, sizeof(float) * (size_t)dn);
+            memcpy(b + dn, m->dv + ((size_t)t * H + h) * dv, sizeof(float) * (size_t)dv);
+        }
+        for (int r = 0; r < dr; r++) { /* the shared rope part: summed over the heads */
+            float acc = 0;
+            for (int h = 0; h < H; h++) acc += m->dk[((size_t)t * H + h) * dk + dn + r];
+            dkva[(size_t)t * ka + kr + r] = acc;
+        }
+    }
+    moe_gemm(1, 0, H * kb, kr, T, 1, dkvb, H * kb, s->cn, kr, 1, g->wkvb, kr);
+    moe_gemm(0, 0, T, kr, H * kb, 1, dkvb, H * kb, p->wkvb, kr, 0, m->mla_c, kr);
+    memset(m->mla_d, 0, sizeof(float) * (size_t)T * kr);
+    moe_rmsnorm_backward(m->mla_d, g->kvan, m->mla_c, s->c, p->kvan, s->rc, T, kr);
+    for (int t = 0; t < T; t++)
+        memcpy(dkva + (size_t)t * ka, m->mla_d + (size_t)t * kr, sizeof(float) * (size_t)kr);
+    moe_gemm(1, 0, ka, d, T, 1, dkva, ka, s->n1, d, 1, g->wkva, d);
+    moe_gemm(0, 0, T, d, ka, 1, dkva, ka, p->wkva, d, 0, m->dn, d);
+    if (qr) {
+        moe_gemm(1, 0, H * dk, qr, T, 1, m->dq, H * dk, s->qan, qr, 1, g->wqb, qr);
+        moe_gemm(0, 0, T, qr, H * dk, 1, m->dq, H * dk, p->wqb, qr, 0, m->mla_c, qr);
+        memset(m->mla_d, 0, sizeof(float) * (size_t)T * qr);
+        moe_rmsnorm_backward(m->mla_d, g->qan, m->mla_c, s->qa, p->qan, s->rqa, T, qr);
+        moe_gemm(1, 0, qr, d, T, 1, m->mla_d, qr, s->n1, d, 1, g->wqa, d);
+        moe_gemm(0, 0, T, d, qr, 1, m->mla_d, qr, p->wqa, d, 1, m->dn, d);
+    } else {
+        moe_gemm(1, 0, H * dk, d, T, 1, m->dq, H * dk, s->n1, d, 1, g->wq, d);
+        moe_gemm(0, 0, T, d, H * dk, 1, m->dq, H * dk, p->wq, d, 1, m->dn, d);
+    }
+}
+
 /* g [n] += the column sums of dy [T, n] (a bias gradient), summed in double. */
 static void add_col_sums(float *g, const float *dy, int T, int n) {
 #pragma omp parallel for schedule(static)
@@ -577,8 +778,8 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
         return moe_set_error(MOE_ERR_INVALID,
                              "model forward: batch %d x %d tokens does not fit (sequence length "
                              "<= %d, tokens <= %d)", B, S, c->seq_len, m->max_tokens);
-    int T = B * S, d = c->d, V = c->vocab, H = c->n_heads, KV = c->n_kv_heads, hd = m->hd;
-    int hq = H * hd;
+    int T = B * S, d = c->d, V = c->vocab, ho = c->n_heads * m->head_v;
+    moe_attn_dims ad = attn_dims(m, B, S);
     for (int t = 0; t < T; t++) {
         if (tokens[t] < 0 || tokens[t] >= V)
             return moe_set_error(MOE_ERR_INVALID, "token %d at position %d is outside the "
@@ -603,17 +804,10 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
         block_ptrs p = block(m, m->params, l);
         float *xnext = l + 1 < c->n_layers ? m->sv[l + 1].x : m->xf;
         moe_rmsnorm_forward(s->n1, s->rstd1, s->x, p.attn_norm, T, d, c->norm_eps);
-        if (p.qn) {
-            project_qkv(m, &p, s->n1, T, s->qp, s->kp, s->v);
-            qk_norm_forward(m, &p, T, s->q, s->qp, s->rq, s->k, s->kp, s->rk);
-        } else {
-            project_qkv(m, &p, s->n1, T, s->q, s->k, s->v);
-        }
-        moe_rope_apply(s->q, T, H, hd, m->pos, c->rope_theta, 1);
-        moe_rope_apply(s->k, T, KV, hd, m->pos, c->rope_theta, 1);
-        moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, B, S, H, KV, hd);
+        attn_inputs(m, &p, s, T, s->q, s->k, s->v);
+        moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, &ad);
         memcpy(s->xm, s->x, sizeof(float) * (size_t)T * d);
-        moe_gemm(0, 1, T, d, hq, 1, s->att, hq, p.wo, hq, 1, s->xm, d);
+        moe_gemm(0, 1, T, d, ho, 1, s->att, ho, p.wo, ho, 1, s->xm, d);
         moe_rmsnorm_forward(s->n2, s->rstd2, s->xm, p.ffn_norm, T, d, c->norm_eps);
         if (m->moe[l]) {
             moe_forward_args fa = moe_forward_args_default();
@@ -654,7 +848,9 @@ moe_status moe_model_backward(moe_model *m) {
         return moe_set_error(MOE_ERR_STATE, "moe_model_backward called without a forward");
     const moe_model_config *c = &m->cfg;
     int B = m->B, S = m->S, T = B * S, d = c->d, V = c->vocab, H = c->n_heads,
-        KV = c->n_kv_heads, hd = m->hd, hq = H * hd, hkv = KV * hd;
+        hq = H * m->head_qk, hkv = m->kvh * m->head_qk, hv = m->kvh * m->head_v,
+        ho = H * m->head_v;
+    moe_attn_dims ad = attn_dims(m, B, S);
     m->have_forward = 0;
     float *dlogits = m->tmp;
     int n = 0;
@@ -684,15 +880,17 @@ moe_status moe_model_backward(moe_model *m) {
         memcpy(m->dxm, dx, sizeof(float) * (size_t)T * d);
         moe_rmsnorm_backward(m->dxm, g.ffn_norm, m->dn, s->xm, p.ffn_norm, s->rstd2, T, d);
         /* attention: xm = x + att Woᵀ */
-        moe_gemm(1, 0, d, hq, T, 1, m->dxm, d, s->att, hq, 1, g.wo, hq);
-        moe_gemm(0, 0, T, hq, d, 1, m->dxm, d, p.wo, hq, 0, m->datt, hq);
+        moe_gemm(1, 0, d, ho, T, 1, m->dxm, d, s->att, ho, 1, g.wo, ho);
+        moe_gemm(0, 0, T, ho, d, 1, m->dxm, d, p.wo, ho, 0, m->datt, ho);
         memset(m->dq, 0, sizeof(float) * (size_t)T * hq);
         memset(m->dk, 0, sizeof(float) * (size_t)T * hkv);
-        memset(m->dv, 0, sizeof(float) * (size_t)T * hkv);
-        moe_attention_backward(m->dq, m->dk, m->dv, m->datt, s->probs, s->q, s->k, s->v, B, S, H,
-                               KV, hd);
-        moe_rope_apply(m->dq, T, H, hd, m->pos, c->rope_theta, -1);
-        moe_rope_apply(m->dk, T, KV, hd, m->pos, c->rope_theta, -1);
+        memset(m->dv, 0, sizeof(float) * (size_t)T * hv);
+        moe_attention_backward(m->dq, m->dk, m->dv, m->datt, s->probs, s->q, s->k, s->v, &ad);
+        rope_qk(m, m->dq, m->dk, T, -1);
+        if (c->kv_lora_rank) {
+            mla_backward(m, &p, &g, s, T);
+            goto attn_norm;
+        }
         if (p.qn) { /* through the q and k norms: dq, dk become gradients of qp, kp */
             int rq_n, rk_n, wq, wk;
             qk_norm_rows(m, T, &rq_n, &rk_n, &wq, &wk);
@@ -710,6 +908,7 @@ moe_status moe_model_backward(moe_model *m) {
         moe_gemm(0, 0, T, d, hq, 1, m->dq, hq, p.wq, d, 0, m->dn, d);
         moe_gemm(0, 0, T, d, hkv, 1, m->dk, hkv, p.wk, d, 1, m->dn, d);
         moe_gemm(0, 0, T, d, hkv, 1, m->dv, hkv, p.wv, d, 1, m->dn, d);
+    attn_norm:
         memcpy(dx, m->dxm, sizeof(float) * (size_t)T * d);
         moe_rmsnorm_backward(dx, g.attn_norm, m->dn, s->x, p.attn_norm, s->rstd1, T, d);
         if (ready) ready(m->args.grads_ctx, m->block_off[(size_t)l * B_N + B_ATTN_NORM]);
@@ -731,8 +930,8 @@ int moe_model_cache_len(const moe_model *m) { return m->cache_len; }
 
 moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
     const moe_model_config *c = &m->cfg;
-    int d = c->d, V = c->vocab, H = c->n_heads, KV = c->n_kv_heads, hd = m->hd;
-    int hq = H * hd, hkv = KV * hd, P = m->cache_len;
+    int d = c->d, V = c->vocab, ho = c->n_heads * m->head_v, kw = m->kvh * m->head_qk,
+        vw = m->kvh * m->head_v, P = m->cache_len;
     m->have_forward = 0;
     if (!tokens || n < 1 || n > m->max_tokens || P + n > c->seq_len)
         return moe_set_error(MOE_ERR_INVALID, "decode: %d new tokens after %d cached do not fit "
@@ -750,18 +949,12 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
     for (int t = 0; t < n; t++) memcpy(x + (size_t)t * d, emb + (size_t)tokens[t] * d, sizeof(float) * d);
     for (int l = 0; l < c->n_layers; l++) {
         block_ptrs p = block(m, m->params, l);
-        float *kc = m->kcache + (size_t)l * c->seq_len * hkv, *vc = m->vcache + (size_t)l * c->seq_len * hkv;
+        float *kc = m->kcache + (size_t)l * c->seq_len * kw, *vc = m->vcache + (size_t)l * c->seq_len * vw;
         moe_rmsnorm_forward(s->n1, s->rstd1, x, p.attn_norm, n, d, c->norm_eps);
-        if (p.qn) {
-            project_qkv(m, &p, s->n1, n, s->qp, s->kp, vc + (size_t)P * hkv);
-            qk_norm_forward(m, &p, n, s->q, s->qp, s->rq, kc + (size_t)P * hkv, s->kp, s->rk);
-        } else {
-            project_qkv(m, &p, s->n1, n, s->q, kc + (size_t)P * hkv, vc + (size_t)P * hkv);
-        }
-        moe_rope_apply(s->q, n, H, hd, m->pos, c->rope_theta, 1);
-        moe_rope_apply(kc + (size_t)P * hkv, n, KV, hd, m->pos, c->rope_theta, 1);
-        moe_attention_cached(s->att, m->att_scratch, s->q, kc, vc, n, P, H, KV, hd);
-        moe_gemm(0, 1, n, d, hq, 1, s->att, hq, p.wo, hq, 1, x, d);
+        attn_inputs(m, &p, s, n, s->q, kc + (size_t)P * kw, vc + (size_t)P * vw);
+        moe_attn_dims ad = attn_dims(m, 1, n);
+        moe_attention_cached(s->att, m->att_scratch, s->q, kc, vc, n, P, &ad);
+        moe_gemm(0, 1, n, d, ho, 1, s->att, ho, p.wo, ho, 1, x, d);
         moe_rmsnorm_forward(s->n2, s->rstd2, x, p.ffn_norm, n, d, c->norm_eps);
         if (m->moe[l]) {
             moe_forward_args fa = moe_forward_args_default();
