@@ -119,6 +119,8 @@ typedef struct {
     float route_scale;      /* multiplies the routing weights (Megatron topk_scaling_factor) */
     int n_groups;           /* group-limited routing: number of expert groups (1 = off) */
     int group_topk;         /* groups kept per token */
+    int group_score_topk;   /* a group's score: the sum of its best this many keys (0 =
+                               topk / group_topk, Megatron; DeepSeek-V3 2, V2 1 = maximum) */
     int enable_expert_bias; /* selection-only bias, aux-loss-free balancing */
     float bias_update_rate; /* b_e += rate * sign(mean(c) - c_e) per optimizer step */
     int router_fp64;        /* router logits GEMM in float64 */

@@ -84,6 +84,29 @@ static void test_group_limited_deepseek(void **state) {
     moe_layer_destroy(L);
 }
 
+/* The same scores with a group's score its maximum (group_score_topk 1, DeepSeek-V2's
+ * group_limited_greedy): group scores 0.95, 0.6, 0.55, 0.9, so groups 0 and 3 win; the four
+ * keys 0.95 (e0), 0.9 (e6), 0.05 (e1), 0.02 (e7), renormalised over 1.92 and scaled by 2.5. */
+static void test_group_score_max(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(8, 4);
+    c.score = MOE_SCORE_SIGMOID;
+    c.n_groups = 4;
+    c.group_topk = 2;
+    c.group_score_topk = 1;
+    c.route_scale = 2.5f;
+    moe_layer *L = make_layer(&c, 1);
+    const double s[8] = {0.95, 0.05, 0.6, 0.6, 0.55, 0.55, 0.9, 0.02};
+    float z[8];
+    for (int e = 0; e < 8; e++) z[e] = logit(s[e]);
+    moe_forward_args a = moe_forward_args_default();
+    a.training = 0;
+    const int ex[4] = {0, 6, 1, 7};
+    const double w[4] = {2.5 * 0.95 / 1.92, 2.5 * 0.9 / 1.92, 2.5 * 0.05 / 1.92, 2.5 * 0.02 / 1.92};
+    expect_slots(route(L, z, 1, &a), ex, w, 4);
+    moe_layer_destroy(L);
+}
+
 /* z = (2, 1, 0, -1), k = 2. After top-k: softmax(2, 1) = (e/(e+1), 1/(e+1)). Before top-k:
  * softmax over all four, weights e^2/S and e/S with S = e^2 + e + 1 + 1/e. */
 static void test_pre_post_softmax(void **state) {
@@ -427,7 +450,8 @@ static void test_mask(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_group_limited_deepseek), cmocka_unit_test(test_pre_post_softmax),
+        cmocka_unit_test(test_group_limited_deepseek),
+        cmocka_unit_test(test_group_score_max), cmocka_unit_test(test_pre_post_softmax),
         cmocka_unit_test(test_ties_lower_index),       cmocka_unit_test(test_sinkhorn),
         cmocka_unit_test(test_capacity_positions),     cmocka_unit_test(test_capacity_arithmetic),
         cmocka_unit_test(test_fake_round_robin),       cmocka_unit_test(test_bias_update_sign),

@@ -34,6 +34,8 @@ CASE(softmax_norm_on, { c->pre_softmax = 1; c->norm_topk = MOE_NORM_ON; c->topk 
 CASE(groups_deepseek, { c->n_experts = 8; c->n_groups = 4; c->group_topk = 2; c->topk = 3;
       c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; c->route_scale = 2.5f; })
 CASE(groups_softmax, { c->n_experts = 8; c->n_groups = 2; c->group_topk = 1; c->topk = 2; })
+CASE(groups_score_max, { c->n_experts = 8; c->n_groups = 4; c->group_topk = 2; c->topk = 4;
+      c->pre_softmax = 1; c->group_score_topk = 1; c->route_scale = 16; })
 CASE(expert_bias_softmax, { c->enable_expert_bias = 1; c->pre_softmax = 1; })
 CASE(top1, c->topk = 1)
 CASE(top_all, c->topk = 6)
@@ -77,7 +79,7 @@ CASE(everything, { c->n_experts = 8; c->n_groups = 2; c->group_topk = 2; c->topk
 static const grid_case cases[] = {
     C(softmax_post), C(softmax_pre), C(sigmoid), C(sqrtsoftplus_norm_on),
     C(sigmoid_norm_off_scaled), C(softmax_norm_on), C(groups_deepseek), C(groups_softmax),
-    C(expert_bias_softmax), C(top1), C(top_all), C(per_call_topk), C(cap_probs), C(cap_position),
+    C(groups_score_max), C(expert_bias_softmax), C(top1), C(top_all), C(per_call_topk), C(cap_probs), C(cap_position),
     C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(aux), C(aux_sigmoid), C(seq_aux),
     C(zloss), C(jitter), C(jitter_inference), C(random_routing), C(sinkhorn_k1), C(sinkhorn_k2),
     C(sinkhorn_inference), C(expert_choice), C(expert_choice_cf), C(fake_round_robin),

@@ -114,6 +114,9 @@ static const opt_def opts[] = {
      ROUTER, "expert groups for group-limited routing (1 = off)", 0},
     {"moe-router-group-topk", "topk-group n-limited-groups", OPT_INT, L(group_topk), 1, BIG, NULL,
      ROUTER, "groups kept per token", 0},
+    {"moe-router-group-score-topk", NULL, OPT_INT, L(group_score_topk), 0, BIG, NULL, ROUTER,
+     "a group's score is the sum of its best N keys (0 = topk / group-topk as Megatron; "
+     "DeepSeek-V3 2, DeepSeek-V2 1)", 0},
     {"moe-router-enable-expert-bias", NULL, OPT_BOOL, L(enable_expert_bias), 0, 1, NULL, ROUTER,
      "selection-only expert bias (aux-loss-free balancing, DeepSeek-V3)", 0},
     {"moe-router-bias-update-rate", NULL, OPT_FLOAT, L(bias_update_rate), 0, BIG, NULL, ROUTER,

@@ -84,6 +84,9 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
               c->topk, c->group_topk, c->n_experts / c->n_groups);
         MOE_CHECK(c->router == MOE_ROUTER_TOPK,
               "group-limited routing (moe-router-num-groups %d) needs the topk router", c->n_groups);
+        MOE_CHECK(c->group_score_topk >= 0 && c->group_score_topk <= c->n_experts / c->n_groups,
+              "moe-router-group-score-topk (%d) must be between 0 and the experts of a group (%d)",
+              c->group_score_topk, c->n_experts / c->n_groups);
     }
     MOE_CHECK(!c->enable_expert_bias || c->router == MOE_ROUTER_TOPK,
           "moe-router-enable-expert-bias needs the topk router");

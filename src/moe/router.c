@@ -47,7 +47,7 @@ static void topk_desc(int n, const double *key, int k, int *idx) {
 /* Group-limited routing: keys of all but the group_topk best groups become -inf. */
 static void limit_groups(const moe_layer_config *c, int k, double *key) {
     int G = c->n_groups, per = c->n_experts / G;
-    int m = k / c->group_topk;
+    int m = c->group_score_topk > 0 ? c->group_score_topk : k / c->group_topk;
     if (m < 1) m = 1;
     if (m > per) m = per;
     double gscore[G];

@@ -69,6 +69,7 @@ static void route_token(const moe_layer_config *c, const ref_args *a, const doub
                      : c->score == MOE_SCORE_SOFTMAX && !c->pre_softmax ? z[e] : p[e];
         if (c->n_groups > 1) {
             int G = c->n_groups, per = E / G, m = k / c->group_topk > 1 ? k / c->group_topk : 1;
+            if (c->group_score_topk > 0) m = c->group_score_topk;
             double *gs = malloc(sizeof(double) * (size_t)G);
             uint8_t *tk = calloc((size_t)(per > G ? per : G), 1), *keep = calloc((size_t)G, 1);
             for (int g = 0; g < G; g++) {
