@@ -5,6 +5,11 @@ top-k renormalised, SwiGLU experts w1/w3/w2. qwen2_moe: the same with q/k/v bias
 softmax without renormalisation (norm_topk_prob false), and a shared SwiGLU expert scaled by
 sigmoid(shared_expert_gate x). qwen3_moe: q and k RMSNorm per head before RoPE, renormalised
 top-k. olmoe: q and k RMSNorm over the whole projection, top-k not renormalised.
+deepseek_v2 / deepseek_v3: multi-head latent attention (tests/torch_model.py's, from Hugging
+Face's DeepseekV3Attention) with YaRN, a dense first layer, shared experts; V2 routes by the
+softmax among the groups of the best maxima, weights scaled; V3 by sigmoid + correction bias
+among the groups of the best top-2 sums, weights from the unbiased sigmoid, renormalised and
+scaled.
 
 usage: hf_models.py OUT_DIR DTYPE SHARDS SEED [VOCAB [FAMILY]]  ->  OUT_DIR/{config.json,
        *.safetensors, ids.txt, ref.npy (logits of ids), greedy.txt (8 greedy next ids)}"""
@@ -12,6 +17,9 @@ import json, os, struct, sys
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_model  # noqa: E402  (its multi-head latent attention)
 
 out, dtype, shards, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 V = int(sys.argv[5]) if len(sys.argv) > 5 else 97
@@ -23,7 +31,39 @@ g = torch.Generator().manual_seed(seed)
 d, L, H, KV, f, E, k, theta, eps, fs = 32, 2, 4, 2, 24, 4, 2, 10000.0, 1e-5, 20
 hd = 12 if family == "qwen3_moe" else d // H  # Qwen3's heads: head_dim x heads != hidden size
 dt = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
-if qwen:
+ds = family.startswith("deepseek")
+v3 = family == "deepseek_v3"
+if ds:
+    E, k = 8 if v3 else 16, 3 if v3 else 2
+    # V3: 2 groups of 4, keep 1, score = sum of the top 2 (Megatron's k / groups would be 3);
+    # V2: 2 groups of 8, group-limited greedy, score = a group's maximum (Megatron's: top 2)
+    qr, kr, dn, dr, dv = (12 if v3 else 0), 10, 6, 4, 8
+    rsf = 2.5 if v3 else 1.5
+    cfg = {"architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+           "model_type": family, "vocab_size": V, "hidden_size": d, "intermediate_size": 40,
+           "moe_intermediate_size": f, "num_hidden_layers": 3, "num_attention_heads": H,
+           "num_key_value_heads": H, "n_routed_experts": E, "n_shared_experts": 1 if v3 else 2,
+           "num_experts_per_tok": k, "n_group": 2, "topk_group": 1,
+           "topk_method": "noaux_tc" if v3 else "group_limited_greedy",
+           "scoring_func": "sigmoid" if v3 else "softmax", "norm_topk_prob": v3,
+           "routed_scaling_factor": rsf, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+           "q_lora_rank": qr or None, "kv_lora_rank": kr, "qk_nope_head_dim": dn,
+           "qk_rope_head_dim": dr, "v_head_dim": dv, "rms_norm_eps": eps, "rope_theta": theta,
+           "rope_scaling": {"type": "yarn", "factor": 4.0 if v3 else 2.0,
+                            "original_max_position_embeddings": 8 if v3 else 6,
+                            "beta_fast": 32, "beta_slow": 1,
+                            "mscale": 1.0 if v3 else 0.8, "mscale_all_dim": 1.0 if v3 else 0.6},
+           "max_position_embeddings": 128, "hidden_act": "silu", "tie_word_embeddings": False,
+           "attention_bias": False, "aux_loss_alpha": 0.001, "torch_dtype": dt}
+    if v3:
+        cfg["rope_interleave"] = True
+    L = 3
+    mla_c = {"mla": [qr, kr, dn, dr, dv], "n_heads": H, "eps": eps, "theta": theta,
+             "rope": {"interleave": True, "factor": cfg["rope_scaling"]["factor"],
+                      "orig": cfg["rope_scaling"]["original_max_position_embeddings"],
+                      "beta_fast": 32, "beta_slow": 1, "mscale": cfg["rope_scaling"]["mscale"],
+                      "mscale_all_dim": cfg["rope_scaling"]["mscale_all_dim"]}}
+elif qwen:
     cfg = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": V,
            "hidden_size": d, "intermediate_size": 48, "moe_intermediate_size": f,
            "shared_expert_intermediate_size": fs, "num_hidden_layers": L,
@@ -63,6 +103,27 @@ for l in range(L):
     p = "model.layers.%d." % l
     w[p + "input_layernorm.weight"] = 1 + rnd(d, scale=0.1)
     w[p + "post_attention_layernorm.weight"] = 1 + rnd(d, scale=0.1)
+    if ds:
+        a = p + "self_attn."
+        if qr:
+            w[a + "q_a_proj.weight"], w[a + "q_a_layernorm.weight"] = rnd(qr, d), 1 + rnd(qr, scale=0.1)
+            w[a + "q_b_proj.weight"] = rnd(H * (dn + dr), qr)
+        else:
+            w[a + "q_proj.weight"] = rnd(H * (dn + dr), d)
+        w[a + "kv_a_proj_with_mqa.weight"] = rnd(kr + dr, d)
+        w[a + "kv_a_layernorm.weight"] = 1 + rnd(kr, scale=0.1)
+        w[a + "kv_b_proj.weight"] = rnd(H * (dn + dv), kr)
+        w[a + "o_proj.weight"] = rnd(d, H * dv)
+        mlps = ["mlp."] if l == 0 else ["mlp.experts.%d." % e for e in range(E)] + ["mlp.shared_experts."]
+        for m_ in mlps:
+            width = 40 if l == 0 else f * (cfg["n_shared_experts"] if "shared" in m_ else 1)
+            w[p + m_ + "gate_proj.weight"], w[p + m_ + "up_proj.weight"] = rnd(width, d), rnd(width, d)
+            w[p + m_ + "down_proj.weight"] = rnd(d, width)
+        if l:  # a flat router: the groups' maxima and top-2 sums often disagree
+            w[p + "mlp.gate.weight"] = rnd(E, d, scale=0.1)
+            if v3:  # positive: Hugging Face masks other groups with 0, DeepSeek's code with -inf
+                w[p + "mlp.gate.e_score_correction_bias"] = 0.05 + rnd(E, scale=0.1).abs()
+        continue
     w[p + "self_attn.q_proj.weight"] = rnd(H * hd, d)
     w[p + "self_attn.k_proj.weight"] = rnd(KV * hd, d)
     w[p + "self_attn.v_proj.weight"] = rnd(KV * hd, d)
@@ -136,7 +197,52 @@ def rope(x, n):  # x [n, heads, hd], rotate-half
 ids = torch.randint(0, V, (13,), generator=g)
 
 
+def swiglu_ds(v, q_):
+    u = torch.nn.functional.silu(v @ w[q_ + "gate_proj.weight"].T) * (v @ w[q_ + "up_proj.weight"].T)
+    return u @ w[q_ + "down_proj.weight"].T
+
+
+def deepseek_moe(x, p):
+    """Hugging Face's DeepseekV2Moe / DeepseekV3MoE routing, then experts and shared experts."""
+    n, G = x.shape[0], cfg["n_group"]
+    logits = x @ w[p + "mlp.gate.weight"].T
+    if v3:
+        s = torch.sigmoid(logits)
+        c = s + w[p + "mlp.gate.e_score_correction_bias"]
+        gscore = c.view(n, G, -1).topk(2, -1).values.sum(-1)
+    else:
+        s = c = logits.softmax(-1)
+        gscore = c.view(n, G, -1).max(-1).values
+    keep = torch.zeros(n, G, dtype=torch.bool)
+    keep.scatter_(1, gscore.topk(cfg["topk_group"], -1).indices, True)
+    masked = c.masked_fill(~keep.repeat_interleave(E // G, 1), 0.0)
+    sel = masked.topk(k, -1).indices
+    top = s.gather(1, sel)
+    if v3:
+        top = top / (top.sum(-1, keepdim=True) + 1e-20)
+    top = top * rsf
+    y = torch.zeros_like(x)
+    for t in range(n):
+        for j in range(k):
+            y[t] += top[t, j] * swiglu_ds(x[t], p + "mlp.experts.%d." % int(sel[t, j]))
+    return y + swiglu_ds(x, p + "mlp.shared_experts.")
+
+
+def forward_deepseek(ids):
+    n = len(ids)
+    h = w["model.embed_tokens.weight"][ids]
+    for l in range(L):
+        p = "model.layers.%d." % l
+        x = rmsnorm(h, w[p + "input_layernorm.weight"])
+        h = h + torch_model.mla(x[None], w, p[:-1], mla_c)[0] @ w[p + "self_attn.o_proj.weight"].T
+        x = rmsnorm(h, w[p + "post_attention_layernorm.weight"])
+        h = h + (swiglu_ds(x, p + "mlp.") if l == 0 else deepseek_moe(x, p))
+    return rmsnorm(h, w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
 def forward(ids):
+    if ds:
+        return forward_deepseek(ids)
     n = len(ids)
     h = w["model.embed_tokens.weight"][ids]
     for l in range(L):

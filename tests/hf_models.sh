@@ -1,5 +1,5 @@
 #!/bin/sh
-# Hugging Face directories: tiny random-weight Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE models written by
+# Hugging Face directories: tiny random-weight Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 and -V3 models written by
 # hf_models.py (fp32 in one file, bf16 and fp16 in shards), their logits from moe eval --model --ids
 # --dump-logits against the script's own float64 forward pass, and the greedy continuation of
 # moe generate --model (KV cache) token for token; moe convert --to hf of those and
@@ -10,7 +10,7 @@ tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 seed=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
 for v in "F32 1 mixtral m" "BF16 2 mixtral m" "F16 3 mixtral m" "F32 1 qwen2_moe q" "BF16 3 qwen2_moe q" \
-         "F16 2 qwen3_moe q3" "BF16 1 olmoe o"; do
+         "F16 2 qwen3_moe q3" "BF16 1 olmoe o" "F32 1 deepseek_v2 d2" "BF16 2 deepseek_v3 d3"; do
   set -- $v
   dir="$tmp/$4$1"
   /usr/bin/python3 "$src/tests/hf_models.py" "$dir" "$1" "$2" "$seed" 97 "$3" || fail "writing the $3 $1 model"
@@ -276,7 +276,7 @@ bad() { # bad NAME EXPECTED-TEXT: run moe eval on $tmp/bad
   grep -q "$2" "$tmp/out" || fail "$1: $(cat "$tmp/out")"
 }
 fresh() { rm -rf "$tmp/bad"; cp -r "$tmp/m$1" "$tmp/bad"; }
-fresh F32; sed -i 's/"mixtral"/"llama9"/' "$tmp/bad/config.json"; bad "unknown model_type" 'model_type "llama9" is not supported (supported: mixtral, qwen2_moe, qwen3_moe, olmoe)'
+fresh F32; sed -i 's/"mixtral"/"llama9"/' "$tmp/bad/config.json"; bad "unknown model_type" 'model_type "llama9" is not supported (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)'
 fresh F32; sed -i 's/"num_experts_per_tok": 2/"num_experts_per_tok": 9/' "$tmp/bad/config.json"; bad "top-k above E" "must be between 1 and num-experts"
 fresh F32; sed -i 's/"hidden_size": 32/"hidden_size": "32"/' "$tmp/bad/config.json"; bad "string hidden size" '"hidden_size" must be an integer'
 fresh F32; echo '{"model_type": "mixtral",' >"$tmp/bad/config.json"; bad "broken JSON" "not a JSON object"

@@ -160,6 +160,79 @@ static moe_status parse_qwen2_moe(const cJSON *j, moe_model_config *c) {
     return MOE_OK;
 }
 
+/* rope_scaling: null, or YaRN (factor, original_max_position_embeddings, beta_fast, beta_slow,
+ * mscale, mscale_all_dim). */
+static moe_status get_rope_scaling(const cJSON *j, moe_model_config *c) {
+    const cJSON *r = cJSON_GetObjectItemCaseSensitive(j, "rope_scaling");
+    if (!r || cJSON_IsNull(r)) return MOE_OK;
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(r, "type");
+    if (!type) type = cJSON_GetObjectItemCaseSensitive(r, "rope_type");
+    if (!cJSON_IsObject(r) || !cJSON_IsString(type) || strcmp(type->valuestring, "yarn"))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: rope_scaling must be null or of type "
+                             "\"yarn\"");
+    MOE_TRY(get_float(r, "factor", 1, 1e6, 1, &c->rope_factor));
+    MOE_TRY(get_int(r, "original_max_position_embeddings", 1, 1 << 24, -1, &c->rope_orig_max_pos));
+    MOE_TRY(get_float(r, "beta_fast", 1e-6, 1e6, 32, &c->rope_beta_fast));
+    MOE_TRY(get_float(r, "beta_slow", 1e-6, 1e6, 1, &c->rope_beta_slow));
+    MOE_TRY(get_float(r, "mscale", 0, 1e6, 0, &c->rope_mscale));
+    return get_float(r, "mscale_all_dim", 0, 1e6, 0, &c->rope_mscale_all_dim);
+}
+
+/* DeepSeek-V2 / V3: multi-head latent attention, dense first layers, shared experts, routed
+ * weights scaled. V2: softmax, top-k greedy or group-limited (a group's maximum); V3: sigmoid,
+ * selection with e_score_correction_bias among the groups of the best top-2 sums, weights
+ * renormalised (norm_topk_prob). q_lora_rank null: a full query projection. */
+static moe_status parse_deepseek(const cJSON *j, moe_model_config *c, int v3) {
+    MOE_TRY(parse_common(j, c, "moe_intermediate_size", "n_routed_experts"));
+    MOE_TRY(no_attention_bias(j));
+    int shared, freq;
+    MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, -1, &c->ffn));
+    MOE_TRY(get_int(j, "q_lora_rank", 0, 1 << 20, 0, &c->q_lora_rank));
+    MOE_TRY(get_int(j, "kv_lora_rank", 1, 1 << 20, -1, &c->kv_lora_rank));
+    MOE_TRY(get_int(j, "qk_nope_head_dim", 0, 1 << 16, -1, &c->qk_nope_dim));
+    MOE_TRY(get_int(j, "qk_rope_head_dim", 2, 1 << 16, -1, &c->qk_rope_dim));
+    MOE_TRY(get_int(j, "v_head_dim", 1, 1 << 16, -1, &c->v_head_dim));
+    MOE_TRY(get_int(j, "first_k_dense_replace", 0, MOE_MAX_LAYERS, 0, &c->first_k_dense));
+    MOE_TRY(get_int(j, "moe_layer_freq", 1, 1, 1, &freq));
+    MOE_TRY(get_int(j, "n_shared_experts", 0, 1 << 10, 0, &shared));
+    MOE_TRY(get_float(j, "routed_scaling_factor", 1e-6, 1e6, 1, &c->moe.route_scale));
+    MOE_TRY(get_rope_scaling(j, c));
+    MOE_TRY(get_bool(j, "rope_interleave", 1, &c->rope_interleave));
+    if (cJSON_GetObjectItemCaseSensitive(j, "quantization_config"))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: quantized (FP8) weights are not "
+                             "supported; convert the checkpoint to BF16 first");
+    c->head_dim = 0;
+    c->n_kv_heads = c->n_heads;
+    c->moe.shared_ffn = shared * c->moe.ffn;
+    const cJSON *scoring = cJSON_GetObjectItemCaseSensitive(j, "scoring_func");
+    const cJSON *method = cJSON_GetObjectItemCaseSensitive(j, "topk_method");
+    const char *score = cJSON_IsString(scoring) ? scoring->valuestring : "softmax";
+    const char *how = cJSON_IsString(method) ? method->valuestring : "greedy";
+    int sigmoid = !strcmp(score, "sigmoid"), grouped = strcmp(how, "greedy") != 0;
+    if ((!sigmoid && strcmp(score, "softmax")) ||
+        (strcmp(how, "greedy") && strcmp(how, "group_limited_greedy") && strcmp(how, "noaux_tc")))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: scoring_func \"%.20s\" / topk_method "
+                             "\"%.30s\" are not supported", score, how);
+    c->moe.score = sigmoid ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX;
+    c->moe.enable_expert_bias = !strcmp(how, "noaux_tc");
+    MOE_TRY(get_norm_topk(j, v3, c));
+    if (!v3) c->moe.norm_topk = MOE_NORM_OFF; /* V2 does not renormalise (Hugging Face) */
+    if (grouped) {
+        MOE_TRY(get_int(j, "n_group", 1, 1 << 16, -1, &c->moe.n_groups));
+        MOE_TRY(get_int(j, "topk_group", 1, 1 << 16, -1, &c->moe.group_topk));
+        c->moe.group_score_topk = v3 ? 2 : 1;
+    }
+    return MOE_OK;
+}
+
+static moe_status parse_deepseek_v2(const cJSON *j, moe_model_config *c) {
+    return parse_deepseek(j, c, 0);
+}
+
+static moe_status parse_deepseek_v3(const cJSON *j, moe_model_config *c) {
+    return parse_deepseek(j, c, 1);
+}
+
 moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, size_t cap) {
     char path[4400];
     snprintf(path, sizeof path, "%s/config.json", dir);
@@ -176,7 +249,8 @@ moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, s
         const char *type;
         moe_status (*parse)(const cJSON *, moe_model_config *);
     } families[] = {{"mixtral", parse_mixtral}, {"qwen2_moe", parse_qwen2_moe},
-                    {"qwen3_moe", parse_qwen3_moe}, {"olmoe", parse_olmoe}};
+                    {"qwen3_moe", parse_qwen3_moe}, {"olmoe", parse_olmoe},
+                    {"deepseek_v2", parse_deepseek_v2}, {"deepseek_v3", parse_deepseek_v3}};
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(j, "model_type");
     moe_model_config c = moe_model_config_default();
     moe_status s = MOE_ERR_FORMAT;
@@ -221,6 +295,13 @@ int moe_hf_eos(const char *dir, int32_t *ids, int cap) {
 }
 
 void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t cap) {
+    /* DeepSeek: mlp.shared_experts */
+    const char *shared = strstr(ours, ".mlp.shared_expert.");
+    if (!strncmp(family, "deepseek", 8) && shared) {
+        snprintf(buf, cap, "%.*s.mlp.shared_experts.%s", (int)(shared - ours), ours,
+                 shared + strlen(".mlp.shared_expert."));
+        return;
+    }
     /* Mixtral: block_sparse_moe.gate, experts.E.w1 (gate), w3 (up), w2 (down) */
     const char *mlp = strstr(ours, ".mlp.");
     if (strcmp(family, "mixtral") || !mlp) {
@@ -246,7 +327,10 @@ static void rename_hf(const char *ours, char *buf, size_t cap, const void *famil
 }
 
 moe_status moe_hf_load(const char *dir, const char *family, moe_model *m) {
-    return moe_checkpoint_load_params(dir, m, rename_hf, family);
+    MOE_TRY(moe_checkpoint_load_params(dir, m, rename_hf, family));
+    if (!moe_model_get_config(m)->moe.enable_expert_bias) return MOE_OK;
+    /* DeepSeek-V3's selection bias: e_score_correction_bias of each MoE layer */
+    return moe_checkpoint_load_expert_bias(dir, m, "model.layers.%d.mlp.gate.e_score_correction_bias");
 }
 
 /* Whether the top-k weights are renormalised (softmax over the k logits is the same). */

@@ -379,6 +379,38 @@ moe_status moe_checkpoint_load_params(const char *dir, moe_model *m,
     return s;
 }
 
+moe_status moe_checkpoint_load_expert_bias(const char *dir, moe_model *m, const char *fmt) {
+    const moe_model_config *c = moe_model_get_config(m);
+    ckpt_reader r;
+    MOE_TRY(reader_open(&r, dir));
+    moe_status s = MOE_OK;
+    size_t total = 1;
+    for (int l = 0; l < c->n_layers; l++)
+        if (moe_model_moe_layer(m, l)) total += (size_t)moe_model_layer_experts(c, l);
+    float *tmp = moe_alloc(total, sizeof(float));
+    if (!tmp) s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    size_t at = 0;
+    char name[160];
+    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) { /* all read before any is set */
+        if (!moe_model_moe_layer(m, l)) continue;
+        int64_t E = moe_model_layer_experts(c, l);
+        snprintf(name, sizeof name, fmt, l);
+        s = reader_get(&r, "model", name, name, 1, &E, tmp + at);
+        at += (size_t)E;
+    }
+    at = 0;
+    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) {
+        moe_layer *ml = moe_model_moe_layer(m, l);
+        if (!ml) continue;
+        size_t E = (size_t)moe_model_layer_experts(c, l);
+        memcpy(moe_layer_expert_bias(ml), tmp + at, sizeof(float) * E);
+        at += E;
+    }
+    moe_free(tmp);
+    reader_close(&r);
+    return s;
+}
+
 moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
     ckpt_reader r;
     MOE_TRY(reader_open(&r, ckpt));
