@@ -429,15 +429,20 @@ int moe_cmd_train(int argc, char **argv) {
         /* --save to another run directory re-saves it in this run's layout (resharding) */
         if (o.save[0] && strcmp(o.save, o.load) && save_checkpoint(&o, m, t)) goto fail;
     }
-    printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/byte\n", total - first + 1,
-           moe_time_now() - t_start, tokens_done / (moe_time_now() - t_start), val_nll);
+    int bytes = train.vocab == MOE_BYTE_VOCAB; /* moe prepare's byte tokens */
+    printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/%s\n",
+           total - first + 1, moe_time_now() - t_start, tokens_done / (moe_time_now() - t_start),
+           val_nll, bytes ? "byte" : "token");
     if (o.save[0] && val.n_docs > 0 && d->world_size == 1) { /* which experts each topic uses */
         snprintf(path, sizeof path, "%s/topics.json", o.save);
         if (moe_cli_topics(m, &val, o.train.micro_batch, path) != MOE_OK) goto fail;
         printf("wrote %s (validation text of each source file routed through the model)\n", path);
     }
-    printf("sample:\n");
-    if (moe_cli_generate(m, "The ", 200, 0.8f, 0, 1.0f, o.layer.seed, stdout) != MOE_OK) goto fail;
+    if (bytes) { /* a text sample needs byte tokens; other data: moe convert, generate --model */
+        printf("sample:\n");
+        if (moe_cli_generate(m, "The ", 200, 0.8f, 0, 1.0f, o.layer.seed, stdout) != MOE_OK)
+            goto fail;
+    }
     rc = 0;
 fail:
     signal(SIGINT, SIG_DFL);

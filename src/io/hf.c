@@ -338,13 +338,55 @@ static int renormalised(const moe_layer_config *m) {
     return !m->pre_softmax || m->norm_topk == MOE_NORM_ON;
 }
 
+/* Whether the top-k weights of sigmoid scores are renormalised (AUTO: when k > 1). */
+static int sigmoid_renormalised(const moe_layer_config *m) {
+    return m->norm_topk == MOE_NORM_ON || (m->norm_topk == MOE_NORM_AUTO && m->topk > 1);
+}
+
+/* DeepSeek-V2 / V3: MLA, MoE layers after the dense ones, ungated shared experts of whole
+ * expert widths; V3: sigmoid with the selection bias, groups scored by their top two; V2:
+ * softmax over all experts, not renormalised, groups scored by their maximum. */
+static const char *deepseek_incompatible(const moe_model_config *c, int v3) {
+    const moe_layer_config *m = &c->moe;
+    if (!c->kv_lora_rank) return "multi-head latent attention is needed";
+    if (c->moe_layer_freq != 1) return "every layer after the dense ones must be an MoE layer";
+    if (m->act != MOE_ACT_SWIGLU || m->router != MOE_ROUTER_TOPK)
+        return "swiglu experts and the top-k router are needed";
+    if (m->residual || m->expert_bias || m->shared_gate || m->shared_ffn % m->ffn)
+        return "no Residual-MoE, expert biases or shared-expert gate; shared experts as wide "
+               "as routed ones";
+    if (m->capacity_factor != 0) return "the layer must be dropless";
+    if (!c->rope_interleave) return "RoPE with interleaved pairs is needed";
+    if (v3 && !(m->score == MOE_SCORE_SIGMOID && m->enable_expert_bias &&
+                (m->n_groups == 1 || m->group_score_topk == 2)))
+        return "sigmoid scores with the expert bias and groups scored by their top two are "
+               "needed";
+    if (!v3 && !(m->score == MOE_SCORE_SOFTMAX && m->pre_softmax &&
+                 m->norm_topk != MOE_NORM_ON && !m->enable_expert_bias &&
+                 (m->n_groups == 1 || m->group_score_topk == 1)))
+        return "softmax over all experts without renormalisation or expert bias, groups scored "
+               "by their maximum are needed";
+    return NULL;
+}
+
 int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, size_t cap) {
     const moe_layer_config *m = &c->moe;
     int mixtral = !strcmp(family, "mixtral"), qwen2 = !strcmp(family, "qwen2_moe"),
         qwen3 = !strcmp(family, "qwen3_moe"), olmoe = !strcmp(family, "olmoe");
     int plain_heads = moe_model_head_dim(c) * c->n_heads == c->d;
+    int deepseek = !strncmp(family, "deepseek_v", 10);
     const char *bad = NULL;
+    if (deepseek) {
+        bad = strcmp(family, "deepseek_v2") && strcmp(family, "deepseek_v3")
+                  ? "unknown family"
+                  : deepseek_incompatible(c, family[10] == '3');
+        for (int l = c->first_k_dense; !bad && l < c->n_layers; l++)
+            if (moe_model_layer_experts(c, l) != m->n_experts) bad = "every MoE layer needs num-experts";
+        if (bad) snprintf(why, cap, "%s", bad);
+        return bad == NULL;
+    }
     if (!mixtral && !qwen2 && !qwen3 && !olmoe) bad = "unknown family";
+    else if (c->kv_lora_rank) bad = "multi-head latent attention is DeepSeek's";
     else if (c->first_k_dense || c->moe_layer_freq != 1) bad = "every layer must be an MoE layer";
     else if (m->act != MOE_ACT_SWIGLU) bad = "the experts must use swiglu";
     else if (m->router != MOE_ROUTER_TOPK || m->score != MOE_SCORE_SOFTMAX)
@@ -369,7 +411,8 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
 }
 
 const char *moe_hf_family_for(const moe_model_config *c) {
-    static const char *const order[] = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"};
+    static const char *const order[] = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                                        "deepseek_v3", "deepseek_v2"};
     char why[128];
     for (size_t i = 0; i < sizeof order / sizeof *order; i++)
         if (moe_hf_compatible(c, order[i], why, sizeof why)) return order[i];
@@ -395,6 +438,43 @@ static void set_string(cJSON *j, const char *key, const char *v) {
 /* config.json of the family: base (the source's config.json, or an empty object) with the
  * keys its loader reads set from c; a max_position_embeddings of base is kept (we plan memory
  * for at most 4096 positions, the model may have more). */
+/* DeepSeek's keys (family_config has set the common ones). */
+static void deepseek_config(const moe_model_config *c, int v3, cJSON *j) {
+    const moe_layer_config *m = &c->moe;
+    const char *drop[] = {"num_local_experts", "num_experts", "head_dim", "rope_scaling",
+                          "q_lora_rank"};
+    for (size_t i = 0; i < sizeof drop / sizeof *drop; i++)
+        cJSON_DeleteItemFromObjectCaseSensitive(j, drop[i]);
+    const struct { const char *key; double v; } nums[] = {
+        {"n_routed_experts", m->n_experts}, {"n_shared_experts", m->shared_ffn / m->ffn},
+        {"moe_intermediate_size", m->ffn}, {"intermediate_size", c->ffn},
+        {"first_k_dense_replace", c->first_k_dense}, {"moe_layer_freq", 1},
+        {"routed_scaling_factor", m->route_scale}, {"n_group", m->n_groups},
+        {"topk_group", m->n_groups > 1 ? m->group_topk : 1}, {"kv_lora_rank", c->kv_lora_rank},
+        {"qk_nope_head_dim", c->qk_nope_dim}, {"qk_rope_head_dim", c->qk_rope_dim},
+        {"v_head_dim", c->v_head_dim}, {"num_key_value_heads", c->n_heads}};
+    for (size_t i = 0; i < sizeof nums / sizeof *nums; i++) set_number(j, nums[i].key, nums[i].v);
+    if (c->q_lora_rank) cJSON_AddNumberToObject(j, "q_lora_rank", c->q_lora_rank);
+    else cJSON_AddNullToObject(j, "q_lora_rank");
+    set_string(j, "topk_method", v3 ? "noaux_tc" : m->n_groups > 1 ? "group_limited_greedy" : "greedy");
+    set_string(j, "scoring_func", v3 ? "sigmoid" : "softmax");
+    set_bool(j, "norm_topk_prob", v3 && sigmoid_renormalised(m));
+    set_bool(j, "attention_bias", 0);
+    if (v3) set_bool(j, "rope_interleave", 1);
+    if (c->rope_factor > 1) {
+        cJSON *r = cJSON_AddObjectToObject(j, "rope_scaling");
+        cJSON_AddStringToObject(r, "type", "yarn");
+        cJSON_AddNumberToObject(r, "factor", c->rope_factor);
+        cJSON_AddNumberToObject(r, "original_max_position_embeddings", c->rope_orig_max_pos);
+        cJSON_AddNumberToObject(r, "beta_fast", c->rope_beta_fast);
+        cJSON_AddNumberToObject(r, "beta_slow", c->rope_beta_slow);
+        cJSON_AddNumberToObject(r, "mscale", c->rope_mscale);
+        cJSON_AddNumberToObject(r, "mscale_all_dim", c->rope_mscale_all_dim);
+    } else {
+        cJSON_AddNullToObject(j, "rope_scaling");
+    }
+}
+
 static cJSON *family_config(const moe_model_config *c, const char *family, cJSON *j) {
     const moe_layer_config *m = &c->moe;
     int mixtral = !strcmp(family, "mixtral"), qwen2 = !strcmp(family, "qwen2_moe"),
@@ -402,10 +482,12 @@ static cJSON *family_config(const moe_model_config *c, const char *family, cJSON
     static const char *const arch[][2] = {{"mixtral", "MixtralForCausalLM"},
                                           {"qwen2_moe", "Qwen2MoeForCausalLM"},
                                           {"qwen3_moe", "Qwen3MoeForCausalLM"},
-                                          {"olmoe", "OlmoeForCausalLM"}};
+                                          {"olmoe", "OlmoeForCausalLM"},
+                                          {"deepseek_v2", "DeepseekV2ForCausalLM"},
+                                          {"deepseek_v3", "DeepseekV3ForCausalLM"}};
     cJSON_DeleteItemFromObjectCaseSensitive(j, "architectures");
     cJSON *a = cJSON_AddArrayToObject(j, "architectures");
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 6; i++)
         if (!strcmp(arch[i][0], family)) cJSON_AddItemToArray(a, cJSON_CreateString(arch[i][1]));
     set_string(j, "model_type", family);
     if (!cJSON_GetObjectItemCaseSensitive(j, "max_position_embeddings"))
@@ -438,6 +520,7 @@ static cJSON *family_config(const moe_model_config *c, const char *family, cJSON
     set_string(j, "hidden_act", "silu");
     set_bool(j, "tie_word_embeddings", c->tie_embeddings != 0);
     set_string(j, "torch_dtype", "float32");
+    if (!strncmp(family, "deepseek_v", 10)) deepseek_config(c, family[10] == '3', j);
     return j;
 }
 
@@ -478,9 +561,9 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const 
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
     if (!text) return moe_set_error(MOE_ERR_NOMEM, "out of memory for config.json");
-    int n = moe_model_n_tensors(m);
-    moe_st_entry *e = calloc((size_t)n, sizeof *e);
-    char (*names)[160] = calloc((size_t)n, sizeof *names);
+    int n = moe_model_n_tensors(m), total = n + c->n_layers;
+    moe_st_entry *e = calloc((size_t)total, sizeof *e);
+    char (*names)[160] = calloc((size_t)total, sizeof *names);
     moe_status s = e && names ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
     const float *p = moe_model_params(m);
     for (int i = 0; s == MOE_OK && i < n; i++) {
@@ -488,6 +571,15 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const 
         moe_hf_tensor_name(family, t->name, names[i], sizeof names[i]);
         e[i] = (moe_st_entry){names[i], MOE_DT_F32, t->ndim, {0}, p + t->offset};
         memcpy(e[i].shape, t->shape, sizeof(int64_t) * (size_t)t->ndim);
+    }
+    /* DeepSeek-V3: each MoE layer's selection bias as e_score_correction_bias */
+    for (int l = 0; s == MOE_OK && !strcmp(family, "deepseek_v3") && l < c->n_layers; l++) {
+        moe_layer *ml = moe_model_moe_layer(m, l);
+        if (!ml) continue;
+        snprintf(names[n], sizeof names[n], "model.layers.%d.mlp.gate.e_score_correction_bias", l);
+        e[n] = (moe_st_entry){names[n], MOE_DT_F32, 1, {moe_model_layer_experts(c, l)},
+                              moe_layer_expert_bias(ml)};
+        n++;
     }
     char path[4400];
     snprintf(path, sizeof path, "%s/model.safetensors", dir);

@@ -320,8 +320,22 @@ moe_status moe_checkpoint_config(const char *ckpt, char **config) {
     return MOE_OK;
 }
 
-static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
+/* The MoE layers' selection biases (state of the trainer file, but part of the model's routing). */
+static moe_status load_expert_bias(ckpt_reader *r, moe_model *m) {
     const moe_model_config *c = moe_model_get_config(m);
+    moe_status s = MOE_OK;
+    char name[160];
+    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) {
+        moe_layer *ml = moe_model_moe_layer(m, l);
+        if (!ml) continue;
+        snprintf(name, sizeof name, "model.layers.%d.mlp.gate.expert_bias", l);
+        int64_t E = moe_model_layer_experts(c, l);
+        s = reader_get(r, "trainer", FIRST_TENSOR, name, 1, &E, moe_layer_expert_bias(ml));
+    }
+    return s;
+}
+
+static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
     float *am = moe_trainer_adam_m(t), *av = moe_trainer_adam_v(t);
     moe_status s = MOE_OK;
     char name[160];
@@ -332,13 +346,7 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
         snprintf(name, sizeof name, "optimizer.adam_v.%s", ti->name);
         if (s == MOE_OK) s = reader_get(r, "trainer", ti->name, name, ti->ndim, ti->shape, av + ti->offset);
     }
-    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) {
-        moe_layer *ml = moe_model_moe_layer(m, l);
-        if (!ml) continue;
-        snprintf(name, sizeof name, "model.layers.%d.mlp.gate.expert_bias", l);
-        int64_t E = moe_model_layer_experts(c, l);
-        s = reader_get(r, "trainer", FIRST_TENSOR, name, 1, &E, moe_layer_expert_bias(ml));
-    }
+    if (s == MOE_OK) s = load_expert_bias(r, m);
     moe_safetensors *st;
     if (s == MOE_OK) s = reader_file(r, "trainer", FIRST_TENSOR, &st);
     const char *step = s == MOE_OK ? moe_st_meta(st, "moe.step") : NULL;
@@ -415,6 +423,9 @@ moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
     ckpt_reader r;
     MOE_TRY(reader_open(&r, ckpt));
     moe_status s = load_params(&r, m, NULL, NULL);
+    /* without the trainer, the selection biases still route (inference, conversion) */
+    if (s == MOE_OK && !t && moe_model_get_config(m)->moe.enable_expert_bias)
+        s = load_expert_bias(&r, m);
     if (s == MOE_OK && t) s = load_trainer(&r, m, t);
     reader_close(&r);
     return s;
