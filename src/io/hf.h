@@ -1,6 +1,6 @@
 /* io/hf — models in the Hugging Face layout: a directory with config.json and
  * model.safetensors (or shards named by model.safetensors.index.json). Families so far:
- * Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (run, fine-tune, write). README
+ * Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 and -V3 (run, fine-tune, write). README
  * "Hugging Face models", docs/FORMATS.md §4. */
 #ifndef MOE_IO_HF_H
 #define MOE_IO_HF_H
@@ -24,8 +24,8 @@ moe_status moe_hf_load(const char *dir, const char *family, moe_model *m);
 
 /* Whether the model can be written as the family; else a reason in why. */
 int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, size_t cap);
-/* The first family the model can be written as (mixtral, qwen2_moe, qwen3_moe, olmoe), or
- * NULL. */
+/* The first family the model can be written as (mixtral, qwen2_moe, qwen3_moe, olmoe,
+ * deepseek_v3, deepseek_v2), or NULL. */
 const char *moe_hf_family_for(const moe_model_config *c);
 /* Writes DIR/config.json and DIR/model.safetensors (F32, "format": "pt") in the family's
  * layout; refuses a directory that already holds either file. With base (a model directory

@@ -267,7 +267,7 @@ static const opt_def opts[] = {
     {"load", NULL, OPT_STRING, O(load), 0, 0, NULL, FILES, "resume from this run directory", 0},
     {"model", NULL, OPT_STRING, O(hf_model), 0, 0, NULL, FILES,
      "moe eval, generate, convert: a model directory in the Hugging Face layout (config.json, "
-     "safetensors; mixtral, qwen2_moe, qwen3_moe, olmoe)", 1},
+     "safetensors; mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)", 1},
     {"init-from", NULL, OPT_STRING, O(init_from), 0, 0, NULL, FILES,
      "moe train: start from a Hugging Face model directory (its config.json, then these flags; "
      "its weights)", 1},
