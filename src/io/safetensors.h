@@ -33,7 +33,7 @@ typedef struct {
     moe_st_tensor *tensors;
     int n_meta;
     char **meta_keys, **meta_values;
-    unsigned char *buf; /* the whole file */
+    unsigned char *buf; /* the whole file, memory-mapped read-only */
     size_t size;
 } moe_safetensors;
 
