@@ -76,6 +76,18 @@ assert got == want + "\n", (got, want)
 print("generate --prompt: %r" % got.strip())
 PY
   fail "generate --prompt text differs from the decoded greedy ids (seed $seed)"
+# --prompt-file: the same ids as --prompt, and prompts longer than an option string (2400 bytes);
+# eval --prompt: the loss of eval --ids of the same ids
+printf 'the cat sat on the mat' >"$tmp/prompt.txt"
+[ "$("$moe" tokenize --model "$m" --prompt-file "$tmp/prompt.txt")" = "$ids" ] || fail "--prompt-file ids"
+/usr/bin/python3 -c "import sys; open(sys.argv[1], 'w').write(('the cat ' * 300).rstrip())" "$tmp/long.txt"
+n=$("$moe" tokenize --model "$m" --prompt-file "$tmp/long.txt" | tr ',' '\n' | wc -l)
+[ "$n" = 601 ] || fail "a 2400-byte prompt gave $n ids, expected <s> + 600"
+"$moe" tokenize --model "$m" --prompt x --prompt-file "$tmp/long.txt" >"$tmp/out" 2>&1; [ $? = 2 ] ||
+  fail "--prompt with --prompt-file: $(cat "$tmp/out")"
+a=$("$moe" eval --model "$m" --prompt "the cat sat on the mat" | sed -n 's/.*loss \([0-9.]*\) nats.*/\1/p')
+b=$("$moe" eval --model "$m" --ids "$ids" | sed -n 's/.*loss \([0-9.]*\) nats.*/\1/p')
+[ -n "$a" ] && [ "$a" = "$b" ] || fail "eval --prompt loss $a, --ids loss $b"
 # eos_token_id in config.json stops generation after that token (here the first greedy token)
 first=$(cut -d, -f1 "$tmp/gen")
 sed -i "s/\"model_type\"/\"eos_token_id\": [$first], \"model_type\"/" "$m/config.json"

@@ -27,6 +27,9 @@ int moe_cmd_bench(int argc, char **argv);
  * checkpoint directory), then the command line's flags; validated for a model and training.
  * Returns an exit code (0 ok). */
 int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t cap);
+/* The text of --prompt or --prompt-file (malloc'd, NUL-terminated, *len bytes; *text NULL
+ * with neither; both: an error). */
+moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len);
 /* Writes the prompt and up to n_new sampled bytes (KV cache; the window slides when the
  * sequence length is reached). */
 moe_status moe_cli_generate(moe_model *m, const char *prompt, int n_new, float temperature,

@@ -14,6 +14,20 @@
 #include <string.h>
 #include <sys/stat.h>
 
+moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len) {
+    *text = NULL, *len = 0;
+    if (o->prompt[0] && o->prompt_file[0])
+        return moe_set_error(MOE_ERR_INVALID, "give --prompt or --prompt-file, not both");
+    char *file = NULL;
+    if (o->prompt_file[0]) MOE_TRY(moe_read_file(o->prompt_file, &file, len));
+    else if (o->prompt[0]) *len = strlen(o->prompt);
+    else return MOE_OK;
+    *text = malloc(*len + 1);
+    if (*text) memcpy(*text, file ? file : o->prompt, *len), (*text)[*len] = '\0';
+    free(file);
+    return *text ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+}
+
 moe_status moe_cli_generate(moe_model *m, const char *prompt, int n_new, float temperature,
                             int top_k, float top_p, uint64_t seed, FILE *f) {
     const moe_model_config *c = moe_model_get_config(m);
@@ -84,11 +98,17 @@ int moe_cmd_generate(int argc, char **argv) {
     char ckpt[MOE_PATH_MAX + 64];
     int rc = load_model("generate", argc, argv, &o, 0, &m, ckpt, sizeof ckpt);
     if (rc) return rc;
-    if (moe_cli_generate(m, o.prompt, o.max_new_tokens, o.temperature, o.top_k, o.top_p,
-                         o.layer.seed, stdout) != MOE_OK) {
+    char *prompt = NULL;
+    size_t len;
+    moe_status s = moe_cli_prompt(&o, &prompt, &len);
+    if (s == MOE_OK)
+        s = moe_cli_generate(m, prompt ? prompt : "", o.max_new_tokens, o.temperature, o.top_k,
+                             o.top_p, o.layer.seed, stdout);
+    if (s != MOE_OK) {
         fprintf(stderr, "moe generate: %s\n", moe_last_error());
-        rc = 1;
+        rc = s == MOE_ERR_INVALID ? 2 : 1;
     }
+    free(prompt);
     moe_model_destroy(m);
     return rc;
 }

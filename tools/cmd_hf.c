@@ -70,10 +70,16 @@ static moe_status load_tokenizer(const char *dir, moe_tokenizer **t) {
     return moe_tokenizer_load(path, t);
 }
 
-/* The prompt's ids (with the tokenizer's special tokens), each below the model's vocabulary. */
-static int encode_prompt(const moe_tokenizer *t, const char *prompt, int vocab, int32_t **ids) {
+/* The ids of --prompt or --prompt-file (with the tokenizer's special tokens), each below the
+ * model's vocabulary. */
+static int encode_prompt(const moe_tokenizer *t, const moe_options *o, int vocab, int32_t **ids) {
     int n = 0;
-    if (moe_tokenizer_encode(t, prompt, strlen(prompt), 1, ids, &n) != MOE_OK) return 0;
+    char *text;
+    size_t len;
+    if (moe_cli_prompt(o, &text, &len) != MOE_OK) return 0;
+    moe_status s = moe_tokenizer_encode(t, text, len, 1, ids, &n);
+    free(text);
+    if (s != MOE_OK) return 0;
     for (int i = 0; i < n; i++)
         if ((*ids)[i] >= vocab) {
             moe_set_error(MOE_ERR_INVALID, "the tokenizer gave id %d, beyond the model's "
@@ -97,19 +103,20 @@ static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, mo
         return 2;
     }
     int data = !strcmp(cmd, "eval") && o->data_path[0];
-    if ((!o->ids[0] && !o->prompt[0] && !data) || (o->ids[0] && o->prompt[0])) {
-        fprintf(stderr, "moe %s: --model needs one of --ids or --prompt%s\n", cmd,
+    int text = o->prompt[0] || o->prompt_file[0];
+    if ((!o->ids[0] && !text && !data) || (o->ids[0] && text)) {
+        fprintf(stderr, "moe %s: --model needs one of --ids or --prompt (--prompt-file)%s\n", cmd,
                 strcmp(cmd, "eval") ? "" : " or --data FILE");
         return 2;
     }
     if (moe_hf_config(o->hf_model, c, family, cap) != MOE_OK ||
-        (o->prompt[0] && load_tokenizer(o->hf_model, tok) != MOE_OK)) {
+        (text && load_tokenizer(o->hf_model, tok) != MOE_OK)) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 1;
     }
     moe_clear_error();
     if ((o->ids[0] && !(*n = parse_ids(o->ids, c->vocab, ids))) ||
-        (o->prompt[0] && !(*n = encode_prompt(*tok, o->prompt, c->vocab, ids)))) {
+        (text && !(*n = encode_prompt(*tok, o, c->vocab, ids)))) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         moe_tokenizer_free(*tok);
         *tok = NULL;
@@ -370,26 +377,29 @@ int moe_cmd_tokenize(int argc, char **argv) {
         fprintf(stderr, "moe tokenize: %s\n", moe_last_error());
         return 2;
     }
-    if (!o.hf_model[0] || !o.ids[0] == !o.prompt[0]) {
-        fprintf(stderr, "moe tokenize: usage: moe tokenize --model DIR (--prompt TEXT | --ids "
-                        "5,17,42)\n");
+    int encode = o.prompt[0] || o.prompt_file[0];
+    if (!o.hf_model[0] || !o.ids[0] == !encode) {
+        fprintf(stderr, "moe tokenize: usage: moe tokenize --model DIR (--prompt TEXT | "
+                        "--prompt-file FILE | --ids 5,17,42)\n");
         return 2;
     }
     moe_tokenizer *t = NULL;
     int32_t *ids = NULL;
     int n = 0;
-    char *text = NULL;
+    char *text = NULL; /* the prompt, or the decoded ids */
     size_t len = 0;
     moe_status s = load_tokenizer(o.hf_model, &t);
-    if (s == MOE_OK && o.prompt[0]) s = moe_tokenizer_encode(t, o.prompt, strlen(o.prompt), 1, &ids, &n);
-    for (int i = 0; s == MOE_OK && o.prompt[0] && i < n; i++) printf("%s%d", i ? "," : "", ids[i]);
+    if (s == MOE_OK && encode) s = moe_cli_prompt(&o, &text, &len);
+    if (s == MOE_OK && encode) s = moe_tokenizer_encode(t, text, len, 1, &ids, &n);
+    for (int i = 0; s == MOE_OK && encode && i < n; i++) printf("%s%d", i ? "," : "", ids[i]);
     if (s == MOE_OK && o.ids[0] && !(n = parse_ids(o.ids, moe_tokenizer_size(t), &ids)))
         s = MOE_ERR_INVALID;
     if (s == MOE_OK && o.ids[0]) s = moe_tokenizer_decode(t, ids, n, 0, &text, &len);
-    if (s == MOE_OK && text) fwrite(text, 1, len, stdout);
+    if (s == MOE_OK && o.ids[0]) fwrite(text, 1, len, stdout);
     if (s == MOE_OK) printf("\n");
     else fprintf(stderr, "moe tokenize: %s\n", moe_last_error());
-    free(text), free(ids);
+    free(text);
+    free(ids);
     moe_tokenizer_free(t);
     return s == MOE_OK ? 0 : s == MOE_ERR_INVALID ? 2 : 1;
 }

@@ -287,6 +287,8 @@ static const opt_def opts[] = {
      "steps between progress lines", 0},
 
     {"prompt", NULL, OPT_STRING, O(prompt), 0, 0, NULL, GEN, "text to continue", 1},
+    {"prompt-file", NULL, OPT_STRING, O(prompt_file), 0, 0, NULL, GEN,
+     "a file whose text is the prompt (any length; instead of --prompt)", 1},
     {"max-new-tokens", NULL, OPT_INT, O(max_new_tokens), 1, BIG, NULL, GEN,
      "tokens to generate (stops early at end-of-text)", 1},
     {"temperature", NULL, OPT_FLOAT, O(temperature), 0, BIG, NULL, GEN,

@@ -42,6 +42,7 @@ typedef struct {
 
     /* moe generate */
     char prompt[MOE_PATH_MAX];
+    char prompt_file[MOE_PATH_MAX]; /* --prompt-file: the prompt is this file's text */
     int max_new_tokens, top_k;
     float temperature, top_p;
 
