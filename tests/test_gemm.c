@@ -1,6 +1,6 @@
-/* GEMM wrappers: fp32 (OpenBLAS) and bf16 with fp32 accumulation (oneDNN) against float64
- * products, every transpose, beta 0 and 1, leading dimensions wider than the rows; bf16
- * rounding. */
+/* GEMM wrappers: fp32 (OpenBLAS, and oneDNN's matmul as the experts use it inside a parallel
+ * region) and bf16 with fp32 accumulation (oneDNN) against float64 products, every transpose,
+ * beta 0 and 1, leading dimensions wider than the rows; bf16 rounding. */
 #include "kernels/kernels.h"
 #include "test_util.h"
 
@@ -31,8 +31,10 @@ static void ref_gemm(int ta, int tb, int m, int n, int k, const double *A, int l
         }
 }
 
-static void run(int bf16, int ta, int tb, int beta, uint64_t seed) {
-    int m = 37, n = 29, k = 53;
+enum { FP32, BF16, DNNL_FP32 };
+
+static void run(int kind, int ta, int tb, int beta, uint64_t seed) {
+    int m = 37, n = 29, k = 53, bf16 = kind == BF16;
     int lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 5, ldc = n + 2;
     size_t na = (size_t)(ta ? k : m) * lda, nb = (size_t)(tb ? n : k) * ldb, nc = (size_t)m * ldc;
     float *A = malloc(na * 4), *B = malloc(nb * 4), *C = malloc(nc * 4);
@@ -54,6 +56,8 @@ static void run(int bf16, int ta, int tb, int beta, uint64_t seed) {
     ref_gemm(ta, tb, m, n, k, A64, lda, B64, ldb, beta, C0, R, G, ldc);
     if (bf16)
         assert_int_equal(moe_gemm_bf16(ta, tb, m, n, k, Ah, lda, Bh, ldb, (float)beta, C, ldc), MOE_OK);
+    else if (kind == DNNL_FP32)
+        assert_int_equal(moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, (float)beta, C, ldc), MOE_OK);
     else
         moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, (float)beta, C, ldc);
     for (int i = 0; i < m; i++)
@@ -61,7 +65,8 @@ static void run(int bf16, int ta, int tb, int beta, uint64_t seed) {
             size_t at = (size_t)i * ldc + j;
             /* fp32 accumulation of k products: the bound k u sum|a b| (u = 2^-24), doubled */
             if (fabs(C[at] - R[at]) > 2 * 0x1p-24 * (k + 1) * G[at])
-                fail_msg("%s ta=%d tb=%d beta=%d: C[%d,%d] = %.9g, expected %.9g", bf16 ? "bf16" : "fp32",
+                fail_msg("%s ta=%d tb=%d beta=%d: C[%d,%d] = %.9g, expected %.9g",
+                         bf16 ? "bf16" : kind == DNNL_FP32 ? "oneDNN fp32" : "fp32",
                          ta, tb, beta, i, j, C[at], R[at]);
         }
     for (int i = 0; i < m; i++) /* the padding columns are not touched */
@@ -71,13 +76,20 @@ static void run(int bf16, int ta, int tb, int beta, uint64_t seed) {
 
 static void test_fp32(void **state) {
     (void)state;
-    for (int c = 0; c < 8; c++) run(0, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + (uint64_t)c);
+    for (int c = 0; c < 8; c++) run(FP32, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + (uint64_t)c);
+}
+
+static void test_dnnl_fp32(void **state) {
+    (void)state;
+    if (!moe_gemm_bf16_available()) skip(); /* built without oneDNN */
+    for (int c = 0; c < 8; c++)
+        run(DNNL_FP32, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + 100 + (uint64_t)c);
 }
 
 static void test_bf16(void **state) {
     (void)state;
     if (!moe_gemm_bf16_available()) skip();
-    for (int c = 0; c < 8; c++) run(1, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + (uint64_t)c);
+    for (int c = 0; c < 8; c++) run(BF16, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + (uint64_t)c);
 }
 
 /* bf16 keeps the top 16 bits, rounding to nearest, ties to even. */
@@ -98,7 +110,8 @@ static void test_bf16_rounding(void **state) {
 }
 
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_fp32), cmocka_unit_test(test_bf16),
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_fp32), cmocka_unit_test(test_dnnl_fp32),
+                                       cmocka_unit_test(test_bf16),
                                        cmocka_unit_test(test_bf16_rounding)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

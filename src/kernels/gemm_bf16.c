@@ -1,6 +1,6 @@
 /* bf16 GEMM with fp32 accumulation through oneDNN's matmul (AVX512-BF16 kernels where the CPU
- * has them), and fp32 <-> bf16 conversion. One primitive per (transposes, beta), with every
- * dimension and stride given at run time, created on first use. */
+ * has them), the same for fp32 operands, and fp32 <-> bf16 conversion. One primitive per
+ * (type, transposes, beta, n, leading dimensions), created on first use. */
 #include "kernels/kernels.h"
 
 #include "core/core.h"
@@ -16,7 +16,7 @@
  * reference code). The layer uses a handful of such shapes. */
 #define MOE_DNNL_CACHE 64
 typedef struct {
-    int ta, tb, acc, n, lda, ldb, ldc;
+    int f32, ta, tb, acc, n, lda, ldb, ldc;
     dnnl_primitive_t prim;
 } dn_entry;
 
@@ -36,11 +36,12 @@ static int make_md(dnnl_memory_desc_t *md, dnnl_data_type_t dt, int64_t rows, in
     return dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides) == dnnl_success;
 }
 
-static dnnl_primitive_t primitive(int ta, int tb, int acc, int n, int lda, int ldb, int ldc) {
+static dnnl_primitive_t primitive(int f32, int ta, int tb, int acc, int n, int lda, int ldb,
+                                   int ldc) {
     for (int i = 0; i < dn.n_cached; i++) {
         const dn_entry *e = &dn.cache[i];
-        if (e->ta == ta && e->tb == tb && e->acc == acc && e->n == n && e->lda == lda &&
-            e->ldb == ldb && e->ldc == ldc)
+        if (e->f32 == f32 && e->ta == ta && e->tb == tb && e->acc == acc && e->n == n &&
+            e->lda == lda && e->ldb == ldb && e->ldc == ldc)
             return e->prim;
     }
     if (dn.failed) return NULL;
@@ -59,7 +60,8 @@ static dnnl_primitive_t primitive(int ta, int tb, int acc, int n, int lda, int l
     dnnl_post_ops_t ops = NULL;
     dnnl_primitive_desc_t pd = NULL;
     dnnl_primitive_t prim = NULL;
-    int ok = make_md(&a, dnnl_bf16, R, R, ta, lda) && make_md(&b, dnnl_bf16, R, n, tb, ldb) &&
+    dnnl_data_type_t in = f32 ? dnnl_f32 : dnnl_bf16;
+    int ok = make_md(&a, in, R, R, ta, lda) && make_md(&b, in, R, n, tb, ldb) &&
              make_md(&c, dnnl_f32, R, n, 0, ldc) &&
              dnnl_matmul_desc_init(&desc, &a, &b, NULL, &c) == dnnl_success &&
              dnnl_primitive_attr_create(&attr) == dnnl_success;
@@ -73,17 +75,18 @@ static dnnl_primitive_t primitive(int ta, int tb, int acc, int n, int lda, int l
     if (ops) dnnl_post_ops_destroy(ops);
     if (attr) dnnl_primitive_attr_destroy(attr);
     if (!ok) return NULL;
-    dn.cache[dn.n_cached++] = (dn_entry){ta, tb, acc, n, lda, ldb, ldc, prim};
+    dn.cache[dn.n_cached++] = (dn_entry){f32, ta, tb, acc, n, lda, ldb, ldc, prim};
     return prim;
 }
 
 int moe_gemm_bf16_available(void) { return 1; }
 
-moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A, int lda,
-                         const uint16_t *B, int ldb, float beta, float *C, int ldc) {
+/* C = op(A) op(B) (+ C) with A, B bf16 or (f32) fp32, through the cached primitive. */
+static moe_status matmul(int f32, int ta, int tb, int m, int n, int k, const void *A, int lda,
+                            const void *B, int ldb, float beta, float *C, int ldc) {
     if (m <= 0 || n <= 0) return MOE_OK;
     if (beta != 0.0f && beta != 1.0f)
-        return moe_set_error(MOE_ERR_INVALID, "moe_gemm_bf16: beta must be 0 or 1 (got %g)", beta);
+        return moe_set_error(MOE_ERR_INVALID, "oneDNN GEMM: beta must be 0 or 1 (got %g)", beta);
     if (k <= 0) {
         if (beta == 0.0f)
             for (int i = 0; i < m; i++) memset(C + (size_t)i * ldc, 0, sizeof(float) * (size_t)n);
@@ -92,29 +95,40 @@ moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A,
     /* The cache is shared (locked); execution runs concurrently on a stream per thread. */
     static _Thread_local dnnl_stream_t stream;
     pthread_mutex_lock(&dn_lock);
-    dnnl_primitive_t p = primitive(ta != 0, tb != 0, beta != 0.0f, n, lda, ldb, ldc);
+    dnnl_primitive_t p = primitive(f32, ta != 0, tb != 0, beta != 0.0f, n, lda, ldb, ldc);
     if (p && !stream && dnnl_stream_create(&stream, dn.engine, dnnl_stream_default_flags) != dnnl_success)
         p = NULL;
     pthread_mutex_unlock(&dn_lock);
     moe_status st = MOE_OK;
     dnnl_memory_desc_t a, b, c;
     dnnl_memory_t am = NULL, bm = NULL, cm = NULL;
-    if (!p || !make_md(&a, dnnl_bf16, m, k, ta, lda) || !make_md(&b, dnnl_bf16, k, n, tb, ldb) ||
+    dnnl_data_type_t in = f32 ? dnnl_f32 : dnnl_bf16;
+    if (!p || !make_md(&a, in, m, k, ta, lda) || !make_md(&b, in, k, n, tb, ldb) ||
         !make_md(&c, dnnl_f32, m, n, 0, ldc) ||
         dnnl_memory_create(&am, &a, dn.engine, (void *)A) != dnnl_success ||
         dnnl_memory_create(&bm, &b, dn.engine, (void *)B) != dnnl_success ||
         dnnl_memory_create(&cm, &c, dn.engine, C) != dnnl_success) {
-        st = moe_set_error(MOE_ERR_STATE, "oneDNN bf16 matmul unavailable on this machine");
+        st = moe_set_error(MOE_ERR_STATE, "oneDNN matmul unavailable on this machine");
     } else {
         dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}};
         if (dnnl_primitive_execute(p, stream, 3, args) != dnnl_success ||
             dnnl_stream_wait(stream) != dnnl_success)
-            st = moe_set_error(MOE_ERR_STATE, "oneDNN bf16 matmul failed");
+            st = moe_set_error(MOE_ERR_STATE, "oneDNN matmul failed");
     }
     if (am) dnnl_memory_destroy(am);
     if (bm) dnnl_memory_destroy(bm);
     if (cm) dnnl_memory_destroy(cm);
     return st;
+}
+
+moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A, int lda,
+                         const uint16_t *B, int ldb, float beta, float *C, int ldc) {
+    return matmul(0, ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
+}
+
+moe_status moe_gemm_dnnl(int ta, int tb, int m, int n, int k, const float *A, int lda,
+                         const float *B, int ldb, float beta, float *C, int ldc) {
+    return matmul(1, ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
 }
 #else
 int moe_gemm_bf16_available(void) { return 0; }
@@ -124,6 +138,13 @@ moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A,
     (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb;
     (void)beta, (void)C, (void)ldc;
     return moe_set_error(MOE_ERR_STATE, "built without oneDNN: no bf16 GEMM");
+}
+
+moe_status moe_gemm_dnnl(int ta, int tb, int m, int n, int k, const float *A, int lda,
+                         const float *B, int ldb, float beta, float *C, int ldc) {
+    (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb;
+    (void)beta, (void)C, (void)ldc;
+    return moe_set_error(MOE_ERR_STATE, "built without oneDNN");
 }
 #endif
 

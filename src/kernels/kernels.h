@@ -21,6 +21,11 @@ int moe_gemm_bf16_available(void);
 moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A, int lda,
                          const uint16_t *B, int ldb, float beta, float *C, int ldc);
 double moe_gemm_bf16_peak(int n, int reps); /* like moe_gemm_peak; 0 without oneDNN */
+/* fp32 C = op(A) op(B) + beta C (beta 0 or 1) through oneDNN's matmul: single-threaded inside
+ * a parallel region, faster than OpenBLAS there for small-row NN and NT blocks (bench/RESULTS.md,
+ * Scaling); MOE_ERR_STATE without oneDNN. */
+moe_status moe_gemm_dnnl(int ta, int tb, int m, int n, int k, const float *A, int lda,
+                         const float *B, int ldb, float beta, float *C, int ldc);
 void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n); /* round to nearest even */
 void moe_f32_to_bf16_serial(const float *x, uint16_t *y, size_t n); /* the same, one thread */
 void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n);

@@ -4,14 +4,30 @@
 #include "kernels/kernels.h"
 #include "moe/layer_internal.h"
 
+#include <omp.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* MOE_GEMM_DNNL=0 keeps every fp32 expert GEMM on OpenBLAS (for comparisons). */
+static pthread_once_t dnnl_once = PTHREAD_ONCE_INIT;
+static int use_dnnl = 1;
+static void read_dnnl_switch(void) {
+    const char *v = getenv("MOE_GEMM_DNNL");
+    use_dnnl = !(v && !strcmp(v, "0"));
+}
 
 /* C = op(A) op(B) + beta C in fp32, or with the bf16 copies of A and B when b16 is set. */
 static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int k, const float *A,
                      const uint16_t *A16, int lda, const float *B, const uint16_t *B16, int ldb,
                      float beta, float *C, int ldc) {
     if (!b16) {
-        moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc);
+        /* experts spread over the threads: oneDNN for the NN and NT blocks (faster than
+         * OpenBLAS's single-threaded GEMMs there), OpenBLAS for TN (the weight gradients) */
+        pthread_once(&dnnl_once, read_dnnl_switch);
+        if (!(use_dnnl && !ta && omp_in_parallel() &&
+              moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc) == MOE_OK))
+            moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     moe_status st = moe_gemm_bf16(ta, tb, m, n, k, A16, lda, B16, ldb, beta, C, ldc);
