@@ -9,12 +9,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* MOE_GEMM_DNNL=0 keeps every fp32 expert GEMM on OpenBLAS (for comparisons). */
+/* oneDNN when built with it; MOE_GEMM_DNNL=0 keeps every fp32 expert GEMM on OpenBLAS (for
+ * comparisons). */
 static pthread_once_t dnnl_once = PTHREAD_ONCE_INIT;
 static int use_dnnl = 1;
 static void read_dnnl_switch(void) {
     const char *v = getenv("MOE_GEMM_DNNL");
-    use_dnnl = !(v && !strcmp(v, "0"));
+    use_dnnl = moe_gemm_bf16_available() && !(v && !strcmp(v, "0"));
 }
 
 /* C = op(A) op(B) + beta C in fp32, or with the bf16 copies of A and B when b16 is set. */
