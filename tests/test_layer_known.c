@@ -53,25 +53,32 @@ static void expect_slots(const moe_routing *r, const int *experts, const double 
     }
 }
 
-/* DeepSeek-V3 group-limited routing: 4 groups of 2, keep 2 groups, k = 4, sigmoid scores.
- * Scores (0.95 0.05 | 0.6 0.6 | 0.55 0.55 | 0.9 0.02): group score = sum of the top
- * k/group_topk = 2 keys = 1.0, 1.2, 1.1, 0.92. The best groups are 1 and 2 (by the maximum
- * they would have been 0 and 3). Selected: 2, 3 (0.6, tie -> lower first), 4, 5.
- * Weights: renormalised over 2.3, times route_scale 2.5. With bias b0 = +0.5 the keys of
- * group 0 become 1.45 and 0.55 (sum 2.0): groups 0 and 1 win, keys 1.45 (e0), 0.6 (e2),
- * 0.6 (e3), 0.55 (e1); the weights use the unbiased scores 0.95, 0.6, 0.6, 0.05 over 2.2. */
-static void test_group_limited_deepseek(void **state) {
-    (void)state;
+/* 8 experts in 4 groups of 2, keep 2 groups, k = 4, sigmoid scores
+ * (0.95 0.05 | 0.6 0.6 | 0.55 0.55 | 0.9 0.02), weights scaled by 2.5; groups scored by their
+ * top score_topk keys (0: k / group_topk = 2). The layer and the scores' logits. */
+static moe_layer *grouped_layer(int score_topk, int bias, float z[8]) {
     moe_layer_config c = identity_config(8, 4);
     c.score = MOE_SCORE_SIGMOID;
     c.n_groups = 4;
     c.group_topk = 2;
-    c.enable_expert_bias = 1;
+    c.group_score_topk = score_topk;
+    c.enable_expert_bias = bias;
     c.route_scale = 2.5f;
-    moe_layer *L = make_layer(&c, 1);
     const double s[8] = {0.95, 0.05, 0.6, 0.6, 0.55, 0.55, 0.9, 0.02};
-    float z[8];
     for (int e = 0; e < 8; e++) z[e] = logit(s[e]);
+    return make_layer(&c, 1);
+}
+
+/* DeepSeek-V3 group-limited routing: group score = sum of the top k/group_topk = 2 keys = 1.0,
+ * 1.2, 1.1, 0.92. The best groups are 1 and 2 (by the maximum they would have been 0 and 3).
+ * Selected: 2, 3 (0.6, tie -> lower first), 4, 5. Weights: renormalised over 2.3, times
+ * route_scale 2.5. With bias b0 = +0.5 the keys of group 0 become 1.45 and 0.55 (sum 2.0):
+ * groups 0 and 1 win, keys 1.45 (e0), 0.6 (e2), 0.6 (e3), 0.55 (e1); the weights use the
+ * unbiased scores 0.95, 0.6, 0.6, 0.05 over 2.2. */
+static void test_group_limited_deepseek(void **state) {
+    (void)state;
+    float z[8];
+    moe_layer *L = grouped_layer(0, 1, z);
     moe_forward_args a = moe_forward_args_default();
     a.training = 0;
     const int e1[4] = {2, 3, 4, 5};
@@ -89,16 +96,8 @@ static void test_group_limited_deepseek(void **state) {
  * keys 0.95 (e0), 0.9 (e6), 0.05 (e1), 0.02 (e7), renormalised over 1.92 and scaled by 2.5. */
 static void test_group_score_max(void **state) {
     (void)state;
-    moe_layer_config c = identity_config(8, 4);
-    c.score = MOE_SCORE_SIGMOID;
-    c.n_groups = 4;
-    c.group_topk = 2;
-    c.group_score_topk = 1;
-    c.route_scale = 2.5f;
-    moe_layer *L = make_layer(&c, 1);
-    const double s[8] = {0.95, 0.05, 0.6, 0.6, 0.55, 0.55, 0.9, 0.02};
     float z[8];
-    for (int e = 0; e < 8; e++) z[e] = logit(s[e]);
+    moe_layer *L = grouped_layer(1, 0, z);
     moe_forward_args a = moe_forward_args_default();
     a.training = 0;
     const int ex[4] = {0, 6, 1, 7};
