@@ -139,6 +139,7 @@ struct moe_tokenizer {
     int byte_id[256];     /* <0xXX> tokens, -1 when absent */
     added_token *added;
     int n_added;
+    unsigned char starts_added[256]; /* bytes that begin an added token */
     step norm[MAX_STEPS], pre[MAX_STEPS], dec[MAX_STEPS];
     int n_norm, n_pre, n_dec, has_decoder;
     int32_t *prefix, *suffix; /* the post-processor's tokens around one sequence */
@@ -507,6 +508,7 @@ static moe_status parse_added(moe_tokenizer *t, const cJSON *list) {
                                  a->id);
         MOE_TRY(set_token(t, a->id, a->s, 0));
         t->special[a->id] |= (unsigned char)a->special;
+        t->starts_added[(unsigned char)a->s[0]] = 1;
     }
     return MOE_OK;
 }
@@ -1044,9 +1046,14 @@ static int bpe(const moe_tokenizer *t, const char *s, size_t n, idlist *out) {
 
 /* The added token that starts earliest at or after from (longest on ties): index, or -1;
  * [*ms, *me) its span with lstrip / rstrip whitespace. */
+static int is_space(char c) {
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
 static int next_added(const moe_tokenizer *t, const char *s, size_t n, size_t from, size_t *ms,
                       size_t *me) {
     for (size_t i = from; i < n; i++) {
+        if (!t->starts_added[(unsigned char)s[i]]) continue;
         int best = -1;
         for (int a = 0; a < t->n_added; a++) {
             const added_token *at = &t->added[a];
@@ -1056,8 +1063,8 @@ static int next_added(const moe_tokenizer *t, const char *s, size_t n, size_t fr
         }
         if (best < 0) continue;
         *ms = i, *me = i + (size_t)t->added[best].len;
-        while (t->added[best].lstrip && *ms > from && strchr(" \t\n\r", s[*ms - 1])) (*ms)--;
-        while (t->added[best].rstrip && *me < n && strchr(" \t\n\r", s[*me])) (*me)++;
+        while (t->added[best].lstrip && *ms > from && is_space(s[*ms - 1])) (*ms)--;
+        while (t->added[best].rstrip && *me < n && is_space(s[*me])) (*me)++;
         return best;
     }
     return -1;
