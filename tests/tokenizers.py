@@ -458,6 +458,11 @@ def check_hand():
         got = moe("--model", d, "--prompt", text)
         assert got == want, (text, got, want)
     assert moe("--model", d, "--ids", "5,4,2,4") == b"abc ab c ab"
+    # an id without a token (a model's padded vocabulary: here 6..8 below the added 9) is dropped
+    j = json.load(open(os.path.join(d, "tokenizer.json")))
+    j["added_tokens"] = [{"id": 9, "content": "<e>", "special": True}]
+    d = write("hole", j)
+    assert moe("--model", d, "--ids", "5,7,4,9") == b"abc ab <e>"
     print("hand-worked vocabulary: ids and decoding as worked out")
 
 

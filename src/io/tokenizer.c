@@ -1188,11 +1188,8 @@ moe_status moe_tokenizer_decode(const moe_tokenizer *t, const int32_t *ids, int 
     pieces cur = {0}, next = {0};
     int rc = 0;
     for (int i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= t->size || !t->tok[ids[i]]) {
-            pieces_free(&cur);
-            return moe_set_error(MOE_ERR_INVALID, "token id %d is not in the tokenizer's "
-                                 "vocabulary (%d)", ids[i], t->size);
-        }
+        if (ids[i] < 0 || ids[i] >= t->size || !t->tok[ids[i]])
+            continue; /* no text (a model's padded vocabulary), as the library drops them */
         if (!(skip_special && t->special[ids[i]]) &&
             pieces_add(&cur, t->tok[ids[i]], (size_t)t->tok_len[ids[i]]))
             rc = -1;

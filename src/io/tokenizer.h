@@ -25,7 +25,7 @@ int moe_tokenizer_size(const moe_tokenizer *t);
 moe_status moe_tokenizer_encode(const moe_tokenizer *t, const char *text, size_t len,
                                 int add_special, int32_t **ids, int *n);
 /* Decodes ids into *text (malloc'd bytes, NUL-terminated, *len without the NUL); special tokens
- * left out with skip_special. */
+ * left out with skip_special, ids without a token (a model's padded vocabulary) dropped. */
 moe_status moe_tokenizer_decode(const moe_tokenizer *t, const int32_t *ids, int n,
                                 int skip_special, char **text, size_t *len);
 
