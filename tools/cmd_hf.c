@@ -223,7 +223,7 @@ static moe_status copy_tokenizer(const char *model_dir, const char *out, int *co
     for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
         snprintf(from, sizeof from, "%s/%s", model_dir, files[i]);
         snprintf(to, sizeof to, "%s/%s", out, files[i]);
-        if (access(from, F_OK)) continue;
+        if (!moe_file_exists(model_dir, files[i])) continue;
         char *data;
         size_t len;
         MOE_TRY(moe_read_file(from, &data, &len));

@@ -133,6 +133,13 @@ static moe_status add_doc(split_buf *b, const char *text, size_t len, uint32_t s
     return MOE_OK;
 }
 
+int moe_file_exists(const char *dir, const char *name) {
+    char path[4400];
+    struct stat sb;
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return stat(path, &sb) == 0;
+}
+
 moe_status moe_read_file(const char *path, char **out, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return moe_set_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));

@@ -63,6 +63,8 @@ void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t
 moe_status moe_write_atomic(const char *path, const void *const *parts, const size_t *sizes,
                             int n_parts);
 
+/* Whether dir/name exists. */
+int moe_file_exists(const char *dir, const char *name);
 /* mkdir -p */
 moe_status moe_mkdirs(const char *path);
 /* The whole file, malloc'ed. */

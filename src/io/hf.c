@@ -12,7 +12,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 /* An integer field in [lo, hi]; absent: def (or an error when def < lo). */
 static moe_status get_int(const cJSON *j, const char *key, int lo, int hi, int def, int *out) {
@@ -233,11 +232,12 @@ static moe_status parse_deepseek_v3(const cJSON *j, moe_model_config *c) {
     return parse_deepseek(j, c, 1);
 }
 
-moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, size_t cap) {
-    char path[4400];
-    snprintf(path, sizeof path, "%s/config.json", dir);
+/* DIR/config.json as a JSON object (path receives its path). */
+static moe_status read_config(const char *dir, char *path, size_t cap, cJSON **out) {
     char *text;
     size_t size;
+    snprintf(path, cap, "%s/config.json", dir);
+    *out = NULL;
     MOE_TRY(moe_read_file(path, &text, &size));
     cJSON *j = cJSON_ParseWithLength(text, size);
     free(text);
@@ -245,6 +245,14 @@ moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, s
         cJSON_Delete(j);
         return moe_set_error(MOE_ERR_FORMAT, "%s: not a JSON object", path);
     }
+    *out = j;
+    return MOE_OK;
+}
+
+moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, size_t cap) {
+    char path[4400];
+    cJSON *j;
+    MOE_TRY(read_config(dir, path, sizeof path, &j));
     static const struct {
         const char *type;
         moe_status (*parse)(const cJSON *, moe_model_config *);
@@ -278,13 +286,10 @@ moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, s
 }
 
 int moe_hf_eos(const char *dir, int32_t *ids, int cap) {
-    char path[4400], *text;
-    size_t size;
+    char path[4400];
+    cJSON *j;
     int n = 0;
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    if (moe_read_file(path, &text, &size) != MOE_OK) return 0;
-    cJSON *j = cJSON_ParseWithLength(text, size);
-    free(text);
+    if (read_config(dir, path, sizeof path, &j) != MOE_OK) return 0;
     const cJSON *eos = cJSON_GetObjectItemCaseSensitive(j, "eos_token_id"), *e;
     if (cJSON_IsNumber(eos) && eos->valuedouble >= 0 && cap > 0) ids[n++] = (int32_t)eos->valuedouble;
     const cJSON *list = cJSON_IsArray(eos) ? eos : NULL;
@@ -524,39 +529,29 @@ static cJSON *family_config(const moe_model_config *c, const char *family, cJSON
     return j;
 }
 
-static int exists(const char *dir, const char *name) {
-    char path[4400];
-    struct stat sb;
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    return stat(path, &sb) == 0;
-}
-
 moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const char *base) {
     const moe_model_config *c = moe_model_get_config(m);
     char why[128];
     if (!moe_hf_compatible(c, family, why, sizeof why))
         return moe_set_error(MOE_ERR_INVALID, "cannot write a %s model: %s", family, why);
-    if (exists(dir, "config.json") || exists(dir, "model.safetensors"))
+    if (moe_file_exists(dir, "config.json") || moe_file_exists(dir, "model.safetensors"))
         return moe_set_error(MOE_ERR_INVALID, "%s already holds a model; choose an empty "
                              "directory", dir);
     cJSON *j = NULL;
+    char path[4400];
     if (base) {
-        char path[4400], *text;
-        size_t size;
-        snprintf(path, sizeof path, "%s/config.json", base);
-        MOE_TRY(moe_read_file(path, &text, &size));
-        j = cJSON_ParseWithLength(text, size);
-        free(text);
+        MOE_TRY(read_config(base, path, sizeof path, &j));
     } else {
         j = cJSON_CreateObject();
+        if (!j) return moe_set_error(MOE_ERR_NOMEM, "out of memory for config.json");
         /* our byte vocabulary: end-of-text 256 ends generation */
         if (c->vocab == MOE_BYTE_VOCAB) cJSON_AddNumberToObject(j, "eos_token_id", MOE_BYTE_EOT);
     }
-    if (!cJSON_IsObject(j)) {
+    moe_status made = moe_mkdirs(dir);
+    if (made != MOE_OK) {
         cJSON_Delete(j);
-        return moe_set_error(MOE_ERR_FORMAT, "%s/config.json: not a JSON object", base);
+        return made;
     }
-    MOE_TRY(moe_mkdirs(dir));
     j = family_config(c, family, j);
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
@@ -581,7 +576,6 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const 
                               moe_layer_expert_bias(ml)};
         n++;
     }
-    char path[4400];
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     const char *keys[] = {"format"}, *vals[] = {"pt"};
     if (s == MOE_OK) s = moe_st_write(path, e, n, keys, vals, 1);

@@ -12,7 +12,6 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #define CKPT_PREFIX "step-"
@@ -198,15 +197,8 @@ moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *
     return st;
 }
 
-static int is_file(const char *dir, const char *name) {
-    char path[4400];
-    struct stat sb;
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    return stat(path, &sb) == 0;
-}
-
 moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap) {
-    if (is_file(dir, "model.safetensors") || is_file(dir, "model.safetensors.index.json")) {
+    if (moe_file_exists(dir, "model.safetensors") || moe_file_exists(dir, "model.safetensors.index.json")) {
         snprintf(ckpt, cap, "%s", dir);
         return MOE_OK;
     }
@@ -242,7 +234,7 @@ typedef struct {
 static moe_status reader_open(ckpt_reader *r, const char *dir) {
     memset(r, 0, sizeof *r);
     r->dir = dir;
-    if (!is_file(dir, "model.safetensors.index.json")) return MOE_OK;
+    if (!moe_file_exists(dir, "model.safetensors.index.json")) return MOE_OK;
     char path[4400];
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     char *text;
