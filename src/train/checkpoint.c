@@ -14,6 +14,9 @@
 #include <string.h>
 #include <unistd.h>
 
+/* Each MoE layer's selection bias in the trainer file. */
+#define OUR_EXPERT_BIAS "model.layers.%d.mlp.gate.expert_bias"
+
 #define CKPT_PREFIX "step-"
 
 /* Shard i (0-based) of n of a checkpoint's files: KIND.safetensors when n = 1, else
@@ -64,7 +67,7 @@ static moe_status save_shard(const char *dir, moe_model *m, moe_trainer *t, cons
     for (int l = 0; t && with_dense && l < c->n_layers; l++) {
         moe_layer *ml = moe_model_moe_layer(m, l);
         if (!ml) continue;
-        snprintf(names[no], sizeof names[no], "model.layers.%d.mlp.gate.expert_bias", l);
+        snprintf(names[no], sizeof names[no], OUR_EXPERT_BIAS, l);
         o[no] = (moe_st_entry){names[no], MOE_DT_F32, 1, {moe_model_layer_experts(c, l)},
                                moe_layer_expert_bias(ml)};
         no++;
@@ -312,18 +315,37 @@ moe_status moe_checkpoint_config(const char *ckpt, char **config) {
     return MOE_OK;
 }
 
-/* The MoE layers' selection biases (state of the trainer file, but part of the model's routing). */
-static moe_status load_expert_bias(ckpt_reader *r, moe_model *m) {
+/* Every MoE layer's selection bias from the tensors named fmt % layer in the kind ("model" or
+ * "trainer") files: all read before any is set. Ours are trainer state, DeepSeek-V3's
+ * (e_score_correction_bias) model tensors; either way part of the routing. */
+static moe_status load_expert_bias(ckpt_reader *r, const char *kind, const char *fmt,
+                                   moe_model *m) {
     const moe_model_config *c = moe_model_get_config(m);
     moe_status s = MOE_OK;
+    size_t total = 1, at = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        if (moe_model_moe_layer(m, l)) total += (size_t)moe_model_layer_experts(c, l);
+    float *tmp = moe_alloc(total, sizeof(float));
+    if (!tmp) s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
     char name[160];
+    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) {
+        if (!moe_model_moe_layer(m, l)) continue;
+        int64_t E = moe_model_layer_experts(c, l);
+        snprintf(name, sizeof name, fmt, l);
+        /* a trainer file is found by the first tensor's, a model tensor by its own name */
+        s = reader_get(r, kind, strcmp(kind, "trainer") ? name : FIRST_TENSOR, name, 1, &E,
+                       tmp + at);
+        at += (size_t)E;
+    }
+    at = 0;
     for (int l = 0; l < c->n_layers && s == MOE_OK; l++) {
         moe_layer *ml = moe_model_moe_layer(m, l);
         if (!ml) continue;
-        snprintf(name, sizeof name, "model.layers.%d.mlp.gate.expert_bias", l);
-        int64_t E = moe_model_layer_experts(c, l);
-        s = reader_get(r, "trainer", FIRST_TENSOR, name, 1, &E, moe_layer_expert_bias(ml));
+        size_t E = (size_t)moe_model_layer_experts(c, l);
+        memcpy(moe_layer_expert_bias(ml), tmp + at, sizeof(float) * E);
+        at += E;
     }
+    moe_free(tmp);
     return s;
 }
 
@@ -338,7 +360,7 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
         snprintf(name, sizeof name, "optimizer.adam_v.%s", ti->name);
         if (s == MOE_OK) s = reader_get(r, "trainer", ti->name, name, ti->ndim, ti->shape, av + ti->offset);
     }
-    if (s == MOE_OK) s = load_expert_bias(r, m);
+    if (s == MOE_OK) s = load_expert_bias(r, "trainer", OUR_EXPERT_BIAS, m);
     moe_safetensors *st;
     if (s == MOE_OK) s = reader_file(r, "trainer", FIRST_TENSOR, &st);
     const char *step = s == MOE_OK ? moe_st_meta(st, "moe.step") : NULL;
@@ -380,33 +402,9 @@ moe_status moe_checkpoint_load_params(const char *dir, moe_model *m,
 }
 
 moe_status moe_checkpoint_load_expert_bias(const char *dir, moe_model *m, const char *fmt) {
-    const moe_model_config *c = moe_model_get_config(m);
     ckpt_reader r;
     MOE_TRY(reader_open(&r, dir));
-    moe_status s = MOE_OK;
-    size_t total = 1;
-    for (int l = 0; l < c->n_layers; l++)
-        if (moe_model_moe_layer(m, l)) total += (size_t)moe_model_layer_experts(c, l);
-    float *tmp = moe_alloc(total, sizeof(float));
-    if (!tmp) s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
-    size_t at = 0;
-    char name[160];
-    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) { /* all read before any is set */
-        if (!moe_model_moe_layer(m, l)) continue;
-        int64_t E = moe_model_layer_experts(c, l);
-        snprintf(name, sizeof name, fmt, l);
-        s = reader_get(&r, "model", name, name, 1, &E, tmp + at);
-        at += (size_t)E;
-    }
-    at = 0;
-    for (int l = 0; l < c->n_layers && s == MOE_OK; l++) {
-        moe_layer *ml = moe_model_moe_layer(m, l);
-        if (!ml) continue;
-        size_t E = (size_t)moe_model_layer_experts(c, l);
-        memcpy(moe_layer_expert_bias(ml), tmp + at, sizeof(float) * E);
-        at += E;
-    }
-    moe_free(tmp);
+    moe_status s = load_expert_bias(&r, "model", fmt, m);
     reader_close(&r);
     return s;
 }
@@ -417,7 +415,7 @@ moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
     moe_status s = load_params(&r, m, NULL, NULL);
     /* without the trainer, the selection biases still route (inference, conversion) */
     if (s == MOE_OK && !t && moe_model_get_config(m)->moe.enable_expert_bias)
-        s = load_expert_bias(&r, m);
+        s = load_expert_bias(&r, "trainer", OUR_EXPERT_BIAS, m);
     if (s == MOE_OK && t) s = load_trainer(&r, m, t);
     reader_close(&r);
     return s;
