@@ -1,6 +1,7 @@
 /* Hugging Face tokenizer.json: added tokens, normalizer, pre-tokenizer, BPE model,
  * post-processor, decoder — the pipeline of the `tokenizers` library, for the components the
  * MoE families use. */
+#define _POSIX_C_SOURCE 200809L
 #include "io/tokenizer.h"
 
 #include "core/core.h"
@@ -88,11 +89,6 @@ static int utf8_valid(const char *s, size_t n) {
     return 1;
 }
 
-static char *dup(const char *s) {
-    size_t n = strlen(s) + 1;
-    char *p = malloc(n);
-    return p ? memcpy(p, s, n) : NULL;
-}
 
 /* ---- the parts of the pipeline ---- */
 
@@ -132,6 +128,7 @@ struct moe_tokenizer {
     unsigned char *special; /* [size] */
     int *vocab_slots;     /* open addressing over model vocabulary ids, -1 empty */
     char **vocab_tok;     /* [size] the model vocabulary's text of each id (NULL: none) */
+    size_t *vocab_len;    /* [size] its length */
     size_t vocab_mask;
     merge *merges;
     size_t merge_mask;
@@ -166,7 +163,7 @@ static int vocab_find(const moe_tokenizer *t, const char *s, size_t n) {
     for (size_t i = hash_bytes(s, n) & t->vocab_mask;; i = (i + 1) & t->vocab_mask) {
         int id = t->vocab_slots[i];
         if (id < 0) return -1;
-        if (strlen(t->vocab_tok[id]) == n && !memcmp(t->vocab_tok[id], s, n)) return id;
+        if (t->vocab_len[id] == n && !memcmp(t->vocab_tok[id], s, n)) return id;
     }
 }
 
@@ -243,7 +240,7 @@ static moe_status pattern_item(const cJSON *j, pcre2_code **out) {
 
 static moe_status string_dup(const char *s, const char *what, char **out) {
     if (!s) return moe_set_error(MOE_ERR_FORMAT, "tokenizer.json: %s needs a string", what);
-    *out = dup(s);
+    *out = strdup(s);
     return *out ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
 }
 
@@ -366,7 +363,7 @@ static moe_status set_token(moe_tokenizer *t, int id, const char *s, int model) 
         return moe_set_error(MOE_ERR_FORMAT, "tokenizer.json: id %d given to \"%.40s\" and "
                              "\"%.40s\"", id, *slot, s);
     free(*slot);
-    *slot = dup(s);
+    *slot = strdup(s);
     return *slot ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
 }
 
@@ -395,7 +392,12 @@ static moe_status parse_vocab(moe_tokenizer *t, const cJSON *vocab) {
     const cJSON *e;
     cJSON_ArrayForEach(e, vocab) MOE_TRY(set_token(t, id_value(e), e->string, 1));
     int count = 0;
-    for (int id = 0; id < t->size; id++) count += t->vocab_tok[id] != NULL;
+    t->vocab_len = calloc((size_t)t->size, sizeof(size_t));
+    if (!t->vocab_len) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    for (int id = 0; id < t->size; id++) {
+        count += t->vocab_tok[id] != NULL;
+        t->vocab_len[id] = t->vocab_tok[id] ? strlen(t->vocab_tok[id]) : 0;
+    }
     size_t cap = table_size((size_t)count);
     t->vocab_slots = malloc(sizeof(int) * cap);
     if (!t->vocab_slots) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
@@ -404,10 +406,10 @@ static moe_status parse_vocab(moe_tokenizer *t, const cJSON *vocab) {
     for (int id = 0; id < t->size; id++) {
         const char *s = t->vocab_tok[id];
         if (!s) continue;
-        if (vocab_find(t, s, strlen(s)) >= 0)
+        if (vocab_find(t, s, t->vocab_len[id]) >= 0)
             return moe_set_error(MOE_ERR_FORMAT, "tokenizer.json: \"%.40s\" twice in the "
                                  "vocabulary", s);
-        size_t i = hash_bytes(s, strlen(s)) & t->vocab_mask;
+        size_t i = hash_bytes(s, t->vocab_len[id]) & t->vocab_mask;
         while (t->vocab_slots[i] >= 0) i = (i + 1) & t->vocab_mask;
         t->vocab_slots[i] = id;
     }
@@ -659,7 +661,7 @@ void moe_tokenizer_free(moe_tokenizer *t) {
         if (t->tok) free(t->tok[id]);
         if (t->vocab_tok) free(t->vocab_tok[id]);
     }
-    free(t->tok), free(t->vocab_tok), free(t->tok_len), free(t->special);
+    free(t->tok), free(t->vocab_tok), free(t->vocab_len), free(t->tok_len), free(t->special);
     free(t->vocab_slots), free(t->merges);
     for (int i = 0; i < t->n_added; i++) free(t->added[i].s);
     free(t->added);
