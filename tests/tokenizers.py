@@ -404,10 +404,7 @@ def check_style(name):
     style = Style(name)
     vocab, merges = train(style, CORPUS, 250)
     j = tokenizer_json(style, vocab, merges)
-    d = os.path.join(WORK, name)
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(j, f, ensure_ascii=False)
+    d = write(name, j)
     ranks = {m: i for i, m in enumerate(merges)}
     inv = {i: t for t, i in vocab.items()}
     texts = KNOWN + [random_text(rng) for _ in range(25)]
