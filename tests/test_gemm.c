@@ -1,6 +1,7 @@
-/* GEMM wrappers: fp32 (OpenBLAS, and oneDNN's matmul as the experts use it inside a parallel
- * region) and bf16 with fp32 accumulation (oneDNN) against float64 products, every transpose,
- * beta 0 and 1, leading dimensions wider than the rows; bf16 rounding. */
+/* GEMM wrappers: fp32 (OpenBLAS, and oneDNN's matmul and our AVX-512 tiles as the experts use
+ * them inside a parallel region) and bf16 with fp32 accumulation (oneDNN) against float64
+ * products, every transpose, beta 0 and 1, leading dimensions wider than the rows; bf16
+ * rounding. */
 #include "kernels/kernels.h"
 #include "test_util.h"
 
@@ -31,10 +32,10 @@ static void ref_gemm(int ta, int tb, int m, int n, int k, const double *A, int l
         }
 }
 
-enum { FP32, BF16, DNNL_FP32 };
+enum { FP32, BF16, DNNL_FP32, SMALL };
 
-static void run(int kind, int ta, int tb, int beta, uint64_t seed) {
-    int m = 37, n = 29, k = 53, bf16 = kind == BF16;
+static void run_shape(int kind, int ta, int tb, int beta, int m, int n, int k, uint64_t seed) {
+    int bf16 = kind == BF16;
     int lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 5, ldc = n + 2;
     size_t na = (size_t)(ta ? k : m) * lda, nb = (size_t)(tb ? n : k) * ldb, nc = (size_t)m * ldc;
     float *A = malloc(na * 4), *B = malloc(nb * 4), *C = malloc(nc * 4);
@@ -58,6 +59,9 @@ static void run(int kind, int ta, int tb, int beta, uint64_t seed) {
         assert_int_equal(moe_gemm_bf16(ta, tb, m, n, k, Ah, lda, Bh, ldb, (float)beta, C, ldc), MOE_OK);
     else if (kind == DNNL_FP32)
         assert_int_equal(moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, (float)beta, C, ldc), MOE_OK);
+    else if (kind == SMALL)
+        assert_int_equal(moe_gemm_small(ta, tb, m, n, k, A, lda, B, ldb, (float)beta, C, ldc),
+                         MOE_OK);
     else
         moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, (float)beta, C, ldc);
     for (int i = 0; i < m; i++)
@@ -65,13 +69,20 @@ static void run(int kind, int ta, int tb, int beta, uint64_t seed) {
             size_t at = (size_t)i * ldc + j;
             /* fp32 accumulation of k products: the bound k u sum|a b| (u = 2^-24), doubled */
             if (fabs(C[at] - R[at]) > 2 * 0x1p-24 * (k + 1) * G[at])
-                fail_msg("%s ta=%d tb=%d beta=%d: C[%d,%d] = %.9g, expected %.9g",
-                         bf16 ? "bf16" : kind == DNNL_FP32 ? "oneDNN fp32" : "fp32",
-                         ta, tb, beta, i, j, C[at], R[at]);
+                fail_msg("%s ta=%d tb=%d beta=%d m=%d n=%d k=%d: C[%d,%d] = %.9g, expected %.9g",
+                         bf16                ? "bf16"
+                         : kind == DNNL_FP32 ? "oneDNN fp32"
+                         : kind == SMALL     ? "small"
+                                             : "fp32",
+                         ta, tb, beta, m, n, k, i, j, C[at], R[at]);
         }
     for (int i = 0; i < m; i++) /* the padding columns are not touched */
         for (int j = n; j < ldc; j++) assert_true(C[(size_t)i * ldc + j] == (float)C0[(size_t)i * ldc + j]);
     free(A), free(B), free(C), free(Ah), free(Bh), free(A64), free(B64), free(C0), free(R), free(G);
+}
+
+static void run(int kind, int ta, int tb, int beta, uint64_t seed) {
+    run_shape(kind, ta, tb, beta, 37, 29, 53, seed);
 }
 
 static void test_fp32(void **state) {
@@ -84,6 +95,29 @@ static void test_dnnl_fp32(void **state) {
     if (!moe_gemm_bf16_available()) skip(); /* built without oneDNN */
     for (int c = 0; c < 8; c++)
         run(DNNL_FP32, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + 100 + (uint64_t)c);
+}
+
+/* Shapes that reach every tile of gemm_small.c: rows beyond one 64-row block (NT) and one
+ * 12-row tile, 1 to 4 vectors and partial vectors, k beyond one block (64 for NN, 512 for NT)
+ * and shorter than the prefetch distance; then random shapes. */
+static void test_small(void **state) {
+    (void)state;
+    if (!moe_gemm_small_available()) skip(); /* no AVX-512 */
+    static const int shapes[][3] = {{37, 29, 53}, {150, 77, 600}, {5, 200, 3}, {64, 33, 129},
+                                    {16, 1, 700}, {1, 16, 1}, {49, 64, 1100}, {13, 130, 65}};
+    uint64_t seed = tu_seed() + 200;
+    for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
+        for (int c = 0; c < 6; c++)
+            run_shape(SMALL, c % 3 == 1, c % 3 == 2, c >= 3, shapes[q][0], shapes[q][1],
+                      shapes[q][2], seed++);
+    for (int t = 0; t < 12; t++) {
+        int m = 1 + (int)(moe_rng_u64(seed, 9, 3 * t) % 140);
+        int n = 1 + (int)(moe_rng_u64(seed, 9, 3 * t + 1) % 140);
+        int k = 1 + (int)(moe_rng_u64(seed, 9, 3 * t + 2) % 700);
+        run_shape(SMALL, t % 3 == 1, t % 3 == 2, t & 1, m, n, k, seed + 1 + (uint64_t)t);
+    }
+    float a = 1, b = 1, c = 0; /* both transposed: refused */
+    assert_int_equal(moe_gemm_small(1, 1, 1, 1, 1, &a, 1, &b, 1, 0.0f, &c, 1), MOE_ERR_INVALID);
 }
 
 static void test_bf16(void **state) {
@@ -111,6 +145,7 @@ static void test_bf16_rounding(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_fp32), cmocka_unit_test(test_dnnl_fp32),
+                                       cmocka_unit_test(test_small),
                                        cmocka_unit_test(test_bf16),
                                        cmocka_unit_test(test_bf16_rounding)};
     return cmocka_run_group_tests(tests, NULL, NULL);

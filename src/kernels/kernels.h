@@ -26,6 +26,12 @@ double moe_gemm_bf16_peak(int n, int reps); /* like moe_gemm_peak; 0 without one
  * Scaling); MOE_ERR_STATE without oneDNN. */
 moe_status moe_gemm_dnnl(int ta, int tb, int m, int n, int k, const float *A, int lda,
                          const float *B, int ldb, float beta, float *C, int ldc);
+/* fp32 C = op(A) op(B) + beta C (beta 0 or 1; not both transposed) on one thread with AVX-512
+ * register tiles that read the operands in place (gemm_small.c): the expert blocks' GEMMs when
+ * the experts are spread over the threads. MOE_ERR_INVALID where the CPU lacks AVX-512. */
+int moe_gemm_small_available(void);
+moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
+                          const float *B, int ldb, float beta, float *C, int ldc);
 void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n); /* round to nearest even */
 void moe_f32_to_bf16_serial(const float *x, uint16_t *y, size_t n); /* the same, one thread */
 void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n);

@@ -6,16 +6,36 @@
 
 #include <omp.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* oneDNN when built with it; MOE_GEMM_DNNL=0 keeps every fp32 expert GEMM on OpenBLAS (for
- * comparisons). */
-static pthread_once_t dnnl_once = PTHREAD_ONCE_INIT;
-static int use_dnnl = 1;
-static void read_dnnl_switch(void) {
-    const char *v = getenv("MOE_GEMM_DNNL");
-    use_dnnl = moe_gemm_bf16_available() && !(v && !strcmp(v, "0"));
+/* Which library multiplies the fp32 expert blocks while the experts are spread over the
+ * threads (one single-threaded GEMM per block), per layout: NN, TN, NT with at most 64 rows, NT
+ * with more. MOE_EXPERT_GEMM: "auto" (default) takes the fastest measured (bench/RESULTS.md,
+ * Scaling): oneDNN for NN (dy W_out, dh W_in) and for NT with many rows, OpenBLAS for TN (the
+ * weight gradients), our AVX-512 tiles for NT with at most 64 rows (the forward's x W_in^T and
+ * a W_out^T of an expert with few rows: the tiles then read each weight once; also NN without
+ * oneDNN); "blas", "dnnl" (NN and NT) and "small" (all) for comparisons. */
+enum { EG_BLAS, EG_DNNL, EG_SMALL };
+#define SMALL_NT_ROWS 64
+static pthread_once_t eg_once = PTHREAD_ONCE_INIT;
+static int eg_choice[4];
+static void read_expert_gemm(void) {
+    const char *v = getenv("MOE_EXPERT_GEMM");
+    int dnnl = moe_gemm_bf16_available() ? EG_DNNL : EG_BLAS;
+    int small = moe_gemm_small_available() ? EG_SMALL : EG_BLAS;
+    int auto_choice[4] = {dnnl != EG_BLAS ? dnnl : small, EG_BLAS, small, dnnl};
+    if (v && *v && strcmp(v, "auto") && strcmp(v, "blas") && strcmp(v, "dnnl") &&
+        strcmp(v, "small"))
+        fprintf(stderr, "moe: MOE_EXPERT_GEMM=%s is not auto, blas, dnnl or small: using auto\n",
+                v);
+    for (int l = 0; l < 4; l++) {
+        if (v && !strcmp(v, "blas")) eg_choice[l] = EG_BLAS;
+        else if (v && !strcmp(v, "dnnl")) eg_choice[l] = l == 1 ? EG_BLAS : dnnl;
+        else if (v && !strcmp(v, "small")) eg_choice[l] = small;
+        else eg_choice[l] = auto_choice[l];
+    }
 }
 
 /* C = op(A) op(B) + beta C in fp32, or with the bf16 copies of A and B when b16 is set. */
@@ -23,12 +43,13 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
                      const uint16_t *A16, int lda, const float *B, const uint16_t *B16, int ldb,
                      float beta, float *C, int ldc) {
     if (!b16) {
-        /* experts spread over the threads: oneDNN for the NN and NT blocks (faster than
-         * OpenBLAS's single-threaded GEMMs there), OpenBLAS for TN (the weight gradients) */
-        pthread_once(&dnnl_once, read_dnnl_switch);
-        if (!(use_dnnl && !ta && omp_in_parallel() &&
-              moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc) == MOE_OK))
-            moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc);
+        pthread_once(&eg_once, read_expert_gemm);
+        int layout = ta ? 1 : !tb ? 0 : m <= SMALL_NT_ROWS ? 2 : 3;
+        int lib = omp_in_parallel() ? eg_choice[layout] : EG_BLAS;
+        moe_status st = MOE_ERR_STATE;
+        if (lib == EG_SMALL) st = moe_gemm_small(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
+        if (lib == EG_DNNL) st = moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
+        if (st != MOE_OK) moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     moe_status st = moe_gemm_bf16(ta, tb, m, n, k, A16, lda, B16, ldb, beta, C, ldc);

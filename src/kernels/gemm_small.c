@@ -1,0 +1,280 @@
+/* Single-threaded fp32 GEMMs for the expert blocks: AVX-512 register tiles that read both
+ * operands where they are, so that an expert's weights stream from memory exactly once per
+ * product (a BLAS packs them first: at 32 rows per expert the packing pass costs as much as the
+ * multiply, bench/RESULTS.md, Scaling).
+ *
+ * One micro-kernel serves the three layouts the experts need. A tile is MR rows of a
+ * "broadcast" operand (element (i, k) anywhere in memory: a[i * sai + k * sak]) times NV
+ * 16-float vectors of a "vector" operand (row k contiguous: b + k * ldb), accumulated over k in
+ * MR x NV registers:
+ *   NN  C = A B        broadcast A (sai = lda, sak = 1), vectors of B's rows;
+ *   TN  C = A^T B      broadcast A (sai = 1, sak = lda), vectors of B's rows;
+ *   NT  C = A B^T      computed as C^T = B A^T: broadcast B's rows (the weights), vectors of A^T,
+ *                      which is transposed into a thread's scratch 64 rows and KC columns at a
+ *                      time, and each tile is stored transposed. */
+#include "kernels/kernels.h"
+
+#include "core/core.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#define SMALL_TARGET __attribute__((target("avx512f")))
+#define KC 512     /* columns of A^T per scratch block (NT) */
+#define NT_ROWS 64 /* rows of A per scratch block (NT): at most 4 vectors */
+
+typedef struct {
+    const float *a, *b;
+    long sai, sak, ldb;
+    int k;
+    __mmask16 mask[4]; /* valid lanes of each vector of the vector operand */
+    /* software prefetch at step k < pf_k: pf_lines lines from pf + (k % pf_mod) pf_si + k pf_sk
+     * (bytes) */
+    const char *pf;
+    long pf_si, pf_sk;
+    int pf_k, pf_mod, pf_lines;
+    /* the tile's place in C (row i at c + i ldc), added to when c_acc is set; NULL: the
+     * accumulators go to out[i NV + v] instead */
+    float *c;
+    long ldc;
+    int c_acc;
+} tile_args;
+
+/* acc[i][v] = sum_k a(i, k) * b[k][16 v ...], written to out[i * nv + v]. Inlined into one
+ * function per (NV, MR) so that the loops unroll and the accumulators live in registers. */
+static inline __attribute__((always_inline)) SMALL_TARGET void
+tile_body(const tile_args *t, __m512 *out, const int NV, const int MR) {
+    __m512 acc[16][4];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++)
+            acc[i][v] = t->c && t->c_acc
+                            ? _mm512_maskz_loadu_ps(t->mask[v], t->c + i * t->ldc + 16 * v)
+                            : _mm512_setzero_ps();
+    /* row i at base[i / 3] + (i % 3) sai: four bases and the stride in registers, addressed
+     * as base + stride * {0, 1, 2} (12 separate row pointers spill) */
+    const long sai = t->sai, sak = t->sak, ldb = t->ldb;
+    const float *b = t->b, *base[6];
+#pragma GCC unroll 6
+    for (int q = 0; q < 6; q++) base[q] = t->a + 3 * q * sai;
+    const char *pf = t->pf;
+    int pm = 0;
+    for (int k = 0; k < t->k; k++, b += ldb, pf += t->pf_sk) {
+        if (k < t->pf_k) {
+            for (int l = 0; l < t->pf_lines; l++)
+                _mm_prefetch(pf + pm * t->pf_si + 64 * l, _MM_HINT_T0);
+            if (++pm == t->pf_mod) pm = 0;
+        }
+        __m512 bv[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) bv[v] = _mm512_maskz_loadu_ps(t->mask[v], b + 16 * v);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            __m512 ai = _mm512_set1_ps(base[i / 3][(i % 3) * sai]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
+        }
+#pragma GCC unroll 6
+        for (int q = 0; q < 6; q++) base[q] += sak;
+    }
+    if (t->c) {
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++)
+                _mm512_mask_storeu_ps(t->c + i * t->ldc + 16 * v, t->mask[v], acc[i][v]);
+        return;
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) out[i * NV + v] = acc[i][v];
+}
+
+typedef void (*tile_fn)(const tile_args *, __m512 *);
+#define TILE(NV, MR)                                                                             \
+    static SMALL_TARGET void tile_##NV##_##MR(const tile_args *t, __m512 *out) {                 \
+        tile_body(t, out, NV, MR);                                                               \
+    }
+#define TILES8(NV) TILE(NV, 1) TILE(NV, 2) TILE(NV, 3) TILE(NV, 4) TILE(NV, 5) TILE(NV, 6) \
+    TILE(NV, 7) TILE(NV, 8)
+TILES8(1)
+TILES8(2)
+TILES8(3)
+TILES8(4)
+TILE(1, 9) TILE(1, 10) TILE(1, 11) TILE(1, 12) TILE(1, 13) TILE(1, 14) TILE(1, 15) TILE(1, 16)
+TILE(2, 9) TILE(2, 10) TILE(2, 11) TILE(2, 12)
+
+/* Rows per tile for NV vectors: about 24 accumulators, the rest of the 32 registers for the
+ * vectors and the broadcast. */
+static const int mr_max[5] = {0, 16, 12, 8, 6};
+#define ROW8(NV) tile_##NV##_1, tile_##NV##_2, tile_##NV##_3, tile_##NV##_4, tile_##NV##_5, \
+    tile_##NV##_6, tile_##NV##_7, tile_##NV##_8
+static const tile_fn tiles[5][17] = {
+    {0},
+    {0, ROW8(1), tile_1_9, tile_1_10, tile_1_11, tile_1_12, tile_1_13, tile_1_14, tile_1_15,
+     tile_1_16},
+    {0, ROW8(2), tile_2_9, tile_2_10, tile_2_11, tile_2_12},
+    {0, ROW8(3)},
+    {0, ROW8(4)},
+};
+
+/* Where a tile goes: C[i][n] (or C[n][i] when transposed), added to C when acc is set. */
+typedef struct {
+    float *c;
+    long ldc;
+    int trans, acc;
+} tile_dst;
+
+/* A tile of C^T (NT): rows i of the tile are columns of C. */
+static void store_transposed(const tile_dst *d, const __m512 *out, int i0, int mr, int n0,
+                             int nv, int n_valid) {
+    /* row by row of C, so that each row's line is written once (C's rows are often 4 KB apart:
+     * column by column they all fall into one L1 set) */
+    const float *lanes = (const float *)out;
+    for (int l = 0; l < n_valid; l++) {
+        float *c = d->c + (long)(n0 + l) * d->ldc + i0;
+        for (int i = 0; i < mr; i++) {
+            float x = lanes[i * nv * 16 + l];
+            c[i] = d->acc ? c[i] + x : x;
+        }
+    }
+}
+
+/* Which operand streams from memory (the expert's weights, or for TN the weight gradient C);
+ * the loop order and the prefetches follow from it. */
+enum { STREAM_VEC, STREAM_BCAST, STREAM_C };
+#define PF_FLOATS 128 /* floats of each broadcast row ahead (STREAM_BCAST) */
+#define KB 64         /* rows of the vector operand per block (STREAM_VEC) */
+
+typedef struct {
+    int M, N, K, nv_max, stream;
+    const float *a, *b;
+    long sai, sak, ldb;
+    const tile_dst *d;
+} tile_job;
+
+static int vectors_at(const tile_job *j, int n0) {
+    int left = j->N - n0;
+    return (left + 15) / 16 < j->nv_max ? (left + 15) / 16 : j->nv_max;
+}
+
+/* One tile: rows [i0, i0 + mr) x vectors from n0, over k in [k0, k0 + kn). */
+static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int k0, int kn) {
+    __m512 out[64];
+    int left = j->N - n0, nv = vectors_at(j, n0);
+    tile_args t = {.a = j->a + i0 * j->sai + k0 * j->sak, .b = j->b + k0 * j->ldb + n0,
+                   .sai = j->sai, .sak = j->sak, .ldb = j->ldb, .k = kn, .pf_k = kn, .pf_mod = 1};
+    for (int v = 0; v < nv; v++) {
+        int lanes = left - 16 * v >= 16 ? 16 : left - 16 * v;
+        t.mask[v] = (__mmask16)((1u << lanes) - 1u);
+    }
+    const tile_dst *d = j->d;
+    if (j->stream == STREAM_VEC) {
+        /* the next block of rows of B, in order, shared out over this block's tiles (tile q of
+         * nq takes the q-th part) so that memory is read as one steady sequential stream */
+        int cap = mr_max[nv], nt = (j->M + cap - 1) / cap, step = 16 * j->nv_max;
+        int nq = (j->N + step - 1) / step * nt, q = n0 / step * nt + i0 / cap;
+        int rows = j->K - k0 - kn < KB ? j->K - k0 - kn : KB;
+        long lines = ((long)rows * j->ldb * 4 + 63) / 64, per = (lines + nq - 1) / nq;
+        t.pf = (const char *)(j->b + (k0 + kn) * j->ldb) + 64 * per * q;
+        t.pf_lines = (int)((per + kn - 1) / kn);
+        t.pf_sk = 64 * t.pf_lines;
+        long left_lines = lines - per * q < per ? lines - per * q : per;
+        t.pf_k = left_lines > 0 ? (int)((left_lines + t.pf_lines - 1) / t.pf_lines) : 0;
+    } else if (j->stream == STREAM_BCAST) { /* further along each row */
+        t.pf = (const char *)(t.a + PF_FLOATS);
+        t.pf_mod = mr, t.pf_si = 4 * j->sai, t.pf_sk = 4, t.pf_lines = 1;
+        if (kn + PF_FLOATS > j->K) t.pf_k = j->K - PF_FLOATS;
+    } else { /* the next tile's C: these rows' next panel */
+        t.pf = (const char *)(d->c + i0 * d->ldc + n0 + 16 * nv);
+        t.pf_si = 4 * d->ldc, t.pf_sk = 0, t.pf_mod = mr, t.pf_lines = j->nv_max;
+        t.pf_k = n0 + 16 * nv < j->N ? mr : 0;
+    }
+    tile_dst dk = *d;
+    dk.acc = d->acc || k0 > 0;
+    if (!d->trans) t.c = d->c + i0 * d->ldc + n0, t.ldc = d->ldc, t.c_acc = dk.acc;
+    tiles[nv][mr](&t, out);
+    if (d->trans) store_transposed(&dk, out, i0, mr, n0, nv, left < 16 * nv ? left : 16 * nv);
+}
+
+/* C = (or +=) the product of rows [0, M) of the broadcast operand and columns [0, N) of the
+ * vector operand over K, in tiles of at most nv_max vectors and mr_max[nv] rows. NN: k in
+ * blocks of KB rows of B, each block's panels used by every row tile while in L1; TN: C row
+ * tiles across (each C line read and written once, in order); NT: all of k per tile. */
+static SMALL_TARGET void run_tiles(const tile_job *j) {
+    int kb = j->stream == STREAM_VEC ? KB : j->K, step = 16 * j->nv_max;
+    for (int k0 = 0; k0 < j->K; k0 += kb) {
+        int kn = j->K - k0 < kb ? j->K - k0 : kb;
+        if (j->stream == STREAM_C) { /* the row tiles' height is the same in every panel */
+            int cap = mr_max[j->nv_max];
+            for (int i0 = 0; i0 < j->M; i0 += cap)
+                for (int n0 = 0; n0 < j->N; n0 += step)
+                    one_tile(j, i0, j->M - i0 < cap ? j->M - i0 : cap, n0, k0, kn);
+        } else {
+            for (int n0 = 0; n0 < j->N; n0 += step) {
+                int cap = mr_max[vectors_at(j, n0)];
+                for (int i0 = 0; i0 < j->M; i0 += cap)
+                    one_tile(j, i0, j->M - i0 < cap ? j->M - i0 : cap, n0, k0, kn);
+            }
+        }
+    }
+}
+
+/* C = A B^T (+ C): per block of up to 64 rows of A and KC columns, A^T into scratch, then the
+ * rows of B (the weights) broadcast against it; every element of B is read once per 64 rows. */
+static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, const float *B,
+                                 int ldb, int beta1, float *C, int ldc) {
+    static _Thread_local float xt[KC * NT_ROWS] __attribute__((aligned(64)));
+    for (int m0 = 0; m0 < m; m0 += NT_ROWS) {
+        int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS, nv = (mc + 15) / 16, w = 16 * nv;
+        for (int k0 = 0; k0 < k; k0 += KC) {
+            int kc = k - k0 < KC ? k - k0 : KC;
+            for (int kk = 0; kk < kc; kk++) {
+                float *dst = xt + (long)kk * w;
+                for (int r = 0; r < mc; r++) dst[r] = A[(long)(m0 + r) * lda + k0 + kk];
+                for (int r = mc; r < w; r++) dst[r] = 0;
+            }
+            tile_dst d = {C + (long)m0 * ldc, ldc, 1, beta1 || k0 > 0};
+            tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d};
+            run_tiles(&j);
+        }
+    }
+}
+
+int moe_gemm_small_available(void) {
+    return __builtin_cpu_supports("avx512f");
+}
+
+moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
+                          const float *B, int ldb, float beta, float *C, int ldc) {
+    if ((ta && tb) || (beta != 0.0f && beta != 1.0f) || !moe_gemm_small_available())
+        return moe_set_error(MOE_ERR_INVALID, "small GEMM: layout or CPU not supported");
+    if (m <= 0 || n <= 0) return MOE_OK;
+    if (k <= 0) {
+        if (beta == 0.0f)
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < n; j++) C[(long)i * ldc + j] = 0;
+        return MOE_OK;
+    }
+    if (tb) {
+        gemm_nt(m, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+        return MOE_OK;
+    }
+    tile_dst d = {C, ldc, 0, beta != 0.0f};
+    tile_job j = {m, n, k, 3, ta ? STREAM_C : STREAM_VEC, A, B, ta ? 1 : lda,
+                  ta ? lda : 1, ldb, &d};
+    run_tiles(&j);
+    return MOE_OK;
+}
+#else
+int moe_gemm_small_available(void) { return 0; }
+
+moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
+                          const float *B, int ldb, float beta, float *C, int ldc) {
+    (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb;
+    (void)beta, (void)C, (void)ldc;
+    return moe_set_error(MOE_ERR_STATE, "small GEMM: not built for this CPU");
+}
+#endif
