@@ -88,6 +88,7 @@ void moe_router_logits(moe_layer *L, const float *x) {
         moe_gemm64(0, 1, T, E, d, 1.0, st->x64, d, st->wg64, d, 0.0, st->z, E);
     } else {
         moe_gemm(0, 1, T, E, d, 1.0f, st->xin, d, L->p.router_w, d, 0.0f, st->logits_f, E);
+#pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)T * E; i++) st->z[i] = st->logits_f[i];
     }
 }
@@ -394,7 +395,8 @@ void moe_router_backward(moe_layer *L, float *dx, const float *x) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
     int T = st->T, E = c->n_experts, d = c->d;
-    memset(st->dz, 0, sizeof(double) * (size_t)T * E);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) memset(st->dz + (size_t)t * E, 0, sizeof(double) * (size_t)E);
     if (!st->router_grad) return;
     weights_backward(L);
     moe_balance_backward(L);
@@ -407,6 +409,7 @@ void moe_router_backward(moe_layer *L, float *dx, const float *x) {
         moe_gemm64(0, 0, T, d, E, 1.0, st->dz, E, st->wg64, d, 0.0, st->x64, d);
         for (size_t i = 0; i < (size_t)T * d; i++) st->tmp_td[i] = (float)st->x64[i];
     } else {
+#pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)T * E; i++) st->dz_f[i] = (float)st->dz[i];
         moe_gemm(1, 0, E, d, T, 1.0f, st->dz_f, E, xin, d, 1.0f, L->g.router_w, d);
         moe_gemm(0, 0, T, d, E, 1.0f, st->dz_f, E, L->p.router_w, d, 0.0f, st->tmp_td, d);
