@@ -5,6 +5,7 @@
 #include "test_util.h"
 
 #include <math.h>
+#include <omp.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -360,12 +361,37 @@ static void test_xent(void **state) {
     free(logits), free(g), free(rows), free(dref);
 }
 
+/* Whole-buffer passes: the sum of squares against a float64 sum (blocks and a partial last one),
+ * the same bits on 1 and 2 threads; zeroing reaches every element and nothing beyond. */
+static void test_buffer_passes(void **state) {
+    (void)state;
+    size_t n = (3u << 15) + 1234;
+    float *x = malloc((n + 16) * sizeof(float));
+    tu_fill(x, n + 16, tu_seed(), 1, -2, 2);
+    double want = 0, mag = 0;
+    for (size_t i = 0; i < n; i++) want += (double)x[i] * x[i], mag += fabs((double)x[i] * x[i]);
+    int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    double one = moe_sum_squares(x, n);
+    omp_set_num_threads(2);
+    double two = moe_sum_squares(x, n);
+    omp_set_num_threads(threads);
+    assert_true(one == two);
+    assert_true(fabs(one - want) <= 1e-12 * mag);
+    float guard = x[n];
+    moe_zero_floats(x, n);
+    for (size_t i = 0; i < n; i++)
+        if (x[i] != 0.0f) fail_msg("x[%zu] = %g after zeroing", i, x[i]);
+    assert_true(x[n] == guard);
+    free(x);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rmsnorm),      cmocka_unit_test(test_rope),
         cmocka_unit_test(test_attention_mha), cmocka_unit_test(test_attention_gqa),
         cmocka_unit_test(test_attention_mla), cmocka_unit_test(test_rope_yarn),
-        cmocka_unit_test(test_xent),
+        cmocka_unit_test(test_xent),         cmocka_unit_test(test_buffer_passes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -543,7 +543,7 @@ const moe_model_config *moe_model_get_config(const moe_model *m) { return &m->cf
 size_t moe_model_param_count(const moe_model *m) { return m->n_params; }
 float *moe_model_params(moe_model *m) { return m->params; }
 float *moe_model_grads(moe_model *m) { return m->grads; }
-void moe_model_zero_grads(moe_model *m) { memset(m->grads, 0, m->n_params * sizeof(float)); }
+void moe_model_zero_grads(moe_model *m) { moe_zero_floats(m->grads, m->n_params); }
 int moe_model_n_tensors(const moe_model *m) { return m->n_tensors; }
 const moe_tensor_info *moe_model_tensor(const moe_model *m, int i) {
     return i >= 0 && i < m->n_tensors ? &m->tensors[i] : NULL;

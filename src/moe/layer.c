@@ -163,7 +163,7 @@ moe_layer_params moe_layer_get_grads(moe_layer *L) { return L->g; }
 float *moe_layer_param_data(moe_layer *L) { return L->params; }
 float *moe_layer_grad_data(moe_layer *L) { return L->grads; }
 float *moe_layer_expert_bias(moe_layer *L) { return L->expert_bias; }
-void moe_layer_zero_grads(moe_layer *L) { memset(L->grads, 0, sizeof(float) * L->n_params); }
+void moe_layer_zero_grads(moe_layer *L) { moe_zero_floats(L->grads, L->n_params); }
 const moe_layer_stats *moe_layer_get_stats(const moe_layer *L) { return &L->stats; }
 const moe_routing *moe_layer_get_routing(const moe_layer *L) { return &L->routing; }
 

@@ -5,6 +5,7 @@
 #include "dist/comm.h"
 
 #include "core/core.h"
+#include "kernels/kernels.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -260,9 +261,7 @@ static moe_status grad_sumsq(moe_trainer *t, double *out) {
     double ss[2] = {0, 0}; /* dense, expert */
     for (int i = 0; i < moe_model_n_tensors(m); i++) {
         const moe_tensor_info *ti = moe_model_tensor(m, i);
-        double s = 0;
-        for (size_t j = 0; j < ti->numel; j++) s += (double)g[ti->offset + j] * g[ti->offset + j];
-        ss[ti->expert] += s;
+        ss[ti->expert] += moe_sum_squares(g + ti->offset, ti->numel);
     }
     if (t->dist) MOE_TRY(moe_comm_sum_f64(t->dist->expert, &ss[1], 1));
     *out = ss[0] + ss[1];

@@ -1,0 +1,32 @@
+/* Passes over whole buffers (the gradients and the optimizer state of a large model) on all
+ * threads. */
+#include "kernels/kernels.h"
+
+#include <string.h>
+
+#define VEC_BLOCK ((size_t)1 << 15) /* floats per block */
+
+void moe_zero_floats(float *x, size_t n) {
+    size_t nb = (n + VEC_BLOCK - 1) / VEC_BLOCK;
+#pragma omp parallel for schedule(static) if (nb > 1)
+    for (size_t b = 0; b < nb; b++) {
+        size_t lo = b * VEC_BLOCK, len = n - lo < VEC_BLOCK ? n - lo : VEC_BLOCK;
+        memset(x + lo, 0, sizeof(float) * len);
+    }
+}
+
+/* Each block is summed in order and the blocks are added in order: the same bits whatever the
+ * number of threads. */
+double moe_sum_squares(const float *x, size_t n) {
+    size_t nb = (n + VEC_BLOCK - 1) / VEC_BLOCK;
+    double total = 0;
+#pragma omp parallel for ordered schedule(static, 1) if (nb > 1)
+    for (size_t b = 0; b < nb; b++) {
+        size_t lo = b * VEC_BLOCK, hi = n - lo < VEC_BLOCK ? n : lo + VEC_BLOCK;
+        double s = 0;
+        for (size_t i = lo; i < hi; i++) s += (double)x[i] * x[i];
+#pragma omp ordered
+        total += s;
+    }
+    return total;
+}
