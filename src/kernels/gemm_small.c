@@ -249,8 +249,11 @@ int moe_gemm_small_available(void) {
 
 moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
                           const float *B, int ldb, float beta, float *C, int ldc) {
-    if ((ta && tb) || (beta != 0.0f && beta != 1.0f) || !moe_gemm_small_available())
-        return moe_set_error(MOE_ERR_INVALID, "small GEMM: layout or CPU not supported");
+    if ((ta && tb) || (beta != 0.0f && beta != 1.0f))
+        return moe_set_error(MOE_ERR_INVALID, "small GEMM: both operands transposed, or beta "
+                             "%g (0 or 1)", beta);
+    if (!moe_gemm_small_available())
+        return moe_set_error(MOE_ERR_STATE, "small GEMM: this CPU has no AVX-512");
     if (m <= 0 || n <= 0) return MOE_OK;
     if (k <= 0) {
         if (beta == 0.0f)

@@ -26,9 +26,10 @@ double moe_gemm_bf16_peak(int n, int reps); /* like moe_gemm_peak; 0 without one
  * Scaling); MOE_ERR_STATE without oneDNN. */
 moe_status moe_gemm_dnnl(int ta, int tb, int m, int n, int k, const float *A, int lda,
                          const float *B, int ldb, float beta, float *C, int ldc);
-/* fp32 C = op(A) op(B) + beta C (beta 0 or 1; not both transposed) on one thread with AVX-512
- * register tiles that read the operands in place (gemm_small.c): the expert blocks' GEMMs when
- * the experts are spread over the threads. MOE_ERR_INVALID where the CPU lacks AVX-512. */
+/* fp32 C = op(A) op(B) + beta C on one thread with AVX-512 register tiles that read the
+ * operands in place (gemm_small.c): the expert blocks' GEMMs when the experts are spread over
+ * the threads. MOE_ERR_INVALID for both transposed or beta other than 0 and 1, MOE_ERR_STATE
+ * where the CPU lacks AVX-512. */
 int moe_gemm_small_available(void);
 moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
                           const float *B, int ldb, float beta, float *C, int ldc);
