@@ -18,7 +18,6 @@ struct moe_trainer {
     const moe_tokens *train, *val;
     int S;
     float *adam_m, *adam_v; /* [n_params] */
-    float *decay;           /* [n_params] weight decay factor per parameter: 1 or 0 */
     int32_t *tok, *tgt;     /* [micro_batch * S] */
     int64_t *load;          /* expert counts of the last step, layer after layer */
     size_t *load_off;       /* [L] offset of layer l in load */
@@ -105,11 +104,11 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
     const moe_model_config *mc = moe_model_get_config(model);
     int S = mc->seq_len;
     MOE_TRY(moe_trainer_check_data(mc, train, val));
-    {   /* the model is allocated: its bytes plus Adam's moments and the decay mask */
+    {   /* the model is allocated: its bytes plus Adam's moments */
         size_t np = moe_model_param_count(model), act = moe_model_activation_bytes(model);
         char parts[160];
         snprintf(parts, sizeof parts, "%zu parameters, gradients, Adam state, activations", np);
-        MOE_TRY(moe_check_memory("training", 20 * np + act, parts));
+        MOE_TRY(moe_check_memory("training", 16 * np + act, parts));
     }
     moe_trainer *t = calloc(1, sizeof *t);
     if (!t) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the trainer");
@@ -121,7 +120,6 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
     size_t n = moe_model_param_count(model);
     t->adam_m = moe_alloc(n, sizeof(float));
     t->adam_v = moe_alloc(n, sizeof(float));
-    t->decay = moe_alloc(n, sizeof(float));
     t->tok = moe_alloc((size_t)cfg->micro_batch * S, sizeof(int32_t));
     t->tgt = moe_alloc((size_t)cfg->micro_batch * S, sizeof(int32_t));
     t->load_off = calloc((size_t)mc->n_layers, sizeof(size_t));
@@ -133,14 +131,10 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
     t->load = moe_alloc(n_load ? n_load : 1, sizeof(int64_t));
     t->dropped = moe_alloc((size_t)mc->n_layers, sizeof(int64_t));
     t->routed = moe_alloc((size_t)mc->n_layers, sizeof(int64_t));
-    if (!t->adam_m || !t->adam_v || !t->decay || !t->tok || !t->tgt || !t->load_off || !t->load ||
+    if (!t->adam_m || !t->adam_v || !t->tok || !t->tgt || !t->load_off || !t->load ||
         !t->dropped || !t->routed) {
         moe_trainer_destroy(t);
         return moe_set_error(MOE_ERR_NOMEM, "out of memory for the optimizer state");
-    }
-    for (int i = 0; i < moe_model_n_tensors(model); i++) {
-        const moe_tensor_info *ti = moe_model_tensor(model, i);
-        for (size_t j = 0; j < ti->numel; j++) t->decay[ti->offset + j] = ti->no_decay ? 0.0f : 1.0f;
     }
     *out = t;
     return MOE_OK;
@@ -150,7 +144,6 @@ void moe_trainer_destroy(moe_trainer *t) {
     if (!t) return;
     moe_free(t->adam_m);
     moe_free(t->adam_v);
-    moe_free(t->decay);
     moe_free(t->tok);
     moe_free(t->tgt);
     moe_free(t->load);
@@ -321,7 +314,6 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
         MOE_TRY(reduce_grads(t));
     }
     s.loss = s.nll + s.aux + s.z;
-    size_t n = moe_model_param_count(m);
     float *p = moe_model_params(m), *g = moe_model_grads(m);
     inject_faults(t, t->step + 1, &s, g);
     double ss;
@@ -353,14 +345,19 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
                                                                 : 1.0f;
     float lr = (float)s.lr, b1 = c->beta1, b2 = c->beta2, wd = c->weight_decay, eps = c->adam_eps;
     float bc1 = (float)(1.0 - pow(c->beta1, t->step + 1)), bc2 = (float)(1.0 - pow(c->beta2, t->step + 1));
-    float *am = t->adam_m, *av = t->adam_v, *decay = t->decay;
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float gi = g[i] * clip;
-        am[i] = b1 * am[i] + (1 - b1) * gi;
-        av[i] = b2 * av[i] + (1 - b2) * gi * gi;
-        float upd = (am[i] / bc1) / (sqrtf(av[i] / bc2) + eps);
-        p[i] -= lr * (upd + wd * decay[i] * p[i]);
+    float *am = t->adam_m, *av = t->adam_v;
+    for (int ti = 0; ti < moe_model_n_tensors(m); ti++) { /* the tensors tile [0, n) */
+        const moe_tensor_info *info = moe_model_tensor(m, ti);
+        float decay = info->no_decay ? 0.0f : 1.0f;
+        size_t lo = info->offset, hi = lo + info->numel;
+#pragma omp parallel for schedule(static) if (info->numel > 65536)
+        for (size_t i = lo; i < hi; i++) {
+            float gi = g[i] * clip;
+            am[i] = b1 * am[i] + (1 - b1) * gi;
+            av[i] = b2 * av[i] + (1 - b2) * gi * gi;
+            float upd = (am[i] / bc1) / (sqrtf(av[i] / bc2) + eps);
+            p[i] -= lr * (upd + wd * decay * p[i]);
+        }
     }
     for (int l = 0; l < mc->n_layers; l++) {
         moe_layer *ml = moe_model_moe_layer(m, l);
