@@ -40,8 +40,9 @@ typedef struct {
     int c_acc;
 } tile_args;
 
-/* acc[i][v] = sum_k a(i, k) * b[k][16 v ...], written to out[i * nv + v]. Inlined into one
- * function per (NV, MR) so that the loops unroll and the accumulators live in registers. */
+/* acc[i][v] = sum_k a(i, k) * b[k][16 v ...] (plus C's tile when c_acc), stored into C's tile or
+ * to out[i * NV + v]. Inlined into one function per (NV, MR) so that the loops unroll and the
+ * accumulators live in registers. */
 static inline __attribute__((always_inline)) SMALL_TARGET void
 tile_body(const tile_args *t, __m512 *out, const int NV, const int MR) {
     __m512 acc[16][4];
@@ -52,8 +53,8 @@ tile_body(const tile_args *t, __m512 *out, const int NV, const int MR) {
             acc[i][v] = t->c && t->c_acc
                             ? _mm512_maskz_loadu_ps(t->mask[v], t->c + i * t->ldc + 16 * v)
                             : _mm512_setzero_ps();
-    /* row i at base[i / 3] + (i % 3) sai: four bases and the stride in registers, addressed
-     * as base + stride * {0, 1, 2} (12 separate row pointers spill) */
+    /* row i at base[i / 3] + (i % 3) sai: a base per three rows and the stride in registers,
+     * addressed as base + stride * {0, 1, 2} (a pointer per row spills) */
     const long sai = t->sai, sak = t->sak, ldb = t->ldb;
     const float *b = t->b, *base[6];
 #pragma GCC unroll 6
