@@ -114,6 +114,7 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
                 for (int j = 0; j <= i; j++) {
                     const float *kj = k + ((size_t)b * S + j) * ks + g * dk;
                     float s = 0;
+#pragma omp simd reduction(+ : s)
                     for (int c = 0; c < dk; c++) s += qi[c] * kj[c];
                     Pi[j] = s * scale;
                     if (Pi[j] > mx) mx = Pi[j];
@@ -149,6 +150,7 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
     for (int b = 0; b < B; b++)
         for (int g = 0; g < KV; g++)
             for (int h = g * rep; h < (g + 1) * rep; h++) {
+                float dprow[S]; /* dP_ij = do_i . v_j of the row, computed once */
                 const float *P = probs + ((size_t)b * H + h) * S * S;
                 for (int i = 0; i < S; i++) {
                     const float *Pi = P + (size_t)i * S;
@@ -160,17 +162,16 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                     for (int j = 0; j <= i; j++) {
                         const float *vj = v + ((size_t)b * S + j) * vs + g * Dv;
                         float dp = 0;
+#pragma omp simd reduction(+ : dp)
                         for (int c = 0; c < Dv; c++) dp += doi[c] * vj[c];
+                        dprow[j] = dp;
                         dot += Pi[j] * dp;
                     }
                     for (int j = 0; j <= i; j++) {
-                        const float *vj = v + ((size_t)b * S + j) * vs + g * Dv;
                         const float *kj = k + ((size_t)b * S + j) * ks + g * Dk;
                         float *dvj = dv + ((size_t)b * S + j) * vs + g * Dv;
                         float *dkj = dk + ((size_t)b * S + j) * ks + g * Dk;
-                        float dp = 0;
-                        for (int c = 0; c < Dv; c++) dp += doi[c] * vj[c];
-                        float ds = Pi[j] * (dp - dot) * scale;
+                        float ds = Pi[j] * (dprow[j] - dot) * scale;
                         for (int c = 0; c < Dv; c++) dvj[c] += Pi[j] * doi[c];
                         for (int c = 0; c < Dk; c++) {
                             dqi[c] += ds * kj[c];
@@ -199,6 +200,7 @@ void moe_attention_cached(float *out, float *scratch, const float *q, const floa
             for (int j = 0; j <= last; j++) {
                 const float *kj = k + (size_t)j * ks + g * dk;
                 float dot = 0;
+#pragma omp simd reduction(+ : dot)
                 for (int c = 0; c < dk; c++) dot += qi[c] * kj[c];
                 s[j] = dot * scale;
                 mx = s[j] > mx ? s[j] : mx;
