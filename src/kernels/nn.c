@@ -69,11 +69,12 @@ static double rope_freq(const moe_rope *r, int i, int rd) {
 void moe_rope_rotate(float *x, int T, int n_heads, int head_stride, int rd, const int *pos,
                      const moe_rope *r, int dir) {
     int half = rd / 2;
-    double scale = r->attn_factor > 0 ? r->attn_factor : 1;
+    double scale = r->attn_factor > 0 ? r->attn_factor : 1, freq[half > 0 ? half : 1];
+    for (int i = 0; i < half; i++) freq[i] = rope_freq(r, i, rd); /* once, not per token */
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < half; i++) {
-            double ang = pos[t] * rope_freq(r, i, rd);
+            double ang = pos[t] * freq[i];
             float c = (float)(scale * cos(ang)), s = (float)(dir * scale * sin(ang));
             int ia = r->interleave ? 2 * i : i, ib = r->interleave ? 2 * i + 1 : i + half;
             for (int h = 0; h < n_heads; h++) {
