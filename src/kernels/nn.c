@@ -94,6 +94,32 @@ void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float 
 
 /* ------------------------------------------------------------- attention */
 
+#define KEY_BLOCK 64
+
+/* Scores P[i][j] = scale * q_i . k_j of one sequence and head, for j <= i, j in blocks of
+ * KEY_BLOCK keys: each block is transposed once, so that a row's products run along the keys in
+ * vectors (one horizontal sum per pair was most of the attention's time at head width 32).
+ * q_i at q + i qs, k_j at k + j ks, d wide. Entries above the diagonal are left as they are. */
+static void causal_scores(float *P, int S, const float *q, size_t qs, const float *k, size_t ks,
+                          int d, float scale) {
+    float kt[d][KEY_BLOCK];
+    for (int j0 = 0; j0 < S; j0 += KEY_BLOCK) {
+        int n = S - j0 < KEY_BLOCK ? S - j0 : KEY_BLOCK;
+        for (int c = 0; c < d; c++)
+            for (int jj = 0; jj < KEY_BLOCK; jj++) kt[c][jj] = jj < n ? k[(size_t)(j0 + jj) * ks + c] : 0;
+        for (int i = j0; i < S; i++) {
+            const float *qi = q + (size_t)i * qs;
+            float acc[KEY_BLOCK] = {0};
+            for (int c = 0; c < d; c++) {
+                float qc = qi[c];
+                for (int jj = 0; jj < KEY_BLOCK; jj++) acc[jj] += qc * kt[c][jj];
+            }
+            int m = i - j0 + 1 < n ? i - j0 + 1 : n;
+            for (int jj = 0; jj < m; jj++) P[(size_t)i * S + j0 + jj] = acc[jj] * scale;
+        }
+    }
+}
+
 /* Causal attention over B sequences of S tokens. q [B*S, H*dk], k [B*S, KV*dk],
  * v [B*S, KV*dv] (query head h reads kv head h / (H/KV)); scores q.k * scale; probs
  * [B, H, S, S] saved for backward; out [B*S, H*dv]. */
@@ -102,24 +128,17 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
     int B = a->B, S = a->S, H = a->H, dk = a->dk, dv = a->dv, rep = H / a->KV;
     size_t qs = (size_t)H * dk, ks = (size_t)a->KV * dk, vs = (size_t)a->KV * dv,
            os = (size_t)H * dv;
-    float scale = a->scale;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             int g = h / rep;
             float *P = probs + ((size_t)b * H + h) * S * S;
+            causal_scores(P, S, q + (size_t)b * S * qs + h * dk, qs, k + (size_t)b * S * ks + g * dk,
+                          ks, dk, a->scale);
             for (int i = 0; i < S; i++) {
-                const float *qi = q + ((size_t)b * S + i) * qs + h * dk;
                 float *Pi = P + (size_t)i * S;
                 float mx = -INFINITY;
-                for (int j = 0; j <= i; j++) {
-                    const float *kj = k + ((size_t)b * S + j) * ks + g * dk;
-                    float s = 0;
-#pragma omp simd reduction(+ : s)
-                    for (int c = 0; c < dk; c++) s += qi[c] * kj[c];
-                    Pi[j] = s * scale;
-                    if (Pi[j] > mx) mx = Pi[j];
-                }
+                for (int j = 0; j <= i; j++) mx = Pi[j] > mx ? Pi[j] : mx;
                 float sum = 0;
                 for (int j = 0; j <= i; j++) {
                     Pi[j] = expf(Pi[j] - mx);
