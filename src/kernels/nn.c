@@ -106,7 +106,8 @@ static void causal_scores(float *P, int S, const float *q, size_t qs, const floa
     for (int j0 = 0; j0 < S; j0 += KEY_BLOCK) {
         int n = S - j0 < KEY_BLOCK ? S - j0 : KEY_BLOCK;
         for (int c = 0; c < d; c++)
-            for (int jj = 0; jj < KEY_BLOCK; jj++) kt[c][jj] = jj < n ? k[(size_t)(j0 + jj) * ks + c] : 0;
+            for (int jj = 0; jj < KEY_BLOCK; jj++)
+                kt[c][jj] = jj < n ? k[(size_t)(j0 + jj) * ks + c] : 0;
         for (int i = j0; i < S; i++) {
             const float *qi = q + (size_t)i * qs;
             float acc[KEY_BLOCK] = {0};
@@ -133,8 +134,8 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
         for (int h = 0; h < H; h++) {
             int g = h / rep;
             float *P = probs + ((size_t)b * H + h) * S * S;
-            causal_scores(P, S, q + (size_t)b * S * qs + h * dk, qs, k + (size_t)b * S * ks + g * dk,
-                          ks, dk, a->scale);
+            causal_scores(P, S, q + (size_t)b * S * qs + h * dk, qs,
+                          k + (size_t)b * S * ks + g * dk, ks, dk, a->scale);
             for (int i = 0; i < S; i++) {
                 float *Pi = P + (size_t)i * S;
                 float mx = -INFINITY;
