@@ -187,7 +187,7 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
     } else if (j->stream == STREAM_BCAST) { /* further along each row */
         t.pf = (const char *)(t.a + PF_FLOATS);
         t.pf_mod = mr, t.pf_si = 4 * j->sai, t.pf_sk = 4, t.pf_lines = 1;
-        if (kn + PF_FLOATS > j->K) t.pf_k = j->K - PF_FLOATS;
+        t.pf_k = kn - PF_FLOATS; /* a tile spans all of k here; none past the rows' ends */
     } else { /* the next tile's C: these rows' next panel */
         t.pf = (const char *)(d->c + i0 * d->ldc + n0 + 16 * nv);
         t.pf_si = 4 * d->ldc, t.pf_sk = 0, t.pf_mod = mr, t.pf_lines = j->nv_max;
