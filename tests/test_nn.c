@@ -320,6 +320,7 @@ static void test_attention_gqa(void **state) {
     attention_case(2, 6, 6, 2, 4); /* 3 query heads per kv head */
     attention_case(1, 5, 4, 1, 6); /* multi-query */
     attention_case(3, 1, 2, 1, 2); /* one token per sequence */
+    attention_case(1, 137, 4, 2, 8); /* query and key blocks of 64 (and 9) below the diagonal */
 }
 
 /* Multi-head latent attention's shapes: q/k heads wider than v heads (and narrower), a scale

@@ -33,12 +33,18 @@ void moe_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
         float *dxt = dx + (size_t)t * d;
         for (int i = 0; i < d; i++) dxt[i] += gt[i] * w[i] * r - c * xt[i];
     }
-    /* dw in a fixed order over tokens: column sums, parallel over columns. */
+    /* dw in a fixed order over tokens: column sums, parallel over blocks of 16 columns (a cache
+     * line of each row; column by column read each line 16 times) */
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < d; i++) {
-        double s = 0;
-        for (int t = 0; t < T; t++) s += (double)dy[(size_t)t * d + i] * x[(size_t)t * d + i] * rstd[t];
-        dw[i] += (float)s;
+    for (int i0 = 0; i0 < d; i0 += 16) {
+        int w = d - i0 < 16 ? d - i0 : 16;
+        double s[16] = {0};
+        for (int t = 0; t < T; t++) {
+            const float *gt = dy + (size_t)t * d + i0, *xt = x + (size_t)t * d + i0;
+            double r = rstd[t];
+            for (int i = 0; i < w; i++) s[i] += (double)gt[i] * xt[i] * r;
+        }
+        for (int i = 0; i < w; i++) dw[i0 + i] += (float)s[i];
     }
 }
 
@@ -94,113 +100,103 @@ void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float 
 
 /* ------------------------------------------------------------- attention */
 
-#define KEY_BLOCK 64
-
-/* Scores P[i][j] = scale * q_i . k_j of one sequence and head, for j <= i, j in blocks of
- * KEY_BLOCK keys: each block is transposed once, so that a row's products run along the keys in
- * vectors (one horizontal sum per pair was most of the attention's time at head width 32).
- * q_i at q + i qs, k_j at k + j ks, d wide. Entries above the diagonal are left as they are. */
-static void causal_scores(float *P, int S, const float *q, size_t qs, const float *k, size_t ks,
-                          int d, float scale) {
-    float kt[d][KEY_BLOCK];
-    for (int j0 = 0; j0 < S; j0 += KEY_BLOCK) {
-        int n = S - j0 < KEY_BLOCK ? S - j0 : KEY_BLOCK;
-        for (int c = 0; c < d; c++)
-            for (int jj = 0; jj < KEY_BLOCK; jj++)
-                kt[c][jj] = jj < n ? k[(size_t)(j0 + jj) * ks + c] : 0;
-        for (int i = j0; i < S; i++) {
-            const float *qi = q + (size_t)i * qs;
-            float acc[KEY_BLOCK] = {0};
-            for (int c = 0; c < d; c++) {
-                float qc = qi[c];
-                for (int jj = 0; jj < KEY_BLOCK; jj++) acc[jj] += qc * kt[c][jj];
-            }
-            int m = i - j0 + 1 < n ? i - j0 + 1 : n;
-            for (int jj = 0; jj < m; jj++) P[(size_t)i * S + j0 + jj] = acc[jj] * scale;
-        }
-    }
-}
+#define ATT_BLOCK 64
 
 /* Causal attention over B sequences of S tokens. q [B*S, H*dk], k [B*S, KV*dk],
  * v [B*S, KV*dv] (query head h reads kv head h / (H/KV)); scores q.k * scale; probs
- * [B, H, S, S] saved for backward; out [B*S, H*dv]. */
+ * [B, H, S, S] saved for backward (zero above the diagonal); out [B*S, H*dv]. By blocks of
+ * ATT_BLOCK queries, each block's scores and outputs as one GEMM over the keys it sees (one
+ * dot product per pair was most of the attention's time at head width 32). */
 void moe_attention_forward(float *out, float *probs, const float *q, const float *k,
                            const float *v, const moe_attn_dims *a) {
     int B = a->B, S = a->S, H = a->H, dk = a->dk, dv = a->dv, rep = H / a->KV;
-    size_t qs = (size_t)H * dk, ks = (size_t)a->KV * dk, vs = (size_t)a->KV * dv,
-           os = (size_t)H * dv;
+    int qs = H * dk, ks = a->KV * dk, vs = a->KV * dv, os = H * dv;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             int g = h / rep;
             float *P = probs + ((size_t)b * H + h) * S * S;
-            causal_scores(P, S, q + (size_t)b * S * qs + h * dk, qs,
-                          k + (size_t)b * S * ks + g * dk, ks, dk, a->scale);
-            for (int i = 0; i < S; i++) {
-                float *Pi = P + (size_t)i * S;
-                float mx = -INFINITY;
-                for (int j = 0; j <= i; j++) mx = Pi[j] > mx ? Pi[j] : mx;
-                float sum = 0;
-                for (int j = 0; j <= i; j++) {
-                    Pi[j] = expf(Pi[j] - mx);
-                    sum += Pi[j];
+            const float *qb = q + (size_t)b * S * qs + h * dk;
+            const float *kb = k + (size_t)b * S * ks + g * dk;
+            const float *vb = v + (size_t)b * S * vs + g * dv;
+            float *ob = out + (size_t)b * S * os + h * dv;
+            for (int i0 = 0; i0 < S; i0 += ATT_BLOCK) {
+                int m = S - i0 < ATT_BLOCK ? S - i0 : ATT_BLOCK, n = i0 + m; /* keys < n */
+                float *Pb = P + (size_t)i0 * S;
+                moe_gemm(0, 1, m, n, dk, a->scale, qb + (size_t)i0 * qs, qs, kb, ks, 0.0f, Pb, S);
+                for (int r = 0; r < m; r++) {
+                    float *Pi = Pb + (size_t)r * S;
+                    int i = i0 + r;
+                    float mx = -INFINITY, sum = 0;
+                    for (int j = 0; j <= i; j++) mx = Pi[j] > mx ? Pi[j] : mx;
+                    for (int j = 0; j <= i; j++) {
+                        Pi[j] = expf(Pi[j] - mx);
+                        sum += Pi[j];
+                    }
+                    float inv = 1.0f / sum;
+                    for (int j = 0; j <= i; j++) Pi[j] *= inv;
+                    for (int j = i + 1; j < S; j++) Pi[j] = 0;
                 }
-                float inv = 1.0f / sum;
-                for (int j = 0; j <= i; j++) Pi[j] *= inv;
-                for (int j = i + 1; j < S; j++) Pi[j] = 0;
-                float *oi = out + ((size_t)b * S + i) * os + h * dv;
-                for (int c = 0; c < dv; c++) oi[c] = 0;
-                for (int j = 0; j <= i; j++) {
-                    const float *vj = v + ((size_t)b * S + j) * vs + g * dv;
-                    float p = Pi[j];
-                    for (int c = 0; c < dv; c++) oi[c] += p * vj[c];
-                }
+                moe_gemm(0, 0, m, dv, n, 1.0f, Pb, S, vb, vs, 0.0f, ob + (size_t)i0 * os, os);
             }
         }
 }
 
 /* Backward: dq += ..., dk += ..., dv += ... (dk, dv accumulate over the query heads of a
- * group). Parallel over (sequence, kv head) so that no two threads write the same rows. */
+ * group). With dP = dO V^T and D_i = sum_j P_ij dP_ij, the scores' gradient is
+ * dS = P * (dP - D) * scale, and dV += P^T dO, dQ += dS K, dK += dS^T Q, all by tiles of
+ * ATT_BLOCK queries x ATT_BLOCK keys on or below the diagonal (P is zero above it, so dS is
+ * too). D takes a first pass over a row of tiles, so that it sums the very dP the second pass
+ * subtracts it from (D = do . o would save that GEMM but leaves rounding where the gradient is
+ * exactly zero, as for a sequence's first query). Parallel over (sequence, kv head) so that no
+ * two threads write the same rows. */
 void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             const float *probs, const float *q, const float *k, const float *v,
                             const moe_attn_dims *a) {
     int B = a->B, S = a->S, H = a->H, KV = a->KV, Dk = a->dk, Dv = a->dv, rep = H / KV;
-    size_t qs = (size_t)H * Dk, ks = (size_t)KV * Dk, vs = (size_t)KV * Dv, os = (size_t)H * Dv;
-    float scale = a->scale;
+    int qs = H * Dk, ks = KV * Dk, vs = KV * Dv, os = H * Dv;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
-        for (int g = 0; g < KV; g++)
+        for (int g = 0; g < KV; g++) {
+            float ds[ATT_BLOCK * ATT_BLOCK], D[ATT_BLOCK];
+            const float *kb = k + (size_t)b * S * ks + g * Dk;
+            const float *vb = v + (size_t)b * S * vs + g * Dv;
+            float *dkb = dk + (size_t)b * S * ks + g * Dk, *dvb = dv + (size_t)b * S * vs + g * Dv;
             for (int h = g * rep; h < (g + 1) * rep; h++) {
-                float dprow[S]; /* dP_ij = do_i . v_j of the row, computed once */
                 const float *P = probs + ((size_t)b * H + h) * S * S;
-                for (int i = 0; i < S; i++) {
-                    const float *Pi = P + (size_t)i * S;
-                    const float *doi = dout + ((size_t)b * S + i) * os + h * Dv;
-                    const float *qi = q + ((size_t)b * S + i) * qs + h * Dk;
-                    float *dqi = dq + ((size_t)b * S + i) * qs + h * Dk;
-                    /* dP_ij = do_i . v_j; dS_ij = P_ij (dP_ij - sum_j' P_ij' dP_ij') */
-                    float dot = 0;
-                    for (int j = 0; j <= i; j++) {
-                        const float *vj = v + ((size_t)b * S + j) * vs + g * Dv;
-                        float dp = 0;
-#pragma omp simd reduction(+ : dp)
-                        for (int c = 0; c < Dv; c++) dp += doi[c] * vj[c];
-                        dprow[j] = dp;
-                        dot += Pi[j] * dp;
-                    }
-                    for (int j = 0; j <= i; j++) {
-                        const float *kj = k + ((size_t)b * S + j) * ks + g * Dk;
-                        float *dvj = dv + ((size_t)b * S + j) * vs + g * Dv;
-                        float *dkj = dk + ((size_t)b * S + j) * ks + g * Dk;
-                        float ds = Pi[j] * (dprow[j] - dot) * scale;
-                        for (int c = 0; c < Dv; c++) dvj[c] += Pi[j] * doi[c];
-                        for (int c = 0; c < Dk; c++) {
-                            dqi[c] += ds * kj[c];
-                            dkj[c] += ds * qi[c];
+                const float *qb = q + (size_t)b * S * qs + h * Dk;
+                const float *dob = dout + (size_t)b * S * os + h * Dv;
+                float *dqb = dq + (size_t)b * S * qs + h * Dk;
+                for (int i0 = 0; i0 < S; i0 += ATT_BLOCK) {
+                    int m = S - i0 < ATT_BLOCK ? S - i0 : ATT_BLOCK;
+                    const float *doi = dob + (size_t)i0 * os, *qi = qb + (size_t)i0 * qs;
+                    for (int r = 0; r < m; r++) D[r] = 0;
+                    for (int pass = 0; pass < 2; pass++)
+                        for (int j0 = 0; j0 <= i0; j0 += ATT_BLOCK) {
+                            int n = j0 < i0 ? ATT_BLOCK : m;
+                            const float *Pt = P + (size_t)i0 * S + j0;
+                            moe_gemm(0, 1, m, n, Dv, 1.0f, doi, os, vb + (size_t)j0 * vs, vs, 0.0f,
+                                     ds, ATT_BLOCK);
+                            for (int r = 0; r < m; r++) {
+                                const float *pr = Pt + (size_t)r * S;
+                                float *x = ds + r * ATT_BLOCK, d = D[r];
+                                if (pass == 0)
+                                    for (int c = 0; c < n; c++) d += pr[c] * x[c];
+                                else
+                                    for (int c = 0; c < n; c++) x[c] = pr[c] * (x[c] - d);
+                                D[r] = d;
+                            }
+                            if (pass == 0) continue;
+                            moe_gemm(1, 0, n, Dv, m, 1.0f, Pt, S, doi, os, 1.0f,
+                                     dvb + (size_t)j0 * vs, vs);
+                            moe_gemm(0, 0, m, Dk, n, a->scale, ds, ATT_BLOCK, kb + (size_t)j0 * ks,
+                                     ks, 1.0f, dqb + (size_t)i0 * qs, qs);
+                            moe_gemm(1, 0, n, Dk, m, a->scale, ds, ATT_BLOCK, qi, qs, 1.0f,
+                                     dkb + (size_t)j0 * ks, ks);
                         }
-                    }
                 }
             }
+        }
 }
 
 /* Attention of n new tokens at positions P..P+n-1 of one sequence over a key/value cache
