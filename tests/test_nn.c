@@ -208,6 +208,7 @@ static void test_rope_yarn(void **state) {
     uint64_t seed = tu_seed();
     int T = 6, nh = 2, stride = 11, off = 3, rd = 8, pos[6];
     for (int t = 0; t < T; t++) pos[t] = (int)(moe_rng_u64(seed, 6, (uint64_t)t) % 200);
+    pos[0] = 7, pos[1] = 199; /* in and out of the forward's table of 100 positions */
     moe_rope r = {.theta = 10000, .interleave = 1, .factor = 8, .orig_max_pos = 64,
                   .beta_fast = 32, .beta_slow = 1, .attn_factor = 0.8f};
     double freq[4], pi2 = 2 * 3.14159265358979323846;
@@ -234,10 +235,13 @@ static void test_rope_yarn(void **state) {
                 v[2 * i] = 0.8 * (re * cos(ang) - im * sin(ang));
                 v[2 * i + 1] = 0.8 * (re * sin(ang) + im * cos(ang));
             }
-    moe_rope_rotate(x + off, T, nh, stride, rd, pos, &r, 1);
+    float cs[100 * 8];
+    moe_rope_table(cs, 100, rd, &r);
+    moe_rope_rotate(x + off, T, nh, stride, rd, pos, &r, cs, 100, 1);
     check("yarn rope", x, ref, n); /* values outside the rotated part untouched */
-    /* backward: the transpose; applied to the forward output it gives 0.64 x0 */
-    moe_rope_rotate(x + off, T, nh, stride, rd, pos, &r, -1);
+    /* backward (without the table): the transpose; applied to the forward output it gives
+     * 0.64 x0 */
+    moe_rope_rotate(x + off, T, nh, stride, rd, pos, &r, NULL, 0, -1);
     for (size_t i = 0; i < n; i++) {
         size_t within = i % stride;
         double want = within >= (size_t)off && within < (size_t)(off + rd) ? 0.64 * x0[i] : x0[i];

@@ -69,8 +69,11 @@ typedef struct {
     float beta_fast, beta_slow; /* YaRN: the ramp between extrapolated and interpolated pairs */
     float attn_factor;   /* cos and sin scaled by this (YaRN's mscale ratio); 0 or 1: off */
 } moe_rope;
+/* cos and sin of the rd/2 pairs at positions 0 .. n_pos-1 for moe_rope_rotate:
+ * cs [n_pos, rd] (each row rd/2 cosines, then rd/2 sines). */
+void moe_rope_table(float *cs, int n_pos, int rd, const moe_rope *r);
 void moe_rope_rotate(float *x, int T, int n_heads, int head_stride, int rd, const int *pos,
-                     const moe_rope *r, int dir);
+                     const moe_rope *r, const float *cs, int n_cs, int dir);
 /* Rotate-half RoPE of whole heads without scaling. */
 void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float theta, int dir);
 /* Attention shapes: B sequences of S tokens, H query heads over KV key/value heads, q and k

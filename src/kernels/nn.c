@@ -68,34 +68,65 @@ static double rope_freq(const moe_rope *r, int i, int rd) {
     return base / r->factor * (1 - keep) + base * keep;
 }
 
+/* cos and sin (times the attention factor) of every pair's angle at position p: c[0..half),
+ * s[0..half) from the pair frequencies freq. */
+static void rope_angles(float *c, float *s, int p, int half, const double *freq, double scale) {
+    for (int i = 0; i < half; i++) {
+        double ang = p * freq[i];
+        c[i] = (float)(scale * cos(ang));
+        s[i] = (float)(scale * sin(ang));
+    }
+}
+
+static double rope_scale(const moe_rope *r) { return r->attn_factor > 0 ? r->attn_factor : 1; }
+
+void moe_rope_table(float *cs, int n_pos, int rd, const moe_rope *r) {
+    int half = rd / 2;
+    double freq[half > 0 ? half : 1];
+    for (int i = 0; i < half; i++) freq[i] = rope_freq(r, i, rd);
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < n_pos; p++)
+        rope_angles(cs + (size_t)p * rd, cs + (size_t)p * rd + half, p, half, freq, rope_scale(r));
+}
+
 /* Rotates pairs (i, i + rd/2), or (2i, 2i + 1) with interleave, of rd values of every head
  * by pos * freq(i) (rope_freq), the result scaled by attn_factor. x: the first rotated value
- * of token 0, head 0; heads head_stride apart, tokens n_heads * head_stride. dir = +1 forward,
- * -1 backward (the transpose of a rotation is the rotation by the opposite angle). */
+ * of token 0, head 0; heads head_stride apart, tokens n_heads * head_stride. Positions below
+ * n_cs take their cos and sin from cs (moe_rope_table; a sine or cosine per pair and token was
+ * 5 % of a small model's training step), the others compute them. dir = +1 forward, -1
+ * backward (the transpose of a rotation is the rotation by the opposite angle). */
 void moe_rope_rotate(float *x, int T, int n_heads, int head_stride, int rd, const int *pos,
-                     const moe_rope *r, int dir) {
-    int half = rd / 2;
-    double scale = r->attn_factor > 0 ? r->attn_factor : 1, freq[half > 0 ? half : 1];
+                     const moe_rope *r, const float *cs, int n_cs, int dir) {
+    int half = rd / 2, hp = half > 0 ? half : 1;
+    double freq[hp];
     for (int i = 0; i < half; i++) freq[i] = rope_freq(r, i, rd); /* once, not per token */
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
-        for (int i = 0; i < half; i++) {
-            double ang = pos[t] * freq[i];
-            float c = (float)(scale * cos(ang)), s = (float)(dir * scale * sin(ang));
-            int ia = r->interleave ? 2 * i : i, ib = r->interleave ? 2 * i + 1 : i + half;
-            for (int h = 0; h < n_heads; h++) {
-                float *v = x + ((size_t)t * n_heads + h) * head_stride;
-                float a = v[ia], b = v[ib];
-                v[ia] = a * c - b * s;
-                v[ib] = b * c + a * s;
-            }
+        float own[2 * hp];
+        const float *c = own, *s = own + half;
+        if (pos[t] >= 0 && pos[t] < n_cs) c = cs + (size_t)pos[t] * rd, s = c + half;
+        else rope_angles(own, own + half, pos[t], half, freq, rope_scale(r));
+        for (int h = 0; h < n_heads; h++) {
+            float *v = x + ((size_t)t * n_heads + h) * head_stride;
+            if (r->interleave)
+                for (int i = 0; i < half; i++) {
+                    float a = v[2 * i], b = v[2 * i + 1], si = dir * s[i];
+                    v[2 * i] = a * c[i] - b * si;
+                    v[2 * i + 1] = b * c[i] + a * si;
+                }
+            else
+                for (int i = 0; i < half; i++) {
+                    float a = v[i], b = v[i + half], si = dir * s[i];
+                    v[i] = a * c[i] - b * si;
+                    v[i + half] = b * c[i] + a * si;
+                }
         }
     }
 }
 
 void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float theta, int dir) {
     moe_rope r = {.theta = theta, .attn_factor = 1};
-    moe_rope_rotate(x, T, n_heads, hd, hd, pos, &r, dir);
+    moe_rope_rotate(x, T, n_heads, hd, hd, pos, &r, NULL, 0, dir);
 }
 
 /* ------------------------------------------------------------- attention */

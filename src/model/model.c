@@ -56,6 +56,8 @@ struct moe_model {
     int max_tokens, hd, gf;
     int head_qk, head_v, kvh; /* head widths of q/k and of v; key/value heads (MLA: H) */
     moe_rope rope;         /* RoPE of the rotated part (MLA: the last qk_rope_dim of a head) */
+    int rope_dim;          /* its width */
+    float *rope_cs;        /* its cos and sin at positions 0 .. seq_len-1 (moe_rope_table) */
     float att_scale;       /* attention scores q.k * this */
     size_t n_params;
     size_t act_bytes; /* the activation workspace */
@@ -436,6 +438,7 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     m->kcache = moe_arena_take(a, (size_t)c->n_layers * S * hkv, sizeof(float));
     m->vcache = moe_arena_take(a, (size_t)c->n_layers * S * hv, sizeof(float));
     m->att_scratch = moe_arena_take(a, (T > S ? T : S) * (size_t)c->n_heads * S, sizeof(float));
+    m->rope_cs = moe_arena_take(a, S * (size_t)m->rope_dim, sizeof(float));
 }
 
 /* Refuses, before anything large is allocated, a model whose parameters, gradients and
@@ -471,6 +474,7 @@ static void attention_setup(moe_model *m) {
     m->hd = moe_model_head_dim(c);
     moe_model_head_dims(c, &m->head_qk, &m->head_v);
     m->kvh = c->kv_lora_rank ? c->n_heads : c->n_kv_heads;
+    m->rope_dim = c->kv_lora_rank ? c->qk_rope_dim : m->head_qk;
     double f = c->rope_factor, ms = c->rope_mscale, all = c->rope_mscale_all_dim;
     m->rope = (moe_rope){.theta = c->rope_theta, .interleave = c->rope_interleave,
                          .factor = c->rope_factor, .orig_max_pos = c->rope_orig_max_pos,
@@ -511,6 +515,7 @@ moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_mod
     if (!m->act_mem) goto fail;
     moe_arena a = {m->act_mem, 0, plan.used};
     plan_activations(m, &a);
+    moe_rope_table(m->rope_cs, cfg->seq_len, m->rope_dim, &m->rope);
     for (int l = 0; l < L; l++) {
         if (!moe_model_layer_experts(cfg, l)) continue;
         moe_layer_config lc = layer_config(cfg, l);
@@ -692,9 +697,10 @@ static void mla_project(moe_model *m, const block_ptrs *p, block_saved *s, int T
  * qk_rope_dim values of each head; dir -1: backward. */
 static void rope_qk(const moe_model *m, float *q, float *k, int T, int dir) {
     const moe_model_config *c = &m->cfg;
-    int dk = m->head_qk, rd = c->kv_lora_rank ? c->qk_rope_dim : dk;
-    moe_rope_rotate(q + dk - rd, T, c->n_heads, dk, rd, m->pos, &m->rope, dir);
-    moe_rope_rotate(k + dk - rd, T, m->kvh, dk, rd, m->pos, &m->rope, dir);
+    int dk = m->head_qk, rd = m->rope_dim;
+    moe_rope_rotate(q + dk - rd, T, c->n_heads, dk, rd, m->pos, &m->rope, m->rope_cs, c->seq_len,
+                    dir);
+    moe_rope_rotate(k + dk - rd, T, m->kvh, dk, rd, m->pos, &m->rope, m->rope_cs, c->seq_len, dir);
 }
 
 /* The attention inputs of one block from s->n1: q, k, v after RoPE (saving in s what
