@@ -283,12 +283,16 @@ double moe_xent_forward_backward(float *dlogits, double *row_loss, const float *
         }
         float mx = lt[0];
         for (int j = 1; j < V; j++) mx = lt[j] > mx ? lt[j] : mx;
-        double s = 0;
-        for (int j = 0; j < V; j++) s += exp((double)lt[j] - mx);
-        double lse = mx + log(s);
-        row_loss[t] = lse - lt[y[t]];
+        double s = 0; /* each exponential once: kept in gt for the softmax */
+        for (int j = 0; j < V; j++) {
+            double e = exp((double)lt[j] - mx);
+            s += e;
+            if (gt) gt[j] = (float)e;
+        }
+        row_loss[t] = mx + log(s) - lt[y[t]];
         if (gt) {
-            for (int j = 0; j < V; j++) gt[j] = (float)(scale * exp((double)lt[j] - lse));
+            double f = scale / s;
+            for (int j = 0; j < V; j++) gt[j] = (float)(f * gt[j]);
             gt[y[t]] -= scale;
         }
     }
