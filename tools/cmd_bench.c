@@ -138,9 +138,9 @@ static int bench_layer(moe_options *o, int json) {
                T, c->d, c->ffn, c->n_experts, c->topk, c->shared_ffn,
                c->expert_bf16 ? "bf16" : "fp32", omp_get_max_threads());
         printf("GEMM library: %s\n", moe_gemm_backend());
-        printf("ceiling: SGEMM 2048^3 = %.1f GFLOP/s (best of 4 layouts x 5 calls, this run)\n", 1e-9 * peak);
+        printf("ceiling: SGEMM 2048^3 = %.1f GFLOP/s (best of 4 layouts x 5 calls x 2 threadings, this run)\n", 1e-9 * peak);
         if (c->expert_bf16)
-            printf("ceiling: bf16 GEMM 2048^3 (oneDNN) = %.1f GFLOP/s (best of 4 layouts x 5 calls, this run); the "
+            printf("ceiling: bf16 GEMM 2048^3 (oneDNN) = %.1f GFLOP/s (best of 4 layouts x 5 calls x 2 threadings, this run); the "
                    "layer reaches %.1f%% of it\n", 1e-9 * peak16,
                    100 * 3 * flops / (t_fwd + t_bwd) / peak16);
         double total = t_fwd + t_bwd;
@@ -226,7 +226,7 @@ static int bench_train(moe_options *o, int json) {
         printf("moe bench train: %d layers, d=%d, %zu parameters, micro-batch %d x %d tokens, %d "
                "threads\n", c->n_layers, c->d, np, tc->micro_batch, S, omp_get_max_threads());
         printf("GEMM library: %s\n", moe_gemm_backend());
-        printf("ceiling: SGEMM 2048^3 = %.1f GFLOP/s (best of 4 layouts x 5 calls, this run)\n", 1e-9 * peak);
+        printf("ceiling: SGEMM 2048^3 = %.1f GFLOP/s (best of 4 layouts x 5 calls x 2 threadings, this run)\n", 1e-9 * peak);
         printf("training: %.0f tokens/s, %.1f ms per step; %.2f MFLOP per token; %.1f GFLOP/s = "
                "%.1f%% model FLOP utilisation against the SGEMM rate\n", tok_s,
                1e3 * t_steps / o->iters, 1e-6 * fpt, 1e-9 * tok_s * fpt, 100 * tok_s * fpt / peak);

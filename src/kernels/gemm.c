@@ -10,6 +10,7 @@
 #include "core/core.h"
 
 #include <dlfcn.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,28 +73,78 @@ static void scale_rows(int m, int n, double beta, float *C, double *C64, int ldc
         }
 }
 
-void moe_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
-              const float *B, int ldb, float beta, float *C, int ldc) {
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) {
-        if (beta != 1.0f) scale_rows(m, n, beta, C, NULL, ldc);
+/* One GEMM call, float or double (C = alpha op(A) op(B) + beta C, row-major). */
+typedef struct {
+    int ta, tb, m, n, k, lda, ldb, ldc;
+    double alpha, beta;
+    const void *A, *B;
+    void *C;
+    size_t elem; /* sizeof(float) or sizeof(double) */
+} gemm_call;
+
+/* Rows lo..hi-1 of C (cols 0) or its columns lo..hi-1 (cols 1) in one BLAS call. */
+static void blas_part(const gemm_call *g, int cols, int lo, int hi) {
+    const char *A = g->A, *B = g->B;
+    char *C = g->C;
+    size_t e = g->elem;
+    if (cols) {
+        B += e * (g->tb ? (size_t)lo * g->ldb : (size_t)lo);
+        C += e * (size_t)lo;
+    } else {
+        A += e * (g->ta ? (size_t)lo : (size_t)lo * g->lda);
+        C += e * (size_t)lo * g->ldc;
+    }
+    int m = cols ? g->m : hi - lo, n = cols ? hi - lo : g->n;
+    enum CBLAS_TRANSPOSE ta = g->ta ? CblasTrans : CblasNoTrans, tb = g->tb ? CblasTrans : CblasNoTrans;
+    if (e == sizeof(float))
+        blas.sgemm(CblasRowMajor, ta, tb, m, n, g->k, (float)g->alpha, (const float *)A, g->lda,
+                   (const float *)B, g->ldb, (float)g->beta, (float *)C, g->ldc);
+    else
+        blas.dgemm(CblasRowMajor, ta, tb, m, n, g->k, g->alpha, (const double *)A, g->lda,
+                   (const double *)B, g->ldb, g->beta, (double *)C, g->ldc);
+}
+
+/* Outside a parallel region the threads split C themselves, by rows (by columns when C is wider
+ * than tall) in multiples of 16, one single-threaded BLAS call each (OpenBLAS built with OpenMP
+ * runs one thread inside a region). OpenBLAS's own threading synchronises its threads on every
+ * panel: at a transformer layer's sizes that cost a third of the rate (2048 x 128 x 256 NN: 261
+ * against 380 GFLOP/s on 2 cores, bench/RESULTS.md), at 2048^3 nothing. The split depends on the
+ * thread count only, so results do too. */
+static void gemm_run(const gemm_call *g) {
+    if (g->m <= 0 || g->n <= 0) return;
+    if (g->k <= 0) {
+        if (g->beta != 1.0)
+            scale_rows(g->m, g->n, g->beta, g->elem == sizeof(float) ? g->C : NULL,
+                       g->elem == sizeof(float) ? NULL : g->C, g->ldc);
         return;
     }
     pthread_once(&blas_once, blas_load);
-    blas.sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
-               k, alpha, A, lda, B, ldb, beta, C, ldc);
+    int cols = g->n > g->m, blocks = (cols ? g->n : g->m) / 16;
+    int parts = omp_in_parallel() ? 1 : moe_num_threads();
+    parts = parts < blocks ? parts : blocks;
+    if (parts <= 1) {
+        blas_part(g, cols, 0, cols ? g->n : g->m);
+        return;
+    }
+#pragma omp parallel num_threads(parts)
+    {
+        int id = omp_get_thread_num(), np = omp_get_num_threads();
+        int lo = (int)((long)blocks * id / np) * 16;
+        int hi = id == np - 1 ? (cols ? g->n : g->m) : (int)((long)blocks * (id + 1) / np) * 16;
+        blas_part(g, cols, lo, hi);
+    }
+}
+
+void moe_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
+              const float *B, int ldb, float beta, float *C, int ldc) {
+    gemm_call g = {ta, tb, m, n, k, lda, ldb, ldc, alpha, beta, A, B, C, sizeof(float)};
+    gemm_run(&g);
 }
 
 void moe_gemm64(int ta, int tb, int m, int n, int k, double alpha, const double *A, int lda,
                 const double *B, int ldb, double beta, double *C, int ldc) {
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) {
-        if (beta != 1.0) scale_rows(m, n, beta, NULL, C, ldc);
-        return;
-    }
-    pthread_once(&blas_once, blas_load);
-    blas.dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
-               k, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm_call g = {ta, tb, m, n, k, lda, ldb, ldc, alpha, beta, A, B, C, sizeof(double)};
+    gemm_run(&g);
 }
 
 const char *moe_gemm_backend(void) {
@@ -113,9 +164,17 @@ double moe_gemm_peak(int n, int reps) {
             a[i] = (float)(i % 13) * 0.01f;
             b[i] = (float)(i % 7) * 0.01f;
         }
-        for (int r = 0; r < 4 * reps; r++) { /* reps per transpose layout */
+        /* reps per transpose layout, each through moe_gemm and through the BLAS's own
+         * threading: the ceiling is the better of the two */
+        pthread_once(&blas_once, blas_load);
+        for (int r = 0; r < 8 * reps; r++) {
+            int ta = r & 1, tb = (r >> 1) & 1;
             double t = moe_time_now();
-            moe_gemm(r & 1, (r >> 1) & 1, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+            if (r & 4)
+                blas.sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans,
+                           tb ? CblasTrans : CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+            else
+                moe_gemm(ta, tb, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
             t = moe_time_now() - t;
             double rate = 2.0 * n * n * (double)n / t;
             best = rate > best ? rate : best;

@@ -9,7 +9,8 @@
 
 /* C[m,n] = alpha * op(A) op(B) + beta * C, row-major; ta/tb = 1 means transposed.
  * A is [m,k] (or [k,m] if ta), B is [k,n] (or [n,k] if tb). Empty sizes are no-ops
- * (beta still scales C when k == 0). */
+ * (beta still scales C when k == 0). Outside a parallel region the threads share C's rows (or
+ * columns); inside one, the calling thread computes it alone. */
 void moe_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc);
 void moe_gemm64(int ta, int tb, int m, int n, int k, double alpha, const double *A, int lda,
@@ -45,7 +46,7 @@ double moe_sum_squares(const float *x, size_t n);
 /* Name and configuration of the GEMM library in use. */
 const char *moe_gemm_backend(void);
 /* Best rate (FLOP/s) of an n x n x n SGEMM over reps calls for each of the four transpose
- * layouts: the machine's ceiling. */
+ * layouts, through moe_gemm and through the BLAS's own threading: the machine's ceiling. */
 double moe_gemm_peak(int n, int reps);
 
 /* Activation of one row: h [gf] -> a [f] = w * act(h) (gated: act(h[:f]) * h[f:]). */
