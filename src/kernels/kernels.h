@@ -38,9 +38,10 @@ void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n); /* round to nearest
 void moe_f32_to_bf16_serial(const float *x, uint16_t *y, size_t n); /* the same, one thread */
 void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n);
 
-/* Whole-buffer passes on all threads (vec.c): zeroing, and the sum of squares in float64 summed
- * in fixed blocks, in order (the same bits for any thread count). */
+/* Whole-buffer passes on all threads (vec.c): zeroing, copying, and the sum of squares in
+ * float64 summed in fixed blocks, in order (the same bits for any thread count). */
 void moe_zero_floats(float *x, size_t n);
+void moe_copy_floats(float *dst, const float *src, size_t n);
 double moe_sum_squares(const float *x, size_t n);
 
 /* Name and configuration of the GEMM library in use. */

@@ -6,14 +6,19 @@
 
 #define VEC_BLOCK ((size_t)1 << 15) /* floats per block */
 
-void moe_zero_floats(float *x, size_t n) {
+/* dst = src, or zeros where src is NULL, by blocks over the threads. */
+static void set_floats(float *dst, const float *src, size_t n) {
     size_t nb = (n + VEC_BLOCK - 1) / VEC_BLOCK;
 #pragma omp parallel for schedule(static) if (nb > 1)
     for (size_t b = 0; b < nb; b++) {
         size_t lo = b * VEC_BLOCK, len = n - lo < VEC_BLOCK ? n - lo : VEC_BLOCK;
-        memset(x + lo, 0, sizeof(float) * len);
+        if (src) memcpy(dst + lo, src + lo, sizeof(float) * len);
+        else memset(dst + lo, 0, sizeof(float) * len);
     }
 }
+
+void moe_zero_floats(float *x, size_t n) { set_floats(x, NULL, n); }
+void moe_copy_floats(float *dst, const float *src, size_t n) { set_floats(dst, src, n); }
 
 /* Each block is summed in 16 interleaved partial sums (lane l takes elements l, l + 16, ...: a
  * single chain would wait on the adder's latency for every element), the lanes and then the

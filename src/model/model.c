@@ -5,6 +5,7 @@
 #include "moe/layer_internal.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -803,6 +804,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
     m->has_targets = targets != NULL;
     const float *emb = m->params + m->emb_off;
     float *x = m->sv[0].x;
+#pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) memcpy(x + (size_t)t * d, emb + (size_t)tokens[t] * d, sizeof(float) * d);
     double aux = 0, z = 0;
     for (int l = 0; l < c->n_layers; l++) {
@@ -812,7 +814,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
         moe_rmsnorm_forward(s->n1, s->rstd1, s->x, p.attn_norm, T, d, c->norm_eps);
         attn_inputs(m, &p, s, T, s->q, s->k, s->v);
         moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, &ad);
-        memcpy(s->xm, s->x, sizeof(float) * (size_t)T * d);
+        moe_copy_floats(s->xm, s->x, (size_t)T * d);
         moe_gemm(0, 1, T, d, ho, 1, s->att, ho, p.wo, ho, 1, s->xm, d);
         moe_rmsnorm_forward(s->n2, s->rstd2, s->xm, p.ffn_norm, T, d, c->norm_eps);
         if (m->moe[l]) {
@@ -829,6 +831,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
             moe_mlp_forward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, NULL, p.w_out, NULL, NULL,
                             s->h, s->a, m->tmp, NULL, NULL);
         }
+#pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)T * d; i++) xnext[i] = s->xm[i] + m->tmp[i];
     }
     moe_rmsnorm_forward(m->nf, m->rstdf, m->xf, m->params + m->final_norm_off, T, d,
@@ -866,7 +869,7 @@ moe_status moe_model_backward(moe_model *m) {
     moe_gemm(1, 0, V, d, T, 1, dlogits, V, m->nf, d, 1, g_lm, d);
     moe_gemm(0, 0, T, d, V, 1, dlogits, V, lm, d, 0, m->dn, d);
     float *dx = m->dx;
-    memset(dx, 0, sizeof(float) * (size_t)T * d);
+    moe_zero_floats(dx, (size_t)T * d);
     moe_rmsnorm_backward(dx, m->grads + m->final_norm_off, m->dn, m->xf,
                          m->params + m->final_norm_off, m->rstdf, T, d);
     /* the tensors lie embedding, layers 0..L-1, final norm, head: final from the end on */
@@ -877,20 +880,20 @@ moe_status moe_model_backward(moe_model *m) {
         block_ptrs p = block(m, m->params, l), g = block(m, m->grads, l);
         /* FFN: x_next = xm + ffn(n2) */
         if (m->moe[l]) {
-            memset(m->dn, 0, sizeof(float) * (size_t)T * d);
+            moe_zero_floats(m->dn, (size_t)T * d);
             MOE_TRY(moe_layer_backward(m->moe[l], m->dn, dx, s->n2));
         } else {
             moe_mlp_backward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, p.w_out, NULL, NULL, s->h,
                              s->a, dx, m->dn, g.w_in, NULL, g.w_out, NULL, NULL, m->dh, m->da, NULL, NULL);
         }
-        memcpy(m->dxm, dx, sizeof(float) * (size_t)T * d);
+        moe_copy_floats(m->dxm, dx, (size_t)T * d);
         moe_rmsnorm_backward(m->dxm, g.ffn_norm, m->dn, s->xm, p.ffn_norm, s->rstd2, T, d);
         /* attention: xm = x + att Woᵀ */
         moe_gemm(1, 0, d, ho, T, 1, m->dxm, d, s->att, ho, 1, g.wo, ho);
         moe_gemm(0, 0, T, ho, d, 1, m->dxm, d, p.wo, ho, 0, m->datt, ho);
-        memset(m->dq, 0, sizeof(float) * (size_t)T * hq);
-        memset(m->dk, 0, sizeof(float) * (size_t)T * hkv);
-        memset(m->dv, 0, sizeof(float) * (size_t)T * hv);
+        moe_zero_floats(m->dq, (size_t)T * hq);
+        moe_zero_floats(m->dk, (size_t)T * hkv);
+        moe_zero_floats(m->dv, (size_t)T * hv);
         moe_attention_backward(m->dq, m->dk, m->dv, m->datt, s->probs, s->q, s->k, s->v, &ad);
         rope_qk(m, m->dq, m->dk, T, -1);
         if (c->kv_lora_rank) {
@@ -915,15 +918,22 @@ moe_status moe_model_backward(moe_model *m) {
         moe_gemm(0, 0, T, d, hkv, 1, m->dk, hkv, p.wk, d, 1, m->dn, d);
         moe_gemm(0, 0, T, d, hkv, 1, m->dv, hkv, p.wv, d, 1, m->dn, d);
     attn_norm:
-        memcpy(dx, m->dxm, sizeof(float) * (size_t)T * d);
+        moe_copy_floats(dx, m->dxm, (size_t)T * d);
         moe_rmsnorm_backward(dx, g.attn_norm, m->dn, s->x, p.attn_norm, s->rstd1, T, d);
         if (ready) ready(m->args.grads_ctx, m->block_off[(size_t)l * B_N + B_ATTN_NORM]);
     }
+    /* embedding rows by token order, the threads on separate column ranges (a token's row
+     * takes several tokens' gradients) */
     float *g_emb = m->grads + m->emb_off;
-    for (int t = 0; t < T; t++) {
-        float *gr = g_emb + (size_t)m->tokens[t] * d;
-        const float *dxt = dx + (size_t)t * d;
-        for (int i = 0; i < d; i++) gr[i] += dxt[i];
+#pragma omp parallel
+    {
+        int id = omp_get_thread_num(), np = omp_get_num_threads();
+        int i0 = (int)((long)d * id / np), i1 = (int)((long)d * (id + 1) / np);
+        for (int t = 0; t < T; t++) {
+            float *gr = g_emb + (size_t)m->tokens[t] * d;
+            const float *dxt = dx + (size_t)t * d;
+            for (int i = i0; i < i1; i++) gr[i] += dxt[i];
+        }
     }
     if (ready) ready(m->args.grads_ctx, 0);
     return MOE_OK;
