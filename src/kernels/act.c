@@ -4,32 +4,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* e^x for the activations, written so that the compiler vectorises the loops that call it
- * (libm's expf is a scalar call): x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to
- * r^7 (truncation below 6e-9 relative), 2^n put into the exponent bits. Relative error a few
- * ulp; NaN stays NaN; x below -87 gives e^-87, above 88 gives e^88 (the activations only
- * need e^x within [0, +inf) to saturate there). */
-static inline float exp_vec(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    float n = (x * 1.44269504088896341f + shifter) - shifter;
-    float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-    float p = 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-static inline float sigmoid_vec(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
+static inline float sigmoid_vec(float x) { return 1.0f / (1.0f + moe_exp_vec(-x)); }
 
 static inline float gelu(float h) { return 0.5f * h * (1.0f + erff(h * 0.70710678118654752f)); }
 static inline float dgelu(float h) {

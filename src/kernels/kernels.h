@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* C[m,n] = alpha * op(A) op(B) + beta * C, row-major; ta/tb = 1 means transposed.
  * A is [m,k] (or [k,m] if ta), B is [k,n] (or [n,k] if tb). Empty sizes are no-ops
@@ -37,6 +38,32 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
 void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n); /* round to nearest even */
 void moe_f32_to_bf16_serial(const float *x, uint16_t *y, size_t n); /* the same, one thread */
 void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n);
+
+/* e^x written so that the compiler vectorises the loops that call it (libm's expf is a scalar
+ * call), for the activations and the softmaxes: x = n ln2 + r with |r| <= ln2/2, e^r by its
+ * Taylor series to r^7 (truncation below 6e-9 relative), 2^n put into the exponent bits.
+ * Relative error a few ulp; NaN stays NaN; x below -87 gives e^-87, above 88 gives e^88 (the
+ * activations only need e^x within [0, +inf) to saturate there; a softmax's terms below e^-87
+ * of its largest are below the rounding of its sum). */
+static inline float moe_exp_vec(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float n = (x * 1.44269504088896341f + shifter) - shifter;
+    float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
 
 /* Whole-buffer passes on all threads (vec.c): zeroing, copying, and the sum of squares in
  * float64 summed in fixed blocks, in order (the same bits for any thread count). */

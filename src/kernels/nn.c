@@ -160,8 +160,9 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
                     int i = i0 + r;
                     float mx = -INFINITY, sum = 0;
                     for (int j = 0; j <= i; j++) mx = Pi[j] > mx ? Pi[j] : mx;
+#pragma omp simd reduction(+ : sum)
                     for (int j = 0; j <= i; j++) {
-                        Pi[j] = expf(Pi[j] - mx);
+                        Pi[j] = moe_exp_vec(Pi[j] - mx);
                         sum += Pi[j];
                     }
                     float inv = 1.0f / sum;
@@ -284,10 +285,12 @@ double moe_xent_forward_backward(float *dlogits, double *row_loss, const float *
         float mx = lt[0];
         for (int j = 1; j < V; j++) mx = lt[j] > mx ? lt[j] : mx;
         double s = 0; /* each exponential once: kept in gt for the softmax */
-        for (int j = 0; j < V; j++) {
-            double e = exp((double)lt[j] - mx);
-            s += e;
-            if (gt) gt[j] = (float)e;
+        if (gt) {
+#pragma omp simd reduction(+ : s)
+            for (int j = 0; j < V; j++) s += gt[j] = moe_exp_vec(lt[j] - mx);
+        } else {
+#pragma omp simd reduction(+ : s)
+            for (int j = 0; j < V; j++) s += moe_exp_vec(lt[j] - mx);
         }
         row_loss[t] = mx + log(s) - lt[y[t]];
         if (gt) {
