@@ -1,7 +1,7 @@
-/* GEMM wrappers: fp32 (OpenBLAS, and oneDNN's matmul and our AVX-512 tiles as the experts use
- * them inside a parallel region) and bf16 with fp32 accumulation (oneDNN) against float64
- * products, every transpose, beta 0 and 1, leading dimensions wider than the rows; bf16
- * rounding. */
+/* GEMM wrappers: fp32 and fp64 (OpenBLAS, C split over the threads by rows or by columns, or
+ * one call; oneDNN's matmul and our AVX-512 tiles as the experts use them inside a parallel
+ * region) and bf16 with fp32 accumulation (oneDNN) against float64 products, every transpose,
+ * beta 0 and 1, leading dimensions wider than the rows; bf16 rounding. */
 #include "kernels/kernels.h"
 #include "test_util.h"
 
@@ -14,8 +14,8 @@
 
 #include <cmocka.h>
 
-/* C = op(A) op(B) + beta C0 in float64; also sum |a||b| per entry for the tolerance. */
-static void ref_gemm(int ta, int tb, int m, int n, int k, const double *A, int lda,
+/* C = alpha op(A) op(B) + beta C0 in float64; also sum |a||b| per entry for the tolerance. */
+static void ref_gemm(int ta, int tb, int m, int n, int k, double alpha, const double *A, int lda,
                      const double *B, int ldb, double beta, const double *C0, double *C,
                      double *mag, int ldc) {
     for (int i = 0; i < m; i++)
@@ -27,21 +27,23 @@ static void ref_gemm(int ta, int tb, int m, int n, int k, const double *A, int l
                 s += a * b;
                 g += fabs(a * b);
             }
-            C[(size_t)i * ldc + j] = s + beta * C0[(size_t)i * ldc + j];
-            mag[(size_t)i * ldc + j] = g + fabs(beta * C0[(size_t)i * ldc + j]);
+            C[(size_t)i * ldc + j] = alpha * s + beta * C0[(size_t)i * ldc + j];
+            mag[(size_t)i * ldc + j] = fabs(alpha) * g + fabs(beta * C0[(size_t)i * ldc + j]);
         }
 }
 
-enum { FP32, BF16, DNNL_FP32, SMALL };
+enum { FP32, FP64, BF16, DNNL_FP32, SMALL };
 
-static void run_shape(int kind, int ta, int tb, int beta, int m, int n, int k, uint64_t seed) {
+/* alpha: moe_gemm and moe_gemm64 only (the others have none: 1). */
+static void run_alpha(int kind, int ta, int tb, int beta, int m, int n, int k, double alpha,
+                      uint64_t seed) {
     int bf16 = kind == BF16;
     int lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 5, ldc = n + 2;
     size_t na = (size_t)(ta ? k : m) * lda, nb = (size_t)(tb ? n : k) * ldb, nc = (size_t)m * ldc;
     float *A = malloc(na * 4), *B = malloc(nb * 4), *C = malloc(nc * 4);
     uint16_t *Ah = malloc(na * 2), *Bh = malloc(nb * 2);
     double *A64 = malloc(na * 8), *B64 = malloc(nb * 8), *C0 = malloc(nc * 8), *R = malloc(nc * 8),
-           *G = malloc(nc * 8);
+           *G = malloc(nc * 8), *C64 = malloc(nc * 8);
     tu_fill(A, na, seed, 1, -1, 1);
     tu_fill(B, nb, seed, 2, -1, 1);
     tu_fill(C, nc, seed, 3, -1, 1);
@@ -54,7 +56,8 @@ static void run_shape(int kind, int ta, int tb, int beta, int m, int n, int k, u
     for (size_t i = 0; i < na; i++) A64[i] = A[i];
     for (size_t i = 0; i < nb; i++) B64[i] = B[i];
     for (size_t i = 0; i < nc; i++) C0[i] = C[i];
-    ref_gemm(ta, tb, m, n, k, A64, lda, B64, ldb, beta, C0, R, G, ldc);
+    memcpy(C64, C0, nc * 8);
+    ref_gemm(ta, tb, m, n, k, alpha, A64, lda, B64, ldb, beta, C0, R, G, ldc);
     if (bf16)
         assert_int_equal(moe_gemm_bf16(ta, tb, m, n, k, Ah, lda, Bh, ldb, (float)beta, C, ldc), MOE_OK);
     else if (kind == DNNL_FP32)
@@ -62,32 +65,52 @@ static void run_shape(int kind, int ta, int tb, int beta, int m, int n, int k, u
     else if (kind == SMALL)
         assert_int_equal(moe_gemm_small(ta, tb, m, n, k, A, lda, B, ldb, (float)beta, C, ldc),
                          MOE_OK);
+    else if (kind == FP64)
+        moe_gemm64(ta, tb, m, n, k, alpha, A64, lda, B64, ldb, beta, C64, ldc);
     else
-        moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, (float)beta, C, ldc);
+        moe_gemm(ta, tb, m, n, k, (float)alpha, A, lda, B, ldb, (float)beta, C, ldc);
+    if (kind != FP64)
+        for (size_t i = 0; i < nc; i++) C64[i] = C[i];
+    /* accumulation of k products: the bound k u sum|a b| (u = 2^-24 or 2^-53), doubled */
+    double u = kind == FP64 ? 0x1p-53 : 0x1p-24;
     for (int i = 0; i < m; i++)
         for (int j = 0; j < n; j++) {
             size_t at = (size_t)i * ldc + j;
-            /* fp32 accumulation of k products: the bound k u sum|a b| (u = 2^-24), doubled */
-            if (fabs(C[at] - R[at]) > 2 * 0x1p-24 * (k + 1) * G[at])
-                fail_msg("%s ta=%d tb=%d beta=%d m=%d n=%d k=%d: C[%d,%d] = %.9g, expected %.9g",
+            if (fabs(C64[at] - R[at]) > 2 * u * (k + 1) * G[at])
+                fail_msg("%s ta=%d tb=%d beta=%d m=%d n=%d k=%d: C[%d,%d] = %.17g, expected %.17g",
                          bf16                ? "bf16"
                          : kind == DNNL_FP32 ? "oneDNN fp32"
                          : kind == SMALL     ? "small"
+                         : kind == FP64      ? "fp64"
                                              : "fp32",
-                         ta, tb, beta, m, n, k, i, j, C[at], R[at]);
+                         ta, tb, beta, m, n, k, i, j, C64[at], R[at]);
         }
     for (int i = 0; i < m; i++) /* the padding columns are not touched */
-        for (int j = n; j < ldc; j++) assert_true(C[(size_t)i * ldc + j] == (float)C0[(size_t)i * ldc + j]);
+        for (int j = n; j < ldc; j++) assert_true(C64[(size_t)i * ldc + j] == C0[(size_t)i * ldc + j]);
     free(A), free(B), free(C), free(Ah), free(Bh), free(A64), free(B64), free(C0), free(R), free(G);
+    free(C64);
+}
+
+static void run_shape(int kind, int ta, int tb, int beta, int m, int n, int k, uint64_t seed) {
+    run_alpha(kind, ta, tb, beta, m, n, k, 1.0, seed);
 }
 
 static void run(int kind, int ta, int tb, int beta, uint64_t seed) {
     run_shape(kind, ta, tb, beta, 37, 29, 53, seed);
 }
 
+/* moe_gemm and moe_gemm64 outside a parallel region: C split by rows (more rows than columns),
+ * by columns, or one call (both below 32), with alpha 1 and not. */
 static void test_fp32(void **state) {
     (void)state;
-    for (int c = 0; c < 8; c++) run(FP32, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + (uint64_t)c);
+    static const int shapes[][3] = {{37, 29, 53}, {29, 70, 41}, {5, 7, 3}};
+    static const double alphas[] = {1.0, -0.75, 1.0};
+    uint64_t seed = tu_seed();
+    for (int kind = FP32; kind <= FP64; kind++)
+        for (int q = 0; q < 3; q++)
+            for (int c = 0; c < 8; c++)
+                run_alpha(kind, c & 1, (c >> 1) & 1, c >> 2, shapes[q][0], shapes[q][1],
+                          shapes[q][2], alphas[q], seed++);
 }
 
 static void test_dnnl_fp32(void **state) {

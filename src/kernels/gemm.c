@@ -95,7 +95,8 @@ static void blas_part(const gemm_call *g, int cols, int lo, int hi) {
         C += e * (size_t)lo * g->ldc;
     }
     int m = cols ? g->m : hi - lo, n = cols ? hi - lo : g->n;
-    enum CBLAS_TRANSPOSE ta = g->ta ? CblasTrans : CblasNoTrans, tb = g->tb ? CblasTrans : CblasNoTrans;
+    enum CBLAS_TRANSPOSE ta = g->ta ? CblasTrans : CblasNoTrans;
+    enum CBLAS_TRANSPOSE tb = g->tb ? CblasTrans : CblasNoTrans;
     if (e == sizeof(float))
         blas.sgemm(CblasRowMajor, ta, tb, m, n, g->k, (float)g->alpha, (const float *)A, g->lda,
                    (const float *)B, g->ldb, (float)g->beta, (float *)C, g->ldc);
