@@ -49,7 +49,7 @@ static inline float moe_exp_vec(float x) {
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
     const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    float n = (x * 1.44269504088896341f + shifter) - shifter;
+    float t = x * 1.44269504088896341f + shifter, n = t - shifter;
     float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
     float p = 1.0f / 5040;
     p = p * r + 1.0f / 720;
@@ -59,7 +59,10 @@ static inline float moe_exp_vec(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
+    uint32_t bits; /* 2^n: n + 127 into the exponent, n read from t's low bits (unsigned: any
+                    * x, NaN included, without a float-to-int conversion) */
+    memcpy(&bits, &t, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
