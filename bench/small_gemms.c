@@ -29,7 +29,8 @@ typedef struct {
 
 /* lib 0: moe_gemm; 1: the BLAS's own threading; 2: moe_gemm_small. */
 static void call(int lib, sgemm_fn blas, const shape *s, const float *A, const float *B, float *C) {
-    if (lib == 0) moe_gemm(s->ta, s->tb, s->m, s->n, s->k, 1.0f, A, s->lda, B, s->ldb, 0.0f, C, s->ldc);
+    if (lib == 0)
+        moe_gemm(s->ta, s->tb, s->m, s->n, s->k, 1.0f, A, s->lda, B, s->ldb, 0.0f, C, s->ldc);
     if (lib == 1)
         blas(CblasRowMajor, s->ta ? CblasTrans : CblasNoTrans, s->tb ? CblasTrans : CblasNoTrans,
              s->m, s->n, s->k, 1.0f, A, s->lda, B, s->ldb, 0.0f, C, s->ldc);
