@@ -159,6 +159,7 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
                     float *Pi = Pb + (size_t)r * S;
                     int i = i0 + r;
                     float mx = -INFINITY, sum = 0;
+#pragma omp simd reduction(max : mx)
                     for (int j = 0; j <= i; j++) mx = Pi[j] > mx ? Pi[j] : mx;
 #pragma omp simd reduction(+ : sum)
                     for (int j = 0; j <= i; j++) {
@@ -283,14 +284,17 @@ double moe_xent_forward_backward(float *dlogits, double *row_loss, const float *
             continue;
         }
         float mx = lt[0];
+#pragma omp simd reduction(max : mx)
         for (int j = 1; j < V; j++) mx = lt[j] > mx ? lt[j] : mx;
-        double s = 0; /* each exponential once: kept in gt for the softmax */
-        if (gt) {
+        /* each exponential once, kept in gt for the softmax; in float, then summed in double
+         * (one loop that did both stayed scalar) */
+        double s = 0;
+        for (int j0 = 0; j0 < V; j0 += 256) {
+            int n = V - j0 < 256 ? V - j0 : 256;
+            float buf[256], *e = gt ? gt + j0 : buf;
+            for (int j = 0; j < n; j++) e[j] = moe_exp_vec(lt[j0 + j] - mx);
 #pragma omp simd reduction(+ : s)
-            for (int j = 0; j < V; j++) s += gt[j] = moe_exp_vec(lt[j] - mx);
-        } else {
-#pragma omp simd reduction(+ : s)
-            for (int j = 0; j < V; j++) s += moe_exp_vec(lt[j] - mx);
+            for (int j = 0; j < n; j++) s += e[j];
         }
         row_loss[t] = mx + log(s) - lt[y[t]];
         if (gt) {
