@@ -140,7 +140,7 @@ static int bench_layer(moe_options *o, int json) {
         printf("GEMM library: %s\n", moe_gemm_backend());
         printf("ceiling: SGEMM 2048^3 = %.1f GFLOP/s (best of 4 layouts x 5 calls x 2 threadings, this run)\n", 1e-9 * peak);
         if (c->expert_bf16)
-            printf("ceiling: bf16 GEMM 2048^3 (oneDNN) = %.1f GFLOP/s (best of 4 layouts x 5 calls x 2 threadings, this run); the "
+            printf("ceiling: bf16 GEMM 2048^3 (oneDNN) = %.1f GFLOP/s (best of 4 layouts x 5 calls, this run); the "
                    "layer reaches %.1f%% of it\n", 1e-9 * peak16,
                    100 * 3 * flops / (t_fwd + t_bwd) / peak16);
         double total = t_fwd + t_bwd;

@@ -165,17 +165,14 @@ double moe_gemm_peak(int n, int reps) {
             a[i] = (float)(i % 13) * 0.01f;
             b[i] = (float)(i % 7) * 0.01f;
         }
-        /* reps per transpose layout, each through moe_gemm and through the BLAS's own
-         * threading: the ceiling is the better of the two */
+        /* reps per transpose layout, each through gemm_run (the threads split C) and as one
+         * BLAS call (its own threading): the ceiling is the better of the two */
         pthread_once(&blas_once, blas_load);
         for (int r = 0; r < 8 * reps; r++) {
-            int ta = r & 1, tb = (r >> 1) & 1;
+            gemm_call g = {r & 1, (r >> 1) & 1, n, n, n, n, n, n, 1.0, 0.0, a, b, c, sizeof(float)};
             double t = moe_time_now();
-            if (r & 4)
-                blas.sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans,
-                           tb ? CblasTrans : CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
-            else
-                moe_gemm(ta, tb, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+            if (r & 4) blas_part(&g, 0, 0, n);
+            else gemm_run(&g);
             t = moe_time_now() - t;
             double rate = 2.0 * n * n * (double)n / t;
             best = rate > best ? rate : best;

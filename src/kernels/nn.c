@@ -225,12 +225,11 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                                      ds, ATT_BLOCK);
                             for (int r = 0; r < m; r++) {
                                 const float *pr = Pt + (size_t)r * S;
-                                float *x = ds + r * ATT_BLOCK, d = D[r];
+                                float *x = ds + r * ATT_BLOCK;
                                 if (pass == 0)
-                                    for (int c = 0; c < n; c++) d += pr[c] * x[c];
+                                    for (int c = 0; c < n; c++) D[r] += pr[c] * x[c];
                                 else
-                                    for (int c = 0; c < n; c++) x[c] = pr[c] * (x[c] - d);
-                                D[r] = d;
+                                    for (int c = 0; c < n; c++) x[c] = pr[c] * (x[c] - D[r]);
                             }
                             if (pass == 0) continue;
                             moe_gemm(1, 0, n, Dv, m, 1.0f, Pt, S, doi, os, 1.0f,
