@@ -33,6 +33,9 @@ typedef struct {
     const char *pf;
     long pf_si, pf_sk;
     int pf_k, pf_mod, pf_lines;
+    /* then at steps pf_k <= k < pf_k2, from pf_jump bytes further on */
+    long pf_jump;
+    int pf_k2;
     /* the tile's place in C (row i at c + i ldc), added to when c_acc is set; NULL: the
      * accumulators go to out[i NV + v] instead */
     float *c;
@@ -62,7 +65,8 @@ tile_body(const tile_args *t, __m512 *out, const int NV, const int MR) {
     const char *pf = t->pf;
     int pm = 0;
     for (int k = 0; k < t->k; k++, b += ldb, pf += t->pf_sk) {
-        if (k < t->pf_k) {
+        if (k == t->pf_k) pf += t->pf_jump;
+        if (k < t->pf_k2) {
             for (int l = 0; l < t->pf_lines; l++)
                 _mm_prefetch(pf + pm * t->pf_si + 64 * l, _MM_HINT_T0);
             if (++pm == t->pf_mod) pm = 0;
@@ -187,12 +191,16 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
     } else if (j->stream == STREAM_BCAST) { /* further along each row */
         t.pf = (const char *)(t.a + PF_FLOATS);
         t.pf_mod = mr, t.pf_si = 4 * j->sai, t.pf_sk = 4, t.pf_lines = 1;
-        t.pf_k = kn - PF_FLOATS; /* a tile spans all of k here; none past the rows' ends */
+        /* a tile spans all of k here; none past the rows' ends, then the next tile's rows
+         * from their starts */
+        t.pf_k = kn > PF_FLOATS ? kn - PF_FLOATS : 0;
+        if (i0 + mr < j->M) t.pf_jump = 4 * ((long)mr * j->sai - PF_FLOATS - t.pf_k), t.pf_k2 = kn;
     } else { /* the next tile's C: these rows' next panel */
         t.pf = (const char *)(d->c + i0 * d->ldc + n0 + 16 * nv);
         t.pf_si = 4 * d->ldc, t.pf_sk = 0, t.pf_mod = mr, t.pf_lines = j->nv_max;
         t.pf_k = n0 + 16 * nv < j->N ? mr : 0;
     }
+    if (t.pf_k2 < t.pf_k) t.pf_k2 = t.pf_k;
     tile_dst dk = *d;
     dk.acc = d->acc || k0 > 0;
     if (!d->trans) t.c = d->c + i0 * d->ldc + n0, t.ldc = d->ldc, t.c_acc = dk.acc;
