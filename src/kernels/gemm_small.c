@@ -132,17 +132,80 @@ typedef struct {
     int trans, acc;
 } tile_dst;
 
-/* A tile of C^T (NT): rows i of the tile are columns of C. */
-static void store_transposed(const tile_dst *d, const __m512 *out, int i0, int mr, int n0,
-                             int nv, int n_valid) {
-    /* row by row of C, so that each row's line is written once (C's rows are often 4 KB apart:
-     * column by column they all fall into one L1 set) */
-    const float *lanes = (const float *)out;
-    for (int l = 0; l < n_valid; l++) {
-        float *c = d->c + (long)(n0 + l) * d->ldc + i0;
-        for (int i = 0; i < mr; i++) {
-            float x = lanes[i * nv * 16 + l];
-            c[i] = d->acc ? c[i] + x : x;
+/* Eight 16-float rows r[0..8) transposed: column l (the eight r[i][l]) is the low half of
+ * half_of(p, q, l)'s register when l % 8 < 4, else its high half. */
+typedef struct {
+    __m512 p[4], q[4]; /* p[j]: columns j, j + 4; q[j]: columns j + 8, j + 12 */
+} cols8x16;
+
+static inline __attribute__((always_inline)) SMALL_TARGET void transpose8x16(const __m512 *r,
+                                                                             cols8x16 *c) {
+    __m512 t[8], u[8];
+    for (int i = 0; i < 4; i++) { /* t[2i], t[2i+1]: rows 2i, 2i+1 interleaved */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++) { /* u[4h + j]: rows 4h..4h+3 of column 4 lane + j */
+        const __m512 *th = t + 4 * h;
+        u[4 * h + 0] = _mm512_shuffle_ps(th[0], th[2], 0x44);
+        u[4 * h + 1] = _mm512_shuffle_ps(th[0], th[2], 0xEE);
+        u[4 * h + 2] = _mm512_shuffle_ps(th[1], th[3], 0x44);
+        u[4 * h + 3] = _mm512_shuffle_ps(th[1], th[3], 0xEE);
+    }
+    const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30,
+                                         31);
+    for (int j = 0; j < 4; j++) {
+        c->p[j] = _mm512_permutex2var_ps(u[j], lo, u[j + 4]);
+        c->q[j] = _mm512_permutex2var_ps(u[j], hi, u[j + 4]);
+    }
+}
+
+/* Column l of a transpose8x16 in the low eight lanes. */
+static inline __attribute__((always_inline)) SMALL_TARGET __m512 column8(const cols8x16 *c,
+                                                                          int l) {
+    __m512 x = l < 8 ? c->p[l & 3] : c->q[l & 3];
+    return l & 4 ? _mm512_shuffle_f32x4(x, x, 0xEE) : x;
+}
+
+/* dst[0, n) = (or +=) the first n <= 8 lanes of x, by stores within cache lines: a masked
+ * store that straddles two lines is several times slower than two that do not. */
+static inline __attribute__((always_inline)) SMALL_TARGET void put_floats(float *dst, __m512 x,
+                                                                          int n, int acc) {
+    int off = (int)(((uintptr_t)dst & 63) >> 2);
+    float *line = dst - off;
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    x = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_sub_epi32(iota, _mm512_set1_epi32(off)),
+                                               _mm512_set1_epi32(15)),
+                              x); /* lane off + j holds x[j] */
+    uint32_t m = ((1u << n) - 1u) << off;
+    __mmask16 m1 = (__mmask16)(m & 0xFFFFu), m2 = (__mmask16)(m >> 16);
+    if (acc) {
+        __m512 c = _mm512_maskz_load_ps(m1, line);
+        if (m2) c = _mm512_mask_load_ps(c, m2, line + 16);
+        x = _mm512_add_ps(x, c);
+    }
+    _mm512_mask_store_ps(line, m1, x);
+    if (m2) _mm512_mask_store_ps(line + 16, m2, x);
+}
+
+/* A tile of C^T (NT): rows i of the tile are columns of C. By eight rows of the tile and 16
+ * lanes at a time, transposed in registers; C row by row, each row's values written once (C's
+ * rows are often 4 KB apart: column by column they all fall into one L1 set). */
+static SMALL_TARGET void store_transposed(const tile_dst *d, const __m512 *out, int i0, int mr,
+                                          int n0, int nv, int n_valid) {
+    for (int r0 = 0; r0 < mr; r0 += 8) {
+        int rows = mr - r0 < 8 ? mr - r0 : 8;
+        for (int v = 0; v < nv && 16 * v < n_valid; v++) {
+            __m512 r[8];
+            for (int i = 0; i < 8; i++)
+                r[i] = i < rows ? out[(r0 + i) * nv + v] : _mm512_setzero_ps();
+            cols8x16 c;
+            transpose8x16(r, &c);
+            int lanes = n_valid - 16 * v < 16 ? n_valid - 16 * v : 16;
+            for (int l = 0; l < lanes; l++)
+                put_floats(d->c + (long)(n0 + 16 * v + l) * d->ldc + i0 + r0, column8(&c, l), rows,
+                           d->acc);
         }
     }
 }
@@ -240,10 +303,20 @@ static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, c
         int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS, nv = (mc + 15) / 16, w = 16 * nv;
         for (int k0 = 0; k0 < k; k0 += KC) {
             int kc = k - k0 < KC ? k - k0 : KC;
-            for (int kk = 0; kk < kc; kk++) {
-                float *dst = xt + (long)kk * w;
-                for (int r = 0; r < mc; r++) dst[r] = A[(long)(m0 + r) * lda + k0 + kk];
-                for (int r = mc; r < w; r++) dst[r] = 0;
+            for (int kk = 0; kk < kc; kk += 16) { /* 8 rows x 16 columns at a time */
+                int lanes = kc - kk < 16 ? kc - kk : 16;
+                __mmask16 m = (__mmask16)((1u << lanes) - 1u);
+                for (int r0 = 0; r0 < w; r0 += 8) {
+                    __m512 r[8];
+                    for (int i = 0; i < 8; i++)
+                        r[i] = r0 + i < mc ? _mm512_maskz_loadu_ps(
+                                                 m, A + (long)(m0 + r0 + i) * lda + k0 + kk)
+                                           : _mm512_setzero_ps();
+                    cols8x16 c;
+                    transpose8x16(r, &c);
+                    for (int l = 0; l < lanes; l++)
+                        _mm512_mask_storeu_ps(xt + (long)(kk + l) * w + r0, 0xFF, column8(&c, l));
+                }
             }
             tile_dst d = {C + (long)m0 * ldc, ldc, 1, beta1 || k0 > 0};
             tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d};
