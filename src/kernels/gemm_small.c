@@ -214,6 +214,9 @@ static SMALL_TARGET void store_transposed(const tile_dst *d, const __m512 *out, 
  * the loop order and the prefetches follow from it. */
 enum { STREAM_VEC, STREAM_BCAST, STREAM_C };
 #define PF_FLOATS 128 /* floats of each broadcast row ahead (STREAM_BCAST) */
+#ifndef PF_TILES_C
+#define PF_TILES_C 2 /* tiles ahead whose C is prefetched (STREAM_C) */
+#endif
 #define KB 64         /* rows of the vector operand per block (STREAM_VEC) */
 
 typedef struct {
@@ -258,10 +261,15 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
          * from their starts */
         t.pf_k = kn > PF_FLOATS ? kn - PF_FLOATS : 0;
         if (i0 + mr < j->M) t.pf_jump = 4 * ((long)mr * j->sai - PF_FLOATS - t.pf_k), t.pf_k2 = kn;
-    } else { /* the next tile's C: these rows' next panel */
-        t.pf = (const char *)(d->c + i0 * d->ldc + n0 + 16 * nv);
-        t.pf_si = 4 * d->ldc, t.pf_sk = 0, t.pf_mod = mr, t.pf_lines = j->nv_max;
-        t.pf_k = n0 + 16 * nv < j->N ? mr : 0;
+    } else { /* the C tile PF_TILES_C tiles further on, in run_tiles' order */
+        int step = 16 * j->nv_max, cap = mr_max[j->nv_max], span = (j->N + step - 1) / step * step;
+        int pn = n0 + PF_TILES_C * step, pi = i0;
+        while (pn >= span) pn -= span, pi += cap;
+        int pr = j->M - pi < cap ? j->M - pi : cap;
+        t.pf = (const char *)(d->c + (long)pi * d->ldc + pn);
+        t.pf_si = 4 * d->ldc, t.pf_sk = 0, t.pf_mod = pr > 0 ? pr : 1;
+        t.pf_lines = vectors_at(j, pn);
+        t.pf_k = pr > 0 && pn < j->N ? pr : 0;
     }
     if (t.pf_k2 < t.pf_k) t.pf_k2 = t.pf_k;
     tile_dst dk = *d;

@@ -230,6 +230,20 @@ void moe_scatter_rows(const moe_fwd_state *st, const float *g, float *dx, int d)
     }
 }
 
+/* st->expert_order: the experts by rows, most first, ties by index. Taken in this order by
+ * the threads (dynamic), the largest blocks start first and the small ones fill in at the end
+ * (longest processing time first); which thread computes an expert does not change its
+ * results. Insertion sort: E is at most a few hundred, and the order changes little. */
+static void order_by_rows(moe_fwd_state *st, int E) {
+    const int32_t *off = st->expert_off;
+    int32_t *o = st->expert_order;
+    for (int e = 0; e < E; e++) {
+        int rows = off[e + 1] - off[e], i = e;
+        for (; i > 0 && off[o[i - 1] + 1] - off[o[i - 1]] < rows; i--) o[i] = o[i - 1];
+        o[i] = e;
+    }
+}
+
 void moe_experts_forward(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     if (c->ep_size > 1) {
@@ -249,10 +263,13 @@ void moe_experts_forward(moe_layer *L) {
     double t1 = moe_time_now();
     int across = experts_across_threads(L);
     moe_expert_rows rows = moe_own_rows(st);
+    order_by_rows(st, c->n_experts);
 #pragma omp parallel for schedule(dynamic, 1) if (across)
-    for (int e = 0; e < c->n_experts; e++)
+    for (int i = 0; i < c->n_experts; i++) {
+        int e = st->expert_order[i];
         moe_expert_rows_forward(L, &rows, e, st->expert_off[e],
                                 st->expert_off[e + 1] - st->expert_off[e], across ? NULL : &t_act);
+    }
     double t2 = moe_time_now();
     moe_combine_rows(st, st->y, d);
     L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0;
@@ -276,9 +293,11 @@ void moe_experts_backward(moe_layer *L, float *dx) {
     int across = experts_across_threads(L);
     moe_expert_rows rows = moe_own_rows(st);
 #pragma omp parallel for schedule(dynamic, 1) if (across)
-    for (int e = 0; e < c->n_experts; e++)
+    for (int i = 0; i < c->n_experts; i++) {
+        int e = st->expert_order[i];
         moe_expert_rows_backward(L, &rows, e, st->expert_off[e],
                                  st->expert_off[e + 1] - st->expert_off[e], across ? NULL : &t_act);
+    }
     double t2 = moe_time_now();
     moe_scatter_rows(st, st->xp, dx, d); /* xp now holds dL/dxp */
     L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2);

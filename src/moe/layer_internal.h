@@ -67,6 +67,7 @@ typedef struct {
     int capacity;
     int n_rows;
     int32_t *expert_off;   /* [E+1] */
+    int32_t *expert_order; /* [E] experts by rows, most first (the threads' work order) */
     int32_t *row_slot;     /* [R] -1 = padding */
     float *row_w;          /* [R] */
     int32_t *scratch;      /* [max(S, T, E)+1] */
