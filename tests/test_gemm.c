@@ -120,14 +120,15 @@ static void test_dnnl_fp32(void **state) {
         run(DNNL_FP32, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + 100 + (uint64_t)c);
 }
 
-/* Shapes that reach every tile of gemm_small.c: rows beyond one 64-row block (NT) and one
- * 12-row tile, 1 to 4 vectors and partial vectors, k beyond one block (64 for NN, 512 for NT)
- * and shorter than the prefetch distance; then random shapes. */
+/* Shapes that reach every tile of gemm_small.c: rows beyond one 64-row block (NT; beyond three
+ * of them) and one 12-row tile, 1 to 4 vectors and partial vectors, k beyond one block (64 for NN, 512 for NT) and shorter than
+ * the prefetch distance; then random shapes. */
 static void test_small(void **state) {
     (void)state;
     if (!moe_gemm_small_available()) skip(); /* no AVX-512 */
     static const int shapes[][3] = {{37, 29, 53}, {150, 77, 600}, {5, 200, 3}, {64, 33, 129},
-                                    {16, 1, 700}, {1, 16, 1}, {49, 64, 1100}, {13, 130, 65}};
+                                    {16, 1, 700}, {1, 16, 1}, {49, 64, 1100}, {13, 130, 65},
+                                    {203, 97, 515}};
     uint64_t seed = tu_seed() + 200;
     for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
         for (int c = 0; c < 6; c++)
