@@ -20,7 +20,7 @@
 #include <immintrin.h>
 
 #define SMALL_TARGET __attribute__((target("avx512f")))
-#define KC 512     /* columns of A^T per scratch block (NT) */
+#define KC 1024    /* columns of A^T per scratch block (NT) */
 #define NT_ROWS 64 /* rows of A per scratch block (NT): at most 4 vectors */
 
 typedef struct {
