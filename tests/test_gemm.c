@@ -121,8 +121,8 @@ static void test_dnnl_fp32(void **state) {
 }
 
 /* Shapes that reach every tile of gemm_small.c: rows beyond one 64-row block (NT; beyond three
- * of them) and one 12-row tile, 1 to 4 vectors and partial vectors, k beyond one block (64 for NN, 512 for NT) and shorter than
- * the prefetch distance; then random shapes. */
+ * of them) and one 12-row tile, 1 to 4 vectors and partial vectors, k beyond one block (64 for
+ * NN, 1024 for NT) and shorter than the prefetch distance; then random shapes. */
 static void test_small(void **state) {
     (void)state;
     if (!moe_gemm_small_available()) skip(); /* no AVX-512 */

@@ -132,8 +132,9 @@ typedef struct {
     int trans, acc;
 } tile_dst;
 
-/* Eight 16-float rows r[0..8) transposed: column l (the eight r[i][l]) is the low half of
- * half_of(p, q, l)'s register when l % 8 < 4, else its high half. */
+/* Eight 16-float rows r[0..8) transposed: column l (the eight r[i][l]) is in p[l % 4] (l < 8)
+ * or q[l % 4] (l >= 8), in the low half when l % 8 < 4, else in the high half; column8 takes
+ * it out. */
 typedef struct {
     __m512 p[4], q[4]; /* p[j]: columns j, j + 4; q[j]: columns j + 8, j + 12 */
 } cols8x16;
@@ -214,9 +215,7 @@ static SMALL_TARGET void store_transposed(const tile_dst *d, const __m512 *out, 
  * the loop order and the prefetches follow from it. */
 enum { STREAM_VEC, STREAM_BCAST, STREAM_C };
 #define PF_FLOATS 128 /* floats of each broadcast row ahead (STREAM_BCAST) */
-#ifndef PF_TILES_C
 #define PF_TILES_C 2 /* tiles ahead whose C is prefetched (STREAM_C) */
-#endif
 #define KB 64         /* rows of the vector operand per block (STREAM_VEC) */
 
 typedef struct {
@@ -302,6 +301,25 @@ static SMALL_TARGET void run_tiles(const tile_job *j) {
     }
 }
 
+/* xt[kk * w + r] = A[r][kk] for r < mc and kk < kc, 0 for mc <= r < w (mc rounded up to
+ * vectors): 8 rows x 16 columns at a time, transposed in registers. */
+static SMALL_TARGET void transpose_rows(const float *A, int lda, int mc, int kc, int w, float *xt) {
+    for (int kk = 0; kk < kc; kk += 16) {
+        int lanes = kc - kk < 16 ? kc - kk : 16;
+        __mmask16 mask = (__mmask16)((1u << lanes) - 1u);
+        for (int r0 = 0; r0 < w; r0 += 8) {
+            __m512 r[8];
+            for (int i = 0; i < 8; i++)
+                r[i] = r0 + i < mc ? _mm512_maskz_loadu_ps(mask, A + (long)(r0 + i) * lda + kk)
+                                   : _mm512_setzero_ps();
+            cols8x16 c;
+            transpose8x16(r, &c);
+            for (int l = 0; l < lanes; l++)
+                _mm512_mask_storeu_ps(xt + (long)(kk + l) * w + r0, 0xFF, column8(&c, l));
+        }
+    }
+}
+
 /* C = A B^T (+ C): per block of up to 64 rows of A and KC columns, A^T into scratch, then the
  * rows of B (the weights) broadcast against it; every element of B is read once per 64 rows. */
 static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, const float *B,
@@ -311,21 +329,7 @@ static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, c
         int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS, nv = (mc + 15) / 16, w = 16 * nv;
         for (int k0 = 0; k0 < k; k0 += KC) {
             int kc = k - k0 < KC ? k - k0 : KC;
-            for (int kk = 0; kk < kc; kk += 16) { /* 8 rows x 16 columns at a time */
-                int lanes = kc - kk < 16 ? kc - kk : 16;
-                __mmask16 m = (__mmask16)((1u << lanes) - 1u);
-                for (int r0 = 0; r0 < w; r0 += 8) {
-                    __m512 r[8];
-                    for (int i = 0; i < 8; i++)
-                        r[i] = r0 + i < mc ? _mm512_maskz_loadu_ps(
-                                                 m, A + (long)(m0 + r0 + i) * lda + k0 + kk)
-                                           : _mm512_setzero_ps();
-                    cols8x16 c;
-                    transpose8x16(r, &c);
-                    for (int l = 0; l < lanes; l++)
-                        _mm512_mask_storeu_ps(xt + (long)(kk + l) * w + r0, 0xFF, column8(&c, l));
-                }
-            }
+            transpose_rows(A + (long)m0 * lda + k0, lda, mc, kc, w, xt);
             tile_dst d = {C + (long)m0 * ldc, ldc, 1, beta1 || k0 > 0};
             tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d};
             run_tiles(&j);

@@ -12,12 +12,13 @@
 
 /* Which library multiplies the fp32 expert blocks while the experts are spread over the
  * threads (one single-threaded GEMM per block), per layout: NN, TN, NT with at most
- * SMALL_NT_ROWS rows, NT with more. MOE_EXPERT_GEMM: "auto" (default) takes the fastest measured (bench/RESULTS.md,
- * Scaling): oneDNN for NN (dy W_out, dh W_in) and for NT with many rows, OpenBLAS for TN (the
- * weight gradients), our AVX-512 tiles for NT with at most 192 rows (the forward's x W_in^T
- * and a W_out^T of an expert with few rows: the tiles read each weight once per 64 rows and
- * pack nothing; measured ahead of both libraries up to 192 rows, even at 256, behind from 512;
- * also NN without oneDNN); "blas", "dnnl" (NN and NT) and "small" (all) for comparisons. */
+ * SMALL_NT_ROWS rows, NT with more. MOE_EXPERT_GEMM: "auto" (default) takes the fastest
+ * measured (bench/RESULTS.md, Scaling): oneDNN for NN (dy W_out, dh W_in) and for NT with many
+ * rows, OpenBLAS for TN (the weight gradients), our AVX-512 tiles for NT with at most 192 rows
+ * (the forward's x W_in^T and a W_out^T of an expert with few rows: the tiles read each weight
+ * once per 64 rows and pack nothing; measured ahead of both libraries up to 192 rows, even at
+ * 256, behind from 512; also NN without oneDNN); "blas", "dnnl" (NN and NT) and "small" (all)
+ * for comparisons. */
 enum { EG_BLAS, EG_DNNL, EG_SMALL };
 #define SMALL_NT_ROWS 192
 static pthread_once_t eg_once = PTHREAD_ONCE_INIT;
