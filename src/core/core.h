@@ -61,6 +61,12 @@ typedef struct {
 void *moe_arena_take(moe_arena *a, size_t n, size_t size);
 
 double moe_time_now(void);  /* seconds, monotonic */
+/* One step of a spin-wait loop (a few dozen cycles on x86, where it tells the core so). */
+static inline void moe_spin_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
 double moe_wall_time(void); /* seconds since the epoch */
 
 int moe_num_threads(void); /* OpenMP threads a parallel region would use */

@@ -6,6 +6,7 @@
 
 #include <omp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,9 +59,9 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
     MOE_ASSERT(st == MOE_OK); /* availability is checked when the layer is created */
 }
 
-void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
-                     const float *b_in, const float *w_out, const float *b_out, const float *w,
-                     float *h, float *a, float *y, double *t_act, const moe_mlp_bf16 *b16) {
+void moe_mlp_forward_in(moe_activation act, int n, int d, int f, const float *x,
+                        const float *w_in, const float *b_in, const float *w, float *h, float *a,
+                        double *t_act, const moe_mlp_bf16 *b16) {
     if (n <= 0) return;
     int gf = moe_act_gated(act) ? 2 * f : f;
     if (b16) moe_f32_to_bf16(x, b16->x, (size_t)n * d);
@@ -76,6 +77,11 @@ void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, co
         if (b16) moe_f32_to_bf16_serial(a + (size_t)i * f, b16->a + (size_t)i * f, (size_t)f);
     }
     if (t_act) *t_act += moe_time_now() - t0;
+}
+
+void moe_mlp_forward_out(int n, int d, int f, const float *w_out, const float *b_out,
+                         const float *w, const float *a, float *y, const moe_mlp_bf16 *b16) {
+    if (n <= 0) return;
     gemm_any(b16, 0, 1, n, d, f, a, b16 ? b16->a : NULL, f, w_out, b16 ? b16->w_out : NULL, f, 0.0f,
              y, d);
     if (b_out) {
@@ -85,6 +91,13 @@ void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, co
             for (int j = 0; j < d; j++) y[(size_t)i * d + j] += wi * b_out[j];
         }
     }
+}
+
+void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
+                     const float *b_in, const float *w_out, const float *b_out, const float *w,
+                     float *h, float *a, float *y, double *t_act, const moe_mlp_bf16 *b16) {
+    moe_mlp_forward_in(act, n, d, f, x, w_in, b_in, w, h, a, t_act, b16);
+    moe_mlp_forward_out(n, d, f, w_out, b_out, w, a, y, b16);
 }
 
 void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
@@ -171,15 +184,25 @@ static const moe_mlp_bf16 *expert_bf16(const moe_layer *L, const moe_expert_rows
     return b;
 }
 
-void moe_expert_rows_forward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
-                             double *t_act) {
+void moe_expert_rows_forward_part(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
+                                  int part, double *t_act) {
     const moe_layer_config *c = &L->cfg;
     size_t d = (size_t)c->d, f = (size_t)c->ffn, gf = gf_of(c);
     moe_mlp_bf16 b16;
-    moe_mlp_forward(c->act, n, (int)d, (int)f, r->x + o * d, L->p.w_in + le * gf * d,
-                    L->p.b_in ? L->p.b_in + le * gf : NULL, L->p.w_out + le * d * f,
-                    L->p.b_out ? L->p.b_out + le * d : NULL, r->w + o, r->h + o * gf,
-                    r->a + o * f, r->y + o * d, t_act, expert_bf16(L, r, le, o, &b16));
+    const moe_mlp_bf16 *b = expert_bf16(L, r, le, o, &b16);
+    if (part & MOE_MLP_IN)
+        moe_mlp_forward_in(c->act, n, (int)d, (int)f, r->x + o * d, L->p.w_in + le * gf * d,
+                           L->p.b_in ? L->p.b_in + le * gf : NULL, r->w + o, r->h + o * gf,
+                           r->a + o * f, t_act, b);
+    if (part & MOE_MLP_OUT)
+        moe_mlp_forward_out(n, (int)d, (int)f, L->p.w_out + le * d * f,
+                            L->p.b_out ? L->p.b_out + le * d : NULL, r->w + o, r->a + o * f,
+                            r->y + o * d, b);
+}
+
+void moe_expert_rows_forward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
+                             double *t_act) {
+    moe_expert_rows_forward_part(L, r, le, o, n, MOE_MLP_IN | MOE_MLP_OUT, t_act);
 }
 
 void moe_expert_rows_backward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
@@ -246,6 +269,15 @@ static void order_by_rows(moe_fwd_state *st, int E) {
     }
 }
 
+/* Waits until another thread sets *flag (a release store); yields the core now and then, in
+ * case that thread is waiting for it (more threads than cores). */
+static void wait_for(const int32_t *flag) {
+    for (unsigned spins = 1; !__atomic_load_n(flag, __ATOMIC_ACQUIRE); spins++) {
+        if (spins % 256 == 0) sched_yield();
+        else moe_spin_pause();
+    }
+}
+
 void moe_experts_forward(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     if (c->ep_size > 1) {
@@ -266,11 +298,22 @@ void moe_experts_forward(moe_layer *L) {
     int across = experts_across_threads(L);
     moe_expert_rows rows = moe_own_rows(st);
     order_by_rows(st, c->n_experts);
-#pragma omp parallel for schedule(dynamic, 1) if (across)
-    for (int i = 0; i < c->n_experts; i++) {
-        int e = st->expert_order[i];
-        moe_expert_rows_forward(L, &rows, e, st->expert_off[e],
-                                st->expert_off[e + 1] - st->expert_off[e], across ? NULL : &t_act);
+    /* Two items per expert, all first halves (x W_in^T and the activation) before the second
+     * halves (a W_out^T), each taken largest first: the threads' last items are short, so
+     * neither waits long at the end. The items are handed out in order by one counter, so a
+     * second half waits only for a first half that another thread is computing. */
+    int E = c->n_experts, next = 0;
+    for (int e = 0; e < E; e++) st->expert_ready[e] = 0;
+#pragma omp parallel if (across)
+    for (int i; (i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) < 2 * E;) {
+        int e = st->expert_order[i % E], o = st->expert_off[e], n = st->expert_off[e + 1] - o;
+        if (i < E) {
+            moe_expert_rows_forward_part(L, &rows, e, o, n, MOE_MLP_IN, across ? NULL : &t_act);
+            __atomic_store_n(&st->expert_ready[e], 1, __ATOMIC_RELEASE);
+        } else {
+            wait_for(&st->expert_ready[e]);
+            moe_expert_rows_forward_part(L, &rows, e, o, n, MOE_MLP_OUT, NULL);
+        }
     }
     double t2 = moe_time_now();
     moe_combine_rows(st, st->y, d);

@@ -63,6 +63,7 @@ static size_t plan_workspace(moe_layer *L, char *base, int Tm, int k) {
     st->lse = moe_arena_take(&a, T, sizeof(double));
     st->expert_off = moe_arena_take(&a, E + 1, sizeof(int32_t));
     st->expert_order = moe_arena_take(&a, E, sizeof(int32_t));
+    st->expert_ready = moe_arena_take(&a, E, sizeof(int32_t));
     st->row_slot = moe_arena_take(&a, R, sizeof(int32_t));
     st->row_w = moe_arena_take(&a, R, sizeof(float));
     st->scratch = moe_arena_take(&a, 2 * E + 2 + 2 * (S > T ? S : T), sizeof(int32_t));

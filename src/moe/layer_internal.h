@@ -68,6 +68,7 @@ typedef struct {
     int n_rows;
     int32_t *expert_off;   /* [E+1] */
     int32_t *expert_order; /* [E] experts by rows, most first (the threads' work order) */
+    int32_t *expert_ready; /* [E] forward: the expert's first half is done */
     int32_t *row_slot;     /* [R] -1 = padding */
     float *row_w;          /* [R] */
     int32_t *scratch;      /* [max(S, T, E)+1] */
@@ -176,6 +177,11 @@ typedef struct {
  * moe_mlp_forward. */
 void moe_expert_rows_forward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
                              double *t_act);
+/* One part of it: MOE_MLP_IN (x W_in^T and the activation), MOE_MLP_OUT (a W_out^T), or
+ * both. */
+enum { MOE_MLP_IN = 1, MOE_MLP_OUT = 2 };
+void moe_expert_rows_forward_part(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
+                                  int part, double *t_act);
 void moe_expert_rows_backward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
                               double *t_act);
 /* The layer's own row buffers (one process, or replicated tokens). */

@@ -25,6 +25,12 @@ void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, co
                      const float *b_in, const float *w_out, const float *b_out, const float *w,
                      float *h, float *a, float *y, double *t_act,
                      const moe_mlp_bf16 *b16);
+/* Its two halves: x -> h, a (moe_mlp_forward_in), and a -> y (moe_mlp_forward_out). */
+void moe_mlp_forward_in(moe_activation act, int n, int d, int f, const float *x,
+                        const float *w_in, const float *b_in, const float *w, float *h, float *a,
+                        double *t_act, const moe_mlp_bf16 *b16);
+void moe_mlp_forward_out(int n, int d, int f, const float *w_out, const float *b_out,
+                         const float *w, const float *a, float *y, const moe_mlp_bf16 *b16);
 /* dy [n, d] given; writes dx [n, d] (overwritten), adds weight grads, writes dw [n] (if not
  * NULL). Uses dh [n, gf] and da [n, f] as scratch. */
 void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
