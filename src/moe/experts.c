@@ -258,7 +258,8 @@ void moe_scatter_rows(const moe_fwd_state *st, const float *g, float *dx, int d)
 /* st->expert_order: the experts by rows, most first, ties by index. Taken in this order by
  * the threads (dynamic), the largest blocks start first and the small ones fill in at the end
  * (longest processing time first); which thread computes an expert does not change its
- * results. Insertion sort: E is at most a few hundred, and the order changes little. */
+ * results. Insertion sort from index order (ties stay in it): E is at most a few hundred, a
+ * few tens of thousands of comparisons against milliseconds of GEMMs. */
 static void order_by_rows(moe_fwd_state *st, int E) {
     const int32_t *off = st->expert_off;
     int32_t *o = st->expert_order;
