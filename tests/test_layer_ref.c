@@ -69,6 +69,12 @@ CASE(shared, c->shared_ffn = 7)
 CASE(shared_gate_bias, { c->shared_ffn = 7; c->shared_gate = 1; c->expert_bias = 1; })
 CASE(residual, { c->shared_ffn = 9; c->residual = 1; c->act = MOE_ACT_RELU2; })
 CASE(router_fp64, { c->router_fp64 = 1; c->score = MOE_SCORE_SIGMOID; })
+/* more experts than the router's blocks of 8, with a partial last block */
+CASE(many_experts, { c->n_experts = 45; c->topk = 5; c->z_coeff = 0.05f; })
+CASE(many_experts_pre_aux, { c->n_experts = 45; c->topk = 7; c->pre_softmax = 1;
+      c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; })
+CASE(many_experts_groups_bias, { c->n_experts = 45; c->n_groups = 5; c->group_topk = 3;
+      c->topk = 4; c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; })
 CASE(everything, { c->n_experts = 8; c->n_groups = 2; c->group_topk = 2; c->topk = 3;
       c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; c->capacity_factor = 1.1f;
       c->drop_policy = MOE_DROP_POSITION; c->lb_type = MOE_LB_SEQ_AUX; c->aux_coeff = 0.2f;
@@ -84,7 +90,8 @@ static const grid_case cases[] = {
     C(zloss), C(jitter), C(jitter_inference), C(random_routing), C(sinkhorn_k1), C(sinkhorn_k2),
     C(sinkhorn_inference), C(expert_choice), C(expert_choice_cf), C(fake_round_robin),
     C(fake_noise), C(act_geglu), C(act_relu2), C(act_gelu), C(act_silu), C(linear_bias),
-    C(shared), C(shared_gate_bias), C(residual), C(router_fp64), C(everything),
+    C(shared), C(shared_gate_bias), C(residual), C(router_fp64), C(many_experts), C(many_experts_pre_aux),
+    C(many_experts_groups_bias), C(everything),
 };
 
 static moe_layer_config base_config(void) {

@@ -14,26 +14,48 @@ static double softplus(double x) { return x > 30 ? x : log1p(exp(x)); }
 
 static int token_valid(const moe_fwd_state *st, int t) { return !st->mask || st->mask[t]; }
 
-/* p[0..E) = score(z[0..E)); returns logsumexp(z). */
+/* p[0..E) = score(z[0..E)); returns logsumexp(z). The maximum and the sum in 8 interleaved
+ * lanes (a single chain waits on the latency of every step), added in a fixed order. */
 static double score_row(moe_score_fn fn, int E, const double *z, double *p) {
-    double m = -INFINITY, s = 0;
-    for (int e = 0; e < E; e++) m = z[e] > m ? z[e] : m;
-    for (int e = 0; e < E; e++) s += p[e] = exp(z[e] - m);
+    double lane[8], m = -INFINITY, s = 0;
+    int e = 0;
+    for (int l = 0; l < 8; l++) lane[l] = -INFINITY;
+    for (; e + 8 <= E; e += 8)
+#pragma omp simd
+        for (int l = 0; l < 8; l++) lane[l] = z[e + l] > lane[l] ? z[e + l] : lane[l];
+    for (; e < E; e++) lane[e & 7] = z[e] > lane[e & 7] ? z[e] : lane[e & 7];
+    for (int l = 0; l < 8; l++) m = lane[l] > m ? lane[l] : m;
+    for (int l = 0; l < 8; l++) lane[l] = 0;
+    for (e = 0; e + 8 <= E; e += 8)
+#pragma omp simd
+        for (int l = 0; l < 8; l++) lane[l] += p[e + l] = moe_exp_vec64(z[e + l] - m);
+    for (; e < E; e++) lane[e & 7] += p[e] = moe_exp_vec64(z[e] - m);
+    for (int l = 0; l < 8; l++) s += lane[l];
     double lse = m + log(s), inv = 1.0 / s;
-    for (int e = 0; e < E; e++) {
-        switch (fn) {
-        case MOE_SCORE_SOFTMAX: p[e] *= inv; break;
-        case MOE_SCORE_SIGMOID: p[e] = sigmoid(z[e]); break;
-        case MOE_SCORE_SQRTSOFTPLUS: p[e] = sqrt(softplus(z[e])); break;
-        }
-    }
+    if (fn == MOE_SCORE_SOFTMAX)
+        for (e = 0; e < E; e++) p[e] *= inv;
+    else if (fn == MOE_SCORE_SIGMOID)
+        for (e = 0; e < E; e++) p[e] = sigmoid(z[e]);
+    else
+        for (e = 0; e < E; e++) p[e] = sqrt(softplus(z[e]));
     return lse;
 }
 
 /* idx[0..k) = indices of the k largest keys in decreasing order, ties toward lower index. */
 static void topk_desc(int n, const double *key, int k, int *idx) {
     int m = 0;
+    double kth = 0; /* the k-th largest so far once there are k */
     for (int e = 0; e < n; e++) {
+        if (m == k && e % 8 == 0 && e + 8 <= n) { /* most blocks of 8: none above the k-th */
+            int above = 0;
+#pragma omp simd reduction(| : above)
+            for (int l = 0; l < 8; l++) above |= key[e + l] > kth;
+            if (!above) {
+                e += 7;
+                continue;
+            }
+        }
+        if (m == k && !(key[e] > kth)) continue;
         int pos = m;
         while (pos > 0 && key[e] > key[idx[pos - 1]]) pos--;
         if (pos >= k) continue;
@@ -41,6 +63,7 @@ static void topk_desc(int n, const double *key, int k, int *idx) {
         for (int i = last; i > pos; i--) idx[i] = idx[i - 1];
         idx[pos] = e;
         if (m < k) m++;
+        kth = key[idx[m - 1]];
     }
 }
 
@@ -199,15 +222,18 @@ static void select_token_choice(moe_layer *L) {
             }
             continue;
         }
+        /* the selection keys: the logits or the scores as they are, copied only to be changed */
+        const double *keys = key;
         if (!sinkhorn) {
-            for (int e = 0; e < E; e++) {
-                if (c->enable_expert_bias) key[e] = p[e] + L->expert_bias[e];
-                else if (st->wmode == MOE_WMODE_SOFTMAX_K) key[e] = z[e];
-                else key[e] = c->router == MOE_ROUTER_SINKHORN ? z[e] : p[e];
+            keys = st->wmode == MOE_WMODE_SOFTMAX_K || c->router == MOE_ROUTER_SINKHORN ? z : p;
+            if (c->enable_expert_bias || c->n_groups > 1) {
+                for (int e = 0; e < E; e++)
+                    key[e] = c->enable_expert_bias ? p[e] + L->expert_bias[e] : keys[e];
+                if (c->n_groups > 1) limit_groups(c, k, key);
+                keys = key;
             }
-            if (c->n_groups > 1) limit_groups(c, k, key);
         }
-        topk_desc(E, key, k, idx);
+        topk_desc(E, keys, k, idx);
         double qs = 0;
         if (st->wmode == MOE_WMODE_SOFTMAX_K) {
             double m = z[idx[0]], se = 0;
