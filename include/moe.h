@@ -61,6 +61,9 @@ float moe_rng_uniform(uint64_t seed, uint64_t stream, uint64_t index);
 double moe_rng_uniform64(uint64_t seed, uint64_t stream, uint64_t index);
 /* Standard normal (Box-Muller on the 53-bit uniforms at indices 2*index, 2*index+1). */
 double moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t index);
+/* out[i] = scale * (float)moe_rng_normal(seed, stream, index + i) for i < n, on all threads. */
+void moe_rng_normal_floats(uint64_t seed, uint64_t stream, uint64_t index, size_t n, float scale,
+                           float *out);
 
 /* ---------------------------------------------------------------- layer */
 

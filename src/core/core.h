@@ -26,6 +26,9 @@ _Noreturn void moe_assert_fail(const char *expr, const char *file, int line);
         if (moe_try_status_ != MOE_OK) return moe_try_status_;                                \
     } while (0)
 
+/* The normal of moe_rng_normal from its two uniforms (multiples of 2^-53 in [0, 1)). */
+double moe_box_muller(double u1, double u2);
+
 /* 64-byte aligned, zeroed allocation of n elements of size bytes; NULL (with the error set)
  * on failure or overflow. Free with moe_free. */
 void *moe_alloc(size_t n, size_t size);

@@ -1,9 +1,11 @@
 /* Counter-based RNG: a keyed hash of (seed, stream, index), built from the SplitMix64
  * finaliser applied over a Weyl-sequence mix of the words. No state: a value never depends
  * on call order, threads or ranks. tests/test_rng.c checks its moments and independence. */
+#include "core/core.h"
 #include "moe.h"
 
 #include <math.h>
+#include <string.h>
 
 static uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -32,9 +34,92 @@ double moe_rng_uniform64(uint64_t seed, uint64_t stream, uint64_t index) {
     return (double)(moe_rng_u64(seed, stream, index) >> 11) * (1.0 / 9007199254740992.0);
 }
 
+/* log y for y in [2^-53, 1] (1 - a 53-bit uniform), written so that loops over it vectorise
+ * (libm's log is a scalar call): y = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh s
+ * with s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^21 (truncation below 3e-17). */
+static inline double log_unit(double y) {
+    uint64_t b;
+    memcpy(&b, &y, sizeof b);
+    double e = (double)((int64_t)(b >> 52) - 1023);
+    b = (b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;
+    double m;
+    memcpy(&m, &b, sizeof m);
+    int up = m > 1.4142135623730951;
+    m = up ? 0.5 * m : m;
+    e = up ? e + 1 : e;
+    double s = (m - 1) / (m + 1), s2 = s * s, p = 1.0 / 21;
+    p = p * s2 + 1.0 / 19;
+    p = p * s2 + 1.0 / 17;
+    p = p * s2 + 1.0 / 15;
+    p = p * s2 + 1.0 / 13;
+    p = p * s2 + 1.0 / 11;
+    p = p * s2 + 1.0 / 9;
+    p = p * s2 + 1.0 / 7;
+    p = p * s2 + 1.0 / 5;
+    p = p * s2 + 1.0 / 3;
+    p = p * s2 + 1.0;
+    /* e ln2 in two parts, the first exact for |e| < 2^11 */
+    return e * 6.93147180369123816490e-01 + (e * 1.90821492927058770002e-10 + 2 * s * p);
+}
+
+/* cos 2 pi u for u in [0, 1), vectorisable: u = q / 4 + r with q the nearest integer to 4u and
+ * r in [-1/8, 1/8] (exact: u is a multiple of 2^-53), then cos or sin of 2 pi r by their series
+ * to the 16th and 17th power (truncation below 1e-17), sign and function by q mod 4. */
+static inline double cos_2pi(double u) {
+    const double shifter = 6755399441055744.0; /* 1.5 * 2^52: adding it rounds to an integer */
+    double t = 4 * u + shifter, q = t - shifter, x = (u - 0.25 * q) * 6.283185307179586477;
+    uint64_t qb;
+    memcpy(&qb, &t, sizeof qb);
+    double x2 = x * x, c = 1.0 / 20922789888000.0, sn = 1.0 / 355687428096000.0;
+    c = c * x2 - 1.0 / 87178291200.0;
+    c = c * x2 + 1.0 / 479001600.0;
+    c = c * x2 - 1.0 / 3628800.0;
+    c = c * x2 + 1.0 / 40320.0;
+    c = c * x2 - 1.0 / 720.0;
+    c = c * x2 + 1.0 / 24.0;
+    c = c * x2 - 0.5;
+    c = c * x2 + 1.0;
+    sn = sn * x2 - 1.0 / 1307674368000.0;
+    sn = sn * x2 + 1.0 / 6227020800.0;
+    sn = sn * x2 - 1.0 / 39916800.0;
+    sn = sn * x2 + 1.0 / 362880.0;
+    sn = sn * x2 - 1.0 / 5040.0;
+    sn = sn * x2 + 1.0 / 120.0;
+    sn = sn * x2 - 1.0 / 6.0;
+    sn = sn * x2 + 1.0;
+    sn *= x;
+    int k = (int)(qb & 3); /* cos(x + k pi/2) */
+    return k == 0 ? c : k == 1 ? -sn : k == 2 ? -c : sn;
+}
+
+/* u1, u2 multiples of 2^-53 in [0, 1): 1 - u1 lies in (0, 1], the logarithm is finite. */
+static inline double box_muller(double u1, double u2) {
+    return sqrt(-2.0 * log_unit(1.0 - u1)) * cos_2pi(u2);
+}
+
+double moe_box_muller(double u1, double u2) { return box_muller(u1, u2); }
+
+/* Box-Muller on the 53-bit uniforms at 2 index and 2 index + 1; h is the (seed, stream) mix. */
+static inline double normal_at(uint64_t h, uint64_t index) {
+    return box_muller((double)(mix64(h + (2 * index + 1) * 0x9e3779b97f4a7c15ULL) >> 11) *
+                          (1.0 / 9007199254740992.0),
+                      (double)(mix64(h + (2 * index + 2) * 0x9e3779b97f4a7c15ULL) >> 11) *
+                          (1.0 / 9007199254740992.0));
+}
+
 double moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t index) {
-    double u1 = moe_rng_uniform64(seed, stream, 2 * index);
-    double u2 = moe_rng_uniform64(seed, stream, 2 * index + 1);
-    /* 1 - u1 lies in (0, 1]: the logarithm is finite. */
-    return sqrt(-2.0 * log(1.0 - u1)) * cos(6.283185307179586 * u2);
+    return normal_at(mix64(seed * 0x9e3779b97f4a7c15ULL ^ stream), index);
+}
+
+#define NORMAL_BLOCK 4096 /* values per block over the threads */
+
+void moe_rng_normal_floats(uint64_t seed, uint64_t stream, uint64_t index, size_t n, float scale,
+                           float *out) {
+    uint64_t h = mix64(seed * 0x9e3779b97f4a7c15ULL ^ stream);
+    size_t nb = (n + NORMAL_BLOCK - 1) / NORMAL_BLOCK;
+#pragma omp parallel for schedule(static) if (nb > 1)
+    for (size_t b = 0; b < nb; b++) {
+        size_t lo = b * NORMAL_BLOCK, hi = n - lo < NORMAL_BLOCK ? n : lo + NORMAL_BLOCK;
+        for (size_t i = lo; i < hi; i++) out[i] = scale * (float)normal_at(h, index + i);
+    }
 }

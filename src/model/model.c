@@ -607,9 +607,10 @@ void moe_model_init_params(moe_model *m, uint64_t seed) {
         uint64_t h = 1469598103934665603ull; /* by name: the same values in any layout */
         for (const char *s = t->name; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
         uint64_t stream = moe_rng_stream(MOE_RNG_INIT, h, 0, 1);
-#pragma omp parallel for schedule(static) if (t->numel > 4096) /* counter-based: any order */
-        for (size_t n = 0; n < t->numel; n++)
-            p[n] = is_norm ? 1.0f : t->no_decay ? 0.0f : std * (float)moe_rng_normal(seed, stream, n);
+        if (is_norm)
+            for (size_t n = 0; n < t->numel; n++) p[n] = 1.0f;
+        else if (t->no_decay) moe_zero_floats(p, t->numel);
+        else moe_rng_normal_floats(seed, stream, 0, t->numel, std, p);
     }
 }
 

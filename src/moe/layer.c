@@ -177,9 +177,8 @@ void moe_layer_init_params(moe_layer *L, uint64_t seed, float std) {
     float *t = L->params;
     for (int i = 0; i < MOE_N_PARAM_TENSORS; i++) {
         uint64_t stream = moe_rng_stream(MOE_RNG_INIT, (uint64_t)L->cfg.layer_id, (uint64_t)i, 0);
-#pragma omp parallel for schedule(static) if (sizes[i] > 4096) /* counter-based: any order */
-        for (size_t n = 0; n < sizes[i]; n++)
-            t[n] = is_bias[i] ? 0.0f : std * (float)moe_rng_normal(seed, stream, n);
+        if (is_bias[i]) moe_zero_floats(t, sizes[i]);
+        else moe_rng_normal_floats(seed, stream, 0, sizes[i], std, t);
         t += sizes[i];
     }
 }
