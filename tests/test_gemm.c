@@ -122,13 +122,15 @@ static void test_dnnl_fp32(void **state) {
 
 /* Shapes that reach every tile of gemm_small.c: rows beyond one 64-row block (NT; beyond three
  * of them) and one 12-row tile, 1 to 4 vectors and partial vectors, k beyond one block (64 for
- * NN, 1024 for NT) and shorter than the prefetch distance; then random shapes. */
+ * NN, 1024 for NT) and shorter than the prefetch distance; NT with 1-8 rows past whole vectors
+ * and k even (paired rows after 0, 1, 2 and 3 vectors: m = 8, 150, 40, 49) and odd; then random
+ * shapes. */
 static void test_small(void **state) {
     (void)state;
     if (!moe_gemm_small_available()) skip(); /* no AVX-512 */
     static const int shapes[][3] = {{37, 29, 53}, {150, 77, 600}, {5, 200, 3}, {64, 33, 129},
                                     {16, 1, 700}, {1, 16, 1}, {49, 64, 1100}, {13, 130, 65},
-                                    {203, 97, 515}};
+                                    {203, 97, 515}, {40, 29, 96}, {8, 37, 64}, {7, 130, 2}};
     uint64_t seed = tu_seed() + 200;
     for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
         for (int c = 0; c < 6; c++)

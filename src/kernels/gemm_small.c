@@ -11,7 +11,8 @@
  *   TN  C = A^T B      broadcast A (sai = 1, sak = lda), vectors of B's rows;
  *   NT  C = A B^T      computed as C^T = B A^T: broadcast B's rows (the weights), vectors of A^T,
  *                      which is transposed into a thread's scratch 64 rows and KC columns at a
- *                      time, and each tile is stored transposed. */
+ *                      time, and each tile is stored transposed; rows past whole vectors (1-8)
+ *                      in one vector of pairs of k (tile_body_pairs). */
 #include "kernels/kernels.h"
 
 #include "core/core.h"
@@ -41,7 +42,21 @@ typedef struct {
     float *c;
     long ldc;
     int c_acc;
+    /* NT with paired rows (tile_body_pairs): 16 floats per pair of k */
+    const float *xr;
 } tile_args;
+
+/* Software prefetch of step k (see tile_args). */
+static inline __attribute__((always_inline)) void prefetch_step(const tile_args *t,
+                                                                const char **pf, int *pm, int k) {
+    if (k == t->pf_k) *pf += t->pf_jump;
+    if (k < t->pf_k2) {
+        for (int l = 0; l < t->pf_lines; l++)
+            _mm_prefetch(*pf + *pm * t->pf_si + 64 * l, _MM_HINT_T0);
+        if (++*pm == t->pf_mod) *pm = 0;
+    }
+    *pf += t->pf_sk;
+}
 
 /* acc[i][v] = sum_k a(i, k) * b[k][16 v ...] (plus C's tile when c_acc), stored into C's tile or
  * to out[i * NV + v]. Inlined into one function per (NV, MR) so that the loops unroll and the
@@ -64,13 +79,8 @@ tile_body(const tile_args *t, __m512 *out, const int NV, const int MR) {
     for (int q = 0; q < 6; q++) base[q] = t->a + 3 * q * sai;
     const char *pf = t->pf;
     int pm = 0;
-    for (int k = 0; k < t->k; k++, b += ldb, pf += t->pf_sk) {
-        if (k == t->pf_k) pf += t->pf_jump;
-        if (k < t->pf_k2) {
-            for (int l = 0; l < t->pf_lines; l++)
-                _mm_prefetch(pf + pm * t->pf_si + 64 * l, _MM_HINT_T0);
-            if (++pm == t->pf_mod) pm = 0;
-        }
+    for (int k = 0; k < t->k; k++, b += ldb) {
+        prefetch_step(t, &pf, &pm, k);
         __m512 bv[4];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) bv[v] = _mm512_maskz_loadu_ps(t->mask[v], b + 16 * v);
@@ -123,6 +133,84 @@ static const tile_fn tiles[5][17] = {
     {0, ROW8(2), tile_2_9, tile_2_10, tile_2_11, tile_2_12},
     {0, ROW8(3)},
     {0, ROW8(4)},
+};
+
+/* NT only (sak = 1, every vector full): NV vectors of rows as in tile_body, and an expert's
+ * last rem <= 8 rows in one more vector that holds two consecutive k of each (lane 2r + p: row
+ * r at k + p; t->xr, 16 floats per pair of k) against the broadcast pair (k, k + 1) of the
+ * weights as one 64-bit element: the rows that would fill a padded vector in half its FMAs,
+ * in the same pass over the weights. k even. The pair lanes are added at the end: vector NV
+ * of out holds row r in lane r < 8. */
+static inline __attribute__((always_inline)) SMALL_TARGET void
+tile_body_pairs(const tile_args *t, __m512 *out, const int NV, const int MR) {
+    __m512 acc[16][4];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v <= NV; v++) acc[i][v] = _mm512_setzero_ps();
+    const long sai = t->sai, ldb = t->ldb;
+    const float *b = t->b, *xr = t->xr, *base[6];
+#pragma GCC unroll 6
+    for (int q = 0; q < 6; q++) base[q] = t->a + 3 * q * sai;
+    const char *pf = t->pf;
+    int pm = 0;
+    for (int k = 0; k < t->k; k += 2, b += 2 * ldb, xr += 16) {
+        prefetch_step(t, &pf, &pm, k);
+        prefetch_step(t, &pf, &pm, k + 1);
+        __m512 b0[3], b1[3], xv = _mm512_load_ps(xr);
+#pragma GCC unroll 3
+        for (int v = 0; v < NV; v++)
+            b0[v] = _mm512_loadu_ps(b + 16 * v), b1[v] = _mm512_loadu_ps(b + ldb + 16 * v);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            __m128i pair = _mm_loadl_epi64((const __m128i *)(base[i / 3] + (i % 3) * sai));
+            __m512 w2 = _mm512_castsi512_ps(_mm512_broadcastq_epi64(pair));
+            acc[i][NV] = _mm512_fmadd_ps(w2, xv, acc[i][NV]);
+            if (NV) {
+                __m512 w0 = _mm512_permute_ps(w2, 0x00), w1 = _mm512_permute_ps(w2, 0x55);
+#pragma GCC unroll 3
+                for (int v = 0; v < NV; v++)
+                    acc[i][v] = _mm512_fmadd_ps(w1, b1[v], _mm512_fmadd_ps(w0, b0[v], acc[i][v]));
+            }
+        }
+#pragma GCC unroll 6
+        for (int q = 0; q < 6; q++) base[q] += 2;
+    }
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++) {
+#pragma GCC unroll 3
+        for (int v = 0; v < NV; v++) out[i * (NV + 1) + v] = acc[i][v];
+        out[i * (NV + 1) + NV] = _mm512_add_ps(_mm512_permutexvar_ps(even, acc[i][NV]),
+                                               _mm512_permutexvar_ps(odd, acc[i][NV]));
+    }
+}
+
+#define TILEP(NV, MR)                                                                            \
+    static SMALL_TARGET void tilep_##NV##_##MR(const tile_args *t, __m512 *out) {                \
+        tile_body_pairs(t, out, NV, MR);                                                         \
+    }
+#define TILESP8(NV) TILEP(NV, 1) TILEP(NV, 2) TILEP(NV, 3) TILEP(NV, 4) TILEP(NV, 5) TILEP(NV, 6)
+#define TILESP5(NV) TILEP(NV, 1) TILEP(NV, 2) TILEP(NV, 3) TILEP(NV, 4) TILEP(NV, 5)
+TILESP5(0)
+TILESP5(1)
+TILESP5(2)
+TILESP5(3)
+TILEP(0, 6) TILEP(0, 7) TILEP(0, 8) TILEP(0, 9) TILEP(0, 10) TILEP(0, 11) TILEP(0, 12)
+TILEP(0, 13) TILEP(0, 14) TILEP(0, 15) TILEP(0, 16)
+TILEP(1, 6) TILEP(1, 7) TILEP(1, 8) TILEP(1, 9) TILEP(1, 10) TILEP(1, 11) TILEP(1, 12)
+TILEP(2, 6) TILEP(2, 7)
+/* Rows per paired tile by main vectors NV: the accumulators and the six to eight vectors of a
+ * pair of k within the 32 registers (the plain tiles' rows spilled at NV = 2 and 3). */
+static const int mr_pairs[4] = {16, 12, 7, 5};
+#define ROWP5(NV) tilep_##NV##_1, tilep_##NV##_2, tilep_##NV##_3, tilep_##NV##_4, tilep_##NV##_5
+static const tile_fn tiles_pairs[4][17] = {
+    {0, ROWP5(0), tilep_0_6, tilep_0_7, tilep_0_8, tilep_0_9, tilep_0_10, tilep_0_11, tilep_0_12,
+     tilep_0_13, tilep_0_14, tilep_0_15, tilep_0_16},
+    {0, ROWP5(1), tilep_1_6, tilep_1_7, tilep_1_8, tilep_1_9, tilep_1_10, tilep_1_11, tilep_1_12},
+    {0, ROWP5(2), tilep_2_6, tilep_2_7},
+    {0, ROWP5(3)},
 };
 
 /* Where a tile goes: C[i][n] (or C[n][i] when transposed), added to C when acc is set. */
@@ -223,6 +311,7 @@ typedef struct {
     const float *a, *b;
     long sai, sak, ldb;
     const tile_dst *d;
+    const float *xr; /* NT: the paired rows (the last vector of every tile), or NULL */
 } tile_job;
 
 static int vectors_at(const tile_job *j, int n0) {
@@ -274,7 +363,8 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
     tile_dst dk = *d;
     dk.acc = d->acc || k0 > 0;
     if (!d->trans) t.c = d->c + i0 * d->ldc + n0, t.ldc = d->ldc, t.c_acc = dk.acc;
-    tiles[nv][mr](&t, out);
+    if (j->xr) t.xr = j->xr, tiles_pairs[nv - 1][mr](&t, out);
+    else tiles[nv][mr](&t, out);
     if (d->trans) store_transposed(&dk, out, i0, mr, n0, nv, left < 16 * nv ? left : 16 * nv);
 }
 
@@ -293,7 +383,7 @@ static SMALL_TARGET void run_tiles(const tile_job *j) {
                     one_tile(j, i0, j->M - i0 < cap ? j->M - i0 : cap, n0, k0, kn);
         } else {
             for (int n0 = 0; n0 < j->N; n0 += step) {
-                int cap = mr_max[vectors_at(j, n0)];
+                int nv = vectors_at(j, n0), cap = j->xr ? mr_pairs[nv - 1] : mr_max[nv];
                 for (int i0 = 0; i0 < j->M; i0 += cap)
                     one_tile(j, i0, j->M - i0 < cap ? j->M - i0 : cap, n0, k0, kn);
             }
@@ -320,18 +410,34 @@ static SMALL_TARGET void transpose_rows(const float *A, int lda, int mc, int kc,
     }
 }
 
+/* xr[8 kk + 2 r + p] = A[r][kk + p] for r < rows <= 8 and even kk < kc, 0 for rows <= r < 8:
+ * two consecutive k of each row side by side (tile_body_pairs). */
+static void pair_rows(const float *A, int lda, int rows, int kc, float *xr) {
+    for (int kk = 0; kk < kc; kk += 2)
+        for (int r = 0; r < 8; r++)
+            for (int p = 0; p < 2; p++)
+                xr[8 * kk + 2 * r + p] = r < rows ? A[(long)r * lda + kk + p] : 0;
+}
+
 /* C = A B^T (+ C): per block of up to 64 rows of A and KC columns, A^T into scratch, then the
- * rows of B (the weights) broadcast against it; every element of B is read once per 64 rows. */
+ * rows of B (the weights) broadcast against it; every element of B is read once per 64 rows.
+ * A block's last 1-8 rows beyond whole vectors go in pairs of k (tile_body_pairs) when kc is
+ * even: an expert's rows rarely fill their last vector. */
 static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, const float *B,
                                  int ldb, int beta1, float *C, int ldc) {
     static _Thread_local float xt[KC * NT_ROWS] __attribute__((aligned(64)));
+    static _Thread_local float xr[KC * 8] __attribute__((aligned(64)));
     for (int m0 = 0; m0 < m; m0 += NT_ROWS) {
-        int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS, nv = (mc + 15) / 16, w = 16 * nv;
+        int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS, nv = (mc + 15) / 16;
         for (int k0 = 0; k0 < k; k0 += KC) {
-            int kc = k - k0 < KC ? k - k0 : KC;
-            transpose_rows(A + (long)m0 * lda + k0, lda, mc, kc, w, xt);
+            int kc = k - k0 < KC ? k - k0 : KC, rem = mc % 16;
+            int pairs = kc % 2 == 0 && rem >= 1 && rem <= 8, main = pairs ? mc - rem : mc;
+            int w = 16 * ((main + 15) / 16);
+            if (main) transpose_rows(A + (long)m0 * lda + k0, lda, main, kc, w, xt);
+            if (pairs) pair_rows(A + (long)(m0 + main) * lda + k0, lda, rem, kc, xr);
             tile_dst d = {C + (long)m0 * ldc, ldc, 1, beta1 || k0 > 0};
-            tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d};
+            tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d,
+                          pairs ? xr : NULL};
             run_tiles(&j);
         }
     }
@@ -361,7 +467,7 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
     }
     tile_dst d = {C, ldc, 0, beta != 0.0f};
     tile_job j = {m, n, k, 3, ta ? STREAM_C : STREAM_VEC, A, B, ta ? 1 : lda,
-                  ta ? lda : 1, ldb, &d};
+                  ta ? lda : 1, ldb, &d, NULL};
     run_tiles(&j);
     return MOE_OK;
 }
