@@ -72,6 +72,15 @@ static inline void moe_spin_pause(void) {
 }
 double moe_wall_time(void); /* seconds since the epoch */
 
+/* c[0] x^(n-1) + c[1] x^(n-2) + ... + c[n-1] by Horner's rule; with c and n constant it unrolls
+ * into the loop that calls it, which the compiler can then vectorise. */
+static inline double moe_poly(const double *c, int n, double x) {
+    double p = c[0];
+#pragma GCC unroll 32
+    for (int i = 1; i < n; i++) p = p * x + c[i];
+    return p;
+}
+
 int moe_num_threads(void); /* OpenMP threads a parallel region would use */
 
 #endif

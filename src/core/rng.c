@@ -47,17 +47,10 @@ static inline double log_unit(double y) {
     int up = m > 1.4142135623730951;
     m = up ? 0.5 * m : m;
     e = up ? e + 1 : e;
-    double s = (m - 1) / (m + 1), s2 = s * s, p = 1.0 / 21;
-    p = p * s2 + 1.0 / 19;
-    p = p * s2 + 1.0 / 17;
-    p = p * s2 + 1.0 / 15;
-    p = p * s2 + 1.0 / 13;
-    p = p * s2 + 1.0 / 11;
-    p = p * s2 + 1.0 / 9;
-    p = p * s2 + 1.0 / 7;
-    p = p * s2 + 1.0 / 5;
-    p = p * s2 + 1.0 / 3;
-    p = p * s2 + 1.0;
+    static const double atanh_series[11] = {1.0 / 21, 1.0 / 19, 1.0 / 17, 1.0 / 15,
+                                            1.0 / 13, 1.0 / 11, 1.0 / 9,  1.0 / 7,
+                                            1.0 / 5,  1.0 / 3,  1.0};
+    double s = (m - 1) / (m + 1), p = moe_poly(atanh_series, 11, s * s);
     /* e ln2 in two parts, the first exact for |e| < 2^11 */
     return e * 6.93147180369123816490e-01 + (e * 1.90821492927058770002e-10 + 2 * s * p);
 }
@@ -70,24 +63,17 @@ static inline double cos_2pi(double u) {
     double t = 4 * u + shifter, q = t - shifter, x = (u - 0.25 * q) * 6.283185307179586477;
     uint64_t qb;
     memcpy(&qb, &t, sizeof qb);
-    double x2 = x * x, c = 1.0 / 20922789888000.0, sn = 1.0 / 355687428096000.0;
-    c = c * x2 - 1.0 / 87178291200.0;
-    c = c * x2 + 1.0 / 479001600.0;
-    c = c * x2 - 1.0 / 3628800.0;
-    c = c * x2 + 1.0 / 40320.0;
-    c = c * x2 - 1.0 / 720.0;
-    c = c * x2 + 1.0 / 24.0;
-    c = c * x2 - 0.5;
-    c = c * x2 + 1.0;
-    sn = sn * x2 - 1.0 / 1307674368000.0;
-    sn = sn * x2 + 1.0 / 6227020800.0;
-    sn = sn * x2 - 1.0 / 39916800.0;
-    sn = sn * x2 + 1.0 / 362880.0;
-    sn = sn * x2 - 1.0 / 5040.0;
-    sn = sn * x2 + 1.0 / 120.0;
-    sn = sn * x2 - 1.0 / 6.0;
-    sn = sn * x2 + 1.0;
-    sn *= x;
+    static const double cos_series[9] = {1.0 / 20922789888000, -1.0 / 87178291200,
+                                         1.0 / 479001600,      -1.0 / 3628800,
+                                         1.0 / 40320,          -1.0 / 720,
+                                         1.0 / 24,             -0.5,
+                                         1.0}; /* 1/16! ... 1/0!, alternating */
+    static const double sin_series[9] = {1.0 / 355687428096000, -1.0 / 1307674368000,
+                                         1.0 / 6227020800,      -1.0 / 39916800,
+                                         1.0 / 362880,          -1.0 / 5040,
+                                         1.0 / 120,             -1.0 / 6,
+                                         1.0}; /* 1/17! ... 1/1!, alternating */
+    double x2 = x * x, c = moe_poly(cos_series, 9, x2), sn = x * moe_poly(sin_series, 9, x2);
     int k = (int)(qb & 3); /* cos(x + k pi/2) */
     return k == 0 ? c : k == 1 ? -sn : k == 2 ? -c : sn;
 }

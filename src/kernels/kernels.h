@@ -2,6 +2,7 @@
 #ifndef MOE_KERNELS_H
 #define MOE_KERNELS_H
 
+#include "core/core.h"
 #include "moe.h"
 
 #include <math.h>
@@ -78,20 +79,12 @@ static inline double moe_exp_vec64(double x) {
     const double shifter = 6755399441055744.0; /* 1.5 * 2^52: adding it rounds to an integer */
     double t = xc * 1.4426950408889634074 + shifter, n = t - shifter;
     double r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
-    double p = 1.0 / 6227020800.0;
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
+    static const double taylor[14] = {1.0 / 6227020800, 1.0 / 479001600, 1.0 / 39916800,
+                                      1.0 / 3628800,    1.0 / 362880,    1.0 / 40320,
+                                      1.0 / 5040,       1.0 / 720,       1.0 / 120,
+                                      1.0 / 24,         1.0 / 6,         0.5,
+                                      1.0,              1.0}; /* 1/13! ... 1/0! */
+    double p = moe_poly(taylor, 14, r);
     uint64_t bits; /* 2^n: n + 1023 into the exponent, n from t's low bits */
     memcpy(&bits, &t, sizeof bits);
     bits = (bits - 0x4338000000000000ull + 1023u) << 52;
