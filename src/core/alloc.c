@@ -39,12 +39,14 @@ void *moe_alloc(size_t n, size_t size) {
 #ifdef MADV_HUGEPAGE
     if (align == HUGE_PAGE) (void)madvise(p, bytes, MADV_HUGEPAGE); /* advice: may be refused */
 #endif
-    /* by pages over the threads: the first touch of each page (the kernel zeroing it) is most
-     * of the time of zeroing fresh memory */
-    size_t pages = bytes / align;
-#pragma omp parallel for schedule(static) if (align == HUGE_PAGE)
-    for (size_t i = 0; i < pages; i++) memset((char *)p + i * align, 0, align);
-    memset((char *)p + pages * align, 0, bytes - pages * align);
+    if (align == HUGE_PAGE) { /* by pages over the threads: the first touch of each page (the
+                                * kernel zeroing it) is most of the time of zeroing new memory */
+        size_t pages = bytes / HUGE_PAGE;
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < pages; i++) memset((char *)p + i * HUGE_PAGE, 0, HUGE_PAGE);
+    } else {
+        memset(p, 0, bytes);
+    }
     return p;
 }
 

@@ -191,7 +191,6 @@ tile_body_pairs(const tile_args *t, __m512 *out, const int NV, const int MR) {
     static SMALL_TARGET void tilep_##NV##_##MR(const tile_args *t, __m512 *out) {                \
         tile_body_pairs(t, out, NV, MR);                                                         \
     }
-#define TILESP8(NV) TILEP(NV, 1) TILEP(NV, 2) TILEP(NV, 3) TILEP(NV, 4) TILEP(NV, 5) TILEP(NV, 6)
 #define TILESP5(NV) TILEP(NV, 1) TILEP(NV, 2) TILEP(NV, 3) TILEP(NV, 4) TILEP(NV, 5)
 TILESP5(0)
 TILESP5(1)
@@ -201,8 +200,9 @@ TILEP(0, 6) TILEP(0, 7) TILEP(0, 8) TILEP(0, 9) TILEP(0, 10) TILEP(0, 11) TILEP(
 TILEP(0, 13) TILEP(0, 14) TILEP(0, 15) TILEP(0, 16)
 TILEP(1, 6) TILEP(1, 7) TILEP(1, 8) TILEP(1, 9) TILEP(1, 10) TILEP(1, 11) TILEP(1, 12)
 TILEP(2, 6) TILEP(2, 7)
-/* Rows per paired tile by main vectors NV: the accumulators and the six to eight vectors of a
- * pair of k within the 32 registers (the plain tiles' rows spilled at NV = 2 and 3). */
+/* Rows per paired tile by main vectors NV: the accumulators, the 2 NV vectors of a pair of k,
+ * the pairs' vector and three broadcasts within the 32 vector registers (fewer rows than the
+ * plain tiles at NV = 2 and 3). */
 static const int mr_pairs[4] = {16, 12, 7, 5};
 #define ROWP5(NV) tilep_##NV##_1, tilep_##NV##_2, tilep_##NV##_3, tilep_##NV##_4, tilep_##NV##_5
 static const tile_fn tiles_pairs[4][17] = {
