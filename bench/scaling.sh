@@ -2,11 +2,13 @@
 # The scaling tables of bench/RESULTS.md: cost per token as T grows, and cost as E grows at
 # fixed active parameters, each row with the SGEMM ceiling and the roofline of the same run.
 # Each row is the fastest of REPEATS runs (default 3): on a shared machine a run is slowed by
-# whatever else runs, never sped up, so the minimum is the layer's own cost.
+# whatever else runs, never sped up, so the minimum is the layer's own cost. The rows of a table
+# take turns (all rows once, then again), so that a slow spell of the machine falls on every row
+# rather than on one.
 # Usage: bench/scaling.sh [path/to/moe]   (REPEATS=n to change the runs per row)
 set -euo pipefail
 moe=${1:-./build/moe}
-row() { for _ in $(seq "${REPEATS:-3}"); do "$moe" bench layer --json --iters 3 "$@"; done; }
+run() { "$moe" bench layer --json --iters 3 "$@"; }
 table() {
   /usr/bin/python3 -c '
 import json, sys
@@ -26,11 +28,15 @@ for r in best.values():
 ' "$1"
 }
 echo "T scaling: d=512 f=1024 E=8 k=2"
-for T in 256 1024 4096 16384; do
-  row --tokens "$T" --hidden-size 512 --moe-ffn-hidden-size 1024 --num-experts 8 --moe-router-topk 2
+for _ in $(seq "${REPEATS:-3}"); do
+  for T in 256 1024 4096 16384; do
+    run --tokens "$T" --hidden-size 512 --moe-ffn-hidden-size 1024 --num-experts 8 --moe-router-topk 2
+  done
 done | table T
 echo
 echo "E scaling at fixed active parameters: T=4096 d=512 f=512 k=2"
-for E in 8 32 128 256; do
-  row --tokens 4096 --hidden-size 512 --moe-ffn-hidden-size 512 --num-experts "$E" --moe-router-topk 2
+for _ in $(seq "${REPEATS:-3}"); do
+  for E in 8 32 128 256; do
+    run --tokens 4096 --hidden-size 512 --moe-ffn-hidden-size 512 --num-experts "$E" --moe-router-topk 2
+  done
 done | table E

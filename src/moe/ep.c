@@ -215,7 +215,7 @@ static void replicated_backward(moe_layer *L, float *dx) {
     }
     moe_fwd_state local = *st;
     local.row_slot = st->row_slot + lo;
-    moe_gather_rows(&local, st->y + (size_t)lo * d, st->dr, hi - lo, d);
+    moe_gather_rows(&local, st->y + (size_t)lo * d, st->dgrad, hi - lo, d);
     double t1 = moe_time_now();
     moe_expert_rows rows = moe_own_rows(st);
     for (int le = 0; le < El; le++)
@@ -322,7 +322,7 @@ void moe_ep_backward(moe_layer *L, float *dx) {
     struct moe_ep_buffers *b = L->ep;
     int d = c->d, El = c->n_experts / c->ep_size, R = st->n_rows;
     double t0 = moe_time_now(), t_act = 0, c0 = b->t_comm;
-    moe_gather_rows(st, st->y, st->dr, R, d); /* dL/dy of each row */
+    moe_gather_rows(st, st->y, st->dgrad, R, d); /* dL/dy of each row */
     if (fail(L, exchange(L, st->y, b->rx, sizeof(float) * (size_t)d, 0))) return;
     permute(b, b->ye, b->rx, (size_t)d, 1);
     double t1 = moe_time_now();

@@ -334,7 +334,7 @@ void moe_experts_backward(moe_layer *L, float *dx) {
     int d = c->d, R = st->n_rows;
     double t0 = moe_time_now(), t_act = 0;
     /* dL/dy of each row is the routed-output gradient of its token. */
-    moe_gather_rows(st, st->y, st->dr, R, d);
+    moe_gather_rows(st, st->y, st->dgrad, R, d);
     double t1 = moe_time_now();
     int across = experts_across_threads(L);
     moe_expert_rows rows = moe_own_rows(st);

@@ -398,8 +398,11 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const 
         return moe_set_error(MOE_ERR_INVALID, "moe_layer_backward: dx, dout and x must not be NULL");
     int T = st->T, d = c->d;
     double t0 = moe_time_now();
+    st->dgrad = st->dr;
     if (c->shared_ffn > 0) {
         shared_backward(L, dx, dout, x);
+    } else if (!st->mask) {
+        st->dgrad = dout; /* read in place: nothing to add or mask */
     } else {
         for (int t = 0; t < T; t++) {
             float *dr = st->dr + (size_t)t * d;

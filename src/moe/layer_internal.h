@@ -93,6 +93,7 @@ typedef struct {
     float *sh_dh;          /* [T, gs] */
     float *sh_da;          /* [T, fs] */
     float *dr;             /* [T, d] */
+    const float *dgrad;    /* [T, d] dL/d(routed output): dr, or the caller's dout as it is */
     float *ds;             /* [T, d] */
     double *dz;            /* [T, E] */
     float *dz_f;           /* [T, E] */
