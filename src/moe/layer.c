@@ -396,19 +396,13 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const 
                              "(or twice for one forward)");
     if (!dx || !dout || !x)
         return moe_set_error(MOE_ERR_INVALID, "moe_layer_backward: dx, dout and x must not be NULL");
-    int T = st->T, d = c->d;
     double t0 = moe_time_now();
-    st->dgrad = st->dr;
+    /* without a shared expert the rows are gathered from dout as it is: a masked token has no
+     * rows, so its gradient is never read */
+    st->dgrad = dout;
     if (c->shared_ffn > 0) {
         shared_backward(L, dx, dout, x);
-    } else if (!st->mask) {
-        st->dgrad = dout; /* read in place: nothing to add or mask */
-    } else {
-        for (int t = 0; t < T; t++) {
-            float *dr = st->dr + (size_t)t * d;
-            if (token_valid(st, t)) memcpy(dr, dout + (size_t)t * d, sizeof(float) * (size_t)d);
-            else memset(dr, 0, sizeof(float) * (size_t)d);
-        }
+        st->dgrad = st->dr;
     }
     L->stage_s[MOE_STAGE_BWD_SHARED] += moe_time_now() - t0;
     moe_experts_backward(L, dx);
