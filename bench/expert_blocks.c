@@ -7,22 +7,21 @@
  *   expert_blocks ta tb m n k [blocks [distinct]]
  * blocks GEMMs per round (default 64), each with its own A (the expert's rows), and B and C
  * taken from `distinct` copies (default: as many as blocks; 1 or 2 keep them in the caches, to
- * compare against the same blocks from memory). Allocations are 2 MB aligned.
+ * compare against the same blocks from memory). Allocated as the layer allocates (moe_alloc).
  * Build and run (bench/RESULTS.md, Scaling):
  *   cc -O2 -fopenmp -I src -I include bench/expert_blocks.c build/libmoe.a \
  *      $(pkg-config --libs libcjson libpcre2-8 libutf8proc) -ldnnl -lm -ldl -o /tmp/expert_blocks
  *   OMP_NUM_THREADS=2 /tmp/expert_blocks
  *   OMP_NUM_THREADS=2 /tmp/expert_blocks 0 1 96 2048 512 16 8 */
+#include "core/core.h"
 #include "kernels/kernels.h"
 
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 
-static float *floats(size_t n) {
-    size_t align = (size_t)2 << 20, bytes = (n * sizeof(float) + align - 1) / align * align;
-    return aligned_alloc(align, bytes);
-}
+/* As the layer allocates: from 4 MB in 2 MB pages (moe_alloc). */
+static float *floats(size_t n) { return moe_alloc(n, sizeof(float)); }
 
 static int run(int ta, int tb, int m, int n, int k, int blocks, int distinct, const char *name) {
     int lda = ta ? m : k, ldb = tb ? k : n;
@@ -51,7 +50,7 @@ static int run(int ta, int tb, int m, int n, int k, int blocks, int distinct, co
         }
     printf("%-24s OpenBLAS %6.1f   oneDNN %6.1f   small %6.1f GFLOP/s\n", name, rate[0], rate[1],
            rate[2]);
-    free(A), free(B), free(C);
+    moe_free(A), moe_free(B), moe_free(C);
     return 0;
 }
 

@@ -48,7 +48,9 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
     if (!b16) {
         pthread_once(&eg_once, read_expert_gemm);
         int layout = ta ? 1 : !tb ? 0 : m <= SMALL_NT_ROWS ? 2 : 3;
-        int lib = omp_in_parallel() ? eg_choice[layout] : EG_BLAS;
+        /* single-threaded GEMMs (inside the experts' parallel loop, or one thread in all):
+         * the measured choice; otherwise OpenBLAS with its threads */
+        int lib = omp_in_parallel() || omp_get_max_threads() == 1 ? eg_choice[layout] : EG_BLAS;
         moe_status st = MOE_ERR_STATE;
         if (lib == EG_SMALL) st = moe_gemm_small(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
         if (lib == EG_DNNL) st = moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
