@@ -136,8 +136,31 @@ static void gemm_run(const gemm_call *g) {
     }
 }
 
+/* Which library multiplies an fp32 GEMM outside a parallel region, per layout (NN, TN, NT; TT
+ * goes to OpenBLAS). MOE_GEMM: "auto" (default) takes what measured faster on 2 Zen 5 cores
+ * (bench/RESULTS.md, session 10): oneDNN's matmul for NN and TN — 1.02-1.25x OpenBLAS split
+ * over the threads at a transformer's and the router's shapes, 3x for the router's backward at
+ * E = 8 — and OpenBLAS for NT (0.84-1.17x, 0.84 at the router's logits with many experts);
+ * "blas" or "dnnl" for all three, for comparisons. Without oneDNN: OpenBLAS. */
+static pthread_once_t lib_once = PTHREAD_ONCE_INIT;
+static int use_dnnl[3];
+static void read_gemm_choice(void) {
+    const char *v = getenv("MOE_GEMM");
+    if (v && *v && strcmp(v, "auto") && strcmp(v, "blas") && strcmp(v, "dnnl"))
+        fprintf(stderr, "moe: MOE_GEMM=%s is not auto, blas or dnnl: using auto\n", v);
+    int dnnl = moe_gemm_bf16_available(), all = v && !strcmp(v, "dnnl");
+    int none = v && !strcmp(v, "blas");
+    for (int l = 0; l < 3; l++) use_dnnl[l] = dnnl && !none && (all || l < 2);
+}
+
 void moe_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc) {
+    pthread_once(&lib_once, read_gemm_choice);
+    int layout = ta && tb ? -1 : ta ? 1 : tb ? 2 : 0;
+    if (layout >= 0 && use_dnnl[layout] && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) &&
+        !omp_in_parallel() &&
+        moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc) == MOE_OK)
+        return;
     gemm_call g = {ta, tb, m, n, k, lda, ldb, ldc, alpha, beta, A, B, C, sizeof(float)};
     gemm_run(&g);
 }
@@ -149,10 +172,13 @@ void moe_gemm64(int ta, int tb, int m, int n, int k, double alpha, const double 
 }
 
 const char *moe_gemm_backend(void) {
-    static char name[128];
+    static char name[192];
     pthread_once(&blas_once, blas_load);
-    snprintf(name, sizeof name, "OpenBLAS %s (%s)", blas.corename ? blas.corename() : "?",
-             blas.config ? blas.config() : "?");
+    pthread_once(&lib_once, read_gemm_choice);
+    const char *dn = use_dnnl[2] ? "; oneDNN for NN, TN and NT"
+                     : use_dnnl[0] ? "; oneDNN for NN and TN" : "";
+    snprintf(name, sizeof name, "OpenBLAS %s (%s)%s", blas.corename ? blas.corename() : "?",
+             blas.config ? blas.config() : "?", dn);
     return name;
 }
 
@@ -165,13 +191,17 @@ double moe_gemm_peak(int n, int reps) {
             a[i] = (float)(i % 13) * 0.01f;
             b[i] = (float)(i % 7) * 0.01f;
         }
-        /* reps per transpose layout, each through gemm_run (the threads split C) and as one
-         * BLAS call (its own threading): the ceiling is the better of the two */
+        /* reps per transpose layout, each through gemm_run (the threads split C), as one
+         * BLAS call (its own threading) and through oneDNN's matmul where it is built in: the
+         * ceiling is the best of the three */
         pthread_once(&blas_once, blas_load);
-        for (int r = 0; r < 8 * reps; r++) {
-            gemm_call g = {r & 1, (r >> 1) & 1, n, n, n, n, n, n, 1.0, 0.0, a, b, c, sizeof(float)};
+        int ways = moe_gemm_bf16_available() ? 3 : 2;
+        for (int r = 0; r < 4 * ways * reps; r++) {
+            int ta = r & 1, tb = (r >> 1) & 1, way = (r >> 2) % ways;
+            gemm_call g = {ta, tb, n, n, n, n, n, n, 1.0, 0.0, a, b, c, sizeof(float)};
             double t = moe_time_now();
-            if (r & 4) blas_part(&g, 0, 0, n);
+            if (way == 2) moe_gemm_dnnl(ta, tb, n, n, n, a, n, b, n, 0.0f, c, n);
+            else if (way == 1) blas_part(&g, 0, 0, n);
             else gemm_run(&g);
             t = moe_time_now() - t;
             double rate = 2.0 * n * n * (double)n / t;

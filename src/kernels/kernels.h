@@ -103,7 +103,8 @@ double moe_sum_squares(const float *x, size_t n);
 /* Name and configuration of the GEMM library in use. */
 const char *moe_gemm_backend(void);
 /* Best rate (FLOP/s) of an n x n x n SGEMM over reps calls for each of the four transpose
- * layouts, through moe_gemm and through the BLAS's own threading: the machine's ceiling. */
+ * layouts, through OpenBLAS split over the threads, OpenBLAS's own threading and oneDNN's
+ * matmul (where built in): the machine's fp32 ceiling. */
 double moe_gemm_peak(int n, int reps);
 
 /* Activation of one row: h [gf] -> a [f] = w * act(h) (gated: act(h[:f]) * h[f:]). */
