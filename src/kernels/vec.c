@@ -20,24 +20,38 @@ static void set_floats(float *dst, const float *src, size_t n) {
 void moe_zero_floats(float *x, size_t n) { set_floats(x, NULL, n); }
 void moe_copy_floats(float *dst, const float *src, size_t n) { set_floats(dst, src, n); }
 
-/* Each block is summed in 16 interleaved partial sums (lane l takes elements l, l + 16, ...: a
- * single chain would wait on the adder's latency for every element), the lanes and then the
- * blocks added in order: the same bits whatever the number of threads. */
-double moe_sum_squares(const float *x, size_t n) {
-    size_t nb = (n + VEC_BLOCK - 1) / VEC_BLOCK;
-    double total = 0;
-#pragma omp parallel for ordered schedule(static, 1) if (nb > 1)
-    for (size_t b = 0; b < nb; b++) {
-        size_t lo = b * VEC_BLOCK, hi = n - lo < VEC_BLOCK ? n : lo + VEC_BLOCK;
-        double lane[16] = {0}, s = 0;
-        size_t i = lo;
-        for (; i + 16 <= hi; i += 16)
+/* Blocks of VEC_BLOCK floats in groups of at least VEC_GROUP blocks, at most VEC_GROUPS groups;
+ * a group's blocks are summed in order by one thread, each in 64 interleaved partial sums (lane l
+ * takes elements l, l + 64, ...: eight vectors of adds in flight rather than one chain waiting
+ * on the adder's latency), then the groups in order: the grouping depends on n only, so the
+ * bits do not depend on the number of threads. */
+#define VEC_GROUP 64
+#define VEC_GROUPS 1024
+static double block_sum_squares(const float *x, size_t n) {
+    double lane[64] = {0}, s = 0;
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64)
 #pragma omp simd
-            for (int l = 0; l < 16; l++) lane[l] += (double)x[i + l] * x[i + l];
-        for (; i < hi; i++) lane[(i - lo) & 15] += (double)x[i] * x[i];
-        for (int l = 0; l < 16; l++) s += lane[l];
-#pragma omp ordered
-        total += s;
+        for (int l = 0; l < 64; l++) lane[l] += (double)x[i + l] * x[i + l];
+    for (; i < n; i++) lane[i & 63] += (double)x[i] * x[i];
+    for (int l = 0; l < 64; l++) s += lane[l];
+    return s;
+}
+
+double moe_sum_squares(const float *x, size_t n) {
+    size_t nb = (n + VEC_BLOCK - 1) / VEC_BLOCK, per = VEC_GROUP;
+    if ((nb + per - 1) / per > VEC_GROUPS) per = (nb + VEC_GROUPS - 1) / VEC_GROUPS;
+    size_t ng = (nb + per - 1) / per;
+    double group[VEC_GROUPS], total = 0;
+#pragma omp parallel for schedule(static) if (ng > 1)
+    for (size_t q = 0; q < ng; q++) {
+        double s = 0;
+        for (size_t b = q * per; b < (q + 1) * per && b < nb; b++) {
+            size_t lo = b * VEC_BLOCK;
+            s += block_sum_squares(x + lo, n - lo < VEC_BLOCK ? n - lo : VEC_BLOCK);
+        }
+        group[q] = s;
     }
+    for (size_t q = 0; q < ng; q++) total += group[q];
     return total;
 }

@@ -32,6 +32,7 @@ struct moe_trainer {
     int n_buckets, launched; /* buckets start from the last, as backward completes them */
     moe_status reduce_st;
     int bad_streak; /* consecutive skipped steps */
+    int grads_zero; /* the last step's update zeroed the gradients as it read them */
     struct {
         int kind; /* FAULT_* */
         int first, last; /* steps (1-based) */
@@ -266,7 +267,8 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     moe_model *m = t->model;
     int B = c->micro_batch, S = t->S, n_micro = c->global_batch / c->micro_batch;
     int W = data_size(t), rank = data_rank(t);
-    moe_model_zero_grads(m);
+    if (!t->grads_zero) moe_model_zero_grads(m);
+    t->grads_zero = 0;
     moe_model_args args = moe_model_args_default();
     args.training = 1;
     args.step = (uint64_t)t->step;
@@ -346,19 +348,23 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     float lr = (float)s.lr, b1 = c->beta1, b2 = c->beta2, wd = c->weight_decay, eps = c->adam_eps;
     float bc1 = (float)(1.0 - pow(c->beta1, t->step + 1)), bc2 = (float)(1.0 - pow(c->beta2, t->step + 1));
     float *am = t->adam_m, *av = t->adam_v;
-    for (int ti = 0; ti < moe_model_n_tensors(m); ti++) { /* the tensors tile [0, n) */
+    /* The tensors tile [0, n): the update zeroes each gradient once it has read it, which saves
+     * the next step a pass over all of them (at 407 M parameters, bench/RESULTS.md session 10). */
+    for (int ti = 0; ti < moe_model_n_tensors(m); ti++) {
         const moe_tensor_info *info = moe_model_tensor(m, ti);
         float decay = info->no_decay ? 0.0f : 1.0f;
         size_t lo = info->offset, hi = lo + info->numel;
 #pragma omp parallel for schedule(static) if (info->numel > 65536)
         for (size_t i = lo; i < hi; i++) {
             float gi = g[i] * clip;
+            g[i] = 0;
             am[i] = b1 * am[i] + (1 - b1) * gi;
             av[i] = b2 * av[i] + (1 - b2) * gi * gi;
             float upd = (am[i] / bc1) / (sqrtf(av[i] / bc2) + eps);
             p[i] -= lr * (upd + wd * decay * p[i]);
         }
     }
+    t->grads_zero = 1;
     for (int l = 0; l < mc->n_layers; l++) {
         moe_layer *ml = moe_model_moe_layer(m, l);
         if (!ml) continue;
