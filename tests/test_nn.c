@@ -433,15 +433,14 @@ static void buffer_passes(size_t n) {
     free(x);
 }
 
-/* Whole-buffer passes: the sum of squares against a long double sum (a group of blocks and a partial
- * last block; three groups, the last partial; fewer elements than one vector of lanes), the same
- * bits on 1 and 2 threads; zeroing reaches every element and nothing beyond. */
+/* Whole-buffer passes: the sum of squares against a long double sum (a group of blocks and a
+ * partial last block; three groups, the last partial; fewer elements than one vector of lanes),
+ * the same bits on 1 and 2 threads; zeroing reaches every element and nothing beyond. */
 static void test_buffer_passes(void **state) {
     (void)state;
     static const size_t sizes[] = {(3u << 15) + 1234, (130u << 15) + 77, 37};
     for (size_t q = 0; q < sizeof sizes / sizeof *sizes; q++) buffer_passes(sizes[q]);
 }
-
 
 int main(void) {
     const struct CMUnitTest tests[] = {

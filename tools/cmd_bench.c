@@ -28,8 +28,6 @@ double moe_cli_layer_flops(const moe_layer_config *c, int T, const moe_layer_sta
            (double)T * per_row * c->shared_ffn;
 }
 
-/* Memory bandwidth (bytes/s): best of 5 STREAM-style triads a = b + s c over 64 MiB arrays,
- * counted as two reads and one write per element. */
 /* The fp32 ceiling line of both benchmarks (moe_gemm_peak). */
 static void print_ceiling(double peak) {
     printf("ceiling: SGEMM 2048^3 = %.1f GFLOP/s (best of 4 layouts x 5 calls through OpenBLAS "
@@ -37,6 +35,8 @@ static void print_ceiling(double peak) {
            1e-9 * peak, moe_gemm_bf16_available() ? " and oneDNN" : "");
 }
 
+/* Memory bandwidth (bytes/s): best of 5 STREAM-style triads a = b + s c over 64 MiB arrays,
+ * counted as two reads and one write per element. */
 static double stream_bandwidth(void) {
     size_t n = (size_t)16 << 20;
     float *a = moe_alloc(n, sizeof(float)), *b = moe_alloc(n, sizeof(float)),

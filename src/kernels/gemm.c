@@ -200,9 +200,13 @@ double moe_gemm_peak(int n, int reps) {
             int ta = r & 1, tb = (r >> 1) & 1, way = (r >> 2) % ways;
             gemm_call g = {ta, tb, n, n, n, n, n, n, 1.0, 0.0, a, b, c, sizeof(float)};
             double t = moe_time_now();
-            if (way == 2) moe_gemm_dnnl(ta, tb, n, n, n, a, n, b, n, 0.0f, c, n);
-            else if (way == 1) blas_part(&g, 0, 0, n);
-            else gemm_run(&g);
+            if (way == 2) {
+                if (moe_gemm_dnnl(ta, tb, n, n, n, a, n, b, n, 0.0f, c, n) != MOE_OK) continue;
+            } else if (way == 1) {
+                blas_part(&g, 0, 0, n);
+            } else {
+                gemm_run(&g);
+            }
             t = moe_time_now() - t;
             double rate = 2.0 * n * n * (double)n / t;
             best = rate > best ? rate : best;
