@@ -29,7 +29,8 @@ void moe_trainer_destroy(moe_trainer *t);
 /* One optimizer step over global_batch / micro_batch micro-batches. A step whose loss or
  * gradient is not finite is skipped (m->skipped; nothing is updated, the step counter moves
  * on); the max_bad_steps-th skipped step in a row returns MOE_ERR_STATE, with m filled and the
- * model and optimizer state still those of the last good step. */
+ * model and optimizer state still those of the last good step. The model's gradients belong
+ * to the trainer between steps: an update leaves them zero and the next step relies on it. */
 moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *m);
 /* Data and expert parallelism over the ranks of d (NULL or one rank: none): rank r runs its
  * share of the global batch's micro-batches; gradients are summed over the ranks holding the
