@@ -123,7 +123,8 @@ static void test_dnnl_fp32(void **state) {
 /* Shapes that reach every tile of gemm_small.c: rows beyond one 64-row block (NT; beyond three
  * of them) and one 12-row tile, 1 to 4 vectors and partial vectors, k beyond one block (64 for
  * NN, 1024 for NT) and shorter than the prefetch distance; NT with 1-8 rows past whole vectors
- * and k even (paired rows after 0, 1, 2 and 3 vectors: m = 8, 150, 40, 49) and odd; then random
+ * and k even (paired rows after 0, 1, 2 and 3 vectors: m = 8, 150, 40, 49) and odd; NT's
+ * columns in several panels of 48, the last one partial (n = 77, 97, 130, 200); then random
  * shapes. */
 static void test_small(void **state) {
     (void)state;

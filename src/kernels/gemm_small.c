@@ -11,8 +11,9 @@
  *   TN  C = A^T B      broadcast A (sai = 1, sak = lda), vectors of B's rows;
  *   NT  C = A B^T      computed as C^T = B A^T: broadcast B's rows (the weights), vectors of A^T,
  *                      which is transposed into a thread's scratch 64 rows and KC columns at a
- *                      time, and each tile is stored transposed; rows past whole vectors (1-8)
- *                      in one vector of pairs of k (tile_body_pairs). */
+ *                      time; the tiles of 48 weight rows are staged and written to C transposed
+ *                      (flush_panel); rows past whole vectors (1-8) in one vector of pairs of k
+ *                      (tile_body_pairs). */
 #include "kernels/kernels.h"
 
 #include "core/core.h"
@@ -257,44 +258,34 @@ static inline __attribute__((always_inline)) SMALL_TARGET __m512 column8(const c
     return l & 4 ? _mm512_shuffle_f32x4(x, x, 0xEE) : x;
 }
 
-/* dst[0, n) = (or +=) the first n <= 8 lanes of x, by stores within cache lines: a masked
- * store that straddles two lines is several times slower than two that do not. */
-static inline __attribute__((always_inline)) SMALL_TARGET void put_floats(float *dst, __m512 x,
-                                                                          int n, int acc) {
-    int off = (int)(((uintptr_t)dst & 63) >> 2);
-    float *line = dst - off;
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    x = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_sub_epi32(iota, _mm512_set1_epi32(off)),
-                                               _mm512_set1_epi32(15)),
-                              x); /* lane off + j holds x[j] */
-    uint32_t m = ((1u << n) - 1u) << off;
-    __mmask16 m1 = (__mmask16)(m & 0xFFFFu), m2 = (__mmask16)(m >> 16);
-    if (acc) {
-        __m512 c = _mm512_maskz_load_ps(m1, line);
-        if (m2) c = _mm512_mask_load_ps(c, m2, line + 16);
-        x = _mm512_add_ps(x, c);
-    }
-    _mm512_mask_store_ps(line, m1, x);
-    if (m2) _mm512_mask_store_ps(line + 16, m2, x);
-}
+/* NT: a panel of NT_PANEL consecutive weight rows (columns of C) is staged as C^T, weight row
+ * p at stage[p * NT_ROWS ...] with the x rows along it, then written to C by whole 16-float
+ * runs of each row (C's rows are often 4 KB apart: stored tile by tile, a few floats per row,
+ * every row's line fell into one L1 set and was fetched again by each tile). */
+#define NT_PANEL 48
 
-/* A tile of C^T (NT): rows i of the tile are columns of C. By eight rows of the tile and 16
- * lanes at a time, transposed in registers; C row by row, each row's values written once (C's
- * rows are often 4 KB apart: column by column they all fall into one L1 set). */
-static SMALL_TARGET void store_transposed(const tile_dst *d, const __m512 *out, int i0, int mr,
-                                          int n0, int nv, int n_valid) {
-    for (int r0 = 0; r0 < mr; r0 += 8) {
-        int rows = mr - r0 < 8 ? mr - r0 : 8;
-        for (int v = 0; v < nv && 16 * v < n_valid; v++) {
+/* C[n0 + i][p0 + p] = (or +=) stage[p * NT_ROWS + i] for p < rows_p, i < n_x: 16 x 16 at a
+ * time, transposed in registers. */
+static SMALL_TARGET void flush_panel(const tile_dst *d, const float *stage, int p0, int rows_p,
+                                     int n0, int n_x) {
+    for (int i = 0; i < n_x; i += 16) {
+        int lanes = n_x - i < 16 ? n_x - i : 16;
+        for (int p = 0; p < rows_p; p += 16) {
+            __mmask16 m = (__mmask16)(rows_p - p >= 16 ? 0xFFFFu : (1u << (rows_p - p)) - 1u);
+            cols8x16 lo, hi;
             __m512 r[8];
-            for (int i = 0; i < 8; i++)
-                r[i] = i < rows ? out[(r0 + i) * nv + v] : _mm512_setzero_ps();
-            cols8x16 c;
-            transpose8x16(r, &c);
-            int lanes = n_valid - 16 * v < 16 ? n_valid - 16 * v : 16;
-            for (int l = 0; l < lanes; l++)
-                put_floats(d->c + (long)(n0 + 16 * v + l) * d->ldc + i0 + r0, column8(&c, l), rows,
-                           d->acc);
+            for (int h = 0; h < 2; h++) {
+                for (int q = 0; q < 8; q++)
+                    r[q] = _mm512_load_ps(stage + (p + 8 * h + q) * NT_ROWS + i);
+                transpose8x16(r, h ? &hi : &lo);
+            }
+            for (int l = 0; l < lanes; l++) {
+                __m512 x = _mm512_insertf32x8(column8(&lo, l),
+                                              _mm512_castps512_ps256(column8(&hi, l)), 1);
+                float *c = d->c + (long)(n0 + i + l) * d->ldc + p0 + p;
+                if (d->acc) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, c));
+                _mm512_mask_storeu_ps(c, m, x);
+            }
         }
     }
 }
@@ -312,6 +303,7 @@ typedef struct {
     long sai, sak, ldb;
     const tile_dst *d;
     const float *xr; /* NT: the paired rows (the last vector of every tile), or NULL */
+    float *stage;    /* NT: NT_PANEL x NT_ROWS floats (flush_panel) */
 } tile_job;
 
 static int vectors_at(const tile_job *j, int n0) {
@@ -360,12 +352,13 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
         t.pf_k = pr > 0 && pn < j->N ? pr : 0;
     }
     if (t.pf_k2 < t.pf_k) t.pf_k2 = t.pf_k;
-    tile_dst dk = *d;
-    dk.acc = d->acc || k0 > 0;
-    if (!d->trans) t.c = d->c + i0 * d->ldc + n0, t.ldc = d->ldc, t.c_acc = dk.acc;
+    if (!d->trans) t.c = d->c + i0 * d->ldc + n0, t.ldc = d->ldc, t.c_acc = d->acc || k0 > 0;
     if (j->xr) t.xr = j->xr, tiles_pairs[nv - 1][mr](&t, out);
     else tiles[nv][mr](&t, out);
-    if (d->trans) store_transposed(&dk, out, i0, mr, n0, nv, left < 16 * nv ? left : 16 * nv);
+    if (d->trans)
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++)
+                _mm512_store_ps(j->stage + (i0 % NT_PANEL + i) * NT_ROWS + 16 * v, out[i * nv + v]);
 }
 
 /* C = (or +=) the product of rows [0, M) of the broadcast operand and columns [0, N) of the
@@ -384,8 +377,15 @@ static SMALL_TARGET void run_tiles(const tile_job *j) {
         } else {
             for (int n0 = 0; n0 < j->N; n0 += step) {
                 int nv = vectors_at(j, n0), cap = j->xr ? mr_pairs[nv - 1] : mr_max[nv];
-                for (int i0 = 0; i0 < j->M; i0 += cap)
-                    one_tile(j, i0, j->M - i0 < cap ? j->M - i0 : cap, n0, k0, kn);
+                int panel = j->d->trans ? NT_PANEL : j->M;
+                for (int p0 = 0; p0 < j->M; p0 += panel) {
+                    int end = j->M - p0 < panel ? j->M : p0 + panel;
+                    for (int i0 = p0; i0 < end; i0 += cap)
+                        one_tile(j, i0, end - i0 < cap ? end - i0 : cap, n0, k0, kn);
+                    if (j->d->trans)
+                        flush_panel(j->d, j->stage, p0, end - p0, n0,
+                                    j->N - n0 < step ? j->N - n0 : step);
+                }
             }
         }
     }
@@ -427,6 +427,7 @@ static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, c
                                  int ldb, int beta1, float *C, int ldc) {
     static _Thread_local float xt[KC * NT_ROWS] __attribute__((aligned(64)));
     static _Thread_local float xr[KC * 8] __attribute__((aligned(64)));
+    static _Thread_local float stage[NT_PANEL * NT_ROWS] __attribute__((aligned(64)));
     for (int m0 = 0; m0 < m; m0 += NT_ROWS) {
         int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS, nv = (mc + 15) / 16;
         for (int k0 = 0; k0 < k; k0 += KC) {
@@ -437,7 +438,7 @@ static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, c
             if (pairs) pair_rows(A + (long)(m0 + main) * lda + k0, lda, rem, kc, xr);
             tile_dst d = {C + (long)m0 * ldc, ldc, 1, beta1 || k0 > 0};
             tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d,
-                          pairs ? xr : NULL};
+                          pairs ? xr : NULL, stage};
             run_tiles(&j);
         }
     }
@@ -467,7 +468,7 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
     }
     tile_dst d = {C, ldc, 0, beta != 0.0f};
     tile_job j = {m, n, k, 3, ta ? STREAM_C : STREAM_VEC, A, B, ta ? 1 : lda,
-                  ta ? lda : 1, ldb, &d, NULL};
+                  ta ? lda : 1, ldb, &d, NULL, NULL};
     run_tiles(&j);
     return MOE_OK;
 }
