@@ -390,6 +390,65 @@ static void test_sampling(void **state) {
     assert_int_equal(moe_sample(lg, 4, 1, 3, 1, 0.99), 1);
 }
 
+/* The trainer's gradient norm is the norm of the backward's gradients (against a long double
+ * sum of their squares), and clipping scales what the first Adam moment takes. The embedding
+ * (2.2 M floats) is long enough to be summed over the threads; the other tensors are summed
+ * one per thread. The data is one window, so the trainer's batch is known. */
+static void test_grad_norm_clip(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = tiny_config();
+    c.vocab = 70000;
+    c.d = 32;
+    enum { B = 2 };
+    int S = c.seq_len;
+    uint32_t data[8];
+    int32_t tok[B * 7], tgt[B * 7];
+    assert_int_equal(S + 1, 8);
+    for (int i = 0; i <= S; i++) data[i] = (uint32_t)(moe_rng_u64(seed, 5, (uint64_t)i) % 70000u);
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < S; i++)
+            tok[b * S + i] = (int32_t)data[i], tgt[b * S + i] = (int32_t)data[i + 1];
+    moe_model *ref, *m;
+    assert_int_equal(moe_model_create(&c, B * S, &ref), MOE_OK);
+    random_params(ref, seed);
+    moe_model_args args = moe_model_args_default();
+    args.training = 1;
+    assert_int_equal(moe_model_forward(ref, tok, tgt, B, S, &args, NULL), MOE_OK);
+    assert_int_equal(moe_model_backward(ref), MOE_OK);
+    const float *g = moe_model_grads(ref);
+    size_t n = moe_model_param_count(ref);
+    long double ss = 0;
+    for (size_t i = 0; i < n; i++) ss += (long double)g[i] * g[i];
+    double norm = (double)sqrtl(ss);
+    assert_true(norm > 0);
+
+    moe_train_config tc = moe_train_config_default();
+    tc.micro_batch = tc.global_batch = B;
+    tc.warmup_iters = 0;
+    tc.weight_decay = 0;
+    tc.clip_grad = (float)(norm / 4);
+    moe_tokens toks = {.tokens = data, .n_tokens = S + 1, .vocab = c.vocab};
+    moe_trainer *t;
+    moe_step_metrics s;
+    assert_int_equal(moe_model_create(&c, B * S, &m), MOE_OK);
+    random_params(m, seed);
+    assert_int_equal(moe_trainer_create(m, &tc, &toks, NULL, &t), MOE_OK);
+    assert_int_equal(moe_trainer_step(t, &s), MOE_OK);
+    if (!(fabs(s.grad_norm - norm) <= 1e-12 * norm))
+        fail_msg("gradient norm %.17g, expected %.17g", s.grad_norm, norm);
+    const float *am = moe_trainer_adam_m(t);
+    double clip = tc.clip_grad / norm;
+    for (size_t i = 0; i < n; i++) {
+        double want = (1.0 - tc.beta1) * g[i] * clip;
+        if (!(fabs(am[i] - want) <= 1e-6 * fabs(want) + 1e-30))
+            fail_msg("Adam moment %zu: %.9g, expected %.9g (clipped by %g)", i, am[i], want, clip);
+    }
+    moe_trainer_destroy(t);
+    moe_model_destroy(m);
+    moe_model_destroy(ref);
+}
+
 /* AdamW: weight decay moves weights but never norms or biases. Two runs of one step from
  * the same start, with and without decay: norm weights end bitwise equal, a weight differs
  * by lr * wd * p (the decoupled decay). */
@@ -456,6 +515,7 @@ int main(void) {
         cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
         cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),
+        cmocka_unit_test(test_grad_norm_clip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

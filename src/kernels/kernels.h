@@ -99,6 +99,8 @@ static inline double moe_exp_vec64(double x) {
 void moe_zero_floats(float *x, size_t n);
 void moe_copy_floats(float *dst, const float *src, size_t n);
 double moe_sum_squares(const float *x, size_t n);
+/* Whether moe_sum_squares(x, n) splits over the threads (else one thread sums it all). */
+int moe_sum_squares_split(size_t n);
 
 /* Name and configuration of the GEMM library in use. */
 const char *moe_gemm_backend(void);

@@ -38,9 +38,17 @@ static double block_sum_squares(const float *x, size_t n) {
     return s;
 }
 
-double moe_sum_squares(const float *x, size_t n) {
+/* Blocks per group for n floats. */
+static size_t group_blocks(size_t n) {
     size_t nb = (n + VEC_BLOCK - 1) / VEC_BLOCK, per = VEC_GROUP;
     if ((nb + per - 1) / per > VEC_GROUPS) per = (nb + VEC_GROUPS - 1) / VEC_GROUPS;
+    return per;
+}
+
+int moe_sum_squares_split(size_t n) { return n > group_blocks(n) * VEC_BLOCK; }
+
+double moe_sum_squares(const float *x, size_t n) {
+    size_t nb = (n + VEC_BLOCK - 1) / VEC_BLOCK, per = group_blocks(n);
     size_t ng = (nb + per - 1) / per;
     double group[VEC_GROUPS], total = 0;
 #pragma omp parallel for schedule(static) if (ng > 1)

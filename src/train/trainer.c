@@ -8,6 +8,7 @@
 #include "kernels/kernels.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,7 @@ struct moe_trainer {
     int64_t *load;          /* expert counts of the last step, layer after layer */
     size_t *load_off;       /* [L] offset of layer l in load */
     int64_t *dropped, *routed; /* [L] slots dropped by capacity / routed in the last step */
+    double *tensor_sumsq;      /* [tensors] the gradient norm's squares, tensor by tensor */
     int step;
     moe_dist *dist;  /* NULL: one process */
     struct grad_bucket { /* consecutive tensors reduced together */
@@ -132,8 +134,9 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
     t->load = moe_alloc(n_load ? n_load : 1, sizeof(int64_t));
     t->dropped = moe_alloc((size_t)mc->n_layers, sizeof(int64_t));
     t->routed = moe_alloc((size_t)mc->n_layers, sizeof(int64_t));
+    t->tensor_sumsq = moe_alloc((size_t)moe_model_n_tensors(model), sizeof(double));
     if (!t->adam_m || !t->adam_v || !t->tok || !t->tgt || !t->load_off || !t->load ||
-        !t->dropped || !t->routed) {
+        !t->dropped || !t->routed || !t->tensor_sumsq) {
         moe_trainer_destroy(t);
         return moe_set_error(MOE_ERR_NOMEM, "out of memory for the optimizer state");
     }
@@ -150,6 +153,7 @@ void moe_trainer_destroy(moe_trainer *t) {
     moe_free(t->load);
     moe_free(t->dropped);
     moe_free(t->routed);
+    moe_free(t->tensor_sumsq);
     free(t->buckets);
     free(t->load_off);
     free(t);
@@ -252,10 +256,20 @@ moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d) {
 static moe_status grad_sumsq(moe_trainer *t, double *out) {
     moe_model *m = t->model;
     const float *g = moe_model_grads(m);
-    double ss[2] = {0, 0}; /* dense, expert */
-    for (int i = 0; i < moe_model_n_tensors(m); i++) {
+    int n = moe_model_n_tensors(m);
+    double ss[2] = {0, 0}, *sum = t->tensor_sumsq; /* dense, expert */
+    /* Each tensor's sum is moe_sum_squares' (the same bits on any thread count), added in
+     * tensor order. A tensor short enough to be one group of it is summed by one thread, so
+     * those go over the threads together; the long ones split themselves. */
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int i = 0; i < n; i++) {
         const moe_tensor_info *ti = moe_model_tensor(m, i);
-        ss[ti->expert] += moe_sum_squares(g + ti->offset, ti->numel);
+        if (!moe_sum_squares_split(ti->numel)) sum[i] = moe_sum_squares(g + ti->offset, ti->numel);
+    }
+    for (int i = 0; i < n; i++) {
+        const moe_tensor_info *ti = moe_model_tensor(m, i);
+        if (moe_sum_squares_split(ti->numel)) sum[i] = moe_sum_squares(g + ti->offset, ti->numel);
+        ss[ti->expert] += sum[i];
     }
     if (t->dist) MOE_TRY(moe_comm_sum_f64(t->dist->expert, &ss[1], 1));
     *out = ss[0] + ss[1];
@@ -348,20 +362,29 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     float lr = (float)s.lr, b1 = c->beta1, b2 = c->beta2, wd = c->weight_decay, eps = c->adam_eps;
     float bc1 = (float)(1.0 - pow(c->beta1, t->step + 1)), bc2 = (float)(1.0 - pow(c->beta2, t->step + 1));
     float *am = t->adam_m, *av = t->adam_v;
-    /* The tensors tile [0, n): the update zeroes each gradient once it has read it, which saves
-     * the next step a pass over all of them (at 407 M parameters, bench/RESULTS.md session 10). */
-    for (int ti = 0; ti < moe_model_n_tensors(m); ti++) {
-        const moe_tensor_info *info = moe_model_tensor(m, ti);
-        float decay = info->no_decay ? 0.0f : 1.0f;
-        size_t lo = info->offset, hi = lo + info->numel;
-#pragma omp parallel for schedule(static) if (info->numel > 65536)
-        for (size_t i = lo; i < hi; i++) {
-            float gi = g[i] * clip;
-            g[i] = 0;
-            am[i] = b1 * am[i] + (1 - b1) * gi;
-            av[i] = b2 * av[i] + (1 - b2) * gi * gi;
-            float upd = (am[i] / bc1) / (sqrtf(av[i] / bc2) + eps);
-            p[i] -= lr * (upd + wd * decay * p[i]);
+    /* The tensors tile [0, n): one parallel region over all of it, each thread its share of
+     * every tensor it meets (most tensors of a small model are too short to split alone). The
+     * update zeroes each gradient once it has read it, which saves the next step a pass over
+     * all of them (at 407 M parameters, bench/RESULTS.md session 10). */
+    size_t n_all = moe_model_param_count(m);
+    int n_tensors = moe_model_n_tensors(m);
+#pragma omp parallel if (n_all > 65536)
+    {
+        int nth = omp_get_num_threads(), id = omp_get_thread_num();
+        size_t a = n_all / nth * id, b = id == nth - 1 ? n_all : n_all / nth * (id + 1);
+        for (int ti = 0; ti < n_tensors; ti++) {
+            const moe_tensor_info *info = moe_model_tensor(m, ti);
+            float decay = info->no_decay ? 0.0f : 1.0f;
+            size_t lo = info->offset > a ? info->offset : a;
+            size_t hi = info->offset + info->numel < b ? info->offset + info->numel : b;
+            for (size_t i = lo; i < hi; i++) {
+                float gi = g[i] * clip;
+                g[i] = 0;
+                am[i] = b1 * am[i] + (1 - b1) * gi;
+                av[i] = b2 * av[i] + (1 - b2) * gi * gi;
+                float upd = (am[i] / bc1) / (sqrtf(av[i] / bc2) + eps);
+                p[i] -= lr * (upd + wd * decay * p[i]);
+            }
         }
     }
     t->grads_zero = 1;
