@@ -280,8 +280,7 @@ static SMALL_TARGET void flush_panel(const tile_dst *d, const float *stage, int 
                 transpose8x16(r, h ? &hi : &lo);
             }
             for (int l = 0; l < lanes; l++) {
-                __m512 x = _mm512_insertf32x8(column8(&lo, l),
-                                              _mm512_castps512_ps256(column8(&hi, l)), 1);
+                __m512 x = _mm512_shuffle_f32x4(column8(&lo, l), column8(&hi, l), 0x44);
                 float *c = d->c + (long)(n0 + i + l) * d->ldc + p0 + p;
                 if (d->acc) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, c));
                 _mm512_mask_storeu_ps(c, m, x);

@@ -47,19 +47,22 @@ static size_t group_blocks(size_t n) {
 
 int moe_sum_squares_split(size_t n) { return n > group_blocks(n) * VEC_BLOCK; }
 
+/* The sum of group q (per blocks) of x[0, n). */
+static double group_sum(const float *x, size_t n, size_t q, size_t per) {
+    double s = 0;
+    for (size_t lo = q * per * VEC_BLOCK; lo < (q + 1) * per * VEC_BLOCK && lo < n;
+         lo += VEC_BLOCK)
+        s += block_sum_squares(x + lo, n - lo < VEC_BLOCK ? n - lo : VEC_BLOCK);
+    return s;
+}
+
 double moe_sum_squares(const float *x, size_t n) {
     size_t nb = (n + VEC_BLOCK - 1) / VEC_BLOCK, per = group_blocks(n);
     size_t ng = (nb + per - 1) / per;
+    if (ng <= 1) return n ? group_sum(x, n, 0, per) : 0; /* no parallel region (0 + s is s) */
     double group[VEC_GROUPS], total = 0;
-#pragma omp parallel for schedule(static) if (ng > 1)
-    for (size_t q = 0; q < ng; q++) {
-        double s = 0;
-        for (size_t b = q * per; b < (q + 1) * per && b < nb; b++) {
-            size_t lo = b * VEC_BLOCK;
-            s += block_sum_squares(x + lo, n - lo < VEC_BLOCK ? n - lo : VEC_BLOCK);
-        }
-        group[q] = s;
-    }
+#pragma omp parallel for schedule(static)
+    for (size_t q = 0; q < ng; q++) group[q] = group_sum(x, n, q, per);
     for (size_t q = 0; q < ng; q++) total += group[q];
     return total;
 }
