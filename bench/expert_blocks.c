@@ -1,5 +1,5 @@
 /* Expert blocks, one single-threaded GEMM each, spread over the OpenMP threads as the layer
- * spreads its experts: OpenBLAS (moe_gemm), oneDNN's fp32 matmul (moe_gemm_dnnl) and our
+ * spreads its experts: OpenBLAS (moe_gemm_blas), oneDNN's fp32 matmul (moe_gemm_dnnl) and our
  * AVX-512 tiles (moe_gemm_small), GFLOP/s of the best of 5 rounds, C += op(A) op(B).
  *
  * Without arguments: the six GEMMs of one expert at E = 256 of bench/scaling.sh (32 rows,
@@ -42,7 +42,7 @@ static int run(int ta, int tb, int m, int n, int k, int blocks, int distinct, co
                 moe_status st = MOE_ERR_STATE;
                 if (lib == 1) st = moe_gemm_dnnl(ta, tb, m, n, k, a, lda, b, ldb, 1.0f, c, n);
                 if (lib == 2) st = moe_gemm_small(ta, tb, m, n, k, a, lda, b, ldb, 1.0f, c, n);
-                if (st != MOE_OK) moe_gemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 1.0f, c, n);
+                if (st != MOE_OK) moe_gemm_blas(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 1.0f, c, n);
             }
             t = omp_get_wtime() - t;
             double g = 2.0 * m * n * k * blocks / t / 1e9;

@@ -32,7 +32,7 @@ static void ref_gemm(int ta, int tb, int m, int n, int k, double alpha, const do
         }
 }
 
-enum { FP32, FP64, BF16, DNNL_FP32, SMALL };
+enum { FP32, FP64, BF16, DNNL_FP32, SMALL, BLAS_FP32 };
 
 /* alpha: moe_gemm and moe_gemm64 only (the others have none: 1). */
 static void run_alpha(int kind, int ta, int tb, int beta, int m, int n, int k, double alpha,
@@ -67,6 +67,8 @@ static void run_alpha(int kind, int ta, int tb, int beta, int m, int n, int k, d
                          MOE_OK);
     else if (kind == FP64)
         moe_gemm64(ta, tb, m, n, k, alpha, A64, lda, B64, ldb, beta, C64, ldc);
+    else if (kind == BLAS_FP32)
+        moe_gemm_blas(ta, tb, m, n, k, (float)alpha, A, lda, B, ldb, (float)beta, C, ldc);
     else
         moe_gemm(ta, tb, m, n, k, (float)alpha, A, lda, B, ldb, (float)beta, C, ldc);
     if (kind != FP64)
@@ -81,6 +83,7 @@ static void run_alpha(int kind, int ta, int tb, int beta, int m, int n, int k, d
                          bf16                ? "bf16"
                          : kind == DNNL_FP32 ? "oneDNN fp32"
                          : kind == SMALL     ? "small"
+                         : kind == BLAS_FP32 ? "OpenBLAS fp32"
                          : kind == FP64      ? "fp64"
                                              : "fp32",
                          ta, tb, beta, m, n, k, i, j, C64[at], R[at]);
@@ -99,17 +102,19 @@ static void run(int kind, int ta, int tb, int beta, uint64_t seed) {
     run_shape(kind, ta, tb, beta, 37, 29, 53, seed);
 }
 
-/* moe_gemm and moe_gemm64 outside a parallel region: C split by rows (more rows than columns),
- * by columns, or one call (both below 32), with alpha 1 and not. */
+/* moe_gemm, moe_gemm64 and moe_gemm_blas (OpenBLAS alone, also where moe_gemm takes oneDNN)
+ * outside a parallel region: C split by rows (more rows than columns), by columns, or one call
+ * (both below 32), with alpha 1 and not. */
 static void test_fp32(void **state) {
     (void)state;
     static const int shapes[][3] = {{37, 29, 53}, {29, 70, 41}, {5, 7, 3}};
     static const double alphas[] = {1.0, -0.75, 1.0};
+    static const int kinds[] = {FP32, FP64, BLAS_FP32};
     uint64_t seed = tu_seed();
-    for (int kind = FP32; kind <= FP64; kind++)
+    for (int kind = 0; kind < 3; kind++)
         for (int q = 0; q < 3; q++)
             for (int c = 0; c < 8; c++)
-                run_alpha(kind, c & 1, (c >> 1) & 1, c >> 2, shapes[q][0], shapes[q][1],
+                run_alpha(kinds[kind], c & 1, (c >> 1) & 1, c >> 2, shapes[q][0], shapes[q][1],
                           shapes[q][2], alphas[q], seed++);
 }
 

@@ -161,6 +161,11 @@ void moe_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, 
         !omp_in_parallel() &&
         moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc) == MOE_OK)
         return;
+    moe_gemm_blas(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void moe_gemm_blas(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
+                   const float *B, int ldb, float beta, float *C, int ldc) {
     gemm_call g = {ta, tb, m, n, k, lda, ldb, ldc, alpha, beta, A, B, C, sizeof(float)};
     gemm_run(&g);
 }

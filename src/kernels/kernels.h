@@ -16,6 +16,10 @@
  * columns); inside one, the calling thread computes it alone. */
 void moe_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc);
+/* moe_gemm through OpenBLAS alone, never oneDNN (moe_gemm takes oneDNN for NN and TN outside
+ * a parallel region, which includes everything with one thread). */
+void moe_gemm_blas(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
+                   const float *B, int ldb, float beta, float *C, int ldc);
 void moe_gemm64(int ta, int tb, int m, int n, int k, double alpha, const double *A, int lda,
                 const double *B, int ldb, double beta, double *C, int ldc);
 

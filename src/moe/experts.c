@@ -49,12 +49,16 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
         pthread_once(&eg_once, read_expert_gemm);
         int layout = ta ? 1 : !tb ? 0 : m <= SMALL_NT_ROWS ? 2 : 3;
         /* single-threaded GEMMs (inside the experts' parallel loop, or one thread in all):
-         * the measured choice; otherwise OpenBLAS with its threads */
-        int lib = omp_in_parallel() || omp_get_max_threads() == 1 ? eg_choice[layout] : EG_BLAS;
+         * the measured choice, OpenBLAS meaning OpenBLAS itself (moe_gemm would take oneDNN
+         * for NN and TN with one thread); otherwise moe_gemm's choice over the threads */
+        int single = omp_in_parallel() || omp_get_max_threads() == 1;
+        int lib = single ? eg_choice[layout] : EG_BLAS;
         moe_status st = MOE_ERR_STATE;
         if (lib == EG_SMALL) st = moe_gemm_small(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
         if (lib == EG_DNNL) st = moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
-        if (st != MOE_OK) moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc);
+        if (st != MOE_OK)
+            (single ? moe_gemm_blas : moe_gemm)(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C,
+                                                ldc);
         return;
     }
     moe_status st = moe_gemm_bf16(ta, tb, m, n, k, A16, lda, B16, ldb, beta, C, ldc);
