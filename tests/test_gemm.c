@@ -34,7 +34,7 @@ static void ref_gemm(int ta, int tb, int m, int n, int k, double alpha, const do
 
 enum { FP32, FP64, BF16, DNNL_FP32, SMALL, BLAS_FP32 };
 
-/* alpha: moe_gemm and moe_gemm64 only (the others have none: 1). */
+/* alpha: moe_gemm, moe_gemm_blas and moe_gemm64 only (the others have none: 1). */
 static void run_alpha(int kind, int ta, int tb, int beta, int m, int n, int k, double alpha,
                       uint64_t seed) {
     int bf16 = kind == BF16;
