@@ -354,7 +354,7 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
     if (!d->trans) t.c = d->c + i0 * d->ldc + n0, t.ldc = d->ldc, t.c_acc = d->acc || k0 > 0;
     if (j->xr) t.xr = j->xr, tiles_pairs[nv - 1][mr](&t, out);
     else tiles[nv][mr](&t, out);
-    if (d->trans)
+    if (d->trans) /* into its panel's stage (panels start at multiples of NT_PANEL) */
         for (int i = 0; i < mr; i++)
             for (int v = 0; v < nv; v++)
                 _mm512_store_ps(j->stage + (i0 % NT_PANEL + i) * NT_ROWS + 16 * v, out[i * nv + v]);
