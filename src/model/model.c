@@ -886,7 +886,8 @@ moe_status moe_model_backward(moe_model *m) {
             MOE_TRY(moe_layer_backward(m->moe[l], m->dn, dx, s->n2));
         } else {
             moe_mlp_backward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, p.w_out, NULL, NULL, s->h,
-                             s->a, dx, m->dn, g.w_in, NULL, g.w_out, NULL, NULL, m->dh, m->da, NULL, NULL);
+                             s->a, dx, m->dn, g.w_in, NULL, g.w_out, NULL, NULL, m->dh, m->da,
+                             NULL, NULL, MOE_MLP_BWD_ALL);
         }
         moe_copy_floats(m->dxm, dx, (size_t)T * d);
         moe_rmsnorm_backward(m->dxm, g.ffn_norm, m->dn, s->xm, p.ffn_norm, s->rstd2, T, d);

@@ -220,7 +220,8 @@ static void replicated_backward(moe_layer *L, float *dx) {
     moe_expert_rows rows = moe_own_rows(st);
     for (int le = 0; le < El; le++)
         moe_expert_rows_backward(L, &rows, le, st->expert_off[e0 + le],
-                                 st->expert_off[e0 + le + 1] - st->expert_off[e0 + le], &t_act);
+                                 st->expert_off[e0 + le + 1] - st->expert_off[e0 + le],
+                                 MOE_MLP_BWD_ALL, &t_act);
     double t2 = moe_time_now();
     /* the other ranks' rows contribute nothing here; the sums over the group complete them */
     memset(st->xp, 0, sizeof(float) * (size_t)lo * d);
@@ -328,7 +329,8 @@ void moe_ep_backward(moe_layer *L, float *dx) {
     double t1 = moe_time_now();
     moe_expert_rows rows = ep_rows(b);
     for (int le = 0; le < El; le++)
-        moe_expert_rows_backward(L, &rows, le, b->eoff[le], b->eoff[le + 1] - b->eoff[le], &t_act);
+        moe_expert_rows_backward(L, &rows, le, b->eoff[le], b->eoff[le + 1] - b->eoff[le],
+                                 MOE_MLP_BWD_ALL, &t_act);
     double t2 = moe_time_now();
     permute(b, b->xe, b->rx, (size_t)d, 0);
 #pragma omp parallel for schedule(static)

@@ -110,50 +110,59 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
                       const float *w_out, const float *b_out, const float *w, const float *h,
                       const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
                       float *dw_out, float *db_out, double *dw, float *dh, float *da,
-                      double *t_act, const moe_mlp_bf16 *b16) {
+                      double *t_act, const moe_mlp_bf16 *b16, int part) {
     if (n <= 0) return;
     int gf = moe_act_gated(act) ? 2 * f : f;
-    if (b16) moe_f32_to_bf16(dy, b16->dy, (size_t)n * d);
-    gemm_any(b16, 1, 0, d, f, n, dy, b16 ? b16->dy : NULL, d, a, b16 ? b16->a : NULL, f, 1.0f,
-             dw_out, f);
-    if (db_out) {
+    if (part & MOE_MLP_BWD_OUT) {
+        if (b16) moe_f32_to_bf16(dy, b16->dy, (size_t)n * d);
+        gemm_any(b16, 1, 0, d, f, n, dy, b16 ? b16->dy : NULL, d, a, b16 ? b16->a : NULL, f, 1.0f,
+                 dw_out, f);
+        if (db_out) {
 #pragma omp parallel for schedule(static)
-        for (int j = 0; j < d; j++) {
-            float s = 0;
-            for (int i = 0; i < n; i++) s += (w ? w[i] : 1.0f) * dy[(size_t)i * d + j];
-            db_out[j] += s;
+            for (int j = 0; j < d; j++) {
+                float s = 0;
+                for (int i = 0; i < n; i++) s += (w ? w[i] : 1.0f) * dy[(size_t)i * d + j];
+                db_out[j] += s;
+            }
+        }
+        gemm_any(b16, 0, 0, n, f, d, dy, b16 ? b16->dy : NULL, d, w_out, b16 ? b16->w_out : NULL, f,
+                 0.0f, da, f);
+        double t0 = moe_time_now();
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < n; i++) {
+            double g = moe_act_backward_row(act, f, h + (size_t)i * gf, w ? w[i] : 1.0f,
+                                            da + (size_t)i * f, dh + (size_t)i * gf);
+            if (dw) {
+                if (b_out)
+                    for (int j = 0; j < d; j++) g += (double)b_out[j] * dy[(size_t)i * d + j];
+                dw[i] = g;
+            }
+            if (b16)
+                moe_f32_to_bf16_serial(dh + (size_t)i * gf, b16->dh + (size_t)i * gf, (size_t)gf);
+        }
+        if (t_act) *t_act += moe_time_now() - t0;
+    }
+    if (part & MOE_MLP_BWD_WIN) {
+        gemm_any(b16, 1, 0, gf, d, n, dh, b16 ? b16->dh : NULL, gf, x, b16 ? b16->x : NULL, d, 1.0f,
+                 dw_in, d);
+        if (db_in) {
+#pragma omp parallel for schedule(static)
+            for (int j = 0; j < gf; j++) {
+                float s = 0;
+                for (int i = 0; i < n; i++) s += dh[(size_t)i * gf + j];
+                db_in[j] += s;
+            }
         }
     }
-    gemm_any(b16, 0, 0, n, f, d, dy, b16 ? b16->dy : NULL, d, w_out, b16 ? b16->w_out : NULL, f,
-             0.0f, da, f);
-    double t0 = moe_time_now();
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < n; i++) {
-        double g = moe_act_backward_row(act, f, h + (size_t)i * gf, w ? w[i] : 1.0f,
-                                        da + (size_t)i * f, dh + (size_t)i * gf);
-        if (dw) {
-            if (b_out)
-                for (int j = 0; j < d; j++) g += (double)b_out[j] * dy[(size_t)i * d + j];
-            dw[i] = g;
-        }
-        if (b16) moe_f32_to_bf16_serial(dh + (size_t)i * gf, b16->dh + (size_t)i * gf, (size_t)gf);
+    if (part & MOE_MLP_BWD_DX) {
+        gemm_any(b16, 0, 0, n, d, gf, dh, b16 ? b16->dh : NULL, gf, w_in, b16 ? b16->w_in : NULL, d,
+                 0.0f, dx, d);
     }
-    if (t_act) *t_act += moe_time_now() - t0;
-    gemm_any(b16, 1, 0, gf, d, n, dh, b16 ? b16->dh : NULL, gf, x, b16 ? b16->x : NULL, d, 1.0f,
-             dw_in, d);
-    if (db_in) {
-#pragma omp parallel for schedule(static)
-        for (int j = 0; j < gf; j++) {
-            float s = 0;
-            for (int i = 0; i < n; i++) s += dh[(size_t)i * gf + j];
-            db_in[j] += s;
-        }
-    }
-    gemm_any(b16, 0, 0, n, d, gf, dh, b16 ? b16->dh : NULL, gf, w_in, b16 ? b16->w_in : NULL, d,
-             0.0f, dx, d);
 }
 
-static size_t gf_of(const moe_layer_config *c) { return moe_act_gated(c->act) ? 2 * (size_t)c->ffn : (size_t)c->ffn; }
+static size_t gf_of(const moe_layer_config *c) {
+    return moe_act_gated(c->act) ? 2 * (size_t)c->ffn : (size_t)c->ffn;
+}
 
 /* With at least two experts per thread, the experts are spread over the threads and each
  * expert's GEMMs run single-threaded (OpenBLAS runs single-threaded inside an active OpenMP
@@ -212,7 +221,7 @@ void moe_expert_rows_forward(moe_layer *L, const moe_expert_rows *r, int le, int
 }
 
 void moe_expert_rows_backward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
-                              double *t_act) {
+                              int part, double *t_act) {
     const moe_layer_config *c = &L->cfg;
     size_t d = (size_t)c->d, f = (size_t)c->ffn, gf = gf_of(c);
     moe_mlp_bf16 b16;
@@ -222,7 +231,7 @@ void moe_expert_rows_backward(moe_layer *L, const moe_expert_rows *r, int le, in
                      L->g.w_in + le * gf * d, L->g.b_in ? L->g.b_in + le * gf : NULL,
                      L->g.w_out + le * d * f, L->g.b_out ? L->g.b_out + le * d : NULL,
                      r->dw + o, r->dh + o * gf, r->da + o * f, t_act,
-                     expert_bf16(L, r, le, o, &b16));
+                     expert_bf16(L, r, le, o, &b16), part);
 }
 
 moe_expert_rows moe_own_rows(moe_fwd_state *st) {
@@ -276,13 +285,50 @@ static void order_by_rows(moe_fwd_state *st, int E) {
     }
 }
 
-/* Waits until another thread sets *flag (a release store); yields the core now and then, in
- * case that thread is waiting for it (more threads than cores). */
-static void wait_for(const int32_t *flag) {
-    for (unsigned spins = 1; !__atomic_load_n(flag, __ATOMIC_ACQUIRE); spins++) {
+/* Waits until another thread has stored at least `value` in *flag (a release store); yields
+ * the core now and then, in case that thread is waiting for it (more threads than cores). */
+static void wait_for(const int32_t *flag, int32_t value) {
+    for (unsigned spins = 1; __atomic_load_n(flag, __ATOMIC_ACQUIRE) < value; spins++) {
         if (spins % 256 == 0) sched_yield();
         else moe_spin_pause();
     }
+}
+
+/* Part p of expert e (rows [o, o + n)). */
+typedef void (*expert_part_fn)(moe_layer *L, const moe_expert_rows *r, int e, int o, int n, int p,
+                               double *t_act);
+
+/* Each expert's parts 0 .. np - 1, in that order, the experts spread over the threads (when
+ * experts_across_threads) as items: all experts' part 0 (st->expert_order, largest first), then
+ * all part 1, and so on. The items are handed out in order by one counter, so a part waits only
+ * for the expert's previous part while another thread computes it, and the threads' last items
+ * are of the smallest experts: neither waits long at the end. Which thread computes a part does
+ * not change its results. t_act: as in moe_mlp_forward, with the experts on one thread. */
+static void run_expert_parts(moe_layer *L, int np, expert_part_fn part, double *t_act) {
+    moe_fwd_state *st = &L->st;
+    int E = L->cfg.n_experts, across = experts_across_threads(L), next = 0;
+    moe_expert_rows rows = moe_own_rows(st);
+    for (int e = 0; e < E; e++) st->expert_ready[e] = 0;
+#pragma omp parallel if (across)
+    for (int i; (i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) < np * E;) {
+        int p = i / E, e = st->expert_order[i % E], o = st->expert_off[e];
+        wait_for(&st->expert_ready[e], p);
+        part(L, &rows, e, o, st->expert_off[e + 1] - o, p, across ? NULL : t_act);
+        __atomic_store_n(&st->expert_ready[e], p + 1, __ATOMIC_RELEASE);
+    }
+}
+
+/* The forward in two parts: x W_in^T and the activation (the larger), then a W_out^T. */
+static void forward_part(moe_layer *L, const moe_expert_rows *r, int e, int o, int n, int p,
+                         double *t_act) {
+    moe_expert_rows_forward_part(L, r, e, o, n, p ? MOE_MLP_OUT : MOE_MLP_IN, t_act);
+}
+
+/* The backward in its three parts (moe_mlp_backward), of about equal cost with a gated
+ * activation. */
+static void backward_part(moe_layer *L, const moe_expert_rows *r, int e, int o, int n, int p,
+                          double *t_act) {
+    moe_expert_rows_backward(L, r, e, o, n, MOE_MLP_BWD_OUT << p, t_act);
 }
 
 void moe_experts_forward(moe_layer *L) {
@@ -302,26 +348,8 @@ void moe_experts_forward(moe_layer *L) {
         moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)c->n_experts * d * f);
     }
     double t1 = moe_time_now();
-    int across = experts_across_threads(L);
-    moe_expert_rows rows = moe_own_rows(st);
     order_by_rows(st, c->n_experts);
-    /* Two items per expert, all first halves (x W_in^T and the activation) before the second
-     * halves (a W_out^T), each taken largest first: the threads' last items are short, so
-     * neither waits long at the end. The items are handed out in order by one counter, so a
-     * second half waits only for a first half that another thread is computing. */
-    int E = c->n_experts, next = 0;
-    for (int e = 0; e < E; e++) st->expert_ready[e] = 0;
-#pragma omp parallel if (across)
-    for (int i; (i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) < 2 * E;) {
-        int e = st->expert_order[i % E], o = st->expert_off[e], n = st->expert_off[e + 1] - o;
-        if (i < E) {
-            moe_expert_rows_forward_part(L, &rows, e, o, n, MOE_MLP_IN, across ? NULL : &t_act);
-            __atomic_store_n(&st->expert_ready[e], 1, __ATOMIC_RELEASE);
-        } else {
-            wait_for(&st->expert_ready[e]);
-            moe_expert_rows_forward_part(L, &rows, e, o, n, MOE_MLP_OUT, NULL);
-        }
-    }
+    run_expert_parts(L, 2, forward_part, &t_act);
     double t2 = moe_time_now();
     moe_combine_rows(st, st->y, d);
     L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0;
@@ -342,14 +370,7 @@ void moe_experts_backward(moe_layer *L, float *dx) {
     /* dL/dy of each row is the routed-output gradient of its token. */
     moe_gather_rows(st, st->y, st->dgrad, R, d);
     double t1 = moe_time_now();
-    int across = experts_across_threads(L);
-    moe_expert_rows rows = moe_own_rows(st);
-#pragma omp parallel for schedule(dynamic, 1) if (across)
-    for (int i = 0; i < c->n_experts; i++) {
-        int e = st->expert_order[i];
-        moe_expert_rows_backward(L, &rows, e, st->expert_off[e],
-                                 st->expert_off[e + 1] - st->expert_off[e], across ? NULL : &t_act);
-    }
+    run_expert_parts(L, 3, backward_part, &t_act); /* in the forward's expert order */
     double t2 = moe_time_now();
     moe_scatter_rows(st, st->xp, dx, d); /* xp now holds dL/dxp */
     L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2);

@@ -68,7 +68,7 @@ typedef struct {
     int n_rows;
     int32_t *expert_off;   /* [E+1] */
     int32_t *expert_order; /* [E] experts by rows, most first (the threads' work order) */
-    int32_t *expert_ready; /* [E] forward: the expert's first half is done */
+    int32_t *expert_ready; /* [E] how many of the expert's parts are done (run_expert_parts) */
     int32_t *row_slot;     /* [R] -1 = padding */
     float *row_w;          /* [R] */
     int32_t *scratch;      /* [max(S, T, E)+1] */
@@ -183,8 +183,9 @@ void moe_expert_rows_forward(moe_layer *L, const moe_expert_rows *r, int le, int
 enum { MOE_MLP_IN = 1, MOE_MLP_OUT = 2 };
 void moe_expert_rows_forward_part(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
                                   int part, double *t_act);
+/* Its backward: part as in moe_mlp_backward. */
 void moe_expert_rows_backward(moe_layer *L, const moe_expert_rows *r, int le, int o, int n,
-                              double *t_act);
+                              int part, double *t_act);
 /* The layer's own row buffers (one process, or replicated tokens). */
 moe_expert_rows moe_own_rows(moe_fwd_state *st);
 

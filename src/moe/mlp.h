@@ -31,11 +31,16 @@ void moe_mlp_forward_in(moe_activation act, int n, int d, int f, const float *x,
                         double *t_act, const moe_mlp_bf16 *b16);
 void moe_mlp_forward_out(int n, int d, int f, const float *w_out, const float *b_out,
                          const float *w, const float *a, float *y, const moe_mlp_bf16 *b16);
+/* The backward's parts, which run in this order (the second reads x, which the third
+ * overwrites when dx is x): MOE_MLP_BWD_OUT the output side (W_out's and b_out's gradients,
+ * da) and the activation's backward (dh, dw); MOE_MLP_BWD_WIN W_in's and b_in's gradients;
+ * MOE_MLP_BWD_DX dx. */
+enum { MOE_MLP_BWD_OUT = 1, MOE_MLP_BWD_WIN = 2, MOE_MLP_BWD_DX = 4, MOE_MLP_BWD_ALL = 7 };
 /* dy [n, d] given; writes dx [n, d] (overwritten), adds weight grads, writes dw [n] (if not
- * NULL). Uses dh [n, gf] and da [n, f] as scratch. */
+ * NULL). Uses dh [n, gf] and da [n, f] as scratch. part: which parts (MOE_MLP_BWD_ALL: all). */
 void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
                       const float *w_out, const float *b_out, const float *w, const float *h,
                       const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
                       float *dw_out, float *db_out, double *dw, float *dh, float *da,
-                      double *t_act, const moe_mlp_bf16 *b16);
+                      double *t_act, const moe_mlp_bf16 *b16, int part);
 #endif
