@@ -55,6 +55,24 @@ has "3 consecutive steps had a loss or gradient that is not finite (the last: st
 has "saving the last good state"
 [ "$(cat "$tmp/b/latest")" = "step-00000007" ] || fail "latest after the stop: $(cat "$tmp/b/latest")"
 same_tensors "$tmp/b/step-00000004/model.safetensors" "$tmp/b/step-00000007/model.safetensors"
+# The streak of bad steps counts on across a resume: stopped (with a checkpoint) at step 4 of
+# three bad steps 3-5, the resumed run stops at step 5 as the straight run does.
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --train-iters 10 --inject-fault nan-loss@3-5 --max-bad-steps 3
+has "(the last: step 5)"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 10 --save "$tmp/bs" --inject-fault nan-loss@3-5 \
+  --max-bad-steps 3 --exit-interval 4
+expect 1 "$moe" train --load "$tmp/bs" --inject-fault nan-loss@3-5
+has "(the last: step 5)"
+# The last good state not saved (a file-size limit): said so, and no partial checkpoint left.
+# shellcheck disable=SC2086
+(ulimit -f 150; "$moe" train $tiny --train-iters 10 --save "$tmp/f" --inject-fault nan-loss@3-10 \
+  --max-bad-steps 2 >"$tmp/out" 2>&1)
+rc=$?
+[ "$rc" = 1 ] || { tail -5 "$tmp/out"; fail "failed last save: exit $rc, expected 1"; }
+has "stopped. Lower lr or check the data. Saving the last good state failed: cannot write"
+ls -d "$tmp"/f/step-* >/dev/null 2>&1 && fail "a failed save left $(ls "$tmp/f")"
 expect 1 "$moe" train $tiny --inject-fault nan-loss@x
 has "inject-fault: 'nan-loss@x' is not a list of KIND@STEP"
 expect 2 "$moe" train $tiny --max-bad-steps 0

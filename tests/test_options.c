@@ -234,7 +234,8 @@ static void test_write_round_trip(void **state) {
                           "--moe-router-load-balancing-type", "global_aux_loss", "--seed", seedtxt,
                           "--moe-router-norm-topk-prob", "true", "--tokens", "77",
                           "--num-layers", "4", "--num-experts", "12,0,8,12", "--save",
-                          "/tmp/run #1", "--lr", "0.0007", "--global-batch-size", "16"};
+                          "/tmp/run #1", "--lr", "0.0007", "--global-batch-size", "16",
+                          "--data-path", "/tmp/d\"#x"};
     assert_int_equal(parse(&a, args, (int)(sizeof args / sizeof args[0])), MOE_OK);
     assert_int_equal(moe_options_finish(&a, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
 
@@ -251,6 +252,7 @@ static void test_write_round_trip(void **state) {
     assert_memory_equal(&a, &b, offsetof(moe_options, given));
     assert_non_null(strstr(text, "num-experts = 12,0,8,12\n"));
     assert_non_null(strstr(text, "save = \"/tmp/run #1\"\n"));
+    assert_non_null(strstr(text, "data-path = '/tmp/d\"#x'\n")); /* the other quote */
     assert_int_equal(b.model.n_experts[1], 0);
     assert_int_equal(moe_model_layer_experts(&b.model, 2), 8);
     assert_non_null(strstr(text, "moe-router-score-function = sqrtsoftplus\n"));

@@ -36,6 +36,30 @@ strip "$tmp/a/metrics.jsonl" >"$tmp/a.m"; strip "$tmp/b/metrics.jsonl" >"$tmp/b.
 cmp -s "$tmp/a.m" "$tmp/b.m" || { diff "$tmp/a.m" "$tmp/b.m" | head -5; fail "resumed losses differ"; }
 cmp -s "$tmp/a/step-00000012/trainer.safetensors" "$tmp/b/step-00000012/trainer.safetensors" \
   || fail "resumed optimizer state differs"
+# a run stopped after its last checkpoint (here: 'latest' back at step 8 of a's copy) resumes
+# into its own directory without --save, and its metrics are cut back to step 8 first: the same
+# lines as the straight run, each step once
+cp -r "$tmp/a" "$tmp/c"; echo step-00000008 >"$tmp/c/latest"
+expect 0 "$moe" train --load "$tmp/c"
+grep -q "saved checkpoint $tmp/c/step-00000012" "$tmp/out" || fail "resume without --save: $(cat "$tmp/out")"
+strip "$tmp/c/metrics.jsonl" >"$tmp/c.m"
+cmp -s "$tmp/a.m" "$tmp/c.m" || { diff "$tmp/a.m" "$tmp/c.m" | head -5; fail "metrics after a resume"; }
+# resuming never writes into another run's directory, nor over the newer checkpoints of its own
+cp "$tmp/b/latest" "$tmp/b.latest"
+expect 2 "$moe" train --load "$tmp/c/step-00000008" --save "$tmp/b"
+grep -q "already holds checkpoints and .*step-00000008 is not its latest" "$tmp/out" || fail "other run: $(cat "$tmp/out")"
+expect 2 "$moe" train --load "$tmp/c/step-00000008"
+grep -q "already holds checkpoints" "$tmp/out" || fail "older checkpoint: $(cat "$tmp/out")"
+cmp -s "$tmp/b/latest" "$tmp/b.latest" && [ -d "$tmp/c/step-00000012" ] || fail "a refused resume changed a run"
+expect 0 "$moe" train --load "$tmp/c/step-00000008" --save "$tmp/c8" --train-iters 10
+[ "$(cat "$tmp/c8/latest")" = "step-00000010" ] || fail "resume into a new directory"
+# a checkpoint whose model and trainer files are of different steps (an interrupted save)
+cp "$tmp/c/step-00000008/trainer.safetensors" "$tmp/c/step-00000012/"
+expect 1 "$moe" train --load "$tmp/c" --train-iters 14
+grep -q "the model file is of step 12 and the trainer file of step 8" "$tmp/out" || fail "mixed steps: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $tiny --exit-interval 6
+grep -q "exit-interval stops with a checkpoint: it needs --save" "$tmp/out" || fail "exit-interval without --save"
 # generation (KV cache), evaluation, inspection of the run
 expect 0 "$moe" generate --load "$tmp/a" --prompt "The " --max-new-tokens 40 --top-k 20 --top-p 0.9
 head -c 4 "$tmp/out" | grep -q "^The " || fail "generate output: $(cat "$tmp/out")"

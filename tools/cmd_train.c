@@ -232,6 +232,7 @@ int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t ca
         moe_status st = moe_options_load_text(o, text, ckpt);
         free(text);
         if (st != MOE_OK) return 1;
+        o->save[0] = '\0'; /* the loaded run's directory says where it saved, not this run */
         if (moe_options_parse_args(o, argc, argv) != MOE_OK) return 2;
     }
     if (o->init_from[0]) { /* the model's config.json, then the command line on top */
@@ -249,6 +250,74 @@ int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t ca
         if (moe_options_parse_args(o, argc, argv) != MOE_OK) return 2;
     }
     return moe_options_finish(o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN) != MOE_OK ? 2 : 0;
+}
+
+/* The run directory holding checkpoint directory ckpt (its parent, when ckpt is a step-N
+ * directory); -1 when ckpt is not in one. */
+static int run_dir_of(const char *ckpt, char *out, size_t cap) {
+    const char *slash = strrchr(ckpt, '/'), *base = slash ? slash + 1 : ckpt;
+    size_t digits = strspn(base + 5, "0123456789");
+    if (strncmp(base, "step-", 5) || !digits || base[5 + digits]) return -1;
+    if (!slash) snprintf(out, cap, ".");
+    else snprintf(out, cap, "%.*s", slash == ckpt ? 1 : (int)(slash - ckpt), ckpt);
+    return 0;
+}
+
+/* a and b name the same existing file or directory */
+static int same_file(const char *a, const char *b) {
+    struct stat sa, sb;
+    return !stat(a, &sa) && !stat(b, &sb) && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* Where this run saves: --save, or when resuming without it, the run directory of the loaded
+ * checkpoint. A directory that already holds checkpoints takes only the continuation of its
+ * latest one: a fresh run, a run resumed from another run's checkpoint or from an older one of
+ * the same run would overwrite or prune checkpoints that are not its own. */
+static moe_status choose_save_dir(moe_options *o, const char *ckpt) {
+    char run[MOE_PATH_MAX], latest[MOE_PATH_MAX + 64];
+    int in_run = ckpt[0] && run_dir_of(ckpt, run, sizeof run) == 0;
+    if (!o->save[0] && in_run) snprintf(o->save, sizeof o->save, "%s", run);
+    if (!o->save[0] && ckpt[0])
+        return moe_set_error(MOE_ERR_INVALID, "%s is not in a run directory: name one for the "
+                             "resumed run's checkpoints with --save", ckpt);
+    if (!o->save[0] && o->exit_interval)
+        return moe_set_error(MOE_ERR_INVALID, "--exit-interval stops with a checkpoint: it needs "
+                             "--save");
+    snprintf(latest, sizeof latest, "%s/latest", o->save);
+    struct stat sb;
+    if (!o->save[0] || stat(latest, &sb) != 0) return MOE_OK;
+    if (!ckpt[0])
+        return moe_set_error(MOE_ERR_INVALID, "%s already holds a checkpoint; resume with --load "
+                             "%s, or choose another --save", o->save, o->save);
+    if (moe_checkpoint_resolve(o->save, latest, sizeof latest) != MOE_OK || !same_file(latest, ckpt))
+        return moe_set_error(MOE_ERR_INVALID, "%s already holds checkpoints and %s is not its "
+                             "latest: resume it into another run directory with --save", o->save,
+                             ckpt);
+    return MOE_OK;
+}
+
+/* Cuts RUN/metrics.jsonl back to the steps up to `step` (those of the checkpoint resumed from:
+ * a run stopped without saving logged steps that the resumed run computes again). */
+static moe_status trim_metrics(const char *path, int step) {
+    char *text;
+    size_t len, keep = 0;
+    struct stat sb;
+    if (stat(path, &sb) != 0) return MOE_OK;
+    MOE_TRY(moe_read_file(path, &text, &len));
+    for (char *line = text; line < text + len;) {
+        char *end = memchr(line, '\n', (size_t)(text + len - line));
+        int s;
+        if (sscanf(line, "{\"step\":%d", &s) == 1 && s > step) break;
+        line = end ? end + 1 : text + len;
+        keep = (size_t)(line - text);
+    }
+    moe_status st = MOE_OK;
+    if (keep < len) {
+        const void *parts[] = {text};
+        st = moe_write_atomic(path, parts, &keep, 1);
+    }
+    free(text);
+    return st;
 }
 
 static int save_checkpoint(const moe_options *o, moe_model *m, moe_trainer *t) {
@@ -296,15 +365,9 @@ int moe_cmd_train(int argc, char **argv) {
     }
     o.model.moe.ep_size = d->ep;
     o.model.moe.ep_rank = d->ep_rank;
-    if (o.save[0] && !ckpt[0]) { /* never overwrite an earlier run's checkpoints */
-        char latest[MOE_PATH_MAX + 16];
-        snprintf(latest, sizeof latest, "%s/latest", o.save);
-        struct stat sb;
-        if (stat(latest, &sb) == 0) {
-            fprintf(stderr, "moe train: %s already holds a checkpoint; resume with --load %s, or "
-                            "choose another --save\n", o.save, o.save);
-            return 2;
-        }
+    if (choose_save_dir(&o, ckpt) != MOE_OK) {
+        fprintf(stderr, "moe train: %s\n", moe_last_error());
+        return 2;
     }
     const char *data = o.data_path[0] ? o.data_path : DEFAULT_DATA;
     char path[MOE_PATH_MAX + 16];
@@ -340,6 +403,7 @@ int moe_cmd_train(int argc, char **argv) {
     if (o.save[0] && d->world_rank == 0) { /* metrics and events: rank 0 */
         if (moe_mkdirs(o.save) != MOE_OK) goto fail;
         snprintf(path, sizeof path, "%s/metrics.jsonl", o.save);
+        if (ckpt[0] && trim_metrics(path, moe_trainer_steps_done(t)) != MOE_OK) goto fail;
         if (!(metrics = fopen(path, ckpt[0] ? "a" : "w"))) {
             moe_set_error(MOE_ERR_IO, "cannot write %s: %s", path, strerror(errno));
             goto fail;
@@ -372,10 +436,13 @@ int moe_cmd_train(int argc, char **argv) {
                    s.bad_streak, o.train.max_bad_steps);
             if (ts != MOE_OK && o.save[0]) { /* parameters and optimizer: the last good step */
                 printf("saving the last good state\n");
-                save_checkpoint(&o, m, t);
+                char why[600] = "";
+                if (save_checkpoint(&o, m, t))
+                    snprintf(why, sizeof why, " Saving the last good state failed: %s",
+                             moe_last_error());
                 moe_set_error(ts, "%d consecutive steps had a loss or gradient that is not finite "
-                              "(the last: step %d); stopped. Lower lr or check the data",
-                              s.bad_streak, step);
+                              "(the last: step %d); stopped. Lower lr or check the data.%s",
+                              s.bad_streak, step, why);
             }
         }
         if (ts != MOE_OK) goto fail;
@@ -427,7 +494,9 @@ int moe_cmd_train(int argc, char **argv) {
     if (first > total) {
         printf("nothing to do: the checkpoint is at step %d of %d\n", first - 1, total);
         /* --save to another run directory re-saves it in this run's layout (resharding) */
-        if (o.save[0] && strcmp(o.save, o.load) && save_checkpoint(&o, m, t)) goto fail;
+        char run[MOE_PATH_MAX];
+        int elsewhere = run_dir_of(ckpt, run, sizeof run) || !same_file(run, o.save);
+        if (o.save[0] && elsewhere && save_checkpoint(&o, m, t)) goto fail;
     }
     int bytes = train.vocab == MOE_BYTE_VOCAB; /* moe prepare's byte tokens */
     printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/%s\n",

@@ -264,7 +264,8 @@ static const opt_def opts[] = {
      "directory written by moe prepare (train.bin, val.bin); moe eval also takes a token file", 0},
     {"save", NULL, OPT_STRING, O(save), 0, 0, NULL, FILES, "run directory for checkpoints and "
      "metrics", 0},
-    {"load", NULL, OPT_STRING, O(load), 0, 0, NULL, FILES, "resume from this run directory", 0},
+    {"load", NULL, OPT_STRING, O(load), 0, 0, NULL, FILES, "resume from this run directory (its "
+     "latest checkpoint) or checkpoint directory; saves go on in the run directory", 0},
     {"model", NULL, OPT_STRING, O(hf_model), 0, 0, NULL, FILES,
      "moe eval, generate, convert: a model directory in the Hugging Face layout (config.json, "
      "safetensors; mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)", 1},
@@ -279,7 +280,8 @@ static const opt_def opts[] = {
      "steps between checkpoints (0 = only at the end)", 0},
     {"keep-last", NULL, OPT_INT, O(keep_last), 1, BIG, NULL, FILES, "checkpoints kept", 0},
     {"exit-interval", NULL, OPT_INT, O(exit_interval), 0, BIG, NULL, FILES,
-     "stop (with a checkpoint) when the step is a multiple of this (0 = never)", 1},
+     "stop (with a checkpoint: needs --save or --load) when the step is a multiple of this "
+     "(0 = never)", 1},
     {"inject-fault", NULL, OPT_STRING, O(inject_fault), 0, 0, NULL, FILES,
      "for tests: KIND@STEP[-LAST],... writes a NaN/Inf into the loss or the gradient (KIND: "
      "nan-loss, inf-loss, nan-grad, inf-grad)", 1},
@@ -790,9 +792,15 @@ void moe_options_write(FILE *f, const moe_options *o) {
         }
         char v[2048];
         format_value(v, sizeof v, o, &opts[i]);
-        int quote = opts[i].type == OPT_STRING && (!v[0] || strchr(v, '#') || isspace((unsigned char)v[0]) ||
-                                                   isspace((unsigned char)v[strlen(v) - 1]));
-        fprintf(f, quote ? "%s = \"%s\"\n" : "%s = %s\n", opts[i].name, v);
+        /* quoted where the reader would otherwise cut or trim it, in the quote it does not hold
+         * (the reader ends a quoted value at its quote character) */
+        size_t n = strlen(v);
+        int quote = opts[i].type == OPT_STRING &&
+                    (!n || strchr(v, '#') || isspace((unsigned char)v[0]) ||
+                     isspace((unsigned char)v[n - 1]) || v[0] == '"' || v[0] == '\'');
+        char q = strchr(v, '"') ? '\'' : '"';
+        if (quote) fprintf(f, "%s = %c%s%c\n", opts[i].name, q, v, q);
+        else fprintf(f, "%s = %s\n", opts[i].name, v);
     }
 }
 

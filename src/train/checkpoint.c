@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* Each MoE layer's selection bias in the trainer file. */
@@ -72,7 +73,7 @@ static moe_status save_shard(const char *dir, moe_model *m, moe_trainer *t, cons
                                moe_layer_expert_bias(ml)};
         no++;
     }
-    char stepbuf[32], seed[32], path[4400], file[64];
+    char stepbuf[32], seed[32], streak[32], path[4400], file[64];
     snprintf(stepbuf, sizeof stepbuf, "%d", step);
     if (st == MOE_OK) {
         shard_name(file, sizeof file, "model", shard, n_shards);
@@ -83,11 +84,12 @@ static moe_status save_shard(const char *dir, moe_model *m, moe_trainer *t, cons
     }
     if (st == MOE_OK && t) {
         snprintf(seed, sizeof seed, "%llu", (unsigned long long)moe_trainer_config(t)->seed);
+        snprintf(streak, sizeof streak, "%d", moe_trainer_bad_streak(t));
         shard_name(file, sizeof file, "trainer", shard, n_shards);
         snprintf(path, sizeof path, "%s/%s", dir, file);
-        const char *keys[] = {"moe.step", "moe.seed"};
-        const char *vals[] = {stepbuf, seed};
-        st = moe_st_write(path, o, no, keys, vals, 2);
+        const char *keys[] = {"moe.step", "moe.seed", "moe.bad_streak"};
+        const char *vals[] = {stepbuf, seed, streak};
+        st = moe_st_write(path, o, no, keys, vals, 3);
     }
     free(e);
     free(o);
@@ -133,10 +135,10 @@ static int ckpt_step(const char *name) {
     return *end || v < 0 ? -1 : (int)v;
 }
 
-static void remove_ckpt(const char *dir) { /* dir: at most 4100 bytes */
+static void remove_ckpt(const char *dir) { /* dir: at most 4200 bytes */
     DIR *d = opendir(dir);
     struct dirent *e;
-    char path[4400];
+    char path[4600];
     while (d && (e = readdir(d))) {
         if (e->d_name[0] == '.') continue;
         snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
@@ -179,11 +181,14 @@ moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *
     int writer = !d || d->edp_rank == 0; /* one replica of each expert writes it */
     char dir[4200], path[4300];
     snprintf(dir, sizeof dir, "%s/" CKPT_PREFIX "%08d", save_dir, step);
+    struct stat sb;
+    int fresh = stat(dir, &sb) != 0; /* a failed save removes the directory it made */
     moe_status st = moe_mkdirs(dir);
     if (st == MOE_OK && writer)
         st = save_shard(dir, m, t, config, step, d ? d->ep_rank : 0, n_shards, rank == 0);
-    if (d && moe_dist_any(d, st != MOE_OK)) /* every rank fails together */
-        return st != MOE_OK ? st : moe_set_error(MOE_ERR_IO, "another rank failed to save %s", dir);
+    if (d && moe_dist_any(d, st != MOE_OK) && st == MOE_OK) /* every rank fails together */
+        st = moe_set_error(MOE_ERR_IO, "another rank failed to save %s", dir);
+    if (st != MOE_OK && fresh) remove_ckpt(dir);
     MOE_TRY(st);
     if (rank == 0) {
         if (n_shards > 1) st = write_index(dir, moe_model_get_config(m), n_shards);
@@ -349,6 +354,13 @@ static moe_status load_expert_bias(ckpt_reader *r, const char *kind, const char 
     return s;
 }
 
+/* A count in a metadata value, -1 when absent or not one. */
+static int meta_count(const char *value) {
+    char *end = NULL;
+    long v = value ? strtol(value, &end, 10) : -1;
+    return !value || !*value || *end || v < 0 || v > 1000000000 ? -1 : (int)v;
+}
+
 static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
     float *am = moe_trainer_adam_m(t), *av = moe_trainer_adam_v(t);
     moe_status s = MOE_OK;
@@ -361,15 +373,22 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
         if (s == MOE_OK) s = reader_get(r, "trainer", ti->name, name, ti->ndim, ti->shape, av + ti->offset);
     }
     if (s == MOE_OK) s = load_expert_bias(r, "trainer", OUR_EXPERT_BIAS, m);
-    moe_safetensors *st;
+    moe_safetensors *st, *model;
     if (s == MOE_OK) s = reader_file(r, "trainer", FIRST_TENSOR, &st);
-    const char *step = s == MOE_OK ? moe_st_meta(st, "moe.step") : NULL;
-    char *end = NULL;
-    long v = step ? strtol(step, &end, 10) : -1;
-    if (s == MOE_OK && (!step || *end || v < 0 || v > 1000000000))
-        s = moe_set_error(MOE_ERR_FORMAT, "%s: missing or bad moe.step", r->dir);
-    if (s == MOE_OK) moe_trainer_set_step(t, (int)v);
-    return s;
+    if (s == MOE_OK) s = reader_file(r, "model", FIRST_TENSOR, &model);
+    if (s != MOE_OK) return s;
+    const char *step = moe_st_meta(st, "moe.step"), *mstep = moe_st_meta(model, "moe.step");
+    int v = meta_count(step), streak = meta_count(moe_st_meta(st, "moe.bad_streak"));
+    if (v < 0) return moe_set_error(MOE_ERR_FORMAT, "%s: missing or bad moe.step", r->dir);
+    /* the files are replaced one after the other: a save into this directory that stopped
+     * between them leaves a model and a trainer state of different steps */
+    if (!mstep || strcmp(mstep, step))
+        return moe_set_error(MOE_ERR_FORMAT, "%s: the model file is of step %s and the trainer "
+                             "file of step %s (a save interrupted?)", r->dir,
+                             mstep ? mstep : "(none)", step);
+    moe_trainer_set_step(t, v);
+    moe_trainer_set_bad_streak(t, streak > 0 ? streak : 0); /* absent before 2026-11-30 */
+    return MOE_OK;
 }
 
 /* Parameters go to a copy first so that a failure leaves the model unchanged. */

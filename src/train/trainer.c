@@ -429,6 +429,8 @@ const int64_t *moe_trainer_layer_load(const moe_trainer *t, int l, int *n_expert
 float *moe_trainer_adam_m(moe_trainer *t) { return t->adam_m; }
 float *moe_trainer_adam_v(moe_trainer *t) { return t->adam_v; }
 void moe_trainer_set_step(moe_trainer *t, int step) { t->step = step; }
+int moe_trainer_bad_streak(const moe_trainer *t) { return t->bad_streak; }
+void moe_trainer_set_bad_streak(moe_trainer *t, int n) { t->bad_streak = n; }
 const moe_train_config *moe_trainer_config(const moe_trainer *t) { return &t->cfg; }
 
 double moe_trainer_layer_dropped(const moe_trainer *t, int l) {

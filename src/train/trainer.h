@@ -84,6 +84,9 @@ moe_dist *moe_trainer_dist(const moe_trainer *t);
 float *moe_trainer_adam_m(moe_trainer *t); /* [n_params] */
 float *moe_trainer_adam_v(moe_trainer *t); /* [n_params] */
 void moe_trainer_set_step(moe_trainer *t, int step);
+/* Consecutive skipped steps up to the last one (--max-bad-steps counts on across a resume). */
+int moe_trainer_bad_streak(const moe_trainer *t);
+void moe_trainer_set_bad_streak(moe_trainer *t, int n);
 const moe_train_config *moe_trainer_config(const moe_trainer *t);
 
 #endif
