@@ -11,6 +11,15 @@ expect() { # expect CODE command...: runs it, checks the exit code; output in $t
 }
 expect 0 "$moe" prepare --out "$tmp/data" --val-fraction 0.2 "$src/README.md" "$src/docs" "$src/include"
 grep -q "prepared" "$tmp/out" || fail "prepare output"
+# a file's last document counts without a final newline; links are followed; inputs without
+# files are an error (not the default corpus)
+mkdir "$tmp/p" "$tmp/p/empty"; printf 'first doc\n\nsecond doc' >"$tmp/p/two.txt"
+ln -s "$tmp/p/two.txt" "$tmp/p/empty/link.txt"
+expect 0 "$moe" prepare --out "$tmp/p/d" --val-fraction 0 "$tmp/p/empty"
+grep -q "prepared 1 files: 2 documents, 22 tokens" "$tmp/out" || fail "last document: $(cat "$tmp/out")"
+rm "$tmp/p/empty/link.txt"
+expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/empty"
+grep -q "the inputs hold no regular files" "$tmp/out" || fail "no input files: $(cat "$tmp/out")"
 tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
   --moe-router-topk 2 --moe-ffn-hidden-size 24 --ffn-hidden-size 32 --first-k-dense 1
   --seq-length 32 --micro-batch-size 4 --global-batch-size 8 --eval-interval 5 --eval-iters 2
@@ -71,6 +80,18 @@ expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"
 expect 2 "$moe" generate --prompt "x"
+# the prompt is its bytes, NUL included; a truncated checkpoint or one without files is an
+# error for inspect; flags that drop tensors of the checkpoint are refused
+printf 'The \000 doc' >"$tmp/nul.txt"
+expect 0 "$moe" generate --load "$tmp/a" --prompt-file "$tmp/nul.txt" --max-new-tokens 4 --temperature 0
+head -c 9 "$tmp/out" | cmp -s - "$tmp/nul.txt" || fail "prompt with a NUL byte: $(od -c "$tmp/out" | head -2)"
+cp -r "$tmp/a/step-00000008" "$tmp/ins"; head -c 500 "$tmp/a/step-00000008/model.safetensors" >"$tmp/ins/model.safetensors"
+expect 1 "$moe" inspect "$tmp/ins"
+mkdir -p "$tmp/ins2/step-00000001"; echo step-00000001 >"$tmp/ins2/latest"
+expect 1 "$moe" inspect "$tmp/ins2"
+grep -q "holds no .safetensors files" "$tmp/out" || fail "inspect without files: $(cat "$tmp/out")"
+expect 1 "$moe" eval --load "$tmp/a" --data-path "$tmp/data" --num-layers 1
+grep -q "holds model.layers.1.* which this model does not have" "$tmp/out" || fail "fewer layers: $(cat "$tmp/out")"
 [ -f "$tmp/a/topics.json" ] || fail "no topics.json"
 expect 0 "$moe" report "$tmp/a"
 grep -q "<svg" "$tmp/a/report.html" && grep -q "experts used by each topic" "$tmp/a/report.html" \
@@ -78,6 +99,12 @@ grep -q "<svg" "$tmp/a/report.html" && grep -q "experts used by each topic" "$tm
 echo "not json" >>"$tmp/a/metrics.jsonl"
 expect 1 "$moe" report "$tmp/a"
 grep -q "metrics.jsonl:13: not a JSON object" "$tmp/out" || fail "report on bad metrics: $(cat "$tmp/out")"
+mkdir "$tmp/rep"; echo '{"step":1,"loss":2,"expert_load":[{"counts":[1,2]}]}' >"$tmp/rep/metrics.jsonl"
+expect 1 "$moe" report "$tmp/rep"
+grep -q "metrics.jsonl:1: expert_load is not a list" "$tmp/out" || fail "report, entry without layer: $(cat "$tmp/out")"
+head -3 "$tmp/b/metrics.jsonl" >"$tmp/rep/metrics.jsonl"; echo '{"topics":[{"name":"y","layers":[{"layer":1}]}]}' >"$tmp/rep/topics.json"
+expect 1 "$moe" report "$tmp/rep"
+grep -q "topics.json is not" "$tmp/out" || fail "report, topic without counts: $(cat "$tmp/out")"
 if command -v chromium >/dev/null 2>&1; then # the page renders (where a browser is installed)
   sed -i '$d' "$tmp/a/metrics.jsonl"
   expect 0 "$moe" report "$tmp/a"
@@ -117,6 +144,16 @@ grep -q "truncated" "$tmp/out" || fail "truncated token file message: $(cat "$tm
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --vocab-size 100
 grep -q "vocabulary (257) is larger than the model's (100)" "$tmp/out" || fail "vocabulary mismatch: $(cat "$tmp/out")"
+# a model of other than byte tokens trains without a text sample, and generate --load refuses it
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 2 --vocab-size 300 --save "$tmp/v300"
+grep -q "sample:" "$tmp/out" && fail "a text sample from a 300-token model"
+expect 2 "$moe" generate --load "$tmp/v300" --prompt "ab"
+grep -q "vocabulary has 300 tokens" "$tmp/out" || fail "generate, 300 tokens: $(cat "$tmp/out")"
+# one token of context: the window slides by one
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 2 --seq-length 1
+grep -q "sample:" "$tmp/out" || fail "seq-length 1: $(cat "$tmp/out")"
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --seq-length 100000
 grep -q "longer than the data" "$tmp/out" || fail "sequence length message: $(cat "$tmp/out")"

@@ -30,10 +30,11 @@ int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t ca
 /* The text of --prompt or --prompt-file (malloc'd, NUL-terminated, *len bytes; *text NULL
  * with neither; both: an error). */
 moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len);
-/* Writes the prompt and up to n_new sampled bytes (KV cache; the window slides when the
- * sequence length is reached). */
-moe_status moe_cli_generate(moe_model *m, const char *prompt, int n_new, float temperature,
-                            int top_k, float top_p, uint64_t seed, FILE *f);
+/* Writes the prompt (len bytes) and up to n_new sampled bytes (KV cache; the window slides
+ * when the sequence length is reached). A model of moe prepare's byte tokens only: another
+ * vocabulary is an error. */
+moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_new,
+                            float temperature, int top_k, float top_p, uint64_t seed, FILE *f);
 
 /* Routes each source file's text of `data` through the model (inference) and writes the
  * expert counts per topic and MoE layer to path (JSON). */

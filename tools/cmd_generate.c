@@ -7,8 +7,9 @@
 #include "io/safetensors.h"
 #include "train/trainer.h"
 
-#include <math.h>
 #include <dirent.h>
+#include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,14 +29,21 @@ moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len) {
     return *text ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
 }
 
-moe_status moe_cli_generate(moe_model *m, const char *prompt, int n_new, float temperature,
-                            int top_k, float top_p, uint64_t seed, FILE *f) {
+moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_new,
+                            float temperature, int top_k, float top_p, uint64_t seed, FILE *f) {
     const moe_model_config *c = moe_model_get_config(m);
-    int n = 0, cap = (int)strlen(prompt) + n_new + 1;
+    if (c->vocab != MOE_BYTE_VOCAB)
+        return moe_set_error(MOE_ERR_INVALID, "the model's vocabulary has %d tokens, not moe "
+                             "prepare's %d bytes: convert it (moe convert --load RUN --to hf DIR), "
+                             "put its tokenizer.json there and use moe generate --model DIR",
+                             c->vocab, MOE_BYTE_VOCAB);
+    if (len > (size_t)INT32_MAX - (size_t)n_new - 1)
+        return moe_set_error(MOE_ERR_INVALID, "prompt of %zu bytes is too long", len);
+    int n = 0, cap = (int)len + n_new + 1;
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
     if (!ids) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
-    for (const char *p = prompt; *p; p++) ids[n++] = (unsigned char)*p;
-    fputs(prompt, f);
+    for (size_t p = 0; p < len; p++) ids[n++] = (unsigned char)prompt[p]; /* NUL is a byte too */
+    fwrite(prompt, 1, len, f);
     moe_status st = MOE_OK;
     moe_model_reset_cache(m);
     int fed = 0; /* ids[0..fed) are in the cache, counted from `start` */
@@ -43,8 +51,8 @@ moe_status moe_cli_generate(moe_model *m, const char *prompt, int n_new, float t
     uint64_t stream = moe_rng_stream(MOE_RNG_SAMPLE, 0, 0, 0);
     if (n == 0) ids[n++] = MOE_BYTE_EOT; /* an empty prompt starts a document */
     for (int i = 0; i < n_new && st == MOE_OK; i++) {
-        if (n - start > c->seq_len) { /* slide: keep the last half window */
-            start = n - c->seq_len / 2;
+        if (n - start > c->seq_len) { /* slide: keep the last half window (one token at least) */
+            start = n - (c->seq_len > 1 ? c->seq_len / 2 : 1);
             moe_model_reset_cache(m);
             fed = start;
         }
@@ -102,8 +110,8 @@ int moe_cmd_generate(int argc, char **argv) {
     size_t len;
     moe_status s = moe_cli_prompt(&o, &prompt, &len);
     if (s == MOE_OK)
-        s = moe_cli_generate(m, prompt ? prompt : "", o.max_new_tokens, o.temperature, o.top_k,
-                             o.top_p, o.layer.seed, stdout);
+        s = moe_cli_generate(m, prompt ? prompt : "", prompt ? len : 0, o.max_new_tokens,
+                             o.temperature, o.top_k, o.top_p, o.layer.seed, stdout);
     if (s != MOE_OK) {
         fprintf(stderr, "moe generate: %s\n", moe_last_error());
         rc = s == MOE_ERR_INVALID ? 2 : 1;
@@ -171,11 +179,12 @@ done:
     return rc;
 }
 
-static void print_file(const char *path) {
+/* Its tensors and metadata; -1 (said on stderr) when it cannot be read. */
+static int print_file(const char *path) {
     moe_safetensors st;
     if (moe_st_read(path, &st) != MOE_OK) {
         fprintf(stderr, "moe inspect: %s\n", moe_last_error());
-        return;
+        return -1;
     }
     static const char *const dt[] = {"F32", "F16", "BF16", "F64", "I64", "I32"};
     printf("%s: %d tensors\n", path, st.n_tensors);
@@ -198,6 +207,7 @@ static void print_file(const char *path) {
     }
     printf("  %zu values\n", total);
     moe_st_free(&st);
+    return 0;
 }
 
 int moe_cmd_inspect(int argc, char **argv) {
@@ -210,16 +220,7 @@ int moe_cmd_inspect(int argc, char **argv) {
         fprintf(stderr, "moe inspect: cannot read %s\n", argv[0]);
         return 1;
     }
-    if (!S_ISDIR(sb.st_mode)) {
-        moe_safetensors st;
-        if (moe_st_read(argv[0], &st) != MOE_OK) {
-            fprintf(stderr, "moe inspect: %s\n", moe_last_error());
-            return 1;
-        }
-        moe_st_free(&st);
-        print_file(argv[0]);
-        return 0;
-    }
+    if (!S_ISDIR(sb.st_mode)) return print_file(argv[0]) ? 1 : 0;
     char ckpt[4200], path[4200 + 258]; /* room for "/" and a d_name */
     snprintf(path, sizeof path, "%s/config.json", argv[0]);
     if (stat(path, &sb) == 0) { /* a Hugging Face model directory */
@@ -231,15 +232,21 @@ int moe_cmd_inspect(int argc, char **argv) {
     }
     /* model.safetensors and trainer.safetensors, or their shards, in name order */
     struct dirent **names;
-    int n = scandir(ckpt, &names, NULL, alphasort);
+    int n = scandir(ckpt, &names, NULL, alphasort), files = 0, bad = 0;
+    if (n < 0) {
+        fprintf(stderr, "moe inspect: cannot read %s: %s\n", ckpt, strerror(errno));
+        return 1;
+    }
     for (int i = 0; i < n; i++) {
         size_t len = strlen(names[i]->d_name);
         if (len > 12 && !strcmp(names[i]->d_name + len - 12, ".safetensors")) {
             snprintf(path, sizeof path, "%s/%s", ckpt, names[i]->d_name);
-            print_file(path);
+            files++;
+            bad |= print_file(path) != 0;
         }
         free(names[i]);
     }
     free(names);
-    return n < 0 ? 1 : 0;
+    if (!files) fprintf(stderr, "moe inspect: %s holds no .safetensors files\n", ckpt);
+    return bad || !files ? 1 : 0;
 }

@@ -203,7 +203,37 @@ static void load_heatmap(FILE *f, const series *s, int li) {
             H - 8, s->n ? s->step[s->n - 1] : 0, E - 1, E);
 }
 
-/* Topics x experts of one layer: share of each topic's slots per expert. */
+/* Text into HTML: the characters that could start markup or end an attribute, as references. */
+static void html_text(FILE *f, const char *s) {
+    for (const char *c = s; *c; c++)
+        if (*c == '<' || *c == '&' || *c == '\'' || *c == '"') fprintf(f, "&#%d;", *c);
+        else fputc(*c, f);
+}
+
+/* An expert-load entry of metrics.jsonl or topics.json: {"layer": number, "counts": [numbers]}. */
+static int layer_entry_ok(const cJSON *ly) {
+    const cJSON *layer = cJSON_GetObjectItemCaseSensitive(ly, "layer");
+    const cJSON *cnt = cJSON_GetObjectItemCaseSensitive(ly, "counts");
+    if (!cJSON_IsNumber(layer) || !cJSON_IsArray(cnt)) return 0;
+    for (const cJSON *c = cnt->child; c; c = c->next)
+        if (!cJSON_IsNumber(c)) return 0;
+    return 1;
+}
+
+/* topics.json's "topics": an array of objects whose "layers" are arrays of such entries. */
+static int topics_ok(const cJSON *topics) {
+    if (!cJSON_IsArray(topics)) return 0;
+    for (const cJSON *tp = topics->child; tp; tp = tp->next) {
+        const cJSON *ls = cJSON_GetObjectItemCaseSensitive(tp, "layers");
+        if (!cJSON_IsArray(ls)) return 0;
+        for (const cJSON *ly = ls->child; ly; ly = ly->next)
+            if (!layer_entry_ok(ly)) return 0;
+    }
+    return 1;
+}
+
+/* Topics x experts of one layer (topics checked by topics_ok): share of each topic's slots per
+ * expert. */
 static void topic_heatmap(FILE *f, cJSON *topics, int layer) {
     int nt = cJSON_GetArraySize(topics), E = 0;
     for (cJSON *tp = topics->child; tp; tp = tp->next) {
@@ -221,9 +251,7 @@ static void topic_heatmap(FILE *f, cJSON *topics, int layer) {
     for (cJSON *tp = topics->child; tp; tp = tp->next, row++) {
         cJSON *name = cJSON_GetObjectItemCaseSensitive(tp, "name");
         fprintf(f, "<text x='%d' y='%d' class='ax' text-anchor='end'>", l - 4, t + row * ch + 10);
-        for (const char *c = cJSON_IsString(name) ? name->valuestring : "?"; *c; c++)
-            if (*c == '<' || *c == '&' || *c == '\'') fprintf(f, "&#%d;", *c);
-            else fputc(*c, f);
+        html_text(f, cJSON_IsString(name) ? name->valuestring : "?");
         fprintf(f, "</text>");
         cJSON *ls = cJSON_GetObjectItemCaseSensitive(tp, "layers");
         for (cJSON *ly = ls ? ls->child : NULL; ly; ly = ly->next) {
@@ -284,8 +312,17 @@ int moe_cmd_report(int argc, char **argv) {
             bad = 1;
             break;
         }
+        cJSON *layers = cJSON_GetObjectItemCaseSensitive(rec, "expert_load");
+        for (cJSON *ly = layers ? layers->child : NULL; ly && !bad; ly = ly->next)
+            bad = !layer_entry_ok(ly);
+        if (bad || (layers && !cJSON_IsArray(layers))) {
+            fprintf(stderr, "moe report: %s:%d: expert_load is not a list of {\"layer\": N, "
+                            "\"counts\": [...]}\n", path, lineno);
+            cJSON_Delete(rec);
+            bad = 1;
+            break;
+        }
         if (s.n == 0) {
-            cJSON *layers = cJSON_GetObjectItemCaseSensitive(rec, "expert_load");
             for (cJSON *ly = layers ? layers->child : NULL; ly && s.n_layers < 64; ly = ly->next) {
                 s.layer_id[s.n_layers] = cJSON_GetObjectItemCaseSensitive(ly, "layer")->valueint;
                 s.n_experts[s.n_layers++] = cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(ly, "counts"));
@@ -301,9 +338,16 @@ int moe_cmd_report(int argc, char **argv) {
     }
     snprintf(path, sizeof path, "%s/topics.json", run);
     char *ttext = slurp(path);
+    int ttext_read = ttext != NULL; /* topics.json is optional, but checked when there */
     cJSON *topics_doc = ttext ? cJSON_Parse(ttext) : NULL;
     free(ttext);
     cJSON *topics = topics_doc ? cJSON_GetObjectItemCaseSensitive(topics_doc, "topics") : NULL;
+    if (ttext_read && !topics_ok(topics)) {
+        fprintf(stderr, "moe report: %s is not {\"topics\": [{\"name\": ..., \"layers\": "
+                        "[{\"layer\": N, \"counts\": [...]}]}]}\n", path);
+        cJSON_Delete(topics_doc);
+        return 1;
+    }
     snprintf(path, sizeof path, "%s/report.html", run);
     FILE *f = fopen(path, "w");
     if (!f) {
@@ -313,13 +357,16 @@ int moe_cmd_report(int argc, char **argv) {
     double last_val = NAN;
     for (int i = 0; i < s.n; i++)
         if (isfinite(s.val[i])) last_val = s.val[i];
-    fprintf(f, "<!DOCTYPE html><html><head><meta charset='utf-8'><title>moe report: %s</title>"
-               "<style>body{font-family:sans-serif;max-width:700px;margin:2em auto;color:#222}"
-               "svg{background:#fff}.t{font-size:13px;font-weight:bold}.ax{font-size:11px;fill:#444}"
-               ".frame{fill:none;stroke:#888}.grid{stroke:#eee}figure{margin:1em 0}figcaption{font-size:12px;color:#555}</style></head>"
-               "<body><h1>moe.c run report</h1><p>%s: %d steps, last step %.0f, final training "
-               "loss %.4f, last validation loss %.4f nats/byte.</p>\n",
-            run, run, s.n, s.step[s.n - 1], s.loss[s.n - 1], last_val);
+    fprintf(f, "<!DOCTYPE html><html><head><meta charset='utf-8'><title>moe report: ");
+    html_text(f, run);
+    fprintf(f, "</title><style>body{font-family:sans-serif;max-width:700px;margin:2em auto;"
+               "color:#222}svg{background:#fff}.t{font-size:13px;font-weight:bold}"
+               ".ax{font-size:11px;fill:#444}.frame{fill:none;stroke:#888}.grid{stroke:#eee}"
+               "figure{margin:1em 0}figcaption{font-size:12px;color:#555}</style></head>"
+               "<body><h1>moe.c run report</h1><p>");
+    html_text(f, run);
+    fprintf(f, ": %d steps, last step %.0f, final training loss %.4f, last validation loss "
+               "%.4f nats/byte.</p>\n", s.n, s.step[s.n - 1], s.loss[s.n - 1], last_val);
     const double *y1[] = {s.nll, s.val};
     const char *n1[] = {"train nll", "val nll"}, *c1[] = {"#1f77b4", "#d62728"};
     line_chart(f, "Loss (nats/byte)", s.step, s.n, y1, n1, c1, 2, 0);

@@ -58,7 +58,7 @@ static int add_input(const char *path, char ***list, int *n) {
             char full[4096];
             snprintf(full, sizeof full, "%s/%s", path, e->d_name);
             struct stat fs;
-            if (lstat(full, &fs) != 0 || !S_ISREG(fs.st_mode)) continue;
+            if (stat(full, &fs) != 0 || !S_ISREG(fs.st_mode)) continue; /* links followed */
             names = realloc(names, sizeof *names * (size_t)(k + 1));
             names[k++] = strdup(full);
         }
@@ -99,7 +99,7 @@ int moe_cmd_prepare(int argc, char **argv) {
     const char *out = DEFAULT_DATA, *model = NULL;
     double val_fraction = 0.05;
     char **files = NULL;
-    int n = 0, rc = 0;
+    int n = 0, rc = 0, inputs = 0;
     for (int a = 0; a < argc && !rc; a++) {
         if (!strcmp(argv[a], "--out") && a + 1 < argc) {
             out = argv[++a];
@@ -116,11 +116,15 @@ int moe_cmd_prepare(int argc, char **argv) {
             fprintf(stderr, "moe prepare: unknown option %s (options: --out DIR, --val-fraction F, "
                             "--model DIR)\n", argv[a]);
             rc = 2;
-        } else if (add_input(argv[a], &files, &n)) {
+        } else if (inputs++, add_input(argv[a], &files, &n)) {
             rc = 1;
         }
     }
-    if (!rc && n == 0 && add_input(DEFAULT_CORPUS, &files, &n)) {
+    if (!rc && inputs && n == 0) {
+        fprintf(stderr, "moe prepare: the inputs hold no regular files\n");
+        rc = 1;
+    }
+    if (!rc && !inputs && add_input(DEFAULT_CORPUS, &files, &n)) {
         fprintf(stderr, "moe prepare: no input files, and the default corpus is missing "
                         "(apt-get install fortunes)\n");
         rc = 1;
@@ -499,6 +503,7 @@ int moe_cmd_train(int argc, char **argv) {
         if (o.save[0] && elsewhere && save_checkpoint(&o, m, t)) goto fail;
     }
     int bytes = train.vocab == MOE_BYTE_VOCAB; /* moe prepare's byte tokens */
+    int sample = bytes && mc->vocab == MOE_BYTE_VOCAB; /* a text sample needs a byte model */
     printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/%s\n",
            total - first + 1, moe_time_now() - t_start, tokens_done / (moe_time_now() - t_start),
            val_nll, bytes ? "byte" : "token");
@@ -507,9 +512,9 @@ int moe_cmd_train(int argc, char **argv) {
         if (moe_cli_topics(m, &val, o.train.micro_batch, path) != MOE_OK) goto fail;
         printf("wrote %s (validation text of each source file routed through the model)\n", path);
     }
-    if (bytes) { /* a text sample needs byte tokens; other data: moe convert, generate --model */
+    if (sample) { /* other vocabularies: moe convert, then generate --model with a tokenizer */
         printf("sample:\n");
-        if (moe_cli_generate(m, "The ", 200, 0.8f, 0, 1.0f, o.layer.seed, stdout) != MOE_OK)
+        if (moe_cli_generate(m, "The ", 4, 200, 0.8f, 0, 1.0f, o.layer.seed, stdout) != MOE_OK)
             goto fail;
     }
     rc = 0;

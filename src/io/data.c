@@ -210,7 +210,7 @@ static moe_status split_docs(const char *text, size_t len, doc_fn emit, void *ct
             start = e + 1;
         }
         if (i >= len) break;
-        i = e + 1;
+        i = e < len ? e + 1 : len; /* a last line without '\n': its document is emitted next */
     }
     return MOE_OK;
 }

@@ -428,10 +428,44 @@ moe_status moe_checkpoint_load_expert_bias(const char *dir, moe_model *m, const 
     return s;
 }
 
+static int cmp_name(const void *a, const void *b) {
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Every tensor of the checkpoint's model files is one of the model's (the whole model's, every
+ * expert): flags given on top of --load that shrink the model (fewer layers, tied embeddings)
+ * would otherwise leave some of the checkpoint unread without a word. */
+static moe_status check_all_used(ckpt_reader *r, const moe_model *m) {
+    moe_tensor_info *all;
+    int n;
+    MOE_TRY(moe_model_full_tensors(moe_model_get_config(m), &all, &n));
+    const char **names = malloc(sizeof *names * (size_t)(n > 0 ? n : 1)), *extra = NULL;
+    moe_safetensors *st = NULL;
+    moe_status s = names ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    if (s == MOE_OK && !r->map) s = reader_file(r, "model", FIRST_TENSOR, &st);
+    if (s == MOE_OK) {
+        for (int i = 0; i < n; i++) names[i] = all[i].name;
+        qsort(names, (size_t)n, sizeof *names, cmp_name);
+        const cJSON *e = r->map ? r->map->child : NULL;
+        for (int i = 0; !extra && (r->map ? e != NULL : i < st->n_tensors); i++) {
+            const char *name = r->map ? e->string : st->tensors[i].name;
+            if (!bsearch(&name, names, (size_t)n, sizeof *names, cmp_name)) extra = name;
+            if (e) e = e->next;
+        }
+    }
+    if (extra)
+        s = moe_set_error(MOE_ERR_FORMAT, "%s holds %s, which this model does not have: the flags "
+                          "given with --load change the model's shape", r->dir, extra);
+    free(names);
+    free(all);
+    return s;
+}
+
 moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
     ckpt_reader r;
     MOE_TRY(reader_open(&r, ckpt));
-    moe_status s = load_params(&r, m, NULL, NULL);
+    moe_status s = check_all_used(&r, m);
+    if (s == MOE_OK) s = load_params(&r, m, NULL, NULL);
     /* without the trainer, the selection biases still route (inference, conversion) */
     if (s == MOE_OK && !t && moe_model_get_config(m)->moe.enable_expert_bias)
         s = load_expert_bias(&r, "trainer", OUR_EXPERT_BIAS, m);
