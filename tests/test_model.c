@@ -388,6 +388,8 @@ static void test_sampling(void **state) {
     assert_int_equal(moe_sample(lg, 4, 1, 0, 0.6f, 0.95), 2);
     /* top-k 3: {3, 2, 1}, mass 0.9; u = 0.99 -> 0.891 -> token 1 */
     assert_int_equal(moe_sample(lg, 4, 1, 3, 1, 0.99), 1);
+    /* top-k 2 then top-p 0.5 of what is left: {3, 2} renormalised is 4/7, 3/7, so 3 alone */
+    assert_int_equal(moe_sample(lg, 4, 1, 2, 0.5f, 0.99), 3);
 }
 
 /* The trainer's gradient norm is the norm of the backward's gradients (against a long double

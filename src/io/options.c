@@ -297,7 +297,7 @@ static const opt_def opts[] = {
      "sampling temperature (0 = greedy)", 1},
     {"top-k", NULL, OPT_INT, O(top_k), 0, BIG, NULL, GEN, "sample among the k most likely (0 = all)", 1},
     {"top-p", NULL, OPT_FLOAT, O(top_p), 1e-6, 1, NULL, GEN,
-     "sample from the smallest set with this probability (1 = all)", 1},
+     "sample from the smallest set with this probability of what top-k leaves (1 = all)", 1},
 
     {"tokens", NULL, OPT_INT, O(tokens), 1, BIG, NULL, RUN, "tokens per layer call", 0},
     {"iters", NULL, OPT_INT, O(iters), 1, BIG, NULL, RUN, "timed forward+backward iterations", 0},

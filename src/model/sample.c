@@ -22,18 +22,19 @@ int moe_sample(const float *logits, int V, float temperature, int top_k, float t
     if (!(temperature > 0) || top_k == 1) return best;
     cand *c = malloc(sizeof *c * (size_t)V);
     if (!c) return best;
-    double sum = 0;
     for (int v = 0; v < V; v++) {
         c[v].p = exp((logits[v] - logits[best]) / temperature);
         c[v].id = v;
-        sum += c[v].p;
     }
     qsort(c, (size_t)V, sizeof *c, by_prob_desc);
     int n = top_k > 0 && top_k < V ? top_k : V;
-    double kept = 0; /* the mass of the first n candidates */
+    double mass_k = 0, kept = 0; /* the mass of the top-k; of the first n candidates */
+    for (int i = 0; i < n; i++) mass_k += c[i].p;
+    /* top-p of the top-k's distribution, renormalised (as Hugging Face and llama.cpp apply
+     * them one after the other) */
     for (int i = 0; i < n; i++) {
         kept += c[i].p;
-        if (top_p < 1 && kept >= top_p * sum) {
+        if (top_p < 1 && kept >= top_p * mass_k) {
             n = i + 1;
             break;
         }
