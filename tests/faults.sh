@@ -92,6 +92,11 @@ has "cannot write .*\.tmp: File too large"
 cmp -s "$tmp/model.before" "$tmp/d/step-00000002/model.safetensors" || fail "previous checkpoint changed"
 ls "$tmp"/d/step-*/*.tmp >/dev/null 2>&1 && fail "temporary files left behind"
 expect 0 "$moe" eval --load "$tmp/d" --data "$tmp/data/val.bin"
+# metrics.jsonl on a full disk (/dev/full): the run stops with an error, not a shorter log
+mkdir "$tmp/full"; ln -s /dev/full "$tmp/full/metrics.jsonl"
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --train-iters 4 --save "$tmp/full"
+has "cannot write metrics.jsonl: No space left on device"
 
 # 3b. A configuration that cannot fit the machine is refused before anything is allocated,
 #     with the estimate in the message.

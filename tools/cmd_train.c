@@ -174,8 +174,9 @@ static double load_imbalance(const moe_trainer *t, int n_layers) {
     return worst;
 }
 
-static void write_metrics(FILE *f, int step, const moe_step_metrics *s, double tok_s,
-                          const moe_trainer *t, int n_layers, double val) {
+/* One line of metrics.jsonl; an error when it could not be written (a full disk). */
+static moe_status write_metrics(FILE *f, int step, const moe_step_metrics *s, double tok_s,
+                                const moe_trainer *t, int n_layers, double val) {
     fprintf(f, "{\"step\":%d,\"loss\":%.17g,\"nll\":%.17g,\"aux\":%.17g,\"z\":%.17g,\"lr\":%.9g,"
                "\"grad_norm\":%.17g,\"tokens_per_s\":%.1f",
             step, s->loss, s->nll, s->aux, s->z, s->lr, s->grad_norm, tok_s);
@@ -192,7 +193,9 @@ static void write_metrics(FILE *f, int step, const moe_step_metrics *s, double t
         first = 0;
     }
     fprintf(f, "]}\n");
-    fflush(f);
+    if (fflush(f) || ferror(f))
+        return moe_set_error(MOE_ERR_IO, "cannot write metrics.jsonl: %s", strerror(errno));
+    return MOE_OK;
 }
 
 /* TensorBoard scalars of one step (train/..., val/nll, moe/layerL/...). */
@@ -473,7 +476,9 @@ int moe_cmd_train(int argc, char **argv) {
         if (val >= 0)
             printf("eval step %d | val nll %.4f nats/byte (%.3f bits/byte)\n", step, val,
                    val / log(2.0));
-        if (metrics && !s.skipped) write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val);
+        if (metrics && !s.skipped &&
+            write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK)
+            goto fail;
         if (tb && !s.skipped && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
         if (d->world_size > 1) /* every rank stops at the same step */
             stop_requested = moe_dist_any(d, stop_requested) ? SIGTERM : 0;
