@@ -92,6 +92,17 @@ has "cannot write .*\.tmp: File too large"
 cmp -s "$tmp/model.before" "$tmp/d/step-00000002/model.safetensors" || fail "previous checkpoint changed"
 ls "$tmp"/d/step-*/*.tmp >/dev/null 2>&1 && fail "temporary files left behind"
 expect 0 "$moe" eval --load "$tmp/d" --data "$tmp/data/val.bin"
+# prepare over an existing dataset on a full disk: the old train.bin and val.bin stay a pair
+# (here the small new train split fits and the large validation split does not)
+expect 0 "$moe" prepare --out "$tmp/pd" --val-fraction 0.2 "$src/SECURITY.md" "$src/configs"
+cp "$tmp/pd/train.bin" "$tmp/train.before"; cp "$tmp/pd/val.bin" "$tmp/val.before"
+(ulimit -f 100; "$moe" prepare --out "$tmp/pd" --val-fraction 0.9 "$src/README.md" "$src/docs" \
+  >"$tmp/out" 2>&1)
+rc=$?
+[ "$rc" = 1 ] || { tail -5 "$tmp/out"; fail "prepare on a full disk: exit $rc, expected 1"; }
+cmp -s "$tmp/train.before" "$tmp/pd/train.bin" && cmp -s "$tmp/val.before" "$tmp/pd/val.bin" \
+  || fail "prepare on a full disk changed the dataset"
+[ "$(ls "$tmp/pd")" = "$(printf 'train.bin\nval.bin')" ] || fail "prepare left $(ls "$tmp/pd")"
 # metrics.jsonl on a full disk (/dev/full): the run stops with an error, not a shorter log
 mkdir "$tmp/full"; ln -s /dev/full "$tmp/full/metrics.jsonl"
 # shellcheck disable=SC2086

@@ -293,15 +293,20 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
         st = moe_set_error(MOE_ERR_INVALID, "prepare: the input holds too little text for a "
                            "train and a validation split (%lld documents)",
                            (long long)ctx.doc_index);
-    char path[4096];
-    if (st == MOE_OK) {
-        snprintf(path, sizeof path, "%s/train.bin", out_dir);
-        st = write_split(path, &train, files, n_files, v);
+    /* both splits written in full beside the old pair (.next), then renamed: a failure (a full
+     * disk) leaves the previous train.bin and val.bin as they were, never a mixed pair */
+    char next[2][4096], path[2][4096];
+    const split_buf *split[2] = {&train, &val};
+    for (int i = 0; i < 2; i++) {
+        snprintf(path[i], sizeof path[i], "%s/%s.bin", out_dir, i ? "val" : "train");
+        snprintf(next[i], sizeof next[i], "%s.next", path[i]);
+        if (st == MOE_OK) st = write_split(next[i], split[i], files, n_files, v);
     }
-    if (st == MOE_OK) {
-        snprintf(path, sizeof path, "%s/val.bin", out_dir);
-        st = write_split(path, &val, files, n_files, v);
-    }
+    for (int i = 0; i < 2 && st == MOE_OK; i++)
+        if (rename(next[i], path[i]) != 0)
+            st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", next[i], path[i],
+                               strerror(errno));
+    for (int i = 0; i < 2 && st != MOE_OK; i++) unlink(next[i]);
     if (st == MOE_OK && stats) {
         stats->train_tokens = train.n;
         stats->val_tokens = val.n;
