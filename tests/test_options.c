@@ -211,6 +211,26 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(parse(&o, gbs, 4), MOE_OK);
     expect_error(moe_options_finish(&o, MOE_OPTIONS_TRAIN), "global-batch-size (10) must be a multiple of micro-batch-size (4)");
 
+    /* Hugging Face's coefficient: its loss is k times Megatron's, so the coefficient is k times
+     * smaller for the same pull */
+    const char *hf_aux[] = {"--moe-router-topk", "3", "--router-aux-loss-coef", "0.01"};
+    assert_int_equal(parse(&o, hf_aux, 4), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_float_equal(o.layer.aux_coeff, 0.03f, 1e-7);
+    const char *two_aux[] = {"--router-aux-loss-coef", "0.01", "--moe-aux-loss-coeff", "0.01"};
+    assert_int_equal(parse(&o, two_aux, 4), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "not both");
+
+    /* Megatron: moe-ffn-hidden-size not given is ffn-hidden-size */
+    const char *ffn[] = {"--ffn-hidden-size", "224"};
+    assert_int_equal(parse(&o, ffn, 2), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_int_equal(o.model.moe.ffn, 224);
+    const char *ffn2[] = {"--ffn-hidden-size", "224", "--moe-ffn-hidden-size", "96"};
+    assert_int_equal(parse(&o, ffn2, 4), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_int_equal(o.model.moe.ffn, 96);
+
     const char *aux_sink[] = {"--moe-router-type", "sinkhorn", "--moe-aux-loss-coeff", "0.01"};
     assert_int_equal(parse(&o, aux_sink, 4), MOE_OK);
     expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "needs the topk router");

@@ -142,8 +142,11 @@ static const opt_def opts[] = {
 
     {"moe-router-load-balancing-type", NULL, OPT_ENUM, O(lb_choice), 0, 0, lb_choices, BALANCE,
      "balancing loss (sinkhorn selects the Sinkhorn router instead)", 0},
-    {"moe-aux-loss-coeff", "moe-loss-coeff aux-loss-alpha router-aux-loss-coef", OPT_FLOAT,
+    {"moe-aux-loss-coeff", "moe-loss-coeff aux-loss-alpha", OPT_FLOAT,
      L(aux_coeff), 0, BIG, NULL, BALANCE, "aux loss coefficient: loss = nll + coeff * aux", 0},
+    {"router-aux-loss-coef", NULL, OPT_FLOAT, O(aux_coeff_hf), 0, BIG, NULL, BALANCE,
+     "Hugging Face's aux loss coefficient: its loss sums the k choices' counts without the 1/k, "
+     "so this sets moe-aux-loss-coeff to k times the value", 1},
     {"moe-z-loss-coeff", "router-z-loss-coef", OPT_FLOAT, L(z_coeff), 0, BIG, NULL, BALANCE,
      "router z-loss coefficient", 0},
 
@@ -721,10 +724,19 @@ moe_status moe_options_finish(moe_options *o, int parts) {
                                  router_choices[c->router].name);
         c->router = MOE_ROUTER_FAKE_BALANCED;
     }
+    if (given(o, O(aux_coeff_hf))) {
+        if (given(o, L(aux_coeff)))
+            return moe_set_error(MOE_ERR_INVALID, "give moe-aux-loss-coeff or router-aux-loss-coef "
+                                 "(Hugging Face's, k times smaller), not both");
+        c->aux_coeff = o->aux_coeff_hf * (float)c->topk;
+    }
     /* Balancing losses apply to the learned top-k router only; the others balance by
      * construction, so the default loss type is dropped silently unless a coefficient asks
      * for it (validation then names the conflict). */
     if (c->router != MOE_ROUTER_TOPK && c->aux_coeff == 0) c->lb_type = MOE_LB_NONE;
+    /* Megatron: the experts' hidden size, not given, is the dense FFN's (a Mixtral script
+     * gives --ffn-hidden-size alone); a Hugging Face config.json sets both itself */
+    if (!given(o, L(ffn)) && given(o, M(ffn)) && !o->init_from[0]) c->ffn = o->model.ffn;
     MOE_TRY(moe_layer_config_validate(c));
     o->model.moe = *c;
     o->model.tie_embeddings = !o->untie;

@@ -39,6 +39,7 @@ typedef struct {
 
     int lb_choice; /* moe-router-load-balancing-type: a moe_lb_type or MOE_LB_CHOICE_SINKHORN */
     int force_lb;  /* moe-router-force-load-balancing: the fake balanced gate */
+    float aux_coeff_hf; /* router-aux-loss-coef: Hugging Face's normalisation (k times ours) */
 
     /* moe generate */
     char prompt[MOE_PATH_MAX];
