@@ -161,7 +161,7 @@ static void run_case(const grid_case *gc, int masked, uint64_t seed) {
         if (fabs(st->aux_loss - r.aux) > 1e-5 * fabs(r.aux) + 1e-9 || fabs(st->z_loss - r.z) > 1e-5 * fabs(r.z) + 1e-9)
             fail_msg("case %s: aux %.9g z %.9g, reference %.9g %.9g", gc->name, st->aux_loss,
                      st->z_loss, r.aux, r.z);
-        for (int e = 0; e < E; e++) acc[e] += r.counts[e];
+        for (int e = 0; e < E; e++) acc[e] += r.aux_counts[e];
         acc_T += r.Tv;
         ref_result_free(&r);
     }
@@ -184,12 +184,23 @@ static void set_global_aux(moe_layer_config *c, moe_forward_args *a) {
     c->aux_coeff = 0.3f;
 }
 
+/* ... with the expert bias and group limits, which change the selection but not the counts */
+static void set_global_aux_biased(moe_layer_config *c, moe_forward_args *a) {
+    set_global_aux(c, a);
+    c->n_experts = 8;
+    c->n_groups = 4;
+    c->group_topk = 2;
+    c->score = MOE_SCORE_SIGMOID;
+    c->enable_expert_bias = 1;
+}
+
 /* Global-batch aux loss: the second call's f_e includes the counts of the first. */
 static void test_global_aux(void **state) {
     (void)state;
-    grid_case g = {"global_aux", set_global_aux};
+    grid_case g = {"global_aux", set_global_aux}, gb = {"global_aux_biased", set_global_aux_biased};
     run_case(&g, 0, tu_seed());
     run_case(&g, 1, tu_seed() + 1);
+    run_case(&gb, 0, tu_seed() + 2);
 }
 
 /* The expert bias changes which experts are chosen but not the weights' formula. */

@@ -51,18 +51,20 @@ void moe_balance_forward(moe_layer *L) {
             tv++;
             aux_scores(c->score, E, st->p + (size_t)t * E, P);
             for (int e = 0; e < E; e++) Pm[e] += P[e];
-            for (int j = 0; j < k; j++) {
-                int ex = st->slot_expert[t * k + j];
-                if (ex >= 0) cnt[ex] += 1;
-            }
+            /* the top k of the unbiased scores (Megatron's routing map for the aux loss): the
+             * expert bias, group limits and random routing change the selection, not this */
+            int top[k];
+            moe_topk_desc(E, P, k, top);
+            for (int j = 0; j < k; j++) cnt[top[j]] += 1;
         }
         for (int e = 0; e < E; e++) coef[e] = 0;
         if (tv == 0) continue;
         double denom = (double)k * (double)tv;
         if (c->lb_type == MOE_LB_GLOBAL_AUX) { /* earlier micro-batches, every rank */
             double g[E + 1];
-            for (int e = 0; e < E; e++) g[e] = cnt[e] + (double)L->accum_counts[e];
+            for (int e = 0; e < E; e++) g[e] = cnt[e] + (double)L->accum_aux_counts[e];
             g[E] = (double)(L->accum_tokens + tv);
+            for (int e = 0; e < E && st->training; e++) L->accum_aux_counts[e] += (int64_t)cnt[e];
             moe_status s = moe_comm_sum_f64(L->world_comm, g, (size_t)E + 1);
             if (s != MOE_OK && L->ep_status == MOE_OK) L->ep_status = s;
             for (int e = 0; e < E; e++) cnt[e] = g[e];
@@ -131,7 +133,7 @@ void moe_layer_step_end(moe_layer *L) {
             L->expert_bias[e] += c->bias_update_rate * sgn;
         }
     }
-    memset(L->accum_counts, 0, sizeof(int64_t) * (size_t)E);
+    memset(L->accum_counts, 0, sizeof(int64_t) * 2 * (size_t)E); /* and accum_aux_counts */
     L->accum_tokens = 0;
 }
 

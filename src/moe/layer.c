@@ -136,12 +136,13 @@ moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *
     L->grads = grads ? grads : moe_alloc(L->n_params, sizeof(float));
     L->own_grads = grads == NULL;
     L->expert_bias = moe_alloc((size_t)cfg->n_experts, sizeof(float));
-    L->accum_counts = moe_alloc((size_t)cfg->n_experts, sizeof(int64_t));
+    L->accum_counts = moe_alloc(2 * (size_t)cfg->n_experts, sizeof(int64_t));
     if (!L->params || !L->grads || !L->expert_bias || !L->accum_counts ||
         alloc_workspace(L, cfg->topk) != MOE_OK) {
         moe_layer_destroy(L);
         return MOE_ERR_NOMEM;
     }
+    L->accum_aux_counts = L->accum_counts + cfg->n_experts;
     moe_layer_params_map(cfg, L->params, &L->p);
     moe_layer_params_map(cfg, L->grads, &L->g);
     *out = L;

@@ -120,7 +120,8 @@ struct moe_layer {
     int own_params, own_grads;
     moe_layer_params p, g;
     float *expert_bias;     /* [E] */
-    int64_t *accum_counts;  /* [E] */
+    int64_t *accum_counts;  /* [E] the router's selection counts of this step's training forwards */
+    int64_t *accum_aux_counts; /* [E] their aux-loss counts (global_aux_loss, docs/LAYER.md §5) */
     int64_t accum_tokens;
     void *ws;               /* the workspace allocation */
     size_t ws_bytes;
@@ -139,6 +140,8 @@ struct moe_layer {
 /* router.c */
 void moe_router_logits(moe_layer *L, const float *x);
 moe_status moe_router_select(moe_layer *L);
+/* idx[0..k) = indices of the k largest keys in decreasing order, ties toward lower index. */
+void moe_topk_desc(int n, const double *key, int k, int *idx);
 void moe_router_backward(moe_layer *L, float *dx, const float *x);
 /* dz [E] += (d score / dz)ᵀ dp for one token. */
 void moe_router_score_backward(moe_score_fn fn, int E, const double *z, const double *p,

@@ -41,8 +41,7 @@ static double score_row(moe_score_fn fn, int E, const double *z, double *p) {
     return lse;
 }
 
-/* idx[0..k) = indices of the k largest keys in decreasing order, ties toward lower index. */
-static void topk_desc(int n, const double *key, int k, int *idx) {
+void moe_topk_desc(int n, const double *key, int k, int *idx) {
     int m = 0;
     double kth = 0; /* the k-th largest so far once there are k */
     for (int e = 0; e < n; e++) {
@@ -76,13 +75,13 @@ static void limit_groups(const moe_layer_config *c, int k, double *key) {
     double gscore[G];
     int top[m > 0 ? m : 1], keep[G];
     for (int g = 0; g < G; g++) {
-        topk_desc(per, key + g * per, m, top);
+        moe_topk_desc(per, key + g * per, m, top);
         double s = 0;
         for (int i = 0; i < m; i++) s += key[g * per + top[i]];
         gscore[g] = s;
     }
     int sel[G];
-    topk_desc(G, gscore, c->group_topk, sel);
+    moe_topk_desc(G, gscore, c->group_topk, sel);
     memset(keep, 0, sizeof keep);
     for (int i = 0; i < c->group_topk; i++) keep[sel[i]] = 1;
     for (int g = 0; g < G; g++)
@@ -204,7 +203,7 @@ static void select_token_choice(moe_layer *L) {
                 for (int a = 0; a < A; a++)
                     key[a] = moe_rng_uniform64(c->seed, fstream, (uint64_t)(1 + n) * A + a) +
                              0.1 * c->fake_noise * gnoise[a];
-                topk_desc(A, key, k, idx);
+                moe_topk_desc(A, key, k, idx);
                 for (int j = 0; j < k; j++) {
                     r[j] = moe_rng_uniform64(c->seed, fstream, (1ULL << 40) + (uint64_t)n * k + j);
                     rs += r[j];
@@ -233,7 +232,7 @@ static void select_token_choice(moe_layer *L) {
                 keys = key;
             }
         }
-        topk_desc(E, keys, k, idx);
+        moe_topk_desc(E, keys, k, idx);
         double qs = 0;
         if (st->wmode == MOE_WMODE_SOFTMAX_K) {
             double m = z[idx[0]], se = 0;

@@ -281,18 +281,30 @@ static void apply_capacity(const moe_layer_config *c, ref_result *r, int T) {
     }
 }
 
-/* §5 balancing losses of token-choice routing over the tokens [t0, t1). */
-static double aux_over(const moe_layer_config *c, const ref_result *r, const double *P,
+/* §5 balancing losses of token-choice routing over the tokens [t0, t1); their counts are added
+ * to r->aux_counts. */
+static double aux_over(const moe_layer_config *c, ref_result *r, const double *P,
                        const uint8_t *valid, int t0, int t1, const int64_t *acc, int64_t acc_T) {
     int E = c->n_experts, k = r->k;
     double Tv = 0, *cnt = calloc((size_t)E, sizeof(double)), *pm = calloc((size_t)E, sizeof(double));
+    uint8_t *taken = malloc((size_t)E);
     for (int t = t0; t < t1; t++) {
         if (!valid[t]) continue;
         Tv++;
-        for (int e = 0; e < E; e++) pm[e] += P[(size_t)t * E + e];
-        for (int j = 0; j < k; j++)
-            if (r->expert[(size_t)t * k + j] >= 0) cnt[r->expert[(size_t)t * k + j]]++;
+        const double *Pt = P + (size_t)t * E;
+        for (int e = 0; e < E; e++) pm[e] += Pt[e];
+        /* c_e: the tokens whose k largest P (ties: the lower index) hold e */
+        memset(taken, 0, (size_t)E);
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++)
+                if (!taken[e] && (best < 0 || Pt[e] > Pt[best])) best = e;
+            taken[best] = 1;
+            cnt[best]++;
+            r->aux_counts[best]++;
+        }
     }
+    free(taken);
     double loss = 0;
     if (Tv > 0)
         for (int e = 0; e < E; e++) {
@@ -343,6 +355,7 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
     }
     r->counts = calloc((size_t)E, sizeof(int64_t));
     r->kept_e = calloc((size_t)E, sizeof(int64_t));
+    r->aux_counts = calloc((size_t)E, sizeof(int64_t));
     r->out = calloc((size_t)T * d, sizeof(double));
     if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
         double cf = c->capacity_factor > 0 ? c->capacity_factor : 1;
@@ -486,6 +499,7 @@ void ref_result_free(ref_result *r) {
     free(r->kept);
     free(r->counts);
     free(r->kept_e);
+    free(r->aux_counts);
     free(r->out);
     memset(r, 0, sizeof *r);
 }
