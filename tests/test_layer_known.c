@@ -205,12 +205,12 @@ static void test_sinkhorn(void **state) {
     moe_layer_destroy(L);
 }
 
-/* GShard capacity with E = 2, k = 2 (each token picks both experts), T = 4, cf = 0.5:
+/* Capacity with E = 2, k = 2 (each token picks both experts), T = 4, cf = 0.5:
  * C = ceil(0.5 * 4 * 2 / 2) = 2. Logits t0 (1,0), t1 (0,1), t2 (1,0), t3 (2,0).
  * Expert 0 gets first choices t0, t2, t3 and the second choice of t1; expert 1 the first
  * choice of t1 and second choices of t0, t2, t3.
- * position: expert 0 keeps t0, t2 (first choices in token order); expert 1 keeps t1 (first)
- *   and t0 (its earliest second choice).
+ * position: each expert keeps its two earliest tokens, t0 and t1, whichever choice it is for
+ *   them (Megatron, DeepSpeed): all four slots of t0 and t1; t2 and t3 lose both.
  * probs: weights w(1,0) = e/(e+1) = 0.731, w(2,0) = e^2/(e^2+1) = 0.881; expert 0 keeps t3
  *   (0.881) and t0 (0.731, ties with t2 -> earlier (j, t)); expert 1 keeps t1 (0.731) and
  *   then the largest second-choice weight 0.269 of t0 (tie with t2, earlier wins). */
@@ -221,7 +221,7 @@ static void test_capacity_positions(void **state) {
     const float z[8] = {1, 0, 0, 1, 1, 0, 2, 0};
     moe_forward_args a = moe_forward_args_default();
     /* slots t*2 + j */
-    const uint8_t position[8] = {1, 1, 1, 0, 1, 0, 0, 0}, probs[8] = {1, 1, 1, 0, 0, 0, 1, 0};
+    const uint8_t position[8] = {1, 1, 1, 1, 0, 0, 0, 0}, probs[8] = {1, 1, 1, 0, 0, 0, 1, 0};
     for (int pol = 0; pol < 2; pol++) {
         c.drop_policy = pol ? MOE_DROP_PROBS : MOE_DROP_POSITION;
         moe_layer *L = make_layer(&c, 4);

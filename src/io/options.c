@@ -155,7 +155,7 @@ static const opt_def opts[] = {
     {"moe-min-capacity", "min-capacity", OPT_INT, L(min_capacity), 0, BIG, NULL, DISPATCH,
      "lower bound of the capacity", 0},
     {"moe-token-drop-policy", "drop-policy", OPT_ENUM, L(drop_policy), 0, 0, drop_choices,
-     DISPATCH, "which slots an over-full expert drops: lowest weight, or latest position", 0},
+     DISPATCH, "which slots an over-full expert drops: lowest weight, or latest token", 0},
     {"moe-pad-expert-input-to-capacity", NULL, OPT_BOOL, L(pad_to_capacity), 0, 1, NULL,
      DISPATCH, "every expert computes exactly capacity rows", 0},
 

@@ -41,12 +41,16 @@ void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
     for (int s = 0; s < S; s++)
         if (slot_expert[s] >= 0) off[slot_expert[s] + 1]++;
     for (int e = 0; e < E; e++) off[e + 1] += off[e];
-    /* Candidates of each expert in priority order (j, t): every first choice first. */
+    /* Candidates of each expert in priority order: position, by token (Megatron's and
+     * DeepSpeed's: the tokens at the end of the batch are dropped, whichever choice the expert
+     * is for them); probs, (j, t) before the stable sort by weight, so ties go to first
+     * choices. */
     int32_t *fill = tmp;
     for (int e = 0; e < E; e++) fill[e] = off[e];
-    for (int j = 0; j < k; j++)
-        for (int t = 0; t < T; t++) {
-            int s = t * k + j, e = slot_expert[s];
+    int by_token = policy == MOE_DROP_POSITION;
+    for (int j = 0; j < (by_token ? 1 : k); j++)
+        for (int i = 0; i < (by_token ? S : T); i++) {
+            int s = by_token ? i : i * k + j, e = slot_expert[s];
             if (e >= 0) list[fill[e]++] = s;
         }
     for (int e = 0; e < E; e++) {

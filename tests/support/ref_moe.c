@@ -264,13 +264,16 @@ static void apply_capacity(const moe_layer_config *c, ref_result *r, int T) {
         int64_t taken = 0;
         uint8_t *done = calloc((size_t)r->n_slots, 1);
         while (taken < C) {
+            /* position: the first remaining by token; probs: the largest weight, ties to the
+             * first in (j, t) order */
             int best = -1;
             for (int j = 0; j < k; j++)
                 for (int t = 0; t < T; t++) {
                     int s = t * k + j;
                     if (r->expert[s] != e || done[s]) continue;
                     if (best < 0) best = s;
-                    else if (c->drop_policy == MOE_DROP_PROBS && r->weight[s] > r->weight[best]) best = s;
+                    else if (c->drop_policy == MOE_DROP_PROBS ? r->weight[s] > r->weight[best]
+                                                                 : s < best) best = s;
                 }
             if (best < 0) break;
             done[best] = 1;
