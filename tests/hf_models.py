@@ -11,8 +11,11 @@ softmax among the groups of the best maxima, weights scaled; V3 by sigmoid + cor
 among the groups of the best top-2 sums, weights from the unbiased sigmoid, renormalised and
 scaled.
 
-usage: hf_models.py OUT_DIR DTYPE SHARDS SEED [VOCAB [FAMILY]]  ->  OUT_DIR/{config.json,
-       *.safetensors, ids.txt, ref.npy (logits of ids), greedy.txt (8 greedy next ids)}"""
+usage: hf_models.py OUT_DIR DTYPE SHARDS SEED [VOCAB [FAMILY [OVERRIDES]]]  ->
+       OUT_DIR/{config.json, *.safetensors, ids.txt, ref.npy (logits of ids), greedy.txt (8
+       greedy next ids)};
+       OVERRIDES: a JSON object of config.json keys set before the weights and the reference
+       are made (heads, experts, eps, theta, routing...)"""
 import json, os, struct, sys
 
 import numpy as np
@@ -58,11 +61,6 @@ if ds:
     if v3:
         cfg["rope_interleave"] = True
     L = 3
-    mla_c = {"mla": [qr, kr, dn, dr, dv], "n_heads": H, "eps": eps, "theta": theta,
-             "rope": {"interleave": True, "factor": cfg["rope_scaling"]["factor"],
-                      "orig": cfg["rope_scaling"]["original_max_position_embeddings"],
-                      "beta_fast": 32, "beta_slow": 1, "mscale": cfg["rope_scaling"]["mscale"],
-                      "mscale_all_dim": cfg["rope_scaling"]["mscale_all_dim"]}}
 elif qwen:
     cfg = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": V,
            "hidden_size": d, "intermediate_size": 48, "moe_intermediate_size": f,
@@ -91,6 +89,24 @@ else:
            "num_experts_per_tok": k, "rms_norm_eps": eps, "rope_theta": theta,
            "max_position_embeddings": 128, "hidden_act": "silu", "tie_word_embeddings": False,
            "torch_dtype": dt}
+cfg["initializer_range"] = 0.006  # read by no loader: convert must keep it as written
+cfg.update(json.loads(sys.argv[7]) if len(sys.argv) > 7 else {})
+d, H, KV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+k = cfg["num_experts_per_tok"]
+E = cfg[{"mixtral": "num_local_experts"}.get(family, "n_routed_experts" if ds else "num_experts")]
+eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+hd = cfg.get("head_dim", d // H)
+if not ds and family != "mixtral":
+    renorm = cfg["norm_topk_prob"]
+if qwen:
+    fs = cfg["shared_expert_intermediate_size"]
+if ds:
+    rsf, ys = cfg["routed_scaling_factor"], cfg["rope_scaling"]
+    mla_c = {"mla": [qr, kr, dn, dr, dv], "n_heads": H, "eps": eps, "theta": theta,
+             "rope": {"interleave": True, "factor": ys["factor"],
+                      "orig": ys["original_max_position_embeddings"], "beta_fast": ys["beta_fast"],
+                      "beta_slow": ys["beta_slow"], "mscale": ys["mscale"],
+                      "mscale_all_dim": ys["mscale_all_dim"]}}
 moe = "block_sparse_moe" if family == "mixtral" else "mlp"
 proj = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
 

@@ -3,20 +3,18 @@
 # hf_models.py (fp32 in one file, bf16 and fp16 in shards), their logits from moe eval --model --ids
 # --dump-logits against the script's own float64 forward pass, and the greedy continuation of
 # moe generate --model (KV cache) token for token; moe convert --to hf of those and
-# of our own checkpoint (every tensor compared); malformed directories refused with one message
-# and a non-zero exit.
+# of our own checkpoint (every tensor compared, config.json values kept as written, a tokenizer
+# only for the byte vocabulary, RoPE only DeepSeek has refused); keys left to Hugging Face's
+# defaults and transformers v5's rope_parameters; malformed directories, RoPE scaling and windows
+# we do not model refused with one message and a non-zero exit.
 moe=$1; src=$2
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 seed=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
-for v in "F32 1 mixtral m" "BF16 2 mixtral m" "F16 3 mixtral m" "F32 1 qwen2_moe q" "BF16 3 qwen2_moe q" \
-         "F16 2 qwen3_moe q3" "BF16 1 olmoe o" "F32 1 deepseek_v2 d2" "BF16 2 deepseek_v3 d3"; do
-  set -- $v
-  dir="$tmp/$4$1"
-  /usr/bin/python3 "$src/tests/hf_models.py" "$dir" "$1" "$2" "$seed" 97 "$3" || fail "writing the $3 $1 model"
-  "$moe" eval --model "$dir" --ids "$(cat "$dir/ids.txt")" --dump-logits "$dir/out.npy" >"$tmp/out" 2>&1 ||
-    fail "$3 $1: $(cat "$tmp/out")"
-  /usr/bin/python3 - "$dir" "$3 $1" <<'PY' || fail "$3 $1 logits differ from the reference (seed $seed)"
+logits_match() { # logits_match DIR LABEL: moe eval's logits of DIR's ids against its ref.npy
+  "$moe" eval --model "$1" --ids "$(cat "$1/ids.txt")" --dump-logits "$1/out.npy" >"$tmp/out" 2>&1 ||
+    fail "$2: $(cat "$tmp/out")"
+  /usr/bin/python3 - "$1" "$2" <<'PY' || fail "$2 logits differ from the reference (seed $seed)"
 import sys
 import numpy as np
 d = sys.argv[1]
@@ -26,11 +24,62 @@ err = float(np.abs(a - b).max()); scale = max(1.0, float(np.abs(b).max()))
 print("%s: max |logit error| %.2e (largest logit %.2f)" % (sys.argv[2], err, scale))
 sys.exit(0 if err <= 2e-5 * scale else 1)
 PY
+}
+edit() { # edit DIR PYTHON: PYTHON changes c, DIR/config.json's object, written back
+  /usr/bin/python3 - "$1" "$2" <<'PY' || fail "editing $1/config.json"
+import json, sys
+p = sys.argv[1] + "/config.json"
+c = json.load(open(p))
+exec(sys.argv[2])
+json.dump(c, open(p, "w"), indent=2)
+PY
+}
+for v in "F32 1 mixtral m" "BF16 2 mixtral m" "F16 3 mixtral m" "F32 1 qwen2_moe q" "BF16 3 qwen2_moe q" \
+         "F16 2 qwen3_moe q3" "BF16 1 olmoe o" "F32 1 deepseek_v2 d2" "BF16 2 deepseek_v3 d3"; do
+  set -- $v
+  dir="$tmp/$4$1"
+  /usr/bin/python3 "$src/tests/hf_models.py" "$dir" "$1" "$2" "$seed" 97 "$3" || fail "writing the $3 $1 model"
+  logits_match "$dir" "$3 $1"
   "$moe" generate --model "$dir" --ids "$(cat "$dir/ids.txt")" --max-new-tokens 8 --temperature 0 \
     >"$tmp/gen" 2>&1 || fail "$3 $1 generate: $(cat "$tmp/gen")"
   [ "$(cat "$tmp/gen")" = "$(cat "$dir/greedy.txt")" ] ||
     fail "$3 $1 greedy continuation $(cat "$tmp/gen"), reference $(cat "$dir/greedy.txt") (seed $seed)"
 done
+# keys left out mean Hugging Face's defaults (transformers' configuration_<family>.py): each
+# family written with them set, then without them, gives the reference's logits
+# (num_key_value_heads: 8 of Mixtral's 16 heads, 16 of Qwen2-MoE's 32, 4 of Qwen3-MoE's 8;
+# heads at least 4 wide, so that rope_theta matters)
+for v in 'mixtral {"hidden_size": 64, "num_attention_heads": 16, "num_key_value_heads": 8, "rope_theta": 1e6, "rms_norm_eps": 1e-5}' \
+         'qwen2_moe {"hidden_size": 128, "num_attention_heads": 32, "num_key_value_heads": 16, "rms_norm_eps": 1e-6, "norm_topk_prob": false, "shared_expert_intermediate_size": 5632}' \
+         'qwen3_moe {"num_attention_heads": 8, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "norm_topk_prob": false}' \
+         'olmoe {"num_key_value_heads": 4, "rms_norm_eps": 1e-5, "norm_topk_prob": false}' \
+         'deepseek_v2 {"rms_norm_eps": 1e-6}' \
+         'deepseek_v3 {"n_routed_experts": 16, "n_group": 8, "topk_group": 4, "rms_norm_eps": 1e-6, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": true, "rope_interleave": true}'; do
+  fam=${v%% *}; over=${v#* }
+  /usr/bin/python3 "$src/tests/hf_models.py" "$tmp/def$fam" F32 1 "$seed" 97 "$fam" "$over" || fail "writing $fam"
+  edit "$tmp/def$fam" "
+for k in list(json.loads('$over')) + ['rope_theta']:  # theta: 10000, Mixtral's 1e6
+    if k not in ('hidden_size', 'num_attention_heads', 'n_routed_experts'): c.pop(k, None)"
+  logits_match "$tmp/def$fam" "$fam with Hugging Face's defaults"
+done
+# MLA's latent norms take 1e-6 whatever rms_norm_eps says (Hugging Face's RMSNorm default)
+/usr/bin/python3 "$src/tests/hf_models.py" "$tmp/d3eps" F32 1 "$seed" 97 deepseek_v3 '{"rms_norm_eps": 0.01}' ||
+  fail "writing deepseek_v3 with rms_norm_eps 0.01"
+logits_match "$tmp/d3eps" "deepseek_v3 with rms_norm_eps 0.01"
+# transformers v5 writes RoPE as rope_parameters (rope_theta, rope_type and YaRN's keys): the
+# same logits as rope_theta and rope_scaling
+cp -r "$tmp/mF32" "$tmp/v5m"
+edit "$tmp/v5m" "c['rope_parameters'] = {'rope_type': 'default', 'rope_theta': c.pop('rope_theta')}"
+logits_match "$tmp/v5m" "mixtral with rope_parameters"
+cp -r "$tmp/d2F32" "$tmp/v5d2"
+edit "$tmp/v5d2" "r = c.pop('rope_scaling'); r['rope_type'] = r.pop('type'); r['rope_theta'] = c.pop('rope_theta')
+c['rope_parameters'] = r"
+logits_match "$tmp/v5d2" "deepseek_v2 with rope_parameters"
+# Mixtral's sliding_window at least max_position_embeddings long never applies
+cp -r "$tmp/mF32" "$tmp/swm"
+edit "$tmp/swm" "c['sliding_window'] = c['max_position_embeddings']"
+logits_match "$tmp/swm" "mixtral with sliding_window = max_position_embeddings"
+
 # text: a tokenizer.json (SentencePiece style, Metaspace; 97 ids as the model's vocabulary) in
 # the Mixtral directory; moe generate --prompt gives the text of the greedy ids of the prompt's
 # ids (decoded here with the Metaspace rule, special tokens left out)
@@ -171,7 +220,17 @@ for k in a:
 print("%d tensors identical (%d expert tensors)" % (len(a), experts))
 PY
 }
-for t in mF32 mBF16 mF16 qF32 qBF16 q3F16 oBF16 d2F32 d3BF16; do # every family written as itself
+# and the source's config.json values as written, but torch_dtype (1e-5 stays 1e-5, not
+# 9.99999974737875e-06; initializer_range, read by no loader, stays 0.006; rope_parameters)
+same_config() { # same_config SRC OUT
+  /usr/bin/python3 - "$1" "$2" <<'PY'
+import json, sys
+a, b = (json.load(open(d + "/config.json")) for d in sys.argv[1:])
+bad = [(k, v, b.get(k)) for k, v in a.items() if k != "torch_dtype" and b.get(k, KeyError) != v]
+assert not bad, bad
+PY
+}
+for t in mF32 mBF16 mF16 qF32 qBF16 q3F16 oBF16 d2F32 d3BF16 v5m v5d2; do # every family written as itself
   "$moe" convert --model "$tmp/$t" --to hf "$tmp/x$t" >"$tmp/out" 2>&1 || fail "convert $t: $(cat "$tmp/out")"
   fam=$(sed -n 's/.*"model_type": *"\([a-z0-9_]*\)".*/\1/p' "$tmp/$t/config.json")
   grep -q "($fam, " "$tmp/out" || fail "convert $t: not written as $fam: $(cat "$tmp/out")"
@@ -179,6 +238,7 @@ for t in mF32 mBF16 mF16 qF32 qBF16 q3F16 oBF16 d2F32 d3BF16; do # every family 
   "$moe" eval --model "$tmp/x$t" --ids "$(cat "$tmp/$t/ids.txt")" --dump-logits "$tmp/x$t.npy" >"$tmp/out" 2>&1 ||
     fail "eval of the converted $t: $(cat "$tmp/out")"
   cmp -s "$tmp/x$t.npy" "$tmp/$t/out.npy" || fail "converted $t: other logits"
+  same_config "$tmp/$t" "$tmp/x$t" || fail "convert $t changed config.json values"
 done
 cmp -s "$tmp/mF32/tokenizer.json" "$tmp/xmF32/tokenizer.json" || fail "convert did not copy tokenizer.json"
 # the source's other config.json keys are kept (eos_token_id, 32768 positions though we plan 4096)
@@ -217,6 +277,17 @@ grep -q '"eos_token_id":[[:space:]]*256' "$tmp/xrun/config.json" || fail "no eos
 "$moe" convert --load "$tmp/run2" --to hf "$tmp/xrun2" >"$tmp/out" 2>&1 && fail "shared expert converted"
 grep -q "no shared expert" "$tmp/out" || fail "shared expert message: $(cat "$tmp/out")"
 [ ! -e "$tmp/xrun2" ] || fail "a refused conversion left a directory"
+# interleaved RoPE and YaRN: only DeepSeek's families have them (Mixtral's reason shown)
+for v in "--rotary-interleaved:--rotary-interleaved" \
+         "--rotary-scaling-factor 4 --original-max-position-embeddings 16:--rotary-scaling-factor"; do
+  # shellcheck disable=SC2086
+  "$moe" train $tiny --train-iters 1 ${v%%:*} --save "$tmp/rope" >"$tmp/out" 2>&1 || fail "train ${v%%:*}"
+  "$moe" convert --load "$tmp/rope" --to hf "$tmp/xrope" >"$tmp/out" 2>&1 && fail "${v%%:*} converted"
+  grep -q "cannot write a mixtral model: .*(${v#*:}.* only written as deepseek_v2 or deepseek_v3" \
+    "$tmp/out" || fail "${v%%:*} message: $(cat "$tmp/out")"
+  [ ! -e "$tmp/xrope" ] || fail "a refused conversion left a directory"
+  rm -rf "$tmp/rope"
+done
 
 # fine-tuning: moe train --init-from DIR takes the model's config.json, the flags on top (here
 # an aux loss), and its weights: with lr 0 the saved parameters are exactly the model's
@@ -238,6 +309,11 @@ cmp_tensors "$tmp/qft/step-00000001" "$tmp/qv" || fail "init-from did not load t
 # our Qwen2-MoE-shaped checkpoint (q/k/v biases, gated shared expert) is written as qwen2_moe
 "$moe" convert --load "$tmp/qft" --to hf "$tmp/xq" >"$tmp/out" 2>&1 || fail "convert qwen run: $(cat "$tmp/out")"
 grep -q "(qwen2_moe, " "$tmp/out" || fail "qwen run not written as qwen2_moe: $(cat "$tmp/out")"
+# its 300 ids are not moe prepare's bytes: no tokenizer.json or end-of-text 256, said so
+[ ! -e "$tmp/xq/tokenizer.json" ] || fail "a 300-token run got the byte tokenizer.json"
+! grep -q eos_token_id "$tmp/xq/config.json" || fail "a 300-token run got an eos_token_id"
+grep -q "vocabulary of 300 tokens is not moe prepare's bytes" "$tmp/out" ||
+  fail "no word on the missing tokenizer: $(cat "$tmp/out")"
 cmp_tensors "$tmp/qft/step-00000001" "$tmp/xq" || fail "qwen run converted wrongly"
 # DeepSeek-V3 fine-tuning keeps MLA, YaRN, the routing and the selection bias: with lr 0 and no
 # bias updates the run's checkpoint, written back as deepseek_v3, gives bitwise the same logits
@@ -298,6 +374,28 @@ bad() { # bad NAME EXPECTED-TEXT: run moe eval on $tmp/bad
   grep -q "$2" "$tmp/out" || fail "$1: $(cat "$tmp/out")"
 }
 fresh() { rm -rf "$tmp/bad"; cp -r "$tmp/m$1" "$tmp/bad"; }
+refused() { # refused SRC PYTHON EXPECTED-TEXT: SRC with config.json changed by PYTHON
+  rm -rf "$tmp/bad"; cp -r "$1" "$tmp/bad"; edit "$tmp/bad" "$2"; bad "$2" "$3"
+}
+refused "$tmp/mF32" "c['rope_scaling'] = {'type': 'linear', 'factor': 2.0}" \
+  'rope_scaling of type "linear" is not supported for mixtral (only DeepSeek.s yarn is modelled)'
+refused "$tmp/oBF16" "c['rope_scaling'] = {'rope_type': 'dynamic', 'factor': 2.0}" \
+  'rope_scaling of type "dynamic" is not supported for olmoe'
+refused "$tmp/q3F16" "c['rope_parameters'] = {'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32}" \
+  'rope_parameters of type "yarn" is not supported for qwen3_moe'
+refused "$tmp/qF32" "c['rope_scaling'] = {'type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32}" \
+  'rope_scaling of type "yarn" is not supported for qwen2_moe'
+refused "$tmp/d2F32" "c['rope_scaling']['type'] = 'linear'" \
+  'rope_scaling of type "linear" is not supported for deepseek_v2 (only "yarn" is)'
+refused "$tmp/mF32" "c['rope_parameters'] = {'rope_theta': 500000.0}" \
+  "rope_theta 10000 and rope_parameters' rope_theta 500000 differ"
+refused "$tmp/mF32" "c['max_position_embeddings'] = 32768; c['sliding_window'] = 4096" \
+  'sliding_window 4096 (below max_position_embeddings 32768) is not supported'
+refused "$tmp/mF32" "del c['max_position_embeddings']; c['sliding_window'] = 32768" \
+  'sliding_window 32768 (below max_position_embeddings 131072)'
+refused "$tmp/qF32" "c['qkv_bias'] = False" 'qkv_bias false is not supported for qwen2_moe'
+refused "$tmp/d3BF16" "c['scoring_func'] = 'softmax'" \
+  'deepseek_v3 routes with sigmoid scores and noaux_tc in Hugging Face, not scoring_func "softmax"'
 fresh F32; sed -i 's/"mixtral"/"llama9"/' "$tmp/bad/config.json"; bad "unknown model_type" 'model_type "llama9" is not supported (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)'
 fresh F32; sed -i 's/"num_experts_per_tok": 2/"num_experts_per_tok": 9/' "$tmp/bad/config.json"; bad "top-k above E" "must be between 1 and num-experts"
 fresh F32; sed -i 's/"hidden_size": 32/"hidden_size": "32"/' "$tmp/bad/config.json"; bad "string hidden size" '"hidden_size" must be an integer'

@@ -80,7 +80,9 @@ def mla(h, P, pre, c):
     output [B, S, H*dv] before o_proj."""
     qr, kr, dn, dr, dv = c["mla"]
     B, S, _ = h.shape
-    H, eps, a = c["n_heads"], c["eps"], pre + ".self_attn."
+    # the latent norms (q_a_layernorm, kv_a_layernorm) are built with RMSNorm's default eps
+    # of 1e-6 by Hugging Face, whatever rms_norm_eps is
+    H, eps, a = c["n_heads"], 1e-6, pre + ".self_attn."
     if qr:
         q = rmsnorm(h @ P[a + "q_a_proj.weight"].T, P[a + "q_a_layernorm.weight"], eps) @ P[a + "q_b_proj.weight"].T
     else:

@@ -210,14 +210,19 @@ done:
 }
 
 /* The tokenizer of the converted model into out: from a model directory its tokenizer files
- * (*copied of them), for our checkpoints a tokenizer.json of the byte vocabulary. */
-static moe_status copy_tokenizer(const char *model_dir, const char *out, int *copied) {
+ * (*copied of them); for our checkpoints a tokenizer.json of the byte vocabulary when the
+ * model's vocabulary is moe prepare's bytes (*copied 1), else none: a run of another
+ * vocabulary started from a model or trained on its tokens, whose tokenizer we do not have. */
+static moe_status copy_tokenizer(const char *model_dir, int vocab, const char *out,
+                                 int *copied) {
     static const char *const files[] = {"tokenizer.json", "tokenizer_config.json",
                                         "special_tokens_map.json", "generation_config.json"};
     char from[MOE_PATH_MAX + 32], to[MOE_PATH_MAX + 32];
     *copied = 0;
     if (!model_dir[0]) {
+        if (vocab != MOE_BYTE_VOCAB) return MOE_OK;
         snprintf(to, sizeof to, "%s/tokenizer.json", out);
+        *copied = 1;
         return moe_tokenizer_write_bytes(to);
     }
     for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
@@ -277,15 +282,19 @@ int moe_cmd_convert(int argc, char **argv) {
         s = o.hf_model[0] ? moe_hf_load(o.hf_model, family, m) : moe_checkpoint_load(ckpt, m, NULL);
     if (s == MOE_OK) s = moe_hf_save(out, family, m, o.hf_model[0] ? o.hf_model : NULL);
     int copied = 0;
-    if (s == MOE_OK) s = copy_tokenizer(o.hf_model, out, &copied);
-    if (s == MOE_OK)
-        printf("wrote %s/config.json and %s/model.safetensors (%s, %zu parameters)%s\n",
-               out, out, family, moe_model_param_count(m),
-               !o.hf_model[0] ? ", tokenizer.json (bytes)"
-               : copied       ? ", the tokenizer files"
-                              : "; no tokenizer.json to copy");
-    else
+    if (s == MOE_OK) s = copy_tokenizer(o.hf_model, c.vocab, out, &copied);
+    if (s == MOE_OK) {
+        printf("wrote %s/config.json and %s/model.safetensors (%s, %zu parameters)", out, out,
+               family, moe_model_param_count(m));
+        if (o.hf_model[0])
+            fputs(copied ? ", the tokenizer files\n" : "; no tokenizer.json to copy\n", stdout);
+        else if (copied) fputs(", tokenizer.json (bytes)\n", stdout);
+        else printf("; the run's vocabulary of %d tokens is not moe prepare's bytes, so no "
+                    "tokenizer.json: copy the tokenizer files of the model it started from into "
+                    "%s\n", c.vocab, out);
+    } else {
         fprintf(stderr, "moe convert: %s\n", moe_last_error());
+    }
     moe_model_destroy(m);
     return s == MOE_OK ? 0 : 1;
 }

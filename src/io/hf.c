@@ -8,6 +8,7 @@
 
 #include <cJSON.h>
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,24 +53,94 @@ static moe_status get_bool(const cJSON *j, const char *key, int def, int *out) {
     return MOE_OK;
 }
 
+/* A family of config.json (its model_type) and the defaults of its configuration class in
+ * transformers (configuration_<family>.py) for keys a config.json may leave out: a directory
+ * means what Hugging Face makes of it. kv_heads 0: num_attention_heads. */
+typedef struct hf_family hf_family;
+struct hf_family {
+    const char *type;
+    moe_status (*parse)(const cJSON *j, moe_model_config *c, const hf_family *f);
+    double rope_theta, norm_eps;
+    int max_pos, kv_heads;
+};
+
+/* The RoPE type of a rope_scaling or rope_parameters object: rope_type, else the older type,
+ * else "default" (as transformers reads them); NULL when it is not a string. */
+static const char *rope_type(const cJSON *r) {
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(r, "rope_type");
+    if (!t) t = cJSON_GetObjectItemCaseSensitive(r, "type");
+    if (!t) return "default";
+    return cJSON_IsString(t) ? t->valuestring : NULL;
+}
+
+/* Whether key is in j and not null. */
+static int present(const cJSON *j, const char *key) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+    return v && !cJSON_IsNull(v);
+}
+
+/* RoPE: rope_theta (absent: the family's), and its scaling from rope_scaling or from
+ * transformers v5's rope_parameters (which also holds rope_theta then; both versions read
+ * rope_scaling alone when it is set). Only DeepSeek's YaRN is modelled: any other scaling is
+ * refused, as running without it would give other logits than Hugging Face. */
+static moe_status get_rope(const cJSON *j, moe_model_config *c, const hf_family *f) {
+    const cJSON *scaling = cJSON_GetObjectItemCaseSensitive(j, "rope_scaling");
+    const cJSON *params = cJSON_GetObjectItemCaseSensitive(j, "rope_parameters");
+    if (cJSON_IsNull(scaling)) scaling = NULL;
+    if (cJSON_IsNull(params)) params = NULL;
+    if ((scaling && !cJSON_IsObject(scaling)) || (params && !cJSON_IsObject(params)))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: rope_scaling and rope_parameters "
+                             "must be objects or null");
+    if (scaling && scaling->child) params = NULL;
+    MOE_TRY(get_float(j, "rope_theta", 1, 1e12, f->rope_theta, &c->rope_theta));
+    if (params && present(params, "rope_theta")) {
+        float inner = 0;
+        MOE_TRY(get_float(params, "rope_theta", 1, 1e12, f->rope_theta, &inner));
+        if (present(j, "rope_theta") && inner != c->rope_theta)
+            return moe_set_error(MOE_ERR_FORMAT, "config.json: rope_theta %g and "
+                                 "rope_parameters' rope_theta %g differ", c->rope_theta, inner);
+        c->rope_theta = inner;
+    }
+    const cJSON *r = params ? params : scaling;
+    const char *key = params ? "rope_parameters" : "rope_scaling";
+    const char *type = r ? rope_type(r) : "default";
+    if (!type)
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: %s's rope_type must be a string", key);
+    if (!strcmp(type, "default")) return MOE_OK;
+    int deepseek = !strncmp(f->type, "deepseek", 8);
+    if (!deepseek || strcmp(type, "yarn"))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: %s of type \"%.20s\" is not "
+                             "supported for %s (%s)", key, type, f->type,
+                             deepseek ? "only \"yarn\" is" : "only DeepSeek's yarn is modelled");
+    MOE_TRY(get_float(r, "factor", 1, 1e6, 1, &c->rope_factor));
+    MOE_TRY(get_int(r, "original_max_position_embeddings", 1, 1 << 24, -1, &c->rope_orig_max_pos));
+    MOE_TRY(get_float(r, "beta_fast", 1e-6, 1e6, 32, &c->rope_beta_fast));
+    MOE_TRY(get_float(r, "beta_slow", 1e-6, 1e6, 1, &c->rope_beta_slow));
+    MOE_TRY(get_float(r, "mscale", 0, 1e6, 0, &c->rope_mscale));
+    return get_float(r, "mscale_all_dim", 0, 1e6, 0, &c->rope_mscale_all_dim);
+}
+
 /* What the decoder families share: sizes, attention, norms, RoPE, SwiGLU experts behind a
  * softmax top-k router; expert_ffn and n_experts are the family's key names. */
-static moe_status parse_common(const cJSON *j, moe_model_config *c, const char *expert_ffn,
-                               const char *n_experts) {
-    int hd, tie = 0, max_pos;
+static moe_status parse_common(const cJSON *j, moe_model_config *c, const hf_family *f,
+                               const char *expert_ffn, const char *n_experts) {
+    int hd = 0, tie = 0, max_pos = 0;
     MOE_TRY(get_bool(j, "tie_word_embeddings", 0, &tie));
     MOE_TRY(get_int(j, "vocab_size", 2, 1 << 24, -1, &c->vocab));
     MOE_TRY(get_int(j, "hidden_size", 1, 1 << 20, -1, &c->d));
     MOE_TRY(get_int(j, "num_hidden_layers", 1, MOE_MAX_LAYERS, -1, &c->n_layers));
     MOE_TRY(get_int(j, "num_attention_heads", 1, 1 << 16, -1, &c->n_heads));
-    MOE_TRY(get_int(j, "num_key_value_heads", 1, 1 << 16, c->n_heads, &c->n_kv_heads));
+    /* absent: the family's default; null: num_attention_heads (transformers' fallback) */
+    int kv = f->kv_heads && !cJSON_GetObjectItemCaseSensitive(j, "num_key_value_heads")
+                 ? f->kv_heads : c->n_heads;
+    MOE_TRY(get_int(j, "num_key_value_heads", 1, 1 << 16, kv, &c->n_kv_heads));
     MOE_TRY(get_int(j, expert_ffn, 1, 1 << 24, -1, &c->moe.ffn));
     MOE_TRY(get_int(j, n_experts, 1, 1 << 16, -1, &c->moe.n_experts));
     MOE_TRY(get_int(j, "num_experts_per_tok", 1, 1 << 16, -1, &c->moe.topk));
-    MOE_TRY(get_int(j, "max_position_embeddings", 1, 1 << 24, 4096, &max_pos));
+    MOE_TRY(get_int(j, "max_position_embeddings", 1, 1 << 24, f->max_pos, &max_pos));
     MOE_TRY(get_int(j, "head_dim", 1, 1 << 16, c->d / c->n_heads, &hd));
-    MOE_TRY(get_float(j, "rms_norm_eps", 0, 1, 1e-5, &c->norm_eps));
-    MOE_TRY(get_float(j, "rope_theta", 1, 1e12, 1e6, &c->rope_theta));
+    MOE_TRY(get_float(j, "rms_norm_eps", 0, 1, f->norm_eps, &c->norm_eps));
+    MOE_TRY(get_rope(j, c, f));
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(j, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu")))
         return moe_set_error(MOE_ERR_FORMAT, "config.json: hidden_act must be \"silu\"");
@@ -89,8 +160,17 @@ static moe_status parse_common(const cJSON *j, moe_model_config *c, const char *
     return MOE_OK;
 }
 
-static moe_status parse_mixtral(const cJSON *j, moe_model_config *c) {
-    return parse_common(j, c, "intermediate_size", "num_local_experts");
+/* Mixtral: sliding_window null, or at least max_position_embeddings long (then it never
+ * applies); a shorter window is not modelled. */
+static moe_status parse_mixtral(const cJSON *j, moe_model_config *c, const hf_family *f) {
+    int max_pos = 0, window = 0;
+    MOE_TRY(parse_common(j, c, f, "intermediate_size", "num_local_experts"));
+    MOE_TRY(get_int(j, "max_position_embeddings", 1, 1 << 24, f->max_pos, &max_pos));
+    MOE_TRY(get_int(j, "sliding_window", 1, INT_MAX, max_pos, &window));
+    if (window < max_pos)
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: sliding_window %d (below "
+                             "max_position_embeddings %d) is not supported", window, max_pos);
+    return MOE_OK;
 }
 
 /* norm_topk_prob (renormalise the k weights of the softmax), absent: def. */
@@ -123,20 +203,21 @@ static moe_status no_attention_bias(const cJSON *j) {
     return MOE_OK;
 }
 
-/* Qwen3-MoE: q and k RMSNorm per head, top-k renormalised with norm_topk_prob (its default). */
-static moe_status parse_qwen3_moe(const cJSON *j, moe_model_config *c) {
-    MOE_TRY(parse_common(j, c, "moe_intermediate_size", "num_experts"));
+/* Qwen3-MoE: q and k RMSNorm per head, top-k renormalised with norm_topk_prob (absent:
+ * false, as Qwen3MoeConfig has it; the published models set it true). */
+static moe_status parse_qwen3_moe(const cJSON *j, moe_model_config *c, const hf_family *f) {
+    MOE_TRY(parse_common(j, c, f, "moe_intermediate_size", "num_experts"));
     MOE_TRY(qwen_layout(j));
     MOE_TRY(no_attention_bias(j));
-    MOE_TRY(get_norm_topk(j, 1, c));
+    MOE_TRY(get_norm_topk(j, 0, c));
     MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, c->moe.ffn, &c->ffn));
     c->qk_norm = MOE_QK_NORM_HEAD;
     return MOE_OK;
 }
 
 /* OLMoE: q and k RMSNorm over the whole projection; top-k not renormalised by default. */
-static moe_status parse_olmoe(const cJSON *j, moe_model_config *c) {
-    MOE_TRY(parse_common(j, c, "intermediate_size", "num_experts"));
+static moe_status parse_olmoe(const cJSON *j, moe_model_config *c, const hf_family *f) {
+    MOE_TRY(parse_common(j, c, f, "intermediate_size", "num_experts"));
     MOE_TRY(no_attention_bias(j));
     const cJSON *clip = cJSON_GetObjectItemCaseSensitive(j, "clip_qkv");
     if (clip && !cJSON_IsNull(clip))
@@ -146,43 +227,32 @@ static moe_status parse_olmoe(const cJSON *j, moe_model_config *c) {
     return MOE_OK;
 }
 
-/* Qwen2-MoE (Qwen1.5-MoE): q/k/v biases, a shared expert gated by sigmoid(g . x), top-k of the
- * softmax renormalised only with norm_topk_prob. */
-static moe_status parse_qwen2_moe(const cJSON *j, moe_model_config *c) {
-    MOE_TRY(parse_common(j, c, "moe_intermediate_size", "num_experts"));
+/* Qwen2-MoE (Qwen1.5-MoE): q/k/v biases (qkv_bias, true unless set false), a shared expert
+ * gated by sigmoid(g . x) (shared_expert_intermediate_size, absent: Hugging Face's 5632; 0:
+ * none), top-k of the softmax renormalised only with norm_topk_prob. */
+static moe_status parse_qwen2_moe(const cJSON *j, moe_model_config *c, const hf_family *f) {
+    int bias = 1;
+    MOE_TRY(parse_common(j, c, f, "moe_intermediate_size", "num_experts"));
     MOE_TRY(qwen_layout(j));
+    MOE_TRY(get_bool(j, "qkv_bias", 1, &bias));
+    if (!bias)
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: qkv_bias false is not supported "
+                             "for qwen2_moe");
     MOE_TRY(get_norm_topk(j, 0, c));
-    MOE_TRY(get_int(j, "shared_expert_intermediate_size", 0, 1 << 24, 0, &c->moe.shared_ffn));
+    MOE_TRY(get_int(j, "shared_expert_intermediate_size", 0, 1 << 24, 5632, &c->moe.shared_ffn));
     MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, c->moe.ffn, &c->ffn));
     c->qkv_bias = 1;
     c->moe.shared_gate = c->moe.shared_ffn > 0;
     return MOE_OK;
 }
 
-/* rope_scaling: null, or YaRN (factor, original_max_position_embeddings, beta_fast, beta_slow,
- * mscale, mscale_all_dim). */
-static moe_status get_rope_scaling(const cJSON *j, moe_model_config *c) {
-    const cJSON *r = cJSON_GetObjectItemCaseSensitive(j, "rope_scaling");
-    if (!r || cJSON_IsNull(r)) return MOE_OK;
-    const cJSON *type = cJSON_GetObjectItemCaseSensitive(r, "type");
-    if (!type) type = cJSON_GetObjectItemCaseSensitive(r, "rope_type");
-    if (!cJSON_IsObject(r) || !cJSON_IsString(type) || strcmp(type->valuestring, "yarn"))
-        return moe_set_error(MOE_ERR_FORMAT, "config.json: rope_scaling must be null or of type "
-                             "\"yarn\"");
-    MOE_TRY(get_float(r, "factor", 1, 1e6, 1, &c->rope_factor));
-    MOE_TRY(get_int(r, "original_max_position_embeddings", 1, 1 << 24, -1, &c->rope_orig_max_pos));
-    MOE_TRY(get_float(r, "beta_fast", 1e-6, 1e6, 32, &c->rope_beta_fast));
-    MOE_TRY(get_float(r, "beta_slow", 1e-6, 1e6, 1, &c->rope_beta_slow));
-    MOE_TRY(get_float(r, "mscale", 0, 1e6, 0, &c->rope_mscale));
-    return get_float(r, "mscale_all_dim", 0, 1e6, 0, &c->rope_mscale_all_dim);
-}
-
 /* DeepSeek-V2 / V3: multi-head latent attention, dense first layers, shared experts, routed
  * weights scaled. V2: softmax, top-k greedy or group-limited (a group's maximum); V3: sigmoid,
  * selection with e_score_correction_bias among the groups of the best top-2 sums, weights
  * renormalised (norm_topk_prob). q_lora_rank null: a full query projection. */
-static moe_status parse_deepseek(const cJSON *j, moe_model_config *c, int v3) {
-    MOE_TRY(parse_common(j, c, "moe_intermediate_size", "n_routed_experts"));
+static moe_status parse_deepseek(const cJSON *j, moe_model_config *c, const hf_family *f) {
+    int v3 = !strcmp(f->type, "deepseek_v3");
+    MOE_TRY(parse_common(j, c, f, "moe_intermediate_size", "n_routed_experts"));
     MOE_TRY(no_attention_bias(j));
     int shared, freq;
     MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, -1, &c->ffn));
@@ -195,7 +265,6 @@ static moe_status parse_deepseek(const cJSON *j, moe_model_config *c, int v3) {
     MOE_TRY(get_int(j, "moe_layer_freq", 1, 1, 1, &freq));
     MOE_TRY(get_int(j, "n_shared_experts", 0, 1 << 10, 0, &shared));
     MOE_TRY(get_float(j, "routed_scaling_factor", 1e-6, 1e6, 1, &c->moe.route_scale));
-    MOE_TRY(get_rope_scaling(j, c));
     MOE_TRY(get_bool(j, "rope_interleave", 1, &c->rope_interleave));
     if (cJSON_GetObjectItemCaseSensitive(j, "quantization_config"))
         return moe_set_error(MOE_ERR_FORMAT, "config.json: quantized (FP8) weights are not "
@@ -203,11 +272,17 @@ static moe_status parse_deepseek(const cJSON *j, moe_model_config *c, int v3) {
     c->head_dim = 0;
     c->n_kv_heads = c->n_heads;
     c->moe.shared_ffn = shared * c->moe.ffn;
+    /* Hugging Face's deepseek_v3 reads neither scoring_func nor topk_method: its router always
+     * takes sigmoid scores and selects with the correction bias among groups (noaux_tc) */
     const cJSON *scoring = cJSON_GetObjectItemCaseSensitive(j, "scoring_func");
     const cJSON *method = cJSON_GetObjectItemCaseSensitive(j, "topk_method");
-    const char *score = cJSON_IsString(scoring) ? scoring->valuestring : "softmax";
-    const char *how = cJSON_IsString(method) ? method->valuestring : "greedy";
+    const char *score = cJSON_IsString(scoring) ? scoring->valuestring : v3 ? "sigmoid" : "softmax";
+    const char *how = cJSON_IsString(method) ? method->valuestring : v3 ? "noaux_tc" : "greedy";
     int sigmoid = !strcmp(score, "sigmoid"), grouped = strcmp(how, "greedy") != 0;
+    if (v3 && (!sigmoid || strcmp(how, "noaux_tc")))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: deepseek_v3 routes with sigmoid "
+                             "scores and noaux_tc in Hugging Face, not scoring_func \"%.20s\" / "
+                             "topk_method \"%.30s\"", score, how);
     if ((!sigmoid && strcmp(score, "softmax")) ||
         (strcmp(how, "greedy") && strcmp(how, "group_limited_greedy") && strcmp(how, "noaux_tc")))
         return moe_set_error(MOE_ERR_FORMAT, "config.json: scoring_func \"%.20s\" / topk_method "
@@ -216,20 +291,30 @@ static moe_status parse_deepseek(const cJSON *j, moe_model_config *c, int v3) {
     c->moe.enable_expert_bias = !strcmp(how, "noaux_tc");
     MOE_TRY(get_norm_topk(j, v3, c));
     if (!v3) c->moe.norm_topk = MOE_NORM_OFF; /* V2 does not renormalise (Hugging Face) */
-    if (grouped) {
-        MOE_TRY(get_int(j, "n_group", 1, 1 << 16, -1, &c->moe.n_groups));
-        MOE_TRY(get_int(j, "topk_group", 1, 1 << 16, -1, &c->moe.group_topk));
+    if (grouped) { /* absent: DeepseekV3Config's 8 and 4; V2 has no defaults */
+        MOE_TRY(get_int(j, "n_group", 1, 1 << 16, v3 ? 8 : -1, &c->moe.n_groups));
+        MOE_TRY(get_int(j, "topk_group", 1, 1 << 16, v3 ? 4 : -1, &c->moe.group_topk));
         c->moe.group_score_topk = v3 ? 2 : 1;
     }
     return MOE_OK;
 }
 
-static moe_status parse_deepseek_v2(const cJSON *j, moe_model_config *c) {
-    return parse_deepseek(j, c, 0);
-}
+/* The families, with their configuration classes' defaults: rope_theta, rms_norm_eps,
+ * max_position_embeddings, num_key_value_heads. */
+static const hf_family families[] = {
+    {"mixtral", parse_mixtral, 1e6, 1e-5, 4096 * 32, 8},
+    {"qwen2_moe", parse_qwen2_moe, 1e4, 1e-6, 32768, 16},
+    {"qwen3_moe", parse_qwen3_moe, 1e4, 1e-6, 32768, 4},
+    {"olmoe", parse_olmoe, 1e4, 1e-5, 4096, 0},
+    {"deepseek_v2", parse_deepseek, 1e4, 1e-6, 2048, 0},
+    {"deepseek_v3", parse_deepseek, 1e4, 1e-6, 4096, 0},
+};
+enum { N_FAMILIES = sizeof families / sizeof *families };
 
-static moe_status parse_deepseek_v3(const cJSON *j, moe_model_config *c) {
-    return parse_deepseek(j, c, 1);
+static const hf_family *find_family(const char *type) {
+    for (int i = 0; i < N_FAMILIES; i++)
+        if (!strcmp(families[i].type, type)) return &families[i];
+    return NULL;
 }
 
 /* DIR/config.json as a JSON object (path receives its path). */
@@ -253,29 +338,22 @@ moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, s
     char path[4400];
     cJSON *j;
     MOE_TRY(read_config(dir, path, sizeof path, &j));
-    static const struct {
-        const char *type;
-        moe_status (*parse)(const cJSON *, moe_model_config *);
-    } families[] = {{"mixtral", parse_mixtral}, {"qwen2_moe", parse_qwen2_moe},
-                    {"qwen3_moe", parse_qwen3_moe}, {"olmoe", parse_olmoe},
-                    {"deepseek_v2", parse_deepseek_v2}, {"deepseek_v3", parse_deepseek_v3}};
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(j, "model_type");
+    const hf_family *f = cJSON_IsString(type) ? find_family(type->valuestring) : NULL;
     moe_model_config c = moe_model_config_default();
     moe_status s = MOE_ERR_FORMAT;
-    size_t i = 0, n = sizeof families / sizeof *families;
-    while (cJSON_IsString(type) && i < n && strcmp(type->valuestring, families[i].type)) i++;
-    if (!cJSON_IsString(type))
+    if (!cJSON_IsString(type)) {
         moe_set_error(s, "%s: no \"model_type\"", path);
-    else if (i == n) {
+    } else if (!f) {
         char known[128] = "";
-        for (size_t k = 0; k < n; k++)
+        for (int k = 0; k < N_FAMILIES; k++)
             snprintf(known + strlen(known), sizeof known - strlen(known), "%s%s", k ? ", " : "",
                      families[k].type);
         moe_set_error(s, "%s: model_type \"%.40s\" is not supported (supported: %s)", path,
                       type->valuestring, known);
+    } else {
+        s = f->parse(j, &c, f);
     }
-    else
-        s = families[i].parse(j, &c);
     if (s == MOE_OK) {
         snprintf(family, cap, "%s", type->valuestring);
         s = moe_model_config_validate(&c);
@@ -392,6 +470,13 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
     }
     if (!mixtral && !qwen2 && !qwen3 && !olmoe) bad = "unknown family";
     else if (c->kv_lora_rank) bad = "multi-head latent attention is DeepSeek's";
+    /* Hugging Face's RoPE of these families is rotate-half without scaling */
+    else if (c->rope_interleave)
+        bad = "RoPE with interleaved pairs (--rotary-interleaved) is only written as "
+              "deepseek_v2 or deepseek_v3";
+    else if (c->rope_factor != 1)
+        bad = "YaRN (--rotary-scaling-factor, --original-max-position-embeddings) is only "
+              "written as deepseek_v2 or deepseek_v3";
     else if (c->first_k_dense || c->moe_layer_freq != 1) bad = "every layer must be an MoE layer";
     else if (m->act != MOE_ACT_SWIGLU) bad = "the experts must use swiglu";
     else if (m->router != MOE_ROUTER_TOPK || m->score != MOE_SCORE_SOFTMAX)
@@ -418,16 +503,38 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
 const char *moe_hf_family_for(const moe_model_config *c) {
     static const char *const order[] = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                                         "deepseek_v3", "deepseek_v2"};
-    char why[128];
+    char why[256];
     for (size_t i = 0; i < sizeof order / sizeof *order; i++)
         if (moe_hf_compatible(c, order[i], why, sizeof why)) return order[i];
     return NULL;
 }
 
-/* Sets key to a number, replacing what base had. */
+/* Sets key to a number unless j holds that number already (a source's value stays as it
+ * was written). */
 static void set_number(cJSON *j, const char *key, double v) {
+    const cJSON *old = cJSON_GetObjectItemCaseSensitive(j, key);
+    if (cJSON_IsNumber(old) && old->valuedouble == v) return;
     cJSON_DeleteItemFromObjectCaseSensitive(j, key);
     cJSON_AddNumberToObject(j, key, v);
+}
+
+/* The double of the shortest decimal that reads back as f: 1e-5f goes out as 1e-05, not as
+ * the widened float 9.99999974737875e-06. */
+static double float_json(float f) {
+    char buf[32];
+    for (int digits = 1; digits < 9; digits++) {
+        snprintf(buf, sizeof buf, "%.*g", digits, (double)f);
+        if ((float)strtod(buf, NULL) == f) return strtod(buf, NULL);
+    }
+    return (double)f;
+}
+
+/* set_number for a value we hold as a float: a number of j that reads as v stays as written
+ * (a source's 1e-6 would otherwise come back as 9.99999997e-07). */
+static void set_float(cJSON *j, const char *key, float v) {
+    const cJSON *old = cJSON_GetObjectItemCaseSensitive(j, key);
+    if (cJSON_IsNumber(old) && (float)old->valuedouble == v) return;
+    set_number(j, key, float_json(v));
 }
 
 static void set_bool(cJSON *j, const char *key, int v) {
@@ -440,25 +547,57 @@ static void set_string(cJSON *j, const char *key, const char *v) {
     cJSON_AddStringToObject(j, key, v);
 }
 
-/* config.json of the family: base (the source's config.json, or an empty object) with the
- * keys its loader reads set from c; a max_position_embeddings of base is kept (we plan memory
- * for at most 4096 positions, the model may have more). */
+/* Whether a and b rotate alike. */
+static int same_rope(const moe_model_config *a, const moe_model_config *b) {
+    if (a->rope_theta != b->rope_theta || a->rope_factor != b->rope_factor) return 0;
+    return !(a->rope_factor > 1) ||
+           (a->rope_orig_max_pos == b->rope_orig_max_pos &&
+            a->rope_beta_fast == b->rope_beta_fast && a->rope_beta_slow == b->rope_beta_slow &&
+            a->rope_mscale == b->rope_mscale && a->rope_mscale_all_dim == b->rope_mscale_all_dim);
+}
+
+/* RoPE: the source's keys as they are when they say what c holds (rope_theta, rope_scaling
+ * or transformers v5's rope_parameters), else rope_theta and rope_scaling (null, or
+ * DeepSeek's yarn) written anew. */
+static void rope_config(const moe_model_config *c, const char *family, cJSON *j) {
+    moe_model_config read = *c;
+    if ((present(j, "rope_theta") || present(j, "rope_parameters")) &&
+        get_rope(j, &read, find_family(family)) == MOE_OK && same_rope(&read, c))
+        return;
+    moe_clear_error();
+    cJSON_DeleteItemFromObjectCaseSensitive(j, "rope_parameters");
+    cJSON_DeleteItemFromObjectCaseSensitive(j, "rope_scaling");
+    set_float(j, "rope_theta", c->rope_theta);
+    if (!(c->rope_factor > 1)) {
+        cJSON_AddNullToObject(j, "rope_scaling");
+        return;
+    }
+    cJSON *r = cJSON_AddObjectToObject(j, "rope_scaling");
+    cJSON_AddStringToObject(r, "type", "yarn");
+    set_float(r, "factor", c->rope_factor);
+    set_number(r, "original_max_position_embeddings", c->rope_orig_max_pos);
+    set_float(r, "beta_fast", c->rope_beta_fast);
+    set_float(r, "beta_slow", c->rope_beta_slow);
+    set_float(r, "mscale", c->rope_mscale);
+    set_float(r, "mscale_all_dim", c->rope_mscale_all_dim);
+}
+
 /* DeepSeek's keys (family_config has set the common ones). */
 static void deepseek_config(const moe_model_config *c, int v3, cJSON *j) {
     const moe_layer_config *m = &c->moe;
-    const char *drop[] = {"num_local_experts", "num_experts", "head_dim", "rope_scaling",
-                          "q_lora_rank"};
+    const char *drop[] = {"num_local_experts", "num_experts", "head_dim", "q_lora_rank"};
     for (size_t i = 0; i < sizeof drop / sizeof *drop; i++)
         cJSON_DeleteItemFromObjectCaseSensitive(j, drop[i]);
     const struct { const char *key; double v; } nums[] = {
         {"n_routed_experts", m->n_experts}, {"n_shared_experts", m->shared_ffn / m->ffn},
         {"moe_intermediate_size", m->ffn}, {"intermediate_size", c->ffn},
         {"first_k_dense_replace", c->first_k_dense}, {"moe_layer_freq", 1},
-        {"routed_scaling_factor", m->route_scale}, {"n_group", m->n_groups},
-        {"topk_group", m->n_groups > 1 ? m->group_topk : 1}, {"kv_lora_rank", c->kv_lora_rank},
-        {"qk_nope_head_dim", c->qk_nope_dim}, {"qk_rope_head_dim", c->qk_rope_dim},
-        {"v_head_dim", c->v_head_dim}, {"num_key_value_heads", c->n_heads}};
+        {"n_group", m->n_groups}, {"topk_group", m->n_groups > 1 ? m->group_topk : 1},
+        {"kv_lora_rank", c->kv_lora_rank}, {"qk_nope_head_dim", c->qk_nope_dim},
+        {"qk_rope_head_dim", c->qk_rope_dim}, {"v_head_dim", c->v_head_dim},
+        {"num_key_value_heads", c->n_heads}};
     for (size_t i = 0; i < sizeof nums / sizeof *nums; i++) set_number(j, nums[i].key, nums[i].v);
+    set_float(j, "routed_scaling_factor", m->route_scale);
     if (c->q_lora_rank) cJSON_AddNumberToObject(j, "q_lora_rank", c->q_lora_rank);
     else cJSON_AddNullToObject(j, "q_lora_rank");
     set_string(j, "topk_method", v3 ? "noaux_tc" : m->n_groups > 1 ? "group_limited_greedy" : "greedy");
@@ -466,21 +605,15 @@ static void deepseek_config(const moe_model_config *c, int v3, cJSON *j) {
     set_bool(j, "norm_topk_prob", v3 && sigmoid_renormalised(m));
     set_bool(j, "attention_bias", 0);
     if (v3) set_bool(j, "rope_interleave", 1);
-    if (c->rope_factor > 1) {
-        cJSON *r = cJSON_AddObjectToObject(j, "rope_scaling");
-        cJSON_AddStringToObject(r, "type", "yarn");
-        cJSON_AddNumberToObject(r, "factor", c->rope_factor);
-        cJSON_AddNumberToObject(r, "original_max_position_embeddings", c->rope_orig_max_pos);
-        cJSON_AddNumberToObject(r, "beta_fast", c->rope_beta_fast);
-        cJSON_AddNumberToObject(r, "beta_slow", c->rope_beta_slow);
-        cJSON_AddNumberToObject(r, "mscale", c->rope_mscale);
-        cJSON_AddNumberToObject(r, "mscale_all_dim", c->rope_mscale_all_dim);
-    } else {
-        cJSON_AddNullToObject(j, "rope_scaling");
-    }
 }
 
-static cJSON *family_config(const moe_model_config *c, const char *family, cJSON *j) {
+/* config.json of the family: base (the source's config.json, or an empty object) with the
+ * keys its loader reads set from c; the source's values stay as written where they say the
+ * same, and so do keys we do not read (initializer_range, token ids...). A source without
+ * max_position_embeddings keeps the family's default (we plan memory for at most 4096
+ * positions, the model may have more). */
+static cJSON *family_config(const moe_model_config *c, const char *family, int source,
+                            cJSON *j) {
     const moe_layer_config *m = &c->moe;
     int mixtral = !strcmp(family, "mixtral"), qwen2 = !strcmp(family, "qwen2_moe"),
         qwen3 = !strcmp(family, "qwen3_moe");
@@ -495,15 +628,17 @@ static cJSON *family_config(const moe_model_config *c, const char *family, cJSON
     for (int i = 0; i < 6; i++)
         if (!strcmp(arch[i][0], family)) cJSON_AddItemToArray(a, cJSON_CreateString(arch[i][1]));
     set_string(j, "model_type", family);
-    if (!cJSON_GetObjectItemCaseSensitive(j, "max_position_embeddings"))
+    if (!source && !cJSON_GetObjectItemCaseSensitive(j, "max_position_embeddings"))
         cJSON_AddNumberToObject(j, "max_position_embeddings", c->seq_len);
+    if (!cJSON_GetObjectItemCaseSensitive(j, "initializer_range"))
+        set_float(j, "initializer_range", c->init_std);
     const struct { const char *key; double v; } nums[] = {
         {"vocab_size", c->vocab}, {"hidden_size", c->d}, {"num_hidden_layers", c->n_layers},
         {"num_attention_heads", c->n_heads}, {"num_key_value_heads", c->n_kv_heads},
-        {"num_experts_per_tok", m->topk}, {"rms_norm_eps", c->norm_eps},
-        {"rope_theta", c->rope_theta}, {"head_dim", moe_model_head_dim(c)},
-        {"initializer_range", c->init_std}};
+        {"num_experts_per_tok", m->topk}, {"head_dim", moe_model_head_dim(c)}};
     for (size_t i = 0; i < sizeof nums / sizeof *nums; i++) set_number(j, nums[i].key, nums[i].v);
+    set_float(j, "rms_norm_eps", c->norm_eps);
+    rope_config(c, family, j);
     set_number(j, mixtral ? "num_local_experts" : "num_experts", m->n_experts);
     /* an expert's width: intermediate_size for Mixtral and OLMoE, else moe_intermediate_size
      * (intermediate_size then being the unused dense width) */
@@ -531,7 +666,7 @@ static cJSON *family_config(const moe_model_config *c, const char *family, cJSON
 
 moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const char *base) {
     const moe_model_config *c = moe_model_get_config(m);
-    char why[128];
+    char why[256];
     if (!moe_hf_compatible(c, family, why, sizeof why))
         return moe_set_error(MOE_ERR_INVALID, "cannot write a %s model: %s", family, why);
     if (moe_file_exists(dir, "config.json") || moe_file_exists(dir, "model.safetensors"))
@@ -552,7 +687,7 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const 
         cJSON_Delete(j);
         return made;
     }
-    j = family_config(c, family, j);
+    j = family_config(c, family, base != NULL, j);
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
     if (!text) return moe_set_error(MOE_ERR_NOMEM, "out of memory for config.json");

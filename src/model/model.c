@@ -663,6 +663,11 @@ static void project_qkv(const moe_model *m, const block_ptrs *p, const float *n1
             for (int i = 0; i < n[j]; i++) out[j][(size_t)t * n[j] + i] += b[j][i];
 }
 
+/* The epsilon of MLA's latent RMSNorms (q_a_layernorm, kv_a_layernorm): Hugging Face builds
+ * them with RMSNorm's default 1e-6 whatever rms_norm_eps says, and so must we to give its
+ * logits (and for our own runs to keep theirs once converted). */
+#define MLA_NORM_EPS 1e-6f
+
 /* MLA: q [T, H*dk], k [T, H*dk] and v [T, H*dv] (before RoPE) from s->n1; what backward
  * needs saved in s. Keys: per head [k_nope of the kv_b projection, the rope part shared by
  * the heads]; values: the rest of kv_b. */
@@ -674,7 +679,7 @@ static void mla_project(moe_model *m, const block_ptrs *p, block_saved *s, int T
         ka = kr + dr, kb = dn + dv;
     if (qr) {
         moe_gemm(0, 1, T, qr, d, 1, s->n1, d, p->wqa, d, 0, s->qa, qr);
-        moe_rmsnorm_forward(s->qan, s->rqa, s->qa, p->qan, T, qr, c->norm_eps);
+        moe_rmsnorm_forward(s->qan, s->rqa, s->qa, p->qan, T, qr, MLA_NORM_EPS);
         moe_gemm(0, 1, T, H * dk, qr, 1, s->qan, qr, p->wqb, qr, 0, q, H * dk);
     } else {
         moe_gemm(0, 1, T, H * dk, d, 1, s->n1, d, p->wq, d, 0, q, H * dk);
@@ -683,7 +688,7 @@ static void mla_project(moe_model *m, const block_ptrs *p, block_saved *s, int T
     moe_gemm(0, 1, T, ka, d, 1, s->n1, d, p->wkva, d, 0, kva, ka);
     for (int t = 0; t < T; t++)
         memcpy(s->c + (size_t)t * kr, kva + (size_t)t * ka, sizeof(float) * (size_t)kr);
-    moe_rmsnorm_forward(s->cn, s->rc, s->c, p->kvan, T, kr, c->norm_eps);
+    moe_rmsnorm_forward(s->cn, s->rc, s->c, p->kvan, T, kr, MLA_NORM_EPS);
     moe_gemm(0, 1, T, H * kb, kr, 1, s->cn, kr, p->wkvb, kr, 0, kvb, H * kb);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++)
