@@ -295,7 +295,7 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
                            (long long)ctx.doc_index);
     /* both splits written in full beside the old pair (.next), then renamed: a failure (a full
      * disk) leaves the previous train.bin and val.bin as they were, never a mixed pair */
-    char next[2][4096], path[2][4096];
+    char next[2][4112], path[2][4096];
     const split_buf *split[2] = {&train, &val};
     for (int i = 0; i < 2; i++) {
         snprintf(path[i], sizeof path[i], "%s/%s.bin", out_dir, i ? "val" : "train");
