@@ -63,7 +63,7 @@ static int add_input(const char *path, char ***list, int *n) {
             names[k++] = strdup(full);
         }
         closedir(d);
-        qsort(names, (size_t)k, sizeof *names, cmp_str);
+        if (k > 1) qsort(names, (size_t)k, sizeof *names, cmp_str); /* none: names is NULL */
     } else {
         names = malloc(sizeof *names);
         names[k++] = strdup(path);
