@@ -396,6 +396,8 @@ refused "$tmp/mF32" "del c['max_position_embeddings']; c['sliding_window'] = 327
 refused "$tmp/qF32" "c['qkv_bias'] = False" 'qkv_bias false is not supported for qwen2_moe'
 refused "$tmp/d3BF16" "c['scoring_func'] = 'softmax'" \
   'deepseek_v3 routes with sigmoid scores and noaux_tc in Hugging Face, not scoring_func "softmax"'
+refused "$tmp/d2F32" "c['scoring_func'] = 'sigmoid'" 'deepseek_v2 routes with softmax scores'
+refused "$tmp/d2F32" "c['rope_interleave'] = False" 'rope_interleave false'
 fresh F32; sed -i 's/"mixtral"/"llama9"/' "$tmp/bad/config.json"; bad "unknown model_type" 'model_type "llama9" is not supported (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)'
 fresh F32; sed -i 's/"num_experts_per_tok": 2/"num_experts_per_tok": 9/' "$tmp/bad/config.json"; bad "top-k above E" "must be between 1 and num-experts"
 fresh F32; sed -i 's/"hidden_size": 32/"hidden_size": "32"/' "$tmp/bad/config.json"; bad "string hidden size" '"hidden_size" must be an integer'

@@ -283,6 +283,14 @@ static moe_status parse_deepseek(const cJSON *j, moe_model_config *c, const hf_f
         return moe_set_error(MOE_ERR_FORMAT, "config.json: deepseek_v3 routes with sigmoid "
                              "scores and noaux_tc in Hugging Face, not scoring_func \"%.20s\" / "
                              "topk_method \"%.30s\"", score, how);
+    /* and its deepseek_v2 with softmax scores, greedy or group-limited, and rotates
+     * interleaved pairs, whatever scoring_func and rope_interleave say */
+    if (!v3 && (sigmoid || !strcmp(how, "noaux_tc") || !c->rope_interleave))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: deepseek_v2 routes with softmax "
+                             "scores (greedy or group_limited_greedy) and interleaved RoPE in "
+                             "Hugging Face, not scoring_func \"%.20s\" / topk_method \"%.30s\" / "
+                             "rope_interleave %s", score, how,
+                             c->rope_interleave ? "true" : "false");
     if ((!sigmoid && strcmp(score, "softmax")) ||
         (strcmp(how, "greedy") && strcmp(how, "group_limited_greedy") && strcmp(how, "noaux_tc")))
         return moe_set_error(MOE_ERR_FORMAT, "config.json: scoring_func \"%.20s\" / topk_method "
