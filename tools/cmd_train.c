@@ -259,17 +259,6 @@ int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t ca
     return moe_options_finish(o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN) != MOE_OK ? 2 : 0;
 }
 
-/* The run directory holding checkpoint directory ckpt (its parent, when ckpt is a step-N
- * directory); -1 when ckpt is not in one. */
-static int run_dir_of(const char *ckpt, char *out, size_t cap) {
-    const char *slash = strrchr(ckpt, '/'), *base = slash ? slash + 1 : ckpt;
-    size_t digits = strspn(base + 5, "0123456789");
-    if (strncmp(base, "step-", 5) || !digits || base[5 + digits]) return -1;
-    if (!slash) snprintf(out, cap, ".");
-    else snprintf(out, cap, "%.*s", slash == ckpt ? 1 : (int)(slash - ckpt), ckpt);
-    return 0;
-}
-
 /* a and b name the same existing file or directory */
 static int same_file(const char *a, const char *b) {
     struct stat sa, sb;
@@ -282,7 +271,7 @@ static int same_file(const char *a, const char *b) {
  * the same run would overwrite or prune checkpoints that are not its own. */
 static moe_status choose_save_dir(moe_options *o, const char *ckpt) {
     char run[MOE_PATH_MAX], latest[MOE_PATH_MAX + 64];
-    int in_run = ckpt[0] && run_dir_of(ckpt, run, sizeof run) == 0;
+    int in_run = ckpt[0] && moe_checkpoint_run_dir(ckpt, run, sizeof run) == 0;
     if (!o->save[0] && in_run) snprintf(o->save, sizeof o->save, "%s", run);
     if (!o->save[0] && ckpt[0])
         return moe_set_error(MOE_ERR_INVALID, "%s is not in a run directory: name one for the "
@@ -504,7 +493,7 @@ int moe_cmd_train(int argc, char **argv) {
         printf("nothing to do: the checkpoint is at step %d of %d\n", first - 1, total);
         /* --save to another run directory re-saves it in this run's layout (resharding) */
         char run[MOE_PATH_MAX];
-        int elsewhere = run_dir_of(ckpt, run, sizeof run) || !same_file(run, o.save);
+        int elsewhere = moe_checkpoint_run_dir(ckpt, run, sizeof run) || !same_file(run, o.save);
         if (o.save[0] && elsewhere && save_checkpoint(&o, m, t)) goto fail;
     }
     int bytes = train.vocab == MOE_BYTE_VOCAB; /* moe prepare's byte tokens */

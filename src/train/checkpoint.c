@@ -205,6 +205,14 @@ moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *
     return st;
 }
 
+int moe_checkpoint_run_dir(const char *ckpt, char *out, size_t cap) {
+    const char *slash = strrchr(ckpt, '/'), *base = slash ? slash + 1 : ckpt;
+    if (ckpt_step(base) < 0) return -1;
+    if (!slash) snprintf(out, cap, ".");
+    else snprintf(out, cap, "%.*s", slash == ckpt ? 1 : (int)(slash - ckpt), ckpt);
+    return 0;
+}
+
 moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap) {
     if (moe_file_exists(dir, "model.safetensors") || moe_file_exists(dir, "model.safetensors.index.json")) {
         snprintf(ckpt, cap, "%s", dir);

@@ -62,6 +62,9 @@ moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *
 /* Resolves DIR (a run directory with "latest", or a checkpoint directory) to a checkpoint
  * directory. */
 moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap);
+/* The run directory holding checkpoint directory ckpt (its parent, when ckpt is a step-N
+ * directory) into out; -1 when ckpt is not in one. */
+int moe_checkpoint_run_dir(const char *ckpt, char *out, size_t cap);
 /* The options text stored in a checkpoint (malloc'ed). */
 moe_status moe_checkpoint_config(const char *ckpt, char **config_text);
 /* Loads parameters (by name, shapes checked) and, if t is not NULL, the trainer state. */
