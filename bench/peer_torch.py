@@ -3,15 +3,28 @@
 (Debian's python3-torch), with the same shapes and the same figures as `moe bench`, so that a
 side-by-side comparison is one command each:
 
-  moe bench layer --tokens 4096 --hidden-size 1024 --moe-ffn-hidden-size 2816 --num-experts 8 --moe-router-topk 2
-  /usr/bin/python3 bench/peer_torch.py layer --tokens 4096 --hidden-size 1024 --moe-ffn-hidden-size 2816 --num-experts 8 --moe-router-topk 2
+  moe bench layer --tokens 4096 --hidden-size 1024 --moe-ffn-hidden-size 2816 \
+      --num-experts 8 --moe-router-topk 2
+  /usr/bin/python3 bench/peer_torch.py layer --tokens 4096 --hidden-size 1024 \
+      --moe-ffn-hidden-size 2816 --num-experts 8 --moe-router-topk 2
 
   moe bench train --config configs/default.cfg
   /usr/bin/python3 bench/peer_torch.py train --config configs/default.cfg
 
+On an NVIDIA GPU (against moe.c's CUDA layer), parameters and input on the device in bf16:
+
+  python3 bench/peer_torch.py layer --device cuda --dtype bf16 --tokens 16384 \
+      --hidden-size 4096 --moe-ffn-hidden-size 14336 --num-experts 8 --moe-router-topk 2 \
+      --style all
+
 Layer styles: "hf" is Hugging Face Mixtral's loop over experts with index_add; "grouped" sorts
-the slots by expert and runs one matmul pair per contiguous block. GFLOP/s counts the same GEMM
-work as moe.c (router, experts over the T*k routed rows; backward = 2 x forward)."""
+the slots by expert and runs one matmul pair per contiguous block; "grouped_mm" sorts the same
+way and runs each of the two expert GEMMs as one torch._grouped_mm call over all experts (CUDA,
+bf16, PyTorch >= 2.8; skipped with a note elsewhere). --style both = hf and grouped (as before),
+all = every style. GFLOP/s counts the same GEMM work as moe.c (router, experts over the T*k
+routed rows; backward = 2 x forward). On cpu the ceiling is an fp32 torch.mm 2048^3 and
+--threads sets the threads; on cuda it is a torch.matmul 8192^3 in --dtype, rates are TFLOP/s,
+each timed iteration is bracketed by torch.cuda.synchronize() after 2 warm-up iterations."""
 import argparse
 import math
 import time
@@ -30,13 +43,31 @@ def sgemm_rate(n=2048, reps=5):
     return best
 
 
+def matmul_rate(device, dtype, n=8192, warmup=2, reps=5):
+    """Dense GPU ceiling: best of `reps` n^3 torch.matmul in `dtype` after `warmup` untimed."""
+    a = torch.rand(n, n, device=device, dtype=dtype)
+    b = torch.rand(n, n, device=device, dtype=dtype)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = 0.0
+    for i in range(warmup + reps):
+        torch.cuda.synchronize()
+        start.record()
+        torch.matmul(a, b)
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            best = max(best, 2 * n ** 3 / (start.elapsed_time(end) * 1e-3))
+    return best
+
+
 class MoELayer(torch.nn.Module):
-    def __init__(self, d, f, E, k, style):
+    def __init__(self, d, f, E, k, style, device=None, dtype=None):
         super().__init__()
         self.E, self.k, self.style = E, k, style
-        self.router = torch.nn.Parameter(torch.randn(E, d) * 0.02)
-        self.w_in = torch.nn.Parameter(torch.randn(E, 2 * f, d) * 0.02)  # gate; up
-        self.w_out = torch.nn.Parameter(torch.randn(E, d, f) * 0.02)
+        kw = {"device": device, "dtype": dtype}  # None, None: the default cpu fp32, as before
+        self.router = torch.nn.Parameter(torch.randn(E, d, **kw) * 0.02)
+        self.w_in = torch.nn.Parameter(torch.randn(E, 2 * f, d, **kw) * 0.02)  # gate; up
+        self.w_out = torch.nn.Parameter(torch.randn(E, d, f, **kw) * 0.02)
         self.f = f
 
     def expert(self, e, x):
@@ -53,7 +84,7 @@ class MoELayer(torch.nn.Module):
                 tok, slot = torch.where(top_i == e)
                 if tok.numel():
                     out.index_add_(0, tok, self.expert(e, x[tok]) * w[tok, slot, None])
-        else:
+        elif self.style == "grouped":
             flat = top_i.reshape(-1)
             order = torch.argsort(flat, stable=True)
             tok = order // self.k
@@ -66,6 +97,34 @@ class MoELayer(torch.nn.Module):
                     ys.append(self.expert(e, xs[o:o + n]))
                 o += n
             out.index_add_(0, tok, torch.cat(ys) * ws[:, None])
+        else:  # grouped_mm
+            # torch._grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None), read in
+            # PyTorch's native_functions.yaml, GroupedMMUtils.h, cuda/GroupedBlas.cpp, GroupMM.cu:
+            # a 2-D mat_a [M, K] times a 3-D mat_b [G, K, N] with offs = int32 1-D [G] of
+            # cumulative row END indices (no leading 0; group g = rows offs[g-1]..offs[g], an
+            # empty expert repeats the offset) gives [M, N]; offs.size(0) must equal G. Each
+            # operand needs one of its last two strides to be 1 and the other a multiple of 16
+            # bytes (d and f multiples of 8 in bf16, checked before this style runs) and a
+            # 16-byte aligned data pointer (fresh tensors and the parameters' bases are). Either
+            # layout of mat_b is accepted (the CUTLASS kernel is dispatched on a_row_major x
+            # b_row_major), so the transposed weight views go in without a .contiguous() copy,
+            # as Hugging Face's Mixtral passes weight.transpose(-2, -1). out_dtype must be
+            # mat_a's dtype; bias is refused. The bf16 CUTLASS path (sm90/sm100) needs no
+            # device-to-host sync, so the offsets stay on the device: offs[e] = the number of
+            # slots routed to experts <= e (the int32 cumulative row counts), by searchsorted,
+            # since a CUDA bincount reads its maximum back to the host. Autograd:
+            # derivatives.yaml gives both operands' gradients (_grouped_mm_mat1/mat2_backward).
+            flat = top_i.reshape(-1)
+            sorted_e, order = torch.sort(flat, stable=True)
+            tok = order // self.k
+            experts = torch.arange(self.E, device=flat.device, dtype=flat.dtype)
+            offs = torch.searchsorted(sorted_e, experts, right=True, out_int32=True)
+            xs = x[tok]
+            ws = w.reshape(-1)[order]
+            h = torch._grouped_mm(xs, self.w_in.transpose(-2, -1), offs=offs)  # [T*k, 2f]
+            act = F.silu(h[:, :self.f]) * h[:, self.f:]
+            y = torch._grouped_mm(act, self.w_out.transpose(-2, -1), offs=offs)  # [T*k, d]
+            out.index_add_(0, tok, y * ws[:, None])
         return out
 
 
@@ -73,32 +132,85 @@ def layer_flops(T, d, f, E, k):
     return 2.0 * T * d * E + T * k * (2.0 * d * 3 * f)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def grouped_mm_unavailable(a):
+    """Why the grouped_mm style cannot run with these arguments here, or None if it can."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"PyTorch {torch.__version__} has no torch._grouped_mm (it came with about 2.8)"
+    if a.device != "cuda":
+        return "it needs --device cuda"
+    if a.dtype != "bf16":
+        return "it needs --dtype bf16 (the dtype of torch._grouped_mm's grouped kernel)"
+    if a.hidden_size % 8 or a.moe_ffn_hidden_size % 8:
+        return "torch._grouped_mm needs 16-byte strides: hidden and ffn sizes multiples of 8"
+    return None
+
+
 def bench_layer(a):
     torch.manual_seed(a.seed)
     T, d, f, E, k = a.tokens, a.hidden_size, a.moe_ffn_hidden_size, a.num_experts, a.moe_router_topk
-    peak = sgemm_rate()
-    print(f"peer_torch layer: T={T} d={d} f={f} E={E} k={k}, fp32, {torch.get_num_threads()} "
-          f"threads, PyTorch {torch.__version__}")
-    print(f"ceiling: torch.mm 2048^3 = {peak * 1e-9:.1f} GFLOP/s (best of 5, this run)")
-    x = torch.rand(T, d) * 2 - 1
-    dout = torch.rand(T, d) * 2 - 1
+    cuda = a.device == "cuda"
+    dev, dt = torch.device(a.device), DTYPES[a.dtype]
+    if cuda:
+        peak = matmul_rate(dev, dt)
+        print(f"peer_torch layer: T={T} d={d} f={f} E={E} k={k}, {a.dtype}, cuda "
+              f"{torch.cuda.get_device_name(dev)}, PyTorch {torch.__version__} "
+              f"(CUDA {torch.version.cuda})")
+        print(f"ceiling: torch.matmul 8192^3 {a.dtype} = {peak * 1e-12:.1f} TFLOP/s "
+              f"(best of 5 after 2 warm-ups, this run)")
+    else:
+        peak = sgemm_rate()
+        print(f"peer_torch layer: T={T} d={d} f={f} E={E} k={k}, {a.dtype}, "
+              f"{torch.get_num_threads()} threads, PyTorch {torch.__version__}")
+        tag = "" if a.dtype == "fp32" else " fp32"
+        print(f"ceiling: torch.mm 2048^3{tag} = {peak * 1e-9:.1f} GFLOP/s (best of 5, this run)")
+    x = (torch.rand(T, d) * 2 - 1).to(device=dev, dtype=dt)
+    dout = (torch.rand(T, d) * 2 - 1).to(device=dev, dtype=dt)
     flops = layer_flops(T, d, f, E, k)
-    for style in (["hf", "grouped"] if a.style == "both" else [a.style]):
-        layer = MoELayer(d, f, E, k, style)
-        xi = x.clone().requires_grad_()
-        tf = tb = 0.0
-        for it in range(a.iters + 1):
-            t0 = time.perf_counter()
-            out = layer(xi)
-            t1 = time.perf_counter()
-            out.backward(dout)
-            t2 = time.perf_counter()
-            if it:
-                tf, tb = tf + t1 - t0, tb + t2 - t1
+    styles = {"both": ["hf", "grouped"], "all": ["hf", "grouped", "grouped_mm"]}
+    styles = styles.get(a.style, [a.style])
+    width = max(8, *(len(st) for st in styles))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    warmup = 2 if cuda else 1
+    for style in styles:
+        if style == "grouped_mm":
+            why = grouped_mm_unavailable(a)
+            if why:
+                print(f"{style:{width}s} skipped: {why}")
+                continue
+        try:
+            layer = MoELayer(d, f, E, k, style, dev, dt)
+            xi = x.clone().requires_grad_()
+            tf = tb = 0.0
+            for it in range(warmup + a.iters):
+                sync()
+                t0 = time.perf_counter()
+                out = layer(xi)
+                sync()
+                t1 = time.perf_counter()
+                out.backward(dout)
+                sync()
+                t2 = time.perf_counter()
+                if it >= warmup:
+                    tf, tb = tf + t1 - t0, tb + t2 - t1
+        except RuntimeError as e:  # a refusal by torch._grouped_mm is reported, not fatal
+            if style != "grouped_mm":
+                raise
+            print(f"{style:{width}s} skipped: it failed: {str(e).splitlines()[0]}")
+            continue
+        finally:
+            layer = xi = out = None  # free this style's parameters and graph before the next
         n = a.iters
         rate = 3 * flops * n / (tf + tb)
-        print(f"{style:8s} forward {1e3 * tf / n:9.3f} ms  backward {1e3 * tb / n:9.3f} ms  "
-              f"fwd+bwd {rate * 1e-9:7.1f} GFLOP/s  {100 * rate / peak:5.1f}% of torch.mm")
+        if cuda:
+            print(f"{style:{width}s} forward {1e3 * tf / n:9.3f} ms  backward {1e3 * tb / n:9.3f} "
+                  f"ms  fwd+bwd {rate * 1e-12:7.1f} TFLOP/s  {100 * rate / peak:5.1f}% of "
+                  f"torch.matmul")
+        else:
+            print(f"{style:{width}s} forward {1e3 * tf / n:9.3f} ms  backward {1e3 * tb / n:9.3f} "
+                  f"ms  fwd+bwd {rate * 1e-9:7.1f} GFLOP/s  {100 * rate / peak:5.1f}% of torch.mm")
 
 
 def read_config(path):
@@ -196,7 +308,8 @@ def bench_train(a):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["layer", "train"])
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--hidden-size", type=int, default=128)
@@ -204,12 +317,20 @@ def main():
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--moe-router-topk", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu only)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--style", choices=["hf", "grouped", "both"], default="both")
+    p.add_argument("--style", choices=["hf", "grouped", "grouped_mm", "both", "all"],
+                   default="both", help="both = hf and grouped; all = every style")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="layer only")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="layer only")
     p.add_argument("--config", help="a moe.c config file (moe bench train's shapes)")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this PyTorch sees no CUDA device")
+    if a.what == "train" and (a.device, a.dtype) != ("cpu", "fp32"):
+        p.error("--device and --dtype apply to layer only")
+    if a.device == "cpu":  # --threads is for cpu; on cuda the host side keeps torch's default
+        torch.set_num_threads(a.threads)
     (bench_layer if a.what == "layer" else bench_train)(a)
 
 

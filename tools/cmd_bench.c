@@ -8,6 +8,8 @@
 
 #include "train/trainer.h"
 
+#include "moe_cuda.h"
+
 #include <omp.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -172,6 +174,108 @@ static int bench_layer(moe_options *o, int json) {
     moe_free(dout);
     moe_free(dx);
     moe_layer_destroy(L);
+    return 0;
+}
+
+/* moe bench layer --device cuda: the layer on the GPU; the ceilings are cuBLAS, measured in the
+ * same run: the same GEMMs as the layer's over all routed rows at once (one expert holding
+ * every row: the same FLOPs, dense), and a large square GEMM. */
+static int bench_layer_cuda(moe_options *o, int json) {
+    const moe_layer_config *c = &o->layer;
+    int T = o->tokens, b16 = c->expert_bf16 != 0;
+    moe_cuda_layer *L = NULL;
+    size_t n = (size_t)T * c->d;
+    float *hx = moe_alloc(n, sizeof(float)), *hg = moe_alloc(n, sizeof(float));
+    float *x = NULL, *out = NULL, *dout = NULL, *dx = NULL;
+    moe_status s = hx && hg ? MOE_OK : MOE_ERR_NOMEM;
+    if (s == MOE_OK) s = moe_cuda_layer_create(c, T, &L);
+    if (s == MOE_OK) s = moe_cuda_layer_init_params(L, c->seed, 0.02f);
+    uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 9, 0, 0);
+    if (s == MOE_OK) {
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) {
+            hx[i] = 2 * moe_rng_uniform(c->seed, stream, i) - 1;
+            hg[i] = 2 * moe_rng_uniform(c->seed, stream, n + i) - 1;
+        }
+    }
+    float **dev[] = {&x, &out, &dout, &dx};
+    for (int i = 0; i < 4 && s == MOE_OK; i++) s = moe_cuda_alloc((void **)dev[i], n * 4);
+    if (s == MOE_OK) s = moe_cuda_to_device(x, hx, n * 4);
+    if (s == MOE_OK) s = moe_cuda_to_device(dout, hg, n * 4);
+    moe_forward_args a = moe_forward_args_default();
+    double t_fwd = 0, t_bwd = 0, flops = 0;
+    for (int it = 0; it <= o->iters && s == MOE_OK; it++) { /* iteration 0 warms up */
+        if (it == 1) moe_cuda_layer_time_stages(L, 1);
+        a.step = (uint64_t)it;
+        double t0 = moe_time_now();
+        s = moe_cuda_layer_forward(L, out, x, T, &a);
+        if (s == MOE_OK) s = moe_cuda_synchronize();
+        double t1 = moe_time_now();
+        if (s == MOE_OK) s = moe_cuda_layer_backward(L, dx, dout, x);
+        if (s == MOE_OK) s = moe_cuda_synchronize();
+        double t2 = moe_time_now();
+        if (it > 0 && s == MOE_OK) {
+            t_fwd += t1 - t0;
+            t_bwd += t2 - t1;
+            flops += moe_cli_layer_flops(c, T, moe_cuda_layer_get_stats(L));
+        }
+    }
+    if (s != MOE_OK) {
+        fprintf(stderr, "moe bench: %s\n", moe_last_error());
+        for (int i = 0; i < 4; i++) moe_cuda_free(*dev[i]);
+        moe_cuda_layer_destroy(L);
+        moe_free(hx), moe_free(hg);
+        return 1;
+    }
+    /* the dense ceiling: the layer's GEMMs with every routed row in one expert */
+    const moe_layer_stats *ls = moe_cuda_layer_get_stats(L);
+    int M = (int)ls->routed, d = c->d, f = c->ffn, E = c->n_experts;
+    int gf = c->act == MOE_ACT_SWIGLU || c->act == MOE_ACT_GEGLU ? 2 * f : f;
+    const int shapes[9][6] = {{0, 1, M, gf, d, b16}, {0, 1, M, d, f, b16}, {1, 0, d, f, M, b16},
+                              {0, 0, M, f, d, b16},  {1, 0, gf, d, M, b16}, {0, 0, M, d, gf, b16},
+                              {0, 1, T, E, d, 0},    {1, 0, E, d, T, 0},    {0, 0, T, d, E, 0}};
+    double t_dense = 0;
+    for (int i = 0; i < 9; i++) {
+        const int *q = shapes[i];
+        t_dense += moe_cuda_gemm_seconds(q[0], q[1], q[2], q[3], q[4], q[5], 5);
+    }
+    int sq = 8192;
+    double t_sq = moe_cuda_gemm_seconds(0, 0, sq, sq, sq, b16, 5);
+    double f_call = 3 * flops / o->iters, rate = f_call / ((t_fwd + t_bwd) / o->iters);
+    double dense = f_call / t_dense, square = 2.0 * sq * sq * sq / t_sq;
+    const double *st = moe_cuda_layer_stage_times(L);
+    int iters = o->iters;
+    if (json) {
+        printf("{\"bench\":\"layer\",\"device\":\"cuda\",\"gpu\":\"%s\",\"T\":%d,\"d\":%d,"
+               "\"ffn\":%d,\"E\":%d,\"k\":%d,\"bf16\":%d,\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,"
+               "\"fwd_bwd_tflops\":%.2f,\"dense_same_gemms_tflops\":%.2f,"
+               "\"fraction_of_dense\":%.4f,\"gemm_%d_tflops\":%.2f,\"stages_ms\":{",
+               moe_cuda_device_name(), T, d, f, E, c->topk, b16, 1e3 * t_fwd / iters,
+               1e3 * t_bwd / iters, 1e-12 * rate, 1e-12 * dense, rate / dense, sq, 1e-12 * square);
+        for (int i = 0; i < MOE_STAGE_COUNT; i++)
+            printf("%s\"%s\":%.4f", i ? "," : "", moe_stage_name((moe_stage)i), 1e3 * st[i] / iters);
+        printf("}}\n");
+    } else {
+        printf("moe bench layer --device cuda: T=%d d=%d f=%d E=%d k=%d, experts in %s\n", T, d, f,
+               E, c->topk, b16 ? "bf16 (fp32 accumulation)" : "fp32");
+        printf("GPU: %s\n", moe_cuda_device_name());
+        printf("ceiling: cuBLAS %s, this run: the layer's GEMMs over all %d routed rows as one "
+               "expert = %.1f TFLOP/s; %d^3 = %.1f TFLOP/s\n", b16 ? "bf16" : "fp32", M,
+               1e-12 * dense, sq, 1e-12 * square);
+        double total = t_fwd + t_bwd;
+        printf("%-20s %10s %7s\n", "stage", "ms/call", "share");
+        for (int i = 0; i < MOE_STAGE_COUNT; i++)
+            if (st[i] > 0)
+                printf("%-20s %10.3f %6.1f%%\n", moe_stage_name((moe_stage)i), 1e3 * st[i] / iters,
+                       100 * st[i] / total);
+        printf("forward  %9.3f ms\nbackward %9.3f ms\n", 1e3 * t_fwd / iters, 1e3 * t_bwd / iters);
+        printf("fwd+bwd  %9.3f ms  %7.1f TFLOP/s  %5.1f%% of the dense GEMMs  %5.1f%% of %d^3  "
+               "(%.2f TFLOP per call)\n", 1e3 * total / iters, 1e-12 * rate, 100 * rate / dense,
+               100 * rate / square, sq, 1e-12 * f_call);
+    }
+    for (int i = 0; i < 4; i++) moe_cuda_free(*dev[i]);
+    moe_cuda_layer_destroy(L);
+    moe_free(hx), moe_free(hg);
     return 0;
 }
 
@@ -404,15 +508,23 @@ static int bench_alltoall(moe_options *o, int json) {
 int moe_cmd_bench(int argc, char **argv) {
     if (argc < 1 || (strcmp(argv[0], "layer") && strcmp(argv[0], "train") &&
                      strcmp(argv[0], "alltoall"))) {
-        fprintf(stderr, "moe bench: usage: moe bench layer|train|alltoall [options] [--json]\n");
+        fprintf(stderr, "moe bench: usage: moe bench layer|train|alltoall [options] [--json] [--device cpu|cuda]\n");
         return 2;
     }
     int train = !strcmp(argv[0], "train");
-    int json = 0, n = 0;
+    int json = 0, n = 0, cuda = 0;
     char **rest = malloc(sizeof(char *) * (size_t)argc);
     for (int a = 1; a < argc; a++) {
         if (!strcmp(argv[a], "--json")) json = 1;
+        else if (!strcmp(argv[a], "--device") && a + 1 < argc &&
+                 (!strcmp(argv[a + 1], "cuda") || !strcmp(argv[a + 1], "cpu")))
+            cuda = !strcmp(argv[++a], "cuda");
         else rest[n++] = argv[a];
+    }
+    if (cuda && strcmp(argv[0], "layer")) {
+        fprintf(stderr, "moe bench: --device cuda is for moe bench layer only (so far)\n");
+        free(rest);
+        return 2;
     }
     moe_options o;
     moe_options_default(&o);
@@ -426,5 +538,6 @@ int moe_cmd_bench(int argc, char **argv) {
     if (rc) return rc;
     if (o.threads > 0) omp_set_num_threads(o.threads);
     if (!strcmp(argv[0], "alltoall")) return bench_alltoall(&o, json);
+    if (cuda) return bench_layer_cuda(&o, json);
     return train ? bench_train(&o, json) : bench_layer(&o, json);
 }

@@ -33,6 +33,8 @@ static void usage(FILE *f) {
                "  bench layer|train [options] [--json]   the layer's speed per stage, or\n"
                "              training tokens/s, FLOP utilisation and memory, against the SGEMM\n"
                "              rate measured in the same run\n"
+               "  bench layer --device cuda [options] [--json]   the layer on an NVIDIA GPU\n"
+               "              against cuBLAS's rate for the same GEMMs, measured in the same run\n"
                "  bench alltoall [options] [--json]   under mpirun: the expert-parallel layer's\n"
                "              token exchanges against plain MPI_Alltoallv, tokens/s of all ranks\n"
                "  demo        run the MoE layer forward and backward on random data and report\n"

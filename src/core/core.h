@@ -17,7 +17,11 @@ void moe_clear_error(void);
     do {                                                                                      \
         if (!(cond)) moe_assert_fail(#cond, __FILE__, __LINE__);                              \
     } while (0)
+#ifdef __cplusplus /* the CUDA sources (src/cuda/) are C++ */
+[[noreturn]] void moe_assert_fail(const char *expr, const char *file, int line);
+#else
 _Noreturn void moe_assert_fail(const char *expr, const char *file, int line);
+#endif
 
 /* Returns MOE_ERR_NOMEM (with a message) when a call fails. */
 #define MOE_TRY(call)                                                                         \
@@ -76,7 +80,9 @@ double moe_wall_time(void); /* seconds since the epoch */
  * into the loop that calls it, which the compiler can then vectorise. */
 static inline double moe_poly(const double *c, int n, double x) {
     double p = c[0];
+#ifndef __CUDACC__
 #pragma GCC unroll 32
+#endif
     for (int i = 1; i < n; i++) p = p * x + c[i];
     return p;
 }

@@ -121,6 +121,10 @@ moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *
     MOE_TRY(moe_layer_config_validate(cfg));
     if (max_tokens < 1)
         return moe_set_error(MOE_ERR_INVALID, "max_tokens must be >= 1 (got %d)", max_tokens);
+    /* the CPU's bf16 GEMMs (the CUDA layer has its own) */
+    if (cfg->expert_bf16 && !moe_gemm_bf16_available())
+        return moe_set_error(MOE_ERR_INVALID,
+                             "moe-expert-bf16 needs oneDNN (libdnnl-dev), which this build lacks");
     size_t np = moe_layer_param_count(cfg), need = moe_layer_workspace_estimate(cfg, max_tokens);
     size_t own = (params == NULL) + (grads == NULL);
     if (need != SIZE_MAX && np <= (SIZE_MAX - need) / 8) need += own * 4 * np;
@@ -240,17 +244,11 @@ static void fill_stats(moe_layer *L) {
     r->kept = st->slot_kept;
 }
 
-moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
-                             const moe_forward_args *args) {
-    const moe_layer_config *c = &L->cfg;
-    moe_fwd_state *st = &L->st;
-    moe_forward_args def = moe_forward_args_default();
-    if (!args) args = &def;
-    L->have_forward = 0;
-    if (!x || !out) return moe_set_error(MOE_ERR_INVALID, "moe_layer_forward: x and out must not be NULL");
-    if (T < 1 || T > L->max_tokens)
+moe_status moe_layer_check_call(const moe_layer_config *c, int T, int max_tokens,
+                                const moe_forward_args *args, int *k_out, int *seq_len_out) {
+    if (T < 1 || T > max_tokens)
         return moe_set_error(MOE_ERR_INVALID, "token count %d outside 1..%d (the layer's max_tokens)",
-                             T, L->max_tokens);
+                             T, max_tokens);
     int k = args->topk ? args->topk : c->topk;
     if (k < 1 || k > c->n_experts)
         return moe_set_error(MOE_ERR_INVALID, "per-call topk %d outside 1..num-experts (%d)", k,
@@ -268,6 +266,21 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
                              args->seq_len, T);
     if (!isfinite(args->loss_scale))
         return moe_set_error(MOE_ERR_INVALID, "loss_scale must be finite (got %g)", args->loss_scale);
+    *k_out = k;
+    *seq_len_out = seq_len;
+    return MOE_OK;
+}
+
+moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
+                             const moe_forward_args *args) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    moe_forward_args def = moe_forward_args_default();
+    if (!args) args = &def;
+    L->have_forward = 0;
+    if (!x || !out) return moe_set_error(MOE_ERR_INVALID, "moe_layer_forward: x and out must not be NULL");
+    int k, seq_len;
+    MOE_TRY(moe_layer_check_call(c, T, L->max_tokens, args, &k, &seq_len));
     if (k > L->planned_k) MOE_TRY(alloc_workspace(L, k));
     if (c->ep_size > 1 && moe_comm_size(L->ep_comm) != c->ep_size)
         return moe_set_error(MOE_ERR_INVALID, "the layer is expert-parallel over %d ranks but its "

@@ -137,6 +137,11 @@ struct moe_layer {
     moe_status ep_status;   /* the first communication error of this forward/backward */
 };
 
+/* layer.c: the checks of one call's token count and arguments (CPU and CUDA layers); the
+ * call's k and sequence length. */
+moe_status moe_layer_check_call(const moe_layer_config *c, int T, int max_tokens,
+                                const moe_forward_args *args, int *k, int *seq_len);
+
 /* router.c */
 void moe_router_logits(moe_layer *L, const float *x);
 moe_status moe_router_select(moe_layer *L);

@@ -1,0 +1,86 @@
+/* A build without CUDA (nvcc not found, or MOE_CUDA=OFF): the functions of moe_cuda.h exist and
+ * say so, so that the tool and the tests build the same everywhere. */
+#ifndef MOE_HAVE_CUDA
+#include "moe_cuda.h"
+
+#include "core/core.h"
+
+#include <stddef.h>
+
+static moe_status absent(void) {
+    return moe_set_error(MOE_ERR_INVALID, "this build of moe.c has no CUDA backend (nvcc was "
+                         "not found when it was configured, or MOE_CUDA was OFF)");
+}
+
+int moe_cuda_device_count(void) { return 0; }
+const char *moe_cuda_device_name(void) { return "none: this build has no CUDA backend"; }
+moe_status moe_cuda_alloc(void **p, size_t bytes) {
+    (void)bytes;
+    *p = NULL;
+    return absent();
+}
+void moe_cuda_free(void *p) { (void)p; }
+moe_status moe_cuda_to_device(void *dst, const void *src, size_t bytes) {
+    (void)dst, (void)src, (void)bytes;
+    return absent();
+}
+moe_status moe_cuda_to_host(void *dst, const void *src, size_t bytes) {
+    (void)dst, (void)src, (void)bytes;
+    return absent();
+}
+moe_status moe_cuda_synchronize(void) { return absent(); }
+moe_status moe_cuda_layer_create(const moe_layer_config *cfg, int max_tokens,
+                                 moe_cuda_layer **out) {
+    (void)cfg, (void)max_tokens;
+    *out = NULL;
+    return absent();
+}
+void moe_cuda_layer_destroy(moe_cuda_layer *L) { (void)L; }
+moe_status moe_cuda_layer_set_params(moe_cuda_layer *L, const float *params,
+                                     const float *expert_bias) {
+    (void)L, (void)params, (void)expert_bias;
+    return absent();
+}
+moe_status moe_cuda_layer_init_params(moe_cuda_layer *L, uint64_t seed, float std) {
+    (void)L, (void)seed, (void)std;
+    return absent();
+}
+moe_status moe_cuda_layer_get_grads(moe_cuda_layer *L, float *grads) {
+    (void)L, (void)grads;
+    return absent();
+}
+moe_status moe_cuda_layer_zero_grads(moe_cuda_layer *L) {
+    (void)L;
+    return absent();
+}
+moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, const float *x, int T,
+                                  const moe_forward_args *args) {
+    (void)L, (void)out, (void)x, (void)T, (void)args;
+    return absent();
+}
+moe_status moe_cuda_layer_backward(moe_cuda_layer *L, float *dx, const float *dout,
+                                   const float *x) {
+    (void)L, (void)dx, (void)dout, (void)x;
+    return absent();
+}
+const moe_layer_stats *moe_cuda_layer_get_stats(const moe_cuda_layer *L) {
+    (void)L;
+    return NULL;
+}
+moe_status moe_cuda_layer_fetch_routing(moe_cuda_layer *L, const moe_routing **out) {
+    (void)L;
+    *out = NULL;
+    return absent();
+}
+void moe_cuda_layer_time_stages(moe_cuda_layer *L, int on) { (void)L, (void)on; }
+const double *moe_cuda_layer_stage_times(const moe_cuda_layer *L) {
+    (void)L;
+    return NULL;
+}
+double moe_cuda_gemm_seconds(int ta, int tb, int m, int n, int k, int bf16, int reps) {
+    (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)bf16, (void)reps;
+    return -1;
+}
+#else
+typedef int moe_cuda_absent_unused; /* ISO C: a translation unit is not empty */
+#endif

@@ -1,0 +1,1155 @@
+/* The MoE layer on one NVIDIA GPU (include/moe_cuda.h): the same stages and semantics as the
+ * CPU layer (moe/router.c, balance.c, dispatch.c, experts.c; docs/LAYER.md) for the
+ * configurations moe_cuda_layer_create accepts.
+ *
+ * Forward: logits GEMM (cuBLAS) → one thread per token for scores, selection and weights →
+ * aux and z-loss reductions → a stable radix sort of the slots by expert (CUB; the CPU's
+ * counting sort order) → gather → per expert x W_inᵀ → activation with the routing weight
+ * over all rows → per expert a W_outᵀ → combine in slot order. The per-expert row counts come
+ * back to the host once per forward (the GEMM sizes). Backward in reverse. Every reduction runs
+ * in a fixed order, so results are bitwise repeatable. */
+#include <cublas_v2.h>
+#include <cub/device/device_radix_sort.cuh>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <dlfcn.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "moe_cuda.h"
+#include "core/core.h"
+#include "moe/layer_internal.h"
+}
+
+#define MAX_E 256   /* experts per layer (one thread keeps a token's choices) */
+#define BLOCK 256
+
+typedef __nv_bfloat16 bf16;
+
+static moe_status cuda_error(cudaError_t e, const char *what) {
+    return moe_set_error(MOE_ERR_INVALID, "CUDA: %s: %s", what, cudaGetErrorString(e));
+}
+
+#define CU_TRY(call, what)                                                                     \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        if (e_ != cudaSuccess) return cuda_error(e_, what);                                    \
+    } while (0)
+
+/* cuBLAS is loaded when a GPU is first used, as OpenBLAS is (kernels/gemm.c): a binary built
+ * with CUDA starts as fast as one without and runs where cuBLAS is not installed. */
+static struct {
+    cublasStatus_t (*create)(cublasHandle_t *);
+    cublasStatus_t (*destroy)(cublasHandle_t);
+    cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                              const void *, const void *, cudaDataType, int, const void *,
+                              cudaDataType, int, const void *, void *, cudaDataType, int,
+                              cublasComputeType_t, cublasGemmAlgo_t);
+    const char *(*status_string)(cublasStatus_t);
+    char error[512];
+} cb;
+static pthread_once_t cb_once = PTHREAD_ONCE_INIT;
+
+static void load_cublas(void) {
+    char name[64];
+    snprintf(name, sizeof name, "libcublas.so.%d", CUBLAS_VER_MAJOR);
+    void *h = dlopen(name, RTLD_NOW | RTLD_GLOBAL);
+    if (!h) h = dlopen("libcublas.so", RTLD_NOW | RTLD_GLOBAL);
+    if (!h) {
+        snprintf(cb.error, sizeof cb.error, "cuBLAS could not be loaded (%s): %s", name, dlerror());
+        return;
+    }
+    *(void **)&cb.create = dlsym(h, "cublasCreate_v2");
+    *(void **)&cb.destroy = dlsym(h, "cublasDestroy_v2");
+    *(void **)&cb.gemm_ex = dlsym(h, "cublasGemmEx");
+    *(void **)&cb.status_string = dlsym(h, "cublasGetStatusString");
+    if (!cb.create || !cb.destroy || !cb.gemm_ex || !cb.status_string) {
+        snprintf(cb.error, sizeof cb.error, "%s lacks cublasGemmEx or its peers", name);
+        cb.create = NULL;
+    }
+}
+
+/* A cuBLAS handle, or an error naming why there is none. */
+static moe_status blas_create(cublasHandle_t *h) {
+    pthread_once(&cb_once, load_cublas);
+    if (!cb.create) return moe_set_error(MOE_ERR_INVALID, "CUDA: %s", cb.error);
+    if (cb.create(h) != CUBLAS_STATUS_SUCCESS) {
+        *h = NULL;
+        return moe_set_error(MOE_ERR_INVALID, "cuBLAS: could not create a handle");
+    }
+    return MOE_OK;
+}
+
+#define BLAS_TRY(call, what)                                                                   \
+    do {                                                                                       \
+        cublasStatus_t b_ = (call);                                                            \
+        if (b_ != CUBLAS_STATUS_SUCCESS)                                                       \
+            return moe_set_error(MOE_ERR_INVALID, "cuBLAS: %s: %s", what,                      \
+                                 cb.status_string(b_));                                        \
+    } while (0)
+
+/* ---- device helpers ---------------------------------------------------------------------- */
+
+extern "C" int moe_cuda_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError(); /* clear it: no driver or no device */
+        return 0;
+    }
+    return n;
+}
+
+extern "C" const char *moe_cuda_device_name(void) {
+    static char name[320];
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        snprintf(name, sizeof name, "no CUDA device (%s)",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+        cudaGetLastError();
+        return name;
+    }
+    cudaDeviceProp p;
+    if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) return "CUDA device 0 (no properties)";
+    snprintf(name, sizeof name, "%.200s (compute capability %d.%d, %d SMs, %.1f GiB)", p.name,
+             p.major, p.minor, p.multiProcessorCount, p.totalGlobalMem / 1073741824.0);
+    return name;
+}
+
+extern "C" moe_status moe_cuda_alloc(void **p, size_t bytes) {
+    *p = NULL;
+    CU_TRY(cudaMalloc(p, bytes ? bytes : 1), "cudaMalloc");
+    return MOE_OK;
+}
+extern "C" void moe_cuda_free(void *p) {
+    if (p) cudaFree(p);
+}
+extern "C" moe_status moe_cuda_to_device(void *dst, const void *src, size_t bytes) {
+    CU_TRY(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "copy to the GPU");
+    return MOE_OK;
+}
+extern "C" moe_status moe_cuda_to_host(void *dst, const void *src, size_t bytes) {
+    CU_TRY(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), "copy from the GPU");
+    return MOE_OK;
+}
+extern "C" moe_status moe_cuda_synchronize(void) {
+    CU_TRY(cudaDeviceSynchronize(), "synchronize");
+    return MOE_OK;
+}
+
+static unsigned blocks_for(size_t n, int per) { return (unsigned)((n + per - 1) / per); }
+
+/* Row-major C [m, n] = op(A) op(B) + beta C (fp32 C, fp32 accumulation), A and B fp32 or bf16:
+ * cuBLAS is column-major, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ with the operands swapped. */
+static cublasStatus_t gemm(cublasHandle_t h, int ta, int tb, int m, int n, int k, const void *A,
+                           int lda, const void *B, int ldb, float beta, float *C, int ldc,
+                           int b16) {
+    const float one = 1.0f;
+    cudaDataType_t t = b16 ? CUDA_R_16BF : CUDA_R_32F;
+    return cb.gemm_ex(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m,
+                      k, &one, B, t, ldb, A, t, lda, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                      CUBLAS_GEMM_DEFAULT);
+}
+
+/* ---- the layer ------------------------------------------------------------------------- */
+
+enum { EV_F0, EV_F_ROUTER, EV_F_BALANCE, EV_F_PERMUTE, EV_F_GEMM1, EV_F_ACT, EV_F_GEMM2,
+       EV_F_COMBINE, EV_B0, EV_B_GATHER, EV_B_GEMM1, EV_B_ACT, EV_B_GEMM2, EV_B_SCATTER,
+       EV_B_ROUTER, EV_COUNT };
+
+struct moe_cuda_layer {
+    moe_layer_config cfg;
+    int max_tokens, planned_k, gf, b16;
+    size_t n_params;
+    cublasHandle_t blas;
+    float *params, *grads;       /* (device) [n_params] */
+    moe_layer_params p, g;       /* (device) pointers into them */
+    float *expert_bias;          /* (device) [E] */
+    bf16 *w_in16, *w_out16;      /* (device) [E, gf, d], [E, d, f] bf16 copies (b16) */
+
+    /* the call */
+    int T, k, Tv, n_seq, wmode, renorm, have_forward, aux_on, z_on;
+    moe_score_fn wscore;
+    float loss_scale;
+
+    /* (device) workspace, for max_tokens and planned_k; S = T k slots, R = S rows */
+    uint8_t *mask;               /* [T] 1 = token */
+    float *logits;               /* [T, E] */
+    double *p64;                 /* [T, E] full-E scores */
+    double *key;                 /* [T, E] selection keys, then the aux-loss scores P */
+    double *dz;                  /* [T, E] */
+    double *dp;                  /* [T, E] */
+    float *dz_f;                 /* [T, E] */
+    double *lse;                 /* [T] */
+    double *q;                   /* [S] weight before renormalisation and route_scale */
+    double *qsum;                /* [T] */
+    int32_t *slot_expert;        /* [S] -1 = none (masked token) */
+    float *slot_w;               /* [S] */
+    int32_t *slot_row;           /* [S] */
+    int32_t *aux_top;            /* [S] top-k of the unbiased scores (aux-loss counts) */
+    double *aux_pm;              /* [n_seq, E] sum of P */
+    double *aux_cnt;             /* [n_seq, E] */
+    double *aux_coef;            /* [n_seq, E] dL/dP */
+    double *losses;              /* [2] aux, z */
+    int32_t *counts;             /* [E] */
+    int32_t *expert_off;         /* [E+1] */
+    int32_t *sort_key, *sort_key2, *sort_val, *row_slot; /* [S] */
+    void *sort_tmp;
+    size_t sort_tmp_bytes;
+    float *row_w;                /* [R] */
+    float *xp;                   /* [R, d] gathered inputs (fp32 experts) */
+    bf16 *x16;                   /* [R, d] (bf16 experts) */
+    float *h;                    /* [R, gf] */
+    float *a;                    /* [R, f] weighted activations (fp32 experts) */
+    bf16 *a16;                   /* [R, f] (bf16 experts) */
+    float *y;                    /* [R, d] outputs; dL/dy (fp32), then dL/dxp */
+    bf16 *dy16;                  /* [R, d] (bf16 experts) */
+    float *da;                   /* [R, f] */
+    float *dh;                   /* [R, gf] (fp32 experts) */
+    bf16 *dh16;                  /* [R, gf] (bf16 experts) */
+    double *dw_row;              /* [R] */
+
+    /* host copies */
+    int32_t *h_off;              /* [E+1] */
+    int64_t *counts64, *kept64;  /* [E] */
+    moe_layer_stats stats;
+    moe_routing routing;
+    int32_t *r_token, *r_expert; /* [S] fetched routing */
+    float *r_weight;
+    uint8_t *r_kept;
+
+    int timing;
+    cudaEvent_t ev[EV_COUNT];
+    double stage_s[MOE_STAGE_COUNT];
+};
+
+#define E_ (L->cfg.n_experts)
+
+/* The workspace's device and host pointers (freed and cleared together). */
+static void free_workspace(moe_cuda_layer *L) {
+    void **dev[] = {(void **)&L->mask, (void **)&L->logits, (void **)&L->p64, (void **)&L->key,
+                    (void **)&L->dz, (void **)&L->dp, (void **)&L->dz_f, (void **)&L->lse,
+                    (void **)&L->q, (void **)&L->qsum, (void **)&L->slot_expert,
+                    (void **)&L->slot_w, (void **)&L->slot_row, (void **)&L->aux_top,
+                    (void **)&L->aux_pm, (void **)&L->aux_cnt, (void **)&L->aux_coef,
+                    (void **)&L->losses, (void **)&L->counts, (void **)&L->expert_off,
+                    (void **)&L->sort_key, (void **)&L->sort_key2, (void **)&L->sort_val,
+                    (void **)&L->row_slot, (void **)&L->sort_tmp, (void **)&L->row_w,
+                    (void **)&L->xp, (void **)&L->x16, (void **)&L->h, (void **)&L->a,
+                    (void **)&L->a16, (void **)&L->y, (void **)&L->dy16, (void **)&L->da,
+                    (void **)&L->dh, (void **)&L->dh16, (void **)&L->dw_row};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) {
+        cudaFree(*dev[i]);
+        *dev[i] = NULL;
+    }
+    void **host[] = {(void **)&L->h_off, (void **)&L->counts64, (void **)&L->kept64,
+                     (void **)&L->r_token, (void **)&L->r_expert, (void **)&L->r_weight,
+                     (void **)&L->r_kept};
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
+        free(*host[i]);
+        *host[i] = NULL;
+    }
+}
+
+/* Workspace for max_tokens tokens and top-k. */
+static moe_status alloc_workspace(moe_cuda_layer *L, int k) {
+    free_workspace(L);
+    size_t T = (size_t)L->max_tokens, E = (size_t)E_, d = (size_t)L->cfg.d;
+    size_t f = (size_t)L->cfg.ffn, gf = (size_t)L->gf, S = T * (size_t)k, R = S;
+    int b16 = L->b16;
+    struct {
+        void **p;
+        size_t bytes;
+    } want[] = {
+        {(void **)&L->mask, T},
+        {(void **)&L->logits, T * E * 4},
+        {(void **)&L->p64, T * E * 8},
+        {(void **)&L->key, T * E * 8},
+        {(void **)&L->dz, T * E * 8},
+        {(void **)&L->dp, T * E * 8},
+        {(void **)&L->dz_f, T * E * 4},
+        {(void **)&L->lse, T * 8},
+        {(void **)&L->q, S * 8},
+        {(void **)&L->qsum, T * 8},
+        {(void **)&L->slot_expert, S * 4},
+        {(void **)&L->slot_w, S * 4},
+        {(void **)&L->slot_row, S * 4},
+        {(void **)&L->aux_top, S * 4},
+        {(void **)&L->aux_pm, T * E * 8}, /* n_seq <= T */
+        {(void **)&L->aux_cnt, T * E * 8},
+        {(void **)&L->aux_coef, T * E * 8},
+        {(void **)&L->losses, 2 * 8},
+        {(void **)&L->counts, E * 4},
+        {(void **)&L->expert_off, (E + 1) * 4},
+        {(void **)&L->sort_key, S * 4},
+        {(void **)&L->sort_key2, S * 4},
+        {(void **)&L->sort_val, S * 4},
+        {(void **)&L->row_slot, S * 4},
+        {(void **)&L->row_w, R * 4},
+        {(void **)&L->xp, b16 ? 0 : R * d * 4},
+        {(void **)&L->x16, b16 ? R * d * 2 : 0},
+        {(void **)&L->h, R * gf * 4},
+        {(void **)&L->a, b16 ? 0 : R * f * 4},
+        {(void **)&L->a16, b16 ? R * f * 2 : 0},
+        {(void **)&L->y, R * d * 4},
+        {(void **)&L->dy16, b16 ? R * d * 2 : 0},
+        {(void **)&L->da, R * f * 4},
+        {(void **)&L->dh, b16 ? 0 : R * gf * 4},
+        {(void **)&L->dh16, b16 ? R * gf * 2 : 0},
+        {(void **)&L->dw_row, R * 8},
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        if (want[i].bytes == 0) continue;
+        cudaError_t e = cudaMalloc(want[i].p, want[i].bytes);
+        if (e != cudaSuccess) {
+            free_workspace(L);
+            cudaGetLastError();
+            return moe_set_error(MOE_ERR_NOMEM, "CUDA: %zu bytes of GPU memory for the layer's "
+                                 "workspace: %s", want[i].bytes, cudaGetErrorString(e));
+        }
+    }
+    L->sort_tmp_bytes = 0;
+    CU_TRY(cub::DeviceRadixSort::SortPairs(NULL, L->sort_tmp_bytes, L->sort_key, L->sort_key2,
+                                           L->sort_val, L->row_slot, (int)S),
+           "radix sort size");
+    CU_TRY(cudaMalloc(&L->sort_tmp, L->sort_tmp_bytes ? L->sort_tmp_bytes : 1), "sort scratch");
+    L->h_off = (int32_t *)calloc(E + 1, 4);
+    L->counts64 = (int64_t *)calloc(E, 8);
+    L->kept64 = (int64_t *)calloc(E, 8);
+    if (!L->h_off || !L->counts64 || !L->kept64) {
+        free_workspace(L);
+        return MOE_ERR_NOMEM;
+    }
+    L->planned_k = k;
+    L->have_forward = 0;
+    return MOE_OK;
+}
+
+/* The configurations this layer computes; the rest is named. */
+static moe_status check_supported(const moe_layer_config *c) {
+    const char *no = NULL;
+    if (c->router != MOE_ROUTER_TOPK) no = "routers other than top-k (Sinkhorn, expert choice, fake balanced)";
+    else if (c->capacity_factor != 0 || c->pad_to_capacity) no = "capacity factors (token dropping)";
+    else if (c->random_routing) no = "random routing";
+    else if (c->jitter_eps > 0) no = "input jitter";
+    else if (c->shared_ffn > 0 || c->residual) no = "shared experts and Residual-MoE";
+    else if (c->expert_bias) no = "biases in the expert layers";
+    else if (c->ep_size > 1) no = "expert parallelism";
+    else if (c->router_fp64) no = "the float64 router";
+    else if (c->lb_type == MOE_LB_GLOBAL_AUX) no = "the global-batch aux loss";
+    else if (c->n_experts > MAX_E) no = "more than 256 experts";
+    if (no) return moe_set_error(MOE_ERR_INVALID, "the CUDA layer does not support %s yet", no);
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_layer_create(const moe_layer_config *cfg, int max_tokens,
+                                            moe_cuda_layer **out) {
+    *out = NULL;
+    MOE_TRY(moe_layer_config_validate(cfg));
+    MOE_TRY(check_supported(cfg));
+    if (max_tokens < 1)
+        return moe_set_error(MOE_ERR_INVALID, "max_tokens must be >= 1 (got %d)", max_tokens);
+    if (moe_cuda_device_count() < 1)
+        return moe_set_error(MOE_ERR_INVALID, "%s", moe_cuda_device_name());
+    moe_cuda_layer *L = (moe_cuda_layer *)calloc(1, sizeof *L);
+    if (!L) return MOE_ERR_NOMEM;
+    L->cfg = *cfg;
+    L->max_tokens = max_tokens;
+    L->gf = moe_act_gated(cfg->act) ? 2 * cfg->ffn : cfg->ffn;
+    L->b16 = cfg->expert_bf16 != 0;
+    L->n_params = moe_layer_param_count(cfg);
+    moe_status s = blas_create(&L->blas);
+    if (s != MOE_OK) {
+        free(L);
+        return s;
+    }
+    for (int i = 0; i < EV_COUNT && s == MOE_OK; i++)
+        if (cudaEventCreate(&L->ev[i]) != cudaSuccess) s = cuda_error(cudaGetLastError(), "event");
+    size_t E = (size_t)cfg->n_experts, d = (size_t)cfg->d, f = (size_t)cfg->ffn;
+    if (s == MOE_OK) s = moe_cuda_alloc((void **)&L->params, L->n_params * 4);
+    if (s == MOE_OK) s = moe_cuda_alloc((void **)&L->grads, L->n_params * 4);
+    if (s == MOE_OK) s = moe_cuda_alloc((void **)&L->expert_bias, E * 4);
+    if (s == MOE_OK && L->b16) s = moe_cuda_alloc((void **)&L->w_in16, E * L->gf * d * 2);
+    if (s == MOE_OK && L->b16) s = moe_cuda_alloc((void **)&L->w_out16, E * d * f * 2);
+    if (s == MOE_OK) s = alloc_workspace(L, cfg->topk);
+    if (s == MOE_OK && (cudaMemset(L->params, 0, L->n_params * 4) != cudaSuccess ||
+                        cudaMemset(L->grads, 0, L->n_params * 4) != cudaSuccess ||
+                        cudaMemset(L->expert_bias, 0, E * 4) != cudaSuccess))
+        s = cuda_error(cudaGetLastError(), "clear the parameters");
+    if (s != MOE_OK) {
+        moe_cuda_layer_destroy(L);
+        return s;
+    }
+    moe_layer_params_map(cfg, L->params, &L->p);
+    moe_layer_params_map(cfg, L->grads, &L->g);
+    *out = L;
+    return MOE_OK;
+}
+
+extern "C" void moe_cuda_layer_destroy(moe_cuda_layer *L) {
+    if (!L) return;
+    free_workspace(L);
+    cudaFree(L->params);
+    cudaFree(L->grads);
+    cudaFree(L->expert_bias);
+    cudaFree(L->w_in16);
+    cudaFree(L->w_out16);
+    for (int i = 0; i < EV_COUNT; i++)
+        if (L->ev[i]) cudaEventDestroy(L->ev[i]);
+    if (L->blas) cb.destroy(L->blas);
+    free(L);
+}
+
+extern "C" moe_status moe_cuda_layer_set_params(moe_cuda_layer *L, const float *params,
+                                                const float *expert_bias) {
+    MOE_TRY(moe_cuda_to_device(L->params, params, L->n_params * 4));
+    if (expert_bias) MOE_TRY(moe_cuda_to_device(L->expert_bias, expert_bias, (size_t)E_ * 4));
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_layer_get_grads(moe_cuda_layer *L, float *grads) {
+    return moe_cuda_to_host(grads, L->grads, L->n_params * 4);
+}
+
+extern "C" moe_status moe_cuda_layer_zero_grads(moe_cuda_layer *L) {
+    CU_TRY(cudaMemset(L->grads, 0, L->n_params * 4), "clear the gradients");
+    return MOE_OK;
+}
+
+/* splitmix64: a counter-based generator for the GPU's own initialisation. */
+__device__ static uint64_t mix64(uint64_t z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+__global__ static void k_normal(float *w, size_t n, uint64_t seed, float std) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t r = mix64(seed ^ mix64(i));
+        double u1 = ((r >> 11) + 1.0) / 9007199254740993.0, u2 = (mix64(r) >> 11) / 9007199254740992.0;
+        w[i] = (float)(std * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+    }
+}
+
+extern "C" moe_status moe_cuda_layer_init_params(moe_cuda_layer *L, uint64_t seed, float std) {
+    /* the supported layers have no biases: every parameter is a weight */
+    k_normal<<<4096, BLOCK>>>(L->params, L->n_params, seed, std);
+    CU_TRY(cudaGetLastError(), "initialise the parameters");
+    return MOE_OK;
+}
+
+/* ---- router ------------------------------------------------------------------------------ */
+
+struct router_args {
+    int T, E, k, d;
+    const float *logits;
+    const uint8_t *mask;
+    const float *bias;    /* selection bias or NULL */
+    moe_score_fn score;   /* of p */
+    int softmax_k;        /* weights: softmax over the k selected logits */
+    int renorm;
+    double route_scale;
+    int n_groups, group_topk, group_m;
+    moe_score_fn aux_score; /* aux-loss scores: P = p (softmax) or p / sum p */
+    int aux;
+    double *p, *key, *lse, *q, *qsum;
+    int32_t *slot_expert, *aux_top;
+    float *slot_w;
+};
+
+/* idx[0..k) = the k largest of key[0..n) in decreasing order, ties toward the lower index
+ * (moe_topk_desc). taken: n flags of scratch. */
+__device__ static void topk_desc(int n, const double *key, int k, int *idx, uint32_t *taken) {
+    for (int w = 0; w < (n + 31) / 32; w++) taken[w] = 0;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < n; e++) {
+            if (taken[e >> 5] >> (e & 31) & 1) continue;
+            if (best < 0 || key[e] > key[best]) best = e;
+        }
+        idx[j] = best;
+        taken[best >> 5] |= 1u << (best & 31);
+    }
+}
+
+__global__ static void k_router(router_args r) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= r.T) return;
+    int E = r.E, k = r.k;
+    const float *z = r.logits + (size_t)t * E;
+    double *p = r.p + (size_t)t * E, *key = r.key + (size_t)t * E;
+    int idx[MAX_E];
+    uint32_t taken[MAX_E / 32];
+    double m = -INFINITY, s = 0;
+    for (int e = 0; e < E; e++) m = z[e] > m ? z[e] : m;
+    for (int e = 0; e < E; e++) s += exp((double)z[e] - m);
+    r.lse[t] = m + log(s);
+    for (int e = 0; e < E; e++) {
+        double v = z[e];
+        p[e] = r.score == MOE_SCORE_SOFTMAX ? exp(v - m) / s
+               : r.score == MOE_SCORE_SIGMOID ? 1.0 / (1.0 + exp(-v))
+                                              : sqrt(v > 30 ? v : log1p(exp(v)));
+    }
+    r.qsum[t] = 1;
+    for (int j = 0; j < k; j++) {
+        r.slot_expert[t * k + j] = -1;
+        r.slot_w[t * k + j] = 0;
+        r.q[t * k + j] = 0;
+    }
+    if (r.mask && !r.mask[t]) return;
+    /* selection keys: the logits (softmax over the k) or the scores, biased, group-limited */
+    for (int e = 0; e < E; e++)
+        key[e] = r.bias ? p[e] + r.bias[e] : r.softmax_k ? (double)z[e] : p[e];
+    if (r.n_groups > 1) {
+        int G = r.n_groups, per = E / G;
+        double gscore[MAX_E];
+        for (int g = 0; g < G; g++) {
+            topk_desc(per, key + g * per, r.group_m, idx, taken);
+            double v = 0;
+            for (int i = 0; i < r.group_m; i++) v += key[g * per + idx[i]];
+            gscore[g] = v;
+        }
+        topk_desc(G, gscore, r.group_topk, idx, taken);
+        for (int g = 0; g < G; g++) {
+            int keep = 0;
+            for (int i = 0; i < r.group_topk; i++) keep |= idx[i] == g;
+            if (!keep)
+                for (int i = 0; i < per; i++) key[g * per + i] = -INFINITY;
+        }
+    }
+    topk_desc(E, key, k, idx, taken);
+    double qs = 0;
+    if (r.softmax_k) {
+        double mk = z[idx[0]], se = 0;
+        for (int j = 0; j < k; j++) mk = z[idx[j]] > mk ? z[idx[j]] : mk;
+        for (int j = 0; j < k; j++) se += exp((double)z[idx[j]] - mk);
+        for (int j = 0; j < k; j++) r.q[t * k + j] = exp((double)z[idx[j]] - mk) / se;
+    } else {
+        for (int j = 0; j < k; j++) r.q[t * k + j] = p[idx[j]];
+    }
+    for (int j = 0; j < k; j++) qs += r.q[t * k + j];
+    double qsum = r.renorm ? qs + 1e-20 : 1.0;
+    r.qsum[t] = qsum;
+    for (int j = 0; j < k; j++) {
+        r.slot_expert[t * k + j] = idx[j];
+        r.slot_w[t * k + j] = (float)(r.q[t * k + j] / qsum * r.route_scale);
+    }
+    if (!r.aux) return;
+    /* the aux loss's scores P and their top k (Megatron's unbiased routing map) */
+    double sp = 0;
+    for (int e = 0; e < E; e++) sp += p[e];
+    for (int e = 0; e < E; e++) key[e] = r.aux_score == MOE_SCORE_SOFTMAX ? p[e] : p[e] / sp;
+    topk_desc(E, key, k, idx, taken);
+    for (int j = 0; j < k; j++) r.aux_top[t * k + j] = idx[j];
+}
+
+/* Sums over a block in a fixed order (a tree over the threads' partial sums). */
+__device__ static double block_sum(double v, double *sh) {
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if ((int)threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+        __syncthreads();
+    }
+    double s = sh[0];
+    __syncthreads();
+    return s;
+}
+
+/* Block (b, e): Pm[b, e] = sum of P over the valid tokens of sequence b, cnt[b, e] = aux top-k
+ * slots on e. Blocks with e == E count the valid tokens (into cnt[b, E-th slot of pm]). */
+__global__ static void k_aux_sums(int S, int E, int k, const double *P, const int32_t *top,
+                                  const uint8_t *mask, double *pm, double *cnt, double *tv) {
+    __shared__ double sh[BLOCK];
+    int b = blockIdx.x, e = blockIdx.y;
+    double vp = 0, vc = 0;
+    for (int t = b * S + threadIdx.x; t < (b + 1) * S; t += blockDim.x) {
+        if (mask && !mask[t]) continue;
+        if (e == E) {
+            vc += 1;
+            continue;
+        }
+        vp += P[(size_t)t * E + e];
+        for (int j = 0; j < k; j++) vc += top[t * k + j] == e;
+    }
+    vp = block_sum(vp, sh);
+    vc = block_sum(vc, sh);
+    if (threadIdx.x == 0) {
+        if (e == E) tv[b] = vc;
+        else {
+            pm[(size_t)b * E + e] = vp;
+            cnt[(size_t)b * E + e] = vc;
+        }
+    }
+}
+
+/* L_b = coeff E sum_e f_e Pm_e / (tv B), f_e = cnt_e / (k tv); coef = dL/dP (balance.c). */
+__global__ static void k_aux_loss(int B, int E, int k, double coeff, const double *pm,
+                                  const double *cnt, const double *tv, double *coef,
+                                  double *loss) {
+    double total = 0;
+    for (int b = 0; b < B; b++) {
+        double l = 0;
+        for (int e = 0; e < E; e++) {
+            size_t i = (size_t)b * E + e;
+            if (tv[b] == 0) {
+                coef[i] = 0;
+                continue;
+            }
+            double f = cnt[i] / ((double)k * tv[b]);
+            l += f * pm[i] / tv[b];
+            coef[i] = coeff * E * f / (tv[b] * B);
+        }
+        total += coeff * E * l / B;
+    }
+    loss[0] = total;
+}
+
+/* z-loss: coeff / Tv * sum of lse² over the valid tokens (one block). */
+__global__ static void k_z_loss(int T, int Tv, double coeff, const double *lse,
+                                const uint8_t *mask, double *loss) {
+    __shared__ double sh[BLOCK];
+    double v = 0;
+    for (int t = threadIdx.x; t < T; t += blockDim.x)
+        if (!mask || mask[t]) v += lse[t] * lse[t];
+    v = block_sum(v, sh);
+    if (threadIdx.x == 0) loss[1] = coeff * v / Tv;
+}
+
+/* ---- dispatch ------------------------------------------------------------------------------ */
+
+/* Sort keys: the slot's expert (E for none), values: the slot. Counts per expert. */
+__global__ static void k_sort_keys(int S, int E, const int32_t *slot_expert, int32_t *key,
+                                   int32_t *val, int32_t *counts) {
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= S) return;
+    int e = slot_expert[s];
+    key[s] = e >= 0 ? e : E;
+    val[s] = s;
+    if (e >= 0) atomicAdd(&counts[e], 1); /* integers: the same sums in any order */
+}
+
+__global__ static void k_offsets(int E, const int32_t *counts, int32_t *off) {
+    off[0] = 0;
+    for (int e = 0; e < E; e++) off[e + 1] = off[e] + counts[e];
+}
+
+/* Rows in expert order (the sort is stable: slot order within an expert, as the CPU's). */
+__global__ static void k_rows(int R, const int32_t *row_slot, const float *slot_w,
+                              int32_t *slot_row, float *row_w) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= R) return;
+    int s = row_slot[r];
+    slot_row[s] = r;
+    row_w[r] = slot_w[s];
+}
+
+/* dst [R, d] row r = src row of its slot's token (fp32 or bf16). */
+template <typename T>
+__global__ static void k_gather(int R, int d, int k, const int32_t *row_slot, const float *src,
+                                T *dst) {
+    int r = blockIdx.x;
+    const float *s = src + (size_t)(row_slot[r] / k) * d;
+    T *o = dst + (size_t)r * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = (T)s[i];
+}
+
+/* out [T, d] row t = sum of its slots' rows in slot order (0 for masked tokens); add = 1 adds
+ * into out instead (the backward's scatter into dx). */
+__global__ static void k_combine(int d, int k, const int32_t *slot_row, const float *y,
+                                 float *out, int add) {
+    int t = blockIdx.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = add ? out[(size_t)t * d + i] : 0.0f;
+        for (int j = 0; j < k; j++) {
+            int row = slot_row[t * k + j];
+            if (row >= 0) v += y[(size_t)row * d + i];
+        }
+        out[(size_t)t * d + i] = v;
+    }
+}
+
+/* ---- activations ------------------------------------------------------------------------- */
+
+__device__ static float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ static float gelu(float h) { return 0.5f * h * (1.0f + erff(h * 0.70710678118654752f)); }
+__device__ static float dgelu(float h) {
+    return 0.5f * (1.0f + erff(h * 0.70710678118654752f)) +
+           h * 0.39894228040143268f * expf(-0.5f * h * h);
+}
+
+/* phi(g) of the activation (the gate's value; times the partner u for gated ones). */
+__device__ static float act_phi(moe_activation act, float g) {
+    switch (act) {
+    case MOE_ACT_SWIGLU:
+    case MOE_ACT_SILU: return g * sigm(g);
+    case MOE_ACT_GEGLU:
+    case MOE_ACT_GELU: return gelu(g);
+    case MOE_ACT_RELU2: return g > 0 ? g * g : 0.0f;
+    }
+    return 0;
+}
+__device__ static float act_dphi(moe_activation act, float g) {
+    switch (act) {
+    case MOE_ACT_SWIGLU:
+    case MOE_ACT_SILU: {
+        float s = sigm(g);
+        return s * (1.0f + g * (1.0f - s));
+    }
+    case MOE_ACT_GEGLU:
+    case MOE_ACT_GELU: return dgelu(g);
+    case MOE_ACT_RELU2: return g > 0 ? 2.0f * g : 0.0f;
+    }
+    return 0;
+}
+
+/* a [R, f] = w_r * phi(h_gate) (* h_up for gated ones). */
+template <typename T>
+__global__ static void k_act(moe_activation act, int gated, int f, int gf, const float *h,
+                             const float *row_w, T *a) {
+    int r = blockIdx.x;
+    const float *hr = h + (size_t)r * gf;
+    float w = row_w[r];
+    for (int i = threadIdx.x; i < f; i += blockDim.x) {
+        float v = w * act_phi(act, hr[i]) * (gated ? hr[f + i] : 1.0f);
+        a[(size_t)r * f + i] = (T)v;
+    }
+}
+
+/* dh [R, gf] from da [R, f]; dw_row[r] = sum_i da * phi * u (block sum, fixed order). */
+template <typename T>
+__global__ static void k_act_backward(moe_activation act, int gated, int f, int gf,
+                                      const float *h, const float *row_w, const float *da, T *dh,
+                                      double *dw_row) {
+    __shared__ double sh[BLOCK];
+    int r = blockIdx.x;
+    const float *hr = h + (size_t)r * gf, *dar = da + (size_t)r * f;
+    T *dhr = dh + (size_t)r * gf;
+    float w = row_w[r];
+    double dw = 0;
+    for (int i = threadIdx.x; i < f; i += blockDim.x) {
+        float g = hr[i], u = gated ? hr[f + i] : 1.0f, phi = act_phi(act, g);
+        dw += (double)(dar[i] * phi * u);
+        dhr[i] = (T)(w * dar[i] * u * act_dphi(act, g));
+        if (gated) dhr[f + i] = (T)(w * dar[i] * phi);
+    }
+    dw = block_sum(dw, sh);
+    if (threadIdx.x == 0) dw_row[r] = dw;
+}
+
+__global__ static void k_to_bf16(size_t n, const float *x, bf16 *y) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] = __float2bfloat16(x[i]);
+}
+
+/* ---- forward ----------------------------------------------------------------------------- */
+
+static void mark(moe_cuda_layer *L, int ev) {
+    if (L->timing) cudaEventRecord(L->ev[ev], 0);
+}
+
+/* Per expert: C rows [o, o+n) of op(A_e) op(B_e): the expert loop of the grouped GEMMs. */
+static moe_status experts_gemm(moe_cuda_layer *L, int which) {
+    const moe_layer_config *c = &L->cfg;
+    int d = c->d, f = c->ffn, gf = L->gf, b16 = L->b16;
+    size_t es = b16 ? 2 : 4; /* operand element size */
+    for (int e = 0; e < E_; e++) {
+        int o = L->h_off[e], n = L->h_off[e + 1] - o;
+        if (n == 0) continue;
+        const char *w_in = b16 ? (const char *)L->w_in16 : (const char *)L->p.w_in;
+        const char *w_out = b16 ? (const char *)L->w_out16 : (const char *)L->p.w_out;
+        w_in += (size_t)e * gf * d * es;
+        w_out += (size_t)e * d * f * es;
+        const char *x = b16 ? (const char *)L->x16 : (const char *)L->xp;
+        const char *a = b16 ? (const char *)L->a16 : (const char *)L->a;
+        const char *dy = b16 ? (const char *)L->dy16 : (const char *)L->y;
+        const char *dh = b16 ? (const char *)L->dh16 : (const char *)L->dh;
+        x += (size_t)o * d * es;
+        a += (size_t)o * f * es;
+        dy += (size_t)o * d * es;
+        dh += (size_t)o * gf * es;
+        cublasHandle_t h = L->blas;
+        float *dw_in = L->g.w_in + (size_t)e * gf * d, *dw_out = L->g.w_out + (size_t)e * d * f;
+        switch (which) {
+        case 0: /* h = x W_inᵀ */
+            BLAS_TRY(gemm(h, 0, 1, n, gf, d, x, d, w_in, d, 0, L->h + (size_t)o * gf, gf, b16), "x W_in");
+            break;
+        case 1: /* y = a W_outᵀ */
+            BLAS_TRY(gemm(h, 0, 1, n, d, f, a, f, w_out, f, 0, L->y + (size_t)o * d, d, b16), "a W_out");
+            break;
+        case 2: /* dW_out += dyᵀ a; da = dy W_out */
+            BLAS_TRY(gemm(h, 1, 0, d, f, n, dy, d, a, f, 1, dw_out, f, b16), "dW_out");
+            BLAS_TRY(gemm(h, 0, 0, n, f, d, dy, d, w_out, f, 0, L->da + (size_t)o * f, f, b16), "da");
+            break;
+        case 3: /* dW_in += dhᵀ x; dx = dh W_in (into y) */
+            BLAS_TRY(gemm(h, 1, 0, gf, d, n, dh, gf, x, d, 1, dw_in, d, b16), "dW_in");
+            BLAS_TRY(gemm(h, 0, 0, n, d, gf, dh, gf, w_in, d, 0, L->y + (size_t)o * d, d, b16), "dx");
+            break;
+        }
+    }
+    return MOE_OK;
+}
+
+static void fill_stats(moe_cuda_layer *L, const double *losses) {
+    moe_layer_stats *s = &L->stats;
+    s->n_experts = E_;
+    s->topk = L->k;
+    s->n_valid = L->Tv;
+    s->capacity = 0;
+    s->routed = 0;
+    for (int e = 0; e < E_; e++) {
+        L->counts64[e] = L->kept64[e] = L->h_off[e + 1] - L->h_off[e];
+        s->routed += L->counts64[e];
+    }
+    s->counts = L->counts64;
+    s->kept = L->kept64;
+    s->dropped = 0;
+    s->dropped_fraction = 0;
+    s->aux_loss = losses[0];
+    s->z_loss = losses[1];
+    s->sinkhorn_iters = 0;
+    s->exchange_bytes = 0;
+    s->exchange_wait_s = 0;
+}
+
+extern "C" moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, const float *x,
+                                             int T, const moe_forward_args *args) {
+    const moe_layer_config *c = &L->cfg;
+    moe_forward_args def = moe_forward_args_default();
+    if (!args) args = &def;
+    L->have_forward = 0;
+    if (!x || !out) return moe_set_error(MOE_ERR_INVALID, "moe_cuda_layer_forward: x and out must not be NULL");
+    int k, seq_len;
+    MOE_TRY(moe_layer_check_call(c, T, L->max_tokens, args, &k, &seq_len));
+    if (k > L->planned_k) MOE_TRY(alloc_workspace(L, k));
+    int E = c->n_experts, d = c->d, f = c->ffn, gf = L->gf, S = T * k;
+    L->T = T;
+    L->k = k;
+    L->loss_scale = args->loss_scale;
+    L->Tv = T;
+    if (args->mask) {
+        L->Tv = 0;
+        for (int t = 0; t < T; t++) L->Tv += args->mask[t] != 0;
+        MOE_TRY(moe_cuda_to_device(L->mask, args->mask, (size_t)T));
+    }
+    const uint8_t *mask = args->mask ? L->mask : NULL;
+    L->wmode = c->score == MOE_SCORE_SOFTMAX && !c->pre_softmax ? MOE_WMODE_SOFTMAX_K
+                                                                  : MOE_WMODE_GATHER;
+    L->wscore = c->score;
+    L->renorm = c->norm_topk == MOE_NORM_ON ||
+                (c->norm_topk == MOE_NORM_AUTO && c->score != MOE_SCORE_SOFTMAX && k > 1);
+    L->aux_on = c->lb_type != MOE_LB_NONE && c->aux_coeff > 0 && L->Tv > 0;
+    L->z_on = c->z_coeff > 0 && L->Tv > 0;
+    L->n_seq = L->aux_on && c->lb_type == MOE_LB_SEQ_AUX ? T / seq_len : 1;
+
+    mark(L, EV_F0);
+    BLAS_TRY(gemm(L->blas, 0, 1, T, E, d, x, d, L->p.router_w, d, 0, L->logits, E, 0),
+             "router logits");
+    router_args r;
+    r.T = T, r.E = E, r.k = k, r.d = d;
+    r.logits = L->logits, r.mask = mask;
+    r.bias = c->enable_expert_bias ? L->expert_bias : NULL;
+    r.score = c->score;
+    r.softmax_k = L->wmode == MOE_WMODE_SOFTMAX_K;
+    r.renorm = L->renorm;
+    r.route_scale = c->route_scale;
+    r.n_groups = c->n_groups, r.group_topk = c->group_topk;
+    int per = c->n_groups > 1 ? E / c->n_groups : E;
+    int m = c->group_score_topk > 0 ? c->group_score_topk : k / (c->group_topk > 0 ? c->group_topk : 1);
+    r.group_m = m < 1 ? 1 : m > per ? per : m;
+    r.aux_score = c->score;
+    r.aux = L->aux_on;
+    r.p = L->p64, r.key = L->key, r.lse = L->lse, r.q = L->q, r.qsum = L->qsum;
+    r.slot_expert = L->slot_expert, r.aux_top = L->aux_top, r.slot_w = L->slot_w;
+    k_router<<<blocks_for(T, 64), 64>>>(r);
+    mark(L, EV_F_ROUTER);
+    double losses[2] = {0, 0};
+    CU_TRY(cudaMemset(L->losses, 0, 16), "clear the losses");
+    if (L->aux_on) {
+        int B = L->n_seq; /* dp: [B] valid tokens per sequence (scratch until the backward) */
+        k_aux_sums<<<dim3(B, E + 1), BLOCK>>>(T / B, E, k, L->key, L->aux_top, mask, L->aux_pm,
+                                              L->aux_cnt, L->dp);
+        k_aux_loss<<<1, 1>>>(B, E, k, c->aux_coeff, L->aux_pm, L->aux_cnt, L->dp, L->aux_coef,
+                             L->losses);
+    }
+    if (L->z_on) k_z_loss<<<1, BLOCK>>>(T, L->Tv, c->z_coeff, L->lse, mask, L->losses);
+    mark(L, EV_F_BALANCE);
+
+    CU_TRY(cudaMemset(L->counts, 0, (size_t)E * 4), "clear the counts");
+    k_sort_keys<<<blocks_for(S, BLOCK), BLOCK>>>(S, E, L->slot_expert, L->sort_key, L->sort_val,
+                                                 L->counts);
+    k_offsets<<<1, 1>>>(E, L->counts, L->expert_off);
+    int end_bit = 1;
+    while ((1 << end_bit) <= E) end_bit++;
+    CU_TRY(cub::DeviceRadixSort::SortPairs(L->sort_tmp, L->sort_tmp_bytes, L->sort_key,
+                                           L->sort_key2, L->sort_val, L->row_slot, S, 0, end_bit),
+           "sort the slots by expert");
+    MOE_TRY(moe_cuda_to_host(L->h_off, L->expert_off, (size_t)(E + 1) * 4));
+    MOE_TRY(moe_cuda_to_host(losses, L->losses, 16));
+    int R = L->h_off[E];
+    CU_TRY(cudaMemset(L->slot_row, 0xff, (size_t)S * 4), "clear the slot rows");
+    if (R > 0) {
+        k_rows<<<blocks_for(R, BLOCK), BLOCK>>>(R, L->row_slot, L->slot_w, L->slot_row, L->row_w);
+        if (L->b16) k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, x, L->x16);
+        else k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, x, L->xp);
+    }
+    if (L->b16) {
+        k_to_bf16<<<4096, BLOCK>>>((size_t)E * gf * d, L->p.w_in, L->w_in16);
+        k_to_bf16<<<4096, BLOCK>>>((size_t)E * d * f, L->p.w_out, L->w_out16);
+    }
+    mark(L, EV_F_PERMUTE);
+    MOE_TRY(experts_gemm(L, 0));
+    mark(L, EV_F_GEMM1);
+    int gated = moe_act_gated(c->act);
+    if (R > 0) {
+        if (L->b16) k_act<<<R, BLOCK>>>(c->act, gated, f, gf, L->h, L->row_w, L->a16);
+        else k_act<<<R, BLOCK>>>(c->act, gated, f, gf, L->h, L->row_w, L->a);
+    }
+    mark(L, EV_F_ACT);
+    MOE_TRY(experts_gemm(L, 1));
+    mark(L, EV_F_GEMM2);
+    k_combine<<<T, BLOCK>>>(d, k, L->slot_row, L->y, out, 0);
+    mark(L, EV_F_COMBINE);
+    CU_TRY(cudaGetLastError(), "the layer's forward");
+    fill_stats(L, losses);
+    L->have_forward = 1;
+    return MOE_OK;
+}
+
+/* ---- backward ---------------------------------------------------------------------------- */
+
+struct router_bwd_args {
+    int T, E, k, n_seq, Tv;
+    const uint8_t *mask;
+    const float *logits;
+    const double *p, *q, *qsum, *lse, *dw_row, *aux_coef;
+    const int32_t *slot_expert, *slot_row;
+    int softmax_k, renorm, aux, z;
+    moe_score_fn score, aux_score;
+    double route_scale, loss_scale, z_coeff;
+    double *dz, *dp;
+    float *dz_f;
+};
+
+/* dz [E] += (d score / dz)ᵀ dp for one token (moe_router_score_backward). */
+__device__ static void score_backward(moe_score_fn fn, int E, const float *z, const double *p,
+                                      const double *dp, double *dz) {
+    if (fn == MOE_SCORE_SOFTMAX) {
+        double s = 0;
+        for (int e = 0; e < E; e++) s += p[e] * dp[e];
+        for (int e = 0; e < E; e++) dz[e] += p[e] * (dp[e] - s);
+    } else if (fn == MOE_SCORE_SIGMOID) {
+        for (int e = 0; e < E; e++) dz[e] += dp[e] * p[e] * (1 - p[e]);
+    } else {
+        for (int e = 0; e < E; e++)
+            dz[e] += p[e] > 0 ? dp[e] * (1.0 / (1.0 + exp(-(double)z[e]))) / (2 * p[e]) : 0;
+    }
+}
+
+/* One thread per token: routing-weight, aux and z-loss gradients → dz_f [T, E]. */
+__global__ static void k_router_backward(router_bwd_args r) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= r.T) return;
+    int E = r.E, k = r.k;
+    const float *z = r.logits + (size_t)t * E;
+    const double *p = r.p + (size_t)t * E;
+    double *dz = r.dz + (size_t)t * E, *dp = r.dp + (size_t)t * E;
+    float *out = r.dz_f + (size_t)t * E;
+    for (int e = 0; e < E; e++) dz[e] = 0;
+    if (r.mask && !r.mask[t]) {
+        for (int e = 0; e < E; e++) out[e] = 0;
+        return;
+    }
+    double dq[MAX_E], S = r.qsum[t], cross = 0;
+    for (int j = 0; j < k; j++) {
+        int s = t * k + j, row = r.slot_row[s];
+        dq[j] = row >= 0 ? r.route_scale * r.dw_row[row] : 0;
+        cross += dq[j] * r.q[s];
+    }
+    for (int j = 0; j < k; j++) dq[j] = r.renorm ? dq[j] / S - cross / (S * S) : dq[j];
+    if (r.softmax_k) {
+        double sq = 0;
+        for (int j = 0; j < k; j++) sq += r.q[t * k + j] * dq[j];
+        for (int j = 0; j < k; j++) dz[r.slot_expert[t * k + j]] += r.q[t * k + j] * (dq[j] - sq);
+    } else {
+        for (int e = 0; e < E; e++) dp[e] = 0;
+        for (int j = 0; j < k; j++) dp[r.slot_expert[t * k + j]] += dq[j];
+        score_backward(r.score, E, z, p, dp, dz);
+    }
+    if (r.aux) {
+        const double *coef = r.aux_coef + (size_t)(t / (r.T / r.n_seq)) * E;
+        if (r.aux_score == MOE_SCORE_SOFTMAX) {
+            for (int e = 0; e < E; e++) dp[e] = r.loss_scale * coef[e];
+        } else {
+            double sp = 0, c = 0;
+            for (int e = 0; e < E; e++) sp += p[e];
+            for (int e = 0; e < E; e++) c += r.loss_scale * coef[e] * p[e] / sp;
+            for (int e = 0; e < E; e++) dp[e] = (r.loss_scale * coef[e] - c) / sp;
+        }
+        score_backward(r.aux_score, E, z, p, dp, dz);
+    }
+    if (r.z) {
+        double g = r.loss_scale * r.z_coeff * 2.0 * r.lse[t] / r.Tv;
+        for (int e = 0; e < E; e++) dz[e] += g * exp((double)z[e] - r.lse[t]);
+    }
+    for (int e = 0; e < E; e++) out[e] = (float)dz[e];
+}
+
+static double elapsed(const moe_cuda_layer *L, int a, int b) {
+    float ms = 0;
+    cudaEventElapsedTime(&ms, L->ev[a], L->ev[b]);
+    return 1e-3 * ms;
+}
+
+extern "C" moe_status moe_cuda_layer_backward(moe_cuda_layer *L, float *dx, const float *dout,
+                                              const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    if (!L->have_forward)
+        return moe_set_error(MOE_ERR_STATE, "moe_cuda_layer_backward called without a forward "
+                             "(or twice for one forward)");
+    if (!dx || !dout || !x)
+        return moe_set_error(MOE_ERR_INVALID, "moe_cuda_layer_backward: dx, dout and x must not be NULL");
+    int T = L->T, k = L->k, E = c->n_experts, d = c->d, f = c->ffn, gf = L->gf, R = L->h_off[E];
+    int gated = moe_act_gated(c->act);
+    mark(L, EV_B0);
+    if (R > 0) {
+        if (L->b16) k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, dout, L->dy16);
+        else k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, dout, L->y);
+    }
+    mark(L, EV_B_GATHER);
+    MOE_TRY(experts_gemm(L, 2));
+    mark(L, EV_B_GEMM1);
+    if (R > 0) {
+        if (L->b16)
+            k_act_backward<<<R, BLOCK>>>(c->act, gated, f, gf, L->h, L->row_w, L->da, L->dh16,
+                                         L->dw_row);
+        else
+            k_act_backward<<<R, BLOCK>>>(c->act, gated, f, gf, L->h, L->row_w, L->da, L->dh,
+                                         L->dw_row);
+    }
+    mark(L, EV_B_ACT);
+    MOE_TRY(experts_gemm(L, 3));
+    mark(L, EV_B_GEMM2);
+    k_combine<<<T, BLOCK>>>(d, k, L->slot_row, L->y, dx, 1); /* y holds dL/dxp */
+    mark(L, EV_B_SCATTER);
+    router_bwd_args r;
+    r.T = T, r.E = E, r.k = k, r.n_seq = L->n_seq, r.Tv = L->Tv;
+    r.mask = L->Tv < T ? L->mask : NULL;
+    r.logits = L->logits;
+    r.p = L->p64, r.q = L->q, r.qsum = L->qsum, r.lse = L->lse, r.dw_row = L->dw_row;
+    r.aux_coef = L->aux_coef;
+    r.slot_expert = L->slot_expert, r.slot_row = L->slot_row;
+    r.softmax_k = L->wmode == MOE_WMODE_SOFTMAX_K;
+    r.renorm = L->renorm;
+    r.aux = L->aux_on, r.z = L->z_on;
+    r.score = L->wscore, r.aux_score = c->score;
+    r.route_scale = c->route_scale, r.loss_scale = L->loss_scale, r.z_coeff = c->z_coeff;
+    r.dz = L->dz, r.dp = L->dp, r.dz_f = L->dz_f;
+    k_router_backward<<<blocks_for(T, 64), 64>>>(r);
+    BLAS_TRY(gemm(L->blas, 1, 0, E, d, T, L->dz_f, E, x, d, 1, L->g.router_w, d, 0), "dW_router");
+    BLAS_TRY(gemm(L->blas, 0, 0, T, d, E, L->dz_f, E, L->p.router_w, d, 1, dx, d, 0), "router dx");
+    mark(L, EV_B_ROUTER);
+    CU_TRY(cudaGetLastError(), "the layer's backward");
+    L->have_forward = 0;
+    if (L->timing) {
+        CU_TRY(cudaEventSynchronize(L->ev[EV_B_ROUTER]), "stage timing");
+        double *s = L->stage_s;
+        s[MOE_STAGE_ROUTER] += elapsed(L, EV_F0, EV_F_ROUTER);
+        s[MOE_STAGE_BALANCE] += elapsed(L, EV_F_ROUTER, EV_F_BALANCE);
+        s[MOE_STAGE_PERMUTE] += elapsed(L, EV_F_BALANCE, EV_F_PERMUTE);
+        s[MOE_STAGE_EXPERT_GEMM] += elapsed(L, EV_F_PERMUTE, EV_F_GEMM1) + elapsed(L, EV_F_ACT, EV_F_GEMM2);
+        s[MOE_STAGE_ACTIVATION] += elapsed(L, EV_F_GEMM1, EV_F_ACT);
+        s[MOE_STAGE_COMBINE] += elapsed(L, EV_F_GEMM2, EV_F_COMBINE);
+        s[MOE_STAGE_BWD_PERMUTE] += elapsed(L, EV_B0, EV_B_GATHER) + elapsed(L, EV_B_GEMM2, EV_B_SCATTER);
+        s[MOE_STAGE_BWD_EXPERT_GEMM] += elapsed(L, EV_B_GATHER, EV_B_GEMM1) + elapsed(L, EV_B_ACT, EV_B_GEMM2);
+        s[MOE_STAGE_BWD_ACTIVATION] += elapsed(L, EV_B_GEMM1, EV_B_ACT);
+        s[MOE_STAGE_BWD_ROUTER] += elapsed(L, EV_B_SCATTER, EV_B_ROUTER);
+    }
+    return MOE_OK;
+}
+
+extern "C" const moe_layer_stats *moe_cuda_layer_get_stats(const moe_cuda_layer *L) {
+    return &L->stats;
+}
+
+extern "C" moe_status moe_cuda_layer_fetch_routing(moe_cuda_layer *L, const moe_routing **out) {
+    size_t S = (size_t)L->T * L->k;
+    free(L->r_token), free(L->r_expert), free(L->r_weight), free(L->r_kept);
+    L->r_token = (int32_t *)malloc(S * 4);
+    L->r_expert = (int32_t *)malloc(S * 4);
+    L->r_weight = (float *)malloc(S * 4);
+    L->r_kept = (uint8_t *)malloc(S);
+    if (!L->r_token || !L->r_expert || !L->r_weight || !L->r_kept) return MOE_ERR_NOMEM;
+    MOE_TRY(moe_cuda_to_host(L->r_expert, L->slot_expert, S * 4));
+    MOE_TRY(moe_cuda_to_host(L->r_weight, L->slot_w, S * 4));
+    for (size_t s = 0; s < S; s++) {
+        L->r_token[s] = (int32_t)(s / (size_t)L->k);
+        L->r_kept[s] = L->r_expert[s] >= 0;
+    }
+    L->routing.n_slots = (int)S;
+    L->routing.token = L->r_token;
+    L->routing.expert = L->r_expert;
+    L->routing.weight = L->r_weight;
+    L->routing.kept = L->r_kept;
+    *out = &L->routing;
+    return MOE_OK;
+}
+
+extern "C" void moe_cuda_layer_time_stages(moe_cuda_layer *L, int on) {
+    L->timing = on;
+    memset(L->stage_s, 0, sizeof L->stage_s);
+}
+
+extern "C" const double *moe_cuda_layer_stage_times(const moe_cuda_layer *L) { return L->stage_s; }
+
+/* ---- benchmarks -------------------------------------------------------------------------- */
+
+extern "C" double moe_cuda_gemm_seconds(int ta, int tb, int m, int n, int k, int b16, int reps) {
+    if (moe_cuda_device_count() < 1) return -1;
+    size_t es = b16 ? 2 : 4, na = (size_t)m * k, nb = (size_t)k * n, nc = (size_t)m * n;
+    void *A = NULL, *B = NULL;
+    float *C = NULL, *tmp = NULL;
+    cublasHandle_t h = NULL;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    double best = -1;
+    size_t big = na > nb ? na : nb;
+    if (cudaMalloc(&A, na * es) == cudaSuccess && cudaMalloc(&B, nb * es) == cudaSuccess &&
+        cudaMalloc((void **)&C, nc * 4) == cudaSuccess &&
+        cudaMalloc((void **)&tmp, big * 4) == cudaSuccess &&
+        blas_create(&h) == MOE_OK && cudaEventCreate(&e0) == cudaSuccess &&
+        cudaEventCreate(&e1) == cudaSuccess) {
+        /* random operands (zeros run faster on these chips) */
+        k_normal<<<4096, BLOCK>>>(tmp, na, 1, 1.0f);
+        if (b16) k_to_bf16<<<4096, BLOCK>>>(na, tmp, (bf16 *)A);
+        else cudaMemcpy(A, tmp, na * 4, cudaMemcpyDeviceToDevice);
+        k_normal<<<4096, BLOCK>>>(tmp, nb, 2, 1.0f);
+        if (b16) k_to_bf16<<<4096, BLOCK>>>(nb, tmp, (bf16 *)B);
+        else cudaMemcpy(B, tmp, nb * 4, cudaMemcpyDeviceToDevice);
+        int lda = ta ? m : k, ldb = tb ? k : n;
+        int ok = gemm(h, ta, tb, m, n, k, A, lda, B, ldb, 0, C, n, b16) == CUBLAS_STATUS_SUCCESS;
+        for (int r = 0; r < reps && ok; r++) {
+            cudaEventRecord(e0, 0);
+            ok = gemm(h, ta, tb, m, n, k, A, lda, B, ldb, 0, C, n, b16) == CUBLAS_STATUS_SUCCESS;
+            cudaEventRecord(e1, 0);
+            float ms = 0;
+            if (ok && cudaEventSynchronize(e1) == cudaSuccess &&
+                cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess)
+                best = best < 0 || 1e-3 * ms < best ? 1e-3 * ms : best;
+        }
+    }
+    cudaGetLastError();
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    if (h) cb.destroy(h);
+    cudaFree(A), cudaFree(B), cudaFree(C), cudaFree(tmp);
+    return best;
+}
