@@ -410,6 +410,14 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
                              int S, const moe_model_args *args, moe_model_loss *loss);
 /* Gradients of loss_scale * (nll + aux + z) of the last forward, added into the gradients. */
 moe_status moe_model_backward(moe_model *m);
+/* Where forward and backward run: "cpu" (the default) or "cuda" (one NVIDIA GPU, in a build
+ * with CUDA: include/moe_cuda.h). With "cuda" the parameters and gradients stay in
+ * moe_model_params / moe_model_grads (each forward copies the parameters to the GPU, each
+ * backward adds the gradients back), so training, optimizers and checkpoints are unchanged;
+ * moe_model_logits and moe_model_decode still compute on the CPU. MOE_ERR_INVALID (naming
+ * it) for what the GPU does not compute: multi-head latent attention, q/k norms and biases,
+ * YaRN, expert parallelism, and MoE options the CUDA layer refuses. */
+moe_status moe_model_use_device(moe_model *m, const char *device);
 /* The tensor table of the whole model (every expert, as one process holds it), whatever this
  * process's share: names, shapes, offsets; free() the table. */
 moe_status moe_model_full_tensors(const moe_model_config *cfg, moe_tensor_info **out, int *n);

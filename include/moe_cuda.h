@@ -30,17 +30,23 @@ void moe_cuda_free(void *p);
 moe_status moe_cuda_to_device(void *dst, const void *src, size_t bytes);
 moe_status moe_cuda_to_host(void *dst, const void *src, size_t bytes);
 moe_status moe_cuda_synchronize(void);
+/* Pins host memory for faster copies (page-locked); unregister before freeing it. */
+moe_status moe_cuda_host_register(void *p, size_t bytes);
+void moe_cuda_host_unregister(void *p);
 
 typedef struct moe_cuda_layer moe_cuda_layer;
 
 /* A layer for up to max_tokens tokens per call: parameters, gradients and the workspace on the
- * GPU (parameters and gradients in the order and layout of moe_layer_params). */
-moe_status moe_cuda_layer_create(const moe_layer_config *cfg, int max_tokens,
-                                 moe_cuda_layer **out);
+ * GPU (parameters and gradients in the order and layout of moe_layer_params). params and grads
+ * (device, moe_layer_param_count floats each) are the caller's, or NULL: the layer's own. */
+moe_status moe_cuda_layer_create(const moe_layer_config *cfg, int max_tokens, float *params,
+                                 float *grads, moe_cuda_layer **out);
 void moe_cuda_layer_destroy(moe_cuda_layer *L);
 /* Copies in params [moe_layer_param_count] and, if not NULL, the selection bias [E]. */
 moe_status moe_cuda_layer_set_params(moe_cuda_layer *L, const float *params,
                                      const float *expert_bias);
+/* Copies in the selection bias [E] (host). */
+moe_status moe_cuda_layer_set_expert_bias(moe_cuda_layer *L, const float *expert_bias);
 /* Normal(0, std) parameters drawn on the GPU from seed (not the CPU layer's values). */
 moe_status moe_cuda_layer_init_params(moe_cuda_layer *L, uint64_t seed, float std);
 moe_status moe_cuda_layer_get_grads(moe_cuda_layer *L, float *grads);

@@ -34,4 +34,14 @@ grep -q "tokens per expert" "$tmp/out" && grep -q "GFLOP/s" "$tmp/out" || fail "
 for cfg in "$src"/configs/*.cfg; do # every example config is valid
   expect 0 "$moe" train --config "$cfg" --print-config
 done
+# --device cuda where there is no GPU (CI) or no CUDA in the build: one clear line, exit 1;
+# with a GPU the layer bench runs (test_cuda_* check the numbers)
+if "$moe" bench layer --device cuda --tokens 64 --iters 1 >"$tmp/out" 2>&1; then
+  grep -q "TFLOP/s" "$tmp/out" || fail "bench layer --device cuda: $(cat "$tmp/out")"
+else
+  [ "$(wc -l <"$tmp/out")" = 1 ] && grep -q "CUDA" "$tmp/out" || fail "--device cuda: $(cat "$tmp/out")"
+  expect 1 "$moe" bench train --device cuda --num-layers 1 --hidden-size 32 --iters 1
+  grep -q "CUDA" "$tmp/out" || fail "bench train --device cuda: $(cat "$tmp/out")"
+fi
+expect 2 "$moe" bench train --device tpu
 echo "cli ok"

@@ -86,7 +86,7 @@ static void check(moe_status s) {
 /* The same on the GPU; dx starts from a random gradient already there (backward adds). */
 static void run_gpu(const moe_layer_config *c, const run_in *in, const float *dx0, run_out *r) {
     moe_cuda_layer *L;
-    check(moe_cuda_layer_create(c, in->T, &L));
+    check(moe_cuda_layer_create(c, in->T, NULL, NULL, &L));
     size_t n = (size_t)in->T * c->d;
     alloc_out(c, in, r);
     float *x, *dout, *out, *dx;
@@ -244,12 +244,12 @@ static void test_refused(void **state) {
     moe_layer_config c = small();
     c.capacity_factor = 1.25f;
     moe_cuda_layer *L = NULL;
-    assert_int_equal(moe_cuda_layer_create(&c, 64, &L), MOE_ERR_INVALID);
+    assert_int_equal(moe_cuda_layer_create(&c, 64, NULL, NULL, &L), MOE_ERR_INVALID);
     assert_null(L);
     assert_non_null(strstr(moe_last_error(), "capacity"));
     c = small();
     c.shared_ffn = 32;
-    assert_int_equal(moe_cuda_layer_create(&c, 64, &L), MOE_ERR_INVALID);
+    assert_int_equal(moe_cuda_layer_create(&c, 64, NULL, NULL, &L), MOE_ERR_INVALID);
     assert_non_null(strstr(moe_last_error(), "shared"));
 }
 

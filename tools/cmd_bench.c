@@ -188,7 +188,7 @@ static int bench_layer_cuda(moe_options *o, int json) {
     float *hx = moe_alloc(n, sizeof(float)), *hg = moe_alloc(n, sizeof(float));
     float *x = NULL, *out = NULL, *dout = NULL, *dx = NULL;
     moe_status s = hx && hg ? MOE_OK : MOE_ERR_NOMEM;
-    if (s == MOE_OK) s = moe_cuda_layer_create(c, T, &L);
+    if (s == MOE_OK) s = moe_cuda_layer_create(c, T, NULL, NULL, &L);
     if (s == MOE_OK) s = moe_cuda_layer_init_params(L, c->seed, 0.02f);
     uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 9, 0, 0);
     if (s == MOE_OK) {
@@ -305,6 +305,7 @@ static int bench_train(moe_options *o, int json) {
     moe_model *m = NULL;
     moe_trainer *t = NULL;
     if (moe_model_create(c, tc->micro_batch * S, &m) != MOE_OK ||
+        (o->device && moe_model_use_device(m, "cuda") != MOE_OK) ||
         moe_trainer_create(m, tc, &toks, NULL, &t) != MOE_OK) {
         fprintf(stderr, "moe bench: %s\n", moe_last_error());
         moe_model_destroy(m);
@@ -312,7 +313,10 @@ static int bench_train(moe_options *o, int json) {
         return 1;
     }
     moe_model_init_params(m, c->moe.seed);
-    double peak = moe_gemm_peak(2048, 5), t_steps = 0, tokens = 0;
+    /* on the GPU: cuBLAS's fp32 rate (the model computes in fp32) */
+    double t_sq = o->device ? moe_cuda_gemm_seconds(0, 0, 8192, 8192, 8192, 0, 3) : 0;
+    double peak = o->device ? 2.0 * 8192 * 8192 * 8192 / t_sq : moe_gemm_peak(2048, 5);
+    double t_steps = 0, tokens = 0;
     for (int it = 0; it <= o->iters; it++) {
         moe_step_metrics s;
         double t0 = moe_time_now();
@@ -336,10 +340,17 @@ static int bench_train(moe_options *o, int json) {
     else {
         printf("moe bench train: %d layers, d=%d, %zu parameters, micro-batch %d x %d tokens, %d "
                "threads\n", c->n_layers, c->d, np, tc->micro_batch, S, omp_get_max_threads());
-        printf("GEMM library: %s\n", moe_gemm_backend());
-        print_ceiling(peak);
+        if (o->device) {
+            printf("GPU: %s (forward and backward; the optimizer on the CPU)\n",
+                   moe_cuda_device_name());
+            printf("ceiling: cuBLAS fp32 8192^3 = %.1f GFLOP/s (best of 3, this run)\n",
+                   1e-9 * peak);
+        } else {
+            printf("GEMM library: %s\n", moe_gemm_backend());
+            print_ceiling(peak);
+        }
         printf("training: %.0f tokens/s, %.1f ms per step; %.2f MFLOP per token; %.1f GFLOP/s = "
-               "%.1f%% model FLOP utilisation against the SGEMM rate\n", tok_s,
+               "%.1f%% model FLOP utilisation against the GEMM ceiling\n", tok_s,
                1e3 * t_steps / o->iters, 1e-6 * fpt, 1e-9 * tok_s * fpt, 100 * tok_s * fpt / peak);
         printf("memory: peak RSS %.1f MB; analytical minimum %.1f MB (parameters, gradients and "
                "Adam state %.1f MB, activations %.1f MB)\n", rss / 1048576, min_bytes / 1048576,
@@ -508,23 +519,15 @@ static int bench_alltoall(moe_options *o, int json) {
 int moe_cmd_bench(int argc, char **argv) {
     if (argc < 1 || (strcmp(argv[0], "layer") && strcmp(argv[0], "train") &&
                      strcmp(argv[0], "alltoall"))) {
-        fprintf(stderr, "moe bench: usage: moe bench layer|train|alltoall [options] [--json] [--device cpu|cuda]\n");
+        fprintf(stderr, "moe bench: usage: moe bench layer|train|alltoall [options] [--json]\n");
         return 2;
     }
     int train = !strcmp(argv[0], "train");
-    int json = 0, n = 0, cuda = 0;
+    int json = 0, n = 0;
     char **rest = malloc(sizeof(char *) * (size_t)argc);
     for (int a = 1; a < argc; a++) {
         if (!strcmp(argv[a], "--json")) json = 1;
-        else if (!strcmp(argv[a], "--device") && a + 1 < argc &&
-                 (!strcmp(argv[a + 1], "cuda") || !strcmp(argv[a + 1], "cpu")))
-            cuda = !strcmp(argv[++a], "cuda");
         else rest[n++] = argv[a];
-    }
-    if (cuda && strcmp(argv[0], "layer")) {
-        fprintf(stderr, "moe bench: --device cuda is for moe bench layer only (so far)\n");
-        free(rest);
-        return 2;
     }
     moe_options o;
     moe_options_default(&o);
@@ -537,7 +540,11 @@ int moe_cmd_bench(int argc, char **argv) {
     free(rest);
     if (rc) return rc;
     if (o.threads > 0) omp_set_num_threads(o.threads);
+    if (!strcmp(argv[0], "alltoall") && o.device) {
+        fprintf(stderr, "moe bench: alltoall runs on the CPU (--device cpu)\n");
+        return 2;
+    }
     if (!strcmp(argv[0], "alltoall")) return bench_alltoall(&o, json);
-    if (cuda) return bench_layer_cuda(&o, json);
+    if (!train && o.device) return bench_layer_cuda(&o, json);
     return train ? bench_train(&o, json) : bench_layer(&o, json);
 }

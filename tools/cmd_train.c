@@ -379,6 +379,7 @@ int moe_cmd_train(int argc, char **argv) {
     if (moe_tokens_load(path, &val) != MOE_OK) goto fail;
     if (moe_trainer_check_data(&o.model, &train, val.n_tokens ? &val : NULL) != MOE_OK) goto fail;
     if (moe_model_create(&o.model, o.train.micro_batch * o.model.seq_len, &m) != MOE_OK) goto fail;
+    if (o.device && moe_model_use_device(m, "cuda") != MOE_OK) goto fail;
     moe_model_init_params(m, o.layer.seed);
     moe_model_set_comms(m, d->expert, o.model.moe.ep_replicated ? d->expert_data : d->world);
     if (moe_trainer_create(m, &o.train, &train, val.n_tokens ? &val : NULL, &t) != MOE_OK ||

@@ -4,6 +4,7 @@
 #include "moe_cuda.h"
 
 #include "core/core.h"
+#include "cuda/model.h"
 
 #include <stddef.h>
 
@@ -29,9 +30,14 @@ moe_status moe_cuda_to_host(void *dst, const void *src, size_t bytes) {
     return absent();
 }
 moe_status moe_cuda_synchronize(void) { return absent(); }
-moe_status moe_cuda_layer_create(const moe_layer_config *cfg, int max_tokens,
-                                 moe_cuda_layer **out) {
-    (void)cfg, (void)max_tokens;
+moe_status moe_cuda_host_register(void *p, size_t bytes) {
+    (void)p, (void)bytes;
+    return absent();
+}
+void moe_cuda_host_unregister(void *p) { (void)p; }
+moe_status moe_cuda_layer_create(const moe_layer_config *cfg, int max_tokens, float *params,
+                                 float *grads, moe_cuda_layer **out) {
+    (void)cfg, (void)max_tokens, (void)params, (void)grads;
     *out = NULL;
     return absent();
 }
@@ -39,6 +45,10 @@ void moe_cuda_layer_destroy(moe_cuda_layer *L) { (void)L; }
 moe_status moe_cuda_layer_set_params(moe_cuda_layer *L, const float *params,
                                      const float *expert_bias) {
     (void)L, (void)params, (void)expert_bias;
+    return absent();
+}
+moe_status moe_cuda_layer_set_expert_bias(moe_cuda_layer *L, const float *expert_bias) {
+    (void)L, (void)expert_bias;
     return absent();
 }
 moe_status moe_cuda_layer_init_params(moe_cuda_layer *L, uint64_t seed, float std) {
@@ -80,6 +90,33 @@ const double *moe_cuda_layer_stage_times(const moe_cuda_layer *L) {
 double moe_cuda_gemm_seconds(int ta, int tb, int m, int n, int k, int bf16, int reps) {
     (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)bf16, (void)reps;
     return -1;
+}
+moe_status moe_cuda_model_create(const moe_cuda_model_plan *p, int max_tokens,
+                                 moe_cuda_model **out) {
+    (void)p, (void)max_tokens;
+    *out = NULL;
+    return absent();
+}
+void moe_cuda_model_destroy(moe_cuda_model *g) { (void)g; }
+moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *params,
+                                  const float *const *expert_bias, const int32_t *tokens,
+                                  const int32_t *targets, int B, int S,
+                                  const moe_model_args *args, moe_model_loss *loss) {
+    (void)g, (void)params, (void)expert_bias, (void)tokens, (void)targets, (void)B, (void)S;
+    (void)args, (void)loss;
+    return absent();
+}
+const moe_layer_stats *moe_cuda_model_layer_stats(const moe_cuda_model *g, int l) {
+    (void)g, (void)l;
+    return NULL;
+}
+moe_status moe_cuda_model_logits(const moe_cuda_model *g, float *out, int row, int n) {
+    (void)g, (void)out, (void)row, (void)n;
+    return absent();
+}
+moe_status moe_cuda_model_backward(moe_cuda_model *g, float *grads) {
+    (void)g, (void)grads;
+    return absent();
 }
 #else
 typedef int moe_cuda_absent_unused; /* ISO C: a translation unit is not empty */

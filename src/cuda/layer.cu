@@ -8,154 +8,23 @@
  * over all rows → per expert a W_outᵀ → combine in slot order. The per-expert row counts come
  * back to the host once per forward (the GEMM sizes). Backward in reverse. Every reduction runs
  * in a fixed order, so results are bitwise repeatable. */
-#include <cublas_v2.h>
 #include <cub/device/device_radix_sort.cuh>
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
 
-#include <dlfcn.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/cuda_internal.h"
+
 extern "C" {
 #include "moe_cuda.h"
-#include "core/core.h"
 #include "moe/layer_internal.h"
 }
 
-#define MAX_E 256   /* experts per layer (one thread keeps a token's choices) */
-#define BLOCK 256
-
-typedef __nv_bfloat16 bf16;
-
-static moe_status cuda_error(cudaError_t e, const char *what) {
-    return moe_set_error(MOE_ERR_INVALID, "CUDA: %s: %s", what, cudaGetErrorString(e));
-}
-
-#define CU_TRY(call, what)                                                                     \
-    do {                                                                                       \
-        cudaError_t e_ = (call);                                                               \
-        if (e_ != cudaSuccess) return cuda_error(e_, what);                                    \
-    } while (0)
-
-/* cuBLAS is loaded when a GPU is first used, as OpenBLAS is (kernels/gemm.c): a binary built
- * with CUDA starts as fast as one without and runs where cuBLAS is not installed. */
-static struct {
-    cublasStatus_t (*create)(cublasHandle_t *);
-    cublasStatus_t (*destroy)(cublasHandle_t);
-    cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
-                              const void *, const void *, cudaDataType, int, const void *,
-                              cudaDataType, int, const void *, void *, cudaDataType, int,
-                              cublasComputeType_t, cublasGemmAlgo_t);
-    const char *(*status_string)(cublasStatus_t);
-    char error[512];
-} cb;
-static pthread_once_t cb_once = PTHREAD_ONCE_INIT;
-
-static void load_cublas(void) {
-    char name[64];
-    snprintf(name, sizeof name, "libcublas.so.%d", CUBLAS_VER_MAJOR);
-    void *h = dlopen(name, RTLD_NOW | RTLD_GLOBAL);
-    if (!h) h = dlopen("libcublas.so", RTLD_NOW | RTLD_GLOBAL);
-    if (!h) {
-        snprintf(cb.error, sizeof cb.error, "cuBLAS could not be loaded (%s): %s", name, dlerror());
-        return;
-    }
-    *(void **)&cb.create = dlsym(h, "cublasCreate_v2");
-    *(void **)&cb.destroy = dlsym(h, "cublasDestroy_v2");
-    *(void **)&cb.gemm_ex = dlsym(h, "cublasGemmEx");
-    *(void **)&cb.status_string = dlsym(h, "cublasGetStatusString");
-    if (!cb.create || !cb.destroy || !cb.gemm_ex || !cb.status_string) {
-        snprintf(cb.error, sizeof cb.error, "%s lacks cublasGemmEx or its peers", name);
-        cb.create = NULL;
-    }
-}
-
-/* A cuBLAS handle, or an error naming why there is none. */
-static moe_status blas_create(cublasHandle_t *h) {
-    pthread_once(&cb_once, load_cublas);
-    if (!cb.create) return moe_set_error(MOE_ERR_INVALID, "CUDA: %s", cb.error);
-    if (cb.create(h) != CUBLAS_STATUS_SUCCESS) {
-        *h = NULL;
-        return moe_set_error(MOE_ERR_INVALID, "cuBLAS: could not create a handle");
-    }
-    return MOE_OK;
-}
-
-#define BLAS_TRY(call, what)                                                                   \
-    do {                                                                                       \
-        cublasStatus_t b_ = (call);                                                            \
-        if (b_ != CUBLAS_STATUS_SUCCESS)                                                       \
-            return moe_set_error(MOE_ERR_INVALID, "cuBLAS: %s: %s", what,                      \
-                                 cb.status_string(b_));                                        \
-    } while (0)
-
-/* ---- device helpers ---------------------------------------------------------------------- */
-
-extern "C" int moe_cuda_device_count(void) {
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) {
-        cudaGetLastError(); /* clear it: no driver or no device */
-        return 0;
-    }
-    return n;
-}
-
-extern "C" const char *moe_cuda_device_name(void) {
-    static char name[320];
-    int n = 0;
-    cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess || n == 0) {
-        snprintf(name, sizeof name, "no CUDA device (%s)",
-                 e != cudaSuccess ? cudaGetErrorString(e) : "none found");
-        cudaGetLastError();
-        return name;
-    }
-    cudaDeviceProp p;
-    if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) return "CUDA device 0 (no properties)";
-    snprintf(name, sizeof name, "%.200s (compute capability %d.%d, %d SMs, %.1f GiB)", p.name,
-             p.major, p.minor, p.multiProcessorCount, p.totalGlobalMem / 1073741824.0);
-    return name;
-}
-
-extern "C" moe_status moe_cuda_alloc(void **p, size_t bytes) {
-    *p = NULL;
-    CU_TRY(cudaMalloc(p, bytes ? bytes : 1), "cudaMalloc");
-    return MOE_OK;
-}
-extern "C" void moe_cuda_free(void *p) {
-    if (p) cudaFree(p);
-}
-extern "C" moe_status moe_cuda_to_device(void *dst, const void *src, size_t bytes) {
-    CU_TRY(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "copy to the GPU");
-    return MOE_OK;
-}
-extern "C" moe_status moe_cuda_to_host(void *dst, const void *src, size_t bytes) {
-    CU_TRY(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), "copy from the GPU");
-    return MOE_OK;
-}
-extern "C" moe_status moe_cuda_synchronize(void) {
-    CU_TRY(cudaDeviceSynchronize(), "synchronize");
-    return MOE_OK;
-}
-
-static unsigned blocks_for(size_t n, int per) { return (unsigned)((n + per - 1) / per); }
-
-/* Row-major C [m, n] = op(A) op(B) + beta C (fp32 C, fp32 accumulation), A and B fp32 or bf16:
- * cuBLAS is column-major, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ with the operands swapped. */
-static cublasStatus_t gemm(cublasHandle_t h, int ta, int tb, int m, int n, int k, const void *A,
-                           int lda, const void *B, int ldb, float beta, float *C, int ldc,
-                           int b16) {
-    const float one = 1.0f;
-    cudaDataType_t t = b16 ? CUDA_R_16BF : CUDA_R_32F;
-    return cb.gemm_ex(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m,
-                      k, &one, B, t, ldb, A, t, lda, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
-                      CUBLAS_GEMM_DEFAULT);
-}
+#define MAX_E 256 /* experts per layer (one thread keeps a token's choices) */
+#define BLOCK MOE_CUDA_BLOCK
 
 /* ---- the layer ------------------------------------------------------------------------- */
 
@@ -169,6 +38,7 @@ struct moe_cuda_layer {
     size_t n_params;
     cublasHandle_t blas;
     float *params, *grads;       /* (device) [n_params] */
+    int own_params, own_grads;
     moe_layer_params p, g;       /* (device) pointers into them */
     float *expert_bias;          /* (device) [E] */
     bf16 *w_in16, *w_out16;      /* (device) [E, gf, d], [E, d, f] bf16 copies (b16) */
@@ -349,7 +219,7 @@ static moe_status check_supported(const moe_layer_config *c) {
 }
 
 extern "C" moe_status moe_cuda_layer_create(const moe_layer_config *cfg, int max_tokens,
-                                            moe_cuda_layer **out) {
+                                            float *params, float *grads, moe_cuda_layer **out) {
     *out = NULL;
     MOE_TRY(moe_layer_config_validate(cfg));
     MOE_TRY(check_supported(cfg));
@@ -364,24 +234,28 @@ extern "C" moe_status moe_cuda_layer_create(const moe_layer_config *cfg, int max
     L->gf = moe_act_gated(cfg->act) ? 2 * cfg->ffn : cfg->ffn;
     L->b16 = cfg->expert_bf16 != 0;
     L->n_params = moe_layer_param_count(cfg);
-    moe_status s = blas_create(&L->blas);
+    moe_status s = moe_cuda_blas_create(&L->blas);
     if (s != MOE_OK) {
         free(L);
         return s;
     }
     for (int i = 0; i < EV_COUNT && s == MOE_OK; i++)
-        if (cudaEventCreate(&L->ev[i]) != cudaSuccess) s = cuda_error(cudaGetLastError(), "event");
+        if (cudaEventCreate(&L->ev[i]) != cudaSuccess) s = moe_cuda_error(cudaGetLastError(), "event");
     size_t E = (size_t)cfg->n_experts, d = (size_t)cfg->d, f = (size_t)cfg->ffn;
-    if (s == MOE_OK) s = moe_cuda_alloc((void **)&L->params, L->n_params * 4);
-    if (s == MOE_OK) s = moe_cuda_alloc((void **)&L->grads, L->n_params * 4);
+    L->own_params = params == NULL;
+    L->own_grads = grads == NULL;
+    L->params = params;
+    L->grads = grads;
+    if (s == MOE_OK && !params) s = moe_cuda_alloc((void **)&L->params, L->n_params * 4);
+    if (s == MOE_OK && !grads) s = moe_cuda_alloc((void **)&L->grads, L->n_params * 4);
     if (s == MOE_OK) s = moe_cuda_alloc((void **)&L->expert_bias, E * 4);
     if (s == MOE_OK && L->b16) s = moe_cuda_alloc((void **)&L->w_in16, E * L->gf * d * 2);
     if (s == MOE_OK && L->b16) s = moe_cuda_alloc((void **)&L->w_out16, E * d * f * 2);
     if (s == MOE_OK) s = alloc_workspace(L, cfg->topk);
-    if (s == MOE_OK && (cudaMemset(L->params, 0, L->n_params * 4) != cudaSuccess ||
-                        cudaMemset(L->grads, 0, L->n_params * 4) != cudaSuccess ||
+    if (s == MOE_OK && ((!params && cudaMemset(L->params, 0, L->n_params * 4) != cudaSuccess) ||
+                        (!grads && cudaMemset(L->grads, 0, L->n_params * 4) != cudaSuccess) ||
                         cudaMemset(L->expert_bias, 0, E * 4) != cudaSuccess))
-        s = cuda_error(cudaGetLastError(), "clear the parameters");
+        s = moe_cuda_error(cudaGetLastError(), "clear the parameters");
     if (s != MOE_OK) {
         moe_cuda_layer_destroy(L);
         return s;
@@ -395,22 +269,25 @@ extern "C" moe_status moe_cuda_layer_create(const moe_layer_config *cfg, int max
 extern "C" void moe_cuda_layer_destroy(moe_cuda_layer *L) {
     if (!L) return;
     free_workspace(L);
-    cudaFree(L->params);
-    cudaFree(L->grads);
+    if (L->own_params) cudaFree(L->params);
+    if (L->own_grads) cudaFree(L->grads);
     cudaFree(L->expert_bias);
     cudaFree(L->w_in16);
     cudaFree(L->w_out16);
     for (int i = 0; i < EV_COUNT; i++)
         if (L->ev[i]) cudaEventDestroy(L->ev[i]);
-    if (L->blas) cb.destroy(L->blas);
+    moe_cuda_blas_destroy(L->blas);
     free(L);
 }
 
 extern "C" moe_status moe_cuda_layer_set_params(moe_cuda_layer *L, const float *params,
                                                 const float *expert_bias) {
     MOE_TRY(moe_cuda_to_device(L->params, params, L->n_params * 4));
-    if (expert_bias) MOE_TRY(moe_cuda_to_device(L->expert_bias, expert_bias, (size_t)E_ * 4));
-    return MOE_OK;
+    return expert_bias ? moe_cuda_layer_set_expert_bias(L, expert_bias) : MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_layer_set_expert_bias(moe_cuda_layer *L, const float *expert_bias) {
+    return moe_cuda_to_device(L->expert_bias, expert_bias, (size_t)E_ * 4);
 }
 
 extern "C" moe_status moe_cuda_layer_get_grads(moe_cuda_layer *L, float *grads) {
@@ -422,28 +299,9 @@ extern "C" moe_status moe_cuda_layer_zero_grads(moe_cuda_layer *L) {
     return MOE_OK;
 }
 
-/* splitmix64: a counter-based generator for the GPU's own initialisation. */
-__device__ static uint64_t mix64(uint64_t z) {
-    z += 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-__global__ static void k_normal(float *w, size_t n, uint64_t seed, float std) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        uint64_t r = mix64(seed ^ mix64(i));
-        double u1 = ((r >> 11) + 1.0) / 9007199254740993.0, u2 = (mix64(r) >> 11) / 9007199254740992.0;
-        w[i] = (float)(std * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-    }
-}
-
 extern "C" moe_status moe_cuda_layer_init_params(moe_cuda_layer *L, uint64_t seed, float std) {
     /* the supported layers have no biases: every parameter is a weight */
-    k_normal<<<4096, BLOCK>>>(L->params, L->n_params, seed, std);
-    CU_TRY(cudaGetLastError(), "initialise the parameters");
-    return MOE_OK;
+    return moe_cuda_fill_normal(L->params, L->n_params, seed, std);
 }
 
 /* ---- router ------------------------------------------------------------------------------ */
@@ -551,19 +409,6 @@ __global__ static void k_router(router_args r) {
     for (int j = 0; j < k; j++) r.aux_top[t * k + j] = idx[j];
 }
 
-/* Sums over a block in a fixed order (a tree over the threads' partial sums). */
-__device__ static double block_sum(double v, double *sh) {
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-        if ((int)threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
-        __syncthreads();
-    }
-    double s = sh[0];
-    __syncthreads();
-    return s;
-}
-
 /* Block (b, e): Pm[b, e] = sum of P over the valid tokens of sequence b, cnt[b, e] = aux top-k
  * slots on e. Blocks with e == E count the valid tokens (into cnt[b, E-th slot of pm]). */
 __global__ static void k_aux_sums(int S, int E, int k, const double *P, const int32_t *top,
@@ -580,8 +425,8 @@ __global__ static void k_aux_sums(int S, int E, int k, const double *P, const in
         vp += P[(size_t)t * E + e];
         for (int j = 0; j < k; j++) vc += top[t * k + j] == e;
     }
-    vp = block_sum(vp, sh);
-    vc = block_sum(vc, sh);
+    vp = moe_cuda_block_sum(vp, sh);
+    vc = moe_cuda_block_sum(vc, sh);
     if (threadIdx.x == 0) {
         if (e == E) tv[b] = vc;
         else {
@@ -620,7 +465,7 @@ __global__ static void k_z_loss(int T, int Tv, double coeff, const double *lse,
     double v = 0;
     for (int t = threadIdx.x; t < T; t += blockDim.x)
         if (!mask || mask[t]) v += lse[t] * lse[t];
-    v = block_sum(v, sh);
+    v = moe_cuda_block_sum(v, sh);
     if (threadIdx.x == 0) loss[1] = coeff * v / Tv;
 }
 
@@ -677,80 +522,6 @@ __global__ static void k_combine(int d, int k, const int32_t *slot_row, const fl
     }
 }
 
-/* ---- activations ------------------------------------------------------------------------- */
-
-__device__ static float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ static float gelu(float h) { return 0.5f * h * (1.0f + erff(h * 0.70710678118654752f)); }
-__device__ static float dgelu(float h) {
-    return 0.5f * (1.0f + erff(h * 0.70710678118654752f)) +
-           h * 0.39894228040143268f * expf(-0.5f * h * h);
-}
-
-/* phi(g) of the activation (the gate's value; times the partner u for gated ones). */
-__device__ static float act_phi(moe_activation act, float g) {
-    switch (act) {
-    case MOE_ACT_SWIGLU:
-    case MOE_ACT_SILU: return g * sigm(g);
-    case MOE_ACT_GEGLU:
-    case MOE_ACT_GELU: return gelu(g);
-    case MOE_ACT_RELU2: return g > 0 ? g * g : 0.0f;
-    }
-    return 0;
-}
-__device__ static float act_dphi(moe_activation act, float g) {
-    switch (act) {
-    case MOE_ACT_SWIGLU:
-    case MOE_ACT_SILU: {
-        float s = sigm(g);
-        return s * (1.0f + g * (1.0f - s));
-    }
-    case MOE_ACT_GEGLU:
-    case MOE_ACT_GELU: return dgelu(g);
-    case MOE_ACT_RELU2: return g > 0 ? 2.0f * g : 0.0f;
-    }
-    return 0;
-}
-
-/* a [R, f] = w_r * phi(h_gate) (* h_up for gated ones). */
-template <typename T>
-__global__ static void k_act(moe_activation act, int gated, int f, int gf, const float *h,
-                             const float *row_w, T *a) {
-    int r = blockIdx.x;
-    const float *hr = h + (size_t)r * gf;
-    float w = row_w[r];
-    for (int i = threadIdx.x; i < f; i += blockDim.x) {
-        float v = w * act_phi(act, hr[i]) * (gated ? hr[f + i] : 1.0f);
-        a[(size_t)r * f + i] = (T)v;
-    }
-}
-
-/* dh [R, gf] from da [R, f]; dw_row[r] = sum_i da * phi * u (block sum, fixed order). */
-template <typename T>
-__global__ static void k_act_backward(moe_activation act, int gated, int f, int gf,
-                                      const float *h, const float *row_w, const float *da, T *dh,
-                                      double *dw_row) {
-    __shared__ double sh[BLOCK];
-    int r = blockIdx.x;
-    const float *hr = h + (size_t)r * gf, *dar = da + (size_t)r * f;
-    T *dhr = dh + (size_t)r * gf;
-    float w = row_w[r];
-    double dw = 0;
-    for (int i = threadIdx.x; i < f; i += blockDim.x) {
-        float g = hr[i], u = gated ? hr[f + i] : 1.0f, phi = act_phi(act, g);
-        dw += (double)(dar[i] * phi * u);
-        dhr[i] = (T)(w * dar[i] * u * act_dphi(act, g));
-        if (gated) dhr[f + i] = (T)(w * dar[i] * phi);
-    }
-    dw = block_sum(dw, sh);
-    if (threadIdx.x == 0) dw_row[r] = dw;
-}
-
-__global__ static void k_to_bf16(size_t n, const float *x, bf16 *y) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
-        y[i] = __float2bfloat16(x[i]);
-}
-
 /* ---- forward ----------------------------------------------------------------------------- */
 
 static void mark(moe_cuda_layer *L, int ev) {
@@ -781,18 +552,18 @@ static moe_status experts_gemm(moe_cuda_layer *L, int which) {
         float *dw_in = L->g.w_in + (size_t)e * gf * d, *dw_out = L->g.w_out + (size_t)e * d * f;
         switch (which) {
         case 0: /* h = x W_inᵀ */
-            BLAS_TRY(gemm(h, 0, 1, n, gf, d, x, d, w_in, d, 0, L->h + (size_t)o * gf, gf, b16), "x W_in");
+            BLAS_TRY(moe_cuda_gemm(h, 0, 1, n, gf, d, x, d, w_in, d, 0, L->h + (size_t)o * gf, gf, b16), "x W_in");
             break;
         case 1: /* y = a W_outᵀ */
-            BLAS_TRY(gemm(h, 0, 1, n, d, f, a, f, w_out, f, 0, L->y + (size_t)o * d, d, b16), "a W_out");
+            BLAS_TRY(moe_cuda_gemm(h, 0, 1, n, d, f, a, f, w_out, f, 0, L->y + (size_t)o * d, d, b16), "a W_out");
             break;
         case 2: /* dW_out += dyᵀ a; da = dy W_out */
-            BLAS_TRY(gemm(h, 1, 0, d, f, n, dy, d, a, f, 1, dw_out, f, b16), "dW_out");
-            BLAS_TRY(gemm(h, 0, 0, n, f, d, dy, d, w_out, f, 0, L->da + (size_t)o * f, f, b16), "da");
+            BLAS_TRY(moe_cuda_gemm(h, 1, 0, d, f, n, dy, d, a, f, 1, dw_out, f, b16), "dW_out");
+            BLAS_TRY(moe_cuda_gemm(h, 0, 0, n, f, d, dy, d, w_out, f, 0, L->da + (size_t)o * f, f, b16), "da");
             break;
         case 3: /* dW_in += dhᵀ x; dx = dh W_in (into y) */
-            BLAS_TRY(gemm(h, 1, 0, gf, d, n, dh, gf, x, d, 1, dw_in, d, b16), "dW_in");
-            BLAS_TRY(gemm(h, 0, 0, n, d, gf, dh, gf, w_in, d, 0, L->y + (size_t)o * d, d, b16), "dx");
+            BLAS_TRY(moe_cuda_gemm(h, 1, 0, gf, d, n, dh, gf, x, d, 1, dw_in, d, b16), "dW_in");
+            BLAS_TRY(moe_cuda_gemm(h, 0, 0, n, d, gf, dh, gf, w_in, d, 0, L->y + (size_t)o * d, d, b16), "dx");
             break;
         }
     }
@@ -852,7 +623,7 @@ extern "C" moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, cons
     L->n_seq = L->aux_on && c->lb_type == MOE_LB_SEQ_AUX ? T / seq_len : 1;
 
     mark(L, EV_F0);
-    BLAS_TRY(gemm(L->blas, 0, 1, T, E, d, x, d, L->p.router_w, d, 0, L->logits, E, 0),
+    BLAS_TRY(moe_cuda_gemm(L->blas, 0, 1, T, E, d, x, d, L->p.router_w, d, 0, L->logits, E, 0),
              "router logits");
     router_args r;
     r.T = T, r.E = E, r.k = k, r.d = d;
@@ -870,7 +641,7 @@ extern "C" moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, cons
     r.aux = L->aux_on;
     r.p = L->p64, r.key = L->key, r.lse = L->lse, r.q = L->q, r.qsum = L->qsum;
     r.slot_expert = L->slot_expert, r.aux_top = L->aux_top, r.slot_w = L->slot_w;
-    k_router<<<blocks_for(T, 64), 64>>>(r);
+    k_router<<<moe_cuda_blocks(T, 64), 64>>>(r);
     mark(L, EV_F_ROUTER);
     double losses[2] = {0, 0};
     CU_TRY(cudaMemset(L->losses, 0, 16), "clear the losses");
@@ -885,7 +656,7 @@ extern "C" moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, cons
     mark(L, EV_F_BALANCE);
 
     CU_TRY(cudaMemset(L->counts, 0, (size_t)E * 4), "clear the counts");
-    k_sort_keys<<<blocks_for(S, BLOCK), BLOCK>>>(S, E, L->slot_expert, L->sort_key, L->sort_val,
+    k_sort_keys<<<moe_cuda_blocks(S, BLOCK), BLOCK>>>(S, E, L->slot_expert, L->sort_key, L->sort_val,
                                                  L->counts);
     k_offsets<<<1, 1>>>(E, L->counts, L->expert_off);
     int end_bit = 1;
@@ -898,22 +669,18 @@ extern "C" moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, cons
     int R = L->h_off[E];
     CU_TRY(cudaMemset(L->slot_row, 0xff, (size_t)S * 4), "clear the slot rows");
     if (R > 0) {
-        k_rows<<<blocks_for(R, BLOCK), BLOCK>>>(R, L->row_slot, L->slot_w, L->slot_row, L->row_w);
+        k_rows<<<moe_cuda_blocks(R, BLOCK), BLOCK>>>(R, L->row_slot, L->slot_w, L->slot_row, L->row_w);
         if (L->b16) k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, x, L->x16);
         else k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, x, L->xp);
     }
     if (L->b16) {
-        k_to_bf16<<<4096, BLOCK>>>((size_t)E * gf * d, L->p.w_in, L->w_in16);
-        k_to_bf16<<<4096, BLOCK>>>((size_t)E * d * f, L->p.w_out, L->w_out16);
+        MOE_TRY(moe_cuda_to_bf16((size_t)E * gf * d, L->p.w_in, L->w_in16));
+        MOE_TRY(moe_cuda_to_bf16((size_t)E * d * f, L->p.w_out, L->w_out16));
     }
     mark(L, EV_F_PERMUTE);
     MOE_TRY(experts_gemm(L, 0));
     mark(L, EV_F_GEMM1);
-    int gated = moe_act_gated(c->act);
-    if (R > 0) {
-        if (L->b16) k_act<<<R, BLOCK>>>(c->act, gated, f, gf, L->h, L->row_w, L->a16);
-        else k_act<<<R, BLOCK>>>(c->act, gated, f, gf, L->h, L->row_w, L->a);
-    }
+    MOE_TRY(moe_cuda_act_forward(c->act, R, f, L->h, L->row_w, L->a, L->a16));
     mark(L, EV_F_ACT);
     MOE_TRY(experts_gemm(L, 1));
     mark(L, EV_F_GEMM2);
@@ -1018,8 +785,7 @@ extern "C" moe_status moe_cuda_layer_backward(moe_cuda_layer *L, float *dx, cons
                              "(or twice for one forward)");
     if (!dx || !dout || !x)
         return moe_set_error(MOE_ERR_INVALID, "moe_cuda_layer_backward: dx, dout and x must not be NULL");
-    int T = L->T, k = L->k, E = c->n_experts, d = c->d, f = c->ffn, gf = L->gf, R = L->h_off[E];
-    int gated = moe_act_gated(c->act);
+    int T = L->T, k = L->k, E = c->n_experts, d = c->d, f = c->ffn, R = L->h_off[E];
     mark(L, EV_B0);
     if (R > 0) {
         if (L->b16) k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, dout, L->dy16);
@@ -1028,14 +794,8 @@ extern "C" moe_status moe_cuda_layer_backward(moe_cuda_layer *L, float *dx, cons
     mark(L, EV_B_GATHER);
     MOE_TRY(experts_gemm(L, 2));
     mark(L, EV_B_GEMM1);
-    if (R > 0) {
-        if (L->b16)
-            k_act_backward<<<R, BLOCK>>>(c->act, gated, f, gf, L->h, L->row_w, L->da, L->dh16,
-                                         L->dw_row);
-        else
-            k_act_backward<<<R, BLOCK>>>(c->act, gated, f, gf, L->h, L->row_w, L->da, L->dh,
-                                         L->dw_row);
-    }
+    MOE_TRY(moe_cuda_act_backward(c->act, R, f, L->h, L->row_w, L->da, L->dh, L->dh16,
+                                  L->dw_row));
     mark(L, EV_B_ACT);
     MOE_TRY(experts_gemm(L, 3));
     mark(L, EV_B_GEMM2);
@@ -1054,9 +814,9 @@ extern "C" moe_status moe_cuda_layer_backward(moe_cuda_layer *L, float *dx, cons
     r.score = L->wscore, r.aux_score = c->score;
     r.route_scale = c->route_scale, r.loss_scale = L->loss_scale, r.z_coeff = c->z_coeff;
     r.dz = L->dz, r.dp = L->dp, r.dz_f = L->dz_f;
-    k_router_backward<<<blocks_for(T, 64), 64>>>(r);
-    BLAS_TRY(gemm(L->blas, 1, 0, E, d, T, L->dz_f, E, x, d, 1, L->g.router_w, d, 0), "dW_router");
-    BLAS_TRY(gemm(L->blas, 0, 0, T, d, E, L->dz_f, E, L->p.router_w, d, 1, dx, d, 0), "router dx");
+    k_router_backward<<<moe_cuda_blocks(T, 64), 64>>>(r);
+    BLAS_TRY(moe_cuda_gemm(L->blas, 1, 0, E, d, T, L->dz_f, E, x, d, 1, L->g.router_w, d, 0), "dW_router");
+    BLAS_TRY(moe_cuda_gemm(L->blas, 0, 0, T, d, E, L->dz_f, E, L->p.router_w, d, 1, dx, d, 0), "router dx");
     mark(L, EV_B_ROUTER);
     CU_TRY(cudaGetLastError(), "the layer's backward");
     L->have_forward = 0;
@@ -1111,45 +871,3 @@ extern "C" void moe_cuda_layer_time_stages(moe_cuda_layer *L, int on) {
 
 extern "C" const double *moe_cuda_layer_stage_times(const moe_cuda_layer *L) { return L->stage_s; }
 
-/* ---- benchmarks -------------------------------------------------------------------------- */
-
-extern "C" double moe_cuda_gemm_seconds(int ta, int tb, int m, int n, int k, int b16, int reps) {
-    if (moe_cuda_device_count() < 1) return -1;
-    size_t es = b16 ? 2 : 4, na = (size_t)m * k, nb = (size_t)k * n, nc = (size_t)m * n;
-    void *A = NULL, *B = NULL;
-    float *C = NULL, *tmp = NULL;
-    cublasHandle_t h = NULL;
-    cudaEvent_t e0 = NULL, e1 = NULL;
-    double best = -1;
-    size_t big = na > nb ? na : nb;
-    if (cudaMalloc(&A, na * es) == cudaSuccess && cudaMalloc(&B, nb * es) == cudaSuccess &&
-        cudaMalloc((void **)&C, nc * 4) == cudaSuccess &&
-        cudaMalloc((void **)&tmp, big * 4) == cudaSuccess &&
-        blas_create(&h) == MOE_OK && cudaEventCreate(&e0) == cudaSuccess &&
-        cudaEventCreate(&e1) == cudaSuccess) {
-        /* random operands (zeros run faster on these chips) */
-        k_normal<<<4096, BLOCK>>>(tmp, na, 1, 1.0f);
-        if (b16) k_to_bf16<<<4096, BLOCK>>>(na, tmp, (bf16 *)A);
-        else cudaMemcpy(A, tmp, na * 4, cudaMemcpyDeviceToDevice);
-        k_normal<<<4096, BLOCK>>>(tmp, nb, 2, 1.0f);
-        if (b16) k_to_bf16<<<4096, BLOCK>>>(nb, tmp, (bf16 *)B);
-        else cudaMemcpy(B, tmp, nb * 4, cudaMemcpyDeviceToDevice);
-        int lda = ta ? m : k, ldb = tb ? k : n;
-        int ok = gemm(h, ta, tb, m, n, k, A, lda, B, ldb, 0, C, n, b16) == CUBLAS_STATUS_SUCCESS;
-        for (int r = 0; r < reps && ok; r++) {
-            cudaEventRecord(e0, 0);
-            ok = gemm(h, ta, tb, m, n, k, A, lda, B, ldb, 0, C, n, b16) == CUBLAS_STATUS_SUCCESS;
-            cudaEventRecord(e1, 0);
-            float ms = 0;
-            if (ok && cudaEventSynchronize(e1) == cudaSuccess &&
-                cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess)
-                best = best < 0 || 1e-3 * ms < best ? 1e-3 * ms : best;
-        }
-    }
-    cudaGetLastError();
-    if (e0) cudaEventDestroy(e0);
-    if (e1) cudaEventDestroy(e1);
-    if (h) cb.destroy(h);
-    cudaFree(A), cudaFree(B), cudaFree(C), cudaFree(tmp);
-    return best;
-}

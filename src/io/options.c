@@ -46,6 +46,7 @@ _Static_assert(sizeof(moe_activation) == sizeof(int) && sizeof(moe_router_type) 
 static const opt_choice act_choices[] = {{"swiglu", MOE_ACT_SWIGLU}, {"geglu", MOE_ACT_GEGLU},
                                          {"relu2", MOE_ACT_RELU2},   {"gelu", MOE_ACT_GELU},
                                          {"silu", MOE_ACT_SILU},     {NULL, 0}};
+static const opt_choice device_choices[] = {{"cpu", 0}, {"cuda", 1}, {NULL, 0}};
 static const opt_choice router_choices[] = {{"topk", MOE_ROUTER_TOPK},
                                             {"sinkhorn", MOE_ROUTER_SINKHORN},
                                             {"expert_choice", MOE_ROUTER_EXPERT_CHOICE},
@@ -315,6 +316,9 @@ static const opt_def opts[] = {
      "machines MPI reports)", 1},
     {"threads", NULL, OPT_INT, O(threads), 0, 4096, NULL, RUN,
      "OpenMP threads (0 = OMP_NUM_THREADS or all cores)", 0},
+    {"device", NULL, OPT_ENUM, O(device), 0, 0, device_choices, RUN,
+     "moe train, moe bench: where the model (or the layer) runs: cpu, or cuda (one NVIDIA GPU, "
+     "in a build with CUDA; the optimizer stays on the CPU)", 1},
     {"print-config", NULL, OPT_BOOL, O(print_config), 0, 1, NULL, RUN,
      "print the resolved options as a config file and exit", 1},
 };

@@ -51,6 +51,7 @@ typedef struct {
     int tokens;
     int iters;
     int threads;      /* 0 = OpenMP's default */
+    int device;       /* 0 cpu, 1 cuda (moe_model_use_device) */
     int print_config; /* print the resolved options as a config file and exit */
 
     unsigned char given[MOE_OPTIONS_MAX]; /* option i was set explicitly */

@@ -1,8 +1,10 @@
 /* The MoE transformer: parameters as one named-tensor vector, forward and backward over a
  * batch of B sequences of S tokens. Activations live in one allocation planned at create. */
 #include "core/core.h"
+#include "cuda/model.h"
 #include "kernels/kernels.h"
 #include "moe/layer_internal.h"
+#include "moe_cuda.h"
 
 #include <math.h>
 #include <omp.h>
@@ -82,7 +84,15 @@ struct moe_model {
     int cache_len;
     moe_model_args args;
     int n_targets;
+    /* the device "cuda" (moe_model_use_device): forward and backward on the GPU */
+    moe_cuda_model *gpu;
+    float *gpu_grads;                /* [n_params] the backward's gradients (pinned) */
+    int32_t *gpu_hist;               /* [seq_len] the tokens decoded so far (no KV cache) */
+    moe_cuda_block_plan *gpu_blocks; /* [L] */
+    const float **gpu_bias;          /* [L] the MoE layers' selection biases (host) */
 };
+
+static void gpu_release(moe_model *m);
 
 moe_model_config moe_model_config_default(void) {
     moe_model_config c;
@@ -534,6 +544,10 @@ fail:
 
 void moe_model_destroy(moe_model *m) {
     if (!m) return;
+    gpu_release(m);
+    free(m->gpu_hist);
+    free(m->gpu_blocks);
+    free(m->gpu_bias);
     for (int l = 0; m->moe && l < m->cfg.n_layers; l++) moe_layer_destroy(m->moe[l]);
     free(m->moe);
     free(m->sv);
@@ -612,6 +626,98 @@ void moe_model_init_params(moe_model *m, uint64_t seed) {
         else if (t->no_decay) moe_zero_floats(p, t->numel);
         else moe_rng_normal_floats(seed, stream, 0, t->numel, std, p);
     }
+}
+
+/* ---------------------------------------------------------------- the GPU */
+
+/* Back to the CPU: the GPU model, its pinned buffers. */
+static void gpu_release(moe_model *m) {
+    if (!m->gpu) return;
+    moe_cuda_model_destroy(m->gpu);
+    moe_cuda_host_unregister(m->params);
+    moe_cuda_host_unregister(m->gpu_grads);
+    moe_free(m->gpu_grads);
+    m->gpu = NULL;
+    m->gpu_grads = NULL;
+}
+
+moe_status moe_model_use_device(moe_model *m, const char *device) {
+    if (!strcmp(device, "cpu")) {
+        gpu_release(m);
+        return MOE_OK;
+    }
+    if (strcmp(device, "cuda"))
+        return moe_set_error(MOE_ERR_INVALID, "device \"%s\" is not cpu or cuda", device);
+    if (m->gpu) return MOE_OK;
+    const moe_model_config *c = &m->cfg;
+    if (c->moe.ep_size > 1)
+        return moe_set_error(MOE_ERR_INVALID, "the CUDA model does not support expert "
+                             "parallelism yet");
+    int L = c->n_layers;
+    if (!m->gpu_blocks) m->gpu_blocks = calloc((size_t)L, sizeof *m->gpu_blocks);
+    if (!m->gpu_bias) m->gpu_bias = calloc((size_t)L, sizeof *m->gpu_bias);
+    if (!m->gpu_hist) m->gpu_hist = calloc((size_t)c->seq_len, sizeof *m->gpu_hist);
+    if (!m->gpu_blocks || !m->gpu_bias || !m->gpu_hist)
+        return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    for (int l = 0; l < L; l++) {
+        const size_t *o = m->block_off + (size_t)l * B_N;
+        m->gpu_blocks[l] = (moe_cuda_block_plan){o[B_ATTN_NORM], o[B_WQ], o[B_WK], o[B_WV],
+                                                 o[B_WO], o[B_FFN_NORM], o[B_W_IN], o[B_W_OUT],
+                                                 o[B_MOE],
+                                                 m->moe[l] ? moe_layer_get_config(m->moe[l])
+                                                           : NULL};
+        m->gpu_bias[l] = m->moe[l] ? moe_layer_expert_bias(m->moe[l]) : NULL;
+    }
+    moe_cuda_model_plan p = {c, m->hd, m->kvh, m->att_scale, m->rope_cs, m->n_params,
+                             m->emb_off, m->final_norm_off, m->lm_off, m->gpu_blocks};
+    MOE_TRY(moe_cuda_model_create(&p, m->max_tokens, &m->gpu));
+    /* the copies of each step through pinned memory */
+    m->gpu_grads = moe_alloc(m->n_params, sizeof(float));
+    moe_status s = m->gpu_grads ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    if (s == MOE_OK) s = moe_cuda_host_register(m->gpu_grads, m->n_params * sizeof(float));
+    if (s == MOE_OK) s = moe_cuda_host_register(m->params, m->n_params * sizeof(float));
+    if (s != MOE_OK) {
+        moe_cuda_host_unregister(m->gpu_grads);
+        moe_cuda_model_destroy(m->gpu);
+        moe_free(m->gpu_grads);
+        m->gpu = NULL;
+        m->gpu_grads = NULL;
+    }
+    return s;
+}
+
+/* The forward on the GPU (the tokens are checked and kept in m): the loss, and each MoE
+ * layer's counts recorded in its CPU layer (the trainer's statistics, the bias update). */
+static moe_status gpu_forward(moe_model *m, moe_model_loss *loss) {
+    MOE_TRY(moe_cuda_model_forward(m->gpu, m->params, m->gpu_bias, m->tokens,
+                                   m->has_targets ? m->targets : NULL, m->B, m->S, &m->args,
+                                   loss));
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        if (m->moe[l])
+            moe_layer_record_stats(m->moe[l], moe_cuda_model_layer_stats(m->gpu, l),
+                                   m->args.training);
+    if (!m->args.training) /* evaluation, generation: moe_model_logits */
+        MOE_TRY(moe_cuda_model_logits(m->gpu, m->logits, 0, m->B * m->S));
+    m->have_forward = 1;
+    return MOE_OK;
+}
+
+/* moe_model_decode on the GPU, without a KV cache: the whole sequence so far again (its
+ * logits are those of the cached computation: every token attends to the same prefix). */
+static moe_status gpu_decode(moe_model *m, const int32_t *tokens, int n) {
+    int P = m->cache_len;
+    memcpy(m->gpu_hist + P, tokens, sizeof(int32_t) * (size_t)n);
+    moe_model_args args = moe_model_args_default();
+    args.training = 0;
+    m->B = 1;
+    m->S = P + n;
+    m->args = args;
+    m->has_targets = 0;
+    MOE_TRY(moe_cuda_model_forward(m->gpu, m->params, m->gpu_bias, m->gpu_hist, NULL, 1, P + n,
+                                   &args, NULL));
+    MOE_TRY(moe_cuda_model_logits(m->gpu, m->logits, P, n));
+    m->cache_len = P + n;
+    return MOE_OK;
 }
 
 /* ---------------------------------------------------------------- forward */
@@ -809,6 +915,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
     m->S = S;
     m->args = *args;
     m->has_targets = targets != NULL;
+    if (m->gpu) return gpu_forward(m, loss);
     const float *emb = m->params + m->emb_off;
     float *x = m->sv[0].x;
 #pragma omp parallel for schedule(static)
@@ -868,6 +975,15 @@ moe_status moe_model_backward(moe_model *m) {
         ho = H * m->head_v;
     moe_attn_dims ad = attn_dims(m, B, S);
     m->have_forward = 0;
+    if (m->gpu) {
+        MOE_TRY(moe_cuda_model_backward(m->gpu, m->gpu_grads));
+        const float *gg = m->gpu_grads;
+        float *g = m->grads;
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < m->n_params; i++) g[i] += gg[i];
+        if (m->args.grads_ready) m->args.grads_ready(m->args.grads_ctx, 0);
+        return MOE_OK;
+    }
     float *dlogits = m->tmp;
     int n = 0;
     float scale = m->n_targets ? m->args.loss_scale / (float)m->n_targets : 0.0f;
@@ -967,6 +1083,7 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
                                  tokens[t], V);
         m->pos[t] = P + t;
     }
+    if (m->gpu) return gpu_decode(m, tokens, n);
     const float *emb = m->params + m->emb_off;
     block_saved *s = &m->sv[0]; /* forward buffers reused as scratch */
     float *x = m->xf;

@@ -428,6 +428,22 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const 
     return MOE_OK;
 }
 
+void moe_layer_record_stats(moe_layer *L, const moe_layer_stats *s, int training) {
+    moe_fwd_state *st = &L->st;
+    int E = L->cfg.n_experts;
+    memcpy(st->counts, s->counts, sizeof(int64_t) * (size_t)E);
+    memcpy(st->kept, s->kept, sizeof(int64_t) * (size_t)E);
+    L->stats = *s;
+    L->stats.counts = st->counts;
+    L->stats.kept = st->kept;
+    memset(&L->routing, 0, sizeof L->routing); /* the routing stayed on the GPU */
+    L->have_forward = 0;
+    if (training) {
+        for (int e = 0; e < E; e++) L->accum_counts[e] += s->counts[e];
+        L->accum_tokens += s->n_valid;
+    }
+}
+
 const char *moe_stage_name(moe_stage s) {
     static const char *const names[MOE_STAGE_COUNT] = {
         "router", "balance", "permute", "expert GEMM", "activation", "combine", "shared expert",

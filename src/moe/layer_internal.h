@@ -142,6 +142,11 @@ struct moe_layer {
 moe_status moe_layer_check_call(const moe_layer_config *c, int T, int max_tokens,
                                 const moe_forward_args *args, int *k, int *seq_len);
 
+/* layer.c: the statistics of a forward computed elsewhere (the GPU model's layer) as this
+ * layer's own: counts, losses, and the step's counts for the expert-bias update when
+ * training. The layer then has no forward to run backward on. */
+void moe_layer_record_stats(moe_layer *L, const moe_layer_stats *s, int training);
+
 /* router.c */
 void moe_router_logits(moe_layer *L, const float *x);
 moe_status moe_router_select(moe_layer *L);

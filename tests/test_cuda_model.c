@@ -1,0 +1,263 @@
+/* The transformer on the GPU (moe_model_use_device "cuda") against the same model on the CPU:
+ * losses, every parameter's gradient, the MoE layers' counts, bitwise repeatability, training
+ * steps through the trainer, and the configurations it refuses. Without a GPU (or in a build
+ * without CUDA) it says so and exits 77, which CTest counts as skipped. */
+#include "test_util.h"
+#include "train/trainer.h"
+
+#include "moe.h"
+#include "moe_cuda.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+/* Three blocks (dense, then two MoE), grouped-query attention, aux and z losses, selection
+ * biases. */
+static moe_model_config small_config(void) {
+    moe_model_config c = moe_model_config_default();
+    c.vocab = 257;
+    c.d = 64;
+    c.n_layers = 3;
+    c.n_heads = 4;
+    c.n_kv_heads = 2;
+    c.ffn = 96;
+    c.seq_len = 48;
+    c.first_k_dense = 1;
+    c.init_std = 0.1f;
+    c.moe.n_experts = 8;
+    c.moe.topk = 2;
+    c.moe.ffn = 48;
+    c.moe.aux_coeff = 0.01f;
+    c.moe.z_coeff = 0.001f;
+    c.moe.enable_expert_bias = 1;
+    return c;
+}
+
+typedef struct {
+    moe_model_loss loss;
+    float *grads;
+    int64_t counts[3][8];
+} run_out;
+
+/* A model with the parameters and selection biases of seed, on the CPU or the GPU. */
+static moe_model *make(const moe_model_config *c, int cuda, uint64_t seed, int max_tokens) {
+    moe_model *m;
+    assert_int_equal(moe_model_create(c, max_tokens, &m), MOE_OK);
+    if (cuda && moe_model_use_device(m, "cuda") != MOE_OK) fail_msg("%s", moe_last_error());
+    moe_model_init_params(m, seed);
+    float *p = moe_model_params(m);
+    for (int i = 0; i < moe_model_n_tensors(m); i++) { /* norm weights away from 1 */
+        const moe_tensor_info *t = moe_model_tensor(m, i);
+        if (strstr(t->name, "norm.weight"))
+            tu_fill(p + t->offset, t->numel, seed, 100 + (uint64_t)i, 0.7f, 1.3f);
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        moe_layer *ml = moe_model_moe_layer(m, l);
+        if (ml) tu_fill(moe_layer_expert_bias(ml), 8, seed, 200 + (uint64_t)l, -0.02f, 0.02f);
+    }
+    return m;
+}
+
+/* One forward and backward of a batch with the parameters and biases of seed. */
+static void run(const moe_model_config *c, int cuda, uint64_t seed, const int32_t *tok,
+                const int32_t *tgt, int B, int S, run_out *r) {
+    memset(r, 0, sizeof *r);
+    moe_model *m = make(c, cuda, seed, B * S);
+    moe_model_args args = moe_model_args_default();
+    args.loss_scale = 0.5f;
+    moe_model_zero_grads(m);
+    if (moe_model_forward(m, tok, tgt, B, S, &args, &r->loss) != MOE_OK)
+        fail_msg("forward: %s", moe_last_error());
+    for (int l = 0; l < c->n_layers; l++) {
+        moe_layer *ml = moe_model_moe_layer(m, l);
+        for (int e = 0; e < 8 && ml; e++) r->counts[l][e] = moe_layer_get_stats(ml)->counts[e];
+    }
+    if (moe_model_backward(m) != MOE_OK) fail_msg("backward: %s", moe_last_error());
+    size_t n = moe_model_param_count(m);
+    r->grads = malloc(n * sizeof(float));
+    memcpy(r->grads, moe_model_grads(m), n * sizeof(float));
+    moe_model_destroy(m);
+}
+
+static void test_against_cpu(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = small_config();
+    int B = 3, S = 48, T = B * S;
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)T), *tgt = malloc(sizeof(int32_t) * (size_t)T);
+    for (int t = 0; t < T; t++) {
+        tok[t] = (int32_t)(moe_rng_u64(seed, 11, (uint64_t)t) % 257);
+        tgt[t] = t % 13 == 5 ? -1 : (int32_t)(moe_rng_u64(seed, 12, (uint64_t)t) % 257);
+    }
+    for (int tied = 0; tied < 2; tied++) {
+        c.tie_embeddings = tied;
+        run_out cpu, gpu, again;
+        run(&c, 0, seed, tok, tgt, B, S, &cpu);
+        run(&c, 1, seed, tok, tgt, B, S, &gpu);
+        assert_int_equal(gpu.loss.n_targets, cpu.loss.n_targets);
+        double en = fabs(gpu.loss.nll - cpu.loss.nll) / cpu.loss.nll;
+        double ea = fabs(gpu.loss.aux - cpu.loss.aux) / cpu.loss.aux;
+        double ez = fabs(gpu.loss.z - cpu.loss.z) / cpu.loss.z;
+        if (!(en < 1e-5 && ea < 1e-5 && ez < 1e-5))
+            fail_msg("losses nll %.9g aux %.9g z %.9g on the GPU, %.9g %.9g %.9g on the CPU",
+                     gpu.loss.nll, gpu.loss.aux, gpu.loss.z, cpu.loss.nll, cpu.loss.aux,
+                     cpu.loss.z);
+        assert_memory_equal(gpu.counts, cpu.counts, sizeof cpu.counts);
+        /* every tensor's gradient within 1e-4 of its largest entry: fp32 rounding through
+         * three blocks (attention softmaxes, norms, routing weights) stays near 1e-6; a
+         * wrong term is of the order of the entries themselves */
+        moe_model *m;
+        assert_int_equal(moe_model_create(&c, T, &m), MOE_OK);
+        double worst = 0;
+        const char *worst_name = "";
+        for (int i = 0; i < moe_model_n_tensors(m); i++) {
+            const moe_tensor_info *t = moe_model_tensor(m, i);
+            double e = 0, mx = 0;
+            for (size_t j = 0; j < t->numel; j++) {
+                double a = gpu.grads[t->offset + j], b = cpu.grads[t->offset + j];
+                if (!isfinite(a)) e = INFINITY;
+                e = fmax(e, fabs(a - b));
+                mx = fmax(mx, fabs(b));
+            }
+            if (mx == 0) continue; /* an expert no token chose, on both */
+            if (e / mx > worst) worst = e / mx, worst_name = t->name;
+            if (!(e / mx < 1e-4))
+                fail_msg("%s: the GPU's gradient differs by %.3g of its largest entry", t->name,
+                         e / mx);
+        }
+        printf("%s embeddings: nll %.3g aux %.3g z %.3g relative; gradients within %.3g (%s)\n",
+               tied ? "tied" : "separate", en, ea, ez, worst, worst_name);
+        run(&c, 1, seed, tok, tgt, B, S, &again); /* bitwise repeatable */
+        assert_memory_equal(again.grads, gpu.grads, moe_model_param_count(m) * sizeof(float));
+        assert_true(again.loss.nll == gpu.loss.nll);
+        moe_model_destroy(m);
+        free(cpu.grads), free(gpu.grads), free(again.grads);
+    }
+    free(tok), free(tgt);
+}
+
+/* The trainer on the GPU model: the same losses step by step as on the CPU (AdamW on the CPU
+ * either way), within the rounding that grows over the steps. */
+static void test_training(void **state) {
+    (void)state;
+    moe_model_config c = small_config();
+    c.n_layers = 2;
+    moe_train_config tc = moe_train_config_default();
+    tc.micro_batch = 2;
+    tc.global_batch = 4;
+    tc.lr = 3e-3f;
+    tc.warmup_iters = 0;
+    tc.train_iters = 5;
+    int n_tok = 20000;
+    uint32_t *data = malloc(sizeof(uint32_t) * (size_t)n_tok);
+    uint64_t seed = tu_seed();
+    /* a text with structure to learn: a random walk over 40 symbols with steps of 1 to 3 */
+    for (int i = 0, v = 0; i < n_tok; i++) {
+        v = (v + 1 + (int)(moe_rng_u64(seed, 3, (uint64_t)i) % 3)) % 40;
+        data[i] = (uint32_t)v;
+    }
+    moe_tokens toks = {.tokens = data, .n_tokens = n_tok, .vocab = 257, .eot = 0};
+    double loss[2][5];
+    for (int cuda = 0; cuda < 2; cuda++) {
+        moe_model *m;
+        moe_trainer *t;
+        assert_int_equal(moe_model_create(&c, tc.micro_batch * c.seq_len, &m), MOE_OK);
+        if (cuda) assert_int_equal(moe_model_use_device(m, "cuda"), MOE_OK);
+        moe_model_init_params(m, seed);
+        assert_int_equal(moe_trainer_create(m, &tc, &toks, NULL, &t), MOE_OK);
+        for (int s = 0; s < 5; s++) {
+            moe_step_metrics mt;
+            if (moe_trainer_step(t, &mt) != MOE_OK) fail_msg("step: %s", moe_last_error());
+            loss[cuda][s] = mt.loss;
+        }
+        moe_trainer_destroy(t);
+        moe_model_destroy(m);
+    }
+    for (int s = 0; s < 5; s++) {
+        printf("step %d: loss %.7f (CPU) %.7f (GPU)\n", s + 1, loss[0][s], loss[1][s]);
+        if (!(fabs(loss[1][s] - loss[0][s]) < 1e-4 * loss[0][s]))
+            fail_msg("step %d: loss %.9g on the GPU, %.9g on the CPU", s + 1, loss[1][s],
+                     loss[0][s]);
+    }
+    assert_true(loss[1][4] < loss[1][0]); /* it learns */
+    free(data);
+}
+
+
+/* Evaluation logits and generation (moe_model_decode: the GPU recomputes the prefix instead of
+ * keeping a KV cache) against the CPU's. */
+static void test_decode(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = small_config();
+    int S = c.seq_len, V = c.vocab;
+    moe_model *cpu = make(&c, 0, seed, S), *gpu = make(&c, 1, seed, S);
+    int32_t tok[48];
+    for (int t = 0; t < S; t++) tok[t] = (int32_t)(moe_rng_u64(seed, 21, (uint64_t)t) % 257);
+    moe_model_args args = moe_model_args_default();
+    args.training = 0;
+    moe_model_loss lc, lg;
+    assert_int_equal(moe_model_forward(cpu, tok, tok, 1, S, &args, &lc), MOE_OK);
+    assert_int_equal(moe_model_forward(gpu, tok, tok, 1, S, &args, &lg), MOE_OK);
+    double e = 0, mx = 0;
+    for (size_t i = 0; i < (size_t)S * V; i++) {
+        e = fmax(e, fabs(moe_model_logits(gpu)[i] - moe_model_logits(cpu)[i]));
+        mx = fmax(mx, fabs(moe_model_logits(cpu)[i]));
+    }
+    if (!(e < 1e-5 * mx)) fail_msg("evaluation logits differ by %.3g of %.3g", e, mx);
+    /* a prompt of 10, then single tokens */
+    moe_model_reset_cache(cpu);
+    moe_model_reset_cache(gpu);
+    for (int fed = 0, n = 10; fed + n <= S && fed < 16; fed += n, n = 1) {
+        assert_int_equal(moe_model_decode(cpu, tok + fed, n), MOE_OK);
+        assert_int_equal(moe_model_decode(gpu, tok + fed, n), MOE_OK);
+        e = 0, mx = 0;
+        for (size_t i = 0; i < (size_t)n * V; i++) {
+            e = fmax(e, fabs(moe_model_logits(gpu)[i] - moe_model_logits(cpu)[i]));
+            mx = fmax(mx, fabs(moe_model_logits(cpu)[i]));
+        }
+        if (!(e < 1e-5 * mx))
+            fail_msg("decode of %d tokens after %d: logits differ by %.3g of %.3g", n, fed, e, mx);
+    }
+    assert_int_equal(moe_model_cache_len(gpu), 16);
+    moe_model_destroy(cpu);
+    moe_model_destroy(gpu);
+}
+
+static void test_refused(void **state) {
+    (void)state;
+    moe_model_config c = small_config();
+    c.kv_lora_rank = 8, c.qk_rope_dim = 4, c.qk_nope_dim = 8, c.v_head_dim = 8;
+    moe_model *m;
+    assert_int_equal(moe_model_create(&c, 48, &m), MOE_OK);
+    assert_int_equal(moe_model_use_device(m, "cuda"), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "latent"));
+    assert_int_equal(moe_model_use_device(m, "tpu"), MOE_ERR_INVALID);
+    moe_model_destroy(m);
+    c = small_config();
+    c.moe.capacity_factor = 1.0f;
+    assert_int_equal(moe_model_create(&c, 48, &m), MOE_OK);
+    assert_int_equal(moe_model_use_device(m, "cuda"), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "capacity"));
+    moe_model_destroy(m);
+}
+
+int main(void) {
+    if (moe_cuda_device_count() < 1) {
+        printf("test_cuda_model: skipped: %s\n", moe_cuda_device_name());
+        return 77;
+    }
+    printf("GPU: %s\n", moe_cuda_device_name());
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_against_cpu),
+                                       cmocka_unit_test(test_training),
+                                       cmocka_unit_test(test_decode),
+                                       cmocka_unit_test(test_refused)};
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
