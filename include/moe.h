@@ -411,12 +411,15 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
 /* Gradients of loss_scale * (nll + aux + z) of the last forward, added into the gradients. */
 moe_status moe_model_backward(moe_model *m);
 /* Where forward and backward run: "cpu" (the default) or "cuda" (one NVIDIA GPU, in a build
- * with CUDA: include/moe_cuda.h). With "cuda" the parameters and gradients stay in
- * moe_model_params / moe_model_grads (each forward copies the parameters to the GPU, each
- * backward adds the gradients back), so training, optimizers and checkpoints are unchanged;
- * moe_model_logits and moe_model_decode still compute on the CPU. MOE_ERR_INVALID (naming
- * it) for what the GPU does not compute: multi-head latent attention, q/k norms and biases,
- * YaRN, expert parallelism, and MoE options the CUDA layer refuses. */
+ * with CUDA: include/moe_cuda.h). With "cuda" each forward copies the parameters of
+ * moe_model_params to the GPU and each backward adds the gradients into moe_model_grads; a
+ * trainer created for such a model (moe_trainer_create) keeps the parameters, gradients and
+ * AdamW's moments on the GPU instead, and moe_model_params / moe_model_grads then bring host
+ * copies up to date when called (the parameters may be written; the gradients are a copy to
+ * read). moe_model_logits is filled by forwards with training = 0; moe_model_decode
+ * recomputes the prefix on the GPU. MOE_ERR_INVALID (naming it) for what the GPU does not
+ * compute: multi-head latent attention, q/k norms and biases, YaRN, expert parallelism, and
+ * the MoE options the CUDA layer refuses. */
 moe_status moe_model_use_device(moe_model *m, const char *device);
 /* The tensor table of the whole model (every expert, as one process holds it), whatever this
  * process's share: names, shapes, offsets; free() the table. */

@@ -2,6 +2,7 @@
  * losses, every parameter's gradient, the MoE layers' counts, bitwise repeatability, training
  * steps through the trainer, and the configurations it refuses. Without a GPU (or in a build
  * without CUDA) it says so and exits 77, which CTest counts as skipped. */
+#define _POSIX_C_SOURCE 200809L
 #include "test_util.h"
 #include "train/trainer.h"
 
@@ -143,8 +144,32 @@ static void test_against_cpu(void **state) {
     free(tok), free(tgt);
 }
 
-/* The trainer on the GPU model: the same losses step by step as on the CPU (AdamW on the CPU
- * either way), within the rounding that grows over the steps. */
+/* Five steps of a trainer from seed's parameters on the CPU or the GPU (AdamW there too); on
+ * the GPU a checkpoint after step 3 (save_dir not NULL), or a start from it (ckpt). */
+static void train_steps(const moe_model_config *c, const moe_train_config *tc,
+                        const moe_tokens *toks, int cuda, uint64_t seed, const char *save_dir,
+                        const char *ckpt, double loss[5]) {
+    moe_model *m;
+    moe_trainer *t;
+    assert_int_equal(moe_model_create(c, tc->micro_batch * c->seq_len, &m), MOE_OK);
+    if (cuda) assert_int_equal(moe_model_use_device(m, "cuda"), MOE_OK);
+    moe_model_init_params(m, seed);
+    assert_int_equal(moe_trainer_create(m, tc, toks, NULL, &t), MOE_OK);
+    if (ckpt && moe_checkpoint_load(ckpt, m, t) != MOE_OK) fail_msg("%s", moe_last_error());
+    for (int s = moe_trainer_steps_done(t); s < 5; s++) {
+        moe_step_metrics mt;
+        if (moe_trainer_step(t, &mt) != MOE_OK) fail_msg("step: %s", moe_last_error());
+        loss[s] = mt.loss;
+        if (save_dir && s == 2 && moe_checkpoint_save(save_dir, 2, "", m, t) != MOE_OK)
+            fail_msg("save: %s", moe_last_error());
+    }
+    moe_trainer_destroy(t);
+    moe_model_destroy(m);
+}
+
+/* The trainer on the GPU model (AdamW on the GPU): the same losses step by step as on the
+ * CPU within the rounding that grows over the steps; a checkpoint saved from the GPU and
+ * resumed there continues with bitwise the same losses. */
 static void test_training(void **state) {
     (void)state;
     moe_model_config c = small_config();
@@ -164,32 +189,29 @@ static void test_training(void **state) {
         data[i] = (uint32_t)v;
     }
     moe_tokens toks = {.tokens = data, .n_tokens = n_tok, .vocab = 257, .eot = 0};
-    double loss[2][5];
-    for (int cuda = 0; cuda < 2; cuda++) {
-        moe_model *m;
-        moe_trainer *t;
-        assert_int_equal(moe_model_create(&c, tc.micro_batch * c.seq_len, &m), MOE_OK);
-        if (cuda) assert_int_equal(moe_model_use_device(m, "cuda"), MOE_OK);
-        moe_model_init_params(m, seed);
-        assert_int_equal(moe_trainer_create(m, &tc, &toks, NULL, &t), MOE_OK);
-        for (int s = 0; s < 5; s++) {
-            moe_step_metrics mt;
-            if (moe_trainer_step(t, &mt) != MOE_OK) fail_msg("step: %s", moe_last_error());
-            loss[cuda][s] = mt.loss;
-        }
-        moe_trainer_destroy(t);
-        moe_model_destroy(m);
-    }
+    char dir[] = "/tmp/moe_test_cuda_XXXXXX", ckpt[4400];
+    assert_non_null(mkdtemp(dir));
+    double loss[3][5];
+    train_steps(&c, &tc, &toks, 0, seed, NULL, NULL, loss[0]);
+    train_steps(&c, &tc, &toks, 1, seed, dir, NULL, loss[1]);
+    assert_int_equal(moe_checkpoint_resolve(dir, ckpt, sizeof ckpt), MOE_OK);
+    train_steps(&c, &tc, &toks, 1, seed, NULL, ckpt, loss[2]);
     for (int s = 0; s < 5; s++) {
-        printf("step %d: loss %.7f (CPU) %.7f (GPU)\n", s + 1, loss[0][s], loss[1][s]);
+        printf("step %d: loss %.7f (CPU) %.7f (GPU)%s\n", s + 1, loss[0][s], loss[1][s],
+               s >= 3 ? " and resumed" : "");
         if (!(fabs(loss[1][s] - loss[0][s]) < 1e-4 * loss[0][s]))
             fail_msg("step %d: loss %.9g on the GPU, %.9g on the CPU", s + 1, loss[1][s],
                      loss[0][s]);
+        if (s >= 3 && loss[2][s] != loss[1][s])
+            fail_msg("step %d after resuming: loss %.9g, %.9g without the checkpoint", s + 1,
+                     loss[2][s], loss[1][s]);
     }
     assert_true(loss[1][4] < loss[1][0]); /* it learns */
+    char cmd[200];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
     free(data);
 }
-
 
 /* Evaluation logits and generation (moe_model_decode: the GPU recomputes the prefix instead of
  * keeping a KV cache) against the CPU's. */

@@ -2,8 +2,9 @@
  * embedding loops) on fresh random inputs: RMSNorm, RoPE (both pair layouts, both directions,
  * a partial rotation), causal grouped-query attention, cross-entropy with ignored targets, the
  * embedding and the addition; the outputs that are added into start from random values on
- * both sides. Attention's and the embedding's backward are bitwise repeatable. Without a GPU
- * (or in a build without CUDA) it says so and exits 77, which CTest counts as skipped. */
+ * both sides; attention's lse against a float64 loop. Attention's forward and backward and
+ * the embedding's backward are bitwise repeatable. Without a GPU (or in a build without CUDA)
+ * it says so and exits 77, which CTest counts as skipped. */
 #include "test_util.h"
 
 #include "cuda/nn.h"
@@ -22,12 +23,19 @@
 
 #include <cmocka.h>
 
-/* GPU against CPU, both fp32, relative to the largest entry of the CPU's tensor. The two sum
- * in different orders (block trees and per-thread loops against BLAS blocks and sequential
- * loops), contract into FMAs differently and take expf instead of moe_exp_vec (a few ulp
- * each): rounding that wanders over at most a few hundred terms, ~1e-7 .. 1e-6 of the scale.
- * 1e-5 leaves a margin above that; a wrong index, a missed term or a wrong mask is off by far
- * more (1e-3 .. 1). */
+/* GPU against CPU, both fp32, relative to the largest entry of the CPU's tensor (attention's
+ * lse: of a float64 reference). The two sum in different orders (block trees, per-thread loops
+ * and attention's tiles against BLAS blocks and sequential loops), contract into FMAs
+ * differently and take expf instead of moe_exp_vec (a few ulp each). Attention adds its own
+ * roundings: the online softmax rescales each row's running sums once per key tile (at most 5
+ * here), the backward recomputes P = exp(s - lse) (lse's own rounding, about 5e-7 at
+ * |lse| < 8, a relative error of a row's every P) and takes D = dout . out where the CPU sums
+ * P dP (equal but for rounding, ~1e-7 of |dout| |v|). Each is a relative error of a few 1e-7
+ * a term, over sums of up to 1200 terms (dk and dv: 4 heads x 300 queries) with random signs,
+ * the error growing as the square root of the count as the entries do: ~1e-7 .. 1e-6 of the
+ * scale (a simulation of the tiles' code on the CPU gave at most 1e-6, for dv at S = 300; the
+ * added-into gradients start from values in [-1, 1]). 1e-5 leaves a margin above that; a wrong
+ * index, a missed tile or term or a wrong mask is off by far more (1e-3 .. 1). */
 #define TOL 1e-5
 
 static void check(moe_status s) {
@@ -75,19 +83,24 @@ static float *copy_floats(const float *x, size_t n) {
     return y;
 }
 
-/* The GPU's gpu [n] against the CPU's cpu [n] within TOL of cpu's largest magnitude; returns
- * the largest difference relative to it. */
-static double close_to(const char *what, const float *gpu, const float *cpu, size_t n) {
-    double *b = malloc((n ? n : 1) * sizeof *b), m = 0, e = 0;
-    assert_non_null(b);
-    for (size_t i = 0; i < n; i++) {
-        b[i] = cpu[i];
-        m = fmax(m, fabs(b[i]));
-    }
-    tu_check_close(what, gpu, b, n, TOL * m + 1e-30, 0);
-    for (size_t i = 0; i < n; i++) e = fmax(e, fabs(gpu[i] - b[i]));
-    free(b);
+/* The GPU's gpu [n] against a float64 reference ref [n] within TOL of ref's largest magnitude;
+ * returns the largest difference relative to it. */
+static double close_to_ref(const char *what, const float *gpu, const double *ref, size_t n) {
+    double m = 0, e = 0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs(ref[i]));
+    tu_check_close(what, gpu, ref, n, TOL * m + 1e-30, 0);
+    for (size_t i = 0; i < n; i++) e = fmax(e, fabs(gpu[i] - ref[i]));
     return e / (m + 1e-30);
+}
+
+/* The GPU's gpu [n] against the CPU's cpu [n] (close_to_ref). */
+static double close_to(const char *what, const float *gpu, const float *cpu, size_t n) {
+    double *b = malloc((n ? n : 1) * sizeof *b);
+    assert_non_null(b);
+    for (size_t i = 0; i < n; i++) b[i] = cpu[i];
+    double e = close_to_ref(what, gpu, b, n);
+    free(b);
+    return e;
 }
 
 /* ---------------------------------------------------------------- RMSNorm */
@@ -187,11 +200,38 @@ static void test_rope(void **state) {
 
 /* -------------------------------------------------------------- attention */
 
+/* lse [B, H, S] of the attention a over q, k (float inputs), in float64: the log of the sum over
+ * the keys j <= i of exp(scale q_i . k_j). */
+static double *attention_lse(const float *q, const float *k, const moe_attn_dims *a) {
+    int B = a->B, S = a->S, H = a->H, dk = a->dk, rep = a->H / a->KV;
+    size_t qs = (size_t)H * dk, ks = (size_t)a->KV * dk;
+    double *lse = malloc(((size_t)B * H * S + 1) * sizeof *lse), *s = malloc((S + 1) * sizeof *s);
+    assert_non_null(lse);
+    assert_non_null(s);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < S; i++) {
+                const float *qi = q + ((size_t)b * S + i) * qs + (size_t)h * dk;
+                double m = -INFINITY, sum = 0;
+                for (int j = 0; j <= i; j++) {
+                    const float *kj = k + ((size_t)b * S + j) * ks + (size_t)(h / rep) * dk;
+                    double dot = 0;
+                    for (int c = 0; c < dk; c++) dot += (double)qi[c] * kj[c];
+                    s[j] = (double)a->scale * dot;
+                    m = fmax(m, s[j]);
+                }
+                for (int j = 0; j <= i; j++) sum += exp(s[j] - m);
+                lse[((size_t)b * H + h) * S + i] = m + log(sum);
+            }
+    free(s);
+    return lse;
+}
+
 static void attention_case(int B, int S, int H, int KV, int dk, int dv, uint64_t seed) {
     moe_attn_dims a = {B, S, H, KV, dk, dv, (float)(1 / sqrt((double)dk))};
     size_t nq = (size_t)B * S * H * dk, nk = (size_t)B * S * KV * dk;
     size_t nv = (size_t)B * S * KV * dv, no = (size_t)B * S * H * dv;
-    size_t np = (size_t)B * H * S * S;
+    size_t np = (size_t)B * H * S * S, nl = (size_t)B * H * S;
     float *q = random_floats(nq, seed, 20, -1, 1), *k = random_floats(nk, seed, 21, -1, 1);
     float *v = random_floats(nv, seed, 22, -1, 1), *dout = random_floats(no, seed, 23, -1, 1);
     float *dq0 = random_floats(nq, seed, 24, -1, 1), *dk0 = random_floats(nk, seed, 25, -1, 1);
@@ -200,59 +240,70 @@ static void attention_case(int B, int S, int H, int KV, int dk, int dv, uint64_t
     float *dq = copy_floats(dq0, nq), *dkk = copy_floats(dk0, nk), *dvv = copy_floats(dv0, nv);
     moe_attention_forward(out, probs, q, k, v, &a);
     moe_attention_backward(dq, dkk, dvv, dout, probs, q, k, v, &a);
+    double *lse = attention_lse(q, k, &a);
 
     float *gq = dev(q, nq * 4), *gk = dev(k, nk * 4), *gv = dev(v, nv * 4);
-    float *gdout = dev(dout, no * 4), *gout = dev_poisoned(no), *gprobs = dev_poisoned(np);
+    float *gdout = dev(dout, no * 4), *gout = dev_poisoned(no), *glse = dev_poisoned(nl);
     float *gdq = dev(dq0, nq * 4), *gdk = dev(dk0, nk * 4), *gdv = dev(dv0, nv * 4);
-    float *scratch = dev(NULL, np * 4);
-    check(moe_cuda_attention_forward(gout, gprobs, gq, gk, gv, &a));
-    check(moe_cuda_attention_backward(gdq, gdk, gdv, gdout, gprobs, gq, gk, gv, &a, scratch));
-    float *hout = fetch(gout, no), *hp = fetch(gprobs, np);
+    float *scratch = dev_poisoned(nl);
+    check(moe_cuda_attention_forward(gout, glse, gq, gk, gv, &a));
+    check(moe_cuda_attention_backward(gdq, gdk, gdv, gdout, gout, glse, gq, gk, gv, &a, scratch));
+    float *hout = fetch(gout, no), *hl = fetch(glse, nl);
     float *hdq = fetch(gdq, nq), *hdk = fetch(gdk, nk), *hdv = fetch(gdv, nv);
     char what[5][160];
-    const char *names[5] = {"out", "probs", "dq", "dk", "dv"};
+    const char *names[5] = {"out", "lse", "dq", "dk", "dv"};
     for (int i = 0; i < 5; i++)
         snprintf(what[i], sizeof what[i], "attention B %d S %d H %d KV %d dk %d dv %d: %s", B,
                  S, H, KV, dk, dv, names[i]);
-    double e[5] = {close_to(what[0], hout, out, no), close_to(what[1], hp, probs, np),
+    double e[5] = {close_to(what[0], hout, out, no), close_to_ref(what[1], hl, lse, nl),
                    close_to(what[2], hdq, dq, nq), close_to(what[3], hdk, dkk, nk),
                    close_to(what[4], hdv, dvv, nv)};
-    /* probs is exactly 0 above the diagonal, as on the CPU */
-    for (size_t r = 0; r < (size_t)B * H * S; r++)
-        for (int j = (int)(r % S) + 1; j < S; j++)
-            if (hp[r * S + j] != 0) fail_msg("%s[%zu, %d] = %g", what[1], r, j, hp[r * S + j]);
-    printf("attention B %d S %d H %d KV %d dk %d dv %d: out %.2g probs %.2g dq %.2g dk %.2g "
+    printf("attention B %d S %d H %d KV %d dk %d dv %d: out %.2g lse %.2g dq %.2g dk %.2g "
            "dv %.2g of scale\n", B, S, H, KV, dk, dv, e[0], e[1], e[2], e[3], e[4]);
 
-    /* bitwise repeatable: backward again from the same starting gradients */
+    /* bitwise repeatable: forward again, backward again from the same starting gradients */
+    check(moe_cuda_attention_forward(gout, glse, gq, gk, gv, &a));
+    float *rout = fetch(gout, no), *rl = fetch(glse, nl);
+    assert_memory_equal(rout, hout, no * 4);
+    assert_memory_equal(rl, hl, nl * 4);
     check(moe_cuda_to_device(gdq, dq0, nq * 4));
     check(moe_cuda_to_device(gdk, dk0, nk * 4));
     check(moe_cuda_to_device(gdv, dv0, nv * 4));
-    check(moe_cuda_attention_backward(gdq, gdk, gdv, gdout, gprobs, gq, gk, gv, &a, scratch));
+    check(moe_cuda_attention_backward(gdq, gdk, gdv, gdout, gout, glse, gq, gk, gv, &a, scratch));
     float *rdq = fetch(gdq, nq), *rdk = fetch(gdk, nk), *rdv = fetch(gdv, nv);
     assert_memory_equal(rdq, hdq, nq * 4);
     assert_memory_equal(rdk, hdk, nk * 4);
     assert_memory_equal(rdv, hdv, nv * 4);
 
     moe_cuda_free(gq), moe_cuda_free(gk), moe_cuda_free(gv), moe_cuda_free(gdout);
-    moe_cuda_free(gout), moe_cuda_free(gprobs), moe_cuda_free(gdq), moe_cuda_free(gdk);
+    moe_cuda_free(gout), moe_cuda_free(glse), moe_cuda_free(gdq), moe_cuda_free(gdk);
     moe_cuda_free(gdv), moe_cuda_free(scratch);
     free(q), free(k), free(v), free(dout), free(dq0), free(dk0), free(dv0), free(out);
-    free(probs), free(dq), free(dkk), free(dvv), free(hout), free(hp), free(hdq), free(hdk);
-    free(hdv), free(rdq), free(rdk), free(rdv);
+    free(probs), free(dq), free(dkk), free(dvv), free(lse), free(hout), free(hl), free(hdq);
+    free(hdk), free(hdv), free(rout), free(rl), free(rdq), free(rdk), free(rdv);
 }
 
 static void test_attention(void **state) {
     (void)state;
     uint64_t seed = tu_seed();
+    /* heads up to 64 wide: tiles of 64 queries x 64 keys; 37 and 130 end in a partial tile */
     attention_case(2, 37, 4, 2, 16, 16, seed);
     attention_case(2, 130, 4, 2, 16, 16, seed + 1);
     attention_case(2, 37, 4, 2, 24, 40, seed + 2);
     attention_case(2, 130, 4, 2, 24, 40, seed + 3);
-    /* heads wider than the block's threads (each thread whole columns) */
-    attention_case(1, 37, 2, 1, 192, 144, seed + 4);
+    attention_case(2, 65, 3, 3, 7, 9, seed + 4); /* one query head a kv head; odd widths */
+    attention_case(3, 300, 8, 2, 64, 64, seed + 5); /* five tiles, four query heads a group */
+    /* up to 128 wide */
+    attention_case(3, 300, 8, 2, 128, 96, seed + 6);
+    /* up to 256 wide: tiles of 32 */
+    attention_case(1, 37, 2, 1, 192, 144, seed + 7);
+    attention_case(2, 100, 4, 2, 256, 256, seed + 8);
+    attention_case(1, 1, 2, 1, 16, 16, seed + 9); /* one token */
     moe_attn_dims bad = {1, 8, 3, 2, 16, 16, 0.25f}; /* H not a multiple of KV */
     assert_int_equal(moe_cuda_attention_forward(NULL, NULL, NULL, NULL, NULL, &bad),
+                     MOE_ERR_INVALID);
+    moe_attn_dims wide = {1, 8, 2, 2, 257, 16, 0.25f}; /* a head wider than 256 */
+    assert_int_equal(moe_cuda_attention_forward(NULL, NULL, NULL, NULL, NULL, &wide),
                      MOE_ERR_INVALID);
 }
 

@@ -341,8 +341,7 @@ static int bench_train(moe_options *o, int json) {
         printf("moe bench train: %d layers, d=%d, %zu parameters, micro-batch %d x %d tokens, %d "
                "threads\n", c->n_layers, c->d, np, tc->micro_batch, S, omp_get_max_threads());
         if (o->device) {
-            printf("GPU: %s (forward and backward; the optimizer on the CPU)\n",
-                   moe_cuda_device_name());
+            printf("GPU: %s (forward, backward and AdamW)\n", moe_cuda_device_name());
             printf("ceiling: cuBLAS fp32 8192^3 = %.1f GFLOP/s (best of 3, this run)\n",
                    1e-9 * peak);
         } else {

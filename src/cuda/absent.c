@@ -118,6 +118,39 @@ moe_status moe_cuda_model_backward(moe_cuda_model *g, float *grads) {
     (void)g, (void)grads;
     return absent();
 }
+moe_status moe_cuda_model_optim_init(moe_cuda_model *g, const uint8_t *decay) {
+    (void)g, (void)decay;
+    return absent();
+}
+moe_status moe_cuda_model_params_io(moe_cuda_model *g, float *host, int to_device) {
+    (void)g, (void)host, (void)to_device;
+    return absent();
+}
+moe_status moe_cuda_model_grads_io(moe_cuda_model *g, float *host, int to_device) {
+    (void)g, (void)host, (void)to_device;
+    return absent();
+}
+moe_status moe_cuda_model_zero_grads(moe_cuda_model *g) {
+    (void)g;
+    return absent();
+}
+moe_status moe_cuda_model_adam_io(moe_cuda_model *g, float *m, float *v, int to_device) {
+    (void)g, (void)m, (void)v, (void)to_device;
+    return absent();
+}
+moe_status moe_cuda_model_grad_sumsq(moe_cuda_model *g, double *out) {
+    (void)g;
+    *out = 0;
+    return absent();
+}
+moe_status moe_cuda_model_adamw(moe_cuda_model *g, const moe_cuda_adamw *h) {
+    (void)g, (void)h;
+    return absent();
+}
+moe_status moe_cuda_model_set_grad(moe_cuda_model *g, size_t i, float v) {
+    (void)g, (void)i, (void)v;
+    return absent();
+}
 #else
 typedef int moe_cuda_absent_unused; /* ISO C: a translation unit is not empty */
 #endif

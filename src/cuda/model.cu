@@ -19,7 +19,7 @@ extern "C" {
 
 /* What the forward saves of one block (device). */
 typedef struct {
-    float *x, *n1, *rstd1, *q, *k, *v, *probs, *att, *xm, *n2, *rstd2, *h, *a;
+    float *x, *n1, *rstd1, *q, *k, *v, *lse, *att, *xm, *n2, *rstd2, *h, *a;
 } saved;
 
 struct moe_cuda_model {
@@ -35,12 +35,17 @@ struct moe_cuda_model {
     int32_t *tokens, *targets, *pos; /* [T] */
     float *xf, *nf, *rstdf, *logits; /* [T, d], [T, d], [T], [T, V] */
     float *dx, *dxm, *dn, *dq, *dk, *dv, *datt, *dh, *da, *tmp; /* backward scratch */
-    float *scores;              /* [H T S] the attention backward's scratch */
+    float *scores;              /* [H T] the attention backward's scratch */
     double *row_loss;           /* [T] */
     double *sum;                /* [1] */
     int *n_counted;             /* [1] */
     int B, S, n_targets, have_forward;
     moe_model_args args;
+    /* training on the GPU (moe_cuda_model_optim_init) */
+    float *adam_m, *adam_v;     /* [n_params] */
+    uint8_t *decay;             /* [n_params] 1 = weight decay applies */
+    double *partials;           /* [n_chunks] sums of squares */
+    double *partials_host;      /* [n_chunks] */
     void **allocs;              /* every device buffer, for destroy */
     int n_allocs, cap_allocs;
 };
@@ -72,6 +77,7 @@ static moe_status check_supported(const moe_cuda_model_plan *p) {
     else if (c->qk_norm) no = "q/k norms";
     else if (c->qkv_bias) no = "q/k/v biases";
     else if (c->rope_factor > 1) no = "YaRN (rotary-scaling-factor > 1)";
+    else if (p->hd > 256) no = "heads wider than 256";
     if (no) return moe_set_error(MOE_ERR_INVALID, "the CUDA model does not support %s yet", no);
     return MOE_OK;
 }
@@ -85,6 +91,7 @@ extern "C" void moe_cuda_model_destroy(moe_cuda_model *g) {
     free(g->moe);
     free(g->sv);
     free(g->blocks);
+    free(g->partials_host);
     free(g);
 }
 
@@ -115,7 +122,7 @@ extern "C" moe_status moe_cuda_model_create(const moe_cuda_model_plan *p, int ma
     if (s == MOE_OK) s = moe_cuda_blas_create(&g->blas);
     size_t T = (size_t)max_tokens, d = (size_t)c->d, V = (size_t)c->vocab, S = (size_t)c->seq_len;
     size_t H = (size_t)c->n_heads, hq = (size_t)g->hq, hkv = (size_t)g->hkv;
-    size_t probs = H * T * S, wide = V > d ? V : d;
+    size_t rows = H * T, wide = V > d ? V : d; /* attention rows: lse, the backward's D */
     if (s == MOE_OK) s = take(g, &g->params, p->n_params, 4);
     if (s == MOE_OK) s = take(g, &g->grads, p->n_params, 4);
     if (s == MOE_OK) s = take(g, &g->rope_cs, S * (size_t)p->hd, 4);
@@ -127,7 +134,7 @@ extern "C" moe_status moe_cuda_model_create(const moe_cuda_model_plan *p, int ma
             void *p;
             size_t n;
         } want[] = {{&v->x, T * d},     {&v->n1, T * d},    {&v->rstd1, T},  {&v->q, T * hq},
-                    {&v->k, T * hkv},   {&v->v, T * hkv},   {&v->probs, probs},
+                    {&v->k, T * hkv},   {&v->v, T * hkv},   {&v->lse, rows},
                     {&v->att, T * hq},  {&v->xm, T * d},    {&v->n2, T * d}, {&v->rstd2, T},
                     {&v->h, dense ? T * (size_t)g->gf : 0}, {&v->a, dense ? T * (size_t)c->ffn : 0}};
         for (size_t i = 0; i < sizeof want / sizeof want[0] && s == MOE_OK; i++)
@@ -144,7 +151,7 @@ extern "C" moe_status moe_cuda_model_create(const moe_cuda_model_plan *p, int ma
                 {&g->dx, T * d, 4},  {&g->dxm, T * d, 4}, {&g->dn, T * d, 4}, {&g->dq, T * hq, 4},
                 {&g->dk, T * hkv, 4}, {&g->dv, T * hkv, 4}, {&g->datt, T * hq, 4},
                 {&g->dh, T * (size_t)g->gf, 4}, {&g->da, T * (size_t)c->ffn, 4},
-                {&g->tmp, T * wide, 4}, {&g->scores, probs, 4}, {&g->row_loss, T, 8},
+                {&g->tmp, T * wide, 4}, {&g->scores, rows, 4}, {&g->row_loss, T, 8},
                 {&g->sum, 1, 8},     {&g->n_counted, 1, 4}};
     for (size_t i = 0; i < sizeof rest / sizeof rest[0] && s == MOE_OK; i++)
         s = take(g, rest[i].p, rest[i].n, rest[i].size);
@@ -190,7 +197,7 @@ extern "C" moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *par
     if (s == MOE_OK) s = moe_cuda_to_device(g->pos, host + 2 * T, 4 * (size_t)T);
     free(host);
     MOE_TRY(s);
-    MOE_TRY(moe_cuda_to_device(g->params, params, p->n_params * 4));
+    if (params) MOE_TRY(moe_cuda_to_device(g->params, params, p->n_params * 4));
     g->B = B;
     g->S = S;
     g->args = *args;
@@ -207,7 +214,7 @@ extern "C" moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *par
         BLAS_TRY(moe_cuda_gemm(h, 0, 1, T, hkv, d, v->n1, d, P(g, b->wk), d, 0, v->k, hkv, 0), "k");
         BLAS_TRY(moe_cuda_gemm(h, 0, 1, T, hkv, d, v->n1, d, P(g, b->wv), d, 0, v->v, hkv, 0), "v");
         MOE_TRY(rope_qk(g, v->q, v->k, T, 1));
-        MOE_TRY(moe_cuda_attention_forward(v->att, v->probs, v->q, v->k, v->v, &ad));
+        MOE_TRY(moe_cuda_attention_forward(v->att, v->lse, v->q, v->k, v->v, &ad));
         CU_TRY(cudaMemcpyAsync(v->xm, v->x, sizeof(float) * (size_t)T * d, cudaMemcpyDeviceToDevice),
                "copy");
         BLAS_TRY(moe_cuda_gemm(h, 0, 1, T, d, hq, v->att, hq, P(g, b->wo), hq, 1, v->xm, d, 0), "o");
@@ -272,7 +279,7 @@ extern "C" moe_status moe_cuda_model_backward(moe_cuda_model *g, float *grads) {
     size_t Td = (size_t)T * d;
     moe_attn_dims ad = {g->B, g->S, c->n_heads, p->kvh, p->hd, p->hd, p->att_scale};
     cublasHandle_t h = g->blas;
-    CU_TRY(cudaMemset(g->grads, 0, p->n_params * 4), "clear the gradients");
+    if (grads) CU_TRY(cudaMemset(g->grads, 0, p->n_params * 4), "clear the gradients");
     float scale = g->n_targets ? g->args.loss_scale / (float)g->n_targets : 0.0f;
     float *dlogits = g->tmp;
     MOE_TRY(moe_cuda_xent(dlogits, g->row_loss, g->sum, g->n_counted, g->logits, g->targets, T,
@@ -312,8 +319,8 @@ extern "C" moe_status moe_cuda_model_backward(moe_cuda_model *g, float *grads) {
         CU_TRY(cudaMemset(g->dq, 0, (size_t)T * hq * 4), "clear");
         CU_TRY(cudaMemset(g->dk, 0, (size_t)T * hkv * 4), "clear");
         CU_TRY(cudaMemset(g->dv, 0, (size_t)T * hkv * 4), "clear");
-        MOE_TRY(moe_cuda_attention_backward(g->dq, g->dk, g->dv, g->datt, v->probs, v->q, v->k,
-                                            v->v, &ad, g->scores));
+        MOE_TRY(moe_cuda_attention_backward(g->dq, g->dk, g->dv, g->datt, v->att, v->lse, v->q,
+                                            v->k, v->v, &ad, g->scores));
         MOE_TRY(rope_qk(g, g->dq, g->dk, T, -1));
         BLAS_TRY(moe_cuda_gemm(h, 1, 0, hq, d, T, g->dq, hq, v->n1, d, 1, G(g, b->wq), d, 0), "dW_q");
         BLAS_TRY(moe_cuda_gemm(h, 1, 0, hkv, d, T, g->dk, hkv, v->n1, d, 1, G(g, b->wk), d, 0), "dW_k");
@@ -326,5 +333,103 @@ extern "C" moe_status moe_cuda_model_backward(moe_cuda_model *g, float *grads) {
                                           P(g, b->attn_norm), v->rstd1, T, d));
     }
     MOE_TRY(moe_cuda_embed_backward(G(g, p->emb_off), g->dx, g->tokens, T, d));
-    return moe_cuda_to_host(grads, g->grads, p->n_params * 4);
+    return grads ? moe_cuda_to_host(grads, g->grads, p->n_params * 4) : MOE_OK;
+}
+
+/* ---- training on the GPU ----------------------------------------------------------------- */
+
+#define SUMSQ_CHUNK 65536 /* elements per partial sum of squares */
+
+static size_t n_chunks(const moe_cuda_model *g) {
+    return (g->plan.n_params + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
+}
+
+extern "C" moe_status moe_cuda_model_optim_init(moe_cuda_model *g, const uint8_t *decay) {
+    if (g->adam_m) return MOE_OK;
+    size_t n = g->plan.n_params, c = n_chunks(g);
+    MOE_TRY(take(g, &g->adam_m, n, 4));
+    MOE_TRY(take(g, &g->adam_v, n, 4));
+    MOE_TRY(take(g, &g->decay, n, 1));
+    MOE_TRY(take(g, &g->partials, c, 8));
+    g->partials_host = (double *)malloc(sizeof(double) * (c ? c : 1));
+    if (!g->partials_host) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    CU_TRY(cudaMemset(g->adam_m, 0, n * 4), "clear");
+    CU_TRY(cudaMemset(g->adam_v, 0, n * 4), "clear");
+    return moe_cuda_to_device(g->decay, decay, n);
+}
+
+extern "C" moe_status moe_cuda_model_params_io(moe_cuda_model *g, float *host, int to_device) {
+    size_t bytes = g->plan.n_params * 4;
+    return to_device ? moe_cuda_to_device(g->params, host, bytes)
+                     : moe_cuda_to_host(host, g->params, bytes);
+}
+
+extern "C" moe_status moe_cuda_model_grads_io(moe_cuda_model *g, float *host, int to_device) {
+    size_t bytes = g->plan.n_params * 4;
+    return to_device ? moe_cuda_to_device(g->grads, host, bytes)
+                     : moe_cuda_to_host(host, g->grads, bytes);
+}
+
+extern "C" moe_status moe_cuda_model_zero_grads(moe_cuda_model *g) {
+    CU_TRY(cudaMemset(g->grads, 0, g->plan.n_params * 4), "clear the gradients");
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_model_adam_io(moe_cuda_model *g, float *m, float *v,
+                                             int to_device) {
+    size_t bytes = g->plan.n_params * 4;
+    if (to_device) {
+        MOE_TRY(moe_cuda_to_device(g->adam_m, m, bytes));
+        return moe_cuda_to_device(g->adam_v, v, bytes);
+    }
+    MOE_TRY(moe_cuda_to_host(m, g->adam_m, bytes));
+    return moe_cuda_to_host(v, g->adam_v, bytes);
+}
+
+extern "C" moe_status moe_cuda_model_set_grad(moe_cuda_model *g, size_t i, float v) {
+    return moe_cuda_to_device(g->grads + i, &v, sizeof v);
+}
+
+/* partials[b] = the sum of squares of x [b CHUNK, (b+1) CHUNK) in float64, a fixed order. */
+__global__ static void k_sumsq(const float *x, size_t n, double *partials) {
+    __shared__ double sh[MOE_CUDA_BLOCK];
+    size_t lo = (size_t)blockIdx.x * SUMSQ_CHUNK, hi = lo + SUMSQ_CHUNK < n ? lo + SUMSQ_CHUNK : n;
+    double s = 0;
+    for (size_t i = lo + threadIdx.x; i < hi; i += blockDim.x) s += (double)x[i] * x[i];
+    s = moe_cuda_block_sum(s, sh);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+extern "C" moe_status moe_cuda_model_grad_sumsq(moe_cuda_model *g, double *out) {
+    size_t c = n_chunks(g);
+    *out = 0;
+    if (c == 0) return MOE_OK;
+    k_sumsq<<<(unsigned)c, MOE_CUDA_BLOCK>>>(g->grads, g->plan.n_params, g->partials);
+    CU_TRY(cudaGetLastError(), "gradient norm");
+    MOE_TRY(moe_cuda_to_host(g->partials_host, g->partials, c * sizeof(double)));
+    double s = 0;
+    for (size_t i = 0; i < c; i++) s += g->partials_host[i];
+    *out = s;
+    return MOE_OK;
+}
+
+/* AdamW with the gradient scaled by clip, read and then zeroed (the trainer's update). */
+__global__ static void k_adamw(float *p, float *gr, float *m, float *v, const uint8_t *decay,
+                               size_t n, moe_cuda_adamw h) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float gi = gr[i] * h.clip;
+        gr[i] = 0;
+        m[i] = h.b1 * m[i] + (1 - h.b1) * gi;
+        v[i] = h.b2 * v[i] + (1 - h.b2) * gi * gi;
+        float upd = (m[i] / h.bc1) / (sqrtf(v[i] / h.bc2) + h.eps);
+        p[i] -= h.lr * (upd + h.wd * (float)decay[i] * p[i]);
+    }
+}
+
+extern "C" moe_status moe_cuda_model_adamw(moe_cuda_model *g, const moe_cuda_adamw *h) {
+    k_adamw<<<4096, MOE_CUDA_BLOCK>>>(g->params, g->grads, g->adam_m, g->adam_v, g->decay,
+                                      g->plan.n_params, *h);
+    CU_TRY(cudaGetLastError(), "AdamW");
+    return MOE_OK;
 }

@@ -38,7 +38,7 @@ typedef struct moe_cuda_model moe_cuda_model;
 moe_status moe_cuda_model_create(const moe_cuda_model_plan *p, int max_tokens,
                                  moe_cuda_model **out);
 void moe_cuda_model_destroy(moe_cuda_model *g);
-/* params [n_params] and expert_bias[l] ([E] of MoE block l, NULL for dense blocks) are host
+/* params [n_params] (NULL: the GPU's as they are) and expert_bias[l] ([E] of MoE block l, NULL for dense blocks) are host
  * memory, copied in; tokens and targets [B*S] as for moe_model_forward (checked by the
  * caller; targets NULL or < 0: none). */
 moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *params,
@@ -49,8 +49,25 @@ moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *params,
 const moe_layer_stats *moe_cuda_model_layer_stats(const moe_cuda_model *g, int l);
 /* out [n, V] (host) = the logits of rows [row, row + n) of the last forward. */
 moe_status moe_cuda_model_logits(const moe_cuda_model *g, float *out, int row, int n);
-/* grads [n_params] (host) = the gradients of the last forward (overwritten). */
+/* grads [n_params] (host) = the gradients of the last forward (overwritten); grads NULL: they
+ * are added into the GPU's gradients instead (training on the GPU). */
 moe_status moe_cuda_model_backward(moe_cuda_model *g, float *grads);
+
+/* Training on the GPU: AdamW's moments (zero) and the weight-decay mask decay [n_params]
+ * (1: decayed) on the GPU; copies of the parameters, gradients and moments either way; the
+ * gradients' sum of squares (float64, a fixed order); one AdamW step (the trainer's formula,
+ * gradients zeroed as read); one gradient value set (fault injection). */
+typedef struct {
+    float clip, lr, b1, b2, wd, eps, bc1, bc2;
+} moe_cuda_adamw;
+moe_status moe_cuda_model_optim_init(moe_cuda_model *g, const uint8_t *decay);
+moe_status moe_cuda_model_params_io(moe_cuda_model *g, float *host, int to_device);
+moe_status moe_cuda_model_grads_io(moe_cuda_model *g, float *host, int to_device);
+moe_status moe_cuda_model_zero_grads(moe_cuda_model *g);
+moe_status moe_cuda_model_adam_io(moe_cuda_model *g, float *m, float *v, int to_device);
+moe_status moe_cuda_model_grad_sumsq(moe_cuda_model *g, double *out);
+moe_status moe_cuda_model_adamw(moe_cuda_model *g, const moe_cuda_adamw *h);
+moe_status moe_cuda_model_set_grad(moe_cuda_model *g, size_t i, float v);
 
 #ifdef __cplusplus
 }

@@ -1,11 +1,12 @@
 /* The transformer kernels on one NVIDIA GPU (cuda/nn.h): kernels/nn.c's RMSNorm, RoPE, causal
  * grouped-query attention and cross-entropy, and the model's embedding, with the CPU's
  * semantics. Row kernels take one block per row and reduce over it with a fixed tree; column
- * sums (RMSNorm's dw, the embedding's gradient, attention's dk and dv) loop over the rows in
- * order in one thread per column (or in fixed ranges of rows, added in range order). No
- * floating-point atomics: results are bitwise repeatable. Where the CPU's operations can be
- * done in its order they are, without contraction into fused multiply-adds (__fmul_rn and its
- * peers; the CPU is compiled as ISO C, which does not contract). */
+ * sums (RMSNorm's dw, the embedding's gradient) loop over the rows in order in one thread per
+ * column (or in fixed ranges of rows, added in range order); attention runs by flash-style
+ * tiles, each output element owned by one thread (see there). No floating-point atomics:
+ * results are bitwise repeatable. Where the CPU's operations can be done in its order they
+ * are, without contraction into fused multiply-adds (__fmul_rn and its peers; the CPU is
+ * compiled as ISO C, which does not contract). */
 #include <cuda_runtime.h>
 
 #include <limits.h>
@@ -16,12 +17,10 @@
 #include "cuda/nn.h"
 
 #define NN_BLOCK 256   /* threads of a row kernel (a power of two) */
-#define ATT_THREADS 128 /* threads of an attention row (a power of two) */
 #define DW_COLS 32     /* RMSNorm dw: columns per block */
 #define DW_PARTS 8     /* RMSNorm dw: the tokens in 8 fixed ranges, summed in range order */
 #define EMB_COLS 128   /* embedding backward: columns per block */
 #define EMB_GROUPS 32  /* embedding backward: a block takes the tokens with tok % 32 == its y */
-#define MAX_HEAD 8192    /* attention head width: its q or dout row in shared memory (32 KB) */
 
 /* Blocks of NN_BLOCK threads for n elements of a grid-stride loop (at least 1). */
 static unsigned stride_blocks(size_t n) {
@@ -30,7 +29,6 @@ static unsigned stride_blocks(size_t n) {
 }
 
 /* ---- block reductions ------------------------------------------------------------------- */
-
 
 /* The largest of every thread's v, by the CPU's comparison (x > m ? x : m: NaNs passed over
  * when the threads' own maxima were taken that way). sh: shared [blockDim.x]. */
@@ -46,72 +44,6 @@ __device__ static float block_max(float v, float *sh) {
     __syncthreads();
     return m;
 }
-
-/* For each c < w: s_c = sum over the rows r < n of R.weight(r) * R.row(r)[c], handed to
- * R.done(c, s_c). With w below the block's threads, the threads form G = blockDim.x / w groups
- * of w, group q sums rows [n q / G, n (q+1) / G) in order and the groups' sums add up in group
- * order; else each thread sums whole columns, the rows in order. A fixed order either way.
- * red: shared [blockDim.x]. All threads of the block call it. */
-template <class Rows> __device__ static void group_sums(int n, int w, const Rows &R, float *red) {
-    int nt = blockDim.x, tid = threadIdx.x;
-    if (w >= nt) {
-        for (int c = tid; c < w; c += nt) {
-            float acc = 0;
-            for (int r = 0; r < n; r++) acc += R.weight(r) * R.row(r)[c];
-            R.done(c, acc);
-        }
-        return;
-    }
-    int G = nt / w, q = tid / w, c = tid % w;
-    if (q < G) {
-        int r0 = (int)((long long)n * q / G), r1 = (int)((long long)n * (q + 1) / G);
-        float acc = 0;
-        for (int r = r0; r < r1; r++) acc += R.weight(r) * R.row(r)[c];
-        red[tid] = acc; /* tid = q w + c */
-    }
-    __syncthreads();
-    if (tid < w) {
-        float s = red[c];
-        for (int p = 1; p < G; p++) s += red[p * w + c];
-        R.done(c, s);
-    }
-    __syncthreads();
-}
-
-/* Rows r of x (x_stride apart) weighted by w[r]; done: out[c] = s, or out[c] += alpha s. */
-struct strided_rows {
-    const float *w;        /* [n] */
-    const float *x;        /* [n, x_stride] */
-    size_t x_stride;
-    float *out;            /* [w] */
-    float alpha;
-    int add;
-    __device__ float weight(int r) const { return w[r]; }
-    __device__ const float *row(int r) const { return x + (size_t)r * x_stride; }
-    __device__ void done(int c, float s) const { out[c] = add ? out[c] + alpha * s : s; }
-};
-
-/* Rows (head hh < rep, query i in [j, S)) in that order, r = hh (S - j) + (i - j): weights
- * w[hh w_head + i S] (a column of a head's [S, S] matrix), rows x + hh x_head + i x_i;
- * done: out[c] += alpha s. */
-struct head_rows {
-    const float *w;        /* column j of the group's first head's [S, S] */
-    size_t w_head;         /* S * S */
-    const float *x;        /* the group's first head's row 0 */
-    size_t x_head, x_i;
-    int j, m, S;           /* m = S - j rows per head */
-    float *out;            /* [w] */
-    float alpha;
-    __device__ float weight(int r) const {
-        int hh = r / m, i = j + r % m;
-        return w[(size_t)hh * w_head + (size_t)i * S];
-    }
-    __device__ const float *row(int r) const {
-        int hh = r / m, i = j + r % m;
-        return x + (size_t)hh * x_head + (size_t)i * x_i;
-    }
-    __device__ void done(int c, float s) const { out[c] += alpha * s; }
-};
 
 /* ---- RMSNorm ------------------------------------------------------------------------------ */
 
@@ -231,150 +163,434 @@ extern "C" moe_status moe_cuda_rope_rotate(float *x, int T, int n_heads, int hea
 
 /* ---- attention ---------------------------------------------------------------------------- */
 
-/* Checks the shapes; *blocks = B H S (the row kernels' grid), 0 when there is nothing to do. */
-static moe_status attn_check(const moe_attn_dims *a, const char *fn, unsigned *blocks) {
+/* Flash-style tiles; the S x S probabilities are never stored. A block of ATT_NT threads, a
+ * 16 x 16 grid (tx = thread % 16, ty = thread / 16), takes R queries x R keys at a time (R = 64,
+ * or 32 for heads wider than 128, for shared memory), staged in shared memory as rows of
+ * ld = d | 1 floats: an odd stride, so that the 16 rows a half-warp reads at one column lie in
+ * 16 different banks. A thread owns the entries (ty + 16 x, tx + 16 y) of every R x R tile
+ * (scores, probabilities, their gradients) and the rows ty + 16 x, columns tx + 16 y of every
+ * R x d accumulator (out, dq, dk, dv), kept in registers (D, a template bound of d: 64, 128 or
+ * 256). Every sum has a fixed order: over the head dim or a tile's rows in one thread, the
+ * tiles in order, or over a row's 16 lanes by a fixed butterfly; no atomics. */
+#define ATT_NT 256       /* threads of an attention tile block */
+#define ATT_MAX_HEAD 256 /* the widest head (dk, dv) */
+
+/* The template bound D of the heads' width. */
+static int att_width(const moe_attn_dims *a) {
+    int w = a->dk > a->dv ? a->dk : a->dv;
+    return w <= 64 ? 64 : w <= 128 ? 128 : 256;
+}
+
+/* Shared memory (bytes) of each kernel at tile R: forward Q, K [R, ldk], V [R, ldv],
+ * P [R, R + 1]; dq: Q, K [R, ldk], dout, V [R, ldv], dS [R, R + 1], lse and D [R]; dk/dv: the
+ * same and P [R, R + 1]. */
+static size_t att_fwd_smem(int R, int dk, int dv) {
+    return 4 * (size_t)R * (2 * (dk | 1) + (dv | 1) + R + 1);
+}
+static size_t att_dq_smem(int R, int dk, int dv) {
+    return 4 * (size_t)R * (2 * (dk | 1) + 2 * (dv | 1) + R + 1 + 2);
+}
+static size_t att_dkv_smem(int R, int dk, int dv) {
+    return 4 * (size_t)R * (2 * (dk | 1) + 2 * (dv | 1) + 2 * (R + 1) + 2);
+}
+
+/* dst [R, ld] (shared) = rows [r0, r0 + R) of the first d columns of src [n, stride]; rows
+ * from n on are 0. */
+template <int R>
+__device__ static void att_load(float *dst, int ld, const float *src, size_t stride, int r0,
+                                int n, int d) {
+    for (int e = threadIdx.x; e < R * d; e += ATT_NT) {
+        int r = e / d, c = e - r * d;
+        dst[r * ld + c] = r0 + r < n ? src[(size_t)(r0 + r) * stride + c] : 0.0f;
+    }
+}
+
+/* s[x][y] = the sum over c < d (in order) of A[ty + 16 x][c] B[tx + 16 y][c]; A, B [R, ld]
+ * (shared). */
+template <int R>
+__device__ static void att_dots(float (&s)[R / 16][R / 16], const float *A, const float *B,
+                                int ld, int d) {
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int x = 0; x < R / 16; x++)
+#pragma unroll
+        for (int y = 0; y < R / 16; y++) s[x][y] = 0;
+    for (int c = 0; c < d; c++) {
+        float av[R / 16], bv[R / 16];
+#pragma unroll
+        for (int x = 0; x < R / 16; x++) av[x] = A[(ty + 16 * x) * ld + c];
+#pragma unroll
+        for (int y = 0; y < R / 16; y++) bv[y] = B[(tx + 16 * y) * ld + c];
+#pragma unroll
+        for (int x = 0; x < R / 16; x++)
+#pragma unroll
+            for (int y = 0; y < R / 16; y++) s[x][y] = fmaf(av[x], bv[y], s[x][y]);
+    }
+}
+
+/* acc[x][y] += the sum over j < R (in order) of W(ty + 16 x, j) X[j][tx + 16 y], for the
+ * columns tx + 16 y < d (the others stay 0): W [R, ldw] (shared) read as W[r][j], or with TR
+ * as its transpose W[j][r]; X [R, ldx] (shared). */
+template <int R, int D, bool TR>
+__device__ static void att_acc(float (&acc)[R / 16][D / 16], const float *W, int ldw,
+                               const float *X, int ldx, int d) {
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    for (int j = 0; j < R; j++) {
+        float w[R / 16];
+#pragma unroll
+        for (int x = 0; x < R / 16; x++)
+            w[x] = TR ? W[j * ldw + ty + 16 * x] : W[(ty + 16 * x) * ldw + j];
+        const float *xr = X + j * ldx; /* [d] */
+#pragma unroll
+        for (int y = 0; y < D / 16; y++) {
+            int c = tx + 16 * y;
+            float xv = c < d ? xr[c] : 0.0f;
+#pragma unroll
+            for (int x = 0; x < R / 16; x++) acc[x][y] = fmaf(w[x], xv, acc[x][y]);
+        }
+    }
+}
+
+/* The max and the sum over the 16 lanes of a tile row (one ty: a half-warp) by a fixed
+ * butterfly; every lane gets the same value (a + b == b + a). All 32 lanes call them. */
+__device__ static float att_row_max(float v) {
+    for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ static float att_row_sum(float v) {
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* Forward: one block per (b, h, query tile it), bid = (b H + h) nt + nt - 1 - it (the longest
+ * tiles start first). Over the key tiles 0 .. it in order: scores (-inf above the diagonal),
+ * then the online softmax: each row's running max m and sum l of exp(s - m); the output
+ * accumulator o is scaled by exp(m_old - m_new) and gains P V. Then out = o / l and
+ * lse = m + log l. Rows from S on (a partial last tile) compute on zeros and are not written. */
+template <int R, int D>
+__global__ static void __launch_bounds__(ATT_NT, 1)
+    k_attn_fwd(float *out, float *lse, const float *q, const float *k, const float *v,
+               moe_attn_dims a) {
+    constexpr int RA = R / 16, DB = D / 16;
+    extern __shared__ float sm[];
+    int S = a.S, H = a.H, dk = a.dk, dv = a.dv, rep = H / a.KV, nt = (S + R - 1) / R;
+    int ldk = dk | 1, ldv = dv | 1, ldp = R + 1;
+    float *Qs = sm;           /* [R, ldk] */
+    float *Ks = Qs + R * ldk; /* [R, ldk] */
+    float *Vs = Ks + R * ldk; /* [R, ldv] */
+    float *Ps = Vs + R * ldv; /* [R, ldp] */
+    size_t qs = (size_t)H * dk, ks = (size_t)a.KV * dk, vs = (size_t)a.KV * dv;
+    size_t os = (size_t)H * dv, bid = blockIdx.x;
+    int it = nt - 1 - (int)(bid % nt), h = (int)(bid / nt % H), b = (int)(bid / nt / H);
+    int g = h / rep, i0 = it * R, tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const float *qb = q + (size_t)b * S * qs + (size_t)h * dk; /* [S, qs] */
+    const float *kb = k + (size_t)b * S * ks + (size_t)g * dk; /* [S, ks] */
+    const float *vb = v + (size_t)b * S * vs + (size_t)g * dv; /* [S, vs] */
+    float o[RA][DB], m[RA], l[RA];
+#pragma unroll
+    for (int x = 0; x < RA; x++) {
+        m[x] = -INFINITY, l[x] = 0;
+#pragma unroll
+        for (int y = 0; y < DB; y++) o[x][y] = 0;
+    }
+    att_load<R>(Qs, ldk, qb, qs, i0, S, dk);
+    for (int jt = 0; jt <= it; jt++) {
+        int j0 = jt * R;
+        __syncthreads(); /* the previous tile's K, V and P read */
+        att_load<R>(Ks, ldk, kb, ks, j0, S, dk);
+        att_load<R>(Vs, ldv, vb, vs, j0, S, dv);
+        __syncthreads();
+        float s[RA][RA];
+        att_dots<R>(s, Qs, Ks, ldk, dk);
+#pragma unroll
+        for (int x = 0; x < RA; x++) {
+            int r = ty + 16 * x;
+            float mt = -INFINITY;
+#pragma unroll
+            for (int y = 0; y < RA; y++) {
+                s[x][y] = j0 + tx + 16 * y <= i0 + r ? s[x][y] * a.scale : -INFINITY;
+                mt = fmaxf(mt, s[x][y]);
+            }
+            /* finite: key 0 is in every row's first tile */
+            float mn = fmaxf(m[x], att_row_max(mt));
+            float alpha = expf(m[x] - mn), rs = 0; /* 0 at the first tile (m = -inf) */
+#pragma unroll
+            for (int y = 0; y < RA; y++) {
+                float p = expf(s[x][y] - mn);
+                Ps[r * ldp + tx + 16 * y] = p;
+                rs += p;
+            }
+            l[x] = l[x] * alpha + att_row_sum(rs);
+            m[x] = mn;
+#pragma unroll
+            for (int y = 0; y < DB; y++) o[x][y] *= alpha;
+        }
+        __syncthreads(); /* P written */
+        att_acc<R, D, false>(o, Ps, ldp, Vs, ldv, dv);
+    }
+    float *lr = lse + ((size_t)b * H + h) * S; /* [S] */
+#pragma unroll
+    for (int x = 0; x < RA; x++) {
+        int i = i0 + ty + 16 * x;
+        if (i >= S) continue;
+        float *oi = out + ((size_t)b * S + i) * os + (size_t)h * dv; /* [dv] */
+#pragma unroll
+        for (int y = 0; y < DB; y++)
+            if (tx + 16 * y < dv) oi[tx + 16 * y] = o[x][y] / l[x];
+        if (tx == 0) lr[i] = m[x] + logf(l[x]);
+    }
+}
+
+/* Backward, 1: Dr [B, H, S] = dout_i . out_i over the head's dv columns: a warp per row
+ * (b, h, i), lanes over columns 32 apart, then a fixed butterfly. */
+__global__ static void k_attn_delta(float *Dr, const float *dout, const float *out,
+                                    moe_attn_dims a, size_t rows) {
+    size_t w = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (w >= rows) return; /* whole warps */
+    int lane = threadIdx.x % 32, S = a.S, H = a.H, dv = a.dv;
+    size_t i = w % S, h = w / S % H, b = w / S / H;
+    size_t off = ((b * S + i) * H + h) * dv;
+    float s = 0;
+    for (int c = lane; c < dv; c += 32) s = fmaf(dout[off + c], out[off + c], s);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) Dr[w] = s;
+}
+
+/* The thread's entries (query i0 + ty + 16 x, key j0 + tx + 16 y) of a tile from the scores
+ * s and dp = dout_i . v_j: P = exp(scale s - lse_i) on and below the diagonal for queries
+ * < S, else 0, into Ps [R, R + 1] (unless NULL); scale dS = scale P (dp - D_i) into
+ * Gs [R, R + 1]. Ls, Ds [R]: the tile's lse and D. */
+template <int R>
+__device__ static void att_grads(float *Ps, float *Gs, const float (&s)[R / 16][R / 16],
+                                 const float (&dp)[R / 16][R / 16], const float *Ls,
+                                 const float *Ds, int i0, int j0, int S, float scale) {
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int x = 0; x < R / 16; x++) {
+        int r = ty + 16 * x, i = i0 + r;
+        float L = Ls[r], Dd = Ds[r];
+#pragma unroll
+        for (int y = 0; y < R / 16; y++) {
+            int c = tx + 16 * y;
+            float p = j0 + c <= i && i < S ? expf(s[x][y] * scale - L) : 0.0f;
+            if (Ps) Ps[r * (R + 1) + c] = p;
+            Gs[r * (R + 1) + c] = scale * (p * (dp[x][y] - Dd));
+        }
+    }
+}
+
+/* Rows [i0, i0 + R) of lse and D (row0: the head's row 0 of [B, H, S]) into Ls, Ds [R]
+ * (shared; 0 from S on). */
+template <int R>
+__device__ static void att_load_rows(float *Ls, float *Ds, const float *lse, const float *Dr,
+                                     size_t row0, int i0, int S) {
+    int r = threadIdx.x;
+    if (r < R) {
+        Ls[r] = i0 + r < S ? lse[row0 + i0 + r] : 0.0f;
+        Ds[r] = i0 + r < S ? Dr[row0 + i0 + r] : 0.0f;
+    }
+}
+
+/* Backward, 2: one block per (b, h, query tile it), as forward; owns dq of its queries: over
+ * the key tiles 0 .. it in order, P and dS recomputed, dq_i += scale sum_j dS_ij k_j. */
+template <int R, int D>
+__global__ static void __launch_bounds__(ATT_NT, 1)
+    k_attn_dq(float *dq, const float *dout, const float *lse, const float *Dr, const float *q,
+              const float *k, const float *v, moe_attn_dims a) {
+    constexpr int RA = R / 16, DB = D / 16;
+    extern __shared__ float sm[];
+    int S = a.S, H = a.H, dk = a.dk, dv = a.dv, rep = H / a.KV, nt = (S + R - 1) / R;
+    int ldk = dk | 1, ldv = dv | 1, ldp = R + 1;
+    float *Qs = sm;           /* [R, ldk] q_i */
+    float *Os = Qs + R * ldk; /* [R, ldv] dout_i */
+    float *Ks = Os + R * ldv; /* [R, ldk] */
+    float *Vs = Ks + R * ldk; /* [R, ldv] */
+    float *Gs = Vs + R * ldv; /* [R, ldp] scale dS */
+    float *Ls = Gs + R * ldp; /* [R] lse_i */
+    float *Ds = Ls + R;       /* [R] D_i */
+    size_t qs = (size_t)H * dk, ks = (size_t)a.KV * dk, vs = (size_t)a.KV * dv;
+    size_t os = (size_t)H * dv, bid = blockIdx.x;
+    int it = nt - 1 - (int)(bid % nt), h = (int)(bid / nt % H), b = (int)(bid / nt / H);
+    int g = h / rep, i0 = it * R, tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const float *qb = q + (size_t)b * S * qs + (size_t)h * dk;     /* [S, qs] */
+    const float *ob = dout + (size_t)b * S * os + (size_t)h * dv;  /* [S, os] */
+    const float *kb = k + (size_t)b * S * ks + (size_t)g * dk;     /* [S, ks] */
+    const float *vb = v + (size_t)b * S * vs + (size_t)g * dv;     /* [S, vs] */
+    float acc[RA][DB];
+#pragma unroll
+    for (int x = 0; x < RA; x++)
+#pragma unroll
+        for (int y = 0; y < DB; y++) acc[x][y] = 0;
+    att_load<R>(Qs, ldk, qb, qs, i0, S, dk);
+    att_load<R>(Os, ldv, ob, os, i0, S, dv);
+    att_load_rows<R>(Ls, Ds, lse, Dr, ((size_t)b * H + h) * S, i0, S);
+    for (int jt = 0; jt <= it; jt++) {
+        int j0 = jt * R;
+        __syncthreads(); /* the previous tile's K and dS read */
+        att_load<R>(Ks, ldk, kb, ks, j0, S, dk);
+        att_load<R>(Vs, ldv, vb, vs, j0, S, dv);
+        __syncthreads();
+        float s[RA][RA], dp[RA][RA];
+        att_dots<R>(s, Qs, Ks, ldk, dk);
+        att_dots<R>(dp, Os, Vs, ldv, dv);
+        att_grads<R>(NULL, Gs, s, dp, Ls, Ds, i0, j0, S, a.scale);
+        __syncthreads(); /* dS written */
+        att_acc<R, D, false>(acc, Gs, ldp, Ks, ldk, dk);
+    }
+#pragma unroll
+    for (int x = 0; x < RA; x++) {
+        int i = i0 + ty + 16 * x;
+        if (i >= S) continue;
+        float *gi = dq + ((size_t)b * S + i) * qs + (size_t)h * dk; /* [dk] */
+#pragma unroll
+        for (int y = 0; y < DB; y++)
+            if (tx + 16 * y < dk) gi[tx + 16 * y] += acc[x][y];
+    }
+}
+
+/* Backward, 3: one block per (b, kv head g, key tile jt), bid = (b KV + g) nt + jt (the
+ * longest first); owns dk and dv of its keys: over the group's query heads in order and, for
+ * each, the query tiles jt .. nt - 1 in order, P and dS recomputed, dv_j += P_ij dout_i and
+ * dk_j += scale dS_ij q_i. */
+template <int R, int D>
+__global__ static void __launch_bounds__(ATT_NT, 1)
+    k_attn_dkv(float *dk, float *dv, const float *dout, const float *lse, const float *Dr,
+               const float *q, const float *k, const float *v, moe_attn_dims a) {
+    constexpr int RA = R / 16, DB = D / 16;
+    extern __shared__ float sm[];
+    int S = a.S, H = a.H, KV = a.KV, Dk = a.dk, Dv = a.dv, rep = H / KV, nt = (S + R - 1) / R;
+    int ldk = Dk | 1, ldv = Dv | 1, ldp = R + 1;
+    float *Ks = sm;           /* [R, ldk] k_j */
+    float *Vs = Ks + R * ldk; /* [R, ldv] v_j */
+    float *Qs = Vs + R * ldv; /* [R, ldk] q_i */
+    float *Os = Qs + R * ldk; /* [R, ldv] dout_i */
+    float *Ps = Os + R * ldv; /* [R, ldp] P */
+    float *Gs = Ps + R * ldp; /* [R, ldp] scale dS */
+    float *Ls = Gs + R * ldp; /* [R] lse_i */
+    float *Ds = Ls + R;       /* [R] D_i */
+    size_t qs = (size_t)H * Dk, ks = (size_t)KV * Dk, vs = (size_t)KV * Dv;
+    size_t os = (size_t)H * Dv, bid = blockIdx.x;
+    int jt = (int)(bid % nt), g = (int)(bid / nt % KV), b = (int)(bid / nt / KV);
+    int j0 = jt * R, tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float gk[RA][DB], gv[RA][DB];
+#pragma unroll
+    for (int x = 0; x < RA; x++)
+#pragma unroll
+        for (int y = 0; y < DB; y++) gk[x][y] = 0, gv[x][y] = 0;
+    att_load<R>(Ks, ldk, k + (size_t)b * S * ks + (size_t)g * Dk, ks, j0, S, Dk);
+    att_load<R>(Vs, ldv, v + (size_t)b * S * vs + (size_t)g * Dv, vs, j0, S, Dv);
+    for (int h = g * rep; h < (g + 1) * rep; h++) {
+        const float *qb = q + (size_t)b * S * qs + (size_t)h * Dk;    /* [S, qs] */
+        const float *ob = dout + (size_t)b * S * os + (size_t)h * Dv; /* [S, os] */
+        for (int it = jt; it < nt; it++) {
+            int i0 = it * R;
+            __syncthreads(); /* the previous tile's q, dout, P and dS read */
+            att_load<R>(Qs, ldk, qb, qs, i0, S, Dk);
+            att_load<R>(Os, ldv, ob, os, i0, S, Dv);
+            att_load_rows<R>(Ls, Ds, lse, Dr, ((size_t)b * H + h) * S, i0, S);
+            __syncthreads();
+            float s[RA][RA], dp[RA][RA];
+            att_dots<R>(s, Qs, Ks, ldk, Dk);
+            att_dots<R>(dp, Os, Vs, ldv, Dv);
+            att_grads<R>(Ps, Gs, s, dp, Ls, Ds, i0, j0, S, a.scale);
+            __syncthreads(); /* P and dS written */
+            att_acc<R, D, true>(gv, Ps, ldp, Os, ldv, Dv);
+            att_acc<R, D, true>(gk, Gs, ldp, Qs, ldk, Dk);
+        }
+    }
+#pragma unroll
+    for (int x = 0; x < RA; x++) {
+        int j = j0 + ty + 16 * x;
+        if (j >= S) continue;
+        float *gkj = dk + ((size_t)b * S + j) * ks + (size_t)g * Dk; /* [Dk] */
+        float *gvj = dv + ((size_t)b * S + j) * vs + (size_t)g * Dv; /* [Dv] */
+#pragma unroll
+        for (int y = 0; y < DB; y++) {
+            int c = tx + 16 * y;
+            if (c < Dk) gkj[c] += gk[x][y];
+            if (c < Dv) gvj[c] += gv[x][y];
+        }
+    }
+}
+
+/* Launches kern on blocks x ATT_NT threads with smem bytes of dynamic shared memory (allowed
+ * past 48 KB first). */
+template <class... P, class... A>
+static moe_status att_launch(void (*kern)(P...), unsigned blocks, size_t smem, const char *what,
+                             A... args) {
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)smem);
+        if (e != cudaSuccess) {
+            cudaGetLastError(); /* not sticky: clear it */
+            return moe_set_error(MOE_ERR_INVALID, "CUDA: %s: %zu bytes of shared memory a block: "
+                                 "%s", what, smem, cudaGetErrorString(e));
+        }
+    }
+    kern<<<blocks, ATT_NT, smem>>>(args...);
+    CU_TRY(cudaGetLastError(), what);
+    return MOE_OK;
+}
+
+/* Checks the shapes. */
+static moe_status attn_check(const moe_attn_dims *a, const char *fn) {
     MOE_CHECK(a && a->B >= 0 && a->S >= 0 && a->H >= 1 && a->KV >= 1 && a->H % a->KV == 0,
               "%s: B %d, S %d, H %d, KV %d (H a multiple of KV)", fn, a ? a->B : 0,
               a ? a->S : 0, a ? a->H : 0, a ? a->KV : 0);
-    MOE_CHECK(a->dk >= 1 && a->dv >= 1 && a->dk <= MAX_HEAD && a->dv <= MAX_HEAD,
-              "%s: head widths dk %d, dv %d (1 .. %d)", fn, a->dk, a->dv, MAX_HEAD);
+    MOE_CHECK(a->dk >= 1 && a->dv >= 1 && a->dk <= ATT_MAX_HEAD && a->dv <= ATT_MAX_HEAD,
+              "%s: head widths dk %d, dv %d (1 .. %d)", fn, a->dk, a->dv, ATT_MAX_HEAD);
     size_t n = (size_t)a->B * a->H * a->S;
     MOE_CHECK(n <= INT_MAX, "%s: B %d x H %d x S %d rows exceed the grid", fn, a->B, a->H, a->S);
-    *blocks = (unsigned)n;
     return MOE_OK;
 }
 
-/* One block per (sequence b, head h, query i), bid = (b H + h) S + i: the scores of the keys
- * j <= i (a thread per key, a dot product over dk), their max and sum (fixed trees), probs
- * (the scores' buffer: its own row of probs), then out (a thread per output column and group
- * of keys, group_sums). */
-__global__ static void __launch_bounds__(ATT_THREADS)
-    k_attn_forward(float *out, float *probs, const float *q, const float *k, const float *v,
-                   moe_attn_dims a) {
-    extern __shared__ float qsh[]; /* [dk] q_i */
-    __shared__ float red[ATT_THREADS];
-    int S = a.S, H = a.H, dk = a.dk, dv = a.dv, rep = H / a.KV;
-    size_t qs = (size_t)H * dk, ks = (size_t)a.KV * dk, vs = (size_t)a.KV * dv, os = (size_t)H * dv;
-    size_t bid = blockIdx.x;
-    int i = (int)(bid % S), h = (int)(bid / S % H), b = (int)(bid / S / H), g = h / rep;
-    const float *qi = q + ((size_t)b * S + i) * qs + (size_t)h * dk; /* [dk] */
-    const float *kb = k + (size_t)b * S * ks + (size_t)g * dk;       /* [S, ks] */
-    const float *vb = v + (size_t)b * S * vs + (size_t)g * dv;       /* [S, vs] */
-    float *P = probs + (((size_t)b * H + h) * S + i) * S;            /* [S] */
-    float *oi = out + ((size_t)b * S + i) * os + (size_t)h * dv;     /* [dv] */
-    int tid = threadIdx.x, nt = blockDim.x;
-    for (int c = tid; c < dk; c += nt) qsh[c] = qi[c];
-    __syncthreads();
-    float mx = -INFINITY;
-    for (int j = tid; j <= i; j += nt) {
-        const float *kj = kb + (size_t)j * ks;
-        float dot = 0;
-        for (int c = 0; c < dk; c++) dot += qsh[c] * kj[c];
-        float s = dot * a.scale;
-        P[j] = s;
-        mx = s > mx ? s : mx;
-    }
-    for (int j = i + 1 + tid; j < S; j += nt) P[j] = 0;
-    mx = block_max(mx, red);
-    float sum = 0;
-    for (int j = tid; j <= i; j += nt) {
-        float e = expf(P[j] - mx);
-        P[j] = e;
-        sum += e;
-    }
-    sum = moe_cuda_block_sum(sum, red);
-    float inv = 1.0f / sum;
-    for (int j = tid; j <= i; j += nt) P[j] *= inv;
-    __syncthreads(); /* every P[j] (global memory) visible to the block */
-    strided_rows R = {P, vb, vs, oi, 1.0f, 0};
-    group_sums(i + 1, dv, R, red);
+template <int R, int D>
+static moe_status attn_forward_tiles(float *out, float *lse, const float *q, const float *k,
+                                     const float *v, const moe_attn_dims *a) {
+    unsigned nt = (unsigned)((a->S + R - 1) / R), blocks = nt * (unsigned)(a->H * a->B);
+    return att_launch(k_attn_fwd<R, D>, blocks, att_fwd_smem(R, a->dk, a->dv),
+                      "attention forward", out, lse, q, k, v, *a);
 }
 
-/* Backward, 1: one block per (b, h, i) as forward: dP_ij = dout_i . v_j, D = sum_j P_ij dP_ij
- * (fixed order), dS_ij = P_ij (dP_ij - D) into dS [B, H, S, S] (j <= i), dq_i += scale
- * sum_j dS_ij k_j. */
-__global__ static void __launch_bounds__(ATT_THREADS)
-    k_attn_dq(float *dq, float *dS, const float *dout, const float *probs, const float *k,
-              const float *v, moe_attn_dims a) {
-    extern __shared__ float dsh[]; /* [dv] dout_i */
-    __shared__ float red[ATT_THREADS];
-    int S = a.S, H = a.H, dk = a.dk, dv = a.dv, rep = H / a.KV;
-    size_t qs = (size_t)H * dk, ks = (size_t)a.KV * dk, vs = (size_t)a.KV * dv, os = (size_t)H * dv;
-    size_t bid = blockIdx.x;
-    int i = (int)(bid % S), h = (int)(bid / S % H), b = (int)(bid / S / H), g = h / rep;
-    const float *doi = dout + ((size_t)b * S + i) * os + (size_t)h * dv; /* [dv] */
-    const float *kb = k + (size_t)b * S * ks + (size_t)g * dk;           /* [S, ks] */
-    const float *vb = v + (size_t)b * S * vs + (size_t)g * dv;           /* [S, vs] */
-    size_t row = (((size_t)b * H + h) * S + i) * S;
-    const float *P = probs + row;                                        /* [S] */
-    float *G = dS + row;                                                 /* [S] */
-    float *dqi = dq + ((size_t)b * S + i) * qs + (size_t)h * dk;         /* [dk] */
-    int tid = threadIdx.x, nt = blockDim.x;
-    for (int c = tid; c < dv; c += nt) dsh[c] = doi[c];
-    __syncthreads();
-    float D = 0;
-    for (int j = tid; j <= i; j += nt) {
-        const float *vj = vb + (size_t)j * vs;
-        float dp = 0;
-        for (int c = 0; c < dv; c++) dp += dsh[c] * vj[c];
-        G[j] = dp;
-        D += P[j] * dp;
-    }
-    D = moe_cuda_block_sum(D, red);
-    for (int j = tid; j <= i; j += nt) G[j] = __fmul_rn(P[j], __fsub_rn(G[j], D));
-    __syncthreads(); /* every G[j] visible to the block */
-    strided_rows R = {G, kb, ks, dqi, a.scale, 1};
-    group_sums(i + 1, dk, R, red);
+template <int R, int D>
+static moe_status attn_backward_tiles(float *dq, float *dk, float *dv, const float *dout,
+                                      const float *lse, const float *Dr, const float *q,
+                                      const float *k, const float *v, const moe_attn_dims *a) {
+    unsigned nt = (unsigned)((a->S + R - 1) / R);
+    MOE_TRY(att_launch(k_attn_dkv<R, D>, nt * (unsigned)(a->KV * a->B),
+                       att_dkv_smem(R, a->dk, a->dv), "attention backward (dk, dv)", dk, dv,
+                       dout, lse, Dr, q, k, v, *a));
+    return att_launch(k_attn_dq<R, D>, nt * (unsigned)(a->H * a->B), att_dq_smem(R, a->dk, a->dv),
+                      "attention backward (dq)", dq, dout, lse, Dr, q, k, v, *a);
 }
 
-/* Backward, 2: one block per (b, kv head g, key j), bid = (b KV + g) S + j: dk_j += scale
- * sum over the group's heads (in order) and queries i >= j (in order) of dS_hij q_hi, and
- * dv_j += the same of P_hij dout_hi. */
-__global__ static void __launch_bounds__(ATT_THREADS)
-    k_attn_dkv(float *dk, float *dv, const float *dS, const float *probs, const float *q,
-               const float *dout, moe_attn_dims a) {
-    __shared__ float red[ATT_THREADS];
-    int S = a.S, H = a.H, KV = a.KV, Dk = a.dk, Dv = a.dv, rep = H / KV;
-    size_t qs = (size_t)H * Dk, ks = (size_t)KV * Dk, vs = (size_t)KV * Dv, os = (size_t)H * Dv;
-    size_t bid = blockIdx.x;
-    int j = (int)(bid % S), g = (int)(bid / S % KV), b = (int)(bid / S / KV), m = S - j;
-    size_t first = (((size_t)b * H + (size_t)g * rep) * S) * S + j; /* (b, g rep, 0, j) */
-    head_rows R;
-    R.w_head = (size_t)S * S, R.j = j, R.m = m, R.S = S;
-    R.w = dS + first;
-    R.x = q + (size_t)b * S * qs + (size_t)g * rep * Dk, R.x_head = Dk, R.x_i = qs;
-    R.out = dk + ((size_t)b * S + j) * ks + (size_t)g * Dk, R.alpha = a.scale;
-    group_sums(rep * m, Dk, R, red);
-    R.w = probs + first;
-    R.x = dout + (size_t)b * S * os + (size_t)g * rep * Dv, R.x_head = Dv, R.x_i = os;
-    R.out = dv + ((size_t)b * S + j) * vs + (size_t)g * Dv, R.alpha = 1.0f;
-    group_sums(rep * m, Dv, R, red);
-}
-
-extern "C" moe_status moe_cuda_attention_forward(float *out, float *probs, const float *q,
+extern "C" moe_status moe_cuda_attention_forward(float *out, float *lse, const float *q,
                                                  const float *k, const float *v,
                                                  const moe_attn_dims *a) {
-    unsigned blocks = 0;
-    MOE_TRY(attn_check(a, "moe_cuda_attention_forward", &blocks));
-    if (blocks == 0) return MOE_OK;
-    k_attn_forward<<<blocks, ATT_THREADS, (size_t)a->dk * 4>>>(out, probs, q, k, v, *a);
-    CU_TRY(cudaGetLastError(), "attention forward");
-    return MOE_OK;
+    MOE_TRY(attn_check(a, "moe_cuda_attention_forward"));
+    if ((size_t)a->B * a->S == 0) return MOE_OK;
+    switch (att_width(a)) {
+    case 64: return attn_forward_tiles<64, 64>(out, lse, q, k, v, a);
+    case 128: return attn_forward_tiles<64, 128>(out, lse, q, k, v, a);
+    default: return attn_forward_tiles<32, 256>(out, lse, q, k, v, a);
+    }
 }
 
 extern "C" moe_status moe_cuda_attention_backward(float *dq, float *dk, float *dv,
-                                                  const float *dout, const float *probs,
-                                                  const float *q, const float *k,
-                                                  const float *v, const moe_attn_dims *a,
-                                                  float *scratch) {
-    unsigned blocks = 0;
-    MOE_TRY(attn_check(a, "moe_cuda_attention_backward", &blocks));
-    if (blocks == 0) return MOE_OK;
-    unsigned kv_blocks = (unsigned)((size_t)a->B * a->KV * a->S);
-    k_attn_dq<<<blocks, ATT_THREADS, (size_t)a->dv * 4>>>(dq, scratch, dout, probs, k, v, *a);
-    k_attn_dkv<<<kv_blocks, ATT_THREADS>>>(dk, dv, scratch, probs, q, dout, *a);
-    CU_TRY(cudaGetLastError(), "attention backward");
-    return MOE_OK;
+                                                  const float *dout, const float *out,
+                                                  const float *lse, const float *q,
+                                                  const float *k, const float *v,
+                                                  const moe_attn_dims *a, float *scratch) {
+    MOE_TRY(attn_check(a, "moe_cuda_attention_backward"));
+    size_t rows = (size_t)a->B * a->H * a->S;
+    if (rows == 0) return MOE_OK;
+    k_attn_delta<<<(unsigned)((rows + 7) / 8), ATT_NT>>>(scratch, dout, out, *a, rows);
+    CU_TRY(cudaGetLastError(), "attention backward (D)");
+    switch (att_width(a)) {
+    case 64: return attn_backward_tiles<64, 64>(dq, dk, dv, dout, lse, scratch, q, k, v, a);
+    case 128: return attn_backward_tiles<64, 128>(dq, dk, dv, dout, lse, scratch, q, k, v, a);
+    default: return attn_backward_tiles<32, 256>(dq, dk, dv, dout, lse, scratch, q, k, v, a);
+    }
 }
 
 /* ---- cross-entropy ------------------------------------------------------------------------ */

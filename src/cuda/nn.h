@@ -5,7 +5,8 @@
  * default stream; launch errors come back as MOE_ERR_INVALID with a message (moe_last_error).
  * Every reduction has a fixed order (no floating-point atomics): results are bitwise repeatable.
  * Results equal the CPU's within fp32 rounding (sums in another order, expf instead of
- * moe_exp_vec); RoPE, the embedding and moe_cuda_add do the CPU's operations in its order. */
+ * moe_exp_vec, attention's softmax taken online); RoPE, the embedding and moe_cuda_add do the
+ * CPU's operations in its order. */
 #ifndef MOE_CUDA_NN_H
 #define MOE_CUDA_NN_H
 
@@ -40,17 +41,21 @@ moe_status moe_cuda_rope_rotate(float *x, int T, int n_heads, int head_stride, i
                                 const int32_t *pos, int interleave, const float *cs, int n_cs,
                                 int dir);
 
-/* Causal attention (moe_attention_forward): q [B*S, H*dk], k [B*S, KV*dk], v [B*S, KV*dv]
- * (query head h reads kv head h / (H/KV)); scores q.k * scale. Overwrites out [B*S, H*dv] and
- * probs [B, H, S, S] (saved for backward; 0 above the diagonal). */
-moe_status moe_cuda_attention_forward(float *out, float *probs, const float *q, const float *k,
+/* Causal attention (moe_attention_forward) by flash-style tiles, which never store the S x S
+ * probabilities: q [B*S, H*dk], k [B*S, KV*dk], v [B*S, KV*dv] (query head h reads kv head
+ * h / (H/KV)); scores q.k * scale, key j <= query i. Overwrites out [B*S, H*dv] and
+ * lse [B, H, S] (the log of each query row's sum of exp(score), saved for backward in place
+ * of the probabilities). dk and dv in 1 .. 256; B H S at most INT_MAX. */
+moe_status moe_cuda_attention_forward(float *out, float *lse, const float *q, const float *k,
                                       const float *v, const moe_attn_dims *a);
 /* Backward (moe_attention_backward): dq [B*S, H*dk] += dL/dq, dk [B*S, KV*dk] += dL/dk,
- * dv [B*S, KV*dv] += dL/dv from dout [B*S, H*dv] and the forward's probs. scratch [B*H*S*S]
- * floats receives the scores' gradients (unscaled) on and below the diagonal. */
+ * dv [B*S, KV*dv] += dL/dv from dout [B*S, H*dv] and the forward's out [B*S, H*dv] and
+ * lse [B, H, S] (the probabilities are recomputed from q, k and lse). scratch [B*H*S] floats
+ * receives D = dout . out of each (sequence, head, query) row. */
 moe_status moe_cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
-                                       const float *probs, const float *q, const float *k,
-                                       const float *v, const moe_attn_dims *a, float *scratch);
+                                       const float *out, const float *lse, const float *q,
+                                       const float *k, const float *v, const moe_attn_dims *a,
+                                       float *scratch);
 
 /* Softmax cross-entropy (moe_xent_forward_backward) of logits [T, V] against targets y [T]
  * (y < 0: ignored; y must be < V, which the caller checks on the host): row_loss [T] =

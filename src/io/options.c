@@ -317,8 +317,8 @@ static const opt_def opts[] = {
     {"threads", NULL, OPT_INT, O(threads), 0, 4096, NULL, RUN,
      "OpenMP threads (0 = OMP_NUM_THREADS or all cores)", 0},
     {"device", NULL, OPT_ENUM, O(device), 0, 0, device_choices, RUN,
-     "moe train, moe bench: where the model (or the layer) runs: cpu, or cuda (one NVIDIA GPU, "
-     "in a build with CUDA; the optimizer stays on the CPU)", 1},
+     "moe train, generate, eval, bench: where the model (or the layer) runs: cpu, or cuda (one "
+     "NVIDIA GPU, in a build with CUDA)", 1},
     {"print-config", NULL, OPT_BOOL, O(print_config), 0, 1, NULL, RUN,
      "print the resolved options as a config file and exit", 1},
 };

@@ -3,6 +3,7 @@
 #include "core/core.h"
 #include "cuda/model.h"
 #include "kernels/kernels.h"
+#include "model/model_gpu.h"
 #include "moe/layer_internal.h"
 #include "moe_cuda.h"
 
@@ -86,6 +87,8 @@ struct moe_model {
     int n_targets;
     /* the device "cuda" (moe_model_use_device): forward and backward on the GPU */
     moe_cuda_model *gpu;
+    int gpu_train;                   /* parameters, gradients and AdamW live on the GPU */
+    int host_stale, dev_stale;       /* gpu_train: which copy of the parameters is behind */
     float *gpu_grads;                /* [n_params] the backward's gradients (pinned) */
     int32_t *gpu_hist;               /* [seq_len] the tokens decoded so far (no KV cache) */
     moe_cuda_block_plan *gpu_blocks; /* [L] */
@@ -561,9 +564,23 @@ void moe_model_destroy(moe_model *m) {
 
 const moe_model_config *moe_model_get_config(const moe_model *m) { return &m->cfg; }
 size_t moe_model_param_count(const moe_model *m) { return m->n_params; }
-float *moe_model_params(moe_model *m) { return m->params; }
-float *moe_model_grads(moe_model *m) { return m->grads; }
-void moe_model_zero_grads(moe_model *m) { moe_zero_floats(m->grads, m->n_params); }
+/* Training on the GPU keeps the newest parameters there: the host's copy is brought up to date
+ * when asked for, and then counts as the newer one (the caller may write it). */
+float *moe_model_params(moe_model *m) {
+    if (m->gpu_train && m->host_stale &&
+        moe_cuda_model_params_io(m->gpu, m->params, 0) == MOE_OK)
+        m->host_stale = 0;
+    if (m->gpu_train) m->dev_stale = 1;
+    return m->params;
+}
+float *moe_model_grads(moe_model *m) {
+    if (m->gpu_train) moe_cuda_model_grads_io(m->gpu, m->grads, 0); /* a copy, to read */
+    return m->grads;
+}
+void moe_model_zero_grads(moe_model *m) {
+    if (m->gpu_train) moe_cuda_model_zero_grads(m->gpu); /* the host's copy is not used */
+    else moe_zero_floats(m->grads, m->n_params);
+}
 int moe_model_n_tensors(const moe_model *m) { return m->n_tensors; }
 const moe_tensor_info *moe_model_tensor(const moe_model *m, int i) {
     return i >= 0 && i < m->n_tensors ? &m->tensors[i] : NULL;
@@ -626,6 +643,8 @@ void moe_model_init_params(moe_model *m, uint64_t seed) {
         else if (t->no_decay) moe_zero_floats(p, t->numel);
         else moe_rng_normal_floats(seed, stream, 0, t->numel, std, p);
     }
+    m->host_stale = 0;
+    m->dev_stale = 1;
 }
 
 /* ---------------------------------------------------------------- the GPU */
@@ -633,6 +652,8 @@ void moe_model_init_params(moe_model *m, uint64_t seed) {
 /* Back to the CPU: the GPU model, its pinned buffers. */
 static void gpu_release(moe_model *m) {
     if (!m->gpu) return;
+    if (m->gpu_train && m->host_stale) moe_cuda_model_params_io(m->gpu, m->params, 0);
+    m->gpu_train = m->host_stale = m->dev_stale = 0;
     moe_cuda_model_destroy(m->gpu);
     moe_cuda_host_unregister(m->params);
     moe_cuda_host_unregister(m->gpu_grads);
@@ -686,10 +707,59 @@ moe_status moe_model_use_device(moe_model *m, const char *device) {
     return s;
 }
 
+/* The parameters a GPU forward copies in: the host's, unless the GPU's are as new. */
+static const float *gpu_params_in(moe_model *m) {
+    if (m->gpu_train && !m->dev_stale) return NULL;
+    m->dev_stale = 0;
+    return m->params;
+}
+
+moe_status moe_model_gpu_train_begin(moe_model *m) {
+    if (!m->gpu) return moe_set_error(MOE_ERR_STATE, "the model is not on a GPU");
+    if (m->gpu_train) return MOE_OK;
+    uint8_t *decay = malloc(m->n_params ? m->n_params : 1);
+    if (!decay) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    for (int i = 0; i < m->n_tensors; i++)
+        memset(decay + m->tensors[i].offset, !m->tensors[i].no_decay, m->tensors[i].numel);
+    moe_status s = moe_cuda_model_optim_init(m->gpu, decay);
+    free(decay);
+    MOE_TRY(s);
+    MOE_TRY(moe_cuda_model_zero_grads(m->gpu));
+    m->gpu_train = 1;
+    m->dev_stale = 1; /* the host's parameters are the truth until the first forward */
+    m->host_stale = 0;
+    return MOE_OK;
+}
+
+int moe_model_gpu_training(const moe_model *m) { return m->gpu_train; }
+int moe_model_on_gpu(const moe_model *m) { return m->gpu != NULL; }
+
+moe_status moe_model_gpu_grad_sumsq(moe_model *m, double *ss) {
+    return moe_cuda_model_grad_sumsq(m->gpu, ss);
+}
+
+moe_status moe_model_gpu_set_grad(moe_model *m, size_t i, float v) {
+    return moe_cuda_model_set_grad(m->gpu, i, v);
+}
+
+moe_status moe_model_gpu_adamw(moe_model *m, float *adam_m, float *adam_v, int state_in,
+                               const moe_cuda_adamw *h) {
+    if (m->dev_stale) MOE_TRY(moe_cuda_model_params_io(m->gpu, m->params, 1));
+    m->dev_stale = 0;
+    if (state_in) MOE_TRY(moe_cuda_model_adam_io(m->gpu, adam_m, adam_v, 1));
+    MOE_TRY(moe_cuda_model_adamw(m->gpu, h));
+    m->host_stale = 1;
+    return MOE_OK;
+}
+
+moe_status moe_model_gpu_adam_out(moe_model *m, float *adam_m, float *adam_v) {
+    return moe_cuda_model_adam_io(m->gpu, adam_m, adam_v, 0);
+}
+
 /* The forward on the GPU (the tokens are checked and kept in m): the loss, and each MoE
  * layer's counts recorded in its CPU layer (the trainer's statistics, the bias update). */
 static moe_status gpu_forward(moe_model *m, moe_model_loss *loss) {
-    MOE_TRY(moe_cuda_model_forward(m->gpu, m->params, m->gpu_bias, m->tokens,
+    MOE_TRY(moe_cuda_model_forward(m->gpu, gpu_params_in(m), m->gpu_bias, m->tokens,
                                    m->has_targets ? m->targets : NULL, m->B, m->S, &m->args,
                                    loss));
     for (int l = 0; l < m->cfg.n_layers; l++)
@@ -713,8 +783,8 @@ static moe_status gpu_decode(moe_model *m, const int32_t *tokens, int n) {
     m->S = P + n;
     m->args = args;
     m->has_targets = 0;
-    MOE_TRY(moe_cuda_model_forward(m->gpu, m->params, m->gpu_bias, m->gpu_hist, NULL, 1, P + n,
-                                   &args, NULL));
+    MOE_TRY(moe_cuda_model_forward(m->gpu, gpu_params_in(m), m->gpu_bias, m->gpu_hist, NULL,
+                                   1, P + n, &args, NULL));
     MOE_TRY(moe_cuda_model_logits(m->gpu, m->logits, P, n));
     m->cache_len = P + n;
     return MOE_OK;
@@ -976,11 +1046,15 @@ moe_status moe_model_backward(moe_model *m) {
     moe_attn_dims ad = attn_dims(m, B, S);
     m->have_forward = 0;
     if (m->gpu) {
-        MOE_TRY(moe_cuda_model_backward(m->gpu, m->gpu_grads));
-        const float *gg = m->gpu_grads;
-        float *g = m->grads;
+        if (m->gpu_train) { /* the gradients add up on the GPU */
+            MOE_TRY(moe_cuda_model_backward(m->gpu, NULL));
+        } else {
+            MOE_TRY(moe_cuda_model_backward(m->gpu, m->gpu_grads));
+            const float *gg = m->gpu_grads;
+            float *g = m->grads;
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < m->n_params; i++) g[i] += gg[i];
+            for (size_t i = 0; i < m->n_params; i++) g[i] += gg[i];
+        }
         if (m->args.grads_ready) m->args.grads_ready(m->args.grads_ctx, 0);
         return MOE_OK;
     }

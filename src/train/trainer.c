@@ -2,6 +2,8 @@
  * reproducible bitwise at a fixed thread count and resumable from the step number alone. */
 #include "train/trainer.h"
 
+#include "model/model_gpu.h"
+
 #include "dist/comm.h"
 
 #include "core/core.h"
@@ -40,6 +42,8 @@ struct moe_trainer {
         int first, last; /* steps (1-based) */
     } faults[16];
     int n_faults;
+    int gpu;        /* the model trains on the GPU: parameters, gradients, AdamW there */
+    int adam_where; /* gpu: 0 both copies of the moments equal, 1 the host's newer, 2 the GPU's */
 };
 
 enum { FAULT_NAN_LOSS, FAULT_INF_LOSS, FAULT_NAN_GRAD, FAULT_INF_GRAD };
@@ -77,14 +81,17 @@ moe_status moe_trainer_set_faults(moe_trainer *t, const char *spec) {
 }
 
 /* Injected faults of this step (1-based) into the loss and the gradient. */
-static void inject_faults(const moe_trainer *t, int step, moe_step_metrics *s, float *g) {
+/* The faults of this step: into the loss, and the first gradient's value (0: none) returned. */
+static float inject_faults(const moe_trainer *t, int step, moe_step_metrics *s) {
+    float g0 = 0;
     for (int i = 0; i < t->n_faults; i++) {
         if (step < t->faults[i].first || step > t->faults[i].last) continue;
         float v = t->faults[i].kind == FAULT_NAN_LOSS || t->faults[i].kind == FAULT_NAN_GRAD
                       ? NAN : INFINITY;
         if (t->faults[i].kind <= FAULT_INF_LOSS) s->loss = v;
-        else g[0] = v;
+        else g0 = v;
     }
+    return g0;
 }
 
 moe_status moe_trainer_check_data(const moe_model_config *mc, const moe_tokens *train,
@@ -139,6 +146,14 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
         !t->dropped || !t->routed || !t->tensor_sumsq) {
         moe_trainer_destroy(t);
         return moe_set_error(MOE_ERR_NOMEM, "out of memory for the optimizer state");
+    }
+    if (moe_model_on_gpu(model)) { /* AdamW's moments (zero, as here) on the GPU too */
+        moe_status st = moe_model_gpu_train_begin(model);
+        if (st != MOE_OK) {
+            moe_trainer_destroy(t);
+            return st;
+        }
+        t->gpu = 1;
     }
     *out = t;
     return MOE_OK;
@@ -248,6 +263,9 @@ moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d) {
               "global-batch-size (%d) must be a multiple of micro-batch-size (%d) times the %d "
               "data-parallel processes", c->global_batch, c->micro_batch, W);
     t->dist = d && d->world_size > 1 ? d : NULL;
+    if (t->dist && t->gpu)
+        return moe_set_error(MOE_ERR_INVALID, "data and expert parallelism run on the CPU so far "
+                             "(--device cpu)");
     return t->dist ? plan_buckets(t) : MOE_OK;
 }
 
@@ -330,10 +348,15 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
         MOE_TRY(reduce_grads(t));
     }
     s.loss = s.nll + s.aux + s.z;
-    float *p = moe_model_params(m), *g = moe_model_grads(m);
-    inject_faults(t, t->step + 1, &s, g);
+    float g0 = inject_faults(t, t->step + 1, &s);
     double ss;
-    MOE_TRY(grad_sumsq(t, &ss));
+    if (t->gpu) {
+        if (g0 != 0) MOE_TRY(moe_model_gpu_set_grad(m, 0, g0));
+        MOE_TRY(moe_model_gpu_grad_sumsq(m, &ss));
+    } else {
+        if (g0 != 0) moe_model_grads(m)[0] = g0;
+        MOE_TRY(grad_sumsq(t, &ss));
+    }
     s.grad_norm = sqrt(ss);
     s.lr = moe_train_lr(c, t->step);
     if (!isfinite(s.grad_norm) || !isfinite(s.loss)) {
@@ -362,6 +385,13 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     float lr = (float)s.lr, b1 = c->beta1, b2 = c->beta2, wd = c->weight_decay, eps = c->adam_eps;
     float bc1 = (float)(1.0 - pow(c->beta1, t->step + 1)), bc2 = (float)(1.0 - pow(c->beta2, t->step + 1));
     float *am = t->adam_m, *av = t->adam_v;
+    if (t->gpu) { /* the same update on the GPU */
+        moe_cuda_adamw h = {clip, lr, b1, b2, wd, eps, bc1, bc2};
+        MOE_TRY(moe_model_gpu_adamw(m, am, av, t->adam_where == 1, &h));
+        t->adam_where = 2;
+        goto updated;
+    }
+    float *p = moe_model_params(m), *g = moe_model_grads(m);
     /* The tensors tile [0, n): one parallel region over all of it, each thread its share of
      * every tensor it meets (most tensors of a small model are too short to split alone). The
      * update zeroes each gradient once it has read it, which saves the next step a pass over
@@ -387,6 +417,7 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
             }
         }
     }
+updated:
     t->grads_zero = 1;
     for (int l = 0; l < mc->n_layers; l++) {
         moe_layer *ml = moe_model_moe_layer(m, l);
@@ -426,8 +457,22 @@ const int64_t *moe_trainer_layer_load(const moe_trainer *t, int l, int *n_expert
     return *n_experts ? t->load + t->load_off[l] : NULL;
 }
 
-float *moe_trainer_adam_m(moe_trainer *t) { return t->adam_m; }
-float *moe_trainer_adam_v(moe_trainer *t) { return t->adam_v; }
+/* On the GPU the moments come back when asked for; the host's copy is then the newer one (the
+ * caller may write it: a checkpoint load). */
+static void adam_to_host(moe_trainer *t) {
+    if (t->gpu && t->adam_where == 2 &&
+        moe_model_gpu_adam_out(t->model, t->adam_m, t->adam_v) == MOE_OK)
+        t->adam_where = 0;
+    if (t->gpu) t->adam_where = 1;
+}
+float *moe_trainer_adam_m(moe_trainer *t) {
+    adam_to_host(t);
+    return t->adam_m;
+}
+float *moe_trainer_adam_v(moe_trainer *t) {
+    adam_to_host(t);
+    return t->adam_v;
+}
 void moe_trainer_set_step(moe_trainer *t, int step) { t->step = step; }
 int moe_trainer_bad_streak(const moe_trainer *t) { return t->bad_streak; }
 void moe_trainer_set_bad_streak(moe_trainer *t, int n) { t->bad_streak = n; }
