@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# README command 2: install what is missing, build (gcc Release, gcc ASan+UBSan, clang without
-# MPI), and run the whole test suite.
+# README command 2: install what is missing, build (gcc Release with CUDA where nvcc is found,
+# gcc ASan+UBSan, clang without MPI or CUDA), and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 start=$(date +%s)
 echo "== gcc Release build"
 bash scripts/build.sh build
-echo "== clang build without MPI, library, tool and tests (warnings are errors)"
-CC=clang bash scripts/build.sh build-clang -DMOE_MPI=OFF
+echo "== clang build without MPI or CUDA, library, tool and tests (warnings are errors)"
+CC=clang bash scripts/build.sh build-clang -DMOE_MPI=OFF -DMOE_CUDA=OFF
 echo "== gcc ASan+UBSan build"
 bash scripts/build.sh build-asan -DCMAKE_BUILD_TYPE=Debug -DMOE_SANITIZE=ON
 echo "== tests (Release)"

@@ -4,7 +4,8 @@
 # (MOE_NATIVE=OFF) and OpenBLAS runs its AVX2 kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/build.sh build-valgrind -DMOE_NATIVE=OFF -DMOE_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+bash scripts/build.sh build-valgrind -DMOE_NATIVE=OFF -DMOE_BUILD_TESTS=OFF -DMOE_CUDA=OFF \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 ./build-valgrind/moe prepare --out "$tmp/data" README.md docs >/dev/null
 tiny=(--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
