@@ -9,7 +9,7 @@
  * before or after the softmax, renormalisation, route_scale, group-limited routing, the
  * selection bias, the aux loss (micro-batch and per sequence) and the z-loss, dropless dispatch,
  * every activation, fp32 or bf16 experts (expert_bf16: bf16 operands, fp32 accumulation, fp32
- * master weights), a token mask. moe_cuda_layer_create refuses the rest by name. Results are
+ * master weights), a shared expert with or without its gate, a token mask. moe_cuda_layer_create refuses the rest by name. Results are
  * deterministic: every reduction has a fixed order (no floating-point atomics). */
 #ifndef MOE_CUDA_H
 #define MOE_CUDA_H

@@ -239,6 +239,19 @@ static void test_scores(void **state) {
     compare(c, "switch top-1, silu", 0, 0, 0, 1e-5);
 }
 
+/* A shared expert beside the routed ones (DeepSeek, Qwen2-MoE), with and without its sigmoid
+ * gate, masked tokens. */
+static void test_shared(void **state) {
+    (void)state;
+    moe_layer_config c = small();
+    c.shared_ffn = 40, c.aux_coeff = 0.01f, c.lb_type = MOE_LB_AUX;
+    compare(c, "shared expert", 0, 0, 0, 1e-5);
+    c.shared_gate = 1, c.act = MOE_ACT_GEGLU;
+    compare(c, "gated shared expert, geglu, mask", 0, 0, 1, 1e-5);
+    c.expert_bf16 = 1;
+    compare(c, "the same, bf16 experts", 0, 0, 1, 1e-2);
+}
+
 static void test_refused(void **state) {
     (void)state;
     moe_layer_config c = small();
@@ -248,9 +261,9 @@ static void test_refused(void **state) {
     assert_null(L);
     assert_non_null(strstr(moe_last_error(), "capacity"));
     c = small();
-    c.shared_ffn = 32;
+    c.shared_ffn = 32, c.residual = 1;
     assert_int_equal(moe_cuda_layer_create(&c, 64, NULL, NULL, &L), MOE_ERR_INVALID);
-    assert_non_null(strstr(moe_last_error(), "shared"));
+    assert_non_null(strstr(moe_last_error(), "Residual"));
 }
 
 int main(void) {
@@ -262,6 +275,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_mixtral),
                                        cmocka_unit_test(test_deepseek),
                                        cmocka_unit_test(test_scores),
+                                       cmocka_unit_test(test_shared),
                                        cmocka_unit_test(test_refused)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -99,6 +99,8 @@ static void test_against_cpu(void **state) {
     }
     for (int tied = 0; tied < 2; tied++) {
         c.tie_embeddings = tied;
+        c.moe.shared_ffn = tied ? 24 : 0; /* and a gated shared expert */
+        c.moe.shared_gate = tied;
         run_out cpu, gpu, again;
         run(&c, 0, seed, tok, tgt, B, S, &cpu);
         run(&c, 1, seed, tok, tgt, B, S, &gpu);
@@ -133,8 +135,9 @@ static void test_against_cpu(void **state) {
                 fail_msg("%s: the GPU's gradient differs by %.3g of its largest entry", t->name,
                          e / mx);
         }
-        printf("%s embeddings: nll %.3g aux %.3g z %.3g relative; gradients within %.3g (%s)\n",
-               tied ? "tied" : "separate", en, ea, ez, worst, worst_name);
+        printf("%s: nll %.3g aux %.3g z %.3g relative; gradients within %.3g (%s)\n",
+               tied ? "tied embeddings, gated shared expert" : "separate embeddings", en, ea, ez,
+               worst, worst_name);
         run(&c, 1, seed, tok, tgt, B, S, &again); /* bitwise repeatable */
         assert_memory_equal(again.grads, gpu.grads, moe_model_param_count(m) * sizeof(float));
         assert_true(again.loss.nll == gpu.loss.nll);

@@ -230,12 +230,16 @@ static int bench_layer_cuda(moe_options *o, int json) {
     /* the dense ceiling: the layer's GEMMs with every routed row in one expert */
     const moe_layer_stats *ls = moe_cuda_layer_get_stats(L);
     int M = (int)ls->routed, d = c->d, f = c->ffn, E = c->n_experts;
-    int gf = c->act == MOE_ACT_SWIGLU || c->act == MOE_ACT_GEGLU ? 2 * f : f;
-    const int shapes[9][6] = {{0, 1, M, gf, d, b16}, {0, 1, M, d, f, b16}, {1, 0, d, f, M, b16},
-                              {0, 0, M, f, d, b16},  {1, 0, gf, d, M, b16}, {0, 0, M, d, gf, b16},
-                              {0, 1, T, E, d, 0},    {1, 0, E, d, T, 0},    {0, 0, T, d, E, 0}};
+    int gated = c->act == MOE_ACT_SWIGLU || c->act == MOE_ACT_GEGLU;
+    int gf = gated ? 2 * f : f, fs = c->shared_ffn, gs = gated ? 2 * fs : fs;
+    /* the experts' six, the router's three (fp32), the shared expert's six */
+    const int shapes[15][6] = {{0, 1, M, gf, d, b16}, {0, 1, M, d, f, b16}, {1, 0, d, f, M, b16},
+                               {0, 0, M, f, d, b16},  {1, 0, gf, d, M, b16}, {0, 0, M, d, gf, b16},
+                               {0, 1, T, E, d, 0},    {1, 0, E, d, T, 0},    {0, 0, T, d, E, 0},
+                               {0, 1, T, gs, d, b16}, {0, 1, T, d, fs, b16}, {1, 0, d, fs, T, b16},
+                               {0, 0, T, fs, d, b16}, {1, 0, gs, d, T, b16}, {0, 0, T, d, gs, b16}};
     double t_dense = 0;
-    for (int i = 0; i < 9; i++) {
+    for (int i = 0; i < (fs > 0 ? 15 : 9); i++) {
         const int *q = shapes[i];
         t_dense += moe_cuda_gemm_seconds(q[0], q[1], q[2], q[3], q[4], q[5], 5);
     }
@@ -256,12 +260,12 @@ static int bench_layer_cuda(moe_options *o, int json) {
             printf("%s\"%s\":%.4f", i ? "," : "", moe_stage_name((moe_stage)i), 1e3 * st[i] / iters);
         printf("}}\n");
     } else {
-        printf("moe bench layer --device cuda: T=%d d=%d f=%d E=%d k=%d, experts in %s\n", T, d, f,
-               E, c->topk, b16 ? "bf16 (fp32 accumulation)" : "fp32");
+        printf("moe bench layer --device cuda: T=%d d=%d f=%d E=%d k=%d shared=%d, experts in %s\n",
+               T, d, f, E, c->topk, fs, b16 ? "bf16 (fp32 accumulation)" : "fp32");
         printf("GPU: %s\n", moe_cuda_device_name());
-        printf("ceiling: cuBLAS %s, this run: the layer's GEMMs over all %d routed rows as one "
-               "expert = %.1f TFLOP/s; %d^3 = %.1f TFLOP/s\n", b16 ? "bf16" : "fp32", M,
-               1e-12 * dense, sq, 1e-12 * square);
+        printf("ceiling: cuBLAS, this run: the layer's GEMMs over all %d routed rows as one "
+               "expert (%s; the router's in fp32) = %.1f TFLOP/s; %s %d^3 = %.1f TFLOP/s\n", M,
+               b16 ? "bf16" : "fp32", 1e-12 * dense, b16 ? "bf16" : "fp32", sq, 1e-12 * square);
         double total = t_fwd + t_bwd;
         printf("%-20s %10s %7s\n", "stage", "ms/call", "share");
         for (int i = 0; i < MOE_STAGE_COUNT; i++)

@@ -29,8 +29,8 @@ extern "C" {
 /* ---- the layer ------------------------------------------------------------------------- */
 
 enum { EV_F0, EV_F_ROUTER, EV_F_BALANCE, EV_F_PERMUTE, EV_F_GEMM1, EV_F_ACT, EV_F_GEMM2,
-       EV_F_COMBINE, EV_B0, EV_B_GATHER, EV_B_GEMM1, EV_B_ACT, EV_B_GEMM2, EV_B_SCATTER,
-       EV_B_ROUTER, EV_COUNT };
+       EV_F_COMBINE, EV_F_SHARED, EV_B0, EV_B_SHARED, EV_B_GATHER, EV_B_GEMM1, EV_B_ACT,
+       EV_B_GEMM2, EV_B_SCATTER, EV_B_ROUTER, EV_COUNT };
 
 struct moe_cuda_layer {
     moe_layer_config cfg;
@@ -84,6 +84,17 @@ struct moe_cuda_layer {
     float *dh;                   /* [R, gf] (fp32 experts) */
     bf16 *dh16;                  /* [R, gf] (bf16 experts) */
     double *dw_row;              /* [R] */
+    /* the shared expert (shared_ffn fs > 0; gs = 2 fs gated, else fs) */
+    float *sh_h;                 /* [T, gs] */
+    float *sh_a;                 /* [T, fs] */
+    float *sh_y;                 /* [T, d] its output before the gate */
+    float *sh_g;                 /* [T] sigmoid(x . g) (shared_gate) */
+    float *sh_ds;                /* [T, d] dL/d sh_y */
+    float *sh_da;                /* [T, fs] */
+    float *sh_dh;                /* [T, gs] */
+    double *sh_dlogit;           /* [T] dL/d (x . g) */
+    bf16 *sh_x16, *sh_a16, *sh_ds16, *sh_dh16; /* [T, d], [T, fs], [T, d], [T, gs] (b16) */
+    bf16 *sh_w_in16, *sh_w_out16;              /* [gs, d], [d, fs] (b16) */
 
     /* host copies */
     int32_t *h_off;              /* [E+1] */
@@ -113,7 +124,12 @@ static void free_workspace(moe_cuda_layer *L) {
                     (void **)&L->row_slot, (void **)&L->sort_tmp, (void **)&L->row_w,
                     (void **)&L->xp, (void **)&L->x16, (void **)&L->h, (void **)&L->a,
                     (void **)&L->a16, (void **)&L->y, (void **)&L->dy16, (void **)&L->da,
-                    (void **)&L->dh, (void **)&L->dh16, (void **)&L->dw_row};
+                    (void **)&L->dh, (void **)&L->dh16, (void **)&L->dw_row,
+                    (void **)&L->sh_h, (void **)&L->sh_a, (void **)&L->sh_y, (void **)&L->sh_g,
+                    (void **)&L->sh_ds, (void **)&L->sh_da, (void **)&L->sh_dh,
+                    (void **)&L->sh_dlogit, (void **)&L->sh_x16, (void **)&L->sh_a16,
+                    (void **)&L->sh_ds16, (void **)&L->sh_dh16, (void **)&L->sh_w_in16,
+                    (void **)&L->sh_w_out16};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) {
         cudaFree(*dev[i]);
         *dev[i] = NULL;
@@ -132,6 +148,7 @@ static moe_status alloc_workspace(moe_cuda_layer *L, int k) {
     free_workspace(L);
     size_t T = (size_t)L->max_tokens, E = (size_t)E_, d = (size_t)L->cfg.d;
     size_t f = (size_t)L->cfg.ffn, gf = (size_t)L->gf, S = T * (size_t)k, R = S;
+    size_t fs = (size_t)L->cfg.shared_ffn, gs = moe_act_gated(L->cfg.act) ? 2 * fs : fs;
     int b16 = L->b16;
     struct {
         void **p;
@@ -173,6 +190,20 @@ static moe_status alloc_workspace(moe_cuda_layer *L, int k) {
         {(void **)&L->dh, b16 ? 0 : R * gf * 4},
         {(void **)&L->dh16, b16 ? R * gf * 2 : 0},
         {(void **)&L->dw_row, R * 8},
+        {(void **)&L->sh_h, T * gs * 4},
+        {(void **)&L->sh_a, T * fs * 4},
+        {(void **)&L->sh_y, fs ? T * d * 4 : 0},
+        {(void **)&L->sh_g, L->cfg.shared_gate ? T * 4 : 0},
+        {(void **)&L->sh_ds, fs ? T * d * 4 : 0},
+        {(void **)&L->sh_da, T * fs * 4},
+        {(void **)&L->sh_dh, T * gs * 4},
+        {(void **)&L->sh_dlogit, L->cfg.shared_gate ? T * 8 : 0},
+        {(void **)&L->sh_x16, b16 && fs ? T * d * 2 : 0},
+        {(void **)&L->sh_a16, b16 ? T * fs * 2 : 0},
+        {(void **)&L->sh_ds16, b16 && fs ? T * d * 2 : 0},
+        {(void **)&L->sh_dh16, b16 ? T * gs * 2 : 0},
+        {(void **)&L->sh_w_in16, b16 ? gs * d * 2 : 0},
+        {(void **)&L->sh_w_out16, b16 ? d * fs * 2 : 0},
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         if (want[i].bytes == 0) continue;
@@ -208,7 +239,7 @@ static moe_status check_supported(const moe_layer_config *c) {
     else if (c->capacity_factor != 0 || c->pad_to_capacity) no = "capacity factors (token dropping)";
     else if (c->random_routing) no = "random routing";
     else if (c->jitter_eps > 0) no = "input jitter";
-    else if (c->shared_ffn > 0 || c->residual) no = "shared experts and Residual-MoE";
+    else if (c->residual) no = "Residual-MoE";
     else if (c->expert_bias) no = "biases in the expert layers";
     else if (c->ep_size > 1) no = "expert parallelism";
     else if (c->router_fp64) no = "the float64 router";
@@ -522,6 +553,119 @@ __global__ static void k_combine(int d, int k, const int32_t *slot_row, const fl
     }
 }
 
+/* ---- the shared expert ------------------------------------------------------------------ */
+
+/* g[t] = sigmoid(x_t . w) (the dot product in float64, a fixed order). */
+__global__ static void k_gate(int d, const float *x, const float *w, float *g) {
+    __shared__ double sh[BLOCK];
+    int t = blockIdx.x;
+    double s = 0;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += (double)x[(size_t)t * d + i] * w[i];
+    s = moe_cuda_block_sum(s, sh);
+    if (threadIdx.x == 0) g[t] = (float)(1.0 / (1.0 + exp(-s)));
+}
+
+/* out[t] += g_t y[t] (g NULL: 1), or 0 for a masked token. */
+__global__ static void k_add_shared(int d, const float *y, const float *g, const uint8_t *mask,
+                                    float *out) {
+    int t = blockIdx.x;
+    float gt = g ? g[t] : 1.0f;
+    int valid = !mask || mask[t];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        size_t j = (size_t)t * d + i;
+        out[j] = valid ? out[j] + gt * y[j] : 0.0f;
+    }
+}
+
+/* ds[t] = g_t dout[t] (0 for masked tokens); with a gate, dlogit[t] = (dout_t . y_t) g (1-g). */
+__global__ static void k_shared_ds(int d, const float *dout, const float *y, const float *g,
+                                   const uint8_t *mask, float *ds, double *dlogit) {
+    __shared__ double sh[BLOCK];
+    int t = blockIdx.x;
+    int valid = !mask || mask[t];
+    float gt = g ? g[t] : 1.0f;
+    double dg = 0;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        size_t j = (size_t)t * d + i;
+        ds[j] = valid ? gt * dout[j] : 0.0f;
+        if (valid) dg += (double)dout[j] * y[j];
+    }
+    if (!g) return;
+    dg = moe_cuda_block_sum(dg, sh);
+    if (threadIdx.x == 0) dlogit[t] = valid ? dg * gt * (1.0 - gt) : 0.0;
+}
+
+/* The gate's weight gradient gw[i] += sum_t dlogit_t x[t, i] (tokens in order) and
+ * dx[t, i] += dlogit_t w[i]. */
+__global__ static void k_gate_backward(int T, int d, const double *dlogit, const float *x,
+                                       const float *w, float *gw, float *dx) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= d) return;
+    double s = 0;
+    for (int t = 0; t < T; t++) {
+        s += dlogit[t] * x[(size_t)t * d + i];
+        dx[(size_t)t * d + i] += (float)(dlogit[t] * w[i]);
+    }
+    gw[i] += (float)s;
+}
+
+/* The shared expert's MLP (every token, weight 1) and its gate, added into out; with bf16
+ * experts its GEMMs take bf16 operands too. */
+static moe_status shared_forward(moe_cuda_layer *L, float *out, const float *x, int T,
+                                 const uint8_t *mask) {
+    const moe_layer_config *c = &L->cfg;
+    int d = c->d, fs = c->shared_ffn, gs = moe_act_gated(c->act) ? 2 * fs : fs, b = L->b16;
+    const void *xin = x, *w_in = L->p.shared_w_in, *w_out = L->p.shared_w_out, *a = L->sh_a;
+    if (b) {
+        MOE_TRY(moe_cuda_to_bf16((size_t)T * d, x, L->sh_x16));
+        MOE_TRY(moe_cuda_to_bf16((size_t)gs * d, L->p.shared_w_in, L->sh_w_in16));
+        MOE_TRY(moe_cuda_to_bf16((size_t)d * fs, L->p.shared_w_out, L->sh_w_out16));
+        xin = L->sh_x16, w_in = L->sh_w_in16, w_out = L->sh_w_out16, a = L->sh_a16;
+    }
+    BLAS_TRY(moe_cuda_gemm(L->blas, 0, 1, T, gs, d, xin, d, w_in, d, 0, L->sh_h, gs, b),
+             "shared x W_in");
+    MOE_TRY(moe_cuda_act_forward(c->act, T, fs, L->sh_h, NULL, L->sh_a, b ? L->sh_a16 : NULL));
+    BLAS_TRY(moe_cuda_gemm(L->blas, 0, 1, T, d, fs, a, fs, w_out, fs, 0, L->sh_y, d, b),
+             "shared a W_out");
+    if (c->shared_gate) k_gate<<<T, BLOCK>>>(d, x, L->p.shared_gate_w, L->sh_g);
+    k_add_shared<<<T, BLOCK>>>(d, L->sh_y, c->shared_gate ? L->sh_g : NULL, mask, out);
+    CU_TRY(cudaGetLastError(), "the shared expert");
+    return MOE_OK;
+}
+
+/* Its backward: weight gradients, and dx += its input gradient. */
+static moe_status shared_backward(moe_cuda_layer *L, float *dx, const float *dout,
+                                  const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    int T = L->T, d = c->d, fs = c->shared_ffn, gs = moe_act_gated(c->act) ? 2 * fs : fs;
+    int b = L->b16;
+    const uint8_t *mask = L->Tv < T ? L->mask : NULL;
+    cublasHandle_t h = L->blas;
+    k_shared_ds<<<T, BLOCK>>>(d, dout, L->sh_y, c->shared_gate ? L->sh_g : NULL, mask, L->sh_ds,
+                              L->sh_dlogit);
+    if (c->shared_gate)
+        k_gate_backward<<<moe_cuda_blocks(d, BLOCK), BLOCK>>>(T, d, L->sh_dlogit, x,
+                                                             L->p.shared_gate_w,
+                                                             L->g.shared_gate_w, dx);
+    CU_TRY(cudaGetLastError(), "the shared expert's backward");
+    const void *xin = x, *w_in = L->p.shared_w_in, *w_out = L->p.shared_w_out, *a = L->sh_a;
+    const void *ds = L->sh_ds, *dh = L->sh_dh;
+    if (b) {
+        MOE_TRY(moe_cuda_to_bf16((size_t)T * d, L->sh_ds, L->sh_ds16));
+        xin = L->sh_x16, w_in = L->sh_w_in16, w_out = L->sh_w_out16, a = L->sh_a16;
+        ds = L->sh_ds16, dh = L->sh_dh16;
+    }
+    BLAS_TRY(moe_cuda_gemm(h, 1, 0, d, fs, T, ds, d, a, fs, 1, L->g.shared_w_out, fs, b),
+             "shared dW_out");
+    BLAS_TRY(moe_cuda_gemm(h, 0, 0, T, fs, d, ds, d, w_out, fs, 0, L->sh_da, fs, b), "shared da");
+    MOE_TRY(moe_cuda_act_backward(c->act, T, fs, L->sh_h, NULL, L->sh_da, L->sh_dh,
+                                  b ? L->sh_dh16 : NULL, NULL));
+    BLAS_TRY(moe_cuda_gemm(h, 1, 0, gs, d, T, dh, gs, xin, d, 1, L->g.shared_w_in, d, b),
+             "shared dW_in");
+    BLAS_TRY(moe_cuda_gemm(h, 0, 0, T, d, gs, dh, gs, w_in, d, 1, dx, d, b), "shared dx");
+    return MOE_OK;
+}
+
 /* ---- forward ----------------------------------------------------------------------------- */
 
 static void mark(moe_cuda_layer *L, int ev) {
@@ -686,6 +830,8 @@ extern "C" moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, cons
     mark(L, EV_F_GEMM2);
     k_combine<<<T, BLOCK>>>(d, k, L->slot_row, L->y, out, 0);
     mark(L, EV_F_COMBINE);
+    if (c->shared_ffn > 0) MOE_TRY(shared_forward(L, out, x, T, mask));
+    mark(L, EV_F_SHARED);
     CU_TRY(cudaGetLastError(), "the layer's forward");
     fill_stats(L, losses);
     L->have_forward = 1;
@@ -787,6 +933,8 @@ extern "C" moe_status moe_cuda_layer_backward(moe_cuda_layer *L, float *dx, cons
         return moe_set_error(MOE_ERR_INVALID, "moe_cuda_layer_backward: dx, dout and x must not be NULL");
     int T = L->T, k = L->k, E = c->n_experts, d = c->d, f = c->ffn, R = L->h_off[E];
     mark(L, EV_B0);
+    if (c->shared_ffn > 0) MOE_TRY(shared_backward(L, dx, dout, x));
+    mark(L, EV_B_SHARED);
     if (R > 0) {
         if (L->b16) k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, dout, L->dy16);
         else k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, dout, L->y);
@@ -829,7 +977,10 @@ extern "C" moe_status moe_cuda_layer_backward(moe_cuda_layer *L, float *dx, cons
         s[MOE_STAGE_EXPERT_GEMM] += elapsed(L, EV_F_PERMUTE, EV_F_GEMM1) + elapsed(L, EV_F_ACT, EV_F_GEMM2);
         s[MOE_STAGE_ACTIVATION] += elapsed(L, EV_F_GEMM1, EV_F_ACT);
         s[MOE_STAGE_COMBINE] += elapsed(L, EV_F_GEMM2, EV_F_COMBINE);
-        s[MOE_STAGE_BWD_PERMUTE] += elapsed(L, EV_B0, EV_B_GATHER) + elapsed(L, EV_B_GEMM2, EV_B_SCATTER);
+        s[MOE_STAGE_SHARED] += elapsed(L, EV_F_COMBINE, EV_F_SHARED);
+        s[MOE_STAGE_BWD_SHARED] += elapsed(L, EV_B0, EV_B_SHARED);
+        s[MOE_STAGE_BWD_PERMUTE] += elapsed(L, EV_B_SHARED, EV_B_GATHER) +
+                                    elapsed(L, EV_B_GEMM2, EV_B_SCATTER);
         s[MOE_STAGE_BWD_EXPERT_GEMM] += elapsed(L, EV_B_GATHER, EV_B_GEMM1) + elapsed(L, EV_B_ACT, EV_B_GEMM2);
         s[MOE_STAGE_BWD_ACTIVATION] += elapsed(L, EV_B_GEMM1, EV_B_ACT);
         s[MOE_STAGE_BWD_ROUTER] += elapsed(L, EV_B_SCATTER, EV_B_ROUTER);

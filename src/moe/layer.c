@@ -99,6 +99,13 @@ static size_t plan_workspace(moe_layer *L, char *base, int Tm, int k) {
     st->a16 = moe_arena_take(&a, b16 * R * f, sizeof(uint16_t));
     st->dy16 = moe_arena_take(&a, b16 * R * d, sizeof(uint16_t));
     st->dh16 = moe_arena_take(&a, b16 * R * gf, sizeof(uint16_t));
+    size_t sb = b16 && fs; /* the shared expert's, when it runs in bf16 too */
+    st->sh_w_in16 = moe_arena_take(&a, sb * gs * d, sizeof(uint16_t));
+    st->sh_w_out16 = moe_arena_take(&a, sb * d * fs, sizeof(uint16_t));
+    st->sh_x16 = moe_arena_take(&a, sb * T * d, sizeof(uint16_t));
+    st->sh_a16 = moe_arena_take(&a, sb * T * fs, sizeof(uint16_t));
+    st->sh_dy16 = moe_arena_take(&a, sb * T * d, sizeof(uint16_t));
+    st->sh_dh16 = moe_arena_take(&a, sb * T * gs, sizeof(uint16_t));
     return a.used;
 }
 
@@ -190,12 +197,29 @@ void moe_layer_init_params(moe_layer *L, uint64_t seed, float std) {
 
 static int token_valid(const moe_fwd_state *st, int t) { return !st->mask || st->mask[t]; }
 
+/* The shared expert's bf16 operands with bf16 experts (its weights converted by the forward),
+ * else NULL. */
+static const moe_mlp_bf16 *shared_bf16(const moe_layer *L, moe_mlp_bf16 *b) {
+    const moe_fwd_state *st = &L->st;
+    if (!L->cfg.expert_bf16) return NULL;
+    *b = (moe_mlp_bf16){st->sh_w_in16, st->sh_w_out16, st->sh_x16, st->sh_a16, st->sh_dy16,
+                        st->sh_dh16};
+    return b;
+}
+
 static void shared_forward(moe_layer *L, const float *x) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
-    int T = st->T, d = c->d;
-    moe_mlp_forward(c->act, T, d, c->shared_ffn, x, L->p.shared_w_in, L->p.shared_b_in,
-                    L->p.shared_w_out, L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->sh_y, NULL, NULL);
+    int T = st->T, d = c->d, fs = c->shared_ffn;
+    size_t gs = (size_t)(moe_act_gated(c->act) ? 2 * fs : fs);
+    moe_mlp_bf16 b16;
+    const moe_mlp_bf16 *b = shared_bf16(L, &b16);
+    if (b) {
+        moe_f32_to_bf16(L->p.shared_w_in, st->sh_w_in16, gs * (size_t)d);
+        moe_f32_to_bf16(L->p.shared_w_out, st->sh_w_out16, (size_t)d * fs);
+    }
+    moe_mlp_forward(c->act, T, d, fs, x, L->p.shared_w_in, L->p.shared_b_in, L->p.shared_w_out,
+                    L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->sh_y, NULL, b);
     if (c->shared_gate) {
         for (int t = 0; t < T; t++) {
             double s = 0;
@@ -395,10 +419,11 @@ static void shared_backward(moe_layer *L, float *dx, const float *dout, const fl
             memcpy(ds, g, sizeof(float) * (size_t)d);
         }
     }
+    moe_mlp_bf16 b16;
     moe_mlp_backward(c->act, T, d, c->shared_ffn, x, L->p.shared_w_in, L->p.shared_w_out,
                      L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->ds, st->tmp_td,
                      L->g.shared_w_in, L->g.shared_b_in, L->g.shared_w_out, L->g.shared_b_out,
-                     NULL, st->sh_dh, st->sh_da, NULL, NULL, MOE_MLP_BWD_ALL);
+                     NULL, st->sh_dh, st->sh_da, NULL, shared_bf16(L, &b16), MOE_MLP_BWD_ALL);
     for (size_t i = 0; i < (size_t)T * d; i++) dx[i] += st->tmp_td[i];
 }
 

@@ -108,6 +108,13 @@ typedef struct {
     uint16_t *a16;         /* [R, f] */
     uint16_t *dy16;        /* [R, d] */
     uint16_t *dh16;        /* [R, gf] */
+    /* the shared expert's bf16 operands (expert_bf16) */
+    uint16_t *sh_w_in16;   /* [gs, d] */
+    uint16_t *sh_w_out16;  /* [d, fs] */
+    uint16_t *sh_x16;      /* [T, d] */
+    uint16_t *sh_a16;      /* [T, fs] */
+    uint16_t *sh_dy16;     /* [T, d] */
+    uint16_t *sh_dh16;     /* [T, gs] */
 } moe_fwd_state;
 
 struct moe_layer {
