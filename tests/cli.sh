@@ -44,4 +44,6 @@ else
   grep -q "CUDA" "$tmp/out" || fail "bench train --device cuda: $(cat "$tmp/out")"
 fi
 expect 2 "$moe" bench train --device tpu
+expect 2 "$moe" demo --device cuda
+grep -q "runs on the CPU" "$tmp/out" || fail "demo --device cuda: $(cat "$tmp/out")"
 echo "cli ok"

@@ -153,8 +153,11 @@ while [ $i -lt 60 ]; do
   "$moe" train $tiny --train-iters 100000 --save "$run" --save-interval 1 --keep-last 2 \
     --log-interval 1000 $load >"$tmp/kill.out" 2>&1 &
   pid=$!
-  # 20 to 300 ms: start-up, loading, training steps and saves all get hit
-  sleep "0.$(printf '%03d' $(( ($(od -An -N2 -tu2 /dev/urandom) % 280) + 20 )))"
+  # 20 to 300 ms: start-up, loading, training steps and saves all get hit; up to 2 s while no
+  # checkpoint exists yet (a loaded machine, a sanitizer build: start-up alone can take 300 ms)
+  span=280; [ -f "$run/latest" ] || span=1980
+  ms=$(( ($(od -An -N2 -tu2 /dev/urandom) % span) + 20 ))
+  sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
   kill -9 $pid 2>/dev/null && kills=$((kills + 1))
   wait $pid 2>/dev/null
   if [ -f "$run/latest" ]; then

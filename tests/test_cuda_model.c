@@ -216,6 +216,70 @@ static void test_training(void **state) {
     free(data);
 }
 
+/* A second trainer on the same GPU model starts from zero moments, as a fresh model with the
+ * same parameters does; the model stays on the GPU while a trainer holds it, and comes back
+ * to the CPU with the trained parameters after. */
+static void test_trainer_lifecycle(void **state) {
+    (void)state;
+    moe_model_config c = small_config();
+    c.n_layers = 2;
+    moe_train_config tc = moe_train_config_default();
+    tc.micro_batch = 2, tc.global_batch = 2, tc.lr = 3e-3f, tc.warmup_iters = 0;
+    tc.train_iters = 4;
+    uint64_t seed = tu_seed();
+    int n_tok = 8000;
+    uint32_t *data = malloc(sizeof(uint32_t) * (size_t)n_tok);
+    for (int i = 0; i < n_tok; i++) data[i] = (uint32_t)(moe_rng_u64(seed, 4, (uint64_t)i) % 97);
+    moe_tokens toks = {.tokens = data, .n_tokens = n_tok, .vocab = 257, .eot = 0};
+    moe_model *m, *fresh;
+    moe_trainer *t;
+    moe_step_metrics mt;
+    size_t np;
+    assert_int_equal(moe_model_create(&c, tc.micro_batch * c.seq_len, &m), MOE_OK);
+    assert_int_equal(moe_model_use_device(m, "cuda"), MOE_OK);
+    moe_model_init_params(m, seed);
+    np = moe_model_param_count(m);
+    assert_int_equal(moe_trainer_create(m, &tc, &toks, NULL, &t), MOE_OK);
+    for (int s = 0; s < 2; s++) assert_int_equal(moe_trainer_step(t, &mt), MOE_OK);
+    assert_int_equal(moe_model_use_device(m, "cpu"), MOE_ERR_STATE); /* a trainer holds it */
+    moe_trainer_destroy(t);
+    float *trained = malloc(np * sizeof(float)), bias[2][8];
+    memcpy(trained, moe_model_params(m), np * sizeof(float));
+    for (int l = 0; l < c.n_layers; l++) /* and the selection biases A's steps moved */
+        if (moe_model_moe_layer(m, l))
+            memcpy(bias[l], moe_layer_expert_bias(moe_model_moe_layer(m, l)), sizeof bias[l]);
+    double loss[2][2];
+    assert_int_equal(moe_trainer_create(m, &tc, &toks, NULL, &t), MOE_OK);
+    for (int s = 0; s < 2; s++) {
+        assert_int_equal(moe_trainer_step(t, &mt), MOE_OK);
+        loss[0][s] = mt.loss;
+    }
+    moe_trainer_destroy(t);
+    assert_int_equal(moe_model_create(&c, tc.micro_batch * c.seq_len, &fresh), MOE_OK);
+    assert_int_equal(moe_model_use_device(fresh, "cuda"), MOE_OK);
+    memcpy(moe_model_params(fresh), trained, np * sizeof(float));
+    for (int l = 0; l < c.n_layers; l++)
+        if (moe_model_moe_layer(fresh, l))
+            memcpy(moe_layer_expert_bias(moe_model_moe_layer(fresh, l)), bias[l], sizeof bias[l]);
+    assert_int_equal(moe_trainer_create(fresh, &tc, &toks, NULL, &t), MOE_OK);
+    for (int s = 0; s < 2; s++) {
+        assert_int_equal(moe_trainer_step(t, &mt), MOE_OK);
+        loss[1][s] = mt.loss;
+    }
+    moe_trainer_destroy(t);
+    for (int s = 0; s < 2; s++)
+        if (loss[0][s] != loss[1][s])
+            fail_msg("second trainer, step %d: loss %.9g, a fresh model's %.9g", s + 1, loss[0][s],
+                     loss[1][s]);
+    /* back on the CPU with what the GPU trained */
+    memcpy(trained, moe_model_params(fresh), np * sizeof(float));
+    assert_int_equal(moe_model_use_device(fresh, "cpu"), MOE_OK);
+    assert_memory_equal(moe_model_params(fresh), trained, np * sizeof(float));
+    moe_model_destroy(m);
+    moe_model_destroy(fresh);
+    free(trained), free(data);
+}
+
 /* Evaluation logits and generation (moe_model_decode: the GPU recomputes the prefix instead of
  * keeping a KV cache) against the CPU's. */
 static void test_decode(void **state) {
@@ -282,6 +346,7 @@ int main(void) {
     printf("GPU: %s\n", moe_cuda_device_name());
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_against_cpu),
                                        cmocka_unit_test(test_training),
+                                       cmocka_unit_test(test_trainer_lifecycle),
                                        cmocka_unit_test(test_decode),
                                        cmocka_unit_test(test_refused)};
     return cmocka_run_group_tests(tests, NULL, NULL);

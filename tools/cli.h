@@ -27,6 +27,8 @@ int moe_cmd_bench(int argc, char **argv);
  * checkpoint directory), then the command line's flags; validated for a model and training.
  * Returns an exit code (0 ok). */
 int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t cap);
+/* 2 (with one line on stderr) when --device cuda was given to a command that runs on the CPU. */
+int moe_cli_cpu_only(const moe_options *o, const char *cmd);
 /* The text of --prompt or --prompt-file (malloc'd, NUL-terminated, *len bytes; *text NULL
  * with neither; both: an error). */
 moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len);

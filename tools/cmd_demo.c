@@ -16,6 +16,7 @@ int moe_cmd_demo(int argc, char **argv) {
         fprintf(stderr, "moe demo: %s\n", moe_last_error());
         return 2;
     }
+    if (moe_cli_cpu_only(&o, "demo")) return 2;
     if (o.print_config) {
         moe_options_write(stdout, &o);
         return 0;

@@ -226,6 +226,13 @@ static volatile sig_atomic_t stop_requested;
 static void on_signal(int sig) { stop_requested = sig; }
 
 /* Options: with --load, the checkpoint's options first, then the command line's flags. */
+int moe_cli_cpu_only(const moe_options *o, const char *cmd) {
+    if (!o->device) return 0;
+    fprintf(stderr, "moe %s: runs on the CPU (--device cuda is for train, generate --load, "
+                    "eval --load and bench)\n", cmd);
+    return 2;
+}
+
 int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t cap) {
     moe_options_default(o);
     ckpt[0] = '\0';

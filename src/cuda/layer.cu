@@ -141,6 +141,9 @@ static void free_workspace(moe_cuda_layer *L) {
         free(*host[i]);
         *host[i] = NULL;
     }
+    L->planned_k = 0; /* nothing planned: the next forward allocates again */
+    L->have_forward = 0;
+    memset(&L->stats, 0, sizeof L->stats);
 }
 
 /* Workspace for max_tokens tokens and top-k. */

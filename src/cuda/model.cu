@@ -345,13 +345,12 @@ static size_t n_chunks(const moe_cuda_model *g) {
 }
 
 extern "C" moe_status moe_cuda_model_optim_init(moe_cuda_model *g, const uint8_t *decay) {
-    if (g->adam_m) return MOE_OK;
     size_t n = g->plan.n_params, c = n_chunks(g);
-    MOE_TRY(take(g, &g->adam_m, n, 4));
-    MOE_TRY(take(g, &g->adam_v, n, 4));
-    MOE_TRY(take(g, &g->decay, n, 1));
-    MOE_TRY(take(g, &g->partials, c, 8));
-    g->partials_host = (double *)malloc(sizeof(double) * (c ? c : 1));
+    if (!g->adam_m) MOE_TRY(take(g, &g->adam_m, n, 4));
+    if (!g->adam_v) MOE_TRY(take(g, &g->adam_v, n, 4));
+    if (!g->decay) MOE_TRY(take(g, &g->decay, n, 1));
+    if (!g->partials) MOE_TRY(take(g, &g->partials, c, 8));
+    if (!g->partials_host) g->partials_host = (double *)malloc(sizeof(double) * (c ? c : 1));
     if (!g->partials_host) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
     CU_TRY(cudaMemset(g->adam_m, 0, n * 4), "clear");
     CU_TRY(cudaMemset(g->adam_v, 0, n * 4), "clear");

@@ -53,7 +53,7 @@ moe_status moe_cuda_model_logits(const moe_cuda_model *g, float *out, int row, i
  * are added into the GPU's gradients instead (training on the GPU). */
 moe_status moe_cuda_model_backward(moe_cuda_model *g, float *grads);
 
-/* Training on the GPU: AdamW's moments (zero) and the weight-decay mask decay [n_params]
+/* Training on the GPU: AdamW's moments (zeroed at each init) and the weight-decay mask decay [n_params]
  * (1: decayed) on the GPU; copies of the parameters, gradients and moments either way; the
  * gradients' sum of squares (float64, a fixed order); one AdamW step (the trainer's formula,
  * gradients zeroed as read); one gradient value set (fault injection). */

@@ -570,7 +570,7 @@ float *moe_model_params(moe_model *m) {
     if (m->gpu_train && m->host_stale &&
         moe_cuda_model_params_io(m->gpu, m->params, 0) == MOE_OK)
         m->host_stale = 0;
-    if (m->gpu_train) m->dev_stale = 1;
+    if (m->gpu_train && !m->host_stale) m->dev_stale = 1; /* (a failed copy keeps the GPU's) */
     return m->params;
 }
 float *moe_model_grads(moe_model *m) {
@@ -652,8 +652,8 @@ void moe_model_init_params(moe_model *m, uint64_t seed) {
 /* Back to the CPU: the GPU model, its pinned buffers. */
 static void gpu_release(moe_model *m) {
     if (!m->gpu) return;
-    if (m->gpu_train && m->host_stale) moe_cuda_model_params_io(m->gpu, m->params, 0);
-    m->gpu_train = m->host_stale = m->dev_stale = 0;
+    moe_model_gpu_train_end(m);
+    m->have_forward = 0;
     moe_cuda_model_destroy(m->gpu);
     moe_cuda_host_unregister(m->params);
     moe_cuda_host_unregister(m->gpu_grads);
@@ -664,6 +664,9 @@ static void gpu_release(moe_model *m) {
 
 moe_status moe_model_use_device(moe_model *m, const char *device) {
     if (!strcmp(device, "cpu")) {
+        if (m->gpu_train)
+            return moe_set_error(MOE_ERR_STATE, "a trainer keeps this model's state on the GPU: "
+                                 "destroy it before moving the model to the CPU");
         gpu_release(m);
         return MOE_OK;
     }
@@ -716,7 +719,8 @@ static const float *gpu_params_in(moe_model *m) {
 
 moe_status moe_model_gpu_train_begin(moe_model *m) {
     if (!m->gpu) return moe_set_error(MOE_ERR_STATE, "the model is not on a GPU");
-    if (m->gpu_train) return MOE_OK;
+    if (m->gpu_train)
+        return moe_set_error(MOE_ERR_STATE, "another trainer already trains this model");
     uint8_t *decay = malloc(m->n_params ? m->n_params : 1);
     if (!decay) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
     for (int i = 0; i < m->n_tensors; i++)
@@ -729,6 +733,13 @@ moe_status moe_model_gpu_train_begin(moe_model *m) {
     m->dev_stale = 1; /* the host's parameters are the truth until the first forward */
     m->host_stale = 0;
     return MOE_OK;
+}
+
+void moe_model_gpu_train_end(moe_model *m) {
+    if (!m->gpu_train) return;
+    if (m->host_stale && moe_cuda_model_params_io(m->gpu, m->params, 0) == MOE_OK)
+        m->host_stale = 0;
+    m->gpu_train = 0; /* from here each forward copies the host's parameters in */
 }
 
 int moe_model_gpu_training(const moe_model *m) { return m->gpu_train; }
@@ -776,6 +787,10 @@ static moe_status gpu_forward(moe_model *m, moe_model_loss *loss) {
  * logits are those of the cached computation: every token attends to the same prefix). */
 static moe_status gpu_decode(moe_model *m, const int32_t *tokens, int n) {
     int P = m->cache_len;
+    if (P + n > m->max_tokens)
+        return moe_set_error(MOE_ERR_INVALID, "decoding on the GPU recomputes the whole prefix: "
+                             "%d tokens need a model created for at least that many (it holds "
+                             "%d)", P + n, m->max_tokens);
     memcpy(m->gpu_hist + P, tokens, sizeof(int32_t) * (size_t)n);
     moe_model_args args = moe_model_args_default();
     args.training = 0;

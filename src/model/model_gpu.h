@@ -9,9 +9,12 @@
 
 /* Whether the model runs on the GPU (moe_model_use_device). */
 int moe_model_on_gpu(const moe_model *m);
-/* For a model on the GPU (moe_model_use_device "cuda"): from now on the optimizer runs there. */
+/* For a model on the GPU (moe_model_use_device "cuda"): from now on the optimizer runs there,
+ * from zero moments (one trainer at a time). */
 moe_status moe_model_gpu_train_begin(moe_model *m);
 int moe_model_gpu_training(const moe_model *m);
+/* The trainer is done: the parameters come back to the host, which holds them from now on. */
+void moe_model_gpu_train_end(moe_model *m);
 /* The gradients' sum of squares (float64, a fixed order). */
 moe_status moe_model_gpu_grad_sumsq(moe_model *m, double *ss);
 /* Gradient element i = v (fault injection). */

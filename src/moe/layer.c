@@ -128,10 +128,6 @@ moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *
     MOE_TRY(moe_layer_config_validate(cfg));
     if (max_tokens < 1)
         return moe_set_error(MOE_ERR_INVALID, "max_tokens must be >= 1 (got %d)", max_tokens);
-    /* the CPU's bf16 GEMMs (the CUDA layer has its own) */
-    if (cfg->expert_bf16 && !moe_gemm_bf16_available())
-        return moe_set_error(MOE_ERR_INVALID,
-                             "moe-expert-bf16 needs oneDNN (libdnnl-dev), which this build lacks");
     size_t np = moe_layer_param_count(cfg), need = moe_layer_workspace_estimate(cfg, max_tokens);
     size_t own = (params == NULL) + (grads == NULL);
     if (need != SIZE_MAX && np <= (SIZE_MAX - need) / 8) need += own * 4 * np;
@@ -305,6 +301,10 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     if (!x || !out) return moe_set_error(MOE_ERR_INVALID, "moe_layer_forward: x and out must not be NULL");
     int k, seq_len;
     MOE_TRY(moe_layer_check_call(c, T, L->max_tokens, args, &k, &seq_len));
+    /* the CPU's bf16 GEMMs (a model on the GPU never runs this: its layers have their own) */
+    if (c->expert_bf16 && !moe_gemm_bf16_available())
+        return moe_set_error(MOE_ERR_INVALID,
+                             "moe-expert-bf16 needs oneDNN (libdnnl-dev), which this build lacks");
     if (k > L->planned_k) MOE_TRY(alloc_workspace(L, k));
     if (c->ep_size > 1 && moe_comm_size(L->ep_comm) != c->ep_size)
         return moe_set_error(MOE_ERR_INVALID, "the layer is expert-parallel over %d ranks but its "

@@ -161,6 +161,7 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
 
 void moe_trainer_destroy(moe_trainer *t) {
     if (!t) return;
+    if (t->gpu) moe_model_gpu_train_end(t->model);
     moe_free(t->adam_m);
     moe_free(t->adam_v);
     moe_free(t->tok);
@@ -463,7 +464,7 @@ static void adam_to_host(moe_trainer *t) {
     if (t->gpu && t->adam_where == 2 &&
         moe_model_gpu_adam_out(t->model, t->adam_m, t->adam_v) == MOE_OK)
         t->adam_where = 0;
-    if (t->gpu) t->adam_where = 1;
+    if (t->gpu && t->adam_where == 0) t->adam_where = 1; /* (a failed copy keeps the GPU's) */
 }
 float *moe_trainer_adam_m(moe_trainer *t) {
     adam_to_host(t);
