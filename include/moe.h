@@ -413,10 +413,10 @@ moe_status moe_model_backward(moe_model *m);
 /* Where forward and backward run: "cpu" (the default) or "cuda" (one NVIDIA GPU, in a build
  * with CUDA: include/moe_cuda.h). With "cuda" each forward copies the parameters of
  * moe_model_params to the GPU and each backward adds the gradients into moe_model_grads; a
- * trainer created for such a model (moe_trainer_create) keeps the parameters, gradients and
- * AdamW's moments on the GPU instead, and moe_model_params / moe_model_grads then bring host
- * copies up to date when called (the parameters may be written; the gradients are a copy to
- * read). moe_model_logits is filled by forwards with training = 0; moe_model_decode
+ * trainer created for such a model (moe_trainer_create; one at a time) keeps the parameters,
+ * gradients and AdamW's moments on the GPU instead until it is destroyed, and moe_model_params
+ * / moe_model_grads then bring host copies up to date when called (the parameters may be
+ * written; the gradients are a copy to read); moving the model to "cpu" meanwhile is refused. moe_model_logits is filled by forwards with training = 0; moe_model_decode
  * recomputes the prefix on the GPU. MOE_ERR_INVALID (naming it) for what the GPU does not
  * compute: multi-head latent attention, q/k norms and biases, YaRN, expert parallelism, and
  * the MoE options the CUDA layer refuses. */
