@@ -17,7 +17,7 @@ echo "== tests (clang, one process without MPI)"
 ctest --test-dir build-clang --output-on-failure -j2
 echo "== tests (ASan+UBSan)"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
-  ctest --test-dir build-asan --output-on-failure -j1
+  ctest --test-dir build-asan --output-on-failure -j2
 echo "== training under valgrind memcheck"
 bash scripts/valgrind.sh
 echo "== fuzzing every parser of outside data (libFuzzer, ASan+UBSan), ${MOE_FUZZ_SECONDS:-20} s each"

@@ -700,13 +700,7 @@ moe_status moe_model_use_device(moe_model *m, const char *device) {
     moe_status s = m->gpu_grads ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
     if (s == MOE_OK) s = moe_cuda_host_register(m->gpu_grads, m->n_params * sizeof(float));
     if (s == MOE_OK) s = moe_cuda_host_register(m->params, m->n_params * sizeof(float));
-    if (s != MOE_OK) {
-        moe_cuda_host_unregister(m->gpu_grads);
-        moe_cuda_model_destroy(m->gpu);
-        moe_free(m->gpu_grads);
-        m->gpu = NULL;
-        m->gpu_grads = NULL;
-    }
+    if (s != MOE_OK) gpu_release(m); /* (unregistering what was not registered is harmless) */
     return s;
 }
 

@@ -80,8 +80,8 @@ moe_status moe_trainer_set_faults(moe_trainer *t, const char *spec) {
     return MOE_OK;
 }
 
-/* Injected faults of this step (1-based) into the loss and the gradient. */
-/* The faults of this step: into the loss, and the first gradient's value (0: none) returned. */
+/* The injected faults of this step (1-based): into the loss, and the value for the first
+ * gradient returned (0: none). */
 static float inject_faults(const moe_trainer *t, int step, moe_step_metrics *s) {
     float g0 = 0;
     for (int i = 0; i < t->n_faults; i++) {
