@@ -116,22 +116,6 @@ static void run_gpu(const moe_layer_config *c, const run_in *in, const float *dx
     moe_cuda_layer_destroy(L);
 }
 
-/* max |a - b| / max |b|, and the mean |a - b| */
-static double rel_err(const float *a, const float *b, size_t n, double *mean_abs) {
-    double e = 0, s = 0, m = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i])) {
-            *mean_abs = INFINITY;
-            return INFINITY;
-        }
-        e = fmax(e, fabs(a[i] - b[i]));
-        s += fabs(a[i] - b[i]);
-        m = fmax(m, fabs(b[i]));
-    }
-    *mean_abs = s / (double)n;
-    return e / (m + 1e-30);
-}
-
 /* GPU against CPU for one configuration. tol: relative to each tensor's largest entry. */
 static void compare(moe_layer_config c, const char *name, int topk, int seq_len, int masked,
                     double tol) {
@@ -159,7 +143,7 @@ static void compare(moe_layer_config c, const char *name, int topk, int seq_len,
             fail_msg("%s: slot %d (token %d) routed to expert %d on the GPU, %d on the CPU", name,
                      s, s / k, gpu.experts[s], cpu.experts[s]);
     double mean;
-    double ew = rel_err(gpu.weights, cpu.weights, (size_t)T * k, &mean);
+    double ew = tu_rel_err(gpu.weights, cpu.weights, (size_t)T * k, &mean);
     if (!(ew < 1e-6)) fail_msg("%s: routing weights differ by %.3g", name, ew);
     const struct {
         const char *what;
@@ -168,7 +152,7 @@ static void compare(moe_layer_config c, const char *name, int topk, int seq_len,
     } cmp[] = {{"output", gpu.out, cpu.out, n}, {"dx", gpu.dx, cpu.dx, n},
                {"gradients", gpu.grads, cpu.grads, np}};
     for (int i = 0; i < 3; i++) {
-        double e = rel_err(cmp[i].a, cmp[i].b, cmp[i].n, &mean);
+        double e = tu_rel_err(cmp[i].a, cmp[i].b, cmp[i].n, &mean);
         if (!(e < tol))
             fail_msg("%s: GPU %s differs from the CPU's by %.3g of its scale (tolerance %.1g)",
                      name, cmp[i].what, e, tol);
@@ -189,8 +173,8 @@ static void compare(moe_layer_config c, const char *name, int topk, int seq_len,
     assert_memory_equal(again.dx, gpu.dx, n * 4);
     assert_memory_equal(again.grads, gpu.grads, np * 4);
     printf("%-34s output %.2g  dx %.2g  grads %.2g of scale\n", name,
-           rel_err(gpu.out, cpu.out, n, &mean), rel_err(gpu.dx, cpu.dx, n, &mean),
-           rel_err(gpu.grads, cpu.grads, np, &mean));
+           tu_rel_err(gpu.out, cpu.out, n, &mean), tu_rel_err(gpu.dx, cpu.dx, n, &mean),
+           tu_rel_err(gpu.grads, cpu.grads, np, &mean));
     free_out(&cpu), free_out(&gpu), free_out(&again);
     free(p), free(x), free(g), free(dx0), free(bias), free(mask);
 }

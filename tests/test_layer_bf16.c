@@ -37,18 +37,6 @@ static void run(const moe_layer_config *c, int T, const float *params, const flo
     moe_layer_destroy(L);
 }
 
-/* max |a - b| / max |b| */
-static double rel_err(const float *a, const float *b, size_t n, double *mean_abs) {
-    double e = 0, s = 0, m = 0;
-    for (size_t i = 0; i < n; i++) {
-        e = fmax(e, fabs(a[i] - b[i]));
-        s += fabs(a[i] - b[i]);
-        m = fmax(m, fabs(b[i]));
-    }
-    *mean_abs = s / (double)n;
-    return e / (m + 1e-30);
-}
-
 static void compare(moe_layer_config c, const char *name) {
     uint64_t seed = tu_seed();
     int T = 96;
@@ -68,7 +56,7 @@ static void compare(moe_layer_config c, const char *name) {
     const struct { const char *what; float *a, *b; size_t n; } cmp[] = {
         {"output", b16.out, f32.out, n}, {"dx", b16.dx, f32.dx, n}, {"grads", b16.grads, f32.grads, np}};
     for (int i = 0; i < 3; i++) {
-        double mean, e = rel_err(cmp[i].a, cmp[i].b, cmp[i].n, &mean);
+        double mean, e = tu_rel_err(cmp[i].a, cmp[i].b, cmp[i].n, &mean);
         if (!(e < 1e-2)) fail_msg("%s: bf16 %s differs from fp32 by %.3g of its scale", name, cmp[i].what, e);
         if (!(mean > 0)) fail_msg("%s: bf16 %s equals fp32 exactly: the bf16 path did not run", name, cmp[i].what);
     }

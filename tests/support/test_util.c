@@ -66,3 +66,18 @@ void tu_check_close(const char *what, const float *a, const double *b, size_t n,
         fail();
     }
 }
+
+double tu_rel_err(const float *a, const float *b, size_t n, double *mean_abs) {
+    double e = 0, s = 0, m = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(a[i])) {
+            if (mean_abs) *mean_abs = INFINITY;
+            return INFINITY;
+        }
+        e = fmax(e, fabs(a[i] - b[i]));
+        s += fabs(a[i] - b[i]);
+        m = fmax(m, fabs(b[i]));
+    }
+    if (mean_abs) *mean_abs = n ? s / (double)n : 0;
+    return e / (m + 1e-30);
+}

@@ -16,6 +16,9 @@ void tu_poison(float *x, size_t n);
 /* Largest |a-b| / (atol + rtol*|b|) over the arrays; <= 1 means within tolerance.
  * *worst receives the index of the worst element. */
 double tu_err(const float *a, const double *b, size_t n, double atol, double rtol, size_t *worst);
+/* max |a - b| / max |b| over the arrays (INFINITY if a holds a non-finite value); *mean_abs
+ * (may be NULL) = the mean |a - b|. */
+double tu_rel_err(const float *a, const float *b, size_t n, double *mean_abs);
 /* Asserts (cmocka) that a matches b within tolerance, printing what and where it differed. */
 void tu_check_close(const char *what, const float *a, const double *b, size_t n, double atol,
                     double rtol);
