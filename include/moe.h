@@ -438,6 +438,8 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n);
 void moe_model_reset_cache(moe_model *m);
 /* Positions in the cache. */
 int moe_model_cache_len(const moe_model *m);
+/* Floats the cache holds per position, all layers (keys and values). */
+size_t moe_model_cache_width(const moe_model *m);
 
 /* Samples a token from logits [V]: temperature (0 = greedy), then the top_k most likely
  * (0 = all), then the smallest set with probability >= top_p (1 = all); u uniform in [0,1). */

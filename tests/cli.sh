@@ -44,6 +44,26 @@ else
   grep -q "CUDA" "$tmp/out" || fail "bench train --device cuda: $(cat "$tmp/out")"
 fi
 expect 2 "$moe" bench train --device tpu
+# bench generate: the parameter bytes a decoding step reads, against the tensor shapes: every
+# parameter when each token goes to every expert (tied embeddings: the output layer reads the
+# whole table); with one expert per token and untied embeddings, one embedding row and one
+# expert (of d x 3f floats, SwiGLU) per layer
+small="--num-layers 2 --hidden-size 64 --seq-length 32 --num-experts 4 --moe-ffn-hidden-size 96"
+expect 0 "$moe" bench generate $small --moe-router-topk 4 --json
+/usr/bin/python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))
+assert r["decode_param_mb"] == round(4 * r["params"] / 2**20, 3), r
+assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0, r' "$tmp/out" \
+  || fail "bench generate, all experts: $(cat "$tmp/out")"
+expect 0 "$moe" bench generate $small --moe-router-topk 1 --untie-embeddings-and-output-weights \
+  --tokens 10 --max-new-tokens 3 --json
+/usr/bin/python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))
+want = 4 * (r["params"] - 256 * 64 - 2 * 3 * 64 * 96 * 3) / 2**20
+assert abs(r["decode_param_mb"] - want) < 1e-3 and r["new_tokens"] == 3, (r, want)' "$tmp/out" \
+  || fail "bench generate, one expert: $(cat "$tmp/out")"
+expect 2 "$moe" bench generate --seq-length 32 --tokens 30 --max-new-tokens 5
+grep -q "must fit --seq-length (32)" "$tmp/out" || fail "bench generate: $(cat "$tmp/out")"
+expect 2 "$moe" bench generate --seq-length 1
+expect 2 "$moe" bench generate --device cuda
 expect 2 "$moe" demo --device cuda
 grep -q "runs on the CPU" "$tmp/out" || fail "demo --device cuda: $(cat "$tmp/out")"
 echo "cli ok"

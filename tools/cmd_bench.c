@@ -283,20 +283,25 @@ static int bench_layer_cuda(moe_options *o, int json) {
     return 0;
 }
 
-/* GEMM FLOPs per token of one training step (forward + backward = 3 x forward), attention
- * scores over the causal half of the sequence included. */
-static double model_flops_per_token(const moe_model_config *c) {
+/* GEMM FLOPs per token of one forward over S positions, attention scores over the causal
+ * half of the sequence included. */
+static double model_forward_flops(const moe_model_config *c, int S) {
     int hd = moe_model_head_dim(c), hq = c->n_heads * hd, hkv = c->n_kv_heads * hd;
     int gated = c->moe.act == MOE_ACT_SWIGLU || c->moe.act == MOE_ACT_GEGLU;
     double per_mlp = 2.0 * c->d * (gated ? 3.0 : 2.0), f = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        f += 2.0 * c->d * (2.0 * hq + 2.0 * hkv) + 2.0 * c->seq_len * hq; /* projections, attention */
+        f += 2.0 * c->d * (2.0 * hq + 2.0 * hkv) + 2.0 * S * hq; /* projections, attention */
         int E = moe_model_layer_experts(c, l);
         f += E ? 2.0 * c->d * E + c->moe.topk * per_mlp * c->moe.ffn + per_mlp * c->moe.shared_ffn
                : per_mlp * c->ffn;
     }
     f += 2.0 * c->d * c->vocab;
-    return 3 * f;
+    return f;
+}
+
+/* The same for one training step (forward + backward = 3 x forward). */
+static double model_flops_per_token(const moe_model_config *c) {
+    return 3 * model_forward_flops(c, c->seq_len);
 }
 
 static int bench_train(moe_options *o, int json) {
@@ -363,6 +368,158 @@ static int bench_train(moe_options *o, int json) {
     moe_model_destroy(m);
     free(data);
     return 0;
+}
+
+/* What one decoding step reads: every parameter but the embedding table's other rows (all of
+ * it when the output layer is the embedding), and of each MoE layer only the experts its
+ * tokens went to; expert_bytes[l * stride + e] is expert e of block l, fixed is the rest.
+ * bf16 experts (and shared expert) count 8 bytes a weight: each forward reads the fp32 weight
+ * and writes its bf16 copy, which the product then reads. */
+typedef struct {
+    double fixed, *expert_bytes;
+    int stride;
+} decode_bytes;
+
+static moe_status decode_bytes_plan(moe_model *m, decode_bytes *b) {
+    const moe_model_config *c = moe_model_get_config(m);
+    int n = moe_model_n_tensors(m), tied = 1;
+    b->stride = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        if (moe_model_layer_experts(c, l) > b->stride) b->stride = moe_model_layer_experts(c, l);
+    b->fixed = 0;
+    b->expert_bytes = calloc((size_t)c->n_layers * (size_t)(b->stride ? b->stride : 1),
+                             sizeof(double));
+    if (!b->expert_bytes) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    for (int i = 0; i < n; i++)
+        if (!strcmp(moe_model_tensor(m, i)->name, "lm_head.weight")) tied = 0;
+    for (int i = 0; i < n; i++) {
+        const moe_tensor_info *t = moe_model_tensor(m, i);
+        int l, bf16 = c->moe.expert_bf16 && (t->expert || strstr(t->name, ".shared_expert."));
+        double bytes = (bf16 ? 8.0 : 4.0) * (double)t->numel;
+        if (t->expert && sscanf(t->name, "model.layers.%d.", &l) == 1)
+            b->expert_bytes[(size_t)l * b->stride + t->expert_id] += bytes;
+        else if (!strcmp(t->name, "model.embed_tokens.weight") && !tied)
+            b->fixed += 4.0 * c->d;
+        else b->fixed += bytes;
+    }
+    return MOE_OK;
+}
+
+/* Parameter bytes the last decoding step read (the experts its tokens went to). */
+static double decode_bytes_last(moe_model *m, const decode_bytes *b) {
+    const moe_model_config *c = moe_model_get_config(m);
+    double sum = b->fixed;
+    for (int l = 0; l < c->n_layers; l++) {
+        moe_layer *L = moe_model_moe_layer(m, l);
+        if (!L) continue;
+        const moe_layer_stats *st = moe_layer_get_stats(L);
+        for (int e = 0; e < st->n_experts; e++)
+            if (st->kept[e]) sum += b->expert_bytes[(size_t)l * b->stride + e];
+    }
+    return sum;
+}
+
+/* Bytes of the first CPU's L3 as Linux reports it (sysconf's figure can be a whole socket's);
+ * 0 when unknown. */
+static double last_level_cache(void) {
+    FILE *f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
+    double kb = 0;
+    if (f && fscanf(f, "%lfK", &kb) != 1) kb = 0;
+    if (f) fclose(f);
+    return 1024 * kb;
+}
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+/* moe bench generate: a prompt of --tokens P random tokens decoded in one call (prefill),
+ * then --max-new-tokens N greedy tokens one call each with the key/value cache; best of
+ * --iters runs. Prefill against the SGEMM rate, decoding against the memory bandwidth: the
+ * parameters each step reads (the experts its token went to) and the cache it attends over,
+ * at the STREAM triad rate of the same run. */
+static int bench_generate(moe_options *o, int json) {
+    const moe_model_config *c = &o->model;
+    int S = c->seq_len;
+    int P = moe_options_given(o, "tokens") ? o->tokens : S / 2;
+    int N = moe_options_given(o, "max-new-tokens") ? o->max_new_tokens : S - P;
+    int iters = moe_options_given(o, "iters") ? o->iters : 3;
+    if (P + (long)N > S || N < 1 || P < 1) {
+        fprintf(stderr, "moe bench generate: --tokens (%d, the prompt) + --max-new-tokens (%d) "
+                "must fit --seq-length (%d), with at least one token each\n", P, N, S);
+        return 2;
+    }
+    if (moe_cli_cpu_only(o, "bench generate")) return 2;
+    moe_model *m = NULL;
+    decode_bytes db = {0};
+    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)P);
+    int rc = 1;
+    if (!prompt) moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    if (!prompt || moe_model_create(c, P, &m) != MOE_OK || decode_bytes_plan(m, &db) != MOE_OK)
+        goto done;
+    moe_model_init_params(m, c->moe.seed);
+    for (int i = 0; i < P; i++)
+        prompt[i] = (int32_t)(moe_rng_u64(c->moe.seed, 78, (uint64_t)i) % (uint64_t)c->vocab);
+    double peak = moe_gemm_peak(2048, 5), bw = stream_bandwidth();
+    double t_pre = 1e30, t_dec = 1e30, bytes = 0, cache_bytes = 0;
+    double kv = 4.0 * (double)moe_model_cache_width(m);
+    for (int it = 0; it < iters; it++) {
+        moe_model_reset_cache(m);
+        double start = moe_time_now(), t = 0, by = 0, cb = 0;
+        if (moe_model_decode(m, prompt, P) != MOE_OK) goto done;
+        double t_p = moe_time_now() - start;
+        t_pre = t_p < t_pre ? t_p : t_pre;
+        int32_t next = argmax(moe_model_logits(m) + (size_t)(P - 1) * c->vocab, c->vocab);
+        for (int i = 0; i < N; i++) {
+            double t1 = moe_time_now();
+            if (moe_model_decode(m, &next, 1) != MOE_OK) goto done;
+            t += moe_time_now() - t1;
+            by += decode_bytes_last(m, &db);
+            cb += kv * (P + i + 1);
+            next = argmax(moe_model_logits(m), c->vocab);
+        }
+        if (t < t_dec) t_dec = t, bytes = by / N, cache_bytes = cb / N;
+    }
+    double pre_flops = model_forward_flops(c, P) * P, step_s = t_dec / N;
+    double roof_s = (bytes + cache_bytes) / bw;
+    if (json)
+        printf("{\"bench\":\"generate\",\"params\":%zu,\"prompt_tokens\":%d,\"new_tokens\":%d,"
+               "\"prefill_tokens_per_s\":%.1f,\"prefill_gflops\":%.2f,\"sgemm_gflops\":%.2f,"
+               "\"prefill_fraction_of_sgemm\":%.4f,\"decode_tokens_per_s\":%.2f,"
+               "\"decode_ms_per_token\":%.4f,\"decode_param_mb\":%.3f,\"decode_cache_mb\":%.3f,"
+               "\"stream_gb_s\":%.2f,\"decode_fraction_of_bandwidth\":%.4f,\"threads\":%d}\n",
+               moe_model_param_count(m), P, N, P / t_pre, 1e-9 * pre_flops / t_pre, 1e-9 * peak,
+               pre_flops / t_pre / peak, 1 / step_s, 1e3 * step_s, bytes / 1048576,
+               cache_bytes / 1048576, 1e-9 * bw, roof_s / step_s, omp_get_max_threads());
+    else {
+        printf("moe bench generate: %d layers, d=%d, %zu parameters, prompt %d tokens, %d new "
+               "tokens, best of %d, %d threads\n", c->n_layers, c->d, moe_model_param_count(m), P,
+               N, iters, omp_get_max_threads());
+        printf("GEMM library: %s\n", moe_gemm_backend());
+        print_ceiling(peak);
+        printf("prefill: %.1f ms, %.0f tokens/s, %.1f GFLOP/s = %.1f%% of SGEMM\n", 1e3 * t_pre,
+               P / t_pre, 1e-9 * pre_flops / t_pre, 100 * pre_flops / t_pre / peak);
+        printf("decode: %.3f ms per token, %.1f tokens/s; each step reads %.1f MB of parameters "
+               "(its tokens' experts only) and %.1f MB of cache on average: %.1f GB/s = %.1f%% "
+               "of the STREAM triad (%.1f GB/s, this run)\n", 1e3 * step_s, 1 / step_s,
+               bytes / 1048576, cache_bytes / 1048576, 1e-9 * (bytes + cache_bytes) / step_s,
+               100 * roof_s / step_s, 1e-9 * bw);
+        double l3 = last_level_cache();
+        if (l3 > 0 && 4.0 * (double)moe_model_param_count(m) < l3)
+            printf("(the parameters, %.1f MB, fit in the last-level cache, %.1f MB: decoding can "
+                   "read them faster than memory)\n", 4.0 * (double)moe_model_param_count(m) /
+                   1048576, l3 / 1048576);
+    }
+    rc = 0;
+done:
+    if (rc) fprintf(stderr, "moe bench generate: %s\n", moe_last_error());
+    free(db.expert_bytes);
+    free(prompt);
+    moe_model_destroy(m);
+    return rc;
 }
 
 /* The slowest rank's value of a duration (seconds). */
@@ -521,11 +678,12 @@ static int bench_alltoall(moe_options *o, int json) {
 
 int moe_cmd_bench(int argc, char **argv) {
     if (argc < 1 || (strcmp(argv[0], "layer") && strcmp(argv[0], "train") &&
-                     strcmp(argv[0], "alltoall"))) {
-        fprintf(stderr, "moe bench: usage: moe bench layer|train|alltoall [options] [--json]\n");
+                     strcmp(argv[0], "generate") && strcmp(argv[0], "alltoall"))) {
+        fprintf(stderr, "moe bench: usage: moe bench layer|train|generate|alltoall [options] "
+                "[--json]\n");
         return 2;
     }
-    int train = !strcmp(argv[0], "train");
+    int train = !strcmp(argv[0], "train"), generate = !strcmp(argv[0], "generate");
     int json = 0, n = 0;
     char **rest = malloc(sizeof(char *) * (size_t)argc);
     for (int a = 1; a < argc; a++) {
@@ -535,7 +693,7 @@ int moe_cmd_bench(int argc, char **argv) {
     moe_options o;
     moe_options_default(&o);
     int rc = 0;
-    int parts = train ? MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN : 0;
+    int parts = train ? MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN : generate ? MOE_OPTIONS_MODEL : 0;
     if (moe_options_parse_args(&o, n, rest) != MOE_OK || moe_options_finish(&o, parts) != MOE_OK) {
         fprintf(stderr, "moe bench: %s\n", moe_last_error());
         rc = 2;
@@ -548,6 +706,7 @@ int moe_cmd_bench(int argc, char **argv) {
         return 2;
     }
     if (!strcmp(argv[0], "alltoall")) return bench_alltoall(&o, json);
+    if (generate) return bench_generate(&o, json);
     if (!train && o.device) return bench_layer_cuda(&o, json);
     return train ? bench_train(&o, json) : bench_layer(&o, json);
 }

@@ -560,6 +560,11 @@ static moe_status unknown_key(const char *where, const char *key, const char *da
                          dashes, key);
 }
 
+int moe_options_given(const moe_options *o, const char *key) {
+    int i = find_option(key);
+    return i >= 0 && o->given[i];
+}
+
 moe_status moe_options_set(moe_options *o, const char *key, const char *value, const char *where) {
     int i = find_option(key);
     if (i < 0) return unknown_key(where, key, "");

@@ -63,6 +63,9 @@ void moe_options_default(moe_options *o);
  * `where` prefixes the error message ("--flag", "file.cfg:12"). */
 moe_status moe_options_set(moe_options *o, const char *key, const char *value, const char *where);
 
+/* Whether the option `key` (any of its names) was set by a flag, a config file or a text. */
+int moe_options_given(const moe_options *o, const char *key);
+
 /* Reads `key = value` lines ('#' starts a comment). */
 moe_status moe_options_load_file(moe_options *o, const char *path);
 

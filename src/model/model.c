@@ -1151,6 +1151,10 @@ moe_status moe_model_backward(moe_model *m) {
 void moe_model_reset_cache(moe_model *m) { m->cache_len = 0; }
 int moe_model_cache_len(const moe_model *m) { return m->cache_len; }
 
+size_t moe_model_cache_width(const moe_model *m) {
+    return (size_t)m->cfg.n_layers * m->kvh * (size_t)(m->head_qk + m->head_v);
+}
+
 moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
     const moe_model_config *c = &m->cfg;
     int d = c->d, V = c->vocab, ho = c->n_heads * m->head_v, kw = m->kvh * m->head_qk,
