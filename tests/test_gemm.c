@@ -104,15 +104,17 @@ static void run(int kind, int ta, int tb, int beta, uint64_t seed) {
 
 /* moe_gemm, moe_gemm64 and moe_gemm_blas (OpenBLAS alone, also where moe_gemm takes oneDNN)
  * outside a parallel region: C split by rows (more rows than columns), by columns, or one call
- * (both below 32), with alpha 1 and not. */
+ * (both below 32), with alpha 1 and not; NT with at most MOE_GEMM_DOT_ROWS rows (moe_gemm's
+ * dot products, the weight rows split over the threads: n = 300, 203; one part: n = 50). */
 static void test_fp32(void **state) {
     (void)state;
-    static const int shapes[][3] = {{37, 29, 53}, {29, 70, 41}, {5, 7, 3}};
-    static const double alphas[] = {1.0, -0.75, 1.0};
+    static const int shapes[][3] = {{37, 29, 53}, {29, 70, 41}, {5, 7, 3},
+                                    {1, 300, 70}, {3, 203, 1100}, {4, 50, 33}};
+    static const double alphas[] = {1.0, -0.75, 1.0, 1.0, 1.0, 1.0};
     static const int kinds[] = {FP32, FP64, BLAS_FP32};
     uint64_t seed = tu_seed();
     for (int kind = 0; kind < 3; kind++)
-        for (int q = 0; q < 3; q++)
+        for (int q = 0; q < 6; q++)
             for (int c = 0; c < 8; c++)
                 run_alpha(kinds[kind], c & 1, (c >> 1) & 1, c >> 2, shapes[q][0], shapes[q][1],
                           shapes[q][2], alphas[q], seed++);
@@ -129,14 +131,16 @@ static void test_dnnl_fp32(void **state) {
  * of them) and one 12-row tile, 1 to 4 vectors and partial vectors, k beyond one block (64 for
  * NN, 1024 for NT) and shorter than the prefetch distance; NT with 1-8 rows past whole vectors
  * and k even (paired rows after 0, 1, 2 and 3 vectors: m = 8, 150, 40, 49) and odd; NT's
- * columns in several panels of 48, the last one partial (n = 77, 97, 130, 200); then random
- * shapes. */
+ * columns in several panels of 48, the last one partial (n = 77, 97, 130, 200); NT with 1-4
+ * rows (dot products: 8 or 4 weight rows at a time and the rest one by one, k past the
+ * prefetch distance and not a multiple of 16); then random shapes. */
 static void test_small(void **state) {
     (void)state;
     if (!moe_gemm_small_available()) skip(); /* no AVX-512 */
     static const int shapes[][3] = {{37, 29, 53}, {150, 77, 600}, {5, 200, 3}, {64, 33, 129},
                                     {16, 1, 700}, {1, 16, 1}, {49, 64, 1100}, {13, 130, 65},
-                                    {203, 97, 515}, {40, 29, 96}, {8, 37, 64}, {7, 130, 2}};
+                                    {203, 97, 515}, {40, 29, 96}, {8, 37, 64}, {7, 130, 2},
+                                    {1, 29, 300}, {2, 19, 17}, {3, 11, 5}, {4, 70, 129}};
     uint64_t seed = tu_seed() + 200;
     for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
         for (int c = 0; c < 6; c++)
@@ -173,6 +177,42 @@ static void test_bf16_rounding(void **state) {
     moe_f32_to_bf16(&nan, &h, 1);
     moe_bf16_to_f32(&h, &back, 1);
     assert_true(isnan(back));
+    /* random bit patterns (NaNs, infinities, subnormals, every exponent) and ties, 16 at a
+     * time and the tail, against the nearest of the two bf16 neighbours by their distance in
+     * double (ties to the even one; past the largest finite value the upper neighbour is
+     * 2^128, i.e. infinity) */
+    enum { N = 1031 };
+    uint32_t u[N];
+    float xs[N];
+    uint16_t ys[N];
+    uint64_t seed = tu_seed() + 300;
+    for (int i = 0; i < N; i++) {
+        u[i] = (uint32_t)moe_rng_u64(seed, 1, (uint64_t)i);
+        if (i % 5 == 0) u[i] = (u[i] & 0xFFFF0000u) | 0x8000u; /* exactly halfway */
+        memcpy(&xs[i], &u[i], 4);
+    }
+    static const uint32_t special[] = {0x7F800001u, 0xFF800100u, 0x7F7FFFFFu, 0x7F7F8000u,
+                                       0x00018000u, 0x80008000u, 0x7F800000u, 0u};
+    for (int i = 0; i < 8; i++) u[3 * i + 1] = special[i], memcpy(&xs[3 * i + 1], &u[3 * i + 1], 4);
+    moe_f32_to_bf16_serial(xs, ys, N);
+    for (int i = 0; i < N; i++) {
+        uint32_t mag = u[i] & 0x7FFFFFFFu, sign = u[i] >> 31;
+        if (mag > 0x7F800000u) { /* NaN: a NaN of the same sign */
+            if ((ys[i] & 0x7F80) != 0x7F80 || !(ys[i] & 0x7F) || (uint32_t)(ys[i] >> 15) != sign)
+                fail_msg("NaN 0x%08x -> 0x%04x", u[i], ys[i]);
+            continue;
+        }
+        uint32_t lo = mag >> 16, hi = lo + 1, b;
+        float flo, fhi;
+        uint32_t blo = lo << 16, bhi = hi << 16;
+        memcpy(&flo, &blo, 4), memcpy(&fhi, &bhi, 4);
+        double x = fabs((double)xs[i]), dlo = x - flo;
+        double dhi = (hi == 0x7F80 ? ldexp(1.0, 128) : (double)fhi) - x;
+        if (mag == 0x7F800000u) b = lo; /* infinity */
+        else b = dlo < dhi ? lo : dhi < dlo ? hi : (lo & 1) ? hi : lo;
+        b |= sign << 15;
+        if (ys[i] != b) fail_msg("0x%08x (%g) -> 0x%04x, expected 0x%04x", u[i], xs[i], ys[i], b);
+    }
 }
 
 int main(void) {

@@ -148,9 +148,36 @@ moe_status moe_gemm_dnnl(int ta, int tb, int m, int n, int k, const float *A, in
 }
 #endif
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+/* The rounding below, 16 floats at a time (the scalar loop is not vectorised at -O2): a
+ * decoding step converts the weights of the experts it uses. */
+__attribute__((target("avx512f,avx512bw"))) static size_t to_bf16_avx512(const float *x,
+                                                                          uint16_t *y, size_t n) {
+    const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    const __m512i quiet = _mm512_set1_epi32(0x40);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i u = _mm512_loadu_si512(x + i);
+        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), inf);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, odd)), 16);
+        r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), quiet);
+        _mm256_storeu_si256((__m256i *)(y + i), _mm512_cvtepi32_epi16(r));
+    }
+    return i;
+}
+#endif
+
 /* Round to nearest even; NaN stays NaN. */
 void moe_f32_to_bf16_serial(const float *x, uint16_t *y, size_t n) {
-    for (size_t i = 0; i < n; i++) {
+    size_t i = 0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (__builtin_cpu_supports("avx512bw")) i = to_bf16_avx512(x, y, n);
+#endif
+    for (; i < n; i++) {
         uint32_t u;
         memcpy(&u, &x[i], 4);
         if ((u & 0x7FFFFFFFu) > 0x7F800000u) y[i] = (uint16_t)((u >> 16) | 0x40);

@@ -443,6 +443,62 @@ static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, c
     }
 }
 
+/* NT with at most MOE_GEMM_DOT_ROWS rows of A (decoding: a token per call): every element of
+ * C a dot product of a row of A and a weight row along k, 16 lanes at a time, the lanes added
+ * at the end; R weight rows at once, each read from memory once, in order, PF_DOT floats ahead.
+ * With so few rows the tiles above would fill 1-2 of 16 lanes, and a BLAS packs the weights
+ * first, a pass as long as the multiply (bench/RESULTS.md, decoding). */
+#define PF_DOT 256
+static inline __attribute__((always_inline)) SMALL_TARGET void
+dot_body(const float *A, int lda, const float *B, int ldb, int k, int beta1, float *C, int ldc,
+         const int M, const int R) {
+    __m512 acc[MOE_GEMM_DOT_ROWS][8], bv[8];
+#pragma GCC unroll 4
+    for (int i = 0; i < M; i++)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int kk = 0; kk < k; kk += 16) {
+        __mmask16 mask = (__mmask16)(k - kk >= 16 ? 0xFFFFu : (1u << (k - kk)) - 1u);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(B + (long)r * ldb + kk + PF_DOT), _MM_HINT_T0);
+            bv[r] = _mm512_maskz_loadu_ps(mask, B + (long)r * ldb + kk);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < M; i++) {
+            __m512 a = _mm512_maskz_loadu_ps(mask, A + (long)i * lda + kk);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) acc[i][r] = _mm512_fmadd_ps(a, bv[r], acc[i][r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < M; i++)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            float v = _mm512_reduce_add_ps(acc[i][r]);
+            C[(long)i * ldc + r] = beta1 ? C[(long)i * ldc + r] + v : v;
+        }
+}
+
+typedef void (*dot_fn)(const float *, int, const float *, int, int, int, float *, int);
+#define DOT(M, R)                                                                                \
+    static SMALL_TARGET void dot_##M##_##R(const float *A, int lda, const float *B, int ldb,    \
+                                           int k, int beta1, float *C, int ldc) {                \
+        dot_body(A, lda, B, ldb, k, beta1, C, ldc, M, R);                                        \
+    }
+DOT(1, 8) DOT(2, 8) DOT(3, 4) DOT(4, 4) DOT(1, 1) DOT(2, 1) DOT(3, 1) DOT(4, 1)
+/* Weight rows per tile for M rows of A: at most 16 accumulators. */
+static const int dot_r[MOE_GEMM_DOT_ROWS + 1] = {0, 8, 8, 4, 4};
+static const dot_fn dot_tiles[MOE_GEMM_DOT_ROWS + 1] = {0, dot_1_8, dot_2_8, dot_3_4, dot_4_4};
+static const dot_fn dot_ones[MOE_GEMM_DOT_ROWS + 1] = {0, dot_1_1, dot_2_1, dot_3_1, dot_4_1};
+
+static void gemm_nt_dot(int m, int n, int k, const float *A, int lda, const float *B, int ldb,
+                        int beta1, float *C, int ldc) {
+    int R = dot_r[m], j = 0;
+    for (; j + R <= n; j += R) dot_tiles[m](A, lda, B + (long)j * ldb, ldb, k, beta1, C + j, ldc);
+    for (; j < n; j++) dot_ones[m](A, lda, B + (long)j * ldb, ldb, k, beta1, C + j, ldc);
+}
+
 int moe_gemm_small_available(void) {
     return __builtin_cpu_supports("avx512f");
 }
@@ -459,6 +515,10 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
         if (beta == 0.0f)
             for (int i = 0; i < m; i++)
                 for (int j = 0; j < n; j++) C[(long)i * ldc + j] = 0;
+        return MOE_OK;
+    }
+    if (tb && m <= MOE_GEMM_DOT_ROWS) {
+        gemm_nt_dot(m, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
         return MOE_OK;
     }
     if (tb) {

@@ -36,8 +36,10 @@ moe_status moe_gemm_dnnl(int ta, int tb, int m, int n, int k, const float *A, in
                          const float *B, int ldb, float beta, float *C, int ldc);
 /* fp32 C = op(A) op(B) + beta C on one thread with AVX-512 register tiles that read the
  * operands in place (gemm_small.c): the expert blocks' GEMMs when the experts are spread over
- * the threads. MOE_ERR_INVALID for both transposed or beta other than 0 and 1, MOE_ERR_STATE
- * where the CPU lacks AVX-512. */
+ * the threads, and NT with at most MOE_GEMM_DOT_ROWS rows (decoding) as dot products along k.
+ * MOE_ERR_INVALID for both transposed or beta other than 0 and 1, MOE_ERR_STATE where the CPU
+ * lacks AVX-512. */
+#define MOE_GEMM_DOT_ROWS 4
 int moe_gemm_small_available(void);
 moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
                           const float *B, int ldb, float beta, float *C, int ldc);

@@ -331,6 +331,33 @@ static void backward_part(moe_layer *L, const moe_expert_rows *r, int e, int o, 
     moe_expert_rows_backward(L, r, e, o, n, MOE_MLP_BWD_OUT << p, t_act);
 }
 
+/* bf16 copies of the weights of the experts that have rows in this call (fp32 master weights):
+ * chunks of each such expert's W_in and W_out over the threads. A decoding step's token goes
+ * to k experts; converting all of them read and wrote E / k times what it uses. */
+#define BF16_CHUNK 16384
+static void bf16_copies(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    size_t gf = gf_of(c), n_in = gf * (size_t)c->d, n_all = n_in + (size_t)c->d * c->ffn;
+    long per = (long)((n_all + BF16_CHUNK - 1) / BF16_CHUNK);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (long i = 0; i < per * c->n_experts; i++) {
+        int e = (int)(i / per);
+        if (st->expert_off[e + 1] == st->expert_off[e]) continue;
+        size_t lo = (size_t)(i % per) * BF16_CHUNK, hi = lo + BF16_CHUNK < n_all ? lo + BF16_CHUNK
+                                                                                  : n_all;
+        for (size_t a = lo; a < hi;) { /* the part in W_in, then the part in W_out */
+            size_t b = a < n_in && hi > n_in ? n_in : hi;
+            if (a < n_in)
+                moe_f32_to_bf16_serial(L->p.w_in + e * n_in + a, st->w_in16 + e * n_in + a, b - a);
+            else
+                moe_f32_to_bf16_serial(L->p.w_out + e * (n_all - n_in) + (a - n_in),
+                                       st->w_out16 + e * (n_all - n_in) + (a - n_in), b - a);
+            a = b;
+        }
+    }
+}
+
 void moe_experts_forward(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     if (c->ep_size > 1) {
@@ -338,15 +365,11 @@ void moe_experts_forward(moe_layer *L) {
         return;
     }
     moe_fwd_state *st = &L->st;
-    int d = c->d, f = c->ffn, R = st->n_rows;
-    size_t gf = gf_of(c);
+    int d = c->d, R = st->n_rows;
     const float *x = st->xin_orig;
     double t0 = moe_time_now(), t_act = 0;
     moe_gather_rows(st, st->xp, x, R, d);
-    if (c->expert_bf16) { /* fp32 master weights, bf16 copies for this call */
-        moe_f32_to_bf16(L->p.w_in, st->w_in16, (size_t)c->n_experts * gf * d);
-        moe_f32_to_bf16(L->p.w_out, st->w_out16, (size_t)c->n_experts * d * f);
-    }
+    if (c->expert_bf16) bf16_copies(L);
     double t1 = moe_time_now();
     order_by_rows(st, c->n_experts);
     run_expert_parts(L, 2, forward_part, &t_act);
