@@ -227,6 +227,9 @@ typedef struct {
     int seq_len;         /* tokens per sequence for seq_aux_loss (0 = T); T % seq_len == 0 */
     uint64_t step;       /* RNG counter (optimizer step) */
     float loss_scale;    /* factor on the aux and z-loss gradients in backward */
+    int reuse_bf16;      /* bf16 experts: keep the weights' bf16 copies between calls that set
+                            this (inference on weights that do not change; a call without it,
+                            or moe_layer_weights_changed, drops them) */
 } moe_forward_args;
 
 moe_forward_args moe_forward_args_default(void);
@@ -301,6 +304,8 @@ const moe_layer_stats *moe_layer_get_stats(const moe_layer *layer);
  * with c the counts accumulated by training forwards since the last call (over micro-batches;
  * the MPI layer sums them over ranks first). Resets the accumulators in all cases. */
 void moe_layer_step_end(moe_layer *layer);
+/* The parameters were written: bf16 copies kept for moe_forward_args.reuse_bf16 are stale. */
+void moe_layer_weights_changed(moe_layer *layer);
 /* Accumulated counts since the last step_end: counts [E] and the number of valid tokens.
  * Writable so that a distributed run can replace them by their sum over ranks. */
 int64_t *moe_layer_accum_counts(moe_layer *layer);
@@ -432,7 +437,10 @@ const float *moe_model_logits(const moe_model *m);
 
 /* Incremental decoding of one sequence with a key/value cache: feeds n tokens at the
  * positions after those already cached, and computes their logits (moe_model_logits).
- * The cache holds up to seq_len positions; MOE_ERR_INVALID beyond. Inference only. */
+ * The cache holds up to seq_len positions; MOE_ERR_INVALID beyond. Inference only. With bf16
+ * experts the layers keep their weights' bf16 copies from one call to the next, until
+ * moe_model_params or moe_model_init_params is called: write the parameters through a pointer
+ * obtained after the last decoding call. */
 moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n);
 /* Empties the cache (a new sequence). */
 void moe_model_reset_cache(moe_model *m);

@@ -42,7 +42,7 @@ static void run_alpha(int kind, int ta, int tb, int beta, int m, int n, int k, d
     size_t na = (size_t)(ta ? k : m) * lda, nb = (size_t)(tb ? n : k) * ldb, nc = (size_t)m * ldc;
     float *A = malloc(na * 4), *B = malloc(nb * 4), *C = malloc(nc * 4);
     uint16_t *Ah = malloc(na * 2), *Bh = malloc(nb * 2);
-    double *A64 = malloc(na * 8), *B64 = malloc(nb * 8), *C0 = malloc(nc * 8), *R = malloc(nc * 8),
+    double *A64 = malloc(na * 8), *B64 = malloc(nb * 8), *C0 = calloc(nc, 8), *R = malloc(nc * 8),
            *G = malloc(nc * 8), *C64 = malloc(nc * 8);
     tu_fill(A, na, seed, 1, -1, 1);
     tu_fill(B, nb, seed, 2, -1, 1);
@@ -156,10 +156,18 @@ static void test_small(void **state) {
     assert_int_equal(moe_gemm_small(1, 1, 1, 1, 1, &a, 1, &b, 1, 0.0f, &c, 1), MOE_ERR_INVALID);
 }
 
+/* oneDNN, and NT with 1-4 rows as our dot products (vdpbf16ps where the CPU has it): 8 or 4
+ * weight rows at a time and the rest one by one, k odd and past one vector, the weight rows
+ * split over the threads (n = 300). */
 static void test_bf16(void **state) {
     (void)state;
     if (!moe_gemm_bf16_available()) skip();
     for (int c = 0; c < 8; c++) run(BF16, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + (uint64_t)c);
+    static const int shapes[][3] = {{1, 300, 70}, {2, 37, 129}, {3, 11, 5}, {4, 70, 33}};
+    for (int q = 0; q < 4; q++)
+        for (int beta = 0; beta < 2; beta++)
+            run_shape(BF16, 0, 1, beta, shapes[q][0], shapes[q][1], shapes[q][2],
+                      tu_seed() + 20 + (uint64_t)(2 * q + beta));
 }
 
 /* bf16 keeps the top 16 bits, rounding to nearest, ties to even. */

@@ -3,6 +3,7 @@
  * memorising a tiny batch, gradient scaling for accumulation, determinism, bad input. */
 #define _POSIX_C_SOURCE 200809L
 #include "io/safetensors.h"
+#include "kernels/kernels.h"
 #include "test_util.h"
 #include "train/trainer.h"
 
@@ -331,46 +332,75 @@ static void test_bad_input(void **state) {
     assert_non_null(strstr(moe_last_error(), "layer 1: moe-router-topk (5)"));
 }
 
-/* Decoding token by token with the cache gives the logits of a full recomputation. */
-static void kv_cache(moe_model_config c) {
+/* Decoding token by token with the cache gives the logits of a full recomputation (within tol
+ * of the largest): twice, the second time after the parameters were written through
+ * moe_model_params right after the first decoding, recomputed by a new model given the same
+ * parameters (bf16 experts keep their weights' copies between decoding calls until then). */
+static void kv_cache(moe_model_config c, double tol) {
     uint64_t seed = tu_seed();
-    int S = 7;
+    int S = 7, V = c.vocab;
     moe_model *m;
     assert_int_equal(moe_model_create(&c, 2 * S, &m), MOE_OK);
     random_params(m, seed);
     int32_t tok[7], tgt[7];
-    fill_batch(tok, tgt, S, c.vocab, seed);
+    fill_batch(tok, tgt, S, V, seed);
     moe_model_args args = moe_model_args_default();
     args.training = 0;
-    assert_int_equal(moe_model_forward(m, tok, NULL, 1, S, &args, NULL), MOE_OK);
-    float *full = malloc(sizeof(float) * (size_t)S * c.vocab);
-    memcpy(full, moe_model_logits(m), sizeof(float) * (size_t)S * c.vocab);
-    moe_model_reset_cache(m);
-    /* a prefill of 3 tokens, then one at a time */
-    assert_int_equal(moe_model_decode(m, tok, 3), MOE_OK);
-    double scale = 0;
-    for (int i = 0; i < S * c.vocab; i++) scale = fmax(scale, fabs(full[i]));
-    for (int i = 0; i < 3 * c.vocab; i++) assert_true(fabs(moe_model_logits(m)[i] - full[i]) < 1e-5 * scale);
-    for (int t = 3; t < S; t++) {
-        assert_int_equal(moe_model_decode(m, tok + t, 1), MOE_OK);
-        for (int v = 0; v < c.vocab; v++)
-            if (fabs(moe_model_logits(m)[v] - full[t * c.vocab + v]) > 1e-5 * scale)
-                fail_msg("position %d, token %d: cached %g, full %g", t, v, moe_model_logits(m)[v],
-                         full[t * c.vocab + v]);
+    float *dec = malloc(sizeof(float) * (size_t)S * V), *full = malloc(sizeof(float) * (size_t)S * V);
+    for (int round = 0; round < 2; round++) {
+        if (round) { /* new weights: every parameter scaled by a random factor in [0.5, 1.5] */
+            float *p = moe_model_params(m);
+            for (size_t i = 0; i < moe_model_param_count(m); i++)
+                p[i] *= 0.5f + (float)moe_rng_uniform64(seed, 5, i);
+        }
+        if (!round) {
+            assert_int_equal(moe_model_forward(m, tok, NULL, 1, S, &args, NULL), MOE_OK);
+            memcpy(full, moe_model_logits(m), sizeof(float) * (size_t)S * V);
+        }
+        moe_model_reset_cache(m);
+        /* a prefill of 3 tokens, then one at a time */
+        assert_int_equal(moe_model_decode(m, tok, 3), MOE_OK);
+        memcpy(dec, moe_model_logits(m), sizeof(float) * 3 * (size_t)V);
+        for (int t = 3; t < S; t++) {
+            assert_int_equal(moe_model_decode(m, tok + t, 1), MOE_OK);
+            memcpy(dec + (size_t)t * V, moe_model_logits(m), sizeof(float) * (size_t)V);
+        }
+        assert_int_equal(moe_model_cache_len(m), S);
+        assert_int_equal(moe_model_decode(m, tok, 1), MOE_ERR_INVALID); /* the cache is full */
+        if (round) {
+            moe_model *fresh;
+            assert_int_equal(moe_model_create(&c, 2 * S, &fresh), MOE_OK);
+            memcpy(moe_model_params(fresh), moe_model_params(m),
+                   sizeof(float) * moe_model_param_count(m));
+            assert_int_equal(moe_model_forward(fresh, tok, NULL, 1, S, &args, NULL), MOE_OK);
+            memcpy(full, moe_model_logits(fresh), sizeof(float) * (size_t)S * V);
+            moe_model_destroy(fresh);
+        }
+        double scale = 0;
+        for (int i = 0; i < S * V; i++) scale = fmax(scale, fabs(full[i]));
+        for (int i = 0; i < S * V; i++)
+            if (fabs(dec[i] - full[i]) > tol * scale)
+                fail_msg("round %d, position %d, token %d: cached %g, full %g", round, i / V,
+                         i % V, dec[i], full[i]);
     }
-    assert_int_equal(moe_model_cache_len(m), S);
-    assert_int_equal(moe_model_decode(m, tok, 1), MOE_ERR_INVALID); /* the cache is full */
+    free(dec);
     free(full);
     moe_model_destroy(m);
 }
 
 static void test_kv_cache(void **state) {
     (void)state;
-    kv_cache(attn_config(0, MOE_QK_NORM_NONE, 0));
-    kv_cache(attn_config(1, MOE_QK_NORM_HEAD, 6)); /* biases, norms, head size when decoding */
-    kv_cache(attn_config(0, MOE_QK_NORM_WHOLE, 0));
-    kv_cache(mla_config(5)); /* MLA: the cache holds every head's keys and values */
-    kv_cache(mla_config(0));
+    kv_cache(attn_config(0, MOE_QK_NORM_NONE, 0), 1e-5);
+    kv_cache(attn_config(1, MOE_QK_NORM_HEAD, 6), 1e-5); /* biases, norms, head size */
+    kv_cache(attn_config(0, MOE_QK_NORM_WHOLE, 0), 1e-5);
+    kv_cache(mla_config(5), 1e-5); /* MLA: the cache holds every head's keys and values */
+    kv_cache(mla_config(0), 1e-5);
+    if (moe_gemm_bf16_available()) { /* bf16 experts and shared expert (oneDNN) */
+        moe_model_config c = tiny_config();
+        c.moe.expert_bf16 = 1;
+        c.moe.shared_ffn = 12;
+        kv_cache(c, 1e-3);
+    }
 }
 
 /* Sampling: greedy and top-k 1 take the argmax; top-p keeps the smallest likely set; the

@@ -373,8 +373,8 @@ static int bench_train(moe_options *o, int json) {
 /* What one decoding step reads: every parameter but the embedding table's other rows (all of
  * it when the output layer is the embedding), and of each MoE layer only the experts its
  * tokens went to; expert_bytes[l * stride + e] is expert e of block l, fixed is the rest.
- * bf16 experts (and shared expert) count 8 bytes a weight: each forward reads the fp32 weight
- * and writes its bf16 copy, which the product then reads. */
+ * bf16 experts (and shared expert) count 2 bytes a weight: decoding keeps the bf16 copies the
+ * prompt's call made (moe_forward_args.reuse_bf16). */
 typedef struct {
     double fixed, *expert_bytes;
     int stride;
@@ -395,7 +395,7 @@ static moe_status decode_bytes_plan(moe_model *m, decode_bytes *b) {
     for (int i = 0; i < n; i++) {
         const moe_tensor_info *t = moe_model_tensor(m, i);
         int l, bf16 = c->moe.expert_bf16 && (t->expert || strstr(t->name, ".shared_expert."));
-        double bytes = (bf16 ? 8.0 : 4.0) * (double)t->numel;
+        double bytes = (bf16 ? 2.0 : 4.0) * (double)t->numel;
         if (t->expert && sscanf(t->name, "model.layers.%d.", &l) == 1)
             b->expert_bytes[(size_t)l * b->stride + t->expert_id] += bytes;
         else if (!strcmp(t->name, "model.embed_tokens.weight") && !tied)

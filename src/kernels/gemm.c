@@ -153,31 +153,12 @@ static void read_gemm_choice(void) {
     for (int l = 0; l < 3; l++) use_dnnl[l] = dnnl && !none && (all || l < 2);
 }
 
-/* NT with at most MOE_GEMM_DOT_ROWS rows of A (a decoding step): moe_gemm_small's dot
- * products, the rows of B (the weights) split over the threads in multiples of 16 (at least
- * 64 each); 0 where it does not apply. A BLAS packs B before multiplying, which at one row of A
- * reads the weights twice and writes them once (bench/RESULTS.md, decoding). */
-static int gemm_few_rows(int m, int n, int k, float alpha, const float *A, int lda,
-                         const float *B, int ldb, float beta, float *C, int ldc) {
-    if (m > MOE_GEMM_DOT_ROWS || alpha != 1.0f || (beta != 0.0f && beta != 1.0f) ||
-        !moe_gemm_small_available())
-        return 0;
-    int blocks = n / 16, parts = omp_in_parallel() ? 1 : moe_num_threads();
-    parts = parts < n / 64 ? parts : n / 64;
-    if (parts <= 1) return moe_gemm_small(0, 1, m, n, k, A, lda, B, ldb, beta, C, ldc) == MOE_OK;
-#pragma omp parallel num_threads(parts)
-    {
-        int id = omp_get_thread_num(), np = omp_get_num_threads();
-        int lo = (int)((long)blocks * id / np) * 16;
-        int hi = id == np - 1 ? n : (int)((long)blocks * (id + 1) / np) * 16;
-        moe_gemm_small(0, 1, m, hi - lo, k, A, lda, B + (long)lo * ldb, ldb, beta, C + lo, ldc);
-    }
-    return 1;
-}
-
 void moe_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc) {
-    if (!ta && tb && gemm_few_rows(m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)) return;
+    /* a decoding step's products: a library packs B before multiplying, which at one row of A
+     * reads the weights twice and writes them once (bench/RESULTS.md, decoding) */
+    if (!ta && tb && alpha == 1.0f && moe_gemm_dot(0, m, n, k, A, lda, B, ldb, beta, C, ldc))
+        return;
     pthread_once(&lib_once, read_gemm_choice);
     int layout = ta && tb ? -1 : ta ? 1 : tb ? 2 : 0;
     if (layout >= 0 && use_dnnl[layout] && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) &&

@@ -18,6 +18,8 @@
 
 #include "core/core.h"
 
+#include <omp.h>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
@@ -444,31 +446,45 @@ static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, c
 }
 
 /* NT with at most MOE_GEMM_DOT_ROWS rows of A (decoding: a token per call): every element of
- * C a dot product of a row of A and a weight row along k, 16 lanes at a time, the lanes added
- * at the end; R weight rows at once, each read from memory once, in order, PF_DOT floats ahead.
- * With so few rows the tiles above would fill 1-2 of 16 lanes, and a BLAS packs the weights
- * first, a pass as long as the multiply (bench/RESULTS.md, decoding). */
-#define PF_DOT 256
-static inline __attribute__((always_inline)) SMALL_TARGET void
-dot_body(const float *A, int lda, const float *B, int ldb, int k, int beta1, float *C, int ldc,
-         const int M, const int R) {
-    __m512 acc[MOE_GEMM_DOT_ROWS][8], bv[8];
+ * C a dot product of a row of A and a weight row along k, a vector at a time (16 floats, or 32
+ * bf16 pairs through vdpbf16ps), the lanes added at the end; R weight rows at once, each read
+ * from memory once, in order, PF_DOT bytes ahead. With so few rows the tiles above would fill
+ * 1-2 of 16 lanes, and a library packs the weights first, a pass as long as the multiply
+ * (bench/RESULTS.md, decoding). */
+#define PF_DOT 1024
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+static inline __attribute__((always_inline)) BF16_TARGET void
+dot_body(const void *A, int lda, const void *B, int ldb, int k, int beta1, float *C, int ldc,
+         const int M, const int R, const int BF16) {
+    const int step = BF16 ? 32 : 16, es = BF16 ? 2 : 4; /* elements per vector, bytes each */
+    const char *a0 = A, *b0 = B;
+    __m512 acc[MOE_GEMM_DOT_ROWS][8];
 #pragma GCC unroll 4
     for (int i = 0; i < M; i++)
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
-    for (int kk = 0; kk < k; kk += 16) {
-        __mmask16 mask = (__mmask16)(k - kk >= 16 ? 0xFFFFu : (1u << (k - kk)) - 1u);
+    for (int kk = 0; kk < k; kk += step) {
+        int left = k - kk;
+        __m512i bv[8];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(B + (long)r * ldb + kk + PF_DOT), _MM_HINT_T0);
-            bv[r] = _mm512_maskz_loadu_ps(mask, B + (long)r * ldb + kk);
+            const char *row = b0 + ((long)r * ldb + kk) * es;
+            _mm_prefetch(row + PF_DOT, _MM_HINT_T0);
+            bv[r] = BF16 ? _mm512_maskz_loadu_epi16(left >= 32 ? ~0u : (1u << left) - 1u, row)
+                         : _mm512_maskz_loadu_epi32(
+                               (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u), row);
         }
 #pragma GCC unroll 4
         for (int i = 0; i < M; i++) {
-            __m512 a = _mm512_maskz_loadu_ps(mask, A + (long)i * lda + kk);
+            const char *row = a0 + ((long)i * lda + kk) * es;
+            __m512i a = BF16 ? _mm512_maskz_loadu_epi16(left >= 32 ? ~0u : (1u << left) - 1u, row)
+                             : _mm512_maskz_loadu_epi32(
+                                   (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u), row);
 #pragma GCC unroll 8
-            for (int r = 0; r < R; r++) acc[i][r] = _mm512_fmadd_ps(a, bv[r], acc[i][r]);
+            for (int r = 0; r < R; r++)
+                acc[i][r] = BF16 ? _mm512_dpbf16_ps(acc[i][r], (__m512bh)a, (__m512bh)bv[r])
+                                 : _mm512_fmadd_ps(_mm512_castsi512_ps(a),
+                                                   _mm512_castsi512_ps(bv[r]), acc[i][r]);
         }
     }
 #pragma GCC unroll 4
@@ -480,23 +496,53 @@ dot_body(const float *A, int lda, const float *B, int ldb, int k, int beta1, flo
         }
 }
 
-typedef void (*dot_fn)(const float *, int, const float *, int, int, int, float *, int);
-#define DOT(M, R)                                                                                \
-    static SMALL_TARGET void dot_##M##_##R(const float *A, int lda, const float *B, int ldb,    \
-                                           int k, int beta1, float *C, int ldc) {                \
-        dot_body(A, lda, B, ldb, k, beta1, C, ldc, M, R);                                        \
+typedef void (*dot_fn)(const void *, int, const void *, int, int, int, float *, int);
+#define DOT(M, R, BF16)                                                                          \
+    static BF16_TARGET void dot_##M##_##R##_##BF16(const void *A, int lda, const void *B,       \
+                                                   int ldb, int k, int beta1, float *C,          \
+                                                   int ldc) {                                    \
+        dot_body(A, lda, B, ldb, k, beta1, C, ldc, M, R, BF16);                                  \
     }
-DOT(1, 8) DOT(2, 8) DOT(3, 4) DOT(4, 4) DOT(1, 1) DOT(2, 1) DOT(3, 1) DOT(4, 1)
+#define DOTS(BF16) DOT(1, 8, BF16) DOT(2, 8, BF16) DOT(3, 4, BF16) DOT(4, 4, BF16) \
+    DOT(1, 1, BF16) DOT(2, 1, BF16) DOT(3, 1, BF16) DOT(4, 1, BF16)
+DOTS(0)
+DOTS(1)
 /* Weight rows per tile for M rows of A: at most 16 accumulators. */
 static const int dot_r[MOE_GEMM_DOT_ROWS + 1] = {0, 8, 8, 4, 4};
-static const dot_fn dot_tiles[MOE_GEMM_DOT_ROWS + 1] = {0, dot_1_8, dot_2_8, dot_3_4, dot_4_4};
-static const dot_fn dot_ones[MOE_GEMM_DOT_ROWS + 1] = {0, dot_1_1, dot_2_1, dot_3_1, dot_4_1};
+static const dot_fn dot_tiles[2][MOE_GEMM_DOT_ROWS + 1] = {
+    {0, dot_1_8_0, dot_2_8_0, dot_3_4_0, dot_4_4_0}, {0, dot_1_8_1, dot_2_8_1, dot_3_4_1, dot_4_4_1}};
+static const dot_fn dot_ones[2][MOE_GEMM_DOT_ROWS + 1] = {
+    {0, dot_1_1_0, dot_2_1_0, dot_3_1_0, dot_4_1_0}, {0, dot_1_1_1, dot_2_1_1, dot_3_1_1, dot_4_1_1}};
 
-static void gemm_nt_dot(int m, int n, int k, const float *A, int lda, const float *B, int ldb,
-                        int beta1, float *C, int ldc) {
-    int R = dot_r[m], j = 0;
-    for (; j + R <= n; j += R) dot_tiles[m](A, lda, B + (long)j * ldb, ldb, k, beta1, C + j, ldc);
-    for (; j < n; j++) dot_ones[m](A, lda, B + (long)j * ldb, ldb, k, beta1, C + j, ldc);
+/* Weight rows [lo, hi) of C = A B^T. */
+static void gemm_nt_dot(int bf16, int m, int lo, int hi, int k, const void *A, int lda,
+                        const void *B, int ldb, int beta1, float *C, int ldc) {
+    const char *b = B;
+    size_t row = (size_t)ldb * (bf16 ? 2 : 4);
+    int R = dot_r[m], j = lo;
+    for (; j + R <= hi; j += R) dot_tiles[bf16][m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
+    for (; j < hi; j++) dot_ones[bf16][m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
+}
+
+int moe_gemm_dot(int bf16, int m, int n, int k, const void *A, int lda, const void *B, int ldb,
+                 float beta, float *C, int ldc) {
+    if (m < 1 || m > MOE_GEMM_DOT_ROWS || n < 1 || k < 1 || (beta != 0.0f && beta != 1.0f) ||
+        !__builtin_cpu_supports("avx512bw") || (bf16 && !__builtin_cpu_supports("avx512bf16")))
+        return 0;
+    int blocks = n / 16, parts = omp_in_parallel() ? 1 : moe_num_threads();
+    parts = parts < n / 64 ? parts : n / 64;
+    if (parts <= 1) {
+        gemm_nt_dot(bf16, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+        return 1;
+    }
+#pragma omp parallel num_threads(parts)
+    {
+        int id = omp_get_thread_num(), np = omp_get_num_threads();
+        int lo = (int)((long)blocks * id / np) * 16;
+        int hi = id == np - 1 ? n : (int)((long)blocks * (id + 1) / np) * 16;
+        gemm_nt_dot(bf16, m, lo, hi, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+    }
+    return 1;
 }
 
 int moe_gemm_small_available(void) {
@@ -517,8 +563,8 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
                 for (int j = 0; j < n; j++) C[(long)i * ldc + j] = 0;
         return MOE_OK;
     }
-    if (tb && m <= MOE_GEMM_DOT_ROWS) {
-        gemm_nt_dot(m, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+    if (tb && m <= MOE_GEMM_DOT_ROWS && __builtin_cpu_supports("avx512bw")) {
+        gemm_nt_dot(0, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
         return MOE_OK;
     }
     if (tb) {
@@ -539,5 +585,12 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
     (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb;
     (void)beta, (void)C, (void)ldc;
     return moe_set_error(MOE_ERR_STATE, "small GEMM: not built for this CPU");
+}
+
+int moe_gemm_dot(int bf16, int m, int n, int k, const void *A, int lda, const void *B, int ldb,
+                 float beta, float *C, int ldc) {
+    (void)bf16, (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)beta;
+    (void)C, (void)ldc;
+    return 0;
 }
 #endif

@@ -40,6 +40,13 @@ moe_status moe_gemm_dnnl(int ta, int tb, int m, int n, int k, const float *A, in
  * MOE_ERR_INVALID for both transposed or beta other than 0 and 1, MOE_ERR_STATE where the CPU
  * lacks AVX-512. */
 #define MOE_GEMM_DOT_ROWS 4
+/* C = A B^T + beta C (beta 0 or 1) for at most MOE_GEMM_DOT_ROWS rows of A as dot products along
+ * k: fp32 operands, or bf16 (uint16_t) ones with fp32 accumulation (AVX512-BF16); the rows of B
+ * split over the threads outside a parallel region (the results do not depend on the split).
+ * 1 when done, 0 where it does not apply (more rows, other beta, a CPU without the
+ * instructions): then nothing is written. */
+int moe_gemm_dot(int bf16, int m, int n, int k, const void *A, int lda, const void *B, int ldb,
+                 float beta, float *C, int ldc);
 int moe_gemm_small_available(void);
 moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
                           const float *B, int ldb, float beta, float *C, int ldc);

@@ -566,7 +566,14 @@ const moe_model_config *moe_model_get_config(const moe_model *m) { return &m->cf
 size_t moe_model_param_count(const moe_model *m) { return m->n_params; }
 /* Training on the GPU keeps the newest parameters there: the host's copy is brought up to date
  * when asked for, and then counts as the newer one (the caller may write it). */
+/* The parameters may have been written: the layers' kept bf16 copies are stale. */
+static void params_written(moe_model *m) {
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        if (m->moe[l]) moe_layer_weights_changed(m->moe[l]);
+}
+
 float *moe_model_params(moe_model *m) {
+    params_written(m); /* the caller may write through the pointer */
     if (m->gpu_train && m->host_stale &&
         moe_cuda_model_params_io(m->gpu, m->params, 0) == MOE_OK)
         m->host_stale = 0;
@@ -628,6 +635,7 @@ size_t moe_model_activation_bytes(const moe_model *m) {
  * each block (o_proj, down_proj) use init_std / sqrt(2 L) (Megatron's scaled init). */
 void moe_model_init_params(moe_model *m, uint64_t seed) {
     const moe_model_config *c = &m->cfg;
+    params_written(m);
     float std_out = c->init_std / sqrtf(2.0f * (float)c->n_layers);
     for (int i = 0; i < m->n_tensors; i++) {
         const moe_tensor_info *t = &m->tensors[i];
@@ -1187,6 +1195,7 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
         if (m->moe[l]) {
             moe_forward_args fa = moe_forward_args_default();
             fa.training = 0;
+            fa.reuse_bf16 = 1; /* moe_model_params drops the copies */
             MOE_TRY(moe_layer_forward(m->moe[l], m->tmp, s->n2, n, &fa));
         } else {
             moe_mlp_forward(c->moe.act, n, d, c->ffn, s->n2, p.w_in, NULL, p.w_out, NULL, NULL,

@@ -304,18 +304,32 @@ typedef void (*expert_part_fn)(moe_layer *L, const moe_expert_rows *r, int e, in
  * for the expert's previous part while another thread computes it, and the threads' last items
  * are of the smallest experts: neither waits long at the end. Which thread computes a part does
  * not change its results. t_act: as in moe_mlp_forward, with the experts on one thread. */
-static void run_expert_parts(moe_layer *L, int np, expert_part_fn part, double *t_act) {
+static void expert_parts(moe_layer *L, const moe_expert_rows *rows, int np, expert_part_fn part,
+                         int *next, double *t_act) {
     moe_fwd_state *st = &L->st;
-    int E = L->cfg.n_experts, across = experts_across_threads(L), next = 0;
-    moe_expert_rows rows = moe_own_rows(st);
-    for (int e = 0; e < E; e++) st->expert_ready[e] = 0;
-#pragma omp parallel if (across)
-    for (int i; (i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) < np * E;) {
+    int E = L->cfg.n_experts;
+    for (int i; (i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < np * E;) {
         int p = i / E, e = st->expert_order[i % E], o = st->expert_off[e];
         wait_for(&st->expert_ready[e], p);
-        part(L, &rows, e, o, st->expert_off[e + 1] - o, p, across ? NULL : t_act);
+        part(L, rows, e, o, st->expert_off[e + 1] - o, p, t_act);
         __atomic_store_n(&st->expert_ready[e], p + 1, __ATOMIC_RELEASE);
     }
+}
+
+static void run_expert_parts(moe_layer *L, int np, expert_part_fn part, double *t_act) {
+    moe_fwd_state *st = &L->st;
+    int next = 0;
+    moe_expert_rows rows = moe_own_rows(st);
+    for (int e = 0; e < L->cfg.n_experts; e++) st->expert_ready[e] = 0;
+    if (!experts_across_threads(L)) { /* outside any parallel region: the GEMMs' own regions
+                                         then reuse the threads (nested in an inactive region
+                                         they started new ones: 9 against 2 ms a decoding step
+                                         of bf16 experts) */
+        expert_parts(L, &rows, np, part, &next, t_act);
+        return;
+    }
+#pragma omp parallel
+    expert_parts(L, &rows, np, part, &next, NULL);
 }
 
 /* The forward in two parts: x W_in^T and the activation (the larger), then a W_out^T. */
@@ -331,19 +345,23 @@ static void backward_part(moe_layer *L, const moe_expert_rows *r, int e, int o, 
     moe_expert_rows_backward(L, r, e, o, n, MOE_MLP_BWD_OUT << p, t_act);
 }
 
-/* bf16 copies of the weights of the experts that have rows in this call (fp32 master weights):
- * chunks of each such expert's W_in and W_out over the threads. A decoding step's token goes
- * to k experts; converting all of them read and wrote E / k times what it uses. */
+/* bf16 copies of the weights of the experts that have rows in this call (fp32 master weights),
+ * unless kept from an earlier call (reuse_bf16): chunks of each such expert's W_in and W_out
+ * over the threads. A decoding step's token goes to k experts; converting all of them read and
+ * wrote E / k times what it uses. */
 #define BF16_CHUNK 16384
 static void bf16_copies(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
     size_t gf = gf_of(c), n_in = gf * (size_t)c->d, n_all = n_in + (size_t)c->d * c->ffn;
     long per = (long)((n_all + BF16_CHUNK - 1) / BF16_CHUNK);
+    int n_todo = 0;
+    for (int e = 0; e < c->n_experts; e++)
+        if (st->expert_off[e + 1] > st->expert_off[e] && !L->bf16_kept[e]) L->bf16_todo[n_todo++] = e;
+    if (!n_todo) return; /* decoding: every copy kept (not even a parallel region) */
 #pragma omp parallel for schedule(dynamic, 1)
-    for (long i = 0; i < per * c->n_experts; i++) {
-        int e = (int)(i / per);
-        if (st->expert_off[e + 1] == st->expert_off[e]) continue;
+    for (long i = 0; i < per * n_todo; i++) {
+        int e = L->bf16_todo[i / per];
         size_t lo = (size_t)(i % per) * BF16_CHUNK, hi = lo + BF16_CHUNK < n_all ? lo + BF16_CHUNK
                                                                                   : n_all;
         for (size_t a = lo; a < hi;) { /* the part in W_in, then the part in W_out */
@@ -356,6 +374,7 @@ static void bf16_copies(moe_layer *L) {
             a = b;
         }
     }
+    for (int q = 0; q < n_todo; q++) L->bf16_kept[L->bf16_todo[q]] = (uint8_t)st->reuse_bf16;
 }
 
 void moe_experts_forward(moe_layer *L) {

@@ -119,7 +119,12 @@ static moe_status alloc_workspace(moe_layer *L, int k) {
     plan_workspace(L, ws, L->max_tokens, k);
     L->planned_k = k;
     L->have_forward = 0;
+    moe_layer_weights_changed(L); /* the bf16 copies were in the old workspace */
     return MOE_OK;
+}
+
+void moe_layer_weights_changed(moe_layer *L) {
+    if (L->bf16_kept) memset(L->bf16_kept, 0, (size_t)L->cfg.n_experts + 1);
 }
 
 moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *params,
@@ -144,7 +149,10 @@ moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *
     L->own_grads = grads == NULL;
     L->expert_bias = moe_alloc((size_t)cfg->n_experts, sizeof(float));
     L->accum_counts = moe_alloc(2 * (size_t)cfg->n_experts, sizeof(int64_t));
-    if (!L->params || !L->grads || !L->expert_bias || !L->accum_counts ||
+    L->bf16_kept = moe_alloc((size_t)cfg->n_experts + 1, 1);
+    L->bf16_todo = moe_alloc((size_t)cfg->n_experts, sizeof(int));
+    if (!L->params || !L->grads || !L->expert_bias || !L->accum_counts || !L->bf16_kept ||
+        !L->bf16_todo ||
         alloc_workspace(L, cfg->topk) != MOE_OK) {
         moe_layer_destroy(L);
         return MOE_ERR_NOMEM;
@@ -162,6 +170,8 @@ void moe_layer_destroy(moe_layer *L) {
     if (L->own_grads) moe_free(L->grads);
     moe_free(L->expert_bias);
     moe_free(L->accum_counts);
+    moe_free(L->bf16_kept);
+    moe_free(L->bf16_todo);
     moe_ep_free(L);
     moe_free(L->ws);
     moe_free(L);
@@ -210,9 +220,10 @@ static void shared_forward(moe_layer *L, const float *x) {
     size_t gs = (size_t)(moe_act_gated(c->act) ? 2 * fs : fs);
     moe_mlp_bf16 b16;
     const moe_mlp_bf16 *b = shared_bf16(L, &b16);
-    if (b) {
+    if (b && !L->bf16_kept[c->n_experts]) {
         moe_f32_to_bf16(L->p.shared_w_in, st->sh_w_in16, gs * (size_t)d);
         moe_f32_to_bf16(L->p.shared_w_out, st->sh_w_out16, (size_t)d * fs);
+        L->bf16_kept[c->n_experts] = (uint8_t)st->reuse_bf16;
     }
     moe_mlp_forward(c->act, T, d, fs, x, L->p.shared_w_in, L->p.shared_b_in, L->p.shared_w_out,
                     L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->sh_y, NULL, b);
@@ -316,6 +327,8 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     st->k = k;
     st->seq_len = seq_len;
     st->training = args->training;
+    st->reuse_bf16 = args->reuse_bf16;
+    if (!args->reuse_bf16) moe_layer_weights_changed(L);
     st->loss_scale = args->loss_scale;
     st->step = args->step;
     st->mask = args->mask;

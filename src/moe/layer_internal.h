@@ -24,6 +24,7 @@ typedef enum {
 typedef struct {
     int T, k, Tv, n_seq, seq_len;
     int training;
+    int reuse_bf16;         /* moe_forward_args.reuse_bf16 of this call */
     float loss_scale;
     uint64_t step;
     const uint8_t *mask;   /* caller's [T] or NULL */
@@ -130,6 +131,9 @@ struct moe_layer {
     int64_t *accum_counts;  /* [E] the router's selection counts of this step's training forwards */
     int64_t *accum_aux_counts; /* [E] their aux-loss counts (global_aux_loss, docs/LAYER.md §5) */
     int64_t accum_tokens;
+    uint8_t *bf16_kept;     /* [E + 1] expert e's (e = E: the shared expert's) bf16 weights in the
+                               workspace are current (reuse_bf16 calls since the last change) */
+    int *bf16_todo;         /* [E] the experts whose copies a forward makes */
     void *ws;               /* the workspace allocation */
     size_t ws_bytes;
     moe_fwd_state st;
