@@ -11,6 +11,13 @@ side-by-side comparison is one command each:
   moe bench train --config configs/default.cfg
   /usr/bin/python3 bench/peer_torch.py train --config configs/default.cfg
 
+  moe bench generate --hidden-size 1024 --num-layers 8 --num-attention-heads 16 \
+      --num-query-groups 4 --moe-ffn-hidden-size 2816 --num-experts 8 --moe-router-topk 2 \
+      --seq-length 1024 --tokens 512 --max-new-tokens 64 --vocab-size 32000
+  /usr/bin/python3 bench/peer_torch.py generate (the same flags)
+
+(generate: the model's shape from the flags; its decoding keeps a key/value cache as moe.c's)
+
 On an NVIDIA GPU (against moe.c's CUDA layer), parameters and input on the device in bf16:
 
   python3 bench/peer_torch.py layer --device cuda --dtype bf16 --tokens 16384 \
@@ -27,6 +34,7 @@ routed rows; backward = 2 x forward). On cpu the ceiling is an fp32 torch.mm 204
 each timed iteration is bracketed by torch.cuda.synchronize() after 2 warm-up iterations."""
 import argparse
 import math
+import sys
 import time
 
 import torch
@@ -250,11 +258,11 @@ class Model(torch.nn.Module):
     def rms(x, w):
         return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * w
 
-    def rope(self, x):
+    def rope(self, x, p0=0):
         B, S, H, hd = x.shape
         half = hd // 2
         inv = 10000.0 ** (-2.0 * torch.arange(half) / hd)
-        ang = torch.arange(S)[:, None] * inv[None, :]
+        ang = torch.arange(p0, p0 + S)[:, None] * inv[None, :]
         cos, sin = torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]
         a, b = x[..., :half], x[..., half:]
         return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
@@ -277,14 +285,72 @@ class Model(torch.nn.Module):
         logits = self.rms(x, self.norm) @ self.head.t()
         return F.cross_entropy(logits.reshape(B * S, -1), tgt.reshape(-1))
 
+    @torch.no_grad()
+    def decode(self, tok, cache, p0):
+        """Logits of the last of the n tokens tok [1, n] at positions p0.., with the key/value
+        cache (one [1, S, KV, hd] pair per block, filled up to p0)."""
+        c = self.c
+        n = tok.shape[1]
+        H, KV, d = c["heads"], c["kv"], c["d"]
+        hd = d // H
+        x = self.emb[tok]
+        mask = torch.full((n, p0 + n), float("-inf")).triu(p0 + 1)
+        for b, (K, V) in zip(self.blocks, cache):
+            h = self.rms(x, b.n1)
+            q = self.rope(b.q(h).view(1, n, H, hd), p0).transpose(1, 2)
+            K[:, p0:p0 + n] = self.rope(b.k(h).view(1, n, KV, hd), p0)
+            V[:, p0:p0 + n] = b.v(h).view(1, n, KV, hd)
+            k = K[:, :p0 + n].repeat_interleave(H // KV, 2).transpose(1, 2)
+            v = V[:, :p0 + n].repeat_interleave(H // KV, 2).transpose(1, 2)
+            att = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(hd) + mask, -1)
+            x = x + b.o((att @ v).transpose(1, 2).reshape(1, n, d))
+            x = x + b.moe(self.rms(x, b.n2).view(n, d)).view(1, n, d)
+        return self.rms(x[0, -1], self.norm) @ self.head.t()
 
-def bench_train(a):
-    cfg = read_config(a.config) if a.config else {}
+
+def model_shape(cfg):
     g = lambda key, dflt: int(cfg.get(key, dflt))  # noqa: E731
     c = {"vocab": g("vocab-size", 257), "d": g("hidden-size", 128), "layers": g("num-layers", 4),
          "heads": g("num-attention-heads", 4), "f": g("moe-ffn-hidden-size", 128),
          "E": g("num-experts", 8), "k": g("moe-router-topk", 2)}
     c["kv"] = g("num-query-groups", c["heads"])
+    return c, g
+
+
+def bench_generate(a):
+    """moe bench generate's measurement: a prompt of --tokens random tokens in one call, then
+    --max-new-tokens greedy tokens one call each with the key/value cache; best of --iters."""
+    if a.config:
+        sys.exit("generate takes the model's shape from the flags, not --config")
+    c, g = model_shape({k.replace("_", "-"): str(v) for k, v in vars(a).items()
+                           if v is not None})
+    S = g("seq-length", 1024)
+    P, N = a.tokens, a.max_new_tokens
+    if P + N > S:
+        sys.exit(f"--tokens {P} + --max-new-tokens {N} exceed --seq-length {S}")
+    torch.manual_seed(a.seed)
+    model = Model(c)
+    hd = c["d"] // c["heads"]
+    prompt = torch.randint(0, c["vocab"], (1, P))
+    print(f"peer_torch generate: {c}, prompt {P}, new {N}, {torch.get_num_threads()} threads, "
+          f"PyTorch {torch.__version__}")
+    best_p = best_d = float("inf")
+    for _ in range(a.iters):
+        cache = [(torch.zeros(1, S, c["kv"], hd), torch.zeros(1, S, c["kv"], hd))
+                 for _ in range(c["layers"])]
+        t0 = time.perf_counter()
+        nxt = int(model.decode(prompt, cache, 0).argmax())
+        t1 = time.perf_counter()
+        for i in range(N):
+            nxt = int(model.decode(torch.tensor([[nxt]]), cache, P + i).argmax())
+        t2 = time.perf_counter()
+        best_p, best_d = min(best_p, t1 - t0), min(best_d, (t2 - t1) / N)
+    print(f"prefill: {1e3 * best_p:.1f} ms, {P / best_p:.0f} tokens/s")
+    print(f"decode: {1e3 * best_d:.3f} ms per token, {1 / best_d:.1f} tokens/s")
+
+
+def bench_train(a):
+    c, g = model_shape(read_config(a.config) if a.config else {})
     S, B = g("seq-length", 256), g("micro-batch-size", 8)
     torch.manual_seed(a.seed)
     model = Model(c)
@@ -310,8 +376,12 @@ def bench_train(a):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["layer", "train"])
-    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("what", choices=["layer", "train", "generate"])
+    p.add_argument("--tokens", type=int, default=1024, help="layer: tokens; generate: the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generate only")
+    for name in ["num-layers", "num-attention-heads", "num-query-groups", "vocab-size",
+                 "seq-length"]:
+        p.add_argument("--" + name, type=int, help="generate only (else the config's)")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--moe-ffn-hidden-size", type=int, default=128)
     p.add_argument("--num-experts", type=int, default=8)
@@ -327,11 +397,11 @@ def main():
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this PyTorch sees no CUDA device")
-    if a.what == "train" and (a.device, a.dtype) != ("cpu", "fp32"):
+    if a.what != "layer" and (a.device, a.dtype) != ("cpu", "fp32"):
         p.error("--device and --dtype apply to layer only")
     if a.device == "cpu":  # --threads is for cpu; on cuda the host side keeps torch's default
         torch.set_num_threads(a.threads)
-    (bench_layer if a.what == "layer" else bench_train)(a)
+    {"layer": bench_layer, "train": bench_train, "generate": bench_generate}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -358,10 +358,13 @@ static void kv_cache(moe_model_config c, double tol) {
             memcpy(full, moe_model_logits(m), sizeof(float) * (size_t)S * V);
         }
         moe_model_reset_cache(m);
-        /* a prefill of 3 tokens, then one at a time */
+        /* a prompt of 3 tokens (the forward's attention), 2 more in one call (the cached
+         * attention, causal within the call), then one at a time */
         assert_int_equal(moe_model_decode(m, tok, 3), MOE_OK);
         memcpy(dec, moe_model_logits(m), sizeof(float) * 3 * (size_t)V);
-        for (int t = 3; t < S; t++) {
+        assert_int_equal(moe_model_decode(m, tok + 3, 2), MOE_OK);
+        memcpy(dec + 3 * (size_t)V, moe_model_logits(m), sizeof(float) * 2 * (size_t)V);
+        for (int t = 5; t < S; t++) {
             assert_int_equal(moe_model_decode(m, tok + t, 1), MOE_OK);
             memcpy(dec + (size_t)t * V, moe_model_logits(m), sizeof(float) * (size_t)V);
         }

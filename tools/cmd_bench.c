@@ -500,8 +500,9 @@ static int bench_generate(moe_options *o, int json) {
                N, iters, omp_get_max_threads());
         printf("GEMM library: %s\n", moe_gemm_backend());
         print_ceiling(peak);
-        printf("prefill: %.1f ms, %.0f tokens/s, %.1f GFLOP/s = %.1f%% of SGEMM\n", 1e3 * t_pre,
-               P / t_pre, 1e-9 * pre_flops / t_pre, 100 * pre_flops / t_pre / peak);
+        printf("prefill: %.1f ms, %.0f tokens/s, %.1f GFLOP/s = %.1f%% of SGEMM%s\n", 1e3 * t_pre,
+               P / t_pre, 1e-9 * pre_flops / t_pre, 100 * pre_flops / t_pre / peak,
+               c->moe.expert_bf16 ? " (fp32; the bf16 experts' GEMMs run faster than it)" : "");
         printf("decode: %.3f ms per token, %.1f tokens/s; each step reads %.1f MB of parameters "
                "(its tokens' experts only) and %.1f MB of cache on average: %.1f GB/s = %.1f%% "
                "of the STREAM triad (%.1f GB/s, this run)\n", 1e3 * step_s, 1 / step_s,

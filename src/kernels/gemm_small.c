@@ -13,7 +13,9 @@
  *                      which is transposed into a thread's scratch 64 rows and KC columns at a
  *                      time; the tiles of 48 weight rows are staged and written to C transposed
  *                      (flush_panel); rows past whole vectors (1-8) in one vector of pairs of k
- *                      (tile_body_pairs). */
+ *                      (tile_body_pairs).
+ * NT with at most MOE_GEMM_DOT_ROWS rows of A (a decoding step) is dot products along k instead
+ * (dot_body), in fp32 or with bf16 operands (moe_gemm_dot, also over the threads). */
 #include "kernels/kernels.h"
 
 #include "core/core.h"

@@ -267,7 +267,8 @@ void moe_attention_cached(float *out, float *scratch, const float *q, const floa
                 s[j] = dot * scale;
                 mx = s[j] > mx ? s[j] : mx;
             }
-            for (int j = 0; j <= last; j++) sum += s[j] = expf(s[j] - mx);
+            for (int j = 0; j <= last; j++) s[j] = moe_exp_vec(s[j] - mx);
+            for (int j = 0; j <= last; j++) sum += s[j];
             float *oi = out + (size_t)i * os + h * dv;
             for (int c = 0; c < dv; c++) oi[c] = 0;
             for (int j = 0; j <= last; j++) {

@@ -564,14 +564,14 @@ void moe_model_destroy(moe_model *m) {
 
 const moe_model_config *moe_model_get_config(const moe_model *m) { return &m->cfg; }
 size_t moe_model_param_count(const moe_model *m) { return m->n_params; }
-/* Training on the GPU keeps the newest parameters there: the host's copy is brought up to date
- * when asked for, and then counts as the newer one (the caller may write it). */
 /* The parameters may have been written: the layers' kept bf16 copies are stale. */
 static void params_written(moe_model *m) {
     for (int l = 0; l < m->cfg.n_layers; l++)
         if (m->moe[l]) moe_layer_weights_changed(m->moe[l]);
 }
 
+/* Training on the GPU keeps the newest parameters there: the host's copy is brought up to date
+ * when asked for, and then counts as the newer one (the caller may write it). */
 float *moe_model_params(moe_model *m) {
     params_written(m); /* the caller may write through the pointer */
     if (m->gpu_train && m->host_stale &&
@@ -1189,7 +1189,9 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
         moe_rmsnorm_forward(s->n1, s->rstd1, x, p.attn_norm, n, d, c->norm_eps);
         attn_inputs(m, &p, s, n, s->q, kc + (size_t)P * kw, vc + (size_t)P * vw);
         moe_attn_dims ad = attn_dims(m, 1, n);
-        moe_attention_cached(s->att, m->att_scratch, s->q, kc, vc, n, P, &ad);
+        if (P == 0 && n > 1) /* a prompt: the forward's tiled attention over the new rows */
+            moe_attention_forward(s->att, s->probs, s->q, kc, vc, &ad);
+        else moe_attention_cached(s->att, m->att_scratch, s->q, kc, vc, n, P, &ad);
         moe_gemm(0, 1, n, d, ho, 1, s->att, ho, p.wo, ho, 1, x, d);
         moe_rmsnorm_forward(s->n2, s->rstd2, x, p.ffn_norm, n, d, c->norm_eps);
         if (m->moe[l]) {
