@@ -169,11 +169,15 @@ static size_t gf_of(const moe_layer_config *c) {
  * region): measured faster than multi-threaded GEMMs one expert after another at every shape
  * tried on 2 cores, from E = 8 with 1024 rows each (1.3x) to E = 256 with 32 rows (2.1x);
  * bench/RESULTS.md. Still deterministic: each expert is computed whole by one thread, whichever
- * it is. Not for bf16 experts: oneDNN's multi-threaded GEMMs measured faster there (585
- * against 535 GFLOP/s at T=4096 d=1024 f=2816 E=8 k=2). */
+ * it is. Not when fewer experts than threads have rows (a decoding step with k = 1): each GEMM
+ * is then split over the threads, so that none waits. Not for bf16 experts: oneDNN's
+ * multi-threaded GEMMs measured faster there (585 against 535 GFLOP/s at T=4096 d=1024 f=2816
+ * E=8 k=2). */
 static int experts_across_threads(const moe_layer *L) {
-    int threads = moe_num_threads();
-    return !L->cfg.expert_bf16 && threads > 1 && L->cfg.n_experts >= 2 * threads;
+    int threads = moe_num_threads(), busy = 0;
+    if (L->cfg.expert_bf16 || threads < 2 || L->cfg.n_experts < 2 * threads) return 0;
+    for (int e = 0; e < L->cfg.n_experts; e++) busy += L->st.expert_off[e + 1] > L->st.expert_off[e];
+    return busy >= threads;
 }
 
 void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d) {
