@@ -76,6 +76,10 @@ static void test_bf16_experts(void **state) {
     compare(c, "relu2 + bias + capacity");
     c.act = MOE_ACT_GEGLU, c.shared_ffn = 32, c.capacity_factor = 0;
     compare(c, "geglu + shared expert");
+    c = moe_layer_config_default(); /* each expert's bf16 copy made in several chunks (W_in 3 of
+                                       16384 floats, W_out 2) */
+    c.d = 128, c.n_experts = 4, c.topk = 2, c.ffn = 160;
+    compare(c, "large experts");
 }
 
 int main(void) {

@@ -129,9 +129,8 @@ static void gemm_run(const gemm_call *g) {
     }
 #pragma omp parallel num_threads(parts)
     {
-        int id = omp_get_thread_num(), np = omp_get_num_threads();
-        int lo = (int)((long)blocks * id / np) * 16;
-        int hi = id == np - 1 ? (cols ? g->n : g->m) : (int)((long)blocks * (id + 1) / np) * 16;
+        int lo, hi;
+        moe_part16(cols ? g->n : g->m, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
         blas_part(g, cols, lo, hi);
     }
 }

@@ -466,22 +466,21 @@ dot_body(const void *A, int lda, const void *B, int ldb, int k, int beta1, float
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
     for (int kk = 0; kk < k; kk += step) {
-        int left = k - kk;
+        int left = k - kk; /* the step's valid elements: all but in the last */
+        __mmask32 m16 = left >= 32 ? ~0u : (1u << left) - 1u;
+        __mmask16 m32 = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
         __m512i bv[8];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const char *row = b0 + ((long)r * ldb + kk) * es;
             _mm_prefetch(row + PF_DOT, _MM_HINT_T0);
-            bv[r] = BF16 ? _mm512_maskz_loadu_epi16(left >= 32 ? ~0u : (1u << left) - 1u, row)
-                         : _mm512_maskz_loadu_epi32(
-                               (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u), row);
+            bv[r] = BF16 ? _mm512_maskz_loadu_epi16(m16, row) : _mm512_maskz_loadu_epi32(m32, row);
         }
 #pragma GCC unroll 4
         for (int i = 0; i < M; i++) {
             const char *row = a0 + ((long)i * lda + kk) * es;
-            __m512i a = BF16 ? _mm512_maskz_loadu_epi16(left >= 32 ? ~0u : (1u << left) - 1u, row)
-                             : _mm512_maskz_loadu_epi32(
-                                   (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u), row);
+            __m512i a = BF16 ? _mm512_maskz_loadu_epi16(m16, row)
+                             : _mm512_maskz_loadu_epi32(m32, row);
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++)
                 acc[i][r] = BF16 ? _mm512_dpbf16_ps(acc[i][r], (__m512bh)a, (__m512bh)bv[r])
@@ -531,7 +530,7 @@ int moe_gemm_dot(int bf16, int m, int n, int k, const void *A, int lda, const vo
     if (m < 1 || m > MOE_GEMM_DOT_ROWS || n < 1 || k < 1 || (beta != 0.0f && beta != 1.0f) ||
         !__builtin_cpu_supports("avx512bw") || (bf16 && !__builtin_cpu_supports("avx512bf16")))
         return 0;
-    int blocks = n / 16, parts = omp_in_parallel() ? 1 : moe_num_threads();
+    int parts = omp_in_parallel() ? 1 : moe_num_threads();
     parts = parts < n / 64 ? parts : n / 64;
     if (parts <= 1) {
         gemm_nt_dot(bf16, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
@@ -539,9 +538,8 @@ int moe_gemm_dot(int bf16, int m, int n, int k, const void *A, int lda, const vo
     }
 #pragma omp parallel num_threads(parts)
     {
-        int id = omp_get_thread_num(), np = omp_get_num_threads();
-        int lo = (int)((long)blocks * id / np) * 16;
-        int hi = id == np - 1 ? n : (int)((long)blocks * (id + 1) / np) * 16;
+        int lo, hi;
+        moe_part16(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
         gemm_nt_dot(bf16, m, lo, hi, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
     }
     return 1;

@@ -40,6 +40,13 @@ moe_status moe_gemm_dnnl(int ta, int tb, int m, int n, int k, const float *A, in
  * MOE_ERR_INVALID for both transposed or beta other than 0 and 1, MOE_ERR_STATE where the CPU
  * lacks AVX-512. */
 #define MOE_GEMM_DOT_ROWS 4
+/* Part id of np of [0, n) in multiples of 16 (the last part takes the rest): [*lo, *hi). The
+ * threads' shares of a GEMM's rows or columns; they depend on the thread count only. */
+static inline void moe_part16(int n, int id, int np, int *lo, int *hi) {
+    int blocks = n / 16;
+    *lo = (int)((long)blocks * id / np) * 16;
+    *hi = id == np - 1 ? n : (int)((long)blocks * (id + 1) / np) * 16;
+}
 /* C = A B^T + beta C (beta 0 or 1) for at most MOE_GEMM_DOT_ROWS rows of A as dot products along
  * k: fp32 operands, or bf16 (uint16_t) ones with fp32 accumulation (AVX512-BF16); the rows of B
  * split over the threads outside a parallel region (the results do not depend on the split).

@@ -357,8 +357,9 @@ static void backward_part(moe_layer *L, const moe_expert_rows *r, int e, int o, 
 static void bf16_copies(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
-    size_t gf = gf_of(c), n_in = gf * (size_t)c->d, n_all = n_in + (size_t)c->d * c->ffn;
-    long per = (long)((n_all + BF16_CHUNK - 1) / BF16_CHUNK);
+    size_t n_in = gf_of(c) * (size_t)c->d, n_out = (size_t)c->d * c->ffn;
+    long p_in = (long)((n_in + BF16_CHUNK - 1) / BF16_CHUNK);
+    long per = p_in + (long)((n_out + BF16_CHUNK - 1) / BF16_CHUNK); /* chunks per expert */
     int n_todo = 0;
     for (int e = 0; e < c->n_experts; e++)
         if (st->expert_off[e + 1] > st->expert_off[e] && !L->bf16_kept[e]) L->bf16_todo[n_todo++] = e;
@@ -366,17 +367,12 @@ static void bf16_copies(moe_layer *L) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (long i = 0; i < per * n_todo; i++) {
         int e = L->bf16_todo[i / per];
-        size_t lo = (size_t)(i % per) * BF16_CHUNK, hi = lo + BF16_CHUNK < n_all ? lo + BF16_CHUNK
-                                                                                  : n_all;
-        for (size_t a = lo; a < hi;) { /* the part in W_in, then the part in W_out */
-            size_t b = a < n_in && hi > n_in ? n_in : hi;
-            if (a < n_in)
-                moe_f32_to_bf16_serial(L->p.w_in + e * n_in + a, st->w_in16 + e * n_in + a, b - a);
-            else
-                moe_f32_to_bf16_serial(L->p.w_out + e * (n_all - n_in) + (a - n_in),
-                                       st->w_out16 + e * (n_all - n_in) + (a - n_in), b - a);
-            a = b;
-        }
+        long q = i % per; /* W_in's chunks, then W_out's */
+        int out = q >= p_in;
+        size_t n = out ? n_out : n_in, lo = (size_t)(out ? q - p_in : q) * BF16_CHUNK;
+        const float *w = out ? L->p.w_out + e * n_out : L->p.w_in + e * n_in;
+        uint16_t *w16 = out ? st->w_out16 + e * n_out : st->w_in16 + e * n_in;
+        moe_f32_to_bf16_serial(w + lo, w16 + lo, n - lo < BF16_CHUNK ? n - lo : BF16_CHUNK);
     }
     for (int q = 0; q < n_todo; q++) L->bf16_kept[L->bf16_todo[q]] = (uint8_t)st->reuse_bf16;
 }
