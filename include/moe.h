@@ -421,8 +421,9 @@ moe_status moe_model_backward(moe_model *m);
  * trainer created for such a model (moe_trainer_create; one at a time) keeps the parameters,
  * gradients and AdamW's moments on the GPU instead until it is destroyed, and moe_model_params
  * / moe_model_grads then bring host copies up to date when called (the parameters may be
- * written; the gradients are a copy to read); moving the model to "cpu" meanwhile is refused. moe_model_logits is filled by forwards with training = 0; moe_model_decode
- * recomputes the prefix on the GPU. MOE_ERR_INVALID (naming it) for what the GPU does not
+ * written; the gradients are a copy to read); moving the model to "cpu" meanwhile is refused.
+ * moe_model_logits is filled by forwards with training = 0; moe_model_decode keeps its
+ * key/value cache on the GPU. MOE_ERR_INVALID (naming it) for what the GPU does not
  * compute: multi-head latent attention, q/k norms and biases, YaRN, expert parallelism, and
  * the MoE options the CUDA layer refuses. */
 moe_status moe_model_use_device(moe_model *m, const char *device);
@@ -438,8 +439,9 @@ const float *moe_model_logits(const moe_model *m);
 /* Incremental decoding of one sequence with a key/value cache: feeds n tokens at the
  * positions after those already cached, and computes their logits (moe_model_logits).
  * The cache holds up to seq_len positions; MOE_ERR_INVALID beyond. Inference only. With bf16
- * experts the layers keep their weights' bf16 copies from one call to the next, until
- * moe_model_params or moe_model_init_params is called: write the parameters through a pointer
+ * experts the layers keep their weights' bf16 copies from one call to the next, and on the GPU
+ * the parameters copied in by one call serve the next, until moe_model_params or
+ * moe_model_init_params is called (or a forward): write the parameters through a pointer
  * obtained after the last decoding call. */
 moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n);
 /* Empties the cache (a new sequence). */

@@ -47,6 +47,10 @@ moe_status moe_cuda_layer_set_params(moe_cuda_layer *L, const float *params,
                                      const float *expert_bias);
 /* Copies in the selection bias [E] (host). */
 moe_status moe_cuda_layer_set_expert_bias(moe_cuda_layer *L, const float *expert_bias);
+/* The parameters were written on the GPU: the bf16 copies kept for moe_forward_args.reuse_bf16
+ * are stale (moe_layer_weights_changed; moe_cuda_layer_set_params and _init_params say so
+ * themselves). */
+void moe_cuda_layer_weights_changed(moe_cuda_layer *L);
 /* Normal(0, std) parameters drawn on the GPU from seed (not the CPU layer's values). */
 moe_status moe_cuda_layer_init_params(moe_cuda_layer *L, uint64_t seed, float std);
 moe_status moe_cuda_layer_get_grads(moe_cuda_layer *L, float *grads);
@@ -72,6 +76,9 @@ const double *moe_cuda_layer_stage_times(const moe_cuda_layer *L);
  * GPU, the best of reps after a warm-up, with bf16 operands and fp32 accumulation (bf16 = 1)
  * or in fp32, on random operands; a negative value if it could not run. */
 double moe_cuda_gemm_seconds(int ta, int tb, int m, int n, int k, int bf16, int reps);
+/* The GPU memory's bandwidth (bytes/s, read and written counted): the best of reps device-to-
+ * device copies of bytes; a negative value if it could not run. */
+double moe_cuda_copy_bandwidth(size_t bytes, int reps);
 
 #ifdef __cplusplus
 }

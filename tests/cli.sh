@@ -35,13 +35,18 @@ for cfg in "$src"/configs/*.cfg; do # every example config is valid
   expect 0 "$moe" train --config "$cfg" --print-config
 done
 # --device cuda where there is no GPU (CI) or no CUDA in the build: one clear line, exit 1;
-# with a GPU the layer bench runs (test_cuda_* check the numbers)
+# with a GPU the layer and generation benches run (test_cuda_* check the numbers)
 if "$moe" bench layer --device cuda --tokens 64 --iters 1 >"$tmp/out" 2>&1; then
   grep -q "TFLOP/s" "$tmp/out" || fail "bench layer --device cuda: $(cat "$tmp/out")"
+  expect 0 "$moe" bench generate --device cuda --num-layers 2 --hidden-size 64 --seq-length 32 \
+    --json
+  grep -q '"device":"cuda"' "$tmp/out" || fail "bench generate --device cuda: $(cat "$tmp/out")"
 else
   [ "$(wc -l <"$tmp/out")" = 1 ] && grep -q "CUDA" "$tmp/out" || fail "--device cuda: $(cat "$tmp/out")"
   expect 1 "$moe" bench train --device cuda --num-layers 1 --hidden-size 32 --iters 1
   grep -q "CUDA" "$tmp/out" || fail "bench train --device cuda: $(cat "$tmp/out")"
+  expect 1 "$moe" bench generate --device cuda --num-layers 1 --hidden-size 32 --iters 1
+  grep -q "CUDA" "$tmp/out" || fail "bench generate --device cuda: $(cat "$tmp/out")"
 fi
 expect 2 "$moe" bench train --device tpu
 # bench generate: the parameter bytes a decoding step reads, against the tensor shapes: every
@@ -63,7 +68,6 @@ assert abs(r["decode_param_mb"] - want) < 1e-3 and r["new_tokens"] == 3, (r, wan
 expect 2 "$moe" bench generate --seq-length 32 --tokens 30 --max-new-tokens 5
 grep -q "must fit --seq-length (32)" "$tmp/out" || fail "bench generate: $(cat "$tmp/out")"
 expect 2 "$moe" bench generate --seq-length 1
-expect 2 "$moe" bench generate --device cuda
 expect 2 "$moe" demo --device cuda
 grep -q "runs on the CPU" "$tmp/out" || fail "demo --device cuda: $(cat "$tmp/out")"
 echo "cli ok"

@@ -273,37 +273,93 @@ static void test_trainer_lifecycle(void **state) {
     free(trained), free(data);
 }
 
-/* Evaluation logits and generation (moe_model_decode: the GPU recomputes the prefix instead of
- * keeping a KV cache) against the CPU's. */
+/* The logits [S, V] of tok [0, S) decoded in calls of 10, 3, then 1 token (out). */
+static void decode_all(moe_model *m, const int32_t *tok, int S, int V, float *out) {
+    moe_model_reset_cache(m);
+    for (int fed = 0, n = 10; fed < S; fed += n, n = fed == 10 ? 3 : 1) {
+        if (moe_model_decode(m, tok + fed, n) != MOE_OK) fail_msg("%s", moe_last_error());
+        memcpy(out + (size_t)fed * V, moe_model_logits(m), sizeof(float) * (size_t)n * V);
+    }
+}
+
+/* Decodes tok [0, S) on both models (decode_all) and compares the logits. */
+static void decode_both(moe_model *cpu, moe_model *gpu, const int32_t *tok, int S, int V,
+                        const char *what) {
+    size_t n = (size_t)S * V;
+    float *lc = malloc(n * 4), *lg = malloc(n * 4);
+    assert_true(lc && lg);
+    decode_all(cpu, tok, S, V, lc);
+    decode_all(gpu, tok, S, V, lg);
+    double e = tu_rel_err(lg, lc, n, NULL);
+    if (!(e < 1e-5)) fail_msg("%s: decoded logits differ by %.3g of their scale", what, e);
+    assert_int_equal(moe_model_cache_len(gpu), S);
+    assert_int_equal(moe_model_decode(gpu, tok, 1), MOE_ERR_INVALID); /* the cache is full */
+    free(lc), free(lg);
+}
+
+/* Evaluation logits, and generation with the key/value cache on the GPU (a model of fewer
+ * tokens a call than the sequence), against the CPU's; parameters written between decoding
+ * runs reach the GPU. */
 static void test_decode(void **state) {
     (void)state;
     uint64_t seed = tu_seed();
     moe_model_config c = small_config();
     int S = c.seq_len, V = c.vocab;
-    moe_model *cpu = make(&c, 0, seed, S), *gpu = make(&c, 1, seed, S);
+    moe_model *cpu = make(&c, 0, seed, S), *gpu = make(&c, 1, seed, 12);
     int32_t tok[48];
     for (int t = 0; t < S; t++) tok[t] = (int32_t)(moe_rng_u64(seed, 21, (uint64_t)t) % 257);
     moe_model_args args = moe_model_args_default();
     args.training = 0;
     moe_model_loss lc, lg;
-    assert_int_equal(moe_model_forward(cpu, tok, tok, 1, S, &args, &lc), MOE_OK);
-    assert_int_equal(moe_model_forward(gpu, tok, tok, 1, S, &args, &lg), MOE_OK);
-    double e = tu_rel_err(moe_model_logits(gpu), moe_model_logits(cpu), (size_t)S * V, NULL);
+    assert_int_equal(moe_model_forward(cpu, tok, tok, 1, 12, &args, &lc), MOE_OK);
+    assert_int_equal(moe_model_forward(gpu, tok, tok, 1, 12, &args, &lg), MOE_OK);
+    double e = tu_rel_err(moe_model_logits(gpu), moe_model_logits(cpu), (size_t)12 * V, NULL);
     if (!(e < 1e-5)) fail_msg("evaluation logits differ by %.3g of their scale", e);
-    /* a prompt of 10, then single tokens */
-    moe_model_reset_cache(cpu);
-    moe_model_reset_cache(gpu);
-    for (int fed = 0, n = 10; fed + n <= S && fed < 16; fed += n, n = 1) {
-        assert_int_equal(moe_model_decode(cpu, tok + fed, n), MOE_OK);
-        assert_int_equal(moe_model_decode(gpu, tok + fed, n), MOE_OK);
-        e = tu_rel_err(moe_model_logits(gpu), moe_model_logits(cpu), (size_t)n * V, NULL);
-        if (!(e < 1e-5))
-            fail_msg("decode of %d tokens after %d: logits differ by %.3g of their scale", n, fed,
-                     e);
-    }
-    assert_int_equal(moe_model_cache_len(gpu), 16);
+    decode_both(cpu, gpu, tok, S, V, "first run");
+    /* new parameters on both (the GPU keeps its copy between decoding calls until this) */
+    size_t np = moe_model_param_count(cpu);
+    float *pc = moe_model_params(cpu), *pg = moe_model_params(gpu), *dp = malloc(np * 4);
+    assert_non_null(dp);
+    tu_fill(dp, np, seed, 22, -0.05f, 0.05f);
+    for (size_t i = 0; i < np; i++) pc[i] += dp[i];
+    memcpy(pg, pc, np * sizeof(float));
+    free(dp);
+    decode_both(cpu, gpu, tok, S, V, "new parameters");
     moe_model_destroy(cpu);
     moe_model_destroy(gpu);
+}
+
+/* bf16 experts (and a bf16 shared expert) keep their bf16 copies on the GPU from one decoding
+ * call to the next: decoding again gives bitwise the same logits; after the parameters are
+ * written, bitwise those of a fresh model given the new parameters (stale copies would not). */
+static void test_decode_bf16(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = small_config();
+    c.moe.expert_bf16 = 1;
+    c.moe.shared_ffn = 32;
+    int S = c.seq_len, V = c.vocab;
+    size_t n = (size_t)S * V;
+    moe_model *a = make(&c, 1, seed, 12), *b = make(&c, 1, seed, 12);
+    int32_t tok[48];
+    for (int t = 0; t < S; t++) tok[t] = (int32_t)(moe_rng_u64(seed, 23, (uint64_t)t) % 257);
+    float *first = malloc(n * 4), *again = malloc(n * 4), *fresh = malloc(n * 4);
+    assert_true(first && again && fresh);
+    decode_all(a, tok, S, V, first);
+    decode_all(a, tok, S, V, again);
+    assert_memory_equal(again, first, n * 4);
+    size_t np = moe_model_param_count(a);
+    float *pa = moe_model_params(a);
+    for (size_t i = 0; i < np; i++) pa[i] *= 1.5f;
+    decode_all(a, tok, S, V, again);
+    memcpy(moe_model_params(b), pa, np * 4);
+    decode_all(b, tok, S, V, fresh);
+    assert_memory_equal(again, fresh, n * 4);
+    double e = tu_rel_err(again, first, n, NULL);
+    if (!(e > 1e-2)) fail_msg("new parameters changed the logits by only %.3g", e);
+    free(first), free(again), free(fresh);
+    moe_model_destroy(a);
+    moe_model_destroy(b);
 }
 
 static void test_refused(void **state) {
@@ -334,6 +390,7 @@ int main(void) {
                                        cmocka_unit_test(test_training),
                                        cmocka_unit_test(test_trainer_lifecycle),
                                        cmocka_unit_test(test_decode),
+                                       cmocka_unit_test(test_decode_bf16),
                                        cmocka_unit_test(test_refused)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

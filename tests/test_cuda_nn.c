@@ -2,9 +2,10 @@
  * embedding loops) on fresh random inputs: RMSNorm, RoPE (both pair layouts, both directions,
  * a partial rotation), causal grouped-query attention, cross-entropy with ignored targets, the
  * embedding and the addition; the outputs that are added into start from random values on
- * both sides; attention's lse against a float64 loop. Attention's forward and backward and
- * the embedding's backward are bitwise repeatable. Without a GPU (or in a build without CUDA)
- * it says so and exits 77, which CTest counts as skipped. */
+ * both sides; attention's lse and decoding's attention over a cache against float64 loops.
+ * Attention's forward and backward, the cached attention and the embedding's backward are
+ * bitwise repeatable. Without a GPU (or in a build without CUDA) it says so and exits 77,
+ * which CTest counts as skipped. */
 #include "test_util.h"
 
 #include "cuda/nn.h"
@@ -307,6 +308,66 @@ static void test_attention(void **state) {
                      MOE_ERR_INVALID);
 }
 
+/* Decoding's attention over a cache: n queries at positions P .. P + n - 1 over the keys and
+ * values of positions 0 .. P + n - 1, against a float64 loop. */
+static void cached_case(int n, int P, int H, int KV, int dk, int dv, uint64_t seed) {
+    moe_attn_dims a = {1, n, H, KV, dk, dv, (float)(1 / sqrt((double)dk))};
+    int rows = P + n, rep = H / KV;
+    size_t nq = (size_t)n * H * dk, nk = (size_t)rows * KV * dk, nv = (size_t)rows * KV * dv,
+           no = (size_t)n * H * dv;
+    float *q = random_floats(nq, seed, 30, -1, 1), *k = random_floats(nk, seed, 31, -1, 1);
+    float *v = random_floats(nv, seed, 32, -1, 1);
+    double *ref = malloc(no * sizeof *ref), *s = malloc((size_t)rows * sizeof *s);
+    assert_non_null(ref);
+    assert_non_null(s);
+    for (int i = 0; i < n; i++)
+        for (int h = 0; h < H; h++) {
+            const float *qi = q + ((size_t)i * H + h) * dk;
+            double m = -INFINITY, sum = 0;
+            for (int j = 0; j <= P + i; j++) {
+                const float *kj = k + ((size_t)j * KV + h / rep) * dk;
+                double dot = 0;
+                for (int c = 0; c < dk; c++) dot += (double)qi[c] * kj[c];
+                s[j] = (double)a.scale * dot;
+                m = fmax(m, s[j]);
+            }
+            for (int j = 0; j <= P + i; j++) sum += s[j] = exp(s[j] - m);
+            for (int c = 0; c < dv; c++) {
+                double o = 0;
+                for (int j = 0; j <= P + i; j++) o += s[j] * v[((size_t)j * KV + h / rep) * dv + c];
+                ref[((size_t)i * H + h) * dv + c] = o / sum;
+            }
+        }
+    float *gq = dev(q, nq * 4), *gk = dev(k, nk * 4), *gv = dev(v, nv * 4);
+    float *gout = dev_poisoned(no);
+    check(moe_cuda_attention_cached(gout, gq, gk, gv, n, P, &a));
+    float *hout = fetch(gout, no);
+    char what[160];
+    snprintf(what, sizeof what, "cached attention n %d P %d H %d KV %d dk %d dv %d", n, P, H, KV,
+             dk, dv);
+    printf("%s: %.2g of scale\n", what, close_to_ref(what, hout, ref, no));
+    check(moe_cuda_attention_cached(gout, gq, gk, gv, n, P, &a)); /* bitwise repeatable */
+    float *rout = fetch(gout, no);
+    assert_memory_equal(rout, hout, no * 4);
+    moe_cuda_free(gq), moe_cuda_free(gk), moe_cuda_free(gv), moe_cuda_free(gout);
+    free(q), free(k), free(v), free(ref), free(s), free(hout), free(rout);
+}
+
+static void test_attention_cached(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    cached_case(1, 0, 4, 2, 16, 16, seed);       /* the first token: one key */
+    cached_case(1, 5, 4, 2, 16, 16, seed + 1);   /* fewer keys than warps */
+    cached_case(3, 37, 4, 2, 24, 40, seed + 2);  /* several queries after a prefix */
+    cached_case(4, 300, 3, 3, 7, 9, seed + 3);   /* odd widths, one query head a kv head */
+    cached_case(2, 130, 8, 2, 128, 96, seed + 4);
+    cached_case(2, 61, 2, 1, 192, 144, seed + 5);
+    cached_case(1, 1000, 4, 2, 256, 256, seed + 6);
+    moe_attn_dims a = {1, 1, 4, 2, 16, 16, 0.25f};
+    assert_int_equal(moe_cuda_attention_cached(NULL, NULL, NULL, NULL, 70000, 0, &a),
+                     MOE_ERR_INVALID);
+}
+
 /* ---------------------------------------------------------- cross-entropy */
 
 static void test_xent(void **state) {
@@ -428,6 +489,7 @@ int main(void) {
     printf("GPU: %s\n", moe_cuda_device_name());
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_rmsnorm), cmocka_unit_test(test_rope),
                                        cmocka_unit_test(test_attention),
+                                       cmocka_unit_test(test_attention_cached),
                                        cmocka_unit_test(test_xent), cmocka_unit_test(test_embed)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

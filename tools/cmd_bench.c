@@ -452,18 +452,24 @@ static int bench_generate(moe_options *o, int json) {
                 "must fit --seq-length (%d), with at least one token each\n", P, N, S);
         return 2;
     }
-    if (moe_cli_cpu_only(o, "bench generate")) return 2;
     moe_model *m = NULL;
     decode_bytes db = {0};
     int32_t *prompt = malloc(sizeof(int32_t) * (size_t)P);
     int rc = 1;
     if (!prompt) moe_set_error(MOE_ERR_NOMEM, "out of memory");
-    if (!prompt || moe_model_create(c, P, &m) != MOE_OK || decode_bytes_plan(m, &db) != MOE_OK)
+    if (!prompt || moe_model_create(c, P, &m) != MOE_OK || decode_bytes_plan(m, &db) != MOE_OK ||
+        (o->device && moe_model_use_device(m, "cuda") != MOE_OK))
         goto done;
     moe_model_init_params(m, c->moe.seed);
     for (int i = 0; i < P; i++)
         prompt[i] = (int32_t)(moe_rng_u64(c->moe.seed, 78, (uint64_t)i) % (uint64_t)c->vocab);
-    double peak = moe_gemm_peak(2048, 5), bw = stream_bandwidth();
+    /* the ceilings: on the GPU cuBLAS's fp32 rate (the model computes in fp32) and a copy of
+     * 1 GiB in its memory */
+    double t_sq = o->device ? moe_cuda_gemm_seconds(0, 0, 8192, 8192, 8192, 0, 3) : 0;
+    double peak = o->device ? 2.0 * 8192 * 8192 * 8192 / t_sq : moe_gemm_peak(2048, 5);
+    double bw = o->device ? moe_cuda_copy_bandwidth((size_t)1 << 30, 5) : stream_bandwidth();
+    const char *gemm = o->device ? "cuBLAS SGEMM 8192^3" : "SGEMM",
+               *mem = o->device ? "a device copy" : "the STREAM triad";
     double t_pre = 1e30, t_dec = 1e30, bytes = 0, cache_bytes = 0;
     double kv = 4.0 * (double)moe_model_cache_width(m);
     for (int it = 0; it < iters; it++) {
@@ -486,29 +492,36 @@ static int bench_generate(moe_options *o, int json) {
     double pre_flops = model_forward_flops(c, P) * P, step_s = t_dec / N;
     double roof_s = (bytes + cache_bytes) / bw;
     if (json)
-        printf("{\"bench\":\"generate\",\"params\":%zu,\"prompt_tokens\":%d,\"new_tokens\":%d,"
+        printf("{\"bench\":\"generate\",\"device\":\"%s\",\"params\":%zu,"
+               "\"prompt_tokens\":%d,\"new_tokens\":%d,"
                "\"prefill_tokens_per_s\":%.1f,\"prefill_gflops\":%.2f,\"sgemm_gflops\":%.2f,"
                "\"prefill_fraction_of_sgemm\":%.4f,\"decode_tokens_per_s\":%.2f,"
                "\"decode_ms_per_token\":%.4f,\"decode_param_mb\":%.3f,\"decode_cache_mb\":%.3f,"
                "\"stream_gb_s\":%.2f,\"decode_fraction_of_bandwidth\":%.4f,\"threads\":%d}\n",
-               moe_model_param_count(m), P, N, P / t_pre, 1e-9 * pre_flops / t_pre, 1e-9 * peak,
+               o->device ? "cuda" : "cpu", moe_model_param_count(m), P, N, P / t_pre,
+               1e-9 * pre_flops / t_pre, 1e-9 * peak,
                pre_flops / t_pre / peak, 1 / step_s, 1e3 * step_s, bytes / 1048576,
                cache_bytes / 1048576, 1e-9 * bw, roof_s / step_s, omp_get_max_threads());
     else {
         printf("moe bench generate: %d layers, d=%d, %zu parameters, prompt %d tokens, %d new "
                "tokens, best of %d, %d threads\n", c->n_layers, c->d, moe_model_param_count(m), P,
                N, iters, omp_get_max_threads());
-        printf("GEMM library: %s\n", moe_gemm_backend());
-        print_ceiling(peak);
-        printf("prefill: %.1f ms, %.0f tokens/s, %.1f GFLOP/s = %.1f%% of SGEMM%s\n", 1e3 * t_pre,
-               P / t_pre, 1e-9 * pre_flops / t_pre, 100 * pre_flops / t_pre / peak,
+        if (o->device)
+            printf("GPU: %s; ceiling: %s = %.1f GFLOP/s, %s %.1f GB/s (this run)\n",
+                   moe_cuda_device_name(), gemm, 1e-9 * peak, mem, 1e-9 * bw);
+        else {
+            printf("GEMM library: %s\n", moe_gemm_backend());
+            print_ceiling(peak);
+        }
+        printf("prefill: %.1f ms, %.0f tokens/s, %.1f GFLOP/s = %.1f%% of %s%s\n", 1e3 * t_pre,
+               P / t_pre, 1e-9 * pre_flops / t_pre, 100 * pre_flops / t_pre / peak, gemm,
                c->moe.expert_bf16 ? " (fp32; the bf16 experts' GEMMs run faster than it)" : "");
         printf("decode: %.3f ms per token, %.1f tokens/s; each step reads %.1f MB of parameters "
                "(its tokens' experts only) and %.1f MB of cache on average: %.1f GB/s = %.1f%% "
-               "of the STREAM triad (%.1f GB/s, this run)\n", 1e3 * step_s, 1 / step_s,
-               bytes / 1048576, cache_bytes / 1048576, 1e-9 * (bytes + cache_bytes) / step_s,
-               100 * roof_s / step_s, 1e-9 * bw);
-        double l3 = last_level_cache();
+               "of %s (%.1f GB/s, this run)\n", 1e3 * step_s, 1 / step_s, bytes / 1048576,
+               cache_bytes / 1048576, 1e-9 * (bytes + cache_bytes) / step_s,
+               100 * roof_s / step_s, mem, 1e-9 * bw);
+        double l3 = o->device ? 0 : last_level_cache();
         if (l3 > 0 && 4.0 * (double)moe_model_param_count(m) < l3)
             printf("(the parameters, %.1f MB, fit in the last-level cache, %.1f MB: decoding can "
                    "read them faster than memory)\n", 4.0 * (double)moe_model_param_count(m) /

@@ -52,6 +52,7 @@ moe_status moe_cuda_layer_set_expert_bias(moe_cuda_layer *L, const float *expert
     (void)L, (void)expert_bias;
     return absent();
 }
+void moe_cuda_layer_weights_changed(moe_cuda_layer *L) { (void)L; }
 moe_status moe_cuda_layer_init_params(moe_cuda_layer *L, uint64_t seed, float std) {
     (void)L, (void)seed, (void)std;
     return absent();
@@ -88,6 +89,10 @@ const double *moe_cuda_layer_stage_times(const moe_cuda_layer *L) {
     (void)L;
     return NULL;
 }
+double moe_cuda_copy_bandwidth(size_t bytes, int reps) {
+    (void)bytes, (void)reps;
+    return -1;
+}
 double moe_cuda_gemm_seconds(int ta, int tb, int m, int n, int k, int bf16, int reps) {
     (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)bf16, (void)reps;
     return -1;
@@ -105,6 +110,12 @@ moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *params,
                                   const moe_model_args *args, moe_model_loss *loss) {
     (void)g, (void)params, (void)expert_bias, (void)tokens, (void)targets, (void)B, (void)S;
     (void)args, (void)loss;
+    return absent();
+}
+moe_status moe_cuda_model_decode(moe_cuda_model *g, const float *params,
+                                 const float *const *expert_bias, const int32_t *tokens, int n,
+                                 int past) {
+    (void)g, (void)params, (void)expert_bias, (void)tokens, (void)n, (void)past;
     return absent();
 }
 const moe_layer_stats *moe_cuda_model_layer_stats(const moe_cuda_model *g, int l) {
@@ -180,6 +191,11 @@ moe_status moe_cuda_attention_backward(float *dq, float *dk, float *dv, const fl
                                        float *scratch) {
     (void)dq, (void)dk, (void)dv, (void)dout, (void)out, (void)lse, (void)q, (void)k, (void)v;
     (void)a, (void)scratch;
+    return absent();
+}
+moe_status moe_cuda_attention_cached(float *out, const float *q, const float *k, const float *v,
+                                     int n, int P, const moe_attn_dims *a) {
+    (void)out, (void)q, (void)k, (void)v, (void)n, (void)P, (void)a;
     return absent();
 }
 moe_status moe_cuda_xent(float *dlogits, double *row_loss, double *sum_out, int *n_counted_dev,

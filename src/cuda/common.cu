@@ -306,3 +306,31 @@ extern "C" double moe_cuda_gemm_seconds(int ta, int tb, int m, int n, int k, int
     cudaFree(A), cudaFree(B), cudaFree(C), cudaFree(tmp);
     return best;
 }
+
+extern "C" double moe_cuda_copy_bandwidth(size_t bytes, int reps) {
+    if (moe_cuda_device_count() < 1) return -1;
+    void *a = NULL, *b = NULL;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    double best = -1;
+    if (cudaMalloc(&a, bytes) == cudaSuccess && cudaMalloc(&b, bytes) == cudaSuccess &&
+        cudaEventCreate(&e0) == cudaSuccess && cudaEventCreate(&e1) == cudaSuccess &&
+        cudaMemset(a, 1, bytes) == cudaSuccess &&
+        cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice) == cudaSuccess) {
+        for (int r = 0; r < reps; r++) {
+            float ms = 0;
+            cudaEventRecord(e0, 0);
+            cudaError_t e = cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
+            cudaEventRecord(e1, 0);
+            if (e == cudaSuccess && cudaEventSynchronize(e1) == cudaSuccess &&
+                cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess && ms > 0) {
+                double bw = 2.0 * (double)bytes / (1e-3 * ms);
+                best = bw > best ? bw : best;
+            }
+        }
+    }
+    cudaGetLastError();
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    cudaFree(a), cudaFree(b);
+    return best;
+}

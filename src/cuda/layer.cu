@@ -42,6 +42,10 @@ struct moe_cuda_layer {
     moe_layer_params p, g;       /* (device) pointers into them */
     float *expert_bias;          /* (device) [E] */
     bf16 *w_in16, *w_out16;      /* (device) [E, gf, d], [E, d, f] bf16 copies (b16) */
+    int w16_kept;                /* the bf16 copies (the shared expert's too) are the weights'
+                                    (moe_forward_args.reuse_bf16 calls since they were made) */
+    float *bias_host;            /* [E] the selection bias last copied in (bias_set: any) */
+    int bias_set;
 
     /* the call */
     int T, k, Tv, n_seq, wmode, renorm, have_forward, aux_on, z_on;
@@ -142,6 +146,7 @@ static void free_workspace(moe_cuda_layer *L) {
         *host[i] = NULL;
     }
     L->planned_k = 0; /* nothing planned: the next forward allocates again */
+    L->w16_kept = 0;  /* the shared expert's copies were in the workspace */
     L->have_forward = 0;
     memset(&L->stats, 0, sizeof L->stats);
 }
@@ -283,6 +288,8 @@ extern "C" moe_status moe_cuda_layer_create(const moe_layer_config *cfg, int max
     if (s == MOE_OK && !params) s = moe_cuda_alloc((void **)&L->params, L->n_params * 4);
     if (s == MOE_OK && !grads) s = moe_cuda_alloc((void **)&L->grads, L->n_params * 4);
     if (s == MOE_OK) s = moe_cuda_alloc((void **)&L->expert_bias, E * 4);
+    if (s == MOE_OK && !(L->bias_host = (float *)malloc(E * 4)))
+        s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
     if (s == MOE_OK && L->b16) s = moe_cuda_alloc((void **)&L->w_in16, E * L->gf * d * 2);
     if (s == MOE_OK && L->b16) s = moe_cuda_alloc((void **)&L->w_out16, E * d * f * 2);
     if (s == MOE_OK) s = alloc_workspace(L, cfg->topk);
@@ -308,6 +315,7 @@ extern "C" void moe_cuda_layer_destroy(moe_cuda_layer *L) {
     cudaFree(L->expert_bias);
     cudaFree(L->w_in16);
     cudaFree(L->w_out16);
+    free(L->bias_host);
     for (int i = 0; i < EV_COUNT; i++)
         if (L->ev[i]) cudaEventDestroy(L->ev[i]);
     moe_cuda_blas_destroy(L->blas);
@@ -316,13 +324,23 @@ extern "C" void moe_cuda_layer_destroy(moe_cuda_layer *L) {
 
 extern "C" moe_status moe_cuda_layer_set_params(moe_cuda_layer *L, const float *params,
                                                 const float *expert_bias) {
+    L->w16_kept = 0;
     MOE_TRY(moe_cuda_to_device(L->params, params, L->n_params * 4));
     return expert_bias ? moe_cuda_layer_set_expert_bias(L, expert_bias) : MOE_OK;
 }
 
+/* (a bias equal to the last one copied is not copied again: decoding sets it every call) */
 extern "C" moe_status moe_cuda_layer_set_expert_bias(moe_cuda_layer *L, const float *expert_bias) {
-    return moe_cuda_to_device(L->expert_bias, expert_bias, (size_t)E_ * 4);
+    size_t bytes = (size_t)E_ * 4;
+    if (L->bias_set && !memcmp(L->bias_host, expert_bias, bytes)) return MOE_OK;
+    L->bias_set = 0;
+    MOE_TRY(moe_cuda_to_device(L->expert_bias, expert_bias, bytes));
+    memcpy(L->bias_host, expert_bias, bytes);
+    L->bias_set = 1;
+    return MOE_OK;
 }
+
+extern "C" void moe_cuda_layer_weights_changed(moe_cuda_layer *L) { L->w16_kept = 0; }
 
 extern "C" moe_status moe_cuda_layer_get_grads(moe_cuda_layer *L, float *grads) {
     return moe_cuda_to_host(grads, L->grads, L->n_params * 4);
@@ -335,6 +353,7 @@ extern "C" moe_status moe_cuda_layer_zero_grads(moe_cuda_layer *L) {
 
 extern "C" moe_status moe_cuda_layer_init_params(moe_cuda_layer *L, uint64_t seed, float std) {
     /* the supported layers have no biases: every parameter is a weight */
+    L->w16_kept = 0;
     return moe_cuda_fill_normal(L->params, L->n_params, seed, std);
 }
 
@@ -615,14 +634,16 @@ __global__ static void k_gate_backward(int T, int d, const double *dlogit, const
 /* The shared expert's MLP (every token, weight 1) and its gate, added into out; with bf16
  * experts its GEMMs take bf16 operands too. */
 static moe_status shared_forward(moe_cuda_layer *L, float *out, const float *x, int T,
-                                 const uint8_t *mask) {
+                                 const uint8_t *mask, int convert) {
     const moe_layer_config *c = &L->cfg;
     int d = c->d, fs = c->shared_ffn, gs = moe_act_gated(c->act) ? 2 * fs : fs, b = L->b16;
     const void *xin = x, *w_in = L->p.shared_w_in, *w_out = L->p.shared_w_out, *a = L->sh_a;
     if (b) {
         MOE_TRY(moe_cuda_to_bf16((size_t)T * d, x, L->sh_x16));
-        MOE_TRY(moe_cuda_to_bf16((size_t)gs * d, L->p.shared_w_in, L->sh_w_in16));
-        MOE_TRY(moe_cuda_to_bf16((size_t)d * fs, L->p.shared_w_out, L->sh_w_out16));
+        if (convert) {
+            MOE_TRY(moe_cuda_to_bf16((size_t)gs * d, L->p.shared_w_in, L->sh_w_in16));
+            MOE_TRY(moe_cuda_to_bf16((size_t)d * fs, L->p.shared_w_out, L->sh_w_out16));
+        }
         xin = L->sh_x16, w_in = L->sh_w_in16, w_out = L->sh_w_out16, a = L->sh_a16;
     }
     BLAS_TRY(moe_cuda_gemm(L->blas, 0, 1, T, gs, d, xin, d, w_in, d, 0, L->sh_h, gs, b),
@@ -820,10 +841,12 @@ extern "C" moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, cons
         if (L->b16) k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, x, L->x16);
         else k_gather<<<R, BLOCK>>>(R, d, k, L->row_slot, x, L->xp);
     }
-    if (L->b16) {
+    int convert = L->b16 && !(args->reuse_bf16 && L->w16_kept);
+    if (convert) {
         MOE_TRY(moe_cuda_to_bf16((size_t)E * gf * d, L->p.w_in, L->w_in16));
         MOE_TRY(moe_cuda_to_bf16((size_t)E * d * f, L->p.w_out, L->w_out16));
     }
+    L->w16_kept = L->b16 && args->reuse_bf16; /* (shared_forward converts alike) */
     mark(L, EV_F_PERMUTE);
     MOE_TRY(experts_gemm(L, 0));
     mark(L, EV_F_GEMM1);
@@ -833,7 +856,7 @@ extern "C" moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, cons
     mark(L, EV_F_GEMM2);
     k_combine<<<T, BLOCK>>>(d, k, L->slot_row, L->y, out, 0);
     mark(L, EV_F_COMBINE);
-    if (c->shared_ffn > 0) MOE_TRY(shared_forward(L, out, x, T, mask));
+    if (c->shared_ffn > 0) MOE_TRY(shared_forward(L, out, x, T, mask, convert));
     mark(L, EV_F_SHARED);
     CU_TRY(cudaGetLastError(), "the layer's forward");
     fill_stats(L, losses);

@@ -36,6 +36,7 @@ struct moe_cuda_model {
     float *xf, *nf, *rstdf, *logits; /* [T, d], [T, d], [T], [T, V] */
     float *dx, *dxm, *dn, *dq, *dk, *dv, *datt, *dh, *da, *tmp; /* backward scratch */
     float *scores;              /* [H T] the attention backward's scratch */
+    float *kcache, *vcache;     /* [L][seq_len, hkv] decoding's keys and values (first use) */
     double *row_loss;           /* [T] */
     double *sum;                /* [1] */
     int *n_counted;             /* [1] */
@@ -174,30 +175,54 @@ static moe_status rope_qk(moe_cuda_model *g, float *q, float *k, int T, int dir)
     return moe_cuda_rope_rotate(k, T, g->plan.kvh, hd, hd, g->pos, il, g->rope_cs, c->seq_len, dir);
 }
 
-extern "C" moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *params,
-                                             const float *const *expert_bias,
-                                             const int32_t *tokens, const int32_t *targets,
-                                             int B, int S, const moe_model_args *args,
-                                             moe_model_loss *loss) {
+/* The parameters change (copied in, an optimizer step): the layers' bf16 copies are stale. */
+static void weights_changed(moe_cuda_model *g) {
+    for (int l = 0; l < g->cfg.n_layers; l++)
+        if (g->moe[l]) moe_cuda_layer_weights_changed(g->moe[l]);
+}
+
+static moe_status params_in(moe_cuda_model *g, const float *host) {
+    weights_changed(g);
+    return moe_cuda_to_device(g->params, host, g->plan.n_params * 4);
+}
+
+/* Decoding: block l's new keys and values (rows past ..) into its cache, then attention over
+ * it: a prompt on an empty cache by the tiles of the forward, else query by query. */
+static moe_status attend_cached(moe_cuda_model *g, int l, const saved *v, int n, int past,
+                                const moe_attn_dims *ad) {
+    size_t w = (size_t)g->hkv, at = (size_t)l * g->cfg.seq_len * w;
+    float *kc = g->kcache + at, *vc = g->vcache + at;
+    CU_TRY(cudaMemcpyAsync(kc + past * w, v->k, 4 * n * w, cudaMemcpyDeviceToDevice), "cache");
+    CU_TRY(cudaMemcpyAsync(vc + past * w, v->v, 4 * n * w, cudaMemcpyDeviceToDevice), "cache");
+    if (past == 0 && n > 1) return moe_cuda_attention_forward(v->att, v->lse, v->q, kc, vc, ad);
+    return moe_cuda_attention_cached(v->att, v->q, kc, vc, n, past, ad);
+}
+
+/* The forward of B sequences of S tokens (moe_cuda_model_forward); with past >= 0 (B = 1) the
+ * tokens sit at positions past .. past + S - 1 of a sequence whose keys and values are kept in
+ * the cache (moe_cuda_model_decode): theirs are added to it and attention reads it. */
+static moe_status forward(moe_cuda_model *g, const float *params, const float *const *expert_bias,
+                          const int32_t *tokens, const int32_t *targets, int B, int S, int past,
+                          const moe_model_args *args, moe_model_loss *loss) {
     const moe_model_config *c = &g->cfg;
     const moe_cuda_model_plan *p = &g->plan;
     g->have_forward = 0;
-    int T = B * S, d = c->d, V = c->vocab, hq = g->hq, hkv = g->hkv;
-    if (T > g->max_tokens || S > c->seq_len)
+    int T = B * S, d = c->d, V = c->vocab, hq = g->hq, hkv = g->hkv, P0 = past > 0 ? past : 0;
+    if (T > g->max_tokens || P0 + S > c->seq_len)
         return moe_set_error(MOE_ERR_INVALID, "GPU model: batch %d x %d does not fit", B, S);
     int32_t *host = (int32_t *)malloc(sizeof(int32_t) * 3 * (size_t)T);
     if (!host) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
     for (int t = 0; t < T; t++) {
         host[t] = tokens[t];
         host[T + t] = targets && targets[t] >= 0 ? targets[t] : -1;
-        host[2 * T + t] = t % S;
+        host[2 * T + t] = P0 + t % S;
     }
     moe_status s = moe_cuda_to_device(g->tokens, host, 4 * (size_t)T);
     if (s == MOE_OK) s = moe_cuda_to_device(g->targets, host + T, 4 * (size_t)T);
     if (s == MOE_OK) s = moe_cuda_to_device(g->pos, host + 2 * T, 4 * (size_t)T);
     free(host);
     MOE_TRY(s);
-    if (params) MOE_TRY(moe_cuda_to_device(g->params, params, p->n_params * 4));
+    if (params) MOE_TRY(params_in(g, params));
     g->B = B;
     g->S = S;
     g->args = *args;
@@ -214,7 +239,8 @@ extern "C" moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *par
         BLAS_TRY(moe_cuda_gemm(h, 0, 1, T, hkv, d, v->n1, d, P(g, b->wk), d, 0, v->k, hkv, 0), "k");
         BLAS_TRY(moe_cuda_gemm(h, 0, 1, T, hkv, d, v->n1, d, P(g, b->wv), d, 0, v->v, hkv, 0), "v");
         MOE_TRY(rope_qk(g, v->q, v->k, T, 1));
-        MOE_TRY(moe_cuda_attention_forward(v->att, v->lse, v->q, v->k, v->v, &ad));
+        if (past < 0) MOE_TRY(moe_cuda_attention_forward(v->att, v->lse, v->q, v->k, v->v, &ad));
+        else MOE_TRY(attend_cached(g, l, v, T, past, &ad));
         CU_TRY(cudaMemcpyAsync(v->xm, v->x, sizeof(float) * (size_t)T * d, cudaMemcpyDeviceToDevice),
                "copy");
         BLAS_TRY(moe_cuda_gemm(h, 0, 1, T, d, hq, v->att, hq, P(g, b->wo), hq, 1, v->xm, d, 0), "o");
@@ -225,6 +251,7 @@ extern "C" moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *par
             fa.step = args->step;
             fa.loss_scale = args->loss_scale;
             fa.seq_len = S;
+            fa.reuse_bf16 = past >= 0; /* decoding: the weights change only by params_in */
             if (expert_bias && expert_bias[l])
                 MOE_TRY(moe_cuda_layer_set_expert_bias(g->moe[l], expert_bias[l]));
             MOE_TRY(moe_cuda_layer_forward(g->moe[l], g->tmp, v->n2, T, &fa));
@@ -258,6 +285,31 @@ extern "C" moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *par
     }
     g->have_forward = 1;
     return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *params,
+                                             const float *const *expert_bias,
+                                             const int32_t *tokens, const int32_t *targets,
+                                             int B, int S, const moe_model_args *args,
+                                             moe_model_loss *loss) {
+    return forward(g, params, expert_bias, tokens, targets, B, S, -1, args, loss);
+}
+
+extern "C" moe_status moe_cuda_model_decode(moe_cuda_model *g, const float *params,
+                                            const float *const *expert_bias,
+                                            const int32_t *tokens, int n, int past) {
+    const moe_model_config *c = &g->cfg;
+    if (n < 1 || past < 0 || n > g->max_tokens || past + n > c->seq_len)
+        return moe_set_error(MOE_ERR_INVALID, "GPU decode: %d tokens after %d do not fit", n,
+                             past);
+    if (!g->kcache) {
+        size_t each = (size_t)c->n_layers * c->seq_len * g->hkv;
+        MOE_TRY(take(g, &g->kcache, each, 4));
+        MOE_TRY(take(g, &g->vcache, each, 4));
+    }
+    moe_model_args args = moe_model_args_default();
+    args.training = 0;
+    return forward(g, params, expert_bias, tokens, NULL, 1, n, past, &args, NULL);
 }
 
 extern "C" const moe_layer_stats *moe_cuda_model_layer_stats(const moe_cuda_model *g, int l) {
@@ -358,9 +410,8 @@ extern "C" moe_status moe_cuda_model_optim_init(moe_cuda_model *g, const uint8_t
 }
 
 extern "C" moe_status moe_cuda_model_params_io(moe_cuda_model *g, float *host, int to_device) {
-    size_t bytes = g->plan.n_params * 4;
-    return to_device ? moe_cuda_to_device(g->params, host, bytes)
-                     : moe_cuda_to_host(host, g->params, bytes);
+    return to_device ? params_in(g, host)
+                     : moe_cuda_to_host(host, g->params, g->plan.n_params * 4);
 }
 
 extern "C" moe_status moe_cuda_model_grads_io(moe_cuda_model *g, float *host, int to_device) {
@@ -427,6 +478,7 @@ __global__ static void k_adamw(float *p, float *gr, float *m, float *v, const ui
 }
 
 extern "C" moe_status moe_cuda_model_adamw(moe_cuda_model *g, const moe_cuda_adamw *h) {
+    weights_changed(g);
     k_adamw<<<4096, MOE_CUDA_BLOCK>>>(g->params, g->grads, g->adam_m, g->adam_v, g->decay,
                                       g->plan.n_params, *h);
     CU_TRY(cudaGetLastError(), "AdamW");

@@ -45,6 +45,13 @@ moe_status moe_cuda_model_forward(moe_cuda_model *g, const float *params,
                                   const float *const *expert_bias, const int32_t *tokens,
                                   const int32_t *targets, int B, int S,
                                   const moe_model_args *args, moe_model_loss *loss);
+/* Incremental decoding (moe_model_decode) of one sequence: n tokens at positions past ..
+ * past + n - 1 (n <= max_tokens, past + n <= seq_len) attend to the keys and values of the
+ * positions before, kept on the GPU from the earlier calls (allocated at the first), and add
+ * theirs; logits as after a forward (rows 0 .. n - 1). params as for the forward. */
+moe_status moe_cuda_model_decode(moe_cuda_model *g, const float *params,
+                                 const float *const *expert_bias, const int32_t *tokens, int n,
+                                 int past);
 /* Counts and losses of MoE block l in the last forward. */
 const moe_layer_stats *moe_cuda_model_layer_stats(const moe_cuda_model *g, int l);
 /* out [n, V] (host) = the logits of rows [row, row + n) of the last forward. */

@@ -593,6 +593,98 @@ extern "C" moe_status moe_cuda_attention_backward(float *dq, float *dk, float *d
     }
 }
 
+/* Attention of n new queries over a key/value cache (decoding): a block of DEC_WARPS warps
+ * per (head, query). Warp w takes the keys in groups of DEC_KEYS, the groups w, w + DEC_WARPS,
+ * ... in order: the group's scores (sums over the head's width in lanes and a fixed shuffle
+ * tree) and value rows are loaded together, so that a warp waits on memory once per group
+ * rather than once per key, and fold into the warp's running maximum, sum and output row
+ * (lane e holds dims e, e + 32, ...) key by key. The warps' partial results are then merged in
+ * warp order. Fixed orders throughout: bitwise repeatable. */
+#define DEC_WARPS 16
+#define DEC_KEYS 4
+
+template <int D>
+__global__ static void __launch_bounds__(DEC_WARPS * 32)
+    k_attn_cached(float *out, const float *q, const float *k, const float *v, int P,
+                  moe_attn_dims a) {
+    constexpr int PER = D / 32;
+    __shared__ float sq[D], sm[DEC_WARPS], sl[DEC_WARPS], sacc[DEC_WARPS][D];
+    int h = blockIdx.x, i = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int dk = a.dk, dv = a.dv, kvh = h / (a.H / a.KV), nk = P + i + 1;
+    const float *qi = q + ((size_t)i * a.H + h) * dk;
+    for (int e = threadIdx.x; e < dk; e += blockDim.x) sq[e] = qi[e];
+    __syncthreads();
+    size_t ks = (size_t)a.KV * dk, vs = (size_t)a.KV * dv;
+    const float *kb = k + (size_t)kvh * dk, *vb = v + (size_t)kvh * dv;
+    float m = -INFINITY, l = 0, acc[PER];
+    for (int r = 0; r < PER; r++) acc[r] = 0;
+    for (int j0 = w * DEC_KEYS; j0 < nk; j0 += DEC_WARPS * DEC_KEYS) {
+        int nj = nk - j0 < DEC_KEYS ? nk - j0 : DEC_KEYS;
+        float s[DEC_KEYS], vr[DEC_KEYS][PER];
+#pragma unroll
+        for (int u = 0; u < DEC_KEYS; u++) {
+            s[u] = 0;
+            const float *kj = kb + (size_t)(j0 + u) * ks, *vj = vb + (size_t)(j0 + u) * vs;
+            for (int e = lane; e < dk && u < nj; e += 32) s[u] += sq[e] * kj[e];
+#pragma unroll
+            for (int r = 0; r < PER; r++)
+                vr[u][r] = u < nj && lane + 32 * r < dv ? vj[lane + 32 * r] : 0;
+        }
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < DEC_KEYS; u++) {
+            for (int o = 16; o > 0; o >>= 1) s[u] += __shfl_down_sync(0xffffffffu, s[u], o);
+            s[u] = __shfl_sync(0xffffffffu, s[u], 0) * a.scale;
+            if (u < nj) mn = fmaxf(mn, s[u]);
+        }
+        float c = expf(m - mn);
+        l *= c;
+#pragma unroll
+        for (int r = 0; r < PER; r++) acc[r] *= c;
+#pragma unroll
+        for (int u = 0; u < DEC_KEYS; u++) {
+            if (u >= nj) break;
+            float p = expf(s[u] - mn);
+            l += p;
+#pragma unroll
+            for (int r = 0; r < PER; r++) acc[r] += p * vr[u][r];
+        }
+        m = mn;
+    }
+    if (lane == 0) sm[w] = m, sl[w] = l;
+    for (int r = 0; r < PER; r++)
+        if (lane + 32 * r < dv) sacc[w][lane + 32 * r] = acc[r];
+    __syncthreads();
+    float M = -INFINITY, L = 0;
+    for (int x = 0; x < DEC_WARPS; x++) M = fmaxf(M, sm[x]);
+    for (int x = 0; x < DEC_WARPS; x++)
+        if (sl[x] > 0) L += sl[x] * expf(sm[x] - M);
+    float *oi = out + ((size_t)i * a.H + h) * dv;
+    for (int e = threadIdx.x; e < dv; e += blockDim.x) {
+        float o = 0;
+        for (int x = 0; x < DEC_WARPS; x++)
+            if (sl[x] > 0) o += sacc[x][e] * expf(sm[x] - M);
+        oi[e] = o / L;
+    }
+}
+
+extern "C" moe_status moe_cuda_attention_cached(float *out, const float *q, const float *k,
+                                                const float *v, int n, int P,
+                                                const moe_attn_dims *a) {
+    MOE_TRY(attn_check(a, "moe_cuda_attention_cached"));
+    MOE_CHECK(n >= 0 && P >= 0 && n <= 65535, "moe_cuda_attention_cached: %d queries after %d "
+              "keys (at most 65535 queries a call)", n, P);
+    if (n == 0) return MOE_OK;
+    dim3 grid((unsigned)a->H, (unsigned)n);
+    switch (att_width(a)) {
+    case 64: k_attn_cached<64><<<grid, DEC_WARPS * 32>>>(out, q, k, v, P, *a); break;
+    case 128: k_attn_cached<128><<<grid, DEC_WARPS * 32>>>(out, q, k, v, P, *a); break;
+    default: k_attn_cached<256><<<grid, DEC_WARPS * 32>>>(out, q, k, v, P, *a); break;
+    }
+    CU_TRY(cudaGetLastError(), "cached attention");
+    return MOE_OK;
+}
+
 /* ---- cross-entropy ------------------------------------------------------------------------ */
 
 /* One block per row t. */

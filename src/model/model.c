@@ -90,7 +90,8 @@ struct moe_model {
     int gpu_train;                   /* parameters, gradients and AdamW live on the GPU */
     int host_stale, dev_stale;       /* gpu_train: which copy of the parameters is behind */
     float *gpu_grads;                /* [n_params] the backward's gradients (pinned) */
-    int32_t *gpu_hist;               /* [seq_len] the tokens decoded so far (no KV cache) */
+    int dev_kept;                    /* the GPU's parameters are the host's, copied by the last
+                                        decoding call (moe_model_params drops this) */
     moe_cuda_block_plan *gpu_blocks; /* [L] */
     const float **gpu_bias;          /* [L] the MoE layers' selection biases (host) */
 };
@@ -548,7 +549,6 @@ fail:
 void moe_model_destroy(moe_model *m) {
     if (!m) return;
     gpu_release(m);
-    free(m->gpu_hist);
     free(m->gpu_blocks);
     free(m->gpu_bias);
     for (int l = 0; m->moe && l < m->cfg.n_layers; l++) moe_layer_destroy(m->moe[l]);
@@ -564,8 +564,10 @@ void moe_model_destroy(moe_model *m) {
 
 const moe_model_config *moe_model_get_config(const moe_model *m) { return &m->cfg; }
 size_t moe_model_param_count(const moe_model *m) { return m->n_params; }
-/* The parameters may have been written: the layers' kept bf16 copies are stale. */
+/* The parameters may have been written: the layers' kept bf16 copies and the GPU's copy kept
+ * for decoding are stale. */
 static void params_written(moe_model *m) {
+    m->dev_kept = 0;
     for (int l = 0; l < m->cfg.n_layers; l++)
         if (m->moe[l]) moe_layer_weights_changed(m->moe[l]);
 }
@@ -668,6 +670,7 @@ static void gpu_release(moe_model *m) {
     moe_free(m->gpu_grads);
     m->gpu = NULL;
     m->gpu_grads = NULL;
+    m->dev_kept = 0;
 }
 
 moe_status moe_model_use_device(moe_model *m, const char *device) {
@@ -688,8 +691,7 @@ moe_status moe_model_use_device(moe_model *m, const char *device) {
     int L = c->n_layers;
     if (!m->gpu_blocks) m->gpu_blocks = calloc((size_t)L, sizeof *m->gpu_blocks);
     if (!m->gpu_bias) m->gpu_bias = calloc((size_t)L, sizeof *m->gpu_bias);
-    if (!m->gpu_hist) m->gpu_hist = calloc((size_t)c->seq_len, sizeof *m->gpu_hist);
-    if (!m->gpu_blocks || !m->gpu_bias || !m->gpu_hist)
+    if (!m->gpu_blocks || !m->gpu_bias)
         return moe_set_error(MOE_ERR_NOMEM, "out of memory");
     for (int l = 0; l < L; l++) {
         const size_t *o = m->block_off + (size_t)l * B_N;
@@ -769,41 +771,39 @@ moe_status moe_model_gpu_adam_out(moe_model *m, float *adam_m, float *adam_v) {
     return moe_cuda_model_adam_io(m->gpu, adam_m, adam_v, 0);
 }
 
-/* The forward on the GPU (the tokens are checked and kept in m): the loss, and each MoE
- * layer's counts recorded in its CPU layer (the trainer's statistics, the bias update). */
+/* Each MoE layer's counts of the last GPU forward, recorded in its CPU layer (the trainer's
+ * statistics, the bias update). */
+static void gpu_record_stats(moe_model *m, int training) {
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        if (m->moe[l])
+            moe_layer_record_stats(m->moe[l], moe_cuda_model_layer_stats(m->gpu, l), training);
+}
+
+/* The forward on the GPU (the tokens are checked and kept in m): the loss and the layers'
+ * counts. */
 static moe_status gpu_forward(moe_model *m, moe_model_loss *loss) {
+    m->dev_kept = 0; /* copied in anew; the caller may write them after */
     MOE_TRY(moe_cuda_model_forward(m->gpu, gpu_params_in(m), m->gpu_bias, m->tokens,
                                    m->has_targets ? m->targets : NULL, m->B, m->S, &m->args,
                                    loss));
-    for (int l = 0; l < m->cfg.n_layers; l++)
-        if (m->moe[l])
-            moe_layer_record_stats(m->moe[l], moe_cuda_model_layer_stats(m->gpu, l),
-                                   m->args.training);
+    gpu_record_stats(m, m->args.training);
     if (!m->args.training) /* evaluation, generation: moe_model_logits */
         MOE_TRY(moe_cuda_model_logits(m->gpu, m->logits, 0, m->B * m->S));
     m->have_forward = 1;
     return MOE_OK;
 }
 
-/* moe_model_decode on the GPU, without a KV cache: the whole sequence so far again (its
- * logits are those of the cached computation: every token attends to the same prefix). */
+/* moe_model_decode on the GPU, with the key/value cache there. The parameters are copied in
+ * once for a run of decoding calls (until moe_model_params, or a forward, which copies them
+ * anew and after which the caller may write them). */
 static moe_status gpu_decode(moe_model *m, const int32_t *tokens, int n) {
-    int P = m->cache_len;
-    if (P + n > m->max_tokens)
-        return moe_set_error(MOE_ERR_INVALID, "decoding on the GPU recomputes the whole prefix: "
-                             "%d tokens need a model created for at least that many (it holds "
-                             "%d)", P + n, m->max_tokens);
-    memcpy(m->gpu_hist + P, tokens, sizeof(int32_t) * (size_t)n);
-    moe_model_args args = moe_model_args_default();
-    args.training = 0;
-    m->B = 1;
-    m->S = P + n;
-    m->args = args;
-    m->has_targets = 0;
-    MOE_TRY(moe_cuda_model_forward(m->gpu, gpu_params_in(m), m->gpu_bias, m->gpu_hist, NULL,
-                                   1, P + n, &args, NULL));
-    MOE_TRY(moe_cuda_model_logits(m->gpu, m->logits, P, n));
-    m->cache_len = P + n;
+    const float *params = m->gpu_train ? gpu_params_in(m) : m->dev_kept ? NULL : m->params;
+    m->dev_kept = 0;
+    MOE_TRY(moe_cuda_model_decode(m->gpu, params, m->gpu_bias, tokens, n, m->cache_len));
+    gpu_record_stats(m, 0);
+    MOE_TRY(moe_cuda_model_logits(m->gpu, m->logits, 0, n));
+    m->dev_kept = !m->gpu_train;
+    m->cache_len += n;
     return MOE_OK;
 }
 
