@@ -339,18 +339,27 @@ static void cached_case(int n, int P, int H, int KV, int dk, int dv, uint64_t se
             }
         }
     float *gq = dev(q, nq * 4), *gk = dev(k, nk * 4), *gv = dev(v, nv * 4);
-    float *gout = dev_poisoned(no);
-    check(moe_cuda_attention_cached(gout, gq, gk, gv, n, P, &a));
-    float *hout = fetch(gout, no);
-    char what[160];
-    snprintf(what, sizeof what, "cached attention n %d P %d H %d KV %d dk %d dv %d", n, P, H, KV,
-             dk, dv);
-    printf("%s: %.2g of scale\n", what, close_to_ref(what, hout, ref, no));
-    check(moe_cuda_attention_cached(gout, gq, gk, gv, n, P, &a)); /* bitwise repeatable */
-    float *rout = fetch(gout, no);
-    assert_memory_equal(rout, hout, no * 4);
+    size_t n_scratch = 300 * (size_t)n * H * (2 + dv); /* room for every split */
+    float *gout = dev_poisoned(no), *scratch = dev_poisoned(n_scratch);
+    /* one block per head and query; the keys split in up to 3 shares (the scratch's room); as
+     * many shares as the keys and the GPU call for */
+    for (int split = 0; split < 3; split++) {
+        float *sc = split ? scratch : NULL;
+        size_t ns = split == 0 ? 0 : split == 1 ? 3 * (size_t)n * H * (2 + dv) : n_scratch;
+        check(moe_cuda_attention_cached(gout, gq, gk, gv, n, P, &a, sc, ns));
+        float *hout = fetch(gout, no);
+        char what[160];
+        snprintf(what, sizeof what, "cached attention n %d P %d H %d KV %d dk %d dv %d%s", n, P,
+                 H, KV, dk, dv, split == 1 ? ", keys in <= 3 shares" : split ? ", keys split" : "");
+        printf("%s: %.2g of scale\n", what, close_to_ref(what, hout, ref, no));
+        check(moe_cuda_attention_cached(gout, gq, gk, gv, n, P, &a, sc, ns)); /* repeatable */
+        float *rout = fetch(gout, no);
+        assert_memory_equal(rout, hout, no * 4);
+        free(hout), free(rout);
+    }
     moe_cuda_free(gq), moe_cuda_free(gk), moe_cuda_free(gv), moe_cuda_free(gout);
-    free(q), free(k), free(v), free(ref), free(s), free(hout), free(rout);
+    moe_cuda_free(scratch);
+    free(q), free(k), free(v), free(ref), free(s);
 }
 
 static void test_attention_cached(void **state) {
@@ -363,8 +372,9 @@ static void test_attention_cached(void **state) {
     cached_case(2, 130, 8, 2, 128, 96, seed + 4);
     cached_case(2, 61, 2, 1, 192, 144, seed + 5);
     cached_case(1, 1000, 4, 2, 256, 256, seed + 6);
+    cached_case(1, 2000, 16, 4, 64, 64, seed + 7); /* decoding's shape: 16 shares of 126 keys */
     moe_attn_dims a = {1, 1, 4, 2, 16, 16, 0.25f};
-    assert_int_equal(moe_cuda_attention_cached(NULL, NULL, NULL, NULL, 70000, 0, &a),
+    assert_int_equal(moe_cuda_attention_cached(NULL, NULL, NULL, NULL, 70000, 0, &a, NULL, 0),
                      MOE_ERR_INVALID);
 }
 

@@ -194,8 +194,10 @@ moe_status moe_cuda_attention_backward(float *dq, float *dk, float *dv, const fl
     return absent();
 }
 moe_status moe_cuda_attention_cached(float *out, const float *q, const float *k, const float *v,
-                                     int n, int P, const moe_attn_dims *a) {
-    (void)out, (void)q, (void)k, (void)v, (void)n, (void)P, (void)a;
+                                     int n, int P, const moe_attn_dims *a, float *scratch,
+                                     size_t scratch_floats) {
+    (void)out, (void)q, (void)k, (void)v, (void)n, (void)P, (void)a, (void)scratch;
+    (void)scratch_floats;
     return absent();
 }
 moe_status moe_cuda_xent(float *dlogits, double *row_loss, double *sum_out, int *n_counted_dev,

@@ -70,9 +70,9 @@ struct moe_cuda_layer {
     double *aux_pm;              /* [n_seq, E] sum of P */
     double *aux_cnt;             /* [n_seq, E] */
     double *aux_coef;            /* [n_seq, E] dL/dP */
-    double *losses;              /* [2] aux, z */
+    double *losses;              /* [2] aux, z (in expert_off's buffer) */
     int32_t *counts;             /* [E] */
-    int32_t *expert_off;         /* [E+1] */
+    int32_t *expert_off;         /* [E+1], then (at off_bytes) the losses: one copy brings both */
     int32_t *sort_key, *sort_key2, *sort_val, *row_slot; /* [S] */
     void *sort_tmp;
     size_t sort_tmp_bytes;
@@ -123,7 +123,7 @@ static void free_workspace(moe_cuda_layer *L) {
                     (void **)&L->q, (void **)&L->qsum, (void **)&L->slot_expert,
                     (void **)&L->slot_w, (void **)&L->slot_row, (void **)&L->aux_top,
                     (void **)&L->aux_pm, (void **)&L->aux_cnt, (void **)&L->aux_coef,
-                    (void **)&L->losses, (void **)&L->counts, (void **)&L->expert_off,
+                    (void **)&L->counts, (void **)&L->expert_off,
                     (void **)&L->sort_key, (void **)&L->sort_key2, (void **)&L->sort_val,
                     (void **)&L->row_slot, (void **)&L->sort_tmp, (void **)&L->row_w,
                     (void **)&L->xp, (void **)&L->x16, (void **)&L->h, (void **)&L->a,
@@ -145,11 +145,15 @@ static void free_workspace(moe_cuda_layer *L) {
         free(*host[i]);
         *host[i] = NULL;
     }
+    L->losses = NULL; /* (inside expert_off) */
     L->planned_k = 0; /* nothing planned: the next forward allocates again */
     L->w16_kept = 0;  /* the shared expert's copies were in the workspace */
     L->have_forward = 0;
     memset(&L->stats, 0, sizeof L->stats);
 }
+
+/* Bytes of the experts' row offsets [E+1] (int32) in their buffer, before the two losses. */
+static size_t off_bytes(size_t E) { return ((E + 1) * 4 + 7) / 8 * 8; }
 
 /* Workspace for max_tokens tokens and top-k. */
 static moe_status alloc_workspace(moe_cuda_layer *L, int k) {
@@ -179,9 +183,8 @@ static moe_status alloc_workspace(moe_cuda_layer *L, int k) {
         {(void **)&L->aux_pm, T * E * 8}, /* n_seq <= T */
         {(void **)&L->aux_cnt, T * E * 8},
         {(void **)&L->aux_coef, T * E * 8},
-        {(void **)&L->losses, 2 * 8},
         {(void **)&L->counts, E * 4},
-        {(void **)&L->expert_off, (E + 1) * 4},
+        {(void **)&L->expert_off, off_bytes(E) + 16},
         {(void **)&L->sort_key, S * 4},
         {(void **)&L->sort_key2, S * 4},
         {(void **)&L->sort_val, S * 4},
@@ -228,7 +231,8 @@ static moe_status alloc_workspace(moe_cuda_layer *L, int k) {
                                            L->sort_val, L->row_slot, (int)S),
            "radix sort size");
     CU_TRY(cudaMalloc(&L->sort_tmp, L->sort_tmp_bytes ? L->sort_tmp_bytes : 1), "sort scratch");
-    L->h_off = (int32_t *)calloc(E + 1, 4);
+    L->losses = (double *)((char *)L->expert_off + off_bytes(E));
+    L->h_off = (int32_t *)calloc(off_bytes(E) + 16, 1);
     L->counts64 = (int64_t *)calloc(E, 8);
     L->kept64 = (int64_t *)calloc(E, 8);
     if (!L->h_off || !L->counts64 || !L->kept64) {
@@ -832,8 +836,8 @@ extern "C" moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, cons
     CU_TRY(cub::DeviceRadixSort::SortPairs(L->sort_tmp, L->sort_tmp_bytes, L->sort_key,
                                            L->sort_key2, L->sort_val, L->row_slot, S, 0, end_bit),
            "sort the slots by expert");
-    MOE_TRY(moe_cuda_to_host(L->h_off, L->expert_off, (size_t)(E + 1) * 4));
-    MOE_TRY(moe_cuda_to_host(losses, L->losses, 16));
+    MOE_TRY(moe_cuda_to_host(L->h_off, L->expert_off, off_bytes(E) + 16));
+    memcpy(losses, (char *)L->h_off + off_bytes(E), 16);
     int R = L->h_off[E];
     CU_TRY(cudaMemset(L->slot_row, 0xff, (size_t)S * 4), "clear the slot rows");
     if (R > 0) {

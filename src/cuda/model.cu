@@ -32,7 +32,7 @@ struct moe_cuda_model {
     moe_cuda_layer **moe;       /* [L] */
     saved *sv;                  /* [L] */
     float *rope_cs;             /* [seq_len, hd] */
-    int32_t *tokens, *targets, *pos; /* [T] */
+    int32_t *tokens, *targets, *pos; /* [T] each, in one buffer: one copy brings them in */
     float *xf, *nf, *rstdf, *logits; /* [T, d], [T, d], [T], [T, V] */
     float *dx, *dxm, *dn, *dq, *dk, *dv, *datt, *dh, *da, *tmp; /* backward scratch */
     float *scores;              /* [H T] the attention backward's scratch */
@@ -147,7 +147,7 @@ extern "C" moe_status moe_cuda_model_create(const moe_cuda_model_plan *p, int ma
     struct {
         void *p;
         size_t n, size;
-    } rest[] = {{&g->tokens, T, 4},  {&g->targets, T, 4}, {&g->pos, T, 4},   {&g->xf, T * d, 4},
+    } rest[] = {{&g->tokens, 3 * T, 4}, {&g->xf, T * d, 4},
                 {&g->nf, T * d, 4},  {&g->rstdf, T, 4},   {&g->logits, T * V, 4},
                 {&g->dx, T * d, 4},  {&g->dxm, T * d, 4}, {&g->dn, T * d, 4}, {&g->dq, T * hq, 4},
                 {&g->dk, T * hkv, 4}, {&g->dv, T * hkv, 4}, {&g->datt, T * hq, 4},
@@ -187,7 +187,8 @@ static moe_status params_in(moe_cuda_model *g, const float *host) {
 }
 
 /* Decoding: block l's new keys and values (rows past ..) into its cache, then attention over
- * it: a prompt on an empty cache by the tiles of the forward, else query by query. */
+ * it: a prompt on an empty cache by the tiles of the forward, else query by query (tmp, not
+ * yet in use, holding the partial results of the keys' shares). */
 static moe_status attend_cached(moe_cuda_model *g, int l, const saved *v, int n, int past,
                                 const moe_attn_dims *ad) {
     size_t w = (size_t)g->hkv, at = (size_t)l * g->cfg.seq_len * w;
@@ -195,7 +196,8 @@ static moe_status attend_cached(moe_cuda_model *g, int l, const saved *v, int n,
     CU_TRY(cudaMemcpyAsync(kc + past * w, v->k, 4 * n * w, cudaMemcpyDeviceToDevice), "cache");
     CU_TRY(cudaMemcpyAsync(vc + past * w, v->v, 4 * n * w, cudaMemcpyDeviceToDevice), "cache");
     if (past == 0 && n > 1) return moe_cuda_attention_forward(v->att, v->lse, v->q, kc, vc, ad);
-    return moe_cuda_attention_cached(v->att, v->q, kc, vc, n, past, ad);
+    size_t tmp = (size_t)g->max_tokens * (g->cfg.vocab > g->cfg.d ? g->cfg.vocab : g->cfg.d);
+    return moe_cuda_attention_cached(v->att, v->q, kc, vc, n, past, ad, g->tmp, tmp);
 }
 
 /* The forward of B sequences of S tokens (moe_cuda_model_forward); with past >= 0 (B = 1) the
@@ -217,9 +219,9 @@ static moe_status forward(moe_cuda_model *g, const float *params, const float *c
         host[T + t] = targets && targets[t] >= 0 ? targets[t] : -1;
         host[2 * T + t] = P0 + t % S;
     }
-    moe_status s = moe_cuda_to_device(g->tokens, host, 4 * (size_t)T);
-    if (s == MOE_OK) s = moe_cuda_to_device(g->targets, host + T, 4 * (size_t)T);
-    if (s == MOE_OK) s = moe_cuda_to_device(g->pos, host + 2 * T, 4 * (size_t)T);
+    g->targets = g->tokens + T;
+    g->pos = g->tokens + 2 * T;
+    moe_status s = moe_cuda_to_device(g->tokens, host, 12 * (size_t)T);
     free(host);
     MOE_TRY(s);
     if (params) MOE_TRY(params_in(g, params));
@@ -271,11 +273,14 @@ static moe_status forward(moe_cuda_model *g, const float *params, const float *c
                                      c->norm_eps));
     BLAS_TRY(moe_cuda_gemm(h, 0, 1, T, V, d, g->nf, d, P(g, p->lm_off), d, 0, g->logits, V, 0),
              "logits");
-    MOE_TRY(moe_cuda_xent(NULL, g->row_loss, g->sum, g->n_counted, g->logits, g->targets, T, V, 0));
     double sum = 0;
     int n = 0;
-    MOE_TRY(moe_cuda_to_host(&sum, g->sum, sizeof sum));
-    MOE_TRY(moe_cuda_to_host(&n, g->n_counted, sizeof n));
+    if (targets) { /* (without: no loss, and no waiting for the GPU here) */
+        MOE_TRY(moe_cuda_xent(NULL, g->row_loss, g->sum, g->n_counted, g->logits, g->targets, T,
+                              V, 0));
+        MOE_TRY(moe_cuda_to_host(&sum, g->sum, sizeof sum));
+        MOE_TRY(moe_cuda_to_host(&n, g->n_counted, sizeof n));
+    }
     g->n_targets = n;
     if (loss) {
         loss->nll = n ? sum / n : 0;

@@ -594,23 +594,28 @@ extern "C" moe_status moe_cuda_attention_backward(float *dq, float *dk, float *d
 }
 
 /* Attention of n new queries over a key/value cache (decoding): a block of DEC_WARPS warps
- * per (head, query). Warp w takes the keys in groups of DEC_KEYS, the groups w, w + DEC_WARPS,
- * ... in order: the group's scores (sums over the head's width in lanes and a fixed shuffle
- * tree) and value rows are loaded together, so that a warp waits on memory once per group
- * rather than once per key, and fold into the warp's running maximum, sum and output row
- * (lane e holds dims e, e + 32, ...) key by key. The warps' partial results are then merged in
- * warp order. Fixed orders throughout: bitwise repeatable. */
+ * per (head, query, share of the keys). Warp w takes its share's keys in groups of DEC_KEYS,
+ * the groups w, w + DEC_WARPS, ... in order: the group's scores (sums over the head's width in
+ * lanes and a fixed shuffle tree) and value rows are loaded together, so that a warp waits on
+ * memory once per group rather than once per key, and fold into the warp's running maximum,
+ * sum and output row (lane e holds dims e, e + 32, ...) key by key. The warps' partial results
+ * are merged in warp order; with one share that is the output, else the share's maximum, sum
+ * and unnormalised row go to part [n, H, shares, 2 + dv] and k_attn_merge merges the shares in
+ * order. Fixed orders throughout: bitwise repeatable. */
 #define DEC_WARPS 16
 #define DEC_KEYS 4
+#define DEC_BLOCKS 256      /* the blocks the shares aim for (a few per multiprocessor) */
+#define DEC_MIN_KEYS 64     /* the fewest keys a share is given */
 
 template <int D>
 __global__ static void __launch_bounds__(DEC_WARPS * 32)
-    k_attn_cached(float *out, const float *q, const float *k, const float *v, int P,
-                  moe_attn_dims a) {
+    k_attn_cached(float *out, float *part, const float *q, const float *k, const float *v,
+                  int P, int share, moe_attn_dims a) {
     constexpr int PER = D / 32;
     __shared__ float sq[D], sm[DEC_WARPS], sl[DEC_WARPS], sacc[DEC_WARPS][D];
     int h = blockIdx.x, i = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int dk = a.dk, dv = a.dv, kvh = h / (a.H / a.KV), nk = P + i + 1;
+    int j_end = min(nk, (int)(blockIdx.z + 1) * share);
     const float *qi = q + ((size_t)i * a.H + h) * dk;
     for (int e = threadIdx.x; e < dk; e += blockDim.x) sq[e] = qi[e];
     __syncthreads();
@@ -618,8 +623,8 @@ __global__ static void __launch_bounds__(DEC_WARPS * 32)
     const float *kb = k + (size_t)kvh * dk, *vb = v + (size_t)kvh * dv;
     float m = -INFINITY, l = 0, acc[PER];
     for (int r = 0; r < PER; r++) acc[r] = 0;
-    for (int j0 = w * DEC_KEYS; j0 < nk; j0 += DEC_WARPS * DEC_KEYS) {
-        int nj = nk - j0 < DEC_KEYS ? nk - j0 : DEC_KEYS;
+    for (int j0 = blockIdx.z * share + w * DEC_KEYS; j0 < j_end; j0 += DEC_WARPS * DEC_KEYS) {
+        int nj = j_end - j0 < DEC_KEYS ? j_end - j0 : DEC_KEYS;
         float s[DEC_KEYS], vr[DEC_KEYS][PER];
 #pragma unroll
         for (int u = 0; u < DEC_KEYS; u++) {
@@ -659,28 +664,69 @@ __global__ static void __launch_bounds__(DEC_WARPS * 32)
     for (int x = 0; x < DEC_WARPS; x++) M = fmaxf(M, sm[x]);
     for (int x = 0; x < DEC_WARPS; x++)
         if (sl[x] > 0) L += sl[x] * expf(sm[x] - M);
-    float *oi = out + ((size_t)i * a.H + h) * dv;
+    size_t row = (size_t)i * a.H + h;
+    float *pz = part ? part + (row * gridDim.z + blockIdx.z) * (2 + dv) : NULL;
+    if (pz && threadIdx.x == 0) pz[0] = M, pz[1] = L;
     for (int e = threadIdx.x; e < dv; e += blockDim.x) {
         float o = 0;
         for (int x = 0; x < DEC_WARPS; x++)
             if (sl[x] > 0) o += sacc[x][e] * expf(sm[x] - M);
-        oi[e] = o / L;
+        if (pz) pz[2 + e] = o;
+        else out[row * dv + e] = o / L;
+    }
+}
+
+/* One block per (head, query): the shares of k_attn_cached (at most DEC_BLOCKS) merged in
+ * order; their maxima and sums are read once, into shared memory, by as many threads. */
+__global__ static void k_attn_merge(float *out, const float *part, int shares, int dv) {
+    __shared__ float wz[DEC_BLOCKS], lz[DEC_BLOCKS];
+    size_t row = (size_t)blockIdx.y * gridDim.x + blockIdx.x, stride = 2 + (size_t)dv;
+    const float *pr = part + row * shares * stride;
+    for (int z = threadIdx.x; z < shares; z += blockDim.x)
+        wz[z] = pr[z * stride], lz[z] = pr[z * stride + 1];
+    __syncthreads();
+    float M = -INFINITY, L = 0;
+    for (int z = 0; z < shares; z++) M = fmaxf(M, wz[z]);
+    __syncthreads();
+    for (int z = threadIdx.x; z < shares; z += blockDim.x)
+        wz[z] = lz[z] > 0 ? expf(wz[z] - M) : 0; /* (a share without keys: weight 0) */
+    __syncthreads();
+    for (int z = 0; z < shares; z++) L += lz[z] * wz[z];
+    for (int e = threadIdx.x; e < dv; e += blockDim.x) {
+        float o = 0;
+#pragma unroll 8
+        for (int z = 0; z < shares; z++) o += wz[z] * pr[z * stride + 2 + e];
+        out[row * dv + e] = o / L;
     }
 }
 
 extern "C" moe_status moe_cuda_attention_cached(float *out, const float *q, const float *k,
                                                 const float *v, int n, int P,
-                                                const moe_attn_dims *a) {
+                                                const moe_attn_dims *a, float *scratch,
+                                                size_t scratch_floats) {
     MOE_TRY(attn_check(a, "moe_cuda_attention_cached"));
     MOE_CHECK(n >= 0 && P >= 0 && n <= 65535, "moe_cuda_attention_cached: %d queries after %d "
               "keys (at most 65535 queries a call)", n, P);
     if (n == 0) return MOE_OK;
-    dim3 grid((unsigned)a->H, (unsigned)n);
+    /* shares: enough blocks to fill the GPU, at least DEC_MIN_KEYS keys each, within scratch */
+    size_t rows = (size_t)n * a->H, keys = (size_t)P + n;
+    size_t shares = (DEC_BLOCKS + rows - 1) / rows;
+    size_t most = (keys + DEC_MIN_KEYS - 1) / DEC_MIN_KEYS;
+    shares = shares < most ? shares : most;
+    size_t fit = scratch ? scratch_floats / (rows * (2 + (size_t)a->dv)) : 0;
+    shares = shares < fit ? shares : fit;
+    if (shares > DEC_BLOCKS) shares = DEC_BLOCKS; /* (k_attn_merge's bound; already so) */
+    if (shares < 2) shares = 1;
+    int share = (int)((keys + shares - 1) / shares);
+    float *part = shares > 1 ? scratch : NULL;
+    dim3 grid((unsigned)a->H, (unsigned)n, (unsigned)shares);
     switch (att_width(a)) {
-    case 64: k_attn_cached<64><<<grid, DEC_WARPS * 32>>>(out, q, k, v, P, *a); break;
-    case 128: k_attn_cached<128><<<grid, DEC_WARPS * 32>>>(out, q, k, v, P, *a); break;
-    default: k_attn_cached<256><<<grid, DEC_WARPS * 32>>>(out, q, k, v, P, *a); break;
+    case 64: k_attn_cached<64><<<grid, DEC_WARPS * 32>>>(out, part, q, k, v, P, share, *a); break;
+    case 128: k_attn_cached<128><<<grid, DEC_WARPS * 32>>>(out, part, q, k, v, P, share, *a); break;
+    default: k_attn_cached<256><<<grid, DEC_WARPS * 32>>>(out, part, q, k, v, P, share, *a); break;
     }
+    if (part)
+        k_attn_merge<<<dim3((unsigned)a->H, (unsigned)n), 128>>>(out, part, (int)shares, a->dv);
     CU_TRY(cudaGetLastError(), "cached attention");
     return MOE_OK;
 }

@@ -60,9 +60,12 @@ moe_status moe_cuda_attention_backward(float *dq, float *dk, float *dv, const fl
 /* Attention of n new queries over a key/value cache (moe_attention_cached): q [n, H*dk] at
  * positions P .. P + n - 1 of one sequence, k [P + n, KV*dk] and v [P + n, KV*dv] the keys and
  * values of positions 0 .. P + n - 1; query i attends to keys 0 .. P + i. Overwrites
- * out [n, H*dv] (a->B and a->S are not used). n at most 65535. */
+ * out [n, H*dv] (a->B and a->S are not used). n at most 65535. scratch [scratch_floats]
+ * (device; NULL, 0: none) lets the keys be split over more blocks, whose partial results it
+ * holds: up to 256 blocks' worth of n * H * (2 + dv) floats is used. */
 moe_status moe_cuda_attention_cached(float *out, const float *q, const float *k, const float *v,
-                                     int n, int P, const moe_attn_dims *a);
+                                     int n, int P, const moe_attn_dims *a, float *scratch,
+                                     size_t scratch_floats);
 
 /* Softmax cross-entropy (moe_xent_forward_backward) of logits [T, V] against targets y [T]
  * (y < 0: ignored; y must be < V, which the caller checks on the host): row_loss [T] =
