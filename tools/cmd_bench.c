@@ -304,6 +304,13 @@ static double model_flops_per_token(const moe_model_config *c) {
     return 3 * model_forward_flops(c, c->seq_len);
 }
 
+/* The GEMM rate (FLOP/s) a model's figures are set against: the large SGEMM of the CPU, or on
+ * the GPU cuBLAS's fp32 rate (the model computes in fp32). */
+static double model_gemm_ceiling(int device) {
+    if (!device) return moe_gemm_peak(2048, 5);
+    return 2.0 * 8192 * 8192 * 8192 / moe_cuda_gemm_seconds(0, 0, 8192, 8192, 8192, 0, 3);
+}
+
 static int bench_train(moe_options *o, int json) {
     const moe_model_config *c = &o->model;
     const moe_train_config *tc = &o->train;
@@ -322,9 +329,7 @@ static int bench_train(moe_options *o, int json) {
         return 1;
     }
     moe_model_init_params(m, c->moe.seed);
-    /* on the GPU: cuBLAS's fp32 rate (the model computes in fp32) */
-    double t_sq = o->device ? moe_cuda_gemm_seconds(0, 0, 8192, 8192, 8192, 0, 3) : 0;
-    double peak = o->device ? 2.0 * 8192 * 8192 * 8192 / t_sq : moe_gemm_peak(2048, 5);
+    double peak = model_gemm_ceiling(o->device);
     double t_steps = 0, tokens = 0;
     for (int it = 0; it <= o->iters; it++) {
         moe_step_metrics s;
@@ -463,10 +468,8 @@ static int bench_generate(moe_options *o, int json) {
     moe_model_init_params(m, c->moe.seed);
     for (int i = 0; i < P; i++)
         prompt[i] = (int32_t)(moe_rng_u64(c->moe.seed, 78, (uint64_t)i) % (uint64_t)c->vocab);
-    /* the ceilings: on the GPU cuBLAS's fp32 rate (the model computes in fp32) and a copy of
-     * 1 GiB in its memory */
-    double t_sq = o->device ? moe_cuda_gemm_seconds(0, 0, 8192, 8192, 8192, 0, 3) : 0;
-    double peak = o->device ? 2.0 * 8192 * 8192 * 8192 / t_sq : moe_gemm_peak(2048, 5);
+    /* the memory's ceiling on the GPU: a copy of 1 GiB there */
+    double peak = model_gemm_ceiling(o->device);
     double bw = o->device ? moe_cuda_copy_bandwidth((size_t)1 << 30, 5) : stream_bandwidth();
     const char *gemm = o->device ? "cuBLAS SGEMM 8192^3" : "SGEMM",
                *mem = o->device ? "a device copy" : "the STREAM triad";
