@@ -24,6 +24,10 @@ On an NVIDIA GPU (against moe.c's CUDA layer), parameters and input on the devic
       --hidden-size 4096 --moe-ffn-hidden-size 14336 --num-experts 8 --moe-router-topk 2 \
       --style all
 
+and generation in fp32 (against moe bench generate --device cuda, the same flags):
+
+  python3 bench/peer_torch.py generate --device cuda --hidden-size 1024 ... --vocab-size 32000
+
 Layer styles: "hf" is Hugging Face Mixtral's loop over experts with index_add; "grouped" sorts
 the slots by expert and runs one matmul pair per contiguous block; "grouped_mm" sorts the same
 way and runs each of the two expert GEMMs as one torch._grouped_mm call over all experts (CUDA,
@@ -328,12 +332,15 @@ def bench_generate(a):
     P, N = a.tokens, a.max_new_tokens
     if P + N > S:
         sys.exit(f"--tokens {P} + --max-new-tokens {N} exceed --seq-length {S}")
+    if a.device == "cuda":  # every tensor made from here on (parameters, cache, masks) there
+        torch.set_default_device("cuda")
     torch.manual_seed(a.seed)
     model = Model(c)
     hd = c["d"] // c["heads"]
     prompt = torch.randint(0, c["vocab"], (1, P))
-    print(f"peer_torch generate: {c}, prompt {P}, new {N}, {torch.get_num_threads()} threads, "
-          f"PyTorch {torch.__version__}")
+    where = (f"cuda {torch.cuda.get_device_name()}" if a.device == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    print(f"peer_torch generate: {c}, prompt {P}, new {N}, {where}, PyTorch {torch.__version__}")
     best_p = best_d = float("inf")
     for _ in range(a.iters):
         cache = [(torch.zeros(1, S, c["kv"], hd), torch.zeros(1, S, c["kv"], hd))
@@ -391,14 +398,16 @@ def main():
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--style", choices=["hf", "grouped", "grouped_mm", "both", "all"],
                    default="both", help="both = hf and grouped; all = every style")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="layer only")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="layer, generate")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="layer only")
     p.add_argument("--config", help="a moe.c config file (moe bench train's shapes)")
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this PyTorch sees no CUDA device")
-    if a.what != "layer" and (a.device, a.dtype) != ("cpu", "fp32"):
-        p.error("--device and --dtype apply to layer only")
+    if a.what == "train" and a.device != "cpu":
+        p.error("--device applies to layer and generate")
+    if a.what != "layer" and a.dtype != "fp32":
+        p.error("--dtype applies to layer only")
     if a.device == "cpu":  # --threads is for cpu; on cuda the host side keeps torch's default
         torch.set_num_threads(a.threads)
     {"layer": bench_layer, "train": bench_train, "generate": bench_generate}[a.what](a)
