@@ -332,62 +332,66 @@ static void test_bad_input(void **state) {
     assert_non_null(strstr(moe_last_error(), "layer 1: moe-router-topk (5)"));
 }
 
+/* Decodes tok [0, S) with the cache into dec [S, V]: a prompt of 3 tokens (the forward's
+ * attention), 2 more in one call (the cached attention, causal within the call), then one at a
+ * time; the full cache refuses more. */
+static void decode_seq(moe_model *m, const int32_t *tok, int S, int V, float *dec) {
+    moe_model_reset_cache(m);
+    for (int t = 0, n = 3; t < S; t += n, n = t == 3 ? 2 : 1) {
+        assert_int_equal(moe_model_decode(m, tok + t, n), MOE_OK);
+        memcpy(dec + (size_t)t * V, moe_model_logits(m), sizeof(float) * (size_t)n * V);
+    }
+    assert_int_equal(moe_model_cache_len(m), S);
+    assert_int_equal(moe_model_decode(m, tok, 1), MOE_ERR_INVALID); /* the cache is full */
+}
+
 /* Decoding token by token with the cache gives the logits of a full recomputation (within tol
  * of the largest): twice, the second time after the parameters were written through
- * moe_model_params right after the first decoding, recomputed by a new model given the same
- * parameters (bf16 experts keep their weights' copies between decoding calls until then). */
+ * moe_model_params right after the first decoding. That second decoding must also equal,
+ * bitwise, a new model's given the same parameters (the same kernels: bf16 experts keep their
+ * weights' copies between decoding calls until the parameters are written). */
 static void kv_cache(moe_model_config c, double tol) {
     uint64_t seed = tu_seed();
     int S = 7, V = c.vocab;
-    moe_model *m;
+    size_t n = (size_t)S * V;
+    moe_model *m, *fresh;
     assert_int_equal(moe_model_create(&c, 2 * S, &m), MOE_OK);
     random_params(m, seed);
     int32_t tok[7], tgt[7];
     fill_batch(tok, tgt, S, V, seed);
     moe_model_args args = moe_model_args_default();
     args.training = 0;
-    float *dec = malloc(sizeof(float) * (size_t)S * V), *full = malloc(sizeof(float) * (size_t)S * V);
+    float *dec = malloc(sizeof(float) * n), *full = malloc(sizeof(float) * n),
+          *again = malloc(sizeof(float) * n);
+    assert_true(dec && full && again);
     for (int round = 0; round < 2; round++) {
+        moe_model *ref = m;
         if (round) { /* new weights: every parameter scaled by a random factor in [0.5, 1.5] */
             float *p = moe_model_params(m);
             for (size_t i = 0; i < moe_model_param_count(m); i++)
                 p[i] *= 0.5f + (float)moe_rng_uniform64(seed, 5, i);
-        }
-        if (!round) {
-            assert_int_equal(moe_model_forward(m, tok, NULL, 1, S, &args, NULL), MOE_OK);
-            memcpy(full, moe_model_logits(m), sizeof(float) * (size_t)S * V);
-        }
-        moe_model_reset_cache(m);
-        /* a prompt of 3 tokens (the forward's attention), 2 more in one call (the cached
-         * attention, causal within the call), then one at a time */
-        assert_int_equal(moe_model_decode(m, tok, 3), MOE_OK);
-        memcpy(dec, moe_model_logits(m), sizeof(float) * 3 * (size_t)V);
-        assert_int_equal(moe_model_decode(m, tok + 3, 2), MOE_OK);
-        memcpy(dec + 3 * (size_t)V, moe_model_logits(m), sizeof(float) * 2 * (size_t)V);
-        for (int t = 5; t < S; t++) {
-            assert_int_equal(moe_model_decode(m, tok + t, 1), MOE_OK);
-            memcpy(dec + (size_t)t * V, moe_model_logits(m), sizeof(float) * (size_t)V);
-        }
-        assert_int_equal(moe_model_cache_len(m), S);
-        assert_int_equal(moe_model_decode(m, tok, 1), MOE_ERR_INVALID); /* the cache is full */
-        if (round) {
-            moe_model *fresh;
             assert_int_equal(moe_model_create(&c, 2 * S, &fresh), MOE_OK);
-            memcpy(moe_model_params(fresh), moe_model_params(m),
-                   sizeof(float) * moe_model_param_count(m));
-            assert_int_equal(moe_model_forward(fresh, tok, NULL, 1, S, &args, NULL), MOE_OK);
-            memcpy(full, moe_model_logits(fresh), sizeof(float) * (size_t)S * V);
+            memcpy(moe_model_params(fresh), p, sizeof(float) * moe_model_param_count(m));
+            ref = fresh;
+        }
+        if (round) decode_seq(m, tok, S, V, dec); /* (round 0 decodes after the forward, so
+                                                     that its copies are the ones kept) */
+        assert_int_equal(moe_model_forward(ref, tok, NULL, 1, S, &args, NULL), MOE_OK);
+        memcpy(full, moe_model_logits(ref), sizeof(float) * n);
+        if (!round) decode_seq(m, tok, S, V, dec);
+        if (round) {
+            decode_seq(fresh, tok, S, V, again);
+            assert_memory_equal(again, dec, sizeof(float) * n);
             moe_model_destroy(fresh);
         }
         double scale = 0;
-        for (int i = 0; i < S * V; i++) scale = fmax(scale, fabs(full[i]));
-        for (int i = 0; i < S * V; i++)
+        for (size_t i = 0; i < n; i++) scale = fmax(scale, fabs(full[i]));
+        for (size_t i = 0; i < n; i++)
             if (fabs(dec[i] - full[i]) > tol * scale)
-                fail_msg("round %d, position %d, token %d: cached %g, full %g", round, i / V,
+                fail_msg("round %d, position %zu, token %zu: cached %g, full %g", round, i / V,
                          i % V, dec[i], full[i]);
     }
-    free(dec);
-    free(full);
+    free(dec), free(full), free(again);
     moe_model_destroy(m);
 }
 
@@ -398,11 +402,17 @@ static void test_kv_cache(void **state) {
     kv_cache(attn_config(0, MOE_QK_NORM_WHOLE, 0), 1e-5);
     kv_cache(mla_config(5), 1e-5); /* MLA: the cache holds every head's keys and values */
     kv_cache(mla_config(0), 1e-5);
-    if (moe_gemm_bf16_available()) { /* bf16 experts and shared expert (oneDNN) */
+    /* bf16 experts and shared expert (oneDNN). The cached and the full computation differ in
+     * the last bits of fp32 (other kernels for fewer rows), and an activation that lies that
+     * close to a bf16 rounding boundary is rounded the other way: it moves by 2^-8 of itself,
+     * and in this 16-wide model the layer's output by up to about 1 % (seed 1796081408617689:
+     * 0.8 % in the second MoE layer, 1.3e-3 of the logits' scale). So 1e-2 here; the bitwise
+     * comparison with a new model checks the kept copies exactly. */
+    if (moe_gemm_bf16_available()) {
         moe_model_config c = tiny_config();
         c.moe.expert_bf16 = 1;
         c.moe.shared_ffn = 12;
-        kv_cache(c, 1e-3);
+        kv_cache(c, 1e-2);
     }
 }
 
