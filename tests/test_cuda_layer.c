@@ -116,6 +116,56 @@ static void run_gpu(const moe_layer_config *c, const run_in *in, const float *dx
     moe_cuda_layer_destroy(L);
 }
 
+/* Inference (training = 0) on the first T tokens of in: the output, the expert counts and the
+ * losses on the GPU (cfg) against the CPU's (c32: fp32), within tol of the output's scale;
+ * bitwise repeatable. */
+static void compare_inference(const moe_layer_config *c, const moe_layer_config *c32,
+                              const char *name, const run_in *in, int T, double tol) {
+    int E = c->n_experts;
+    size_t n = (size_t)T * c->d;
+    moe_forward_args a = args_of(in);
+    a.training = 0;
+    a.seq_len = in->seq_len && T % in->seq_len == 0 ? in->seq_len : 0;
+    moe_layer *cl;
+    moe_cuda_layer *gl;
+    check(moe_layer_create(c32, T, NULL, NULL, &cl));
+    memcpy(moe_layer_param_data(cl), in->params, moe_layer_param_count(c32) * 4);
+    if (in->bias) memcpy(moe_layer_expert_bias(cl), in->bias, sizeof(float) * (size_t)E);
+    check(moe_cuda_layer_create(c, T, NULL, NULL, &gl));
+    check(moe_cuda_layer_set_params(gl, in->params, in->bias));
+    float *cpu = malloc(n * 4), *gpu = malloc(n * 4), *again = malloc(n * 4), *x, *out;
+    assert_true(cpu && gpu && again);
+    check(moe_layer_forward(cl, cpu, in->x, T, &a));
+    check(moe_cuda_alloc((void **)&x, n * 4));
+    check(moe_cuda_alloc((void **)&out, n * 4));
+    check(moe_cuda_to_device(x, in->x, n * 4));
+    check(moe_cuda_layer_forward(gl, out, x, T, &a));
+    check(moe_cuda_to_host(gpu, out, n * 4));
+    const moe_layer_stats *cs = moe_layer_get_stats(cl), *gs = moe_cuda_layer_get_stats(gl);
+    for (int e = 0; e < E; e++)
+        if (cs->counts[e] != gs->counts[e])
+            fail_msg("%s, inference on %d tokens: expert %d has %lld rows on the GPU, %lld on the "
+                     "CPU", name, T, e, (long long)gs->counts[e], (long long)cs->counts[e]);
+    if (!(fabs(gs->aux_loss - cs->aux_loss) <= 1e-6 * fabs(cs->aux_loss)) ||
+        !(fabs(gs->z_loss - cs->z_loss) <= 1e-6 * fabs(cs->z_loss)))
+        fail_msg("%s, inference on %d tokens: losses aux %.9g z %.9g on the GPU, %.9g %.9g on "
+                 "the CPU", name, T, gs->aux_loss, gs->z_loss, cs->aux_loss, cs->z_loss);
+    double mean, e = tu_rel_err(gpu, cpu, n, &mean);
+    if (!(e < tol))
+        fail_msg("%s, inference on %d tokens: the output differs by %.3g of its scale", name, T,
+                 e);
+    if (c->expert_bf16 && !(e > 1e-4))
+        fail_msg("%s, inference on %d tokens: bf16 within fp32 rounding (%.3g)", name, T, e);
+    check(moe_cuda_layer_forward(gl, out, x, T, &a));
+    check(moe_cuda_to_host(again, out, n * 4));
+    assert_memory_equal(again, gpu, n * 4);
+    printf("%-34s inference T %3d: output %.2g of scale\n", name, T, e);
+    moe_cuda_free(x), moe_cuda_free(out);
+    free(cpu), free(gpu), free(again);
+    moe_layer_destroy(cl);
+    moe_cuda_layer_destroy(gl);
+}
+
 /* GPU against CPU for one configuration. tol: relative to each tensor's largest entry. */
 static void compare(moe_layer_config c, const char *name, int topk, int seq_len, int masked,
                     double tol) {
@@ -175,6 +225,9 @@ static void compare(moe_layer_config c, const char *name, int topk, int seq_len,
     printf("%-34s output %.2g  dx %.2g  grads %.2g of scale\n", name,
            tu_rel_err(gpu.out, cpu.out, n, &mean), tu_rel_err(gpu.dx, cpu.dx, n, &mean),
            tu_rel_err(gpu.grads, cpu.grads, np, &mean));
+    /* inference: one token (decoding), a few, and as many as above */
+    int Ts[4] = {1, 3, 32 / k, T};
+    for (int i = 0; i < 4; i++) compare_inference(&c, &c32, name, &in, Ts[i], tol);
     free_out(&cpu), free_out(&gpu), free_out(&again);
     free(p), free(x), free(g), free(dx0), free(bias), free(mask);
 }
@@ -208,6 +261,8 @@ static void test_deepseek(void **state) {
     compare(c, "sigmoid, groups, bias, seq aux", 0, 32, 0, 1e-5);
     c.act = MOE_ACT_RELU2;
     compare(c, "the same with relu2 and a mask", 0, 32, 1, 1e-5);
+    c.d = 62, c.ffn = 90; /* widths that are not multiples of 4 */
+    compare(c, "the same, odd widths", 0, 32, 1, 1e-5);
 }
 
 /* Softmax before top-k, sqrt-softplus scores, GeGLU and GELU, masked tokens. */
