@@ -445,7 +445,8 @@ static int argmax(const float *x, int n) {
  * then --max-new-tokens N greedy tokens one call each with the key/value cache; best of
  * --iters runs. Prefill against the SGEMM rate, decoding against the memory bandwidth: the
  * parameters each step reads (the experts its token went to) and the cache it attends over,
- * at the STREAM triad rate of the same run. */
+ * at the STREAM triad rate of the same run (--device cuda: cuBLAS's fp32 rate and a copy in
+ * the GPU's memory). */
 static int bench_generate(moe_options *o, int json) {
     const moe_model_config *c = &o->model;
     int S = c->seq_len;
@@ -468,8 +469,8 @@ static int bench_generate(moe_options *o, int json) {
     moe_model_init_params(m, c->moe.seed);
     for (int i = 0; i < P; i++)
         prompt[i] = (int32_t)(moe_rng_u64(c->moe.seed, 78, (uint64_t)i) % (uint64_t)c->vocab);
-    /* the memory's ceiling on the GPU: a copy of 1 GiB there */
     double peak = model_gemm_ceiling(o->device);
+    /* the memory's ceiling on the GPU: a copy of 1 GiB there */
     double bw = o->device ? moe_cuda_copy_bandwidth((size_t)1 << 30, 5) : stream_bandwidth();
     const char *gemm = o->device ? "cuBLAS SGEMM 8192^3" : "SGEMM",
                *mem = o->device ? "a device copy" : "the STREAM triad";

@@ -229,7 +229,7 @@ static void on_signal(int sig) { stop_requested = sig; }
 int moe_cli_cpu_only(const moe_options *o, const char *cmd) {
     if (!o->device) return 0;
     fprintf(stderr, "moe %s: runs on the CPU (--device cuda is for train, generate --load, "
-                    "eval --load and bench layer|train)\n", cmd);
+                    "eval --load and bench layer|train|generate)\n", cmd);
     return 2;
 }
 

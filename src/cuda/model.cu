@@ -35,6 +35,7 @@ struct moe_cuda_model {
     int32_t *tokens, *targets, *pos; /* [T] each, in one buffer: one copy brings them in */
     float *xf, *nf, *rstdf, *logits; /* [T, d], [T, d], [T], [T, V] */
     float *dx, *dxm, *dn, *dq, *dk, *dv, *datt, *dh, *da, *tmp; /* backward scratch */
+    size_t n_tmp;               /* floats of tmp */
     float *scores;              /* [H T] the attention backward's scratch */
     float *kcache, *vcache;     /* [L][seq_len, hkv] decoding's keys and values (first use) */
     double *row_loss;           /* [T] */
@@ -124,6 +125,7 @@ extern "C" moe_status moe_cuda_model_create(const moe_cuda_model_plan *p, int ma
     size_t T = (size_t)max_tokens, d = (size_t)c->d, V = (size_t)c->vocab, S = (size_t)c->seq_len;
     size_t H = (size_t)c->n_heads, hq = (size_t)g->hq, hkv = (size_t)g->hkv;
     size_t rows = H * T, wide = V > d ? V : d; /* attention rows: lse, the backward's D */
+    g->n_tmp = T * wide;
     if (s == MOE_OK) s = take(g, &g->params, p->n_params, 4);
     if (s == MOE_OK) s = take(g, &g->grads, p->n_params, 4);
     if (s == MOE_OK) s = take(g, &g->rope_cs, S * (size_t)p->hd, 4);
@@ -152,7 +154,7 @@ extern "C" moe_status moe_cuda_model_create(const moe_cuda_model_plan *p, int ma
                 {&g->dx, T * d, 4},  {&g->dxm, T * d, 4}, {&g->dn, T * d, 4}, {&g->dq, T * hq, 4},
                 {&g->dk, T * hkv, 4}, {&g->dv, T * hkv, 4}, {&g->datt, T * hq, 4},
                 {&g->dh, T * (size_t)g->gf, 4}, {&g->da, T * (size_t)c->ffn, 4},
-                {&g->tmp, T * wide, 4}, {&g->scores, rows, 4}, {&g->row_loss, T, 8},
+                {&g->tmp, g->n_tmp, 4}, {&g->scores, rows, 4}, {&g->row_loss, T, 8},
                 {&g->sum, 1, 8},     {&g->n_counted, 1, 4}};
     for (size_t i = 0; i < sizeof rest / sizeof rest[0] && s == MOE_OK; i++)
         s = take(g, rest[i].p, rest[i].n, rest[i].size);
@@ -196,8 +198,7 @@ static moe_status attend_cached(moe_cuda_model *g, int l, const saved *v, int n,
     CU_TRY(cudaMemcpyAsync(kc + past * w, v->k, 4 * n * w, cudaMemcpyDeviceToDevice), "cache");
     CU_TRY(cudaMemcpyAsync(vc + past * w, v->v, 4 * n * w, cudaMemcpyDeviceToDevice), "cache");
     if (past == 0 && n > 1) return moe_cuda_attention_forward(v->att, v->lse, v->q, kc, vc, ad);
-    size_t tmp = (size_t)g->max_tokens * (g->cfg.vocab > g->cfg.d ? g->cfg.vocab : g->cfg.d);
-    return moe_cuda_attention_cached(v->att, v->q, kc, vc, n, past, ad, g->tmp, tmp);
+    return moe_cuda_attention_cached(v->att, v->q, kc, vc, n, past, ad, g->tmp, g->n_tmp);
 }
 
 /* The forward of B sequences of S tokens (moe_cuda_model_forward); with past >= 0 (B = 1) the
