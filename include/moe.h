@@ -352,6 +352,11 @@ typedef struct {
 
 moe_model_config moe_model_config_default(void);
 moe_status moe_model_config_validate(const moe_model_config *cfg);
+/* What a model can compute but not learn, refused for training (moe train, moe_trainer_create):
+ * top-1 routing where the chosen expert's weight is always 1 — the softmax taken over the one
+ * chosen logit (post-softmax, the default) or the top-k renormalised — so that the router gets
+ * no gradient from the loss. Megatron-Core refuses the first too. */
+moe_status moe_model_config_validate_training(const moe_model_config *cfg);
 /* The size of one attention head: head_dim, or d / H when it is 0. */
 int moe_model_head_dim(const moe_model_config *cfg);
 /* Experts of layer l (0 = dense). */

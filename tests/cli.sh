@@ -34,6 +34,11 @@ grep -q "tokens per expert" "$tmp/out" && grep -q "GFLOP/s" "$tmp/out" || fail "
 for cfg in "$src"/configs/*.cfg; do # every example config is valid
   expect 0 "$moe" train --config "$cfg" --print-config
 done
+# top-1 whose weight is always 1 (the softmax after the top-k) teaches the router nothing:
+# training refuses it in one line
+expect 2 "$moe" train --moe-router-topk 1 --train-iters 1
+[ "$(wc -l <"$tmp/out")" = 1 ] && grep -q "set moe-router-pre-softmax" "$tmp/out" ||
+  fail "train --moe-router-topk 1: $(cat "$tmp/out")"
 # --device cuda where there is no GPU (CI) or no CUDA in the build: one clear line, exit 1;
 # with a GPU the layer and generation benches run (test_cuda_* check the numbers)
 if "$moe" bench layer --device cuda --tokens 64 --iters 1 >"$tmp/out" 2>&1; then

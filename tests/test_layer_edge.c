@@ -78,6 +78,34 @@ static void test_edge_shapes(void **state) {
     run_and_compare("experts without tokens", &c, 3, NULL, seed);
 }
 
+/* Top-1 with the softmax after the top-k weighs the chosen expert 1 whatever the logits: the
+ * router's weights get no gradient from the output (why training refuses it,
+ * moe_model_config_validate_training); with the softmax before the top-k they do. */
+static void test_top1_router_gradient(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    for (int pre = 0; pre < 2; pre++) {
+        moe_layer_config c = small();
+        c.topk = 1, c.pre_softmax = pre, c.lb_type = MOE_LB_NONE, c.aux_coeff = 0, c.z_coeff = 0;
+        enum { T = 16 };
+        layer_fixture f;
+        fixture_init(&f, &c, T, seed, 0.5f);
+        float x[T * 8], out[T * 8], g[T * 8], dx[T * 8] = {0};
+        tu_fill(x, T * 8, seed, 1, -1, 1);
+        tu_fill(g, T * 8, seed, 2, -1, 1);
+        moe_forward_args a = moe_forward_args_default();
+        assert_int_equal(moe_layer_forward(f.layer, out, x, T, &a), MOE_OK);
+        moe_layer_zero_grads(f.layer);
+        assert_int_equal(moe_layer_backward(f.layer, dx, g, x), MOE_OK);
+        const float *gw = moe_layer_get_grads(f.layer).router_w;
+        double mx = 0;
+        for (int i = 0; i < c.n_experts * c.d; i++) mx = fmax(mx, fabs(gw[i]));
+        if (pre) assert_true(mx > 1e-4);
+        else assert_true(mx == 0);
+        fixture_free(&f);
+    }
+}
+
 /* Every token to one expert: a router that strongly prefers expert 2. */
 static void test_all_to_one_expert(void **state) {
     (void)state;
@@ -299,6 +327,7 @@ static void test_call_errors(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edge_shapes),    cmocka_unit_test(test_all_to_one_expert),
+        cmocka_unit_test(test_top1_router_gradient),
         cmocka_unit_test(test_fully_masked),   cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_invalid_configs), cmocka_unit_test(test_call_errors),
     };

@@ -494,6 +494,30 @@ static void test_grad_norm_clip(void **state) {
     moe_model_destroy(ref);
 }
 
+/* The trainer refuses a top-1 router whose weight is always 1 (it would learn nothing from the
+ * loss, moe_model_config_validate_training), and takes it with the softmax before the top-k. */
+static void test_trainer_refuses_top1_post_softmax(void **state) {
+    (void)state;
+    moe_model_config c = tiny_config();
+    c.moe.topk = 1;
+    uint32_t data[64];
+    for (int i = 0; i < 64; i++) data[i] = (uint32_t)i % (uint32_t)c.vocab;
+    moe_tokens toks = {.tokens = data, .n_tokens = 64, .vocab = c.vocab};
+    moe_train_config tc = moe_train_config_default();
+    tc.micro_batch = tc.global_batch = 1;
+    for (int pre = 0; pre < 2; pre++) {
+        c.moe.pre_softmax = pre;
+        moe_model *m;
+        moe_trainer *t = NULL;
+        assert_int_equal(moe_model_create(&c, c.seq_len, &m), MOE_OK);
+        moe_status st = moe_trainer_create(m, &tc, &toks, NULL, &t);
+        if (pre) assert_int_equal(st, MOE_OK);
+        else assert_true(st == MOE_ERR_INVALID && strstr(moe_last_error(), "pre-softmax"));
+        moe_trainer_destroy(t);
+        moe_model_destroy(m);
+    }
+}
+
 /* AdamW: weight decay moves weights but never norms or biases. Two runs of one step from
  * the same start, with and without decay: norm weights end bitwise equal, a weight differs
  * by lr * wd * p (the decoupled decay). */
@@ -560,6 +584,7 @@ int main(void) {
         cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
         cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),
+        cmocka_unit_test(test_trainer_refuses_top1_post_softmax),
         cmocka_unit_test(test_grad_norm_clip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -234,6 +234,27 @@ static void test_finish_combinations(void **state) {
     const char *aux_sink[] = {"--moe-router-type", "sinkhorn", "--moe-aux-loss-coeff", "0.01"};
     assert_int_equal(parse(&o, aux_sink, 4), MOE_OK);
     expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "needs the topk router");
+
+    /* top-1 whose weight is always 1: computed (generate, eval), not trained */
+    const char *top1[] = {"--moe-router-topk", "1"};
+    assert_int_equal(parse(&o, top1, 2), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "set moe-router-pre-softmax");
+    assert_int_equal(parse(&o, top1, 2), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL), MOE_OK);
+    const char *top1_norm[] = {"--moe-router-topk", "1", "--moe-router-pre-softmax",
+                               "--moe-router-norm-topk-prob", "true"};
+    assert_int_equal(parse(&o, top1_norm, 5), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "set moe-router-norm-topk-prob false");
+    const char *top1_pre[] = {"--moe-router-topk", "1", "--moe-router-pre-softmax"};
+    assert_int_equal(parse(&o, top1_pre, 3), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    const char *top1_sigmoid[] = {"--moe-router-topk", "1", "--moe-router-score-function", "sigmoid"};
+    assert_int_equal(parse(&o, top1_sigmoid, 4), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    const char *top1_dense[] = {"--moe-router-topk", "1", "--num-layers", "2", "--first-k-dense",
+                                "2"}; /* no MoE layer */
+    assert_int_equal(parse(&o, top1_dense, 6), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
 }
 
 /* Every option written and read back gives the same values, for non-default settings. */

@@ -106,7 +106,8 @@ static const opt_def opts[] = {
     {"moe-router-score-function", "scoring-func", OPT_ENUM, L(score), 0, 0, score_choices, ROUTER,
      "score of an expert", 0},
     {"moe-router-pre-softmax", NULL, OPT_BOOL, L(pre_softmax), 0, 1, NULL, ROUTER,
-     "softmax over all experts before top-k (else softmax over the k selected logits)", 0},
+     "softmax over all experts before top-k (else softmax over the k selected logits, which at "
+     "top-1 is always 1: training refuses that)", 0},
     {"moe-router-norm-topk-prob", "norm-topk-prob", OPT_ENUM, L(norm_topk), 0, 0, norm_choices,
      ROUTER, "renormalise the selected weights (auto: for sigmoid/sqrtsoftplus with k > 1)", 0},
     {"moe-router-topk-scaling-factor", "route-scale routed-scaling-factor", OPT_FLOAT,
@@ -757,6 +758,8 @@ moe_status moe_options_finish(moe_options *o, int parts) {
         MOE_TRY(moe_model_config_validate(&o->model));
     }
     if (parts & MOE_OPTIONS_TRAIN) MOE_TRY(moe_train_config_validate(&o->train));
+    if ((parts & MOE_OPTIONS_MODEL) && (parts & MOE_OPTIONS_TRAIN))
+        MOE_TRY(moe_model_config_validate_training(&o->model));
     if ((parts & MOE_OPTIONS_MODEL) && (parts & MOE_OPTIONS_TRAIN) &&
         (long long)o->train.micro_batch * o->model.seq_len > 1 << 30)
         return moe_set_error(MOE_ERR_INVALID, "micro-batch-size (%d) x seq-length (%d) exceeds "

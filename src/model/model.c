@@ -136,6 +136,22 @@ static moe_layer_config layer_config(const moe_model_config *c, int l) {
     return lc;
 }
 
+moe_status moe_model_config_validate_training(const moe_model_config *c) {
+    const moe_layer_config *m = &c->moe;
+    int moe_layers = 0;
+    for (int l = 0; l < c->n_layers; l++) moe_layers += moe_model_layer_experts(c, l) > 0;
+    if (!moe_layers || m->router != MOE_ROUTER_TOPK || m->topk != 1) return MOE_OK;
+    MOE_CHECK(m->score != MOE_SCORE_SOFTMAX || m->pre_softmax,
+          "moe-router-topk 1 with the softmax taken after the top-k (moe-router-pre-softmax "
+          "false, the default) gives the chosen expert the weight 1 always, so the router learns "
+          "nothing from the loss: set moe-router-pre-softmax (Switch's top-1)");
+    MOE_CHECK(m->norm_topk != MOE_NORM_ON,
+          "moe-router-topk 1 with moe-router-norm-topk-prob true gives the chosen expert the "
+          "weight 1 always, so the router learns nothing from the loss: set "
+          "moe-router-norm-topk-prob false or auto");
+    return MOE_OK;
+}
+
 int moe_model_head_dim(const moe_model_config *c) {
     return c->head_dim > 0 ? c->head_dim : c->n_heads > 0 ? c->d / c->n_heads : 0;
 }

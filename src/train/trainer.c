@@ -112,6 +112,7 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
     *out = NULL;
     MOE_TRY(moe_train_config_validate(cfg));
     const moe_model_config *mc = moe_model_get_config(model);
+    MOE_TRY(moe_model_config_validate_training(mc));
     int S = mc->seq_len;
     MOE_TRY(moe_trainer_check_data(mc, train, val));
     {   /* the model is allocated: its bytes plus Adam's moments */
