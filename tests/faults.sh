@@ -172,4 +172,53 @@ step=$(sed 's/step-0*//' "$run/latest")
 expect 0 "$moe" train $tiny --train-iters $((step + 3)) --load "$run" --save "$run" --save-interval 1
 has "resumed from .*step-0*$step at step $step"
 has "step $((step + 3))/$((step + 3))"
+
+# 5. A save that stopped before it was named latest leaves its directory, here with another
+#    layout's files (an index naming two shards); the run resumed from latest saves that step
+#    again into it: once the new files are latest the old ones go, and the checkpoint loads as
+#    the straight run's.
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 2 --save "$tmp/s2"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 1 --save "$tmp/re"
+mkdir "$tmp/re/step-00000002"
+printf '{"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}' \
+  >"$tmp/re/step-00000002/model.safetensors.index.json"
+: >"$tmp/re/step-00000002/trainer-00002-of-00002.safetensors"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 2 --load "$tmp/re" --save "$tmp/re"
+for f in model.safetensors.index.json trainer-00002-of-00002.safetensors; do
+  [ ! -e "$tmp/re/step-00000002/$f" ] || fail "a stale $f was kept"
+done
+expect 0 "$moe" eval --load "$tmp/re" --data "$tmp/data/val.bin"
+same_tensors "$tmp/s2/step-00000002/model.safetensors" "$tmp/re/step-00000002/model.safetensors"
+
+# 6. keep-last counts the checkpoints up to the one just saved: a later step's directory (a save
+#    that stopped before it was named latest) is neither counted nor removed, nor are
+#    directories whose names only resemble a checkpoint's (4294967300 is 4 in 32 bits).
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 4 --save "$tmp/ln" --save-interval 2
+mkdir "$tmp/ln/step-00000006" "$tmp/ln/step-1" "$tmp/ln/step-+0000001" "$tmp/ln/step-4294967300"
+: >"$tmp/ln/step-00000006/model.safetensors"
+: >"$tmp/ln/step-1/keep"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 5 --load "$tmp/ln" --save "$tmp/ln" --save-interval 1 \
+  --keep-last 2
+ls "$tmp/ln" | grep -E "^(latest|step-)" | LC_ALL=C sort | tr '\n' ' ' >"$tmp/out"
+[ "$(cat "$tmp/out")" = "latest step-+0000001 step-00000004 step-00000005 step-00000006 step-1 \
+step-4294967300 " ] ||
+  fail "checkpoints after the resumed run: $(cat "$tmp/out")"
+[ -e "$tmp/ln/step-1/keep" ] || fail "step-1/keep was removed"
+
+# 7. A trainer file whose bad-step count is not a count: one clear error, nothing loaded.
+/usr/bin/python3 - "$tmp/re/step-00000002/trainer.safetensors" <<'EOF2' || fail "rewriting the metadata"
+import json, struct, sys
+p = sys.argv[1]; b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]
+h = json.loads(b[8:8 + n]); h["__metadata__"]["moe.bad_streak"] = "abc"
+head = json.dumps(h).encode(); head += b" " * (-len(head) % 8)
+open(p, "wb").write(struct.pack("<Q", len(head)) + head + b[8 + n:])
+EOF2
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --train-iters 3 --load "$tmp/re"
+has "bad moe.bad_streak"
 echo "faults: ok ($kills kills, resumed at step $step)"

@@ -9,6 +9,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
@@ -65,7 +66,7 @@ static moe_status save_shard(const char *dir, moe_model *m, moe_trainer *t, cons
             no++;
         }
     }
-    for (int l = 0; t && with_dense && l < c->n_layers; l++) {
+    for (int l = 0; st == MOE_OK && t && with_dense && l < c->n_layers; l++) {
         moe_layer *ml = moe_model_moe_layer(m, l);
         if (!ml) continue;
         snprintf(names[no], sizeof names[no], OUR_EXPERT_BIAS, l);
@@ -128,11 +129,17 @@ static moe_status write_index(const char *dir, const moe_model_config *c, int n_
     return st;
 }
 
+/* The step of a checkpoint directory's name, -1 unless it is exactly the name a save gives
+ * (CKPT_PREFIX and the step in at least 8 digits, no sign, no spaces). */
 static int ckpt_step(const char *name) {
     if (strncmp(name, CKPT_PREFIX, strlen(CKPT_PREFIX))) return -1;
-    char *end;
-    long v = strtol(name + strlen(CKPT_PREFIX), &end, 10);
-    return *end || v < 0 ? -1 : (int)v;
+    const char *digits = name + strlen(CKPT_PREFIX);
+    char *end, canon[64];
+    if (*digits < '0' || *digits > '9') return -1;
+    long v = strtol(digits, &end, 10);
+    if (*end || v > INT_MAX) return -1;
+    snprintf(canon, sizeof canon, CKPT_PREFIX "%08ld", v);
+    return strcmp(canon, name) ? -1 : (int)v;
 }
 
 static void remove_ckpt(const char *dir) { /* dir: at most 4200 bytes */
@@ -148,7 +155,9 @@ static void remove_ckpt(const char *dir) { /* dir: at most 4200 bytes */
     rmdir(dir);
 }
 
-/* Removes all but the newest keep checkpoints (never the one "latest" names). */
+/* Removes all but the newest keep checkpoints up to step newest, the one "latest" names. Those
+ * of later steps are left alone: another line of the run (resumed from an earlier checkpoint)
+ * or a save that stopped before it was named latest. */
 static void prune(const char *save_dir, int keep, int newest) {
     if (strlen(save_dir) > 4000) return;
     DIR *d = opendir(save_dir);
@@ -157,7 +166,7 @@ static void prune(const char *save_dir, int keep, int newest) {
     struct dirent *e;
     while ((e = readdir(d)) && n < 4096) {
         int s = ckpt_step(e->d_name);
-        if (s >= 0 && s != newest) steps[n++] = s;
+        if (s >= 0 && s < newest) steps[n++] = s;
     }
     closedir(d);
     /* keep-1 others besides the newest: drop the smallest steps */
@@ -171,6 +180,30 @@ static void prune(const char *save_dir, int keep, int newest) {
         snprintf(path, sizeof path, "%s/" CKPT_PREFIX "%08d", save_dir, s);
         remove_ckpt(path);
     }
+}
+
+/* Checkpoint files in dir that a save of n_shards did not write (a save into this directory by
+ * another expert-parallel layout): removed once the new ones are complete and named latest,
+ * so that a loader never takes an old index or shard for the new checkpoint. */
+static void remove_stale(const char *dir, int n_shards) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    char path[4600], file[64];
+    while (d && (e = readdir(d))) {
+        const char *f = e->d_name;
+        if (strncmp(f, "model", 5) && strncmp(f, "trainer", 7)) continue;
+        if (!strstr(f, ".safetensors")) continue;
+        int ours = n_shards > 1 && !strcmp(f, "model.safetensors.index.json");
+        for (int i = 0; i < n_shards && !ours; i++)
+            for (int k = 0; k < 2 && !ours; k++) {
+                shard_name(file, sizeof file, k ? "trainer" : "model", i, n_shards);
+                ours = !strcmp(f, file);
+            }
+        if (ours) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, f);
+        unlink(path);
+    }
+    if (d) closedir(d);
 }
 
 moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *config,
@@ -198,6 +231,7 @@ moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *
         const void *parts[] = {latest};
         size_t sizes[] = {(size_t)len};
         if (st == MOE_OK) st = moe_write_atomic(path, parts, sizes, 1);
+        if (st == MOE_OK && !fresh) remove_stale(dir, n_shards);
         if (st == MOE_OK) prune(save_dir, keep_last, step);
     }
     if (d && moe_dist_any(d, st != MOE_OK))
@@ -247,6 +281,12 @@ typedef struct {
     moe_safetensors st[MAX_SHARDS];
 } ckpt_reader;
 
+static void reader_close(ckpt_reader *r) {
+    for (int i = 0; i < r->n; i++) moe_st_free(&r->st[i]);
+    cJSON_Delete(r->index);
+    memset(r, 0, sizeof *r);
+}
+
 static moe_status reader_open(ckpt_reader *r, const char *dir) {
     memset(r, 0, sizeof *r);
     r->dir = dir;
@@ -259,15 +299,11 @@ static moe_status reader_open(ckpt_reader *r, const char *dir) {
     r->index = cJSON_ParseWithLength(text, size);
     free(text);
     r->map = cJSON_GetObjectItemCaseSensitive(r->index, "weight_map");
-    if (!cJSON_IsObject(r->map))
+    if (!cJSON_IsObject(r->map)) {
+        reader_close(r);
         return moe_set_error(MOE_ERR_FORMAT, "%s: no weight_map object", path);
+    }
     return MOE_OK;
-}
-
-static void reader_close(ckpt_reader *r) {
-    for (int i = 0; i < r->n; i++) moe_st_free(&r->st[i]);
-    cJSON_Delete(r->index);
-    memset(r, 0, sizeof *r);
 }
 
 /* The file (kind "model" or "trainer") holding parameter `param`. */
@@ -386,8 +422,10 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
     if (s == MOE_OK) s = reader_file(r, "model", FIRST_TENSOR, &model);
     if (s != MOE_OK) return s;
     const char *step = moe_st_meta(st, "moe.step"), *mstep = moe_st_meta(model, "moe.step");
-    int v = meta_count(step), streak = meta_count(moe_st_meta(st, "moe.bad_streak"));
+    const char *bad = moe_st_meta(st, "moe.bad_streak"); /* absent before 2026-11-30 */
+    int v = meta_count(step), streak = bad ? meta_count(bad) : 0;
     if (v < 0) return moe_set_error(MOE_ERR_FORMAT, "%s: missing or bad moe.step", r->dir);
+    if (streak < 0) return moe_set_error(MOE_ERR_FORMAT, "%s: bad moe.bad_streak", r->dir);
     /* the files are replaced one after the other: a save into this directory that stopped
      * between them leaves a model and a trainer state of different steps */
     if (!mstep || strcmp(mstep, step))
@@ -395,7 +433,7 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
                              "file of step %s (a save interrupted?)", r->dir,
                              mstep ? mstep : "(none)", step);
     moe_trainer_set_step(t, v);
-    moe_trainer_set_bad_streak(t, streak > 0 ? streak : 0); /* absent before 2026-11-30 */
+    moe_trainer_set_bad_streak(t, streak);
     return MOE_OK;
 }
 
