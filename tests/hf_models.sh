@@ -289,6 +289,15 @@ for v in "--rotary-interleaved:--rotary-interleaved" \
   rm -rf "$tmp/rope"
 done
 
+# GShard's random routing of the second expert changes a forward's experts: no family has it
+# shellcheck disable=SC2086
+"$moe" train $tiny --train-iters 1 --moe-random-routing --save "$tmp/rr" >"$tmp/out" 2>&1 ||
+  fail "train random routing"
+"$moe" convert --load "$tmp/rr" --to hf "$tmp/xrr" >"$tmp/out" 2>&1 && fail "random routing converted"
+grep -q "cannot write a mixtral model: no random routing" "$tmp/out" ||
+  fail "random routing message: $(cat "$tmp/out")"
+[ ! -e "$tmp/xrr" ] || fail "a refused conversion left a directory"
+
 # fine-tuning: moe train --init-from DIR takes the model's config.json, the flags on top (here
 # an aux loss), and its weights: with lr 0 the saved parameters are exactly the model's
 /usr/bin/python3 "$src/tests/hf_models.py" "$tmp/mv" BF16 2 "$seed" 300 || fail "writing the 300-token model"

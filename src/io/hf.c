@@ -371,16 +371,22 @@ moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, s
     return s;
 }
 
+/* A JSON value that can be a token id: a whole number in [0, 2^31). Others are ignored. */
+static int token_id(const cJSON *v) {
+    return cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble <= INT32_MAX &&
+           v->valuedouble == floor(v->valuedouble);
+}
+
 int moe_hf_eos(const char *dir, int32_t *ids, int cap) {
     char path[4400];
     cJSON *j;
     int n = 0;
     if (read_config(dir, path, sizeof path, &j) != MOE_OK) return 0;
     const cJSON *eos = cJSON_GetObjectItemCaseSensitive(j, "eos_token_id"), *e;
-    if (cJSON_IsNumber(eos) && eos->valuedouble >= 0 && cap > 0) ids[n++] = (int32_t)eos->valuedouble;
+    if (token_id(eos) && cap > 0) ids[n++] = (int32_t)eos->valuedouble;
     const cJSON *list = cJSON_IsArray(eos) ? eos : NULL;
     cJSON_ArrayForEach(e, list)
-        if (cJSON_IsNumber(e) && e->valuedouble >= 0 && n < cap) ids[n++] = (int32_t)e->valuedouble;
+        if (token_id(e) && n < cap) ids[n++] = (int32_t)e->valuedouble;
     cJSON_Delete(j);
     return n;
 }
@@ -467,6 +473,11 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
     int plain_heads = moe_model_head_dim(c) * c->n_heads == c->d;
     int deepseek = !strncmp(family, "deepseek_v", 10);
     const char *bad = NULL;
+    if (m->random_routing) { /* it changes which experts a forward takes */
+        snprintf(why, cap, "no random routing (GShard's second expert), which no Hugging Face "
+                 "family has");
+        return 0;
+    }
     if (deepseek) {
         bad = strcmp(family, "deepseek_v2") && strcmp(family, "deepseek_v3")
                   ? "unknown family"
