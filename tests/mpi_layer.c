@@ -116,6 +116,62 @@ static void check_alltoallv(moe_dist *d, uint64_t seed) {
     free(send), free(recv);
 }
 
+/* Global-batch aux loss with every token of the last rank masked: that rank still takes part
+ * in the sum of the counts (or the others wait for it), its losses are 0, and the others' aux
+ * losses average to one process's over the unmasked tokens. */
+static void masked_rank(moe_dist *d, uint64_t seed, int Tl) {
+    int W = d->world_size, Tv = (W - 1) * Tl, last = d->world_rank == W - 1;
+    moe_layer_config c = moe_layer_config_default();
+    c.d = 16, c.n_experts = 8, c.topk = 2, c.ffn = 10, c.seed = seed;
+    c.lb_type = MOE_LB_GLOBAL_AUX, c.aux_coeff = 0.1f;
+    moe_layer_config ce = c;
+    ce.ep_size = d->ep, ce.ep_rank = d->ep_rank;
+    moe_layer *ref, *L;
+    if (moe_layer_create(&c, Tv, NULL, NULL, &ref) != MOE_OK ||
+        moe_layer_create(&ce, Tl, NULL, NULL, &L) != MOE_OK) {
+        printf("masked rank: %s\n", moe_last_error());
+        moe_dist_abort(d, 1);
+    }
+    moe_layer_init_params(ref, seed, 0.3f);
+    moe_layer_params pr = moe_layer_get_params(ref), pl = moe_layer_get_params(L);
+    int El = c.n_experts / d->ep;
+    size_t per_in = 2 * (size_t)c.ffn * c.d, per_out = (size_t)c.d * c.ffn, off = (size_t)d->ep_rank * El;
+    memcpy(pl.router_w, pr.router_w, sizeof(float) * (size_t)c.n_experts * c.d);
+    memcpy(pl.w_in, pr.w_in + off * per_in, sizeof(float) * El * per_in);
+    memcpy(pl.w_out, pr.w_out + off * per_out, sizeof(float) * El * per_out);
+    moe_layer_set_comms(L, d->expert, d->world);
+    size_t n = (size_t)W * Tl * c.d;
+    float *x = rnd(n, seed, 3, 1.0f), *dout = rnd(n, seed, 4, 1.0f), *out = calloc(n, 4),
+          *dx = calloc(n, 4);
+    uint8_t mask[Tl];
+    memset(mask, last ? 0 : 1, sizeof mask);
+    moe_forward_args a = moe_forward_args_default(), al;
+    a.training = 1;
+    al = a;
+    al.mask = mask;
+    size_t mine = (size_t)d->world_rank * Tl * c.d;
+    if (moe_layer_forward(ref, out, x, Tv, &a) != MOE_OK ||
+        moe_layer_forward(L, out + mine, x + mine, Tl, &al) != MOE_OK ||
+        moe_layer_backward(L, dx + mine, dout + mine, x + mine) != MOE_OK) {
+        printf("rank %d: masked rank: %s\n", d->world_rank, moe_last_error());
+        moe_dist_abort(d, 1);
+    }
+    double aux = moe_layer_get_stats(L)->aux_loss, want = moe_layer_get_stats(ref)->aux_loss;
+    if (last && aux != 0) {
+        printf("rank %d: masked rank: aux loss %g of no tokens\n", d->world_rank, aux);
+        failures++;
+    }
+    moe_comm_sum_f64(d->world, &aux, 1);
+    if (!(fabs(aux / (W - 1) - want) <= 1e-6 * (1 + want))) {
+        printf("rank %d: masked rank: aux %.9g over the ranks, one process %.9g\n", d->world_rank,
+               aux / (W - 1), want);
+        failures++;
+    }
+    free(x), free(dout), free(out), free(dx);
+    moe_layer_destroy(ref);
+    moe_layer_destroy(L);
+}
+
 int main(int argc, char **argv) {
     moe_dist d;
     if (moe_dist_init(&argc, &argv, &d) != MOE_OK) {
@@ -261,6 +317,7 @@ int main(int argc, char **argv) {
         moe_layer_destroy(ref);
         moe_layer_destroy(L);
     }
+    if (!replicated && W > 1) masked_rank(&d, seed, Tl);
     int64_t bad = failures;
     moe_comm_sum_i64(d.world, &bad, 1);
     if (d.world_rank == 0) printf("%s: %lld failures\n", bad ? "FAIL" : "ok", (long long)bad);

@@ -106,6 +106,31 @@ static void test_top1_router_gradient(void **state) {
     }
 }
 
+/* Sigmoid scores that all underflow to 0 (logits near -1000): the aux loss normalises them
+ * over the experts with Megatron-Core's 1e-20, so the loss and the gradients stay finite. */
+static void test_sigmoid_scores_underflow(void **state) {
+    (void)state;
+    moe_layer_config c = small();
+    c.score = MOE_SCORE_SIGMOID;
+    enum { T = 6 };
+    layer_fixture f;
+    fixture_init(&f, &c, T, tu_seed(), 0.5f);
+    float *w = moe_layer_get_params(f.layer).router_w;
+    for (int i = 0; i < c.n_experts * c.d; i++) w[i] = -200.0f;
+    float x[T * 8], out[T * 8], dx[T * 8] = {0};
+    tu_fill(x, T * 8, tu_seed(), 3, 0.5f, 1); /* positive: every logit about -200 d x */
+    moe_forward_args a = moe_forward_args_default();
+    a.training = 1;
+    assert_int_equal(moe_layer_forward(f.layer, out, x, T, &a), MOE_OK);
+    assert_true(isfinite(moe_layer_get_stats(f.layer)->aux_loss));
+    moe_layer_zero_grads(f.layer);
+    assert_int_equal(moe_layer_backward(f.layer, dx, out, x), MOE_OK);
+    const float *g = moe_layer_grad_data(f.layer);
+    for (size_t i = 0; i < f.n_params; i++) assert_true(isfinite(g[i]));
+    for (int i = 0; i < T * 8; i++) assert_true(isfinite(dx[i]));
+    fixture_free(&f);
+}
+
 /* Every token to one expert: a router that strongly prefers expert 2. */
 static void test_all_to_one_expert(void **state) {
     (void)state;
@@ -327,7 +352,7 @@ static void test_call_errors(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edge_shapes),    cmocka_unit_test(test_all_to_one_expert),
-        cmocka_unit_test(test_top1_router_gradient),
+        cmocka_unit_test(test_top1_router_gradient), cmocka_unit_test(test_sigmoid_scores_underflow),
         cmocka_unit_test(test_fully_masked),   cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_invalid_configs), cmocka_unit_test(test_call_errors),
     };

@@ -11,13 +11,13 @@
 static int token_valid(const moe_fwd_state *st, int t) { return !st->mask || st->mask[t]; }
 
 /* Aux-loss scores P[e] of one token: softmax scores as they are, sigmoid-like ones
- * normalised over E. */
+ * normalised over E (+1e-20 as Megatron-Core: scores that all underflow give 0, not NaN). */
 static void aux_scores(moe_score_fn fn, int E, const double *p, double *P) {
     if (fn == MOE_SCORE_SOFTMAX) {
         for (int e = 0; e < E; e++) P[e] = p[e];
         return;
     }
-    double s = 0;
+    double s = 1e-20;
     for (int e = 0; e < E; e++) s += p[e];
     for (int e = 0; e < E; e++) P[e] = p[e] / s;
 }
@@ -36,7 +36,8 @@ void moe_balance_forward(moe_layer *L) {
     }
     int aux = c->router == MOE_ROUTER_TOPK && c->lb_type != MOE_LB_NONE && c->aux_coeff > 0;
     st->n_seq = 1;
-    if (!aux || st->Tv == 0) return;
+    /* a global-batch loss sums its counts over the ranks even when this one has no tokens */
+    if (!aux || (st->Tv == 0 && c->lb_type != MOE_LB_GLOBAL_AUX)) return;
     int S = c->lb_type == MOE_LB_SEQ_AUX ? st->seq_len : T;
     int B = T / S;
     st->n_seq = B;
@@ -58,7 +59,6 @@ void moe_balance_forward(moe_layer *L) {
             for (int j = 0; j < k; j++) cnt[top[j]] += 1;
         }
         for (int e = 0; e < E; e++) coef[e] = 0;
-        if (tv == 0) continue;
         double denom = (double)k * (double)tv;
         if (c->lb_type == MOE_LB_GLOBAL_AUX) { /* earlier micro-batches, every rank */
             double g[E + 1];
@@ -70,6 +70,7 @@ void moe_balance_forward(moe_layer *L) {
             for (int e = 0; e < E; e++) cnt[e] = g[e];
             denom = (double)k * g[E];
         }
+        if (tv == 0) continue;
         /* L_b = coeff * E * sum_e f_e * Pm_e / B; dL/dP[t,e] = coeff * E * f_e / (tv * B). */
         double loss = 0;
         for (int e = 0; e < E; e++) {
@@ -102,7 +103,7 @@ void moe_balance_backward(moe_layer *L) {
                 for (int e = 0; e < E; e++) dp[e] = ls * coef[e];
             } else {
                 /* P_e = p_e / sum(p): dp_e = (dP_e - sum_i dP_i P_i) / sum(p). */
-                double sp = 0, cross = 0;
+                double sp = 1e-20, cross = 0;
                 for (int e = 0; e < E; e++) sp += p[e];
                 for (int e = 0; e < E; e++) {
                     dP[e] = ls * coef[e];
