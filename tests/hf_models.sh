@@ -53,8 +53,8 @@ for v in 'mixtral {"hidden_size": 64, "num_attention_heads": 16, "num_key_value_
          'qwen2_moe {"hidden_size": 128, "num_attention_heads": 32, "num_key_value_heads": 16, "rms_norm_eps": 1e-6, "norm_topk_prob": false, "shared_expert_intermediate_size": 5632}' \
          'qwen3_moe {"num_attention_heads": 8, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "norm_topk_prob": false}' \
          'olmoe {"num_key_value_heads": 4, "rms_norm_eps": 1e-5, "norm_topk_prob": false}' \
-         'deepseek_v2 {"rms_norm_eps": 1e-6}' \
-         'deepseek_v3 {"n_routed_experts": 16, "n_group": 8, "topk_group": 4, "rms_norm_eps": 1e-6, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": true, "rope_interleave": true}'; do
+         'deepseek_v2 {"rms_norm_eps": 1e-6, "n_shared_experts": 2, "routed_scaling_factor": 1.0}' \
+         'deepseek_v3 {"n_routed_experts": 16, "n_group": 8, "topk_group": 4, "rms_norm_eps": 1e-6, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": true, "rope_interleave": true, "n_shared_experts": 1, "routed_scaling_factor": 2.5}'; do
   fam=${v%% *}; over=${v#* }
   /usr/bin/python3 "$src/tests/hf_models.py" "$tmp/def$fam" F32 1 "$seed" 97 "$fam" "$over" || fail "writing $fam"
   edit "$tmp/def$fam" "

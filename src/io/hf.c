@@ -255,16 +255,20 @@ static moe_status parse_deepseek(const cJSON *j, moe_model_config *c, const hf_f
     MOE_TRY(parse_common(j, c, f, "moe_intermediate_size", "n_routed_experts"));
     MOE_TRY(no_attention_bias(j));
     int shared, freq;
+    /* keys left out take transformers' defaults (configuration_deepseek_v2/v3.py); a null
+     * q_lora_rank or n_shared_experts means none */
+    int absent_q = !cJSON_GetObjectItemCaseSensitive(j, "q_lora_rank"),
+        absent_shared = !cJSON_GetObjectItemCaseSensitive(j, "n_shared_experts");
     MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, -1, &c->ffn));
-    MOE_TRY(get_int(j, "q_lora_rank", 0, 1 << 20, 0, &c->q_lora_rank));
+    MOE_TRY(get_int(j, "q_lora_rank", 0, 1 << 20, absent_q ? 1536 : 0, &c->q_lora_rank));
     MOE_TRY(get_int(j, "kv_lora_rank", 1, 1 << 20, -1, &c->kv_lora_rank));
     MOE_TRY(get_int(j, "qk_nope_head_dim", 0, 1 << 16, -1, &c->qk_nope_dim));
     MOE_TRY(get_int(j, "qk_rope_head_dim", 2, 1 << 16, -1, &c->qk_rope_dim));
     MOE_TRY(get_int(j, "v_head_dim", 1, 1 << 16, -1, &c->v_head_dim));
-    MOE_TRY(get_int(j, "first_k_dense_replace", 0, MOE_MAX_LAYERS, 0, &c->first_k_dense));
+    MOE_TRY(get_int(j, "first_k_dense_replace", 0, MOE_MAX_LAYERS, v3 ? 3 : 0, &c->first_k_dense));
     MOE_TRY(get_int(j, "moe_layer_freq", 1, 1, 1, &freq));
-    MOE_TRY(get_int(j, "n_shared_experts", 0, 1 << 10, 0, &shared));
-    MOE_TRY(get_float(j, "routed_scaling_factor", 1e-6, 1e6, 1, &c->moe.route_scale));
+    MOE_TRY(get_int(j, "n_shared_experts", 0, 1 << 10, absent_shared ? (v3 ? 1 : 2) : 0, &shared));
+    MOE_TRY(get_float(j, "routed_scaling_factor", 1e-6, 1e6, v3 ? 2.5 : 1, &c->moe.route_scale));
     MOE_TRY(get_bool(j, "rope_interleave", 1, &c->rope_interleave));
     if (cJSON_GetObjectItemCaseSensitive(j, "quantization_config"))
         return moe_set_error(MOE_ERR_FORMAT, "config.json: quantized (FP8) weights are not "
