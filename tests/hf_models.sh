@@ -289,6 +289,32 @@ for v in "--rotary-interleaved:--rotary-interleaved" \
   rm -rf "$tmp/rope"
 done
 
+# tokenizer.json's Lowercase and Digits as the tokenizers library does them (char::to_lowercase,
+# char::is_numeric): İ lowercases to two code points (i, combining dot above), and numbers are
+# Unicode's (², Arabic-Indic ٣٤), not ASCII's alone. The ids are worked out by hand: x²3İ is
+# x | ²3 | i̇, ²3 one token by the merge "² 3"; a٣٤ is a | ٣٤ (not a٣ | ٤ by "a ٣"); with
+# individual digits the numbers stay apart.
+mkdir "$tmp/tk" "$tmp/tk/individual"
+/usr/bin/python3 - "$tmp/tk" <<'EOF' || fail "writing the tokenizers"
+import json, sys
+vocab = {"x": 0, "\u00b2": 1, "3": 2, "i": 3, "\u0307": 4, "\u00b23": 5, "<unk>": 6, "a": 7,
+         "\u0663\u0664": 8, "\u0663": 9, "\u0664": 10, "a\u0663": 11}
+for individual in (False, True):
+    tok = {"version": "1.0", "added_tokens": [], "normalizer": {"type": "Lowercase"},
+           "pre_tokenizer": {"type": "Digits", "individual_digits": individual},
+           "post_processor": None, "decoder": None,
+           "model": {"type": "BPE", "vocab": vocab, "merges": ["a \u0663", "\u00b2 3", "\u0663 \u0664"],
+                     "unk_token": "<unk>", "fuse_unk": False, "byte_fallback": False}}
+    d = sys.argv[1] + ("/individual" if individual else "")
+    json.dump(tok, open(d + "/tokenizer.json", "w"), ensure_ascii=False)
+EOF
+for v in "$tmp/tk:x²3İ:0,5,3,4" "$tmp/tk:a٣٤:7,8" "$tmp/tk/individual:x²3:0,1,2" \
+         "$tmp/tk/individual:a٣٤:7,9,10"; do
+  dir=${v%%:*}; rest=${v#*:}; text=${rest%%:*}; want=${rest#*:}
+  got=$("$moe" tokenize --model "$dir" --prompt "$text" 2>&1)
+  [ "$got" = "$want" ] || fail "tokenize $text with $dir: $got, expected $want"
+done
+
 # GShard's random routing of the second expert changes a forward's experts: no family has it
 # shellcheck disable=SC2086
 "$moe" train $tiny --train-iters 1 --moe-random-routing --save "$tmp/rr" >"$tmp/out" 2>&1 ||

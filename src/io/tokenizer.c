@@ -731,8 +731,11 @@ static int unicode_map(int kind, const char *s, size_t n, buf *out) {
         for (size_t i = 0; i < n;) {
             utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)s + i,
                                                   (utf8proc_ssize_t)(n - i), &cp);
-            utf8proc_uint8_t enc[4];
-            utf8proc_ssize_t m = utf8proc_encode_char(utf8proc_tolower(cp), enc);
+            utf8proc_uint8_t enc[8];
+            /* Rust's char::to_lowercase: U+0130 (İ) is the one letter whose lowercase is two
+             * code points (i and a combining dot above); utf8proc gives only the first */
+            utf8proc_ssize_t m = utf8proc_encode_char(cp == 0x130 ? 'i' : utf8proc_tolower(cp), enc);
+            if (cp == 0x130) m += utf8proc_encode_char(0x307, enc + m);
             if (k <= 0 || buf_put(out, enc, (size_t)m)) return -1;
             i += (size_t)k;
         }
@@ -884,11 +887,27 @@ static int metaspace(const step *st, const char *s, size_t n, int first, pieces 
     return rc;
 }
 
-/* Digits: runs of ASCII digits (or each digit) apart from the rest. */
+/* The code point at s[i] (n bytes in all): whether it is a number as Rust's char::is_numeric
+ * says (general category Nd, Nl or No); its length in *len (1 for a byte that is not UTF-8). */
+static int numeric_at(const char *s, size_t n, size_t i, size_t *len) {
+    utf8proc_int32_t cp;
+    utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(n - i),
+                                          &cp);
+    *len = k > 0 ? (size_t)k : 1;
+    if (k <= 0) return 0;
+    utf8proc_category_t c = utf8proc_category(cp);
+    return c == UTF8PROC_CATEGORY_ND || c == UTF8PROC_CATEGORY_NL || c == UTF8PROC_CATEGORY_NO;
+}
+
+/* Digits: runs of numbers (or each number) apart from the rest, as the tokenizers library
+ * splits with char::is_numeric: other scripts' digits, superscripts, fractions too. */
 static int digits(const step *st, const char *s, size_t n, pieces *out) {
-    size_t at = 0;
-    for (size_t i = 1; i <= n; i++) {
-        int d0 = s[i - 1] >= '0' && s[i - 1] <= '9', d1 = i < n && s[i] >= '0' && s[i] <= '9';
+    size_t at = 0, len0, len1;
+    for (size_t i = 0; i < n;) {
+        int d0 = numeric_at(s, n, i, &len0);
+        size_t j = i + len0;
+        int d1 = j < n && numeric_at(s, n, j, &len1);
+        i = j;
         if (i < n && d0 == d1 && !(d0 && st->flag)) continue;
         if (pieces_add(out, s + at, i - at)) return -1;
         at = i;
