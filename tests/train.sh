@@ -80,6 +80,23 @@ expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"
 expect 2 "$moe" generate --prompt "x"
+# an empty tensor where another begins (files put them there) is no overlap, in either order of
+# the header; one inside another's bytes is
+for order in ab ba inside; do
+  /usr/bin/python3 - "$tmp/z_$order.safetensors" "$order" <<'EOF' || fail "writing $order"
+import json, struct, sys
+at = 4 if sys.argv[2] == "inside" else 0
+meta = {"a": {"dtype": "F32", "shape": [0], "data_offsets": [at, at]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+h = json.dumps({k: meta[k] for k in (["b", "a"] if sys.argv[2] == "ba" else ["a", "b"])}).encode()
+h += b" " * (-len(h) % 8)
+open(sys.argv[1], "wb").write(struct.pack("<Q", len(h)) + h + struct.pack("<2f", 1.5, -2))
+EOF
+done
+expect 0 "$moe" inspect "$tmp/z_ab.safetensors"
+expect 0 "$moe" inspect "$tmp/z_ba.safetensors"
+expect 1 "$moe" inspect "$tmp/z_inside.safetensors"
+grep -q "tensors 'b' and 'a' overlap" "$tmp/out" || fail "overlap message: $(cat "$tmp/out")"
 # the prompt is its bytes, NUL included; a truncated checkpoint or one without files is an
 # error for inspect; flags that drop tensors of the checkpoint are refused
 printf 'The \000 doc' >"$tmp/nul.txt"

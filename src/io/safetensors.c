@@ -32,9 +32,12 @@ void moe_st_free(moe_safetensors *st) {
 }
 
 
+/* By where the data begins, an empty tensor before a full one at the same offset (a file may
+ * place an empty tensor where the next one begins). */
 static int cmp_begin(const void *a, const void *b) {
     const moe_st_tensor *x = *(moe_st_tensor *const *)a, *y = *(moe_st_tensor *const *)b;
-    return x->data < y->data ? -1 : x->data > y->data;
+    if (x->data != y->data) return x->data < y->data ? -1 : 1;
+    return x->nbytes < y->nbytes ? -1 : x->nbytes > y->nbytes;
 }
 
 moe_status moe_st_read(const char *path, moe_safetensors *out) {
