@@ -357,6 +357,12 @@ cmp_tensors "$tmp/qft/step-00000001" "$tmp/xq" || fail "qwen run converted wrong
   --save "$tmp/d3ft" >"$tmp/out" 2>&1 || fail "init-from deepseek_v3: $(tail -3 "$tmp/out")"
 "$moe" convert --load "$tmp/d3ft" --to hf "$tmp/xd3ft" >"$tmp/out" 2>&1 || fail "convert deepseek run: $(cat "$tmp/out")"
 grep -q "(deepseek_v3, " "$tmp/out" || fail "deepseek run not written as deepseek_v3: $(cat "$tmp/out")"
+# trained at 8 positions, it says the 32 its YaRN extends the original 8 to (factor 4), not 8
+/usr/bin/python3 -c "
+import json, sys
+c = json.load(open(sys.argv[1] + '/config.json'))
+assert c['max_position_embeddings'] == 32 and c['rope_scaling']['original_max_position_embeddings'] == 8, c
+" "$tmp/xd3ft" || fail "the deepseek run's positions"
 "$moe" eval --model "$tmp/xd3ft" --ids "$(cat "$tmp/d3BF16/ids.txt")" --dump-logits "$tmp/xd3ft.npy" >"$tmp/out" 2>&1 ||
   fail "eval of the converted deepseek run: $(cat "$tmp/out")"
 cmp -s "$tmp/xd3ft.npy" "$tmp/d3BF16/out.npy" || fail "deepseek_v3 fine-tune round trip: other logits"

@@ -651,8 +651,11 @@ static cJSON *family_config(const moe_model_config *c, const char *family, int s
     for (int i = 0; i < 6; i++)
         if (!strcmp(arch[i][0], family)) cJSON_AddItemToArray(a, cJSON_CreateString(arch[i][1]));
     set_string(j, "model_type", family);
+    /* without a source: the trained length, or with YaRN the length it extends the original to
+     * (DeepSeek-V3: 4096 x 40 = 163840), which transformers divides by the original again */
+    double yarn = c->rope_factor != 1 ? (double)c->rope_factor * c->rope_orig_max_pos : 0;
     if (!source && !cJSON_GetObjectItemCaseSensitive(j, "max_position_embeddings"))
-        cJSON_AddNumberToObject(j, "max_position_embeddings", c->seq_len);
+        cJSON_AddNumberToObject(j, "max_position_embeddings", yarn > c->seq_len ? yarn : c->seq_len);
     if (!cJSON_GetObjectItemCaseSensitive(j, "initializer_range"))
         set_float(j, "initializer_range", c->init_std);
     const struct { const char *key; double v; } nums[] = {
