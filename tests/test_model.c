@@ -2,6 +2,7 @@
  * (tests/torch_model.py: logits, losses, every gradient, and float64 finite differences),
  * memorising a tiny batch, gradient scaling for accumulation, determinism, bad input. */
 #define _POSIX_C_SOURCE 200809L
+#include "io/hf.h"
 #include "io/safetensors.h"
 #include "kernels/kernels.h"
 #include "test_util.h"
@@ -14,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -518,6 +520,70 @@ static void test_trainer_refuses_top1_post_softmax(void **state) {
     }
 }
 
+/* A DeepSeek-V3 directory of ours, read back: parameters and selection bias as written; the
+ * same directory without the selection bias fails and leaves the model as it was (the
+ * parameters were read first and set before the bias failed). */
+static void test_hf_load_all_or_nothing(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = mla_config(5);
+    c.moe.score = MOE_SCORE_SIGMOID, c.moe.enable_expert_bias = 1, c.moe.shared_ffn = 12;
+    char why[160] = "", dir[] = "/tmp/moe_test_hf_XXXXXX", path[64];
+    if (!moe_hf_compatible(&c, "deepseek_v3", why, sizeof why)) fail_msg("not deepseek_v3: %s", why);
+    assert_non_null(mkdtemp(dir));
+    moe_model *a, *b;
+    assert_int_equal(moe_model_create(&c, c.seq_len, &a), MOE_OK);
+    assert_int_equal(moe_model_create(&c, c.seq_len, &b), MOE_OK);
+    random_params(a, seed);
+    random_params(b, seed + 1);
+    for (int l = 1; l < c.n_layers; l++) {
+        tu_fill(moe_layer_expert_bias(moe_model_moe_layer(a, l)), 4, seed, 40 + (uint64_t)l, -1, 1);
+        tu_fill(moe_layer_expert_bias(moe_model_moe_layer(b, l)), 4, seed, 50 + (uint64_t)l, -1, 1);
+    }
+    snprintf(path, sizeof path, "%s/out", dir);
+    assert_int_equal(moe_hf_save(path, "deepseek_v3", a, NULL), MOE_OK);
+    /* the same file without the biases */
+    char file[160], bare[96];
+    snprintf(file, sizeof file, "%s/model.safetensors", path);
+    snprintf(bare, sizeof bare, "%s/bare", dir);
+    assert_int_equal(mkdir(bare, 0700), 0);
+    moe_safetensors st;
+    assert_int_equal(moe_st_read(file, &st), MOE_OK);
+    moe_st_entry *e = calloc((size_t)st.n_tensors, sizeof *e);
+    int n = 0;
+    for (int i = 0; i < st.n_tensors; i++) {
+        const moe_st_tensor *t = &st.tensors[i];
+        if (strstr(t->name, "e_score_correction_bias")) continue;
+        e[n] = (moe_st_entry){t->name, MOE_DT_F32, t->ndim, {0}, t->data};
+        memcpy(e[n++].shape, t->shape, sizeof t->shape);
+    }
+    assert_int_equal(n, st.n_tensors - 2);
+    snprintf(file, sizeof file, "%s/model.safetensors", bare);
+    assert_int_equal(moe_st_write(file, e, n, NULL, NULL, 0), MOE_OK);
+    free(e);
+    moe_st_free(&st);
+    size_t np = moe_model_param_count(b);
+    float *before = malloc(sizeof(float) * np), bias_before[8];
+    memcpy(before, moe_model_params(b), sizeof(float) * np);
+    for (int l = 1; l < c.n_layers; l++)
+        memcpy(bias_before + 4 * (l - 1), moe_layer_expert_bias(moe_model_moe_layer(b, l)), 16);
+    assert_int_equal(moe_hf_load(bare, "deepseek_v3", b), MOE_ERR_FORMAT);
+    assert_memory_equal(moe_model_params(b), before, sizeof(float) * np);
+    for (int l = 1; l < c.n_layers; l++)
+        assert_memory_equal(moe_layer_expert_bias(moe_model_moe_layer(b, l)), bias_before + 4 * (l - 1), 16);
+    assert_int_equal(moe_hf_load(path, "deepseek_v3", b), MOE_OK);
+    assert_memory_equal(moe_model_params(b), moe_model_params(a), sizeof(float) * np);
+    for (int l = 1; l < c.n_layers; l++)
+        assert_memory_equal(moe_layer_expert_bias(moe_model_moe_layer(b, l)),
+                            moe_layer_expert_bias(moe_model_moe_layer(a, l)), 16);
+    free(before);
+    moe_model_destroy(a);
+    moe_model_destroy(b);
+    char cmd[96];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 /* AdamW: weight decay moves weights but never norms or biases. Two runs of one step from
  * the same start, with and without decay: norm weights end bitwise equal, a weight differs
  * by lr * wd * p (the decoupled decay). */
@@ -585,6 +651,7 @@ int main(void) {
         cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
         cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),
         cmocka_unit_test(test_trainer_refuses_top1_post_softmax),
+        cmocka_unit_test(test_hf_load_all_or_nothing),
         cmocka_unit_test(test_grad_norm_clip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

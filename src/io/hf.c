@@ -427,11 +427,36 @@ static void rename_hf(const char *ours, char *buf, size_t cap, const void *famil
     moe_hf_tensor_name(family, ours, buf, cap);
 }
 
+/* Each MoE layer's selection bias copied to (to_model 0) or from (1) buf, layer after layer. */
+static void copy_biases(moe_model *m, float *buf, int to_model) {
+    const moe_model_config *c = moe_model_get_config(m);
+    for (int l = 0; l < c->n_layers; l++) {
+        moe_layer *L = moe_model_moe_layer(m, l);
+        if (!L) continue;
+        size_t E = (size_t)moe_model_layer_experts(c, l);
+        float *b = moe_layer_expert_bias(L);
+        memcpy(to_model ? b : buf, to_model ? buf : b, sizeof(float) * E);
+        buf += E;
+    }
+}
+
 moe_status moe_hf_load(const char *dir, const char *family, moe_model *m) {
-    MOE_TRY(moe_checkpoint_load_params(dir, m, rename_hf, family));
-    if (!moe_model_get_config(m)->moe.enable_expert_bias) return MOE_OK;
-    /* DeepSeek-V3's selection bias: e_score_correction_bias of each MoE layer */
-    return moe_checkpoint_load_expert_bias(dir, m, "model.layers.%d.mlp.gate.e_score_correction_bias");
+    const moe_model_config *c = moe_model_get_config(m);
+    if (!c->moe.enable_expert_bias) return moe_checkpoint_load_params(dir, m, rename_hf, family);
+    /* DeepSeek-V3's selection bias (e_score_correction_bias of each MoE layer) first, the old
+     * one kept: each load reads everything before it sets anything, so a failure of the
+     * parameters' puts the bias back and nothing has changed */
+    size_t n = 1;
+    for (int l = 0; l < c->n_layers; l++) n += (size_t)moe_model_layer_experts(c, l);
+    float *old = malloc(sizeof(float) * n);
+    if (!old) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    copy_biases(m, old, 0);
+    moe_status st = moe_checkpoint_load_expert_bias(
+        dir, m, "model.layers.%d.mlp.gate.e_score_correction_bias");
+    if (st == MOE_OK) st = moe_checkpoint_load_params(dir, m, rename_hf, family);
+    if (st != MOE_OK) copy_biases(m, old, 1);
+    free(old);
+    return st;
 }
 
 /* Whether the top-k weights are renormalised (softmax over the k logits is the same). */
