@@ -457,7 +457,9 @@ int moe_model_cache_len(const moe_model *m);
 size_t moe_model_cache_width(const moe_model *m);
 
 /* Samples a token from logits [V]: temperature (0 = greedy), then the top_k most likely
- * (0 = all), then the smallest set with probability >= top_p (1 = all); u uniform in [0,1). */
+ * (0 = all; those tied with the k-th too, as Hugging Face), then the smallest set with
+ * probability >= top_p (1 = all); u uniform in [0,1). -1 when a logit is NaN, the largest is
+ * +inf or all are -inf (there is no distribution to draw from). */
 int moe_sample(const float *logits, int V, float temperature, int top_k, float top_p, double u);
 
 /* -------------------------------------------------------------- training */

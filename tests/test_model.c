@@ -435,6 +435,22 @@ static void test_sampling(void **state) {
     assert_int_equal(moe_sample(lg, 4, 1, 3, 1, 0.99), 1);
     /* top-k 2 then top-p 0.5 of what is left: {3, 2} renormalised is 4/7, 3/7, so 3 alone */
     assert_int_equal(moe_sample(lg, 4, 1, 2, 0.5f, 0.99), 3);
+    /* top-k keeps the tokens tied with the k-th (Hugging Face): 0, 1, 2 at 1/3 each */
+    const float tie[4] = {2, 2, 2, 0};
+    assert_int_equal(moe_sample(tie, 4, 1, 2, 1, 0.9), 2);
+    assert_int_equal(moe_sample(tie, 4, 1, 2, 1, 0.5), 1);
+    /* no distribution: NaN anywhere (first or not), +inf, every logit -inf; -inf alone is 0 */
+    float bad[4] = {0, NAN, 1, 2};
+    assert_int_equal(moe_sample(bad, 4, 0, 0, 1, 0.5), -1);
+    assert_int_equal(moe_sample(bad, 4, 1, 0, 1, 0.5), -1);
+    bad[1] = 1, bad[0] = NAN;
+    assert_int_equal(moe_sample(bad, 4, 0, 0, 1, 0.5), -1);
+    bad[0] = INFINITY;
+    assert_int_equal(moe_sample(bad, 4, 1, 0, 1, 0.5), -1);
+    for (int v = 0; v < 4; v++) bad[v] = -INFINITY;
+    assert_int_equal(moe_sample(bad, 4, 1, 0, 1, 0.5), -1);
+    bad[2] = 0;
+    assert_int_equal(moe_sample(bad, 4, 1, 0, 1, 0.99), 2);
 }
 
 /* The trainer's gradient norm is the norm of the backward's gradients (against a long double

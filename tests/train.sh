@@ -80,6 +80,18 @@ expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"
 expect 2 "$moe" generate --prompt "x"
+# a checkpoint whose final norm is NaN: generate stops with one clear error, not with text drawn
+# from NaN probabilities
+cp -r "$tmp/a" "$tmp/nan"
+/usr/bin/python3 - "$tmp/nan/$(cat "$tmp/nan/latest")/model.safetensors" <<'EOF' || fail "writing NaN"
+import json, struct, sys
+p = sys.argv[1]; b = bytearray(open(p, "rb").read()); n = struct.unpack("<Q", b[:8])[0]
+a, e = json.loads(b[8:8 + n])["model.norm.weight"]["data_offsets"]
+for i in range(8 + n + a, 8 + n + e, 4): b[i:i + 4] = struct.pack("<f", float("nan"))
+open(p, "wb").write(bytes(b))
+EOF
+expect 1 "$moe" generate --load "$tmp/nan" --prompt "x" --max-new-tokens 3
+grep -q "the logits of new token 1 are not finite" "$tmp/out" || fail "NaN logits: $(cat "$tmp/out")"
 # an empty tensor where another begins (files put them there) is no overlap, in either order of
 # the header; one inside another's bytes is
 for order in ab ba inside; do

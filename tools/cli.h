@@ -37,6 +37,8 @@ moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len);
  * vocabulary is an error. */
 moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_new,
                             float temperature, int top_k, float top_p, uint64_t seed, FILE *f);
+/* The error of a generated token whose logits are not finite (moe_sample returned -1). */
+moe_status moe_cli_logits_error(int token);
 
 /* Routes each source file's text of `data` through the model (inference) and writes the
  * expert counts per topic and MoE layer to path (JSON). */

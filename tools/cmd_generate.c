@@ -15,6 +15,11 @@
 #include <string.h>
 #include <sys/stat.h>
 
+moe_status moe_cli_logits_error(int token) {
+    return moe_set_error(MOE_ERR_STATE, "the logits of new token %d are not finite (NaN, +inf "
+                         "or all -inf): no token can be drawn (a corrupt checkpoint?)", token + 1);
+}
+
 moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len) {
     *text = NULL, *len = 0;
     if (o->prompt[0] && o->prompt_file[0])
@@ -63,6 +68,10 @@ moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_
         const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c->vocab;
         int next = moe_sample(lg, c->vocab, temperature, top_k, top_p,
                               moe_rng_uniform64(seed, stream, (uint64_t)i));
+        if (next < 0) {
+            st = moe_cli_logits_error(i);
+            break;
+        }
         if (next == MOE_BYTE_EOT) break;
         ids[n++] = next;
         fputc(next, f);

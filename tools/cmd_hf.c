@@ -360,6 +360,10 @@ int moe_cmd_generate_hf(int argc, char **argv) {
         const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c.vocab;
         int32_t next = moe_sample(lg, c.vocab, o.temperature, o.top_k, o.top_p,
                                   moe_rng_uniform64(o.layer.seed, stream, (uint64_t)(len - n)));
+        if (next < 0) {
+            s = moe_cli_logits_error(len - n);
+            break;
+        }
         ids[len++] = next;
         for (int e = 0; e < n_eos; e++) stop |= next == eos[e];
         if (!tok) printf("%s%d", len - n > 1 ? "," : "", next);

@@ -17,8 +17,11 @@ static int by_prob_desc(const void *a, const void *b) {
 
 int moe_sample(const float *logits, int V, float temperature, int top_k, float top_p, double u) {
     int best = 0;
-    for (int v = 1; v < V; v++)
+    for (int v = 0; v < V; v++) {
+        if (isnan(logits[v])) return -1; /* no distribution (torch.multinomial refuses too) */
         if (logits[v] > logits[best]) best = v;
+    }
+    if (!isfinite(logits[best])) return -1; /* +inf, or every logit -inf */
     if (!(temperature > 0) || top_k == 1) return best;
     cand *c = malloc(sizeof *c * (size_t)V);
     if (!c) return best;
@@ -28,6 +31,7 @@ int moe_sample(const float *logits, int V, float temperature, int top_k, float t
     }
     qsort(c, (size_t)V, sizeof *c, by_prob_desc);
     int n = top_k > 0 && top_k < V ? top_k : V;
+    while (n < V && c[n].p == c[n - 1].p) n++; /* ties with the k-th stay (Hugging Face's) */
     double mass_k = 0, kept = 0; /* the mass of the top-k; of the first n candidates */
     for (int i = 0; i < n; i++) mass_k += c[i].p;
     /* top-p of the top-k's distribution, renormalised (as Hugging Face and llama.cpp apply
