@@ -477,12 +477,13 @@ int moe_cmd_train(int argc, char **argv) {
             write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK)
             goto fail;
         if (tb && !s.skipped && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
-        if (d->world_size > 1) /* every rank stops at the same step */
-            stop_requested = moe_dist_any(d, stop_requested) ? SIGTERM : 0;
+        /* every rank stops at the same step: the decision is read once, after the ranks agreed
+         * on it (a signal arriving later on one rank only is taken at the next step) */
+        int stop = stop_requested;
+        if (d->world_size > 1) stop = moe_dist_any(d, stop) ? SIGTERM : 0;
         int exit_now = o.exit_interval && step % o.exit_interval == 0 && step < total;
         int save_now = (o.save_interval && step % o.save_interval == 0) || exit_now;
-        if (o.save[0] && (save_now || step == total || stop_requested) &&
-            save_checkpoint(&o, m, t))
+        if (o.save[0] && (save_now || step == total || stop) && save_checkpoint(&o, m, t))
             goto fail;
         fflush(stdout);
         if (exit_now) {
@@ -490,8 +491,8 @@ int moe_cmd_train(int argc, char **argv) {
             rc = 0;
             goto fail;
         }
-        if (stop_requested) {
-            printf("stopped by signal %d after step %d%s\n", (int)stop_requested, step,
+        if (stop) {
+            printf("stopped by signal %d after step %d%s\n", stop, step,
                    o.save[0] ? "" : " (no --save: nothing saved)");
             rc = 0;
             goto fail;
