@@ -113,6 +113,16 @@ grep -q "expert-model-parallel-size 2 does not divide the 3 processes" "$tmp/out
 $mpirun --oversubscribe --allow-run-as-root -np 4 "$moe" train $tiny --expert-model-parallel-size 4 \
   --moe-hierarchical-alltoall --ranks-per-node 3 >"$tmp/out" 2>&1 && fail "3 ranks per machine of 4 accepted"
 grep -q "3 ranks per machine do not divide the 4 ranks" "$tmp/out" || fail "machine message: $(tail -3 "$tmp/out")"
+# process options that differ between ranks (here the two-stage all-to-all on rank 0 only, whose
+# set-up is a collective): refused before any collective that depends on them, never a hang
+# shellcheck disable=SC2086,SC2016
+timeout 120 $mpirun --oversubscribe --allow-run-as-root --bind-to none -np 2 sh -c \
+  'if [ "$OMPI_COMM_WORLD_RANK" = 0 ]; then exec "$0" train "$@" --moe-hierarchical-alltoall
+   else exec "$0" train "$@"; fi' "$moe" $tiny --expert-model-parallel-size 2 >"$tmp/out" 2>&1
+rc=$?
+[ $rc != 0 ] && [ $rc != 124 ] || fail "options differing between ranks: exit $rc"
+grep -q "rank 1 has a different configuration or build than rank 0" "$tmp/out" ||
+  fail "differing options message: $(tail -3 "$tmp/out")"
 # shellcheck disable=SC2086
 $mpirun --oversubscribe --allow-run-as-root -np 2 "$moe" generate --load "$tmp/b" >"$tmp/out" 2>&1 &&
   fail "generate under mpirun accepted"

@@ -345,19 +345,18 @@ int moe_cmd_train(int argc, char **argv) {
         return 0;
     }
     if (o.threads > 0) omp_set_num_threads(o.threads);
-    /* processes: the rank grid, the same options and build everywhere, rank 0 prints */
+    /* processes: the same options and build everywhere (checked first: the grid's collectives
+     * depend on the options), the rank grid, rank 0 prints. A failure on some ranks only
+     * aborts them all (MPI_Abort), so that none waits for the others. */
     moe_dist *d = moe_dist_get();
-    if (moe_dist_grid(d, o.ep) != MOE_OK ||
-        moe_comm_set_two_stage(d->expert, o.two_stage ? o.node_ranks : 1) != MOE_OK) {
-        fprintf(stderr, "moe train: %s\n", moe_last_error());
-        return 2;
-    }
     if (d->world_size > 1) {
         char *text = moe_options_to_text(&o);
         size_t n = text ? strlen(text) : 0;
         char *id = text ? realloc(text, n + 128) : NULL;
         if (!id) moe_dist_abort(d, 1);
-        snprintf(id + n, 128, "\nbuild %s %s %s ep %d\n", moe_version(), __DATE__, __TIME__, o.ep);
+        /* the process options are not in the text (a checkpoint does not keep them) */
+        snprintf(id + n, 128, "\nbuild %s %s %s ep %d two-stage %d ranks-per-node %d\n",
+                 moe_version(), __DATE__, __TIME__, o.ep, o.two_stage, o.node_ranks);
         moe_status same = moe_dist_check_same(d, id, strlen(id), "configuration or build");
         free(id);
         if (same != MOE_OK) {
@@ -366,10 +365,15 @@ int moe_cmd_train(int argc, char **argv) {
         }
         if (d->world_rank != 0 && !freopen("/dev/null", "w", stdout)) moe_dist_abort(d, 1);
     }
+    moe_status ready = moe_dist_grid(d, o.ep);
+    if (ready == MOE_OK)
+        ready = moe_comm_set_two_stage(d->expert, o.two_stage ? o.node_ranks : 1);
     o.model.moe.ep_size = d->ep;
     o.model.moe.ep_rank = d->ep_rank;
-    if (choose_save_dir(&o, ckpt) != MOE_OK) {
+    if (ready == MOE_OK) ready = choose_save_dir(&o, ckpt);
+    if (ready != MOE_OK) {
         fprintf(stderr, "moe train: %s\n", moe_last_error());
+        if (d->world_size > 1) moe_dist_abort(d, 2);
         return 2;
     }
     const char *data = o.data_path[0] ? o.data_path : DEFAULT_DATA;
