@@ -45,6 +45,14 @@ for v in "F32 1 mixtral m" "BF16 2 mixtral m" "F16 3 mixtral m" "F32 1 qwen2_moe
   [ "$(cat "$tmp/gen")" = "$(cat "$dir/greedy.txt")" ] ||
     fail "$3 $1 greedy continuation $(cat "$tmp/gen"), reference $(cat "$dir/greedy.txt") (seed $seed)"
 done
+# generation_config.json's end-of-text ids stop a generation too, as in Hugging Face's generate:
+# with the greedy continuation's first id there, the continuation is that id alone
+cp -r "$tmp/mF32" "$tmp/gc"
+first=$(cut -d, -f1 "$tmp/gc/greedy.txt")
+printf '{"eos_token_id": [%s]}\n' "$first" >"$tmp/gc/generation_config.json"
+"$moe" generate --model "$tmp/gc" --ids "$(cat "$tmp/gc/ids.txt")" --max-new-tokens 8 --temperature 0 \
+  >"$tmp/gen" 2>&1 || fail "generate with generation_config.json: $(cat "$tmp/gen")"
+[ "$(cat "$tmp/gen")" = "$first" ] || fail "generation_config.json's eos $first: $(cat "$tmp/gen")"
 # keys left out mean Hugging Face's defaults (transformers' configuration_<family>.py): each
 # family written with them set, then without them, gives the reference's logits
 # (num_key_value_heads: 8 of Mixtral's 16 heads, 16 of Qwen2-MoE's 32, 4 of Qwen3-MoE's 8;

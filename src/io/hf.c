@@ -330,10 +330,12 @@ static const hf_family *find_family(const char *type) {
 }
 
 /* DIR/config.json as a JSON object (path receives its path). */
-static moe_status read_config(const char *dir, char *path, size_t cap, cJSON **out) {
+/* DIR/name as a JSON object (path: the file's path, for messages). */
+static moe_status read_json(const char *dir, const char *name, char *path, size_t cap,
+                            cJSON **out) {
     char *text;
     size_t size;
-    snprintf(path, cap, "%s/config.json", dir);
+    snprintf(path, cap, "%s/%s", dir, name);
     *out = NULL;
     MOE_TRY(moe_read_file(path, &text, &size));
     cJSON *j = cJSON_ParseWithLength(text, size);
@@ -344,6 +346,10 @@ static moe_status read_config(const char *dir, char *path, size_t cap, cJSON **o
     }
     *out = j;
     return MOE_OK;
+}
+
+static moe_status read_config(const char *dir, char *path, size_t cap, cJSON **out) {
+    return read_json(dir, "config.json", path, cap, out);
 }
 
 moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, size_t cap) {
@@ -381,18 +387,32 @@ static int token_id(const cJSON *v) {
            v->valuedouble == floor(v->valuedouble);
 }
 
-int moe_hf_eos(const char *dir, int32_t *ids, int cap) {
+/* eos_token_id of DIR/name (a number or a list) added to ids[n..cap) unless there already;
+ * the new count. */
+static int add_eos(const char *dir, const char *name, int32_t *ids, int n, int cap) {
     char path[4400];
     cJSON *j;
-    int n = 0;
-    if (read_config(dir, path, sizeof path, &j) != MOE_OK) return 0;
+    if (read_json(dir, name, path, sizeof path, &j) != MOE_OK) return n;
     const cJSON *eos = cJSON_GetObjectItemCaseSensitive(j, "eos_token_id"), *e;
-    if (token_id(eos) && cap > 0) ids[n++] = (int32_t)eos->valuedouble;
-    const cJSON *list = cJSON_IsArray(eos) ? eos : NULL;
-    cJSON_ArrayForEach(e, list)
-        if (token_id(e) && n < cap) ids[n++] = (int32_t)e->valuedouble;
+    cJSON *one = cJSON_CreateArray();
+    if (token_id(eos)) cJSON_AddItemToArray(one, cJSON_CreateNumber(eos->valuedouble));
+    const cJSON *list = cJSON_IsArray(eos) ? eos : one;
+    cJSON_ArrayForEach(e, list) {
+        if (!token_id(e) || n >= cap) continue;
+        int seen = 0;
+        for (int i = 0; i < n; i++) seen |= ids[i] == (int32_t)e->valuedouble;
+        if (!seen) ids[n++] = (int32_t)e->valuedouble;
+    }
+    cJSON_Delete(one);
     cJSON_Delete(j);
     return n;
+}
+
+int moe_hf_eos(const char *dir, int32_t *ids, int cap) {
+    /* generation_config.json's too: Hugging Face's generate stops on its list (a chat model's
+     * end of turn is often there alone) */
+    return add_eos(dir, "generation_config.json", ids, add_eos(dir, "config.json", ids, 0, cap),
+                   cap);
 }
 
 void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t cap) {

@@ -13,8 +13,8 @@
 /* Reads DIR/config.json into a model configuration (every field it needs checked; an unknown
  * model_type is refused) and names the family (its model_type). */
 moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, size_t cap);
-/* The end-of-text ids of config.json's eos_token_id (a number or a list): up to cap, their count
- * (0 when none). */
+/* The end-of-text ids of config.json's and generation_config.json's eos_token_id (each a
+ * number or a list; whole numbers in [0, 2^31) only): up to cap, their count (0 when none). */
 int moe_hf_eos(const char *dir, int32_t *ids, int cap);
 /* The family's name of one of our tensors (ours: moe_model_tensor names) into buf. */
 void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t cap);
