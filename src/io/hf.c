@@ -329,8 +329,7 @@ static const hf_family *find_family(const char *type) {
     return NULL;
 }
 
-/* DIR/config.json as a JSON object (path receives its path). */
-/* DIR/name as a JSON object (path: the file's path, for messages). */
+/* DIR/name as a JSON object (path receives the file's path, for messages). */
 static moe_status read_json(const char *dir, const char *name, char *path, size_t cap,
                             cJSON **out) {
     char *text;
@@ -348,6 +347,7 @@ static moe_status read_json(const char *dir, const char *name, char *path, size_
     return MOE_OK;
 }
 
+/* DIR/config.json. */
 static moe_status read_config(const char *dir, char *path, size_t cap, cJSON **out) {
     return read_json(dir, "config.json", path, cap, out);
 }
