@@ -116,6 +116,27 @@ static void check_alltoallv(moe_dist *d, uint64_t seed) {
     free(send), free(recv);
 }
 
+/* The expert-parallel layer L's parameters from the one-process ref (config c, gated
+ * experts): its rank's slice of the experts, the rest whole. */
+static void copy_params(const moe_layer_config *c, moe_layer *ref, moe_layer *L, int ep_rank) {
+    moe_layer_params pr = moe_layer_get_params(ref), pl = moe_layer_get_params(L);
+    size_t dd = (size_t)c->d, gf = 2 * (size_t)c->ffn, per_in = gf * dd, per_out = dd * c->ffn;
+    size_t El = (size_t)moe_layer_get_config(L)->n_experts / moe_layer_get_config(L)->ep_size;
+    size_t off = (size_t)ep_rank * El;
+    memcpy(pl.router_w, pr.router_w, sizeof(float) * (size_t)c->n_experts * dd);
+    memcpy(pl.w_in, pr.w_in + off * per_in, sizeof(float) * El * per_in);
+    memcpy(pl.w_out, pr.w_out + off * per_out, sizeof(float) * El * per_out);
+    if (c->expert_bias) {
+        memcpy(pl.b_in, pr.b_in + off * gf, sizeof(float) * El * gf);
+        memcpy(pl.b_out, pr.b_out + off * dd, sizeof(float) * El * dd);
+    }
+    if (c->shared_ffn) {
+        memcpy(pl.shared_w_in, pr.shared_w_in, sizeof(float) * 2 * c->shared_ffn * dd);
+        memcpy(pl.shared_w_out, pr.shared_w_out, sizeof(float) * (size_t)c->shared_ffn * dd);
+        memcpy(pl.shared_gate_w, pr.shared_gate_w, sizeof(float) * dd);
+    }
+}
+
 /* Global-batch aux loss with every token of the last rank masked: that rank still takes part
  * in the sum of the counts (or the others wait for it), its losses are 0, and the others' aux
  * losses average to one process's over the unmasked tokens. */
@@ -133,12 +154,7 @@ static void masked_rank(moe_dist *d, uint64_t seed, int Tl) {
         moe_dist_abort(d, 1);
     }
     moe_layer_init_params(ref, seed, 0.3f);
-    moe_layer_params pr = moe_layer_get_params(ref), pl = moe_layer_get_params(L);
-    int El = c.n_experts / d->ep;
-    size_t per_in = 2 * (size_t)c.ffn * c.d, per_out = (size_t)c.d * c.ffn, off = (size_t)d->ep_rank * El;
-    memcpy(pl.router_w, pr.router_w, sizeof(float) * (size_t)c.n_experts * c.d);
-    memcpy(pl.w_in, pr.w_in + off * per_in, sizeof(float) * El * per_in);
-    memcpy(pl.w_out, pr.w_out + off * per_out, sizeof(float) * El * per_out);
+    copy_params(&c, ref, L, d->ep_rank);
     moe_layer_set_comms(L, d->expert, d->world);
     size_t n = (size_t)W * Tl * c.d;
     float *x = rnd(n, seed, 3, 1.0f), *dout = rnd(n, seed, 4, 1.0f), *out = calloc(n, 4),
@@ -220,22 +236,9 @@ int main(int argc, char **argv) {
             moe_dist_abort(&d, 1);
         }
         moe_layer_init_params(ref, seed + si, 0.3f);
-        /* the expert-parallel layer's parameters: its slice of the experts, the rest whole */
-        moe_layer_params pr = moe_layer_get_params(ref), pl = moe_layer_get_params(L);
-        size_t gf = 2 * (size_t)c.ffn, per_in = gf * dd, per_out = (size_t)dd * c.ffn;
+        copy_params(&c, ref, L, d.ep_rank);
+        size_t per_in = 2 * (size_t)c.ffn * dd, per_out = (size_t)dd * c.ffn;
         size_t off = (size_t)d.ep_rank * El;
-        memcpy(pl.router_w, pr.router_w, sizeof(float) * (size_t)c.n_experts * dd);
-        memcpy(pl.w_in, pr.w_in + off * per_in, sizeof(float) * El * per_in);
-        memcpy(pl.w_out, pr.w_out + off * per_out, sizeof(float) * El * per_out);
-        if (c.expert_bias) {
-            memcpy(pl.b_in, pr.b_in + off * gf, sizeof(float) * El * gf);
-            memcpy(pl.b_out, pr.b_out + off * dd, sizeof(float) * El * dd);
-        }
-        if (c.shared_ffn) {
-            memcpy(pl.shared_w_in, pr.shared_w_in, sizeof(float) * 2 * c.shared_ffn * dd);
-            memcpy(pl.shared_w_out, pr.shared_w_out, sizeof(float) * (size_t)c.shared_ffn * dd);
-            memcpy(pl.shared_gate_w, pr.shared_gate_w, sizeof(float) * (size_t)dd);
-        }
         if (c.enable_expert_bias) { /* a non-zero selection bias, the same everywhere */
             float *b0 = moe_layer_expert_bias(ref), *b1 = moe_layer_expert_bias(L);
             for (int e = 0; e < c.n_experts; e++) b0[e] = b1[e] = 0.05f * (float)(e % 3);

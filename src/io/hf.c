@@ -387,23 +387,24 @@ static int token_id(const cJSON *v) {
            v->valuedouble == floor(v->valuedouble);
 }
 
-/* eos_token_id of DIR/name (a number or a list) added to ids[n..cap) unless there already;
- * the new count. */
+/* ids[0..n) and v when it is a token id not among them (up to cap): the new count. */
+static int add_id(const cJSON *v, int32_t *ids, int n, int cap) {
+    if (!token_id(v) || n >= cap) return n;
+    for (int i = 0; i < n; i++)
+        if (ids[i] == (int32_t)v->valuedouble) return n;
+    ids[n] = (int32_t)v->valuedouble;
+    return n + 1;
+}
+
+/* eos_token_id of DIR/name (a number or a list) added to ids[0..n): the new count. */
 static int add_eos(const char *dir, const char *name, int32_t *ids, int n, int cap) {
     char path[4400];
-    cJSON *j;
+    cJSON *j, *e;
     if (read_json(dir, name, path, sizeof path, &j) != MOE_OK) return n;
-    const cJSON *eos = cJSON_GetObjectItemCaseSensitive(j, "eos_token_id"), *e;
-    cJSON *one = cJSON_CreateArray();
-    if (token_id(eos)) cJSON_AddItemToArray(one, cJSON_CreateNumber(eos->valuedouble));
-    const cJSON *list = cJSON_IsArray(eos) ? eos : one;
-    cJSON_ArrayForEach(e, list) {
-        if (!token_id(e) || n >= cap) continue;
-        int seen = 0;
-        for (int i = 0; i < n; i++) seen |= ids[i] == (int32_t)e->valuedouble;
-        if (!seen) ids[n++] = (int32_t)e->valuedouble;
-    }
-    cJSON_Delete(one);
+    cJSON *eos = cJSON_GetObjectItemCaseSensitive(j, "eos_token_id");
+    cJSON *list = cJSON_IsArray(eos) ? eos : NULL;
+    n = add_id(eos, ids, n, cap);
+    cJSON_ArrayForEach(e, list) n = add_id(e, ids, n, cap);
     cJSON_Delete(j);
     return n;
 }

@@ -902,15 +902,17 @@ static int numeric_at(const char *s, size_t n, size_t i, size_t *len) {
 /* Digits: runs of numbers (or each number) apart from the rest, as the tokenizers library
  * splits with char::is_numeric: other scripts' digits, superscripts, fractions too. */
 static int digits(const step *st, const char *s, size_t n, pieces *out) {
-    size_t at = 0, len0, len1;
+    size_t at = 0, len = 0; /* the code point before i: a number or not (d0), its length */
+    int d0 = n > 0 && numeric_at(s, n, 0, &len);
     for (size_t i = 0; i < n;) {
-        int d0 = numeric_at(s, n, i, &len0);
-        size_t j = i + len0;
-        int d1 = j < n && numeric_at(s, n, j, &len1);
-        i = j;
-        if (i < n && d0 == d1 && !(d0 && st->flag)) continue;
-        if (pieces_add(out, s + at, i - at)) return -1;
-        at = i;
+        size_t next_len = 0;
+        i += len;
+        int d1 = i < n && numeric_at(s, n, i, &next_len);
+        if (!(i < n && d0 == d1 && !(d0 && st->flag))) {
+            if (pieces_add(out, s + at, i - at)) return -1;
+            at = i;
+        }
+        d0 = d1, len = next_len;
     }
     return 0;
 }
