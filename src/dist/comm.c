@@ -371,13 +371,22 @@ moe_status moe_comm_barrier(moe_comm *c) {
 
 /* ------------------------------------------------------------------ grid */
 
+/* The number of processes a launcher announced: mpirun (Open MPI, MPICH/Hydra) and Slurm's
+ * PMI set OMPI_COMM_WORLD_SIZE or PMI_SIZE; PMIx only a rank (then 1). 0: not launched. */
+static long launched_size(void) {
+    const char *sizes[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}, *ranks[] = {"PMIX_RANK", "PMI_RANK"};
+    for (int i = 0; i < 2; i++) {
+        const char *v = getenv(sizes[i]);
+        long n = v ? strtol(v, NULL, 10) : 0;
+        if (v) return n > 1 ? n : 1;
+    }
+    return getenv(ranks[0]) || getenv(ranks[1]) ? 1 : 0;
+}
+
 moe_status moe_dist_init(int *argc, char ***argv, moe_dist *d) {
     *d = g_dist;
+    long launched = launched_size();
 #ifdef MOE_HAVE_MPI
-    /* mpirun (Open MPI, MPICH/Hydra, Slurm's PMI) sets one of these */
-    const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"};
-    int launched = 0;
-    for (int i = 0; i < 4; i++) launched |= getenv(vars[i]) != NULL;
     if (!launched) return MOE_OK;
     int provided;
     MOE_TRY(mpi_check(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "MPI_Init"));
@@ -394,6 +403,11 @@ moe_status moe_dist_init(int *argc, char ***argv, moe_dist *d) {
     d->node_rank = moe_comm_rank(d->node);
 #else
     (void)argc, (void)argv;
+    /* Every process would be rank 0 of its own run, all writing the same files. */
+    if (launched > 1)
+        return moe_set_error(MOE_ERR_INVALID, "this moe was built without MPI, but a launcher "
+                             "started it as one of %ld processes: rebuild it with MPI (Debian: "
+                             "libopenmpi-dev) or run one process", launched);
 #endif
     g_dist = *d;
     return MOE_OK;
