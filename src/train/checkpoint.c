@@ -272,17 +272,21 @@ moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap) {
  * one trainer.safetensors, or shards named by model.safetensors.index.json (trainer shards
  * mirror the model shards). Tensors are found by name, so any expert-parallel layout loads
  * any other's checkpoint. */
-#define MAX_SHARDS 256
+typedef struct {
+    char file[80];
+    moe_safetensors st;
+} ckpt_shard;
+
 typedef struct {
     const char *dir;
     cJSON *index, *map;
-    int n;
-    char files[MAX_SHARDS][80];
-    moe_safetensors st[MAX_SHARDS];
+    int n, cap;
+    ckpt_shard **shards; /* the files opened so far (one per expert-parallel rank at most) */
 } ckpt_reader;
 
 static void reader_close(ckpt_reader *r) {
-    for (int i = 0; i < r->n; i++) moe_st_free(&r->st[i]);
+    for (int i = 0; i < r->n; i++) moe_st_free(&r->shards[i]->st), free(r->shards[i]);
+    free(r->shards);
     cJSON_Delete(r->index);
     memset(r, 0, sizeof *r);
 }
@@ -321,16 +325,28 @@ static moe_status reader_file(ckpt_reader *r, const char *kind, const char *para
         snprintf(file, sizeof file, "%s.safetensors", kind);
     }
     for (int i = 0; i < r->n; i++)
-        if (!strcmp(r->files[i], file)) {
-            *out = &r->st[i];
+        if (!strcmp(r->shards[i]->file, file)) {
+            *out = &r->shards[i]->st;
             return MOE_OK;
         }
-    if (r->n == MAX_SHARDS) return moe_set_error(MOE_ERR_FORMAT, "%s: too many shards", r->dir);
+    if (r->n == r->cap) {
+        int cap = r->cap ? 2 * r->cap : 8;
+        ckpt_shard **p = realloc(r->shards, sizeof *p * (size_t)cap);
+        if (!p) return moe_set_error(MOE_ERR_NOMEM, "out of memory for %d shards", cap);
+        r->shards = p, r->cap = cap;
+    }
+    ckpt_shard *sh = calloc(1, sizeof *sh);
+    if (!sh) return moe_set_error(MOE_ERR_NOMEM, "out of memory for a shard");
     char path[4400];
     snprintf(path, sizeof path, "%s/%s", r->dir, file);
-    MOE_TRY(moe_st_read(path, &r->st[r->n]));
-    snprintf(r->files[r->n], sizeof r->files[r->n], "%s", file);
-    *out = &r->st[r->n++];
+    moe_status st = moe_st_read(path, &sh->st);
+    if (st != MOE_OK) {
+        free(sh);
+        return st;
+    }
+    snprintf(sh->file, sizeof sh->file, "%s", file);
+    r->shards[r->n++] = sh;
+    *out = &sh->st;
     return MOE_OK;
 }
 
