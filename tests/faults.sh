@@ -46,6 +46,40 @@ has "step 8 skipped"
 same_tensors "$tmp/s7/step-00000007/model.safetensors" "$tmp/s8/step-00000008/model.safetensors"
 same_tensors "$tmp/s7/step-00000007/trainer.safetensors" "$tmp/s8/step-00000008/trainer.safetensors"
 
+# A skipped first step makes no update, so the next is Adam's first: each parameter moves by
+# lr * g / (|g| + eps), about lr, as torch's AdamW moves it (the bias correction counts the
+# updates, not the steps; counting the skipped step would move it 0.73 lr).
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 2 --save "$tmp/f1" --save-interval 1 --lr 0.01 \
+  --min-lr 0 --lr-warmup-iters 0 --lr-decay-style constant --weight-decay 0 --clip-grad 0 \
+  --inject-fault nan-loss@1
+has "step 1 skipped"
+/usr/bin/python3 - "$tmp/f1" <<'EOF' || fail "the first update after a skipped step"
+import json, struct, sys
+def load(p):
+    b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n]); meta = h.pop("__metadata__", {})
+    t = {}
+    for k, v in h.items():
+        raw = b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]
+        t[k] = struct.unpack("<%df" % (len(raw) // 4), raw)
+    return meta, t
+_, p0 = load(sys.argv[1] + "/step-00000001/model.safetensors")
+_, p1 = load(sys.argv[1] + "/step-00000002/model.safetensors")
+meta, _ = load(sys.argv[1] + "/step-00000002/trainer.safetensors")
+moves = sorted(abs(b - a) / 0.01 for k in p0 if "norm" in k for a, b in zip(p0[k], p1[k]))
+median = moves[len(moves) // 2]
+print("norm weights:", len(moves), "median |dp|/lr", median, "updates", meta.get("moe.updates"))
+sys.exit(0 if len(moves) > 100 and 0.99 < median < 1.001 and meta.get("moe.updates") == "1" else 1)
+EOF
+# and the count of updates is part of the checkpoint: resumed, the next step is the straight run's
+expect 0 "$moe" train --load "$tmp/f1" --train-iters 3
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 3 --save "$tmp/f3" --lr 0.01 --min-lr 0 \
+  --lr-warmup-iters 0 --lr-decay-style constant --weight-decay 0 --clip-grad 0 \
+  --inject-fault nan-loss@1
+same_tensors "$tmp/f1/step-00000003/model.safetensors" "$tmp/f3/step-00000003/model.safetensors"
+
 # 2. Non-finite from step 5 on: after --max-bad-steps 3 in a row the run stops (exit 1) with a
 #    checkpoint holding the state of step 4, the last good one.
 # shellcheck disable=SC2086

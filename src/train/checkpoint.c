@@ -74,7 +74,7 @@ static moe_status save_shard(const char *dir, moe_model *m, moe_trainer *t, cons
                                moe_layer_expert_bias(ml)};
         no++;
     }
-    char stepbuf[32], seed[32], streak[32], path[4400], file[64];
+    char stepbuf[32], seed[32], streak[32], updates[32], path[4400], file[64];
     snprintf(stepbuf, sizeof stepbuf, "%d", step);
     if (st == MOE_OK) {
         shard_name(file, sizeof file, "model", shard, n_shards);
@@ -86,11 +86,12 @@ static moe_status save_shard(const char *dir, moe_model *m, moe_trainer *t, cons
     if (st == MOE_OK && t) {
         snprintf(seed, sizeof seed, "%llu", (unsigned long long)moe_trainer_config(t)->seed);
         snprintf(streak, sizeof streak, "%d", moe_trainer_bad_streak(t));
+        snprintf(updates, sizeof updates, "%d", moe_trainer_updates(t));
         shard_name(file, sizeof file, "trainer", shard, n_shards);
         snprintf(path, sizeof path, "%s/%s", dir, file);
-        const char *keys[] = {"moe.step", "moe.seed", "moe.bad_streak"};
-        const char *vals[] = {stepbuf, seed, streak};
-        st = moe_st_write(path, o, no, keys, vals, 3);
+        const char *keys[] = {"moe.step", "moe.seed", "moe.bad_streak", "moe.updates"};
+        const char *vals[] = {stepbuf, seed, streak, updates};
+        st = moe_st_write(path, o, no, keys, vals, 4);
     }
     free(e);
     free(o);
@@ -439,9 +440,13 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
     if (s != MOE_OK) return s;
     const char *step = moe_st_meta(st, "moe.step"), *mstep = moe_st_meta(model, "moe.step");
     const char *bad = moe_st_meta(st, "moe.bad_streak"); /* absent before 2026-11-30 */
+    const char *upd = moe_st_meta(st, "moe.updates");    /* absent before 2026-12-01: = step */
     int v = meta_count(step), streak = bad ? meta_count(bad) : 0;
+    int updates = upd ? meta_count(upd) : v;
     if (v < 0) return moe_set_error(MOE_ERR_FORMAT, "%s: missing or bad moe.step", r->dir);
     if (streak < 0) return moe_set_error(MOE_ERR_FORMAT, "%s: bad moe.bad_streak", r->dir);
+    if (updates < 0 || updates > v)
+        return moe_set_error(MOE_ERR_FORMAT, "%s: bad moe.updates", r->dir);
     /* the files are replaced one after the other: a save into this directory that stopped
      * between them leaves a model and a trainer state of different steps */
     if (!mstep || strcmp(mstep, step))
@@ -450,6 +455,7 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
                              mstep ? mstep : "(none)", step);
     moe_trainer_set_step(t, v);
     moe_trainer_set_bad_streak(t, streak);
+    moe_trainer_set_updates(t, updates);
     return MOE_OK;
 }
 

@@ -36,6 +36,8 @@ struct moe_trainer {
     int n_buckets, launched; /* buckets start from the last, as backward completes them */
     moe_status reduce_st;
     int bad_streak; /* consecutive skipped steps */
+    int updates;    /* optimizer updates applied: Adam's bias correction counts these, as
+                     * torch's AdamW counts its step() calls (a skipped step makes none) */
     int grads_zero; /* the last step's update zeroed the gradients as it read them */
     struct {
         int kind; /* FAULT_* */
@@ -385,7 +387,8 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     float clip = c->clip_grad > 0 && s.grad_norm > c->clip_grad ? (float)(c->clip_grad / s.grad_norm)
                                                                 : 1.0f;
     float lr = (float)s.lr, b1 = c->beta1, b2 = c->beta2, wd = c->weight_decay, eps = c->adam_eps;
-    float bc1 = (float)(1.0 - pow(c->beta1, t->step + 1)), bc2 = (float)(1.0 - pow(c->beta2, t->step + 1));
+    float bc1 = (float)(1.0 - pow(c->beta1, t->updates + 1));
+    float bc2 = (float)(1.0 - pow(c->beta2, t->updates + 1));
     float *am = t->adam_m, *av = t->adam_v;
     if (t->gpu) { /* the same update on the GPU */
         moe_cuda_adamw h = {clip, lr, b1, b2, wd, eps, bc1, bc2};
@@ -420,6 +423,7 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
         }
     }
 updated:
+    t->updates++;
     t->grads_zero = 1;
     for (int l = 0; l < mc->n_layers; l++) {
         moe_layer *ml = moe_model_moe_layer(m, l);
@@ -478,6 +482,8 @@ float *moe_trainer_adam_v(moe_trainer *t) {
 void moe_trainer_set_step(moe_trainer *t, int step) { t->step = step; }
 int moe_trainer_bad_streak(const moe_trainer *t) { return t->bad_streak; }
 void moe_trainer_set_bad_streak(moe_trainer *t, int n) { t->bad_streak = n; }
+int moe_trainer_updates(const moe_trainer *t) { return t->updates; }
+void moe_trainer_set_updates(moe_trainer *t, int n) { t->updates = n; }
 const moe_train_config *moe_trainer_config(const moe_trainer *t) { return &t->cfg; }
 
 double moe_trainer_layer_dropped(const moe_trainer *t, int l) {

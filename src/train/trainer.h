@@ -90,6 +90,9 @@ void moe_trainer_set_step(moe_trainer *t, int step);
 /* Consecutive skipped steps up to the last one (--max-bad-steps counts on across a resume). */
 int moe_trainer_bad_streak(const moe_trainer *t);
 void moe_trainer_set_bad_streak(moe_trainer *t, int n);
+/* Optimizer updates applied (the steps done less the skipped ones): Adam's bias correction. */
+int moe_trainer_updates(const moe_trainer *t);
+void moe_trainer_set_updates(moe_trainer *t, int n);
 const moe_train_config *moe_trainer_config(const moe_trainer *t);
 
 #endif
