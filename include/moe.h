@@ -317,6 +317,7 @@ int64_t *moe_layer_accum_tokens(moe_layer *layer);
  * [RMSNorm -> causal attention (RoPE, grouped-query) -> residual -> RMSNorm -> FFN ->
  * residual]; final RMSNorm; LM head (tied or not). Each FFN is an MoE layer or a dense MLP. */
 #define MOE_MAX_LAYERS 256
+#define MOE_LAYER_DENSE (-1) /* n_experts[l] of a dense layer among MoE layers */
 enum { MOE_QK_NORM_NONE = 0, MOE_QK_NORM_HEAD = 1, MOE_QK_NORM_WHOLE = 2 }; /* Qwen3, OLMoE */
 
 typedef struct {
@@ -346,7 +347,8 @@ typedef struct {
     float rope_mscale, rope_mscale_all_dim; /* YaRN's attention scaling (0 = absent) */
     int moe_layer_freq;   /* layer l is MoE if l % freq == 0 (and l >= first_k_dense) */
     int first_k_dense;    /* the first k layers are dense (DeepSeek) */
-    int n_experts[MOE_MAX_LAYERS]; /* experts of each MoE layer (pyramid PR-MoE); 0 = moe.n_experts */
+    int n_experts[MOE_MAX_LAYERS]; /* experts of each layer (pyramid PR-MoE): 0 = moe.n_experts,
+                                    * MOE_LAYER_DENSE = a dense layer */
     moe_layer_config moe; /* template of every MoE layer (d and layer_id are set per layer) */
 } moe_model_config;
 

@@ -295,7 +295,8 @@ static void test_write_round_trip(void **state) {
     assert_non_null(strstr(text, "num-experts = 12,0,8,12\n"));
     assert_non_null(strstr(text, "save = \"/tmp/run #1\"\n"));
     assert_non_null(strstr(text, "data-path = '/tmp/d\"#x'\n")); /* the other quote */
-    assert_int_equal(b.model.n_experts[1], 0);
+    assert_int_equal(moe_model_layer_experts(&b.model, 0), 12);
+    assert_int_equal(moe_model_layer_experts(&b.model, 1), 0); /* dense */
     assert_int_equal(moe_model_layer_experts(&b.model, 2), 8);
     assert_non_null(strstr(text, "moe-router-score-function = sqrtsoftplus\n"));
     free(text);

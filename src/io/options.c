@@ -480,7 +480,7 @@ static moe_status set_experts(moe_options *o, const opt_def *d, const char *v, c
     memset(o->model.n_experts, 0, sizeof o->model.n_experts);
     int first = 0;
     for (int i = 0; i < n; i++) {
-        if (n > 1) o->model.n_experts[i] = vals[i];
+        if (n > 1) o->model.n_experts[i] = vals[i] ? vals[i] : MOE_LAYER_DENSE;
         if (!first) first = vals[i];
     }
     o->layer.n_experts = first ? first : 1;
@@ -800,7 +800,8 @@ static void format_value(char *buf, size_t cap, const moe_options *o, const opt_
         buf[0] = '\0';
         for (int i = 0; i < o->n_experts_list; i++) {
             size_t n = strlen(buf);
-            snprintf(buf + n, cap - n, "%s%d", i ? "," : "", o->model.n_experts[i]);
+            int e = o->model.n_experts[i];
+            snprintf(buf + n, cap - n, "%s%d", i ? "," : "", e == MOE_LAYER_DENSE ? 0 : e);
         }
         return;
     }

@@ -123,7 +123,9 @@ moe_model_config moe_model_config_default(void) {
 }
 
 int moe_model_layer_experts(const moe_model_config *c, int l) {
-    if (l < c->first_k_dense || c->moe_layer_freq < 1 || l % c->moe_layer_freq) return 0;
+    if (l < c->first_k_dense || c->moe_layer_freq < 1 || l % c->moe_layer_freq ||
+        c->n_experts[l] == MOE_LAYER_DENSE)
+        return 0;
     return c->n_experts[l] > 0 ? c->n_experts[l] : c->moe.n_experts;
 }
 
@@ -204,8 +206,8 @@ moe_status moe_model_config_validate(const moe_model_config *c) {
     MOE_CHECK(c->moe_layer_freq >= 1, "moe-layer-freq must be >= 1 (got %d)", c->moe_layer_freq);
     MOE_CHECK(c->first_k_dense >= 0, "first-k-dense must be >= 0 (got %d)", c->first_k_dense);
     for (int l = 0; l < c->n_layers; l++) {
-        MOE_CHECK(c->n_experts[l] >= 0, "num-experts of layer %d must be >= 0 (got %d)", l,
-              c->n_experts[l]);
+        MOE_CHECK(c->n_experts[l] >= MOE_LAYER_DENSE, "num-experts of layer %d must be >= 0 or "
+                  "MOE_LAYER_DENSE (got %d)", l, c->n_experts[l]);
         if (!moe_model_layer_experts(c, l)) continue;
         moe_layer_config lc = layer_config(c, l);
         if (moe_layer_config_validate(&lc) != MOE_OK) {
