@@ -39,6 +39,14 @@ done
 expect 2 "$moe" train --moe-router-topk 1 --train-iters 1
 [ "$(wc -l <"$tmp/out")" = 1 ] && grep -q "set moe-router-pre-softmax" "$tmp/out" ||
   fail "train --moe-router-topk 1: $(cat "$tmp/out")"
+# Sinkhorn balances by itself: an aux-loss coefficient with it is refused, whichever option
+# chose Sinkhorn (the balancing type too), not dropped without a word
+for sink in "--moe-router-type sinkhorn" "--moe-router-load-balancing-type sinkhorn"; do
+  # shellcheck disable=SC2086
+  expect 2 "$moe" train $sink --moe-aux-loss-coeff 0.01 --print-config
+  [ "$(wc -l <"$tmp/out")" = 1 ] && grep -q "sinkhorn routing balances by itself" "$tmp/out" ||
+    fail "$sink with an aux loss: $(cat "$tmp/out")"
+done
 # --device cuda where there is no GPU (CI) or no CUDA in the build: one clear line, exit 1;
 # with a GPU the layer and generation benches run (test_cuda_* check the numbers)
 if "$moe" bench layer --device cuda --tokens 64 --iters 1 >"$tmp/out" 2>&1; then

@@ -240,7 +240,7 @@ static void test_invalid_configs(void **state) {
         double value;
     } bad;
     enum { TOPK, NEXP, GROUPS, GTOPK, AUX, Z, JIT, D, FFN, RES, ACT, ROUTER, SCORE, CF_EC, PAD, GATE,
-           RATE, SKIP, SINK, SCALE, RRT, MINCAP, SHARED };
+           RATE, SKIP, SINK, SCALE, RRT, MINCAP, SHARED, SINK_SCORE, EC_PRE, SINK_NORM };
     const bad list[] = {
         {"moe-router-topk (5) must be between 1 and num-experts (4)", TOPK, 5},
         {"moe-router-topk (0)", TOPK, 0},
@@ -267,6 +267,9 @@ static void test_invalid_configs(void **state) {
         {"moe-random-routing-threshold must be positive", RRT, -1},
         {"moe-min-capacity must be >= 0", MINCAP, -1},
         {"moe-shared-expert-intermediate-size must be >= 0", SHARED, -2},
+        {"sinkhorn routing weighs its choices itself", SINK_SCORE, MOE_SCORE_SIGMOID},
+        {"expert-choice routing weighs its choices itself", EC_PRE, 1},
+        {"sinkhorn routing weighs its choices itself", SINK_NORM, MOE_NORM_ON},
     };
     for (size_t i = 0; i < sizeof list / sizeof list[0]; i++) {
         moe_layer_config c = small();
@@ -295,6 +298,9 @@ static void test_invalid_configs(void **state) {
         case RRT: c.random_routing = 1, c.random_routing_threshold = (float)v; break;
         case MINCAP: c.min_capacity = (int)v; break;
         case SHARED: c.shared_ffn = (int)v; break;
+        case SINK_SCORE: c.router = MOE_ROUTER_SINKHORN, c.lb_type = MOE_LB_NONE, c.score = (moe_score_fn)v; break;
+        case EC_PRE: c.router = MOE_ROUTER_EXPERT_CHOICE, c.lb_type = MOE_LB_NONE, c.pre_softmax = (int)v; break;
+        case SINK_NORM: c.router = MOE_ROUTER_SINKHORN, c.lb_type = MOE_LB_NONE, c.norm_topk = (moe_norm_topk)v; break;
         }
         moe_layer *L = NULL;
         assert_int_equal(moe_layer_config_validate(&c), MOE_ERR_INVALID);

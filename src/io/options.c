@@ -722,7 +722,7 @@ moe_status moe_options_finish(moe_options *o, int parts) {
                                  "router, but moe-router-type is %s",
                                  router_choices[c->router].name);
         c->router = MOE_ROUTER_SINKHORN;
-        c->lb_type = MOE_LB_NONE;
+        c->lb_type = MOE_LB_AUX; /* dropped below, or named by validation with a coefficient */
     } else {
         c->lb_type = (moe_lb_type)o->lb_choice;
     }

@@ -95,6 +95,11 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           c->aux_coeff,
           c->router == MOE_ROUTER_SINKHORN ? "sinkhorn"
           : c->router == MOE_ROUTER_EXPERT_CHOICE ? "expert-choice" : "fake-balanced");
+    MOE_CHECK((c->router != MOE_ROUTER_SINKHORN && c->router != MOE_ROUTER_EXPERT_CHOICE) ||
+                  (c->score == MOE_SCORE_SOFTMAX && !c->pre_softmax && c->norm_topk != MOE_NORM_ON),
+              "%s routing weighs its choices itself: moe-router-score-function (softmax), "
+              "moe-router-pre-softmax and moe-router-norm-topk-prob do not apply",
+              c->router == MOE_ROUTER_SINKHORN ? "sinkhorn" : "expert-choice");
     MOE_CHECK(!c->random_routing || c->router == MOE_ROUTER_TOPK,
           "moe-random-routing needs the topk router");
     MOE_CHECK(!c->random_routing || (!bad_float(c->random_routing_threshold) &&
