@@ -77,6 +77,13 @@ grep -q "already holds checkpoints" "$tmp/out" || fail "older checkpoint: $(cat 
 cmp -s "$tmp/b/latest" "$tmp/b.latest" && [ -d "$tmp/c/step-00000012" ] || fail "a refused resume changed a run"
 expect 0 "$moe" train --load "$tmp/c/step-00000008" --save "$tmp/c8" --train-iters 10
 [ "$(cat "$tmp/c8/latest")" = "step-00000010" ] || fail "resume into a new directory"
+# a train-iters below the checkpoint's step is a usage error that writes nothing
+cp "$tmp/c/metrics.jsonl" "$tmp/c.metrics"; ls "$tmp/c" >"$tmp/c.files"
+expect 2 "$moe" train --load "$tmp/c" --train-iters 4
+[ "$(wc -l <"$tmp/out")" = 1 ] && grep -q "is at step 12, beyond train-iters 4" "$tmp/out" ||
+  fail "train-iters below the checkpoint: $(cat "$tmp/out")"
+ls "$tmp/c" | cmp -s - "$tmp/c.files" && cmp -s "$tmp/c/metrics.jsonl" "$tmp/c.metrics" ||
+  fail "a refused resume wrote into the run: $(ls "$tmp/c")"
 # a checkpoint whose model and trainer files are of different steps (an interrupted save)
 cp "$tmp/c/step-00000008/trainer.safetensors" "$tmp/c/step-00000012/"
 expect 1 "$moe" train --load "$tmp/c" --train-iters 14

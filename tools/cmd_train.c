@@ -399,6 +399,12 @@ int moe_cmd_train(int argc, char **argv) {
     if (o.inject_fault[0] && moe_trainer_set_faults(t, o.inject_fault) != MOE_OK) goto fail;
     if (ckpt[0]) {
         if (moe_checkpoint_load(ckpt, m, t) != MOE_OK) goto fail;
+        if (moe_trainer_steps_done(t) > o.train.train_iters) { /* before anything is written */
+            moe_set_error(MOE_ERR_INVALID, "%s is at step %d, beyond train-iters %d", ckpt,
+                          moe_trainer_steps_done(t), o.train.train_iters);
+            rc = 2;
+            goto fail;
+        }
         printf("resumed from %s at step %d\n", ckpt, moe_trainer_steps_done(t));
     } else if (o.init_from[0]) {
         char family[32];
