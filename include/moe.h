@@ -318,6 +318,7 @@ int64_t *moe_layer_accum_tokens(moe_layer *layer);
  * residual]; final RMSNorm; LM head (tied or not). Each FFN is an MoE layer or a dense MLP. */
 #define MOE_MAX_LAYERS 256
 #define MOE_LAYER_DENSE (-1) /* n_experts[l] of a dense layer among MoE layers */
+#define MOE_MAX_EXPERTS 65536 /* routed experts of a layer */
 enum { MOE_QK_NORM_NONE = 0, MOE_QK_NORM_HEAD = 1, MOE_QK_NORM_WHOLE = 2 }; /* Qwen3, OLMoE */
 
 typedef struct {

@@ -245,6 +245,7 @@ static void test_invalid_configs(void **state) {
         {"moe-router-topk (5) must be between 1 and num-experts (4)", TOPK, 5},
         {"moe-router-topk (0)", TOPK, 0},
         {"num-experts must be >= 1", NEXP, 0},
+        {"num-experts (65537) must be at most 65536", NEXP, MOE_MAX_EXPERTS + 1},
         {"moe-router-num-groups (3) must divide num-experts (4)", GROUPS, 3},
         {"moe-router-group-topk (3) must be between 1 and moe-router-num-groups (2)", GTOPK, 3},
         {"moe-aux-loss-coeff must be a non-negative number", AUX, -0.5},

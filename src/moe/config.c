@@ -45,6 +45,9 @@ static int bad_float(float v) { return !isfinite(v); }
 moe_status moe_layer_config_validate(const moe_layer_config *c) {
     MOE_CHECK(c->d >= 1, "hidden size must be >= 1 (got %d)", c->d);
     MOE_CHECK(c->n_experts >= 1, "num-experts must be >= 1 (got %d)", c->n_experts);
+    /* the router keeps per-token arrays of E on the stack (the selection runs per thread) */
+    MOE_CHECK(c->n_experts <= MOE_MAX_EXPERTS, "num-experts (%d) must be at most %d",
+              c->n_experts, MOE_MAX_EXPERTS);
     MOE_CHECK(c->ffn >= 1, "moe-ffn-hidden-size must be >= 1 (got %d)", c->ffn);
     MOE_CHECK(c->topk >= 1 && c->topk <= c->n_experts,
           "moe-router-topk (%d) must be between 1 and num-experts (%d)", c->topk, c->n_experts);
