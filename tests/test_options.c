@@ -217,9 +217,18 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(parse(&o, hf_aux, 4), MOE_OK);
     assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
     assert_float_equal(o.layer.aux_coeff, 0.03f, 1e-7);
-    const char *two_aux[] = {"--router-aux-loss-coef", "0.01", "--moe-aux-loss-coeff", "0.01"};
-    assert_int_equal(parse(&o, two_aux, 4), MOE_OK);
-    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "not both");
+    /* the two set one value: the later wins, on one command line or over a config file */
+    const char *two_aux[] = {"--moe-router-topk", "3", "--router-aux-loss-coef", "0.01",
+                             "--moe-aux-loss-coeff", "0.02"};
+    assert_int_equal(parse(&o, two_aux, 6), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_float_equal(o.layer.aux_coeff, 0.02f, 1e-7);
+    const char *aux_file = write_temp("moe-aux-loss-coeff = 0.5\nmoe-router-topk = 3\n");
+    const char *over_file[] = {"--config", aux_file, "--router-aux-loss-coef", "0.01"};
+    assert_int_equal(parse(&o, over_file, 4), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_float_equal(o.layer.aux_coeff, 0.03f, 1e-7);
+    unlink(aux_file);
 
     /* Megatron: moe-ffn-hidden-size not given is ffn-hidden-size */
     const char *ffn[] = {"--ffn-hidden-size", "224"};

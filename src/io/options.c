@@ -561,6 +561,18 @@ static moe_status unknown_key(const char *where, const char *key, const char *da
                          dashes, key);
 }
 
+/* Option i was set: the later of two options that set the same value wins (a command line
+ * over a config file or a checkpoint, or the later of two flags), as a repeated option does. */
+static void mark_given(moe_options *o, int i) {
+    const size_t same[][2] = {{L(aux_coeff), O(aux_coeff_hf)}};
+    o->given[i] = 1;
+    for (size_t p = 0; p < sizeof same / sizeof same[0]; p++)
+        for (int s = 0; s < 2; s++)
+            if (opts[i].offset == same[p][s])
+                for (int j = 0; j < N_OPTS; j++)
+                    if (opts[j].offset == same[p][!s]) o->given[j] = 0;
+}
+
 int moe_options_given(const moe_options *o, const char *key) {
     int i = find_option(key);
     return i >= 0 && o->given[i];
@@ -570,7 +582,7 @@ moe_status moe_options_set(moe_options *o, const char *key, const char *value, c
     int i = find_option(key);
     if (i < 0) return unknown_key(where, key, "");
     MOE_TRY(set_value(o, &opts[i], value, where));
-    o->given[i] = 1;
+    mark_given(o, i);
     return MOE_OK;
 }
 
@@ -696,7 +708,7 @@ moe_status moe_options_parse_args(moe_options *o, int argc, char **argv) {
                 char where[160];
                 snprintf(where, sizeof where, "--%s", key);
                 MOE_TRY(set_value(o, &opts[i], val ? val : "true", where));
-                o->given[i] = 1;
+                mark_given(o, i);
             }
         }
     }
@@ -734,12 +746,7 @@ moe_status moe_options_finish(moe_options *o, int parts) {
                                  router_choices[c->router].name);
         c->router = MOE_ROUTER_FAKE_BALANCED;
     }
-    if (given(o, O(aux_coeff_hf))) {
-        if (given(o, L(aux_coeff)))
-            return moe_set_error(MOE_ERR_INVALID, "give moe-aux-loss-coeff or router-aux-loss-coef "
-                                 "(Hugging Face's, k times smaller), not both");
-        c->aux_coeff = o->aux_coeff_hf * (float)c->topk;
-    }
+    if (given(o, O(aux_coeff_hf))) c->aux_coeff = o->aux_coeff_hf * (float)c->topk;
     /* Balancing losses apply to the learned top-k router only; the others balance by
      * construction, so the default loss type is dropped silently unless a coefficient asks
      * for it (validation then names the conflict). */
