@@ -211,6 +211,18 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(parse(&o, gbs, 4), MOE_OK);
     expect_error(moe_options_finish(&o, MOE_OPTIONS_TRAIN), "global-batch-size (10) must be a multiple of micro-batch-size (4)");
 
+    /* warmup must end before the decay does (constant: no decay) */
+    const char *warm[] = {"--lr-warmup-iters", "4", "--lr-decay-iters", "4", "--lr-decay-style",
+                          "cosine"};
+    assert_int_equal(parse(&o, warm, 6), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_TRAIN), "lr-warmup-iters (4) must be below lr-decay-iters (4)");
+    warm[3] = "5";
+    assert_int_equal(parse(&o, warm, 6), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_TRAIN), MOE_OK);
+    warm[3] = "3", warm[5] = "constant";
+    assert_int_equal(parse(&o, warm, 6), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_TRAIN), MOE_OK);
+
     /* Hugging Face's coefficient: its loss is k times Megatron's, so the coefficient is k times
      * smaller for the same pull */
     const char *hf_aux[] = {"--moe-router-topk", "3", "--router-aux-loss-coef", "0.01"};

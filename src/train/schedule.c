@@ -38,6 +38,11 @@ moe_status moe_train_config_validate(const moe_train_config *c) {
           "min-lr (%g) must be between 0 and lr (%g)", c->min_lr, c->lr);
     MOE_CHECK(c->warmup_iters >= 0 && c->decay_iters >= 0, "lr-warmup-iters and lr-decay-iters "
           "must be >= 0 (got %d, %d)", c->warmup_iters, c->decay_iters);
+    /* Megatron asserts this too: else the lr falls from its peak to min-lr in one step */
+    MOE_CHECK(c->decay_style == MOE_LR_CONSTANT || c->decay_iters == 0 ||
+                  c->warmup_iters < c->decay_iters,
+              "lr-warmup-iters (%d) must be below lr-decay-iters (%d)", c->warmup_iters,
+              c->decay_iters);
     MOE_CHECK(c->decay_style >= MOE_LR_COSINE && c->decay_style <= MOE_LR_CONSTANT,
           "unknown lr-decay-style %d", (int)c->decay_style);
     MOE_CHECK(isfinite(c->weight_decay) && c->weight_decay >= 0, "weight-decay must be >= 0 (got %g)",
