@@ -47,6 +47,10 @@ for sink in "--moe-router-type sinkhorn" "--moe-router-load-balancing-type sinkh
   [ "$(wc -l <"$tmp/out")" = 1 ] && grep -q "sinkhorn routing balances by itself" "$tmp/out" ||
     fail "$sink with an aux loss: $(cat "$tmp/out")"
 done
+# Hugging Face's hidden_act silu means SwiGLU, our moe-activation silu a plain SiLU MLP: the
+# name is not an alias, so a copied key is refused rather than silently change the experts
+expect 2 "$moe" train --hidden-act silu --print-config
+grep -q "unknown option --hidden-act" "$tmp/out" || fail "hidden-act: $(cat "$tmp/out")"
 # --device cuda where there is no GPU (CI) or no CUDA in the build: one clear line, exit 1;
 # with a GPU the layer and generation benches run (test_cuda_* check the numbers)
 if "$moe" bench layer --device cuda --tokens 64 --iters 1 >"$tmp/out" 2>&1; then

@@ -161,7 +161,7 @@ static const opt_def opts[] = {
     {"moe-pad-expert-input-to-capacity", NULL, OPT_BOOL, L(pad_to_capacity), 0, 1, NULL,
      DISPATCH, "every expert computes exactly capacity rows", 0},
 
-    {"moe-activation", "hidden-act", OPT_ENUM, L(act), 0, 0, act_choices, EXPERTS,
+    {"moe-activation", NULL, OPT_ENUM, L(act), 0, 0, act_choices, EXPERTS,
      "expert activation (swiglu and geglu are gated: W_in has 2f rows)", 0},
     {"moe-expert-linear-bias", "add-bias-linear", OPT_BOOL, L(expert_bias), 0, 1, NULL, EXPERTS,
      "bias vectors in the expert and shared-expert linear layers", 0},
