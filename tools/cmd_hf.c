@@ -102,7 +102,9 @@ static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, mo
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 2;
     }
-    if (moe_cli_cpu_only(o, strcmp(cmd, "eval") ? "generate --model" : "eval --model")) return 2;
+    if (moe_cli_cpu_only(o, strcmp(cmd, "eval") ? "generate --model" : "eval --model") ||
+        moe_cli_hf_flags(o, cmd))
+        return 2;
     int data = !strcmp(cmd, "eval") && o->data_path[0];
     int text = o->prompt[0] || o->prompt_file[0];
     if ((!o->ids[0] && !text && !data) || (o->ids[0] && text)) {
@@ -270,7 +272,7 @@ int moe_cmd_convert(int argc, char **argv) {
         fprintf(stderr, "moe convert: %s\n", moe_last_error());
         return rc;
     }
-    if (moe_cli_cpu_only(&o, "convert")) return 2;
+    if (moe_cli_cpu_only(&o, "convert") || moe_cli_hf_flags(&o, "convert")) return 2;
     moe_model_config c = o.model;
     moe_status s = MOE_OK;
     if (o.hf_model[0]) s = moe_hf_config(o.hf_model, &c, family, sizeof family);

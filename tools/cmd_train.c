@@ -233,6 +233,14 @@ int moe_cli_cpu_only(const moe_options *o, const char *cmd) {
     return 2;
 }
 
+int moe_cli_hf_flags(const moe_options *o, const char *cmd) {
+    const char *name = o->hf_model[0] ? moe_options_model_given(o) : NULL;
+    if (!name) return 0;
+    fprintf(stderr, "moe %s: --%s does not apply with --model: %s/config.json describes the "
+                    "model\n", cmd, name, o->hf_model);
+    return 2;
+}
+
 int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t cap) {
     moe_options_default(o);
     ckpt[0] = '\0';

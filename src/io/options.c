@@ -573,6 +573,17 @@ static void mark_given(moe_options *o, int i) {
                     if (opts[j].offset == same[p][!s]) o->given[j] = 0;
 }
 
+const char *moe_options_model_given(const moe_options *o) {
+    const char *model[] = {MODEL, LAYER, ROUTER, BALANCE, DISPATCH, EXPERTS};
+    for (int i = 0; i < N_OPTS; i++) {
+        if (!o->given[i] || !strcmp(opts[i].name, "seq-length") || !strcmp(opts[i].name, "seed"))
+            continue;
+        for (size_t s = 0; s < sizeof model / sizeof model[0]; s++)
+            if (!strcmp(opts[i].section, model[s])) return opts[i].name;
+    }
+    return NULL;
+}
+
 int moe_options_given(const moe_options *o, const char *key) {
     int i = find_option(key);
     return i >= 0 && o->given[i];

@@ -66,6 +66,11 @@ moe_status moe_options_set(moe_options *o, const char *key, const char *value, c
 /* Whether the option `key` (any of its names) was set by a flag, a config file or a text. */
 int moe_options_given(const moe_options *o, const char *key);
 
+/* The first option given that describes the model or its MoE layers (the sections Model, MoE
+ * layer, Router, Load balancing, Dispatch and capacity, Experts; seq-length and seed, which
+ * inference uses too, aside), or NULL: what a Hugging Face directory's config.json sets. */
+const char *moe_options_model_given(const moe_options *o);
+
 /* Reads `key = value` lines ('#' starts a comment). */
 moe_status moe_options_load_file(moe_options *o, const char *path);
 
