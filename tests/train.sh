@@ -45,6 +45,16 @@ strip "$tmp/a/metrics.jsonl" >"$tmp/a.m"; strip "$tmp/b/metrics.jsonl" >"$tmp/b.
 cmp -s "$tmp/a.m" "$tmp/b.m" || { diff "$tmp/a.m" "$tmp/b.m" | head -5; fail "resumed losses differ"; }
 cmp -s "$tmp/a/step-00000012/trainer.safetensors" "$tmp/b/step-00000012/trainer.safetensors" \
   || fail "resumed optimizer state differs"
+# expert choice ranks each token against the tokens after it: a model routed so is evaluated
+# (whole sequences), not decoded token by token
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 1 --moe-router-type expert_choice --moe-aux-loss-coeff 0 \
+  --moe-router-score-function softmax --moe-router-enable-expert-bias=false --save "$tmp/ec"
+cp "$tmp/out" "$tmp/ec.out"
+expect 0 "$moe" eval --load "$tmp/ec" --data-path "$tmp/data"
+expect 2 "$moe" generate --load "$tmp/ec" --prompt "The " --max-new-tokens 4
+grep -q "expert choice.*cannot decode token by token" "$tmp/out" || fail "generate with expert choice: $(cat "$tmp/out")"
+grep -q "sample:" "$tmp/ec.out" && fail "train decoded a sample of an expert-choice model"
 # a checkpoint of more shards than any fixed table (here 309: one per tensor, as an
 # expert-parallel save over many ranks gives) loads: the same evaluation, and a resume from it
 # the same optimizer state as from the one-file checkpoint

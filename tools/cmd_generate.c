@@ -95,6 +95,11 @@ static int load_model(const char *cmd, int argc, char **argv, moe_options *o, in
         fprintf(stderr, "moe %s: --load RUN is required (a run directory or a checkpoint)\n", cmd);
         return 2;
     }
+    if (!batch && o->model.moe.router == MOE_ROUTER_EXPERT_CHOICE) {
+        fprintf(stderr, "moe %s: the model routes by expert choice, which ranks a token against "
+                        "the tokens after it: it cannot decode token by token\n", cmd);
+        return 2;
+    }
     int max_tokens = (batch ? o->train.micro_batch : 1) * o->model.seq_len;
     if (moe_model_create(&o->model, max_tokens, m) != MOE_OK ||
         (o->device && moe_model_use_device(*m, "cuda") != MOE_OK) ||

@@ -524,7 +524,8 @@ int moe_cmd_train(int argc, char **argv) {
         if (o.save[0] && elsewhere && save_checkpoint(&o, m, t)) goto fail;
     }
     int bytes = train.vocab == MOE_BYTE_VOCAB; /* moe prepare's byte tokens */
-    int sample = bytes && mc->vocab == MOE_BYTE_VOCAB; /* a text sample needs a byte model */
+    /* a text sample needs a byte model, decoded token by token (not by expert choice) */
+    int sample = bytes && mc->vocab == MOE_BYTE_VOCAB && mc->moe.router != MOE_ROUTER_EXPERT_CHOICE;
     printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/%s\n",
            total - first + 1, moe_time_now() - t_start, tokens_done / (moe_time_now() - t_start),
            val_nll, bytes ? "byte" : "token");
