@@ -129,6 +129,9 @@ static void test_bad_values(void **state) {
         {"--moe-router-score-function", "tanh", "not one of softmax|sigmoid|sqrtsoftplus"},
         {"--moe-router-pre-softmax", "maybe", "expected true or false"},
         {"--seed", "-3", "non-negative integer"},
+        {"--seed", " -1", "non-negative integer"}, /* not 2^64 - 1 */
+        {"--save", "/tmp/a'b\"#c", "both quote characters"},
+        {"--data-path", "/tmp/a\nb", "a line break"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char arg[128];
@@ -137,6 +140,10 @@ static void test_bad_values(void **state) {
         expect_error(parse(&o, args, 1), cases[i].needle);
         expect_error(parse(&o, args, 1), cases[i].flag); /* the message names the flag */
     }
+    /* booleans in any case, as the enums; a prompt is not written back, so any text */
+    const char *truthy[] = {"--moe-router-pre-softmax=True", "--prompt", "it's \"#1\"\n"};
+    assert_int_equal(parse(&o, truthy, 3), MOE_OK);
+    assert_int_equal(o.layer.pre_softmax, 1);
     const char *missing[] = {"--num-experts"};
     expect_error(parse(&o, missing, 1), "--num-experts needs a value");
     const char *positional[] = {"stray"};

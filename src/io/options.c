@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
+#include <strings.h>
 
 typedef enum {
     OPT_INT,
@@ -440,8 +441,8 @@ static int parse_bool(const char *v, int *out) {
     static const char *const yes[] = {"1", "true", "yes", "on"}, *const no[] = {"0", "false", "no",
                                                                              "off"};
     for (int i = 0; i < 4; i++) {
-        if (!strcmp(v, yes[i])) return *out = 1, 1;
-        if (!strcmp(v, no[i])) return *out = 0, 1;
+        if (!strcasecmp(v, yes[i])) return *out = 1, 1; /* True, YES: as the enums */
+        if (!strcasecmp(v, no[i])) return *out = 0, 1;
     }
     return 0;
 }
@@ -505,7 +506,7 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
     }
     case OPT_U64: {
         unsigned long long x = strtoull(v, &end, 10);
-        if (!*v || *end || errno || *v == '-')
+        if (!isdigit((unsigned char)*v) || *end || errno) /* strtoull takes " -1" as 2^64 - 1 */
             return moe_set_error(MOE_ERR_INVALID, "%s: expected a non-negative integer, got '%s'",
                                  where, v);
         *(uint64_t *)p = (uint64_t)x;
@@ -545,6 +546,11 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
         if (strlen(v) >= MOE_PATH_MAX)
             return moe_set_error(MOE_ERR_INVALID, "%s: longer than %d characters", where,
                                  MOE_PATH_MAX - 1);
+        /* a setting is written back as one 'key = value' line (checkpoints keep them), quoted
+         * in the quote character it does not hold */
+        if (!d->transient && (strpbrk(v, "\r\n") || (strchr(v, '"') && strchr(v, '\''))))
+            return moe_set_error(MOE_ERR_INVALID, "%s: a line break, or both quote characters, "
+                                 "cannot be written to a config file", where);
         memcpy(p, v, strlen(v) + 1);
         return MOE_OK;
     case OPT_EXPERTS: return set_experts(o, d, v, where);
