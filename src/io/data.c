@@ -38,8 +38,10 @@ moe_status moe_write_atomic(const char *path, const void *const *parts, const si
             left -= (size_t)w;
         }
     }
-    if (fsync(fd) != 0 || close(fd) != 0) {
-        moe_status st = moe_set_error(MOE_ERR_IO, "cannot flush %s: %s", tmp, strerror(errno));
+    int err = fsync(fd) != 0 ? errno : 0; /* closed whether or not fsync succeeded */
+    if (close(fd) != 0 && !err) err = errno;
+    if (err) {
+        moe_status st = moe_set_error(MOE_ERR_IO, "cannot flush %s: %s", tmp, strerror(err));
         unlink(tmp);
         return st;
     }
