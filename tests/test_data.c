@@ -1,4 +1,5 @@
-/* io/data's file helpers: an atomic write whose fsync fails closes its file. */
+/* io/data's file helpers: an atomic write whose fsync fails closes its file, and an empty
+ * directory path is refused without reading past it. */
 #define _POSIX_C_SOURCE 200809L
 #include "test_util.h"
 
@@ -47,9 +48,16 @@ static void test_write_atomic_fsync_fails(void **state) {
     rmdir(dir);
 }
 
+static void test_mkdirs_empty(void **state) {
+    (void)state;
+    assert_int_not_equal(moe_mkdirs(""), MOE_OK);
+    assert_non_null(strstr(moe_last_error(), "empty"));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_write_atomic_fsync_fails),
+        cmocka_unit_test(test_mkdirs_empty),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -20,6 +20,9 @@ grep -q "prepared 1 files: 2 documents, 22 tokens" "$tmp/out" || fail "last docu
 rm "$tmp/p/empty/link.txt"
 expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/empty"
 grep -q "the inputs hold no regular files" "$tmp/out" || fail "no input files: $(cat "$tmp/out")"
+# an empty --out names no directory: a usage error, before anything is read or written
+expect 2 "$moe" prepare --out "" "$tmp/p/two.txt"
+grep -q "out needs a directory name" "$tmp/out" || fail "--out '': $(cat "$tmp/out")"
 tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
   --moe-router-topk 2 --moe-ffn-hidden-size 24 --ffn-hidden-size 32 --first-k-dense 1
   --seq-length 32 --micro-batch-size 4 --global-batch-size 8 --eval-interval 5 --eval-iters 2

@@ -103,6 +103,10 @@ int moe_cmd_prepare(int argc, char **argv) {
     for (int a = 0; a < argc && !rc; a++) {
         if (!strcmp(argv[a], "--out") && a + 1 < argc) {
             out = argv[++a];
+            if (!out[0]) {
+                fprintf(stderr, "moe prepare: --out needs a directory name, got ''\n");
+                rc = 2;
+            }
         } else if (!strcmp(argv[a], "--val-fraction") && a + 1 < argc) {
             char *end;
             val_fraction = strtod(argv[++a], &end);

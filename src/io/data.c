@@ -71,6 +71,7 @@ moe_status moe_write_atomic(const char *path, const void *const *parts, const si
 
 moe_status moe_mkdirs(const char *path) {
     char buf[4096];
+    if (!path[0]) return moe_set_error(MOE_ERR_INVALID, "empty directory name"); /* no buf[1] */
     if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
         return moe_set_error(MOE_ERR_IO, "path too long: %s", path);
     for (char *p = buf + 1;; p++) {
