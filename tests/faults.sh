@@ -137,6 +137,16 @@ rc=$?
 cmp -s "$tmp/train.before" "$tmp/pd/train.bin" && cmp -s "$tmp/val.before" "$tmp/pd/val.bin" \
   || fail "prepare on a full disk changed the dataset"
 [ "$(ls "$tmp/pd")" = "$(printf 'train.bin\nval.bin')" ] || fail "prepare left $(ls "$tmp/pd")"
+# the second rename failing (val.bin a directory that is not empty) puts train.bin back as it
+# was, or takes the new one away where there was none
+rm "$tmp/pd/val.bin"; mkdir "$tmp/pd/val.bin" "$tmp/pd2" "$tmp/pd2/val.bin"
+touch "$tmp/pd/val.bin/x" "$tmp/pd2/val.bin/x"
+expect 1 "$moe" prepare --out "$tmp/pd" "$src/README.md"
+has "cannot rename .*val.bin.next to .*val.bin: "
+cmp -s "$tmp/train.before" "$tmp/pd/train.bin" || fail "a failed rename of val.bin changed train.bin"
+[ "$(ls "$tmp/pd")" = "$(printf 'train.bin\nval.bin')" ] || fail "prepare left $(ls "$tmp/pd")"
+expect 1 "$moe" prepare --out "$tmp/pd2" "$src/README.md"
+[ "$(ls "$tmp/pd2")" = val.bin ] || fail "a failed rename of val.bin left $(ls "$tmp/pd2")"
 # metrics.jsonl on a full disk (/dev/full): the run stops with an error, not a shorter log
 mkdir "$tmp/full"; ln -s /dev/full "$tmp/full/metrics.jsonl"
 # shellcheck disable=SC2086

@@ -14,6 +14,24 @@
 
 /* ----------------------------------------------------------- atomic write */
 
+/* fsync of the directory holding path: what makes a rename in it durable */
+static void sync_dir_of(const char *path) {
+    char dir[4200];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) {
+        *slash = '\0';
+        if (!dir[0]) strcpy(dir, "/");
+    } else {
+        strcpy(dir, ".");
+    }
+    int dfd = open(dir, O_RDONLY);
+    if (dfd >= 0) {
+        fsync(dfd);
+        close(dfd);
+    }
+}
+
 moe_status moe_write_atomic(const char *path, const void *const *parts, const size_t *sizes,
                             int n_parts) {
     char tmp[4200];
@@ -51,21 +69,7 @@ moe_status moe_write_atomic(const char *path, const void *const *parts, const si
         unlink(tmp);
         return st;
     }
-    /* make the rename itself durable */
-    char dir[4200];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (slash) {
-        *slash = '\0';
-        if (!dir[0]) strcpy(dir, "/");
-    } else {
-        strcpy(dir, ".");
-    }
-    int dfd = open(dir, O_RDONLY);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
-    }
+    sync_dir_of(path); /* make the rename itself durable */
     return MOE_OK;
 }
 
@@ -298,17 +302,40 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
                            (long long)ctx.doc_index);
     /* both splits written in full beside the old pair (.next), then renamed: a failure (a full
      * disk) leaves the previous train.bin and val.bin as they were, never a mixed pair */
-    char next[2][4112], path[2][4096];
+    char next[2][4112], path[2][4096], old[4112];
     const split_buf *split[2] = {&train, &val};
     for (int i = 0; i < 2; i++) {
         snprintf(path[i], sizeof path[i], "%s/%s.bin", out_dir, i ? "val" : "train");
         snprintf(next[i], sizeof next[i], "%s.next", path[i]);
         if (st == MOE_OK) st = write_split(next[i], split[i], files, n_files, v);
     }
-    for (int i = 0; i < 2 && st == MOE_OK; i++)
-        if (rename(next[i], path[i]) != 0)
-            st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", next[i], path[i],
-                               strerror(errno));
+    /* the old train.bin is kept (a hard link: train.bin stays in place) until val.bin is
+     * renamed too, so that a failed second rename can put it back */
+    snprintf(old, sizeof old, "%s.old", path[0]);
+    int kept = 0;
+    if (st == MOE_OK) {
+        unlink(old); /* a stale one from an interrupted prepare */
+        kept = link(path[0], old) == 0;
+        if (!kept && errno != ENOENT)
+            st = moe_set_error(MOE_ERR_IO, "cannot keep %s as %s while replacing it: %s", path[0],
+                               old, strerror(errno));
+    }
+    if (st == MOE_OK && rename(next[0], path[0]) != 0)
+        st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", next[0], path[0],
+                           strerror(errno));
+    else if (st == MOE_OK && rename(next[1], path[1]) != 0) {
+        int e = errno; /* the new train.bin goes: the old one back, or none as before */
+        if (kept ? rename(old, path[0]) == 0 : unlink(path[0]) == 0)
+            st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", next[1], path[1],
+                               strerror(e));
+        else /* the old train.bin stays as .old */
+            st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s (%s) nor put the previous %s "
+                               "back (%s): prepare again", next[1], path[1], strerror(e),
+                               path[0], strerror(errno));
+        kept = 0;
+    }
+    if (kept) unlink(old);
+    sync_dir_of(path[0]);
     for (int i = 0; i < 2 && st != MOE_OK; i++) unlink(next[i]);
     if (st == MOE_OK && stats) {
         stats->train_tokens = train.n;
