@@ -205,6 +205,33 @@ head -c 1000 "$tmp/data/train.bin" >"$tmp/data/short.bin"; mkdir "$tmp/bad"; cp 
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --data-path "$tmp/bad"
 grep -q "truncated" "$tmp/out" || fail "truncated token file message: $(cat "$tmp/out")"
+# token files whose fields break docs/FORMATS.md §1, each refused by name; and a train.bin and
+# val.bin of different vocabularies are no pair
+/usr/bin/python3 - "$tmp/data/val.bin" "$tmp/tok" <<'EOF' || fail "writing malformed token files"
+import struct, sys
+b = open(sys.argv[1], "rb").read(); out = sys.argv[2]
+n, nd = struct.unpack_from("<Q", b, 16)[0], struct.unpack_from("<Q", b, 32)[0]
+docs = 64 + 2 * n
+def put(name, data): open(f"{out}_{name}.bin", "wb").write(data)
+def field(at, fmt, v, data=b): d = bytearray(data); struct.pack_into(fmt, d, at, v); return bytes(d)
+put("reserved", field(50, "<B", 1))
+put("first", field(docs, "<Q", 1))
+put("nodocs", field(32, "<Q", 0, b[:docs] + b[docs + 16 * nd:]))
+put("eot257", field(28, "<I", 10))
+put("docend", field(28, "<I", 299, field(24, "<I", 300)))
+put("v300", field(24, "<I", 300))
+EOF
+for c in "reserved:reserved header byte 50 is not zero" "first:bad document table entry 0" \
+    "nodocs:tokens in no document" "eot257:end-of-text id 10 with the byte vocabulary" \
+    "docend:document 0 does not end with the end-of-text id 299"; do
+  expect 1 "$moe" eval --load "$tmp/a" --data "$tmp/tok_${c%%:*}.bin"
+  grep -q "tok_${c%%:*}.bin: .*${c#*:}" "$tmp/out" || fail "token file ${c%%:*}: $(cat "$tmp/out")"
+done
+cp "$tmp/data/train.bin" "$tmp/bad/train.bin"; cp "$tmp/tok_v300.bin" "$tmp/bad/val.bin"
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --data-path "$tmp/bad" --vocab-size 300
+grep -q "train.bin and .*val.bin are not a pair: vocabulary 257 and 300" "$tmp/out" ||
+  fail "mismatched train.bin and val.bin: $(cat "$tmp/out")"
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --vocab-size 100
 grep -q "vocabulary (257) is larger than the model's (100)" "$tmp/out" || fail "vocabulary mismatch: $(cat "$tmp/out")"

@@ -396,10 +396,12 @@ int moe_cmd_train(int argc, char **argv) {
     FILE *metrics = NULL;
     moe_tfevents *tb = NULL;
     int rc = 1;
+    char val_path[MOE_PATH_MAX + 16];
     snprintf(path, sizeof path, "%s/train.bin", data);
     if (moe_tokens_load(path, &train) != MOE_OK) goto fail;
-    snprintf(path, sizeof path, "%s/val.bin", data);
-    if (moe_tokens_load(path, &val) != MOE_OK) goto fail;
+    snprintf(val_path, sizeof val_path, "%s/val.bin", data);
+    if (moe_tokens_load(val_path, &val) != MOE_OK) goto fail;
+    if (moe_tokens_check_pair(path, &train, val_path, &val) != MOE_OK) goto fail;
     if (moe_trainer_check_data(&o.model, &train, val.n_tokens ? &val : NULL) != MOE_OK) goto fail;
     if (moe_model_create(&o.model, o.train.micro_batch * o.model.seq_len, &m) != MOE_OK) goto fail;
     if (o.device && moe_model_use_device(m, "cuda") != MOE_OK) goto fail;

@@ -281,6 +281,9 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
                        double val_fraction, uint64_t seed, const moe_prepare_vocab *v,
                        moe_prepare_stats *stats) {
     if (n_files < 1) return moe_set_error(MOE_ERR_INVALID, "prepare: no input files");
+    if (v && v->vocab == MOE_BYTE_VOCAB && v->eot != MOE_BYTE_EOT) /* what the loader refuses */
+        return moe_set_error(MOE_ERR_INVALID, "a vocabulary of 257 is read as bytes, "
+                             "whose end-of-text id is 256, not %d", v->eot);
     if (!(val_fraction >= 0 && val_fraction < 1))
         return moe_set_error(MOE_ERR_INVALID, "prepare: val fraction must be in [0, 1) (got %g)",
                              val_fraction);
@@ -385,6 +388,13 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
         MOE_FAIL_FORMAT("%s: unsupported token type %u", path, dtype);
     if (vocab < 2 || vocab > (dtype == MOE_TOKENS_U16 ? 65536u : 1u << 24) || eot >= vocab)
         MOE_FAIL_FORMAT("%s: bad vocabulary size %u / end-of-text id %u", path, vocab, eot);
+    if (vocab == MOE_BYTE_VOCAB && eot != MOE_BYTE_EOT) /* 257 means bytes to train and eval */
+        MOE_FAIL_FORMAT("%s: end-of-text id %u with the byte vocabulary (257), not %d", path, eot,
+                        MOE_BYTE_EOT);
+    for (int i = 40; i < 64; i++)
+        if (buf[i]) MOE_FAIL_FORMAT("%s: reserved header byte %d is not zero", path, i);
+    if (n > 0 && nd == 0) MOE_FAIL_FORMAT("%s: %llu tokens in no document", path,
+                                          (unsigned long long)n);
     size_t left = size - 64;
     if (n > left / dtype) MOE_FAIL_FORMAT("%s: truncated: %llu tokens announced, room for %zu",
                                           path, (unsigned long long)n, left / dtype);
@@ -421,11 +431,19 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
     for (uint64_t i = 0; i < nd; i++) {
         uint64_t pair[2];
         memcpy(pair, buf + 64 + n * dtype + i * 16, 16);
-        if (pair[0] >= n || (i && pair[0] <= out->doc_start[i - 1]) || pair[1] >= n_src)
+        if (pair[0] >= n || (i ? pair[0] <= out->doc_start[i - 1] : pair[0] != 0) ||
+            pair[1] >= n_src)
             MOE_FAIL_FORMAT("%s: bad document table entry %llu", path, (unsigned long long)i);
         out->doc_start[i] = pair[0];
         out->doc_source[i] = (uint32_t)pair[1];
+        /* each document ends with the end-of-text id (its last token before the next one) */
+        if (i && out->tokens[pair[0] - 1] != eot)
+            MOE_FAIL_FORMAT("%s: document %llu does not end with the end-of-text id %u", path,
+                            (unsigned long long)i - 1, eot);
     }
+    if (n && out->tokens[n - 1] != eot)
+        MOE_FAIL_FORMAT("%s: document %llu does not end with the end-of-text id %u", path,
+                        (unsigned long long)nd - 1, eot);
     for (uint32_t i = 0; i < n_src; i++) {
         uint32_t l;
         if (left < 4) MOE_FAIL_FORMAT("%s: truncated source table", path);
@@ -449,6 +467,15 @@ done:
     free(buf);
     if (status != MOE_OK) moe_tokens_free(out);
     return status;
+}
+
+moe_status moe_tokens_check_pair(const char *train_path, const moe_tokens *train,
+                                 const char *val_path, const moe_tokens *val) {
+    if (train->vocab != val->vocab || train->eot != val->eot)
+        return moe_set_error(MOE_ERR_FORMAT, "%s and %s are not a pair: vocabulary %d and %d, "
+                             "end-of-text id %d and %d (prepare them together)", train_path,
+                             val_path, train->vocab, val->vocab, train->eot, val->eot);
+    return MOE_OK;
 }
 
 void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t stream,

@@ -28,9 +28,13 @@ typedef struct {
     char **sources;      /* [n_sources] file names */
 } moe_tokens;
 
-/* Reads and checks a token file: every length, offset and token id. */
+/* Reads and checks a token file: every length, offset and token id, reserved bytes zero, and
+ * every document ending with the end-of-text id. */
 moe_status moe_tokens_load(const char *path, moe_tokens *out);
 void moe_tokens_free(moe_tokens *t);
+/* train.bin and val.bin of one prepare: the same vocabulary and end-of-text id. */
+moe_status moe_tokens_check_pair(const char *train_path, const moe_tokens *train,
+                                 const char *val_path, const moe_tokens *val);
 
 typedef struct {
     int64_t train_tokens, val_tokens, train_docs, val_docs;
