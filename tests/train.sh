@@ -23,6 +23,12 @@ grep -q "the inputs hold no regular files" "$tmp/out" || fail "no input files: $
 # an empty --out names no directory: a usage error, before anything is read or written
 expect 2 "$moe" prepare --out "" "$tmp/p/two.txt"
 grep -q "out needs a directory name" "$tmp/out" || fail "--out '': $(cat "$tmp/out")"
+# an empty --val-fraction is no number; a library error is prefixed once
+expect 2 "$moe" prepare --out "$tmp/p/d" --val-fraction "" "$tmp/p/two.txt"
+grep -q "val-fraction must be in \[0, 1), got ''" "$tmp/out" || fail "--val-fraction '': $(cat "$tmp/out")"
+printf ' \n\n' >"$tmp/p/blank.txt"
+expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/blank.txt"
+grep -q "^moe prepare: the input holds too little text" "$tmp/out" || fail "blank input: $(cat "$tmp/out")"
 tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
   --moe-router-topk 2 --moe-ffn-hidden-size 24 --ffn-hidden-size 32 --first-k-dense 1
   --seq-length 32 --micro-batch-size 4 --global-batch-size 8 --eval-interval 5 --eval-iters 2
@@ -111,6 +117,17 @@ expect 0 "$moe" eval --load "$tmp/a" --data-path "$tmp/data"
 grep -q "perplexity" "$tmp/out" || fail "eval output: $(cat "$tmp/out")"
 expect 0 "$moe" eval --load "$tmp/a" --data "$tmp/data/train.bin"
 grep -q "train.bin: .* perplexity" "$tmp/out" || fail "eval --data FILE: $(cat "$tmp/out")"
+# a --data that does not exist is named as given; text that is not UTF-8 for a model
+# directory's tokenizer is named with the byte
+expect 1 "$moe" eval --load "$tmp/a" --data "$tmp/nonexist.bin"
+grep -q "cannot open $tmp/nonexist.bin: No such" "$tmp/out" || fail "eval --data missing: $(cat "$tmp/out")"
+expect 0 "$moe" train --num-layers 1 --hidden-size 16 --num-attention-heads 2 --num-query-groups 2 \
+  --num-experts 2 --moe-router-topk 2 --moe-ffn-hidden-size 8 --seq-length 16 --micro-batch-size 2 \
+  --global-batch-size 2 --train-iters 1 --data-path "$tmp/data" --save "$tmp/m1"
+expect 0 "$moe" convert --load "$tmp/m1" --to hf "$tmp/hf"
+printf 'good\n\nab\377cd\n' >"$tmp/p/bad.txt"
+expect 1 "$moe" prepare --model "$tmp/hf" --out "$tmp/p/u" "$tmp/p/bad.txt"
+grep -q "^moe prepare: $tmp/p/bad.txt is not UTF-8 (byte 8)$" "$tmp/out" || fail "not UTF-8: $(cat "$tmp/out")"
 expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"

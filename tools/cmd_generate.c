@@ -149,8 +149,8 @@ int moe_cmd_eval(int argc, char **argv) {
     int S = o.model.seq_len, B = o.train.micro_batch;
     moe_tokens data = {0};
     struct stat sb; /* --data FILE, or the validation split of --data-path DIR */
-    if (o.data_path[0] && stat(o.data_path, &sb) == 0 && S_ISREG(sb.st_mode))
-        snprintf(path, sizeof path, "%s", o.data_path);
+    if (o.data_path[0] && (stat(o.data_path, &sb) != 0 || !S_ISDIR(sb.st_mode)))
+        snprintf(path, sizeof path, "%s", o.data_path); /* a missing one: the error names it */
     else
         snprintf(path, sizeof path, "%s/val.bin", o.data_path[0] ? o.data_path : "data/fortunes");
     rc = 1;

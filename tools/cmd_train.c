@@ -110,7 +110,7 @@ int moe_cmd_prepare(int argc, char **argv) {
         } else if (!strcmp(argv[a], "--val-fraction") && a + 1 < argc) {
             char *end;
             val_fraction = strtod(argv[++a], &end);
-            if (*end || !(val_fraction >= 0 && val_fraction < 1)) {
+            if (end == argv[a] || *end || !(val_fraction >= 0 && val_fraction < 1)) {
                 fprintf(stderr, "moe prepare: --val-fraction must be in [0, 1), got '%s'\n", argv[a]);
                 rc = 2;
             }

@@ -128,8 +128,8 @@ static moe_status add_doc(split_buf *b, const char *text, size_t len, uint32_t s
         if (ids[i] >= v->vocab) {
             int bad = ids[i];
             free(ids);
-            return moe_set_error(MOE_ERR_INVALID, "prepare: the tokenizer gave id %d, beyond the "
-                                 "model's vocabulary of %d", bad, v->vocab);
+            return moe_set_error(MOE_ERR_INVALID, "the tokenizer gave id %d, beyond the model's "
+                                 "vocabulary of %d", bad, v->vocab);
         }
     b->doc[2 * b->n_docs] = (uint64_t)b->n;
     b->doc[2 * b->n_docs + 1] = source;
@@ -280,12 +280,12 @@ static moe_status write_split(const char *path, const split_buf *b, const char *
 moe_status moe_prepare(const char *const *files, int n_files, const char *out_dir,
                        double val_fraction, uint64_t seed, const moe_prepare_vocab *v,
                        moe_prepare_stats *stats) {
-    if (n_files < 1) return moe_set_error(MOE_ERR_INVALID, "prepare: no input files");
+    if (n_files < 1) return moe_set_error(MOE_ERR_INVALID, "no input files");
     if (v && v->vocab == MOE_BYTE_VOCAB && v->eot != MOE_BYTE_EOT) /* what the loader refuses */
         return moe_set_error(MOE_ERR_INVALID, "a vocabulary of 257 is read as bytes, "
                              "whose end-of-text id is 256, not %d", v->eot);
     if (!(val_fraction >= 0 && val_fraction < 1))
-        return moe_set_error(MOE_ERR_INVALID, "prepare: val fraction must be in [0, 1) (got %g)",
+        return moe_set_error(MOE_ERR_INVALID, "val fraction must be in [0, 1) (got %g)",
                              val_fraction);
     MOE_TRY(moe_mkdirs(out_dir));
     split_buf train = {0}, val = {0};
@@ -295,12 +295,18 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
         char *text;
         size_t len;
         if ((st = moe_read_file(files[i], &text, &len)) != MOE_OK) break;
+        size_t bad = v ? moe_tokenizer_utf8_bad(text, len) : len; /* the tokenizer reads UTF-8 */
+        if (bad < len) {
+            free(text);
+            st = moe_set_error(MOE_ERR_FORMAT, "%s is not UTF-8 (byte %zu)", files[i], bad);
+            break;
+        }
         ctx.source = (uint32_t)i;
         st = split_docs(text, len, emit_doc, &ctx);
         free(text);
     }
     if (st == MOE_OK && (train.n == 0 || (val_fraction > 0 && val.n == 0)))
-        st = moe_set_error(MOE_ERR_INVALID, "prepare: the input holds too little text for a "
+        st = moe_set_error(MOE_ERR_INVALID, "the input holds too little text for a "
                            "train and a validation split (%lld documents)",
                            (long long)ctx.doc_index);
     /* both splits written in full beside the old pair (.next), then renamed: a failure (a full

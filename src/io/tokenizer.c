@@ -78,16 +78,18 @@ static int utf8_len(unsigned char c) {
     return c < 0xc0 ? 1 : c < 0xe0 ? 2 : c < 0xf0 ? 3 : 4;
 }
 
-static int utf8_valid(const char *s, size_t n) {
+size_t moe_tokenizer_utf8_bad(const char *s, size_t n) {
     utf8proc_int32_t cp;
     for (size_t i = 0; i < n;) {
         utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)s + i,
                                               (utf8proc_ssize_t)(n - i), &cp);
-        if (k <= 0) return 0;
+        if (k <= 0) return i;
         i += (size_t)k;
     }
-    return 1;
+    return n;
 }
+
+static int utf8_valid(const char *s, size_t n) { return moe_tokenizer_utf8_bad(s, n) == n; }
 
 
 /* ---- the parts of the pipeline ---- */

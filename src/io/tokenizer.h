@@ -24,6 +24,8 @@ int moe_tokenizer_size(const moe_tokenizer *t);
  * with add_special, the post-processor's tokens (a BOS, say) around them. */
 moe_status moe_tokenizer_encode(const moe_tokenizer *t, const char *text, size_t len,
                                 int add_special, int32_t **ids, int *n);
+/* The offset of the first byte of s[0..n) that does not start valid UTF-8; n if all does. */
+size_t moe_tokenizer_utf8_bad(const char *s, size_t n);
 /* Decodes ids into *text (malloc'd bytes, NUL-terminated, *len without the NUL); special tokens
  * left out with skip_special, ids without a token (a model's padded vocabulary) dropped. */
 moe_status moe_tokenizer_decode(const moe_tokenizer *t, const int32_t *ids, int n,
