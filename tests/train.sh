@@ -249,6 +249,16 @@ cp "$tmp/data/train.bin" "$tmp/bad/train.bin"; cp "$tmp/tok_v300.bin" "$tmp/bad/
 expect 1 "$moe" train $tiny --data-path "$tmp/bad" --vocab-size 300
 grep -q "train.bin and .*val.bin are not a pair: vocabulary 257 and 300" "$tmp/out" ||
   fail "mismatched train.bin and val.bin: $(cat "$tmp/out")"
+# without validation tokens (--val-fraction 0) nothing is evaluated: the run says so once, and no
+# line, metric or TensorBoard value calls the training loss a validation loss
+expect 0 "$moe" prepare --out "$tmp/noval" --val-fraction 0 "$src/README.md"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 3 --eval-interval 1 --data-path "$tmp/noval" --save "$tmp/nv"
+[ "$(grep -c "holds no validation tokens" "$tmp/out")" = 1 ] || fail "no validation note: $(cat "$tmp/out")"
+grep -q "val_nll" "$tmp/nv/metrics.jsonl" && fail "val_nll in metrics.jsonl without val.bin"
+grep -q "val/nll" "$tmp"/nv/events.out.tfevents.* && fail "val/nll in TensorBoard without val.bin"
+grep "val nll" "$tmp/out" && fail "a val nll without validation tokens"
+grep -q "^done: 3 steps in .* tokens/s)$" "$tmp/out" || fail "done line without validation: $(cat "$tmp/out")"
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --vocab-size 100
 grep -q "vocabulary (257) is larger than the model's (100)" "$tmp/out" || fail "vocabulary mismatch: $(cat "$tmp/out")"

@@ -448,6 +448,11 @@ int moe_cmd_train(int argc, char **argv) {
         printf(", %d processes: expert parallel %d x expert-data parallel %d", d->world_size,
                d->ep, d->edp);
     printf("\n");
+    int has_val = val.n_tokens > 0, bytes = train.vocab == MOE_BYTE_VOCAB; /* prepare's bytes */
+    const char *unit = bytes ? "byte" : "token";
+    if (!has_val)
+        printf("note: %s holds no validation tokens (prepared with --val-fraction 0): no "
+               "evaluation\n", val_path);
     double t_start = moe_time_now(), tokens_done = 0, val_nll = -1;
     int total = o.train.train_iters, first = moe_trainer_steps_done(t) + 1;
     int tty = isatty(STDOUT_FILENO) && d->world_size == 1; /* mpirun's output is a pseudo-tty */
@@ -478,7 +483,8 @@ int moe_cmd_train(int argc, char **argv) {
         tokens_done += (double)s.tokens;
         double elapsed = moe_time_now() - t_start, tok_s = (double)s.tokens / dt;
         double val = -1;
-        if ((o.train.eval_interval && step % o.train.eval_interval == 0) || step == total) {
+        if (has_val && ((o.train.eval_interval && step % o.train.eval_interval == 0) ||
+                        step == total)) {
             if (moe_trainer_eval(t, &val) != MOE_OK) goto fail;
             val_nll = val;
         }
@@ -529,12 +535,12 @@ int moe_cmd_train(int argc, char **argv) {
         int elsewhere = moe_checkpoint_run_dir(ckpt, run, sizeof run) || !same_file(run, o.save);
         if (o.save[0] && elsewhere && save_checkpoint(&o, m, t)) goto fail;
     }
-    int bytes = train.vocab == MOE_BYTE_VOCAB; /* moe prepare's byte tokens */
     /* a text sample needs a byte model, decoded token by token (not by expert choice) */
     int sample = bytes && mc->vocab == MOE_BYTE_VOCAB && mc->moe.router != MOE_ROUTER_EXPERT_CHOICE;
-    printf("done: %d steps in %.1f s (%.0f tokens/s), final val nll %.4f nats/%s\n",
-           total - first + 1, moe_time_now() - t_start, tokens_done / (moe_time_now() - t_start),
-           val_nll, bytes ? "byte" : "token");
+    printf("done: %d steps in %.1f s (%.0f tokens/s)", total - first + 1, moe_time_now() - t_start,
+           tokens_done / (moe_time_now() - t_start));
+    if (val_nll >= 0) printf(", final val nll %.4f nats/%s", val_nll, unit); /* none: no eval */
+    printf("\n");
     if (o.save[0] && val.n_docs > 0 && d->world_size == 1) { /* which experts each topic uses */
         snprintf(path, sizeof path, "%s/topics.json", o.save);
         if (moe_cli_topics(m, &val, o.train.micro_batch, path) != MOE_OK) goto fail;

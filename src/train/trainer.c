@@ -438,7 +438,8 @@ updated:
 }
 
 moe_status moe_trainer_eval(moe_trainer *t, double *val_nll) {
-    const moe_tokens *data = t->val ? t->val : t->train;
+    const moe_tokens *data = t->val; /* never the training data under the name of validation */
+    if (!data) return moe_set_error(MOE_ERR_INVALID, "no validation data to evaluate on");
     moe_model_args args = moe_model_args_default();
     args.training = 0;
     double sum = 0;
