@@ -259,6 +259,19 @@ grep -q "val_nll" "$tmp/nv/metrics.jsonl" && fail "val_nll in metrics.jsonl with
 grep -q "val/nll" "$tmp"/nv/events.out.tfevents.* && fail "val/nll in TensorBoard without val.bin"
 grep "val nll" "$tmp/out" && fail "a val nll without validation tokens"
 grep -q "^done: 3 steps in .* tokens/s)$" "$tmp/out" || fail "done line without validation: $(cat "$tmp/out")"
+# a vocabulary of other than bytes (here 300): evaluations are per token, as the done line is
+/usr/bin/python3 - "$tmp/data" "$tmp/d300" <<'EOF' || fail "writing 300-token data"
+import os, struct, sys
+os.mkdir(sys.argv[2])
+for f in ("train.bin", "val.bin"):
+    b = bytearray(open(f"{sys.argv[1]}/{f}", "rb").read()); struct.pack_into("<I", b, 24, 300)
+    open(f"{sys.argv[2]}/{f}", "wb").write(b)
+EOF
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 2 --eval-interval 1 --vocab-size 300 --data-path "$tmp/d300"
+grep -q "^eval step 1 | val nll .* nats/token (.* bits/token)$" "$tmp/out" &&
+  grep -q "final val nll .* nats/token$" "$tmp/out" && ! grep -q "/byte" "$tmp/out" ||
+  fail "units of a 300-token vocabulary: $(cat "$tmp/out")"
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --vocab-size 100
 grep -q "vocabulary (257) is larger than the model's (100)" "$tmp/out" || fail "vocabulary mismatch: $(cat "$tmp/out")"

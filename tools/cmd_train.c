@@ -501,8 +501,8 @@ int moe_cmd_train(int argc, char **argv) {
         if (tty && !log_now && (val >= 0 || (o.save_interval && step % o.save_interval == 0)))
             putchar('\n');
         if (val >= 0)
-            printf("eval step %d | val nll %.4f nats/byte (%.3f bits/byte)\n", step, val,
-                   val / log(2.0));
+            printf("eval step %d | val nll %.4f nats/%s (%.3f bits/%s)\n", step, val, unit,
+                   val / log(2.0), unit);
         if (metrics && !s.skipped &&
             write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK)
             goto fail;
