@@ -25,10 +25,12 @@ expect 2 "$moe" prepare --out "" "$tmp/p/two.txt"
 grep -q "out needs a directory name" "$tmp/out" || fail "--out '': $(cat "$tmp/out")"
 # an empty --val-fraction is no number; a library error is prefixed once
 expect 2 "$moe" prepare --out "$tmp/p/d" --val-fraction "" "$tmp/p/two.txt"
-grep -q "val-fraction must be in \[0, 1), got ''" "$tmp/out" || fail "--val-fraction '': $(cat "$tmp/out")"
+grep -q "val-fraction must be in \[0, 1), got ''" "$tmp/out" ||
+  fail "--val-fraction '': $(cat "$tmp/out")"
 printf ' \n\n' >"$tmp/p/blank.txt"
 expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/blank.txt"
-grep -q "^moe prepare: the input holds too little text" "$tmp/out" || fail "blank input: $(cat "$tmp/out")"
+grep -q "^moe prepare: the input holds too little text" "$tmp/out" ||
+  fail "blank input: $(cat "$tmp/out")"
 tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
   --moe-router-topk 2 --moe-ffn-hidden-size 24 --ffn-hidden-size 32 --first-k-dense 1
   --seq-length 32 --micro-batch-size 4 --global-batch-size 8 --eval-interval 5 --eval-iters 2
@@ -120,14 +122,16 @@ grep -q "train.bin: .* perplexity" "$tmp/out" || fail "eval --data FILE: $(cat "
 # a --data that does not exist is named as given; text that is not UTF-8 for a model
 # directory's tokenizer is named with the byte
 expect 1 "$moe" eval --load "$tmp/a" --data "$tmp/nonexist.bin"
-grep -q "cannot open $tmp/nonexist.bin: No such" "$tmp/out" || fail "eval --data missing: $(cat "$tmp/out")"
+grep -q "cannot open $tmp/nonexist.bin: No such" "$tmp/out" ||
+  fail "eval --data missing: $(cat "$tmp/out")"
 expect 0 "$moe" train --num-layers 1 --hidden-size 16 --num-attention-heads 2 --num-query-groups 2 \
   --num-experts 2 --moe-router-topk 2 --moe-ffn-hidden-size 8 --seq-length 16 --micro-batch-size 2 \
   --global-batch-size 2 --train-iters 1 --data-path "$tmp/data" --save "$tmp/m1"
 expect 0 "$moe" convert --load "$tmp/m1" --to hf "$tmp/hf"
 printf 'good\n\nab\377cd\n' >"$tmp/p/bad.txt"
 expect 1 "$moe" prepare --model "$tmp/hf" --out "$tmp/p/u" "$tmp/p/bad.txt"
-grep -q "^moe prepare: $tmp/p/bad.txt is not UTF-8 (byte 8)$" "$tmp/out" || fail "not UTF-8: $(cat "$tmp/out")"
+grep -q "^moe prepare: $tmp/p/bad.txt is not UTF-8 (byte 8)$" "$tmp/out" ||
+  fail "not UTF-8: $(cat "$tmp/out")"
 expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"
@@ -253,12 +257,15 @@ grep -q "train.bin and .*val.bin are not a pair: vocabulary 257 and 300" "$tmp/o
 # line, metric or TensorBoard value calls the training loss a validation loss
 expect 0 "$moe" prepare --out "$tmp/noval" --val-fraction 0 "$src/README.md"
 # shellcheck disable=SC2086
-expect 0 "$moe" train $tiny --train-iters 3 --eval-interval 1 --data-path "$tmp/noval" --save "$tmp/nv"
-[ "$(grep -c "holds no validation tokens" "$tmp/out")" = 1 ] || fail "no validation note: $(cat "$tmp/out")"
+expect 0 "$moe" train $tiny --train-iters 3 --eval-interval 1 \
+  --data-path "$tmp/noval" --save "$tmp/nv"
+[ "$(grep -c "holds no validation tokens" "$tmp/out")" = 1 ] ||
+  fail "no validation note: $(cat "$tmp/out")"
 grep -q "val_nll" "$tmp/nv/metrics.jsonl" && fail "val_nll in metrics.jsonl without val.bin"
 grep -q "val/nll" "$tmp"/nv/events.out.tfevents.* && fail "val/nll in TensorBoard without val.bin"
 grep "val nll" "$tmp/out" && fail "a val nll without validation tokens"
-grep -q "^done: 3 steps in .* tokens/s)$" "$tmp/out" || fail "done line without validation: $(cat "$tmp/out")"
+grep -q "^done: 3 steps in .* tokens/s)$" "$tmp/out" ||
+  fail "done line without validation: $(cat "$tmp/out")"
 # a vocabulary of other than bytes (here 300): evaluations are per token, as the done line is
 /usr/bin/python3 - "$tmp/data" "$tmp/d300" <<'EOF' || fail "writing 300-token data"
 import os, struct, sys
@@ -268,7 +275,8 @@ for f in ("train.bin", "val.bin"):
     open(f"{sys.argv[2]}/{f}", "wb").write(b)
 EOF
 # shellcheck disable=SC2086
-expect 0 "$moe" train $tiny --train-iters 2 --eval-interval 1 --vocab-size 300 --data-path "$tmp/d300"
+expect 0 "$moe" train $tiny --train-iters 2 --eval-interval 1 --vocab-size 300 \
+  --data-path "$tmp/d300"
 grep -q "^eval step 1 | val nll .* nats/token (.* bits/token)$" "$tmp/out" &&
   grep -q "final val nll .* nats/token$" "$tmp/out" && ! grep -q "/byte" "$tmp/out" ||
   fail "units of a 300-token vocabulary: $(cat "$tmp/out")"
