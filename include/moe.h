@@ -198,6 +198,10 @@ typedef struct moe_layer moe_layer;
  * by the caller) and the activation workspace. */
 moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *params,
                             float *grads, moe_layer **out);
+/* For inference: no gradients (moe_layer_grad_data NULL, moe_layer_get_grads all NULL) and
+ * moe_layer_backward refused; parameters as moe_layer_create. */
+moe_status moe_layer_create_inference(const moe_layer_config *cfg, int max_tokens, float *params,
+                                      moe_layer **out);
 void moe_layer_destroy(moe_layer *layer);
 const moe_layer_config *moe_layer_get_config(const moe_layer *layer);
 moe_layer_params moe_layer_get_params(moe_layer *layer);
@@ -383,6 +387,12 @@ typedef struct moe_model moe_model;
 /* All memory (parameters, gradients, activations for max_tokens = B*S tokens) is
  * allocated here. */
 moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_model **out);
+/* For inference (evaluation, generation, conversion): parameters and the forward's activations
+ * only, about half the memory of moe_model_create; moe_model_grads is NULL, and
+ * moe_model_backward and moe_trainer_create refuse the model. */
+moe_status moe_model_create_inference(const moe_model_config *cfg, int max_tokens,
+                                      moe_model **out);
+int moe_model_is_inference(const moe_model *m); /* made by moe_model_create_inference */
 void moe_model_destroy(moe_model *m);
 const moe_model_config *moe_model_get_config(const moe_model *m);
 void moe_model_init_params(moe_model *m, uint64_t seed);

@@ -368,11 +368,12 @@ static void kv_cache(moe_model_config c, double tol) {
     assert_true(dec && full && again);
     for (int round = 0; round < 2; round++) {
         moe_model *ref = m;
-        if (round) { /* new weights: every parameter scaled by a random factor in [0.5, 1.5] */
+        if (round) { /* new weights: every parameter scaled by a random factor in [0.5, 1.5];
+                      * the new model is one for inference (no gradients, its own buffers) */
             float *p = moe_model_params(m);
             for (size_t i = 0; i < moe_model_param_count(m); i++)
                 p[i] *= 0.5f + (float)moe_rng_uniform64(seed, 5, i);
-            assert_int_equal(moe_model_create(&c, 2 * S, &fresh), MOE_OK);
+            assert_int_equal(moe_model_create_inference(&c, 2 * S, &fresh), MOE_OK);
             memcpy(moe_model_params(fresh), p, sizeof(float) * moe_model_param_count(m));
             ref = fresh;
         }
@@ -416,6 +417,62 @@ static void test_kv_cache(void **state) {
         c.moe.shared_ffn = 12;
         kv_cache(c, 1e-2);
     }
+}
+
+static long rss_kb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kb = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6)) kb = atol(line + 6);
+    if (f) fclose(f);
+    return kb;
+}
+
+/* A model for inference: no gradients (about half the memory: measured as resident memory of
+ * a model of 6.6 M parameters), no backward, no trainer; its forward is the other's, bitwise. */
+static void test_inference_model(void **state) {
+    (void)state;
+    moe_model_config c = tiny_config();
+    c.d = 128, c.n_heads = 4, c.n_kv_heads = 4, c.ffn = 256, c.moe.ffn = 128, c.moe.n_experts = 64;
+    uint64_t seed = tu_seed();
+    moe_model *m, *inf;
+    long r0 = rss_kb();
+    assert_int_equal(moe_model_create(&c, c.seq_len, &m), MOE_OK);
+    long r1 = rss_kb();
+    assert_int_equal(moe_model_create_inference(&c, c.seq_len, &inf), MOE_OK);
+    long r2 = rss_kb();
+    double np_kb = 4.0 * (double)moe_model_param_count(m) / 1024;
+    assert_true(np_kb > 16 * 1024); /* the parameters dominate: 6.6 M */
+    assert_true(moe_model_activation_bytes(inf) < moe_model_activation_bytes(m));
+    if (r1 - r0 < 1.9 * np_kb || r2 - r1 > 1.1 * np_kb + 2048)
+        fail_msg("resident memory: %ld kB for training, %ld kB for inference, parameters %.0f kB",
+                 r1 - r0, r2 - r1, np_kb);
+    assert_null(moe_model_grads(inf));
+    assert_true(moe_model_is_inference(inf) && !moe_model_is_inference(m));
+    random_params(m, seed);
+    memcpy(moe_model_params(inf), moe_model_params(m), 4 * moe_model_param_count(m));
+    int32_t tok[7], tgt[7];
+    fill_batch(tok, tgt, 7, c.vocab, seed);
+    moe_model_args args = moe_model_args_default();
+    moe_model_loss la, lb;
+    assert_int_equal(moe_model_forward(m, tok, tgt, 1, 7, &args, &la), MOE_OK);
+    assert_int_equal(moe_model_forward(inf, tok, tgt, 1, 7, &args, &lb), MOE_OK);
+    assert_memory_equal(moe_model_logits(m), moe_model_logits(inf), sizeof(float) * 7 * c.vocab);
+    assert_true(la.nll == lb.nll && la.aux == lb.aux);
+    assert_int_equal(moe_model_backward(m), MOE_OK);
+    assert_int_equal(moe_model_backward(inf), MOE_ERR_STATE);
+    assert_non_null(strstr(moe_last_error(), "inference"));
+    uint32_t data[64];
+    for (int i = 0; i < 64; i++) data[i] = (uint32_t)i % (uint32_t)c.vocab;
+    moe_tokens toks = {.tokens = data, .n_tokens = 64, .vocab = c.vocab};
+    moe_train_config tc = moe_train_config_default();
+    tc.micro_batch = tc.global_batch = 1;
+    moe_trainer *t = NULL;
+    assert_int_equal(moe_trainer_create(inf, &tc, &toks, NULL, &t), MOE_ERR_INVALID);
+    assert_null(t);
+    moe_model_destroy(inf);
+    moe_model_destroy(m);
 }
 
 /* Sampling: greedy and top-k 1 take the argmax; top-p keeps the smallest likely set; the
@@ -668,6 +725,7 @@ int main(void) {
         cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),
         cmocka_unit_test(test_trainer_refuses_top1_post_softmax),
         cmocka_unit_test(test_hf_load_all_or_nothing),
+        cmocka_unit_test(test_inference_model),
         cmocka_unit_test(test_grad_norm_clip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -463,7 +463,8 @@ static int bench_generate(moe_options *o, int json) {
     int32_t *prompt = malloc(sizeof(int32_t) * (size_t)P);
     int rc = 1;
     if (!prompt) moe_set_error(MOE_ERR_NOMEM, "out of memory");
-    if (!prompt || moe_model_create(c, P, &m) != MOE_OK || decode_bytes_plan(m, &db) != MOE_OK ||
+    if (!prompt || moe_model_create_inference(c, P, &m) != MOE_OK ||
+        decode_bytes_plan(m, &db) != MOE_OK ||
         (o->device && moe_model_use_device(m, "cuda") != MOE_OK))
         goto done;
     moe_model_init_params(m, c->moe.seed);

@@ -141,7 +141,7 @@ static int eval_hf_data(const moe_options *o, moe_model_config *c, const char *f
     if (s == MOE_OK && data.n_tokens - 1 < S) S = (int)(data.n_tokens - 1);
     c->seq_len = S;
     if (s == MOE_OK) s = moe_trainer_check_data(c, &data, NULL);
-    if (s == MOE_OK) s = moe_model_create(c, S, &m);
+    if (s == MOE_OK) s = moe_model_create_inference(c, S, &m);
     if (s == MOE_OK) s = moe_hf_load(o->hf_model, family, m);
     tok = malloc(sizeof(int32_t) * (size_t)S), tgt = malloc(sizeof(int32_t) * (size_t)S);
     if (s == MOE_OK && (!tok || !tgt)) s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
@@ -192,7 +192,8 @@ int moe_cmd_eval_hf(int argc, char **argv) {
     moe_model_args args = moe_model_args_default();
     args.training = 0;
     moe_model_loss L;
-    if (!tgt || moe_model_create(&c, n, &m) != MOE_OK || moe_hf_load(o.hf_model, family, m) != MOE_OK ||
+    if (!tgt || moe_model_create_inference(&c, n, &m) != MOE_OK ||
+        moe_hf_load(o.hf_model, family, m) != MOE_OK ||
         moe_model_forward(m, ids, tgt, 1, n, &args, &L) != MOE_OK) {
         fprintf(stderr, "moe eval: %s\n", moe_last_error());
         goto done;
@@ -281,7 +282,7 @@ int moe_cmd_convert(int argc, char **argv) {
         const char *f = moe_hf_family_for(&c);
         snprintf(family, sizeof family, "%s", f ? f : "mixtral");
     }
-    if (s == MOE_OK) s = moe_model_create(&c, 1, &m);
+    if (s == MOE_OK) s = moe_model_create_inference(&c, 1, &m);
     if (s == MOE_OK)
         s = o.hf_model[0] ? moe_hf_load(o.hf_model, family, m) : moe_checkpoint_load(ckpt, m, NULL);
     if (s == MOE_OK) s = moe_hf_save(out, family, m, o.hf_model[0] ? o.hf_model : NULL);
@@ -349,7 +350,8 @@ int moe_cmd_generate_hf(int argc, char **argv) {
     if (total > c.seq_len) c.seq_len = total; /* the cache */
     moe_model *m = NULL;
     int32_t *seq = realloc(ids, sizeof(int32_t) * (size_t)total);
-    moe_status s = seq ? moe_model_create(&c, n, &m) : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    moe_status s = seq ? moe_model_create_inference(&c, n, &m)
+                       : moe_set_error(MOE_ERR_NOMEM, "out of memory");
     if (seq) ids = seq;
     if (s == MOE_OK) s = moe_hf_load(o.hf_model, family, m);
     if (s == MOE_OK) {

@@ -65,7 +65,8 @@ struct moe_model {
     float att_scale;       /* attention scores q.k * this */
     size_t n_params;
     size_t act_bytes; /* the activation workspace */
-    float *params, *grads;
+    float *params, *grads; /* grads NULL: created for inference (no backward) */
+    int inference;
     moe_tensor_info *tensors;
     int n_tensors, cap_tensors;
     size_t emb_off, final_norm_off, lm_off;
@@ -449,19 +450,20 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     m->nf = moe_arena_take(a, T * d, sizeof(float));
     m->rstdf = moe_arena_take(a, T, sizeof(float));
     m->logits = moe_arena_take(a, T * V, sizeof(float));
-    m->dx = moe_arena_take(a, T * d, sizeof(float));
-    m->dxm = moe_arena_take(a, T * d, sizeof(float));
-    m->dn = moe_arena_take(a, T * d, sizeof(float));
-    m->dq = moe_arena_take(a, T * hq, sizeof(float));
-    m->dk = moe_arena_take(a, T * hkv, sizeof(float));
-    m->dv = moe_arena_take(a, T * hv, sizeof(float));
+    size_t Tb = m->inference ? 0 : T; /* the backward's own buffers */
+    m->dx = moe_arena_take(a, Tb * d, sizeof(float));
+    m->dxm = moe_arena_take(a, Tb * d, sizeof(float));
+    m->dn = moe_arena_take(a, Tb * d, sizeof(float));
+    m->dq = moe_arena_take(a, Tb * hq, sizeof(float));
+    m->dk = moe_arena_take(a, Tb * hkv, sizeof(float));
+    m->dv = moe_arena_take(a, Tb * hv, sizeof(float));
     m->datt = moe_arena_take(a, T * (ho > hq ? ho : hq), sizeof(float)); /* also norm scratch */
     m->mla_a = moe_arena_take(a, mla * T * (kr + (size_t)c->qk_rope_dim), sizeof(float));
     m->mla_b = moe_arena_take(a, mla * T * H * (size_t)(c->qk_nope_dim + c->v_head_dim),
                               sizeof(float));
     m->mla_c = moe_arena_take(a, T * lat, sizeof(float));
     m->mla_d = moe_arena_take(a, T * lat, sizeof(float));
-    m->dh = moe_arena_take(a, T * (size_t)m->gf, sizeof(float));
+    m->dh = moe_arena_take(a, T * (size_t)m->gf, sizeof(float)); /* also decoding's dense FFN */
     m->da = moe_arena_take(a, T * (size_t)c->ffn, sizeof(float));
     m->tmp = moe_arena_take(a, T * (V > d ? V : d), sizeof(float)); /* FFN out, dlogits */
     m->row_loss = moe_arena_take(a, T, sizeof(double));
@@ -486,10 +488,11 @@ static moe_status check_memory(const moe_model *m, const moe_model_config *cfg, 
         ws = moe_layer_workspace_estimate(&lc, max_tokens);
         need = ws <= SIZE_MAX - need ? need + ws : SIZE_MAX;
     }
-    need = m->n_params <= (SIZE_MAX - need) / 8 ? need + 8 * m->n_params : SIZE_MAX;
+    size_t per = m->inference ? 4 : 8; /* bytes per parameter: with its gradient or not */
+    need = m->n_params <= (SIZE_MAX - need) / per ? need + per * m->n_params : SIZE_MAX;
     char parts[160];
-    snprintf(parts, sizeof parts, "%zu parameters and their gradients, activations for %d tokens",
-             m->n_params, max_tokens);
+    snprintf(parts, sizeof parts, "%zu parameters%s, activations for %d tokens", m->n_params,
+             m->inference ? "" : " and their gradients", max_tokens);
     return moe_check_memory("the model", need, parts);
 }
 
@@ -518,7 +521,8 @@ static void attention_setup(moe_model *m) {
     m->att_scale = (float)(mscale * mscale / sqrt((double)m->head_qk));
 }
 
-moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_model **out) {
+static moe_status create(const moe_model_config *cfg, int max_tokens, int inference,
+                         moe_model **out) {
     *out = NULL;
     MOE_TRY(moe_model_config_validate(cfg));
     if (max_tokens < 1)
@@ -527,6 +531,7 @@ moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_mod
     if (!m) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the model");
     m->cfg = *cfg;
     m->max_tokens = max_tokens;
+    m->inference = inference;
     attention_setup(m);
     m->gf = moe_act_gated(cfg->moe.act) ? 2 * cfg->ffn : cfg->ffn;
     int L = cfg->n_layers;
@@ -541,8 +546,8 @@ moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_mod
     if ((st = check_memory(m, cfg, plan.used, max_tokens)) != MOE_OK) goto fail;
     st = MOE_ERR_NOMEM;
     m->params = moe_alloc(m->n_params, sizeof(float));
-    m->grads = moe_alloc(m->n_params, sizeof(float));
-    if (!m->params || !m->grads) goto fail;
+    m->grads = inference ? NULL : moe_alloc(m->n_params, sizeof(float));
+    if (!m->params || (!m->grads && !inference)) goto fail;
     m->act_mem = moe_alloc(plan.used, 1);
     m->act_bytes = plan.used;
     if (!m->act_mem) goto fail;
@@ -552,8 +557,12 @@ moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_mod
     for (int l = 0; l < L; l++) {
         if (!moe_model_layer_experts(cfg, l)) continue;
         moe_layer_config lc = layer_config(cfg, l);
-        block_ptrs p = block(m, m->params, l), g = block(m, m->grads, l);
-        if ((st = moe_layer_create(&lc, max_tokens, p.moe, g.moe, &m->moe[l])) != MOE_OK) goto fail;
+        float *p = m->params + m->block_off[(size_t)l * B_N + B_MOE];
+        st = inference ? moe_layer_create_inference(&lc, max_tokens, p, &m->moe[l])
+                       : moe_layer_create(&lc, max_tokens, p,
+                                          m->grads + m->block_off[(size_t)l * B_N + B_MOE],
+                                          &m->moe[l]);
+        if (st != MOE_OK) goto fail;
     }
     *out = m;
     return MOE_OK;
@@ -563,6 +572,17 @@ fail:
     moe_model_destroy(m);
     return st;
 }
+
+moe_status moe_model_create(const moe_model_config *cfg, int max_tokens, moe_model **out) {
+    return create(cfg, max_tokens, 0, out);
+}
+
+moe_status moe_model_create_inference(const moe_model_config *cfg, int max_tokens,
+                                      moe_model **out) {
+    return create(cfg, max_tokens, 1, out);
+}
+
+int moe_model_is_inference(const moe_model *m) { return m->inference; }
 
 void moe_model_destroy(moe_model *m) {
     if (!m) return;
@@ -606,7 +626,7 @@ float *moe_model_grads(moe_model *m) {
 }
 void moe_model_zero_grads(moe_model *m) {
     if (m->gpu_train) moe_cuda_model_zero_grads(m->gpu); /* the host's copy is not used */
-    else moe_zero_floats(m->grads, m->n_params);
+    else if (m->grads) moe_zero_floats(m->grads, m->n_params);
 }
 int moe_model_n_tensors(const moe_model *m) { return m->n_tensors; }
 const moe_tensor_info *moe_model_tensor(const moe_model *m, int i) {
@@ -723,10 +743,13 @@ moe_status moe_model_use_device(moe_model *m, const char *device) {
     moe_cuda_model_plan p = {c, m->hd, m->kvh, m->att_scale, m->rope_cs, m->n_params,
                              m->emb_off, m->final_norm_off, m->lm_off, m->gpu_blocks};
     MOE_TRY(moe_cuda_model_create(&p, m->max_tokens, &m->gpu));
-    /* the copies of each step through pinned memory */
-    m->gpu_grads = moe_alloc(m->n_params, sizeof(float));
-    moe_status s = m->gpu_grads ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
-    if (s == MOE_OK) s = moe_cuda_host_register(m->gpu_grads, m->n_params * sizeof(float));
+    /* the copies of each step through pinned memory (gradients: a model that trains) */
+    moe_status s = MOE_OK;
+    if (!m->inference) {
+        m->gpu_grads = moe_alloc(m->n_params, sizeof(float));
+        s = m->gpu_grads ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+        if (s == MOE_OK) s = moe_cuda_host_register(m->gpu_grads, m->n_params * sizeof(float));
+    }
     if (s == MOE_OK) s = moe_cuda_host_register(m->params, m->n_params * sizeof(float));
     if (s != MOE_OK) gpu_release(m); /* (unregistering what was not registered is harmless) */
     return s;
@@ -1074,6 +1097,9 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
 moe_status moe_model_backward(moe_model *m) {
     if (!m->have_forward)
         return moe_set_error(MOE_ERR_STATE, "moe_model_backward called without a forward");
+    if (m->inference)
+        return moe_set_error(MOE_ERR_STATE, "moe_model_backward: the model was created for "
+                             "inference (no gradients)");
     const moe_model_config *c = &m->cfg;
     int B = m->B, S = m->S, T = B * S, d = c->d, V = c->vocab, H = c->n_heads,
         hq = H * m->head_qk, hkv = m->kvh * m->head_qk, hv = m->kvh * m->head_v,

@@ -127,14 +127,15 @@ void moe_layer_weights_changed(moe_layer *L) {
     if (L->bf16_kept) memset(L->bf16_kept, 0, (size_t)L->cfg.n_experts + 1);
 }
 
-moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *params,
-                            float *grads, moe_layer **out) {
+/* inference: no gradients (grads unused), and backward refused */
+static moe_status create(const moe_layer_config *cfg, int max_tokens, float *params, float *grads,
+                         int inference, moe_layer **out) {
     *out = NULL;
     MOE_TRY(moe_layer_config_validate(cfg));
     if (max_tokens < 1)
         return moe_set_error(MOE_ERR_INVALID, "max_tokens must be >= 1 (got %d)", max_tokens);
     size_t np = moe_layer_param_count(cfg), need = moe_layer_workspace_estimate(cfg, max_tokens);
-    size_t own = (params == NULL) + (grads == NULL);
+    size_t own = (params == NULL) + (grads == NULL && !inference);
     if (need != SIZE_MAX && np <= (SIZE_MAX - need) / 8) need += own * 4 * np;
     else need = SIZE_MAX;
     MOE_TRY(moe_check_memory("the MoE layer", need, "parameters, gradients, workspace"));
@@ -145,13 +146,13 @@ moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *
     L->n_params = moe_layer_param_count(cfg);
     L->params = params ? params : moe_alloc(L->n_params, sizeof(float));
     L->own_params = params == NULL;
-    L->grads = grads ? grads : moe_alloc(L->n_params, sizeof(float));
-    L->own_grads = grads == NULL;
+    L->grads = inference ? NULL : grads ? grads : moe_alloc(L->n_params, sizeof(float));
+    L->own_grads = grads == NULL && !inference;
     L->expert_bias = moe_alloc((size_t)cfg->n_experts, sizeof(float));
     L->accum_counts = moe_alloc(2 * (size_t)cfg->n_experts, sizeof(int64_t));
     L->bf16_kept = moe_alloc((size_t)cfg->n_experts + 1, 1);
     L->bf16_todo = moe_alloc((size_t)cfg->n_experts, sizeof(int));
-    if (!L->params || !L->grads || !L->expert_bias || !L->accum_counts || !L->bf16_kept ||
+    if (!L->params || (!L->grads && !inference) || !L->expert_bias || !L->accum_counts || !L->bf16_kept ||
         !L->bf16_todo ||
         alloc_workspace(L, cfg->topk) != MOE_OK) {
         moe_layer_destroy(L);
@@ -159,9 +160,19 @@ moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *
     }
     L->accum_aux_counts = L->accum_counts + cfg->n_experts;
     moe_layer_params_map(cfg, L->params, &L->p);
-    moe_layer_params_map(cfg, L->grads, &L->g);
+    if (L->grads) moe_layer_params_map(cfg, L->grads, &L->g);
     *out = L;
     return MOE_OK;
+}
+
+moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *params,
+                            float *grads, moe_layer **out) {
+    return create(cfg, max_tokens, params, grads, 0, out);
+}
+
+moe_status moe_layer_create_inference(const moe_layer_config *cfg, int max_tokens, float *params,
+                                      moe_layer **out) {
+    return create(cfg, max_tokens, params, NULL, 1, out);
 }
 
 void moe_layer_destroy(moe_layer *L) {
@@ -183,7 +194,9 @@ moe_layer_params moe_layer_get_grads(moe_layer *L) { return L->g; }
 float *moe_layer_param_data(moe_layer *L) { return L->params; }
 float *moe_layer_grad_data(moe_layer *L) { return L->grads; }
 float *moe_layer_expert_bias(moe_layer *L) { return L->expert_bias; }
-void moe_layer_zero_grads(moe_layer *L) { moe_zero_floats(L->grads, L->n_params); }
+void moe_layer_zero_grads(moe_layer *L) {
+    if (L->grads) moe_zero_floats(L->grads, L->n_params);
+}
 const moe_layer_stats *moe_layer_get_stats(const moe_layer *L) { return &L->stats; }
 const moe_routing *moe_layer_get_routing(const moe_layer *L) { return &L->routing; }
 
@@ -448,6 +461,9 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const 
                              "(or twice for one forward)");
     if (!dx || !dout || !x)
         return moe_set_error(MOE_ERR_INVALID, "moe_layer_backward: dx, dout and x must not be NULL");
+    if (!L->grads)
+        return moe_set_error(MOE_ERR_STATE, "moe_layer_backward: the layer was created for "
+                             "inference (no gradients)");
     double t0 = moe_time_now();
     /* without a shared expert the rows are gathered from dout as it is: a masked token has no
      * rows, so its gradient is never read */

@@ -113,6 +113,9 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
                               const moe_tokens *train, const moe_tokens *val, moe_trainer **out) {
     *out = NULL;
     MOE_TRY(moe_train_config_validate(cfg));
+    if (moe_model_is_inference(model))
+        return moe_set_error(MOE_ERR_INVALID, "the model was created for inference (no "
+                             "gradients): train one made by moe_model_create");
     const moe_model_config *mc = moe_model_get_config(model);
     MOE_TRY(moe_model_config_validate_training(mc));
     int S = mc->seq_len;
