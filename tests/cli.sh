@@ -51,6 +51,31 @@ done
 # name is not an alias, so a copied key is refused rather than silently change the experts
 expect 2 "$moe" train --hidden-act silu --print-config
 grep -q "unknown option --hidden-act" "$tmp/out" || fail "hidden-act: $(cat "$tmp/out")"
+# the benchmarks' FLOP counts against the shapes, worked out here: the layer's useful rows (not
+# the zero rows of pad-to-capacity; no token dropped at capacity factor 4), and the model's
+# multi-head latent attention (q through its latent, the kv latent and rotary key, o)
+expect 0 "$moe" bench layer --tokens 256 --hidden-size 64 --moe-ffn-hidden-size 32 --num-experts 8 \
+  --moe-router-topk 2 --iters 1 --moe-expert-capacity-factor 4 --moe-pad-expert-input-to-capacity --json
+/usr/bin/python3 -c "
+import json, sys
+r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+T, d, f, E, k = 256, 64, 32, 8, 2
+want = 3 * (2 * T * d * E + T * k * 2 * d * 3 * f) / 1e9  # forward + backward, SwiGLU
+sys.exit(0 if r['dropped_fraction'] == 0 and abs(r['gflop_per_call'] - want) < 1e-9 else 1)
+" "$tmp/out" || fail "bench layer FLOPs with padding: $(cat "$tmp/out")"
+expect 0 "$moe" bench train --num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-experts 4 \
+  --moe-router-topk 2 --moe-ffn-hidden-size 16 --seq-length 16 --micro-batch-size 1 \
+  --global-batch-size 1 --kv-lora-rank 8 --q-lora-rank 12 --qk-head-dim 6 \
+  --qk-pos-emb-head-dim 4 --v-head-dim 5 --moe-router-pre-softmax --iters 1 --json
+/usr/bin/python3 -c "
+import json, sys
+r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+d, H, nope, rope, v, qr, kr, S, V, E, k, f = 32, 4, 6, 4, 5, 12, 8, 16, 257, 4, 2, 16
+proj = d * qr + qr * H * (nope + rope) + d * (kr + rope) + kr * H * (nope + v) + H * v * d
+layer = 2 * proj + S * (H * (nope + rope) + H * v) + 2 * d * E + k * 2 * d * 3 * f
+want = 3 * (2 * layer + 2 * d * V) / 1e6  # forward + backward, per token
+sys.exit(0 if abs(r['mflop_per_token'] - want) < 1e-6 else 1)
+" "$tmp/out" || fail "bench train FLOPs with MLA: $(cat "$tmp/out")"
 # --device cuda where there is no GPU (CI) or no CUDA in the build: one clear line, exit 1;
 # with a GPU the layer and generation benches run (test_cuda_* check the numbers)
 if "$moe" bench layer --device cuda --tokens 64 --iters 1 >"$tmp/out" 2>&1; then

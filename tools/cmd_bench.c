@@ -18,13 +18,12 @@
 #include <string.h>
 
 /* GEMM floating-point operations of one forward of the layer (router, experts, shared);
- * the backward GEMMs are twice these. */
+ * the backward GEMMs are twice these. The rows the experts keep: the zero rows that
+ * moe-pad-expert-input-to-capacity adds are computed but are not work. */
 double moe_cli_layer_flops(const moe_layer_config *c, int T, const moe_layer_stats *st) {
     int gated = c->act == MOE_ACT_SWIGLU || c->act == MOE_ACT_GEGLU;
     double rows = 0;
-    if (c->pad_to_capacity && st->capacity) rows = (double)st->capacity * c->n_experts;
-    else
-        for (int e = 0; e < c->n_experts; e++) rows += (double)st->kept[e];
+    for (int e = 0; e < c->n_experts; e++) rows += (double)st->kept[e];
     double per_row = 2.0 * c->d * (gated ? 3.0 : 2.0);
     return 2.0 * T * c->d * c->n_experts + rows * per_row * c->ffn +
            (double)T * per_row * c->shared_ffn;
@@ -134,11 +133,11 @@ static int bench_layer(moe_options *o, int json) {
                "\"fwd_gflops\":%.2f,\"fwd_bwd_gflops\":%.2f,\"fraction_of_sgemm\":%.4f,"
                "\"dropped_fraction\":%.4f,\"bf16\":%d,\"bf16_gemm_gflops\":%.2f,"
                "\"stream_gbs\":%.2f,\"roofline_ms\":%.4f,\"fraction_of_roofline\":%.4f,"
-               "\"stages_ms\":{",
+               "\"gflop_per_call\":%.9f,\"stages_ms\":{",
                T, c->d, c->ffn, c->n_experts, c->topk, omp_get_max_threads(), moe_gemm_backend(),
                1e-9 * peak, 1e3 * t_fwd / iters, 1e3 * t_bwd / iters, 1e-9 * fwd_rate,
                1e-9 * all_rate, all_rate / peak, ls->dropped_fraction, c->expert_bf16,
-               1e-9 * peak16, 1e-9 * bw, 1e3 * t_roof, of_roof);
+               1e-9 * peak16, 1e-9 * bw, 1e3 * t_roof, of_roof, 3e-9 * flops / iters);
         for (int s = 0; s < MOE_STAGE_COUNT; s++)
             printf("%s\"%s\":%.4f", s ? "," : "", moe_stage_name((moe_stage)s), 1e3 * st[s] / iters);
         printf("}}\n");
@@ -284,13 +283,23 @@ static int bench_layer_cuda(moe_options *o, int json) {
 }
 
 /* GEMM FLOPs per token of one forward over S positions, attention scores over the causal
- * half of the sequence included. */
+ * half of the sequence included (q k^T over hq, the weighted sum of v over ho). */
 static double model_forward_flops(const moe_model_config *c, int S) {
-    int hd = moe_model_head_dim(c), hq = c->n_heads * hd, hkv = c->n_kv_heads * hd;
+    double d = c->d, H = c->n_heads, hd = moe_model_head_dim(c), proj, hq, ho;
+    if (c->kv_lora_rank) { /* MLA: q (through its latent), the kv latent and rotary key, o */
+        double nope = c->qk_nope_dim, rope = c->qk_rope_dim, qr = c->q_lora_rank,
+               kr = c->kv_lora_rank;
+        hq = H * (nope + rope), ho = H * c->v_head_dim;
+        proj = (qr ? d * qr + qr * hq : d * hq) + d * (kr + rope) + kr * H * (nope + c->v_head_dim) +
+               ho * d;
+    } else {
+        hq = ho = H * hd;
+        proj = d * hq + 2 * d * c->n_kv_heads * hd + ho * d;
+    }
     int gated = c->moe.act == MOE_ACT_SWIGLU || c->moe.act == MOE_ACT_GEGLU;
     double per_mlp = 2.0 * c->d * (gated ? 3.0 : 2.0), f = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        f += 2.0 * c->d * (2.0 * hq + 2.0 * hkv) + 2.0 * S * hq; /* projections, attention */
+        f += 2.0 * proj + S * (hq + ho); /* projections, attention */
         int E = moe_model_layer_experts(c, l);
         f += E ? 2.0 * c->d * E + c->moe.topk * per_mlp * c->moe.ffn + per_mlp * c->moe.shared_ffn
                : per_mlp * c->ffn;
@@ -342,15 +351,19 @@ static int bench_train(moe_options *o, int json) {
     }
     double tok_s = tokens / t_steps, fpt = model_flops_per_token(c);
     size_t np = moe_model_param_count(m), act = moe_model_activation_bytes(m);
-    double min_bytes = 4.0 * 4 * np + act; /* params, grads, Adam m and v, activations */
+    /* what the program allocates: parameters, gradients, Adam's m and v, and its activation
+     * workspace as planned (which holds more than a strict minimum: each MoE layer keeps its
+     * own backward scratch, the model its decoding buffers) */
+    double alloc_bytes = 4.0 * 4 * np + act;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     double rss = 1024.0 * ru.ru_maxrss;
     if (json)
         printf("{\"bench\":\"train\",\"params\":%zu,\"tokens_per_s\":%.1f,\"gflops\":%.2f,"
-               "\"sgemm_gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,\"minimum_mb\":%.1f,"
-               "\"threads\":%d}\n", np, tok_s, 1e-9 * tok_s * fpt, 1e-9 * peak, tok_s * fpt / peak,
-               rss / 1048576, min_bytes / 1048576, omp_get_max_threads());
+               "\"sgemm_gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,\"allocated_mb\":%.1f,"
+               "\"threads\":%d,\"mflop_per_token\":%.6f}\n", np, tok_s, 1e-9 * tok_s * fpt,
+               1e-9 * peak, tok_s * fpt / peak, rss / 1048576, alloc_bytes / 1048576,
+               omp_get_max_threads(), 1e-6 * fpt);
     else {
         printf("moe bench train: %d layers, d=%d, %zu parameters, micro-batch %d x %d tokens, %d "
                "threads\n", c->n_layers, c->d, np, tc->micro_batch, S, omp_get_max_threads());
@@ -365,8 +378,8 @@ static int bench_train(moe_options *o, int json) {
         printf("training: %.0f tokens/s, %.1f ms per step; %.2f MFLOP per token; %.1f GFLOP/s = "
                "%.1f%% model FLOP utilisation against the GEMM ceiling\n", tok_s,
                1e3 * t_steps / o->iters, 1e-6 * fpt, 1e-9 * tok_s * fpt, 100 * tok_s * fpt / peak);
-        printf("memory: peak RSS %.1f MB; analytical minimum %.1f MB (parameters, gradients and "
-               "Adam state %.1f MB, activations %.1f MB)\n", rss / 1048576, min_bytes / 1048576,
+        printf("memory: peak RSS %.1f MB; allocated %.1f MB (parameters, gradients and Adam "
+               "state %.1f MB, activation workspace %.1f MB)\n", rss / 1048576, alloc_bytes / 1048576,
                16.0 * np / 1048576, act / 1048576.0);
     }
     moe_trainer_destroy(t);
