@@ -593,9 +593,32 @@ static void test_trainer_refuses_top1_post_softmax(void **state) {
     }
 }
 
+/* dir/model.safetensors: the tensors of file whose names lack `drop`; returns how many it
+ * dropped. */
+static int write_without(const char *file, const char *dir, const char *drop) {
+    char out[160];
+    assert_int_equal(mkdir(dir, 0700), 0);
+    moe_safetensors st;
+    assert_int_equal(moe_st_read(file, &st), MOE_OK);
+    moe_st_entry *e = calloc((size_t)st.n_tensors, sizeof *e);
+    int n = 0;
+    for (int i = 0; i < st.n_tensors; i++) {
+        const moe_st_tensor *t = &st.tensors[i];
+        if (strstr(t->name, drop)) continue;
+        e[n] = (moe_st_entry){t->name, MOE_DT_F32, t->ndim, {0}, t->data};
+        memcpy(e[n++].shape, t->shape, sizeof t->shape);
+    }
+    snprintf(out, sizeof out, "%s/model.safetensors", dir);
+    assert_int_equal(moe_st_write(out, e, n, NULL, NULL, 0), MOE_OK);
+    free(e);
+    int dropped = st.n_tensors - n;
+    moe_st_free(&st);
+    return dropped;
+}
+
 /* A DeepSeek-V3 directory of ours, read back: parameters and selection bias as written; the
- * same directory without the selection bias fails and leaves the model as it was (the
- * parameters were read first and set before the bias failed). */
+ * same directory without the selection bias, or without the output layer (the last parameter
+ * read), fails and leaves the model as it was (every tensor is checked before any is read). */
 static void test_hf_load_all_or_nothing(void **state) {
     (void)state;
     uint64_t seed = tu_seed();
@@ -615,35 +638,27 @@ static void test_hf_load_all_or_nothing(void **state) {
     }
     snprintf(path, sizeof path, "%s/out", dir);
     assert_int_equal(moe_hf_save(path, "deepseek_v3", a, NULL), MOE_OK);
-    /* the same file without the biases */
-    char file[160], bare[96];
+    /* the same file without the biases, and without the output layer */
+    char file[160], bare[96], headless[96];
     snprintf(file, sizeof file, "%s/model.safetensors", path);
     snprintf(bare, sizeof bare, "%s/bare", dir);
-    assert_int_equal(mkdir(bare, 0700), 0);
-    moe_safetensors st;
-    assert_int_equal(moe_st_read(file, &st), MOE_OK);
-    moe_st_entry *e = calloc((size_t)st.n_tensors, sizeof *e);
-    int n = 0;
-    for (int i = 0; i < st.n_tensors; i++) {
-        const moe_st_tensor *t = &st.tensors[i];
-        if (strstr(t->name, "e_score_correction_bias")) continue;
-        e[n] = (moe_st_entry){t->name, MOE_DT_F32, t->ndim, {0}, t->data};
-        memcpy(e[n++].shape, t->shape, sizeof t->shape);
-    }
-    assert_int_equal(n, st.n_tensors - 2);
-    snprintf(file, sizeof file, "%s/model.safetensors", bare);
-    assert_int_equal(moe_st_write(file, e, n, NULL, NULL, 0), MOE_OK);
-    free(e);
-    moe_st_free(&st);
+    snprintf(headless, sizeof headless, "%s/headless", dir);
+    assert_int_equal(write_without(file, bare, "e_score_correction_bias"), 2);
+    assert_int_equal(write_without(file, headless, "lm_head"), 1);
+    const moe_tensor_info *last = moe_model_tensor(b, moe_model_n_tensors(b) - 1);
+    assert_non_null(strstr(last->name, "lm_head")); /* the last one read */
     size_t np = moe_model_param_count(b);
     float *before = malloc(sizeof(float) * np), bias_before[8];
     memcpy(before, moe_model_params(b), sizeof(float) * np);
     for (int l = 1; l < c.n_layers; l++)
         memcpy(bias_before + 4 * (l - 1), moe_layer_expert_bias(moe_model_moe_layer(b, l)), 16);
-    assert_int_equal(moe_hf_load(bare, "deepseek_v3", b), MOE_ERR_FORMAT);
-    assert_memory_equal(moe_model_params(b), before, sizeof(float) * np);
-    for (int l = 1; l < c.n_layers; l++)
-        assert_memory_equal(moe_layer_expert_bias(moe_model_moe_layer(b, l)), bias_before + 4 * (l - 1), 16);
+    for (int k = 0; k < 2; k++) {
+        assert_int_equal(moe_hf_load(k ? headless : bare, "deepseek_v3", b), MOE_ERR_FORMAT);
+        assert_memory_equal(moe_model_params(b), before, sizeof(float) * np);
+        for (int l = 1; l < c.n_layers; l++)
+            assert_memory_equal(moe_layer_expert_bias(moe_model_moe_layer(b, l)),
+                                bias_before + 4 * (l - 1), 16);
+    }
     assert_int_equal(moe_hf_load(path, "deepseek_v3", b), MOE_OK);
     assert_memory_equal(moe_model_params(b), moe_model_params(a), sizeof(float) * np);
     for (int l = 1; l < c.n_layers; l++)

@@ -183,6 +183,10 @@ moe_status moe_st_get_f32(const moe_safetensors *st, const char *name, int ndim,
             snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", i ? "," : "", (long long)t->shape[i]);
         return moe_set_error(MOE_ERR_FORMAT, "tensor '%s' has shape [%s], expected [%s]", name, got, want);
     }
+    if (t->dtype != MOE_DT_F32 && t->dtype != MOE_DT_F64 && t->dtype != MOE_DT_F16 &&
+        t->dtype != MOE_DT_BF16)
+        return moe_set_error(MOE_ERR_FORMAT, "tensor '%s' is not a float tensor", name);
+    if (!out) return MOE_OK; /* checked only */
     for (size_t i = 0; i < t->numel; i++) {
         switch (t->dtype) {
         case MOE_DT_F32: memcpy(&out[i], t->data + 4 * i, 4); break;
@@ -205,7 +209,7 @@ moe_status moe_st_get_f32(const moe_safetensors *st, const char *name, int ndim,
             memcpy(&out[i], &u, 4);
             break;
         }
-        default: return moe_set_error(MOE_ERR_FORMAT, "tensor '%s' is not a float tensor", name);
+        default: break; /* (refused above) */
         }
     }
     return MOE_OK;

@@ -460,21 +460,23 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
 }
 
 /* Parameters go to a copy first so that a failure leaves the model unchanged. */
+/* Every tensor is found and checked (files, names, shapes, types) before any is read, so that
+ * a failure leaves the model unchanged without a second copy of the parameters. */
 static moe_status load_params(ckpt_reader *r, moe_model *m,
                               void (*rename)(const char *, char *, size_t, const void *),
                               const void *ctx) {
-    size_t np = moe_model_param_count(m);
-    float *tmp = moe_alloc(np, sizeof(float));
-    moe_status s = tmp ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory for %zu parameters", np);
-    for (int i = 0; i < moe_model_n_tensors(m) && s == MOE_OK; i++) {
-        const moe_tensor_info *ti = moe_model_tensor(m, i);
-        char name[160];
-        if (rename) rename(ti->name, name, sizeof name, ctx);
-        else snprintf(name, sizeof name, "%s", ti->name);
-        s = reader_get(r, "model", name, name, ti->ndim, ti->shape, tmp + ti->offset);
+    moe_status s = MOE_OK;
+    float *p = NULL;
+    for (int pass = 0; pass < 2 && s == MOE_OK; pass++) {
+        if (pass) p = moe_model_params(m);
+        for (int i = 0; i < moe_model_n_tensors(m) && s == MOE_OK; i++) {
+            const moe_tensor_info *ti = moe_model_tensor(m, i);
+            char name[160];
+            if (rename) rename(ti->name, name, sizeof name, ctx);
+            else snprintf(name, sizeof name, "%s", ti->name);
+            s = reader_get(r, "model", name, name, ti->ndim, ti->shape, p ? p + ti->offset : NULL);
+        }
     }
-    if (s == MOE_OK) memcpy(moe_model_params(m), tmp, np * sizeof(float));
-    moe_free(tmp);
     return s;
 }
 
