@@ -68,7 +68,7 @@ static moe_status mpi_check(int rc, const char *what) {
 static moe_status to_int(const int64_t *v, int n, int *out, const char *what) {
     for (int i = 0; i < n; i++) {
         if (v[i] < 0 || v[i] > INT_MAX)
-            return moe_set_error(MOE_ERR_INVALID, "%s: %lld bytes exceed MPI's int counts", what,
+            return moe_set_error(MOE_ERR_INVALID, "%s: a count of %lld exceeds MPI's int", what,
                                  (long long)v[i]);
         out[i] = (int)v[i];
     }
@@ -170,16 +170,44 @@ moe_status moe_comm_alltoall_i64(moe_comm *c, const int64_t *send, int64_t *recv
 }
 
 #ifdef MOE_HAVE_MPI
+static int64_t gcd64(int64_t a, int64_t b) {
+    while (b) {
+        int64_t t = a % b;
+        a = b, b = t;
+    }
+    return a;
+}
+
+/* The largest block of bytes (at most 2^30) that divides every count and displacement: MPI's
+ * counts are ints, so the exchange counts blocks of bytes, not bytes (rows of d floats give
+ * 4d times the room of 2 GiB). A block is a contiguous run of MPI_BYTE: the two sides may
+ * choose different blocks, since MPI matches the sequence of bytes. */
+static moe_status block_counts(const int64_t *count, const int64_t *displ, int n, int *c, int *d,
+                               MPI_Datatype *type) {
+    int64_t g = 0;
+    for (int i = 0; i < n; i++) g = gcd64(gcd64(g, count[i]), displ[i]);
+    if (g > (int64_t)1 << 30) g = gcd64(g, (int64_t)1 << 30);
+    if (g < 1) g = 1;
+    int64_t cb[n], db[n];
+    for (int i = 0; i < n; i++) cb[i] = count[i] / g, db[i] = displ[i] / g;
+    MOE_TRY(to_int(cb, n, c, "MPI_Alltoallv"));
+    MOE_TRY(to_int(db, n, d, "MPI_Alltoallv"));
+    MOE_TRY(mpi_check(MPI_Type_contiguous((int)g, MPI_BYTE, type), "MPI_Type_contiguous"));
+    return mpi_check(MPI_Type_commit(type), "MPI_Type_commit");
+}
+
 static moe_status alltoallv_i64(MPI_Comm comm, int size, const void *send, const int64_t *scount,
                                 const int64_t *sdispl, void *recv, const int64_t *rcount,
                                 const int64_t *rdispl) {
     int sc[size], sd[size], rc[size], rd[size];
-    MOE_TRY(to_int(scount, size, sc, "MPI_Alltoallv"));
-    MOE_TRY(to_int(sdispl, size, sd, "MPI_Alltoallv"));
-    MOE_TRY(to_int(rcount, size, rc, "MPI_Alltoallv"));
-    MOE_TRY(to_int(rdispl, size, rd, "MPI_Alltoallv"));
-    return mpi_check(MPI_Alltoallv(send, sc, sd, MPI_BYTE, recv, rc, rd, MPI_BYTE, comm),
-                     "MPI_Alltoallv");
+    MPI_Datatype st = MPI_DATATYPE_NULL, rt = MPI_DATATYPE_NULL;
+    moe_status s = block_counts(scount, sdispl, size, sc, sd, &st);
+    if (s == MOE_OK) s = block_counts(rcount, rdispl, size, rc, rd, &rt);
+    if (s == MOE_OK)
+        s = mpi_check(MPI_Alltoallv(send, sc, sd, st, recv, rc, rd, rt, comm), "MPI_Alltoallv");
+    if (st != MPI_DATATYPE_NULL) MPI_Type_free(&st);
+    if (rt != MPI_DATATYPE_NULL) MPI_Type_free(&rt);
+    return s;
 }
 
 static void prefix(const int64_t *count, int n, int64_t *displ, int64_t *total) {
