@@ -64,7 +64,8 @@ expect 0 "$moe" train $tiny --train-iters 1 --moe-router-type expert_choice --mo
 cp "$tmp/out" "$tmp/ec.out"
 expect 0 "$moe" eval --load "$tmp/ec" --data-path "$tmp/data"
 expect 2 "$moe" generate --load "$tmp/ec" --prompt "The " --max-new-tokens 4
-grep -q "expert choice.*cannot decode token by token" "$tmp/out" || fail "generate with expert choice: $(cat "$tmp/out")"
+grep -q "expert choice.*cannot decode token by token" "$tmp/out" ||
+  fail "generate with expert choice: $(cat "$tmp/out")"
 grep -q "sample:" "$tmp/ec.out" && fail "train decoded a sample of an expert-choice model"
 # a checkpoint of more shards than any fixed table (here 309: one per tensor, as an
 # expert-parallel save over many ranks gives) loads: the same evaluation, and a resume from it

@@ -290,8 +290,8 @@ static double model_forward_flops(const moe_model_config *c, int S) {
         double nope = c->qk_nope_dim, rope = c->qk_rope_dim, qr = c->q_lora_rank,
                kr = c->kv_lora_rank;
         hq = H * (nope + rope), ho = H * c->v_head_dim;
-        proj = (qr ? d * qr + qr * hq : d * hq) + d * (kr + rope) + kr * H * (nope + c->v_head_dim) +
-               ho * d;
+        proj = (qr ? d * qr + qr * hq : d * hq) + d * (kr + rope) +
+               kr * H * (nope + c->v_head_dim) + ho * d;
     } else {
         hq = ho = H * hd;
         proj = d * hq + 2 * d * c->n_kv_heads * hd + ho * d;
@@ -379,8 +379,8 @@ static int bench_train(moe_options *o, int json) {
                "%.1f%% model FLOP utilisation against the GEMM ceiling\n", tok_s,
                1e3 * t_steps / o->iters, 1e-6 * fpt, 1e-9 * tok_s * fpt, 100 * tok_s * fpt / peak);
         printf("memory: peak RSS %.1f MB; allocated %.1f MB (parameters, gradients and Adam "
-               "state %.1f MB, activation workspace %.1f MB)\n", rss / 1048576, alloc_bytes / 1048576,
-               16.0 * np / 1048576, act / 1048576.0);
+               "state %.1f MB, activation workspace %.1f MB)\n", rss / 1048576,
+               alloc_bytes / 1048576, 16.0 * np / 1048576, act / 1048576.0);
     }
     moe_trainer_destroy(t);
     moe_model_destroy(m);

@@ -402,7 +402,8 @@ moe_status moe_comm_barrier(moe_comm *c) {
 /* The number of processes a launcher announced: mpirun (Open MPI, MPICH/Hydra) and Slurm's
  * PMI set OMPI_COMM_WORLD_SIZE or PMI_SIZE; PMIx only a rank (then 1). 0: not launched. */
 static long launched_size(void) {
-    const char *sizes[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}, *ranks[] = {"PMIX_RANK", "PMI_RANK"};
+    const char *sizes[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"};
+    const char *ranks[] = {"PMIX_RANK", "PMI_RANK"};
     for (int i = 0; i < 2; i++) {
         const char *v = getenv(sizes[i]);
         long n = v ? strtol(v, NULL, 10) : 0;

@@ -152,9 +152,8 @@ static moe_status create(const moe_layer_config *cfg, int max_tokens, float *par
     L->accum_counts = moe_alloc(2 * (size_t)cfg->n_experts, sizeof(int64_t));
     L->bf16_kept = moe_alloc((size_t)cfg->n_experts + 1, 1);
     L->bf16_todo = moe_alloc((size_t)cfg->n_experts, sizeof(int));
-    if (!L->params || (!L->grads && !inference) || !L->expert_bias || !L->accum_counts || !L->bf16_kept ||
-        !L->bf16_todo ||
-        alloc_workspace(L, cfg->topk) != MOE_OK) {
+    if (!L->params || (!L->grads && !inference) || !L->expert_bias || !L->accum_counts ||
+        !L->bf16_kept || !L->bf16_todo || alloc_workspace(L, cfg->topk) != MOE_OK) {
         moe_layer_destroy(L);
         return MOE_ERR_NOMEM;
     }
