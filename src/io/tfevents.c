@@ -69,11 +69,8 @@ static size_t event_payload(unsigned char *b, const char *tag, int64_t step, flo
     return n + v;
 }
 
-size_t moe_tfevents_record(unsigned char *buf, size_t cap, const char *tag, int64_t step,
-                           float value, double wall_time) {
-    if (tag && strlen(tag) > 256) return 0;
-    unsigned char payload[400];
-    size_t n = event_payload(payload, tag, step, value, wall_time);
+/* TFRecord framing: length, its masked CRC, the payload, the payload's masked CRC. */
+static size_t frame(unsigned char *buf, size_t cap, const unsigned char *payload, size_t n) {
     if (cap < n + 16) return 0;
     uint64_t len = n;
     memcpy(buf, &len, 8);
@@ -84,14 +81,40 @@ size_t moe_tfevents_record(unsigned char *buf, size_t cap, const char *tag, int6
     return n + 16;
 }
 
+size_t moe_tfevents_record(unsigned char *buf, size_t cap, const char *tag, int64_t step,
+                           float value, double wall_time) {
+    if (tag && strlen(tag) > 256) return 0;
+    unsigned char payload[400];
+    return frame(buf, cap, payload, event_payload(payload, tag, step, value, wall_time));
+}
+
+/* Event { wall_time (1), step (2), session_log (6) { status (1, varint) = START (1) } }. */
+size_t moe_tfevents_session_start_record(unsigned char *buf, size_t cap, int64_t step,
+                                         double wall_time) {
+    unsigned char payload[32];
+    size_t n = 0;
+    payload[n++] = 0x09;
+    memcpy(payload + n, &wall_time, 8);
+    n += 8;
+    payload[n++] = 0x10;
+    n += put_varint(payload + n, (uint64_t)step);
+    static const unsigned char start[] = {0x32, 0x02, 0x08, 0x01};
+    memcpy(payload + n, start, sizeof start);
+    return frame(buf, cap, payload, n + sizeof start);
+}
+
+static moe_status write_bytes(moe_tfevents *w, const unsigned char *rec, size_t n) {
+    if (fwrite(rec, 1, n, w->f) != n || fflush(w->f) != 0)
+        return moe_set_error(MOE_ERR_IO, "cannot write the event file: %s", strerror(errno));
+    return MOE_OK;
+}
+
 static moe_status write_record(moe_tfevents *w, const char *tag, int64_t step, float value,
                                double wall_time) {
     unsigned char rec[420];
     size_t n = moe_tfevents_record(rec, sizeof rec, tag, step, value, wall_time);
     if (!n) return moe_set_error(MOE_ERR_INVALID, "tensorboard tag too long");
-    if (fwrite(rec, 1, n, w->f) != n || fflush(w->f) != 0)
-        return moe_set_error(MOE_ERR_IO, "cannot write the event file: %s", strerror(errno));
-    return MOE_OK;
+    return write_bytes(w, rec, n);
 }
 
 moe_status moe_tfevents_open(const char *dir, double wall_time, moe_tfevents **out) {
@@ -117,6 +140,11 @@ moe_status moe_tfevents_open(const char *dir, double wall_time, moe_tfevents **o
 moe_status moe_tfevents_scalar(moe_tfevents *w, const char *tag, int64_t step, float value,
                                double wall_time) {
     return write_record(w, tag, step, value, wall_time);
+}
+
+moe_status moe_tfevents_session_start(moe_tfevents *w, int64_t step, double wall_time) {
+    unsigned char rec[48];
+    return write_bytes(w, rec, moe_tfevents_session_start_record(rec, sizeof rec, step, wall_time));
 }
 
 void moe_tfevents_close(moe_tfevents *w) {
