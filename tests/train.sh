@@ -90,6 +90,20 @@ expect 0 "$moe" train --load "$tmp/c"
 grep -q "saved checkpoint $tmp/c/step-00000012" "$tmp/out" || fail "resume without --save: $(cat "$tmp/out")"
 strip "$tmp/c/metrics.jsonl" >"$tmp/c.m"
 cmp -s "$tmp/a.m" "$tmp/c.m" || { diff "$tmp/a.m" "$tmp/c.m" | head -5; fail "metrics after a resume"; }
+# a crash can leave a partial line or a tail of NUL bytes after the checkpoint's steps: the
+# resumed run cuts them off and appends after whole lines (the straight run's lines), which
+# moe report reads
+for t in partial nul; do
+  cp -r "$tmp/a" "$tmp/t_$t"; rm -r "$tmp/t_$t/step-00000012"
+  echo step-00000008 >"$tmp/t_$t/latest"
+  head -8 "$tmp/a/metrics.jsonl" >"$tmp/t_$t/metrics.jsonl"
+  if [ $t = partial ]; then printf '{"step":1' >>"$tmp/t_$t/metrics.jsonl"
+  else printf '\000\000\000\000\n\000\000\000' >>"$tmp/t_$t/metrics.jsonl"; fi
+  expect 0 "$moe" train --load "$tmp/t_$t"
+  strip "$tmp/t_$t/metrics.jsonl" | cmp -s "$tmp/a.m" - ||
+    { strip "$tmp/t_$t/metrics.jsonl" | diff "$tmp/a.m" - | head -5; fail "metrics, $t tail"; }
+  expect 0 "$moe" report "$tmp/t_$t"
+done
 # resuming never writes into another run's directory, nor over the newer checkpoints of its own
 cp "$tmp/b/latest" "$tmp/b.latest"
 expect 2 "$moe" train --load "$tmp/c/step-00000008" --save "$tmp/b"

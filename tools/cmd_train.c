@@ -10,6 +10,7 @@
 #include "io/tfevents.h"
 #include "train/trainer.h"
 
+#include <cJSON.h>
 #include <dirent.h>
 #include <signal.h>
 #include <errno.h>
@@ -312,18 +313,26 @@ static moe_status choose_save_dir(moe_options *o, const char *ckpt) {
 }
 
 /* Cuts RUN/metrics.jsonl back to the steps up to `step` (those of the checkpoint resumed from:
- * a run stopped without saving logged steps that the resumed run computes again). */
+ * a run stopped without saving logged steps that the resumed run computes again). A crash can
+ * leave a partial last line or a tail of NUL bytes: only whole lines (ending in a newline) that
+ * are JSON objects of a step up to `step` stay, up to the first other one, so that the resumed
+ * run appends after a complete line. */
 static moe_status trim_metrics(const char *path, int step) {
     char *text;
     size_t len, keep = 0;
     struct stat sb;
     if (stat(path, &sb) != 0) return MOE_OK;
     MOE_TRY(moe_read_file(path, &text, &len));
-    for (char *line = text; line < text + len;) {
-        char *end = memchr(line, '\n', (size_t)(text + len - line));
-        int s;
-        if (sscanf(line, "{\"step\":%d", &s) == 1 && s > step) break;
-        line = end ? end + 1 : text + len;
+    for (const char *line = text; line < text + len;) {
+        const char *end = memchr(line, '\n', (size_t)(text + len - line)), *parsed = NULL;
+        if (!end || memchr(line, '\0', (size_t)(end - line))) break; /* a crash's tail */
+        cJSON *rec = cJSON_ParseWithLengthOpts(line, (size_t)(end - line), &parsed, 0);
+        const cJSON *s = cJSON_GetObjectItemCaseSensitive(rec, "step");
+        int ok = cJSON_IsObject(rec) && parsed == end && cJSON_IsNumber(s) &&
+                 s->valuedouble <= step;
+        cJSON_Delete(rec);
+        if (!ok) break;
+        line = end + 1;
         keep = (size_t)(line - text);
     }
     moe_status st = MOE_OK;
