@@ -90,6 +90,58 @@ expect 0 "$moe" train --load "$tmp/c"
 grep -q "saved checkpoint $tmp/c/step-00000012" "$tmp/out" || fail "resume without --save: $(cat "$tmp/out")"
 strip "$tmp/c/metrics.jsonl" >"$tmp/c.m"
 cmp -s "$tmp/a.m" "$tmp/c.m" || { diff "$tmp/a.m" "$tmp/c.m" | head -5; fail "metrics after a resume"; }
+# the resumed run's event file tells TensorBoard to drop the copied steps 9..12 (a SessionLog
+# START of step 9 after its file_version; TensorBoard purges the events of step >= 9 it read
+# before): after that purge each step's scalars are there once (records read with their CRCs)
+/usr/bin/python3 - "$tmp/c" >"$tmp/out" 2>&1 <<'EOF' || fail "events of a resume: $(cat "$tmp/out")"
+import glob, struct, sys
+def crc(b):
+    c = 0xFFFFFFFF
+    for x in b:
+        c ^= x
+        for _ in range(8): c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+    c ^= 0xFFFFFFFF
+    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+def varint(b, i):
+    r = s = 0
+    while True:
+        r |= (b[i] & 0x7F) << s; s += 7; i += 1
+        if not b[i - 1] & 0x80: return r, i
+def fields(b):  # field number -> (wire type, value); the last one of a repeated field
+    i, out = 0, {}
+    while i < len(b):
+        k, i = varint(b, i)
+        if k & 7 == 0: v, i = varint(b, i)
+        elif k & 7 == 1: v, i = b[i:i + 8], i + 8
+        elif k & 7 == 5: v, i = b[i:i + 4], i + 4
+        elif k & 7 == 2: n, i = varint(b, i); v, i = b[i:i + n], i + n
+        else: sys.exit("wire type %d" % (k & 7))
+        out[k >> 3] = (k & 7, v)
+    assert i == len(b), "field overrun"
+    return out
+seen, starts = {}, []
+for path in sorted(glob.glob(sys.argv[1] + "/events.out.tfevents.*")):
+    d, i, prev = open(path, "rb").read(), 0, None
+    while i < len(d):
+        n = struct.unpack_from("<Q", d, i)[0]; rec = d[i + 12:i + 12 + n]
+        assert struct.unpack_from("<I", d, i + 8)[0] == crc(d[i:i + 8]), "length CRC"
+        assert struct.unpack_from("<I", d, i + 12 + n)[0] == crc(rec), "data CRC"
+        i += n + 16
+        ev = fields(rec); step = ev.get(2, (0, 0))[1]
+        if 6 in ev:
+            assert ev[6][0] == 2 and fields(ev[6][1]) == {1: (0, 1)}, "not a SessionLog START"
+            assert prev is not None and 3 in prev, "START not right after a file_version"
+            starts.append(step)
+            seen = {k: v for k, v in seen.items() if k[0] < step}
+        if 5 in ev:
+            tag = fields(fields(ev[5][1])[1][1])[1][1].decode()
+            seen[step, tag] = seen.get((step, tag), 0) + 1
+        prev = ev
+assert starts == [9], "SessionLog START steps %s" % starts
+assert sorted({k[0] for k in seen}) == list(range(1, 13)), "steps %s" % sorted({k[0] for k in seen})
+twice = [k for k, v in seen.items() if v != 1]
+assert not twice, "more than once after the purge: %s" % twice[:3]
+EOF
 # a crash can leave a partial line or a tail of NUL bytes after the checkpoint's steps: the
 # resumed run cuts them off and appends after whole lines (the straight run's lines), which
 # moe report reads
