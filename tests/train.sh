@@ -257,6 +257,60 @@ grep -q "metrics.jsonl:1: expert_load is not a list" "$tmp/out" || fail "report,
 head -3 "$tmp/b/metrics.jsonl" >"$tmp/rep/metrics.jsonl"; echo '{"topics":[{"name":"y","layers":[{"layer":1}]}]}' >"$tmp/rep/topics.json"
 expect 1 "$moe" report "$tmp/rep"
 grep -q "topics.json is not" "$tmp/out" || fail "report, topic without counts: $(cat "$tmp/out")"
+# metrics.jsonl is read by length: a NUL byte makes its line malformed (it ended the reading
+# before); a complete malformed line is an error whose number counts blank lines; an incomplete
+# last line (a run stopped while writing it) is left out with a warning, a complete one is read
+mkdir "$tmp/rp"
+{ head -3 "$tmp/b/metrics.jsonl"; printf '\000\000\n'; sed -n 4,6p "$tmp/b/metrics.jsonl"; } \
+  >"$tmp/rp/metrics.jsonl"
+expect 1 "$moe" report "$tmp/rp"
+[ "$(cat "$tmp/out")" = "moe report: $tmp/rp/metrics.jsonl:4: not a JSON object" ] ||
+  fail "report, NUL bytes: $(cat "$tmp/out")"
+{ head -1 "$tmp/b/metrics.jsonl"; echo; echo; echo "not json"; } >"$tmp/rp/metrics.jsonl"
+expect 1 "$moe" report "$tmp/rp"
+grep -q "metrics.jsonl:4: not a JSON object" "$tmp/out" ||
+  fail "report, blank lines: $(cat "$tmp/out")"
+{ head -3 "$tmp/b/metrics.jsonl"; printf '{"step":4,"lo'; } >"$tmp/rp/metrics.jsonl"
+expect 0 "$moe" report "$tmp/rp"
+grep -q "^moe report: warning: .*metrics.jsonl:4: left out an incomplete last line" "$tmp/out" &&
+  [ "$(wc -l <"$tmp/out")" = 2 ] && grep -q ": 3 steps, last step 3," "$tmp/rp/report.html" ||
+  fail "report, incomplete last line: $(cat "$tmp/out")"
+{ head -3 "$tmp/b/metrics.jsonl"; sed -n 4p "$tmp/b/metrics.jsonl" | tr -d '\n'; } \
+  >"$tmp/rp/metrics.jsonl"
+expect 0 "$moe" report "$tmp/rp"
+[ "$(wc -l <"$tmp/out")" = 1 ] && grep -q ": 4 steps, last step 4," "$tmp/rp/report.html" ||
+  fail "report, last line without a newline: $(cat "$tmp/out")"
+# a record of fewer experts or without expert_load: what it leaves out is drawn as no tokens
+# (white), the same whatever memory holds (glibc's perturb fills fresh allocations: 64 experts
+# make them too large for its per-thread cache, which it does not fill)
+printf '%s\n' '{"step":1,"loss":1,"expert_load":[{"layer":1,"counts":['"$(seq -s, 1 64)"']}]}' \
+  '{"step":2,"loss":1,"expert_load":[{"layer":1,"counts":[5]}]}' '{"step":3,"loss":1}' \
+  >"$tmp/rp/metrics.jsonl"
+for p in 0 170; do
+  expect 0 env GLIBC_TUNABLES=glibc.malloc.perturb=$p "$moe" report "$tmp/rp"
+  [ "$(grep -o 'rgb(255,255,255)' "$tmp/rp/report.html" | wc -l)" = 127 ] ||
+    fail "report, fewer experts (perturb $p): $(grep -o 'rgb([0-9,]*)' "$tmp/rp/report.html")"
+done
+# every MoE layer gets its heatmap (there were 64 at most), and a heatmap stays under 20000 cells
+# (here 250 steps x 300 experts): steps and experts are averaged, as its caption says
+cat >"$tmp/gen.py" <<'EOF'
+import json, sys
+L, E, n = (int(a) for a in sys.argv[2:])  # layers, experts, steps
+with open(sys.argv[1], "w") as f:
+    for s in range(1, n + 1):
+        load = [{"layer": l, "counts": [(s * e + l) % 7 for e in range(E)]} for l in range(L)]
+        f.write(json.dumps({"step": s, "loss": 1, "expert_load": load}) + "\n")
+EOF
+/usr/bin/python3 "$tmp/gen.py" "$tmp/rp/metrics.jsonl" 70 2 3
+expect 0 "$moe" report "$tmp/rp"
+[ "$(grep -o "layer [0-9]*: expert load" "$tmp/rp/report.html" | wc -l)" = 70 ] &&
+  grep -q "layer 69: expert load" "$tmp/rp/report.html" || fail "report of 70 MoE layers"
+/usr/bin/python3 "$tmp/gen.py" "$tmp/rp/metrics.jsonl" 1 300 250
+expect 0 "$moe" report "$tmp/rp"
+cells=$(grep -o "<rect" "$tmp/rp/report.html" | wc -l)
+[ "$cells" -le 20002 ] && grep -q "experts 0..299 in 100 groups of about 3 (their mean); columns: \
+200, each the mean of about 1.25 steps" "$tmp/rp/report.html" ||
+  fail "report, heatmap of 250 steps x 300 experts: $cells cells"
 if command -v chromium >/dev/null 2>&1; then # the page renders (where a browser is installed)
   sed -i '$d' "$tmp/a/metrics.jsonl"
   expect 0 "$moe" report "$tmp/a"

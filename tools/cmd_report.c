@@ -96,40 +96,89 @@ done:
 
 /* ----------------------------------------------------------------- report */
 
+/* The heatmaps' bounds: at most this many columns (consecutive steps averaged) and cells per
+ * layer (experts averaged in groups): a run of many steps, layers and experts stays a page. */
+enum { MAX_COLS = 200, MAX_CELLS = 20000 };
+
 typedef struct {
-    int n, cap;
-    double *step, *loss, *nll, *aux, *z, *val; /* val: NAN where absent */
-    int n_layers;         /* MoE layers seen in the first record */
-    int layer_id[64], n_experts[64];
-    double *load[64];     /* [n][E] fraction of the layer's slots per expert */
+    int n;                                     /* records */
+    double *step, *loss, *nll, *aux, *z, *val; /* [n]; val: NAN where absent */
+    int n_layers, cap_layers;                  /* the MoE layers of any record, by id */
+    int *layer_id, *n_experts;                 /* the most experts any record gives the layer */
+    int cols;                                  /* heatmap columns: MAX_COLS at most */
+    double **load; /* [layer][col * E + e]: the expert's share of the layer's slots, summed over
+                    * the column's records */
 } series;
 
-static void push(series *s, cJSON *rec) {
-    if (s->n == s->cap) {
-        s->cap = s->cap ? 2 * s->cap : 256;
-        double **arrs[] = {&s->step, &s->loss, &s->nll, &s->aux, &s->z, &s->val};
-        for (int i = 0; i < 6; i++) *arrs[i] = realloc(*arrs[i], sizeof(double) * (size_t)s->cap);
-        for (int l = 0; l < s->n_layers; l++)
-            s->load[l] = realloc(s->load[l], sizeof(double) * (size_t)s->cap * s->n_experts[l]);
+/* The index of MoE layer `id` in the series (sorted by id), or where it would go. */
+static int layer_index(const series *s, int id) {
+    int lo = 0, hi = s->n_layers;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (s->layer_id[mid] < id) lo = mid + 1;
+        else hi = mid;
     }
-    const char *keys[] = {"step", "loss", "nll", "aux", "z", "val_nll"};
-    double *dst[] = {s->step, s->loss, s->nll, s->aux, s->z, s->val};
-    for (int i = 0; i < 6; i++) {
-        cJSON *v = cJSON_GetObjectItemCaseSensitive(rec, keys[i]);
-        dst[i][s->n] = cJSON_IsNumber(v) ? v->valuedouble : NAN;
-    }
-    cJSON *layers = cJSON_GetObjectItemCaseSensitive(rec, "expert_load");
-    int li = 0;
-    for (cJSON *ly = layers ? layers->child : NULL; ly && li < s->n_layers; ly = ly->next, li++) {
-        cJSON *cnt = cJSON_GetObjectItemCaseSensitive(ly, "counts");
-        double sum = 0;
-        int e = 0;
-        for (cJSON *c = cnt ? cnt->child : NULL; c && e < s->n_experts[li]; c = c->next, e++) sum += c->valuedouble;
-        e = 0;
-        for (cJSON *c = cnt ? cnt->child : NULL; c && e < s->n_experts[li]; c = c->next, e++)
-            s->load[li][(size_t)s->n * s->n_experts[li] + e] = sum > 0 ? c->valuedouble / sum : 0;
+    return lo;
+}
+
+/* First pass: counts the record and notes its layers and their experts. */
+static int scan(series *s, const cJSON *rec) {
+    const cJSON *layers = cJSON_GetObjectItemCaseSensitive(rec, "expert_load");
+    for (const cJSON *ly = layers ? layers->child : NULL; ly; ly = ly->next) {
+        int id = cJSON_GetObjectItemCaseSensitive(ly, "layer")->valueint;
+        int E = cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(ly, "counts"));
+        int li = layer_index(s, id);
+        if (li == s->n_layers || s->layer_id[li] != id) {
+            if (s->n_layers == s->cap_layers) {
+                int cap = s->cap_layers ? 2 * s->cap_layers : 16;
+                int *ids = realloc(s->layer_id, sizeof(int) * (size_t)cap);
+                if (ids) s->layer_id = ids;
+                int *ne = realloc(s->n_experts, sizeof(int) * (size_t)cap);
+                if (ne) s->n_experts = ne;
+                if (!ids || !ne) return -1;
+                s->cap_layers = cap;
+            }
+            size_t after = sizeof(int) * (size_t)(s->n_layers - li);
+            memmove(s->layer_id + li + 1, s->layer_id + li, after);
+            memmove(s->n_experts + li + 1, s->n_experts + li, after);
+            s->layer_id[li] = id;
+            s->n_experts[li] = 0;
+            s->n_layers++;
+        }
+        if (E > s->n_experts[li]) s->n_experts[li] = E;
     }
     s->n++;
+    return 0;
+}
+
+/* Column of record i: records [c * n / cols, (c + 1) * n / cols) make column c. */
+static int column_of(const series *s, int i) {
+    int c = (int)((long long)i * s->cols / s->n);
+    while ((long long)(c + 1) * s->n / s->cols <= i) c++;
+    return c;
+}
+
+/* Second pass: record i into the series. A layer or expert that the record leaves out (a record
+ * of fewer layers or experts than others, which a hand-edited or foreign file can hold) counts as
+ * no tokens: share 0, drawn white, the same on every run (never memory left unset). */
+static void push(series *s, const cJSON *rec, int i) {
+    const char *keys[] = {"step", "loss", "nll", "aux", "z", "val_nll"};
+    double *dst[] = {s->step, s->loss, s->nll, s->aux, s->z, s->val};
+    for (int k = 0; k < 6; k++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(rec, keys[k]);
+        dst[k][i] = cJSON_IsNumber(v) ? v->valuedouble : NAN;
+    }
+    int col = column_of(s, i);
+    const cJSON *layers = cJSON_GetObjectItemCaseSensitive(rec, "expert_load");
+    for (const cJSON *ly = layers ? layers->child : NULL; ly; ly = ly->next) {
+        int li = layer_index(s, cJSON_GetObjectItemCaseSensitive(ly, "layer")->valueint);
+        int E = s->n_experts[li], e = 0;
+        const cJSON *cnt = cJSON_GetObjectItemCaseSensitive(ly, "counts");
+        double sum = 0, *row = s->load[li] + (size_t)col * E;
+        for (const cJSON *c = cnt->child; c; c = c->next) sum += c->valuedouble;
+        for (const cJSON *c = cnt->child; c && sum > 0; c = c->next, e++)
+            row[e] += c->valuedouble / sum;
+    }
 }
 
 /* A line chart: series y[k][i] over x[i] (NAN points skipped). */
@@ -179,28 +228,35 @@ static void heat_cell(FILE *f, double x, double y, double w, double h, double v)
 }
 
 /* Expert load over time: x = step, y = expert; colour = share of the layer's slots,
- * relative to 2/E (twice the balanced share is full colour). */
+ * relative to 2/E (twice the balanced share is full colour). Columns average consecutive steps
+ * and rows groups of experts so that a layer draws MAX_CELLS cells at most. */
 static void load_heatmap(FILE *f, const series *s, int li) {
-    int E = s->n_experts[li], cols = s->n < 200 ? s->n : 200;
-    const int W = 640, l = 60, t = 30, cell_h = E > 32 ? 4 : 10, H = t + E * cell_h + 30;
+    int E = s->n_experts[li], cols = s->cols, rows = E < MAX_CELLS / cols ? E : MAX_CELLS / cols;
+    if (!E) return;
+    const int W = 640, l = 60, t = 30, cell_h = rows > 32 ? 4 : 10, H = t + rows * cell_h + 30;
     fprintf(f, "<figure><svg viewBox='0 0 %d %d' width='%d' height='%d'>", W, H, W, H);
     fprintf(f, "<text x='%d' y='18' class='t'>layer %d: expert load over training</text>", l,
             s->layer_id[li]);
-    double cw = (double)(W - l - 20) / (cols ? cols : 1);
-    for (int cidx = 0; cidx < cols; cidx++) {
-        int i0 = (int)((long)cidx * s->n / cols), i1 = (int)((long)(cidx + 1) * s->n / cols);
-        for (int e = 0; e < E; e++) {
+    double cw = (double)(W - l - 20) / cols;
+    for (int c = 0; c < cols; c++) {
+        int i0 = (int)((long long)c * s->n / cols), i1 = (int)((long long)(c + 1) * s->n / cols);
+        for (int r = 0; r < rows; r++) {
+            int e0 = (int)((long long)r * E / rows), e1 = (int)((long long)(r + 1) * E / rows);
             double v = 0;
-            for (int i = i0; i < i1; i++) v += s->load[li][(size_t)i * E + e];
-            v /= (i1 > i0 ? i1 - i0 : 1);
-            heat_cell(f, l + cw * cidx, t + e * cell_h, cw, cell_h, v * E / 2);
+            for (int e = e0; e < e1; e++) v += s->load[li][(size_t)c * E + e];
+            v /= (double)(i1 - i0) * (e1 - e0);
+            heat_cell(f, l + cw * c, t + r * cell_h, cw, cell_h, v * E / 2);
         }
     }
     fprintf(f, "<text x='%d' y='%d' class='ax'>step %.0f</text><text x='%d' y='%d' class='ax' "
-               "text-anchor='end'>step %.0f</text></svg><figcaption>Rows: experts 0..%d; colour: "
-               "the expert's share of the layer's routed tokens (full colour = twice the balanced "
-               "share 1/%d).</figcaption></figure>\n", l, H - 8, s->n ? s->step[0] : 0, W - 20,
-            H - 8, s->n ? s->step[s->n - 1] : 0, E - 1, E);
+               "text-anchor='end'>step %.0f</text></svg><figcaption>Rows: experts 0..%d", l, H - 8,
+            s->step[0], W - 20, H - 8, s->step[s->n - 1], E - 1);
+    if (rows < E) fprintf(f, " in %d groups of about %.3g (their mean)", rows, (double)E / rows);
+    if (cols < s->n)
+        fprintf(f, "; columns: %d, each the mean of about %.3g steps", cols, (double)s->n / cols);
+    fprintf(f, "; colour: the expert's share of the layer's routed tokens (full colour = twice the "
+               "balanced share 1/%d; what a record leaves out counts as no tokens).</figcaption>"
+               "</figure>\n", E);
 }
 
 /* Text into HTML: the characters that could start markup or end an attribute, as references. */
@@ -269,7 +325,8 @@ static void topic_heatmap(FILE *f, cJSON *topics, int layer) {
                "</figure>\n", E - 1, E);
 }
 
-static char *slurp(const char *path) {
+/* The file's bytes, NUL-terminated; its length (NUL bytes inside included) into *len. */
+static char *slurp(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
     size_t n = 0, cap = 1 << 16;
@@ -284,7 +341,73 @@ static char *slurp(const char *path) {
     }
     fclose(f);
     if (b) b[n] = '\0';
+    if (len) *len = n;
     return b;
+}
+
+/* One line of metrics.jsonl as a checked record; NULL with *why when it is none. */
+static cJSON *parse_record(const char *line, size_t n, const char **why) {
+    const char *end = NULL;
+    cJSON *rec = NULL;
+    /* a NUL (a crash's tail) would end cJSON's reading of a string: no record holds one */
+    if (!memchr(line, '\0', n)) rec = cJSON_ParseWithLengthOpts(line, n, &end, 0);
+    while (rec && end < line + n && strchr(" \t\r", *end)) end++;
+    if (!cJSON_IsObject(rec) || end != line + n) {
+        cJSON_Delete(rec);
+        *why = "not a JSON object";
+        return NULL;
+    }
+    cJSON *layers = cJSON_GetObjectItemCaseSensitive(rec, "expert_load");
+    int ok = !layers || cJSON_IsArray(layers);
+    for (cJSON *ly = layers ? layers->child : NULL; ly && ok; ly = ly->next)
+        ok = layer_entry_ok(ly);
+    if (!ok) {
+        cJSON_Delete(rec);
+        *why = "expert_load is not a list of {\"layer\": N, \"counts\": [...]}";
+    }
+    return ok ? rec : NULL;
+}
+
+/* The records of metrics.jsonl (len bytes; line numbers count blank lines too): pass 0 checks
+ * them and notes the layers (scan), pass 1 fills the series (push). An unterminated last line
+ * that is no record (a run stopped while writing it) is left out with a warning, and *len cut
+ * before it; another line that is none is an error. */
+static int read_records(const char *path, const char *text, size_t *len, series *s, int pass) {
+    int lineno = 0, i = 0;
+    for (const char *line = text; line < text + *len;) {
+        const char *nl = memchr(line, '\n', (size_t)(text + *len - line)), *why = NULL;
+        const char *end = nl ? nl : text + *len;
+        lineno++;
+        size_t blank = strspn(line, " \t\r");
+        cJSON *rec = line + blank >= end ? NULL : parse_record(line, (size_t)(end - line), &why);
+        if (why && !nl) {
+            fprintf(stderr, "moe report: warning: %s:%d: left out an incomplete last line (a run "
+                            "stopped while writing it)\n", path, lineno);
+            *len = (size_t)(line - text);
+            break;
+        }
+        if (why) {
+            fprintf(stderr, "moe report: %s:%d: %s\n", path, lineno, why);
+            return -1;
+        }
+        int rc = !rec ? 0 : pass ? (push(s, rec, i++), 0) : scan(s, rec);
+        cJSON_Delete(rec);
+        if (rc) {
+            fprintf(stderr, "moe report: out of memory for %s\n", path);
+            return -1;
+        }
+        line = nl ? nl + 1 : end;
+    }
+    return 0;
+}
+
+static void series_free(series *s) {
+    double **arrs[] = {&s->step, &s->loss, &s->nll, &s->aux, &s->z, &s->val};
+    for (int i = 0; i < 6; i++) free(*arrs[i]);
+    for (int l = 0; s->load && l < s->n_layers; l++) free(s->load[l]);
+    free(s->load);
+    free(s->layer_id);
+    free(s->n_experts);
 }
 
 int moe_cmd_report(int argc, char **argv) {
@@ -295,49 +418,33 @@ int moe_cmd_report(int argc, char **argv) {
     const char *run = argv[0];
     char path[4300];
     snprintf(path, sizeof path, "%s/metrics.jsonl", run);
-    char *text = slurp(path);
+    size_t len;
+    char *text = slurp(path, &len);
     if (!text) {
         fprintf(stderr, "moe report: cannot read %s\n", path);
         return 1;
     }
     series s;
     memset(&s, 0, sizeof s);
-    int lineno = 0, bad = 0;
-    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
-        lineno++;
-        cJSON *rec = cJSON_Parse(line);
-        if (!cJSON_IsObject(rec)) {
-            fprintf(stderr, "moe report: %s:%d: not a JSON object\n", path, lineno);
-            cJSON_Delete(rec);
-            bad = 1;
-            break;
-        }
-        cJSON *layers = cJSON_GetObjectItemCaseSensitive(rec, "expert_load");
-        for (cJSON *ly = layers ? layers->child : NULL; ly && !bad; ly = ly->next)
-            bad = !layer_entry_ok(ly);
-        if (bad || (layers && !cJSON_IsArray(layers))) {
-            fprintf(stderr, "moe report: %s:%d: expert_load is not a list of {\"layer\": N, "
-                            "\"counts\": [...]}\n", path, lineno);
-            cJSON_Delete(rec);
-            bad = 1;
-            break;
-        }
-        if (s.n == 0) {
-            for (cJSON *ly = layers ? layers->child : NULL; ly && s.n_layers < 64; ly = ly->next) {
-                s.layer_id[s.n_layers] = cJSON_GetObjectItemCaseSensitive(ly, "layer")->valueint;
-                s.n_experts[s.n_layers++] = cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(ly, "counts"));
-            }
-        }
-        push(&s, rec);
-        cJSON_Delete(rec);
+    int bad = read_records(path, text, &len, &s, 0);
+    if (!bad && s.n) {
+        s.cols = s.n < MAX_COLS ? s.n : MAX_COLS;
+        double **arrs[] = {&s.step, &s.loss, &s.nll, &s.aux, &s.z, &s.val};
+        for (int i = 0; i < 6; i++) bad |= !(*arrs[i] = malloc(sizeof(double) * (size_t)s.n));
+        bad |= !(s.load = calloc((size_t)s.n_layers + 1, sizeof *s.load));
+        for (int l = 0; !bad && l < s.n_layers; l++)
+            bad |= !(s.load[l] = calloc((size_t)s.cols * s.n_experts[l] + 1, sizeof(double)));
+        if (bad) fprintf(stderr, "moe report: out of memory for %s\n", path);
+        if (!bad) bad = read_records(path, text, &len, &s, 1);
     }
     free(text);
     if (bad || s.n == 0) {
         if (!bad) fprintf(stderr, "moe report: %s holds no steps\n", path);
+        series_free(&s);
         return 1;
     }
     snprintf(path, sizeof path, "%s/topics.json", run);
-    char *ttext = slurp(path);
+    char *ttext = slurp(path, NULL);
     int ttext_read = ttext != NULL; /* topics.json is optional, but checked when there */
     cJSON *topics_doc = ttext ? cJSON_Parse(ttext) : NULL;
     free(ttext);
@@ -346,12 +453,15 @@ int moe_cmd_report(int argc, char **argv) {
         fprintf(stderr, "moe report: %s is not {\"topics\": [{\"name\": ..., \"layers\": "
                         "[{\"layer\": N, \"counts\": [...]}]}]}\n", path);
         cJSON_Delete(topics_doc);
+        series_free(&s);
         return 1;
     }
     snprintf(path, sizeof path, "%s/report.html", run);
     FILE *f = fopen(path, "w");
     if (!f) {
         fprintf(stderr, "moe report: cannot write %s\n", path);
+        cJSON_Delete(topics_doc);
+        series_free(&s);
         return 1;
     }
     double last_val = NAN;
@@ -383,9 +493,7 @@ int moe_cmd_report(int argc, char **argv) {
     fprintf(f, "</body></html>\n");
     int rc = fclose(f) != 0;
     cJSON_Delete(topics_doc);
-    double **arrs[] = {&s.step, &s.loss, &s.nll, &s.aux, &s.z, &s.val};
-    for (int i = 0; i < 6; i++) free(*arrs[i]);
-    for (int l = 0; l < s.n_layers; l++) free(s.load[l]);
+    series_free(&s);
     if (rc) {
         fprintf(stderr, "moe report: cannot write %s\n", path);
         return 1;
