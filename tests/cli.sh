@@ -76,6 +76,23 @@ layer = 2 * proj + S * (H * (nope + rope) + H * v) + 2 * d * E + k * 2 * d * 3 *
 want = 3 * (2 * layer + 2 * d * V) / 1e6  # forward + backward, per token
 sys.exit(0 if abs(r['mflop_per_token'] - want) < 1e-6 else 1)
 " "$tmp/out" || fail "bench train FLOPs with MLA: $(cat "$tmp/out")"
+# and the analytical minimum of memory: parameters, gradients and Adam's moments (16 bytes
+# each) and the float32 activations the backward reads (see model_activation_bytes_per_token)
+expect 0 "$moe" bench train --num-layers 2 --hidden-size 32 --num-attention-heads 4 \
+  --num-query-groups 2 --num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 16 \
+  --ffn-hidden-size 24 --first-k-dense 1 --moe-shared-expert-intermediate-size 8 --seq-length 16 \
+  --micro-batch-size 3 --global-batch-size 3 --moe-router-pre-softmax --iters 1 --json
+/usr/bin/python3 -c "
+import json, sys
+r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+d, H, hd, kvh, S, T, V, E, k, f, fs, ffn = 32, 4, 8, 2, 16, 48, 257, 4, 2, 16, 8, 24
+block = (2 * d + 1) + (H * hd + 2 * kvh * hd) + H * S + H * hd + (2 * d + 1)
+dense = block + 3 * ffn                                   # SwiGLU: h (2 ffn) and activation
+moe = block + E + k * (1 + 3 * f + d) + 3 * fs            # weight, h, act, output; shared
+act = 4 * T * (dense + moe + 2 * d + 1 + V)               # final norm, logits
+want = (16 * r['params'] + act) / 1048576
+sys.exit(0 if abs(r['minimum_mb'] - want) < 1e-3 and r['minimum_mb'] < r['allocated_mb'] else 1)
+" "$tmp/out" || fail "bench train's analytical minimum: $(cat "$tmp/out")"
 # --device cuda where there is no GPU (CI) or no CUDA in the build: one clear line, exit 1;
 # with a GPU the layer and generation benches run (test_cuda_* check the numbers)
 if "$moe" bench layer --device cuda --tokens 64 --iters 1 >"$tmp/out" 2>&1; then

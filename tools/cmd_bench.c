@@ -308,6 +308,34 @@ static double model_forward_flops(const moe_model_config *c, int S) {
     return f;
 }
 
+/* Analytical minimum of the activations a training step keeps, per token in bytes: each float32
+ * tensor the backward reads, stored once and not recomputed, with attention that keeps its
+ * probabilities (a row of S per head). Per block: the block's input and its norm (and rstd),
+ * q, k, v (MLA: the q and kv latents too), the probabilities, the attention's output; the
+ * FFN's input and its norm (and rstd); a MoE layer's router scores (E) and, for each of its k
+ * choices, the routing weight, the expert's hidden h (gated: 2f), activation (f) and output (d:
+ * the routing weight's gradient), the shared expert's h and activation; a dense FFN's h and
+ * activation. Then the final norm's input, output and rstd, and the
+ * logits. The expert's input rows are gathered from the FFN's norm again, not kept. */
+static double model_activation_bytes_per_token(const moe_model_config *c, int S) {
+    double d = c->d, H = c->n_heads, hd = moe_model_head_dim(c), qkv;
+    if (c->kv_lora_rank)
+        qkv = H * (c->qk_nope_dim + c->qk_rope_dim) * 2 + H * c->v_head_dim + c->q_lora_rank +
+              c->kv_lora_rank;
+    else
+        qkv = H * hd + 2.0 * c->n_kv_heads * hd;
+    double ho = c->kv_lora_rank ? H * c->v_head_dim : H * hd;
+    int gated = c->moe.act == MOE_ACT_SWIGLU || c->moe.act == MOE_ACT_GEGLU;
+    double hidden = gated ? 3.0 : 2.0, f = 0; /* h and the activation, per unit of width */
+    for (int l = 0; l < c->n_layers; l++) {
+        f += 2 * d + 1 + qkv + H * S + ho + 2 * d + 1;
+        int E = moe_model_layer_experts(c, l);
+        f += E ? E + c->moe.topk * (1 + hidden * c->moe.ffn + d) + hidden * c->moe.shared_ffn
+               : hidden * c->ffn;
+    }
+    return 4 * (f + 2 * d + 1 + c->vocab);
+}
+
 /* The same for one training step (forward + backward = 3 x forward). */
 static double model_flops_per_token(const moe_model_config *c) {
     return 3 * model_forward_flops(c, c->seq_len);
@@ -355,14 +383,18 @@ static int bench_train(moe_options *o, int json) {
      * workspace as planned (which holds more than a strict minimum: each MoE layer keeps its
      * own backward scratch, the model its decoding buffers) */
     double alloc_bytes = 4.0 * 4 * np + act;
+    double min_act = model_activation_bytes_per_token(c, S) * tc->micro_batch * S,
+           min_bytes = 4.0 * 4 * np + min_act;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     double rss = 1024.0 * ru.ru_maxrss;
     if (json)
         printf("{\"bench\":\"train\",\"params\":%zu,\"tokens_per_s\":%.1f,\"gflops\":%.2f,"
-               "\"sgemm_gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,\"allocated_mb\":%.1f,"
+               "\"sgemm_gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,\"minimum_mb\":%.3f,"
+               "\"allocated_mb\":%.1f,"
                "\"threads\":%d,\"mflop_per_token\":%.6f}\n", np, tok_s, 1e-9 * tok_s * fpt,
-               1e-9 * peak, tok_s * fpt / peak, rss / 1048576, alloc_bytes / 1048576,
+               1e-9 * peak, tok_s * fpt / peak, rss / 1048576, min_bytes / 1048576,
+               alloc_bytes / 1048576,
                omp_get_max_threads(), 1e-6 * fpt);
     else {
         printf("moe bench train: %d layers, d=%d, %zu parameters, micro-batch %d x %d tokens, %d "
@@ -378,9 +410,10 @@ static int bench_train(moe_options *o, int json) {
         printf("training: %.0f tokens/s, %.1f ms per step; %.2f MFLOP per token; %.1f GFLOP/s = "
                "%.1f%% model FLOP utilisation against the GEMM ceiling\n", tok_s,
                1e3 * t_steps / o->iters, 1e-6 * fpt, 1e-9 * tok_s * fpt, 100 * tok_s * fpt / peak);
-        printf("memory: peak RSS %.1f MB; allocated %.1f MB (parameters, gradients and Adam "
-               "state %.1f MB, activation workspace %.1f MB)\n", rss / 1048576,
-               alloc_bytes / 1048576, 16.0 * np / 1048576, act / 1048576.0);
+        printf("memory: peak RSS %.1f MB; analytical minimum %.1f MB (parameters, gradients and "
+               "Adam state %.1f MB, the activations the backward reads %.1f MB); allocated "
+               "%.1f MB (activation workspace %.1f MB)\n", rss / 1048576, min_bytes / 1048576,
+               16.0 * np / 1048576, min_act / 1048576, alloc_bytes / 1048576, act / 1048576.0);
     }
     moe_trainer_destroy(t);
     moe_model_destroy(m);
