@@ -23,6 +23,10 @@ int moe_cmd_bench(int argc, char **argv);
 #include <stdint.h>
 #include <stdio.h>
 
+/* A line of metrics.jsonl (n bytes, without its newline) as the JSON object it holds, or NULL
+ * when it is not exactly one (a NUL, a crash's tail, never is); the caller deletes it. */
+struct cJSON *moe_cli_metrics_record(const char *line, size_t n);
+
 /* Options of a command: with --load, the checkpoint's options first (ckpt receives the
  * checkpoint directory), then the command line's flags; validated for a model and training.
  * Returns an exit code (0 ok). */

@@ -345,15 +345,21 @@ static char *slurp(const char *path, size_t *len) {
     return b;
 }
 
-/* One line of metrics.jsonl as a checked record; NULL with *why when it is none. */
-static cJSON *parse_record(const char *line, size_t n, const char **why) {
+cJSON *moe_cli_metrics_record(const char *line, size_t n) {
     const char *end = NULL;
     cJSON *rec = NULL;
     /* a NUL (a crash's tail) would end cJSON's reading of a string: no record holds one */
     if (!memchr(line, '\0', n)) rec = cJSON_ParseWithLengthOpts(line, n, &end, 0);
     while (rec && end < line + n && strchr(" \t\r", *end)) end++;
-    if (!cJSON_IsObject(rec) || end != line + n) {
-        cJSON_Delete(rec);
+    if (cJSON_IsObject(rec) && end == line + n) return rec;
+    cJSON_Delete(rec);
+    return NULL;
+}
+
+/* One line of metrics.jsonl as a checked record; NULL with *why when it is none. */
+static cJSON *parse_record(const char *line, size_t n, const char **why) {
+    cJSON *rec = moe_cli_metrics_record(line, n);
+    if (!rec) {
         *why = "not a JSON object";
         return NULL;
     }

@@ -324,12 +324,11 @@ static moe_status trim_metrics(const char *path, int step) {
     if (stat(path, &sb) != 0) return MOE_OK;
     MOE_TRY(moe_read_file(path, &text, &len));
     for (const char *line = text; line < text + len;) {
-        const char *end = memchr(line, '\n', (size_t)(text + len - line)), *parsed = NULL;
-        if (!end || memchr(line, '\0', (size_t)(end - line))) break; /* a crash's tail */
-        cJSON *rec = cJSON_ParseWithLengthOpts(line, (size_t)(end - line), &parsed, 0);
+        const char *end = memchr(line, '\n', (size_t)(text + len - line));
+        if (!end) break; /* a crash's partial last line */
+        cJSON *rec = moe_cli_metrics_record(line, (size_t)(end - line));
         const cJSON *s = cJSON_GetObjectItemCaseSensitive(rec, "step");
-        int ok = cJSON_IsObject(rec) && parsed == end && cJSON_IsNumber(s) &&
-                 s->valuedouble <= step;
+        int ok = rec && cJSON_IsNumber(s) && s->valuedouble <= step;
         cJSON_Delete(rec);
         if (!ok) break;
         line = end + 1;

@@ -557,10 +557,9 @@ static moe_status create(const moe_model_config *cfg, int max_tokens, int infere
     for (int l = 0; l < L; l++) {
         if (!moe_model_layer_experts(cfg, l)) continue;
         moe_layer_config lc = layer_config(cfg, l);
-        float *p = m->params + m->block_off[(size_t)l * B_N + B_MOE];
-        st = inference ? moe_layer_create_inference(&lc, max_tokens, p, &m->moe[l])
-                       : moe_layer_create(&lc, max_tokens, p,
-                                          m->grads + m->block_off[(size_t)l * B_N + B_MOE],
+        size_t off = m->block_off[(size_t)l * B_N + B_MOE];
+        st = inference ? moe_layer_create_inference(&lc, max_tokens, m->params + off, &m->moe[l])
+                       : moe_layer_create(&lc, max_tokens, m->params + off, m->grads + off,
                                           &m->moe[l]);
         if (st != MOE_OK) goto fail;
     }
