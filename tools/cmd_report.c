@@ -110,6 +110,13 @@ typedef struct {
                     * the column's records */
 } series;
 
+/* The per-record fields of the series, in the order of their keys in metrics.jsonl. */
+static const char *const series_keys[] = {"step", "loss", "nll", "aux", "z", "val_nll"};
+static void series_columns(series *s, double **field[6]) {
+    field[0] = &s->step, field[1] = &s->loss, field[2] = &s->nll, field[3] = &s->aux,
+    field[4] = &s->z, field[5] = &s->val;
+}
+
 /* The index of MoE layer `id` in the series (sorted by id), or where it would go. */
 static int layer_index(const series *s, int id) {
     int lo = 0, hi = s->n_layers;
@@ -162,11 +169,11 @@ static int column_of(const series *s, int i) {
  * of fewer layers or experts than others, which a hand-edited or foreign file can hold) counts as
  * no tokens: share 0, drawn white, the same on every run (never memory left unset). */
 static void push(series *s, const cJSON *rec, int i) {
-    const char *keys[] = {"step", "loss", "nll", "aux", "z", "val_nll"};
-    double *dst[] = {s->step, s->loss, s->nll, s->aux, s->z, s->val};
+    double **field[6];
+    series_columns(s, field);
     for (int k = 0; k < 6; k++) {
-        const cJSON *v = cJSON_GetObjectItemCaseSensitive(rec, keys[k]);
-        dst[k][i] = cJSON_IsNumber(v) ? v->valuedouble : NAN;
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(rec, series_keys[k]);
+        (*field[k])[i] = cJSON_IsNumber(v) ? v->valuedouble : NAN;
     }
     int col = column_of(s, i);
     const cJSON *layers = cJSON_GetObjectItemCaseSensitive(rec, "expert_load");
@@ -408,8 +415,9 @@ static int read_records(const char *path, const char *text, size_t *len, series 
 }
 
 static void series_free(series *s) {
-    double **arrs[] = {&s->step, &s->loss, &s->nll, &s->aux, &s->z, &s->val};
-    for (int i = 0; i < 6; i++) free(*arrs[i]);
+    double **field[6];
+    series_columns(s, field);
+    for (int i = 0; i < 6; i++) free(*field[i]);
     for (int l = 0; s->load && l < s->n_layers; l++) free(s->load[l]);
     free(s->load);
     free(s->layer_id);
@@ -435,8 +443,9 @@ int moe_cmd_report(int argc, char **argv) {
     int bad = read_records(path, text, &len, &s, 0);
     if (!bad && s.n) {
         s.cols = s.n < MAX_COLS ? s.n : MAX_COLS;
-        double **arrs[] = {&s.step, &s.loss, &s.nll, &s.aux, &s.z, &s.val};
-        for (int i = 0; i < 6; i++) bad |= !(*arrs[i] = malloc(sizeof(double) * (size_t)s.n));
+        double **field[6];
+        series_columns(&s, field);
+        for (int i = 0; i < 6; i++) bad |= !(*field[i] = malloc(sizeof(double) * (size_t)s.n));
         bad |= !(s.load = calloc((size_t)s.n_layers + 1, sizeof *s.load));
         for (int l = 0; !bad && l < s.n_layers; l++)
             bad |= !(s.load[l] = calloc((size_t)s.cols * s.n_experts[l] + 1, sizeof(double)));
