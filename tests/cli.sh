@@ -93,6 +93,13 @@ act = 4 * T * (dense + moe + 2 * d + 1 + V)               # final norm, logits
 want = (16 * r['params'] + act) / 1048576
 sys.exit(0 if abs(r['minimum_mb'] - want) < 1e-3 and r['minimum_mb'] < r['allocated_mb'] else 1)
 " "$tmp/out" || fail "bench train's analytical minimum: $(cat "$tmp/out")"
+# a step skipped for a loss that is not finite (an absurd lr): exit 1 and no figures, which
+# would time steps without their update
+expect 1 "$moe" bench train --num-layers 1 --hidden-size 32 --num-attention-heads 4 \
+  --num-experts 4 --seq-length 16 --micro-batch-size 2 --global-batch-size 2 --iters 8 \
+  --lr 1e9 --clip-grad 0 --lr-warmup-iters 0
+grep -q "not finite" "$tmp/out" && ! grep -q "tokens/s" "$tmp/out" \
+  || fail "bench train with a skipped step: $(cat "$tmp/out")"
 # --device cuda where there is no GPU (CI) or no CUDA in the build: one clear line, exit 1;
 # with a GPU the layer and generation benches run (test_cuda_* check the numbers)
 if "$moe" bench layer --device cuda --tokens 64 --iters 1 >"$tmp/out" 2>&1; then

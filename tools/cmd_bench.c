@@ -368,12 +368,22 @@ static int bench_train(moe_options *o, int json) {
     moe_model_init_params(m, c->moe.seed);
     double peak = model_gemm_ceiling(o->device);
     double t_steps = 0, tokens = 0;
+    /* iteration 0 warms up; a failed or skipped step ends the bench without figures (a skipped
+     * step leaves out the optimizer's update, so its time would flatter the rate) */
     for (int it = 0; it <= o->iters; it++) {
         moe_step_metrics s;
         double t0 = moe_time_now();
-        if (moe_trainer_step(t, &s) != MOE_OK) {
+        moe_status st = moe_trainer_step(t, &s);
+        if (st == MOE_OK && s.skipped)
+            st = moe_set_error(MOE_ERR_STATE, "step %d had a loss or gradient that is not finite "
+                               "(loss %g, gradient norm %g) and was skipped; lower --lr", it + 1,
+                               s.loss, s.grad_norm);
+        if (st != MOE_OK) {
             fprintf(stderr, "moe bench: %s\n", moe_last_error());
-            break;
+            moe_trainer_destroy(t);
+            moe_model_destroy(m);
+            free(data);
+            return 1;
         }
         if (it) t_steps += moe_time_now() - t0, tokens += (double)s.tokens;
     }
