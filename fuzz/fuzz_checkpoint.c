@@ -29,7 +29,8 @@ static void read_all(const char *path, uint8_t **buf, size_t *size) {
 
 static void setup(void) {
     static uint32_t tokens[64];
-    static moe_tokens data = {.tokens = tokens, .n_tokens = 64, .vocab = 16, .eot = 0};
+    static moe_tokens data = {.ids = tokens, .id_bytes = MOE_TOKENS_U32,
+        .n_tokens = 64, .vocab = 16, .eot = 0};
     for (int i = 0; i < 64; i++) tokens[i] = (uint32_t)(i * 7 % 16);
     moe_model_config c = moe_model_config_default();
     c.vocab = 16;

@@ -184,7 +184,8 @@ static void test_training(void **state) {
         v = (v + 1 + (int)(moe_rng_u64(seed, 3, (uint64_t)i) % 3)) % 40;
         data[i] = (uint32_t)v;
     }
-    moe_tokens toks = {.tokens = data, .n_tokens = n_tok, .vocab = 257, .eot = 0};
+    moe_tokens toks = {.ids = data, .id_bytes = MOE_TOKENS_U32,
+        .n_tokens = n_tok, .vocab = 257, .eot = 0};
     char dir[] = "/tmp/moe_test_cuda_XXXXXX", ckpt[4400];
     assert_non_null(mkdtemp(dir));
     double loss[3][5];
@@ -223,7 +224,8 @@ static void test_trainer_lifecycle(void **state) {
     int n_tok = 8000;
     uint32_t *data = malloc(sizeof(uint32_t) * (size_t)n_tok);
     for (int i = 0; i < n_tok; i++) data[i] = (uint32_t)(moe_rng_u64(seed, 4, (uint64_t)i) % 97);
-    moe_tokens toks = {.tokens = data, .n_tokens = n_tok, .vocab = 257, .eot = 0};
+    moe_tokens toks = {.ids = data, .id_bytes = MOE_TOKENS_U32,
+        .n_tokens = n_tok, .vocab = 257, .eot = 0};
     moe_model *m, *fresh;
     moe_trainer *t;
     moe_step_metrics mt;

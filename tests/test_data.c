@@ -1,5 +1,7 @@
-/* io/data's file helpers: an atomic write whose fsync fails closes its file, and an empty
- * directory path is refused without reading past it. */
+/* io/data: an atomic write whose fsync fails closes its file, an empty directory path is
+ * refused without reading past it, and a token file is mapped, not copied: loading a large one
+ * costs no anonymous memory, its tokens read back in either width, and a refused or freed one
+ * leaves no mapping behind. */
 #define _POSIX_C_SOURCE 200809L
 #include "test_util.h"
 
@@ -14,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -54,10 +57,163 @@ static void test_mkdirs_empty(void **state) {
     assert_non_null(strstr(moe_last_error(), "empty"));
 }
 
+/* ------------------------------------------------------------ token files */
+
+/* Writes a token file (docs/FORMATS.md §1) of n tokens, id i = (i * 7919) % (vocab - 1), in
+ * documents of doc_len tokens each ending with eot = vocab - 1 (n a multiple of doc_len), one
+ * source "s"; extra bytes appended after the end. Returns the file's size. */
+static size_t write_tokens(const char *path, int dtype, int64_t n, uint32_t vocab, int doc_len,
+                           size_t extra) {
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    unsigned char hdr[64] = {0};
+    uint32_t version = 1, dt = (uint32_t)dtype, eot = vocab - 1;
+    uint64_t nt = (uint64_t)n, nd = (uint64_t)(n / doc_len);
+    memcpy(hdr, "MOETOKNS", 8);
+    memcpy(hdr + 8, &version, 4);
+    memcpy(hdr + 12, &dt, 4);
+    memcpy(hdr + 16, &nt, 8);
+    memcpy(hdr + 24, &vocab, 4);
+    memcpy(hdr + 28, &eot, 4);
+    memcpy(hdr + 32, &nd, 8);
+    assert_int_equal(fwrite(hdr, 1, 64, f), 64);
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t id = i % doc_len == doc_len - 1 ? eot : (uint32_t)((i * 7919) % (vocab - 1));
+        uint16_t narrow = (uint16_t)id;
+        assert_int_equal(fwrite(dtype == 2 ? (void *)&narrow : (void *)&id, (size_t)dtype, 1, f), 1);
+    }
+    for (uint64_t d = 0; d < nd; d++) {
+        uint64_t pair[2] = {d * (uint64_t)doc_len, 0};
+        assert_int_equal(fwrite(pair, 16, 1, f), 1);
+    }
+    uint32_t n_src = 1, len = 1;
+    assert_int_equal(fwrite(&n_src, 4, 1, f), 1);
+    assert_int_equal(fwrite(&len, 4, 1, f), 1);
+    assert_int_equal(fwrite("s", 1, 1, f), 1);
+    for (size_t i = 0; i < extra; i++) assert_int_equal(fputc(0, f), 0);
+    assert_int_equal(fclose(f), 0);
+    struct stat sb;
+    assert_int_equal(stat(path, &sb), 0);
+    return (size_t)sb.st_size;
+}
+
+/* A field of /proc/self/status, in kB ("RssAnon"). */
+static long status_kb(const char *field) {
+    FILE *f = fopen("/proc/self/status", "r");
+    assert_non_null(f);
+    char line[256];
+    long kb = -1;
+    size_t n = strlen(field);
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, field, n) && line[n] == ':') kb = atol(line + n + 1);
+    fclose(f);
+    assert_true(kb >= 0);
+    return kb;
+}
+
+/* Whether /proc/self/maps maps path. */
+static int is_mapped(const char *path) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    assert_non_null(f);
+    char line[4400];
+    int found = 0;
+    size_t n = strlen(path);
+    while (fgets(line, sizeof line, f)) {
+        size_t l = strlen(line);
+        if (l && line[l - 1] == '\n') line[--l] = '\0';
+        found |= l >= n && !strcmp(line + l - n, path);
+    }
+    fclose(f);
+    return found;
+}
+
+/* 8 M uint16 tokens (16 MB): loading and reading every token adds under half the file to the
+ * anonymous memory (the tokens stay in the page cache, file-backed; a copy widened to uint32
+ * adds twice the file), and every token reads back as written. */
+static void test_tokens_mapped(void **state) {
+    (void)state;
+    char dir[] = "/tmp/moe_test_data_XXXXXX", path[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/big.bin", dir);
+    const int64_t n = 8 << 20;
+    size_t size = write_tokens(path, 2, n, 50000, 1024, 0);
+    long before = status_kb("RssAnon");
+    moe_tokens t;
+    assert_int_equal(moe_tokens_load(path, &t), MOE_OK);
+    uint64_t sum = 0, want = 0;
+    for (int64_t i = 0; i < t.n_tokens; i++) sum += moe_tokens_at(&t, i);
+    long grown = status_kb("RssAnon") - before;
+    printf("token file of %zu kB: anonymous memory grew by %ld kB\n", size / 1024, grown);
+    if (grown * 1024 >= (long)size / 2)
+        fail_msg("loading %zu bytes of tokens added %ld kB of anonymous memory (want < %zu kB)",
+                 size, grown, size / 2048);
+    for (int64_t i = 0; i < n; i++)
+        want += i % 1024 == 1023 ? 49999 : (uint64_t)((i * 7919) % 49999);
+    assert_int_equal(t.n_tokens, n);
+    assert_int_equal(t.id_bytes, 2);
+    assert_int_equal(t.n_docs, n / 1024);
+    assert_int_equal(sum, want);
+    assert_true(is_mapped(path));
+    moe_tokens_free(&t);
+    assert_false(is_mapped(path));
+    unlink(path);
+    rmdir(dir);
+}
+
+/* uint32 tokens read back as written, through moe_tokens_at and moe_tokens_batch. */
+static void test_tokens_u32(void **state) {
+    (void)state;
+    char dir[] = "/tmp/moe_test_data_XXXXXX", path[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/u32.bin", dir);
+    write_tokens(path, 4, 4096, 100000, 64, 0);
+    moe_tokens t;
+    assert_int_equal(moe_tokens_load(path, &t), MOE_OK);
+    assert_int_equal(t.id_bytes, 4);
+    for (int64_t i = 0; i < t.n_tokens; i++)
+        assert_int_equal(moe_tokens_at(&t, i),
+                         i % 64 == 63 ? 99999 : (uint32_t)((i * 7919) % 99999));
+    int32_t tok[2 * 16], tgt[2 * 16];
+    moe_tokens_batch(&t, 2, 16, 5, 6, tok, tgt);
+    for (int i = 0; i < 2 * 16; i++) assert_true(tok[i] >= 0 && tok[i] < 100000);
+    for (int i = 0; i < 15; i++) assert_int_equal(tok[i + 1], tgt[i]);
+    moe_tokens_free(&t);
+    unlink(path);
+    rmdir(dir);
+}
+
+/* Refused files: an empty one (which cannot be mapped) and one under 64 bytes are no token
+ * file; one with trailing bytes is refused by name; none stays mapped. */
+static void test_tokens_refused(void **state) {
+    (void)state;
+    char dir[] = "/tmp/moe_test_data_XXXXXX", path[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/t.bin", dir);
+    moe_tokens t;
+    for (int len = 0; len < 64; len += 63) {
+        FILE *f = fopen(path, "wb");
+        assert_non_null(f);
+        for (int i = 0; i < len; i++) fputc('M', f);
+        fclose(f);
+        assert_int_not_equal(moe_tokens_load(path, &t), MOE_OK);
+        assert_non_null(strstr(moe_last_error(), "is not a token file"));
+    }
+    write_tokens(path, 2, 256, 257, 64, 3);
+    assert_int_not_equal(moe_tokens_load(path, &t), MOE_OK);
+    assert_non_null(strstr(moe_last_error(), "3 unexpected bytes at the end"));
+    assert_false(is_mapped(path));
+    assert_int_not_equal(moe_tokens_load(dir, &t), MOE_OK); /* a directory */
+    unlink(path);
+    rmdir(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_write_atomic_fsync_fails),
         cmocka_unit_test(test_mkdirs_empty),
+        cmocka_unit_test(test_tokens_mapped),
+        cmocka_unit_test(test_tokens_u32),
+        cmocka_unit_test(test_tokens_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -284,7 +284,8 @@ static void test_memorise(void **state) {
         data[i] = (uint32_t)(i && r >= data[i - 1] ? r + 1 : r);
     }
     /* exactly seq_len + 1 tokens: every batch row is the same window */
-    moe_tokens toks = {.tokens = data, .n_tokens = 13, .vocab = c.vocab, .eot = 0};
+    moe_tokens toks = {.ids = data, .id_bytes = MOE_TOKENS_U32,
+        .n_tokens = 13, .vocab = c.vocab, .eot = 0};
     moe_train_config tc = moe_train_config_default();
     tc.train_iters = 300;
     tc.micro_batch = tc.global_batch = 2;
@@ -465,7 +466,7 @@ static void test_inference_model(void **state) {
     assert_non_null(strstr(moe_last_error(), "inference"));
     uint32_t data[64];
     for (int i = 0; i < 64; i++) data[i] = (uint32_t)i % (uint32_t)c.vocab;
-    moe_tokens toks = {.tokens = data, .n_tokens = 64, .vocab = c.vocab};
+    moe_tokens toks = {.ids = data, .id_bytes = MOE_TOKENS_U32, .n_tokens = 64, .vocab = c.vocab};
     moe_train_config tc = moe_train_config_default();
     tc.micro_batch = tc.global_batch = 1;
     moe_trainer *t = NULL;
@@ -548,7 +549,8 @@ static void test_grad_norm_clip(void **state) {
     tc.warmup_iters = 0;
     tc.weight_decay = 0;
     tc.clip_grad = (float)(norm / 4);
-    moe_tokens toks = {.tokens = data, .n_tokens = S + 1, .vocab = c.vocab};
+    moe_tokens toks = {.ids = data, .id_bytes = MOE_TOKENS_U32,
+        .n_tokens = S + 1, .vocab = c.vocab};
     moe_trainer *t;
     moe_step_metrics s;
     assert_int_equal(moe_model_create(&c, B * S, &m), MOE_OK);
@@ -577,7 +579,7 @@ static void test_trainer_refuses_top1_post_softmax(void **state) {
     c.moe.topk = 1;
     uint32_t data[64];
     for (int i = 0; i < 64; i++) data[i] = (uint32_t)i % (uint32_t)c.vocab;
-    moe_tokens toks = {.tokens = data, .n_tokens = 64, .vocab = c.vocab};
+    moe_tokens toks = {.ids = data, .id_bytes = MOE_TOKENS_U32, .n_tokens = 64, .vocab = c.vocab};
     moe_train_config tc = moe_train_config_default();
     tc.micro_batch = tc.global_batch = 1;
     for (int pre = 0; pre < 2; pre++) {
@@ -682,7 +684,7 @@ static void test_weight_decay_groups(void **state) {
     c.moe.expert_bias = 1; /* biases too */
     uint32_t data[64];
     for (int i = 0; i < 64; i++) data[i] = (uint32_t)(moe_rng_u64(seed, 4, (uint64_t)i) % (uint64_t)c.vocab);
-    moe_tokens toks = {.tokens = data, .n_tokens = 64, .vocab = c.vocab};
+    moe_tokens toks = {.ids = data, .id_bytes = MOE_TOKENS_U32, .n_tokens = 64, .vocab = c.vocab};
     float *after[2];
     size_t n = 0;
     moe_model *keep = NULL;

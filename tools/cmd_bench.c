@@ -354,7 +354,8 @@ static int bench_train(moe_options *o, int json) {
     int S = c->seq_len, n_tok = 1 << 20;
     uint32_t *data = malloc(sizeof(uint32_t) * (size_t)n_tok);
     for (int i = 0; i < n_tok; i++) data[i] = (uint32_t)(moe_rng_u64(c->moe.seed, 77, (uint64_t)i) % (uint64_t)c->vocab);
-    moe_tokens toks = {.tokens = data, .n_tokens = n_tok, .vocab = c->vocab, .eot = 0};
+    moe_tokens toks = {.ids = data, .id_bytes = MOE_TOKENS_U32,
+        .n_tokens = n_tok, .vocab = c->vocab, .eot = 0};
     moe_model *m = NULL;
     moe_trainer *t = NULL;
     if (moe_model_create(c, tc->micro_batch * S, &m) != MOE_OK ||

@@ -169,8 +169,8 @@ int moe_cmd_eval(int argc, char **argv) {
         for (int r = 0; r < b; r++)
             for (int s = 0; s < S; s++) {
                 int64_t at = (w0 + r) * S + s;
-                tok[r * S + s] = data.tokens[at];
-                tgt[r * S + s] = data.tokens[at + 1];
+                tok[r * S + s] = (int32_t)moe_tokens_at(&data, at);
+                tgt[r * S + s] = (int32_t)moe_tokens_at(&data, at + 1);
             }
         moe_model_loss L;
         if (moe_model_forward(m, tok, tgt, b, S, &args, &L) != MOE_OK) {

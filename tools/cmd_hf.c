@@ -151,8 +151,8 @@ static int eval_hf_data(const moe_options *o, moe_model_config *c, const char *f
     args.training = 0;
     for (int64_t w = 0; s == MOE_OK && w < windows; w++) {
         for (int i = 0; i < S; i++) {
-            tok[i] = data.tokens[w * S + i];
-            tgt[i] = data.tokens[w * S + i + 1];
+            tok[i] = (int32_t)moe_tokens_at(&data, w * S + i);
+            tgt[i] = (int32_t)moe_tokens_at(&data, w * S + i + 1);
         }
         moe_model_loss L;
         s = moe_model_forward(m, tok, tgt, 1, S, &args, &L);

@@ -39,7 +39,8 @@ moe_status moe_cli_topics(moe_model *m, const moe_tokens *data, int batch, const
         for (int64_t d = 0; d < data->n_docs; d++) {
             if ((int)data->doc_source[d] != s) continue;
             int64_t end = d + 1 < data->n_docs ? (int64_t)data->doc_start[d + 1] : data->n_tokens;
-            for (int64_t i = (int64_t)data->doc_start[d]; i < end; i++) buf[n++] = data->tokens[i];
+            for (int64_t i = (int64_t)data->doc_start[d]; i < end; i++)
+                buf[n++] = (int32_t)moe_tokens_at(data, i);
         }
         for (int64_t w = 0; w + S <= n && st == MOE_OK; w += (int64_t)batch * S) {
             int b = (int)((n - w) / S < batch ? (n - w) / S : batch);

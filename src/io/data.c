@@ -9,6 +9,8 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -363,7 +365,7 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
 /* ------------------------------------------------------------------- load */
 
 void moe_tokens_free(moe_tokens *t) {
-    free(t->tokens);
+    if (t->map) munmap(t->map, t->map_len);
     free(t->doc_start);
     free(t->doc_source);
     for (int i = 0; i < t->n_sources; i++) free(t->sources[i]);
@@ -371,16 +373,45 @@ void moe_tokens_free(moe_tokens *t) {
     memset(t, 0, sizeof *t);
 }
 
+/* The whole file mapped read-only: *len bytes at *out (a file under 64 bytes, which no token
+ * file is, is refused before mapping: an empty file cannot be mapped). */
+static moe_status map_token_file(const char *path, void **out, size_t *len) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return moe_set_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    struct stat sb;
+    moe_status st = MOE_OK;
+    if (fstat(fd, &sb) != 0)
+        st = moe_set_error(MOE_ERR_IO, "cannot read %s: %s", path, strerror(errno));
+    else if (!S_ISREG(sb.st_mode))
+        st = moe_set_error(MOE_ERR_IO, "%s is not a regular file", path);
+    else if (sb.st_size < 64)
+        st = moe_set_error(MOE_ERR_FORMAT, "%s is not a token file (no %s header); make one "
+                           "with moe prepare", path, MOE_TOKENS_MAGIC);
+    else if ((uint64_t)sb.st_size > SIZE_MAX)
+        st = moe_set_error(MOE_ERR_IO, "%s is too large to map", path);
+    if (st == MOE_OK) {
+        void *m = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (m == MAP_FAILED)
+            st = moe_set_error(MOE_ERR_IO, "cannot map %s: %s", path, strerror(errno));
+        else
+            *out = m, *len = (size_t)sb.st_size;
+    }
+    close(fd); /* the mapping stays */
+    return st;
+}
 
 moe_status moe_tokens_load(const char *path, moe_tokens *out) {
     memset(out, 0, sizeof *out);
-    char *buf;
-    size_t size;
-    MOE_TRY(moe_read_file(path, &buf, &size));
+    void *map = NULL;
+    size_t size = 0;
+    MOE_TRY(map_token_file(path, &map, &size));
+    out->map = map;
+    out->map_len = size;
+    const unsigned char *buf = map;
     moe_status status = MOE_OK;
     uint32_t version, dtype, vocab, eot, n_src;
     uint64_t n, nd;
-    if (size < 64 || memcmp(buf, MOE_TOKENS_MAGIC, 8))
+    if (memcmp(buf, MOE_TOKENS_MAGIC, 8))
         MOE_FAIL_FORMAT("%s is not a token file (no %s header); make one with moe prepare", path,
             MOE_TOKENS_MAGIC);
     memcpy(&version, buf + 8, 4);
@@ -408,32 +439,30 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
     if (nd > left / 16) MOE_FAIL_FORMAT("%s: truncated document table", path);
     left -= (size_t)nd * 16;
     if (left < 4) MOE_FAIL_FORMAT("%s: truncated source table", path);
-    const char *p = buf + 64 + n * dtype + nd * 16;
+    const unsigned char *p = buf + 64 + n * dtype + nd * 16;
     memcpy(&n_src, p, 4);
     p += 4;
     left -= 4;
     if (n_src > left / 4) MOE_FAIL_FORMAT("%s: bad source count %u", path, n_src);
+    out->ids = buf + 64; /* page-aligned mapping + 64: aligned for uint16 and uint32 */
+    out->id_bytes = (int)dtype;
     out->n_tokens = (int64_t)n;
     out->vocab = (int)vocab;
     out->eot = (int)eot;
     out->n_docs = (int64_t)nd;
-    out->tokens = malloc((size_t)(n ? n : 1) * sizeof(uint32_t));
     out->doc_start = malloc((size_t)(nd ? nd : 1) * 8);
     out->doc_source = malloc((size_t)(nd ? nd : 1) * 4);
     out->sources = calloc(n_src ? n_src : 1, sizeof(char *));
-    if (!out->tokens || !out->doc_start || !out->doc_source || !out->sources) {
+    if (!out->doc_start || !out->doc_source || !out->sources) {
         status = moe_set_error(MOE_ERR_NOMEM, "out of memory loading %s", path);
         goto done;
     }
     for (uint64_t i = 0; i < n; i++) {
-        uint16_t narrow;
-        if (dtype == MOE_TOKENS_U16) memcpy(&narrow, buf + 64 + 2 * i, 2), out->tokens[i] = narrow;
-        else memcpy(&out->tokens[i], buf + 64 + 4 * i, 4);
-    }
-    for (uint64_t i = 0; i < n; i++)
-        if (out->tokens[i] >= vocab)
-            MOE_FAIL_FORMAT("%s: token %u at %llu is outside the vocabulary (%u)", path, out->tokens[i],
+        uint32_t id = moe_tokens_at(out, (int64_t)i);
+        if (id >= vocab)
+            MOE_FAIL_FORMAT("%s: token %u at %llu is outside the vocabulary (%u)", path, id,
                 (unsigned long long)i, vocab);
+    }
     for (uint64_t i = 0; i < nd; i++) {
         uint64_t pair[2];
         memcpy(pair, buf + 64 + n * dtype + i * 16, 16);
@@ -443,11 +472,11 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
         out->doc_start[i] = pair[0];
         out->doc_source[i] = (uint32_t)pair[1];
         /* each document ends with the end-of-text id (its last token before the next one) */
-        if (i && out->tokens[pair[0] - 1] != eot)
+        if (i && moe_tokens_at(out, (int64_t)pair[0] - 1) != eot)
             MOE_FAIL_FORMAT("%s: document %llu does not end with the end-of-text id %u", path,
                             (unsigned long long)i - 1, eot);
     }
-    if (n && out->tokens[n - 1] != eot)
+    if (n && moe_tokens_at(out, (int64_t)n - 1) != eot)
         MOE_FAIL_FORMAT("%s: document %llu does not end with the end-of-text id %u", path,
                         (unsigned long long)nd - 1, eot);
     for (uint32_t i = 0; i < n_src; i++) {
@@ -470,8 +499,7 @@ moe_status moe_tokens_load(const char *path, moe_tokens *out) {
     }
     if (left != 0) MOE_FAIL_FORMAT("%s: %zu unexpected bytes at the end", path, left);
 done:
-    free(buf);
-    if (status != MOE_OK) moe_tokens_free(out);
+    if (status != MOE_OK) moe_tokens_free(out); /* the mapping too */
     return status;
 }
 
@@ -491,8 +519,8 @@ void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t
     for (int b = 0; b < B; b++) {
         uint64_t start = moe_rng_u64(seed, stream, (uint64_t)b) % span;
         for (int s = 0; s < S; s++) {
-            tokens[b * S + s] = t->tokens[start + s];
-            targets[b * S + s] = t->tokens[start + s + 1];
+            tokens[b * S + s] = (int32_t)moe_tokens_at(t, (int64_t)(start + s));
+            targets[b * S + s] = (int32_t)moe_tokens_at(t, (int64_t)(start + s + 1));
         }
     }
 }

@@ -18,7 +18,9 @@
 #define MOE_BYTE_EOT 256
 
 typedef struct {
-    uint32_t *tokens;    /* [n_tokens] */
+    const void *ids;     /* [n_tokens] uint16 or uint32 (id_bytes), as in the file; read them
+                          * with moe_tokens_at */
+    int id_bytes;        /* MOE_TOKENS_U16 or MOE_TOKENS_U32 */
     int64_t n_tokens;
     int vocab, eot;
     int64_t n_docs;
@@ -26,10 +28,21 @@ typedef struct {
     uint32_t *doc_source;/* [n_docs] index into sources */
     int n_sources;
     char **sources;      /* [n_sources] file names */
+    void *map;           /* moe_tokens_load: the file, mapped read-only (ids point into it) */
+    size_t map_len;
 } moe_tokens;
 
-/* Reads and checks a token file: every length, offset and token id, reserved bytes zero, and
- * every document ending with the end-of-text id. */
+/* Token i (0 <= i < n_tokens). */
+static inline uint32_t moe_tokens_at(const moe_tokens *t, int64_t i) {
+    return t->id_bytes == MOE_TOKENS_U16 ? ((const uint16_t *)t->ids)[i]
+                                         : ((const uint32_t *)t->ids)[i];
+}
+
+/* Maps and checks a token file: every length, offset and token id, reserved bytes zero, and
+ * every document ending with the end-of-text id. The tokens stay in the mapping, in the file's
+ * width (memory: the page cache, shared, not a copy), until moe_tokens_free; only the document
+ * table and source names are copied. The file must not be truncated while it is loaded (moe
+ * prepare replaces token files by rename, which leaves a loaded one intact). */
 moe_status moe_tokens_load(const char *path, moe_tokens *out);
 void moe_tokens_free(moe_tokens *t);
 /* train.bin and val.bin of one prepare: the same vocabulary and end-of-text id. */
