@@ -207,6 +207,78 @@ static void test_tokens_refused(void **state) {
     rmdir(dir);
 }
 
+/* Document i of the duplicates corpus, with its final newline. */
+static int dup_doc(char *buf, size_t cap, int i) {
+    return snprintf(buf, cap, "document %d: %s\n", i, i % 3 ? "a saying" : "another saying");
+}
+
+/* 2000 distinct documents, document i present (i % 4) + 1 times, the copies far apart; with
+ * --val-fraction 0.25 no document is on both sides and a quarter of the distinct ones are in
+ * validation (binomial: 500 +- 19). */
+static void test_prepare_split_by_content(void **state) {
+    (void)state;
+    enum { N = 2000 };
+    char dir[] = "/tmp/moe_test_data_XXXXXX", text[80], out[80], doc[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(text, sizeof text, "%s/dups.txt", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    FILE *f = fopen(text, "w");
+    assert_non_null(f);
+    int copies = 0;
+    for (int round = 0; round < 4; round++)
+        for (int i = 0; i < N; i++)
+            if (i % 4 >= round) {
+                dup_doc(doc, sizeof doc, i);
+                fprintf(f, "%s%%\n", doc);
+                copies++;
+            }
+    assert_int_equal(fclose(f), 0);
+    const char *files[1] = {text};
+    moe_prepare_stats st;
+    assert_int_equal(moe_prepare(files, 1, out, 0.25, 1234, NULL, &st), MOE_OK);
+    assert_int_equal(st.train_docs + st.val_docs, copies);
+    unsigned char side[N] = {0}; /* bit 0: in train, bit 1: in validation */
+    for (int split = 0; split < 2; split++) {
+        char path[96];
+        snprintf(path, sizeof path, "%s/%s.bin", out, split ? "val" : "train");
+        moe_tokens t;
+        assert_int_equal(moe_tokens_load(path, &t), MOE_OK);
+        for (int64_t d = 0; d < t.n_docs; d++) {
+            int64_t a = (int64_t)t.doc_start[d],
+                    b = d + 1 < t.n_docs ? (int64_t)t.doc_start[d + 1] : t.n_tokens;
+            char got[64] = {0};
+            assert_true(b - a - 1 < (int64_t)sizeof got);
+            for (int64_t k = a; k < b - 1; k++) got[k - a] = (char)moe_tokens_at(&t, k);
+            int i = -1;
+            assert_int_equal(sscanf(got, "document %d:", &i), 1);
+            assert_true(i >= 0 && i < N);
+            dup_doc(doc, sizeof doc, i);
+            assert_string_equal(got, doc);
+            side[i] |= (unsigned char)(1 << split);
+        }
+        moe_tokens_free(&t);
+    }
+    int val = 0;
+    for (int i = 0; i < N; i++) {
+        if (side[i] == 3)
+            fail_msg("document %d (%d copies) is in both the training and the validation split",
+                     i, i % 4 + 1);
+        assert_int_not_equal(side[i], 0);
+        val += side[i] == 2;
+    }
+    printf("%d of %d distinct documents in validation\n", val, N);
+    if (val < 0.21 * N || val > 0.29 * N)
+        fail_msg("%d of %d distinct documents in validation, not about 25%%", val, N);
+    for (int split = 0; split < 2; split++) {
+        char path[96];
+        snprintf(path, sizeof path, "%s/%s.bin", out, split ? "val" : "train");
+        unlink(path);
+    }
+    rmdir(out);
+    unlink(text);
+    rmdir(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_write_atomic_fsync_fails),
@@ -214,6 +286,7 @@ int main(void) {
         cmocka_unit_test(test_tokens_mapped),
         cmocka_unit_test(test_tokens_u32),
         cmocka_unit_test(test_tokens_refused),
+        cmocka_unit_test(test_prepare_split_by_content),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -31,6 +31,46 @@ printf ' \n\n' >"$tmp/p/blank.txt"
 expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/blank.txt"
 grep -q "^moe prepare: the input holds too little text" "$tmp/out" ||
   fail "blank input: $(cat "$tmp/out")"
+# the train/validation split is docs/FORMATS.md §1's hash of each document's bytes, computed
+# here independently; every copy of a document falls on the same side
+/usr/bin/python3 - "$tmp/p/dups.txt" <<'EOF' || fail "writing the duplicates corpus"
+import sys
+with open(sys.argv[1], "w") as f:
+    for r in range(3):
+        for i in range(300):
+            if i % 3 >= r: f.write(f"saying {i}{' and more' * (i % 5)}\n%\n")
+EOF
+expect 0 "$moe" prepare --out "$tmp/p/dups" --val-fraction 0.3 "$tmp/p/dups.txt"
+/usr/bin/python3 - "$tmp/p/dups.txt" "$tmp/p/dups" <<'EOF' || fail "split by content"
+import struct, sys
+M, PHI = (1 << 64) - 1, 0x9E3779B97F4A7C15
+def mix(z):
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+    return z ^ (z >> 31)
+def u64(seed, stream, i): return mix((mix(((seed * PHI) & M) ^ stream) + (i + 1) * PHI) & M)
+stream = mix((5 * PHI + 0x632BE59BD9B4E019) & M)  # moe_rng_stream(MOE_RNG_DATA = 5, 1, 0, 0)
+for c in ((1 + PHI) & M, 0xD1B54A32D192ED03, 0x8CB92BA72F3D8DD7):
+    stream = mix(stream ^ c)
+def to_val(doc, seed=1234, fraction=0.3):
+    h = u64(seed, stream, len(doc))
+    for k in range(0, len(doc), 8):
+        h = u64(h, int.from_bytes(doc[k:k + 8], "little"), k // 8)
+    return (h >> 11) / 2.0**53 < fraction
+docs = [d + b"\n" for d in open(sys.argv[1], "rb").read().split(b"\n%\n") if d]
+want = [[d for d in docs if not to_val(d)], [d for d in docs if to_val(d)]]
+got = []
+for name in ("train", "val"):
+    b = open(f"{sys.argv[2]}/{name}.bin", "rb").read()
+    n, nd = struct.unpack_from("<Q", b, 16)[0], struct.unpack_from("<Q", b, 32)[0]
+    start = [struct.unpack_from("<Q", b, 64 + 2 * n + 16 * i)[0] for i in range(nd)] + [n]
+    got.append([b[64 + 2 * start[i]:62 + 2 * start[i + 1]:2] for i in range(nd)])  # no eot
+both, distinct, val = set(got[0]) & set(got[1]), len(set(docs)), len(set(got[1]))
+print(f"{len(docs)} documents, {distinct} distinct, {val} of them in validation, {len(both)} "
+      f"on both sides; the rule puts {len(want[1])} documents in validation")
+if both or got != want or not 0.2 * distinct < val < 0.4 * distinct:
+    sys.exit("copies on both sides, or not the documented rule's split, or not about 30 %")
+EOF
 tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
   --moe-router-topk 2 --moe-ffn-hidden-size 24 --ffn-hidden-size 32 --first-k-dense 1
   --seq-length 32 --micro-batch-size 4 --global-batch-size 8 --eval-interval 5 --eval-iters 2

@@ -227,16 +227,31 @@ static moe_status split_docs(const char *text, size_t len, doc_fn emit, void *ct
 typedef struct {
     split_buf *train, *val;
     uint32_t source;
-    int64_t doc_index;
+    int64_t n_docs; /* documents so far */
     double val_fraction;
     uint64_t seed;
     const moe_prepare_vocab *vocab;
 } prep_ctx;
 
+/* A uniform in [0, 1) from (seed, the document's bytes), so that copies of a document fall on
+ * the same side of the train/validation split (docs/FORMATS.md §1): h = moe_rng_u64(seed,
+ * stream(DATA, 1, 0, 0), len), then h = moe_rng_u64(h, w, k) for each little-endian 8-byte word
+ * w of the text (k = 0, 1, ...; the last one zero-padded), and its top 53 bits. */
+static double doc_uniform(uint64_t seed, const char *text, size_t len) {
+    uint64_t h = moe_rng_u64(seed, moe_rng_stream(MOE_RNG_DATA, 1, 0, 0), (uint64_t)len);
+    for (size_t i = 0; i < len; i += 8) {
+        uint64_t w = 0;
+        for (size_t j = 0; j < 8 && i + j < len; j++)
+            w |= (uint64_t)(unsigned char)text[i + j] << (8 * j);
+        h = moe_rng_u64(h, w, (uint64_t)(i / 8));
+    }
+    return (double)(h >> 11) * (1.0 / 9007199254740992.0);
+}
+
 static moe_status emit_doc(const char *text, size_t len, void *p) {
     prep_ctx *c = p;
-    double u = moe_rng_uniform64(c->seed, moe_rng_stream(MOE_RNG_DATA, 1, 0, 0),
-                                 (uint64_t)c->doc_index++);
+    c->n_docs++;
+    double u = doc_uniform(c->seed, text, len);
     return add_doc(u < c->val_fraction ? c->val : c->train, text, len, c->source, c->vocab);
 }
 
@@ -310,7 +325,7 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
     if (st == MOE_OK && (train.n == 0 || (val_fraction > 0 && val.n == 0)))
         st = moe_set_error(MOE_ERR_INVALID, "the input holds too little text for a "
                            "train and a validation split (%lld documents)",
-                           (long long)ctx.doc_index);
+                           (long long)ctx.n_docs);
     /* both splits written in full beside the old pair (.next), then renamed: a failure (a full
      * disk) leaves the previous train.bin and val.bin as they were, never a mixed pair */
     char next[2][4112], path[2][4096], old[4112];

@@ -64,8 +64,9 @@ typedef struct {
 
 /* Splits each file into documents (fortune files: lines holding only "%"; other text:
  * paragraphs separated by blank lines), encodes them (bytes + end-of-text, or v's tokenizer),
- * and writes out_dir/train.bin and out_dir/val.bin (document d goes to val when a hash of
- * (seed, d) falls below val_fraction). Files are written atomically. */
+ * and writes out_dir/train.bin and out_dir/val.bin (a document goes to val when a hash of
+ * (seed, its bytes) falls below val_fraction: copies of a document all go to the same side).
+ * Files are written atomically. */
 moe_status moe_prepare(const char *const *files, int n_files, const char *out_dir,
                        double val_fraction, uint64_t seed, const moe_prepare_vocab *v,
                        moe_prepare_stats *stats);
