@@ -1,4 +1,5 @@
-/* io/data: an atomic write whose fsync fails closes its file, an empty directory path is
+/* io/data: an atomic write whose fsync fails closes its file, one whose directory's fsync
+ * fails (injected) says so after putting the file in place (moe prepare too), an empty directory path is
  * refused without reading past it, and a token file is mapped, not copied: loading a large one
  * costs no anonymous memory, its tokens read back in either width, and a refused or freed one
  * leaves no mapping behind. */
@@ -9,6 +10,7 @@
 #include "io/data.h"
 #include "moe.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -48,6 +50,111 @@ static void test_write_atomic_fsync_fails(void **state) {
     }
     assert_int_equal(next_fd(), before);
     unlink(tmp);
+    rmdir(dir);
+}
+
+/* test_data links with -Wl,--wrap=fsync (tests/CMakeLists.txt): io/data's fsync calls come
+ * here; the fail_dir_fsync-th fsync of a directory (counted in dir_fsyncs) fails with EIO. */
+int __real_fsync(int fd);
+int __wrap_fsync(int fd);
+static int fail_dir_fsync, dir_fsyncs;
+int __wrap_fsync(int fd) {
+    struct stat sb;
+    if (fstat(fd, &sb) == 0 && S_ISDIR(sb.st_mode) && ++dir_fsyncs == fail_dir_fsync) {
+        errno = EIO;
+        return -1;
+    }
+    return __real_fsync(fd);
+}
+
+/* Fails the n-th directory fsync from now (0: none). */
+static void fail_dir_fsync_at(int n) {
+    dir_fsyncs = 0;
+    fail_dir_fsync = n;
+}
+
+static void assert_says(const char *error, const char *want) {
+    if (!strstr(error, want)) fail_msg("error '%s' does not say '%s'", error, want);
+}
+
+/* moe prepare of "paragraph i" for i < n into out (its error message to err[512]); then the
+ * number of tokens in train.bin and val.bin, -1 where a file does not load. */
+static moe_status prepare_paragraphs(const char *dir, const char *out, int n, int64_t tokens[2],
+                                     char *err) {
+    char text[96];
+    snprintf(text, sizeof text, "%s/t.txt", dir);
+    FILE *f = fopen(text, "w");
+    assert_non_null(f);
+    for (int i = 0; i < n; i++) fprintf(f, "paragraph %d\n\n", i);
+    fclose(f);
+    const char *files[1] = {text};
+    moe_status st = moe_prepare(files, 1, out, 0.5, 1234, NULL, NULL);
+    snprintf(err, 512, "%s", st == MOE_OK ? "" : moe_last_error());
+    for (int i = 0; i < 2; i++) {
+        char bin[128];
+        moe_tokens t;
+        snprintf(bin, sizeof bin, "%s/%s.bin", out, i ? "val" : "train");
+        tokens[i] = moe_tokens_load(bin, &t) == MOE_OK ? t.n_tokens : -1;
+        moe_tokens_free(&t);
+    }
+    unlink(text);
+    return st;
+}
+
+/* The directory's fsync after the rename fails: an error naming the directory and the cause,
+ * with the new file in place (the rename is done) and no temporary left. moe prepare: a
+ * failure while it writes the new pair beside the old leaves the old pair; one after the pair
+ * is renamed into place says so. */
+static void test_write_atomic_dir_fsync_fails(void **state) {
+    (void)state;
+    char dir[] = "/tmp/moe_test_data_XXXXXX", path[64], tmp[80], out[64], want[200];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/f", dir);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    const void *parts[1] = {"old"};
+    size_t sizes[1] = {3};
+    assert_int_equal(moe_write_atomic(path, parts, sizes, 1), MOE_OK);
+    parts[0] = "new";
+    fail_dir_fsync_at(1);
+    moe_status st = moe_write_atomic(path, parts, sizes, 1);
+    fail_dir_fsync_at(0);
+    assert_int_not_equal(st, MOE_OK);
+    snprintf(want, sizeof want, "its directory %s cannot be synced (%s)", dir, strerror(EIO));
+    assert_says(moe_last_error(), want);
+    char got[8] = {0};
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    assert_int_equal(fread(got, 1, sizeof got, f), 3);
+    fclose(f);
+    assert_string_equal(got, "new");
+    assert_int_not_equal(access(tmp, F_OK), 0);
+
+    snprintf(out, sizeof out, "%s/out", dir);
+    int64_t old[2], now[2];
+    char err[512];
+    assert_int_equal(prepare_paragraphs(dir, out, 40, old, err), MOE_OK);
+    assert_true(old[0] > 0 && old[1] > 0);
+    fail_dir_fsync_at(1); /* writing train.bin.next */
+    st = prepare_paragraphs(dir, out, 80, now, err);
+    fail_dir_fsync_at(0);
+    assert_int_not_equal(st, MOE_OK);
+    assert_says(err, "cannot be synced (");
+    assert_memory_equal(now, old, sizeof old);
+    fail_dir_fsync_at(3); /* after train.bin.next and val.bin.next, the renames' */
+    st = prepare_paragraphs(dir, out, 80, now, err);
+    fail_dir_fsync_at(0);
+    assert_int_not_equal(st, MOE_OK);
+    snprintf(want, sizeof want, "are written, but their directory %s cannot be synced (%s)", out,
+             strerror(EIO));
+    assert_says(err, want);
+    assert_true(now[0] + now[1] > old[0] + old[1]); /* the new pair */
+    char bin[96];
+    for (int i = 0; i < 2; i++) {
+        snprintf(bin, sizeof bin, "%s/%s.bin", out, i ? "val" : "train");
+        unlink(bin);
+    }
+    rmdir(out);
+    unlink(path);
     rmdir(dir);
 }
 
@@ -282,6 +389,7 @@ static void test_prepare_split_by_content(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_write_atomic_fsync_fails),
+        cmocka_unit_test(test_write_atomic_dir_fsync_fails),
         cmocka_unit_test(test_mkdirs_empty),
         cmocka_unit_test(test_tokens_mapped),
         cmocka_unit_test(test_tokens_u32),

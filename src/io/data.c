@@ -16,10 +16,10 @@
 
 /* ----------------------------------------------------------- atomic write */
 
-/* fsync of the directory holding path: what makes a rename in it durable */
-static void sync_dir_of(const char *path) {
-    char dir[4200];
-    snprintf(dir, sizeof dir, "%s", path);
+/* fsync of the directory holding path, what makes a rename in it durable: 0 or the errno of
+ * the open or fsync that failed; dir[cap] receives the directory's name. */
+static int sync_dir_errno(const char *path, char *dir, size_t cap) {
+    snprintf(dir, cap, "%s", path);
     char *slash = strrchr(dir, '/');
     if (slash) {
         *slash = '\0';
@@ -27,11 +27,21 @@ static void sync_dir_of(const char *path) {
     } else {
         strcpy(dir, ".");
     }
-    int dfd = open(dir, O_RDONLY);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
-    }
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY);
+    int err = dfd < 0 ? errno : fsync(dfd) != 0 ? errno : 0;
+    if (dfd >= 0) close(dfd);
+    return err;
+}
+
+/* The same as an error: path is renamed into place already, but may not survive a crash. */
+static moe_status sync_dir_of(const char *path) {
+    char dir[4200];
+    int err = sync_dir_errno(path, dir, sizeof dir);
+    if (err)
+        return moe_set_error(MOE_ERR_IO, "%s is written, but its directory %s cannot be synced "
+                             "(%s): the new file may not survive a crash", path, dir,
+                             strerror(err));
+    return MOE_OK;
 }
 
 moe_status moe_write_atomic(const char *path, const void *const *parts, const size_t *sizes,
@@ -71,8 +81,7 @@ moe_status moe_write_atomic(const char *path, const void *const *parts, const si
         unlink(tmp);
         return st;
     }
-    sync_dir_of(path); /* make the rename itself durable */
-    return MOE_OK;
+    return sync_dir_of(path); /* make the rename itself durable */
 }
 
 moe_status moe_mkdirs(const char *path) {
@@ -361,7 +370,12 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
         kept = 0;
     }
     if (kept) unlink(old);
-    sync_dir_of(path[0]);
+    char dir[4200]; /* the renames made durable; after a failure, as far as they went */
+    int err = sync_dir_errno(path[0], dir, sizeof dir);
+    if (st == MOE_OK && err) /* the new pair is in place */
+        st = moe_set_error(MOE_ERR_IO, "%s and %s are written, but their directory %s cannot be "
+                           "synced (%s): they may not survive a crash", path[0], path[1], dir,
+                           strerror(err));
     for (int i = 0; i < 2 && st != MOE_OK; i++) unlink(next[i]);
     if (st == MOE_OK && stats) {
         stats->train_tokens = train.n;

@@ -76,8 +76,9 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
 void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t stream,
                       int32_t *tokens, int32_t *targets);
 
-/* Writes a file atomically: to path.tmp, fsync, rename over path (nothing existing is lost
- * if any step fails). */
+/* Writes a file atomically: to path.tmp, fsync, rename over path, fsync of its directory
+ * (nothing existing is lost if any step before the rename fails; if the directory's fsync
+ * fails, the new file is in place and the error says it may not be durable). */
 moe_status moe_write_atomic(const char *path, const void *const *parts, const size_t *sizes,
                             int n_parts);
 
