@@ -78,6 +78,9 @@ struct moe_model {
     float *dx, *dxm, *dn, *dq, *dk, *dv, *datt, *dh, *da, *tmp; /* backward scratch */
     double *row_loss; /* [T] */
     int32_t *tokens, *targets, *pos; /* [T] */
+    void *moe_scratch;       /* the MoE layers' call scratch: one region, as they run one after
+                                another (moe_layer_create_shared) */
+    size_t moe_scratch_bytes; /* the largest layer's */
     int B, S, have_forward, has_targets;
     float *mla_a, *mla_b, *mla_c, *mla_d; /* MLA scratch: [T, kr+dr], [T, H*(dn+dv)],
                                              2 x [T, max(kr, qr)] */
@@ -474,6 +477,15 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     m->vcache = moe_arena_take(a, (size_t)c->n_layers * S * hv, sizeof(float));
     m->att_scratch = moe_arena_take(a, (T > S ? T : S) * (size_t)c->n_heads * S, sizeof(float));
     m->rope_cs = moe_arena_take(a, S * (size_t)m->rope_dim, sizeof(float));
+    m->moe_scratch_bytes = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        if (!moe_model_layer_experts(c, l)) continue;
+        moe_layer_config lc = layer_config(c, l);
+        size_t own, call;
+        moe_layer_workspace_sizes(&lc, m->max_tokens, &own, &call);
+        if (call > m->moe_scratch_bytes) m->moe_scratch_bytes = call;
+    }
+    m->moe_scratch = moe_arena_take(a, m->moe_scratch_bytes, 1);
 }
 
 /* Refuses, before anything large is allocated, a model whose parameters, gradients and
@@ -481,11 +493,11 @@ static void plan_activations(moe_model *m, moe_arena *a) {
  * do not fit the machine. */
 static moe_status check_memory(const moe_model *m, const moe_model_config *cfg, size_t act,
                                int max_tokens) {
-    size_t need = act, ws;
+    size_t need = act, ws, call; /* act holds the layers' shared call scratch */
     for (int l = 0; l < cfg->n_layers; l++) {
         if (!moe_model_layer_experts(cfg, l)) continue;
         moe_layer_config lc = layer_config(cfg, l);
-        ws = moe_layer_workspace_estimate(&lc, max_tokens);
+        moe_layer_workspace_sizes(&lc, max_tokens, &ws, &call);
         need = ws <= SIZE_MAX - need ? need + ws : SIZE_MAX;
     }
     size_t per = m->inference ? 4 : 8; /* bytes per parameter: with its gradient or not */
@@ -558,9 +570,9 @@ static moe_status create(const moe_model_config *cfg, int max_tokens, int infere
         if (!moe_model_layer_experts(cfg, l)) continue;
         moe_layer_config lc = layer_config(cfg, l);
         size_t off = m->block_off[(size_t)l * B_N + B_MOE];
-        st = inference ? moe_layer_create_inference(&lc, max_tokens, m->params + off, &m->moe[l])
-                       : moe_layer_create(&lc, max_tokens, m->params + off, m->grads + off,
-                                          &m->moe[l]);
+        st = moe_layer_create_shared(&lc, max_tokens, m->params + off,
+                                     inference ? NULL : m->grads + off, inference,
+                                     m->moe_scratch, m->moe_scratch_bytes, &m->moe[l]);
         if (st != MOE_OK) goto fail;
     }
     *out = m;

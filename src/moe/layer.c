@@ -29,11 +29,13 @@ static void call_sizes(const moe_layer_config *c, int T, int k, size_t *S, size_
     }
 }
 
-/* Carves the workspace for up to Tm tokens and top-k (base NULL: only measures). */
-static size_t plan_workspace(moe_layer *L, char *base, int Tm, int k) {
+/* Carves the workspace for up to Tm tokens and top-k: from *a what a forward leaves for its
+ * backward (the layer's own), from *s the scratch of one call, live only inside one forward or
+ * one backward, which layers that never run at the same time can share (arenas without a base
+ * only measure). Every scratch buffer is written in a call before that call reads it. */
+static void plan_workspace(moe_layer *L, moe_arena *a, moe_arena *s, int Tm, int k) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
-    moe_arena a = {base, 0, (size_t)-1};
     size_t T = (size_t)Tm, d = (size_t)c->d, E = (size_t)c->n_experts, f = (size_t)c->ffn;
     size_t gf = moe_act_gated(c->act) ? 2 * f : f;
     size_t fs = (size_t)c->shared_ffn, gs = moe_act_gated(c->act) ? 2 * fs : fs;
@@ -41,82 +43,102 @@ static size_t plan_workspace(moe_layer *L, char *base, int Tm, int k) {
     call_sizes(c, Tm, k, &S, &R);
     if (S < T) S = T; /* q doubles as Sinkhorn scratch of T entries */
     int jit = c->jitter_eps > 0;
-    st->noise = moe_arena_take(&a, jit ? T * d : 0, sizeof(float));
-    st->xr = moe_arena_take(&a, jit ? T * d : 0, sizeof(float));
-    st->logits_f = moe_arena_take(&a, T * E, sizeof(float));
-    st->z = moe_arena_take(&a, T * E, sizeof(double));
-    st->p = moe_arena_take(&a, T * E, sizeof(double));
-    st->key = moe_arena_take(&a, T * E, sizeof(double));
-    st->q = moe_arena_take(&a, S, sizeof(double));
-    st->qsum = moe_arena_take(&a, T, sizeof(double));
-    st->slot_token = moe_arena_take(&a, S, sizeof(int32_t));
-    st->slot_expert = moe_arena_take(&a, S, sizeof(int32_t));
-    st->slot_sel = moe_arena_take(&a, S, sizeof(int32_t));
-    st->slot_w = moe_arena_take(&a, S, sizeof(float));
-    st->slot_kept = moe_arena_take(&a, S, sizeof(uint8_t));
-    st->slot_row = moe_arena_take(&a, S, sizeof(int32_t));
-    st->tok_off = moe_arena_take(&a, T + 1, sizeof(int32_t));
-    st->tok_slot = moe_arena_take(&a, S, sizeof(int32_t));
-    st->counts = moe_arena_take(&a, E, sizeof(int64_t));
-    st->kept = moe_arena_take(&a, E, sizeof(int64_t));
-    st->aux_coef = moe_arena_take(&a, T * E, sizeof(double));
-    st->lse = moe_arena_take(&a, T, sizeof(double));
-    st->expert_off = moe_arena_take(&a, E + 1, sizeof(int32_t));
-    st->expert_order = moe_arena_take(&a, E, sizeof(int32_t));
-    st->expert_ready = moe_arena_take(&a, E, sizeof(int32_t));
-    st->row_slot = moe_arena_take(&a, R, sizeof(int32_t));
-    st->row_w = moe_arena_take(&a, R, sizeof(float));
-    st->scratch = moe_arena_take(&a, 2 * E + 2 + 2 * (S > T ? S : T), sizeof(int32_t));
-    st->xp = moe_arena_take(&a, R * d, sizeof(float));
-    st->h = moe_arena_take(&a, R * gf, sizeof(float));
-    st->a = moe_arena_take(&a, R * f, sizeof(float));
-    st->y = moe_arena_take(&a, R * d, sizeof(float));
-    st->dh = moe_arena_take(&a, R * gf, sizeof(float));
-    st->da = moe_arena_take(&a, R * f, sizeof(float));
-    st->dw = moe_arena_take(&a, S, sizeof(double));
-    st->dw_row = moe_arena_take(&a, R, sizeof(double));
-    st->r = moe_arena_take(&a, T * d, sizeof(float));
-    st->sh_h = moe_arena_take(&a, T * gs, sizeof(float));
-    st->sh_a = moe_arena_take(&a, T * fs, sizeof(float));
-    st->sh_y = moe_arena_take(&a, fs ? T * d : 0, sizeof(float));
-    st->sh_g = moe_arena_take(&a, c->shared_gate ? T : 0, sizeof(float));
-    st->mix_c = moe_arena_take(&a, c->residual ? 2 * T : 0, sizeof(float));
-    st->sh_dh = moe_arena_take(&a, T * gs, sizeof(float));
-    st->sh_da = moe_arena_take(&a, T * fs, sizeof(float));
-    st->dr = moe_arena_take(&a, T * d, sizeof(float));
-    st->ds = moe_arena_take(&a, fs ? T * d : 0, sizeof(float));
-    st->dz = moe_arena_take(&a, T * E, sizeof(double));
-    st->dz_f = moe_arena_take(&a, T * E, sizeof(float));
-    st->tmp_td = moe_arena_take(&a, T * d, sizeof(float));
-    st->x64 = moe_arena_take(&a, c->router_fp64 ? T * d : 0, sizeof(double));
-    st->wg64 = moe_arena_take(&a, c->router_fp64 ? E * d : 0, sizeof(double));
-    st->dwg64 = moe_arena_take(&a, c->router_fp64 ? E * d : 0, sizeof(double));
+    /* the backward reads the routed output with the residual mix, the shared expert's output
+     * with the residual mix or its gate */
+    moe_arena *r_in = c->residual ? a : s, *sh_y_in = c->residual || c->shared_gate ? a : s;
+    st->noise = moe_arena_take(a, jit ? T * d : 0, sizeof(float));
+    st->xr = moe_arena_take(a, jit ? T * d : 0, sizeof(float));
+    st->logits_f = moe_arena_take(s, T * E, sizeof(float));
+    st->z = moe_arena_take(a, T * E, sizeof(double));
+    st->p = moe_arena_take(a, T * E, sizeof(double));
+    st->key = moe_arena_take(s, T * E, sizeof(double));
+    st->q = moe_arena_take(a, S, sizeof(double));
+    st->qsum = moe_arena_take(a, T, sizeof(double));
+    st->slot_token = moe_arena_take(a, S, sizeof(int32_t));
+    st->slot_expert = moe_arena_take(a, S, sizeof(int32_t));
+    st->slot_sel = moe_arena_take(a, S, sizeof(int32_t));
+    st->slot_w = moe_arena_take(a, S, sizeof(float));
+    st->slot_kept = moe_arena_take(a, S, sizeof(uint8_t));
+    st->slot_row = moe_arena_take(a, S, sizeof(int32_t));
+    st->tok_off = moe_arena_take(a, T + 1, sizeof(int32_t));
+    st->tok_slot = moe_arena_take(a, S, sizeof(int32_t));
+    st->counts = moe_arena_take(a, E, sizeof(int64_t));
+    st->kept = moe_arena_take(a, E, sizeof(int64_t));
+    st->aux_coef = moe_arena_take(a, T * E, sizeof(double));
+    st->lse = moe_arena_take(a, T, sizeof(double));
+    st->expert_off = moe_arena_take(a, E + 1, sizeof(int32_t));
+    st->expert_order = moe_arena_take(a, E, sizeof(int32_t));
+    st->expert_ready = moe_arena_take(s, E, sizeof(int32_t));
+    st->row_slot = moe_arena_take(a, R, sizeof(int32_t));
+    st->row_w = moe_arena_take(a, R, sizeof(float));
+    st->scratch = moe_arena_take(s, 2 * E + 2 + 2 * (S > T ? S : T), sizeof(int32_t));
+    st->xp = moe_arena_take(a, R * d, sizeof(float));
+    st->h = moe_arena_take(a, R * gf, sizeof(float));
+    st->a = moe_arena_take(a, R * f, sizeof(float));
+    st->y = moe_arena_take(s, R * d, sizeof(float));
+    st->dh = moe_arena_take(s, R * gf, sizeof(float));
+    st->da = moe_arena_take(s, R * f, sizeof(float));
+    st->dw = moe_arena_take(s, S, sizeof(double));
+    st->dw_row = moe_arena_take(s, R, sizeof(double));
+    st->r = moe_arena_take(r_in, T * d, sizeof(float));
+    st->sh_h = moe_arena_take(a, T * gs, sizeof(float));
+    st->sh_a = moe_arena_take(a, T * fs, sizeof(float));
+    st->sh_y = moe_arena_take(sh_y_in, fs ? T * d : 0, sizeof(float));
+    st->sh_g = moe_arena_take(a, c->shared_gate ? T : 0, sizeof(float));
+    st->mix_c = moe_arena_take(a, c->residual ? 2 * T : 0, sizeof(float));
+    st->sh_dh = moe_arena_take(s, T * gs, sizeof(float));
+    st->sh_da = moe_arena_take(s, T * fs, sizeof(float));
+    st->dr = moe_arena_take(s, T * d, sizeof(float));
+    st->ds = moe_arena_take(s, fs ? T * d : 0, sizeof(float));
+    st->dz = moe_arena_take(s, T * E, sizeof(double));
+    st->dz_f = moe_arena_take(s, T * E, sizeof(float));
+    st->tmp_td = moe_arena_take(s, T * d, sizeof(float));
+    st->x64 = moe_arena_take(s, c->router_fp64 ? T * d : 0, sizeof(double));
+    st->wg64 = moe_arena_take(a, c->router_fp64 ? E * d : 0, sizeof(double));
+    st->dwg64 = moe_arena_take(s, c->router_fp64 ? E * d : 0, sizeof(double));
     size_t b16 = c->expert_bf16 != 0;
     size_t El = E / (size_t)c->ep_size; /* local experts */
-    st->w_in16 = moe_arena_take(&a, b16 * El * gf * d, sizeof(uint16_t));
-    st->w_out16 = moe_arena_take(&a, b16 * El * d * f, sizeof(uint16_t));
-    st->x16 = moe_arena_take(&a, b16 * R * d, sizeof(uint16_t));
-    st->a16 = moe_arena_take(&a, b16 * R * f, sizeof(uint16_t));
-    st->dy16 = moe_arena_take(&a, b16 * R * d, sizeof(uint16_t));
-    st->dh16 = moe_arena_take(&a, b16 * R * gf, sizeof(uint16_t));
+    st->w_in16 = moe_arena_take(a, b16 * El * gf * d, sizeof(uint16_t));
+    st->w_out16 = moe_arena_take(a, b16 * El * d * f, sizeof(uint16_t));
+    st->x16 = moe_arena_take(a, b16 * R * d, sizeof(uint16_t));
+    st->a16 = moe_arena_take(a, b16 * R * f, sizeof(uint16_t));
+    st->dy16 = moe_arena_take(s, b16 * R * d, sizeof(uint16_t));
+    st->dh16 = moe_arena_take(s, b16 * R * gf, sizeof(uint16_t));
     size_t sb = b16 && fs; /* the shared expert's, when it runs in bf16 too */
-    st->sh_w_in16 = moe_arena_take(&a, sb * gs * d, sizeof(uint16_t));
-    st->sh_w_out16 = moe_arena_take(&a, sb * d * fs, sizeof(uint16_t));
-    st->sh_x16 = moe_arena_take(&a, sb * T * d, sizeof(uint16_t));
-    st->sh_a16 = moe_arena_take(&a, sb * T * fs, sizeof(uint16_t));
-    st->sh_dy16 = moe_arena_take(&a, sb * T * d, sizeof(uint16_t));
-    st->sh_dh16 = moe_arena_take(&a, sb * T * gs, sizeof(uint16_t));
-    return a.used;
+    st->sh_w_in16 = moe_arena_take(a, sb * gs * d, sizeof(uint16_t));
+    st->sh_w_out16 = moe_arena_take(a, sb * d * fs, sizeof(uint16_t));
+    st->sh_x16 = moe_arena_take(a, sb * T * d, sizeof(uint16_t));
+    st->sh_a16 = moe_arena_take(a, sb * T * fs, sizeof(uint16_t));
+    st->sh_dy16 = moe_arena_take(s, sb * T * d, sizeof(uint16_t));
+    st->sh_dh16 = moe_arena_take(s, sb * T * gs, sizeof(uint16_t));
 }
 
+/* Bytes of the workspace a layer of configuration L->cfg owns and of its call scratch, for up
+ * to Tm tokens and top-k (SIZE_MAX when they overflow); L's buffers stay as they were. */
+static void workspace_sizes(moe_layer *L, int Tm, int k, size_t *own, size_t *scratch) {
+    moe_fwd_state keep = L->st;
+    moe_arena a = {NULL, 0, SIZE_MAX}, s = {NULL, 0, SIZE_MAX};
+    plan_workspace(L, &a, &s, Tm, k);
+    L->st = keep;
+    *own = a.used;
+    *scratch = s.used;
+}
+
+/* The call scratch lies in the shared region where that holds it (a larger per-call top-k may
+ * outgrow it), else in the layer's own allocation after the rest of its workspace. */
 static moe_status alloc_workspace(moe_layer *L, int k) {
-    size_t bytes = plan_workspace(L, NULL, L->max_tokens, k);
+    size_t own, need;
+    workspace_sizes(L, L->max_tokens, k, &own, &need);
+    int shared = L->shared_scratch && need <= L->shared_scratch_bytes;
+    size_t bytes = shared ? own : need <= SIZE_MAX - own ? own + need : SIZE_MAX;
     void *ws = moe_alloc(bytes, 1);
     if (!ws) return MOE_ERR_NOMEM;
     moe_free(L->ws);
     L->ws = ws;
     L->ws_bytes = bytes;
-    plan_workspace(L, ws, L->max_tokens, k);
+    moe_arena a = {ws, 0, own};
+    moe_arena s = {shared ? L->shared_scratch : (char *)ws + own, 0, need};
+    plan_workspace(L, &a, &s, L->max_tokens, k);
     L->planned_k = k;
     L->have_forward = 0;
     moe_layer_weights_changed(L); /* the bf16 copies were in the old workspace */
@@ -127,14 +149,17 @@ void moe_layer_weights_changed(moe_layer *L) {
     if (L->bf16_kept) memset(L->bf16_kept, 0, (size_t)L->cfg.n_experts + 1);
 }
 
-/* inference: no gradients (grads unused), and backward refused */
-static moe_status create(const moe_layer_config *cfg, int max_tokens, float *params, float *grads,
-                         int inference, moe_layer **out) {
+moe_status moe_layer_create_shared(const moe_layer_config *cfg, int max_tokens, float *params,
+                                   float *grads, int inference, void *scratch,
+                                   size_t scratch_bytes, moe_layer **out) {
     *out = NULL;
     MOE_TRY(moe_layer_config_validate(cfg));
     if (max_tokens < 1)
         return moe_set_error(MOE_ERR_INVALID, "max_tokens must be >= 1 (got %d)", max_tokens);
-    size_t np = moe_layer_param_count(cfg), need = moe_layer_workspace_estimate(cfg, max_tokens);
+    size_t need, call;
+    moe_layer_workspace_sizes(cfg, max_tokens, &need, &call);
+    if (!scratch || call > scratch_bytes) need = call <= SIZE_MAX - need ? need + call : SIZE_MAX;
+    size_t np = moe_layer_param_count(cfg);
     size_t own = (params == NULL) + (grads == NULL && !inference);
     if (need != SIZE_MAX && np <= (SIZE_MAX - need) / 8) need += own * 4 * np;
     else need = SIZE_MAX;
@@ -143,6 +168,8 @@ static moe_status create(const moe_layer_config *cfg, int max_tokens, float *par
     if (!L) return MOE_ERR_NOMEM;
     L->cfg = *cfg;
     L->max_tokens = max_tokens;
+    L->shared_scratch = scratch;
+    L->shared_scratch_bytes = scratch ? scratch_bytes : 0;
     L->n_params = moe_layer_param_count(cfg);
     L->params = params ? params : moe_alloc(L->n_params, sizeof(float));
     L->own_params = params == NULL;
@@ -166,12 +193,12 @@ static moe_status create(const moe_layer_config *cfg, int max_tokens, float *par
 
 moe_status moe_layer_create(const moe_layer_config *cfg, int max_tokens, float *params,
                             float *grads, moe_layer **out) {
-    return create(cfg, max_tokens, params, grads, 0, out);
+    return moe_layer_create_shared(cfg, max_tokens, params, grads, 0, NULL, 0, out);
 }
 
 moe_status moe_layer_create_inference(const moe_layer_config *cfg, int max_tokens, float *params,
                                       moe_layer **out) {
-    return create(cfg, max_tokens, params, NULL, 1, out);
+    return moe_layer_create_shared(cfg, max_tokens, params, NULL, 1, NULL, 0, out);
 }
 
 void moe_layer_destroy(moe_layer *L) {
@@ -515,11 +542,20 @@ void moe_layer_set_comms(moe_layer *L, moe_comm *expert, moe_comm *world) {
     L->world_comm = world;
 }
 
-size_t moe_layer_workspace_estimate(const moe_layer_config *cfg, int max_tokens) {
+void moe_layer_workspace_sizes(const moe_layer_config *cfg, int max_tokens, size_t *own,
+                               size_t *scratch) {
     moe_layer *L = calloc(1, sizeof *L);
-    if (!L) return SIZE_MAX;
+    if (!L) {
+        *own = *scratch = SIZE_MAX;
+        return;
+    }
     L->cfg = *cfg;
-    size_t bytes = plan_workspace(L, NULL, max_tokens, cfg->topk);
+    workspace_sizes(L, max_tokens, cfg->topk, own, scratch);
     free(L);
-    return bytes;
+}
+
+size_t moe_layer_workspace_estimate(const moe_layer_config *cfg, int max_tokens) {
+    size_t own, scratch;
+    moe_layer_workspace_sizes(cfg, max_tokens, &own, &scratch);
+    return scratch <= SIZE_MAX - own ? own + scratch : SIZE_MAX;
 }

@@ -19,8 +19,10 @@ typedef enum {
     MOE_WMODE_GATHER = 2,    /* the full-E score p (softmax/sigmoid/sqrt-softplus) at the slot */
 } moe_wmode;
 
-/* Everything one forward computes and backward reads. Buffers are carved from one
- * allocation planned in moe_layer_create (sizes for max_tokens and the planned rows). */
+/* Everything one forward computes and backward reads, and the scratch of one call. Buffers
+ * are carved from one allocation planned in moe_layer_create (sizes for max_tokens and the
+ * planned rows); the call scratch (plan_workspace in layer.c says which buffers) may instead
+ * lie in a region shared with other layers (moe_layer_create_shared). */
 typedef struct {
     int T, k, Tv, n_seq, seq_len;
     int training;
@@ -136,6 +138,8 @@ struct moe_layer {
     int *bf16_todo;         /* [E] the experts whose copies a forward makes */
     void *ws;               /* the workspace allocation */
     size_t ws_bytes;
+    void *shared_scratch;   /* the call scratch shared with other layers, or NULL */
+    size_t shared_scratch_bytes;
     moe_fwd_state st;
     int have_forward;
     moe_layer_stats stats;
@@ -147,6 +151,19 @@ struct moe_layer {
     struct moe_ep_buffers *ep; /* grown on demand (ep.c) */
     moe_status ep_status;   /* the first communication error of this forward/backward */
 };
+
+/* layer.c: moe_layer_create (moe_layer_create_inference with inference set) with the layer's
+ * call scratch, the buffers live only inside one forward or one backward call, in scratch of
+ * scratch_bytes, which other layers may share: the caller keeps it while the layer lives and
+ * never has two of its layers in a call at once (a model runs its layers one after another).
+ * Without scratch, or with too few bytes for it, the layer allocates its own. */
+moe_status moe_layer_create_shared(const moe_layer_config *cfg, int max_tokens, float *params,
+                                   float *grads, int inference, void *scratch,
+                                   size_t scratch_bytes, moe_layer **out);
+/* layer.c: the bytes of the workspace such a layer owns and of its call scratch (SIZE_MAX when
+ * they overflow); moe_layer_workspace_estimate is their sum. */
+void moe_layer_workspace_sizes(const moe_layer_config *cfg, int max_tokens, size_t *own,
+                               size_t *scratch);
 
 /* layer.c: the checks of one call's token count and arguments (CPU and CUDA layers); the
  * call's k and sequence length. */
