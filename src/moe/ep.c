@@ -201,7 +201,7 @@ static void replicated_forward(moe_layer *L) {
     L->stage_s[MOE_STAGE_EXCHANGE] += moe_time_now() - t3;
 }
 
-static void replicated_backward(moe_layer *L, float *dx) {
+static void replicated_backward(moe_layer *L, float *dx, const float *x) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
     int d = c->d, El = c->n_experts / c->ep_size, e0 = c->ep_rank * El, T = st->T;
@@ -215,6 +215,7 @@ static void replicated_backward(moe_layer *L, float *dx) {
     }
     moe_fwd_state local = *st;
     local.row_slot = st->row_slot + lo;
+    moe_gather_rows(&local, st->xp + (size_t)lo * d, x, hi - lo, d); /* as the forward did */
     moe_gather_rows(&local, st->y + (size_t)lo * d, st->dgrad, hi - lo, d);
     double t1 = moe_time_now();
     moe_expert_rows rows = moe_own_rows(st);
@@ -313,10 +314,10 @@ void moe_ep_forward(moe_layer *L) {
     L->stage_s[MOE_STAGE_EXCHANGE] += b->t_comm - c0;
 }
 
-void moe_ep_backward(moe_layer *L, float *dx) {
+void moe_ep_backward(moe_layer *L, float *dx, const float *x) {
     const moe_layer_config *c = &L->cfg;
     if (c->ep_replicated) {
-        replicated_backward(L, dx);
+        replicated_backward(L, dx, x);
         return;
     }
     moe_fwd_state *st = &L->st;

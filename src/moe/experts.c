@@ -400,16 +400,18 @@ void moe_experts_forward(moe_layer *L) {
     L->stage_s[MOE_STAGE_COMBINE] += moe_time_now() - t2;
 }
 
-void moe_experts_backward(moe_layer *L, float *dx) {
+void moe_experts_backward(moe_layer *L, float *dx, const float *x) {
     const moe_layer_config *c = &L->cfg;
     if (c->ep_size > 1) {
-        moe_ep_backward(L, dx);
+        moe_ep_backward(L, dx, x);
         return;
     }
     moe_fwd_state *st = &L->st;
     int d = c->d, R = st->n_rows;
     double t0 = moe_time_now(), t_act = 0;
-    /* dL/dy of each row is the routed-output gradient of its token. */
+    /* the rows' inputs as the forward gathered them (xp is call scratch), and dL/dy of each
+     * row: the routed-output gradient of its token */
+    moe_gather_rows(st, st->xp, x, R, d);
     moe_gather_rows(st, st->y, st->dgrad, R, d);
     double t1 = moe_time_now();
     run_expert_parts(L, 3, backward_part, &t_act); /* in the forward's expert order */

@@ -72,7 +72,7 @@ static void plan_workspace(moe_layer *L, moe_arena *a, moe_arena *s, int Tm, int
     st->row_slot = moe_arena_take(a, R, sizeof(int32_t));
     st->row_w = moe_arena_take(a, R, sizeof(float));
     st->scratch = moe_arena_take(s, 2 * E + 2 + 2 * (S > T ? S : T), sizeof(int32_t));
-    st->xp = moe_arena_take(a, R * d, sizeof(float));
+    st->xp = moe_arena_take(s, R * d, sizeof(float)); /* the backward gathers it again from x */
     st->h = moe_arena_take(a, R * gf, sizeof(float));
     st->a = moe_arena_take(a, R * f, sizeof(float));
     st->y = moe_arena_take(s, R * d, sizeof(float));
@@ -499,7 +499,7 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, const float *dout, const 
         st->dgrad = st->dr;
     }
     L->stage_s[MOE_STAGE_BWD_SHARED] += moe_time_now() - t0;
-    moe_experts_backward(L, dx);
+    moe_experts_backward(L, dx, x);
     MOE_TRY(L->ep_status);
     double t1 = moe_time_now();
     moe_router_backward(L, dx, x);

@@ -77,7 +77,7 @@ typedef struct {
     int32_t *scratch;      /* [max(S, T, E)+1] */
 
     /* experts */
-    float *xp;             /* [R, d] gathered inputs */
+    float *xp;             /* [R, d] gathered inputs (dL/dxp after the experts' backward) */
     float *h;              /* [R, gf] pre-activations */
     float *a;              /* [R, f] weighted activations */
     float *y;              /* [R, d] outputs (then dL/dy in backward) */
@@ -200,7 +200,8 @@ void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
 
 /* experts.c: the experts over the permuted rows (moe_ep_* when ep_size > 1) */
 void moe_experts_forward(moe_layer *L);
-void moe_experts_backward(moe_layer *L, float *dx);
+/* x: the forward's input, whose rows the backward gathers again */
+void moe_experts_backward(moe_layer *L, float *dx, const float *x);
 /* dst [R, d]: row r is the token row of its slot in src [T, d] (zeros for padding rows). */
 void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d);
 /* Combine: r[t] = sum of the rows of t's kept slots (slot order). */
@@ -233,7 +234,7 @@ moe_expert_rows moe_own_rows(moe_fwd_state *st);
 /* ep.c: expert parallelism — rows sent to the ranks owning their experts (all-to-all),
  * computed there, sent back; the global capacity decision over every rank's slots. */
 void moe_ep_forward(moe_layer *L);
-void moe_ep_backward(moe_layer *L, float *dx);
+void moe_ep_backward(moe_layer *L, float *dx, const float *x);
 moe_status moe_ep_apply_capacity(moe_layer *L);
 void moe_ep_free(moe_layer *L);
 
