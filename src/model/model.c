@@ -75,12 +75,13 @@ struct moe_model {
     block_saved *sv;   /* [L] */
     void *act_mem;
     float *xf, *nf, *rstdf, *logits; /* [T,d] [T,d] [T] [T,V] */
-    float *dx, *dxm, *dn, *dq, *dk, *dv, *datt, *dh, *da, *tmp; /* backward scratch */
+    float *dx, *dxm, *dn, *dq, *dk, *dv, *datt, *tmp; /* backward scratch */
+    float *dh, *da; /* [T, gf], [T, ffn] a dense FFN's, in moe_scratch */
     double *row_loss; /* [T] */
     int32_t *tokens, *targets, *pos; /* [T] */
-    void *moe_scratch;       /* the MoE layers' call scratch: one region, as they run one after
-                                another (moe_layer_create_shared) */
-    size_t moe_scratch_bytes; /* the largest layer's */
+    void *moe_scratch;       /* the FFN's call scratch: one region, as the blocks run one after
+                                another (plan_activations) */
+    size_t moe_scratch_bytes; /* the largest MoE layer's call scratch */
     int B, S, have_forward, has_targets;
     float *mla_a, *mla_b, *mla_c, *mla_d; /* MLA scratch: [T, kr+dr], [T, H*(dn+dv)],
                                              2 x [T, max(kr, qr)] */
@@ -466,8 +467,6 @@ static void plan_activations(moe_model *m, moe_arena *a) {
                               sizeof(float));
     m->mla_c = moe_arena_take(a, T * lat, sizeof(float));
     m->mla_d = moe_arena_take(a, T * lat, sizeof(float));
-    m->dh = moe_arena_take(a, T * (size_t)m->gf, sizeof(float)); /* also decoding's dense FFN */
-    m->da = moe_arena_take(a, T * (size_t)c->ffn, sizeof(float));
     m->tmp = moe_arena_take(a, T * (V > d ? V : d), sizeof(float)); /* FFN out, dlogits */
     m->row_loss = moe_arena_take(a, T, sizeof(double));
     m->tokens = moe_arena_take(a, T, sizeof(int32_t));
@@ -477,15 +476,28 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     m->vcache = moe_arena_take(a, (size_t)c->n_layers * S * hv, sizeof(float));
     m->att_scratch = moe_arena_take(a, (T > S ? T : S) * (size_t)c->n_heads * S, sizeof(float));
     m->rope_cs = moe_arena_take(a, S * (size_t)m->rope_dim, sizeof(float));
+    /* The FFN's call scratch, one region for all blocks (they run one after another): a MoE
+     * layer's (moe_layer_create_shared), or a dense FFN's dh and da, the backward's (also
+     * decoding's h and a). */
+    size_t own, call, dense = 0; /* the bytes of a dense FFN's dh and da */
     m->moe_scratch_bytes = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        if (!moe_model_layer_experts(c, l)) continue;
+        if (!moe_model_layer_experts(c, l)) {
+            moe_arena h = {NULL, 0, SIZE_MAX};
+            moe_arena_take(&h, T * (size_t)m->gf, sizeof(float));
+            moe_arena_take(&h, T * (size_t)c->ffn, sizeof(float));
+            dense = h.used;
+            continue;
+        }
         moe_layer_config lc = layer_config(c, l);
-        size_t own, call;
         moe_layer_workspace_sizes(&lc, m->max_tokens, &own, &call);
         if (call > m->moe_scratch_bytes) m->moe_scratch_bytes = call;
     }
-    m->moe_scratch = moe_arena_take(a, m->moe_scratch_bytes, 1);
+    size_t need = dense > m->moe_scratch_bytes ? dense : m->moe_scratch_bytes;
+    moe_arena ffn = {moe_arena_take(a, need, 1), 0, need};
+    m->moe_scratch = ffn.base;
+    m->dh = moe_arena_take(&ffn, dense ? T * (size_t)m->gf : 0, sizeof(float));
+    m->da = moe_arena_take(&ffn, dense ? T * (size_t)c->ffn : 0, sizeof(float));
 }
 
 /* Refuses, before anything large is allocated, a model whose parameters, gradients and
