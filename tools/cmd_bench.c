@@ -391,8 +391,9 @@ static int bench_train(moe_options *o, int json) {
     double tok_s = tokens / t_steps, fpt = model_flops_per_token(c);
     size_t np = moe_model_param_count(m), act = moe_model_activation_bytes(m);
     /* what the program allocates: parameters, gradients, Adam's m and v, and its activation
-     * workspace as planned (which holds more than a strict minimum: each MoE layer keeps its
-     * own backward scratch, the model its decoding buffers) */
+     * workspace as planned (which holds more than a strict minimum: the model's backward
+     * scratch and decoding buffers, one call scratch that the FFNs share, the router's
+     * float64 arrays) */
     double alloc_bytes = 4.0 * 4 * np + act;
     double min_act = model_activation_bytes_per_token(c, S) * tc->micro_batch * S,
            min_bytes = 4.0 * 4 * np + min_act;
