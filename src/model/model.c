@@ -81,7 +81,7 @@ struct moe_model {
     int32_t *tokens, *targets, *pos; /* [T] */
     void *moe_scratch;       /* the FFN's call scratch: one region, as the blocks run one after
                                 another (plan_activations) */
-    size_t moe_scratch_bytes; /* the largest MoE layer's call scratch */
+    size_t moe_scratch_bytes;
     int B, S, have_forward, has_targets;
     float *mla_a, *mla_b, *mla_c, *mla_d; /* MLA scratch: [T, kr+dr], [T, H*(dn+dv)],
                                              2 x [T, max(kr, qr)] */
@@ -479,8 +479,8 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     /* The FFN's call scratch, one region for all blocks (they run one after another): a MoE
      * layer's (moe_layer_create_shared), or a dense FFN's dh and da, the backward's (also
      * decoding's h and a). */
-    size_t own, call, dense = 0; /* the bytes of a dense FFN's dh and da */
-    m->moe_scratch_bytes = 0;
+    size_t own, call, dense = 0, moe = 0; /* bytes: a dense FFN's dh and da, the largest MoE
+                                             layer's call scratch */
     for (int l = 0; l < c->n_layers; l++) {
         if (!moe_model_layer_experts(c, l)) {
             moe_arena h = {NULL, 0, SIZE_MAX};
@@ -491,10 +491,10 @@ static void plan_activations(moe_model *m, moe_arena *a) {
         }
         moe_layer_config lc = layer_config(c, l);
         moe_layer_workspace_sizes(&lc, m->max_tokens, &own, &call);
-        if (call > m->moe_scratch_bytes) m->moe_scratch_bytes = call;
+        if (call > moe) moe = call;
     }
-    size_t need = dense > m->moe_scratch_bytes ? dense : m->moe_scratch_bytes;
-    moe_arena ffn = {moe_arena_take(a, need, 1), 0, need};
+    m->moe_scratch_bytes = dense > moe ? dense : moe;
+    moe_arena ffn = {moe_arena_take(a, m->moe_scratch_bytes, 1), 0, m->moe_scratch_bytes};
     m->moe_scratch = ffn.base;
     m->dh = moe_arena_take(&ffn, dense ? T * (size_t)m->gf : 0, sizeof(float));
     m->da = moe_arena_take(&ffn, dense ? T * (size_t)c->ffn : 0, sizeof(float));
