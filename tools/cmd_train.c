@@ -16,10 +16,12 @@
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DEFAULT_CORPUS "/usr/share/games/fortunes"
@@ -227,8 +229,57 @@ static moe_status write_scalars(moe_tfevents *tb, int step, const moe_step_metri
     return MOE_OK;
 }
 
+/* SIGINT and SIGTERM stop training after the step that runs (with a checkpoint), however many
+ * arrive. They are blocked in the threads that compute (this one and OpenMP's) and taken from
+ * the pending set between steps; the handler only runs on threads that leave them unblocked
+ * (MPI's). A handler must not run on a computing thread: oneDNN 2.6's JIT GEMM kernels point
+ * rsp into the heap while they run (oneDNN issue #4845, fixed in 3.11), and the kernel pushes
+ * the signal frame there, over malloc's chunks (a crash "corrupted size vs. prev_size" some
+ * steps later, or silently changed data). */
 static volatile sig_atomic_t stop_requested;
 static void on_signal(int sig) { stop_requested = sig; }
+
+static void stop_signal_set(sigset_t *set) {
+    sigemptyset(set);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGTERM);
+}
+
+/* how = SIG_BLOCK or SIG_UNBLOCK, in this thread and in each of OpenMP's */
+static void mask_stop_signals(int how) {
+    sigset_t set;
+    stop_signal_set(&set);
+    pthread_sigmask(how, &set, NULL);
+#pragma omp parallel
+    pthread_sigmask(how, &set, NULL);
+}
+
+static void catch_stop_signals(void) {
+    stop_requested = 0;
+    mask_stop_signals(SIG_BLOCK);
+    struct sigaction sa = {.sa_handler = on_signal, .sa_flags = SA_RESTART};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+/* The stop signal that arrived since the last call (consumed), or 0. */
+static int take_stop_signal(void) {
+    sigset_t set;
+    stop_signal_set(&set);
+    struct timespec now = {0, 0};
+    int sig;
+    while ((sig = sigtimedwait(&set, NULL, &now)) > 0) stop_requested = sig;
+    return stop_requested;
+}
+
+/* Back to the default action; a signal that arrived since the last step is dropped. */
+static void release_stop_signals(void) {
+    take_stop_signal();
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    mask_stop_signals(SIG_UNBLOCK);
+}
 
 /* Options: with --load, the checkpoint's options first, then the command line's flags. */
 int moe_cli_cpu_only(const moe_options *o, const char *cmd) {
@@ -469,9 +520,7 @@ int moe_cmd_train(int argc, char **argv) {
     double t_start = moe_time_now(), tokens_done = 0, val_nll = -1;
     int total = o.train.train_iters, first = moe_trainer_steps_done(t) + 1;
     int tty = isatty(STDOUT_FILENO) && d->world_size == 1; /* mpirun's output is a pseudo-tty */
-    stop_requested = 0;
-    signal(SIGINT, on_signal);
-    signal(SIGTERM, on_signal);
+    catch_stop_signals();
     for (int step = first; step <= total; step++) {
         moe_step_metrics s = {0};
         double t0 = moe_time_now();
@@ -522,7 +571,7 @@ int moe_cmd_train(int argc, char **argv) {
         if (tb && !s.skipped && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
         /* every rank stops at the same step: the decision is read once, after the ranks agreed
          * on it (a signal arriving later on one rank only is taken at the next step) */
-        int stop = stop_requested;
+        int stop = take_stop_signal();
         if (d->world_size > 1) stop = moe_dist_any(d, stop) ? SIGTERM : 0;
         int exit_now = o.exit_interval && step % o.exit_interval == 0 && step < total;
         int save_now = (o.save_interval && step % o.save_interval == 0) || exit_now;
@@ -566,8 +615,7 @@ int moe_cmd_train(int argc, char **argv) {
     }
     rc = 0;
 fail:
-    signal(SIGINT, SIG_DFL);
-    signal(SIGTERM, SIG_DFL);
+    release_stop_signals();
     if (rc && d->world_size > 1) fprintf(stderr, "moe train (rank %d): %s\n", d->world_rank, moe_last_error());
     else if (rc) fprintf(stderr, "moe train: %s\n", moe_last_error());
     if (rc && d->world_size > 1) moe_dist_abort(d, rc); /* never leave the other ranks waiting */
