@@ -44,6 +44,31 @@ static moe_status sync_dir_of(const char *path) {
     return MOE_OK;
 }
 
+/* Writes n bytes at p to fd, which path names in the error: short writes continued, EINTR
+ * retried, a write of nothing taken for a full disk. */
+static moe_status write_all(int fd, const void *p, size_t n, const char *path) {
+    const char *c = p;
+    while (n > 0) {
+        ssize_t w = write(fd, c, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0)
+            return moe_set_error(MOE_ERR_IO, "cannot write %s: %s", path,
+                                 strerror(w < 0 ? errno : ENOSPC));
+        c += w;
+        n -= (size_t)w;
+    }
+    return MOE_OK;
+}
+
+/* fsync, then close (fd is closed whether or not fsync succeeds): the file's data on disk
+ * before it is renamed into place. */
+static moe_status sync_close(int fd, const char *path) {
+    int err = fsync(fd) != 0 ? errno : 0;
+    if (close(fd) != 0 && !err) err = errno;
+    if (err) return moe_set_error(MOE_ERR_IO, "cannot flush %s: %s", path, strerror(err));
+    return MOE_OK;
+}
+
 moe_status moe_write_atomic(const char *path, const void *const *parts, const size_t *sizes,
                             int n_parts) {
     char tmp[4200];
@@ -51,33 +76,16 @@ moe_status moe_write_atomic(const char *path, const void *const *parts, const si
         return moe_set_error(MOE_ERR_IO, "path too long: %s", path);
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (fd < 0) return moe_set_error(MOE_ERR_IO, "cannot create %s: %s", tmp, strerror(errno));
-    for (int i = 0; i < n_parts; i++) {
-        const char *p = parts[i];
-        size_t left = sizes[i];
-        while (left > 0) {
-            ssize_t w = write(fd, p, left);
-            if (w < 0 && errno == EINTR) continue;
-            if (w <= 0) {
-                moe_status st = moe_set_error(MOE_ERR_IO, "cannot write %s: %s", tmp,
-                                              strerror(w < 0 ? errno : ENOSPC));
-                close(fd);
-                unlink(tmp);
-                return st;
-            }
-            p += w;
-            left -= (size_t)w;
-        }
-    }
-    int err = fsync(fd) != 0 ? errno : 0; /* closed whether or not fsync succeeded */
-    if (close(fd) != 0 && !err) err = errno;
-    if (err) {
-        moe_status st = moe_set_error(MOE_ERR_IO, "cannot flush %s: %s", tmp, strerror(err));
+    moe_status st = MOE_OK;
+    for (int i = 0; i < n_parts && st == MOE_OK; i++) st = write_all(fd, parts[i], sizes[i], tmp);
+    if (st != MOE_OK) close(fd);
+    else st = sync_close(fd, tmp);
+    if (st != MOE_OK) {
         unlink(tmp);
         return st;
     }
     if (rename(tmp, path) != 0) {
-        moe_status st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", tmp, path,
-                                      strerror(errno));
+        st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
         unlink(tmp);
         return st;
     }
