@@ -2,7 +2,9 @@
  * fails (injected) says so after putting the file in place (moe prepare too), an empty directory path is
  * refused without reading past it, and a token file is mapped, not copied: loading a large one
  * costs no anonymous memory, its tokens read back in either width, and a refused or freed one
- * leaves no mapping behind. */
+ * leaves no mapping behind. moe prepare streams: its memory does not grow with the corpus, and
+ * a failure part way (a file's fsync, a missing input after others were written) leaves the
+ * previous pair and no .next file. */
 #define _POSIX_C_SOURCE 200809L
 #include "test_util.h"
 
@@ -20,6 +22,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <dirent.h>
 
 #include <cmocka.h>
 
@@ -54,13 +58,15 @@ static void test_write_atomic_fsync_fails(void **state) {
 }
 
 /* test_data links with -Wl,--wrap=fsync (tests/CMakeLists.txt): io/data's fsync calls come
- * here; the fail_dir_fsync-th fsync of a directory (counted in dir_fsyncs) fails with EIO. */
+ * here; the fail_fsync[1]-th fsync of a directory and the fail_fsync[0]-th of a file (counted
+ * in fsyncs[1] and fsyncs[0]) fail with EIO. */
 int __real_fsync(int fd);
 int __wrap_fsync(int fd);
-static int fail_dir_fsync, dir_fsyncs;
+static int fail_fsync[2], fsyncs[2];
 int __wrap_fsync(int fd) {
     struct stat sb;
-    if (fstat(fd, &sb) == 0 && S_ISDIR(sb.st_mode) && ++dir_fsyncs == fail_dir_fsync) {
+    int dir = fstat(fd, &sb) == 0 && S_ISDIR(sb.st_mode);
+    if (++fsyncs[dir] == fail_fsync[dir]) {
         errno = EIO;
         return -1;
     }
@@ -69,8 +75,29 @@ int __wrap_fsync(int fd) {
 
 /* Fails the n-th directory fsync from now (0: none). */
 static void fail_dir_fsync_at(int n) {
-    dir_fsyncs = 0;
-    fail_dir_fsync = n;
+    fsyncs[1] = 0;
+    fail_fsync[1] = n;
+}
+
+/* Fails the n-th fsync of a file from now (0: none). */
+static void fail_file_fsync_at(int n) {
+    fsyncs[0] = 0;
+    fail_fsync[0] = n;
+}
+
+/* dir holds train.bin and val.bin and nothing else (no .next, .tmp or .old file). */
+static void assert_only_pair(const char *dir) {
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        if (strcmp(e->d_name, "train.bin") && strcmp(e->d_name, "val.bin"))
+            fail_msg("%s holds %s besides train.bin and val.bin", dir, e->d_name);
+        n++;
+    }
+    closedir(d);
+    assert_int_equal(n, 2);
 }
 
 static void assert_says(const char *error, const char *want) {
@@ -103,8 +130,9 @@ static moe_status prepare_paragraphs(const char *dir, const char *out, int n, in
 
 /* The directory's fsync after the rename fails: an error naming the directory and the cause,
  * with the new file in place (the rename is done) and no temporary left. moe prepare: a
- * failure while it writes the new pair beside the old leaves the old pair; one after the pair
- * is renamed into place says so. */
+ * failure while it writes the new pair beside the old (val.bin.next's fsync, after
+ * train.bin.next is complete) leaves the old pair and no .next file; one after the pair is
+ * renamed into place (the directory's fsync) says so. */
 static void test_write_atomic_dir_fsync_fails(void **state) {
     (void)state;
     char dir[] = "/tmp/moe_test_data_XXXXXX", path[64], tmp[80], out[64], want[200];
@@ -134,13 +162,15 @@ static void test_write_atomic_dir_fsync_fails(void **state) {
     char err[512];
     assert_int_equal(prepare_paragraphs(dir, out, 40, old, err), MOE_OK);
     assert_true(old[0] > 0 && old[1] > 0);
-    fail_dir_fsync_at(1); /* writing train.bin.next */
+    fail_file_fsync_at(2); /* val.bin.next's */
     st = prepare_paragraphs(dir, out, 80, now, err);
-    fail_dir_fsync_at(0);
+    fail_file_fsync_at(0);
     assert_int_not_equal(st, MOE_OK);
-    assert_says(err, "cannot be synced (");
+    snprintf(want, sizeof want, "cannot flush %s/val.bin.next: %s", out, strerror(EIO));
+    assert_says(err, want);
     assert_memory_equal(now, old, sizeof old);
-    fail_dir_fsync_at(3); /* after train.bin.next and val.bin.next, the renames' */
+    assert_only_pair(out);
+    fail_dir_fsync_at(1); /* the renames' (the .next files need none) */
     st = prepare_paragraphs(dir, out, 80, now, err);
     fail_dir_fsync_at(0);
     assert_int_not_equal(st, MOE_OK);
@@ -148,6 +178,7 @@ static void test_write_atomic_dir_fsync_fails(void **state) {
              strerror(EIO));
     assert_says(err, want);
     assert_true(now[0] + now[1] > old[0] + old[1]); /* the new pair */
+    assert_only_pair(out);
     char bin[96];
     for (int i = 0; i < 2; i++) {
         snprintf(bin, sizeof bin, "%s/%s.bin", out, i ? "val" : "train");
@@ -386,6 +417,119 @@ static void test_prepare_split_by_content(void **state) {
     rmdir(dir);
 }
 
+/* Writes path: paragraphs ("word word ...\n" lines) each followed by a blank line, until it
+ * holds at least size bytes; returns its size and adds its paragraphs to *docs. */
+static size_t write_paragraphs(const char *path, size_t size, uint64_t seed, int64_t *docs) {
+    static const char *words[] = {"the", "expert", "router", "sends", "each", "token", "to",
+                                  "two", "of", "sixty-four", "experts", "and", "adds", "their",
+                                  "outputs", "weighted", "by", "its", "scores"};
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    size_t n = 0;
+    uint64_t x = seed;
+    while (n < size) {
+        int lines = 3 + (int)(x >> 60); /* 3 to 18 lines of about 70 bytes */
+        for (int l = 0; l < lines; l++) {
+            for (int col = 0; col < 64;) {
+                x = x * 6364136223846793005ull + 1442695040888963407ull;
+                const char *w = words[(x >> 33) % (sizeof words / sizeof *words)];
+                n += (size_t)fprintf(f, "%s%s", col ? " " : "", w);
+                col += (int)strlen(w) + 1;
+            }
+            n += (size_t)fprintf(f, "\n");
+        }
+        n += (size_t)fprintf(f, "\n");
+        (*docs)++;
+    }
+    assert_int_equal(fclose(f), 0);
+    return n;
+}
+
+/* Peak memory of moe prepare over a 64 MB corpus in 4 files of 16 MB (64 M byte tokens): the
+ * growth of the peak resident size (VmHWM, reset through /proc/self/clear_refs) stays under the
+ * largest input file + 64 MB. Prepare holds one input file, two 1 MB write buffers and the
+ * document table (16 bytes a document, here about 0.1 M documents: 1.7 MB); before it streamed,
+ * it held every token as a uint32 and then the training split again as uint16 (over 6 bytes a
+ * token: about 400 MB here). Then the files hold every byte of the corpus (each paragraph's text
+ * and newline, its blank line turned into the end-of-text id), and a second prepare that fails
+ * on a missing input after a whole file went to the .next files leaves the pair unreplaced and
+ * no .next file. Under AddressSanitizer (whose quarantine keeps freed memory) a 4 MB corpus and
+ * no memory bound. */
+static void test_prepare_streams(void **state) {
+    (void)state;
+#if defined(__SANITIZE_ADDRESS__)
+    const size_t file_size = 1 << 20;
+#else
+    const size_t file_size = 16 << 20;
+#endif
+    enum { F = 4 };
+    char dir[] = "/tmp/moe_test_data_XXXXXX", names[F + 1][80], out[80];
+    const char *files[F + 1];
+    assert_non_null(mkdtemp(dir));
+    snprintf(out, sizeof out, "%s/out", dir);
+    int64_t docs = 0;
+    size_t bytes = 0, largest = 0;
+    for (int i = 0; i <= F; i++) {
+        snprintf(names[i], sizeof names[i], "%s/%s%d.txt", dir, i < F ? "text" : "missing", i);
+        files[i] = names[i];
+        if (i == F) break;
+        size_t n = write_paragraphs(names[i], file_size, 1000 + (uint64_t)i, &docs);
+        bytes += n;
+        largest = n > largest ? n : largest;
+    }
+    FILE *clear = fopen("/proc/self/clear_refs", "w"); /* "5": VmHWM = VmRSS now */
+    if (clear) {
+        fputs("5", clear);
+        fclose(clear);
+    }
+    long before = status_kb("VmRSS");
+    moe_prepare_stats st;
+    assert_int_equal(moe_prepare(files, F, out, 0.05, 1234, NULL, &st), MOE_OK);
+    long grown = status_kb("VmHWM") - before, bound = (long)(largest >> 10) + (64 << 10);
+    printf("prepare of %zu MB in %d files (%lld documents): peak resident size grew by %ld kB "
+           "(bound %ld kB%s)\n", bytes >> 20, F, (long long)docs, grown, bound,
+           clear ? "" : "; VmHWM not reset");
+#if !defined(__SANITIZE_ADDRESS__)
+    if (grown > bound)
+        fail_msg("prepare of %zu bytes (largest file %zu) grew the peak resident size by %ld kB, "
+                 "more than the largest file + 64 MB (%ld kB)", bytes, largest, grown, bound);
+#endif
+    assert_int_equal(st.train_docs + st.val_docs, docs);
+    assert_int_equal(st.train_tokens + st.val_tokens, (int64_t)bytes);
+    struct stat was[2];
+    for (int i = 0; i < 2; i++) {
+        char bin[96];
+        snprintf(bin, sizeof bin, "%s/%s.bin", out, i ? "val" : "train");
+        moe_tokens t;
+        assert_int_equal(moe_tokens_load(bin, &t), MOE_OK);
+        assert_int_equal(t.n_tokens, i ? st.val_tokens : st.train_tokens);
+        assert_int_equal(t.n_docs, i ? st.val_docs : st.train_docs);
+        assert_int_equal(t.n_sources, F);
+        assert_string_equal(t.sources[F - 1], files[F - 1]);
+        moe_tokens_free(&t);
+        assert_int_equal(stat(bin, &was[i]), 0);
+    }
+    const char *failing[2] = {files[0], files[F]};
+    assert_int_not_equal(moe_prepare(failing, 2, out, 0.05, 1234, NULL, NULL), MOE_OK);
+    assert_says(moe_last_error(), files[F]);
+    for (int i = 0; i < 2; i++) {
+        char bin[96];
+        struct stat now;
+        snprintf(bin, sizeof bin, "%s/%s.bin", out, i ? "val" : "train");
+        assert_int_equal(stat(bin, &now), 0);
+        assert_true(now.st_ino == was[i].st_ino && now.st_size == was[i].st_size);
+    }
+    assert_only_pair(out);
+    for (int i = 0; i < 2; i++) {
+        char bin[96];
+        snprintf(bin, sizeof bin, "%s/%s.bin", out, i ? "val" : "train");
+        unlink(bin);
+    }
+    rmdir(out);
+    for (int i = 0; i < F; i++) unlink(files[i]);
+    rmdir(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_write_atomic_fsync_fails),
@@ -395,6 +539,7 @@ int main(void) {
         cmocka_unit_test(test_tokens_u32),
         cmocka_unit_test(test_tokens_refused),
         cmocka_unit_test(test_prepare_split_by_content),
+        cmocka_unit_test(test_prepare_streams),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -114,12 +114,22 @@ moe_status moe_mkdirs(const char *path) {
 
 /* ---------------------------------------------------------------- prepare */
 
+/* One split as prepare writes it, streamed to its .next file: the header's 64 bytes first as
+ * a placeholder (written last, when the counts are known), then the tokens in the file's width
+ * through a buffer; the document table is kept until the tokens are all written. Memory: the
+ * buffer and 16 bytes a document, whatever the number of tokens. */
+#define SPLIT_BUF (1 << 20) /* bytes gathered before each write */
+
 typedef struct {
-    uint32_t *tok;
-    int64_t n, cap;
-    uint64_t *doc; /* pairs (start, source) */
+    char path[4112];    /* DIR/train.bin.next or DIR/val.bin.next */
+    int fd;             /* -1: not open */
+    int dtype;          /* bytes per token: MOE_TOKENS_U16 or MOE_TOKENS_U32 */
+    unsigned char *buf; /* [SPLIT_BUF] bytes not yet written */
+    size_t used;
+    int64_t n;          /* tokens so far */
+    uint64_t *doc;      /* [2 * n_docs] pairs (first token, source) */
     int64_t n_docs, cap_docs;
-} split_buf;
+} split_out;
 
 static int grow(void **p, int64_t *cap, int64_t need, size_t elem) {
     if (need <= *cap) return 0;
@@ -132,31 +142,75 @@ static int grow(void **p, int64_t *cap, int64_t need, size_t elem) {
     return 0;
 }
 
-static moe_status add_doc(split_buf *b, const char *text, size_t len, uint32_t source,
+/* Creates s->path (replacing a stale one) with the header's place in the buffer. */
+static moe_status split_open(split_out *s, int dtype) {
+    s->dtype = dtype;
+    s->buf = malloc(SPLIT_BUF);
+    if (!s->buf) return moe_set_error(MOE_ERR_NOMEM, "out of memory preparing the corpus");
+    memset(s->buf, 0, 64);
+    s->used = 64;
+    s->fd = open(s->path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (s->fd < 0)
+        return moe_set_error(MOE_ERR_IO, "cannot create %s: %s", s->path, strerror(errno));
+    return MOE_OK;
+}
+
+static moe_status split_flush(split_out *s) {
+    moe_status st = write_all(s->fd, s->buf, s->used, s->path);
+    s->used = 0;
+    return st;
+}
+
+/* Appends n bytes (the document table, the source names) after what is written. */
+static moe_status split_write(split_out *s, const void *p, size_t n) {
+    const unsigned char *c = p;
+    while (n > 0) {
+        if (s->used == SPLIT_BUF) MOE_TRY(split_flush(s));
+        size_t k = n < SPLIT_BUF - s->used ? n : SPLIT_BUF - s->used;
+        memcpy(s->buf + s->used, c, k);
+        s->used += k;
+        c += k;
+        n -= k;
+    }
+    return MOE_OK;
+}
+
+static inline moe_status split_token(split_out *s, uint32_t id) {
+    if (s->used + sizeof id > SPLIT_BUF) MOE_TRY(split_flush(s));
+    if (s->dtype == MOE_TOKENS_U16) {
+        uint16_t narrow = (uint16_t)id;
+        memcpy(s->buf + s->used, &narrow, 2);
+    } else {
+        memcpy(s->buf + s->used, &id, 4);
+    }
+    s->used += (size_t)s->dtype;
+    s->n++;
+    return MOE_OK;
+}
+
+static moe_status add_doc(split_out *s, const char *text, size_t len, uint32_t source,
                           const moe_prepare_vocab *v) {
     int32_t *ids = NULL;
     int n = 0;
     if (v) MOE_TRY(moe_tokenizer_encode(v->tokenizer, text, len, 0, &ids, &n));
-    size_t count = v ? (size_t)n : len;
-    if (grow((void **)&b->tok, &b->cap, b->n + (int64_t)count + 1, sizeof(uint32_t)) ||
-        grow((void **)&b->doc, &b->cap_docs, 2 * (b->n_docs + 1), sizeof(uint64_t))) {
-        free(ids);
-        return moe_set_error(MOE_ERR_NOMEM, "out of memory preparing the corpus");
+    moe_status st = MOE_OK;
+    for (int i = 0; i < n && st == MOE_OK; i++)
+        if (ids[i] >= v->vocab)
+            st = moe_set_error(MOE_ERR_INVALID, "the tokenizer gave id %d, beyond the model's "
+                               "vocabulary of %d", ids[i], v->vocab);
+    if (st == MOE_OK && grow((void **)&s->doc, &s->cap_docs, 2 * (s->n_docs + 1), sizeof(uint64_t)))
+        st = moe_set_error(MOE_ERR_NOMEM, "out of memory preparing the corpus");
+    if (st == MOE_OK) {
+        s->doc[2 * s->n_docs] = (uint64_t)s->n;
+        s->doc[2 * s->n_docs + 1] = source;
+        s->n_docs++;
     }
-    for (int i = 0; i < n; i++)
-        if (ids[i] >= v->vocab) {
-            int bad = ids[i];
-            free(ids);
-            return moe_set_error(MOE_ERR_INVALID, "the tokenizer gave id %d, beyond the model's "
-                                 "vocabulary of %d", bad, v->vocab);
-        }
-    b->doc[2 * b->n_docs] = (uint64_t)b->n;
-    b->doc[2 * b->n_docs + 1] = source;
-    b->n_docs++;
-    for (size_t i = 0; i < count; i++) b->tok[b->n++] = v ? (uint32_t)ids[i] : (unsigned char)text[i];
-    b->tok[b->n++] = v ? (uint32_t)v->eot : MOE_BYTE_EOT;
+    size_t count = v ? (size_t)n : len;
+    for (size_t i = 0; i < count && st == MOE_OK; i++)
+        st = split_token(s, v ? (uint32_t)ids[i] : (unsigned char)text[i]);
+    if (st == MOE_OK) st = split_token(s, v ? (uint32_t)v->eot : MOE_BYTE_EOT);
     free(ids);
-    return MOE_OK;
+    return st;
 }
 
 int moe_file_exists(const char *dir, const char *name) {
@@ -242,7 +296,7 @@ static moe_status split_docs(const char *text, size_t len, doc_fn emit, void *ct
 }
 
 typedef struct {
-    split_buf *train, *val;
+    split_out *train, *val;
     uint32_t source;
     int64_t n_docs; /* documents so far */
     double val_fraction;
@@ -272,13 +326,22 @@ static moe_status emit_doc(const char *text, size_t len, void *p) {
     return add_doc(u < c->val_fraction ? c->val : c->train, text, len, c->source, c->vocab);
 }
 
-static moe_status write_split(const char *path, const split_buf *b, const char *const *files,
-                              int n_files, const moe_prepare_vocab *v) {
+/* Ends a split's file: the rest of the tokens, the document table and the source names
+ * appended, the header written over its place, fsync, close. */
+static moe_status split_finish(split_out *s, const char *const *files, int n_files,
+                               uint32_t vocab, uint32_t eot) {
+    MOE_TRY(split_write(s, s->doc, (size_t)s->n_docs * 16));
+    uint32_t nf = (uint32_t)n_files;
+    MOE_TRY(split_write(s, &nf, 4));
+    for (int i = 0; i < n_files; i++) {
+        uint32_t l = (uint32_t)strlen(files[i]);
+        MOE_TRY(split_write(s, &l, 4));
+        MOE_TRY(split_write(s, files[i], l));
+    }
+    MOE_TRY(split_flush(s));
     unsigned char hdr[64] = {0};
-    uint32_t version = MOE_TOKENS_VERSION, vocab = v ? (uint32_t)v->vocab : MOE_BYTE_VOCAB,
-             eot = v ? (uint32_t)v->eot : MOE_BYTE_EOT,
-             dtype = vocab > 65536 ? MOE_TOKENS_U32 : MOE_TOKENS_U16;
-    uint64_t n = (uint64_t)b->n, nd = (uint64_t)b->n_docs;
+    uint32_t version = MOE_TOKENS_VERSION, dtype = (uint32_t)s->dtype;
+    uint64_t n = (uint64_t)s->n, nd = (uint64_t)s->n_docs;
     memcpy(hdr, MOE_TOKENS_MAGIC, 8);
     memcpy(hdr + 8, &version, 4);
     memcpy(hdr + 12, &dtype, 4);
@@ -286,29 +349,19 @@ static moe_status write_split(const char *path, const split_buf *b, const char *
     memcpy(hdr + 24, &vocab, 4);
     memcpy(hdr + 28, &eot, 4);
     memcpy(hdr + 32, &nd, 8);
-    size_t names = 4;
-    for (int i = 0; i < n_files; i++) names += 4 + strlen(files[i]);
-    unsigned char *tail = malloc(names);
-    uint16_t *narrow = dtype == MOE_TOKENS_U16 ? malloc(sizeof(uint16_t) * (size_t)(b->n + 1)) : NULL;
-    if (!tail || (dtype == MOE_TOKENS_U16 && !narrow)) {
-        free(tail), free(narrow);
-        return moe_set_error(MOE_ERR_NOMEM, "out of memory");
-    }
-    for (int64_t i = 0; narrow && i < b->n; i++) narrow[i] = (uint16_t)b->tok[i];
-    uint32_t nf = (uint32_t)n_files;
-    memcpy(tail, &nf, 4);
-    size_t o = 4;
-    for (int i = 0; i < n_files; i++) {
-        uint32_t l = (uint32_t)strlen(files[i]);
-        memcpy(tail + o, &l, 4);
-        memcpy(tail + o + 4, files[i], l);
-        o += 4 + l;
-    }
-    const void *parts[4] = {hdr, narrow ? (const void *)narrow : b->tok, b->doc, tail};
-    size_t sizes[4] = {64, (size_t)b->n * dtype, (size_t)b->n_docs * 16, names};
-    moe_status st = moe_write_atomic(path, parts, sizes, 4);
-    free(tail), free(narrow);
-    return st;
+    if (lseek(s->fd, 0, SEEK_SET) != 0)
+        return moe_set_error(MOE_ERR_IO, "cannot seek in %s: %s", s->path, strerror(errno));
+    MOE_TRY(write_all(s->fd, hdr, 64, s->path));
+    int fd = s->fd;
+    s->fd = -1;
+    return sync_close(fd, s->path);
+}
+
+static void split_free(split_out *s) {
+    if (s->fd >= 0) close(s->fd);
+    s->fd = -1;
+    free(s->buf);
+    free(s->doc);
 }
 
 moe_status moe_prepare(const char *const *files, int n_files, const char *out_dir,
@@ -322,9 +375,25 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
         return moe_set_error(MOE_ERR_INVALID, "val fraction must be in [0, 1) (got %g)",
                              val_fraction);
     MOE_TRY(moe_mkdirs(out_dir));
-    split_buf train = {0}, val = {0};
-    prep_ctx ctx = {&train, &val, 0, 0, val_fraction, seed, v};
+    uint32_t vocab = v ? (uint32_t)v->vocab : MOE_BYTE_VOCAB,
+             eot = v ? (uint32_t)v->eot : MOE_BYTE_EOT;
+    /* both splits streamed in full beside the old pair (.next), then renamed: a failure (a
+     * full disk, a bad input file) leaves the previous train.bin and val.bin as they were,
+     * never a mixed pair */
+    char path[2][4096], old[4112];
+    split_out split[2] = {{.fd = -1}, {.fd = -1}};
     moe_status st = MOE_OK;
+    for (int i = 0; i < 2; i++) {
+        if (snprintf(path[i], sizeof path[i], "%s/%s.bin", out_dir, i ? "val" : "train") >=
+                (int)sizeof path[i] ||
+            snprintf(split[i].path, sizeof split[i].path, "%s.next", path[i]) >=
+                (int)sizeof split[i].path) {
+            split[i].path[0] = '\0'; /* nothing to remove */
+            if (st == MOE_OK) st = moe_set_error(MOE_ERR_IO, "path too long: %s", out_dir);
+        }
+        if (st == MOE_OK) st = split_open(&split[i], vocab > 65536 ? MOE_TOKENS_U32 : MOE_TOKENS_U16);
+    }
+    prep_ctx ctx = {&split[0], &split[1], 0, 0, val_fraction, seed, v};
     for (int i = 0; i < n_files && st == MOE_OK; i++) {
         char *text;
         size_t len;
@@ -339,19 +408,12 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
         st = split_docs(text, len, emit_doc, &ctx);
         free(text);
     }
-    if (st == MOE_OK && (train.n == 0 || (val_fraction > 0 && val.n == 0)))
+    if (st == MOE_OK && (split[0].n == 0 || (val_fraction > 0 && split[1].n == 0)))
         st = moe_set_error(MOE_ERR_INVALID, "the input holds too little text for a "
                            "train and a validation split (%lld documents)",
                            (long long)ctx.n_docs);
-    /* both splits written in full beside the old pair (.next), then renamed: a failure (a full
-     * disk) leaves the previous train.bin and val.bin as they were, never a mixed pair */
-    char next[2][4112], path[2][4096], old[4112];
-    const split_buf *split[2] = {&train, &val};
-    for (int i = 0; i < 2; i++) {
-        snprintf(path[i], sizeof path[i], "%s/%s.bin", out_dir, i ? "val" : "train");
-        snprintf(next[i], sizeof next[i], "%s.next", path[i]);
-        if (st == MOE_OK) st = write_split(next[i], split[i], files, n_files, v);
-    }
+    for (int i = 0; i < 2 && st == MOE_OK; i++)
+        st = split_finish(&split[i], files, n_files, vocab, eot);
     /* the old train.bin is kept (a hard link: train.bin stays in place) until val.bin is
      * renamed too, so that a failed second rename can put it back */
     snprintf(old, sizeof old, "%s.old", path[0]);
@@ -363,17 +425,17 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
             st = moe_set_error(MOE_ERR_IO, "cannot keep %s as %s while replacing it: %s", path[0],
                                old, strerror(errno));
     }
-    if (st == MOE_OK && rename(next[0], path[0]) != 0)
-        st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", next[0], path[0],
+    if (st == MOE_OK && rename(split[0].path, path[0]) != 0)
+        st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", split[0].path, path[0],
                            strerror(errno));
-    else if (st == MOE_OK && rename(next[1], path[1]) != 0) {
+    else if (st == MOE_OK && rename(split[1].path, path[1]) != 0) {
         int e = errno; /* the new train.bin goes: the old one back, or none as before */
         if (kept ? rename(old, path[0]) == 0 : unlink(path[0]) == 0)
-            st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", next[1], path[1],
+            st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s: %s", split[1].path, path[1],
                                strerror(e));
         else /* the old train.bin stays as .old */
             st = moe_set_error(MOE_ERR_IO, "cannot rename %s to %s (%s) nor put the previous %s "
-                               "back (%s): prepare again", next[1], path[1], strerror(e),
+                               "back (%s): prepare again", split[1].path, path[1], strerror(e),
                                path[0], strerror(errno));
         kept = 0;
     }
@@ -384,18 +446,15 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
         st = moe_set_error(MOE_ERR_IO, "%s and %s are written, but their directory %s cannot be "
                            "synced (%s): they may not survive a crash", path[0], path[1], dir,
                            strerror(err));
-    for (int i = 0; i < 2 && st != MOE_OK; i++) unlink(next[i]);
+    for (int i = 0; i < 2 && st != MOE_OK; i++) unlink(split[i].path); /* closed or not */
     if (st == MOE_OK && stats) {
-        stats->train_tokens = train.n;
-        stats->val_tokens = val.n;
-        stats->train_docs = train.n_docs;
-        stats->val_docs = val.n_docs;
+        stats->train_tokens = split[0].n;
+        stats->val_tokens = split[1].n;
+        stats->train_docs = split[0].n_docs;
+        stats->val_docs = split[1].n_docs;
         stats->n_files = n_files;
     }
-    free(train.tok);
-    free(train.doc);
-    free(val.tok);
-    free(val.doc);
+    for (int i = 0; i < 2; i++) split_free(&split[i]);
     return st;
 }
 

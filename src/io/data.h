@@ -66,7 +66,9 @@ typedef struct {
  * paragraphs separated by blank lines), encodes them (bytes + end-of-text, or v's tokenizer),
  * and writes out_dir/train.bin and out_dir/val.bin (a document goes to val when a hash of
  * (seed, its bytes) falls below val_fraction: copies of a document all go to the same side).
- * Files are written atomically. */
+ * The splits are streamed to out_dir/{train,val}.bin.next as the files are read, one at a
+ * time (memory: one input file, one document's ids, 1 MB a split and 16 bytes a document),
+ * then renamed over the old pair together; a failure leaves the old pair and no .next file. */
 moe_status moe_prepare(const char *const *files, int n_files, const char *out_dir,
                        double val_fraction, uint64_t seed, const moe_prepare_vocab *v,
                        moe_prepare_stats *stats);
