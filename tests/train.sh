@@ -32,16 +32,18 @@ expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/blank.txt"
 grep -q "^moe prepare: the input holds too little text" "$tmp/out" ||
   fail "blank input: $(cat "$tmp/out")"
 # the train/validation split is docs/FORMATS.md §1's hash of each document's bytes, computed
-# here independently; every copy of a document falls on the same side
-/usr/bin/python3 - "$tmp/p/dups.txt" <<'EOF' || fail "writing the duplicates corpus"
+# here independently; every copy of a document falls on the same side (the third copies come
+# from a second file); and each file is, byte for byte, the header, tokens, document table and
+# source names that docs/FORMATS.md §1 gives for these documents, written here from the text
+/usr/bin/python3 - "$tmp/p/dups.txt" "$tmp/p/dups2.txt" <<'EOF' || fail "writing the duplicates corpus"
 import sys
-with open(sys.argv[1], "w") as f:
-    for r in range(3):
+for r in range(3):
+    with open(sys.argv[1 + r // 2], "a") as f:
         for i in range(300):
             if i % 3 >= r: f.write(f"saying {i}{' and more' * (i % 5)}\n%\n")
 EOF
-expect 0 "$moe" prepare --out "$tmp/p/dups" --val-fraction 0.3 "$tmp/p/dups.txt"
-/usr/bin/python3 - "$tmp/p/dups.txt" "$tmp/p/dups" <<'EOF' || fail "split by content"
+expect 0 "$moe" prepare --out "$tmp/p/dups" --val-fraction 0.3 "$tmp/p/dups.txt" "$tmp/p/dups2.txt"
+/usr/bin/python3 - "$tmp/p/dups.txt" "$tmp/p/dups2.txt" "$tmp/p/dups" <<'EOF' || fail "split by content"
 import struct, sys
 M, PHI = (1 << 64) - 1, 0x9E3779B97F4A7C15
 def mix(z):
@@ -57,11 +59,27 @@ def to_val(doc, seed=1234, fraction=0.3):
     for k in range(0, len(doc), 8):
         h = u64(h, int.from_bytes(doc[k:k + 8], "little"), k // 8)
     return (h >> 11) / 2.0**53 < fraction
-docs = [d + b"\n" for d in open(sys.argv[1], "rb").read().split(b"\n%\n") if d]
+sources = sys.argv[1:3]
+located = [(d + b"\n", s) for s in range(2) for d in open(sources[s], "rb").read().split(b"\n%\n")
+           if d]  # (document, source index)
+docs = [d for d, _ in located]
 want = [[d for d in docs if not to_val(d)], [d for d in docs if to_val(d)]]
 got = []
-for name in ("train", "val"):
-    b = open(f"{sys.argv[2]}/{name}.bin", "rb").read()
+for side, name in enumerate(("train", "val")):
+    b = open(f"{sys.argv[3]}/{name}.bin", "rb").read()
+    tokens, table = [], b""
+    for d, s in located:
+        if to_val(d) == side:
+            table += struct.pack("<QQ", len(tokens), s)
+            tokens += list(d) + [256]
+    expected = (b"MOETOKNS" + struct.pack("<IIQIIQ", 1, 2, len(tokens), 257, 256, len(table) // 16)
+                + bytes(24) + struct.pack(f"<{len(tokens)}H", *tokens) + table
+                + struct.pack("<I", len(sources))
+                + b"".join(struct.pack("<I", len(s)) + s.encode() for s in sources))
+    if b != expected:
+        at = next((i for i, (x, y) in enumerate(zip(b, expected)) if x != y),
+                  min(len(b), len(expected)))
+        sys.exit(f"{name}.bin: {len(b)} bytes, expected {len(expected)}, first difference at {at}")
     n, nd = struct.unpack_from("<Q", b, 16)[0], struct.unpack_from("<Q", b, 32)[0]
     start = [struct.unpack_from("<Q", b, 64 + 2 * n + 16 * i)[0] for i in range(nd)] + [n]
     got.append([b[64 + 2 * start[i]:62 + 2 * start[i + 1]:2] for i in range(nd)])  # no eot
@@ -235,10 +253,17 @@ expect 0 "$moe" train --num-layers 1 --hidden-size 16 --num-attention-heads 2 --
   --num-experts 2 --moe-router-topk 2 --moe-ffn-hidden-size 8 --seq-length 16 --micro-batch-size 2 \
   --global-batch-size 2 --train-iters 1 --data-path "$tmp/data" --save "$tmp/m1"
 expect 0 "$moe" convert --load "$tmp/m1" --to hf "$tmp/hf"
+# found after a file that went to train.bin.next and val.bin.next: the previous pair stays
+# as it was, and no .next file
 printf 'good\n\nab\377cd\n' >"$tmp/p/bad.txt"
-expect 1 "$moe" prepare --model "$tmp/hf" --out "$tmp/p/u" "$tmp/p/bad.txt"
+expect 0 "$moe" prepare --model "$tmp/hf" --out "$tmp/p/u" --val-fraction 0.2 "$src/SECURITY.md"
+cp "$tmp/p/u/train.bin" "$tmp/p/train.before"; cp "$tmp/p/u/val.bin" "$tmp/p/val.before"
+expect 1 "$moe" prepare --model "$tmp/hf" --out "$tmp/p/u" "$src/README.md" "$tmp/p/bad.txt"
 grep -q "^moe prepare: $tmp/p/bad.txt is not UTF-8 (byte 8)$" "$tmp/out" ||
   fail "not UTF-8: $(cat "$tmp/out")"
+cmp -s "$tmp/p/train.before" "$tmp/p/u/train.bin" && cmp -s "$tmp/p/val.before" "$tmp/p/u/val.bin" ||
+  fail "a prepare that failed on its second file changed the pair"
+[ "$(ls "$tmp/p/u")" = "$(printf 'train.bin\nval.bin')" ] || fail "prepare left $(ls "$tmp/p/u")"
 expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"
