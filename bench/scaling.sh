@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The scaling tables of bench/RESULTS.md: cost per token as T grows, and cost as E grows at
-# fixed active parameters, each row with the SGEMM ceiling and the roofline of the same run.
+# fixed active parameters (at T=4096 and at T=16384), each row with the SGEMM ceiling and the roofline of the same run.
 # Each row is the fastest of REPEATS runs (default 3): on a shared machine a run is slowed by
 # whatever else runs, never sped up, so the minimum is the layer's own cost. The rows of a table
 # take turns (all rows once, then again), so that a slow spell of the machine falls on every row
@@ -34,9 +34,13 @@ for _ in $(seq "${REPEATS:-3}"); do
   done
 done | table T
 echo
-echo "E scaling at fixed active parameters: T=4096 d=512 f=512 k=2"
-for _ in $(seq "${REPEATS:-3}"); do
-  for E in 8 32 128 256; do
-    run --tokens 4096 --hidden-size 512 --moe-ffn-hidden-size 512 --num-experts "$E" --moe-router-topk 2
-  done
-done | table E
+# the E table at two batch sizes: at T=4096 an expert of E=256 gets 32 rows, at T=16384 128
+for T in 4096 16384; do
+  echo
+  echo "E scaling at fixed active parameters: T=$T d=512 f=512 k=2"
+  for _ in $(seq "${REPEATS:-3}"); do
+    for E in 8 32 128 256; do
+      run --tokens "$T" --hidden-size 512 --moe-ffn-hidden-size 512 --num-experts "$E" --moe-router-topk 2
+    done
+  done | table E
+done
