@@ -397,10 +397,13 @@ grep -q "stopped by signal 15" "$tmp/sig.log" && [ -f "$tmp/sig/latest" ] || fai
 # handled on a computing thread: oneDNN 2.6's GEMM kernels point rsp into the heap, where a
 # signal frame then lands (the heap was corrupted in most runs of this test when they were);
 # and a second signal must not fall back to the default action (it killed the run)
+# (steps of 8 micro-batches, about a second here, which the storm's 30 ms fall well inside: the
+# signals must all arrive before the run stops and restores the default action)
 "$moe" train --config "$src/configs/default.cfg" --num-layers 1 --micro-batch-size 32 \
-  --global-batch-size 128 --data-path "$tmp/data" --save "$tmp/storm" >"$tmp/storm.log" 2>&1 &
+  --global-batch-size 256 --data-path "$tmp/data" --save "$tmp/storm" >"$tmp/storm.log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do grep -q "^step 1/" "$tmp/storm.log" 2>/dev/null && break; sleep 0.1; done
+sleep 0.05 # inside step 2
 n=0
 while [ $n -lt 3000 ] && kill -TERM $pid 2>/dev/null; do n=$((n + 1)); done
 wait $pid; rc=$?
