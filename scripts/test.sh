@@ -20,6 +20,6 @@ ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan --output-on-failure -j2
 echo "== training under valgrind memcheck"
 bash scripts/valgrind.sh
-echo "== fuzzing every parser of outside data (libFuzzer, ASan+UBSan), ${MOE_FUZZ_SECONDS:-20} s each"
-bash scripts/fuzz.sh "${MOE_FUZZ_SECONDS:-20}"
+echo "== fuzzing every parser of outside data (libFuzzer, ASan+UBSan), ${MOE_FUZZ_SECONDS:-12} s each"
+bash scripts/fuzz.sh "${MOE_FUZZ_SECONDS:-12}"
 echo "== all tests passed in $(( $(date +%s) - start )) s"
