@@ -358,13 +358,12 @@ static int bench_train(moe_options *o, int json) {
         .n_tokens = n_tok, .vocab = c->vocab, .eot = 0};
     moe_model *m = NULL;
     moe_trainer *t = NULL;
+    int rc = 1;
     if (moe_model_create(c, tc->micro_batch * S, &m) != MOE_OK ||
         (o->device && moe_model_use_device(m, "cuda") != MOE_OK) ||
         moe_trainer_create(m, tc, &toks, NULL, &t) != MOE_OK) {
         fprintf(stderr, "moe bench: %s\n", moe_last_error());
-        moe_model_destroy(m);
-        free(data);
-        return 1;
+        goto done;
     }
     moe_model_init_params(m, c->moe.seed);
     double peak = model_gemm_ceiling(o->device);
@@ -381,10 +380,7 @@ static int bench_train(moe_options *o, int json) {
                                s.loss, s.grad_norm);
         if (st != MOE_OK) {
             fprintf(stderr, "moe bench: %s\n", moe_last_error());
-            moe_trainer_destroy(t);
-            moe_model_destroy(m);
-            free(data);
-            return 1;
+            goto done;
         }
         if (it) t_steps += moe_time_now() - t0, tokens += (double)s.tokens;
     }
@@ -427,10 +423,12 @@ static int bench_train(moe_options *o, int json) {
                "%.1f MB (activation workspace %.1f MB)\n", rss / 1048576, min_bytes / 1048576,
                16.0 * np / 1048576, min_act / 1048576, alloc_bytes / 1048576, act / 1048576.0);
     }
+    rc = 0;
+done:
     moe_trainer_destroy(t);
     moe_model_destroy(m);
     free(data);
-    return 0;
+    return rc;
 }
 
 /* What one decoding step reads: every parameter but the embedding table's other rows (all of
