@@ -391,8 +391,21 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
             split[i].path[0] = '\0'; /* nothing to remove */
             if (st == MOE_OK) st = moe_set_error(MOE_ERR_IO, "path too long: %s", out_dir);
         }
-        if (st == MOE_OK) st = split_open(&split[i], vocab > 65536 ? MOE_TOKENS_U32 : MOE_TOKENS_U16);
     }
+    /* an input that is one of the .next files (a stale one of an interrupted prepare) would be
+     * truncated before it is read */
+    for (int i = 0; i < n_files && st == MOE_OK; i++) {
+        struct stat in, out;
+        for (int j = 0; j < 2 && st == MOE_OK; j++)
+            if (stat(files[i], &in) == 0 && stat(split[j].path, &out) == 0 &&
+                in.st_dev == out.st_dev && in.st_ino == out.st_ino)
+                st = moe_set_error(MOE_ERR_INVALID, "input %s is %s, the file prepare writes "
+                                   "first (left by an interrupted run): remove it or leave it out",
+                                   files[i], split[j].path);
+        if (st != MOE_OK) split[0].path[0] = split[1].path[0] = '\0'; /* not ours to remove */
+    }
+    for (int i = 0; i < 2 && st == MOE_OK; i++)
+        st = split_open(&split[i], vocab > 65536 ? MOE_TOKENS_U32 : MOE_TOKENS_U16);
     prep_ctx ctx = {&split[0], &split[1], 0, 0, val_fraction, seed, v};
     for (int i = 0; i < n_files && st == MOE_OK; i++) {
         char *text;
