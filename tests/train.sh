@@ -31,15 +31,21 @@ printf ' \n\n' >"$tmp/p/blank.txt"
 expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/blank.txt"
 grep -q "^moe prepare: the input holds too little text" "$tmp/out" ||
   fail "blank input: $(cat "$tmp/out")"
-# a stale .next of an interrupted prepare given as an input (here through a directory) is
-# refused, not truncated and read; the dataset stays as it was
+# an input that prepare writes is refused: a stale .next of an interrupted run would be
+# truncated before it is read, the train.bin and val.bin of an earlier run (here through a
+# directory) read as text; the files stay as they were
 cp "$tmp/p/two.txt" "$tmp/p/d/train.bin.next"; cp "$tmp/p/d/train.bin" "$tmp/p/before.bin"
 expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/d/train.bin.next"
-grep -q "input .*train.bin.next is .*train.bin.next, the file prepare writes first" "$tmp/out" ||
+grep -q "input .*train.bin.next is .*train.bin.next, which this prepare writes: leave it out (an interrupted run left it" "$tmp/out" ||
   fail "stale .next as input: $(cat "$tmp/out")"
 cmp -s "$tmp/p/two.txt" "$tmp/p/d/train.bin.next" || fail "the stale .next input was written"
 cmp -s "$tmp/p/before.bin" "$tmp/p/d/train.bin" || fail "a refused prepare changed train.bin"
-rm "$tmp/p/d/train.bin.next" "$tmp/p/before.bin"
+rm "$tmp/p/d/train.bin.next"
+expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/two.txt" "$tmp/p/d"
+grep -q "input .*d/train.bin is .*d/train.bin, which this prepare writes: leave it out$" "$tmp/out" ||
+  fail "an earlier train.bin as input: $(cat "$tmp/out")"
+cmp -s "$tmp/p/before.bin" "$tmp/p/d/train.bin" || fail "a refused prepare changed train.bin"
+rm "$tmp/p/before.bin"
 # the train/validation split is docs/FORMATS.md §1's hash of each document's bytes, computed
 # here independently; every copy of a document falls on the same side (the third copies come
 # from a second file); and each file is, byte for byte, the header, tokens, document table and

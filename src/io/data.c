@@ -392,16 +392,18 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
             if (st == MOE_OK) st = moe_set_error(MOE_ERR_IO, "path too long: %s", out_dir);
         }
     }
-    /* an input that is one of the .next files (a stale one of an interrupted prepare) would be
-     * truncated before it is read */
+    /* an input that is one of the files written here would be read as text (train.bin and
+     * val.bin of an earlier prepare into the same directory) or truncated before it is read
+     * (a stale .next of an interrupted run) */
+    const char *own[4] = {path[0], path[1], split[0].path, split[1].path};
     for (int i = 0; i < n_files && st == MOE_OK; i++) {
         struct stat in, out;
-        for (int j = 0; j < 2 && st == MOE_OK; j++)
-            if (stat(files[i], &in) == 0 && stat(split[j].path, &out) == 0 &&
+        for (int j = 0; j < 4 && st == MOE_OK; j++)
+            if (stat(files[i], &in) == 0 && stat(own[j], &out) == 0 &&
                 in.st_dev == out.st_dev && in.st_ino == out.st_ino)
-                st = moe_set_error(MOE_ERR_INVALID, "input %s is %s, the file prepare writes "
-                                   "first (left by an interrupted run): remove it or leave it out",
-                                   files[i], split[j].path);
+                st = moe_set_error(MOE_ERR_INVALID, "input %s is %s, which this prepare writes: "
+                                   "leave it out%s", files[i], own[j],
+                                   j >= 2 ? " (an interrupted run left it: remove it)" : "");
         if (st != MOE_OK) split[0].path[0] = split[1].path[0] = '\0'; /* not ours to remove */
     }
     for (int i = 0; i < 2 && st == MOE_OK; i++)
