@@ -30,7 +30,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             p = nl + 1;
         }
         argv[argc] = NULL;
-        st = moe_options_parse_args(&o, argc, argv);
+        st = moe_options_parse_args(&o, argc, argv, NULL);
     }
     if (st == MOE_OK) st = moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN);
     if (st == MOE_OK) { /* what was accepted is written and read back to the same options */

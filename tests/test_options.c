@@ -30,7 +30,7 @@ static const char *write_temp(const char *text) {
 
 static moe_status parse(moe_options *o, const char *const *args, int n) {
     moe_options_default(o);
-    return moe_options_parse_args(o, n, (char **)args);
+    return moe_options_parse_args(o, n, (char **)args, NULL);
 }
 
 static void expect_error(moe_status got, const char *needle) {
@@ -331,13 +331,48 @@ static void test_write_round_trip(void **state) {
     unlink(path);
 }
 
+/* A flag that the command does not read is an error naming it as given; the same key in a
+ * config file is not (one file serves several commands). */
+static void test_unused_flags(void **state) {
+    (void)state;
+    moe_options o;
+    const moe_options_use use = {"cmd", MOE_SEC_LAYER | MOE_SEC_ROUTER,
+                                 "data-path expert-model-parallel-size"};
+    const char *ok[] = {"--num-experts=4", "--moe-router-type", "sinkhorn", "--data", "d",
+                        "--ep_size", "2"}; /* sections; options alone, by their aliases too */
+    moe_options_default(&o);
+    assert_int_equal(moe_options_parse_args(&o, 7, (char **)ok, &use), MOE_OK);
+    assert_int_equal(o.layer.n_experts, 4);
+    assert_int_equal(o.ep, 2);
+    const char *bad[] = {"--num-experts", "4", "--moe_z_loss_coeff=0.5", "--save", "s"};
+    moe_options_default(&o);
+    expect_error(moe_options_parse_args(&o, 5, (char **)bad, &use),
+                 "--moe_z_loss_coeff is not used by this command");
+    const char *cfg = write_temp("save = run\nmoe_z_loss_coeff = 0.5\n");
+    const char *file[] = {"--config", cfg, "--seed", "7"};
+    moe_options_default(&o);
+    assert_int_equal(moe_options_parse_args(&o, 4, (char **)file, &use), MOE_OK);
+    assert_string_equal(o.save, "run");
+    assert_true(o.layer.z_coeff == 0.5f && o.layer.seed == 7);
+    unlink(cfg);
+}
+
 static void test_help_lists_options(void **state) {
     (void)state;
     char *text = NULL;
     size_t len = 0;
     FILE *mem = open_memstream(&text, &len);
-    moe_options_help(mem);
+    const moe_options_use cmds[] = {{"one", MOE_SEC_MODEL, "save"},
+                                    {"two", MOE_SEC_GEN, "hidden-size save"}};
+    moe_options_help(mem, cmds, 2);
     fclose(mem);
+    /* the readers: of a section after its name, of an option alone below it */
+    assert_non_null(strstr(text, "\nModel (read by one):\n"));
+    assert_non_null(strstr(text, "\nGeneration (read by two):\n"));
+    assert_non_null(strstr(text, "\nTraining:\n"));
+    assert_non_null(strstr(text, "hidden size d (default 128)\n      also: d-model\n"
+                                 "      read by two too\n"));
+    assert_non_null(strstr(text, "metrics (default )\n      read by one, two\n"));
     const char *flags[] = {"--num-experts", "--moe-router-topk", "--moe-router-score-function",
                            "--moe-router-pre-softmax", "--moe-router-num-groups",
                            "--moe-router-group-topk", "--moe-router-topk-scaling-factor",
@@ -363,6 +398,7 @@ int main(void) {
         cmocka_unit_test(test_malformed_files),
         cmocka_unit_test(test_finish_combinations),
         cmocka_unit_test(test_write_round_trip),
+        cmocka_unit_test(test_unused_flags),
         cmocka_unit_test(test_help_lists_options),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

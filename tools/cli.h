@@ -27,10 +27,13 @@ int moe_cmd_bench(int argc, char **argv);
  * when it is not exactly one (a NUL, a crash's tail, never is); the caller deletes it. */
 struct cJSON *moe_cli_metrics_record(const char *line, size_t n);
 
+/* The options command cmd ("train", "bench layer") reads (moe.c's table). */
+const moe_options_use *moe_cli_use(const char *cmd);
 /* Options of a command: with --load, the checkpoint's options first (ckpt receives the
- * checkpoint directory), then the command line's flags; validated for a model and training.
- * Returns an exit code (0 ok). */
-int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t cap);
+ * checkpoint directory), then the command line's flags, each one that cmd reads
+ * (moe_cli_use); validated for a model and training. Returns an exit code (0 ok). */
+int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char *ckpt,
+                    size_t cap);
 /* 2 (with one line on stderr) when --device cuda was given to a command that runs on the CPU. */
 int moe_cli_cpu_only(const moe_options *o, const char *cmd);
 /* With --model DIR, an option that describes the model (DIR's config.json does): a usage

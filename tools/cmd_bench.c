@@ -769,8 +769,11 @@ int moe_cmd_bench(int argc, char **argv) {
     moe_options_default(&o);
     int rc = 0;
     int parts = train ? MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN : generate ? MOE_OPTIONS_MODEL : 0;
-    if (moe_options_parse_args(&o, n, rest) != MOE_OK || moe_options_finish(&o, parts) != MOE_OK) {
-        fprintf(stderr, "moe bench: %s\n", moe_last_error());
+    char cmd[32];
+    snprintf(cmd, sizeof cmd, "bench %s", argv[0]);
+    if (moe_options_parse_args(&o, n, rest, moe_cli_use(cmd)) != MOE_OK ||
+        moe_options_finish(&o, parts) != MOE_OK) {
+        fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         rc = 2;
     }
     free(rest);

@@ -12,7 +12,8 @@
 int moe_cmd_demo(int argc, char **argv) {
     moe_options o;
     moe_options_default(&o);
-    if (moe_options_parse_args(&o, argc, argv) != MOE_OK || moe_options_finish(&o, 0) != MOE_OK) {
+    if (moe_options_parse_args(&o, argc, argv, moe_cli_use("demo")) != MOE_OK ||
+        moe_options_finish(&o, 0) != MOE_OK) {
         fprintf(stderr, "moe demo: %s\n", moe_last_error());
         return 2;
     }

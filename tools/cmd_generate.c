@@ -86,7 +86,7 @@ moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_
  * for a micro-batch of them. */
 static int load_model(const char *cmd, int argc, char **argv, moe_options *o, int batch,
                       moe_model **m, char *ckpt, size_t cap) {
-    int rc = moe_cli_options(o, argc, argv, ckpt, cap);
+    int rc = moe_cli_options(o, cmd, argc, argv, ckpt, cap);
     if (rc) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return rc;

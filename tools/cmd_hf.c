@@ -98,7 +98,7 @@ static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, mo
                       char *family, size_t cap, int32_t **ids, int *n, moe_tokenizer **tok) {
     moe_options_default(o);
     *n = 0, *ids = NULL, *tok = NULL;
-    if (moe_options_parse_args(o, argc, argv) != MOE_OK) {
+    if (moe_options_parse_args(o, argc, argv, moe_cli_use(cmd)) != MOE_OK) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 2;
     }
@@ -267,7 +267,7 @@ int moe_cmd_convert(int argc, char **argv) {
     moe_options o;
     char ckpt[MOE_PATH_MAX + 64], family[32] = "";
     moe_model *m = NULL;
-    int rc = moe_cli_options(&o, n, rest, ckpt, sizeof ckpt);
+    int rc = moe_cli_options(&o, "convert", n, rest, ckpt, sizeof ckpt);
     free(rest);
     if (rc) {
         fprintf(stderr, "moe convert: %s\n", moe_last_error());
@@ -392,7 +392,7 @@ int moe_cmd_generate_hf(int argc, char **argv) {
 int moe_cmd_tokenize(int argc, char **argv) {
     moe_options o;
     moe_options_default(&o);
-    if (moe_options_parse_args(&o, argc, argv) != MOE_OK) {
+    if (moe_options_parse_args(&o, argc, argv, moe_cli_use("tokenize")) != MOE_OK) {
         fprintf(stderr, "moe tokenize: %s\n", moe_last_error());
         return 2;
     }

@@ -297,10 +297,12 @@ int moe_cli_hf_flags(const moe_options *o, const char *cmd) {
     return 2;
 }
 
-int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t cap) {
+int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char *ckpt,
+                    size_t cap) {
+    const moe_options_use *use = moe_cli_use(cmd);
     moe_options_default(o);
     ckpt[0] = '\0';
-    if (moe_options_parse_args(o, argc, argv) != MOE_OK) return 2;
+    if (moe_options_parse_args(o, argc, argv, use) != MOE_OK) return 2;
     if (o->load[0]) {
         char *text = NULL;
         if (moe_checkpoint_resolve(o->load, ckpt, cap) != MOE_OK ||
@@ -311,7 +313,7 @@ int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t ca
         free(text);
         if (st != MOE_OK) return 1;
         o->save[0] = '\0'; /* the loaded run's directory says where it saved, not this run */
-        if (moe_options_parse_args(o, argc, argv) != MOE_OK) return 2;
+        if (moe_options_parse_args(o, argc, argv, use) != MOE_OK) return 2;
     }
     if (o->init_from[0]) { /* the model's config.json, then the command line on top */
         if (ckpt[0]) {
@@ -325,7 +327,7 @@ int moe_cli_options(moe_options *o, int argc, char **argv, char *ckpt, size_t ca
         o->model = c;
         o->layer = c.moe;
         o->untie = !c.tie_embeddings;
-        if (moe_options_parse_args(o, argc, argv) != MOE_OK) return 2;
+        if (moe_options_parse_args(o, argc, argv, use) != MOE_OK) return 2;
     }
     return moe_options_finish(o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN) != MOE_OK ? 2 : 0;
 }
@@ -406,7 +408,7 @@ static int save_checkpoint(const moe_options *o, moe_model *m, moe_trainer *t) {
 int moe_cmd_train(int argc, char **argv) {
     moe_options o;
     char ckpt[MOE_PATH_MAX + 64];
-    int orc = moe_cli_options(&o, argc, argv, ckpt, sizeof ckpt);
+    int orc = moe_cli_options(&o, "train", argc, argv, ckpt, sizeof ckpt);
     if (orc) {
         fprintf(stderr, "moe train: %s\n", moe_last_error());
         return orc;

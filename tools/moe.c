@@ -6,7 +6,41 @@
 
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* The options each command reads (a flag it does not read is a usage error; --help lists the
+ * readers of each option). The model's and the layer's sections for generate, eval and convert:
+ * with --load they change the checkpoint's options (the model is built from them), with
+ * --model moe_cli_hf_flags refuses them. The layer alone (demo, bench layer|alltoall) takes its
+ * width from hidden-size and its experts' hidden size from ffn-hidden-size when
+ * moe-ffn-hidden-size is not given (moe_options_finish). */
+#define LAYER_ALONE "hidden-size ffn-hidden-size tokens iters threads device"
+#define PROCESSES                                                                              \
+    "expert-model-parallel-size moe-hierarchical-alltoall ranks-per-node moe-token-dispatcher-type"
+static const moe_options_use uses[] = {
+    {"train", MOE_SEC_MOE | MOE_SEC_MODEL | MOE_SEC_TRAIN,
+     "data-path save load init-from save-interval keep-last exit-interval inject-fault "
+     "log-interval threads device print-config " PROCESSES},
+    {"generate", MOE_SEC_MOE | MOE_SEC_MODEL | MOE_SEC_GEN, "load model ids device"},
+    {"eval", MOE_SEC_MOE | MOE_SEC_MODEL,
+     "load model ids prompt prompt-file dump-logits data-path micro-batch-size device"},
+    {"convert", MOE_SEC_MOE | MOE_SEC_MODEL, "load model device"},
+    {"tokenize", 0, "model prompt prompt-file ids"},
+    {"demo", MOE_SEC_MOE, LAYER_ALONE " print-config"},
+    {"bench layer", MOE_SEC_MOE, LAYER_ALONE},
+    {"bench train", MOE_SEC_MOE | MOE_SEC_MODEL | MOE_SEC_TRAIN, "iters threads device"},
+    {"bench generate", MOE_SEC_MOE | MOE_SEC_MODEL, "tokens max-new-tokens iters threads device"},
+    {"bench alltoall", MOE_SEC_MOE, LAYER_ALONE " " PROCESSES},
+};
+#define N_USES ((int)(sizeof uses / sizeof uses[0]))
+
+const moe_options_use *moe_cli_use(const char *cmd) {
+    for (int c = 0; c < N_USES; c++)
+        if (!strcmp(uses[c].command, cmd)) return &uses[c];
+    fprintf(stderr, "moe: no options table for command '%s'\n", cmd);
+    abort();
+}
 
 static void usage(FILE *f) {
     fprintf(f, "moe %s — Mixture-of-Experts training and inference in C\n\n"
@@ -47,9 +81,11 @@ static void usage(FILE *f) {
                "  moe --version     print the version\n"
                "  moe --help        this text with every option\n\n"
                "options (flags or 'key = value' lines in --config files; '_' and '-' are the "
-               "same):\n",
+               "same;\n"
+               "a flag that the command does not read is an error, a key in a config file is "
+               "not):\n",
             moe_version());
-    moe_options_help(f);
+    moe_options_help(f, uses, N_USES);
 }
 
 static int run(int argc, char **argv, moe_dist *d);

@@ -34,7 +34,7 @@ typedef struct {
     size_t offset; /* into moe_options */
     double lo, hi; /* inclusive range of numbers */
     const opt_choice *choices; /* OPT_ENUM: terminated by a NULL name */
-    const char *section;
+    unsigned section;          /* one MOE_SEC_* bit */
     const char *help;
     int transient; /* an action, not a setting: not written by moe_options_write */
 } opt_def;
@@ -80,16 +80,26 @@ static const opt_choice lr_choices[] = {
 #define M(field) offsetof(moe_options, model.field)
 #define T(field) offsetof(moe_options, train.field)
 #define BIG 1e9
-#define LAYER "MoE layer"
-#define ROUTER "Router"
-#define BALANCE "Load balancing"
-#define DISPATCH "Dispatch and capacity"
-#define EXPERTS "Experts"
-#define MODEL "Model"
-#define TRAIN "Training"
-#define FILES "Data, checkpoints, logging"
-#define GEN "Generation (moe generate)"
-#define RUN "Run (moe demo)"
+#define LAYER MOE_SEC_LAYER
+#define ROUTER MOE_SEC_ROUTER
+#define BALANCE MOE_SEC_BALANCE
+#define DISPATCH MOE_SEC_DISPATCH
+#define EXPERTS MOE_SEC_EXPERTS
+#define MODEL MOE_SEC_MODEL
+#define TRAIN MOE_SEC_TRAIN
+#define FILES MOE_SEC_FILES
+#define GEN MOE_SEC_GEN
+#define RUN MOE_SEC_RUN
+
+/* The name of section bit `section` (help, config files). */
+static const char *section_name(unsigned section) {
+    static const char *const names[] = {"MoE layer", "Router", "Load balancing",
+                                        "Dispatch and capacity", "Experts", "Model", "Training",
+                                        "Data, checkpoints, logging", "Generation", "Run"};
+    for (unsigned b = 0; b < sizeof names / sizeof names[0]; b++)
+        if (section == 1u << b) return names[b];
+    return "?";
+}
 
 static const opt_def opts[] = {
     {"num-experts", "moe-num-experts n-routed-experts", OPT_EXPERTS, L(n_experts), 0, BIG, NULL,
@@ -166,10 +176,6 @@ static const opt_def opts[] = {
      "expert activation (swiglu and geglu are gated: W_in has 2f rows)", 0},
     {"moe-expert-linear-bias", "add-bias-linear", OPT_BOOL, L(expert_bias), 0, 1, NULL, EXPERTS,
      "bias vectors in the expert and shared-expert linear layers", 0},
-    {"moe-token-dispatcher-type", NULL, OPT_ENUM, L(ep_replicated), 0, 0, dispatcher_choices,
-     RUN, "with expert-model-parallel-size > 1: alltoall (each rank its own tokens, rows sent to "
-     "the experts' ranks) or allgather (the ranks of an expert group share one batch, each "
-     "computes its experts, outputs summed)", 1},
     {"moe-expert-bf16", NULL, OPT_BOOL, L(expert_bf16), 0, 1, NULL, EXPERTS,
      "expert GEMMs in bf16 with fp32 accumulation (AVX512-BF16 through oneDNN; fp32 master "
      "weights)", 0},
@@ -310,6 +316,10 @@ static const opt_def opts[] = {
     {"expert-model-parallel-size", "expert_parallel_size ep_size ep", OPT_INT, O(ep), 1, 65536,
      NULL, RUN, "processes that share the experts of each MoE layer (under mpirun; divides the "
      "process count and every layer's num-experts)", 1},
+    {"moe-token-dispatcher-type", NULL, OPT_ENUM, L(ep_replicated), 0, 0, dispatcher_choices,
+     RUN, "with expert-model-parallel-size > 1: alltoall (each rank its own tokens, rows sent to "
+     "the experts' ranks) or allgather (the ranks of an expert group share one batch, each "
+     "computes its experts, outputs summed)", 1},
     {"moe-hierarchical-alltoall", "use-2dh hierarchical-alltoall", OPT_BOOL, O(two_stage), 0, 1,
      NULL, RUN, "two-stage token all-to-all: inside each machine, then between machines (fewer, "
      "larger messages on the network)", 1},
@@ -354,18 +364,33 @@ static void canon(char *dst, size_t cap, const char *src, size_t n) {
     dst[i] = '\0';
 }
 
+/* The next word of a space-separated list *list (NULL: none), its length in *n; NULL at the
+ * end. */
+static const char *next_word(const char **list, size_t *n) {
+    const char *a = *list;
+    while (a && *a == ' ') a++;
+    if (!a || !*a) return NULL;
+    *n = strcspn(a, " ");
+    *list = a + *n;
+    return a;
+}
+
+/* Whether word (n characters) is option i's own name. */
+static int is_name(int i, const char *word, size_t n) {
+    return strlen(opts[i].name) == n && !strncmp(word, opts[i].name, n);
+}
+
 /* Calls fn(option index, name) for the name and each alias of every option until it
  * returns non-zero. */
 static int each_name(int (*fn)(int, const char *, void *), void *ctx) {
     char name[128];
     for (int i = 0; i < N_OPTS; i++) {
         if (fn(i, opts[i].name, ctx)) return 1;
-        for (const char *a = opts[i].aliases; a && *a;) {
-            size_t n = strcspn(a, " ");
+        const char *list = opts[i].aliases, *a;
+        size_t n;
+        while ((a = next_word(&list, &n))) {
             canon(name, sizeof name, a, n);
             if (fn(i, name, ctx)) return 1;
-            a += n;
-            while (*a == ' ') a++;
         }
     }
     return 0;
@@ -580,12 +605,10 @@ static void mark_given(moe_options *o, int i) {
 }
 
 const char *moe_options_model_given(const moe_options *o) {
-    const char *model[] = {MODEL, LAYER, ROUTER, BALANCE, DISPATCH, EXPERTS};
     for (int i = 0; i < N_OPTS; i++) {
         if (!o->given[i] || !strcmp(opts[i].name, "seq-length") || !strcmp(opts[i].name, "seed"))
             continue;
-        for (size_t s = 0; s < sizeof model / sizeof model[0]; s++)
-            if (!strcmp(opts[i].section, model[s])) return opts[i].name;
+        if (opts[i].section & (MOE_SEC_MODEL | MOE_SEC_MOE)) return opts[i].name;
     }
     return NULL;
 }
@@ -696,7 +719,21 @@ char *moe_options_to_text(const moe_options *o) {
 
 /* ------------------------------------------------------------------- argv */
 
-moe_status moe_options_parse_args(moe_options *o, int argc, char **argv) {
+/* Option i is one that `use` names on its own (not through its section). */
+static int uses_alone(const moe_options_use *use, int i) {
+    const char *list = use->options, *a;
+    size_t n;
+    while ((a = next_word(&list, &n)))
+        if (is_name(i, a, n)) return 1;
+    return 0;
+}
+
+static int uses(const moe_options_use *use, int i) {
+    return !use || (use->sections & opts[i].section) || uses_alone(use, i);
+}
+
+moe_status moe_options_parse_args(moe_options *o, int argc, char **argv,
+                                  const moe_options_use *use) {
     for (int pass = 0; pass < 2; pass++) { /* pass 0: --config files; pass 1: the flags */
         for (int a = 0; a < argc; a++) {
             const char *arg = argv[a];
@@ -721,6 +758,8 @@ moe_status moe_options_parse_args(moe_options *o, int argc, char **argv) {
                 val = argv[++a];
             }
             if (pass == 0 && is_config) MOE_TRY(moe_options_load_file(o, val));
+            if (pass == 1 && !is_config && !uses(use, i))
+                return moe_set_error(MOE_ERR_INVALID, "--%s is not used by this command", key);
             if (pass == 1 && !is_config) {
                 char where[160];
                 snprintf(where, sizeof where, "--%s", key);
@@ -832,12 +871,12 @@ static void format_value(char *buf, size_t cap, const moe_options *o, const opt_
 }
 
 void moe_options_write(FILE *f, const moe_options *o) {
-    const char *section = "";
+    unsigned section = 0;
     for (int i = 0; i < N_OPTS; i++) {
         if (opts[i].transient) continue;
-        if (strcmp(section, opts[i].section)) {
+        if (section != opts[i].section) {
             section = opts[i].section;
-            fprintf(f, "%s# %s\n", i ? "\n" : "", section);
+            fprintf(f, "%s# %s\n", i ? "\n" : "", section_name(section));
         }
         char v[2048];
         format_value(v, sizeof v, o, &opts[i]);
@@ -853,17 +892,49 @@ void moe_options_write(FILE *f, const moe_options *o) {
     }
 }
 
-void moe_options_help(FILE *f) {
+/* ", cmd" for each of the n commands that read section `section` whole (option < 0) or name
+ * option `option` alone (the others in its section read it too: "too"). */
+static void print_readers(FILE *f, const moe_options_use *cmds, int n, unsigned section,
+                          int option) {
+    int count = 0, last = 0, section_read = 0;
+    for (int c = 0; c < n; c++) {
+        section_read |= (cmds[c].sections & section) != 0;
+        if (option < 0 ? !(cmds[c].sections & section) : !uses_alone(&cmds[c], option))
+            continue;
+        /* "bench layer, bench train" as "bench layer|train" */
+        const char *cmd = cmds[c].command, *prev = count ? cmds[last].command : "";
+        size_t word = strcspn(cmd, " ");
+        if (cmd[word] && !strncmp(cmd, prev, word + 1))
+            fprintf(f, "|%s", cmd + word + 1);
+        else
+            fprintf(f, "%s%s", count ? ", " : option < 0 ? " (read by " : "      read by ", cmd);
+        count++, last = c;
+    }
+    if (count) fputs(option < 0 ? ")" : section_read ? " too\n" : "\n", f);
+}
+
+void moe_options_help(FILE *f, const moe_options_use *cmds, int n) {
+    for (int c = 0; c < n; c++) { /* each name a command reads alone is an option's own */
+        const char *list = cmds[c].options, *a;
+        size_t k;
+        while ((a = next_word(&list, &k))) {
+            int found = 0;
+            for (int i = 0; i < N_OPTS && !found; i++) found = is_name(i, a, k);
+            MOE_ASSERT(found);
+        }
+    }
     moe_options def;
     moe_options_default(&def);
-    const char *section = "";
+    unsigned section = 0;
     fprintf(f, "  --config FILE   read 'key = value' lines first; flags given on the command line "
                "override them\n");
     for (int i = 0; i < N_OPTS; i++) {
         const opt_def *d = &opts[i];
-        if (strcmp(section, d->section)) {
+        if (section != d->section) {
             section = d->section;
-            fprintf(f, "\n%s:\n", section);
+            fprintf(f, "\n%s", section_name(section));
+            print_readers(f, cmds, n, section, -1);
+            fputs(":\n", f);
         }
         char arg[256], v[2048];
         static const char *const arg_names[] = {"N", "N", "X", "[BOOL]", "", "PATH", "N[,N...]"};
@@ -874,5 +945,6 @@ void moe_options_help(FILE *f) {
         format_value(v, sizeof v, &def, d);
         fprintf(f, "  --%s %s\n      %s (default %s)\n", d->name, arg, d->help, v);
         if (d->aliases) fprintf(f, "      also: %s\n", d->aliases);
+        print_readers(f, cmds, n, section, i);
     }
 }

@@ -77,10 +77,35 @@ moe_status moe_options_load_file(moe_options *o, const char *path);
 /* The same from text (checkpoint metadata); `where` names it in messages. */
 moe_status moe_options_load_text(moe_options *o, const char *text, const char *where);
 
+/* The sections of the registry, as bits: what --help groups, and what a command reads. */
+#define MOE_SEC_LAYER (1u << 0) /* num-experts, moe-router-topk, moe-ffn-hidden-size, seed */
+#define MOE_SEC_ROUTER (1u << 1)
+#define MOE_SEC_BALANCE (1u << 2)
+#define MOE_SEC_DISPATCH (1u << 3)
+#define MOE_SEC_EXPERTS (1u << 4)
+#define MOE_SEC_MODEL (1u << 5)
+#define MOE_SEC_TRAIN (1u << 6)
+#define MOE_SEC_FILES (1u << 7)
+#define MOE_SEC_GEN (1u << 8)
+#define MOE_SEC_RUN (1u << 9)
+/* the MoE layer's sections: what moe_options_finish(o, 0) resolves */
+#define MOE_SEC_MOE (MOE_SEC_LAYER | MOE_SEC_ROUTER | MOE_SEC_BALANCE | MOE_SEC_DISPATCH | \
+                     MOE_SEC_EXPERTS)
+
+/* The options a command reads: whole sections and single options. */
+typedef struct {
+    const char *command; /* "train", "bench layer": named in --help */
+    unsigned sections;   /* MOE_SEC_* bits */
+    const char *options; /* canonical names, space-separated */
+} moe_options_use;
+
 /* Parses argv[0..argc): `--config FILE` is applied first wherever it appears, then every
  * other `--name value` / `--name=value` / boolean `--name` in order. Positional arguments
- * are errors. */
-moe_status moe_options_parse_args(moe_options *o, int argc, char **argv);
+ * are errors, and so is a flag that `use` does not include ("--name is not used by this
+ * command"; NULL: every option is): keys in config files are not checked, as one file serves
+ * several commands. */
+moe_status moe_options_parse_args(moe_options *o, int argc, char **argv,
+                                  const moe_options_use *use);
 
 /* Resolves the combined options (load-balancing type "sinkhorn", forced balancing, hidden
  * size, tied embeddings) into o->layer, o->model and o->train and validates the parts a
@@ -95,7 +120,8 @@ void moe_options_write(FILE *f, const moe_options *o);
 /* moe_options_write into a malloc'ed string (NULL if out of memory). */
 char *moe_options_to_text(const moe_options *o);
 
-/* Help text: every option with its argument, aliases, choices, default and description. */
-void moe_options_help(FILE *f);
+/* Help text: every option with its argument, aliases, choices, default and description, and
+ * which of the n commands `cmds` read it (by section, or the option alone). */
+void moe_options_help(FILE *f, const moe_options_use *cmds, int n);
 
 #endif
