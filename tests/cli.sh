@@ -136,4 +136,58 @@ grep -q "must fit --seq-length (32)" "$tmp/out" || fail "bench generate: $(cat "
 expect 2 "$moe" bench generate --seq-length 1
 expect 2 "$moe" demo --device cuda
 grep -q "runs on the CPU" "$tmp/out" || fail "demo --device cuda: $(cat "$tmp/out")"
+# A flag that the command does not read is a usage error, one line naming it as given (exit 2),
+# not silently ignored. Each command below would fail fast if it took the flag (no checkpoint,
+# no model directory, k > E, --print-config).
+unused() { # unused 'LINE' COMMAND...: exit 2 with that one line
+  line=$1; shift
+  expect 2 "$@"
+  [ "$(cat "$tmp/out")" = "$line" ] || fail "'$*': '$(cat "$tmp/out")', expected '$line'"
+}
+bad_k="--num-experts 4 --moe-router-topk 5"
+unused "moe train: --prompt is not used by this command" "$moe" train --prompt hi --print-config
+unused "moe generate: --train-iters is not used by this command" \
+  "$moe" generate --load "$tmp/none" --train-iters 5
+unused "moe eval: --save is not used by this command" "$moe" eval --load "$tmp/none" --save "$tmp/x"
+unused "moe convert: --threads is not used by this command" \
+  "$moe" convert --load "$tmp/none" --threads 2 --to hf "$tmp/hf"
+unused "moe tokenize: --seed is not used by this command" \
+  "$moe" tokenize --model "$tmp/none" --ids 1 --seed 3
+# shellcheck disable=SC2086
+{
+unused "moe demo: --num-layers is not used by this command" "$moe" demo --num-layers 2 $bad_k
+unused "moe bench layer: --ep is not used by this command" "$moe" bench layer $bad_k --ep 2
+unused "moe bench train: --save is not used by this command" \
+  "$moe" bench train --config "$src/configs/default.cfg" --save "$tmp/x" $bad_k
+unused "moe bench generate: --temperature is not used by this command" \
+  "$moe" bench generate --temperature=0 --json $bad_k
+unused "moe bench alltoall: --micro-batch-size is not used by this command" \
+  "$moe" bench alltoall --micro-batch-size 2 $bad_k
+}
+# the same keys in a config file are not checked: one file serves several commands
+# (configs/default.cfg holds train's keys and those of its run directory)
+printf 'save = %s/run\ntrain-iters = 5\nprompt = hi\ntemperature = 0\nthreads = 1\n' "$tmp" \
+  >"$tmp/keys.cfg"
+expect 0 "$moe" demo --config "$src/configs/default.cfg" --config "$tmp/keys.cfg" --print-config
+grep -q "^save = $tmp/run$" "$tmp/out" && grep -q "^train-iters = 5$" "$tmp/out" &&
+  grep -q "^save-interval = 500$" "$tmp/out" || fail "demo --config: $(cat "$tmp/out")"
+expect 0 "$moe" train --config "$tmp/keys.cfg" --print-config
+expect 2 "$moe" bench train --config "$src/configs/default.cfg" --config "$tmp/keys.cfg" \
+  --moe-router-topk 9
+grep -q "moe-router-topk (9) must be between 1 and num-experts (8)" "$tmp/out" ||
+  fail "bench train --config: $(cat "$tmp/out")"
+expect 2 "$moe" bench generate --config "$tmp/keys.cfg" --seq-length 32 --tokens 30 \
+  --max-new-tokens 5
+grep -q "must fit --seq-length (32)" "$tmp/out" || fail "bench generate --config: $(cat "$tmp/out")"
+for cmd in generate eval "convert --to hf $tmp/hf"; do # past the options, to the checkpoint
+  # shellcheck disable=SC2086
+  expect 1 "$moe" $cmd --config "$tmp/keys.cfg" --load "$tmp/none"
+  grep -q "$tmp/none" "$tmp/out" || fail "$cmd --config: $(cat "$tmp/out")"
+done
+expect 2 "$moe" tokenize --config "$tmp/keys.cfg" --model "$tmp/none" # its prompt
+grep -q "has no tokenizer.json" "$tmp/out" || fail "tokenize --config: $(cat "$tmp/out")"
+# --help names the commands that read each section and option
+expect 0 "$moe" --help
+grep -q "^Training (read by train, bench train):$" "$tmp/out" &&
+  grep -q "^      read by train, bench alltoall$" "$tmp/out" || fail "--help readers"
 echo "cli ok"

@@ -279,13 +279,14 @@ static const opt_def opts[] = {
     {"load", NULL, OPT_STRING, O(load), 0, 0, NULL, FILES, "resume from this run directory (its "
      "latest checkpoint) or checkpoint directory; saves go on in the run directory", 0},
     {"model", NULL, OPT_STRING, O(hf_model), 0, 0, NULL, FILES,
-     "moe eval, generate, convert: a model directory in the Hugging Face layout (config.json, "
-     "safetensors; mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)", 1},
+     "moe eval, generate, convert, tokenize: a model directory in the Hugging Face layout "
+     "(config.json, safetensors; mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, "
+     "deepseek_v3)", 1},
     {"init-from", NULL, OPT_STRING, O(init_from), 0, 0, NULL, FILES,
      "moe train: start from a Hugging Face model directory (its config.json, then these flags; "
      "its weights)", 1},
     {"ids", NULL, OPT_STRING, O(ids), 0, 0, NULL, FILES,
-     "moe eval / generate --model: a token id sequence, comma-separated", 1},
+     "moe eval, generate --model, tokenize: a token id sequence, comma-separated", 1},
     {"dump-logits", NULL, OPT_STRING, O(dump_logits), 0, 0, NULL, FILES,
      "moe eval --ids: write the float32 logits [n, V] of the sequence to this .npy file", 1},
     {"save-interval", NULL, OPT_INT, O(save_interval), 0, BIG, NULL, FILES,
