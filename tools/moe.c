@@ -10,11 +10,14 @@
 #include <string.h>
 
 /* The options each command reads (a flag it does not read is a usage error; --help lists the
- * readers of each option). The model's and the layer's sections for generate, eval and convert:
- * with --load they change the checkpoint's options (the model is built from them), with
- * --model moe_cli_hf_flags refuses them. The layer alone (demo, bench layer|alltoall) takes its
- * width from hidden-size and its experts' hidden size from ffn-hidden-size when
- * moe-ffn-hidden-size is not given (moe_options_finish). */
+ * readers of each option). One list covers every form of a command: what eval reads with
+ * --model (--ids, --dump-logits) or with --load (--micro-batch-size) it takes in both. The
+ * model's and the layer's sections for generate, eval and convert: with --load they change the
+ * checkpoint's options (the model is built from them), with --model moe_cli_hf_flags refuses
+ * them. The layer alone (demo, bench layer|alltoall) takes its width from hidden-size and its
+ * experts' hidden size from ffn-hidden-size when moe-ffn-hidden-size is not given
+ * (moe_options_finish). --device: convert, demo and bench alltoall refuse cuda in words of
+ * their own (moe_cli_cpu_only). */
 #define LAYER_ALONE "hidden-size ffn-hidden-size tokens iters threads device"
 #define PROCESSES                                                                              \
     "expert-model-parallel-size moe-hierarchical-alltoall ranks-per-node moe-token-dispatcher-type"
