@@ -402,7 +402,8 @@ float *moe_model_grads(moe_model *m);
 void moe_model_zero_grads(moe_model *m);
 int moe_model_n_tensors(const moe_model *m);
 const moe_tensor_info *moe_model_tensor(const moe_model *m, int i);
-/* Bytes of the activation workspaces (the model's and its MoE layers'), planned at create. */
+/* Bytes of the activation workspaces (the model's and its MoE layers'), planned at create,
+ * and of the key/value cache once a decoding call on the CPU has allocated it. */
 size_t moe_model_activation_bytes(const moe_model *m);
 /* The MoE layer of block l, or NULL for a dense block. */
 moe_layer *moe_model_moe_layer(moe_model *m, int l);
@@ -456,8 +457,9 @@ const float *moe_model_logits(const moe_model *m);
 
 /* Incremental decoding of one sequence with a key/value cache: feeds n tokens at the
  * positions after those already cached, and computes their logits (moe_model_logits).
- * The cache holds up to seq_len positions; MOE_ERR_INVALID beyond. Inference only. With bf16
- * experts the layers keep their weights' bf16 copies from one call to the next, and on the GPU
+ * The cache holds up to seq_len positions; MOE_ERR_INVALID beyond. Inference only. The first
+ * call on the CPU allocates the cache (MOE_ERR_NOMEM if it does not fit): a model that never
+ * decodes has none. With bf16 experts the layers keep their weights' bf16 copies from one call to the next, and on the GPU
  * the parameters copied in by one call serve the next, until moe_model_params or
  * moe_model_init_params is called (or a forward): write the parameters through a pointer
  * obtained after the last decoding call. */

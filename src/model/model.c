@@ -85,7 +85,9 @@ struct moe_model {
     int B, S, have_forward, has_targets;
     float *mla_a, *mla_b, *mla_c, *mla_d; /* MLA scratch: [T, kr+dr], [T, H*(dn+dv)],
                                              2 x [T, max(kr, qr)] */
-    float *kcache, *vcache; /* [L][seq_len, kvh*dk], [L][seq_len, kvh*dv] */
+    float *kcache, *vcache; /* [L][seq_len, kvh*dk], [L][seq_len, kvh*dv], allocated by the
+                               first decoding call on the CPU (kv_bytes) */
+    size_t kv_bytes;
     float *att_scratch;     /* [max(T, seq_len) * H * seq_len] scores for cached attention */
     int cache_len;
     moe_model_args args;
@@ -472,8 +474,6 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     m->tokens = moe_arena_take(a, T, sizeof(int32_t));
     m->targets = moe_arena_take(a, T, sizeof(int32_t));
     m->pos = moe_arena_take(a, T, sizeof(int32_t));
-    m->kcache = moe_arena_take(a, (size_t)c->n_layers * S * hkv, sizeof(float));
-    m->vcache = moe_arena_take(a, (size_t)c->n_layers * S * hv, sizeof(float));
     m->att_scratch = moe_arena_take(a, (T > S ? T : S) * (size_t)c->n_heads * S, sizeof(float));
     m->rope_cs = moe_arena_take(a, S * (size_t)m->rope_dim, sizeof(float));
     /* The FFN's call scratch, one region for all blocks (they run one after another): a MoE
@@ -620,6 +620,7 @@ void moe_model_destroy(moe_model *m) {
     moe_free(m->params);
     moe_free(m->grads);
     moe_free(m->act_mem);
+    moe_free(m->kcache);
     free(m);
 }
 
@@ -688,7 +689,7 @@ void moe_model_set_comms(moe_model *m, moe_comm *expert, moe_comm *world) {
 }
 
 size_t moe_model_activation_bytes(const moe_model *m) {
-    size_t b = m->act_bytes;
+    size_t b = m->act_bytes + m->kv_bytes;
     for (int l = 0; l < m->cfg.n_layers; l++)
         if (m->moe[l]) b += moe_layer_workspace_bytes(m->moe[l]);
     return b;
@@ -1230,6 +1231,26 @@ size_t moe_model_cache_width(const moe_model *m) {
     return (size_t)m->cfg.n_layers * m->kvh * (size_t)(m->head_qk + m->head_v);
 }
 
+/* The key/value cache, by the first decoding call on the CPU: a model that only trains or
+ * evaluates never needs it (nor one on the GPU, which keeps its own). */
+static moe_status alloc_kv_cache(moe_model *m) {
+    if (m->kcache) return MOE_OK;
+    const moe_model_config *c = &m->cfg;
+    size_t rows = (size_t)c->n_layers * (size_t)c->seq_len, kn = 0, vn = 0, bytes = SIZE_MAX;
+    if (!moe_mul_size(rows, (size_t)m->kvh * m->head_qk, &kn) &&
+        !moe_mul_size(rows, (size_t)m->kvh * m->head_v, &vn) && kn <= SIZE_MAX - vn)
+        moe_mul_size(kn + vn, sizeof(float), &bytes);
+    char parts[96];
+    snprintf(parts, sizeof parts, "keys and values of %d layers at %d positions", c->n_layers,
+             c->seq_len);
+    MOE_TRY(moe_check_memory("the key/value cache", bytes, parts));
+    m->kcache = moe_alloc(kn + vn, sizeof(float));
+    if (!m->kcache) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the key/value cache");
+    m->vcache = m->kcache + kn;
+    m->kv_bytes = bytes;
+    return MOE_OK;
+}
+
 moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
     const moe_model_config *c = &m->cfg;
     int d = c->d, V = c->vocab, ho = c->n_heads * m->head_v, kw = m->kvh * m->head_qk,
@@ -1246,6 +1267,7 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
         m->pos[t] = P + t;
     }
     if (m->gpu) return gpu_decode(m, tokens, n);
+    MOE_TRY(alloc_kv_cache(m));
     const float *emb = m->params + m->emb_off;
     block_saved *s = &m->sv[0]; /* forward buffers reused as scratch */
     float *x = m->xf;
