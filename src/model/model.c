@@ -4,6 +4,7 @@
 #include "cuda/model.h"
 #include "kernels/kernels.h"
 #include "model/model_gpu.h"
+#include "model/model_internal.h"
 #include "moe/layer_internal.h"
 #include "moe_cuda.h"
 
@@ -75,20 +76,26 @@ struct moe_model {
     block_saved *sv;   /* [L] */
     void *act_mem;
     float *xf, *nf, *rstdf, *logits; /* [T,d] [T,d] [T] [T,V] */
-    float *dx, *dxm, *dn, *dq, *dk, *dv, *datt, *tmp; /* backward scratch */
-    float *dh, *da; /* [T, gf], [T, ffn] a dense FFN's, in moe_scratch */
+    float *dx, *dn; /* [T, d] the backward's: dL/d(residual stream), dL/d(a norm's output) */
+    float *tmp;     /* [T, max(V, d)] an FFN's output, dlogits */
     double *row_loss; /* [T] */
     int32_t *tokens, *targets, *pos; /* [T] */
-    void *moe_scratch;       /* the FFN's call scratch: one region, as the blocks run one after
-                                another (plan_activations) */
-    size_t moe_scratch_bytes;
-    int B, S, have_forward, has_targets;
+    /* One region for the scratch of one phase of a block at a time (plan_activations): the
+     * FFN's call (a MoE layer's call scratch, or a dense FFN's dh and da), or the attention's
+     * part of the forward, of decoding or of the backward (the buffers below). */
+    void *scratch;
+    size_t scratch_bytes;
+    int poison_scratch; /* fill the region with NaN between phases (moe_model_poison_scratch) */
+    float *dh, *da; /* [T, gf], [T, ffn] a dense FFN's */
+    float *dxm, *dq, *dk, *dv, *datt; /* the attention's backward: [T, d], [T, H*dk],
+                                         [T, kvh*dk], [T, kvh*dv], [T, H*max(dk, dv)] */
     float *mla_a, *mla_b, *mla_c, *mla_d; /* MLA scratch: [T, kr+dr], [T, H*(dn+dv)],
-                                             2 x [T, max(kr, qr)] */
+                                             2 x [T, max(kr, qr)] (backward) */
+    float *att_scratch;     /* [min(T, seq_len) * H * seq_len] scores for cached attention */
+    int B, S, have_forward, has_targets;
     float *kcache, *vcache; /* [L][seq_len, kvh*dk], [L][seq_len, kvh*dv], allocated by the
                                first decoding call on the CPU (kv_bytes) */
     size_t kv_bytes;
-    float *att_scratch;     /* [max(T, seq_len) * H * seq_len] scores for cached attention */
     int cache_len;
     moe_model_args args;
     int n_targets;
@@ -413,13 +420,37 @@ static block_ptrs block(const moe_model *m, float *base, int l) {
 
 /* ----------------------------------------------------------------- create */
 
+/* The attention's scratch, from the scratch region (plan_activations): MLA's projections
+ * (forward, decoding and backward), the cached attention's scores (decoding), the backward's
+ * gradients (none in a model for inference). Disjoint from each other; each is written in a
+ * block's attention before that attention reads it, and read nowhere else. */
+static void plan_attention(moe_model *m, moe_arena *a) {
+    const moe_model_config *c = &m->cfg;
+    size_t T = (size_t)m->max_tokens, d = (size_t)c->d, H = (size_t)c->n_heads,
+           hq = H * (size_t)m->head_qk, hkv = (size_t)m->kvh * m->head_qk,
+           hv = (size_t)m->kvh * m->head_v, ho = H * (size_t)m->head_v, S = (size_t)c->seq_len;
+    size_t mla = c->kv_lora_rank > 0, qr = (size_t)c->q_lora_rank, kr = (size_t)c->kv_lora_rank,
+           lat = kr > qr ? kr : qr, Tb = m->inference ? 0 : T;
+    m->mla_a = moe_arena_take(a, mla * T * (kr + (size_t)c->qk_rope_dim), sizeof(float));
+    m->mla_b = moe_arena_take(a, mla * T * H * (size_t)(c->qk_nope_dim + c->v_head_dim),
+                              sizeof(float));
+    /* a decoding call's n <= min(T, seq_len) new rows over at most seq_len positions */
+    m->att_scratch = moe_arena_take(a, (T < S ? T : S) * H * S, sizeof(float));
+    m->dxm = moe_arena_take(a, Tb * d, sizeof(float));
+    m->dq = moe_arena_take(a, Tb * hq, sizeof(float));
+    m->dk = moe_arena_take(a, Tb * hkv, sizeof(float));
+    m->dv = moe_arena_take(a, Tb * hv, sizeof(float));
+    m->datt = moe_arena_take(a, Tb * (ho > hq ? ho : hq), sizeof(float)); /* also norm scratch */
+    m->mla_c = moe_arena_take(a, Tb * lat, sizeof(float));
+    m->mla_d = moe_arena_take(a, Tb * lat, sizeof(float));
+}
+
 static void plan_activations(moe_model *m, moe_arena *a) {
     const moe_model_config *c = &m->cfg;
     size_t T = (size_t)m->max_tokens, d = (size_t)c->d, H = (size_t)c->n_heads,
            hq = H * (size_t)m->head_qk, hkv = (size_t)m->kvh * m->head_qk,
            hv = (size_t)m->kvh * m->head_v, ho = H * (size_t)m->head_v, S = (size_t)c->seq_len, V = (size_t)c->vocab;
-    size_t mla = c->kv_lora_rank > 0, qr = (size_t)c->q_lora_rank, kr = (size_t)c->kv_lora_rank,
-           lat = kr > qr ? kr : qr;
+    size_t qr = (size_t)c->q_lora_rank, kr = (size_t)c->kv_lora_rank;
     /* probs hold B*S*S per head for any (B, S) with B*S <= T and S <= seq_len: at most
      * T*S floats per head. */
     size_t probs = (size_t)c->n_heads * T * S;
@@ -458,27 +489,19 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     m->logits = moe_arena_take(a, T * V, sizeof(float));
     size_t Tb = m->inference ? 0 : T; /* the backward's own buffers */
     m->dx = moe_arena_take(a, Tb * d, sizeof(float));
-    m->dxm = moe_arena_take(a, Tb * d, sizeof(float));
     m->dn = moe_arena_take(a, Tb * d, sizeof(float));
-    m->dq = moe_arena_take(a, Tb * hq, sizeof(float));
-    m->dk = moe_arena_take(a, Tb * hkv, sizeof(float));
-    m->dv = moe_arena_take(a, Tb * hv, sizeof(float));
-    m->datt = moe_arena_take(a, T * (ho > hq ? ho : hq), sizeof(float)); /* also norm scratch */
-    m->mla_a = moe_arena_take(a, mla * T * (kr + (size_t)c->qk_rope_dim), sizeof(float));
-    m->mla_b = moe_arena_take(a, mla * T * H * (size_t)(c->qk_nope_dim + c->v_head_dim),
-                              sizeof(float));
-    m->mla_c = moe_arena_take(a, T * lat, sizeof(float));
-    m->mla_d = moe_arena_take(a, T * lat, sizeof(float));
     m->tmp = moe_arena_take(a, T * (V > d ? V : d), sizeof(float)); /* FFN out, dlogits */
     m->row_loss = moe_arena_take(a, T, sizeof(double));
     m->tokens = moe_arena_take(a, T, sizeof(int32_t));
     m->targets = moe_arena_take(a, T, sizeof(int32_t));
     m->pos = moe_arena_take(a, T, sizeof(int32_t));
-    m->att_scratch = moe_arena_take(a, (T > S ? T : S) * (size_t)c->n_heads * S, sizeof(float));
     m->rope_cs = moe_arena_take(a, S * (size_t)m->rope_dim, sizeof(float));
-    /* The FFN's call scratch, one region for all blocks (they run one after another): a MoE
-     * layer's (moe_layer_create_shared), or a dense FFN's dh and da, the backward's (also
-     * decoding's h and a). */
+    /* The scratch region: the FFN's call scratch for all blocks (they run one after another),
+     * a MoE layer's (moe_layer_create_shared) or a dense FFN's dh and da (the backward's, also
+     * decoding's h and a), and in the same bytes the attention's scratch (plan_attention).
+     * A block's attention and its FFN run one after the other, in the forward, decoding and
+     * the backward, and each reads only what it wrote itself in the region: the phases hand
+     * on their results in buffers outside it (the saved tensors, tmp, dx, dn). */
     size_t own, call, dense = 0, moe = 0; /* bytes: a dense FFN's dh and da, the largest MoE
                                              layer's call scratch */
     for (int l = 0; l < c->n_layers; l++) {
@@ -493,11 +516,16 @@ static void plan_activations(moe_model *m, moe_arena *a) {
         moe_layer_workspace_sizes(&lc, m->max_tokens, &own, &call);
         if (call > moe) moe = call;
     }
-    m->moe_scratch_bytes = dense > moe ? dense : moe;
-    moe_arena ffn = {moe_arena_take(a, m->moe_scratch_bytes, 1), 0, m->moe_scratch_bytes};
-    m->moe_scratch = ffn.base;
+    moe_arena att = {NULL, 0, SIZE_MAX};
+    plan_attention(m, &att);
+    size_t bytes = dense > moe ? dense : moe;
+    m->scratch_bytes = att.used > bytes ? att.used : bytes;
+    m->scratch = moe_arena_take(a, m->scratch_bytes, 1);
+    moe_arena ffn = {m->scratch, 0, m->scratch_bytes};
     m->dh = moe_arena_take(&ffn, dense ? T * (size_t)m->gf : 0, sizeof(float));
     m->da = moe_arena_take(&ffn, dense ? T * (size_t)c->ffn : 0, sizeof(float));
+    att = (moe_arena){m->scratch, 0, m->scratch_bytes};
+    plan_attention(m, &att);
 }
 
 /* Refuses, before anything large is allocated, a model whose parameters, gradients and
@@ -584,7 +612,7 @@ static moe_status create(const moe_model_config *cfg, int max_tokens, int infere
         size_t off = m->block_off[(size_t)l * B_N + B_MOE];
         st = moe_layer_create_shared(&lc, max_tokens, m->params + off,
                                      inference ? NULL : m->grads + off, inference,
-                                     m->moe_scratch, m->moe_scratch_bytes, &m->moe[l]);
+                                     m->scratch, m->scratch_bytes, &m->moe[l]);
         if (st != MOE_OK) goto fail;
     }
     *out = m;
@@ -1042,6 +1070,17 @@ static void add_col_sums(float *g, const float *dy, int T, int n) {
     }
 }
 
+/* A phase of a block begins (its attention or its FFN, plan_activations): what the scratch
+ * region holds is dead. With poison_scratch it becomes NaN, so that a read across phases shows
+ * (tests). */
+static void scratch_phase(moe_model *m) {
+    if (!m->poison_scratch) return;
+    float *p = m->scratch;
+    for (size_t i = 0; i < m->scratch_bytes / sizeof(float); i++) p[i] = NAN;
+}
+
+void moe_model_poison_scratch(moe_model *m, int on) { m->poison_scratch = on; }
+
 moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
                              int S, const moe_model_args *args, moe_model_loss *loss) {
     const moe_model_config *c = &m->cfg;
@@ -1077,12 +1116,14 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
         block_saved *s = &m->sv[l];
         block_ptrs p = block(m, m->params, l);
         float *xnext = l + 1 < c->n_layers ? m->sv[l + 1].x : m->xf;
+        scratch_phase(m);
         moe_rmsnorm_forward(s->n1, s->rstd1, s->x, p.attn_norm, T, d, c->norm_eps);
         attn_inputs(m, &p, s, T, s->q, s->k, s->v);
         moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, &ad);
         moe_copy_floats(s->xm, s->x, (size_t)T * d);
         moe_gemm(0, 1, T, d, ho, 1, s->att, ho, p.wo, ho, 1, s->xm, d);
         moe_rmsnorm_forward(s->n2, s->rstd2, s->xm, p.ffn_norm, T, d, c->norm_eps);
+        scratch_phase(m);
         if (m->moe[l]) {
             moe_forward_args fa = moe_forward_args_default();
             fa.training = args->training;
@@ -1161,6 +1202,7 @@ moe_status moe_model_backward(moe_model *m) {
         block_saved *s = &m->sv[l];
         block_ptrs p = block(m, m->params, l), g = block(m, m->grads, l);
         /* FFN: x_next = xm + ffn(n2) */
+        scratch_phase(m);
         if (m->moe[l]) {
             moe_zero_floats(m->dn, (size_t)T * d);
             MOE_TRY(moe_layer_backward(m->moe[l], m->dn, dx, s->n2));
@@ -1169,6 +1211,7 @@ moe_status moe_model_backward(moe_model *m) {
                              s->a, dx, m->dn, g.w_in, NULL, g.w_out, NULL, NULL, m->dh, m->da,
                              NULL, NULL, MOE_MLP_BWD_ALL);
         }
+        scratch_phase(m); /* the attention's backward: its scratch shares the FFN's bytes */
         moe_copy_floats(m->dxm, dx, (size_t)T * d);
         moe_rmsnorm_backward(m->dxm, g.ffn_norm, m->dn, s->xm, p.ffn_norm, s->rstd2, T, d);
         /* attention: xm = x + att Woᵀ */
@@ -1275,6 +1318,7 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
     for (int l = 0; l < c->n_layers; l++) {
         block_ptrs p = block(m, m->params, l);
         float *kc = m->kcache + (size_t)l * c->seq_len * kw, *vc = m->vcache + (size_t)l * c->seq_len * vw;
+        scratch_phase(m);
         moe_rmsnorm_forward(s->n1, s->rstd1, x, p.attn_norm, n, d, c->norm_eps);
         attn_inputs(m, &p, s, n, s->q, kc + (size_t)P * kw, vc + (size_t)P * vw);
         moe_attn_dims ad = attn_dims(m, 1, n);
@@ -1283,6 +1327,7 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
         else moe_attention_cached(s->att, m->att_scratch, s->q, kc, vc, n, P, &ad);
         moe_gemm(0, 1, n, d, ho, 1, s->att, ho, p.wo, ho, 1, x, d);
         moe_rmsnorm_forward(s->n2, s->rstd2, x, p.ffn_norm, n, d, c->norm_eps);
+        scratch_phase(m);
         if (m->moe[l]) {
             moe_forward_args fa = moe_forward_args_default();
             fa.training = 0;
