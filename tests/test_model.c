@@ -1,10 +1,12 @@
 /* The MoE transformer: against an independent PyTorch float64 implementation
  * (tests/torch_model.py: logits, losses, every gradient, and float64 finite differences),
- * memorising a tiny batch, gradient scaling for accumulation, determinism, bad input. */
+ * memorising a tiny batch, gradient scaling for accumulation, determinism, bad input, the
+ * scratch region's phases (filled with NaN between them, here and in the PyTorch comparison). */
 #define _POSIX_C_SOURCE 200809L
 #include "io/hf.h"
 #include "io/safetensors.h"
 #include "kernels/kernels.h"
+#include "model/model_internal.h"
 #include "test_util.h"
 #include "train/trainer.h"
 
@@ -94,6 +96,7 @@ static void against_torch(moe_model_config c) {
     int B = 2, S = 7, T = B * S;
     moe_model *m;
     assert_int_equal(moe_model_create(&c, T, &m), MOE_OK);
+    moe_model_poison_scratch(m, 1); /* a buffer read across phases would show */
     random_params(m, seed);
     int32_t tok[14], tgt[14];
     fill_batch(tok, tgt, T, c.vocab, seed);
@@ -359,6 +362,7 @@ static void kv_cache(moe_model_config c, double tol) {
     size_t n = (size_t)S * V;
     moe_model *m, *fresh;
     assert_int_equal(moe_model_create(&c, 2 * S, &m), MOE_OK);
+    moe_model_poison_scratch(m, 1);
     random_params(m, seed);
     int32_t tok[7], tgt[7];
     fill_batch(tok, tgt, S, V, seed);
@@ -375,6 +379,7 @@ static void kv_cache(moe_model_config c, double tol) {
             for (size_t i = 0; i < moe_model_param_count(m); i++)
                 p[i] *= 0.5f + (float)moe_rng_uniform64(seed, 5, i);
             assert_int_equal(moe_model_create_inference(&c, 2 * S, &fresh), MOE_OK);
+            moe_model_poison_scratch(fresh, 1);
             memcpy(moe_model_params(fresh), p, sizeof(float) * moe_model_param_count(m));
             ref = fresh;
         }
@@ -418,6 +423,82 @@ static void test_kv_cache(void **state) {
         c.moe.shared_ffn = 12;
         kv_cache(c, 1e-2);
     }
+}
+
+/* A block's attention and its FFN take turns in one scratch region (model.c,
+ * plan_activations). Filling it with NaN at every turn (moe_model_poison_scratch) changes
+ * nothing, bitwise: the losses, logits and gradients of two training steps, an evaluation
+ * forward and decoding, of a model for training and one for inference. A buffer that a phase
+ * reads after another phase used the region, or before writing it, turns them into NaN. */
+static void scratch_poison(moe_model_config c) {
+    uint64_t seed = tu_seed();
+    int B = 2, S = 7, T = B * S, V = c.vocab;
+    int32_t tok[14], tgt[14];
+    fill_batch(tok, tgt, T, V, seed);
+    tgt[3] = -1;
+    moe_model *m[2], *inf[2];
+    float *dec[2];
+    for (int r = 0; r < 2; r++) {
+        assert_int_equal(moe_model_create(&c, T, &m[r]), MOE_OK);
+        assert_int_equal(moe_model_create_inference(&c, S, &inf[r]), MOE_OK);
+        moe_model_poison_scratch(m[r], r);
+        moe_model_poison_scratch(inf[r], r);
+        random_params(m[r], seed);
+        memcpy(moe_model_params(inf[r]), moe_model_params(m[r]),
+               sizeof(float) * moe_model_param_count(m[r]));
+        dec[r] = malloc(sizeof(float) * (size_t)S * V * 2);
+        assert_non_null(dec[r]);
+    }
+    size_t n = moe_model_param_count(m[0]);
+    for (int step = 0; step < 3; step++) {
+        moe_model_args args = moe_model_args_default();
+        args.training = step < 2;
+        args.step = (uint64_t)step;
+        moe_model_loss L[2];
+        for (int r = 0; r < 2; r++) {
+            if (step == 1) { /* other parameters: the first step's gradients as an update */
+                float *p = moe_model_params(m[r]);
+                const float *g = moe_model_grads(m[r]);
+                for (size_t i = 0; i < n; i++) p[i] -= 0.5f * g[i];
+            }
+            moe_model_zero_grads(m[r]);
+            assert_int_equal(moe_model_forward(m[r], tok, tgt, B, S, &args, &L[r]), MOE_OK);
+            if (args.training) assert_int_equal(moe_model_backward(m[r]), MOE_OK);
+        }
+        if (L[0].nll != L[1].nll || L[0].aux != L[1].aux || L[0].z != L[1].z ||
+            !isfinite(L[1].nll))
+            fail_msg("step %d: losses %.9g %.9g %.9g with the region poisoned, %.9g %.9g %.9g "
+                     "without", step, L[1].nll, L[1].aux, L[1].z, L[0].nll, L[0].aux, L[0].z);
+        assert_memory_equal(moe_model_logits(m[0]), moe_model_logits(m[1]),
+                            sizeof(float) * (size_t)T * V);
+        if (args.training)
+            assert_memory_equal(moe_model_grads(m[0]), moe_model_grads(m[1]), sizeof(float) * n);
+    }
+    for (int r = 0; r < 2; r++) {
+        decode_seq(m[r], tok, S, V, dec[r]);
+        decode_seq(inf[r], tok, S, V, dec[r] + (size_t)S * V);
+    }
+    assert_memory_equal(dec[0], dec[1], sizeof(float) * (size_t)S * V * 2);
+    for (int r = 0; r < 2; r++) {
+        moe_model_destroy(m[r]);
+        moe_model_destroy(inf[r]);
+        free(dec[r]);
+    }
+}
+
+/* Every kind of attention scratch (GQA; biases with q/k norms over the whole projection;
+ * per-head norms and a head size of its own; MLA with and without a query latent) and of FFN
+ * (dense and MoE layers with a shared expert; only dense layers). */
+static void test_scratch_poison(void **state) {
+    (void)state;
+    scratch_poison(tiny_config());
+    scratch_poison(attn_config(1, MOE_QK_NORM_WHOLE, 0));
+    scratch_poison(attn_config(0, MOE_QK_NORM_HEAD, 6));
+    scratch_poison(mla_config(5));
+    scratch_poison(mla_config(0));
+    moe_model_config c = tiny_config();
+    c.first_k_dense = c.n_layers;
+    scratch_poison(c);
 }
 
 static long rss_kb(void) {
@@ -739,6 +820,7 @@ int main(void) {
         cmocka_unit_test(test_loss_scale),
         cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
+        cmocka_unit_test(test_scratch_poison),
         cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),
         cmocka_unit_test(test_trainer_refuses_top1_post_softmax),
         cmocka_unit_test(test_hf_load_all_or_nothing),
