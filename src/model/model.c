@@ -77,15 +77,17 @@ struct moe_model {
     void *act_mem;
     float *xf, *nf, *rstdf, *logits; /* [T,d] [T,d] [T] [T,V] */
     float *dx, *dn; /* [T, d] the backward's: dL/d(residual stream), dL/d(a norm's output) */
-    float *tmp;     /* [T, max(V, d)] an FFN's output, dlogits */
+    float *tmp;     /* [T, d] an FFN's output */
     double *row_loss; /* [T] */
     int32_t *tokens, *targets, *pos; /* [T] */
     /* One region for the scratch of one phase of a block at a time (plan_activations): the
      * FFN's call (a MoE layer's call scratch, or a dense FFN's dh and da), or the attention's
-     * part of the forward, of decoding or of the backward (the buffers below). */
+     * part of the forward, of decoding or of the backward (the buffers below); or the
+     * backward's head before the blocks (dlogits). */
     void *scratch;
     size_t scratch_bytes;
     int poison_scratch; /* fill the region with NaN between phases (moe_model_poison_scratch) */
+    float *dlogits; /* [T, V] */
     float *dh, *da; /* [T, gf], [T, ffn] a dense FFN's */
     float *dxm, *dq, *dk, *dv, *datt; /* the attention's backward: [T, d], [T, H*dk],
                                          [T, kvh*dk], [T, kvh*dv], [T, H*max(dk, dv)] */
@@ -490,7 +492,7 @@ static void plan_activations(moe_model *m, moe_arena *a) {
     size_t Tb = m->inference ? 0 : T; /* the backward's own buffers */
     m->dx = moe_arena_take(a, Tb * d, sizeof(float));
     m->dn = moe_arena_take(a, Tb * d, sizeof(float));
-    m->tmp = moe_arena_take(a, T * (V > d ? V : d), sizeof(float)); /* FFN out, dlogits */
+    m->tmp = moe_arena_take(a, T * d, sizeof(float));
     m->row_loss = moe_arena_take(a, T, sizeof(double));
     m->tokens = moe_arena_take(a, T, sizeof(int32_t));
     m->targets = moe_arena_take(a, T, sizeof(int32_t));
@@ -501,7 +503,8 @@ static void plan_activations(moe_model *m, moe_arena *a) {
      * decoding's h and a), and in the same bytes the attention's scratch (plan_attention).
      * A block's attention and its FFN run one after the other, in the forward, decoding and
      * the backward, and each reads only what it wrote itself in the region: the phases hand
-     * on their results in buffers outside it (the saved tensors, tmp, dx, dn). */
+     * on their results in buffers outside it (the saved tensors, tmp, dx, dn). So does the
+     * backward's head, before the blocks: dlogits. */
     size_t own, call, dense = 0, moe = 0; /* bytes: a dense FFN's dh and da, the largest MoE
                                              layer's call scratch */
     for (int l = 0; l < c->n_layers; l++) {
@@ -516,16 +519,20 @@ static void plan_activations(moe_model *m, moe_arena *a) {
         moe_layer_workspace_sizes(&lc, m->max_tokens, &own, &call);
         if (call > moe) moe = call;
     }
-    moe_arena att = {NULL, 0, SIZE_MAX};
+    moe_arena att = {NULL, 0, SIZE_MAX}, head = {NULL, 0, SIZE_MAX};
     plan_attention(m, &att);
+    moe_arena_take(&head, Tb * V, sizeof(float));
     size_t bytes = dense > moe ? dense : moe;
-    m->scratch_bytes = att.used > bytes ? att.used : bytes;
+    bytes = att.used > bytes ? att.used : bytes;
+    m->scratch_bytes = head.used > bytes ? head.used : bytes;
     m->scratch = moe_arena_take(a, m->scratch_bytes, 1);
     moe_arena ffn = {m->scratch, 0, m->scratch_bytes};
     m->dh = moe_arena_take(&ffn, dense ? T * (size_t)m->gf : 0, sizeof(float));
     m->da = moe_arena_take(&ffn, dense ? T * (size_t)c->ffn : 0, sizeof(float));
     att = (moe_arena){m->scratch, 0, m->scratch_bytes};
     plan_attention(m, &att);
+    head = (moe_arena){m->scratch, 0, m->scratch_bytes};
+    m->dlogits = moe_arena_take(&head, Tb * V, sizeof(float));
 }
 
 /* Refuses, before anything large is allocated, a model whose parameters, gradients and
@@ -1070,8 +1077,8 @@ static void add_col_sums(float *g, const float *dy, int T, int n) {
     }
 }
 
-/* A phase of a block begins (its attention or its FFN, plan_activations): what the scratch
- * region holds is dead. With poison_scratch it becomes NaN, so that a read across phases shows
+/* A phase begins (a block's attention or its FFN, the backward's head: plan_activations):
+ * what the scratch region holds is dead. With poison_scratch it becomes NaN, so that a read across phases shows
  * (tests). */
 static void scratch_phase(moe_model *m) {
     if (!m->poison_scratch) return;
@@ -1184,8 +1191,9 @@ moe_status moe_model_backward(moe_model *m) {
         if (m->args.grads_ready) m->args.grads_ready(m->args.grads_ctx, 0);
         return MOE_OK;
     }
-    float *dlogits = m->tmp;
+    float *dlogits = m->dlogits;
     int n = 0;
+    scratch_phase(m); /* the head's: dlogits */
     float scale = m->n_targets ? m->args.loss_scale / (float)m->n_targets : 0.0f;
     moe_xent_forward_backward(dlogits, m->row_loss, m->logits, m->targets, T, V, scale, &n);
     float *g_lm = m->grads + m->lm_off, *lm = m->params + m->lm_off;
