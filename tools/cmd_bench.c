@@ -387,9 +387,9 @@ static int bench_train(moe_options *o, int json) {
     double tok_s = tokens / t_steps, fpt = model_flops_per_token(c);
     size_t np = moe_model_param_count(m), act = moe_model_activation_bytes(m);
     /* what the program allocates: parameters, gradients, Adam's m and v, and its activation
-     * workspace as planned (which holds more than a strict minimum: the model's backward
-     * scratch and decoding buffers, one call scratch that the FFNs share, the router's
-     * float64 arrays) */
+     * workspace as planned (which holds more than a strict minimum: one scratch region that
+     * the FFNs' calls and the attention's scratch share, the backward's dx and dn, the
+     * router's float64 arrays) */
     double alloc_bytes = 4.0 * 4 * np + act;
     double min_act = model_activation_bytes_per_token(c, S) * tc->micro_batch * S,
            min_bytes = 4.0 * 4 * np + min_act;
