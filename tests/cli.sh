@@ -88,7 +88,7 @@ r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
 d, H, hd, kvh, S, T, V, E, k, f, fs, ffn = 32, 4, 8, 2, 16, 48, 257, 4, 2, 16, 8, 24
 block = (2 * d + 1) + (H * hd + 2 * kvh * hd) + H * S + H * hd + (2 * d + 1)
 dense = block + 3 * ffn                                   # SwiGLU: h (2 ffn) and activation
-moe = block + E + k * (1 + 3 * f + d) + 3 * fs            # weight, h, act, output; shared
+moe = block + E + k * (1 + 3 * f) + 3 * fs                # weight, h, act; shared
 act = 4 * T * (dense + moe + 2 * d + 1 + V)               # final norm, logits
 want = (16 * r['params'] + act) / 1048576
 sys.exit(0 if abs(r['minimum_mb'] - want) < 1e-3 and r['minimum_mb'] < r['allocated_mb'] else 1)

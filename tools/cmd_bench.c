@@ -313,10 +313,10 @@ static double model_forward_flops(const moe_model_config *c, int S) {
  * probabilities (a row of S per head). Per block: the block's input and its norm (and rstd),
  * q, k, v (MLA: the q and kv latents too), the probabilities, the attention's output; the
  * FFN's input and its norm (and rstd); a MoE layer's router scores (E) and, for each of its k
- * choices, the routing weight, the expert's hidden h (gated: 2f), activation (f) and output (d:
- * the routing weight's gradient), the shared expert's h and activation; a dense FFN's h and
- * activation. Then the final norm's input, output and rstd, and the
- * logits. The expert's input rows are gathered from the FFN's norm again, not kept. */
+ * choices, the routing weight, the expert's hidden h (gated: 2f) and activation (f), the
+ * shared expert's h and activation; a dense FFN's h and activation. Then the final norm's
+ * input, output and rstd, and the logits. The expert's input rows are gathered from the FFN's
+ * norm again, not kept. */
 static double model_activation_bytes_per_token(const moe_model_config *c, int S) {
     double d = c->d, H = c->n_heads, hd = moe_model_head_dim(c), qkv;
     if (c->kv_lora_rank)
@@ -330,7 +330,9 @@ static double model_activation_bytes_per_token(const moe_model_config *c, int S)
     for (int l = 0; l < c->n_layers; l++) {
         f += 2 * d + 1 + qkv + H * S + ho + 2 * d + 1;
         int E = moe_model_layer_experts(c, l);
-        f += E ? E + c->moe.topk * (1 + hidden * c->moe.ffn + d) + hidden * c->moe.shared_ffn
+        /* not the expert's output: the routing weight's gradient is dy W_out . a, and the
+         * backward computes dy W_out anyway */
+        f += E ? E + c->moe.topk * (1 + hidden * c->moe.ffn) + hidden * c->moe.shared_ffn
                : hidden * c->ffn;
     }
     return 4 * (f + 2 * d + 1 + c->vocab);
