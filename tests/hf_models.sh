@@ -284,6 +284,25 @@ tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups
 "$moe" convert --load "$tmp/run" --to hf "$tmp/xrun" >"$tmp/out" 2>&1 || fail "convert run: $(cat "$tmp/out")"
 cmp_tensors "$tmp/run/step-00000003" "$tmp/xrun" ours || fail "our checkpoint converted wrongly"
 "$moe" eval --model "$tmp/xrun" --ids 72,101,108,108,111 >"$tmp/out" 2>&1 || fail "eval converted run: $(cat "$tmp/out")"
+# a model in a run directory would stand in for its checkpoints at --load: convert refuses a
+# run or checkpoint directory, train --save a model directory (exit 2, nothing written), and a
+# directory that holds both is refused at load by name (not "has no moe.config metadata")
+for d in "$tmp/run" "$tmp/run/step-00000003"; do
+  "$moe" convert --load "$tmp/run" --to hf "$d" >"$tmp/out" 2>&1; rc=$?
+  [ $rc = 2 ] && grep -q "holds a moe run or checkpoint" "$tmp/out" && [ ! -e "$d/config.json" ] ||
+    fail "convert into $d: rc $rc, $(cat "$tmp/out")"
+done
+# shellcheck disable=SC2086
+"$moe" train $tiny --save "$tmp/xrun" >"$tmp/out" 2>&1; rc=$?
+[ $rc = 2 ] && grep -q "xrun holds a model (config.json)" "$tmp/out" && [ ! -e "$tmp/xrun/latest" ] ||
+  fail "train --save into a model directory: rc $rc, $(cat "$tmp/out")"
+cp -r "$tmp/run" "$tmp/both" && cp "$tmp/xrun/config.json" "$tmp/xrun/model.safetensors" "$tmp/both"
+"$moe" eval --load "$tmp/both" >"$tmp/out" 2>&1; rc=$?
+[ $rc = 1 ] && grep -q "holds both a moe run ('latest') and a model (config.json.*--load $tmp/both/step-00000003" "$tmp/out" ||
+  fail "--load of a run holding a model: rc $rc, $(cat "$tmp/out")"
+"$moe" eval --load "$tmp/xrun" >"$tmp/out" 2>&1; rc=$?
+[ $rc = 1 ] && grep -q "is a Hugging Face model directory (config.json), not a moe checkpoint" "$tmp/out" ||
+  fail "--load of a model directory: rc $rc, $(cat "$tmp/out")"
 # its tokenizer.json is our byte vocabulary: UTF-8 bytes as ids, end-of-text 256 (its eos_token_id)
 grep -q '"eos_token_id":[[:space:]]*256' "$tmp/xrun/config.json" || fail "no eos_token_id 256 for our vocabulary"
 [ "$("$moe" tokenize --model "$tmp/xrun" --prompt "Héllo<|endoftext|>")" = "72,195,169,108,108,111,256" ] ||

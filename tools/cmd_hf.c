@@ -276,6 +276,12 @@ int moe_cmd_convert(int argc, char **argv) {
     if (moe_cli_cpu_only(&o, "convert") || moe_cli_hf_flags(&o, "convert")) return 2;
     moe_model_config c = o.model;
     moe_status s = MOE_OK;
+    const char *run = moe_checkpoint_run_marker(out);
+    if (run) { /* a model there would hide the run's checkpoints from --load */
+        fprintf(stderr, "moe convert: %s holds a moe run or checkpoint (%s): write the Hugging "
+                        "Face model to a directory of its own\n", out, run);
+        return 2;
+    }
     if (o.hf_model[0]) s = moe_hf_config(o.hf_model, &c, family, sizeof family);
     else if (!ckpt[0]) s = moe_set_error(MOE_ERR_INVALID, "--load RUN or --model DIR is required");
     if (s == MOE_OK && !family[0]) { /* ours: the first family that fits, else Mixtral's reason */

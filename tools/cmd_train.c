@@ -352,6 +352,14 @@ static moe_status choose_save_dir(moe_options *o, const char *ckpt) {
     if (!o->save[0] && o->exit_interval)
         return moe_set_error(MOE_ERR_INVALID, "--exit-interval stops with a checkpoint: it needs "
                              "--save");
+    const char *model = !o->save[0]                                   ? NULL
+                        : moe_file_exists(o->save, "config.json")       ? "config.json"
+                        : moe_file_exists(o->save, "model.safetensors") ? "model.safetensors"
+                                                                        : NULL;
+    if (model) /* its loading would take the model for the run's checkpoint */
+        return moe_set_error(MOE_ERR_INVALID, "%s holds a model (%s), as moe convert --to hf "
+                             "writes it: a run directory keeps its checkpoints in step-N "
+                             "directories; choose another --save", o->save, model);
     snprintf(latest, sizeof latest, "%s/latest", o->save);
     struct stat sb;
     if (!o->save[0] || stat(latest, &sb) != 0) return MOE_OK;

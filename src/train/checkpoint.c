@@ -248,23 +248,54 @@ int moe_checkpoint_run_dir(const char *ckpt, char *out, size_t cap) {
     return 0;
 }
 
+const char *moe_checkpoint_run_marker(const char *dir) {
+    if (moe_file_exists(dir, "latest")) return "a 'latest' file";
+    if (moe_file_exists(dir, "metrics.jsonl")) return "metrics.jsonl";
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    const char *found = NULL;
+    while (d && !found && (e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        if (ckpt_step(e->d_name) >= 0) found = "step-N checkpoint directories";
+        else if (!strncmp(e->d_name, "trainer", 7) && n >= 19 &&
+                 !strcmp(e->d_name + n - 12, ".safetensors"))
+            found = "a checkpoint's trainer state";
+    }
+    if (d) closedir(d);
+    return found;
+}
+
 moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap) {
-    if (moe_file_exists(dir, "model.safetensors") || moe_file_exists(dir, "model.safetensors.index.json")) {
+    char path[4200], name[128] = "";
+    int model = moe_file_exists(dir, "model.safetensors") ||
+                moe_file_exists(dir, "model.safetensors.index.json");
+    int hf = moe_file_exists(dir, "config.json");
+    snprintf(path, sizeof path, "%s/latest", dir);
+    FILE *f = fopen(path, "r");
+    int run = f != NULL, ok = f && fgets(name, sizeof name, f) != NULL;
+    if (f) fclose(f);
+    name[strcspn(name, "\r\n")] = '\0';
+    ok = ok && ckpt_step(name) >= 0;
+    /* a checkpoint has no config.json, a run directory no model of its own: with both, which
+     * one --load means is not ours to guess */
+    if (model && run)
+        return moe_set_error(MOE_ERR_INVALID, "%s holds both a moe run ('latest') and a model "
+                             "(%s, as moe convert --to hf writes it): give the run's checkpoint "
+                             "as --load %s/%s, the model as --model %s, or move the model into "
+                             "a directory of its own", dir, hf ? "config.json" :
+                             "model.safetensors", dir, ok ? name : "step-N", dir);
+    if (model && hf)
+        return moe_set_error(MOE_ERR_INVALID, "%s is a Hugging Face model directory "
+                             "(config.json), not a moe checkpoint: give it with --model (moe "
+                             "train: --init-from)", dir);
+    if (model) {
         snprintf(ckpt, cap, "%s", dir);
         return MOE_OK;
     }
-    char path[4200];
-    snprintf(path, sizeof path, "%s/latest", dir);
-    FILE *f = fopen(path, "r");
-    if (!f)
+    if (!run)
         return moe_set_error(MOE_ERR_IO, "%s is not a checkpoint: it has neither model.safetensors "
                              "(or its index) nor a 'latest' file", dir);
-    char name[128] = "";
-    int ok = fgets(name, sizeof name, f) != NULL;
-    fclose(f);
-    name[strcspn(name, "\r\n")] = '\0';
-    if (!ok || ckpt_step(name) < 0)
-        return moe_set_error(MOE_ERR_FORMAT, "%s: 'latest' does not name a checkpoint", dir);
+    if (!ok) return moe_set_error(MOE_ERR_FORMAT, "%s: 'latest' does not name a checkpoint", dir);
     snprintf(ckpt, cap, "%s/%s", dir, name);
     return MOE_OK;
 }

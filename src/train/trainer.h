@@ -62,6 +62,9 @@ moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *
 /* Resolves DIR (a run directory with "latest", or a checkpoint directory) to a checkpoint
  * directory. */
 moe_status moe_checkpoint_resolve(const char *dir, char *ckpt, size_t cap);
+/* What shows that directory dir holds a moe run or checkpoint (a 'latest' file, metrics.jsonl,
+ * trainer state, step-N directories), in words, or NULL when nothing does. */
+const char *moe_checkpoint_run_marker(const char *dir);
 /* The run directory holding checkpoint directory ckpt (its parent, when ckpt is a step-N
  * directory) into out; -1 when ckpt is not in one. */
 int moe_checkpoint_run_dir(const char *ckpt, char *out, size_t cap);
