@@ -331,6 +331,43 @@ static void test_write_round_trip(void **state) {
     unlink(path);
 }
 
+/* A quote opens a quoted value only at the value's start: one inside an unquoted value is a
+ * character of it and leaves a comment after it a comment; and moe_options_write's output
+ * reads back to the same text for paths of quotes, '#', '=', tabs and leading spaces. */
+static void test_quotes_inside_values(void **state) {
+    (void)state;
+    moe_options o;
+    moe_options_default(&o);
+    const char *path = write_temp("save = /tmp/bob's-run   # my run\n"
+                                  "data-path = /tmp/say \"hi\"#there\n"
+                                  "init-from = 'say \"#1\"' # a comment\n");
+    assert_int_equal(moe_options_load_file(&o, path), MOE_OK);
+    assert_string_equal(o.save, "/tmp/bob's-run");
+    assert_string_equal(o.data_path, "/tmp/say \"hi\"");
+    assert_string_equal(o.init_from, "say \"#1\"");
+    unlink(path);
+    const char *values[] = {"/tmp/bob's-run", "/tmp/a=b", "\t/tmp/tab", "  /tmp/lead",
+                            "/tmp/x'#y", "/tmp/x\"y # z", "'start", "\"start", "end ",
+                            "a\tb'c", "#hash", "= eq"};
+    for (size_t i = 0; i < sizeof values / sizeof values[0]; i++) {
+        char arg[128];
+        snprintf(arg, sizeof arg, "--save=%s", values[i]);
+        const char *args[] = {arg};
+        assert_int_equal(parse(&o, args, 1), MOE_OK);
+        char *text = NULL;
+        size_t len = 0;
+        FILE *mem = open_memstream(&text, &len);
+        moe_options_write(mem, &o);
+        fclose(mem);
+        moe_options b;
+        moe_options_default(&b);
+        assert_int_equal(moe_options_load_text(&b, text, "written"), MOE_OK);
+        if (strcmp(b.save, values[i]))
+            fail_msg("'%s' read back as '%s'", values[i], b.save);
+        free(text);
+    }
+}
+
 /* A flag that the command does not read is an error naming it as given; the same key in a
  * config file is not (one file serves several commands). */
 static void test_unused_flags(void **state) {
@@ -398,6 +435,7 @@ int main(void) {
         cmocka_unit_test(test_malformed_files),
         cmocka_unit_test(test_finish_combinations),
         cmocka_unit_test(test_write_round_trip),
+        cmocka_unit_test(test_quotes_inside_values),
         cmocka_unit_test(test_unused_flags),
         cmocka_unit_test(test_help_lists_options),
     };

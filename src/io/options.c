@@ -636,19 +636,22 @@ static char *trim(char *s) {
     return s;
 }
 
-/* Ends the line at the first '#' that is not inside a quoted value. */
+/* Ends the line at the first '#' that is not inside a quoted value. A value is quoted when it
+ * starts with ' or " (moe_options_write quotes so), up to the next such character; a quote
+ * later in a value is an ordinary character ("bob's-run # a comment"). */
 static void cut_comment(char *line) {
-    char quote = 0;
-    for (char *c = line; *c; c++) {
-        if (quote) {
-            if (*c == quote) quote = 0;
-        } else if (*c == '"' || *c == '\'') {
-            quote = *c;
-        } else if (*c == '#') {
-            *c = '\0';
-            return;
+    char *c = line + strcspn(line, "=#");
+    if (*c == '=') {
+        c++;
+        while (isspace((unsigned char)*c)) c++;
+        if (*c == '"' || *c == '\'') {
+            char *close = strchr(c + 1, *c);
+            if (!close) return; /* unclosed: the rest of the line is the value */
+            c = close + 1;
         }
     }
+    char *hash = strchr(c, '#');
+    if (hash) *hash = '\0';
 }
 
 /* Reads 'key = value' lines from f; `path` names the source in messages. */
