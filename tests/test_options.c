@@ -126,6 +126,11 @@ static void test_bad_values(void **state) {
         {"--moe-aux-loss-coeff", "1e60", "expected a finite number"},
         {"--moe-aux-loss-coeff", "-0.5", "out of range"},
         {"--moe-input-jitter-eps", "1", "out of range"},
+        /* nonzero values that a float holds as 0, or without full precision */
+        {"--lr", "1e-50", "1e-50 is too close to 0 for a float: give 0 or a value of magnitude "
+                          "at least 1.17549e-38 (range [0, 1e+09])"},
+        {"--lr", "1e-400", "too close to 0"},
+        {"--moe-z-loss-coeff", "1e-39", "too close to 0"},
         {"--moe-router-score-function", "tanh", "not one of softmax|sigmoid|sqrtsoftplus"},
         {"--moe-router-pre-softmax", "maybe", "expected true or false"},
         {"--seed", "-3", "non-negative integer"},

@@ -540,12 +540,18 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
     }
     case OPT_FLOAT: {
         double x = strtod(v, &end);
-        if (!*v || *end || errno == ERANGE || !isfinite(x) || fabs(x) > FLT_MAX)
+        int under = errno == ERANGE && fabs(x) <= DBL_MIN; /* 1e-400: 0 or a subnormal double */
+        if (!*v || *end || (errno == ERANGE && !under) || !isfinite(x) || fabs(x) > FLT_MAX)
             return moe_set_error(MOE_ERR_INVALID, "%s: expected a finite number, got '%s'", where,
                                  v);
         if (x < d->lo || x > d->hi)
             return moe_set_error(MOE_ERR_INVALID, "%s: %g is out of range [%g, %g]", where, x,
                                  d->lo, d->hi);
+        /* a nonzero value that would become 0, or a float without full precision (subnormal) */
+        if (under || (x != 0 && fabs(x) < FLT_MIN))
+            return moe_set_error(MOE_ERR_INVALID, "%s: %s is too close to 0 for a float: give 0 "
+                                 "or a value of magnitude at least %g (range [%g, %g])", where, v,
+                                 FLT_MIN, d->lo, d->hi);
         *(float *)p = (float)x;
         return MOE_OK;
     }
