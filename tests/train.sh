@@ -264,6 +264,10 @@ grep -q "train.bin: .* perplexity" "$tmp/out" || fail "eval --data FILE: $(cat "
 expect 1 "$moe" eval --load "$tmp/a" --data "$tmp/nonexist.bin"
 grep -q "cannot open $tmp/nonexist.bin: No such" "$tmp/out" ||
   fail "eval --data missing: $(cat "$tmp/out")"
+# an empty validation split (prepared with --val-fraction 0) is said so, with how to give data
+expect 1 "$moe" eval --load "$tmp/a" --data-path "$tmp/p/d"
+grep -q "validation split $tmp/p/d/val.bin is empty (.*--val-fraction 0): .* --data-path FILE" \
+  "$tmp/out" || fail "eval of an empty validation split: $(cat "$tmp/out")"
 expect 0 "$moe" train --num-layers 1 --hidden-size 16 --num-attention-heads 2 --num-query-groups 2 \
   --num-experts 2 --moe-router-topk 2 --moe-ffn-hidden-size 8 --seq-length 16 --micro-batch-size 2 \
   --global-batch-size 2 --train-iters 1 --data-path "$tmp/data" --save "$tmp/m1"

@@ -149,12 +149,22 @@ int moe_cmd_eval(int argc, char **argv) {
     int S = o.model.seq_len, B = o.train.micro_batch;
     moe_tokens data = {0};
     struct stat sb; /* --data FILE, or the validation split of --data-path DIR */
-    if (o.data_path[0] && (stat(o.data_path, &sb) != 0 || !S_ISDIR(sb.st_mode)))
+    int split = !o.data_path[0] || (stat(o.data_path, &sb) == 0 && S_ISDIR(sb.st_mode));
+    if (!split)
         snprintf(path, sizeof path, "%s", o.data_path); /* a missing one: the error names it */
     else
         snprintf(path, sizeof path, "%s/val.bin", o.data_path[0] ? o.data_path : "data/fortunes");
     rc = 1;
-    if (moe_tokens_load(path, &data) != MOE_OK || moe_trainer_check_data(&o.model, &data, NULL) != MOE_OK) {
+    moe_status ds = moe_tokens_load(path, &data);
+    if (ds == MOE_OK && split && data.n_tokens == 0)
+        ds = moe_set_error(MOE_ERR_INVALID, "the validation split %s is empty (the data was "
+                           "prepared with --val-fraction 0): give a token file to evaluate with "
+                           "--data-path FILE", path);
+    else if (ds == MOE_OK && data.n_tokens <= S)
+        ds = moe_set_error(MOE_ERR_INVALID, "%s holds %lld tokens: seq-length %d needs at least "
+                           "%d", path, (long long)data.n_tokens, S, S + 1);
+    if (ds == MOE_OK) ds = moe_trainer_check_data(&o.model, &data, NULL);
+    if (ds != MOE_OK) {
         fprintf(stderr, "moe eval: %s\n", moe_last_error());
         goto done;
     }
