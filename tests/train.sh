@@ -27,6 +27,12 @@ grep -q "out needs a directory name" "$tmp/out" || fail "--out '': $(cat "$tmp/o
 expect 2 "$moe" prepare --out "$tmp/p/d" --val-fraction "" "$tmp/p/two.txt"
 grep -q "val-fraction must be in \[0, 1), got ''" "$tmp/out" ||
   fail "--val-fraction '': $(cat "$tmp/out")"
+# --name=value, as the other commands take it; a flag without its value says so
+expect 0 "$moe" prepare --out="$tmp/p/eq" --val-fraction=0 "$tmp/p/two.txt"
+grep -q "2 documents, 22 tokens for training; 0 documents.* in $tmp/p/eq/{train,val}.bin" \
+  "$tmp/out" || fail "prepare --out=DIR: $(cat "$tmp/out")"
+expect 2 "$moe" prepare --out
+[ "$(cat "$tmp/out")" = "moe prepare: --out needs a value" ] || fail "--out alone: $(cat "$tmp/out")"
 printf ' \n\n' >"$tmp/p/blank.txt"
 expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/blank.txt"
 grep -q "^moe prepare: the input holds too little text" "$tmp/out" ||

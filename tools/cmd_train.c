@@ -104,27 +104,43 @@ int moe_cmd_prepare(int argc, char **argv) {
     char **files = NULL;
     int n = 0, rc = 0, inputs = 0;
     for (int a = 0; a < argc && !rc; a++) {
-        if (!strcmp(argv[a], "--out") && a + 1 < argc) {
-            out = argv[++a];
+        if (strncmp(argv[a], "--", 2)) { /* an input */
+            if (inputs++, add_input(argv[a], &files, &n)) rc = 1;
+            continue;
+        }
+        /* --name value or --name=value, as the other commands take them */
+        const char *eq = strchr(argv[a], '='), *v = eq ? eq + 1 : NULL;
+        int kn = eq ? (int)(eq - argv[a]) : (int)strlen(argv[a]);
+        const char *names[] = {"--out", "--val-fraction", "--model"};
+        int k = 0;
+        while (k < 3 && (strlen(names[k]) != (size_t)kn || strncmp(argv[a], names[k], (size_t)kn)))
+            k++;
+        if (k == 3) {
+            fprintf(stderr, "moe prepare: unknown option %.*s (options: --out DIR, "
+                            "--val-fraction F, --model DIR)\n", kn, argv[a]);
+            rc = 2;
+        } else if (!v && a + 1 >= argc) {
+            fprintf(stderr, "moe prepare: %s needs a value\n", names[k]);
+            rc = 2;
+        } else if (!v) {
+            v = argv[++a];
+        }
+        if (rc) break;
+        if (k == 0) {
+            out = v;
             if (!out[0]) {
                 fprintf(stderr, "moe prepare: --out needs a directory name, got ''\n");
                 rc = 2;
             }
-        } else if (!strcmp(argv[a], "--val-fraction") && a + 1 < argc) {
+        } else if (k == 1) {
             char *end;
-            val_fraction = strtod(argv[++a], &end);
-            if (end == argv[a] || *end || !(val_fraction >= 0 && val_fraction < 1)) {
-                fprintf(stderr, "moe prepare: --val-fraction must be in [0, 1), got '%s'\n", argv[a]);
+            val_fraction = strtod(v, &end);
+            if (end == v || *end || !(val_fraction >= 0 && val_fraction < 1)) {
+                fprintf(stderr, "moe prepare: --val-fraction must be in [0, 1), got '%s'\n", v);
                 rc = 2;
             }
-        } else if (!strcmp(argv[a], "--model") && a + 1 < argc) {
-            model = argv[++a];
-        } else if (!strncmp(argv[a], "--", 2)) {
-            fprintf(stderr, "moe prepare: unknown option %s (options: --out DIR, --val-fraction F, "
-                            "--model DIR)\n", argv[a]);
-            rc = 2;
-        } else if (inputs++, add_input(argv[a], &files, &n)) {
-            rc = 1;
+        } else {
+            model = v;
         }
     }
     if (!rc && inputs && n == 0) {
