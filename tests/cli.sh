@@ -190,4 +190,15 @@ grep -q "has no tokenizer.json" "$tmp/out" || fail "tokenize --config: $(cat "$t
 expect 0 "$moe" --help
 grep -q "^Training (read by train, bench train):$" "$tmp/out" &&
   grep -q "^      read by train, bench alltoall$" "$tmp/out" || fail "--help readers"
+# --load and --model name two models: one usage error in every command that takes both, before
+# either is read
+for cmd in "generate --ids 1" "eval --ids 1" "convert --to hf $tmp/hf"; do
+  # shellcheck disable=SC2086
+  {
+  unused "moe ${cmd%% *}: give --load or --model, not both" \
+    "$moe" $cmd --load "$tmp/none" --model "$tmp/none"
+  unused "moe ${cmd%% *}: give --load or --model, not both" \
+    "$moe" $cmd --model "$tmp/none" --load "$tmp/none"
+  }
+done
 echo "cli ok"

@@ -36,8 +36,8 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
                     size_t cap);
 /* 2 (with one line on stderr) when --device cuda was given to a command that runs on the CPU. */
 int moe_cli_cpu_only(const moe_options *o, const char *cmd);
-/* With --model DIR, an option that describes the model (DIR's config.json does): a usage
- * error (printed; returns 2), else 0. */
+/* With --model DIR, --load too or an option that describes the model (DIR's config.json
+ * does): a usage error (printed; returns 2), else 0. */
 int moe_cli_hf_flags(const moe_options *o, const char *cmd);
 /* The text of --prompt or --prompt-file (malloc'd, NUL-terminated, *len bytes; *text NULL
  * with neither; both: an error). */

@@ -306,6 +306,10 @@ int moe_cli_cpu_only(const moe_options *o, const char *cmd) {
 }
 
 int moe_cli_hf_flags(const moe_options *o, const char *cmd) {
+    if (o->load[0] && o->hf_model[0]) {
+        fprintf(stderr, "moe %s: give --load or --model, not both\n", cmd);
+        return 2;
+    }
     const char *name = o->hf_model[0] ? moe_options_model_given(o) : NULL;
     if (!name) return 0;
     fprintf(stderr, "moe %s: --%s does not apply with --model: %s/config.json describes the "
@@ -319,6 +323,10 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
     moe_options_default(o);
     ckpt[0] = '\0';
     if (moe_options_parse_args(o, argc, argv, use) != MOE_OK) return 2;
+    if (o->load[0] && o->hf_model[0]) { /* before the checkpoint's options mark theirs given */
+        moe_set_error(MOE_ERR_INVALID, "give --load or --model, not both");
+        return 2;
+    }
     if (o->load[0]) {
         char *text = NULL;
         if (moe_checkpoint_resolve(o->load, ckpt, cap) != MOE_OK ||
