@@ -201,4 +201,30 @@ for cmd in "generate --ids 1" "eval --ids 1" "convert --to hf $tmp/hf"; do
     "$moe" $cmd --model "$tmp/none" --load "$tmp/none"
   }
 done
+# a flag that one form of a command reads and the other would ignore is refused in that form
+# (one line, exit 2, before any file is read)
+unused "moe eval: --dump-logits is for eval --model DIR; eval --load evaluates a token file (--data-path)" \
+  "$moe" eval --load "$tmp/none" --dump-logits "$tmp/x.npy"
+for f in "--ids 1,2" "--prompt hi" "--prompt-file $tmp/p.txt"; do
+  # shellcheck disable=SC2086
+  unused "moe eval: ${f%% *} is for eval --model DIR; eval --load evaluates a token file (--data-path)" \
+    "$moe" eval --load "$tmp/none" $f
+done
+unused "moe generate: --ids is for generate --model DIR; generate --load continues a text (--prompt or --prompt-file)" \
+  "$moe" generate --load "$tmp/none" --ids=1
+for cmd in eval generate; do
+  unused "moe $cmd: give --ids or --prompt, not both" "$moe" $cmd --model "$tmp/none" --ids 1 --prompt x
+done
+unused "moe eval: give --data or --ids/--prompt, not both" \
+  "$moe" eval --model "$tmp/none" --data "$tmp/x.bin" --ids 1,2
+unused "moe eval: --dump-logits writes the logits of --ids or --prompt, not of --data" \
+  "$moe" eval --model "$tmp/none" --data "$tmp/x.bin" --dump-logits "$tmp/x.npy"
+unused "moe eval: --micro-batch-size is for eval --load: eval --model runs one sequence at a time" \
+  "$moe" eval --model "$tmp/none" --ids 1,2 --micro-batch-size 2
+# checkpoint flags without --save write nothing: refused as --exit-interval is (not so the key
+# in a config file: configs/default.cfg has save-interval)
+for f in --save-interval --keep-last; do
+  unused "moe train: $f is about checkpoints, which a run without --save does not write: it needs --save" \
+    "$moe" train $f 1 --train-iters 1 --data-path "$tmp/none"
+done
 echo "cli ok"

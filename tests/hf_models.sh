@@ -284,6 +284,10 @@ tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups
 "$moe" convert --load "$tmp/run" --to hf "$tmp/xrun" >"$tmp/out" 2>&1 || fail "convert run: $(cat "$tmp/out")"
 cmp_tensors "$tmp/run/step-00000003" "$tmp/xrun" ours || fail "our checkpoint converted wrongly"
 "$moe" eval --model "$tmp/xrun" --ids 72,101,108,108,111 >"$tmp/out" 2>&1 || fail "eval converted run: $(cat "$tmp/out")"
+# a loss needs a target: one token is a usage error, not "loss 0 over 0 targets"
+"$moe" eval --model "$tmp/xrun" --ids 104 >"$tmp/out" 2>&1; rc=$?
+[ $rc = 2 ] && grep -q "needs a sequence of at least two tokens" "$tmp/out" ||
+  fail "eval of one token: rc $rc, $(cat "$tmp/out")"
 # a model in a run directory would stand in for its checkpoints at --load: convert refuses a
 # run or checkpoint directory, train --save a model directory (exit 2, nothing written), and a
 # directory that holds both is refused at load by name (not "has no moe.config metadata")

@@ -86,6 +86,15 @@ moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_
  * for a micro-batch of them. */
 static int load_model(const char *cmd, int argc, char **argv, moe_options *o, int batch,
                       moe_model **m, char *ckpt, size_t cap) {
+    /* the command's table takes these for its --model form */
+    char flag[140];
+    if (moe_options_flag(argc, argv, batch ? "ids prompt prompt-file dump-logits" : "ids", flag,
+                         sizeof flag)) {
+        fprintf(stderr, "moe %s: %s is for %s --model DIR; %s --load %s\n", cmd, flag, cmd, cmd,
+                batch ? "evaluates a token file (--data-path)"
+                      : "continues a text (--prompt or --prompt-file)");
+        return 2;
+    }
     int rc = moe_cli_options(o, cmd, argc, argv, ckpt, cap);
     if (rc) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());

@@ -105,11 +105,23 @@ static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, mo
     if (moe_cli_cpu_only(o, strcmp(cmd, "eval") ? "generate --model" : "eval --model") ||
         moe_cli_hf_flags(o, cmd))
         return 2;
-    int data = !strcmp(cmd, "eval") && o->data_path[0];
+    int eval = !strcmp(cmd, "eval"), data = eval && o->data_path[0];
     int text = o->prompt[0] || o->prompt_file[0];
-    if ((!o->ids[0] && !text && !data) || (o->ids[0] && text)) {
-        fprintf(stderr, "moe %s: --model needs one of --ids or --prompt (--prompt-file)%s\n", cmd,
-                strcmp(cmd, "eval") ? "" : " or --data FILE");
+    char flag[140];
+    const char *why = NULL;
+    if (o->ids[0] && text) why = "give --ids or --prompt, not both";
+    else if (!o->ids[0] && !text && !data)
+        why = eval ? "--model needs one of --ids, --prompt (--prompt-file) or --data FILE"
+                   : "--model needs one of --ids or --prompt (--prompt-file)";
+    else if ((o->ids[0] || text) && eval && moe_options_flag(argc, argv, "data-path", flag,
+                                                             sizeof flag))
+        why = "give --data or --ids/--prompt, not both";
+    else if (!o->ids[0] && !text && o->dump_logits[0])
+        why = "--dump-logits writes the logits of --ids or --prompt, not of --data";
+    else if (eval && moe_options_flag(argc, argv, "micro-batch-size", flag, sizeof flag))
+        why = "--micro-batch-size is for eval --load: eval --model runs one sequence at a time";
+    if (why) {
+        fprintf(stderr, "moe %s: %s\n", cmd, why);
         return 2;
     }
     if (moe_hf_config(o->hf_model, c, family, cap) != MOE_OK ||
@@ -184,6 +196,11 @@ int moe_cmd_eval_hf(int argc, char **argv) {
     if (rc) return rc;
     moe_tokenizer_free(tok);
     if (!n) return eval_hf_data(&o, &c, family);
+    if (n < 2) { /* a loss needs a target */
+        fprintf(stderr, "moe eval: --model needs a sequence of at least two tokens, got one\n");
+        free(ids);
+        return 2;
+    }
     rc = 1;
     moe_model *m = NULL;
     if (n > c.seq_len) c.seq_len = n;

@@ -366,7 +366,7 @@ static int same_file(const char *a, const char *b) {
  * checkpoint. A directory that already holds checkpoints takes only the continuation of its
  * latest one: a fresh run, a run resumed from another run's checkpoint or from an older one of
  * the same run would overwrite or prune checkpoints that are not its own. */
-static moe_status choose_save_dir(moe_options *o, const char *ckpt) {
+static moe_status choose_save_dir(moe_options *o, const char *ckpt, const char *save_flag) {
     char run[MOE_PATH_MAX], latest[MOE_PATH_MAX + 64];
     int in_run = ckpt[0] && moe_checkpoint_run_dir(ckpt, run, sizeof run) == 0;
     if (!o->save[0] && in_run) snprintf(o->save, sizeof o->save, "%s", run);
@@ -376,6 +376,9 @@ static moe_status choose_save_dir(moe_options *o, const char *ckpt) {
     if (!o->save[0] && o->exit_interval)
         return moe_set_error(MOE_ERR_INVALID, "--exit-interval stops with a checkpoint: it needs "
                              "--save");
+    if (!o->save[0] && save_flag) /* a flag, not a config file's key (default.cfg has one) */
+        return moe_set_error(MOE_ERR_INVALID, "%s is about checkpoints, which a run without "
+                             "--save does not write: it needs --save", save_flag);
     const char *model = !o->save[0]                                   ? NULL
                         : moe_file_exists(o->save, "config.json")       ? "config.json"
                         : moe_file_exists(o->save, "model.safetensors") ? "model.safetensors"
@@ -475,7 +478,10 @@ int moe_cmd_train(int argc, char **argv) {
         ready = moe_comm_set_two_stage(d->expert, o.two_stage ? o.node_ranks : 1);
     o.model.moe.ep_size = d->ep;
     o.model.moe.ep_rank = d->ep_rank;
-    if (ready == MOE_OK) ready = choose_save_dir(&o, ckpt);
+    char flag[140];
+    if (ready == MOE_OK)
+        ready = choose_save_dir(&o, ckpt, moe_options_flag(argc, argv, "save-interval keep-last",
+                                                           flag, sizeof flag));
     if (ready != MOE_OK) {
         fprintf(stderr, "moe train: %s\n", moe_last_error());
         if (d->world_size > 1) moe_dist_abort(d, 2);

@@ -11,7 +11,9 @@
 
 /* The options each command reads (a flag it does not read is a usage error; --help lists the
  * readers of each option). One list covers every form of a command: what eval reads with
- * --model (--ids, --dump-logits) or with --load (--micro-batch-size) it takes in both. The
+ * --model (--ids, --dump-logits) or with --load (--micro-batch-size) it takes in both, and the
+ * form that does not read such a flag refuses it (cmd_generate.c load_model, cmd_hf.c
+ * hf_prepare). The
  * model's and the layer's sections for generate, eval and convert: with --load they change the
  * checkpoint's options (the model is built from them), with --model moe_cli_hf_flags refuses
  * them. The layer alone (demo, bench layer|alltoall) takes its width from hidden-size and its

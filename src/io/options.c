@@ -286,7 +286,7 @@ static const opt_def opts[] = {
      "moe train: start from a Hugging Face model directory (its config.json, then these flags; "
      "its weights)", 1},
     {"ids", NULL, OPT_STRING, O(ids), 0, 0, NULL, FILES,
-     "moe eval, generate --model, tokenize: a token id sequence, comma-separated", 1},
+     "moe eval --model, generate --model, tokenize: a token id sequence, comma-separated", 1},
     {"dump-logits", NULL, OPT_STRING, O(dump_logits), 0, 0, NULL, FILES,
      "moe eval --ids: write the float32 logits [n, V] of the sequence to this .npy file", 1},
     {"save-interval", NULL, OPT_INT, O(save_interval), 0, BIG, NULL, FILES,
@@ -742,35 +742,43 @@ static int uses(const moe_options_use *use, int i) {
     return !use || (use->sections & opts[i].section) || uses_alone(use, i);
 }
 
+/* The flag at argv[*a]: its name as given into key (cap bytes), its value into *val (NULL: a
+ * boolean alone), *a moved onto its last word. Returns the option's index, -1 for --config, or
+ * -2 with the error set. */
+static int next_flag(int argc, char **argv, int *a, char *key, size_t cap, const char **val) {
+    const char *arg = argv[*a];
+    if (strncmp(arg, "--", 2) || !arg[2])
+        return moe_set_error(MOE_ERR_INVALID, "unexpected argument '%s'", arg), -2;
+    const char *eq = strchr(arg + 2, '=');
+    size_t kn = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
+    if (kn >= cap) return moe_set_error(MOE_ERR_INVALID, "unknown option %.60s...", arg), -2;
+    memcpy(key, arg + 2, kn);
+    key[kn] = '\0';
+    char ck[128];
+    canon(ck, sizeof ck, key, kn);
+    int is_config = !strcmp(ck, "config");
+    int i = is_config ? -1 : find_option(key);
+    if (!is_config && i < 0) return unknown_key("command line", key, "--"), -2;
+    *val = eq ? eq + 1 : NULL;
+    if (!*val && (is_config || opts[i].type != OPT_BOOL)) {
+        if (*a + 1 >= argc) return moe_set_error(MOE_ERR_INVALID, "--%s needs a value", key), -2;
+        *val = argv[++*a];
+    }
+    return i;
+}
+
 moe_status moe_options_parse_args(moe_options *o, int argc, char **argv,
                                   const moe_options_use *use) {
     for (int pass = 0; pass < 2; pass++) { /* pass 0: --config files; pass 1: the flags */
         for (int a = 0; a < argc; a++) {
-            const char *arg = argv[a];
-            if (strncmp(arg, "--", 2) || !arg[2])
-                return moe_set_error(MOE_ERR_INVALID, "unexpected argument '%s'", arg);
             char key[128];
-            const char *eq = strchr(arg + 2, '=');
-            size_t kn = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
-            if (kn >= sizeof key)
-                return moe_set_error(MOE_ERR_INVALID, "unknown option %.60s...", arg);
-            memcpy(key, arg + 2, kn);
-            key[kn] = '\0';
-            char ck[128];
-            canon(ck, sizeof ck, key, kn);
-            int is_config = !strcmp(ck, "config");
-            int i = is_config ? -1 : find_option(key);
-            if (!is_config && i < 0) return unknown_key("command line", key, "--");
-            const char *val = eq ? eq + 1 : NULL;
-            if (!val && (is_config || opts[i].type != OPT_BOOL)) {
-                if (a + 1 >= argc)
-                    return moe_set_error(MOE_ERR_INVALID, "--%s needs a value", key);
-                val = argv[++a];
-            }
-            if (pass == 0 && is_config) MOE_TRY(moe_options_load_file(o, val));
-            if (pass == 1 && !is_config && !uses(use, i))
+            const char *val;
+            int i = next_flag(argc, argv, &a, key, sizeof key, &val);
+            if (i == -2) return MOE_ERR_INVALID;
+            if (pass == 0 && i < 0) MOE_TRY(moe_options_load_file(o, val));
+            if (pass == 1 && i >= 0 && !uses(use, i))
                 return moe_set_error(MOE_ERR_INVALID, "--%s is not used by this command", key);
-            if (pass == 1 && !is_config) {
+            if (pass == 1 && i >= 0) {
                 char where[160];
                 snprintf(where, sizeof where, "--%s", key);
                 MOE_TRY(set_value(o, &opts[i], val ? val : "true", where));
@@ -779,6 +787,18 @@ moe_status moe_options_parse_args(moe_options *o, int argc, char **argv,
         }
     }
     return MOE_OK;
+}
+
+const char *moe_options_flag(int argc, char **argv, const char *names, char *buf, size_t cap) {
+    for (int a = 0; a < argc && cap > 3; a++) {
+        const char *val, *list = names, *w;
+        size_t n;
+        int i = next_flag(argc, argv, &a, buf + 2, cap - 2, &val);
+        if (i == -2) return NULL; /* moe_options_parse_args says what is wrong */
+        while (i >= 0 && (w = next_word(&list, &n)))
+            if (is_name(i, w, n)) return memcpy(buf, "--", 2);
+    }
+    return NULL;
 }
 
 /* ---------------------------------------------------------------- resolve */

@@ -106,6 +106,9 @@ typedef struct {
  * several commands. */
 moe_status moe_options_parse_args(moe_options *o, int argc, char **argv,
                                   const moe_options_use *use);
+/* The first flag of argv (config files aside) that sets one of the options `names` (their
+ * canonical names, space-separated), as written ("--ids", "--prompt_file") in buf, or NULL. */
+const char *moe_options_flag(int argc, char **argv, const char *names, char *buf, size_t cap);
 
 /* Resolves the combined options (load-balancing type "sinkhorn", forced balancing, hidden
  * size, tied embeddings) into o->layer, o->model and o->train and validates the parts a
