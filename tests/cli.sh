@@ -227,4 +227,9 @@ for f in --save-interval --keep-last; do
   unused "moe train: $f is about checkpoints, which a run without --save does not write: it needs --save" \
     "$moe" train $f 1 --train-iters 1 --data-path "$tmp/none"
 done
+# usage errors exit 2: a malformed --inject-fault (before the data is read), convert without
+# a model to convert
+unused "moe train: inject-fault: 'nan@x' is not a list of KIND@STEP or KIND@FIRST-LAST with KIND one of nan-loss, inf-loss, nan-grad, inf-grad" \
+  "$moe" train --inject-fault nan@x --data-path "$tmp/none"
+unused "moe convert: --load RUN or --model DIR is required" "$moe" convert --to hf "$tmp/hf"
 echo "cli ok"

@@ -107,7 +107,7 @@ rc=$?
 [ "$rc" = 1 ] || { tail -5 "$tmp/out"; fail "failed last save: exit $rc, expected 1"; }
 has "stopped. Lower lr or check the data. Saving the last good state failed: cannot write"
 ls -d "$tmp"/f/step-* >/dev/null 2>&1 && fail "a failed save left $(ls "$tmp/f")"
-expect 1 "$moe" train $tiny --inject-fault nan-loss@x
+expect 2 "$moe" train $tiny --inject-fault nan-loss@x # a bad value: a usage error
 has "inject-fault: 'nan-loss@x' is not a list of KIND@STEP"
 expect 2 "$moe" train $tiny --max-bad-steps 0
 has "max-bad-steps"

@@ -289,6 +289,16 @@ grep -q "^moe prepare: $tmp/p/bad.txt is not UTF-8 (byte 8)$" "$tmp/out" ||
 cmp -s "$tmp/p/train.before" "$tmp/p/u/train.bin" && cmp -s "$tmp/p/val.before" "$tmp/p/u/val.bin" ||
   fail "a prepare that failed on its second file changed the pair"
 [ "$(ls "$tmp/p/u")" = "$(printf 'train.bin\nval.bin')" ] || fail "prepare left $(ls "$tmp/p/u")"
+# a prompt that is not UTF-8 is bad input: exit 2 in every command that encodes it
+for cmd in tokenize generate eval; do
+  expect 2 "$moe" $cmd --model "$tmp/hf" --prompt-file "$tmp/p/bad.txt"
+  grep -q "^moe $cmd: the text is not UTF-8" "$tmp/out" || fail "$cmd, not UTF-8: $(cat "$tmp/out")"
+done
+# every layer dense (--num-experts 0,0): the top-k of experts that no layer has is not checked
+expect 0 "$moe" train --num-layers 2 --hidden-size 16 --num-attention-heads 2 --num-query-groups 2 \
+  --num-experts 0,0 --seq-length 16 --micro-batch-size 2 --global-batch-size 2 --train-iters 1 \
+  --data-path "$tmp/data"
+grep -q "2 layers (0 MoE)" "$tmp/out" || fail "dense model: $(cat "$tmp/out")"
 expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"

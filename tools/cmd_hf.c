@@ -300,7 +300,10 @@ int moe_cmd_convert(int argc, char **argv) {
         return 2;
     }
     if (o.hf_model[0]) s = moe_hf_config(o.hf_model, &c, family, sizeof family);
-    else if (!ckpt[0]) s = moe_set_error(MOE_ERR_INVALID, "--load RUN or --model DIR is required");
+    else if (!ckpt[0]) {
+        fprintf(stderr, "moe convert: --load RUN or --model DIR is required\n");
+        return 2;
+    }
     if (s == MOE_OK && !family[0]) { /* ours: the first family that fits, else Mixtral's reason */
         const char *f = moe_hf_family_for(&c);
         snprintf(family, sizeof family, "%s", f ? f : "mixtral");
@@ -432,7 +435,10 @@ int moe_cmd_tokenize(int argc, char **argv) {
     size_t len = 0;
     moe_status s = load_tokenizer(o.hf_model, &t);
     if (s == MOE_OK && encode) s = moe_cli_prompt(&o, &text, &len);
-    if (s == MOE_OK && encode) s = moe_tokenizer_encode(t, text, len, 1, &ids, &n);
+    /* text that does not encode (not UTF-8) is bad input, as in generate and eval --model */
+    int bad_text = s == MOE_OK && encode &&
+                   moe_tokenizer_encode(t, text, len, 1, &ids, &n) != MOE_OK;
+    if (bad_text) s = MOE_ERR_INVALID;
     for (int i = 0; s == MOE_OK && encode && i < n; i++) printf("%s%d", i ? "," : "", ids[i]);
     if (s == MOE_OK && o.ids[0] && !(n = parse_ids(o.ids, moe_tokenizer_size(t), &ids)))
         s = MOE_ERR_INVALID;

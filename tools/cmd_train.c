@@ -444,6 +444,8 @@ int moe_cmd_train(int argc, char **argv) {
     moe_options o;
     char ckpt[MOE_PATH_MAX + 64];
     int orc = moe_cli_options(&o, "train", argc, argv, ckpt, sizeof ckpt);
+    if (!orc && o.inject_fault[0] && moe_trainer_set_faults(NULL, o.inject_fault) != MOE_OK)
+        orc = 2; /* a bad value: said before the data is read */
     if (orc) {
         fprintf(stderr, "moe train: %s\n", moe_last_error());
         return orc;

@@ -840,7 +840,10 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     /* Megatron: the experts' hidden size, not given, is the dense FFN's (a Mixtral script
      * gives --ffn-hidden-size alone); a Hugging Face config.json sets both itself */
     if (!given(o, L(ffn)) && given(o, M(ffn)) && !o->init_from[0]) c->ffn = o->model.ffn;
-    MOE_TRY(moe_layer_config_validate(c));
+    /* a list of expert counts: the model's validation checks each MoE layer with its own E
+     * (here c->n_experts is only the first count, 1 when every layer is dense) */
+    if (!(parts & MOE_OPTIONS_MODEL) || o->n_experts_list <= 1)
+        MOE_TRY(moe_layer_config_validate(c));
     o->model.moe = *c;
     o->model.tie_embeddings = !o->untie;
     o->train.seed = c->seed;

@@ -15,6 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+typedef struct {
+    int kind;        /* FAULT_* */
+    int first, last; /* steps (1-based) */
+} moe_fault_t;
+
 struct moe_trainer {
     moe_model *model;
     moe_train_config cfg;
@@ -39,10 +44,7 @@ struct moe_trainer {
     int updates;    /* optimizer updates applied: Adam's bias correction counts these, as
                      * torch's AdamW counts its step() calls (a skipped step makes none) */
     int grads_zero; /* the last step's update zeroed the gradients as it read them */
-    struct {
-        int kind; /* FAULT_* */
-        int first, last; /* steps (1-based) */
-    } faults[16];
+    moe_fault_t faults[16];
     int n_faults;
     int gpu;        /* the model trains on the GPU: parameters, gradients, AdamW there */
     int adam_where; /* gpu: 0 both copies of the moments equal, 1 the host's newer, 2 the GPU's */
@@ -52,10 +54,11 @@ enum { FAULT_NAN_LOSS, FAULT_INF_LOSS, FAULT_NAN_GRAD, FAULT_INF_GRAD };
 static const char *const fault_names[] = {"nan-loss", "inf-loss", "nan-grad", "inf-grad"};
 
 moe_status moe_trainer_set_faults(moe_trainer *t, const char *spec) {
-    t->n_faults = 0;
+    moe_fault_t faults[16];
+    int n_faults = 0;
     const char *p = spec;
     while (*p) {
-        MOE_CHECK(t->n_faults < 16, "inject-fault: at most 16 entries");
+        MOE_CHECK(n_faults < 16, "inject-fault: at most 16 entries");
         int kind = -1;
         for (int k = 0; k < 4; k++) {
             size_t n = strlen(fault_names[k]);
@@ -74,11 +77,10 @@ moe_status moe_trainer_set_faults(moe_trainer *t, const char *spec) {
                       (*end == ',' || !*end),
                   "inject-fault: '%s' is not a list of KIND@STEP or KIND@FIRST-LAST with KIND one "
                   "of nan-loss, inf-loss, nan-grad, inf-grad", spec);
-        t->faults[t->n_faults].kind = kind;
-        t->faults[t->n_faults].first = (int)a;
-        t->faults[t->n_faults++].last = (int)b;
+        faults[n_faults++] = (moe_fault_t){kind, (int)a, (int)b};
         p = *end ? end + 1 : end;
     }
+    if (t) memcpy(t->faults, faults, sizeof faults), t->n_faults = n_faults;
     return MOE_OK;
 }
 

@@ -38,7 +38,7 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *m);
 moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d);
 /* Fault injection for tests: "KIND@STEP" or "KIND@FIRST-LAST", comma-separated, KIND one of
  * nan-loss, inf-loss, nan-grad, inf-grad (a NaN/Inf written into the loss or into one
- * gradient element of those steps, 1-based). "" clears. */
+ * gradient element of those steps, 1-based). "" clears; t NULL: only checks spec. */
 moe_status moe_trainer_set_faults(moe_trainer *t, const char *spec);
 /* Mean nll over eval_iters validation batches (the same batches every time). */
 moe_status moe_trainer_eval(moe_trainer *t, double *val_nll);
