@@ -299,6 +299,16 @@ expect 0 "$moe" train --num-layers 2 --hidden-size 16 --num-attention-heads 2 --
   --num-experts 0,0 --seq-length 16 --micro-batch-size 2 --global-batch-size 2 --train-iters 1 \
   --data-path "$tmp/data"
 grep -q "2 layers (0 MoE)" "$tmp/out" || fail "dense model: $(cat "$tmp/out")"
+# --print-config of a run started with --init-from reproduces it (init-from is written); the
+# checkpoints do not keep it, so that resuming one is no new start
+expect 0 "$moe" train --init-from "$tmp/hf" --train-iters 1 --micro-batch-size 2 \
+  --global-batch-size 2 --data-path "$tmp/data" --print-config
+cp "$tmp/out" "$tmp/init.cfg"
+grep -q "^init-from = $tmp/hf$" "$tmp/init.cfg" || fail "print-config without init-from"
+expect 0 "$moe" train --config "$tmp/init.cfg" --save "$tmp/fromhf"
+grep -q "^initialised from $tmp/hf (mixtral)" "$tmp/out" || fail "printed config: $(cat "$tmp/out")"
+expect 0 "$moe" train --load "$tmp/fromhf" --train-iters 2
+grep -q "^resumed from $tmp/fromhf/step-00000001 at step 1" "$tmp/out" || fail "resume: $(cat "$tmp/out")"
 expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"

@@ -451,7 +451,7 @@ int moe_cmd_train(int argc, char **argv) {
         return orc;
     }
     if (o.print_config) {
-        moe_options_write(stdout, &o);
+        moe_options_print_config(stdout, &o);
         return 0;
     }
     if (o.threads > 0) omp_set_num_threads(o.threads);

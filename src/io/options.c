@@ -36,7 +36,9 @@ typedef struct {
     const opt_choice *choices; /* OPT_ENUM: terminated by a NULL name */
     unsigned section;          /* one MOE_SEC_* bit */
     const char *help;
-    int transient; /* an action, not a setting: not written by moe_options_write */
+    int transient; /* an action, not a setting: not written by moe_options_write (START:
+                    * written by moe_options_print_config when set, as what the run starts
+                    * from; not into checkpoints, where resuming would start over) */
 } opt_def;
 
 _Static_assert(sizeof(moe_activation) == sizeof(int) && sizeof(moe_router_type) == sizeof(int) &&
@@ -75,6 +77,7 @@ static const opt_choice dtype_choices[] = {{"fp32", 0}, {"fp64", 1}, {NULL, 0}};
 static const opt_choice lr_choices[] = {
     {"cosine", MOE_LR_COSINE}, {"linear", MOE_LR_LINEAR}, {"constant", MOE_LR_CONSTANT}, {NULL, 0}};
 
+#define START 2 /* opt_def.transient: the run's starting point (init-from) */
 #define L(field) offsetof(moe_options, layer.field)
 #define O(field) offsetof(moe_options, field)
 #define M(field) offsetof(moe_options, model.field)
@@ -284,7 +287,7 @@ static const opt_def opts[] = {
      "deepseek_v3)", 1},
     {"init-from", NULL, OPT_STRING, O(init_from), 0, 0, NULL, FILES,
      "moe train: start from a Hugging Face model directory (its config.json, then these flags; "
-     "its weights)", 1},
+     "its weights)", START},
     {"ids", NULL, OPT_STRING, O(ids), 0, 0, NULL, FILES,
      "moe eval --model, generate --model, tokenize: a token id sequence, comma-separated", 1},
     {"dump-logits", NULL, OPT_STRING, O(dump_logits), 0, 0, NULL, FILES,
@@ -580,7 +583,7 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
                                  MOE_PATH_MAX - 1);
         /* a setting is written back as one 'key = value' line (checkpoints keep them), quoted
          * in the quote character it does not hold */
-        if (!d->transient && (strpbrk(v, "\r\n") || (strchr(v, '"') && strchr(v, '\''))))
+        if (d->transient != 1 && (strpbrk(v, "\r\n") || (strchr(v, '"') && strchr(v, '\''))))
             return moe_set_error(MOE_ERR_INVALID, "%s: a line break, or both quote characters, "
                                  "cannot be written to a config file", where);
         memcpy(p, v, strlen(v) + 1);
@@ -903,10 +906,13 @@ static void format_value(char *buf, size_t cap, const moe_options *o, const opt_
     }
 }
 
-void moe_options_write(FILE *f, const moe_options *o) {
+/* The settings, and with start the run's starting point where it is set. */
+static void write_options(FILE *f, const moe_options *o, int start) {
     unsigned section = 0;
     for (int i = 0; i < N_OPTS; i++) {
-        if (opts[i].transient) continue;
+        if (opts[i].transient && !(start && opts[i].transient == START &&
+                                   *((const char *)o + opts[i].offset)))
+            continue;
         if (section != opts[i].section) {
             section = opts[i].section;
             fprintf(f, "%s# %s\n", i ? "\n" : "", section_name(section));
@@ -924,6 +930,10 @@ void moe_options_write(FILE *f, const moe_options *o) {
         else fprintf(f, "%s = %s\n", opts[i].name, v);
     }
 }
+
+void moe_options_write(FILE *f, const moe_options *o) { write_options(f, o, 0); }
+
+void moe_options_print_config(FILE *f, const moe_options *o) { write_options(f, o, 1); }
 
 /* ", cmd" for each of the n commands that read section `section` whole (option < 0) or name
  * option `option` alone (the others in its section read it too: "too"). */

@@ -117,8 +117,13 @@ const char *moe_options_flag(int argc, char **argv, const char *names, char *buf
 #define MOE_OPTIONS_TRAIN 2
 moe_status moe_options_finish(moe_options *o, int parts);
 
-/* Writes every option as `name = value`, in a form moe_options_load_file reads back exactly. */
+/* Writes every option as `name = value`, in a form moe_options_load_file reads back exactly
+ * (the text checkpoints keep). */
 void moe_options_write(FILE *f, const moe_options *o);
+/* --print-config: moe_options_write and, where set, what the run starts from (init-from), so
+ * that the file reproduces the run; never in checkpoints, where --load would read it as a new
+ * start (moe_cli_options refuses init-from with --load). */
+void moe_options_print_config(FILE *f, const moe_options *o);
 
 /* moe_options_write into a malloc'ed string (NULL if out of memory). */
 char *moe_options_to_text(const moe_options *o);
