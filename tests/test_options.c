@@ -149,6 +149,12 @@ static void test_bad_values(void **state) {
     const char *truthy[] = {"--moe-router-pre-softmax=True", "--prompt", "it's \"#1\"\n"};
     assert_int_equal(parse(&o, truthy, 3), MOE_OK);
     assert_int_equal(o.layer.pre_softmax, 1);
+    /* a prompt longer than the option holds: the message points to --prompt-file */
+    static char long_prompt[1100];
+    memset(long_prompt, 'a', sizeof long_prompt - 1);
+    const char *too_long[] = {"--prompt", long_prompt};
+    expect_error(parse(&o, too_long, 2), "--prompt: longer than 1023 characters (a longer "
+                                         "prompt goes in a file: --prompt-file FILE)");
     const char *missing[] = {"--num-experts"};
     expect_error(parse(&o, missing, 1), "--num-experts needs a value");
     const char *positional[] = {"stray"};

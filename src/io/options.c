@@ -304,7 +304,8 @@ static const opt_def opts[] = {
     {"log-interval", NULL, OPT_INT, O(log_interval), 1, BIG, NULL, FILES,
      "steps between progress lines", 0},
 
-    {"prompt", NULL, OPT_STRING, O(prompt), 0, 0, NULL, GEN, "text to continue", 1},
+    {"prompt", NULL, OPT_STRING, O(prompt), 0, 0, NULL, GEN,
+     "text to continue (up to 1023 characters; a longer one: --prompt-file)", 1},
     {"prompt-file", NULL, OPT_STRING, O(prompt_file), 0, 0, NULL, GEN,
      "a file whose text is the prompt (any length; instead of --prompt)", 1},
     {"max-new-tokens", NULL, OPT_INT, O(max_new_tokens), 1, BIG, NULL, GEN,
@@ -579,8 +580,9 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
     }
     case OPT_STRING:
         if (strlen(v) >= MOE_PATH_MAX)
-            return moe_set_error(MOE_ERR_INVALID, "%s: longer than %d characters", where,
-                                 MOE_PATH_MAX - 1);
+            return moe_set_error(MOE_ERR_INVALID, "%s: longer than %d characters%s", where,
+                                 MOE_PATH_MAX - 1, d->offset == O(prompt) ? " (a longer prompt "
+                                 "goes in a file: --prompt-file FILE)" : "");
         /* a setting is written back as one 'key = value' line (checkpoints keep them), quoted
          * in the quote character it does not hold */
         if (d->transient != 1 && (strpbrk(v, "\r\n") || (strchr(v, '"') && strchr(v, '\''))))
