@@ -54,15 +54,15 @@ printf '{"eos_token_id": [%s]}\n' "$first" >"$tmp/gc/generation_config.json"
   >"$tmp/gen" 2>&1 || fail "generate with generation_config.json: $(cat "$tmp/gen")"
 [ "$(cat "$tmp/gen")" = "$first" ] || fail "generation_config.json's eos $first: $(cat "$tmp/gen")"
 # options that describe the model do not apply with --model (config.json does): refused, not
-# ignored; the sequence length and the seed still apply
+# ignored; the seed still applies (the sequence length too, to eval --data: below)
 for cmd in eval generate; do
   "$moe" $cmd --model "$tmp/gc" --ids "$(cat "$tmp/gc/ids.txt")" --moe-router-topk 1 >"$tmp/out" 2>&1
   rc=$?
   [ "$rc" = 2 ] && grep -q -- "--moe-router-topk does not apply with --model" "$tmp/out" ||
     fail "$cmd --model with --moe-router-topk: exit $rc, $(cat "$tmp/out")"
 done
-"$moe" eval --model "$tmp/gc" --ids "$(cat "$tmp/gc/ids.txt")" --seq-length 64 --seed 3 \
-  >"$tmp/out" 2>&1 || fail "eval --model with --seq-length and --seed: $(cat "$tmp/out")"
+"$moe" eval --model "$tmp/gc" --ids "$(cat "$tmp/gc/ids.txt")" --seed 3 \
+  >"$tmp/out" 2>&1 || fail "eval --model with --seed: $(cat "$tmp/out")"
 # keys left out mean Hugging Face's defaults (transformers' configuration_<family>.py): each
 # family written with them set, then without them, gives the reference's logits
 # (num_key_value_heads: 8 of Mixtral's 16 heads, 16 of Qwen2-MoE's 32, 4 of Qwen3-MoE's 8;

@@ -120,6 +120,9 @@ static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, mo
         why = "--dump-logits writes the logits of --ids or --prompt, not of --data";
     else if (eval && moe_options_flag(argc, argv, "micro-batch-size", flag, sizeof flag))
         why = "--micro-batch-size is for eval --load: eval --model runs one sequence at a time";
+    else if (!data && moe_options_flag(argc, argv, "seq-length", flag, sizeof flag))
+        why = "--seq-length is the window of eval --model --data: a sequence of --ids or "
+              "--prompt (and its continuation) sets its own";
     if (why) {
         fprintf(stderr, "moe %s: %s\n", cmd, why);
         return 2;
