@@ -159,6 +159,8 @@ unused "moe demo: --num-layers is not used by this command" "$moe" demo --num-la
 unused "moe bench layer: --ep is not used by this command" "$moe" bench layer $bad_k --ep 2
 unused "moe bench train: --save is not used by this command" \
   "$moe" bench train --config "$src/configs/default.cfg" --save "$tmp/x" $bad_k
+unused "moe bench train: --eval-interval is not used by this command" \
+  "$moe" bench train --config "$src/configs/default.cfg" --eval-interval 5 $bad_k
 unused "moe bench generate: --temperature is not used by this command" \
   "$moe" bench generate --temperature=0 --json $bad_k
 unused "moe bench alltoall: --micro-batch-size is not used by this command" \
@@ -188,7 +190,8 @@ expect 2 "$moe" tokenize --config "$tmp/keys.cfg" --model "$tmp/none" # its prom
 grep -q "has no tokenizer.json" "$tmp/out" || fail "tokenize --config: $(cat "$tmp/out")"
 # --help names the commands that read each section and option
 expect 0 "$moe" --help
-grep -q "^Training (read by train, bench train):$" "$tmp/out" &&
+grep -q "^Training (read by train):$" "$tmp/out" &&
+  grep -A4 -- "^  --lr X" "$tmp/out" | grep -q "^      read by bench train too$" &&
   grep -q "^      read by train, bench alltoall$" "$tmp/out" || fail "--help readers"
 # --load and --model name two models: one usage error in every command that takes both, before
 # either is read

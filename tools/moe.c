@@ -21,6 +21,10 @@
  * (moe_options_finish). --device: convert, demo and bench alltoall refuse cuda in words of
  * their own (moe_cli_cpu_only). */
 #define LAYER_ALONE "hidden-size ffn-hidden-size tokens iters threads device"
+/* the Training section but validation (bench train has no validation data) */
+#define TRAIN_STEP                                                                             \
+    "train-iters micro-batch-size global-batch-size lr min-lr lr-warmup-iters lr-decay-iters " \
+    "lr-decay-style weight-decay adam-beta1 adam-beta2 adam-eps max-bad-steps clip-grad"
 #define PROCESSES                                                                              \
     "expert-model-parallel-size moe-hierarchical-alltoall ranks-per-node moe-token-dispatcher-type"
 static const moe_options_use uses[] = {
@@ -34,7 +38,7 @@ static const moe_options_use uses[] = {
     {"tokenize", 0, "model prompt prompt-file ids"},
     {"demo", MOE_SEC_MOE, LAYER_ALONE " print-config"},
     {"bench layer", MOE_SEC_MOE, LAYER_ALONE},
-    {"bench train", MOE_SEC_MOE | MOE_SEC_MODEL | MOE_SEC_TRAIN, "iters threads device"},
+    {"bench train", MOE_SEC_MOE | MOE_SEC_MODEL, "iters threads device " TRAIN_STEP},
     {"bench generate", MOE_SEC_MOE | MOE_SEC_MODEL, "tokens max-new-tokens iters threads device"},
     {"bench alltoall", MOE_SEC_MOE, LAYER_ALONE " " PROCESSES},
 };
