@@ -193,6 +193,28 @@ expect 0 "$moe" --help
 grep -q "^Training (read by train):$" "$tmp/out" &&
   grep -A4 -- "^  --lr X" "$tmp/out" | grep -q "^      read by bench train too$" &&
   grep -q "^      read by train, bench alltoall$" "$tmp/out" || fail "--help readers"
+# README's option tables give every option of --help (and no other) with the same value syntax
+# and default: the documentation cannot drift from the registry
+/usr/bin/python3 - "$src/README.md" "$tmp/out" <<'EOF' || fail "README's option tables and --help differ"
+import re, sys
+readme, help = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+opts = {}
+for m in re.finditer(r'^  --([a-z0-9-]+) ?(.*)\n((?:      .*\n)*)', help, re.M):
+    body = ' '.join(l.strip() for l in m.group(3).splitlines())
+    d = re.search(r'\(default (.*?)\)(?: |$)', body)
+    opts[m.group(1)] = (m.group(2).strip(), d.group(1) if d else None)
+rows = {}
+for line in readme.splitlines():
+    m = re.match(r'^\| `--([a-z0-9-]+)` \|(.*)', line)
+    if not m: continue
+    cells = [c.strip().replace('\\|', '|') for c in re.split(r'(?<!\\)\|', m.group(2))]
+    rows[m.group(1)] = (cells[0].replace(' ', ''), cells[1])
+bad = [n for n in opts if n != 'config' and n not in rows] + [n for n in rows if n not in opts]
+bad += ['%s: %s / %s' % (n, rows[n], opts[n]) for n in rows if n in opts and
+        (rows[n][0] != opts[n][0].replace(' ', '') or rows[n][1] != opts[n][1])]
+print('\n'.join(bad))
+sys.exit(1 if bad or len(rows) < 100 else 0)
+EOF
 # --load and --model name two models: one usage error in every command that takes both, before
 # either is read
 for cmd in "generate --ids 1" "eval --ids 1" "convert --to hf $tmp/hf"; do

@@ -420,7 +420,7 @@ static void test_help_lists_options(void **state) {
     assert_non_null(strstr(text, "\nTraining:\n"));
     assert_non_null(strstr(text, "hidden size d (default 128)\n      also: d-model\n"
                                  "      read by two too\n"));
-    assert_non_null(strstr(text, "metrics (default )\n      read by one, two\n"));
+    assert_non_null(strstr(text, "metrics (default \"\")\n      read by one, two\n"));
     const char *flags[] = {"--num-experts", "--moe-router-topk", "--moe-router-score-function",
                            "--moe-router-pre-softmax", "--moe-router-num-groups",
                            "--moe-router-group-topk", "--moe-router-topk-scaling-factor",

@@ -958,6 +958,15 @@ static void print_readers(FILE *f, const moe_options_use *cmds, int n, unsigned 
     if (count) fputs(option < 0 ? ")" : section_read ? " too\n" : "\n", f);
 }
 
+/* What the help calls the value of a string option that is not a path, or NULL. */
+static const char *string_arg(const char *name) {
+    static const char *const args[][2] = {{"ids", "LIST"}, {"inject-fault", "SPEC"},
+                                          {"prompt", "TEXT"}};
+    for (size_t i = 0; i < sizeof args / sizeof args[0]; i++)
+        if (!strcmp(name, args[i][0])) return args[i][1];
+    return NULL;
+}
+
 void moe_options_help(FILE *f, const moe_options_use *cmds, int n) {
     for (int c = 0; c < n; c++) { /* each name a command reads alone is an option's own */
         const char *list = cmds[c].options, *a;
@@ -986,8 +995,10 @@ void moe_options_help(FILE *f, const moe_options_use *cmds, int n) {
         if (d->type == OPT_ENUM)
             choice_list(arg, sizeof arg, d->choices);
         else
-            snprintf(arg, sizeof arg, "%s", arg_names[d->type]);
+            snprintf(arg, sizeof arg, "%s", string_arg(d->name) ? string_arg(d->name)
+                                                                 : arg_names[d->type]);
         format_value(v, sizeof v, &def, d);
+        if (!v[0]) snprintf(v, sizeof v, "\"\""); /* an empty string, as a config file writes it */
         fprintf(f, "  --%s %s\n      %s (default %s)\n", d->name, arg, d->help, v);
         if (d->aliases) fprintf(f, "      also: %s\n", d->aliases);
         print_readers(f, cmds, n, section, i);
