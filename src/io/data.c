@@ -396,15 +396,18 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
      * val.bin of an earlier prepare into the same directory) or truncated before it is read
      * (a stale .next of an interrupted run) */
     const char *own[4] = {path[0], path[1], split[0].path, split[1].path};
+    struct stat out[4], in;
+    int exists[4];
+    for (int j = 0; j < 4; j++) exists[j] = st == MOE_OK && stat(own[j], &out[j]) == 0;
     for (int i = 0; i < n_files && st == MOE_OK; i++) {
-        struct stat in, out;
+        if (stat(files[i], &in) != 0) continue; /* reading it says what is wrong */
         for (int j = 0; j < 4 && st == MOE_OK; j++)
-            if (stat(files[i], &in) == 0 && stat(own[j], &out) == 0 &&
-                in.st_dev == out.st_dev && in.st_ino == out.st_ino)
+            if (exists[j] && in.st_dev == out[j].st_dev && in.st_ino == out[j].st_ino) {
                 st = moe_set_error(MOE_ERR_INVALID, "input %s is %s, which this prepare writes: "
                                    "leave it out%s", files[i], own[j],
                                    j >= 2 ? " (an interrupted run left it: remove it)" : "");
-        if (st != MOE_OK) split[0].path[0] = split[1].path[0] = '\0'; /* not ours to remove */
+                split[0].path[0] = split[1].path[0] = '\0'; /* not ours to remove */
+            }
     }
     for (int i = 0; i < 2 && st == MOE_OK; i++)
         st = split_open(&split[i], vocab > 65536 ? MOE_TOKENS_U32 : MOE_TOKENS_U16);
