@@ -11,7 +11,8 @@
  * blocks GEMMs per round (default 64), each with its own A (the expert's rows), and B and C
  * taken from `distinct` copies (default: as many as blocks; 1 or 2 keep them in the caches, to
  * compare against the same blocks from memory). Allocated as the layer allocates (moe_alloc).
- * Build and run (bench/RESULTS.md, Scaling):
+ * The build makes build/bench_expert_blocks (when oneDNN is found); by hand
+ * (bench/RESULTS.md, Scaling):
  *   cc -O2 -fopenmp -I src -I include bench/expert_blocks.c build/libmoe.a \
  *      $(pkg-config --libs libcjson libpcre2-8 libutf8proc) -ldnnl -lm -ldl -o /tmp/expert_blocks
  *   OMP_NUM_THREADS=2 /tmp/expert_blocks

@@ -5,7 +5,8 @@
  *     library moe_gemm loaded);
  *  2. the attention's tiles (64 queries x 64 keys, head width 32) on one thread inside a
  *     parallel region: the BLAS (moe_gemm) against our AVX-512 tiles (moe_gemm_small).
- * Build and run (bench/RESULTS.md, Training the default model):
+ * The build makes build/bench_small_gemms (when oneDNN is found); by hand
+ * (bench/RESULTS.md, Training the default model):
  *   cc -O2 -fopenmp -I src -I include bench/small_gemms.c build/libmoe.a \
  *      $(pkg-config --libs libcjson libpcre2-8 libutf8proc) -ldnnl -lm -ldl -o /tmp/small_gemms
  *   OMP_NUM_THREADS=2 /tmp/small_gemms */
