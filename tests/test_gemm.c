@@ -122,7 +122,7 @@ static void test_fp32(void **state) {
 
 static void test_dnnl_fp32(void **state) {
     (void)state;
-    if (!moe_gemm_bf16_available()) skip(); /* built without oneDNN */
+    if (!moe_gemm_dnnl_available()) skip(); /* built without oneDNN */
     for (int c = 0; c < 8; c++)
         run(DNNL_FP32, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + 100 + (uint64_t)c);
 }

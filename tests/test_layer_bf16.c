@@ -1,5 +1,6 @@
 /* bf16 experts against the fp32 layer with the same parameters: the same routing, outputs and
- * gradients within bf16 tolerance, and measurably different from fp32 (the bf16 path ran). */
+ * gradients within bf16 tolerance, and measurably different from fp32 (the bf16 path ran);
+ * refused with the reason where there is no bf16 GEMM. */
 #include "kernels/kernels.h"
 #include "test_util.h"
 
@@ -82,7 +83,30 @@ static void test_bf16_experts(void **state) {
     compare(c, "large experts");
 }
 
+/* Where there is no bf16 GEMM (built without oneDNN, or a CPU without AVX-512, where oneDNN
+ * has no bf16 matmul), the forward refuses bf16 experts with the reason, before any work. */
+static void test_bf16_refused(void **state) {
+    (void)state;
+    if (moe_gemm_bf16_available()) skip();
+    moe_layer_config c = moe_layer_config_default();
+    c.d = 32, c.n_experts = 4, c.topk = 2, c.ffn = 24, c.expert_bf16 = 1;
+    int T = 8;
+    moe_layer *L;
+    assert_int_equal(moe_layer_create(&c, T, NULL, NULL, &L), MOE_OK);
+    size_t n = (size_t)T * c.d;
+    float *x = malloc(n * 4), *out = malloc(n * 4);
+    tu_fill(x, n, tu_seed(), 1, -1, 1);
+    tu_fill(moe_layer_param_data(L), moe_layer_param_count(&c), tu_seed(), 2, -0.2f, 0.2f);
+    moe_forward_args a = moe_forward_args_default();
+    assert_int_equal(moe_layer_forward(L, out, x, T, &a), MOE_ERR_INVALID);
+    const char *why = moe_gemm_dnnl_available() ? "needs a CPU with AVX-512" : "needs oneDNN";
+    if (!strstr(moe_last_error(), why)) fail_msg("refusal: %s", moe_last_error());
+    moe_layer_destroy(L);
+    free(x), free(out);
+}
+
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_bf16_experts)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_bf16_experts),
+                                       cmocka_unit_test(test_bf16_refused)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -527,9 +527,16 @@ static void test_inference_model(void **state) {
     double np_kb = 4.0 * (double)moe_model_param_count(m) / 1024;
     assert_true(np_kb > 16 * 1024); /* the parameters dominate: 6.6 M */
     assert_true(moe_model_activation_bytes(inf) < moe_model_activation_bytes(m));
+    print_message("resident memory: %ld kB for training, %ld kB for inference, parameters %.0f "
+                  "kB\n", r1 - r0, r2 - r1, np_kb);
+    /* Under AddressSanitizer its shadow memory and redzones are resident too (CI: 30704 kB for
+     * inference, 60952 kB for training): there only the ratio of the two holds. */
+#if !defined(__SANITIZE_ADDRESS__)
     if (r1 - r0 < 1.9 * np_kb || r2 - r1 > 1.1 * np_kb + 2048)
-        fail_msg("resident memory: %ld kB for training, %ld kB for inference, parameters %.0f kB",
-                 r1 - r0, r2 - r1, np_kb);
+        fail_msg("parameters of %.0f kB: the training model should hold them twice, the "
+                 "inference model once", np_kb);
+#endif
+    if (r2 - r1 > 0.55 * (r1 - r0)) fail_msg("the inference model is not half the other");
     assert_null(moe_model_grads(inf));
     assert_true(moe_model_is_inference(inf) && !moe_model_is_inference(m));
     random_params(m, seed);

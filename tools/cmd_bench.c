@@ -33,7 +33,7 @@ double moe_cli_layer_flops(const moe_layer_config *c, int T, const moe_layer_sta
 static void print_ceiling(double peak) {
     printf("ceiling: SGEMM 2048^3 = %.1f GFLOP/s (best of 4 layouts x 5 calls through OpenBLAS "
            "split over the threads, OpenBLAS's threads%s; this run)\n",
-           1e-9 * peak, moe_gemm_bf16_available() ? " and oneDNN" : "");
+           1e-9 * peak, moe_gemm_dnnl_available() ? " and oneDNN" : "");
 }
 
 /* Memory bandwidth (bytes/s): best of 5 STREAM-style triads a = b + s c over 64 MiB arrays,

@@ -180,8 +180,8 @@ static const opt_def opts[] = {
     {"moe-expert-linear-bias", "add-bias-linear", OPT_BOOL, L(expert_bias), 0, 1, NULL, EXPERTS,
      "bias vectors in the expert and shared-expert linear layers", 0},
     {"moe-expert-bf16", NULL, OPT_BOOL, L(expert_bf16), 0, 1, NULL, EXPERTS,
-     "expert GEMMs in bf16 with fp32 accumulation (AVX512-BF16 through oneDNN; fp32 master "
-     "weights)", 0},
+     "expert GEMMs in bf16 with fp32 accumulation (oneDNN on a CPU with AVX-512, fastest with "
+     "AVX512-BF16; fp32 master weights)", 0},
     {"moe-shared-expert-intermediate-size", "shared-expert-intermediate-size", OPT_INT,
      L(shared_ffn), 0, BIG, NULL, EXPERTS, "hidden size of the shared expert (0 = none)", 0},
     {"moe-shared-expert-gate", NULL, OPT_BOOL, L(shared_gate), 0, 1, NULL, EXPERTS,

@@ -147,7 +147,7 @@ static void read_gemm_choice(void) {
     const char *v = getenv("MOE_GEMM");
     if (v && *v && strcmp(v, "auto") && strcmp(v, "blas") && strcmp(v, "dnnl"))
         fprintf(stderr, "moe: MOE_GEMM=%s is not auto, blas or dnnl: using auto\n", v);
-    int dnnl = moe_gemm_bf16_available(), all = v && !strcmp(v, "dnnl");
+    int dnnl = moe_gemm_dnnl_available(), all = v && !strcmp(v, "dnnl");
     int none = v && !strcmp(v, "blas");
     for (int l = 0; l < 3; l++) use_dnnl[l] = dnnl && !none && (all || l < 2);
 }
@@ -203,7 +203,7 @@ double moe_gemm_peak(int n, int reps) {
          * BLAS call (its own threading) and through oneDNN's matmul where it is built in: the
          * ceiling is the best of the three */
         pthread_once(&blas_once, blas_load);
-        int ways = moe_gemm_bf16_available() ? 3 : 2;
+        int ways = moe_gemm_dnnl_available() ? 3 : 2;
         for (int r = 0; r < 4 * ways * reps; r++) {
             int ta = r & 1, tb = (r >> 1) & 1, way = (r >> 2) % ways;
             gemm_call g = {ta, tb, n, n, n, n, n, n, 1.0, 0.0, a, b, c, sizeof(float)};

@@ -79,7 +79,23 @@ static dnnl_primitive_t primitive(int f32, int ta, int tb, int acc, int n, int l
     return prim;
 }
 
-int moe_gemm_bf16_available(void) { return 1; }
+int moe_gemm_dnnl_available(void) { return 1; }
+
+/* oneDNN 2.6 has bf16 matmul only on CPUs with AVX-512 (avx512_core and up; AVX512-BF16 for its
+ * fast kernels): elsewhere the primitive cannot be created, so availability is that creation,
+ * tried once for a layer's first shape. */
+static int bf16_ok;
+static void probe_bf16(void) {
+    pthread_mutex_lock(&dn_lock);
+    bf16_ok = primitive(0, 0, 1, 0, 64, 64, 64, 64) != NULL;
+    pthread_mutex_unlock(&dn_lock);
+}
+
+int moe_gemm_bf16_available(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, probe_bf16);
+    return bf16_ok;
+}
 
 /* C = op(A) op(B) (+ C) with A, B bf16 or (f32) fp32, through the cached primitive. */
 static moe_status matmul(int f32, int ta, int tb, int m, int n, int k, const void *A, int lda,
@@ -133,6 +149,7 @@ moe_status moe_gemm_dnnl(int ta, int tb, int m, int n, int k, const float *A, in
     return matmul(1, ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
 }
 #else
+int moe_gemm_dnnl_available(void) { return 0; }
 int moe_gemm_bf16_available(void) { return 0; }
 
 moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A, int lda,

@@ -24,7 +24,9 @@ void moe_gemm64(int ta, int tb, int m, int n, int k, double alpha, const double 
                 const double *B, int ldb, double beta, double *C, int ldc);
 
 /* bf16 GEMM, fp32 accumulation and output: C [m,n] = op(A) op(B) + beta C with beta 0 or 1
- * (gemm_bf16.c, oneDNN). MOE_ERR_STATE when built without oneDNN. */
+ * (gemm_bf16.c, oneDNN). Available where oneDNN is built in and the CPU has AVX-512 (oneDNN
+ * has no bf16 matmul below that); MOE_ERR_STATE elsewhere. */
+int moe_gemm_dnnl_available(void); /* oneDNN built in (fp32 matmul on any x86-64) */
 int moe_gemm_bf16_available(void);
 moe_status moe_gemm_bf16(int ta, int tb, int m, int n, int k, const uint16_t *A, int lda,
                          const uint16_t *B, int ldb, float beta, float *C, int ldc);

@@ -26,7 +26,7 @@ static pthread_once_t eg_once = PTHREAD_ONCE_INIT;
 static int eg_choice[4];
 static void read_expert_gemm(void) {
     const char *v = getenv("MOE_EXPERT_GEMM");
-    int dnnl = moe_gemm_bf16_available() ? EG_DNNL : EG_BLAS;
+    int dnnl = moe_gemm_dnnl_available() ? EG_DNNL : EG_BLAS;
     int small = moe_gemm_small_available() ? EG_SMALL : EG_BLAS;
     int auto_choice[4] = {dnnl != EG_BLAS ? dnnl : small, EG_BLAS, small, dnnl};
     if (v && *v && strcmp(v, "auto") && strcmp(v, "blas") && strcmp(v, "dnnl") &&
@@ -62,7 +62,7 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
         return;
     }
     moe_status st = moe_gemm_bf16(ta, tb, m, n, k, A16, lda, B16, ldb, beta, C, ldc);
-    MOE_ASSERT(st == MOE_OK); /* availability is checked when the layer is created */
+    MOE_ASSERT(st == MOE_OK); /* availability: checked as moe_layer_forward starts */
 }
 
 void moe_mlp_forward_in(moe_activation act, int n, int d, int f, const float *x,

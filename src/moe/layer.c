@@ -353,8 +353,10 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     MOE_TRY(moe_layer_check_call(c, T, L->max_tokens, args, &k, &seq_len));
     /* the CPU's bf16 GEMMs (a model on the GPU never runs this: its layers have their own) */
     if (c->expert_bf16 && !moe_gemm_bf16_available())
-        return moe_set_error(MOE_ERR_INVALID,
-                             "moe-expert-bf16 needs oneDNN (libdnnl-dev), which this build lacks");
+        return moe_set_error(MOE_ERR_INVALID, "moe-expert-bf16 needs %s",
+                             moe_gemm_dnnl_available()
+                                 ? "a CPU with AVX-512 (oneDNN has no bf16 matmul on this one)"
+                                 : "oneDNN (libdnnl-dev), which this build lacks");
     if (k > L->planned_k) MOE_TRY(alloc_workspace(L, k));
     if (c->ep_size > 1 && moe_comm_size(L->ep_comm) != c->ep_size)
         return moe_set_error(MOE_ERR_INVALID, "the layer is expert-parallel over %d ranks but its "
