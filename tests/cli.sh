@@ -262,4 +262,49 @@ done
 unused "moe train: inject-fault: 'nan@x' is not a list of KIND@STEP or KIND@FIRST-LAST with KIND one of nan-loss, inf-loss, nan-grad, inf-grad" \
   "$moe" train --inject-fault nan@x --data-path "$tmp/none"
 unused "moe convert: --load RUN or --model DIR is required" "$moe" convert --to hf "$tmp/hf"
+# --threads: eval and generate, both forms, run on the count asked for and say it (eval at the
+# end of its line; generate on stderr, whose stdout is the text, and only when asked); a run's
+# checkpoint keeps its own count for resuming, not for eval or generate (0: OMP_NUM_THREADS).
+# Bitwise results are promised at one thread count (README, Determinism): 1 against 2 threads
+# only has to run; one count twice gives the same text.
+printf 'Mixture of experts.\n\nA small file of two documents.\n' >"$tmp/small.txt"
+expect 0 "$moe" prepare --out "$tmp/data" --val-fraction 0 "$tmp/small.txt"
+expect 0 "$moe" train --num-layers 1 --hidden-size 16 --num-attention-heads 4 --num-experts 4 \
+  --moe-router-topk 2 --moe-ffn-hidden-size 16 --seq-length 16 --micro-batch-size 2 \
+  --global-batch-size 2 --train-iters 1 --threads 1 --data-path "$tmp/data" --save "$tmp/run"
+grep -q ", 1 threads" "$tmp/out" || fail "train --threads 1: $(cat "$tmp/out")"
+expect 0 "$moe" convert --load "$tmp/run" --to hf "$tmp/xrun"
+for n in 1 2; do
+  expect 0 "$moe" eval --load "$tmp/run" --data "$tmp/data/train.bin" --threads $n
+  grep -q "^eval .* loss [0-9.]* nats/token .*, $n threads$" "$tmp/out" ||
+    fail "eval --load --threads $n: $(cat "$tmp/out")"
+  expect 0 "$moe" eval --model "$tmp/xrun" --ids 77,105,120,116 --threads $n
+  grep -q "^eval .* loss [0-9.]* nats/token over 3 targets, $n threads$" "$tmp/out" ||
+    fail "eval --model --ids --threads $n: $(cat "$tmp/out")"
+  expect 0 "$moe" eval --model "$tmp/xrun" --data "$tmp/data/train.bin" --threads $n
+  grep -q "^eval .* perplexity [0-9.]*, $n threads$" "$tmp/out" ||
+    fail "eval --model --data --threads $n: $(cat "$tmp/out")"
+  for form in "--load $tmp/run --prompt Mix" "--model $tmp/xrun --ids 77,105,120"; do
+    for run in a b; do
+      # shellcheck disable=SC2086
+      "$moe" generate $form --max-new-tokens 6 --seed 7 --threads $n >"$tmp/gen$run" 2>"$tmp/err" ||
+        fail "generate $form --threads $n: $(cat "$tmp/gen$run" "$tmp/err")"
+      [ "$(cat "$tmp/err")" = "moe generate: $n threads" ] && [ -s "$tmp/gen$run" ] ||
+        fail "generate $form --threads $n: stderr '$(cat "$tmp/err")', stdout '$(cat "$tmp/gen$run")'"
+    done
+    cmp -s "$tmp/gena" "$tmp/genb" ||
+      fail "generate $form --threads $n twice: $(cat "$tmp/gena" "$tmp/genb")"
+  done
+done
+expect 0 env OMP_NUM_THREADS=2 "$moe" eval --load "$tmp/run" --data "$tmp/data/train.bin"
+grep -q ", 2 threads$" "$tmp/out" || fail "eval --load took the run's thread count: $(cat "$tmp/out")"
+"$moe" generate --load "$tmp/run" --prompt Mix --max-new-tokens 2 >"$tmp/gen" 2>"$tmp/err" &&
+  [ ! -s "$tmp/err" ] || fail "generate without --threads: stderr '$(cat "$tmp/err")'"
+for cmd in "eval --load $tmp/run" "generate --model $tmp/xrun --ids 1"; do
+  # shellcheck disable=SC2086
+  {
+  unused "moe ${cmd%% *}: --threads: -1 is out of range [0, 4096]" "$moe" $cmd --threads -1
+  unused "moe ${cmd%% *}: --threads: expected an integer, got 'two'" "$moe" $cmd --threads two
+  }
+done
 echo "cli ok"

@@ -780,7 +780,7 @@ int moe_cmd_bench(int argc, char **argv) {
     }
     free(rest);
     if (rc) return rc;
-    if (o.threads > 0) omp_set_num_threads(o.threads);
+    moe_cli_threads(&o);
     if (!strcmp(argv[0], "alltoall") && o.device) {
         fprintf(stderr, "moe bench: alltoall runs on the CPU (--device cpu)\n");
         return 2;

@@ -22,7 +22,7 @@ int moe_cmd_demo(int argc, char **argv) {
         moe_options_write(stdout, &o);
         return 0;
     }
-    if (o.threads > 0) omp_set_num_threads(o.threads);
+    moe_cli_threads(&o);
     const moe_layer_config *c = &o.layer;
     int T = o.tokens;
     moe_layer *layer = NULL;

@@ -10,6 +10,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,6 +110,7 @@ static int load_model(const char *cmd, int argc, char **argv, moe_options *o, in
                         "the tokens after it: it cannot decode token by token\n", cmd);
         return 2;
     }
+    moe_cli_threads(o);
     int max_tokens = (batch ? o->train.micro_batch : 1) * o->model.seq_len;
     if (moe_model_create_inference(&o->model, max_tokens, m) != MOE_OK ||
         (o->device && moe_model_use_device(*m, "cuda") != MOE_OK) ||
@@ -130,6 +132,8 @@ int moe_cmd_generate(int argc, char **argv) {
     char ckpt[MOE_PATH_MAX + 64];
     int rc = load_model("generate", argc, argv, &o, 0, &m, ckpt, sizeof ckpt);
     if (rc) return rc;
+    /* stdout is the text alone: the thread count asked for goes to stderr */
+    if (o.threads) fprintf(stderr, "moe generate: %d threads\n", omp_get_max_threads());
     char *prompt = NULL;
     size_t len;
     moe_status s = moe_cli_prompt(&o, &prompt, &len);
@@ -204,8 +208,9 @@ int moe_cmd_eval(int argc, char **argv) {
     free(tok);
     free(tgt);
     double nll = count ? sum / (double)count : 0;
-    printf("eval %s on %s: %lld tokens, loss %.4f nats/token (%.3f bits), perplexity %.3f\n", ckpt,
-           path, (long long)count, nll, nll / log(2.0), exp(nll));
+    printf("eval %s on %s: %lld tokens, loss %.4f nats/token (%.3f bits), perplexity %.3f, %d "
+           "threads\n", ckpt, path, (long long)count, nll, nll / log(2.0), exp(nll),
+           omp_get_max_threads());
     rc = 0;
 done:
     moe_tokens_free(&data);

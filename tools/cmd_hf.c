@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -127,6 +128,7 @@ static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, mo
         fprintf(stderr, "moe %s: %s\n", cmd, why);
         return 2;
     }
+    moe_cli_threads(o);
     if (moe_hf_config(o->hf_model, c, family, cap) != MOE_OK ||
         (text && load_tokenizer(o->hf_model, tok) != MOE_OK)) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
@@ -177,8 +179,8 @@ static int eval_hf_data(const moe_options *o, moe_model_config *c, const char *f
     if (s == MOE_OK) {
         double nll = count ? sum / (double)count : 0;
         printf("eval %s (%s) on %s: %lld tokens in windows of %d, loss %.4f nats/token, "
-               "perplexity %.3f\n", o->hf_model, family, o->data_path, (long long)count, S, nll,
-               exp(nll));
+               "perplexity %.3f, %d threads\n", o->hf_model, family, o->data_path,
+               (long long)count, S, nll, exp(nll), omp_get_max_threads());
         rc = 0;
     } else {
         fprintf(stderr, "moe eval: %s\n", moe_last_error());
@@ -222,9 +224,9 @@ int moe_cmd_eval_hf(int argc, char **argv) {
         fprintf(stderr, "moe eval: %s\n", moe_last_error());
         goto done;
     }
-    printf("eval %s (%s, %zu parameters) on %d tokens: loss %.4f nats/token over %d targets%s%s\n",
-           o.hf_model, family, moe_model_param_count(m), n, L.nll, L.n_targets,
-           o.dump_logits[0] ? ", logits in " : "", o.dump_logits);
+    printf("eval %s (%s, %zu parameters) on %d tokens: loss %.4f nats/token over %d targets, %d "
+           "threads%s%s\n", o.hf_model, family, moe_model_param_count(m), n, L.nll, L.n_targets,
+           omp_get_max_threads(), o.dump_logits[0] ? ", logits in " : "", o.dump_logits);
     rc = 0;
 done:
     moe_model_destroy(m);
@@ -374,6 +376,8 @@ int moe_cmd_generate_hf(int argc, char **argv) {
     int n = 0, rc = hf_prepare("generate", argc, argv, &o, &c, family, sizeof family, &ids, &n,
                                &tok);
     if (rc) return rc;
+    /* stdout is the text or the ids alone: the thread count asked for goes to stderr */
+    if (o.threads) fprintf(stderr, "moe generate: %d threads\n", omp_get_max_threads());
     rc = 1;
     int n_eos = moe_hf_eos(o.hf_model, eos, 8), total = n + o.max_new_tokens;
     if (total > c.seq_len) c.seq_len = total; /* the cache */

@@ -297,6 +297,11 @@ static void release_stop_signals(void) {
     mask_stop_signals(SIG_UNBLOCK);
 }
 
+int moe_cli_threads(const moe_options *o) {
+    if (o->threads > 0) omp_set_num_threads(o->threads);
+    return omp_get_max_threads();
+}
+
 /* Options: with --load, the checkpoint's options first, then the command line's flags. */
 int moe_cli_cpu_only(const moe_options *o, const char *cmd) {
     if (!o->device) return 0;
@@ -337,6 +342,9 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
         free(text);
         if (st != MOE_OK) return 1;
         o->save[0] = '\0'; /* the loaded run's directory says where it saved, not this run */
+        /* the thread count it trained with was that machine's: eval and generate take their own
+         * (--threads, else OpenMP's default); a resumed run keeps it (bitwise continuation) */
+        if (strcmp(cmd, "train")) o->threads = 0;
         if (moe_options_parse_args(o, argc, argv, use) != MOE_OK) return 2;
     }
     if (o->init_from[0]) { /* the model's config.json, then the command line on top */
@@ -454,7 +462,7 @@ int moe_cmd_train(int argc, char **argv) {
         moe_options_print_config(stdout, &o);
         return 0;
     }
-    if (o.threads > 0) omp_set_num_threads(o.threads);
+    moe_cli_threads(&o);
     /* processes: the same options and build everywhere (checked first: the grid's collectives
      * depend on the options), the rank grid, rank 0 prints. A failure on some ranks only
      * aborts them all (MPI_Abort), so that none waits for the others. */

@@ -31,9 +31,9 @@ static const moe_options_use uses[] = {
     {"train", MOE_SEC_MOE | MOE_SEC_MODEL | MOE_SEC_TRAIN,
      "data-path save load init-from save-interval keep-last exit-interval inject-fault "
      "log-interval threads device print-config " PROCESSES},
-    {"generate", MOE_SEC_MOE | MOE_SEC_MODEL | MOE_SEC_GEN, "load model ids device"},
+    {"generate", MOE_SEC_MOE | MOE_SEC_MODEL | MOE_SEC_GEN, "load model ids threads device"},
     {"eval", MOE_SEC_MOE | MOE_SEC_MODEL,
-     "load model ids prompt prompt-file dump-logits data-path micro-batch-size device"},
+     "load model ids prompt prompt-file dump-logits data-path micro-batch-size threads device"},
     {"convert", MOE_SEC_MOE | MOE_SEC_MODEL, "load model device"},
     {"tokenize", 0, "model prompt prompt-file ids"},
     {"demo", MOE_SEC_MOE, LAYER_ALONE " print-config"},
