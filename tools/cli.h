@@ -34,9 +34,8 @@ const moe_options_use *moe_cli_use(const char *cmd);
  * (moe_cli_use); validated for a model and training. Returns an exit code (0 ok). */
 int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char *ckpt,
                     size_t cap);
-/* Applies --threads (0: OpenMP's default, OMP_NUM_THREADS or all cores); returns the thread
- * count that the command's parallel regions use. */
-int moe_cli_threads(const moe_options *o);
+/* Applies --threads (0: OpenMP's default, OMP_NUM_THREADS or all cores). */
+void moe_cli_threads(const moe_options *o);
 /* 2 (with one line on stderr) when --device cuda was given to a command that runs on the CPU. */
 int moe_cli_cpu_only(const moe_options *o, const char *cmd);
 /* With --model DIR, --load too or an option that describes the model (DIR's config.json

@@ -297,9 +297,8 @@ static void release_stop_signals(void) {
     mask_stop_signals(SIG_UNBLOCK);
 }
 
-int moe_cli_threads(const moe_options *o) {
+void moe_cli_threads(const moe_options *o) {
     if (o->threads > 0) omp_set_num_threads(o->threads);
-    return omp_get_max_threads();
 }
 
 /* Options: with --load, the checkpoint's options first, then the command line's flags. */
