@@ -5,21 +5,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 start=$(date +%s)
-echo "== gcc Release build"
+stage() { echo "== $* (at $(( $(date +%s) - start )) s)"; }
+stage "gcc Release build"
 bash scripts/build.sh build
-echo "== clang build without MPI or CUDA, library, tool and tests (warnings are errors)"
+stage "clang build without MPI or CUDA, library, tool and tests (warnings are errors)"
 CC=clang bash scripts/build.sh build-clang -DMOE_MPI=OFF -DMOE_CUDA=OFF
-echo "== gcc ASan+UBSan build"
+stage "gcc ASan+UBSan build"
 bash scripts/build.sh build-asan -DCMAKE_BUILD_TYPE=Debug -DMOE_SANITIZE=ON
-echo "== tests (Release)"
+stage "tests (Release)"
 ctest --test-dir build --output-on-failure -j1
-echo "== tests (clang, one process without MPI)"
+stage "tests (clang, one process without MPI)"
 ctest --test-dir build-clang --output-on-failure -j2
-echo "== tests (ASan+UBSan)"
+stage "tests (ASan+UBSan)"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan --output-on-failure -j2
-echo "== training under valgrind memcheck"
+stage "training under valgrind memcheck"
 bash scripts/valgrind.sh
-echo "== fuzzing every parser of outside data (libFuzzer, ASan+UBSan), ${MOE_FUZZ_SECONDS:-12} s each"
+stage "fuzzing every parser of outside data (libFuzzer, ASan+UBSan), ${MOE_FUZZ_SECONDS:-12} s each"
 bash scripts/fuzz.sh "${MOE_FUZZ_SECONDS:-12}"
 echo "== all tests passed in $(( $(date +%s) - start )) s"
