@@ -1,7 +1,8 @@
 /* GEMM wrappers: fp32 and fp64 (OpenBLAS, C split over the threads by rows or by columns, or
  * one call; oneDNN's matmul and our AVX-512 tiles as the experts use them inside a parallel
- * region) and bf16 with fp32 accumulation (oneDNN) against float64 products, every transpose,
- * beta 0 and 1, leading dimensions wider than the rows; bf16 rounding. */
+ * region; our AVX2 dot products) and bf16 with fp32 accumulation (oneDNN) against float64
+ * products, every transpose, beta 0 and 1, leading dimensions wider than the rows; bf16
+ * rounding. */
 #include "kernels/kernels.h"
 #include "test_util.h"
 
@@ -32,7 +33,7 @@ static void ref_gemm(int ta, int tb, int m, int n, int k, double alpha, const do
         }
 }
 
-enum { FP32, FP64, BF16, DNNL_FP32, SMALL, BLAS_FP32 };
+enum { FP32, FP64, BF16, DNNL_FP32, SMALL, BLAS_FP32, DOT_AVX2 };
 
 /* alpha: moe_gemm, moe_gemm_blas and moe_gemm64 only (the others have none: 1). */
 static void run_alpha(int kind, int ta, int tb, int beta, int m, int n, int k, double alpha,
@@ -69,6 +70,8 @@ static void run_alpha(int kind, int ta, int tb, int beta, int m, int n, int k, d
         moe_gemm64(ta, tb, m, n, k, alpha, A64, lda, B64, ldb, beta, C64, ldc);
     else if (kind == BLAS_FP32)
         moe_gemm_blas(ta, tb, m, n, k, (float)alpha, A, lda, B, ldb, (float)beta, C, ldc);
+    else if (kind == DOT_AVX2)
+        assert_int_equal(moe_gemm_dot_avx2(m, n, k, A, lda, B, ldb, (float)beta, C, ldc), 1);
     else
         moe_gemm(ta, tb, m, n, k, (float)alpha, A, lda, B, ldb, (float)beta, C, ldc);
     if (kind != FP64)
@@ -84,6 +87,7 @@ static void run_alpha(int kind, int ta, int tb, int beta, int m, int n, int k, d
                          : kind == DNNL_FP32 ? "oneDNN fp32"
                          : kind == SMALL     ? "small"
                          : kind == BLAS_FP32 ? "OpenBLAS fp32"
+                         : kind == DOT_AVX2  ? "AVX2 dot products"
                          : kind == FP64      ? "fp64"
                                              : "fp32",
                          ta, tb, beta, m, n, k, i, j, C64[at], R[at]);
@@ -156,6 +160,28 @@ static void test_small(void **state) {
     assert_int_equal(moe_gemm_small(1, 1, 1, 1, 1, &a, 1, &b, 1, 0.0f, &c, 1), MOE_ERR_INVALID);
 }
 
+/* The AVX2 dot products (NT with 1-4 rows, CPUs without AVX-512) on any CPU that has AVX2:
+ * k below, at and past one step of 16 and one vector of 8 (masked ends), 8, 4 or 2 weight rows at
+ * a time and the rest one by one, the weight rows split over the threads (n = 300, 203); more
+ * than MOE_GEMM_DOT_ROWS rows or another beta: not done, nothing written. */
+static void test_dot_avx2(void **state) {
+    (void)state;
+    float a = 1, b = 2, c = 3;
+    if (!moe_gemm_dot_avx2(1, 1, 1, &a, 1, &b, 1, 0.0f, &c, 1)) skip(); /* no AVX2 */
+    assert_true(c == 2);
+    static const int shapes[][3] = {{1, 300, 70}, {2, 37, 129}, {3, 11, 5},  {4, 70, 33},
+                                    {1, 9, 16},   {2, 203, 17}, {3, 29, 8}, {4, 7, 1100},
+                                    {1, 3, 1},    {2, 1, 15},   {3, 64, 31}, {4, 130, 48}};
+    uint64_t seed = tu_seed() + 300;
+    for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
+        for (int beta = 0; beta < 2; beta++)
+            run_shape(DOT_AVX2, 0, 1, beta, shapes[q][0], shapes[q][1], shapes[q][2], seed++);
+    float big[5 * 4] = {0}, out[5 * 4];
+    memcpy(out, big, sizeof out);
+    assert_int_equal(moe_gemm_dot_avx2(5, 4, 4, big, 4, big, 4, 0.0f, out, 4), 0);
+    assert_int_equal(moe_gemm_dot_avx2(1, 4, 4, big, 4, big, 4, 0.5f, out, 4), 0);
+}
+
 /* oneDNN, and NT with 1-4 rows as our dot products (vdpbf16ps where the CPU has it): 8 or 4
  * weight rows at a time and the rest one by one, k odd and past one vector, the weight rows
  * split over the threads (n = 300). */
@@ -226,6 +252,7 @@ static void test_bf16_rounding(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_fp32), cmocka_unit_test(test_dnnl_fp32),
                                        cmocka_unit_test(test_small),
+                                       cmocka_unit_test(test_dot_avx2),
                                        cmocka_unit_test(test_bf16),
                                        cmocka_unit_test(test_bf16_rounding)};
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -15,7 +15,8 @@
  *                      (flush_panel); rows past whole vectors (1-8) in one vector of pairs of k
  *                      (tile_body_pairs).
  * NT with at most MOE_GEMM_DOT_ROWS rows of A (a decoding step) is dot products along k instead
- * (dot_body), in fp32 or with bf16 operands (moe_gemm_dot, also over the threads). */
+ * (dot_body), in fp32 or with bf16 operands (moe_gemm_dot, also over the threads), and in fp32
+ * on CPUs with AVX2 but no AVX-512 (dot_body_avx2). */
 #include "kernels/kernels.h"
 
 #include "core/core.h"
@@ -508,41 +509,128 @@ typedef void (*dot_fn)(const void *, int, const void *, int, int, int, float *, 
     DOT(1, 1, BF16) DOT(2, 1, BF16) DOT(3, 1, BF16) DOT(4, 1, BF16)
 DOTS(0)
 DOTS(1)
-/* Weight rows per tile for M rows of A: at most 16 accumulators. */
-static const int dot_r[MOE_GEMM_DOT_ROWS + 1] = {0, 8, 8, 4, 4};
-static const dot_fn dot_tiles[2][MOE_GEMM_DOT_ROWS + 1] = {
-    {0, dot_1_8_0, dot_2_8_0, dot_3_4_0, dot_4_4_0}, {0, dot_1_8_1, dot_2_8_1, dot_3_4_1, dot_4_4_1}};
-static const dot_fn dot_ones[2][MOE_GEMM_DOT_ROWS + 1] = {
-    {0, dot_1_1_0, dot_2_1_0, dot_3_1_0, dot_4_1_0}, {0, dot_1_1_1, dot_2_1_1, dot_3_1_1, dot_4_1_1}};
 
-/* Weight rows [lo, hi) of C = A B^T. */
-static void gemm_nt_dot(int bf16, int m, int lo, int hi, int k, const void *A, int lda,
-                        const void *B, int ldb, int beta1, float *C, int ldc) {
-    const char *b = B;
-    size_t row = (size_t)ldb * (bf16 ? 2 : 4);
-    int R = dot_r[m], j = lo;
-    for (; j + R <= hi; j += R) dot_tiles[bf16][m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
-    for (; j < hi; j++) dot_ones[bf16][m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
+/* The same in fp32 with AVX2 and FMA (CPUs without AVX-512): 8 floats a vector, two vectors (a
+ * cache line of each weight row) a step, and 16 registers: the rows of A are read from L1 at
+ * each use, and R weight rows at once for M rows of A keep M R accumulators within them. */
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+static inline __attribute__((always_inline)) AVX2_TARGET void
+dot_body_avx2(const float *A, int lda, const float *B, int ldb, int k, int beta1, float *C,
+              int ldc, const int M, const int R) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 acc[MOE_GEMM_DOT_ROWS][8];
+#pragma GCC unroll 4
+    for (int i = 0; i < M; i++)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) acc[i][r] = _mm256_setzero_ps();
+    int whole = k & ~15;
+    for (int kk = 0; kk < whole; kk += 16)
+#pragma GCC unroll 2
+        for (int h = 0; h < 16; h += 8)
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const float *row = B + (long)r * ldb + kk + h;
+                if (!h) _mm_prefetch((const char *)row + PF_DOT, _MM_HINT_T0);
+                __m256 b = _mm256_loadu_ps(row);
+#pragma GCC unroll 4
+                for (int i = 0; i < M; i++)
+                    acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(A + (long)i * lda + kk + h), b,
+                                                acc[i][r]);
+            }
+    for (int h = whole; h < k; h += 8) { /* the last 1-15 elements, masked */
+        __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(k - h), lane);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m256 b = _mm256_maskload_ps(B + (long)r * ldb + h, valid);
+#pragma GCC unroll 4
+            for (int i = 0; i < M; i++)
+                acc[i][r] = _mm256_fmadd_ps(_mm256_maskload_ps(A + (long)i * lda + h, valid), b,
+                                            acc[i][r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < M; i++)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][r]),
+                                  _mm256_extractf128_ps(acc[i][r], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            float v = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+            C[(long)i * ldc + r] = beta1 ? C[(long)i * ldc + r] + v : v;
+        }
 }
 
-int moe_gemm_dot(int bf16, int m, int n, int k, const void *A, int lda, const void *B, int ldb,
-                 float beta, float *C, int ldc) {
-    if (m < 1 || m > MOE_GEMM_DOT_ROWS || n < 1 || k < 1 || (beta != 0.0f && beta != 1.0f) ||
-        !__builtin_cpu_supports("avx512bw") || (bf16 && !__builtin_cpu_supports("avx512bf16")))
+#define DOT_AVX2(M, R)                                                                           \
+    static AVX2_TARGET void dot2_##M##_##R(const void *A, int lda, const void *B, int ldb, int k,  \
+                                          int beta1, float *C, int ldc) {                        \
+        dot_body_avx2(A, lda, B, ldb, k, beta1, C, ldc, M, R);                                   \
+    }
+DOT_AVX2(1, 8) DOT_AVX2(2, 4) DOT_AVX2(3, 4) DOT_AVX2(4, 2)
+DOT_AVX2(1, 1) DOT_AVX2(2, 1) DOT_AVX2(3, 1) DOT_AVX2(4, 1)
+
+/* A set of dot tiles: R weight rows at once for M rows of A, and one at a time. */
+typedef struct {
+    int r[MOE_GEMM_DOT_ROWS + 1];
+    dot_fn tiles[MOE_GEMM_DOT_ROWS + 1], ones[MOE_GEMM_DOT_ROWS + 1];
+} dot_set;
+static const dot_set dot_sets[3] = {
+    {{0, 8, 8, 4, 4},
+     {0, dot_1_8_0, dot_2_8_0, dot_3_4_0, dot_4_4_0},
+     {0, dot_1_1_0, dot_2_1_0, dot_3_1_0, dot_4_1_0}},
+    {{0, 8, 8, 4, 4},
+     {0, dot_1_8_1, dot_2_8_1, dot_3_4_1, dot_4_4_1},
+     {0, dot_1_1_1, dot_2_1_1, dot_3_1_1, dot_4_1_1}},
+    {{0, 8, 4, 4, 2},
+     {0, dot2_1_8, dot2_2_4, dot2_3_4, dot2_4_2},
+     {0, dot2_1_1, dot2_2_1, dot2_3_1, dot2_4_1}}};
+enum { DOT_FP32, DOT_BF16, DOT_AVX2 };
+
+/* Weight rows [lo, hi) of C = A B^T (elements of es bytes). */
+static void gemm_nt_dot(const dot_set *set, size_t es, int m, int lo, int hi, int k,
+                        const void *A, int lda, const void *B, int ldb, int beta1, float *C,
+                        int ldc) {
+    const char *b = B;
+    size_t row = (size_t)ldb * es;
+    int R = set->r[m], j = lo;
+    for (; j + R <= hi; j += R) set->tiles[m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
+    for (; j < hi; j++) set->ones[m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
+}
+
+static int dot_run(int set, int m, int n, int k, const void *A, int lda, const void *B, int ldb,
+                   float beta, float *C, int ldc) {
+    if (m < 1 || m > MOE_GEMM_DOT_ROWS || n < 1 || k < 1 || (beta != 0.0f && beta != 1.0f))
         return 0;
+    const dot_set *s = &dot_sets[set];
+    size_t es = set == DOT_BF16 ? 2 : 4;
     int parts = omp_in_parallel() ? 1 : moe_num_threads();
     parts = parts < n / 64 ? parts : n / 64;
     if (parts <= 1) {
-        gemm_nt_dot(bf16, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+        gemm_nt_dot(s, es, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
         return 1;
     }
 #pragma omp parallel num_threads(parts)
     {
         int lo, hi;
         moe_part16(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        gemm_nt_dot(bf16, m, lo, hi, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+        gemm_nt_dot(s, es, m, lo, hi, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
     }
     return 1;
+}
+
+int moe_gemm_dot(int bf16, int m, int n, int k, const void *A, int lda, const void *B, int ldb,
+                 float beta, float *C, int ldc) {
+    if (bf16)
+        return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16") &&
+               dot_run(DOT_BF16, m, n, k, A, lda, B, ldb, beta, C, ldc);
+    if (__builtin_cpu_supports("avx512bw"))
+        return dot_run(DOT_FP32, m, n, k, A, lda, B, ldb, beta, C, ldc);
+    return moe_gemm_dot_avx2(m, n, k, A, lda, B, ldb, beta, C, ldc);
+}
+
+int moe_gemm_dot_avx2(int m, int n, int k, const float *A, int lda, const float *B, int ldb,
+                      float beta, float *C, int ldc) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           dot_run(DOT_AVX2, m, n, k, A, lda, B, ldb, beta, C, ldc);
 }
 
 int moe_gemm_small_available(void) {
@@ -564,7 +652,7 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
         return MOE_OK;
     }
     if (tb && m <= MOE_GEMM_DOT_ROWS && __builtin_cpu_supports("avx512bw")) {
-        gemm_nt_dot(0, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+        gemm_nt_dot(&dot_sets[DOT_FP32], 4, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
         return MOE_OK;
     }
     if (tb) {
@@ -591,6 +679,13 @@ int moe_gemm_dot(int bf16, int m, int n, int k, const void *A, int lda, const vo
                  float beta, float *C, int ldc) {
     (void)bf16, (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)beta;
     (void)C, (void)ldc;
+    return 0;
+}
+
+int moe_gemm_dot_avx2(int m, int n, int k, const float *A, int lda, const float *B, int ldb,
+                      float beta, float *C, int ldc) {
+    (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)beta, (void)C;
+    (void)ldc;
     return 0;
 }
 #endif

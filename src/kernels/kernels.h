@@ -50,12 +50,17 @@ static inline void moe_part16(int n, int id, int np, int *lo, int *hi) {
     *hi = id == np - 1 ? n : (int)((long)blocks * (id + 1) / np) * 16;
 }
 /* C = A B^T + beta C (beta 0 or 1) for at most MOE_GEMM_DOT_ROWS rows of A as dot products along
- * k: fp32 operands, or bf16 (uint16_t) ones with fp32 accumulation (AVX512-BF16); the rows of B
- * split over the threads outside a parallel region (the results do not depend on the split).
+ * k: fp32 operands (AVX-512, else AVX2), or bf16 (uint16_t) ones with fp32 accumulation
+ * (AVX512-BF16); the rows of B split over the threads outside a parallel region (the results
+ * do not depend on the split).
  * 1 when done, 0 where it does not apply (more rows, other beta, a CPU without the
  * instructions): then nothing is written. */
 int moe_gemm_dot(int bf16, int m, int n, int k, const void *A, int lda, const void *B, int ldb,
                  float beta, float *C, int ldc);
+/* The fp32 dot products moe_gemm_dot runs on a CPU with AVX2 and FMA but no AVX-512 (0 where it
+ * has neither); its own entry so that the tests check it on any CPU that has them. */
+int moe_gemm_dot_avx2(int m, int n, int k, const float *A, int lda, const float *B, int ldb,
+                      float beta, float *C, int ldc);
 int moe_gemm_small_available(void);
 moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
                           const float *B, int ldb, float beta, float *C, int ldc);
