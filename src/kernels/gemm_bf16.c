@@ -83,7 +83,7 @@ int moe_gemm_dnnl_available(void) { return 1; }
 
 /* oneDNN 2.6 has bf16 matmul only on CPUs with AVX-512 (avx512_core and up; AVX512-BF16 for its
  * fast kernels): elsewhere the primitive cannot be created, so availability is that creation,
- * tried once for a layer's first shape. */
+ * tried once for one shape. */
 static int bf16_ok;
 static void probe_bf16(void) {
     pthread_mutex_lock(&dn_lock);

@@ -56,8 +56,8 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
         moe_status st = MOE_ERR_STATE;
         if (lib == EG_SMALL) st = moe_gemm_small(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
         if (lib == EG_DNNL) st = moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
-        /* the library's: one thread's (where a decoding step's few rows are dot products,
-         * as moe_gemm makes them; also without AVX-512) or moe_gemm's */
+        /* else one thread's BLAS call, a decoding step's few rows as dot products first (as
+         * moe_gemm does; this is where CPUs without AVX-512 get them), or moe_gemm */
         if (st != MOE_OK && !(single && !ta && tb &&
                               moe_gemm_dot(0, m, n, k, A, lda, B, ldb, beta, C, ldc)))
             (single ? moe_gemm_blas : moe_gemm)(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C,
