@@ -124,11 +124,15 @@ static void test_fp32(void **state) {
                           shapes[q][2], alphas[q], seed++);
 }
 
+/* oneDNN's fp32 matmul; then more shapes (n and the leading dimensions) than its cache of
+ * primitives holds: those past it are made for their one call and destroyed after it. */
 static void test_dnnl_fp32(void **state) {
     (void)state;
     if (!moe_gemm_dnnl_available()) skip(); /* built without oneDNN */
     for (int c = 0; c < 8; c++)
         run(DNNL_FP32, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + 100 + (uint64_t)c);
+    for (int n = 1; n <= 72; n++)
+        run_shape(DNNL_FP32, n % 3 == 1, 0, n & 1, 3, n, 5, tu_seed() + 200 + (uint64_t)n);
 }
 
 /* Shapes that reach every tile of gemm_small.c: rows beyond one 64-row block (NT; beyond three

@@ -1,6 +1,6 @@
 /* bf16 GEMM with fp32 accumulation through oneDNN's matmul (AVX512-BF16 kernels where the CPU
  * has them), the same for fp32 operands, and fp32 <-> bf16 conversion. One primitive per
- * (type, transposes, beta, n, leading dimensions), created on first use. */
+ * (type, transposes, beta, n, leading dimensions), created on first use and kept. */
 #include "kernels/kernels.h"
 
 #include "core/core.h"
@@ -36,8 +36,12 @@ static int make_md(dnnl_memory_desc_t *md, dnnl_data_type_t dt, int64_t rows, in
     return dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides) == dnnl_success;
 }
 
+/* The primitive for the key: cached, or (*owned set) the caller's to destroy after its one use
+ * when the cache is full (a cached one may be executing on another thread at any time, so none
+ * is ever destroyed while the process runs). */
 static dnnl_primitive_t primitive(int f32, int ta, int tb, int acc, int n, int lda, int ldb,
-                                   int ldc) {
+                                   int ldc, int *owned) {
+    *owned = 0;
     for (int i = 0; i < dn.n_cached; i++) {
         const dn_entry *e = &dn.cache[i];
         if (e->f32 == f32 && e->ta == ta && e->tb == tb && e->acc == acc && e->n == n &&
@@ -48,10 +52,6 @@ static dnnl_primitive_t primitive(int f32, int ta, int tb, int acc, int n, int l
     if (!dn.engine && dnnl_engine_create(&dn.engine, dnnl_cpu, 0) != dnnl_success) {
         dn.failed = 1;
         return NULL;
-    }
-    if (dn.n_cached == MOE_DNNL_CACHE) { /* full: start over (shapes of a run are few) */
-        for (int i = 0; i < dn.n_cached; i++) dnnl_primitive_destroy(dn.cache[i].prim);
-        dn.n_cached = 0;
     }
     const int64_t R = DNNL_RUNTIME_DIM_VAL;
     dnnl_memory_desc_t a, b, c;
@@ -75,7 +75,8 @@ static dnnl_primitive_t primitive(int f32, int ta, int tb, int acc, int n, int l
     if (ops) dnnl_post_ops_destroy(ops);
     if (attr) dnnl_primitive_attr_destroy(attr);
     if (!ok) return NULL;
-    dn.cache[dn.n_cached++] = (dn_entry){f32, ta, tb, acc, n, lda, ldb, ldc, prim};
+    if (dn.n_cached == MOE_DNNL_CACHE) *owned = 1; /* full (a run's shapes are few) */
+    else dn.cache[dn.n_cached++] = (dn_entry){f32, ta, tb, acc, n, lda, ldb, ldc, prim};
     return prim;
 }
 
@@ -86,9 +87,12 @@ int moe_gemm_dnnl_available(void) { return 1; }
  * tried once for one shape. */
 static int bf16_ok;
 static void probe_bf16(void) {
+    int owned;
     pthread_mutex_lock(&dn_lock);
-    bf16_ok = primitive(0, 0, 1, 0, 64, 64, 64, 64) != NULL;
+    dnnl_primitive_t p = primitive(0, 0, 1, 0, 64, 64, 64, 64, &owned);
     pthread_mutex_unlock(&dn_lock);
+    bf16_ok = p != NULL;
+    if (p && owned) dnnl_primitive_destroy(p);
 }
 
 int moe_gemm_bf16_available(void) {
@@ -110,16 +114,17 @@ static moe_status matmul(int f32, int ta, int tb, int m, int n, int k, const voi
     }
     /* The cache is shared (locked); execution runs concurrently on a stream per thread. */
     static _Thread_local dnnl_stream_t stream;
+    int owned;
     pthread_mutex_lock(&dn_lock);
-    dnnl_primitive_t p = primitive(f32, ta != 0, tb != 0, beta != 0.0f, n, lda, ldb, ldc);
-    if (p && !stream && dnnl_stream_create(&stream, dn.engine, dnnl_stream_default_flags) != dnnl_success)
-        p = NULL;
+    dnnl_primitive_t p = primitive(f32, ta != 0, tb != 0, beta != 0.0f, n, lda, ldb, ldc, &owned);
+    int no_stream = p && !stream &&
+                    dnnl_stream_create(&stream, dn.engine, dnnl_stream_default_flags) != dnnl_success;
     pthread_mutex_unlock(&dn_lock);
     moe_status st = MOE_OK;
     dnnl_memory_desc_t a, b, c;
     dnnl_memory_t am = NULL, bm = NULL, cm = NULL;
     dnnl_data_type_t in = f32 ? dnnl_f32 : dnnl_bf16;
-    if (!p || !make_md(&a, in, m, k, ta, lda) || !make_md(&b, in, k, n, tb, ldb) ||
+    if (!p || no_stream || !make_md(&a, in, m, k, ta, lda) || !make_md(&b, in, k, n, tb, ldb) ||
         !make_md(&c, dnnl_f32, m, n, 0, ldc) ||
         dnnl_memory_create(&am, &a, dn.engine, (void *)A) != dnnl_success ||
         dnnl_memory_create(&bm, &b, dn.engine, (void *)B) != dnnl_success ||
@@ -134,6 +139,7 @@ static moe_status matmul(int f32, int ta, int tb, int m, int n, int k, const voi
     if (am) dnnl_memory_destroy(am);
     if (bm) dnnl_memory_destroy(bm);
     if (cm) dnnl_memory_destroy(cm);
+    if (p && owned) dnnl_primitive_destroy(p);
     return st;
 }
 
