@@ -568,29 +568,33 @@ dot_body_avx2(const float *A, int lda, const float *B, int ldb, int k, int beta1
 DOT_AVX2(1, 8) DOT_AVX2(2, 4) DOT_AVX2(3, 4) DOT_AVX2(4, 2)
 DOT_AVX2(1, 1) DOT_AVX2(2, 1) DOT_AVX2(3, 1) DOT_AVX2(4, 1)
 
-/* A set of dot tiles: R weight rows at once for M rows of A, and one at a time. */
+/* A set of dot tiles: R weight rows at once for M rows of A, and one at a time; elements of es
+ * bytes. */
 typedef struct {
+    size_t es;
     int r[MOE_GEMM_DOT_ROWS + 1];
     dot_fn tiles[MOE_GEMM_DOT_ROWS + 1], ones[MOE_GEMM_DOT_ROWS + 1];
 } dot_set;
 static const dot_set dot_sets[3] = {
-    {{0, 8, 8, 4, 4},
+    {4,
+     {0, 8, 8, 4, 4},
      {0, dot_1_8_0, dot_2_8_0, dot_3_4_0, dot_4_4_0},
      {0, dot_1_1_0, dot_2_1_0, dot_3_1_0, dot_4_1_0}},
-    {{0, 8, 8, 4, 4},
+    {2,
+     {0, 8, 8, 4, 4},
      {0, dot_1_8_1, dot_2_8_1, dot_3_4_1, dot_4_4_1},
      {0, dot_1_1_1, dot_2_1_1, dot_3_1_1, dot_4_1_1}},
-    {{0, 8, 4, 4, 2},
+    {4,
+     {0, 8, 4, 4, 2},
      {0, dot2_1_8, dot2_2_4, dot2_3_4, dot2_4_2},
      {0, dot2_1_1, dot2_2_1, dot2_3_1, dot2_4_1}}};
 enum { DOT_FP32, DOT_BF16, DOT_AVX2 };
 
-/* Weight rows [lo, hi) of C = A B^T (elements of es bytes). */
-static void gemm_nt_dot(const dot_set *set, size_t es, int m, int lo, int hi, int k,
-                        const void *A, int lda, const void *B, int ldb, int beta1, float *C,
-                        int ldc) {
+/* Weight rows [lo, hi) of C = A B^T. */
+static void gemm_nt_dot(const dot_set *set, int m, int lo, int hi, int k, const void *A, int lda,
+                        const void *B, int ldb, int beta1, float *C, int ldc) {
     const char *b = B;
-    size_t row = (size_t)ldb * es;
+    size_t row = (size_t)ldb * set->es;
     int R = set->r[m], j = lo;
     for (; j + R <= hi; j += R) set->tiles[m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
     for (; j < hi; j++) set->ones[m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
@@ -601,18 +605,17 @@ static int dot_run(int set, int m, int n, int k, const void *A, int lda, const v
     if (m < 1 || m > MOE_GEMM_DOT_ROWS || n < 1 || k < 1 || (beta != 0.0f && beta != 1.0f))
         return 0;
     const dot_set *s = &dot_sets[set];
-    size_t es = set == DOT_BF16 ? 2 : 4;
     int parts = omp_in_parallel() ? 1 : moe_num_threads();
     parts = parts < n / 64 ? parts : n / 64;
     if (parts <= 1) {
-        gemm_nt_dot(s, es, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+        gemm_nt_dot(s, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
         return 1;
     }
 #pragma omp parallel num_threads(parts)
     {
         int lo, hi;
         moe_part16(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        gemm_nt_dot(s, es, m, lo, hi, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+        gemm_nt_dot(s, m, lo, hi, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
     }
     return 1;
 }
@@ -652,7 +655,7 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
         return MOE_OK;
     }
     if (tb && m <= MOE_GEMM_DOT_ROWS && __builtin_cpu_supports("avx512bw")) {
-        gemm_nt_dot(&dot_sets[DOT_FP32], 4, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+        gemm_nt_dot(&dot_sets[DOT_FP32], m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
         return MOE_OK;
     }
     if (tb) {
