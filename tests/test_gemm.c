@@ -141,14 +141,17 @@ static void test_dnnl_fp32(void **state) {
  * and k even (paired rows after 0, 1, 2 and 3 vectors: m = 8, 150, 40, 49) and odd; NT's
  * columns in several panels of 48, the last one partial (n = 77, 97, 130, 200); NT with 1-4
  * rows (dot products: 8 or 4 weight rows at a time and the rest one by one, k past the
- * prefetch distance and not a multiple of 16); then random shapes. */
+ * prefetch distance and not a multiple of 16); TN (copied operands) with k past one block of
+ * 128 and past two, columns past one block of 1024 and a last row tile of 5; then random
+ * shapes. */
 static void test_small(void **state) {
     (void)state;
     if (!moe_gemm_small_available()) skip(); /* no AVX-512 */
     static const int shapes[][3] = {{37, 29, 53}, {150, 77, 600}, {5, 200, 3}, {64, 33, 129},
                                     {16, 1, 700}, {1, 16, 1}, {49, 64, 1100}, {13, 130, 65},
                                     {203, 97, 515}, {40, 29, 96}, {8, 37, 64}, {7, 130, 2},
-                                    {1, 29, 300}, {2, 19, 17}, {3, 11, 5}, {4, 70, 129}};
+                                    {1, 29, 300}, {2, 19, 17}, {3, 11, 5}, {4, 70, 129},
+                                    {21, 1100, 260}};
     uint64_t seed = tu_seed() + 200;
     for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
         for (int c = 0; c < 6; c++)

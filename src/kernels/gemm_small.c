@@ -8,7 +8,8 @@
  * 16-float vectors of a "vector" operand (row k contiguous: b + k * ldb), accumulated over k in
  * MR x NV registers:
  *   NN  C = A B        broadcast A (sai = lda, sak = 1), vectors of B's rows;
- *   TN  C = A^T B      broadcast A (sai = 1, sak = lda), vectors of B's rows;
+ *   TN  C = A^T B      broadcast A's columns, vectors of B's rows, both first copied to a
+ *                      thread's scratch (gemm_tn), a row tile's panels in one call (tn_row8);
  *   NT  C = A B^T      computed as C^T = B A^T: broadcast B's rows (the weights), vectors of A^T,
  *                      which is transposed into a thread's scratch 64 rows and KC columns at a
  *                      time; the tiles of 48 weight rows are staged and written to C transposed
@@ -22,6 +23,7 @@
 #include "core/core.h"
 
 #include <omp.h>
+#include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -294,11 +296,10 @@ static SMALL_TARGET void flush_panel(const tile_dst *d, const float *stage, int 
     }
 }
 
-/* Which operand streams from memory (the expert's weights, or for TN the weight gradient C);
- * the loop order and the prefetches follow from it. */
-enum { STREAM_VEC, STREAM_BCAST, STREAM_C };
+/* Which operand streams from memory (the expert's weights); the loop order and the
+ * prefetches follow from it. TN has its own loop (gemm_tn). */
+enum { STREAM_VEC, STREAM_BCAST };
 #define PF_FLOATS 128 /* floats of each broadcast row ahead (STREAM_BCAST) */
-#define PF_TILES_C 2 /* tiles ahead whose C is prefetched (STREAM_C) */
 #define KB 64         /* rows of the vector operand per block (STREAM_VEC) */
 
 typedef struct {
@@ -309,6 +310,14 @@ typedef struct {
     const float *xr; /* NT: the paired rows (the last vector of every tile), or NULL */
     float *stage;    /* NT: NT_PANEL x NT_ROWS floats (flush_panel) */
 } tile_job;
+
+/* The valid lanes of a tile's nv vectors with `left` columns from its first. */
+static void set_masks(tile_args *t, int nv, int left) {
+    for (int v = 0; v < nv; v++) {
+        int lanes = left - 16 * v >= 16 ? 16 : left - 16 * v;
+        t->mask[v] = (__mmask16)((1u << lanes) - 1u);
+    }
+}
 
 static int vectors_at(const tile_job *j, int n0) {
     int left = j->N - n0;
@@ -321,10 +330,7 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
     int left = j->N - n0, nv = vectors_at(j, n0);
     tile_args t = {.a = j->a + i0 * j->sai + k0 * j->sak, .b = j->b + k0 * j->ldb + n0,
                    .sai = j->sai, .sak = j->sak, .ldb = j->ldb, .k = kn, .pf_k = kn, .pf_mod = 1};
-    for (int v = 0; v < nv; v++) {
-        int lanes = left - 16 * v >= 16 ? 16 : left - 16 * v;
-        t.mask[v] = (__mmask16)((1u << lanes) - 1u);
-    }
+    set_masks(&t, nv, left);
     const tile_dst *d = j->d;
     if (j->stream == STREAM_VEC) {
         /* the next block of rows of B, in order, shared out over this block's tiles (tile q of
@@ -338,22 +344,13 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
         t.pf_sk = 64 * t.pf_lines;
         long left_lines = lines - per * q < per ? lines - per * q : per;
         t.pf_k = left_lines > 0 ? (int)((left_lines + t.pf_lines - 1) / t.pf_lines) : 0;
-    } else if (j->stream == STREAM_BCAST) { /* further along each row */
+    } else { /* STREAM_BCAST: further along each row */
         t.pf = (const char *)(t.a + PF_FLOATS);
         t.pf_mod = mr, t.pf_si = 4 * j->sai, t.pf_sk = 4, t.pf_lines = 1;
         /* a tile spans all of k here; none past the rows' ends, then the next tile's rows
          * from their starts */
         t.pf_k = kn > PF_FLOATS ? kn - PF_FLOATS : 0;
         if (i0 + mr < j->M) t.pf_jump = 4 * ((long)mr * j->sai - PF_FLOATS - t.pf_k), t.pf_k2 = kn;
-    } else { /* the C tile PF_TILES_C tiles further on, in run_tiles' order */
-        int step = 16 * j->nv_max, cap = mr_max[j->nv_max], span = (j->N + step - 1) / step * step;
-        int pn = n0 + PF_TILES_C * step, pi = i0;
-        while (pn >= span) pn -= span, pi += cap;
-        int pr = j->M - pi < cap ? j->M - pi : cap;
-        t.pf = (const char *)(d->c + (long)pi * d->ldc + pn);
-        t.pf_si = 4 * d->ldc, t.pf_sk = 0, t.pf_mod = pr > 0 ? pr : 1;
-        t.pf_lines = vectors_at(j, pn);
-        t.pf_k = pr > 0 && pn < j->N ? pr : 0;
     }
     if (t.pf_k2 < t.pf_k) t.pf_k2 = t.pf_k;
     if (!d->trans) t.c = d->c + i0 * d->ldc + n0, t.ldc = d->ldc, t.c_acc = d->acc || k0 > 0;
@@ -367,29 +364,22 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
 
 /* C = (or +=) the product of rows [0, M) of the broadcast operand and columns [0, N) of the
  * vector operand over K, in tiles of at most nv_max vectors and mr_max[nv] rows. NN: k in
- * blocks of KB rows of B, each block's panels used by every row tile while in L1; TN: C row
- * tiles across (each C line read and written once, in order); NT: all of k per tile. */
+ * blocks of KB rows of B, each block's panels used by every row tile while in L1; NT: all of k
+ * per tile. */
 static SMALL_TARGET void run_tiles(const tile_job *j) {
     int kb = j->stream == STREAM_VEC ? KB : j->K, step = 16 * j->nv_max;
     for (int k0 = 0; k0 < j->K; k0 += kb) {
         int kn = j->K - k0 < kb ? j->K - k0 : kb;
-        if (j->stream == STREAM_C) { /* the row tiles' height is the same in every panel */
-            int cap = mr_max[j->nv_max];
-            for (int i0 = 0; i0 < j->M; i0 += cap)
-                for (int n0 = 0; n0 < j->N; n0 += step)
-                    one_tile(j, i0, j->M - i0 < cap ? j->M - i0 : cap, n0, k0, kn);
-        } else {
-            for (int n0 = 0; n0 < j->N; n0 += step) {
-                int nv = vectors_at(j, n0), cap = j->xr ? mr_pairs[nv - 1] : mr_max[nv];
-                int panel = j->d->trans ? NT_PANEL : j->M;
-                for (int p0 = 0; p0 < j->M; p0 += panel) {
-                    int end = j->M - p0 < panel ? j->M : p0 + panel;
-                    for (int i0 = p0; i0 < end; i0 += cap)
-                        one_tile(j, i0, end - i0 < cap ? end - i0 : cap, n0, k0, kn);
-                    if (j->d->trans)
-                        flush_panel(j->d, j->stage, p0, end - p0, n0,
-                                    j->N - n0 < step ? j->N - n0 : step);
-                }
+        for (int n0 = 0; n0 < j->N; n0 += step) {
+            int nv = vectors_at(j, n0), cap = j->xr ? mr_pairs[nv - 1] : mr_max[nv];
+            int panel = j->d->trans ? NT_PANEL : j->M;
+            for (int p0 = 0; p0 < j->M; p0 += panel) {
+                int end = j->M - p0 < panel ? j->M : p0 + panel;
+                for (int i0 = p0; i0 < end; i0 += cap)
+                    one_tile(j, i0, end - i0 < cap ? end - i0 : cap, n0, k0, kn);
+                if (j->d->trans)
+                    flush_panel(j->d, j->stage, p0, end - p0, n0,
+                                j->N - n0 < step ? j->N - n0 : step);
             }
         }
     }
@@ -444,6 +434,119 @@ static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, c
             tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d,
                           pairs ? xr : NULL, stage};
             run_tiles(&j);
+        }
+    }
+}
+
+/* TN: C (+)= A^T B over the rows k of A (the gradient rows of an expert, m wide) and B (its
+ * inputs, n wide); C (the weight gradient) streams from memory, in row tiles of 8 by panels of
+ * 48 columns, each C line read and written once, in order, with the tile PF_TILES_C ahead
+ * prefetched. Both small operands are first copied to the thread's scratch, TK rows of k and
+ * TN_COLS columns of B at a time: B's panels as [k][48], a row tile's 8 columns of A as [k][8]
+ * (read where they are, their rows a few KB apart fall into a few L1 sets). A row tile's whole
+ * panels are one call (tn_row8), the rest the tiles above. With k past TK, C is read and
+ * written again per block of k: the layer takes OpenBLAS there (bench/RESULTS.md, session
+ * 22). */
+#define TK 128
+#define TN_COLS 1024
+#define TN_MR 8 /* mr_max[3] */
+#define TN_PANEL 48
+#define PF_TILES_C 2 /* tiles ahead whose C is prefetched */
+/* TN, one row tile of 8 whole rows over its panels [0, nfull) of 48 whole columns: C (+)=
+ * ap^T bp, ap [kk][8], panel q of bp at bp + 48 kn q as [kk][48]. The C tile PF_TILES_C panels
+ * ahead is prefetched a row per step, the next row tile's first ones (next, rows_next) past the
+ * block's np panels. */
+static SMALL_TARGET void tn_row8(const float *ap, const float *bp, int kn, int nfull, int np,
+                                 float *c, long ldc, int acc, const float *next, int rows_next) {
+    for (int q = 0; q < nfull; q++, c += TN_PANEL) {
+        __m512 r[TN_MR][3];
+#pragma GCC unroll 8
+        for (int i = 0; i < TN_MR; i++)
+#pragma GCC unroll 3
+            for (int v = 0; v < 3; v++)
+                r[i][v] = acc ? _mm512_loadu_ps(c + i * ldc + 16 * v) : _mm512_setzero_ps();
+        int pq = q + PF_TILES_C, pr = pq < np ? TN_MR : next ? rows_next : 0;
+        const char *pf = (const char *)(pq < np ? c + PF_TILES_C * TN_PANEL
+                                        : next  ? next + (pq - np) * TN_PANEL
+                                                : NULL);
+        const float *a = ap, *b = bp + (long)q * kn * TN_PANEL;
+        for (int kk = 0; kk < kn; kk++, a += TN_MR, b += TN_PANEL) {
+            if (kk < pr)
+#pragma GCC unroll 3
+                for (int l = 0; l < 3; l++) _mm_prefetch(pf + 4 * kk * ldc + 64 * l, _MM_HINT_T0);
+            __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16),
+                   b2 = _mm512_load_ps(b + 32);
+#pragma GCC unroll 8
+            for (int i = 0; i < TN_MR; i++) {
+                __m512 ai = _mm512_set1_ps(a[i]);
+                r[i][0] = _mm512_fmadd_ps(ai, b0, r[i][0]);
+                r[i][1] = _mm512_fmadd_ps(ai, b1, r[i][1]);
+                r[i][2] = _mm512_fmadd_ps(ai, b2, r[i][2]);
+            }
+        }
+        for (int row = kn; row < pr; row++) /* k shorter than the tile */
+            for (int l = 0; l < 3; l++) _mm_prefetch(pf + 4 * row * ldc + 64 * l, _MM_HINT_T0);
+#pragma GCC unroll 8
+        for (int i = 0; i < TN_MR; i++)
+#pragma GCC unroll 3
+            for (int v = 0; v < 3; v++) _mm512_storeu_ps(c + i * ldc + 16 * v, r[i][v]);
+    }
+}
+
+static SMALL_TARGET void gemm_tn(int m, int n, int k, const float *A, int lda, const float *B,
+                                 int ldb, int beta1, float *C, int ldc) {
+    /* whole panels: the last one of a block padded to 48 columns */
+    static _Thread_local float bp[(TN_COLS + TN_PANEL - 1) / TN_PANEL * TN_PANEL * TK]
+        __attribute__((aligned(64)));
+    static _Thread_local float ap[TN_MR * TK] __attribute__((aligned(64)));
+    __m512 out[64];
+    for (int k0 = 0; k0 < k; k0 += TK) {
+        int kn = k - k0 < TK ? k - k0 : TK;
+        for (int c0 = 0; c0 < n; c0 += TN_COLS) {
+            int cn = n - c0 < TN_COLS ? n - c0 : TN_COLS, np = (cn + TN_PANEL - 1) / TN_PANEL;
+            for (int q = 0; q < np; q++) /* panel q: [kk][48] */
+                for (int kk = 0; kk < kn; kk++) {
+                    int w = cn - q * TN_PANEL < TN_PANEL ? cn - q * TN_PANEL : TN_PANEL;
+                    memcpy(bp + ((long)q * kn + kk) * TN_PANEL,
+                           B + (long)(k0 + kk) * ldb + c0 + q * TN_PANEL, sizeof(float) * w);
+                }
+            for (int i0 = 0; i0 < m; i0 += TN_MR) {
+                int mr = m - i0 < TN_MR ? m - i0 : TN_MR;
+                __mmask16 am = (__mmask16)((1u << mr) - 1u);
+                for (int kk = 0; kk < kn; kk++) { /* the row tile's 8 lanes, 0 past m */
+                    const float *row = A + (long)(k0 + kk) * lda + i0;
+                    _mm512_mask_storeu_ps(ap + kk * TN_MR, 0xFF, _mm512_maskz_loadu_ps(am, row));
+                }
+                int q = 0;
+                if (mr == TN_MR) {
+                    q = cn / TN_PANEL;
+                    int rn = m - i0 - TN_MR < TN_MR ? m - i0 - TN_MR : TN_MR;
+                    tn_row8(ap, bp, kn, q, np, C + (long)i0 * ldc + c0, ldc, beta1 || k0 > 0,
+                            rn > 0 ? C + (long)(i0 + TN_MR) * ldc + c0 : NULL, rn);
+                }
+                for (; q < np; q++) {
+                    /* the panel's columns within this block */
+                    int n0 = c0 + q * TN_PANEL, left = c0 + cn - n0;
+                    int nv = left >= TN_PANEL ? 3 : (left + 15) / 16;
+                    tile_args t = {.a = ap, .b = bp + (long)q * kn * TN_PANEL, .sai = 1,
+                                   .sak = TN_MR, .ldb = TN_PANEL, .k = kn, .pf_mod = 1,
+                                   .c = C + (long)i0 * ldc + n0, .ldc = ldc,
+                                   .c_acc = beta1 || k0 > 0};
+                    set_masks(&t, nv, left);
+                    /* the C tile PF_TILES_C tiles further on in this order */
+                    int pq = q + PF_TILES_C, pi = i0;
+                    while (pq >= np) pq -= np, pi += TN_MR;
+                    int pr = m - pi < TN_MR ? m - pi : TN_MR, pn = c0 + pq * TN_PANEL;
+                    if (pr > 0) {
+                        int pl = c0 + cn - pn;
+                        t.pf = (const char *)(C + (long)pi * ldc + pn);
+                        t.pf_si = 4L * ldc, t.pf_mod = pr, t.pf_k = pr;
+                        t.pf_lines = pl >= TN_PANEL ? 3 : (pl + 15) / 16;
+                    }
+                    t.pf_k2 = t.pf_k;
+                    tiles[nv][mr](&t, out);
+                }
+            }
         }
     }
 }
@@ -662,9 +765,12 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
         gemm_nt(m, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
         return MOE_OK;
     }
+    if (ta) {
+        gemm_tn(m, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
+        return MOE_OK;
+    }
     tile_dst d = {C, ldc, 0, beta != 0.0f};
-    tile_job j = {m, n, k, 3, ta ? STREAM_C : STREAM_VEC, A, B, ta ? 1 : lda,
-                  ta ? lda : 1, ldb, &d, NULL, NULL};
+    tile_job j = {m, n, k, 3, STREAM_VEC, A, B, lda, 1, ldb, &d, NULL, NULL};
     run_tiles(&j);
     return MOE_OK;
 }

@@ -12,30 +12,32 @@
 #include <string.h>
 
 /* Which library multiplies the fp32 expert blocks while the experts are spread over the
- * threads (one single-threaded GEMM per block), per layout: NN, TN, NT with at most
- * SMALL_NT_ROWS rows, NT with more. MOE_EXPERT_GEMM: "auto" (default) takes the fastest
- * measured (bench/RESULTS.md, Scaling): oneDNN for NN (dy W_out, dh W_in) and for NT with many
- * rows, OpenBLAS for TN (the weight gradients), our AVX-512 tiles for NT with at most 192 rows
- * (the forward's x W_in^T and a W_out^T of an expert with few rows: the tiles read each weight
- * once per 64 rows and pack nothing; measured ahead of both libraries up to 192 rows, even at
- * 256, behind from 512; also NN without oneDNN); "blas", "dnnl" (NN and NT) and "small" (all)
- * for comparisons. */
+ * threads (one single-threaded GEMM per block), per layout: NN, TN with more than SMALL_TN_ROWS
+ * rows, NT with at most SMALL_NT_ROWS rows, NT with more, TN with at most SMALL_TN_ROWS rows.
+ * MOE_EXPERT_GEMM: "auto" (default) takes the fastest measured (bench/RESULTS.md, Scaling):
+ * oneDNN for NN (dy W_out, dh W_in) and for NT with many rows, our AVX-512 tiles for NT with at
+ * most 192 rows (the forward's x W_in^T and a W_out^T of an expert with few rows: the tiles
+ * read each weight once per 64 rows and pack nothing; measured ahead of both libraries up to
+ * 192 rows, even at 256, behind from 512; also NN without oneDNN) and for TN (the weight
+ * gradients) with at most 128 rows (ahead of OpenBLAS from 16 to 128 rows, behind from 256),
+ * OpenBLAS for TN with more; "blas", "dnnl" (NN and NT) and "small" (all) for comparisons. */
 enum { EG_BLAS, EG_DNNL, EG_SMALL };
 #define SMALL_NT_ROWS 192
+#define SMALL_TN_ROWS 128
 static pthread_once_t eg_once = PTHREAD_ONCE_INIT;
-static int eg_choice[4];
+static int eg_choice[5];
 static void read_expert_gemm(void) {
     const char *v = getenv("MOE_EXPERT_GEMM");
     int dnnl = moe_gemm_dnnl_available() ? EG_DNNL : EG_BLAS;
     int small = moe_gemm_small_available() ? EG_SMALL : EG_BLAS;
-    int auto_choice[4] = {dnnl != EG_BLAS ? dnnl : small, EG_BLAS, small, dnnl};
+    int auto_choice[5] = {dnnl != EG_BLAS ? dnnl : small, EG_BLAS, small, dnnl, small};
     if (v && *v && strcmp(v, "auto") && strcmp(v, "blas") && strcmp(v, "dnnl") &&
         strcmp(v, "small"))
         fprintf(stderr, "moe: MOE_EXPERT_GEMM=%s is not auto, blas, dnnl or small: using auto\n",
                 v);
-    for (int l = 0; l < 4; l++) {
+    for (int l = 0; l < 5; l++) {
         if (v && !strcmp(v, "blas")) eg_choice[l] = EG_BLAS;
-        else if (v && !strcmp(v, "dnnl")) eg_choice[l] = l == 1 ? EG_BLAS : dnnl;
+        else if (v && !strcmp(v, "dnnl")) eg_choice[l] = l == 1 || l == 4 ? EG_BLAS : dnnl;
         else if (v && !strcmp(v, "small")) eg_choice[l] = small;
         else eg_choice[l] = auto_choice[l];
     }
@@ -47,7 +49,7 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
                      float beta, float *C, int ldc) {
     if (!b16) {
         pthread_once(&eg_once, read_expert_gemm);
-        int layout = ta ? 1 : !tb ? 0 : m <= SMALL_NT_ROWS ? 2 : 3;
+        int layout = ta ? (k <= SMALL_TN_ROWS ? 4 : 1) : !tb ? 0 : m <= SMALL_NT_ROWS ? 2 : 3;
         /* single-threaded GEMMs (inside the experts' parallel loop, or one thread in all):
          * the measured choice, OpenBLAS meaning OpenBLAS itself (moe_gemm would take oneDNN
          * for NN and TN with one thread); otherwise moe_gemm's choice over the threads */
