@@ -452,12 +452,26 @@ static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, c
 #define TN_MR 8 /* mr_max[3] */
 #define TN_PANEL 48
 #define PF_TILES_C 2 /* tiles ahead whose C is prefetched */
-/* TN, one row tile of 8 whole rows over its panels [0, nfull) of 48 whole columns: C (+)=
- * ap^T bp, ap [kk][8], panel q of bp at bp + 48 kn q as [kk][48]. The C tile PF_TILES_C panels
- * ahead is prefetched a row per step, the next row tile's first ones (next, rows_next) past the
- * block's np panels. */
+/* Where a TN block's C tile PF_TILES_C tiles after panel q of row tile i0 starts (the block:
+ * cn columns from c0 in np panels to a row tile, then the next row tile), its rows (0: none,
+ * NULL) and its lines per row. */
+static const char *tn_ahead(float *C, long ldc, int m, int c0, int cn, int np, int i0, int q,
+                            int *rows, int *lines) {
+    int pq = q + PF_TILES_C, pi = i0;
+    while (pq >= np) pq -= np, pi += TN_MR;
+    int left = cn - pq * TN_PANEL;
+    *rows = m - pi < TN_MR ? m - pi : TN_MR;
+    *lines = left >= TN_PANEL ? 3 : (left + 15) / 16;
+    if (*rows <= 0) return *rows = 0, NULL;
+    return (const char *)(C + (long)pi * ldc + c0 + pq * TN_PANEL);
+}
+
+/* TN, row tile i0 of 8 whole rows over its panels [0, nfull) of 48 whole columns from c0:
+ * C (+)= ap^T bp, ap [kk][8], panel q of bp at bp + 48 kn q as [kk][48]; the C tile
+ * PF_TILES_C tiles ahead prefetched a row per step. */
 static SMALL_TARGET void tn_row8(const float *ap, const float *bp, int kn, int nfull, int np,
-                                 float *c, long ldc, int acc, const float *next, int rows_next) {
+                                 float *C, long ldc, int m, int c0, int cn, int i0, int acc) {
+    float *c = C + (long)i0 * ldc + c0;
     for (int q = 0; q < nfull; q++, c += TN_PANEL) {
         __m512 r[TN_MR][3];
 #pragma GCC unroll 8
@@ -465,15 +479,12 @@ static SMALL_TARGET void tn_row8(const float *ap, const float *bp, int kn, int n
 #pragma GCC unroll 3
             for (int v = 0; v < 3; v++)
                 r[i][v] = acc ? _mm512_loadu_ps(c + i * ldc + 16 * v) : _mm512_setzero_ps();
-        int pq = q + PF_TILES_C, pr = pq < np ? TN_MR : next ? rows_next : 0;
-        const char *pf = (const char *)(pq < np ? c + PF_TILES_C * TN_PANEL
-                                        : next  ? next + (pq - np) * TN_PANEL
-                                                : NULL);
+        int pr, pl;
+        const char *pf = tn_ahead(C, ldc, m, c0, cn, np, i0, q, &pr, &pl);
         const float *a = ap, *b = bp + (long)q * kn * TN_PANEL;
         for (int kk = 0; kk < kn; kk++, a += TN_MR, b += TN_PANEL) {
             if (kk < pr)
-#pragma GCC unroll 3
-                for (int l = 0; l < 3; l++) _mm_prefetch(pf + 4 * kk * ldc + 64 * l, _MM_HINT_T0);
+                for (int l = 0; l < pl; l++) _mm_prefetch(pf + 4 * kk * ldc + 64 * l, _MM_HINT_T0);
             __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16),
                    b2 = _mm512_load_ps(b + 32);
 #pragma GCC unroll 8
@@ -485,7 +496,7 @@ static SMALL_TARGET void tn_row8(const float *ap, const float *bp, int kn, int n
             }
         }
         for (int row = kn; row < pr; row++) /* k shorter than the tile */
-            for (int l = 0; l < 3; l++) _mm_prefetch(pf + 4 * row * ldc + 64 * l, _MM_HINT_T0);
+            for (int l = 0; l < pl; l++) _mm_prefetch(pf + 4 * row * ldc + 64 * l, _MM_HINT_T0);
 #pragma GCC unroll 8
         for (int i = 0; i < TN_MR; i++)
 #pragma GCC unroll 3
@@ -499,17 +510,16 @@ static SMALL_TARGET void gemm_tn(int m, int n, int k, const float *A, int lda, c
     static _Thread_local float bp[(TN_COLS + TN_PANEL - 1) / TN_PANEL * TN_PANEL * TK]
         __attribute__((aligned(64)));
     static _Thread_local float ap[TN_MR * TK] __attribute__((aligned(64)));
-    __m512 out[64];
     for (int k0 = 0; k0 < k; k0 += TK) {
         int kn = k - k0 < TK ? k - k0 : TK;
         for (int c0 = 0; c0 < n; c0 += TN_COLS) {
             int cn = n - c0 < TN_COLS ? n - c0 : TN_COLS, np = (cn + TN_PANEL - 1) / TN_PANEL;
-            for (int q = 0; q < np; q++) /* panel q: [kk][48] */
-                for (int kk = 0; kk < kn; kk++) {
-                    int w = cn - q * TN_PANEL < TN_PANEL ? cn - q * TN_PANEL : TN_PANEL;
+            for (int q = 0; q < np; q++) { /* panel q: [kk][48] */
+                int w = cn - q * TN_PANEL < TN_PANEL ? cn - q * TN_PANEL : TN_PANEL;
+                for (int kk = 0; kk < kn; kk++)
                     memcpy(bp + ((long)q * kn + kk) * TN_PANEL,
                            B + (long)(k0 + kk) * ldb + c0 + q * TN_PANEL, sizeof(float) * w);
-                }
+            }
             for (int i0 = 0; i0 < m; i0 += TN_MR) {
                 int mr = m - i0 < TN_MR ? m - i0 : TN_MR;
                 __mmask16 am = (__mmask16)((1u << mr) - 1u);
@@ -520,9 +530,7 @@ static SMALL_TARGET void gemm_tn(int m, int n, int k, const float *A, int lda, c
                 int q = 0;
                 if (mr == TN_MR) {
                     q = cn / TN_PANEL;
-                    int rn = m - i0 - TN_MR < TN_MR ? m - i0 - TN_MR : TN_MR;
-                    tn_row8(ap, bp, kn, q, np, C + (long)i0 * ldc + c0, ldc, beta1 || k0 > 0,
-                            rn > 0 ? C + (long)(i0 + TN_MR) * ldc + c0 : NULL, rn);
+                    tn_row8(ap, bp, kn, q, np, C, ldc, m, c0, cn, i0, beta1 || k0 > 0);
                 }
                 for (; q < np; q++) {
                     /* the panel's columns within this block */
@@ -533,18 +541,11 @@ static SMALL_TARGET void gemm_tn(int m, int n, int k, const float *A, int lda, c
                                    .c = C + (long)i0 * ldc + n0, .ldc = ldc,
                                    .c_acc = beta1 || k0 > 0};
                     set_masks(&t, nv, left);
-                    /* the C tile PF_TILES_C tiles further on in this order */
-                    int pq = q + PF_TILES_C, pi = i0;
-                    while (pq >= np) pq -= np, pi += TN_MR;
-                    int pr = m - pi < TN_MR ? m - pi : TN_MR, pn = c0 + pq * TN_PANEL;
-                    if (pr > 0) {
-                        int pl = c0 + cn - pn;
-                        t.pf = (const char *)(C + (long)pi * ldc + pn);
-                        t.pf_si = 4L * ldc, t.pf_mod = pr, t.pf_k = pr;
-                        t.pf_lines = pl >= TN_PANEL ? 3 : (pl + 15) / 16;
-                    }
-                    t.pf_k2 = t.pf_k;
-                    tiles[nv][mr](&t, out);
+                    int pr, pl; /* the C tile PF_TILES_C tiles ahead, a row per step */
+                    t.pf = tn_ahead(C, ldc, m, c0, cn, np, i0, q, &pr, &pl);
+                    if (pr)
+                        t.pf_si = 4L * ldc, t.pf_mod = pr, t.pf_k = t.pf_k2 = pr, t.pf_lines = pl;
+                    tiles[nv][mr](&t, NULL); /* into C (t.c): out unused */
                 }
             }
         }
