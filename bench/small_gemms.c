@@ -78,7 +78,8 @@ int main(void) {
     size_t n = (size_t)2048 * 2048;
     float *A = malloc(n * 4), *B = malloc(n * 4), *C = malloc(n * 4);
     for (size_t i = 0; i < n; i++) A[i] = (float)(i % 13) * 0.01f, B[i] = (float)(i % 7) * 0.01f;
-    moe_gemm(0, 0, 16, 16, 16, 1.0f, A, 16, B, 16, 0.0f, C, 16); /* loads the BLAS */
+    moe_gemm_blas(0, 0, 16, 16, 16, 1.0f, A, 16, B, 16, 0.0f, C, 16); /* loads the BLAS (moe_gemm
+                                                                     * may not call it) */
     sgemm_fn blas = (sgemm_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "cblas_sgemm");
     if (!blas) return fprintf(stderr, "cblas_sgemm not found\n"), 1;
     printf("%s, %d threads\nwhole products on all threads, GFLOP/s: moe_gemm | BLAS threading\n",
