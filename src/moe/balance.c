@@ -10,13 +10,9 @@
 
 static int token_valid(const moe_fwd_state *st, int t) { return !st->mask || st->mask[t]; }
 
-/* Aux-loss scores P[e] of one token: softmax scores as they are, sigmoid-like ones
- * normalised over E (+1e-20 as Megatron-Core: scores that all underflow give 0, not NaN). */
-static void aux_scores(moe_score_fn fn, int E, const double *p, double *P) {
-    if (fn == MOE_SCORE_SOFTMAX) {
-        for (int e = 0; e < E; e++) P[e] = p[e];
-        return;
-    }
+/* Aux-loss scores P[e] of one token from sigmoid-like scores p: normalised over E (+1e-20 as
+ * Megatron-Core: scores that all underflow give 0, not NaN). Softmax scores are their own. */
+static void aux_scores(int E, const double *p, double *P) {
     double s = 1e-20;
     for (int e = 0; e < E; e++) s += p[e];
     for (int e = 0; e < E; e++) P[e] = p[e] / s;
@@ -41,7 +37,21 @@ void moe_balance_forward(moe_layer *L) {
     int S = c->lb_type == MOE_LB_SEQ_AUX ? st->seq_len : T;
     int B = T / S;
     st->n_seq = B;
-    double P[E];
+    /* each valid token's scores P (softmax ones as they are, others normalised into the call
+     * scratch st->key) and the top k of them (st->scratch, k per token: the selection is done,
+     * the dispatch not begun) over the threads; the sums below stay on one thread in token
+     * order, so the losses are bitwise those of one thread (bench/RESULTS.md, session 23) */
+    int soft = c->score == MOE_SCORE_SOFTMAX;
+    const double *P = soft ? st->p : st->key;
+    int32_t *top = st->scratch;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        if (!token_valid(st, t)) continue;
+        if (!soft) aux_scores(E, st->p + (size_t)t * E, st->key + (size_t)t * E);
+        /* the top k of the unbiased scores (Megatron's routing map for the aux loss): the
+         * expert bias, group limits and random routing change the selection, not this */
+        moe_topk_desc(E, P + (size_t)t * E, k, top + (size_t)t * k);
+    }
     for (int b = 0; b < B; b++) {
         double *coef = st->aux_coef + (size_t)b * E;
         double Pm[E], cnt[E];
@@ -50,13 +60,8 @@ void moe_balance_forward(moe_layer *L) {
         for (int t = b * S; t < (b + 1) * S; t++) {
             if (!token_valid(st, t)) continue;
             tv++;
-            aux_scores(c->score, E, st->p + (size_t)t * E, P);
-            for (int e = 0; e < E; e++) Pm[e] += P[e];
-            /* the top k of the unbiased scores (Megatron's routing map for the aux loss): the
-             * expert bias, group limits and random routing change the selection, not this */
-            int top[k];
-            moe_topk_desc(E, P, k, top);
-            for (int j = 0; j < k; j++) cnt[top[j]] += 1;
+            for (int e = 0; e < E; e++) Pm[e] += P[(size_t)t * E + e];
+            for (int j = 0; j < k; j++) cnt[top[(size_t)t * k + j]] += 1;
         }
         for (int e = 0; e < E; e++) coef[e] = 0;
         double denom = (double)k * (double)tv;
