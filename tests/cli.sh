@@ -55,18 +55,20 @@ grep -q "unknown option --hidden-act" "$tmp/out" || fail "hidden-act: $(cat "$tm
 # the zero rows of pad-to-capacity; no token dropped at capacity factor 4), and the model's
 # multi-head latent attention (q through its latent, the kv latent and rotary key, o)
 expect 0 "$moe" bench layer --tokens 256 --hidden-size 64 --moe-ffn-hidden-size 32 --num-experts 8 \
-  --moe-router-topk 2 --iters 1 --moe-expert-capacity-factor 4 --moe-pad-expert-input-to-capacity --json
+  --moe-router-topk 2 --iters 1 --moe-expert-capacity-factor 4 --moe-pad-expert-input-to-capacity \
+  --ceiling-size 256 --json
 /usr/bin/python3 -c "
 import json, sys
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
 T, d, f, E, k = 256, 64, 32, 8, 2
 want = 3 * (2 * T * d * E + T * k * 2 * d * 3 * f) / 1e9  # forward + backward, SwiGLU
-sys.exit(0 if r['dropped_fraction'] == 0 and abs(r['gflop_per_call'] - want) < 1e-9 else 1)
+sys.exit(0 if r['dropped_fraction'] == 0 and abs(r['gflop_per_call'] - want) < 1e-9
+         and r['sgemm_n'] == 256 and r['sgemm_gflops'] > 0 else 1)
 " "$tmp/out" || fail "bench layer FLOPs with padding: $(cat "$tmp/out")"
 expect 0 "$moe" bench train --num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-experts 4 \
   --moe-router-topk 2 --moe-ffn-hidden-size 16 --seq-length 16 --micro-batch-size 1 \
   --global-batch-size 1 --kv-lora-rank 8 --q-lora-rank 12 --qk-head-dim 6 \
-  --qk-pos-emb-head-dim 4 --v-head-dim 5 --moe-router-pre-softmax --iters 1 --json
+  --qk-pos-emb-head-dim 4 --v-head-dim 5 --moe-router-pre-softmax --iters 1 --ceiling-size 256 --json
 /usr/bin/python3 -c "
 import json, sys
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
@@ -81,7 +83,8 @@ sys.exit(0 if abs(r['mflop_per_token'] - want) < 1e-6 else 1)
 expect 0 "$moe" bench train --num-layers 2 --hidden-size 32 --num-attention-heads 4 \
   --num-query-groups 2 --num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 16 \
   --ffn-hidden-size 24 --first-k-dense 1 --moe-shared-expert-intermediate-size 8 --seq-length 16 \
-  --micro-batch-size 3 --global-batch-size 3 --moe-router-pre-softmax --iters 1 --json
+  --micro-batch-size 3 --global-batch-size 3 --moe-router-pre-softmax --iters 1 --ceiling-size 256 \
+  --json
 /usr/bin/python3 -c "
 import json, sys
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
@@ -97,7 +100,7 @@ sys.exit(0 if abs(r['minimum_mb'] - want) < 1e-3 and r['minimum_mb'] < r['alloca
 # would time steps without their update
 expect 1 "$moe" bench train --num-layers 1 --hidden-size 32 --num-attention-heads 4 \
   --num-experts 4 --seq-length 16 --micro-batch-size 2 --global-batch-size 2 --iters 8 \
-  --lr 1e9 --clip-grad 0 --lr-warmup-iters 0
+  --lr 1e9 --clip-grad 0 --lr-warmup-iters 0 --ceiling-size 256
 grep -q "not finite" "$tmp/out" && ! grep -q "tokens/s" "$tmp/out" \
   || fail "bench train with a skipped step: $(cat "$tmp/out")"
 # --device cuda where there is no GPU (CI) or no CUDA in the build: one clear line, exit 1;
@@ -115,11 +118,15 @@ else
   grep -q "CUDA" "$tmp/out" || fail "bench generate --device cuda: $(cat "$tmp/out")"
 fi
 expect 2 "$moe" bench train --device tpu
+# the CPU's ceiling sized on the GPU: refused before any device is looked for
+expect 2 "$moe" bench layer --device cuda --ceiling-size 256
+grep -q "ceiling-size sizes the CPU's ceiling" "$tmp/out" || fail "--ceiling-size on cuda: $(cat "$tmp/out")"
 # bench generate: the parameter bytes a decoding step reads, against the tensor shapes: every
 # parameter when each token goes to every expert (tied embeddings: the output layer reads the
 # whole table); with one expert per token and untied embeddings, one embedding row and one
 # expert (of d x 3f floats, SwiGLU) per layer
-small="--num-layers 2 --hidden-size 64 --seq-length 32 --num-experts 4 --moe-ffn-hidden-size 96"
+small="--num-layers 2 --hidden-size 64 --seq-length 32 --num-experts 4 --moe-ffn-hidden-size 96
+  --ceiling-size 256"
 expect 0 "$moe" bench generate $small --moe-router-topk 4 --json
 /usr/bin/python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))
 assert r["decode_param_mb"] == round(4 * r["params"] / 2**20, 3), r

@@ -29,11 +29,11 @@ double moe_cli_layer_flops(const moe_layer_config *c, int T, const moe_layer_sta
            (double)T * per_row * c->shared_ffn;
 }
 
-/* The fp32 ceiling line of both benchmarks (moe_gemm_peak). */
-static void print_ceiling(double peak) {
-    printf("ceiling: SGEMM 2048^3 = %.1f GFLOP/s (best of 4 layouts x 5 calls through OpenBLAS "
+/* The fp32 ceiling line of the benchmarks on the CPU (moe_gemm_peak of side n). */
+static void print_ceiling(double peak, int n) {
+    printf("ceiling: SGEMM %d^3 = %.1f GFLOP/s (best of 4 layouts x 5 calls through OpenBLAS "
            "split over the threads, OpenBLAS's threads%s; this run)\n",
-           1e-9 * peak, moe_gemm_dnnl_available() ? " and oneDNN" : "");
+           n, 1e-9 * peak, moe_gemm_dnnl_available() ? " and oneDNN" : "");
 }
 
 /* Memory bandwidth (bytes/s): best of 5 STREAM-style triads a = b + s c over 64 MiB arrays,
@@ -93,7 +93,8 @@ static int bench_layer(moe_options *o, int json) {
         x[i] = 2 * moe_rng_uniform(c->seed, stream, i) - 1;
         dout[i] = 2 * moe_rng_uniform(c->seed, stream, n + i) - 1;
     }
-    double peak = moe_gemm_peak(2048, 5), peak16 = c->expert_bf16 ? moe_gemm_bf16_peak(2048, 5) : 0;
+    int cn = o->ceiling_n;
+    double peak = moe_gemm_peak(cn, 5), peak16 = c->expert_bf16 ? moe_gemm_bf16_peak(cn, 5) : 0;
     double bw = stream_bandwidth();
     moe_forward_args a = moe_forward_args_default();
     double t_fwd = 0, t_bwd = 0, flops = 0;
@@ -129,13 +130,13 @@ static int bench_layer(moe_options *o, int json) {
            of_roof = t_roof / ((t_fwd + t_bwd) / iters);
     if (json) {
         printf("{\"bench\":\"layer\",\"T\":%d,\"d\":%d,\"ffn\":%d,\"E\":%d,\"k\":%d,\"threads\":%d,"
-               "\"gemm\":\"%s\",\"sgemm_gflops\":%.2f,\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,"
+               "\"gemm\":\"%s\",\"sgemm_n\":%d,\"sgemm_gflops\":%.2f,\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,"
                "\"fwd_gflops\":%.2f,\"fwd_bwd_gflops\":%.2f,\"fraction_of_sgemm\":%.4f,"
                "\"dropped_fraction\":%.4f,\"bf16\":%d,\"bf16_gemm_gflops\":%.2f,"
                "\"stream_gbs\":%.2f,\"roofline_ms\":%.4f,\"fraction_of_roofline\":%.4f,"
                "\"gflop_per_call\":%.9f,\"stages_ms\":{",
                T, c->d, c->ffn, c->n_experts, c->topk, omp_get_max_threads(), moe_gemm_backend(),
-               1e-9 * peak, 1e3 * t_fwd / iters, 1e3 * t_bwd / iters, 1e-9 * fwd_rate,
+               cn, 1e-9 * peak, 1e3 * t_fwd / iters, 1e3 * t_bwd / iters, 1e-9 * fwd_rate,
                1e-9 * all_rate, all_rate / peak, ls->dropped_fraction, c->expert_bf16,
                1e-9 * peak16, 1e-9 * bw, 1e3 * t_roof, of_roof, 3e-9 * flops / iters);
         for (int s = 0; s < MOE_STAGE_COUNT; s++)
@@ -146,10 +147,10 @@ static int bench_layer(moe_options *o, int json) {
                T, c->d, c->ffn, c->n_experts, c->topk, c->shared_ffn,
                c->expert_bf16 ? "bf16" : "fp32", omp_get_max_threads());
         printf("GEMM library: %s\n", moe_gemm_backend());
-        print_ceiling(peak);
+        print_ceiling(peak, cn);
         if (c->expert_bf16)
-            printf("ceiling: bf16 GEMM 2048^3 (oneDNN) = %.1f GFLOP/s (best of 4 layouts x 5 calls, this run); the "
-                   "layer reaches %.1f%% of it\n", 1e-9 * peak16,
+            printf("ceiling: bf16 GEMM %d^3 (oneDNN) = %.1f GFLOP/s (best of 4 layouts x 5 calls, this run); the "
+                   "layer reaches %.1f%% of it\n", cn, 1e-9 * peak16,
                    100 * 3 * flops / (t_fwd + t_bwd) / peak16);
         double total = t_fwd + t_bwd;
         printf("%-20s %10s %7s\n", "stage", "ms/call", "share");
@@ -345,9 +346,11 @@ static double model_flops_per_token(const moe_model_config *c) {
 
 /* The GEMM rate (FLOP/s) a model's figures are set against: the large SGEMM of the CPU, or on
  * the GPU cuBLAS's fp32 rate (the model computes in fp32). */
-static double model_gemm_ceiling(int device) {
-    if (!device) return moe_gemm_peak(2048, 5);
-    return 2.0 * 8192 * 8192 * 8192 / moe_cuda_gemm_seconds(0, 0, 8192, 8192, 8192, 0, 3);
+static int model_ceiling_side(const moe_options *o) { return o->device ? 8192 : o->ceiling_n; }
+static double model_gemm_ceiling(const moe_options *o) {
+    int n = model_ceiling_side(o);
+    if (!o->device) return moe_gemm_peak(n, 5);
+    return 2.0 * n * n * n / moe_cuda_gemm_seconds(0, 0, n, n, n, 0, 3);
 }
 
 static int bench_train(moe_options *o, int json) {
@@ -368,7 +371,7 @@ static int bench_train(moe_options *o, int json) {
         goto done;
     }
     moe_model_init_params(m, c->moe.seed);
-    double peak = model_gemm_ceiling(o->device);
+    double peak = model_gemm_ceiling(o);
     double t_steps = 0, tokens = 0;
     /* iteration 0 warms up; a failed or skipped step ends the bench without figures (a skipped
      * step leaves out the optimizer's update, so its time would flatter the rate) */
@@ -400,10 +403,10 @@ static int bench_train(moe_options *o, int json) {
     double rss = 1024.0 * ru.ru_maxrss;
     if (json)
         printf("{\"bench\":\"train\",\"params\":%zu,\"tokens_per_s\":%.1f,\"gflops\":%.2f,"
-               "\"sgemm_gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,\"minimum_mb\":%.3f,"
-               "\"allocated_mb\":%.1f,"
+               "\"sgemm_n\":%d,\"sgemm_gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,"
+               "\"minimum_mb\":%.3f,\"allocated_mb\":%.1f,"
                "\"threads\":%d,\"mflop_per_token\":%.6f}\n", np, tok_s, 1e-9 * tok_s * fpt,
-               1e-9 * peak, tok_s * fpt / peak, rss / 1048576, min_bytes / 1048576,
+               model_ceiling_side(o), 1e-9 * peak, tok_s * fpt / peak, rss / 1048576, min_bytes / 1048576,
                alloc_bytes / 1048576,
                omp_get_max_threads(), 1e-6 * fpt);
     else {
@@ -415,7 +418,7 @@ static int bench_train(moe_options *o, int json) {
                    1e-9 * peak);
         } else {
             printf("GEMM library: %s\n", moe_gemm_backend());
-            print_ceiling(peak);
+            print_ceiling(peak, o->ceiling_n);
         }
         printf("training: %.0f tokens/s, %.1f ms per step; %.2f MFLOP per token; %.1f GFLOP/s = "
                "%.1f%% model FLOP utilisation against the GEMM ceiling\n", tok_s,
@@ -528,7 +531,7 @@ static int bench_generate(moe_options *o, int json) {
     moe_model_init_params(m, c->moe.seed);
     for (int i = 0; i < P; i++)
         prompt[i] = (int32_t)(moe_rng_u64(c->moe.seed, 78, (uint64_t)i) % (uint64_t)c->vocab);
-    double peak = model_gemm_ceiling(o->device);
+    double peak = model_gemm_ceiling(o);
     /* the memory's ceiling on the GPU: a copy of 1 GiB there */
     double bw = o->device ? moe_cuda_copy_bandwidth((size_t)1 << 30, 5) : stream_bandwidth();
     const char *gemm = o->device ? "cuBLAS SGEMM 8192^3" : "SGEMM",
@@ -557,12 +560,13 @@ static int bench_generate(moe_options *o, int json) {
     if (json)
         printf("{\"bench\":\"generate\",\"device\":\"%s\",\"params\":%zu,"
                "\"prompt_tokens\":%d,\"new_tokens\":%d,"
-               "\"prefill_tokens_per_s\":%.1f,\"prefill_gflops\":%.2f,\"sgemm_gflops\":%.2f,"
+               "\"prefill_tokens_per_s\":%.1f,\"prefill_gflops\":%.2f,\"sgemm_n\":%d,"
+               "\"sgemm_gflops\":%.2f,"
                "\"prefill_fraction_of_sgemm\":%.4f,\"decode_tokens_per_s\":%.2f,"
                "\"decode_ms_per_token\":%.4f,\"decode_param_mb\":%.3f,\"decode_cache_mb\":%.3f,"
                "\"stream_gb_s\":%.2f,\"decode_fraction_of_bandwidth\":%.4f,\"threads\":%d}\n",
                o->device ? "cuda" : "cpu", moe_model_param_count(m), P, N, P / t_pre,
-               1e-9 * pre_flops / t_pre, 1e-9 * peak,
+               1e-9 * pre_flops / t_pre, model_ceiling_side(o), 1e-9 * peak,
                pre_flops / t_pre / peak, 1 / step_s, 1e3 * step_s, bytes / 1048576,
                cache_bytes / 1048576, 1e-9 * bw, roof_s / step_s, omp_get_max_threads());
     else {
@@ -574,7 +578,7 @@ static int bench_generate(moe_options *o, int json) {
                    moe_cuda_device_name(), gemm, 1e-9 * peak, mem, 1e-9 * bw);
         else {
             printf("GEMM library: %s\n", moe_gemm_backend());
-            print_ceiling(peak);
+            print_ceiling(peak, o->ceiling_n);
         }
         printf("prefill: %.1f ms, %.0f tokens/s, %.1f GFLOP/s = %.1f%% of %s%s\n", 1e3 * t_pre,
                P / t_pre, 1e-9 * pre_flops / t_pre, 100 * pre_flops / t_pre / peak, gemm,
@@ -783,6 +787,11 @@ int moe_cmd_bench(int argc, char **argv) {
     moe_cli_threads(&o);
     if (!strcmp(argv[0], "alltoall") && o.device) {
         fprintf(stderr, "moe bench: alltoall runs on the CPU (--device cpu)\n");
+        return 2;
+    }
+    if (o.device && moe_options_given(&o, "ceiling-size")) {
+        fprintf(stderr, "moe bench: --ceiling-size sizes the CPU's ceiling; with --device cuda "
+                "the ceilings are cuBLAS's own\n");
         return 2;
     }
     if (!strcmp(argv[0], "alltoall")) return bench_alltoall(&o, json);

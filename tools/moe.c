@@ -37,9 +37,9 @@ static const moe_options_use uses[] = {
     {"convert", MOE_SEC_MOE | MOE_SEC_MODEL, "load model device"},
     {"tokenize", 0, "model prompt prompt-file ids"},
     {"demo", MOE_SEC_MOE, LAYER_ALONE " print-config"},
-    {"bench layer", MOE_SEC_MOE, LAYER_ALONE},
-    {"bench train", MOE_SEC_MOE | MOE_SEC_MODEL, "iters threads device " TRAIN_STEP},
-    {"bench generate", MOE_SEC_MOE | MOE_SEC_MODEL, "tokens max-new-tokens iters threads device"},
+    {"bench layer", MOE_SEC_MOE, LAYER_ALONE " ceiling-size"},
+    {"bench train", MOE_SEC_MOE | MOE_SEC_MODEL, "iters ceiling-size threads device " TRAIN_STEP},
+    {"bench generate", MOE_SEC_MOE | MOE_SEC_MODEL, "tokens max-new-tokens iters ceiling-size threads device"},
     {"bench alltoall", MOE_SEC_MOE, LAYER_ALONE " " PROCESSES},
 };
 #define N_USES ((int)(sizeof uses / sizeof uses[0]))

@@ -318,6 +318,9 @@ static const opt_def opts[] = {
 
     {"tokens", NULL, OPT_INT, O(tokens), 1, BIG, NULL, RUN, "tokens per layer call", 0},
     {"iters", NULL, OPT_INT, O(iters), 1, BIG, NULL, RUN, "timed forward+backward iterations", 0},
+    {"ceiling-size", NULL, OPT_INT, O(ceiling_n), 64, 16384, NULL, RUN,
+     "moe bench on the CPU: the side N of the square GEMMs (N^3) whose best rate is the "
+     "ceiling (a smaller N: a quicker run and a lower ceiling)", 1},
     {"expert-model-parallel-size", "expert_parallel_size ep_size ep", OPT_INT, O(ep), 1, 65536,
      NULL, RUN, "processes that share the experts of each MoE layer (under mpirun; divides the "
      "process count and every layer's num-experts)", 1},
@@ -356,6 +359,7 @@ void moe_options_default(moe_options *o) {
     o->log_interval = 1;
     o->tokens = 1024;
     o->iters = 10;
+    o->ceiling_n = 2048;
     o->ep = 1;
 }
 

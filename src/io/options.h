@@ -50,6 +50,7 @@ typedef struct {
     /* moe demo */
     int tokens;
     int iters;
+    int ceiling_n;    /* moe bench on the CPU: the side of the square SGEMM ceiling */
     int threads;      /* 0 = OpenMP's default */
     int device;       /* 0 cpu, 1 cuda (moe_model_use_device) */
     int print_config; /* print the resolved options as a config file and exit */
