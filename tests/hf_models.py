@@ -15,8 +15,16 @@ usage: hf_models.py OUT_DIR DTYPE SHARDS SEED [VOCAB [FAMILY [OVERRIDES]]]  ->
        OUT_DIR/{config.json, *.safetensors, ids.txt, ref.npy (logits of ids), greedy.txt (8
        greedy next ids)};
        OVERRIDES: a JSON object of config.json keys set before the weights and the reference
-       are made (heads, experts, eps, theta, routing...)"""
-import json, os, struct, sys
+       are made (heads, experts, eps, theta, routing...)
+       hf_models.py --batch FILE: one model for each line of FILE (those arguments separated by
+       tabs) in one process: importing torch is most of a model's time"""
+import json, os, runpy, struct, sys
+
+if len(sys.argv) == 3 and sys.argv[1] == "--batch":
+    for line in open(sys.argv[2], encoding="utf-8"):
+        sys.argv = [__file__] + line.rstrip("\n").split("\t")
+        runpy.run_path(__file__, run_name="hf_model")  # this file's body afresh, these arguments
+    sys.exit(0)
 
 import numpy as np
 import torch

@@ -34,11 +34,51 @@ exec(sys.argv[2])
 json.dump(c, open(p, "w"), indent=2)
 PY
 }
-for v in "F32 1 mixtral m" "BF16 2 mixtral m" "F16 3 mixtral m" "F32 1 qwen2_moe q" "BF16 3 qwen2_moe q" \
-         "F16 2 qwen3_moe q3" "BF16 1 olmoe o" "F32 1 deepseek_v2 d2" "BF16 2 deepseek_v3 d3"; do
-  set -- $v
+# The models the checks below read. variants: DTYPE SHARDS FAMILY DIR-PREFIX, one a line;
+# defaults: a family and the config.json keys (JSON) its check of Hugging Face's defaults sets
+# (num_key_value_heads: 8 of Mixtral's 16 heads, 16 of Qwen2-MoE's 32, 4 of Qwen3-MoE's 8;
+# heads at least 4 wide, so that rope_theta matters)
+variants='F32 1 mixtral m
+BF16 2 mixtral m
+F16 3 mixtral m
+F32 1 qwen2_moe q
+BF16 3 qwen2_moe q
+F16 2 qwen3_moe q3
+BF16 1 olmoe o
+F32 1 deepseek_v2 d2
+BF16 2 deepseek_v3 d3'
+defaults='mixtral {"hidden_size": 64, "num_attention_heads": 16, "num_key_value_heads": 8, "rope_theta": 1e6, "rms_norm_eps": 1e-5}
+qwen2_moe {"hidden_size": 128, "num_attention_heads": 32, "num_key_value_heads": 16, "rms_norm_eps": 1e-6, "norm_topk_prob": false, "shared_expert_intermediate_size": 5632}
+qwen3_moe {"num_attention_heads": 8, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "norm_topk_prob": false}
+olmoe {"num_key_value_heads": 4, "rms_norm_eps": 1e-5, "norm_topk_prob": false}
+deepseek_v2 {"rms_norm_eps": 1e-6, "n_shared_experts": 2, "routed_scaling_factor": 1.0}
+deepseek_v3 {"n_routed_experts": 16, "n_group": 8, "topk_group": 4, "rms_norm_eps": 1e-6, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": true, "rope_interleave": true, "n_shared_experts": 1, "routed_scaling_factor": 2.5}'
+nl='
+'
+ifs=$IFS
+# all of them written first, by one process: importing torch takes 1.6 s of each model's 1.8
+# (one line per model: hf_models.py's arguments, tab-separated)
+set -f; IFS=$nl
+for v in $variants; do
+  set +f; IFS=$ifs; set -- $v
+  printf '%s\t%s\t%s\t%s\t97\t%s\n' "$tmp/$4$1" "$1" "$2" "$seed" "$3"
+done >"$tmp/models.tsv"
+set -f; IFS=$nl
+for v in $defaults; do
+  set +f; IFS=$ifs
+  printf '%s\tF32\t1\t%s\t97\t%s\t%s\n' "$tmp/def${v%% *}" "$seed" "${v%% *}" "${v#* }"
+done >>"$tmp/models.tsv"
+{ # MLA's eps; a vocabulary beyond 65536 ids; fine-tuning from a Mixtral and a Qwen2-MoE model
+  printf '%s\tF32\t1\t%s\t97\tdeepseek_v3\t{"rms_norm_eps": 0.01}\n' "$tmp/d3eps" "$seed"
+  printf '%s\tF32\t1\t%s\t70000\n' "$tmp/big" "$seed"
+  printf '%s\tBF16\t2\t%s\t300\n' "$tmp/mv" "$seed"
+  printf '%s\tF32\t1\t%s\t300\tqwen2_moe\n' "$tmp/qv" "$seed"
+} >>"$tmp/models.tsv"
+/usr/bin/python3 "$src/tests/hf_models.py" --batch "$tmp/models.tsv" || fail "writing the models"
+set -f; IFS=$nl
+for v in $variants; do
+  set +f; IFS=$ifs; set -- $v
   dir="$tmp/$4$1"
-  /usr/bin/python3 "$src/tests/hf_models.py" "$dir" "$1" "$2" "$seed" 97 "$3" || fail "writing the $3 $1 model"
   logits_match "$dir" "$3 $1"
   "$moe" generate --model "$dir" --ids "$(cat "$dir/ids.txt")" --max-new-tokens 8 --temperature 0 \
     >"$tmp/gen" 2>&1 || fail "$3 $1 generate: $(cat "$tmp/gen")"
@@ -65,24 +105,16 @@ done
   >"$tmp/out" 2>&1 || fail "eval --model with --seed: $(cat "$tmp/out")"
 # keys left out mean Hugging Face's defaults (transformers' configuration_<family>.py): each
 # family written with them set, then without them, gives the reference's logits
-# (num_key_value_heads: 8 of Mixtral's 16 heads, 16 of Qwen2-MoE's 32, 4 of Qwen3-MoE's 8;
-# heads at least 4 wide, so that rope_theta matters)
-for v in 'mixtral {"hidden_size": 64, "num_attention_heads": 16, "num_key_value_heads": 8, "rope_theta": 1e6, "rms_norm_eps": 1e-5}' \
-         'qwen2_moe {"hidden_size": 128, "num_attention_heads": 32, "num_key_value_heads": 16, "rms_norm_eps": 1e-6, "norm_topk_prob": false, "shared_expert_intermediate_size": 5632}' \
-         'qwen3_moe {"num_attention_heads": 8, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "norm_topk_prob": false}' \
-         'olmoe {"num_key_value_heads": 4, "rms_norm_eps": 1e-5, "norm_topk_prob": false}' \
-         'deepseek_v2 {"rms_norm_eps": 1e-6, "n_shared_experts": 2, "routed_scaling_factor": 1.0}' \
-         'deepseek_v3 {"n_routed_experts": 16, "n_group": 8, "topk_group": 4, "rms_norm_eps": 1e-6, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": true, "rope_interleave": true, "n_shared_experts": 1, "routed_scaling_factor": 2.5}'; do
+set -f; IFS=$nl
+for v in $defaults; do
+  set +f; IFS=$ifs
   fam=${v%% *}; over=${v#* }
-  /usr/bin/python3 "$src/tests/hf_models.py" "$tmp/def$fam" F32 1 "$seed" 97 "$fam" "$over" || fail "writing $fam"
   edit "$tmp/def$fam" "
 for k in list(json.loads('$over')) + ['rope_theta']:  # theta: 10000, Mixtral's 1e6
     if k not in ('hidden_size', 'num_attention_heads', 'n_routed_experts'): c.pop(k, None)"
   logits_match "$tmp/def$fam" "$fam with Hugging Face's defaults"
 done
 # MLA's latent norms take 1e-6 whatever rms_norm_eps says (Hugging Face's RMSNorm default)
-/usr/bin/python3 "$src/tests/hf_models.py" "$tmp/d3eps" F32 1 "$seed" 97 deepseek_v3 '{"rms_norm_eps": 0.01}' ||
-  fail "writing deepseek_v3 with rms_norm_eps 0.01"
 logits_match "$tmp/d3eps" "deepseek_v3 with rms_norm_eps 0.01"
 # transformers v5 writes RoPE as rope_parameters (rope_theta, rope_type and YaRN's keys): the
 # same logits as rope_theta and rope_scaling
@@ -186,7 +218,6 @@ want="2 97 $first: $(ids_of "$m" "$first" "the cat
 "$moe" prepare --model "$tmp/mBF16" --out "$tmp/nodata" "$tmp/cat.txt" >"$tmp/out" 2>&1 && fail "prepare without tokenizer"
 grep -q "tokenizer.json" "$tmp/out" || fail "prepare without tokenizer: $(cat "$tmp/out")"
 # a vocabulary beyond 65536 ids: 32-bit token files, read by eval and fine-tuning
-/usr/bin/python3 "$src/tests/hf_models.py" "$tmp/big" F32 1 "$seed" 70000 || fail "writing the 70000-token model"
 /usr/bin/python3 - "$m/tokenizer.json" "$tmp/big/tokenizer.json" <<'PY' || fail "big tokenizer"
 import json, sys
 j = json.load(open(sys.argv[1], encoding="utf-8"))
@@ -367,7 +398,6 @@ grep -q "cannot write a mixtral model: no random routing" "$tmp/out" ||
 
 # fine-tuning: moe train --init-from DIR takes the model's config.json, the flags on top (here
 # an aux loss), and its weights: with lr 0 the saved parameters are exactly the model's
-/usr/bin/python3 "$src/tests/hf_models.py" "$tmp/mv" BF16 2 "$seed" 300 || fail "writing the 300-token model"
 ft="--init-from $tmp/mv --seq-length 32 --micro-batch-size 2 --global-batch-size 2 --data-path $tmp/data"
 # shellcheck disable=SC2086
 "$moe" train $ft --train-iters 1 --lr 0 --min-lr 0 --moe-aux-loss-coeff 0.01 --save "$tmp/ft" >"$tmp/out" 2>&1 ||
@@ -376,7 +406,6 @@ grep -aq "initialised from $tmp/mv (mixtral)" "$tmp/out" || fail "no init line: 
 grep -aq "moe train: 2 layers (2 MoE), d=32" "$tmp/out" || fail "not the model's shape: $(head -3 "$tmp/out")"
 grep -a "^step 1/1" "$tmp/out" | grep -qv "aux 0 " || fail "the aux-loss flag was not applied: $(grep -a '^step' "$tmp/out")"
 cmp_tensors "$tmp/ft/step-00000001" "$tmp/mv" ours || fail "init-from did not load the model's weights"
-/usr/bin/python3 "$src/tests/hf_models.py" "$tmp/qv" F32 1 "$seed" 300 qwen2_moe || fail "writing the Qwen model"
 # shellcheck disable=SC2086
 "$moe" train --init-from "$tmp/qv" --seq-length 32 --micro-batch-size 2 --global-batch-size 2 \
   --data-path "$tmp/data" --train-iters 1 --lr 0 --min-lr 0 --save "$tmp/qft" >"$tmp/out" 2>&1 ||
