@@ -18,7 +18,8 @@
  * oneDNN for NN (dy W_out, dh W_in) and for NT with many rows, our AVX-512 tiles for NT with at
  * most 192 rows (the forward's x W_in^T and a W_out^T of an expert with few rows: the tiles
  * read each weight once per 64 rows and pack nothing; measured ahead of both libraries up to
- * 192 rows, even at 256, behind from 512; also NN without oneDNN) and for TN (the weight
+ * 192 rows, even at 256, behind from 512; also NN without oneDNN; oneDNN on CPUs without
+ * AVX-512) and for TN (the weight
  * gradients) with at most 128 rows (ahead of OpenBLAS from 16 to 128 rows, behind from 256),
  * OpenBLAS for TN with more; "blas", "dnnl" (NN and NT) and "small" (all) for comparisons. */
 enum { EG_BLAS, EG_DNNL, EG_SMALL };
@@ -30,7 +31,11 @@ static void read_expert_gemm(void) {
     const char *v = getenv("MOE_EXPERT_GEMM");
     int dnnl = moe_gemm_dnnl_available() ? EG_DNNL : EG_BLAS;
     int small = moe_gemm_small_available() ? EG_SMALL : EG_BLAS;
-    int auto_choice[5] = {dnnl != EG_BLAS ? dnnl : small, EG_BLAS, small, dnnl, small};
+    /* without our tiles (no AVX-512) NT of few rows goes to oneDNN too: OpenBLAS packs the
+     * weights at every call (the forward at 32 rows per expert 13-16 % faster, bench/RESULTS.md,
+     * session 24); oneDNN for TN did not beat OpenBLAS there */
+    int nt_few = small == EG_SMALL ? EG_SMALL : dnnl;
+    int auto_choice[5] = {dnnl != EG_BLAS ? dnnl : small, EG_BLAS, nt_few, dnnl, small};
     if (v && *v && strcmp(v, "auto") && strcmp(v, "blas") && strcmp(v, "dnnl") &&
         strcmp(v, "small"))
         fprintf(stderr, "moe: MOE_EXPERT_GEMM=%s is not auto, blas, dnnl or small: using auto\n",
@@ -52,18 +57,21 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
         int layout = ta ? (k <= SMALL_TN_ROWS ? 4 : 1) : !tb ? 0 : m <= SMALL_NT_ROWS ? 2 : 3;
         /* single-threaded GEMMs (inside the experts' parallel loop, or one thread in all):
          * the measured choice, OpenBLAS meaning OpenBLAS itself (moe_gemm would take oneDNN
-         * for NN and TN with one thread); otherwise moe_gemm's choice over the threads */
+         * for NN and TN with one thread); over the threads, moe_gemm's choice */
         int single = omp_in_parallel() || omp_get_max_threads() == 1;
-        int lib = single ? eg_choice[layout] : EG_BLAS;
+        if (!single) {
+            moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc);
+            return;
+        }
+        /* a decoding step's few rows as dot products first, as moe_gemm does (our tiles take
+         * them themselves; this is where CPUs without AVX-512 get them) */
+        int lib = eg_choice[layout];
+        if (lib != EG_SMALL && !ta && tb && moe_gemm_dot(0, m, n, k, A, lda, B, ldb, beta, C, ldc))
+            return;
         moe_status st = MOE_ERR_STATE;
         if (lib == EG_SMALL) st = moe_gemm_small(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
         if (lib == EG_DNNL) st = moe_gemm_dnnl(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
-        /* else one thread's BLAS call, a decoding step's few rows as dot products first (as
-         * moe_gemm does; this is where CPUs without AVX-512 get them), or moe_gemm */
-        if (st != MOE_OK && !(single && !ta && tb &&
-                              moe_gemm_dot(0, m, n, k, A, lda, B, ldb, beta, C, ldc)))
-            (single ? moe_gemm_blas : moe_gemm)(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C,
-                                                ldc);
+        if (st != MOE_OK) moe_gemm_blas(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     moe_status st = moe_gemm_bf16(ta, tb, m, n, k, A16, lda, B16, ldb, beta, C, ldc);
