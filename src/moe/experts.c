@@ -32,7 +32,7 @@ static void read_expert_gemm(void) {
     int dnnl = moe_gemm_dnnl_available() ? EG_DNNL : EG_BLAS;
     int small = moe_gemm_small_available() ? EG_SMALL : EG_BLAS;
     /* without our tiles (no AVX-512) NT of few rows goes to oneDNN too: OpenBLAS packs the
-     * weights at every call (the forward at 32 rows per expert 13-16 % faster, bench/RESULTS.md,
+     * weights at every call (the forward at 32 rows per expert 11-21 % less time, bench/RESULTS.md,
      * session 24); oneDNN for TN did not beat OpenBLAS there */
     int nt_few = small == EG_SMALL ? EG_SMALL : dnnl;
     int auto_choice[5] = {dnnl != EG_BLAS ? dnnl : small, EG_BLAS, nt_few, dnnl, small};
