@@ -130,7 +130,8 @@ static int bench_layer(moe_options *o, int json) {
            of_roof = t_roof / ((t_fwd + t_bwd) / iters);
     if (json) {
         printf("{\"bench\":\"layer\",\"T\":%d,\"d\":%d,\"ffn\":%d,\"E\":%d,\"k\":%d,\"threads\":%d,"
-               "\"gemm\":\"%s\",\"sgemm_n\":%d,\"sgemm_gflops\":%.2f,\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,"
+               "\"gemm\":\"%s\",\"sgemm_n\":%d,\"sgemm_gflops\":%.2f,\"fwd_ms\":%.4f,"
+               "\"bwd_ms\":%.4f,"
                "\"fwd_gflops\":%.2f,\"fwd_bwd_gflops\":%.2f,\"fraction_of_sgemm\":%.4f,"
                "\"dropped_fraction\":%.4f,\"bf16\":%d,\"bf16_gemm_gflops\":%.2f,"
                "\"stream_gbs\":%.2f,\"roofline_ms\":%.4f,\"fraction_of_roofline\":%.4f,"
@@ -149,8 +150,8 @@ static int bench_layer(moe_options *o, int json) {
         printf("GEMM library: %s\n", moe_gemm_backend());
         print_ceiling(peak, cn);
         if (c->expert_bf16)
-            printf("ceiling: bf16 GEMM %d^3 (oneDNN) = %.1f GFLOP/s (best of 4 layouts x 5 calls, this run); the "
-                   "layer reaches %.1f%% of it\n", cn, 1e-9 * peak16,
+            printf("ceiling: bf16 GEMM %d^3 (oneDNN) = %.1f GFLOP/s (best of 4 layouts x 5 "
+                   "calls, this run); the layer reaches %.1f%% of it\n", cn, 1e-9 * peak16,
                    100 * 3 * flops / (t_fwd + t_bwd) / peak16);
         double total = t_fwd + t_bwd;
         printf("%-20s %10s %7s\n", "stage", "ms/call", "share");
@@ -406,8 +407,8 @@ static int bench_train(moe_options *o, int json) {
                "\"sgemm_n\":%d,\"sgemm_gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,"
                "\"minimum_mb\":%.3f,\"allocated_mb\":%.1f,"
                "\"threads\":%d,\"mflop_per_token\":%.6f}\n", np, tok_s, 1e-9 * tok_s * fpt,
-               model_ceiling_side(o), 1e-9 * peak, tok_s * fpt / peak, rss / 1048576, min_bytes / 1048576,
-               alloc_bytes / 1048576,
+               model_ceiling_side(o), 1e-9 * peak, tok_s * fpt / peak, rss / 1048576,
+               min_bytes / 1048576, alloc_bytes / 1048576,
                omp_get_max_threads(), 1e-6 * fpt);
     else {
         printf("moe bench train: %d layers, d=%d, %zu parameters, micro-batch %d x %d tokens, %d "
