@@ -68,7 +68,8 @@ sys.exit(0 if r['dropped_fraction'] == 0 and abs(r['gflop_per_call'] - want) < 1
 expect 0 "$moe" bench train --num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-experts 4 \
   --moe-router-topk 2 --moe-ffn-hidden-size 16 --seq-length 16 --micro-batch-size 1 \
   --global-batch-size 1 --kv-lora-rank 8 --q-lora-rank 12 --qk-head-dim 6 \
-  --qk-pos-emb-head-dim 4 --v-head-dim 5 --moe-router-pre-softmax --iters 1 --ceiling-size 256 --json
+  --qk-pos-emb-head-dim 4 --v-head-dim 5 --moe-router-pre-softmax --iters 1 --ceiling-size 256 \
+  --json
 /usr/bin/python3 -c "
 import json, sys
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
@@ -120,7 +121,8 @@ fi
 expect 2 "$moe" bench train --device tpu
 # the CPU's ceiling sized on the GPU: refused before any device is looked for
 expect 2 "$moe" bench layer --device cuda --ceiling-size 256
-grep -q "ceiling-size sizes the CPU's ceiling" "$tmp/out" || fail "--ceiling-size on cuda: $(cat "$tmp/out")"
+grep -q "ceiling-size sizes the CPU's ceiling" "$tmp/out" ||
+  fail "--ceiling-size on cuda: $(cat "$tmp/out")"
 # bench generate: the parameter bytes a decoding step reads, against the tensor shapes: every
 # parameter when each token goes to every expert (tied embeddings: the output layer reads the
 # whole table); with one expert per token and untied embeddings, one embedding row and one

@@ -19,9 +19,9 @@
  * most 192 rows (the forward's x W_in^T and a W_out^T of an expert with few rows: the tiles
  * read each weight once per 64 rows and pack nothing; measured ahead of both libraries up to
  * 192 rows, even at 256, behind from 512; also NN without oneDNN; oneDNN on CPUs without
- * AVX-512) and for TN (the weight
- * gradients) with at most 128 rows (ahead of OpenBLAS from 16 to 128 rows, behind from 256),
- * OpenBLAS for TN with more; "blas", "dnnl" (NN and NT) and "small" (all) for comparisons. */
+ * AVX-512) and for TN (the weight gradients) with at most 128 rows (ahead of OpenBLAS from 16
+ * to 128 rows, behind from 256), OpenBLAS for TN with more (and TN of few rows on CPUs without
+ * AVX-512); "blas", "dnnl" (NN and NT) and "small" (all) for comparisons. */
 enum { EG_BLAS, EG_DNNL, EG_SMALL };
 #define SMALL_NT_ROWS 192
 #define SMALL_TN_ROWS 128
