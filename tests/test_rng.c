@@ -52,6 +52,9 @@ static void test_distributions(void **state) {
         double u = moe_rng_uniform64(seed, 1, (uint64_t)i);
         float f = moe_rng_uniform(seed, 2, (uint64_t)i);
         assert_true(u >= 0 && u < 1 && f >= 0.0f && f < 1.0f);
+        /* the top 53 bits, converted exactly (rng.c converts them in two halves) */
+        if (u != (double)(moe_rng_u64(seed, 1, (uint64_t)i) >> 11) * 0x1p-53)
+            fail_msg("uniform64 %d: %.17g is not the top 53 bits of its word", i, u);
         double z = moe_rng_normal(seed, 3, (uint64_t)i);
         su += u, su2 += u * u, sf += f, sn += z, sn2 += z * z, sn4 += z * z * z * z;
     }

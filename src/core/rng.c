@@ -30,8 +30,26 @@ float moe_rng_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
     return (float)(moe_rng_u64(seed, stream, index) >> 40) * (1.0f / 16777216.0f);
 }
 
+/* 2^52 + v for v < 2^52, from the bits: int64-to-double conversions have no vector instruction
+ * below AVX-512, so loops that use this vectorise where (double)v would not. Exact. */
+static inline double two52_plus(uint64_t v) {
+    uint64_t b = v | 0x4330000000000000ull;
+    double d;
+    memcpy(&d, &b, sizeof d);
+    return d;
+}
+
+/* The top 53 bits of x as a uniform multiple of 2^-53 in [0, 1): (x >> 11) 2^-53, converted in
+ * two exact halves (two52_plus). */
+static inline double unit53(uint64_t x) {
+    uint64_t v = x >> 11;
+    double hi = two52_plus(v >> 32) - 4503599627370496.0,
+           lo = two52_plus(v & 0xffffffffu) - 4503599627370496.0;
+    return (hi * 4294967296.0 + lo) * (1.0 / 9007199254740992.0);
+}
+
 double moe_rng_uniform64(uint64_t seed, uint64_t stream, uint64_t index) {
-    return (double)(moe_rng_u64(seed, stream, index) >> 11) * (1.0 / 9007199254740992.0);
+    return unit53(moe_rng_u64(seed, stream, index));
 }
 
 /* log y for y in [2^-53, 1] (1 - a 53-bit uniform), written so that loops over it vectorise
@@ -40,7 +58,7 @@ double moe_rng_uniform64(uint64_t seed, uint64_t stream, uint64_t index) {
 static inline double log_unit(double y) {
     uint64_t b;
     memcpy(&b, &y, sizeof b);
-    double e = (double)((int64_t)(b >> 52) - 1023);
+    double e = (two52_plus(b >> 52) - 4503599627370496.0) - 1023;
     b = (b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;
     double m;
     memcpy(&m, &b, sizeof m);
@@ -87,10 +105,8 @@ double moe_box_muller(double u1, double u2) { return box_muller(u1, u2); }
 
 /* Box-Muller on the 53-bit uniforms at 2 index and 2 index + 1; h is the (seed, stream) mix. */
 static inline double normal_at(uint64_t h, uint64_t index) {
-    return box_muller((double)(mix64(h + (2 * index + 1) * 0x9e3779b97f4a7c15ULL) >> 11) *
-                          (1.0 / 9007199254740992.0),
-                      (double)(mix64(h + (2 * index + 2) * 0x9e3779b97f4a7c15ULL) >> 11) *
-                          (1.0 / 9007199254740992.0));
+    return box_muller(unit53(mix64(h + (2 * index + 1) * 0x9e3779b97f4a7c15ULL)),
+                      unit53(mix64(h + (2 * index + 2) * 0x9e3779b97f4a7c15ULL)));
 }
 
 double moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t index) {
