@@ -415,8 +415,8 @@ static int bench_train(moe_options *o, int json) {
                "threads\n", c->n_layers, c->d, np, tc->micro_batch, S, omp_get_max_threads());
         if (o->device) {
             printf("GPU: %s (forward, backward and AdamW)\n", moe_cuda_device_name());
-            printf("ceiling: cuBLAS fp32 8192^3 = %.1f GFLOP/s (best of 3, this run)\n",
-                   1e-9 * peak);
+            printf("ceiling: cuBLAS fp32 %d^3 = %.1f GFLOP/s (best of 3, this run)\n",
+                   model_ceiling_side(o), 1e-9 * peak);
         } else {
             printf("GEMM library: %s\n", moe_gemm_backend());
             print_ceiling(peak, o->ceiling_n);

@@ -30,22 +30,22 @@ float moe_rng_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
     return (float)(moe_rng_u64(seed, stream, index) >> 40) * (1.0f / 16777216.0f);
 }
 
-/* 2^52 + v for v < 2^52, from the bits: int64-to-double conversions have no vector instruction
- * below AVX-512, so loops that use this vectorise where (double)v would not. Exact. */
-static inline double two52_plus(uint64_t v) {
+/* (double)v for v < 2^52, exactly, from the bits (2^52 + v, less 2^52): int64-to-double
+ * conversions have no vector instruction below AVX-512, so loops that use this vectorise where
+ * (double)v would not. */
+static inline double small_to_double(uint64_t v) {
     uint64_t b = v | 0x4330000000000000ull;
     double d;
     memcpy(&d, &b, sizeof d);
-    return d;
+    return d - 4503599627370496.0;
 }
 
 /* The top 53 bits of x as a uniform multiple of 2^-53 in [0, 1): (x >> 11) 2^-53, converted in
- * two exact halves (two52_plus). */
+ * two exact halves. */
 static inline double unit53(uint64_t x) {
     uint64_t v = x >> 11;
-    double hi = two52_plus(v >> 32) - 4503599627370496.0,
-           lo = two52_plus(v & 0xffffffffu) - 4503599627370496.0;
-    return (hi * 4294967296.0 + lo) * (1.0 / 9007199254740992.0);
+    return (small_to_double(v >> 32) * 4294967296.0 + small_to_double(v & 0xffffffffu)) *
+           (1.0 / 9007199254740992.0);
 }
 
 double moe_rng_uniform64(uint64_t seed, uint64_t stream, uint64_t index) {
@@ -58,7 +58,7 @@ double moe_rng_uniform64(uint64_t seed, uint64_t stream, uint64_t index) {
 static inline double log_unit(double y) {
     uint64_t b;
     memcpy(&b, &y, sizeof b);
-    double e = (two52_plus(b >> 52) - 4503599627370496.0) - 1023;
+    double e = small_to_double(b >> 52) - 1023;
     b = (b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;
     double m;
     memcpy(&m, &b, sizeof m);
