@@ -153,6 +153,11 @@ static int bench_layer(moe_options *o, int json) {
             printf("ceiling: bf16 GEMM %d^3 (oneDNN) = %.1f GFLOP/s (best of 4 layouts x 5 "
                    "calls, this run); the layer reaches %.1f%% of it\n", cn, 1e-9 * peak16,
                    100 * 3 * flops / (t_fwd + t_bwd) / peak16);
+        /* on an Emerald Rapids without AMX (a virtual machine that hides it) oneDNN's
+         * AVX512-BF16 kernels ran at half its fp32 rate (bench/RESULTS.md, session 25) */
+        if (c->expert_bf16 && peak16 < peak)
+            printf("note: this CPU multiplies bf16 at %.2fx its fp32 rate: fp32 experts are "
+                   "faster here\n", peak16 / peak);
         double total = t_fwd + t_bwd;
         printf("%-20s %10s %7s\n", "stage", "ms/call", "share");
         for (int s = 0; s < MOE_STAGE_COUNT; s++)
