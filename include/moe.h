@@ -408,6 +408,22 @@ size_t moe_model_activation_bytes(const moe_model *m);
 /* The MoE layer of block l, or NULL for a dense block. */
 moe_layer *moe_model_moe_layer(moe_model *m, int l);
 
+/* Time the model's forward and backward calls on the CPU spent in each part of the network,
+ * summed over calls since the last reset (seconds; the GPU's are not timed). */
+typedef enum {
+    MOE_PART_ATTENTION = 0, /* the blocks' attention norm, projections, rotary embedding,
+                             * attention and output projection (MLA's latents, q/k norms) */
+    MOE_PART_FFN,           /* the blocks' FFN norm and FFN: the MoE layer or the dense MLP */
+    MOE_PART_HEAD,          /* final norm, output layer and cross-entropy */
+    MOE_PART_OTHER,         /* embedding, residual sums, starting the gradients' reduction
+                             * (data parallelism) */
+    MOE_PART_COUNT
+} moe_model_part;
+const char *moe_model_part_name(moe_model_part p);
+/* [2][MOE_PART_COUNT]: the forward's parts, then the backward's */
+const double *moe_model_part_times(const moe_model *m);
+void moe_model_reset_part_times(moe_model *m);
+
 typedef struct {
     double nll;       /* mean cross-entropy over the counted targets */
     double aux;       /* sum over MoE layers of the aux losses (coefficients included) */

@@ -359,6 +359,36 @@ static double model_gemm_ceiling(const moe_options *o) {
     return 2.0 * n * n * n / moe_cuda_gemm_seconds(0, 0, n, n, n, 0, 3);
 }
 
+static void reset_train_times(moe_model *m) {
+    moe_model_reset_part_times(m);
+    for (int l = 0; l < moe_model_get_config(m)->n_layers; l++)
+        if (moe_model_moe_layer(m, l)) moe_layer_reset_stage_times(moe_model_moe_layer(m, l));
+}
+
+/* Milliseconds per step: the model's parts (forward, then backward; on the CPU), the rest of the
+ * step (the optimizer, the gradient norm, the batch), and the MoE layers' stages summed over
+ * layers. */
+typedef struct {
+    double part[2][MOE_PART_COUNT], rest, stage[MOE_STAGE_COUNT];
+} train_times;
+
+static train_times train_times_of(moe_model *m, double t_steps, int iters) {
+    train_times r = {0};
+    const double *p = moe_model_part_times(m);
+    double sum = 0;
+    for (int i = 0; i < 2 * MOE_PART_COUNT; i++) {
+        r.part[i / MOE_PART_COUNT][i % MOE_PART_COUNT] = 1e3 * p[i] / iters;
+        sum += p[i];
+    }
+    r.rest = 1e3 * (t_steps - sum) / iters;
+    for (int l = 0; l < moe_model_get_config(m)->n_layers; l++) {
+        moe_layer *L = moe_model_moe_layer(m, l);
+        for (int s = 0; L && s < MOE_STAGE_COUNT; s++)
+            r.stage[s] += 1e3 * moe_layer_stage_times(L)[s] / iters;
+    }
+    return r;
+}
+
 static int bench_train(moe_options *o, int json) {
     const moe_model_config *c = &o->model;
     const moe_train_config *tc = &o->train;
@@ -394,6 +424,7 @@ static int bench_train(moe_options *o, int json) {
             goto done;
         }
         if (it) t_steps += moe_time_now() - t0, tokens += (double)s.tokens;
+        if (!it) reset_train_times(m);
     }
     double tok_s = tokens / t_steps, fpt = model_flops_per_token(c);
     size_t np = moe_model_param_count(m), act = moe_model_activation_bytes(m);
@@ -407,15 +438,30 @@ static int bench_train(moe_options *o, int json) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     double rss = 1024.0 * ru.ru_maxrss;
-    if (json)
+    train_times tt = train_times_of(m, t_steps, o->iters);
+    if (json) {
         printf("{\"bench\":\"train\",\"params\":%zu,\"tokens_per_s\":%.1f,\"gflops\":%.2f,"
                "\"sgemm_n\":%d,\"sgemm_gflops\":%.2f,\"mfu\":%.4f,\"peak_rss_mb\":%.1f,"
                "\"minimum_mb\":%.3f,\"allocated_mb\":%.1f,"
-               "\"threads\":%d,\"mflop_per_token\":%.6f}\n", np, tok_s, 1e-9 * tok_s * fpt,
-               model_ceiling_side(o), 1e-9 * peak, tok_s * fpt / peak, rss / 1048576,
-               min_bytes / 1048576, alloc_bytes / 1048576,
-               omp_get_max_threads(), 1e-6 * fpt);
-    else {
+               "\"threads\":%d,\"mflop_per_token\":%.6f,\"step_ms\":%.4f", np, tok_s,
+               1e-9 * tok_s * fpt, model_ceiling_side(o), 1e-9 * peak, tok_s * fpt / peak,
+               rss / 1048576, min_bytes / 1048576, alloc_bytes / 1048576,
+               omp_get_max_threads(), 1e-6 * fpt, 1e3 * t_steps / o->iters);
+        for (int b = 0; b < 2 && !o->device; b++) {
+            printf(",\"%s_ms\":{", b ? "backward" : "forward");
+            for (int p = 0; p < MOE_PART_COUNT; p++)
+                printf("%s\"%s\":%.4f", p ? "," : "", moe_model_part_name((moe_model_part)p),
+                       tt.part[b][p]);
+            printf("}");
+        }
+        if (!o->device) {
+            printf(",\"rest_ms\":%.4f,\"moe_stages_ms\":{", tt.rest);
+            for (int s = 0; s < MOE_STAGE_COUNT; s++)
+                printf("%s\"%s\":%.4f", s ? "," : "", moe_stage_name((moe_stage)s), tt.stage[s]);
+            printf("}");
+        }
+        printf("}\n");
+    } else {
         printf("moe bench train: %d layers, d=%d, %zu parameters, micro-batch %d x %d tokens, %d "
                "threads\n", c->n_layers, c->d, np, tc->micro_batch, S, omp_get_max_threads());
         if (o->device) {
@@ -429,6 +475,19 @@ static int bench_train(moe_options *o, int json) {
         printf("training: %.0f tokens/s, %.1f ms per step; %.2f MFLOP per token; %.1f GFLOP/s = "
                "%.1f%% model FLOP utilisation against the GEMM ceiling\n", tok_s,
                1e3 * t_steps / o->iters, 1e-6 * fpt, 1e-9 * tok_s * fpt, 100 * tok_s * fpt / peak);
+        if (!o->device) {
+            printf("%-20s %10s %10s  (ms per step)\n", "part", "forward", "backward");
+            for (int p = 0; p < MOE_PART_COUNT; p++)
+                printf("%-20s %10.3f %10.3f\n", moe_model_part_name((moe_model_part)p),
+                       tt.part[0][p], tt.part[1][p]);
+            printf("%-20s %10.3f  (the optimizer, the gradient norm, the batch)\n", "rest",
+                   tt.rest);
+            printf("the MoE layers' stages, summed over layers (ms per step):");
+            for (int s = 0; s < MOE_STAGE_COUNT; s++)
+                if (tt.stage[s] >= 0.0005) /* what rounds to 0.000 did not run */
+                    printf(" %s %.3f;", moe_stage_name((moe_stage)s), tt.stage[s]);
+            printf("\n");
+        }
         printf("memory: peak RSS %.1f MB; analytical minimum %.1f MB (parameters, gradients and "
                "Adam state %.1f MB, the activations the backward reads %.1f MB); allocated "
                "%.1f MB (activation workspace %.1f MB)\n", rss / 1048576, min_bytes / 1048576,

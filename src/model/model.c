@@ -87,6 +87,7 @@ struct moe_model {
     void *scratch;
     size_t scratch_bytes;
     int poison_scratch; /* fill the region with NaN between phases (moe_model_poison_scratch) */
+    double part_s[2][MOE_PART_COUNT]; /* moe_model_part_times */
     float *dlogits; /* [T, V] */
     float *dh, *da; /* [T, gf], [T, ffn] a dense FFN's */
     float *dxm, *dq, *dk, *dv, *datt; /* the attention's backward: [T, d], [T, H*dk],
@@ -1088,6 +1089,20 @@ static void scratch_phase(moe_model *m) {
 
 void moe_model_poison_scratch(moe_model *m, int on) { m->poison_scratch = on; }
 
+const char *moe_model_part_name(moe_model_part p) {
+    static const char *names[MOE_PART_COUNT] = {"attention", "ffn", "head", "other"};
+    return p >= 0 && p < MOE_PART_COUNT ? names[p] : "?";
+}
+const double *moe_model_part_times(const moe_model *m) { return &m->part_s[0][0]; }
+void moe_model_reset_part_times(moe_model *m) { memset(m->part_s, 0, sizeof m->part_s); }
+
+/* The time since *t to part p of the forward (bwd 0) or backward; *t becomes now. */
+static void part_done(moe_model *m, int bwd, moe_model_part p, double *t) {
+    double now = moe_time_now();
+    m->part_s[bwd][p] += now - *t;
+    *t = now;
+}
+
 moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
                              int S, const moe_model_args *args, moe_model_loss *loss) {
     const moe_model_config *c = &m->cfg;
@@ -1114,10 +1129,12 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
     m->args = *args;
     m->has_targets = targets != NULL;
     if (m->gpu) return gpu_forward(m, loss);
+    double tp = moe_time_now();
     const float *emb = m->params + m->emb_off;
     float *x = m->sv[0].x;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) memcpy(x + (size_t)t * d, emb + (size_t)tokens[t] * d, sizeof(float) * d);
+    part_done(m, 0, MOE_PART_OTHER, &tp);
     double aux = 0, z = 0;
     for (int l = 0; l < c->n_layers; l++) {
         block_saved *s = &m->sv[l];
@@ -1129,6 +1146,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
         moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, &ad);
         moe_copy_floats(s->xm, s->x, (size_t)T * d);
         moe_gemm(0, 1, T, d, ho, 1, s->att, ho, p.wo, ho, 1, s->xm, d);
+        part_done(m, 0, MOE_PART_ATTENTION, &tp);
         moe_rmsnorm_forward(s->n2, s->rstd2, s->xm, p.ffn_norm, T, d, c->norm_eps);
         scratch_phase(m);
         if (m->moe[l]) {
@@ -1145,14 +1163,17 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
             moe_mlp_forward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, NULL, p.w_out, NULL, NULL,
                             s->h, s->a, m->tmp, NULL, NULL);
         }
+        part_done(m, 0, MOE_PART_FFN, &tp);
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)T * d; i++) xnext[i] = s->xm[i] + m->tmp[i];
+        part_done(m, 0, MOE_PART_OTHER, &tp);
     }
     moe_rmsnorm_forward(m->nf, m->rstdf, m->xf, m->params + m->final_norm_off, T, d,
                         c->norm_eps);
     moe_gemm(0, 1, T, V, d, 1, m->nf, d, m->params + m->lm_off, d, 0, m->logits, V);
     int n = 0;
     double sum = moe_xent_forward_backward(NULL, m->row_loss, m->logits, m->targets, T, V, 0, &n);
+    part_done(m, 0, MOE_PART_HEAD, &tp);
     m->n_targets = n;
     if (loss) {
         loss->nll = n ? sum / n : 0;
@@ -1191,6 +1212,7 @@ moe_status moe_model_backward(moe_model *m) {
         if (m->args.grads_ready) m->args.grads_ready(m->args.grads_ctx, 0);
         return MOE_OK;
     }
+    double tp = moe_time_now();
     float *dlogits = m->dlogits;
     int n = 0;
     scratch_phase(m); /* the head's: dlogits */
@@ -1203,9 +1225,11 @@ moe_status moe_model_backward(moe_model *m) {
     moe_zero_floats(dx, (size_t)T * d);
     moe_rmsnorm_backward(dx, m->grads + m->final_norm_off, m->dn, m->xf,
                          m->params + m->final_norm_off, m->rstdf, T, d);
+    part_done(m, 1, MOE_PART_HEAD, &tp);
     /* the tensors lie embedding, layers 0..L-1, final norm, head: final from the end on */
     void (*ready)(void *, size_t) = m->args.grads_ready;
     if (ready) ready(m->args.grads_ctx, m->final_norm_off);
+    part_done(m, 1, MOE_PART_OTHER, &tp);
     for (int l = c->n_layers - 1; l >= 0; l--) {
         block_saved *s = &m->sv[l];
         block_ptrs p = block(m, m->params, l), g = block(m, m->grads, l);
@@ -1222,6 +1246,7 @@ moe_status moe_model_backward(moe_model *m) {
         scratch_phase(m); /* the attention's backward: its scratch shares the FFN's bytes */
         moe_copy_floats(m->dxm, dx, (size_t)T * d);
         moe_rmsnorm_backward(m->dxm, g.ffn_norm, m->dn, s->xm, p.ffn_norm, s->rstd2, T, d);
+        part_done(m, 1, MOE_PART_FFN, &tp);
         /* attention: xm = x + att Woᵀ */
         moe_gemm(1, 0, d, ho, T, 1, m->dxm, d, s->att, ho, 1, g.wo, ho);
         moe_gemm(0, 0, T, ho, d, 1, m->dxm, d, p.wo, ho, 0, m->datt, ho);
@@ -1254,7 +1279,9 @@ moe_status moe_model_backward(moe_model *m) {
     attn_norm:
         moe_copy_floats(dx, m->dxm, (size_t)T * d);
         moe_rmsnorm_backward(dx, g.attn_norm, m->dn, s->x, p.attn_norm, s->rstd1, T, d);
+        part_done(m, 1, MOE_PART_ATTENTION, &tp);
         if (ready) ready(m->args.grads_ctx, m->block_off[(size_t)l * B_N + B_ATTN_NORM]);
+        part_done(m, 1, MOE_PART_OTHER, &tp); /* ready: a data-parallel reduction's start */
     }
     /* embedding rows by token order, the threads on separate column ranges (a token's row
      * takes several tokens' gradients) */
@@ -1270,6 +1297,7 @@ moe_status moe_model_backward(moe_model *m) {
         }
     }
     if (ready) ready(m->args.grads_ctx, 0);
+    part_done(m, 1, MOE_PART_OTHER, &tp);
     return MOE_OK;
 }
 
