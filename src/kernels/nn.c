@@ -145,7 +145,7 @@ static float max_floats(const float *x, int n) {
     for (; j + 16 <= n; j += 16)
 #pragma omp simd
         for (int l = 0; l < 16; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
-    for (; j < n; j++) m[0] = x[j] > m[0] ? x[j] : m[0];
+    for (int l = 0; j + l < n; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l]; /* in parallel */
     float r = m[0];
     for (int l = 1; l < 16; l++) r = m[l] > r ? m[l] : r;
     return r;
@@ -190,15 +190,23 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
                 for (int r = 0; r < m; r++) {
                     float *Pi = Pb + (size_t)r * S;
                     int i = i0 + r;
+                    /* keys up to i, in whole vectors where the block has the columns (a loop
+                     * to i + 1 left its last 1-15 columns to scalar e^x, a chain of dependent
+                     * operations each, and gcc splits a loop on j <= i into two): the later
+                     * keys' scores in them -inf, e^x's clamp gives 1.6e-38 there, which the
+                     * sum (at least 1, from the maximum) does not notice, then 0 */
+                    int len = (i + 16) / 16 * 16 < n ? (i + 16) / 16 * 16 : n;
+                    for (int j = i + 1; j < len; j++) Pi[j] = -INFINITY;
                     float mx = max_floats(Pi, i + 1), sum = 0;
 #pragma omp simd reduction(+ : sum)
-                    for (int j = 0; j <= i; j++) {
+                    for (int j = 0; j < len; j++) {
                         Pi[j] = moe_exp_vec(Pi[j] - mx);
                         sum += Pi[j];
                     }
+                    for (int j = i + 1; j < len; j++) Pi[j] = 0;
                     float inv = 1.0f / sum;
-                    for (int j = 0; j <= i; j++) Pi[j] *= inv;
-                    for (int j = i + 1; j < S; j++) Pi[j] = 0;
+                    for (int j = 0; j < len; j++) Pi[j] *= inv;
+                    for (int j = len; j < S; j++) Pi[j] = 0;
                 }
                 moe_gemm(0, 0, m, dv, n, 1.0f, Pb, S, vb, vs, 0.0f, ob + (size_t)i0 * os, os);
             }
