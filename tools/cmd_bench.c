@@ -447,14 +447,14 @@ static int bench_train(moe_options *o, int json) {
                1e-9 * tok_s * fpt, model_ceiling_side(o), 1e-9 * peak, tok_s * fpt / peak,
                rss / 1048576, min_bytes / 1048576, alloc_bytes / 1048576,
                omp_get_max_threads(), 1e-6 * fpt, 1e3 * t_steps / o->iters);
-        for (int b = 0; b < 2 && !o->device; b++) {
-            printf(",\"%s_ms\":{", b ? "backward" : "forward");
-            for (int p = 0; p < MOE_PART_COUNT; p++)
-                printf("%s\"%s\":%.4f", p ? "," : "", moe_model_part_name((moe_model_part)p),
-                       tt.part[b][p]);
-            printf("}");
-        }
         if (!o->device) {
+            for (int b = 0; b < 2; b++) {
+                printf(",\"%s_ms\":{", b ? "backward" : "forward");
+                for (int p = 0; p < MOE_PART_COUNT; p++)
+                    printf("%s\"%s\":%.4f", p ? "," : "",
+                           moe_model_part_name((moe_model_part)p), tt.part[b][p]);
+                printf("}");
+            }
             printf(",\"rest_ms\":%.4f,\"moe_stages_ms\":{", tt.rest);
             for (int s = 0; s < MOE_STAGE_COUNT; s++)
                 printf("%s\"%s\":%.4f", s ? "," : "", moe_stage_name((moe_stage)s), tt.stage[s]);
@@ -482,11 +482,12 @@ static int bench_train(moe_options *o, int json) {
                        tt.part[0][p], tt.part[1][p]);
             printf("%-20s %10.3f  (the optimizer, the gradient norm, the batch)\n", "rest",
                    tt.rest);
-            printf("the MoE layers' stages, summed over layers (ms per step):");
+            int shown = 0; /* what rounds to 0.000 did not run (none in a dense model) */
             for (int s = 0; s < MOE_STAGE_COUNT; s++)
-                if (tt.stage[s] >= 0.0005) /* what rounds to 0.000 did not run */
-                    printf(" %s %.3f;", moe_stage_name((moe_stage)s), tt.stage[s]);
-            printf("\n");
+                if (tt.stage[s] >= 0.0005)
+                    printf("%s %s %.3f;", shown++ ? "" : "the MoE layers' stages, summed over "
+                           "layers (ms per step):", moe_stage_name((moe_stage)s), tt.stage[s]);
+            if (shown) printf("\n");
         }
         printf("memory: peak RSS %.1f MB; analytical minimum %.1f MB (parameters, gradients and "
                "Adam state %.1f MB, the activations the backward reads %.1f MB); allocated "
