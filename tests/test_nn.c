@@ -325,6 +325,9 @@ static void test_attention_gqa(void **state) {
     attention_case(1, 5, 4, 1, 6); /* multi-query */
     attention_case(3, 1, 2, 1, 2); /* one token per sequence */
     attention_case(1, 137, 4, 2, 8); /* query and key blocks of 64 (and 9) below the diagonal */
+    /* rows of up to 12 key blocks: the backward keeps the first 8 blocks' dP from its first
+     * pass and computes the others again */
+    attention_case(1, 768, 2, 1, 4);
 }
 
 /* Multi-head latent attention's shapes: q/k heads wider than v heads (and narrower), a scale

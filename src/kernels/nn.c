@@ -135,6 +135,11 @@ void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float 
 /* ------------------------------------------------------------- attention */
 
 #define ATT_BLOCK 64
+#define ATT_TILE (ATT_BLOCK * ATT_BLOCK)
+/* The backward's dP tiles of a row block that its second pass takes from the first instead of
+ * computing them again (the first 8: keys up to 512 in all; one GEMM in five of a tile) */
+#define ATT_KEEP 8
+static _Thread_local float dp_keep[ATT_KEEP * ATT_TILE] __attribute__((aligned(64)));
 
 /* The largest of x[0..n) (-inf for n = 0; NaNs are passed over), in 16 lanes so that both gcc
  * and clang vectorise it (a max reduction under `omp simd` stays scalar with clang). */
@@ -219,7 +224,8 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
  * ATT_BLOCK queries x ATT_BLOCK keys on or below the diagonal (P is zero above it, so dS is
  * too). D takes a first pass over a row of tiles, so that it sums the very dP the second pass
  * subtracts it from (D = do . o would save that GEMM but leaves rounding where the gradient is
- * exactly zero, as for a sequence's first query). Parallel over (sequence, kv head) so that no
+ * exactly zero, as for a sequence's first query); the second pass reuses the first ATT_KEEP
+ * tiles' dP. Parallel over (sequence, kv head) so that no
  * two threads write the same rows. */
 void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             const float *probs, const float *q, const float *k, const float *v,
@@ -229,7 +235,7 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int g = 0; g < KV; g++) {
-            float ds[ATT_BLOCK * ATT_BLOCK], D[ATT_BLOCK];
+            float ds[ATT_TILE], D[ATT_BLOCK];
             const float *kb = k + (size_t)b * S * ks + g * Dk;
             const float *vb = v + (size_t)b * S * vs + g * Dv;
             float *dkb = dk + (size_t)b * S * ks + g * Dk, *dvb = dv + (size_t)b * S * vs + g * Dv;
@@ -243,14 +249,18 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                     const float *doi = dob + (size_t)i0 * os, *qi = qb + (size_t)i0 * qs;
                     for (int r = 0; r < m; r++) D[r] = 0;
                     for (int pass = 0; pass < 2; pass++)
-                        for (int j0 = 0; j0 <= i0; j0 += ATT_BLOCK) {
+                        for (int j0 = 0, t = 0; j0 <= i0; j0 += ATT_BLOCK, t++) {
                             int n = j0 < i0 ? ATT_BLOCK : m;
                             const float *Pt = P + (size_t)i0 * S + j0;
-                            moe_gemm(0, 1, m, n, Dv, 1.0f, doi, os, vb + (size_t)j0 * vs, vs, 0.0f,
-                                     ds, ATT_BLOCK);
+                            /* the first ATT_KEEP tiles' dP from the first pass, the same bits
+                             * as computing them again */
+                            float *tile = t < ATT_KEEP ? dp_keep + (size_t)t * ATT_TILE : ds;
+                            if (pass == 0 || t >= ATT_KEEP)
+                                moe_gemm(0, 1, m, n, Dv, 1.0f, doi, os, vb + (size_t)j0 * vs, vs,
+                                         0.0f, tile, ATT_BLOCK);
                             for (int r = 0; r < m; r++) {
                                 const float *pr = Pt + (size_t)r * S;
-                                float *x = ds + r * ATT_BLOCK;
+                                float *x = tile + r * ATT_BLOCK;
                                 if (pass == 0)
                                     D[r] += dot_floats(pr, x, n);
                                 else
@@ -259,9 +269,9 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             if (pass == 0) continue;
                             moe_gemm(1, 0, n, Dv, m, 1.0f, Pt, S, doi, os, 1.0f,
                                      dvb + (size_t)j0 * vs, vs);
-                            moe_gemm(0, 0, m, Dk, n, a->scale, ds, ATT_BLOCK, kb + (size_t)j0 * ks,
-                                     ks, 1.0f, dqb + (size_t)i0 * qs, qs);
-                            moe_gemm(1, 0, n, Dk, m, a->scale, ds, ATT_BLOCK, qi, qs, 1.0f,
+                            moe_gemm(0, 0, m, Dk, n, a->scale, tile, ATT_BLOCK,
+                                     kb + (size_t)j0 * ks, ks, 1.0f, dqb + (size_t)i0 * qs, qs);
+                            moe_gemm(1, 0, n, Dk, m, a->scale, tile, ATT_BLOCK, qi, qs, 1.0f,
                                      dkb + (size_t)j0 * ks, ks);
                         }
                 }
