@@ -269,13 +269,16 @@ typedef struct {
 typedef enum {
     MOE_STAGE_ROUTER = 0,      /* logits GEMM, scores, selection */
     MOE_STAGE_BALANCE,         /* counts, aux and z losses */
-    MOE_STAGE_PERMUTE,         /* dispatch plan and the gather of expert inputs */
+    MOE_STAGE_PERMUTE,         /* dispatch plan and the gather of expert inputs (with the
+                                * experts spread over the threads, 256 rows or more each,
+                                * every expert gathers its own rows: in EXPERT_GEMM then) */
     MOE_STAGE_EXPERT_GEMM,     /* the two expert GEMMs */
     MOE_STAGE_ACTIVATION,      /* activation with the routing weight (and biases) */
     MOE_STAGE_COMBINE,         /* weighted sum of expert outputs per token, output mix */
     MOE_STAGE_SHARED,          /* shared expert, its gate, the residual mix */
     MOE_STAGE_BWD_SHARED,
-    MOE_STAGE_BWD_PERMUTE,     /* output-gradient gather and input-gradient scatter */
+    MOE_STAGE_BWD_PERMUTE,     /* output-gradient and input gathers (or in BWD_EXPERT_GEMM,
+                                * as the forward's), input-gradient scatter */
     MOE_STAGE_BWD_EXPERT_GEMM, /* the four weight and input gradient GEMMs */
     MOE_STAGE_BWD_ACTIVATION,
     MOE_STAGE_BWD_ROUTER,      /* routing-weight, aux and z gradients, router GEMMs */

@@ -186,21 +186,44 @@ static size_t gf_of(const moe_layer_config *c) {
  * is then split over the threads, so that none waits. Not for bf16 experts: oneDNN's
  * multi-threaded GEMMs measured faster there (585 against 535 GFLOP/s at T=4096 d=1024 f=2816
  * E=8 k=2). */
-static int experts_across_threads(const moe_layer *L) {
-    int threads = moe_num_threads(), busy = 0;
-    if (L->cfg.expert_bf16 || threads < 2 || L->cfg.n_experts < 2 * threads) return 0;
+static int busy_experts(const moe_layer *L) {
+    int busy = 0;
     for (int e = 0; e < L->cfg.n_experts; e++) busy += L->st.expert_off[e + 1] > L->st.expert_off[e];
-    return busy >= threads;
+    return busy;
 }
 
-void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d) {
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < R; r++) {
+static int experts_across_threads(const moe_layer *L) {
+    int threads = moe_num_threads();
+    if (L->cfg.expert_bf16 || threads < 2 || L->cfg.n_experts < 2 * threads) return 0;
+    return busy_experts(L) >= threads;
+}
+
+/* Whether each expert part gathers the rows it reads as it starts (the forward's inputs in the
+ * first part, the backward's output gradients in its first and inputs in its second) instead of
+ * one pass over all rows before the parts: with the experts spread over the threads and at
+ * least GATHER_IN_PARTS rows an expert on average, the rows are then in the thread's cache when
+ * its GEMM reads them. The fine-grained shape (384 rows an expert, d = 1024) took 3-9 % less
+ * time a layer in eight of ten alternations; at 32 rows an expert (E = 256, d = 512) 7-10 %
+ * more (bench/RESULTS.md, session 25). The same copies either way, so the same results. */
+#define GATHER_IN_PARTS 256
+static int gather_in_parts(const moe_layer *L) {
+    return experts_across_threads(L) && L->st.n_rows >= GATHER_IN_PARTS * busy_experts(L);
+}
+
+/* Rows [r0, r1) of dst: the rows of src their slots' tokens take (zero for padding rows). */
+static void gather_range(const moe_fwd_state *st, float *dst, const float *src, int r0, int r1,
+                         int d) {
+    for (int r = r0; r < r1; r++) {
         int s = st->row_slot[r];
         float *row = dst + (size_t)r * d;
         if (s < 0) memset(row, 0, sizeof(float) * (size_t)d);
         else memcpy(row, src + (size_t)st->slot_token[s] * d, sizeof(float) * (size_t)d);
     }
+}
+
+void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d) {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < R; r++) gather_range(st, dst, src, r, r + 1, d);
 }
 
 /* bf16 operands of expert e, whose rows start at row o. */
@@ -352,6 +375,7 @@ static void run_expert_parts(moe_layer *L, int np, expert_part_fn part, double *
 /* The forward in two parts: x W_in^T and the activation (the larger), then a W_out^T. */
 static void forward_part(moe_layer *L, const moe_expert_rows *r, int e, int o, int n, int p,
                          double *t_act) {
+    if (p == 0 && L->st.part_x) gather_range(&L->st, r->x, L->st.part_x, o, o + n, L->cfg.d);
     moe_expert_rows_forward_part(L, r, e, o, n, p ? MOE_MLP_OUT : MOE_MLP_IN, t_act);
 }
 
@@ -359,6 +383,9 @@ static void forward_part(moe_layer *L, const moe_expert_rows *r, int e, int o, i
  * activation. */
 static void backward_part(moe_layer *L, const moe_expert_rows *r, int e, int o, int n, int p,
                           double *t_act) {
+    const moe_fwd_state *st = &L->st;
+    if (p == 0 && st->part_dy) gather_range(st, r->y, st->part_dy, o, o + n, L->cfg.d);
+    if (p == 1 && st->part_x) gather_range(st, r->x, st->part_x, o, o + n, L->cfg.d);
     moe_expert_rows_backward(L, r, e, o, n, MOE_MLP_BWD_OUT << p, t_act);
 }
 
@@ -400,11 +427,13 @@ void moe_experts_forward(moe_layer *L) {
     int d = c->d, R = st->n_rows;
     const float *x = st->xin_orig;
     double t0 = moe_time_now(), t_act = 0;
-    moe_gather_rows(st, st->xp, x, R, d);
+    st->part_x = gather_in_parts(L) ? x : NULL; /* else all rows now */
+    if (!st->part_x) moe_gather_rows(st, st->xp, x, R, d);
     if (c->expert_bf16) bf16_copies(L);
     double t1 = moe_time_now();
     order_by_rows(st, c->n_experts);
     run_expert_parts(L, 2, forward_part, &t_act);
+    st->part_x = NULL;
     double t2 = moe_time_now();
     moe_combine_rows(st, st->y, d);
     L->stage_s[MOE_STAGE_PERMUTE] += t1 - t0;
@@ -423,11 +452,16 @@ void moe_experts_backward(moe_layer *L, float *dx, const float *x) {
     int d = c->d, R = st->n_rows;
     double t0 = moe_time_now(), t_act = 0;
     /* the rows' inputs as the forward gathered them (xp is call scratch), and dL/dy of each
-     * row: the routed-output gradient of its token */
-    moe_gather_rows(st, st->xp, x, R, d);
-    moe_gather_rows(st, st->y, st->dgrad, R, d);
+     * row: the routed-output gradient of its token; here or in the parts */
+    int in_parts = gather_in_parts(L);
+    st->part_x = in_parts ? x : NULL, st->part_dy = in_parts ? st->dgrad : NULL;
+    if (!in_parts) {
+        moe_gather_rows(st, st->xp, x, R, d);
+        moe_gather_rows(st, st->y, st->dgrad, R, d);
+    }
     double t1 = moe_time_now();
     run_expert_parts(L, 3, backward_part, &t_act); /* in the forward's expert order */
+    st->part_x = st->part_dy = NULL;
     double t2 = moe_time_now();
     moe_scatter_rows(st, st->xp, dx, d); /* xp now holds dL/dxp */
     L->stage_s[MOE_STAGE_BWD_PERMUTE] += (t1 - t0) + (moe_time_now() - t2);

@@ -72,6 +72,8 @@ typedef struct {
     int32_t *expert_off;   /* [E+1] */
     int32_t *expert_order; /* [E] experts by rows, most first (the threads' work order) */
     int32_t *expert_ready; /* [E] how many of the expert's parts are done (run_expert_parts) */
+    const float *part_x, *part_dy; /* [T, d] what the expert parts gather their rows' inputs and
+                                    * output gradients from themselves (else NULL) */
     int32_t *row_slot;     /* [R] -1 = padding */
     float *row_w;          /* [R] */
     int32_t *scratch;      /* [max(S, T, E)+1] */
