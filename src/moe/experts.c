@@ -177,6 +177,13 @@ static size_t gf_of(const moe_layer_config *c) {
     return moe_act_gated(c->act) ? 2 * (size_t)c->ffn : (size_t)c->ffn;
 }
 
+/* Experts with rows in this call. */
+static int busy_experts(const moe_layer *L) {
+    int busy = 0;
+    for (int e = 0; e < L->cfg.n_experts; e++) busy += L->st.expert_off[e + 1] > L->st.expert_off[e];
+    return busy;
+}
+
 /* With at least two experts per thread, the experts are spread over the threads and each
  * expert's GEMMs run single-threaded (OpenBLAS runs single-threaded inside an active OpenMP
  * region): measured faster than multi-threaded GEMMs one expert after another at every shape
@@ -186,12 +193,6 @@ static size_t gf_of(const moe_layer_config *c) {
  * is then split over the threads, so that none waits. Not for bf16 experts: oneDNN's
  * multi-threaded GEMMs measured faster there (585 against 535 GFLOP/s at T=4096 d=1024 f=2816
  * E=8 k=2). */
-static int busy_experts(const moe_layer *L) {
-    int busy = 0;
-    for (int e = 0; e < L->cfg.n_experts; e++) busy += L->st.expert_off[e + 1] > L->st.expert_off[e];
-    return busy;
-}
-
 static int experts_across_threads(const moe_layer *L) {
     int threads = moe_num_threads();
     if (L->cfg.expert_bf16 || threads < 2 || L->cfg.n_experts < 2 * threads) return 0;
@@ -226,7 +227,6 @@ void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int 
     for (int r = 0; r < R; r++) gather_range(st, dst, src, r, r + 1, d);
 }
 
-/* bf16 operands of expert e, whose rows start at row o. */
 /* bf16 operands of expert le over rows from o: this call's converted weights, row scratch. */
 static const moe_mlp_bf16 *expert_bf16(const moe_layer *L, const moe_expert_rows *r, int le,
                                        int o, moe_mlp_bf16 *b) {
