@@ -648,7 +648,8 @@ static int bench_generate(moe_options *o, int json) {
         }
         printf("prefill: %.1f ms, %.0f tokens/s, %.1f GFLOP/s = %.1f%% of %s%s\n", 1e3 * t_pre,
                P / t_pre, 1e-9 * pre_flops / t_pre, 100 * pre_flops / t_pre / peak, gemm,
-               c->moe.expert_bf16 ? " (fp32; the bf16 experts' GEMMs run faster than it)" : "");
+               c->moe.expert_bf16 ? " (fp32; the bf16 experts' GEMMs have their own rate, "
+                                    "above it on most CPUs with AVX512-BF16, below it on some)" : "");
         printf("decode: %.3f ms per token, %.1f tokens/s; each step reads %.1f MB of parameters "
                "(its tokens' experts only) and %.1f MB of cache on average: %.1f GB/s = %.1f%% "
                "of %s (%.1f GB/s, this run)\n", 1e3 * step_s, 1 / step_s, bytes / 1048576,
