@@ -167,6 +167,84 @@ static void test_small(void **state) {
     assert_int_equal(moe_gemm_small(1, 1, 1, 1, 1, &a, 1, &b, 1, 0.0f, &c, 1), MOE_ERR_INVALID);
 }
 
+/* One moe_gemm_cached call against float64: A (or A^T) read by strides, B by rows or given
+ * transposed (bt), beta 0 or 1, leading dimensions wider than the rows. With tri, A's part
+ * that the mode declares zero is zero, and where no tile (at most 16 rows, 64 columns) may
+ * reach it, NaN; with MOE_TRI_COLS C's columns past any tile's reach keep their values and the
+ * others past row i + off are not compared. */
+static void cached_case(int ta, int bt, int beta1, int m, int n, int k, moe_tri tri, int off,
+                        uint64_t seed) {
+    int lda = (ta ? m : k) + 3, ldb = (bt ? k : n) + 5, ldc = n + 2;
+    size_t na = (size_t)(ta ? k : m) * lda, nb = (size_t)(bt ? n : k) * ldb, nc = (size_t)m * ldc;
+    float *A = malloc(na * 4), *B = malloc(nb * 4), *C = malloc(nc * 4), *C0 = malloc(nc * 4);
+    tu_fill(A, na, seed, 1, -1, 1);
+    tu_fill(B, nb, seed, 2, -1, 1);
+    tu_fill(C, nc, seed, 3, -1, 1);
+    memcpy(C0, C, nc * 4);
+    for (int i = 0; i < m; i++)
+        for (int p = 0; p < k; p++) {
+            float *a = &A[ta ? (size_t)p * lda + i : (size_t)i * lda + p];
+            int zero = (tri == MOE_TRI_K_BELOW && p >= i + off) ||
+                       (tri == MOE_TRI_K_FROM && p < i + off);
+            int unread = (tri == MOE_TRI_K_BELOW && p >= i + off + 15) ||
+                         (tri == MOE_TRI_K_FROM && p < i + off - 15);
+            if (zero) *a = unread ? NAN : 0.0f;
+        }
+    assert_int_equal(moe_gemm_cached(m, n, k, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, bt, beta1, C,
+                                     ldc, tri, off), 1);
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < ldc; j++) {
+            size_t at = (size_t)i * ldc + j;
+            if (j >= n || (tri == MOE_TRI_COLS && j >= i + off + 32)) { /* untouched */
+                assert_true(C[at] == C0[at]);
+                continue;
+            }
+            if (tri == MOE_TRI_COLS && j >= i + off) continue;
+            double s = beta1 ? C0[at] : 0, g = fabs(s);
+            for (int p = 0; p < k; p++) {
+                double a = ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                double b = bt ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+                if (a == 0 || a != a) continue; /* the zero part */
+                s += a * b;
+                g += fabs(a * b);
+            }
+            if (!(fabs(C[at] - s) <= 2 * 0x1p-24 * (k + 1) * g))
+                fail_msg("cached ta=%d bt=%d beta=%d m=%d n=%d k=%d tri=%d off=%d: C[%d,%d] = "
+                         "%.9g, expected %.9g", ta, bt, beta1, m, n, k, (int)tri, off, i, j,
+                         C[at], s);
+        }
+    free(A), free(B), free(C), free(C0);
+}
+
+/* moe_gemm_cached: 1-4 vectors of columns and partial ones, past one chunk of 64 (n = 80,
+ * 130), rows past one tile of every height (6, 8, 12, 16 by width), k past 64; each tri mode
+ * with offsets that skip nothing, part of every row, whole tiles (negative, past k) and
+ * everything. B given transposed with k past its scratch (1024): not done, nothing written. */
+static void test_cached(void **state) {
+    (void)state;
+    float a = 1, b = 1, c = 5;
+    if (!moe_gemm_small_available()) { /* no AVX-512: nothing done */
+        assert_int_equal(moe_gemm_cached(1, 1, 1, &a, 1, 1, &b, 1, 0, 0, &c, 1, MOE_TRI_NONE, 0), 0);
+        assert_true(c == 5);
+        skip();
+    }
+    static const int shapes[][3] = {{64, 64, 32}, {37, 29, 53}, {50, 130, 70}, {13, 80, 129},
+                                    {29, 16, 3}, {1, 47, 64}, {70, 32, 64}, {17, 7, 1}};
+    static const int offs[4][4] = {{0, 0, 0, 0}, {1, 17, -3, 200}, {1, -5, 40, 300},
+                                   {0, -20, 3, 300}};
+    uint64_t seed = tu_seed() + 500;
+    for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
+        for (int tri = 0; tri < 4; tri++)
+            for (int o = 0; o < (tri ? 4 : 1); o++)
+                for (int c8 = 0; c8 < 8; c8++)
+                    cached_case(c8 & 1, (c8 >> 1) & 1, c8 >> 2, shapes[q][0], shapes[q][1],
+                                shapes[q][2], (moe_tri)tri, offs[tri][o], seed++);
+    float big[1100] = {0};
+    assert_int_equal(moe_gemm_cached(1, 1, 1100, big, 1, 1, big, 1100, 1, 0, &c, 1,
+                                     MOE_TRI_NONE, 0), 0);
+    assert_true(c == 5);
+}
+
 /* The AVX2 dot products (NT with 1-4 rows, CPUs without AVX-512) on any CPU that has AVX2:
  * k below, at and past one step of 16 and one vector of 8 (masked ends), 8, 4 or 2 weight rows at
  * a time and the rest one by one, the weight rows split over the threads (n = 300, 203); more
@@ -259,6 +337,7 @@ static void test_bf16_rounding(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_fp32), cmocka_unit_test(test_dnnl_fp32),
                                        cmocka_unit_test(test_small),
+                                       cmocka_unit_test(test_cached),
                                        cmocka_unit_test(test_dot_avx2),
                                        cmocka_unit_test(test_bf16),
                                        cmocka_unit_test(test_bf16_rounding)};

@@ -99,6 +99,49 @@ static void ref_attention(double *out, const double *q, const double *k, const d
     free(s);
 }
 
+/* The attention's gradients in float64, analytically (the finite differences below check a
+ * sample; this checks every element): with P the probabilities, dP = dO V^T, D_i = sum_j P_ij
+ * dP_ij and dS = P (dP - D) scale: dq += dS k, dk += dS^T q, dv += P^T dO. */
+static void ref_attention_backward(double *dq, double *dk, double *dvv, const double *G,
+                                   const double *q, const double *k, const double *v,
+                                   const dims *D) {
+    int hd = D->hd, qs = D->H * hd, ks = D->KV * hd, dv = D->dv ? D->dv : hd;
+    int vs = D->KV * dv, os = D->H * dv;
+    double scale = D->scale ? D->scale : 1 / sqrt((double)hd);
+    double *p = malloc(sizeof(double) * D->S), *dp = malloc(sizeof(double) * D->S);
+    for (int b = 0; b < D->B; b++)
+        for (int h = 0; h < D->H; h++) {
+            int g = h / (D->H / D->KV);
+            for (int i = 0; i < D->S; i++) {
+                const double *qi = q + (size_t)(b * D->S + i) * qs + h * hd;
+                const double *gi = G + (size_t)(b * D->S + i) * os + h * dv;
+                double mx = -INFINITY, sum = 0, Dsum = 0;
+                for (int j = 0; j <= i; j++) {
+                    const double *kj = k + (size_t)(b * D->S + j) * ks + g * hd;
+                    const double *vj = v + (size_t)(b * D->S + j) * vs + g * dv;
+                    double dot = 0, dd = 0;
+                    for (int c = 0; c < hd; c++) dot += qi[c] * kj[c];
+                    for (int c = 0; c < dv; c++) dd += gi[c] * vj[c];
+                    p[j] = dot * scale;
+                    dp[j] = dd;
+                    mx = fmax(mx, p[j]);
+                }
+                for (int j = 0; j <= i; j++) sum += p[j] = exp(p[j] - mx);
+                for (int j = 0; j <= i; j++) Dsum += (p[j] /= sum) * dp[j];
+                for (int j = 0; j <= i; j++) {
+                    double ds = p[j] * (dp[j] - Dsum) * scale;
+                    size_t jr = (size_t)(b * D->S + j);
+                    for (int c = 0; c < hd; c++) {
+                        dq[(size_t)(b * D->S + i) * qs + h * hd + c] += ds * k[jr * ks + g * hd + c];
+                        dk[jr * ks + g * hd + c] += ds * qi[c];
+                    }
+                    for (int c = 0; c < dv; c++) dvv[jr * vs + g * dv + c] += p[j] * gi[c];
+                }
+            }
+        }
+    free(p), free(dp);
+}
+
 /* Central difference of f at x[i] (float64), h relative to 1. */
 typedef double (*scalar_fn)(void *ctx);
 static double central(double *xi, scalar_fn f, void *ctx) {
@@ -281,6 +324,7 @@ static void attention_case_dims(int B, int S, int H, int KV, int hd, int dvw, do
     tu_fill(v, nv, seed, 3, -1, 1);
     tu_fill(G, no, seed, 4, -1, 1);
     tu_poison(out, no);
+    tu_poison(probs, (size_t)B * H * S * S); /* every probability is written */
     moe_attention_forward(out, probs, q, k, v, &A);
     att_ctx c = {D, to64(q, nq), to64(k, nk), to64(v, nv), to64(G, no), malloc(no * 8)};
     att_loss(&c);
@@ -296,7 +340,19 @@ static void attention_case_dims(int B, int S, int H, int KV, int hd, int dvw, do
             }
             assert_true(fabs(s - 1) < 1e-5);
         }
+    /* a first backward from NaN output gradients leaves NaN in the threads' kept tiles: what
+     * the second one does not write of them it must not read */
+    float *junk = malloc((nq + nk + nv) * 4), *Gnan = malloc(no * 4);
+    tu_poison(Gnan, no);
+    moe_attention_backward(junk, junk + nq, junk + nq + nk, Gnan, probs, q, k, v, &A);
     moe_attention_backward(dq, dk, dv, G, probs, q, k, v, &A);
+    free(junk), free(Gnan);
+    double *rq = calloc(nq, 8), *rk = calloc(nk, 8), *rv = calloc(nv, 8);
+    ref_attention_backward(rq, rk, rv, c.G, c.q, c.k, c.v, &D);
+    check("attention dq (analytic)", dq, rq, nq);
+    check("attention dk (analytic)", dk, rk, nk);
+    check("attention dv (analytic)", dv, rv, nv);
+    free(rq), free(rk), free(rv);
     check_grad("attention dq", dq, c.q, nq, att_loss, &c, seed);
     check_grad("attention dk", dk, c.k, nk, att_loss, &c, seed + 1);
     check_grad("attention dv", dv, c.v, nv, att_loss, &c, seed + 2);
@@ -328,6 +384,12 @@ static void test_attention_gqa(void **state) {
     /* rows of up to 12 key blocks: the backward keeps the first 8 blocks' dP from its first
      * pass and computes the others again */
     attention_case(1, 768, 2, 1, 4);
+    /* head widths of whole vectors: 32 (the default model's), and 80 over 40 (products over
+     * more than 64 columns, partial vectors) */
+    attention_case(2, 130, 2, 1, 32);
+    attention_case_dims(1, 70, 2, 2, 80, 40, 0);
+    /* a last block of 17 rows: its last tile's diagonal column starts a vector */
+    attention_case(1, 81, 2, 1, 16);
 }
 
 /* Multi-head latent attention's shapes: q/k heads wider than v heads (and narrower), a scale

@@ -15,6 +15,8 @@
  *                      time; the tiles of 48 weight rows are staged and written to C transposed
  *                      (flush_panel); rows past whole vectors (1-8) in one vector of pairs of k
  *                      (tile_body_pairs).
+ * The attention's tiles (moe_gemm_cached) use the same tiles on operands already in cache, with
+ * no prefetch, over the part of a causal product that is not zero.
  * NT with at most MOE_GEMM_DOT_ROWS rows of A (a decoding step) is dot products along k instead
  * (dot_body), in fp32 or with bf16 operands (moe_gemm_dot, also over the threads), and in fp32
  * on CPUs with AVX2 but no AVX-512 (dot_body_avx2). */
@@ -413,13 +415,15 @@ static void pair_rows(const float *A, int lda, int rows, int kc, float *xr) {
                 xr[8 * kk + 2 * r + p] = r < rows ? A[(long)r * lda + kk + p] : 0;
 }
 
+/* A thread's transposed operand: gemm_nt's A^T, gemm_cached's B^T */
+static _Thread_local float xt[KC * NT_ROWS] __attribute__((aligned(64)));
+
 /* C = A B^T (+ C): per block of up to 64 rows of A and KC columns, A^T into scratch, then the
  * rows of B (the weights) broadcast against it; every element of B is read once per 64 rows.
  * A block's last 1-8 rows beyond whole vectors go in pairs of k (tile_body_pairs) when kc is
  * even: an expert's rows rarely fill their last vector. */
 static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, const float *B,
                                  int ldb, int beta1, float *C, int ldc) {
-    static _Thread_local float xt[KC * NT_ROWS] __attribute__((aligned(64)));
     static _Thread_local float xr[KC * 8] __attribute__((aligned(64)));
     static _Thread_local float stage[NT_PANEL * NT_ROWS] __attribute__((aligned(64)));
     for (int m0 = 0; m0 < m; m0 += NT_ROWS) {
@@ -434,6 +438,38 @@ static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, c
             tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d,
                           pairs ? xr : NULL, stage};
             run_tiles(&j);
+        }
+    }
+}
+
+/* moe_gemm_cached: tiles of up to 4 vectors of columns and mr_max rows, over all of k (or the
+ * part of it tri leaves a tile: the range its rows need together), with no prefetch (the
+ * operands are in cache); B^T first transposed 64 columns at a time. */
+static SMALL_TARGET void gemm_cached(int m, int n, int k, const float *A, long sai, long sak,
+                                     const float *B, long ldb, int bt, int beta1, float *C,
+                                     long ldc, moe_tri tri, int off) {
+    for (int n0 = 0; n0 < n; n0 += 64) {
+        int nc = n - n0 < 64 ? n - n0 : 64, nv = (nc + 15) / 16, cap = mr_max[nv];
+        const float *b = B + n0;
+        long lb = ldb;
+        if (bt) {
+            transpose_rows(B + n0 * ldb, (int)ldb, nc, k, 16 * nv, xt);
+            b = xt, lb = 16 * nv;
+        }
+        for (int i0 = 0; i0 < m; i0 += cap) {
+            int mr = m - i0 < cap ? m - i0 : cap, last = i0 + mr - 1, tv = nv, k0 = 0, k1 = k;
+            if (tri == MOE_TRI_COLS) { /* columns < last + off */
+                int hi = last + off < n ? last + off : n;
+                tv = hi - n0 <= 0 ? 0 : (hi - n0 + 15) / 16 < nv ? (hi - n0 + 15) / 16 : nv;
+            }
+            if (tri == MOE_TRI_K_BELOW) k1 = last + off < 0 ? 0 : last + off < k ? last + off : k;
+            if (tri == MOE_TRI_K_FROM) k0 = i0 + off < 0 ? 0 : i0 + off < k ? i0 + off : k;
+            if (!tv) continue;
+            tile_args t = {.a = A + i0 * sai + k0 * sak, .b = b + k0 * lb, .sai = sai,
+                           .sak = sak, .ldb = lb, .k = k1 - k0, .c = C + i0 * ldc + n0,
+                           .ldc = ldc, .c_acc = beta1, .pf = (const char *)A};
+            set_masks(&t, tv, nc);
+            tiles[tv][mr](&t, NULL);
         }
     }
 }
@@ -744,6 +780,13 @@ int moe_gemm_small_available(void) {
     return __builtin_cpu_supports("avx512f");
 }
 
+int moe_gemm_cached(int m, int n, int k, const float *A, long sai, long sak, const float *B,
+                    long ldb, int bt, int beta1, float *C, long ldc, moe_tri tri, int off) {
+    if (!moe_gemm_small_available() || (bt && k > KC) || m <= 0 || n <= 0 || k <= 0) return 0;
+    gemm_cached(m, n, k, A, sai, sak, B, ldb, bt, beta1, C, ldc, tri, off);
+    return 1;
+}
+
 moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
                           const float *B, int ldb, float beta, float *C, int ldc) {
     if ((ta && tb) || (beta != 0.0f && beta != 1.0f))
@@ -777,6 +820,13 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
 }
 #else
 int moe_gemm_small_available(void) { return 0; }
+
+int moe_gemm_cached(int m, int n, int k, const float *A, long sai, long sak, const float *B,
+                    long ldb, int bt, int beta1, float *C, long ldc, moe_tri tri, int off) {
+    (void)m, (void)n, (void)k, (void)A, (void)sai, (void)sak, (void)B, (void)ldb, (void)bt;
+    (void)beta1, (void)C, (void)ldc, (void)tri, (void)off;
+    return 0;
+}
 
 moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
                           const float *B, int ldb, float beta, float *C, int ldc) {

@@ -64,6 +64,19 @@ int moe_gemm_dot_avx2(int m, int n, int k, const float *A, int lda, const float 
 int moe_gemm_small_available(void);
 moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, int lda,
                           const float *B, int ldb, float beta, float *C, int ldc);
+/* The part of a triangular (causal) product that moe_gemm_cached may skip, by row i of C:
+ * MOE_TRI_COLS: only its columns below i + off are needed (the others may be left as they are
+ * or written); MOE_TRI_K_BELOW: A's row i is zero from k = i + off on;
+ * MOE_TRI_K_FROM: A's row i is zero below k = i + off. */
+typedef enum { MOE_TRI_NONE, MOE_TRI_COLS, MOE_TRI_K_BELOW, MOE_TRI_K_FROM } moe_tri;
+/* C = A B + beta1 C on the calling thread for small operands already in cache (the
+ * attention's tiles): A's element (i, k) at A[i * sai + k * sak] (A: sai = lda, sak = 1; A^T:
+ * sai = 1, sak = lda); B's row k at B + k * ldb, or with bt set B given transposed (element
+ * (k, j) at B[j * ldb + k], k <= 1024), first transposed into the thread's scratch. AVX-512
+ * register tiles of up to 64 columns, each summing over its k in order; tri and off as above.
+ * 1 when done, 0 where the CPU lacks AVX-512 or k is too long (nothing written). */
+int moe_gemm_cached(int m, int n, int k, const float *A, long sai, long sak, const float *B,
+                    long ldb, int bt, int beta1, float *C, long ldc, moe_tri tri, int off);
 void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n); /* round to nearest even */
 void moe_f32_to_bf16_serial(const float *x, uint16_t *y, size_t n); /* the same, one thread */
 void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n);

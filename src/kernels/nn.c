@@ -170,11 +170,114 @@ static float dot_floats(const float *a, const float *b, int n) {
     return r;
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define AVX512_TARGET __attribute__((target("avx512f")))
+
+/* moe_exp_vec on 16 lanes, its steps in fused multiply-adds (NaN stays NaN: max and min
+ * return their second operand for it). */
+static inline __attribute__((always_inline)) AVX512_TARGET __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
+    const __m512 shifter = _mm512_set1_ps(12582912.0f);
+    __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shifter);
+    __m512 n = _mm512_sub_ps(t, shifter);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+    static const float c[7] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+    __m512i e = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B400000));
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+}
+
+/* softmax_rows on 16 lanes. The rows are short (16-128 keys at sequence length 128), so a
+ * row's own steps (its maximum, its sum, the lanes past the diagonal) cost as much as its e^x:
+ * here each is a few vector operations, the keys past the diagonal masked off (never read:
+ * the scores' tiles leave them out). */
+static AVX512_TARGET void softmax_rows16(float *P, int S, int m, int i0, float sc) {
+    const __m512 vsc = _mm512_set1_ps(sc), zero = _mm512_setzero_ps(),
+                 low = _mm512_set1_ps(-INFINITY);
+    for (int r = 0; r < m; r++) {
+        float *x = P + (size_t)r * S;
+        int cnt = i0 + r + 1, nv = (cnt + 15) / 16, rest = S - 16 * (nv - 1);
+        /* the last vector's lanes up to the diagonal, and those in the row */
+        __mmask16 last = (__mmask16)(0xFFFFu >> (16 * nv - cnt));
+        __mmask16 in_row = (__mmask16)(rest >= 16 ? 0xFFFFu : (1u << rest) - 1u);
+        __m512 mx = low, sum = zero;
+        for (int v = 0; v < nv; v++)
+            mx = _mm512_max_ps(_mm512_mask_loadu_ps(low, v < nv - 1 ? 0xFFFF : last, x + 16 * v),
+                               mx);
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        for (int v = 0; v < nv; v++) {
+            __mmask16 k = v < nv - 1 ? 0xFFFF : last;
+            __m512 s = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + 16 * v), m);
+            __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_mul_ps(s, vsc)));
+            sum = _mm512_add_ps(sum, e);
+            _mm512_mask_storeu_ps(x + 16 * v, v < nv - 1 ? 0xFFFF : in_row, e);
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int v = 0; v < nv; v++) {
+            __mmask16 k = v < nv - 1 ? 0xFFFF : in_row;
+            __m512 e = _mm512_maskz_loadu_ps(k, x + 16 * v);
+            _mm512_mask_storeu_ps(x + 16 * v, k, _mm512_mul_ps(e, inv));
+        }
+        for (int j = 16 * nv; j < S; j += 16)
+            _mm512_mask_storeu_ps(x + j, S - j >= 16 ? 0xFFFF : (__mmask16)((1u << (S - j)) - 1u),
+                                  zero);
+    }
+}
+#endif
+
+/* Rows i0..i0 + m - 1 of a sequence's scores P [S, S] (row r at P + r S, its keys 0..i0 + r
+ * filled in) become the softmax over those keys of the scores times sc, then zeros to S. */
+static void softmax_rows(float *P, int S, int m, int i0, float sc) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (moe_gemm_small_available()) {
+        softmax_rows16(P, S, m, i0, sc);
+        return;
+    }
+#endif
+    for (int r = 0; r < m; r++) {
+        float *x = P + (size_t)r * S;
+        int i = i0 + r;
+        /* keys up to i, in whole vectors where the row has them (a loop to i + 1 left its
+         * last 1-15 columns to scalar e^x, a chain of dependent operations each, and gcc
+         * splits a loop on j <= i into two): the later keys' scores in them -inf, e^x's
+         * clamp gives 1.6e-38 there, which the sum (at least 1, from the maximum) does not
+         * notice, then 0 */
+        int len = (i + 16) / 16 * 16 < S ? (i + 16) / 16 * 16 : S;
+        for (int j = i + 1; j < len; j++) x[j] = -INFINITY;
+        float mx = max_floats(x, i + 1), sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < len; j++) {
+            x[j] = moe_exp_vec((x[j] - mx) * sc);
+            sum += x[j];
+        }
+        for (int j = i + 1; j < len; j++) x[j] = 0;
+        float inv = 1.0f / sum;
+        for (int j = 0; j < len; j++) x[j] *= inv;
+        for (int j = len; j < S; j++) x[j] = 0;
+    }
+}
+
+/* C = op(A) op(B) (+ C when beta1) for one attention tile on the calling thread: our in-cache
+ * AVX-512 tiles where the CPU has them, skipping what tri leaves out, else the BLAS. */
+static void tile_gemm(int ta, int tb, int m, int n, int k, const float *A, int lda,
+                      const float *B, int ldb, int beta1, float *C, int ldc, moe_tri tri,
+                      int off) {
+    if (!moe_gemm_cached(m, n, k, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, tb, beta1, C, ldc, tri,
+                         off))
+        moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta1 ? 1.0f : 0.0f, C, ldc);
+}
+
 /* Causal attention over B sequences of S tokens. q [B*S, H*dk], k [B*S, KV*dk],
  * v [B*S, KV*dv] (query head h reads kv head h / (H/KV)); scores q.k * scale; probs
  * [B, H, S, S] saved for backward (zero above the diagonal); out [B*S, H*dv]. By blocks of
  * ATT_BLOCK queries, each block's scores and outputs as one GEMM over the keys it sees (one
- * dot product per pair was most of the attention's time at head width 32). */
+ * dot product per pair was most of the attention's time at head width 32), in tile_gemm's
+ * AVX-512 tiles where they run: those skip the scores past the diagonal and the zero
+ * probabilities there (a quarter of the work at sequence length 128), and the softmax is
+ * scaled there too (the GEMMs have no alpha). */
 void moe_attention_forward(float *out, float *probs, const float *q, const float *k,
                            const float *v, const moe_attn_dims *a) {
     int B = a->B, S = a->S, H = a->H, dk = a->dk, dv = a->dv, rep = H / a->KV;
@@ -191,29 +294,11 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
             for (int i0 = 0; i0 < S; i0 += ATT_BLOCK) {
                 int m = S - i0 < ATT_BLOCK ? S - i0 : ATT_BLOCK, n = i0 + m; /* keys < n */
                 float *Pb = P + (size_t)i0 * S;
-                moe_gemm(0, 1, m, n, dk, a->scale, qb + (size_t)i0 * qs, qs, kb, ks, 0.0f, Pb, S);
-                for (int r = 0; r < m; r++) {
-                    float *Pi = Pb + (size_t)r * S;
-                    int i = i0 + r;
-                    /* keys up to i, in whole vectors where the block has the columns (a loop
-                     * to i + 1 left its last 1-15 columns to scalar e^x, a chain of dependent
-                     * operations each, and gcc splits a loop on j <= i into two): the later
-                     * keys' scores in them -inf, e^x's clamp gives 1.6e-38 there, which the
-                     * sum (at least 1, from the maximum) does not notice, then 0 */
-                    int len = (i + 16) / 16 * 16 < n ? (i + 16) / 16 * 16 : n;
-                    for (int j = i + 1; j < len; j++) Pi[j] = -INFINITY;
-                    float mx = max_floats(Pi, i + 1), sum = 0;
-#pragma omp simd reduction(+ : sum)
-                    for (int j = 0; j < len; j++) {
-                        Pi[j] = moe_exp_vec(Pi[j] - mx);
-                        sum += Pi[j];
-                    }
-                    for (int j = i + 1; j < len; j++) Pi[j] = 0;
-                    float inv = 1.0f / sum;
-                    for (int j = 0; j < len; j++) Pi[j] *= inv;
-                    for (int j = len; j < S; j++) Pi[j] = 0;
-                }
-                moe_gemm(0, 0, m, dv, n, 1.0f, Pb, S, vb, vs, 0.0f, ob + (size_t)i0 * os, os);
+                tile_gemm(0, 1, m, n, dk, qb + (size_t)i0 * qs, qs, kb, ks, 0, Pb, S,
+                          MOE_TRI_COLS, i0 + 1);
+                softmax_rows(Pb, S, m, i0, a->scale);
+                tile_gemm(0, 0, m, dv, n, Pb, S, vb, vs, 0, ob + (size_t)i0 * os, os,
+                          MOE_TRI_K_BELOW, i0 + 1);
             }
         }
 }
@@ -225,7 +310,8 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
  * too). D takes a first pass over a row of tiles, so that it sums the very dP the second pass
  * subtracts it from (D = do . o would save that GEMM but leaves rounding where the gradient is
  * exactly zero, as for a sequence's first query); the second pass reuses the first ATT_KEEP
- * tiles' dP. Parallel over (sequence, kv head) so that no
+ * tiles' dP. A diagonal tile's products skip what lies past the diagonal (tile_gemm); its dP
+ * there is not computed and its dS is set to 0. Parallel over (sequence, kv head) so that no
  * two threads write the same rows. */
 void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             const float *probs, const float *q, const float *k, const float *v,
@@ -250,29 +336,35 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                     for (int r = 0; r < m; r++) D[r] = 0;
                     for (int pass = 0; pass < 2; pass++)
                         for (int j0 = 0, t = 0; j0 <= i0; j0 += ATT_BLOCK, t++) {
-                            int n = j0 < i0 ? ATT_BLOCK : m;
+                            int n = j0 < i0 ? ATT_BLOCK : m, diag = i0 - j0;
                             const float *Pt = P + (size_t)i0 * S + j0;
                             /* the first ATT_KEEP tiles' dP from the first pass, the same bits
                              * as computing them again */
                             float *tile = t < ATT_KEEP ? dp_keep + (size_t)t * ATT_TILE : ds;
                             if (pass == 0 || t >= ATT_KEEP)
-                                moe_gemm(0, 1, m, n, Dv, 1.0f, doi, os, vb + (size_t)j0 * vs, vs,
-                                         0.0f, tile, ATT_BLOCK);
+                                tile_gemm(0, 1, m, n, Dv, doi, os, vb + (size_t)j0 * vs, vs, 0,
+                                          tile, ATT_BLOCK, MOE_TRI_COLS, diag + 1);
                             for (int r = 0; r < m; r++) {
                                 const float *pr = Pt + (size_t)r * S;
                                 float *x = tile + r * ATT_BLOCK;
-                                if (pass == 0)
-                                    D[r] += dot_floats(pr, x, n);
-                                else
-                                    for (int c = 0; c < n; c++) x[c] = pr[c] * (x[c] - D[r]);
+                                /* the columns dP has: through the diagonal, whole vectors */
+                                int len = (r + diag + 16) / 16 * 16;
+                                len = len < n ? len : n;
+                                if (pass == 0) {
+                                    D[r] += dot_floats(pr, x, len);
+                                    continue;
+                                }
+                                for (int c = 0; c < len; c++)
+                                    x[c] = pr[c] * (x[c] - D[r]) * a->scale;
+                                for (int c = len; c < n; c++) x[c] = 0;
                             }
                             if (pass == 0) continue;
-                            moe_gemm(1, 0, n, Dv, m, 1.0f, Pt, S, doi, os, 1.0f,
-                                     dvb + (size_t)j0 * vs, vs);
-                            moe_gemm(0, 0, m, Dk, n, a->scale, tile, ATT_BLOCK,
-                                     kb + (size_t)j0 * ks, ks, 1.0f, dqb + (size_t)i0 * qs, qs);
-                            moe_gemm(1, 0, n, Dk, m, a->scale, tile, ATT_BLOCK, qi, qs, 1.0f,
-                                     dkb + (size_t)j0 * ks, ks);
+                            tile_gemm(1, 0, n, Dv, m, Pt, S, doi, os, 1, dvb + (size_t)j0 * vs,
+                                      vs, MOE_TRI_K_FROM, -diag);
+                            tile_gemm(0, 0, m, Dk, n, tile, ATT_BLOCK, kb + (size_t)j0 * ks, ks,
+                                      1, dqb + (size_t)i0 * qs, qs, MOE_TRI_K_BELOW, diag + 1);
+                            tile_gemm(1, 0, n, Dk, m, tile, ATT_BLOCK, qi, qs, 1,
+                                      dkb + (size_t)j0 * ks, ks, MOE_TRI_K_FROM, -diag);
                         }
                 }
             }
