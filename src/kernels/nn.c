@@ -2,6 +2,8 @@
  * softmax cross-entropy. Forward and backward; backward adds into gradient buffers. */
 #include "kernels/kernels.h"
 
+#include "kernels/avx512.h"
+
 #include <math.h>
 #include <string.h>
 
@@ -170,26 +172,7 @@ static float dot_floats(const float *a, const float *b, int n) {
     return r;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define AVX512_TARGET __attribute__((target("avx512f")))
-
-/* moe_exp_vec on 16 lanes, its steps in fused multiply-adds (NaN stays NaN: max and min
- * return their second operand for it). */
-static inline __attribute__((always_inline)) AVX512_TARGET __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
-    const __m512 shifter = _mm512_set1_ps(12582912.0f);
-    __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shifter);
-    __m512 n = _mm512_sub_ps(t, shifter);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
-    static const float c[7] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
-    __m512i e = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B400000));
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
-}
-
+#ifdef MOE_X86
 /* softmax_rows on 16 lanes. The rows are short (16-128 keys at sequence length 128), so a
  * row's own steps (its maximum, its sum, the lanes past the diagonal) cost as much as its e^x:
  * here each is a few vector operations, the keys past the diagonal masked off (never read:
@@ -202,7 +185,7 @@ static AVX512_TARGET void softmax_rows16(float *P, int S, int m, int i0, float s
         int cnt = i0 + r + 1, nv = (cnt + 15) / 16, rest = S - 16 * (nv - 1);
         /* the last vector's lanes up to the diagonal, and those in the row */
         __mmask16 last = (__mmask16)(0xFFFFu >> (16 * nv - cnt));
-        __mmask16 in_row = (__mmask16)(rest >= 16 ? 0xFFFFu : (1u << rest) - 1u);
+        __mmask16 in_row = moe_lanes16(rest);
         __m512 mx = low, sum = zero;
         for (int v = 0; v < nv; v++)
             mx = _mm512_max_ps(_mm512_mask_loadu_ps(low, v < nv - 1 ? 0xFFFF : last, x + 16 * v),
@@ -211,7 +194,7 @@ static AVX512_TARGET void softmax_rows16(float *P, int S, int m, int i0, float s
         for (int v = 0; v < nv; v++) {
             __mmask16 k = v < nv - 1 ? 0xFFFF : last;
             __m512 s = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + 16 * v), m);
-            __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_mul_ps(s, vsc)));
+            __m512 e = _mm512_maskz_mov_ps(k, moe_exp16(_mm512_mul_ps(s, vsc)));
             sum = _mm512_add_ps(sum, e);
             _mm512_mask_storeu_ps(x + 16 * v, v < nv - 1 ? 0xFFFF : in_row, e);
         }
@@ -222,8 +205,7 @@ static AVX512_TARGET void softmax_rows16(float *P, int S, int m, int i0, float s
             _mm512_mask_storeu_ps(x + 16 * v, k, _mm512_mul_ps(e, inv));
         }
         for (int j = 16 * nv; j < S; j += 16)
-            _mm512_mask_storeu_ps(x + j, S - j >= 16 ? 0xFFFF : (__mmask16)((1u << (S - j)) - 1u),
-                                  zero);
+            _mm512_mask_storeu_ps(x + j, moe_lanes16(S - j), zero);
     }
 }
 #endif
@@ -231,8 +213,8 @@ static AVX512_TARGET void softmax_rows16(float *P, int S, int m, int i0, float s
 /* Rows i0..i0 + m - 1 of a sequence's scores P [S, S] (row r at P + r S, its keys 0..i0 + r
  * filled in) become the softmax over those keys of the scores times sc, then zeros to S. */
 static void softmax_rows(float *P, int S, int m, int i0, float sc) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (moe_gemm_small_available()) {
+#ifdef MOE_X86
+    if (moe_avx512()) {
         softmax_rows16(P, S, m, i0, sc);
         return;
     }
