@@ -52,6 +52,10 @@ moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_
 /* The error of a generated token whose logits are not finite (moe_sample returned -1). */
 moe_status moe_cli_logits_error(int token);
 
+/* With bf16 experts, a note when this CPU's bf16 GEMM rate peak16 is below its fp32 rate peak
+ * (measured by the caller, `how`): fp32 experts would be faster. */
+void moe_cli_bf16_note(double peak16, double peak, const char *how);
+
 /* Routes each source file's text of `data` through the model (inference) and writes the
  * expert counts per topic and MoE layer to path (JSON). */
 /* GEMM floating-point operations of one forward of a layer call (router, the expert rows that

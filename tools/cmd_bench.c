@@ -17,6 +17,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* On an Emerald Rapids without AMX (a virtual machine that hides it) oneDNN's AVX512-BF16
+ * kernels ran at half its fp32 rate (bench/RESULTS.md, session 25). */
+void moe_cli_bf16_note(double peak16, double peak, const char *how) {
+    if (peak16 > 0 && peak16 < peak) /* 0: no bf16 GEMM (an error follows) */
+        printf("note: this CPU multiplies bf16 at %.2fx its fp32 rate (%s): fp32 experts are "
+               "faster here\n", peak16 / peak, how);
+}
+
 /* GEMM floating-point operations of one forward of the layer (router, experts, shared);
  * the backward GEMMs are twice these. The rows the experts keep: the zero rows that
  * moe-pad-expert-input-to-capacity adds are computed but are not work. */
@@ -153,11 +161,7 @@ static int bench_layer(moe_options *o, int json) {
             printf("ceiling: bf16 GEMM %d^3 (oneDNN) = %.1f GFLOP/s (best of 4 layouts x 5 "
                    "calls, this run); the layer reaches %.1f%% of it\n", cn, 1e-9 * peak16,
                    100 * 3 * flops / (t_fwd + t_bwd) / peak16);
-        /* on an Emerald Rapids without AMX (a virtual machine that hides it) oneDNN's
-         * AVX512-BF16 kernels ran at half its fp32 rate (bench/RESULTS.md, session 25) */
-        if (c->expert_bf16 && peak16 < peak)
-            printf("note: this CPU multiplies bf16 at %.2fx its fp32 rate: fp32 experts are "
-                   "faster here\n", peak16 / peak);
+        if (c->expert_bf16) moe_cli_bf16_note(peak16, peak, "the ceilings above");
         double total = t_fwd + t_bwd;
         printf("%-20s %10s %7s\n", "stage", "ms/call", "share");
         for (int s = 0; s < MOE_STAGE_COUNT; s++)

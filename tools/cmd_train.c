@@ -8,6 +8,7 @@
 #include "io/tokenizer.h"
 #include "io/options.h"
 #include "io/tfevents.h"
+#include "kernels/kernels.h"
 #include "train/trainer.h"
 
 #include <cJSON.h>
@@ -566,6 +567,9 @@ int moe_cmd_train(int argc, char **argv) {
     if (!has_val)
         printf("note: %s holds no validation tokens (prepared with --val-fraction 0): no "
                "evaluation\n", val_path);
+    if (mc->moe.expert_bf16 && !o.device) /* a few ms */
+        moe_cli_bf16_note(moe_gemm_bf16_peak(512, 2), moe_gemm_peak(512, 2),
+                          "512^3 GEMMs, measured now");
     double t_start = moe_time_now(), tokens_done = 0, val_nll = -1;
     int total = o.train.train_iters, first = moe_trainer_steps_done(t) + 1;
     int tty = isatty(STDOUT_FILENO) && d->world_size == 1; /* mpirun's output is a pseudo-tty */
