@@ -217,7 +217,8 @@ static void cached_case(int ta, int bt, int beta1, int m, int n, int k, moe_tri 
 }
 
 /* moe_gemm_cached: 1-4 vectors of columns and partial ones, past one chunk of 64 (n = 80,
- * 130), rows past one tile of every height (6, 8, 12, 16 by width), k past 64; each tri mode
+ * 130), rows past one tile of every height (6, 8, 12, 16 by width), k past 64 and past one
+ * block of 256 (two, three blocks); each tri mode
  * with offsets that skip nothing, part of every row, whole tiles (negative, past k) and
  * everything. B given transposed with k past its scratch (1024): not done, nothing written. */
 static void test_cached(void **state) {
@@ -229,9 +230,10 @@ static void test_cached(void **state) {
         skip();
     }
     static const int shapes[][3] = {{64, 64, 32}, {37, 29, 53}, {50, 130, 70}, {13, 80, 129},
-                                    {29, 16, 3}, {1, 47, 64}, {70, 32, 64}, {17, 7, 1}};
-    static const int offs[4][4] = {{0, 0, 0, 0}, {1, 17, -3, 200}, {1, -5, 40, 300},
-                                   {0, -20, 3, 300}};
+                                    {29, 16, 3}, {1, 47, 64}, {70, 32, 64}, {17, 7, 1},
+                                    {20, 40, 600}, {9, 64, 300}};
+    static const int offs[4][4] = {{0, 0, 0, 0}, {1, 17, -3, 200}, {1, -5, 270, 700},
+                                   {0, -20, 260, 700}};
     uint64_t seed = tu_seed() + 500;
     for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
         for (int tri = 0; tri < 4; tri++)

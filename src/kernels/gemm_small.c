@@ -445,6 +445,7 @@ static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, c
 /* moe_gemm_cached: tiles of up to 4 vectors of columns and mr_max rows, over all of k (or the
  * part of it tri leaves a tile: the range its rows need together), with no prefetch (the
  * operands are in cache); B^T first transposed 64 columns at a time. */
+#define CACHED_KB 256 /* rows of B per block of k: the block stays in L2 for all row tiles */
 static SMALL_TARGET void gemm_cached(int m, int n, int k, const float *A, long sai, long sak,
                                      const float *B, long ldb, int bt, int beta1, float *C,
                                      long ldc, moe_tri tri, int off) {
@@ -456,21 +457,28 @@ static SMALL_TARGET void gemm_cached(int m, int n, int k, const float *A, long s
             transpose_rows(B + n0 * ldb, (int)ldb, nc, k, 16 * nv, xt);
             b = xt, lb = 16 * nv;
         }
-        for (int i0 = 0; i0 < m; i0 += cap) {
-            int mr = m - i0 < cap ? m - i0 : cap, last = i0 + mr - 1, tv = nv, k0 = 0, k1 = k;
-            if (tri == MOE_TRI_COLS) { /* columns < last + off */
-                int hi = last + off < n ? last + off : n;
-                tv = hi - n0 <= 0 ? 0 : (hi - n0 + 15) / 16 < nv ? (hi - n0 + 15) / 16 : nv;
+        for (int kb = 0; kb < k; kb += CACHED_KB)
+            for (int i0 = 0; i0 < m; i0 += cap) {
+                int mr = m - i0 < cap ? m - i0 : cap, last = i0 + mr - 1, tv = nv, k0 = 0, k1 = k;
+                if (tri == MOE_TRI_COLS) { /* columns < last + off */
+                    int hi = last + off < n ? last + off : n;
+                    tv = hi - n0 <= 0 ? 0 : (hi - n0 + 15) / 16 < nv ? (hi - n0 + 15) / 16 : nv;
+                }
+                if (tri == MOE_TRI_K_BELOW) k1 = last + off < 0 ? 0 : last + off < k ? last + off : k;
+                if (tri == MOE_TRI_K_FROM) k0 = i0 + off < 0 ? 0 : i0 + off < k ? i0 + off : k;
+                /* this block's part of the tile's range of k; the first block writes the tile
+                 * (zeros for an empty part, with beta 0), the others add */
+                k0 = k0 > kb ? k0 : kb;
+                k1 = k1 < kb + CACHED_KB ? k1 : kb + CACHED_KB;
+                int acc = beta1 || kb > 0;
+                if (!tv || (acc && k1 <= k0)) continue;
+                tile_args t = {.a = A + i0 * sai + k0 * sak, .b = b + k0 * lb, .sai = sai,
+                               .sak = sak, .ldb = lb, .k = k1 > k0 ? k1 - k0 : 0,
+                               .c = C + i0 * ldc + n0, .ldc = ldc, .c_acc = acc,
+                               .pf = (const char *)A};
+                set_masks(&t, tv, nc);
+                tiles[tv][mr](&t, NULL);
             }
-            if (tri == MOE_TRI_K_BELOW) k1 = last + off < 0 ? 0 : last + off < k ? last + off : k;
-            if (tri == MOE_TRI_K_FROM) k0 = i0 + off < 0 ? 0 : i0 + off < k ? i0 + off : k;
-            if (!tv) continue;
-            tile_args t = {.a = A + i0 * sai + k0 * sak, .b = b + k0 * lb, .sai = sai,
-                           .sak = sak, .ldb = lb, .k = k1 - k0, .c = C + i0 * ldc + n0,
-                           .ldc = ldc, .c_acc = beta1, .pf = (const char *)A};
-            set_masks(&t, tv, nc);
-            tiles[tv][mr](&t, NULL);
-        }
     }
 }
 
