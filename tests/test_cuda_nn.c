@@ -239,8 +239,8 @@ static void attention_case(int B, int S, int H, int KV, int dk, int dv, uint64_t
     float *dv0 = random_floats(nv, seed, 26, -1, 1);
     float *out = host_floats(no), *probs = host_floats(np);
     float *dq = copy_floats(dq0, nq), *dkk = copy_floats(dk0, nk), *dvv = copy_floats(dv0, nv);
-    moe_attention_forward(out, probs, q, k, v, &a);
-    moe_attention_backward(dq, dkk, dvv, dout, probs, q, k, v, &a);
+    moe_attention_forward(out, probs, q, k, v, &a, NULL, 0);
+    moe_attention_backward(dq, dkk, dvv, dout, probs, q, k, v, &a, NULL, 0);
     double *lse = attention_lse(q, k, &a);
 
     float *gq = dev(q, nq * 4), *gk = dev(k, nk * 4), *gv = dev(v, nv * 4);

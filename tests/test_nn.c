@@ -310,27 +310,27 @@ static double att_loss(void *p) {
     return L;
 }
 
-/* q, k heads hd wide, v heads dv wide (MLA: dv != hd), scores scaled by scale (0: 1/sqrt(hd)). */
-static void attention_case_dims(int B, int S, int H, int KV, int hd, int dvw, double scale) {
-    uint64_t seed = tu_seed();
-    dims D = {.B = B, .S = S, .H = H, .KV = KV, .hd = hd, .dv = dvw, .scale = scale};
-    moe_attn_dims A = {B, S, H, KV, hd, dvw, scale ? (float)scale : 1.0f / sqrtf((float)hd)};
-    size_t T = (size_t)B * S, nq = T * H * hd, nk = T * KV * hd, nv = T * KV * dvw,
-           no = T * H * dvw;
-    float *q = malloc(nq * 4), *k = malloc(nk * 4), *v = malloc(nv * 4), *G = malloc(no * 4),
-          *out = malloc(no * 4), *probs = malloc((size_t)B * H * S * S * 4), *dq = calloc(nq, 4),
-          *dk = calloc(nk, 4), *dv = calloc(nv, 4);
-    tu_fill(q, nq, seed, 1, -1.5f, 1.5f);
-    tu_fill(k, nk, seed, 2, -1.5f, 1.5f);
-    tu_fill(v, nv, seed, 3, -1, 1);
-    tu_fill(G, no, seed, 4, -1, 1);
+/* One forward and backward of the attention against the float64 references (out; the analytic
+ * gradients rq, rk, rv), with scratch for the transposed keys and values or without (NULL): the
+ * probabilities poisoned (every one is written), then causal and normalised; a first backward
+ * from NaN output gradients leaves NaN in the threads' kept tiles (what the second does not
+ * write of them it must not read). dq, dk, dv receive the gradients. */
+static void attention_run(const moe_attn_dims *A, const float *q, const float *k, const float *v,
+                          const float *G, const double *out64, const double *rq,
+                          const double *rk, const double *rv, float *scratch, size_t ns,
+                          float *dq, float *dk, float *dv) {
+    int B = A->B, S = A->S, H = A->H;
+    size_t T = (size_t)B * S, nq = T * H * A->dk, nk = T * A->KV * A->dk,
+           nv = T * A->KV * A->dv, no = T * H * A->dv, np = (size_t)B * H * S * S;
+    float *out = malloc(no * 4), *probs = malloc(np * 4), *junk = malloc((nq + nk + nv) * 4),
+          *Gnan = malloc(no * 4);
     tu_poison(out, no);
-    tu_poison(probs, (size_t)B * H * S * S); /* every probability is written */
-    moe_attention_forward(out, probs, q, k, v, &A);
-    att_ctx c = {D, to64(q, nq), to64(k, nk), to64(v, nv), to64(G, no), malloc(no * 8)};
-    att_loss(&c);
-    check("attention forward", out, c.out, no);
-    /* causality: row i of every probability matrix sums to 1 over j <= i, zero after */
+    tu_poison(probs, np);
+    if (scratch) tu_poison(scratch, ns); /* what the transposition does not write is not read */
+    moe_attention_forward(out, probs, q, k, v, A, scratch, ns);
+    if (scratch && moe_gemm_small_available()) /* the keys went through it */
+        assert_false(isnan(scratch[0]));
+    check("attention forward", out, out64, no);
     for (size_t bh = 0; bh < (size_t)B * H; bh++)
         for (int i = 0; i < S; i++) {
             double s = 0;
@@ -341,30 +341,50 @@ static void attention_case_dims(int B, int S, int H, int KV, int hd, int dvw, do
             }
             assert_true(fabs(s - 1) < 1e-5);
         }
-    /* a first backward from NaN output gradients leaves NaN in the threads' kept tiles: what
-     * the second one does not write of them it must not read */
-    float *junk = malloc((nq + nk + nv) * 4), *Gnan = malloc(no * 4);
     tu_poison(Gnan, no);
-    moe_attention_backward(junk, junk + nq, junk + nq + nk, Gnan, probs, q, k, v, &A);
-    moe_attention_backward(dq, dk, dv, G, probs, q, k, v, &A);
-    free(junk), free(Gnan);
-    double *rq = calloc(nq, 8), *rk = calloc(nk, 8), *rv = calloc(nv, 8);
-    ref_attention_backward(rq, rk, rv, c.G, c.q, c.k, c.v, &D);
+    moe_attention_backward(junk, junk + nq, junk + nq + nk, Gnan, probs, q, k, v, A, scratch, ns);
+    memset(dq, 0, nq * 4), memset(dk, 0, nk * 4), memset(dv, 0, nv * 4);
+    moe_attention_backward(dq, dk, dv, G, probs, q, k, v, A, scratch, ns);
     check("attention dq (analytic)", dq, rq, nq);
     check("attention dk (analytic)", dk, rk, nk);
     check("attention dv (analytic)", dv, rv, nv);
-    free(rq), free(rk), free(rv);
+    free(out), free(probs), free(junk), free(Gnan);
+}
+
+/* q, k heads hd wide, v heads dv wide (MLA: dv != hd), scores scaled by scale (0: 1/sqrt(hd)):
+ * with the transposed keys' scratch and without; gradients also against float64 finite
+ * differences. */
+static void attention_case_dims(int B, int S, int H, int KV, int hd, int dvw, double scale) {
+    uint64_t seed = tu_seed();
+    dims D = {.B = B, .S = S, .H = H, .KV = KV, .hd = hd, .dv = dvw, .scale = scale};
+    moe_attn_dims A = {B, S, H, KV, hd, dvw, scale ? (float)scale : 1.0f / sqrtf((float)hd)};
+    size_t T = (size_t)B * S, nq = T * H * hd, nk = T * KV * hd, nv = T * KV * dvw,
+           no = T * H * dvw, ns = moe_attention_scratch_floats(&A);
+    float *q = malloc(nq * 4), *k = malloc(nk * 4), *v = malloc(nv * 4), *G = malloc(no * 4),
+          *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nv * 4),
+          *scratch = malloc(ns * 4);
+    tu_fill(q, nq, seed, 1, -1.5f, 1.5f);
+    tu_fill(k, nk, seed, 2, -1.5f, 1.5f);
+    tu_fill(v, nv, seed, 3, -1, 1);
+    tu_fill(G, no, seed, 4, -1, 1);
+    att_ctx c = {D, to64(q, nq), to64(k, nk), to64(v, nv), to64(G, no), malloc(no * 8)};
+    att_loss(&c);
+    double *rq = calloc(nq, 8), *rk = calloc(nk, 8), *rv = calloc(nv, 8);
+    ref_attention_backward(rq, rk, rv, c.G, c.q, c.k, c.v, &D);
+    attention_run(&A, q, k, v, G, c.out, rq, rk, rv, NULL, 0, dq, dk, dv);
+    attention_run(&A, q, k, v, G, c.out, rq, rk, rv, scratch, ns, dq, dk, dv);
+    free(rq), free(rk), free(rv), free(scratch);
     check_grad("attention dq", dq, c.q, nq, att_loss, &c, seed);
     check_grad("attention dk", dk, c.k, nk, att_loss, &c, seed + 1);
     check_grad("attention dv", dv, c.v, nv, att_loss, &c, seed + 2);
     /* the cached kernel (one sequence, the last n tokens over all S) gives the same rows */
     int n = S > 2 ? 2 : S, P = S - n;
-    float *oc = malloc((size_t)n * H * dvw * 4), *scratch = malloc((size_t)n * H * S * 4);
-    moe_attention_cached(oc, scratch, q + (size_t)P * H * hd, k, v, n, P, &A);
+    float *oc = malloc((size_t)n * H * dvw * 4), *sc = malloc((size_t)n * H * S * 4);
+    moe_attention_cached(oc, sc, q + (size_t)P * H * hd, k, v, n, P, &A);
     check("attention cached", oc, c.out + (size_t)P * H * dvw, (size_t)n * H * dvw);
-    free(oc), free(scratch);
+    free(oc), free(sc);
     free(c.q), free(c.k), free(c.v), free(c.G), free(c.out);
-    free(q), free(k), free(v), free(G), free(out), free(probs), free(dq), free(dk), free(dv);
+    free(q), free(k), free(v), free(G), free(dq), free(dk), free(dv);
 }
 
 static void attention_case(int B, int S, int H, int KV, int hd) {

@@ -788,6 +788,12 @@ int moe_gemm_small_available(void) {
     return __builtin_cpu_supports("avx512f");
 }
 
+int moe_transpose_floats(const float *A, int lda, int rows, int cols, float *T, int ldt) {
+    if (!moe_gemm_small_available() || ldt % 8 || ldt < rows) return 0;
+    transpose_rows(A, lda, rows, cols, ldt, T);
+    return 1;
+}
+
 int moe_gemm_cached(int m, int n, int k, const float *A, long sai, long sak, const float *B,
                     long ldb, int bt, int beta1, float *C, long ldc, moe_tri tri, int off) {
     if (!moe_gemm_small_available() || (bt && k > KC) || m <= 0 || n <= 0 || k <= 0) return 0;
@@ -828,6 +834,11 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
 }
 #else
 int moe_gemm_small_available(void) { return 0; }
+
+int moe_transpose_floats(const float *A, int lda, int rows, int cols, float *T, int ldt) {
+    (void)A, (void)lda, (void)rows, (void)cols, (void)T, (void)ldt;
+    return 0;
+}
 
 int moe_gemm_cached(int m, int n, int k, const float *A, long sai, long sak, const float *B,
                     long ldb, int bt, int beta1, float *C, long ldc, moe_tri tri, int off) {

@@ -77,6 +77,9 @@ typedef enum { MOE_TRI_NONE, MOE_TRI_COLS, MOE_TRI_K_BELOW, MOE_TRI_K_FROM } moe
  * 1 when done, 0 where the CPU lacks AVX-512 or k is too long (nothing written). */
 int moe_gemm_cached(int m, int n, int k, const float *A, long sai, long sak, const float *B,
                     long ldb, int bt, int beta1, float *C, long ldc, moe_tri tri, int off);
+/* T[c * ldt + r] = A[r * lda + c] for r < rows, c < cols, and 0 for rows <= r < ldt (ldt a
+ * multiple of 8), on the calling thread with AVX-512: 1 when done, 0 where the CPU lacks it. */
+int moe_transpose_floats(const float *A, int lda, int rows, int cols, float *T, int ldt);
 void moe_f32_to_bf16(const float *x, uint16_t *y, size_t n); /* round to nearest even */
 void moe_f32_to_bf16_serial(const float *x, uint16_t *y, size_t n); /* the same, one thread */
 void moe_bf16_to_f32(const uint16_t *x, float *y, size_t n);
@@ -183,11 +186,16 @@ typedef struct {
     int B, S, H, KV, dk, dv;
     float scale;
 } moe_attn_dims;
+/* Scratch (floats) with which moe_attention_forward and _backward take each sequence's keys
+ * (values) transposed once per call instead of once per tile: B * KV * max(dk, dv) * (S rounded
+ * up to 16, plus 16). Less (NULL) is allowed: the tiles then transpose their own. */
+size_t moe_attention_scratch_floats(const moe_attn_dims *a);
 void moe_attention_forward(float *out, float *probs, const float *q, const float *k,
-                           const float *v, const moe_attn_dims *a);
+                           const float *v, const moe_attn_dims *a, float *scratch,
+                           size_t scratch_floats);
 void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             const float *probs, const float *q, const float *k, const float *v,
-                            const moe_attn_dims *a);
+                            const moe_attn_dims *a, float *scratch, size_t scratch_floats);
 void moe_attention_cached(float *out, float *scratch, const float *q, const float *k,
                           const float *v, int n, int P, const moe_attn_dims *a);
 double moe_xent_forward_backward(float *dlogits, double *row_loss, const float *logits,

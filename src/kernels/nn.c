@@ -252,6 +252,30 @@ static void tile_gemm(int ta, int tb, int m, int n, int k, const float *A, int l
         moe_gemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta1 ? 1.0f : 0.0f, C, ldc);
 }
 
+/* The row stride of a sequence's transposed keys or values: S rounded up to 16, plus 16
+ * (rows a multiple of 4 KB apart fall into a few L1 sets). */
+static int kt_ld(int S) { return (S + 15) / 16 * 16 + 16; }
+
+size_t moe_attention_scratch_floats(const moe_attn_dims *a) {
+    int w = a->dk > a->dv ? a->dk : a->dv;
+    return (size_t)a->B * a->KV * w * kt_ld(a->S);
+}
+
+/* x's heads (w wide, rows xs apart) of every sequence and kv head transposed into t: item
+ * (b, g) at t + (b KV + g) w ld, its row c the S positions of dimension c. 0 (nothing done)
+ * without AVX-512 or room. */
+static int transpose_heads(float *t, size_t cap, const float *x, int xs, int w,
+                           const moe_attn_dims *a) {
+    int B = a->B, S = a->S, KV = a->KV, ld = kt_ld(S);
+    if (!t || cap < (size_t)B * KV * w * ld || !moe_gemm_small_available()) return 0;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int g = 0; g < KV; g++)
+            moe_transpose_floats(x + (size_t)b * S * xs + g * w, xs, S, w,
+                                 t + ((size_t)b * KV + g) * w * ld, ld);
+    return 1;
+}
+
 /* Causal attention over B sequences of S tokens. q [B*S, H*dk], k [B*S, KV*dk],
  * v [B*S, KV*dv] (query head h reads kv head h / (H/KV)); scores q.k * scale; probs
  * [B, H, S, S] saved for backward (zero above the diagonal); out [B*S, H*dv]. By blocks of
@@ -261,9 +285,11 @@ static void tile_gemm(int ta, int tb, int m, int n, int k, const float *A, int l
  * probabilities there (a quarter of the work at sequence length 128), and the softmax is
  * scaled there too (the GEMMs have no alpha). */
 void moe_attention_forward(float *out, float *probs, const float *q, const float *k,
-                           const float *v, const moe_attn_dims *a) {
+                           const float *v, const moe_attn_dims *a, float *scratch,
+                           size_t scratch_floats) {
     int B = a->B, S = a->S, H = a->H, dk = a->dk, dv = a->dv, rep = H / a->KV;
-    int qs = H * dk, ks = a->KV * dk, vs = a->KV * dv, os = H * dv;
+    int qs = H * dk, ks = a->KV * dk, vs = a->KV * dv, os = H * dv, ld = kt_ld(S);
+    int kt = transpose_heads(scratch, scratch_floats, k, ks, dk, a);
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
@@ -276,8 +302,12 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
             for (int i0 = 0; i0 < S; i0 += ATT_BLOCK) {
                 int m = S - i0 < ATT_BLOCK ? S - i0 : ATT_BLOCK, n = i0 + m; /* keys < n */
                 float *Pb = P + (size_t)i0 * S;
-                tile_gemm(0, 1, m, n, dk, qb + (size_t)i0 * qs, qs, kb, ks, 0, Pb, S,
-                          MOE_TRI_COLS, i0 + 1);
+                const float *qi = qb + (size_t)i0 * qs;
+                if (kt) /* keys transposed above: K^T's rows */
+                    tile_gemm(0, 0, m, n, dk, qi, qs, scratch + ((size_t)b * a->KV + g) * dk * ld,
+                              ld, 0, Pb, S, MOE_TRI_COLS, i0 + 1);
+                else
+                    tile_gemm(0, 1, m, n, dk, qi, qs, kb, ks, 0, Pb, S, MOE_TRI_COLS, i0 + 1);
                 softmax_rows(Pb, S, m, i0, a->scale);
                 tile_gemm(0, 0, m, dv, n, Pb, S, vb, vs, 0, ob + (size_t)i0 * os, os,
                           MOE_TRI_K_BELOW, i0 + 1);
@@ -297,9 +327,10 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
  * two threads write the same rows. */
 void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             const float *probs, const float *q, const float *k, const float *v,
-                            const moe_attn_dims *a) {
+                            const moe_attn_dims *a, float *scratch, size_t scratch_floats) {
     int B = a->B, S = a->S, H = a->H, KV = a->KV, Dk = a->dk, Dv = a->dv, rep = H / KV;
-    int qs = H * Dk, ks = KV * Dk, vs = KV * Dv, os = H * Dv;
+    int qs = H * Dk, ks = KV * Dk, vs = KV * Dv, os = H * Dv, ld = kt_ld(S);
+    int vt = transpose_heads(scratch, scratch_floats, v, vs, Dv, a);
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int g = 0; g < KV; g++) {
@@ -323,7 +354,11 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             /* the first ATT_KEEP tiles' dP from the first pass, the same bits
                              * as computing them again */
                             float *tile = t < ATT_KEEP ? dp_keep + (size_t)t * ATT_TILE : ds;
-                            if (pass == 0 || t >= ATT_KEEP)
+                            if ((pass == 0 || t >= ATT_KEEP) && vt) /* V^T from above */
+                                tile_gemm(0, 0, m, n, Dv, doi, os,
+                                          scratch + ((size_t)b * KV + g) * Dv * ld + j0, ld, 0,
+                                          tile, ATT_BLOCK, MOE_TRI_COLS, diag + 1);
+                            else if (pass == 0 || t >= ATT_KEEP)
                                 tile_gemm(0, 1, m, n, Dv, doi, os, vb + (size_t)j0 * vs, vs, 0,
                                           tile, ATT_BLOCK, MOE_TRI_COLS, diag + 1);
                             for (int r = 0; r < m; r++) {

@@ -94,7 +94,8 @@ struct moe_model {
                                          [T, kvh*dk], [T, kvh*dv], [T, H*max(dk, dv)] */
     float *mla_a, *mla_b, *mla_c, *mla_d; /* MLA scratch: [T, kr+dr], [T, H*(dn+dv)],
                                              2 x [T, max(kr, qr)] (backward) */
-    float *att_scratch;     /* [min(T, seq_len) * H * seq_len] scores for cached attention */
+    float *att_scratch;     /* scores for cached attention, or the keys or values transposed */
+    size_t att_scratch_n;   /* its floats */
     int B, S, have_forward, has_targets;
     float *kcache, *vcache; /* [L][seq_len, kvh*dk], [L][seq_len, kvh*dv], allocated by the
                                first decoding call on the CPU (kv_bytes) */
@@ -437,8 +438,13 @@ static void plan_attention(moe_model *m, moe_arena *a) {
     m->mla_a = moe_arena_take(a, mla * T * (kr + (size_t)c->qk_rope_dim), sizeof(float));
     m->mla_b = moe_arena_take(a, mla * T * H * (size_t)(c->qk_nope_dim + c->v_head_dim),
                               sizeof(float));
-    /* a decoding call's n <= min(T, seq_len) new rows over at most seq_len positions */
-    m->att_scratch = moe_arena_take(a, (T < S ? T : S) * H * S, sizeof(float));
+    /* a decoding call's n <= min(T, seq_len) new rows over at most seq_len positions; or the
+     * attention's keys (values) transposed, B * KV * w * (S + at most 31) <= KV * w * (2 T + 32)
+     * floats for sequences of 31 or more (shorter ones transpose tile by tile) */
+    size_t w = (size_t)(m->head_qk > m->head_v ? m->head_qk : m->head_v),
+           cached = (T < S ? T : S) * H * S, kt = (size_t)m->kvh * w * (2 * T + 32);
+    m->att_scratch_n = cached > kt ? cached : kt;
+    m->att_scratch = moe_arena_take(a, m->att_scratch_n, sizeof(float));
     m->dxm = moe_arena_take(a, Tb * d, sizeof(float));
     m->dq = moe_arena_take(a, Tb * hq, sizeof(float));
     m->dk = moe_arena_take(a, Tb * hkv, sizeof(float));
@@ -1143,7 +1149,8 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
         scratch_phase(m);
         moe_rmsnorm_forward(s->n1, s->rstd1, s->x, p.attn_norm, T, d, c->norm_eps);
         attn_inputs(m, &p, s, T, s->q, s->k, s->v);
-        moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, &ad);
+        moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, &ad, m->att_scratch,
+                              m->att_scratch_n);
         moe_copy_floats(s->xm, s->x, (size_t)T * d);
         moe_gemm(0, 1, T, d, ho, 1, s->att, ho, p.wo, ho, 1, s->xm, d);
         part_done(m, 0, MOE_PART_ATTENTION, &tp);
@@ -1253,7 +1260,8 @@ moe_status moe_model_backward(moe_model *m) {
         moe_zero_floats(m->dq, (size_t)T * hq);
         moe_zero_floats(m->dk, (size_t)T * hkv);
         moe_zero_floats(m->dv, (size_t)T * hv);
-        moe_attention_backward(m->dq, m->dk, m->dv, m->datt, s->probs, s->q, s->k, s->v, &ad);
+        moe_attention_backward(m->dq, m->dk, m->dv, m->datt, s->probs, s->q, s->k, s->v, &ad,
+                               m->att_scratch, m->att_scratch_n);
         rope_qk(m, m->dq, m->dk, T, -1);
         if (c->kv_lora_rank) {
             mla_backward(m, &p, &g, s, T);
@@ -1359,7 +1367,8 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
         attn_inputs(m, &p, s, n, s->q, kc + (size_t)P * kw, vc + (size_t)P * vw);
         moe_attn_dims ad = attn_dims(m, 1, n);
         if (P == 0 && n > 1) /* a prompt: the forward's tiled attention over the new rows */
-            moe_attention_forward(s->att, s->probs, s->q, kc, vc, &ad);
+            moe_attention_forward(s->att, s->probs, s->q, kc, vc, &ad, m->att_scratch,
+                                  m->att_scratch_n);
         else moe_attention_cached(s->att, m->att_scratch, s->q, kc, vc, n, P, &ad);
         moe_gemm(0, 1, n, d, ho, 1, s->att, ho, p.wo, ho, 1, x, d);
         moe_rmsnorm_forward(s->n2, s->rstd2, x, p.ffn_norm, n, d, c->norm_eps);
