@@ -267,7 +267,7 @@ size_t moe_attention_scratch_floats(const moe_attn_dims *a) {
 static int transpose_heads(float *t, size_t cap, const float *x, int xs, int w,
                            const moe_attn_dims *a) {
     int B = a->B, S = a->S, KV = a->KV, ld = kt_ld(S);
-    if (!t || cap < (size_t)B * KV * w * ld || !moe_gemm_small_available()) return 0;
+    if (!t || cap < (size_t)B * KV * w * ld || !moe_avx512()) return 0;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int g = 0; g < KV; g++)
@@ -298,16 +298,13 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
             const float *qb = q + (size_t)b * S * qs + h * dk;
             const float *kb = k + (size_t)b * S * ks + g * dk;
             const float *vb = v + (size_t)b * S * vs + g * dv;
+            const float *ktb = kt ? scratch + ((size_t)b * a->KV + g) * dk * ld : NULL; /* K^T */
             float *ob = out + (size_t)b * S * os + h * dv;
             for (int i0 = 0; i0 < S; i0 += ATT_BLOCK) {
                 int m = S - i0 < ATT_BLOCK ? S - i0 : ATT_BLOCK, n = i0 + m; /* keys < n */
                 float *Pb = P + (size_t)i0 * S;
-                const float *qi = qb + (size_t)i0 * qs;
-                if (kt) /* keys transposed above: K^T's rows */
-                    tile_gemm(0, 0, m, n, dk, qi, qs, scratch + ((size_t)b * a->KV + g) * dk * ld,
-                              ld, 0, Pb, S, MOE_TRI_COLS, i0 + 1);
-                else
-                    tile_gemm(0, 1, m, n, dk, qi, qs, kb, ks, 0, Pb, S, MOE_TRI_COLS, i0 + 1);
+                tile_gemm(0, !kt, m, n, dk, qb + (size_t)i0 * qs, qs, kt ? ktb : kb, kt ? ld : ks,
+                          0, Pb, S, MOE_TRI_COLS, i0 + 1);
                 softmax_rows(Pb, S, m, i0, a->scale);
                 tile_gemm(0, 0, m, dv, n, Pb, S, vb, vs, 0, ob + (size_t)i0 * os, os,
                           MOE_TRI_K_BELOW, i0 + 1);
@@ -337,6 +334,7 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
             float ds[ATT_TILE], D[ATT_BLOCK];
             const float *kb = k + (size_t)b * S * ks + g * Dk;
             const float *vb = v + (size_t)b * S * vs + g * Dv;
+            const float *vtb = vt ? scratch + ((size_t)b * KV + g) * Dv * ld : NULL; /* V^T */
             float *dkb = dk + (size_t)b * S * ks + g * Dk, *dvb = dv + (size_t)b * S * vs + g * Dv;
             for (int h = g * rep; h < (g + 1) * rep; h++) {
                 const float *P = probs + ((size_t)b * H + h) * S * S;
@@ -354,12 +352,9 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             /* the first ATT_KEEP tiles' dP from the first pass, the same bits
                              * as computing them again */
                             float *tile = t < ATT_KEEP ? dp_keep + (size_t)t * ATT_TILE : ds;
-                            if ((pass == 0 || t >= ATT_KEEP) && vt) /* V^T from above */
-                                tile_gemm(0, 0, m, n, Dv, doi, os,
-                                          scratch + ((size_t)b * KV + g) * Dv * ld + j0, ld, 0,
-                                          tile, ATT_BLOCK, MOE_TRI_COLS, diag + 1);
-                            else if (pass == 0 || t >= ATT_KEEP)
-                                tile_gemm(0, 1, m, n, Dv, doi, os, vb + (size_t)j0 * vs, vs, 0,
+                            if (pass == 0 || t >= ATT_KEEP) /* from V^T's rows with vt */
+                                tile_gemm(0, !vt, m, n, Dv, doi, os,
+                                          vt ? vtb + j0 : vb + (size_t)j0 * vs, vt ? ld : vs, 0,
                                           tile, ATT_BLOCK, MOE_TRI_COLS, diag + 1);
                             for (int r = 0; r < m; r++) {
                                 const float *pr = Pt + (size_t)r * S;
