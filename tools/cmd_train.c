@@ -567,7 +567,7 @@ int moe_cmd_train(int argc, char **argv) {
     if (!has_val)
         printf("note: %s holds no validation tokens (prepared with --val-fraction 0): no "
                "evaluation\n", val_path);
-    if (mc->moe.expert_bf16 && !o.device) /* a few ms */
+    if (mc->moe.expert_bf16 && !o.device && d->world_rank == 0) /* a few ms */
         moe_cli_bf16_note(moe_gemm_bf16_peak(512, 2), moe_gemm_peak(512, 2),
                           "512^3 GEMMs, measured now");
     double t_start = moe_time_now(), tokens_done = 0, val_nll = -1;
