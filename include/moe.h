@@ -414,8 +414,9 @@ moe_layer *moe_model_moe_layer(moe_model *m, int l);
 /* Time the model's forward and backward calls on the CPU spent in each part of the network,
  * summed over calls since the last reset (seconds; the GPU's are not timed). */
 typedef enum {
-    MOE_PART_ATTENTION = 0, /* the blocks' attention norm, projections, rotary embedding,
-                             * attention and output projection (MLA's latents, q/k norms) */
+    MOE_PART_ATTENTION = 0, /* the blocks' attention norm, projections, rotary embedding
+                             * and output projection (MLA's latents, q/k norms) */
+    MOE_PART_ATTENTION_CORE, /* the attention itself: softmax(q k^T) v and its gradients */
     MOE_PART_FFN,           /* the blocks' FFN norm and FFN: the MoE layer or the dense MLP */
     MOE_PART_HEAD,          /* final norm, output layer and cross-entropy */
     MOE_PART_OTHER,         /* embedding, residual sums, starting the gradients' reduction

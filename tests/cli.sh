@@ -97,8 +97,8 @@ act = 4 * T * (dense + moe + 2 * d + 1 + V)               # final norm, logits
 want = (16 * r['params'] + act) / 1048576
 sys.exit(0 if abs(r['minimum_mb'] - want) < 1e-3 and r['minimum_mb'] < r['allocated_mb'] else 1)
 " "$tmp/out" || fail "bench train's analytical minimum: $(cat "$tmp/out")"
-# the same run's time per part: the parts and the rest make up the step, each attention and
-# FFN part took time, and the MoE layer's stages (its shared expert's too) lie within the FFN's
+# the same run's time per part: the parts and the rest make up the step, each attention
+# (projections and core) and FFN part took time, and the MoE layer's stages (its shared expert's too) lie within the FFN's
 /usr/bin/python3 -c "
 import json, sys
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
@@ -106,7 +106,8 @@ f, b, st = r['forward_ms'], r['backward_ms'], r['moe_stages_ms']
 parts = sum(f.values()) + sum(b.values())
 ok = (min(list(f.values()) + list(b.values())) >= 0 and r['rest_ms'] >= 0
       and abs(parts + r['rest_ms'] - r['step_ms']) < 1e-3 * r['step_ms']
-      and min(f['attention'], f['ffn'], b['attention'], b['ffn'], f['head'], b['head']) > 0
+      and min(f['attention'], f['ffn'], b['attention'], b['ffn'], f['head'], b['head'],
+              f['attention core'], b['attention core']) > 0
       and min(st['expert GEMM'], st['bwd expert GEMM'], st['shared expert'], st['router']) > 0
       and sum(st.values()) <= f['ffn'] + b['ffn'])
 sys.exit(0 if ok else 1)

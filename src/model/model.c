@@ -1096,7 +1096,8 @@ static void scratch_phase(moe_model *m) {
 void moe_model_poison_scratch(moe_model *m, int on) { m->poison_scratch = on; }
 
 const char *moe_model_part_name(moe_model_part p) {
-    static const char *names[MOE_PART_COUNT] = {"attention", "ffn", "head", "other"};
+    static const char *names[MOE_PART_COUNT] = {"attention", "attention core", "ffn", "head",
+                                                "other"};
     return p >= 0 && p < MOE_PART_COUNT ? names[p] : "?";
 }
 const double *moe_model_part_times(const moe_model *m) { return &m->part_s[0][0]; }
@@ -1149,8 +1150,10 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
         scratch_phase(m);
         moe_rmsnorm_forward(s->n1, s->rstd1, s->x, p.attn_norm, T, d, c->norm_eps);
         attn_inputs(m, &p, s, T, s->q, s->k, s->v);
+        part_done(m, 0, MOE_PART_ATTENTION, &tp);
         moe_attention_forward(s->att, s->probs, s->q, s->k, s->v, &ad, m->att_scratch,
                               m->att_scratch_n);
+        part_done(m, 0, MOE_PART_ATTENTION_CORE, &tp);
         moe_copy_floats(s->xm, s->x, (size_t)T * d);
         moe_gemm(0, 1, T, d, ho, 1, s->att, ho, p.wo, ho, 1, s->xm, d);
         part_done(m, 0, MOE_PART_ATTENTION, &tp);
@@ -1260,8 +1263,10 @@ moe_status moe_model_backward(moe_model *m) {
         moe_zero_floats(m->dq, (size_t)T * hq);
         moe_zero_floats(m->dk, (size_t)T * hkv);
         moe_zero_floats(m->dv, (size_t)T * hv);
+        part_done(m, 1, MOE_PART_ATTENTION, &tp);
         moe_attention_backward(m->dq, m->dk, m->dv, m->datt, s->probs, s->q, s->k, s->v, &ad,
                                m->att_scratch, m->att_scratch_n);
+        part_done(m, 1, MOE_PART_ATTENTION_CORE, &tp);
         rope_qk(m, m->dq, m->dk, T, -1);
         if (c->kv_lora_rank) {
             mla_backward(m, &p, &g, s, T);
