@@ -1,5 +1,6 @@
-/* AVX-512 helpers shared by the element-wise kernels (nn.c, act.c). Code under MOE_X86 runs
- * only where moe_avx512() says the CPU has AVX-512F; elsewhere the plain C loops do. */
+/* AVX-512 helpers shared by the kernels (nn.c, act.c, gemm_small.c). Code under MOE_X86 runs
+ * only where moe_avx512() says the CPU has AVX-512F; elsewhere the plain C loops and the
+ * libraries do. */
 #ifndef MOE_KERNELS_AVX512_H
 #define MOE_KERNELS_AVX512_H
 

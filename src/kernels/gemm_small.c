@@ -23,14 +23,13 @@
 #include "kernels/kernels.h"
 
 #include "core/core.h"
+#include "kernels/avx512.h"
 
 #include <omp.h>
 #include <string.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-
-#define SMALL_TARGET __attribute__((target("avx512f")))
+#ifdef MOE_X86
+#define SMALL_TARGET AVX512_TARGET
 #define KC 1024    /* columns of A^T per scratch block (NT) */
 #define NT_ROWS 64 /* rows of A per scratch block (NT): at most 4 vectors */
 
@@ -784,9 +783,7 @@ int moe_gemm_dot_avx2(int m, int n, int k, const float *A, int lda, const float 
            dot_run(DOT_AVX2, m, n, k, A, lda, B, ldb, beta, C, ldc);
 }
 
-int moe_gemm_small_available(void) {
-    return __builtin_cpu_supports("avx512f");
-}
+int moe_gemm_small_available(void) { return moe_avx512(); }
 
 int moe_transpose_floats(const float *A, int lda, int rows, int cols, float *T, int ldt) {
     if (!moe_gemm_small_available() || ldt % 8 || ldt < rows) return 0;
