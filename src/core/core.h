@@ -88,5 +88,13 @@ static inline double moe_poly(const double *c, int n, double x) {
 }
 
 int moe_num_threads(void); /* OpenMP threads a parallel region would use */
+/* fn(ctx, lo, hi) over [0, n) in contiguous ranges, one per thread as schedule(static) splits
+ * a loop; all of it on the calling thread when n < 2 or that thread already runs in a parallel
+ * region (the experts' own). libgomp allocates a team for every region that is nested, or
+ * smaller than the last one (an `if` or `num_threads` clause), and DESIGN.md keeps regions
+ * unnested: this starts none of those. For loops whose iterations are independent, so that the
+ * split never changes a result. */
+typedef void (*moe_range_fn)(void *ctx, int lo, int hi);
+void moe_for_ranges(int n, moe_range_fn fn, void *ctx);
 
 #endif

@@ -115,13 +115,21 @@ double moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t index) {
 
 #define NORMAL_BLOCK 4096 /* values per block over the threads */
 
+typedef struct {
+    uint64_t h, index;
+    size_t n;
+    float scale, *out;
+} normal_args;
+
+static void normal_blocks(void *ctx, int b0, int b1) {
+    const normal_args *a = ctx;
+    size_t lo = (size_t)b0 * NORMAL_BLOCK;
+    size_t hi = (size_t)b1 * NORMAL_BLOCK < a->n ? (size_t)b1 * NORMAL_BLOCK : a->n;
+    for (size_t i = lo; i < hi; i++) a->out[i] = a->scale * (float)normal_at(a->h, a->index + i);
+}
+
 void moe_rng_normal_floats(uint64_t seed, uint64_t stream, uint64_t index, size_t n, float scale,
                            float *out) {
-    uint64_t h = mix64(seed * 0x9e3779b97f4a7c15ULL ^ stream);
-    size_t nb = (n + NORMAL_BLOCK - 1) / NORMAL_BLOCK;
-#pragma omp parallel for schedule(static) if (nb > 1)
-    for (size_t b = 0; b < nb; b++) {
-        size_t lo = b * NORMAL_BLOCK, hi = n - lo < NORMAL_BLOCK ? n : lo + NORMAL_BLOCK;
-        for (size_t i = lo; i < hi; i++) out[i] = scale * (float)normal_at(h, index + i);
-    }
+    normal_args a = {mix64(seed * 0x9e3779b97f4a7c15ULL ^ stream), index, n, scale, out};
+    moe_for_ranges((int)((n + NORMAL_BLOCK - 1) / NORMAL_BLOCK), normal_blocks, &a);
 }

@@ -12,6 +12,21 @@ double moe_time_now(void) {
 
 int moe_num_threads(void) { return omp_get_max_threads(); }
 
+void moe_for_ranges(int n, moe_range_fn fn, void *ctx) {
+    if (n <= 0) return;
+    if (n < 2 || omp_in_parallel() || omp_get_max_threads() == 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+#pragma omp parallel
+    {
+        int p = omp_get_num_threads(), id = omp_get_thread_num(), q = n / p, r = n % p;
+        int lo = id * q + (id < r ? id : r);
+        int hi = lo + q + (id < r);
+        if (lo < hi) fn(ctx, lo, hi);
+    }
+}
+
 double moe_wall_time(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);

@@ -127,10 +127,10 @@ static void gemm_run(const gemm_call *g) {
         blas_part(g, cols, 0, cols ? g->n : g->m);
         return;
     }
-#pragma omp parallel num_threads(parts)
-    {
+#pragma omp parallel /* the whole team, some idle: a smaller one would be allocated anew */
+    if (omp_get_thread_num() < parts) {
         int lo, hi;
-        moe_part16(cols ? g->n : g->m, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        moe_part16(cols ? g->n : g->m, omp_get_thread_num(), parts, &lo, &hi);
         blas_part(g, cols, lo, hi);
     }
 }

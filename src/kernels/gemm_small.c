@@ -758,10 +758,10 @@ static int dot_run(int set, int m, int n, int k, const void *A, int lda, const v
         gemm_nt_dot(s, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
         return 1;
     }
-#pragma omp parallel num_threads(parts)
-    {
+#pragma omp parallel /* the whole team, some idle: a smaller one would be allocated anew */
+    if (omp_get_thread_num() < parts) {
         int lo, hi;
-        moe_part16(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        moe_part16(n, omp_get_thread_num(), parts, &lo, &hi);
         gemm_nt_dot(s, m, lo, hi, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
     }
     return 1;

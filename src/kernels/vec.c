@@ -6,15 +6,24 @@
 
 #define VEC_BLOCK ((size_t)1 << 15) /* floats per block */
 
+typedef struct {
+    float *dst;
+    const float *src;
+    size_t n;
+} set_args;
+
+static void set_blocks(void *ctx, int b0, int b1) {
+    const set_args *s = ctx;
+    size_t lo = (size_t)b0 * VEC_BLOCK;
+    size_t hi = (size_t)b1 * VEC_BLOCK < s->n ? (size_t)b1 * VEC_BLOCK : s->n;
+    if (s->src) memcpy(s->dst + lo, s->src + lo, sizeof(float) * (hi - lo));
+    else memset(s->dst + lo, 0, sizeof(float) * (hi - lo));
+}
+
 /* dst = src, or zeros where src is NULL, by blocks over the threads. */
 static void set_floats(float *dst, const float *src, size_t n) {
-    size_t nb = (n + VEC_BLOCK - 1) / VEC_BLOCK;
-#pragma omp parallel for schedule(static) if (nb > 1)
-    for (size_t b = 0; b < nb; b++) {
-        size_t lo = b * VEC_BLOCK, len = n - lo < VEC_BLOCK ? n - lo : VEC_BLOCK;
-        if (src) memcpy(dst + lo, src + lo, sizeof(float) * len);
-        else memset(dst + lo, 0, sizeof(float) * len);
-    }
+    set_args s = {dst, src, n};
+    moe_for_ranges((int)((n + VEC_BLOCK - 1) / VEC_BLOCK), set_blocks, &s);
 }
 
 void moe_zero_floats(float *x, size_t n) { set_floats(x, NULL, n); }

@@ -78,6 +78,69 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
     MOE_ASSERT(st == MOE_OK); /* availability: checked as moe_layer_forward starts */
 }
 
+/* An MLP's element-wise work, by rows (the bias gradients: by columns) [lo, hi), through
+ * moe_for_ranges: over the threads, or on the calling thread inside the experts' region. */
+typedef struct {
+    moe_activation act;
+    int d, f, gf, n;
+    const float *b_in, *b_out, *w, *dy, *h_bwd; /* h_bwd: h as the backward reads it */
+    float *h, *a, *y, *dh, *da;
+    double *dw;
+    const moe_mlp_bf16 *b16;
+    const float *src; /* bias_grad_cols: db[j] += sum_i (w_i) src[i ld + j] */
+    int ld;
+    float *db;
+} mlp_ctx;
+
+static void act_forward_rows(void *ctx, int lo, int hi) {
+    const mlp_ctx *c = ctx;
+    for (int i = lo; i < hi; i++) {
+        float *row = c->h + (size_t)i * c->gf;
+        if (c->b_in)
+            for (int j = 0; j < c->gf; j++) row[j] += c->b_in[j];
+        moe_act_forward_row(c->act, c->f, row, c->w ? c->w[i] : 1.0f, c->a + (size_t)i * c->f);
+        if (c->b16)
+            moe_f32_to_bf16_serial(c->a + (size_t)i * c->f, c->b16->a + (size_t)i * c->f,
+                                   (size_t)c->f);
+    }
+}
+
+static void bias_out_rows(void *ctx, int lo, int hi) {
+    const mlp_ctx *c = ctx;
+    for (int i = lo; i < hi; i++) {
+        float wi = c->w ? c->w[i] : 1.0f;
+        for (int j = 0; j < c->d; j++) c->y[(size_t)i * c->d + j] += wi * c->b_out[j];
+    }
+}
+
+static void act_backward_rows(void *ctx, int lo, int hi) {
+    const mlp_ctx *c = ctx;
+    for (int i = lo; i < hi; i++) {
+        double g = moe_act_backward_row(c->act, c->f, c->h_bwd + (size_t)i * c->gf,
+                                        c->w ? c->w[i] : 1.0f, c->da + (size_t)i * c->f,
+                                        c->dh + (size_t)i * c->gf);
+        const float *dy = c->dy + (size_t)i * c->d;
+        if (c->dw) {
+            if (c->b_out)
+                for (int j = 0; j < c->d; j++) g += (double)c->b_out[j] * dy[j];
+            c->dw[i] = g;
+        }
+        if (c->b16)
+            moe_f32_to_bf16_serial(c->dh + (size_t)i * c->gf, c->b16->dh + (size_t)i * c->gf,
+                                   (size_t)c->gf);
+    }
+}
+
+static void bias_grad_cols(void *ctx, int lo, int hi) {
+    const mlp_ctx *c = ctx;
+    for (int j = lo; j < hi; j++) {
+        float s = 0;
+        for (int i = 0; i < c->n; i++)
+            s += (c->w ? c->w[i] : 1.0f) * c->src[(size_t)i * c->ld + j];
+        c->db[j] += s;
+    }
+}
+
 void moe_mlp_forward_in(moe_activation act, int n, int d, int f, const float *x,
                         const float *w_in, const float *b_in, const float *w, float *h, float *a,
                         double *t_act, const moe_mlp_bf16 *b16) {
@@ -87,14 +150,8 @@ void moe_mlp_forward_in(moe_activation act, int n, int d, int f, const float *x,
     gemm_any(b16, 0, 1, n, gf, d, x, b16 ? b16->x : NULL, d, w_in, b16 ? b16->w_in : NULL, d, 0.0f,
              h, gf);
     double t0 = moe_time_now();
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < n; i++) {
-        float *hi = h + (size_t)i * gf;
-        if (b_in)
-            for (int j = 0; j < gf; j++) hi[j] += b_in[j];
-        moe_act_forward_row(act, f, hi, w ? w[i] : 1.0f, a + (size_t)i * f);
-        if (b16) moe_f32_to_bf16_serial(a + (size_t)i * f, b16->a + (size_t)i * f, (size_t)f);
-    }
+    mlp_ctx c = {.act = act, .f = f, .gf = gf, .b_in = b_in, .w = w, .h = h, .a = a, .b16 = b16};
+    moe_for_ranges(n, act_forward_rows, &c);
     if (t_act) *t_act += moe_time_now() - t0;
 }
 
@@ -103,13 +160,8 @@ void moe_mlp_forward_out(int n, int d, int f, const float *w_out, const float *b
     if (n <= 0) return;
     gemm_any(b16, 0, 1, n, d, f, a, b16 ? b16->a : NULL, f, w_out, b16 ? b16->w_out : NULL, f, 0.0f,
              y, d);
-    if (b_out) {
-#pragma omp parallel for schedule(static)
-        for (int i = 0; i < n; i++) {
-            float wi = w ? w[i] : 1.0f;
-            for (int j = 0; j < d; j++) y[(size_t)i * d + j] += wi * b_out[j];
-        }
-    }
+    mlp_ctx c = {.d = d, .b_out = b_out, .w = w, .y = y};
+    if (b_out) moe_for_ranges(n, bias_out_rows, &c);
 }
 
 void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
@@ -130,42 +182,21 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
         if (b16) moe_f32_to_bf16(dy, b16->dy, (size_t)n * d);
         gemm_any(b16, 1, 0, d, f, n, dy, b16 ? b16->dy : NULL, d, a, b16 ? b16->a : NULL, f, 1.0f,
                  dw_out, f);
-        if (db_out) {
-#pragma omp parallel for schedule(static)
-            for (int j = 0; j < d; j++) {
-                float s = 0;
-                for (int i = 0; i < n; i++) s += (w ? w[i] : 1.0f) * dy[(size_t)i * d + j];
-                db_out[j] += s;
-            }
-        }
+        mlp_ctx cb = {.n = n, .w = w, .src = dy, .ld = d, .db = db_out};
+        if (db_out) moe_for_ranges(d, bias_grad_cols, &cb);
         gemm_any(b16, 0, 0, n, f, d, dy, b16 ? b16->dy : NULL, d, w_out, b16 ? b16->w_out : NULL, f,
                  0.0f, da, f);
         double t0 = moe_time_now();
-#pragma omp parallel for schedule(static)
-        for (int i = 0; i < n; i++) {
-            double g = moe_act_backward_row(act, f, h + (size_t)i * gf, w ? w[i] : 1.0f,
-                                            da + (size_t)i * f, dh + (size_t)i * gf);
-            if (dw) {
-                if (b_out)
-                    for (int j = 0; j < d; j++) g += (double)b_out[j] * dy[(size_t)i * d + j];
-                dw[i] = g;
-            }
-            if (b16)
-                moe_f32_to_bf16_serial(dh + (size_t)i * gf, b16->dh + (size_t)i * gf, (size_t)gf);
-        }
+        mlp_ctx c = {.act = act, .d = d, .f = f, .gf = gf, .b_out = b_out, .w = w, .dy = dy,
+                     .h_bwd = h, .dh = dh, .da = da, .dw = dw, .b16 = b16};
+        moe_for_ranges(n, act_backward_rows, &c);
         if (t_act) *t_act += moe_time_now() - t0;
     }
     if (part & MOE_MLP_BWD_WIN) {
         gemm_any(b16, 1, 0, gf, d, n, dh, b16 ? b16->dh : NULL, gf, x, b16 ? b16->x : NULL, d, 1.0f,
                  dw_in, d);
-        if (db_in) {
-#pragma omp parallel for schedule(static)
-            for (int j = 0; j < gf; j++) {
-                float s = 0;
-                for (int i = 0; i < n; i++) s += dh[(size_t)i * gf + j];
-                db_in[j] += s;
-            }
-        }
+        mlp_ctx cb = {.n = n, .src = dh, .ld = gf, .db = db_in};
+        if (db_in) moe_for_ranges(gf, bias_grad_cols, &cb);
     }
     if (part & MOE_MLP_BWD_DX) {
         gemm_any(b16, 0, 0, n, d, gf, dh, b16 ? b16->dh : NULL, gf, w_in, b16 ? b16->w_in : NULL, d,

@@ -303,6 +303,40 @@ static moe_status grad_sumsq(moe_trainer *t, double *out) {
     return MOE_OK;
 }
 
+typedef struct {
+    moe_model *m;
+    float *p, *g, *am, *av;
+    float clip, lr, b1, b2, wd, eps, bc1, bc2;
+    size_t n_all;
+    int parts;
+} adamw_args;
+
+/* AdamW over parts [q0, q1) of `parts` equal spans of the parameters. The update zeroes each
+ * gradient once it has read it, which saves the next step a pass over all of them (at 407 M
+ * parameters, bench/RESULTS.md session 10). */
+static void adamw_parts(void *ctx, int q0, int q1) {
+    const adamw_args *w = ctx;
+    size_t a = w->n_all / (size_t)w->parts * (size_t)q0;
+    size_t b = q1 == w->parts ? w->n_all : w->n_all / (size_t)w->parts * (size_t)q1;
+    float *p = w->p, *g = w->g, *am = w->am, *av = w->av; /* locals: no reloads in the loop */
+    float clip = w->clip, lr = w->lr, b1 = w->b1, b2 = w->b2, wd = w->wd, eps = w->eps;
+    float bc1 = w->bc1, bc2 = w->bc2;
+    for (int ti = 0; ti < moe_model_n_tensors(w->m); ti++) {
+        const moe_tensor_info *info = moe_model_tensor(w->m, ti);
+        float decay = info->no_decay ? 0.0f : 1.0f;
+        size_t lo = info->offset > a ? info->offset : a;
+        size_t hi = info->offset + info->numel < b ? info->offset + info->numel : b;
+        for (size_t i = lo; i < hi; i++) {
+            float gi = g[i] * clip;
+            g[i] = 0;
+            am[i] = b1 * am[i] + (1 - b1) * gi;
+            av[i] = b2 * av[i] + (1 - b2) * gi * gi;
+            float upd = (am[i] / bc1) / (sqrtf(av[i] / bc2) + eps);
+            p[i] -= lr * (upd + wd * decay * p[i]);
+        }
+    }
+}
+
 moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     const moe_train_config *c = &t->cfg;
     moe_model *m = t->model;
@@ -401,32 +435,13 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
         t->adam_where = 2;
         goto updated;
     }
-    float *p = moe_model_params(m), *g = moe_model_grads(m);
     /* The tensors tile [0, n): one parallel region over all of it, each thread its share of
-     * every tensor it meets (most tensors of a small model are too short to split alone). The
-     * update zeroes each gradient once it has read it, which saves the next step a pass over
-     * all of them (at 407 M parameters, bench/RESULTS.md session 10). */
+     * every tensor it meets (most tensors of a small model are too short to split alone). */
     size_t n_all = moe_model_param_count(m);
-    int n_tensors = moe_model_n_tensors(m);
-#pragma omp parallel if (n_all > 65536)
-    {
-        int nth = omp_get_num_threads(), id = omp_get_thread_num();
-        size_t a = n_all / nth * id, b = id == nth - 1 ? n_all : n_all / nth * (id + 1);
-        for (int ti = 0; ti < n_tensors; ti++) {
-            const moe_tensor_info *info = moe_model_tensor(m, ti);
-            float decay = info->no_decay ? 0.0f : 1.0f;
-            size_t lo = info->offset > a ? info->offset : a;
-            size_t hi = info->offset + info->numel < b ? info->offset + info->numel : b;
-            for (size_t i = lo; i < hi; i++) {
-                float gi = g[i] * clip;
-                g[i] = 0;
-                am[i] = b1 * am[i] + (1 - b1) * gi;
-                av[i] = b2 * av[i] + (1 - b2) * gi * gi;
-                float upd = (am[i] / bc1) / (sqrtf(av[i] / bc2) + eps);
-                p[i] -= lr * (upd + wd * decay * p[i]);
-            }
-        }
-    }
+    adamw_args w = {m,    moe_model_params(m), moe_model_grads(m), am,  av,  clip, lr, b1,
+                    b2,   wd,                  eps,                bc1, bc2, n_all,
+                    n_all > 65536 ? moe_num_threads() : 1};
+    moe_for_ranges(w.parts, adamw_parts, &w);
 updated:
     t->updates++;
     t->grads_zero = 1;
