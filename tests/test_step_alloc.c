@@ -11,6 +11,10 @@
  * oneDNN's matmul allocates inside each call (its memory objects and execution context, about
  * 12 small blocks), and OpenBLAS's small-matrix kernels for AVX-512 a buffer: those are counted
  * apart, by a frame of either library on the allocation's stack, and reported, not failed.
+ * LLVM's libomp as Debian 12 builds it (with its debug code, for the clang build) formats a
+ * trace string at each worksharing loop's start and dispatch whether or not tracing is on (a
+ * 512-byte buffer and vsnprintf's scratch); a frame in it counts apart too, so the check
+ * against the OpenMP runtime's team allocations is made by the gcc builds, with libgomp.
  * oneDNN also picks fewer threads than the team for small products, after which libgomp
  * allocates a team for moe.c's next region: with more than two threads a check is skipped when
  * oneDNN ran during it (the suite runs it at three threads with OpenBLAS and our tiles).
@@ -54,18 +58,19 @@ extern void *__libc_memalign(size_t align, size_t n);
 
 #define FRAMES 12
 static int counting;                     /* set while a check runs */
-static long n_own, n_dnnl, n_blas;       /* allocations outside / inside oneDNN, OpenBLAS */
+static long n_own, n_dnnl, n_blas, n_omp; /* outside / inside oneDNN, OpenBLAS, libomp */
 static void *first[FRAMES];              /* the stack of the first one outside oneDNN */
 static int first_n, first_taken;
 static __thread int inside;              /* this thread is in note() (backtrace allocates) */
 
-/* 1 when a frame is in oneDNN, 2 in OpenBLAS, else 0 */
+/* 1 when a frame is in oneDNN, 2 in OpenBLAS, 3 in LLVM's OpenMP runtime, else 0 */
 static int library_of(void *const *pc, int n) {
     for (int i = 0; i < n; i++) {
         Dl_info info;
         if (!dladdr(pc[i], &info) || !info.dli_fname) continue;
         if (strstr(info.dli_fname, "libdnnl")) return 1;
         if (strstr(info.dli_fname, "openblas")) return 2;
+        if (strstr(info.dli_fname, "libomp.so")) return 3;
     }
     return 0;
 }
@@ -77,7 +82,7 @@ static void note(void) {
     int n = backtrace(pc, FRAMES);
     int lib = library_of(pc, n);
     if (lib) {
-        __atomic_fetch_add(lib == 1 ? &n_dnnl : &n_blas, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(lib == 1 ? &n_dnnl : lib == 2 ? &n_blas : &n_omp, 1, __ATOMIC_RELAXED);
     } else {
         int none = 0;
         __atomic_fetch_add(&n_own, 1, __ATOMIC_RELAXED);
@@ -117,7 +122,7 @@ int posix_memalign(void **p, size_t align, size_t n) {
 }
 
 static void count_start(void) {
-    n_own = n_dnnl = n_blas = 0;
+    n_own = n_dnnl = n_blas = n_omp = 0;
     first_n = first_taken = 0;
     __atomic_store_n(&counting, 1, __ATOMIC_SEQ_CST);
 }
@@ -129,6 +134,7 @@ static void count_check(const char *what) {
     if (n_dnnl || n_blas)
         printf("%s: %ld allocations inside oneDNN's calls, %ld inside OpenBLAS's\n", what, n_dnnl,
                n_blas);
+    if (n_omp) printf("%s: %ld allocations inside LLVM's libomp (its trace strings)\n", what, n_omp);
     if (!n_own) return;
     if (n_dnnl && omp_get_max_threads() > 2) {
         printf("%s: %ld more (not checked: oneDNN ran in teams of its own size)\n", what, n_own);
