@@ -76,13 +76,25 @@ static inline void moe_spin_pause(void) {
 }
 double moe_wall_time(void); /* seconds since the epoch */
 
+/* Unrolls the loop that follows whole (at most n times for gcc) once inlining has made its
+ * count a constant: the register tiles of an always_inline body instantiated per shape. clang
+ * unrolls such a body's loops by n while their count is still a parameter, before inlining it,
+ * and not again after: the tiles' accumulators then stay in memory (4-5 times slower,
+ * bench/RESULTS.md, session 28); its "loop unroll(full)" waits for the constant. */
+#define MOE_PRAGMA(x) _Pragma(#x)
+#if defined(__CUDACC__)
+#define MOE_UNROLL(n)
+#elif defined(__clang__)
+#define MOE_UNROLL(n) MOE_PRAGMA(clang loop unroll(full))
+#else
+#define MOE_UNROLL(n) MOE_PRAGMA(GCC unroll n)
+#endif
+
 /* c[0] x^(n-1) + c[1] x^(n-2) + ... + c[n-1] by Horner's rule; with c and n constant it unrolls
  * into the loop that calls it, which the compiler can then vectorise. */
 static inline double moe_poly(const double *c, int n, double x) {
     double p = c[0];
-#ifndef __CUDACC__
-#pragma GCC unroll 32
-#endif
+    MOE_UNROLL(32)
     for (int i = 1; i < n; i++) p = p * x + c[i];
     return p;
 }

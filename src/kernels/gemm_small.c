@@ -73,9 +73,9 @@ static inline __attribute__((always_inline)) void prefetch_step(const tile_args 
 static inline __attribute__((always_inline)) SMALL_TARGET void
 tile_body(const tile_args *t, __m512 *out, const int NV, const int MR) {
     __m512 acc[16][4];
-#pragma GCC unroll 16
+    MOE_UNROLL(16)
     for (int i = 0; i < MR; i++)
-#pragma GCC unroll 4
+        MOE_UNROLL(4)
         for (int v = 0; v < NV; v++)
             acc[i][v] = t->c && t->c_acc
                             ? _mm512_maskz_loadu_ps(t->mask[v], t->c + i * t->ldc + 16 * v)
@@ -84,35 +84,35 @@ tile_body(const tile_args *t, __m512 *out, const int NV, const int MR) {
      * addressed as base + stride * {0, 1, 2} (a pointer per row spills) */
     const long sai = t->sai, sak = t->sak, ldb = t->ldb;
     const float *b = t->b, *base[6];
-#pragma GCC unroll 6
+    MOE_UNROLL(6)
     for (int q = 0; q < 6; q++) base[q] = t->a + 3 * q * sai;
     const char *pf = t->pf;
     int pm = 0;
     for (int k = 0; k < t->k; k++, b += ldb) {
         prefetch_step(t, &pf, &pm, k);
         __m512 bv[4];
-#pragma GCC unroll 4
+        MOE_UNROLL(4)
         for (int v = 0; v < NV; v++) bv[v] = _mm512_maskz_loadu_ps(t->mask[v], b + 16 * v);
-#pragma GCC unroll 16
+        MOE_UNROLL(16)
         for (int i = 0; i < MR; i++) {
             __m512 ai = _mm512_set1_ps(base[i / 3][(i % 3) * sai]);
-#pragma GCC unroll 4
+            MOE_UNROLL(4)
             for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
         }
-#pragma GCC unroll 6
+        MOE_UNROLL(6)
         for (int q = 0; q < 6; q++) base[q] += sak;
     }
     if (t->c) {
-#pragma GCC unroll 16
+        MOE_UNROLL(16)
         for (int i = 0; i < MR; i++)
-#pragma GCC unroll 4
+            MOE_UNROLL(4)
             for (int v = 0; v < NV; v++)
                 _mm512_mask_storeu_ps(t->c + i * t->ldc + 16 * v, t->mask[v], acc[i][v]);
         return;
     }
-#pragma GCC unroll 16
+    MOE_UNROLL(16)
     for (int i = 0; i < MR; i++)
-#pragma GCC unroll 4
+        MOE_UNROLL(4)
         for (int v = 0; v < NV; v++) out[i * NV + v] = acc[i][v];
 }
 
@@ -153,13 +153,13 @@ static const tile_fn tiles[5][17] = {
 static inline __attribute__((always_inline)) SMALL_TARGET void
 tile_body_pairs(const tile_args *t, __m512 *out, const int NV, const int MR) {
     __m512 acc[16][4];
-#pragma GCC unroll 16
+    MOE_UNROLL(16)
     for (int i = 0; i < MR; i++)
-#pragma GCC unroll 4
+        MOE_UNROLL(4)
         for (int v = 0; v <= NV; v++) acc[i][v] = _mm512_setzero_ps();
     const long sai = t->sai, ldb = t->ldb;
     const float *b = t->b, *xr = t->xr, *base[6];
-#pragma GCC unroll 6
+    MOE_UNROLL(6)
     for (int q = 0; q < 6; q++) base[q] = t->a + 3 * q * sai;
     const char *pf = t->pf;
     int pm = 0;
@@ -167,29 +167,29 @@ tile_body_pairs(const tile_args *t, __m512 *out, const int NV, const int MR) {
         prefetch_step(t, &pf, &pm, k);
         prefetch_step(t, &pf, &pm, k + 1);
         __m512 b0[3], b1[3], xv = _mm512_load_ps(xr);
-#pragma GCC unroll 3
+        MOE_UNROLL(3)
         for (int v = 0; v < NV; v++)
             b0[v] = _mm512_loadu_ps(b + 16 * v), b1[v] = _mm512_loadu_ps(b + ldb + 16 * v);
-#pragma GCC unroll 16
+        MOE_UNROLL(16)
         for (int i = 0; i < MR; i++) {
             __m128i pair = _mm_loadl_epi64((const __m128i *)(base[i / 3] + (i % 3) * sai));
             __m512 w2 = _mm512_castsi512_ps(_mm512_broadcastq_epi64(pair));
             acc[i][NV] = _mm512_fmadd_ps(w2, xv, acc[i][NV]);
             if (NV) {
                 __m512 w0 = _mm512_permute_ps(w2, 0x00), w1 = _mm512_permute_ps(w2, 0x55);
-#pragma GCC unroll 3
+                MOE_UNROLL(3)
                 for (int v = 0; v < NV; v++)
                     acc[i][v] = _mm512_fmadd_ps(w1, b1[v], _mm512_fmadd_ps(w0, b0[v], acc[i][v]));
             }
         }
-#pragma GCC unroll 6
+        MOE_UNROLL(6)
         for (int q = 0; q < 6; q++) base[q] += 2;
     }
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
-#pragma GCC unroll 16
+    MOE_UNROLL(16)
     for (int i = 0; i < MR; i++) {
-#pragma GCC unroll 3
+        MOE_UNROLL(3)
         for (int v = 0; v < NV; v++) out[i * (NV + 1) + v] = acc[i][v];
         out[i * (NV + 1) + NV] = _mm512_add_ps(_mm512_permutexvar_ps(even, acc[i][NV]),
                                                _mm512_permutexvar_ps(odd, acc[i][NV]));
@@ -517,9 +517,9 @@ static SMALL_TARGET void tn_row8(const float *ap, const float *bp, int kn, int n
     float *c = C + (long)i0 * ldc + c0;
     for (int q = 0; q < nfull; q++, c += TN_PANEL) {
         __m512 r[TN_MR][3];
-#pragma GCC unroll 8
+        MOE_UNROLL(8)
         for (int i = 0; i < TN_MR; i++)
-#pragma GCC unroll 3
+            MOE_UNROLL(3)
             for (int v = 0; v < 3; v++)
                 r[i][v] = acc ? _mm512_loadu_ps(c + i * ldc + 16 * v) : _mm512_setzero_ps();
         int pr, pl;
@@ -530,7 +530,7 @@ static SMALL_TARGET void tn_row8(const float *ap, const float *bp, int kn, int n
                 for (int l = 0; l < pl; l++) _mm_prefetch(pf + 4 * kk * ldc + 64 * l, _MM_HINT_T0);
             __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16),
                    b2 = _mm512_load_ps(b + 32);
-#pragma GCC unroll 8
+            MOE_UNROLL(8)
             for (int i = 0; i < TN_MR; i++) {
                 __m512 ai = _mm512_set1_ps(a[i]);
                 r[i][0] = _mm512_fmadd_ps(ai, b0, r[i][0]);
@@ -540,9 +540,9 @@ static SMALL_TARGET void tn_row8(const float *ap, const float *bp, int kn, int n
         }
         for (int row = kn; row < pr; row++) /* k shorter than the tile */
             for (int l = 0; l < pl; l++) _mm_prefetch(pf + 4 * row * ldc + 64 * l, _MM_HINT_T0);
-#pragma GCC unroll 8
+        MOE_UNROLL(8)
         for (int i = 0; i < TN_MR; i++)
-#pragma GCC unroll 3
+            MOE_UNROLL(3)
             for (int v = 0; v < 3; v++) _mm512_storeu_ps(c + i * ldc + 16 * v, r[i][v]);
     }
 }
@@ -609,36 +609,36 @@ dot_body(const void *A, int lda, const void *B, int ldb, int k, int beta1, float
     const int step = BF16 ? 32 : 16, es = BF16 ? 2 : 4; /* elements per vector, bytes each */
     const char *a0 = A, *b0 = B;
     __m512 acc[MOE_GEMM_DOT_ROWS][8];
-#pragma GCC unroll 4
+    MOE_UNROLL(4)
     for (int i = 0; i < M; i++)
-#pragma GCC unroll 8
+        MOE_UNROLL(8)
         for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
     for (int kk = 0; kk < k; kk += step) {
         int left = k - kk; /* the step's valid elements: all but in the last */
         __mmask32 m16 = left >= 32 ? ~0u : (1u << left) - 1u;
         __mmask16 m32 = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
         __m512i bv[8];
-#pragma GCC unroll 8
+        MOE_UNROLL(8)
         for (int r = 0; r < R; r++) {
             const char *row = b0 + ((long)r * ldb + kk) * es;
             _mm_prefetch(row + PF_DOT, _MM_HINT_T0);
             bv[r] = BF16 ? _mm512_maskz_loadu_epi16(m16, row) : _mm512_maskz_loadu_epi32(m32, row);
         }
-#pragma GCC unroll 4
+        MOE_UNROLL(4)
         for (int i = 0; i < M; i++) {
             const char *row = a0 + ((long)i * lda + kk) * es;
             __m512i a = BF16 ? _mm512_maskz_loadu_epi16(m16, row)
                              : _mm512_maskz_loadu_epi32(m32, row);
-#pragma GCC unroll 8
+            MOE_UNROLL(8)
             for (int r = 0; r < R; r++)
                 acc[i][r] = BF16 ? _mm512_dpbf16_ps(acc[i][r], (__m512bh)a, (__m512bh)bv[r])
                                  : _mm512_fmadd_ps(_mm512_castsi512_ps(a),
                                                    _mm512_castsi512_ps(bv[r]), acc[i][r]);
         }
     }
-#pragma GCC unroll 4
+    MOE_UNROLL(4)
     for (int i = 0; i < M; i++)
-#pragma GCC unroll 8
+        MOE_UNROLL(8)
         for (int r = 0; r < R; r++) {
             float v = _mm512_reduce_add_ps(acc[i][r]);
             C[(long)i * ldc + r] = beta1 ? C[(long)i * ldc + r] + v : v;
@@ -666,38 +666,38 @@ dot_body_avx2(const float *A, int lda, const float *B, int ldb, int k, int beta1
               int ldc, const int M, const int R) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256 acc[MOE_GEMM_DOT_ROWS][8];
-#pragma GCC unroll 4
+    MOE_UNROLL(4)
     for (int i = 0; i < M; i++)
-#pragma GCC unroll 8
+        MOE_UNROLL(8)
         for (int r = 0; r < R; r++) acc[i][r] = _mm256_setzero_ps();
     int whole = k & ~15;
     for (int kk = 0; kk < whole; kk += 16)
-#pragma GCC unroll 2
+        MOE_UNROLL(2)
         for (int h = 0; h < 16; h += 8)
-#pragma GCC unroll 8
+            MOE_UNROLL(8)
             for (int r = 0; r < R; r++) {
                 const float *row = B + (long)r * ldb + kk + h;
                 if (!h) _mm_prefetch((const char *)row + PF_DOT, _MM_HINT_T0);
                 __m256 b = _mm256_loadu_ps(row);
-#pragma GCC unroll 4
+                MOE_UNROLL(4)
                 for (int i = 0; i < M; i++)
                     acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(A + (long)i * lda + kk + h), b,
                                                 acc[i][r]);
             }
     for (int h = whole; h < k; h += 8) { /* the last 1-15 elements, masked */
         __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(k - h), lane);
-#pragma GCC unroll 8
+        MOE_UNROLL(8)
         for (int r = 0; r < R; r++) {
             __m256 b = _mm256_maskload_ps(B + (long)r * ldb + h, valid);
-#pragma GCC unroll 4
+            MOE_UNROLL(4)
             for (int i = 0; i < M; i++)
                 acc[i][r] = _mm256_fmadd_ps(_mm256_maskload_ps(A + (long)i * lda + h, valid), b,
                                             acc[i][r]);
         }
     }
-#pragma GCC unroll 4
+    MOE_UNROLL(4)
     for (int i = 0; i < M; i++)
-#pragma GCC unroll 8
+        MOE_UNROLL(8)
         for (int r = 0; r < R; r++) {
             __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][r]),
                                   _mm256_extractf128_ps(acc[i][r], 1));
