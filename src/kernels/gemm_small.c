@@ -149,7 +149,9 @@ static const tile_fn tiles[5][17] = {
  * r at k + p; t->xr, 16 floats per pair of k) against the broadcast pair (k, k + 1) of the
  * weights as one 64-bit element: the rows that would fill a padded vector in half its FMAs,
  * in the same pass over the weights. k even. The pair lanes are added at the end: vector NV
- * of out holds row r in lane r < 8. */
+ * of out holds row r in lane r < 8. The three broadcasts of a weight row's pair (both, k,
+ * k + 1) are each a load: taken from the pair's register by shuffles they ran on the port of
+ * one of Intel's two FMA units, three shuffles to five FMAs (bench/RESULTS.md, session 28). */
 static inline __attribute__((always_inline)) SMALL_TARGET void
 tile_body_pairs(const tile_args *t, __m512 *out, const int NV, const int MR) {
     __m512 acc[16][4];
@@ -172,11 +174,13 @@ tile_body_pairs(const tile_args *t, __m512 *out, const int NV, const int MR) {
             b0[v] = _mm512_loadu_ps(b + 16 * v), b1[v] = _mm512_loadu_ps(b + ldb + 16 * v);
         MOE_UNROLL(16)
         for (int i = 0; i < MR; i++) {
-            __m128i pair = _mm_loadl_epi64((const __m128i *)(base[i / 3] + (i % 3) * sai));
-            __m512 w2 = _mm512_castsi512_ps(_mm512_broadcastq_epi64(pair));
+            const float *w = base[i / 3] + (i % 3) * sai;
+            long long pair;
+            memcpy(&pair, w, sizeof pair);
+            __m512 w2 = _mm512_castsi512_ps(_mm512_set1_epi64(pair));
             acc[i][NV] = _mm512_fmadd_ps(w2, xv, acc[i][NV]);
             if (NV) {
-                __m512 w0 = _mm512_permute_ps(w2, 0x00), w1 = _mm512_permute_ps(w2, 0x55);
+                __m512 w0 = _mm512_set1_ps(w[0]), w1 = _mm512_set1_ps(w[1]);
                 MOE_UNROLL(3)
                 for (int v = 0; v < NV; v++)
                     acc[i][v] = _mm512_fmadd_ps(w1, b1[v], _mm512_fmadd_ps(w0, b0[v], acc[i][v]));
