@@ -57,11 +57,11 @@ extern void *__libc_realloc(void *p, size_t n);
 extern void *__libc_memalign(size_t align, size_t n);
 
 #define FRAMES 12
-static int counting;                     /* set while a check runs */
+static int counting;                      /* set while a check runs */
 static long n_own, n_dnnl, n_blas, n_omp; /* outside / inside oneDNN, OpenBLAS, libomp */
-static void *first[FRAMES];              /* the stack of the first one outside oneDNN */
+static void *first[FRAMES];               /* the stack of the first one outside them */
 static int first_n, first_taken;
-static __thread int inside;              /* this thread is in note() (backtrace allocates) */
+static __thread int inside;               /* this thread is in note() (backtrace allocates) */
 
 /* 1 when a frame is in oneDNN, 2 in OpenBLAS, 3 in LLVM's OpenMP runtime, else 0 */
 static int library_of(void *const *pc, int n) {
@@ -127,8 +127,8 @@ static void count_start(void) {
     __atomic_store_n(&counting, 1, __ATOMIC_SEQ_CST);
 }
 
-/* Stops counting; fails naming the first allocation's stack if there was one outside the two
- * libraries (see the top). */
+/* Stops counting; fails naming the first allocation's stack if there was one outside the
+ * libraries counted apart (see the top). */
 static void count_check(const char *what) {
     __atomic_store_n(&counting, 0, __ATOMIC_SEQ_CST);
     if (n_dnnl || n_blas)
