@@ -143,11 +143,12 @@ static int bench_layer(moe_options *o, int json) {
                "\"fwd_gflops\":%.2f,\"fwd_bwd_gflops\":%.2f,\"fraction_of_sgemm\":%.4f,"
                "\"dropped_fraction\":%.4f,\"bf16\":%d,\"bf16_gemm_gflops\":%.2f,"
                "\"stream_gbs\":%.2f,\"roofline_ms\":%.4f,\"fraction_of_roofline\":%.4f,"
-               "\"gflop_per_call\":%.9f,\"stages_ms\":{",
+               "\"gflop_per_call\":%.9f,\"weight_traffic_mb\":%.3f,\"stages_ms\":{",
                T, c->d, c->ffn, c->n_experts, c->topk, omp_get_max_threads(), moe_gemm_backend(),
                cn, 1e-9 * peak, 1e3 * t_fwd / iters, 1e3 * t_bwd / iters, 1e-9 * fwd_rate,
                1e-9 * all_rate, all_rate / peak, ls->dropped_fraction, c->expert_bf16,
-               1e-9 * peak16, 1e-9 * bw, 1e3 * t_roof, of_roof, 3e-9 * flops / iters);
+               1e-9 * peak16, 1e-9 * bw, 1e3 * t_roof, of_roof, 3e-9 * flops / iters,
+               1e-6 * layer_weight_bytes(c));
         for (int s = 0; s < MOE_STAGE_COUNT; s++)
             printf("%s\"%s\":%.4f", s ? "," : "", moe_stage_name((moe_stage)s), 1e3 * st[s] / iters);
         printf("}}\n");
