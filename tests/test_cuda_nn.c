@@ -115,7 +115,7 @@ static void rmsnorm_case(int T, int d, uint64_t seed) {
     float *y = host_floats(n), *rstd = host_floats((size_t)T);
     float *dx = copy_floats(dx0, n), *dw = copy_floats(dw0, (size_t)d);
     moe_rmsnorm_forward(y, rstd, x, w, T, d, eps);
-    moe_rmsnorm_backward(dx, dw, dy, x, w, rstd, T, d);
+    moe_rmsnorm_backward(dx, dx, dw, dy, x, w, rstd, T, d);
 
     float *gx = dev(x, n * 4), *gw = dev(w, (size_t)d * 4), *gdy = dev(dy, n * 4);
     float *gdx = dev(dx0, n * 4), *gdw = dev(dw0, (size_t)d * 4);

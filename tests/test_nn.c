@@ -192,26 +192,48 @@ static double norm_loss(void *p) {
     return L;
 }
 
+/* One shape: the forward against float64, and dx = res + dL/dx, dw += dL/dw against float64
+ * finite differences, with res NULL (dx poisoned before), another buffer, or dx itself (its
+ * values before the call), and dw's values before the call random. */
+enum { RES_NONE, RES_OTHER, RES_DX };
+static void rmsnorm_case(int T, int d, int res_mode, uint64_t seed) {
+    dims D = {.T = T, .d = d, .eps = 1e-5};
+    size_t n = (size_t)T * d;
+    float *x = malloc(n * 4), *w = malloc(d * 4), *G = malloc(n * 4), *y = malloc(n * 4),
+          *rstd = malloc(T * 4), *dx = malloc(n * 4), *res = malloc(n * 4), *dw = malloc(d * 4),
+          *dw0 = malloc(d * 4);
+    tu_fill(x, n, seed, 1, -2, 2);
+    tu_fill(w, d, seed, 2, 0.5f, 1.5f);
+    tu_fill(G, n, seed, 3, -1, 1);
+    tu_fill(res, n, seed, 4, -1, 1);
+    tu_fill(dw0, d, seed, 5, -1, 1);
+    memcpy(dw, dw0, d * 4);
+    if (res_mode == RES_DX) memcpy(dx, res, n * 4);
+    else tu_poison(dx, n);
+    tu_poison(y, n);
+    moe_rmsnorm_forward(y, rstd, x, w, T, d, (float)D.eps);
+    norm_ctx c = {D, to64(x, n), to64(w, d), to64(G, n), malloc(n * 8)};
+    norm_loss(&c);
+    check("rmsnorm forward", y, c.y, n);
+    moe_rmsnorm_backward(dx, res_mode == RES_NONE ? NULL : res_mode == RES_DX ? dx : res, dw, G,
+                         x, w, rstd, T, d);
+    if (res_mode != RES_NONE) /* what the call added */
+        for (size_t i = 0; i < n; i++) dx[i] -= res[i];
+    for (int i = 0; i < d; i++) dw[i] -= dw0[i];
+    check_grad("rmsnorm dx", dx, c.x, n, norm_loss, &c, seed);
+    check_grad("rmsnorm dw", dw, c.w, d, norm_loss, &c, seed + 1);
+    free(c.x), free(c.w), free(c.G), free(c.y);
+    free(x), free(w), free(G), free(y), free(rstd), free(dx), free(res), free(dw), free(dw0);
+}
+
+/* The three kinds of res; one row (fewer rows than threads); rows wider than the columns'
+ * blocks of 16 and not a multiple of them. */
 static void test_rmsnorm(void **state) {
     (void)state;
     uint64_t seed = tu_seed();
-    dims D = {.T = 7, .d = 24, .eps = 1e-5};
-    size_t n = (size_t)D.T * D.d;
-    float *x = malloc(n * 4), *w = malloc(D.d * 4), *G = malloc(n * 4), *y = malloc(n * 4),
-          *rstd = malloc(D.T * 4), *dx = calloc(n, 4), *dw = calloc(D.d, 4);
-    tu_fill(x, n, seed, 1, -2, 2);
-    tu_fill(w, D.d, seed, 2, 0.5f, 1.5f);
-    tu_fill(G, n, seed, 3, -1, 1);
-    tu_poison(y, n);
-    moe_rmsnorm_forward(y, rstd, x, w, D.T, D.d, (float)D.eps);
-    norm_ctx c = {D, to64(x, n), to64(w, D.d), to64(G, n), malloc(n * 8)};
-    norm_loss(&c);
-    check("rmsnorm forward", y, c.y, n);
-    moe_rmsnorm_backward(dx, dw, G, x, w, rstd, D.T, D.d);
-    check_grad("rmsnorm dx", dx, c.x, n, norm_loss, &c, seed);
-    check_grad("rmsnorm dw", dw, c.w, D.d, norm_loss, &c, seed + 1);
-    free(c.x), free(c.w), free(c.G), free(c.y);
-    free(x), free(w), free(G), free(y), free(rstd), free(dx), free(dw);
+    for (int mode = RES_NONE; mode <= RES_DX; mode++) rmsnorm_case(7, 24, mode, seed + (uint64_t)mode);
+    rmsnorm_case(1, 40, RES_OTHER, seed + 3);
+    rmsnorm_case(5, 203, RES_DX, seed + 4);
 }
 
 /* ------------------------------------------------------------------- RoPE */

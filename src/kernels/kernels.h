@@ -162,8 +162,9 @@ double moe_act_backward_row(moe_activation act, int f, const float *h, float w, 
 /* ---- transformer kernels (nn.c); shapes in the comments there */
 void moe_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, int T, int d,
                          float eps);
-void moe_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
-                          const float *rstd, int T, int d);
+/* dx = res (NULL: 0; may be dx) + dL/dx given dy = dL/dy; dw += dL/dw */
+void moe_rmsnorm_backward(float *dx, const float *res, float *dw, const float *dy, const float *x,
+                          const float *w, const float *rstd, int T, int d);
 /* Rotary position embedding: the frequencies and which values rotate together. */
 typedef struct {
     float theta;

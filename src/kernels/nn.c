@@ -25,8 +25,10 @@ void moe_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, 
     }
 }
 
-void moe_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
-                          const float *rstd, int T, int d) {
+/* dx [T, d] = res + the gradient of the input x given dy, the output's (res: the residual
+ * stream's gradient, or dx itself to add to it, or NULL); dw [d] += the weight's gradient. */
+void moe_rmsnorm_backward(float *dx, const float *res, float *dw, const float *dy, const float *x,
+                          const float *w, const float *rstd, int T, int d) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         const float *xt = x + (size_t)t * d, *gt = dy + (size_t)t * d;
@@ -36,7 +38,12 @@ void moe_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
         float r = rstd[t];
         float c = (float)(dot * r * r * r / d);
         float *dxt = dx + (size_t)t * d;
-        for (int i = 0; i < d; i++) dxt[i] += gt[i] * w[i] * r - c * xt[i];
+        if (res) {
+            const float *rt = res + (size_t)t * d;
+            for (int i = 0; i < d; i++) dxt[i] = rt[i] + (gt[i] * w[i] * r - c * xt[i]);
+        } else {
+            for (int i = 0; i < d; i++) dxt[i] = gt[i] * w[i] * r - c * xt[i];
+        }
     }
     /* dw in a fixed order over tokens: column sums, parallel over blocks of 16 columns (a cache
      * line of each row; column by column read each line 16 times) */

@@ -939,10 +939,8 @@ static void qk_norm_forward(const moe_model *m, const block_ptrs *p, int T, floa
  * large as dy); dw += its weight gradient. */
 static void norm_backward_in_place(float *dy, float *scratch, float *dw, const float *x,
                                    const float *w, const float *rstd, int rows, int width) {
-    size_t n = (size_t)rows * width;
-    memset(scratch, 0, sizeof(float) * n);
-    moe_rmsnorm_backward(scratch, dw, dy, x, w, rstd, rows, width);
-    memcpy(dy, scratch, sizeof(float) * n);
+    moe_rmsnorm_backward(scratch, NULL, dw, dy, x, w, rstd, rows, width);
+    memcpy(dy, scratch, sizeof(float) * (size_t)rows * width);
 }
 
 /* q, k, v [T, *] = n1 Wᵀ (+ bias): the attention projections of one block. */
@@ -1055,8 +1053,7 @@ static void mla_backward(moe_model *m, const block_ptrs *p, const block_ptrs *g,
     }
     moe_gemm(1, 0, H * kb, kr, T, 1, dkvb, H * kb, s->cn, kr, 1, g->wkvb, kr);
     moe_gemm(0, 0, T, kr, H * kb, 1, dkvb, H * kb, p->wkvb, kr, 0, m->mla_c, kr);
-    memset(m->mla_d, 0, sizeof(float) * (size_t)T * kr);
-    moe_rmsnorm_backward(m->mla_d, g->kvan, m->mla_c, s->c, p->kvan, s->rc, T, kr);
+    moe_rmsnorm_backward(m->mla_d, NULL, g->kvan, m->mla_c, s->c, p->kvan, s->rc, T, kr);
     for (int t = 0; t < T; t++)
         memcpy(dkva + (size_t)t * ka, m->mla_d + (size_t)t * kr, sizeof(float) * (size_t)kr);
     moe_gemm(1, 0, ka, d, T, 1, dkva, ka, s->n1, d, 1, g->wkva, d);
@@ -1064,8 +1061,7 @@ static void mla_backward(moe_model *m, const block_ptrs *p, const block_ptrs *g,
     if (qr) {
         moe_gemm(1, 0, H * dk, qr, T, 1, m->dq, H * dk, s->qan, qr, 1, g->wqb, qr);
         moe_gemm(0, 0, T, qr, H * dk, 1, m->dq, H * dk, p->wqb, qr, 0, m->mla_c, qr);
-        memset(m->mla_d, 0, sizeof(float) * (size_t)T * qr);
-        moe_rmsnorm_backward(m->mla_d, g->qan, m->mla_c, s->qa, p->qan, s->rqa, T, qr);
+        moe_rmsnorm_backward(m->mla_d, NULL, g->qan, m->mla_c, s->qa, p->qan, s->rqa, T, qr);
         moe_gemm(1, 0, qr, d, T, 1, m->mla_d, qr, s->n1, d, 1, g->wqa, d);
         moe_gemm(0, 0, T, d, qr, 1, m->mla_d, qr, p->wqa, d, 1, m->dn, d);
     } else {
@@ -1232,8 +1228,7 @@ moe_status moe_model_backward(moe_model *m) {
     moe_gemm(1, 0, V, d, T, 1, dlogits, V, m->nf, d, 1, g_lm, d);
     moe_gemm(0, 0, T, d, V, 1, dlogits, V, lm, d, 0, m->dn, d);
     float *dx = m->dx;
-    moe_zero_floats(dx, (size_t)T * d);
-    moe_rmsnorm_backward(dx, m->grads + m->final_norm_off, m->dn, m->xf,
+    moe_rmsnorm_backward(dx, NULL, m->grads + m->final_norm_off, m->dn, m->xf,
                          m->params + m->final_norm_off, m->rstdf, T, d);
     part_done(m, 1, MOE_PART_HEAD, &tp);
     /* the tensors lie embedding, layers 0..L-1, final norm, head: final from the end on */
@@ -1254,8 +1249,7 @@ moe_status moe_model_backward(moe_model *m) {
                              NULL, NULL, MOE_MLP_BWD_ALL);
         }
         scratch_phase(m); /* the attention's backward: its scratch shares the FFN's bytes */
-        moe_copy_floats(m->dxm, dx, (size_t)T * d);
-        moe_rmsnorm_backward(m->dxm, g.ffn_norm, m->dn, s->xm, p.ffn_norm, s->rstd2, T, d);
+        moe_rmsnorm_backward(m->dxm, dx, g.ffn_norm, m->dn, s->xm, p.ffn_norm, s->rstd2, T, d);
         part_done(m, 1, MOE_PART_FFN, &tp);
         /* attention: xm = x + att Woᵀ */
         moe_gemm(1, 0, d, ho, T, 1, m->dxm, d, s->att, ho, 1, g.wo, ho);
@@ -1290,8 +1284,7 @@ moe_status moe_model_backward(moe_model *m) {
         moe_gemm(0, 0, T, d, hkv, 1, m->dk, hkv, p.wk, d, 1, m->dn, d);
         moe_gemm(0, 0, T, d, hkv, 1, m->dv, hkv, p.wv, d, 1, m->dn, d);
     attn_norm:
-        moe_copy_floats(dx, m->dxm, (size_t)T * d);
-        moe_rmsnorm_backward(dx, g.attn_norm, m->dn, s->x, p.attn_norm, s->rstd1, T, d);
+        moe_rmsnorm_backward(dx, m->dxm, g.attn_norm, m->dn, s->x, p.attn_norm, s->rstd1, T, d);
         part_done(m, 1, MOE_PART_ATTENTION, &tp);
         if (ready) ready(m->args.grads_ctx, m->block_off[(size_t)l * B_N + B_ATTN_NORM]);
         part_done(m, 1, MOE_PART_OTHER, &tp); /* ready: a data-parallel reduction's start */
