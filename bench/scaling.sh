@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The scaling tables of bench/RESULTS.md: cost per token as T grows, and cost as E grows at
-# fixed active parameters (at T=4096 and at T=16384), each row with the SGEMM ceiling and the roofline of the same table.
+# fixed active parameters (at T=4096 and at T=16384), each row with the SGEMM ceiling and the
+# roofline of its table.
 # Each row is the fastest of REPEATS runs (default 3): on a shared machine a run is slowed by
 # whatever else runs, never sped up, so the minimum is the layer's own cost; the ceilings of a
-# table are likewise the best SGEMM rate and STREAM bandwidth its runs measured. The rows of a table
-# take turns (all rows once, then again), so that a slow spell of the machine falls on every row
-# rather than on one.
+# table are likewise the best SGEMM rate and STREAM bandwidth its runs measured. The rows of a
+# table take turns (all rows once, then again), so that a slow spell of the machine falls on
+# every row rather than on one.
 # Usage: bench/scaling.sh [path/to/moe]   (REPEATS=n to change the runs per row)
 set -euo pipefail
 moe=${1:-./build/moe}
@@ -29,10 +30,12 @@ for r in runs:
 for r in best.values():
     ms = r["fwd_ms"] + r["bwd_ms"]
     roof = max(1e3 * r["gflop_per_call"] / sgemm, r["weight_traffic_mb"] / stream)
-    cells = [r[key], "%.1f" % ms, "%.1f" % (1e3 * ms / r["T"]),
-             "%.1f %%" % (100 * r["gflop_per_call"] / (1e-3 * ms) / sgemm), "%.1f" % roof, "%.2f" % (ms / roof)]
+    rate = r["gflop_per_call"] / (1e-3 * ms)
+    cells = [r[key], "%.1f" % ms, "%.1f" % (1e3 * ms / r["T"]), "%.1f %%" % (100 * rate / sgemm),
+             "%.1f" % roof, "%.2f" % (ms / roof)]
     print("| " + " | ".join(str(c) for c in cells) + " |")
-print(f"(ceilings: the best of the table\x27s runs, SGEMM {sgemm:.1f} GFLOP/s, STREAM triad {stream:.1f} GB/s)")
+print(f"(ceilings, the best of the table\x27s runs: SGEMM {sgemm:.1f} GFLOP/s, "
+      f"STREAM triad {stream:.1f} GB/s)")
 ' "$1"
 }
 echo "T scaling: d=512 f=1024 E=8 k=2"

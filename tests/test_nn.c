@@ -231,7 +231,8 @@ static void rmsnorm_case(int T, int d, int res_mode, uint64_t seed) {
 static void test_rmsnorm(void **state) {
     (void)state;
     uint64_t seed = tu_seed();
-    for (int mode = RES_NONE; mode <= RES_DX; mode++) rmsnorm_case(7, 24, mode, seed + (uint64_t)mode);
+    for (int mode = RES_NONE; mode <= RES_DX; mode++)
+        rmsnorm_case(7, 24, mode, seed + (uint64_t)mode);
     rmsnorm_case(1, 40, RES_OTHER, seed + 3);
     rmsnorm_case(5, 203, RES_DX, seed + 4);
 }

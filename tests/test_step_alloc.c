@@ -134,7 +134,8 @@ static void count_check(const char *what) {
     if (n_dnnl || n_blas)
         printf("%s: %ld allocations inside oneDNN's calls, %ld inside OpenBLAS's\n", what, n_dnnl,
                n_blas);
-    if (n_omp) printf("%s: %ld allocations inside LLVM's libomp (its trace strings)\n", what, n_omp);
+    if (n_omp)
+        printf("%s: %ld allocations inside LLVM's libomp (its trace strings)\n", what, n_omp);
     if (!n_own) return;
     if (n_dnnl && omp_get_max_threads() > 2) {
         printf("%s: %ld more (not checked: oneDNN ran in teams of its own size)\n", what, n_own);
