@@ -9,20 +9,35 @@
 
 /* ---------------------------------------------------------------- RMSNorm */
 
-void moe_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, int T, int d,
-                         float eps) {
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < T; t++) {
-        const float *xt = x + (size_t)t * d;
+typedef struct {
+    float *y, *rstd;
+    const float *x, *w;
+    int d;
+    float eps;
+} rms_fwd;
+
+static void rms_fwd_rows(void *ctx, int t0, int t1) {
+    const rms_fwd *a = ctx;
+    int d = a->d;
+    for (int t = t0; t < t1; t++) {
+        const float *xt = a->x + (size_t)t * d, *w = a->w;
         double ss = 0; /* lane-wise partial sums: a fixed order for a given build (one chain
                           of dependent adds per row was most of the norm's time) */
 #pragma omp simd reduction(+ : ss)
         for (int i = 0; i < d; i++) ss += (double)xt[i] * xt[i];
-        float r = (float)(1.0 / sqrt(ss / d + eps));
-        rstd[t] = r;
-        float *yt = y + (size_t)t * d;
+        float r = (float)(1.0 / sqrt(ss / d + a->eps));
+        a->rstd[t] = r;
+        float *yt = a->y + (size_t)t * d;
         for (int i = 0; i < d; i++) yt[i] = xt[i] * r * w[i];
     }
+}
+
+/* Rows over the threads (moe_for_ranges: a decoding step's single row without a parallel
+ * region, whose start costs about a microsecond, more than the row) */
+void moe_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, int T, int d,
+                         float eps) {
+    rms_fwd a = {y, rstd, x, w, d, eps};
+    moe_for_ranges(T, rms_fwd_rows, &a);
 }
 
 /* dx [T, d] = res + the gradient of the input x given dy, the output's (res: the residual
@@ -107,33 +122,49 @@ void moe_rope_table(float *cs, int n_pos, int rd, const moe_rope *r) {
  * n_cs take their cos and sin from cs (moe_rope_table; a sine or cosine per pair and token was
  * 5 % of a small model's training step), the others compute them. dir = +1 forward, -1
  * backward (the transpose of a rotation is the rotation by the opposite angle). */
+typedef struct {
+    float *x;
+    int n_heads, head_stride, rd, n_cs, dir;
+    const int *pos;
+    const moe_rope *r;
+    const float *cs;
+    const double *freq;
+} rope_args;
+
+static void rope_rows(void *ctx, int t0, int t1) {
+    const rope_args *a = ctx;
+    int half = a->rd / 2, hp = half > 0 ? half : 1;
+    for (int t = t0; t < t1; t++) {
+        float own[2 * hp];
+        const float *c = own, *s = own + half;
+        int p = a->pos[t];
+        if (p >= 0 && p < a->n_cs) c = a->cs + (size_t)p * a->rd, s = c + half;
+        else rope_angles(own, own + half, p, half, a->freq, rope_scale(a->r));
+        for (int h = 0; h < a->n_heads; h++) {
+            float *v = a->x + ((size_t)t * a->n_heads + h) * a->head_stride;
+            if (a->r->interleave)
+                for (int i = 0; i < half; i++) {
+                    float x0 = v[2 * i], x1 = v[2 * i + 1], si = a->dir * s[i];
+                    v[2 * i] = x0 * c[i] - x1 * si;
+                    v[2 * i + 1] = x1 * c[i] + x0 * si;
+                }
+            else
+                for (int i = 0; i < half; i++) {
+                    float x0 = v[i], x1 = v[i + half], si = a->dir * s[i];
+                    v[i] = x0 * c[i] - x1 * si;
+                    v[i + half] = x1 * c[i] + x0 * si;
+                }
+        }
+    }
+}
+
 void moe_rope_rotate(float *x, int T, int n_heads, int head_stride, int rd, const int *pos,
                      const moe_rope *r, const float *cs, int n_cs, int dir) {
     int half = rd / 2, hp = half > 0 ? half : 1;
     double freq[hp];
     for (int i = 0; i < half; i++) freq[i] = rope_freq(r, i, rd); /* once, not per token */
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < T; t++) {
-        float own[2 * hp];
-        const float *c = own, *s = own + half;
-        if (pos[t] >= 0 && pos[t] < n_cs) c = cs + (size_t)pos[t] * rd, s = c + half;
-        else rope_angles(own, own + half, pos[t], half, freq, rope_scale(r));
-        for (int h = 0; h < n_heads; h++) {
-            float *v = x + ((size_t)t * n_heads + h) * head_stride;
-            if (r->interleave)
-                for (int i = 0; i < half; i++) {
-                    float a = v[2 * i], b = v[2 * i + 1], si = dir * s[i];
-                    v[2 * i] = a * c[i] - b * si;
-                    v[2 * i + 1] = b * c[i] + a * si;
-                }
-            else
-                for (int i = 0; i < half; i++) {
-                    float a = v[i], b = v[i + half], si = dir * s[i];
-                    v[i] = a * c[i] - b * si;
-                    v[i + half] = b * c[i] + a * si;
-                }
-        }
-    }
+    rope_args a = {x, n_heads, head_stride, rd, n_cs, dir, pos, r, cs, freq};
+    moe_for_ranges(T, rope_rows, &a); /* rows over the threads, as the norm's */
 }
 
 void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float theta, int dir) {
