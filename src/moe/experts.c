@@ -253,9 +253,22 @@ static void gather_range(const moe_fwd_state *st, float *dst, const float *src, 
     }
 }
 
+typedef struct {
+    const moe_fwd_state *st;
+    float *dst;
+    const float *src;
+    int d;
+} rows_ctx;
+
+static void gather_ranges(void *ctx, int r0, int r1) {
+    const rows_ctx *a = ctx;
+    gather_range(a->st, a->dst, a->src, r0, r1, a->d);
+}
+
+/* Rows over the threads; a decoding step's k rows without a parallel region below two */
 void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d) {
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < R; r++) gather_range(st, dst, src, r, r + 1, d);
+    rows_ctx a = {st, dst, src, d};
+    moe_for_ranges(R, gather_ranges, &a);
 }
 
 /* bf16 operands of expert le over rows from o: this call's converted weights, row scratch. */
@@ -310,10 +323,12 @@ moe_expert_rows moe_own_rows(moe_fwd_state *st) {
                              st->x16, st->a16, st->dy16, st->dh16};
 }
 
-/* Combine in slot order: bitwise reproducible, no atomics. */
-void moe_combine_rows(moe_fwd_state *st, const float *y, int d) {
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < st->T; t++) {
+static void combine_tokens(void *ctx, int t0, int t1) {
+    const rows_ctx *a = ctx;
+    const moe_fwd_state *st = a->st;
+    const float *y = a->src;
+    int d = a->d;
+    for (int t = t0; t < t1; t++) {
         float *rt = st->r + (size_t)t * d;
         memset(rt, 0, sizeof(float) * (size_t)d);
         for (int i = st->tok_off[t]; i < st->tok_off[t + 1]; i++) {
@@ -323,6 +338,13 @@ void moe_combine_rows(moe_fwd_state *st, const float *y, int d) {
             for (int j = 0; j < d; j++) rt[j] += yr[j];
         }
     }
+}
+
+/* Combine in slot order: bitwise reproducible, no atomics. Tokens over the threads (a decoding
+ * step's one token without a parallel region). */
+void moe_combine_rows(moe_fwd_state *st, const float *y, int d) {
+    rows_ctx a = {st, NULL, y, d};
+    moe_for_ranges(st->T, combine_tokens, &a);
 }
 
 /* Also maps the row weight gradients dw_row to the slots (st->dw). */

@@ -89,6 +89,18 @@ static void limit_groups(const moe_layer_config *c, int k, double *key) {
             for (int i = 0; i < per; i++) key[g * per + i] = -INFINITY;
 }
 
+/* z = the fp32 logits in float64, tokens [t0, t1) (over the threads; a decoding step's token
+ * without a parallel region) */
+typedef struct {
+    moe_fwd_state *st;
+    size_t E;
+} logits_ctx;
+
+static void logits_to_z(void *ctx, int t0, int t1) {
+    const logits_ctx *a = ctx;
+    for (size_t i = (size_t)t0 * a->E; i < (size_t)t1 * a->E; i++) a->st->z[i] = a->st->logits_f[i];
+}
+
 void moe_router_logits(moe_layer *L, const float *x) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
@@ -110,8 +122,8 @@ void moe_router_logits(moe_layer *L, const float *x) {
         moe_gemm64(0, 1, T, E, d, 1.0, st->x64, d, st->wg64, d, 0.0, st->z, E);
     } else {
         moe_gemm(0, 1, T, E, d, 1.0f, st->xin, d, L->p.router_w, d, 0.0f, st->logits_f, E);
-#pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < (size_t)T * E; i++) st->z[i] = st->logits_f[i];
+        logits_ctx a = {st, (size_t)E};
+        moe_for_ranges(T, logits_to_z, &a);
     }
 }
 
