@@ -18,6 +18,27 @@ static void aux_scores(int E, const double *p, double *P) {
     for (int e = 0; e < E; e++) P[e] = p[e] / s;
 }
 
+typedef struct {
+    moe_fwd_state *st;
+    int E, k, soft;
+} aux_ctx;
+
+/* Tokens [t0, t1): each valid token's aux-loss scores (softmax ones are st->p as they are,
+ * others normalised into st->key) and the top k of them in st->scratch. */
+static void aux_tokens(void *ctx, int t0, int t1) {
+    const aux_ctx *a = ctx;
+    moe_fwd_state *st = a->st;
+    int E = a->E, k = a->k;
+    const double *P = a->soft ? st->p : st->key;
+    for (int t = t0; t < t1; t++) {
+        if (!token_valid(st, t)) continue;
+        if (!a->soft) aux_scores(E, st->p + (size_t)t * E, st->key + (size_t)t * E);
+        /* the top k of the unbiased scores (Megatron's routing map for the aux loss): the
+         * expert bias, group limits and random routing change the selection, not this */
+        moe_topk_desc(E, P + (size_t)t * E, k, st->scratch + (size_t)t * k);
+    }
+}
+
 void moe_balance_forward(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
@@ -44,14 +65,8 @@ void moe_balance_forward(moe_layer *L) {
     int soft = c->score == MOE_SCORE_SOFTMAX;
     const double *P = soft ? st->p : st->key;
     int32_t *top = st->scratch;
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < T; t++) {
-        if (!token_valid(st, t)) continue;
-        if (!soft) aux_scores(E, st->p + (size_t)t * E, st->key + (size_t)t * E);
-        /* the top k of the unbiased scores (Megatron's routing map for the aux loss): the
-         * expert bias, group limits and random routing change the selection, not this */
-        moe_topk_desc(E, P + (size_t)t * E, k, top + (size_t)t * k);
-    }
+    aux_ctx a = {st, E, k, soft};
+    moe_for_ranges(T, aux_tokens, &a); /* a decoding step's token: no parallel region */
     for (int b = 0; b < B; b++) {
         double *coef = st->aux_coef + (size_t)b * E;
         double Pm[E], cnt[E];

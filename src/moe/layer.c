@@ -341,6 +341,36 @@ moe_status moe_layer_check_call(const moe_layer_config *c, int T, int max_tokens
     return MOE_OK;
 }
 
+/* The layer's output of tokens [t0, t1): the routed experts' sum, mixed with the shared
+ * expert's when there is one; zero for masked tokens. */
+typedef struct {
+    const moe_layer *L;
+    float *out;
+} out_ctx;
+
+static void output_tokens(void *ctx, int t0, int t1) {
+    const out_ctx *a = ctx;
+    const moe_layer_config *c = &a->L->cfg;
+    const moe_fwd_state *st = &a->L->st;
+    int d = c->d;
+    for (int t = t0; t < t1; t++) {
+        float *o = a->out + (size_t)t * d;
+        const float *r = st->r + (size_t)t * d;
+        if (!token_valid(st, t)) {
+            memset(o, 0, sizeof(float) * (size_t)d);
+            continue;
+        }
+        if (c->shared_ffn == 0) {
+            memcpy(o, r, sizeof(float) * (size_t)d);
+            continue;
+        }
+        const float *s = st->sh_y + (size_t)t * d;
+        float cr = c->residual ? st->mix_c[2 * t] : 1.0f;
+        float cs = c->residual ? st->mix_c[2 * t + 1] : c->shared_gate ? st->sh_g[t] : 1.0f;
+        for (int i = 0; i < d; i++) o[i] = cr * r[i] + cs * s[i];
+    }
+}
+
 moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
                              const moe_forward_args *args) {
     const moe_layer_config *c = &L->cfg;
@@ -400,24 +430,8 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     double t4 = moe_time_now();
     L->stage_s[MOE_STAGE_SHARED] += t4 - t3;
 
-    int d = c->d;
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < T; t++) {
-        float *o = out + (size_t)t * d;
-        const float *r = st->r + (size_t)t * d;
-        if (!token_valid(st, t)) {
-            memset(o, 0, sizeof(float) * (size_t)d);
-            continue;
-        }
-        if (c->shared_ffn == 0) {
-            memcpy(o, r, sizeof(float) * (size_t)d);
-            continue;
-        }
-        const float *s = st->sh_y + (size_t)t * d;
-        float cr = c->residual ? st->mix_c[2 * t] : 1.0f;
-        float cs = c->residual ? st->mix_c[2 * t + 1] : c->shared_gate ? st->sh_g[t] : 1.0f;
-        for (int i = 0; i < d; i++) o[i] = cr * r[i] + cs * s[i];
-    }
+    out_ctx oc = {L, out};
+    moe_for_ranges(T, output_tokens, &oc); /* a decoding step's token: no parallel region */
     L->stage_s[MOE_STAGE_COMBINE] += moe_time_now() - t4;
     fill_stats(L);
     L->have_forward = 1;
