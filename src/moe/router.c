@@ -173,27 +173,28 @@ static void count_slot(moe_fwd_state *st, int s) {
 }
 
 /* Token choice: top-k, Sinkhorn, fake balanced. */
-static void select_token_choice(moe_layer *L) {
+/* What select_token_choice's tokens share. */
+typedef struct {
+    moe_layer *L;
+    int sinkhorn, fake, A;
+    uint64_t fstream, rstream;
+    const double *gnoise;
+    double rthr;
+    const int32_t *vpos;
+} select_ctx;
+
+/* Tokens [t0, t1) of select_token_choice: scores, selection, routing weights. */
+static void select_tokens(void *ctx, int t0, int t1) {
+    const select_ctx *a = ctx;
+    moe_layer *L = a->L;
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
-    int T = st->T, E = c->n_experts, k = st->k;
-    int sinkhorn = c->router == MOE_ROUTER_SINKHORN && st->training && st->Tv > 0;
-    if (sinkhorn) st->sinkhorn_iters = sinkhorn_keys(L, st->key);
-    int fake = c->router == MOE_ROUTER_FAKE_BALANCED;
-    uint64_t fstream = moe_rng_stream(MOE_RNG_FAKE, (uint64_t)c->layer_id, st->step, 0);
-    uint64_t rstream = moe_rng_stream(MOE_RNG_RANDOM2, (uint64_t)c->layer_id, st->step, 0);
-    int A = E - c->fake_skip_first;
-    double gnoise[A > 0 ? A : 1];
-    if (fake && c->fake_noise > 0)
-        for (int a = 0; a < A; a++) gnoise[a] = moe_rng_normal(c->seed, fstream, (uint64_t)a);
-    double rthr = c->random_routing_threshold > 1e-9 ? c->random_routing_threshold : 1e-9;
-
-    /* Position of each valid token among the valid ones (the fake gate's counter). */
-    int32_t *vpos = st->scratch;
-    for (int t = 0, n = 0; t < T; t++) vpos[t] = token_valid(st, t) ? n++ : -1;
-
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < T; t++) {
+    int E = c->n_experts, k = st->k, sinkhorn = a->sinkhorn, fake = a->fake, A = a->A;
+    uint64_t fstream = a->fstream, rstream = a->rstream;
+    const double *gnoise = a->gnoise;
+    double rthr = a->rthr;
+    const int32_t *vpos = a->vpos;
+    for (int t = t0; t < t1; t++) {
         const double *z = st->z + (size_t)t * E;
         double *p = st->p + (size_t)t * E;
         double *key = st->key + (size_t)t * E;
@@ -268,6 +269,29 @@ static void select_token_choice(moe_layer *L) {
             st->slot_w[s] = (float)(w * c->route_scale);
         }
     }
+}
+
+static void select_token_choice(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, E = c->n_experts, k = st->k;
+    int sinkhorn = c->router == MOE_ROUTER_SINKHORN && st->training && st->Tv > 0;
+    if (sinkhorn) st->sinkhorn_iters = sinkhorn_keys(L, st->key);
+    int fake = c->router == MOE_ROUTER_FAKE_BALANCED;
+    uint64_t fstream = moe_rng_stream(MOE_RNG_FAKE, (uint64_t)c->layer_id, st->step, 0);
+    uint64_t rstream = moe_rng_stream(MOE_RNG_RANDOM2, (uint64_t)c->layer_id, st->step, 0);
+    int A = E - c->fake_skip_first;
+    double gnoise[A > 0 ? A : 1];
+    if (fake && c->fake_noise > 0)
+        for (int a = 0; a < A; a++) gnoise[a] = moe_rng_normal(c->seed, fstream, (uint64_t)a);
+    double rthr = c->random_routing_threshold > 1e-9 ? c->random_routing_threshold : 1e-9;
+
+    /* Position of each valid token among the valid ones (the fake gate's counter). */
+    int32_t *vpos = st->scratch;
+    for (int t = 0, n = 0; t < T; t++) vpos[t] = token_valid(st, t) ? n++ : -1;
+
+    select_ctx sc = {L, sinkhorn, fake, A, fstream, rstream, gnoise, rthr, vpos};
+    moe_for_ranges(T, select_tokens, &sc); /* a decoding step's token: no parallel region */
     st->n_slots = T * k;
     for (int t = 0; t <= T; t++) st->tok_off[t] = t * k;
     for (int s = 0; s < T * k; s++) {
