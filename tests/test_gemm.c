@@ -109,11 +109,12 @@ static void run(int kind, int ta, int tb, int beta, uint64_t seed) {
 /* moe_gemm, moe_gemm64 and moe_gemm_blas (OpenBLAS alone, also where moe_gemm takes oneDNN)
  * outside a parallel region: C split by rows (more rows than columns), by columns, or one call
  * (both below 32), with alpha 1 and not; NT with at most MOE_GEMM_DOT_ROWS rows (moe_gemm's
- * dot products, the weight rows split over the threads: n = 300, 203; one part: n = 50). */
+ * dot products, the weight rows split over the threads: n = 300, 203 with n k past two parts of
+ * 64 K; one part: n = 50). */
 static void test_fp32(void **state) {
     (void)state;
     static const int shapes[][3] = {{37, 29, 53}, {29, 70, 41}, {5, 7, 3},
-                                    {1, 300, 70}, {3, 203, 1100}, {4, 50, 33}};
+                                    {1, 300, 520}, {3, 203, 1100}, {4, 50, 33}};
     static const double alphas[] = {1.0, -0.75, 1.0, 1.0, 1.0, 1.0};
     static const int kinds[] = {FP32, FP64, BLAS_FP32};
     uint64_t seed = tu_seed();
@@ -256,8 +257,8 @@ static void test_dot_avx2(void **state) {
     float a = 1, b = 2, c = 3;
     if (!moe_gemm_dot_avx2(1, 1, 1, &a, 1, &b, 1, 0.0f, &c, 1)) skip(); /* no AVX2 */
     assert_true(c == 2);
-    static const int shapes[][3] = {{1, 300, 70}, {2, 37, 129}, {3, 11, 5},  {4, 70, 33},
-                                    {1, 9, 16},   {2, 203, 17}, {3, 29, 8}, {4, 7, 1100},
+    static const int shapes[][3] = {{1, 300, 520}, {2, 37, 129}, {3, 11, 5},  {4, 70, 33},
+                                    {1, 9, 16},    {2, 203, 700}, {3, 29, 8}, {4, 7, 1100},
                                     {1, 3, 1},    {2, 1, 15},   {3, 64, 31}, {4, 130, 48}};
     uint64_t seed = tu_seed() + 300;
     for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
@@ -276,7 +277,7 @@ static void test_bf16(void **state) {
     (void)state;
     if (!moe_gemm_bf16_available()) skip();
     for (int c = 0; c < 8; c++) run(BF16, c & 1, (c >> 1) & 1, c >> 2, tu_seed() + (uint64_t)c);
-    static const int shapes[][3] = {{1, 300, 70}, {2, 37, 129}, {3, 11, 5}, {4, 70, 33}};
+    static const int shapes[][3] = {{1, 300, 520}, {2, 37, 129}, {3, 11, 5}, {4, 70, 33}};
     for (int q = 0; q < 4; q++)
         for (int beta = 0; beta < 2; beta++)
             run_shape(BF16, 0, 1, beta, shapes[q][0], shapes[q][1], shapes[q][2],

@@ -751,13 +751,18 @@ static void gemm_nt_dot(const dot_set *set, int m, int lo, int hi, int k, const 
     for (; j < hi; j++) set->ones[m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
 }
 
+#define DOT_PART_MIN 65536
 static int dot_run(int set, int m, int n, int k, const void *A, int lda, const void *B, int ldb,
                    float beta, float *C, int ldc) {
     if (m < 1 || m > MOE_GEMM_DOT_ROWS || n < 1 || k < 1 || (beta != 0.0f && beta != 1.0f))
         return 0;
     const dot_set *s = &dot_sets[set];
+    /* a part of at least 64 weight rows and DOT_PART_MIN elements: a parallel region costs
+     * about a microsecond, as long as a thread takes for 64 K products (bench/RESULTS.md,
+     * session 28) */
+    long most = (long)n * k / DOT_PART_MIN < n / 64 ? (long)n * k / DOT_PART_MIN : n / 64;
     int parts = omp_in_parallel() ? 1 : moe_num_threads();
-    parts = parts < n / 64 ? parts : n / 64;
+    parts = parts < most ? parts : (int)most;
     if (parts <= 1) {
         gemm_nt_dot(s, m, 0, n, k, A, lda, B, ldb, beta != 0.0f, C, ldc);
         return 1;
