@@ -760,7 +760,8 @@ static int dot_run(int set, int m, int n, int k, const void *A, int lda, const v
     /* a part of at least 64 weight rows and DOT_PART_MIN elements: a parallel region costs
      * about a microsecond, as long as a thread takes for 64 K products (bench/RESULTS.md,
      * session 28) */
-    long most = (long)n * k / DOT_PART_MIN < n / 64 ? (long)n * k / DOT_PART_MIN : n / 64;
+    long most = (long)n * k / DOT_PART_MIN;
+    if (most > n / 64) most = n / 64;
     int parts = omp_in_parallel() ? 1 : moe_num_threads();
     parts = parts < most ? parts : (int)most;
     if (parts <= 1) {

@@ -265,7 +265,7 @@ static void gather_ranges(void *ctx, int r0, int r1) {
     gather_range(a->st, a->dst, a->src, r0, r1, a->d);
 }
 
-/* Rows over the threads; a decoding step's k rows without a parallel region below two */
+/* Rows over the threads (moe_for_ranges: a single row on the calling thread) */
 void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d) {
     rows_ctx a = {st, dst, src, d};
     moe_for_ranges(R, gather_ranges, &a);

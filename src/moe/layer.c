@@ -341,13 +341,13 @@ moe_status moe_layer_check_call(const moe_layer_config *c, int T, int max_tokens
     return MOE_OK;
 }
 
-/* The layer's output of tokens [t0, t1): the routed experts' sum, mixed with the shared
- * expert's when there is one; zero for masked tokens. */
 typedef struct {
     const moe_layer *L;
     float *out;
 } out_ctx;
 
+/* The layer's output of tokens [t0, t1): the routed experts' sum, mixed with the shared
+ * expert's when there is one; zero for masked tokens. */
 static void output_tokens(void *ctx, int t0, int t1) {
     const out_ctx *a = ctx;
     const moe_layer_config *c = &a->L->cfg;

@@ -89,16 +89,17 @@ static void limit_groups(const moe_layer_config *c, int k, double *key) {
             for (int i = 0; i < per; i++) key[g * per + i] = -INFINITY;
 }
 
-/* z = the fp32 logits in float64, tokens [t0, t1) (over the threads; a decoding step's token
- * without a parallel region) */
 typedef struct {
     moe_fwd_state *st;
     size_t E;
 } logits_ctx;
 
+/* z = the fp32 logits in float64, tokens [t0, t1) (over the threads; a decoding step's token
+ * without a parallel region) */
 static void logits_to_z(void *ctx, int t0, int t1) {
     const logits_ctx *a = ctx;
-    for (size_t i = (size_t)t0 * a->E; i < (size_t)t1 * a->E; i++) a->st->z[i] = a->st->logits_f[i];
+    const float *l = a->st->logits_f;
+    for (size_t i = (size_t)t0 * a->E; i < (size_t)t1 * a->E; i++) a->st->z[i] = l[i];
 }
 
 void moe_router_logits(moe_layer *L, const float *x) {
@@ -172,7 +173,6 @@ static void count_slot(moe_fwd_state *st, int s) {
     if (st->slot_expert[s] >= 0) st->counts[st->slot_expert[s]]++;
 }
 
-/* Token choice: top-k, Sinkhorn, fake balanced. */
 /* What select_token_choice's tokens share. */
 typedef struct {
     moe_layer *L;
@@ -271,6 +271,8 @@ static void select_tokens(void *ctx, int t0, int t1) {
     }
 }
 
+/* Token choice: top-k, Sinkhorn, fake balanced; the tokens over the threads (a decoding
+ * step's one token without a parallel region). */
 static void select_token_choice(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
@@ -291,7 +293,7 @@ static void select_token_choice(moe_layer *L) {
     for (int t = 0, n = 0; t < T; t++) vpos[t] = token_valid(st, t) ? n++ : -1;
 
     select_ctx sc = {L, sinkhorn, fake, A, fstream, rstream, gnoise, rthr, vpos};
-    moe_for_ranges(T, select_tokens, &sc); /* a decoding step's token: no parallel region */
+    moe_for_ranges(T, select_tokens, &sc);
     st->n_slots = T * k;
     for (int t = 0; t <= T; t++) st->tok_off[t] = t * k;
     for (int s = 0; s < T * k; s++) {
