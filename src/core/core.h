@@ -101,12 +101,17 @@ static inline double moe_poly(const double *c, int n, double x) {
 
 int moe_num_threads(void); /* OpenMP threads a parallel region would use */
 /* fn(ctx, lo, hi) over [0, n) in contiguous ranges, one per thread as schedule(static) splits
- * a loop; all of it on the calling thread when n < 2 or that thread already runs in a parallel
- * region (the experts' own). libgomp allocates a team for every region that is nested, or
- * smaller than the last one (an `if` or `num_threads` clause), and DESIGN.md keeps regions
- * unnested: this starts none of those. For loops whose iterations are independent, so that the
- * split never changes a result. */
+ * a loop; all of it on the calling thread when n < 2, when that thread already runs in a
+ * parallel region (the experts' own), or when the loop's work is under MOE_RANGE_WORK: work is
+ * about how many floats it reads, writes or computes in all (weighted by a few for the costlier
+ * ones: an exponential, a normal deviate), and starting a region costs about what a thread does
+ * with that many in its time (a microsecond on two cores, bench/RESULTS.md, session 29) — a
+ * decoding step's rows, a short prompt's. libgomp allocates a team for every region that is
+ * nested, or smaller than the last one (an `if` or `num_threads` clause), and DESIGN.md keeps
+ * regions unnested: this starts none of those. For loops whose iterations are independent, so
+ * that the split never changes a result. */
+#define MOE_RANGE_WORK 32768
 typedef void (*moe_range_fn)(void *ctx, int lo, int hi);
-void moe_for_ranges(int n, moe_range_fn fn, void *ctx);
+void moe_for_ranges(int n, size_t work, moe_range_fn fn, void *ctx);
 
 #endif

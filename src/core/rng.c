@@ -131,5 +131,5 @@ static void normal_blocks(void *ctx, int b0, int b1) {
 void moe_rng_normal_floats(uint64_t seed, uint64_t stream, uint64_t index, size_t n, float scale,
                            float *out) {
     normal_args a = {mix64(seed * 0x9e3779b97f4a7c15ULL ^ stream), index, n, scale, out};
-    moe_for_ranges((int)((n + NORMAL_BLOCK - 1) / NORMAL_BLOCK), normal_blocks, &a);
+    moe_for_ranges((int)((n + NORMAL_BLOCK - 1) / NORMAL_BLOCK), 16 * n, normal_blocks, &a);
 }

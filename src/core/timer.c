@@ -12,9 +12,9 @@ double moe_time_now(void) {
 
 int moe_num_threads(void) { return omp_get_max_threads(); }
 
-void moe_for_ranges(int n, moe_range_fn fn, void *ctx) {
+void moe_for_ranges(int n, size_t work, moe_range_fn fn, void *ctx) {
     if (n <= 0) return;
-    if (n < 2 || omp_in_parallel() || omp_get_max_threads() == 1) {
+    if (n < 2 || work < MOE_RANGE_WORK || omp_in_parallel() || omp_get_max_threads() == 1) {
         fn(ctx, 0, n);
         return;
     }

@@ -37,7 +37,7 @@ static void rms_fwd_rows(void *ctx, int t0, int t1) {
 void moe_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, int T, int d,
                          float eps) {
     rms_fwd a = {y, rstd, x, w, d, eps};
-    moe_for_ranges(T, rms_fwd_rows, &a);
+    moe_for_ranges(T, 2 * (size_t)T * d, rms_fwd_rows, &a);
 }
 
 /* dx [T, d] = res + the gradient of the input x given dy, the output's (res: the residual
@@ -164,7 +164,7 @@ void moe_rope_rotate(float *x, int T, int n_heads, int head_stride, int rd, cons
     double freq[hp];
     for (int i = 0; i < half; i++) freq[i] = rope_freq(r, i, rd); /* once, not per token */
     rope_args a = {x, n_heads, head_stride, rd, n_cs, dir, pos, r, cs, freq};
-    moe_for_ranges(T, rope_rows, &a); /* rows over the threads, as the norm's */
+    moe_for_ranges(T, 2 * (size_t)T * n_heads * rd, rope_rows, &a); /* as the norm's */
 }
 
 void moe_rope_apply(float *x, int T, int n_heads, int hd, const int *pos, float theta, int dir) {
@@ -421,39 +421,54 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
         }
 }
 
-/* Attention of n new tokens at positions P..P+n-1 of one sequence over a key/value cache
- * k [P+n, KV*dk], v [P+n, KV*dv] that already holds them: q [n, H*dk] -> out [n, H*dv];
- * scores [P+n] scratch per thread is taken from `scratch` [n * H * (P+n)]. a->B, a->S unused. */
-void moe_attention_cached(float *out, float *scratch, const float *q, const float *k,
-                          const float *v, int n, int P, const moe_attn_dims *a) {
-    int H = a->H, dk = a->dk, dv = a->dv, rep = H / a->KV, len = P + n;
+typedef struct {
+    float *out, *scratch;
+    const float *q, *k, *v;
+    int n, P;
+    const moe_attn_dims *a;
+} cached_args;
+
+/* Items [i0, i1) of moe_attention_cached: item i H + h is head h of new token i. */
+static void cached_items(void *ctx, int i0, int i1) {
+    const cached_args *c = ctx;
+    const moe_attn_dims *a = c->a;
+    int H = a->H, dk = a->dk, dv = a->dv, rep = H / a->KV, len = c->P + c->n;
     size_t qs = (size_t)H * dk, ks = (size_t)a->KV * dk, vs = (size_t)a->KV * dv,
            os = (size_t)H * dv;
-    float scale = a->scale;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int i = 0; i < n; i++)
-        for (int h = 0; h < H; h++) {
-            int g = h / rep, last = P + i;
-            const float *qi = q + (size_t)i * qs + h * dk;
-            float *s = scratch + ((size_t)i * H + h) * len, mx = -INFINITY, sum = 0;
-            for (int j = 0; j <= last; j++) {
-                const float *kj = k + (size_t)j * ks + g * dk;
-                float dot = 0;
+    for (int it = i0; it < i1; it++) {
+        int i = it / H, h = it % H, g = h / rep, last = c->P + i;
+        const float *qi = c->q + (size_t)i * qs + h * dk;
+        float *s = c->scratch + (size_t)it * len, mx = -INFINITY, sum = 0;
+        for (int j = 0; j <= last; j++) {
+            const float *kj = c->k + (size_t)j * ks + g * dk;
+            float dot = 0;
 #pragma omp simd reduction(+ : dot)
-                for (int c = 0; c < dk; c++) dot += qi[c] * kj[c];
-                s[j] = dot * scale;
-                mx = s[j] > mx ? s[j] : mx;
-            }
-            for (int j = 0; j <= last; j++) s[j] = moe_exp_vec(s[j] - mx);
-            for (int j = 0; j <= last; j++) sum += s[j];
-            float *oi = out + (size_t)i * os + h * dv;
-            for (int c = 0; c < dv; c++) oi[c] = 0;
-            for (int j = 0; j <= last; j++) {
-                const float *vj = v + (size_t)j * vs + g * dv;
-                float p = s[j] / sum;
-                for (int c = 0; c < dv; c++) oi[c] += p * vj[c];
-            }
+            for (int e = 0; e < dk; e++) dot += qi[e] * kj[e];
+            s[j] = dot * a->scale;
+            mx = s[j] > mx ? s[j] : mx;
         }
+        for (int j = 0; j <= last; j++) s[j] = moe_exp_vec(s[j] - mx);
+        for (int j = 0; j <= last; j++) sum += s[j];
+        float *oi = c->out + (size_t)i * os + h * dv;
+        for (int e = 0; e < dv; e++) oi[e] = 0;
+        for (int j = 0; j <= last; j++) {
+            const float *vj = c->v + (size_t)j * vs + g * dv;
+            float p = s[j] / sum;
+            for (int e = 0; e < dv; e++) oi[e] += p * vj[e];
+        }
+    }
+}
+
+/* Attention of n new tokens at positions P..P+n-1 of one sequence over a key/value cache
+ * k [P+n, KV*dk], v [P+n, KV*dv] that already holds them: q [n, H*dk] -> out [n, H*dv];
+ * scores [P+n] scratch per (token, head) is taken from `scratch` [n * H * (P+n)]. a->B, a->S
+ * unused. The (token, head) items over the threads, once the keys and values they read are
+ * worth a parallel region: a decoding step over a short cache runs on the calling thread. */
+void moe_attention_cached(float *out, float *scratch, const float *q, const float *k,
+                          const float *v, int n, int P, const moe_attn_dims *a) {
+    cached_args c = {out, scratch, q, k, v, n, P, a};
+    size_t work = (size_t)n * a->H * (size_t)(P + n) * (size_t)(a->dk + a->dv);
+    moe_for_ranges(n * a->H, work, cached_items, &c);
 }
 
 /* ---------------------------------------------------------- cross-entropy */

@@ -23,7 +23,7 @@ static void set_blocks(void *ctx, int b0, int b1) {
 /* dst = src, or zeros where src is NULL, by blocks over the threads. */
 static void set_floats(float *dst, const float *src, size_t n) {
     set_args s = {dst, src, n};
-    moe_for_ranges((int)((n + VEC_BLOCK - 1) / VEC_BLOCK), set_blocks, &s);
+    moe_for_ranges((int)((n + VEC_BLOCK - 1) / VEC_BLOCK), n, set_blocks, &s);
 }
 
 void moe_zero_floats(float *x, size_t n) { set_floats(x, NULL, n); }

@@ -66,7 +66,7 @@ void moe_balance_forward(moe_layer *L) {
     const double *P = soft ? st->p : st->key;
     int32_t *top = st->scratch;
     aux_ctx a = {st, E, k, soft};
-    moe_for_ranges(T, aux_tokens, &a); /* a decoding step's token: no parallel region */
+    moe_for_ranges(T, 2 * (size_t)T * E, aux_tokens, &a);
     for (int b = 0; b < B; b++) {
         double *coef = st->aux_coef + (size_t)b * E;
         double Pm[E], cnt[E];

@@ -151,7 +151,7 @@ void moe_mlp_forward_in(moe_activation act, int n, int d, int f, const float *x,
              h, gf);
     double t0 = moe_time_now();
     mlp_ctx c = {.act = act, .f = f, .gf = gf, .b_in = b_in, .w = w, .h = h, .a = a, .b16 = b16};
-    moe_for_ranges(n, act_forward_rows, &c);
+    moe_for_ranges(n, 4 * (size_t)n * gf, act_forward_rows, &c);
     if (t_act) *t_act += moe_time_now() - t0;
 }
 
@@ -161,7 +161,7 @@ void moe_mlp_forward_out(int n, int d, int f, const float *w_out, const float *b
     gemm_any(b16, 0, 1, n, d, f, a, b16 ? b16->a : NULL, f, w_out, b16 ? b16->w_out : NULL, f, 0.0f,
              y, d);
     mlp_ctx c = {.d = d, .b_out = b_out, .w = w, .y = y};
-    if (b_out) moe_for_ranges(n, bias_out_rows, &c);
+    if (b_out) moe_for_ranges(n, 2 * (size_t)n * d, bias_out_rows, &c);
 }
 
 void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
@@ -183,20 +183,20 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
         gemm_any(b16, 1, 0, d, f, n, dy, b16 ? b16->dy : NULL, d, a, b16 ? b16->a : NULL, f, 1.0f,
                  dw_out, f);
         mlp_ctx cb = {.n = n, .w = w, .src = dy, .ld = d, .db = db_out};
-        if (db_out) moe_for_ranges(d, bias_grad_cols, &cb);
+        if (db_out) moe_for_ranges(d, (size_t)n * d, bias_grad_cols, &cb);
         gemm_any(b16, 0, 0, n, f, d, dy, b16 ? b16->dy : NULL, d, w_out, b16 ? b16->w_out : NULL, f,
                  0.0f, da, f);
         double t0 = moe_time_now();
         mlp_ctx c = {.act = act, .d = d, .f = f, .gf = gf, .b_out = b_out, .w = w, .dy = dy,
                      .h_bwd = h, .dh = dh, .da = da, .dw = dw, .b16 = b16};
-        moe_for_ranges(n, act_backward_rows, &c);
+        moe_for_ranges(n, 6 * (size_t)n * gf, act_backward_rows, &c);
         if (t_act) *t_act += moe_time_now() - t0;
     }
     if (part & MOE_MLP_BWD_WIN) {
         gemm_any(b16, 1, 0, gf, d, n, dh, b16 ? b16->dh : NULL, gf, x, b16 ? b16->x : NULL, d, 1.0f,
                  dw_in, d);
         mlp_ctx cb = {.n = n, .src = dh, .ld = gf, .db = db_in};
-        if (db_in) moe_for_ranges(gf, bias_grad_cols, &cb);
+        if (db_in) moe_for_ranges(gf, (size_t)n * gf, bias_grad_cols, &cb);
     }
     if (part & MOE_MLP_BWD_DX) {
         gemm_any(b16, 0, 0, n, d, gf, dh, b16 ? b16->dh : NULL, gf, w_in, b16 ? b16->w_in : NULL, d,
@@ -265,10 +265,10 @@ static void gather_ranges(void *ctx, int r0, int r1) {
     gather_range(a->st, a->dst, a->src, r0, r1, a->d);
 }
 
-/* Rows over the threads (moe_for_ranges: a single row on the calling thread) */
+/* Rows over the threads (moe_for_ranges: a decoding step's few on the calling thread) */
 void moe_gather_rows(const moe_fwd_state *st, float *dst, const float *src, int R, int d) {
     rows_ctx a = {st, dst, src, d};
-    moe_for_ranges(R, gather_ranges, &a);
+    moe_for_ranges(R, 2 * (size_t)R * d, gather_ranges, &a);
 }
 
 /* bf16 operands of expert le over rows from o: this call's converted weights, row scratch. */
@@ -344,7 +344,7 @@ static void combine_tokens(void *ctx, int t0, int t1) {
  * step's one token without a parallel region). */
 void moe_combine_rows(moe_fwd_state *st, const float *y, int d) {
     rows_ctx a = {st, NULL, y, d};
-    moe_for_ranges(st->T, combine_tokens, &a);
+    moe_for_ranges(st->T, (size_t)(st->T + st->n_slots) * d, combine_tokens, &a);
 }
 
 /* Also maps the row weight gradients dw_row to the slots (st->dw). */

@@ -431,7 +431,7 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     L->stage_s[MOE_STAGE_SHARED] += t4 - t3;
 
     out_ctx oc = {L, out};
-    moe_for_ranges(T, output_tokens, &oc); /* a decoding step's token: no parallel region */
+    moe_for_ranges(T, 2 * (size_t)T * c->d, output_tokens, &oc);
     L->stage_s[MOE_STAGE_COMBINE] += moe_time_now() - t4;
     fill_stats(L);
     L->have_forward = 1;

@@ -124,7 +124,7 @@ void moe_router_logits(moe_layer *L, const float *x) {
     } else {
         moe_gemm(0, 1, T, E, d, 1.0f, st->xin, d, L->p.router_w, d, 0.0f, st->logits_f, E);
         logits_ctx a = {st, (size_t)E};
-        moe_for_ranges(T, logits_to_z, &a);
+        moe_for_ranges(T, 2 * (size_t)T * E, logits_to_z, &a);
     }
 }
 
@@ -293,7 +293,7 @@ static void select_token_choice(moe_layer *L) {
     for (int t = 0, n = 0; t < T; t++) vpos[t] = token_valid(st, t) ? n++ : -1;
 
     select_ctx sc = {L, sinkhorn, fake, A, fstream, rstream, gnoise, rthr, vpos};
-    moe_for_ranges(T, select_tokens, &sc);
+    moe_for_ranges(T, 4 * (size_t)T * E, select_tokens, &sc); /* exponentials */
     st->n_slots = T * k;
     for (int t = 0; t <= T; t++) st->tok_off[t] = t * k;
     for (int s = 0; s < T * k; s++) {

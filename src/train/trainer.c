@@ -441,7 +441,7 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
     adamw_args w = {m,    moe_model_params(m), moe_model_grads(m), am,  av,  clip, lr, b1,
                     b2,   wd,                  eps,                bc1, bc2, n_all,
                     n_all > 65536 ? moe_num_threads() : 1};
-    moe_for_ranges(w.parts, adamw_parts, &w);
+    moe_for_ranges(w.parts, 7 * n_all, adamw_parts, &w);
 updated:
     t->updates++;
     t->grads_zero = 1;
