@@ -320,6 +320,15 @@ for n in 1 2; do
       fail "generate $form --threads $n twice: $(cat "$tmp/gena" "$tmp/genb")"
   done
 done
+# training's checks are for training: eval takes any micro-batch (the run's global batch is
+# 2), generate the run's top-2 router at top-1 (softmax after the top-k: a router that would
+# learn nothing, which only training refuses); the same loss at every batch size
+for b in 1 3; do
+  expect 0 "$moe" eval --load "$tmp/run" --data "$tmp/data/train.bin" --micro-batch-size $b
+  sed 's/.*: \([0-9]* tokens, loss [0-9.]*\) .*/\1/' "$tmp/out" >"$tmp/loss$b"
+done
+cmp -s "$tmp/loss1" "$tmp/loss3" || fail "eval at micro-batch 1 and 3: $(cat "$tmp/loss1" "$tmp/loss3")"
+expect 0 "$moe" generate --load "$tmp/run" --prompt Mix --max-new-tokens 4 --moe-router-topk 1
 expect 0 env OMP_NUM_THREADS=2 "$moe" eval --load "$tmp/run" --data "$tmp/data/train.bin"
 grep -q ", 2 threads$" "$tmp/out" || fail "eval --load took the run's thread count: $(cat "$tmp/out")"
 "$moe" generate --load "$tmp/run" --prompt Mix --max-new-tokens 2 >"$tmp/gen" 2>"$tmp/err" &&

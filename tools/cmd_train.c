@@ -361,7 +361,10 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
         o->untie = !c.tie_embeddings;
         if (moe_options_parse_args(o, argc, argv, use) != MOE_OK) return 2;
     }
-    return moe_options_finish(o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN) != MOE_OK ? 2 : 0;
+    /* the schedule's and the router's training checks are for training: eval, generate and
+     * convert take a checkpoint's global batch, or its router at another top-k, as they are */
+    int parts = MOE_OPTIONS_MODEL | (strcmp(cmd, "train") ? 0 : MOE_OPTIONS_TRAIN);
+    return moe_options_finish(o, parts) != MOE_OK ? 2 : 0;
 }
 
 /* a and b name the same existing file or directory */

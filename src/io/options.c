@@ -865,8 +865,7 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     if (parts & MOE_OPTIONS_TRAIN) MOE_TRY(moe_train_config_validate(&o->train));
     if ((parts & MOE_OPTIONS_MODEL) && (parts & MOE_OPTIONS_TRAIN))
         MOE_TRY(moe_model_config_validate_training(&o->model));
-    if ((parts & MOE_OPTIONS_MODEL) && (parts & MOE_OPTIONS_TRAIN) &&
-        (long long)o->train.micro_batch * o->model.seq_len > 1 << 30)
+    if ((parts & MOE_OPTIONS_MODEL) && (long long)o->train.micro_batch * o->model.seq_len > 1 << 30)
         return moe_set_error(MOE_ERR_INVALID, "micro-batch-size (%d) x seq-length (%d) exceeds "
                              "2^30 tokens per micro-batch", o->train.micro_batch, o->model.seq_len);
     return MOE_OK;
