@@ -507,7 +507,7 @@ int moe_cmd_train(int argc, char **argv) {
     moe_trainer *t = NULL;
     FILE *metrics = NULL;
     moe_tfevents *tb = NULL;
-    int rc = 1;
+    int rc = 1, stopped_by = 0; /* the signal that stopped the run */
     char val_path[MOE_PATH_MAX + 16];
     snprintf(path, sizeof path, "%s/train.bin", data);
     if (moe_tokens_load(path, &train) != MOE_OK) goto fail;
@@ -642,7 +642,7 @@ int moe_cmd_train(int argc, char **argv) {
         if (stop) {
             printf("stopped by signal %d after step %d%s\n", stop, step,
                    o.save[0] ? "" : " (no --save: nothing saved)");
-            rc = 0;
+            rc = 0, stopped_by = stop; /* exits 128 + the signal's number, as a shell says */
             goto fail;
         }
     }
@@ -681,5 +681,5 @@ fail:
     moe_model_destroy(m);
     moe_tokens_free(&train);
     moe_tokens_free(&val);
-    return rc;
+    return rc ? rc : stopped_by ? 128 + stopped_by : 0;
 }
