@@ -104,11 +104,26 @@ a = list(map(float, open('$tmp/x.l').read().split())); b = list(map(float, open(
 sys.exit(0 if a[0] == b[0] == 12 and abs(a[1] - b[1]) < 2e-3 * abs(b[1]) else 1)" ||
   fail "resumed in another layout: $(cat "$tmp/x.l") against $(cat "$tmp/y.l")"
 
-# 3. bad grids and a killed rank: a clear error, never a hang
+# 3. bad grids and a killed rank: a clear error, never a hang. Errors of the options, the grid
+#    or the options against the grid are one line (not one per rank) and exit 2, a usage error.
+once() { # once NP 'LINE' args...: moe train on NP ranks exits 2 with LINE, once
+  np=$1; line=$2; shift 2
+  $mpirun --oversubscribe --allow-run-as-root --bind-to none -np "$np" "$moe" train "$@" >"$tmp/out" 2>&1
+  rc=$?
+  [ $rc = 2 ] && [ "$(grep -c '^moe' "$tmp/out")" = 1 ] && grep -qxF "$line" "$tmp/out" ||
+    fail "$np ranks, $*: exit $rc, expected 2 and once '$line': $(grep '^moe' "$tmp/out")"
+}
 # shellcheck disable=SC2086
-$mpirun --oversubscribe --allow-run-as-root -np 3 "$moe" train $tiny --expert-model-parallel-size 2 >"$tmp/out" 2>&1 &&
-  fail "ep 2 on 3 ranks accepted"
-grep -q "expert-model-parallel-size 2 does not divide the 3 processes" "$tmp/out" || fail "grid message: $(tail -3 "$tmp/out")"
+once 3 "moe train: expert-model-parallel-size 2 does not divide the 3 processes" $tiny \
+  --expert-model-parallel-size 2
+# shellcheck disable=SC2086
+once 2 "moe train: layer 1: expert-model-parallel-size (2) must divide num-experts (3)" $tiny \
+  --expert-model-parallel-size 2 --num-experts 3
+# shellcheck disable=SC2086
+once 4 "moe train: global-batch-size (4) must be a multiple of micro-batch-size (2) times the 4 data-parallel processes" \
+  $tiny --global-batch-size 4
+# shellcheck disable=SC2086
+once 2 "moe train: moe-router-topk (9) must be between 1 and num-experts (8)" $tiny --moe-router-topk 9
 # shellcheck disable=SC2086
 $mpirun --oversubscribe --allow-run-as-root -np 4 "$moe" train $tiny --expert-model-parallel-size 4 \
   --moe-hierarchical-alltoall --ranks-per-node 3 >"$tmp/out" 2>&1 && fail "3 ranks per machine of 4 accepted"

@@ -451,25 +451,43 @@ static int save_checkpoint(const moe_options *o, moe_model *m, moe_trainer *t) {
     return st == MOE_OK ? 0 : -1;
 }
 
+/* The outcome of the set-up every rank goes through (the options, their agreement, the rank
+ * grid, the save directory, the options checked against the grid): code 0 or the exit code of
+ * this rank's failure (its message in moe_last_error). Each rank learns the highest code of
+ * any rank, the lowest rank that failed with it says why in one line, and all return that
+ * code — no MPI_Abort, since none is left waiting for another (MPI_Finalize follows in main). */
+static int setup_outcome(moe_dist *d, int code) {
+    int64_t v = code ? ((int64_t)code << 32) + d->world_size - d->world_rank : 0;
+    int64_t mine = v;
+    if (d->world_size > 1 && moe_comm_max_i64(d->world, &v, 1) != MOE_OK) {
+        fprintf(stderr, "moe train (rank %d): %s\n", d->world_rank, moe_last_error());
+        moe_dist_abort(d, 1);
+    }
+    if (v && v == mine) {
+        if (d->world_rank) fprintf(stderr, "moe train (rank %d): %s\n", d->world_rank, moe_last_error());
+        else fprintf(stderr, "moe train: %s\n", moe_last_error());
+    }
+    return (int)(v >> 32);
+}
+
 int moe_cmd_train(int argc, char **argv) {
     moe_options o;
     char ckpt[MOE_PATH_MAX + 64];
     int orc = moe_cli_options(&o, "train", argc, argv, ckpt, sizeof ckpt);
     if (!orc && o.inject_fault[0] && moe_trainer_set_faults(NULL, o.inject_fault) != MOE_OK)
         orc = 2; /* a bad value: said before the data is read */
-    if (orc) {
-        fprintf(stderr, "moe train: %s\n", moe_last_error());
-        return orc;
-    }
+    /* processes: the options read everywhere, the same options and build everywhere (checked
+     * first: the grid's collectives depend on the options), the rank grid, rank 0 prints. A
+     * failure past the set-up on some ranks only aborts them all (MPI_Abort), so that none
+     * waits for the others. */
+    moe_dist *d = moe_dist_get();
+    int src = setup_outcome(d, orc);
+    if (src) return src;
     if (o.print_config) {
         moe_options_print_config(stdout, &o);
         return 0;
     }
     moe_cli_threads(&o);
-    /* processes: the same options and build everywhere (checked first: the grid's collectives
-     * depend on the options), the rank grid, rank 0 prints. A failure on some ranks only
-     * aborts them all (MPI_Abort), so that none waits for the others. */
-    moe_dist *d = moe_dist_get();
     if (d->world_size > 1) {
         char *text = moe_options_to_text(&o);
         size_t n = text ? strlen(text) : 0;
@@ -480,10 +498,7 @@ int moe_cmd_train(int argc, char **argv) {
                  moe_version(), __DATE__, __TIME__, o.ep, o.two_stage, o.node_ranks);
         moe_status same = moe_dist_check_same(d, id, strlen(id), "configuration or build");
         free(id);
-        if (same != MOE_OK) {
-            fprintf(stderr, "moe train (rank %d): %s\n", d->world_rank, moe_last_error());
-            moe_dist_abort(d, 2);
-        }
+        if ((src = setup_outcome(d, same != MOE_OK ? 2 : 0))) return src;
         if (d->world_rank != 0 && !freopen("/dev/null", "w", stdout)) moe_dist_abort(d, 1);
     }
     moe_status ready = moe_dist_grid(d, o.ep);
@@ -495,11 +510,12 @@ int moe_cmd_train(int argc, char **argv) {
     if (ready == MOE_OK)
         ready = choose_save_dir(&o, ckpt, moe_options_flag(argc, argv, "save-interval keep-last",
                                                            flag, sizeof flag));
-    if (ready != MOE_OK) {
-        fprintf(stderr, "moe train: %s\n", moe_last_error());
-        if (d->world_size > 1) moe_dist_abort(d, 2);
-        return 2;
-    }
+    /* the options against the grid: every MoE layer's experts split over the expert group,
+     * the global batch over the data-parallel processes (the trainer checks it again) */
+    if (ready == MOE_OK) ready = moe_model_config_validate(&o.model);
+    int dp = o.model.moe.ep_replicated && d->ep > 1 ? d->edp : d->world_size;
+    if (ready == MOE_OK) ready = moe_train_check_dp_batch(&o.train, dp);
+    if ((src = setup_outcome(d, ready != MOE_OK ? 2 : 0))) return src;
     const char *data = o.data_path[0] ? o.data_path : DEFAULT_DATA;
     char path[MOE_PATH_MAX + 16];
     moe_tokens train = {0}, val = {0};

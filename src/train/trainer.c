@@ -260,6 +260,13 @@ static moe_status reduce_grads(moe_trainer *t) {
     return st;
 }
 
+moe_status moe_train_check_dp_batch(const moe_train_config *c, int dp) {
+    MOE_CHECK(c->global_batch % (c->micro_batch * dp) == 0,
+              "global-batch-size (%d) must be a multiple of micro-batch-size (%d) times the %d "
+              "data-parallel processes", c->global_batch, c->micro_batch, dp);
+    return MOE_OK;
+}
+
 moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d) {
     const moe_train_config *c = &t->cfg;
     int W = 1;
@@ -268,9 +275,7 @@ moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d) {
         W = data_size(t);
     }
     t->dist = NULL;
-    MOE_CHECK(c->global_batch % (c->micro_batch * W) == 0,
-              "global-batch-size (%d) must be a multiple of micro-batch-size (%d) times the %d "
-              "data-parallel processes", c->global_batch, c->micro_batch, W);
+    MOE_TRY(moe_train_check_dp_batch(c, W));
     t->dist = d && d->world_size > 1 ? d : NULL;
     if (t->dist && t->gpu)
         return moe_set_error(MOE_ERR_INVALID, "data and expert parallelism run on the CPU so far "
