@@ -190,6 +190,16 @@ unused "moe bench generate: --temperature is not used by this command" \
 unused "moe bench alltoall: --micro-batch-size is not used by this command" \
   "$moe" bench alltoall --micro-batch-size 2 $bad_k
 }
+# layer options that contradict each other (checked before any data is read)
+unused "moe train: num-experts lists 4 experts for layer 0, which first-k-dense makes dense (list 0 there)" \
+  "$moe" train --num-layers 2 --num-experts 4,8 --first-k-dense 1 --print-config
+unused "moe train: num-experts lists 8 experts for layer 1, which moe-layer-freq makes dense (list 0 there)" \
+  "$moe" train --num-layers 2 --num-experts 4,8 --moe-layer-freq 2 --print-config
+unused "moe train: first-k-dense (2) leaves no MoE layer of the 2 (a dense model: num-experts 0 for each layer)" \
+  "$moe" train --num-layers 2 --first-k-dense 2 --print-config
+unused "moe train: moe-router-group-topk (3) must be between 1 and moe-router-num-groups (1)" \
+  "$moe" train --moe-router-group-topk 3 --print-config
+expect 0 "$moe" train --num-layers 2 --num-experts 0,8 --first-k-dense 1 --print-config
 # the same keys in a config file are not checked: one file serves several commands
 # (configs/default.cfg holds train's keys and those of its run directory)
 printf 'save = %s/run\ntrain-iters = 5\nprompt = hi\ntemperature = 0\nthreads = 1\n' "$tmp" \

@@ -496,8 +496,8 @@ static void test_scratch_poison(void **state) {
     scratch_poison(attn_config(0, MOE_QK_NORM_HEAD, 6));
     scratch_poison(mla_config(5));
     scratch_poison(mla_config(0));
-    moe_model_config c = tiny_config();
-    c.first_k_dense = c.n_layers;
+    moe_model_config c = tiny_config(); /* every layer dense */
+    for (int l = 0; l < c.n_layers; l++) c.n_experts[l] = MOE_LAYER_DENSE;
     scratch_poison(c);
 }
 

@@ -290,8 +290,8 @@ static void test_finish_combinations(void **state) {
     const char *top1_sigmoid[] = {"--moe-router-topk", "1", "--moe-router-score-function", "sigmoid"};
     assert_int_equal(parse(&o, top1_sigmoid, 4), MOE_OK);
     assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
-    const char *top1_dense[] = {"--moe-router-topk", "1", "--num-layers", "2", "--first-k-dense",
-                                "2"}; /* no MoE layer */
+    const char *top1_dense[] = {"--moe-router-topk", "1", "--num-layers", "2", "--num-experts",
+                                "0,0"}; /* no MoE layer */
     assert_int_equal(parse(&o, top1_dense, 6), MOE_OK);
     assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
 }

@@ -307,6 +307,7 @@ static moe_status parse_deepseek(const cJSON *j, moe_model_config *c, const hf_f
         MOE_TRY(get_int(j, "n_group", 1, 1 << 16, v3 ? 8 : -1, &c->moe.n_groups));
         MOE_TRY(get_int(j, "topk_group", 1, 1 << 16, v3 ? 4 : -1, &c->moe.group_topk));
         c->moe.group_score_topk = v3 ? 2 : 1;
+        if (c->moe.n_groups == 1) c->moe.group_topk = 1; /* one group: topk_group unused */
     }
     return MOE_OK;
 }

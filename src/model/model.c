@@ -223,9 +223,19 @@ moe_status moe_model_config_validate(const moe_model_config *c) {
           c->init_std);
     MOE_CHECK(c->moe_layer_freq >= 1, "moe-layer-freq must be >= 1 (got %d)", c->moe_layer_freq);
     MOE_CHECK(c->first_k_dense >= 0, "first-k-dense must be >= 0 (got %d)", c->first_k_dense);
+    /* the layer options do not contradict each other: a count listed for a layer that
+     * first-k-dense or moe-layer-freq makes dense, or no MoE layer left of an MoE model */
+    int listed_moe = 0;
+    for (int l = 0; l < c->n_layers; l++) listed_moe += c->n_experts[l] != MOE_LAYER_DENSE;
+    MOE_CHECK(c->first_k_dense < c->n_layers || !listed_moe,
+          "first-k-dense (%d) leaves no MoE layer of the %d (a dense model: num-experts 0 for "
+          "each layer)", c->first_k_dense, c->n_layers);
     for (int l = 0; l < c->n_layers; l++) {
         MOE_CHECK(c->n_experts[l] >= MOE_LAYER_DENSE, "num-experts of layer %d must be >= 0 or "
                   "MOE_LAYER_DENSE (got %d)", l, c->n_experts[l]);
+        MOE_CHECK(c->n_experts[l] <= 0 || moe_model_layer_experts(c, l),
+              "num-experts lists %d experts for layer %d, which %s makes dense (list 0 there)",
+              c->n_experts[l], l, l < c->first_k_dense ? "first-k-dense" : "moe-layer-freq");
         if (!moe_model_layer_experts(c, l)) continue;
         moe_layer_config lc = layer_config(c, l);
         if (moe_layer_config_validate(&lc) != MOE_OK) {

@@ -76,12 +76,12 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           c->capacity_factor);
     MOE_CHECK(c->min_capacity >= 0, "moe-min-capacity must be >= 0 (got %d)", c->min_capacity);
     MOE_CHECK(c->n_groups >= 1, "moe-router-num-groups must be >= 1 (got %d)", c->n_groups);
+    MOE_CHECK(c->group_topk >= 1 && c->group_topk <= c->n_groups,
+          "moe-router-group-topk (%d) must be between 1 and moe-router-num-groups (%d)",
+          c->group_topk, c->n_groups);
     if (c->n_groups > 1) {
         MOE_CHECK(c->n_experts % c->n_groups == 0,
               "moe-router-num-groups (%d) must divide num-experts (%d)", c->n_groups, c->n_experts);
-        MOE_CHECK(c->group_topk >= 1 && c->group_topk <= c->n_groups,
-              "moe-router-group-topk (%d) must be between 1 and moe-router-num-groups (%d)",
-              c->group_topk, c->n_groups);
         MOE_CHECK(c->topk <= c->group_topk * (c->n_experts / c->n_groups),
               "moe-router-topk (%d) exceeds the experts in moe-router-group-topk (%d) groups of %d",
               c->topk, c->group_topk, c->n_experts / c->n_groups);
