@@ -309,9 +309,14 @@ int moe_cmd_convert(int argc, char **argv) {
         fprintf(stderr, "moe convert: --load RUN or --model DIR is required\n");
         return 2;
     }
-    if (s == MOE_OK && !family[0]) { /* ours: the first family that fits, else Mixtral's reason */
-        const char *f = moe_hf_family_for(&c);
-        snprintf(family, sizeof family, "%s", f ? f : "mixtral");
+    if (s == MOE_OK && !family[0]) { /* ours: the first family that fits */
+        char why[2048];
+        const char *f = moe_hf_family_for(&c, why, sizeof why);
+        if (!f) {
+            fprintf(stderr, "moe convert: no Hugging Face family takes this model: %s\n", why);
+            return 2;
+        }
+        snprintf(family, sizeof family, "%s", f);
     }
     if (s == MOE_OK) s = moe_model_create_inference(&c, 1, &m);
     if (s == MOE_OK)

@@ -570,12 +570,24 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
     return bad == NULL;
 }
 
-const char *moe_hf_family_for(const moe_model_config *c) {
+const char *moe_hf_family_for(const moe_model_config *c, char *why, size_t cap) {
     static const char *const order[] = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                                         "deepseek_v3", "deepseek_v2"};
-    char why[256];
-    for (size_t i = 0; i < sizeof order / sizeof *order; i++)
-        if (moe_hf_compatible(c, order[i], why, sizeof why)) return order[i];
+    enum { N = sizeof order / sizeof *order };
+    char each[N][256];
+    for (size_t i = 0; i < N; i++)
+        if (moe_hf_compatible(c, order[i], each[i], sizeof each[i])) return order[i];
+    size_t at = 0; /* families in order, those with the same reason as the next together */
+    why[0] = '\0';
+    for (size_t i = 0; i < N && at < cap; i++) {
+        int last = i + 1 == N || strcmp(each[i], each[i + 1]);
+        int n = snprintf(why + at, cap - at, "%s%s", order[i], last ? ": " : ", ");
+        at += n > 0 ? (size_t)n : 0;
+        if (last && at < cap) {
+            n = snprintf(why + at, cap - at, "%s%s", each[i], i + 1 < N ? "; " : "");
+            at += n > 0 ? (size_t)n : 0;
+        }
+    }
     return NULL;
 }
 

@@ -25,8 +25,9 @@ moe_status moe_hf_load(const char *dir, const char *family, moe_model *m);
 /* Whether the model can be written as the family; else a reason in why. */
 int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, size_t cap);
 /* The first family the model can be written as (mixtral, qwen2_moe, qwen3_moe, olmoe,
- * deepseek_v3, deepseek_v2), or NULL. */
-const char *moe_hf_family_for(const moe_model_config *c);
+ * deepseek_v3, deepseek_v2), or NULL with each family's reason in why, families with the same
+ * reason together ("mixtral, olmoe: reason; deepseek_v3: reason"). */
+const char *moe_hf_family_for(const moe_model_config *c, char *why, size_t cap);
 /* Writes DIR/config.json and DIR/model.safetensors (F32, "format": "pt") in the family's
  * layout; refuses a directory that already holds either file. With base (a model directory
  * of that family), its config.json's other keys (token ids, rope scaling, positions...) are
