@@ -339,6 +339,15 @@ for b in 1 3; do
 done
 cmp -s "$tmp/loss1" "$tmp/loss3" || fail "eval at micro-batch 1 and 3: $(cat "$tmp/loss1" "$tmp/loss3")"
 expect 0 "$moe" generate --load "$tmp/run" --prompt Mix --max-new-tokens 4 --moe-router-topk 1
+# past the sequence length (16) the window slides alike for the run and its conversion: the
+# same text (the byte vocabulary: the converted model's tokenizer.json decodes it alike)
+for form in "--load $tmp/run" "--model $tmp/xrun"; do
+  # shellcheck disable=SC2086
+  "$moe" generate $form --prompt Mix --max-new-tokens 45 --seed 3 --threads 1 >"$tmp/long${form%% *}" 2>&1 ||
+    fail "generate $form past the sequence length: $(cat "$tmp/long${form%% *}")"
+done
+cmp -s "$tmp/long--load" "$tmp/long--model" ||
+  fail "past the sequence length, the run and its conversion differ: $(cat "$tmp/long--load" "$tmp/long--model")"
 expect 0 env OMP_NUM_THREADS=2 "$moe" eval --load "$tmp/run" --data "$tmp/data/train.bin"
 grep -q ", 2 threads$" "$tmp/out" || fail "eval --load took the run's thread count: $(cat "$tmp/out")"
 "$moe" generate --load "$tmp/run" --prompt Mix --max-new-tokens 2 >"$tmp/gen" 2>"$tmp/err" &&

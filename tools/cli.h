@@ -44,9 +44,24 @@ int moe_cli_hf_flags(const moe_options *o, const char *cmd);
 /* The text of --prompt or --prompt-file (malloc'd, NUL-terminated, *len bytes; *text NULL
  * with neither; both: an error). */
 moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len);
-/* Writes the prompt (len bytes) and up to n_new sampled bytes (KV cache; the window slides
- * when the sequence length is reached). A model of moe prepare's byte tokens only: another
- * vocabulary is an error. */
+/* Appends up to n_new tokens sampled from m to ids[0..*n) (room for *n + n_new), through the
+ * KV cache in calls of at most max_chunk tokens (at most the model's max_tokens); when the
+ * sequence outgrows the model's seq_len, the window slides: the cache starts again from the
+ * last half window. emit (may be NULL) sees each new token; a token of stop[0..n_stop) ends
+ * the continuation after it. Token i is drawn with moe_rng_uniform64(seed, MOE_RNG_SAMPLE, i):
+ * a run and its Hugging Face conversion continue a sequence alike. */
+typedef struct {
+    float temperature;
+    int top_k;
+    float top_p;
+    uint64_t seed;
+} moe_cli_sampling;
+moe_status moe_cli_continue(moe_model *m, int32_t *ids, int *n, int n_new, int max_chunk,
+                            const moe_cli_sampling *sp, const int32_t *stop, int n_stop,
+                            void (*emit)(void *ctx, int32_t token), void *ctx);
+/* Writes the prompt (len bytes) and up to n_new sampled bytes (moe_cli_continue, stopping at
+ * the end-of-text byte). A model of moe prepare's byte tokens only: another vocabulary is an
+ * error. */
 moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_new,
                             float temperature, int top_k, float top_p, uint64_t seed, FILE *f);
 /* The error of a generated token whose logits are not finite (moe_sample returned -1). */

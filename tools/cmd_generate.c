@@ -35,6 +35,49 @@ moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len) {
     return *text ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
 }
 
+moe_status moe_cli_continue(moe_model *m, int32_t *ids, int *n, int n_new, int max_chunk,
+                            const moe_cli_sampling *sp, const int32_t *stop, int n_stop,
+                            void (*emit)(void *ctx, int32_t token), void *ctx) {
+    const moe_model_config *c = moe_model_get_config(m);
+    int len = *n, fed = 0, start = 0; /* ids[start..fed) are in the cache */
+    uint64_t stream = moe_rng_stream(MOE_RNG_SAMPLE, 0, 0, 0);
+    moe_status st = MOE_OK;
+    moe_model_reset_cache(m);
+    for (int i = 0, done = 0; i < n_new && !done; i++) {
+        if (len - start > c->seq_len) { /* slide: keep the last half window (one token at least) */
+            start = len - (c->seq_len > 1 ? c->seq_len / 2 : 1);
+            moe_model_reset_cache(m);
+            fed = start;
+        }
+        int chunk = 0;
+        while (fed < len && st == MOE_OK) {
+            chunk = len - fed < max_chunk ? len - fed : max_chunk;
+            st = moe_model_decode(m, ids + fed, chunk);
+            fed += chunk;
+        }
+        if (st != MOE_OK) break;
+        const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c->vocab;
+        int next = moe_sample(lg, c->vocab, sp->temperature, sp->top_k, sp->top_p,
+                              moe_rng_uniform64(sp->seed, stream, (uint64_t)i));
+        if (next < 0) {
+            st = moe_cli_logits_error(i);
+            break;
+        }
+        ids[len++] = next;
+        if (emit) emit(ctx, next);
+        for (int e = 0; e < n_stop; e++) done |= next == stop[e];
+    }
+    *n = len;
+    return st;
+}
+
+/* A byte of the continuation to the stream ctx (the end-of-text byte is not text). */
+static void emit_byte(void *ctx, int32_t token) {
+    if (token == MOE_BYTE_EOT) return;
+    fputc(token, (FILE *)ctx);
+    fflush((FILE *)ctx);
+}
+
 moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_new,
                             float temperature, int top_k, float top_p, uint64_t seed, FILE *f) {
     const moe_model_config *c = moe_model_get_config(m);
@@ -50,34 +93,10 @@ moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_
     if (!ids) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
     for (size_t p = 0; p < len; p++) ids[n++] = (unsigned char)prompt[p]; /* NUL is a byte too */
     fwrite(prompt, 1, len, f);
-    moe_status st = MOE_OK;
-    moe_model_reset_cache(m);
-    int fed = 0; /* ids[0..fed) are in the cache, counted from `start` */
-    int start = 0;
-    uint64_t stream = moe_rng_stream(MOE_RNG_SAMPLE, 0, 0, 0);
     if (n == 0) ids[n++] = MOE_BYTE_EOT; /* an empty prompt starts a document */
-    for (int i = 0; i < n_new && st == MOE_OK; i++) {
-        if (n - start > c->seq_len) { /* slide: keep the last half window (one token at least) */
-            start = n - (c->seq_len > 1 ? c->seq_len / 2 : 1);
-            moe_model_reset_cache(m);
-            fed = start;
-        }
-        int chunk = n - fed; /* <= seq_len: the model takes seq_len tokens per call */
-        st = moe_model_decode(m, ids + fed, chunk);
-        if (st != MOE_OK) break;
-        fed = n;
-        const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c->vocab;
-        int next = moe_sample(lg, c->vocab, temperature, top_k, top_p,
-                              moe_rng_uniform64(seed, stream, (uint64_t)i));
-        if (next < 0) {
-            st = moe_cli_logits_error(i);
-            break;
-        }
-        if (next == MOE_BYTE_EOT) break;
-        ids[n++] = next;
-        fputc(next, f);
-        fflush(f);
-    }
+    moe_cli_sampling sp = {temperature, top_k, top_p, seed};
+    const int32_t eot = MOE_BYTE_EOT;
+    moe_status st = moe_cli_continue(m, ids, &n, n_new, c->seq_len, &sp, &eot, 1, emit_byte, f);
     fputc('\n', f);
     free(ids);
     return st;

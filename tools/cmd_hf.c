@@ -369,6 +369,16 @@ int moe_cli_inspect_hf(const char *dir) {
     return 0;
 }
 
+/* Prints a new token's id, after a comma but for the first (ctx: the ids printed so far). */
+static void emit_id(void *ctx, int32_t token) {
+    int *printed = ctx;
+    printf("%s%d", *printed ? "," : "", token);
+    (*printed)++;
+}
+
+/* Tokens per forward of moe generate --model at least (a prompt's, or a slid window's) */
+#define MIN_CHUNK 1024
+
 /* moe generate --model DIR (--ids 5,17,42 | --prompt TEXT) [--max-new-tokens N ...]: the
  * continuation's ids, or with --prompt the text of prompt and continuation (KV cache;
  * --temperature 0 is greedy; stops after config.json's eos_token_id). */
@@ -385,32 +395,22 @@ int moe_cmd_generate_hf(int argc, char **argv) {
     if (o.threads) fprintf(stderr, "moe generate: %d threads\n", omp_get_max_threads());
     rc = 1;
     int n_eos = moe_hf_eos(o.hf_model, eos, 8), total = n + o.max_new_tokens;
-    if (total > c.seq_len) c.seq_len = total; /* the cache */
+    /* the window slides past config.json's positions as moe generate --load's past its
+     * sequence length; the prompt's forward in one call (up to those positions), a slid
+     * window's again in calls of at most that many tokens */
+    int max_chunk = n < MIN_CHUNK ? MIN_CHUNK : n;
+    max_chunk = max_chunk < c.seq_len ? max_chunk : c.seq_len;
     moe_model *m = NULL;
     int32_t *seq = realloc(ids, sizeof(int32_t) * (size_t)total);
-    moe_status s = seq ? moe_model_create_inference(&c, n, &m)
+    moe_status s = seq ? moe_model_create_inference(&c, max_chunk, &m)
                        : moe_set_error(MOE_ERR_NOMEM, "out of memory");
     if (seq) ids = seq;
     if (s == MOE_OK) s = moe_hf_load(o.hf_model, family, m);
-    if (s == MOE_OK) {
-        moe_model_reset_cache(m);
-        s = moe_model_decode(m, ids, n);
-    }
-    uint64_t stream = moe_rng_stream(MOE_RNG_SAMPLE, 0, 0, 0);
-    int len = n, stop = 0;
-    for (int chunk = n; s == MOE_OK && !stop && len < total; chunk = 1) {
-        const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c.vocab;
-        int32_t next = moe_sample(lg, c.vocab, o.temperature, o.top_k, o.top_p,
-                                  moe_rng_uniform64(o.layer.seed, stream, (uint64_t)(len - n)));
-        if (next < 0) {
-            s = moe_cli_logits_error(len - n);
-            break;
-        }
-        ids[len++] = next;
-        for (int e = 0; e < n_eos; e++) stop |= next == eos[e];
-        if (!tok) printf("%s%d", len - n > 1 ? "," : "", next);
-        if (!stop && len < total) s = moe_model_decode(m, &next, 1);
-    }
+    int len = n, printed = 0;
+    moe_cli_sampling sp = {o.temperature, o.top_k, o.top_p, o.layer.seed};
+    if (s == MOE_OK)
+        s = moe_cli_continue(m, ids, &len, o.max_new_tokens, max_chunk, &sp, eos, n_eos,
+                             tok ? NULL : emit_id, &printed);
     char *text = NULL;
     size_t text_len = 0;
     if (s == MOE_OK && tok) s = moe_tokenizer_decode(tok, ids, len, 1, &text, &text_len);
