@@ -93,6 +93,14 @@ printf '{"eos_token_id": [%s]}\n' "$first" >"$tmp/gc/generation_config.json"
 "$moe" generate --model "$tmp/gc" --ids "$(cat "$tmp/gc/ids.txt")" --max-new-tokens 8 --temperature 0 \
   >"$tmp/gen" 2>&1 || fail "generate with generation_config.json: $(cat "$tmp/gen")"
 [ "$(cat "$tmp/gen")" = "$first" ] || fail "generation_config.json's eos $first: $(cat "$tmp/gen")"
+# an eos_token_id that is no token id, or a generation_config.json that does not parse: an error
+for bad in '{"eos_token_id": "x"}|eos_token_id is not a token id' '{"eos_token_id": [1, -2]}|eos_token_id is not a token id' \
+           '{"eos_token_id": [1|not a JSON object'; do
+  printf '%s\n' "${bad%%|*}" >"$tmp/gc/generation_config.json"
+  "$moe" generate --model "$tmp/gc" --ids 1,2 --max-new-tokens 2 >"$tmp/gen" 2>&1; rc=$?
+  [ $rc = 1 ] && grep -q "^moe generate: $tmp/gc/generation_config.json: ${bad#*|}" "$tmp/gen" ||
+    fail "generation_config.json ${bad%%|*}: exit $rc, $(cat "$tmp/gen")"
+done
 # options that describe the model do not apply with --model (config.json does): refused, not
 # ignored; the seed still applies (the sequence length too, to eval --data: below)
 for cmd in eval generate; do

@@ -394,7 +394,7 @@ int moe_cmd_generate_hf(int argc, char **argv) {
     /* stdout is the text or the ids alone: the thread count asked for goes to stderr */
     if (o.threads) fprintf(stderr, "moe generate: %d threads\n", omp_get_max_threads());
     rc = 1;
-    int n_eos = moe_hf_eos(o.hf_model, eos, 8), total = n + o.max_new_tokens;
+    int n_eos = 0, total = n + o.max_new_tokens;
     /* the window slides past config.json's positions as moe generate --load's past its
      * sequence length; the prompt's forward in one call (up to those positions), a slid
      * window's again in calls of at most that many tokens */
@@ -402,8 +402,9 @@ int moe_cmd_generate_hf(int argc, char **argv) {
     max_chunk = max_chunk < c.seq_len ? max_chunk : c.seq_len;
     moe_model *m = NULL;
     int32_t *seq = realloc(ids, sizeof(int32_t) * (size_t)total);
-    moe_status s = seq ? moe_model_create_inference(&c, max_chunk, &m)
+    moe_status s = seq ? moe_hf_eos(o.hf_model, eos, 8, &n_eos)
                        : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    if (s == MOE_OK) s = moe_model_create_inference(&c, max_chunk, &m);
     if (seq) ids = seq;
     if (s == MOE_OK) s = moe_hf_load(o.hf_model, family, m);
     int len = n, printed = 0;

@@ -90,7 +90,12 @@ static int prepare_vocab(const char *dir, moe_prepare_vocab *v, moe_tokenizer **
         fprintf(stderr, "moe prepare: %s\n", moe_last_error());
         return 1;
     }
-    if (moe_hf_eos(dir, &eos, 1) != 1 || eos >= c.vocab) {
+    int n_eos;
+    if (moe_hf_eos(dir, &eos, 1, &n_eos) != MOE_OK) {
+        fprintf(stderr, "moe prepare: %s\n", moe_last_error());
+        return 1;
+    }
+    if (n_eos != 1 || eos >= c.vocab) {
         fprintf(stderr, "moe prepare: %s/config.json has no eos_token_id below its vocab_size "
                         "(%d) to end documents with\n", dir, c.vocab);
         return 1;

@@ -388,33 +388,39 @@ static int token_id(const cJSON *v) {
            v->valuedouble == floor(v->valuedouble);
 }
 
-/* ids[0..n) and v when it is a token id not among them (up to cap): the new count. */
-static int add_id(const cJSON *v, int32_t *ids, int n, int cap) {
-    if (!token_id(v) || n >= cap) return n;
-    for (int i = 0; i < n; i++)
-        if (ids[i] == (int32_t)v->valuedouble) return n;
-    ids[n] = (int32_t)v->valuedouble;
-    return n + 1;
+/* ids[0..*n) and v when it is a token id not among them (up to cap). */
+static void add_id(const cJSON *v, int32_t *ids, int *n, int cap) {
+    if (*n >= cap) return;
+    for (int i = 0; i < *n; i++)
+        if (ids[i] == (int32_t)v->valuedouble) return;
+    ids[(*n)++] = (int32_t)v->valuedouble;
 }
 
-/* eos_token_id of DIR/name (a number or a list) added to ids[0..n): the new count. */
-static int add_eos(const char *dir, const char *name, int32_t *ids, int n, int cap) {
+/* eos_token_id of DIR/name (a token id, a list of them, null or absent) added to ids[0..*n);
+ * a file that is not there adds none, one that does not parse or another value is an error. */
+static moe_status add_eos(const char *dir, const char *name, int32_t *ids, int *n, int cap) {
     char path[4400];
     cJSON *j, *e;
-    if (read_json(dir, name, path, sizeof path, &j) != MOE_OK) return n;
+    if (!moe_file_exists(dir, name)) return MOE_OK;
+    MOE_TRY(read_json(dir, name, path, sizeof path, &j));
     cJSON *eos = cJSON_GetObjectItemCaseSensitive(j, "eos_token_id");
     cJSON *list = cJSON_IsArray(eos) ? eos : NULL;
-    n = add_id(eos, ids, n, cap);
-    cJSON_ArrayForEach(e, list) n = add_id(e, ids, n, cap);
+    int ok = !eos || cJSON_IsNull(eos) || token_id(eos) || list;
+    cJSON_ArrayForEach(e, list) ok &= token_id(e);
+    if (ok && token_id(eos)) add_id(eos, ids, n, cap);
+    if (ok) cJSON_ArrayForEach(e, list) add_id(e, ids, n, cap);
     cJSON_Delete(j);
-    return n;
+    return ok ? MOE_OK
+              : moe_set_error(MOE_ERR_FORMAT, "%s: eos_token_id is not a token id (a whole number "
+                              "in [0, 2^31)), a list of them or null", path);
 }
 
-int moe_hf_eos(const char *dir, int32_t *ids, int cap) {
+moe_status moe_hf_eos(const char *dir, int32_t *ids, int cap, int *n) {
     /* generation_config.json's too: Hugging Face's generate stops on its list (a chat model's
      * end of turn is often there alone) */
-    return add_eos(dir, "generation_config.json", ids, add_eos(dir, "config.json", ids, 0, cap),
-                   cap);
+    *n = 0;
+    MOE_TRY(add_eos(dir, "config.json", ids, n, cap));
+    return add_eos(dir, "generation_config.json", ids, n, cap);
 }
 
 void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t cap) {

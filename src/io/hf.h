@@ -14,8 +14,9 @@
  * model_type is refused) and names the family (its model_type). */
 moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, size_t cap);
 /* The end-of-text ids of config.json's and generation_config.json's eos_token_id (each a
- * number or a list; whole numbers in [0, 2^31) only): up to cap, their count (0 when none). */
-int moe_hf_eos(const char *dir, int32_t *ids, int cap);
+ * token id, a list of them or null; whole numbers in [0, 2^31)): up to cap, their count in *n
+ * (0 when none); another value, or a generation_config.json that does not parse, an error. */
+moe_status moe_hf_eos(const char *dir, int32_t *ids, int cap, int *n);
 /* The family's name of one of our tensors (ours: moe_model_tensor names) into buf. */
 void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t cap);
 /* Loads every parameter of m from the directory's safetensors files (F32, BF16 or F16),
