@@ -101,6 +101,7 @@ for bad in '{"eos_token_id": "x"}|eos_token_id is not a token id' '{"eos_token_i
   [ $rc = 1 ] && grep -q "^moe generate: $tmp/gc/generation_config.json: ${bad#*|}" "$tmp/gen" ||
     fail "generation_config.json ${bad%%|*}: exit $rc, $(cat "$tmp/gen")"
 done
+rm "$tmp/gc/generation_config.json"
 # options that describe the model do not apply with --model (config.json does): refused, not
 # ignored; the seed still applies (the sequence length too, to eval --data: below)
 for cmd in eval generate; do
