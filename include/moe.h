@@ -227,7 +227,8 @@ void moe_layer_init_params(moe_layer *layer, uint64_t seed, float std);
 typedef struct {
     int training;        /* jitter, Sinkhorn selection, count accumulation */
     int topk;            /* 0 = config value, else 1..E for this call ("top-any") */
-    const uint8_t *mask; /* [T] 1 = token, 0 = padding (routes nowhere, output 0); NULL = all */
+    const uint8_t *mask; /* [T] 1 = token, 0 = padding (routes nowhere, output 0); NULL = all;
+                            copied: the buffer may change once the forward returns */
     int seq_len;         /* tokens per sequence for seq_aux_loss (0 = T); T % seq_len == 0 */
     uint64_t step;       /* RNG counter (optimizer step) */
     float loss_scale;    /* factor on the aux and z-loss gradients in backward */
@@ -449,7 +450,7 @@ typedef struct {
 moe_model_args moe_model_args_default(void);
 
 /* tokens, targets [B*S] (row b is one sequence; targets < 0 are ignored; targets may be
- * NULL for inference). Loss = nll + aux + z. */
+ * NULL for inference; args NULL: moe_model_args_default()). Loss = nll + aux + z. */
 moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
                              int S, const moe_model_args *args, moe_model_loss *loss);
 /* Gradients of loss_scale * (nll + aux + z) of the last forward, added into the gradients. */
@@ -493,8 +494,8 @@ size_t moe_model_cache_width(const moe_model *m);
 
 /* Samples a token from logits [V]: temperature (0 = greedy), then the top_k most likely
  * (0 = all; those tied with the k-th too, as Hugging Face), then the smallest set with
- * probability >= top_p (1 = all); u uniform in [0,1). -1 when a logit is NaN, the largest is
- * +inf or all are -inf (there is no distribution to draw from). */
+ * probability >= top_p (1 = all); u uniform in [0,1). -1 when V < 1, a logit is NaN, the
+ * largest is +inf or all are -inf (there is no distribution to draw from). */
 int moe_sample(const float *logits, int V, float temperature, int top_k, float top_p, double u);
 
 /* -------------------------------------------------------------- training */

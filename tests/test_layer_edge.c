@@ -156,6 +156,39 @@ static void test_all_to_one_expert(void **state) {
     fixture_free(&f);
 }
 
+/* The layer keeps the mask as its forward saw it: the caller's buffer changed (or freed)
+ * between forward and backward changes nothing, bitwise. */
+static void test_mask_kept(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_layer_config c = small();
+    enum { T = 9 };
+    layer_fixture f;
+    fixture_init(&f, &c, T, seed, 0.5f);
+    size_t n = (size_t)T * c.d;
+    float x[T * 16], out[T * 16], dx[2][T * 16], *g[2];
+    assert_true(n <= sizeof x / sizeof *x);
+    tu_fill(x, n, seed, 1, -1, 1);
+    uint8_t mask[T];
+    for (int t = 0; t < T; t++) mask[t] = t % 3 != 1;
+    for (int r = 0; r < 2; r++) {
+        moe_forward_args a = moe_forward_args_default();
+        a.mask = mask;
+        assert_int_equal(moe_layer_forward(f.layer, out, x, T, &a), MOE_OK);
+        if (r) memset(mask, 1, sizeof mask); /* the caller reuses its buffer */
+        moe_layer_zero_grads(f.layer);
+        memset(dx[r], 0, sizeof dx[r]);
+        assert_int_equal(moe_layer_backward(f.layer, dx[r], out, x), MOE_OK);
+        g[r] = malloc(sizeof(float) * f.n_params);
+        memcpy(g[r], moe_layer_grad_data(f.layer), sizeof(float) * f.n_params);
+        for (int t = 0; t < T; t++) mask[t] = t % 3 != 1;
+    }
+    assert_memory_equal(dx[0], dx[1], sizeof(float) * n);
+    assert_memory_equal(g[0], g[1], sizeof(float) * f.n_params);
+    free(g[0]), free(g[1]);
+    fixture_free(&f);
+}
+
 /* A fully masked batch: zero output, zero losses and counts, zero input gradient. */
 static void test_fully_masked(void **state) {
     (void)state;
@@ -381,7 +414,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edge_shapes),    cmocka_unit_test(test_all_to_one_expert),
         cmocka_unit_test(test_top1_router_gradient), cmocka_unit_test(test_sigmoid_scores_underflow),
-        cmocka_unit_test(test_fully_masked),   cmocka_unit_test(test_determinism),
+        cmocka_unit_test(test_fully_masked),   cmocka_unit_test(test_mask_kept),   cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_invalid_configs), cmocka_unit_test(test_call_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

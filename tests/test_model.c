@@ -328,7 +328,17 @@ static void test_bad_input(void **state) {
     assert_int_equal(moe_model_forward(m, tok, tgt, 2, 8, &args, NULL), MOE_ERR_INVALID);
     assert_int_equal(moe_model_forward(m, tok, tgt, 3, 7, &args, NULL), MOE_ERR_INVALID);
     assert_int_equal(moe_model_backward(m), MOE_ERR_STATE);
+    assert_int_equal(moe_model_forward(m, NULL, tgt, 2, 7, &args, NULL), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "tokens is NULL"));
+    assert_int_equal(moe_model_use_device(m, NULL), MOE_ERR_INVALID);
+    moe_model_loss a, b; /* NULL args: the defaults */
+    assert_int_equal(moe_model_forward(m, tok, tgt, 2, 7, NULL, &a), MOE_OK);
+    assert_int_equal(moe_model_forward(m, tok, tgt, 2, 7, &args, &b), MOE_OK);
+    assert_memory_equal(&a.nll, &b.nll, sizeof a.nll);
     moe_model_destroy(m);
+    moe_layer *L;
+    assert_int_equal(moe_layer_create(&c.moe, 4, NULL, NULL, NULL), MOE_ERR_INVALID);
+    assert_int_equal(moe_layer_create(NULL, 4, NULL, NULL, &L), MOE_ERR_INVALID);
     c.n_kv_heads = 3;
     assert_int_equal(moe_model_create(&c, 14, &m), MOE_ERR_INVALID);
     assert_non_null(strstr(moe_last_error(), "num-query-groups (3)"));
@@ -597,6 +607,8 @@ static void test_sampling(void **state) {
     assert_int_equal(moe_sample(bad, 4, 1, 0, 1, 0.5), -1);
     bad[2] = 0;
     assert_int_equal(moe_sample(bad, 4, 1, 0, 1, 0.99), 2);
+    assert_int_equal(moe_sample(bad, 0, 1, 0, 1, 0.5), -1); /* no logits at all */
+    assert_int_equal(moe_sample(bad, 0, 0, 0, 1, 0.5), -1);
 }
 
 /* The trainer's gradient norm is the norm of the backward's gradients (against a long double

@@ -788,6 +788,7 @@ static void gpu_release(moe_model *m) {
 }
 
 moe_status moe_model_use_device(moe_model *m, const char *device) {
+    if (!device) return moe_set_error(MOE_ERR_INVALID, "moe_model_use_device: NULL device");
     if (!strcmp(device, "cpu")) {
         if (m->gpu_train)
             return moe_set_error(MOE_ERR_STATE, "a trainer keeps this model's state on the GPU: "
@@ -1120,7 +1121,8 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
                              int S, const moe_model_args *args, moe_model_loss *loss) {
     const moe_model_config *c = &m->cfg;
     m->have_forward = 0;
-    if (!tokens || B < 1 || S < 1 || S > c->seq_len || (long long)B * S > m->max_tokens)
+    if (!tokens) return moe_set_error(MOE_ERR_INVALID, "model forward: tokens is NULL");
+    if (B < 1 || S < 1 || S > c->seq_len || (long long)B * S > m->max_tokens)
         return moe_set_error(MOE_ERR_INVALID,
                              "model forward: batch %d x %d tokens does not fit (sequence length "
                              "<= %d, tokens <= %d)", B, S, c->seq_len, m->max_tokens);
@@ -1139,6 +1141,8 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
     }
     m->B = B;
     m->S = S;
+    moe_model_args defaults = moe_model_args_default();
+    if (!args) args = &defaults;
     m->args = *args;
     m->has_targets = targets != NULL;
     if (m->gpu) return gpu_forward(m, loss);
@@ -1351,7 +1355,8 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
     int d = c->d, V = c->vocab, ho = c->n_heads * m->head_v, kw = m->kvh * m->head_qk,
         vw = m->kvh * m->head_v, P = m->cache_len;
     m->have_forward = 0;
-    if (!tokens || n < 1 || n > m->max_tokens || P + n > c->seq_len)
+    if (!tokens) return moe_set_error(MOE_ERR_INVALID, "decode: tokens is NULL");
+    if (n < 1 || n > m->max_tokens || P + n > c->seq_len)
         return moe_set_error(MOE_ERR_INVALID, "decode: %d new tokens after %d cached do not fit "
                              "(sequence length %d, tokens per call <= %d)", n, P, c->seq_len,
                              m->max_tokens);

@@ -17,6 +17,7 @@ static int by_prob_desc(const void *a, const void *b) {
 
 int moe_sample(const float *logits, int V, float temperature, int top_k, float top_p, double u) {
     int best = 0;
+    if (V < 1 || !logits) return -1;
     for (int v = 0; v < V; v++) {
         if (isnan(logits[v])) return -1; /* no distribution (torch.multinomial refuses too) */
         if (logits[v] > logits[best]) best = v;

@@ -71,6 +71,7 @@ static void plan_workspace(moe_layer *L, moe_arena *a, moe_arena *s, int Tm, int
     st->expert_ready = moe_arena_take(s, E, sizeof(int32_t));
     st->row_slot = moe_arena_take(a, R, sizeof(int32_t));
     st->row_w = moe_arena_take(a, R, sizeof(float));
+    st->mask_own = moe_arena_take(a, T, sizeof(uint8_t));
     st->scratch = moe_arena_take(s, 2 * E + 2 + 2 * (S > T ? S : T), sizeof(int32_t));
     st->xp = moe_arena_take(s, R * d, sizeof(float)); /* the backward gathers it again from x */
     st->h = moe_arena_take(a, R * gf, sizeof(float));
@@ -152,6 +153,8 @@ void moe_layer_weights_changed(moe_layer *L) {
 moe_status moe_layer_create_shared(const moe_layer_config *cfg, int max_tokens, float *params,
                                    float *grads, int inference, void *scratch,
                                    size_t scratch_bytes, moe_layer **out) {
+    if (!out || !cfg)
+        return moe_set_error(MOE_ERR_INVALID, "moe_layer_create: NULL %s", out ? "cfg" : "out");
     *out = NULL;
     MOE_TRY(moe_layer_config_validate(cfg));
     if (max_tokens < 1)
@@ -402,7 +405,7 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     if (!args->reuse_bf16) moe_layer_weights_changed(L);
     st->loss_scale = args->loss_scale;
     st->step = args->step;
-    st->mask = args->mask;
+    st->mask = args->mask ? memcpy(st->mask_own, args->mask, (size_t)T) : NULL;
     st->capacity = 0;
     st->xin_orig = x;
     st->Tv = 0;

@@ -29,7 +29,8 @@ typedef struct {
     int reuse_bf16;         /* moe_forward_args.reuse_bf16 of this call */
     float loss_scale;
     uint64_t step;
-    const uint8_t *mask;   /* caller's [T] or NULL */
+    const uint8_t *mask;   /* mask_own or NULL (no mask given) */
+    uint8_t *mask_own;     /* [T] the caller's mask as the forward saw it, for its backward */
 
     /* router */
     float *noise;          /* [T, d] jitter factors (when jitter is on) */
