@@ -339,6 +339,11 @@ for b in 1 3; do
 done
 cmp -s "$tmp/loss1" "$tmp/loss3" || fail "eval at micro-batch 1 and 3: $(cat "$tmp/loss1" "$tmp/loss3")"
 expect 0 "$moe" generate --load "$tmp/run" --prompt Mix --max-new-tokens 4 --moe-router-topk 1
+# the report of a run without validation or balancing losses (all zero: nothing on the log
+# axis) says so, with no NaN anywhere
+expect 0 "$moe" report "$tmp/run"
+grep -q "final training loss [0-9.]*, no validation loss\.<" "$tmp/run/report.html" &&
+  ! grep -qi "nan" "$tmp/run/report.html" || fail "report: $(grep -o "steps, last[^<]*" "$tmp/run/report.html")"
 # past the sequence length (16) the window slides alike for the run and its conversion: the
 # same text (the byte vocabulary: the converted model's tokenizer.json decodes it alike)
 for form in "--load $tmp/run" "--model $tmp/xrun"; do

@@ -200,6 +200,7 @@ static void line_chart(FILE *f, const char *title, const double *x, int n, const
                 double v = log_y ? log10(y[j][i]) : y[j][i];
                 y0 = fmin(y0, v), y1 = fmax(y1, v);
             }
+    if (y0 > y1) y0 = y1 = 0; /* no point to draw (a log axis: none above 0) */
     if (!(y1 > y0)) y0 -= 1, y1 += 1;
     if (!(x1 > x0)) x1 = x0 + 1;
     fprintf(f, "<figure><svg viewBox='0 0 %d %d' width='%d' height='%d'>", W, H, W, H);
@@ -491,8 +492,11 @@ int moe_cmd_report(int argc, char **argv) {
                "figure{margin:1em 0}figcaption{font-size:12px;color:#555}</style></head>"
                "<body><h1>moe.c run report</h1><p>");
     html_text(f, run);
-    fprintf(f, ": %d steps, last step %.0f, final training loss %.4f, last validation loss "
-               "%.4f nats/byte.</p>\n", s.n, s.step[s.n - 1], s.loss[s.n - 1], last_val);
+    fprintf(f, ": %d steps, last step %.0f, final training loss %.4f", s.n, s.step[s.n - 1],
+            s.loss[s.n - 1]);
+    if (isfinite(last_val)) fprintf(f, ", last validation loss %.4f nats/byte", last_val);
+    else fprintf(f, ", no validation loss");
+    fprintf(f, ".</p>\n");
     const double *y1[] = {s.nll, s.val};
     const char *n1[] = {"train nll", "val nll"}, *c1[] = {"#1f77b4", "#d62728"};
     line_chart(f, "Loss (nats/byte)", s.step, s.n, y1, n1, c1, 2, 0);
