@@ -352,6 +352,21 @@ expect 1 "$moe" inspect "$tmp/ins"
 mkdir -p "$tmp/ins2/step-00000001"; echo step-00000001 >"$tmp/ins2/latest"
 expect 1 "$moe" inspect "$tmp/ins2"
 grep -q "holds no .safetensors files" "$tmp/out" || fail "inspect without files: $(cat "$tmp/out")"
+# every safetensors dtype is listed (FP8 checkpoints, integer and bool buffers), though only
+# float tensors load as parameters; a text value's lines counted whole
+/usr/bin/python3 - "$tmp/f8.safetensors" <<'EOF' || fail "writing f8.safetensors"
+import json, struct, sys
+hdr = {"a": {"dtype": "F8_E4M3", "shape": [2, 3], "data_offsets": [0, 6]},
+       "b": {"dtype": "BOOL", "shape": [2], "data_offsets": [6, 8]},
+       "c": {"dtype": "U16", "shape": [3], "data_offsets": [8, 14]},
+       "__metadata__": {"note": "v\nnewline"}}
+h = json.dumps(hdr).encode()
+open(sys.argv[1], "wb").write(struct.pack("<Q", len(h)) + h + bytes(14))
+EOF
+expect 0 "$moe" inspect "$tmp/f8.safetensors"
+grep -q "^  a  *F8_E4M3 \[2, 3\]$" "$tmp/out" && grep -q "^  b  *BOOL \[2\]$" "$tmp/out" &&
+  grep -q "^  c  *U16  \[3\]$" "$tmp/out" && grep -q "metadata note: 2 lines of text" "$tmp/out" ||
+  fail "inspect of other dtypes: $(cat "$tmp/out")"
 expect 1 "$moe" eval --load "$tmp/a" --data-path "$tmp/data" --num-layers 1 --first-k-dense 0
 grep -q "holds model.layers.[01].* which this model does not have" "$tmp/out" || fail "fewer layers: $(cat "$tmp/out")"
 [ -f "$tmp/a/topics.json" ] || fail "no topics.json"

@@ -244,12 +244,11 @@ static int print_file(const char *path) {
         fprintf(stderr, "moe inspect: %s\n", moe_last_error());
         return -1;
     }
-    static const char *const dt[] = {"F32", "F16", "BF16", "F64", "I64", "I32"};
     printf("%s: %d tensors\n", path, st.n_tensors);
     for (int i = 0; i < st.n_meta; i++) {
         const char *v = st.meta_values[i];
         if (strchr(v, '\n')) {
-            int lines = 0;
+            int lines = v[strlen(v) - 1] != '\n'; /* the last one without its newline too */
             for (const char *c = v; *c; c++) lines += *c == '\n';
             printf("  metadata %s: %d lines of text\n", st.meta_keys[i], lines);
         } else
@@ -258,7 +257,7 @@ static int print_file(const char *path) {
     size_t total = 0;
     for (int i = 0; i < st.n_tensors; i++) {
         const moe_st_tensor *t = &st.tensors[i];
-        printf("  %-60s %-4s [", t->name, dt[t->dtype]);
+        printf("  %-60s %-4s [", t->name, moe_st_dtype_name(t->dtype));
         for (int d = 0; d < t->ndim; d++) printf("%s%lld", d ? ", " : "", (long long)t->shape[d]);
         printf("]\n");
         total += t->numel;

@@ -15,9 +15,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static const char *const dtype_names[] = {"F32", "F16", "BF16", "F64", "I64", "I32"};
-static const size_t dtype_sizes[] = {4, 2, 2, 8, 8, 4};
-#define N_DTYPES 6
+/* safetensors' dtypes, in moe_dtype's order */
+static const char *const dtype_names[] = {"F32", "F16", "BF16", "F64",  "I64",     "I32",
+                                          "I16", "I8",  "U64",  "U32",  "U16",     "U8",
+                                          "BOOL", "F8_E4M3", "F8_E5M2"};
+static const size_t dtype_sizes[] = {4, 2, 2, 8, 8, 4, 2, 1, 8, 4, 2, 1, 1, 1, 1};
+#define N_DTYPES 15
+
+const char *moe_st_dtype_name(moe_dtype d) {
+    return (int)d >= 0 && (int)d < N_DTYPES ? dtype_names[d] : "?";
+}
 
 void moe_st_free(moe_safetensors *st) {
     for (int i = 0; i < st->n_meta; i++) {

@@ -16,7 +16,19 @@ typedef enum {
     MOE_DT_F64 = 3,
     MOE_DT_I64 = 4,
     MOE_DT_I32 = 5,
+    /* read (moe inspect lists them), never loaded as parameters */
+    MOE_DT_I16 = 6,
+    MOE_DT_I8 = 7,
+    MOE_DT_U64 = 8,
+    MOE_DT_U32 = 9,
+    MOE_DT_U16 = 10,
+    MOE_DT_U8 = 11,
+    MOE_DT_BOOL = 12,
+    MOE_DT_F8_E4M3 = 13,
+    MOE_DT_F8_E5M2 = 14,
 } moe_dtype;
+/* The dtype's name in safetensors' headers ("F32", "F8_E4M3", ...). */
+const char *moe_st_dtype_name(moe_dtype d);
 
 typedef struct {
     char name[160];
