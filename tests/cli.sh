@@ -157,6 +157,8 @@ assert abs(r["decode_param_mb"] - want) < 1e-3 and r["new_tokens"] == 3, (r, wan
   || fail "bench generate, one expert: $(cat "$tmp/out")"
 expect 2 "$moe" bench generate --seq-length 32 --tokens 30 --max-new-tokens 5
 grep -q "must fit --seq-length (32)" "$tmp/out" || fail "bench generate: $(cat "$tmp/out")"
+unused "moe bench generate: --tokens (40, the prompt) must be between 1 and --seq-length - 1 (31), leaving the rest to --max-new-tokens" \
+  "$moe" bench generate --seq-length 32 --tokens 40
 expect 2 "$moe" bench generate --seq-length 1
 expect 2 "$moe" demo --device cuda
 grep -q "runs on the CPU" "$tmp/out" || fail "demo --device cuda: $(cat "$tmp/out")"

@@ -586,8 +586,12 @@ static int bench_generate(moe_options *o, int json) {
     int N = moe_options_given(o, "max-new-tokens") ? o->max_new_tokens : S - P;
     int iters = moe_options_given(o, "iters") ? o->iters : 3;
     if (P + (long)N > S || N < 1 || P < 1) {
-        fprintf(stderr, "moe bench generate: --tokens (%d, the prompt) + --max-new-tokens (%d) "
-                "must fit --seq-length (%d), with at least one token each\n", P, N, S);
+        if (moe_options_given(o, "max-new-tokens"))
+            fprintf(stderr, "moe bench generate: --tokens (%d, the prompt) + --max-new-tokens (%d) "
+                    "must fit --seq-length (%d), with at least one token each\n", P, N, S);
+        else /* the new tokens default to the rest of the sequence: none is left */
+            fprintf(stderr, "moe bench generate: --tokens (%d, the prompt) must be between 1 and "
+                    "--seq-length - 1 (%d), leaving the rest to --max-new-tokens\n", P, S - 1);
         return 2;
     }
     moe_model *m = NULL;
