@@ -69,8 +69,9 @@ moe_status moe_st_read(const char *path, moe_safetensors *out) {
     out->size = (size_t)sb.st_size;
     uint64_t hlen;
     memcpy(&hlen, out->buf, 8);
-    if (hlen > out->size - 8) MOE_FAIL_FORMAT("%s: header length %llu exceeds the file (%zu bytes)", path,
-                                  (unsigned long long)hlen, out->size);
+    if (hlen > out->size - 8)
+        MOE_FAIL_FORMAT("%s: not a safetensors file, or one cut short: header length %llu exceeds "
+                        "the file (%zu bytes)", path, (unsigned long long)hlen, out->size);
     const unsigned char *data = out->buf + 8 + hlen;
     size_t data_len = out->size - 8 - (size_t)hlen;
     root = cJSON_ParseWithLength((const char *)out->buf + 8, (size_t)hlen);
