@@ -332,6 +332,11 @@ for n in 1 2; do
       fail "generate $form --threads $n twice: $(cat "$tmp/gena" "$tmp/genb")"
   done
 done
+# a model without MoE layers has no expert load in its progress line
+expect 0 "$moe" train --num-layers 2 --num-experts 0,0 --hidden-size 16 --num-attention-heads 4 \
+  --ffn-hidden-size 16 --seq-length 16 --micro-batch-size 1 --global-batch-size 1 --train-iters 1 \
+  --data-path "$tmp/data"
+grep -q "^step 1/1 | .* | gnorm [0-9.]* | [0-9]* tok/s" "$tmp/out" || fail "dense progress: $(cat "$tmp/out")"
 # training's checks are for training: eval takes any micro-batch (the run's global batch is
 # 2), generate the run's top-2 router at top-1 (softmax after the top-k: a router that would
 # learn nothing, which only training refuses); the same loss at every batch size

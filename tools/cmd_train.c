@@ -631,10 +631,12 @@ int moe_cmd_train(int argc, char **argv) {
         if ((log_now || tty) && !s.skipped) { /* on a terminal the line is redrawn every step */
             char eta[32];
             format_eta(eta, sizeof eta, elapsed / (step - first + 1) * (total - step));
+            char load[48] = ""; /* a model without MoE layers has no load */
+            if (n_moe)
+                snprintf(load, sizeof load, "load max/mean %.2f | ", load_imbalance(t, mc->n_layers));
             printf("%sstep %d/%d | loss %.4f | nll %.4f aux %.4g z %.4g | lr %.2e | gnorm %.3f | "
-                   "load max/mean %.2f | %.0f tok/s | eta %s%s", tty ? "\r\033[K" : "", step,
-                   total, s.loss, s.nll, s.aux, s.z, s.lr, s.grad_norm,
-                   load_imbalance(t, mc->n_layers), tok_s, eta, log_now ? "\n" : "");
+                   "%s%.0f tok/s | eta %s%s", tty ? "\r\033[K" : "", step, total, s.loss, s.nll,
+                   s.aux, s.z, s.lr, s.grad_norm, load, tok_s, eta, log_now ? "\n" : "");
             fflush(stdout);
         }
         if (tty && !log_now && (val >= 0 || (o.save_interval && step % o.save_interval == 0)))
