@@ -274,7 +274,7 @@ int moe_cmd_inspect(int argc, char **argv) {
     }
     struct stat sb;
     if (stat(argv[0], &sb) != 0) {
-        fprintf(stderr, "moe inspect: cannot read %s\n", argv[0]);
+        fprintf(stderr, "moe inspect: cannot read %s: %s\n", argv[0], strerror(errno));
         return 1;
     }
     if (!S_ISDIR(sb.st_mode)) return print_file(argv[0]) ? 1 : 0;

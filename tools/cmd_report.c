@@ -7,6 +7,7 @@
 #include "io/data.h"
 
 #include <cJSON.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -437,7 +438,7 @@ int moe_cmd_report(int argc, char **argv) {
     size_t len;
     char *text = slurp(path, &len);
     if (!text) {
-        fprintf(stderr, "moe report: cannot read %s\n", path);
+        fprintf(stderr, "moe report: cannot read %s: %s\n", path, strerror(errno));
         return 1;
     }
     series s;
