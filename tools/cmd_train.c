@@ -518,8 +518,7 @@ int moe_cmd_train(int argc, char **argv) {
     /* the options against the grid: every MoE layer's experts split over the expert group,
      * the global batch over the data-parallel processes (the trainer checks it again) */
     if (ready == MOE_OK) ready = moe_model_config_validate(&o.model);
-    int dp = o.model.moe.ep_replicated && d->ep > 1 ? d->edp : d->world_size;
-    if (ready == MOE_OK) ready = moe_train_check_dp_batch(&o.train, dp);
+    if (ready == MOE_OK) ready = moe_train_check_dp_batch(&o.train, o.model.moe.ep_replicated, d);
     if ((src = setup_outcome(d, ready != MOE_OK ? 2 : 0))) return src;
     const char *data = o.data_path[0] ? o.data_path : DEFAULT_DATA;
     char path[MOE_PATH_MAX + 16];

@@ -194,8 +194,12 @@ static int replicated(const moe_trainer *t) {
 static moe_comm *data_comm(const moe_trainer *t) {
     return replicated(t) ? t->dist->expert_data : t->dist->world;
 }
+/* The data-parallel processes of d (NULL or one rank: one), as data_comm's group. */
+static int data_procs(const moe_dist *d, int ep_replicated) {
+    return !d || d->world_size < 2 ? 1 : ep_replicated && d->ep > 1 ? d->edp : d->world_size;
+}
 static int data_size(const moe_trainer *t) {
-    return !t->dist ? 1 : replicated(t) ? t->dist->edp : t->dist->world_size;
+    return data_procs(t->dist, moe_model_get_config(t->model)->moe.ep_replicated);
 }
 static int data_rank(const moe_trainer *t) {
     return !t->dist ? 0 : replicated(t) ? t->dist->edp_rank : t->dist->world_rank;
@@ -260,7 +264,9 @@ static moe_status reduce_grads(moe_trainer *t) {
     return st;
 }
 
-moe_status moe_train_check_dp_batch(const moe_train_config *c, int dp) {
+moe_status moe_train_check_dp_batch(const moe_train_config *c, int ep_replicated,
+                                    const moe_dist *d) {
+    int dp = data_procs(d, ep_replicated);
     MOE_CHECK(c->global_batch % (c->micro_batch * dp) == 0,
               "global-batch-size (%d) must be a multiple of micro-batch-size (%d) times the %d "
               "data-parallel processes", c->global_batch, c->micro_batch, dp);
@@ -268,14 +274,9 @@ moe_status moe_train_check_dp_batch(const moe_train_config *c, int dp) {
 }
 
 moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d) {
-    const moe_train_config *c = &t->cfg;
-    int W = 1;
-    if (d && d->world_size > 1) {
-        t->dist = d;
-        W = data_size(t);
-    }
     t->dist = NULL;
-    MOE_TRY(moe_train_check_dp_batch(c, W));
+    MOE_TRY(moe_train_check_dp_batch(&t->cfg, moe_model_get_config(t->model)->moe.ep_replicated,
+                                     d));
     t->dist = d && d->world_size > 1 ? d : NULL;
     if (t->dist && t->gpu)
         return moe_set_error(MOE_ERR_INVALID, "data and expert parallelism run on the CPU so far "

@@ -36,9 +36,11 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *m);
  * share of the global batch's micro-batches; gradients are summed over the ranks holding the
  * same parameters; losses, counts and the gradient norm are those of the global batch. */
 moe_status moe_trainer_set_dist(moe_trainer *t, moe_dist *d);
-/* The global batch splits into micro-batches over dp data-parallel processes (set_dist checks
- * it; a distributed run's set-up, before anything is loaded). */
-moe_status moe_train_check_dp_batch(const moe_train_config *c, int dp);
+/* The global batch splits into micro-batches over d's data-parallel processes (every rank,
+ * or with ep_replicated the expert-data-parallel group): set_dist checks it, and a distributed
+ * run's set-up before anything is loaded. */
+moe_status moe_train_check_dp_batch(const moe_train_config *c, int ep_replicated,
+                                    const moe_dist *d);
 /* Fault injection for tests: "KIND@STEP" or "KIND@FIRST-LAST", comma-separated, KIND one of
  * nan-loss, inf-loss, nan-grad, inf-grad (a NaN/Inf written into the loss or into one
  * gradient element of those steps, 1-based). "" clears; t NULL: only checks spec. */
