@@ -607,8 +607,8 @@ static void test_sampling(void **state) {
     assert_int_equal(moe_sample(bad, 4, 1, 0, 1, 0.5), -1);
     bad[2] = 0;
     assert_int_equal(moe_sample(bad, 4, 1, 0, 1, 0.99), 2);
-    assert_int_equal(moe_sample(bad, 0, 1, 0, 1, 0.5), -1); /* no logits at all */
-    assert_int_equal(moe_sample(bad, 0, 0, 0, 1, 0.5), -1);
+    assert_int_equal(moe_sample(lg, 0, 1, 0, 1, 0.5), -1); /* no logits at all */
+    assert_int_equal(moe_sample(lg, 0, 0, 0, 1, 0.5), -1);
 }
 
 /* The trainer's gradient norm is the norm of the backward's gradients (against a long double
