@@ -97,7 +97,7 @@ typedef enum {
 
 typedef enum {
     MOE_DROP_PROBS = 0,    /* per expert, keep the C slots with the largest routing weight */
-    MOE_DROP_POSITION = 1, /* keep the first C slots, all first choices before second ones */
+    MOE_DROP_POSITION = 1, /* keep the C slots of the earliest tokens, whichever choice */
 } moe_drop_policy;
 
 typedef enum {

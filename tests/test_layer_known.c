@@ -3,6 +3,7 @@
 #include "test_util.h"
 
 #include "moe.h"
+#include "moe/layer_internal.h"
 
 #include <math.h>
 #include <setjmp.h>
@@ -287,6 +288,39 @@ static void test_capacity_arithmetic(void **state) {
     }
 }
 
+/* The capacity ceiling is exact for decimal factors, against integer arithmetic on the
+ * factor's digits: ceil(num * Tv * k / (den * E)), on fresh random sizes (Tv up to 2^24, where
+ * a relative tolerance of 1e-6 would swallow up to 500 slots) and on sizes a relative
+ * tolerance rounded down. */
+static void test_capacity_ceil(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    const struct {
+        const char *text;
+        int64_t num, den;
+    } cf[] = {{"0.5", 1, 2},    {"1", 1, 1},     {"1.1", 11, 10},   {"1.25", 5, 4},
+              {"1.37", 137, 100}, {"2.05", 41, 20}, {"0.3", 3, 10}, {"3.999", 3999, 1000}};
+    float u[4 * 400];
+    tu_fill(u, 4 * 400, seed, 99, 0, 1);
+    for (int i = 0; i < 400; i++) {
+        int c = i % 8, k = 1 + (int)(u[4 * i + 1] * 8), E = 1 + (int)(u[4 * i + 2] * 512);
+        int64_t Tv = 1 + (int64_t)(u[4 * i] * (1 << 24));
+        if (i % 3 == 0) Tv = Tv / (cf[c].den * E) * (cf[c].den * E); /* whole numbers too */
+        if (Tv < 1) Tv = 1;
+        int64_t want = (cf[c].num * Tv * k + cf[c].den * E - 1) / (cf[c].den * E);
+        int64_t got = moe_capacity_ceil(strtof(cf[c].text, NULL), Tv, k, E);
+        if (got != want)
+            fail_msg("cf %s, Tv %lld, k %d, E %d: %lld, expected %lld", cf[c].text, (long long)Tv,
+                     k, E, (long long)got, (long long)want);
+    }
+    assert_int_equal(moe_capacity_ceil(1.0f, 1048577, 1, 64), 16385);
+    assert_int_equal(moe_capacity_ceil(1.0f, 1048833, 1, 256), 4098);
+    assert_int_equal(moe_capacity_ceil(1.0f, 20000001, 6, 160), 750001);
+    assert_int_equal(moe_capacity_ceil(1.1f, 2500, 1, 10), 275); /* 275.00000000000006 in double */
+    assert_int_equal(moe_capacity_ceil(1e-30f, 1000, 2, 8), 1);
+    assert_int_equal(moe_capacity_ceil(1e30f, 1000, 2, 8), INT64_MAX);
+}
+
 /* Fake balanced gate, noise 0: slot j of the n-th valid token goes to ((n*k + j) mod A) +
  * skip with A = E - skip, weight route_scale / k. E = 5, skip 1, k = 2, token 1 masked. */
 static void test_fake_round_robin(void **state) {
@@ -453,6 +487,7 @@ int main(void) {
         cmocka_unit_test(test_group_score_max), cmocka_unit_test(test_pre_post_softmax),
         cmocka_unit_test(test_ties_lower_index),       cmocka_unit_test(test_sinkhorn),
         cmocka_unit_test(test_capacity_positions),     cmocka_unit_test(test_capacity_arithmetic),
+        cmocka_unit_test(test_capacity_ceil),
         cmocka_unit_test(test_fake_round_robin),       cmocka_unit_test(test_bias_update_sign),
         cmocka_unit_test(test_random_routing),         cmocka_unit_test(test_expert_choice),
         cmocka_unit_test(test_aux_and_z_values),       cmocka_unit_test(test_mask),

@@ -5,13 +5,35 @@
 #include "moe/layer_internal.h"
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+int64_t moe_capacity_ceil(float cf, int64_t Tv, int k, int E) {
+    double est = (double)cf * (double)Tv * k / E;
+    if (est >= 0x1p62) return INT64_MAX;
+    if (est < 0.5) return 1; /* the exact value is in (0, 1) */
+    char buf[32];
+    int digits = 1;
+    for (; digits < 9; digits++) { /* 9 significant digits read back as any float */
+        snprintf(buf, sizeof buf, "%.*e", digits - 1, (double)cf);
+        if (strtof(buf, NULL) == cf) break;
+    }
+    snprintf(buf, sizeof buf, "%.*e", digits - 1, (double)cf);
+    uint64_t num = 0;
+    const char *s = buf;
+    for (; *s && *s != 'e'; s++)
+        if (*s != '.') num = num * 10 + (uint64_t)(*s - '0');
+    int q = atoi(s + 1) - (digits - 1); /* cf = num * 10^q */
+    unsigned __int128 a = (unsigned __int128)num * (uint64_t)Tv * (uint64_t)k, b = (uint64_t)E;
+    for (; q > 0; q--) a *= 10; /* est < 2^62 bounds both: a < 2^62 E, b < 2^100 */
+    for (; q < 0; q++) b *= 10;
+    return (int64_t)((a + b - 1) / b);
+}
 
 int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const int64_t *counts) {
     if (c->capacity_factor == 0 || Tv == 0) return 0;
-    /* The relative tolerance keeps decimal factors exact: 1.1 * 10 gives 11, not 12. */
-    double v = fabs((double)c->capacity_factor) * (double)Tv * k / c->n_experts;
-    int64_t C = (int64_t)ceil(v * (1.0 - 1e-6));
+    int64_t C = moe_capacity_ceil(fabsf(c->capacity_factor), Tv, k, c->n_experts);
     if (C < c->min_capacity) C = c->min_capacity;
     if (c->capacity_factor > 0) return (int)(C < Tv ? C : Tv);
     int64_t mx = 0;
@@ -42,7 +64,7 @@ void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
         if (slot_expert[s] >= 0) off[slot_expert[s] + 1]++;
     for (int e = 0; e < E; e++) off[e + 1] += off[e];
     /* Candidates of each expert in priority order: position, by token (Megatron's and
-     * DeepSpeed's: the tokens at the end of the batch are dropped, whichever choice the expert
+     * DeepSpeed's topkgating: the tokens at the end of the batch are dropped, whichever choice the expert
      * is for them); probs, (j, t) before the stable sort by weight, so ties go to first
      * choices. */
     int32_t *fill = tmp;

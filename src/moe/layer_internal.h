@@ -194,9 +194,13 @@ void moe_balance_backward(moe_layer *L);
 
 /* dispatch.c */
 void moe_dispatch_plan(moe_layer *L);
+/* ceil(cf * Tv * k / E) exactly, cf (> 0) taken as the shortest decimal that reads back as it
+ * (1.1f is 1.1, so 1.1 * 10 slots is 11); INT64_MAX from 2^62. */
+int64_t moe_capacity_ceil(float cf, int64_t Tv, int k, int E);
 int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const int64_t *counts);
 /* Clears kept[s] of the slots (s = t k + j) each expert drops under capacity C: candidates in
- * priority order (j, t), or by weight (stable) for the probs policy. scratch: E + 1 + 2 T k. */
+ * priority order by token (position policy), or by weight, stable over (j, t) (probs policy).
+ * scratch: E + 1 + 2 T k. */
 void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
                        const int32_t *slot_expert, const float *slot_w, uint8_t *kept,
                        int32_t *scratch);
