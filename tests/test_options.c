@@ -241,11 +241,22 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(parse(&o, warm, 6), MOE_OK);
     assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_TRAIN), MOE_OK);
 
-    /* Hugging Face's coefficient: its loss is k times Megatron's, so the coefficient is k times
-     * smaller for the same pull */
-    const char *hf_aux[] = {"--moe-router-topk", "3", "--router-aux-loss-coef", "0.01"};
-    assert_int_equal(parse(&o, hf_aux, 4), MOE_OK);
+    /* Hugging Face's coefficient: its loss is k times Megatron's, and one loss over all MoE
+     * layers where ours adds the layers' losses, so the coefficient is k / (MoE layers) times
+     * ours for the same pull: 6 layers, the first dense, every second one MoE (2 and 4) */
+    const char *hf_aux[] = {"--moe-router-topk", "3", "--router-aux-loss-coef", "0.01",
+                            "--num-layers", "6", "--first-k-dense", "1", "--moe-layer-freq", "2"};
+    assert_int_equal(parse(&o, hf_aux, 10), MOE_OK);
     assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_float_equal(o.layer.aux_coeff, 0.015f, 1e-7);
+    assert_float_equal(o.model.moe.aux_coeff, 0.015f, 1e-7);
+    hf_aux[7] = "0", hf_aux[9] = "1"; /* all 6 */
+    assert_int_equal(parse(&o, hf_aux, 10), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_float_equal(o.layer.aux_coeff, 0.005f, 1e-7);
+    /* a layer alone (moe bench layer): k times */
+    assert_int_equal(parse(&o, hf_aux, 4), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, 0), MOE_OK);
     assert_float_equal(o.layer.aux_coeff, 0.03f, 1e-7);
     /* the two set one value: the later wins, on one command line or over a config file */
     const char *two_aux[] = {"--moe-router-topk", "3", "--router-aux-loss-coef", "0.01",
@@ -257,7 +268,7 @@ static void test_finish_combinations(void **state) {
     const char *over_file[] = {"--config", aux_file, "--router-aux-loss-coef", "0.01"};
     assert_int_equal(parse(&o, over_file, 4), MOE_OK);
     assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
-    assert_float_equal(o.layer.aux_coeff, 0.03f, 1e-7);
+    assert_float_equal(o.layer.aux_coeff, 0.0075f, 1e-7); /* k = 3 over the default 4 layers */
     unlink(aux_file);
 
     /* Megatron: moe-ffn-hidden-size not given is ffn-hidden-size */

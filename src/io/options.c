@@ -161,8 +161,9 @@ static const opt_def opts[] = {
     {"moe-aux-loss-coeff", "moe-loss-coeff aux-loss-alpha", OPT_FLOAT,
      L(aux_coeff), 0, BIG, NULL, BALANCE, "aux loss coefficient: loss = nll + coeff * aux", 0},
     {"router-aux-loss-coef", NULL, OPT_FLOAT, O(aux_coeff_hf), 0, BIG, NULL, BALANCE,
-     "Hugging Face's aux loss coefficient: its loss sums the k choices' counts without the 1/k, "
-     "so this sets moe-aux-loss-coeff to k times the value", 1},
+     "Hugging Face's aux loss coefficient: its one loss over all MoE layers sums the k choices' "
+     "counts without the 1/k, so this sets moe-aux-loss-coeff (per layer) to k / (MoE layers) "
+     "times the value", 1},
     {"moe-z-loss-coeff", "router-z-loss-coef", OPT_FLOAT, L(z_coeff), 0, BIG, NULL, BALANCE,
      "router z-loss coefficient", 0},
 
@@ -841,7 +842,14 @@ moe_status moe_options_finish(moe_options *o, int parts) {
                                  router_choices[c->router].name);
         c->router = MOE_ROUTER_FAKE_BALANCED;
     }
-    if (given(o, O(aux_coeff_hf))) c->aux_coeff = o->aux_coeff_hf * (float)c->topk;
+    if (given(o, O(aux_coeff_hf))) { /* Hugging Face: one loss over every MoE layer's tokens */
+        int n_moe = 0;
+        moe_model_config m = o->model;
+        m.moe = *c;
+        for (int l = 0; (parts & MOE_OPTIONS_MODEL) && l < m.n_layers; l++)
+            n_moe += moe_model_layer_experts(&m, l) > 0;
+        c->aux_coeff = o->aux_coeff_hf * (float)c->topk / (float)(n_moe > 0 ? n_moe : 1);
+    }
     /* Balancing losses apply to the learned top-k router only; the others balance by
      * construction, so the default loss type is dropped silently unless a coefficient asks
      * for it (validation then names the conflict). */
