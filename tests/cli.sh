@@ -8,6 +8,11 @@ expect() { # expect CODE command...: runs it, checks the exit code, keeps stdout
   "$@" >"$tmp/out" 2>&1; rc=$?
   [ "$rc" = "$code" ] || { cat "$tmp/out"; fail "'$*' exited $rc, expected $code"; }
 }
+unused() { # unused 'LINE' COMMAND...: exit 2 with that one line
+  line=$1; shift
+  expect 2 "$@"
+  [ "$(cat "$tmp/out")" = "$line" ] || fail "'$*': '$(cat "$tmp/out")', expected '$line'"
+}
 expect 0 "$moe" --version
 grep -q "^moe [0-9]*\.[0-9]*\.[0-9]*$" "$tmp/out" || fail "--version output: $(cat "$tmp/out")"
 expect 0 "$moe" --help
@@ -165,11 +170,6 @@ grep -q "runs on the CPU" "$tmp/out" || fail "demo --device cuda: $(cat "$tmp/ou
 # A flag that the command does not read is a usage error, one line naming it as given (exit 2),
 # not silently ignored. Each command below would fail fast if it took the flag (no checkpoint,
 # no model directory, k > E, --print-config).
-unused() { # unused 'LINE' COMMAND...: exit 2 with that one line
-  line=$1; shift
-  expect 2 "$@"
-  [ "$(cat "$tmp/out")" = "$line" ] || fail "'$*': '$(cat "$tmp/out")', expected '$line'"
-}
 bad_k="--num-experts 4 --moe-router-topk 5"
 unused "moe train: --prompt is not used by this command" "$moe" train --prompt hi --print-config
 unused "moe generate: --train-iters is not used by this command" \
