@@ -482,6 +482,26 @@ wait $pid; rc=$?
 # shellcheck disable=SC2086
 expect 2 "$moe" train $tiny --save "$tmp/a"
 grep -q "already holds a checkpoint" "$tmp/out" || fail "overwrite guard: $(cat "$tmp/out")"
+# ... also when its 'latest' file is gone (the newest step-N stands for it), or when it holds
+# only metrics.jsonl; the newest checkpoint resumes, named with a trailing slash too
+cp -r "$tmp/b" "$tmp/nl"; rm "$tmp/nl/latest"; ls -R "$tmp/nl" >"$tmp/nl.files"
+cp "$tmp/nl/metrics.jsonl" "$tmp/nl.m"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $tiny --save "$tmp/nl"
+grep -q "already holds checkpoints (no 'latest' file); resume with --load .*nl/step-00000012" \
+  "$tmp/out" || fail "no latest, fresh run: $(cat "$tmp/out")"
+expect 2 "$moe" train --load "$tmp/nl/step-00000006"
+grep -q "no 'latest' file and .*step-00000006 is not its newest checkpoint" "$tmp/out" ||
+  fail "no latest, older checkpoint: $(cat "$tmp/out")"
+ls -R "$tmp/nl" | cmp -s "$tmp/nl.files" - && cmp -s "$tmp/nl.m" "$tmp/nl/metrics.jsonl" ||
+  fail "a refused run changed a run directory without 'latest'"
+mkdir "$tmp/mo"; cp "$tmp/nl.m" "$tmp/mo/metrics.jsonl"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $tiny --save "$tmp/mo"
+grep -q "holds a run's files (metrics.jsonl) but no checkpoint" "$tmp/out" &&
+  cmp -s "$tmp/nl.m" "$tmp/mo/metrics.jsonl" || fail "metrics only: $(cat "$tmp/out")"
+expect 0 "$moe" train --load "$tmp/nl/step-00000012/" --train-iters 13
+[ "$(cat "$tmp/nl/latest")" = "step-00000013" ] || fail "resume from the newest without latest"
 # bad input: one clear line, non-zero exit, nothing saved is lost
 cp -r "$tmp/a/step-00000012" "$tmp/keep"
 head -c 3000 "$tmp/a/step-00000012/model.safetensors" >"$tmp/trunc.st"

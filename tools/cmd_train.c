@@ -405,7 +405,23 @@ static moe_status choose_save_dir(moe_options *o, const char *ckpt, const char *
                              "directories; choose another --save", o->save, model);
     snprintf(latest, sizeof latest, "%s/latest", o->save);
     struct stat sb;
-    if (!o->save[0] || stat(latest, &sb) != 0) return MOE_OK;
+    if (!o->save[0]) return MOE_OK;
+    if (stat(latest, &sb) != 0) { /* no 'latest' (lost, or never written): the newest step-N */
+        const char *run = moe_checkpoint_run_marker(o->save);
+        int newest = moe_checkpoint_newest_step(o->save);
+        snprintf(latest, sizeof latest, "%s/step-%08d", o->save, newest);
+        if (!run || (ckpt[0] && newest >= 0 && same_file(latest, ckpt))) return MOE_OK;
+        if (newest < 0)
+            return moe_set_error(MOE_ERR_INVALID, "%s already holds a run's files (%s) but no "
+                                 "checkpoint: choose another --save", o->save, run);
+        if (!ckpt[0])
+            return moe_set_error(MOE_ERR_INVALID, "%s already holds checkpoints (no 'latest' "
+                                 "file); resume with --load %s, or choose another --save",
+                                 o->save, latest);
+        return moe_set_error(MOE_ERR_INVALID, "%s has no 'latest' file and %s is not its newest "
+                             "checkpoint (%s): resume it into another run directory with --save",
+                             o->save, ckpt, latest);
+    }
     if (!ckpt[0])
         return moe_set_error(MOE_ERR_INVALID, "%s already holds a checkpoint; resume with --load "
                              "%s, or choose another --save", o->save, o->save);

@@ -241,11 +241,29 @@ moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *
 }
 
 int moe_checkpoint_run_dir(const char *ckpt, char *out, size_t cap) {
-    const char *slash = strrchr(ckpt, '/'), *base = slash ? slash + 1 : ckpt;
+    int n = (int)strlen(ckpt);
+    while (n > 1 && ckpt[n - 1] == '/') n--; /* "RUN/step-N/" is "RUN/step-N" */
+    const char *slash = ckpt + n - 1;
+    while (slash >= ckpt && *slash != '/') slash--;
+    char base[64];
+    if (n - (int)(slash + 1 - ckpt) >= (int)sizeof base) return -1;
+    snprintf(base, sizeof base, "%.*s", n - (int)(slash + 1 - ckpt), slash + 1);
     if (ckpt_step(base) < 0) return -1;
-    if (!slash) snprintf(out, cap, ".");
+    if (slash < ckpt) snprintf(out, cap, ".");
     else snprintf(out, cap, "%.*s", slash == ckpt ? 1 : (int)(slash - ckpt), ckpt);
     return 0;
+}
+
+int moe_checkpoint_newest_step(const char *dir) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int newest = -1;
+    while (d && (e = readdir(d))) {
+        int step = ckpt_step(e->d_name);
+        newest = step > newest ? step : newest;
+    }
+    if (d) closedir(d);
+    return newest;
 }
 
 const char *moe_checkpoint_run_marker(const char *dir) {

@@ -73,6 +73,8 @@ const char *moe_checkpoint_run_marker(const char *dir);
 /* The run directory holding checkpoint directory ckpt (its parent, when ckpt is a step-N
  * directory) into out; -1 when ckpt is not in one. */
 int moe_checkpoint_run_dir(const char *ckpt, char *out, size_t cap);
+/* The step of the newest step-N directory in dir, or -1 when there is none. */
+int moe_checkpoint_newest_step(const char *dir);
 /* The options text stored in a checkpoint (malloc'ed). */
 moe_status moe_checkpoint_config(const char *ckpt, char **config_text);
 /* Loads parameters (by name, shapes checked) and, if t is not NULL, the trainer state. */
