@@ -1,6 +1,8 @@
 """Writes a malformed copy of a Hugging Face directory (one model.safetensors) for the error
 tests: usage: hf_malform.py SRC OUT KIND, KIND one of header-beyond, overlap, out-of-range,
-shape, dtype, duplicate."""
+shape, dtype, duplicate, or a tensor added: extra (one the model lacks: q_proj's bias), and
+the ones a loader leaves unused, which are accepted: inv-freq (a RoPE buffer), mtp (a layer
+past num_hidden_layers, as DeepSeek-V3's multi-token prediction module)."""
 import json, struct, sys, shutil, os
 src, out, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 shutil.copytree(src, out)
@@ -19,6 +21,12 @@ if kind == "shape":
     t = h["model.layers.0.self_attn.q_proj.weight"]; t["shape"] = [t["shape"][1], t["shape"][0]] if t["shape"][0] != t["shape"][1] else [t["shape"][0] // 2, t["shape"][1] * 2]
 if kind == "dtype":
     t = h["model.norm.weight"]; t["dtype"] = "I32"
+added = {"extra": "model.layers.0.self_attn.q_proj.bias",
+         "inv-freq": "model.layers.0.self_attn.rotary_emb.inv_freq",
+         "mtp": "model.layers.%d.mlp.gate.weight" % json.load(open(out + "/config.json"))["num_hidden_layers"]}
+if kind in added:
+    h[added[kind]] = {"dtype": "F32", "shape": [4], "data_offsets": [len(data), len(data) + 16]}
+    data += struct.pack("<4f", 1, 2, 3, 4)
 text = json.dumps(h)
 if kind == "duplicate":
     k = names[0]; entry = json.dumps(h[k])

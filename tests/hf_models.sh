@@ -73,6 +73,7 @@ done >>"$tmp/models.tsv"
   printf '%s\tF32\t1\t%s\t70000\n' "$tmp/big" "$seed"
   printf '%s\tBF16\t2\t%s\t300\n' "$tmp/mv" "$seed"
   printf '%s\tF32\t1\t%s\t300\tqwen2_moe\n' "$tmp/qv" "$seed"
+  printf '%s\tF32\t1\t%s\t97\tqwen2_moe\t{"shared_expert_intermediate_size": 0, "mlp_only_layers": null}\n' "$tmp/q0" "$seed"
 } >>"$tmp/models.tsv"
 /usr/bin/python3 "$src/tests/hf_models.py" --batch "$tmp/models.tsv" || fail "writing the models"
 set -f; IFS=$nl
@@ -247,6 +248,26 @@ want="4 70000 2: $(ids_of "$tmp/big" 2 "the <big> cat
   --global-batch-size 1 --train-iters 2 >"$tmp/out" 2>&1 || fail "fine-tune on 32-bit tokens: $(tail -3 "$tmp/out")"
 "$moe" generate --model "$tmp/mBF16" --prompt "the cat" >"$tmp/out" 2>&1 && fail "--prompt without tokenizer.json"
 grep -q "has no tokenizer.json: give token ids with --ids" "$tmp/out" || fail "no-tokenizer message: $(cat "$tmp/out")"
+
+# Qwen2-MoE without a shared expert (width 0; mlp_only_layers null is transformers' []): read
+# as Hugging Face computes it, and written as qwen2_moe with that class's empty shared expert
+# and a zero gate, which give the same logits
+logits_match "$tmp/q0" "qwen2_moe without a shared expert"
+"$moe" convert --model "$tmp/q0" --to hf "$tmp/xq0" >"$tmp/out" 2>&1 && grep -q "(qwen2_moe, " "$tmp/out" ||
+  fail "convert qwen2_moe without a shared expert: $(cat "$tmp/out")"
+"$moe" eval --model "$tmp/xq0" --ids "$(cat "$tmp/q0/ids.txt")" --dump-logits "$tmp/xq0.npy" >"$tmp/out" 2>&1 &&
+  cmp -s "$tmp/xq0.npy" "$tmp/q0/out.npy" || fail "converted qwen2_moe without a shared expert: other logits"
+/usr/bin/python3 - "$tmp/xq0/model.safetensors" <<'PY' || fail "the empty shared expert's tensors"
+import json, struct, sys
+import numpy as np
+b = open(sys.argv[1], "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+for l in range(2):
+    p = "model.layers.%d.mlp." % l
+    shapes = [h[p + q + ".weight"]["shape"] for q in ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate")]
+    assert shapes == [[0, 32], [0, 32], [32, 0], [1, 32]], shapes
+    o = h[p + "shared_expert_gate.weight"]["data_offsets"]
+    assert not np.frombuffer(b[8 + n + o[0]:8 + n + o[1]], np.float32).any()
+PY
 
 # export: moe convert --model DIR --to hf OUT writes the same tensors (as F32) under the same
 # names, and OUT gives bitwise the same logits
@@ -536,6 +557,19 @@ for v in "header-beyond:header length [0-9]* exceeds the file" "overlap:overlap"
   /usr/bin/python3 "$src/tests/hf_malform.py" "$tmp/mF32" "$tmp/bad" "$kind" || fail "writing $kind"
   bad "$kind" "$want"
 done
+# a tensor the model lacks is refused (loading without it computes another model); those that
+# Hugging Face's classes leave unused are not, and change nothing
+rm -rf "$tmp/bad"; /usr/bin/python3 "$src/tests/hf_malform.py" "$tmp/mF32" "$tmp/bad" extra || fail "writing extra"
+bad "extra tensor" "holds model.layers.0.self_attn.q_proj.bias, which the model that its config.json describes does not have"
+for kind in inv-freq mtp; do
+  rm -rf "$tmp/bad"; /usr/bin/python3 "$src/tests/hf_malform.py" "$tmp/mF32" "$tmp/bad" $kind || fail "writing $kind"
+  "$moe" eval --model "$tmp/bad" --ids "$(cat "$tmp/mF32/ids.txt")" --dump-logits "$tmp/bad.npy" >"$tmp/out" 2>&1 ||
+    fail "$kind: $(cat "$tmp/out")"
+  cmp -s "$tmp/bad.npy" "$tmp/mF32/out.npy" || fail "$kind: other logits"
+done
+# a key twice in config.json: refused (transformers takes the last value, cJSON the first)
+fresh F32; sed -i 's/"num_experts_per_tok": 2,/"num_experts_per_tok": 1, "num_experts_per_tok": 2,/' "$tmp/bad/config.json"
+bad "duplicate key" 'config.json: key "num_experts_per_tok" appears twice in one object'
 "$moe" eval --model "$tmp/mF32" --ids 1,200 >"$tmp/out" 2>&1 && fail "id beyond the vocabulary accepted"
 grep -q "not a token id below the vocabulary size 97" "$tmp/out" || fail "ids message: $(cat "$tmp/out")"
 echo "hf_models: ok"

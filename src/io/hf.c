@@ -188,6 +188,7 @@ static moe_status qwen_layout(const cJSON *j) {
     MOE_TRY(get_bool(j, "use_sliding_window", 0, &window));
     MOE_TRY(get_int(j, "decoder_sparse_step", 1, 1 << 16, 1, &step));
     const cJSON *dense = cJSON_GetObjectItemCaseSensitive(j, "mlp_only_layers");
+    if (cJSON_IsNull(dense)) dense = NULL; /* transformers: None is [] */
     if (window || step != 1 || (dense && (!cJSON_IsArray(dense) || cJSON_GetArraySize(dense))))
         return moe_set_error(MOE_ERR_FORMAT, "config.json: sliding-window attention, "
                              "decoder_sparse_step > 1 and mlp_only_layers are not supported");
@@ -330,7 +331,20 @@ static const hf_family *find_family(const char *type) {
     return NULL;
 }
 
-/* DIR/name as a JSON object (path receives the file's path, for messages). */
+/* A key that some object in j holds twice, or NULL. */
+static const char *duplicate_key(const cJSON *j) {
+    for (const cJSON *a = j ? j->child : NULL; a; a = a->next) {
+        for (const cJSON *b = a->next; cJSON_IsObject(j) && b; b = b->next)
+            if (!strcmp(a->string, b->string)) return a->string;
+        const char *inner = duplicate_key(a);
+        if (inner) return inner;
+    }
+    return NULL;
+}
+
+/* DIR/name as a JSON object (path receives the file's path, for messages); an object with a
+ * key twice is refused, as readers disagree on which value counts (Python's json, and so
+ * transformers, takes the last; cJSON the first). */
 static moe_status read_json(const char *dir, const char *name, char *path, size_t cap,
                             cJSON **out) {
     char *text;
@@ -343,6 +357,13 @@ static moe_status read_json(const char *dir, const char *name, char *path, size_
     if (!cJSON_IsObject(j)) {
         cJSON_Delete(j);
         return moe_set_error(MOE_ERR_FORMAT, "%s: not a JSON object", path);
+    }
+    const char *twice = duplicate_key(j);
+    if (twice) {
+        moe_status st = moe_set_error(MOE_ERR_FORMAT, "%s: key \"%s\" appears twice in one "
+                                      "object", path, twice);
+        cJSON_Delete(j);
+        return st;
     }
     *out = j;
     return MOE_OK;
@@ -451,8 +472,31 @@ void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t 
     snprintf(buf, cap, "%.*sblock_sparse_moe.%s", (int)(mlp - ours) + 1, ours, rest);
 }
 
-static void rename_hf(const char *ours, char *buf, size_t cap, const void *family) {
-    moe_hf_tensor_name(family, ours, buf, cap);
+/* Tensors of a Hugging Face model that its class leaves unused, or that contribute nothing:
+ * derived RoPE buffers, layers past num_hidden_layers (DeepSeek-V3's multi-token prediction
+ * module), the selection biases (loaded by moe_hf_load first), a tied model's lm_head, and
+ * Qwen2-MoE's zero-width shared expert and its gate. Any other tensor the model lacks is an
+ * error: loading without it would compute another model than the file's. */
+typedef struct {
+    const char *family;
+    const moe_model_config *c;
+} hf_load_ctx;
+
+static void rename_hf_load(const char *ours, char *buf, size_t cap, const void *ctx) {
+    moe_hf_tensor_name(((const hf_load_ctx *)ctx)->family, ours, buf, cap);
+}
+
+static int unused_hf(const char *name, const void *ctx) {
+    const hf_load_ctx *a = ctx;
+    int layer, at = 0;
+    size_t n = strlen(name), inv = strlen(".rotary_emb.inv_freq");
+    if (n > inv && !strcmp(name + n - inv, ".rotary_emb.inv_freq")) return 1;
+    if (sscanf(name, "model.layers.%d.%n", &layer, &at) == 1 && at > 0 && layer >= a->c->n_layers)
+        return 1;
+    if (a->c->moe.enable_expert_bias && strstr(name, ".mlp.gate.e_score_correction_bias")) return 1;
+    if (a->c->tie_embeddings && !strcmp(name, "lm_head.weight")) return 1;
+    return !strcmp(a->family, "qwen2_moe") && a->c->moe.shared_ffn == 0 &&
+           (strstr(name, ".mlp.shared_expert.") || strstr(name, ".mlp.shared_expert_gate."));
 }
 
 /* Each MoE layer's selection bias copied to (to_model 0) or from (1) buf, layer after layer. */
@@ -470,7 +514,9 @@ static void copy_biases(moe_model *m, float *buf, int to_model) {
 
 moe_status moe_hf_load(const char *dir, const char *family, moe_model *m) {
     const moe_model_config *c = moe_model_get_config(m);
-    if (!c->moe.enable_expert_bias) return moe_checkpoint_load_params(dir, m, rename_hf, family);
+    hf_load_ctx a = {family, c};
+    if (!c->moe.enable_expert_bias)
+        return moe_checkpoint_load_params(dir, m, rename_hf_load, unused_hf, &a);
     /* DeepSeek-V3's selection bias (e_score_correction_bias of each MoE layer) first, the old
      * one kept: each load reads everything before it sets anything, so a failure of the
      * parameters' puts the bias back and nothing has changed */
@@ -481,7 +527,7 @@ moe_status moe_hf_load(const char *dir, const char *family, moe_model *m) {
     copy_biases(m, old, 0);
     moe_status st = moe_checkpoint_load_expert_bias(
         dir, m, "model.layers.%d.mlp.gate.e_score_correction_bias");
-    if (st == MOE_OK) st = moe_checkpoint_load_params(dir, m, rename_hf, family);
+    if (st == MOE_OK) st = moe_checkpoint_load_params(dir, m, rename_hf_load, unused_hf, &a);
     if (st != MOE_OK) copy_biases(m, old, 1);
     free(old);
     return st;
@@ -561,8 +607,8 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
     else if (m->route_scale != 1.0f || m->n_groups > 1 || m->enable_expert_bias)
         bad = "no scaling factor, expert groups or expert bias";
     else if (m->residual || m->expert_bias) bad = "no Residual-MoE or expert biases";
-    else if (qwen2 ? !(m->shared_ffn && m->shared_gate) : m->shared_ffn != 0)
-        bad = qwen2 ? "a shared expert with a sigmoid gate is needed" : "no shared expert";
+    else if (qwen2 ? m->shared_ffn && !m->shared_gate : m->shared_ffn != 0)
+        bad = qwen2 ? "a shared expert needs a sigmoid gate" : "no shared expert";
     else if (qwen2 != (c->qkv_bias != 0))
         bad = qwen2 ? "q/k/v biases are needed" : "no q/k/v biases";
     else if (c->qk_norm != (qwen3 ? MOE_QK_NORM_HEAD : olmoe ? MOE_QK_NORM_WHOLE : MOE_QK_NORM_NONE))
@@ -757,6 +803,7 @@ static cJSON *family_config(const moe_model_config *c, const char *family, int s
 
 moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const char *base) {
     const moe_model_config *c = moe_model_get_config(m);
+    int qwen2 = !strcmp(family, "qwen2_moe");
     char why[256];
     if (!moe_hf_compatible(c, family, why, sizeof why))
         return moe_set_error(MOE_ERR_INVALID, "cannot write a %s model: %s", family, why);
@@ -782,10 +829,11 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const 
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
     if (!text) return moe_set_error(MOE_ERR_NOMEM, "out of memory for config.json");
-    int n = moe_model_n_tensors(m), total = n + c->n_layers;
+    int n = moe_model_n_tensors(m), total = n + 4 * c->n_layers;
     moe_st_entry *e = calloc((size_t)total, sizeof *e);
     char (*names)[160] = calloc((size_t)total, sizeof *names);
-    moe_status s = e && names ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    float *zeros = calloc((size_t)c->d, sizeof *zeros);
+    moe_status s = e && names && zeros ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
     const float *p = moe_model_params(m);
     for (int i = 0; s == MOE_OK && i < n; i++) {
         const moe_tensor_info *t = moe_model_tensor(m, i);
@@ -802,6 +850,16 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const 
                               moe_layer_expert_bias(ml)};
         n++;
     }
+    /* Qwen2-MoE without a shared expert: Hugging Face's class has one of width 0 (config 0)
+     * and its gate; their tensors, empty and zero, make the checkpoint complete */
+    static const char *const empty[] = {"shared_expert.gate_proj", "shared_expert.up_proj",
+                                        "shared_expert.down_proj", "shared_expert_gate"};
+    for (int l = 0; s == MOE_OK && qwen2 && !c->moe.shared_ffn && l < c->n_layers; l++)
+        for (int i = 0; i < 4; i++, n++) {
+            snprintf(names[n], sizeof names[n], "model.layers.%d.mlp.%s.weight", l, empty[i]);
+            e[n] = (moe_st_entry){names[n], MOE_DT_F32, 2, {i == 2 ? c->d : i == 3, i == 2 ? 0 : c->d},
+                                  zeros};
+        }
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     const char *keys[] = {"format"}, *vals[] = {"pt"};
     if (s == MOE_OK) s = moe_st_write(path, e, n, keys, vals, 1);
@@ -809,6 +867,6 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const 
     const void *parts[] = {text, "\n"};
     size_t sizes[] = {strlen(text), 1};
     if (s == MOE_OK) s = moe_write_atomic(path, parts, sizes, 2);
-    free(text), free(e), free(names);
+    free(text), free(e), free(names), free(zeros);
     return s;
 }

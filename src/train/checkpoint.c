@@ -511,9 +511,7 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
 /* Parameters go to a copy first so that a failure leaves the model unchanged. */
 /* Every tensor is found and checked (files, names, shapes, types) before any is read, so that
  * a failure leaves the model unchanged without a second copy of the parameters. */
-static moe_status load_params(ckpt_reader *r, moe_model *m,
-                              void (*rename)(const char *, char *, size_t, const void *),
-                              const void *ctx) {
+static moe_status load_params(ckpt_reader *r, moe_model *m, rename_fn rename, const void *ctx) {
     moe_status s = MOE_OK;
     float *p = NULL;
     for (int pass = 0; pass < 2 && s == MOE_OK; pass++) {
@@ -526,16 +524,6 @@ static moe_status load_params(ckpt_reader *r, moe_model *m,
             s = reader_get(r, "model", name, name, ti->ndim, ti->shape, p ? p + ti->offset : NULL);
         }
     }
-    return s;
-}
-
-moe_status moe_checkpoint_load_params(const char *dir, moe_model *m,
-                                      void (*rename)(const char *, char *, size_t, const void *),
-                                      const void *ctx) {
-    ckpt_reader r;
-    MOE_TRY(reader_open(&r, dir));
-    moe_status s = load_params(&r, m, rename, ctx);
-    reader_close(&r);
     return s;
 }
 
@@ -552,38 +540,68 @@ static int cmp_name(const void *a, const void *b) {
 }
 
 /* Every tensor of the checkpoint's model files is one of the model's (the whole model's, every
- * expert): flags given on top of --load that shrink the model (fewer layers, tied embeddings)
- * would otherwise leave some of the checkpoint unread without a word. */
-static moe_status check_all_used(ckpt_reader *r, const moe_model *m) {
+ * expert; names through rename, unless skip says the tensor is not one to load): flags given on
+ * top of --load that shrink the model (fewer layers, tied embeddings) would otherwise leave
+ * some of the checkpoint unread without a word, and a Hugging Face model a tensor that our
+ * model of its family does not have. *extra: the first other tensor's name (in r), or NULL. */
+static moe_status find_unused(ckpt_reader *r, const moe_model *m, rename_fn rename,
+                              int (*skip)(const char *name, const void *ctx), const void *ctx,
+                              const char **extra) {
+    enum { CAP = 160 };
     moe_tensor_info *all;
     int n;
+    *extra = NULL;
     MOE_TRY(moe_model_full_tensors(moe_model_get_config(m), &all, &n));
-    const char **names = malloc(sizeof *names * (size_t)(n > 0 ? n : 1)), *extra = NULL;
+    const char **names = malloc(sizeof *names * (size_t)(n > 0 ? n : 1));
+    char *renamed = rename ? malloc((size_t)CAP * (size_t)(n > 0 ? n : 1)) : NULL;
     moe_safetensors *st = NULL;
-    moe_status s = names ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    moe_status s = names && (renamed || !rename) ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
     if (s == MOE_OK && !r->map) s = reader_file(r, "model", FIRST_TENSOR, &st);
     if (s == MOE_OK) {
-        for (int i = 0; i < n; i++) names[i] = all[i].name;
+        for (int i = 0; i < n; i++) {
+            names[i] = all[i].name;
+            if (rename) rename(all[i].name, renamed + (size_t)i * CAP, CAP, ctx);
+            if (rename) names[i] = renamed + (size_t)i * CAP;
+        }
         qsort(names, (size_t)n, sizeof *names, cmp_name);
         const cJSON *e = r->map ? r->map->child : NULL;
-        for (int i = 0; !extra && (r->map ? e != NULL : i < st->n_tensors); i++) {
+        for (int i = 0; !*extra && (r->map ? e != NULL : i < st->n_tensors); i++) {
             const char *name = r->map ? e->string : st->tensors[i].name;
-            if (!bsearch(&name, names, (size_t)n, sizeof *names, cmp_name)) extra = name;
+            if (!bsearch(&name, names, (size_t)n, sizeof *names, cmp_name) && !(skip && skip(name, ctx)))
+                *extra = name;
             if (e) e = e->next;
         }
     }
-    if (extra)
-        s = moe_set_error(MOE_ERR_FORMAT, "%s holds %s, which this model does not have: the flags "
-                          "given with --load change the model's shape", r->dir, extra);
     free(names);
+    free(renamed);
     free(all);
+    return s;
+}
+
+moe_status moe_checkpoint_load_params(const char *dir, moe_model *m, rename_fn rename,
+                                      int (*skip)(const char *name, const void *ctx),
+                                      const void *ctx) {
+    ckpt_reader r;
+    const char *extra;
+    MOE_TRY(reader_open(&r, dir));
+    moe_status s = find_unused(&r, m, rename, skip, ctx, &extra);
+    if (s == MOE_OK && extra)
+        s = moe_set_error(MOE_ERR_FORMAT, "%s holds %s, which the model that its config.json "
+                          "describes does not have: without it, another model would be computed",
+                          dir, extra);
+    if (s == MOE_OK) s = load_params(&r, m, rename, ctx);
+    reader_close(&r);
     return s;
 }
 
 moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
     ckpt_reader r;
     MOE_TRY(reader_open(&r, ckpt));
-    moe_status s = check_all_used(&r, m);
+    const char *extra;
+    moe_status s = find_unused(&r, m, NULL, NULL, NULL, &extra);
+    if (s == MOE_OK && extra)
+        s = moe_set_error(MOE_ERR_FORMAT, "%s holds %s, which this model does not have: the flags "
+                          "given with --load change the model's shape", ckpt, extra);
     if (s == MOE_OK) s = load_params(&r, m, NULL, NULL);
     /* without the trainer, the selection biases still route (inference, conversion) */
     if (s == MOE_OK && !t && moe_model_get_config(m)->moe.enable_expert_bias)

@@ -79,15 +79,16 @@ int moe_checkpoint_newest_step(const char *dir);
 moe_status moe_checkpoint_config(const char *ckpt, char **config_text);
 /* Loads parameters (by name, shapes checked) and, if t is not NULL, the trainer state. */
 moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t);
-/* Loads every parameter of m from a directory's safetensors (one model.safetensors, or shards
- * named by model.safetensors.index.json), each stored under the name rename gives (NULL: our
- * own name); F32, BF16, F16 or F64; shapes checked; nothing changes in m on failure. */
 /* Every MoE layer's selection bias (moe_layer_expert_bias) from the tensors named fmt % layer
  * (e.g. DeepSeek-V3's e_score_correction_bias); none changes on failure. */
 moe_status moe_checkpoint_load_expert_bias(const char *dir, moe_model *m, const char *fmt);
-moe_status moe_checkpoint_load_params(const char *dir, moe_model *m,
-                                      void (*rename)(const char *ours, char *buf, size_t cap,
-                                                     const void *ctx),
+typedef void (*rename_fn)(const char *ours, char *buf, size_t cap, const void *ctx);
+/* Loads every parameter of m from a directory's safetensors (one model.safetensors, or shards
+ * named by model.safetensors.index.json), each stored under the name rename gives (NULL: our
+ * own name); F32, BF16, F16 or F64; shapes checked; nothing changes in m on failure. Refused
+ * when the files hold a tensor that is none of the model's and not skip(name, ctx). */
+moe_status moe_checkpoint_load_params(const char *dir, moe_model *m, rename_fn rename,
+                                      int (*skip)(const char *name, const void *ctx),
                                       const void *ctx);
 
 /* The process grid the trainer runs on (NULL: one process). */
