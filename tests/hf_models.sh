@@ -335,6 +335,11 @@ assert b['eos_token_id'] == a['eos_token_id'], (a.get('eos_token_id'), b.get('eo
 " "$tmp/mF32" "$tmp/xmF32" || fail "convert lost eos_token_id"
 "$moe" convert --model "$tmp/mF32" --to hf "$tmp/xmF32" >"$tmp/out" 2>&1 && fail "convert over a model accepted"
 grep -q "already holds a model" "$tmp/out" || fail "overwrite message: $(cat "$tmp/out")"
+# nor over (or beside) tokenizer files already there: nothing written, theirs unchanged
+mkdir "$tmp/tk"; echo '{"mine": 1}' >"$tmp/tk/tokenizer_config.json"
+"$moe" convert --model "$tmp/mF32" --to hf "$tmp/tk" >"$tmp/out" 2>&1; rc=$?
+[ $rc = 2 ] && grep -q "already holds tokenizer_config.json" "$tmp/out" && [ "$(ls "$tmp/tk")" = tokenizer_config.json ] &&
+  [ "$(cat "$tmp/tk/tokenizer_config.json")" = '{"mine": 1}' ] || fail "convert over tokenizer files: exit $rc, $(cat "$tmp/out")"
 # our own checkpoint to Mixtral: every tensor under its Mixtral name; a shared expert refused
 "$moe" prepare --out "$tmp/data" --val-fraction 0.2 "$src/README.md" >/dev/null || fail "prepare"
 tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4

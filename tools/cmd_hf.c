@@ -239,10 +239,11 @@ done:
  * (*copied of them); for our checkpoints a tokenizer.json of the byte vocabulary when the
  * model's vocabulary is moe prepare's bytes (*copied 1), else none: a run of another
  * vocabulary started from a model or trained on its tokens, whose tokenizer we do not have. */
+static const char *const tokenizer_files[] = {"tokenizer.json", "tokenizer_config.json",
+                                              "special_tokens_map.json", "generation_config.json"};
 static moe_status copy_tokenizer(const char *model_dir, int vocab, const char *out,
                                  int *copied) {
-    static const char *const files[] = {"tokenizer.json", "tokenizer_config.json",
-                                        "special_tokens_map.json", "generation_config.json"};
+    const char *const *files = tokenizer_files;
     char from[MOE_PATH_MAX + 32], to[MOE_PATH_MAX + 32];
     *copied = 0;
     if (!model_dir[0]) {
@@ -251,7 +252,7 @@ static moe_status copy_tokenizer(const char *model_dir, int vocab, const char *o
         *copied = 1;
         return moe_tokenizer_write_bytes(to);
     }
-    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+    for (size_t i = 0; i < sizeof tokenizer_files / sizeof *files; i++) {
         snprintf(from, sizeof from, "%s/%s", model_dir, files[i]);
         snprintf(to, sizeof to, "%s/%s", out, files[i]);
         if (!moe_file_exists(model_dir, files[i])) continue;
@@ -303,6 +304,17 @@ int moe_cmd_convert(int argc, char **argv) {
         fprintf(stderr, "moe convert: %s holds a moe run or checkpoint (%s): write the Hugging "
                         "Face model to a directory of its own\n", out, run);
         return 2;
+    }
+    /* the files a conversion writes: none may be there already (a model's, or tokenizer files
+     * that would be overwritten or left beside a model they do not belong to) */
+    const char *model_files[] = {"config.json", "model.safetensors", "model.safetensors.index.json"};
+    for (size_t i = 0; i < 3 + sizeof tokenizer_files / sizeof *tokenizer_files; i++) {
+        const char *f = i < 3 ? model_files[i] : tokenizer_files[i - 3];
+        if (moe_file_exists(out, f)) {
+            fprintf(stderr, "moe convert: %s already holds %s%s: write the Hugging Face model to "
+                    "an empty directory\n", out, i < 3 ? "a model, " : "", f);
+            return 2;
+        }
     }
     if (o.hf_model[0]) s = moe_hf_config(o.hf_model, &c, family, sizeof family);
     else if (!ckpt[0]) {
