@@ -255,15 +255,26 @@ step-4294967300 " ] ||
   fail "checkpoints after the resumed run: $(cat "$tmp/out")"
 [ -e "$tmp/ln/step-1/keep" ] || fail "step-1/keep was removed"
 
-# 7. A trainer file whose bad-step count is not a count: one clear error, nothing loaded.
-/usr/bin/python3 - "$tmp/re/step-00000002/trainer.safetensors" <<'EOF2' || fail "rewriting the metadata"
+# 7. A trainer file whose bad-step count is not a count, or of another step than the model
+# file (its update count then above its step: the steps are what the message names): one
+# clear error, nothing loaded.
+set_meta() { # set_meta FILE KEY=VALUE...: the safetensors file's metadata entries set
+  /usr/bin/python3 - "$@" <<'EOF2' || fail "rewriting the metadata"
 import json, struct, sys
 p = sys.argv[1]; b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]
-h = json.loads(b[8:8 + n]); h["__metadata__"]["moe.bad_streak"] = "abc"
+h = json.loads(b[8:8 + n])
+for kv in sys.argv[2:]:
+    k, v = kv.split("=", 1); h["__metadata__"][k] = v
 head = json.dumps(h).encode(); head += b" " * (-len(head) % 8)
 open(p, "wb").write(struct.pack("<Q", len(head)) + head + b[8 + n:])
 EOF2
+}
+set_meta "$tmp/re/step-00000002/trainer.safetensors" moe.bad_streak=abc
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --train-iters 3 --load "$tmp/re"
 has "bad moe.bad_streak"
+set_meta "$tmp/re/step-00000002/trainer.safetensors" moe.bad_streak=0 moe.step=1 moe.updates=2
+# shellcheck disable=SC2086
+expect 1 "$moe" train $tiny --train-iters 3 --load "$tmp/re"
+has "the model file is of step 2 and the trainer file of step 1"
 echo "faults: ok ($kills kills, resumed at step $step)"

@@ -255,6 +255,11 @@ ls "$tmp/c" | cmp -s - "$tmp/c.files" && cmp -s "$tmp/c/metrics.jsonl" "$tmp/c.m
 cp "$tmp/c/step-00000008/trainer.safetensors" "$tmp/c/step-00000012/"
 expect 1 "$moe" train --load "$tmp/c" --train-iters 14
 grep -q "the model file is of step 12 and the trainer file of step 8" "$tmp/out" || fail "mixed steps: $(cat "$tmp/out")"
+# a model file alone of a model that routes with expert biases (kept in the trainer file)
+mkdir "$tmp/mo_only"; cp "$tmp/a/step-00000008/model.safetensors" "$tmp/mo_only/"
+expect 1 "$moe" eval --load "$tmp/mo_only"
+grep -q "trainer.safetensors.*(this model routes with expert biases, which a checkpoint keeps in trainer.safetensors)" \
+  "$tmp/out" || fail "model file alone: $(cat "$tmp/out")"
 # shellcheck disable=SC2086
 expect 2 "$moe" train $tiny --exit-interval 6
 grep -q "exit-interval stops with a checkpoint: it needs --save" "$tmp/out" || fail "exit-interval without --save"

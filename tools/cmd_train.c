@@ -411,9 +411,14 @@ static moe_status choose_save_dir(moe_options *o, const char *ckpt, const char *
         int newest = moe_checkpoint_newest_step(o->save);
         snprintf(latest, sizeof latest, "%s/step-%08d", o->save, newest);
         if (!run || (ckpt[0] && newest >= 0 && same_file(latest, ckpt))) return MOE_OK;
-        if (newest < 0)
+        if (newest < 0) { /* what would be lost: a run's log (not an empty file or a device) */
+            snprintf(latest, sizeof latest, "%s/metrics.jsonl", o->save);
+            if (!strcmp(run, "metrics.jsonl") &&
+                (stat(latest, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size == 0))
+                return MOE_OK;
             return moe_set_error(MOE_ERR_INVALID, "%s already holds a run's files (%s) but no "
                                  "checkpoint: choose another --save", o->save, run);
+        }
         if (!ckpt[0])
             return moe_set_error(MOE_ERR_INVALID, "%s already holds checkpoints (no 'latest' "
                                  "file); resume with --load %s, or choose another --save",

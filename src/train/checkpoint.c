@@ -494,14 +494,14 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
     int updates = upd ? meta_count(upd) : v;
     if (v < 0) return moe_set_error(MOE_ERR_FORMAT, "%s: missing or bad moe.step", r->dir);
     if (streak < 0) return moe_set_error(MOE_ERR_FORMAT, "%s: bad moe.bad_streak", r->dir);
-    if (updates < 0 || updates > v)
-        return moe_set_error(MOE_ERR_FORMAT, "%s: bad moe.updates", r->dir);
     /* the files are replaced one after the other: a save into this directory that stopped
      * between them leaves a model and a trainer state of different steps */
     if (!mstep || strcmp(mstep, step))
         return moe_set_error(MOE_ERR_FORMAT, "%s: the model file is of step %s and the trainer "
                              "file of step %s (a save interrupted?)", r->dir,
                              mstep ? mstep : "(none)", step);
+    if (updates < 0 || updates > v)
+        return moe_set_error(MOE_ERR_FORMAT, "%s: bad moe.updates", r->dir);
     moe_trainer_set_step(t, v);
     moe_trainer_set_bad_streak(t, streak);
     moe_trainer_set_updates(t, updates);
@@ -604,8 +604,15 @@ moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
                           "given with --load change the model's shape", ckpt, extra);
     if (s == MOE_OK) s = load_params(&r, m, NULL, NULL);
     /* without the trainer, the selection biases still route (inference, conversion) */
-    if (s == MOE_OK && !t && moe_model_get_config(m)->moe.enable_expert_bias)
+    if (s == MOE_OK && !t && moe_model_get_config(m)->moe.enable_expert_bias) {
         s = load_expert_bias(&r, "trainer", OUR_EXPERT_BIAS, m);
+        if (s != MOE_OK) {
+            char why[512];
+            snprintf(why, sizeof why, "%s", moe_last_error());
+            s = moe_set_error(s, "%s (this model routes with expert biases, which a checkpoint "
+                              "keeps in trainer.safetensors)", why);
+        }
+    }
     if (s == MOE_OK && t) s = load_trainer(&r, m, t);
     reader_close(&r);
     return s;
