@@ -82,7 +82,8 @@ typedef enum {
 
 typedef enum {
     MOE_LB_NONE = 0,
-    MOE_LB_AUX = 1,        /* micro-batch aux loss (Switch/GShard/Megatron "aux_loss") */
+    MOE_LB_AUX = 1,        /* micro-batch aux loss, Megatron's "aux_loss" (docs/LAYER.md §5: Switch
+                            * and GShard normalise the counts differently) */
     MOE_LB_SEQ_AUX = 2,    /* per-sequence aux loss (DeepSeek-V2/V3 "seq_aux_loss") */
     MOE_LB_GLOBAL_AUX = 3, /* counts accumulated over micro-batches (and ranks) */
 } moe_lb_type;

@@ -159,7 +159,9 @@ static const opt_def opts[] = {
     {"moe-router-load-balancing-type", NULL, OPT_ENUM, O(lb_choice), 0, 0, lb_choices, BALANCE,
      "balancing loss (sinkhorn selects the Sinkhorn router instead)", 0},
     {"moe-aux-loss-coeff", "moe-loss-coeff aux-loss-alpha", OPT_FLOAT,
-     L(aux_coeff), 0, BIG, NULL, BALANCE, "aux loss coefficient: loss = nll + coeff * aux", 0},
+     L(aux_coeff), 0, BIG, NULL, BALANCE, "aux loss coefficient: loss = nll + coeff * aux, per "
+     "MoE layer, in Megatron's normalisation (InternEvo's GShard loss counts first choices "
+     "only: docs/LAYER.md)", 0},
     {"router-aux-loss-coef", NULL, OPT_FLOAT, O(aux_coeff_hf), 0, BIG, NULL, BALANCE,
      "Hugging Face's aux loss coefficient: its one loss over all MoE layers sums the k choices' "
      "counts without the 1/k, so this sets moe-aux-loss-coeff (per layer) to k / (MoE layers) "
