@@ -521,6 +521,14 @@ static long rss_kb(void) {
     return kb;
 }
 
+/* The model's activation memory but its MoE layers' own. */
+static size_t blocks_bytes(moe_model *m) {
+    size_t b = moe_model_activation_bytes(m);
+    for (int l = 0; l < moe_model_get_config(m)->n_layers; l++)
+        if (moe_model_moe_layer(m, l)) b -= moe_layer_workspace_bytes(moe_model_moe_layer(m, l));
+    return b;
+}
+
 /* A model for inference: no gradients (about half the memory: measured as resident memory of
  * a model of 6.6 M parameters), no backward, no trainer; its forward is the other's, bitwise. */
 static void test_inference_model(void **state) {
@@ -570,6 +578,16 @@ static void test_inference_model(void **state) {
     moe_trainer *t = NULL;
     assert_int_equal(moe_trainer_create(inf, &tc, &toks, NULL, &t), MOE_ERR_INVALID);
     assert_null(t);
+    /* its layers compute one after another in one set of buffers: with twice the layers, the
+     * same activation memory besides the MoE layers' own routing state (a training model keeps
+     * every layer's activations for the backward) */
+    moe_model_config c2 = c;
+    c2.n_layers = 2 * c.n_layers;
+    moe_model *inf2;
+    assert_int_equal(moe_model_create_inference(&c2, c.seq_len, &inf2), MOE_OK);
+    assert_int_equal(blocks_bytes(inf2), blocks_bytes(inf));
+    assert_true(blocks_bytes(m) > blocks_bytes(inf));
+    moe_model_destroy(inf2);
     moe_model_destroy(inf);
     moe_model_destroy(m);
 }

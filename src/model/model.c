@@ -470,10 +470,15 @@ static void plan_activations(moe_model *m, moe_arena *a) {
            hq = H * (size_t)m->head_qk, hkv = (size_t)m->kvh * m->head_qk,
            hv = (size_t)m->kvh * m->head_v, ho = H * (size_t)m->head_v, S = (size_t)c->seq_len, V = (size_t)c->vocab;
     size_t qr = (size_t)c->q_lora_rank, kr = (size_t)c->kv_lora_rank;
-    /* probs hold B*S*S per head for any (B, S) with B*S <= T and S <= seq_len: at most
-     * T*S floats per head. */
-    size_t probs = (size_t)c->n_heads * T * S;
-    for (int l = 0; l < c->n_layers; l++) {
+    /* probs hold B*S'*S' per head for any (B, S') with B*S' <= T and S' <= seq_len: at most
+     * T*min(T, seq_len) floats per head (a model for inference planned for chunks of T tokens
+     * shorter than its positions: T*T). */
+    size_t probs = (size_t)c->n_heads * T * (T < S ? T : S);
+    /* A model for inference keeps nothing of a layer for a backward: every layer computes in
+     * one set (a layer reads its input x only before it writes the next layer's). */
+    int any_dense = 0;
+    for (int l = 0; l < c->n_layers; l++) any_dense |= !moe_model_layer_experts(c, l);
+    for (int l = 0; l < (m->inference ? 1 : c->n_layers); l++) {
         block_saved *s = &m->sv[l];
         s->x = moe_arena_take(a, T * d, sizeof(float));
         s->n1 = moe_arena_take(a, T * d, sizeof(float));
@@ -497,11 +502,12 @@ static void plan_activations(moe_model *m, moe_arena *a) {
         s->xm = moe_arena_take(a, T * d, sizeof(float));
         s->n2 = moe_arena_take(a, T * d, sizeof(float));
         s->rstd2 = moe_arena_take(a, T, sizeof(float));
-        if (!moe_model_layer_experts(c, l)) {
+        if (m->inference ? any_dense : !moe_model_layer_experts(c, l)) {
             s->h = moe_arena_take(a, T * (size_t)m->gf, sizeof(float));
             s->a = moe_arena_take(a, T * (size_t)c->ffn, sizeof(float));
         }
     }
+    for (int l = 1; m->inference && l < c->n_layers; l++) m->sv[l] = m->sv[0];
     m->xf = moe_arena_take(a, T * d, sizeof(float));
     m->nf = moe_arena_take(a, T * d, sizeof(float));
     m->rstdf = moe_arena_take(a, T, sizeof(float));
