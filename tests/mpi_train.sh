@@ -49,18 +49,39 @@ run 4 "$tmp/ep2r" $tiny --train-iters 20 --expert-model-parallel-size 2 --moe-to
 # shellcheck disable=SC2086
 run 4 "$tmp/ep4h" $tiny --train-iters 20 --expert-model-parallel-size 4 --moe-hierarchical-alltoall \
   --ranks-per-node 2
+# ... and with a capacity factor (each rank decides its own micro-batch's drops, as one process
+# does per micro-batch), data parallel 4 and ep 2 x dp 2, both drop policies; every run ends
+# with its sample text, which every rank generates alike (it once hung there: the ranks'
+# identical tokens pooled for one capacity decision dropped each other's copies)
+cap_pos="--moe-expert-capacity-factor 1.0 --moe-token-drop-policy position"
+cap_probs="--moe-expert-capacity-factor 1.25 --moe-token-drop-policy probs"
+# shellcheck disable=SC2086
+run 1 "$tmp/onecp" $tiny --train-iters 20 $cap_pos
+# shellcheck disable=SC2086
+run 4 "$tmp/ep2cp" $tiny --train-iters 20 $cap_pos --expert-model-parallel-size 2
+# shellcheck disable=SC2086
+run 1 "$tmp/onecq" $tiny --train-iters 20 $cap_probs
+# shellcheck disable=SC2086
+run 4 "$tmp/dp4cq" $tiny --train-iters 20 $cap_probs
+for r in onecp ep2cp onecq dp4cq; do
+  grep -q "^sample:" "$tmp/$r" || fail "$r: no sample at the end: $(tail -3 "$tmp/$r")"
+done
 losses "$tmp/one" >"$tmp/one.l"
+losses "$tmp/onecp" >"$tmp/onecp.l"
+losses "$tmp/onecq" >"$tmp/onecq.l"
 [ "$(wc -l <"$tmp/one.l")" = 20 ] || fail "20 loss lines expected: $(cat "$tmp/one.l")"
+cmp -s "$tmp/one.l" "$tmp/onecp.l" || cmp -s "$tmp/one.l" "$tmp/onecq.l" && fail "the capacity dropped nothing"
 # The all-to-all modes give the single-process numbers to the printed digits (tolerance 2e-3
 # on loss, nll, aux and gradient norm). Replicated tokens sum the experts' partial outputs and
 # input gradients over the group (MPI_Allreduce), a different order of fp32 additions than one
 # process's slot-order sums: the loss and nll stay within 1e-4 over 20 steps (1.8e-5 seen), while
 # the aux loss (discrete counts) and the norm at a gradient spike move by up to 3e-3, so for
 # that mode the loss and nll are compared.
-for r in ep2 ep4 ep2r ep4h; do
+for rb in ep2:one ep4:one ep2r:one ep4h:one ep2cp:onecp dp4cq:onecq; do
+  r=${rb%:*}; base=${rb#*:}
   losses "$tmp/$r" >"$tmp/$r.l"
   if [ "$r" = ep2r ]; then cols=2; tol=1e-4; else cols=4; tol=2e-3; fi
-  /usr/bin/python3 - "$tmp/one.l" "$tmp/$r.l" "$cols" "$tol" <<'EOF' || fail "$r: the loss curve differs from one process"
+  /usr/bin/python3 - "$tmp/$base.l" "$tmp/$r.l" "$cols" "$tol" <<'EOF' || fail "$r: the loss curve differs from one process"
 import sys
 a = [list(map(float, l.split())) for l in open(sys.argv[1])]
 b = [list(map(float, l.split())) for l in open(sys.argv[2])]

@@ -1,7 +1,6 @@
 /* Dispatch: capacity, token dropping (probs / position policy), and the permutation of the
  * kept slots into per-expert row blocks (a stable counting sort by expert). docs/LAYER.md §6. */
 #include "core/core.h"
-#include "dist/comm.h"
 #include "moe/layer_internal.h"
 
 #include <math.h>
@@ -88,12 +87,9 @@ void moe_dispatch_plan(moe_layer *L) {
     moe_fwd_state *st = &L->st;
     int E = c->n_experts, S = st->n_slots;
     for (int s = 0; s < S; s++) st->slot_kept[s] = st->slot_expert[s] >= 0;
-    if (c->router != MOE_ROUTER_EXPERT_CHOICE && c->capacity_factor != 0 &&
-        moe_comm_size(L->world_comm) > 1) {
-        /* the same decisions as one process holding every rank's tokens */
-        moe_status s = moe_ep_apply_capacity(L);
-        if (s != MOE_OK && L->ep_status == MOE_OK) L->ep_status = s;
-    } else if (c->router != MOE_ROUTER_EXPERT_CHOICE) {
+    /* each rank's own tokens, under data and expert parallelism too: the decisions of one
+     * process with that micro-batch (Megatron-Core's) */
+    if (c->router != MOE_ROUTER_EXPERT_CHOICE) {
         st->capacity = moe_dispatch_capacity(c, st->Tv, st->k, st->counts);
         if (c->capacity_factor != 0)
             moe_capacity_keep(st->T, st->k, E, st->capacity, c->drop_policy, st->slot_expert,

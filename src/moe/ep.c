@@ -1,10 +1,9 @@
-/* Expert parallelism (docs/LAYER.md §9). The permuted rows of each rank are grouped by global
+/* Expert parallelism (docs/LAYER.md §8). The permuted rows of each rank are grouped by global
  * expert; the block of experts [q El, (q+1) El) goes to rank q of the expert group
  * (MPI_Alltoall of the row counts, MPI_Alltoallv of the rows and their routing weights).
  * Each rank reorders what it receives expert-major, runs its El experts, and sends the
  * outputs back the same way; the backward moves dL/dy there and dL/dx with dL/dw back.
- * The capacity decision is global: every rank's slots in rank order, as one process holding
- * the whole batch would see them. */
+ * Capacity was decided before, on each rank's own tokens (dispatch.c). */
 #include "core/core.h"
 #include "dist/comm.h"
 #include "kernels/kernels.h"
@@ -24,10 +23,6 @@ struct moe_ep_buffers {
     float *xe, *he, *ae, *ye, *dhe, *dae, *we; /* expert-major rows */
     double *rdw, *dwe;           /* [Rr] */
     uint16_t *x16, *a16, *dy16, *dh16;          /* bf16 experts */
-    size_t cap_slots;            /* global capacity decision */
-    int32_t *g_expert, *g_scratch;
-    float *g_w;
-    uint8_t *g_kept;
     float *dxp;                  /* [max_tokens, d] replicated mode: the experts' part of dx */
     double t_comm;               /* seconds in the exchanges so far (waits included) */
     int sync;                    /* a barrier before each exchange, timed on its own */
@@ -38,8 +33,7 @@ void moe_ep_free(moe_layer *L) {
     if (!b) return;
     void *ptrs[] = {b->scnt, b->rcnt, b->sc, b->sd, b->rc, b->rd, b->eoff, b->perm, b->rx, b->rw,
                     b->xe, b->he, b->ae, b->ye, b->dhe, b->dae, b->we, b->rdw, b->dwe, b->x16,
-                    b->a16, b->dy16, b->dh16, b->g_expert, b->g_scratch, b->g_w, b->g_kept,
-                    b->dxp};
+                    b->a16, b->dy16, b->dh16, b->dxp};
     for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++) moe_free(ptrs[i]);
     free(b);
     L->ep = NULL;
@@ -351,49 +345,5 @@ moe_status moe_layer_time_exchange_waits(moe_layer *L, int on) {
         MOE_TRY(ensure(L));
         L->ep->sync = on != 0;
     }
-    return MOE_OK;
-}
-
-moe_status moe_ep_apply_capacity(moe_layer *L) {
-    const moe_layer_config *c = &L->cfg;
-    moe_fwd_state *st = &L->st;
-    moe_comm *w = L->world_comm;
-    int P = moe_comm_size(w), me = moe_comm_rank(w), E = c->n_experts, k = st->k;
-    MOE_TRY(ensure(L));
-    struct moe_ep_buffers *b = L->ep;
-    /* global valid tokens and counts give the capacity */
-    int64_t tot[E + 1];
-    for (int e = 0; e < E; e++) tot[e] = st->counts[e];
-    tot[E] = st->Tv;
-    MOE_TRY(moe_comm_sum_i64(w, tot, (size_t)E + 1));
-    st->capacity = moe_dispatch_capacity(c, tot[E], k, tot);
-    /* every rank's slots, in rank order */
-    int64_t T_all[P], cnt[P], displ[P], Tg = 0;
-    int64_t T_me = st->T;
-    MOE_TRY(moe_comm_allgather(w, &T_me, T_all, sizeof T_me));
-    for (int q = 0; q < P; q++) Tg += T_all[q];
-    size_t Sg = (size_t)Tg * k;
-    if (Sg > b->cap_slots) {
-        moe_free(b->g_expert), moe_free(b->g_scratch), moe_free(b->g_w), moe_free(b->g_kept);
-        b->g_expert = moe_alloc(Sg, sizeof(int32_t));
-        b->g_w = moe_alloc(Sg, sizeof(float));
-        b->g_kept = moe_alloc(Sg, 1);
-        b->g_scratch = moe_alloc((size_t)E + 1 + 2 * Sg, sizeof(int32_t));
-        b->cap_slots = b->g_expert && b->g_w && b->g_kept && b->g_scratch ? Sg : 0;
-        if (!b->cap_slots) return moe_set_error(MOE_ERR_NOMEM, "out of memory for %zu slots", Sg);
-    }
-    int64_t before = 0, mine = 0;
-    for (int q = 0; q < P; q++) {
-        displ[q] = before * k * (int64_t)sizeof(int32_t);
-        cnt[q] = T_all[q] * k * (int64_t)sizeof(int32_t);
-        if (q == me) mine = before;
-        before += T_all[q];
-    }
-    MOE_TRY(moe_comm_allgatherv(w, st->slot_expert, b->g_expert, cnt, displ));
-    MOE_TRY(moe_comm_allgatherv(w, st->slot_w, b->g_w, cnt, displ)); /* int32 and float: 4 bytes */
-    for (size_t s = 0; s < Sg; s++) b->g_kept[s] = b->g_expert[s] >= 0;
-    moe_capacity_keep((int)Tg, k, E, st->capacity, c->drop_policy, b->g_expert, b->g_w,
-                      b->g_kept, b->g_scratch);
-    for (int s = 0; s < st->n_slots; s++) st->slot_kept[s] &= b->g_kept[(size_t)mine * k + s];
     return MOE_OK;
 }

@@ -150,7 +150,7 @@ struct moe_layer {
     double stage_s[MOE_STAGE_COUNT];
     /* distributed runs (moe_layer_set_comms) */
     moe_comm *ep_comm;      /* the expert group: ep_size ranks */
-    moe_comm *world_comm;   /* every rank: global capacity and balancing counts */
+    moe_comm *world_comm;   /* every data-parallel rank: global balancing counts */
     struct moe_ep_buffers *ep; /* grown on demand (ep.c) */
     moe_status ep_status;   /* the first communication error of this forward/backward */
 };
@@ -239,10 +239,9 @@ void moe_expert_rows_backward(moe_layer *L, const moe_expert_rows *r, int le, in
 moe_expert_rows moe_own_rows(moe_fwd_state *st);
 
 /* ep.c: expert parallelism — rows sent to the ranks owning their experts (all-to-all),
- * computed there, sent back; the global capacity decision over every rank's slots. */
+ * computed there, sent back. */
 void moe_ep_forward(moe_layer *L);
 void moe_ep_backward(moe_layer *L, float *dx, const float *x);
-moe_status moe_ep_apply_capacity(moe_layer *L);
 void moe_ep_free(moe_layer *L);
 
 #endif
