@@ -17,6 +17,7 @@ int moe_cmd_inspect(int argc, char **argv);
 int moe_cmd_report(int argc, char **argv);
 int moe_cmd_bench(int argc, char **argv);
 
+#include "dist/comm.h"
 #include "io/data.h"
 #include "io/options.h"
 
@@ -49,12 +50,15 @@ moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len);
  * sequence outgrows the model's seq_len, the window slides: the cache starts again from the
  * last half window. emit (may be NULL) sees each new token; a token of stop[0..n_stop) ends
  * the continuation after it. Token i is drawn with moe_rng_uniform64(seed, MOE_RNG_SAMPLE, i):
- * a run and its Hugging Face conversion continue a sequence alike. */
+ * a run and its Hugging Face conversion continue a sequence alike. With agree, every rank of
+ * that group takes rank 0's token: the ranks of a distributed run decode in lockstep, and
+ * logits that differ in a last bit between them must not part their ways. */
 typedef struct {
     float temperature;
     int top_k;
     float top_p;
     uint64_t seed;
+    moe_comm *agree; /* NULL: one process */
 } moe_cli_sampling;
 moe_status moe_cli_continue(moe_model *m, int32_t *ids, int *n, int n_new, int max_chunk,
                             const moe_cli_sampling *sp, const int32_t *stop, int n_stop,
@@ -63,7 +67,7 @@ moe_status moe_cli_continue(moe_model *m, int32_t *ids, int *n, int n_new, int m
  * the end-of-text byte). A model of moe prepare's byte tokens only: another vocabulary is an
  * error. */
 moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_new,
-                            float temperature, int top_k, float top_p, uint64_t seed, FILE *f);
+                            const moe_cli_sampling *sp, FILE *f);
 /* The error of a generated token whose logits are not finite (moe_sample returned -1). */
 moe_status moe_cli_logits_error(int token);
 

@@ -59,6 +59,11 @@ moe_status moe_cli_continue(moe_model *m, int32_t *ids, int *n, int n_new, int m
         const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c->vocab;
         int next = moe_sample(lg, c->vocab, sp->temperature, sp->top_k, sp->top_p,
                               moe_rng_uniform64(sp->seed, stream, (uint64_t)i));
+        if (sp->agree) { /* rank 0's token, by a sum where the others add 0 */
+            int64_t v = moe_comm_rank(sp->agree) == 0 ? next : 0;
+            if ((st = moe_comm_sum_i64(sp->agree, &v, 1)) != MOE_OK) break;
+            next = (int)v;
+        }
         if (next < 0) {
             st = moe_cli_logits_error(i);
             break;
@@ -79,7 +84,7 @@ static void emit_byte(void *ctx, int32_t token) {
 }
 
 moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_new,
-                            float temperature, int top_k, float top_p, uint64_t seed, FILE *f) {
+                            const moe_cli_sampling *sp, FILE *f) {
     const moe_model_config *c = moe_model_get_config(m);
     if (c->vocab != MOE_BYTE_VOCAB)
         return moe_set_error(MOE_ERR_INVALID, "the model's vocabulary has %d tokens, not moe "
@@ -94,9 +99,8 @@ moe_status moe_cli_generate(moe_model *m, const char *prompt, size_t len, int n_
     for (size_t p = 0; p < len; p++) ids[n++] = (unsigned char)prompt[p]; /* NUL is a byte too */
     fwrite(prompt, 1, len, f);
     if (n == 0) ids[n++] = MOE_BYTE_EOT; /* an empty prompt starts a document */
-    moe_cli_sampling sp = {temperature, top_k, top_p, seed};
     const int32_t eot = MOE_BYTE_EOT;
-    moe_status st = moe_cli_continue(m, ids, &n, n_new, c->seq_len, &sp, &eot, 1, emit_byte, f);
+    moe_status st = moe_cli_continue(m, ids, &n, n_new, c->seq_len, sp, &eot, 1, emit_byte, f);
     fputc('\n', f);
     free(ids);
     return st;
@@ -156,9 +160,10 @@ int moe_cmd_generate(int argc, char **argv) {
     char *prompt = NULL;
     size_t len;
     moe_status s = moe_cli_prompt(&o, &prompt, &len);
+    moe_cli_sampling sp = {o.temperature, o.top_k, o.top_p, o.layer.seed, NULL};
     if (s == MOE_OK)
-        s = moe_cli_generate(m, prompt ? prompt : "", prompt ? len : 0, o.max_new_tokens,
-                             o.temperature, o.top_k, o.top_p, o.layer.seed, stdout);
+        s = moe_cli_generate(m, prompt ? prompt : "", prompt ? len : 0, o.max_new_tokens, &sp,
+                             stdout);
     if (s != MOE_OK) {
         fprintf(stderr, "moe generate: %s\n", moe_last_error());
         rc = s == MOE_ERR_INVALID ? 2 : 1;

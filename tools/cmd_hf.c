@@ -420,7 +420,7 @@ int moe_cmd_generate_hf(int argc, char **argv) {
     if (seq) ids = seq;
     if (s == MOE_OK) s = moe_hf_load(o.hf_model, family, m);
     int len = n, printed = 0;
-    moe_cli_sampling sp = {o.temperature, o.top_k, o.top_p, o.layer.seed};
+    moe_cli_sampling sp = {o.temperature, o.top_k, o.top_p, o.layer.seed, NULL};
     if (s == MOE_OK)
         s = moe_cli_continue(m, ids, &len, o.max_new_tokens, max_chunk, &sp, eos, n_eos,
                              tok ? NULL : emit_id, &printed);

@@ -709,8 +709,8 @@ int moe_cmd_train(int argc, char **argv) {
     }
     if (sample) { /* other vocabularies: moe convert, then generate --model with a tokenizer */
         printf("sample:\n");
-        if (moe_cli_generate(m, "The ", 4, 200, 0.8f, 0, 1.0f, o.layer.seed, stdout) != MOE_OK)
-            goto fail;
+        moe_cli_sampling sp = {0.8f, 0, 1.0f, o.layer.seed, d->world_size > 1 ? d->world : NULL};
+        if (moe_cli_generate(m, "The ", 4, 200, &sp, stdout) != MOE_OK) goto fail;
     }
     rc = 0;
 fail:
