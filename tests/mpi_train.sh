@@ -163,6 +163,23 @@ grep -q "rank 1 has a different configuration or build than rank 0" "$tmp/out" |
 $mpirun --oversubscribe --allow-run-as-root -np 2 "$moe" generate --load "$tmp/b" >"$tmp/out" 2>&1 &&
   fail "generate under mpirun accepted"
 grep -q "runs in one process" "$tmp/out" || fail "one-process message"
+# Ctrl-C on one rank: every rank stops after the same step with a checkpoint, and the
+# signal told is SIGINT's (2), as in one process
+# shellcheck disable=SC2086
+$mpirun --oversubscribe --allow-run-as-root --bind-to none -np 2 "$moe" train $tiny --train-iters 100000 \
+  --expert-model-parallel-size 2 --log-interval 1000 --save "$tmp/int" >"$tmp/int.out" 2>&1 &
+mpid=$!
+i=0
+while [ $i -lt 100 ] && ! grep -q "moe train: 3 layers" "$tmp/int.out"; do sleep 0.1; i=$((i + 1)); done
+sleep 1
+victim=$(pgrep -P "$mpid" | tail -1)
+[ -n "$victim" ] && kill -INT "$victim" || fail "no rank to interrupt: $(tail -3 "$tmp/int.out")"
+i=0
+while kill -0 $mpid 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+kill -0 $mpid 2>/dev/null && { kill -9 $mpid; fail "the ranks still run 30 s after a SIGINT"; }
+wait $mpid
+grep -q "stopped by signal 2" "$tmp/int.out" && [ -f "$tmp/int/latest" ] ||
+  fail "SIGINT to one rank: $(tail -3 "$tmp/int.out")"
 # shellcheck disable=SC2086
 $mpirun --oversubscribe --allow-run-as-root --bind-to none -np 4 "$moe" train $tiny --train-iters 100000 \
   --expert-model-parallel-size 2 --log-interval 1000 >"$tmp/out" 2>&1 &

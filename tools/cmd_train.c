@@ -671,7 +671,10 @@ int moe_cmd_train(int argc, char **argv) {
         /* every rank stops at the same step: the decision is read once, after the ranks agreed
          * on it (a signal arriving later on one rank only is taken at the next step) */
         int stop = take_stop_signal();
-        if (d->world_size > 1) stop = moe_dist_any(d, stop) ? SIGTERM : 0;
+        if (d->world_size > 1) { /* the signal's number (the highest, if ranks got two) */
+            int64_t v = stop;
+            stop = moe_comm_max_i64(d->world, &v, 1) != MOE_OK ? SIGTERM : (int)v;
+        }
         int exit_now = o.exit_interval && step % o.exit_interval == 0 && step < total;
         int save_now = (o.save_interval && step % o.save_interval == 0) || exit_now;
         if (o.save[0] && (save_now || step == total || stop) && save_checkpoint(&o, m, t))
