@@ -163,6 +163,9 @@ grep -q "rank 1 has a different configuration or build than rank 0" "$tmp/out" |
 $mpirun --oversubscribe --allow-run-as-root -np 2 "$moe" generate --load "$tmp/b" >"$tmp/out" 2>&1 &&
   fail "generate under mpirun accepted"
 grep -q "runs in one process" "$tmp/out" || fail "one-process message"
+$mpirun --oversubscribe --allow-run-as-root -np 2 "$moe" bench layer --tokens 64 --iters 1 >"$tmp/out" 2>&1 &&
+  fail "bench layer under mpirun accepted"
+[ "$(grep -c "moe bench layer runs in one process" "$tmp/out")" = 1 ] || fail "bench layer under mpirun: $(cat "$tmp/out")"
 # Ctrl-C on one rank: every rank stops after the same step with a checkpoint, and the
 # signal told is SIGINT's (2), as in one process
 # shellcheck disable=SC2086

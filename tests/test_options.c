@@ -285,6 +285,16 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(parse(&o, aux_sink, 4), MOE_OK);
     expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "needs the topk router");
 
+    /* the two-stage all-to-all's options where no all-to-all runs: refused, not ignored */
+    const char *two_stage[] = {"--moe-token-dispatcher-type", "allgather", "--moe-hierarchical-alltoall"};
+    assert_int_equal(parse(&o, two_stage, 3), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "allgather sends no tokens");
+    const char *per_node[] = {"--ranks-per-node", "2", "--moe-hierarchical-alltoall"};
+    assert_int_equal(parse(&o, per_node, 3), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_int_equal(parse(&o, per_node, 2), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "which is off");
+
     /* top-1 whose weight is always 1: computed (generate, eval), not trained */
     const char *top1[] = {"--moe-router-topk", "1"};
     assert_int_equal(parse(&o, top1, 2), MOE_OK);

@@ -841,6 +841,13 @@ int moe_cmd_bench(int argc, char **argv) {
         return 2;
     }
     int train = !strcmp(argv[0], "train"), generate = !strcmp(argv[0], "generate");
+    moe_dist *d = moe_dist_get();
+    if (d->world_size > 1 && strcmp(argv[0], "alltoall")) { /* W copies would share the cores */
+        if (d->world_rank == 0)
+            fprintf(stderr, "moe bench %s runs in one process; under mpirun, moe bench alltoall "
+                    "measures the expert-parallel layer\n", argv[0]);
+        return 2;
+    }
     int json = 0, n = 0;
     char **rest = malloc(sizeof(char *) * (size_t)argc);
     for (int a = 1; a < argc; a++) {

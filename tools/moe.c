@@ -123,7 +123,7 @@ static int run(int argc, char **argv, moe_dist *d) {
     if (d->world_size > 1 && strcmp(cmd, "train") && strcmp(cmd, "bench")) {
         if (d->world_rank == 0)
             fprintf(stderr, "moe %s runs in one process; of the commands only train and bench "
-                            "run under mpirun\n", cmd);
+                            "alltoall run under mpirun\n", cmd);
         return 2;
     }
     if (!strcmp(cmd, "--version") || !strcmp(cmd, "version")) {

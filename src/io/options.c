@@ -872,6 +872,13 @@ moe_status moe_options_finish(moe_options *o, int parts) {
                                  o->n_experts_list, o->model.n_layers);
         MOE_TRY(moe_model_config_validate(&o->model));
     }
+    if (o->two_stage && o->layer.ep_replicated)
+        return moe_set_error(MOE_ERR_INVALID, "moe-hierarchical-alltoall is a form of the "
+                             "alltoall token dispatcher: moe-token-dispatcher-type allgather "
+                             "sends no tokens");
+    if (given(o, O(node_ranks)) && !o->two_stage)
+        return moe_set_error(MOE_ERR_INVALID, "ranks-per-node sets the machines of "
+                             "moe-hierarchical-alltoall, which is off");
     if (parts & MOE_OPTIONS_TRAIN) MOE_TRY(moe_train_config_validate(&o->train));
     if ((parts & MOE_OPTIONS_MODEL) && (parts & MOE_OPTIONS_TRAIN))
         MOE_TRY(moe_model_config_validate_training(&o->model));
