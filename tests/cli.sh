@@ -282,11 +282,8 @@ unused "moe eval: --dump-logits writes the logits of --ids or --prompt, not of -
   "$moe" eval --model "$tmp/none" --data "$tmp/x.bin" --dump-logits "$tmp/x.npy"
 unused "moe eval: --micro-batch-size is for eval --load: eval --model runs one sequence at a time" \
   "$moe" eval --model "$tmp/none" --ids 1,2 --micro-batch-size 2
-for cmd in "eval --prompt x" "generate --ids 1"; do
-  # shellcheck disable=SC2086
-  unused "moe ${cmd%% *}: --seq-length is the window of eval --model --data: a sequence of --ids or --prompt (and its continuation) sets its own" \
-    "$moe" $cmd --model "$tmp/none" --seq-length 8
-done
+unused "moe eval: --seq-length is the window of eval --model --data (and of generate --model): eval's sequence of --ids or --prompt sets its own" \
+  "$moe" eval --prompt x --model "$tmp/none" --seq-length 8
 # checkpoint flags without --save write nothing: refused as --exit-interval is (not so the key
 # in a config file: configs/default.cfg has save-interval)
 for f in --save-interval --keep-last; do

@@ -86,6 +86,17 @@ for v in $variants; do
   [ "$(cat "$tmp/gen")" = "$(cat "$dir/greedy.txt")" ] ||
     fail "$3 $1 greedy continuation $(cat "$tmp/gen"), reference $(cat "$dir/greedy.txt") (seed $seed)"
 done
+# the window: config.json's 128 positions by default (no slide before them, no note), or
+# --seq-length's, past which it slides, with a note on stderr (stdout: the ids alone)
+d="$tmp/mF32"
+"$moe" generate --model "$d" --ids "$(cat "$d/ids.txt")" --max-new-tokens 30 --temperature 0 \
+  >"$tmp/g128" 2>"$tmp/g128.err" && [ ! -s "$tmp/g128.err" ] || fail "window 128: $(cat "$tmp/g128.err")"
+"$moe" generate --model "$d" --ids "$(cat "$d/ids.txt")" --max-new-tokens 30 --temperature 0 \
+  --seq-length 16 >"$tmp/g16" 2>"$tmp/g16.err" || fail "window 16: $(cat "$tmp/g16.err")"
+grep -q "the window of 16 positions slides past them, before max_position_embeddings (128)" "$tmp/g16.err" ||
+  fail "window 16 note: $(cat "$tmp/g16.err")"
+"$moe" generate --model "$d" --ids "$(cat "$d/ids.txt")" --max-new-tokens 30 --temperature 0 \
+  --seq-length 100000 >"$tmp/gbig" 2>&1 && cmp -s "$tmp/gbig" "$tmp/g128" || fail "window beyond the positions"
 # generation_config.json's end-of-text ids stop a generation too, as in Hugging Face's generate:
 # with the greedy continuation's first id there, the continuation is that id alone
 cp -r "$tmp/mF32" "$tmp/gc"

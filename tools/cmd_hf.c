@@ -121,9 +121,9 @@ static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, mo
         why = "--dump-logits writes the logits of --ids or --prompt, not of --data";
     else if (eval && moe_options_flag(argc, argv, "micro-batch-size", flag, sizeof flag))
         why = "--micro-batch-size is for eval --load: eval --model runs one sequence at a time";
-    else if (!data && moe_options_flag(argc, argv, "seq-length", flag, sizeof flag))
-        why = "--seq-length is the window of eval --model --data: a sequence of --ids or "
-              "--prompt (and its continuation) sets its own";
+    else if (eval && !data && moe_options_flag(argc, argv, "seq-length", flag, sizeof flag))
+        why = "--seq-length is the window of eval --model --data (and of generate --model): "
+              "eval's sequence of --ids or --prompt sets its own";
     if (why) {
         fprintf(stderr, "moe %s: %s\n", cmd, why);
         return 2;
@@ -208,7 +208,7 @@ int moe_cmd_eval_hf(int argc, char **argv) {
     }
     rc = 1;
     moe_model *m = NULL;
-    if (n > c.seq_len) c.seq_len = n;
+    c.seq_len = n; /* the positions of this sequence (config.json's may be far more) */
     tgt = malloc(sizeof(int32_t) * (size_t)n);
     for (int i = 0; tgt && i < n; i++) tgt[i] = i + 1 < n ? ids[i + 1] : -1;
     moe_model_args args = moe_model_args_default();
@@ -406,10 +406,18 @@ int moe_cmd_generate_hf(int argc, char **argv) {
     /* stdout is the text or the ids alone: the thread count asked for goes to stderr */
     if (o.threads) fprintf(stderr, "moe generate: %d threads\n", omp_get_max_threads());
     rc = 1;
-    int n_eos = 0, total = n + o.max_new_tokens;
-    /* the window slides past config.json's positions as moe generate --load's past its
-     * sequence length; the prompt's forward in one call (up to those positions), a slid
-     * window's again in calls of at most that many tokens */
+    int n_eos = 0, total = n + o.max_new_tokens, positions = c.seq_len;
+    /* the window: config.json's positions, at most MOE_HF_WINDOW unless --seq-length asks (the
+     * memory of the cache and the attention grows with it); past it, the window slides as
+     * moe generate --load's past its sequence length; the prompt's forward in one call (up to
+     * the window), a slid window's again in calls of at most that many tokens */
+    char flag[140];
+    int asked = moe_options_flag(argc, argv, "seq-length", flag, sizeof flag) != NULL;
+    int window = asked ? o.model.seq_len : MOE_HF_WINDOW;
+    c.seq_len = window < positions ? window : positions;
+    if (total > c.seq_len && c.seq_len < positions)
+        fprintf(stderr, "moe generate: the window of %d positions slides past them, before "
+                "max_position_embeddings (%d): --seq-length sets it\n", c.seq_len, positions);
     int max_chunk = n < MIN_CHUNK ? MIN_CHUNK : n;
     max_chunk = max_chunk < c.seq_len ? max_chunk : c.seq_len;
     moe_model *m = NULL;

@@ -362,6 +362,7 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
         if (moe_hf_config(o->init_from, &c, family, sizeof family) != MOE_OK) return 1;
         moe_options_default(o);
         o->model = c;
+        if (o->model.seq_len > MOE_HF_WINDOW) o->model.seq_len = MOE_HF_WINDOW;
         o->layer = c.moe;
         o->untie = !c.tie_embeddings;
         if (moe_options_parse_args(o, argc, argv, use) != MOE_OK) return 2;

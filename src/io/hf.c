@@ -146,7 +146,7 @@ static moe_status parse_common(const cJSON *j, moe_model_config *c, const hf_fam
         return moe_set_error(MOE_ERR_FORMAT, "config.json: hidden_act must be \"silu\"");
     c->head_dim = hd * c->n_heads == c->d ? 0 : hd;
     c->tie_embeddings = tie;
-    c->seq_len = max_pos < 4096 ? max_pos : 4096; /* the longest sequence we plan memory for */
+    c->seq_len = max_pos;
     c->ffn = c->moe.ffn;
     c->moe_layer_freq = 1;
     c->first_k_dense = 0;

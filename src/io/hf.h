@@ -11,8 +11,11 @@
 #include <stdint.h>
 
 /* Reads DIR/config.json into a model configuration (every field it needs checked; an unknown
- * model_type is refused) and names the family (its model_type). */
+ * model_type is refused) and names the family (its model_type). Its seq_len is the model's
+ * max_position_embeddings, which can be far more than a command plans memory for. */
 moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, size_t cap);
+/* The positions a command plans for when not told (--seq-length): at most this many. */
+#define MOE_HF_WINDOW 4096
 /* The end-of-text ids of config.json's and generation_config.json's eos_token_id (each a
  * token id, a list of them or null; whole numbers in [0, 2^31)): up to cap, their count in *n
  * (0 when none); another value, or a generation_config.json that does not parse, an error. */
