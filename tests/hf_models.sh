@@ -113,6 +113,39 @@ for bad in '{"eos_token_id": "x"}|eos_token_id is not a token id' '{"eos_token_i
   [ $rc = 1 ] && grep -q "^moe generate: $tmp/gc/generation_config.json: ${bad#*|}" "$tmp/gen" ||
     fail "generation_config.json ${bad%%|*}: exit $rc, $(cat "$tmp/gen")"
 done
+# Hugging Face's generate takes generation_config.json's ids alone when the file is there: with
+# the first id in config.json only, the continuation runs on; a list of 10 stops at its last;
+# more than 64 ids are refused, not cut
+edit "$tmp/gc" "c['eos_token_id'] = $first"
+echo '{"eos_token_id": []}' >"$tmp/gc/generation_config.json"
+"$moe" generate --model "$tmp/gc" --ids "$(cat "$tmp/gc/ids.txt")" --max-new-tokens 8 --temperature 0 \
+  >"$tmp/gen" 2>&1 && [ "$(cat "$tmp/gen")" = "$(cat "$tmp/gc/greedy.txt")" ] ||
+  fail "generation_config.json without the id: $(cat "$tmp/gen")"
+rm "$tmp/gc/generation_config.json"
+"$moe" generate --model "$tmp/gc" --ids "$(cat "$tmp/gc/ids.txt")" --max-new-tokens 8 --temperature 0 \
+  >"$tmp/gen" 2>&1 && [ "$(cat "$tmp/gen")" = "$first" ] || fail "config.json's eos: $(cat "$tmp/gen")"
+edit "$tmp/gc" "c['eos_token_id'] = None"
+/usr/bin/python3 -c "import json, sys; json.dump({'eos_token_id': [i for i in range(97) if i != $first][:9] + [$first]}, open(sys.argv[1], 'w'))" \
+  "$tmp/gc/generation_config.json"
+"$moe" generate --model "$tmp/gc" --ids "$(cat "$tmp/gc/ids.txt")" --max-new-tokens 8 --temperature 0 \
+  >"$tmp/gen" 2>&1; rc=$?
+# (the greedy continuation may meet one of the other 9 first: it stops there)
+[ $rc = 0 ] && [ "$(tr ',' '\n' <"$tmp/gen" | tail -1)" != "" ] && {
+  /usr/bin/python3 - "$tmp/gen" "$tmp/gc/greedy.txt" "$tmp/gc/generation_config.json" <<'PY' || fail "10 end ids: $(cat "$tmp/gen")"
+import json, sys
+got = [int(x) for x in open(sys.argv[1]).read().split(",")]
+ref = [int(x) for x in open(sys.argv[2]).read().split(",")]
+stop = set(json.load(open(sys.argv[3]))["eos_token_id"])
+want = []
+for t in ref:
+    want.append(t)
+    if t in stop: break
+assert got == want, (got, want)
+PY
+} || fail "10 end ids: exit $rc, $(cat "$tmp/gen")"
+/usr/bin/python3 -c "import json, sys; json.dump({'eos_token_id': list(range(65))}, open(sys.argv[1], 'w'))" "$tmp/gc/generation_config.json"
+"$moe" generate --model "$tmp/gc" --ids 1,2 --max-new-tokens 2 >"$tmp/gen" 2>&1 && fail "65 end ids accepted"
+grep -q "more than 64 end-of-sequence ids" "$tmp/gen" || fail "65 end ids: $(cat "$tmp/gen")"
 rm "$tmp/gc/generation_config.json"
 # options that describe the model do not apply with --model (config.json does): refused, not
 # ignored; the seed still applies (the sequence length too, to eval --data: below)

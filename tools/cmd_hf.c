@@ -398,7 +398,7 @@ int moe_cmd_generate_hf(int argc, char **argv) {
     moe_options o;
     moe_model_config c;
     char family[32];
-    int32_t *ids = NULL, eos[8];
+    int32_t *ids = NULL, eos[64];
     moe_tokenizer *tok = NULL;
     int n = 0, rc = hf_prepare("generate", argc, argv, &o, &c, family, sizeof family, &ids, &n,
                                &tok);
@@ -422,7 +422,7 @@ int moe_cmd_generate_hf(int argc, char **argv) {
     max_chunk = max_chunk < c.seq_len ? max_chunk : c.seq_len;
     moe_model *m = NULL;
     int32_t *seq = realloc(ids, sizeof(int32_t) * (size_t)total);
-    moe_status s = seq ? moe_hf_eos(o.hf_model, eos, 8, &n_eos)
+    moe_status s = seq ? moe_hf_eos(o.hf_model, 1, eos, 64, &n_eos)
                        : moe_set_error(MOE_ERR_NOMEM, "out of memory");
     if (s == MOE_OK) s = moe_model_create_inference(&c, max_chunk, &m);
     if (seq) ids = seq;

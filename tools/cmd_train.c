@@ -83,7 +83,7 @@ static int add_input(const char *path, char ***list, int *n) {
 static int prepare_vocab(const char *dir, moe_prepare_vocab *v, moe_tokenizer **t) {
     moe_model_config c;
     char family[32], path[MOE_PATH_MAX + 32];
-    int32_t eos;
+    int32_t eos[64];
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     if (moe_hf_config(dir, &c, family, sizeof family) != MOE_OK ||
         moe_tokenizer_load(path, t) != MOE_OK) {
@@ -91,16 +91,16 @@ static int prepare_vocab(const char *dir, moe_prepare_vocab *v, moe_tokenizer **
         return 1;
     }
     int n_eos;
-    if (moe_hf_eos(dir, &eos, 1, &n_eos) != MOE_OK) {
+    if (moe_hf_eos(dir, 0, eos, 64, &n_eos) != MOE_OK) {
         fprintf(stderr, "moe prepare: %s\n", moe_last_error());
         return 1;
     }
-    if (n_eos != 1 || eos >= c.vocab) {
+    if (n_eos < 1 || eos[0] >= c.vocab) { /* the first: config.json's end of text */
         fprintf(stderr, "moe prepare: %s/config.json has no eos_token_id below its vocab_size "
                         "(%d) to end documents with\n", dir, c.vocab);
         return 1;
     }
-    *v = (moe_prepare_vocab){*t, c.vocab, eos};
+    *v = (moe_prepare_vocab){*t, c.vocab, eos[0]};
     return 0;
 }
 

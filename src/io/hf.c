@@ -409,12 +409,13 @@ static int token_id(const cJSON *v) {
            v->valuedouble == floor(v->valuedouble);
 }
 
-/* ids[0..*n) and v when it is a token id not among them (up to cap). */
-static void add_id(const cJSON *v, int32_t *ids, int *n, int cap) {
-    if (*n >= cap) return;
+/* ids[0..*n) and v when it is a token id not among them; 0 when that would pass cap. */
+static int add_id(const cJSON *v, int32_t *ids, int *n, int cap) {
     for (int i = 0; i < *n; i++)
-        if (ids[i] == (int32_t)v->valuedouble) return;
+        if (ids[i] == (int32_t)v->valuedouble) return 1;
+    if (*n >= cap) return 0;
     ids[(*n)++] = (int32_t)v->valuedouble;
+    return 1;
 }
 
 /* eos_token_id of DIR/name (a token id, a list of them, null or absent) added to ids[0..*n);
@@ -428,20 +429,25 @@ static moe_status add_eos(const char *dir, const char *name, int32_t *ids, int *
     cJSON *list = cJSON_IsArray(eos) ? eos : NULL;
     int ok = !eos || cJSON_IsNull(eos) || token_id(eos) || list;
     cJSON_ArrayForEach(e, list) ok &= token_id(e);
-    if (ok && token_id(eos)) add_id(eos, ids, n, cap);
-    if (ok) cJSON_ArrayForEach(e, list) add_id(e, ids, n, cap);
+    int fit = 1;
+    if (ok && token_id(eos)) fit = add_id(eos, ids, n, cap);
+    if (ok) cJSON_ArrayForEach(e, list) fit &= add_id(e, ids, n, cap);
     cJSON_Delete(j);
-    return ok ? MOE_OK
-              : moe_set_error(MOE_ERR_FORMAT, "%s: eos_token_id is not a token id (a whole number "
-                              "in [0, 2^31)), a list of them or null", path);
+    if (!ok)
+        return moe_set_error(MOE_ERR_FORMAT, "%s: eos_token_id is not a token id (a whole number "
+                             "in [0, 2^31)), a list of them or null", path);
+    return fit ? MOE_OK
+               : moe_set_error(MOE_ERR_FORMAT, "%s: more than %d end-of-sequence ids", path, cap);
 }
 
-moe_status moe_hf_eos(const char *dir, int32_t *ids, int cap, int *n) {
-    /* generation_config.json's too: Hugging Face's generate stops on its list (a chat model's
-     * end of turn is often there alone) */
+moe_status moe_hf_eos(const char *dir, int generation, int32_t *ids, int cap, int *n) {
     *n = 0;
+    /* Hugging Face's generate: generation_config.json when there is one (a chat model's end of
+     * turn is often there alone), else the one transformers derives from config.json */
+    if (generation && moe_file_exists(dir, "generation_config.json"))
+        return add_eos(dir, "generation_config.json", ids, n, cap);
     MOE_TRY(add_eos(dir, "config.json", ids, n, cap));
-    return add_eos(dir, "generation_config.json", ids, n, cap);
+    return generation ? MOE_OK : add_eos(dir, "generation_config.json", ids, n, cap);
 }
 
 void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t cap) {

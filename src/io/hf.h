@@ -16,10 +16,12 @@
 moe_status moe_hf_config(const char *dir, moe_model_config *cfg, char *family, size_t cap);
 /* The positions a command plans for when not told (--seq-length): at most this many. */
 #define MOE_HF_WINDOW 4096
-/* The end-of-text ids of config.json's and generation_config.json's eos_token_id (each a
- * token id, a list of them or null; whole numbers in [0, 2^31)): up to cap, their count in *n
- * (0 when none); another value, or a generation_config.json that does not parse, an error. */
-moe_status moe_hf_eos(const char *dir, int32_t *ids, int cap, int *n);
+/* End-of-text ids from eos_token_id (a token id, a list of them or null; whole numbers in
+ * [0, 2^31)), their count in *n (0 when none): with generation, those Hugging Face's generate
+ * stops on (generation_config.json's when the file is there, else config.json's); else
+ * config.json's, then generation_config.json's. Another value, more than cap ids, or a file
+ * that does not parse: an error. */
+moe_status moe_hf_eos(const char *dir, int generation, int32_t *ids, int cap, int *n);
 /* The family's name of one of our tensors (ours: moe_model_tensor names) into buf. */
 void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t cap);
 /* Loads every parameter of m from the directory's safetensors files (F32, BF16 or F16),
