@@ -613,6 +613,9 @@ static void test_sampling(void **state) {
     const float tie[4] = {2, 2, 2, 0};
     assert_int_equal(moe_sample(tie, 4, 1, 2, 1, 0.9), 2);
     assert_int_equal(moe_sample(tie, 4, 1, 2, 1, 0.5), 1);
+    assert_int_equal(moe_sample(tie, 4, 1, 1, 1, 0.9), 2); /* top-1 too; greedy: the lowest */
+    assert_int_equal(moe_sample(tie, 4, 1, 1, 1, 0.1), 0);
+    assert_int_equal(moe_sample(tie, 4, 0, 1, 1, 0.9), 0);
     /* no distribution: NaN anywhere (first or not), +inf, every logit -inf; -inf alone is 0 */
     float bad[4] = {0, NAN, 1, 2};
     assert_int_equal(moe_sample(bad, 4, 0, 0, 1, 0.5), -1);

@@ -23,7 +23,10 @@ int moe_sample(const float *logits, int V, float temperature, int top_k, float t
         if (logits[v] > logits[best]) best = v;
     }
     if (!isfinite(logits[best])) return -1; /* +inf, or every logit -inf */
-    if (!(temperature > 0) || top_k == 1) return best;
+    if (!(temperature > 0)) return best;
+    int tied = 0; /* top-1 of a unique maximum is it; ties with it are drawn among, below */
+    for (int v = 0; top_k == 1 && v < V; v++) tied += logits[v] == logits[best];
+    if (top_k == 1 && tied == 1) return best;
     cand *c = malloc(sizeof *c * (size_t)V);
     if (!c) return best;
     for (int v = 0; v < V; v++) {
