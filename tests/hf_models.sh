@@ -621,4 +621,11 @@ fresh F32; sed -i 's/"num_experts_per_tok": 2,/"num_experts_per_tok": 1, "num_ex
 bad "duplicate key" 'config.json: key "num_experts_per_tok" appears twice in one object'
 "$moe" eval --model "$tmp/mF32" --ids 1,200 >"$tmp/out" 2>&1 && fail "id beyond the vocabulary accepted"
 grep -q "not a token id below the vocabulary size 97" "$tmp/out" || fail "ids message: $(cat "$tmp/out")"
+# ids are digits with commas between (spaces around them allowed): nothing else passes
+for ids in "1," "+5" "-0" "1,,2" ",1" "0x10" "1 2"; do
+  "$moe" eval --model "$tmp/mF32" --ids "$ids" >"$tmp/out" 2>&1; rc=$?
+  [ $rc = 2 ] && grep -q "is not a token id" "$tmp/out" || fail "--ids '$ids': exit $rc, $(cat "$tmp/out")"
+done
+"$moe" eval --model "$tmp/mF32" --ids " 1, 2 ,3" >"$tmp/out" 2>&1 && grep -q "on 3 tokens" "$tmp/out" ||
+  fail "--ids with spaces: $(cat "$tmp/out")"
 echo "hf_models: ok"

@@ -8,6 +8,7 @@
 #include "io/tokenizer.h"
 #include "train/trainer.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
@@ -23,11 +24,13 @@ static int parse_ids(const char *text, int vocab, int32_t **out) {
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
     int n = 0;
     const char *p = text;
-    while (ids && *p) {
+    while (ids && *p) { /* digits, spaces around them, commas between: "1,2", "1, 2" */
         char *end;
+        while (*p == ' ') p++;
         errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v >= vocab || (*end && *end != ',')) {
+        long v = isdigit((unsigned char)*p) ? strtol(p, &end, 10) : -1;
+        while (v >= 0 && *end == ' ') end++;
+        if (v < 0 || errno || v >= vocab || (*end && (*end != ',' || !end[1]))) {
             moe_set_error(MOE_ERR_INVALID, "--ids: \"%.20s\" is not a token id below the "
                           "vocabulary size %d", p, vocab);
             free(ids);
