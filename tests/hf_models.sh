@@ -238,6 +238,10 @@ n=$("$moe" tokenize --model "$m" --prompt-file "$tmp/long.txt" | tr ',' '\n' | w
 [ "$n" = 601 ] || fail "a 2400-byte prompt gave $n ids, expected <s> + 600"
 "$moe" tokenize --model "$m" --prompt x --prompt-file "$tmp/long.txt" >"$tmp/out" 2>&1; [ $? = 2 ] ||
   fail "--prompt with --prompt-file: $(cat "$tmp/out")"
+# an empty prompt is the tokenizer's special tokens alone (<s> here), continued as any prompt
+[ "$("$moe" tokenize --model "$m" --prompt "")" = "${ids%%,*}" ] || fail "empty prompt's ids"
+"$moe" generate --model "$m" --prompt "" --max-new-tokens 2 --temperature 0 >"$tmp/out" 2>&1 ||
+  fail "generate from an empty prompt: $(cat "$tmp/out")"
 a=$("$moe" eval --model "$m" --prompt "the cat sat on the mat" | sed -n 's/.*loss \([0-9.]*\) nats.*/\1/p')
 b=$("$moe" eval --model "$m" --ids "$ids" | sed -n 's/.*loss \([0-9.]*\) nats.*/\1/p')
 [ -n "$a" ] && [ "$a" = "$b" ] || fail "eval --prompt loss $a, --ids loss $b"
@@ -423,6 +427,15 @@ grep -q '"eos_token_id":[[:space:]]*256' "$tmp/xrun/config.json" || fail "no eos
   fail "the converted run's tokenizer: $("$moe" tokenize --model "$tmp/xrun" --prompt "Héllo<|endoftext|>")"
 [ "$("$moe" tokenize --model "$tmp/xrun" --ids 72,195,169,10,256)" = "$(printf 'H\303\251\n<|endoftext|>')" ] ||
   fail "the converted run's tokenizer decodes wrongly"
+# a tokenizer that adds no token to an empty text: an empty prompt is refused, naming the flag;
+# a prompt file that cannot be read is an error of reading (exit 1), with the reason
+: >"$tmp/empty.txt"
+"$moe" generate --model "$tmp/xrun" --prompt-file "$tmp/empty.txt" >"$tmp/out" 2>&1; rc=$?
+[ $rc = 2 ] && grep -q -- "--prompt-file: no tokens" "$tmp/out" || fail "empty prompt file: rc $rc, $(cat "$tmp/out")"
+for cmd in eval generate; do
+  "$moe" $cmd --model "$tmp/xrun" --prompt-file "$tmp" >"$tmp/out" 2>&1; rc=$?
+  [ $rc = 1 ] && grep -q "cannot read $tmp: Is a directory" "$tmp/out" || fail "$cmd, a directory as prompt file: rc $rc, $(cat "$tmp/out")"
+done
 # shellcheck disable=SC2086
 "$moe" train $tiny --moe-shared-expert-intermediate-size 8 --save "$tmp/run2" >"$tmp/out" 2>&1 || fail "train 2"
 "$moe" convert --load "$tmp/run2" --to hf "$tmp/xrun2" >"$tmp/out" 2>&1 && fail "shared expert converted"

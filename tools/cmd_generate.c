@@ -27,7 +27,7 @@ moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len) {
         return moe_set_error(MOE_ERR_INVALID, "give --prompt or --prompt-file, not both");
     char *file = NULL;
     if (o->prompt_file[0]) MOE_TRY(moe_read_file(o->prompt_file, &file, len));
-    else if (o->prompt[0]) *len = strlen(o->prompt);
+    else if (o->prompt[0] || moe_options_given(o, "prompt")) *len = strlen(o->prompt);
     else return MOE_OK;
     *text = malloc(*len + 1);
     if (*text) memcpy(*text, file ? file : o->prompt, *len), (*text)[*len] = '\0';

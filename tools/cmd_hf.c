@@ -75,24 +75,24 @@ static moe_status load_tokenizer(const char *dir, moe_tokenizer **t) {
 }
 
 /* The ids of --prompt or --prompt-file (with the tokenizer's special tokens), each below the
- * model's vocabulary. */
-static int encode_prompt(const moe_tokenizer *t, const moe_options *o, int vocab, int32_t **ids) {
-    int n = 0;
+ * model's vocabulary, *n of them. */
+static moe_status encode_prompt(const moe_tokenizer *t, const moe_options *o, int vocab,
+                                int32_t **ids, int *n) {
     char *text;
     size_t len;
-    if (moe_cli_prompt(o, &text, &len) != MOE_OK) return 0;
-    moe_status s = moe_tokenizer_encode(t, text, len, 1, ids, &n);
+    *n = 0, *ids = NULL;
+    MOE_TRY(moe_cli_prompt(o, &text, &len));
+    moe_status s = moe_tokenizer_encode(t, text ? text : "", len, 1, ids, n);
     free(text);
-    if (s != MOE_OK) return 0;
-    for (int i = 0; i < n; i++)
-        if ((*ids)[i] >= vocab) {
-            moe_set_error(MOE_ERR_INVALID, "the tokenizer gave id %d, beyond the model's "
-                          "vocabulary of %d", (*ids)[i], vocab);
-            n = 0;
-        }
-    if (!n && !moe_last_error()[0]) moe_set_error(MOE_ERR_INVALID, "--prompt: no tokens");
-    if (!n) free(*ids), *ids = NULL;
-    return n;
+    for (int i = 0; s == MOE_OK && i < *n; i++)
+        if ((*ids)[i] >= vocab)
+            s = moe_set_error(MOE_ERR_INVALID, "the tokenizer gave id %d, beyond the model's "
+                              "vocabulary of %d", (*ids)[i], vocab);
+    if (s == MOE_OK && !*n)
+        s = moe_set_error(MOE_ERR_INVALID, "%s: no tokens (the tokenizer adds none to an empty "
+                          "text)", o->prompt_file[0] ? "--prompt-file" : "--prompt");
+    if (s != MOE_OK) free(*ids), *ids = NULL, *n = 0;
+    return s;
 }
 
 /* The options of `moe CMD --model DIR (--ids ... | --prompt TEXT)`, the model's configuration
@@ -110,7 +110,7 @@ static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, mo
         moe_cli_hf_flags(o, cmd))
         return 2;
     int eval = !strcmp(cmd, "eval"), data = eval && o->data_path[0];
-    int text = o->prompt[0] || o->prompt_file[0];
+    int text = moe_options_given(o, "prompt") || o->prompt_file[0];
     char flag[140];
     const char *why = NULL;
     if (o->ids[0] && text) why = "give --ids or --prompt, not both";
@@ -138,12 +138,14 @@ static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, mo
         return 1;
     }
     moe_clear_error();
-    if ((o->ids[0] && !(*n = parse_ids(o->ids, c->vocab, ids))) ||
-        (text && !(*n = encode_prompt(*tok, o, c->vocab, ids)))) {
+    moe_status s = MOE_OK;
+    if (o->ids[0] && !(*n = parse_ids(o->ids, c->vocab, ids))) s = MOE_ERR_INVALID;
+    if (text) s = encode_prompt(*tok, o, c->vocab, ids, n);
+    if (s != MOE_OK) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         moe_tokenizer_free(*tok);
         *tok = NULL;
-        return 2;
+        return s == MOE_ERR_IO || s == MOE_ERR_NOMEM ? 1 : 2; /* bad input: 2 */
     }
     return 0;
 }
@@ -458,7 +460,7 @@ int moe_cmd_tokenize(int argc, char **argv) {
         fprintf(stderr, "moe tokenize: %s\n", moe_last_error());
         return 2;
     }
-    int encode = o.prompt[0] || o.prompt_file[0];
+    int encode = moe_options_given(&o, "prompt") || o.prompt_file[0];
     if (!o.hf_model[0] || !o.ids[0] == !encode) {
         fprintf(stderr, "moe tokenize: usage: moe tokenize --model DIR (--prompt TEXT | "
                         "--prompt-file FILE | --ids 5,17,42)\n");
@@ -473,7 +475,7 @@ int moe_cmd_tokenize(int argc, char **argv) {
     if (s == MOE_OK && encode) s = moe_cli_prompt(&o, &text, &len);
     /* text that does not encode (not UTF-8) is bad input, as in generate and eval --model */
     int bad_text = s == MOE_OK && encode &&
-                   moe_tokenizer_encode(t, text, len, 1, &ids, &n) != MOE_OK;
+                   moe_tokenizer_encode(t, text ? text : "", len, 1, &ids, &n) != MOE_OK;
     if (bad_text) s = MOE_ERR_INVALID;
     for (int i = 0; s == MOE_OK && encode && i < n; i++) printf("%s%d", i ? "," : "", ids[i]);
     if (s == MOE_OK && o.ids[0] && !(n = parse_ids(o.ids, moe_tokenizer_size(t), &ids)))

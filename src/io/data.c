@@ -240,11 +240,11 @@ moe_status moe_read_file(const char *path, char **out, size_t *len) {
         n += r;
         if (r == 0) break;
     }
-    int bad = ferror(f);
+    int bad = ferror(f), err = errno; /* EISDIR for a directory */
     fclose(f);
     if (bad) {
         free(buf);
-        return moe_set_error(MOE_ERR_IO, "error reading %s", path);
+        return moe_set_error(MOE_ERR_IO, "cannot read %s: %s", path, strerror(err ? err : EIO));
     }
     *out = buf;
     *len = n;
