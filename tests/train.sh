@@ -35,8 +35,11 @@ expect 2 "$moe" prepare --out
 [ "$(cat "$tmp/out")" = "moe prepare: --out needs a value" ] || fail "--out alone: $(cat "$tmp/out")"
 printf ' \n\n' >"$tmp/p/blank.txt"
 expect 1 "$moe" prepare --out "$tmp/p/d" "$tmp/p/blank.txt"
-grep -q "^moe prepare: the input holds too little text" "$tmp/out" ||
+grep -q "^moe prepare: the input holds too little text for a train and a validation split" "$tmp/out" ||
   fail "blank input: $(cat "$tmp/out")"
+expect 1 "$moe" prepare --val-fraction 0 --out "$tmp/p/d" "$tmp/p/blank.txt"
+grep -q "^moe prepare: the input holds too little text for a train split (0 documents)$" "$tmp/out" ||
+  fail "blank input without validation: $(cat "$tmp/out")"
 # an input that prepare writes is refused: a stale .next of an interrupted run would be
 # truncated before it is read, the train.bin and val.bin of an earlier run (here through a
 # directory) read as text; the files stay as they were

@@ -428,8 +428,8 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
     }
     if (st == MOE_OK && (split[0].n == 0 || (val_fraction > 0 && split[1].n == 0)))
         st = moe_set_error(MOE_ERR_INVALID, "the input holds too little text for a "
-                           "train and a validation split (%lld documents)",
-                           (long long)ctx.n_docs);
+                           "train%s split (%lld documents)",
+                           val_fraction > 0 ? " and a validation" : "", (long long)ctx.n_docs);
     for (int i = 0; i < 2 && st == MOE_OK; i++)
         st = split_finish(&split[i], files, n_files, vocab, eot);
     /* the old train.bin is kept (a hard link: train.bin stays in place) until val.bin is
