@@ -146,6 +146,8 @@ once 4 "moe train: global-batch-size (4) must be a multiple of micro-batch-size 
 # shellcheck disable=SC2086
 once 2 "moe train: moe-router-topk (9) must be between 1 and num-experts (8)" $tiny --moe-router-topk 9
 # shellcheck disable=SC2086
+once 2 "moe train: data and expert parallelism run on the CPU so far (--device cpu)" $tiny --device cuda
+# shellcheck disable=SC2086
 $mpirun --oversubscribe --allow-run-as-root -np 4 "$moe" train $tiny --expert-model-parallel-size 4 \
   --moe-hierarchical-alltoall --ranks-per-node 3 >"$tmp/out" 2>&1 && fail "3 ranks per machine of 4 accepted"
 grep -q "3 ranks per machine do not divide the 4 ranks" "$tmp/out" || fail "machine message: $(tail -3 "$tmp/out")"

@@ -541,6 +541,9 @@ int moe_cmd_train(int argc, char **argv) {
      * the global batch over the data-parallel processes (the trainer checks it again) */
     if (ready == MOE_OK) ready = moe_model_config_validate(&o.model);
     if (ready == MOE_OK) ready = moe_train_check_dp_batch(&o.train, o.model.moe.ep_replicated, d);
+    if (ready == MOE_OK && o.device && d->world_size > 1) /* the trainer checks it again */
+        ready = moe_set_error(MOE_ERR_INVALID, "data and expert parallelism run on the CPU so "
+                              "far (--device cpu)");
     if ((src = setup_outcome(d, ready != MOE_OK ? 2 : 0))) return src;
     const char *data = o.data_path[0] ? o.data_path : DEFAULT_DATA;
     char path[MOE_PATH_MAX + 16];
