@@ -147,6 +147,13 @@ once 4 "moe train: global-batch-size (4) must be a multiple of micro-batch-size 
 once 2 "moe train: moe-router-topk (9) must be between 1 and num-experts (8)" $tiny --moe-router-topk 9
 # shellcheck disable=SC2086
 once 2 "moe train: data and expert parallelism run on the CPU so far (--device cpu)" $tiny --device cuda
+# a stop every rank decides alike (too many bad steps in a row) is told once too, exit 1
+# shellcheck disable=SC2086
+$mpirun --oversubscribe --allow-run-as-root --bind-to none -np 4 "$moe" train $tiny --train-iters 8 \
+  --expert-model-parallel-size 2 --inject-fault nan-grad@2,inf-loss@4-5 --max-bad-steps 2 >"$tmp/out" 2>&1
+rc=$?
+[ $rc = 1 ] && [ "$(grep -c '^moe train: 2 consecutive steps' "$tmp/out")" = 1 ] ||
+  fail "bad steps on 4 ranks: exit $rc, $(grep '^moe' "$tmp/out")"
 # shellcheck disable=SC2086
 $mpirun --oversubscribe --allow-run-as-root -np 4 "$moe" train $tiny --expert-model-parallel-size 4 \
   --moe-hierarchical-alltoall --ranks-per-node 3 >"$tmp/out" 2>&1 && fail "3 ranks per machine of 4 accepted"

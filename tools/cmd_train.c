@@ -553,6 +553,7 @@ int moe_cmd_train(int argc, char **argv) {
     FILE *metrics = NULL;
     moe_tfevents *tb = NULL;
     int rc = 1, stopped_by = 0; /* the signal that stopped the run */
+    int agreed = 0; /* an error every rank met at the same point (told once, no abort) */
     char val_path[MOE_PATH_MAX + 16];
     snprintf(path, sizeof path, "%s/train.bin", data);
     if (moe_tokens_load(path, &train) != MOE_OK) goto fail;
@@ -640,6 +641,7 @@ int moe_cmd_train(int argc, char **argv) {
                               "(the last: step %d); stopped. Lower lr or check the data.%s",
                               s.bad_streak, step, why);
             }
+            agreed = 1; /* the skip decision is the ranks' common one */
         }
         if (ts != MOE_OK) goto fail;
         double dt = moe_time_now() - t0;
@@ -722,9 +724,10 @@ int moe_cmd_train(int argc, char **argv) {
     rc = 0;
 fail:
     release_stop_signals();
-    if (rc && d->world_size > 1) fprintf(stderr, "moe train (rank %d): %s\n", d->world_rank, moe_last_error());
-    else if (rc) fprintf(stderr, "moe train: %s\n", moe_last_error());
-    if (rc && d->world_size > 1) moe_dist_abort(d, rc); /* never leave the other ranks waiting */
+    if (rc && d->world_size > 1 && !agreed)
+        fprintf(stderr, "moe train (rank %d): %s\n", d->world_rank, moe_last_error());
+    else if (rc && d->world_rank == 0) fprintf(stderr, "moe train: %s\n", moe_last_error());
+    if (rc && d->world_size > 1 && !agreed) moe_dist_abort(d, rc); /* never leave the others waiting */
     if (metrics) fclose(metrics);
     moe_tfevents_close(tb);
     moe_trainer_destroy(t);
