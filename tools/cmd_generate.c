@@ -59,11 +59,7 @@ moe_status moe_cli_continue(moe_model *m, int32_t *ids, int *n, int n_new, int m
         const float *lg = moe_model_logits(m) + (size_t)(chunk - 1) * c->vocab;
         int next = moe_sample(lg, c->vocab, sp->temperature, sp->top_k, sp->top_p,
                               moe_rng_uniform64(sp->seed, stream, (uint64_t)i));
-        if (sp->agree) { /* rank 0's token, by a sum where the others add 0 */
-            int64_t v = moe_comm_rank(sp->agree) == 0 ? next : 0;
-            if ((st = moe_comm_sum_i64(sp->agree, &v, 1)) != MOE_OK) break;
-            next = (int)v;
-        }
+        if (sp->agree && (st = moe_comm_bcast(sp->agree, &next, sizeof next, 0)) != MOE_OK) break;
         if (next < 0) {
             st = moe_cli_logits_error(i);
             break;

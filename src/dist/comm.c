@@ -358,24 +358,6 @@ moe_status moe_comm_allgather(moe_comm *c, const void *send, void *recv, size_t 
 #endif
 }
 
-moe_status moe_comm_allgatherv(moe_comm *c, const void *send, void *recv, const int64_t *count,
-                               const int64_t *displ) {
-    int size = moe_comm_size(c);
-    if (size == 1) {
-        if (count[0]) memmove((char *)recv + displ[0], send, (size_t)count[0]);
-        return MOE_OK;
-    }
-#ifdef MOE_HAVE_MPI
-    int cn[size], dp[size];
-    MOE_TRY(to_int(count, size, cn, "MPI_Allgatherv"));
-    MOE_TRY(to_int(displ, size, dp, "MPI_Allgatherv"));
-    return mpi_check(MPI_Allgatherv(send, cn[moe_comm_rank(c)], MPI_BYTE, recv, cn, dp, MPI_BYTE,
-                                    c->c), "MPI_Allgatherv");
-#else
-    return MOE_OK;
-#endif
-}
-
 moe_status moe_comm_bcast(moe_comm *c, void *buf, size_t n, int root) {
 #ifdef MOE_HAVE_MPI
     if (!c || moe_comm_size(c) == 1 || n == 0) return MOE_OK;

@@ -41,9 +41,6 @@ moe_status moe_comm_set_two_stage(moe_comm *c, int node_size);
 int moe_comm_two_stage(const moe_comm *c); /* ranks per machine in two-stage mode, else 0 */
 /* Gathers n bytes of every rank, in rank order: recv [size * n]. */
 moe_status moe_comm_allgather(moe_comm *c, const void *send, void *recv, size_t n);
-/* Gathers count[q] bytes of rank q at displ[q] (counts known everywhere). */
-moe_status moe_comm_allgatherv(moe_comm *c, const void *send, void *recv, const int64_t *count,
-                               const int64_t *displ);
 moe_status moe_comm_bcast(moe_comm *c, void *buf, size_t n, int root);
 moe_status moe_comm_barrier(moe_comm *c);
 

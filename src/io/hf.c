@@ -860,11 +860,11 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const 
      * and its gate; their tensors, empty and zero, make the checkpoint complete */
     static const char *const empty[] = {"shared_expert.gate_proj", "shared_expert.up_proj",
                                         "shared_expert.down_proj", "shared_expert_gate"};
+    const int64_t rows[] = {0, 0, c->d, 1}, cols[] = {c->d, c->d, 0, c->d};
     for (int l = 0; s == MOE_OK && qwen2 && !c->moe.shared_ffn && l < c->n_layers; l++)
         for (int i = 0; i < 4; i++, n++) {
             snprintf(names[n], sizeof names[n], "model.layers.%d.mlp.%s.weight", l, empty[i]);
-            e[n] = (moe_st_entry){names[n], MOE_DT_F32, 2, {i == 2 ? c->d : i == 3, i == 2 ? 0 : c->d},
-                                  zeros};
+            e[n] = (moe_st_entry){names[n], MOE_DT_F32, 2, {rows[i], cols[i]}, zeros};
         }
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     const char *keys[] = {"format"}, *vals[] = {"pt"};
