@@ -622,7 +622,7 @@ done
 # a tensor the model lacks is refused (loading without it computes another model); those that
 # Hugging Face's classes leave unused are not, and change nothing
 rm -rf "$tmp/bad"; /usr/bin/python3 "$src/tests/hf_malform.py" "$tmp/mF32" "$tmp/bad" extra || fail "writing extra"
-bad "extra tensor" "holds model.layers.0.self_attn.q_proj.bias, which the model that its config.json describes does not have"
+bad "extra tensor" "holds model.layers.0.self_attn.q_proj.bias, which the model (its config.json, with the options given) does not have"
 for kind in inv-freq mtp; do
   rm -rf "$tmp/bad"; /usr/bin/python3 "$src/tests/hf_malform.py" "$tmp/mF32" "$tmp/bad" $kind || fail "writing $kind"
   "$moe" eval --model "$tmp/bad" --ids "$(cat "$tmp/mF32/ids.txt")" --dump-logits "$tmp/bad.npy" >"$tmp/out" 2>&1 ||

@@ -179,11 +179,10 @@ $mpirun --oversubscribe --allow-run-as-root -np 2 "$moe" bench layer --tokens 64
 # signal told is SIGINT's (2), as in one process
 # shellcheck disable=SC2086
 $mpirun --oversubscribe --allow-run-as-root --bind-to none -np 2 "$moe" train $tiny --train-iters 100000 \
-  --expert-model-parallel-size 2 --log-interval 1000 --save "$tmp/int" >"$tmp/int.out" 2>&1 &
+  --expert-model-parallel-size 2 --log-interval 1 --save "$tmp/int" >"$tmp/int.out" 2>&1 &
 mpid=$!
-i=0
-while [ $i -lt 100 ] && ! grep -q "moe train: 3 layers" "$tmp/int.out"; do sleep 0.1; i=$((i + 1)); done
-sleep 1
+i=0 # (past step 2, every rank catches signals: the ranks step in lockstep)
+while [ $i -lt 300 ] && ! grep -q "step 2/" "$tmp/int.out"; do sleep 0.1; i=$((i + 1)); done
 victim=$(pgrep -P "$mpid" | tail -1)
 [ -n "$victim" ] && kill -INT "$victim" || fail "no rank to interrupt: $(tail -3 "$tmp/int.out")"
 i=0

@@ -23,7 +23,7 @@ moe_status moe_cli_logits_error(int token) {
 
 moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len) {
     *text = NULL, *len = 0;
-    if (o->prompt[0] && o->prompt_file[0])
+    if ((o->prompt[0] || moe_options_given(o, "prompt")) && o->prompt_file[0])
         return moe_set_error(MOE_ERR_INVALID, "give --prompt or --prompt-file, not both");
     char *file = NULL;
     if (o->prompt_file[0]) MOE_TRY(moe_read_file(o->prompt_file, &file, len));

@@ -312,7 +312,8 @@ int moe_cmd_convert(int argc, char **argv) {
     }
     /* the files a conversion writes: none may be there already (a model's, or tokenizer files
      * that would be overwritten or left beside a model they do not belong to) */
-    const char *model_files[] = {"config.json", "model.safetensors", "model.safetensors.index.json"};
+    const char *model_files[] = {"config.json", "model.safetensors",
+                                 "model.safetensors.index.json"};
     for (size_t i = 0; i < 3 + sizeof tokenizer_files / sizeof *tokenizer_files; i++) {
         const char *f = i < 3 ? model_files[i] : tokenizer_files[i - 3];
         if (moe_file_exists(out, f)) {
@@ -335,6 +336,8 @@ int moe_cmd_convert(int argc, char **argv) {
         }
         snprintf(family, sizeof family, "%s", f);
     }
+    /* a model directory's positions plan no memory here (its config.json keeps them) */
+    if (o.hf_model[0] && c.seq_len > MOE_HF_WINDOW) c.seq_len = MOE_HF_WINDOW;
     if (s == MOE_OK) s = moe_model_create_inference(&c, 1, &m);
     if (s == MOE_OK)
         s = o.hf_model[0] ? moe_hf_load(o.hf_model, family, m) : moe_checkpoint_load(ckpt, m, NULL);

@@ -96,8 +96,8 @@ static int prepare_vocab(const char *dir, moe_prepare_vocab *v, moe_tokenizer **
         return 1;
     }
     if (n_eos < 1 || eos[0] >= c.vocab) { /* the first: config.json's end of text */
-        fprintf(stderr, "moe prepare: %s/config.json has no eos_token_id below its vocab_size "
-                        "(%d) to end documents with\n", dir, c.vocab);
+        fprintf(stderr, "moe prepare: %s has no eos_token_id below its vocab_size (%d) to end "
+                        "documents with (config.json, or generation_config.json)\n", dir, c.vocab);
         return 1;
     }
     *v = (moe_prepare_vocab){*t, c.vocab, eos[0]};
@@ -641,7 +641,7 @@ int moe_cmd_train(int argc, char **argv) {
                               "(the last: step %d); stopped. Lower lr or check the data.%s",
                               s.bad_streak, step, why);
             }
-            agreed = 1; /* the skip decision is the ranks' common one */
+            agreed = ts != MOE_OK; /* the stop is the ranks' common decision */
         }
         if (ts != MOE_OK) goto fail;
         double dt = moe_time_now() - t0;
@@ -727,7 +727,7 @@ fail:
     if (rc && d->world_size > 1 && !agreed)
         fprintf(stderr, "moe train (rank %d): %s\n", d->world_rank, moe_last_error());
     else if (rc && d->world_rank == 0) fprintf(stderr, "moe train: %s\n", moe_last_error());
-    if (rc && d->world_size > 1 && !agreed) moe_dist_abort(d, rc); /* never leave the others waiting */
+    if (rc && d->world_size > 1 && !agreed) moe_dist_abort(d, rc); /* never leave others waiting */
     if (metrics) fclose(metrics);
     moe_tfevents_close(tb);
     moe_trainer_destroy(t);

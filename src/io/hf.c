@@ -750,8 +750,7 @@ static void deepseek_config(const moe_model_config *c, int v3, cJSON *j) {
 /* config.json of the family: base (the source's config.json, or an empty object) with the
  * keys its loader reads set from c; the source's values stay as written where they say the
  * same, and so do keys we do not read (initializer_range, token ids...). A source without
- * max_position_embeddings keeps the family's default (we plan memory for at most 4096
- * positions, the model may have more). */
+ * max_position_embeddings keeps the family's default. */
 static cJSON *family_config(const moe_model_config *c, const char *family, int source,
                             cJSON *j) {
     const moe_layer_config *m = &c->moe;

@@ -25,7 +25,7 @@ int64_t moe_capacity_ceil(float cf, int64_t Tv, int k, int E) {
         if (*s != '.') num = num * 10 + (uint64_t)(*s - '0');
     int q = atoi(s + 1) - (digits - 1); /* cf = num * 10^q */
     unsigned __int128 a = (unsigned __int128)num * (uint64_t)Tv * (uint64_t)k, b = (uint64_t)E;
-    for (; q > 0; q--) a *= 10; /* est < 2^62 bounds both: a < 2^62 E, b < 2^100 */
+    for (; q > 0; q--) a *= 10; /* a < 2^62 E (est < 2^62); b < 2 num Tv k (est >= 1/2) */
     for (; q < 0; q++) b *= 10;
     return (int64_t)((a + b - 1) / b);
 }
@@ -63,9 +63,9 @@ void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
         if (slot_expert[s] >= 0) off[slot_expert[s] + 1]++;
     for (int e = 0; e < E; e++) off[e + 1] += off[e];
     /* Candidates of each expert in priority order: position, by token (Megatron's and
-     * DeepSpeed's topkgating: the tokens at the end of the batch are dropped, whichever choice the expert
-     * is for them); probs, (j, t) before the stable sort by weight, so ties go to first
-     * choices. */
+     * DeepSpeed's topkgating: the tokens at the end of the batch are dropped, whichever choice
+     * the expert is for them); probs, (j, t) before the stable sort by weight, so ties go to
+     * first choices. */
     int32_t *fill = tmp;
     for (int e = 0; e < E; e++) fill[e] = off[e];
     int by_token = policy == MOE_DROP_POSITION;

@@ -13,19 +13,20 @@
 /* Slots and rows one call with T tokens and top-k needs at most. */
 static void call_sizes(const moe_layer_config *c, int T, int k, size_t *S, size_t *R) {
     size_t E = (size_t)c->n_experts;
+    /* the capacities of T tokens (a call's valid tokens are at most T), as dispatch computes
+     * them */
     if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
-        double cf = c->capacity_factor > 0 ? c->capacity_factor : 1.0;
-        size_t C = (size_t)ceil(cf * (double)T * k / (double)E);
-        if (C > (size_t)T) C = (size_t)T;
-        *S = *R = E * C;
+        int64_t C = moe_capacity_ceil(c->capacity_factor > 0 ? c->capacity_factor : 1.0f, T, k,
+                                      (int)E);
+        *S = *R = E * (size_t)(C < T ? C : T);
         return;
     }
     *S = *R = (size_t)T * k;
-    if (c->pad_to_capacity) {
-        size_t C = (size_t)ceil(fabs((double)c->capacity_factor) * (double)T * k / (double)E);
-        if (C < (size_t)c->min_capacity) C = (size_t)c->min_capacity;
-        if (C > (size_t)T) C = (size_t)T;
-        if (E * C > *R) *R = E * C;
+    if (c->pad_to_capacity && c->capacity_factor != 0) {
+        int64_t C = moe_capacity_ceil(fabsf(c->capacity_factor), T, k, (int)E);
+        if (C < c->min_capacity) C = c->min_capacity;
+        if (C > T) C = T;
+        if (E * (size_t)C > *R) *R = E * (size_t)C;
     }
 }
 

@@ -555,7 +555,8 @@ static moe_status find_unused(ckpt_reader *r, const moe_model *m, rename_fn rena
     const char **names = malloc(sizeof *names * (size_t)(n > 0 ? n : 1));
     char *renamed = rename ? malloc((size_t)CAP * (size_t)(n > 0 ? n : 1)) : NULL;
     moe_safetensors *st = NULL;
-    moe_status s = names && (renamed || !rename) ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    moe_status s = names && (renamed || !rename) ? MOE_OK
+                                                 : moe_set_error(MOE_ERR_NOMEM, "out of memory");
     if (s == MOE_OK && !r->map) s = reader_file(r, "model", FIRST_TENSOR, &st);
     if (s == MOE_OK) {
         for (int i = 0; i < n; i++) {
@@ -567,7 +568,8 @@ static moe_status find_unused(ckpt_reader *r, const moe_model *m, rename_fn rena
         const cJSON *e = r->map ? r->map->child : NULL;
         for (int i = 0; !*extra && (r->map ? e != NULL : i < st->n_tensors); i++) {
             const char *name = r->map ? e->string : st->tensors[i].name;
-            if (!bsearch(&name, names, (size_t)n, sizeof *names, cmp_name) && !(skip && skip(name, ctx)))
+            if (!bsearch(&name, names, (size_t)n, sizeof *names, cmp_name) &&
+                !(skip && skip(name, ctx)))
                 *extra = name;
             if (e) e = e->next;
         }
@@ -586,9 +588,9 @@ moe_status moe_checkpoint_load_params(const char *dir, moe_model *m, rename_fn r
     MOE_TRY(reader_open(&r, dir));
     moe_status s = find_unused(&r, m, rename, skip, ctx, &extra);
     if (s == MOE_OK && extra)
-        s = moe_set_error(MOE_ERR_FORMAT, "%s holds %s, which the model that its config.json "
-                          "describes does not have: without it, another model would be computed",
-                          dir, extra);
+        s = moe_set_error(MOE_ERR_FORMAT, "%s holds %s, which the model (its config.json, with "
+                          "the options given) does not have: without it, another model would be "
+                          "computed", dir, extra);
     if (s == MOE_OK) s = load_params(&r, m, rename, ctx);
     reader_close(&r);
     return s;
