@@ -285,6 +285,35 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(parse(&o, aux_sink, 4), MOE_OK);
     expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "needs the topk router");
 
+    /* Hugging Face's z-loss coefficient: one loss over all MoE layers' logits (4 by default) */
+    const char *hf_z[] = {"--router-z-loss-coef", "0.01"};
+    assert_int_equal(parse(&o, hf_z, 2), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_float_equal(o.layer.z_coeff, 0.0025f, 1e-9);
+    /* Megatron's max-position-embeddings beside seq-length (its Mixtral script gives both):
+     * seq-length is the training length in either order; alone it is the sequence length */
+    const char *pos[] = {"--max-position-embeddings", "32768", "--seq-length", "64"};
+    assert_int_equal(parse(&o, pos, 4), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_int_equal(o.model.seq_len, 64);
+    const char *pos2[] = {"--seq-length", "64", "--max-position-embeddings", "32768"};
+    assert_int_equal(parse(&o, pos2, 4), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_int_equal(o.model.seq_len, 64);
+    assert_int_equal(parse(&o, pos, 2), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_int_equal(o.model.seq_len, 32768);
+    pos2[3] = "32";
+    assert_int_equal(parse(&o, pos2, 4), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "max-position-embeddings (32) is below seq-length (64)");
+    /* Hugging Face's norm_topk_prob false means a softmax over all experts: with the softmax
+     * after the top-k it would change nothing, so it asks for pre-softmax */
+    const char *nt[] = {"--norm-topk-prob", "false", "--moe-router-pre-softmax"};
+    assert_int_equal(parse(&o, nt, 2), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "set moe-router-pre-softmax too");
+    assert_int_equal(parse(&o, nt, 3), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+
     /* the two-stage all-to-all's options where no all-to-all runs: refused, not ignored */
     const char *two_stage[] = {"--moe-token-dispatcher-type", "allgather", "--moe-hierarchical-alltoall"};
     assert_int_equal(parse(&o, two_stage, 3), MOE_OK);

@@ -166,8 +166,11 @@ static const opt_def opts[] = {
      "Hugging Face's aux loss coefficient: its one loss over all MoE layers sums the k choices' "
      "counts without the 1/k, so this sets moe-aux-loss-coeff (per layer) to k / (MoE layers) "
      "times the value", 1},
-    {"moe-z-loss-coeff", "router-z-loss-coef", OPT_FLOAT, L(z_coeff), 0, BIG, NULL, BALANCE,
-     "router z-loss coefficient", 0},
+    {"moe-z-loss-coeff", NULL, OPT_FLOAT, L(z_coeff), 0, BIG, NULL, BALANCE,
+     "router z-loss coefficient, per MoE layer", 0},
+    {"router-z-loss-coef", NULL, OPT_FLOAT, O(z_coeff_hf), 0, BIG, NULL, BALANCE,
+     "Hugging Face's (Switch) router z-loss coefficient: its one loss over all MoE layers' "
+     "logits, so this sets moe-z-loss-coeff (per layer) to 1 / (MoE layers) times the value", 1},
 
     {"moe-expert-capacity-factor", "capacity-factor", OPT_FLOAT, L(capacity_factor), -BIG, BIG,
      NULL, DISPATCH, "0 = dropless; > 0 fixed capacity ceil(cf*T*k/E); < 0 dynamic, capped at |cf|", 0},
@@ -203,8 +206,10 @@ static const opt_def opts[] = {
      "key/value heads (grouped-query attention)", 0},
     {"ffn-hidden-size", "intermediate-size", OPT_INT, M(ffn), 1, BIG, NULL, MODEL,
      "hidden size of the dense FFN layers", 0},
-    {"seq-length", "max-position-embeddings", OPT_INT, M(seq_len), 1, BIG, NULL, MODEL,
-     "sequence length S", 0},
+    {"seq-length", NULL, OPT_INT, M(seq_len), 1, BIG, NULL, MODEL, "sequence length S", 0},
+    {"max-position-embeddings", NULL, OPT_INT, O(max_pos), 1, BIG, NULL, MODEL,
+     "Megatron's position-table size: with RoPE a bound, at least seq-length; given alone it "
+     "sets seq-length (a Hugging Face config's max_position_embeddings)", 1},
     {"rotary-base", "rope-theta", OPT_FLOAT, M(rope_theta), 1.000001, BIG, NULL, MODEL,
      "RoPE base theta", 0},
     {"norm-epsilon", "rms-norm-eps", OPT_FLOAT, M(norm_eps), 1e-30, 1, NULL, MODEL,
@@ -276,7 +281,7 @@ static const opt_def opts[] = {
     {"eval-interval", NULL, OPT_INT, T(eval_interval), 0, BIG, NULL, TRAIN,
      "steps between validation runs (0 = only at the end)", 0},
     {"eval-iters", NULL, OPT_INT, T(eval_iters), 1, BIG, NULL, TRAIN,
-     "validation batches per run", 0},
+     "validation micro-batches per evaluation (Megatron counts global batches)", 0},
 
     {"data-path", "data", OPT_STRING, O(data_path), 0, 0, NULL, FILES,
      "directory written by moe prepare (train.bin, val.bin); moe eval also takes a token file", 0},
@@ -614,7 +619,7 @@ static moe_status unknown_key(const char *where, const char *key, const char *da
 /* Option i was set: the later of two options that set the same value wins (a command line
  * over a config file or a checkpoint, or the later of two flags), as a repeated option does. */
 static void mark_given(moe_options *o, int i) {
-    const size_t same[][2] = {{L(aux_coeff), O(aux_coeff_hf)}};
+    const size_t same[][2] = {{L(aux_coeff), O(aux_coeff_hf)}, {L(z_coeff), O(z_coeff_hf)}};
     o->given[i] = 1;
     for (size_t p = 0; p < sizeof same / sizeof same[0]; p++)
         for (int s = 0; s < 2; s++)
@@ -844,14 +849,22 @@ moe_status moe_options_finish(moe_options *o, int parts) {
                                  router_choices[c->router].name);
         c->router = MOE_ROUTER_FAKE_BALANCED;
     }
-    if (given(o, O(aux_coeff_hf))) { /* Hugging Face: one loss over every MoE layer's tokens */
-        int n_moe = 0;
+    if (given(o, O(aux_coeff_hf)) || given(o, O(z_coeff_hf))) {
+        int n_moe = 0; /* Hugging Face: one loss over every MoE layer's tokens, ours adds them */
         moe_model_config m = o->model;
         m.moe = *c;
         for (int l = 0; (parts & MOE_OPTIONS_MODEL) && l < m.n_layers; l++)
             n_moe += moe_model_layer_experts(&m, l) > 0;
-        c->aux_coeff = o->aux_coeff_hf * (float)c->topk / (float)(n_moe > 0 ? n_moe : 1);
+        float per = 1.0f / (float)(n_moe > 0 ? n_moe : 1);
+        if (given(o, O(aux_coeff_hf))) c->aux_coeff = o->aux_coeff_hf * (float)c->topk * per;
+        if (given(o, O(z_coeff_hf))) c->z_coeff = o->z_coeff_hf * per;
     }
+    /* Megatron's position table: with RoPE only a bound (a script gives both, the training
+     * length in seq-length); alone, a Hugging Face config's context as the sequence length */
+    if (given(o, O(max_pos)) && !given(o, M(seq_len))) o->model.seq_len = o->max_pos;
+    else if (given(o, O(max_pos)) && o->max_pos < o->model.seq_len)
+        return moe_set_error(MOE_ERR_INVALID, "max-position-embeddings (%d) is below seq-length "
+                             "(%d)", o->max_pos, o->model.seq_len);
     /* Balancing losses apply to the learned top-k router only; the others balance by
      * construction, so the default loss type is dropped silently unless a coefficient asks
      * for it (validation then names the conflict). */

@@ -40,6 +40,8 @@ typedef struct {
     int lb_choice; /* moe-router-load-balancing-type: a moe_lb_type or MOE_LB_CHOICE_SINKHORN */
     int force_lb;  /* moe-router-force-load-balancing: the fake balanced gate */
     float aux_coeff_hf; /* router-aux-loss-coef: Hugging Face's normalisation (k times ours) */
+    float z_coeff_hf;   /* router-z-loss-coef: Hugging Face's, one loss over all MoE layers */
+    int max_pos;        /* max-position-embeddings: Megatron's position table; alone, seq-length */
 
     /* moe generate */
     char prompt[MOE_PATH_MAX];

@@ -103,6 +103,12 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
               "%s routing weighs its choices itself: moe-router-score-function (softmax), "
               "moe-router-pre-softmax and moe-router-norm-topk-prob do not apply",
               c->router == MOE_ROUTER_SINKHORN ? "sinkhorn" : "expert-choice");
+    MOE_CHECK(c->router != MOE_ROUTER_TOPK || c->score != MOE_SCORE_SOFTMAX || c->pre_softmax ||
+                  c->norm_topk != MOE_NORM_OFF,
+              "moe-router-norm-topk-prob false with the softmax taken over the k chosen logits "
+              "(moe-router-pre-softmax false, the default): those weights sum to 1 anyway; "
+              "Hugging Face's norm_topk_prob false is a softmax over all experts, not "
+              "renormalised: set moe-router-pre-softmax too");
     MOE_CHECK(!c->random_routing || c->router == MOE_ROUTER_TOPK,
           "moe-random-routing needs the topk router");
     MOE_CHECK(!c->random_routing || (!bad_float(c->random_routing_threshold) &&
