@@ -23,11 +23,12 @@ moe_status moe_cli_logits_error(int token) {
 
 moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len) {
     *text = NULL, *len = 0;
-    if ((o->prompt[0] || moe_options_given(o, "prompt")) && o->prompt_file[0])
+    int prompt = o->prompt[0] || moe_options_given(o, "prompt"); /* "" given is a prompt too */
+    if (prompt && o->prompt_file[0])
         return moe_set_error(MOE_ERR_INVALID, "give --prompt or --prompt-file, not both");
     char *file = NULL;
     if (o->prompt_file[0]) MOE_TRY(moe_read_file(o->prompt_file, &file, len));
-    else if (o->prompt[0] || moe_options_given(o, "prompt")) *len = strlen(o->prompt);
+    else if (prompt) *len = strlen(o->prompt);
     else return MOE_OK;
     *text = malloc(*len + 1);
     if (*text) memcpy(*text, file ? file : o->prompt, *len), (*text)[*len] = '\0';

@@ -248,7 +248,6 @@ static const char *const tokenizer_files[] = {"tokenizer.json", "tokenizer_confi
                                               "special_tokens_map.json", "generation_config.json"};
 static moe_status copy_tokenizer(const char *model_dir, int vocab, const char *out,
                                  int *copied) {
-    const char *const *files = tokenizer_files;
     char from[MOE_PATH_MAX + 32], to[MOE_PATH_MAX + 32];
     *copied = 0;
     if (!model_dir[0]) {
@@ -257,10 +256,11 @@ static moe_status copy_tokenizer(const char *model_dir, int vocab, const char *o
         *copied = 1;
         return moe_tokenizer_write_bytes(to);
     }
-    for (size_t i = 0; i < sizeof tokenizer_files / sizeof *files; i++) {
-        snprintf(from, sizeof from, "%s/%s", model_dir, files[i]);
-        snprintf(to, sizeof to, "%s/%s", out, files[i]);
-        if (!moe_file_exists(model_dir, files[i])) continue;
+    for (size_t i = 0; i < sizeof tokenizer_files / sizeof *tokenizer_files; i++) {
+        const char *name = tokenizer_files[i];
+        snprintf(from, sizeof from, "%s/%s", model_dir, name);
+        snprintf(to, sizeof to, "%s/%s", out, name);
+        if (!moe_file_exists(model_dir, name)) continue;
         char *data;
         size_t len;
         MOE_TRY(moe_read_file(from, &data, &len));

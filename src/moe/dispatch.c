@@ -14,11 +14,10 @@ int64_t moe_capacity_ceil(float cf, int64_t Tv, int k, int E) {
     if (est < 0.5) return 1; /* the exact value is in (0, 1) */
     char buf[32];
     int digits = 1;
-    for (; digits < 9; digits++) { /* 9 significant digits read back as any float */
+    for (;; digits++) { /* 9 significant digits read back as any float */
         snprintf(buf, sizeof buf, "%.*e", digits - 1, (double)cf);
-        if (strtof(buf, NULL) == cf) break;
+        if (digits == 9 || strtof(buf, NULL) == cf) break;
     }
-    snprintf(buf, sizeof buf, "%.*e", digits - 1, (double)cf);
     uint64_t num = 0;
     const char *s = buf;
     for (; *s && *s != 'e'; s++)
@@ -34,10 +33,16 @@ int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const in
     if (c->capacity_factor == 0 || Tv == 0) return 0;
     int64_t C = moe_capacity_ceil(fabsf(c->capacity_factor), Tv, k, c->n_experts);
     if (C < c->min_capacity) C = c->min_capacity;
-    if (c->capacity_factor > 0) return (int)(C < Tv ? C : Tv);
+    if (c->capacity_factor > 0 || !counts) return (int)(C < Tv ? C : Tv);
     int64_t mx = 0;
     for (int e = 0; e < c->n_experts; e++) mx = counts[e] > mx ? counts[e] : mx;
     return (int)(C < mx ? C : mx);
+}
+
+int moe_expert_choice_capacity(const moe_layer_config *c, int64_t Tv, int k) {
+    int64_t C = moe_capacity_ceil(c->capacity_factor > 0 ? c->capacity_factor : 1.0f, Tv, k,
+                                  c->n_experts);
+    return (int)(C < Tv ? C : Tv);
 }
 
 /* Stable merge sort of slot ids by weight, descending. */

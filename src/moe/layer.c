@@ -16,18 +16,12 @@ static void call_sizes(const moe_layer_config *c, int T, int k, size_t *S, size_
     /* the capacities of T tokens (a call's valid tokens are at most T), as dispatch computes
      * them */
     if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
-        int64_t C = moe_capacity_ceil(c->capacity_factor > 0 ? c->capacity_factor : 1.0f, T, k,
-                                      (int)E);
-        *S = *R = E * (size_t)(C < T ? C : T);
+        *S = *R = E * (size_t)moe_expert_choice_capacity(c, T, k);
         return;
     }
     *S = *R = (size_t)T * k;
-    if (c->pad_to_capacity && c->capacity_factor != 0) {
-        int64_t C = moe_capacity_ceil(fabsf(c->capacity_factor), T, k, (int)E);
-        if (C < c->min_capacity) C = c->min_capacity;
-        if (C > T) C = T;
-        if (E * (size_t)C > *R) *R = E * (size_t)C;
-    }
+    size_t C = c->pad_to_capacity ? (size_t)moe_dispatch_capacity(c, T, k, NULL) : 0;
+    if (E * C > *R) *R = E * C;
 }
 
 /* Carves the workspace for up to Tm tokens and top-k: from *a what a forward leaves for its

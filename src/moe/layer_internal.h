@@ -197,7 +197,11 @@ void moe_dispatch_plan(moe_layer *L);
 /* ceil(cf * Tv * k / E) exactly, cf (> 0) taken as the shortest decimal that reads back as it
  * (1.1f is 1.1, so 1.1 * 10 slots is 11); INT64_MAX from 2^62. */
 int64_t moe_capacity_ceil(float cf, int64_t Tv, int k, int E);
+/* The capacity of Tv valid tokens (0: dropless); dynamic capacity (cf < 0) is capped by the
+ * largest of counts[E], or with counts NULL not (the bound a workspace plans for). */
 int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const int64_t *counts);
+/* Expert choice: the tokens each expert takes, min(Tv, ceil(cf' Tv k / E)), cf' = cf or 1. */
+int moe_expert_choice_capacity(const moe_layer_config *c, int64_t Tv, int k);
 /* Clears kept[s] of the slots (s = t k + j) each expert drops under capacity C: candidates in
  * priority order by token (position policy), or by weight, stable over (j, t) (probs policy).
  * scratch: E + 1 + 2 T k. */

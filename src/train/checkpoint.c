@@ -241,16 +241,13 @@ moe_status moe_checkpoint_save(const char *save_dir, int keep_last, const char *
 }
 
 int moe_checkpoint_run_dir(const char *ckpt, char *out, size_t cap) {
-    int n = (int)strlen(ckpt);
-    while (n > 1 && ckpt[n - 1] == '/') n--; /* "RUN/step-N/" is "RUN/step-N" */
-    const char *slash = ckpt + n - 1;
-    while (slash >= ckpt && *slash != '/') slash--;
-    char base[64];
-    if (n - (int)(slash + 1 - ckpt) >= (int)sizeof base) return -1;
-    snprintf(base, sizeof base, "%.*s", n - (int)(slash + 1 - ckpt), slash + 1);
+    char path[4200];
+    snprintf(path, sizeof path, "%s", ckpt);
+    for (size_t n = strlen(path); n > 1 && path[n - 1] == '/';) path[--n] = '\0'; /* "step-N/" */
+    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
     if (ckpt_step(base) < 0) return -1;
-    if (slash < ckpt) snprintf(out, cap, ".");
-    else snprintf(out, cap, "%.*s", slash == ckpt ? 1 : (int)(slash - ckpt), ckpt);
+    if (!slash) snprintf(out, cap, ".");
+    else snprintf(out, cap, "%.*s", slash == path ? 1 : (int)(slash - path), path);
     return 0;
 }
 
@@ -560,9 +557,8 @@ static moe_status find_unused(ckpt_reader *r, const moe_model *m, rename_fn rena
     if (s == MOE_OK && !r->map) s = reader_file(r, "model", FIRST_TENSOR, &st);
     if (s == MOE_OK) {
         for (int i = 0; i < n; i++) {
-            names[i] = all[i].name;
+            names[i] = rename ? renamed + (size_t)i * CAP : all[i].name;
             if (rename) rename(all[i].name, renamed + (size_t)i * CAP, CAP, ctx);
-            if (rename) names[i] = renamed + (size_t)i * CAP;
         }
         qsort(names, (size_t)n, sizeof *names, cmp_name);
         const cJSON *e = r->map ? r->map->child : NULL;
