@@ -206,12 +206,16 @@ static double load_imbalance(const moe_trainer *t, int n_layers) {
 /* One line of metrics.jsonl; an error when it could not be written (a full disk). */
 static moe_status write_metrics(FILE *f, int step, const moe_step_metrics *s, double tok_s,
                                 const moe_trainer *t, int n_layers, double val) {
-    fprintf(f, "{\"step\":%d,\"loss\":%.17g,\"nll\":%.17g,\"aux\":%.17g,\"z\":%.17g,\"lr\":%.9g,"
-               "\"grad_norm\":%.17g,\"tokens_per_s\":%.1f",
-            step, s->loss, s->nll, s->aux, s->z, s->lr, s->grad_norm, tok_s);
+    if (s->skipped) /* no update, and a loss or gradient JSON cannot write: the step and its
+                     * evaluation */
+        fprintf(f, "{\"step\":%d,\"skipped\":true", step);
+    else
+        fprintf(f, "{\"step\":%d,\"loss\":%.17g,\"nll\":%.17g,\"aux\":%.17g,\"z\":%.17g,"
+                   "\"lr\":%.9g,\"grad_norm\":%.17g,\"tokens_per_s\":%.1f",
+                step, s->loss, s->nll, s->aux, s->z, s->lr, s->grad_norm, tok_s);
     if (val >= 0) fprintf(f, ",\"val_nll\":%.17g", val);
-    fprintf(f, ",\"expert_load\":[");
-    for (int l = 0, first = 1; l < n_layers; l++) {
+    if (!s->skipped) fprintf(f, ",\"expert_load\":[");
+    for (int l = 0, first = 1; l < n_layers && !s->skipped; l++) {
         int E;
         const int64_t *c = moe_trainer_layer_load(t, l, &E);
         if (!c) continue;
@@ -221,22 +225,24 @@ static moe_status write_metrics(FILE *f, int step, const moe_step_metrics *s, do
         fprintf(f, "]}");
         first = 0;
     }
-    fprintf(f, "]}\n");
+    fprintf(f, "%s}\n", s->skipped ? "" : "]");
     if (fflush(f) || ferror(f))
         return moe_set_error(MOE_ERR_IO, "cannot write metrics.jsonl: %s", strerror(errno));
     return MOE_OK;
 }
 
-/* TensorBoard scalars of one step (train/..., val/nll, moe/layerL/...). */
+/* TensorBoard scalars of one step (train/..., val/nll, moe/layerL/...; of a skipped step its
+ * evaluation only). */
 static moe_status write_scalars(moe_tfevents *tb, int step, const moe_step_metrics *s,
                                 double tok_s, const moe_trainer *t, int n_layers, double val) {
     double now = moe_wall_time();
     const char *tags[] = {"train/loss", "train/nll", "train/aux", "train/z", "train/lr",
                           "train/grad_norm", "train/tokens_per_s"};
     const double vals[] = {s->loss, s->nll, s->aux, s->z, s->lr, s->grad_norm, tok_s};
-    for (int i = 0; i < 7; i++) MOE_TRY(moe_tfevents_scalar(tb, tags[i], step, (float)vals[i], now));
+    for (int i = 0; i < 7 && !s->skipped; i++)
+        MOE_TRY(moe_tfevents_scalar(tb, tags[i], step, (float)vals[i], now));
     if (val >= 0) MOE_TRY(moe_tfevents_scalar(tb, "val/nll", step, (float)val, now));
-    for (int l = 0; l < n_layers; l++) {
+    for (int l = 0; l < n_layers && !s->skipped; l++) {
         int E;
         const int64_t *c = moe_trainer_layer_load(t, l, &E);
         if (!c) continue;
@@ -670,10 +676,9 @@ int moe_cmd_train(int argc, char **argv) {
         if (val >= 0)
             printf("eval step %d | val nll %.4f nats/%s (%.3f bits/%s)\n", step, val, unit,
                    val / log(2.0), unit);
-        if (metrics && !s.skipped &&
-            write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK)
+        if (metrics && write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK)
             goto fail;
-        if (tb && !s.skipped && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
+        if (tb && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
         /* every rank stops at the same step: the decision is read once, after the ranks agreed
          * on it (a signal arriving later on one rank only is taken at the next step) */
         int stop = take_stop_signal();
