@@ -56,6 +56,12 @@ done
 # name is not an alias, so a copied key is refused rather than silently change the experts
 expect 2 "$moe" train --hidden-act silu --print-config
 grep -q "unknown option --hidden-act" "$tmp/out" || fail "hidden-act: $(cat "$tmp/out")"
+# an lr below the default min-lr: refused with the flag named where the lr decays to min-lr,
+# taken with the constant style, which never reaches it
+unused "moe train: min-lr (0.0003) must be between 0 and lr (0.0001): --min-lr sets it (default 3e-4)" \
+  "$moe" train --lr 1e-4 --print-config
+expect 0 "$moe" train --lr 1e-4 --lr-decay-style constant --print-config
+grep -q "^lr = 0.0001$" "$tmp/out" || fail "constant lr below min-lr: $(cat "$tmp/out")"
 # the benchmarks' FLOP counts against the shapes, worked out here: the layer's useful rows (not
 # the zero rows of pad-to-capacity; no token dropped at capacity factor 4), and the model's
 # multi-head latent attention (q through its latent, the kv latent and rotary key, o)

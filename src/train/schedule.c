@@ -34,8 +34,11 @@ moe_status moe_train_config_validate(const moe_train_config *c) {
           "global-batch-size (%d) must be a multiple of micro-batch-size (%d)", c->global_batch,
           c->micro_batch);
     MOE_CHECK(isfinite(c->lr) && c->lr >= 0, "lr must be >= 0 (got %g)", c->lr);
-    MOE_CHECK(isfinite(c->min_lr) && c->min_lr >= 0 && c->min_lr <= c->lr,
-          "min-lr (%g) must be between 0 and lr (%g)", c->min_lr, c->lr);
+    /* (the constant style never reaches min-lr: a smaller lr needs no --min-lr with it) */
+    MOE_CHECK(isfinite(c->min_lr) && c->min_lr >= 0 &&
+                  (c->min_lr <= c->lr || c->decay_style == MOE_LR_CONSTANT),
+              "min-lr (%g) must be between 0 and lr (%g): --min-lr sets it (default 3e-4)",
+              c->min_lr, c->lr);
     MOE_CHECK(c->warmup_iters >= 0 && c->decay_iters >= 0, "lr-warmup-iters and lr-decay-iters "
           "must be >= 0 (got %d, %d)", c->warmup_iters, c->decay_iters);
     /* Megatron asserts this too: else the lr falls from its peak to min-lr in one step */
