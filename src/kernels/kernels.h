@@ -197,8 +197,8 @@ void moe_attention_forward(float *out, float *probs, const float *q, const float
 void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                             const float *probs, const float *q, const float *k, const float *v,
                             const moe_attn_dims *a, float *scratch, size_t scratch_floats);
-void moe_attention_cached(float *out, float *scratch, const float *q, const float *k,
-                          const float *v, int n, int P, const moe_attn_dims *a);
+void moe_attention_cached(float *out, const float *q, const float *k, const float *v, int n,
+                          int P, const moe_attn_dims *a);
 double moe_xent_forward_backward(float *dlogits, double *row_loss, const float *logits,
                                  const int32_t *y, int T, int V, float scale, int *n_counted);
 

@@ -422,51 +422,66 @@ void moe_attention_backward(float *dq, float *dk, float *dv, const float *dout,
 }
 
 typedef struct {
-    float *out, *scratch;
+    float *out;
     const float *q, *k, *v;
     int n, P;
     const moe_attn_dims *a;
 } cached_args;
 
+/* Keys a cached query scores at a time: the softmax runs over the blocks as they come (the
+ * running maximum and sum, the output rescaled when the maximum grows), so a query needs no
+ * scratch over its whole cache. */
+#define CACHED_KEYS 256
+
 /* Items [i0, i1) of moe_attention_cached: item i H + h is head h of new token i. */
 static void cached_items(void *ctx, int i0, int i1) {
     const cached_args *c = ctx;
     const moe_attn_dims *a = c->a;
-    int H = a->H, dk = a->dk, dv = a->dv, rep = H / a->KV, len = c->P + c->n;
+    int H = a->H, dk = a->dk, dv = a->dv, rep = H / a->KV;
     size_t qs = (size_t)H * dk, ks = (size_t)a->KV * dk, vs = (size_t)a->KV * dv,
            os = (size_t)H * dv;
+    float s[CACHED_KEYS];
     for (int it = i0; it < i1; it++) {
-        int i = it / H, h = it % H, g = h / rep, last = c->P + i;
+        int i = it / H, h = it % H, g = h / rep, len = c->P + i + 1;
         const float *qi = c->q + (size_t)i * qs + h * dk;
-        float *s = c->scratch + (size_t)it * len, mx = -INFINITY, sum = 0;
-        for (int j = 0; j <= last; j++) {
-            const float *kj = c->k + (size_t)j * ks + g * dk;
-            float dot = 0;
-#pragma omp simd reduction(+ : dot)
-            for (int e = 0; e < dk; e++) dot += qi[e] * kj[e];
-            s[j] = dot * a->scale;
-            mx = s[j] > mx ? s[j] : mx;
-        }
-        for (int j = 0; j <= last; j++) s[j] = moe_exp_vec(s[j] - mx);
-        for (int j = 0; j <= last; j++) sum += s[j];
-        float *oi = c->out + (size_t)i * os + h * dv;
+        float *oi = c->out + (size_t)i * os + h * dv, mx = -INFINITY, sum = 0;
         for (int e = 0; e < dv; e++) oi[e] = 0;
-        for (int j = 0; j <= last; j++) {
-            const float *vj = c->v + (size_t)j * vs + g * dv;
-            float p = s[j] / sum;
-            for (int e = 0; e < dv; e++) oi[e] += p * vj[e];
+        for (int j0 = 0; j0 < len; j0 += CACHED_KEYS) {
+            int nb = len - j0 < CACHED_KEYS ? len - j0 : CACHED_KEYS;
+            float bm = -INFINITY;
+            for (int j = 0; j < nb; j++) {
+                const float *kj = c->k + (size_t)(j0 + j) * ks + g * dk;
+                float dot = 0;
+#pragma omp simd reduction(+ : dot)
+                for (int e = 0; e < dk; e++) dot += qi[e] * kj[e];
+                s[j] = dot * a->scale;
+                bm = s[j] > bm ? s[j] : bm;
+            }
+            if (bm > mx) { /* the blocks so far, scaled to the new maximum */
+                float r = moe_exp_vec(mx - bm);
+                sum *= r;
+                for (int e = 0; e < dv; e++) oi[e] *= r;
+                mx = bm;
+            }
+            for (int j = 0; j < nb; j++) s[j] = moe_exp_vec(s[j] - mx);
+            for (int j = 0; j < nb; j++) sum += s[j];
+            for (int j = 0; j < nb; j++) {
+                const float *vj = c->v + (size_t)(j0 + j) * vs + g * dv;
+                for (int e = 0; e < dv; e++) oi[e] += s[j] * vj[e];
+            }
         }
+        float inv = 1.0f / sum;
+        for (int e = 0; e < dv; e++) oi[e] *= inv;
     }
 }
 
 /* Attention of n new tokens at positions P..P+n-1 of one sequence over a key/value cache
- * k [P+n, KV*dk], v [P+n, KV*dv] that already holds them: q [n, H*dk] -> out [n, H*dv];
- * scores [P+n] scratch per (token, head) is taken from `scratch` [n * H * (P+n)]. a->B, a->S
- * unused. The (token, head) items over the threads, once the keys and values they read are
- * worth a parallel region: a decoding step over a short cache runs on the calling thread. */
-void moe_attention_cached(float *out, float *scratch, const float *q, const float *k,
-                          const float *v, int n, int P, const moe_attn_dims *a) {
-    cached_args c = {out, scratch, q, k, v, n, P, a};
+ * k [P+n, KV*dk], v [P+n, KV*dv] that already holds them: q [n, H*dk] -> out [n, H*dv]. a->B,
+ * a->S unused. The (token, head) items over the threads, once the keys and values they read
+ * are worth a parallel region: a decoding step over a short cache runs on the calling thread. */
+void moe_attention_cached(float *out, const float *q, const float *k, const float *v, int n,
+                          int P, const moe_attn_dims *a) {
+    cached_args c = {out, q, k, v, n, P, a};
     size_t work = (size_t)n * a->H * (size_t)(P + n) * (size_t)(a->dk + a->dv);
     moe_for_ranges(n * a->H, work, cached_items, &c);
 }

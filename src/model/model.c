@@ -94,7 +94,7 @@ struct moe_model {
                                          [T, kvh*dk], [T, kvh*dv], [T, H*max(dk, dv)] */
     float *mla_a, *mla_b, *mla_c, *mla_d; /* MLA scratch: [T, kr+dr], [T, H*(dn+dv)],
                                              2 x [T, max(kr, qr)] (backward) */
-    float *att_scratch;     /* scores for cached attention, or the keys or values transposed */
+    float *att_scratch;     /* the attention's keys or values transposed */
     size_t att_scratch_n;   /* its floats */
     int B, S, have_forward, has_targets;
     float *kcache, *vcache; /* [L][seq_len, kvh*dk], [L][seq_len, kvh*dv], allocated by the
@@ -435,25 +435,23 @@ static block_ptrs block(const moe_model *m, float *base, int l) {
 /* ----------------------------------------------------------------- create */
 
 /* The attention's scratch, from the scratch region (plan_activations): MLA's projections
- * (forward, decoding and backward), the cached attention's scores (decoding), the backward's
- * gradients (none in a model for inference). Disjoint from each other; each is written in a
- * block's attention before that attention reads it, and read nowhere else. */
+ * (forward, decoding and backward), the keys or values transposed, the backward's gradients
+ * (none in a model for inference). Disjoint from each other; each is written in a block's
+ * attention before that attention reads it, and read nowhere else. */
 static void plan_attention(moe_model *m, moe_arena *a) {
     const moe_model_config *c = &m->cfg;
     size_t T = (size_t)m->max_tokens, d = (size_t)c->d, H = (size_t)c->n_heads,
            hq = H * (size_t)m->head_qk, hkv = (size_t)m->kvh * m->head_qk,
-           hv = (size_t)m->kvh * m->head_v, ho = H * (size_t)m->head_v, S = (size_t)c->seq_len;
+           hv = (size_t)m->kvh * m->head_v, ho = H * (size_t)m->head_v;
     size_t mla = c->kv_lora_rank > 0, qr = (size_t)c->q_lora_rank, kr = (size_t)c->kv_lora_rank,
            lat = kr > qr ? kr : qr, Tb = m->inference ? 0 : T;
     m->mla_a = moe_arena_take(a, mla * T * (kr + (size_t)c->qk_rope_dim), sizeof(float));
     m->mla_b = moe_arena_take(a, mla * T * H * (size_t)(c->qk_nope_dim + c->v_head_dim),
                               sizeof(float));
-    /* a decoding call's n <= min(T, seq_len) new rows over at most seq_len positions; or the
-     * attention's keys (values) transposed, B * KV * w * (S + at most 31) <= KV * w * (2 T + 32)
-     * floats for sequences of 31 or more (shorter ones transpose tile by tile) */
-    size_t w = (size_t)(m->head_qk > m->head_v ? m->head_qk : m->head_v),
-           cached = (T < S ? T : S) * H * S, kt = (size_t)m->kvh * w * (2 * T + 32);
-    m->att_scratch_n = cached > kt ? cached : kt;
+    /* the attention's keys (values) transposed, B * KV * w * (S + at most 31) <= KV * w *
+     * (2 T + 32) floats for sequences of 31 or more (shorter ones transpose tile by tile) */
+    size_t w = (size_t)(m->head_qk > m->head_v ? m->head_qk : m->head_v);
+    m->att_scratch_n = (size_t)m->kvh * w * (2 * T + 32);
     m->att_scratch = moe_arena_take(a, m->att_scratch_n, sizeof(float));
     m->dxm = moe_arena_take(a, Tb * d, sizeof(float));
     m->dq = moe_arena_take(a, Tb * hq, sizeof(float));
@@ -1388,7 +1386,7 @@ moe_status moe_model_decode(moe_model *m, const int32_t *tokens, int n) {
         if (P == 0 && n > 1) /* a prompt: the forward's tiled attention over the new rows */
             moe_attention_forward(s->att, s->probs, s->q, kc, vc, &ad, m->att_scratch,
                                   m->att_scratch_n);
-        else moe_attention_cached(s->att, m->att_scratch, s->q, kc, vc, n, P, &ad);
+        else moe_attention_cached(s->att, s->q, kc, vc, n, P, &ad);
         moe_gemm(0, 1, n, d, ho, 1, s->att, ho, p.wo, ho, 1, x, d);
         moe_rmsnorm_forward(s->n2, s->rstd2, x, p.ffn_norm, n, d, c->norm_eps);
         scratch_phase(m);
