@@ -497,9 +497,16 @@ ft="--init-from $tmp/mv --seq-length 32 --micro-batch-size 2 --global-batch-size
 "$moe" train $ft --train-iters 1 --lr 0 --min-lr 0 --moe-aux-loss-coeff 0.01 --save "$tmp/ft" >"$tmp/out" 2>&1 ||
   fail "init-from: $(tail -3 "$tmp/out")"
 grep -aq "initialised from $tmp/mv (mixtral)" "$tmp/out" || fail "no init line: $(head -3 "$tmp/out")"
+! grep -q "note: the model takes" "$tmp/out" || fail "a note for the whole model: $(cat "$tmp/out")"
 grep -aq "moe train: 2 layers (2 MoE), d=32" "$tmp/out" || fail "not the model's shape: $(head -3 "$tmp/out")"
 grep -a "^step 1/1" "$tmp/out" | grep -qv "aux 0 " || fail "the aux-loss flag was not applied: $(grep -a '^step' "$tmp/out")"
 cmp_tensors "$tmp/ft/step-00000001" "$tmp/mv" ours || fail "init-from did not load the model's weights"
+# fewer layers than the model's: the first ones, said so (the model's own count: no note)
+# shellcheck disable=SC2086
+"$moe" train $ft --train-iters 1 --lr 0 --min-lr 0 --num-layers 1 >"$tmp/out" 2>&1 ||
+  fail "init-from, one layer: $(tail -3 "$tmp/out")"
+grep -aq "^note: the model takes the first 1 of the 2 layers of $tmp/mv (--num-layers)$" "$tmp/out" ||
+  fail "no note on the layers left out: $(head -4 "$tmp/out")"
 # shellcheck disable=SC2086
 "$moe" train --init-from "$tmp/qv" --seq-length 32 --micro-batch-size 2 --global-batch-size 2 \
   --data-path "$tmp/data" --train-iters 1 --lr 0 --min-lr 0 --save "$tmp/qft" >"$tmp/out" 2>&1 ||
@@ -519,6 +526,7 @@ cmp_tensors "$tmp/qft/step-00000001" "$tmp/xq" || fail "qwen run converted wrong
 "$moe" train --init-from "$tmp/d3BF16" --data-path "$tmp/catdata" --seq-length 8 --micro-batch-size 1 \
   --global-batch-size 1 --train-iters 2 --lr 0 --min-lr 0 --moe-router-bias-update-rate 0 \
   --save "$tmp/d3ft" >"$tmp/out" 2>&1 || fail "init-from deepseek_v3: $(tail -3 "$tmp/out")"
+! grep -q "note: the model takes" "$tmp/out" || fail "a note for the whole model: $(cat "$tmp/out")"
 "$moe" convert --load "$tmp/d3ft" --to hf "$tmp/xd3ft" >"$tmp/out" 2>&1 || fail "convert deepseek run: $(cat "$tmp/out")"
 grep -q "(deepseek_v3, " "$tmp/out" || fail "deepseek run not written as deepseek_v3: $(cat "$tmp/out")"
 # trained at 8 positions, it says the 32 its YaRN extends the original 8 to (factor 4), not 8

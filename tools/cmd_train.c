@@ -591,6 +591,9 @@ int moe_cmd_train(int argc, char **argv) {
             moe_hf_load(o.init_from, family, m) != MOE_OK)
             goto fail;
         printf("initialised from %s (%s)\n", o.init_from, family);
+        if (o.model.n_layers < hc.n_layers) /* what transformers warns of too: weights not used */
+            printf("note: the model takes the first %d of the %d layers of %s (--num-layers)\n",
+                   o.model.n_layers, hc.n_layers, o.init_from);
     }
     if (o.save[0] && d->world_rank == 0) { /* metrics and events: rank 0 */
         if (moe_mkdirs(o.save) != MOE_OK) goto fail;
