@@ -482,9 +482,11 @@ int moe_cmd_report(int argc, char **argv) {
         series_free(&s);
         return 1;
     }
-    double last_val = NAN;
-    for (int i = 0; i < s.n; i++)
+    double last_val = NAN, last_loss = NAN; /* a skipped step has no loss, maybe a val_nll */
+    for (int i = 0; i < s.n; i++) {
         if (isfinite(s.val[i])) last_val = s.val[i];
+        if (isfinite(s.loss[i])) last_loss = s.loss[i];
+    }
     fprintf(f, "<!DOCTYPE html><html><head><meta charset='utf-8'><title>moe report: ");
     html_text(f, run);
     fprintf(f, "</title><style>body{font-family:sans-serif;max-width:700px;margin:2em auto;"
@@ -493,8 +495,8 @@ int moe_cmd_report(int argc, char **argv) {
                "figure{margin:1em 0}figcaption{font-size:12px;color:#555}</style></head>"
                "<body><h1>moe.c run report</h1><p>");
     html_text(f, run);
-    fprintf(f, ": %d steps, last step %.0f, final training loss %.4f", s.n, s.step[s.n - 1],
-            s.loss[s.n - 1]);
+    fprintf(f, ": %d steps, last step %.0f", s.n, s.step[s.n - 1]);
+    if (isfinite(last_loss)) fprintf(f, ", final training loss %.4f", last_loss);
     if (isfinite(last_val)) fprintf(f, ", last validation loss %.4f nats/byte", last_val);
     else fprintf(f, ", no validation loss");
     fprintf(f, ".</p>\n");
