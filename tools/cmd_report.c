@@ -5,6 +5,7 @@
 
 #include "core/core.h"
 #include "io/data.h"
+#include "io/tokenizer.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -68,10 +69,27 @@ moe_status moe_cli_topics(moe_model *m, const moe_tokens *data, int batch, const
         if (!ntok[s]) continue;
         const char *name = strrchr(data->sources[s], '/');
         name = name ? name + 1 : data->sources[s];
-        cJSON *js = cJSON_CreateString(name);
-        char *quoted = cJSON_PrintUnformatted(js);
-        fprintf(f, "%s{\"name\":%s,\"tokens\":%lld,\"layers\":[", first ? "" : ",", quoted,
-                (long long)ntok[s]);
+        /* a file name is bytes: what is not UTF-8 (a Latin-1 name) becomes U+FFFD, so that
+         * topics.json stays JSON and the report's page the UTF-8 it declares */
+        size_t nl = strlen(name), o = 0;
+        char *utf8 = malloc(3 * nl + 1);
+        if (!utf8) {
+            fclose(f);
+            st = moe_set_error(MOE_ERR_NOMEM, "out of memory for topic routing");
+            goto done;
+        }
+        for (size_t i = 0; i < nl;) {
+            size_t ok = moe_tokenizer_utf8_bad(name + i, nl - i);
+            memcpy(utf8 + o, name + i, ok);
+            o += ok, i += ok;
+            if (i < nl) memcpy(utf8 + o, "\xEF\xBF\xBD", 3), o += 3, i++;
+        }
+        utf8[o] = '\0';
+        cJSON *js = cJSON_CreateString(utf8);
+        free(utf8);
+        char *quoted = js ? cJSON_PrintUnformatted(js) : NULL;
+        fprintf(f, "%s{\"name\":%s,\"tokens\":%lld,\"layers\":[", first ? "" : ",",
+                quoted ? quoted : "\"?\"", (long long)ntok[s]);
         cJSON_free(quoted);
         cJSON_Delete(js);
         for (int l = 0, fl = 1; l < L; l++) {
@@ -269,11 +287,19 @@ static void load_heatmap(FILE *f, const series *s, int li) {
                "</figure>\n", E);
 }
 
-/* Text into HTML: the characters that could start markup or end an attribute, as references. */
+/* Text into HTML: the characters that could start markup or end an attribute, as references;
+ * bytes that are not UTF-8 (a run directory's Latin-1 name) as U+FFFD, since the page says
+ * it is UTF-8. */
 static void html_text(FILE *f, const char *s) {
-    for (const char *c = s; *c; c++)
-        if (*c == '<' || *c == '&' || *c == '\'' || *c == '"') fprintf(f, "&#%d;", *c);
-        else fputc(*c, f);
+    size_t n = strlen(s);
+    for (size_t i = 0; i < n;) {
+        size_t ok = moe_tokenizer_utf8_bad(s + i, n - i);
+        for (const char *c = s + i; c < s + i + ok; c++)
+            if (*c == '<' || *c == '&' || *c == '\'' || *c == '"') fprintf(f, "&#%d;", *c);
+            else fputc(*c, f);
+        i += ok;
+        if (i < n) fputs("&#65533;", f), i++;
+    }
 }
 
 /* An expert-load entry of metrics.jsonl or topics.json: {"layer": number, "counts": [numbers]}. */
