@@ -29,6 +29,6 @@ assert names == ['caf\ufffd<b>&"x.txt'], names
 with open(run + b"/report.html", "rb") as f:
     html = f.read().decode("utf-8")
 assert "caf\ufffd&#60;b>&#38;&#34;x.txt" in html, "topic name"
-assert "run&#65533;" in html, "run name"
+assert "run\ufffd" in html, "run name"
 PY
 echo "report_utf8: ok"

@@ -16,6 +16,21 @@
 
 /* ------------------------------------------------------------ topics.json */
 
+/* s with every byte that does not start valid UTF-8 replaced by U+FFFD (a file or directory
+ * name is bytes, a Latin-1 one among them); NULL when out of memory. */
+static char *valid_utf8(const char *s) {
+    size_t n = strlen(s), o = 0;
+    char *u = malloc(3 * n + 1);
+    for (size_t i = 0; u && i < n;) {
+        size_t ok = moe_tokenizer_utf8_bad(s + i, n - i);
+        memcpy(u + o, s + i, ok);
+        o += ok, i += ok;
+        if (i < n) memcpy(u + o, "\xEF\xBF\xBD", 3), o += 3, i++;
+    }
+    if (u) u[o] = '\0';
+    return u;
+}
+
 moe_status moe_cli_topics(moe_model *m, const moe_tokens *data, int batch, const char *path) {
     const moe_model_config *c = moe_model_get_config(m);
     int S = c->seq_len, L = c->n_layers, tot_e = 0;
@@ -69,22 +84,14 @@ moe_status moe_cli_topics(moe_model *m, const moe_tokens *data, int batch, const
         if (!ntok[s]) continue;
         const char *name = strrchr(data->sources[s], '/');
         name = name ? name + 1 : data->sources[s];
-        /* a file name is bytes: what is not UTF-8 (a Latin-1 name) becomes U+FFFD, so that
-         * topics.json stays JSON and the report's page the UTF-8 it declares */
-        size_t nl = strlen(name), o = 0;
-        char *utf8 = malloc(3 * nl + 1);
+        /* a file name is bytes: topics.json stays JSON, and the report's page the UTF-8 it
+         * declares */
+        char *utf8 = valid_utf8(name);
         if (!utf8) {
             fclose(f);
             st = moe_set_error(MOE_ERR_NOMEM, "out of memory for topic routing");
             goto done;
         }
-        for (size_t i = 0; i < nl;) {
-            size_t ok = moe_tokenizer_utf8_bad(name + i, nl - i);
-            memcpy(utf8 + o, name + i, ok);
-            o += ok, i += ok;
-            if (i < nl) memcpy(utf8 + o, "\xEF\xBF\xBD", 3), o += 3, i++;
-        }
-        utf8[o] = '\0';
         cJSON *js = cJSON_CreateString(utf8);
         free(utf8);
         char *quoted = js ? cJSON_PrintUnformatted(js) : NULL;
@@ -291,15 +298,11 @@ static void load_heatmap(FILE *f, const series *s, int li) {
  * bytes that are not UTF-8 (a run directory's Latin-1 name) as U+FFFD, since the page says
  * it is UTF-8. */
 static void html_text(FILE *f, const char *s) {
-    size_t n = strlen(s);
-    for (size_t i = 0; i < n;) {
-        size_t ok = moe_tokenizer_utf8_bad(s + i, n - i);
-        for (const char *c = s + i; c < s + i + ok; c++)
-            if (*c == '<' || *c == '&' || *c == '\'' || *c == '"') fprintf(f, "&#%d;", *c);
-            else fputc(*c, f);
-        i += ok;
-        if (i < n) fputs("&#65533;", f), i++;
-    }
+    char *u = valid_utf8(s);
+    for (const char *c = u ? u : "?"; *c; c++)
+        if (*c == '<' || *c == '&' || *c == '\'' || *c == '"') fprintf(f, "&#%d;", *c);
+        else fputc(*c, f);
+    free(u);
 }
 
 /* An expert-load entry of metrics.jsonl or topics.json: {"layer": number, "counts": [numbers]}. */
