@@ -127,6 +127,11 @@ grep -q "step 12/12" "$tmp/out" && grep -q "sample:" "$tmp/out" || fail "train o
 [ "$(wc -l <"$tmp/a/metrics.jsonl")" = 12 ] || fail "metrics.jsonl lines"
 grep -q '"expert_load":\[{"layer":1,"dropped":0,"counts":\[' "$tmp/a/metrics.jsonl" || fail "metrics.jsonl expert load"
 ls "$tmp"/a/events.out.tfevents.* >/dev/null 2>&1 || fail "no TensorBoard event file"
+# a finished run resumed has nothing to do and writes no event file (an empty one each time)
+ls "$tmp"/a/events.out.tfevents.* >"$tmp/ev.before"; sleep 1
+expect 0 "$moe" train --load "$tmp/a" --save "$tmp/a"
+grep -q "nothing to do: the checkpoint is at step 12 of 12" "$tmp/out" || fail "nothing to do: $(cat "$tmp/out")"
+ls "$tmp"/a/events.out.tfevents.* | cmp -s - "$tmp/ev.before" || fail "an event file for nothing: $(ls "$tmp/a")"
 # stop at step 6, resume to 12: the same losses, bitwise, and the same optimizer state
 # shellcheck disable=SC2086
 expect 0 "$moe" train $tiny --save "$tmp/b" --exit-interval 6
