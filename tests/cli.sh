@@ -228,8 +228,12 @@ for cmd in generate eval "convert --to hf $tmp/hf"; do # past the options, to th
   expect 1 "$moe" $cmd --config "$tmp/keys.cfg" --load "$tmp/none"
   grep -q "$tmp/none" "$tmp/out" || fail "$cmd --config: $(cat "$tmp/out")"
 done
-expect 2 "$moe" tokenize --config "$tmp/keys.cfg" --model "$tmp/none" # its prompt
+expect 2 "$moe" tokenize --config "$tmp/keys.cfg" --model "$tmp" # its prompt
 grep -q "has no tokenizer.json" "$tmp/out" || fail "tokenize --config: $(cat "$tmp/out")"
+# a model directory that is not there is not one without a tokenizer
+expect 1 "$moe" tokenize --model "$tmp/none" --prompt hi
+[ "$(cat "$tmp/out")" = "moe tokenize: $tmp/none: No such file or directory" ] ||
+  fail "tokenize, no directory: $(cat "$tmp/out")"
 # --help names the commands that read each section and option
 expect 0 "$moe" --help
 grep -q "^Training (read by train):$" "$tmp/out" &&

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* Parses "5,17,42" into ids below vocab; returns the count (0 with an error set on failure). */
@@ -68,6 +69,9 @@ static moe_status write_npy(const char *path, const float *x, int rows, int cols
 static moe_status load_tokenizer(const char *dir, moe_tokenizer **t) {
     char path[MOE_PATH_MAX + 32];
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    struct stat sb; /* a missing directory is not one without a tokenizer.json */
+    if (stat(dir, &sb)) return moe_set_error(MOE_ERR_IO, "%s: %s", dir, strerror(errno));
+    if (!S_ISDIR(sb.st_mode)) return moe_set_error(MOE_ERR_IO, "%s is not a directory", dir);
     if (access(path, R_OK))
         return moe_set_error(MOE_ERR_INVALID, "%s has no tokenizer.json: give token ids with "
                              "--ids", dir);
