@@ -390,6 +390,10 @@ mkdir "$tmp/tk"; echo '{"mine": 1}' >"$tmp/tk/tokenizer_config.json"
   [ "$(cat "$tmp/tk/tokenizer_config.json")" = '{"mine": 1}' ] || fail "convert over tokenizer files: exit $rc, $(cat "$tmp/out")"
 # our own checkpoint to Mixtral: every tensor under its Mixtral name; a shared expert refused
 "$moe" prepare --out "$tmp/data" --val-fraction 0.2 "$src/README.md" >/dev/null || fail "prepare"
+# a blend of datasets in two tokenizers' ids (bytes and the model's) is refused, saying why
+"$moe" train --data-path 1 "$tmp/data" 1 "$tmp/catdata" --train-iters 1 >"$tmp/out" 2>&1
+[ $? = 1 ] && grep -q "^moe train: $tmp/catdata has vocabulary 97 .*: the datasets of a blend need one tokenizer$" "$tmp/out" ||
+  fail "a blend of two vocabularies: $(cat "$tmp/out")"
 tiny="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
   --moe-ffn-hidden-size 16 --seq-length 32 --micro-batch-size 2 --global-batch-size 2
   --train-iters 3 --data-path $tmp/data --untie-embeddings-and-output-weights"

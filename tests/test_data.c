@@ -14,6 +14,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -320,6 +321,79 @@ static void test_tokens_u32(void **state) {
     rmdir(dir);
 }
 
+/* A blend: each row a whole window of one set, the sets in their weights' proportions (3 rows
+ * in 4 from the second, within 4.5 standard deviations over 8192 rows), the same rows again for
+ * the same stream; a blend of one set gives moe_tokens_batch's rows. */
+static void test_blend_batch(void **state) {
+    (void)state;
+    enum { N = 5000, S = 8, B = 16, STEPS = 512, OFF = 1000000 };
+    uint32_t *a = malloc(N * sizeof *a), *b = malloc(N * sizeof *b);
+    for (int i = 0; i < N; i++) a[i] = (uint32_t)i, b[i] = (uint32_t)(OFF + i);
+    moe_tokens ta = {.ids = a, .id_bytes = MOE_TOKENS_U32, .n_tokens = N, .vocab = 2 * OFF},
+               tb = {.ids = b, .id_bytes = MOE_TOKENS_U32, .n_tokens = N, .vocab = 2 * OFF};
+    moe_blend two = {2, {&ta, &tb}, {0.25, 0.75}}, one = {1, {&tb}, {1}};
+    uint64_t seed = tu_seed();
+    int32_t tok[B * S], tgt[B * S], tok2[B * S], tgt2[B * S];
+    int from_b = 0, from_a = 0;
+    for (int st = 0; st < STEPS; st++) {
+        moe_blend_batch(&two, B, S, seed, (uint64_t)st, tok, tgt);
+        for (int r = 0; r < B; r++) {
+            int first = tok[r * S], in_b = first >= OFF, start = first - (in_b ? OFF : 0);
+            from_b += in_b, from_a += !in_b;
+            assert_true(start >= 0 && start + S < N); /* a window with its last target */
+            for (int t = 0; t < S; t++) {
+                assert_int_equal(tok[r * S + t], first + t);
+                assert_int_equal(tgt[r * S + t], first + t + 1);
+            }
+        }
+        moe_blend_batch(&two, B, S, seed, (uint64_t)st, tok2, tgt2);
+        assert_memory_equal(tok, tok2, sizeof tok);
+        assert_memory_equal(tgt, tgt2, sizeof tgt);
+    }
+    double f = from_b / (double)(B * STEPS), sd = sqrt(0.25 * 0.75 / (B * STEPS));
+    if (!(fabs(f - 0.75) < 4.5 * sd) || !from_a) fail_msg("%.4f of the rows from the second set", f);
+    moe_blend_batch(&one, B, S, seed, 7, tok, tgt);
+    moe_tokens_batch(&tb, B, S, seed, 7, tok2, tgt2);
+    assert_memory_equal(tok, tok2, sizeof tok);
+    assert_memory_equal(tgt, tgt2, sizeof tgt);
+    free(a);
+    free(b);
+}
+
+/* --data-path's values: a directory (one with spaces in its name too), weighted pairs scaled
+ * to sum to 1; refused: a weight without a directory, weights that are not positive numbers,
+ * no directory, more than MOE_BLEND_MAX sets. */
+static void test_data_spec(void **state) {
+    (void)state;
+    char buf[2048], *dirs[MOE_BLEND_MAX];
+    double w[MOE_BLEND_MAX];
+    int n;
+    assert_int_equal(moe_data_spec("data/x", buf, sizeof buf, dirs, w, &n), MOE_OK);
+    assert_int_equal(n, 1);
+    assert_string_equal(dirs[0], "data/x");
+    assert_true(w[0] == 1);
+    assert_int_equal(moe_data_spec("0.3 a  0.9\tb", buf, sizeof buf, dirs, w, &n), MOE_OK);
+    assert_int_equal(n, 2);
+    assert_string_equal(dirs[0], "a");
+    assert_string_equal(dirs[1], "b");
+    assert_true(fabs(w[0] - 0.25) < 1e-15 && fabs(w[1] - 0.75) < 1e-15);
+    char dir[] = "/tmp/moe test data XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    assert_int_equal(moe_data_spec(dir, buf, sizeof buf, dirs, w, &n), MOE_OK);
+    assert_int_equal(n, 1);
+    assert_string_equal(dirs[0], dir);
+    rmdir(dir);
+    const char *bad[] = {"0.3 a 0.6", "0 a 1 b", "-1 a", "x a", "inf a", "nan a", " "};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        assert_int_equal(moe_data_spec(bad[i], buf, sizeof buf, dirs, w, &n), MOE_ERR_INVALID);
+        assert_non_null(strstr(moe_last_error(), "data-path"));
+    }
+    char many[1024] = "";
+    for (int i = 0; i <= MOE_BLEND_MAX; i++) strcat(many, "1 d ");
+    assert_int_equal(moe_data_spec(many, buf, sizeof buf, dirs, w, &n), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "more than 64 datasets"));
+}
+
 /* Refused files: an empty one (which cannot be mapped) and one under 64 bytes are no token
  * file; one with trailing bytes is refused by name; none stays mapped. */
 static void test_tokens_refused(void **state) {
@@ -538,6 +612,8 @@ int main(void) {
         cmocka_unit_test(test_tokens_mapped),
         cmocka_unit_test(test_tokens_u32),
         cmocka_unit_test(test_tokens_refused),
+        cmocka_unit_test(test_blend_batch),
+        cmocka_unit_test(test_data_spec),
         cmocka_unit_test(test_prepare_split_by_content),
         cmocka_unit_test(test_prepare_streams),
     };

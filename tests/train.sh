@@ -143,6 +143,29 @@ strip "$tmp/a/metrics.jsonl" >"$tmp/a.m"; strip "$tmp/b/metrics.jsonl" >"$tmp/b.
 cmp -s "$tmp/a.m" "$tmp/b.m" || { diff "$tmp/a.m" "$tmp/b.m" | head -5; fail "resumed losses differ"; }
 cmp -s "$tmp/a/step-00000012/trainer.safetensors" "$tmp/b/step-00000012/trainer.safetensors" \
   || fail "resumed optimizer state differs"
+# Megatron's blend of datasets: "--data-path W1 DIR1 W2 DIR2" as separate words (or one value, as
+# --print-config writes it): trained on both, evaluated on each validation split and on the
+# blend; resumed from the run's own options, bitwise the straight run
+expect 0 "$moe" prepare --out "$tmp/d2" --val-fraction 0.3 "$src/README.md"
+blend="--data-path 1 $tmp/data 3 $tmp/d2"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny $blend --train-iters 4 --eval-interval 2 --save "$tmp/bl"
+grep -q "^data: a blend of 2 datasets: $tmp/data 0.25 $tmp/d2 0.75$" "$tmp/out" ||
+  fail "blend: $(head -3 "$tmp/out")"
+expect 0 "$moe" train --load "$tmp/bl" --print-config
+grep -q "^data-path = 1 $tmp/data 3 $tmp/d2$" "$tmp/out" || fail "blend not kept: $(grep data "$tmp/out")"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --data-path "1 $tmp/data 3 $tmp/d2" --train-iters 4 --eval-interval 2 \
+  --save "$tmp/bl1" --exit-interval 2
+expect 0 "$moe" train --load "$tmp/bl1" --save "$tmp/bl1"
+strip "$tmp/bl/metrics.jsonl" >"$tmp/bl.m"; strip "$tmp/bl1/metrics.jsonl" >"$tmp/bl1.m"
+cmp -s "$tmp/bl.m" "$tmp/bl1.m" || { diff "$tmp/bl.m" "$tmp/bl1.m" | head -4; fail "blend resumed"; }
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --train-iters 4 --eval-interval 2 --save "$tmp/bl0"
+strip "$tmp/bl0/metrics.jsonl" | cmp -s - "$tmp/bl.m" && fail "the blend trained as the first dataset alone"
+expect 0 "$moe" eval --load "$tmp/bl"
+[ "$(grep -c "^eval .* on $tmp/\(data\|d2\)/val.bin: [0-9]* tokens, loss" "$tmp/out")" = 2 ] &&
+  grep -q "^eval .* on the blend (its weights): loss " "$tmp/out" || fail "blend eval: $(cat "$tmp/out")"
 # expert choice ranks each token against the tokens after it: a model routed so is evaluated
 # (whole sequences), not decoded token by token
 # shellcheck disable=SC2086

@@ -81,6 +81,8 @@ void moe_cli_bf16_note(double peak16, double peak, const char *how);
  * ran, shared expert); a backward is twice these. */
 double moe_cli_layer_flops(const moe_layer_config *c, int T, const moe_layer_stats *st);
 
-moe_status moe_cli_topics(moe_model *m, const moe_tokens *data, int batch, const char *path);
+/* path (topics.json): the experts each source file's text routes to, the sources of data's sets
+ * one after another, in batches of batch sequences. */
+moe_status moe_cli_topics(moe_model *m, const moe_blend *data, int batch, const char *path);
 
 #endif

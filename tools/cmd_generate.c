@@ -170,73 +170,85 @@ int moe_cmd_generate(int argc, char **argv) {
     return rc;
 }
 
-/* Mean loss over all non-overlapping windows of seq_len + 1 tokens of a token file. */
+/* The mean loss over all non-overlapping windows of seq_len + 1 tokens of the token file path
+ * (split: a prepared validation split, whose emptiness has its own reason); *count tokens. */
+static moe_status eval_file(moe_model *m, const moe_options *o, const char *path, int split,
+                            double *nll, int64_t *count) {
+    int S = o->model.seq_len, B = o->train.micro_batch;
+    moe_tokens data = {0};
+    *nll = 0, *count = 0;
+    moe_status s = moe_tokens_load(path, &data);
+    if (s == MOE_OK && split && data.n_tokens == 0)
+        s = moe_set_error(MOE_ERR_INVALID, "the validation split %s is empty (the data was "
+                          "prepared with --val-fraction 0): give a token file to evaluate with "
+                          "--data-path FILE", path);
+    else if (s == MOE_OK && data.n_tokens <= S)
+        s = moe_set_error(MOE_ERR_INVALID, "%s holds %lld tokens: seq-length %d needs at least "
+                          "%d", path, (long long)data.n_tokens, S, S + 1);
+    if (s == MOE_OK) s = moe_trainer_check_data(&o->model, &data, NULL);
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)B * S), *tgt = malloc(sizeof(int32_t) * (size_t)B * S);
+    if (s == MOE_OK && (!tok || !tgt)) s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    int64_t windows = s == MOE_OK ? (data.n_tokens - 1) / S : 0;
+    double sum = 0;
+    moe_model_args args = moe_model_args_default();
+    args.training = 0;
+    for (int64_t w0 = 0; w0 < windows && s == MOE_OK; w0 += B) {
+        int b = (int)(windows - w0 < B ? windows - w0 : B);
+        for (int r = 0; r < b; r++)
+            for (int t = 0; t < S; t++) {
+                int64_t at = (w0 + r) * S + t;
+                tok[r * S + t] = (int32_t)moe_tokens_at(&data, at);
+                tgt[r * S + t] = (int32_t)moe_tokens_at(&data, at + 1);
+            }
+        moe_model_loss L;
+        s = moe_model_forward(m, tok, tgt, b, S, &args, &L);
+        sum += L.nll * L.n_targets;
+        *count += L.n_targets;
+    }
+    free(tok);
+    free(tgt);
+    moe_tokens_free(&data);
+    *nll = *count ? sum / (double)*count : 0;
+    return s;
+}
+
+/* The loss of a token file, or of the validation split of each dataset of --data-path (a blend's
+ * also weighted as it trained). */
 int moe_cmd_eval(int argc, char **argv) {
     for (int i = 0; i < argc; i++)
         if (!strcmp(argv[i], "--model") || !strncmp(argv[i], "--model=", 8))
             return moe_cmd_eval_hf(argc, argv);
     moe_options o;
     moe_model *m = NULL;
-    char ckpt[MOE_PATH_MAX + 64], path[MOE_PATH_MAX + 16];
+    char ckpt[MOE_PATH_MAX + 64], path[MOE_PATH_MAX + 16], spec[MOE_PATH_MAX];
     int rc = load_model("eval", argc, argv, &o, 1, &m, ckpt, sizeof ckpt);
     if (rc) return rc;
-    int S = o.model.seq_len, B = o.train.micro_batch;
-    moe_tokens data = {0};
-    struct stat sb; /* --data FILE, or the validation split of --data-path DIR */
-    int split = !o.data_path[0] || (stat(o.data_path, &sb) == 0 && S_ISDIR(sb.st_mode));
-    if (!split)
-        snprintf(path, sizeof path, "%s", o.data_path); /* a missing one: the error names it */
-    else
-        snprintf(path, sizeof path, "%s/val.bin", o.data_path[0] ? o.data_path : "data/fortunes");
-    rc = 1;
-    moe_status ds = moe_tokens_load(path, &data);
-    if (ds == MOE_OK && split && data.n_tokens == 0)
-        ds = moe_set_error(MOE_ERR_INVALID, "the validation split %s is empty (the data was "
-                           "prepared with --val-fraction 0): give a token file to evaluate with "
-                           "--data-path FILE", path);
-    else if (ds == MOE_OK && data.n_tokens <= S)
-        ds = moe_set_error(MOE_ERR_INVALID, "%s holds %lld tokens: seq-length %d needs at least "
-                           "%d", path, (long long)data.n_tokens, S, S + 1);
-    if (ds == MOE_OK) ds = moe_trainer_check_data(&o.model, &data, NULL);
-    if (ds != MOE_OK) {
-        fprintf(stderr, "moe eval: %s\n", moe_last_error());
-        goto done;
+    char *dirs[MOE_BLEND_MAX];
+    double weight[MOE_BLEND_MAX], blend = 0;
+    int n = 1;
+    struct stat sb; /* --data FILE, or the validation split of --data-path DIR (or a blend's) */
+    const char *data = o.data_path[0] ? o.data_path : "data/fortunes";
+    int dir = !o.data_path[0] || (stat(data, &sb) == 0 && S_ISDIR(sb.st_mode));
+    moe_status s = MOE_OK; /* a file, else (a missing one: the error names it) */
+    if (dir) dirs[0] = (char *)data, weight[0] = 1;
+    else s = moe_data_spec(data, spec, sizeof spec, dirs, weight, &n);
+    int split = dir || n > 1;
+    for (int i = 0; i < n && s == MOE_OK; i++) {
+        snprintf(path, sizeof path, split ? "%s/val.bin" : "%s", dirs[i]);
+        double nll;
+        int64_t count;
+        if ((s = eval_file(m, &o, path, split, &nll, &count)) != MOE_OK) break;
+        blend += weight[i] * nll;
+        printf("eval %s on %s: %lld tokens, loss %.4f nats/token (%.3f bits), perplexity %.3f, "
+               "%d threads\n", ckpt, path, (long long)count, nll, nll / log(2.0), exp(nll),
+               omp_get_max_threads());
     }
-    int32_t *tok = malloc(sizeof(int32_t) * (size_t)B * S), *tgt = malloc(sizeof(int32_t) * (size_t)B * S);
-    int64_t windows = (data.n_tokens - 1) / S;
-    double sum = 0;
-    int64_t count = 0;
-    moe_model_args args = moe_model_args_default();
-    args.training = 0;
-    for (int64_t w0 = 0; w0 < windows; w0 += B) {
-        int b = (int)(windows - w0 < B ? windows - w0 : B);
-        for (int r = 0; r < b; r++)
-            for (int s = 0; s < S; s++) {
-                int64_t at = (w0 + r) * S + s;
-                tok[r * S + s] = (int32_t)moe_tokens_at(&data, at);
-                tgt[r * S + s] = (int32_t)moe_tokens_at(&data, at + 1);
-            }
-        moe_model_loss L;
-        if (moe_model_forward(m, tok, tgt, b, S, &args, &L) != MOE_OK) {
-            fprintf(stderr, "moe eval: %s\n", moe_last_error());
-            free(tok);
-            free(tgt);
-            goto done;
-        }
-        sum += L.nll * L.n_targets;
-        count += L.n_targets;
-    }
-    free(tok);
-    free(tgt);
-    double nll = count ? sum / (double)count : 0;
-    printf("eval %s on %s: %lld tokens, loss %.4f nats/token (%.3f bits), perplexity %.3f, %d "
-           "threads\n", ckpt, path, (long long)count, nll, nll / log(2.0), exp(nll),
-           omp_get_max_threads());
-    rc = 0;
-done:
-    moe_tokens_free(&data);
+    if (s == MOE_OK && n > 1)
+        printf("eval %s on the blend (its weights): loss %.4f nats/token (%.3f bits), perplexity "
+               "%.3f\n", ckpt, blend, blend / log(2.0), exp(blend));
+    if (s != MOE_OK) fprintf(stderr, "moe eval: %s\n", moe_last_error());
     moe_model_destroy(m);
-    return rc;
+    return s == MOE_OK ? 0 : 1;
 }
 
 /* Its tensors and metadata; -1 (said on stderr) when it cannot be read. */

@@ -31,19 +31,24 @@ static char *valid_utf8(const char *s) {
     return u;
 }
 
-moe_status moe_cli_topics(moe_model *m, const moe_tokens *data, int batch, const char *path) {
+moe_status moe_cli_topics(moe_model *m, const moe_blend *data, int batch, const char *path) {
     const moe_model_config *c = moe_model_get_config(m);
-    int S = c->seq_len, L = c->n_layers, tot_e = 0;
+    int S = c->seq_len, L = c->n_layers, tot_e = 0, n_topics = 0;
+    int64_t most = 0; /* the topics: each set's sources, set after set */
+    for (int i = 0; i < data->n; i++) {
+        n_topics += data->sets[i]->n_sources;
+        most = data->sets[i]->n_tokens > most ? data->sets[i]->n_tokens : most;
+    }
     int *off = malloc(sizeof(int) * (size_t)(L + 1));
-    for (int l = 0; l < L; l++) {
+    for (int l = 0; off && l < L; l++) {
         off[l] = tot_e;
         tot_e += moe_model_layer_experts(c, l);
     }
-    off[L] = tot_e;
-    int64_t *counts = calloc((size_t)data->n_sources * (size_t)(tot_e ? tot_e : 1), sizeof(int64_t));
-    int64_t *ntok = calloc((size_t)data->n_sources + 1, sizeof(int64_t));
+    if (off) off[L] = tot_e;
+    int64_t *counts = calloc((size_t)n_topics * (size_t)(tot_e ? tot_e : 1), sizeof(int64_t));
+    int64_t *ntok = calloc((size_t)n_topics + 1, sizeof(int64_t));
     int32_t *tok = malloc(sizeof(int32_t) * (size_t)batch * S);
-    int32_t *buf = malloc(sizeof(int32_t) * (size_t)(data->n_tokens + 1));
+    int32_t *buf = malloc(sizeof(int32_t) * (size_t)(most + 1));
     moe_status st = MOE_OK;
     if (!off || !counts || !ntok || !tok || !buf) {
         st = moe_set_error(MOE_ERR_NOMEM, "out of memory for topic routing");
@@ -51,26 +56,29 @@ moe_status moe_cli_topics(moe_model *m, const moe_tokens *data, int batch, const
     }
     moe_model_args args = moe_model_args_default();
     args.training = 0;
-    for (int s = 0; s < data->n_sources && st == MOE_OK; s++) {
-        int64_t n = 0; /* the source's documents, concatenated */
-        for (int64_t d = 0; d < data->n_docs; d++) {
-            if ((int)data->doc_source[d] != s) continue;
-            int64_t end = d + 1 < data->n_docs ? (int64_t)data->doc_start[d + 1] : data->n_tokens;
-            for (int64_t i = (int64_t)data->doc_start[d]; i < end; i++)
-                buf[n++] = (int32_t)moe_tokens_at(data, i);
-        }
-        for (int64_t w = 0; w + S <= n && st == MOE_OK; w += (int64_t)batch * S) {
-            int b = (int)((n - w) / S < batch ? (n - w) / S : batch);
-            memcpy(tok, buf + w, sizeof(int32_t) * (size_t)b * S);
-            st = moe_model_forward(m, tok, NULL, b, S, &args, NULL);
-            for (int l = 0; l < L && st == MOE_OK; l++) {
-                moe_layer *ml = moe_model_moe_layer(m, l);
-                if (!ml) continue;
-                const moe_layer_stats *ls = moe_layer_get_stats(ml);
-                for (int e = 0; e < ls->n_experts; e++)
-                    counts[(size_t)s * tot_e + off[l] + e] += ls->counts[e];
+    for (int i = 0, t = 0; i < data->n && st == MOE_OK; i++) {
+        const moe_tokens *set = data->sets[i];
+        for (int s = 0; s < set->n_sources && st == MOE_OK; s++, t++) {
+            int64_t n = 0; /* the source's documents, concatenated */
+            for (int64_t d = 0; d < set->n_docs; d++) {
+                if ((int)set->doc_source[d] != s) continue;
+                int64_t end = d + 1 < set->n_docs ? (int64_t)set->doc_start[d + 1] : set->n_tokens;
+                for (int64_t k = (int64_t)set->doc_start[d]; k < end; k++)
+                    buf[n++] = (int32_t)moe_tokens_at(set, k);
             }
-            ntok[s] += (int64_t)b * S;
+            for (int64_t w = 0; w + S <= n && st == MOE_OK; w += (int64_t)batch * S) {
+                int b = (int)((n - w) / S < batch ? (n - w) / S : batch);
+                memcpy(tok, buf + w, sizeof(int32_t) * (size_t)b * S);
+                st = moe_model_forward(m, tok, NULL, b, S, &args, NULL);
+                for (int l = 0; l < L && st == MOE_OK; l++) {
+                    moe_layer *ml = moe_model_moe_layer(m, l);
+                    if (!ml) continue;
+                    const moe_layer_stats *ls = moe_layer_get_stats(ml);
+                    for (int e = 0; e < ls->n_experts; e++)
+                        counts[(size_t)t * tot_e + off[l] + e] += ls->counts[e];
+                }
+                ntok[t] += (int64_t)b * S;
+            }
         }
     }
     if (st != MOE_OK) goto done;
@@ -80,36 +88,37 @@ moe_status moe_cli_topics(moe_model *m, const moe_tokens *data, int batch, const
         goto done;
     }
     fprintf(f, "{\"topics\":[");
-    for (int s = 0, first = 1; s < data->n_sources; s++) {
-        if (!ntok[s]) continue;
-        const char *name = strrchr(data->sources[s], '/');
-        name = name ? name + 1 : data->sources[s];
-        /* a file name is bytes: topics.json stays JSON, and the report's page the UTF-8 it
-         * declares */
-        char *utf8 = valid_utf8(name);
-        if (!utf8) {
-            fclose(f);
-            st = moe_set_error(MOE_ERR_NOMEM, "out of memory for topic routing");
-            goto done;
-        }
-        cJSON *js = cJSON_CreateString(utf8);
-        free(utf8);
-        char *quoted = js ? cJSON_PrintUnformatted(js) : NULL;
-        fprintf(f, "%s{\"name\":%s,\"tokens\":%lld,\"layers\":[", first ? "" : ",",
-                quoted ? quoted : "\"?\"", (long long)ntok[s]);
-        cJSON_free(quoted);
-        cJSON_Delete(js);
-        for (int l = 0, fl = 1; l < L; l++) {
-            if (off[l + 1] == off[l]) continue;
-            fprintf(f, "%s{\"layer\":%d,\"counts\":[", fl ? "" : ",", l);
-            for (int e = 0; e < off[l + 1] - off[l]; e++)
-                fprintf(f, "%s%lld", e ? "," : "", (long long)counts[(size_t)s * tot_e + off[l] + e]);
+    for (int i = 0, t = 0, first = 1; i < data->n; i++)
+        for (int s = 0; s < data->sets[i]->n_sources; s++, t++) {
+            if (!ntok[t]) continue;
+            const char *src = data->sets[i]->sources[s], *name = strrchr(src, '/');
+            /* a file name is bytes: topics.json stays JSON, and the report's page the UTF-8 it
+             * declares */
+            char *utf8 = valid_utf8(name ? name + 1 : src);
+            if (!utf8) {
+                fclose(f);
+                st = moe_set_error(MOE_ERR_NOMEM, "out of memory for topic routing");
+                goto done;
+            }
+            cJSON *js = cJSON_CreateString(utf8);
+            free(utf8);
+            char *quoted = js ? cJSON_PrintUnformatted(js) : NULL;
+            fprintf(f, "%s{\"name\":%s,\"tokens\":%lld,\"layers\":[", first ? "" : ",",
+                    quoted ? quoted : "\"?\"", (long long)ntok[t]);
+            cJSON_free(quoted);
+            cJSON_Delete(js);
+            for (int l = 0, fl = 1; l < L; l++) {
+                if (off[l + 1] == off[l]) continue;
+                fprintf(f, "%s{\"layer\":%d,\"counts\":[", fl ? "" : ",", l);
+                for (int e = 0; e < off[l + 1] - off[l]; e++)
+                    fprintf(f, "%s%lld", e ? "," : "",
+                            (long long)counts[(size_t)t * tot_e + off[l] + e]);
+                fprintf(f, "]}");
+                fl = 0;
+            }
             fprintf(f, "]}");
-            fl = 0;
+            first = 0;
         }
-        fprintf(f, "]}");
-        first = 0;
-    }
     fprintf(f, "]}\n");
     if (fclose(f) != 0) st = moe_set_error(MOE_ERR_IO, "cannot write %s", path);
 done:

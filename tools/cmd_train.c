@@ -552,8 +552,12 @@ int moe_cmd_train(int argc, char **argv) {
                               "far (--device cpu)");
     if ((src = setup_outcome(d, ready != MOE_OK ? 2 : 0))) return src;
     const char *data = o.data_path[0] ? o.data_path : DEFAULT_DATA;
-    char path[MOE_PATH_MAX + 16];
-    moe_tokens train = {0}, val = {0};
+    char path[MOE_PATH_MAX + 16], spec[MOE_PATH_MAX], *dirs[MOE_BLEND_MAX];
+    moe_tokens train[MOE_BLEND_MAX] = {0}, val[MOE_BLEND_MAX] = {0};
+    moe_blend train_b = {0}, val_b = {0};
+    double weight[MOE_BLEND_MAX];
+    int n_sets = 0;
+    int64_t train_tokens = 0;
     moe_model *m = NULL;
     moe_trainer *t = NULL;
     FILE *metrics = NULL;
@@ -561,17 +565,34 @@ int moe_cmd_train(int argc, char **argv) {
     int rc = 1, stopped_by = 0; /* the signal that stopped the run */
     int agreed = 0; /* an error every rank met at the same point (told once, no abort) */
     char val_path[MOE_PATH_MAX + 16];
-    snprintf(path, sizeof path, "%s/train.bin", data);
-    if (moe_tokens_load(path, &train) != MOE_OK) goto fail;
-    snprintf(val_path, sizeof val_path, "%s/val.bin", data);
-    if (moe_tokens_load(val_path, &val) != MOE_OK) goto fail;
-    if (moe_tokens_check_pair(path, &train, val_path, &val) != MOE_OK) goto fail;
-    if (moe_trainer_check_data(&o.model, &train, val.n_tokens ? &val : NULL) != MOE_OK) goto fail;
+    if (moe_data_spec(data, spec, sizeof spec, dirs, weight, &n_sets) != MOE_OK) goto fail;
+    for (int i = 0; i < n_sets; i++) { /* each set's pair, the vocabulary of the first */
+        snprintf(path, sizeof path, "%s/train.bin", dirs[i]);
+        if (moe_tokens_load(path, &train[i]) != MOE_OK) goto fail;
+        snprintf(val_path, sizeof val_path, "%s/val.bin", dirs[i]);
+        if (moe_tokens_load(val_path, &val[i]) != MOE_OK ||
+            moe_tokens_check_pair(path, &train[i], val_path, &val[i]) != MOE_OK)
+            goto fail;
+        if (i && (train[i].vocab != train[0].vocab || train[i].eot != train[0].eot)) {
+            moe_set_error(MOE_ERR_FORMAT, "%s has vocabulary %d and end-of-text id %d, %s %d and "
+                          "%d: the datasets of a blend need one tokenizer", dirs[i],
+                          train[i].vocab, train[i].eot, dirs[0], train[0].vocab, train[0].eot);
+            goto fail;
+        }
+        if (moe_trainer_check_data(&o.model, &train[i], val[i].n_tokens ? &val[i] : NULL))
+            goto fail;
+        train_b.sets[i] = &train[i], train_b.weight[i] = weight[i], train_b.n++;
+        train_tokens += train[i].n_tokens;
+        if (val[i].n_tokens) val_b.sets[val_b.n] = &val[i], val_b.weight[val_b.n++] = weight[i];
+    }
+    double vsum = 0; /* the sets with validation tokens, in their proportions */
+    for (int i = 0; i < val_b.n; i++) vsum += val_b.weight[i];
+    for (int i = 0; i < val_b.n; i++) val_b.weight[i] /= vsum;
     if (moe_model_create(&o.model, o.train.micro_batch * o.model.seq_len, &m) != MOE_OK) goto fail;
     if (o.device && moe_model_use_device(m, "cuda") != MOE_OK) goto fail;
     moe_model_init_params(m, o.layer.seed);
     moe_model_set_comms(m, d->expert, o.model.moe.ep_replicated ? d->expert_data : d->world);
-    if (moe_trainer_create(m, &o.train, &train, val.n_tokens ? &val : NULL, &t) != MOE_OK ||
+    if (moe_trainer_create_blend(m, &o.train, &train_b, val_b.n ? &val_b : NULL, &t) != MOE_OK ||
         moe_trainer_set_dist(t, d) != MOE_OK)
         goto fail;
     if (o.inject_fault[0] && moe_trainer_set_faults(t, o.inject_fault) != MOE_OK) goto fail;
@@ -617,16 +638,22 @@ int moe_cmd_train(int argc, char **argv) {
     for (int l = 0; l < mc->n_layers; l++) n_moe += moe_model_layer_experts(mc, l) > 0;
     printf("moe train: %d layers (%d MoE), d=%d, %zu parameters%s, %lld training tokens, "
            "%d threads", mc->n_layers, n_moe, mc->d, moe_model_param_count(m),
-           d->ep > 1 ? " on this rank" : "", (long long)train.n_tokens, omp_get_max_threads());
+           d->ep > 1 ? " on this rank" : "", (long long)train_tokens, omp_get_max_threads());
     if (d->world_size > 1)
         printf(", %d processes: expert parallel %d x expert-data parallel %d", d->world_size,
                d->ep, d->edp);
     printf("\n");
-    int has_val = val.n_tokens > 0, bytes = train.vocab == MOE_BYTE_VOCAB; /* prepare's bytes */
+    int has_val = val_b.n > 0, bytes = train[0].vocab == MOE_BYTE_VOCAB; /* prepare's bytes */
     const char *unit = bytes ? "byte" : "token";
+    if (n_sets > 1) {
+        printf("data: a blend of %d datasets:", n_sets);
+        for (int i = 0; i < n_sets; i++)
+            printf(" %s %.4g%s", dirs[i], weight[i], val[i].n_tokens ? "" : " (no validation)");
+        printf("\n");
+    }
     if (!has_val)
         printf("note: %s holds no validation tokens (prepared with --val-fraction 0): no "
-               "evaluation\n", val_path);
+               "evaluation\n", n_sets > 1 ? "no dataset" : val_path);
     if (mc->moe.expert_bf16 && !o.device && d->world_rank == 0) /* a few ms */
         moe_cli_bf16_note(moe_gemm_bf16_peak(512, 2), moe_gemm_peak(512, 2),
                           "512^3 GEMMs, measured now");
@@ -721,9 +748,9 @@ int moe_cmd_train(int argc, char **argv) {
            tokens_done / (moe_time_now() - t_start));
     if (val_nll >= 0) printf(", final val nll %.4f nats/%s", val_nll, unit); /* none: no eval */
     printf("\n");
-    if (o.save[0] && val.n_docs > 0 && d->world_size == 1) { /* which experts each topic uses */
+    if (o.save[0] && has_val && d->world_size == 1) { /* which experts each topic uses */
         snprintf(path, sizeof path, "%s/topics.json", o.save);
-        if (moe_cli_topics(m, &val, o.train.micro_batch, path) != MOE_OK) goto fail;
+        if (moe_cli_topics(m, &val_b, o.train.micro_batch, path) != MOE_OK) goto fail;
         printf("wrote %s (validation text of each source file routed through the model)\n", path);
     }
     if (sample) { /* other vocabularies: moe convert, then generate --model with a tokenizer */
@@ -742,7 +769,6 @@ fail:
     moe_tfevents_close(tb);
     moe_trainer_destroy(t);
     moe_model_destroy(m);
-    moe_tokens_free(&train);
-    moe_tokens_free(&val);
+    for (int i = 0; i < n_sets; i++) moe_tokens_free(&train[i]), moe_tokens_free(&val[i]);
     return rc ? rc : stopped_by ? 128 + stopped_by : 0;
 }

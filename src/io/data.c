@@ -7,7 +7,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <stdint.h>
 #include <sys/mman.h>
@@ -626,15 +628,63 @@ moe_status moe_tokens_check_pair(const char *train_path, const moe_tokens *train
     return MOE_OK;
 }
 
-void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t stream,
+/* Row b of a batch: the window of t drawn from (seed, stream, b). */
+static void batch_row(const moe_tokens *t, int b, int S, uint64_t seed, uint64_t stream,
                       int32_t *tokens, int32_t *targets) {
     MOE_ASSERT(t->n_tokens > S);
-    uint64_t span = (uint64_t)(t->n_tokens - S);
-    for (int b = 0; b < B; b++) {
-        uint64_t start = moe_rng_u64(seed, stream, (uint64_t)b) % span;
-        for (int s = 0; s < S; s++) {
-            tokens[b * S + s] = (int32_t)moe_tokens_at(t, (int64_t)(start + s));
-            targets[b * S + s] = (int32_t)moe_tokens_at(t, (int64_t)(start + s + 1));
-        }
+    uint64_t start = moe_rng_u64(seed, stream, (uint64_t)b) % (uint64_t)(t->n_tokens - S);
+    for (int s = 0; s < S; s++) {
+        tokens[b * S + s] = (int32_t)moe_tokens_at(t, (int64_t)(start + s));
+        targets[b * S + s] = (int32_t)moe_tokens_at(t, (int64_t)(start + s + 1));
     }
+}
+
+void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t stream,
+                      int32_t *tokens, int32_t *targets) {
+    for (int b = 0; b < B; b++) batch_row(t, b, S, seed, stream, tokens, targets);
+}
+
+/* A row's set: drawn at indices past any row's window (2^40 + b) of the same stream. */
+void moe_blend_batch(const moe_blend *bl, int B, int S, uint64_t seed, uint64_t stream,
+                     int32_t *tokens, int32_t *targets) {
+    for (int b = 0; b < B; b++) {
+        int i = 0;
+        if (bl->n > 1) {
+            double u = moe_rng_uniform64(seed, stream, (1ULL << 40) + (uint64_t)b), c = 0;
+            for (; i < bl->n - 1 && u >= (c += bl->weight[i]); i++) {}
+        }
+        batch_row(bl->sets[i], b, S, seed, stream, tokens, targets);
+    }
+}
+
+moe_status moe_data_spec(const char *spec, char *buf, size_t cap, char **dirs, double *weight,
+                         int *n) {
+    *n = 0;
+    if (strlen(spec) >= cap) return moe_set_error(MOE_ERR_INVALID, "data-path is too long");
+    memcpy(buf, spec, strlen(spec) + 1);
+    struct stat sb;
+    if (!strpbrk(spec, " \t") || (stat(spec, &sb) == 0 && S_ISDIR(sb.st_mode))) {
+        dirs[0] = buf, weight[0] = 1, *n = 1;
+        return MOE_OK;
+    }
+    double sum = 0;
+    char *save = NULL, *w;
+    for (char *tok = strtok_r(buf, " \t", &save); tok; tok = strtok_r(NULL, " \t", &save)) {
+        char *end;
+        double v = strtod(tok, &end);
+        if (*end || !isfinite(v) || v <= 0)
+            return moe_set_error(MOE_ERR_INVALID, "data-path '%s': '%s' is not a positive "
+                                 "weight (a blend is W1 DIR1 W2 DIR2 ...; no directory '%s')",
+                                 spec, tok, spec);
+        if (!(w = strtok_r(NULL, " \t", &save)))
+            return moe_set_error(MOE_ERR_INVALID, "data-path '%s': the weight %s has no "
+                                 "directory after it", spec, tok);
+        if (*n == MOE_BLEND_MAX)
+            return moe_set_error(MOE_ERR_INVALID, "data-path '%s': more than %d datasets", spec,
+                                 MOE_BLEND_MAX);
+        dirs[*n] = w, weight[*n] = v, sum += v, ++*n;
+    }
+    if (!*n) return moe_set_error(MOE_ERR_INVALID, "data-path '%s' names no directory", spec);
+    for (int i = 0; i < *n; i++) weight[i] /= sum;
+    return MOE_OK;
 }

@@ -78,6 +78,24 @@ moe_status moe_prepare(const char *const *files, int n_files, const char *out_di
 void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t stream,
                       int32_t *tokens, int32_t *targets);
 
+/* Several prepared datasets sampled together (Megatron's --data-path W1 DIR1 W2 DIR2 ...): each
+ * row of a batch is a window of set i with probability weight[i] (the weights sum to 1), set
+ * and window drawn from the row's place in (seed, stream). One set: moe_tokens_batch's rows. */
+#define MOE_BLEND_MAX 64
+typedef struct {
+    int n;
+    const moe_tokens *sets[MOE_BLEND_MAX];
+    double weight[MOE_BLEND_MAX];
+} moe_blend;
+void moe_blend_batch(const moe_blend *b, int B, int S, uint64_t seed, uint64_t stream,
+                     int32_t *tokens, int32_t *targets);
+
+/* The datasets of a --data-path value: a directory (also one whose name has spaces), or pairs
+ * "W1 DIR1 W2 DIR2 ..." of positive weights and directories. *n directories: pointers into
+ * buf (a copy of spec, cap bytes), and their weights scaled to sum to 1. */
+moe_status moe_data_spec(const char *spec, char *buf, size_t cap, char **dirs, double *weight,
+                         int *n);
+
 /* Writes a file atomically: to path.tmp, fsync, rename over path, fsync of its directory
  * (nothing existing is lost if any step before the rename fails; if the directory's fsync
  * fails, the new file is in place and the error says it may not be durable). */

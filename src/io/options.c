@@ -284,7 +284,9 @@ static const opt_def opts[] = {
      "validation micro-batches per evaluation (Megatron counts global batches)", 0},
 
     {"data-path", "data", OPT_STRING, O(data_path), 0, 0, NULL, FILES,
-     "directory written by moe prepare (train.bin, val.bin); moe eval also takes a token file", 0},
+     "directory written by moe prepare (train.bin, val.bin), or a blend of them as Megatron's "
+     "'W1 DIR1 W2 DIR2 ...' (each row from a dataset with probability its weight over the sum); "
+     "moe eval also takes a token file", 0},
     {"save", NULL, OPT_STRING, O(save), 0, 0, NULL, FILES, "run directory for checkpoints and "
      "metrics", 0},
     {"load", NULL, OPT_STRING, O(load), 0, 0, NULL, FILES, "resume from this run directory (its "
@@ -762,7 +764,12 @@ static int uses(const moe_options_use *use, int i) {
 /* The flag at argv[*a]: its name as given into key (cap bytes), its value into *val (NULL: a
  * boolean alone), *a moved onto its last word. Returns the option's index, -1 for --config, or
  * -2 with the error set. */
-static int next_flag(int argc, char **argv, int *a, char *key, size_t cap, const char **val) {
+/* The flag at argv[*a] (moved past its value): the option's index, -1 for --config, -2 for an
+ * error; *val its value (NULL for a bare boolean). Megatron's --data-path takes a blend as
+ * separate words ("--data-path 0.3 A 0.7 B"): its words up to the next flag, *words past the
+ * first. */
+static int next_flag(int argc, char **argv, int *a, char *key, size_t cap, const char **val,
+                     int *words) {
     const char *arg = argv[*a];
     if (strncmp(arg, "--", 2) || !arg[2])
         return moe_set_error(MOE_ERR_INVALID, "unexpected argument '%s'", arg), -2;
@@ -777,9 +784,13 @@ static int next_flag(int argc, char **argv, int *a, char *key, size_t cap, const
     int i = is_config ? -1 : find_option(key);
     if (!is_config && i < 0) return unknown_key("command line", key, "--"), -2;
     *val = eq ? eq + 1 : NULL;
+    *words = 0;
     if (!*val && (is_config || opts[i].type != OPT_BOOL)) {
         if (*a + 1 >= argc) return moe_set_error(MOE_ERR_INVALID, "--%s needs a value", key), -2;
         *val = argv[++*a];
+        while (!is_config && opts[i].offset == O(data_path) && *a + 1 < argc &&
+               strncmp(argv[*a + 1], "--", 2))
+            ++*a, ++*words;
     }
     return i;
 }
@@ -788,10 +799,20 @@ moe_status moe_options_parse_args(moe_options *o, int argc, char **argv,
                                   const moe_options_use *use) {
     for (int pass = 0; pass < 2; pass++) { /* pass 0: --config files; pass 1: the flags */
         for (int a = 0; a < argc; a++) {
-            char key[128];
+            char key[128], joined[MOE_PATH_MAX];
             const char *val;
-            int i = next_flag(argc, argv, &a, key, sizeof key, &val);
+            int words, i = next_flag(argc, argv, &a, key, sizeof key, &val, &words);
             if (i == -2) return MOE_ERR_INVALID;
+            if (words) { /* the value's words (val is the first), one string */
+                int n = 0;
+                for (int w = a - words; w <= a && n < MOE_PATH_MAX; w++)
+                    n += snprintf(joined + n, MOE_PATH_MAX - (size_t)n, "%s%s",
+                                  w > a - words ? " " : "", argv[w]);
+                if (n >= MOE_PATH_MAX)
+                    return moe_set_error(MOE_ERR_INVALID, "--%s: longer than %d characters",
+                                         key, MOE_PATH_MAX - 1);
+                val = joined;
+            }
             if (pass == 0 && i < 0) MOE_TRY(moe_options_load_file(o, val));
             if (pass == 1 && i >= 0 && !uses(use, i))
                 return moe_set_error(MOE_ERR_INVALID, "--%s is not used by this command", key);
@@ -810,7 +831,7 @@ const char *moe_options_flag(int argc, char **argv, const char *names, char *buf
     for (int a = 0; a < argc && cap > 3; a++) {
         const char *val, *list = names, *w;
         size_t n;
-        int i = next_flag(argc, argv, &a, buf + 2, cap - 2, &val);
+        int words, i = next_flag(argc, argv, &a, buf + 2, cap - 2, &val, &words);
         if (i == -2) return NULL; /* moe_options_parse_args says what is wrong */
         while (i >= 0 && (w = next_word(&list, &n)))
             if (is_name(i, w, n)) return memcpy(buf, "--", 2);

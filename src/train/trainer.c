@@ -23,7 +23,7 @@ typedef struct {
 struct moe_trainer {
     moe_model *model;
     moe_train_config cfg;
-    const moe_tokens *train, *val;
+    moe_blend train, val; /* val.n 0: none */
     int S;
     float *adam_m, *adam_v; /* [n_params] */
     int32_t *tok, *tgt;     /* [micro_batch * S] */
@@ -113,6 +113,13 @@ moe_status moe_trainer_check_data(const moe_model_config *mc, const moe_tokens *
 
 moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
                               const moe_tokens *train, const moe_tokens *val, moe_trainer **out) {
+    moe_blend tb = {1, {train}, {1}}, vb = {val != NULL, {val}, {1}};
+    return moe_trainer_create_blend(model, cfg, &tb, val ? &vb : NULL, out);
+}
+
+moe_status moe_trainer_create_blend(moe_model *model, const moe_train_config *cfg,
+                                    const moe_blend *train, const moe_blend *val,
+                                    moe_trainer **out) {
     *out = NULL;
     MOE_TRY(moe_train_config_validate(cfg));
     if (moe_model_is_inference(model))
@@ -121,7 +128,8 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
     const moe_model_config *mc = moe_model_get_config(model);
     MOE_TRY(moe_model_config_validate_training(mc));
     int S = mc->seq_len;
-    MOE_TRY(moe_trainer_check_data(mc, train, val));
+    for (int i = 0; i < train->n; i++) MOE_TRY(moe_trainer_check_data(mc, train->sets[i], NULL));
+    for (int i = 0; val && i < val->n; i++) MOE_TRY(moe_trainer_check_data(mc, val->sets[i], NULL));
     {   /* the model is allocated: its bytes plus Adam's moments */
         size_t np = moe_model_param_count(model), act = moe_model_activation_bytes(model);
         char parts[160];
@@ -132,8 +140,8 @@ moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
     if (!t) return moe_set_error(MOE_ERR_NOMEM, "out of memory for the trainer");
     t->model = model;
     t->cfg = *cfg;
-    t->train = train;
-    t->val = val;
+    t->train = *train;
+    if (val) t->val = *val;
     t->S = S;
     size_t n = moe_model_param_count(model);
     t->adam_m = moe_alloc(n, sizeof(float));
@@ -366,7 +374,7 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
             args.grads_ctx = t;
         }
         uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 2, (uint64_t)t->step, (uint64_t)mb);
-        moe_tokens_batch(t->train, B, S, c->seed, stream, t->tok, t->tgt);
+        moe_blend_batch(&t->train, B, S, c->seed, stream, t->tok, t->tgt);
         moe_model_loss L;
         MOE_TRY(moe_model_forward(m, t->tok, t->tgt, B, S, &args, &L));
         MOE_TRY(moe_model_backward(m));
@@ -464,8 +472,8 @@ updated:
 }
 
 moe_status moe_trainer_eval(moe_trainer *t, double *val_nll) {
-    const moe_tokens *data = t->val; /* never the training data under the name of validation */
-    if (!data) return moe_set_error(MOE_ERR_INVALID, "no validation data to evaluate on");
+    /* never the training data under the name of validation */
+    if (!t->val.n) return moe_set_error(MOE_ERR_INVALID, "no validation data to evaluate on");
     moe_model_args args = moe_model_args_default();
     args.training = 0;
     double sum = 0;
@@ -474,7 +482,7 @@ moe_status moe_trainer_eval(moe_trainer *t, double *val_nll) {
      * parallelism exchanges rows in each), the surplus ones uncounted */
     for (int i = rank; i < t->cfg.eval_iters + W - 1 - (t->cfg.eval_iters - 1) % W; i += W) {
         uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 3, (uint64_t)i, 0);
-        moe_tokens_batch(data, t->cfg.micro_batch, t->S, t->cfg.seed, stream, t->tok, t->tgt);
+        moe_blend_batch(&t->val, t->cfg.micro_batch, t->S, t->cfg.seed, stream, t->tok, t->tgt);
         moe_model_loss L;
         MOE_TRY(moe_model_forward(t->model, t->tok, t->tgt, t->cfg.micro_batch, t->S, &args, &L));
         if (i < t->cfg.eval_iters) sum += L.nll;

@@ -25,6 +25,11 @@ moe_status moe_trainer_check_data(const moe_model_config *mc, const moe_tokens *
 /* The trainer uses (does not own) the model and the data. */
 moe_status moe_trainer_create(moe_model *model, const moe_train_config *cfg,
                               const moe_tokens *train, const moe_tokens *val, moe_trainer **out);
+/* The same over blends of datasets (val NULL: no validation); the blends are copied, their
+ * token sets used. */
+moe_status moe_trainer_create_blend(moe_model *model, const moe_train_config *cfg,
+                                    const moe_blend *train, const moe_blend *val,
+                                    moe_trainer **out);
 void moe_trainer_destroy(moe_trainer *t);
 /* One optimizer step over global_batch / micro_batch micro-batches. A step whose loss or
  * gradient is not finite is skipped (m->skipped; nothing is updated, the step counter moves
