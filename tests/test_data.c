@@ -323,7 +323,8 @@ static void test_tokens_u32(void **state) {
 
 /* A blend: each row a whole window of one set, the sets in their weights' proportions (3 rows
  * in 4 from the second, within 4.5 standard deviations over 8192 rows), the same rows again for
- * the same stream; a blend of one set gives moe_tokens_batch's rows. */
+ * the same stream, a row the same in any batch that holds it; a blend of one set gives
+ * moe_tokens_batch's rows. */
 static void test_blend_batch(void **state) {
     (void)state;
     enum { N = 5000, S = 8, B = 16, STEPS = 512, OFF = 1000000 };
@@ -336,7 +337,7 @@ static void test_blend_batch(void **state) {
     int32_t tok[B * S], tgt[B * S], tok2[B * S], tgt2[B * S];
     int from_b = 0, from_a = 0;
     for (int st = 0; st < STEPS; st++) {
-        moe_blend_batch(&two, B, S, seed, (uint64_t)st, tok, tgt);
+        moe_blend_batch(&two, 0, B, S, seed, (uint64_t)st, tok, tgt);
         for (int r = 0; r < B; r++) {
             int first = tok[r * S], in_b = first >= OFF, start = first - (in_b ? OFF : 0);
             from_b += in_b, from_a += !in_b;
@@ -346,13 +347,18 @@ static void test_blend_batch(void **state) {
                 assert_int_equal(tgt[r * S + t], first + t + 1);
             }
         }
-        moe_blend_batch(&two, B, S, seed, (uint64_t)st, tok2, tgt2);
+        moe_blend_batch(&two, 0, B, S, seed, (uint64_t)st, tok2, tgt2);
         assert_memory_equal(tok, tok2, sizeof tok);
         assert_memory_equal(tgt, tgt2, sizeof tgt);
     }
     double f = from_b / (double)(B * STEPS), sd = sqrt(0.25 * 0.75 / (B * STEPS));
     if (!(fabs(f - 0.75) < 4.5 * sd) || !from_a) fail_msg("%.4f of the rows from the second set", f);
-    moe_blend_batch(&one, B, S, seed, 7, tok, tgt);
+    int32_t tok4[4 * S], tgt4[4 * S]; /* rows 5..8 are rows 5..8 of a batch from row 0 */
+    moe_blend_batch(&two, 5, 4, S, seed, 9, tok4, tgt4);
+    moe_blend_batch(&two, 0, B, S, seed, 9, tok, tgt);
+    assert_memory_equal(tok4, tok + 5 * S, sizeof tok4);
+    assert_memory_equal(tgt4, tgt + 5 * S, sizeof tgt4);
+    moe_blend_batch(&one, 0, B, S, seed, 7, tok, tgt);
     moe_tokens_batch(&tb, B, S, seed, 7, tok2, tgt2);
     assert_memory_equal(tok, tok2, sizeof tok);
     assert_memory_equal(tgt, tgt2, sizeof tgt);

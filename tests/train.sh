@@ -143,6 +143,21 @@ strip "$tmp/a/metrics.jsonl" >"$tmp/a.m"; strip "$tmp/b/metrics.jsonl" >"$tmp/b.
 cmp -s "$tmp/a.m" "$tmp/b.m" || { diff "$tmp/a.m" "$tmp/b.m" | head -5; fail "resumed losses differ"; }
 cmp -s "$tmp/a/step-00000012/trainer.safetensors" "$tmp/b/step-00000012/trainer.safetensors" \
   || fail "resumed optimizer state differs"
+# The rows of a step are the global batch's whatever the micro-batch size (Megatron's: it is
+# memory, not data): micro-batches of 4 and of 2 train alike (no aux loss: it is per micro-batch)
+for mb in 4 2; do
+  # shellcheck disable=SC2086
+  expect 0 "$moe" train $tiny --train-iters 3 --micro-batch-size $mb --moe-aux-loss-coeff 0 \
+    --eval-interval 0 --save "$tmp/mb$mb"
+done
+/usr/bin/python3 - "$tmp/mb4/metrics.jsonl" "$tmp/mb2/metrics.jsonl" <<'EOF' || fail "micro-batch size changed the data"
+import json, sys
+a, b = ([json.loads(l) for l in open(p)] for p in sys.argv[1:])
+for x, y in zip(a, b):
+    for k in ("nll", "grad_norm"):
+        assert abs(x[k] - y[k]) <= 1e-5 * abs(x[k]), (k, x[k], y[k])
+assert len(a) == len(b) == 3
+EOF
 # Megatron's blend of datasets: "--data-path W1 DIR1 W2 DIR2" as separate words (or one value, as
 # --print-config writes it): trained on both, evaluated on each validation split and on the
 # blend; resumed from the run's own options, bitwise the straight run

@@ -628,32 +628,35 @@ moe_status moe_tokens_check_pair(const char *train_path, const moe_tokens *train
     return MOE_OK;
 }
 
-/* Row b of a batch: the window of t drawn from (seed, stream, b). */
-static void batch_row(const moe_tokens *t, int b, int S, uint64_t seed, uint64_t stream,
+/* A row: the window of t drawn from (seed, stream, row), tokens and targets S each. */
+static void batch_row(const moe_tokens *t, uint64_t row, int S, uint64_t seed, uint64_t stream,
                       int32_t *tokens, int32_t *targets) {
     MOE_ASSERT(t->n_tokens > S);
-    uint64_t start = moe_rng_u64(seed, stream, (uint64_t)b) % (uint64_t)(t->n_tokens - S);
+    uint64_t start = moe_rng_u64(seed, stream, row) % (uint64_t)(t->n_tokens - S);
     for (int s = 0; s < S; s++) {
-        tokens[b * S + s] = (int32_t)moe_tokens_at(t, (int64_t)(start + s));
-        targets[b * S + s] = (int32_t)moe_tokens_at(t, (int64_t)(start + s + 1));
+        tokens[s] = (int32_t)moe_tokens_at(t, (int64_t)(start + s));
+        targets[s] = (int32_t)moe_tokens_at(t, (int64_t)(start + s + 1));
     }
 }
 
 void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t stream,
                       int32_t *tokens, int32_t *targets) {
-    for (int b = 0; b < B; b++) batch_row(t, b, S, seed, stream, tokens, targets);
+    for (int b = 0; b < B; b++)
+        batch_row(t, (uint64_t)b, S, seed, stream, tokens + (size_t)b * S, targets + (size_t)b * S);
 }
 
-/* A row's set: drawn at indices past any row's window (2^40 + b) of the same stream. */
-void moe_blend_batch(const moe_blend *bl, int B, int S, uint64_t seed, uint64_t stream,
-                     int32_t *tokens, int32_t *targets) {
+/* A row's set: drawn at index 2^40 + row of the same stream (past any row's window). */
+void moe_blend_batch(const moe_blend *bl, int64_t row0, int B, int S, uint64_t seed,
+                     uint64_t stream, int32_t *tokens, int32_t *targets) {
     for (int b = 0; b < B; b++) {
+        uint64_t row = (uint64_t)row0 + (uint64_t)b;
         int i = 0;
         if (bl->n > 1) {
-            double u = moe_rng_uniform64(seed, stream, (1ULL << 40) + (uint64_t)b), c = 0;
+            double u = moe_rng_uniform64(seed, stream, (1ULL << 40) + row), c = 0;
             for (; i < bl->n - 1 && u >= (c += bl->weight[i]); i++) {}
         }
-        batch_row(bl->sets[i], b, S, seed, stream, tokens, targets);
+        batch_row(bl->sets[i], row, S, seed, stream, tokens + (size_t)b * S,
+                  targets + (size_t)b * S);
     }
 }
 

@@ -79,16 +79,17 @@ void moe_tokens_batch(const moe_tokens *t, int B, int S, uint64_t seed, uint64_t
                       int32_t *tokens, int32_t *targets);
 
 /* Several prepared datasets sampled together (Megatron's --data-path W1 DIR1 W2 DIR2 ...): each
- * row of a batch is a window of set i with probability weight[i] (the weights sum to 1), set
- * and window drawn from the row's place in (seed, stream). One set: moe_tokens_batch's rows. */
+ * row is a window of set i with probability weight[i] (the weights sum to 1), set and window
+ * drawn from (seed, stream, the row's index). moe_blend_batch: rows [row0, row0 + B); of one set
+ * from row 0, moe_tokens_batch's rows. */
 #define MOE_BLEND_MAX 64
 typedef struct {
     int n;
     const moe_tokens *sets[MOE_BLEND_MAX];
     double weight[MOE_BLEND_MAX];
 } moe_blend;
-void moe_blend_batch(const moe_blend *b, int B, int S, uint64_t seed, uint64_t stream,
-                     int32_t *tokens, int32_t *targets);
+void moe_blend_batch(const moe_blend *b, int64_t row0, int B, int S, uint64_t seed,
+                     uint64_t stream, int32_t *tokens, int32_t *targets);
 
 /* The datasets of a --data-path value: a directory (also one whose name has spaces), or pairs
  * "W1 DIR1 W2 DIR2 ..." of positive weights and directories. *n directories: pointers into

@@ -373,8 +373,10 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
             args.grads_ready = grads_ready;
             args.grads_ctx = t;
         }
-        uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 2, (uint64_t)t->step, (uint64_t)mb);
-        moe_blend_batch(&t->train, B, S, c->seed, stream, t->tok, t->tgt);
+        /* the step's rows by their place in the global batch, as Megatron's: the micro-batch
+         * size and the ranks only say who computes which */
+        uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 4, (uint64_t)t->step, 0);
+        moe_blend_batch(&t->train, (int64_t)mb * B, B, S, c->seed, stream, t->tok, t->tgt);
         moe_model_loss L;
         MOE_TRY(moe_model_forward(m, t->tok, t->tgt, B, S, &args, &L));
         MOE_TRY(moe_model_backward(m));
@@ -482,7 +484,8 @@ moe_status moe_trainer_eval(moe_trainer *t, double *val_nll) {
      * parallelism exchanges rows in each), the surplus ones uncounted */
     for (int i = rank; i < t->cfg.eval_iters + W - 1 - (t->cfg.eval_iters - 1) % W; i += W) {
         uint64_t stream = moe_rng_stream(MOE_RNG_DATA, 3, (uint64_t)i, 0);
-        moe_blend_batch(&t->val, t->cfg.micro_batch, t->S, t->cfg.seed, stream, t->tok, t->tgt);
+        moe_blend_batch(&t->val, 0, t->cfg.micro_batch, t->S, t->cfg.seed, stream, t->tok,
+                        t->tgt);
         moe_model_loss L;
         MOE_TRY(moe_model_forward(t->model, t->tok, t->tgt, t->cfg.micro_batch, t->S, &args, &L));
         if (i < t->cfg.eval_iters) sum += L.nll;
