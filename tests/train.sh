@@ -158,6 +158,37 @@ for x, y in zip(a, b):
         assert abs(x[k] - y[k]) <= 1e-5 * abs(x[k]), (k, x[k], y[k])
 assert len(a) == len(b) == 3
 EOF
+# A Megatron Mixtral script's flags (the seed's, at a tiny size) run as written: the flags for
+# what moe.c always does change nothing (the same metrics as without them), events go to
+# --tensorboard-dir; tensor parallelism and whole-model bf16 are refused saying why
+mg="--num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4
+  --num-query-groups 2 --seq-length 32 --max-position-embeddings 64 --init-method-std 0.01
+  --untie-embeddings-and-output-weights --num-experts 4 --moe-router-load-balancing-type aux_loss
+  --moe-router-topk 2 --moe-aux-loss-coeff 1e-2 --data-path $tmp/data --micro-batch-size 1
+  --global-batch-size 4 --lr 1e-4 --train-iters 2 --lr-decay-iters 2 --lr-decay-style cosine
+  --min-lr 1.0e-5 --weight-decay 0.1 --lr-warmup-iters 1 --clip-grad 1.0 --log-interval 1
+  --eval-interval 2 --eval-iters 1"
+noop="--use-mcore-models --disable-bias-linear --attention-dropout 0.0 --hidden-dropout 0.0
+  --normalization RMSNorm --position-embedding-type rope --swiglu --group-query-attention
+  --no-masked-softmax-fusion --no-position-embedding --moe-grouped-gemm
+  --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --sequence-parallel
+  --use-distributed-optimizer"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $mg $noop --save "$tmp/mg" --save-interval 2 --tensorboard-dir "$tmp/mg/tb"
+ls "$tmp"/mg/tb/events.out.tfevents.* >/dev/null 2>&1 && ! ls "$tmp"/mg/events.* >/dev/null 2>&1 ||
+  fail "tensorboard-dir: $(ls "$tmp/mg" "$tmp/mg/tb")"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $mg --save "$tmp/mg0"
+strip "$tmp/mg/metrics.jsonl" >"$tmp/mg.m"; strip "$tmp/mg0/metrics.jsonl" >"$tmp/mg0.m"
+cmp -s "$tmp/mg.m" "$tmp/mg0.m" || fail "Megatron's no-op flags changed the run"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $mg --tensor-model-parallel-size 4
+[ "$(cat "$tmp/out")" = "moe train: --tensor-model-parallel-size: only 1 is supported (Megatron's: tensor parallelism (1 only: the experts split over processes with expert-model-parallel-size))" ] ||
+  fail "tensor parallelism: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $mg --bf16
+grep -q "unknown option --bf16 (Megatron's: the whole model in bf16 is not implemented; moe-expert-bf16" \
+  "$tmp/out" || fail "--bf16: $(cat "$tmp/out")"
 # Megatron's blend of datasets: "--data-path W1 DIR1 W2 DIR2" as separate words (or one value, as
 # --print-config writes it): trained on both, evaluated on each validation split and on the
 # blend; resumed from the run's own options, bitwise the straight run

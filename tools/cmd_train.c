@@ -624,12 +624,16 @@ int moe_cmd_train(int argc, char **argv) {
             moe_set_error(MOE_ERR_IO, "cannot write %s: %s", path, strerror(errno));
             goto fail;
         }
-        /* (a run with nothing left to do writes no events: an empty file each time) */
-        int todo = moe_trainer_steps_done(t) < o.train.train_iters;
-        if (todo && moe_tfevents_open(o.save, moe_wall_time(), &tb) != MOE_OK) goto fail;
+    }
+    /* events in --tensorboard-dir, else the run directory; none for a run with nothing left to
+     * do (an empty file each time) */
+    const char *tb_dir = o.tb_dir[0] ? o.tb_dir : o.save;
+    if (tb_dir[0] && d->world_rank == 0 && moe_trainer_steps_done(t) < o.train.train_iters) {
+        if (moe_mkdirs(tb_dir) != MOE_OK || moe_tfevents_open(tb_dir, moe_wall_time(), &tb))
+            goto fail;
         /* TensorBoard drops the events of the steps this run logs again (a stopped run went
          * on past its checkpoint), so that each step shows once */
-        if (tb && ckpt[0] &&
+        if (ckpt[0] &&
             moe_tfevents_session_start(tb, moe_trainer_steps_done(t) + 1, moe_wall_time()) != MOE_OK)
             goto fail;
     }

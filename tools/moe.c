@@ -30,6 +30,7 @@
 static const moe_options_use uses[] = {
     {"train", MOE_SEC_MOE | MOE_SEC_MODEL | MOE_SEC_TRAIN,
      "data-path save load init-from save-interval keep-last exit-interval inject-fault "
+     "tensorboard-dir tensor-model-parallel-size pipeline-model-parallel-size "
      "log-interval threads device print-config " PROCESSES},
     {"generate", MOE_SEC_MOE | MOE_SEC_MODEL | MOE_SEC_GEN, "load model ids threads device"},
     {"eval", MOE_SEC_MOE | MOE_SEC_MODEL,

@@ -74,6 +74,8 @@ static const opt_choice lb_choices[] = {{"aux_loss", MOE_LB_AUX},
 static const opt_choice drop_choices[] = {
     {"probs", MOE_DROP_PROBS}, {"position", MOE_DROP_POSITION}, {NULL, 0}};
 static const opt_choice dtype_choices[] = {{"fp32", 0}, {"fp64", 1}, {NULL, 0}};
+static const opt_choice rmsnorm_choices[] = {{"RMSNorm", 0}, {NULL, 0}};
+static const opt_choice rope_choices[] = {{"rope", 0}, {NULL, 0}};
 static const opt_choice lr_choices[] = {
     {"cosine", MOE_LR_COSINE}, {"linear", MOE_LR_LINEAR}, {"constant", MOE_LR_CONSTANT}, {NULL, 0}};
 
@@ -289,6 +291,8 @@ static const opt_def opts[] = {
      "moe eval also takes a token file", 0},
     {"save", NULL, OPT_STRING, O(save), 0, 0, NULL, FILES, "run directory for checkpoints and "
      "metrics", 0},
+    {"tensorboard-dir", NULL, OPT_STRING, O(tb_dir), 0, 0, NULL, FILES,
+     "directory of the TensorBoard event files (\"\" = the save directory)", 0},
     {"load", NULL, OPT_STRING, O(load), 0, 0, NULL, FILES, "resume from this run directory (its "
      "latest checkpoint) or checkpoint directory; saves go on in the run directory", 0},
     {"model", NULL, OPT_STRING, O(hf_model), 0, 0, NULL, FILES,
@@ -325,6 +329,33 @@ static const opt_def opts[] = {
     {"top-k", NULL, OPT_INT, O(top_k), 0, BIG, NULL, GEN, "sample among the k most likely (0 = all)", 1},
     {"top-p", NULL, OPT_FLOAT, O(top_p), 1e-6, 1, NULL, GEN,
      "sample from the smallest set with this probability of what top-k leaves (1 = all)", 1},
+
+    /* Megatron's flags for what moe.c always does, so that its scripts run as written */
+    {"swiglu", NULL, OPT_BOOL, O(mg_swiglu), 0, 1, NULL, MODEL,
+     "Megatron's: SwiGLU MLPs (moe-activation swiglu, the default)", 1},
+    {"disable-bias-linear", NULL, OPT_BOOL, O(mg_no_bias), 0, 1, NULL, MODEL,
+     "Megatron's: no linear-layer biases (moe-expert-linear-bias false, the default)", 1},
+    {"normalization", NULL, OPT_ENUM, O(mg_norm), 0, 0, rmsnorm_choices, MODEL,
+     "Megatron's: the norm layers (RMSNorm only)", 1},
+    {"position-embedding-type", NULL, OPT_ENUM, O(mg_pos), 0, 0, rope_choices, MODEL,
+     "Megatron's: positions by rotary embeddings (rope only)", 1},
+    {"attention-dropout", NULL, OPT_FLOAT, O(mg_attn_dropout), 0, 0, NULL, MODEL,
+     "Megatron's: dropout of the attention probabilities (0 only: no dropout)", 1},
+    {"hidden-dropout", NULL, OPT_FLOAT, O(mg_hidden_dropout), 0, 0, NULL, MODEL,
+     "Megatron's: dropout of the hidden states (0 only: no dropout)", 1},
+    {"no-position-embedding", "use-mcore-models group-query-attention no-masked-softmax-fusion",
+     OPT_BOOL, O(mg_noop), 0, 1, NULL, MODEL, "Megatron's, accepted with no effect: no learned "
+     "position table (rotary embeddings), the model classes, query groups (num-query-groups "
+     "sets them), the fused softmax", 1},
+    {"moe-grouped-gemm", "use-distributed-optimizer sequence-parallel", OPT_BOOL, O(mg_noop), 0,
+     1, NULL, TRAIN, "Megatron's, accepted with no effect on the results: the expert GEMMs are "
+     "always grouped; the Adam state is not sharded over the data-parallel ranks; sequence "
+     "parallelism needs tensor parallelism (size 1 here)", 1},
+    {"tensor-model-parallel-size", NULL, OPT_INT, O(mg_tp), 1, 1, NULL, RUN,
+     "Megatron's: tensor parallelism (1 only: the experts split over processes with "
+     "expert-model-parallel-size)", 1},
+    {"pipeline-model-parallel-size", NULL, OPT_INT, O(mg_pp), 1, 1, NULL, RUN,
+     "Megatron's: pipeline parallelism (1 only)", 1},
 
     {"tokens", NULL, OPT_INT, O(tokens), 1, BIG, NULL, RUN, "tokens per layer call", 0},
     {"iters", NULL, OPT_INT, O(iters), 1, BIG, NULL, RUN, "timed forward+backward iterations", 0},
@@ -363,6 +394,7 @@ void moe_options_default(moe_options *o) {
     o->lb_choice = o->layer.lb_type;
     o->n_experts_list = 1;
     o->keep_last = 3;
+    o->mg_tp = o->mg_pp = 1;
     o->max_new_tokens = 200;
     o->temperature = 0.8f;
     o->top_p = 1.0f;
@@ -542,6 +574,9 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
         long x = strtol(v, &end, 10);
         if (!*v || *end || errno)
             return moe_set_error(MOE_ERR_INVALID, "%s: expected an integer, got '%s'", where, v);
+        if (x != d->lo && d->lo == d->hi) /* a flag of Megatron's for what moe.c always does */
+            return moe_set_error(MOE_ERR_INVALID, "%s: only %.0f is supported (%s)", where,
+                                 d->lo, d->help);
         if (x < d->lo || x > d->hi)
             return moe_set_error(MOE_ERR_INVALID, "%s: %ld is out of range [%.0f, %.0f]", where, x,
                                  d->lo, d->hi);
@@ -562,6 +597,9 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
         if (!*v || *end || (errno == ERANGE && !under) || !isfinite(x) || fabs(x) > FLT_MAX)
             return moe_set_error(MOE_ERR_INVALID, "%s: expected a finite number, got '%s'", where,
                                  v);
+        if (x != d->lo && d->lo == d->hi)
+            return moe_set_error(MOE_ERR_INVALID, "%s: only %g is supported (%s)", where, d->lo,
+                                 d->help);
         if (x < d->lo || x > d->hi)
             return moe_set_error(MOE_ERR_INVALID, "%s: %g is out of range [%g, %g]", where, x,
                                  d->lo, d->hi);
@@ -609,7 +647,34 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
     return MOE_ERR_INVALID;
 }
 
+/* Megatron's flags for what moe.c does elsewhere or not at all: the unknown option's message
+ * says which. */
+static const char *const foreign[][2] = {
+    {"bf16", "the whole model in bf16 is not implemented; moe-expert-bf16 runs the expert GEMMs "
+             "in bf16 (fp32 master weights)"},
+    {"fp16", "fp16 training is not implemented; moe-expert-bf16 runs the expert GEMMs in bf16"},
+    {"tokenizer-type", "the data is tokenized by moe prepare: moe prepare --model DIR uses that "
+                       "model's tokenizer.json"},
+    {"tokenizer-model", "the data is tokenized by moe prepare: moe prepare --model DIR uses that "
+                        "model's tokenizer.json"},
+    {"split", "moe prepare splits the data: --val-fraction"},
+    {"no-load-optim", "a run starts from a model's weights alone with --init-from DIR (a Hugging "
+                      "Face directory: moe convert --load RUN --to hf DIR writes one)"},
+    {"no-load-rng", "the random streams are keyed by the seed and the step, not saved state"},
+    {"finetune", "a run starts from a model's weights alone with --init-from DIR"},
+    {"wandb-project", "metrics go to RUN/metrics.jsonl and TensorBoard event files"},
+    {"wandb-exp-name", "metrics go to RUN/metrics.jsonl and TensorBoard event files"},
+};
+
 static moe_status unknown_key(const char *where, const char *key, const char *dashes) {
+    char ck[128], cf[128];
+    canon(ck, sizeof ck, key, strlen(key));
+    for (size_t f = 0; f < sizeof foreign / sizeof foreign[0]; f++) {
+        canon(cf, sizeof cf, foreign[f][0], strlen(foreign[f][0]));
+        if (!strcmp(ck, cf))
+            return moe_set_error(MOE_ERR_INVALID, "%s: unknown option %s%s (Megatron's: %s)",
+                                 where, dashes, key, foreign[f][1]);
+    }
     int s = suggest_option(key);
     if (s >= 0)
         return moe_set_error(MOE_ERR_INVALID, "%s: unknown option %s%s (did you mean %s%s?)",
@@ -861,6 +926,19 @@ moe_status moe_options_finish(moe_options *o, int parts) {
         c->lb_type = MOE_LB_AUX; /* dropped below, or named by validation with a coefficient */
     } else {
         c->lb_type = (moe_lb_type)o->lb_choice;
+    }
+    /* Megatron's --swiglu and --disable-bias-linear: what moe.c does unless told otherwise */
+    if (given(o, O(mg_swiglu)) && o->mg_swiglu && c->act != MOE_ACT_SWIGLU) {
+        if (given(o, L(act)))
+            return moe_set_error(MOE_ERR_INVALID, "swiglu conflicts with moe-activation %s",
+                                 act_choices[c->act].name);
+        c->act = MOE_ACT_SWIGLU; /* over a checkpoint's or config.json's */
+    }
+    if (given(o, O(mg_no_bias)) && o->mg_no_bias && c->expert_bias) {
+        if (given(o, L(expert_bias)))
+            return moe_set_error(MOE_ERR_INVALID, "disable-bias-linear conflicts with "
+                                 "moe-expert-linear-bias true");
+        c->expert_bias = 0;
     }
     if (o->force_lb) {
         if ((router_given && c->router != MOE_ROUTER_FAKE_BALANCED) ||

@@ -12,7 +12,7 @@
 
 #include <stdio.h>
 
-#define MOE_OPTIONS_MAX 128
+#define MOE_OPTIONS_MAX 160
 
 /* "sinkhorn" as a load-balancing type selects the Sinkhorn router (Megatron's spelling). */
 #define MOE_LB_CHOICE_SINKHORN 100
@@ -42,6 +42,11 @@ typedef struct {
     float aux_coeff_hf; /* router-aux-loss-coef: Hugging Face's normalisation (k times ours) */
     float z_coeff_hf;   /* router-z-loss-coef: Hugging Face's, one loss over all MoE layers */
     int max_pos;        /* max-position-embeddings: Megatron's position table; alone, seq-length */
+    char tb_dir[MOE_PATH_MAX]; /* tensorboard-dir: the event files' directory ("": --save's) */
+    /* Megatron's flags for what moe.c always does: accepted as a script gives them, checked
+     * (mg_swiglu, mg_no_bias: moe-activation and moe-expert-linear-bias by finish) */
+    int mg_swiglu, mg_no_bias, mg_norm, mg_pos, mg_tp, mg_pp, mg_noop;
+    float mg_attn_dropout, mg_hidden_dropout;
 
     /* moe generate */
     char prompt[MOE_PATH_MAX];
