@@ -178,6 +178,40 @@ static void test_malformed_files(void **state) {
     unlink(p3);
 }
 
+/* NeMo Automodel's MoEConfig names (a config file as its fields), and its n_shared_experts:
+ * the shared expert as wide as that many routed experts (a given width must agree). */
+static void test_automodel_names(void **state) {
+    (void)state;
+    const char *path = write_temp("dim = 48\ninter_dim = 96\nmoe_inter_dim = 24\n"
+                                  "n_activated_experts = 3\nscore_func = sigmoid\n"
+                                  "softmax_before_topk = true\ngate_bias_update_factor = 0.002\n"
+                                  "aux_loss_coeff = 0.03\nexpert_activation = relu2\n"
+                                  "shared_expert_gate = true\nfake_gate_noise = 0.25\n"
+                                  "init_std = 0.01\nn_shared_experts = 2\n");
+    moe_options o;
+    const char *args[] = {"--config", path};
+    assert_int_equal(parse(&o, args, 2), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL), MOE_OK);
+    assert_int_equal(o.model.d, 48);
+    assert_int_equal(o.model.ffn, 96);
+    assert_int_equal(o.layer.ffn, 24);
+    assert_int_equal(o.layer.topk, 3);
+    assert_int_equal(o.layer.score, MOE_SCORE_SIGMOID);
+    assert_true(o.layer.pre_softmax && o.layer.shared_gate);
+    assert_float_equal(o.layer.bias_update_rate, 0.002f, 0);
+    assert_float_equal(o.layer.aux_coeff, 0.03f, 0);
+    assert_int_equal(o.layer.act, MOE_ACT_RELU2);
+    assert_float_equal(o.layer.fake_noise, 0.25f, 0);
+    assert_float_equal(o.model.init_std, 0.01f, 0);
+    assert_int_equal(o.layer.shared_ffn, 48);
+    const char *clash[] = {"--config", path, "--moe-shared-expert-intermediate-size", "40"};
+    assert_int_equal(parse(&o, clash, 4), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL),
+                 "n-shared-experts 2 (a shared expert of 48) conflicts with "
+                 "moe-shared-expert-intermediate-size 40");
+    unlink(path);
+}
+
 static void test_finish_combinations(void **state) {
     (void)state;
     moe_options o;
@@ -468,7 +502,7 @@ static void test_help_lists_options(void **state) {
     assert_non_null(strstr(text, "\nModel (read by one):\n"));
     assert_non_null(strstr(text, "\nGeneration (read by two):\n"));
     assert_non_null(strstr(text, "\nTraining:\n"));
-    assert_non_null(strstr(text, "hidden size d (default 128)\n      also: d-model\n"
+    assert_non_null(strstr(text, "hidden size d (default 128)\n      also: d-model dim\n"
                                  "      read by two too\n"));
     assert_non_null(strstr(text, "metrics (default \"\")\n      read by one, two\n"));
     const char *flags[] = {"--num-experts", "--moe-router-topk", "--moe-router-score-function",
@@ -499,6 +533,7 @@ int main(void) {
         cmocka_unit_test(test_quotes_inside_values),
         cmocka_unit_test(test_unused_flags),
         cmocka_unit_test(test_help_lists_options),
+        cmocka_unit_test(test_automodel_names),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -110,18 +110,18 @@ static const opt_def opts[] = {
     {"num-experts", "moe-num-experts n-routed-experts", OPT_EXPERTS, L(n_experts), 0, BIG, NULL,
      LAYER, "routed experts E; a list (4,4,8,8) gives each layer its own (pyramid PR-MoE; 0 = "
      "dense)", 0},
-    {"moe-router-topk", "moe-gate-k num-experts-per-tok topk", OPT_INT, L(topk), 1, BIG, NULL,
+    {"moe-router-topk", "moe-gate-k num-experts-per-tok topk n-activated-experts", OPT_INT, L(topk), 1, BIG, NULL,
      LAYER, "experts per token k (1..E)", 0},
-    {"moe-ffn-hidden-size", "moe-intermediate-size", OPT_INT, L(ffn), 1, BIG, NULL, LAYER,
+    {"moe-ffn-hidden-size", "moe-intermediate-size moe-inter-dim", OPT_INT, L(ffn), 1, BIG, NULL, LAYER,
      "hidden size f of one routed expert", 0},
     {"seed", NULL, OPT_U64, L(seed), 0, 0, NULL, LAYER,
      "random seed (parameters, jitter, random routing, fake gate)", 0},
 
     {"moe-router-type", NULL, OPT_ENUM, L(router), 0, 0, router_choices, ROUTER,
      "token choice top-k, Sinkhorn (S-BASE), expert choice, or the fake balanced gate", 0},
-    {"moe-router-score-function", "scoring-func", OPT_ENUM, L(score), 0, 0, score_choices, ROUTER,
+    {"moe-router-score-function", "scoring-func score-func", OPT_ENUM, L(score), 0, 0, score_choices, ROUTER,
      "score of an expert", 0},
-    {"moe-router-pre-softmax", NULL, OPT_BOOL, L(pre_softmax), 0, 1, NULL, ROUTER,
+    {"moe-router-pre-softmax", "softmax-before-topk", OPT_BOOL, L(pre_softmax), 0, 1, NULL, ROUTER,
      "softmax over all experts before top-k (else softmax over the k selected logits, which at "
      "top-1 is always 1: training refuses that)", 0},
     {"moe-router-norm-topk-prob", "norm-topk-prob", OPT_ENUM, L(norm_topk), 0, 0, norm_choices,
@@ -137,13 +137,13 @@ static const opt_def opts[] = {
      "DeepSeek-V3 2, DeepSeek-V2 1)", 0},
     {"moe-router-enable-expert-bias", NULL, OPT_BOOL, L(enable_expert_bias), 0, 1, NULL, ROUTER,
      "selection-only expert bias (aux-loss-free balancing, DeepSeek-V3)", 0},
-    {"moe-router-bias-update-rate", NULL, OPT_FLOAT, L(bias_update_rate), 0, BIG, NULL, ROUTER,
+    {"moe-router-bias-update-rate", "gate-bias-update-factor", OPT_FLOAT, L(bias_update_rate), 0, BIG, NULL, ROUTER,
      "b_e += rate * sign(mean(c) - c_e) once per optimizer step", 0},
     {"moe-router-dtype", NULL, OPT_ENUM, L(router_fp64), 0, 0, dtype_choices, ROUTER,
      "precision of the router GEMM (the rest of the router is float64)", 0},
     {"moe-router-force-load-balancing", NULL, OPT_BOOL, O(force_lb), 0, 1, NULL, ROUTER,
      "use the fake balanced gate (round robin) instead of the learned router, for benchmarks", 0},
-    {"moe-fake-gate-noise", NULL, OPT_FLOAT, L(fake_noise), 0, 1, NULL, ROUTER,
+    {"moe-fake-gate-noise", "fake-gate-noise", OPT_FLOAT, L(fake_noise), 0, 1, NULL, ROUTER,
      "fake gate: randomness of the expert choice and weights (0 = exact round robin)", 0},
     {"moe-fake-gate-skip-first-n", "skip-first-n-experts", OPT_INT, L(fake_skip_first), 0, BIG,
      NULL, ROUTER, "fake gate: experts 0..n-1 receive no tokens", 0},
@@ -160,7 +160,7 @@ static const opt_def opts[] = {
 
     {"moe-router-load-balancing-type", NULL, OPT_ENUM, O(lb_choice), 0, 0, lb_choices, BALANCE,
      "balancing loss (sinkhorn selects the Sinkhorn router instead)", 0},
-    {"moe-aux-loss-coeff", "moe-loss-coeff aux-loss-alpha", OPT_FLOAT,
+    {"moe-aux-loss-coeff", "moe-loss-coeff aux-loss-alpha aux-loss-coeff", OPT_FLOAT,
      L(aux_coeff), 0, BIG, NULL, BALANCE, "aux loss coefficient: loss = nll + coeff * aux, per "
      "MoE layer, in Megatron's normalisation (InternEvo's GShard loss counts first choices "
      "only: docs/LAYER.md)", 0},
@@ -183,7 +183,7 @@ static const opt_def opts[] = {
     {"moe-pad-expert-input-to-capacity", NULL, OPT_BOOL, L(pad_to_capacity), 0, 1, NULL,
      DISPATCH, "every expert computes exactly capacity rows", 0},
 
-    {"moe-activation", NULL, OPT_ENUM, L(act), 0, 0, act_choices, EXPERTS,
+    {"moe-activation", "expert-activation", OPT_ENUM, L(act), 0, 0, act_choices, EXPERTS,
      "expert activation (swiglu and geglu are gated: W_in has 2f rows)", 0},
     {"moe-expert-linear-bias", "add-bias-linear", OPT_BOOL, L(expert_bias), 0, 1, NULL, EXPERTS,
      "bias vectors in the expert and shared-expert linear layers", 0},
@@ -192,13 +192,16 @@ static const opt_def opts[] = {
      "AVX512-BF16; fp32 master weights)", 0},
     {"moe-shared-expert-intermediate-size", "shared-expert-intermediate-size", OPT_INT,
      L(shared_ffn), 0, BIG, NULL, EXPERTS, "hidden size of the shared expert (0 = none)", 0},
-    {"moe-shared-expert-gate", NULL, OPT_BOOL, L(shared_gate), 0, 1, NULL, EXPERTS,
+    {"n-shared-experts", NULL, OPT_INT, O(n_shared), 0, 4096, NULL, EXPERTS,
+     "shared experts as NeMo Automodel and DeepSeek count them: sets "
+     "moe-shared-expert-intermediate-size to this times moe-ffn-hidden-size", 1},
+    {"moe-shared-expert-gate", "shared-expert-gate", OPT_BOOL, L(shared_gate), 0, 1, NULL, EXPERTS,
      "multiply the shared expert's output by sigmoid(x . g)", 0},
     {"moe-use-residual", "use-residual", OPT_BOOL, L(residual), 0, 1, NULL, EXPERTS,
      "Residual-MoE: out = moe*c0 + mlp*c1 with c = softmax(Linear(d->2)(x)); the MLP is the "
      "shared expert", 0},
 
-    {"hidden-size", "d-model", OPT_INT, M(d), 1, BIG, NULL, MODEL, "hidden size d", 0},
+    {"hidden-size", "d-model dim", OPT_INT, M(d), 1, BIG, NULL, MODEL, "hidden size d", 0},
     {"vocab-size", NULL, OPT_INT, M(vocab), 2, 1 << 24, NULL, MODEL,
      "vocabulary size V (257 for the byte tokenizer)", 0},
     {"num-layers", "num-hidden-layers", OPT_INT, M(n_layers), 1, MOE_MAX_LAYERS, NULL, MODEL,
@@ -206,7 +209,7 @@ static const opt_def opts[] = {
     {"num-attention-heads", NULL, OPT_INT, M(n_heads), 1, BIG, NULL, MODEL, "attention heads H", 0},
     {"num-query-groups", "num-key-value-heads", OPT_INT, M(n_kv_heads), 1, BIG, NULL, MODEL,
      "key/value heads (grouped-query attention)", 0},
-    {"ffn-hidden-size", "intermediate-size", OPT_INT, M(ffn), 1, BIG, NULL, MODEL,
+    {"ffn-hidden-size", "intermediate-size inter-dim", OPT_INT, M(ffn), 1, BIG, NULL, MODEL,
      "hidden size of the dense FFN layers", 0},
     {"seq-length", NULL, OPT_INT, M(seq_len), 1, BIG, NULL, MODEL, "sequence length S", 0},
     {"max-position-embeddings", NULL, OPT_INT, O(max_pos), 1, BIG, NULL, MODEL,
@@ -216,7 +219,7 @@ static const opt_def opts[] = {
      "RoPE base theta", 0},
     {"norm-epsilon", "rms-norm-eps", OPT_FLOAT, M(norm_eps), 1e-30, 1, NULL, MODEL,
      "RMSNorm epsilon", 0},
-    {"init-method-std", "initializer-range", OPT_FLOAT, M(init_std), 1e-30, BIG, NULL, MODEL,
+    {"init-method-std", "initializer-range init-std", OPT_FLOAT, M(init_std), 1e-30, BIG, NULL, MODEL,
      "std of the normal initialisation (output projections: std / sqrt(2 L))", 0},
     {"kv-channels", "head-dim", OPT_INT, M(head_dim), 0, 65536, NULL, MODEL,
      "size of one attention head (0 = hidden-size / num-attention-heads)", 0},
@@ -971,6 +974,18 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     /* Megatron: the experts' hidden size, not given, is the dense FFN's (a Mixtral script
      * gives --ffn-hidden-size alone); a Hugging Face config.json sets both itself */
     if (!given(o, L(ffn)) && given(o, M(ffn)) && !o->init_from[0]) c->ffn = o->model.ffn;
+    /* NeMo Automodel's and DeepSeek's n_shared_experts: a shared expert that many experts wide */
+    if (given(o, O(n_shared))) {
+        long w = (long)o->n_shared * c->ffn;
+        if (given(o, L(shared_ffn)) && c->shared_ffn != w)
+            return moe_set_error(MOE_ERR_INVALID, "n-shared-experts %d (a shared expert of %ld) "
+                                 "conflicts with moe-shared-expert-intermediate-size %d",
+                                 o->n_shared, w, c->shared_ffn);
+        if (w > 1000000000)
+            return moe_set_error(MOE_ERR_INVALID, "n-shared-experts %d times moe-ffn-hidden-size "
+                                 "%d is too large", o->n_shared, c->ffn);
+        c->shared_ffn = (int)w;
+    }
     /* a list of expert counts: the model's validation checks each MoE layer with its own E
      * (here c->n_experts is only the first count, 1 when every layer is dense) */
     if (!(parts & MOE_OPTIONS_MODEL) || o->n_experts_list <= 1)
