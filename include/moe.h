@@ -52,6 +52,7 @@ typedef enum {
     MOE_RNG_DATA = 5,     /* batch sampling */
     MOE_RNG_DROPOUT = 6,
     MOE_RNG_SAMPLE = 7,   /* generation */
+    MOE_RNG_RTS = 8,      /* random token selection: (layer, step, 0), index t*k + j */
 } moe_rng_purpose;
 
 uint64_t moe_rng_stream(moe_rng_purpose purpose, uint64_t a, uint64_t b, uint64_t c);
@@ -99,6 +100,7 @@ typedef enum {
 typedef enum {
     MOE_DROP_PROBS = 0,    /* per expert, keep the C slots with the largest routing weight */
     MOE_DROP_POSITION = 1, /* keep the C slots of the earliest tokens, whichever choice */
+    MOE_DROP_RANDOM = 2,   /* keep C slots by a random priority (DeepSpeed's use_rts) */
 } moe_drop_policy;
 
 typedef enum {

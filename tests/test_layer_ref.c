@@ -42,6 +42,7 @@ CASE(top_all, c->topk = 6)
 CASE(per_call_topk, a->topk = 4)
 CASE(cap_probs, c->capacity_factor = 1.0f)
 CASE(cap_position, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_POSITION; })
+CASE(cap_random, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_RANDOM; })
 CASE(cap_min, { c->capacity_factor = 0.5f; c->min_capacity = 5; })
 CASE(cap_dynamic, c->capacity_factor = -1.5f)
 CASE(cap_pad, { c->capacity_factor = 1.25f; c->pad_to_capacity = 1; })
@@ -86,7 +87,7 @@ static const grid_case cases[] = {
     C(softmax_post), C(softmax_pre), C(sigmoid), C(sqrtsoftplus_norm_on),
     C(sigmoid_norm_off_scaled), C(softmax_norm_on), C(groups_deepseek), C(groups_softmax),
     C(groups_score_max), C(expert_bias_softmax), C(top1), C(top_all), C(per_call_topk), C(cap_probs), C(cap_position),
-    C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(aux), C(aux_sigmoid), C(seq_aux),
+    C(cap_random), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(aux), C(aux_sigmoid), C(seq_aux),
     C(zloss), C(jitter), C(jitter_inference), C(random_routing), C(sinkhorn_k1), C(sinkhorn_k2),
     C(sinkhorn_inference), C(expert_choice), C(expert_choice_cf), C(fake_round_robin),
     C(fake_noise), C(act_geglu), C(act_relu2), C(act_gelu), C(act_silu), C(linear_bias),

@@ -1,4 +1,4 @@
-/* Dispatch: capacity, token dropping (probs / position policy), and the permutation of the
+/* Dispatch: capacity, token dropping (probs / position / random policy), and the permutation of the
  * kept slots into per-expert row blocks (a stable counting sort by expert). docs/LAYER.md §6. */
 #include "core/core.h"
 #include "moe/layer_internal.h"
@@ -45,7 +45,7 @@ int moe_expert_choice_capacity(const moe_layer_config *c, int64_t Tv, int k) {
     return (int)(C < Tv ? C : Tv);
 }
 
-/* Stable merge sort of slot ids by weight, descending. */
+/* Stable merge sort of slot ids by key w, descending. */
 static void sort_by_weight(int32_t *a, int n, const float *w, int32_t *tmp) {
     if (n < 2) return;
     int h = n / 2;
@@ -59,7 +59,7 @@ static void sort_by_weight(int32_t *a, int n, const float *w, int32_t *tmp) {
 }
 
 void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
-                       const int32_t *slot_expert, const float *slot_w, uint8_t *kept,
+                       const int32_t *slot_expert, const float *slot_key, uint8_t *kept,
                        int32_t *scratch) {
     int S = T * k;
     int32_t *off = scratch, *list = off + E + 1, *tmp = list + S;
@@ -69,8 +69,8 @@ void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
     for (int e = 0; e < E; e++) off[e + 1] += off[e];
     /* Candidates of each expert in priority order: position, by token (Megatron's and
      * DeepSpeed's topkgating: the tokens at the end of the batch are dropped, whichever choice
-     * the expert is for them); probs, (j, t) before the stable sort by weight, so ties go to
-     * first choices. */
+     * the expert is for them); probs and random, (j, t) before the stable sort by the key (the
+     * weight, a random priority), so ties go to first choices. */
     int32_t *fill = tmp;
     for (int e = 0; e < E; e++) fill[e] = off[e];
     int by_token = policy == MOE_DROP_POSITION;
@@ -82,7 +82,7 @@ void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
     for (int e = 0; e < E; e++) {
         int n = off[e + 1] - off[e];
         int32_t *cand = list + off[e];
-        if (n > C && policy == MOE_DROP_PROBS) sort_by_weight(cand, n, slot_w, tmp);
+        if (n > C && !by_token) sort_by_weight(cand, n, slot_key, tmp);
         for (int i = C; i < n; i++) kept[cand[i]] = 0;
     }
 }
@@ -96,9 +96,17 @@ void moe_dispatch_plan(moe_layer *L) {
      * process with that micro-batch (Megatron-Core's) */
     if (c->router != MOE_ROUTER_EXPERT_CHOICE) {
         st->capacity = moe_dispatch_capacity(c, st->Tv, st->k, st->counts);
+        const float *key = st->slot_w;
+        if (c->capacity_factor != 0 && c->drop_policy == MOE_DROP_RANDOM) {
+            /* DeepSpeed's random token selection: a priority in [0, 1) for each slot */
+            uint64_t stream = moe_rng_stream(MOE_RNG_RTS, (uint64_t)c->layer_id, st->step, 0);
+            for (int s = 0; s < S; s++)
+                st->rts_key[s] = moe_rng_uniform(c->seed, stream, (uint64_t)s);
+            key = st->rts_key;
+        }
         if (c->capacity_factor != 0)
             moe_capacity_keep(st->T, st->k, E, st->capacity, c->drop_policy, st->slot_expert,
-                              st->slot_w, st->slot_kept, st->scratch);
+                              key, st->slot_kept, st->scratch);
     }
     int pad = c->pad_to_capacity && c->router != MOE_ROUTER_EXPERT_CHOICE;
     memset(st->kept, 0, sizeof(int64_t) * (size_t)E);

@@ -54,6 +54,7 @@ typedef struct {
     int32_t *slot_expert;  /* [S] -1 = none */
     int32_t *slot_sel;     /* [S] expert the router selected (before random routing), -1 = none */
     float *slot_w;         /* [S] final weight */
+    float *rts_key;        /* [S] random token selection's priorities (drop policy random) */
     uint8_t *slot_kept;    /* [S] */
     int32_t *slot_row;     /* [S] row in the permuted buffers, -1 = not computed */
     int32_t *tok_off;      /* [T+1] slots of token t: tok_slot[tok_off[t] .. tok_off[t+1]) */
@@ -203,10 +204,10 @@ int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const in
 /* Expert choice: the tokens each expert takes, min(Tv, ceil(cf' Tv k / E)), cf' = cf or 1. */
 int moe_expert_choice_capacity(const moe_layer_config *c, int64_t Tv, int k);
 /* Clears kept[s] of the slots (s = t k + j) each expert drops under capacity C: candidates in
- * priority order by token (position policy), or by weight, stable over (j, t) (probs policy).
- * scratch: E + 1 + 2 T k. */
+ * priority order by token (position policy), or by slot_key descending, stable over (j, t)
+ * (probs: the weights; random: random priorities). scratch: E + 1 + 2 T k. */
 void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
-                       const int32_t *slot_expert, const float *slot_w, uint8_t *kept,
+                       const int32_t *slot_expert, const float *slot_key, uint8_t *kept,
                        int32_t *scratch);
 
 /* experts.c: the experts over the permuted rows (moe_ep_* when ep_size > 1) */

@@ -242,7 +242,7 @@ static int64_t capacity_of(double cf, int64_t Tv, int k, int E) {
 }
 
 /* §6 keeps at most C slots per expert. */
-static void apply_capacity(const moe_layer_config *c, ref_result *r, int T) {
+static void apply_capacity(const moe_layer_config *c, ref_result *r, int T, uint64_t step) {
     int E = c->n_experts, k = r->k;
     if (c->capacity_factor == 0 || r->Tv == 0) {
         for (int s = 0; s < r->n_slots; s++) r->kept[s] = r->expert[s] >= 0;
@@ -264,16 +264,21 @@ static void apply_capacity(const moe_layer_config *c, ref_result *r, int T) {
         int64_t taken = 0;
         uint8_t *done = calloc((size_t)r->n_slots, 1);
         while (taken < C) {
-            /* position: the first remaining by token; probs: the largest weight, ties to the
-             * first in (j, t) order */
+            /* position: the first remaining by token; probs: the largest weight; random
+             * (DeepSpeed's use_rts): the largest priority U(0, 1) of slot s in the layer's and
+             * step's stream; ties to the first in (j, t) order */
+            uint64_t rts = moe_rng_stream(MOE_RNG_RTS, (uint64_t)c->layer_id, step, 0);
             int best = -1;
+            double bk = 0;
             for (int j = 0; j < k; j++)
                 for (int t = 0; t < T; t++) {
                     int s = t * k + j;
                     if (r->expert[s] != e || done[s]) continue;
-                    if (best < 0) best = s;
-                    else if (c->drop_policy == MOE_DROP_PROBS ? r->weight[s] > r->weight[best]
-                                                                 : s < best) best = s;
+                    double key = c->drop_policy == MOE_DROP_PROBS ? r->weight[s]
+                                 : c->drop_policy == MOE_DROP_RANDOM
+                                     ? moe_rng_uniform(c->seed, rts, (uint64_t)s)
+                                     : -s;
+                    if (best < 0 || key > bk) best = s, bk = key;
                 }
             if (best < 0) break;
             done[best] = 1;
@@ -415,7 +420,7 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
             r->capacity = a->freeze->capacity;
             memcpy(r->kept, a->freeze->kept, (size_t)r->n_slots);
         } else {
-            apply_capacity(c, r, T);
+            apply_capacity(c, r, T, a->step);
         }
     }
     for (int s = 0; s < r->n_slots; s++)
