@@ -352,10 +352,11 @@ static const opt_def opts[] = {
      OPT_BOOL, O(mg_noop), 0, 1, NULL, MODEL, "Megatron's, accepted with no effect: no learned "
      "position table (rotary embeddings), the model classes, query groups (num-query-groups "
      "sets them), the fused softmax", 1},
-    {"moe-grouped-gemm", "use-distributed-optimizer sequence-parallel", OPT_BOOL, O(mg_noop), 0,
-     1, NULL, TRAIN, "Megatron's, accepted with no effect on the results: the expert GEMMs are "
-     "always grouped; the Adam state is not sharded over the data-parallel ranks; sequence "
-     "parallelism needs tensor parallelism (size 1 here)", 1},
+    {"moe-grouped-gemm", "use-distributed-optimizer sequence-parallel moe-per-layer-logging",
+     OPT_BOOL, O(mg_noop), 0, 1, NULL, TRAIN, "Megatron's, accepted with no effect on the "
+     "results: the expert GEMMs are always grouped; the Adam state is not sharded over the "
+     "data-parallel ranks; sequence parallelism needs tensor parallelism (size 1 here); every "
+     "MoE layer's load is in the metrics", 1},
     {"tensor-model-parallel-size", NULL, OPT_INT, O(mg_tp), 1, 1, NULL, RUN,
      "Megatron's: tensor parallelism (1 only: the experts split over processes with "
      "expert-model-parallel-size)", 1},
