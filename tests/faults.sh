@@ -53,6 +53,17 @@ assert "loss" in rec[3] and "skipped" not in rec[3], rec
 EOF
 loss=$(/usr/bin/python3 -c 'import json,sys; print("%.4f" % json.loads(open(sys.argv[1]).readlines()[3])["loss"])' "$tmp/sk/metrics.jsonl")
 expect 0 "$moe" report "$tmp/sk"
+# in a report of more steps than columns, a column's load is the mean over its steps that were
+# not skipped: 400 steps of equal load, one skipped, every cell the same colour
+mkdir "$tmp/sk400"
+/usr/bin/python3 -c '
+import json
+for i in range(1, 401):
+    r = {"step": i, "skipped": True} if i == 21 else {"step": i, "loss": 1.0, "expert_load": [{"layer": 1, "dropped": 0, "counts": [3, 3, 3, 3]}]}
+    print(json.dumps(r))' >"$tmp/sk400/metrics.jsonl"
+expect 0 "$moe" report "$tmp/sk400"
+[ "$(grep -o "fill=.rgb([0-9,]*)" "$tmp/sk400/report.html" | sort -u | wc -l)" = 1 ] ||
+  fail "a skipped step lightened its column: $(grep -o "fill=.rgb([0-9,]*)" "$tmp/sk400/report.html" | sort | uniq -c)"
 grep -q "5 steps, last step 5, final training loss $loss, last validation loss $val nats/byte" \
   "$tmp/sk/report.html" || fail "report of a run ending in a skipped step: $(grep -o '[0-9] steps[^<]*' "$tmp/sk/report.html")"
 # A skipped step changes nothing: the same run with the fault at step 8 (the last) ends with

@@ -374,29 +374,43 @@ static void test_data_spec(void **state) {
     char buf[2048], *dirs[MOE_BLEND_MAX];
     double w[MOE_BLEND_MAX];
     int n;
-    assert_int_equal(moe_data_spec("data/x", buf, sizeof buf, dirs, w, &n), MOE_OK);
+    assert_int_equal(moe_data_spec("data/x", buf, sizeof buf, dirs, w, &n, NULL), MOE_OK);
     assert_int_equal(n, 1);
     assert_string_equal(dirs[0], "data/x");
     assert_true(w[0] == 1);
-    assert_int_equal(moe_data_spec("0.3 a  0.9\tb", buf, sizeof buf, dirs, w, &n), MOE_OK);
+    int pairs;
+    assert_int_equal(moe_data_spec("0.3 a  0.9\tb", buf, sizeof buf, dirs, w, &n, &pairs), MOE_OK);
     assert_int_equal(n, 2);
+    assert_int_equal(pairs, 1);
     assert_string_equal(dirs[0], "a");
     assert_string_equal(dirs[1], "b");
     assert_true(fabs(w[0] - 0.25) < 1e-15 && fabs(w[1] - 0.75) < 1e-15);
     char dir[] = "/tmp/moe test data XXXXXX";
     assert_non_null(mkdtemp(dir));
-    assert_int_equal(moe_data_spec(dir, buf, sizeof buf, dirs, w, &n), MOE_OK);
+    assert_int_equal(moe_data_spec(dir, buf, sizeof buf, dirs, w, &n, &pairs), MOE_OK);
     assert_int_equal(n, 1);
+    assert_int_equal(pairs, 0);
     assert_string_equal(dirs[0], dir);
+    char file[96]; /* a file with spaces in its name too (moe eval --data-path FILE) */
+    snprintf(file, sizeof file, "%s/a token file", dir);
+    FILE *f = fopen(file, "w");
+    assert_non_null(f);
+    fclose(f);
+    assert_int_equal(moe_data_spec(file, buf, sizeof buf, dirs, w, &n, &pairs), MOE_OK);
+    assert_true(n == 1 && pairs == 0 && !strcmp(dirs[0], file));
+    unlink(file);
     rmdir(dir);
+    /* a blend of one directory is a blend: its validation split, not a token file */
+    assert_int_equal(moe_data_spec("2 d", buf, sizeof buf, dirs, w, &n, &pairs), MOE_OK);
+    assert_true(n == 1 && pairs == 1 && !strcmp(dirs[0], "d") && w[0] == 1);
     const char *bad[] = {"0.3 a 0.6", "0 a 1 b", "-1 a", "x a", "inf a", "nan a", " "};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
-        assert_int_equal(moe_data_spec(bad[i], buf, sizeof buf, dirs, w, &n), MOE_ERR_INVALID);
+        assert_int_equal(moe_data_spec(bad[i], buf, sizeof buf, dirs, w, &n, NULL), MOE_ERR_INVALID);
         assert_non_null(strstr(moe_last_error(), "data-path"));
     }
     char many[1024] = "";
     for (int i = 0; i <= MOE_BLEND_MAX; i++) strcat(many, "1 d ");
-    assert_int_equal(moe_data_spec(many, buf, sizeof buf, dirs, w, &n), MOE_ERR_INVALID);
+    assert_int_equal(moe_data_spec(many, buf, sizeof buf, dirs, w, &n, NULL), MOE_ERR_INVALID);
     assert_non_null(strstr(moe_last_error(), "more than 64 datasets"));
 }
 

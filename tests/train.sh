@@ -212,6 +212,16 @@ strip "$tmp/bl0/metrics.jsonl" | cmp -s - "$tmp/bl.m" && fail "the blend trained
 expect 0 "$moe" eval --load "$tmp/bl"
 [ "$(grep -c "^eval .* on $tmp/\(data\|d2\)/val.bin: [0-9]* tokens, loss" "$tmp/out")" = 2 ] &&
   grep -q "^eval .* on the blend (its weights): loss " "$tmp/out" || fail "blend eval: $(cat "$tmp/out")"
+# a dataset without a validation split is left out of the blend's evaluation, as in training;
+# a blend of one directory is that directory's split
+expect 0 "$moe" prepare --out "$tmp/d0" --val-fraction 0 "$src/README.md"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $tiny --data-path 1 "$tmp/data" 1 "$tmp/d0" --train-iters 2 --save "$tmp/bl2"
+expect 0 "$moe" eval --load "$tmp/bl2"
+grep -q "^eval .*: $tmp/d0/val.bin holds no validation tokens: left out$" "$tmp/out" &&
+  grep -q "^eval .* on the blend (its weights): loss " "$tmp/out" || fail "blend without val: $(cat "$tmp/out")"
+expect 0 "$moe" eval --load "$tmp/bl2" --data-path 1 "$tmp/data"
+grep -q "^eval .* on $tmp/data/val.bin: [0-9]* tokens" "$tmp/out" || fail "a blend of one: $(cat "$tmp/out")"
 # expert choice ranks each token against the tokens after it: a model routed so is evaluated
 # (whole sequences), not decoded token by token
 # shellcheck disable=SC2086

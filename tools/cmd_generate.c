@@ -171,13 +171,18 @@ int moe_cmd_generate(int argc, char **argv) {
 }
 
 /* The mean loss over all non-overlapping windows of seq_len + 1 tokens of the token file path
- * (split: a prepared validation split, whose emptiness has its own reason); *count tokens. */
+ * (split: a prepared validation split, whose emptiness has its own reason, or with in_blend
+ * none: *count 0); *count tokens. */
 static moe_status eval_file(moe_model *m, const moe_options *o, const char *path, int split,
-                            double *nll, int64_t *count) {
+                            int in_blend, double *nll, int64_t *count) {
     int S = o->model.seq_len, B = o->train.micro_batch;
     moe_tokens data = {0};
     *nll = 0, *count = 0;
     moe_status s = moe_tokens_load(path, &data);
+    if (s == MOE_OK && in_blend && data.n_tokens == 0) {
+        moe_tokens_free(&data);
+        return MOE_OK;
+    }
     if (s == MOE_OK && split && data.n_tokens == 0)
         s = moe_set_error(MOE_ERR_INVALID, "the validation split %s is empty (the data was "
                           "prepared with --val-fraction 0): give a token file to evaluate with "
@@ -201,7 +206,7 @@ static moe_status eval_file(moe_model *m, const moe_options *o, const char *path
                 tgt[r * S + t] = (int32_t)moe_tokens_at(&data, at + 1);
             }
         moe_model_loss L;
-        s = moe_model_forward(m, tok, tgt, b, S, &args, &L);
+        if ((s = moe_model_forward(m, tok, tgt, b, S, &args, &L)) != MOE_OK) break;
         sum += L.nll * L.n_targets;
         *count += L.n_targets;
     }
@@ -224,28 +229,35 @@ int moe_cmd_eval(int argc, char **argv) {
     int rc = load_model("eval", argc, argv, &o, 1, &m, ckpt, sizeof ckpt);
     if (rc) return rc;
     char *dirs[MOE_BLEND_MAX];
-    double weight[MOE_BLEND_MAX], blend = 0;
-    int n = 1;
+    double weight[MOE_BLEND_MAX], blend = 0, wsum = 0;
+    int n = 1, pairs = 0;
     struct stat sb; /* --data FILE, or the validation split of --data-path DIR (or a blend's) */
     const char *data = o.data_path[0] ? o.data_path : "data/fortunes";
     int dir = !o.data_path[0] || (stat(data, &sb) == 0 && S_ISDIR(sb.st_mode));
     moe_status s = MOE_OK; /* a file, else (a missing one: the error names it) */
     if (dir) dirs[0] = (char *)data, weight[0] = 1;
-    else s = moe_data_spec(data, spec, sizeof spec, dirs, weight, &n);
-    int split = dir || n > 1;
+    else s = moe_data_spec(data, spec, sizeof spec, dirs, weight, &n, &pairs);
+    int split = dir || pairs;
     for (int i = 0; i < n && s == MOE_OK; i++) {
         snprintf(path, sizeof path, split ? "%s/val.bin" : "%s", dirs[i]);
         double nll;
         int64_t count;
-        if ((s = eval_file(m, &o, path, split, &nll, &count)) != MOE_OK) break;
-        blend += weight[i] * nll;
+        if ((s = eval_file(m, &o, path, split, n > 1, &nll, &count)) != MOE_OK) break;
+        if (!count) { /* a blend's dataset without validation tokens, as training leaves it */
+            printf("eval %s: %s holds no validation tokens: left out\n", ckpt, path);
+            continue;
+        }
+        blend += weight[i] * nll, wsum += weight[i];
         printf("eval %s on %s: %lld tokens, loss %.4f nats/token (%.3f bits), perplexity %.3f, "
                "%d threads\n", ckpt, path, (long long)count, nll, nll / log(2.0), exp(nll),
                omp_get_max_threads());
     }
+    if (s == MOE_OK && n > 1 && !wsum)
+        s = moe_set_error(MOE_ERR_INVALID, "none of the datasets of %s holds validation tokens: "
+                          "give a token file to evaluate with --data-path FILE", data);
     if (s == MOE_OK && n > 1)
         printf("eval %s on the blend (its weights): loss %.4f nats/token (%.3f bits), perplexity "
-               "%.3f\n", ckpt, blend, blend / log(2.0), exp(blend));
+               "%.3f\n", ckpt, blend / wsum, blend / wsum / log(2.0), exp(blend / wsum));
     if (s != MOE_OK) fprintf(stderr, "moe eval: %s\n", moe_last_error());
     moe_model_destroy(m);
     return s == MOE_OK ? 0 : 1;

@@ -144,6 +144,7 @@ typedef struct {
     int cols;                                  /* heatmap columns: MAX_COLS at most */
     double **load; /* [layer][col * E + e]: the expert's share of the layer's slots, summed over
                     * the column's records */
+    int *col_steps; /* [cols] the column's records of steps that were not skipped */
 } series;
 
 /* The per-record fields of the series, in the order of their keys in metrics.jsonl. */
@@ -212,6 +213,8 @@ static void push(series *s, const cJSON *rec, int i) {
         (*field[k])[i] = cJSON_IsNumber(v) ? v->valuedouble : NAN;
     }
     int col = column_of(s, i);
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(rec, "skipped"))) return; /* no update */
+    s->col_steps[col]++;
     const cJSON *layers = cJSON_GetObjectItemCaseSensitive(rec, "expert_load");
     for (const cJSON *ly = layers ? layers->child : NULL; ly; ly = ly->next) {
         int li = layer_index(s, cJSON_GetObjectItemCaseSensitive(ly, "layer")->valueint);
@@ -283,12 +286,12 @@ static void load_heatmap(FILE *f, const series *s, int li) {
             s->layer_id[li]);
     double cw = (double)(W - l - 20) / cols;
     for (int c = 0; c < cols; c++) {
-        int i0 = (int)((long long)c * s->n / cols), i1 = (int)((long long)(c + 1) * s->n / cols);
+        int steps = s->col_steps[c] ? s->col_steps[c] : 1; /* skipped steps: no load */
         for (int r = 0; r < rows; r++) {
             int e0 = (int)((long long)r * E / rows), e1 = (int)((long long)(r + 1) * E / rows);
             double v = 0;
             for (int e = e0; e < e1; e++) v += s->load[li][(size_t)c * E + e];
-            v /= (double)(i1 - i0) * (e1 - e0);
+            v /= (double)steps * (e1 - e0);
             heat_cell(f, l + cw * c, t + r * cell_h, cw, cell_h, v * E / 2);
         }
     }
@@ -461,6 +464,7 @@ static void series_free(series *s) {
     for (int i = 0; i < 6; i++) free(*field[i]);
     for (int l = 0; s->load && l < s->n_layers; l++) free(s->load[l]);
     free(s->load);
+    free(s->col_steps);
     free(s->layer_id);
     free(s->n_experts);
 }
@@ -488,6 +492,7 @@ int moe_cmd_report(int argc, char **argv) {
         series_columns(&s, field);
         for (int i = 0; i < 6; i++) bad |= !(*field[i] = malloc(sizeof(double) * (size_t)s.n));
         bad |= !(s.load = calloc((size_t)s.n_layers + 1, sizeof *s.load));
+        bad |= !(s.col_steps = calloc((size_t)s.cols, sizeof *s.col_steps));
         for (int l = 0; !bad && l < s.n_layers; l++)
             bad |= !(s.load[l] = calloc((size_t)s.cols * s.n_experts[l] + 1, sizeof(double)));
         if (bad) fprintf(stderr, "moe report: out of memory for %s\n", path);

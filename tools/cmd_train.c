@@ -565,7 +565,7 @@ int moe_cmd_train(int argc, char **argv) {
     int rc = 1, stopped_by = 0; /* the signal that stopped the run */
     int agreed = 0; /* an error every rank met at the same point (told once, no abort) */
     char val_path[MOE_PATH_MAX + 16];
-    if (moe_data_spec(data, spec, sizeof spec, dirs, weight, &n_sets) != MOE_OK) goto fail;
+    if (moe_data_spec(data, spec, sizeof spec, dirs, weight, &n_sets, NULL) != MOE_OK) goto fail;
     for (int i = 0; i < n_sets; i++) { /* each set's pair, the vocabulary of the first */
         snprintf(path, sizeof path, "%s/train.bin", dirs[i]);
         if (moe_tokens_load(path, &train[i]) != MOE_OK) goto fail;
@@ -656,8 +656,9 @@ int moe_cmd_train(int argc, char **argv) {
         printf("\n");
     }
     if (!has_val)
-        printf("note: %s holds no validation tokens (prepared with --val-fraction 0): no "
-               "evaluation\n", n_sets > 1 ? "no dataset" : val_path);
+        printf("note: %s%s validation tokens (prepared with --val-fraction 0): no "
+               "evaluation\n", n_sets > 1 ? "none of the datasets holds" : val_path,
+               n_sets > 1 ? "" : " holds no");
     if (mc->moe.expert_bf16 && !o.device && d->world_rank == 0) /* a few ms */
         moe_cli_bf16_note(moe_gemm_bf16_peak(512, 2), moe_gemm_peak(512, 2),
                           "512^3 GEMMs, measured now");

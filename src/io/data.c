@@ -661,15 +661,17 @@ void moe_blend_batch(const moe_blend *bl, int64_t row0, int B, int S, uint64_t s
 }
 
 moe_status moe_data_spec(const char *spec, char *buf, size_t cap, char **dirs, double *weight,
-                         int *n) {
+                         int *n, int *pairs) {
     *n = 0;
+    if (pairs) *pairs = 0;
     if (strlen(spec) >= cap) return moe_set_error(MOE_ERR_INVALID, "data-path is too long");
     memcpy(buf, spec, strlen(spec) + 1);
     struct stat sb;
-    if (!strpbrk(spec, " \t") || (stat(spec, &sb) == 0 && S_ISDIR(sb.st_mode))) {
+    if (!strpbrk(spec, " \t") || stat(spec, &sb) == 0) { /* a path, with spaces too */
         dirs[0] = buf, weight[0] = 1, *n = 1;
         return MOE_OK;
     }
+    if (pairs) *pairs = 1;
     double sum = 0;
     char *save = NULL, *w;
     for (char *tok = strtok_r(buf, " \t", &save); tok; tok = strtok_r(NULL, " \t", &save)) {

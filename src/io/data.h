@@ -91,11 +91,11 @@ typedef struct {
 void moe_blend_batch(const moe_blend *b, int64_t row0, int B, int S, uint64_t seed,
                      uint64_t stream, int32_t *tokens, int32_t *targets);
 
-/* The datasets of a --data-path value: a directory (also one whose name has spaces), or pairs
- * "W1 DIR1 W2 DIR2 ..." of positive weights and directories. *n directories: pointers into
- * buf (a copy of spec, cap bytes), and their weights scaled to sum to 1. */
+/* The datasets of a --data-path value: a path (also one whose name has spaces), or pairs
+ * "W1 DIR1 W2 DIR2 ..." of positive weights and directories (*pairs set, unless NULL). *n
+ * paths: pointers into buf (a copy of spec, cap bytes), and their weights scaled to sum to 1. */
 moe_status moe_data_spec(const char *spec, char *buf, size_t cap, char **dirs, double *weight,
-                         int *n);
+                         int *n, int *pairs);
 
 /* Writes a file atomically: to path.tmp, fsync, rename over path, fsync of its directory
  * (nothing existing is lost if any step before the rename fails; if the directory's fsync
