@@ -633,9 +633,8 @@ int moe_cmd_train(int argc, char **argv) {
             goto fail;
         /* TensorBoard drops the events of the steps this run logs again (a stopped run went
          * on past its checkpoint), so that each step shows once */
-        if (ckpt[0] &&
-            moe_tfevents_session_start(tb, moe_trainer_steps_done(t) + 1, moe_wall_time()) != MOE_OK)
-            goto fail;
+        int64_t next = moe_trainer_steps_done(t) + 1;
+        if (ckpt[0] && moe_tfevents_session_start(tb, next, moe_wall_time()) != MOE_OK) goto fail;
     }
     const moe_model_config *mc = &o.model;
     int n_moe = 0;
