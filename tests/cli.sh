@@ -60,6 +60,9 @@ grep -q "unknown option --hidden-act" "$tmp/out" || fail "hidden-act: $(cat "$tm
 # taken with the constant style, which never reaches it
 unused "moe train: min-lr (0.0003) must be between 0 and lr (0.0001): --min-lr sets it (default 3e-4)" \
   "$moe" train --lr 1e-4 --print-config
+# a blend's words after --data-path= (the words are separate arguments): the form is named
+unused "moe train: unexpected argument 'x' (a blend after --data-path= is one quoted value, or its words follow --data-path)" \
+  "$moe" train --data-path=1 x 2 y --print-config
 expect 0 "$moe" train --lr 1e-4 --lr-decay-style constant --print-config
 grep -q "^lr = 0.0001$" "$tmp/out" || fail "constant lr below min-lr: $(cat "$tmp/out")"
 # the benchmarks' FLOP counts against the shapes, worked out here: the layer's useful rows (not

@@ -872,6 +872,12 @@ moe_status moe_options_parse_args(moe_options *o, int argc, char **argv,
         for (int a = 0; a < argc; a++) {
             char key[128], joined[MOE_PATH_MAX];
             const char *val;
+            if (a && strncmp(argv[a], "--", 2) &&
+                (!strncmp(argv[a - 1], "--data-path=", 12) || !strncmp(argv[a - 1], "--data=", 7)))
+                return moe_set_error(MOE_ERR_INVALID, "unexpected argument '%s' (a blend after "
+                                     "%.*s= is one quoted value, or its words follow --data-path)",
+                                     argv[a], (int)(strchr(argv[a - 1], '=') - argv[a - 1]),
+                                     argv[a - 1]);
             int words, i = next_flag(argc, argv, &a, key, sizeof key, &val, &words);
             if (i == -2) return MOE_ERR_INVALID;
             if (words) { /* the value's words (val is the first), one string */
