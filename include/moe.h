@@ -53,6 +53,7 @@ typedef enum {
     MOE_RNG_DROPOUT = 6,
     MOE_RNG_SAMPLE = 7,   /* generation */
     MOE_RNG_RTS = 8,      /* random token selection: (layer, step, 0), index t*k + j */
+    MOE_RNG_GUMBEL = 9,   /* sampled second choice: (layer, step, 0), index t*E + e */
 } moe_rng_purpose;
 
 uint64_t moe_rng_stream(moe_rng_purpose purpose, uint64_t a, uint64_t b, uint64_t c);
@@ -144,6 +145,8 @@ typedef struct {
 
     int random_routing;     /* GShard: keep slot j >= 1 with probability w_j / threshold */
     float random_routing_threshold;
+    int sample_second;      /* training, k = 2: the second choice sampled from the softmax
+                             * without the first (DeepSpeed's top2_2nd_expert_sampling) */
     float fake_noise;       /* fake balanced gate */
     int fake_skip_first;    /* fake balanced gate: experts 0..n-1 get nothing */
     float sinkhorn_tol;

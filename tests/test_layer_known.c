@@ -239,6 +239,39 @@ static void test_capacity_positions(void **state) {
     }
 }
 
+/* DeepSpeed's sampled second choice: every token has logits (3, 1, 0, -1), so its first choice
+ * is expert 0 and its second a draw from the softmax of the others, e^1 : e^0 : e^-1 = 0.665 :
+ * 0.245 : 0.090 (each share within 4.5 standard deviations over 4000 tokens); the ordinary
+ * top-2 outside training. */
+static void test_sample_second(void **state) {
+    (void)state;
+    enum { T = 4000 };
+    moe_layer_config c = identity_config(4, 2);
+    c.sample_second = 1;
+    moe_layer *L = make_layer(&c, T);
+    float *z = malloc(sizeof(float) * T * 4);
+    for (int t = 0; t < T; t++) z[t * 4] = 3, z[t * 4 + 1] = 1, z[t * 4 + 2] = 0, z[t * 4 + 3] = -1;
+    moe_forward_args a = moe_forward_args_default();
+    const moe_routing *r = route(L, z, T, &a);
+    int n[4] = {0};
+    for (int t = 0; t < T; t++) {
+        assert_int_equal(r->expert[t * 2], 0);
+        n[r->expert[t * 2 + 1]]++;
+    }
+    double s = exp(1) + exp(0) + exp(-1), want[4] = {0, exp(1) / s, exp(0) / s, exp(-1) / s};
+    for (int e = 1; e < 4; e++) {
+        double f = (double)n[e] / T, sd = sqrt(want[e] * (1 - want[e]) / T);
+        if (!(fabs(f - want[e]) < 4.5 * sd))
+            fail_msg("expert %d second %.4f of the time, expected %.4f", e, f, want[e]);
+    }
+    assert_int_equal(n[0], 0);
+    a.training = 0;
+    r = route(L, z, T, &a);
+    for (int t = 0; t < T; t++) assert_int_equal(r->expert[t * 2 + 1], 1);
+    free(z);
+    moe_layer_destroy(L);
+}
+
 /* Capacity arithmetic: E = 4, k = 1, T = 40, so T*k/E = 10. */
 static void test_capacity_arithmetic(void **state) {
     (void)state;
@@ -486,6 +519,7 @@ int main(void) {
         cmocka_unit_test(test_group_limited_deepseek),
         cmocka_unit_test(test_group_score_max), cmocka_unit_test(test_pre_post_softmax),
         cmocka_unit_test(test_ties_lower_index),       cmocka_unit_test(test_sinkhorn),
+        cmocka_unit_test(test_sample_second),
         cmocka_unit_test(test_capacity_positions),     cmocka_unit_test(test_capacity_arithmetic),
         cmocka_unit_test(test_capacity_ceil),
         cmocka_unit_test(test_fake_round_robin),       cmocka_unit_test(test_bias_update_sign),

@@ -53,6 +53,9 @@ CASE(seq_aux, { c->lb_type = MOE_LB_SEQ_AUX; c->aux_coeff = 0.3f; a->seq_len = 8
 CASE(zloss, c->z_coeff = 0.05f)
 CASE(jitter, { c->jitter_eps = 0.1f; a->training = 1; })
 CASE(jitter_inference, { c->jitter_eps = 0.1f; a->training = 0; })
+CASE(sample_second, { c->sample_second = 1; a->training = 1; })
+CASE(sample_second_pre, { c->sample_second = 1; c->pre_softmax = 1; a->training = 1; })
+CASE(sample_second_eval, { c->sample_second = 1; a->training = 0; })
 CASE(random_routing, { c->random_routing = 1; c->random_routing_threshold = 0.4f; c->topk = 3; })
 CASE(sinkhorn_k1, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->topk = 1; })
 CASE(sinkhorn_k2, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->z_coeff = 0.01f; })
@@ -88,7 +91,8 @@ static const grid_case cases[] = {
     C(sigmoid_norm_off_scaled), C(softmax_norm_on), C(groups_deepseek), C(groups_softmax),
     C(groups_score_max), C(expert_bias_softmax), C(top1), C(top_all), C(per_call_topk), C(cap_probs), C(cap_position),
     C(cap_random), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(aux), C(aux_sigmoid), C(seq_aux),
-    C(zloss), C(jitter), C(jitter_inference), C(random_routing), C(sinkhorn_k1), C(sinkhorn_k2),
+    C(zloss), C(jitter), C(jitter_inference), C(random_routing), C(sample_second),
+    C(sample_second_pre), C(sample_second_eval), C(sinkhorn_k1), C(sinkhorn_k2),
     C(sinkhorn_inference), C(expert_choice), C(expert_choice_cf), C(fake_round_robin),
     C(fake_noise), C(act_geglu), C(act_relu2), C(act_gelu), C(act_silu), C(linear_bias),
     C(shared), C(shared_gate_bias), C(residual), C(router_fp64), C(many_experts), C(many_experts_pre_aux),

@@ -150,6 +150,10 @@ static const opt_def opts[] = {
      NULL, ROUTER, "fake gate: experts 0..n-1 receive no tokens", 0},
     {"moe-random-routing", NULL, OPT_BOOL, L(random_routing), 0, 1, NULL, ROUTER,
      "GShard random routing: keep the 2nd..k-th choices with probability weight / threshold", 0},
+    {"moe-router-sample-second", "top2-2nd-expert-sampling", OPT_BOOL, L(sample_second), 0, 1,
+     NULL, ROUTER, "training with k = 2: the second choice drawn from the softmax of the other "
+     "experts (Gumbel noise on the logits; DeepSpeed's top-2 default, GShard's second_expert_"
+     "policy sampling; softmax scores, no expert bias or groups)", 0},
     {"moe-random-routing-threshold", NULL, OPT_FLOAT, L(random_routing_threshold), 1e-30, BIG,
      NULL, ROUTER, "threshold of random routing", 0},
     {"moe-sinkhorn-tol", NULL, OPT_FLOAT, L(sinkhorn_tol), 1e-30, BIG, NULL, ROUTER,

@@ -114,6 +114,11 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
     MOE_CHECK(!c->random_routing || (!bad_float(c->random_routing_threshold) &&
                                  c->random_routing_threshold > 0),
           "moe-random-routing-threshold must be positive (got %g)", c->random_routing_threshold);
+    MOE_CHECK(!c->sample_second || (c->router == MOE_ROUTER_TOPK && c->topk == 2 &&
+                                     c->score == MOE_SCORE_SOFTMAX && !c->enable_expert_bias &&
+                                     c->n_groups == 1),
+          "moe-router-sample-second is DeepSpeed's top-2 gate: it needs the topk router, "
+          "moe-router-topk 2 and softmax scores, without the expert bias or groups");
     MOE_CHECK(!bad_float(c->fake_noise) && c->fake_noise >= 0 && c->fake_noise <= 1,
           "moe-fake-gate-noise must be in [0, 1] (got %g)", c->fake_noise);
     MOE_CHECK(c->fake_skip_first >= 0 && c->fake_skip_first < c->n_experts,

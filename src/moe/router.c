@@ -177,7 +177,7 @@ static void count_slot(moe_fwd_state *st, int s) {
 typedef struct {
     moe_layer *L;
     int sinkhorn, fake, A;
-    uint64_t fstream, rstream;
+    uint64_t fstream, rstream, gstream;
     const double *gnoise;
     double rthr;
     const int32_t *vpos;
@@ -191,6 +191,7 @@ static void select_tokens(void *ctx, int t0, int t1) {
     moe_fwd_state *st = &L->st;
     int E = c->n_experts, k = st->k, sinkhorn = a->sinkhorn, fake = a->fake, A = a->A;
     uint64_t fstream = a->fstream, rstream = a->rstream;
+    int sample2 = c->sample_second && st->training && k == 2;
     const double *gnoise = a->gnoise;
     double rthr = a->rthr;
     const int32_t *vpos = a->vpos;
@@ -246,6 +247,16 @@ static void select_tokens(void *ctx, int t0, int t1) {
             }
         }
         moe_topk_desc(E, keys, k, idx);
+        if (sample2) { /* DeepSpeed's top2_2nd_expert_sampling: argmax of z + Gumbel noise
+                        * over the experts but the first, a draw from their softmax */
+            double best = -INFINITY;
+            for (int e = 0; e < E; e++) {
+                if (e == idx[0]) continue;
+                double u = moe_rng_uniform64(c->seed, a->gstream, (uint64_t)t * E + e),
+                       g = z[e] - log(-log(u));
+                if (g > best) best = g, idx[1] = e;
+            }
+        }
         double qs = 0;
         if (st->wmode == MOE_WMODE_SOFTMAX_K) {
             double m = z[idx[0]], se = 0;
@@ -282,6 +293,7 @@ static void select_token_choice(moe_layer *L) {
     int fake = c->router == MOE_ROUTER_FAKE_BALANCED;
     uint64_t fstream = moe_rng_stream(MOE_RNG_FAKE, (uint64_t)c->layer_id, st->step, 0);
     uint64_t rstream = moe_rng_stream(MOE_RNG_RANDOM2, (uint64_t)c->layer_id, st->step, 0);
+    uint64_t gstream = moe_rng_stream(MOE_RNG_GUMBEL, (uint64_t)c->layer_id, st->step, 0);
     int A = E - c->fake_skip_first;
     double gnoise[A > 0 ? A : 1];
     if (fake && c->fake_noise > 0)
@@ -292,7 +304,7 @@ static void select_token_choice(moe_layer *L) {
     int32_t *vpos = st->scratch;
     for (int t = 0, n = 0; t < T; t++) vpos[t] = token_valid(st, t) ? n++ : -1;
 
-    select_ctx sc = {L, sinkhorn, fake, A, fstream, rstream, gnoise, rthr, vpos};
+    select_ctx sc = {L, sinkhorn, fake, A, fstream, rstream, gstream, gnoise, rthr, vpos};
     moe_for_ranges(T, 4 * (size_t)T * E, select_tokens, &sc); /* exponentials */
     st->n_slots = T * k;
     for (int t = 0; t <= T; t++) st->tok_off[t] = t * k;
