@@ -143,10 +143,16 @@ static int load_model(const char *cmd, int argc, char **argv, moe_options *o, in
     return 0;
 }
 
-int moe_cmd_generate(int argc, char **argv) {
+/* Whether the command names a Hugging Face model directory (--model): the other form of
+ * generate and eval. */
+static int model_dir_given(int argc, char **argv) {
     for (int i = 0; i < argc; i++)
-        if (!strcmp(argv[i], "--model") || !strncmp(argv[i], "--model=", 8))
-            return moe_cmd_generate_hf(argc, argv);
+        if (!strcmp(argv[i], "--model") || !strncmp(argv[i], "--model=", 8)) return 1;
+    return 0;
+}
+
+int moe_cmd_generate(int argc, char **argv) {
+    if (model_dir_given(argc, argv)) return moe_cmd_generate_hf(argc, argv);
     moe_options o;
     moe_model *m = NULL;
     char ckpt[MOE_PATH_MAX + 64];
@@ -220,9 +226,7 @@ static moe_status eval_file(moe_model *m, const moe_options *o, const char *path
 /* The loss of a token file, or of the validation split of each dataset of --data-path (a blend's
  * also weighted as it trained). */
 int moe_cmd_eval(int argc, char **argv) {
-    for (int i = 0; i < argc; i++)
-        if (!strcmp(argv[i], "--model") || !strncmp(argv[i], "--model=", 8))
-            return moe_cmd_eval_hf(argc, argv);
+    if (model_dir_given(argc, argv)) return moe_cmd_eval_hf(argc, argv);
     moe_options o;
     moe_model *m = NULL;
     char ckpt[MOE_PATH_MAX + 64], path[MOE_PATH_MAX + 16], spec[MOE_PATH_MAX];
