@@ -60,6 +60,11 @@ grep -q "unknown option --hidden-act" "$tmp/out" || fail "hidden-act: $(cat "$tm
 # taken with the constant style, which never reaches it
 unused "moe train: min-lr (0.0003) must be between 0 and lr (0.0001): --min-lr sets it (default 3e-4)" \
   "$moe" train --lr 1e-4 --print-config
+# Megatron's --swiglu and --disable-bias-linear against options that say otherwise: refused
+unused "moe train: swiglu conflicts with moe-activation relu2" \
+  "$moe" train --moe-activation relu2 --swiglu --print-config
+unused "moe train: disable-bias-linear conflicts with moe-expert-linear-bias true" \
+  "$moe" train --add-bias-linear --disable-bias-linear --print-config
 # a blend's words after --data-path= (the words are separate arguments): the form is named
 unused "moe train: unexpected argument 'x' (a blend after --data-path= is one quoted value, or its words follow --data-path)" \
   "$moe" train --data-path=1 x 2 y --print-config
