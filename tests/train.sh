@@ -143,6 +143,56 @@ strip "$tmp/a/metrics.jsonl" >"$tmp/a.m"; strip "$tmp/b/metrics.jsonl" >"$tmp/b.
 cmp -s "$tmp/a.m" "$tmp/b.m" || { diff "$tmp/a.m" "$tmp/b.m" | head -5; fail "resumed losses differ"; }
 cmp -s "$tmp/a/step-00000012/trainer.safetensors" "$tmp/b/step-00000012/trainer.safetensors" \
   || fail "resumed optimizer state differs"
+# --finetune (Megatron's): a new run from a checkpoint's weights and expert biases, at step 0
+# with new Adam moments, the checkpoint's options under the flags: metric for metric the run
+# from the same weights written as a Hugging Face directory (--init-from, another reader; a
+# Mixtral-shaped model, which moe convert writes)
+mix="--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --num-experts 4
+  --moe-router-topk 2 --moe-ffn-hidden-size 24 --seq-length 32 --micro-batch-size 4
+  --global-batch-size 8 --eval-interval 2 --eval-iters 2 --moe-aux-loss-coeff 0.01
+  --lr-warmup-iters 3 --data-path $tmp/data"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $mix --train-iters 3 --save "$tmp/fm"
+expect 0 "$moe" convert --load "$tmp/fm" --to hf "$tmp/bhf"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $mix --train-iters 4 --init-from "$tmp/bhf" --save "$tmp/fi"
+expect 0 "$moe" train --load "$tmp/fm/step-00000003" --finetune --train-iters 4 --save "$tmp/ff"
+grep -q "initialised from the weights of $tmp/fm/step-00000003 (--finetune)" "$tmp/out" ||
+  fail "finetune message: $(head -3 "$tmp/out")"
+strip "$tmp/fi/metrics.jsonl" >"$tmp/fi.m"; strip "$tmp/ff/metrics.jsonl" >"$tmp/ff.m"
+cmp -s "$tmp/fi.m" "$tmp/ff.m" || { diff "$tmp/fi.m" "$tmp/ff.m" | head -5; fail "finetune"; }
+expect 2 "$moe" train --load "$tmp/b" --finetune --save "$tmp/b"
+grep -q "already holds a checkpoint: --finetune starts a new run" "$tmp/out" ||
+  fail "finetune into the run it loads: $(cat "$tmp/out")"
+expect 2 "$moe" train --finetune --data-path "$tmp/data"
+grep -q "finetune is about the checkpoint given with --load" "$tmp/out" || fail "$(cat "$tmp/out")"
+expect 2 "$moe" train --load "$tmp/b" --finetune --init-from "$tmp/bhf" --save "$tmp/fb"
+grep -q "not both" "$tmp/out" || fail "finetune and init-from: $(cat "$tmp/out")"
+# --no-load-optim: the step and the schedule go on, Adam starts over; after one step each
+# moment holds one gradient g, m = (1 - beta1) g and v = (1 - beta2) g^2
+expect 0 "$moe" train --load "$tmp/b/step-00000006" --no-load-optim --exit-interval 7 \
+  --save "$tmp/no" --no-load-rng
+grep -q "at step 6 with new Adam moments" "$tmp/out" || fail "no-load-optim: $(head -3 "$tmp/out")"
+[ "$(sed -n 7p "$tmp/a/metrics.jsonl" | grep -o '"lr":[^,]*')" = \
+  "$(grep -o '"lr":[^,]*' "$tmp/no/metrics.jsonl")" ] || fail "no-load-optim: another schedule"
+/usr/bin/python3 - "$tmp/no/step-00000007/trainer.safetensors" <<'EOF' || fail "no-load-optim moments"
+import array, json, struct, sys
+d = open(sys.argv[1], "rb").read()
+n = struct.unpack_from("<Q", d)[0]; head = json.loads(d[8:8 + n]); base = 8 + n
+meta = head.pop("__metadata__")
+assert meta["moe.step"] == "7" and meta["moe.updates"] == "1", meta
+def get(name):
+    lo, hi = head[name]["data_offsets"]; return array.array("f", d[base + lo:base + hi])
+checked = 0
+for name in head:
+    if not name.startswith("optimizer.adam_m."): continue
+    m, v = get(name), get(name.replace("adam_m", "adam_v"))
+    for a, b in zip(m, v):
+        if abs(a) > 1e-12:
+            assert abs(b / (a * a) - 0.05 / 0.01) < 1e-4 * 5, (name, a, b)
+            checked += 1
+assert checked > 1000, checked
+EOF
 # The rows of a step are the global batch's whatever the micro-batch size (Megatron's: it is
 # memory, not data): micro-batches of 4 and of 2 train alike (no aux loss: it is per micro-batch)
 for mb in 4 2; do

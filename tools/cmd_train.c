@@ -343,6 +343,16 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
         moe_set_error(MOE_ERR_INVALID, "give --load or --model, not both");
         return 2;
     }
+    const char *how = o->finetune ? "--finetune" : o->no_load_optim ? "--no-load-optim" : NULL;
+    if (how && !o->load[0]) {
+        moe_set_error(MOE_ERR_INVALID, "%s is about the checkpoint given with --load RUN", how);
+        return 2;
+    }
+    if (o->finetune && o->init_from[0]) {
+        moe_set_error(MOE_ERR_INVALID, "a run starts from a checkpoint (--load RUN --finetune) or "
+                      "from a Hugging Face model (--init-from DIR), not both");
+        return 2;
+    }
     if (o->load[0]) {
         char *text = NULL;
         if (moe_checkpoint_resolve(o->load, ckpt, cap) != MOE_OK ||
@@ -434,6 +444,9 @@ static moe_status choose_save_dir(moe_options *o, const char *ckpt, const char *
                              "checkpoint (%s): resume it into another run directory with --save",
                              o->save, ckpt, latest);
     }
+    if (!ckpt[0] && o->finetune)
+        return moe_set_error(MOE_ERR_INVALID, "%s already holds a checkpoint: --finetune starts "
+                             "a new run; choose another --save", o->save);
     if (!ckpt[0])
         return moe_set_error(MOE_ERR_INVALID, "%s already holds a checkpoint; resume with --load "
                              "%s, or choose another --save", o->save, o->save);
@@ -520,6 +533,12 @@ int moe_cmd_train(int argc, char **argv) {
         moe_options_print_config(stdout, &o);
         return 0;
     }
+    /* --finetune: the checkpoint's weights start a new run; nothing else of it is resumed */
+    char weights[MOE_PATH_MAX + 64] = "";
+    if (o.finetune) {
+        snprintf(weights, sizeof weights, "%s", ckpt);
+        ckpt[0] = '\0';
+    }
     moe_cli_threads(&o);
     if (d->world_size > 1) {
         char *text = moe_options_to_text(&o);
@@ -604,7 +623,12 @@ int moe_cmd_train(int argc, char **argv) {
             rc = 2;
             goto fail;
         }
-        printf("resumed from %s at step %d\n", ckpt, moe_trainer_steps_done(t));
+        if (o.no_load_optim) moe_trainer_reset_optimizer(t);
+        printf("resumed from %s at step %d%s\n", ckpt, moe_trainer_steps_done(t),
+               o.no_load_optim ? " with new Adam moments (--no-load-optim)" : "");
+    } else if (weights[0]) { /* the expert biases too: they route as the weights were trained */
+        if (moe_checkpoint_load(weights, m, NULL) != MOE_OK) goto fail;
+        printf("initialised from the weights of %s (--finetune)\n", weights);
     } else if (o.init_from[0]) {
         char family[32];
         moe_model_config hc;

@@ -80,7 +80,7 @@ static const opt_choice rope_choices[] = {{"rope", 0}, {NULL, 0}};
 static const opt_choice lr_choices[] = {
     {"cosine", MOE_LR_COSINE}, {"linear", MOE_LR_LINEAR}, {"constant", MOE_LR_CONSTANT}, {NULL, 0}};
 
-#define START 2 /* opt_def.transient: the run's starting point (init-from) */
+#define START 2 /* opt_def.transient: the run's starting point (init-from, finetune) */
 #define L(field) offsetof(moe_options, layer.field)
 #define O(field) offsetof(moe_options, field)
 #define M(field) offsetof(moe_options, model.field)
@@ -311,6 +311,13 @@ static const opt_def opts[] = {
     {"init-from", NULL, OPT_STRING, O(init_from), 0, 0, NULL, FILES,
      "moe train: start from a Hugging Face model directory (its config.json, then these flags; "
      "its weights)", START},
+    {"finetune", NULL, OPT_BOOL, O(finetune), 0, 1, NULL, FILES,
+     "with --load: start a new run from the checkpoint's weights (step 0, new Adam moments; its "
+     "options, then these flags; saves need another --save)", START},
+    {"no-load-optim", NULL, OPT_BOOL, O(no_load_optim), 0, 1, NULL, FILES,
+     "with --load: go on from the checkpoint's step with new Adam moments", START},
+    {"no-load-rng", NULL, OPT_BOOL, O(mg_noop), 0, 1, NULL, FILES, "Megatron's, accepted with "
+     "no effect: the random streams derive from the seed and the step, not from saved state", 1},
     {"ids", NULL, OPT_STRING, O(ids), 0, 0, NULL, FILES,
      "moe eval --model, generate --model, tokenize: a token id sequence, comma-separated", 1},
     {"dump-logits", NULL, OPT_STRING, O(dump_logits), 0, 0, NULL, FILES,
@@ -668,10 +675,6 @@ static const char *const foreign[][2] = {
     {"tokenizer-model", "the data is tokenized by moe prepare: moe prepare --model DIR uses that "
                         "model's tokenizer.json"},
     {"split", "moe prepare splits the data: --val-fraction"},
-    {"no-load-optim", "a run starts from a model's weights alone with --init-from DIR (a Hugging "
-                      "Face directory: moe convert --load RUN --to hf DIR writes one)"},
-    {"no-load-rng", "the random streams are keyed by the seed and the step, not saved state"},
-    {"finetune", "a run starts from a model's weights alone with --init-from DIR"},
     {"wandb-project", "metrics go to RUN/metrics.jsonl and TensorBoard event files"},
     {"wandb-exp-name", "metrics go to RUN/metrics.jsonl and TensorBoard event files"},
 };
@@ -1072,9 +1075,9 @@ static void format_value(char *buf, size_t cap, const moe_options *o, const opt_
 static void write_options(FILE *f, const moe_options *o, int start) {
     unsigned section = 0;
     for (int i = 0; i < N_OPTS; i++) {
-        if (opts[i].transient && !(start && opts[i].transient == START &&
-                                   *((const char *)o + opts[i].offset)))
-            continue;
+        const void *v0 = (const char *)o + opts[i].offset;
+        int set = opts[i].type == OPT_STRING ? *(const char *)v0 != '\0' : *(const int *)v0 != 0;
+        if (opts[i].transient && !(start && opts[i].transient == START && set)) continue;
         if (section != opts[i].section) {
             section = opts[i].section;
             fprintf(f, "%s# %s\n", i ? "\n" : "", section_name(section));

@@ -522,6 +522,12 @@ int moe_trainer_bad_streak(const moe_trainer *t) { return t->bad_streak; }
 void moe_trainer_set_bad_streak(moe_trainer *t, int n) { t->bad_streak = n; }
 int moe_trainer_updates(const moe_trainer *t) { return t->updates; }
 void moe_trainer_set_updates(moe_trainer *t, int n) { t->updates = n; }
+void moe_trainer_reset_optimizer(moe_trainer *t) {
+    size_t n = moe_model_param_count(t->model) * sizeof(float);
+    memset(moe_trainer_adam_m(t), 0, n); /* on the host, which is then the newer copy */
+    memset(moe_trainer_adam_v(t), 0, n);
+    t->updates = 0;
+}
 const moe_train_config *moe_trainer_config(const moe_trainer *t) { return &t->cfg; }
 
 double moe_trainer_layer_dropped(const moe_trainer *t, int l) {

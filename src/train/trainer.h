@@ -109,6 +109,8 @@ void moe_trainer_set_bad_streak(moe_trainer *t, int n);
 /* Optimizer updates applied (the steps done less the skipped ones): Adam's bias correction. */
 int moe_trainer_updates(const moe_trainer *t);
 void moe_trainer_set_updates(moe_trainer *t, int n);
+/* Adam starts over: zero moments, no updates counted (the step and the schedule go on). */
+void moe_trainer_reset_optimizer(moe_trainer *t);
 const moe_train_config *moe_trainer_config(const moe_trainer *t);
 
 #endif
