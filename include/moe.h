@@ -139,6 +139,7 @@ typedef struct {
     float jitter_eps;       /* x * U(1-eps, 1+eps) on the router input in training; 0 = off */
 
     float capacity_factor;  /* 0 = dropless; > 0 fixed; < 0 dynamic, capped at |cf| */
+    float eval_capacity_factor; /* outside training (DeepSpeed's); 0 = capacity_factor */
     int min_capacity;
     moe_drop_policy drop_policy;
     int pad_to_capacity;

@@ -293,7 +293,7 @@ static void test_invalid_configs(void **state) {
         int field;
         double value;
     } bad;
-    enum { TOPK, NEXP, GROUPS, GTOPK, AUX, Z, JIT, D, FFN, RES, ACT, ROUTER, SCORE, CF_EC, PAD, GATE,
+    enum { TOPK, NEXP, GROUPS, GTOPK, AUX, Z, JIT, D, FFN, RES, ACT, ROUTER, SCORE, CF_EC, EVAL_EC, EVAL_NAN, PAD, GATE,
            RATE, SKIP, SINK, SCALE, RRT, MINCAP, SHARED, SINK_SCORE, EC_PRE, SINK_NORM };
     const bad list[] = {
         {"moe-router-topk (5) must be between 1 and num-experts (4)", TOPK, 5},
@@ -313,6 +313,8 @@ static void test_invalid_configs(void **state) {
         {"unknown router type 7", ROUTER, 7},
         {"unknown score function -1", SCORE, -1},
         {"expert-choice routing needs moe-expert-capacity-factor >= 0", CF_EC, -1},
+        {"expert-choice routing needs moe-eval-capacity-factor >= 0 (got -2)", EVAL_EC, -2},
+        {"moe-eval-capacity-factor must be a number (got nan)", EVAL_NAN, NAN},
         {"moe-pad-expert-input-to-capacity needs moe-expert-capacity-factor != 0", PAD, 1},
         {"moe-shared-expert-gate needs moe-shared-expert-intermediate-size > 0", GATE, 1},
         {"moe-router-bias-update-rate must be a non-negative number", RATE, -1},
@@ -344,6 +346,8 @@ static void test_invalid_configs(void **state) {
         case ROUTER: c.router = (moe_router_type)v; break;
         case SCORE: c.score = (moe_score_fn)v; break;
         case CF_EC: c.router = MOE_ROUTER_EXPERT_CHOICE, c.lb_type = MOE_LB_NONE, c.capacity_factor = (float)v; break;
+        case EVAL_EC: c.router = MOE_ROUTER_EXPERT_CHOICE, c.lb_type = MOE_LB_NONE, c.eval_capacity_factor = (float)v; break;
+        case EVAL_NAN: c.eval_capacity_factor = (float)v; break;
         case PAD: c.pad_to_capacity = 1; break;
         case GATE: c.shared_gate = 1; break;
         case RATE: c.bias_update_rate = (float)v; break;

@@ -47,6 +47,13 @@ CASE(cap_min, { c->capacity_factor = 0.5f; c->min_capacity = 5; })
 CASE(cap_dynamic, c->capacity_factor = -1.5f)
 CASE(cap_pad, { c->capacity_factor = 1.25f; c->pad_to_capacity = 1; })
 CASE(cap_large, c->capacity_factor = 9.0f)
+/* DeepSpeed's eval_capacity_factor: outside training it replaces the capacity factor */
+CASE(eval_cf, { c->eval_capacity_factor = 0.75f; a->training = 0; })
+CASE(eval_cf_training, { c->eval_capacity_factor = 0.75f; a->training = 1; })
+CASE(eval_cf_dynamic, { c->capacity_factor = 0.5f; c->eval_capacity_factor = -1.5f; a->training = 0; })
+CASE(eval_cf_pad, { c->capacity_factor = 0.5f; c->eval_capacity_factor = 2.0f; c->pad_to_capacity = 1;
+      a->training = 0; })
+CASE(eval_cf_inherit, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_POSITION; a->training = 0; })
 CASE(aux, { c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; })
 CASE(aux_sigmoid, { c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; c->score = MOE_SCORE_SIGMOID; })
 CASE(seq_aux, { c->lb_type = MOE_LB_SEQ_AUX; c->aux_coeff = 0.3f; a->seq_len = 8; })
@@ -61,6 +68,8 @@ CASE(sinkhorn_k1, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c
 CASE(sinkhorn_k2, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->z_coeff = 0.01f; })
 CASE(sinkhorn_inference, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; a->training = 0; })
 CASE(expert_choice, { c->router = MOE_ROUTER_EXPERT_CHOICE; c->lb_type = MOE_LB_NONE; })
+CASE(expert_choice_eval_cf, { c->router = MOE_ROUTER_EXPERT_CHOICE; c->lb_type = MOE_LB_NONE;
+      c->capacity_factor = 0.5f; c->eval_capacity_factor = 2.0f; a->training = 0; })
 CASE(expert_choice_cf, { c->router = MOE_ROUTER_EXPERT_CHOICE; c->lb_type = MOE_LB_NONE; c->capacity_factor = 1.5f; c->z_coeff = 0.01f; })
 CASE(fake_round_robin, { c->router = MOE_ROUTER_FAKE_BALANCED; c->lb_type = MOE_LB_NONE; c->fake_skip_first = 1; })
 CASE(fake_noise, { c->router = MOE_ROUTER_FAKE_BALANCED; c->lb_type = MOE_LB_NONE; c->fake_noise = 0.5f; })
@@ -90,7 +99,8 @@ static const grid_case cases[] = {
     C(softmax_post), C(softmax_pre), C(sigmoid), C(sqrtsoftplus_norm_on),
     C(sigmoid_norm_off_scaled), C(softmax_norm_on), C(groups_deepseek), C(groups_softmax),
     C(groups_score_max), C(expert_bias_softmax), C(top1), C(top_all), C(per_call_topk), C(cap_probs), C(cap_position),
-    C(cap_random), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(aux), C(aux_sigmoid), C(seq_aux),
+    C(cap_random), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(eval_cf), C(eval_cf_training), C(eval_cf_dynamic), C(eval_cf_pad),
+    C(eval_cf_inherit), C(expert_choice_eval_cf), C(aux), C(aux_sigmoid), C(seq_aux),
     C(zloss), C(jitter), C(jitter_inference), C(random_routing), C(sample_second),
     C(sample_second_pre), C(sample_second_eval), C(sinkhorn_k1), C(sinkhorn_k2),
     C(sinkhorn_inference), C(expert_choice), C(expert_choice_cf), C(fake_round_robin),

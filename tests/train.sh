@@ -168,6 +168,20 @@ expect 2 "$moe" train --finetune --data-path "$tmp/data"
 grep -q "finetune is about the checkpoint given with --load" "$tmp/out" || fail "$(cat "$tmp/out")"
 expect 2 "$moe" train --load "$tmp/b" --finetune --init-from "$tmp/bhf" --save "$tmp/fb"
 grep -q "not both" "$tmp/out" || fail "finetune and init-from: $(cat "$tmp/out")"
+# DeepSpeed's eval_capacity_factor: evaluation with a factor of E/k (here 2) drops nothing (the
+# dropless run's figures), with 0.5 it drops; a run trained with a capacity converts to a
+# Hugging Face model (which never drops) only with an evaluation factor that drops nothing
+expect 0 "$moe" eval --load "$tmp/fm" --data-path "$tmp/data"; cp "$tmp/out" "$tmp/fm.eval"
+expect 0 "$moe" eval --load "$tmp/fm" --data-path "$tmp/data" --moe-eval-capacity-factor 2
+cmp -s "$tmp/out" "$tmp/fm.eval" || fail "eval capacity E/k: $(cat "$tmp/out" "$tmp/fm.eval")"
+expect 0 "$moe" eval --load "$tmp/fm" --data-path "$tmp/data" --moe-eval-capacity-factor 0.5
+cmp -s "$tmp/out" "$tmp/fm.eval" && fail "eval capacity 0.5 dropped nothing: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $mix --train-iters 1 --moe-expert-capacity-factor 1 --save "$tmp/fcap"
+expect 2 "$moe" convert --load "$tmp/fcap" --to hf "$tmp/fcap_hf"
+grep -q "dropless outside training (moe-eval-capacity-factor E/k or more)" "$tmp/out" ||
+  fail "convert of a capacity run: $(cat "$tmp/out")"
+expect 0 "$moe" convert --load "$tmp/fcap" --to hf "$tmp/fcap_hf" --moe-eval-capacity-factor 2
 # --no-load-optim: the step and the schedule go on, Adam starts over; after one step each
 # moment holds one gradient g, m = (1 - beta1) g and v = (1 - beta2) g^2
 expect 0 "$moe" train --load "$tmp/b/step-00000006" --no-load-optim --exit-interval 7 \

@@ -248,7 +248,8 @@ static moe_status alloc_workspace(moe_cuda_layer *L, int k) {
 static moe_status check_supported(const moe_layer_config *c) {
     const char *no = NULL;
     if (c->router != MOE_ROUTER_TOPK) no = "routers other than top-k (Sinkhorn, expert choice, fake balanced)";
-    else if (c->capacity_factor != 0 || c->pad_to_capacity) no = "capacity factors (token dropping)";
+    else if (c->capacity_factor != 0 || c->eval_capacity_factor != 0 || c->pad_to_capacity)
+        no = "capacity factors (token dropping)";
     else if (c->random_routing) no = "random routing";
     else if (c->sample_second) no = "a sampled second choice";
     else if (c->jitter_eps > 0) no = "input jitter";

@@ -549,6 +549,16 @@ static int sigmoid_renormalised(const moe_layer_config *m) {
     return m->norm_topk == MOE_NORM_ON || (m->norm_topk == MOE_NORM_AUTO && m->topk > 1);
 }
 
+/* Whether the layer may drop tokens outside training, where a Hugging Face model never does:
+ * a capacity factor (the evaluation's, else training's) below E/k (C = ceil(cf T k / E) < T). */
+static int drops_in_inference(const moe_layer_config *m) {
+    float cf = m->eval_capacity_factor != 0 ? m->eval_capacity_factor : m->capacity_factor;
+    return cf != 0 && fabsf(cf) * (float)m->topk < (float)m->n_experts;
+}
+
+#define DROPS_WHY                                                                              \
+    "the layer must be dropless outside training (moe-eval-capacity-factor E/k or more)"
+
 /* DeepSeek-V2 / V3: MLA, MoE layers after the dense ones, ungated shared experts of whole
  * expert widths; V3: sigmoid with the selection bias, groups scored by their top two; V2:
  * softmax over all experts, not renormalised, groups scored by their maximum. */
@@ -561,7 +571,7 @@ static const char *deepseek_incompatible(const moe_model_config *c, int v3) {
     if (m->residual || m->expert_bias || m->shared_gate || m->shared_ffn % m->ffn)
         return "no Residual-MoE, expert biases or shared-expert gate; shared experts as wide "
                "as routed ones";
-    if (m->capacity_factor != 0) return "the layer must be dropless";
+    if (drops_in_inference(m)) return DROPS_WHY;
     if (!c->rope_interleave) return "RoPE with interleaved pairs is needed";
     if (v3 && !(m->score == MOE_SCORE_SIGMOID && m->enable_expert_bias &&
                 (m->n_groups == 1 || m->group_score_topk == 2)))
@@ -621,7 +631,7 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
         bad = qwen3 ? "q/k norms per head are needed" : olmoe ? "q/k norms over the projection "
               "are needed" : "no q/k norms";
     else if ((qwen2 || olmoe) && !plain_heads) bad = "heads must be hidden size / heads wide";
-    else if (m->capacity_factor != 0) bad = "the layer must be dropless";
+    else if (drops_in_inference(m)) bad = DROPS_WHY;
     for (int l = 0; !bad && l < c->n_layers; l++)
         if (moe_model_layer_experts(c, l) != m->n_experts) bad = "every layer needs num-experts";
     if (bad) snprintf(why, cap, "%s", bad);

@@ -181,6 +181,10 @@ static const opt_def opts[] = {
 
     {"moe-expert-capacity-factor", "capacity-factor", OPT_FLOAT, L(capacity_factor), -BIG, BIG,
      NULL, DISPATCH, "0 = dropless; > 0 fixed capacity ceil(cf*T*k/E); < 0 dynamic, capped at |cf|", 0},
+    {"moe-eval-capacity-factor", "eval-capacity-factor", OPT_FLOAT, L(eval_capacity_factor),
+     -BIG, BIG, NULL, DISPATCH, "the capacity factor outside training (validation, eval, "
+     "generate; DeepSpeed's): 0 = moe-expert-capacity-factor's, else as that (E/k or more drops "
+     "nothing)", 0},
     {"moe-min-capacity", "min-capacity", OPT_INT, L(min_capacity), 0, BIG, NULL, DISPATCH,
      "lower bound of the capacity", 0},
     {"moe-token-drop-policy", "drop-policy", OPT_ENUM, L(drop_policy), 0, 0, drop_choices,

@@ -74,6 +74,8 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           "moe-router-bias-update-rate must be a non-negative number (got %g)", c->bias_update_rate);
     MOE_CHECK(!bad_float(c->capacity_factor), "moe-expert-capacity-factor must be a number (got %g)",
           c->capacity_factor);
+    MOE_CHECK(!bad_float(c->eval_capacity_factor), "moe-eval-capacity-factor must be a number "
+          "(got %g)", c->eval_capacity_factor);
     MOE_CHECK(c->min_capacity >= 0, "moe-min-capacity must be >= 0 (got %d)", c->min_capacity);
     MOE_CHECK(c->n_groups >= 1, "moe-router-num-groups must be >= 1 (got %d)", c->n_groups);
     MOE_CHECK(c->group_topk >= 1 && c->group_topk <= c->n_groups,
@@ -133,6 +135,9 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           c->sinkhorn_max_iter);
     MOE_CHECK(c->router != MOE_ROUTER_EXPERT_CHOICE || c->capacity_factor >= 0,
           "expert-choice routing needs moe-expert-capacity-factor >= 0 (got %g)", c->capacity_factor);
+    MOE_CHECK(c->router != MOE_ROUTER_EXPERT_CHOICE || c->eval_capacity_factor >= 0,
+          "expert-choice routing needs moe-eval-capacity-factor >= 0 (got %g)",
+          c->eval_capacity_factor);
     MOE_CHECK(c->router != MOE_ROUTER_EXPERT_CHOICE || !c->pad_to_capacity,
           "moe-pad-expert-input-to-capacity does not apply to expert-choice routing");
     MOE_CHECK(!c->pad_to_capacity || c->capacity_factor != 0,

@@ -29,19 +29,23 @@ int64_t moe_capacity_ceil(float cf, int64_t Tv, int k, int E) {
     return (int64_t)((a + b - 1) / b);
 }
 
-int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const int64_t *counts) {
-    if (c->capacity_factor == 0 || Tv == 0) return 0;
-    int64_t C = moe_capacity_ceil(fabsf(c->capacity_factor), Tv, k, c->n_experts);
+float moe_capacity_factor(const moe_layer_config *c, int training) {
+    return !training && c->eval_capacity_factor != 0 ? c->eval_capacity_factor : c->capacity_factor;
+}
+
+int moe_dispatch_capacity(const moe_layer_config *c, float cf, int64_t Tv, int k,
+                          const int64_t *counts) {
+    if (cf == 0 || Tv == 0) return 0;
+    int64_t C = moe_capacity_ceil(fabsf(cf), Tv, k, c->n_experts);
     if (C < c->min_capacity) C = c->min_capacity;
-    if (c->capacity_factor > 0 || !counts) return (int)(C < Tv ? C : Tv);
+    if (cf > 0 || !counts) return (int)(C < Tv ? C : Tv);
     int64_t mx = 0;
     for (int e = 0; e < c->n_experts; e++) mx = counts[e] > mx ? counts[e] : mx;
     return (int)(C < mx ? C : mx);
 }
 
-int moe_expert_choice_capacity(const moe_layer_config *c, int64_t Tv, int k) {
-    int64_t C = moe_capacity_ceil(c->capacity_factor > 0 ? c->capacity_factor : 1.0f, Tv, k,
-                                  c->n_experts);
+int moe_expert_choice_capacity(const moe_layer_config *c, float cf, int64_t Tv, int k) {
+    int64_t C = moe_capacity_ceil(cf > 0 ? cf : 1.0f, Tv, k, c->n_experts);
     return (int)(C < Tv ? C : Tv);
 }
 
@@ -95,16 +99,17 @@ void moe_dispatch_plan(moe_layer *L) {
     /* each rank's own tokens, under data and expert parallelism too: the decisions of one
      * process with that micro-batch (Megatron-Core's) */
     if (c->router != MOE_ROUTER_EXPERT_CHOICE) {
-        st->capacity = moe_dispatch_capacity(c, st->Tv, st->k, st->counts);
+        float cf = moe_capacity_factor(c, st->training);
+        st->capacity = moe_dispatch_capacity(c, cf, st->Tv, st->k, st->counts);
         const float *key = st->slot_w;
-        if (c->capacity_factor != 0 && c->drop_policy == MOE_DROP_RANDOM) {
+        if (cf != 0 && c->drop_policy == MOE_DROP_RANDOM) {
             /* DeepSpeed's random token selection: a priority in [0, 1) for each slot */
             uint64_t stream = moe_rng_stream(MOE_RNG_RTS, (uint64_t)c->layer_id, st->step, 0);
             for (int s = 0; s < S; s++)
                 st->rts_key[s] = moe_rng_uniform(c->seed, stream, (uint64_t)s);
             key = st->rts_key;
         }
-        if (c->capacity_factor != 0)
+        if (cf != 0)
             moe_capacity_keep(st->T, st->k, E, st->capacity, c->drop_policy, st->slot_expert,
                               key, st->slot_kept, st->scratch);
     }

@@ -10,18 +10,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Slots and rows one call with T tokens and top-k needs at most. */
+/* Slots and rows one call with T tokens and top-k needs at most, in training or not. */
 static void call_sizes(const moe_layer_config *c, int T, int k, size_t *S, size_t *R) {
     size_t E = (size_t)c->n_experts;
-    /* the capacities of T tokens (a call's valid tokens are at most T), as dispatch computes
-     * them */
-    if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
-        *S = *R = E * (size_t)moe_expert_choice_capacity(c, T, k);
-        return;
+    *S = *R = c->router == MOE_ROUTER_EXPERT_CHOICE ? 0 : (size_t)T * k;
+    for (int training = 0; training < 2; training++) {
+        /* the capacities of T tokens (a call's valid tokens are at most T), as dispatch
+         * computes them */
+        float cf = moe_capacity_factor(c, training);
+        if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
+            size_t C = (size_t)moe_expert_choice_capacity(c, cf, T, k);
+            if (E * C > *S) *S = *R = E * C;
+        } else if (c->pad_to_capacity) {
+            size_t C = (size_t)moe_dispatch_capacity(c, cf, T, k, NULL);
+            if (E * C > *R) *R = E * C;
+        }
     }
-    *S = *R = (size_t)T * k;
-    size_t C = c->pad_to_capacity ? (size_t)moe_dispatch_capacity(c, T, k, NULL) : 0;
-    if (E * C > *R) *R = E * C;
 }
 
 /* Carves the workspace for up to Tm tokens and top-k: from *a what a forward leaves for its

@@ -200,9 +200,12 @@ void moe_dispatch_plan(moe_layer *L);
 int64_t moe_capacity_ceil(float cf, int64_t Tv, int k, int E);
 /* The capacity of Tv valid tokens (0: dropless); dynamic capacity (cf < 0) is capped by the
  * largest of counts[E], or with counts NULL not (the bound a workspace plans for). */
-int moe_dispatch_capacity(const moe_layer_config *c, int64_t Tv, int k, const int64_t *counts);
+int moe_dispatch_capacity(const moe_layer_config *c, float cf, int64_t Tv, int k,
+                          const int64_t *counts);
 /* Expert choice: the tokens each expert takes, min(Tv, ceil(cf' Tv k / E)), cf' = cf or 1. */
-int moe_expert_choice_capacity(const moe_layer_config *c, int64_t Tv, int k);
+int moe_expert_choice_capacity(const moe_layer_config *c, float cf, int64_t Tv, int k);
+/* The capacity factor of a call: outside training eval_capacity_factor where it is set. */
+float moe_capacity_factor(const moe_layer_config *c, int training);
 /* Clears kept[s] of the slots (s = t k + j) each expert drops under capacity C: candidates in
  * priority order by token (position policy), or by slot_key descending, stable over (j, t)
  * (probs: the weights; random: random priorities). scratch: E + 1 + 2 T k. */

@@ -250,17 +250,24 @@ static int64_t capacity_of(double cf, int64_t Tv, int k, int E) {
     return (int64_t)ceil(fabs(cf) * (double)Tv * k / E * (1 - 1e-6));
 }
 
+/* The capacity factor of a call: outside training DeepSpeed's eval_capacity_factor, if set. */
+static double capacity_factor(const moe_layer_config *c, int training) {
+    return training || c->eval_capacity_factor == 0 ? c->capacity_factor : c->eval_capacity_factor;
+}
+
 /* §6 keeps at most C slots per expert. */
-static void apply_capacity(const moe_layer_config *c, ref_result *r, int T, uint64_t step) {
+static void apply_capacity(const moe_layer_config *c, ref_result *r, int T, uint64_t step,
+                           int training) {
     int E = c->n_experts, k = r->k;
-    if (c->capacity_factor == 0 || r->Tv == 0) {
+    double cf = capacity_factor(c, training);
+    if (cf == 0 || r->Tv == 0) {
         for (int s = 0; s < r->n_slots; s++) r->kept[s] = r->expert[s] >= 0;
         r->capacity = 0;
         return;
     }
-    int64_t C = capacity_of(c->capacity_factor, r->Tv, k, E);
+    int64_t C = capacity_of(cf, r->Tv, k, E);
     if (C < c->min_capacity) C = c->min_capacity;
-    if (c->capacity_factor > 0) {
+    if (cf > 0) {
         if (C > r->Tv) C = r->Tv;
     } else {
         int64_t mx = 0;
@@ -375,7 +382,7 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
     r->aux_counts = calloc((size_t)E, sizeof(int64_t));
     r->out = calloc((size_t)T * d, sizeof(double));
     if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
-        double cf = c->capacity_factor > 0 ? c->capacity_factor : 1;
+        double cf = capacity_factor(c, a->training) > 0 ? capacity_factor(c, a->training) : 1;
         int64_t C = r->Tv ? capacity_of(cf, r->Tv, k, E) : 0;
         if (C > r->Tv) C = r->Tv;
         r->capacity = (int)C;
@@ -429,7 +436,7 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
             r->capacity = a->freeze->capacity;
             memcpy(r->kept, a->freeze->kept, (size_t)r->n_slots);
         } else {
-            apply_capacity(c, r, T, a->step);
+            apply_capacity(c, r, T, a->step, a->training);
         }
     }
     for (int s = 0; s < r->n_slots; s++)
