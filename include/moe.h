@@ -148,6 +148,8 @@ typedef struct {
     float random_routing_threshold;
     int sample_second;      /* training, k = 2: the second choice sampled from the softmax
                              * without the first (DeepSpeed's top2_2nd_expert_sampling) */
+    int sample_first;       /* training, k = 1: the choice sampled from the softmax (DeepSpeed's
+                             * noisy_gate_policy 'RSample') */
     float fake_noise;       /* fake balanced gate */
     int fake_skip_first;    /* fake balanced gate: experts 0..n-1 get nothing */
     float sinkhorn_tol;

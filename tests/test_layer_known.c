@@ -239,6 +239,13 @@ static void test_capacity_positions(void **state) {
     }
 }
 
+/* T tokens with the logits (top, 1, 0, -1) each (malloc'ed) */
+static float *same_logits(int T, float top) {
+    float *z = malloc(sizeof(float) * (size_t)T * 4);
+    for (int t = 0; t < T; t++) z[t * 4] = top, z[t * 4 + 1] = 1, z[t * 4 + 2] = 0, z[t * 4 + 3] = -1;
+    return z;
+}
+
 /* DeepSpeed's sampled second choice: every token has logits (3, 1, 0, -1), so its first choice
  * is expert 0 and its second a draw from the softmax of the others, e^1 : e^0 : e^-1 = 0.665 :
  * 0.245 : 0.090 (each share within 4.5 standard deviations over 4000 tokens); the ordinary
@@ -249,8 +256,7 @@ static void test_sample_second(void **state) {
     moe_layer_config c = identity_config(4, 2);
     c.sample_second = 1;
     moe_layer *L = make_layer(&c, T);
-    float *z = malloc(sizeof(float) * T * 4);
-    for (int t = 0; t < T; t++) z[t * 4] = 3, z[t * 4 + 1] = 1, z[t * 4 + 2] = 0, z[t * 4 + 3] = -1;
+    float *z = same_logits(T, 3);
     moe_forward_args a = moe_forward_args_default();
     const moe_routing *r = route(L, z, T, &a);
     int n[4] = {0};
@@ -268,6 +274,34 @@ static void test_sample_second(void **state) {
     a.training = 0;
     r = route(L, z, T, &a);
     for (int t = 0; t < T; t++) assert_int_equal(r->expert[t * 2 + 1], 1);
+    free(z);
+    moe_layer_destroy(L);
+}
+
+/* DeepSpeed's noisy_gate_policy 'RSample': with logits (2, 1, 0, -1) for every token the top-1
+ * choice is a draw from the softmax over all experts, e^2 : e^1 : e^0 : e^-1 (each share within
+ * 4.5 standard deviations over 4000 tokens); the argmax outside training. */
+static void test_sample_first(void **state) {
+    (void)state;
+    enum { T = 4000 };
+    moe_layer_config c = identity_config(4, 1);
+    c.sample_first = 1;
+    c.pre_softmax = 1;
+    moe_layer *L = make_layer(&c, T);
+    float *z = same_logits(T, 2);
+    moe_forward_args a = moe_forward_args_default();
+    const moe_routing *r = route(L, z, T, &a);
+    int n[4] = {0};
+    for (int t = 0; t < T; t++) n[r->expert[t]]++;
+    double s = exp(2) + exp(1) + exp(0) + exp(-1);
+    for (int e = 0; e < 4; e++) {
+        double want = exp(2 - e) / s, f = (double)n[e] / T, sd = sqrt(want * (1 - want) / T);
+        if (!(fabs(f - want) < 4.5 * sd))
+            fail_msg("expert %d chosen %.4f of the time, expected %.4f", e, f, want);
+    }
+    a.training = 0;
+    r = route(L, z, T, &a);
+    for (int t = 0; t < T; t++) assert_int_equal(r->expert[t], 0);
     free(z);
     moe_layer_destroy(L);
 }
@@ -520,6 +554,7 @@ int main(void) {
         cmocka_unit_test(test_group_score_max), cmocka_unit_test(test_pre_post_softmax),
         cmocka_unit_test(test_ties_lower_index),       cmocka_unit_test(test_sinkhorn),
         cmocka_unit_test(test_sample_second),
+        cmocka_unit_test(test_sample_first),
         cmocka_unit_test(test_capacity_positions),     cmocka_unit_test(test_capacity_arithmetic),
         cmocka_unit_test(test_capacity_ceil),
         cmocka_unit_test(test_fake_round_robin),       cmocka_unit_test(test_bias_update_sign),

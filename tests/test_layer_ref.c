@@ -63,6 +63,8 @@ CASE(jitter_inference, { c->jitter_eps = 0.1f; a->training = 0; })
 CASE(sample_second, { c->sample_second = 1; a->training = 1; })
 CASE(sample_second_pre, { c->sample_second = 1; c->pre_softmax = 1; a->training = 1; })
 CASE(sample_second_eval, { c->sample_second = 1; a->training = 0; })
+CASE(sample_first, { c->sample_first = 1; c->topk = 1; c->pre_softmax = 1; a->training = 1; })
+CASE(sample_first_eval, { c->sample_first = 1; c->topk = 1; c->pre_softmax = 1; a->training = 0; })
 CASE(random_routing, { c->random_routing = 1; c->random_routing_threshold = 0.4f; c->topk = 3; })
 CASE(sinkhorn_k1, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->topk = 1; })
 CASE(sinkhorn_k2, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->z_coeff = 0.01f; })
@@ -102,7 +104,7 @@ static const grid_case cases[] = {
     C(cap_random), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(eval_cf), C(eval_cf_training), C(eval_cf_dynamic), C(eval_cf_pad),
     C(eval_cf_inherit), C(expert_choice_eval_cf), C(aux), C(aux_sigmoid), C(seq_aux),
     C(zloss), C(jitter), C(jitter_inference), C(random_routing), C(sample_second),
-    C(sample_second_pre), C(sample_second_eval), C(sinkhorn_k1), C(sinkhorn_k2),
+    C(sample_second_pre), C(sample_second_eval), C(sample_first), C(sample_first_eval), C(sinkhorn_k1), C(sinkhorn_k2),
     C(sinkhorn_inference), C(expert_choice), C(expert_choice_cf), C(fake_round_robin),
     C(fake_noise), C(act_geglu), C(act_relu2), C(act_gelu), C(act_silu), C(linear_bias),
     C(shared), C(shared_gate_bias), C(residual), C(router_fp64), C(many_experts), C(many_experts_pre_aux),

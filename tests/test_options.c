@@ -226,6 +226,24 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(parse(&o, clash, 4), MOE_OK);
     expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), "moe-router-type is expert_choice");
 
+    /* DeepSpeed's noisy_gate_policy: Jitter is the jitter of 0.01, RSample the sampled top-1 */
+    const char *jit[] = {"--noisy_gate_policy", "Jitter"};
+    assert_int_equal(parse(&o, jit, 2), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_true(o.layer.jitter_eps == 0.01f && !o.layer.sample_first);
+    const char *jit2[] = {"--noisy-gate-policy", "jitter", "--moe-input-jitter-eps", "0.2"};
+    assert_int_equal(parse(&o, jit2, 4), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN),
+                 "Jitter is moe-input-jitter-eps 0.01, but it is 0.2");
+    const char *rs[] = {"--noisy-gate-policy", "RSample", "--moe-router-topk", "1",
+                        "--moe-router-pre-softmax"};
+    assert_int_equal(parse(&o, rs, 5), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_true(o.layer.sample_first && o.layer.jitter_eps == 0);
+    assert_int_equal(parse(&o, rs, 2), MOE_OK); /* top-2 (the default): refused */
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN),
+                 "RSample is DeepSpeed's top-1 gate");
+
     const char *fake[] = {"--moe-router-force-load-balancing"};
     assert_int_equal(parse(&o, fake, 1), MOE_OK);
     assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);

@@ -251,7 +251,7 @@ static moe_status check_supported(const moe_layer_config *c) {
     else if (c->capacity_factor != 0 || c->eval_capacity_factor != 0 || c->pad_to_capacity)
         no = "capacity factors (token dropping)";
     else if (c->random_routing) no = "random routing";
-    else if (c->sample_second) no = "a sampled second choice";
+    else if (c->sample_second || c->sample_first) no = "sampled choices (Gumbel noise)";
     else if (c->jitter_eps > 0) no = "input jitter";
     else if (c->residual) no = "Residual-MoE";
     else if (c->expert_bias) no = "biases in the expert layers";

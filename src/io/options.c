@@ -76,6 +76,8 @@ static const opt_choice drop_choices[] = {
     {NULL, 0}};
 static const opt_choice dtype_choices[] = {{"fp32", 0}, {"fp64", 1}, {NULL, 0}};
 static const opt_choice rmsnorm_choices[] = {{"RMSNorm", 0}, {NULL, 0}};
+static const opt_choice noisy_choices[] = {
+    {"none", 0}, {"Jitter", 1}, {"RSample", 2}, {NULL, 0}};
 static const opt_choice rope_choices[] = {{"rope", 0}, {NULL, 0}};
 static const opt_choice lr_choices[] = {
     {"cosine", MOE_LR_COSINE}, {"linear", MOE_LR_LINEAR}, {"constant", MOE_LR_CONSTANT}, {NULL, 0}};
@@ -162,6 +164,9 @@ static const opt_def opts[] = {
      "Sinkhorn iteration limit", 0},
     {"moe-input-jitter-eps", NULL, OPT_FLOAT, L(jitter_eps), 0, 0.999999, NULL, ROUTER,
      "multiply the router input by U(1-eps, 1+eps) in training (0 = off)", 0},
+    {"moe-noisy-gate-policy", "noisy-gate-policy", OPT_ENUM, O(noisy_gate), 0, 0, noisy_choices,
+     ROUTER, "DeepSpeed's: Jitter is moe-input-jitter-eps 0.01; RSample (top-1, softmax, "
+     "training) takes the argmax of the logits plus Gumbel noise, a draw from the softmax", 0},
 
     {"moe-router-load-balancing-type", NULL, OPT_ENUM, O(lb_choice), 0, 0, lb_choices, BALANCE,
      "balancing loss (sinkhorn selects the Sinkhorn router instead)", 0},
@@ -963,6 +968,14 @@ moe_status moe_options_finish(moe_options *o, int parts) {
                                  "moe-expert-linear-bias true");
         c->expert_bias = 0;
     }
+    /* DeepSpeed's noisy_gate_policy: its jitter, or the sampled first choice */
+    if (o->noisy_gate == 1 && c->jitter_eps != 0.01f) {
+        if (given(o, L(jitter_eps)))
+            return moe_set_error(MOE_ERR_INVALID, "moe-noisy-gate-policy Jitter is "
+                                 "moe-input-jitter-eps 0.01, but it is %g", c->jitter_eps);
+        c->jitter_eps = 0.01f;
+    }
+    c->sample_first = o->noisy_gate == 2;
     if (o->force_lb) {
         if ((router_given && c->router != MOE_ROUTER_FAKE_BALANCED) ||
             o->lb_choice == MOE_LB_CHOICE_SINKHORN)

@@ -121,6 +121,11 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
                                      c->n_groups == 1),
           "moe-router-sample-second is DeepSpeed's top-2 gate: it needs the topk router, "
           "moe-router-topk 2 and softmax scores, without the expert bias or groups");
+    MOE_CHECK(!c->sample_first || (c->router == MOE_ROUTER_TOPK && c->topk == 1 &&
+                                    c->score == MOE_SCORE_SOFTMAX && !c->enable_expert_bias &&
+                                    c->n_groups == 1),
+          "moe-noisy-gate-policy RSample is DeepSpeed's top-1 gate: it needs the topk router, "
+          "moe-router-topk 1 and softmax scores, without the expert bias or groups");
     MOE_CHECK(!bad_float(c->fake_noise) && c->fake_noise >= 0 && c->fake_noise <= 1,
           "moe-fake-gate-noise must be in [0, 1] (got %g)", c->fake_noise);
     MOE_CHECK(c->fake_skip_first >= 0 && c->fake_skip_first < c->n_experts,

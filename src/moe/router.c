@@ -192,6 +192,7 @@ static void select_tokens(void *ctx, int t0, int t1) {
     int E = c->n_experts, k = st->k, sinkhorn = a->sinkhorn, fake = a->fake, A = a->A;
     uint64_t fstream = a->fstream, rstream = a->rstream;
     int sample2 = c->sample_second && st->training && k == 2;
+    int sample1 = c->sample_first && st->training && k == 1;
     const double *gnoise = a->gnoise;
     double rthr = a->rthr;
     const int32_t *vpos = a->vpos;
@@ -247,14 +248,16 @@ static void select_tokens(void *ctx, int t0, int t1) {
             }
         }
         moe_topk_desc(E, keys, k, idx);
-        if (sample2) { /* DeepSpeed's top2_2nd_expert_sampling: argmax of z + Gumbel noise
-                        * over the experts but the first, a draw from their softmax */
+        if (sample1 || sample2) { /* DeepSpeed's noisy_gate_policy 'RSample' (k = 1) and
+                                   * top2_2nd_expert_sampling: the last choice the argmax of z
+                                   * + Gumbel noise over the other experts, a draw from their
+                                   * softmax */
             double best = -INFINITY;
             for (int e = 0; e < E; e++) {
-                if (e == idx[0]) continue;
+                if (sample2 && e == idx[0]) continue;
                 double u = moe_rng_uniform64(c->seed, a->gstream, (uint64_t)t * E + e),
                        g = z[e] - log(-log(u));
-                if (g > best) best = g, idx[1] = e;
+                if (g > best) best = g, idx[k - 1] = e;
             }
         }
         double qs = 0;

@@ -97,13 +97,14 @@ static void route_token(const moe_layer_config *c, const ref_args *a, const doub
             sel[j] = argmax_free(key, taken, E);
             taken[sel[j]] = 1;
         }
-        if (c->sample_second && a->training && k == 2) {
-            /* the second: the largest logit plus Gumbel noise -log(-log(u)) among the others */
+        int s2 = c->sample_second && a->training && k == 2;
+        if (s2 || (c->sample_first && a->training && k == 1)) {
+            /* the last: the largest logit plus Gumbel noise -log(-log(u)) among the others */
             uint64_t gs = moe_rng_stream(MOE_RNG_GUMBEL, (uint64_t)c->layer_id, a->step, 0);
             double best = -INFINITY;
             for (int e = 0; e < E; e++) {
                 double g = z[e] - log(-log(moe_rng_uniform64(c->seed, gs, (uint64_t)t * E + e)));
-                if (e != sel[0] && g > best) best = g, sel[1] = e;
+                if (!(s2 && e == sel[0]) && g > best) best = g, sel[k - 1] = e;
             }
         }
         free(taken);
