@@ -36,6 +36,18 @@ expect 2 "$moe" demo --config "$tmp/missing.cfg"
 expect 0 "$moe" demo --tokens 96 --iters 2 --num-experts 4 --moe-router-topk 2 \
   --moe-expert-capacity-factor 1.0 --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001
 grep -q "tokens per expert" "$tmp/out" && grep -q "GFLOP/s" "$tmp/out" || fail "demo output: $(cat "$tmp/out")"
+# train's --print-config keeps what the run was given for itself (its processes, device,
+# actions; not written into checkpoints), but itself, and reads back as the same file
+expect 0 "$moe" train --exit-interval 5 --expert-model-parallel-size 2 \
+  --moe-token-dispatcher-type allgather --max-position-embeddings 512 --print-config
+cp "$tmp/out" "$tmp/run.cfg"
+for k in "exit-interval = 5" "expert-model-parallel-size = 2" "moe-token-dispatcher-type = allgather" \
+  "max-position-embeddings = 512"; do
+  grep -q "^$k$" "$tmp/run.cfg" || fail "print-config without $k: $(cat "$tmp/run.cfg")"
+done
+grep -q "^print-config" "$tmp/run.cfg" && fail "print-config writes itself"
+expect 0 "$moe" train --config "$tmp/run.cfg" --print-config
+cmp -s "$tmp/out" "$tmp/run.cfg" || fail "train --print-config does not round-trip"
 for cfg in "$src"/configs/*.cfg; do # every example config is valid
   expect 0 "$moe" train --config "$cfg" --print-config
 done
@@ -56,6 +68,11 @@ done
 # name is not an alias, so a copied key is refused rather than silently change the experts
 expect 2 "$moe" train --hidden-act silu --print-config
 grep -q "unknown option --hidden-act" "$tmp/out" || fail "hidden-act: $(cat "$tmp/out")"
+# a blend's form is a usage error, said before any file is read
+expect 2 "$moe" train --data-path "0.3 $tmp/x $tmp/y" --train-iters 1
+grep -q "'$tmp/y' is not a positive weight" "$tmp/out" || fail "blend form: $(cat "$tmp/out")"
+expect 2 "$moe" train --data-path "1 $tmp/x 2" --train-iters 1
+grep -q "the weight 2 has no directory after it" "$tmp/out" || fail "blend form: $(cat "$tmp/out")"
 # an lr below the default min-lr: refused with the flag named where the lr decays to min-lr,
 # taken with the constant style, which never reaches it
 unused "moe train: min-lr (0.0003) must be between 0 and lr (0.0001): --min-lr sets it (default 3e-4)" \

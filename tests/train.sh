@@ -168,6 +168,10 @@ expect 2 "$moe" train --finetune --data-path "$tmp/data"
 grep -q "finetune is about the checkpoint given with --load" "$tmp/out" || fail "$(cat "$tmp/out")"
 expect 2 "$moe" train --load "$tmp/b" --finetune --init-from "$tmp/bhf" --save "$tmp/fb"
 grep -q "not both" "$tmp/out" || fail "finetune and init-from: $(cat "$tmp/out")"
+# a run given where a Hugging Face directory belongs says how to give it
+expect 1 "$moe" train --init-from "$tmp/fm/step-00000003" --save "$tmp/fb"
+grep -q "is a moe run or checkpoint (.*), not a Hugging Face model directory: give it with --load" \
+  "$tmp/out" || fail "init-from a run: $(cat "$tmp/out")"
 # DeepSpeed's eval_capacity_factor: evaluation with a factor of E/k (here 2) drops nothing (the
 # dropless run's figures), with 0.5 it drops; a run trained with a capacity converts to a
 # Hugging Face model (which never drops) only with an evaluation factor that drops nothing
@@ -730,6 +734,10 @@ grep -q "^eval step 1 | val nll .* nats/token (.* bits/token)$" "$tmp/out" &&
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --vocab-size 100
 grep -q "vocabulary (257) is larger than the model's (100)" "$tmp/out" || fail "vocabulary mismatch: $(cat "$tmp/out")"
+# eval of a blend names the dataset whose tokens the model does not take
+expect 1 "$moe" eval --load "$tmp/a" --data-path 1 "$tmp/data" 1 "$tmp/d300"
+grep -q "$tmp/d300/val.bin: .*vocabulary (300) is larger than the model's (257)" "$tmp/out" ||
+  fail "eval of a blend with another vocabulary: $(cat "$tmp/out")"
 # a model of other than byte tokens trains without a text sample, and generate --load refuses it
 # shellcheck disable=SC2086
 expect 0 "$moe" train $tiny --train-iters 2 --vocab-size 300 --save "$tmp/v300"

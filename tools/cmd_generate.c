@@ -196,7 +196,11 @@ static moe_status eval_file(moe_model *m, const moe_options *o, const char *path
     else if (s == MOE_OK && data.n_tokens <= S)
         s = moe_set_error(MOE_ERR_INVALID, "%s holds %lld tokens: seq-length %d needs at least "
                           "%d", path, (long long)data.n_tokens, S, S + 1);
-    if (s == MOE_OK) s = moe_trainer_check_data(&o->model, &data, NULL);
+    if (s == MOE_OK && moe_trainer_check_data(&o->model, &data, NULL) != MOE_OK) {
+        char why[512]; /* which file of a blend */
+        snprintf(why, sizeof why, "%s", moe_last_error());
+        s = moe_set_error(MOE_ERR_INVALID, "%s: %s", path, why);
+    }
     int32_t *tok = malloc(sizeof(int32_t) * (size_t)B * S), *tgt = malloc(sizeof(int32_t) * (size_t)B * S);
     if (s == MOE_OK && (!tok || !tgt)) s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
     int64_t windows = s == MOE_OK ? (data.n_tokens - 1) / S : 0;

@@ -371,6 +371,11 @@ static moe_status read_json(const char *dir, const char *name, char *path, size_
 
 /* DIR/config.json. */
 static moe_status read_config(const char *dir, char *path, size_t cap, cJSON **out) {
+    const char *run = moe_file_exists(dir, "config.json") ? NULL : moe_checkpoint_run_marker(dir);
+    if (run) /* the other way round from --load of a model directory */
+        return moe_set_error(MOE_ERR_INVALID, "%s is a moe run or checkpoint (%s), not a Hugging "
+                             "Face model directory: give it with --load (moe train: --load RUN "
+                             "--finetune)", dir, run);
     return read_json(dir, "config.json", path, cap, out);
 }
 

@@ -3,6 +3,7 @@
 #include "io/options.h"
 
 #include "core/core.h"
+#include "io/data.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -36,9 +37,9 @@ typedef struct {
     const opt_choice *choices; /* OPT_ENUM: terminated by a NULL name */
     unsigned section;          /* one MOE_SEC_* bit */
     const char *help;
-    int transient; /* an action, not a setting: not written by moe_options_write (START:
-                    * written by moe_options_print_config when set, as what the run starts
-                    * from; not into checkpoints, where resuming would start over) */
+    int transient; /* of this run alone (an action, its starting point, its processes): not
+                    * written into checkpoints by moe_options_write; moe_options_print_config
+                    * writes it when given */
 } opt_def;
 
 _Static_assert(sizeof(moe_activation) == sizeof(int) && sizeof(moe_router_type) == sizeof(int) &&
@@ -82,7 +83,6 @@ static const opt_choice rope_choices[] = {{"rope", 0}, {NULL, 0}};
 static const opt_choice lr_choices[] = {
     {"cosine", MOE_LR_COSINE}, {"linear", MOE_LR_LINEAR}, {"constant", MOE_LR_CONSTANT}, {NULL, 0}};
 
-#define START 2 /* opt_def.transient: the run's starting point (init-from, finetune) */
 #define L(field) offsetof(moe_options, layer.field)
 #define O(field) offsetof(moe_options, field)
 #define M(field) offsetof(moe_options, model.field)
@@ -319,12 +319,12 @@ static const opt_def opts[] = {
      "deepseek_v3)", 1},
     {"init-from", NULL, OPT_STRING, O(init_from), 0, 0, NULL, FILES,
      "moe train: start from a Hugging Face model directory (its config.json, then these flags; "
-     "its weights)", START},
+     "its weights)", 1},
     {"finetune", NULL, OPT_BOOL, O(finetune), 0, 1, NULL, FILES,
      "with --load: start a new run from the checkpoint's weights (step 0, new Adam moments; its "
-     "options, then these flags; saves need another --save)", START},
+     "options, then these flags; saves need another --save)", 1},
     {"no-load-optim", NULL, OPT_BOOL, O(no_load_optim), 0, 1, NULL, FILES,
-     "with --load: go on from the checkpoint's step with new Adam moments", START},
+     "with --load: go on from the checkpoint's step with new Adam moments", 1},
     {"no-load-rng", NULL, OPT_BOOL, O(mg_noop), 0, 1, NULL, FILES, "Megatron's, accepted with "
      "no effect: the random streams derive from the seed and the step, not from saved state", 1},
     {"ids", NULL, OPT_STRING, O(ids), 0, 0, NULL, FILES,
@@ -1045,6 +1045,12 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     if ((parts & MOE_OPTIONS_MODEL) && (long long)o->train.micro_batch * o->model.seq_len > 1 << 30)
         return moe_set_error(MOE_ERR_INVALID, "micro-batch-size (%d) x seq-length (%d) exceeds "
                              "2^30 tokens per micro-batch", o->train.micro_batch, o->model.seq_len);
+    if (o->data_path[0]) { /* a blend's form, before any file is read */
+        char buf[MOE_PATH_MAX], *dirs[MOE_BLEND_MAX];
+        double weight[MOE_BLEND_MAX];
+        int n;
+        MOE_TRY(moe_data_spec(o->data_path, buf, sizeof buf, dirs, weight, &n, NULL));
+    }
     return MOE_OK;
 }
 
@@ -1088,13 +1094,14 @@ static void format_value(char *buf, size_t cap, const moe_options *o, const opt_
     }
 }
 
-/* The settings, and with start the run's starting point where it is set. */
+/* The settings, and with start the options of this run alone that were given. */
 static void write_options(FILE *f, const moe_options *o, int start) {
     unsigned section = 0;
     for (int i = 0; i < N_OPTS; i++) {
-        const void *v0 = (const char *)o + opts[i].offset;
-        int set = opts[i].type == OPT_STRING ? *(const char *)v0 != '\0' : *(const int *)v0 != 0;
-        if (opts[i].transient && !(start && opts[i].transient == START && set)) continue;
+        /* print-config: what this run was given besides, but itself (a file that reads back) */
+        if (opts[i].transient && !(start && o->given[i] &&
+                                   opts[i].offset != offsetof(moe_options, print_config)))
+            continue;
         if (section != opts[i].section) {
             section = opts[i].section;
             fprintf(f, "%s# %s\n", i ? "\n" : "", section_name(section));
