@@ -102,6 +102,8 @@ typedef enum {
     MOE_DROP_PROBS = 0,    /* per expert, keep the C slots with the largest routing weight */
     MOE_DROP_POSITION = 1, /* keep the C slots of the earliest tokens, whichever choice */
     MOE_DROP_RANDOM = 2,   /* keep C slots by a random priority (DeepSpeed's use_rts) */
+    MOE_DROP_CHOICE = 3,   /* by position, every first choice before any second one (GShard's,
+                            * DeepSpeed's top-2) */
 } moe_drop_policy;
 
 typedef enum {

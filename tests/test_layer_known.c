@@ -221,16 +221,23 @@ static void test_capacity_positions(void **state) {
     c.capacity_factor = 0.5f;
     const float z[8] = {1, 0, 0, 1, 1, 0, 2, 0};
     moe_forward_args a = moe_forward_args_default();
-    /* slots t*2 + j */
-    const uint8_t position[8] = {1, 1, 1, 1, 0, 0, 0, 0}, probs[8] = {1, 1, 1, 0, 0, 0, 1, 0};
-    for (int pol = 0; pol < 2; pol++) {
-        c.drop_policy = pol ? MOE_DROP_PROBS : MOE_DROP_POSITION;
+    /* slots t*2 + j; by choice, expert 0 takes the first choices of tokens 0, 2 (3 is late)
+     * before token 1's second, expert 1 token 1's first before token 0's second */
+    const struct {
+        moe_drop_policy policy;
+        const char *name;
+        uint8_t want[8];
+    } pols[] = {{MOE_DROP_POSITION, "position", {1, 1, 1, 1, 0, 0, 0, 0}},
+                {MOE_DROP_PROBS, "probs", {1, 1, 1, 0, 0, 0, 1, 0}},
+                {MOE_DROP_CHOICE, "position-by-choice", {1, 1, 1, 0, 1, 0, 0, 0}}};
+    for (int pol = 0; pol < 3; pol++) {
+        c.drop_policy = pols[pol].policy;
         moe_layer *L = make_layer(&c, 4);
         const moe_routing *r = route(L, z, 4, &a);
-        const uint8_t *want = pol ? probs : position;
         for (int s = 0; s < 8; s++)
-            if (r->kept[s] != want[s])
-                fail_msg("%s: slot %d kept %d, expected %d", pol ? "probs" : "position", s, r->kept[s], want[s]);
+            if (r->kept[s] != pols[pol].want[s])
+                fail_msg("%s: slot %d kept %d, expected %d", pols[pol].name, s, r->kept[s],
+                         pols[pol].want[s]);
         const moe_layer_stats *st = moe_layer_get_stats(L);
         assert_int_equal(st->capacity, 2);
         assert_int_equal(st->dropped, 4);

@@ -43,6 +43,8 @@ CASE(per_call_topk, a->topk = 4)
 CASE(cap_probs, c->capacity_factor = 1.0f)
 CASE(cap_position, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_POSITION; })
 CASE(cap_random, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_RANDOM; })
+CASE(cap_by_choice, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_CHOICE; })
+CASE(cap_by_choice_k3, { c->capacity_factor = 0.6f; c->drop_policy = MOE_DROP_CHOICE; c->topk = 3; })
 CASE(cap_min, { c->capacity_factor = 0.5f; c->min_capacity = 5; })
 CASE(cap_dynamic, c->capacity_factor = -1.5f)
 CASE(cap_pad, { c->capacity_factor = 1.25f; c->pad_to_capacity = 1; })
@@ -101,7 +103,7 @@ static const grid_case cases[] = {
     C(softmax_post), C(softmax_pre), C(sigmoid), C(sqrtsoftplus_norm_on),
     C(sigmoid_norm_off_scaled), C(softmax_norm_on), C(groups_deepseek), C(groups_softmax),
     C(groups_score_max), C(expert_bias_softmax), C(top1), C(top_all), C(per_call_topk), C(cap_probs), C(cap_position),
-    C(cap_random), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(eval_cf), C(eval_cf_training), C(eval_cf_dynamic), C(eval_cf_pad),
+    C(cap_random), C(cap_by_choice), C(cap_by_choice_k3), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(eval_cf), C(eval_cf_training), C(eval_cf_dynamic), C(eval_cf_pad),
     C(eval_cf_inherit), C(expert_choice_eval_cf), C(aux), C(aux_sigmoid), C(seq_aux),
     C(zloss), C(jitter), C(jitter_inference), C(random_routing), C(sample_second),
     C(sample_second_pre), C(sample_second_eval), C(sample_first), C(sample_first_eval), C(sinkhorn_k1), C(sinkhorn_k2),

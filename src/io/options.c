@@ -73,7 +73,8 @@ static const opt_choice lb_choices[] = {{"aux_loss", MOE_LB_AUX},
                                         {"none", MOE_LB_NONE},
                                         {NULL, 0}};
 static const opt_choice drop_choices[] = {
-    {"probs", MOE_DROP_PROBS}, {"position", MOE_DROP_POSITION}, {"random", MOE_DROP_RANDOM},
+    {"probs", MOE_DROP_PROBS}, {"position", MOE_DROP_POSITION},
+    {"position-by-choice", MOE_DROP_CHOICE}, {"random", MOE_DROP_RANDOM},
     {NULL, 0}};
 static const opt_choice dtype_choices[] = {{"fp32", 0}, {"fp64", 1}, {NULL, 0}};
 static const opt_choice rmsnorm_choices[] = {{"RMSNorm", 0}, {NULL, 0}};
@@ -193,8 +194,9 @@ static const opt_def opts[] = {
     {"moe-min-capacity", "min-capacity", OPT_INT, L(min_capacity), 0, BIG, NULL, DISPATCH,
      "lower bound of the capacity", 0},
     {"moe-token-drop-policy", "drop-policy", OPT_ENUM, L(drop_policy), 0, 0, drop_choices,
-     DISPATCH, "which slots an over-full expert drops: lowest weight, latest token, or at "
-     "random (DeepSpeed's random token selection, use_rts)", 0},
+     DISPATCH, "which slots an over-full expert drops: lowest weight, latest token, latest token "
+     "of the latest choice (every first choice kept before any second: GShard's, DeepSpeed's "
+     "top-2), or at random (DeepSpeed's random token selection, use_rts)", 0},
     {"moe-pad-expert-input-to-capacity", NULL, OPT_BOOL, L(pad_to_capacity), 0, 1, NULL,
      DISPATCH, "every expert computes exactly capacity rows", 0},
 

@@ -73,8 +73,9 @@ void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
     for (int e = 0; e < E; e++) off[e + 1] += off[e];
     /* Candidates of each expert in priority order: position, by token (Megatron's and
      * DeepSpeed's topkgating: the tokens at the end of the batch are dropped, whichever choice
-     * the expert is for them); probs and random, (j, t) before the stable sort by the key (the
-     * weight, a random priority), so ties go to first choices. */
+     * the expert is for them); position by choice, by (j, t) (GShard's and DeepSpeed's
+     * top2gating: first choices before second ones); probs and random, (j, t) before the
+     * stable sort by the key (the weight, a random priority), so ties go to first choices. */
     int32_t *fill = tmp;
     for (int e = 0; e < E; e++) fill[e] = off[e];
     int by_token = policy == MOE_DROP_POSITION;
@@ -86,7 +87,8 @@ void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
     for (int e = 0; e < E; e++) {
         int n = off[e + 1] - off[e];
         int32_t *cand = list + off[e];
-        if (n > C && !by_token) sort_by_weight(cand, n, slot_key, tmp);
+        if (n > C && policy != MOE_DROP_POSITION && policy != MOE_DROP_CHOICE)
+            sort_by_weight(cand, n, slot_key, tmp);
         for (int i = C; i < n; i++) kept[cand[i]] = 0;
     }
 }

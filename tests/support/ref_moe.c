@@ -281,7 +281,8 @@ static void apply_capacity(const moe_layer_config *c, ref_result *r, int T, uint
         int64_t taken = 0;
         uint8_t *done = calloc((size_t)r->n_slots, 1);
         while (taken < C) {
-            /* position: the first remaining by token; probs: the largest weight; random
+            /* position: the first remaining by token; position by choice: by (j, t); probs:
+             * the largest weight; random
              * (DeepSpeed's use_rts): the largest priority U(0, 1) of slot s in the layer's and
              * step's stream; ties to the first in (j, t) order */
             uint64_t rts = moe_rng_stream(MOE_RNG_RTS, (uint64_t)c->layer_id, step, 0);
@@ -294,7 +295,8 @@ static void apply_capacity(const moe_layer_config *c, ref_result *r, int T, uint
                     double key = c->drop_policy == MOE_DROP_PROBS ? r->weight[s]
                                  : c->drop_policy == MOE_DROP_RANDOM
                                      ? moe_rng_uniform(c->seed, rts, (uint64_t)s)
-                                     : -s;
+                                 : c->drop_policy == MOE_DROP_CHOICE ? -(j * T + t)
+                                                                     : -s;
                     if (best < 0 || key > bk) best = s, bk = key;
                 }
             if (best < 0) break;
