@@ -53,7 +53,8 @@ typedef enum {
     MOE_RNG_DROPOUT = 6,
     MOE_RNG_SAMPLE = 7,   /* generation */
     MOE_RNG_RTS = 8,      /* random token selection: (layer, step, 0), index t*k + j */
-    MOE_RNG_GUMBEL = 9,   /* sampled second choice: (layer, step, 0), index t*E + e */
+    MOE_RNG_GUMBEL = 9,   /* sampled choices: (layer, step, 0), index t*E + e */
+    MOE_RNG_GATE_NOISE = 10, /* Tutel's gate noise: (layer, step, 0), index t*E + e */
 } moe_rng_purpose;
 
 uint64_t moe_rng_stream(moe_rng_purpose purpose, uint64_t a, uint64_t b, uint64_t c);
@@ -139,6 +140,7 @@ typedef struct {
     float aux_coeff;        /* aux loss coefficient */
     float z_coeff;          /* z-loss coefficient */
     float jitter_eps;       /* x * U(1-eps, 1+eps) on the router input in training; 0 = off */
+    float gate_noise;       /* logits + gate_noise * N(0, 1) / E in training (Tutel's); 0 = off */
 
     float capacity_factor;  /* 0 = dropless; > 0 fixed; < 0 dynamic, capped at |cf| */
     float eval_capacity_factor; /* outside training (DeepSpeed's); 0 = capacity_factor */

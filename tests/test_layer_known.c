@@ -313,6 +313,31 @@ static void test_sample_first(void **state) {
     moe_layer_destroy(L);
 }
 
+/* Tutel's gate noise: with equal logits, E = 2 and the softmax's top-1 weight w, the logits'
+ * noisy difference is ±log(w / (1 - w)) ~ N(0, 2 (g / E)^2); its mean square over 4000 tokens
+ * within 4.5 standard deviations (sqrt(2 / T) relative) of that; none outside training. */
+static void test_gate_noise(void **state) {
+    (void)state;
+    enum { T = 4000 };
+    moe_layer_config c = identity_config(2, 1);
+    c.gate_noise = 3.0f;
+    c.pre_softmax = 1;
+    moe_layer *L = make_layer(&c, T);
+    float *z = malloc(sizeof(float) * T * 2);
+    for (int i = 0; i < 2 * T; i++) z[i] = 0.25f;
+    moe_forward_args a = moe_forward_args_default();
+    const moe_routing *r = route(L, z, T, &a);
+    double ms = 0, want = 2 * (3.0 / 2) * (3.0 / 2);
+    for (int t = 0; t < T; t++) ms += pow(logit(r->weight[t]), 2) / T;
+    if (!(fabs(ms / want - 1) < 4.5 * sqrt(2.0 / T)))
+        fail_msg("noisy logit differences: mean square %.4f, expected %.4f", ms, want);
+    a.training = 0;
+    r = route(L, z, T, &a);
+    for (int t = 0; t < T; t++) assert_true(r->weight[t] == 0.5f);
+    free(z);
+    moe_layer_destroy(L);
+}
+
 /* Capacity arithmetic: E = 4, k = 1, T = 40, so T*k/E = 10. */
 static void test_capacity_arithmetic(void **state) {
     (void)state;
@@ -562,6 +587,7 @@ int main(void) {
         cmocka_unit_test(test_ties_lower_index),       cmocka_unit_test(test_sinkhorn),
         cmocka_unit_test(test_sample_second),
         cmocka_unit_test(test_sample_first),
+        cmocka_unit_test(test_gate_noise),
         cmocka_unit_test(test_capacity_positions),     cmocka_unit_test(test_capacity_arithmetic),
         cmocka_unit_test(test_capacity_ceil),
         cmocka_unit_test(test_fake_round_robin),       cmocka_unit_test(test_bias_update_sign),

@@ -252,7 +252,7 @@ static moe_status check_supported(const moe_layer_config *c) {
         no = "capacity factors (token dropping)";
     else if (c->random_routing) no = "random routing";
     else if (c->sample_second || c->sample_first) no = "sampled choices (Gumbel noise)";
-    else if (c->jitter_eps > 0) no = "input jitter";
+    else if (c->jitter_eps > 0 || c->gate_noise > 0) no = "input jitter and gate noise";
     else if (c->residual) no = "Residual-MoE";
     else if (c->expert_bias) no = "biases in the expert layers";
     else if (c->ep_size > 1) no = "expert parallelism";

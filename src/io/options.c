@@ -165,6 +165,8 @@ static const opt_def opts[] = {
      "Sinkhorn iteration limit", 0},
     {"moe-input-jitter-eps", NULL, OPT_FLOAT, L(jitter_eps), 0, 0.999999, NULL, ROUTER,
      "multiply the router input by U(1-eps, 1+eps) in training (0 = off)", 0},
+    {"moe-gate-noise", "gate-noise", OPT_FLOAT, L(gate_noise), 0, BIG, NULL, ROUTER,
+     "add gate_noise * N(0, 1) / E to the router logits in training (Tutel's; 0 = off)", 0},
     {"moe-noisy-gate-policy", "noisy-gate-policy", OPT_ENUM, O(noisy_gate), 0, 0, noisy_choices,
      ROUTER, "DeepSpeed's: Jitter is moe-input-jitter-eps 0.01; RSample (top-1, softmax, "
      "training) takes the argmax of the logits plus Gumbel noise, a draw from the softmax", 0},

@@ -70,6 +70,10 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           "moe-z-loss-coeff must be a non-negative number (got %g)", c->z_coeff);
     MOE_CHECK(!bad_float(c->jitter_eps) && c->jitter_eps >= 0 && c->jitter_eps < 1,
           "moe-input-jitter-eps must be in [0, 1) (got %g)", c->jitter_eps);
+    MOE_CHECK(!bad_float(c->gate_noise) && c->gate_noise >= 0,
+          "moe-gate-noise must be a non-negative number (got %g)", c->gate_noise);
+    MOE_CHECK(c->gate_noise == 0 || c->router == MOE_ROUTER_TOPK,
+          "moe-gate-noise (Tutel's) is for the topk router");
     MOE_CHECK(!bad_float(c->bias_update_rate) && c->bias_update_rate >= 0,
           "moe-router-bias-update-rate must be a non-negative number (got %g)", c->bias_update_rate);
     MOE_CHECK(!bad_float(c->capacity_factor), "moe-expert-capacity-factor must be a number (got %g)",

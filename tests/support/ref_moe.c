@@ -367,6 +367,10 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
         for (int e = 0; e < E; e++) {
             double s = 0;
             for (int i = 0; i < d; i++) s += xr[(size_t)t * d + i] * p->router_w[(size_t)e * d + i];
+            /* Tutel's gate noise: N(0, 1) gate_noise / E */
+            uint64_t gs = moe_rng_stream(MOE_RNG_GATE_NOISE, (uint64_t)c->layer_id, a->step, 0);
+            if (a->training && c->gate_noise > 0)
+                s += moe_rng_normal(c->seed, gs, (uint64_t)t * E + e) * c->gate_noise / E;
             z[(size_t)t * E + e] = s;
         }
     /* §2 scores */
