@@ -473,18 +473,48 @@ expect 0 "$moe" inspect "$tmp/a"
 grep -q "model.layers.1.mlp.experts.3.down_proj.weight" "$tmp/out" && grep -q "optimizer.adam_m" "$tmp/out" \
   || fail "inspect output: $(cat "$tmp/out")"
 expect 2 "$moe" generate --prompt "x"
-# a checkpoint whose final norm is NaN: generate stops with one clear error, not with text drawn
-# from NaN probabilities
-cp -r "$tmp/a" "$tmp/nan"
-/usr/bin/python3 - "$tmp/nan/$(cat "$tmp/nan/latest")/model.safetensors" <<'EOF' || fail "writing NaN"
+# a checkpoint whose final norm overflows the logits: generate stops with one clear error, not
+# with text drawn from NaN probabilities
+# set FILE TENSOR VALUE [INDEX]: every element of a tensor of a checkpoint file (or one) to VALUE
+set_value() {
+  /usr/bin/python3 - "$@" <<'EOF' || fail "writing $2"
 import json, struct, sys
-p = sys.argv[1]; b = bytearray(open(p, "rb").read()); n = struct.unpack("<Q", b[:8])[0]
-a, e = json.loads(b[8:8 + n])["model.norm.weight"]["data_offsets"]
-for i in range(8 + n + a, 8 + n + e, 4): b[i:i + 4] = struct.pack("<f", float("nan"))
+p, name, v = sys.argv[1], sys.argv[2], float(sys.argv[3])
+b = bytearray(open(p, "rb").read()); n = struct.unpack("<Q", b[:8])[0]
+a, e = json.loads(b[8:8 + n])[name]["data_offsets"]
+at = range(8 + n + a, 8 + n + e, 4) if len(sys.argv) < 5 else [8 + n + a + 4 * int(sys.argv[4])]
+for i in at: b[i:i + 4] = struct.pack("<f", v)
 open(p, "wb").write(bytes(b))
 EOF
+}
+cp -r "$tmp/a" "$tmp/nan"
+set_value "$tmp/nan/$(cat "$tmp/nan/latest")/model.safetensors" model.norm.weight 3e38
 expect 1 "$moe" generate --load "$tmp/nan" --prompt "x" --max-new-tokens 3
 grep -q "the logits of new token 1 are not finite" "$tmp/out" || fail "NaN logits: $(cat "$tmp/out")"
+# a NaN in a checkpoint's weights or Adam state (a negative second moment too) is refused on
+# load by every command, before anything is written: a resumed run would otherwise save NaN
+# checkpoints over the good ones
+cp -r "$tmp/a" "$tmp/nan2"; last="$tmp/nan2/$(cat "$tmp/nan2/latest")"
+set_value "$last/model.safetensors" model.layers.1.mlp.experts.2.up_proj.weight nan 5
+cp -r "$tmp/fm" "$tmp/nan3" # (a model that converts)
+set_value "$tmp/nan3/step-00000003/model.safetensors" model.layers.1.mlp.experts.2.up_proj.weight nan 5
+for cmd in "eval --load $tmp/nan2 --data-path $tmp/data" "generate --load $tmp/nan2 --prompt x" \
+  "train --load $tmp/nan2 --train-iters 14" "convert --load $tmp/nan3 --to hf $tmp/nan3hf"; do
+  # shellcheck disable=SC2086
+  expect 1 "$moe" $cmd
+  grep -q "tensor 'model.layers.1.mlp.experts.2.up_proj.weight' holds a non-finite value (nan at element 5)" \
+    "$tmp/out" || fail "$cmd of a NaN checkpoint: $(cat "$tmp/out")"
+done
+[ ! -e "$tmp/nan3hf" ] && [ "$(cat "$tmp/nan2/latest")" = step-00000012 ] &&
+  [ "$(ls "$tmp/nan2")" = "$(ls "$tmp/a")" ] || fail "a NaN checkpoint's load wrote"
+for v in nan -1; do
+  cp -r "$tmp/a" "$tmp/nanv"; last="$tmp/nanv/$(cat "$tmp/nanv/latest")"
+  set_value "$last/trainer.safetensors" optimizer.adam_v.model.norm.weight "$v" 3
+  expect 1 "$moe" train --load "$tmp/nanv" --train-iters 14
+  grep -q "optimizer.adam_v.model.norm.weight.* (element 3: $v)" "$tmp/out" ||
+    fail "Adam state $v: $(cat "$tmp/out")"
+  rm -r "$tmp/nanv"
+done
 # an empty tensor where another begins (files put them there) is no overlap, in either order of
 # the header; one inside another's bytes is
 for order in ab ba inside; do
@@ -662,6 +692,18 @@ grep -q "holds a run's files (metrics.jsonl) but no checkpoint" "$tmp/out" &&
   cmp -s "$tmp/nl.m" "$tmp/mo/metrics.jsonl" || fail "metrics only: $(cat "$tmp/out")"
 expect 0 "$moe" train --load "$tmp/nl/step-00000012/" --train-iters 13
 [ "$(cat "$tmp/nl/latest")" = "step-00000013" ] || fail "resume from the newest without latest"
+# a save killed before its last file (no 'latest' yet): that step is no checkpoint, the newest
+# whole one resumes; a first save killed so leaves a run that says to choose another --save
+cp -r "$tmp/b" "$tmp/ks"; rm "$tmp/ks/latest"
+mv "$tmp/ks/step-00000012/trainer.safetensors" "$tmp/ks/step-00000012/trainer.safetensors.tmp"
+expect 0 "$moe" train --load "$tmp/ks/step-00000006" --train-iters 7
+[ "$(cat "$tmp/ks/latest")" = "step-00000007" ] || fail "resume past a killed save: $(cat "$tmp/out")"
+mkdir -p "$tmp/k1/step-00000001"; head -1 "$tmp/b/metrics.jsonl" >"$tmp/k1/metrics.jsonl"
+cp "$tmp/b/step-00000006/model.safetensors" "$tmp/k1/step-00000001/"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $tiny --save "$tmp/k1"
+grep -q "holds a run's files (metrics.jsonl) but no checkpoint: choose another --save" "$tmp/out" ||
+  fail "a killed first save: $(cat "$tmp/out")"
 # bad input: one clear line, non-zero exit, nothing saved is lost
 cp -r "$tmp/a/step-00000012" "$tmp/keep"
 head -c 3000 "$tmp/a/step-00000012/model.safetensors" >"$tmp/trunc.st"

@@ -177,6 +177,31 @@ static float half_to_float(uint16_t h) {
     return s ? -v : v;
 }
 
+/* Element i of a float tensor as float32. */
+static float element(const moe_st_tensor *t, size_t i) {
+    uint16_t h;
+    switch (t->dtype) {
+    case MOE_DT_F64: {
+        double v;
+        memcpy(&v, t->data + 8 * i, 8);
+        return (float)v;
+    }
+    case MOE_DT_F16: memcpy(&h, t->data + 2 * i, 2); return half_to_float(h);
+    case MOE_DT_BF16: {
+        memcpy(&h, t->data + 2 * i, 2);
+        uint32_t u = (uint32_t)h << 16;
+        float v;
+        memcpy(&v, &u, 4);
+        return v;
+    }
+    default: { /* F32 (the callers refuse other types) */
+        float v;
+        memcpy(&v, t->data + 4 * i, 4);
+        return v;
+    }
+    }
+}
+
 moe_status moe_st_get_f32(const moe_safetensors *st, const char *name, int ndim,
                           const int64_t *shape, float *out) {
     const moe_st_tensor *t = moe_st_find(st, name);
@@ -194,32 +219,15 @@ moe_status moe_st_get_f32(const moe_safetensors *st, const char *name, int ndim,
     if (t->dtype != MOE_DT_F32 && t->dtype != MOE_DT_F64 && t->dtype != MOE_DT_F16 &&
         t->dtype != MOE_DT_BF16)
         return moe_set_error(MOE_ERR_FORMAT, "tensor '%s' is not a float tensor", name);
-    if (!out) return MOE_OK; /* checked only */
-    for (size_t i = 0; i < t->numel; i++) {
-        switch (t->dtype) {
-        case MOE_DT_F32: memcpy(&out[i], t->data + 4 * i, 4); break;
-        case MOE_DT_F64: {
-            double v;
-            memcpy(&v, t->data + 8 * i, 8);
-            out[i] = (float)v;
-            break;
-        }
-        case MOE_DT_F16: {
-            uint16_t h;
-            memcpy(&h, t->data + 2 * i, 2);
-            out[i] = half_to_float(h);
-            break;
-        }
-        case MOE_DT_BF16: {
-            uint16_t h;
-            memcpy(&h, t->data + 2 * i, 2);
-            uint32_t u = (uint32_t)h << 16;
-            memcpy(&out[i], &u, 4);
-            break;
-        }
-        default: break; /* (refused above) */
-        }
+    if (out) {
+        for (size_t i = 0; i < t->numel; i++) out[i] = element(t, i);
+        return MOE_OK;
     }
+    /* checked only: every value a finite float too (a NaN in a checkpoint would spread) */
+    for (size_t i = 0; i < t->numel; i++)
+        if (!isfinite(element(t, i)))
+            return moe_set_error(MOE_ERR_FORMAT, "tensor '%s' holds a non-finite value (%g at "
+                                 "element %zu)", name, (double)element(t, i), i);
     return MOE_OK;
 }
 

@@ -54,7 +54,7 @@ void moe_st_free(moe_safetensors *st);
 const moe_st_tensor *moe_st_find(const moe_safetensors *st, const char *name);
 const char *moe_st_meta(const moe_safetensors *st, const char *key);
 /* Copies a tensor into float32 (from F32, F16, BF16 or F64); the shape must match. With out
- * NULL, only checks that it would succeed. */
+ * NULL, only checks that it would succeed and that every value is a finite float32. */
 moe_status moe_st_get_f32(const moe_safetensors *st, const char *name, int ndim,
                           const int64_t *shape, float *out);
 

@@ -10,6 +10,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
@@ -255,9 +256,15 @@ int moe_checkpoint_newest_step(const char *dir) {
     DIR *d = opendir(dir);
     struct dirent *e;
     int newest = -1;
+    char path[4400];
     while (d && (e = readdir(d))) {
         int step = ckpt_step(e->d_name);
-        newest = step > newest ? step : newest;
+        /* whole: the index of shards (written after them), or both files (the model's first) */
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        int whole = step >= 0 && (moe_file_exists(path, "model.safetensors.index.json") ||
+                                  (moe_file_exists(path, "model.safetensors") &&
+                                   moe_file_exists(path, "trainer.safetensors")));
+        newest = whole && step > newest ? step : newest;
     }
     if (d) closedir(d);
     return newest;
@@ -478,6 +485,14 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
         s = reader_get(r, "trainer", ti->name, name, ti->ndim, ti->shape, am + ti->offset);
         snprintf(name, sizeof name, "optimizer.adam_v.%s", ti->name);
         if (s == MOE_OK) s = reader_get(r, "trainer", ti->name, name, ti->ndim, ti->shape, av + ti->offset);
+        /* finite moments, the second not negative: else the first update spreads NaN */
+        for (size_t j = 0; s == MOE_OK && j < ti->numel; j++) {
+            float m = am[ti->offset + j], v = av[ti->offset + j];
+            if (!isfinite(m) || !isfinite(v) || v < 0)
+                s = moe_set_error(MOE_ERR_FORMAT, "%s: optimizer.adam_%c.%s holds a value no "
+                                  "Adam moment has (element %zu: %g)", r->dir,
+                                  isfinite(m) ? 'v' : 'm', ti->name, j, isfinite(m) ? v : m);
+        }
     }
     if (s == MOE_OK) s = load_expert_bias(r, "trainer", OUR_EXPERT_BIAS, m);
     moe_safetensors *st, *model;

@@ -78,7 +78,8 @@ const char *moe_checkpoint_run_marker(const char *dir);
 /* The run directory holding checkpoint directory ckpt (its parent, when ckpt is a step-N
  * directory) into out; -1 when ckpt is not in one. */
 int moe_checkpoint_run_dir(const char *ckpt, char *out, size_t cap);
-/* The step of the newest step-N directory in dir, or -1 when there is none. */
+/* The step of the newest step-N directory in dir that holds a whole checkpoint (not a save that
+ * stopped before its last file), or -1 when there is none. */
 int moe_checkpoint_newest_step(const char *dir);
 /* The options text stored in a checkpoint (malloc'ed). */
 moe_status moe_checkpoint_config(const char *ckpt, char **config_text);
