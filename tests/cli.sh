@@ -383,6 +383,13 @@ expect 0 "$moe" generate --load "$tmp/run" --prompt Mix --max-new-tokens 4 --moe
 expect 0 "$moe" report "$tmp/run"
 grep -q "final training loss [0-9.]*, no validation loss\.<" "$tmp/run/report.html" &&
   ! grep -qi "nan" "$tmp/run/report.html" || fail "report: $(grep -o "steps, last[^<]*" "$tmp/run/report.html")"
+# a report that cannot be written says why, and leaves what was there (written whole or not)
+cp "$tmp/run/report.html" "$tmp/report.keep"; mv "$tmp/run/report.html" "$tmp/run/r.html"
+mkdir "$tmp/run/report.html"
+expect 1 "$moe" report "$tmp/run"
+grep -q "cannot rename .*report.html.tmp to .*report.html: Is a directory" "$tmp/out" &&
+  [ ! -e "$tmp/run/report.html.tmp" ] || fail "report not written: $(cat "$tmp/out")"
+rmdir "$tmp/run/report.html"; mv "$tmp/run/r.html" "$tmp/run/report.html"
 # past the sequence length (16) the window slides alike for the run and its conversion: the
 # same text (the byte vocabulary: the converted model's tokenizer.json decodes it alike)
 for form in "--load $tmp/run" "--model $tmp/xrun"; do

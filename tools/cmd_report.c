@@ -31,6 +31,29 @@ static char *valid_utf8(const char *s) {
     return u;
 }
 
+/* A file written whole or not at all: its text goes to memory, then to disk in one atomic
+ * write (moe_write_atomic: a full disk or a read-only directory leaves what was there). */
+typedef struct {
+    FILE *f;
+    char *buf;
+    size_t len;
+} text_file;
+
+static moe_status text_open(text_file *t) {
+    t->buf = NULL, t->len = 0;
+    t->f = open_memstream(&t->buf, &t->len);
+    return t->f ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+}
+
+/* Closes the text and writes it to path (ok 0: only frees it). */
+static moe_status text_commit(text_file *t, const char *path, int ok) {
+    moe_status s = fclose(t->f) != 0 ? moe_set_error(MOE_ERR_NOMEM, "out of memory") : MOE_OK;
+    const void *part = t->buf;
+    if (s == MOE_OK && ok) s = moe_write_atomic(path, &part, &t->len, 1);
+    free(t->buf);
+    return s;
+}
+
 moe_status moe_cli_topics(moe_model *m, const moe_blend *data, int batch, const char *path) {
     const moe_model_config *c = moe_model_get_config(m);
     int S = c->seq_len, L = c->n_layers, tot_e = 0, n_topics = 0;
@@ -82,11 +105,9 @@ moe_status moe_cli_topics(moe_model *m, const moe_blend *data, int batch, const 
         }
     }
     if (st != MOE_OK) goto done;
-    FILE *f = fopen(path, "w");
-    if (!f) {
-        st = moe_set_error(MOE_ERR_IO, "cannot write %s", path);
-        goto done;
-    }
+    text_file out;
+    if ((st = text_open(&out)) != MOE_OK) goto done;
+    FILE *f = out.f;
     fprintf(f, "{\"topics\":[");
     for (int i = 0, t = 0, first = 1; i < data->n; i++)
         for (int s = 0; s < data->sets[i]->n_sources; s++, t++) {
@@ -96,7 +117,7 @@ moe_status moe_cli_topics(moe_model *m, const moe_blend *data, int batch, const 
              * declares */
             char *utf8 = valid_utf8(name ? name + 1 : src);
             if (!utf8) {
-                fclose(f);
+                text_commit(&out, path, 0);
                 st = moe_set_error(MOE_ERR_NOMEM, "out of memory for topic routing");
                 goto done;
             }
@@ -120,7 +141,7 @@ moe_status moe_cli_topics(moe_model *m, const moe_blend *data, int batch, const 
             first = 0;
         }
     fprintf(f, "]}\n");
-    if (fclose(f) != 0) st = moe_set_error(MOE_ERR_IO, "cannot write %s", path);
+    st = text_commit(&out, path, 1);
 done:
     free(off);
     free(counts);
@@ -518,13 +539,14 @@ int moe_cmd_report(int argc, char **argv) {
         return 1;
     }
     snprintf(path, sizeof path, "%s/report.html", run);
-    FILE *f = fopen(path, "w");
-    if (!f) {
-        fprintf(stderr, "moe report: cannot write %s\n", path);
+    text_file out;
+    if (text_open(&out) != MOE_OK) {
+        fprintf(stderr, "moe report: %s\n", moe_last_error());
         cJSON_Delete(topics_doc);
         series_free(&s);
         return 1;
     }
+    FILE *f = out.f;
     double last_val = NAN, last_loss = NAN; /* a skipped step has no loss, maybe a val_nll */
     for (int i = 0; i < s.n; i++) {
         if (isfinite(s.val[i])) last_val = s.val[i];
@@ -557,11 +579,11 @@ int moe_cmd_report(int argc, char **argv) {
         for (int li = 0; li < s.n_layers; li++) topic_heatmap(f, topics, s.layer_id[li]);
     }
     fprintf(f, "</body></html>\n");
-    int rc = fclose(f) != 0;
+    int rc = text_commit(&out, path, 1) != MOE_OK;
     cJSON_Delete(topics_doc);
     series_free(&s);
     if (rc) {
-        fprintf(stderr, "moe report: cannot write %s\n", path);
+        fprintf(stderr, "moe report: %s\n", moe_last_error());
         return 1;
     }
     printf("wrote %s\n", path);
