@@ -53,7 +53,10 @@ run 4 "$tmp/ep4h" $tiny --train-iters 20 --expert-model-parallel-size 4 --moe-hi
 # has seen only those before: Megatron's global aux loss) ep 2 x dp 2 is one process up to the
 # order of float additions: loss and nll within 1e-6 over 20 steps (6e-9 seen), the gradient
 # norm within 1e-4 (9e-6 seen: the ranks add the gradients in another order), from
-# metrics.jsonl's full digits (the printed ones round a last-bit difference to a whole digit)
+# metrics.jsonl's full digits (the printed ones round a last-bit difference to a whole digit).
+# A last-bit difference can flip a near tie of the router: at a step whose expert loads differ,
+# at most one token's choices may have moved (load counts differing by 4 in all) and the loss
+# and nll be within 1e-5 (one slot moved in 2 of 20 steps, 1.3e-6, with this README as data)
 # shellcheck disable=SC2086
 run 1 "$tmp/one0" $tiny --train-iters 20 --moe-aux-loss-coeff 0 --save "$tmp/one0s"
 # shellcheck disable=SC2086
@@ -63,9 +66,17 @@ run 4 "$tmp/ep20" $tiny --train-iters 20 --moe-aux-loss-coeff 0 --expert-model-p
 import json, sys
 a, b = ([json.loads(l) for l in open(p)] for p in sys.argv[1:])
 assert len(a) == len(b) == 20, (len(a), len(b))
+def moved(x, y):  # slots that went to other experts, twice over (one slot: two counts move)
+    return sum(abs(p - q) for la, lb in zip(x["expert_load"], y["expert_load"])
+               for p, q in zip(la["counts"], lb["counts"]))
+flips = [x["step"] for x, y in zip(a, b) if moved(x, y)]
+print("ep 2 x dp 2 without the aux loss: expert loads differ at steps %s" % flips)
+assert len(flips) <= 5 and all(moved(x, y) <= 4 for x, y in zip(a, b)), "routing differs"
 for k, tol in (("loss", 1e-6), ("nll", 1e-6), ("grad_norm", 1e-4)):
-    worst = max(abs(x[k] - y[k]) / abs(x[k]) for x, y in zip(a, b))
-    print("ep 2 x dp 2 without the aux loss: %s within %.2e of one process" % (k, worst))
+    worst = max(abs(x[k] - y[k]) / abs(x[k]) / (10 if moved(x, y) and tol < 1e-4 else 1)
+                for x, y in zip(a, b))
+    print("ep 2 x dp 2 without the aux loss: %s within %.2e of one process (x10 at a flip)"
+          % (k, worst))
     assert worst <= tol, k
 EOF
   fail "ep 2 x dp 2 without the aux loss differs from one process"
