@@ -182,7 +182,7 @@ expect 1 "$moe" prepare --out "$tmp/pd2" "$src/README.md"
 mkdir "$tmp/full"; ln -s /dev/full "$tmp/full/metrics.jsonl"
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --train-iters 4 --save "$tmp/full"
-has "cannot write metrics.jsonl: No space left on device"
+has "cannot write $tmp/full/metrics.jsonl: No space left on device"
 
 # 3b. A configuration that cannot fit the machine is refused before anything is allocated,
 #     with the estimate in the message.

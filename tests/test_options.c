@@ -173,9 +173,17 @@ static void test_malformed_files(void **state) {
     expect_error(moe_options_load_file(&o, p3), ":1: empty key");
     assert_int_equal(moe_options_load_file(&o, "/nonexistent/dir/moe.cfg"), MOE_ERR_IO);
     expect_error(MOE_ERR_IO, "/nonexistent/dir/moe.cfg");
+    /* a key twice, by its name or an alias: which value was meant is unknown */
+    const char *p4 = write_temp("num-layers = 2\nlr = 1e-3\n\nnum_layers = 3\n");
+    expect_error(moe_options_load_file(&o, p4), ":4: num-layers is set again (first at line 1)");
+    const char *p5 = write_temp("moe-router-topk = 2\nmoe_gate_k = 2\n");
+    expect_error(moe_options_load_file(&o, p5), ":2: moe-router-topk is set again (first at line 1)");
+    expect_error(moe_options_load_file(&o, "/tmp"), "error reading config file /tmp: Is a directory");
     unlink(p1);
     unlink(p2);
     unlink(p3);
+    unlink(p4);
+    unlink(p5);
 }
 
 /* NeMo Automodel's MoEConfig names (a config file as its fields), and its n_shared_experts:

@@ -203,9 +203,9 @@ static double load_imbalance(const moe_trainer *t, int n_layers) {
     return worst;
 }
 
-/* One line of metrics.jsonl; an error when it could not be written (a full disk). */
-static moe_status write_metrics(FILE *f, int step, const moe_step_metrics *s, double tok_s,
-                                const moe_trainer *t, int n_layers, double val) {
+/* One line of dir/metrics.jsonl; an error when it could not be written (a full disk). */
+static moe_status write_metrics(FILE *f, const char *dir, int step, const moe_step_metrics *s,
+                                double tok_s, const moe_trainer *t, int n_layers, double val) {
     if (s->skipped) /* no update, and a loss or gradient JSON cannot write: the step and its
                      * evaluation */
         fprintf(f, "{\"step\":%d,\"skipped\":true", step);
@@ -227,7 +227,8 @@ static moe_status write_metrics(FILE *f, int step, const moe_step_metrics *s, do
     }
     fprintf(f, "%s}\n", s->skipped ? "" : "]");
     if (fflush(f) || ferror(f))
-        return moe_set_error(MOE_ERR_IO, "cannot write metrics.jsonl: %s", strerror(errno));
+        return moe_set_error(MOE_ERR_IO, "cannot write %s/metrics.jsonl: %s", dir,
+                             strerror(errno));
     return MOE_OK;
 }
 
@@ -736,7 +737,8 @@ int moe_cmd_train(int argc, char **argv) {
         if (val >= 0)
             printf("eval step %d | val nll %.4f nats/%s (%.3f bits/%s)\n", step, val, unit,
                    val / log(2.0), unit);
-        if (metrics && write_metrics(metrics, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK)
+        if (metrics &&
+            write_metrics(metrics, o.save, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK)
             goto fail;
         if (tb && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
         /* every rank stops at the same step: the decision is read once, after the ranks agreed

@@ -775,7 +775,8 @@ static moe_status load_stream(moe_options *o, FILE *f, const char *path) {
     char *line = NULL, where[600];
     size_t cap = 0;
     moe_status st = MOE_OK;
-    int lineno = 0;
+    int lineno = 0, line_of[N_OPTS]; /* where each option was set (0: not in this file) */
+    memset(line_of, 0, sizeof line_of);
     ssize_t n;
     while (st == MOE_OK && (n = getline(&line, &cap, f)) >= 0) {
         lineno++;
@@ -803,10 +804,16 @@ static moe_status load_stream(moe_options *o, FILE *f, const char *path) {
             val[vn - 1] = '\0'; /* "" is an empty string */
             val++;
         }
-        st = moe_options_set(o, key, val, where);
+        int i = find_option(key); /* twice (or by an alias too): which one was meant? */
+        if (i >= 0 && line_of[i])
+            st = moe_set_error(MOE_ERR_INVALID, "%s: %s is set again (first at line %d)", where,
+                               opts[i].name, line_of[i]);
+        else if (i >= 0)
+            line_of[i] = lineno;
+        if (st == MOE_OK) st = moe_options_set(o, key, val, where);
     }
     if (st == MOE_OK && ferror(f))
-        st = moe_set_error(MOE_ERR_IO, "error reading config file %s", path);
+        st = moe_set_error(MOE_ERR_IO, "error reading config file %s: %s", path, strerror(errno));
     free(line);
     return st;
 }
