@@ -83,6 +83,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (i == which) moe_fuzz_write(path, data + 1, size - 1);
         else moe_fuzz_write(path, saved[i], saved_size[i]);
     }
-    moe_checkpoint_load(ckpt, model, trainer);
+    moe_checkpoint_load(ckpt, model, trainer, 0);
     return 0;
 }

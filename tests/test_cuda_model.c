@@ -151,7 +151,7 @@ static void train_steps(const moe_model_config *c, const moe_train_config *tc,
     if (cuda) assert_int_equal(moe_model_use_device(m, "cuda"), MOE_OK);
     moe_model_init_params(m, seed);
     assert_int_equal(moe_trainer_create(m, tc, toks, NULL, &t), MOE_OK);
-    if (ckpt && moe_checkpoint_load(ckpt, m, t) != MOE_OK) fail_msg("%s", moe_last_error());
+    if (ckpt && moe_checkpoint_load(ckpt, m, t, 0) != MOE_OK) fail_msg("%s", moe_last_error());
     for (int s = moe_trainer_steps_done(t); s < 5; s++) {
         moe_step_metrics mt;
         if (moe_trainer_step(t, &mt) != MOE_OK) fail_msg("step: %s", moe_last_error());

@@ -211,6 +211,13 @@ for name in head:
             checked += 1
 assert checked > 1000, checked
 EOF
+# a data directory with a space in its name trains; once it is gone, its checkpoint still
+# generates (the blend form is checked where given, not in a checkpoint's options)
+cp -r "$tmp/data" "$tmp/my data"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $mix --train-iters 1 --data-path "$tmp/my data" --save "$tmp/spc"
+mv "$tmp/my data" "$tmp/gone"
+expect 0 "$moe" generate --load "$tmp/spc" --prompt x --max-new-tokens 2
 # The rows of a step are the global batch's whatever the micro-batch size (Megatron's: it is
 # memory, not data): micro-batches of 4 and of 2 train alike (no aux loss: it is per micro-batch)
 for mb in 4 2; do
@@ -507,12 +514,19 @@ for cmd in "eval --load $tmp/nan2 --data-path $tmp/data" "generate --load $tmp/n
 done
 [ ! -e "$tmp/nan3hf" ] && [ "$(cat "$tmp/nan2/latest")" = step-00000012 ] &&
   [ "$(ls "$tmp/nan2")" = "$(ls "$tmp/a")" ] || fail "a NaN checkpoint's load wrote"
+cp -r "$tmp/a" "$tmp/nanb"; last="$tmp/nanb/$(cat "$tmp/nanb/latest")" # an expert bias
+set_value "$last/trainer.safetensors" model.layers.1.mlp.gate.expert_bias inf 2
+expect 1 "$moe" eval --load "$tmp/nanb" --data-path "$tmp/data"
+grep -q "tensor 'model.layers.1.mlp.gate.expert_bias' holds a non-finite value (inf at element 2)" \
+  "$tmp/out" || fail "a non-finite expert bias: $(cat "$tmp/out")"
 for v in nan -1; do
   cp -r "$tmp/a" "$tmp/nanv"; last="$tmp/nanv/$(cat "$tmp/nanv/latest")"
   set_value "$last/trainer.safetensors" optimizer.adam_v.model.norm.weight "$v" 3
   expect 1 "$moe" train --load "$tmp/nanv" --train-iters 14
-  grep -q "optimizer.adam_v.model.norm.weight.* (element 3: $v)" "$tmp/out" ||
-    fail "Adam state $v: $(cat "$tmp/out")"
+  grep -q "optimizer.adam_v.model.norm.weight.* (element 3: $v; --no-load-optim starts Adam over)" \
+    "$tmp/out" || fail "Adam state $v: $(cat "$tmp/out")"
+  expect 0 "$moe" train --load "$tmp/nanv" --train-iters 13 --no-load-optim # the way out
+  grep -q "^step 13/13 | loss [0-9]" "$tmp/out" || fail "no-load-optim past bad moments: $(cat "$tmp/out")"
   rm -r "$tmp/nanv"
 done
 # an empty tensor where another begins (files put them there) is no overlap, in either order of

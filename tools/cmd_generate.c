@@ -134,7 +134,7 @@ static int load_model(const char *cmd, int argc, char **argv, moe_options *o, in
     int max_tokens = (batch ? o->train.micro_batch : 1) * o->model.seq_len;
     if (moe_model_create_inference(&o->model, max_tokens, m) != MOE_OK ||
         (o->device && moe_model_use_device(*m, "cuda") != MOE_OK) ||
-        moe_checkpoint_load(ckpt, *m, NULL) != MOE_OK) {
+        moe_checkpoint_load(ckpt, *m, NULL, 0) != MOE_OK) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         moe_model_destroy(*m);
         *m = NULL;

@@ -344,7 +344,8 @@ int moe_cmd_convert(int argc, char **argv) {
     if (o.hf_model[0] && c.seq_len > MOE_HF_WINDOW) c.seq_len = MOE_HF_WINDOW;
     if (s == MOE_OK) s = moe_model_create_inference(&c, 1, &m);
     if (s == MOE_OK)
-        s = o.hf_model[0] ? moe_hf_load(o.hf_model, family, m) : moe_checkpoint_load(ckpt, m, NULL);
+        s = o.hf_model[0] ? moe_hf_load(o.hf_model, family, m)
+                          : moe_checkpoint_load(ckpt, m, NULL, 0);
     if (s == MOE_OK) s = moe_hf_save(out, family, m, o.hf_model[0] ? o.hf_model : NULL);
     int copied = 0;
     if (s == MOE_OK) s = copy_tokenizer(o.hf_model, c.vocab, out, &copied);

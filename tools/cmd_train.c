@@ -349,6 +349,14 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
         moe_set_error(MOE_ERR_INVALID, "%s is about the checkpoint given with --load RUN", how);
         return 2;
     }
+    if (o->data_path[0]) { /* the form of a blend given here, before any file is read (not a
+                            * checkpoint's: its directories may be gone, its form was checked) */
+        char buf[MOE_PATH_MAX], *dirs[MOE_BLEND_MAX];
+        double weight[MOE_BLEND_MAX];
+        int n;
+        if (moe_data_spec(o->data_path, buf, sizeof buf, dirs, weight, &n, NULL) != MOE_OK)
+            return 2;
+    }
     if (o->finetune && o->init_from[0]) {
         moe_set_error(MOE_ERR_INVALID, "a run starts from a checkpoint (--load RUN --finetune) or "
                       "from a Hugging Face model (--init-from DIR), not both");
@@ -617,18 +625,18 @@ int moe_cmd_train(int argc, char **argv) {
         goto fail;
     if (o.inject_fault[0] && moe_trainer_set_faults(t, o.inject_fault) != MOE_OK) goto fail;
     if (ckpt[0]) {
-        if (moe_checkpoint_load(ckpt, m, t) != MOE_OK) goto fail;
+        if (moe_checkpoint_load(ckpt, m, t, o.no_load_optim ? MOE_CKPT_NEW_ADAM : 0) != MOE_OK)
+            goto fail;
         if (moe_trainer_steps_done(t) > o.train.train_iters) { /* before anything is written */
             moe_set_error(MOE_ERR_INVALID, "%s is at step %d, beyond train-iters %d", ckpt,
                           moe_trainer_steps_done(t), o.train.train_iters);
             rc = 2;
             goto fail;
         }
-        if (o.no_load_optim) moe_trainer_reset_optimizer(t);
         printf("resumed from %s at step %d%s\n", ckpt, moe_trainer_steps_done(t),
                o.no_load_optim ? " with new Adam moments (--no-load-optim)" : "");
     } else if (weights[0]) { /* the expert biases too: they route as the weights were trained */
-        if (moe_checkpoint_load(weights, m, NULL) != MOE_OK) goto fail;
+        if (moe_checkpoint_load(weights, m, NULL, 0) != MOE_OK) goto fail;
         printf("initialised from the weights of %s (--finetune)\n", weights);
     } else if (o.init_from[0]) {
         char family[32];

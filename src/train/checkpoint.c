@@ -451,9 +451,11 @@ static moe_status load_expert_bias(ckpt_reader *r, const char *kind, const char 
         if (!moe_model_moe_layer(m, l)) continue;
         int64_t E = moe_model_layer_experts(c, l);
         snprintf(name, sizeof name, fmt, l);
-        /* a trainer file is found by the first tensor's, a model tensor by its own name */
-        s = reader_get(r, kind, strcmp(kind, "trainer") ? name : FIRST_TENSOR, name, 1, &E,
-                       tmp + at);
+        /* a trainer file is found by the first tensor's, a model tensor by its own name; the
+         * check pass first (finite values) */
+        const char *param = strcmp(kind, "trainer") ? name : FIRST_TENSOR;
+        s = reader_get(r, kind, param, name, 1, &E, NULL);
+        if (s == MOE_OK) s = reader_get(r, kind, param, name, 1, &E, tmp + at);
         at += (size_t)E;
     }
     at = 0;
@@ -475,11 +477,12 @@ static int meta_count(const char *value) {
     return !value || !*value || *end || v < 0 || v > 1000000000 ? -1 : (int)v;
 }
 
-static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
+static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t, unsigned flags) {
     float *am = moe_trainer_adam_m(t), *av = moe_trainer_adam_v(t);
     moe_status s = MOE_OK;
     char name[160];
-    for (int i = 0; i < moe_model_n_tensors(m) && s == MOE_OK; i++) {
+    int adam = !(flags & MOE_CKPT_NEW_ADAM);
+    for (int i = 0; adam && i < moe_model_n_tensors(m) && s == MOE_OK; i++) {
         const moe_tensor_info *ti = moe_model_tensor(m, i);
         snprintf(name, sizeof name, "optimizer.adam_m.%s", ti->name);
         s = reader_get(r, "trainer", ti->name, name, ti->ndim, ti->shape, am + ti->offset);
@@ -490,8 +493,9 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
             float m = am[ti->offset + j], v = av[ti->offset + j];
             if (!isfinite(m) || !isfinite(v) || v < 0)
                 s = moe_set_error(MOE_ERR_FORMAT, "%s: optimizer.adam_%c.%s holds a value no "
-                                  "Adam moment has (element %zu: %g)", r->dir,
-                                  isfinite(m) ? 'v' : 'm', ti->name, j, isfinite(m) ? v : m);
+                                  "Adam moment has (element %zu: %g; --no-load-optim starts "
+                                  "Adam over)", r->dir, isfinite(m) ? 'v' : 'm', ti->name, j,
+                                  isfinite(m) ? v : m);
         }
     }
     if (s == MOE_OK) s = load_expert_bias(r, "trainer", OUR_EXPERT_BIAS, m);
@@ -517,6 +521,7 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t) {
     moe_trainer_set_step(t, v);
     moe_trainer_set_bad_streak(t, streak);
     moe_trainer_set_updates(t, updates);
+    if (!adam) moe_trainer_reset_optimizer(t);
     return MOE_OK;
 }
 
@@ -607,7 +612,7 @@ moe_status moe_checkpoint_load_params(const char *dir, moe_model *m, rename_fn r
     return s;
 }
 
-moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
+moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t, unsigned flags) {
     ckpt_reader r;
     MOE_TRY(reader_open(&r, ckpt));
     const char *extra;
@@ -626,7 +631,7 @@ moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t) {
                               "keeps in trainer.safetensors)", why);
         }
     }
-    if (s == MOE_OK && t) s = load_trainer(&r, m, t);
+    if (s == MOE_OK && t) s = load_trainer(&r, m, t, flags);
     reader_close(&r);
     return s;
 }

@@ -83,8 +83,12 @@ int moe_checkpoint_run_dir(const char *ckpt, char *out, size_t cap);
 int moe_checkpoint_newest_step(const char *dir);
 /* The options text stored in a checkpoint (malloc'ed). */
 moe_status moe_checkpoint_config(const char *ckpt, char **config_text);
-/* Loads parameters (by name, shapes checked) and, if t is not NULL, the trainer state. */
-moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t);
+/* moe_checkpoint_load flags: Adam starts over (its moments are not read: zero, no updates
+ * counted), as Megatron's --no-load-optim; the step, the schedule and the expert biases go on */
+#define MOE_CKPT_NEW_ADAM 1u
+/* Loads parameters (by name, shapes checked; every value finite) and, if t is not NULL, the
+ * trainer state. */
+moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t, unsigned flags);
 /* Every MoE layer's selection bias (moe_layer_expert_bias) from the tensors named fmt % layer
  * (e.g. DeepSeek-V3's e_score_correction_bias); none changes on failure. */
 moe_status moe_checkpoint_load_expert_bias(const char *dir, moe_model *m, const char *fmt);
