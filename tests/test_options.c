@@ -239,6 +239,16 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(parse(&o, jit, 2), MOE_OK);
     assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
     assert_true(o.layer.jitter_eps == 0.01f && !o.layer.sample_first);
+    /* a run of that policy resumed with another: the jitter was the policy's, not its own */
+    char *text = moe_options_to_text(&o);
+    assert_non_null(text);
+    moe_options o2;
+    moe_options_default(&o2);
+    assert_int_equal(moe_options_load_text(&o2, text, "ckpt"), MOE_OK);
+    free(text);
+    assert_int_equal(moe_options_set(&o2, "noisy-gate-policy", "none", "--noisy-gate-policy"), MOE_OK);
+    assert_int_equal(moe_options_finish(&o2, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_true(o2.layer.jitter_eps == 0);
     const char *jit2[] = {"--noisy-gate-policy", "jitter", "--moe-input-jitter-eps", "0.2"};
     assert_int_equal(parse(&o, jit2, 4), MOE_OK);
     expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN),

@@ -3,7 +3,6 @@
 #include "io/options.h"
 
 #include "core/core.h"
-#include "io/data.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -985,6 +984,7 @@ moe_status moe_options_finish(moe_options *o, int parts) {
             return moe_set_error(MOE_ERR_INVALID, "moe-noisy-gate-policy Jitter is "
                                  "moe-input-jitter-eps 0.01, but it is %g", c->jitter_eps);
         c->jitter_eps = 0.01f;
+        o->jitter_implied = 1; /* the policy's: another policy later (on --load) drops it */
     }
     c->sample_first = o->noisy_gate == 2;
     if (o->force_lb) {
@@ -1056,12 +1056,6 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     if ((parts & MOE_OPTIONS_MODEL) && (long long)o->train.micro_batch * o->model.seq_len > 1 << 30)
         return moe_set_error(MOE_ERR_INVALID, "micro-batch-size (%d) x seq-length (%d) exceeds "
                              "2^30 tokens per micro-batch", o->train.micro_batch, o->model.seq_len);
-    if (o->data_path[0]) { /* a blend's form, before any file is read */
-        char buf[MOE_PATH_MAX], *dirs[MOE_BLEND_MAX];
-        double weight[MOE_BLEND_MAX];
-        int n;
-        MOE_TRY(moe_data_spec(o->data_path, buf, sizeof buf, dirs, weight, &n, NULL));
-    }
     return MOE_OK;
 }
 
@@ -1119,6 +1113,7 @@ static void write_options(FILE *f, const moe_options *o, int start) {
         }
         char v[2048];
         format_value(v, sizeof v, o, &opts[i]);
+        if (o->jitter_implied && opts[i].offset == L(jitter_eps)) snprintf(v, sizeof v, "0");
         /* quoted where the reader would otherwise cut or trim it, in the quote it does not hold
          * (the reader ends a quoted value at its quote character) */
         size_t n = strlen(v);
