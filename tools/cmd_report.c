@@ -47,7 +47,9 @@ static moe_status text_open(text_file *t) {
 
 /* Closes the text and writes it to path (ok 0: only frees it). */
 static moe_status text_commit(text_file *t, const char *path, int ok) {
-    moe_status s = fclose(t->f) != 0 ? moe_set_error(MOE_ERR_NOMEM, "out of memory") : MOE_OK;
+    int bad = ferror(t->f); /* a write into memory that failed (no memory): a cut text */
+    moe_status s = fclose(t->f) != 0 || bad ? moe_set_error(MOE_ERR_NOMEM, "out of memory")
+                                            : MOE_OK;
     const void *part = t->buf;
     if (s == MOE_OK && ok) s = moe_write_atomic(path, &part, &t->len, 1);
     free(t->buf);
