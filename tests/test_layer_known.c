@@ -246,6 +246,38 @@ static void test_capacity_positions(void **state) {
     }
 }
 
+/* position-by-choice against DeepSpeed's top2gating, written as it computes it: over the
+ * batch, locations1 = cumsum(mask1) - 1 and locations2 = cumsum(mask2) - 1 + sum(mask1) per
+ * expert (every first choice counted, kept or not), a slot kept when its location < C; random
+ * logits, 96 tokens, 8 experts, capacity factor 0.75 (C = 18 of 24 per expert on average). */
+static void test_capacity_deepspeed_top2(void **state) {
+    (void)state;
+    enum { T = 96, E = 8 };
+    uint64_t seed = tu_seed();
+    moe_layer_config c = identity_config(E, 2);
+    c.capacity_factor = 0.75f;
+    c.drop_policy = MOE_DROP_CHOICE;
+    moe_layer *L = make_layer(&c, T);
+    float z[T * E];
+    tu_fill(z, T * E, seed, 41, -2, 2);
+    moe_forward_args a = moe_forward_args_default();
+    const moe_routing *r = route(L, z, T, &a);
+    int C = moe_layer_get_stats(L)->capacity, first[E] = {0}, second[E] = {0}, dropped = 0;
+    assert_int_equal(C, 18); /* ceil(0.75 * 96 * 2 / 8) */
+    for (int t = 0; t < T; t++) first[r->expert[t * 2]]++;
+    for (int t = 0; t < T; t++) {
+        int e1 = r->expert[t * 2], e2 = r->expert[t * 2 + 1];
+        int loc1 = 0, loc2 = first[e2] + second[e2]++; /* locations2 after every first choice */
+        for (int u = 0; u < t; u++) loc1 += r->expert[u * 2] == e1;
+        if (r->kept[t * 2] != (loc1 < C) || r->kept[t * 2 + 1] != (loc2 < C))
+            fail_msg("token %d: kept (%d, %d), DeepSpeed's locations (%d, %d) of %d", t,
+                     r->kept[t * 2], r->kept[t * 2 + 1], loc1, loc2, C);
+        dropped += (loc1 >= C) + (loc2 >= C);
+    }
+    if (dropped == 0) fail_msg("nothing dropped: the case tests nothing");
+    moe_layer_destroy(L);
+}
+
 /* T tokens with the logits (top, 1, 0, -1) each (malloc'ed) */
 static float *same_logits(int T, float top) {
     float *z = malloc(sizeof(float) * (size_t)T * 4);
@@ -587,6 +619,7 @@ int main(void) {
         cmocka_unit_test(test_ties_lower_index),       cmocka_unit_test(test_sinkhorn),
         cmocka_unit_test(test_sample_second),
         cmocka_unit_test(test_sample_first),
+        cmocka_unit_test(test_capacity_deepspeed_top2),
         cmocka_unit_test(test_gate_noise),
         cmocka_unit_test(test_capacity_positions),     cmocka_unit_test(test_capacity_arithmetic),
         cmocka_unit_test(test_capacity_ceil),
