@@ -89,6 +89,7 @@ typedef enum {
                             * and GShard normalise the counts differently) */
     MOE_LB_SEQ_AUX = 2,    /* per-sequence aux loss (DeepSeek-V2/V3 "seq_aux_loss") */
     MOE_LB_GLOBAL_AUX = 3, /* counts accumulated over micro-batches (and ranks) */
+    MOE_LB_LOAD_IMPORTANCE = 4, /* Tutel's load_importance_loss (needs gate_noise) */
 } moe_lb_type;
 
 typedef enum {

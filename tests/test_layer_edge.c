@@ -293,7 +293,7 @@ static void test_invalid_configs(void **state) {
         int field;
         double value;
     } bad;
-    enum { TOPK, NEXP, GROUPS, GTOPK, AUX, Z, JIT, D, FFN, RES, ACT, ROUTER, SCORE, CF_EC, EVAL_EC, EVAL_NAN, NOISE, NOISE_EC, PAD, GATE,
+    enum { TOPK, NEXP, GROUPS, GTOPK, AUX, Z, JIT, D, FFN, RES, ACT, ROUTER, SCORE, CF_EC, EVAL_EC, EVAL_NAN, NOISE, NOISE_EC, LI_NOISE, LI_SIGMOID, PAD, GATE,
            RATE, SKIP, SINK, SCALE, RRT, MINCAP, SHARED, SINK_SCORE, EC_PRE, SINK_NORM };
     const bad list[] = {
         {"moe-router-topk (5) must be between 1 and num-experts (4)", TOPK, 5},
@@ -317,6 +317,8 @@ static void test_invalid_configs(void **state) {
         {"moe-eval-capacity-factor must be a number (got nan)", EVAL_NAN, NAN},
         {"moe-gate-noise must be a non-negative number (got -1)", NOISE, -1},
         {"moe-gate-noise (Tutel's) is for the topk router", NOISE_EC, 1},
+        {"load_importance (Tutel's loss) needs moe-gate-noise > 0", LI_NOISE, 0},
+        {"load_importance (Tutel's loss) needs moe-gate-noise > 0", LI_SIGMOID, 1},
         {"moe-pad-expert-input-to-capacity needs moe-expert-capacity-factor != 0", PAD, 1},
         {"moe-shared-expert-gate needs moe-shared-expert-intermediate-size > 0", GATE, 1},
         {"moe-router-bias-update-rate must be a non-negative number", RATE, -1},
@@ -351,6 +353,11 @@ static void test_invalid_configs(void **state) {
         case EVAL_EC: c.router = MOE_ROUTER_EXPERT_CHOICE, c.lb_type = MOE_LB_NONE, c.eval_capacity_factor = (float)v; break;
         case EVAL_NAN: c.eval_capacity_factor = (float)v; break;
         case NOISE: c.gate_noise = (float)v; break;
+        case LI_NOISE: c.lb_type = MOE_LB_LOAD_IMPORTANCE, c.gate_noise = (float)v; break;
+        case LI_SIGMOID:
+            c.lb_type = MOE_LB_LOAD_IMPORTANCE, c.gate_noise = (float)v;
+            c.score = MOE_SCORE_SIGMOID;
+            break;
         case NOISE_EC: c.router = MOE_ROUTER_EXPERT_CHOICE, c.lb_type = MOE_LB_NONE, c.gate_noise = (float)v; break;
         case PAD: c.pad_to_capacity = 1; break;
         case GATE: c.shared_gate = 1; break;

@@ -41,6 +41,8 @@ CASE(expert_choice, { c->router = MOE_ROUTER_EXPERT_CHOICE; c->lb_type = MOE_LB_
 CASE(fake_gate, { c->router = MOE_ROUTER_FAKE_BALANCED; c->lb_type = MOE_LB_NONE; c->fake_noise = 0.3f; })
 CASE(sample_second, { c->sample_second = 1; c->pre_softmax = 1; c->lb_type = MOE_LB_AUX;
       c->aux_coeff = 0.5f; })
+CASE(load_importance, { c->gate_noise = 1.0f; c->lb_type = MOE_LB_LOAD_IMPORTANCE; c->aux_coeff = 0.5f;
+      c->topk = 2; })
 CASE(gate_noise, { c->gate_noise = 2.0f; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; c->z_coeff = 0.1f; })
 CASE(sample_first, { c->sample_first = 1; c->topk = 1; c->pre_softmax = 1; c->z_coeff = 0.1f; })
 CASE(random_routing, { c->random_routing = 1; c->random_routing_threshold = 0.3f; c->topk = 3; })
@@ -64,7 +66,7 @@ CASE(top_all, { c->topk = 6; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
 static const grad_case cases[] = {
     C(softmax_post_aux_z), C(softmax_pre_norm), C(sigmoid_aux), C(sigmoid_no_norm),
     C(sqrtsoftplus_seq_aux), C(groups_bias), C(sinkhorn_k1), C(sinkhorn_k2_z), C(expert_choice),
-    C(fake_gate), C(random_routing), C(sample_second), C(sample_first), C(gate_noise), C(jitter), C(cap_probs),
+    C(fake_gate), C(random_routing), C(sample_second), C(sample_first), C(gate_noise), C(load_importance), C(jitter), C(cap_probs),
     C(cap_position_pad), C(cap_random), C(cap_by_choice), C(cap_dynamic), C(act_geglu), C(act_relu2), C(act_gelu),
     C(act_silu), C(linear_bias), C(shared_gate), C(residual), C(router_fp64), C(top_all),
 };

@@ -65,6 +65,10 @@ CASE(jitter_inference, { c->jitter_eps = 0.1f; a->training = 0; })
 CASE(gate_noise, { c->gate_noise = 1.5f; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; c->z_coeff = 0.05f;
       a->training = 1; })
 CASE(gate_noise_inference, { c->gate_noise = 1.5f; a->training = 0; })
+CASE(load_importance, { c->gate_noise = 1.0f; c->lb_type = MOE_LB_LOAD_IMPORTANCE; c->aux_coeff = 0.3f;
+      c->topk = 3; a->training = 1; })
+CASE(load_importance_eval, { c->gate_noise = 1.0f; c->lb_type = MOE_LB_LOAD_IMPORTANCE;
+      c->aux_coeff = 0.3f; c->pre_softmax = 1; a->training = 0; })
 CASE(sample_second, { c->sample_second = 1; a->training = 1; })
 CASE(sample_second_pre, { c->sample_second = 1; c->pre_softmax = 1; a->training = 1; })
 CASE(sample_second_eval, { c->sample_second = 1; a->training = 0; })
@@ -108,7 +112,7 @@ static const grid_case cases[] = {
     C(groups_score_max), C(expert_bias_softmax), C(top1), C(top_all), C(per_call_topk), C(cap_probs), C(cap_position),
     C(cap_random), C(cap_by_choice), C(cap_by_choice_k3), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(eval_cf), C(eval_cf_training), C(eval_cf_dynamic), C(eval_cf_pad),
     C(eval_cf_inherit), C(expert_choice_eval_cf), C(aux), C(aux_sigmoid), C(seq_aux),
-    C(zloss), C(jitter), C(jitter_inference), C(gate_noise), C(gate_noise_inference), C(random_routing), C(sample_second),
+    C(zloss), C(jitter), C(jitter_inference), C(gate_noise), C(gate_noise_inference), C(load_importance), C(load_importance_eval), C(random_routing), C(sample_second),
     C(sample_second_pre), C(sample_second_eval), C(sample_first), C(sample_first_eval), C(sinkhorn_k1), C(sinkhorn_k2),
     C(sinkhorn_inference), C(expert_choice), C(expert_choice_cf), C(fake_round_robin),
     C(fake_noise), C(act_geglu), C(act_relu2), C(act_gelu), C(act_silu), C(linear_bias),

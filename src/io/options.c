@@ -68,6 +68,7 @@ static const opt_choice norm_choices[] = {
 static const opt_choice lb_choices[] = {{"aux_loss", MOE_LB_AUX},
                                         {"seq_aux_loss", MOE_LB_SEQ_AUX},
                                         {"global_aux_loss", MOE_LB_GLOBAL_AUX},
+                                        {"load_importance", MOE_LB_LOAD_IMPORTANCE},
                                         {"sinkhorn", MOE_LB_CHOICE_SINKHORN},
                                         {"none", MOE_LB_NONE},
                                         {NULL, 0}};

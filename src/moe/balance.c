@@ -39,6 +39,102 @@ static void aux_tokens(void *ctx, int t0, int t1) {
     }
 }
 
+/* ---- Tutel's load_importance_loss (docs/LAYER.md §5) ----
+ * Over the call's valid tokens: p0 = the softmax of the logits without the gate noise,
+ * Imp_e = sum_t p0[t,e], Load_e = sum_t Phi((p0[t,e] - theta_t) / sigma) with theta_t the k-th
+ * chosen noisy logit and sigma = gate_noise / E (Tutel compares the probabilities with that
+ * logit, as written), loss = coeff (cv2(Imp) + cv2(Load)) / 2, cv2(x) = var(x) / (mean(x)^2 +
+ * 1e-10) with the unbiased variance. */
+
+/* p0 of token t into p0[E]. */
+static void clean_softmax(const moe_layer *L, int t, double *p0) {
+    const moe_layer_config *c = &L->cfg;
+    const moe_fwd_state *st = &L->st;
+    int E = c->n_experts;
+    double m = -INFINITY, s = 0;
+    for (int e = 0; e < E; e++) {
+        size_t i = (size_t)t * E + e;
+        p0[e] = st->z[i] - (st->training ? moe_router_gate_noise(c, st->step, i) : 0);
+        m = p0[e] > m ? p0[e] : m;
+    }
+    for (int e = 0; e < E; e++) s += p0[e] = exp(p0[e] - m);
+    for (int e = 0; e < E; e++) p0[e] /= s;
+}
+
+/* theta_t: the noisy logit of token t's k-th choice (the selection is in descending order). */
+static double kth_logit(const moe_fwd_state *st, int E, int t) {
+    return st->z[(size_t)t * E + st->slot_sel[(size_t)t * st->k + st->k - 1]];
+}
+
+/* cv2(x) and its gradient into g. */
+static double cv2(int E, const double *x, double *g) {
+    double m = 0, v = 0;
+    for (int e = 0; e < E; e++) m += x[e] / E;
+    for (int e = 0; e < E; e++) v += (x[e] - m) * (x[e] - m) / (E - 1);
+    double den = m * m + 1e-10;
+    for (int e = 0; e < E; e++) g[e] = 2 * (x[e] - m) / (E - 1) / den - v * 2 * m / E / (den * den);
+    return v / den;
+}
+
+typedef struct {
+    moe_layer *L;
+    int phi; /* 0: p0 into st->key; 1: st->key's p0 to Phi((p0 - theta) / sigma) */
+} li_ctx;
+
+static void li_tokens(void *ctx, int t0, int t1) {
+    const li_ctx *a = ctx;
+    moe_fwd_state *st = &a->L->st;
+    int E = a->L->cfg.n_experts;
+    double sigma = (double)a->L->cfg.gate_noise / E;
+    for (int t = t0; t < t1; t++) {
+        if (!token_valid(st, t)) continue; /* (a masked token has no choices) */
+        double *v = st->key + (size_t)t * E, theta = kth_logit(st, E, t);
+        if (!a->phi) clean_softmax(a->L, t, v);
+        for (int e = 0; a->phi && e < E; e++)
+            v[e] = 0.5 * erfc(-(v[e] - theta) / sigma / sqrt(2.0));
+    }
+}
+
+static void load_importance_forward(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int E = c->n_experts;
+    double imp[E], load[E];
+    for (int e = 0; e < E; e++) imp[e] = load[e] = 0;
+    /* the values over the threads, the sums on one in token order: bitwise alike */
+    for (int phi = 0; phi < 2; phi++) {
+        li_ctx a = {L, phi};
+        moe_for_ranges(st->T, 8 * (size_t)st->T * E, li_tokens, &a);
+        for (int t = 0; t < st->T; t++)
+            for (int e = 0; e < E && token_valid(st, t); e++)
+                (phi ? load : imp)[e] += st->key[(size_t)t * E + e];
+    }
+    double *gi = st->aux_coef, *gl = st->aux_coef + E;
+    double loss = cv2(E, imp, gi) + cv2(E, load, gl);
+    for (int e = 0; e < E; e++) gi[e] *= c->aux_coeff / 2, gl[e] *= c->aux_coeff / 2;
+    st->aux_loss = c->aux_coeff * loss / 2;
+}
+
+/* Token t's gradient of the loss into dz (the noise is additive: d/dz of the noisy logits). */
+static void load_importance_backward(const moe_layer *L, int t, double ls, double *dz) {
+    const moe_layer_config *c = &L->cfg;
+    const moe_fwd_state *st = &L->st;
+    int E = c->n_experts;
+    const double *gi = st->aux_coef, *gl = st->aux_coef + E;
+    double p0[E], dp[E], sigma = (double)c->gate_noise / E, dtheta = 0, cross = 0;
+    clean_softmax(L, t, p0);
+    double theta = kth_logit(st, E, t);
+    for (int e = 0; e < E; e++) {
+        double u = (p0[e] - theta) / sigma;
+        double phi = exp(-0.5 * u * u) / sqrt(2 * 3.14159265358979323846) / sigma; /* Phi' */
+        dp[e] = ls * (gi[e] + gl[e] * phi);
+        dtheta -= ls * gl[e] * phi;
+        cross += p0[e] * dp[e];
+    }
+    for (int e = 0; e < E; e++) dz[e] += p0[e] * (dp[e] - cross);
+    dz[st->slot_sel[(size_t)t * st->k + st->k - 1]] += dtheta;
+}
+
 void moe_balance_forward(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
@@ -55,6 +151,10 @@ void moe_balance_forward(moe_layer *L) {
     st->n_seq = 1;
     /* a global-batch loss sums its counts over the ranks even when this one has no tokens */
     if (!aux || (st->Tv == 0 && c->lb_type != MOE_LB_GLOBAL_AUX)) return;
+    if (c->lb_type == MOE_LB_LOAD_IMPORTANCE) {
+        load_importance_forward(L);
+        return;
+    }
     int S = c->lb_type == MOE_LB_SEQ_AUX ? st->seq_len : T;
     int B = T / S;
     st->n_seq = B;
@@ -116,7 +216,9 @@ void moe_balance_backward(moe_layer *L) {
         if (!token_valid(st, t)) continue;
         const double *z = st->z + (size_t)t * E, *p = st->p + (size_t)t * E;
         double *dz = st->dz + (size_t)t * E;
-        if (aux) {
+        if (aux && c->lb_type == MOE_LB_LOAD_IMPORTANCE) {
+            load_importance_backward(L, t, ls, dz);
+        } else if (aux) {
             const double *coef = st->aux_coef + (size_t)(t / S) * E;
             double dP[E], dp[E];
             if (c->score == MOE_SCORE_SOFTMAX) {

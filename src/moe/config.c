@@ -58,7 +58,7 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           "unknown score function %d", (int)c->score);
     MOE_CHECK(c->norm_topk >= MOE_NORM_AUTO && c->norm_topk <= MOE_NORM_ON,
           "unknown norm-topk setting %d", (int)c->norm_topk);
-    MOE_CHECK(c->lb_type >= MOE_LB_NONE && c->lb_type <= MOE_LB_GLOBAL_AUX,
+    MOE_CHECK(c->lb_type >= MOE_LB_NONE && c->lb_type <= MOE_LB_LOAD_IMPORTANCE,
           "unknown load-balancing type %d", (int)c->lb_type);
     MOE_CHECK(c->drop_policy >= MOE_DROP_PROBS && c->drop_policy <= MOE_DROP_CHOICE,
           "unknown token drop policy %d", (int)c->drop_policy);
@@ -74,6 +74,13 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           "moe-gate-noise must be a non-negative number (got %g)", c->gate_noise);
     MOE_CHECK(c->gate_noise == 0 || c->router == MOE_ROUTER_TOPK,
           "moe-gate-noise (Tutel's) is for the topk router");
+    MOE_CHECK(c->lb_type != MOE_LB_LOAD_IMPORTANCE ||
+              (c->gate_noise > 0 && c->n_experts >= 2 && c->score == MOE_SCORE_SOFTMAX &&
+               !c->enable_expert_bias &&
+               c->n_groups == 1 && !c->sample_first && !c->sample_second),
+          "load_importance (Tutel's loss) needs moe-gate-noise > 0 (its normal's scale), two "
+          "experts or more and softmax scores, without the expert bias, groups or sampled "
+          "choices");
     MOE_CHECK(!bad_float(c->bias_update_rate) && c->bias_update_rate >= 0,
           "moe-router-bias-update-rate must be a non-negative number (got %g)", c->bias_update_rate);
     MOE_CHECK(!bad_float(c->capacity_factor), "moe-expert-capacity-factor must be a number (got %g)",

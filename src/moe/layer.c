@@ -64,7 +64,7 @@ static void plan_workspace(moe_layer *L, moe_arena *a, moe_arena *s, int Tm, int
     st->tok_slot = moe_arena_take(a, S, sizeof(int32_t));
     st->counts = moe_arena_take(a, E, sizeof(int64_t));
     st->kept = moe_arena_take(a, E, sizeof(int64_t));
-    st->aux_coef = moe_arena_take(a, T * E, sizeof(double));
+    st->aux_coef = moe_arena_take(a, (T > 2 ? T : 2) * E, sizeof(double));
     st->lse = moe_arena_take(a, T, sizeof(double));
     st->expert_off = moe_arena_take(a, E + 1, sizeof(int32_t));
     st->expert_order = moe_arena_take(a, E, sizeof(int32_t));

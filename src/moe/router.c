@@ -127,12 +127,15 @@ void moe_router_logits(moe_layer *L, const float *x) {
         moe_for_ranges(T, 2 * (size_t)T * E, logits_to_z, &a);
     }
     if (st->training && c->gate_noise > 0) { /* Tutel's: the logits everywhere are noisy ones */
-        uint64_t stream = moe_rng_stream(MOE_RNG_GATE_NOISE, (uint64_t)c->layer_id, st->step, 0);
-        double s = (double)c->gate_noise / E;
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)T * E; i++)
-            st->z[i] += s * moe_rng_normal(c->seed, stream, i);
+            st->z[i] += moe_router_gate_noise(c, st->step, i);
     }
+}
+
+double moe_router_gate_noise(const moe_layer_config *c, uint64_t step, size_t i) {
+    uint64_t stream = moe_rng_stream(MOE_RNG_GATE_NOISE, (uint64_t)c->layer_id, step, 0);
+    return (double)c->gate_noise / c->n_experts * moe_rng_normal(c->seed, stream, i);
 }
 
 /* Sinkhorn scaling of exp(z) over the valid tokens; writes the balanced keys. */

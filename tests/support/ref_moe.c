@@ -308,6 +308,43 @@ static void apply_capacity(const moe_layer_config *c, ref_result *r, int T, uint
     }
 }
 
+/* var(x) / (mean(x)^2 + 1e-10), the variance unbiased (torch's var) */
+static double cv2(int E, const double *x) {
+    double m = 0, v = 0;
+    for (int e = 0; e < E; e++) m += x[e];
+    m /= E;
+    for (int e = 0; e < E; e++) v += (x[e] - m) * (x[e] - m);
+    return v / (E - 1) / (m * m + 1e-10);
+}
+
+/* §5 Tutel's load_importance_loss: Imp over the softmax of the logits without the noise, Load
+ * over Phi((that softmax - the k-th chosen noisy logit) / (gate_noise / E)). */
+static double load_importance(const moe_layer_config *c, const ref_args *a, const ref_result *r,
+                              const double *z, const uint8_t *valid, int T) {
+    int E = c->n_experts, k = r->k;
+    double *imp = calloc((size_t)E, sizeof(double)), *load = calloc((size_t)E, sizeof(double));
+    double *p0 = malloc(sizeof(double) * (size_t)E), sigma = (double)c->gate_noise / E;
+    uint64_t gs = moe_rng_stream(MOE_RNG_GATE_NOISE, (uint64_t)c->layer_id, a->step, 0);
+    for (int t = 0; t < T; t++) {
+        if (!valid[t]) continue;
+        double sum = 0;
+        for (int e = 0; e < E; e++) {
+            double noise = a->training ? moe_rng_normal(c->seed, gs, (uint64_t)t * E + e) * sigma : 0;
+            sum += p0[e] = exp(z[(size_t)t * E + e] - noise);
+        }
+        double theta = z[(size_t)t * E + r->sel[(size_t)t * k + k - 1]];
+        for (int e = 0; e < E; e++) {
+            imp[e] += p0[e] / sum;
+            load[e] += 0.5 * (1 + erf((p0[e] / sum - theta) / sigma / sqrt(2.0)));
+        }
+    }
+    double loss = c->aux_coeff * (cv2(E, imp) + cv2(E, load)) / 2;
+    free(imp);
+    free(load);
+    free(p0);
+    return loss;
+}
+
 /* §5 balancing losses of token-choice routing over the tokens [t0, t1); their counts are added
  * to r->aux_counts. */
 static double aux_over(const moe_layer_config *c, ref_result *r, const double *P,
@@ -457,7 +494,9 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
             for (int e = 0; e < E; e++)
                 P[(size_t)t * E + e] = c->score == MOE_SCORE_SOFTMAX ? pr[(size_t)t * E + e] : pr[(size_t)t * E + e] / sum;
         }
-        if (c->lb_type == MOE_LB_SEQ_AUX) {
+        if (c->lb_type == MOE_LB_LOAD_IMPORTANCE) {
+            r->aux = load_importance(c, a, r, z, valid, T);
+        } else if (c->lb_type == MOE_LB_SEQ_AUX) {
             int L = a->seq_len ? a->seq_len : T, B = T / L;
             for (int b = 0; b < B; b++) r->aux += aux_over(c, r, P, valid, b * L, (b + 1) * L, NULL, 0) / B;
         } else {
