@@ -48,16 +48,11 @@ static void aux_tokens(void *ctx, int t0, int t1) {
 
 /* p0 of token t into p0[E]. */
 static void clean_softmax(const moe_layer *L, int t, double *p0) {
-    const moe_layer_config *c = &L->cfg;
-    const moe_fwd_state *st = &L->st;
-    int E = c->n_experts;
+    int E = L->cfg.n_experts;
+    const double *z0 = L->st.z0 + (size_t)t * E;
     double m = -INFINITY, s = 0;
-    for (int e = 0; e < E; e++) {
-        size_t i = (size_t)t * E + e;
-        p0[e] = st->z[i] - (st->training ? moe_router_gate_noise(c, st->step, i) : 0);
-        m = p0[e] > m ? p0[e] : m;
-    }
-    for (int e = 0; e < E; e++) s += p0[e] = exp(p0[e] - m);
+    for (int e = 0; e < E; e++) m = z0[e] > m ? z0[e] : m;
+    for (int e = 0; e < E; e++) s += p0[e] = exp(z0[e] - m);
     for (int e = 0; e < E; e++) p0[e] /= s;
 }
 

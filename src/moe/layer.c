@@ -49,6 +49,7 @@ static void plan_workspace(moe_layer *L, moe_arena *a, moe_arena *s, int Tm, int
     st->xr = moe_arena_take(a, jit ? T * d : 0, sizeof(float));
     st->logits_f = moe_arena_take(s, T * E, sizeof(float));
     st->z = moe_arena_take(a, T * E, sizeof(double));
+    st->z0 = moe_arena_take(a, c->lb_type == MOE_LB_LOAD_IMPORTANCE ? T * E : 0, sizeof(double));
     st->p = moe_arena_take(a, T * E, sizeof(double));
     st->key = moe_arena_take(s, T * E, sizeof(double));
     st->q = moe_arena_take(a, S, sizeof(double));

@@ -63,6 +63,7 @@ typedef struct {
     /* balance */
     int64_t *counts;       /* [E] */
     int64_t *kept;         /* [E] */
+    double *z0;            /* [T, E] load_importance: the logits without the gate noise */
     double *aux_coef;      /* [n_seq, E] dL/dP[t,e] for tokens of sequence s (aux losses);
                             * load_importance: dL/dImp [E], dL/dLoad [E] */
     double *lse;           /* [T] logsumexp of the logits */
@@ -182,8 +183,6 @@ void moe_layer_record_stats(moe_layer *L, const moe_layer_stats *s, int training
 
 /* router.c */
 void moe_router_logits(moe_layer *L, const float *x);
-/* Tutel's gate noise of logit i (= t E + e) of a training call at this step. */
-double moe_router_gate_noise(const moe_layer_config *c, uint64_t step, size_t i);
 moe_status moe_router_select(moe_layer *L);
 /* idx[0..k) = indices of the k largest keys in decreasing order, ties toward lower index. */
 void moe_topk_desc(int n, const double *key, int k, int *idx);
