@@ -246,6 +246,9 @@ static void test_finish_combinations(void **state) {
     moe_options_default(&o2);
     assert_int_equal(moe_options_load_text(&o2, text, "ckpt"), MOE_OK);
     free(text);
+    moe_options o3 = o2; /* the same policy kept: its jitter again */
+    assert_int_equal(moe_options_finish(&o3, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_true(o3.layer.jitter_eps == 0.01f);
     assert_int_equal(moe_options_set(&o2, "noisy-gate-policy", "none", "--noisy-gate-policy"), MOE_OK);
     assert_int_equal(moe_options_finish(&o2, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
     assert_true(o2.layer.jitter_eps == 0);

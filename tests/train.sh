@@ -211,6 +211,16 @@ for name in head:
             checked += 1
 assert checked > 1000, checked
 EOF
+# a run with DeepSpeed's Jitter policy (whose jitter eps the checkpoint does not keep as its own)
+# resumes bitwise
+# shellcheck disable=SC2086
+expect 0 "$moe" train $mix --train-iters 4 --moe-noisy-gate-policy Jitter --save "$tmp/j0"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $mix --train-iters 4 --moe-noisy-gate-policy Jitter --save "$tmp/j1" \
+  --exit-interval 2
+expect 0 "$moe" train --load "$tmp/j1"
+strip "$tmp/j0/metrics.jsonl" >"$tmp/j0.m"; strip "$tmp/j1/metrics.jsonl" >"$tmp/j1.m"
+cmp -s "$tmp/j0.m" "$tmp/j1.m" || { diff "$tmp/j0.m" "$tmp/j1.m" | head -5; fail "Jitter resumed"; }
 # a data directory with a space in its name trains; once it is gone, its checkpoint still
 # generates (the blend form is checked where given, not in a checkpoint's options)
 cp -r "$tmp/data" "$tmp/my data"

@@ -981,7 +981,7 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     }
     /* DeepSpeed's noisy_gate_policy: its jitter, or the sampled first choice */
     if (o->noisy_gate == 1 && c->jitter_eps != 0.01f) {
-        if (given(o, L(jitter_eps)))
+        if (c->jitter_eps != 0) /* (0: none given, or as written with the policy) */
             return moe_set_error(MOE_ERR_INVALID, "moe-noisy-gate-policy Jitter is "
                                  "moe-input-jitter-eps 0.01, but it is %g", c->jitter_eps);
         c->jitter_eps = 0.01f;
