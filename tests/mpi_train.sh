@@ -187,6 +187,26 @@ $mpirun --oversubscribe --allow-run-as-root --bind-to none -np 4 "$moe" train $t
 rc=$?
 [ $rc = 1 ] && [ "$(grep -c '^moe train: 2 consecutive steps' "$tmp/out")" = 1 ] ||
   fail "bad steps on 4 ranks: exit $rc, $(grep '^moe' "$tmp/out")"
+# a checkpoint whose expert shard of rank 1 holds a NaN: refused once, exit 1, and the run
+# directory untouched (rank 0 loaded its part without error but writes nothing before every
+# rank has its part: no metrics cut, no event file)
+cp -r "$tmp/ep20s" "$tmp/nanrun"
+/usr/bin/python3 - "$tmp/nanrun/step-00000020/model-00002-of-00002.safetensors" <<'EOF' ||
+import json, struct, sys
+p = sys.argv[1]; b = bytearray(open(p, "rb").read()); n = struct.unpack("<Q", b[:8])[0]
+a = json.loads(b[8:8 + n])["model.layers.1.mlp.experts.5.up_proj.weight"]["data_offsets"][0]
+b[8 + n + a:8 + n + a + 4] = struct.pack("<f", float("nan")); open(p, "wb").write(bytes(b))
+EOF
+  fail "writing a NaN into a shard"
+ls -lR "$tmp/nanrun" >"$tmp/nanrun.before"
+# shellcheck disable=SC2086
+$mpirun --oversubscribe --allow-run-as-root --bind-to none -np 4 "$moe" train --load "$tmp/nanrun" \
+  --train-iters 22 --expert-model-parallel-size 2 >"$tmp/out" 2>&1
+rc=$?
+[ $rc = 1 ] && [ "$(grep -c "holds a non-finite value" "$tmp/out")" = 1 ] &&
+  grep -q "^moe train (rank 1): .*experts.5.up_proj.weight' holds a non-finite value" "$tmp/out" ||
+  fail "a NaN in rank 1's shard: exit $rc, $(grep '^moe' "$tmp/out")"
+ls -lR "$tmp/nanrun" | cmp -s "$tmp/nanrun.before" - || fail "a refused load changed the run: $(ls "$tmp/nanrun")"
 # shellcheck disable=SC2086
 $mpirun --oversubscribe --allow-run-as-root -np 4 "$moe" train $tiny --expert-model-parallel-size 4 \
   --moe-hierarchical-alltoall --ranks-per-node 3 >"$tmp/out" 2>&1 && fail "3 ranks per machine of 4 accepted"

@@ -592,6 +592,7 @@ int moe_cmd_train(int argc, char **argv) {
     moe_tfevents *tb = NULL;
     int rc = 1, stopped_by = 0; /* the signal that stopped the run */
     int agreed = 0; /* an error every rank met at the same point (told once, no abort) */
+    int told = 0;   /* its message printed already (by the rank that met it) */
     char val_path[MOE_PATH_MAX + 16];
     if (moe_data_spec(data, spec, sizeof spec, dirs, weight, &n_sets, NULL) != MOE_OK) goto fail;
     for (int i = 0; i < n_sets; i++) { /* each set's pair, the vocabulary of the first */
@@ -624,30 +625,39 @@ int moe_cmd_train(int argc, char **argv) {
         moe_trainer_set_dist(t, d) != MOE_OK)
         goto fail;
     if (o.inject_fault[0] && moe_trainer_set_faults(t, o.inject_fault) != MOE_OK) goto fail;
+    int start = 0; /* the starting point's outcome: 0, else this rank's exit code */
     if (ckpt[0]) {
         if (moe_checkpoint_load(ckpt, m, t, o.no_load_optim ? MOE_CKPT_NEW_ADAM : 0) != MOE_OK)
-            goto fail;
-        if (moe_trainer_steps_done(t) > o.train.train_iters) { /* before anything is written */
-            moe_set_error(MOE_ERR_INVALID, "%s is at step %d, beyond train-iters %d", ckpt,
-                          moe_trainer_steps_done(t), o.train.train_iters);
-            rc = 2;
-            goto fail;
-        }
-        printf("resumed from %s at step %d%s\n", ckpt, moe_trainer_steps_done(t),
-               o.no_load_optim ? " with new Adam moments (--no-load-optim)" : "");
+            start = 1;
+        else if (moe_trainer_steps_done(t) > o.train.train_iters) /* before anything is written */
+            start = 2, moe_set_error(MOE_ERR_INVALID, "%s is at step %d, beyond train-iters %d",
+                                     ckpt, moe_trainer_steps_done(t), o.train.train_iters);
+        else
+            printf("resumed from %s at step %d%s\n", ckpt, moe_trainer_steps_done(t),
+                   o.no_load_optim ? " with new Adam moments (--no-load-optim)" : "");
     } else if (weights[0]) { /* the expert biases too: they route as the weights were trained */
-        if (moe_checkpoint_load(weights, m, NULL, 0) != MOE_OK) goto fail;
-        printf("initialised from the weights of %s (--finetune)\n", weights);
+        if (moe_checkpoint_load(weights, m, NULL, 0) != MOE_OK) start = 1;
+        else printf("initialised from the weights of %s (--finetune)\n", weights);
     } else if (o.init_from[0]) {
         char family[32];
         moe_model_config hc;
         if (moe_hf_config(o.init_from, &hc, family, sizeof family) != MOE_OK ||
-            moe_hf_load(o.init_from, family, m) != MOE_OK)
-            goto fail;
-        printf("initialised from %s (%s)\n", o.init_from, family);
-        if (o.model.n_layers < hc.n_layers) /* what transformers warns of too: weights not used */
-            printf("note: the model takes the first %d of the %d layers of %s (--num-layers)\n",
-                   o.model.n_layers, hc.n_layers, o.init_from);
+            moe_hf_load(o.init_from, family, m) != MOE_OK) {
+            start = 1;
+        } else {
+            printf("initialised from %s (%s)\n", o.init_from, family);
+            if (o.model.n_layers < hc.n_layers) /* as transformers warns: weights not used */
+                printf("note: the model takes the first %d of the %d layers of %s "
+                       "(--num-layers)\n", o.model.n_layers, hc.n_layers, o.init_from);
+        }
+    }
+    /* every rank holds its part of the starting point (an expert shard of a checkpoint may
+     * fail on one rank only) before rank 0 writes into the run directory: one message, no
+     * file touched */
+    if (d->world_size > 1) start = setup_outcome(d, start), agreed = told = start != 0;
+    if (start) {
+        rc = start;
+        goto fail;
     }
     if (o.save[0] && d->world_rank == 0) { /* metrics and events: rank 0 */
         if (moe_mkdirs(o.save) != MOE_OK) goto fail;
@@ -801,7 +811,8 @@ fail:
     release_stop_signals();
     if (rc && d->world_size > 1 && !agreed)
         fprintf(stderr, "moe train (rank %d): %s\n", d->world_rank, moe_last_error());
-    else if (rc && d->world_rank == 0) fprintf(stderr, "moe train: %s\n", moe_last_error());
+    else if (rc && d->world_rank == 0 && !told)
+        fprintf(stderr, "moe train: %s\n", moe_last_error());
     if (rc && d->world_size > 1 && !agreed) moe_dist_abort(d, rc); /* never leave others waiting */
     if (metrics) fclose(metrics);
     moe_tfevents_close(tb);
