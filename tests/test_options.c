@@ -252,6 +252,15 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(moe_options_set(&o2, "noisy-gate-policy", "none", "--noisy-gate-policy"), MOE_OK);
     assert_int_equal(moe_options_finish(&o2, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
     assert_true(o2.layer.jitter_eps == 0);
+    const char *jit0[] = {"--noisy-gate-policy", "Jitter", "--moe-input-jitter-eps", "0"};
+    assert_int_equal(parse(&o, jit0, 4), MOE_OK); /* an explicit 0 against the policy */
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN),
+                 "Jitter is moe-input-jitter-eps 0.01, but it is 0");
+    const char *li[] = {"--moe-router-load-balancing-type", "load_importance", "--moe-gate-noise",
+                        "1", "--router-aux-loss-coef", "0.01"};
+    assert_int_equal(parse(&o, li, 6), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN),
+                 "load_importance takes moe-aux-loss-coeff");
     const char *jit2[] = {"--noisy-gate-policy", "jitter", "--moe-input-jitter-eps", "0.2"};
     assert_int_equal(parse(&o, jit2, 4), MOE_OK);
     expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN),

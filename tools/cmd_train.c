@@ -626,6 +626,7 @@ int moe_cmd_train(int argc, char **argv) {
         goto fail;
     if (o.inject_fault[0] && moe_trainer_set_faults(t, o.inject_fault) != MOE_OK) goto fail;
     int start = 0; /* the starting point's outcome: 0, else this rank's exit code */
+    char said[3 * MOE_PATH_MAX] = ""; /* what it was, told once every rank has its part */
     if (ckpt[0]) {
         if (moe_checkpoint_load(ckpt, m, t, o.no_load_optim ? MOE_CKPT_NEW_ADAM : 0) != MOE_OK)
             start = 1;
@@ -633,11 +634,13 @@ int moe_cmd_train(int argc, char **argv) {
             start = 2, moe_set_error(MOE_ERR_INVALID, "%s is at step %d, beyond train-iters %d",
                                      ckpt, moe_trainer_steps_done(t), o.train.train_iters);
         else
-            printf("resumed from %s at step %d%s\n", ckpt, moe_trainer_steps_done(t),
-                   o.no_load_optim ? " with new Adam moments (--no-load-optim)" : "");
+            snprintf(said, sizeof said, "resumed from %s at step %d%s\n", ckpt,
+                     moe_trainer_steps_done(t),
+                     o.no_load_optim ? " with new Adam moments (--no-load-optim)" : "");
     } else if (weights[0]) { /* the expert biases too: they route as the weights were trained */
         if (moe_checkpoint_load(weights, m, NULL, 0) != MOE_OK) start = 1;
-        else printf("initialised from the weights of %s (--finetune)\n", weights);
+        else snprintf(said, sizeof said, "initialised from the weights of %s (--finetune)\n",
+                      weights);
     } else if (o.init_from[0]) {
         char family[32];
         moe_model_config hc;
@@ -645,10 +648,11 @@ int moe_cmd_train(int argc, char **argv) {
             moe_hf_load(o.init_from, family, m) != MOE_OK) {
             start = 1;
         } else {
-            printf("initialised from %s (%s)\n", o.init_from, family);
-            if (o.model.n_layers < hc.n_layers) /* as transformers warns: weights not used */
-                printf("note: the model takes the first %d of the %d layers of %s "
-                       "(--num-layers)\n", o.model.n_layers, hc.n_layers, o.init_from);
+            int n = snprintf(said, sizeof said, "initialised from %s (%s)\n", o.init_from, family);
+            if (o.model.n_layers < hc.n_layers && n > 0 && (size_t)n < sizeof said)
+                snprintf(said + n, sizeof said - (size_t)n, "note: the model takes the first %d "
+                         "of the %d layers of %s (--num-layers)\n", o.model.n_layers,
+                         hc.n_layers, o.init_from); /* as transformers warns: weights unused */
         }
     }
     /* every rank holds its part of the starting point (an expert shard of a checkpoint may
@@ -659,6 +663,7 @@ int moe_cmd_train(int argc, char **argv) {
         rc = start;
         goto fail;
     }
+    fputs(said, stdout);
     if (o.save[0] && d->world_rank == 0) { /* metrics and events: rank 0 */
         if (moe_mkdirs(o.save) != MOE_OK) goto fail;
         snprintf(path, sizeof path, "%s/metrics.jsonl", o.save);

@@ -981,11 +981,11 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     }
     /* DeepSpeed's noisy_gate_policy: its jitter, or the sampled first choice */
     if (o->noisy_gate == 1 && c->jitter_eps != 0.01f) {
-        if (c->jitter_eps != 0) /* (0: none given, or as written with the policy) */
+        if (given(o, L(jitter_eps)))
             return moe_set_error(MOE_ERR_INVALID, "moe-noisy-gate-policy Jitter is "
                                  "moe-input-jitter-eps 0.01, but it is %g", c->jitter_eps);
         c->jitter_eps = 0.01f;
-        o->jitter_implied = 1; /* the policy's: another policy later (on --load) drops it */
+        o->jitter_implied = 1; /* the policy's, not written: another policy later drops it */
     }
     c->sample_first = o->noisy_gate == 2;
     if (o->force_lb) {
@@ -996,6 +996,9 @@ moe_status moe_options_finish(moe_options *o, int parts) {
                                  router_choices[c->router].name);
         c->router = MOE_ROUTER_FAKE_BALANCED;
     }
+    if (given(o, O(aux_coeff_hf)) && o->lb_choice == MOE_LB_LOAD_IMPORTANCE)
+        return moe_set_error(MOE_ERR_INVALID, "router-aux-loss-coef is Hugging Face's coefficient "
+                             "of its aux loss; load_importance takes moe-aux-loss-coeff");
     if (given(o, O(aux_coeff_hf)) || given(o, O(z_coeff_hf))) {
         int n_moe = 0; /* Hugging Face: one loss over every MoE layer's tokens, ours adds them */
         moe_model_config m = o->model;
@@ -1113,8 +1116,8 @@ static void write_options(FILE *f, const moe_options *o, int start) {
             fprintf(f, "%s# %s\n", i ? "\n" : "", section_name(section));
         }
         char v[2048];
+        if (o->jitter_implied && opts[i].offset == L(jitter_eps)) continue; /* the policy's */
         format_value(v, sizeof v, o, &opts[i]);
-        if (o->jitter_implied && opts[i].offset == L(jitter_eps)) snprintf(v, sizeof v, "0");
         /* quoted where the reader would otherwise cut or trim it, in the quote it does not hold
          * (the reader ends a quoted value at its quote character) */
         size_t n = strlen(v);

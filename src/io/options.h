@@ -47,7 +47,7 @@ typedef struct {
     char tb_dir[MOE_PATH_MAX]; /* tensorboard-dir: the event files' directory ("": --save's) */
     int n_shared;       /* n-shared-experts: the shared expert's width in routed experts' */
     int noisy_gate;     /* moe-noisy-gate-policy: 0 none, 1 Jitter (eps 0.01), 2 RSample */
-    int jitter_implied; /* finish set the jitter for Jitter: written as not given (0) */
+    int jitter_implied; /* finish set the jitter for Jitter: not written (the policy is) */
     /* Megatron's flags for what moe.c always does: accepted as a script gives them, checked
      * (mg_swiglu, mg_no_bias: moe-activation and moe-expert-linear-bias by finish) */
     int mg_swiglu, mg_no_bias, mg_norm, mg_pos, mg_tp, mg_pp, mg_noop;

@@ -102,12 +102,6 @@ static void logits_to_z(void *ctx, int t0, int t1) {
     for (size_t i = (size_t)t0 * a->E; i < (size_t)t1 * a->E; i++) a->st->z[i] = l[i];
 }
 
-/* Tutel's gate noise of logit i (= t E + e) of a training call at this step. */
-static double moe_router_gate_noise(const moe_layer_config *c, uint64_t step, size_t i) {
-    uint64_t stream = moe_rng_stream(MOE_RNG_GATE_NOISE, (uint64_t)c->layer_id, step, 0);
-    return (double)c->gate_noise / c->n_experts * moe_rng_normal(c->seed, stream, i);
-}
-
 void moe_router_logits(moe_layer *L, const float *x) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
@@ -135,9 +129,11 @@ void moe_router_logits(moe_layer *L, const float *x) {
     if (c->lb_type == MOE_LB_LOAD_IMPORTANCE) /* its loss reads the logits without the noise */
         memcpy(st->z0, st->z, sizeof(double) * (size_t)T * E);
     if (st->training && c->gate_noise > 0) { /* Tutel's: the logits everywhere are noisy ones */
+        uint64_t stream = moe_rng_stream(MOE_RNG_GATE_NOISE, (uint64_t)c->layer_id, st->step, 0);
+        double s = (double)c->gate_noise / E; /* noise of logit t E + e: index t E + e */
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)T * E; i++)
-            st->z[i] += moe_router_gate_noise(c, st->step, i);
+            st->z[i] += s * moe_rng_normal(c->seed, stream, i);
     }
 }
 
