@@ -241,6 +241,9 @@ void moe_layer_init_params(moe_layer *layer, uint64_t seed, float std);
 typedef struct {
     int training;        /* jitter, Sinkhorn selection, count accumulation */
     int topk;            /* 0 = config value, else 1..E for this call ("top-any") */
+    int capacity_set;    /* 1: capacity_factor below for this call (Tutel's dynamic capacity),
+                            else the config's (eval_capacity_factor outside training) */
+    float capacity_factor; /* as moe_layer_config's: 0 dropless, > 0 fixed, < 0 dynamic */
     const uint8_t *mask; /* [T] 1 = token, 0 = padding (routes nowhere, output 0); NULL = all;
                             copied: the buffer may change once the forward returns */
     int seq_len;         /* tokens per sequence for seq_aux_loss (0 = T); T % seq_len == 0 */

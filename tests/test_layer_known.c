@@ -278,6 +278,45 @@ static void test_capacity_deepspeed_top2(void **state) {
     moe_layer_destroy(L);
 }
 
+/* Tutel's dynamic capacity: a call's own capacity factor routes, keeps and computes exactly as a
+ * layer configured with it (fixed, dynamic, and dropless over a configured capacity), in
+ * training and not; refused where the workspace is planned for the config's capacity. */
+static void test_capacity_per_call(void **state) {
+    (void)state;
+    enum { T = 64, E = 8 };
+    uint64_t seed = tu_seed();
+    float z[T * E], out_a[T * E], out_b[T * E];
+    tu_fill(z, T * E, seed, 43, -2, 2);
+    const float cfs[] = {0.75f, -1.25f, 0};
+    for (int i = 0; i < 3; i++)
+        for (int training = 0; training < 2; training++) {
+            moe_layer_config ca = identity_config(E, 2), cb = identity_config(E, 2);
+            ca.capacity_factor = cfs[i];
+            cb.capacity_factor = cfs[i] != 0 ? 0 : 1.0f; /* the call's factor must win */
+            moe_layer *A = make_layer(&ca, T), *B = make_layer(&cb, T);
+            moe_forward_args a = moe_forward_args_default(), b = a;
+            a.training = b.training = training;
+            b.capacity_set = 1, b.capacity_factor = cfs[i];
+            assert_int_equal(moe_layer_forward(A, out_a, z, T, &a), MOE_OK);
+            assert_int_equal(moe_layer_forward(B, out_b, z, T, &b), MOE_OK);
+            const moe_routing *ra = moe_layer_get_routing(A), *rb = moe_layer_get_routing(B);
+            assert_int_equal(moe_layer_get_stats(A)->capacity, moe_layer_get_stats(B)->capacity);
+            assert_memory_equal(ra->kept, rb->kept, (size_t)T * 2);
+            assert_memory_equal(out_a, out_b, sizeof out_a);
+            if (cfs[i] > 0) assert_true(moe_layer_get_stats(B)->dropped > 0); /* it bites */
+            moe_layer_destroy(A);
+            moe_layer_destroy(B);
+        }
+    moe_layer_config c = identity_config(E, 2);
+    c.capacity_factor = 1.0f, c.pad_to_capacity = 1;
+    moe_layer *L = make_layer(&c, T);
+    moe_forward_args a = moe_forward_args_default();
+    a.capacity_set = 1, a.capacity_factor = 2.0f;
+    assert_int_equal(moe_layer_forward(L, out_a, z, T, &a), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "without padding to capacity"));
+    moe_layer_destroy(L);
+}
+
 /* T tokens with the logits (top, 1, 0, -1) each (malloc'ed) */
 static float *same_logits(int T, float top) {
     float *z = malloc(sizeof(float) * (size_t)T * 4);
@@ -620,6 +659,7 @@ int main(void) {
         cmocka_unit_test(test_sample_second),
         cmocka_unit_test(test_sample_first),
         cmocka_unit_test(test_capacity_deepspeed_top2),
+        cmocka_unit_test(test_capacity_per_call),
         cmocka_unit_test(test_gate_noise),
         cmocka_unit_test(test_capacity_positions),     cmocka_unit_test(test_capacity_arithmetic),
         cmocka_unit_test(test_capacity_ceil),

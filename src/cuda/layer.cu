@@ -775,6 +775,9 @@ extern "C" moe_status moe_cuda_layer_forward(moe_cuda_layer *L, float *out, cons
     if (!x || !out) return moe_set_error(MOE_ERR_INVALID, "moe_cuda_layer_forward: x and out must not be NULL");
     int k, seq_len;
     MOE_TRY(moe_layer_check_call(c, T, L->max_tokens, args, &k, &seq_len));
+    if (args->capacity_set && args->capacity_factor != 0)
+        return moe_set_error(MOE_ERR_INVALID, "the CUDA layer is dropless: no per-call capacity "
+                             "factor (%g)", args->capacity_factor);
     if (k > L->planned_k) MOE_TRY(alloc_workspace(L, k));
     int E = c->n_experts, d = c->d, f = c->ffn, gf = L->gf, S = T * k;
     L->T = T;

@@ -101,7 +101,7 @@ void moe_dispatch_plan(moe_layer *L) {
     /* each rank's own tokens, under data and expert parallelism too: the decisions of one
      * process with that micro-batch (Megatron-Core's) */
     if (c->router != MOE_ROUTER_EXPERT_CHOICE) {
-        float cf = moe_capacity_factor(c, st->training);
+        float cf = st->cf;
         st->capacity = moe_dispatch_capacity(c, cf, st->Tv, st->k, st->counts);
         const float *key = st->slot_w;
         if (cf != 0 && c->drop_policy == MOE_DROP_RANDOM) {

@@ -340,6 +340,13 @@ moe_status moe_layer_check_call(const moe_layer_config *c, int T, int max_tokens
                              args->seq_len, T);
     if (!isfinite(args->loss_scale))
         return moe_set_error(MOE_ERR_INVALID, "loss_scale must be finite (got %g)", args->loss_scale);
+    /* a capacity of its own: the workspace holds padded rows and expert choice's slots for the
+     * config's factors only */
+    if (args->capacity_set && (!isfinite(args->capacity_factor) || c->pad_to_capacity ||
+                               c->router == MOE_ROUTER_EXPERT_CHOICE))
+        return moe_set_error(MOE_ERR_INVALID, "a per-call capacity factor (%g) must be a number, "
+                             "and is for token-choice routing without padding to capacity",
+                             args->capacity_factor);
     *k_out = k;
     *seq_len_out = seq_len;
     return MOE_OK;
@@ -402,6 +409,7 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     st->k = k;
     st->seq_len = seq_len;
     st->training = args->training;
+    st->cf = args->capacity_set ? args->capacity_factor : moe_capacity_factor(c, args->training);
     st->reuse_bf16 = args->reuse_bf16;
     if (!args->reuse_bf16) moe_layer_weights_changed(L);
     st->loss_scale = args->loss_scale;

@@ -26,6 +26,7 @@ typedef enum {
 typedef struct {
     int T, k, Tv, n_seq, seq_len;
     int training;
+    float cf;              /* this call's capacity factor (moe_capacity_factor or the args') */
     int reuse_bf16;         /* moe_forward_args.reuse_bf16 of this call */
     float loss_scale;
     uint64_t step;

@@ -351,7 +351,7 @@ static void select_expert_choice(moe_layer *L) {
     moe_fwd_state *st = &L->st;
     int T = st->T, E = c->n_experts, k = st->k;
     for (int t = 0; t < T; t++) st->lse[t] = score_row(MOE_SCORE_SOFTMAX, E, st->z + (size_t)t * E, st->p + (size_t)t * E);
-    int C = moe_expert_choice_capacity(c, moe_capacity_factor(c, st->training), st->Tv, k);
+    int C = moe_expert_choice_capacity(c, st->cf, st->Tv, k);
     st->capacity = C;
     int32_t *tok = st->scratch, *tmp = st->scratch + T; /* scratch holds >= 2T entries */
     int nv = 0;
