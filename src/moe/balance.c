@@ -56,9 +56,12 @@ static void clean_softmax(const moe_layer *L, int t, double *p0) {
     for (int e = 0; e < E; e++) p0[e] /= s;
 }
 
-/* theta_t: the noisy logit of token t's k-th choice (the selection is in descending order). */
+/* Token t's k-th choice (the selection is in descending order) and theta_t, its noisy logit. */
+static int kth_choice(const moe_fwd_state *st, int t) {
+    return st->slot_sel[(size_t)t * st->k + st->k - 1];
+}
 static double kth_logit(const moe_fwd_state *st, int E, int t) {
-    return st->z[(size_t)t * E + st->slot_sel[(size_t)t * st->k + st->k - 1]];
+    return st->z[(size_t)t * E + kth_choice(st, t)];
 }
 
 /* cv2(x) and its gradient into g. */
@@ -127,7 +130,7 @@ static void load_importance_backward(const moe_layer *L, int t, double ls, doubl
         cross += p0[e] * dp[e];
     }
     for (int e = 0; e < E; e++) dz[e] += p0[e] * (dp[e] - cross);
-    dz[st->slot_sel[(size_t)t * st->k + st->k - 1]] += dtheta;
+    dz[kth_choice(st, t)] += dtheta;
 }
 
 void moe_balance_forward(moe_layer *L) {
