@@ -148,6 +148,8 @@ typedef struct {
     int min_capacity;
     moe_drop_policy drop_policy;
     int pad_to_capacity;
+    int local_group_size;   /* GShard's local group dispatching: capacity and drop order per
+                               group of this many consecutive tokens (0 = the call as one) */
 
     int random_routing;     /* GShard: keep slot j >= 1 with probability w_j / threshold */
     float random_routing_threshold;

@@ -293,7 +293,7 @@ static void test_invalid_configs(void **state) {
         int field;
         double value;
     } bad;
-    enum { TOPK, NEXP, GROUPS, GTOPK, AUX, Z, JIT, D, FFN, RES, ACT, ROUTER, SCORE, CF_EC, EVAL_EC, EVAL_NAN, NOISE, NOISE_EC, LI_NOISE, LI_SIGMOID, PAD, GATE,
+    enum { TOPK, NEXP, GROUPS, GTOPK, AUX, Z, JIT, D, FFN, RES, ACT, ROUTER, SCORE, CF_EC, EVAL_EC, EVAL_NAN, LG_NEG, LG_EC, LG_DROPLESS, NOISE, NOISE_EC, LI_NOISE, LI_SIGMOID, PAD, GATE,
            RATE, SKIP, SINK, SCALE, RRT, MINCAP, SHARED, SINK_SCORE, EC_PRE, SINK_NORM };
     const bad list[] = {
         {"moe-router-topk (5) must be between 1 and num-experts (4)", TOPK, 5},
@@ -315,6 +315,9 @@ static void test_invalid_configs(void **state) {
         {"expert-choice routing needs moe-expert-capacity-factor >= 0", CF_EC, -1},
         {"expert-choice routing needs moe-eval-capacity-factor >= 0 (got -2)", EVAL_EC, -2},
         {"moe-eval-capacity-factor must be a number (got nan)", EVAL_NAN, NAN},
+        {"moe-local-group-size must be >= 0 (got -4)", LG_NEG, -4},
+        {"moe-local-group-size (GShard's local groups) is for token-choice routing", LG_EC, 8},
+        {"moe-local-group-size sets the groups a capacity applies to", LG_DROPLESS, 8},
         {"moe-gate-noise must be a non-negative number (got -1)", NOISE, -1},
         {"moe-gate-noise (Tutel's) is for the topk router", NOISE_EC, 1},
         {"load_importance (Tutel's loss) needs moe-gate-noise > 0", LI_NOISE, 0},
@@ -352,6 +355,12 @@ static void test_invalid_configs(void **state) {
         case CF_EC: c.router = MOE_ROUTER_EXPERT_CHOICE, c.lb_type = MOE_LB_NONE, c.capacity_factor = (float)v; break;
         case EVAL_EC: c.router = MOE_ROUTER_EXPERT_CHOICE, c.lb_type = MOE_LB_NONE, c.eval_capacity_factor = (float)v; break;
         case EVAL_NAN: c.eval_capacity_factor = (float)v; break;
+        case LG_NEG: c.capacity_factor = 1, c.local_group_size = (int)v; break;
+        case LG_EC:
+            c.router = MOE_ROUTER_EXPERT_CHOICE, c.lb_type = MOE_LB_NONE;
+            c.local_group_size = (int)v;
+            break;
+        case LG_DROPLESS: c.local_group_size = (int)v; break;
         case NOISE: c.gate_noise = (float)v; break;
         case LI_NOISE: c.lb_type = MOE_LB_LOAD_IMPORTANCE, c.gate_noise = (float)v; break;
         case LI_SIGMOID:

@@ -56,6 +56,19 @@ CASE(eval_cf_dynamic, { c->capacity_factor = 0.5f; c->eval_capacity_factor = -1.
 CASE(eval_cf_pad, { c->capacity_factor = 0.5f; c->eval_capacity_factor = 2.0f; c->pad_to_capacity = 1;
       a->training = 0; })
 CASE(eval_cf_inherit, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_POSITION; a->training = 0; })
+/* GShard's local groups: capacity and drop order per group of consecutive tokens (24 tokens:
+ * groups of 7 leave a last group of 3) */
+CASE(groups_probs, { c->capacity_factor = 0.75f; c->local_group_size = 7; })
+CASE(groups_position, { c->capacity_factor = 1.0f; c->drop_policy = MOE_DROP_POSITION;
+      c->local_group_size = 8; })
+CASE(groups_by_choice, { c->capacity_factor = 0.6f; c->drop_policy = MOE_DROP_CHOICE; c->topk = 3;
+      c->local_group_size = 5; })
+CASE(groups_random_min, { c->capacity_factor = 0.5f; c->drop_policy = MOE_DROP_RANDOM;
+      c->min_capacity = 2; c->local_group_size = 7; })
+CASE(groups_dynamic, { c->capacity_factor = -4.0f; c->local_group_size = 6; })
+CASE(groups_pad, { c->capacity_factor = 1.25f; c->pad_to_capacity = 1; c->local_group_size = 7; })
+CASE(groups_eval, { c->eval_capacity_factor = 0.75f; c->local_group_size = 10; a->training = 0; })
+CASE(groups_one, { c->capacity_factor = 0.75f; c->local_group_size = 100; })
 CASE(aux, { c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; })
 CASE(aux_sigmoid, { c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; c->score = MOE_SCORE_SIGMOID; })
 CASE(seq_aux, { c->lb_type = MOE_LB_SEQ_AUX; c->aux_coeff = 0.3f; a->seq_len = 8; })
@@ -111,6 +124,7 @@ static const grid_case cases[] = {
     C(sigmoid_norm_off_scaled), C(softmax_norm_on), C(groups_deepseek), C(groups_softmax),
     C(groups_score_max), C(expert_bias_softmax), C(top1), C(top_all), C(per_call_topk), C(cap_probs), C(cap_position),
     C(cap_random), C(cap_by_choice), C(cap_by_choice_k3), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(eval_cf), C(eval_cf_training), C(eval_cf_dynamic), C(eval_cf_pad),
+    C(groups_probs), C(groups_position), C(groups_by_choice), C(groups_random_min), C(groups_dynamic), C(groups_pad), C(groups_eval), C(groups_one),
     C(eval_cf_inherit), C(expert_choice_eval_cf), C(aux), C(aux_sigmoid), C(seq_aux),
     C(zloss), C(jitter), C(jitter_inference), C(gate_noise), C(gate_noise_inference), C(load_importance), C(load_importance_eval), C(random_routing), C(sample_second),
     C(sample_second_pre), C(sample_second_eval), C(sample_first), C(sample_first_eval), C(sinkhorn_k1), C(sinkhorn_k2),
@@ -260,11 +274,48 @@ static void test_bias_selection_only(void **state) {
     fixture_free(&f);
 }
 
+/* Local groups of a sequence each: a sequence's routing decisions and output do not depend on
+ * the other sequences of the call (without groups the capacity is shared by all of them). */
+static void test_local_groups_per_sequence(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_layer_config c = base_config();
+    c.capacity_factor = 0.5f;
+    c.local_group_size = 8;
+    int T = 24, d = c.d, k = c.topk;
+    layer_fixture f;
+    fixture_init(&f, &c, T, seed, 0.5f);
+    float *x = malloc(sizeof(float) * (size_t)T * d), *out[2];
+    uint8_t kept[2][24 * 2];
+    tu_fill(x, (size_t)T * d, seed, 1, -1, 1);
+    moe_forward_args a = moe_forward_args_default();
+    for (int run = 0; run < 2; run++) {
+        out[run] = malloc(sizeof(float) * (size_t)T * d);
+        if (run) tu_fill(x + 8 * d, (size_t)16 * d, seed, 2, -3, 3); /* other sequences 2, 3 */
+        assert_int_equal(moe_layer_forward(f.layer, out[run], x, T, &a), MOE_OK);
+        const moe_routing *rt = moe_layer_get_routing(f.layer);
+        memcpy(kept[run], rt->kept, (size_t)T * k);
+    }
+    int dropped = 0;
+    for (int s = 0; s < 8 * k; s++) {
+        assert_int_equal(kept[0][s], kept[1][s]);
+        dropped += !kept[0][s];
+    }
+    assert_true(dropped >= 4); /* capacity ceil(0.5 * 8 * 2 / 6) = 2: 12 of the 16 slots */
+    /* the same rows through the experts' GEMMs, in other blocks */
+    for (int i = 0; i < 8 * d; i++)
+        if (fabsf(out[1][i] - out[0][i]) > 1e-6f + 1e-5f * fabsf(out[0][i]))
+            fail_msg("the first sequence's output %d: %.9g, alone %.9g", i, out[1][i], out[0][i]);
+    free(x), free(out[0]), free(out[1]);
+    fixture_free(&f);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_grid),
         cmocka_unit_test(test_global_aux),
         cmocka_unit_test(test_bias_selection_only),
+        cmocka_unit_test(test_local_groups_per_sequence),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

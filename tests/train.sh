@@ -186,6 +186,21 @@ expect 2 "$moe" convert --load "$tmp/fcap" --to hf "$tmp/fcap_hf"
 grep -q "dropless outside training (moe-eval-capacity-factor E/k or more)" "$tmp/out" ||
   fail "convert of a capacity run: $(cat "$tmp/out")"
 expect 0 "$moe" convert --load "$tmp/fcap" --to hf "$tmp/fcap_hf" --moe-eval-capacity-factor 2
+# GShard's local groups: at a factor of E/k no group of 7 tokens drops anything either; a run
+# keeps its group size; without a capacity factor the groups are refused
+expect 0 "$moe" eval --load "$tmp/fm" --data-path "$tmp/data" --moe-eval-capacity-factor 2 \
+  --moe-local-group-size 7
+cmp -s "$tmp/out" "$tmp/fm.eval" || fail "local groups at E/k: $(cat "$tmp/out" "$tmp/fm.eval")"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $mix --train-iters 1 --moe-expert-capacity-factor 1 \
+  --moe-local-group-size 32 --save "$tmp/fgrp"
+expect 0 "$moe" train --load "$tmp/fgrp" --print-config
+grep -q "^moe-local-group-size = 32$" "$tmp/out" || fail "group size not kept: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $mix --train-iters 1 --moe-local-group-size 32 --save "$tmp/fgrp2"
+grep -q "moe-local-group-size sets the groups a capacity applies to" "$tmp/out" ||
+  fail "local groups without a capacity: $(cat "$tmp/out")"
+[ ! -e "$tmp/fgrp2" ] || fail "a refused run wrote $tmp/fgrp2"
 # --no-load-optim: the step and the schedule go on, Adam starts over; after one step each
 # moment holds one gradient g, m = (1 - beta1) g and v = (1 - beta2) g^2
 expect 0 "$moe" train --load "$tmp/b/step-00000006" --no-load-optim --exit-interval 7 \

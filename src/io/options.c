@@ -201,6 +201,10 @@ static const opt_def opts[] = {
      "top-2), or at random (DeepSpeed's random token selection, use_rts)", 0},
     {"moe-pad-expert-input-to-capacity", NULL, OPT_BOOL, L(pad_to_capacity), 0, 1, NULL,
      DISPATCH, "every expert computes exactly capacity rows", 0},
+    {"moe-local-group-size", NULL, OPT_INT, L(local_group_size), 0, BIG, NULL, DISPATCH,
+     "GShard's local group dispatching: the capacity and the drop order hold per group of this "
+     "many consecutive tokens (seq-length: per sequence; 0 = a rank's micro-batch as one group)",
+     0},
 
     {"moe-activation", "expert-activation", OPT_ENUM, L(act), 0, 0, act_choices, EXPERTS,
      "expert activation (swiglu and geglu are gated: W_in has 2f rows)", 0},

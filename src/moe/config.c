@@ -158,6 +158,15 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           "moe-pad-expert-input-to-capacity does not apply to expert-choice routing");
     MOE_CHECK(!c->pad_to_capacity || c->capacity_factor != 0,
           "moe-pad-expert-input-to-capacity needs moe-expert-capacity-factor != 0");
+    MOE_CHECK(c->local_group_size >= 0, "moe-local-group-size must be >= 0 (got %d)",
+          c->local_group_size);
+    MOE_CHECK(c->local_group_size == 0 || c->router != MOE_ROUTER_EXPERT_CHOICE,
+          "moe-local-group-size (GShard's local groups) is for token-choice routing: an expert "
+          "choice router picks its tokens over the whole call");
+    MOE_CHECK(c->local_group_size == 0 || c->capacity_factor != 0 ||
+                  c->eval_capacity_factor != 0,
+          "moe-local-group-size sets the groups a capacity applies to: it needs "
+          "moe-expert-capacity-factor or moe-eval-capacity-factor != 0");
     MOE_CHECK(c->shared_ffn >= 0, "moe-shared-expert-intermediate-size must be >= 0 (got %d)",
           c->shared_ffn);
     MOE_CHECK(!c->shared_gate || c->shared_ffn > 0,

@@ -44,6 +44,13 @@ int moe_dispatch_capacity(const moe_layer_config *c, float cf, int64_t Tv, int k
     return (int)(C < mx ? C : mx);
 }
 
+int moe_group_capacity(const moe_layer_config *c, float cf, int T, int k) {
+    int G = c->local_group_size > 0 && c->local_group_size < T ? c->local_group_size : T, C = 0;
+    for (int t0 = 0; t0 < T; t0 += G)
+        C += moe_dispatch_capacity(c, cf, T - t0 < G ? T - t0 : G, k, NULL);
+    return C;
+}
+
 int moe_expert_choice_capacity(const moe_layer_config *c, float cf, int64_t Tv, int k) {
     int64_t C = moe_capacity_ceil(cf > 0 ? cf : 1.0f, Tv, k, c->n_experts);
     return (int)(C < Tv ? C : Tv);
@@ -102,7 +109,6 @@ void moe_dispatch_plan(moe_layer *L) {
      * process with that micro-batch (Megatron-Core's) */
     if (c->router != MOE_ROUTER_EXPERT_CHOICE) {
         float cf = st->cf;
-        st->capacity = moe_dispatch_capacity(c, cf, st->Tv, st->k, st->counts);
         const float *key = st->slot_w;
         if (cf != 0 && c->drop_policy == MOE_DROP_RANDOM) {
             /* DeepSpeed's random token selection: a priority in [0, 1) for each slot */
@@ -111,9 +117,24 @@ void moe_dispatch_plan(moe_layer *L) {
                 st->rts_key[s] = moe_rng_uniform(c->seed, stream, (uint64_t)s);
             key = st->rts_key;
         }
-        if (cf != 0)
-            moe_capacity_keep(st->T, st->k, E, st->capacity, c->drop_policy, st->slot_expert,
-                              key, st->slot_kept, st->scratch);
+        /* GShard's local groups: each group of G consecutive tokens has the capacity of its
+         * own valid tokens (capped, when dynamic, by its own largest count: st->kept counts
+         * the group's slots until it is set below) and keeps its slots by itself; an
+         * expert's capacity is the sum over the groups */
+        int T = st->T, k = st->k, G = c->local_group_size > 0 ? c->local_group_size : T;
+        st->capacity = 0;
+        for (int t0 = 0; cf != 0 && t0 < T; t0 += G) {
+            int n = T - t0 < G ? T - t0 : G;
+            int64_t tv = 0;
+            for (int t = t0; t < t0 + n; t++) tv += !st->mask || st->mask[t];
+            memset(st->kept, 0, sizeof(int64_t) * (size_t)E);
+            for (int s = t0 * k; s < (t0 + n) * k; s++)
+                if (st->slot_expert[s] >= 0) st->kept[st->slot_expert[s]]++;
+            int C = moe_dispatch_capacity(c, cf, tv, k, st->kept);
+            moe_capacity_keep(n, k, E, C, c->drop_policy, st->slot_expert + (size_t)t0 * k,
+                              key + (size_t)t0 * k, st->slot_kept + (size_t)t0 * k, st->scratch);
+            st->capacity += C;
+        }
     }
     int pad = c->pad_to_capacity && c->router != MOE_ROUTER_EXPERT_CHOICE;
     memset(st->kept, 0, sizeof(int64_t) * (size_t)E);

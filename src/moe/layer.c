@@ -22,7 +22,7 @@ static void call_sizes(const moe_layer_config *c, int T, int k, size_t *S, size_
             size_t C = (size_t)moe_expert_choice_capacity(c, cf, T, k);
             if (E * C > *S) *S = *R = E * C;
         } else if (c->pad_to_capacity) {
-            size_t C = (size_t)moe_dispatch_capacity(c, cf, T, k, NULL);
+            size_t C = (size_t)moe_group_capacity(c, cf, T, k);
             if (E * C > *R) *R = E * C;
         }
     }

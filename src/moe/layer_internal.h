@@ -205,6 +205,9 @@ int64_t moe_capacity_ceil(float cf, int64_t Tv, int k, int E);
  * largest of counts[E], or with counts NULL not (the bound a workspace plans for). */
 int moe_dispatch_capacity(const moe_layer_config *c, float cf, int64_t Tv, int k,
                           const int64_t *counts);
+/* The capacity of T valid tokens summed over their local groups (c->local_group_size; the
+ * bound a workspace plans for, as counts NULL above). */
+int moe_group_capacity(const moe_layer_config *c, float cf, int T, int k);
 /* Expert choice: the tokens each expert takes, min(Tv, ceil(cf' Tv k / E)), cf' = cf or 1. */
 int moe_expert_choice_capacity(const moe_layer_config *c, float cf, int64_t Tv, int k);
 /* The capacity factor of a call: outside training eval_capacity_factor where it is set. */

@@ -256,26 +256,23 @@ static double capacity_factor(const moe_layer_config *c, int training) {
     return training || c->eval_capacity_factor == 0 ? c->capacity_factor : c->eval_capacity_factor;
 }
 
-/* §6 keeps at most C slots per expert. */
-static void apply_capacity(const moe_layer_config *c, ref_result *r, int T, uint64_t step,
-                           int training) {
+/* §6 keeps at most C slots per expert of the tokens [t0, t1) (a local group), C from their
+ * valid tokens and their slots' counts; returns C. */
+static int64_t keep_group(const moe_layer_config *c, ref_result *r, double cf, const uint8_t *mask,
+                          int T, int t0, int t1, uint64_t step) {
     int E = c->n_experts, k = r->k;
-    double cf = capacity_factor(c, training);
-    if (cf == 0 || r->Tv == 0) {
-        for (int s = 0; s < r->n_slots; s++) r->kept[s] = r->expert[s] >= 0;
-        r->capacity = 0;
-        return;
+    int64_t Tv = 0, mx = 0, *count = calloc((size_t)E, sizeof(int64_t));
+    for (int t = t0; t < t1; t++) {
+        Tv += !mask || mask[t];
+        for (int j = 0; j < k; j++)
+            if (r->expert[t * k + j] >= 0) count[r->expert[t * k + j]]++;
     }
-    int64_t C = capacity_of(cf, r->Tv, k, E);
+    for (int e = 0; e < E; e++) mx = count[e] > mx ? count[e] : mx;
+    free(count);
+    if (Tv == 0) return 0;
+    int64_t C = capacity_of(cf, Tv, k, E);
     if (C < c->min_capacity) C = c->min_capacity;
-    if (cf > 0) {
-        if (C > r->Tv) C = r->Tv;
-    } else {
-        int64_t mx = 0;
-        for (int e = 0; e < E; e++) mx = r->counts[e] > mx ? r->counts[e] : mx;
-        if (C > mx) C = mx;
-    }
-    r->capacity = (int)C;
+    if (C > (cf > 0 ? Tv : mx)) C = cf > 0 ? Tv : mx;
     for (int e = 0; e < E; e++) {
         /* repeatedly take the best remaining slot of expert e by the policy's priority */
         int64_t taken = 0;
@@ -289,7 +286,7 @@ static void apply_capacity(const moe_layer_config *c, ref_result *r, int T, uint
             int best = -1;
             double bk = 0;
             for (int j = 0; j < k; j++)
-                for (int t = 0; t < T; t++) {
+                for (int t = t0; t < t1; t++) {
                     int s = t * k + j;
                     if (r->expert[s] != e || done[s]) continue;
                     double key = c->drop_policy == MOE_DROP_PROBS ? r->weight[s]
@@ -306,6 +303,21 @@ static void apply_capacity(const moe_layer_config *c, ref_result *r, int T, uint
         }
         free(done);
     }
+    return C;
+}
+
+/* §6: the capacity per group of local_group_size tokens (one group when 0), summed. */
+static void apply_capacity(const moe_layer_config *c, ref_result *r, const uint8_t *mask, int T,
+                           uint64_t step, int training) {
+    double cf = capacity_factor(c, training);
+    r->capacity = 0;
+    if (cf == 0 || r->Tv == 0) {
+        for (int s = 0; s < r->n_slots; s++) r->kept[s] = r->expert[s] >= 0;
+        return;
+    }
+    int G = c->local_group_size ? c->local_group_size : T;
+    for (int t0 = 0; t0 < T; t0 += G)
+        r->capacity += (int)keep_group(c, r, cf, mask, T, t0, t0 + G < T ? t0 + G : T, step);
 }
 
 /* var(x) / (mean(x)^2 + 1e-10), the variance unbiased (torch's var) */
@@ -480,7 +492,7 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
             r->capacity = a->freeze->capacity;
             memcpy(r->kept, a->freeze->kept, (size_t)r->n_slots);
         } else {
-            apply_capacity(c, r, T, a->step, a->training);
+            apply_capacity(c, r, a->mask, T, a->step, a->training);
         }
     }
     for (int s = 0; s < r->n_slots; s++)
