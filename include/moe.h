@@ -134,6 +134,10 @@ typedef struct {
                                topk / group_topk, Megatron; DeepSeek-V3 2, V2 1 = maximum) */
     int enable_expert_bias; /* selection-only bias, aux-loss-free balancing */
     float bias_update_rate; /* b_e += rate * sign(mean(c) - c_e) per optimizer step */
+    int quantile_balancing; /* Megatron's quantile balancing: the top k of the logits plus the
+                               selection bias, b = -beta set from each expert's quantile
+                               (docs/LAYER.md §5) */
+    float qb_ema;           /* beta <- ema beta + (1 - ema) beta_local per optimizer step */
     int router_fp64;        /* router logits GEMM in float64 */
     int expert_bf16;        /* expert GEMMs in bf16 (fp32 accumulation, fp32 master weights) */
 
@@ -224,7 +228,9 @@ moe_layer_params moe_layer_get_params(moe_layer *layer);
 moe_layer_params moe_layer_get_grads(moe_layer *layer);
 float *moe_layer_param_data(moe_layer *layer); /* [param_count] */
 float *moe_layer_grad_data(moe_layer *layer);  /* [param_count] */
-float *moe_layer_expert_bias(moe_layer *layer); /* [E] selection bias (fp32 buffer) */
+float *moe_layer_expert_bias(moe_layer *layer); /* [E] selection bias (fp32 buffer): added to
+                                                   the scores (expert bias) or, with quantile
+                                                   balancing, to the logits (b = -beta) */
 void moe_layer_zero_grads(moe_layer *layer);
 /* Bytes of the layer's activation workspace. */
 size_t moe_layer_workspace_bytes(const moe_layer *layer);
@@ -329,7 +335,8 @@ const moe_layer_stats *moe_layer_get_stats(const moe_layer *layer);
 
 /* Once per optimizer step: if the expert bias is enabled, b_e += rate * sign(mean(c) - c_e)
  * with c the counts accumulated by training forwards since the last call (over micro-batches;
- * the MPI layer sums them over ranks first). Resets the accumulators in all cases. */
+ * the MPI layer sums them over ranks first); with quantile balancing, beta = -b <- ema beta +
+ * (1 - ema) mean(beta_local), then less its mean. Resets the accumulators in all cases. */
 void moe_layer_step_end(moe_layer *layer);
 /* The parameters were written: bf16 copies kept for moe_forward_args.reuse_bf16 are stale. */
 void moe_layer_weights_changed(moe_layer *layer);
@@ -337,6 +344,9 @@ void moe_layer_weights_changed(moe_layer *layer);
  * Writable so that a distributed run can replace them by their sum over ranks. */
 int64_t *moe_layer_accum_counts(moe_layer *layer);
 int64_t *moe_layer_accum_tokens(moe_layer *layer);
+/* Quantile balancing: the sum of beta_local [E] over this step's training forwards, then
+ * their number, [E + 1] (writable too: a distributed run sums them over ranks). */
+double *moe_layer_qb_accum(moe_layer *layer);
 
 /* ---------------------------------------------------------------- model */
 

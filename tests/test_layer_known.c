@@ -544,6 +544,109 @@ static void test_bias_update_sign(void **state) {
     moe_layer_destroy(L);
 }
 
+/* Quantile balancing by hand: E = 3, k = 1, the logits below; alpha_t is each row's second
+ * largest, the margins z - alpha per column, and beta_local the (floor(Tv / 3) + 1)-th largest
+ * margin of each column. All six tokens: columns (2 1 2 -1 0 1), (0 -1 0 2 0 0), (-1 0 -1 0 4
+ * -1), the third largest 1, 0, 0. Without the last token: the second largest 2, 0, 0. An
+ * inference call adds nothing. step_end with ema 0.5 and a prior b = (0.3, 0, -0.3), beta = -b:
+ * 0.5 (-0.3, 0, 0.3) + 0.5 (3, 0, 0) / 2 = (0.6, 0, 0.15), less its mean 0.25: b = (-0.35,
+ * 0.25, 0.1). */
+static void test_qb_by_hand(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(3, 1);
+    c.quantile_balancing = 1;
+    c.qb_ema = 0.5f;
+    moe_layer *L = make_layer(&c, 6);
+    const float z[18] = {3, 1, 0, 2, 0, 1, 4, 2, 1, 0, 3, 1, 1, 1, 5, 2, 1, 0};
+    const uint8_t mask[6] = {1, 1, 1, 1, 1, 0};
+    moe_forward_args a = moe_forward_args_default();
+    const double *qb = moe_layer_qb_accum(L);
+    route(L, z, 6, &a);
+    assert_true(qb[0] == 1 && qb[1] == 0 && qb[2] == 0 && qb[3] == 1);
+    a.mask = mask;
+    route(L, z, 6, &a);
+    assert_true(qb[0] == 3 && qb[1] == 0 && qb[2] == 0 && qb[3] == 2);
+    a.training = 0;
+    route(L, z, 6, &a);
+    assert_true(qb[0] == 3 && qb[3] == 2);
+    float *b = moe_layer_expert_bias(L);
+    b[0] = 0.3f, b[1] = 0, b[2] = -0.3f;
+    moe_layer_step_end(L);
+    assert_float_equal(b[0], -0.35f, 1e-6);
+    assert_float_equal(b[1], 0.25f, 1e-6);
+    assert_float_equal(b[2], 0.10f, 1e-6);
+    for (int e = 0; e <= 3; e++) assert_true(qb[e] == 0);
+    /* the bias now routes: expert 1's logit 1 + 0.25 beats expert 0's 1.2 - 0.35 */
+    const float z2[3] = {1.2f, 1.0f, 0.5f};
+    assert_int_equal(route(L, z2, 1, &a)->expert[0], 1);
+    moe_layer_destroy(L);
+}
+
+/* Quantile balancing steers the choices: logits N(0, 1) plus 2 for expert 0 and 1 for expert 1
+ * (Megatron's test of one update, here over steps with fresh tokens). The largest load over
+ * the mean falls from 3.4 to 1.13-1.28 from the third step on (ema 0: each step's bias is one
+ * call's estimate from 512 tokens), and the biases undo the preference: b0 and b1 lie 2 and 1
+ * below the others' mean (-1.96 to -2.08 and -0.9 to -1.07 seen). */
+static void test_qb_balances(void **state) {
+    (void)state;
+    int E = 8, k = 2, T = 512;
+    moe_layer_config c = identity_config(E, k);
+    c.quantile_balancing = 1;
+    moe_layer *L = make_layer(&c, T);
+    float *z = malloc(sizeof(float) * (size_t)T * E);
+    double first = 0, later = 0;
+    for (int step = 0; step < 6; step++) {
+        for (int i = 0; i < T * E; i++)
+            z[i] = (float)moe_rng_normal(tu_seed(), 40 + (uint64_t)step, (uint64_t)i);
+        for (int t = 0; t < T; t++) z[t * E] += 2.0f, z[t * E + 1] += 1.0f;
+        moe_forward_args a = moe_forward_args_default();
+        route(L, z, T, &a);
+        const int64_t *n = moe_layer_get_stats(L)->counts;
+        double mx = 0;
+        for (int e = 0; e < E; e++) mx = n[e] > mx ? (double)n[e] : mx;
+        mx /= (double)T * k / E;
+        if (step == 0) first = mx;
+        if (step >= 2) later = mx > later ? mx : later;
+        moe_layer_step_end(L);
+    }
+    const float *b = moe_layer_expert_bias(L);
+    double rest = 0;
+    for (int e = 2; e < E; e++) rest += b[e] / (E - 2);
+    assert_true(first > 2.5); /* expert 0 in most tokens' top two */
+    assert_true(later < 1.4);
+    assert_true(fabs(b[0] - rest + 2) < 0.25 && fabs(b[1] - rest + 1) < 0.25);
+    free(z);
+    moe_layer_destroy(L);
+}
+
+/* Quantile balancing's conflicts: named at validation, and a training call's k = E. */
+static void test_qb_refused(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(4, 2);
+    c.quantile_balancing = 1;
+    assert_int_equal(moe_layer_config_validate(&c), MOE_OK);
+    moe_layer_config bad = c;
+    bad.enable_expert_bias = 1;
+    assert_int_equal(moe_layer_config_validate(&bad), MOE_ERR_INVALID);
+    bad = c, bad.lb_type = MOE_LB_AUX, bad.aux_coeff = 0.01f;
+    assert_int_equal(moe_layer_config_validate(&bad), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "aux losses must be off"));
+    bad = c, bad.topk = 4;
+    assert_int_equal(moe_layer_config_validate(&bad), MOE_ERR_INVALID);
+    bad = c, bad.qb_ema = 1;
+    assert_int_equal(moe_layer_config_validate(&bad), MOE_ERR_INVALID);
+    moe_layer *L = make_layer(&c, 4);
+    float z[16], out[16];
+    tu_fill(z, 16, tu_seed(), 7, -1, 1);
+    moe_forward_args a = moe_forward_args_default();
+    a.topk = 4;
+    assert_int_equal(moe_layer_forward(L, out, z, 4, &a), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "(k+1)-th choice"));
+    a.training = 0; /* inference takes every expert */
+    assert_int_equal(moe_layer_forward(L, out, z, 4, &a), MOE_OK);
+    moe_layer_destroy(L);
+}
+
 /* GShard random routing of the second choice: threshold 1e-6 keeps every second slot
  * (u < w / 1e-6), threshold 1e6 drops them; first choices always stay. */
 static void test_random_routing(void **state) {
@@ -664,6 +767,8 @@ int main(void) {
         cmocka_unit_test(test_capacity_positions),     cmocka_unit_test(test_capacity_arithmetic),
         cmocka_unit_test(test_capacity_ceil),
         cmocka_unit_test(test_fake_round_robin),       cmocka_unit_test(test_bias_update_sign),
+        cmocka_unit_test(test_qb_by_hand), cmocka_unit_test(test_qb_balances),
+        cmocka_unit_test(test_qb_refused),
         cmocka_unit_test(test_random_routing),         cmocka_unit_test(test_expert_choice),
         cmocka_unit_test(test_aux_and_z_values),       cmocka_unit_test(test_mask),
     };

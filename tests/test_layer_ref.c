@@ -37,6 +37,12 @@ CASE(groups_softmax, { c->n_experts = 8; c->n_groups = 2; c->group_topk = 1; c->
 CASE(groups_score_max, { c->n_experts = 8; c->n_groups = 4; c->group_topk = 2; c->topk = 4;
       c->pre_softmax = 1; c->group_score_topk = 1; c->route_scale = 16; })
 CASE(expert_bias_softmax, { c->enable_expert_bias = 1; c->pre_softmax = 1; })
+/* quantile balancing: the bias on the logits, beta_local of a training call */
+CASE(qb_softmax_post, { c->quantile_balancing = 1; a->training = 1; })
+CASE(qb_sigmoid_cap, { c->quantile_balancing = 1; c->score = MOE_SCORE_SIGMOID; c->topk = 3;
+      c->capacity_factor = 1.0f; c->z_coeff = 0.05f; a->training = 1; })
+CASE(qb_inference, { c->quantile_balancing = 1; c->pre_softmax = 1; a->training = 0; })
+CASE(qb_per_call_k1, { c->quantile_balancing = 1; a->topk = 1; a->training = 1; })
 CASE(top1, c->topk = 1)
 CASE(top_all, c->topk = 6)
 CASE(per_call_topk, a->topk = 4)
@@ -112,6 +118,7 @@ CASE(many_experts_pre_aux, { c->n_experts = 45; c->topk = 7; c->pre_softmax = 1;
       c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; })
 CASE(many_experts_groups_bias, { c->n_experts = 45; c->n_groups = 5; c->group_topk = 3;
       c->topk = 4; c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; })
+CASE(many_experts_qb, { c->n_experts = 45; c->topk = 5; c->quantile_balancing = 1; })
 CASE(everything, { c->n_experts = 8; c->n_groups = 2; c->group_topk = 2; c->topk = 3;
       c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; c->capacity_factor = 1.1f;
       c->drop_policy = MOE_DROP_POSITION; c->lb_type = MOE_LB_SEQ_AUX; c->aux_coeff = 0.2f;
@@ -131,7 +138,8 @@ static const grid_case cases[] = {
     C(sinkhorn_inference), C(expert_choice), C(expert_choice_cf), C(fake_round_robin),
     C(fake_noise), C(act_geglu), C(act_relu2), C(act_gelu), C(act_silu), C(linear_bias),
     C(shared), C(shared_gate_bias), C(residual), C(router_fp64), C(many_experts), C(many_experts_pre_aux),
-    C(many_experts_groups_bias), C(everything),
+    C(many_experts_groups_bias), C(everything), C(qb_softmax_post), C(qb_sigmoid_cap),
+    C(qb_inference), C(qb_per_call_k1), C(many_experts_qb),
 };
 
 static moe_layer_config base_config(void) {
@@ -203,6 +211,15 @@ static void run_case(const grid_case *gc, int masked, uint64_t seed) {
                      st->z_loss, r.aux, r.z);
         for (int e = 0; e < E; e++) acc[e] += r.aux_counts[e];
         acc_T += r.Tv;
+        /* quantile balancing: a training call adds its beta_local (the reference's by sorting) */
+        const double *qb = moe_layer_qb_accum(f.layer);
+        int counted = c.quantile_balancing && a.training && r.Tv > 0;
+        if (qb[E] != counted * (call + 1))
+            fail_msg("case %s: %g beta_local counted, expected %d", gc->name, qb[E], counted);
+        for (int e = 0; counted && e < E; e++)
+            if (fabs(qb[e] - r.qb_beta[e]) > 1e-5 * (1 + fabs(r.qb_beta[e])))
+                fail_msg("case %s: beta_local[%d] %.9g, reference %.9g", gc->name, e, qb[e],
+                         r.qb_beta[e]);
         ref_result_free(&r);
     }
     free(x);

@@ -201,6 +201,36 @@ expect 2 "$moe" train $mix --train-iters 1 --moe-local-group-size 32 --save "$tm
 grep -q "moe-local-group-size sets the groups a capacity applies to" "$tmp/out" ||
   fail "local groups without a capacity: $(cat "$tmp/out")"
 [ ! -e "$tmp/fgrp2" ] || fail "a refused run wrote $tmp/fgrp2"
+# Megatron's quantile balancing: a run stopped at step 2 and resumed has the losses of the
+# run straight to 4 (the bias is in the checkpoint, each MoE layer's centred and not zero),
+# keeps its type and ema; Hugging Face's formats and an aux loss with it are refused
+qb="$mix --moe-aux-loss-coeff 0 --moe-router-load-balancing-type quantile_balancing
+  --moe-router-quantile-balancing-ema 0.5 --train-iters 4"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $qb --save "$tmp/qb"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $qb --save "$tmp/qb2" --exit-interval 2
+expect 0 "$moe" train --load "$tmp/qb2" --save "$tmp/qb2"
+strip "$tmp/qb/metrics.jsonl" >"$tmp/qb.m"; strip "$tmp/qb2/metrics.jsonl" >"$tmp/qb2.m"
+cmp -s "$tmp/qb.m" "$tmp/qb2.m" || { diff "$tmp/qb.m" "$tmp/qb2.m" | head -5; fail "qb resumed"; }
+expect 0 "$moe" train --load "$tmp/qb" --print-config
+grep -q "^moe-router-load-balancing-type = quantile_balancing$" "$tmp/out" &&
+  grep -q "^moe-router-quantile-balancing-ema = 0.5$" "$tmp/out" || fail "qb config: $(cat "$tmp/out")"
+/usr/bin/python3 - "$tmp/qb/step-00000004/trainer.safetensors" <<'EOF' || fail "qb bias"
+import array, json, struct, sys
+d = open(sys.argv[1], "rb").read()
+n = struct.unpack_from("<Q", d)[0]; head = json.loads(d[8:8 + n]); base = 8 + n
+for l in (0, 1):
+    lo, hi = head[f"model.layers.{l}.mlp.gate.expert_bias"]["data_offsets"]
+    b = array.array("f", d[base + lo:base + hi])
+    assert len(b) == 4 and abs(sum(b)) < 1e-5 and max(map(abs, b)) > 1e-3, (l, list(b))
+EOF
+expect 2 "$moe" convert --load "$tmp/qb" --to hf "$tmp/qb_hf"
+grep -q "no quantile balancing (a bias on the router's logits)" "$tmp/out" ||
+  fail "convert of a qb run: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $mix --moe-router-load-balancing-type quantile_balancing --save "$tmp/qb3"
+grep -q "aux losses must be off (moe-aux-loss-coeff 0)" "$tmp/out" || fail "qb with aux: $(cat "$tmp/out")"
 # --no-load-optim: the step and the schedule go on, Adam starts over; after one step each
 # moment holds one gradient g, m = (1 - beta1) g and v = (1 - beta2) g^2
 expect 0 "$moe" train --load "$tmp/b/step-00000006" --no-load-optim --exit-interval 7 \
@@ -445,7 +475,7 @@ grep -q "the model file is of step 12 and the trainer file of step 8" "$tmp/out"
 # a model file alone of a model that routes with expert biases (kept in the trainer file)
 mkdir "$tmp/mo_only"; cp "$tmp/a/step-00000008/model.safetensors" "$tmp/mo_only/"
 expect 1 "$moe" eval --load "$tmp/mo_only"
-grep -q "trainer.safetensors.*(this model routes with expert biases, which a checkpoint keeps in trainer.safetensors)" \
+grep -q "trainer.safetensors.*(this model routes with selection biases, which a checkpoint keeps in trainer.safetensors)" \
   "$tmp/out" || fail "model file alone: $(cat "$tmp/out")"
 # shellcheck disable=SC2086
 expect 2 "$moe" train $tiny --exit-interval 6

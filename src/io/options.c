@@ -70,6 +70,7 @@ static const opt_choice lb_choices[] = {{"aux_loss", MOE_LB_AUX},
                                         {"global_aux_loss", MOE_LB_GLOBAL_AUX},
                                         {"load_importance", MOE_LB_LOAD_IMPORTANCE},
                                         {"sinkhorn", MOE_LB_CHOICE_SINKHORN},
+                                        {"quantile_balancing", MOE_LB_CHOICE_QB},
                                         {"none", MOE_LB_NONE},
                                         {NULL, 0}};
 static const opt_choice drop_choices[] = {
@@ -172,7 +173,11 @@ static const opt_def opts[] = {
      "training) takes the argmax of the logits plus Gumbel noise, a draw from the softmax", 0},
 
     {"moe-router-load-balancing-type", NULL, OPT_ENUM, O(lb_choice), 0, 0, lb_choices, BALANCE,
-     "balancing loss (sinkhorn selects the Sinkhorn router instead)", 0},
+     "balancing loss (sinkhorn selects the Sinkhorn router instead; quantile_balancing is "
+     "Megatron's bias on the logits from each expert's quantile, without a loss)", 0},
+    {"moe-router-quantile-balancing-ema", NULL, OPT_FLOAT, L(qb_ema), 0, 1, NULL, BALANCE,
+     "quantile balancing: beta <- ema * beta + (1 - ema) * the step's mean quantile, then "
+     "centred", 0},
     {"moe-aux-loss-coeff", "moe-loss-coeff aux-loss-alpha aux-loss-coeff", OPT_FLOAT,
      L(aux_coeff), 0, BIG, NULL, BALANCE, "aux loss coefficient: loss = nll + coeff * aux, per "
      "MoE layer, in Megatron's normalisation (InternEvo's GShard loss counts first choices "
@@ -967,9 +972,13 @@ moe_status moe_options_finish(moe_options *o, int parts) {
                                  router_choices[c->router].name);
         c->router = MOE_ROUTER_SINKHORN;
         c->lb_type = MOE_LB_AUX; /* dropped below, or named by validation with a coefficient */
+    } else if (o->lb_choice == MOE_LB_CHOICE_QB) {
+        /* no loss; a coefficient given is named by validation */
+        c->lb_type = c->aux_coeff == 0 ? MOE_LB_NONE : MOE_LB_AUX;
     } else {
         c->lb_type = (moe_lb_type)o->lb_choice;
     }
+    c->quantile_balancing = o->lb_choice == MOE_LB_CHOICE_QB;
     /* Megatron's --swiglu and --disable-bias-linear: what moe.c does unless told otherwise */
     if (given(o, O(mg_swiglu)) && o->mg_swiglu && c->act != MOE_ACT_SWIGLU) {
         if (given(o, L(act)))

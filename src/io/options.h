@@ -16,6 +16,8 @@
 
 /* "sinkhorn" as a load-balancing type selects the Sinkhorn router (Megatron's spelling). */
 #define MOE_LB_CHOICE_SINKHORN 100
+/* "quantile_balancing": Megatron's bias from each expert's quantile, no loss. */
+#define MOE_LB_CHOICE_QB 101
 
 #define MOE_PATH_MAX 1024
 
@@ -39,7 +41,7 @@ typedef struct {
     int ep;                          /* expert-model-parallel-size (processes, not the model) */
     int two_stage, node_ranks;       /* hierarchical all-to-all; ranks per machine (0: MPI's) */
 
-    int lb_choice; /* moe-router-load-balancing-type: a moe_lb_type or MOE_LB_CHOICE_SINKHORN */
+    int lb_choice; /* moe-router-load-balancing-type: a moe_lb_type or MOE_LB_CHOICE_* */
     int force_lb;  /* moe-router-force-load-balancing: the fake balanced gate */
     float aux_coeff_hf; /* router-aux-loss-coef: Hugging Face's normalisation (k times ours) */
     float z_coeff_hf;   /* router-z-loss-coef: Hugging Face's, one loss over all MoE layers */

@@ -241,9 +241,93 @@ void moe_balance_backward(moe_layer *L) {
     }
 }
 
+/* ---- Megatron's quantile balancing (docs/LAYER.md §5) ----
+ * A training call's beta_local: with alpha_t the (k+1)-th largest selection key z[t] + b of
+ * token t, expert e's is the (floor(Tv k / E) + 1)-th largest of z[t,e] - alpha_t over the
+ * valid tokens, the margin that would give it its share Tv k / E of the choices. */
+
+typedef struct {
+    moe_layer *L;
+    int rank;      /* 0-based, descending */
+    double *beta;  /* [E] */
+} qb_ctx;
+
+/* Tokens [t0, t1): their margins into the columns of st->qb_col, -inf for a masked token. */
+static void qb_margins(void *ctx, int t0, int t1) {
+    const qb_ctx *a = ctx;
+    moe_fwd_state *st = &a->L->st;
+    int E = a->L->cfg.n_experts, k = st->k, T = st->T;
+    const float *b = a->L->expert_bias;
+    double key[E];
+    int idx[k + 1];
+    for (int t = t0; t < t1; t++) {
+        const double *z = st->z + (size_t)t * E;
+        double alpha = INFINITY; /* a masked token's margins: -inf */
+        if (token_valid(st, t)) {
+            for (int e = 0; e < E; e++) key[e] = z[e] + b[e];
+            moe_topk_desc(E, key, k + 1, idx);
+            alpha = key[idx[k]];
+        }
+        for (int e = 0; e < E; e++) st->qb_col[(size_t)e * T + t] = z[e] - alpha;
+    }
+}
+
+/* The value at 0-based position r of v[0..n) sorted in descending order (v is reordered). */
+static double nth_largest(double *v, int n, int r) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        double x = v[lo], y = v[lo + (hi - lo) / 2], w = v[hi]; /* the median of three */
+        double pivot = x > y ? (y > w ? y : x > w ? w : x) : (x > w ? x : y > w ? w : y);
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) {
+                double s = v[i];
+                v[i++] = v[j];
+                v[j--] = s;
+            }
+        }
+        if (r <= j) hi = j;
+        else if (r >= i) lo = i;
+        else break; /* v[j + 1 .. i) all equal the pivot */
+    }
+    return v[r];
+}
+
+static void qb_columns(void *ctx, int e0, int e1) {
+    const qb_ctx *a = ctx;
+    int T = a->L->st.T;
+    for (int e = e0; e < e1; e++)
+        a->beta[e] = nth_largest(a->L->st.qb_col + (size_t)e * T, T, a->rank);
+}
+
+void moe_qb_forward(moe_layer *L) {
+    moe_fwd_state *st = &L->st;
+    int T = st->T, E = L->cfg.n_experts;
+    double beta[E];
+    /* the rank is below Tv (k < E): never a masked token's -inf */
+    qb_ctx a = {L, (int)(st->Tv * st->k / E), beta};
+    moe_for_ranges(T, 2 * (size_t)T * E, qb_margins, &a);
+    moe_for_ranges(E, 4 * (size_t)T * E, qb_columns, &a);
+    for (int e = 0; e < E; e++) L->qb_accum[e] += beta[e];
+    L->qb_accum[E] += 1;
+}
+
 void moe_layer_step_end(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     int E = c->n_experts;
+    if (c->quantile_balancing && L->qb_accum[E] > 0) {
+        /* beta = -b: the mean of the step's beta_local blended in, then centred */
+        double beta[E], mean = 0;
+        for (int e = 0; e < E; e++) {
+            double local = L->qb_accum[e] / L->qb_accum[E];
+            beta[e] = c->qb_ema * -(double)L->expert_bias[e] + (1.0 - c->qb_ema) * local;
+            mean += beta[e] / E;
+        }
+        for (int e = 0; e < E; e++) L->expert_bias[e] = (float)-(beta[e] - mean);
+    }
+    memset(L->qb_accum, 0, sizeof(double) * ((size_t)E + 1));
     if (c->enable_expert_bias && L->accum_tokens > 0) {
         double mean = 0;
         for (int e = 0; e < E; e++) mean += (double)L->accum_counts[e];

@@ -106,6 +106,16 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
     }
     MOE_CHECK(!c->enable_expert_bias || c->router == MOE_ROUTER_TOPK,
           "moe-router-enable-expert-bias needs the topk router");
+    MOE_CHECK(!bad_float(c->qb_ema) && c->qb_ema >= 0 && c->qb_ema < 1,
+          "moe-router-quantile-balancing-ema must be in [0, 1) (got %g)", c->qb_ema);
+    MOE_CHECK(!c->quantile_balancing ||
+                  (c->router == MOE_ROUTER_TOPK && !c->enable_expert_bias && c->n_groups == 1 &&
+                   !c->sample_first && !c->sample_second && c->topk < c->n_experts),
+          "quantile balancing needs the topk router and moe-router-topk below num-experts, "
+          "without the expert bias, group-limited routing or sampled choices");
+    MOE_CHECK(!c->quantile_balancing || c->lb_type == MOE_LB_NONE || c->aux_coeff == 0,
+          "quantile balancing balances through its bias: aux losses must be off "
+          "(moe-aux-loss-coeff 0)");
     MOE_CHECK(c->lb_type == MOE_LB_NONE || c->router == MOE_ROUTER_TOPK || c->aux_coeff == 0,
           "an aux loss (moe-aux-loss-coeff %g) needs the topk router: %s routing balances by itself",
           c->aux_coeff,

@@ -67,6 +67,7 @@ static void plan_workspace(moe_layer *L, moe_arena *a, moe_arena *s, int Tm, int
     st->kept = moe_arena_take(a, E, sizeof(int64_t));
     st->aux_coef = moe_arena_take(a, (T > 2 ? T : 2) * E, sizeof(double));
     st->lse = moe_arena_take(a, T, sizeof(double));
+    st->qb_col = moe_arena_take(s, c->quantile_balancing ? T * E : 0, sizeof(double));
     st->expert_off = moe_arena_take(a, E + 1, sizeof(int32_t));
     st->expert_order = moe_arena_take(a, E, sizeof(int32_t));
     st->expert_ready = moe_arena_take(s, E, sizeof(int32_t));
@@ -181,9 +182,11 @@ moe_status moe_layer_create_shared(const moe_layer_config *cfg, int max_tokens, 
     L->own_grads = grads == NULL && !inference;
     L->expert_bias = moe_alloc((size_t)cfg->n_experts, sizeof(float));
     L->accum_counts = moe_alloc(2 * (size_t)cfg->n_experts, sizeof(int64_t));
+    L->qb_accum = moe_alloc((size_t)cfg->n_experts + 1, sizeof(double));
     L->bf16_kept = moe_alloc((size_t)cfg->n_experts + 1, 1);
     L->bf16_todo = moe_alloc((size_t)cfg->n_experts, sizeof(int));
     if (!L->params || (!L->grads && !inference) || !L->expert_bias || !L->accum_counts ||
+        !L->qb_accum ||
         !L->bf16_kept || !L->bf16_todo || alloc_workspace(L, cfg->topk) != MOE_OK) {
         moe_layer_destroy(L);
         return MOE_ERR_NOMEM;
@@ -211,6 +214,7 @@ void moe_layer_destroy(moe_layer *L) {
     if (L->own_grads) moe_free(L->grads);
     moe_free(L->expert_bias);
     moe_free(L->accum_counts);
+    moe_free(L->qb_accum);
     moe_free(L->bf16_kept);
     moe_free(L->bf16_todo);
     moe_ep_free(L);
@@ -224,6 +228,7 @@ moe_layer_params moe_layer_get_grads(moe_layer *L) { return L->g; }
 float *moe_layer_param_data(moe_layer *L) { return L->params; }
 float *moe_layer_grad_data(moe_layer *L) { return L->grads; }
 float *moe_layer_expert_bias(moe_layer *L) { return L->expert_bias; }
+double *moe_layer_qb_accum(moe_layer *L) { return L->qb_accum; }
 void moe_layer_zero_grads(moe_layer *L) {
     if (L->grads) moe_zero_floats(L->grads, L->n_params);
 }
@@ -331,6 +336,10 @@ moe_status moe_layer_check_call(const moe_layer_config *c, int T, int max_tokens
         return moe_set_error(MOE_ERR_INVALID,
                              "per-call topk %d exceeds the experts in %d groups of %d", k,
                              c->group_topk, c->n_experts / c->n_groups);
+    if (c->quantile_balancing && args->training && k == c->n_experts)
+        return moe_set_error(MOE_ERR_INVALID, "quantile balancing: a training call's topk must "
+                             "be below num-experts (%d), its quantile needs a (k+1)-th choice",
+                             c->n_experts);
     if (c->router == MOE_ROUTER_FAKE_BALANCED && k > c->n_experts - c->fake_skip_first)
         return moe_set_error(MOE_ERR_INVALID, "per-call topk %d exceeds the %d non-skipped experts",
                              k, c->n_experts - c->fake_skip_first);
@@ -428,6 +437,7 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     if (st->training) {
         for (int e = 0; e < c->n_experts; e++) L->accum_counts[e] += st->counts[e];
         L->accum_tokens += st->Tv;
+        if (c->quantile_balancing && st->Tv > 0) moe_qb_forward(L);
     }
     double t2 = moe_time_now();
     moe_dispatch_plan(L);

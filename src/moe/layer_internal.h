@@ -68,6 +68,7 @@ typedef struct {
     double *aux_coef;      /* [n_seq, E] dL/dP[t,e] for tokens of sequence s (aux losses);
                             * load_importance: dL/dImp [E], dL/dLoad [E] */
     double *lse;           /* [T] logsumexp of the logits */
+    double *qb_col;        /* [E, T] quantile balancing: each expert's margins (scratch) */
     double aux_loss, z_loss;
     int sinkhorn_iters;
 
@@ -140,6 +141,7 @@ struct moe_layer {
     int64_t *accum_counts;  /* [E] the router's selection counts of this step's training forwards */
     int64_t *accum_aux_counts; /* [E] their aux-loss counts (global_aux_loss, docs/LAYER.md §5) */
     int64_t accum_tokens;
+    double *qb_accum;       /* [E + 1] quantile balancing: sum of beta_local, forwards counted */
     uint8_t *bf16_kept;     /* [E + 1] expert e's (e = E: the shared expert's) bf16 weights in the
                                workspace are current (reuse_bf16 calls since the last change) */
     int *bf16_todo;         /* [E] the experts whose copies a forward makes */
@@ -194,6 +196,8 @@ void moe_router_score_backward(moe_score_fn fn, int E, const double *z, const do
 
 /* balance.c */
 void moe_balance_forward(moe_layer *L);
+/* Quantile balancing, a training call with valid tokens: its beta_local into L->qb_accum. */
+void moe_qb_forward(moe_layer *L);
 void moe_balance_backward(moe_layer *L);
 
 /* dispatch.c */

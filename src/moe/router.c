@@ -249,9 +249,11 @@ static void select_tokens(void *ctx, int t0, int t1) {
         const double *keys = key;
         if (!sinkhorn) {
             keys = st->wmode == MOE_WMODE_SOFTMAX_K || c->router == MOE_ROUTER_SINKHORN ? z : p;
-            if (c->enable_expert_bias || c->n_groups > 1) {
+            if (c->enable_expert_bias || c->quantile_balancing || c->n_groups > 1) {
                 for (int e = 0; e < E; e++)
-                    key[e] = c->enable_expert_bias ? p[e] + L->expert_bias[e] : keys[e];
+                    key[e] = c->enable_expert_bias   ? p[e] + L->expert_bias[e]
+                             : c->quantile_balancing ? z[e] + L->expert_bias[e]
+                                                     : keys[e];
                 if (c->n_groups > 1) limit_groups(c, k, key);
                 keys = key;
             }

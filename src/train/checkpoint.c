@@ -622,12 +622,13 @@ moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t, u
                           "given with --load change the model's shape", ckpt, extra);
     if (s == MOE_OK) s = load_params(&r, m, NULL, NULL);
     /* without the trainer, the selection biases still route (inference, conversion) */
-    if (s == MOE_OK && !t && moe_model_get_config(m)->moe.enable_expert_bias) {
+    const moe_layer_config *lc = &moe_model_get_config(m)->moe;
+    if (s == MOE_OK && !t && (lc->enable_expert_bias || lc->quantile_balancing)) {
         s = load_expert_bias(&r, "trainer", OUR_EXPERT_BIAS, m);
         if (s != MOE_OK) {
             char why[512];
             snprintf(why, sizeof why, "%s", moe_last_error());
-            s = moe_set_error(s, "%s (this model routes with expert biases, which a checkpoint "
+            s = moe_set_error(s, "%s (this model routes with selection biases, which a checkpoint "
                               "keeps in trainer.safetensors)", why);
         }
     }

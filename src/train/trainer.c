@@ -403,6 +403,9 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
             MOE_TRY(moe_comm_sum_i64(data_comm(t), moe_layer_accum_counts(ml),
                                      (size_t)moe_model_layer_experts(mc, l)));
             MOE_TRY(moe_comm_sum_i64(data_comm(t), moe_layer_accum_tokens(ml), 1));
+            if (moe_layer_get_config(ml)->quantile_balancing) /* beta_local: their mean */
+                MOE_TRY(moe_comm_sum_f64(data_comm(t), moe_layer_qb_accum(ml),
+                                         (size_t)moe_model_layer_experts(mc, l) + 1));
         }
         MOE_TRY(reduce_grads(t));
     }
@@ -425,6 +428,7 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
             moe_layer *ml = moe_model_moe_layer(m, l);
             if (!ml) continue;
             *moe_layer_accum_tokens(ml) = 0; /* no bias update from this step's counts */
+            moe_layer_qb_accum(ml)[moe_model_layer_experts(mc, l)] = 0;
             moe_layer_step_end(ml);
         }
         t->step++;

@@ -44,7 +44,8 @@ void fixture_init(layer_fixture *f, const moe_layer_config *cfg, int max_tokens,
         fail_msg("moe_layer_create: %s", moe_last_error());
     f->n_params = moe_layer_param_count(cfg);
     tu_fill(moe_layer_param_data(f->layer), f->n_params, seed, 501, -scale, scale);
-    if (cfg->enable_expert_bias) tu_fill(moe_layer_expert_bias(f->layer), (size_t)cfg->n_experts, seed, 502, -0.3f, 0.3f);
+    if (cfg->enable_expert_bias || cfg->quantile_balancing)
+        tu_fill(moe_layer_expert_bias(f->layer), (size_t)cfg->n_experts, seed, 502, -0.3f, 0.3f);
     f->p64 = malloc(sizeof(double) * (f->n_params + 1));
     fixture_sync(f);
 }

@@ -65,7 +65,8 @@ static void route_token(const moe_layer_config *c, const ref_args *a, const doub
     if (!a->freeze) {
         double *key = malloc(sizeof(double) * (size_t)E);
         for (int e = 0; e < E; e++)
-            key[e] = c->enable_expert_bias ? p[e] + a->bias[e]
+            key[e] = c->enable_expert_bias   ? p[e] + a->bias[e]
+                     : c->quantile_balancing ? z[e] + a->bias[e]
                      : c->score == MOE_SCORE_SOFTMAX && !c->pre_softmax ? z[e] : p[e];
         if (c->n_groups > 1) {
             int G = c->n_groups, per = E / G, m = k / c->group_topk > 1 ? k / c->group_topk : 1;
@@ -321,6 +322,36 @@ static void apply_capacity(const moe_layer_config *c, ref_result *r, const uint8
 }
 
 /* var(x) / (mean(x)^2 + 1e-10), the variance unbiased (torch's var) */
+static int desc(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x < y) - (x > y);
+}
+
+/* §5 quantile balancing: alpha_t the (k+1)-th largest of z[t] + bias, beta_local[e] the
+ * (floor(Tv k / E) + 1)-th largest of z[t,e] - alpha_t over the valid tokens; by sorting. */
+static void qb_beta(const moe_layer_config *c, const ref_args *a, const double *z,
+                    const uint8_t *valid, ref_result *r) {
+    int T = a->T, E = c->n_experts, k = a->k, n = 0;
+    double *key = malloc(sizeof(double) * (size_t)E), *alpha = malloc(sizeof(double) * (size_t)T),
+           *col = malloc(sizeof(double) * (size_t)T);
+    for (int t = 0; t < T; t++) {
+        for (int e = 0; e < E; e++) key[e] = z[(size_t)t * E + e] + a->bias[e];
+        qsort(key, (size_t)E, sizeof(double), desc);
+        alpha[t] = key[k];
+    }
+    r->qb_beta = malloc(sizeof(double) * (size_t)E);
+    for (int e = 0; e < E; e++) {
+        n = 0;
+        for (int t = 0; t < T; t++)
+            if (valid[t]) col[n++] = z[(size_t)t * E + e] - alpha[t];
+        qsort(col, (size_t)n, sizeof(double), desc);
+        r->qb_beta[e] = col[(int64_t)n * k / E];
+    }
+    free(key);
+    free(alpha);
+    free(col);
+}
+
 static double cv2(int E, const double *x) {
     double m = 0, v = 0;
     for (int e = 0; e < E; e++) m += x[e];
@@ -497,7 +528,8 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
     }
     for (int s = 0; s < r->n_slots; s++)
         if (r->kept[s]) r->kept_e[r->expert[s]]++;
-    /* §5 losses */
+    /* §5 losses, quantile balancing */
+    if (c->quantile_balancing && a->training && r->Tv > 0) qb_beta(c, a, z, valid, r);
     if (c->router == MOE_ROUTER_TOPK && c->lb_type != MOE_LB_NONE && c->aux_coeff > 0) {
         double *P = malloc(sizeof(double) * (size_t)T * E);
         for (int t = 0; t < T; t++) {
@@ -582,6 +614,7 @@ void ref_result_free(ref_result *r) {
     free(r->counts);
     free(r->kept_e);
     free(r->aux_counts);
+    free(r->qb_beta);
     free(r->out);
     memset(r, 0, sizeof *r);
 }

@@ -25,6 +25,7 @@ typedef struct {
     int64_t *kept_e;  /* [E] */
     int64_t *aux_counts; /* [E] the aux loss's counts (top k of the unbiased scores) */
     double aux, z;
+    double *qb_beta;  /* [E] quantile balancing, a training call: beta_local */
     double *out;      /* [T, d] */
 } ref_result;
 
@@ -34,7 +35,7 @@ typedef struct {
     int seq_len;
     int training;
     uint64_t step;
-    const double *bias;         /* [E] selection bias (expert bias enabled) */
+    const double *bias;         /* [E] selection bias (expert bias, quantile balancing) */
     const int64_t *acc_counts;  /* [E] global aux: aux_counts of earlier forwards */
     int64_t acc_tokens;
     const ref_result *freeze;   /* use these decisions (selection, random drops, capacity) */
