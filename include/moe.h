@@ -106,6 +106,8 @@ typedef enum {
     MOE_DROP_RANDOM = 2,   /* keep C slots by a random priority (DeepSpeed's use_rts) */
     MOE_DROP_CHOICE = 3,   /* by position, every first choice before any second one (GShard's,
                             * DeepSpeed's top-2) */
+    MOE_DROP_PRIORITY = 4, /* batch-prioritized routing (V-MoE; Switch's flaxformer, Tutel): by
+                            * choice, then by the token's largest score */
 } moe_drop_policy;
 
 typedef enum {

@@ -51,6 +51,7 @@ CASE(jitter, { c->jitter_eps = 0.2f; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5
 CASE(cap_probs, { c->capacity_factor = 0.8f; })
 CASE(cap_position_pad, { c->capacity_factor = 1.0f; c->drop_policy = MOE_DROP_POSITION; c->pad_to_capacity = 1; })
 CASE(cap_random, { c->capacity_factor = 0.8f; c->drop_policy = MOE_DROP_RANDOM; })
+CASE(cap_prioritized, { c->capacity_factor = 0.8f; c->drop_policy = MOE_DROP_PRIORITY; })
 CASE(cap_by_choice, { c->capacity_factor = 0.8f; c->drop_policy = MOE_DROP_CHOICE; })
 CASE(cap_dynamic, { c->capacity_factor = -1.2f; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
 CASE(local_groups_pad, { c->capacity_factor = 0.8f; c->local_group_size = 5; c->pad_to_capacity = 1;
@@ -70,7 +71,7 @@ static const grad_case cases[] = {
     C(softmax_post_aux_z), C(softmax_pre_norm), C(sigmoid_aux), C(sigmoid_no_norm),
     C(sqrtsoftplus_seq_aux), C(groups_bias), C(qb_sigmoid_z), C(sinkhorn_k1), C(sinkhorn_k2_z), C(expert_choice),
     C(fake_gate), C(random_routing), C(sample_second), C(sample_first), C(gate_noise), C(load_importance), C(jitter), C(cap_probs),
-    C(cap_position_pad), C(cap_random), C(cap_by_choice), C(cap_dynamic), C(local_groups_pad), C(act_geglu), C(act_relu2), C(act_gelu),
+    C(cap_position_pad), C(cap_random), C(cap_by_choice), C(cap_prioritized), C(cap_dynamic), C(local_groups_pad), C(act_geglu), C(act_relu2), C(act_gelu),
     C(act_silu), C(linear_bias), C(shared_gate), C(residual), C(router_fp64), C(top_all),
 };
 

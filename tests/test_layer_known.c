@@ -214,7 +214,10 @@ static void test_sinkhorn(void **state) {
  *   them (Megatron, DeepSpeed): all four slots of t0 and t1; t2 and t3 lose both.
  * probs: weights w(1,0) = e/(e+1) = 0.731, w(2,0) = e^2/(e^2+1) = 0.881; expert 0 keeps t3
  *   (0.881) and t0 (0.731, ties with t2 -> earlier (j, t)); expert 1 keeps t1 (0.731) and
- *   then the largest second-choice weight 0.269 of t0 (tie with t2, earlier wins). */
+ *   then the largest second-choice weight 0.269 of t0 (tie with t2, earlier wins).
+ * batch-prioritized: the tokens' top scores 0.731, 0.731, 0.731, 0.881; expert 0 keeps the
+ *   first choices of t3 (the surest) and t0 (before t2); expert 1 its one first choice, t1's,
+ *   then the second choice of t3, the surest token. */
 static void test_capacity_positions(void **state) {
     (void)state;
     moe_layer_config c = identity_config(2, 2);
@@ -229,8 +232,9 @@ static void test_capacity_positions(void **state) {
         uint8_t want[8];
     } pols[] = {{MOE_DROP_POSITION, "position", {1, 1, 1, 1, 0, 0, 0, 0}},
                 {MOE_DROP_PROBS, "probs", {1, 1, 1, 0, 0, 0, 1, 0}},
-                {MOE_DROP_CHOICE, "position-by-choice", {1, 1, 1, 0, 1, 0, 0, 0}}};
-    for (int pol = 0; pol < 3; pol++) {
+                {MOE_DROP_CHOICE, "position-by-choice", {1, 1, 1, 0, 1, 0, 0, 0}},
+                {MOE_DROP_PRIORITY, "batch-prioritized", {1, 0, 1, 0, 0, 0, 1, 1}}};
+    for (int pol = 0; pol < 4; pol++) {
         c.drop_policy = pols[pol].policy;
         moe_layer *L = make_layer(&c, 4);
         const moe_routing *r = route(L, z, 4, &a);

@@ -50,6 +50,9 @@ CASE(cap_probs, c->capacity_factor = 1.0f)
 CASE(cap_position, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_POSITION; })
 CASE(cap_random, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_RANDOM; })
 CASE(cap_by_choice, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_CHOICE; })
+CASE(cap_prioritized, { c->capacity_factor = 0.75f; c->drop_policy = MOE_DROP_PRIORITY; })
+CASE(cap_prioritized_sigmoid_k3, { c->capacity_factor = 0.6f; c->drop_policy = MOE_DROP_PRIORITY;
+      c->topk = 3; c->score = MOE_SCORE_SIGMOID; c->local_group_size = 7; })
 CASE(cap_by_choice_k3, { c->capacity_factor = 0.6f; c->drop_policy = MOE_DROP_CHOICE; c->topk = 3; })
 CASE(cap_min, { c->capacity_factor = 0.5f; c->min_capacity = 5; })
 CASE(cap_dynamic, c->capacity_factor = -1.5f)
@@ -139,7 +142,8 @@ static const grid_case cases[] = {
     C(fake_noise), C(act_geglu), C(act_relu2), C(act_gelu), C(act_silu), C(linear_bias),
     C(shared), C(shared_gate_bias), C(residual), C(router_fp64), C(many_experts), C(many_experts_pre_aux),
     C(many_experts_groups_bias), C(everything), C(qb_softmax_post), C(qb_sigmoid_cap),
-    C(qb_inference), C(qb_per_call_k1), C(many_experts_qb),
+    C(qb_inference), C(qb_per_call_k1), C(many_experts_qb), C(cap_prioritized),
+    C(cap_prioritized_sigmoid_k3),
 };
 
 static moe_layer_config base_config(void) {

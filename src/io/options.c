@@ -76,6 +76,7 @@ static const opt_choice lb_choices[] = {{"aux_loss", MOE_LB_AUX},
 static const opt_choice drop_choices[] = {
     {"probs", MOE_DROP_PROBS}, {"position", MOE_DROP_POSITION},
     {"position-by-choice", MOE_DROP_CHOICE}, {"random", MOE_DROP_RANDOM},
+    {"batch-prioritized", MOE_DROP_PRIORITY},
     {NULL, 0}};
 static const opt_choice dtype_choices[] = {{"fp32", 0}, {"fp64", 1}, {NULL, 0}};
 static const opt_choice rmsnorm_choices[] = {{"RMSNorm", 0}, {NULL, 0}};
@@ -203,7 +204,8 @@ static const opt_def opts[] = {
     {"moe-token-drop-policy", "drop-policy", OPT_ENUM, L(drop_policy), 0, 0, drop_choices,
      DISPATCH, "which slots an over-full expert drops: lowest weight, latest token, latest token "
      "of the latest choice (every first choice kept before any second: GShard's, DeepSpeed's "
-     "top-2), or at random (DeepSpeed's random token selection, use_rts)", 0},
+     "top-2), at random (DeepSpeed's random token selection, use_rts), or the latest choice of "
+     "the token with the lowest top score (batch-prioritized routing: V-MoE, Switch, Tutel)", 0},
     {"moe-pad-expert-input-to-capacity", NULL, OPT_BOOL, L(pad_to_capacity), 0, 1, NULL,
      DISPATCH, "every expert computes exactly capacity rows", 0},
     {"moe-local-group-size", NULL, OPT_INT, L(local_group_size), 0, BIG, NULL, DISPATCH,

@@ -60,7 +60,7 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           "unknown norm-topk setting %d", (int)c->norm_topk);
     MOE_CHECK(c->lb_type >= MOE_LB_NONE && c->lb_type <= MOE_LB_LOAD_IMPORTANCE,
           "unknown load-balancing type %d", (int)c->lb_type);
-    MOE_CHECK(c->drop_policy >= MOE_DROP_PROBS && c->drop_policy <= MOE_DROP_CHOICE,
+    MOE_CHECK(c->drop_policy >= MOE_DROP_PROBS && c->drop_policy <= MOE_DROP_PRIORITY,
           "unknown token drop policy %d", (int)c->drop_policy);
     MOE_CHECK(!bad_float(c->route_scale) && c->route_scale > 0,
           "moe-router-topk-scaling-factor must be a positive number (got %g)", c->route_scale);

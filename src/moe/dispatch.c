@@ -82,7 +82,8 @@ void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
      * DeepSpeed's topkgating: the tokens at the end of the batch are dropped, whichever choice
      * the expert is for them); position by choice, by (j, t) (GShard's and DeepSpeed's
      * top2gating: first choices before second ones); probs and random, (j, t) before the
-     * stable sort by the key (the weight, a random priority), so ties go to first choices. */
+     * stable sort by the key (the weight, a random priority), so ties go to first choices;
+     * batch-prioritized, each choice's run of (j, t) sorted by the key (the token's score). */
     int32_t *fill = tmp;
     for (int e = 0; e < E; e++) fill[e] = off[e];
     int by_token = policy == MOE_DROP_POSITION;
@@ -94,8 +95,14 @@ void moe_capacity_keep(int T, int k, int E, int C, moe_drop_policy policy,
     for (int e = 0; e < E; e++) {
         int n = off[e + 1] - off[e];
         int32_t *cand = list + off[e];
-        if (n > C && policy != MOE_DROP_POSITION && policy != MOE_DROP_CHOICE)
+        if (n > C && policy == MOE_DROP_PRIORITY) {
+            for (int a = 0, b; a < n; a = b) {
+                for (b = a + 1; b < n && cand[b] % k == cand[a] % k; b++) continue;
+                sort_by_weight(cand + a, b - a, slot_key, tmp);
+            }
+        } else if (n > C && policy != MOE_DROP_POSITION && policy != MOE_DROP_CHOICE) {
             sort_by_weight(cand, n, slot_key, tmp);
+        }
         for (int i = C; i < n; i++) kept[cand[i]] = 0;
     }
 }
@@ -115,6 +122,15 @@ void moe_dispatch_plan(moe_layer *L) {
             uint64_t stream = moe_rng_stream(MOE_RNG_RTS, (uint64_t)c->layer_id, st->step, 0);
             for (int s = 0; s < S; s++)
                 st->rts_key[s] = moe_rng_uniform(c->seed, stream, (uint64_t)s);
+            key = st->rts_key;
+        } else if (cf != 0 && c->drop_policy == MOE_DROP_PRIORITY) {
+            /* batch-prioritized routing: each slot has its token's largest full-E score */
+            for (int s = 0; s < S; s++) {
+                const double *p = st->p + (size_t)st->slot_token[s] * E;
+                double m = p[0];
+                for (int e = 1; e < E; e++) m = p[e] > m ? p[e] : m;
+                st->rts_key[s] = (float)m;
+            }
             key = st->rts_key;
         }
         /* GShard's local groups: each group of G consecutive tokens has the capacity of its

@@ -58,7 +58,8 @@ static void plan_workspace(moe_layer *L, moe_arena *a, moe_arena *s, int Tm, int
     st->slot_expert = moe_arena_take(a, S, sizeof(int32_t));
     st->slot_sel = moe_arena_take(a, S, sizeof(int32_t));
     st->slot_w = moe_arena_take(a, S, sizeof(float));
-    st->rts_key = moe_arena_take(a, c->drop_policy == MOE_DROP_RANDOM ? S : 0, sizeof(float));
+    int keyed = c->drop_policy == MOE_DROP_RANDOM || c->drop_policy == MOE_DROP_PRIORITY;
+    st->rts_key = moe_arena_take(a, keyed ? S : 0, sizeof(float));
     st->slot_kept = moe_arena_take(a, S, sizeof(uint8_t));
     st->slot_row = moe_arena_take(a, S, sizeof(int32_t));
     st->tok_off = moe_arena_take(a, T + 1, sizeof(int32_t));

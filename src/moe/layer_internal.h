@@ -55,7 +55,8 @@ typedef struct {
     int32_t *slot_expert;  /* [S] -1 = none */
     int32_t *slot_sel;     /* [S] expert the router selected (before random routing), -1 = none */
     float *slot_w;         /* [S] final weight */
-    float *rts_key;        /* [S] random token selection's priorities (drop policy random) */
+    float *rts_key;        /* [S] the slots' priorities of drop policies random (random token
+                            * selection's) and batch-prioritized (the token's largest score) */
     uint8_t *slot_kept;    /* [S] */
     int32_t *slot_row;     /* [S] row in the permuted buffers, -1 = not computed */
     int32_t *tok_off;      /* [T+1] slots of token t: tok_slot[tok_off[t] .. tok_off[t+1]) */

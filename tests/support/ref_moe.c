@@ -260,7 +260,7 @@ static double capacity_factor(const moe_layer_config *c, int training) {
 /* §6 keeps at most C slots per expert of the tokens [t0, t1) (a local group), C from their
  * valid tokens and their slots' counts; returns C. */
 static int64_t keep_group(const moe_layer_config *c, ref_result *r, double cf, const uint8_t *mask,
-                          int T, int t0, int t1, uint64_t step) {
+                          int T, int t0, int t1, uint64_t step, const double *top) {
     int E = c->n_experts, k = r->k;
     int64_t Tv = 0, mx = 0, *count = calloc((size_t)E, sizeof(int64_t));
     for (int t = t0; t < t1; t++) {
@@ -279,10 +279,11 @@ static int64_t keep_group(const moe_layer_config *c, ref_result *r, double cf, c
         int64_t taken = 0;
         uint8_t *done = calloc((size_t)r->n_slots, 1);
         while (taken < C) {
-            /* position: the first remaining by token; position by choice: by (j, t); probs:
-             * the largest weight; random
-             * (DeepSpeed's use_rts): the largest priority U(0, 1) of slot s in the layer's and
-             * step's stream; ties to the first in (j, t) order */
+            /* position: the first remaining by token; position by choice: by (j, t);
+             * batch-prioritized: by j, then the token's top score (top[t], far below 1e6);
+             * probs: the largest weight; random (DeepSpeed's use_rts): the largest priority
+             * U(0, 1) of slot s in the layer's and step's stream; ties to the first in (j, t)
+             * order */
             uint64_t rts = moe_rng_stream(MOE_RNG_RTS, (uint64_t)c->layer_id, step, 0);
             int best = -1;
             double bk = 0;
@@ -294,6 +295,7 @@ static int64_t keep_group(const moe_layer_config *c, ref_result *r, double cf, c
                                  : c->drop_policy == MOE_DROP_RANDOM
                                      ? moe_rng_uniform(c->seed, rts, (uint64_t)s)
                                  : c->drop_policy == MOE_DROP_CHOICE ? -(j * T + t)
+                                 : c->drop_policy == MOE_DROP_PRIORITY ? top[t] - 1e6 * j
                                                                      : -s;
                     if (best < 0 || key > bk) best = s, bk = key;
                 }
@@ -309,7 +311,7 @@ static int64_t keep_group(const moe_layer_config *c, ref_result *r, double cf, c
 
 /* §6: the capacity per group of local_group_size tokens (one group when 0), summed. */
 static void apply_capacity(const moe_layer_config *c, ref_result *r, const uint8_t *mask, int T,
-                           uint64_t step, int training) {
+                           uint64_t step, int training, const double *top) {
     double cf = capacity_factor(c, training);
     r->capacity = 0;
     if (cf == 0 || r->Tv == 0) {
@@ -318,10 +320,9 @@ static void apply_capacity(const moe_layer_config *c, ref_result *r, const uint8
     }
     int G = c->local_group_size ? c->local_group_size : T;
     for (int t0 = 0; t0 < T; t0 += G)
-        r->capacity += (int)keep_group(c, r, cf, mask, T, t0, t0 + G < T ? t0 + G : T, step);
+        r->capacity += (int)keep_group(c, r, cf, mask, T, t0, t0 + G < T ? t0 + G : T, step, top);
 }
 
-/* var(x) / (mean(x)^2 + 1e-10), the variance unbiased (torch's var) */
 static int desc(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x < y) - (x > y);
@@ -352,6 +353,7 @@ static void qb_beta(const moe_layer_config *c, const ref_args *a, const double *
     free(col);
 }
 
+/* var(x) / (mean(x)^2 + 1e-10), the variance unbiased (torch's var) */
 static double cv2(int E, const double *x) {
     double m = 0, v = 0;
     for (int e = 0; e < E; e++) m += x[e];
@@ -523,7 +525,13 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
             r->capacity = a->freeze->capacity;
             memcpy(r->kept, a->freeze->kept, (size_t)r->n_slots);
         } else {
-            apply_capacity(c, r, a->mask, T, a->step, a->training);
+            double *top = malloc(sizeof(double) * (size_t)T); /* each token's largest score */
+            for (int t = 0; t < T; t++) {
+                top[t] = -INFINITY;
+                for (int e = 0; e < E; e++) top[t] = fmax(top[t], pr[(size_t)t * E + e]);
+            }
+            apply_capacity(c, r, a->mask, T, a->step, a->training, top);
+            free(top);
         }
     }
     for (int s = 0; s < r->n_slots; s++)
