@@ -141,6 +141,9 @@ typedef struct {
                                (docs/LAYER.md §5) */
     float qb_ema;           /* beta <- ema beta + (1 - ema) beta_local per optimizer step */
     int router_fp64;        /* router logits GEMM in float64 */
+    int cosine_dim;         /* Tutel's cosine router: logits = exp(min(tau, ln 100)) cos(W_p x + b,
+                               s_e) in a space of this many dimensions (0 = the linear router) */
+    float cosine_init_t;    /* its initial temperature: tau = ln(1 / init_t) */
     int expert_bf16;        /* expert GEMMs in bf16 (fp32 accumulation, fp32 master weights) */
 
     moe_lb_type lb_type;
@@ -206,6 +209,10 @@ typedef struct {
     float *shared_gate_w; /* [d] */
     float *mix_w;         /* [2, d] residual mix */
     float *mix_b;         /* [2] */
+    float *cos_proj_w;    /* [P, d] cosine router (P = cosine_dim; router_w is then absent) */
+    float *cos_proj_b;    /* [P] */
+    float *cos_sim;       /* [E, P] the experts' directions (Tutel's sim_matrix transposed) */
+    float *cos_temp;      /* [1] tau */
 } moe_layer_params;
 
 /* Number of floats of trainable parameters for this config. */

@@ -57,8 +57,9 @@ run 4 "$tmp/ep4h" $tiny --train-iters 20 --expert-model-parallel-size 4 --moe-hi
 # A last-bit difference can flip a near tie of the router: at a step whose expert loads differ,
 # at most one token's choices may have moved (load counts differing by 4 in all) and the loss
 # and nll be within 1e-5 (one slot moved in 2 of 20 steps, 1.3e-6, with this README as data)
-# Quantile balancing too: its quantiles averaged over the micro-batches of one process or over
-# the ranks' (12 steps)
+# Quantile balancing and Tutel's cosine router too: the quantiles averaged over the
+# micro-batches of one process or over the ranks', the cosine router's tensors replicated like
+# the linear router's (12 steps)
 close_to_one() { # ONE_METRICS RANKS_METRICS LABEL STEPS
   /usr/bin/python3 - "$@" <<'EOF'
 import json, sys
@@ -86,13 +87,14 @@ run 4 "$tmp/ep20" $tiny --train-iters 20 --moe-aux-loss-coeff 0 --expert-model-p
 close_to_one "$tmp/one0s/metrics.jsonl" "$tmp/ep20s/metrics.jsonl" \
   "ep 2 x dp 2 without the aux loss" 20 || fail "ep 2 x dp 2 without the aux loss differs"
 qb="--moe-aux-loss-coeff 0 --moe-router-enable-expert-bias=false --train-iters 12
-  --moe-router-load-balancing-type quantile_balancing"
+  --moe-router-load-balancing-type quantile_balancing --moe-router-cosine-dim 16"
 # shellcheck disable=SC2086
 run 1 "$tmp/oneqb" $tiny $qb --save "$tmp/oneqbs"
 # shellcheck disable=SC2086
 run 4 "$tmp/ep2qb" $tiny $qb --expert-model-parallel-size 2 --save "$tmp/ep2qbs"
 close_to_one "$tmp/oneqbs/metrics.jsonl" "$tmp/ep2qbs/metrics.jsonl" \
-  "ep 2 x dp 2, quantile balancing" 12 || fail "ep 2 x dp 2 with quantile balancing differs"
+  "ep 2 x dp 2, quantile balancing, cosine router" 12 ||
+  fail "ep 2 x dp 2 with quantile balancing and the cosine router differs"
 # ... and with a capacity factor (each rank decides its own micro-batch's drops, as one process
 # does per micro-batch), data parallel 4 and ep 2 x dp 2, both drop policies; every run ends
 # with its sample text, which every rank generates alike (it once hung there: the ranks'

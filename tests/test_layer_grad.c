@@ -36,6 +36,10 @@ CASE(groups_bias, { c->n_experts = 8; c->n_groups = 4; c->group_topk = 2; c->top
       c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; c->route_scale = 2.5f;
       c->z_coeff = 0.05f; })
 CASE(qb_sigmoid_z, { c->quantile_balancing = 1; c->score = MOE_SCORE_SIGMOID; c->z_coeff = 0.05f; })
+CASE(cosine_aux_z, { c->cosine_dim = 6; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f;
+      c->z_coeff = 0.1f; })
+CASE(cosine_sinkhorn_jitter, { c->cosine_dim = 4; c->router = MOE_ROUTER_SINKHORN;
+      c->lb_type = MOE_LB_NONE; c->jitter_eps = 0.2f; c->z_coeff = 0.1f; })
 CASE(sinkhorn_k1, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->topk = 1; })
 CASE(sinkhorn_k2_z, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->z_coeff = 0.1f; })
 CASE(expert_choice, { c->router = MOE_ROUTER_EXPERT_CHOICE; c->lb_type = MOE_LB_NONE; c->z_coeff = 0.1f; })
@@ -69,7 +73,7 @@ CASE(top_all, { c->topk = 6; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
 #define C(nm) {#nm, set_##nm}
 static const grad_case cases[] = {
     C(softmax_post_aux_z), C(softmax_pre_norm), C(sigmoid_aux), C(sigmoid_no_norm),
-    C(sqrtsoftplus_seq_aux), C(groups_bias), C(qb_sigmoid_z), C(sinkhorn_k1), C(sinkhorn_k2_z), C(expert_choice),
+    C(sqrtsoftplus_seq_aux), C(groups_bias), C(qb_sigmoid_z), C(cosine_aux_z), C(cosine_sinkhorn_jitter), C(sinkhorn_k1), C(sinkhorn_k2_z), C(expert_choice),
     C(fake_gate), C(random_routing), C(sample_second), C(sample_first), C(gate_noise), C(load_importance), C(jitter), C(cap_probs),
     C(cap_position_pad), C(cap_random), C(cap_by_choice), C(cap_prioritized), C(cap_dynamic), C(local_groups_pad), C(act_geglu), C(act_relu2), C(act_gelu),
     C(act_silu), C(linear_bias), C(shared_gate), C(residual), C(router_fp64), C(top_all),
@@ -157,10 +161,12 @@ static void run_case(const grad_case *gc, int masked, uint64_t seed) {
     const float *gbase = moe_layer_grad_data(f.layer);
     float *const fields[] = {gp.router_w, gp.w_in, gp.b_in, gp.w_out, gp.b_out, gp.shared_w_in,
                              gp.shared_b_in, gp.shared_w_out, gp.shared_b_out, gp.shared_gate_w,
-                             gp.mix_w, gp.mix_b};
+                             gp.mix_w, gp.mix_b, gp.cos_proj_w, gp.cos_proj_b, gp.cos_sim,
+                             gp.cos_temp};
     static const char *const names[] = {"router_w", "w_in", "b_in", "w_out", "b_out",
                                         "shared_w_in", "shared_b_in", "shared_w_out",
-                                        "shared_b_out", "shared_gate_w", "mix_w", "mix_b"};
+                                        "shared_b_out", "shared_gate_w", "mix_w", "mix_b",
+                                        "cos_proj_w", "cos_proj_b", "cos_sim", "cos_temp"};
     int nf = (int)(sizeof fields / sizeof fields[0]);
     for (int i = 0; i < nf; i++) {
         if (!fields[i]) continue;

@@ -623,6 +623,44 @@ static void test_qb_balances(void **state) {
     moe_layer_destroy(L);
 }
 
+/* Tutel's cosine router by hand: P = d = 2, W_p = I, b_p = 0, the experts' directions (1, 0),
+ * (0, 1), (-1, 0) and (3, 3) (their lengths do not count): token (5, 0) has the cosines 1, 0,
+ * -1, 0.7071, times the gain 1 / t = 2 (tau = ln 2): logits 2, 0, -2, 1.4142, experts 0 and 3,
+ * the first weight 1 / (1 + e^(1.4142 - 2)). With tau = 6 the gain is clamped at 100: the
+ * first weight 1 / (1 + e^-29.29), and tau's gradient 0 (non-zero below the clamp). */
+static void test_cosine_router(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(4, 2);
+    c.d = 2;
+    c.cosine_dim = 2;
+    c.cosine_init_t = 0.5f;
+    moe_layer *L;
+    assert_int_equal(moe_layer_create(&c, 1, NULL, NULL, &L), MOE_OK);
+    moe_layer_init_params(L, tu_seed(), 0.1f);
+    moe_layer_params p = moe_layer_get_params(L), g = moe_layer_get_grads(L);
+    assert_null(p.router_w);
+    assert_true(fabsf(p.cos_temp[0] - logf(2.0f)) < 1e-7f); /* ln(1 / init_t) */
+    const float w[4] = {1, 0, 0, 1}, s[8] = {1, 0, 0, 1, -1, 0, 3, 3}, x[2] = {5, 0}, dy[2] = {1, -1};
+    memcpy(p.cos_proj_w, w, sizeof w);
+    memcpy(p.cos_sim, s, sizeof s);
+    p.cos_proj_b[0] = p.cos_proj_b[1] = 0;
+    float out[2], dx[2];
+    for (int clamp = 0; clamp < 2; clamp++) {
+        p.cos_temp[0] = clamp ? 6.0f : logf(2.0f);
+        moe_forward_args a = moe_forward_args_default();
+        const int ex[2] = {0, 3};
+        double z3 = (clamp ? 100 : 2) * sqrt(0.5), z0 = clamp ? 100 : 2;
+        const double wt[2] = {1 / (1 + exp(z3 - z0)), 1 / (1 + exp(z0 - z3))};
+        expect_slots(route(L, x, 1, &a), ex, wt, 2);
+        moe_layer_zero_grads(L);
+        assert_int_equal(moe_layer_forward(L, out, x, 1, &a), MOE_OK);
+        assert_int_equal(moe_layer_backward(L, dx, dy, x), MOE_OK);
+        if (clamp) assert_true(g.cos_temp[0] == 0);
+        else assert_true(g.cos_temp[0] != 0);
+    }
+    moe_layer_destroy(L);
+}
+
 /* Quantile balancing's conflicts: named at validation, and a training call's k = E. */
 static void test_qb_refused(void **state) {
     (void)state;
@@ -772,7 +810,7 @@ int main(void) {
         cmocka_unit_test(test_capacity_ceil),
         cmocka_unit_test(test_fake_round_robin),       cmocka_unit_test(test_bias_update_sign),
         cmocka_unit_test(test_qb_by_hand), cmocka_unit_test(test_qb_balances),
-        cmocka_unit_test(test_qb_refused),
+        cmocka_unit_test(test_qb_refused), cmocka_unit_test(test_cosine_router),
         cmocka_unit_test(test_random_routing),         cmocka_unit_test(test_expert_choice),
         cmocka_unit_test(test_aux_and_z_values),       cmocka_unit_test(test_mask),
     };

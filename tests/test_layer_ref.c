@@ -121,6 +121,11 @@ CASE(many_experts_pre_aux, { c->n_experts = 45; c->topk = 7; c->pre_softmax = 1;
       c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; })
 CASE(many_experts_groups_bias, { c->n_experts = 45; c->n_groups = 5; c->group_topk = 3;
       c->topk = 4; c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; })
+/* Tutel's cosine router, with jitter, gate noise, an aux loss, sigmoid scores */
+CASE(cosine, { c->cosine_dim = 5; })
+CASE(cosine_noisy_aux, { c->cosine_dim = 16; c->jitter_eps = 0.1f; c->gate_noise = 1.0f;
+      c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; c->z_coeff = 0.05f; a->training = 1; })
+CASE(cosine_sigmoid_k3, { c->cosine_dim = 7; c->score = MOE_SCORE_SIGMOID; c->topk = 3; })
 CASE(many_experts_qb, { c->n_experts = 45; c->topk = 5; c->quantile_balancing = 1; })
 CASE(everything, { c->n_experts = 8; c->n_groups = 2; c->group_topk = 2; c->topk = 3;
       c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; c->capacity_factor = 1.1f;
@@ -143,7 +148,7 @@ static const grid_case cases[] = {
     C(shared), C(shared_gate_bias), C(residual), C(router_fp64), C(many_experts), C(many_experts_pre_aux),
     C(many_experts_groups_bias), C(everything), C(qb_softmax_post), C(qb_sigmoid_cap),
     C(qb_inference), C(qb_per_call_k1), C(many_experts_qb), C(cap_prioritized),
-    C(cap_prioritized_sigmoid_k3),
+    C(cap_prioritized_sigmoid_k3), C(cosine), C(cosine_noisy_aux), C(cosine_sigmoid_k3),
 };
 
 static moe_layer_config base_config(void) {

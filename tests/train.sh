@@ -231,6 +231,38 @@ grep -q "no quantile balancing (a bias on the router's logits)" "$tmp/out" ||
 # shellcheck disable=SC2086
 expect 2 "$moe" train $mix --moe-router-load-balancing-type quantile_balancing --save "$tmp/qb3"
 grep -q "aux losses must be off (moe-aux-loss-coeff 0)" "$tmp/out" || fail "qb with aux: $(cat "$tmp/out")"
+# Tutel's cosine router: its four tensors per MoE layer in the checkpoint, no gate.weight, the
+# temperature at ln(1 / init_t) to start; a run resumed has the losses of the run straight
+# through; Hugging Face's formats refuse it
+cos="$mix --moe-router-cosine-dim 8 --moe-router-cosine-init-temperature 0.25 --train-iters 4"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $cos --save "$tmp/cos" --save-interval 2 --keep-last 2
+# shellcheck disable=SC2086
+expect 0 "$moe" train $cos --save "$tmp/cos2" --exit-interval 2
+expect 0 "$moe" train --load "$tmp/cos2" --save "$tmp/cos2"
+strip "$tmp/cos/metrics.jsonl" >"$tmp/cos.m"; strip "$tmp/cos2/metrics.jsonl" >"$tmp/cos2.m"
+cmp -s "$tmp/cos.m" "$tmp/cos2.m" || { diff "$tmp/cos.m" "$tmp/cos2.m" | head -5; fail "cosine resumed"; }
+/usr/bin/python3 - "$tmp/cos/step-00000002/model.safetensors" "$tmp/cos/step-00000004/model.safetensors" <<'EOF' ||
+import array, json, math, struct, sys
+def tensors(path):
+    d = open(path, "rb").read()
+    n = struct.unpack_from("<Q", d)[0]; head = json.loads(d[8:8 + n]); base = 8 + n
+    head.pop("__metadata__")
+    return {k: (v["shape"], array.array("f", d[base + v["data_offsets"][0]:base + v["data_offsets"][1]]))
+            for k, v in head.items()}
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+for l in (0, 1):
+    g = f"model.layers.{l}.mlp.gate."
+    assert g + "weight" not in a, "a linear router's weight"
+    shapes = [a[g + n][0] for n in ("cosine_projector.weight", "cosine_projector.bias",
+                                     "cosine_directions", "temperature")]
+    assert shapes == [[8, 32], [8], [4, 8], [1]], shapes
+    t2, t4 = a[g + "temperature"][1][0], b[g + "temperature"][1][0]
+    assert abs(t2 - math.log(4)) < 0.05 and t4 != t2, (t2, t4)  # trained from ln(1 / 0.25)
+EOF
+  fail "cosine router tensors"
+expect 2 "$moe" convert --load "$tmp/cos" --to hf "$tmp/cos_hf"
+grep -q "no cosine router (Tutel's)" "$tmp/out" || fail "convert of a cosine run: $(cat "$tmp/out")"
 # --no-load-optim: the step and the schedule go on, Adam starts over; after one step each
 # moment holds one gradient g, m = (1 - beta1) g and v = (1 - beta2) g^2
 expect 0 "$moe" train --load "$tmp/b/step-00000006" --no-load-optim --exit-interval 7 \

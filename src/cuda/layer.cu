@@ -259,6 +259,7 @@ static moe_status check_supported(const moe_layer_config *c) {
     else if (c->router_fp64) no = "the float64 router";
     else if (c->lb_type == MOE_LB_GLOBAL_AUX) no = "the global-batch aux loss";
     else if (c->quantile_balancing) no = "quantile balancing";
+    else if (c->cosine_dim) no = "the cosine router";
     else if (c->n_experts > MAX_E) no = "more than 256 experts";
     if (no) return moe_set_error(MOE_ERR_INVALID, "the CUDA layer does not support %s yet", no);
     return MOE_OK;

@@ -597,10 +597,11 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
     int plain_heads = moe_model_head_dim(c) * c->n_heads == c->d;
     int deepseek = !strncmp(family, "deepseek_v", 10);
     const char *bad = NULL;
-    if (m->random_routing || m->quantile_balancing) { /* they change which experts route */
+    if (m->random_routing || m->quantile_balancing || m->cosine_dim) { /* other routing */
         snprintf(why, cap, "%s, which no Hugging Face family has", m->random_routing
                  ? "no random routing (GShard's second expert)"
-                 : "no quantile balancing (a bias on the router's logits)");
+                 : m->quantile_balancing ? "no quantile balancing (a bias on the router's logits)"
+                 : "no cosine router (Tutel's)");
         return 0;
     }
     if (deepseek) {

@@ -145,6 +145,13 @@ static const opt_def opts[] = {
      "selection-only expert bias (aux-loss-free balancing, DeepSeek-V3)", 0},
     {"moe-router-bias-update-rate", "gate-bias-update-factor", OPT_FLOAT, L(bias_update_rate),
      0, BIG, NULL, ROUTER, "b_e += rate * sign(mean(c) - c_e) once per optimizer step", 0},
+    {"moe-router-cosine-dim", NULL, OPT_INT, L(cosine_dim), 0, BIG, NULL, ROUTER,
+     "Tutel's cosine router: the logits are the cosines between the tokens projected to this "
+     "many dimensions and a learned direction per expert, times a learned temperature's gain "
+     "(Tutel's proj_dim, 256 there; 0 = the linear router)", 0},
+    {"moe-router-cosine-init-temperature", NULL, OPT_FLOAT, L(cosine_init_t), 0, BIG, NULL,
+     ROUTER, "the cosine router's initial temperature t: gain 1 / t, at most 100 (Tutel's "
+     "init_t)", 0},
     {"moe-router-dtype", NULL, OPT_ENUM, L(router_fp64), 0, 0, dtype_choices, ROUTER,
      "precision of the router GEMM (the rest of the router is float64)", 0},
     {"moe-router-force-load-balancing", NULL, OPT_BOOL, O(force_lb), 0, 1, NULL, ROUTER,

@@ -316,11 +316,13 @@ static moe_status add_moe_tensors(moe_model *m, int l, const moe_layer_config *l
     int64_t El = E / lc->ep_size, e0 = (int64_t)lc->ep_rank * El;
     int gated = moe_act_gated(lc->act), b = lc->expert_bias;
     char prefix[96];
-    ADD(0, start, 2, SHAPE(E, d), "model.layers.%d.mlp.gate.weight", l);
+    int64_t P = lc->cosine_dim; /* the cosine router: its tensors last, no gate.weight */
+    if (!P) ADD(0, start, 2, SHAPE(E, d), "model.layers.%d.mlp.gate.weight", l);
     int first = m->n_tensors;
     for (int64_t e = e0; e < e0 + El; e++) {
-        if (gated) ADD(0, NULL, 2, SHAPE(f, d), "model.layers.%d.mlp.experts.%lld.gate_proj.weight", l, (long long)e);
-        ADD(0, NULL, 2, SHAPE(f, d), "model.layers.%d.mlp.experts.%lld.up_proj.weight", l, (long long)e);
+        size_t *at = P && e == e0 ? start : NULL;
+        if (gated) ADD(0, at, 2, SHAPE(f, d), "model.layers.%d.mlp.experts.%lld.gate_proj.weight", l, (long long)e);
+        ADD(0, gated ? NULL : at, 2, SHAPE(f, d), "model.layers.%d.mlp.experts.%lld.up_proj.weight", l, (long long)e);
     }
     for (int64_t e = e0; b && e < e0 + El; e++) {
         if (gated) ADD(1, NULL, 1, SHAPE(f), "model.layers.%d.mlp.experts.%lld.gate_proj.bias", l, (long long)e);
@@ -350,6 +352,12 @@ static moe_status add_moe_tensors(moe_model *m, int l, const moe_layer_config *l
     if (lc->residual) {
         ADD(0, NULL, 2, SHAPE(2, d), "model.layers.%d.mlp.coefficient.weight", l);
         ADD(1, NULL, 1, SHAPE(2), "model.layers.%d.mlp.coefficient.bias", l);
+    }
+    if (P) {
+        ADD(0, NULL, 2, SHAPE(P, d), "model.layers.%d.mlp.gate.cosine_projector.weight", l);
+        ADD(1, NULL, 1, SHAPE(P), "model.layers.%d.mlp.gate.cosine_projector.bias", l);
+        ADD(0, NULL, 2, SHAPE(E, P), "model.layers.%d.mlp.gate.cosine_directions", l);
+        ADD(1, NULL, 1, SHAPE(1), "model.layers.%d.mlp.gate.temperature", l);
     }
     MOE_ASSERT(m->n_params - *start == moe_layer_param_count(lc));
     return MOE_OK;
@@ -768,6 +776,8 @@ void moe_model_init_params(moe_model *m, uint64_t seed) {
         uint64_t stream = moe_rng_stream(MOE_RNG_INIT, h, 0, 1);
         if (is_norm)
             for (size_t n = 0; n < t->numel; n++) p[n] = 1.0f;
+        else if (strstr(t->name, "mlp.gate.temperature")) /* Tutel's: ln(1 / init_t) */
+            p[0] = logf(1.0f / c->moe.cosine_init_t);
         else if (t->no_decay) moe_zero_floats(p, t->numel);
         else moe_rng_normal_floats(seed, stream, 0, t->numel, std, p);
     }

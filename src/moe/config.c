@@ -22,6 +22,7 @@ moe_layer_config moe_layer_config_default(void) {
     c.n_groups = 1;
     c.group_topk = 1;
     c.bias_update_rate = 1e-3f;
+    c.cosine_init_t = 0.5f;
     c.lb_type = MOE_LB_AUX;
     c.min_capacity = 0;
     c.drop_policy = MOE_DROP_PROBS;
@@ -106,6 +107,12 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
     }
     MOE_CHECK(!c->enable_expert_bias || c->router == MOE_ROUTER_TOPK,
           "moe-router-enable-expert-bias needs the topk router");
+    MOE_CHECK(c->cosine_dim >= 0, "moe-router-cosine-dim must be >= 0 (got %d)", c->cosine_dim);
+    MOE_CHECK(!c->cosine_dim || (c->router != MOE_ROUTER_FAKE_BALANCED && !c->router_fp64),
+          "the cosine router (moe-router-cosine-dim) computes learned logits in fp32: not with "
+          "the fake balanced gate or moe-router-dtype fp64");
+    MOE_CHECK(!bad_float(c->cosine_init_t) && c->cosine_init_t > 0,
+          "moe-router-cosine-init-temperature must be positive (got %g)", c->cosine_init_t);
     MOE_CHECK(!bad_float(c->qb_ema) && c->qb_ema >= 0 && c->qb_ema < 1,
           "moe-router-quantile-balancing-ema must be in [0, 1) (got %g)", c->qb_ema);
     MOE_CHECK(!c->quantile_balancing ||
@@ -208,7 +215,8 @@ void moe_layer_param_sizes(const moe_layer_config *c, size_t s[MOE_N_PARAM_TENSO
     size_t gf = moe_act_gated(c->act) ? 2 * f : f;
     size_t fs = (size_t)c->shared_ffn, gs = moe_act_gated(c->act) ? 2 * fs : fs;
     int b = c->expert_bias != 0;
-    s[0] = E * d;
+    size_t P = (size_t)c->cosine_dim;
+    s[0] = P ? 0 : E * d;
     s[1] = El * gf * d;
     s[2] = b ? El * gf : 0;
     s[3] = El * d * f;
@@ -220,6 +228,10 @@ void moe_layer_param_sizes(const moe_layer_config *c, size_t s[MOE_N_PARAM_TENSO
     s[9] = c->shared_gate ? d : 0;
     s[10] = c->residual ? 2 * d : 0;
     s[11] = c->residual ? 2 : 0;
+    s[12] = P * d;
+    s[13] = P;
+    s[14] = E * P;
+    s[15] = P ? 1 : 0;
 }
 
 size_t moe_layer_param_count(const moe_layer_config *c) {
@@ -232,9 +244,11 @@ size_t moe_layer_param_count(const moe_layer_config *c) {
 void moe_layer_params_map(const moe_layer_config *c, float *base, moe_layer_params *p) {
     size_t s[MOE_N_PARAM_TENSORS];
     moe_layer_param_sizes(c, s);
-    float **slot[MOE_N_PARAM_TENSORS] = {&p->router_w,     &p->w_in,         &p->b_in,          &p->w_out,
-                        &p->b_out,        &p->shared_w_in,  &p->shared_b_in,   &p->shared_w_out,
-                        &p->shared_b_out, &p->shared_gate_w, &p->mix_w,        &p->mix_b};
+    float **slot[MOE_N_PARAM_TENSORS] = {
+        &p->router_w,     &p->w_in,          &p->b_in,       &p->w_out,
+        &p->b_out,        &p->shared_w_in,   &p->shared_b_in, &p->shared_w_out,
+        &p->shared_b_out, &p->shared_gate_w, &p->mix_w,      &p->mix_b,
+        &p->cos_proj_w,   &p->cos_proj_b,    &p->cos_sim,    &p->cos_temp};
     for (int i = 0; i < MOE_N_PARAM_TENSORS; i++) {
         *slot[i] = s[i] && base ? base : NULL;
         if (base) base += s[i];

@@ -98,6 +98,13 @@ static void plan_workspace(moe_layer *L, moe_arena *a, moe_arena *s, int Tm, int
     st->dz_f = moe_arena_take(s, T * E, sizeof(float));
     st->tmp_td = moe_arena_take(s, T * d, sizeof(float));
     st->x64 = moe_arena_take(s, c->router_fp64 ? T * d : 0, sizeof(double));
+    size_t P = (size_t)c->cosine_dim;
+    st->cos_h = moe_arena_take(a, T * P, sizeof(float));
+    st->cos_hn = moe_arena_take(a, P ? T : 0, sizeof(double));
+    st->cos_s = moe_arena_take(a, E * P, sizeof(float));
+    st->cos_sn = moe_arena_take(a, P ? E : 0, sizeof(double));
+    st->cos_dh = moe_arena_take(s, T * P, sizeof(float));
+    st->cos_ds = moe_arena_take(s, E * P, sizeof(float));
     st->wg64 = moe_arena_take(a, c->router_fp64 ? E * d : 0, sizeof(double));
     st->dwg64 = moe_arena_take(s, c->router_fp64 ? E * d : 0, sizeof(double));
     size_t b16 = c->expert_bf16 != 0;
@@ -237,14 +244,17 @@ const moe_layer_stats *moe_layer_get_stats(const moe_layer *L) { return &L->stat
 const moe_routing *moe_layer_get_routing(const moe_layer *L) { return &L->routing; }
 
 void moe_layer_init_params(moe_layer *L, uint64_t seed, float std) {
-    /* Tensors in struct order; biases (b_in, b_out, shared biases, mix_b) start at zero. */
-    static const int is_bias[MOE_N_PARAM_TENSORS] = {0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 1};
+    /* Tensors in struct order; biases (b_in, b_out, shared biases, mix_b, cos_proj_b) start
+     * at zero, the cosine router's temperature (2) at ln(1 / init_t). */
+    static const int is_bias[MOE_N_PARAM_TENSORS] = {0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 1,
+                                                     0, 1, 0, 2};
     size_t sizes[MOE_N_PARAM_TENSORS];
     moe_layer_param_sizes(&L->cfg, sizes);
     float *t = L->params;
     for (int i = 0; i < MOE_N_PARAM_TENSORS; i++) {
         uint64_t stream = moe_rng_stream(MOE_RNG_INIT, (uint64_t)L->cfg.layer_id, (uint64_t)i, 0);
-        if (is_bias[i]) moe_zero_floats(t, sizes[i]);
+        if (is_bias[i] == 2 && sizes[i]) t[0] = logf(1.0f / L->cfg.cosine_init_t);
+        else if (is_bias[i]) moe_zero_floats(t, sizes[i]);
         else moe_rng_normal_floats(seed, stream, 0, sizes[i], std, t);
         t += sizes[i];
     }

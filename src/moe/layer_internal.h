@@ -9,7 +9,7 @@
 #include <stdint.h>
 
 /* Sizes (floats) of the tensors of moe_layer_params in struct order; 0 = absent. */
-#define MOE_N_PARAM_TENSORS 12
+#define MOE_N_PARAM_TENSORS 16
 void moe_layer_param_sizes(const moe_layer_config *c, size_t s[MOE_N_PARAM_TENSORS]);
 
 /* How the routing weights of the selected slots derive from the logits (router backward). */
@@ -111,6 +111,12 @@ typedef struct {
     float *dz_f;           /* [T, E] */
     float *tmp_td;         /* [T, d] */
     double *x64;           /* [T, d] router input in float64 (router_fp64) */
+    float *cos_h;          /* [T, P] cosine router: the projected tokens, normalised */
+    double *cos_hn;        /* [T] their norms before */
+    float *cos_s;          /* [E, P] the experts' directions, normalised */
+    double *cos_sn;        /* [E] their norms before */
+    float *cos_dh;         /* [T, P] gradients (scratch) */
+    float *cos_ds;         /* [E, P] */
     double *wg64;          /* [E, d] router weights in float64 (router_fp64) */
     double *dwg64;         /* [E, d] */
     /* bf16 experts (expert_bf16) */

@@ -102,6 +102,82 @@ static void logits_to_z(void *ctx, int t0, int t1) {
     for (size_t i = (size_t)t0 * a->E; i < (size_t)t1 * a->E; i++) a->st->z[i] = l[i];
 }
 
+/* ---- Tutel's cosine router: z[t,e] = g cos(h_t, s_e), h_t = W_p x_t + b_p, g = exp(min(tau,
+ * ln 100)); F.normalize's v / max(|v|, 1e-12) makes the unit vectors. */
+
+#define COS_EPS 1e-12
+#define COS_TAU_MAX 4.605170185988091 /* ln 100 */
+
+static double cos_gain(const moe_layer *L) {
+    double tau = L->p.cos_temp[0];
+    return exp(tau < COS_TAU_MAX ? tau : COS_TAU_MAX);
+}
+
+/* rows [r0, r1) of v [., P] to unit length, their norms into n */
+static void unit_rows(float *v, double *n, int r0, int r1, int P) {
+    for (int r = r0; r < r1; r++) {
+        float *x = v + (size_t)r * P;
+        double s = 0;
+        for (int i = 0; i < P; i++) s += (double)x[i] * x[i];
+        n[r] = sqrt(s);
+        float inv = (float)(1.0 / (n[r] > COS_EPS ? n[r] : COS_EPS));
+        for (int i = 0; i < P; i++) x[i] *= inv;
+    }
+}
+
+/* the logits of the cosine router into st->logits_f */
+static void cosine_logits(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, d = c->d, E = c->n_experts, P = c->cosine_dim;
+    moe_gemm(0, 1, T, P, d, 1.0f, st->xin, d, L->p.cos_proj_w, d, 0.0f, st->cos_h, P);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < P; i++) st->cos_h[(size_t)t * P + i] += L->p.cos_proj_b[i];
+    unit_rows(st->cos_h, st->cos_hn, 0, T, P);
+    memcpy(st->cos_s, L->p.cos_sim, sizeof(float) * (size_t)E * P);
+    unit_rows(st->cos_s, st->cos_sn, 0, E, P);
+    moe_gemm(0, 1, T, E, P, (float)cos_gain(L), st->cos_h, P, st->cos_s, P, 0.0f, st->logits_f, E);
+}
+
+/* rows [0, n) of the gradient dv [n, P] w.r.t. unit vectors u back to the vectors before,
+ * norms nv, into dv: (du - u (u . du)) / |v|, or du / eps below eps */
+static void unit_rows_backward(float *dv, const float *u, const double *nv, int n, int P) {
+    for (int r = 0; r < n; r++) {
+        float *g = dv + (size_t)r * P;
+        const float *x = u + (size_t)r * P;
+        double dot = 0;
+        if (nv[r] > COS_EPS)
+            for (int i = 0; i < P; i++) dot += (double)x[i] * g[i];
+        double inv = 1.0 / (nv[r] > COS_EPS ? nv[r] : COS_EPS);
+        for (int i = 0; i < P; i++) g[i] = (float)((g[i] - x[i] * dot) * inv);
+    }
+}
+
+/* dz_f [T, E] back through the cosine router: the gradients of its four tensors, and dxin
+ * into st->tmp_td */
+static void cosine_backward(moe_layer *L, const float *xin) {
+    const moe_layer_config *c = &L->cfg;
+    moe_fwd_state *st = &L->st;
+    int T = st->T, d = c->d, E = c->n_experts, P = c->cosine_dim;
+    float g = (float)cos_gain(L);
+    moe_gemm(0, 0, T, P, E, g, st->dz_f, E, st->cos_s, P, 0.0f, st->cos_dh, P);
+    if (L->p.cos_temp[0] < COS_TAU_MAX) {
+        /* dz/dtau = g cos (the clamp not holding): sum dz g cos = sum_t h_t . dh_t (unit h_t,
+         * dh = g dz s the gradient w.r.t. it) */
+        double s = 0;
+        for (size_t i = 0; i < (size_t)T * P; i++) s += (double)st->cos_h[i] * st->cos_dh[i];
+        L->g.cos_temp[0] += (float)s;
+    }
+    moe_gemm(1, 0, E, P, T, g, st->dz_f, E, st->cos_h, P, 0.0f, st->cos_ds, P);
+    unit_rows_backward(st->cos_dh, st->cos_h, st->cos_hn, T, P);
+    unit_rows_backward(st->cos_ds, st->cos_s, st->cos_sn, E, P);
+    for (size_t i = 0; i < (size_t)E * P; i++) L->g.cos_sim[i] += st->cos_ds[i];
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < P; i++) L->g.cos_proj_b[i] += st->cos_dh[(size_t)t * P + i];
+    moe_gemm(1, 0, P, d, T, 1.0f, st->cos_dh, P, xin, d, 1.0f, L->g.cos_proj_w, d);
+    moe_gemm(0, 0, T, d, P, 1.0f, st->cos_dh, P, L->p.cos_proj_w, d, 0.0f, st->tmp_td, d);
+}
+
 void moe_router_logits(moe_layer *L, const float *x) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
@@ -122,7 +198,8 @@ void moe_router_logits(moe_layer *L, const float *x) {
         for (size_t i = 0; i < (size_t)E * d; i++) st->wg64[i] = L->p.router_w[i];
         moe_gemm64(0, 1, T, E, d, 1.0, st->x64, d, st->wg64, d, 0.0, st->z, E);
     } else {
-        moe_gemm(0, 1, T, E, d, 1.0f, st->xin, d, L->p.router_w, d, 0.0f, st->logits_f, E);
+        if (c->cosine_dim) cosine_logits(L);
+        else moe_gemm(0, 1, T, E, d, 1.0f, st->xin, d, L->p.router_w, d, 0.0f, st->logits_f, E);
         logits_ctx a = {st, (size_t)E};
         moe_for_ranges(T, 2 * (size_t)T * E, logits_to_z, &a);
     }
@@ -498,8 +575,12 @@ void moe_router_backward(moe_layer *L, float *dx, const float *x) {
     } else {
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)T * E; i++) st->dz_f[i] = (float)st->dz[i];
-        moe_gemm(1, 0, E, d, T, 1.0f, st->dz_f, E, xin, d, 1.0f, L->g.router_w, d);
-        moe_gemm(0, 0, T, d, E, 1.0f, st->dz_f, E, L->p.router_w, d, 0.0f, st->tmp_td, d);
+        if (c->cosine_dim) {
+            cosine_backward(L, xin);
+        } else {
+            moe_gemm(1, 0, E, d, T, 1.0f, st->dz_f, E, xin, d, 1.0f, L->g.router_w, d);
+            moe_gemm(0, 0, T, d, E, 1.0f, st->dz_f, E, L->p.router_w, d, 0.0f, st->tmp_td, d);
+        }
     }
     int jit = st->training && c->jitter_eps > 0;
 #pragma omp parallel for schedule(static)

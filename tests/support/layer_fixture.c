@@ -18,6 +18,10 @@ void fixture_sync(layer_fixture *f) {
     const float *base = moe_layer_param_data(f->layer);
 #define MAP(field) f->ref.field = fp.field ? f->p64 + (fp.field - base) : NULL
     MAP(router_w);
+    MAP(cos_proj_w);
+    MAP(cos_proj_b);
+    MAP(cos_sim);
+    MAP(cos_temp);
     MAP(w_in);
     MAP(b_in);
     MAP(w_out);

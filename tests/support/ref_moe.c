@@ -448,7 +448,19 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
     for (int t = 0; t < T; t++)
         for (int e = 0; e < E; e++) {
             double s = 0;
-            for (int i = 0; i < d; i++) s += xr[(size_t)t * d + i] * p->router_w[(size_t)e * d + i];
+            if (c->cosine_dim) { /* §1: exp(min(tau, ln 100)) cos(W_p x + b_p, s_e) */
+                int P = c->cosine_dim;
+                double hh = 0, ss = 0, hs = 0;
+                for (int i = 0; i < P; i++) {
+                    double h = p->cos_proj_b[i], v = p->cos_sim[(size_t)e * P + i];
+                    for (int j = 0; j < d; j++)
+                        h += p->cos_proj_w[(size_t)i * d + j] * xr[(size_t)t * d + j];
+                    hh += h * h, ss += v * v, hs += h * v;
+                }
+                s = hs / fmax(sqrt(hh), 1e-12) / fmax(sqrt(ss), 1e-12) *
+                    exp(fmin(p->cos_temp[0], log(100.0)));
+            }
+            for (int i = 0; i < d && !c->cosine_dim; i++) s += xr[(size_t)t * d + i] * p->router_w[(size_t)e * d + i];
             /* Tutel's gate noise: N(0, 1) gate_noise / E */
             uint64_t gs = moe_rng_stream(MOE_RNG_GATE_NOISE, (uint64_t)c->layer_id, a->step, 0);
             if (a->training && c->gate_noise > 0)

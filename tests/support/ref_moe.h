@@ -10,7 +10,7 @@
 /* Parameters in float64 with the layout of moe_layer_params (NULL = absent). */
 typedef struct {
     double *router_w, *w_in, *b_in, *w_out, *b_out, *shared_w_in, *shared_b_in, *shared_w_out,
-        *shared_b_out, *shared_gate_w, *mix_w, *mix_b;
+        *shared_b_out, *shared_gate_w, *mix_w, *mix_b, *cos_proj_w, *cos_proj_b, *cos_sim, *cos_temp;
 } ref_params;
 
 /* Decisions and outputs of one call. Slots as in moe_routing. */
