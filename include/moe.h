@@ -269,6 +269,11 @@ typedef struct {
     int reuse_bf16;      /* bf16 experts: keep the weights' bf16 copies between calls that set
                             this (inference on weights that do not change; a call without it,
                             or moe_layer_weights_changed, drops them) */
+    const int32_t *replay; /* [T*k] routing replay (Megatron-Core's RouterReplay; the topk
+                            router): token t's j-th choice is expert replay[t*k + j] (k distinct
+                            experts, as moe_routing.selected recorded them; a masked token's
+                            are not read) instead of the router's; the weights come from this
+                            call's scores at those experts; NULL = the router's */
 } moe_forward_args;
 
 moe_forward_args moe_forward_args_default(void);
@@ -333,6 +338,8 @@ typedef struct {
     int n_slots;
     const int32_t *token;  /* [n_slots] */
     const int32_t *expert; /* [n_slots] */
+    const int32_t *selected; /* [n_slots] the router's choice before random routing (-1: a
+                                masked token): what moe_forward_args.replay takes */
     const float *weight;   /* [n_slots] routing weight (route_scale included) */
     const uint8_t *kept;   /* [n_slots] 1 = computed by its expert */
 } moe_routing;
@@ -483,6 +490,10 @@ typedef struct {
      * Lets a caller start reducing them while the rest of the backward runs. NULL: none. */
     void (*grads_ready)(void *ctx, size_t from);
     void *grads_ctx;
+    /* Routing replay: replay[l] the choices of MoE layer l, [B*S*k] as moe_routing.selected
+     * of its moe_model_moe_layer recorded them (moe_forward_args.replay; the CPU only); NULL,
+     * or a NULL entry: the router's. */
+    const int32_t *const *replay;
 } moe_model_args;
 
 moe_model_args moe_model_args_default(void);

@@ -41,7 +41,7 @@ static void run_and_compare(const char *what, const moe_layer_config *c, int T, 
     moe_forward_args a = moe_forward_args_default();
     a.mask = mask;
     if (moe_layer_forward(f.layer, out, x, T, &a) != MOE_OK) fail_msg("%s: %s", what, moe_last_error());
-    ref_args ra = {T, c->topk, mask, 0, 1, 0, f.bias, NULL, 0, NULL};
+    ref_args ra = {T, c->topk, mask, 0, 1, 0, f.bias, NULL, 0, NULL, NULL};
     ref_result r;
     ref_moe_forward(c, &f.ref, x64, &ra, &r);
     double mx = 0;

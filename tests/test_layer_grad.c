@@ -40,6 +40,10 @@ CASE(cosine_aux_z, { c->cosine_dim = 6; c->lb_type = MOE_LB_AUX; c->aux_coeff = 
       c->z_coeff = 0.1f; })
 CASE(cosine_sinkhorn_jitter, { c->cosine_dim = 4; c->router = MOE_ROUTER_SINKHORN;
       c->lb_type = MOE_LB_NONE; c->jitter_eps = 0.2f; c->z_coeff = 0.1f; })
+CASE(replay_sigmoid_cap, { c->score = MOE_SCORE_SIGMOID; c->capacity_factor = 0.8f;
+      a->replay = fixture_replay(c->n_experts, c->topk); })
+CASE(replay_post_aux, { c->topk = 3; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f;
+      a->replay = fixture_replay(c->n_experts, c->topk); })
 CASE(sinkhorn_k1, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->topk = 1; })
 CASE(sinkhorn_k2_z, { c->router = MOE_ROUTER_SINKHORN; c->lb_type = MOE_LB_NONE; c->z_coeff = 0.1f; })
 CASE(expert_choice, { c->router = MOE_ROUTER_EXPERT_CHOICE; c->lb_type = MOE_LB_NONE; c->z_coeff = 0.1f; })
@@ -73,7 +77,7 @@ CASE(top_all, { c->topk = 6; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
 #define C(nm) {#nm, set_##nm}
 static const grad_case cases[] = {
     C(softmax_post_aux_z), C(softmax_pre_norm), C(sigmoid_aux), C(sigmoid_no_norm),
-    C(sqrtsoftplus_seq_aux), C(groups_bias), C(qb_sigmoid_z), C(cosine_aux_z), C(cosine_sinkhorn_jitter), C(sinkhorn_k1), C(sinkhorn_k2_z), C(expert_choice),
+    C(sqrtsoftplus_seq_aux), C(groups_bias), C(qb_sigmoid_z), C(replay_sigmoid_cap), C(replay_post_aux), C(cosine_aux_z), C(cosine_sinkhorn_jitter), C(sinkhorn_k1), C(sinkhorn_k2_z), C(expert_choice),
     C(fake_gate), C(random_routing), C(sample_second), C(sample_first), C(gate_noise), C(load_importance), C(jitter), C(cap_probs),
     C(cap_position_pad), C(cap_random), C(cap_by_choice), C(cap_prioritized), C(cap_dynamic), C(local_groups_pad), C(act_geglu), C(act_relu2), C(act_gelu),
     C(act_silu), C(linear_bias), C(shared_gate), C(residual), C(router_fp64), C(top_all),
@@ -148,7 +152,7 @@ static void run_case(const grad_case *gc, int masked, uint64_t seed) {
     if (moe_layer_forward(f.layer, out, x, T, &a) != MOE_OK || moe_layer_backward(f.layer, dx, G, x) != MOE_OK)
         fail_msg("case %s: %s", gc->name, moe_last_error());
     ref_args ra = {T, a.topk ? a.topk : c.topk, a.mask, a.seq_len, a.training, a.step, f.bias,
-                   NULL, 0, NULL};
+                   NULL, 0, NULL, a.replay};
     ref_result frozen;
     ref_moe_forward(&c, &f.ref, x64, &ra, &frozen);
     ra.freeze = &frozen;

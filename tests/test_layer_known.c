@@ -661,6 +661,32 @@ static void test_cosine_router(void **state) {
     moe_layer_destroy(L);
 }
 
+/* Routing replay's input: a masked token's entries are not read; an expert out of range, or a
+ * router other than top-k, is refused. */
+static void test_replay_checks(void **state) {
+    (void)state;
+    moe_layer_config c = identity_config(4, 2);
+    moe_layer *L = make_layer(&c, 3);
+    float z[12], out[12];
+    tu_fill(z, 12, tu_seed(), 8, -1, 1);
+    int32_t rp[6] = {3, 0, -7, 99, 1, 2};
+    const uint8_t mask[3] = {1, 0, 1};
+    moe_forward_args a = moe_forward_args_default();
+    a.replay = rp;
+    a.mask = mask;
+    const int ex[6] = {3, 0, -1, -1, 1, 2};
+    expect_slots(route(L, z, 3, &a), ex, NULL, 6);
+    a.mask = NULL;
+    assert_int_equal(moe_layer_forward(L, out, z, 3, &a), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "token 1's choice 0 is expert -7"));
+    moe_layer_destroy(L);
+    c.router = MOE_ROUTER_SINKHORN;
+    L = make_layer(&c, 3);
+    a.mask = mask;
+    assert_int_equal(moe_layer_forward(L, out, z, 3, &a), MOE_ERR_INVALID);
+    moe_layer_destroy(L);
+}
+
 /* Quantile balancing's conflicts: named at validation, and a training call's k = E. */
 static void test_qb_refused(void **state) {
     (void)state;
@@ -811,6 +837,7 @@ int main(void) {
         cmocka_unit_test(test_fake_round_robin),       cmocka_unit_test(test_bias_update_sign),
         cmocka_unit_test(test_qb_by_hand), cmocka_unit_test(test_qb_balances),
         cmocka_unit_test(test_qb_refused), cmocka_unit_test(test_cosine_router),
+        cmocka_unit_test(test_replay_checks),
         cmocka_unit_test(test_random_routing),         cmocka_unit_test(test_expert_choice),
         cmocka_unit_test(test_aux_and_z_values),       cmocka_unit_test(test_mask),
     };

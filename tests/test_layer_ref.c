@@ -126,6 +126,13 @@ CASE(cosine, { c->cosine_dim = 5; })
 CASE(cosine_noisy_aux, { c->cosine_dim = 16; c->jitter_eps = 0.1f; c->gate_noise = 1.0f;
       c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; c->z_coeff = 0.05f; a->training = 1; })
 CASE(cosine_sigmoid_k3, { c->cosine_dim = 7; c->score = MOE_SCORE_SIGMOID; c->topk = 3; })
+/* routing replay: given choices, this call's weights, with capacity, random routing, QB */
+CASE(replay_softmax_post, { c->topk = 3; a->replay = fixture_replay(c->n_experts, 3); })
+CASE(replay_sigmoid_cap_random, { c->score = MOE_SCORE_SIGMOID; c->capacity_factor = 0.7f;
+      c->random_routing = 1; c->random_routing_threshold = 0.3f;
+      a->replay = fixture_replay(c->n_experts, c->topk); })
+CASE(replay_qb_pre, { c->quantile_balancing = 1; c->pre_softmax = 1; a->training = 1;
+      a->replay = fixture_replay(c->n_experts, c->topk); })
 CASE(many_experts_qb, { c->n_experts = 45; c->topk = 5; c->quantile_balancing = 1; })
 CASE(everything, { c->n_experts = 8; c->n_groups = 2; c->group_topk = 2; c->topk = 3;
       c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; c->capacity_factor = 1.1f;
@@ -149,6 +156,7 @@ static const grid_case cases[] = {
     C(many_experts_groups_bias), C(everything), C(qb_softmax_post), C(qb_sigmoid_cap),
     C(qb_inference), C(qb_per_call_k1), C(many_experts_qb), C(cap_prioritized),
     C(cap_prioritized_sigmoid_k3), C(cosine), C(cosine_noisy_aux), C(cosine_sigmoid_k3),
+    C(replay_softmax_post), C(replay_sigmoid_cap_random), C(replay_qb_pre),
 };
 
 static moe_layer_config base_config(void) {
@@ -189,7 +197,7 @@ static void run_case(const grid_case *gc, int masked, uint64_t seed) {
         if (moe_layer_forward(f.layer, out, x, T, &a) != MOE_OK)
             fail_msg("case %s: forward: %s", gc->name, moe_last_error());
         ref_args ra = {T, a.topk ? a.topk : c.topk, a.mask, a.seq_len, a.training, a.step,
-                       f.bias, acc, acc_T, NULL};
+                       f.bias, acc, acc_T, NULL, a.replay};
         ref_result r;
         ref_moe_forward(&c, &f.ref, x64, &ra, &r);
         const moe_layer_stats *st = moe_layer_get_stats(f.layer);

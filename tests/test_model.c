@@ -270,6 +270,49 @@ static void test_deterministic(void **state) {
     free(g[1]);
 }
 
+/* Routing replay: each MoE layer's choices recorded from one forward are replayed under other
+ * parameters (the routing then follows the record, not the new router), and under the same
+ * parameters give the same loss bitwise. */
+static void test_routing_replay(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    moe_model_config c = tiny_config();
+    int B = 2, S = 7, T = B * S, k = c.moe.topk;
+    int32_t tok[14], tgt[14], rec[3][14 * 2];
+    const int32_t *replay[3] = {NULL, rec[1], rec[2]}; /* layer 0 is dense */
+    fill_batch(tok, tgt, T, c.vocab, seed);
+    moe_model *m;
+    assert_int_equal(moe_model_create(&c, T, &m), MOE_OK);
+    random_params(m, seed);
+    moe_model_args args = moe_model_args_default();
+    moe_model_loss L0, L1, L2;
+    assert_int_equal(moe_model_forward(m, tok, tgt, B, S, &args, &L0), MOE_OK);
+    for (int l = 1; l < 3; l++)
+        memcpy(rec[l], moe_layer_get_routing(moe_model_moe_layer(m, l))->selected,
+               sizeof(int32_t) * (size_t)T * k);
+    args.replay = replay;
+    assert_int_equal(moe_model_forward(m, tok, tgt, B, S, &args, &L1), MOE_OK);
+    assert_memory_equal(&L0, &L1, sizeof L0);
+    random_params(m, seed + 1); /* another router */
+    args.replay = NULL;
+    assert_int_equal(moe_model_forward(m, tok, tgt, B, S, &args, &L2), MOE_OK);
+    int moved = 0;
+    for (int l = 1; l < 3; l++)
+        moved += memcmp(rec[l], moe_layer_get_routing(moe_model_moe_layer(m, l))->selected,
+                        sizeof(int32_t) * (size_t)T * k) != 0;
+    assert_true(moved > 0);
+    args.replay = replay;
+    assert_int_equal(moe_model_forward(m, tok, tgt, B, S, &args, &L2), MOE_OK);
+    assert_int_equal(moe_model_backward(m), MOE_OK);
+    for (int l = 1; l < 3; l++)
+        assert_memory_equal(rec[l], moe_layer_get_routing(moe_model_moe_layer(m, l))->selected,
+                            sizeof(int32_t) * (size_t)T * k);
+    rec[2][3] = rec[2][2]; /* token 1's two choices the same expert */
+    assert_int_equal(moe_model_forward(m, tok, tgt, B, S, &args, &L2), MOE_ERR_INVALID);
+    assert_non_null(strstr(moe_last_error(), "routing replay: token 1's choice 1"));
+    moe_model_destroy(m);
+}
+
 /* A tiny fixed batch is learned to near-zero loss by the trainer. */
 static void test_memorise(void **state) {
     (void)state;
@@ -858,7 +901,8 @@ int main(void) {
         cmocka_unit_test(test_against_torch_qk_norm),
         cmocka_unit_test(test_against_torch_head_dim), cmocka_unit_test(test_against_torch_mla),
         cmocka_unit_test(test_loss_scale),
-        cmocka_unit_test(test_deterministic), cmocka_unit_test(test_memorise),
+        cmocka_unit_test(test_deterministic),
+        cmocka_unit_test(test_routing_replay), cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_bad_input),     cmocka_unit_test(test_kv_cache),
         cmocka_unit_test(test_scratch_poison),
         cmocka_unit_test(test_sampling),      cmocka_unit_test(test_weight_decay_groups),

@@ -1159,6 +1159,8 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
     if (!args) args = &defaults;
     m->args = *args;
     m->has_targets = targets != NULL;
+    if (m->gpu && args->replay)
+        return moe_set_error(MOE_ERR_INVALID, "routing replay runs on the CPU only");
     if (m->gpu) return gpu_forward(m, loss);
     double tp = moe_time_now();
     const float *emb = m->params + m->emb_off;
@@ -1189,6 +1191,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
             fa.step = args->step;
             fa.loss_scale = args->loss_scale;
             fa.seq_len = S;
+            fa.replay = args->replay ? args->replay[l] : NULL;
             MOE_TRY(moe_layer_forward(m->moe[l], m->tmp, s->n2, T, &fa));
             const moe_layer_stats *st = moe_layer_get_stats(m->moe[l]);
             aux += st->aux_loss;

@@ -330,6 +330,7 @@ static void fill_stats(moe_layer *L) {
     r->n_slots = st->n_slots;
     r->token = st->slot_token;
     r->expert = st->slot_expert;
+    r->selected = st->slot_sel;
     r->weight = st->slot_w;
     r->kept = st->slot_kept;
 }
@@ -347,6 +348,19 @@ moe_status moe_layer_check_call(const moe_layer_config *c, int T, int max_tokens
         return moe_set_error(MOE_ERR_INVALID,
                              "per-call topk %d exceeds the experts in %d groups of %d", k,
                              c->group_topk, c->n_experts / c->n_groups);
+    if (args->replay && c->router != MOE_ROUTER_TOPK)
+        return moe_set_error(MOE_ERR_INVALID, "routing replay is for the topk router");
+    for (int t = 0; args->replay && t < T; t++) { /* a valid token's k distinct experts */
+        const int32_t *r = args->replay + (size_t)t * k;
+        for (int j = 0; (!args->mask || args->mask[t]) && j < k; j++) {
+            int dup = 0;
+            for (int i = 0; i < j; i++) dup |= r[i] == r[j];
+            if (r[j] < 0 || r[j] >= c->n_experts || dup)
+                return moe_set_error(MOE_ERR_INVALID, "routing replay: token %d's choice %d is "
+                                     "expert %d, not one of %d other than its earlier ones", t,
+                                     j, r[j], c->n_experts);
+        }
+    }
     if (c->quantile_balancing && args->training && k == c->n_experts)
         return moe_set_error(MOE_ERR_INVALID, "quantile balancing: a training call's topk must "
                              "be below num-experts (%d), its quantile needs a (k+1)-th choice",
@@ -435,6 +449,7 @@ moe_status moe_layer_forward(moe_layer *L, float *out, const float *x, int T,
     st->loss_scale = args->loss_scale;
     st->step = args->step;
     st->mask = args->mask ? memcpy(st->mask_own, args->mask, (size_t)T) : NULL;
+    st->replay = args->replay;
     st->capacity = 0;
     st->xin_orig = x;
     st->Tv = 0;

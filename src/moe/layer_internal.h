@@ -31,6 +31,8 @@ typedef struct {
     float loss_scale;
     uint64_t step;
     const uint8_t *mask;   /* mask_own or NULL (no mask given) */
+    const int32_t *replay; /* [T*k] routing replay's choices (the caller's, read by the
+                            * selection), or NULL */
     uint8_t *mask_own;     /* [T] the caller's mask as the forward saw it, for its backward */
 
     /* router */

@@ -335,11 +335,14 @@ static void select_tokens(void *ctx, int t0, int t1) {
                 keys = key;
             }
         }
-        moe_topk_desc(E, keys, k, idx);
-        if (sample1 || sample2) { /* DeepSpeed's noisy_gate_policy 'RSample' (k = 1) and
-                                   * top2_2nd_expert_sampling: the last choice the argmax of z
-                                   * + Gumbel noise over the other experts, a draw from their
-                                   * softmax */
+        if (st->replay)
+            for (int j = 0; j < k; j++) idx[j] = st->replay[(size_t)t * k + j];
+        else
+            moe_topk_desc(E, keys, k, idx);
+        /* DeepSpeed's noisy_gate_policy 'RSample' (k = 1) and top2_2nd_expert_sampling: the
+         * last choice the argmax of z + Gumbel noise over the other experts, a draw from their
+         * softmax (not in a replay) */
+        if ((sample1 || sample2) && !st->replay) {
             double best = -INFINITY;
             for (int e = 0; e < E; e++) {
                 if (sample2 && e == idx[0]) continue;

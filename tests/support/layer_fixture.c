@@ -10,6 +10,14 @@
 
 #include <cmocka.h>
 
+const int32_t *fixture_replay(int E, int k) {
+    static int32_t r[64 * 16];
+    assert_true(k <= 16 && k <= E);
+    for (int t = 0; t < 64; t++)
+        for (int j = 0; j < k; j++) r[t * k + j] = (7 * t + (t % 2 ? k - 1 - j : j)) % E;
+    return r;
+}
+
 void fixture_sync(layer_fixture *f) {
     const float *p = moe_layer_param_data(f->layer);
     for (size_t i = 0; i < f->n_params; i++) f->p64[i] = p[i];

@@ -22,5 +22,8 @@ void fixture_init(layer_fixture *f, const moe_layer_config *cfg, int max_tokens,
 /* Refreshes p64 from the layer's parameters (after they were changed). */
 void fixture_sync(layer_fixture *f);
 void fixture_free(layer_fixture *f);
+/* Choices for routing replay of up to 64 tokens, k of E experts each, other than a router's
+ * would be: token t's j-th is (7t + j) mod E, in the reverse order for odd t (static buffer). */
+const int32_t *fixture_replay(int E, int k);
 
 #endif

@@ -62,7 +62,9 @@ static void route_token(const moe_layer_config *c, const ref_args *a, const doub
                         const double *p, int t, ref_result *r) {
     int E = c->n_experts, k = a->k;
     int32_t *sel = r->sel + (size_t)t * k;
-    if (!a->freeze) {
+    if (!a->freeze && a->replay) { /* routing replay: the given choices */
+        for (int j = 0; j < k; j++) sel[j] = a->replay[(size_t)t * k + j];
+    } else if (!a->freeze) {
         double *key = malloc(sizeof(double) * (size_t)E);
         for (int e = 0; e < E; e++)
             key[e] = c->enable_expert_bias   ? p[e] + a->bias[e]

@@ -39,6 +39,7 @@ typedef struct {
     const int64_t *acc_counts;  /* [E] global aux: aux_counts of earlier forwards */
     int64_t acc_tokens;
     const ref_result *freeze;   /* use these decisions (selection, random drops, capacity) */
+    const int32_t *replay;      /* [T*k] routing replay: these choices, or NULL */
 } ref_args;
 
 /* Allocates (ref_result_free releases) and computes everything for x [T, d]. */
