@@ -27,14 +27,16 @@ void moe_cli_bf16_note(double peak16, double peak, const char *how) {
 
 /* GEMM floating-point operations of one forward of the layer (router, experts, shared);
  * the backward GEMMs are twice these. The rows the experts keep: the zero rows that
- * moe-pad-expert-input-to-capacity adds are computed but are not work. */
+ * moe-pad-expert-input-to-capacity adds are computed but are not work. The cosine router's
+ * are its projection to P dimensions and the cosines over P. */
 double moe_cli_layer_flops(const moe_layer_config *c, int T, const moe_layer_stats *st) {
     int gated = c->act == MOE_ACT_SWIGLU || c->act == MOE_ACT_GEGLU;
     double rows = 0;
     for (int e = 0; e < c->n_experts; e++) rows += (double)st->kept[e];
     double per_row = 2.0 * c->d * (gated ? 3.0 : 2.0);
-    return 2.0 * T * c->d * c->n_experts + rows * per_row * c->ffn +
-           (double)T * per_row * c->shared_ffn;
+    double router = c->cosine_dim ? 2.0 * T * c->cosine_dim * (c->d + c->n_experts)
+                                  : 2.0 * T * c->d * c->n_experts;
+    return router + rows * per_row * c->ffn + (double)T * per_row * c->shared_ffn;
 }
 
 /* The fp32 ceiling line of the benchmarks on the CPU (moe_gemm_peak of side n). */
