@@ -124,12 +124,13 @@ void moe_dispatch_plan(moe_layer *L) {
                 st->rts_key[s] = moe_rng_uniform(c->seed, stream, (uint64_t)s);
             key = st->rts_key;
         } else if (cf != 0 && c->drop_policy == MOE_DROP_PRIORITY) {
-            /* batch-prioritized routing: each slot has its token's largest full-E score */
-            for (int s = 0; s < S; s++) {
-                const double *p = st->p + (size_t)st->slot_token[s] * E;
+            /* batch-prioritized routing: each slot has its token's largest full-E score (slot
+             * t k + j is token t's j-th: the maximum once a token) */
+            for (int t = 0; t < st->T; t++) {
+                const double *p = st->p + (size_t)t * E;
                 double m = p[0];
                 for (int e = 1; e < E; e++) m = p[e] > m ? p[e] : m;
-                st->rts_key[s] = (float)m;
+                for (int j = 0; j < st->k; j++) st->rts_key[(size_t)t * st->k + j] = (float)m;
             }
             key = st->rts_key;
         }
