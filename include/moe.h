@@ -148,6 +148,9 @@ typedef struct {
 
     moe_lb_type lb_type;
     float aux_coeff;        /* aux loss coefficient */
+    float aux_coeff_also[MOE_LB_GLOBAL_AUX + 1]; /* Megatron's list of load-balancing types: the
+                               coefficients of more Switch-style losses, by type (aux_loss,
+                               seq_aux_loss, global_aux_loss), added to lb_type's (0 = none) */
     float z_coeff;          /* z-loss coefficient */
     float jitter_eps;       /* x * U(1-eps, 1+eps) on the router input in training; 0 = off */
     float gate_noise;       /* logits + gate_noise * N(0, 1) / E in training (Tutel's); 0 = off */

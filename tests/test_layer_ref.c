@@ -81,6 +81,12 @@ CASE(groups_one, { c->capacity_factor = 0.75f; c->local_group_size = 100; })
 CASE(aux, { c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; })
 CASE(aux_sigmoid, { c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; c->score = MOE_SCORE_SIGMOID; })
 CASE(seq_aux, { c->lb_type = MOE_LB_SEQ_AUX; c->aux_coeff = 0.3f; a->seq_len = 8; })
+/* Megatron's list of types: the losses added, the global one over two calls */
+CASE(aux_list_seq_global, { c->lb_type = MOE_LB_SEQ_AUX; c->aux_coeff = 0.3f;
+      c->aux_coeff_also[MOE_LB_GLOBAL_AUX] = 0.2f; a->seq_len = 8; })
+CASE(aux_list_all_sigmoid, { c->lb_type = MOE_LB_GLOBAL_AUX; c->aux_coeff = 0.1f;
+      c->aux_coeff_also[MOE_LB_AUX] = 0.25f; c->aux_coeff_also[MOE_LB_SEQ_AUX] = 0.4f;
+      c->score = MOE_SCORE_SIGMOID; a->seq_len = 6; })
 CASE(zloss, c->z_coeff = 0.05f)
 CASE(jitter, { c->jitter_eps = 0.1f; a->training = 1; })
 CASE(jitter_inference, { c->jitter_eps = 0.1f; a->training = 0; })
@@ -148,6 +154,7 @@ static const grid_case cases[] = {
     C(cap_random), C(cap_by_choice), C(cap_by_choice_k3), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(eval_cf), C(eval_cf_training), C(eval_cf_dynamic), C(eval_cf_pad),
     C(groups_probs), C(groups_position), C(groups_by_choice), C(groups_random_min), C(groups_dynamic), C(groups_pad), C(groups_eval), C(groups_one),
     C(eval_cf_inherit), C(expert_choice_eval_cf), C(aux), C(aux_sigmoid), C(seq_aux),
+    C(aux_list_seq_global), C(aux_list_all_sigmoid),
     C(zloss), C(jitter), C(jitter_inference), C(gate_noise), C(gate_noise_inference), C(load_importance), C(load_importance_eval), C(random_routing), C(sample_second),
     C(sample_second_pre), C(sample_second_eval), C(sample_first), C(sample_first_eval), C(sinkhorn_k1), C(sinkhorn_k2),
     C(sinkhorn_inference), C(expert_choice), C(expert_choice_cf), C(fake_round_robin),
@@ -187,7 +194,7 @@ static void run_case(const grid_case *gc, int masked, uint64_t seed) {
     uint8_t mask[24];
     for (int t = 0; t < T; t++) mask[t] = !masked || moe_rng_u64(seed, 9, (uint64_t)t) % 4 != 0;
     a.mask = masked ? mask : NULL;
-    int calls = c.lb_type == MOE_LB_GLOBAL_AUX ? 2 : 1;
+    int calls = c.lb_type == MOE_LB_GLOBAL_AUX || c.aux_coeff_also[MOE_LB_GLOBAL_AUX] > 0 ? 2 : 1;
     int64_t acc[256] = {0}, acc_T = 0;
     for (int call = 0; call < calls; call++) {
         tu_fill(x, (size_t)T * d, seed, 10 + (uint64_t)call, -1, 1);

@@ -84,7 +84,8 @@ static void test_config_file_aliases_and_override(void **state) {
     assert_int_equal(parse(&o, args, 4), MOE_OK);
     assert_int_equal(o.layer.n_experts, 16);
     assert_int_equal(o.layer.topk, 2);
-    assert_float_equal(o.layer.aux_coeff, 0.01f, 0);
+    assert_int_equal(o.aux_list.n, 1);
+    assert_float_equal(o.aux_list.v[0], 0.01f, 0);
     assert_int_equal(o.layer.drop_policy, MOE_DROP_POSITION);
     assert_float_equal(o.layer.capacity_factor, 1.25f, 0);
     unlink(path);
@@ -429,6 +430,73 @@ static void test_finish_combinations(void **state) {
 }
 
 /* Every option written and read back gives the same values, for non-default settings. */
+/* Megatron's list of load-balancing types, each with its coefficient: separate words on the
+ * command line, commas in a file; the first type is lb_type, the others aux_coeff_also. */
+static void test_balancing_lists(void **state) {
+    (void)state;
+    moe_options o;
+    const char *words[] = {"--moe-router-load-balancing-type", "seq_aux_loss", "global_aux_loss",
+                           "--moe-aux-loss-coeff", "1e-3", "1e-4", "--moe-router-topk", "3"};
+    assert_int_equal(parse(&o, words, 8), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_int_equal(o.layer.topk, 3);
+    assert_int_equal(o.layer.lb_type, MOE_LB_SEQ_AUX);
+    assert_float_equal(o.layer.aux_coeff, 1e-3f, 0);
+    assert_float_equal(o.layer.aux_coeff_also[MOE_LB_GLOBAL_AUX], 1e-4f, 0);
+    assert_float_equal(o.layer.aux_coeff_also[MOE_LB_AUX], 0, 0);
+    assert_float_equal(o.model.moe.aux_coeff_also[MOE_LB_GLOBAL_AUX], 1e-4f, 0);
+
+    const char *file = write_temp("moe_router_load_balancing_type = aux_loss, global_aux_loss,"
+                                  "seq_aux_loss\nmoe_loss_coeff = 0.1,0 0.3\n");
+    const char *cfg[] = {"--config", file};
+    assert_int_equal(parse(&o, cfg, 2), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_int_equal(o.layer.lb_type, MOE_LB_AUX);
+    assert_float_equal(o.layer.aux_coeff, 0.1f, 0);
+    assert_float_equal(o.layer.aux_coeff_also[MOE_LB_GLOBAL_AUX], 0, 0);
+    assert_float_equal(o.layer.aux_coeff_also[MOE_LB_SEQ_AUX], 0.3f, 0);
+    unlink(file);
+
+    /* one coefficient per type; only the three aux losses, each once */
+    const char *one[] = {"--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss",
+                         "--moe-aux-loss-coeff", "0.01"};
+    assert_int_equal(parse(&o, one, 5), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "gives 2 types and moe-aux-loss-coeff 1 "
+                 "coefficient: give one per type");
+    const char *two[] = {"--moe-aux-loss-coeff", "0.01", "0.02"};
+    assert_int_equal(parse(&o, two, 3), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "gives 1 type and moe-aux-loss-coeff 2");
+    const char *qb[] = {"--moe-router-load-balancing-type", "seq_aux_loss", "quantile_balancing",
+                        "--moe-aux-loss-coeff", "0.01", "0"};
+    assert_int_equal(parse(&o, qb, 6), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "a list takes aux_loss, seq_aux_loss "
+                 "and global_aux_loss, not quantile_balancing");
+    const char *twice[] = {"--moe-router-load-balancing-type", "aux_loss,global_aux_loss,aux_loss",
+                           "--moe-aux-loss-coeff", "0.01,0.01,0.01"};
+    assert_int_equal(parse(&o, twice, 4), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "lists aux_loss twice");
+    const char *hf[] = {"--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss",
+                        "--router-aux-loss-coef", "0.01"};
+    assert_int_equal(parse(&o, hf, 5), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "router-aux-loss-coef is one "
+                 "coefficient");
+    /* the layer's validation: the losses are the topk router's */
+    const char *fake[] = {"--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss",
+                          "--moe-aux-loss-coeff", "0.01", "0.01", "--moe-router-type",
+                          "fake_balanced"};
+    assert_int_equal(parse(&o, fake, 8), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "under the topk router");
+    /* bad words and lengths, one message each */
+    const char *typo[] = {"--moe-router-load-balancing-type", "aux_loss", "seq_aux"};
+    expect_error(parse(&o, typo, 3), "'seq_aux' is not one of aux_loss|");
+    const char *nan_word[] = {"--moe-aux-loss-coeff", "0.1", "x"};
+    expect_error(parse(&o, nan_word, 3), "expected a finite number, got 'x'");
+    const char *many[] = {"--moe-aux-loss-coeff", "1", "2", "3", "4", "5"};
+    expect_error(parse(&o, many, 6), "at most 4 values");
+    const char *empty[] = {"--moe-aux-loss-coeff= , "};
+    expect_error(parse(&o, empty, 1), "expected a value");
+}
+
 static void test_write_round_trip(void **state) {
     (void)state;
     uint64_t seed = tu_seed();
@@ -444,7 +512,8 @@ static void test_write_round_trip(void **state) {
                           "--moe-expert-capacity-factor", cf, "--moe-token-drop-policy", "position",
                           "--moe-activation", "relu2", "--moe-shared-expert-intermediate-size",
                           "32", "--moe-use-residual", "--moe-z-loss-coeff", "0.001",
-                          "--moe-router-load-balancing-type", "global_aux_loss", "--seed", seedtxt,
+                          "--moe-router-load-balancing-type", "global_aux_loss", "seq_aux_loss",
+                          "--moe-aux-loss-coeff", "0.01", "2e-3", "--seed", seedtxt,
                           "--moe-router-norm-topk-prob", "true", "--tokens", "77",
                           "--num-layers", "4", "--num-experts", "12,0,8,12", "--save",
                           "/tmp/run #1", "--lr", "0.0007", "--global-batch-size", "16",
@@ -470,6 +539,8 @@ static void test_write_round_trip(void **state) {
     assert_int_equal(moe_model_layer_experts(&b.model, 1), 0); /* dense */
     assert_int_equal(moe_model_layer_experts(&b.model, 2), 8);
     assert_non_null(strstr(text, "moe-router-score-function = sqrtsoftplus\n"));
+    assert_non_null(strstr(text, "moe-router-load-balancing-type = global_aux_loss seq_aux_loss\n"));
+    assert_non_null(strstr(text, "moe-aux-loss-coeff = 0.01 0.002\n"));
     free(text);
     unlink(path);
 }
@@ -577,6 +648,7 @@ int main(void) {
         cmocka_unit_test(test_bad_values),
         cmocka_unit_test(test_malformed_files),
         cmocka_unit_test(test_finish_combinations),
+        cmocka_unit_test(test_balancing_lists),
         cmocka_unit_test(test_write_round_trip),
         cmocka_unit_test(test_quotes_inside_values),
         cmocka_unit_test(test_unused_flags),

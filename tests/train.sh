@@ -139,6 +139,18 @@ grep -q "stopping after step 6" "$tmp/out" || fail "exit-interval"
 expect 0 "$moe" train --load "$tmp/b" --save "$tmp/b"
 grep -q "resumed from .*step-00000006 at step 6" "$tmp/out" || fail "resume message: $(head -3 "$tmp/out")"
 strip() { sed 's/,"tokens_per_s":[0-9.]*//' "$1"; }
+# resumes_alike NAME STOP FLAGS...: the run of FLAGS stopped after step STOP (into $tmp/NAME2)
+# and resumed has the metrics of the run straight through, already in $tmp/NAME
+resumes_alike() {
+  name=$1 stop=$2
+  shift 2
+  expect 0 "$moe" train "$@" --save "$tmp/${name}2" --exit-interval "$stop"
+  expect 0 "$moe" train --load "$tmp/${name}2" --save "$tmp/${name}2"
+  strip "$tmp/$name/metrics.jsonl" >"$tmp/$name.m"
+  strip "$tmp/${name}2/metrics.jsonl" >"$tmp/${name}2.m"
+  cmp -s "$tmp/$name.m" "$tmp/${name}2.m" ||
+    { diff "$tmp/$name.m" "$tmp/${name}2.m" | head -5; fail "$name resumed"; }
+}
 strip "$tmp/a/metrics.jsonl" >"$tmp/a.m"; strip "$tmp/b/metrics.jsonl" >"$tmp/b.m"
 cmp -s "$tmp/a.m" "$tmp/b.m" || { diff "$tmp/a.m" "$tmp/b.m" | head -5; fail "resumed losses differ"; }
 cmp -s "$tmp/a/step-00000012/trainer.safetensors" "$tmp/b/step-00000012/trainer.safetensors" \
@@ -209,10 +221,7 @@ qb="$mix --moe-aux-loss-coeff 0 --moe-router-load-balancing-type quantile_balanc
 # shellcheck disable=SC2086
 expect 0 "$moe" train $qb --save "$tmp/qb"
 # shellcheck disable=SC2086
-expect 0 "$moe" train $qb --save "$tmp/qb2" --exit-interval 2
-expect 0 "$moe" train --load "$tmp/qb2" --save "$tmp/qb2"
-strip "$tmp/qb/metrics.jsonl" >"$tmp/qb.m"; strip "$tmp/qb2/metrics.jsonl" >"$tmp/qb2.m"
-cmp -s "$tmp/qb.m" "$tmp/qb2.m" || { diff "$tmp/qb.m" "$tmp/qb2.m" | head -5; fail "qb resumed"; }
+resumes_alike qb 2 $qb
 expect 0 "$moe" train --load "$tmp/qb" --print-config
 grep -q "^moe-router-load-balancing-type = quantile_balancing$" "$tmp/out" &&
   grep -q "^moe-router-quantile-balancing-ema = 0.5$" "$tmp/out" || fail "qb config: $(cat "$tmp/out")"
@@ -231,6 +240,37 @@ grep -q "no quantile balancing (a bias on the router's logits)" "$tmp/out" ||
 # shellcheck disable=SC2086
 expect 2 "$moe" train $mix --moe-router-load-balancing-type quantile_balancing --save "$tmp/qb3"
 grep -q "aux losses must be off (moe-aux-loss-coeff 0)" "$tmp/out" || fail "qb with aux: $(cat "$tmp/out")"
+# Megatron's list of load-balancing types, each with its coefficient: at step 1 (the same
+# parameters and routing) the aux metric is the sum of the runs with each type alone; a run
+# stopped at step 1 and resumed has the losses of the run straight to 3 (the global loss's
+# counts start again each step); the checkpoint keeps both lists; a coefficient short is refused
+lst="$mix --moe-router-load-balancing-type seq_aux_loss global_aux_loss
+  --moe-aux-loss-coeff 0.02 0.005"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $lst --train-iters 3 --save "$tmp/lst"
+# shellcheck disable=SC2086
+resumes_alike lst 1 $lst --train-iters 3
+expect 0 "$moe" train --load "$tmp/lst" --print-config
+grep -q "^moe-router-load-balancing-type = seq_aux_loss global_aux_loss$" "$tmp/out" &&
+  grep -q "^moe-aux-loss-coeff = 0.02 0.005$" "$tmp/out" || fail "list config: $(cat "$tmp/out")"
+for one in "seq_aux_loss 0.02" "global_aux_loss 0.005"; do
+  # shellcheck disable=SC2086
+  expect 0 "$moe" train $mix --train-iters 1 --moe-router-load-balancing-type ${one% *} \
+    --moe-aux-loss-coeff ${one#* } --save "$tmp/lst_${one% *}"
+done
+/usr/bin/python3 - "$tmp/lst" "$tmp/lst_seq_aux_loss" "$tmp/lst_global_aux_loss" <<'EOF' ||
+import json, sys
+both, seq, glob = (json.loads(open(d + "/metrics.jsonl").readline()) for d in sys.argv[1:])
+assert both["aux"] > 0 and seq["aux"] > 0 and glob["aux"] > 0, (both, seq, glob)
+assert abs(both["aux"] - seq["aux"] - glob["aux"]) <= 1e-9 * both["aux"], (both, seq, glob)
+assert both["nll"] == seq["nll"] == glob["nll"], (both, seq, glob)
+EOF
+  fail "the list's aux loss is not the sum of its types'"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $mix --moe-router-load-balancing-type aux_loss seq_aux_loss --save "$tmp/lst3"
+grep -q "gives 2 types and moe-aux-loss-coeff 1 coefficient" "$tmp/out" ||
+  fail "a list with one coefficient: $(cat "$tmp/out")"
+[ ! -e "$tmp/lst3" ] || fail "a refused run wrote $tmp/lst3"
 # Tutel's cosine router: its four tensors per MoE layer in the checkpoint, no gate.weight, the
 # temperature at ln(1 / init_t) to start; a run resumed has the losses of the run straight
 # through; Hugging Face's formats refuse it
@@ -238,10 +278,7 @@ cos="$mix --moe-router-cosine-dim 8 --moe-router-cosine-init-temperature 0.25 --
 # shellcheck disable=SC2086
 expect 0 "$moe" train $cos --save "$tmp/cos" --save-interval 2 --keep-last 2
 # shellcheck disable=SC2086
-expect 0 "$moe" train $cos --save "$tmp/cos2" --exit-interval 2
-expect 0 "$moe" train --load "$tmp/cos2" --save "$tmp/cos2"
-strip "$tmp/cos/metrics.jsonl" >"$tmp/cos.m"; strip "$tmp/cos2/metrics.jsonl" >"$tmp/cos2.m"
-cmp -s "$tmp/cos.m" "$tmp/cos2.m" || { diff "$tmp/cos.m" "$tmp/cos2.m" | head -5; fail "cosine resumed"; }
+resumes_alike cos 2 $cos
 /usr/bin/python3 - "$tmp/cos/step-00000002/model.safetensors" "$tmp/cos/step-00000004/model.safetensors" <<'EOF' ||
 import array, json, math, struct, sys
 def tensors(path):

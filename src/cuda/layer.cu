@@ -258,6 +258,9 @@ static moe_status check_supported(const moe_layer_config *c) {
     else if (c->ep_size > 1) no = "expert parallelism";
     else if (c->router_fp64) no = "the float64 router";
     else if (c->lb_type == MOE_LB_GLOBAL_AUX) no = "the global-batch aux loss";
+    else if (c->aux_coeff_also[MOE_LB_AUX] > 0 || c->aux_coeff_also[MOE_LB_SEQ_AUX] > 0 ||
+             c->aux_coeff_also[MOE_LB_GLOBAL_AUX] > 0)
+        no = "a list of load-balancing types";
     else if (c->quantile_balancing) no = "quantile balancing";
     else if (c->cosine_dim) no = "the cosine router";
     else if (c->n_experts > MAX_E) no = "more than 256 experts";

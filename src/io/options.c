@@ -20,6 +20,8 @@ typedef enum {
     OPT_ENUM,
     OPT_STRING,  /* char[MOE_PATH_MAX] */
     OPT_EXPERTS, /* an expert count, or one per layer ("4,4,8,8") into model.n_experts */
+    OPT_ENUM_LIST,  /* Megatron's nargs='+': choices into a moe_opt_ints, words or commas */
+    OPT_FLOAT_LIST, /* numbers into a moe_opt_floats, likewise */
 } opt_type;
 
 typedef struct {
@@ -180,16 +182,18 @@ static const opt_def opts[] = {
      ROUTER, "DeepSpeed's: Jitter is moe-input-jitter-eps 0.01; RSample (top-1, softmax, "
      "training) takes the argmax of the logits plus Gumbel noise, a draw from the softmax", 0},
 
-    {"moe-router-load-balancing-type", NULL, OPT_ENUM, O(lb_choice), 0, 0, lb_choices, BALANCE,
-     "balancing loss (sinkhorn selects the Sinkhorn router instead; quantile_balancing is "
-     "Megatron's bias on the logits from each expert's quantile, without a loss)", 0},
+    {"moe-router-load-balancing-type", NULL, OPT_ENUM_LIST, O(lb_list), 0, 0, lb_choices,
+     BALANCE, "balancing loss (sinkhorn selects the Sinkhorn router instead; quantile_balancing "
+     "is Megatron's bias on the logits from each expert's quantile, without a loss); as in "
+     "Megatron, a list of aux_loss, seq_aux_loss and global_aux_loss adds those losses, each "
+     "with its coefficient", 0},
     {"moe-router-quantile-balancing-ema", NULL, OPT_FLOAT, L(qb_ema), 0, 1, NULL, BALANCE,
      "quantile balancing: beta <- ema * beta + (1 - ema) * the step's mean quantile, then "
      "centred", 0},
-    {"moe-aux-loss-coeff", "moe-loss-coeff aux-loss-alpha aux-loss-coeff", OPT_FLOAT,
-     L(aux_coeff), 0, BIG, NULL, BALANCE, "aux loss coefficient: loss = nll + coeff * aux, per "
+    {"moe-aux-loss-coeff", "moe-loss-coeff aux-loss-alpha aux-loss-coeff", OPT_FLOAT_LIST,
+     O(aux_list), 0, BIG, NULL, BALANCE, "aux loss coefficient: loss = nll + coeff * aux, per "
      "MoE layer, in Megatron's normalisation (InternEvo's GShard loss counts first choices "
-     "only: docs/LAYER.md)", 0},
+     "only: docs/LAYER.md); one per type when moe-router-load-balancing-type is a list", 0},
     {"router-aux-loss-coef", NULL, OPT_FLOAT, O(aux_coeff_hf), 0, BIG, NULL, BALANCE,
      "Hugging Face's aux loss coefficient: its one loss over all MoE layers sums the k choices' "
      "counts without the 1/k, so this sets moe-aux-loss-coeff (per layer) to k / (MoE layers) "
@@ -439,7 +443,8 @@ void moe_options_default(moe_options *o) {
     o->layer = moe_layer_config_default();
     o->model = moe_model_config_default();
     o->train = moe_train_config_default();
-    o->lb_choice = o->layer.lb_type;
+    o->lb_list = (moe_opt_ints){1, {o->layer.lb_type}};
+    o->aux_list = (moe_opt_floats){1, {o->layer.aux_coeff}};
     o->n_experts_list = 1;
     o->keep_last = 3;
     o->mg_tp = o->mg_pp = 1;
@@ -579,6 +584,23 @@ static void choice_list(char *buf, size_t cap, const opt_choice *c) {
     }
 }
 
+/* A float as the shortest text that reads back as the same float; a choice by its name. */
+static void format_float(char *buf, size_t cap, float v) {
+    for (int digits = 6; digits <= 9; digits++) {
+        snprintf(buf, cap, "%.*g", digits, v);
+        if (strtof(buf, NULL) == v) break;
+    }
+}
+
+static void format_choice(char *buf, size_t cap, const opt_choice *choices, int v) {
+    for (const opt_choice *c = choices; c->name; c++)
+        if (c->value == v) {
+            snprintf(buf, cap, "%s", c->name);
+            return;
+        }
+    snprintf(buf, cap, "%d", v);
+}
+
 /* "8" sets the experts of every MoE layer; "4,4,8,8" one count per layer (0 = dense). */
 static moe_status set_experts(moe_options *o, const opt_def *d, const char *v, const char *where) {
     int vals[MOE_MAX_LAYERS], n = 0;
@@ -613,6 +635,72 @@ static moe_status set_experts(moe_options *o, const opt_def *d, const char *v, c
     return MOE_OK;
 }
 
+static moe_status parse_float(const opt_def *d, const char *v, const char *where, float *out) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    int under = errno == ERANGE && fabs(x) <= DBL_MIN; /* 1e-400: 0 or a subnormal double */
+    if (!*v || *end || (errno == ERANGE && !under) || !isfinite(x) || fabs(x) > FLT_MAX)
+        return moe_set_error(MOE_ERR_INVALID, "%s: expected a finite number, got '%s'", where, v);
+    if (x != d->lo && d->lo == d->hi)
+        return moe_set_error(MOE_ERR_INVALID, "%s: only %g is supported (%s)", where, d->lo,
+                             d->help);
+    if (x < d->lo || x > d->hi)
+        return moe_set_error(MOE_ERR_INVALID, "%s: %g is out of range [%g, %g]", where, x, d->lo,
+                             d->hi);
+    /* a nonzero value that would become 0, or a float without full precision (subnormal) */
+    if (under || (x != 0 && fabs(x) < FLT_MIN))
+        return moe_set_error(MOE_ERR_INVALID, "%s: %s is too close to 0 for a float: give 0 or a "
+                             "value of magnitude at least %g (range [%g, %g])", where, v, FLT_MIN,
+                             d->lo, d->hi);
+    *out = (float)x;
+    return MOE_OK;
+}
+
+static moe_status parse_enum(const opt_def *d, const char *v, const char *where, int *out) {
+    char cv[64];
+    canon(cv, sizeof cv, v, strlen(v));
+    for (const opt_choice *c = d->choices; c->name; c++) {
+        char cn[64];
+        canon(cn, sizeof cn, c->name, strlen(c->name));
+        if (!strcmp(cv, cn)) return *out = c->value, MOE_OK;
+    }
+    int b;
+    if (d->choices == norm_choices && parse_bool(v, &b)) /* on/off, 1/0 */
+        return *out = b ? MOE_NORM_ON : MOE_NORM_OFF, MOE_OK;
+    char list[256];
+    choice_list(list, sizeof list, d->choices);
+    return moe_set_error(MOE_ERR_INVALID, "%s: '%s' is not one of %s", where, v, list);
+}
+
+/* A list option's words (separated by blanks or commas) into the list at p: ints or floats. */
+static moe_status set_list(const opt_def *d, const char *v, const char *where, char *p) {
+    moe_opt_ints *ints = (moe_opt_ints *)(void *)p;
+    moe_opt_floats *floats = (moe_opt_floats *)(void *)p;
+    int n = 0;
+    if (d->type == OPT_ENUM_LIST) *ints = (moe_opt_ints){0};
+    else *floats = (moe_opt_floats){0};
+    for (const char *s = v;;) {
+        s += strspn(s, " \t,");
+        if (!*s) break;
+        size_t len = strcspn(s, " \t,");
+        char word[64];
+        if (len >= sizeof word || n == MOE_OPT_LIST_MAX)
+            return moe_set_error(MOE_ERR_INVALID, "%s: at most %d values of at most %d "
+                                 "characters, got '%s'", where, MOE_OPT_LIST_MAX,
+                                 (int)sizeof word - 1, v);
+        memcpy(word, s, len);
+        word[len] = '\0';
+        if (d->type == OPT_ENUM_LIST) MOE_TRY(parse_enum(d, word, where, &ints->v[n]));
+        else MOE_TRY(parse_float(d, word, where, &floats->v[n]));
+        n++, s += len;
+    }
+    if (!n) return moe_set_error(MOE_ERR_INVALID, "%s: expected a value, got '%s'", where, v);
+    if (d->type == OPT_ENUM_LIST) ints->n = n;
+    else floats->n = n;
+    return MOE_OK;
+}
+
 static moe_status set_value(moe_options *o, const opt_def *d, const char *v, const char *where) {
     char *p = (char *)o + d->offset;
     char *end;
@@ -639,45 +727,12 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
         *(uint64_t *)p = (uint64_t)x;
         return MOE_OK;
     }
-    case OPT_FLOAT: {
-        double x = strtod(v, &end);
-        int under = errno == ERANGE && fabs(x) <= DBL_MIN; /* 1e-400: 0 or a subnormal double */
-        if (!*v || *end || (errno == ERANGE && !under) || !isfinite(x) || fabs(x) > FLT_MAX)
-            return moe_set_error(MOE_ERR_INVALID, "%s: expected a finite number, got '%s'", where,
-                                 v);
-        if (x != d->lo && d->lo == d->hi)
-            return moe_set_error(MOE_ERR_INVALID, "%s: only %g is supported (%s)", where, d->lo,
-                                 d->help);
-        if (x < d->lo || x > d->hi)
-            return moe_set_error(MOE_ERR_INVALID, "%s: %g is out of range [%g, %g]", where, x,
-                                 d->lo, d->hi);
-        /* a nonzero value that would become 0, or a float without full precision (subnormal) */
-        if (under || (x != 0 && fabs(x) < FLT_MIN))
-            return moe_set_error(MOE_ERR_INVALID, "%s: %s is too close to 0 for a float: give 0 "
-                                 "or a value of magnitude at least %g (range [%g, %g])", where, v,
-                                 FLT_MIN, d->lo, d->hi);
-        *(float *)p = (float)x;
-        return MOE_OK;
-    }
+    case OPT_FLOAT: return parse_float(d, v, where, (float *)(void *)p);
     case OPT_BOOL:
         if (!parse_bool(v, (int *)p))
             return moe_set_error(MOE_ERR_INVALID, "%s: expected true or false, got '%s'", where, v);
         return MOE_OK;
-    case OPT_ENUM: {
-        char cv[64];
-        canon(cv, sizeof cv, v, strlen(v));
-        for (const opt_choice *c = d->choices; c->name; c++) {
-            char cn[64];
-            canon(cn, sizeof cn, c->name, strlen(c->name));
-            if (!strcmp(cv, cn)) return *(int *)p = c->value, MOE_OK;
-        }
-        int b;
-        if (d->choices == norm_choices && parse_bool(v, &b)) /* on/off, 1/0 */
-            return *(int *)p = b ? MOE_NORM_ON : MOE_NORM_OFF, MOE_OK;
-        char list[256];
-        choice_list(list, sizeof list, d->choices);
-        return moe_set_error(MOE_ERR_INVALID, "%s: '%s' is not one of %s", where, v, list);
-    }
+    case OPT_ENUM: return parse_enum(d, v, where, (int *)(void *)p);
     case OPT_STRING:
         if (strlen(v) >= MOE_PATH_MAX)
             return moe_set_error(MOE_ERR_INVALID, "%s: longer than %d characters%s", where,
@@ -691,6 +746,8 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
         memcpy(p, v, strlen(v) + 1);
         return MOE_OK;
     case OPT_EXPERTS: return set_experts(o, d, v, where);
+    case OPT_ENUM_LIST:
+    case OPT_FLOAT_LIST: return set_list(d, v, where, p);
     }
     return MOE_ERR_INVALID;
 }
@@ -730,7 +787,7 @@ static moe_status unknown_key(const char *where, const char *key, const char *da
 /* Option i was set: the later of two options that set the same value wins (a command line
  * over a config file or a checkpoint, or the later of two flags), as a repeated option does. */
 static void mark_given(moe_options *o, int i) {
-    const size_t same[][2] = {{L(aux_coeff), O(aux_coeff_hf)}, {L(z_coeff), O(z_coeff_hf)}};
+    const size_t same[][2] = {{O(aux_list), O(aux_coeff_hf)}, {L(z_coeff), O(z_coeff_hf)}};
     o->given[i] = 1;
     for (size_t p = 0; p < sizeof same / sizeof same[0]; p++)
         for (int s = 0; s < 2; s++)
@@ -883,7 +940,7 @@ static int uses(const moe_options_use *use, int i) {
 /* The flag at argv[*a] (moved past its value): the option's index, -1 for --config, -2 for an
  * error; *val its value (NULL for a bare boolean). Megatron's --data-path takes a blend as
  * separate words ("--data-path 0.3 A 0.7 B"): its words up to the next flag, *words past the
- * first. */
+ * first; so does a list option (Megatron's nargs='+'). */
 static int next_flag(int argc, char **argv, int *a, char *key, size_t cap, const char **val,
                      int *words) {
     const char *arg = argv[*a];
@@ -904,8 +961,9 @@ static int next_flag(int argc, char **argv, int *a, char *key, size_t cap, const
     if (!*val && (is_config || opts[i].type != OPT_BOOL)) {
         if (*a + 1 >= argc) return moe_set_error(MOE_ERR_INVALID, "--%s needs a value", key), -2;
         *val = argv[++*a];
-        while (!is_config && opts[i].offset == O(data_path) && *a + 1 < argc &&
-               strncmp(argv[*a + 1], "--", 2))
+        while (!is_config && *a + 1 < argc && strncmp(argv[*a + 1], "--", 2) &&
+               (opts[i].offset == O(data_path) || opts[i].type == OPT_ENUM_LIST ||
+                opts[i].type == OPT_FLOAT_LIST))
             ++*a, ++*words;
     }
     return i;
@@ -969,25 +1027,61 @@ static int given(const moe_options *o, size_t offset) {
     return 0;
 }
 
-moe_status moe_options_finish(moe_options *o, int parts) {
+/* moe-router-load-balancing-type and moe-aux-loss-coeff into the layer: one type and its
+ * coefficient, or Megatron's list of aux losses (aux_loss, seq_aux_loss, global_aux_loss, each
+ * once) and one coefficient per type, the first as lb_type and the others in aux_coeff_also. */
+static moe_status set_balancing(moe_options *o) {
     moe_layer_config *c = &o->layer;
-    c->d = o->model.d;
-    int router_given = given(o, L(router));
-    if (o->lb_choice == MOE_LB_CHOICE_SINKHORN) {
-        if (router_given && c->router != MOE_ROUTER_SINKHORN)
+    const moe_opt_ints *t = &o->lb_list;
+    const moe_opt_floats *k = &o->aux_list;
+    char name[64];
+    memset(c->aux_coeff_also, 0, sizeof c->aux_coeff_also);
+    c->aux_coeff = k->v[0];
+    int first = t->v[0];
+    if (given(o, O(aux_coeff_hf)) && t->n > 1)
+        return moe_set_error(MOE_ERR_INVALID, "router-aux-loss-coef is one coefficient: a list "
+                             "of load-balancing types takes moe-aux-loss-coeff, one per type");
+    if (t->n > 1 || k->n > 1) {
+        if (k->n != t->n)
+            return moe_set_error(MOE_ERR_INVALID, "moe-router-load-balancing-type gives %d "
+                                 "type%s and moe-aux-loss-coeff %d coefficient%s: give one per "
+                                 "type", t->n, t->n > 1 ? "s" : "", k->n, k->n > 1 ? "s" : "");
+        for (int i = 0; i < t->n; i++) {
+            format_choice(name, sizeof name, lb_choices, t->v[i]);
+            if (t->v[i] != MOE_LB_AUX && t->v[i] != MOE_LB_SEQ_AUX && t->v[i] != MOE_LB_GLOBAL_AUX)
+                return moe_set_error(MOE_ERR_INVALID, "moe-router-load-balancing-type: a list "
+                                     "takes aux_loss, seq_aux_loss and global_aux_loss, not %s",
+                                     name);
+            for (int j = 0; j < i; j++)
+                if (t->v[j] == t->v[i])
+                    return moe_set_error(MOE_ERR_INVALID, "moe-router-load-balancing-type lists "
+                                         "%s twice", name);
+            if (i) c->aux_coeff_also[t->v[i]] = k->v[i];
+        }
+    }
+    if (first == MOE_LB_CHOICE_SINKHORN) {
+        if (given(o, L(router)) && c->router != MOE_ROUTER_SINKHORN)
             return moe_set_error(MOE_ERR_INVALID,
                                  "moe-router-load-balancing-type sinkhorn selects the Sinkhorn "
                                  "router, but moe-router-type is %s",
                                  router_choices[c->router].name);
         c->router = MOE_ROUTER_SINKHORN;
         c->lb_type = MOE_LB_AUX; /* dropped below, or named by validation with a coefficient */
-    } else if (o->lb_choice == MOE_LB_CHOICE_QB) {
+    } else if (first == MOE_LB_CHOICE_QB) {
         /* no loss; a coefficient given is named by validation */
         c->lb_type = c->aux_coeff == 0 ? MOE_LB_NONE : MOE_LB_AUX;
     } else {
-        c->lb_type = (moe_lb_type)o->lb_choice;
+        c->lb_type = (moe_lb_type)first;
     }
-    c->quantile_balancing = o->lb_choice == MOE_LB_CHOICE_QB;
+    c->quantile_balancing = first == MOE_LB_CHOICE_QB;
+    return MOE_OK;
+}
+
+moe_status moe_options_finish(moe_options *o, int parts) {
+    moe_layer_config *c = &o->layer;
+    c->d = o->model.d;
+    int router_given = given(o, L(router));
+    MOE_TRY(set_balancing(o));
     /* Megatron's --swiglu and --disable-bias-linear: what moe.c does unless told otherwise */
     if (given(o, O(mg_swiglu)) && o->mg_swiglu && c->act != MOE_ACT_SWIGLU) {
         if (given(o, L(act)))
@@ -1012,15 +1106,16 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     c->sample_first = o->noisy_gate == 2;
     if (o->force_lb) {
         if ((router_given && c->router != MOE_ROUTER_FAKE_BALANCED) ||
-            o->lb_choice == MOE_LB_CHOICE_SINKHORN)
+            o->lb_list.v[0] == MOE_LB_CHOICE_SINKHORN)
             return moe_set_error(MOE_ERR_INVALID,
                                  "moe-router-force-load-balancing conflicts with the %s router",
                                  router_choices[c->router].name);
         c->router = MOE_ROUTER_FAKE_BALANCED;
     }
-    if (given(o, O(aux_coeff_hf)) && o->lb_choice == MOE_LB_LOAD_IMPORTANCE)
+    if (given(o, O(aux_coeff_hf)) && o->lb_list.v[0] == MOE_LB_LOAD_IMPORTANCE)
         return moe_set_error(MOE_ERR_INVALID, "router-aux-loss-coef is Hugging Face's coefficient "
                              "of its aux loss; load_importance takes moe-aux-loss-coeff");
+
     if (given(o, O(aux_coeff_hf)) || given(o, O(z_coeff_hf))) {
         int n_moe = 0; /* Hugging Face: one loss over every MoE layer's tokens, ours adds them */
         moe_model_config m = o->model;
@@ -1028,7 +1123,10 @@ moe_status moe_options_finish(moe_options *o, int parts) {
         for (int l = 0; (parts & MOE_OPTIONS_MODEL) && l < m.n_layers; l++)
             n_moe += moe_model_layer_experts(&m, l) > 0;
         float per = 1.0f / (float)(n_moe > 0 ? n_moe : 1);
-        if (given(o, O(aux_coeff_hf))) c->aux_coeff = o->aux_coeff_hf * (float)c->topk * per;
+        if (given(o, O(aux_coeff_hf))) { /* written as moe-aux-loss-coeff */
+            c->aux_coeff = o->aux_coeff_hf * (float)c->topk * per;
+            o->aux_list = (moe_opt_floats){1, {c->aux_coeff}};
+        }
         if (given(o, O(z_coeff_hf))) c->z_coeff = o->z_coeff_hf * per;
     }
     /* Megatron's position table: with RoPE only a bound (a script gives both, the training
@@ -1092,24 +1190,25 @@ static void format_value(char *buf, size_t cap, const moe_options *o, const opt_
     switch (d->type) {
     case OPT_INT: snprintf(buf, cap, "%d", *(const int *)p); return;
     case OPT_U64: snprintf(buf, cap, "%llu", (unsigned long long)*(const uint64_t *)p); return;
-    case OPT_FLOAT: { /* the shortest text that reads back as the same float */
-        float v = *(const float *)p;
-        for (int digits = 6; digits <= 9; digits++) {
-            snprintf(buf, cap, "%.*g", digits, v);
-            if (strtof(buf, NULL) == v) break;
+    case OPT_FLOAT: format_float(buf, cap, *(const float *)p); return;
+    case OPT_BOOL: snprintf(buf, cap, "%s", *(const int *)p ? "true" : "false"); return;
+    case OPT_ENUM: format_choice(buf, cap, d->choices, *(const int *)p); return;
+    case OPT_STRING: snprintf(buf, cap, "%s", p); return;
+    case OPT_ENUM_LIST:
+    case OPT_FLOAT_LIST: { /* the values separated by blanks, as Megatron's flags take them */
+        const moe_opt_ints *ints = (const moe_opt_ints *)(const void *)p;
+        const moe_opt_floats *floats = (const moe_opt_floats *)(const void *)p;
+        int n = d->type == OPT_ENUM_LIST ? ints->n : floats->n;
+        buf[0] = '\0';
+        for (int i = 0; i < n; i++) {
+            size_t len = strlen(buf);
+            if (i && len + 1 < cap) buf[len++] = ' ', buf[len] = '\0';
+            if (d->type == OPT_ENUM_LIST)
+                format_choice(buf + len, cap - len, d->choices, ints->v[i]);
+            else format_float(buf + len, cap - len, floats->v[i]);
         }
         return;
     }
-    case OPT_BOOL: snprintf(buf, cap, "%s", *(const int *)p ? "true" : "false"); return;
-    case OPT_ENUM:
-        for (const opt_choice *c = d->choices; c->name; c++)
-            if (c->value == *(const int *)p) {
-                snprintf(buf, cap, "%s", c->name);
-                return;
-            }
-        snprintf(buf, cap, "%d", *(const int *)p);
-        return;
-    case OPT_STRING: snprintf(buf, cap, "%s", p); return;
     case OPT_EXPERTS:
         if (o->n_experts_list <= 1) {
             snprintf(buf, cap, "%d", *(const int *)p);
@@ -1210,12 +1309,14 @@ void moe_options_help(FILE *f, const moe_options_use *cmds, int n) {
             fputs(":\n", f);
         }
         char arg[256], v[2048];
-        static const char *const arg_names[] = {"N", "N", "X", "[BOOL]", "", "PATH", "N[,N...]"};
-        if (d->type == OPT_ENUM)
+        static const char *const arg_names[] = {"N", "N", "X", "[BOOL]", "", "PATH", "N[,N...]",
+                                                "", "X [X ...]"};
+        if (d->type == OPT_ENUM || d->type == OPT_ENUM_LIST)
             choice_list(arg, sizeof arg, d->choices);
         else
             snprintf(arg, sizeof arg, "%s", string_arg(d->name) ? string_arg(d->name)
                                                                  : arg_names[d->type]);
+        if (d->type == OPT_ENUM_LIST) strcat(arg, " [...]");
         format_value(v, sizeof v, &def, d);
         if (!v[0]) snprintf(v, sizeof v, "\"\""); /* an empty string, as a config file writes it */
         fprintf(f, "  --%s %s\n      %s (default %s)\n", d->name, arg, d->help, v);

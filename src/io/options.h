@@ -21,6 +21,17 @@
 
 #define MOE_PATH_MAX 1024
 
+/* The values of an option that takes a list (Megatron's nargs='+'). */
+#define MOE_OPT_LIST_MAX 4
+typedef struct {
+    int n;
+    int v[MOE_OPT_LIST_MAX];
+} moe_opt_ints;
+typedef struct {
+    int n;
+    float v[MOE_OPT_LIST_MAX];
+} moe_opt_floats;
+
 typedef struct {
     moe_layer_config layer; /* the MoE layer, and the template of the model's MoE layers */
     moe_model_config model; /* .d is hidden-size; .moe is set from layer by finish */
@@ -41,7 +52,9 @@ typedef struct {
     int ep;                          /* expert-model-parallel-size (processes, not the model) */
     int two_stage, node_ranks;       /* hierarchical all-to-all; ranks per machine (0: MPI's) */
 
-    int lb_choice; /* moe-router-load-balancing-type: a moe_lb_type or MOE_LB_CHOICE_* */
+    moe_opt_ints lb_list;    /* moe-router-load-balancing-type: moe_lb_type or MOE_LB_CHOICE_*
+                                values; several: Megatron's list of aux losses */
+    moe_opt_floats aux_list; /* moe-aux-loss-coeff: one, or one per type of lb_list */
     int force_lb;  /* moe-router-force-load-balancing: the fake balanced gate */
     float aux_coeff_hf; /* router-aux-loss-coef: Hugging Face's normalisation (k times ours) */
     float z_coeff_hf;   /* router-z-loss-coef: Hugging Face's, one loss over all MoE layers */

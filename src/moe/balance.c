@@ -133,6 +133,58 @@ static void load_importance_backward(const moe_layer *L, int t, double ls, doubl
     dz[kth_choice(st, t)] += dtheta;
 }
 
+float moe_aux_coeff_of(const moe_layer_config *c, moe_lb_type t) {
+    if (c->router != MOE_ROUTER_TOPK) return 0;
+    return (c->lb_type == t ? c->aux_coeff : 0.0f) + c->aux_coeff_also[t];
+}
+
+int moe_aux_on(const moe_layer_config *c) {
+    if (c->lb_type == MOE_LB_LOAD_IMPORTANCE)
+        return c->router == MOE_ROUTER_TOPK && c->aux_coeff > 0;
+    for (int t = MOE_LB_AUX; t <= MOE_LB_GLOBAL_AUX; t++)
+        if (moe_aux_coeff_of(c, (moe_lb_type)t) > 0) return 1;
+    return 0;
+}
+
+/* One Switch-style loss over the tokens [t0, t1) (their scores P and top k choices top), with
+ * coefficient coeff, divided by B (the sequences of a per-sequence loss): returns the loss and
+ * adds dL/dP[t,e] = coeff * E * f_e / (tv * B) to coef[e]. global: f_e also counts the earlier
+ * micro-batches of the step and every rank (a sum over the world, called even without tokens). */
+static double switch_loss(moe_layer *L, const double *P, const int32_t *top, int t0, int t1,
+                          float coeff, int B, int global, double *coef) {
+    const moe_fwd_state *st = &L->st;
+    int E = L->cfg.n_experts, k = st->k;
+    double Pm[E], cnt[E];
+    int64_t tv = 0;
+    for (int e = 0; e < E; e++) Pm[e] = cnt[e] = 0;
+    for (int t = t0; t < t1; t++) {
+        if (!token_valid(st, t)) continue;
+        tv++;
+        for (int e = 0; e < E; e++) Pm[e] += P[(size_t)t * E + e];
+        for (int j = 0; j < k; j++) cnt[top[(size_t)t * k + j]] += 1;
+    }
+    double denom = (double)k * (double)tv;
+    if (global) {
+        double g[E + 1];
+        for (int e = 0; e < E; e++) g[e] = cnt[e] + (double)L->accum_aux_counts[e];
+        g[E] = (double)(L->accum_tokens + tv);
+        for (int e = 0; e < E && st->training; e++) L->accum_aux_counts[e] += (int64_t)cnt[e];
+        moe_status s = moe_comm_sum_f64(L->world_comm, g, (size_t)E + 1);
+        if (s != MOE_OK && L->ep_status == MOE_OK) L->ep_status = s;
+        for (int e = 0; e < E; e++) cnt[e] = g[e];
+        denom = (double)k * g[E];
+    }
+    if (tv == 0) return 0;
+    /* L_b = coeff * E * sum_e f_e * Pm_e / B; dL/dP[t,e] = coeff * E * f_e / (tv * B). */
+    double loss = 0;
+    for (int e = 0; e < E; e++) {
+        double f = cnt[e] / denom;
+        loss += f * Pm[e] / (double)tv;
+        coef[e] += coeff * E * f / ((double)tv * B);
+    }
+    return coeff * E * loss / B;
+}
+
 void moe_balance_forward(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
@@ -145,58 +197,42 @@ void moe_balance_forward(moe_layer *L) {
             if (token_valid(st, t)) s += st->lse[t] * st->lse[t];
         st->z_loss = c->z_coeff * s / st->Tv;
     }
-    int aux = c->router == MOE_ROUTER_TOPK && c->lb_type != MOE_LB_NONE && c->aux_coeff > 0;
     st->n_seq = 1;
-    /* a global-batch loss sums its counts over the ranks even when this one has no tokens */
-    if (!aux || (st->Tv == 0 && c->lb_type != MOE_LB_GLOBAL_AUX)) return;
+    if (!moe_aux_on(c)) return;
     if (c->lb_type == MOE_LB_LOAD_IMPORTANCE) {
-        load_importance_forward(L);
+        if (st->Tv > 0) load_importance_forward(L);
         return;
     }
-    int S = c->lb_type == MOE_LB_SEQ_AUX ? st->seq_len : T;
+    float c_mb = moe_aux_coeff_of(c, MOE_LB_AUX), c_seq = moe_aux_coeff_of(c, MOE_LB_SEQ_AUX);
+    float c_gl = moe_aux_coeff_of(c, MOE_LB_GLOBAL_AUX);
+    /* a global-batch loss sums its counts over the ranks even when this one has no tokens */
+    if (st->Tv == 0 && c_gl == 0) return;
+    int S = c_seq > 0 ? st->seq_len : T;
     int B = T / S;
     st->n_seq = B;
     /* each valid token's scores P (softmax ones as they are, others normalised into the call
      * scratch st->key) and the top k of them (st->scratch, k per token: the selection is done,
-     * the dispatch not begun) over the threads; the sums below stay on one thread in token
-     * order, so the losses are bitwise those of one thread (bench/RESULTS.md, session 23) */
+     * the dispatch not begun) over the threads; the sums stay on one thread in token order, so
+     * the losses are bitwise those of one thread (bench/RESULTS.md, session 23) */
     int soft = c->score == MOE_SCORE_SOFTMAX;
     const double *P = soft ? st->p : st->key;
     int32_t *top = st->scratch;
     aux_ctx a = {st, E, k, soft};
     moe_for_ranges(T, 2 * (size_t)T * E, aux_tokens, &a);
-    for (int b = 0; b < B; b++) {
-        double *coef = st->aux_coef + (size_t)b * E;
-        double Pm[E], cnt[E];
-        int64_t tv = 0;
-        for (int e = 0; e < E; e++) Pm[e] = cnt[e] = 0;
-        for (int t = b * S; t < (b + 1) * S; t++) {
-            if (!token_valid(st, t)) continue;
-            tv++;
-            for (int e = 0; e < E; e++) Pm[e] += P[(size_t)t * E + e];
-            for (int j = 0; j < k; j++) cnt[top[(size_t)t * k + j]] += 1;
-        }
+    /* dL/dP of sequence b's tokens in row b of aux_coef: the per-sequence loss's own, plus the
+     * micro-batch's and the global batch's, which are the same for every token */
+    memset(st->aux_coef, 0, sizeof(double) * (size_t)B * E);
+    for (int b = 0; c_seq > 0 && b < B; b++)
+        st->aux_loss +=
+            switch_loss(L, P, top, b * S, (b + 1) * S, c_seq, B, 0, st->aux_coef + (size_t)b * E);
+    for (int global = 0; global < 2; global++) {
+        float coeff = global ? c_gl : c_mb;
+        if (coeff == 0) continue;
+        double coef[E];
         for (int e = 0; e < E; e++) coef[e] = 0;
-        double denom = (double)k * (double)tv;
-        if (c->lb_type == MOE_LB_GLOBAL_AUX) { /* earlier micro-batches, every rank */
-            double g[E + 1];
-            for (int e = 0; e < E; e++) g[e] = cnt[e] + (double)L->accum_aux_counts[e];
-            g[E] = (double)(L->accum_tokens + tv);
-            for (int e = 0; e < E && st->training; e++) L->accum_aux_counts[e] += (int64_t)cnt[e];
-            moe_status s = moe_comm_sum_f64(L->world_comm, g, (size_t)E + 1);
-            if (s != MOE_OK && L->ep_status == MOE_OK) L->ep_status = s;
-            for (int e = 0; e < E; e++) cnt[e] = g[e];
-            denom = (double)k * g[E];
-        }
-        if (tv == 0) continue;
-        /* L_b = coeff * E * sum_e f_e * Pm_e / B; dL/dP[t,e] = coeff * E * f_e / (tv * B). */
-        double loss = 0;
-        for (int e = 0; e < E; e++) {
-            double f = cnt[e] / denom;
-            loss += f * Pm[e] / (double)tv;
-            coef[e] = c->aux_coeff * E * f / ((double)tv * B);
-        }
-        st->aux_loss += c->aux_coeff * E * loss / B;
+        st->aux_loss += switch_loss(L, P, top, 0, T, coeff, 1, global, coef);
+        for (int b = 0; b < B; b++)
+            for (int e = 0; e < E; e++) st->aux_coef[(size_t)b * E + e] += coef[e];
     }
 }
 
@@ -204,7 +240,7 @@ void moe_balance_backward(moe_layer *L) {
     const moe_layer_config *c = &L->cfg;
     moe_fwd_state *st = &L->st;
     int T = st->T, E = c->n_experts;
-    int aux = c->router == MOE_ROUTER_TOPK && c->lb_type != MOE_LB_NONE && c->aux_coeff > 0;
+    int aux = moe_aux_on(c);
     int zl = c->z_coeff > 0 && c->router != MOE_ROUTER_FAKE_BALANCED;
     if (st->Tv == 0 || (!aux && !zl)) return;
     double ls = st->loss_scale;

@@ -67,6 +67,22 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           "moe-router-topk-scaling-factor must be a positive number (got %g)", c->route_scale);
     MOE_CHECK(!bad_float(c->aux_coeff) && c->aux_coeff >= 0,
           "moe-aux-loss-coeff must be a non-negative number (got %g)", c->aux_coeff);
+    int also = 0; /* more Switch-style losses besides lb_type's */
+    for (int t = MOE_LB_NONE; t <= MOE_LB_GLOBAL_AUX; t++) {
+        float v = c->aux_coeff_also[t];
+        MOE_CHECK(!bad_float(v) && v >= 0,
+              "the coefficient of load-balancing type %d must be a non-negative number (got %g)",
+              t, v);
+        MOE_CHECK(v == 0 || (t != MOE_LB_NONE && t != (int)c->lb_type),
+              "aux_coeff_also[%d] must be 0: %s", t, t == MOE_LB_NONE ? "type none has no loss"
+              : "the coefficient of lb_type's own loss is aux_coeff");
+        also |= v > 0;
+    }
+    MOE_CHECK(!also || ((c->lb_type == MOE_LB_AUX || c->lb_type == MOE_LB_SEQ_AUX ||
+                         c->lb_type == MOE_LB_GLOBAL_AUX) && c->router == MOE_ROUTER_TOPK &&
+                        !c->quantile_balancing),
+          "a list of load-balancing types combines aux_loss, seq_aux_loss and global_aux_loss "
+          "under the topk router, without quantile balancing");
     MOE_CHECK(!bad_float(c->z_coeff) && c->z_coeff >= 0,
           "moe-z-loss-coeff must be a non-negative number (got %g)", c->z_coeff);
     MOE_CHECK(!bad_float(c->jitter_eps) && c->jitter_eps >= 0 && c->jitter_eps < 1,

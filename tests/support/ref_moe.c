@@ -392,9 +392,9 @@ static double load_importance(const moe_layer_config *c, const ref_args *a, cons
     return loss;
 }
 
-/* §5 balancing losses of token-choice routing over the tokens [t0, t1); their counts are added
- * to r->aux_counts. */
-static double aux_over(const moe_layer_config *c, ref_result *r, const double *P,
+/* §5 Switch-style balancing loss with coefficient coeff over the tokens [t0, t1); with acc (the
+ * global batch's) its counts are added to r->aux_counts. */
+static double aux_over(const moe_layer_config *c, double coeff, ref_result *r, const double *P,
                        const uint8_t *valid, int t0, int t1, const int64_t *acc, int64_t acc_T) {
     int E = c->n_experts, k = r->k;
     double Tv = 0, *cnt = calloc((size_t)E, sizeof(double)), *pm = calloc((size_t)E, sizeof(double));
@@ -412,7 +412,7 @@ static double aux_over(const moe_layer_config *c, ref_result *r, const double *P
                 if (!taken[e] && (best < 0 || Pt[e] > Pt[best])) best = e;
             taken[best] = 1;
             cnt[best]++;
-            r->aux_counts[best]++;
+            if (acc) r->aux_counts[best]++;
         }
     }
     free(taken);
@@ -424,7 +424,7 @@ static double aux_over(const moe_layer_config *c, ref_result *r, const double *P
         }
     free(cnt);
     free(pm);
-    return c->aux_coeff * E * loss;
+    return coeff * E * loss;
 }
 
 void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const double *x,
@@ -552,7 +552,12 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
         if (r->kept[s]) r->kept_e[r->expert[s]]++;
     /* §5 losses, quantile balancing */
     if (c->quantile_balancing && a->training && r->Tv > 0) qb_beta(c, a, z, valid, r);
-    if (c->router == MOE_ROUTER_TOPK && c->lb_type != MOE_LB_NONE && c->aux_coeff > 0) {
+    /* each Switch-style type's coefficient: lb_type's, plus the others of Megatron's list */
+    double coeff[MOE_LB_GLOBAL_AUX + 1] = {0}, any = 0;
+    for (int t = MOE_LB_AUX; t <= MOE_LB_GLOBAL_AUX; t++)
+        any += coeff[t] = (t == (int)c->lb_type ? c->aux_coeff : 0) + c->aux_coeff_also[t];
+    if (c->lb_type == MOE_LB_LOAD_IMPORTANCE) any = c->aux_coeff;
+    if (c->router == MOE_ROUTER_TOPK && any > 0) {
         double *P = malloc(sizeof(double) * (size_t)T * E);
         for (int t = 0; t < T; t++) {
             double sum = 0;
@@ -562,12 +567,13 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
         }
         if (c->lb_type == MOE_LB_LOAD_IMPORTANCE) {
             r->aux = load_importance(c, a, r, z, valid, T);
-        } else if (c->lb_type == MOE_LB_SEQ_AUX) {
-            int L = a->seq_len ? a->seq_len : T, B = T / L;
-            for (int b = 0; b < B; b++) r->aux += aux_over(c, r, P, valid, b * L, (b + 1) * L, NULL, 0) / B;
         } else {
-            r->aux = aux_over(c, r, P, valid, 0, T, c->lb_type == MOE_LB_GLOBAL_AUX ? a->acc_counts : NULL,
-                              a->acc_tokens);
+            int L = a->seq_len ? a->seq_len : T, B = T / L;
+            for (int b = 0; coeff[MOE_LB_SEQ_AUX] > 0 && b < B; b++)
+                r->aux += aux_over(c, coeff[MOE_LB_SEQ_AUX], r, P, valid, b * L, (b + 1) * L, NULL, 0) / B;
+            if (coeff[MOE_LB_AUX] > 0) r->aux += aux_over(c, coeff[MOE_LB_AUX], r, P, valid, 0, T, NULL, 0);
+            if (coeff[MOE_LB_GLOBAL_AUX] > 0)
+                r->aux += aux_over(c, coeff[MOE_LB_GLOBAL_AUX], r, P, valid, 0, T, a->acc_counts, a->acc_tokens);
         }
         free(P);
     }
