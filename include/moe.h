@@ -124,6 +124,8 @@ typedef struct {
     int ffn;                /* f, hidden size of one routed expert */
     moe_activation act;
     int expert_bias;        /* bias in the expert (and shared expert) linear layers */
+    int probs_on_input;     /* the routing weight scales the routed experts' input rows instead
+                               of their outputs (Megatron's moe_apply_probs_on_input; Llama 4) */
 
     moe_router_type router;
     moe_score_fn score;

@@ -37,6 +37,12 @@ CASE(sqrtsoftplus_seq_aux, { c->score = MOE_SCORE_SQRTSOFTPLUS; c->lb_type = MOE
 CASE(aux_list_sigmoid, { c->score = MOE_SCORE_SIGMOID; c->lb_type = MOE_LB_SEQ_AUX;
       c->aux_coeff = 0.5f; c->aux_coeff_also[MOE_LB_AUX] = 0.3f;
       c->aux_coeff_also[MOE_LB_GLOBAL_AUX] = 0.2f; a->seq_len = 6; })
+/* the routing weight on the experts' inputs (Llama 4's top-1 with sigmoid scores), and top-2
+ * with a gelu */
+CASE(probs_on_input_top1, { c->probs_on_input = 1; c->topk = 1; c->score = MOE_SCORE_SIGMOID;
+      c->z_coeff = 0.05f; })
+CASE(probs_on_input_gelu, { c->probs_on_input = 1; c->act = MOE_ACT_GELU; c->pre_softmax = 1;
+      c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
 CASE(groups_bias, { c->n_experts = 8; c->n_groups = 4; c->group_topk = 2; c->topk = 3;
       c->score = MOE_SCORE_SIGMOID; c->enable_expert_bias = 1; c->route_scale = 2.5f;
       c->z_coeff = 0.05f; })
@@ -82,7 +88,8 @@ CASE(top_all, { c->topk = 6; c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.5f; })
 #define C(nm) {#nm, set_##nm}
 static const grad_case cases[] = {
     C(softmax_post_aux_z), C(softmax_pre_norm), C(sigmoid_aux), C(sigmoid_no_norm),
-    C(sqrtsoftplus_seq_aux), C(aux_list_sigmoid), C(groups_bias), C(qb_sigmoid_z), C(replay_sigmoid_cap), C(replay_post_aux), C(cosine_aux_z), C(cosine_sinkhorn_jitter), C(sinkhorn_k1), C(sinkhorn_k2_z), C(expert_choice),
+    C(sqrtsoftplus_seq_aux), C(aux_list_sigmoid), C(probs_on_input_top1),
+    C(probs_on_input_gelu), C(groups_bias), C(qb_sigmoid_z), C(replay_sigmoid_cap), C(replay_post_aux), C(cosine_aux_z), C(cosine_sinkhorn_jitter), C(sinkhorn_k1), C(sinkhorn_k2_z), C(expert_choice),
     C(fake_gate), C(random_routing), C(sample_second), C(sample_first), C(gate_noise), C(load_importance), C(jitter), C(cap_probs),
     C(cap_position_pad), C(cap_random), C(cap_by_choice), C(cap_prioritized), C(cap_dynamic), C(local_groups_pad), C(act_geglu), C(act_relu2), C(act_gelu),
     C(act_silu), C(linear_bias), C(shared_gate), C(residual), C(router_fp64), C(top_all),

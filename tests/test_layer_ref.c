@@ -81,6 +81,10 @@ CASE(groups_one, { c->capacity_factor = 0.75f; c->local_group_size = 100; })
 CASE(aux, { c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; })
 CASE(aux_sigmoid, { c->lb_type = MOE_LB_AUX; c->aux_coeff = 0.3f; c->score = MOE_SCORE_SIGMOID; })
 CASE(seq_aux, { c->lb_type = MOE_LB_SEQ_AUX; c->aux_coeff = 0.3f; a->seq_len = 8; })
+/* the weights on the experts' inputs: Llama 4's top-1 sigmoid, and top-2 */
+CASE(probs_on_input_top1, { c->probs_on_input = 1; c->topk = 1; c->score = MOE_SCORE_SIGMOID; })
+CASE(probs_on_input_top2_cap, { c->probs_on_input = 1; c->act = MOE_ACT_RELU2;
+      c->capacity_factor = 1.0f; c->pad_to_capacity = 1; c->shared_ffn = 5; })
 /* Megatron's list of types: the losses added, the global one over two calls */
 CASE(aux_list_seq_global, { c->lb_type = MOE_LB_SEQ_AUX; c->aux_coeff = 0.3f;
       c->aux_coeff_also[MOE_LB_GLOBAL_AUX] = 0.2f; a->seq_len = 8; })
@@ -154,7 +158,8 @@ static const grid_case cases[] = {
     C(cap_random), C(cap_by_choice), C(cap_by_choice_k3), C(cap_min), C(cap_dynamic), C(cap_pad), C(cap_large), C(eval_cf), C(eval_cf_training), C(eval_cf_dynamic), C(eval_cf_pad),
     C(groups_probs), C(groups_position), C(groups_by_choice), C(groups_random_min), C(groups_dynamic), C(groups_pad), C(groups_eval), C(groups_one),
     C(eval_cf_inherit), C(expert_choice_eval_cf), C(aux), C(aux_sigmoid), C(seq_aux),
-    C(aux_list_seq_global), C(aux_list_all_sigmoid),
+    C(aux_list_seq_global), C(aux_list_all_sigmoid), C(probs_on_input_top1),
+    C(probs_on_input_top2_cap),
     C(zloss), C(jitter), C(jitter_inference), C(gate_noise), C(gate_noise_inference), C(load_importance), C(load_importance_eval), C(random_routing), C(sample_second),
     C(sample_second_pre), C(sample_second_eval), C(sample_first), C(sample_first_eval), C(sinkhorn_k1), C(sinkhorn_k2),
     C(sinkhorn_inference), C(expert_choice), C(expert_choice_cf), C(fake_round_robin),

@@ -240,6 +240,22 @@ grep -q "no quantile balancing (a bias on the router's logits)" "$tmp/out" ||
 # shellcheck disable=SC2086
 expect 2 "$moe" train $mix --moe-router-load-balancing-type quantile_balancing --save "$tmp/qb3"
 grep -q "aux losses must be off (moe-aux-loss-coeff 0)" "$tmp/out" || fail "qb with aux: $(cat "$tmp/out")"
+# Megatron's moe-apply-probs-on-input: trains and resumes, keeps the setting; Hugging Face's
+# formats refuse it, and so does the layer with biases in the experts
+poi="$mix --moe-apply-probs-on-input --moe-router-topk 1 --moe-router-score-function sigmoid
+  --train-iters 3"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $poi --save "$tmp/poi"
+# shellcheck disable=SC2086
+resumes_alike poi 2 $poi
+expect 0 "$moe" train --load "$tmp/poi" --print-config
+grep -q "^moe-apply-probs-on-input = true$" "$tmp/out" || fail "poi config: $(cat "$tmp/out")"
+expect 2 "$moe" convert --load "$tmp/poi" --to hf "$tmp/poi_hf"
+grep -q "no routing weights on the experts' inputs" "$tmp/out" || fail "poi to hf: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $poi --moe-expert-linear-bias --save "$tmp/poi3"
+grep -q "moe-apply-probs-on-input scales the experts' inputs: not with biases" "$tmp/out" ||
+  fail "poi with biases: $(cat "$tmp/out")"
 # Megatron's list of load-balancing types, each with its coefficient: at step 1 (the same
 # parameters and routing) the aux metric is the sum of the runs with each type alone; a run
 # stopped at step 1 and resumed has the losses of the run straight to 3 (the global loss's

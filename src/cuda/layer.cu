@@ -263,6 +263,7 @@ static moe_status check_supported(const moe_layer_config *c) {
         no = "a list of load-balancing types";
     else if (c->quantile_balancing) no = "quantile balancing";
     else if (c->cosine_dim) no = "the cosine router";
+    else if (c->probs_on_input) no = "routing weights on the experts' inputs";
     else if (c->n_experts > MAX_E) no = "more than 256 experts";
     if (no) return moe_set_error(MOE_ERR_INVALID, "the CUDA layer does not support %s yet", no);
     return MOE_OK;

@@ -597,11 +597,12 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
     int plain_heads = moe_model_head_dim(c) * c->n_heads == c->d;
     int deepseek = !strncmp(family, "deepseek_v", 10);
     const char *bad = NULL;
-    if (m->random_routing || m->quantile_balancing || m->cosine_dim) { /* other routing */
+    if (m->random_routing || m->quantile_balancing || m->cosine_dim || m->probs_on_input) {
         snprintf(why, cap, "%s, which no Hugging Face family has", m->random_routing
                  ? "no random routing (GShard's second expert)"
                  : m->quantile_balancing ? "no quantile balancing (a bias on the router's logits)"
-                 : "no cosine router (Tutel's)");
+                 : m->cosine_dim ? "no cosine router (Tutel's)"
+                 : "no routing weights on the experts' inputs (moe-apply-probs-on-input)");
         return 0;
     }
     if (deepseek) {

@@ -228,6 +228,9 @@ static const opt_def opts[] = {
      "expert activation (swiglu and geglu are gated: W_in has 2f rows)", 0},
     {"moe-expert-linear-bias", "add-bias-linear", OPT_BOOL, L(expert_bias), 0, 1, NULL, EXPERTS,
      "bias vectors in the expert and shared-expert linear layers", 0},
+    {"moe-apply-probs-on-input", NULL, OPT_BOOL, L(probs_on_input), 0, 1, NULL, EXPERTS,
+     "the routing weight scales each routed expert's input instead of its output (Megatron's; "
+     "Llama 4's top-1 experts)", 0},
     {"moe-expert-bf16", NULL, OPT_BOOL, L(expert_bf16), 0, 1, NULL, EXPERTS,
      "expert GEMMs in bf16 with fp32 accumulation (oneDNN on a CPU with AVX-512, fastest with "
      "AVX512-BF16; fp32 master weights)", 0},

@@ -1275,7 +1275,7 @@ moe_status moe_model_backward(moe_model *m) {
             moe_zero_floats(m->dn, (size_t)T * d);
             MOE_TRY(moe_layer_backward(m->moe[l], m->dn, dx, s->n2));
         } else {
-            moe_mlp_backward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, p.w_out, NULL, NULL, s->h,
+            moe_mlp_backward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, p.w_out, NULL, NULL, 0, s->h,
                              s->a, dx, m->dn, g.w_in, NULL, g.w_out, NULL, NULL, m->dh, m->da,
                              NULL, NULL, MOE_MLP_BWD_ALL);
         }

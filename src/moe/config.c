@@ -202,6 +202,9 @@ moe_status moe_layer_config_validate(const moe_layer_config *c) {
           "moe-expert-capacity-factor or moe-eval-capacity-factor != 0");
     MOE_CHECK(c->shared_ffn >= 0, "moe-shared-expert-intermediate-size must be >= 0 (got %d)",
           c->shared_ffn);
+    MOE_CHECK(!c->probs_on_input || !c->expert_bias,
+          "moe-apply-probs-on-input scales the experts' inputs: not with biases in the experts "
+          "(moe-expert-linear-bias), whose output would not be weighted");
     MOE_CHECK(!c->shared_gate || c->shared_ffn > 0,
           "moe-shared-expert-gate needs moe-shared-expert-intermediate-size > 0");
     MOE_CHECK(!c->residual || c->shared_ffn > 0,

@@ -83,6 +83,7 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
 typedef struct {
     moe_activation act;
     int d, f, gf, n;
+    int w_on_input; /* w scales h (x W_inᵀ, the input's image) instead of act(h) */
     const float *b_in, *b_out, *w, *dy, *h_bwd; /* h_bwd: h as the backward reads it */
     float *h, *a, *y, *dh, *da;
     double *dw;
@@ -94,11 +95,16 @@ typedef struct {
 
 static void act_forward_rows(void *ctx, int lo, int hi) {
     const mlp_ctx *c = ctx;
+    float scaled[c->w_on_input ? c->gf : 1]; /* w h: h stays as the backward's dL/dw needs it */
     for (int i = lo; i < hi; i++) {
-        float *row = c->h + (size_t)i * c->gf;
+        float *row = c->h + (size_t)i * c->gf, wi = c->w ? c->w[i] : 1.0f;
         if (c->b_in)
             for (int j = 0; j < c->gf; j++) row[j] += c->b_in[j];
-        moe_act_forward_row(c->act, c->f, row, c->w ? c->w[i] : 1.0f, c->a + (size_t)i * c->f);
+        if (c->w_on_input) {
+            for (int j = 0; j < c->gf; j++) scaled[j] = wi * row[j];
+            row = scaled, wi = 1.0f;
+        }
+        moe_act_forward_row(c->act, c->f, row, wi, c->a + (size_t)i * c->f);
         if (c->b16)
             moe_f32_to_bf16_serial(c->a + (size_t)i * c->f, c->b16->a + (size_t)i * c->f,
                                    (size_t)c->f);
@@ -115,10 +121,20 @@ static void bias_out_rows(void *ctx, int lo, int hi) {
 
 static void act_backward_rows(void *ctx, int lo, int hi) {
     const mlp_ctx *c = ctx;
+    float scaled[c->w_on_input ? c->gf : 1];
     for (int i = lo; i < hi; i++) {
-        double g = moe_act_backward_row(c->act, c->f, c->h_bwd + (size_t)i * c->gf,
-                                        c->w ? c->w[i] : 1.0f, c->da + (size_t)i * c->f,
-                                        c->dh + (size_t)i * c->gf);
+        const float *h = c->h_bwd + (size_t)i * c->gf;
+        float *dh = c->dh + (size_t)i * c->gf, wi = c->w ? c->w[i] : 1.0f;
+        double g;
+        if (c->w_on_input) { /* dL/d(w h) from act's backward; dL/dw = its dot with h */
+            for (int j = 0; j < c->gf; j++) scaled[j] = wi * h[j];
+            moe_act_backward_row(c->act, c->f, scaled, 1.0f, c->da + (size_t)i * c->f, dh);
+            g = 0; /* lane-wise partial sums, as the activations' own (kernels/act.c) */
+#pragma omp simd reduction(+ : g)
+            for (int j = 0; j < c->gf; j++) g += (double)dh[j] * h[j], dh[j] *= wi;
+        } else {
+            g = moe_act_backward_row(c->act, c->f, h, wi, c->da + (size_t)i * c->f, dh);
+        }
         const float *dy = c->dy + (size_t)i * c->d;
         if (c->dw) {
             if (c->b_out)
@@ -142,15 +158,16 @@ static void bias_grad_cols(void *ctx, int lo, int hi) {
 }
 
 void moe_mlp_forward_in(moe_activation act, int n, int d, int f, const float *x,
-                        const float *w_in, const float *b_in, const float *w, float *h, float *a,
-                        double *t_act, const moe_mlp_bf16 *b16) {
+                        const float *w_in, const float *b_in, const float *w, int w_on_input,
+                        float *h, float *a, double *t_act, const moe_mlp_bf16 *b16) {
     if (n <= 0) return;
     int gf = moe_act_gated(act) ? 2 * f : f;
     if (b16) moe_f32_to_bf16(x, b16->x, (size_t)n * d);
     gemm_any(b16, 0, 1, n, gf, d, x, b16 ? b16->x : NULL, d, w_in, b16 ? b16->w_in : NULL, d, 0.0f,
              h, gf);
     double t0 = moe_time_now();
-    mlp_ctx c = {.act = act, .f = f, .gf = gf, .b_in = b_in, .w = w, .h = h, .a = a, .b16 = b16};
+    mlp_ctx c = {.act = act, .f = f, .gf = gf, .w_on_input = w_on_input, .b_in = b_in, .w = w,
+                 .h = h, .a = a, .b16 = b16};
     moe_for_ranges(n, 4 * (size_t)n * gf, act_forward_rows, &c);
     if (t_act) *t_act += moe_time_now() - t0;
 }
@@ -167,12 +184,13 @@ void moe_mlp_forward_out(int n, int d, int f, const float *w_out, const float *b
 void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
                      const float *b_in, const float *w_out, const float *b_out, const float *w,
                      float *h, float *a, float *y, double *t_act, const moe_mlp_bf16 *b16) {
-    moe_mlp_forward_in(act, n, d, f, x, w_in, b_in, w, h, a, t_act, b16);
+    moe_mlp_forward_in(act, n, d, f, x, w_in, b_in, w, 0, h, a, t_act, b16);
     moe_mlp_forward_out(n, d, f, w_out, b_out, w, a, y, b16);
 }
 
 void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
-                      const float *w_out, const float *b_out, const float *w, const float *h,
+                      const float *w_out, const float *b_out, const float *w, int w_on_input,
+                      const float *h,
                       const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
                       float *dw_out, float *db_out, double *dw, float *dh, float *da,
                       double *t_act, const moe_mlp_bf16 *b16, int part) {
@@ -187,8 +205,9 @@ void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, c
         gemm_any(b16, 0, 0, n, f, d, dy, b16 ? b16->dy : NULL, d, w_out, b16 ? b16->w_out : NULL, f,
                  0.0f, da, f);
         double t0 = moe_time_now();
-        mlp_ctx c = {.act = act, .d = d, .f = f, .gf = gf, .b_out = b_out, .w = w, .dy = dy,
-                     .h_bwd = h, .dh = dh, .da = da, .dw = dw, .b16 = b16};
+        mlp_ctx c = {.act = act, .d = d, .f = f, .gf = gf, .w_on_input = w_on_input,
+                     .b_out = b_out, .w = w, .dy = dy, .h_bwd = h, .dh = dh, .da = da, .dw = dw,
+                     .b16 = b16};
         moe_for_ranges(n, 6 * (size_t)n * gf, act_backward_rows, &c);
         if (t_act) *t_act += moe_time_now() - t0;
     }
@@ -291,9 +310,9 @@ void moe_expert_rows_forward_part(moe_layer *L, const moe_expert_rows *r, int le
     const moe_mlp_bf16 *b = expert_bf16(L, r, le, o, &b16);
     if (part & MOE_MLP_IN)
         moe_mlp_forward_in(c->act, n, (int)d, (int)f, r->x + o * d, L->p.w_in + le * gf * d,
-                           L->p.b_in ? L->p.b_in + le * gf : NULL, r->w + o, r->h + o * gf,
-                           r->a + o * f, t_act, b);
-    if (part & MOE_MLP_OUT)
+                           L->p.b_in ? L->p.b_in + le * gf : NULL, r->w + o, c->probs_on_input,
+                           r->h + o * gf, r->a + o * f, t_act, b);
+    if (part & MOE_MLP_OUT) /* (no b_out with the weights on the inputs) */
         moe_mlp_forward_out(n, (int)d, (int)f, L->p.w_out + le * d * f,
                             L->p.b_out ? L->p.b_out + le * d : NULL, r->w + o, r->a + o * f,
                             r->y + o * d, b);
@@ -311,7 +330,7 @@ void moe_expert_rows_backward(moe_layer *L, const moe_expert_rows *r, int le, in
     moe_mlp_bf16 b16;
     moe_mlp_backward(c->act, n, (int)d, (int)f, r->x + o * d, L->p.w_in + le * gf * d,
                      L->p.w_out + le * d * f, L->p.b_out ? L->p.b_out + le * d : NULL, r->w + o,
-                     r->h + o * gf, r->a + o * f, r->y + o * d, r->x + o * d,
+                     c->probs_on_input, r->h + o * gf, r->a + o * f, r->y + o * d, r->x + o * d,
                      L->g.w_in + le * gf * d, L->g.b_in ? L->g.b_in + le * gf : NULL,
                      L->g.w_out + le * d * f, L->g.b_out ? L->g.b_out + le * d : NULL,
                      r->dw + o, r->dh + o * gf, r->da + o * f, t_act,

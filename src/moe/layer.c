@@ -537,7 +537,7 @@ static void shared_backward(moe_layer *L, float *dx, const float *dout, const fl
     }
     moe_mlp_bf16 b16;
     moe_mlp_backward(c->act, T, d, c->shared_ffn, x, L->p.shared_w_in, L->p.shared_w_out,
-                     L->p.shared_b_out, NULL, st->sh_h, st->sh_a, st->ds, st->tmp_td,
+                     L->p.shared_b_out, NULL, 0, st->sh_h, st->sh_a, st->ds, st->tmp_td,
                      L->g.shared_w_in, L->g.shared_b_in, L->g.shared_w_out, L->g.shared_b_out,
                      NULL, st->sh_dh, st->sh_da, NULL, shared_bf16(L, &b16), MOE_MLP_BWD_ALL);
     for (size_t i = 0; i < (size_t)T * d; i++) dx[i] += st->tmp_td[i];

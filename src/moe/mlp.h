@@ -25,10 +25,12 @@ void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, co
                      const float *b_in, const float *w_out, const float *b_out, const float *w,
                      float *h, float *a, float *y, double *t_act,
                      const moe_mlp_bf16 *b16);
-/* Its two halves: x -> h, a (moe_mlp_forward_in), and a -> y (moe_mlp_forward_out). */
+/* Its two halves: x -> h, a (moe_mlp_forward_in), and a -> y (moe_mlp_forward_out).
+ * w_on_input: a = act(w h) instead (the routed experts' moe_apply_probs_on_input: the input
+ * row scaled by its weight, h kept unscaled; without biases, and y then takes w NULL). */
 void moe_mlp_forward_in(moe_activation act, int n, int d, int f, const float *x,
-                        const float *w_in, const float *b_in, const float *w, float *h, float *a,
-                        double *t_act, const moe_mlp_bf16 *b16);
+                        const float *w_in, const float *b_in, const float *w, int w_on_input,
+                        float *h, float *a, double *t_act, const moe_mlp_bf16 *b16);
 void moe_mlp_forward_out(int n, int d, int f, const float *w_out, const float *b_out,
                          const float *w, const float *a, float *y, const moe_mlp_bf16 *b16);
 /* The backward's parts, which run in this order (the second reads x, which the third
@@ -37,9 +39,11 @@ void moe_mlp_forward_out(int n, int d, int f, const float *w_out, const float *b
  * MOE_MLP_BWD_DX dx. */
 enum { MOE_MLP_BWD_OUT = 1, MOE_MLP_BWD_WIN = 2, MOE_MLP_BWD_DX = 4, MOE_MLP_BWD_ALL = 7 };
 /* dy [n, d] given; writes dx [n, d] (overwritten), adds weight grads, writes dw [n] (if not
- * NULL). Uses dh [n, gf] and da [n, f] as scratch. part: which parts (MOE_MLP_BWD_ALL: all). */
+ * NULL). Uses dh [n, gf] and da [n, f] as scratch. part: which parts (MOE_MLP_BWD_ALL: all).
+ * w_on_input as in moe_mlp_forward_in. */
 void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
-                      const float *w_out, const float *b_out, const float *w, const float *h,
+                      const float *w_out, const float *b_out, const float *w, int w_on_input,
+                      const float *h,
                       const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
                       float *dw_out, float *db_out, double *dw, float *dh, float *da,
                       double *t_act, const moe_mlp_bf16 *b16, int part);

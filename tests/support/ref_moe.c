@@ -591,14 +591,18 @@ void ref_moe_forward(const moe_layer_config *c, const ref_params *p, const doubl
     /* §7 experts and combine */
     int gf = gated(c->act) ? 2 * c->ffn : c->ffn;
     double *y = malloc(sizeof(double) * (size_t)d), *routed = calloc((size_t)T * d, sizeof(double));
+    double *xs = malloc(sizeof(double) * (size_t)d);
     for (int s = 0; s < r->n_slots; s++) {
         if (!r->kept[s]) continue;
         int t = r->token[s], e = r->expert[s];
+        /* the weight on the expert's output, or (probs on input) on its input row */
+        double w_in = c->probs_on_input ? r->weight[s] : 1, w_out = c->probs_on_input ? 1 : r->weight[s];
+        for (int i = 0; i < d; i++) xs[i] = w_in * x[(size_t)t * d + i];
         mlp(c, c->ffn, p->w_in + (size_t)e * gf * d, p->b_in ? p->b_in + (size_t)e * gf : NULL,
-            p->w_out + (size_t)e * d * c->ffn, p->b_out ? p->b_out + (size_t)e * d : NULL,
-            x + (size_t)t * d, y);
-        for (int i = 0; i < d; i++) routed[(size_t)t * d + i] += r->weight[s] * y[i];
+            p->w_out + (size_t)e * d * c->ffn, p->b_out ? p->b_out + (size_t)e * d : NULL, xs, y);
+        for (int i = 0; i < d; i++) routed[(size_t)t * d + i] += w_out * y[i];
     }
+    free(xs);
     for (int t = 0; t < T; t++) {
         if (!valid[t]) continue;
         double *o = r->out + (size_t)t * d, *rt = routed + (size_t)t * d;
