@@ -240,6 +240,67 @@ grep -q "no quantile balancing (a bias on the router's logits)" "$tmp/out" ||
 # shellcheck disable=SC2086
 expect 2 "$moe" train $mix --moe-router-load-balancing-type quantile_balancing --save "$tmp/qb3"
 grep -q "aux losses must be off (moe-aux-loss-coeff 0)" "$tmp/out" || fail "qb with aux: $(cat "$tmp/out")"
+# Megatron's upcycling: a dense run's weights start an MoE run, each expert a slice of its
+# layer's dense MLP (G = 2 slices here) and the router rows repeated per group; with relu2 the
+# scale is exact, so at learning rate 0 the upcycled model has the dense model's loss. Refused:
+# a width the experts' does not divide, experts not a multiple of G, a dense MLP without the
+# gate the experts would need, an MoE checkpoint (the weights: exit 1); no --load (usage: 2)
+dense="$mix --num-experts 0,0 --moe-activation relu2 --ffn-hidden-size 48 --train-iters 2"
+# shellcheck disable=SC2086
+expect 0 "$moe" train $dense --save "$tmp/dense"
+up="--moe-use-upcycling --num-experts 4 --moe-ffn-hidden-size 24 --lr 0 --min-lr 0 --train-iters 1"
+# shellcheck disable=SC2086
+expect 0 "$moe" train --load "$tmp/dense" $up --save "$tmp/up"
+grep -q "initialised from the dense weights of .*dense/step-00000002, upcycled" "$tmp/out" ||
+  fail "upcycling: $(cat "$tmp/out")"
+expect 0 "$moe" eval --load "$tmp/dense" --data-path "$tmp/data"; grep -o "loss [0-9.]*" "$tmp/out" >"$tmp/dense.loss"
+expect 0 "$moe" eval --load "$tmp/up" --data-path "$tmp/data"; grep -o "loss [0-9.]*" "$tmp/out" >"$tmp/up.loss"
+cmp -s "$tmp/dense.loss" "$tmp/up.loss" || fail "upcycled $(cat "$tmp/up.loss"), dense $(cat "$tmp/dense.loss")"
+# the slices and their scales read back: s = E G / k with the softmax before the top k (4 G / 2
+# here, cubed root for relu2), else G (square root for gelu); router rows 2r and 2r + 1 alike
+# shellcheck disable=SC2086
+expect 0 "$moe" train --load "$tmp/dense" $up --moe-router-pre-softmax --save "$tmp/up_pre"
+# shellcheck disable=SC2086
+expect 0 "$moe" train --load "$tmp/dense" $up --moe-activation gelu --save "$tmp/up_gelu"
+/usr/bin/python3 - "$tmp/dense/step-00000002" "$tmp/up_pre/step-00000001" \
+  "$tmp/up_gelu/step-00000001" <<'EOF' || fail "upcycled tensors"
+import json, struct, sys
+import numpy as np
+def load(d):
+    b = open(d + "/model.safetensors", "rb").read()
+    n = struct.unpack_from("<Q", b)[0]; h = json.loads(b[8:8 + n]); h.pop("__metadata__", None)
+    return {k: np.frombuffer(b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]],
+                             np.float32).reshape(v["shape"]) for k, v in h.items()}
+dense, pre, gelu = (load(d) for d in sys.argv[1:])
+for up, scale in ((pre, (4 * 2 / 2) ** (1 / 3)), (gelu, 2 ** 0.5)):
+    for l in (0, 1):
+        m = "model.layers.%d.mlp." % l
+        for e in range(4):
+            c = e % 2
+            x = up[m + "experts.%d.up_proj.weight" % e]
+            assert np.allclose(x, scale * dense[m + "up_proj.weight"][24 * c:24 * c + 24], rtol=1e-6, atol=0)
+            x = up[m + "experts.%d.down_proj.weight" % e]
+            assert np.allclose(x, scale * dense[m + "down_proj.weight"][:, 24 * c:24 * c + 24], rtol=1e-6, atol=0)
+        g = up[m + "gate.weight"]
+        assert (g[0] == g[1]).all() and (g[2] == g[3]).all() and not (g[0] == g[2]).all(), g
+    assert (up["model.layers.1.self_attn.q_proj.weight"] == dense["model.layers.1.self_attn.q_proj.weight"]).all()
+EOF
+for bad in "--moe-ffn-hidden-size 20|a width that moe-ffn-hidden-size (20) divides" \
+           "--num-experts 3|num-experts (3) must be a multiple of its dense width" \
+           "--moe-activation swiglu|has no model.layers.0.mlp.gate_proj.weight"; do
+  # shellcheck disable=SC2086
+  expect 1 "$moe" train --load "$tmp/dense" $up ${bad%%|*} --save "$tmp/up2"
+  grep -q "${bad#*|}" "$tmp/out" || fail "upcycling ${bad%%|*}: $(cat "$tmp/out")"
+  [ ! -e "$tmp/up2" ] || fail "a refused upcycling wrote $tmp/up2"
+done
+# shellcheck disable=SC2086
+expect 1 "$moe" train --load "$tmp/up" $up --save "$tmp/up2"
+grep -q "has no model.layers.0.mlp.down_proj.weight: upcycling makes the experts" "$tmp/out" ||
+  fail "upcycling an MoE checkpoint: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 2 "$moe" train $mix --moe-use-upcycling --save "$tmp/up2"
+grep -q "moe-use-upcycling is about the checkpoint given with --load RUN" "$tmp/out" ||
+  fail "upcycling without --load: $(cat "$tmp/out")"
 # Megatron's moe-apply-probs-on-input: trains and resumes, keeps the setting; Hugging Face's
 # formats refuse it, and so does the layer with biases in the experts
 poi="$mix --moe-apply-probs-on-input --moe-router-topk 1 --moe-router-score-function sigmoid

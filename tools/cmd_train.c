@@ -344,7 +344,9 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
         moe_set_error(MOE_ERR_INVALID, "give --load or --model, not both");
         return 2;
     }
-    const char *how = o->finetune ? "--finetune" : o->no_load_optim ? "--no-load-optim" : NULL;
+    const char *how = o->finetune ? "--finetune"
+                      : o->upcycle ? "--moe-use-upcycling"
+                      : o->no_load_optim ? "--no-load-optim" : NULL;
     if (how && !o->load[0]) {
         moe_set_error(MOE_ERR_INVALID, "%s is about the checkpoint given with --load RUN", how);
         return 2;
@@ -376,6 +378,7 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
          * (--threads, else OpenMP's default); a resumed run keeps it (bitwise continuation) */
         if (strcmp(cmd, "train")) o->threads = 0;
         if (moe_options_parse_args(o, argc, argv, use) != MOE_OK) return 2;
+        o->finetune |= o->upcycle; /* a new run from the weights, made into experts */
     }
     if (o->init_from[0]) { /* the model's config.json, then the command line on top */
         if (ckpt[0]) {
@@ -637,6 +640,10 @@ int moe_cmd_train(int argc, char **argv) {
             snprintf(said, sizeof said, "resumed from %s at step %d%s\n", ckpt,
                      moe_trainer_steps_done(t),
                      o.no_load_optim ? " with new Adam moments (--no-load-optim)" : "");
+    } else if (weights[0] && o.upcycle) {
+        if (moe_checkpoint_upcycle(weights, m) != MOE_OK) start = 1;
+        else snprintf(said, sizeof said, "initialised from the dense weights of %s, upcycled "
+                      "(--moe-use-upcycling)\n", weights);
     } else if (weights[0]) { /* the expert biases too: they route as the weights were trained */
         if (moe_checkpoint_load(weights, m, NULL, 0) != MOE_OK) start = 1;
         else snprintf(said, sizeof said, "initialised from the weights of %s (--finetune)\n",

@@ -29,7 +29,8 @@
     "expert-model-parallel-size moe-hierarchical-alltoall ranks-per-node moe-token-dispatcher-type"
 static const moe_options_use uses[] = {
     {"train", MOE_SEC_MOE | MOE_SEC_MODEL | MOE_SEC_TRAIN,
-     "data-path save load init-from finetune no-load-optim no-load-rng save-interval keep-last "
+     "data-path save load init-from finetune moe-use-upcycling no-load-optim no-load-rng "
+     "save-interval keep-last "
      "exit-interval inject-fault "
      "tensorboard-dir tensor-model-parallel-size pipeline-model-parallel-size "
      "log-interval threads device print-config " PROCESSES},

@@ -45,6 +45,8 @@ typedef struct {
     char init_from[MOE_PATH_MAX];    /* train --init-from: start from a Hugging Face model */
     int finetune;                    /* train --load --finetune: the weights alone, step 0 */
     int no_load_optim;               /* train --load --no-load-optim: new Adam moments */
+    int upcycle;                     /* train --load --moe-use-upcycling: an MoE run from a dense
+                                        checkpoint's weights (as --finetune) */
     char ids[MOE_PATH_MAX];          /* --ids: token ids "5,17,42" */
     char dump_logits[MOE_PATH_MAX];  /* --dump-logits: .npy of the logits of --ids */
     int save_interval, keep_last, log_interval, exit_interval;

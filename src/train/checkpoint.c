@@ -3,6 +3,7 @@
 #include "core/core.h"
 #include "io/data.h"
 #include "io/safetensors.h"
+#include "moe/mlp.h"
 #include "train/trainer.h"
 
 #include <cJSON.h>
@@ -596,31 +597,37 @@ static moe_status find_unused(ckpt_reader *r, const moe_model *m, rename_fn rena
     return s;
 }
 
+/* Opens dir's reader (r->dir: dir) and refuses it, closed, when its model files hold a tensor
+ * that m does not read (find_unused): "DIR holds NAME, which " then why. */
+static moe_status open_all_read(ckpt_reader *r, const char *dir, const moe_model *m,
+                                rename_fn rename, int (*skip)(const char *name, const void *ctx),
+                                const void *ctx, const char *why) {
+    const char *extra;
+    MOE_TRY(reader_open(r, dir));
+    moe_status s = find_unused(r, m, rename, skip, ctx, &extra);
+    if (s == MOE_OK && extra)
+        s = moe_set_error(MOE_ERR_FORMAT, "%s holds %s, which %s", dir, extra, why);
+    if (s != MOE_OK) reader_close(r);
+    return s;
+}
+
 moe_status moe_checkpoint_load_params(const char *dir, moe_model *m, rename_fn rename,
                                       int (*skip)(const char *name, const void *ctx),
                                       const void *ctx) {
     ckpt_reader r;
-    const char *extra;
-    MOE_TRY(reader_open(&r, dir));
-    moe_status s = find_unused(&r, m, rename, skip, ctx, &extra);
-    if (s == MOE_OK && extra)
-        s = moe_set_error(MOE_ERR_FORMAT, "%s holds %s, which the model (its config.json, with "
-                          "the options given) does not have: without it, another model would be "
-                          "computed", dir, extra);
-    if (s == MOE_OK) s = load_params(&r, m, rename, ctx);
+    MOE_TRY(open_all_read(&r, dir, m, rename, skip, ctx, "the model (its config.json, with the "
+                          "options given) does not have: without it, another model would be "
+                          "computed"));
+    moe_status s = load_params(&r, m, rename, ctx);
     reader_close(&r);
     return s;
 }
 
 moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t, unsigned flags) {
     ckpt_reader r;
-    MOE_TRY(reader_open(&r, ckpt));
-    const char *extra;
-    moe_status s = find_unused(&r, m, NULL, NULL, NULL, &extra);
-    if (s == MOE_OK && extra)
-        s = moe_set_error(MOE_ERR_FORMAT, "%s holds %s, which this model does not have: the flags "
-                          "given with --load change the model's shape", ckpt, extra);
-    if (s == MOE_OK) s = load_params(&r, m, NULL, NULL);
+    MOE_TRY(open_all_read(&r, ckpt, m, NULL, NULL, NULL, "this model does not have: the flags "
+                          "given with --load change the model's shape"));
+    moe_status s = load_params(&r, m, NULL, NULL);
     /* without the trainer, the selection biases still route (inference, conversion) */
     const moe_layer_config *lc = &moe_model_get_config(m)->moe;
     if (s == MOE_OK && !t && (lc->enable_expert_bias || lc->quantile_balancing)) {
@@ -633,6 +640,130 @@ moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t, u
         }
     }
     if (s == MOE_OK && t) s = load_trainer(&r, m, t, flags);
+    reader_close(&r);
+    return s;
+}
+
+/* ---- Upcycling (Megatron's --moe-use-upcycling, arXiv 2410.07524) ----
+ * A dense MLP of width F becomes E experts of width f: G = F / f slices (gate_proj and up_proj
+ * rows, down_proj columns), expert e taking slice e % G, each scaled by s^(1/3) (gated
+ * activations, relu2) or s^(1/2), s = E G / k with the softmax before the top k, else G. The
+ * router keeps its initial rows r < E / G, row r for the G experts rG .. rG + G - 1, which then
+ * score alike and together hold the whole MLP: with k a multiple of G and the softmax after the
+ * top k, the layer starts as the dense MLP (exactly for G = 1, or with relu2). */
+
+/* A dense MLP tensor of a layer that m has as an MoE layer: the experts are made of it. */
+static int dense_mlp_of_moe(const char *name, const void *ctx) {
+    const moe_model_config *c = moe_model_get_config(ctx);
+    int l, n = 0;
+    char proj[8];
+    if (sscanf(name, "model.layers.%d.mlp.%7[a-z]_proj.weight%n", &l, proj, &n) != 2 || name[n])
+        return 0;
+    if (!strcmp(proj, "gate") && !moe_act_gated(c->moe.act)) return 0; /* the experts have none */
+    return l >= 0 && l < c->n_layers && moe_model_layer_experts(c, l) > 0;
+}
+
+/* The dense MLP tensor `proj` of layer l: its file, its entry and G; checked against the
+ * expert tensor ti (gate and up [f, d], down [d, f]). */
+static moe_status dense_slices(ckpt_reader *r, const moe_model_config *c, int l, const char *proj,
+                               const moe_tensor_info *ti, moe_safetensors **st,
+                               const moe_st_tensor **t, int64_t *G) {
+    char name[96];
+    snprintf(name, sizeof name, "model.layers.%d.mlp.%s_proj.weight", l, proj);
+    int down = !strcmp(proj, "down");
+    *t = NULL;
+    if (!r->map || cJSON_GetObjectItemCaseSensitive(r->map, name)) {
+        MOE_TRY(reader_file(r, "model", name, st));
+        *t = moe_st_find(*st, name);
+    }
+    if (!*t)
+        return moe_set_error(MOE_ERR_FORMAT, "%s has no %s: upcycling makes the experts of layer "
+                             "%d from that layer's dense MLP", r->dir, name, l);
+    int64_t f = ti->shape[down], d = ti->shape[!down];
+    int64_t F = (*t)->ndim == 2 && (*t)->shape[!down] == d ? (*t)->shape[down] : 0;
+    if (F < f || F % f)
+        return moe_set_error(MOE_ERR_FORMAT, "%s: %s is not a dense MLP of hidden size %lld and a "
+                             "width that moe-ffn-hidden-size (%lld) divides", r->dir, name,
+                             (long long)d, (long long)f);
+    *G = F / f;
+    if (moe_model_layer_experts(c, l) % *G)
+        return moe_set_error(MOE_ERR_INVALID, "upcycling layer %d: num-experts (%d) must be a "
+                             "multiple of its dense width over moe-ffn-hidden-size (%lld / %lld)",
+                             l, moe_model_layer_experts(c, l), (long long)F, (long long)f);
+    return MOE_OK;
+}
+
+/* Expert e's tensor ti (projection proj of MoE layer l) into dst: its slice of the dense one,
+ * read whole into *buf (grown to *cap floats). */
+static moe_status upcycle_expert(ckpt_reader *r, const moe_model_config *c, int l, int e,
+                                 const char *proj, const moe_tensor_info *ti, float *dst,
+                                 float **buf, size_t *cap) {
+    moe_safetensors *st = NULL;
+    const moe_st_tensor *t;
+    int64_t G;
+    MOE_TRY(dense_slices(r, c, l, proj, ti, &st, &t, &G));
+    if (t->numel > *cap) {
+        float *p = realloc(*buf, sizeof(float) * t->numel);
+        if (!p) return moe_set_error(MOE_ERR_NOMEM, "out of memory for %s", t->name);
+        *buf = p, *cap = t->numel;
+    }
+    moe_status s = moe_st_get_f32(st, t->name, 2, t->shape, *buf);
+    if (s != MOE_OK) return s;
+    const moe_layer_config *lc = &c->moe;
+    int cube = moe_act_gated(lc->act) || lc->act == MOE_ACT_RELU2; /* degree 3 in the weights */
+    double grow = lc->pre_softmax ? (double)moe_model_layer_experts(c, l) * (double)G / lc->topk
+                               : (double)G;
+    float scale = (float)pow(grow, cube ? 1.0 / 3 : 0.5);
+    int down = !strcmp(proj, "down");
+    /* gate, up: rows [at, at + f) of [F, d]; down: columns [at, at + f) of [d, F] */
+    int64_t rows = ti->shape[0], cols = ti->shape[1], at = (e % G) * ti->shape[down];
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++)
+            dst[i * cols + j] = scale * (down ? (*buf)[i * t->shape[1] + at + j]
+                                              : (*buf)[(at + i) * cols + j]);
+    return MOE_OK;
+}
+
+moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m) {
+    const moe_model_config *c = moe_model_get_config(m);
+    const moe_layer_config *lc = &c->moe;
+    if (lc->shared_ffn || lc->residual || lc->cosine_dim || lc->expert_bias || lc->ep_size > 1)
+        return moe_set_error(MOE_ERR_INVALID, "upcycling makes experts and routers alone: not %s",
+                             lc->shared_ffn ? "a shared expert" : lc->residual ? "Residual-MoE"
+                             : lc->cosine_dim ? "the cosine router"
+                             : lc->expert_bias ? "biases in the experts"
+                             : "several expert-parallel ranks (upcycle in one process, then "
+                               "resume with them)");
+    ckpt_reader r;
+    MOE_TRY(open_all_read(&r, ckpt, m, NULL, dense_mlp_of_moe, m, "the upcycled model does not "
+                          "have (upcycling reads a dense checkpoint's tensors of the same names, "
+                          "and the dense MLPs of the layers that become MoE layers)"));
+    moe_status s = MOE_OK;
+    float *p = moe_model_params(m), *buf = NULL;
+    size_t cap = 0;
+    for (int i = 0; s == MOE_OK && i < moe_model_n_tensors(m); i++) {
+        const moe_tensor_info *ti = moe_model_tensor(m, i);
+        float *dst = p + ti->offset;
+        int l, n = 0;
+        long long e;
+        char proj[8];
+        if (sscanf(ti->name, "model.layers.%d.mlp.experts.%lld.%7[a-z]_proj.weight%n", &l, &e,
+                   proj, &n) == 3 && !ti->name[n]) {
+            s = upcycle_expert(&r, c, l, (int)e, proj, ti, dst, &buf, &cap);
+        } else if (sscanf(ti->name, "model.layers.%d.mlp.gate.weight%n", &l, &n) == 1 &&
+                   !ti->name[n]) { /* row r of the initial ones for experts rG .. rG + G - 1 */
+            moe_safetensors *st = NULL;
+            const moe_st_tensor *t;
+            int64_t G, D = ti->shape[1];
+            moe_tensor_info down = {.ndim = 2, .shape = {D, lc->ffn}};
+            s = dense_slices(&r, c, l, "down", &down, &st, &t, &G);
+            for (int64_t row = ti->shape[0] - 1; s == MOE_OK && row >= 0; row--)
+                memmove(dst + row * D, dst + row / G * D, sizeof(float) * (size_t)D);
+        } else {
+            s = reader_get(&r, "model", ti->name, ti->name, ti->ndim, ti->shape, dst);
+        }
+    }
+    free(buf);
     reader_close(&r);
     return s;
 }
