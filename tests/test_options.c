@@ -285,6 +285,20 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
     assert_int_equal(o.layer.lb_type, MOE_LB_SEQ_AUX);
 
+    /* DeepSpeed's --mlp-type residual: Residual-MoE with an expert-wide residual MLP */
+    const char *mlp[] = {"--mlp-type", "residual", "--moe-ffn-hidden-size", "24",
+                         "--moe-shared-expert-intermediate-size", "40"};
+    assert_int_equal(parse(&o, mlp, 4), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_true(o.layer.residual && o.layer.shared_ffn == 24);
+    assert_int_equal(parse(&o, mlp, 6), MOE_OK); /* a width given stays */
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN), MOE_OK);
+    assert_true(o.layer.residual && o.layer.shared_ffn == 40);
+    const char *mlp_no[] = {"--mlp-type", "residual", "--moe-use-residual=false"};
+    assert_int_equal(parse(&o, mlp_no, 3), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL),
+                 "mlp-type residual conflicts with moe-use-residual false");
+
     const char *k_gt_e[] = {"--num-experts", "4", "--moe-router-topk", "6"};
     assert_int_equal(parse(&o, k_gt_e, 4), MOE_OK);
     moe_status st = moe_options_finish(&o, MOE_OPTIONS_MODEL | MOE_OPTIONS_TRAIN);

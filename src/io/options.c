@@ -80,6 +80,7 @@ static const opt_choice drop_choices[] = {
     {"position-by-choice", MOE_DROP_CHOICE}, {"random", MOE_DROP_RANDOM},
     {"batch-prioritized", MOE_DROP_PRIORITY},
     {NULL, 0}};
+static const opt_choice mlp_type_choices[] = {{"standard", 0}, {"residual", 1}, {NULL, 0}};
 static const opt_choice dtype_choices[] = {{"fp32", 0}, {"fp64", 1}, {NULL, 0}};
 static const opt_choice rmsnorm_choices[] = {{"RMSNorm", 0}, {NULL, 0}};
 static const opt_choice noisy_choices[] = {
@@ -241,6 +242,9 @@ static const opt_def opts[] = {
      "moe-shared-expert-intermediate-size to this times moe-ffn-hidden-size", 1},
     {"moe-shared-expert-gate", "shared-expert-gate", OPT_BOOL, L(shared_gate), 0, 1, NULL, EXPERTS,
      "multiply the shared expert's output by sigmoid(x . g)", 0},
+    {"mlp-type", NULL, OPT_ENUM, O(mlp_type), 0, 0, mlp_type_choices, EXPERTS,
+     "Megatron-DeepSpeed's: residual is moe-use-residual with a residual MLP as wide as an "
+     "expert (moe-shared-expert-intermediate-size = moe-ffn-hidden-size unless given)", 1},
     {"moe-use-residual", "use-residual", OPT_BOOL, L(residual), 0, 1, NULL, EXPERTS,
      "Residual-MoE: out = moe*c0 + mlp*c1 with c = softmax(Linear(d->2)(x)); the MLP is the "
      "shared expert", 0},
@@ -1149,6 +1153,16 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     /* Megatron: the experts' hidden size, not given, is the dense FFN's (a Mixtral script
      * gives --ffn-hidden-size alone); a Hugging Face config.json sets both itself */
     if (!given(o, L(ffn)) && given(o, M(ffn)) && !o->init_from[0]) c->ffn = o->model.ffn;
+    /* DeepSpeed's --mlp-type: its residual MLP is a copy of the expert module */
+    if (given(o, O(mlp_type))) {
+        if (given(o, L(residual)) && c->residual != o->mlp_type)
+            return moe_set_error(MOE_ERR_INVALID, "mlp-type %s conflicts with moe-use-residual %s",
+                                 mlp_type_choices[o->mlp_type].name,
+                                 c->residual ? "true" : "false");
+        c->residual = o->mlp_type;
+        if (o->mlp_type && !given(o, L(shared_ffn)) && !given(o, O(n_shared)))
+            c->shared_ffn = c->ffn;
+    }
     /* NeMo Automodel's and DeepSeek's n_shared_experts: a shared expert that many experts wide */
     if (given(o, O(n_shared))) {
         long w = (long)o->n_shared * c->ffn;

@@ -63,6 +63,7 @@ typedef struct {
     int max_pos;        /* max-position-embeddings: Megatron's position table; alone, seq-length */
     char tb_dir[MOE_PATH_MAX]; /* tensorboard-dir: the event files' directory ("": --save's) */
     int n_shared;       /* n-shared-experts: the shared expert's width in routed experts' */
+    int mlp_type;       /* mlp-type: DeepSpeed's; 1 = residual (Residual-MoE, expert-wide) */
     int noisy_gate;     /* moe-noisy-gate-policy: 0 none, 1 Jitter (eps 0.01), 2 RSample */
     int jitter_implied; /* finish set the jitter for Jitter: not written (the policy is) */
     /* Megatron's flags for what moe.c always does: accepted as a script gives them, checked
