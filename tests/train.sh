@@ -240,19 +240,26 @@ grep -q "no quantile balancing (a bias on the router's logits)" "$tmp/out" ||
 # shellcheck disable=SC2086
 expect 2 "$moe" train $mix --moe-router-load-balancing-type quantile_balancing --save "$tmp/qb3"
 grep -q "aux losses must be off (moe-aux-loss-coeff 0)" "$tmp/out" || fail "qb with aux: $(cat "$tmp/out")"
-# Megatron's upcycling: a dense run's weights start an MoE run, each expert a slice of its
-# layer's dense MLP (G = 2 slices here) and the router rows repeated per group; with relu2 the
-# scale is exact, so at learning rate 0 the upcycled model has the dense model's loss. Refused:
+# Megatron's upcycling: a dense run's weights go on as an MoE run at the dense run's step (its
+# data position and schedule, new Adam moments), each expert a slice of its layer's dense MLP
+# (G = 2 slices here) and the router rows repeated per group; with relu2 the scale is exact, so
+# at learning rate 0 the upcycled model has the dense model's loss. With --finetune it starts at
+# step 0. Refused:
 # a width the experts' does not divide, experts not a multiple of G, a dense MLP without the
-# gate the experts would need, an MoE checkpoint (the weights: exit 1); no --load (usage: 2)
+# gate the experts would need, an MoE checkpoint (the weights: exit 1); no --load, train-iters
+# not above the dense step (usage: 2)
 dense="$mix --num-experts 0,0 --moe-activation relu2 --ffn-hidden-size 48 --train-iters 2"
 # shellcheck disable=SC2086
 expect 0 "$moe" train $dense --save "$tmp/dense"
-up="--moe-use-upcycling --num-experts 4 --moe-ffn-hidden-size 24 --lr 0 --min-lr 0 --train-iters 1"
+up="--moe-use-upcycling --num-experts 4 --moe-ffn-hidden-size 24 --lr 0 --min-lr 0 --train-iters 3"
 # shellcheck disable=SC2086
 expect 0 "$moe" train --load "$tmp/dense" $up --save "$tmp/up"
-grep -q "initialised from the dense weights of .*dense/step-00000002, upcycled" "$tmp/out" ||
-  fail "upcycling: $(cat "$tmp/out")"
+grep -q "upcycled the dense weights of .*dense/step-00000002 into experts, at step 2" "$tmp/out" &&
+  [ "$(grep -c '"step":3,' "$tmp/up/metrics.jsonl")" = 1 ] &&
+  [ "$(wc -l <"$tmp/up/metrics.jsonl")" = 1 ] || fail "upcycling: $(cat "$tmp/out")"
+# shellcheck disable=SC2086
+expect 0 "$moe" train --load "$tmp/dense" $up --finetune --train-iters 1 --save "$tmp/up0"
+grep -q "into experts, at step 0 with new Adam moments" "$tmp/out" || fail "upcycling at 0: $(cat "$tmp/out")"
 expect 0 "$moe" eval --load "$tmp/dense" --data-path "$tmp/data"; grep -o "loss [0-9.]*" "$tmp/out" >"$tmp/dense.loss"
 expect 0 "$moe" eval --load "$tmp/up" --data-path "$tmp/data"; grep -o "loss [0-9.]*" "$tmp/out" >"$tmp/up.loss"
 cmp -s "$tmp/dense.loss" "$tmp/up.loss" || fail "upcycled $(cat "$tmp/up.loss"), dense $(cat "$tmp/dense.loss")"
@@ -262,8 +269,8 @@ cmp -s "$tmp/dense.loss" "$tmp/up.loss" || fail "upcycled $(cat "$tmp/up.loss"),
 expect 0 "$moe" train --load "$tmp/dense" $up --moe-router-pre-softmax --save "$tmp/up_pre"
 # shellcheck disable=SC2086
 expect 0 "$moe" train --load "$tmp/dense" $up --moe-activation gelu --save "$tmp/up_gelu"
-/usr/bin/python3 - "$tmp/dense/step-00000002" "$tmp/up_pre/step-00000001" \
-  "$tmp/up_gelu/step-00000001" <<'EOF' || fail "upcycled tensors"
+/usr/bin/python3 - "$tmp/dense/step-00000002" "$tmp/up_pre/step-00000003" \
+  "$tmp/up_gelu/step-00000003" <<'EOF' || fail "upcycled tensors"
 import json, struct, sys
 import numpy as np
 def load(d):
@@ -293,6 +300,10 @@ for bad in "--moe-ffn-hidden-size 20|a width that moe-ffn-hidden-size (20) divid
   grep -q "${bad#*|}" "$tmp/out" || fail "upcycling ${bad%%|*}: $(cat "$tmp/out")"
   [ ! -e "$tmp/up2" ] || fail "a refused upcycling wrote $tmp/up2"
 done
+# shellcheck disable=SC2086
+expect 2 "$moe" train --load "$tmp/dense" $up --train-iters 2 --save "$tmp/up2"
+grep -q "is at step 2: the upcycled run needs train-iters above it (2)" "$tmp/out" &&
+  [ ! -e "$tmp/up2" ] || fail "upcycling at its last step: $(cat "$tmp/out")"
 # shellcheck disable=SC2086
 expect 1 "$moe" train --load "$tmp/up" $up --save "$tmp/up2"
 grep -q "has no model.layers.0.mlp.down_proj.weight: upcycling makes the experts" "$tmp/out" ||

@@ -378,7 +378,6 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
          * (--threads, else OpenMP's default); a resumed run keeps it (bitwise continuation) */
         if (strcmp(cmd, "train")) o->threads = 0;
         if (moe_options_parse_args(o, argc, argv, use) != MOE_OK) return 2;
-        o->finetune |= o->upcycle; /* a new run from the weights, made into experts */
     }
     if (o->init_from[0]) { /* the model's config.json, then the command line on top */
         if (ckpt[0]) {
@@ -572,8 +571,9 @@ int moe_cmd_train(int argc, char **argv) {
     o.model.moe.ep_rank = d->ep_rank;
     char flag[140];
     if (ready == MOE_OK)
-        ready = choose_save_dir(&o, ckpt, moe_options_flag(argc, argv, "save-interval keep-last",
-                                                           flag, sizeof flag));
+        ready = choose_save_dir(&o, o.upcycle ? "" : ckpt, /* upcycling: a new run directory */
+                                moe_options_flag(argc, argv, "save-interval keep-last", flag,
+                                                 sizeof flag));
     /* the options against the grid: every MoE layer's experts split over the expert group,
      * the global batch over the data-parallel processes (the trainer checks it again) */
     if (ready == MOE_OK) ready = moe_model_config_validate(&o.model);
@@ -630,7 +630,18 @@ int moe_cmd_train(int argc, char **argv) {
     if (o.inject_fault[0] && moe_trainer_set_faults(t, o.inject_fault) != MOE_OK) goto fail;
     int start = 0; /* the starting point's outcome: 0, else this rank's exit code */
     char said[3 * MOE_PATH_MAX] = ""; /* what it was, told once every rank has its part */
-    if (ckpt[0]) {
+    if (o.upcycle) { /* at the dense run's step, or at 0 with --finetune */
+        if (moe_checkpoint_upcycle(ckpt[0] ? ckpt : weights, m, ckpt[0] ? t : NULL) != MOE_OK)
+            start = 1;
+        else if (moe_trainer_steps_done(t) >= o.train.train_iters)
+            start = 2, moe_set_error(MOE_ERR_INVALID, "%s is at step %d: the upcycled run needs "
+                                     "train-iters above it (%d)", ckpt, moe_trainer_steps_done(t),
+                                     o.train.train_iters);
+        else
+            snprintf(said, sizeof said, "upcycled the dense weights of %s into experts, at step "
+                     "%d with new Adam moments (--moe-use-upcycling)\n", ckpt[0] ? ckpt : weights,
+                     moe_trainer_steps_done(t));
+    } else if (ckpt[0]) {
         if (moe_checkpoint_load(ckpt, m, t, o.no_load_optim ? MOE_CKPT_NEW_ADAM : 0) != MOE_OK)
             start = 1;
         else if (moe_trainer_steps_done(t) > o.train.train_iters) /* before anything is written */
@@ -640,10 +651,6 @@ int moe_cmd_train(int argc, char **argv) {
             snprintf(said, sizeof said, "resumed from %s at step %d%s\n", ckpt,
                      moe_trainer_steps_done(t),
                      o.no_load_optim ? " with new Adam moments (--no-load-optim)" : "");
-    } else if (weights[0] && o.upcycle) {
-        if (moe_checkpoint_upcycle(weights, m) != MOE_OK) start = 1;
-        else snprintf(said, sizeof said, "initialised from the dense weights of %s, upcycled "
-                      "(--moe-use-upcycling)\n", weights);
     } else if (weights[0]) { /* the expert biases too: they route as the weights were trained */
         if (moe_checkpoint_load(weights, m, NULL, 0) != MOE_OK) start = 1;
         else snprintf(said, sizeof said, "initialised from the weights of %s (--finetune)\n",
@@ -671,11 +678,12 @@ int moe_cmd_train(int argc, char **argv) {
         goto fail;
     }
     fputs(said, stdout);
+    int resumed = ckpt[0] && !o.upcycle; /* this run directory's run goes on */
     if (o.save[0] && d->world_rank == 0) { /* metrics and events: rank 0 */
         if (moe_mkdirs(o.save) != MOE_OK) goto fail;
         snprintf(path, sizeof path, "%s/metrics.jsonl", o.save);
-        if (ckpt[0] && trim_metrics(path, moe_trainer_steps_done(t)) != MOE_OK) goto fail;
-        if (!(metrics = fopen(path, ckpt[0] ? "a" : "w"))) {
+        if (resumed && trim_metrics(path, moe_trainer_steps_done(t)) != MOE_OK) goto fail;
+        if (!(metrics = fopen(path, resumed ? "a" : "w"))) {
             moe_set_error(MOE_ERR_IO, "cannot write %s: %s", path, strerror(errno));
             goto fail;
         }
@@ -689,7 +697,7 @@ int moe_cmd_train(int argc, char **argv) {
         /* TensorBoard drops the events of the steps this run logs again (a stopped run went
          * on past its checkpoint), so that each step shows once */
         int64_t next = moe_trainer_steps_done(t) + 1;
-        if (ckpt[0] && moe_tfevents_session_start(tb, next, moe_wall_time()) != MOE_OK) goto fail;
+        if (resumed && moe_tfevents_session_start(tb, next, moe_wall_time()) != MOE_OK) goto fail;
     }
     const moe_model_config *mc = &o.model;
     int n_moe = 0;

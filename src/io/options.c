@@ -357,9 +357,10 @@ static const opt_def opts[] = {
      "with --load: start a new run from the checkpoint's weights (step 0, new Adam moments; its "
      "options, then these flags; saves need another --save)", 1},
     {"moe-use-upcycling", NULL, OPT_BOOL, O(upcycle), 0, 1, NULL, FILES,
-     "with --load of a dense checkpoint: start an MoE run from its weights as --finetune does "
-     "(Megatron's upcycling: each expert a scaled slice of its layer's dense MLP, the router "
-     "rows repeated per group of slices; docs/FORMATS.md)", 1},
+     "with --load of a dense checkpoint: go on from its step as an MoE run in a new --save "
+     "(new Adam moments; with --finetune from step 0), Megatron's upcycling: each expert a "
+     "scaled slice of its layer's dense MLP, the router rows repeated per group of slices "
+     "(docs/FORMATS.md)", 1},
     {"no-load-optim", NULL, OPT_BOOL, O(no_load_optim), 0, 1, NULL, FILES,
      "with --load: go on from the checkpoint's step with new Adam moments", 1},
     {"no-load-rng", NULL, OPT_BOOL, O(mg_noop), 0, 1, NULL, FILES, "Megatron's, accepted with "

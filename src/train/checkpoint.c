@@ -478,6 +478,8 @@ static int meta_count(const char *value) {
     return !value || !*value || *end || v < 0 || v > 1000000000 ? -1 : (int)v;
 }
 
+static moe_status load_progress(ckpt_reader *r, moe_trainer *t, int adam);
+
 static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t, unsigned flags) {
     float *am = moe_trainer_adam_m(t), *av = moe_trainer_adam_v(t);
     moe_status s = MOE_OK;
@@ -500,10 +502,15 @@ static moe_status load_trainer(ckpt_reader *r, moe_model *m, moe_trainer *t, uns
         }
     }
     if (s == MOE_OK) s = load_expert_bias(r, "trainer", OUR_EXPERT_BIAS, m);
+    return s == MOE_OK ? load_progress(r, t, adam) : s;
+}
+
+/* The trainer's step, bad streak and count of updates; Adam over unless adam (its moments
+ * read). */
+static moe_status load_progress(ckpt_reader *r, moe_trainer *t, int adam) {
     moe_safetensors *st, *model;
-    if (s == MOE_OK) s = reader_file(r, "trainer", FIRST_TENSOR, &st);
-    if (s == MOE_OK) s = reader_file(r, "model", FIRST_TENSOR, &model);
-    if (s != MOE_OK) return s;
+    MOE_TRY(reader_file(r, "trainer", FIRST_TENSOR, &st));
+    MOE_TRY(reader_file(r, "model", FIRST_TENSOR, &model));
     const char *step = moe_st_meta(st, "moe.step"), *mstep = moe_st_meta(model, "moe.step");
     const char *bad = moe_st_meta(st, "moe.bad_streak"); /* absent before 2026-11-30 */
     const char *upd = moe_st_meta(st, "moe.updates");    /* absent before 2026-12-01: = step */
@@ -724,7 +731,7 @@ static moe_status upcycle_expert(ckpt_reader *r, const moe_model_config *c, int 
     return MOE_OK;
 }
 
-moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m) {
+moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m, moe_trainer *t) {
     const moe_model_config *c = moe_model_get_config(m);
     const moe_layer_config *lc = &c->moe;
     if (lc->shared_ffn || lc->residual || lc->cosine_dim || lc->expert_bias || lc->ep_size > 1)
@@ -763,6 +770,7 @@ moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m) {
             s = reader_get(&r, "model", ti->name, ti->name, ti->ndim, ti->shape, dst);
         }
     }
+    if (s == MOE_OK && t) s = load_progress(&r, t, 0);
     free(buf);
     reader_close(&r);
     return s;

@@ -94,10 +94,11 @@ moe_status moe_checkpoint_load(const char *ckpt, moe_model *m, moe_trainer *t, u
 moe_status moe_checkpoint_load_expert_bias(const char *dir, moe_model *m, const char *fmt);
 /* Megatron's upcycling (--moe-use-upcycling): m's parameters from a dense checkpoint's, the
  * tensors they share by name copied, each MoE layer's experts made from that layer's dense MLP
- * and its router's initial rows repeated per group (docs/FORMATS.md, "Upcycling"). Refused when
- * the checkpoint holds a tensor that is none of these, or m has parts a dense model lacks
- * (shared experts, the residual mix, the cosine router, expert biases) or several ranks. */
-moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m);
+ * and its router's initial rows repeated per group (docs/FORMATS.md, "Upcycling"); with t, the
+ * dense run's step too (Adam starts over). Refused when the checkpoint holds a tensor that is
+ * none of these, or m has parts a dense model lacks (shared experts, the residual mix, the
+ * cosine router, expert biases) or several ranks. */
+moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m, moe_trainer *t);
 typedef void (*rename_fn)(const char *ours, char *buf, size_t cap, const void *ctx);
 /* Loads every parameter of m from a directory's safetensors (one model.safetensors, or shards
  * named by model.safetensors.index.json), each stored under the name rename gives (NULL: our
