@@ -95,6 +95,20 @@ run 4 "$tmp/ep2qb" $tiny $qb --expert-model-parallel-size 2 --save "$tmp/ep2qbs"
 close_to_one "$tmp/oneqbs/metrics.jsonl" "$tmp/ep2qbs/metrics.jsonl" \
   "ep 2 x dp 2, quantile balancing, cosine router" 12 ||
   fail "ep 2 x dp 2 with quantile balancing and the cosine router differs"
+# Upcycling under expert parallelism: each rank makes its experts from the dense run's MLPs
+# (G = 2), and ep 2 x dp 2 goes on from the dense run's step 4 as one process does (12 steps)
+# shellcheck disable=SC2086
+run 1 "$tmp/dense" $tiny --num-experts 0,0,0 --moe-shared-expert-intermediate-size 0 \
+  --train-iters 4 --save "$tmp/denses"
+upc="--load $tmp/denses --moe-use-upcycling --num-experts 8 --moe-ffn-hidden-size 16
+  --moe-aux-loss-coeff 0 --moe-router-enable-expert-bias=false --train-iters 16"
+# shellcheck disable=SC2086
+run 1 "$tmp/oneup" $upc --save "$tmp/oneups"
+# shellcheck disable=SC2086
+run 4 "$tmp/ep2up" $upc --expert-model-parallel-size 2 --save "$tmp/ep2ups"
+grep -q "into experts, at step 4" "$tmp/ep2up" || fail "upcycled on 4 ranks: $(cat "$tmp/ep2up")"
+close_to_one "$tmp/oneups/metrics.jsonl" "$tmp/ep2ups/metrics.jsonl" \
+  "ep 2 x dp 2, upcycled" 12 || fail "ep 2 x dp 2 upcycled differs from one process"
 # ... and with a capacity factor (each rank decides its own micro-batch's drops, as one process
 # does per micro-batch), data parallel 4 and ep 2 x dp 2, both drop policies; every run ends
 # with its sample text, which every rank generates alike (it once hung there: the ranks'

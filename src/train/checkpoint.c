@@ -734,13 +734,10 @@ static moe_status upcycle_expert(ckpt_reader *r, const moe_model_config *c, int 
 moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m, moe_trainer *t) {
     const moe_model_config *c = moe_model_get_config(m);
     const moe_layer_config *lc = &c->moe;
-    if (lc->shared_ffn || lc->residual || lc->cosine_dim || lc->expert_bias || lc->ep_size > 1)
+    if (lc->shared_ffn || lc->residual || lc->cosine_dim || lc->expert_bias)
         return moe_set_error(MOE_ERR_INVALID, "upcycling makes experts and routers alone: not %s",
                              lc->shared_ffn ? "a shared expert" : lc->residual ? "Residual-MoE"
-                             : lc->cosine_dim ? "the cosine router"
-                             : lc->expert_bias ? "biases in the experts"
-                             : "several expert-parallel ranks (upcycle in one process, then "
-                               "resume with them)");
+                             : lc->cosine_dim ? "the cosine router" : "biases in the experts");
     ckpt_reader r;
     MOE_TRY(open_all_read(&r, ckpt, m, NULL, dense_mlp_of_moe, m, "the upcycled model does not "
                           "have (upcycling reads a dense checkpoint's tensors of the same names, "

@@ -95,9 +95,9 @@ moe_status moe_checkpoint_load_expert_bias(const char *dir, moe_model *m, const 
 /* Megatron's upcycling (--moe-use-upcycling): m's parameters from a dense checkpoint's, the
  * tensors they share by name copied, each MoE layer's experts made from that layer's dense MLP
  * and its router's initial rows repeated per group (docs/FORMATS.md, "Upcycling"); with t, the
- * dense run's step too (Adam starts over). Refused when the checkpoint holds a tensor that is
- * none of these, or m has parts a dense model lacks (shared experts, the residual mix, the
- * cosine router, expert biases) or several ranks. */
+ * dense run's step too (Adam starts over). An expert-parallel rank makes its own experts.
+ * Refused when the checkpoint holds a tensor that is none of these, or m has parts a dense
+ * model lacks (shared experts, the residual mix, the cosine router, expert biases). */
 moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m, moe_trainer *t);
 typedef void (*rename_fn)(const char *ours, char *buf, size_t cap, const void *ctx);
 /* Loads every parameter of m from a directory's safetensors (one model.safetensors, or shards
