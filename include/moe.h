@@ -192,6 +192,9 @@ typedef struct {
 } moe_layer_config;
 
 moe_layer_config moe_layer_config_default(void);
+/* The coefficient of the Switch-style aux loss of type t (MOE_LB_AUX, MOE_LB_SEQ_AUX,
+ * MOE_LB_GLOBAL_AUX): lb_type's own plus aux_coeff_also's; 0 off the topk router. */
+float moe_aux_coeff_of(const moe_layer_config *cfg, moe_lb_type t);
 /* Checks every field and every combination; MOE_ERR_INVALID with a message naming the values. */
 moe_status moe_layer_config_validate(const moe_layer_config *cfg);
 
@@ -302,6 +305,8 @@ typedef struct {
     int64_t dropped;         /* routed - sum of kept */
     double dropped_fraction; /* dropped / routed (0 if nothing routed) */
     double aux_loss;         /* coefficient included */
+    double aux_terms[MOE_LB_GLOBAL_AUX + 1]; /* the Switch-style part of aux_loss by type
+                              * ([MOE_LB_AUX] .. [MOE_LB_GLOBAL_AUX]; CPU layer) */
     double z_loss;           /* coefficient included */
     int sinkhorn_iters;
     int64_t exchange_bytes;  /* expert parallelism: bytes this rank sent in the last forward's
@@ -482,6 +487,8 @@ void moe_model_reset_part_times(moe_model *m);
 typedef struct {
     double nll;       /* mean cross-entropy over the counted targets */
     double aux;       /* sum over MoE layers of the aux losses (coefficients included) */
+    double aux_terms[MOE_LB_GLOBAL_AUX + 1]; /* its Switch-style part by type, as the layers'
+                                              * stats (0 on the GPU) */
     double z;         /* sum over MoE layers of the z-losses (coefficients included) */
     int n_targets;    /* targets counted (target >= 0) */
 } moe_model_loss;

@@ -329,7 +329,8 @@ expect 2 "$moe" train $poi --moe-expert-linear-bias --save "$tmp/poi3"
 grep -q "moe-apply-probs-on-input scales the experts' inputs: not with biases" "$tmp/out" ||
   fail "poi with biases: $(cat "$tmp/out")"
 # Megatron's list of load-balancing types, each with its coefficient: at step 1 (the same
-# parameters and routing) the aux metric is the sum of the runs with each type alone; a run
+# parameters and routing) the aux metric is the sum of the runs with each type alone, and
+# metrics.jsonl's aux_terms hold each of those; a run
 # stopped at step 1 and resumed has the losses of the run straight to 3 (the global loss's
 # counts start again each step); the checkpoint keeps both lists; a coefficient short is refused
 lst="$mix --moe-router-load-balancing-type seq_aux_loss global_aux_loss
@@ -351,6 +352,9 @@ import json, sys
 both, seq, glob = (json.loads(open(d + "/metrics.jsonl").readline()) for d in sys.argv[1:])
 assert both["aux"] > 0 and seq["aux"] > 0 and glob["aux"] > 0, (both, seq, glob)
 assert abs(both["aux"] - seq["aux"] - glob["aux"]) <= 1e-9 * both["aux"], (both, seq, glob)
+# each logged on its own (a single type is "aux" alone)
+assert both["aux_terms"] == {"seq_aux_loss": seq["aux"], "global_aux_loss": glob["aux"]}, both
+assert "aux_terms" not in seq and "aux_terms" not in glob, (seq, glob)
 assert both["nll"] == seq["nll"] == glob["nll"], (both, seq, glob)
 EOF
   fail "the list's aux loss is not the sum of its types'"

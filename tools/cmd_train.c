@@ -203,9 +203,20 @@ static double load_imbalance(const moe_trainer *t, int n_layers) {
     return worst;
 }
 
+/* Megatron's names of the Switch-style aux losses, by moe_lb_type; with a list of them (more
+ * than lb_type's own) each is logged on its own too. */
+static const char *const aux_names[] = {NULL, "aux_loss", "seq_aux_loss", "global_aux_loss"};
+static int aux_listed(const moe_layer_config *c, int type) {
+    int n = 0;
+    for (int i = MOE_LB_AUX; i <= MOE_LB_GLOBAL_AUX; i++) n += c->aux_coeff_also[i] > 0;
+    return n && moe_aux_coeff_of(c, (moe_lb_type)type) > 0;
+}
+
 /* One line of dir/metrics.jsonl; an error when it could not be written (a full disk). */
 static moe_status write_metrics(FILE *f, const char *dir, int step, const moe_step_metrics *s,
-                                double tok_s, const moe_trainer *t, int n_layers, double val) {
+                                double tok_s, const moe_trainer *t, const moe_model_config *mc,
+                                double val) {
+    int n_layers = mc->n_layers;
     if (s->skipped) /* no update, and a loss or gradient JSON cannot write: the step and its
                      * evaluation */
         fprintf(f, "{\"step\":%d,\"skipped\":true", step);
@@ -213,6 +224,12 @@ static moe_status write_metrics(FILE *f, const char *dir, int step, const moe_st
         fprintf(f, "{\"step\":%d,\"loss\":%.17g,\"nll\":%.17g,\"aux\":%.17g,\"z\":%.17g,"
                    "\"lr\":%.9g,\"grad_norm\":%.17g,\"tokens_per_s\":%.1f",
                 step, s->loss, s->nll, s->aux, s->z, s->lr, s->grad_norm, tok_s);
+    int terms = 0;
+    for (int i = MOE_LB_AUX; i <= MOE_LB_GLOBAL_AUX && !s->skipped; i++)
+        if (aux_listed(&mc->moe, i))
+            fprintf(f, "%s\"%s\":%.17g", terms++ ? "," : ",\"aux_terms\":{", aux_names[i],
+                    s->aux_terms[i]);
+    if (terms) fputc('}', f);
     if (val >= 0) fprintf(f, ",\"val_nll\":%.17g", val);
     if (!s->skipped) fprintf(f, ",\"expert_load\":[");
     for (int l = 0, first = 1; l < n_layers && !s->skipped; l++) {
@@ -235,13 +252,21 @@ static moe_status write_metrics(FILE *f, const char *dir, int step, const moe_st
 /* TensorBoard scalars of one step (train/..., val/nll, moe/layerL/...; of a skipped step its
  * evaluation only). */
 static moe_status write_scalars(moe_tfevents *tb, int step, const moe_step_metrics *s,
-                                double tok_s, const moe_trainer *t, int n_layers, double val) {
+                                double tok_s, const moe_trainer *t, const moe_model_config *mc,
+                                double val) {
+    int n_layers = mc->n_layers;
     double now = moe_wall_time();
     const char *tags[] = {"train/loss", "train/nll", "train/aux", "train/z", "train/lr",
                           "train/grad_norm", "train/tokens_per_s"};
     const double vals[] = {s->loss, s->nll, s->aux, s->z, s->lr, s->grad_norm, tok_s};
     for (int i = 0; i < 7 && !s->skipped; i++)
         MOE_TRY(moe_tfevents_scalar(tb, tags[i], step, (float)vals[i], now));
+    for (int i = MOE_LB_AUX; i <= MOE_LB_GLOBAL_AUX && !s->skipped; i++) {
+        char tag[64];
+        snprintf(tag, sizeof tag, "train/aux/%s", aux_names[i]);
+        if (aux_listed(&mc->moe, i))
+            MOE_TRY(moe_tfevents_scalar(tb, tag, step, (float)s->aux_terms[i], now));
+    }
     if (val >= 0) MOE_TRY(moe_tfevents_scalar(tb, "val/nll", step, (float)val, now));
     for (int l = 0; l < n_layers && !s->skipped; l++) {
         int E;
@@ -776,9 +801,9 @@ int moe_cmd_train(int argc, char **argv) {
             printf("eval step %d | val nll %.4f nats/%s (%.3f bits/%s)\n", step, val, unit,
                    val / log(2.0), unit);
         if (metrics &&
-            write_metrics(metrics, o.save, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK)
+            write_metrics(metrics, o.save, step, &s, tok_s, t, mc, val) != MOE_OK)
             goto fail;
-        if (tb && write_scalars(tb, step, &s, tok_s, t, mc->n_layers, val) != MOE_OK) goto fail;
+        if (tb && write_scalars(tb, step, &s, tok_s, t, mc, val) != MOE_OK) goto fail;
         /* every rank stops at the same step: the decision is read once, after the ranks agreed
          * on it (a signal arriving later on one rank only is taken at the next step) */
         int stop = take_stop_signal();

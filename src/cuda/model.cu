@@ -286,6 +286,7 @@ static moe_status forward(moe_cuda_model *g, const float *params, const float *c
     if (loss) {
         loss->nll = n ? sum / n : 0;
         loss->aux = aux;
+        memset(loss->aux_terms, 0, sizeof loss->aux_terms);
         loss->z = z;
         loss->n_targets = n;
     }

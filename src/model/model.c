@@ -1168,7 +1168,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) memcpy(x + (size_t)t * d, emb + (size_t)tokens[t] * d, sizeof(float) * d);
     part_done(m, 0, MOE_PART_OTHER, &tp);
-    double aux = 0, z = 0;
+    double aux = 0, z = 0, terms[MOE_LB_GLOBAL_AUX + 1] = {0};
     for (int l = 0; l < c->n_layers; l++) {
         block_saved *s = &m->sv[l];
         block_ptrs p = block(m, m->params, l);
@@ -1196,6 +1196,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
             const moe_layer_stats *st = moe_layer_get_stats(m->moe[l]);
             aux += st->aux_loss;
             z += st->z_loss;
+            for (int i = 0; i <= MOE_LB_GLOBAL_AUX; i++) terms[i] += st->aux_terms[i];
         } else {
             moe_mlp_forward(c->moe.act, T, d, c->ffn, s->n2, p.w_in, NULL, p.w_out, NULL, NULL,
                             s->h, s->a, m->tmp, NULL, NULL);
@@ -1215,6 +1216,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *tokens, const int32_t 
     if (loss) {
         loss->nll = n ? sum / n : 0;
         loss->aux = aux;
+        memcpy(loss->aux_terms, terms, sizeof terms);
         loss->z = z;
         loss->n_targets = n;
     }

@@ -190,6 +190,7 @@ void moe_balance_forward(moe_layer *L) {
     moe_fwd_state *st = &L->st;
     int T = st->T, E = c->n_experts, k = st->k;
     st->aux_loss = st->z_loss = 0;
+    memset(st->aux_terms, 0, sizeof st->aux_terms);
     int learned = c->router != MOE_ROUTER_FAKE_BALANCED;
     if (c->z_coeff > 0 && learned && st->Tv > 0) {
         double s = 0;
@@ -222,15 +223,18 @@ void moe_balance_forward(moe_layer *L) {
     /* dL/dP of sequence b's tokens in row b of aux_coef: the per-sequence loss's own, plus the
      * micro-batch's and the global batch's, which are the same for every token */
     memset(st->aux_coef, 0, sizeof(double) * (size_t)B * E);
-    for (int b = 0; c_seq > 0 && b < B; b++)
-        st->aux_loss +=
+    for (int b = 0; c_seq > 0 && b < B; b++) {
+        double term =
             switch_loss(L, P, top, b * S, (b + 1) * S, c_seq, B, 0, st->aux_coef + (size_t)b * E);
+        st->aux_loss += term, st->aux_terms[MOE_LB_SEQ_AUX] += term;
+    }
     for (int global = 0; global < 2; global++) {
         float coeff = global ? c_gl : c_mb;
         if (coeff == 0) continue;
         double coef[E];
         for (int e = 0; e < E; e++) coef[e] = 0;
-        st->aux_loss += switch_loss(L, P, top, 0, T, coeff, 1, global, coef);
+        double term = switch_loss(L, P, top, 0, T, coeff, 1, global, coef);
+        st->aux_loss += term, st->aux_terms[global ? MOE_LB_GLOBAL_AUX : MOE_LB_AUX] += term;
         for (int b = 0; b < B; b++)
             for (int e = 0; e < E; e++) st->aux_coef[(size_t)b * E + e] += coef[e];
     }

@@ -324,6 +324,7 @@ static void fill_stats(moe_layer *L) {
     }
     s->dropped_fraction = s->routed ? (double)s->dropped / (double)s->routed : 0;
     s->aux_loss = st->aux_loss;
+    memcpy(s->aux_terms, st->aux_terms, sizeof s->aux_terms);
     s->z_loss = st->z_loss;
     s->sinkhorn_iters = st->sinkhorn_iters;
     moe_routing *r = &L->routing;

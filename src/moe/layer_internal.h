@@ -73,6 +73,7 @@ typedef struct {
     double *lse;           /* [T] logsumexp of the logits */
     double *qb_col;        /* [E, T] quantile balancing: each expert's margins (scratch) */
     double aux_loss, z_loss;
+    double aux_terms[MOE_LB_GLOBAL_AUX + 1]; /* aux_loss's Switch-style part by type */
     int sinkhorn_iters;
 
     /* dispatch */
@@ -204,9 +205,6 @@ void moe_router_score_backward(moe_score_fn fn, int E, const double *z, const do
                                const double *dp, double *dz);
 
 /* balance.c */
-/* The coefficient of the Switch-style aux loss of type t (aux_loss, seq_aux_loss,
- * global_aux_loss): lb_type's own plus aux_coeff_also's; 0 off the topk router. */
-float moe_aux_coeff_of(const moe_layer_config *c, moe_lb_type t);
 /* Whether a balancing loss is computed (the topk router and a coefficient above 0). */
 int moe_aux_on(const moe_layer_config *c);
 void moe_balance_forward(moe_layer *L);

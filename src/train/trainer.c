@@ -388,13 +388,17 @@ moe_status moe_trainer_step(moe_trainer *t, moe_step_metrics *out) {
         }
         s.nll += L.nll / n_micro;
         s.aux += L.aux / n_micro;
+        for (int i = 0; i <= MOE_LB_GLOBAL_AUX; i++) s.aux_terms[i] += L.aux_terms[i] / n_micro;
         s.z += L.z / n_micro;
         s.tokens += (int64_t)B * S;
     }
     if (t->dist) {
-        double v[4] = {s.nll, s.aux, s.z, (double)s.tokens};
-        MOE_TRY(moe_comm_sum_f64(data_comm(t), v, 4));
+        enum { N = MOE_LB_GLOBAL_AUX + 1 };
+        double v[4 + N] = {s.nll, s.aux, s.z, (double)s.tokens};
+        memcpy(v + 4, s.aux_terms, sizeof s.aux_terms);
+        MOE_TRY(moe_comm_sum_f64(data_comm(t), v, 4 + N));
         s.nll = v[0], s.aux = v[1], s.z = v[2], s.tokens = (int64_t)v[3];
+        memcpy(s.aux_terms, v + 4, sizeof s.aux_terms);
         MOE_TRY(moe_comm_sum_i64(data_comm(t), t->dropped, (size_t)mc->n_layers));
         MOE_TRY(moe_comm_sum_i64(data_comm(t), t->routed, (size_t)mc->n_layers));
         for (int l = 0; l < mc->n_layers; l++) { /* balancing counts of the global batch */

@@ -10,6 +10,7 @@
 typedef struct {
     double loss;      /* nll + aux + z, mean over the micro-batches */
     double nll, aux, z;
+    double aux_terms[MOE_LB_GLOBAL_AUX + 1]; /* aux's Switch-style part by type (CPU) */
     double lr;
     double grad_norm; /* before clipping */
     int64_t tokens;   /* tokens processed in this step */
