@@ -96,11 +96,12 @@ close_to_one "$tmp/oneqbs/metrics.jsonl" "$tmp/ep2qbs/metrics.jsonl" \
   "ep 2 x dp 2, quantile balancing, cosine router" 12 ||
   fail "ep 2 x dp 2 with quantile balancing and the cosine router differs"
 # Upcycling under expert parallelism: each rank makes its experts from the dense run's MLPs
-# (G = 2), and ep 2 x dp 2 goes on from the dense run's step 4 as one process does (12 steps)
+# (G = 2 slices, 3 experts a rank: a rank's local expert index would take other slices), and
+# ep 2 x dp 2 goes on from the dense run's step 4 as one process does (12 steps)
 # shellcheck disable=SC2086
 run 1 "$tmp/dense" $tiny --num-experts 0,0,0 --moe-shared-expert-intermediate-size 0 \
   --train-iters 4 --save "$tmp/denses"
-upc="--load $tmp/denses --moe-use-upcycling --num-experts 8 --moe-ffn-hidden-size 16
+upc="--load $tmp/denses --moe-use-upcycling --num-experts 6 --moe-ffn-hidden-size 16
   --moe-aux-loss-coeff 0 --moe-router-enable-expert-bias=false --train-iters 16"
 # shellcheck disable=SC2086
 run 1 "$tmp/oneup" $upc --save "$tmp/oneups"
