@@ -228,6 +228,10 @@ unused "moe train: num-experts lists 4 experts for layer 0, which first-k-dense 
   "$moe" train --num-layers 2 --num-experts 4,8 --first-k-dense 1 --print-config
 unused "moe train: num-experts lists 8 experts for layer 1, which moe-layer-freq makes dense (list 0 there)" \
   "$moe" train --num-layers 2 --num-experts 4,8 --moe-layer-freq 2 --print-config
+unused "moe train: moe-layer-freq gives a pattern of 3 layers but num-layers is 2" \
+  "$moe" train --num-layers 2 --moe-layer-freq "[1]*3" --print-config
+unused "moe train: --moe-layer-freq: '[1]+2' is not a layer pattern (a list plus a number, at the end): give a number, or 1 (MoE) and 0 (dense) per layer, as [1,0,1,0] or ([1]*3+[0])*2" \
+  "$moe" train --num-layers 2 --moe-layer-freq "[1]+2" --print-config
 unused "moe train: first-k-dense (2) leaves no MoE layer of the 2 (a dense model: num-experts 0 for each layer)" \
   "$moe" train --num-layers 2 --first-k-dense 2 --print-config
 unused "moe train: moe-router-group-topk (3) must be between 1 and moe-router-num-groups (1)" \

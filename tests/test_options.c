@@ -117,8 +117,8 @@ static void test_bad_values(void **state) {
         {"--num-attention-heads", "8x", "expected an integer"},
         {"--num-attention-heads", "0", "out of range"},
         {"--num-attention-heads", "99999999999999999999", "expected an integer"},
-        {"--num-experts", "4,x", "expected an integer or a comma-separated list"},
-        {"--num-experts", "4,,8", "expected an integer or a comma-separated list"},
+        {"--num-experts", "4,x", "expected an integer or a list of them"},
+        {"--num-experts", "4,,8", "expected an integer or a list of them"},
         {"--num-experts", "0", "must be >= 1"},
         {"--num-experts", "4,-1", "out of range"},
         {"--lr-decay-style", "exponential", "not one of cosine|linear|constant"},
@@ -311,7 +311,7 @@ static void test_finish_combinations(void **state) {
 
     const char *list_len[] = {"--num-layers", "3", "--num-experts", "4,8"};
     assert_int_equal(parse(&o, list_len, 4), MOE_OK);
-    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "num-experts lists 2 values but num-layers is 3");
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "num-experts lists 2 values: give one per layer (num-layers 3) or one per MoE layer (3)");
 
     const char *heads[] = {"--hidden-size", "96", "--num-attention-heads", "5"};
     assert_int_equal(parse(&o, heads, 4), MOE_OK);
@@ -511,6 +511,140 @@ static void test_balancing_lists(void **state) {
     expect_error(parse(&o, empty, 1), "expected a value");
 }
 
+/* b = the options o writes, read back. */
+static void read_back(const moe_options *o, moe_options *b) {
+    char *text = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&text, &len);
+    moe_options_write(mem, o);
+    fclose(mem);
+    moe_options_default(b);
+    assert_int_equal(moe_options_load_text(b, text, "written"), MOE_OK);
+    free(text);
+}
+
+/* Resolves args (model options) and checks each layer's experts against want[] (0 = dense). */
+static void expect_layers(const char *const *args, int n, const int *want, int layers) {
+    moe_options o;
+    assert_int_equal(parse(&o, args, n), MOE_OK);
+    if (moe_options_finish(&o, MOE_OPTIONS_MODEL) != MOE_OK) fail_msg("%s", moe_last_error());
+    assert_int_equal(o.model.n_layers, layers);
+    for (int l = 0; l < layers; l++)
+        if (moe_model_layer_experts(&o.model, l) != want[l])
+            fail_msg("layer %d: %d experts, expected %d", l, moe_model_layer_experts(&o.model, l),
+                     want[l]);
+    /* the resolved options read back as the same model */
+    moe_options b;
+    read_back(&o, &b);
+    assert_int_equal(moe_options_finish(&b, MOE_OPTIONS_MODEL), MOE_OK);
+    assert_memory_equal(&o.model, &b.model, sizeof o.model);
+}
+
+/* Megatron's moe-layer-freq patterns, DeepSpeed's expert-interval and a num-experts list of
+ * one count per MoE layer, against layer kinds drawn here and built without the parser. */
+static void test_layer_patterns(void **state) {
+    (void)state;
+    uint64_t seed = tu_seed();
+    char layers_txt[16], freq[1024], experts[16];
+    int want[64];
+    for (int trial = 0; trial < 20; trial++) {
+        int layers = 2 + (int)(moe_rng_uniform(seed, 7, (uint64_t)trial) * 30);
+        int e = 2 + (int)(moe_rng_uniform(seed, 8, (uint64_t)trial) * 14);
+        snprintf(layers_txt, sizeof layers_txt, "%d", layers);
+        snprintf(experts, sizeof experts, "%d", e);
+        /* runs of MoE and dense layers, written as Megatron scripts do, with blanks and
+         * parentheses here and there; the first run written as a list of its bits */
+        int l = 0, pos = 0, moe_layers = 0;
+        while (l < layers) {
+            int bit = moe_rng_uniform(seed, 9, (uint64_t)(trial * 64 + l)) < 0.5f;
+            int run = 1 + (int)(moe_rng_uniform(seed, 10, (uint64_t)(trial * 64 + l)) * 5);
+            if (run > layers - l) run = layers - l;
+            if (!l) {
+                pos += snprintf(freq + pos, sizeof freq - (size_t)pos, "([%d", bit);
+                for (int r = 1; r < run; r++)
+                    pos += snprintf(freq + pos, sizeof freq - (size_t)pos, ", %d", bit);
+                pos += snprintf(freq + pos, sizeof freq - (size_t)pos, "])");
+            } else {
+                pos += snprintf(freq + pos, sizeof freq - (size_t)pos,
+                                trial % 2 ? " + [%d]*%d" : "+%d*[%d]", trial % 2 ? bit : run,
+                                trial % 2 ? run : bit);
+            }
+            for (int r = 0; r < run; r++) want[l + r] = bit ? e : 0, moe_layers += bit;
+            l += run;
+        }
+        if (!moe_layers) continue; /* all dense: a dense model, as below */
+        const char *args[] = {"--num-layers", layers_txt, "--moe-layer-freq", freq,
+                              "--num-experts", experts};
+        expect_layers(args, 6, want, layers);
+    }
+
+    /* repetition of a group, and a count on either side */
+    const int rep[] = {8, 8, 0, 8, 8, 0};
+    const char *grouped[] = {"--num-layers", "6", "--moe-layer-freq", "([1]*2+[0]*1)*2"};
+    expect_layers(grouped, 4, rep, 6);
+    grouped[3] = "'2*(2*[1]+[0])'"; /* quoted, as a shell script may pass it */
+    expect_layers(grouped, 4, rep, 6);
+    /* DeepSpeed: (l + 1) % N == 0 (Megatron's number: l % N == 0), one count per MoE layer */
+    const int ds[] = {0, 0, 4, 0, 0, 16};
+    const char *interval[] = {"--num-layers", "6", "--expert-interval", "3", "--num-experts",
+                              "4", "16"};
+    expect_layers(interval, 7, ds, 6);
+    const int mg[] = {4, 0, 0, 16, 0, 0};
+    const char *number[] = {"--num-layers", "6", "--moe-layer-freq", "3", "--num-experts", "4,16"};
+    expect_layers(number, 6, mg, 6);
+    const int first[] = {0, 4, 4, 4, 16, 16};
+    const char *dense1[] = {"--num-layers", "6", "--first-k-dense", "1", "--num-experts",
+                            "4 4 4 16 16"};
+    expect_layers(dense1, 6, first, 6);
+    /* the later of two settings wins */
+    const int all[] = {8, 8, 8, 8};
+    const char *later[] = {"--moe-layer-freq", "[1,0,1,0]", "--moe-layer-freq", "1"};
+    expect_layers(later, 4, all, 4);
+    const int none[] = {0, 0};
+    const char *dense[] = {"--num-layers", "2", "--moe-layer-freq", "[0]*2"};
+    expect_layers(dense, 4, none, 2);
+
+    moe_options o;
+    const struct {
+        const char *freq, *error;
+    } bad[] = {
+        {"[1,0,1]", "a pattern of 3 layers but num-layers is 4"},
+        {"[1,2,1,0]", "a list holds 1 (an MoE layer) and 0 (a dense layer)"},
+        {"[1]*[4]", "a list holds 1"},
+        {"[1,0]*[1,0]", "a list times a list"},
+        {"[1,0]+2", "a list plus a number"},
+        {"[1]*4*", "expected '[', '(' or a number, at the end"},
+        {"[1]*4)", "unexpected text at the end, before ')'"},
+        {"[1]*300", "longer than 256 layers"},
+        {"[1]*99999999999", "a number too large"},
+        {"([1]*2", "expected ')'"},
+        {"[1 0]", "expected ',' or ']'"},
+        {"2*[]", "the pattern must be a list of layers"},
+        {"[1]*2+[x]", "expected '[', '(' or a number, before 'x]'"},
+        {"((((((((((((((((((((((((((((((((((([1]))))))))))))))))))))))))))))))))))*4",
+         "nested too deeply"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *args[] = {"--num-layers", "4", "--moe-layer-freq", bad[i].freq};
+        moe_status st = parse(&o, args, 4);
+        if (st == MOE_OK) st = moe_options_finish(&o, MOE_OPTIONS_MODEL);
+        expect_error(st, bad[i].error);
+    }
+    const char *both[] = {"--num-layers", "4", "--moe-layer-freq", "2", "--expert-interval", "2"};
+    assert_int_equal(parse(&o, both, 6), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "both choose the MoE layers");
+    const char *count[] = {"--num-layers", "4", "--moe-layer-freq", "2", "--num-experts", "4,8,8"};
+    assert_int_equal(parse(&o, count, 6), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL),
+                 "num-experts lists 3 values: give one per layer (num-layers 4) or one per MoE "
+                 "layer (2)");
+    const char *listed[] = {"--num-layers", "4", "--moe-layer-freq", "[1,0,1,1]", "--num-experts",
+                            "4,4,8,8"};
+    assert_int_equal(parse(&o, listed, 6), MOE_OK);
+    expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL),
+                 "num-experts lists 4 experts for layer 1, which moe-layer-freq makes dense");
+}
+
 static void test_write_round_trip(void **state) {
     (void)state;
     uint64_t seed = tu_seed();
@@ -582,17 +716,10 @@ static void test_quotes_inside_values(void **state) {
         snprintf(arg, sizeof arg, "--save=%s", values[i]);
         const char *args[] = {arg};
         assert_int_equal(parse(&o, args, 1), MOE_OK);
-        char *text = NULL;
-        size_t len = 0;
-        FILE *mem = open_memstream(&text, &len);
-        moe_options_write(mem, &o);
-        fclose(mem);
         moe_options b;
-        moe_options_default(&b);
-        assert_int_equal(moe_options_load_text(&b, text, "written"), MOE_OK);
+        read_back(&o, &b);
         if (strcmp(b.save, values[i]))
             fail_msg("'%s' read back as '%s'", values[i], b.save);
-        free(text);
     }
 }
 
@@ -663,6 +790,7 @@ int main(void) {
         cmocka_unit_test(test_malformed_files),
         cmocka_unit_test(test_finish_combinations),
         cmocka_unit_test(test_balancing_lists),
+        cmocka_unit_test(test_layer_patterns),
         cmocka_unit_test(test_write_round_trip),
         cmocka_unit_test(test_quotes_inside_values),
         cmocka_unit_test(test_unused_flags),

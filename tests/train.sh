@@ -155,6 +155,25 @@ strip "$tmp/a/metrics.jsonl" >"$tmp/a.m"; strip "$tmp/b/metrics.jsonl" >"$tmp/b.
 cmp -s "$tmp/a.m" "$tmp/b.m" || { diff "$tmp/a.m" "$tmp/b.m" | head -5; fail "resumed losses differ"; }
 cmp -s "$tmp/a/step-00000012/trainer.safetensors" "$tmp/b/step-00000012/trainer.safetensors" \
   || fail "resumed optimizer state differs"
+# the MoE layers as Megatron's pattern with counts per MoE layer, and as DeepSpeed's interval:
+# metric for metric the runs of the same layers listed one count per layer (0 = dense)
+same_layers() { # same_layers LIST FLAGS...
+  list=$1
+  shift
+  # shellcheck disable=SC2086
+  expect 0 "$moe" train $tiny --num-layers 3 --first-k-dense 0 --train-iters 3 \
+    --num-experts "$list" --save "$tmp/kinds_list"
+  # shellcheck disable=SC2086
+  expect 0 "$moe" train $tiny --num-layers 3 --first-k-dense 0 --train-iters 3 "$@" \
+    --save "$tmp/kinds"
+  strip "$tmp/kinds_list/metrics.jsonl" >"$tmp/kinds_list.m"
+  strip "$tmp/kinds/metrics.jsonl" >"$tmp/kinds.m"
+  cmp -s "$tmp/kinds_list.m" "$tmp/kinds.m" ||
+    { diff "$tmp/kinds_list.m" "$tmp/kinds.m" | head -5; fail "layers $*"; }
+  rm -rf "$tmp/kinds_list" "$tmp/kinds"
+}
+same_layers 4,0,6 --moe-layer-freq "([1]+[0])+1*[1]" --num-experts 4 6
+same_layers 0,6,0 --expert-interval 2 --num-experts 6
 # --finetune (Megatron's): a new run from a checkpoint's weights and expert biases, at step 0
 # with new Adam moments, the checkpoint's options under the flags: metric for metric the run
 # from the same weights written as a Hugging Face directory (--init-from, another reader; a

@@ -22,6 +22,7 @@ typedef enum {
     OPT_EXPERTS, /* an expert count, or one per layer ("4,4,8,8") into model.n_experts */
     OPT_ENUM_LIST,  /* Megatron's nargs='+': choices into a moe_opt_ints, words or commas */
     OPT_FLOAT_LIST, /* numbers into a moe_opt_floats, likewise */
+    OPT_LAYER_FREQ, /* moe-layer-freq: a number, or Megatron's pattern into freq_pattern */
 } opt_type;
 
 typedef struct {
@@ -117,8 +118,8 @@ static const char *section_name(unsigned section) {
 
 static const opt_def opts[] = {
     {"num-experts", "moe-num-experts n-routed-experts", OPT_EXPERTS, L(n_experts), 0, BIG, NULL,
-     LAYER, "routed experts E; a list (4,4,8,8) gives each layer its own (pyramid PR-MoE; 0 = "
-     "dense)", 0},
+     LAYER, "routed experts E; a list (4,4,8,8 or words) gives each layer its own, or each MoE "
+     "layer in order (pyramid PR-MoE; 0 = dense)", 0},
     {"moe-router-topk", "moe-gate-k num-experts-per-tok topk n-activated-experts", OPT_INT,
      L(topk), 1, BIG, NULL, LAYER, "experts per token k (1..E)", 0},
     {"moe-ffn-hidden-size", "moe-intermediate-size moe-inter-dim", OPT_INT, L(ffn), 1, BIG,
@@ -303,8 +304,11 @@ static const opt_def opts[] = {
      "YaRN: attention scores times mscale(factor, this)^2 (0 = absent)", 0},
     {"untie-embeddings-and-output-weights", NULL, OPT_BOOL, O(untie), 0, 1, NULL, MODEL,
      "separate LM head instead of the embedding matrix", 0},
-    {"moe-layer-freq", NULL, OPT_INT, M(moe_layer_freq), 1, BIG, NULL, MODEL,
-     "layer l is MoE if l % freq == 0 (2 = every other layer, GShard)", 0},
+    {"moe-layer-freq", NULL, OPT_LAYER_FREQ, M(moe_layer_freq), 1, BIG, NULL, MODEL,
+     "layer l is MoE if l % freq == 0 (2 = every other layer, GShard), or Megatron's pattern of "
+     "1 (MoE) and 0 (dense), one per layer: [1,1,0,1], ([0]+[1]*3), ([1]*3+[0])*2", 0},
+    {"expert-interval", NULL, OPT_INT, O(expert_interval), 0, BIG, NULL, MODEL,
+     "DeepSpeed's: layer l is MoE if (l + 1) % N == 0 (0 = not given: moe-layer-freq)", 0},
     {"first-k-dense", "first-k-dense-replace moe-first-k-dense", OPT_INT, M(first_k_dense), 0,
      BIG, NULL, MODEL, "the first k layers are dense (DeepSeek)", 0},
 
@@ -613,25 +617,30 @@ static void format_choice(char *buf, size_t cap, const opt_choice *choices, int 
     snprintf(buf, cap, "%d", v);
 }
 
-/* "8" sets the experts of every MoE layer; "4,4,8,8" one count per layer (0 = dense). */
+/* "8" sets the experts of every MoE layer; "4,4,8,8" (or "4 4 8 8", DeepSpeed's words) one
+ * count per layer or per MoE layer (0 = dense): finish tells which by the count. */
 static moe_status set_experts(moe_options *o, const opt_def *d, const char *v, const char *where) {
     int vals[MOE_MAX_LAYERS], n = 0;
-    const char *s = v;
+    const char *s = v + strspn(v, " \t");
     for (;;) {
         char *end;
         errno = 0;
         long x = strtol(s, &end, 10);
-        if (end == s || errno || (*end && *end != ','))
-            return moe_set_error(MOE_ERR_INVALID, "%s: expected an integer or a comma-separated "
-                                 "list, got '%s'", where, v);
+        size_t gap = strspn(end, " \t");
+        if (end == s || errno || (end[gap] && end[gap] != ',' && !gap))
+            return moe_set_error(MOE_ERR_INVALID, "%s: expected an integer or a list of them "
+                                 "(commas or blanks), got '%s'",
+                                 where, v);
         if (x < d->lo || x > d->hi)
             return moe_set_error(MOE_ERR_INVALID, "%s: %ld is out of range [%.0f, %.0f]", where,
                                  x, d->lo, d->hi);
         if (n == MOE_MAX_LAYERS)
             return moe_set_error(MOE_ERR_INVALID, "%s: more than %d values", where, MOE_MAX_LAYERS);
         vals[n++] = (int)x;
+        end += gap;
         if (!*end) break;
-        s = end + 1;
+        s = end + (*end == ',');
+        s += strspn(s, " \t");
     }
     if (n == 1 && vals[0] == 0)
         return moe_set_error(MOE_ERR_INVALID, "%s: must be >= 1 (a list may hold 0 for a dense "
@@ -644,6 +653,162 @@ static moe_status set_experts(moe_options *o, const opt_def *d, const char *v, c
     }
     o->layer.n_experts = first ? first : 1;
     o->n_experts_list = n;
+    return MOE_OK;
+}
+
+static moe_status set_value(moe_options *o, const opt_def *d, const char *v, const char *where);
+
+/* Megatron's layer pattern, a Python expression of lists and counts: "[1,1,0,1]",
+ * "([0]+[1]*23)", "([1]*3+[0]*1)*3". A value is a list or a count: + joins two lists or adds
+ * two counts, * repeats a list by a count (either side) or multiplies counts, and a list's
+ * elements are counts. Blanks are skipped; nesting is bounded (fuzzed input). */
+typedef struct {
+    int is_list;
+    int n;                          /* the list's length */
+    long count;                     /* a count's value */
+    unsigned char v[MOE_MAX_LAYERS]; /* the list, each element 0 or 1 */
+} pattern_value;
+
+typedef struct {
+    const char *s;
+    const char *err;
+} pattern_reader;
+
+#define PATTERN_COUNT_MAX 1000000L
+#define PATTERN_DEPTH_MAX 32
+#define PATTERN_STR(x) #x
+#define PATTERN_LIMIT(x) "longer than " PATTERN_STR(x) " layers"
+#define PATTERN_TOO_LONG PATTERN_LIMIT(MOE_MAX_LAYERS)
+
+static int pattern_sum(pattern_reader *r, pattern_value *out, int depth);
+
+static int pattern_fail(pattern_reader *r, const char *why) {
+    if (!r->err) r->err = why;
+    return 0;
+}
+
+static char pattern_peek(pattern_reader *r) {
+    r->s += strspn(r->s, " \t");
+    return *r->s;
+}
+
+/* [sum, sum, ...], (sum) or a count */
+static int pattern_atom(pattern_reader *r, pattern_value *out, int depth) {
+    char c = pattern_peek(r);
+    if (depth > PATTERN_DEPTH_MAX) return pattern_fail(r, "nested too deeply");
+    if (c == '(') {
+        r->s++;
+        if (!pattern_sum(r, out, depth + 1)) return 0;
+        if (pattern_peek(r) != ')') return pattern_fail(r, "expected ')'");
+        r->s++;
+        return 1;
+    }
+    if (c == '[') {
+        r->s++;
+        *out = (pattern_value){.is_list = 1};
+        while (pattern_peek(r) != ']') {
+            pattern_value e;
+            if (!pattern_sum(r, &e, depth + 1)) return 0;
+            if (e.is_list || (e.count != 0 && e.count != 1))
+                return pattern_fail(r, "a list holds 1 (an MoE layer) and 0 (a dense layer)");
+            if (out->n == MOE_MAX_LAYERS) return pattern_fail(r, PATTERN_TOO_LONG);
+            out->v[out->n++] = (unsigned char)e.count;
+            if (pattern_peek(r) == ',') r->s++;
+            else if (pattern_peek(r) != ']') return pattern_fail(r, "expected ',' or ']'");
+        }
+        r->s++;
+        return 1;
+    }
+    if (!isdigit((unsigned char)c)) return pattern_fail(r, "expected '[', '(' or a number");
+    char *end;
+    errno = 0;
+    long x = strtol(r->s, &end, 10);
+    if (errno || x > PATTERN_COUNT_MAX) return pattern_fail(r, "a number too large");
+    r->s = end;
+    *out = (pattern_value){.count = x};
+    return 1;
+}
+
+/* out = out * b: a list repeated, or counts multiplied */
+static int pattern_times(pattern_reader *r, pattern_value *out, pattern_value *b) {
+    if (out->is_list && b->is_list) return pattern_fail(r, "a list times a list");
+    if (!out->is_list && !b->is_list) {
+        if (out->count && b->count > PATTERN_COUNT_MAX / out->count)
+            return pattern_fail(r, "a number too large");
+        out->count *= b->count;
+        return 1;
+    }
+    pattern_value *list = out->is_list ? out : b;
+    long times = out->is_list ? b->count : out->count;
+    if (list->n && times > MOE_MAX_LAYERS / list->n) return pattern_fail(r, PATTERN_TOO_LONG);
+    for (long t = 1; t < times; t++) memcpy(list->v + t * list->n, list->v, (size_t)list->n);
+    list->n = (int)(list->n * times);
+    if (list != out) *out = *list;
+    return 1;
+}
+
+/* out = out + b: lists joined, or counts added */
+static int pattern_plus(pattern_reader *r, pattern_value *out, const pattern_value *b) {
+    if (out->is_list != b->is_list) return pattern_fail(r, "a list plus a number");
+    if (!out->is_list) {
+        if (out->count + b->count > PATTERN_COUNT_MAX) return pattern_fail(r, "a number too large");
+        out->count += b->count;
+        return 1;
+    }
+    if (out->n + b->n > MOE_MAX_LAYERS) return pattern_fail(r, PATTERN_TOO_LONG);
+    memcpy(out->v + out->n, b->v, (size_t)b->n);
+    out->n += b->n;
+    return 1;
+}
+
+/* operand op operand op ...: sums of products ('+'), products of atoms ('*') */
+static int pattern_chain(pattern_reader *r, pattern_value *out, int depth, char op) {
+    pattern_value b;
+    if (!(op == '+' ? pattern_chain(r, out, depth, '*') : pattern_atom(r, out, depth))) return 0;
+    while (pattern_peek(r) == op) {
+        r->s++;
+        if (!(op == '+' ? pattern_chain(r, &b, depth, '*') : pattern_atom(r, &b, depth)))
+            return 0;
+        if (!(op == '+' ? pattern_plus(r, out, &b) : pattern_times(r, out, &b))) return 0;
+    }
+    return 1;
+}
+
+static int pattern_sum(pattern_reader *r, pattern_value *out, int depth) {
+    return pattern_chain(r, out, depth, '+');
+}
+
+/* moe-layer-freq: a number N (layer l is MoE if l % N == 0), or a pattern (it holds a '[', as
+ * Megatron's moe_freq_type tells them apart), quoted or not, one value per layer. */
+static moe_status set_layer_freq(moe_options *o, const opt_def *d, const char *v,
+                                 const char *where) {
+    if (!strchr(v, '[')) {
+        opt_def number = *d;
+        number.type = OPT_INT;
+        MOE_TRY(set_value(o, &number, v, where));
+        o->freq_pattern_n = 0;
+        return MOE_OK;
+    }
+    char text[2048];
+    size_t n = strlen(v);
+    if (n >= sizeof text)
+        return moe_set_error(MOE_ERR_INVALID, "%s: a pattern of at most %d characters", where,
+                             (int)sizeof text - 1);
+    memcpy(text, v, n + 1);
+    if (n >= 2 && (text[0] == '\'' || text[0] == '"') && text[n - 1] == text[0])
+        text[n - 1] = '\0', memmove(text, text + 1, n - 1); /* '([1]*48)', as shells pass it */
+    pattern_value pv;
+    pattern_reader r = {text, NULL};
+    if (pattern_sum(&r, &pv, 0) && pattern_peek(&r) && !r.err) r.err = "unexpected text at the end";
+    if (!r.err && (!pv.is_list || !pv.n)) r.err = "the pattern must be a list of layers";
+    if (r.err)
+        return moe_set_error(MOE_ERR_INVALID, "%s: '%s' is not a layer pattern (%s, %s%.20s%s): "
+                             "give a number, or 1 (MoE) and 0 (dense) per layer, as [1,0,1,0] or "
+                             "([1]*3+[0])*2", where, v, r.err, *r.s ? "before '" : "at the end",
+                             r.s, *r.s ? "'" : "");
+    memcpy(o->freq_pattern, pv.v, (size_t)pv.n);
+    o->freq_pattern_n = pv.n;
+    o->model.moe_layer_freq = 1;
     return MOE_OK;
 }
 
@@ -758,6 +923,7 @@ static moe_status set_value(moe_options *o, const opt_def *d, const char *v, con
         memcpy(p, v, strlen(v) + 1);
         return MOE_OK;
     case OPT_EXPERTS: return set_experts(o, d, v, where);
+    case OPT_LAYER_FREQ: return set_layer_freq(o, d, v, where);
     case OPT_ENUM_LIST:
     case OPT_FLOAT_LIST: return set_list(d, v, where, p);
     }
@@ -975,7 +1141,7 @@ static int next_flag(int argc, char **argv, int *a, char *key, size_t cap, const
         *val = argv[++*a];
         while (!is_config && *a + 1 < argc && strncmp(argv[*a + 1], "--", 2) &&
                (opts[i].offset == O(data_path) || opts[i].type == OPT_ENUM_LIST ||
-                opts[i].type == OPT_FLOAT_LIST))
+                opts[i].type == OPT_FLOAT_LIST || opts[i].type == OPT_EXPERTS))
             ++*a, ++*words;
     }
     return i;
@@ -1089,11 +1255,65 @@ static moe_status set_balancing(moe_options *o) {
     return MOE_OK;
 }
 
+/* Which layers are MoE layers: moe-layer-freq's pattern (or DeepSpeed's expert-interval, made
+ * one) as dense layers in model.n_experts, and a num-experts list of one count per MoE layer
+ * (DeepSpeed's "--num-experts 4 8 --expert-interval 2") spread over the layers. */
+static moe_status set_layer_kinds(moe_options *o) {
+    moe_model_config *m = &o->model;
+    int layers = m->n_layers;
+    if (layers < 1 || layers > MOE_MAX_LAYERS) return MOE_OK; /* the model's validation says */
+    if (o->expert_interval) {
+        if (o->freq_pattern_n || m->moe_layer_freq != 1)
+            return moe_set_error(MOE_ERR_INVALID, "expert-interval (DeepSpeed's) and "
+                                 "moe-layer-freq (Megatron's) both choose the MoE layers: give "
+                                 "one");
+        for (int l = 0; l < layers; l++)
+            o->freq_pattern[l] = (l + 1) % o->expert_interval == 0;
+        o->freq_pattern_n = layers;
+        o->expert_interval = 0; /* written as the pattern */
+    }
+    if (o->freq_pattern_n && o->freq_pattern_n != layers)
+        return moe_set_error(MOE_ERR_INVALID, "moe-layer-freq gives a pattern of %d layers but "
+                             "num-layers is %d", o->freq_pattern_n, layers);
+    /* the MoE layers by the layer options alone, whatever num-experts lists */
+    unsigned char is_moe[MOE_MAX_LAYERS];
+    int moe_layers = 0;
+    moe_model_config plain = *m;
+    memset(plain.n_experts, 0, sizeof plain.n_experts);
+    for (int l = 0; l < layers; l++) {
+        is_moe[l] = moe_model_layer_experts(&plain, l) > 0 &&
+                    (!o->freq_pattern_n || o->freq_pattern[l]);
+        moe_layers += is_moe[l];
+    }
+    int n = o->n_experts_list;
+    if (n > 1 && n != layers) {
+        if (n != moe_layers)
+            return moe_set_error(MOE_ERR_INVALID, "num-experts lists %d values: give one per "
+                                 "layer (num-layers %d) or one per MoE layer (%d)", n, layers,
+                                 moe_layers);
+        int vals[MOE_MAX_LAYERS];
+        memcpy(vals, m->n_experts, (size_t)n * sizeof *vals);
+        for (int l = 0, j = 0; l < layers; l++)
+            m->n_experts[l] = is_moe[l] ? vals[j++] : MOE_LAYER_DENSE;
+        o->n_experts_list = layers;
+    }
+    for (int l = 0; l < o->freq_pattern_n; l++) {
+        if (o->freq_pattern[l]) continue;
+        if (m->n_experts[l] > 0)
+            return moe_set_error(MOE_ERR_INVALID, "num-experts lists %d experts for layer %d, "
+                                 "which moe-layer-freq makes dense (list 0 there)",
+                                 m->n_experts[l], l);
+        m->n_experts[l] = MOE_LAYER_DENSE;
+    }
+    return MOE_OK;
+}
+
 moe_status moe_options_finish(moe_options *o, int parts) {
     moe_layer_config *c = &o->layer;
     c->d = o->model.d;
     int router_given = given(o, L(router));
     MOE_TRY(set_balancing(o));
+    if (parts & MOE_OPTIONS_MODEL) MOE_TRY(set_layer_kinds(o));
     /* Megatron's --swiglu and --disable-bias-linear: what moe.c does unless told otherwise */
     if (given(o, O(mg_swiglu)) && o->mg_swiglu && c->act != MOE_ACT_SWIGLU) {
         if (given(o, L(act)))
@@ -1183,12 +1403,7 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     o->model.moe = *c;
     o->model.tie_embeddings = !o->untie;
     o->train.seed = c->seed;
-    if (parts & MOE_OPTIONS_MODEL) {
-        if (o->n_experts_list > 1 && o->n_experts_list != o->model.n_layers)
-            return moe_set_error(MOE_ERR_INVALID, "num-experts lists %d values but num-layers is %d",
-                                 o->n_experts_list, o->model.n_layers);
-        MOE_TRY(moe_model_config_validate(&o->model));
-    }
+    if (parts & MOE_OPTIONS_MODEL) MOE_TRY(moe_model_config_validate(&o->model));
     if (o->two_stage && o->layer.ep_replicated)
         return moe_set_error(MOE_ERR_INVALID, "moe-hierarchical-alltoall is a form of the "
                              "alltoall token dispatcher: moe-token-dispatcher-type allgather "
@@ -1231,6 +1446,19 @@ static void format_value(char *buf, size_t cap, const moe_options *o, const opt_
         }
         return;
     }
+    case OPT_LAYER_FREQ:
+        if (!o->freq_pattern_n) {
+            snprintf(buf, cap, "%d", *(const int *)p);
+            return;
+        }
+        buf[0] = '\0';
+        for (int i = 0; i <= o->freq_pattern_n; i++) { /* [1,0,1,0] */
+            size_t n = strlen(buf);
+            if (i < o->freq_pattern_n)
+                snprintf(buf + n, cap - n, "%c%d", i ? ',' : '[', o->freq_pattern[i]);
+            else snprintf(buf + n, cap - n, "]");
+        }
+        return;
     case OPT_EXPERTS:
         if (o->n_experts_list <= 1) {
             snprintf(buf, cap, "%d", *(const int *)p);
@@ -1332,7 +1560,7 @@ void moe_options_help(FILE *f, const moe_options_use *cmds, int n) {
         }
         char arg[256], v[2048];
         static const char *const arg_names[] = {"N", "N", "X", "[BOOL]", "", "PATH", "N[,N...]",
-                                                "", "X [X ...]"};
+                                                "", "X [X ...]", "N|PATTERN"};
         if (d->type == OPT_ENUM || d->type == OPT_ENUM_LIST)
             choice_list(arg, sizeof arg, d->choices);
         else

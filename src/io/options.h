@@ -36,7 +36,13 @@ typedef struct {
     moe_layer_config layer; /* the MoE layer, and the template of the model's MoE layers */
     moe_model_config model; /* .d is hidden-size; .moe is set from layer by finish */
     moe_train_config train;
-    int n_experts_list;     /* values given to num-experts (> 1: per layer, in model.n_experts) */
+    int n_experts_list;     /* values given to num-experts (> 1: per layer, in model.n_experts;
+                             * finish spreads a list of one per MoE layer over the layers) */
+    unsigned char freq_pattern[MOE_MAX_LAYERS]; /* moe-layer-freq as Megatron's pattern: 1 an
+                                                 * MoE layer, 0 a dense one ("([1]*3+[0])*2") */
+    int freq_pattern_n;     /* its length (0: moe-layer-freq is the number model.moe_layer_freq) */
+    int expert_interval;    /* DeepSpeed's expert-interval N: layers l with (l + 1) % N == 0 are
+                             * MoE (0: not given); finish turns it into freq_pattern */
     int untie;              /* untie-embeddings-and-output-weights */
     char data_path[MOE_PATH_MAX];
     char save[MOE_PATH_MAX];
