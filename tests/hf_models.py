@@ -4,7 +4,8 @@ formulas. mixtral: RMSNorm, rotate-half RoPE, grouped-query causal attention, so
 top-k renormalised, SwiGLU experts w1/w3/w2. qwen2_moe: the same with q/k/v biases, top-k of the
 softmax without renormalisation (norm_topk_prob false), and a shared SwiGLU expert scaled by
 sigmoid(shared_expert_gate x). qwen3_moe: q and k RMSNorm per head before RoPE, renormalised
-top-k. olmoe: q and k RMSNorm over the whole projection, top-k not renormalised.
+top-k. Both Qwen families: dense SwiGLU layers where mlp_only_layers and decoder_sparse_step
+say. olmoe: q and k RMSNorm over the whole projection, top-k not renormalised.
 deepseek_v2 / deepseek_v3: multi-head latent attention (tests/torch_model.py's, from Hugging
 Face's DeepseekV3Attention) with YaRN, a dense first layer, shared experts; V2 routes by the
 softmax among the groups of the best maxima, weights scaled; V3 by sigmoid + correction bias
@@ -100,6 +101,7 @@ else:
 cfg["initializer_range"] = 0.006  # read by no loader: convert must keep it as written
 cfg.update(json.loads(sys.argv[7]) if len(sys.argv) > 7 else {})
 d, H, KV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+L = cfg["num_hidden_layers"]
 k = cfg["num_experts_per_tok"]
 E = cfg[{"mixtral": "num_local_experts"}.get(family, "n_routed_experts" if ds else "num_experts")]
 eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
@@ -116,6 +118,16 @@ if ds:
                       "beta_slow": ys["beta_slow"], "mscale": ys["mscale"],
                       "mscale_all_dim": ys["mscale_all_dim"]}}
 moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+
+
+def dense_layer(l):
+    """Qwen2-MoE and Qwen3-MoE: a dense MLP, intermediate_size wide, where mlp_only_layers
+    holds l or (l + 1) % decoder_sparse_step != 0 (transformers' decoder layers)."""
+    if family not in ("qwen2_moe", "qwen3_moe"):
+        return False
+    return l in (cfg.get("mlp_only_layers") or []) or (l + 1) % cfg.get("decoder_sparse_step", 1) != 0
+
+
 proj = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
 
 def rnd(*shape, scale=0.2):
@@ -152,8 +164,13 @@ for l in range(L):
     w[p + "self_attn.k_proj.weight"] = rnd(KV * hd, d)
     w[p + "self_attn.v_proj.weight"] = rnd(KV * hd, d)
     w[p + "self_attn.o_proj.weight"] = rnd(d, H * hd)
-    w[p + moe + ".gate.weight"] = rnd(E, d, scale=0.5)
-    for e in range(E):
+    if dense_layer(l):
+        fd = cfg["intermediate_size"]
+        w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"] = rnd(fd, d), rnd(fd, d)
+        w[p + "mlp.down_proj.weight"] = rnd(d, fd)
+    else:
+        w[p + moe + ".gate.weight"] = rnd(E, d, scale=0.5)
+    for e in range(0 if dense_layer(l) else E):
         q = p + moe + ".experts.%d." % e
         w[q + proj[0] + ".weight"] = rnd(f, d)
         w[q + proj[1] + ".weight"] = rnd(f, d)
@@ -161,6 +178,7 @@ for l in range(L):
     if qwen:
         for n, rows in (("q", H * hd), ("k", KV * hd), ("v", KV * hd)):
             w[p + "self_attn.%s_proj.bias" % n] = rnd(rows)
+    if qwen and not dense_layer(l):
         q = p + "mlp.shared_expert."
         w[q + "gate_proj.weight"], w[q + "up_proj.weight"] = rnd(fs, d), rnd(fs, d)
         w[q + "down_proj.weight"] = rnd(d, fs)
@@ -292,13 +310,16 @@ def forward(ids):
         a = torch.einsum("hqk,khd->qhd", s.softmax(-1), vv).reshape(n, H * hd)
         h = h + a @ w[p + "self_attn.o_proj.weight"].T
         x = rmsnorm(h, w[p + "post_attention_layernorm.weight"])
+        def swiglu(v, q_):
+            u = torch.nn.functional.silu(v @ w[q_ + proj[0] + ".weight"].T) * (v @ w[q_ + proj[1] + ".weight"].T)
+            return u @ w[q_ + proj[2] + ".weight"].T
+        if dense_layer(l):
+            h = h + swiglu(x, p + "mlp.")
+            continue
         probs = (x @ w[p + moe + ".gate.weight"].T).softmax(-1)
         top, sel = probs.topk(k, -1)
         if renorm:  # Mixtral and Qwen3-MoE renormalise the k weights; Qwen2-MoE and OLMoE do not
             top = top / top.sum(-1, keepdim=True)
-        def swiglu(v, q_):
-            u = torch.nn.functional.silu(v @ w[q_ + proj[0] + ".weight"].T) * (v @ w[q_ + proj[1] + ".weight"].T)
-            return u @ w[q_ + proj[2] + ".weight"].T
         y = torch.zeros_like(x)
         for t in range(n):
             for j in range(k):

@@ -74,6 +74,10 @@ done >>"$tmp/models.tsv"
   printf '%s\tBF16\t2\t%s\t300\n' "$tmp/mv" "$seed"
   printf '%s\tF32\t1\t%s\t300\tqwen2_moe\n' "$tmp/qv" "$seed"
   printf '%s\tF32\t1\t%s\t97\tqwen2_moe\t{"shared_expert_intermediate_size": 0, "mlp_only_layers": null}\n' "$tmp/q0" "$seed"
+  # dense layers: Qwen2-MoE's 1 of 3 (mlp_only_layers), Qwen3-MoE's 3 of 4 (decoder_sparse_step
+  # 2 and mlp_only_layers, with a number of no layer)
+  printf '%s\tF32\t1\t%s\t97\tqwen2_moe\t{"num_hidden_layers": 3, "mlp_only_layers": [1]}\n' "$tmp/qd" "$seed"
+  printf '%s\tBF16\t2\t%s\t97\tqwen3_moe\t{"num_hidden_layers": 4, "decoder_sparse_step": 2, "mlp_only_layers": [3, 9]}\n' "$tmp/q3d" "$seed"
 } >>"$tmp/models.tsv"
 /usr/bin/python3 "$src/tests/hf_models.py" --batch "$tmp/models.tsv" || fail "writing the models"
 set -f; IFS=$nl
@@ -317,6 +321,16 @@ for l in range(2):
     assert not np.frombuffer(b[8 + n + o[0]:8 + n + o[1]], np.float32).any()
 PY
 
+# Qwen's dense layers (mlp_only_layers, decoder_sparse_step): read as Hugging Face computes
+# them, and generated from
+for t in qd q3d; do
+  logits_match "$tmp/$t" "$t: dense layers"
+  "$moe" generate --model "$tmp/$t" --ids "$(cat "$tmp/$t/ids.txt")" --max-new-tokens 8 \
+    --temperature 0 >"$tmp/gen" 2>&1 || fail "$t generate: $(cat "$tmp/gen")"
+  [ "$(cat "$tmp/gen")" = "$(cat "$tmp/$t/greedy.txt")" ] ||
+    fail "$t greedy continuation $(cat "$tmp/gen"), reference $(cat "$tmp/$t/greedy.txt") (seed $seed)"
+done
+
 # export: moe convert --model DIR --to hf OUT writes the same tensors (as F32) under the same
 # names, and OUT gives bitwise the same logits
 cmp_tensors() { # cmp_tensors A B [rename]: every tensor of dir A equals dir B's (B: one file)
@@ -357,7 +371,7 @@ bad = [(k, v, b.get(k)) for k, v in a.items() if k != "torch_dtype" and b.get(k,
 assert not bad, bad
 PY
 }
-for t in mF32 mBF16 mF16 qF32 qBF16 q3F16 oBF16 d2F32 d3BF16 v5m v5d2; do # every family written as itself
+for t in mF32 mBF16 mF16 qF32 qBF16 q3F16 oBF16 d2F32 d3BF16 v5m v5d2 qd; do # every family written as itself
   "$moe" convert --model "$tmp/$t" --to hf "$tmp/x$t" >"$tmp/out" 2>&1 || fail "convert $t: $(cat "$tmp/out")"
   fam=$(sed -n 's/.*"model_type": *"\([a-z0-9_]*\)".*/\1/p' "$tmp/$t/config.json")
   grep -q "($fam, " "$tmp/out" || fail "convert $t: not written as $fam: $(cat "$tmp/out")"
@@ -368,6 +382,16 @@ for t in mF32 mBF16 mF16 qF32 qBF16 q3F16 oBF16 d2F32 d3BF16 v5m v5d2; do # ever
   same_config "$tmp/$t" "$tmp/x$t" || fail "convert $t changed config.json values"
 done
 cmp -s "$tmp/mF32/tokenizer.json" "$tmp/xmF32/tokenizer.json" || fail "convert did not copy tokenizer.json"
+# Qwen3-MoE's dense layers by decoder_sparse_step are written as mlp_only_layers, step 1
+"$moe" convert --model "$tmp/q3d" --to hf "$tmp/xq3d" >"$tmp/out" 2>&1 && cmp_tensors "$tmp/q3d" "$tmp/xq3d" ||
+  fail "convert q3d: $(cat "$tmp/out")"
+/usr/bin/python3 -c "
+import json, sys
+c = json.load(open(sys.argv[1] + '/config.json'))
+assert c['mlp_only_layers'] == [0, 2, 3] and c['decoder_sparse_step'] == 1, c" "$tmp/xq3d" ||
+  fail "q3d's dense layers written wrongly"
+"$moe" eval --model "$tmp/xq3d" --ids "$(cat "$tmp/q3d/ids.txt")" --dump-logits "$tmp/xq3d.npy" >"$tmp/out" 2>&1 &&
+  cmp -s "$tmp/xq3d.npy" "$tmp/q3d/out.npy" || fail "converted q3d: other logits"
 # the source's other config.json keys are kept (eos_token_id, 32768 positions though we plan 4096)
 sed -i 's/"max_position_embeddings": 128/"max_position_embeddings": 32768, "bos_token_id": 1/' "$tmp/mF16/config.json"
 "$moe" convert --model "$tmp/mF16" --to hf "$tmp/xpos" >"$tmp/out" 2>&1 || fail "convert 32768: $(cat "$tmp/out")"
@@ -442,6 +466,13 @@ for cmd in eval generate; do
 done
 # shellcheck disable=SC2086
 "$moe" train $tiny --moe-shared-expert-intermediate-size 8 --save "$tmp/run2" >"$tmp/out" 2>&1 || fail "train 2"
+# a dense layer: only the Qwen families have them
+# shellcheck disable=SC2086
+"$moe" train $tiny --train-iters 1 --moe-layer-freq "[0,1]" --save "$tmp/dl" >"$tmp/out" 2>&1 ||
+  fail "train a dense layer: $(tail -3 "$tmp/out")"
+"$moe" convert --load "$tmp/dl" --to hf "$tmp/xdl" >"$tmp/out" 2>&1 && fail "a dense layer converted"
+grep -q "^moe convert: no Hugging Face family takes this model: mixtral: every layer must be an MoE layer (dense layers are written as qwen2_moe and qwen3_moe); qwen2_moe: " "$tmp/out" ||
+  fail "dense layer message: $(cat "$tmp/out")"
 "$moe" convert --load "$tmp/run2" --to hf "$tmp/xrun2" >"$tmp/out" 2>&1 && fail "shared expert converted"
 grep -q "no shared expert" "$tmp/out" || fail "shared expert message: $(cat "$tmp/out")"
 [ ! -e "$tmp/xrun2" ] || fail "a refused conversion left a directory"
@@ -516,6 +547,16 @@ grep -aq "^note: the model takes the first 1 of the 2 layers of $tmp/mv (--num-l
   --data-path "$tmp/data" --train-iters 1 --lr 0 --min-lr 0 --save "$tmp/qft" >"$tmp/out" 2>&1 ||
   fail "init-from qwen2_moe: $(tail -3 "$tmp/out")"
 cmp_tensors "$tmp/qft/step-00000001" "$tmp/qv" || fail "init-from did not load the Qwen model's weights"
+# and from one with a dense layer: the run's checkpoint keeps it, and is written back as it was
+"$moe" train --init-from "$tmp/qd" --seq-length 8 --micro-batch-size 1 --global-batch-size 1 \
+  --data-path "$tmp/catdata" --train-iters 1 --lr 0 --min-lr 0 --save "$tmp/qdft" >"$tmp/out" 2>&1 ||
+  fail "init-from qwen2_moe with a dense layer: $(tail -3 "$tmp/out")"
+grep -aq "moe train: 3 layers (2 MoE)" "$tmp/out" || fail "not the model's layers: $(head -3 "$tmp/out")"
+"$moe" train --init-from "$tmp/qd" --seq-length 8 --micro-batch-size 1 --global-batch-size 1 \
+  --data-path "$tmp/catdata" --train-iters 1 --num-layers 2 >"$tmp/out" 2>&1 &&
+  grep -aq "moe train: 2 layers (1 MoE)" "$tmp/out" || fail "the first 2 layers of qd: $(head -3 "$tmp/out")"
+"$moe" convert --load "$tmp/qdft" --to hf "$tmp/xqdft" >"$tmp/out" 2>&1 && cmp_tensors "$tmp/qd" "$tmp/xqdft" ||
+  fail "qwen2_moe with a dense layer, fine-tuned at lr 0 and converted: $(cat "$tmp/out")"
 # our Qwen2-MoE-shaped checkpoint (q/k/v biases, gated shared expert) is written as qwen2_moe
 "$moe" convert --load "$tmp/qft" --to hf "$tmp/xq" >"$tmp/out" 2>&1 || fail "convert qwen run: $(cat "$tmp/out")"
 grep -q "(qwen2_moe, " "$tmp/out" || fail "qwen run not written as qwen2_moe: $(cat "$tmp/out")"
@@ -611,6 +652,8 @@ refused "$tmp/mF32" "c['max_position_embeddings'] = 32768; c['sliding_window'] =
 refused "$tmp/mF32" "del c['max_position_embeddings']; c['sliding_window'] = 32768" \
   'sliding_window 32768 (below max_position_embeddings 131072)'
 refused "$tmp/qF32" "c['qkv_bias'] = False" 'qkv_bias false is not supported for qwen2_moe'
+refused "$tmp/qF32" "c['use_sliding_window'] = True" 'sliding-window attention (use_sliding_window) is not supported'
+refused "$tmp/q3F16" "c['mlp_only_layers'] = ['1']" 'mlp_only_layers must be a list of layer numbers'
 refused "$tmp/d3BF16" "c['scoring_func'] = 'softmax'" \
   'deepseek_v3 routes with sigmoid scores and noaux_tc in Hugging Face, not scoring_func "softmax"'
 refused "$tmp/d2F32" "c['scoring_func'] = 'sigmoid'" 'deepseek_v2 routes with softmax scores'

@@ -181,17 +181,30 @@ static moe_status get_norm_topk(const cJSON *j, int def, moe_model_config *c) {
     return MOE_OK;
 }
 
-/* Dense layers in between (decoder_sparse_step > 1, mlp_only_layers) and sliding windows are
- * refused: the Qwen families' common checks. */
-static moe_status qwen_layout(const cJSON *j) {
+/* The Qwen families' layers: layer l is an MoE layer unless mlp_only_layers holds l or
+ * (l + 1) % decoder_sparse_step != 0 (transformers' Qwen2Moe/Qwen3MoeDecoderLayer), else a
+ * dense MLP intermediate_size wide. Sliding-window attention is refused. */
+static moe_status qwen_layout(const cJSON *j, moe_model_config *c) {
     int step, window = 0;
     MOE_TRY(get_bool(j, "use_sliding_window", 0, &window));
+    if (window)
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: sliding-window attention "
+                             "(use_sliding_window) is not supported");
     MOE_TRY(get_int(j, "decoder_sparse_step", 1, 1 << 16, 1, &step));
-    const cJSON *dense = cJSON_GetObjectItemCaseSensitive(j, "mlp_only_layers");
-    if (cJSON_IsNull(dense)) dense = NULL; /* transformers: None is [] */
-    if (window || step != 1 || (dense && (!cJSON_IsArray(dense) || cJSON_GetArraySize(dense))))
-        return moe_set_error(MOE_ERR_FORMAT, "config.json: sliding-window attention, "
-                             "decoder_sparse_step > 1 and mlp_only_layers are not supported");
+    for (int l = 0; l < c->n_layers; l++)
+        c->n_experts[l] = (l + 1) % step ? MOE_LAYER_DENSE : 0;
+    const cJSON *dense = cJSON_GetObjectItemCaseSensitive(j, "mlp_only_layers"), *x;
+    if (cJSON_IsNull(dense)) return MOE_OK; /* transformers: None is [] */
+    if (dense && !cJSON_IsArray(dense))
+        return moe_set_error(MOE_ERR_FORMAT, "config.json: mlp_only_layers must be a list of "
+                             "layer numbers");
+    cJSON_ArrayForEach(x, dense) { /* numbers of no layer match none, as in transformers */
+        if (!cJSON_IsNumber(x) || x->valuedouble != floor(x->valuedouble))
+            return moe_set_error(MOE_ERR_FORMAT, "config.json: mlp_only_layers must be a list "
+                                 "of layer numbers");
+        if (x->valuedouble >= 0 && x->valuedouble < c->n_layers)
+            c->n_experts[(int)x->valuedouble] = MOE_LAYER_DENSE;
+    }
     return MOE_OK;
 }
 
@@ -208,7 +221,7 @@ static moe_status no_attention_bias(const cJSON *j) {
  * false, as Qwen3MoeConfig has it; the published models set it true). */
 static moe_status parse_qwen3_moe(const cJSON *j, moe_model_config *c, const hf_family *f) {
     MOE_TRY(parse_common(j, c, f, "moe_intermediate_size", "num_experts"));
-    MOE_TRY(qwen_layout(j));
+    MOE_TRY(qwen_layout(j, c));
     MOE_TRY(no_attention_bias(j));
     MOE_TRY(get_norm_topk(j, 0, c));
     MOE_TRY(get_int(j, "intermediate_size", 1, 1 << 24, c->moe.ffn, &c->ffn));
@@ -234,7 +247,7 @@ static moe_status parse_olmoe(const cJSON *j, moe_model_config *c, const hf_fami
 static moe_status parse_qwen2_moe(const cJSON *j, moe_model_config *c, const hf_family *f) {
     int bias = 1;
     MOE_TRY(parse_common(j, c, f, "moe_intermediate_size", "num_experts"));
-    MOE_TRY(qwen_layout(j));
+    MOE_TRY(qwen_layout(j, c));
     MOE_TRY(get_bool(j, "qkv_bias", 1, &bias));
     if (!bias)
         return moe_set_error(MOE_ERR_FORMAT, "config.json: qkv_bias false is not supported "
@@ -623,7 +636,9 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
     else if (c->rope_factor != 1)
         bad = "YaRN (--rotary-scaling-factor, --original-max-position-embeddings) is only "
               "written as deepseek_v2 or deepseek_v3";
-    else if (c->first_k_dense || c->moe_layer_freq != 1) bad = "every layer must be an MoE layer";
+    else if (!(qwen2 || qwen3) && (c->first_k_dense || c->moe_layer_freq != 1))
+        bad = "every layer must be an MoE layer (dense layers are written as qwen2_moe and "
+              "qwen3_moe)";
     else if (m->act != MOE_ACT_SWIGLU) bad = "the experts must use swiglu";
     else if (m->router != MOE_ROUTER_TOPK || m->score != MOE_SCORE_SOFTMAX)
         bad = "the router must be top-k over softmax scores";
@@ -640,8 +655,12 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
               "are needed" : "no q/k norms";
     else if ((qwen2 || olmoe) && !plain_heads) bad = "heads must be hidden size / heads wide";
     else if (drops_in_inference(m)) bad = DROPS_WHY;
-    for (int l = 0; !bad && l < c->n_layers; l++)
-        if (moe_model_layer_experts(c, l) != m->n_experts) bad = "every layer needs num-experts";
+    for (int l = 0; !bad && l < c->n_layers; l++) { /* Qwen's mlp_only_layers: dense ones */
+        int e = moe_model_layer_experts(c, l);
+        if (e ? e != m->n_experts : !(qwen2 || qwen3))
+            bad = e ? "every MoE layer needs num-experts" : "every layer must be an MoE layer "
+                  "(dense layers are written as qwen2_moe and qwen3_moe)";
+    }
     if (bad) snprintf(why, cap, "%s", bad);
     return bad == NULL;
 }
@@ -809,7 +828,10 @@ static cJSON *family_config(const moe_model_config *c, const char *family, int s
         set_number(j, "intermediate_size", c->ffn);
         set_number(j, "decoder_sparse_step", 1);
         cJSON_DeleteItemFromObjectCaseSensitive(j, "mlp_only_layers");
-        cJSON_AddArrayToObject(j, "mlp_only_layers");
+        cJSON *dense = cJSON_AddArrayToObject(j, "mlp_only_layers");
+        for (int l = 0; dense && l < c->n_layers; l++)
+            if (!moe_model_layer_experts(c, l))
+                cJSON_AddItemToArray(dense, cJSON_CreateNumber(l));
         set_bool(j, "use_sliding_window", 0);
     }
     if (qwen2) set_number(j, "shared_expert_intermediate_size", m->shared_ffn);
@@ -879,7 +901,7 @@ moe_status moe_hf_save(const char *dir, const char *family, moe_model *m, const 
                                         "shared_expert.down_proj", "shared_expert_gate"};
     const int64_t rows[] = {0, 0, c->d, 1}, cols[] = {c->d, c->d, 0, c->d};
     for (int l = 0; s == MOE_OK && qwen2 && !c->moe.shared_ffn && l < c->n_layers; l++)
-        for (int i = 0; i < 4; i++, n++) {
+        for (int i = 0; i < 4 && moe_model_layer_experts(c, l); i++, n++) {
             snprintf(names[n], sizeof names[n], "model.layers.%d.mlp.%s.weight", l, empty[i]);
             e[n] = (moe_st_entry){names[n], MOE_DT_F32, 2, {rows[i], cols[i]}, zeros};
         }
