@@ -321,6 +321,11 @@ static void test_finish_combinations(void **state) {
     const char *gqa[] = {"--num-attention-heads", "4", "--num-query-groups", "3"};
     assert_int_equal(parse(&o, gqa, 4), MOE_OK);
     expect_error(moe_options_finish(&o, MOE_OPTIONS_MODEL), "num-query-groups (3) must divide num-attention-heads (4)");
+    /* not given: every head its own keys and values (Megatron without --group-query-attention) */
+    const char *mha[] = {"--num-attention-heads", "6", "--hidden-size", "96"};
+    assert_int_equal(parse(&o, mha, 4), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL), MOE_OK);
+    assert_int_equal(o.model.n_kv_heads, 6);
 
     const char *gbs[] = {"--micro-batch-size", "4", "--global-batch-size", "10"};
     assert_int_equal(parse(&o, gbs, 4), MOE_OK);

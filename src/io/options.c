@@ -256,8 +256,9 @@ static const opt_def opts[] = {
     {"num-layers", "num-hidden-layers", OPT_INT, M(n_layers), 1, MOE_MAX_LAYERS, NULL, MODEL,
      "transformer blocks L", 0},
     {"num-attention-heads", NULL, OPT_INT, M(n_heads), 1, BIG, NULL, MODEL, "attention heads H", 0},
-    {"num-query-groups", "num-key-value-heads", OPT_INT, M(n_kv_heads), 1, BIG, NULL, MODEL,
-     "key/value heads (grouped-query attention)", 0},
+    {"num-query-groups", "num-key-value-heads", OPT_INT, M(n_kv_heads), 0, BIG, NULL, MODEL,
+     "key/value heads (grouped-query attention; 0 = num-attention-heads, as Megatron without "
+     "--group-query-attention)", 0},
     {"ffn-hidden-size", "intermediate-size inter-dim", OPT_INT, M(ffn), 1, BIG, NULL, MODEL,
      "hidden size of the dense FFN layers", 0},
     {"seq-length", NULL, OPT_INT, M(seq_len), 1, BIG, NULL, MODEL, "sequence length S", 0},
@@ -462,6 +463,7 @@ void moe_options_default(moe_options *o) {
     o->lb_list = (moe_opt_ints){1, {o->layer.lb_type}};
     o->aux_list = (moe_opt_floats){1, {o->layer.aux_coeff}};
     o->n_experts_list = 1;
+    o->model.n_kv_heads = 0; /* num-attention-heads */
     o->keep_last = 3;
     o->mg_tp = o->mg_pp = 1;
     o->max_new_tokens = 200;
@@ -1314,6 +1316,7 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     int router_given = given(o, L(router));
     MOE_TRY(set_balancing(o));
     if (parts & MOE_OPTIONS_MODEL) MOE_TRY(set_layer_kinds(o));
+    if (!o->model.n_kv_heads) o->model.n_kv_heads = o->model.n_heads;
     /* Megatron's --swiglu and --disable-bias-linear: what moe.c does unless told otherwise */
     if (given(o, O(mg_swiglu)) && o->mg_swiglu && c->act != MOE_ACT_SWIGLU) {
         if (given(o, L(act)))
