@@ -631,8 +631,7 @@ static moe_status set_experts(moe_options *o, const opt_def *d, const char *v, c
         size_t gap = strspn(end, " \t");
         if (end == s || errno || (end[gap] && end[gap] != ',' && !gap))
             return moe_set_error(MOE_ERR_INVALID, "%s: expected an integer or a list of them "
-                                 "(commas or blanks), got '%s'",
-                                 where, v);
+                                 "(commas or blanks), got '%s'", where, v);
         if (x < d->lo || x > d->hi)
             return moe_set_error(MOE_ERR_INVALID, "%s: %ld is out of range [%.0f, %.0f]", where,
                                  x, d->lo, d->hi);
