@@ -555,6 +555,11 @@ grep -aq "moe train: 3 layers (2 MoE)" "$tmp/out" || fail "not the model's layer
 "$moe" train --init-from "$tmp/qd" --seq-length 8 --micro-batch-size 1 --global-batch-size 1 \
   --data-path "$tmp/catdata" --train-iters 1 --num-layers 2 >"$tmp/out" 2>&1 &&
   grep -aq "moe train: 2 layers (1 MoE)" "$tmp/out" || fail "the first 2 layers of qd: $(head -3 "$tmp/out")"
+# the first layer of Qwen3-MoE's q3d alone is dense: its checkpoint reads back as that model
+"$moe" train --init-from "$tmp/q3d" --seq-length 8 --micro-batch-size 1 --global-batch-size 1 \
+  --data-path "$tmp/catdata" --train-iters 1 --num-layers 1 --save "$tmp/q3d1" >"$tmp/out" 2>&1 &&
+  grep -aq "moe train: 1 layers (0 MoE)" "$tmp/out" || fail "the first layer of q3d: $(head -3 "$tmp/out")"
+"$moe" eval --load "$tmp/q3d1" --data-path "$tmp/catdata/train.bin" >"$tmp/out" 2>&1 || fail "eval of q3d's first layer: $(cat "$tmp/out")"
 "$moe" convert --load "$tmp/qdft" --to hf "$tmp/xqdft" >"$tmp/out" 2>&1 && cmp_tensors "$tmp/qd" "$tmp/xqdft" ||
   fail "qwen2_moe with a dense layer, fine-tuned at lr 0 and converted: $(cat "$tmp/out")"
 # our Qwen2-MoE-shaped checkpoint (q/k/v biases, gated shared expert) is written as qwen2_moe

@@ -414,18 +414,18 @@ int moe_cli_options(moe_options *o, const char *cmd, int argc, char **argv, char
         if (moe_hf_config(o->init_from, &c, family, sizeof family) != MOE_OK) return 1;
         moe_options_default(o);
         o->model = c;
-        /* dense layers between MoE ones (Qwen's mlp_only_layers) as a num-experts list, which
-         * the run's checkpoints keep */
+        /* dense layers between MoE ones (Qwen's mlp_only_layers) as moe-layer-freq's pattern,
+         * which the run's checkpoints keep */
         for (int l = 0; l < c.n_layers; l++)
-            if (c.n_experts[l]) o->n_experts_list = c.n_layers;
-        for (int l = 0; o->n_experts_list > 1 && l < c.n_layers; l++)
-            if (!o->model.n_experts[l]) o->model.n_experts[l] = c.moe.n_experts;
+            if (c.n_experts[l] == MOE_LAYER_DENSE) o->freq_pattern_n = c.n_layers;
+        for (int l = 0; l < o->freq_pattern_n; l++)
+            o->freq_pattern[l] = c.n_experts[l] != MOE_LAYER_DENSE;
         if (o->model.seq_len > MOE_HF_WINDOW) o->model.seq_len = MOE_HF_WINDOW;
         o->layer = c.moe;
         o->untie = !c.tie_embeddings;
         if (moe_options_parse_args(o, argc, argv, use) != MOE_OK) return 2;
-        if (!moe_options_given(o, "num-experts") && o->n_experts_list > o->model.n_layers)
-            o->n_experts_list = o->model.n_layers; /* --num-layers: the first ones */
+        if (!moe_options_given(o, "moe-layer-freq") && o->freq_pattern_n > o->model.n_layers)
+            o->freq_pattern_n = o->model.n_layers; /* --num-layers: the first ones */
     }
     /* the schedule's and the router's training checks are for training: eval, generate and
      * convert take a checkpoint's global batch, or its router at another top-k, as they are */
