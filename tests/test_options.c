@@ -326,6 +326,15 @@ static void test_finish_combinations(void **state) {
     assert_int_equal(parse(&o, mha, 4), MOE_OK);
     assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL), MOE_OK);
     assert_int_equal(o.model.n_kv_heads, 6);
+    const char *gqa1[] = {"--num-attention-heads", "6", "--hidden-size", "96",
+                          "--group-query-attention"};
+    assert_int_equal(parse(&o, gqa1, 5), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL), MOE_OK);
+    assert_int_equal(o.model.n_kv_heads, 1); /* Megatron's default of num-query-groups */
+    gqa1[4] = "--num-query-groups=3";
+    assert_int_equal(parse(&o, gqa1, 5), MOE_OK);
+    assert_int_equal(moe_options_finish(&o, MOE_OPTIONS_MODEL), MOE_OK);
+    assert_int_equal(o.model.n_kv_heads, 3);
 
     const char *gbs[] = {"--micro-batch-size", "4", "--global-batch-size", "10"};
     assert_int_equal(parse(&o, gbs, 4), MOE_OK);

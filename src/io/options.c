@@ -257,8 +257,8 @@ static const opt_def opts[] = {
      "transformer blocks L", 0},
     {"num-attention-heads", NULL, OPT_INT, M(n_heads), 1, BIG, NULL, MODEL, "attention heads H", 0},
     {"num-query-groups", "num-key-value-heads", OPT_INT, M(n_kv_heads), 0, BIG, NULL, MODEL,
-     "key/value heads (grouped-query attention; 0 = num-attention-heads, as Megatron without "
-     "--group-query-attention)", 0},
+     "key/value heads (grouped-query attention; 0 = num-attention-heads, or 1 with "
+     "group-query-attention, as Megatron)", 0},
     {"ffn-hidden-size", "intermediate-size inter-dim", OPT_INT, M(ffn), 1, BIG, NULL, MODEL,
      "hidden size of the dense FFN layers", 0},
     {"seq-length", NULL, OPT_INT, M(seq_len), 1, BIG, NULL, MODEL, "sequence length S", 0},
@@ -411,10 +411,11 @@ static const opt_def opts[] = {
      "Megatron's: dropout of the attention probabilities (0 only: no dropout)", 1},
     {"hidden-dropout", NULL, OPT_FLOAT, O(mg_hidden_dropout), 0, 0, NULL, MODEL,
      "Megatron's: dropout of the hidden states (0 only: no dropout)", 1},
-    {"no-position-embedding", "use-mcore-models group-query-attention no-masked-softmax-fusion",
+    {"no-position-embedding", "use-mcore-models no-masked-softmax-fusion",
      OPT_BOOL, O(mg_noop), 0, 1, NULL, MODEL, "Megatron's, accepted with no effect: no learned "
-     "position table (rotary embeddings), the model classes, query groups (num-query-groups "
-     "sets them), the fused softmax", 1},
+     "position table (rotary embeddings), the model classes, the fused softmax", 1},
+    {"group-query-attention", NULL, OPT_BOOL, O(mg_gqa), 0, 1, NULL, MODEL, "Megatron's: "
+     "num-query-groups not given is 1 (its default), not num-attention-heads", 1},
     {"moe-grouped-gemm", "use-distributed-optimizer sequence-parallel moe-per-layer-logging",
      OPT_BOOL, O(mg_noop), 0, 1, NULL, TRAIN, "Megatron's, accepted with no effect on the "
      "results: the expert GEMMs are always grouped; the Adam state is not sharded over the "
@@ -1315,7 +1316,7 @@ moe_status moe_options_finish(moe_options *o, int parts) {
     int router_given = given(o, L(router));
     MOE_TRY(set_balancing(o));
     if (parts & MOE_OPTIONS_MODEL) MOE_TRY(set_layer_kinds(o));
-    if (!o->model.n_kv_heads) o->model.n_kv_heads = o->model.n_heads;
+    if (!o->model.n_kv_heads) o->model.n_kv_heads = o->mg_gqa ? 1 : o->model.n_heads;
     /* Megatron's --swiglu and --disable-bias-linear: what moe.c does unless told otherwise */
     if (given(o, O(mg_swiglu)) && o->mg_swiglu && c->act != MOE_ACT_SWIGLU) {
         if (given(o, L(act)))

@@ -75,6 +75,7 @@ typedef struct {
     /* Megatron's flags for what moe.c always does: accepted as a script gives them, checked
      * (mg_swiglu, mg_no_bias: moe-activation and moe-expert-linear-bias by finish) */
     int mg_swiglu, mg_no_bias, mg_norm, mg_pos, mg_tp, mg_pp, mg_noop;
+    int mg_gqa; /* group-query-attention: num-query-groups not given is 1, Megatron's default */
     float mg_attn_dropout, mg_hidden_dropout;
 
     /* moe generate */
