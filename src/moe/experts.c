@@ -190,8 +190,7 @@ void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, co
 
 void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
                       const float *w_out, const float *b_out, const float *w, int w_on_input,
-                      const float *h,
-                      const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
+                      const float *h, const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
                       float *dw_out, float *db_out, double *dw, float *dh, float *da,
                       double *t_act, const moe_mlp_bf16 *b16, int part) {
     if (n <= 0) return;

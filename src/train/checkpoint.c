@@ -700,34 +700,45 @@ static moe_status dense_slices(ckpt_reader *r, const moe_model_config *c, int l,
     return MOE_OK;
 }
 
+/* The dense gate, up and down tensors last read: a layer's experts all slice the same ones. */
+typedef struct {
+    const moe_st_tensor *t[3]; /* the tensor each buf holds */
+    float *buf[3];
+    size_t cap[3];
+} dense_cache;
+
 /* Expert e's tensor ti (projection proj of MoE layer l) into dst: its slice of the dense one,
- * read whole into *buf (grown to *cap floats). */
+ * read whole into the cache once. */
 static moe_status upcycle_expert(ckpt_reader *r, const moe_model_config *c, int l, int e,
                                  const char *proj, const moe_tensor_info *ti, float *dst,
-                                 float **buf, size_t *cap) {
+                                 dense_cache *cache) {
     moe_safetensors *st = NULL;
     const moe_st_tensor *t;
     int64_t G;
     MOE_TRY(dense_slices(r, c, l, proj, ti, &st, &t, &G));
-    if (t->numel > *cap) {
-        float *p = realloc(*buf, sizeof(float) * t->numel);
-        if (!p) return moe_set_error(MOE_ERR_NOMEM, "out of memory for %s", t->name);
-        *buf = p, *cap = t->numel;
+    int down = !strcmp(proj, "down"), k = down ? 2 : !strcmp(proj, "up");
+    if (cache->t[k] != t) {
+        if (t->numel > cache->cap[k]) {
+            float *p = realloc(cache->buf[k], sizeof(float) * t->numel);
+            if (!p) return moe_set_error(MOE_ERR_NOMEM, "out of memory for %s", t->name);
+            cache->buf[k] = p, cache->cap[k] = t->numel;
+        }
+        cache->t[k] = NULL;
+        MOE_TRY(moe_st_get_f32(st, t->name, 2, t->shape, cache->buf[k]));
+        cache->t[k] = t;
     }
-    moe_status s = moe_st_get_f32(st, t->name, 2, t->shape, *buf);
-    if (s != MOE_OK) return s;
+    const float *buf = cache->buf[k];
     const moe_layer_config *lc = &c->moe;
     int cube = moe_act_gated(lc->act) || lc->act == MOE_ACT_RELU2; /* degree 3 in the weights */
     double grow = lc->pre_softmax ? (double)moe_model_layer_experts(c, l) * (double)G / lc->topk
                                : (double)G;
     float scale = (float)pow(grow, cube ? 1.0 / 3 : 0.5);
-    int down = !strcmp(proj, "down");
     /* gate, up: rows [at, at + f) of [F, d]; down: columns [at, at + f) of [d, F] */
     int64_t rows = ti->shape[0], cols = ti->shape[1], at = (e % G) * ti->shape[down];
     for (int64_t i = 0; i < rows; i++)
         for (int64_t j = 0; j < cols; j++)
-            dst[i * cols + j] = scale * (down ? (*buf)[i * t->shape[1] + at + j]
-                                              : (*buf)[(at + i) * cols + j]);
+            dst[i * cols + j] = scale * (down ? buf[i * t->shape[1] + at + j]
+                                              : buf[(at + i) * cols + j]);
     return MOE_OK;
 }
 
@@ -743,8 +754,8 @@ moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m, moe_trainer *t
                           "have (upcycling reads a dense checkpoint's tensors of the same names, "
                           "and the dense MLPs of the layers that become MoE layers)"));
     moe_status s = MOE_OK;
-    float *p = moe_model_params(m), *buf = NULL;
-    size_t cap = 0;
+    float *p = moe_model_params(m);
+    dense_cache cache = {{NULL}, {NULL}, {0}};
     for (int i = 0; s == MOE_OK && i < moe_model_n_tensors(m); i++) {
         const moe_tensor_info *ti = moe_model_tensor(m, i);
         float *dst = p + ti->offset;
@@ -753,7 +764,7 @@ moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m, moe_trainer *t
         char proj[8];
         if (sscanf(ti->name, "model.layers.%d.mlp.experts.%lld.%7[a-z]_proj.weight%n", &l, &e,
                    proj, &n) == 3 && !ti->name[n]) {
-            s = upcycle_expert(&r, c, l, (int)e, proj, ti, dst, &buf, &cap);
+            s = upcycle_expert(&r, c, l, (int)e, proj, ti, dst, &cache);
         } else if (sscanf(ti->name, "model.layers.%d.mlp.gate.weight%n", &l, &n) == 1 &&
                    !ti->name[n]) { /* row r of the initial ones for experts rG .. rG + G - 1 */
             moe_safetensors *st = NULL;
@@ -768,7 +779,7 @@ moe_status moe_checkpoint_upcycle(const char *ckpt, moe_model *m, moe_trainer *t
         }
     }
     if (s == MOE_OK && t) s = load_progress(&r, t, 0);
-    free(buf);
+    for (int k = 0; k < 3; k++) free(cache.buf[k]);
     reader_close(&r);
     return s;
 }
