@@ -4,6 +4,7 @@
 
 #include "core/core.h"
 #include "io/data.h"
+#include "io/gguf.h"
 #include "io/hf.h"
 #include "io/tokenizer.h"
 #include "train/trainer.h"
@@ -277,22 +278,68 @@ static moe_status copy_tokenizer(const char *model_dir, int vocab, const char *o
     return MOE_OK;
 }
 
-/* moe convert (--load RUN | --model DIR) --to hf OUT_DIR */
+/* The last part of a path without a trailing slash (a model's or run's name). */
+static void base_name(const char *path, char *out, size_t cap) {
+    size_t n = strlen(path);
+    while (n > 1 && path[n - 1] == '/') n--;
+    size_t b = n;
+    while (b > 0 && path[b - 1] != '/') b--;
+    snprintf(out, cap, "%.*s", (int)(n - b), path + b);
+}
+
+/* moe convert ... --to gguf OUT.gguf: the model m of family (from o's --model or a run) as
+ * llama.cpp's file; positions: the model's. */
+static int convert_gguf(const moe_options *o, moe_model *m, const char *family, int positions,
+                        const char *out, int type) {
+    const moe_model_config *c = moe_model_get_config(m);
+    char tok[MOE_PATH_MAX + 32], name[256];
+    int32_t eos[64];
+    moe_gguf_meta meta = {name, positions, NULL, 0, eos, 0, (moe_gguf_type)type};
+    base_name(o->hf_model[0] ? o->hf_model : o->load, name, sizeof name);
+    moe_status s = MOE_OK;
+    if (o->hf_model[0]) {
+        snprintf(tok, sizeof tok, "%s/tokenizer.json", o->hf_model);
+        if (moe_file_exists(o->hf_model, "tokenizer.json")) meta.tokenizer_path = tok;
+        s = moe_hf_eos(o->hf_model, 1, eos, 64, &meta.n_eos);
+    } else {
+        meta.bytes = c->vocab == MOE_BYTE_VOCAB;
+    }
+    if (s == MOE_OK) s = moe_gguf_save(out, family, m, &meta);
+    if (s != MOE_OK) {
+        fprintf(stderr, "moe convert: %s\n", moe_last_error());
+        return 1;
+    }
+    printf("wrote %s (llama.cpp's %s, %s, %zu parameters)", out, moe_gguf_arch(family),
+           type == MOE_GGUF_F32 ? "f32" : type == MOE_GGUF_F16 ? "f16" : "bf16",
+           moe_model_param_count(m));
+    if (meta.tokenizer_path || meta.bytes)
+        printf(", the vocabulary of %s\n", meta.bytes ? "bytes" : meta.tokenizer_path);
+    else
+        printf("; no tokenizer.json, so no vocabulary: llama.cpp runs it on token ids\n");
+    return 0;
+}
+
+/* moe convert (--load RUN | --model DIR) (--to hf OUT_DIR | --to gguf OUT.gguf [--outtype
+ * f32|f16|bf16]) */
 int moe_cmd_convert(int argc, char **argv) {
-    const char *to = NULL, *out = NULL; /* "--to hf OUT_DIR" */
+    const char *to = NULL, *out = NULL, *outtype = "f32";
     char **rest = malloc(sizeof(char *) * (size_t)(argc + 1));
     int n = 0;
     for (int a = 0; rest && a < argc; a++) {
-        if (strcmp(argv[a], "--to")) {
+        if (!strcmp(argv[a], "--outtype")) {
+            outtype = a + 1 < argc ? argv[++a] : "";
+        } else if (!strcmp(argv[a], "--to")) {
+            to = a + 1 < argc ? argv[++a] : NULL;
+            out = a + 1 < argc && strncmp(argv[a + 1], "--", 2) ? argv[++a] : NULL;
+        } else {
             rest[n++] = argv[a];
-            continue;
         }
-        to = a + 1 < argc ? argv[++a] : NULL;
-        out = a + 1 < argc && strncmp(argv[a + 1], "--", 2) ? argv[++a] : NULL;
     }
-    if (!rest || !to || strcmp(to, "hf") || !out) {
-        fprintf(stderr, "moe convert: usage: moe convert (--load RUN | --model DIR) --to hf "
-                        "OUT_DIR\n");
+    int gguf = to && !strcmp(to, "gguf"), type = moe_gguf_type_of(outtype);
+    if (!rest || !to || (!gguf && strcmp(to, "hf")) || !out || type < 0 ||
+        (!gguf && type != MOE_GGUF_F32)) {
+        fprintf(stderr, "moe convert: usage: moe convert (--load RUN | --model DIR) (--to hf "
+                        "OUT_DIR | --to gguf OUT.gguf [--outtype f32|f16|bf16])\n");
         free(rest);
         return 2;
     }
@@ -308,7 +355,12 @@ int moe_cmd_convert(int argc, char **argv) {
     if (moe_cli_cpu_only(&o, "convert") || moe_cli_hf_flags(&o, "convert")) return 2;
     moe_model_config c = o.model;
     moe_status s = MOE_OK;
-    const char *run = moe_checkpoint_run_marker(out);
+    struct stat sb;
+    if (gguf && stat(out, &sb) == 0) {
+        fprintf(stderr, "moe convert: %s already exists: write the GGUF file to a new path\n", out);
+        return 2;
+    }
+    const char *run = gguf ? NULL : moe_checkpoint_run_marker(out);
     if (run) { /* a model there would hide the run's checkpoints from --load */
         fprintf(stderr, "moe convert: %s holds a moe run or checkpoint (%s): write the Hugging "
                         "Face model to a directory of its own\n", out, run);
@@ -318,7 +370,7 @@ int moe_cmd_convert(int argc, char **argv) {
      * that would be overwritten or left beside a model they do not belong to) */
     const char *model_files[] = {"config.json", "model.safetensors",
                                  "model.safetensors.index.json"};
-    for (size_t i = 0; i < 3 + sizeof tokenizer_files / sizeof *tokenizer_files; i++) {
+    for (size_t i = 0; !gguf && i < 3 + sizeof tokenizer_files / sizeof *tokenizer_files; i++) {
         const char *f = i < 3 ? model_files[i] : tokenizer_files[i - 3];
         if (moe_file_exists(out, f)) {
             fprintf(stderr, "moe convert: %s already holds %s%s: write the Hugging Face model to "
@@ -340,12 +392,24 @@ int moe_cmd_convert(int argc, char **argv) {
         }
         snprintf(family, sizeof family, "%s", f);
     }
+    char why[256];
+    if (s == MOE_OK && gguf && !moe_gguf_compatible(&c, family, why, sizeof why)) {
+        fprintf(stderr, "moe convert: cannot write llama.cpp's GGUF of this %s model: %s\n",
+                family, why);
+        return 2;
+    }
     /* a model directory's positions plan no memory here (its config.json keeps them) */
+    int positions = c.seq_len;
     if (o.hf_model[0] && c.seq_len > MOE_HF_WINDOW) c.seq_len = MOE_HF_WINDOW;
     if (s == MOE_OK) s = moe_model_create_inference(&c, 1, &m);
     if (s == MOE_OK)
         s = o.hf_model[0] ? moe_hf_load(o.hf_model, family, m)
                           : moe_checkpoint_load(ckpt, m, NULL, 0);
+    if (s == MOE_OK && gguf) {
+        rc = convert_gguf(&o, m, family, positions, out, type);
+        moe_model_destroy(m);
+        return rc;
+    }
     if (s == MOE_OK) s = moe_hf_save(out, family, m, o.hf_model[0] ? o.hf_model : NULL);
     int copied = 0;
     if (s == MOE_OK) s = copy_tokenizer(o.hf_model, c.vocab, out, &copied);

@@ -74,6 +74,8 @@ static void usage(FILE *f) {
                "            the text of token ids, by the directory's tokenizer.json\n"
                "  convert (--load RUN | --model DIR) --to hf OUT_DIR   write a model in the\n"
                "            Hugging Face layout of its family (config.json, model.safetensors)\n"
+               "  convert (--load RUN | --model DIR) --to gguf OUT.gguf [--outtype f32|f16|bf16]\n"
+               "            write a model as llama.cpp's GGUF file of its family's architecture\n"
                "  inspect FILE|RUN   tensors and metadata of a safetensors file or checkpoint\n"
                "  report RUN  write RUN/report.html: losses, expert load, topics x experts\n"
                "  bench layer|train [options] [--json]   the layer's speed per stage, or\n"

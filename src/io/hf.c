@@ -557,8 +557,7 @@ moe_status moe_hf_load(const char *dir, const char *family, moe_model *m) {
     return st;
 }
 
-/* Whether the top-k weights are renormalised (softmax over the k logits is the same). */
-static int renormalised(const moe_layer_config *m) {
+int moe_hf_renormalised(const moe_layer_config *m) {
     return !m->pre_softmax || m->norm_topk == MOE_NORM_ON;
 }
 
@@ -642,7 +641,7 @@ int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, 
     else if (m->act != MOE_ACT_SWIGLU) bad = "the experts must use swiglu";
     else if (m->router != MOE_ROUTER_TOPK || m->score != MOE_SCORE_SOFTMAX)
         bad = "the router must be top-k over softmax scores";
-    else if (mixtral && !renormalised(m)) bad = "the top-k weights must be renormalised";
+    else if (mixtral && !moe_hf_renormalised(m)) bad = "the top-k weights must be renormalised";
     else if (m->route_scale != 1.0f || m->n_groups > 1 || m->enable_expert_bias)
         bad = "no scaling factor, expert groups or expert bias";
     else if (m->residual || m->expert_bias) bad = "no Residual-MoE or expert biases";
@@ -836,7 +835,7 @@ static cJSON *family_config(const moe_model_config *c, const char *family, int s
     }
     if (qwen2) set_number(j, "shared_expert_intermediate_size", m->shared_ffn);
     if (!mixtral) {
-        set_bool(j, "norm_topk_prob", renormalised(m));
+        set_bool(j, "norm_topk_prob", moe_hf_renormalised(m));
         if (!qwen2) set_bool(j, "attention_bias", 0);
     }
     set_string(j, "hidden_act", "silu");

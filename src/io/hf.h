@@ -28,6 +28,9 @@ void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t 
  * shapes checked; nothing changes in m on failure. */
 moe_status moe_hf_load(const char *dir, const char *family, moe_model *m);
 
+/* Whether the layer's top-k weights are renormalised (the softmax over the k logits is the
+ * same). */
+int moe_hf_renormalised(const moe_layer_config *m);
 /* Whether the model can be written as the family; else a reason in why. */
 int moe_hf_compatible(const moe_model_config *c, const char *family, char *why, size_t cap);
 /* The first family the model can be written as (mixtral, qwen2_moe, qwen3_moe, olmoe,

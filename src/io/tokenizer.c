@@ -1241,7 +1241,7 @@ moe_status moe_tokenizer_decode(const moe_tokenizer *t, const int32_t *ids, int 
 
 /* ---- our byte-level vocabulary as a tokenizer.json ---- */
 
-moe_status moe_tokenizer_write_bytes(const char *path) {
+char *moe_tokenizer_bytes_json(void) {
     moe_tokenizer t;
     byte_table(&t);
     cJSON *j = cJSON_CreateObject(), *added = cJSON_AddArrayToObject(j, "added_tokens");
@@ -1275,6 +1275,11 @@ moe_status moe_tokenizer_write_bytes(const char *path) {
     cJSON_AddArrayToObject(model, "merges");
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
+    return text;
+}
+
+moe_status moe_tokenizer_write_bytes(const char *path) {
+    char *text = moe_tokenizer_bytes_json();
     if (!text) return moe_set_error(MOE_ERR_NOMEM, "out of memory for tokenizer.json");
     const void *data[] = {text, "\n"};
     size_t sizes[] = {strlen(text), 1};

@@ -34,5 +34,7 @@ moe_status moe_tokenizer_decode(const moe_tokenizer *t, const int32_t *ids, int 
 /* Writes a tokenizer.json for moe prepare's vocabulary (byte b is id b, end-of-text 256, as
  * "<|endoftext|>"): byte-level BPE without merges. */
 moe_status moe_tokenizer_write_bytes(const char *path);
+/* That file's JSON text (malloc'd; NULL when out of memory). */
+char *moe_tokenizer_bytes_json(void);
 
 #endif

@@ -1,0 +1,181 @@
+#!/bin/sh
+# moe convert --to gguf: tiny random-weight Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE directories
+# (hf_models.py: F32, BF16 and F16 tensors, with and without a tokenizer.json: SentencePiece
+# style with byte fallback, Qwen2's byte-level split, GPT-2's) and a checkpoint of our own
+# (tied embeddings, moe prepare's bytes) written as llama.cpp's architectures, each file read
+# and checked by gguf_check.py (every tensor, the metadata, the vocabulary, and the logits of a
+# float64 forward pass with llama.cpp's semantics against the directory's reference logits);
+# f16 and bf16 files rounded from the same values; models llama.cpp's architectures do not
+# compute refused with one message, exit 2 and no file.
+moe=$1; src=$2
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+seed=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+py=/usr/bin/python3
+# DIR DTYPE SHARDS SEED VOCAB FAMILY [OVERRIDES]
+{
+  printf '%s\tF32\t1\t%s\t300\tmixtral\n' "$tmp/mx" "$seed"
+  printf '%s\tBF16\t2\t%s\t97\tmixtral\n' "$tmp/mb" "$seed"
+  printf '%s\tF32\t1\t%s\t300\tqwen2_moe\n' "$tmp/q2" "$seed"
+  printf '%s\tF16\t3\t%s\t97\tqwen3_moe\n' "$tmp/q3" "$seed"
+  printf '%s\tBF16\t1\t%s\t300\tolmoe\t{"num_key_value_heads": 4}\n' "$tmp/ol" "$seed"
+  # refused: no shared expert, grouped key/value heads, a dense layer, DeepSeek, top-k weights
+  # renormalised where llama.cpp's qwen2moe does not
+  printf '%s\tF32\t1\t%s\t97\tqwen2_moe\t{"shared_expert_intermediate_size": 0}\n' "$tmp/q0" "$seed"
+  printf '%s\tF32\t1\t%s\t97\tolmoe\n' "$tmp/og" "$seed"
+  printf '%s\tF32\t1\t%s\t97\tqwen2_moe\t{"num_hidden_layers": 3, "mlp_only_layers": [1]}\n' "$tmp/qd" "$seed"
+  printf '%s\tF32\t1\t%s\t97\tdeepseek_v2\n' "$tmp/d2" "$seed"
+  printf '%s\tF32\t1\t%s\t97\tqwen2_moe\t{"norm_topk_prob": true}\n' "$tmp/qn" "$seed"
+} >"$tmp/models.tsv"
+$py "$src/tests/hf_models.py" --batch "$tmp/models.tsv" || fail "writing the models"
+
+# tokenizer.json files: SentencePiece style (byte fallback, BOS) for mx, Qwen2's split for q2,
+# GPT-2's with an end-of-text suffix for ol, older Llama's Metaspace for q3
+$py - "$tmp" <<'PY' || fail "writing the tokenizers"
+import json, sys
+tmp = sys.argv[1]
+keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+chars, extra = {}, 0
+for b in range(256):
+    chars[b] = chr(b) if b in keep else chr(256 + extra)
+    extra += b not in keep
+def added(i, t):
+    return {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True}
+def bpe(vocab, merges, **kw):
+    m = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+         "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
+         "merges": merges}
+    m.update(kw)
+    return m
+def byte_level(merges, pre, post, name):
+    vocab = {chars[b]: b for b in range(256)}
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    eot = len(vocab)
+    bl = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    j = {"version": "1.0", "truncation": None, "padding": None,
+         "added_tokens": [added(eot, "<|endoftext|>"), added(eot + 1, "<|im_start|>")],
+         "normalizer": {"type": "NFC"}, "pre_tokenizer": pre(bl), "post_processor": post(bl, eot),
+         "decoder": bl, "model": bpe(vocab, merges)}
+    json.dump(j, open("%s/%s/tokenizer.json" % (tmp, name), "w"), ensure_ascii=False)
+qwen2 = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
+         "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+byte_level(["Ġ t", "h e", "Ġt he", "i n", "Ġ a"],
+           lambda bl: {"type": "Sequence", "pretokenizers": [
+               {"type": "Split", "pattern": {"Regex": qwen2}, "behavior": "Isolated", "invert": False}, bl]},
+           lambda bl, eot: bl, "q2")
+byte_level(["Ġ t", "Ġt h", "e r", "Ġth e"], lambda bl: dict(bl, use_regex=True),
+           lambda bl, eot: {"type": "TemplateProcessing",
+                            "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                       {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}],
+                            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [eot],
+                                                                 "tokens": ["<|endoftext|>"]}}}, "ol")
+vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+for b in range(256):
+    vocab["<0x%02X>" % b] = len(vocab)
+merges = ["▁ t", "h e", "▁t he", "▁ a", "n d", "▁a nd"]
+for c in "▁theand":
+    vocab.setdefault(c, len(vocab))
+for m in merges:
+    vocab.setdefault(m.replace(" ", ""), len(vocab))
+j = {"version": "1.0", "truncation": None, "padding": None,
+     "added_tokens": [added(0, "<unk>"), added(1, "<s>"), added(2, "</s>")],
+     "normalizer": {"type": "Sequence", "normalizers": [
+         {"type": "Prepend", "prepend": "▁"},
+         {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+     "pre_tokenizer": None,
+     "post_processor": {"type": "TemplateProcessing",
+                        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                   {"Sequence": {"id": "A", "type_id": 0}}],
+                        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+     "decoder": {"type": "Sequence", "decoders": [
+         {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+         {"type": "ByteFallback"}, {"type": "Fuse"},
+         {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+     "model": bpe(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True)}
+json.dump(j, open(tmp + "/mx/tokenizer.json", "w"), ensure_ascii=False)
+# older Llama's: Metaspace, no byte fallback
+vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+for c in "▁theandoi":
+    vocab.setdefault(c, len(vocab))
+for m in merges:
+    vocab.setdefault(m.replace(" ", ""), len(vocab))
+ms = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": True}
+j.update(normalizer=None, pre_tokenizer=ms, decoder=ms,
+         model=bpe(vocab, merges, unk_token="<unk>", fuse_unk=True))
+json.dump(j, open(tmp + "/q3/tokenizer.json", "w"), ensure_ascii=False)
+PY
+# each tokenizer reads (the file is one moe's tokenizer takes)
+for m in mx q2 ol q3; do
+  "$moe" tokenize --model "$tmp/$m" --prompt "the and a" >"$tmp/out" 2>&1 || fail "$m tokenizer: $(cat "$tmp/out")"
+done
+
+check() { # check FILE DIR REF IDS TOLERANCE TYPE
+  $py "$src/tests/gguf_check.py" "$@" >"$tmp/check" 2>&1 || fail "$(cat "$tmp/check") (seed $seed)"
+  cat "$tmp/check"
+}
+for m in mx mb q2 q3 ol; do
+  d="$tmp/$m"
+  "$moe" convert --model "$d" --to gguf "$d.gguf" >"$tmp/out" 2>&1 || fail "$m convert: $(cat "$tmp/out")"
+  case $m in mb) note="; no tokenizer.json, so no vocabulary" ;; *) note=", the vocabulary of $d/tokenizer.json" ;; esac
+  grep -q "^wrote $d.gguf (llama.cpp's .*$note" "$tmp/out" || fail "$m convert output: $(cat "$tmp/out")"
+  check "$d.gguf" "$d" "$d/ref.npy" "$(cat "$d/ids.txt")" 1e-9 f32
+done
+# half precision: the matrices rounded to nearest even from the same values, checked exactly
+# (not the logits: a rounding may change a token's experts)
+for t in f16 bf16; do
+  for m in q2 mx; do
+    d="$tmp/$m"
+    "$moe" convert --model "$d" --to gguf "$d.$t.gguf" --outtype $t >"$tmp/out" 2>&1 || fail "$m $t: $(cat "$tmp/out")"
+    check "$d.$t.gguf" "$d" "$d/ref.npy" "$(cat "$d/ids.txt")" - $t
+  done
+done
+
+# our own checkpoint: a tiny run on bytes (tied embeddings), against moe eval's logits of the
+# Hugging Face directory convert writes for it
+"$moe" prepare --out "$tmp/data" --val-fraction 0.2 "$src/README.md" >"$tmp/out" 2>&1 || fail "prepare: $(cat "$tmp/out")"
+"$moe" train --data-path "$tmp/data" --num-layers 2 --hidden-size 32 --num-attention-heads 4 \
+  --num-query-groups 2 --seq-length 32 --num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 24 \
+  --ffn-hidden-size 48 --micro-batch-size 4 --global-batch-size 4 --train-iters 3 --lr 0.01 \
+  --eval-interval 0 --save "$tmp/run" --save-interval 3 >"$tmp/out" 2>&1 || fail "train: $(cat "$tmp/out")"
+"$moe" convert --load "$tmp/run" --to hf "$tmp/runhf" >"$tmp/out" 2>&1 || fail "convert hf: $(cat "$tmp/out")"
+"$moe" convert --load "$tmp/run" --to gguf "$tmp/run.gguf" >"$tmp/out" 2>&1 || fail "convert run: $(cat "$tmp/out")"
+grep -q "llama.cpp's llama, f32, .* the vocabulary of bytes" "$tmp/out" || fail "run output: $(cat "$tmp/out")"
+ids=$($py -c "import random; print(','.join(str(random.randrange(257)) for _ in range(11)))")
+"$moe" eval --model "$tmp/runhf" --ids "$ids" --dump-logits "$tmp/run.npy" >"$tmp/out" 2>&1 || fail "eval: $(cat "$tmp/out")"
+check "$tmp/run.gguf" "$tmp/runhf" "$tmp/run.npy" "$ids" 2e-5 f32
+
+# refusals: one line, exit 2, no file
+refuse() { # refuse LABEL MESSAGE ARGS...: exit 2, MESSAGE on stderr, no OUT written
+  label=$1 msg=$2; shift 2
+  "$moe" convert "$@" >"$tmp/out" 2>&1; rc=$?
+  [ $rc = 2 ] && [ "$(wc -l <"$tmp/out")" = 1 ] && grep -q "$msg" "$tmp/out" || fail "$label: exit $rc, $(cat "$tmp/out")"
+  [ ! -e "$tmp/no.gguf" ] || fail "$label wrote a file"
+}
+refuse "no shared expert" "llama.cpp's qwen2moe needs a shared expert" --model "$tmp/q0" --to gguf "$tmp/no.gguf"
+refuse "kv heads" "llama.cpp's olmoe needs as many key/value heads as heads" --model "$tmp/og" --to gguf "$tmp/no.gguf"
+refuse "dense layer" "llama.cpp's qwen2moe has no dense layers" --model "$tmp/qd" --to gguf "$tmp/no.gguf"
+refuse "deepseek" "written for mixtral, qwen2_moe, qwen3_moe and olmoe models, not deepseek_v2" --model "$tmp/d2" --to gguf "$tmp/no.gguf"
+refuse "renormalised" "llama.cpp's qwen2moe does not renormalise the top-k weights" --model "$tmp/qn" --to gguf "$tmp/no.gguf"
+refuse "outtype" "usage: moe convert" --model "$tmp/mx" --to gguf "$tmp/no.gguf" --outtype q4_0
+refuse "outtype hf" "usage: moe convert" --model "$tmp/mx" --to hf "$tmp/nohf" --outtype bf16
+cp "$tmp/mx.gguf" "$tmp/keep.gguf"
+"$moe" convert --model "$tmp/q2" --to gguf "$tmp/mx.gguf" >"$tmp/out" 2>&1; rc=$?
+[ $rc = 2 ] && grep -q "already exists" "$tmp/out" && cmp -s "$tmp/mx.gguf" "$tmp/keep.gguf" ||
+  fail "over an existing file: exit $rc, $(cat "$tmp/out")"
+# a value beyond float16's range: f16 refused, bf16 written
+$py - "$tmp/q2" <<'PY' || fail "editing a weight"
+import json, struct, sys
+p = sys.argv[1] + "/model.safetensors"
+b = bytearray(open(p, "rb").read())
+n = struct.unpack_from("<Q", b, 0)[0]
+t = json.loads(b[8:8 + n])["model.layers.0.self_attn.o_proj.weight"]
+struct.pack_into("<f", b, 8 + n + t["data_offsets"][0], 70000.0)
+open(p, "wb").write(b)
+PY
+"$moe" convert --model "$tmp/q2" --to gguf "$tmp/no.gguf" --outtype f16 >"$tmp/out" 2>&1; rc=$?
+[ $rc = 1 ] && grep -q "blk.0.attn_output.weight holds 70000, beyond float16's range: write bf16 or f32" "$tmp/out" &&
+  [ ! -e "$tmp/no.gguf" ] && [ ! -e "$tmp/no.gguf.tmp" ] || fail "f16 overflow: exit $rc, $(cat "$tmp/out")"
+"$moe" convert --model "$tmp/q2" --to gguf "$tmp/big.gguf" --outtype bf16 >"$tmp/out" 2>&1 || fail "bf16 of 70000: $(cat "$tmp/out")"
+echo "gguf: all checks passed (seed $seed)"
