@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}; shift || true
-targets=${*:-safetensors tokens options checkpoint tokenizer}
+targets=${*:-safetensors tokens options checkpoint tokenizer gguf}
 mkdir -p build-fuzz
 if ! cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
      -DMOE_FUZZ=ON -DMOE_SANITIZE=ON -DMOE_BUILD_TESTS=OFF -DMOE_WERROR=ON >build-fuzz/build.log 2>&1 ||

@@ -165,7 +165,8 @@ cp "$tmp/mx.gguf" "$tmp/keep.gguf"
 [ $rc = 2 ] && grep -q "already exists" "$tmp/out" && cmp -s "$tmp/mx.gguf" "$tmp/keep.gguf" ||
   fail "over an existing file: exit $rc, $(cat "$tmp/out")"
 # a value beyond float16's range: f16 refused, bf16 written
-$py - "$tmp/q2" <<'PY' || fail "editing a weight"
+cp -r "$tmp/q2" "$tmp/q2big"
+$py - "$tmp/q2big" <<'PY' || fail "editing a weight"
 import json, struct, sys
 p = sys.argv[1] + "/model.safetensors"
 b = bytearray(open(p, "rb").read())
@@ -174,8 +175,62 @@ t = json.loads(b[8:8 + n])["model.layers.0.self_attn.o_proj.weight"]
 struct.pack_into("<f", b, 8 + n + t["data_offsets"][0], 70000.0)
 open(p, "wb").write(b)
 PY
-"$moe" convert --model "$tmp/q2" --to gguf "$tmp/no.gguf" --outtype f16 >"$tmp/out" 2>&1; rc=$?
+"$moe" convert --model "$tmp/q2big" --to gguf "$tmp/no.gguf" --outtype f16 >"$tmp/out" 2>&1; rc=$?
 [ $rc = 1 ] && grep -q "blk.0.attn_output.weight holds 70000, beyond float16's range: write bf16 or f32" "$tmp/out" &&
   [ ! -e "$tmp/no.gguf" ] && [ ! -e "$tmp/no.gguf.tmp" ] || fail "f16 overflow: exit $rc, $(cat "$tmp/out")"
-"$moe" convert --model "$tmp/q2" --to gguf "$tmp/big.gguf" --outtype bf16 >"$tmp/out" 2>&1 || fail "bf16 of 70000: $(cat "$tmp/out")"
+"$moe" convert --model "$tmp/q2big" --to gguf "$tmp/big.gguf" --outtype bf16 >"$tmp/out" 2>&1 || fail "bf16 of 70000: $(cat "$tmp/out")"
+
+# reading: a file stands for its directory. F32: moe eval's logits bit for bit, the greedy
+# continuation, written back to GGUF (checked as above); the tokenizer's ids of texts (not
+# q3's: a Metaspace split is not in GGUF's SentencePiece vocabulary, llama.cpp splits
+# otherwise too)
+for m in mx mb q2 q3 ol; do
+  d="$tmp/$m" ids=$(cat "$tmp/$m/ids.txt")
+  "$moe" eval --model "$d" --ids "$ids" --dump-logits "$d.h.npy" >"$tmp/out" 2>&1 &&
+    "$moe" eval --model "$d.gguf" --ids "$ids" --dump-logits "$d.g.npy" >"$tmp/out" 2>&1 ||
+    fail "$m eval: $(cat "$tmp/out")"
+  cmp -s "$d.h.npy" "$d.g.npy" || fail "$m: the file's logits differ from the directory's"
+  "$moe" generate --model "$d.gguf" --ids "$ids" --max-new-tokens 8 --temperature 0 >"$tmp/gen" 2>&1 &&
+    [ "$(cat "$tmp/gen")" = "$(cat "$d/greedy.txt")" ] || fail "$m greedy from the file: $(cat "$tmp/gen")"
+  "$moe" convert --model "$d.gguf" --to gguf "$d.rt.gguf" >"$tmp/out" 2>&1 || fail "$m again: $(cat "$tmp/out")"
+  check "$d.rt.gguf" "$d" "$d/ref.npy" "$ids" 1e-9 f32
+done
+for m in mx q2 ol; do
+  for text in "the and a" "  thé   cat<|endoftext|> and 漢字 🙂 " "<s>the</s>" "a
+b"; do
+    a=$("$moe" tokenize --model "$tmp/$m" --prompt "$text" 2>&1) && b=$("$moe" tokenize --model "$tmp/$m.gguf" --prompt "$text" 2>&1) &&
+      [ "$a" = "$b" ] || fail "$m tokens of '$text': directory $a, file $b"
+  done
+done
+"$moe" tokenize --model "$tmp/mb.gguf" --prompt "the" >"$tmp/out" 2>&1; rc=$?
+[ $rc = 2 ] && grep -q "has no vocabulary (tokenizer.ggml.model none): give token ids with --ids" "$tmp/out" ||
+  fail "text without a vocabulary: exit $rc, $(cat "$tmp/out")"
+# quantised files (written by gguf_files.py from ggml's block layouts): values dequantised as
+# the format defines them, bit for bit (through moe convert back to F32)
+for q in q8_0 q4_0; do
+  for m in mx q2; do
+    $py "$src/tests/gguf_files.py" quantise "$tmp/$m.gguf" "$tmp/$m.$q.gguf" $q "$tmp/$m.$q.npz" >/dev/null &&
+      "$moe" convert --model "$tmp/$m.$q.gguf" --to gguf "$tmp/$m.$q.f32.gguf" >"$tmp/out" 2>&1 &&
+      $py "$src/tests/gguf_files.py" compare "$tmp/$m.$q.f32.gguf" "$tmp/$m.$q.npz" >"$tmp/out" 2>&1 ||
+      fail "$m $q: $(cat "$tmp/out")"
+  done
+done
+# fine-tuning from a file: its ids for data, a step at lr 0 keeps every weight (the run's
+# file checked against the directory without its tokenizer: the run's vocabulary is the
+# model's, whose tokenizer.json it does not carry)
+"$moe" prepare --model "$tmp/ol.gguf" --out "$tmp/qdata" --val-fraction 0.2 "$src/README.md" >"$tmp/out" 2>&1 ||
+  fail "prepare --model FILE: $(cat "$tmp/out")"
+"$moe" train --init-from "$tmp/ol.gguf" --data-path "$tmp/qdata" --train-iters 1 --lr 0 --min-lr 0 --seq-length 128 \
+  --micro-batch-size 2 --global-batch-size 2 --eval-interval 0 --save "$tmp/qft" --save-interval 1 \
+  >"$tmp/out" 2>&1 || fail "init-from FILE: $(cat "$tmp/out")"
+"$moe" convert --load "$tmp/qft" --to gguf "$tmp/qft.gguf" >"$tmp/out" 2>&1 || fail "the run's file: $(cat "$tmp/out")"
+cp -r "$tmp/ol" "$tmp/olbare" && rm "$tmp/olbare/tokenizer.json"
+check "$tmp/qft.gguf" "$tmp/olbare" "$tmp/ol/ref.npy" "$(cat "$tmp/ol/ids.txt")" 1e-9 f32
+# malformed files: one message, exit 1
+$py "$src/tests/gguf_files.py" malform "$tmp/q2.gguf" "$tmp/bad" >/dev/null || fail "writing the malformed files"
+while IFS='	' read -r name msg; do
+  "$moe" eval --model "$tmp/bad/$name.gguf" --ids 1,2,3 >"$tmp/out" 2>&1; rc=$?
+  [ $rc = 1 ] && [ "$(wc -l <"$tmp/out")" = 1 ] && grep -qF "$msg" "$tmp/out" ||
+    fail "malformed $name: exit $rc, $(cat "$tmp/out")"
+done <"$tmp/bad/faults.tsv"
 echo "gguf: all checks passed (seed $seed)"

@@ -234,7 +234,8 @@ if os.path.exists(tok_path) or cfg["vocab_size"] == 257 and "tokenizer.ggml.toke
               "added_tokens": [{"id": 256, "content": "<|endoftext|>", "special": True}],
               "pre_tokenizer": {"type": "ByteLevel", "use_regex": False}}
     model = tj["model"]
-    spm = bool(model.get("byte_fallback")) or (tj.get("pre_tokenizer") or {}).get("type") == "Metaspace"
+    spm = bool(model.get("byte_fallback")) or "\u2581" in json.dumps(tj.get("normalizer")) or \
+        (tj.get("pre_tokenizer") or {}).get("type") == "Metaspace"
     V = cfg["vocab_size"]
     tokens = ["[PAD%d]" % i for i in range(V)]
     ttype = [5] * V

@@ -45,6 +45,10 @@ int moe_cli_hf_flags(const moe_options *o, const char *cmd);
 /* The text of --prompt or --prompt-file (malloc'd, NUL-terminated, *len bytes; *text NULL
  * with neither; both: an error). */
 moe_status moe_cli_prompt(const moe_options *o, char **text, size_t *len);
+/* The tokenizer of --model: DIR/tokenizer.json, or a GGUF file's vocabulary (an error names
+ * what is missing). */
+typedef struct moe_tokenizer moe_tokenizer;
+moe_status moe_cli_load_tokenizer(const char *model, moe_tokenizer **t);
 /* Appends up to n_new tokens sampled from m to ids[0..*n) (room for *n + n_new), through the
  * KV cache in calls of at most max_chunk tokens (at most the model's max_tokens); when the
  * sequence outgrows the model's seq_len, the window slides: the cache starts again from the

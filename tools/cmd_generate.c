@@ -4,6 +4,7 @@
 
 #include "core/core.h"
 #include "io/data.h"
+#include "io/gguf.h"
 #include "io/safetensors.h"
 #include "train/trainer.h"
 
@@ -311,6 +312,7 @@ int moe_cmd_inspect(int argc, char **argv) {
         fprintf(stderr, "moe inspect: cannot read %s: %s\n", argv[0], strerror(errno));
         return 1;
     }
+    if (moe_gguf_is_file(argv[0])) return moe_cli_inspect_hf(argv[0]) ? 1 : 0;
     if (!S_ISDIR(sb.st_mode)) return print_file(argv[0]) ? 1 : 0;
     char ckpt[4200], path[4200 + 258]; /* room for "/" and a d_name */
     snprintf(path, sizeof path, "%s/config.json", argv[0]);

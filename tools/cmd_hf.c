@@ -66,8 +66,35 @@ static moe_status write_npy(const char *path, const float *x, int rows, int cols
     return ok ? MOE_OK : moe_set_error(MOE_ERR_IO, "%s: write failed", path);
 }
 
-/* DIR/tokenizer.json */
-static moe_status load_tokenizer(const char *dir, moe_tokenizer **t) {
+/* The tokenizer.json text of a model (*text NULL, MOE_OK, when it has none): the directory's
+ * file, or a GGUF file's vocabulary. */
+static moe_status tokenizer_text(const char *model, char **text, size_t *len) {
+    *text = NULL;
+    if (moe_gguf_is_file(model)) {
+        moe_gguf *g;
+        MOE_TRY(moe_gguf_open(model, &g));
+        moe_status s = moe_gguf_tokenizer_json(g, text);
+        moe_gguf_close(g);
+        if (s == MOE_OK && *text) *len = strlen(*text);
+        return s;
+    }
+    char path[MOE_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/tokenizer.json", model);
+    return moe_file_exists(model, "tokenizer.json") ? moe_read_file(path, text, len) : MOE_OK;
+}
+
+moe_status moe_cli_load_tokenizer(const char *dir, moe_tokenizer **t) {
+    if (moe_gguf_is_file(dir)) {
+        char *text;
+        size_t len;
+        MOE_TRY(tokenizer_text(dir, &text, &len));
+        if (!text)
+            return moe_set_error(MOE_ERR_INVALID, "%s has no vocabulary (tokenizer.ggml.model "
+                                 "none): give token ids with --ids", dir);
+        moe_status s = moe_tokenizer_parse(text, len, dir, t);
+        free(text);
+        return s;
+    }
     char path[MOE_PATH_MAX + 32];
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     struct stat sb; /* a missing directory is not one without a tokenizer.json */
@@ -138,7 +165,7 @@ static int hf_prepare(const char *cmd, int argc, char **argv, moe_options *o, mo
     }
     moe_cli_threads(o);
     if (moe_hf_config(o->hf_model, c, family, cap) != MOE_OK ||
-        (text && load_tokenizer(o->hf_model, tok) != MOE_OK)) {
+        (text && moe_cli_load_tokenizer(o->hf_model, tok) != MOE_OK)) {
         fprintf(stderr, "moe %s: %s\n", cmd, moe_last_error());
         return 1;
     }
@@ -261,6 +288,17 @@ static moe_status copy_tokenizer(const char *model_dir, int vocab, const char *o
         *copied = 1;
         return moe_tokenizer_write_bytes(to);
     }
+    if (moe_gguf_is_file(model_dir)) { /* its vocabulary, when it has one */
+        char *text;
+        size_t len;
+        MOE_TRY(tokenizer_text(model_dir, &text, &len));
+        snprintf(to, sizeof to, "%s/tokenizer.json", out);
+        const void *parts[] = {text};
+        moe_status s = text ? moe_write_atomic(to, parts, &len, 1) : MOE_OK;
+        *copied = text != NULL;
+        free(text);
+        return s;
+    }
     for (size_t i = 0; i < sizeof tokenizer_files / sizeof *tokenizer_files; i++) {
         const char *name = tokenizer_files[i];
         snprintf(from, sizeof from, "%s/%s", model_dir, name);
@@ -294,17 +332,22 @@ static int convert_gguf(const moe_options *o, moe_model *m, const char *family, 
     const moe_model_config *c = moe_model_get_config(m);
     char tok[MOE_PATH_MAX + 32], name[256];
     int32_t eos[64];
-    moe_gguf_meta meta = {name, positions, NULL, 0, eos, 0, (moe_gguf_type)type};
+    moe_gguf_meta meta = {name, positions, NULL, 0, tok, eos, 0, (moe_gguf_type)type};
     base_name(o->hf_model[0] ? o->hf_model : o->load, name, sizeof name);
     moe_status s = MOE_OK;
+    char *json = NULL;
+    size_t len;
     if (o->hf_model[0]) {
-        snprintf(tok, sizeof tok, "%s/tokenizer.json", o->hf_model);
-        if (moe_file_exists(o->hf_model, "tokenizer.json")) meta.tokenizer_path = tok;
-        s = moe_hf_eos(o->hf_model, 1, eos, 64, &meta.n_eos);
+        snprintf(tok, sizeof tok, "%s%s", o->hf_model,
+                 moe_gguf_is_file(o->hf_model) ? "" : "/tokenizer.json");
+        s = tokenizer_text(o->hf_model, &json, &len);
+        meta.tokenizer_json = json;
+        if (s == MOE_OK) s = moe_hf_eos(o->hf_model, 1, eos, 64, &meta.n_eos);
     } else {
         meta.bytes = c->vocab == MOE_BYTE_VOCAB;
     }
     if (s == MOE_OK) s = moe_gguf_save(out, family, m, &meta);
+    free(json);
     if (s != MOE_OK) {
         fprintf(stderr, "moe convert: %s\n", moe_last_error());
         return 1;
@@ -312,8 +355,8 @@ static int convert_gguf(const moe_options *o, moe_model *m, const char *family, 
     printf("wrote %s (llama.cpp's %s, %s, %zu parameters)", out, moe_gguf_arch(family),
            type == MOE_GGUF_F32 ? "f32" : type == MOE_GGUF_F16 ? "f16" : "bf16",
            moe_model_param_count(m));
-    if (meta.tokenizer_path || meta.bytes)
-        printf(", the vocabulary of %s\n", meta.bytes ? "bytes" : meta.tokenizer_path);
+    if (meta.tokenizer_json || meta.bytes)
+        printf(", the vocabulary of %s\n", meta.bytes ? "bytes" : tok);
     else
         printf("; no tokenizer.json, so no vocabulary: llama.cpp runs it on token ids\n");
     return 0;
@@ -449,8 +492,9 @@ int moe_cli_inspect_hf(const char *dir) {
     int moe_layers = 0;
     for (int l = 0; l < c.n_layers; l++) moe_layers += moe_model_layer_experts(&c, l) > 0;
     double active = total - experts + experts * c.moe.topk / c.moe.n_experts;
-    printf("%s: Hugging Face %s model, %d layers (%d MoE), d=%d, %d heads (%d key/value), "
-           "vocab %d, %s embeddings\n", dir, family, c.n_layers, moe_layers, c.d, c.n_heads,
+    printf("%s: %s %s model, %d layers (%d MoE), d=%d, %d heads (%d key/value), "
+           "vocab %d, %s embeddings\n", dir, moe_gguf_is_file(dir) ? "GGUF (llama.cpp)"
+           : "Hugging Face", family, c.n_layers, moe_layers, c.d, c.n_heads,
            c.n_kv_heads, c.vocab, c.tie_embeddings ? "tied" : "untied");
     printf("experts: %d per MoE layer, top-%d, hidden size %d; parameters %.0f (%.2f M), in "
            "routed experts %.0f, active per token %.0f (%.2f M)\n", c.moe.n_experts, c.moe.topk,
@@ -543,7 +587,7 @@ int moe_cmd_tokenize(int argc, char **argv) {
     int n = 0;
     char *text = NULL; /* the prompt, or the decoded ids */
     size_t len = 0;
-    moe_status s = load_tokenizer(o.hf_model, &t);
+    moe_status s = moe_cli_load_tokenizer(o.hf_model, &t);
     if (s == MOE_OK && encode) s = moe_cli_prompt(&o, &text, &len);
     /* text that does not encode (not UTF-8) is bad input, as in generate and eval --model */
     int bad_text = s == MOE_OK && encode &&

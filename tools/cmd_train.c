@@ -4,6 +4,7 @@
 
 #include "core/core.h"
 #include "io/data.h"
+#include "io/gguf.h"
 #include "io/hf.h"
 #include "io/tokenizer.h"
 #include "io/options.h"
@@ -86,7 +87,8 @@ static int prepare_vocab(const char *dir, moe_prepare_vocab *v, moe_tokenizer **
     int32_t eos[64];
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     if (moe_hf_config(dir, &c, family, sizeof family) != MOE_OK ||
-        moe_tokenizer_load(path, t) != MOE_OK) {
+        (moe_gguf_is_file(dir) ? moe_cli_load_tokenizer(dir, t) : moe_tokenizer_load(path, t)) !=
+            MOE_OK) {
         fprintf(stderr, "moe prepare: %s\n", moe_last_error());
         return 1;
     }

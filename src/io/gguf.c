@@ -6,15 +6,20 @@
 #include "core/core.h"
 #include "io/data.h"
 #include "io/hf.h"
+#include "io/safetensors.h"
 #include "io/tokenizer.h"
 #include "kernels/kernels.h"
 
 #include <cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define ALIGN 32 /* general.alignment, llama.cpp's default */
 
@@ -29,12 +34,14 @@ int moe_gguf_type_of(const char *name) {
            : !strcmp(name, "bf16") ? MOE_GGUF_BF16 : -1;
 }
 
+/* Hugging Face's families and llama.cpp's architectures for them */
+static const char *const arch_map[][2] = {
+    {"mixtral", "llama"}, {"qwen2_moe", "qwen2moe"}, {"qwen3_moe", "qwen3moe"}, {"olmoe", "olmoe"}};
+#define N_ARCHS (sizeof arch_map / sizeof *arch_map)
+
 const char *moe_gguf_arch(const char *family) {
-    static const char *const map[][2] = {
-        {"mixtral", "llama"}, {"qwen2_moe", "qwen2moe"}, {"qwen3_moe", "qwen3moe"},
-        {"olmoe", "olmoe"}};
-    for (size_t i = 0; i < sizeof map / sizeof *map; i++)
-        if (!strcmp(family, map[i][0])) return map[i][1];
+    for (size_t i = 0; i < N_ARCHS; i++)
+        if (!strcmp(family, arch_map[i][0])) return arch_map[i][1];
     return NULL;
 }
 
@@ -184,12 +191,12 @@ static char *merge_text(const cJSON *m) {
 
 /* The token ids a text gets with the tokenizer's special tokens: whether it adds one before
  * (*bos) and after (*eos) the text's own. */
-static moe_status special_ends(const char *path, int32_t *bos, int32_t *eos) {
+static moe_status special_ends(const char *json, const char *name, int32_t *bos, int32_t *eos) {
     moe_tokenizer *t;
     int32_t *with = NULL, *without = NULL;
     int n_with = 0, n_without = 0;
     *bos = *eos = -1;
-    MOE_TRY(moe_tokenizer_load(path, &t));
+    MOE_TRY(moe_tokenizer_parse(json, strlen(json), name, &t));
     moe_status s = moe_tokenizer_encode(t, "a", 1, 1, &with, &n_with);
     if (s == MOE_OK) s = moe_tokenizer_encode(t, "a", 1, 0, &without, &n_without);
     if (s == MOE_OK && n_with > n_without) {
@@ -227,9 +234,12 @@ static moe_status tokenizer_keys(gkv *k, const char *json, const char *path, int
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
     const cJSON *added = cJSON_GetObjectItemCaseSensitive(tok, "added_tokens");
     const cJSON *fallback = cJSON_GetObjectItemCaseSensitive(model, "byte_fallback");
-    /* SentencePiece's BPE: byte fallback, or words marked by ▁ (Metaspace) */
-    int spm = cJSON_IsTrue(fallback) ||
+    /* SentencePiece's BPE: byte fallback, or words marked by ▁ (Metaspace, or a normaliser
+     * that puts it for spaces) */
+    char *norm = cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(tok, "normalizer"));
+    int spm = cJSON_IsTrue(fallback) || (norm && strstr(norm, "\u2581")) ||
               is_type(cJSON_GetObjectItemCaseSensitive(tok, "pre_tokenizer"), "Metaspace");
+    free(norm);
     const char *where = path ? path : "moe prepare's byte vocabulary";
     if (!tok || !is_type(model, "BPE") || !cJSON_IsObject(words) || !cJSON_IsArray(merges)) {
         cJSON_Delete(tok);
@@ -315,7 +325,7 @@ static moe_status tokenizer_keys(gkv *k, const char *json, const char *path, int
         s = moe_set_error(MOE_ERR_INVALID, "%s: its pre-tokenizer is neither GPT-2's nor Qwen2's "
                           "split, the ones llama.cpp is told of here", where);
     int32_t bos = -1, eos = -1;
-    if (s == MOE_OK && path) s = special_ends(path, &bos, &eos);
+    if (s == MOE_OK) s = special_ends(json, where, &bos, &eos);
     if (s == MOE_OK) {
         kv_str(k, "tokenizer.ggml.model", spm ? "llama" : "gpt2");
         if (pre) kv_str(k, "tokenizer.ggml.pre", pre);
@@ -477,8 +487,8 @@ static const name_map layer_names[] = {
     {"down_proj.weight", "ffn_down_exps.weight"},
 };
 
-static int gguf_name(const gfile *g, const char *ours, char *out, size_t cap, int *expert,
-                     int *heads) {
+static int gguf_name(const char *arch, const moe_model_config *c, const char *ours, char *out,
+                     size_t cap, int *expert, int *heads) {
     static const name_map global[] = {{"model.embed_tokens.weight", "token_embd.weight"},
                                       {"model.norm.weight", "output_norm.weight"},
                                       {"lm_head.weight", "output.weight"}};
@@ -493,8 +503,8 @@ static int gguf_name(const gfile *g, const char *ours, char *out, size_t cap, in
     for (size_t i = 0; i < sizeof layer_names / sizeof *layer_names; i++) {
         int routed = i >= sizeof layer_names / sizeof *layer_names - 3;
         if (routed != (*expert >= 0) || strcmp(rest, layer_names[i].ours)) continue;
-        if (!strcmp(g->arch, "llama") && !strncmp(rest, "self_attn.", 10) && rest[11] == '_')
-            *heads = rest[10] == 'q' ? g->c->n_heads : rest[10] == 'k' ? g->c->n_kv_heads : 0;
+        if (!strcmp(arch, "llama") && !strncmp(rest, "self_attn.", 10) && rest[11] == '_')
+            *heads = rest[10] == 'q' ? c->n_heads : rest[10] == 'k' ? c->n_kv_heads : 0;
         return snprintf(out, cap, "blk.%d.%s", l, layer_names[i].theirs), 1;
     }
     return 0;
@@ -523,7 +533,7 @@ static moe_status add_tensors(gfile *g, moe_model *m) {
         const moe_tensor_info *ti = moe_model_tensor(m, i);
         char name[64];
         int expert, heads, l;
-        if (!gguf_name(g, ti->name, name, sizeof name, &expert, &heads)) {
+        if (!gguf_name(g->arch, c, ti->name, name, sizeof name, &expert, &heads)) {
             s = moe_set_error(MOE_ERR_INVALID, "%s has no name in llama.cpp's %s", ti->name,
                               g->arch);
         } else if (expert >= 0 && sscanf(name, "blk.%d.", &l) == 1 && l < L && expert < E) {
@@ -547,7 +557,7 @@ static moe_status add_tensors(gfile *g, moe_model *m) {
             if (!t) {
                 char name[64];
                 int expert, heads;
-                gguf_name(g, ti->name, name, sizeof name, &expert, &heads);
+                gguf_name(g->arch, c, ti->name, name, sizeof name, &expert, &heads);
                 int64_t shape[3] = {E, ti->shape[0], ti->shape[1]};
                 t = new_tensor(g, name, 3, shape, tensor_type(g, name, 3));
             }
@@ -601,14 +611,8 @@ static void model_keys(gkv *k, const gfile *g, const moe_gguf_meta *meta) {
 
 static moe_status vocabulary_keys(gkv *k, const gfile *g, const moe_gguf_meta *meta) {
     int V = g->c->vocab;
-    if (meta->tokenizer_path) {
-        char *json;
-        size_t len;
-        MOE_TRY(moe_read_file(meta->tokenizer_path, &json, &len));
-        moe_status s = tokenizer_keys(k, json, meta->tokenizer_path, V, meta, g->arch);
-        free(json);
-        return s;
-    }
+    if (meta->tokenizer_json)
+        return tokenizer_keys(k, meta->tokenizer_json, meta->tokenizer_name, V, meta, g->arch);
     if (meta->bytes) {
         char *json = moe_tokenizer_bytes_json();
         if (!json) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
@@ -684,5 +688,797 @@ moe_status moe_gguf_save(const char *path, const char *family, moe_model *m,
     free(parts), free(sizes), free(head.p), free(k.b.p), free(g.t), free(g.parts), free(g.sizes);
     for (int i = 0; i < g.n_owned; i++) free(g.owned[i]);
     free(g.owned);
+    return s;
+}
+
+/* ================================================================ reading */
+
+/* ggml's types read here: elements per block and bytes per block */
+typedef struct {
+    int id, block, bytes;
+    const char *name;
+} ggml_type;
+
+static const ggml_type read_types[] = {{0, 1, 4, "F32"},    {1, 1, 2, "F16"},  {30, 1, 2, "BF16"},
+                                       {8, 32, 34, "Q8_0"}, {2, 32, 18, "Q4_0"}};
+/* names of others, for messages */
+static const char *const type_names[] = {
+    "F32", "F16", "Q4_0", "Q4_1", "type 4", "type 5", "Q5_0", "Q5_1", "Q8_0", "Q8_1",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S",
+    "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16"};
+
+static const ggml_type *find_type(uint32_t id) {
+    for (size_t i = 0; i < sizeof read_types / sizeof *read_types; i++)
+        if ((uint32_t)read_types[i].id == id) return &read_types[i];
+    return NULL;
+}
+
+typedef struct {
+    char name[64];
+    int ndim;
+    uint32_t type;
+    int64_t ne[4];
+    uint64_t off;
+    size_t bytes; /* 0 for a type not read here */
+} gin_tensor;
+
+typedef struct {
+    char *key;
+    uint32_t type, etype; /* etype, n: an array's */
+    uint64_t n;
+    const unsigned char *val;
+} gin_kv;
+
+struct moe_gguf {
+    char path[4096];
+    unsigned char *buf;
+    size_t size, data;
+    gin_kv *kv;
+    int n_kv, n_t;
+    gin_tensor *t;
+};
+
+/* a bounds-checked cursor over the file */
+typedef struct {
+    const unsigned char *p;
+    size_t n, at;
+    int bad;
+} cur;
+
+static int need(cur *c, uint64_t k) {
+    if (c->bad || k > c->n - c->at) c->bad = 1;
+    return !c->bad;
+}
+static uint64_t rd(cur *c, int bytes) {
+    uint64_t v = 0;
+    if (need(c, (uint64_t)bytes)) memcpy(&v, c->p + c->at, (size_t)bytes), c->at += (size_t)bytes;
+    return v;
+}
+/* a string: its bytes in place, *len of them */
+static const char *rd_str(cur *c, uint64_t *len) {
+    *len = rd(c, 8);
+    if (!need(c, *len)) return NULL;
+    const char *s = (const char *)c->p + c->at;
+    c->at += *len;
+    return s;
+}
+
+static int value_size(uint32_t type) {
+    static const int size[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+    return type <= 12 ? size[type] : -1;
+}
+
+/* skips a value of type (arrays: of anything but arrays) */
+static void skip_value(cur *c, uint32_t type, gin_kv *kv) {
+    uint64_t len;
+    if (type == G_STRING) {
+        rd_str(c, &len);
+    } else if (type == G_ARRAY) {
+        uint32_t et = (uint32_t)rd(c, 4);
+        uint64_t n = rd(c, 8);
+        if (kv) kv->etype = et, kv->n = n;
+        if (et == G_ARRAY || value_size(et) < 0) c->bad = 1;
+        else if (et == G_STRING)
+            for (uint64_t i = 0; i < n && !c->bad; i++) rd_str(c, &len);
+        else if (n > (c->n - c->at) / (uint64_t)value_size(et)) c->bad = 1;
+        else c->at += (size_t)n * (size_t)value_size(et);
+    } else if (value_size(type) <= 0) {
+        c->bad = 1;
+    } else {
+        need(c, (uint64_t)value_size(type));
+        if (!c->bad) c->at += (size_t)value_size(type);
+    }
+}
+
+/* The whole file, mapped read-only. */
+static moe_status map_file(const char *path, unsigned char **buf, size_t *size) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return moe_set_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    struct stat sb;
+    moe_status s = MOE_OK;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size < 24)
+        s = moe_set_error(MOE_ERR_FORMAT, "%s: not a GGUF file (a regular file of 24 bytes or "
+                          "more)", path);
+    void *p = s == MOE_OK ? mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0) : NULL;
+    if (s == MOE_OK && p == MAP_FAILED)
+        s = moe_set_error(MOE_ERR_IO, "cannot map %s: %s", path, strerror(errno));
+    close(fd);
+    if (s == MOE_OK) *buf = p, *size = (size_t)sb.st_size;
+    return s;
+}
+
+void moe_gguf_close(moe_gguf *g) {
+    if (!g) return;
+    for (int i = 0; i < g->n_kv; i++) free(g->kv[i].key);
+    free(g->kv), free(g->t);
+    if (g->buf) munmap(g->buf, g->size);
+    free(g);
+}
+
+int moe_gguf_is_file(const char *path) {
+    struct stat sb;
+    char magic[4];
+    FILE *f = stat(path, &sb) == 0 && S_ISREG(sb.st_mode) ? fopen(path, "rb") : NULL;
+    int yes = f && fread(magic, 1, 4, f) == 4 && !memcmp(magic, "GGUF", 4);
+    if (f) fclose(f);
+    return yes;
+}
+
+static const gin_kv *find_kv(const moe_gguf *g, const char *key) {
+    for (int i = 0; i < g->n_kv; i++)
+        if (!strcmp(g->kv[i].key, key)) return &g->kv[i];
+    return NULL;
+}
+
+static int by_name(const void *a, const void *b) {
+    return strcmp(((const gin_tensor *)a)->name, ((const gin_tensor *)b)->name);
+}
+static int by_offset(const void *a, const void *b) {
+    const gin_tensor *x = *(const gin_tensor *const *)a, *y = *(const gin_tensor *const *)b;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* Checks the tensors' infos: unique names, each one's data (of a type read here) inside the
+ * file, aligned, apart from the others'. */
+static moe_status check_tensors(moe_gguf *g, uint32_t align) {
+    const char *p = g->path;
+    gin_tensor *sorted = malloc(sizeof *sorted * (size_t)(g->n_t + 1));
+    const gin_tensor **order = malloc(sizeof *order * (size_t)(g->n_t + 1));
+    moe_status s = sorted && order ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    for (int i = 0; s == MOE_OK && i < g->n_t; i++) {
+        gin_tensor *t = &g->t[i];
+        const ggml_type *ty = find_type(t->type);
+        uint64_t n = 1;
+        for (int d = 0; d < t->ndim; d++) {
+            if (t->ne[d] <= 0 || (uint64_t)t->ne[d] > (UINT64_C(1) << 62) / n)
+                s = moe_set_error(MOE_ERR_FORMAT, "%s: tensor %s has a dimension of %lld", p,
+                                  t->name, (long long)t->ne[d]);
+            else n *= (uint64_t)t->ne[d];
+        }
+        if (s == MOE_OK && t->off % align)
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: tensor %s at offset %llu, not a multiple of "
+                              "the alignment %u", p, t->name, (unsigned long long)t->off, align);
+        if (s == MOE_OK && ty && t->ne[0] % ty->block)
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: tensor %s has rows of %lld, not whole %s "
+                              "blocks", p, t->name, (long long)t->ne[0], ty->name);
+        if (s == MOE_OK && ty) t->bytes = (size_t)(n / (uint64_t)ty->block * (uint64_t)ty->bytes);
+        if (s == MOE_OK && (t->off > g->size - g->data || t->bytes > g->size - g->data - t->off))
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: tensor %s (%zu bytes at %llu) is past the "
+                              "end of the file", p, t->name, t->bytes, (unsigned long long)t->off);
+        if (s == MOE_OK) sorted[i] = *t, order[i] = t;
+    }
+    if (s == MOE_OK) {
+        qsort(sorted, (size_t)g->n_t, sizeof *sorted, by_name);
+        qsort(order, (size_t)g->n_t, sizeof *order, by_offset);
+    }
+    for (int i = 1; s == MOE_OK && i < g->n_t; i++) {
+        if (!strcmp(sorted[i].name, sorted[i - 1].name))
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: tensor %s appears twice", p, sorted[i].name);
+        else if (order[i - 1]->off + order[i - 1]->bytes > order[i]->off)
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: tensors %s and %s overlap", p,
+                              order[i - 1]->name, order[i]->name);
+    }
+    free(sorted), free(order);
+    return s;
+}
+
+moe_status moe_gguf_open(const char *path, moe_gguf **out) {
+    *out = NULL;
+    moe_gguf *g = calloc(1, sizeof *g);
+    if (!g) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    snprintf(g->path, sizeof g->path, "%s", path);
+    moe_status s = map_file(path, &g->buf, &g->size);
+    cur c = {g->buf, g->size, 0, 0};
+    uint32_t version = 0;
+    uint64_t n_t = 0, n_kv = 0;
+    if (s == MOE_OK) {
+        int magic = need(&c, 4) && !memcmp(g->buf, "GGUF", 4);
+        c.at = 4;
+        version = (uint32_t)rd(&c, 4), n_t = rd(&c, 8), n_kv = rd(&c, 8);
+        if (!magic || c.bad)
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: not a GGUF file (no GGUF header)", path);
+        else if (version != 2 && version != 3)
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: GGUF version %u (versions 2 and 3 are read)",
+                              path, version);
+        else if (n_kv > g->size / 13 || n_t > g->size / 32) /* each takes that much at least */
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: %llu keys and %llu tensors do not fit in "
+                              "%zu bytes", path, (unsigned long long)n_kv, (unsigned long long)n_t,
+                              g->size);
+    }
+    if (s == MOE_OK) {
+        g->kv = calloc((size_t)n_kv + 1, sizeof *g->kv);
+        g->t = calloc((size_t)n_t + 1, sizeof *g->t);
+        if (!g->kv || !g->t) s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    }
+    for (uint64_t i = 0; s == MOE_OK && i < n_kv; i++) {
+        uint64_t len;
+        const char *k = rd_str(&c, &len);
+        gin_kv *kv = &g->kv[g->n_kv];
+        kv->type = (uint32_t)rd(&c, 4);
+        kv->val = c.p + c.at;
+        skip_value(&c, kv->type, kv);
+        if (c.bad || !len || len > 65535 || memchr(k, 0, (size_t)len)) {
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: key %llu is malformed or past the end", path,
+                              (unsigned long long)i);
+        } else if (!(kv->key = strndup(k, (size_t)len))) {
+            s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
+        } else {
+            g->n_kv++;
+            if (find_kv(g, kv->key) != kv)
+                s = moe_set_error(MOE_ERR_FORMAT, "%s: key %s appears twice", path, kv->key);
+        }
+    }
+    uint32_t align = ALIGN;
+    const gin_kv *a = s == MOE_OK ? find_kv(g, "general.alignment") : NULL;
+    if (a && a->type == G_U32) memcpy(&align, a->val, 4);
+    if (a && (a->type != G_U32 || !align || (align & (align - 1))))
+        s = moe_set_error(MOE_ERR_FORMAT, "%s: general.alignment is not a power of 2 (u32)", path);
+    for (uint64_t i = 0; s == MOE_OK && i < n_t; i++) {
+        uint64_t len;
+        gin_tensor *t = &g->t[g->n_t];
+        const char *name = rd_str(&c, &len);
+        t->ndim = (int)rd(&c, 4);
+        for (int d = 0; d < t->ndim && d < 4; d++) t->ne[d] = (int64_t)rd(&c, 8);
+        t->type = (uint32_t)rd(&c, 4);
+        t->off = rd(&c, 8);
+        if (c.bad || !len || len >= sizeof t->name || memchr(name, 0, (size_t)len) ||
+            t->ndim < 1 || t->ndim > 4)
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: tensor %llu's info is malformed (a name of 1 "
+                              "to 63 bytes, 1 to 4 dimensions) or past the end", path,
+                              (unsigned long long)i);
+        else memcpy(t->name, name, (size_t)len), g->n_t++;
+    }
+    g->data = (c.at + align - 1) / align * align;
+    if (s == MOE_OK && g->data > g->size && g->n_t)
+        s = moe_set_error(MOE_ERR_FORMAT, "%s: the tensors' data begins past the end", path);
+    if (s == MOE_OK) s = check_tensors(g, align);
+    if (s != MOE_OK) {
+        moe_gguf_close(g);
+        return s;
+    }
+    *out = g;
+    return MOE_OK;
+}
+
+/* ---- metadata */
+
+/* A whole number key (u8 to u64, i8 to i64, non-negative) into *v; 0 when absent or another
+ * type. */
+static int get_uint(const moe_gguf *g, const char *key, uint64_t *v) {
+    const gin_kv *kv = find_kv(g, key);
+    if (!kv || kv->type > 11 || kv->type == G_F32 || kv->type == G_BOOL || kv->type == G_STRING ||
+        kv->type == G_ARRAY)
+        return 0;
+    int size = value_size(kv->type), sign = kv->type % 2 && kv->type != 11 ? 1 : kv->type == 11;
+    uint64_t u = 0;
+    memcpy(&u, kv->val, (size_t)size);
+    if (sign && size < 8 && (u >> (8 * size - 1) & 1)) return 0; /* negative */
+    if (sign && size == 8 && (int64_t)u < 0) return 0;
+    *v = u;
+    return 1;
+}
+static int get_float(const moe_gguf *g, const char *key, double *v) {
+    const gin_kv *kv = find_kv(g, key);
+    float f;
+    if (kv && kv->type == G_F32) memcpy(&f, kv->val, 4), *v = f;
+    else if (kv && kv->type == 12) memcpy(v, kv->val, 8);
+    return kv && (kv->type == G_F32 || kv->type == 12);
+}
+/* a string key, NUL-terminated into buf; 0 when absent or not a string */
+static int get_string(const moe_gguf *g, const char *key, char *buf, size_t cap) {
+    const gin_kv *kv = find_kv(g, key);
+    uint64_t len;
+    if (!kv || kv->type != G_STRING) return 0;
+    memcpy(&len, kv->val, 8);
+    snprintf(buf, cap, "%.*s", (int)(len < cap ? len : cap - 1), (const char *)kv->val + 8);
+    return 1;
+}
+static int get_bool(const moe_gguf *g, const char *key, int def) {
+    const gin_kv *kv = find_kv(g, key);
+    return kv && kv->type == G_BOOL ? kv->val[0] != 0 : def;
+}
+
+static const gin_tensor *find_tensor(const moe_gguf *g, const char *name) {
+    for (int i = 0; i < g->n_t; i++)
+        if (!strcmp(g->t[i].name, name)) return &g->t[i];
+    return NULL;
+}
+
+/* The arch-prefixed whole number key into cfg's JSON key (absent: def, or an error when def < 0) */
+static moe_status arch_uint(const moe_gguf *g, const char *arch, const char *key, long long def,
+                            cJSON *j, const char *json_key, uint64_t *got) {
+    char name[128];
+    uint64_t v;
+    snprintf(name, sizeof name, "%s.%s", arch, key);
+    if (!get_uint(g, name, &v)) {
+        if (find_kv(g, name) || def < 0)
+            return moe_set_error(MOE_ERR_FORMAT, "%s: %s is %s", g->path, name,
+                                 find_kv(g, name) ? "not a whole number" : "missing");
+        v = (uint64_t)def;
+    }
+    if (v > INT32_MAX) return moe_set_error(MOE_ERR_FORMAT, "%s: %s is too large", g->path, name);
+    if (json_key) cJSON_AddNumberToObject(j, json_key, (double)v);
+    if (got) *got = v;
+    return MOE_OK;
+}
+
+moe_status moe_gguf_config_json(const moe_gguf *g, char **out) {
+    char arch[64] = "", buf[64];
+    const char *family = NULL;
+    *out = NULL;
+    get_string(g, "general.architecture", arch, sizeof arch);
+    for (size_t i = 0; i < N_ARCHS; i++)
+        if (!strcmp(arch, arch_map[i][1])) family = arch_map[i][0];
+    if (!family)
+        return moe_set_error(MOE_ERR_INVALID, "%s: general.architecture \"%s\" is not read here "
+                             "(llama with experts, qwen2moe, qwen3moe, olmoe)", g->path, arch);
+    snprintf(buf, sizeof buf, "%s.rope.scaling.type", arch);
+    char scaling[32] = "none";
+    get_string(g, buf, scaling, sizeof scaling);
+    if (strcmp(scaling, "none") || find_tensor(g, "rope_freqs.weight"))
+        return moe_set_error(MOE_ERR_INVALID, "%s: RoPE scaling (%s) is not read here", g->path,
+                             strcmp(scaling, "none") ? scaling : "rope_freqs.weight");
+    const gin_tensor *emb = find_tensor(g, "token_embd.weight");
+    if (!emb || emb->ndim != 2)
+        return moe_set_error(MOE_ERR_FORMAT, "%s: no two-dimensional token_embd.weight", g->path);
+    cJSON *j = cJSON_CreateObject();
+    if (!j) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    int qwen = !strncmp(arch, "qwen", 4);
+    uint64_t d, heads, experts;
+    cJSON_AddStringToObject(j, "model_type", family);
+    cJSON_AddNumberToObject(j, "vocab_size", (double)emb->ne[1]);
+    moe_status s = arch_uint(g, arch, "embedding_length", -1, j, "hidden_size", &d);
+    if (s == MOE_OK) s = arch_uint(g, arch, "block_count", -1, j, "num_hidden_layers", NULL);
+    if (s == MOE_OK)
+        s = arch_uint(g, arch, "attention.head_count", -1, j, "num_attention_heads", &heads);
+    if (s == MOE_OK)
+        s = arch_uint(g, arch, "attention.head_count_kv", (long long)heads, j,
+                      "num_key_value_heads", NULL);
+    if (s == MOE_OK)
+        s = arch_uint(g, arch, "expert_count", 0, j,
+                      strcmp(arch, "llama") ? "num_experts" : "num_local_experts", &experts);
+    if (s == MOE_OK && !experts)
+        s = moe_set_error(MOE_ERR_INVALID, "%s: a model without experts (%s.expert_count) is not "
+                          "read here", g->path, arch);
+    if (s == MOE_OK)
+        s = arch_uint(g, arch, "expert_used_count", -1, j, "num_experts_per_tok", NULL);
+    if (s == MOE_OK)
+        s = arch_uint(g, arch, "context_length", -1, j, "max_position_embeddings", NULL);
+    if (s == MOE_OK)
+        s = arch_uint(g, arch, "feed_forward_length", -1, j, "intermediate_size", NULL);
+    if (s == MOE_OK && qwen)
+        s = arch_uint(g, arch, "expert_feed_forward_length", -1, j, "moe_intermediate_size", NULL);
+    if (s == MOE_OK && !strcmp(arch, "qwen2moe"))
+        s = arch_uint(g, arch, "expert_shared_feed_forward_length", 0, j,
+                      "shared_expert_intermediate_size", NULL);
+    if (s == MOE_OK && (!strcmp(arch, "llama") || !strcmp(arch, "qwen3moe")))
+        s = arch_uint(g, arch, "attention.key_length", (long long)(d / (heads ? heads : 1)), j,
+                      "head_dim", NULL);
+    double eps, theta = 10000;
+    snprintf(buf, sizeof buf, "%s.attention.layer_norm_rms_epsilon", arch);
+    if (s == MOE_OK && !get_float(g, buf, &eps))
+        s = moe_set_error(MOE_ERR_FORMAT, "%s: %s is missing or not a float", g->path, buf);
+    snprintf(buf, sizeof buf, "%s.rope.freq_base", arch);
+    if (s == MOE_OK && find_kv(g, buf) && !get_float(g, buf, &theta))
+        s = moe_set_error(MOE_ERR_FORMAT, "%s: %s is not a float", g->path, buf);
+    if (s == MOE_OK) {
+        cJSON_AddNumberToObject(j, "rms_norm_eps", moe_hf_float_json((float)eps));
+        cJSON_AddNumberToObject(j, "rope_theta", moe_hf_float_json((float)theta));
+        cJSON_AddStringToObject(j, "hidden_act", "silu");
+        /* llama.cpp's graphs: Mixtral and Qwen3-MoE renormalise, Qwen2-MoE and OLMoE not */
+        if (strcmp(arch, "llama"))
+            cJSON_AddBoolToObject(j, "norm_topk_prob", !strcmp(arch, "qwen3moe"));
+        cJSON_AddBoolToObject(j, "tie_word_embeddings", !find_tensor(g, "output.weight"));
+        if (qwen) {
+            cJSON_AddNumberToObject(j, "decoder_sparse_step", 1);
+            cJSON_AddItemToObject(j, "mlp_only_layers", cJSON_CreateArray());
+        }
+        uint64_t id;
+        if (get_uint(g, "tokenizer.ggml.eos_token_id", &id) && id <= INT32_MAX)
+            cJSON_AddNumberToObject(j, "eos_token_id", (double)id);
+        if (get_uint(g, "tokenizer.ggml.bos_token_id", &id) && id <= INT32_MAX)
+            cJSON_AddNumberToObject(j, "bos_token_id", (double)id);
+        if (!(*out = cJSON_PrintUnformatted(j))) s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    }
+    cJSON_Delete(j);
+    return s;
+}
+
+/* ---- the vocabulary */
+
+/* an array key's n items of etype (NULL when absent or another type) */
+static const unsigned char *array_of(const moe_gguf *g, const char *key, uint32_t etype,
+                                     uint64_t n) {
+    const gin_kv *kv = find_kv(g, key);
+    return kv && kv->type == G_ARRAY && kv->etype == etype && kv->n == n ? kv->val + 12 : NULL;
+}
+
+typedef struct {
+    const char *s;
+    int id;
+} tok_entry;
+
+static int by_text(const void *a, const void *b) {
+    return strcmp(((const tok_entry *)a)->s, ((const tok_entry *)b)->s);
+}
+
+/* id of text among the sorted entries, -1 when none */
+static int token_of(const tok_entry *e, int n, const char *text) {
+    tok_entry key = {text, 0};
+    const tok_entry *f = bsearch(&key, e, (size_t)n, sizeof *e, by_text);
+    return f ? f->id : -1;
+}
+
+typedef struct {
+    float score;
+    int token, a, b;
+} spm_merge;
+
+static int by_score(const void *x, const void *y) {
+    const spm_merge *p = x, *q = y;
+    if (p->score != q->score) return p->score > q->score ? -1 : 1;
+    if (p->token != q->token) return p->token < q->token ? -1 : 1;
+    return p->a != q->a ? (p->a < q->a ? -1 : 1) : (p->b > q->b) - (p->b < q->b);
+}
+
+/* SentencePiece's merges from its scores (Hugging Face's converter's rule): every split of a
+ * token into two tokens, by the token's score, highest first (then by token, then by the
+ * halves' ids). */
+static moe_status spm_merges(char **text, const float *score, const int32_t *type, int n,
+                             cJSON *merges) {
+    tok_entry *e = malloc(sizeof *e * (size_t)(n + 1));
+    int ne = 0, nm = 0, cap = 1024;
+    spm_merge *m = malloc(sizeof *m * (size_t)cap);
+    moe_status s = e && m ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    for (int i = 0; s == MOE_OK && i < n; i++)
+        if (type[i] == TOK_NORMAL) e[ne++] = (tok_entry){text[i], i};
+    if (s == MOE_OK) qsort(e, (size_t)ne, sizeof *e, by_text);
+    char half[1024];
+    for (int i = 0; s == MOE_OK && i < n; i++) {
+        size_t len = strlen(text[i]);
+        if (type[i] != TOK_NORMAL || len >= sizeof half) continue;
+        for (size_t cut = 1; s == MOE_OK && cut < len; cut++) {
+            if ((text[i][cut] & 0xC0) == 0x80) continue; /* inside a character */
+            memcpy(half, text[i], cut);
+            half[cut] = '\0';
+            int a = token_of(e, ne, half), b = token_of(e, ne, text[i] + cut);
+            if (a < 0 || b < 0) continue;
+            if (nm == cap) {
+                spm_merge *more = realloc(m, sizeof *m * (size_t)(cap *= 2));
+                if (!more) s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
+                else m = more;
+            }
+            if (s == MOE_OK) m[nm++] = (spm_merge){score[i], i, a, b};
+        }
+    }
+    if (s == MOE_OK) qsort(m, (size_t)nm, sizeof *m, by_score);
+    for (int i = 0; s == MOE_OK && i < nm; i++) {
+        cJSON *pair = cJSON_CreateArray();
+        cJSON_AddItemToArray(pair, cJSON_CreateString(text[m[i].a]));
+        cJSON_AddItemToArray(pair, cJSON_CreateString(text[m[i].b]));
+        cJSON_AddItemToArray(merges, pair);
+    }
+    free(e), free(m);
+    return s;
+}
+
+/* the JSON of a ByteLevel pre-tokenizer or decoder */
+static cJSON *byte_level_json(int use_regex) {
+    cJSON *b = cJSON_CreateObject();
+    cJSON_AddStringToObject(b, "type", "ByteLevel");
+    cJSON_AddBoolToObject(b, "add_prefix_space", 0);
+    cJSON_AddBoolToObject(b, "trim_offsets", 0);
+    cJSON_AddBoolToObject(b, "use_regex", use_regex);
+    return b;
+}
+
+/* The pre-tokenizer of llama.cpp's split name (NULL: one not read here) */
+static cJSON *pre_json(const char *pre, int n_merges) {
+    if (!strcmp(pre, "gpt-2") || !strcmp(pre, "olmo")) return byte_level_json(1);
+    if (!strcmp(pre, "default") && !n_merges) return byte_level_json(0);
+    if (strcmp(pre, "qwen2")) return NULL;
+    cJSON *seq = cJSON_CreateObject(), *list = cJSON_AddArrayToObject(seq, "pretokenizers");
+    cJSON *split = cJSON_CreateObject(), *pat = cJSON_AddObjectToObject(split, "pattern");
+    cJSON_AddStringToObject(seq, "type", "Sequence");
+    cJSON_AddStringToObject(split, "type", "Split");
+    cJSON_AddStringToObject(pat, "Regex", QWEN2_PATTERN);
+    cJSON_AddStringToObject(split, "behavior", "Isolated");
+    cJSON_AddBoolToObject(split, "invert", 0);
+    cJSON_AddItemToArray(list, split);
+    cJSON_AddItemToArray(list, byte_level_json(0));
+    return seq;
+}
+
+/* SentencePiece's normaliser and decoder: ▁ for spaces (and before the text) */
+static void spm_json(cJSON *j, int space_prefix) {
+    cJSON *norm = cJSON_AddObjectToObject(j, "normalizer"), *list;
+    cJSON_AddStringToObject(norm, "type", "Sequence");
+    list = cJSON_AddArrayToObject(norm, "normalizers");
+    if (space_prefix) {
+        cJSON *p = cJSON_CreateObject();
+        cJSON_AddStringToObject(p, "type", "Prepend");
+        cJSON_AddStringToObject(p, "prepend", "\u2581");
+        cJSON_AddItemToArray(list, p);
+    }
+    cJSON *r = cJSON_CreateObject(), *pat = cJSON_AddObjectToObject(r, "pattern");
+    cJSON_AddStringToObject(r, "type", "Replace");
+    cJSON_AddStringToObject(pat, "String", " ");
+    cJSON_AddStringToObject(r, "content", "\u2581");
+    cJSON_AddItemToArray(list, r);
+    cJSON *dec = cJSON_AddObjectToObject(j, "decoder"), *steps;
+    cJSON_AddStringToObject(dec, "type", "Sequence");
+    steps = cJSON_AddArrayToObject(dec, "decoders");
+    cJSON *back = cJSON_Duplicate(r, 1), *bf = cJSON_CreateObject(), *fuse = cJSON_CreateObject();
+    cJSON_ReplaceItemInObject(back, "content", cJSON_CreateString(" "));
+    cJSON_ReplaceItemInObject(cJSON_GetObjectItem(back, "pattern"), "String",
+                              cJSON_CreateString("\u2581"));
+    cJSON_AddStringToObject(bf, "type", "ByteFallback");
+    cJSON_AddStringToObject(fuse, "type", "Fuse");
+    cJSON_AddItemToArray(steps, back);
+    cJSON_AddItemToArray(steps, bf);
+    cJSON_AddItemToArray(steps, fuse);
+    if (space_prefix) {
+        cJSON *strip = cJSON_CreateObject();
+        cJSON_AddStringToObject(strip, "type", "Strip");
+        cJSON_AddStringToObject(strip, "content", " ");
+        cJSON_AddNumberToObject(strip, "start", 1);
+        cJSON_AddNumberToObject(strip, "stop", 0);
+        cJSON_AddItemToArray(steps, strip);
+    }
+}
+
+/* Hugging Face's TemplateProcessing of a start and an end token (ids, -1: none) */
+static void template_json(cJSON *j, char **text, int bos, int eos) {
+    cJSON *post = cJSON_AddObjectToObject(j, "post_processor");
+    cJSON_AddStringToObject(post, "type", "TemplateProcessing");
+    cJSON *single = cJSON_AddArrayToObject(post, "single");
+    cJSON *special = cJSON_AddObjectToObject(post, "special_tokens");
+    for (int part = 0; part < 3; part++) {
+        int id = part == 0 ? bos : part == 2 ? eos : -1;
+        cJSON *item = cJSON_CreateObject(), *inner;
+        if (part == 1) {
+            inner = cJSON_AddObjectToObject(item, "Sequence");
+            cJSON_AddStringToObject(inner, "id", "A");
+        } else if (id >= 0) {
+            inner = cJSON_AddObjectToObject(item, "SpecialToken");
+            cJSON_AddStringToObject(inner, "id", text[id]);
+            cJSON *st = cJSON_AddObjectToObject(special, text[id]), *ids, *toks;
+            cJSON_AddStringToObject(st, "id", text[id]);
+            ids = cJSON_AddArrayToObject(st, "ids");
+            cJSON_AddItemToArray(ids, cJSON_CreateNumber(id));
+            toks = cJSON_AddArrayToObject(st, "tokens");
+            cJSON_AddItemToArray(toks, cJSON_CreateString(text[id]));
+        } else {
+            cJSON_Delete(item);
+            continue;
+        }
+        cJSON_AddNumberToObject(inner, "type_id", 0);
+        cJSON_AddItemToArray(single, item);
+    }
+}
+
+moe_status moe_gguf_tokenizer_json(const moe_gguf *g, char **out) {
+    char model[32] = "", pre[64] = "default";
+    *out = NULL;
+    get_string(g, "tokenizer.ggml.model", model, sizeof model);
+    get_string(g, "tokenizer.ggml.pre", pre, sizeof pre);
+    int spm = !strcmp(model, "llama");
+    const gin_kv *tk = find_kv(g, "tokenizer.ggml.tokens");
+    if (!model[0] || !strcmp(model, "none") || !strcmp(model, "no_vocab")) return MOE_OK;
+    if (!spm && strcmp(model, "gpt2"))
+        return moe_set_error(MOE_ERR_INVALID, "%s has no vocabulary read here (tokenizer.ggml."
+                             "model \"%s\"; gpt2 and llama are): give token ids with --ids",
+                             g->path, model);
+    if (!tk || tk->type != G_ARRAY || tk->etype != G_STRING || !tk->n || tk->n > INT32_MAX)
+        return moe_set_error(MOE_ERR_FORMAT, "%s: tokenizer.ggml.tokens is not a list of "
+                             "strings", g->path);
+    int n = (int)tk->n;
+    const gin_kv *mk = find_kv(g, "tokenizer.ggml.merges");
+    int n_merges = mk && mk->type == G_ARRAY && mk->etype == G_STRING ? (int)mk->n : -1;
+    if (!spm && n_merges < 0)
+        return moe_set_error(MOE_ERR_FORMAT, "%s: tokenizer.ggml.merges is not a list of "
+                             "strings", g->path);
+    const unsigned char *types = array_of(g, "tokenizer.ggml.token_type", G_I32, tk->n);
+    const unsigned char *scores = array_of(g, "tokenizer.ggml.scores", G_F32, tk->n);
+    char **text = calloc((size_t)n, sizeof *text);
+    int32_t *type = calloc((size_t)n, sizeof *type);
+    float *score = calloc((size_t)n, sizeof *score);
+    moe_status s = text && type && score ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    const unsigned char *p = tk->val + 12;
+    for (int i = 0; s == MOE_OK && i < n; i++) {
+        uint64_t len;
+        memcpy(&len, p, 8);
+        if (!(text[i] = strndup((const char *)p + 8, (size_t)len)))
+            s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
+        else if (strlen(text[i]) != len)
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: token %d holds a NUL byte", g->path, i);
+        p += 8 + len;
+        type[i] = TOK_NORMAL;
+        if (types) memcpy(&type[i], types + 4 * (size_t)i, 4);
+        if (scores) memcpy(&score[i], scores + 4 * (size_t)i, 4);
+    }
+    uint64_t bos = UINT64_MAX, eos = UINT64_MAX, unk = UINT64_MAX;
+    get_uint(g, "tokenizer.ggml.bos_token_id", &bos);
+    get_uint(g, "tokenizer.ggml.eos_token_id", &eos);
+    get_uint(g, "tokenizer.ggml.unknown_token_id", &unk);
+    int add_bos = get_bool(g, "tokenizer.ggml.add_bos_token", spm) && bos < (uint64_t)n;
+    int add_eos = get_bool(g, "tokenizer.ggml.add_eos_token", 0) && eos < (uint64_t)n;
+    cJSON *j = cJSON_CreateObject(), *added = cJSON_AddArrayToObject(j, "added_tokens");
+    cJSON *bpe = cJSON_AddObjectToObject(j, "model");
+    cJSON *vocab = cJSON_AddObjectToObject(bpe, "vocab");
+    cJSON *merges = cJSON_AddArrayToObject(bpe, "merges");
+    int byte_fallback = 0;
+    for (int i = 0; s == MOE_OK && i < n; i++) {
+        int t = type[i];
+        byte_fallback |= t == TOK_BYTE;
+        if (t == TOK_CONTROL || t == TOK_USER) {
+            cJSON *a = cJSON_CreateObject();
+            cJSON_AddNumberToObject(a, "id", i);
+            cJSON_AddStringToObject(a, "content", text[i]);
+            cJSON_AddBoolToObject(a, "single_word", 0);
+            cJSON_AddBoolToObject(a, "lstrip", 0);
+            cJSON_AddBoolToObject(a, "rstrip", 0);
+            cJSON_AddBoolToObject(a, "normalized", 0);
+            cJSON_AddBoolToObject(a, "special", t == TOK_CONTROL);
+            cJSON_AddItemToArray(added, a);
+        }
+        if (t != TOK_UNUSED && (spm || (t != TOK_CONTROL && t != TOK_USER)) &&
+            !cJSON_GetObjectItemCaseSensitive(vocab, text[i]))
+            cJSON_AddNumberToObject(vocab, text[i], i);
+    }
+    cJSON_AddStringToObject(bpe, "type", "BPE");
+    cJSON_AddBoolToObject(bpe, "byte_fallback", byte_fallback);
+    cJSON_AddBoolToObject(bpe, "fuse_unk", spm);
+    if (unk < (uint64_t)n) cJSON_AddStringToObject(bpe, "unk_token", text[unk]);
+    else cJSON_AddNullToObject(bpe, "unk_token");
+    if (s == MOE_OK && spm) {
+        s = spm_merges(text, score, type, n, merges);
+        cJSON_AddNullToObject(j, "pre_tokenizer");
+        spm_json(j, get_bool(g, "tokenizer.ggml.add_space_prefix", 1));
+    } else if (s == MOE_OK) {
+        p = mk->val + 12;
+        for (int i = 0; i < n_merges; i++) {
+            uint64_t len;
+            memcpy(&len, p, 8);
+            char *m = strndup((const char *)p + 8, (size_t)len);
+            if (m) cJSON_AddItemToArray(merges, cJSON_CreateString(m));
+            free(m);
+            p += 8 + len;
+        }
+        cJSON *pj = pre_json(pre, n_merges);
+        if (!pj)
+            s = moe_set_error(MOE_ERR_INVALID, "%s: pre-tokenizer \"%s\" is not read here (qwen2, "
+                              "gpt-2, olmo; default without merges): give token ids with --ids",
+                              g->path, pre);
+        cJSON_AddItemToObject(j, "pre_tokenizer", pj ? pj : cJSON_CreateNull());
+        cJSON_AddNullToObject(j, "normalizer");
+        cJSON_AddItemToObject(j, "decoder", byte_level_json(0));
+    }
+    if (s == MOE_OK && (add_bos || add_eos))
+        template_json(j, text, add_bos ? (int)bos : -1, add_eos ? (int)eos : -1);
+    if (s == MOE_OK && !(*out = cJSON_PrintUnformatted(j)))
+        s = moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    cJSON_Delete(j);
+    for (int i = 0; text && i < n; i++) free(text[i]);
+    free(text), free(type), free(score);
+    return s;
+}
+
+/* ---- the tensors */
+
+static const char *type_name(uint32_t type) {
+    return type < sizeof type_names / sizeof *type_names ? type_names[type] : "an unknown type";
+}
+
+/* Rows [r0, r0 + nr) of t (rows of ne[0] values, the dimensions above flattened) as floats. */
+static void dequant_rows(const moe_gguf *g, const gin_tensor *t, int64_t r0, int64_t nr,
+                         float *out) {
+    const ggml_type *ty = find_type(t->type);
+    size_t row_bytes = (size_t)(t->ne[0] / ty->block * ty->bytes), n = (size_t)(nr * t->ne[0]);
+    const unsigned char *p = g->buf + g->data + t->off + (size_t)r0 * row_bytes;
+    uint16_t h;
+    for (size_t i = 0; t->type == MOE_GGUF_F32 && i < n; i++) memcpy(&out[i], p + 4 * i, 4);
+    for (size_t i = 0; t->type == MOE_GGUF_F16 && i < n; i++)
+        memcpy(&h, p + 2 * i, 2), out[i] = moe_f16_to_f32(h);
+    for (size_t i = 0; t->type == MOE_GGUF_BF16 && i < n; i++) {
+        memcpy(&h, p + 2 * i, 2);
+        uint32_t u = (uint32_t)h << 16;
+        memcpy(&out[i], &u, 4);
+    }
+    for (size_t b = 0; ty->block == 32 && b < n / 32; b++, p += ty->bytes) {
+        memcpy(&h, p, 2);
+        float d = moe_f16_to_f32(h), *o = out + 32 * b;
+        const unsigned char *q = p + 2;
+        if (t->type == 8) /* Q8_0: d q, q signed bytes */
+            for (int i = 0; i < 32; i++) o[i] = d * (float)(int8_t)q[i];
+        else /* Q4_0: d (q - 8), the low nibbles first, then the high ones */
+            for (int i = 0; i < 16; i++) {
+                o[i] = d * (float)((q[i] & 15) - 8);
+                o[i + 16] = d * (float)((q[i] >> 4) - 8);
+            }
+    }
+}
+
+/* The file's tensor for our tensor ti into dst (expert e's slice of a stacked one; llama's q
+ * and k rows back from llama.cpp's RoPE pair order); *used marks it. */
+static moe_status load_tensor(const moe_gguf *g, const char *arch, const moe_model_config *c,
+                              const moe_tensor_info *ti, float *dst, float *tmp, uint8_t *used) {
+    char name[64];
+    int e, heads;
+    if (!gguf_name(arch, c, ti->name, name, sizeof name, &e, &heads))
+        return moe_set_error(MOE_ERR_INVALID, "%s has no name in llama.cpp's %s", ti->name, arch);
+    const gin_tensor *t = find_tensor(g, name);
+    if (!t) return moe_set_error(MOE_ERR_FORMAT, "%s: tensor %s is missing", g->path, name);
+    int64_t rows = ti->ndim > 1 ? ti->shape[0] : 1, cols = ti->shape[ti->ndim - 1];
+    int64_t want[4] = {cols, rows, e >= 0 ? c->moe.n_experts : 1, 1};
+    for (int d = 0; d < 4; d++)
+        if ((d < t->ndim ? t->ne[d] : 1) != want[d] || (d == 1 && ti->ndim == 1 && t->ndim > 1 &&
+                                                        t->ne[1] != 1))
+            return moe_set_error(MOE_ERR_FORMAT, "%s: tensor %s has dimensions %lld x %lld x "
+                                 "%lld, %s needs %lld x %lld x %lld", g->path, name,
+                                 (long long)t->ne[0], (long long)(t->ndim > 1 ? t->ne[1] : 1),
+                                 (long long)(t->ndim > 2 ? t->ne[2] : 1), ti->name,
+                                 (long long)want[0], (long long)want[1], (long long)want[2]);
+    if (!find_type(t->type))
+        return moe_set_error(MOE_ERR_INVALID, "%s: tensor %s is %s (ggml type %u); F32, F16, "
+                             "BF16, Q8_0 and Q4_0 are read here", g->path, name,
+                             type_name(t->type), t->type);
+    dequant_rows(g, t, e >= 0 ? e * rows : 0, rows, tmp);
+    int64_t hd = heads ? rows / heads : 0;
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t from = heads ? r / hd * hd + (r % hd) % (hd / 2) * 2 + (r % hd) / (hd / 2) : r;
+        memcpy(dst + r * cols, tmp + from * cols, sizeof(float) * (size_t)cols);
+    }
+    for (int64_t i = 0; i < rows * cols; i++)
+        if (!isfinite(dst[i]))
+            return moe_set_error(MOE_ERR_FORMAT, "%s: tensor %s holds %g", g->path, name,
+                                 (double)dst[i]);
+    used[t - g->t] = 1;
+    return MOE_OK;
+}
+
+moe_status moe_gguf_load(const moe_gguf *g, const char *family, moe_model *m) {
+    const moe_model_config *c = moe_model_get_config(m);
+    const char *arch = moe_gguf_arch(family);
+    size_t total = moe_model_param_count(m), largest = 1;
+    int n = moe_model_n_tensors(m);
+    for (int i = 0; i < n; i++) largest = moe_model_tensor(m, i)->numel > largest
+                                              ? moe_model_tensor(m, i)->numel : largest;
+    float *stage = malloc(sizeof(float) * total), *tmp = malloc(sizeof(float) * largest);
+    uint8_t *used = calloc((size_t)g->n_t + 1, 1);
+    moe_status s = stage && tmp && used && arch ? MOE_OK
+                   : arch ? moe_set_error(MOE_ERR_NOMEM, "out of memory")
+                          : moe_set_error(MOE_ERR_INVALID, "no llama.cpp architecture for %s",
+                                          family);
+    for (int i = 0; s == MOE_OK && i < n; i++) {
+        const moe_tensor_info *ti = moe_model_tensor(m, i);
+        s = load_tensor(g, arch, c, ti, stage + ti->offset, tmp, used);
+    }
+    for (int i = 0; s == MOE_OK && i < g->n_t; i++)
+        if (!used[i])
+            s = moe_set_error(MOE_ERR_FORMAT, "%s: tensor %s is not part of the model its keys "
+                              "describe", g->path, g->t[i].name);
+    if (s == MOE_OK) memcpy(moe_model_params(m), stage, sizeof(float) * total);
+    free(stage), free(tmp), free(used);
     return s;
 }

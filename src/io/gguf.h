@@ -27,9 +27,10 @@ int moe_gguf_compatible(const moe_model_config *c, const char *family, char *why
 typedef struct {
     const char *name;           /* general.name */
     int context_length;         /* the model's positions (max_position_embeddings) */
-    const char *tokenizer_path; /* a tokenizer.json (byte-level BPE, or SentencePiece's BPE:
-                                   byte fallback or Metaspace), or NULL: */
+    const char *tokenizer_json; /* a tokenizer.json's text (byte-level BPE, or SentencePiece's
+                                   BPE: byte fallback or Metaspace), or NULL: */
     int bytes;                  /* moe prepare's bytes then, else no vocabulary (ids only) */
+    const char *tokenizer_name; /* the tokenizer's file, for messages */
     const int32_t *eos;         /* end-of-text ids (the first is written), n_eos of them */
     int n_eos;
     moe_gguf_type type;         /* of the matrices; vectors, norms and routers stay F32 */
@@ -40,5 +41,33 @@ typedef struct {
  * name (experts stacked into one tensor per projection, dimensions fastest first). */
 moe_status moe_gguf_save(const char *path, const char *family, moe_model *m,
                          const moe_gguf_meta *meta);
+
+/* ---- reading: a GGUF file of those architectures stands where a Hugging Face directory does
+ * (moe eval / generate / convert / tokenize --model FILE.gguf, moe train --init-from) */
+
+/* Whether path is a regular file that begins with GGUF's magic. */
+int moe_gguf_is_file(const char *path);
+
+typedef struct moe_gguf moe_gguf;
+/* Maps and checks a file (versions 2 and 3): the header, every key and value inside the file,
+ * no key twice, the alignment, every tensor's info (a name of 1 to 63 bytes, 1 to 4 positive
+ * dimensions, offsets aligned; data of the types read here inside the file and apart from the
+ * others'; no name twice). */
+moe_status moe_gguf_open(const char *path, moe_gguf **out);
+void moe_gguf_close(moe_gguf *g);
+/* The config.json text (malloc'd) of the file's model for its Hugging Face family's parser:
+ * model_type, sizes, heads, experts, RoPE base, eps, positions, tied embeddings, special ids;
+ * an architecture other than those written here (or a dense llama), RoPE scaling or a
+ * RoPE frequency tensor: an error. */
+moe_status moe_gguf_config_json(const moe_gguf *g, char **out);
+/* A tokenizer.json text (malloc'd) for the file's vocabulary: gpt2 (byte-level BPE with its
+ * merges and split), llama (SentencePiece's: merges from the scores, as Hugging Face's
+ * converter makes them); NULL for none (tokenizer.ggml.model none or absent); another: an
+ * error. */
+moe_status moe_gguf_tokenizer_json(const moe_gguf *g, char **out);
+/* Every parameter of m (created from moe_gguf_config_json's configuration) from the file's
+ * tensors: F32, F16, BF16, Q8_0 or Q4_0, dequantised; shapes checked, values finite, no
+ * tensor of the file left unused; nothing changes in m on failure. */
+moe_status moe_gguf_load(const moe_gguf *g, const char *family, moe_model *m);
 
 #endif

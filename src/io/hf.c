@@ -3,6 +3,7 @@
 
 #include "core/core.h"
 #include "io/data.h"
+#include "io/gguf.h"
 #include "io/safetensors.h"
 #include "train/trainer.h"
 
@@ -382,8 +383,19 @@ static moe_status read_json(const char *dir, const char *name, char *path, size_
     return MOE_OK;
 }
 
-/* DIR/config.json. */
+/* DIR/config.json; a GGUF file's as moe_gguf_config_json makes it. */
 static moe_status read_config(const char *dir, char *path, size_t cap, cJSON **out) {
+    if (moe_gguf_is_file(dir)) {
+        moe_gguf *g;
+        char *text = NULL;
+        snprintf(path, cap, "%s", dir);
+        MOE_TRY(moe_gguf_open(dir, &g));
+        moe_status s = moe_gguf_config_json(g, &text);
+        moe_gguf_close(g);
+        *out = s == MOE_OK ? cJSON_Parse(text) : NULL;
+        free(text);
+        return s != MOE_OK ? s : *out ? MOE_OK : moe_set_error(MOE_ERR_NOMEM, "out of memory");
+    }
     const char *run = moe_file_exists(dir, "config.json") ? NULL : moe_checkpoint_run_marker(dir);
     if (run) /* the other way round from --load of a model directory */
         return moe_set_error(MOE_ERR_INVALID, "%s is a moe run or checkpoint (%s), not a Hugging "
@@ -441,8 +453,10 @@ static int add_id(const cJSON *v, int32_t *ids, int *n, int cap) {
 static moe_status add_eos(const char *dir, const char *name, int32_t *ids, int *n, int cap) {
     char path[4400];
     cJSON *j, *e;
-    if (!moe_file_exists(dir, name)) return MOE_OK;
-    MOE_TRY(read_json(dir, name, path, sizeof path, &j));
+    int gguf = moe_gguf_is_file(dir); /* config.json's keys alone */
+    if (gguf ? strcmp(name, "config.json") : !moe_file_exists(dir, name)) return MOE_OK;
+    MOE_TRY(gguf ? read_config(dir, path, sizeof path, &j)
+                 : read_json(dir, name, path, sizeof path, &j));
     cJSON *eos = cJSON_GetObjectItemCaseSensitive(j, "eos_token_id");
     cJSON *list = cJSON_IsArray(eos) ? eos : NULL;
     int ok = !eos || cJSON_IsNull(eos) || token_id(eos) || list;
@@ -538,6 +552,13 @@ static void copy_biases(moe_model *m, float *buf, int to_model) {
 
 moe_status moe_hf_load(const char *dir, const char *family, moe_model *m) {
     const moe_model_config *c = moe_model_get_config(m);
+    if (moe_gguf_is_file(dir)) {
+        moe_gguf *g;
+        MOE_TRY(moe_gguf_open(dir, &g));
+        moe_status s = moe_gguf_load(g, family, m);
+        moe_gguf_close(g);
+        return s;
+    }
     hf_load_ctx a = {family, c};
     if (!c->moe.enable_expert_bias)
         return moe_checkpoint_load_params(dir, m, rename_hf_load, unused_hf, &a);
@@ -694,9 +715,7 @@ static void set_number(cJSON *j, const char *key, double v) {
     cJSON_AddNumberToObject(j, key, v);
 }
 
-/* The double of the shortest decimal that reads back as f: 1e-5f goes out as 1e-05, not as
- * the widened float 9.99999974737875e-06. */
-static double float_json(float f) {
+double moe_hf_float_json(float f) {
     char buf[32];
     for (int digits = 1; digits < 9; digits++) {
         snprintf(buf, sizeof buf, "%.*g", digits, (double)f);
@@ -710,7 +729,7 @@ static double float_json(float f) {
 static void set_float(cJSON *j, const char *key, float v) {
     const cJSON *old = cJSON_GetObjectItemCaseSensitive(j, key);
     if (cJSON_IsNumber(old) && (float)old->valuedouble == v) return;
-    set_number(j, key, float_json(v));
+    set_number(j, key, moe_hf_float_json(v));
 }
 
 static void set_bool(cJSON *j, const char *key, int v) {

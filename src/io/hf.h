@@ -28,6 +28,9 @@ void moe_hf_tensor_name(const char *family, const char *ours, char *buf, size_t 
  * shapes checked; nothing changes in m on failure. */
 moe_status moe_hf_load(const char *dir, const char *family, moe_model *m);
 
+/* The double of the shortest decimal that reads back as f, for JSON: 1e-5f goes out as 1e-05,
+ * not as the widened float 9.99999974737875e-06. */
+double moe_hf_float_json(float f);
 /* Whether the layer's top-k weights are renormalised (the softmax over the k logits is the
  * same). */
 int moe_hf_renormalised(const moe_layer_config *m);

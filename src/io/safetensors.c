@@ -170,7 +170,7 @@ const char *moe_st_meta(const moe_safetensors *st, const char *key) {
     return NULL;
 }
 
-static float half_to_float(uint16_t h) {
+float moe_f16_to_f32(uint16_t h) {
     int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
     float v = e == 0 ? ldexpf((float)m, -24) : e == 31 ? (m ? NAN : INFINITY)
                                                        : ldexpf((float)(m + 1024), e - 25);
@@ -186,7 +186,7 @@ static float element(const moe_st_tensor *t, size_t i) {
         memcpy(&v, t->data + 8 * i, 8);
         return (float)v;
     }
-    case MOE_DT_F16: memcpy(&h, t->data + 2 * i, 2); return half_to_float(h);
+    case MOE_DT_F16: memcpy(&h, t->data + 2 * i, 2); return moe_f16_to_f32(h);
     case MOE_DT_BF16: {
         memcpy(&h, t->data + 2 * i, 2);
         uint32_t u = (uint32_t)h << 16;

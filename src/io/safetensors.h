@@ -27,6 +27,8 @@ typedef enum {
     MOE_DT_F8_E4M3 = 13,
     MOE_DT_F8_E5M2 = 14,
 } moe_dtype;
+/* IEEE half precision as float32 (subnormals, infinities and NaN too). */
+float moe_f16_to_f32(uint16_t h);
 /* The dtype's name in safetensors' headers ("F32", "F8_E4M3", ...). */
 const char *moe_st_dtype_name(moe_dtype d);
 

@@ -634,8 +634,15 @@ moe_status moe_tokenizer_load(const char *path, moe_tokenizer **out) {
     char *text = NULL;
     size_t len = 0;
     MOE_TRY(moe_read_file(path, &text, &len));
-    cJSON *j = cJSON_ParseWithLength(text, len);
+    moe_status s = moe_tokenizer_parse(text, len, path, out);
     free(text);
+    return s;
+}
+
+moe_status moe_tokenizer_parse(const char *text, size_t len, const char *path,
+                               moe_tokenizer **out) {
+    *out = NULL;
+    cJSON *j = cJSON_ParseWithLength(text, len);
     if (!j) return moe_set_error(MOE_ERR_FORMAT, "%s: not valid JSON", path);
     moe_tokenizer *t = calloc(1, sizeof *t);
     moe_status s = t ? parse(t, j) : moe_set_error(MOE_ERR_NOMEM, "out of memory");

@@ -16,6 +16,9 @@ typedef struct moe_tokenizer moe_tokenizer;
 
 /* Reads a tokenizer.json; a component this reader does not implement is refused by name. */
 moe_status moe_tokenizer_load(const char *path, moe_tokenizer **out);
+/* The same from a tokenizer.json's text (path names it in messages). */
+moe_status moe_tokenizer_parse(const char *text, size_t len, const char *path,
+                               moe_tokenizer **out);
 void moe_tokenizer_free(moe_tokenizer *t);
 /* One more than the largest id (model vocabulary and added tokens). */
 int moe_tokenizer_size(const moe_tokenizer *t);
