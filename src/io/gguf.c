@@ -1023,7 +1023,7 @@ static moe_status arch_uint(const moe_gguf *g, const char *arch, const char *key
 }
 
 moe_status moe_gguf_config_json(const moe_gguf *g, char **out) {
-    char arch[64] = "", buf[64];
+    char arch[64] = "", buf[128];
     const char *family = NULL;
     *out = NULL;
     get_string(g, "general.architecture", arch, sizeof arch);
