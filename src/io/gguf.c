@@ -948,7 +948,7 @@ moe_status moe_gguf_open(const char *path, moe_gguf **out) {
                               (unsigned long long)i);
         else memcpy(t->name, name, (size_t)len), g->n_t++;
     }
-    g->data = (c.at + align - 1) / align * align;
+    if (s == MOE_OK) g->data = (c.at + align - 1) / align * align; /* align: a power of 2 */
     if (s == MOE_OK && g->data > g->size && g->n_t)
         s = moe_set_error(MOE_ERR_FORMAT, "%s: the tensors' data begins past the end", path);
     if (s == MOE_OK) s = check_tensors(g, align);
