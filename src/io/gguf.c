@@ -320,6 +320,14 @@ static moe_status tokenizer_keys(gkv *k, const char *json, const char *path, int
             v.score[id->valueint] < -(float)i)
             v.score[id->valueint] = -(float)i;
     }
+    /* llama.cpp's SentencePiece tokenizer spells a character it has no token for in byte tokens,
+     * and stops when one is missing */
+    int bytes = 0;
+    for (int t = 0; spm && t < V; t++) bytes += v.type[t] == TOK_BYTE;
+    if (s == MOE_OK && spm && bytes < 256)
+        s = moe_set_error(MOE_ERR_INVALID, "%s: llama.cpp's SentencePiece vocabulary needs the 256 "
+                          "byte tokens <0x00> ... <0xFF> (byte fallback); this one has %d", where,
+                          bytes);
     const char *pre = spm ? NULL : pre_name(tok, v.n_merges, arch);
     if (s == MOE_OK && !spm && !pre)
         s = moe_set_error(MOE_ERR_INVALID, "%s: its pre-tokenizer is neither GPT-2's nor Qwen2's "
