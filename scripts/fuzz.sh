@@ -18,11 +18,13 @@ status=0
 for t in $targets; do
   mkdir -p "build-fuzz/corpus/$t"
   log=build-fuzz/fuzz_$t.log
-  # one process; ASan's leak check on; inputs up to 64 KiB
+  # one process; ASan's leak check on; inputs up to 64 KiB or the largest seed's size
   dict=(); [ -f "fuzz/$t.dict" ] && dict=(-dict="fuzz/$t.dict")
   seeds=("fuzz/corpus/$t"); [ -d "fuzz/regressions/$t" ] && seeds+=("fuzz/regressions/$t")
+  max=$(find "${seeds[@]}" -type f -printf '%s\n' | sort -n | tail -1)
+  [ "${max:-0}" -gt 65536 ] || max=65536
   if OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive "build-fuzz/fuzz_$t" -max_total_time="$secs" \
-       -max_len=65536 -timeout=20 -rss_limit_mb=4096 -print_final_stats=1 \
+       -max_len="$max" -timeout=20 -rss_limit_mb=4096 -print_final_stats=1 \
        -artifact_prefix="build-fuzz/artifacts/$t-" "${dict[@]}" \
        "build-fuzz/corpus/$t" "${seeds[@]}" >"$log" 2>&1; then
     result=ok

@@ -19,6 +19,8 @@ py=/usr/bin/python3
   printf '%s\tF32\t1\t%s\t300\tqwen2_moe\n' "$tmp/q2" "$seed"
   printf '%s\tF16\t3\t%s\t300\tqwen3_moe\n' "$tmp/q3" "$seed"
   printf '%s\tBF16\t1\t%s\t300\tolmoe\t{"num_key_value_heads": 4}\n' "$tmp/ol" "$seed"
+  # rows of 256 for the K-quants' blocks
+  printf '%s\tF32\t1\t%s\t300\tmixtral\t{"hidden_size": 256, "intermediate_size": 256}\n' "$tmp/mk" "$seed"
   # refused: no shared expert, grouped key/value heads, a dense layer, DeepSeek, top-k weights
   # renormalised where llama.cpp's qwen2moe does not
   printf '%s\tF32\t1\t%s\t97\tqwen2_moe\t{"shared_expert_intermediate_size": 0}\n' "$tmp/q0" "$seed"
@@ -113,6 +115,7 @@ j.update(pre_tokenizer=dict(ms, split=True), decoder=ms,
          model=bpe(vocab, merges, unk_token="<unk>", fuse_unk=True))
 json.dump(j, open(tmp + "/qm/tokenizer.json", "w"), ensure_ascii=False)
 PY
+cp "$tmp/mx/tokenizer.json" "$tmp/mk/"
 # each tokenizer reads (the file is one moe's tokenizer takes)
 for m in mx q2 ol q3; do
   "$moe" tokenize --model "$tmp/$m" --prompt "the and a" >"$tmp/out" 2>&1 || fail "$m tokenizer: $(cat "$tmp/out")"
@@ -129,13 +132,13 @@ for m in mx mb q2 q3 ol; do
   grep -q "^wrote $d.gguf (llama.cpp's .*$note" "$tmp/out" || fail "$m convert output: $(cat "$tmp/out")"
   check "$d.gguf" "$d" "$d/ref.npy" "$(cat "$d/ids.txt")" 1e-9 f32
 done
-# half precision: the matrices rounded to nearest even from the same values, checked exactly
-# (not the logits: a rounding may change a token's experts)
-for t in f16 bf16; do
+# half precision and Q8_0: the matrices rounded to nearest even or quantised from the same
+# values, checked exactly (not the logits: a rounding may change a token's experts)
+for t in f16 bf16 q8_0; do
   for m in q2 mx; do
     d="$tmp/$m"
-    "$moe" convert --model "$d" --to gguf "$d.$t.gguf" --outtype $t >"$tmp/out" 2>&1 || fail "$m $t: $(cat "$tmp/out")"
-    check "$d.$t.gguf" "$d" "$d/ref.npy" "$(cat "$d/ids.txt")" - $t
+    "$moe" convert --model "$d" --to gguf "$d.out-$t.gguf" --outtype $t >"$tmp/out" 2>&1 || fail "$m $t: $(cat "$tmp/out")"
+    check "$d.out-$t.gguf" "$d" "$d/ref.npy" "$(cat "$d/ids.txt")" - $t
   done
 done
 
@@ -149,9 +152,9 @@ done
 "$moe" convert --load "$tmp/run" --to hf "$tmp/runhf" >"$tmp/out" 2>&1 || fail "convert hf: $(cat "$tmp/out")"
 "$moe" convert --load "$tmp/run" --to gguf "$tmp/run.gguf" >"$tmp/out" 2>&1 || fail "convert run: $(cat "$tmp/out")"
 grep -q "llama.cpp's llama, f32, .* the vocabulary of bytes" "$tmp/out" || fail "run output: $(cat "$tmp/out")"
-ids=$($py -c "import random; print(','.join(str(random.randrange(257)) for _ in range(11)))")
-"$moe" eval --model "$tmp/runhf" --ids "$ids" --dump-logits "$tmp/run.npy" >"$tmp/out" 2>&1 || fail "eval: $(cat "$tmp/out")"
-check "$tmp/run.gguf" "$tmp/runhf" "$tmp/run.npy" "$ids" 2e-5 f32
+run_ids=$($py -c "import random; print(','.join(str(random.randrange(257)) for _ in range(11)))")
+"$moe" eval --model "$tmp/runhf" --ids "$run_ids" --dump-logits "$tmp/run.npy" >"$tmp/out" 2>&1 || fail "eval: $(cat "$tmp/out")"
+check "$tmp/run.gguf" "$tmp/runhf" "$tmp/run.npy" "$run_ids" 2e-5 f32
 
 # refusals: one line, exit 2, no file
 refuse() { # refuse LABEL MESSAGE ARGS...: exit 2, MESSAGE on stderr, no OUT written
@@ -224,13 +227,14 @@ b"
   fail "text without a vocabulary: exit $rc, $(cat "$tmp/out")"
 # quantised files (written by gguf_files.py from ggml's block layouts): values dequantised as
 # the format defines them, bit for bit (through moe convert back to F32)
-for q in q8_0 q4_0; do
-  for m in mx q2; do
-    $py "$src/tests/gguf_files.py" quantise "$tmp/$m.gguf" "$tmp/$m.$q.gguf" $q "$tmp/$m.$q.npz" >/dev/null &&
-      "$moe" convert --model "$tmp/$m.$q.gguf" --to gguf "$tmp/$m.$q.f32.gguf" >"$tmp/out" 2>&1 &&
-      $py "$src/tests/gguf_files.py" compare "$tmp/$m.$q.f32.gguf" "$tmp/$m.$q.npz" >"$tmp/out" 2>&1 ||
-      fail "$m $q: $(cat "$tmp/out")"
-  done
+"$moe" convert --model "$tmp/mk" --to gguf "$tmp/mk.gguf" >"$tmp/out" 2>&1 || fail "mk convert: $(cat "$tmp/out")"
+for mq in mx:q8_0 q2:q8_0 mx:q4_0 q2:q4_0 mx:q4_1 q2:q5_0 mx:q5_1 mk:q2_k mk:q3_k mk:q4_k mk:q5_k mk:q6_k; do
+  m=${mq%:*} q=${mq#*:}
+  $py "$src/tests/gguf_files.py" quantise "$tmp/$m.gguf" "$tmp/$m.$q.gguf" $q "$tmp/$m.$q.npz" >"$tmp/out" &&
+    grep -q ", [1-9][0-9]* of them $q" "$tmp/out" &&
+    "$moe" convert --model "$tmp/$m.$q.gguf" --to gguf "$tmp/$m.$q.f32.gguf" >"$tmp/out" 2>&1 &&
+    $py "$src/tests/gguf_files.py" compare "$tmp/$m.$q.f32.gguf" "$tmp/$m.$q.npz" >"$tmp/out" 2>&1 ||
+    fail "$m $q: $(cat "$tmp/out")"
 done
 # fine-tuning from a file: its ids for data, a step at lr 0 keeps every weight (the run's
 # file checked against the directory without its tokenizer: the run's vocabulary is the
@@ -250,4 +254,34 @@ while IFS='	' read -r name msg; do
   [ $rc = 1 ] && [ "$(wc -l <"$tmp/out")" = 1 ] && grep -qF "$msg" "$tmp/out" ||
     fail "malformed $name: exit $rc, $(cat "$tmp/out")"
 done <"$tmp/bad/faults.tsv"
+
+# llama.cpp itself, where node-llama-cpp is installed (MOE_LLAMA_CPP: a folder where `npm install
+# node-llama-cpp` ran; node 20 or later): the F32 files' probabilities against the references,
+# the quantised ones against moe eval's, the vocabularies' ids of texts (not mb's: llama.cpp
+# tokenizes nothing without a vocabulary, and node-llama-cpp stops on it)
+if [ -n "${MOE_LLAMA_CPP:-}" ]; then
+  lc() { $py "$src/tests/llama_cpp.py" "$moe" "$@" >"$tmp/out" 2>&1 || fail "$(cat "$tmp/out") (seed $seed)"; cat "$tmp/out"; }
+  for m in mx q2 q3 ol; do
+    lc probs "$tmp/$m.gguf" "$(cat "$tmp/$m/ids.txt")" "$tmp/$m/ref.npy" 1e-6
+    lc tokens "$tmp/$m.gguf" "the and a" "  thé   cat<|endoftext|> and 漢字 🙂 " "<s>the</s>" "a
+b"
+  done
+  lc probs "$tmp/run.gguf" "$run_ids" "$tmp/run.npy" 1e-6
+  lc dequant
+  for m in mx q2; do # moe convert --outtype q8_0's files, as the quantised ones below
+    "$moe" convert --model "$tmp/$m.out-q8_0.gguf" --to gguf "$tmp/$m.out-q8_0.f32.gguf" >"$tmp/out" 2>&1 ||
+      fail "$m q8_0 to f32: $(cat "$tmp/out")"
+  done
+  for mq in mx:q8_0 q2:q4_0 mx:q4_1 q2:q5_0 mx:q5_1 mk:q2_k mk:q3_k mk:q4_k mk:q5_k mk:q6_k mx:out-q8_0 q2:out-q8_0; do
+    m=${mq%:*} q=${mq#*:} ids=$(cat "$tmp/$m/ids.txt")
+    "$moe" eval --model "$tmp/$m.$q.gguf" --ids "$ids" --dump-logits "$tmp/$m.$q.npy" >"$tmp/out" 2>&1 ||
+      fail "$m $q eval: $(cat "$tmp/out")"
+    # mk's random bits make logits up to about 14 from sums of 256 larger terms: the two
+    # programs' float32 sums (in other orders) part by up to 2e-5 in a probability there
+    tol=1e-5; [ $m != mk ] || tol=1e-4
+    lc quant "$tmp/$m.$q.gguf" "$tmp/$m.$q.f32.gguf" "$ids" "$tmp/$m.$q.npy" $tol
+  done
+else
+  echo "gguf: llama.cpp itself not run (MOE_LLAMA_CPP unset)"
+fi
 echo "gguf: all checks passed (seed $seed)"

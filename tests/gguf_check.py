@@ -4,9 +4,10 @@ aligned sizes) and checked against the Hugging Face directory it stands for:
 
 - every tensor of the directory under llama.cpp's name, with its values: stacked experts, dims
   fastest first, q and k rows of the llama architecture in llama.cpp's RoPE pair order; F32, or
-  the directory's values rounded to F16 / BF16 (round to nearest even) for --outtype; vectors,
-  norms and routers F32; no other tensor (output.weight duplicated where the architecture needs
-  it);
+  the directory's values rounded to F16 / BF16 (round to nearest even) or quantised to Q8_0 as
+  ggml's reference quantiser does it (gguf_files.py's, which equals ggml's: llama_cpp.py) for
+  --outtype; vectors, norms, routers and, for Q8_0, rows not of whole blocks F32; no other
+  tensor (output.weight duplicated where the architecture needs it);
 - the metadata llama.cpp reads, with the value types it requires (u32, f32, bool, string);
 - the vocabulary of the directory's tokenizer.json (tokens by id, token types, merges or
   SentencePiece scores in merge order, the pre-tokenizer's name, end and start ids);
@@ -15,7 +16,7 @@ aligned sizes) and checked against the Hugging Face directory it stands for:
   each architecture's fixed choice of renormalising the top-k weights; Qwen2-MoE's gated shared
   expert), against reference logits of the same ids.
 
-usage: gguf_check.py FILE.gguf HF_DIR REF.npy IDS TOLERANCE [f32|f16|bf16]
+usage: gguf_check.py FILE.gguf HF_DIR REF.npy IDS TOLERANCE [f32|f16|bf16|q8_0]
 (IDS: comma-separated; TOLERANCE: of the largest |logit error|, relative to max(1, |logit|); -
 for none: a rounded file's logits may move far where a rounding changes a token's experts, so
 its values are checked, not its logits)"""
@@ -26,6 +27,9 @@ import sys
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gguf_files  # noqa: E402
 
 path, hf, ref_path, ids_text, tol = sys.argv[1:6]
 outtype = sys.argv[6] if len(sys.argv) > 6 else "f32"
@@ -95,11 +99,15 @@ assert buf[pos:start] == bytes(start - pos), "padding before the data"
 T, types, expect = {}, {}, 0
 for name, ne, typ, off in infos:
     assert off == expect, "%s at offset %d, expected %d" % (name, off, expect)
-    size = {0: 4, 1: 2, 30: 2}[typ]
-    nbytes = int(np.prod(ne)) * size
+    n = int(np.prod(ne))
+    nbytes = n // 32 * 34 if typ == 8 else n * {0: 4, 1: 2, 30: 2}[typ]
     raw = buf[start + off:start + off + nbytes]
     assert len(raw) == nbytes, name + " past the end"
-    a = np.frombuffer(raw, dtype={0: np.float32, 1: np.float16, 30: np.uint16}[typ])
+    if typ == 8:  # Q8_0: blocks of an f16 d and 32 signed bytes q, values d q
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 34)
+        a = b[:, :2].copy().view(np.float16).astype(np.float32) * b[:, 2:].view(np.int8)
+    else:
+        a = np.frombuffer(raw, dtype={0: np.float32, 1: np.float16, 30: np.uint16}[typ])
     if typ == 30:
         a = (a.astype(np.uint32) << 16).view(np.float32)
     T[name], types[name] = a.astype(np.float64).reshape(ne[::-1]), typ
@@ -156,7 +164,7 @@ if family == "qwen2_moe":
         cfg["shared_expert_intermediate_size"]
 assert meta(arch + ".rope.freq_base", 6) == np.float32(cfg.get("rope_theta", 10000.0))
 assert meta(arch + ".attention.layer_norm_rms_epsilon", 6) == np.float32(cfg["rms_norm_eps"])
-assert meta("general.file_type", 4) == {"f32": 0, "f16": 1, "bf16": 32}[outtype]
+assert meta("general.file_type", 4) == {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[outtype]
 
 
 def permute(w, heads):  # llama.cpp's pairs: row h hd + 2i + j <- row h hd + j hd/2 + i
@@ -208,13 +216,16 @@ assert sorted(T) == sorted(want), ("tensors", sorted(set(T) ^ set(want)))
 def rounded(w, typ):
     if typ == 0:
         return w
+    if typ == 8:
+        return gguf_files.quant(w.astype(np.float32), "q8_0")[1].astype(np.float64)
     dt = torch.float16 if typ == 1 else torch.bfloat16
     return torch.tensor(w.astype(np.float32)).to(dt).to(torch.float64).numpy()
 
 
 for name, w in want.items():
-    f32 = w.ndim < 2 or "ffn_gate_inp" in name or name.endswith("_norm.weight")
-    typ = 0 if f32 else {"f32": 0, "f16": 1, "bf16": 30}[outtype]
+    f32 = w.ndim < 2 or "ffn_gate_inp" in name or name.endswith("_norm.weight") or \
+        outtype == "q8_0" and w.shape[-1] % 32
+    typ = 0 if f32 else {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}[outtype]
     assert types[name] == typ, (name, types[name], typ)
     assert T[name].shape == w.shape, (name, T[name].shape, w.shape)
     assert np.array_equal(T[name], rounded(w, typ)), name + " differs"

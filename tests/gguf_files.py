@@ -1,12 +1,16 @@
 """GGUF files for moe's reader, written here from the GGUF specification (version 3) and ggml's
-block layouts: Q8_0 (blocks of 32: an f16 scale d, 32 signed bytes q; value d q) and Q4_0 (an
-f16 scale d, 16 bytes of nibbles, the low ones the block's first 16 values, the high ones its
-last 16; value d (q - 8)); and malformed files.
+block layouts (ggml-common.h; values computed in float32 in the order of ggml's
+dequantize_row_*): Q8_0 and Q4_0 quantised from the values (blocks of 32: an f16 scale d, 32
+signed bytes q, value d q; or d and 16 bytes of nibbles, the low ones the block's first 16
+values, the high ones its last 16, value d (q - 8)); Q4_1, Q5_0, Q5_1 and the K-quants Q2_K to
+Q6_K as blocks of random bits with finite scales of the tensor's size (every bit of the layout
+matters, so a reader that misplaces one gets other values); and malformed files.
 
-usage: gguf_files.py quantise IN.gguf OUT.gguf q8_0|q4_0 EXPECT.npz
-         every tensor of IN (F32) with two or more dimensions and rows of whole blocks, but the
-         norms and routers, re-encoded; EXPECT.npz: every tensor's values as the format defines
-         them (float32)
+usage: gguf_files.py quantise IN.gguf OUT.gguf TYPE EXPECT.npz
+         TYPE q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k, or several separated
+         by commas (taken in turn): every tensor of IN (F32) with two or more dimensions and rows
+         of whole blocks, but the norms and routers, re-encoded; EXPECT.npz: every tensor's
+         values as the format defines them (float32)
        gguf_files.py compare FILE.gguf EXPECT.npz
          FILE's tensors (F32) equal EXPECT's, bit for bit
        gguf_files.py malform IN.gguf DIR
@@ -86,14 +90,108 @@ def build(kvs, tensors, version=3, align=32, offsets=None, ndims=None):
     return out + bytes((-len(out)) % align) + data
 
 
-def quant(x, kind):
+# type: (ggml id, values per block, bytes per block)
+TYPES = {"q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_1": (3, 32, 20), "q5_0": (6, 32, 22),
+         "q5_1": (7, 32, 24), "q2_k": (10, 256, 84), "q3_k": (11, 256, 110),
+         "q4_k": (12, 256, 144), "q5_k": (13, 256, 176), "q6_k": (14, 256, 210)}
+# where a block's f16 scale d is, and its f16 minimum (m or dmin) with the multiple of d that
+# centres the values on 0 (the mean of q; of q times the scales for the K-quants' dmin)
+HALVES = {"q4_1": (0, 2, -7.5), "q5_0": (0,), "q5_1": (0, 2, -15.5), "q2_k": (80, 82, 1.5),
+          "q3_k": (108,), "q4_k": (0, 2, 7.5), "q5_k": (0, 2, 15.5), "q6_k": (208,)}
+F = np.float32
+
+
+def f16(raw, at):
+    return raw[:, at:at + 2].copy().view(np.float16).astype(F)[:, 0]
+
+
+def bits(raw, at, n, width):
+    """(blocks, n * 8 / width) fields of width bits from bytes at..at+n, low bits first"""
+    b = raw[:, at:at + n]
+    return np.stack([(b >> s) & ((1 << width) - 1) for s in range(0, 8, width)], -1)
+
+
+def dequant(kind, raw):
+    """(blocks, values) float32: the values of the blocks raw (uint8, blocks x bytes)"""
+    nb = raw.shape[0]
+    if kind in ("q4_1", "q5_0", "q5_1"):
+        d, has_min, five = f16(raw, 0), kind.endswith("_1"), kind.startswith("q5")
+        qs = raw[:, 2 + 2 * has_min + 4 * five:]
+        q = np.concatenate([qs & 15, qs >> 4], 1).astype(np.int32)
+        if five:  # bit j of the 32 high bits is value j's fifth bit
+            qh = raw[:, 2 + 2 * has_min:6 + 2 * has_min].copy().view("<u4")
+            q |= (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int32)
+        if has_min:
+            return q.astype(F) * d[:, None] + f16(raw, 2)[:, None]
+        return (q - (16 if five else 8)).astype(F) * d[:, None]
+    if kind == "q2_k":
+        d, dmin, sc = f16(raw, 80), f16(raw, 82), raw[:, :16]
+        # 128 values a half: bytes 0-31 of the half at shifts 0, 2, 4, 6; 16 bytes a scale
+        q = bits(raw, 16, 64, 2).reshape(nb, 2, 32, 4).transpose(0, 1, 3, 2).reshape(nb, 16, 16)
+        dl, ml = d[:, None] * (sc & 15).astype(F), dmin[:, None] * (sc >> 4).astype(F)
+        return (dl[:, :, None] * q.astype(F) - ml[:, :, None]).reshape(nb, 256)
+    if kind == "q3_k":
+        d, s = f16(raw, 108), raw[:, 96:108].astype(np.int32)
+        lo = np.concatenate([s[:, :8] & 15, s[:, :8] >> 4], 1)
+        hi = (s[:, 8:12, None] >> (2 * np.arange(4))) & 3  # (byte j % 4, shift j / 4)
+        sc = lo | (hi.transpose(0, 2, 1).reshape(nb, 16) << 4)
+        q = bits(raw, 32, 64, 2).reshape(nb, 2, 32, 4).transpose(0, 1, 3, 2).reshape(nb, 8, 32)
+        h = bits(raw, 0, 32, 1).transpose(0, 2, 1)  # (blocks, 8 masks, 32)
+        v = (q.astype(np.int32) - np.where(h == 1, 0, 4)).reshape(nb, 16, 16)
+        dl = d[:, None] * (sc - 32).astype(F)
+        return (dl[:, :, None] * v.astype(F)).reshape(nb, 256)
+    if kind in ("q4_k", "q5_k"):
+        d, dmin, s = f16(raw, 0), f16(raw, 2), raw[:, 4:16].astype(np.int32)
+        sc = np.concatenate([s[:, :4] & 63, (s[:, 8:] & 15) | ((s[:, :4] >> 6) << 4)], 1)
+        m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:] >> 4) | ((s[:, 4:8] >> 6) << 4)], 1)
+        five = kind == "q5_k"
+        qs = raw[:, 16 + 32 * five:].reshape(nb, 4, 32).astype(np.int32)
+        q = np.stack([qs & 15, qs >> 4], 2).reshape(nb, 8, 32)  # 32 values a scale
+        if five:
+            q |= bits(raw, 16, 32, 1).transpose(0, 2, 1).astype(np.int32) << 4
+        d1, m1 = d[:, None] * sc.astype(F), dmin[:, None] * m.astype(F)
+        return (d1[:, :, None] * q.astype(F) - m1[:, :, None]).reshape(nb, 256)
+    if kind == "q6_k":
+        d, sc = f16(raw, 208), raw[:, 192:208].view(np.int8).astype(F)
+        ql = raw[:, :128].reshape(nb, 2, 2, 32).astype(np.int32)
+        qh = bits(raw, 128, 64, 2).reshape(nb, 2, 32, 4).transpose(0, 1, 3, 2)
+        # a half's 4 rows of 32: low nibbles of bytes 0-31, of 32-63, high nibbles of each
+        q = np.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], 2)
+        q = (q | (qh.astype(np.int32) << 4)) - 32
+        scale = (d[:, None] * sc).reshape(nb, 2, 4, 2)  # a scale per 16 values
+        return (np.repeat(scale, 16, 3) * q.astype(F)).reshape(nb, 256)
+    raise ValueError(kind)
+
+
+def random_blocks(x, kind, rng):
+    """blocks of random bits for x's values, the f16 scales finite, the values centred on 0 and
+    of x's spread"""
+    _, per, size = TYPES[kind]
+    raw = rng.integers(0, 256, (x.size // per, size), dtype=np.uint8)
+    at = HALVES[kind]
+
+    def scales(d):
+        raw[:, at[0]:at[0] + 2] = d.astype(np.float16).reshape(-1, 1).view(np.uint8)
+        if len(at) > 1:
+            raw[:, at[1]:at[1] + 2] = (d * at[2]).astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+    scales(np.ones(raw.shape[0]))
+    unit = float(dequant(kind, raw).std())
+    scales(rng.uniform(0.5, 1, raw.shape[0]) * (float(x.std()) or 1.0) / unit)
+    return raw.tobytes(), dequant(kind, raw).reshape(x.shape)
+
+
+def quant(x, kind, rng=None):
     """bytes of x (float32, a multiple of 32 values) and its values as the format defines them"""
+    if kind not in ("q8_0", "q4_0"):
+        return random_blocks(x, kind, rng)
     blocks = x.reshape(-1, 32).astype(np.float32)
     raw, vals = bytearray(), np.empty_like(blocks)
     for i, v in enumerate(blocks):
-        if kind == "q8_0":
-            d = np.abs(v).max() / 127
-            q = np.clip(np.round(v / d) if d else np.zeros(32), -127, 127).astype(np.int8)
+        if kind == "q8_0":  # as ggml's quantize_row_q8_0_ref: x times 1 / d, half away from 0
+            d = np.abs(v).max() / F(127)
+            s = (v * (F(1) / d if d else F(0))).astype(np.float64)
+            q = (np.sign(s) * np.floor(np.abs(s) + 0.5)).astype(np.int8)
             d16 = np.float16(d)
             raw += d16.tobytes() + q.tobytes()
             vals[i] = np.float32(d16) * q.astype(np.float32)
@@ -106,19 +204,22 @@ def quant(x, kind):
     return bytes(raw), vals.reshape(x.shape)
 
 
-def quantisable(name, ne):
-    return len(ne) >= 2 and ne[0] % 32 == 0 and "_norm" not in name and "ffn_gate_inp" not in name
+def quantisable(name, ne, per):
+    return len(ne) >= 2 and ne[0] % per == 0 and "_norm" not in name and "ffn_gate_inp" not in name
 
 
 def quantise(src, dst, kind, expect):
     kvs, tensors, align = parse(src)
     want, n = {}, 0
+    rng = np.random.default_rng()
+    kinds = kind.split(",")
     for t in tensors:
         x = np.frombuffer(t[3], dtype=np.float32).reshape(t[1][::-1])
         want[t[0]] = x
-        if quantisable(t[0], t[1]):
-            t[3], want[t[0]] = quant(x, kind)
-            t[2] = 8 if kind == "q8_0" else 2
+        k = kinds[n % len(kinds)]
+        if quantisable(t[0], t[1], TYPES[k][1]):
+            t[3], want[t[0]] = quant(x, k, rng)
+            t[2] = TYPES[k][0]
             n += 1
     open(dst, "wb").write(build(kvs, tensors, align=align))
     np.savez(expect, **want)
@@ -166,7 +267,8 @@ def malform(src, out):
     fault("overlap", build(kvs, tensors, align=align, offsets={big: 0 if big else align}), "overlap")
     fault("dims", build(kvs, tensors, align=align, ndims={0: 5}), "malformed")
     fault("past", build(kvs, tensors, align=align, offsets={0: len(good)}), "past the end")
-    fault("q4k", build(kvs, with_tensor(big, type=12), align=align), "is Q4_K (ggml type 12)")
+    fault("iq2", build(kvs, with_tensor(big, type=16), align=align), "is IQ2_XXS (ggml type 16)")
+    fault("q4k", build(kvs, with_tensor(big, type=12), align=align), "not whole Q4_K blocks")
     nan = bytearray(tensors[big][3])
     nan[4:8] = struct.pack("<f", float("nan"))
     fault("nan", build(kvs, with_tensor(big, data=bytes(nan)), align=align), "holds nan")
@@ -184,4 +286,5 @@ def malform(src, out):
     print("%d malformed files in %s" % (len(faults), out))
 
 
-{"quantise": quantise, "compare": compare, "malform": malform}[sys.argv[1]](*sys.argv[2:])
+if __name__ == "__main__":
+    {"quantise": quantise, "compare": compare, "malform": malform}[sys.argv[1]](*sys.argv[2:])

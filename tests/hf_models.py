@@ -102,6 +102,7 @@ cfg["initializer_range"] = 0.006  # read by no loader: convert must keep it as w
 cfg.update(json.loads(sys.argv[7]) if len(sys.argv) > 7 else {})
 d, H, KV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
 L = cfg["num_hidden_layers"]
+f = cfg["moe_intermediate_size" if "moe_intermediate_size" in cfg else "intermediate_size"]
 k = cfg["num_experts_per_tok"]
 E = cfg[{"mixtral": "num_local_experts"}.get(family, "n_routed_experts" if ds else "num_experts")]
 eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]

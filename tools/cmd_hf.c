@@ -353,8 +353,7 @@ static int convert_gguf(const moe_options *o, moe_model *m, const char *family, 
         return 1;
     }
     printf("wrote %s (llama.cpp's %s, %s, %zu parameters)", out, moe_gguf_arch(family),
-           type == MOE_GGUF_F32 ? "f32" : type == MOE_GGUF_F16 ? "f16" : "bf16",
-           moe_model_param_count(m));
+           moe_gguf_type_name((moe_gguf_type)type), moe_model_param_count(m));
     if (meta.tokenizer_json || meta.bytes)
         printf(", the vocabulary of %s\n", meta.bytes ? "bytes" : tok);
     else
@@ -363,7 +362,7 @@ static int convert_gguf(const moe_options *o, moe_model *m, const char *family, 
 }
 
 /* moe convert (--load RUN | --model DIR) (--to hf OUT_DIR | --to gguf OUT.gguf [--outtype
- * f32|f16|bf16]) */
+ * f32|f16|bf16|q8_0]) */
 int moe_cmd_convert(int argc, char **argv) {
     const char *to = NULL, *out = NULL, *outtype = "f32";
     char **rest = malloc(sizeof(char *) * (size_t)(argc + 1));
@@ -382,7 +381,7 @@ int moe_cmd_convert(int argc, char **argv) {
     if (!rest || !to || (!gguf && strcmp(to, "hf")) || !out || type < 0 ||
         (!gguf && type != MOE_GGUF_F32)) {
         fprintf(stderr, "moe convert: usage: moe convert (--load RUN | --model DIR) (--to hf "
-                        "OUT_DIR | --to gguf OUT.gguf [--outtype f32|f16|bf16])\n");
+                        "OUT_DIR | --to gguf OUT.gguf [--outtype f32|f16|bf16|q8_0])\n");
         free(rest);
         return 2;
     }

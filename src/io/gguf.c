@@ -29,10 +29,29 @@ enum { G_U8 = 0, G_U32 = 4, G_I32 = 5, G_F32 = 6, G_BOOL = 7, G_STRING = 8, G_AR
 enum { TOK_NORMAL = 1, TOK_UNKNOWN = 2, TOK_CONTROL = 3, TOK_USER = 4, TOK_UNUSED = 5,
        TOK_BYTE = 6 };
 
-int moe_gguf_type_of(const char *name) {
-    return !strcmp(name, "f32") ? MOE_GGUF_F32 : !strcmp(name, "f16") ? MOE_GGUF_F16
-           : !strcmp(name, "bf16") ? MOE_GGUF_BF16 : -1;
+static const struct {
+    moe_gguf_type type;
+    const char *name;
+    int file_type, block, bytes; /* general.file_type; values and bytes per block */
+} out_types[] = {{MOE_GGUF_F32, "f32", 0, 1, 4},
+                 {MOE_GGUF_F16, "f16", 1, 1, 2},
+                 {MOE_GGUF_BF16, "bf16", 32, 1, 2},
+                 {MOE_GGUF_Q8_0, "q8_0", 7, 32, 34}};
+#define N_OUT_TYPES (sizeof out_types / sizeof *out_types)
+
+static int out_type(int type) {
+    for (size_t i = 0; i < N_OUT_TYPES; i++)
+        if ((int)out_types[i].type == type) return (int)i;
+    return 0;
 }
+
+int moe_gguf_type_of(const char *name) {
+    for (size_t i = 0; i < N_OUT_TYPES; i++)
+        if (!strcmp(name, out_types[i].name)) return out_types[i].type;
+    return -1;
+}
+
+const char *moe_gguf_type_name(moe_gguf_type type) { return out_types[out_type(type)].name; }
 
 /* Hugging Face's families and llama.cpp's architectures for them */
 static const char *const arch_map[][2] = {
@@ -422,9 +441,32 @@ static int f32_to_f16(float f, uint16_t *h) {
     return 1;
 }
 
+/* ggml's Q8_0 of n floats (rows of whole blocks of 32), as its quantize_row_q8_0_ref: d =
+ * max |x| / 127 (stored in f16), q = x / d rounded half away from 0. */
+static moe_status to_q8_0(const float *x, size_t n, unsigned char *out, const char *name) {
+    for (size_t b = 0; b < n / 32; b++, x += 32, out += 34) {
+        float amax = 0;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+        float d = amax / 127, id = d != 0 ? 1.0f / d : 0.0f;
+        uint16_t h;
+        if (!f32_to_f16(d, &h))
+            return moe_set_error(MOE_ERR_INVALID, "%s holds %g, beyond what Q8_0's float16 "
+                                 "scale reaches: write bf16 or f32", name, (double)amax);
+        memcpy(out, &h, 2);
+        for (int j = 0; j < 32; j++) out[2 + j] = (unsigned char)(int8_t)roundf(x[j] * id);
+    }
+    return MOE_OK;
+}
+
 /* n floats of src as type into the file (a copy unless F32). */
 static moe_status add_data(gfile *g, const float *src, size_t n, int type, const char *name) {
     if (type == MOE_GGUF_F32) return add_part(g, src, sizeof(float) * n);
+    if (type == MOE_GGUF_Q8_0) {
+        unsigned char *q = own(g, n / 32 * 34);
+        if (!q) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
+        MOE_TRY(to_q8_0(src, n, q, name));
+        return add_part(g, q, n / 32 * 34);
+    }
     uint16_t *h = own(g, 2 * n);
     if (!h) return moe_set_error(MOE_ERR_NOMEM, "out of memory");
     if (type == MOE_GGUF_BF16) moe_f32_to_bf16_serial(src, h, n);
@@ -464,7 +506,8 @@ static moe_status append(gfile *g, gtensor *t, const float *src, int64_t rows, i
     int before = g->n_parts;
     MOE_TRY(add_data(g, src, n, t->type, t->name));
     t->n_parts += g->n_parts - before;
-    t->bytes += n * (t->type == MOE_GGUF_F32 ? 4 : 2);
+    int ot = out_type(t->type);
+    t->bytes += n / (size_t)out_types[ot].block * (size_t)out_types[ot].bytes;
     return MOE_OK;
 }
 
@@ -518,11 +561,13 @@ static int gguf_name(const char *arch, const moe_model_config *c, const char *ou
     return 0;
 }
 
-/* Vectors, norms and the routers stay F32 (as llama.cpp's converter keeps them). */
-static int tensor_type(const gfile *g, const char *name, int ndim) {
+/* Vectors, norms and the routers stay F32 (as llama.cpp's converter keeps them), and so do
+ * matrices whose rows of cols values are not whole blocks of the type. */
+static int tensor_type(const gfile *g, const char *name, int ndim, int64_t cols) {
     size_t n = strlen(name);
     if (ndim < 2 || strstr(name, "ffn_gate_inp") ||
-        (n > 12 && !strcmp(name + n - 12, "_norm.weight")))
+        (n > 12 && !strcmp(name + n - 12, "_norm.weight")) ||
+        cols % out_types[out_type(g->type)].block)
         return MOE_GGUF_F32;
     return g->type;
 }
@@ -549,7 +594,8 @@ static moe_status add_tensors(gfile *g, moe_model *m) {
                   expert] = i;
         } else {
             if (!strcmp(ti->name, "model.embed_tokens.weight")) emb = i;
-            gtensor *t = new_tensor(g, name, ti->ndim, ti->shape, tensor_type(g, name, ti->ndim));
+            gtensor *t = new_tensor(g, name, ti->ndim, ti->shape,
+                                    tensor_type(g, name, ti->ndim, ti->shape[ti->ndim - 1]));
             s = append(g, t, p + ti->offset, ti->shape[0], ti->ndim > 1 ? ti->shape[1] : 1, heads);
         }
     }
@@ -567,7 +613,7 @@ static moe_status add_tensors(gfile *g, moe_model *m) {
                 int expert, heads;
                 gguf_name(g->arch, c, ti->name, name, sizeof name, &expert, &heads);
                 int64_t shape[3] = {E, ti->shape[0], ti->shape[1]};
-                t = new_tensor(g, name, 3, shape, tensor_type(g, name, 3));
+                t = new_tensor(g, name, 3, shape, tensor_type(g, name, 3, ti->shape[1]));
             }
             s = append(g, t, p + ti->offset, ti->shape[0], ti->shape[1], 0);
         }
@@ -577,7 +623,8 @@ static moe_status add_tensors(gfile *g, moe_model *m) {
     int need_output = !strcmp(g->arch, "qwen2moe") || !strcmp(g->arch, "olmoe");
     if (s == MOE_OK && c->tie_embeddings && need_output && emb >= 0) {
         const moe_tensor_info *ti = moe_model_tensor(m, emb);
-        gtensor *t = new_tensor(g, "output.weight", 2, ti->shape, g->type);
+        gtensor *t = new_tensor(g, "output.weight", 2, ti->shape,
+                                tensor_type(g, "output.weight", 2, ti->shape[1]));
         s = append(g, t, p + ti->offset, ti->shape[0], ti->shape[1], 0);
     }
     free(stack);
@@ -592,7 +639,7 @@ static void model_keys(gkv *k, const gfile *g, const moe_gguf_meta *meta) {
     int hd = moe_model_head_dim(c), qwen = !strncmp(a, "qwen", 4);
     kv_str(k, "general.architecture", a);
     kv_str(k, "general.name", meta->name);
-    kv_u32(k, "general.file_type", g->type == MOE_GGUF_F32 ? 0 : g->type == MOE_GGUF_F16 ? 1 : 32);
+    kv_u32(k, "general.file_type", (uint32_t)out_types[out_type(g->type)].file_type);
     kv_u32(k, "general.alignment", ALIGN);
     kv_arch_u32(k, a, "vocab_size", (uint32_t)c->vocab);
     kv_arch_u32(k, a, "context_length", (uint32_t)meta->context_length);
@@ -701,14 +748,171 @@ moe_status moe_gguf_save(const char *path, const char *family, moe_model *m,
 
 /* ================================================================ reading */
 
-/* ggml's types read here: elements per block and bytes per block */
+/* ggml's types read here: elements and bytes per block, and the block's values. The block
+ * layouts are ggml's (ggml-common.h), the arithmetic that of its dequantize_row_* in the same
+ * order, so the values are the ones llama.cpp computes from the file. */
+typedef void (*dequant_fn)(const unsigned char *p, float *out, size_t blocks);
 typedef struct {
     int id, block, bytes;
     const char *name;
+    dequant_fn dq;
 } ggml_type;
 
-static const ggml_type read_types[] = {{0, 1, 4, "F32"},    {1, 1, 2, "F16"},  {30, 1, 2, "BF16"},
-                                       {8, 32, 34, "Q8_0"}, {2, 32, 18, "Q4_0"}};
+static float half_at(const unsigned char *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return moe_f16_to_f32(h);
+}
+
+static void dq_f32(const unsigned char *p, float *out, size_t n) { memcpy(out, p, 4 * n); }
+
+static void dq_f16(const unsigned char *p, float *out, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = half_at(p + 2 * i);
+}
+
+static void dq_bf16(const unsigned char *p, float *out, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)p[2 * i] << 16 | (uint32_t)p[2 * i + 1] << 24;
+        memcpy(&out[i], &u, 4);
+    }
+}
+
+/* Q8_0 (34 bytes): d, 32 signed bytes q; d q */
+static void dq_q8_0(const unsigned char *p, float *out, size_t n) {
+    for (size_t b = 0; b < n; b++, p += 34, out += 32) {
+        float d = half_at(p);
+        for (int i = 0; i < 32; i++) out[i] = d * (float)(int8_t)p[2 + i];
+    }
+}
+
+/* Q4_0, Q4_1, Q5_0, Q5_1: d (and m for _1), for Q5 32 fifth bits (bit j of value j), then 16
+ * bytes of low nibbles (value j) and high nibbles (value j + 16); values (q - 8) d for Q4_0,
+ * (q - 16) d for Q5_0, q d + m for the _1 types */
+static void dq_legacy(const unsigned char *p, float *out, size_t n, int bytes, int has_min,
+                      int five) {
+    for (size_t b = 0; b < n; b++, p += bytes, out += 32) {
+        float d = half_at(p), m = has_min ? half_at(p + 2) : 0.0f;
+        const unsigned char *q = p + 2 + 2 * has_min + 4 * five;
+        uint32_t qh = 0;
+        if (five) memcpy(&qh, p + 2 + 2 * has_min, 4);
+        int off = has_min ? 0 : five ? 16 : 8;
+        for (int j = 0; j < 16; j++) {
+            int lo = (q[j] & 15) | (int)((qh >> j) << 4 & 16);
+            int hi = (q[j] >> 4) | (int)((qh >> (j + 12)) & 16);
+            out[j] = has_min ? (float)lo * d + m : (float)(lo - off) * d;
+            out[j + 16] = has_min ? (float)hi * d + m : (float)(hi - off) * d;
+        }
+    }
+}
+static void dq_q4_0(const unsigned char *p, float *o, size_t n) { dq_legacy(p, o, n, 18, 0, 0); }
+static void dq_q4_1(const unsigned char *p, float *o, size_t n) { dq_legacy(p, o, n, 20, 1, 0); }
+static void dq_q5_0(const unsigned char *p, float *o, size_t n) { dq_legacy(p, o, n, 22, 0, 1); }
+static void dq_q5_1(const unsigned char *p, float *o, size_t n) { dq_legacy(p, o, n, 24, 1, 1); }
+
+/* The K-quants: super-blocks of 256 values in sub-blocks of 16 or 32, each with a scale (and a
+ * minimum) that the super-block's d (and dmin) multiply. */
+
+/* Q2_K (84 bytes): 16 bytes of 4-bit scale | 4-bit minimum, 64 bytes of 2-bit q, d, dmin.
+ * Values in two halves of 128: the 4 shifts of bytes 0-31, 16 values a scale. */
+static void dq_q2_k(const unsigned char *p, float *out, size_t n) {
+    for (size_t b = 0; b < n; b++, p += 84) {
+        float d = half_at(p + 80), min = half_at(p + 82);
+        const unsigned char *q = p + 16;
+        int is = 0;
+        for (int h = 0; h < 2; h++, q += 32)
+            for (int shift = 0; shift < 8; shift += 2)
+                for (int part = 0; part < 2; part++) {
+                    int sc = p[is++];
+                    float dl = d * (float)(sc & 15), ml = min * (float)(sc >> 4);
+                    for (int l = 0; l < 16; l++)
+                        *out++ = dl * (float)(q[l + 16 * part] >> shift & 3) - ml;
+                }
+    }
+}
+
+/* Q3_K (110 bytes): 32 bytes of high bits (hmask), 64 bytes of 2-bit q, 12 bytes of 16 6-bit
+ * scales (stored minus 32: low 4 bits of scale j in byte j % 8, nibble j / 8; high 2 bits in
+ * byte 8 + j % 4, bits 2 (j / 4)), d. Value: d (scale - 32) (q - (hmask bit ? 0 : 4)). */
+static void dq_q3_k(const unsigned char *p, float *out, size_t n) {
+    for (size_t b = 0; b < n; b++, p += 110) {
+        const unsigned char *hm = p, *q = p + 32, *s = p + 96;
+        float d = half_at(p + 108);
+        int8_t sc[16];
+        for (int j = 0; j < 16; j++)
+            sc[j] = (int8_t)(((s[j % 8] >> (4 * (j / 8)) & 15) | (s[8 + j % 4] >> (2 * (j / 4)) & 3)
+                              << 4) - 32);
+        int is = 0, m = 1;
+        for (int h = 0; h < 2; h++, q += 32)
+            for (int shift = 0; shift < 8; shift += 2, m <<= 1)
+                for (int part = 0; part < 2; part++) {
+                    float dl = d * (float)sc[is++];
+                    for (int l = 16 * part; l < 16 * part + 16; l++)
+                        *out++ = dl * (float)((q[l] >> shift & 3) - (hm[l] & m ? 0 : 4));
+                }
+    }
+}
+
+/* Q4_K's and Q5_K's 8 6-bit scales and minimums in 12 bytes: j < 4 in the low 6 bits of bytes
+ * j and j + 4; j >= 4 in byte j + 4's nibbles and the top 2 bits of bytes j - 4 and j */
+static void scale_min_k4(int j, const unsigned char *s, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63, *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
+        *m = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+    }
+}
+
+/* Q4_K (144 bytes): d, dmin, 12 bytes of scales, 128 bytes of nibbles; Q5_K (176 bytes): the
+ * same with 32 bytes of fifth bits (qh) before the nibbles. Each 64 values: 32 bytes' low
+ * nibbles (scale 2i), then their high ones (scale 2i + 1); value d sc q - dmin m. */
+static void dq_k45(const unsigned char *p, float *out, size_t n, int five) {
+    int bytes = five ? 176 : 144;
+    for (size_t b = 0; b < n; b++, p += bytes) {
+        float d = half_at(p), min = half_at(p + 2);
+        const unsigned char *qh = p + 16, *q = p + 16 + 32 * five;
+        for (int i = 0; i < 4; i++, q += 32)
+            for (int half = 0; half < 2; half++) {
+                int sc, m;
+                scale_min_k4(2 * i + half, p + 4, &sc, &m);
+                float d1 = d * (float)sc, m1 = min * (float)m;
+                for (int l = 0; l < 32; l++) {
+                    int v = (half ? q[l] >> 4 : q[l] & 15) |
+                            (five && qh[l] >> (2 * i + half) & 1 ? 16 : 0);
+                    *out++ = d1 * (float)v - m1;
+                }
+            }
+    }
+}
+static void dq_q4_k(const unsigned char *p, float *o, size_t n) { dq_k45(p, o, n, 0); }
+static void dq_q5_k(const unsigned char *p, float *o, size_t n) { dq_k45(p, o, n, 1); }
+
+/* Q6_K (210 bytes): 128 bytes of low nibbles (ql), 64 bytes of 2-bit highs (qh), 16 signed
+ * scales, d. Each 128 values: ql 0-31 low, 32-63 low, 0-31 high, 32-63 high nibbles with qh's
+ * bits 0-1, 2-3, 4-5, 6-7; a scale per 16; value d sc (q - 32). */
+static void dq_q6_k(const unsigned char *p, float *out, size_t n) {
+    for (size_t b = 0; b < n; b++, p += 210) {
+        float d = half_at(p + 208);
+        const unsigned char *ql = p, *qh = p + 128;
+        const int8_t *sc = (const int8_t *)(p + 192);
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8, out += 128)
+            for (int l = 0; l < 32; l++)
+                for (int r = 0; r < 4; r++) {
+                    int q = ((r & 1 ? ql[l + 32] : ql[l]) >> (4 * (r >> 1)) & 15) |
+                            (qh[l] >> (2 * r) & 3) << 4;
+                    out[32 * r + l] = d * (float)sc[l / 16 + 2 * r] * (float)(q - 32);
+                }
+    }
+}
+
+static const ggml_type read_types[] = {
+    {0, 1, 4, "F32", dq_f32},          {1, 1, 2, "F16", dq_f16},
+    {30, 1, 2, "BF16", dq_bf16},       {8, 32, 34, "Q8_0", dq_q8_0},
+    {2, 32, 18, "Q4_0", dq_q4_0},      {3, 32, 20, "Q4_1", dq_q4_1},
+    {6, 32, 22, "Q5_0", dq_q5_0},      {7, 32, 24, "Q5_1", dq_q5_1},
+    {10, 256, 84, "Q2_K", dq_q2_k},    {11, 256, 110, "Q3_K", dq_q3_k},
+    {12, 256, 144, "Q4_K", dq_q4_k},   {13, 256, 176, "Q5_K", dq_q5_k},
+    {14, 256, 210, "Q6_K", dq_q6_k}};
 /* names of others, for messages */
 static const char *const type_names[] = {
     "F32", "F16", "Q4_0", "Q4_1", "type 4", "type 5", "Q5_0", "Q5_1", "Q8_0", "Q8_1",
@@ -1402,29 +1606,9 @@ static const char *type_name(uint32_t type) {
 static void dequant_rows(const moe_gguf *g, const gin_tensor *t, int64_t r0, int64_t nr,
                          float *out) {
     const ggml_type *ty = find_type(t->type);
-    size_t row_bytes = (size_t)(t->ne[0] / ty->block * ty->bytes), n = (size_t)(nr * t->ne[0]);
-    const unsigned char *p = g->buf + g->data + t->off + (size_t)r0 * row_bytes;
-    uint16_t h;
-    for (size_t i = 0; t->type == MOE_GGUF_F32 && i < n; i++) memcpy(&out[i], p + 4 * i, 4);
-    for (size_t i = 0; t->type == MOE_GGUF_F16 && i < n; i++)
-        memcpy(&h, p + 2 * i, 2), out[i] = moe_f16_to_f32(h);
-    for (size_t i = 0; t->type == MOE_GGUF_BF16 && i < n; i++) {
-        memcpy(&h, p + 2 * i, 2);
-        uint32_t u = (uint32_t)h << 16;
-        memcpy(&out[i], &u, 4);
-    }
-    for (size_t b = 0; ty->block == 32 && b < n / 32; b++, p += ty->bytes) {
-        memcpy(&h, p, 2);
-        float d = moe_f16_to_f32(h), *o = out + 32 * b;
-        const unsigned char *q = p + 2;
-        if (t->type == 8) /* Q8_0: d q, q signed bytes */
-            for (int i = 0; i < 32; i++) o[i] = d * (float)(int8_t)q[i];
-        else /* Q4_0: d (q - 8), the low nibbles first, then the high ones */
-            for (int i = 0; i < 16; i++) {
-                o[i] = d * (float)((q[i] & 15) - 8);
-                o[i + 16] = d * (float)((q[i] >> 4) - 8);
-            }
-    }
+    size_t row_bytes = (size_t)(t->ne[0] / ty->block * ty->bytes);
+    ty->dq(g->buf + g->data + t->off + (size_t)r0 * row_bytes, out,
+           (size_t)(nr * t->ne[0] / ty->block));
 }
 
 /* The file's tensor for our tensor ti into dst (expert e's slice of a stacked one; llama's q
@@ -1449,8 +1633,8 @@ static moe_status load_tensor(const moe_gguf *g, const char *arch, const moe_mod
                                  (long long)want[0], (long long)want[1], (long long)want[2]);
     if (!find_type(t->type))
         return moe_set_error(MOE_ERR_INVALID, "%s: tensor %s is %s (ggml type %u); F32, F16, "
-                             "BF16, Q8_0 and Q4_0 are read here", g->path, name,
-                             type_name(t->type), t->type);
+                             "BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K are read here",
+                             g->path, name, type_name(t->type), t->type);
     dequant_rows(g, t, e >= 0 ? e * rows : 0, rows, tmp);
     int64_t hd = heads ? rows / heads : 0;
     for (int64_t r = 0; r < rows; r++) {

@@ -8,10 +8,18 @@
 #include "moe.h"
 
 /* ggml's tensor types written here */
-typedef enum { MOE_GGUF_F32 = 0, MOE_GGUF_F16 = 1, MOE_GGUF_BF16 = 30 } moe_gguf_type;
+typedef enum {
+    MOE_GGUF_F32 = 0,
+    MOE_GGUF_F16 = 1,
+    MOE_GGUF_Q8_0 = 8,
+    MOE_GGUF_BF16 = 30
+} moe_gguf_type;
 
-/* The type named f32, f16 or bf16 (llama.cpp's --outtype names); -1 for another name. */
+/* The type named f32, f16, bf16 or q8_0 (llama.cpp's --outtype names); -1 for another name. */
 int moe_gguf_type_of(const char *name);
+
+/* The name of a type moe_gguf_type_of takes. */
+const char *moe_gguf_type_name(moe_gguf_type type);
 
 /* llama.cpp's architecture for a Hugging Face family (mixtral: llama), NULL for one it has
  * none of here (DeepSeek's). */
@@ -33,7 +41,8 @@ typedef struct {
     const char *tokenizer_name; /* the tokenizer's file, for messages */
     const int32_t *eos;         /* end-of-text ids (the first is written), n_eos of them */
     int n_eos;
-    moe_gguf_type type;         /* of the matrices; vectors, norms and routers stay F32 */
+    moe_gguf_type type;         /* of the matrices; vectors, norms and routers stay F32, and
+                                   so do matrices of rows not whole Q8_0 blocks */
 } moe_gguf_meta;
 
 /* Writes path (atomically; an existing file is refused) as the family's llama.cpp
