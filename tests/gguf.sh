@@ -255,8 +255,8 @@ while IFS='	' read -r name msg; do
     fail "malformed $name: exit $rc, $(cat "$tmp/out")"
 done <"$tmp/bad/faults.tsv"
 
-# llama.cpp itself, where node-llama-cpp is installed (MOE_LLAMA_CPP: a folder where `npm install
-# node-llama-cpp` ran; node 20 or later): the F32 files' probabilities against the references,
+# llama.cpp itself, where node-llama-cpp is installed (MOE_LLAMA_CPP: a folder where
+# scripts/llama_cpp.sh put it; node 20 or later): the F32 files' probabilities against the references,
 # the quantised ones against moe eval's, the vocabularies' ids of texts (not mb's: llama.cpp
 # tokenizes nothing without a vocabulary, and node-llama-cpp stops on it)
 if [ -n "${MOE_LLAMA_CPP:-}" ]; then

@@ -1,4 +1,5 @@
-// llama.cpp itself (through node-llama-cpp, installed under $MOE_LLAMA_CPP) on a GGUF file:
+// llama.cpp itself (through node-llama-cpp, installed under $MOE_LLAMA_CPP by
+// scripts/llama_cpp.sh) on a GGUF file:
 //   node llama_cpp.mjs FILE.gguf IDS [TEXT...]
 // prints JSON: "probs", llama.cpp's next-token probabilities at every position of IDS (comma
 // separated; key/value cache in F32, no flash attention, so that nothing is rounded to f16
