@@ -228,7 +228,8 @@ b"
 # quantised files (written by gguf_files.py from ggml's block layouts): values dequantised as
 # the format defines them, bit for bit (through moe convert back to F32)
 "$moe" convert --model "$tmp/mk" --to gguf "$tmp/mk.gguf" >"$tmp/out" 2>&1 || fail "mk convert: $(cat "$tmp/out")"
-for mq in mx:q8_0 q2:q8_0 mx:q4_0 q2:q4_0 mx:q4_1 q2:q5_0 mx:q5_1 mk:q2_k mk:q3_k mk:q4_k mk:q5_k mk:q6_k; do
+for mq in mx:q8_0 q2:q8_0 mx:q4_0 q2:q4_0 mx:q4_1 q2:q5_0 mx:q5_1 mk:q2_k mk:q3_k mk:q4_k mk:q5_k mk:q6_k \
+  q2:iq4_nl mk:iq4_xs; do
   m=${mq%:*} q=${mq#*:}
   $py "$src/tests/gguf_files.py" quantise "$tmp/$m.gguf" "$tmp/$m.$q.gguf" $q "$tmp/$m.$q.npz" >"$tmp/out" &&
     grep -q ", [1-9][0-9]* of them $q" "$tmp/out" &&
@@ -272,7 +273,8 @@ b"
     "$moe" convert --model "$tmp/$m.out-q8_0.gguf" --to gguf "$tmp/$m.out-q8_0.f32.gguf" >"$tmp/out" 2>&1 ||
       fail "$m q8_0 to f32: $(cat "$tmp/out")"
   done
-  for mq in mx:q8_0 q2:q4_0 mx:q4_1 q2:q5_0 mx:q5_1 mk:q2_k mk:q3_k mk:q4_k mk:q5_k mk:q6_k mx:out-q8_0 q2:out-q8_0; do
+  for mq in mx:q8_0 q2:q4_0 mx:q4_1 q2:q5_0 mx:q5_1 mk:q2_k mk:q3_k mk:q4_k mk:q5_k mk:q6_k q2:iq4_nl \
+    mk:iq4_xs mx:out-q8_0 q2:out-q8_0; do
     m=${mq%:*} q=${mq#*:} ids=$(cat "$tmp/$m/ids.txt")
     "$moe" eval --model "$tmp/$m.$q.gguf" --ids "$ids" --dump-logits "$tmp/$m.$q.npy" >"$tmp/out" 2>&1 ||
       fail "$m $q eval: $(cat "$tmp/out")"

@@ -2,12 +2,13 @@
 block layouts (ggml-common.h; values computed in float32 in the order of ggml's
 dequantize_row_*): Q8_0 and Q4_0 quantised from the values (blocks of 32: an f16 scale d, 32
 signed bytes q, value d q; or d and 16 bytes of nibbles, the low ones the block's first 16
-values, the high ones its last 16, value d (q - 8)); Q4_1, Q5_0, Q5_1 and the K-quants Q2_K to
-Q6_K as blocks of random bits with finite scales of the tensor's size (every bit of the layout
+values, the high ones its last 16, value d (q - 8)); Q4_1, Q5_0, Q5_1, the K-quants Q2_K to
+Q6_K, IQ4_NL and IQ4_XS as blocks of random bits with finite scales of the tensor's size (every bit of the layout
 matters, so a reader that misplaces one gets other values); and malformed files.
 
 usage: gguf_files.py quantise IN.gguf OUT.gguf TYPE EXPECT.npz
-         TYPE q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k, or several separated
+         TYPE q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl or iq4_xs, or
+         several separated
          by commas (taken in turn): every tensor of IN (F32) with two or more dimensions and rows
          of whole blocks, but the norms and routers, re-encoded; EXPECT.npz: every tensor's
          values as the format defines them (float32)
@@ -93,11 +94,16 @@ def build(kvs, tensors, version=3, align=32, offsets=None, ndims=None):
 # type: (ggml id, values per block, bytes per block)
 TYPES = {"q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_1": (3, 32, 20), "q5_0": (6, 32, 22),
          "q5_1": (7, 32, 24), "q2_k": (10, 256, 84), "q3_k": (11, 256, 110),
-         "q4_k": (12, 256, 144), "q5_k": (13, 256, 176), "q6_k": (14, 256, 210)}
+         "q4_k": (12, 256, 144), "q5_k": (13, 256, 176), "q6_k": (14, 256, 210),
+         "iq4_nl": (20, 32, 18), "iq4_xs": (23, 256, 136)}
 # where a block's f16 scale d is, and its f16 minimum (m or dmin) with the multiple of d that
 # centres the values on 0 (the mean of q; of q times the scales for the K-quants' dmin)
 HALVES = {"q4_1": (0, 2, -7.5), "q5_0": (0,), "q5_1": (0, 2, -15.5), "q2_k": (80, 82, 1.5),
-          "q3_k": (108,), "q4_k": (0, 2, 7.5), "q5_k": (0, 2, 15.5), "q6_k": (208,)}
+          "q3_k": (108,), "q4_k": (0, 2, 7.5), "q5_k": (0, 2, 15.5), "q6_k": (208,),
+          "iq4_nl": (0,), "iq4_xs": (0,)}
+# the IQ4 types' nibbles index this table (ggml's kvalues_iq4nl)
+IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+               np.float32)
 F = np.float32
 
 
@@ -160,6 +166,16 @@ def dequant(kind, raw):
         q = (q | (qh.astype(np.int32) << 4)) - 32
         scale = (d[:, None] * sc).reshape(nb, 2, 4, 2)  # a scale per 16 values
         return (np.repeat(scale, 16, 3) * q.astype(F)).reshape(nb, 256)
+    if kind == "iq4_nl":  # d, 16 bytes: low nibbles values 0-15, high ones 16-31
+        qs = raw[:, 2:]
+        return f16(raw, 0)[:, None] * IQ4[np.concatenate([qs & 15, qs >> 4], 1)]
+    if kind == "iq4_xs":  # d, u16 of 2-bit highs, 4 bytes of 4-bit lows of 8 scales, nibbles
+        high = raw[:, 2:4].copy().view("<u2").astype(np.int32)  # (blocks, 1)
+        j = np.arange(8)
+        sc = (raw[:, 4 + j // 2].astype(np.int32) >> (4 * (j % 2)) & 15) | (high >> (2 * j) & 3) << 4
+        qs = raw[:, 8:].reshape(nb, 8, 16)
+        q = IQ4[np.concatenate([qs & 15, qs >> 4], 2)]  # (blocks, 8 scales, 32)
+        return ((f16(raw, 0)[:, None] * (sc - 32).astype(F))[:, :, None] * q).reshape(nb, 256)
     raise ValueError(kind)
 
 

@@ -905,6 +905,36 @@ static void dq_q6_k(const unsigned char *p, float *out, size_t n) {
     }
 }
 
+/* IQ4_NL and IQ4_XS: nibbles that index a fixed non-linear table (ggml's kvalues_iq4nl), 32
+ * values a scale: the low nibbles of 16 bytes values 0-15, the high ones 16-31. */
+static const int8_t iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                      1,    13,   25,  38,  53,  69,  89,  113};
+static void iq4_run(const unsigned char *q, float d, float *out) {
+    for (int j = 0; j < 16; j++) {
+        out[j] = d * (float)iq4_values[q[j] & 15];
+        out[j + 16] = d * (float)iq4_values[q[j] >> 4];
+    }
+}
+
+/* IQ4_NL (18 bytes): d, 16 bytes of nibbles; value d table[q] */
+static void dq_iq4_nl(const unsigned char *p, float *out, size_t n) {
+    for (size_t b = 0; b < n; b++, p += 18, out += 32) iq4_run(p + 2, half_at(p), out);
+}
+
+/* IQ4_XS (136 bytes): d, the 2 high bits of eight 6-bit scales (u16, scale j at bit 2 j), their
+ * low 4 bits (4 bytes, scale j in nibble j % 2 of byte j / 2), 128 bytes of nibbles; 32 values a
+ * scale, value d (sc - 32) table[q]. */
+static void dq_iq4_xs(const unsigned char *p, float *out, size_t n) {
+    for (size_t b = 0; b < n; b++, p += 136) {
+        float d = half_at(p);
+        unsigned high = p[2] | (unsigned)p[3] << 8;
+        for (int j = 0; j < 8; j++, out += 32) {
+            int sc = (p[4 + j / 2] >> (4 * (j % 2)) & 15) | (int)(high >> (2 * j) & 3) << 4;
+            iq4_run(p + 8 + 16 * j, d * (float)(sc - 32), out);
+        }
+    }
+}
+
 static const ggml_type read_types[] = {
     {0, 1, 4, "F32", dq_f32},          {1, 1, 2, "F16", dq_f16},
     {30, 1, 2, "BF16", dq_bf16},       {8, 32, 34, "Q8_0", dq_q8_0},
@@ -912,7 +942,8 @@ static const ggml_type read_types[] = {
     {6, 32, 22, "Q5_0", dq_q5_0},      {7, 32, 24, "Q5_1", dq_q5_1},
     {10, 256, 84, "Q2_K", dq_q2_k},    {11, 256, 110, "Q3_K", dq_q3_k},
     {12, 256, 144, "Q4_K", dq_q4_k},   {13, 256, 176, "Q5_K", dq_q5_k},
-    {14, 256, 210, "Q6_K", dq_q6_k}};
+    {14, 256, 210, "Q6_K", dq_q6_k},   {20, 32, 18, "IQ4_NL", dq_iq4_nl},
+    {23, 256, 136, "IQ4_XS", dq_iq4_xs}};
 /* names of others, for messages */
 static const char *const type_names[] = {
     "F32", "F16", "Q4_0", "Q4_1", "type 4", "type 5", "Q5_0", "Q5_1", "Q8_0", "Q8_1",
@@ -1633,7 +1664,8 @@ static moe_status load_tensor(const moe_gguf *g, const char *arch, const moe_mod
                                  (long long)want[0], (long long)want[1], (long long)want[2]);
     if (!find_type(t->type))
         return moe_set_error(MOE_ERR_INVALID, "%s: tensor %s is %s (ggml type %u); F32, F16, "
-                             "BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K are read here",
+                             "BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and IQ4_XS are "
+                             "read here",
                              g->path, name, type_name(t->type), t->type);
     dequant_rows(g, t, e >= 0 ? e * rows : 0, rows, tmp);
     int64_t hd = heads ? rows / heads : 0;
