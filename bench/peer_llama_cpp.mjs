@@ -35,7 +35,8 @@ let best = {prefill: Infinity, decode: Infinity};
 for (let it = 0; it < iters; it++) {
     const seq = ctx.getSequence();
     // ids of the vocabulary's normal tokens (as the random prompt of moe bench generate)
-    const prompt = Array.from({length: P}, () => 3 + Math.floor(Math.random() * Math.min(V - 3, 250)));
+    const prompt = Array.from({length: P},
+                              () => 3 + Math.floor(Math.random() * Math.min(V - 3, 250)));
     let t0 = performance.now();
     await seq.evaluateWithoutGeneratingNewTokens(prompt.slice(0, P - 1));
     const prefill = (performance.now() - t0) / (P - 1);

@@ -3,15 +3,15 @@ block layouts (ggml-common.h; values computed in float32 in the order of ggml's
 dequantize_row_*): Q8_0 and Q4_0 quantised from the values (blocks of 32: an f16 scale d, 32
 signed bytes q, value d q; or d and 16 bytes of nibbles, the low ones the block's first 16
 values, the high ones its last 16, value d (q - 8)); Q4_1, Q5_0, Q5_1, the K-quants Q2_K to
-Q6_K, IQ4_NL and IQ4_XS as blocks of random bits with finite scales of the tensor's size (every bit of the layout
-matters, so a reader that misplaces one gets other values); and malformed files.
+Q6_K, IQ4_NL and IQ4_XS as blocks of random bits with finite scales of the tensor's size (every
+bit of the layout matters, so a reader that misplaces one gets other values); and malformed
+files.
 
 usage: gguf_files.py quantise IN.gguf OUT.gguf TYPE EXPECT.npz
          TYPE q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl or iq4_xs, or
-         several separated
-         by commas (taken in turn): every tensor of IN (F32) with two or more dimensions and rows
-         of whole blocks, but the norms and routers, re-encoded; EXPECT.npz: every tensor's
-         values as the format defines them (float32)
+         several separated by commas (taken in turn): every tensor of IN (F32) with two or more
+         dimensions and rows of whole blocks, but the norms and routers, re-encoded;
+         EXPECT.npz: every tensor's values as the format defines them (float32)
        gguf_files.py compare FILE.gguf EXPECT.npz
          FILE's tensors (F32) equal EXPECT's, bit for bit
        gguf_files.py malform IN.gguf DIR
@@ -172,7 +172,8 @@ def dequant(kind, raw):
     if kind == "iq4_xs":  # d, u16 of 2-bit highs, 4 bytes of 4-bit lows of 8 scales, nibbles
         high = raw[:, 2:4].copy().view("<u2").astype(np.int32)  # (blocks, 1)
         j = np.arange(8)
-        sc = (raw[:, 4 + j // 2].astype(np.int32) >> (4 * (j % 2)) & 15) | (high >> (2 * j) & 3) << 4
+        low = raw[:, 4 + j // 2].astype(np.int32) >> (4 * (j % 2)) & 15
+        sc = low | (high >> (2 * j) & 3) << 4
         qs = raw[:, 8:].reshape(nb, 8, 16)
         q = IQ4[np.concatenate([qs & 15, qs >> 4], 2)]  # (blocks, 8 scales, 32)
         return ((f16(raw, 0)[:, None] * (sc - 32).astype(F))[:, :, None] * q).reshape(nb, 256)

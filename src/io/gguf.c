@@ -1664,8 +1664,8 @@ static moe_status load_tensor(const moe_gguf *g, const char *arch, const moe_mod
                                  (long long)want[0], (long long)want[1], (long long)want[2]);
     if (!find_type(t->type))
         return moe_set_error(MOE_ERR_INVALID, "%s: tensor %s is %s (ggml type %u); F32, F16, "
-                             "BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and IQ4_XS are "
-                             "read here",
+                             "BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and "
+                             "IQ4_XS are read here",
                              g->path, name, type_name(t->type), t->type);
     dequant_rows(g, t, e >= 0 ? e * rows : 0, rows, tmp);
     int64_t hd = heads ? rows / heads : 0;
