@@ -219,24 +219,37 @@ has "bad vocabulary size 4000000000"
 
 # 4. SIGKILL at random moments, 60 times, while the trainer saves a checkpoint after every
 #    step (two kept): after every kill the newest complete checkpoint loads, and the run
-#    resumes from it; finally it runs to the end.
-kills=0 i=0 run="$tmp/k"
-while [ $i -lt 60 ]; do
+#    resumes from it (more kills while the last left no 'latest'); finally it runs to the end.
+kills=0 i=0 run="$tmp/k" restarts=0 resumable=0
+while [ $i -lt 60 ] || { [ ! -f "$run/latest" ] && [ $i -lt 80 ]; }; do
   i=$((i + 1))
-  load=""; [ -f "$run/latest" ] && load="--load $run"
+  load=""; [ $resumable = 1 ] && load="--load $run"
   # shellcheck disable=SC2086
   "$moe" train $tiny --train-iters 100000 --save "$run" --save-interval 1 --keep-last 2 \
     --log-interval 1000 $load >"$tmp/kill.out" 2>&1 &
   pid=$!
   # 20 to 300 ms: start-up, loading, training steps and saves all get hit; up to 2 s while no
   # checkpoint exists yet (a loaded machine, a sanitizer build: start-up alone can take 300 ms)
-  span=280; [ -f "$run/latest" ] || span=1980
+  span=280; [ $resumable = 1 ] || span=1980
   ms=$(( ($(od -An -N2 -tu2 /dev/urandom) % span) + 20 ))
   sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
   kill -9 $pid 2>/dev/null && kills=$((kills + 1))
   wait $pid 2>/dev/null
+  # the newest complete checkpoint loads, whether 'latest' names it yet or not
+  resumable=0
   if [ -f "$run/latest" ]; then
     expect 0 "$moe" eval --load "$run" --data "$tmp/data/val.bin"
+    resumable=1
+  elif [ -d "$run" ] && "$moe" eval --load "$run" --data "$tmp/data/val.bin" >"$tmp/out" 2>&1; then
+    resumable=1
+  elif [ -s "$run/metrics.jsonl" ]; then
+    # killed after a step's line in the log and before its checkpoint was complete (a loaded
+    # machine stretches that moment): the directory takes no fresh run, which would overwrite
+    # the log, and says so; the loop starts over in a new one
+    expect 2 "$moe" train $tiny --train-iters 1 --save "$run"
+    has "already holds a run's files (metrics.jsonl) but no checkpoint: choose another --save"
+    rm -rf "$run"
+    restarts=$((restarts + 1))
   fi
 done
 [ $kills -ge 50 ] || fail "only $kills kills landed"
@@ -307,4 +320,4 @@ set_meta "$tmp/re/step-00000002/trainer.safetensors" moe.bad_streak=0 moe.step=1
 # shellcheck disable=SC2086
 expect 1 "$moe" train $tiny --train-iters 3 --load "$tmp/re"
 has "the model file is of step 2 and the trainer file of step 1"
-echo "faults: ok ($kills kills, resumed at step $step)"
+echo "faults: ok ($kills kills, $restarts of them before a first checkpoint; resumed at step $step)"
