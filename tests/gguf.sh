@@ -231,11 +231,18 @@ b"
 for mq in mx:q8_0 q2:q8_0 mx:q4_0 q2:q4_0 mx:q4_1 q2:q5_0 mx:q5_1 mk:q2_k mk:q3_k mk:q4_k mk:q5_k mk:q6_k \
   q2:iq4_nl mk:iq4_xs; do
   m=${mq%:*} q=${mq#*:}
-  $py "$src/tests/gguf_files.py" quantise "$tmp/$m.gguf" "$tmp/$m.$q.gguf" $q "$tmp/$m.$q.npz" >"$tmp/out" &&
-    grep -q ", [1-9][0-9]* of them $q" "$tmp/out" &&
+  $py "$src/tests/gguf_files.py" quantise "$tmp/$m.gguf" "$tmp/$m.$q.gguf" $q "$tmp/$m.$q.npz" >"$tmp/$m.$q.log" &&
+    grep -q ", [1-9][0-9]* of them $q" "$tmp/$m.$q.log" &&
     "$moe" convert --model "$tmp/$m.$q.gguf" --to gguf "$tmp/$m.$q.f32.gguf" >"$tmp/out" 2>&1 &&
     $py "$src/tests/gguf_files.py" compare "$tmp/$m.$q.f32.gguf" "$tmp/$m.$q.npz" >"$tmp/out" 2>&1 ||
-    fail "$m $q: $(cat "$tmp/out")"
+    fail "$m $q: $(cat "$tmp/$m.$q.log" "$tmp/out")"
+done
+# moe inspect counts a file's tensors by type
+for mq in mk:iq4_xs q2:q5_0; do
+  m=${mq%:*} q=${mq#*:} Q=$(echo "$q" | tr a-z A-Z)
+  n=$(sed -n "s/.*, \([0-9]*\) of them $q\$/\1/p" "$tmp/$m.$q.log")
+  "$moe" inspect "$tmp/$m.$q.gguf" >"$tmp/out" 2>&1 && grep -Eq "^[0-9]+ tensors(:|.*,) $n $Q(,|;)" "$tmp/out" ||
+    fail "inspect $m.$q: $(cat "$tmp/out") ($n $Q expected)"
 done
 # fine-tuning from a file: its ids for data, a step at lr 0 keeps every weight (the run's
 # file checked against the directory without its tokenizer: the run's vocabulary is the

@@ -304,7 +304,8 @@ static int print_file(const char *path) {
 
 int moe_cmd_inspect(int argc, char **argv) {
     if (argc != 1) {
-        fprintf(stderr, "moe inspect: usage: moe inspect FILE.safetensors | RUN | CHECKPOINT\n");
+        fprintf(stderr, "moe inspect: usage: moe inspect FILE.safetensors | RUN | CHECKPOINT | "
+                        "DIR | FILE.gguf\n");
         return 2;
     }
     struct stat sb;

@@ -498,6 +498,13 @@ int moe_cli_inspect_hf(const char *dir) {
     printf("experts: %d per MoE layer, top-%d, hidden size %d; parameters %.0f (%.2f M), in "
            "routed experts %.0f, active per token %.0f (%.2f M)\n", c.moe.n_experts, c.moe.topk,
            c.moe.ffn, total, 1e-6 * total, experts, active, 1e-6 * active);
+    moe_gguf *g;
+    if (moe_gguf_is_file(dir) && moe_gguf_open(dir, &g) == MOE_OK) {
+        char types[512];
+        moe_gguf_describe(g, types, sizeof types);
+        printf("%s\n", types);
+        moe_gguf_close(g);
+    }
     return 0;
 }
 

@@ -1633,6 +1633,27 @@ static const char *type_name(uint32_t type) {
     return type < sizeof type_names / sizeof *type_names ? type_names[type] : "an unknown type";
 }
 
+void moe_gguf_describe(const moe_gguf *g, char *out, size_t cap) {
+    size_t at = (size_t)snprintf(out, cap, "%d tensors", g->n_t);
+    for (int i = 0; i < g->n_t && at < cap; i++) {
+        uint32_t type = g->t[i].type;
+        int count = 0, seen = 0;
+        for (int j = 0; j < g->n_t; j++) {
+            seen |= j < i && g->t[j].type == type;
+            count += g->t[j].type == type;
+        }
+        if (seen) continue;
+        if (type < sizeof type_names / sizeof *type_names)
+            at += (size_t)snprintf(out + at, cap - at, "%s %d %s", i ? "," : ":", count,
+                                   type_names[type]);
+        else
+            at += (size_t)snprintf(out + at, cap - at, "%s %d of type %u", i ? "," : ":", count,
+                                   type);
+    }
+    if (at < cap)
+        snprintf(out + at, cap - at, "; %.2f MB of data", 1e-6 * (double)(g->size - g->data));
+}
+
 /* Rows [r0, r0 + nr) of t (rows of ne[0] values, the dimensions above flattened) as floats. */
 static void dequant_rows(const moe_gguf *g, const gin_tensor *t, int64_t r0, int64_t nr,
                          float *out) {

@@ -74,9 +74,13 @@ moe_status moe_gguf_config_json(const moe_gguf *g, char **out);
  * converter makes them); NULL for none (tokenizer.ggml.model none or absent); another: an
  * error. */
 moe_status moe_gguf_tokenizer_json(const moe_gguf *g, char **out);
+/* The file's tensors by type, in order of first use: "13 tensors: 5 F32, 4 IQ4_XS, 4 IQ4_NL;
+ * 0.15 MB of data" (cut at cap). */
+void moe_gguf_describe(const moe_gguf *g, char *out, size_t cap);
 /* Every parameter of m (created from moe_gguf_config_json's configuration) from the file's
- * tensors: F32, F16, BF16, Q8_0 or Q4_0, dequantised; shapes checked, values finite, no
- * tensor of the file left unused; nothing changes in m on failure. */
+ * tensors (F32, F16, BF16 and the quantised types of docs/FORMATS.md §6), dequantised; shapes
+ * checked, values finite, no tensor of the file left unused; nothing changes in m on
+ * failure. */
 moe_status moe_gguf_load(const moe_gguf *g, const char *family, moe_model *m);
 
 #endif
