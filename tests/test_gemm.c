@@ -138,8 +138,10 @@ static void test_dnnl_fp32(void **state) {
 
 /* Shapes that reach every tile of gemm_small.c: rows beyond one 64-row block (NT; beyond three
  * of them) and one 12-row tile, 1 to 4 vectors and partial vectors, k beyond one block (64 for
- * NN, 1024 for NT) and shorter than the prefetch distance; NT with 1-8 rows past whole vectors
- * and k even (paired rows after 0, 1, 2 and 3 vectors: m = 8, 150, 40, 49) and odd; NT's
+ * NN, 1024 for NT) and shorter than the prefetch distance; NT's blocks of 8 rows by pairs of k
+ * (k even, blocks of at most 56 rows) with 1 to 7 such vectors (m = 8, 16, 21, 30, 40, 44, 49),
+ * partial (150 = 64 + 64 + 22) and whole (56), and NT in whole vectors with k odd or 57-64
+ * rows (60, and the 64-row blocks of 150); NT's
  * columns in several panels of 48, the last one partial (n = 77, 97, 130, 200); NT with 1-4
  * rows (dot products: 8 or 4 weight rows at a time and the rest one by one, k past the
  * prefetch distance and not a multiple of 16); TN (copied operands) with k past one block of
@@ -152,7 +154,8 @@ static void test_small(void **state) {
                                     {16, 1, 700}, {1, 16, 1}, {49, 64, 1100}, {13, 130, 65},
                                     {203, 97, 515}, {40, 29, 96}, {8, 37, 64}, {7, 130, 2},
                                     {1, 29, 300}, {2, 19, 17}, {3, 11, 5}, {4, 70, 129},
-                                    {21, 1100, 260}};
+                                    {21, 1100, 260}, {16, 50, 40},  {30, 45, 130}, {44, 100, 34},
+                                    {56, 20, 8},     {60, 30, 20}};
     uint64_t seed = tu_seed() + 200;
     for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
         for (int c = 0; c < 6; c++)

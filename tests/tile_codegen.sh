@@ -6,7 +6,7 @@
 # slower (clang did, bench/RESULTS.md session 28) with every result still right, which no other
 # test would notice. Reads the disassembly; times nothing.
 #   tile_NV_MR   NV * MR vector FMAs (NV vectors of MR rows)
-#   tilep_NV_MR  (2 NV + 1) * MR (a pair of k per step: two per main vector, one for the pairs)
+#   tilep_NP_MR  NP * MR (NP vectors of pairs of k by MR weight rows)
 #   dot_M_R_0    M * R (fp32), dot_M_R_1 M * R vdpbf16ps (bf16)
 #   tn_row8      24 (8 rows of 3 vectors)
 # Usage: tile_codegen.sh path/to/moe
@@ -17,7 +17,7 @@ function finish() {
     if (name == "") return
     split(name, f, "_")
     if (name ~ /^tile_[0-9]+_[0-9]+$/) need = f[2] * f[3]
-    else if (name ~ /^tilep_[0-9]+_[0-9]+$/) need = (2 * f[2] + 1) * f[3]
+    else if (name ~ /^tilep_[0-9]+_[0-9]+$/) need = f[2] * f[3]
     else if (name ~ /^dot_[0-9]+_[0-9]+_[01]$/) need = f[2] * f[3]
     else need = 24
     checked++

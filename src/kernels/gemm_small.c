@@ -13,8 +13,8 @@
  *   NT  C = A B^T      computed as C^T = B A^T: broadcast B's rows (the weights), vectors of A^T,
  *                      which is transposed into a thread's scratch 64 rows and KC columns at a
  *                      time; the tiles of 48 weight rows are staged and written to C transposed
- *                      (flush_panel); rows past whole vectors (1-8) in one vector of pairs of k
- *                      (tile_body_pairs).
+ *                      (flush_panel); with k even, blocks of up to 56 rows go as vectors of 8
+ *                      rows by pairs of k instead (tile_body_paired), padded to 8 rows, not 16.
  * The attention's tiles (moe_gemm_cached) use the same tiles on operands already in cache, with
  * no prefetch, over the part of a causal product that is not zero.
  * NT with at most MOE_GEMM_DOT_ROWS rows of A (a decoding step) is dot products along k instead
@@ -51,8 +51,6 @@ typedef struct {
     float *c;
     long ldc;
     int c_acc;
-    /* NT with paired rows (tile_body_pairs): 16 floats per pair of k */
-    const float *xr;
 } tile_args;
 
 /* Software prefetch of step k (see tile_args). */
@@ -144,86 +142,98 @@ static const tile_fn tiles[5][17] = {
     {0, ROW8(4)},
 };
 
-/* NT only (sak = 1, every vector full): NV vectors of rows as in tile_body, and an expert's
- * last rem <= 8 rows in one more vector that holds two consecutive k of each (lane 2r + p: row
- * r at k + p; t->xr, 16 floats per pair of k) against the broadcast pair (k, k + 1) of the
- * weights as one 64-bit element: the rows that would fill a padded vector in half its FMAs,
- * in the same pass over the weights. k even. The pair lanes are added at the end: vector NV
- * of out holds row r in lane r < 8. The three broadcasts of a weight row's pair (both, k,
- * k + 1) are each a load: taken from the pair's register by shuffles they ran on the port of
- * one of Intel's two FMA units, three shuffles to five FMAs (bench/RESULTS.md, session 28). */
+/* NT with k even: every vector of the vector operand holds eight rows of A at two consecutive
+ * k (lane 2r + p: row r at k + p; pair_transpose), against the broadcast pair (k, k + 1) of a
+ * weight row as one 64-bit element, NP such vectors (8 NP rows) by MR weight rows. A block of
+ * rows is then padded to 8 rather than to 16 (an expert's 32 +- 6 rows at E = 256 wasted up to
+ * 15 lanes of a vector), and each weight row's pair is one broadcast for all NP vectors. The
+ * pair lanes are added at the end: out[i NO + j] (NO = (NP + 1) / 2) holds rows 16 j ... 16 j
+ * + 15 of weight row i, from paired vectors 2 j and 2 j + 1 (zero past NP). k even; every row
+ * of A sums its even and odd k apart, wherever it is in its block. */
 static inline __attribute__((always_inline)) SMALL_TARGET void
-tile_body_pairs(const tile_args *t, __m512 *out, const int NV, const int MR) {
-    __m512 acc[16][4];
+tile_body_paired(const tile_args *t, __m512 *out, const int NP, const int MR) {
+    __m512 acc[16][7];
     MOE_UNROLL(16)
     for (int i = 0; i < MR; i++)
-        MOE_UNROLL(4)
-        for (int v = 0; v <= NV; v++) acc[i][v] = _mm512_setzero_ps();
+        MOE_UNROLL(7)
+        for (int v = 0; v < NP; v++) acc[i][v] = _mm512_setzero_ps();
     const long sai = t->sai, ldb = t->ldb;
-    const float *b = t->b, *xr = t->xr, *base[6];
+    const float *b = t->b, *base[6];
     MOE_UNROLL(6)
     for (int q = 0; q < 6; q++) base[q] = t->a + 3 * q * sai;
     const char *pf = t->pf;
     int pm = 0;
-    for (int k = 0; k < t->k; k += 2, b += 2 * ldb, xr += 16) {
+    for (int k = 0; k < t->k; k += 2, b += ldb) {
         prefetch_step(t, &pf, &pm, k);
-        prefetch_step(t, &pf, &pm, k + 1);
-        __m512 b0[3], b1[3], xv = _mm512_load_ps(xr);
-        MOE_UNROLL(3)
-        for (int v = 0; v < NV; v++)
-            b0[v] = _mm512_loadu_ps(b + 16 * v), b1[v] = _mm512_loadu_ps(b + ldb + 16 * v);
+        if (MR > 8) prefetch_step(t, &pf, &pm, k + 1);
+        else pf += t->pf_sk; /* a row every MR <= 8 pairs: each of its lines still */
+        __m512 xv[7];
+        MOE_UNROLL(7)
+        for (int v = 0; v < NP; v++) {
+            xv[v] = _mm512_load_ps(b + 16 * v);
+            __asm__("" : "+v"(xv[v])); /* in a register: gcc folds it into each FMA otherwise */
+        }
         MOE_UNROLL(16)
         for (int i = 0; i < MR; i++) {
-            const float *w = base[i / 3] + (i % 3) * sai;
-            long long pair;
-            memcpy(&pair, w, sizeof pair);
-            __m512 w2 = _mm512_castsi512_ps(_mm512_set1_epi64(pair));
-            acc[i][NV] = _mm512_fmadd_ps(w2, xv, acc[i][NV]);
-            if (NV) {
-                __m512 w0 = _mm512_set1_ps(w[0]), w1 = _mm512_set1_ps(w[1]);
-                MOE_UNROLL(3)
-                for (int v = 0; v < NV; v++)
-                    acc[i][v] = _mm512_fmadd_ps(w1, b1[v], _mm512_fmadd_ps(w0, b0[v], acc[i][v]));
-            }
+            double pair; /* the two floats' bits, moved and never computed on */
+            memcpy(&pair, base[i / 3] + (i % 3) * sai, sizeof pair);
+            __m512 w2 = _mm512_castpd_ps(_mm512_set1_pd(pair));
+            MOE_UNROLL(7)
+            for (int v = 0; v < NP; v++) acc[i][v] = _mm512_fmadd_ps(w2, xv[v], acc[i][v]);
         }
         MOE_UNROLL(6)
         for (int q = 0; q < 6; q++) base[q] += 2;
     }
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                           30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
+                                          31);
+    const int NO = (NP + 1) / 2;
     MOE_UNROLL(16)
-    for (int i = 0; i < MR; i++) {
-        MOE_UNROLL(3)
-        for (int v = 0; v < NV; v++) out[i * (NV + 1) + v] = acc[i][v];
-        out[i * (NV + 1) + NV] = _mm512_add_ps(_mm512_permutexvar_ps(even, acc[i][NV]),
-                                               _mm512_permutexvar_ps(odd, acc[i][NV]));
-    }
+    for (int i = 0; i < MR; i++)
+        MOE_UNROLL(4)
+        for (int j = 0; j < NO; j++) {
+            __m512 lo = acc[i][2 * j];
+            __m512 hi = 2 * j + 1 < NP ? acc[i][2 * j + 1] : _mm512_setzero_ps();
+            out[i * NO + j] = _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi),
+                                            _mm512_permutex2var_ps(lo, odd, hi));
+        }
 }
 
-#define TILEP(NV, MR)                                                                            \
-    static SMALL_TARGET void tilep_##NV##_##MR(const tile_args *t, __m512 *out) {                \
-        tile_body_pairs(t, out, NV, MR);                                                         \
+#define TILEP(NP, MR)                                                                            \
+    static SMALL_TARGET void tilep_##NP##_##MR(const tile_args *t, __m512 *out) {                \
+        tile_body_paired(t, out, NP, MR);                                                        \
     }
-#define TILESP5(NV) TILEP(NV, 1) TILEP(NV, 2) TILEP(NV, 3) TILEP(NV, 4) TILEP(NV, 5)
-TILESP5(0)
-TILESP5(1)
-TILESP5(2)
-TILESP5(3)
-TILEP(0, 6) TILEP(0, 7) TILEP(0, 8) TILEP(0, 9) TILEP(0, 10) TILEP(0, 11) TILEP(0, 12)
-TILEP(0, 13) TILEP(0, 14) TILEP(0, 15) TILEP(0, 16)
-TILEP(1, 6) TILEP(1, 7) TILEP(1, 8) TILEP(1, 9) TILEP(1, 10) TILEP(1, 11) TILEP(1, 12)
-TILEP(2, 6) TILEP(2, 7)
-/* Rows per paired tile by main vectors NV: the accumulators, the 2 NV vectors of a pair of k,
- * the pairs' vector and three broadcasts within the 32 vector registers (fewer rows than the
- * plain tiles at NV = 2 and 3). */
-static const int mr_pairs[4] = {16, 12, 7, 5};
-#define ROWP5(NV) tilep_##NV##_1, tilep_##NV##_2, tilep_##NV##_3, tilep_##NV##_4, tilep_##NV##_5
-static const tile_fn tiles_pairs[4][17] = {
-    {0, ROWP5(0), tilep_0_6, tilep_0_7, tilep_0_8, tilep_0_9, tilep_0_10, tilep_0_11, tilep_0_12,
-     tilep_0_13, tilep_0_14, tilep_0_15, tilep_0_16},
-    {0, ROWP5(1), tilep_1_6, tilep_1_7, tilep_1_8, tilep_1_9, tilep_1_10, tilep_1_11, tilep_1_12},
-    {0, ROWP5(2), tilep_2_6, tilep_2_7},
-    {0, ROWP5(3)},
+#define TILESP3(NP) TILEP(NP, 1) TILEP(NP, 2) TILEP(NP, 3)
+#define TILESP4(NP) TILESP3(NP) TILEP(NP, 4)
+TILESP4(1)
+TILESP4(2)
+TILESP4(3)
+TILESP4(4)
+TILESP4(5)
+TILESP4(6)
+TILESP3(7)
+TILEP(1, 5) TILEP(1, 6) TILEP(1, 7) TILEP(1, 8) TILEP(1, 9) TILEP(1, 10) TILEP(1, 11)
+TILEP(1, 12) TILEP(1, 13) TILEP(1, 14) TILEP(1, 15) TILEP(1, 16)
+TILEP(2, 5) TILEP(2, 6) TILEP(2, 7) TILEP(2, 8) TILEP(2, 9) TILEP(2, 10) TILEP(2, 11) TILEP(2, 12)
+TILEP(3, 5) TILEP(3, 6) TILEP(3, 7) TILEP(3, 8)
+TILEP(4, 5) TILEP(4, 6) TILEP(5, 5)
+/* Weight rows per paired tile by paired vectors NP: the NP MR accumulators, the NP vectors of a
+ * pair of k and the broadcast within the 32 vector registers. */
+static const int mr_paired[8] = {0, 16, 12, 8, 6, 5, 4, 3};
+#define ROWP3(NP) tilep_##NP##_1, tilep_##NP##_2, tilep_##NP##_3
+#define ROWP4(NP) ROWP3(NP), tilep_##NP##_4
+static const tile_fn tiles_paired[8][17] = {
+    {0},
+    {0, ROWP4(1), tilep_1_5, tilep_1_6, tilep_1_7, tilep_1_8, tilep_1_9, tilep_1_10, tilep_1_11,
+     tilep_1_12, tilep_1_13, tilep_1_14, tilep_1_15, tilep_1_16},
+    {0, ROWP4(2), tilep_2_5, tilep_2_6, tilep_2_7, tilep_2_8, tilep_2_9, tilep_2_10, tilep_2_11,
+     tilep_2_12},
+    {0, ROWP4(3), tilep_3_5, tilep_3_6, tilep_3_7, tilep_3_8},
+    {0, ROWP4(4), tilep_4_5, tilep_4_6},
+    {0, ROWP4(5), tilep_5_5},
+    {0, ROWP4(6)},
+    {0, ROWP3(7)},
 };
 
 /* Where a tile goes: C[i][n] (or C[n][i] when transposed), added to C when acc is set. */
@@ -312,8 +322,8 @@ typedef struct {
     const float *a, *b;
     long sai, sak, ldb;
     const tile_dst *d;
-    const float *xr; /* NT: the paired rows (the last vector of every tile), or NULL */
-    float *stage;    /* NT: NT_PANEL x NT_ROWS floats (flush_panel) */
+    int paired;   /* NT: the vector operand holds pairs of k (tile_body_paired), nv_max vectors */
+    float *stage; /* NT: NT_PANEL x NT_ROWS floats (flush_panel) */
 } tile_job;
 
 /* The valid lanes of a tile's nv vectors with `left` columns from its first. */
@@ -332,10 +342,10 @@ static int vectors_at(const tile_job *j, int n0) {
 /* One tile: rows [i0, i0 + mr) x vectors from n0, over k in [k0, k0 + kn). */
 static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int k0, int kn) {
     __m512 out[64];
-    int left = j->N - n0, nv = vectors_at(j, n0);
+    int left = j->N - n0, nv = j->paired ? j->nv_max : vectors_at(j, n0);
     tile_args t = {.a = j->a + i0 * j->sai + k0 * j->sak, .b = j->b + k0 * j->ldb + n0,
                    .sai = j->sai, .sak = j->sak, .ldb = j->ldb, .k = kn, .pf_k = kn, .pf_mod = 1};
-    set_masks(&t, nv, left);
+    if (!j->paired) set_masks(&t, nv, left); /* paired vectors are whole (zero past the rows) */
     const tile_dst *d = j->d;
     if (j->stream == STREAM_VEC) {
         /* the next block of rows of B, in order, shared out over this block's tiles (tile q of
@@ -359,7 +369,7 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
     }
     if (t.pf_k2 < t.pf_k) t.pf_k2 = t.pf_k;
     if (!d->trans) t.c = d->c + i0 * d->ldc + n0, t.ldc = d->ldc, t.c_acc = d->acc || k0 > 0;
-    if (j->xr) t.xr = j->xr, tiles_pairs[nv - 1][mr](&t, out);
+    if (j->paired) tiles_paired[nv][mr](&t, out), nv = (nv + 1) / 2; /* 16 rows an output */
     else tiles[nv][mr](&t, out);
     if (d->trans) /* into its panel's stage (panels start at multiples of NT_PANEL) */
         for (int i = 0; i < mr; i++)
@@ -376,7 +386,7 @@ static SMALL_TARGET void run_tiles(const tile_job *j) {
     for (int k0 = 0; k0 < j->K; k0 += kb) {
         int kn = j->K - k0 < kb ? j->K - k0 : kb;
         for (int n0 = 0; n0 < j->N; n0 += step) {
-            int nv = vectors_at(j, n0), cap = j->xr ? mr_pairs[nv - 1] : mr_max[nv];
+            int cap = j->paired ? mr_paired[j->nv_max] : mr_max[vectors_at(j, n0)];
             int panel = j->d->trans ? NT_PANEL : j->M;
             for (int p0 = 0; p0 < j->M; p0 += panel) {
                 int end = j->M - p0 < panel ? j->M : p0 + panel;
@@ -409,37 +419,66 @@ static SMALL_TARGET void transpose_rows(const float *A, int lda, int mc, int kc,
     }
 }
 
-/* xr[8 kk + 2 r + p] = A[r][kk + p] for r < rows <= 8 and even kk < kc, 0 for rows <= r < 8:
- * two consecutive k of each row side by side (tile_body_pairs). */
-static void pair_rows(const float *A, int lda, int rows, int kc, float *xr) {
-    for (int kk = 0; kk < kc; kk += 2)
-        for (int r = 0; r < 8; r++)
-            for (int p = 0; p < 2; p++)
-                xr[8 * kk + 2 * r + p] = r < rows ? A[(long)r * lda + kk + p] : 0;
+/* xp[(kk / 2) w + 16 g + 2 r + p] = A[8 g + r][kk + p] for even kk < kc (kc even) and rows 8 g
+ * + r < mc, 0 for the rows past mc up to w / 2 (tile_body_paired): eight rows by eight pairs
+ * of k at a time, transposed in registers as 64-bit elements. */
+static SMALL_TARGET void pair_transpose(const float *A, int lda, int mc, int kc, int w, float *xp) {
+    const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    const __m512i hi = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int kk = 0; kk < kc; kk += 16) {
+        int lanes = kc - kk < 16 ? kc - kk : 16;
+        __mmask16 mask = (__mmask16)((1u << lanes) - 1u);
+        for (int r0 = 0; 2 * r0 < w; r0 += 8) {
+            __m512d r[8], t[8], v[8];
+            for (int i = 0; i < 8; i++)
+                r[i] = _mm512_castps_pd(r0 + i < mc ? _mm512_maskz_loadu_ps(
+                                                          mask, A + (long)(r0 + i) * lda + kk)
+                                                    : _mm512_setzero_ps());
+            for (int i = 0; i < 4; i++) { /* 128-bit lane l: rows 2i, 2i + 1 at pair 2l (+1) */
+                t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);
+            }
+            /* v[4h + 2e]: rows 4h .. 4h + 3 at pairs e, 2 + e; v[4h + 2e + 1]: at 4 + e, 6 + e */
+            for (int h = 0; h < 2; h++)
+                for (int e = 0; e < 2; e++) {
+                    v[4 * h + 2 * e] = _mm512_permutex2var_pd(t[4 * h + e], lo, t[4 * h + 2 + e]);
+                    v[4 * h + 2 * e + 1] =
+                        _mm512_permutex2var_pd(t[4 * h + e], hi, t[4 * h + 2 + e]);
+                }
+            for (int q = 0; 2 * q < lanes; q++) { /* pair q: rows 0-3 in v[b], 4-7 in v[b + 4] */
+                int b = 2 * (q & 1) + (q >> 2);
+                __m512d x = q & 2 ? _mm512_shuffle_f64x2(v[b], v[b + 4], 0xEE)
+                                  : _mm512_shuffle_f64x2(v[b], v[b + 4], 0x44);
+                _mm512_store_pd((double *)(xp + (long)(kk / 2 + q) * w + 2 * r0), x);
+            }
+        }
+    }
 }
+
+/* Blocks of up to this many rows go in pairs of k (NT, k even); 57-64 rows in whole vectors:
+ * 8 paired vectors leave registers for tiles of 3 weight rows, slower than 4 whole vectors by 6
+ * (bench/RESULTS.md, session 40). */
+#define NT_PAIRED_ROWS 56
 
 /* A thread's transposed operand: gemm_nt's A^T, gemm_cached's B^T */
 static _Thread_local float xt[KC * NT_ROWS] __attribute__((aligned(64)));
 
 /* C = A B^T (+ C): per block of up to 64 rows of A and KC columns, A^T into scratch, then the
  * rows of B (the weights) broadcast against it; every element of B is read once per 64 rows.
- * A block's last 1-8 rows beyond whole vectors go in pairs of k (tile_body_pairs) when kc is
- * even: an expert's rows rarely fill their last vector. */
+ * With kc even the rows go in pairs of k (tile_body_paired), padded to 8 rows rather than 16:
+ * an expert's rows rarely fill their last vector. */
 static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, const float *B,
                                  int ldb, int beta1, float *C, int ldc) {
-    static _Thread_local float xr[KC * 8] __attribute__((aligned(64)));
     static _Thread_local float stage[NT_PANEL * NT_ROWS] __attribute__((aligned(64)));
     for (int m0 = 0; m0 < m; m0 += NT_ROWS) {
-        int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS, nv = (mc + 15) / 16;
+        int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS;
         for (int k0 = 0; k0 < k; k0 += KC) {
-            int kc = k - k0 < KC ? k - k0 : KC, rem = mc % 16;
-            int pairs = kc % 2 == 0 && rem >= 1 && rem <= 8, main = pairs ? mc - rem : mc;
-            int w = 16 * ((main + 15) / 16);
-            if (main) transpose_rows(A + (long)m0 * lda + k0, lda, main, kc, w, xt);
-            if (pairs) pair_rows(A + (long)(m0 + main) * lda + k0, lda, rem, kc, xr);
+            int kc = k - k0 < KC ? k - k0 : KC, paired = kc % 2 == 0 && mc <= NT_PAIRED_ROWS;
+            int nv = paired ? (mc + 7) / 8 : (mc + 15) / 16, w = 16 * nv;
+            if (paired) pair_transpose(A + (long)m0 * lda + k0, lda, mc, kc, w, xt);
+            else transpose_rows(A + (long)m0 * lda + k0, lda, mc, kc, w, xt);
             tile_dst d = {C + (long)m0 * ldc, ldc, 1, beta1 || k0 > 0};
-            tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d,
-                          pairs ? xr : NULL, stage};
+            tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d, paired, stage};
             run_tiles(&j);
         }
     }
@@ -835,7 +874,7 @@ moe_status moe_gemm_small(int ta, int tb, int m, int n, int k, const float *A, i
         return MOE_OK;
     }
     tile_dst d = {C, ldc, 0, beta != 0.0f};
-    tile_job j = {m, n, k, 3, STREAM_VEC, A, B, lda, 1, ldb, &d, NULL, NULL};
+    tile_job j = {m, n, k, 3, STREAM_VEC, A, B, lda, 1, ldb, &d, 0, NULL};
     run_tiles(&j);
     return MOE_OK;
 }
