@@ -140,8 +140,9 @@ static void test_dnnl_fp32(void **state) {
  * of them) and one 12-row tile, 1 to 4 vectors and partial vectors, k beyond one block (64 for
  * NN, 1024 for NT) and shorter than the prefetch distance; NT's blocks of 8 rows by pairs of k
  * (k even, blocks of at most 56 rows) with 1 to 7 such vectors (m = 8, 16, 21, 30, 40, 44, 49),
- * partial (150 = 64 + 64 + 22) and whole (56), and NT in whole vectors with k odd or 57-64
- * rows (60, and the 64-row blocks of 150); NT's
+ * partial (150 = 64 + 64 + 22, the last two blocks together panel by panel) and whole (56),
+ * and NT in whole vectors with k odd (203 = 3 x 64 + 11) or 57-64 rows (60, and the 64-row
+ * blocks of 150); NT's
  * columns in several panels of 48, the last one partial (n = 77, 97, 130, 200); NT with 1-4
  * rows (dot products: 8 or 4 weight rows at a time and the rest one by one, k past the
  * prefetch distance and not a multiple of 16); TN (copied operands) with k past one block of

@@ -377,27 +377,26 @@ static SMALL_TARGET void one_tile(const tile_job *j, int i0, int mr, int n0, int
                 _mm512_store_ps(j->stage + (i0 % NT_PANEL + i) * NT_ROWS + 16 * v, out[i * nv + v]);
 }
 
-/* C = (or +=) the product of rows [0, M) of the broadcast operand and columns [0, N) of the
- * vector operand over K, in tiles of at most nv_max vectors and mr_max[nv] rows. NN: k in
- * blocks of KB rows of B, each block's panels used by every row tile while in L1; NT: all of k
- * per tile. */
+/* NN: C = (or +=) the product of rows [0, M) of A and columns [0, N) of B over K, in tiles
+ * of at most nv_max vectors and mr_max[nv] rows, k in blocks of KB rows of B, each block's
+ * panels used by every row tile while in L1. */
 static SMALL_TARGET void run_tiles(const tile_job *j) {
-    int kb = j->stream == STREAM_VEC ? KB : j->K, step = 16 * j->nv_max;
-    for (int k0 = 0; k0 < j->K; k0 += kb) {
-        int kn = j->K - k0 < kb ? j->K - k0 : kb;
-        for (int n0 = 0; n0 < j->N; n0 += step) {
-            int cap = j->paired ? mr_paired[j->nv_max] : mr_max[vectors_at(j, n0)];
-            int panel = j->d->trans ? NT_PANEL : j->M;
-            for (int p0 = 0; p0 < j->M; p0 += panel) {
-                int end = j->M - p0 < panel ? j->M : p0 + panel;
-                for (int i0 = p0; i0 < end; i0 += cap)
-                    one_tile(j, i0, end - i0 < cap ? end - i0 : cap, n0, k0, kn);
-                if (j->d->trans)
-                    flush_panel(j->d, j->stage, p0, end - p0, n0,
-                                j->N - n0 < step ? j->N - n0 : step);
-            }
-        }
+    int step = 16 * j->nv_max;
+    for (int k0 = 0; k0 < j->K; k0 += KB) {
+        int kn = j->K - k0 < KB ? j->K - k0 : KB;
+        for (int n0 = 0; n0 < j->N; n0 += step)
+            for (int i0 = 0, cap = mr_max[vectors_at(j, n0)]; i0 < j->M; i0 += cap)
+                one_tile(j, i0, j->M - i0 < cap ? j->M - i0 : cap, n0, k0, kn);
     }
+}
+
+/* NT: the tiles of weight rows [p0, end) (at most NT_PANEL) against one block of rows of A
+ * (all its vectors, all of k), staged and written to C (flush_panel). */
+static SMALL_TARGET void nt_panel(const tile_job *j, int p0, int end) {
+    int cap = j->paired ? mr_paired[j->nv_max] : mr_max[j->nv_max];
+    for (int i0 = p0; i0 < end; i0 += cap)
+        one_tile(j, i0, end - i0 < cap ? end - i0 : cap, 0, 0, j->K);
+    flush_panel(j->d, j->stage, p0, end - p0, 0, j->N);
 }
 
 /* xt[kk * w + r] = A[r][kk] for r < mc and kk < kc, 0 for mc <= r < w (mc rounded up to
@@ -460,27 +459,51 @@ static SMALL_TARGET void pair_transpose(const float *A, int lda, int mc, int kc,
  * (bench/RESULTS.md, session 40). */
 #define NT_PAIRED_ROWS 56
 
-/* A thread's transposed operand: gemm_nt's A^T, gemm_cached's B^T */
+/* A thread's transposed operands: gemm_nt's A^T (two blocks), gemm_cached's B^T */
 static _Thread_local float xt[KC * NT_ROWS] __attribute__((aligned(64)));
+static _Thread_local float xt2[KC * NT_ROWS] __attribute__((aligned(64)));
+
+/* NT: rows [0, mc) of A (at a) and the KC columns from there transposed into scratch (in pairs
+ * of k when kc is even and mc at most NT_PAIRED_ROWS), as the job of their tiles. */
+static SMALL_TARGET tile_job nt_block(const float *a, int lda, int mc, int kc, int n,
+                                      const float *B, int ldb, float *scratch,
+                                      const tile_dst *d, float *stage) {
+    int paired = kc % 2 == 0 && mc <= NT_PAIRED_ROWS;
+    int nv = paired ? (mc + 7) / 8 : (mc + 15) / 16, w = 16 * nv;
+    if (paired) pair_transpose(a, lda, mc, kc, w, scratch);
+    else transpose_rows(a, lda, mc, kc, w, scratch);
+    return (tile_job){n, mc, kc, nv, STREAM_BCAST, B, scratch, ldb, 1, w, d, paired, stage};
+}
 
 /* C = A B^T (+ C): per block of up to 64 rows of A and KC columns, A^T into scratch, then the
  * rows of B (the weights) broadcast against it; every element of B is read once per 64 rows.
  * With kc even the rows go in pairs of k (tile_body_paired), padded to 8 rows rather than 16:
- * an expert's rows rarely fill their last vector. */
+ * an expert's rows rarely fill their last vector. A last block of fewer than 64 rows goes with
+ * the block before it, panel by panel of weight rows, so that the panel is read from memory
+ * once for both (66 rows read the weights once, not twice). */
 static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, const float *B,
                                  int ldb, int beta1, float *C, int ldc) {
     static _Thread_local float stage[NT_PANEL * NT_ROWS] __attribute__((aligned(64)));
     for (int m0 = 0; m0 < m; m0 += NT_ROWS) {
-        int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS;
+        int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS, m1 = m0 + mc;
+        int mc2 = m - m1 < NT_ROWS ? m - m1 : 0; /* the last block's rows, with this one */
         for (int k0 = 0; k0 < k; k0 += KC) {
-            int kc = k - k0 < KC ? k - k0 : KC, paired = kc % 2 == 0 && mc <= NT_PAIRED_ROWS;
-            int nv = paired ? (mc + 7) / 8 : (mc + 15) / 16, w = 16 * nv;
-            if (paired) pair_transpose(A + (long)m0 * lda + k0, lda, mc, kc, w, xt);
-            else transpose_rows(A + (long)m0 * lda + k0, lda, mc, kc, w, xt);
+            int kc = k - k0 < KC ? k - k0 : KC;
             tile_dst d = {C + (long)m0 * ldc, ldc, 1, beta1 || k0 > 0};
-            tile_job j = {n, mc, kc, nv, STREAM_BCAST, B + k0, xt, ldb, 1, w, &d, paired, stage};
-            run_tiles(&j);
+            tile_dst d2 = {C + (long)m1 * ldc, ldc, 1, beta1 || k0 > 0};
+            tile_job j = nt_block(A + (long)m0 * lda + k0, lda, mc, kc, n, B + k0, ldb, xt, &d,
+                                  stage);
+            tile_job j2 = j;
+            if (mc2)
+                j2 = nt_block(A + (long)m1 * lda + k0, lda, mc2, kc, n, B + k0, ldb, xt2, &d2,
+                              stage);
+            for (int p0 = 0; p0 < n; p0 += NT_PANEL) {
+                int end = n - p0 < NT_PANEL ? n : p0 + NT_PANEL;
+                nt_panel(&j, p0, end);
+                if (mc2) nt_panel(&j2, p0, end);
+            }
         }
+        m0 += mc2 ? NT_ROWS : 0;
     }
 }
 
