@@ -141,6 +141,8 @@ static void test_dnnl_fp32(void **state) {
  * NN, 1024 for NT) and shorter than the prefetch distance; NT's blocks of 8 rows by pairs of k
  * (k even, blocks of at most 56 rows) with 1 to 7 such vectors (m = 8, 16, 21, 30, 40, 44, 49),
  * partial (150 = 64 + 64 + 22, the last two blocks together panel by panel) and whole (56),
+ * a last block of 1-4 rows as dot products beside the block before it (66, 68 with k past
+ * 1024),
  * and NT in whole vectors with k odd (203 = 3 x 64 + 11) or 57-64 rows (60, and the 64-row
  * blocks of 150); NT's
  * columns in several panels of 48, the last one partial (n = 77, 97, 130, 200); NT with 1-4
@@ -156,7 +158,7 @@ static void test_small(void **state) {
                                     {203, 97, 515}, {40, 29, 96}, {8, 37, 64}, {7, 130, 2},
                                     {1, 29, 300}, {2, 19, 17}, {3, 11, 5}, {4, 70, 129},
                                     {21, 1100, 260}, {16, 50, 40},  {30, 45, 130}, {44, 100, 34},
-                                    {56, 20, 8},     {60, 30, 20}};
+                                    {56, 20, 8},     {60, 30, 20},  {66, 50, 130}, {68, 40, 1100}};
     uint64_t seed = tu_seed() + 200;
     for (size_t q = 0; q < sizeof shapes / sizeof *shapes; q++)
         for (int c = 0; c < 6; c++)

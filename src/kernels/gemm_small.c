@@ -475,38 +475,6 @@ static SMALL_TARGET tile_job nt_block(const float *a, int lda, int mc, int kc, i
     return (tile_job){n, mc, kc, nv, STREAM_BCAST, B, scratch, ldb, 1, w, d, paired, stage};
 }
 
-/* C = A B^T (+ C): per block of up to 64 rows of A and KC columns, A^T into scratch, then the
- * rows of B (the weights) broadcast against it; every element of B is read once per 64 rows.
- * With kc even the rows go in pairs of k (tile_body_paired), padded to 8 rows rather than 16:
- * an expert's rows rarely fill their last vector. A last block of fewer than 64 rows goes with
- * the block before it, panel by panel of weight rows, so that the panel is read from memory
- * once for both (66 rows read the weights once, not twice). */
-static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, const float *B,
-                                 int ldb, int beta1, float *C, int ldc) {
-    static _Thread_local float stage[NT_PANEL * NT_ROWS] __attribute__((aligned(64)));
-    for (int m0 = 0; m0 < m; m0 += NT_ROWS) {
-        int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS, m1 = m0 + mc;
-        int mc2 = m - m1 < NT_ROWS ? m - m1 : 0; /* the last block's rows, with this one */
-        for (int k0 = 0; k0 < k; k0 += KC) {
-            int kc = k - k0 < KC ? k - k0 : KC;
-            tile_dst d = {C + (long)m0 * ldc, ldc, 1, beta1 || k0 > 0};
-            tile_dst d2 = {C + (long)m1 * ldc, ldc, 1, beta1 || k0 > 0};
-            tile_job j = nt_block(A + (long)m0 * lda + k0, lda, mc, kc, n, B + k0, ldb, xt, &d,
-                                  stage);
-            tile_job j2 = j;
-            if (mc2)
-                j2 = nt_block(A + (long)m1 * lda + k0, lda, mc2, kc, n, B + k0, ldb, xt2, &d2,
-                              stage);
-            for (int p0 = 0; p0 < n; p0 += NT_PANEL) {
-                int end = n - p0 < NT_PANEL ? n : p0 + NT_PANEL;
-                nt_panel(&j, p0, end);
-                if (mc2) nt_panel(&j2, p0, end);
-            }
-        }
-        m0 += mc2 ? NT_ROWS : 0;
-    }
-}
-
 /* moe_gemm_cached: tiles of up to 4 vectors of columns and mr_max rows, over all of k (or the
  * part of it tri leaves a tile: the range its rows need together), with no prefetch (the
  * operands are in cache); B^T first transposed 64 columns at a time. */
@@ -811,6 +779,43 @@ static void gemm_nt_dot(const dot_set *set, int m, int lo, int hi, int k, const 
     int R = set->r[m], j = lo;
     for (; j + R <= hi; j += R) set->tiles[m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
     for (; j < hi; j++) set->ones[m](A, lda, b + j * row, ldb, k, beta1, C + j, ldc);
+}
+
+/* C = A B^T (+ C): per block of up to 64 rows of A and KC columns, A^T into scratch, then the
+ * rows of B (the weights) broadcast against it; every element of B is read once per 64 rows.
+ * With kc even the rows go in pairs of k (tile_body_paired), padded to 8 rows rather than 16:
+ * an expert's rows rarely fill their last vector. A last block of fewer than 64 rows goes with
+ * the block before it, panel by panel of weight rows, so that the panel is read from memory
+ * once for both (66 rows read the weights once, not twice); one of at most MOE_GEMM_DOT_ROWS
+ * rows as dot products (a tile would pad it to 8 rows). */
+static SMALL_TARGET void gemm_nt(int m, int n, int k, const float *A, int lda, const float *B,
+                                 int ldb, int beta1, float *C, int ldc) {
+    static _Thread_local float stage[NT_PANEL * NT_ROWS] __attribute__((aligned(64)));
+    for (int m0 = 0; m0 < m; m0 += NT_ROWS) {
+        int mc = m - m0 < NT_ROWS ? m - m0 : NT_ROWS, m1 = m0 + mc;
+        int mc2 = m - m1 < NT_ROWS ? m - m1 : 0; /* the last block's rows, with this one */
+        int dot2 = mc2 && mc2 <= MOE_GEMM_DOT_ROWS && __builtin_cpu_supports("avx512bw");
+        for (int k0 = 0; k0 < k; k0 += KC) {
+            int kc = k - k0 < KC ? k - k0 : KC;
+            tile_dst d = {C + (long)m0 * ldc, ldc, 1, beta1 || k0 > 0};
+            tile_dst d2 = {C + (long)m1 * ldc, ldc, 1, beta1 || k0 > 0};
+            tile_job j = nt_block(A + (long)m0 * lda + k0, lda, mc, kc, n, B + k0, ldb, xt, &d,
+                                  stage);
+            tile_job j2 = j;
+            if (mc2 && !dot2)
+                j2 = nt_block(A + (long)m1 * lda + k0, lda, mc2, kc, n, B + k0, ldb, xt2, &d2,
+                              stage);
+            for (int p0 = 0; p0 < n; p0 += NT_PANEL) {
+                int end = n - p0 < NT_PANEL ? n : p0 + NT_PANEL;
+                nt_panel(&j, p0, end);
+                if (dot2)
+                    gemm_nt_dot(&dot_sets[DOT_FP32], mc2, p0, end, kc, A + (long)m1 * lda + k0,
+                                lda, B + k0, ldb, d2.acc, d2.c, ldc);
+                else if (mc2) nt_panel(&j2, p0, end);
+            }
+        }
+        m0 += mc2 ? NT_ROWS : 0;
+    }
 }
 
 #define DOT_PART_MIN 65536
