@@ -463,7 +463,7 @@ static SMALL_TARGET void pair_transpose(const float *A, int lda, int mc, int kc,
 static _Thread_local float xt[KC * NT_ROWS] __attribute__((aligned(64)));
 static _Thread_local float xt2[KC * NT_ROWS] __attribute__((aligned(64)));
 
-/* NT: rows [0, mc) of A (at a) and the KC columns from there transposed into scratch (in pairs
+/* NT: rows [0, mc) of A (at a) and kc columns from there transposed into scratch (in pairs
  * of k when kc is even and mc at most NT_PAIRED_ROWS), as the job of their tiles. */
 static SMALL_TARGET tile_job nt_block(const float *a, int lda, int mc, int kc, int n,
                                       const float *B, int ldb, float *scratch,
