@@ -13,20 +13,27 @@
 
 /* Which library multiplies the fp32 expert blocks while the experts are spread over the
  * threads (one single-threaded GEMM per block), per layout: NN, TN with more than SMALL_TN_ROWS
- * rows, NT with at most SMALL_NT_ROWS rows, NT with more, TN with at most SMALL_TN_ROWS rows.
+ * rows, NT with at most SMALL_NT_ROWS rows, NT with more, TN with at most SMALL_TN_ROWS rows,
+ * TN with more rows and a gradient of at most DNNL_TN_C elements.
  * MOE_EXPERT_GEMM: "auto" (default) takes the fastest measured (bench/RESULTS.md, Scaling):
- * oneDNN for NN (dy W_out, dh W_in) and for NT with many rows, our AVX-512 tiles for NT with at
- * most 192 rows (the forward's x W_in^T and a W_out^T of an expert with few rows: the tiles
- * read each weight once per 64 rows and pack nothing; measured ahead of both libraries up to
- * 192 rows, even at 256, behind from 512; also NN without oneDNN; oneDNN on CPUs without
- * AVX-512) and for TN (the weight gradients) with at most 128 rows (ahead of OpenBLAS from 16
- * to 128 rows, behind from 256), OpenBLAS for TN with more (and TN of few rows on CPUs without
- * AVX-512); "blas", "dnnl" (NN and NT) and "small" (all) for comparisons. */
+ * - NN (dy W_out, dh W_in) and NT with many rows: oneDNN (NN: our tiles without oneDNN);
+ * - NT with at most 192 rows (the forward's x W_in^T and a W_out^T of an expert with few rows):
+ *   our AVX-512 tiles, which read each weight once per 64 rows and pack nothing (ahead of both
+ *   libraries up to 192 rows, even at 256, behind from 512); oneDNN on CPUs without AVX-512;
+ * - TN (the weight gradients) with at most 128 rows: our tiles (ahead of OpenBLAS from 16 to
+ *   128 rows, behind from 256); OpenBLAS on CPUs without AVX-512;
+ * - TN with more rows and a gradient of at most 256 K floats (a small model's experts): oneDNN,
+ *   level with OpenBLAS to 40 % ahead at 128-512 x 128-512 over 256-4096 rows, and level or
+ *   behind from 512 K floats (bench/RESULTS.md, session 42); OpenBLAS on CPUs without AVX-512;
+ * - the other TN: OpenBLAS.
+ * "blas", "dnnl" (NN and NT) and "small" (all) for comparisons. */
 enum { EG_BLAS, EG_DNNL, EG_SMALL };
 #define SMALL_NT_ROWS 192
 #define SMALL_TN_ROWS 128
+#define DNNL_TN_C (256 << 10)
+enum { EG_LAYOUTS = 6 };
 static pthread_once_t eg_once = PTHREAD_ONCE_INIT;
-static int eg_choice[5];
+static int eg_choice[EG_LAYOUTS];
 static void read_expert_gemm(void) {
     const char *v = getenv("MOE_EXPERT_GEMM");
     int dnnl = moe_gemm_dnnl_available() ? EG_DNNL : EG_BLAS;
@@ -35,14 +42,17 @@ static void read_expert_gemm(void) {
      * weights at every call (the forward at 32 rows per expert 11-21 % less time, bench/RESULTS.md,
      * session 24); oneDNN for TN did not beat OpenBLAS there */
     int nt_few = small == EG_SMALL ? EG_SMALL : dnnl;
-    int auto_choice[5] = {dnnl != EG_BLAS ? dnnl : small, EG_BLAS, nt_few, dnnl, small};
+    /* TN of a small gradient was measured on AVX-512 CPUs only (Zen 4) */
+    int tn_small_c = small == EG_SMALL ? dnnl : EG_BLAS;
+    int auto_choice[EG_LAYOUTS] = {dnnl != EG_BLAS ? dnnl : small, EG_BLAS, nt_few, dnnl, small,
+                                   tn_small_c};
     if (v && *v && strcmp(v, "auto") && strcmp(v, "blas") && strcmp(v, "dnnl") &&
         strcmp(v, "small"))
         fprintf(stderr, "moe: MOE_EXPERT_GEMM=%s is not auto, blas, dnnl or small: using auto\n",
                 v);
-    for (int l = 0; l < 5; l++) {
+    for (int l = 0; l < EG_LAYOUTS; l++) {
         if (v && !strcmp(v, "blas")) eg_choice[l] = EG_BLAS;
-        else if (v && !strcmp(v, "dnnl")) eg_choice[l] = l == 1 || l == 4 ? EG_BLAS : dnnl;
+        else if (v && !strcmp(v, "dnnl")) eg_choice[l] = l == 1 || l >= 4 ? EG_BLAS : dnnl;
         else if (v && !strcmp(v, "small")) eg_choice[l] = small;
         else eg_choice[l] = auto_choice[l];
     }
@@ -54,7 +64,8 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
                      float beta, float *C, int ldc) {
     if (!b16) {
         pthread_once(&eg_once, read_expert_gemm);
-        int layout = ta ? (k <= SMALL_TN_ROWS ? 4 : 1) : !tb ? 0 : m <= SMALL_NT_ROWS ? 2 : 3;
+        int layout = ta ? (k <= SMALL_TN_ROWS ? 4 : (size_t)m * n <= DNNL_TN_C ? 5 : 1)
+                        : !tb ? 0 : m <= SMALL_NT_ROWS ? 2 : 3;
         /* single-threaded GEMMs (inside the experts' parallel loop, or one thread in all):
          * the measured choice, OpenBLAS meaning OpenBLAS itself (moe_gemm would take oneDNN
          * for NN and TN with one thread); over the threads, moe_gemm's choice */
@@ -190,8 +201,8 @@ void moe_mlp_forward(moe_activation act, int n, int d, int f, const float *x, co
 
 void moe_mlp_backward(moe_activation act, int n, int d, int f, const float *x, const float *w_in,
                       const float *w_out, const float *b_out, const float *w, int w_on_input,
-                      const float *h, const float *a, const float *dy, float *dx, float *dw_in, float *db_in,
-                      float *dw_out, float *db_out, double *dw, float *dh, float *da,
+                      const float *h, const float *a, const float *dy, float *dx, float *dw_in,
+                      float *db_in, float *dw_out, float *db_out, double *dw, float *dh, float *da,
                       double *t_act, const moe_mlp_bf16 *b16, int part) {
     if (n <= 0) return;
     int gf = moe_act_gated(act) ? 2 * f : f;
@@ -229,7 +240,8 @@ static size_t gf_of(const moe_layer_config *c) {
 /* Experts with rows in this call. */
 static int busy_experts(const moe_layer *L) {
     int busy = 0;
-    for (int e = 0; e < L->cfg.n_experts; e++) busy += L->st.expert_off[e + 1] > L->st.expert_off[e];
+    const int32_t *off = L->st.expert_off;
+    for (int e = 0; e < L->cfg.n_experts; e++) busy += off[e + 1] > off[e];
     return busy;
 }
 
@@ -473,7 +485,8 @@ static void bf16_copies(moe_layer *L) {
     long per = p_in + (long)((n_out + BF16_CHUNK - 1) / BF16_CHUNK); /* chunks per expert */
     int n_todo = 0;
     for (int e = 0; e < c->n_experts; e++)
-        if (st->expert_off[e + 1] > st->expert_off[e] && !L->bf16_kept[e]) L->bf16_todo[n_todo++] = e;
+        if (st->expert_off[e + 1] > st->expert_off[e] && !L->bf16_kept[e])
+            L->bf16_todo[n_todo++] = e;
     if (!n_todo) return; /* decoding: every copy kept (not even a parallel region) */
 #pragma omp parallel for schedule(dynamic, 1)
     for (long i = 0; i < per * n_todo; i++) {
