@@ -13,11 +13,14 @@
 
 #include <cmocka.h>
 
-/* Writes text to a fresh temporary file; returns its path (static buffer per slot). */
+/* Writes text to a fresh temporary file; returns its path (static buffer per slot: a test
+ * holds at most TEMP_SLOTS paths at once, or a later file takes an earlier one's buffer and the
+ * earlier file is never unlinked). */
+enum { TEMP_SLOTS = 8 };
 static const char *write_temp(const char *text) {
-    static char path[4][64];
+    static char path[TEMP_SLOTS][64];
     static int slot;
-    char *p = path[slot++ % 4];
+    char *p = path[slot++ % TEMP_SLOTS];
     snprintf(p, 64, "/tmp/moe_test_options_XXXXXX");
     int fd = mkstemp(p);
     assert_true(fd >= 0);
