@@ -317,7 +317,16 @@ static void test_routing_replay(void **state) {
     moe_model_destroy(m);
 }
 
-/* A tiny fixed batch is learned to near-zero loss by the trainer. */
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* A tiny fixed batch is learned to near-zero loss by the trainer. Judged by the median nll of
+ * the last 20 steps: once memorised, the loss sits near 1e-5 with rare spikes (a routing flip,
+ * Adam's steps on vanishing gradients at a constant 1e-2) of up to 0.18 that last one step; in
+ * 300 seeds 3 had such spikes among their last 20 steps and 1 on the very last step, which a
+ * check of the last step alone failed. */
 static void test_memorise(void **state) {
     (void)state;
     uint64_t seed = tu_seed();
@@ -350,12 +359,19 @@ static void test_memorise(void **state) {
     moe_model_init_params(m, seed);
     assert_int_equal(moe_trainer_create(m, &tc, &toks, NULL, &t), MOE_OK);
     moe_step_metrics s = {0};
-    double first = 0;
+    enum { LAST = 20 };
+    double first = 0, last[LAST];
     for (int i = 0; i < tc.train_iters; i++) {
         assert_int_equal(moe_trainer_step(t, &s), MOE_OK);
         if (!i) first = s.nll;
+        if (i >= tc.train_iters - LAST) last[i - (tc.train_iters - LAST)] = s.nll;
     }
-    if (!(s.nll < 0.05)) fail_msg("memorising: nll %g after %d steps (from %g)", s.nll, tc.train_iters, first);
+    qsort(last, LAST, sizeof *last, cmp_double);
+    double median = 0.5 * (last[LAST / 2 - 1] + last[LAST / 2]);
+    assert_true(first > 1); /* about ln 19 before training */
+    if (!(median < 0.05))
+        fail_msg("memorising: median nll %g over the last %d of %d steps (from %g)", median, LAST,
+                 tc.train_iters, first);
     moe_trainer_destroy(t);
     moe_model_destroy(m);
 }
