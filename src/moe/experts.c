@@ -12,9 +12,7 @@
 #include <string.h>
 
 /* Which library multiplies the fp32 expert blocks while the experts are spread over the
- * threads (one single-threaded GEMM per block), per layout: NN, TN with more than SMALL_TN_ROWS
- * rows, NT with at most SMALL_NT_ROWS rows, NT with more, TN with at most SMALL_TN_ROWS rows,
- * TN with more rows and a gradient of at most DNNL_TN_C elements.
+ * threads (one single-threaded GEMM per block), per layout (eg_layout).
  * MOE_EXPERT_GEMM: "auto" (default) takes the fastest measured (bench/RESULTS.md, Scaling):
  * - NN (dy W_out, dh W_in) and NT with many rows: oneDNN (NN: our tiles without oneDNN);
  * - NT with at most 192 rows (the forward's x W_in^T and a W_out^T of an expert with few rows):
@@ -31,7 +29,15 @@ enum { EG_BLAS, EG_DNNL, EG_SMALL };
 #define SMALL_NT_ROWS 192
 #define SMALL_TN_ROWS 128
 #define DNNL_TN_C (256 << 10)
-enum { EG_LAYOUTS = 6 };
+typedef enum {
+    EG_NN,
+    EG_TN,          /* more than SMALL_TN_ROWS rows, a gradient of more than DNNL_TN_C */
+    EG_NT_FEW,      /* at most SMALL_NT_ROWS rows */
+    EG_NT,          /* more rows */
+    EG_TN_FEW,      /* at most SMALL_TN_ROWS rows */
+    EG_TN_SMALL_C,  /* more rows, a gradient of at most DNNL_TN_C */
+    EG_LAYOUTS
+} eg_layout;
 static pthread_once_t eg_once = PTHREAD_ONCE_INIT;
 static int eg_choice[EG_LAYOUTS];
 static void read_expert_gemm(void) {
@@ -44,18 +50,29 @@ static void read_expert_gemm(void) {
     int nt_few = small == EG_SMALL ? EG_SMALL : dnnl;
     /* TN of a small gradient was measured on AVX-512 CPUs only (Zen 4) */
     int tn_small_c = small == EG_SMALL ? dnnl : EG_BLAS;
-    int auto_choice[EG_LAYOUTS] = {dnnl != EG_BLAS ? dnnl : small, EG_BLAS, nt_few, dnnl, small,
-                                   tn_small_c};
+    int auto_choice[EG_LAYOUTS] = {[EG_NN] = dnnl != EG_BLAS ? dnnl : small,
+                                   [EG_TN] = EG_BLAS,
+                                   [EG_NT_FEW] = nt_few,
+                                   [EG_NT] = dnnl,
+                                   [EG_TN_FEW] = small,
+                                   [EG_TN_SMALL_C] = tn_small_c};
     if (v && *v && strcmp(v, "auto") && strcmp(v, "blas") && strcmp(v, "dnnl") &&
         strcmp(v, "small"))
         fprintf(stderr, "moe: MOE_EXPERT_GEMM=%s is not auto, blas, dnnl or small: using auto\n",
                 v);
     for (int l = 0; l < EG_LAYOUTS; l++) {
         if (v && !strcmp(v, "blas")) eg_choice[l] = EG_BLAS;
-        else if (v && !strcmp(v, "dnnl")) eg_choice[l] = l == 1 || l >= 4 ? EG_BLAS : dnnl;
+        else if (v && !strcmp(v, "dnnl")) /* NN and NT */
+            eg_choice[l] = l == EG_NN || l == EG_NT_FEW || l == EG_NT ? dnnl : EG_BLAS;
         else if (v && !strcmp(v, "small")) eg_choice[l] = small;
         else eg_choice[l] = auto_choice[l];
     }
+}
+
+static eg_layout layout_of(int ta, int tb, int m, int n, int k) {
+    if (!ta) return !tb ? EG_NN : m <= SMALL_NT_ROWS ? EG_NT_FEW : EG_NT;
+    if (k <= SMALL_TN_ROWS) return EG_TN_FEW;
+    return (size_t)m * n <= DNNL_TN_C ? EG_TN_SMALL_C : EG_TN;
 }
 
 /* C = op(A) op(B) + beta C in fp32, or with the bf16 copies of A and B when b16 is set. */
@@ -64,8 +81,6 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
                      float beta, float *C, int ldc) {
     if (!b16) {
         pthread_once(&eg_once, read_expert_gemm);
-        int layout = ta ? (k <= SMALL_TN_ROWS ? 4 : (size_t)m * n <= DNNL_TN_C ? 5 : 1)
-                        : !tb ? 0 : m <= SMALL_NT_ROWS ? 2 : 3;
         /* single-threaded GEMMs (inside the experts' parallel loop, or one thread in all):
          * the measured choice, OpenBLAS meaning OpenBLAS itself (moe_gemm would take oneDNN
          * for NN and TN with one thread); over the threads, moe_gemm's choice */
@@ -76,7 +91,7 @@ static void gemm_any(const moe_mlp_bf16 *b16, int ta, int tb, int m, int n, int 
         }
         /* a decoding step's few rows as dot products first, as moe_gemm does (our tiles take
          * them themselves; this is where CPUs without AVX-512 get them) */
-        int lib = eg_choice[layout];
+        int lib = eg_choice[layout_of(ta, tb, m, n, k)];
         if (lib != EG_SMALL && !ta && tb && moe_gemm_dot(0, m, n, k, A, lda, B, ldb, beta, C, ldc))
             return;
         moe_status st = MOE_ERR_STATE;
